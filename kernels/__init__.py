@@ -1,0 +1,1 @@
+"""Triton kernels with PyTorch references: MoE token permute/unpermute and fused MLA RoPE."""
