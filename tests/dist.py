@@ -1,0 +1,57 @@
+"""Run a function on N forked gloo ranks and collect what each returns.
+
+Forking after torch is imported keeps multi-rank tests to seconds (spawn re-imports torch
+in every worker). Each worker returns a picklable value; an exception in any rank fails
+the caller with that rank's traceback.
+"""
+
+import multiprocessing as mp
+import os
+import tempfile
+import traceback
+
+import torch
+import torch.distributed as dist
+
+
+def _worker(rank, world_size, init_file, fn, args, queue):
+    try:
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+        try:
+            result = fn(rank, world_size, *args)
+        finally:
+            dist.destroy_process_group()
+        queue.put((rank, True, result))
+    except BaseException:  # report every failure, including asserts, to the parent
+        queue.put((rank, False, traceback.format_exc()))
+
+
+def run_ranks(fn, world_size, *args, timeout=300):
+    """Call fn(rank, world_size, *args) on world_size forked ranks; return the results by rank."""
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "pg_init")
+        procs = [ctx.Process(target=_worker, args=(r, world_size, init_file, fn, args, queue))
+                 for r in range(world_size)]
+        for p in procs:
+            p.start()
+        results, errors = {}, []
+        try:
+            for _ in range(world_size):
+                rank, ok, value = queue.get(timeout=timeout)
+                if ok:
+                    results[rank] = value
+                else:
+                    errors.append(f"rank {rank} failed:\n{value}")
+                    break  # the others may be stuck in a collective
+        finally:
+            for p in procs:
+                p.join(timeout=5 if errors else timeout)
+                if p.is_alive():
+                    p.kill()
+        if errors:
+            raise AssertionError("\n".join(errors))
+    return [results[r] for r in range(world_size)]
