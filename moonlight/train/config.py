@@ -1,0 +1,724 @@
+"""The TOML job configuration: one dataclass per section, CLI overrides, validation.
+
+    cfg = load_config("train.toml", ["--training.steps=20", "--parallelism.tp", "2"])
+    cfg.validate()                      # cross-field checks that do not need the world size
+    print(cfg.to_toml())                # the resolved config (saved as <dump_folder>/config.toml)
+
+Unknown sections/keys and wrongly typed values raise ConfigError naming the key, listing
+the valid keys of its section and suggesting the closest name. Defaults are those of the
+shipped CPU debug job, not of the 16B recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = [
+    "ConfigError",
+    "JobSection",
+    "ModelSection",
+    "TrainingSection",
+    "OptimizerSection",
+    "LRSchedulerSection",
+    "ParallelismSection",
+    "ActivationCheckpointSection",
+    "DataSection",
+    "CheckpointSection",
+    "MetricsSection",
+    "MoESection",
+    "JobConfig",
+    "load_config",
+    "parse_args",
+    "PP_SCHEDULES",
+]
+
+
+class ConfigError(ValueError):
+    """A bad key, value or combination in the job config."""
+
+
+DTypeName = Literal["float32", "bfloat16"]
+
+# Pipeline schedules and how many virtual stages each one runs per rank.
+SINGLE_STAGE_SCHEDULES = ("1F1B", "GPipe")
+MULTI_STAGE_SCHEDULES = ("Interleaved1F1B", "InterleavedZeroBubble", "LoopedBFS")
+V_SCHEDULES = ("ZBVZeroBubble", "DualPipeV")  # exactly 2 stages per rank, V-shaped
+PP_SCHEDULES = SINGLE_STAGE_SCHEDULES + MULTI_STAGE_SCHEDULES + V_SCHEDULES
+PPSchedule = Literal[
+    "1F1B", "GPipe", "Interleaved1F1B", "InterleavedZeroBubble", "LoopedBFS",
+    "ZBVZeroBubble", "DualPipeV",
+]
+
+
+@dataclass
+class JobSection:
+    dump_folder: str = "./outputs"
+    """Run output folder: config.toml, checkpoints, tensorboard, profiles."""
+    description: str = "Moonlight debug model on CPU"
+
+
+@dataclass
+class ModelSection:
+    name: Literal["debug", "moonlight-16b-a3b"] = "debug"
+    """Preset name."""
+    hf_config: str = ""
+    """Optional path to an HF config.json; "" = use the preset."""
+    kernels: Literal["auto", "torch", "triton"] = "auto"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Preset field overrides, e.g. [model.overrides] num_layers = 4 (CLI:
+    --model.overrides.num_layers=4). Keys are checked by the model code, not here."""
+
+
+@dataclass
+class TrainingSection:
+    steps: int = 200
+    seed: int = 42
+    global_batch_size: int = 8
+    """Sequences per optimizer step across all data-parallel ranks."""
+    local_batch_size: int = 4
+    """Micro-batch per rank; grad accumulation = global / (local * dp)."""
+    seq_len: int = 256
+    max_norm: float = 1.0
+    """Gradient clipping norm; 0 disables clipping."""
+    dtype: DTypeName = "float32"
+    """Parameter (storage) dtype."""
+    mixed_precision_param: DTypeName = "float32"
+    """Compute dtype of FSDP-gathered parameters."""
+    mixed_precision_reduce: DTypeName = "float32"
+    """Dtype of the gradient reduce-scatter / all-reduce."""
+    gc_freq: int = 50
+    """Run gc.collect() every N steps (automatic GC is disabled); 0 = leave GC alone."""
+    deterministic: bool = False
+    on_nonfinite: Literal["skip", "stop"] = "skip"
+    """A NaN/Inf loss or grad norm: skip the optimizer step, or stop the run."""
+    max_consecutive_nonfinite: int = 5
+    """With on_nonfinite="skip": stop after this many skipped steps in a row."""
+
+
+@dataclass
+class OptimizerSection:
+    name: Literal["adamw", "muon"] = "adamw"
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    momentum: float = 0.95
+    """Muon momentum."""
+    nesterov: bool = True
+    ns_steps: int = 5
+    """Newton-Schulz iterations (Muon)."""
+    precision_aware: bool = False
+    """fp32 master weights with bf16 gradients and moments."""
+
+
+@dataclass
+class LRSchedulerSection:
+    warmup_steps: int = 20
+    decay_type: Literal["cosine", "linear", "wsd"] = "cosine"
+    decay_ratio: float = 0.2
+    """WSD only: the fraction of training.steps spent in the final (linear) decay."""
+    min_lr_ratio: float = 0.1
+    """Final lr = optimizer.lr * min_lr_ratio (the recipe: 3e-4 -> 3e-5)."""
+
+
+@dataclass
+class ParallelismSection:
+    dp_replicate: int = 1
+    dp_shard: int = -1
+    """FSDP degree; -1 = whatever is left of the world size."""
+    tp: int = 1
+    sequence_parallel: bool = True
+    ep: int = 1
+    pp: int = 1
+    pp_schedule: PPSchedule = "1F1B"
+    pp_layout: list[int] = field(default_factory=list)
+    """Decoder layers per pipeline stage, in stage order (pp * pp_virtual_stages entries);
+    empty = chosen by the cost model."""
+    pp_virtual_stages: int = 1
+    """Stages per pipeline rank (2+ for interleaved schedules, 2 for V schedules)."""
+    pp_microbatches: int = 0
+    """0 = automatic."""
+    fsdp_reshard_after_forward: bool = True
+
+    def resolved_dp_shard(self, world_size: int) -> int:
+        """dp_shard with -1 resolved; raises ConfigError if the degrees do not fit."""
+        other = self.dp_replicate * self.tp * self.pp
+        if self.dp_shard == -1:
+            if world_size % other:
+                raise ConfigError(
+                    f"world size {world_size} is not divisible by parallelism.dp_replicate * tp * pp"
+                    f" = {self.dp_replicate} * {self.tp} * {self.pp} = {other}"
+                )
+            return world_size // other
+        if other * self.dp_shard != world_size:
+            raise ConfigError(
+                f"parallelism.dp_replicate * dp_shard * tp * pp = {self.dp_replicate} * {self.dp_shard}"
+                f" * {self.tp} * {self.pp} = {other * self.dp_shard} != world size {world_size}"
+                " (set parallelism.dp_shard = -1 to use the rest)"
+            )
+        return self.dp_shard
+
+
+@dataclass
+class ActivationCheckpointSection:
+    mode: Literal["none", "selective", "full"] = "none"
+
+
+@dataclass
+class DataSection:
+    format: Literal["jsonl", "hf", "megatron"] = "jsonl"
+    path: str = "data/python_docs.jsonl"
+    """jsonl: a file, a directory (all *.jsonl) or a glob; hf: a save_to_disk directory or
+    json/parquet/arrow/csv file(s); megatron: the prefix of <prefix>.bin/.idx (or either file)."""
+    text_key: str = "text"
+    split: str = "train"
+    """Split to use when an hf path holds several."""
+    tokenizer: str = "byte"
+    """"byte", a directory with tiktoken.model, or a tokenizer.json (or its directory)."""
+    on_bad_line: Literal["skip", "error"] = "skip"
+    add_bos: bool = False
+    add_eos: bool = True
+    """Appended to every document (set false for Megatron files made with --append-eod)."""
+    shuffle: bool = True
+    """Shuffle the document order each epoch (seeded by training.seed and the epoch)."""
+
+
+@dataclass
+class CheckpointSection:
+    enable: bool = False
+    interval: int = 100
+    keep_latest_k: int = 2
+    """0 = keep all."""
+    folder: str = "checkpoint"
+    """Under job.dump_folder."""
+    load_step: int = -1
+    """-1 = the latest checkpoint in folder (if any)."""
+    initial_load_hf: str = ""
+    """HF checkpoint directory to start from when no checkpoint of this run exists."""
+    export_hf: Literal["", "end", "each"] = ""
+    """Also write an HF-format checkpoint: never, at the end, or at each save."""
+
+
+@dataclass
+class MetricsSection:
+    log_freq: int = 1
+    enable_tensorboard: bool = False
+    tb_folder: str = "tb"
+    """Under job.dump_folder."""
+    device_peak_flops: float = 0.0
+    """Peak FLOP/s of one device for MFU; 0 = measure/look up."""
+    profile_start: int = 0
+    """First profiled step; 0 = profiling off."""
+    profile_steps: int = 0
+
+
+@dataclass
+class MoESection:
+    bias_update_rate: float = 1e-3
+    """Aux-loss-free balancing: b += rate * sign(mean_load - load); 0 freezes the bias."""
+    aux_loss_coeff: float = 0.001
+    """Sequence-level balance loss coefficient; 0 disables it."""
+
+
+SECTIONS: dict[str, type] = {
+    "job": JobSection,
+    "model": ModelSection,
+    "training": TrainingSection,
+    "optimizer": OptimizerSection,
+    "lr_scheduler": LRSchedulerSection,
+    "parallelism": ParallelismSection,
+    "activation_checkpoint": ActivationCheckpointSection,
+    "data": DataSection,
+    "checkpoint": CheckpointSection,
+    "metrics": MetricsSection,
+    "moe": MoESection,
+}
+
+
+@dataclass
+class JobConfig:
+    job: JobSection = field(default_factory=JobSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    lr_scheduler: LRSchedulerSection = field(default_factory=LRSchedulerSection)
+    parallelism: ParallelismSection = field(default_factory=ParallelismSection)
+    activation_checkpoint: ActivationCheckpointSection = field(default_factory=ActivationCheckpointSection)
+    data: DataSection = field(default_factory=DataSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+    moe: MoESection = field(default_factory=MoESection)
+
+    # ------------------------------------------------------------------ output
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        lines: list[str] = []
+        for sec, values in self.to_dict().items():
+            tables = []
+            lines.append(f"[{sec}]")
+            for key, value in values.items():
+                if isinstance(value, dict):
+                    tables.append((key, value))
+                elif value is not None:
+                    lines.append(f"{key} = {_toml_value(value)}")
+            for key, table in tables:
+                lines.append("")
+                lines.append(f"[{sec}.{key}]")
+                for k, v in table.items():
+                    if v is not None:
+                        lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
+            lines.append("")
+        return "\n".join(lines)
+
+    # -------------------------------------------------------------- validation
+    def validate(self) -> "JobConfig":
+        """Cross-field checks that do not need the world size; raises ConfigError listing
+        every problem found. Returns self."""
+        errs: list[str] = []
+
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                errs.append(msg)
+
+        t, o, s, p = self.training, self.optimizer, self.lr_scheduler, self.parallelism
+        need(t.steps > 0, f"training.steps must be > 0 (got {t.steps})")
+        need(t.seq_len > 0, f"training.seq_len must be > 0 (got {t.seq_len})")
+        need(t.global_batch_size > 0, f"training.global_batch_size must be > 0 (got {t.global_batch_size})")
+        need(t.local_batch_size > 0, f"training.local_batch_size must be > 0 (got {t.local_batch_size})")
+        if t.global_batch_size > 0 and t.local_batch_size > 0:
+            need(
+                t.global_batch_size % t.local_batch_size == 0,
+                f"training.global_batch_size ({t.global_batch_size}) must be a multiple of "
+                f"training.local_batch_size ({t.local_batch_size})",
+            )
+        need(t.max_norm >= 0, f"training.max_norm must be >= 0 (0 = no clipping; got {t.max_norm})")
+        need(t.gc_freq >= 0, f"training.gc_freq must be >= 0 (got {t.gc_freq})")
+        need(t.max_consecutive_nonfinite >= 1,
+             f"training.max_consecutive_nonfinite must be >= 1 (got {t.max_consecutive_nonfinite})")
+
+        need(o.lr > 0, f"optimizer.lr must be > 0 (got {o.lr})")
+        need(0 <= o.beta1 < 1, f"optimizer.beta1 must be in [0, 1) (got {o.beta1})")
+        need(0 <= o.beta2 < 1, f"optimizer.beta2 must be in [0, 1) (got {o.beta2})")
+        need(o.eps > 0, f"optimizer.eps must be > 0 (got {o.eps})")
+        need(o.weight_decay >= 0, f"optimizer.weight_decay must be >= 0 (got {o.weight_decay})")
+        need(0 <= o.momentum < 1, f"optimizer.momentum must be in [0, 1) (got {o.momentum})")
+        need(o.ns_steps >= 1, f"optimizer.ns_steps must be >= 1 (got {o.ns_steps})")
+
+        need(s.warmup_steps >= 0, f"lr_scheduler.warmup_steps must be >= 0 (got {s.warmup_steps})")
+        need(
+            s.warmup_steps <= t.steps,
+            f"lr_scheduler.warmup_steps ({s.warmup_steps}) must be <= training.steps ({t.steps})",
+        )
+        need(
+            0 <= s.min_lr_ratio <= 1,
+            f"lr_scheduler.min_lr_ratio must be in [0, 1], i.e. min lr <= optimizer.lr (got {s.min_lr_ratio})",
+        )
+        need(0 <= s.decay_ratio <= 1, f"lr_scheduler.decay_ratio must be in [0, 1] (got {s.decay_ratio})")
+        if s.decay_type == "wsd" and 0 <= s.decay_ratio <= 1:
+            decay_steps = round(s.decay_ratio * t.steps)
+            need(
+                s.warmup_steps + decay_steps <= t.steps,
+                f"lr_scheduler.warmup_steps ({s.warmup_steps}) + decay steps (decay_ratio "
+                f"{s.decay_ratio} * {t.steps} = {decay_steps}) exceed training.steps ({t.steps})",
+            )
+
+        for k in ("dp_replicate", "tp", "ep", "pp", "pp_virtual_stages"):
+            v = getattr(p, k)
+            need(v >= 1, f"parallelism.{k} must be >= 1 (got {v})")
+        need(p.dp_shard == -1 or p.dp_shard >= 1,
+             f"parallelism.dp_shard must be -1 (the rest) or >= 1 (got {p.dp_shard})")
+        need(p.pp_microbatches >= 0, f"parallelism.pp_microbatches must be >= 0 (0 = auto; got {p.pp_microbatches})")
+        if p.pp_schedule in SINGLE_STAGE_SCHEDULES:
+            need(p.pp_virtual_stages == 1,
+                 f"parallelism.pp_schedule={p.pp_schedule!r} runs one stage per rank, but "
+                 f"parallelism.pp_virtual_stages={p.pp_virtual_stages}; use Interleaved1F1B or "
+                 "InterleavedZeroBubble for virtual stages")
+        elif p.pp_schedule in V_SCHEDULES:
+            need(p.pp_virtual_stages == 2,
+                 f"parallelism.pp_schedule={p.pp_schedule!r} needs parallelism.pp_virtual_stages = 2 "
+                 f"(got {p.pp_virtual_stages})")
+        if p.pp_layout:
+            n_stages = p.pp * p.pp_virtual_stages
+            need(len(p.pp_layout) == n_stages,
+                 f"parallelism.pp_layout has {len(p.pp_layout)} stages {p.pp_layout}, but pp * "
+                 f"pp_virtual_stages = {p.pp} * {p.pp_virtual_stages} = {n_stages}")
+            need(all(n >= 1 for n in p.pp_layout),
+                 f"parallelism.pp_layout entries must be >= 1 (every stage holds a layer; got {p.pp_layout})")
+
+        c = self.checkpoint
+        need(c.interval >= 1, f"checkpoint.interval must be >= 1 (got {c.interval})")
+        need(c.keep_latest_k >= 0, f"checkpoint.keep_latest_k must be >= 0 (0 = keep all; got {c.keep_latest_k})")
+        need(c.load_step >= -1, f"checkpoint.load_step must be -1 (latest) or a step >= 0 (got {c.load_step})")
+        need(bool(c.folder), "checkpoint.folder must not be empty")
+
+        m = self.metrics
+        need(m.log_freq >= 1, f"metrics.log_freq must be >= 1 (got {m.log_freq})")
+        need(m.device_peak_flops >= 0, f"metrics.device_peak_flops must be >= 0 (got {m.device_peak_flops})")
+        need(m.profile_start >= 0, f"metrics.profile_start must be >= 0 (got {m.profile_start})")
+        need(m.profile_steps >= 0, f"metrics.profile_steps must be >= 0 (got {m.profile_steps})")
+        if m.profile_steps > 0:
+            need(m.profile_start >= 1,
+                 f"metrics.profile_steps={m.profile_steps} needs metrics.profile_start >= 1")
+
+        need(self.moe.bias_update_rate >= 0, f"moe.bias_update_rate must be >= 0 (got {self.moe.bias_update_rate})")
+        need(self.moe.aux_loss_coeff >= 0, f"moe.aux_loss_coeff must be >= 0 (got {self.moe.aux_loss_coeff})")
+
+        need(bool(self.data.path), "data.path must not be empty")
+        need(bool(self.data.text_key), "data.text_key must not be empty")
+        need(bool(self.data.tokenizer), "data.tokenizer must not be empty")
+        need(bool(self.job.dump_folder), "job.dump_folder must not be empty")
+
+        if errs:
+            raise ConfigError("invalid config:\n  - " + "\n  - ".join(errs))
+        return self
+
+    def grad_accum_steps(self, dp_degree: int) -> int:
+        """Micro-batches per optimizer step on each rank for a data-parallel degree
+        (dp_replicate * dp_shard); raises ConfigError if the global batch does not split."""
+        t = self.training
+        per_micro = t.local_batch_size * dp_degree
+        if t.global_batch_size % per_micro:
+            raise ConfigError(
+                f"training.global_batch_size ({t.global_batch_size}) must be a multiple of "
+                f"training.local_batch_size * data-parallel degree = {t.local_batch_size} * {dp_degree} = {per_micro}"
+            )
+        return t.global_batch_size // per_micro
+
+
+# ---------------------------------------------------------------------- typing
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        (a,) = typing.get_args(tp) or (Any,)
+        return f"list[{_type_name(a)}]"
+    if origin is dict:
+        return "table"
+    if tp is type(None):
+        return "none"
+    return getattr(tp, "__name__", str(tp))
+
+
+class _BadValue(Exception):
+    pass
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Check/convert a TOML value (already typed) against a field type."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices and type(value) is type(choices[0]):
+            return value
+        raise _BadValue
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a)
+            except _BadValue:
+                pass
+        raise _BadValue
+    if origin is list:
+        (a,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise _BadValue
+        return [_coerce(v, a) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _BadValue
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _BadValue
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _BadValue
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise _BadValue
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _BadValue
+    raise _BadValue
+
+
+def _parse_cli(text: str, tp: Any) -> Any:
+    """Parse a CLI string by the field type."""
+    origin = typing.get_origin(tp)
+    s = text.strip()
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if type(None) in args and s.lower() in ("none", "null", ""):
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _parse_cli(text, a)
+            except _BadValue:
+                pass
+        raise _BadValue
+    if origin is Literal:
+        for c in typing.get_args(tp):
+            if isinstance(c, str) and c == s:
+                return c
+            if isinstance(c, bool) and s.lower() == str(c).lower():
+                return c
+            if isinstance(c, int) and not isinstance(c, bool) and s == str(c):
+                return c
+        raise _BadValue
+    if origin is list:
+        (a,) = typing.get_args(tp) or (str,)
+        body = s[1:-1] if s.startswith("[") and s.endswith("]") else s
+        items = [x.strip() for x in body.split(",")] if body.strip() else []
+        return [_parse_cli(x.strip("'\""), a) for x in items]
+    if tp is bool:
+        low = s.lower()
+        if low in ("true", "1", "yes", "on"):
+            return True
+        if low in ("false", "0", "no", "off"):
+            return False
+        raise _BadValue
+    if tp is int:
+        try:
+            return int(s.replace("_", ""))
+        except ValueError:
+            raise _BadValue from None
+    if tp is float:
+        try:
+            return float(s.replace("_", ""))
+        except ValueError:
+            raise _BadValue from None
+    if tp is str:
+        return text
+    if tp is Any:
+        return _parse_literal(text)
+    raise _BadValue
+
+
+def _parse_literal(text: str) -> Any:
+    """A TOML literal (for free-form tables like model.overrides); bare words stay strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _suggest(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _unknown_section(sec: str, where: str) -> ConfigError:
+    valid = list(SECTIONS)
+    return ConfigError(
+        f"unknown config section [{sec}]{where}; valid sections: {', '.join(valid)}{_suggest(sec, valid)}"
+    )
+
+
+def _unknown_key(sec: str, key: str, where: str) -> ConfigError:
+    valid = [f.name for f in dataclasses.fields(SECTIONS[sec])]
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{sec}.{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{sec}.{key}'{where}; valid keys of [{sec}]: {', '.join(valid)}{hint}")
+
+
+def _bad_type(sec: str, key: str, tp: Any, value: Any, where: str) -> ConfigError:
+    shown = value if isinstance(value, str) else repr(value)
+    msg = f"config key '{sec}.{key}' expects {_type_name(tp)}, got {type(value).__name__} {shown!r}{where}"
+    if typing.get_origin(tp) is Literal and isinstance(value, str):
+        msg += _suggest(value, [str(c) for c in typing.get_args(tp)])
+    return ConfigError(msg)
+
+
+# ---------------------------------------------------------------------- loading
+
+
+def _apply_table(cfg: JobConfig, data: dict[str, Any], where: str) -> None:
+    for sec, table in data.items():
+        if sec not in SECTIONS:
+            raise _unknown_section(sec, where)
+        if not isinstance(table, dict):
+            raise ConfigError(f"config entry '{sec}'{where} must be a [{sec}] table, got {table!r}")
+        obj = getattr(cfg, sec)
+        hints = _hints(SECTIONS[sec])
+        for key, value in table.items():
+            if key not in hints:
+                raise _unknown_key(sec, key, where)
+            try:
+                setattr(obj, key, _coerce(value, hints[key]))
+            except _BadValue:
+                raise _bad_type(sec, key, hints[key], value, where) from None
+
+
+def _split_overrides(overrides: list[str]) -> list[tuple[str, str | None, str]]:
+    """['--a.b=1', '--c.d', '2', '--e.f'] -> [(a.b, '1', arg), (c.d, '2', arg), (e.f, None, arg)]."""
+    out: list[tuple[str, str | None, str]] = []
+    i = 0
+    while i < len(overrides):
+        arg = overrides[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected command-line argument {arg!r}; overrides look like --section.key=value")
+        body = arg[2:]
+        if "=" in body:
+            name, value = body.split("=", 1)
+            out.append((name, value, arg))
+            i += 1
+        elif i + 1 < len(overrides) and not (
+            overrides[i + 1].startswith("--") and len(overrides[i + 1]) > 2 and not _is_number(overrides[i + 1])
+        ):
+            out.append((body, overrides[i + 1], f"{arg} {overrides[i + 1]}"))
+            i += 2
+        else:
+            out.append((body, None, arg))  # bare flag: true for a bool key
+            i += 1
+    return out
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def _apply_override(cfg: JobConfig, name: str, value: str | None, arg: str) -> None:
+    where = f" (from command line {arg!r})"
+    parts = name.split(".")
+    if len(parts) < 2:
+        raise ConfigError(f"bad override {arg!r}: expected --section.key=value{where}")
+    sec, key, rest = parts[0], parts[1], parts[2:]
+    if sec not in SECTIONS:
+        raise _unknown_section(sec, where)
+    hints = _hints(SECTIONS[sec])
+    if key not in hints:
+        raise _unknown_key(sec, key, where)
+    tp = hints[key]
+    obj = getattr(cfg, sec)
+    if typing.get_origin(tp) is dict:
+        if not rest:
+            if value is None:
+                raise _bad_type(sec, key, tp, "", where)
+            try:
+                table = tomllib.loads(f"v = {value}")["v"]
+            except tomllib.TOMLDecodeError:
+                table = None
+            if not isinstance(table, dict):
+                raise _bad_type(sec, key, tp, value, where)
+            getattr(obj, key).update(table)
+            return
+        if value is None:
+            raise ConfigError(f"override {arg!r} needs a value{where}")
+        getattr(obj, key)[".".join(rest)] = _parse_literal(value)
+        return
+    if rest:
+        raise _unknown_key(sec, name.split(".", 1)[1], where)
+    if value is None:
+        if tp is bool:
+            setattr(obj, key, True)
+            return
+        raise ConfigError(f"override {arg!r} needs a value: --{sec}.{key}=<{_type_name(tp)}>")
+    try:
+        setattr(obj, key, _parse_cli(value, tp))
+    except _BadValue:
+        raise _bad_type(sec, key, tp, value, where) from None
+
+
+def load_config(path: str | None, overrides: list[str] | None = None) -> JobConfig:
+    """Defaults <- TOML file (if path) <- CLI overrides. Does not call validate()."""
+    cfg = JobConfig()
+    if path:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: TOML syntax error: {e}") from None
+        _apply_table(cfg, data, f" (in {path})")
+    for name, value, arg in _split_overrides(list(overrides or [])):
+        _apply_override(cfg, name, value, arg)
+    return cfg
+
+
+def parse_args(argv: list[str]) -> JobConfig:
+    """`--config FILE` (or `--config=FILE`, `--job.config_file FILE`) plus overrides ->
+    a validated JobConfig. Meant for train.py: parse_args(sys.argv[1:])."""
+    path = None
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a in ("--config", "--job.config_file"):
+            if i + 1 >= len(argv):
+                raise ConfigError(f"{a} needs a file name")
+            path = argv[i + 1]
+            i += 2
+            continue
+        if a.startswith(("--config=", "--job.config_file=")):
+            path = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+        i += 1
+    return load_config(path, rest).validate()
+
+
+# ---------------------------------------------------------------------- TOML output
+
+
+def _toml_key(k: str) -> str:
+    if k and all(c.isalnum() or c in "_-" for c in k):
+        return k
+    return json.dumps(k)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string is a valid TOML basic string
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items() if x is not None) + "}"
+    raise TypeError(f"cannot write {v!r} to TOML")
