@@ -1,1 +1,31 @@
-"""Triton kernels with PyTorch references: MoE token permute/unpermute and fused MLA RoPE."""
+"""Triton kernels with PyTorch references: MoE token permute/unpermute and fused MLA RoPE.
+
+Every op takes impl="torch" (the reference, runs anywhere) or impl="triton" (the kernels; on a
+CPU they run only under TRITON_INTERPRET=1, set before this package is imported).
+"""
+import importlib.util
+
+import torch
+
+from kernels.mla_rope import apply_mla_rope, rope_tables
+from kernels.moe_permute import permute_tokens, unpermute_tokens
+
+__all__ = ["apply_mla_rope", "permute_tokens", "resolve_impl", "rope_tables", "unpermute_tokens"]
+
+
+def resolve_impl(kernels: str, device) -> str:
+    """Map a config's `kernels` setting ("auto" | "torch" | "triton") to the impl for `device`.
+
+    "auto" picks Triton on CUDA when it is installed, else the torch reference.
+    """
+    has_triton = importlib.util.find_spec("triton") is not None
+    if kernels == "auto":
+        return "triton" if torch.device(device).type == "cuda" and has_triton else "torch"
+    if kernels == "torch":
+        return "torch"
+    if kernels == "triton":
+        if not has_triton:
+            raise RuntimeError("kernels='triton' needs the triton package (pip install triton); "
+                               "use kernels='torch' or 'auto' instead")
+        return "triton"
+    raise ValueError(f"kernels must be 'auto', 'torch' or 'triton', got {kernels!r}")
