@@ -176,7 +176,7 @@ class ActivationCheckpointSection:
 @dataclass
 class DataSection:
     format: Literal["jsonl", "hf", "megatron"] = "jsonl"
-    path: str = "data/python_docs.jsonl"
+    path: str = "data/corpus"
     """jsonl: a file, a directory (all *.jsonl) or a glob; hf: a save_to_disk directory or
     json/parquet/arrow/csv file(s); megatron: the prefix of <prefix>.bin/.idx (or either file)."""
     text_key: str = "text"
