@@ -1,0 +1,649 @@
+"""Optimizers, LR schedules, MoE bias balancing and gradient clipping for Moonlight training.
+
+Muon is implemented exactly as Moonlight was trained (paper arXiv:2502.16982 and Moonshot's
+example): Nesterov momentum 0.95 (``buf = mu*buf + g``; ``update = g + mu*buf``), Newton-Schulz
+(5 steps, coefficients (3.4445, -4.7750, 2.0315), bf16 by default) on ``X / (||X||_F + 1e-7)``,
+transposed when rows > cols, and the update
+``W <- W*(1 - lr*wd) - lr * 0.2*sqrt(max(A, B)) * O``.
+
+Distributed exactness: parameters may be DTensors (FSDP2 / TP / EP shards, 1-D or 2-D meshes).
+Momentum and weight decay are elementwise and stay on the local shard; Newton-Schulz is run on
+the FULL matrix (the shard dims inside one matrix are gathered), so the result equals
+single-device Muon on the full matrix. For 3-D stacked expert weights ``[E, A, B]`` a Shard(0)
+on the expert dim stays sharded (NS is per expert), only dims 1 and 2 are gathered.
+
+Everything here is a standard ``torch.optim.Optimizer`` with ``param_groups`` holding ``'lr'``,
+so ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict(model, optimizers)`` and
+``LambdaLR`` work on them. Optimizer state of a DTensor parameter is a DTensor with the same
+placements (so DCP can reshard it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.optim.lr_scheduler import LambdaLR
+
+__all__ = [
+    "NS_COEFFICIENTS",
+    "zeropower_via_newtonschulz",
+    "muon_lr_scale",
+    "Muon",
+    "AdamW",
+    "Optimizers",
+    "LRSchedulers",
+    "is_adamw_param_name",
+    "build_optimizers",
+    "lr_multiplier",
+    "build_lr_scheduler",
+    "update_router_biases",
+    "expert_load_imbalance",
+    "clip_grad_norm_",
+]
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+# --------------------------------------------------------------------------------------------
+# Newton-Schulz and helpers
+# --------------------------------------------------------------------------------------------
+
+
+def zeropower_via_newtonschulz(
+    G: Tensor,
+    steps: int = 5,
+    coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+    eps: float = 1e-7,
+    dtype: torch.dtype = torch.bfloat16,
+) -> Tensor:
+    """Approximately orthogonalise each matrix of ``G`` ([..., A, B]; batched over leading dims).
+
+    Moonshot's ``zeropower_via_newtonschulz5``: cast to ``dtype``, transpose when A > B,
+    normalise by the Frobenius norm of each matrix plus ``eps``, then ``steps`` quintic
+    iterations. Returns a tensor of ``dtype`` with the shape of ``G``.
+    """
+    if G.ndim < 2:
+        raise ValueError(f"Newton-Schulz needs a matrix, got shape {tuple(G.shape)}")
+    a, b, c = coefficients
+    X = G.to(dtype)
+    transpose = G.size(-2) > G.size(-1)
+    if transpose:
+        X = X.mT
+    norm = X.norm() if X.ndim == 2 else X.norm(dim=(-2, -1), keepdim=True)
+    X = X / (norm + eps)
+    for _ in range(steps):
+        A = X @ X.mT
+        B = b * A + c * A @ A  # (c*A) @ A, exactly as Moonshot's code (matters in bf16)
+        X = a * X + B @ X
+    if transpose:
+        X = X.mT
+    return X
+
+
+def muon_lr_scale(shape: Sequence[int]) -> float:
+    """Moonlight's update-RMS matching factor 0.2*sqrt(max(A, B)) of one (expert) matrix."""
+    A, B = shape[-2], shape[-1]
+    return 0.2 * math.sqrt(max(A, B))
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _grad_like_param(p: Tensor, g: Tensor) -> Tensor:
+    """The gradient as a tensor laid out like the parameter (a DTensor grad may come back with
+    other placements than its parameter, e.g. Partial or Replicate)."""
+    if isinstance(p, DTensor):
+        if not isinstance(g, DTensor):
+            raise TypeError("DTensor parameter with a plain-tensor gradient")
+        if g.device_mesh != p.device_mesh or tuple(g.placements) != tuple(p.placements):
+            g = g.redistribute(p.device_mesh, p.placements)
+    return g
+
+
+def _zeros_state(p: Tensor, dtype: torch.dtype) -> Tensor:
+    # DTensor in -> DTensor out with the same placements (DCP can reshard it).
+    return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+
+
+def _master_copy(p: Tensor) -> Tensor:
+    return p.detach().to(torch.float32, copy=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Muon
+# --------------------------------------------------------------------------------------------
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for 2-D matrices and 3-D stacked expert weights ``[E, A, B]`` (per-expert NS).
+
+    Args:
+        lr, weight_decay: as AdamW (decoupled decay ``W *= 1 - lr*wd``; Moonlight uses 0.1).
+        momentum, nesterov: ``buf = mu*buf + g``; the NS input is ``g + mu*buf`` when nesterov,
+            else ``buf``. (torch.optim.Muon uses a lerp form, which differs by the constant
+            factor 1-mu and so gives the same orthogonalised update up to eps.)
+        ns_steps, ns_coefficients, eps: Newton-Schulz settings.
+        ns_dtype: dtype NS runs in (bf16 as Moonlight; fp32 for exact tests).
+        master_weights: precision-aware mode. Keep an fp32 copy of the parameter
+            (``state['master']``) and fp32 momentum; the update is applied to the fp32 copy and
+            copied back into the (bf16) parameter.
+
+    DTensor parameters: momentum/decay run on the local shard; the NS input is gathered to the
+    full matrix (Replicate on every mesh dim, except Shard(0) of a 3-D expert weight which is
+    kept), NS runs redundantly on every rank of the gathering group, and each rank keeps its own
+    slice (Replicate -> Shard is a local chunk, no communication).
+
+    TODO (optimisation, not implemented): ZeRO-1 style round-robin — assign each matrix to one
+    rank of the dp group, gather it only there, run NS there and scatter the slices, instead of
+    every rank gathering and orthogonalising every matrix.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_steps: int = 5,
+        ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+        eps: float = 1e-7,
+        ns_dtype: torch.dtype = torch.bfloat16,
+        master_weights: bool = False,
+    ):
+        if lr < 0 or weight_decay < 0 or momentum < 0:
+            raise ValueError("lr, weight_decay and momentum must be >= 0")
+        defaults = dict(
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            nesterov=nesterov,
+            ns_steps=ns_steps,
+            ns_coefficients=tuple(ns_coefficients),
+            eps=eps,
+            ns_dtype=ns_dtype,
+            master_weights=master_weights,
+        )
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.ndim not in (2, 3):
+                    raise ValueError(f"Muon takes 2-D matrices or 3-D [E, A, B] expert weights, got {tuple(p.shape)}")
+
+    @staticmethod
+    def _gather_placements(p: DTensor) -> list:
+        keep_expert = p.ndim == 3
+        out = []
+        for pl in p.placements:
+            if isinstance(pl, Shard) and keep_expert and pl.dim == 0:
+                out.append(pl)  # experts are independent: keep the expert dim sharded
+            else:
+                out.append(Replicate())
+        return out
+
+    def _orthogonalise(self, p: Tensor, update_local: Tensor, group) -> Tensor:
+        """NS of the full matrix (or matrices); returns the local slice, laid out like p's shard."""
+        ns = lambda x: zeropower_via_newtonschulz(  # noqa: E731
+            x, group["ns_steps"], group["ns_coefficients"], group["eps"], group["ns_dtype"]
+        )
+        if not isinstance(p, DTensor):
+            return ns(update_local)
+        mesh, placements = p.device_mesh, tuple(p.placements)
+        gather = self._gather_placements(p)
+        if tuple(gather) == placements:  # nothing inside one matrix is sharded
+            return ns(update_local)
+        u = DTensor.from_local(update_local, mesh, placements, shape=p.shape, stride=p.stride())
+        full = u.redistribute(mesh, gather).to_local()
+        o = ns(full)
+        o = DTensor.from_local(o, mesh, gather, shape=p.shape, stride=p.stride())
+        return o.redistribute(mesh, placements).to_local()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+            master_mode = group["master_weights"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                g = _grad_like_param(p, p.grad)
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = _zeros_state(p, torch.float32 if master_mode else p.dtype)
+                    if master_mode:
+                        state["master"] = _master_copy(p)
+                buf_l = _local(state["momentum_buffer"])
+                g_l = _local(g).to(buf_l.dtype)
+                buf_l.mul_(mu).add_(g_l)
+                upd_l = g_l.add(buf_l, alpha=mu) if group["nesterov"] else buf_l
+                o_l = self._orthogonalise(p, upd_l, group)
+                target = _local(state["master"]) if master_mode else _local(p)
+                target.mul_(1 - lr * wd)
+                target.add_(o_l.to(target.dtype), alpha=-lr * muon_lr_scale(p.shape))
+                if master_mode:
+                    _local(p).copy_(target)
+        return loss
+
+
+# --------------------------------------------------------------------------------------------
+# AdamW with optional fp32 master weights
+# --------------------------------------------------------------------------------------------
+
+
+class AdamW(torch.optim.Optimizer):
+    """AdamW (torch.optim.AdamW math, decoupled decay) with an optional precision-aware mode.
+
+    ``master_weights=True``: fp32 master copy (``state['master']``) and fp32 moments; the update
+    is applied to the master copy and copied back into the (bf16) parameter. Used by
+    ``build_optimizers(..., precision_aware=True)``; otherwise build_optimizers uses
+    ``torch.optim.AdamW``. Works on local shards, so DTensors on any mesh are fine.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, master_weights=True):
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, master_weights=master_weights)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+            b1, b2 = group["betas"]
+            master_mode = group["master_weights"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                g = _grad_like_param(p, p.grad)
+                if "exp_avg" not in state:
+                    sdtype = torch.float32 if master_mode else p.dtype
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["exp_avg"] = _zeros_state(p, sdtype)
+                    state["exp_avg_sq"] = _zeros_state(p, sdtype)
+                    if master_mode:
+                        state["master"] = _master_copy(p)
+                state["step"] += 1
+                t = state["step"].item()
+                m, v = _local(state["exp_avg"]), _local(state["exp_avg_sq"])
+                g_l = _local(g).to(m.dtype)
+                target = _local(state["master"]) if master_mode else _local(p)
+                target.mul_(1 - lr * wd)
+                m.lerp_(g_l, 1 - b1)
+                v.mul_(b2).addcmul_(g_l, g_l, value=1 - b2)
+                bc1 = 1 - b1**t
+                bc2_sqrt = math.sqrt(1 - b2**t)
+                denom = (v.sqrt() / bc2_sqrt).add_(eps)
+                target.addcdiv_(m, denom, value=-lr / bc1)
+                if master_mode:
+                    _local(p).copy_(target)
+        return loss
+
+
+# --------------------------------------------------------------------------------------------
+# Containers and builders
+# --------------------------------------------------------------------------------------------
+
+
+class Optimizers:
+    """Several optimizers driven as one (Muon for matrices + AdamW for the rest).
+
+    ``.optimizers`` is the plain list (pass it to DCP's get/set_optimizer_state_dict).
+    ``param_groups`` is the concatenation of all groups (the dicts themselves: setting
+    ``g['lr']`` on them changes the optimizers); ``scale_lr(m)`` sets every group's lr to
+    ``initial_lr * m`` (``initial_lr`` = the lr it was built with).
+    """
+
+    def __init__(self, optimizers: Sequence[torch.optim.Optimizer]):
+        self.optimizers = list(optimizers)
+        for g in self.param_groups:
+            g.setdefault("initial_lr", g["lr"])
+
+    def __iter__(self):
+        return iter(self.optimizers)
+
+    def __len__(self):
+        return len(self.optimizers)
+
+    def __getitem__(self, i):
+        return self.optimizers[i]
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for o in self.optimizers:
+            o.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True):
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def scale_lr(self, multiplier: float):
+        for g in self.param_groups:
+            g["lr"] = g["initial_lr"] * multiplier
+
+    def state_dict(self) -> dict:
+        return {str(i): o.state_dict() for i, o in enumerate(self.optimizers)}
+
+    def load_state_dict(self, state_dict: dict):
+        for i, o in enumerate(self.optimizers):
+            o.load_state_dict(state_dict[str(i)])
+
+
+def is_adamw_param_name(name: str) -> bool:
+    """Matrices that Moonlight trains with AdamW, by name: the embedding (any name containing
+    'embed', e.g. ``model.embed_tokens.weight``) and the output head ('lm_head')."""
+    return "embed" in name or "lm_head" in name
+
+
+def _mesh_key(p: Tensor):
+    return id(p.device_mesh) if isinstance(p, DTensor) else None
+
+
+def _split_by_mesh(params: list[Tensor]) -> list[list[Tensor]]:
+    # torch's foreach AdamW groups tensors per param group; DTensor foreach ops reject mixed
+    # meshes, so each param group holds parameters of one mesh only.
+    groups: dict = {}
+    for p in params:
+        groups.setdefault(_mesh_key(p), []).append(p)
+    return list(groups.values())
+
+
+def build_optimizers(
+    named_params: Iterable[tuple[str, Tensor]],
+    name: str = "muon",
+    lr: float = 4.2e-4,
+    weight_decay: float = 0.1,
+    betas: tuple[float, float] = (0.9, 0.95),
+    eps: float = 1e-8,
+    momentum: float = 0.95,
+    nesterov: bool = True,
+    ns_steps: int = 5,
+    precision_aware: bool = False,
+    ns_dtype: torch.dtype = torch.bfloat16,
+) -> Optimizers:
+    """Moonlight's optimizer split; returns an ``Optimizers`` container ([Muon, AdamW] or [AdamW]).
+
+    name="muon": Muon for 2-D matrices and 3-D stacked expert weights, except the embedding and
+    lm_head (``is_adamw_param_name``); AdamW (same lr and wd, decay on norms too, as in the paper)
+    for those and every 1-D parameter. name="adamw": AdamW for everything.
+    Parameters with requires_grad False are skipped (the router bias is a buffer anyway).
+    precision_aware=True: fp32 master weights + fp32 optimizer state for both optimizers
+    (our ``AdamW``/``Muon`` with ``master_weights=True``); otherwise ``torch.optim.AdamW``.
+    Empty optimizers are left out.
+    """
+    if name not in ("muon", "adamw"):
+        raise ValueError(f"unknown optimizer {name!r}")
+    muon_params, adamw_params, seen = [], [], set()
+    for pname, p in named_params:
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if name == "muon" and p.ndim >= 2 and not is_adamw_param_name(pname):
+            if p.ndim > 3:
+                raise ValueError(f"{pname}: Muon takes 2-D or 3-D [E, A, B] params, got {tuple(p.shape)}")
+            muon_params.append(p)
+        else:
+            adamw_params.append(p)
+    opts: list[torch.optim.Optimizer] = []
+    if muon_params:
+        opts.append(
+            Muon(
+                [{"params": ps} for ps in _split_by_mesh(muon_params)],
+                lr=lr,
+                weight_decay=weight_decay,
+                momentum=momentum,
+                nesterov=nesterov,
+                ns_steps=ns_steps,
+                ns_dtype=ns_dtype,
+                master_weights=precision_aware,
+            )
+        )
+    if adamw_params:
+        groups = [{"params": ps} for ps in _split_by_mesh(adamw_params)]
+        if precision_aware:
+            opts.append(AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, master_weights=True))
+        else:
+            opts.append(torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+    return Optimizers(opts)
+
+
+# --------------------------------------------------------------------------------------------
+# LR schedule
+# --------------------------------------------------------------------------------------------
+
+
+def lr_multiplier(
+    step: int,
+    warmup_steps: int,
+    total_steps: int,
+    decay_type: str = "cosine",
+    min_lr_ratio: float = 0.1,
+    decay_ratio: float = 0.2,
+) -> float:
+    """LR multiplier for 0-based optimizer step ``step``.
+
+    Warmup (step < warmup_steps): ``(step + 1) / (warmup_steps + 1)`` — the first step uses
+    lr/(warmup+1), reaching 1.0 at step == warmup_steps. Then decay to ``min_lr_ratio`` at
+    step == total_steps (held there afterwards):
+      cosine: min + (1-min) * 0.5*(1 + cos(pi * p)), p = (step-warmup)/(total-warmup)
+      linear: min + (1-min) * (1 - p)
+      wsd:    1.0 (stable) until the last ``decay_ratio * total_steps`` steps, then linear to min.
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    m = min_lr_ratio
+    if decay_type == "wsd":
+        decay_steps = int(round(decay_ratio * total_steps))
+        decay_start = max(warmup_steps, total_steps - decay_steps)
+        if step < decay_start:
+            return 1.0
+        p = min(1.0, (step - decay_start) / max(1, total_steps - decay_start))
+        return m + (1 - m) * (1 - p)
+    p = min(1.0, max(0.0, (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+    if decay_type == "cosine":
+        return m + (1 - m) * 0.5 * (1 + math.cos(math.pi * p))
+    if decay_type == "linear":
+        return m + (1 - m) * (1 - p)
+    raise ValueError(f"unknown decay_type {decay_type!r}")
+
+
+class _Multiplier:
+    """Picklable lr lambda (LambdaLR.state_dict stores its __dict__)."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+    def __call__(self, step: int) -> float:
+        return lr_multiplier(step, **self.__dict__)
+
+
+class LRSchedulers:
+    """One LambdaLR per optimizer, stepped together. ``.schedulers`` is the plain list."""
+
+    def __init__(self, schedulers: Sequence[LambdaLR]):
+        self.schedulers = list(schedulers)
+
+    def __iter__(self):
+        return iter(self.schedulers)
+
+    def __len__(self):
+        return len(self.schedulers)
+
+    def step(self):
+        for s in self.schedulers:
+            s.step()
+
+    def get_last_lr(self) -> list[float]:
+        return [lr for s in self.schedulers for lr in s.get_last_lr()]
+
+    @property
+    def last_epoch(self) -> int:
+        return self.schedulers[0].last_epoch
+
+    def state_dict(self) -> dict:
+        return {str(i): s.state_dict() for i, s in enumerate(self.schedulers)}
+
+    def load_state_dict(self, state_dict: dict):
+        for i, s in enumerate(self.schedulers):
+            s.load_state_dict(state_dict[str(i)])
+
+
+def build_lr_scheduler(
+    optimizers,
+    warmup_steps: int,
+    total_steps: int,
+    decay_type: str = "cosine",
+    min_lr_ratio: float = 0.1,
+    decay_ratio: float = 0.2,
+) -> LRSchedulers:
+    """LambdaLR(s) with ``lr_multiplier`` over an Optimizers container, a list, or one optimizer.
+
+    Call ``.step()`` once after each optimizer step. Right after construction the lr is
+    ``lr * lr_multiplier(0)`` (used by the first optimizer step).
+    """
+    if isinstance(optimizers, torch.optim.Optimizer):
+        optimizers = [optimizers]
+    fn_kw = dict(
+        warmup_steps=warmup_steps,
+        total_steps=total_steps,
+        decay_type=decay_type,
+        min_lr_ratio=min_lr_ratio,
+        decay_ratio=decay_ratio,
+    )
+    lr_multiplier(0, **fn_kw)  # validate decay_type early
+    return LRSchedulers([LambdaLR(o, _Multiplier(**fn_kw)) for o in optimizers])
+
+
+# --------------------------------------------------------------------------------------------
+# MoE load balancing (aux-loss-free bias update)
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def update_router_biases(
+    biases: Sequence[Tensor],
+    counts: Sequence[Tensor],
+    rate: float,
+    group: dist.ProcessGroup | None = None,
+) -> Tensor:
+    """DeepSeek-V3 aux-loss-free balancing: ``bias += rate * sign(mean(c) - c)`` per layer.
+
+    ``counts[i]`` = tokens routed to each expert of layer i since the last update (int/float
+    [E]). The counts of all layers are summed over ``group`` with ONE all-reduce (None = the
+    default world; skipped when torch.distributed is not initialised). Pass the group of all
+    ranks that see different tokens for these layers (dp x ep; exclude pp — each pipeline stage
+    updates its own layers; duplicated counting over tp is harmless, only the sign is used).
+    Counts are zeroed in place afterwards (also when rate == 0, which freezes the biases).
+    Returns the reduced counts, stacked as float64 [L, E] (or a flat concat when E differs).
+    """
+    if len(biases) != len(counts):
+        raise ValueError("one counts tensor per bias")
+    if not counts:
+        return torch.empty(0, dtype=torch.float64)
+    sizes = [c.numel() for c in counts]
+    flat = torch.cat([_local(c).detach().reshape(-1).to(torch.float64) for c in counts])
+    if dist.is_available() and dist.is_initialized():
+        dev_flat = flat.to(_local(counts[0]).device)
+        dist.all_reduce(dev_flat, op=dist.ReduceOp.SUM, group=group)
+        flat = dev_flat
+    if rate != 0:
+        for b, c in zip(biases, flat.split(sizes)):
+            if isinstance(b, DTensor) and not all(isinstance(pl, Replicate) for pl in b.placements):
+                raise ValueError("router bias must be replicated")
+            b_l = _local(b)
+            delta = torch.sign(c.mean() - c).to(device=b_l.device, dtype=b_l.dtype)
+            b_l.add_(delta.view_as(b_l), alpha=rate)
+    for c in counts:
+        _local(c).zero_()
+    if len(set(sizes)) == 1:
+        return flat.view(len(sizes), sizes[0])
+    return flat
+
+
+def expert_load_imbalance(counts: Tensor) -> Tensor:
+    """max/mean of expert load over the last dim ([E] -> scalar, [L, E] -> [L]); 1.0 where no
+    tokens were routed (mean 0)."""
+    c = counts.float()
+    mean = c.mean(dim=-1)
+    mx = c.amax(dim=-1)
+    return torch.where(mean > 0, mx / mean.clamp(min=1e-30), torch.ones_like(mean))
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient clipping across meshes
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def clip_grad_norm_(
+    params: Iterable[Tensor] | Tensor,
+    max_norm: float,
+    norm_type: float = 2.0,
+    foreach: bool | None = None,
+    pp_group: dist.ProcessGroup | None = None,
+) -> Tensor:
+    """Clip gradients by their global norm; returns the total norm (a plain fp32 tensor).
+
+    Works with plain tensors and with DTensor grads on several DIFFERENT meshes (torch's
+    clip_grad_norm_ fails then): the grads are grouped by mesh, each group's norm is computed
+    with DTensor ops and made full (``full_tensor()``), and the groups are combined. Plain-tensor
+    grads are counted once (assumed identical on the ranks that hold them, as after a dp
+    all-reduce). ``pp_group``: all-reduce the combined norm**p (max for inf) over pipeline
+    stages that hold different parameters. A non-finite total norm is returned as is and the
+    grads are then left untouched (the trainer decides to skip the step).
+    """
+    if isinstance(params, Tensor):
+        params = [params]
+    grads = [p.grad for p in params if p.grad is not None]
+    norm_type = float(norm_type)
+    by_mesh: dict = {}
+    for g in grads:
+        by_mesh.setdefault(_mesh_key(g), []).append(g)
+    device = grads[0].device if grads else torch.device("cpu")
+    if grads and isinstance(grads[0], DTensor):
+        device = grads[0].to_local().device
+    norms = []
+    for gs in by_mesh.values():
+        n = torch.nn.utils.get_total_norm(gs, norm_type, foreach=foreach)
+        if isinstance(n, DTensor):
+            n = n.full_tensor()
+        norms.append(n.to(device=device, dtype=torch.float32))
+    inf = math.isinf(norm_type)
+    if not norms:
+        total = torch.zeros((), dtype=torch.float32, device=device)
+    elif inf:
+        total = torch.stack(norms).max()
+    else:
+        total = torch.stack(norms).pow(norm_type).sum()
+    if pp_group is not None:
+        dist.all_reduce(total, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM, group=pp_group)
+    if not inf:
+        total = total.pow(1.0 / norm_type)
+    if not torch.isfinite(total):
+        return total
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    locals_ = [_local(g) for g in grads]
+    if locals_:
+        buckets: dict = {}
+        for t in locals_:
+            buckets.setdefault((t.device, t.dtype), []).append(t)
+        for (dev, dt), ts in buckets.items():
+            torch._foreach_mul_(ts, coef.to(device=dev, dtype=dt))
+    return total

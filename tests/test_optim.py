@@ -1,0 +1,510 @@
+"""Tests for moonlight.train.optim: Muon (single device, per expert, distributed DTensor/FSDP2),
+param grouping, precision-aware mode, LR schedules, router bias balancing, clipping."""
+
+import copy
+import inspect
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+from moonlight.train.optim import (
+    AdamW,
+    Muon,
+    build_lr_scheduler,
+    build_optimizers,
+    clip_grad_norm_,
+    expert_load_imbalance,
+    lr_multiplier,
+    update_router_biases,
+    zeropower_via_newtonschulz,
+)
+from tests.dist import run_ranks
+
+LR, WD = 0.02, 0.1
+
+
+# ------------------------------------------------------------------------------------------
+# A naive reference, written independently of the implementation (Moonshot's example code)
+# ------------------------------------------------------------------------------------------
+
+
+def ref_ns(G, steps=5, dtype=torch.float32):
+    a, b, c = (3.4445, -4.7750, 2.0315)
+    X = G.to(dtype)
+    if G.size(0) > G.size(1):
+        X = X.T
+    X = X / (X.norm() + 1e-7)
+    for _ in range(steps):
+        A = X @ X.T
+        B = b * A + c * A @ A
+        X = a * X + B @ X
+    if G.size(0) > G.size(1):
+        X = X.T
+    return X
+
+
+def ref_muon_run(W0, grads, lr=LR, wd=WD, mu=0.95, dtype=torch.float32):
+    """Full-matrix Muon over a list of grads; returns the final weight."""
+    W = W0.clone()
+    buf = torch.zeros_like(W)
+    for g in grads:
+        buf = mu * buf + g
+        u = g + mu * buf
+        O = ref_ns(u, dtype=dtype).to(W.dtype)
+        A, B = W.shape
+        W = W * (1 - lr * wd) - lr * 0.2 * math.sqrt(max(A, B)) * O
+    return W
+
+
+def _run_muon(W0s, grads_per_step, **kw):
+    ps = [nn.Parameter(w.clone()) for w in W0s]
+    opt = Muon(ps, lr=LR, weight_decay=WD, **kw)
+    for grads in grads_per_step:
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+        opt.step()
+    return [p.detach() for p in ps]
+
+
+# ------------------------------------------------------------------------------------------
+# Single device
+# ------------------------------------------------------------------------------------------
+
+
+def test_matches_torch_muon():
+    sig = inspect.signature(torch.optim.Muon.__init__).parameters
+    assert {"lr", "weight_decay", "momentum", "nesterov", "adjust_lr_fn"} <= set(sig)
+    torch.manual_seed(0)
+    W0s = [torch.randn(32, 48), torch.randn(48, 32)]
+    steps = [[torch.randn_like(w) for w in W0s] for _ in range(5)]
+    ours = _run_muon(W0s, steps)  # bf16 NS, as Moonlight
+    ps = [nn.Parameter(w.clone()) for w in W0s]
+    opt = torch.optim.Muon(ps, lr=LR, weight_decay=WD, momentum=0.95, nesterov=True, adjust_lr_fn="match_rms_adamw")
+    for grads in steps:
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+        opt.step()
+    for w0, a, b in zip(W0s, ours, ps):
+        moved = (a - w0 * (1 - LR * WD) ** 5).abs().max()
+        assert moved > 0.01
+        # torch's NS is bf16 too (and normalises with clamp(min=eps) instead of +eps)
+        assert (a - b.detach()).abs().max() < 0.06 * moved
+
+
+def test_matches_naive_reference_fp32():
+    torch.manual_seed(1)
+    W0s = [torch.randn(32, 48), torch.randn(48, 32), torch.randn(40, 40)]
+    steps = [[torch.randn_like(w) for w in W0s] for _ in range(4)]
+    ours = _run_muon(W0s, steps, ns_dtype=torch.float32)
+    for i, w0 in enumerate(W0s):
+        ref = ref_muon_run(w0, [s[i] for s in steps])
+        torch.testing.assert_close(ours[i], ref, atol=2e-6, rtol=1e-5)
+    # bf16 NS (the default) against the bf16 reference: same algorithm
+    ours_bf16 = _run_muon(W0s, steps)
+    for i, w0 in enumerate(W0s):
+        ref = ref_muon_run(w0, [s[i] for s in steps], dtype=torch.bfloat16)
+        torch.testing.assert_close(ours_bf16[i], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_ns_is_orthogonal_ish_and_batched():
+    torch.manual_seed(2)
+    G = torch.randn(3, 48, 32)
+    O = zeropower_via_newtonschulz(G, dtype=torch.float32)
+    for e in range(3):
+        torch.testing.assert_close(O[e], ref_ns(G[e]), atol=1e-6, rtol=1e-5)
+        s = torch.linalg.svdvals(O[e])
+        assert 0.5 < s.min() and s.max() < 1.3
+
+
+@pytest.mark.parametrize("shape", [(4, 32, 48), (3, 48, 32)])
+def test_expert_3d_equals_per_expert_2d(shape):
+    torch.manual_seed(3)
+    W0 = torch.randn(shape)
+    steps = [[torch.randn(shape)] for _ in range(3)]
+    (ours,) = _run_muon([W0], steps, ns_dtype=torch.float32)
+    for e in range(shape[0]):
+        (ref,) = _run_muon([W0[e]], [[s[0][e]] for s in steps], ns_dtype=torch.float32)
+        torch.testing.assert_close(ours[e], ref, atol=1e-6, rtol=1e-6)
+
+
+def test_muon_rejects_1d():
+    with pytest.raises(ValueError):
+        Muon([nn.Parameter(torch.randn(8))])
+
+
+# ------------------------------------------------------------------------------------------
+# Distributed: DTensor shards / FSDP2 / EP / 2-D meshes equal single-device full-matrix Muon
+# ------------------------------------------------------------------------------------------
+
+N_STEPS = 3
+
+
+def _full(t):
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _dist_muon_worker(rank, world):
+    mesh = init_device_mesh("cpu", (world,))
+    cases = [  # (name, full shape, mesh, param placements, grad placements)
+        ("shard0", (30, 48), mesh, [Shard(0)], [Shard(0)]),  # uneven on 4 ranks
+        ("shard1", (32, 48), mesh, [Shard(1)], [Shard(1)]),
+        ("shard1_tall", (48, 32), mesh, [Shard(1)], [Replicate()]),  # grad with another placement
+        ("ep", (4, 16, 24), mesh, [Shard(0)], [Shard(0)]),  # experts kept sharded
+        ("expert_inner", (2, 16, 24), mesh, [Shard(2)], [Shard(2)]),
+    ]
+    if world == 4:
+        m2 = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+        cases += [
+            ("2d_mesh", (32, 48), m2, [Shard(0), Shard(1)], [Shard(0), Shard(1)]),
+            ("2d_mesh_swapped", (30, 48), m2, [Shard(1), Shard(0)], [Shard(1), Shard(0)]),
+            ("2d_ep_tp", (4, 16, 24), m2, [Shard(0), Shard(1)], [Shard(0), Shard(1)]),
+            ("2d_ep_ep", (4, 16, 24), m2, [Shard(0), Shard(0)], [Shard(0), Shard(0)]),
+        ]
+    errs = {}
+    for ns_dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)  # same data on every rank
+        W0s = [torch.randn(c[1]) for c in cases]
+        grads = [[torch.randn(c[1]) for c in cases] for _ in range(N_STEPS)]
+        refs = _run_muon(W0s, grads, ns_dtype=ns_dtype)
+        dps = [nn.Parameter(distribute_tensor(w.clone(), c[2], c[3])) for w, c in zip(W0s, cases)]
+        opt = Muon(dps, lr=LR, weight_decay=WD, ns_dtype=ns_dtype)
+        for step_grads in grads:
+            for p, g, c in zip(dps, step_grads, cases):
+                p.grad = distribute_tensor(g, c[2], c[4])
+            opt.step()
+        for p, ref, w0, c in zip(dps, refs, W0s, cases):
+            assert isinstance(opt.state[p]["momentum_buffer"], DTensor)
+            assert tuple(opt.state[p]["momentum_buffer"].placements) == tuple(c[3])
+            moved = (ref - w0 * (1 - LR * WD) ** N_STEPS).abs().max().item()
+            errs[(c[0], str(ns_dtype))] = ((p.full_tensor() - ref).abs().max().item(), moved)
+
+    # FSDP2 fully_shard-ed module, identical inputs on every rank (grads are averaged over dp)
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(48, 32, bias=False), nn.Tanh(), nn.Linear(32, 30, bias=False))
+    ref_model = copy.deepcopy(model)
+    fully_shard(model, mesh=mesh)
+    opt = Muon(model.parameters(), lr=LR, weight_decay=WD, ns_dtype=torch.float32)
+    ref_opt = Muon(ref_model.parameters(), lr=LR, weight_decay=WD, ns_dtype=torch.float32)
+    for s in range(N_STEPS):
+        x = torch.randn(8, 48)
+        for m, o in ((model, opt), (ref_model, ref_opt)):
+            m(x).pow(2).sum().backward()
+            o.step()
+            o.zero_grad()
+    for (n, p), rp in zip(model.named_parameters(), ref_model.parameters()):
+        assert isinstance(p, DTensor)
+        errs[("fsdp2_" + n, "torch.float32")] = ((p.full_tensor() - rp.detach()).abs().max().item(), 1.0)
+
+    # negative control: NS on each shard on its own is a different update
+    torch.manual_seed(5)
+    G = torch.randn(32, 48)
+    full_o = zeropower_via_newtonschulz(G, dtype=torch.float32)
+    local_g = distribute_tensor(G, mesh, [Shard(1)]).to_local()
+    per_shard = zeropower_via_newtonschulz(local_g, dtype=torch.float32)
+    full_slice = distribute_tensor(full_o, mesh, [Shard(1)]).to_local()
+    errs[("per_shard_ns_differs", "")] = ((per_shard - full_slice).abs().max().item(), 0.0)
+    return errs
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_distributed_muon_equals_full_matrix(world):
+    results = run_ranks(_dist_muon_worker, world)
+    for errs in results:
+        for (name, dt), (err, moved) in errs.items():
+            if name == "per_shard_ns_differs":
+                assert err > 0.05, (name, err)  # so the exactness checks could fail
+            elif dt == "torch.float32":
+                assert err < 1e-5, (name, dt, err)
+            else:  # bf16 NS: the full matrices are identical, so this is (nearly) exact too
+                assert err < 0.02 * moved, (name, dt, err, moved)
+
+
+# ------------------------------------------------------------------------------------------
+# Grouping, precision-aware mode
+# ------------------------------------------------------------------------------------------
+
+
+class _Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(64, 16)
+        self.q_proj = nn.Linear(16, 24, bias=False)
+        self.norm = nn.Module()
+        self.norm.weight = nn.Parameter(torch.ones(16))
+        self.experts_w = nn.Parameter(torch.randn(4, 8, 16))
+        self.frozen = nn.Parameter(torch.randn(8, 8), requires_grad=False)
+        self.register_buffer("e_score_correction_bias", torch.zeros(4))
+        self.lm_head = nn.Linear(16, 64, bias=False)
+
+
+def test_param_grouping():
+    m = _Tiny()
+    opts = build_optimizers(m.named_parameters(), "muon", lr=1e-3, weight_decay=0.1)
+    muon, adamw = opts.optimizers
+    assert isinstance(muon, Muon) and isinstance(adamw, torch.optim.AdamW)
+    ids = lambda o: {id(p) for g in o.param_groups for p in g["params"]}  # noqa: E731
+    assert ids(muon) == {id(m.q_proj.weight), id(m.experts_w)}
+    assert ids(adamw) == {id(m.embed_tokens.weight), id(m.lm_head.weight), id(m.norm.weight)}
+    assert adamw.defaults["betas"] == (0.9, 0.95) and adamw.defaults["eps"] == 1e-8
+    assert all(g["weight_decay"] == 0.1 for g in opts.param_groups)
+    (only,) = build_optimizers(m.named_parameters(), "adamw", lr=1e-3).optimizers
+    assert len(ids(only)) == 5
+    pa = build_optimizers(m.named_parameters(), "muon", lr=1e-3, precision_aware=True)
+    assert isinstance(pa[1], AdamW) and pa[0].defaults["master_weights"]
+    # the container steps, zeroes and round-trips state
+    for p in m.parameters():
+        if p.requires_grad:
+            p.grad = torch.randn_like(p)
+    opts.step()
+    sd = opts.state_dict()
+    opts2 = build_optimizers(m.named_parameters(), "muon", lr=1e-3)
+    opts2.load_state_dict(sd)
+    torch.testing.assert_close(
+        opts2[0].state[m.q_proj.weight]["momentum_buffer"], opts[0].state[m.q_proj.weight]["momentum_buffer"]
+    )
+    opts.zero_grad()
+    assert m.q_proj.weight.grad is None
+
+
+def test_our_adamw_matches_torch_adamw():
+    torch.manual_seed(0)
+    w = torch.randn(16, 8)
+    a, b = nn.Parameter(w.clone()), nn.Parameter(w.clone())
+    oa = AdamW([a], lr=1e-2, weight_decay=0.1, master_weights=False)
+    ob = torch.optim.AdamW([b], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    for _ in range(5):
+        g = torch.randn_like(w)
+        a.grad, b.grad = g.clone(), g.clone()
+        oa.step()
+        ob.step()
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["muon", "adamw"])
+def test_precision_aware_master_weights(kind):
+    torch.manual_seed(0)
+    w32 = torch.randn(32, 48)
+    w16 = w32.bfloat16()
+    lr = 1e-4  # per-step updates far below bf16 resolution of O(1) weights
+    make = {
+        "muon": lambda ps, master: Muon(ps, lr=lr, weight_decay=WD, ns_dtype=torch.float32, master_weights=master),
+        "adamw": lambda ps, master: AdamW(ps, lr=lr, weight_decay=WD, master_weights=master),
+    }[kind]
+    p_master, p_naive, p_fp32 = (nn.Parameter(w16.clone()), nn.Parameter(w16.clone()), nn.Parameter(w16.float()))
+    o_master, o_naive, o_fp32 = make([p_master], True), make([p_naive], False), make([p_fp32], False)
+    for _ in range(20):
+        g = torch.randn(32, 48).bfloat16()
+        p_master.grad, p_naive.grad, p_fp32.grad = g.clone(), g.clone(), g.float()
+        for o in (o_master, o_naive, o_fp32):
+            o.step()
+    st = o_master.state[p_master]
+    assert st["master"].dtype == torch.float32 and p_master.dtype == torch.bfloat16
+    mom = st["momentum_buffer"] if kind == "muon" else st["exp_avg"]
+    assert mom.dtype == torch.float32
+    # the fp32 master follows the fp32 run exactly; the bf16 param is its rounding
+    torch.testing.assert_close(st["master"], p_fp32.detach(), atol=1e-6, rtol=1e-6)
+    assert torch.equal(p_master.detach(), st["master"].bfloat16())
+    # naive bf16 updates are lost to rounding: the bf16 param barely moves, while the fp32
+    # master (and the fp32 run) moved every element
+    assert (p_fp32.detach() != w16.float()).float().mean() > 0.99
+    assert (p_naive.detach() == w16).float().mean() > 0.9
+    assert not torch.equal(p_naive.detach(), p_master.detach())
+
+
+# ------------------------------------------------------------------------------------------
+# LR schedule
+# ------------------------------------------------------------------------------------------
+
+
+def test_lr_multiplier_values():
+    kw = dict(warmup_steps=10, total_steps=110, min_lr_ratio=0.1)
+    for dt in ("cosine", "linear", "wsd"):
+        f = lambda s: lr_multiplier(s, decay_type=dt, decay_ratio=0.2, **kw)  # noqa: E731
+        assert f(0) == pytest.approx(1 / 11)
+        assert f(9) == pytest.approx(10 / 11)
+        assert f(10) == pytest.approx(1.0)
+        assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+        vals = [f(s) for s in range(10, 111)]
+        assert all(a >= b - 1e-12 for a, b in zip(vals, vals[1:]))  # non-increasing after warmup
+    assert lr_multiplier(60, decay_type="cosine", **kw) == pytest.approx(0.55)  # midpoint
+    assert lr_multiplier(60, decay_type="linear", **kw) == pytest.approx(0.55)
+    assert lr_multiplier(35, decay_type="linear", **kw) == pytest.approx(0.1 + 0.9 * 0.75)
+    # WSD: stable until the last 20% of total steps (88..110), then linear to min
+    assert lr_multiplier(87, decay_type="wsd", decay_ratio=0.2, **kw) == 1.0
+    assert lr_multiplier(88, decay_type="wsd", decay_ratio=0.2, **kw) == 1.0
+    assert lr_multiplier(99, decay_type="wsd", decay_ratio=0.2, **kw) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_multiplier(0, warmup_steps=0, total_steps=10) == 1.0
+    with pytest.raises(ValueError):
+        lr_multiplier(20, 10, 110, decay_type="bogus")
+
+
+def test_lr_scheduler_drives_all_groups_and_checkpoints():
+    m = _Tiny()
+    opts = build_optimizers(m.named_parameters(), "muon", lr=1e-3)
+    sched = build_lr_scheduler(opts, warmup_steps=4, total_steps=20, decay_type="cosine", min_lr_ratio=0.1)
+    assert all(g["lr"] == pytest.approx(1e-3 / 5) for g in opts.param_groups)
+    for _ in range(7):
+        opts.step()
+        sched.step()
+    want = 1e-3 * lr_multiplier(7, 4, 20, "cosine", 0.1)
+    assert all(g["lr"] == pytest.approx(want) for g in opts.param_groups)
+    assert sched.get_last_lr() == pytest.approx([want] * len(opts.param_groups))
+    sd = sched.state_dict()
+    opts2 = build_optimizers(m.named_parameters(), "muon", lr=1e-3)
+    sched2 = build_lr_scheduler(opts2, warmup_steps=4, total_steps=20, decay_type="cosine", min_lr_ratio=0.1)
+    sched2.load_state_dict(sd)
+    sched2.step()
+    sched.step()
+    assert sched2.get_last_lr() == pytest.approx(sched.get_last_lr())
+    # a plain optimizer works too
+    (s1,) = build_lr_scheduler(torch.optim.SGD([nn.Parameter(torch.ones(2))], lr=1.0), 0, 10, "linear", 0.0)
+    assert s1.get_last_lr() == [1.0]
+
+
+# ------------------------------------------------------------------------------------------
+# MoE bias balancing
+# ------------------------------------------------------------------------------------------
+
+
+def _route_counts(scores, bias, k):
+    idx = torch.topk(scores + bias, k, dim=-1).indices
+    return torch.bincount(idx.reshape(-1), minlength=scores.shape[-1])
+
+
+def test_router_bias_balances_skewed_load():
+    torch.manual_seed(0)
+    T, E, k, L = 1024, 16, 4, 2
+    skew = torch.linspace(0, 2.0, E)
+    scores = [torch.sigmoid(torch.randn(T, E) * 0.5 + skew.roll(l)) for l in range(L)]
+    biases = [torch.zeros(E) for _ in range(L)]
+    counts = [torch.zeros(E, dtype=torch.long) for _ in range(L)]
+    imb0 = None
+    for it in range(300):
+        for l in range(L):
+            counts[l] += _route_counts(scores[l], biases[l], k)
+        imb = expert_load_imbalance(torch.stack(counts))
+        if imb0 is None:
+            imb0 = imb.clone()
+        update_router_biases(biases, counts, rate=1e-3)
+        assert all(int(c.sum()) == 0 for c in counts)
+    assert (imb0 > 2.5).all()
+    final = torch.stack([_route_counts(scores[l], biases[l], k) for l in range(L)])
+    assert (expert_load_imbalance(final) < 1.25).all(), expert_load_imbalance(final)
+    # overloaded experts got negative bias
+    assert biases[0][-1] < 0 < biases[0][0]
+
+
+def test_router_bias_rate_zero_freezes():
+    b = torch.randn(8)
+    b0 = b.clone()
+    c = torch.arange(8.0)
+    update_router_biases([b], [c], rate=0.0)
+    assert torch.equal(b, b0) and torch.equal(c, torch.zeros(8))
+    assert float(expert_load_imbalance(torch.tensor([1.0, 1.0, 4.0]))) == pytest.approx(2.0)
+    assert float(expert_load_imbalance(torch.zeros(4))) == 1.0
+
+
+def _router_allreduce_worker(rank, world):
+    E = 4
+    # rank 0 overloads expert 0, rank 1 overloads expert 3; summed over ranks, 0 and 3 are tied
+    local = [torch.tensor([10, 0, 0, 2]) if rank == 0 else torch.tensor([0, 0, 1, 9]),
+             torch.tensor([5, 5, 5, 5 + rank])]
+    biases = [torch.zeros(E), torch.zeros(E)]
+    total = update_router_biases(biases, local, rate=0.1)
+    assert all(int(c.sum()) == 0 for c in local)
+    return [b.tolist() for b in biases], total.tolist()
+
+
+def test_router_bias_counts_are_all_reduced():
+    (b0, t0), (b1, t1) = run_ranks(_router_allreduce_worker, 2)
+    assert b0 == b1 and t0 == t1
+    assert t0 == [[10, 0, 1, 11], [10, 10, 10, 11]]
+    # mean 5.5: 10 and 11 overloaded (-0.1), 0 and 1 underloaded (+0.1); layer 2 mean 10.25
+    assert b0[0] == pytest.approx([-0.1, 0.1, 0.1, -0.1])
+    assert b0[1] == pytest.approx([0.1, 0.1, 0.1, -0.1])
+
+
+# ------------------------------------------------------------------------------------------
+# Gradient clipping across meshes / pipeline stages
+# ------------------------------------------------------------------------------------------
+
+
+def _clip_worker(rank, world):
+    mesh_a = init_device_mesh("cpu", (world,))
+    mesh_b = DeviceMesh("cpu", list(range(world)))  # same ranks, a different mesh object
+    m2 = init_device_mesh("cpu", (world, 1), mesh_dim_names=("dp", "tp"))
+    torch.manual_seed(0)
+    fulls = [torch.randn(8, 6), torch.randn(6, 10), torch.randn(4, 3, 5), torch.randn(7), torch.randn(5, 5)]
+    grads = [torch.randn_like(t) for t in fulls]
+    specs = [(mesh_a, [Shard(0)]), (mesh_b, [Shard(1)]), (m2["dp"], [Shard(0)]), (m2["tp"], [Replicate()]), None]
+    params = []
+    for t, g, spec in zip(fulls, grads, specs):
+        if spec is None:
+            p = nn.Parameter(t.clone())
+            p.grad = g.clone()
+        else:
+            p = nn.Parameter(distribute_tensor(t.clone(), *spec))
+            p.grad = distribute_tensor(g.clone(), *spec)
+        params.append(p)
+    want = torch.cat([g.reshape(-1) for g in grads]).norm()
+    meshes_differ = True
+    try:
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        meshes_differ = False
+    except Exception:
+        pass
+    total = clip_grad_norm_(params, max_norm=1.0)
+    scaled = [_full(p.grad) for p in params]
+    scale_ok = all(torch.allclose(s, g / want, atol=1e-5) for s, g in zip(scaled, grads))
+
+    # build_optimizers' torch AdamW copes with params on several meshes (one group per mesh)
+    opts = build_optimizers([(f"w{i}", p) for i, p in enumerate(params)], "muon", lr=1e-2)
+    opts.step()
+
+    # pipeline stages: each rank holds different plain params
+    torch.manual_seed(10 + rank)
+    stage = [nn.Parameter(torch.randn(3, 4))]
+    stage[0].grad = torch.randn(3, 4)
+    local_sq = stage[0].grad.pow(2).sum()
+    all_sq = local_sq.clone()
+    dist.all_reduce(all_sq)
+    pp_total = clip_grad_norm_(stage, max_norm=1e9, pp_group=dist.group.WORLD)
+    inf_total = clip_grad_norm_(stage, max_norm=1e9, norm_type=float("inf"), pp_group=dist.group.WORLD)
+    return (float(total), float(want), scale_ok, meshes_differ, float(pp_total), float(all_sq.sqrt()), float(inf_total))
+
+
+def test_clip_grad_norm_across_meshes_and_stages():
+    for total, want, scale_ok, meshes_differ, pp_total, pp_want, inf_total in run_ranks(_clip_worker, 2):
+        assert total == pytest.approx(want, rel=1e-5)
+        assert scale_ok
+        assert pp_total == pytest.approx(pp_want, rel=1e-5)
+        assert inf_total > 0
+
+
+def test_clip_grad_norm_plain_and_nonfinite():
+    torch.manual_seed(0)
+    ps = [nn.Parameter(torch.randn(4, 4)), nn.Parameter(torch.randn(3))]
+    for p in ps:
+        p.grad = torch.randn_like(p) * 10
+    want = torch.cat([p.grad.reshape(-1) for p in ps]).norm()
+    g0 = [p.grad.clone() for p in ps]
+    total = clip_grad_norm_(ps, 1.0)
+    assert float(total) == pytest.approx(float(want), rel=1e-6)
+    assert torch.allclose(torch.cat([p.grad.reshape(-1) for p in ps]).norm(), torch.tensor(1.0), atol=1e-5)
+    # below the threshold: untouched
+    for p, g in zip(ps, g0):
+        p.grad = g.clone()
+    clip_grad_norm_(ps, 1e6)
+    assert all(torch.equal(p.grad, g) for p, g in zip(ps, g0))
+    ps[0].grad[0, 0] = float("inf")
+    bad = [p.grad.clone() for p in ps]
+    total = clip_grad_norm_(ps, 1.0)
+    assert not torch.isfinite(total)
+    assert all(torch.equal(p.grad, g) for p, g in zip(ps, bad))
