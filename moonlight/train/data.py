@@ -1,0 +1,686 @@
+"""Pretraining data: read documents, tokenise, pack, shard across data-parallel ranks.
+
+    tok = build_tokenizer(cfg.data.tokenizer)
+    loader = build_dataloader(cfg.data, tok, seq_len, local_batch_size, dp_rank, dp_world, seed)
+    inputs, labels = loader.next_batch()            # [B, S] int64 each
+    batch = loader.next_batch_with_info()           # + position_ids [B, S] (restart per document)
+    state = loader.state_dict(); loader.load_state_dict(state)
+
+Sources (data.format):
+  jsonl     one JSON object per line with a string field data.text_key; data.path is a file,
+            a directory (every *.jsonl / *.jsonl.gz in it, sorted) or a glob. Malformed lines
+            are reported as "path:line: reason"; data.on_bad_line = "skip" counts and skips
+            them (loader.num_bad_lines, logged as a warning), "error" raises BadLineError.
+  hf        local HF `datasets`: a save_to_disk directory (load_from_disk; a DatasetDict uses
+            data.split) or json/jsonl/parquet/arrow/csv file(s)/directory/glob (load_dataset
+            with a packaged builder). Never touches the hub.
+  megatron  Megatron-LM MMIDIDX indexed files <prefix>.bin/.idx (data.path = the prefix, either
+            file, a directory of *.idx or a glob); each Megatron document is one document.
+
+Packing. Every document becomes [bos]? + tokens + [eos]? (data.add_bos / data.add_eos; empty
+documents are dropped). Each epoch the documents are ordered (a seeded permutation per epoch when
+data.shuffle, else file order) and concatenated into one stream; sequence i of the epoch is the
+window stream[i*S : i*S + S + 1] (inputs = window[:-1], labels = window[1:]), so every token is
+predicted once and documents are packed across sequence boundaries. The remainder that does not
+fill a window is dropped; then the next epoch starts.
+
+Sharding. Sequences are numbered globally g = 0, 1, 2, ... (epoch = g // sequences_per_epoch).
+Each next_batch() call on every rank consumes the next local_batch_size * dp_world global
+sequences; rank r takes the r-th contiguous block of local_batch_size of them. So with
+global_batch = local_batch * dp_world * grad_accum, optimizer step k covers exactly the global
+sequences [k * global_batch, (k + 1) * global_batch) whatever the decomposition: a 1-rank run and
+a 2-rank run see the same global batch per step. The state is the number of global sequences
+consumed, so a resumed run (even with another world size) continues with the same batches.
+"""
+
+from __future__ import annotations
+
+import glob as _glob
+import gzip
+import json
+import logging
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "BadLineError",
+    "DocumentStore",
+    "PackedDataLoader",
+    "Batch",
+    "build_dataloader",
+    "load_documents",
+    "read_jsonl",
+    "MegatronIndexedDataset",
+    "MegatronIndexedWriter",
+    "build_megatron_from_jsonl",
+]
+
+MAX_REPORTED_BAD_LINES = 100
+_ENCODE_CHUNK = 1024
+
+
+class BadLineError(ValueError):
+    """A malformed input record; the message starts with "path:line:"."""
+
+
+# ============================================================== documents
+
+
+@dataclass
+class DocumentStore:
+    """Token documents: doc j is tokens[file_ids[j]][starts[j] : starts[j] + lengths[j]]
+    (special tokens are not included; they are added while packing)."""
+
+    tokens: list[np.ndarray]
+    file_ids: np.ndarray  # int32 [D]
+    starts: np.ndarray  # int64 [D]
+    lengths: np.ndarray  # int64 [D], all > 0
+    num_bad_lines: int = 0
+    bad_lines: list[str] | None = None
+    source: str = ""
+
+    @property
+    def num_documents(self) -> int:
+        return int(self.lengths.shape[0])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+    def document(self, j: int) -> np.ndarray:
+        a = int(self.starts[j])
+        return self.tokens[int(self.file_ids[j])][a : a + int(self.lengths[j])]
+
+    def fingerprint(self) -> int:
+        return zlib.crc32(self.lengths.astype(np.int64).tobytes())
+
+
+def _expand(path: str, exts: tuple[str, ...], what: str) -> list[str]:
+    """A file, a directory (files with one of exts, sorted, recursively) or a glob."""
+    path = os.path.expanduser(path)
+    if os.path.isfile(path):
+        return [path]
+    if os.path.isdir(path):
+        files = sorted(
+            os.path.join(root, f)
+            for root, _, fs in os.walk(path)
+            for f in fs
+            if f.endswith(exts)
+        )
+    else:
+        files = sorted(f for f in _glob.glob(path, recursive=True) if os.path.isfile(f))
+    if not files:
+        raise FileNotFoundError(f"data.path {path!r}: no {what} files found (looked for {', '.join(exts)})")
+    return files
+
+
+class _BadLines:
+    def __init__(self, on_bad_line: str) -> None:
+        if on_bad_line not in ("skip", "error"):
+            raise ValueError(f"data.on_bad_line must be 'skip' or 'error', got {on_bad_line!r}")
+        self.mode = on_bad_line
+        self.count = 0
+        self.reported: list[str] = []
+
+    def __call__(self, where: str, reason: str) -> None:
+        msg = f"{where}: {reason}"
+        if self.mode == "error":
+            raise BadLineError(msg + " (set data.on_bad_line = \"skip\" to skip malformed records)")
+        self.count += 1
+        if len(self.reported) < MAX_REPORTED_BAD_LINES:
+            self.reported.append(msg)
+        if self.count <= 5:
+            logger.warning("data: skipping malformed record %s", msg)
+
+
+def read_jsonl(
+    paths: Sequence[str], text_key: str = "text", on_bad_line: str = "skip", bad: _BadLines | None = None
+) -> Iterator[str]:
+    """Yield the text of every well-formed line; blank lines are ignored silently."""
+    bad = bad or _BadLines(on_bad_line)
+    for path in paths:
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                try:
+                    obj = json.loads(raw)
+                except UnicodeDecodeError as e:
+                    bad(where, f"invalid UTF-8 ({e.reason})")
+                    continue
+                except json.JSONDecodeError as e:
+                    bad(where, f"invalid JSON ({e.msg} at column {e.colno})")
+                    continue
+                if not isinstance(obj, dict):
+                    bad(where, f"expected a JSON object, got {type(obj).__name__}")
+                    continue
+                if text_key not in obj:
+                    keys = ", ".join(list(obj)[:10])
+                    bad(where, f"missing text field {text_key!r} (keys: {keys})")
+                    continue
+                text = obj[text_key]
+                if not isinstance(text, str):
+                    bad(where, f"text field {text_key!r} is {type(text).__name__}, not a string")
+                    continue
+                yield text
+
+
+_HF_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".arrow": "arrow", ".csv": "csv"}
+
+
+def _is_saved_dataset(path: str) -> bool:
+    return os.path.isdir(path) and any(
+        os.path.exists(os.path.join(path, f)) for f in ("dataset_info.json", "state.json", "dataset_dict.json")
+    )
+
+
+def read_hf(path: str, text_key: str = "text", split: str = "train", on_bad_line: str = "skip",
+            bad: _BadLines | None = None) -> Iterator[str]:
+    """Texts of a local HF dataset (save_to_disk directory, or data files). Offline only."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import datasets
+
+    bad = bad or _BadLines(on_bad_line)
+    path = os.path.expanduser(path)
+    if _is_saved_dataset(path):
+        ds = datasets.load_from_disk(path)
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise ValueError(f"data.path {path!r} has splits {list(ds)}, not data.split={split!r}")
+            ds = ds[split]
+        where0 = path
+    else:
+        files = _expand(path, tuple(_HF_BUILDERS), "dataset")
+        builders = {_HF_BUILDERS[os.path.splitext(f)[1]] for f in files if os.path.splitext(f)[1] in _HF_BUILDERS}
+        if len(builders) != 1:
+            raise ValueError(f"data.path {path!r}: expected files of one kind ({', '.join(_HF_BUILDERS)}), got {files[:5]}")
+        ds = datasets.load_dataset(builders.pop(), data_files=files, split="train")
+        where0 = path
+    if text_key not in ds.column_names:
+        raise ValueError(f"data.path {path!r}: no column data.text_key={text_key!r} (columns: {ds.column_names})")
+    row = 0
+    for chunk in ds.select_columns([text_key]).iter(batch_size=_ENCODE_CHUNK):
+        for text in chunk[text_key]:
+            row += 1
+            if not isinstance(text, str):
+                bad(f"{where0}:row {row}", f"text field {text_key!r} is {type(text).__name__}, not a string")
+                continue
+            yield text
+
+
+def _tokenize_texts(texts: Iterable[str], tokenizer: Any, source: str, bad: _BadLines) -> DocumentStore:
+    from moonlight.train.tokenizer import ByteTokenizer
+
+    byte_fast = isinstance(tokenizer, ByteTokenizer)
+    arrays: list[np.ndarray] = []
+    batch: list[str] = []
+
+    def flush() -> None:
+        if byte_fast:
+            arrays.extend(np.frombuffer(t.encode("utf-8"), dtype=np.uint8).astype(np.int32) for t in batch)
+        else:
+            arrays.extend(np.asarray(ids, dtype=np.int32) for ids in tokenizer.encode_batch(batch))
+        batch.clear()
+
+    for t in texts:
+        batch.append(t)
+        if len(batch) >= _ENCODE_CHUNK:
+            flush()
+    flush()
+    lengths = np.fromiter((a.shape[0] for a in arrays), dtype=np.int64, count=len(arrays))
+    keep = lengths > 0
+    tokens = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int32)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if arrays else np.zeros(0, np.int64)
+    return DocumentStore(
+        tokens=[tokens],
+        file_ids=np.zeros(int(keep.sum()), dtype=np.int32),
+        starts=starts[keep],
+        lengths=lengths[keep],
+        num_bad_lines=bad.count,
+        bad_lines=bad.reported,
+        source=source,
+    )
+
+
+def load_documents(cfg_data: Any, tokenizer: Any) -> DocumentStore:
+    """Read and tokenise every document of cfg_data (a DataSection or anything with format,
+    path, text_key, on_bad_line and optionally split)."""
+    fmt = cfg_data.format
+    bad = _BadLines(cfg_data.on_bad_line)
+    if fmt == "jsonl":
+        files = _expand(cfg_data.path, (".jsonl", ".jsonl.gz"), "jsonl")
+        store = _tokenize_texts(read_jsonl(files, cfg_data.text_key, bad=bad), tokenizer, cfg_data.path, bad)
+    elif fmt == "hf":
+        texts = read_hf(cfg_data.path, cfg_data.text_key, getattr(cfg_data, "split", "train"), bad=bad)
+        store = _tokenize_texts(texts, tokenizer, cfg_data.path, bad)
+    elif fmt == "megatron":
+        store = _load_megatron(cfg_data.path)
+    else:
+        raise ValueError(f"data.format must be 'jsonl', 'hf' or 'megatron', got {fmt!r}")
+    if store.num_bad_lines:
+        first = store.bad_lines[0] if store.bad_lines else ""
+        logger.warning(
+            "data: skipped %d malformed record(s) in %s (first: %s)", store.num_bad_lines, cfg_data.path, first
+        )
+    return store
+
+
+# ============================================================== Megatron indexed format
+
+_MMIDIDX_MAGIC = b"MMIDIDX\x00\x00"
+_DTYPE_CODES = {
+    1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16,
+}
+_CODE_OF_DTYPE = {np.dtype(v): k for k, v in _DTYPE_CODES.items()}
+
+
+def _megatron_prefix(path: str) -> str:
+    for ext in (".bin", ".idx"):
+        if path.endswith(ext):
+            return path[: -len(ext)]
+    return path
+
+
+class MegatronIndexedDataset:
+    """Reader of Megatron-LM's MMapIndexedDataset (<prefix>.idx + <prefix>.bin).
+
+    .idx layout (little endian): magic b"MMIDIDX\\x00\\x00", version u64 (=1), dtype code u8,
+    sequence count u64, document count u64, then int32 sequence lengths, int64 sequence byte
+    pointers into .bin, int64 document indices (sequence index where each document starts, with
+    a leading 0 and a trailing sequence count)."""
+
+    def __init__(self, prefix: str) -> None:
+        prefix = _megatron_prefix(prefix)
+        self.prefix = prefix
+        idx_path, bin_path = prefix + ".idx", prefix + ".bin"
+        with open(idx_path, "rb") as f:
+            magic = f.read(9)
+            if magic != _MMIDIDX_MAGIC:
+                raise ValueError(f"{idx_path}: not a Megatron MMIDIDX index (magic {magic!r})")
+            (version,) = struct.unpack("<Q", f.read(8))
+            if version != 1:
+                raise ValueError(f"{idx_path}: unsupported index version {version}")
+            (code,) = struct.unpack("<B", f.read(1))
+            if code not in _DTYPE_CODES:
+                raise ValueError(f"{idx_path}: unknown dtype code {code}")
+            self.dtype = np.dtype(_DTYPE_CODES[code])
+            (self.sequence_count,) = struct.unpack("<Q", f.read(8))
+            (self.document_count,) = struct.unpack("<Q", f.read(8))
+            offset = f.tell()
+        buf = np.memmap(idx_path, mode="r", dtype=np.uint8)
+        n, d = self.sequence_count, self.document_count
+        self.sequence_lengths = np.frombuffer(buf, dtype=np.int32, count=n, offset=offset)
+        offset += 4 * n
+        self.sequence_pointers = np.frombuffer(buf, dtype=np.int64, count=n, offset=offset)
+        offset += 8 * n
+        self.document_indices = np.frombuffer(buf, dtype=np.int64, count=d, offset=offset)
+        size = os.path.getsize(bin_path)
+        self.tokens = (
+            np.memmap(bin_path, mode="r", dtype=self.dtype) if size else np.zeros(0, dtype=self.dtype)
+        )
+
+    def __len__(self) -> int:
+        return self.sequence_count
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        a = int(self.sequence_pointers[i]) // self.dtype.itemsize
+        return self.tokens[a : a + int(self.sequence_lengths[i])]
+
+    @property
+    def num_documents(self) -> int:
+        return max(self.document_count - 1, 0)
+
+    def document(self, j: int) -> np.ndarray:
+        s0, s1 = int(self.document_indices[j]), int(self.document_indices[j + 1])
+        if s1 <= s0:
+            return self.tokens[0:0]
+        return np.concatenate([self[i] for i in range(s0, s1)])
+
+    def document_spans(self) -> tuple[np.ndarray, np.ndarray]:
+        """(token start, token length) of each document; needs contiguous sequences (as the
+        Megatron writer lays them out)."""
+        lengths = self.sequence_lengths.astype(np.int64)
+        seq_starts = self.sequence_pointers // self.dtype.itemsize
+        if self.sequence_count > 1 and not np.array_equal(seq_starts[1:], seq_starts[:-1] + lengths[:-1]):
+            raise ValueError(f"{self.prefix}.idx: sequences are not contiguous in the .bin file")
+        di = self.document_indices
+        if self.document_count < 1:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        cl = np.concatenate([[0], np.cumsum(lengths)])
+        doc_lengths = cl[di[1:]] - cl[di[:-1]]
+        first = np.minimum(di[:-1], max(self.sequence_count - 1, 0))
+        doc_starts = seq_starts[first] if self.sequence_count else np.zeros(len(doc_lengths), np.int64)
+        return doc_starts.astype(np.int64), doc_lengths.astype(np.int64)
+
+
+class MegatronIndexedWriter:
+    """Write <prefix>.bin/.idx in Megatron's MMIDIDX format, one sequence per document.
+
+        with MegatronIndexedWriter("out/corpus", np.uint16) as w:
+            w.add_document([1, 2, 3])
+    """
+
+    def __init__(self, prefix: str, dtype: Any = np.int32) -> None:
+        self.prefix = _megatron_prefix(prefix)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in _CODE_OF_DTYPE:
+            raise ValueError(f"unsupported dtype {self.dtype}")
+        os.makedirs(os.path.dirname(os.path.abspath(self.prefix)), exist_ok=True)
+        self._bin = open(self.prefix + ".bin", "wb")
+        self._lengths: list[int] = []
+        self._doc_idx: list[int] = [0]
+
+    def add_document(self, tokens: Sequence[int] | np.ndarray) -> None:
+        arr = np.asarray(tokens)
+        if arr.size and self.dtype.kind in "iu":
+            info = np.iinfo(self.dtype)
+            if arr.min() < info.min or arr.max() > info.max:
+                raise ValueError(f"token ids out of range for {self.dtype}")
+        self._bin.write(arr.astype(self.dtype, copy=False).tobytes(order="C"))
+        self._lengths.append(int(arr.size))
+        self._doc_idx.append(len(self._lengths))
+
+    def finalize(self) -> None:
+        if self._bin.closed:
+            return
+        self._bin.close()
+        lengths = np.asarray(self._lengths, dtype=np.int32)
+        pointers = np.concatenate([[0], np.cumsum(lengths.astype(np.int64))[:-1]]) * self.dtype.itemsize \
+            if len(lengths) else np.zeros(0, np.int64)
+        with open(self.prefix + ".idx", "wb") as f:
+            f.write(_MMIDIDX_MAGIC)
+            f.write(struct.pack("<Q", 1))
+            f.write(struct.pack("<B", _CODE_OF_DTYPE[self.dtype]))
+            f.write(struct.pack("<Q", len(lengths)))
+            f.write(struct.pack("<Q", len(self._doc_idx)))
+            f.write(lengths.tobytes(order="C"))
+            f.write(np.asarray(pointers, dtype=np.int64).tobytes(order="C"))
+            f.write(np.asarray(self._doc_idx, dtype=np.int64).tobytes(order="C"))
+
+    def __enter__(self) -> "MegatronIndexedWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.finalize()
+
+
+def build_megatron_from_jsonl(
+    jsonl_path: str,
+    out_prefix: str,
+    tokenizer: Any,
+    text_key: str = "text",
+    append_eos: bool = False,
+    on_bad_line: str = "error",
+) -> int:
+    """Tokenise jsonl file(s) (file/dir/glob) into <out_prefix>.bin/.idx; returns the number of
+    documents. Without append_eos the files hold raw document tokens and the loader adds
+    bos/eos (data.add_eos); with it, set data.add_eos = false when reading them."""
+    files = _expand(jsonl_path, (".jsonl", ".jsonl.gz"), "jsonl")
+    dtype = np.uint16 if tokenizer.vocab_size < 65500 else np.int32
+    n = 0
+    with MegatronIndexedWriter(out_prefix, dtype) as w:
+        batch: list[str] = []
+
+        def flush() -> None:
+            for ids in tokenizer.encode_batch(batch):
+                if append_eos:
+                    ids = list(ids) + [tokenizer.eos_id]
+                w.add_document(ids)
+            batch.clear()
+
+        for text in read_jsonl(files, text_key, on_bad_line):
+            batch.append(text)
+            n += 1
+            if len(batch) >= _ENCODE_CHUNK:
+                flush()
+        flush()
+    return n
+
+
+def _load_megatron(path: str) -> DocumentStore:
+    p = os.path.expanduser(path)
+    if os.path.isdir(p):
+        prefixes = [_megatron_prefix(f) for f in _expand(p, (".idx",), "Megatron .idx")]
+    elif os.path.exists(_megatron_prefix(p) + ".idx"):
+        prefixes = [_megatron_prefix(p)]
+    else:
+        prefixes = [_megatron_prefix(f) for f in _expand(p, (".idx",), "Megatron .idx")]
+    tokens, fids, starts, lengths = [], [], [], []
+    for k, prefix in enumerate(prefixes):
+        ds = MegatronIndexedDataset(prefix)
+        s, l = ds.document_spans()
+        keep = l > 0
+        tokens.append(ds.tokens)
+        fids.append(np.full(int(keep.sum()), k, dtype=np.int32))
+        starts.append(s[keep])
+        lengths.append(l[keep])
+    return DocumentStore(
+        tokens=tokens,
+        file_ids=np.concatenate(fids),
+        starts=np.concatenate(starts),
+        lengths=np.concatenate(lengths),
+        bad_lines=[],
+        source=path,
+    )
+
+
+# ============================================================== packing + loader
+
+
+@dataclass
+class Batch:
+    inputs: torch.Tensor  # [B, S] int64
+    labels: torch.Tensor  # [B, S] int64
+    position_ids: torch.Tensor  # [B, S] int64; 0 at every document start and at the sequence start
+    global_indices: list[int]  # the global sequence numbers in this batch
+
+    def cu_seqlens(self, row: int) -> torch.Tensor:
+        """Cumulative document lengths within inputs[row] (flash-attn varlen style)."""
+        starts = torch.nonzero(self.position_ids[row] == 0).flatten()
+        return torch.cat([starts, torch.tensor([self.position_ids.shape[1]])]).to(torch.int32)
+
+
+class PackedDataLoader:
+    """Deterministic packed-sequence loader for one data-parallel rank (see module docstring)."""
+
+    def __init__(
+        self,
+        store: DocumentStore,
+        seq_len: int,
+        local_batch_size: int,
+        dp_rank: int = 0,
+        dp_world: int = 1,
+        seed: int = 0,
+        bos_id: int | None = None,
+        eos_id: int | None = None,
+        shuffle: bool = True,
+    ) -> None:
+        if seq_len < 1 or local_batch_size < 1:
+            raise ValueError(f"seq_len and local_batch_size must be >= 1 (got {seq_len}, {local_batch_size})")
+        if not 0 <= dp_rank < dp_world:
+            raise ValueError(f"dp_rank {dp_rank} is not in [0, {dp_world})")
+        self.store = store
+        self.seq_len = seq_len
+        self.local_batch_size = local_batch_size
+        self.dp_rank = dp_rank
+        self.dp_world = dp_world
+        self.seed = seed
+        self.bos_id = bos_id
+        self.eos_id = eos_id
+        self.shuffle = shuffle
+        self._add_bos = int(bos_id is not None)
+        self._add_eos = int(eos_id is not None)
+        self._eff_lengths = store.lengths + self._add_bos + self._add_eos
+        total = int(self._eff_lengths.sum())
+        self.tokens_per_epoch = total
+        self.sequences_per_epoch = max((total - 1) // seq_len, 0) if total else 0
+        if self.sequences_per_epoch < 1:
+            raise ValueError(
+                f"data {store.source!r}: {total} tokens in {store.num_documents} documents are fewer than "
+                f"one sequence of seq_len + 1 = {seq_len + 1} tokens"
+            )
+        self.consumed = 0  # global sequences consumed by all ranks together
+        self._epoch_cache: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    # ---------------------------------------------------------------- info
+    @property
+    def epoch(self) -> int:
+        """Epoch of the next sequence to be read."""
+        return self.consumed // self.sequences_per_epoch
+
+    @property
+    def num_bad_lines(self) -> int:
+        return self.store.num_bad_lines
+
+    @property
+    def bad_lines(self) -> list[str]:
+        return list(self.store.bad_lines or [])
+
+    @property
+    def num_documents(self) -> int:
+        return self.store.num_documents
+
+    # ---------------------------------------------------------------- packing
+    def _epoch_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            d = self.store.num_documents
+            if self.shuffle:
+                order = np.random.default_rng([self.seed, epoch]).permutation(d)
+            else:
+                order = np.arange(d)
+            cum = np.concatenate([[0], np.cumsum(self._eff_lengths[order])])
+            self._epoch_cache = (epoch, order, cum)
+        return self._epoch_cache[1], self._epoch_cache[2]
+
+    def _doc_slice(self, j: int, lo: int, hi: int) -> list[np.ndarray]:
+        """Tokens [lo, hi) of document j with its bos/eos."""
+        parts: list[np.ndarray] = []
+        n = int(self.store.lengths[j])
+        if self._add_bos and lo == 0:
+            parts.append(np.array([self.bos_id], dtype=np.int64))
+        b_lo, b_hi = max(lo - self._add_bos, 0), min(hi - self._add_bos, n)
+        if b_hi > b_lo:
+            parts.append(self.store.document(j)[b_lo:b_hi].astype(np.int64))
+        if self._add_eos and hi == n + self._add_bos + 1:
+            parts.append(np.array([self.eos_id], dtype=np.int64))
+        return parts
+
+    def sequence(self, g: int) -> tuple[np.ndarray, np.ndarray]:
+        """Global sequence g: (window of seq_len + 1 tokens, position ids of the window)."""
+        epoch, i = divmod(g, self.sequences_per_epoch)
+        order, cum = self._epoch_layout(epoch)
+        a, b = i * self.seq_len, i * self.seq_len + self.seq_len + 1
+        k = int(np.searchsorted(cum, a, side="right")) - 1
+        parts: list[np.ndarray] = []
+        pos: list[np.ndarray] = []
+        p = a
+        while p < b:
+            j = int(order[k])
+            d0, d1 = int(cum[k]), int(cum[k + 1])
+            hi = min(b, d1)
+            piece = self._doc_slice(j, p - d0, hi - d0)
+            parts.extend(piece)
+            pos.append(np.arange(hi - p, dtype=np.int64))
+            p = hi
+            k += 1
+        window = np.concatenate(parts)
+        assert window.shape[0] == self.seq_len + 1, (window.shape, self.seq_len)
+        return window, np.concatenate(pos)
+
+    # ---------------------------------------------------------------- batches
+    def next_batch_with_info(self) -> Batch:
+        B = self.local_batch_size
+        base = self.consumed + self.dp_rank * B
+        idx = list(range(base, base + B))
+        windows, positions = zip(*(self.sequence(g) for g in idx))
+        w = torch.from_numpy(np.stack(windows))
+        pos = torch.from_numpy(np.stack(positions))
+        self.consumed += B * self.dp_world
+        return Batch(inputs=w[:, :-1].contiguous(), labels=w[:, 1:].contiguous(),
+                     position_ids=pos[:, :-1].contiguous(), global_indices=idx)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        b = self.next_batch_with_info()
+        return b.inputs, b.labels
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield self.next_batch()
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, int]:
+        return {
+            "consumed_sequences": int(self.consumed),
+            "epoch": int(self.epoch),
+            "seq_len": int(self.seq_len),
+            "seed": int(self.seed),
+            "shuffle": int(self.shuffle),
+            "num_documents": int(self.store.num_documents),
+            "tokens_per_epoch": int(self.tokens_per_epoch),
+            "fingerprint": int(self.store.fingerprint()),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = {k: (int(v.item()) if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
+        if int(state["seq_len"]) != self.seq_len:
+            raise ValueError(
+                f"data state was saved with seq_len {state['seq_len']}, this run uses {self.seq_len}"
+            )
+        mismatch = [
+            k for k, mine in (("seed", self.seed), ("shuffle", int(self.shuffle)),
+                              ("num_documents", self.store.num_documents),
+                              ("tokens_per_epoch", self.tokens_per_epoch),
+                              ("fingerprint", self.store.fingerprint()))
+            if k in state and int(state[k]) != int(mine)
+        ]
+        if mismatch:
+            logger.warning(
+                "data: resuming with a different corpus or ordering (%s differ); the batches will "
+                "not match the original run", ", ".join(mismatch)
+            )
+        self.consumed = int(state["consumed_sequences"])
+
+
+def build_dataloader(
+    cfg_data: Any,
+    tokenizer: Any,
+    seq_len: int,
+    local_batch_size: int,
+    dp_rank: int = 0,
+    dp_world: int = 1,
+    seed: int = 0,
+    store: DocumentStore | None = None,
+) -> PackedDataLoader:
+    """The loader for one data-parallel rank. cfg_data: config.DataSection (format, path,
+    text_key, split, on_bad_line, add_bos, add_eos, shuffle). Pass `store` to reuse documents
+    already loaded (e.g. the same corpus for several ranks in one process)."""
+    add_bos = bool(getattr(cfg_data, "add_bos", False))
+    add_eos = bool(getattr(cfg_data, "add_eos", True))
+    if add_bos and tokenizer.bos_id is None:
+        raise ValueError("data.add_bos = true but the tokenizer has no bos token")
+    if add_eos and tokenizer.eos_id is None:
+        raise ValueError("data.add_eos = true but the tokenizer has no eos token")
+    if store is None:
+        store = load_documents(cfg_data, tokenizer)
+    return PackedDataLoader(
+        store,
+        seq_len=seq_len,
+        local_batch_size=local_batch_size,
+        dp_rank=dp_rank,
+        dp_world=dp_world,
+        seed=seed,
+        bos_id=tokenizer.bos_id if add_bos else None,
+        eos_id=tokenizer.eos_id if add_eos else None,
+        shuffle=bool(getattr(cfg_data, "shuffle", True)),
+    )
