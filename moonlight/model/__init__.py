@@ -1,0 +1,3 @@
+from moonlight.model.model import MLA, MLP, MoE, Block, GroupedExperts, LocalDispatcher, Moonlight, RMSNorm, Router
+
+__all__ = ["MLA", "MLP", "MoE", "Block", "GroupedExperts", "LocalDispatcher", "Moonlight", "RMSNorm", "Router"]

@@ -1,0 +1,142 @@
+"""The model against transformers' DeepseekV3ForCausalLM: logits, routing and every gradient."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+
+from moonlight import ModelArgs, Moonlight
+from moonlight.convert import load_hf
+from tests.hf_reference import VARIANTS, routed_experts, stable_hf_model
+
+
+def _tokens(vocab, batch=2, seq=12, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, seq), generator=g)
+
+
+def _hf_layout_grads(model: Moonlight) -> dict[str, torch.Tensor]:
+    """Our gradients under transformers' in-memory names (fused gate_up experts, gate rows first)."""
+    from moonlight.convert import hf_keys
+
+    grads = {}
+    for name, p in model.named_parameters():
+        if ".experts." in name:
+            layer = name.split(".")[1]
+            prefix = f"model.layers.{layer}.mlp.experts."
+            experts = model.layers[layer].ffn.experts
+            if name.endswith("gate_proj"):
+                grads[prefix + "gate_up_proj"] = torch.cat([experts.gate_proj.grad, experts.up_proj.grad], dim=1)
+            elif name.endswith("down_proj"):
+                grads[prefix + "down_proj"] = p.grad
+            continue
+        grads[hf_keys(name, model.args)[0]] = p.grad
+    return grads
+
+
+def _loss(logits, tokens):
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_float64_logits_routing_and_grads_match_transformers(variant, tmp_path):
+    tokens = _tokens(96)
+    hf = stable_hf_model(variant, tokens)
+    hf.save_pretrained(tmp_path)
+    ours = load_hf(tmp_path, dtype=torch.float64, kernels="torch", aux_loss_alpha=0.0)
+    ours.train()
+    hf.train()
+
+    hf_choice, h1 = routed_experts(hf, "DeepseekV3TopkRouter")
+    our_choice, h2 = routed_experts(ours, "Router")
+    hf_logits = hf(tokens).logits
+    our_logits = ours(tokens)
+    for h in h1 + h2:
+        h.remove()
+    assert len(hf_choice) == len(our_choice) > 0
+    for a, b in zip(hf_choice, our_choice):
+        assert torch.equal(a, b), "routers chose different experts"
+    torch.testing.assert_close(our_logits, hf_logits, atol=1e-5, rtol=1e-5)
+
+    _loss(hf_logits, tokens).backward()
+    _loss(our_logits, tokens).backward()
+    ours_grads = _hf_layout_grads(ours)
+    hf_grads = {n: p.grad for n, p in hf.named_parameters()}
+    assert set(ours_grads) == set(hf_grads)
+    for name, g in hf_grads.items():
+        torch.testing.assert_close(ours_grads[name], g, atol=1e-5, rtol=1e-5, check_dtype=False, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("variant", ["moonlight", "q_lora"])
+def test_float32_logits_match_transformers(variant, tmp_path):
+    tokens = _tokens(96, batch=2, seq=16, seed=3)
+    hf = stable_hf_model(variant, tokens, dtype=torch.float32, min_gap=1e-4)
+    hf.save_pretrained(tmp_path)
+    ours = load_hf(tmp_path, dtype=torch.float32, kernels="torch").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), hf(tokens).logits, atol=1e-4, rtol=1e-3)
+
+
+def test_preset_parameter_count_on_meta_device():
+    args = ModelArgs.preset("moonlight-16b-a3b")
+    with torch.device("meta"):
+        model = Moonlight(args)
+    assert sum(p.numel() for p in model.parameters()) == 15_960_108_544
+    assert args.num_params() == 15_960_108_544
+    # moonlight-facts.md's 15,289,019,904 leaves out both the embedding and the lm_head
+    assert args.num_params(include_embedding=False) - args.vocab_size * args.hidden_size == 15_289_019_904
+
+
+def test_flops_per_token_matches_peer_benchmark_definition():
+    args = ModelArgs(vocab_size=4096, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, kv_lora_rank=64,
+                     qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=8,
+                     num_experts_per_tok=2, moe_intermediate_size=256, intermediate_size=1024)
+    assert round(args.flops_per_token(256) / 1e6, 2) == 34.46  # peers.md
+
+
+def test_meta_build_then_init_weights_is_deterministic():
+    args = ModelArgs.preset("debug", kernels="torch")
+    models = []
+    for _ in range(2):
+        with torch.device("meta"):
+            m = Moonlight(args)
+        m.to_empty(device="cpu")
+        torch.manual_seed(0)
+        m.init_weights()
+        models.append(m)
+    for (n, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values()):
+        assert torch.equal(a, b), n
+        assert torch.isfinite(a).all(), n
+    assert (models[0].layers["1"].ffn.router.expert_bias == 0).all()
+
+
+def test_aux_loss_reaches_router_and_counts_tokens():
+    torch.manual_seed(0)
+    args = ModelArgs.preset("debug", kernels="torch")
+    model = Moonlight(args)
+    model.init_weights()
+    model.train()
+    tokens = torch.randint(0, args.vocab_size, (2, 16))
+    model(tokens).sum().mul(0).backward()  # zero LM loss: only the aux loss drives the router
+    moe = model.moe_layers()[0]
+    assert moe.last_aux_loss is not None and moe.last_aux_loss > 0
+    assert moe.router.weight.grad.abs().sum() > 0
+    assert moe.tokens_per_expert.sum() == 2 * 16 * args.num_experts_per_tok
+
+
+def test_bf16_cast_keeps_router_bias_fp32():
+    model = Moonlight(ModelArgs.preset("debug", kernels="torch")).to(torch.bfloat16)
+    assert model.layers["1"].ffn.router.expert_bias.dtype == torch.float32
+    assert model.layers["1"].ffn.experts.gate_proj.dtype == torch.bfloat16
+
+
+def test_bf16_forward_agrees_with_transformers_bf16(tmp_path):
+    tokens = _tokens(96, batch=2, seq=16, seed=5)
+    hf = stable_hf_model("moonlight", tokens, dtype=torch.float32, min_gap=1e-3)
+    hf.save_pretrained(tmp_path)
+    hf16 = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    ours = load_hf(tmp_path, dtype=torch.bfloat16, kernels="torch").eval()
+    with torch.no_grad():
+        a, b = ours(tokens).float(), hf16(tokens).logits.float()
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
+    assert (a - b).abs().mean() < 0.05
