@@ -3,8 +3,6 @@
 Every op takes impl="torch" (the reference, runs anywhere) or impl="triton" (the kernels; on a
 CPU they run only under TRITON_INTERPRET=1, set before this package is imported).
 """
-import importlib.util
-
 import torch
 
 from kernels.mla_rope import apply_mla_rope, rope_tables
@@ -13,12 +11,20 @@ from kernels.moe_permute import permute_tokens, unpermute_tokens
 __all__ = ["apply_mla_rope", "permute_tokens", "resolve_impl", "rope_tables", "unpermute_tokens"]
 
 
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def resolve_impl(kernels: str, device) -> str:
     """Map a config's `kernels` setting ("auto" | "torch" | "triton") to the impl for `device`.
 
     "auto" picks Triton on CUDA when it is installed, else the torch reference.
     """
-    has_triton = importlib.util.find_spec("triton") is not None
+    has_triton = _triton_importable()
     if kernels == "auto":
         return "triton" if torch.device(device).type == "cuda" and has_triton else "torch"
     if kernels == "torch":

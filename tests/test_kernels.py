@@ -1,0 +1,244 @@
+"""kernels/: torch references against naive loop definitions (float64), Triton kernels against the
+references (fp32 tight, bf16 to 1 ulp: the interpreter truncates on bf16 stores), and tracing
+under torch.compile. Row counts stay small: the Triton interpreter costs ~2 ms per program."""
+import pytest
+import torch
+
+from kernels import apply_mla_rope, permute_tokens, resolve_impl, rope_tables, unpermute_tokens
+
+BF16_ULP = 2**-7
+NUM_EXPERTS = 8
+USED_EXPERTS = [0, 1, 3, 4, 6]  # experts 2, 5 and 7 receive no token
+
+
+def _expert_ids(num_tokens: int, top_k: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    used = torch.tensor(USED_EXPERTS)
+    return torch.stack([used[torch.randperm(len(used), generator=g)[:top_k]] for _ in range(num_tokens)])
+
+
+def _assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    if dtype == torch.bfloat16:
+        torch.testing.assert_close(actual.float(), expected.float(), rtol=BF16_ULP, atol=1e-5)
+    else:
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- naive definitions
+
+
+def _naive_permute(x, expert_ids, num_experts, align):
+    num_tokens, top_k = expert_ids.shape
+    rows, group_sizes, row_index = [], [], [0] * (num_tokens * top_k)
+    for e in range(num_experts):
+        group = [(t, k) for t in range(num_tokens) for k in range(top_k) if expert_ids[t, k] == e]
+        for t, k in group:
+            row_index[t * top_k + k] = len(rows)
+            rows.append(x[t])
+        padding = -len(group) % align
+        rows += [torch.zeros_like(x[0])] * padding
+        group_sizes.append(len(group) + padding)
+    return torch.stack(rows), torch.tensor(group_sizes), torch.tensor(row_index)
+
+
+def _naive_unpermute(y, row_index, weights):
+    num_tokens, top_k = weights.shape
+    out = torch.zeros(num_tokens, y.shape[1], dtype=torch.float64)
+    for t in range(num_tokens):
+        for k in range(top_k):
+            out[t] += weights[t, k].double() * y[row_index[t * top_k + k]].double()
+    return out
+
+
+def _naive_rotate(x, cos, sin):
+    """x [..., S, R] with cos/sin [S, R/2]: rotate each pair (2i, 2i+1) by angle i of its position."""
+    out = x.clone()
+    for s in range(x.shape[-2]):
+        for i in range(x.shape[-1] // 2):
+            x0, x1 = x[..., s, 2 * i], x[..., s, 2 * i + 1]
+            out[..., s, 2 * i] = x0 * cos[s, i] - x1 * sin[s, i]
+            out[..., s, 2 * i + 1] = x1 * cos[s, i] + x0 * sin[s, i]
+    return out
+
+
+# ---------------------------------------------------------------- references vs naive (float64)
+
+
+@pytest.mark.parametrize("align", [1, 8])
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_permute_reference_matches_naive(top_k, align):
+    x = torch.randn(10, 5, dtype=torch.float64, requires_grad=True)
+    expert_ids = _expert_ids(10, top_k)
+    permuted, group_sizes, row_index = permute_tokens(x, expert_ids, NUM_EXPERTS, align)
+    want_permuted, want_sizes, want_index = _naive_permute(x.detach(), expert_ids, NUM_EXPERTS, align)
+    torch.testing.assert_close(permuted, want_permuted, rtol=0, atol=0)
+    assert group_sizes.dtype == row_index.dtype == torch.int64
+    assert group_sizes.tolist() == want_sizes.tolist()
+    assert group_sizes[[2, 5, 7]].tolist() == [0, 0, 0]
+    assert row_index.tolist() == want_index.tolist()
+    torch.autograd.gradcheck(lambda x: permute_tokens(x, expert_ids, NUM_EXPERTS, align)[0], (x,))
+
+
+@pytest.mark.parametrize("align", [1, 8])
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_unpermute_reference_matches_naive(top_k, align):
+    x = torch.randn(10, 5, dtype=torch.float64)
+    _, _, row_index = permute_tokens(x, _expert_ids(10, top_k), NUM_EXPERTS, align)
+    num_rows = 10 * top_k + (0 if align == 1 else 7 * len(USED_EXPERTS))  # an upper bound is enough
+    y = torch.randn(num_rows, 5, dtype=torch.float64, requires_grad=True)
+    weights = torch.rand(10, top_k, dtype=torch.float64, requires_grad=True)
+    out = unpermute_tokens(y, row_index, weights)
+    torch.testing.assert_close(out, _naive_unpermute(y.detach(), row_index, weights.detach()))
+    torch.autograd.gradcheck(lambda y, w: unpermute_tokens(y, row_index, w), (y, weights))
+    (grad_y,) = torch.autograd.grad(out.sum(), y)
+    unused = torch.ones(num_rows, dtype=torch.bool)
+    unused[row_index] = False
+    assert unused.any() == (align > 1) and grad_y[unused].eq(0).all()
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_unpermute_accumulates_in_fp32(impl):
+    # 1 + eight times 2**-8 is exact in bf16, but a bf16 running sum rounds each 1 + 2**-8 back to 1
+    y = torch.full((9, 4), 2**-8, dtype=torch.bfloat16)
+    y[0] = 1.0
+    out = unpermute_tokens(y, torch.arange(9), torch.ones(1, 9), impl=impl)
+    assert out.dtype == torch.bfloat16 and out[0].eq(1.0 + 8 * 2**-8).all()
+
+
+def test_rope_tables():
+    cos, sin = rope_tables(7, 6, 50000.0)
+    angles = torch.arange(7.0, dtype=torch.float64)[:, None] * 50000.0 ** (-torch.arange(0, 6, 2) / 6)
+    assert cos.shape == sin.shape == (7, 3) and cos.dtype == sin.dtype == torch.float32
+    torch.testing.assert_close(cos, angles.cos().float())
+    torch.testing.assert_close(sin, angles.sin().float())
+
+
+def test_rope_reference_matches_naive():
+    batch, seq, heads, nope, rope = 2, 5, 3, 4, 6
+    q = torch.randn(batch, seq, heads, nope + rope, dtype=torch.float64, requires_grad=True)
+    k_pe = torch.randn(batch, seq, rope, dtype=torch.float64, requires_grad=True)
+    cos, sin = (t.double() for t in rope_tables(seq, rope, 10.0))
+    q_out, k_out = apply_mla_rope(q, k_pe, cos, sin)
+    q_rot = _naive_rotate(q.detach()[..., nope:].transpose(1, 2), cos, sin).transpose(1, 2)
+    torch.testing.assert_close(q_out, torch.cat((q.detach()[..., :nope], q_rot), dim=-1))
+    torch.testing.assert_close(k_out, _naive_rotate(k_pe.detach(), cos, sin))
+    # the same thing as complex multiplication of consecutive pairs by e^(i*theta)
+    k_complex = torch.view_as_complex(k_pe.detach().unflatten(-1, (-1, 2))) * torch.complex(cos, sin)
+    torch.testing.assert_close(k_out, torch.view_as_real(k_complex).flatten(-2))
+    torch.autograd.gradcheck(lambda q, k: apply_mla_rope(q, k, cos, sin), (q, k_pe))
+
+
+# ---------------------------------------------------------------- Triton vs reference
+
+
+def _moe_forward_backward(impl, x, expert_ids, align, weights, y, grad_permuted, grad_out):
+    """Both ops with their grads. y and grad_permuted are [upper bound, H], cut to N rows; the same
+    inputs go to both impls (chaining one op's bf16 result into the other would compound roundings).
+    y's padded rows are non-zero, so a kernel reading them into grad_weights would be caught."""
+    x = x.detach().requires_grad_()
+    permuted, group_sizes, row_index = permute_tokens(x, expert_ids, NUM_EXPERTS, align, impl=impl)
+    (grad_x,) = torch.autograd.grad(permuted, x, grad_permuted[: permuted.shape[0]])
+    y = y[: permuted.shape[0]].detach().requires_grad_()
+    weights = weights.detach().requires_grad_()
+    out = unpermute_tokens(y, row_index, weights, impl=impl)
+    grad_y, grad_weights = torch.autograd.grad(out, (y, weights), grad_out)
+    return dict(permuted=permuted, group_sizes=group_sizes, row_index=row_index, grad_x=grad_x,
+                out=out, grad_y=grad_y, grad_weights=grad_weights)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hidden", [24, 96])
+@pytest.mark.parametrize("align", [1, 8])
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_moe_permute_triton_matches_torch(top_k, align, hidden, dtype):
+    num_tokens = 12
+    max_rows = num_tokens * top_k + 7 * NUM_EXPERTS
+    g = torch.Generator().manual_seed(hidden + top_k)
+    x = torch.randn(num_tokens, hidden, generator=g).to(dtype)
+    weights = torch.rand(num_tokens, top_k, generator=g)  # fp32 routing weights, also with bf16 rows
+    y, grad_permuted = torch.randn(2, max_rows, hidden, generator=g).to(dtype)
+    grad_out = torch.randn(num_tokens, hidden, generator=g).to(dtype)
+    args = (_expert_ids(num_tokens, top_k), align, weights, y, grad_permuted, grad_out)
+    want = _moe_forward_backward("torch", x, *args)
+    got = _moe_forward_backward("triton", x, *args)
+
+    assert torch.equal(got["group_sizes"], want["group_sizes"]) and torch.equal(got["row_index"], want["row_index"])
+    assert torch.equal(got["permuted"], want["permuted"])  # pure data movement, padding zeroed
+    assert got["out"].dtype == dtype and got["grad_weights"].dtype == torch.float32
+    for name in ("grad_x", "out", "grad_y"):
+        _assert_close(got[name], want[name], dtype)
+    # an fp32 dot over H in another summation order
+    torch.testing.assert_close(got["grad_weights"], want["grad_weights"], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,nope,rope", [(3, 10, 6), (2, 0, 8), (2, 16, 8)])
+def test_mla_rope_triton_matches_torch(heads, nope, rope, dtype):
+    batch, seq = 2, 5
+    g = torch.Generator().manual_seed(nope + rope)
+    # q and k_pe as strided views into one projection output, as the model produces them
+    proj = torch.randn(batch, seq, heads * (nope + rope) + 3 + rope, generator=g).to(dtype)
+    q = proj[..., : heads * (nope + rope)].unflatten(-1, (heads, nope + rope))
+    k_pe = proj[..., -rope:]
+    cos, sin = rope_tables(seq, rope, 50000.0)
+    grad_q = torch.randn(q.shape, generator=g).to(dtype)
+    grad_k = torch.randn(k_pe.shape, generator=g).to(dtype)
+    results = {}
+    for impl in ("torch", "triton"):
+        q_in, k_in = q.detach().requires_grad_(), k_pe.detach().requires_grad_()
+        q_out, k_out = apply_mla_rope(q_in, k_in, cos, sin, impl=impl)
+        results[impl] = (q_out, k_out, *torch.autograd.grad((q_out, k_out), (q_in, k_in), (grad_q, grad_k)))
+    for got, want in zip(results["triton"], results["torch"]):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        _assert_close(got, want, dtype)
+    assert torch.equal(results["triton"][0][..., :nope], q[..., :nope])
+
+
+# ---------------------------------------------------------------- torch.compile and impl selection
+
+
+def test_ops_trace_under_torch_compile():
+    num_tokens, hidden, top_k = 6, 16, 2
+    expert_ids = _expert_ids(num_tokens, top_k)
+    cos, sin = rope_tables(3, 4, 50000.0)
+
+    def step(x, weights, q, k_pe):
+        permuted, _, row_index = permute_tokens(x, expert_ids, NUM_EXPERTS, impl="triton")
+        out = unpermute_tokens(permuted * 2, row_index, weights, impl="triton")
+        q_out, k_out = apply_mla_rope(q, k_pe, cos, sin, impl="triton")
+        return out.sum() + q_out.square().sum() + k_out.sum()
+
+    inputs = (torch.randn(num_tokens, hidden), torch.rand(num_tokens, top_k),
+              torch.randn(2, 3, 2, 6), torch.randn(2, 3, 4))
+    grads = {}
+    for name, fn in (("eager", step), ("compiled", torch.compile(step, backend="aot_eager", fullgraph=True))):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        loss = fn(*leaves)
+        grads[name] = (loss, *torch.autograd.grad(loss, leaves))
+    for got, want in zip(grads["compiled"], grads["eager"]):
+        torch.testing.assert_close(got, want)
+
+
+def test_padded_permute_compiles_with_one_sync():
+    x = torch.randn(6, 16, requires_grad=True)
+    expert_ids = _expert_ids(6, 2)
+    compiled = torch.compile(lambda x: permute_tokens(x, expert_ids, NUM_EXPERTS, align=8, impl="triton")[0],
+                             backend="aot_eager")
+    permuted = compiled(x)
+    torch.testing.assert_close(permuted, permute_tokens(x, expert_ids, NUM_EXPERTS, align=8)[0])
+    permuted.sum().backward()
+    torch.testing.assert_close(x.grad, torch.full_like(x, 2.0))
+
+
+def test_resolve_impl():
+    assert resolve_impl("auto", torch.device("cpu")) == "torch"
+    assert resolve_impl("auto", "cuda") == "triton"
+    assert resolve_impl("torch", "cuda") == "torch"
+    assert resolve_impl("triton", "cpu") == "triton"
+    with pytest.raises(ValueError, match="kernels must be"):
+        resolve_impl("cuda", "cpu")
+
+
+def test_unknown_impl_is_rejected():
+    with pytest.raises(ValueError, match="impl must be"):
+        unpermute_tokens(torch.zeros(2, 4), torch.arange(2), torch.ones(2, 1), impl="cuda")
