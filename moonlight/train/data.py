@@ -154,12 +154,12 @@ def read_jsonl(
                     continue
                 where = f"{path}:{lineno}"
                 try:
-                    obj = json.loads(raw)
+                    obj = json.loads(raw.rstrip(b"\r\n"))
                 except UnicodeDecodeError as e:
                     bad(where, f"invalid UTF-8 ({e.reason})")
                     continue
                 except json.JSONDecodeError as e:
-                    bad(where, f"invalid JSON ({e.msg} at column {e.colno})")
+                    bad(where, f"invalid JSON: {e.msg} (column {e.colno})")
                     continue
                 if not isinstance(obj, dict):
                     bad(where, f"expected a JSON object, got {type(obj).__name__}")
