@@ -76,8 +76,9 @@ class ByteTokenizer:
         return "ByteTokenizer(vocab_size=258, bos=256, eos=257)"
 
 
-# Pre-tokenizer regex of Moonlight / Kimi (`tokenization_moonshot.py`, class TikTokenTokenizer,
-# reproduced from memory of the public file): runs of Han characters are split off first,
+# Pre-tokenizer regex of Moonlight / Kimi: TikTokenTokenizer.pat_str in Moonlight's
+# `tokenization_moonshot.py` (the same string as Kimi-K2's `tokenization_kimi.py`; checked
+# against several public copies of it). Runs of Han characters are split off first,
 # other letters follow the cl100k/o200k style with the case-split of o200k; digits in groups
 # of at most three. `&&` is character-class intersection (supported by tiktoken's regex engine).
 MOONLIGHT_PAT_STR = "|".join(
