@@ -1,0 +1,216 @@
+"""Expert parallel (EP): routed experts sharded over an EP mesh, tokens moved by all-to-all.
+
+    apply_expert_parallel(model, ep_mesh)
+
+shards every MoE layer's stacked expert weights (`experts.gate_proj/up_proj/down_proj`, [E, ...]) as
+DTensor Shard(0) over the 1-D `ep_mesh` (rank r holds experts [r*E/ep, (r+1)*E/ep)) and swaps the
+layer's `experts.dispatcher` for an `AllToAllDispatcher`. The model computes with the local shard
+(`_local()` in model.py), so nothing else in the model changes.
+
+The dispatcher interface (shared with model.LocalDispatcher; a DeepEP-like transport only needs
+these two methods):
+
+    dispatch(x [T, H], expert_ids [T, K], num_experts, impl)
+        -> (rows [N, H] grouped by LOCAL expert, rows per local expert [E_local], state)
+    combine(y [N, H], weights [T, K], state, impl) -> out [T, H]
+
+`state` is opaque to the model; the expert GEMMs run between the two calls on (rows, counts).
+
+Data flow of AllToAllDispatcher (ep ranks hold DIFFERENT tokens, i.e. EP borrows data-parallel ranks):
+  1. permute_tokens: (token, choice) rows expert-major; experts are contiguous per EP rank, so this is
+     also destination-rank-major.
+  2. all_to_all_single of the per-expert counts [E] -> counts received [ep_src, E_local] (host sync:
+     the uneven split sizes of step 3 must be known on the host).
+  3. all_to_all_single_autograd of the rows with uneven splits -> rows ordered [src rank][local expert].
+  4. permute_tokens again with one id per row (its local expert) -> rows grouped by local expert (and
+     padded to `align` per expert for the grouped GEMM, if asked).
+  combine undoes 4 (unpermute with weight 1), 3 (the reverse all-to-all) and finally 1 with the routing
+  weights (unpermute_tokens). Every step is differentiable; the backward of an all-to-all is the
+  all-to-all with the splits swapped.
+
+Gradients (read this before wiring data parallel)
+-------------------------------------------------
+Let each of the D data-parallel ranks (EP ranks are a subset of them: ep divides D) compute a loss
+L_r on its own tokens. Through the all-to-all backward, the gradient an expert shard receives on its
+owner rank is already the SUM over the ep ranks of dL_r/dW (every ep rank's tokens that visited the
+expert contribute). Non-expert (replicated) parameters receive only dL_r/dW of their own rank.
+So, with the global objective L = (1/D) * sum_r L_r (every rank uses a local mean loss):
+  * non-expert grads: all-reduce AVERAGE over all D dp ranks (FSDP/DDP default);
+  * expert grads: must NOT be averaged over the ep mesh (the ep ranks hold different experts);
+    they must be SUMMED over the D/ep ranks that hold the same expert shard ("expert data parallel",
+    torchtitan's efsdp mesh) and divided by D (not by D/ep). With FSDP2 over the expert-dp mesh this
+    is `experts_module.set_gradient_divide_factor(D)` (FSDP alone would divide by D/ep).
+Alternatively (torchtitan's current convention, simpler and exact with padding/ignored tokens): each
+rank's loss is its SUM of token losses divided by the GLOBAL token count, every gradient reduction is a
+plain sum (FSDP `set_gradient_divide_factor(1.0)`, pipeline `scale_grads=False`), and expert grads
+are summed over the expert-dp mesh like everything else.
+For runs without FSDP (e.g. EP over all dp ranks, or tests) `allreduce_replicated_grads` does this.
+
+Router bias / load statistics: `MoE.tokens_per_expert` counts only this rank's tokens; the trainer
+must all-reduce it over the dp ranks before the bias update so every replica moves the bias alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+from kernels import permute_tokens, unpermute_tokens
+from moonlight.model.model import GroupedExperts, LocalDispatcher
+
+__all__ = ["AllToAllDispatcher", "apply_expert_parallel", "expert_parameters", "allreduce_replicated_grads"]
+
+_EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class _A2AState:
+    row_index: torch.Tensor  # [T*K] (token, choice) -> row of the expert-major send buffer
+    local_row_index: torch.Tensor  # [N_recv] received row -> row of the local-expert-grouped buffer
+    send_splits: list[int]  # rows sent to each ep rank
+    recv_splits: list[int]  # rows received from each ep rank
+
+
+class AllToAllDispatcher:
+    """Token dispatch over an expert-parallel process group with two uneven all-to-alls.
+
+    Same interface as `moonlight.model.model.LocalDispatcher`; see the module docstring. `align` pads
+    each local expert's group of rows to a multiple of `align` (8 for grouped GEMMs on GPUs); padding is
+    added only after the exchange, so no padding rows travel.
+    """
+
+    def __init__(self, group: dist.ProcessGroup, align: int = 1):
+        self.group = group
+        self.ep_size = dist.get_world_size(group)
+        self.align = align
+
+    def dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int, impl: str):
+        ep = self.ep_size
+        if num_experts % ep:
+            raise ValueError(f"{num_experts} experts cannot be split evenly over ep={ep} ranks")
+        local_experts = num_experts // ep
+        rows, counts, row_index = permute_tokens(x, expert_ids, num_experts, align=1, impl=impl)
+
+        # 1. how many rows go to each (rank, local expert); receive [src rank, local expert]
+        recv_counts = torch.empty_like(counts)
+        dist.all_to_all_single(recv_counts, counts, group=self.group)
+        both = torch.cat([counts.view(ep, local_experts).sum(1), recv_counts.view(ep, local_experts).sum(1)])
+        both = both.tolist()  # the one host sync: split sizes of the row exchange
+        send_splits, recv_splits = both[:ep], both[ep:]
+
+        # 2. the rows themselves (autograd: the backward is the reverse all-to-all)
+        recv = funcol.all_to_all_single_autograd(rows, recv_splits, send_splits, self.group)
+        recv = funcol.wait_tensor(recv) if isinstance(recv, funcol.AsyncCollectiveTensor) else recv
+
+        # 3. regroup [src rank][local expert] -> [local expert][src rank] (stable, so src-major inside)
+        num_recv = sum(recv_splits)
+        local_ids = torch.arange(local_experts, device=x.device).repeat(ep).repeat_interleave(
+            recv_counts, output_size=num_recv)
+        grouped, local_counts, local_row_index = permute_tokens(
+            recv, local_ids.unsqueeze(1), local_experts, align=self.align, impl=impl)
+        return grouped, local_counts, _A2AState(row_index, local_row_index, send_splits, recv_splits)
+
+    def combine(self, y: torch.Tensor, weights: torch.Tensor, state: _A2AState, impl: str) -> torch.Tensor:
+        # undo 3: back to [src rank][local expert] order (weight 1, padding rows dropped)
+        ones = torch.ones(state.local_row_index.numel(), 1, dtype=y.dtype, device=y.device)
+        back = unpermute_tokens(y, state.local_row_index, ones, impl=impl)
+        # undo 2: send each row home
+        home = funcol.all_to_all_single_autograd(back, state.send_splits, state.recv_splits, self.group)
+        home = funcol.wait_tensor(home) if isinstance(home, funcol.AsyncCollectiveTensor) else home
+        # undo 1 with the routing weights
+        return unpermute_tokens(home, state.row_index, weights, impl=impl)
+
+
+def _grouped_experts(model: nn.Module) -> list[GroupedExperts]:
+    return [m for m in model.modules() if isinstance(m, GroupedExperts)]
+
+
+def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, align: int | None = None) -> nn.Module:
+    """Shard routed experts over the 1-D `ep_mesh` (DTensor Shard(0)) and install all-to-all dispatch.
+
+    Call before FSDP (which then shards the experts over the expert-dp ranks, see the module docstring)
+    and on a model whose expert weights are plain tensors (meta, cpu or cuda; no TP on experts).
+    `align` defaults to the current dispatcher's align. Works on pipeline stage models (only their MoE
+    layers are touched). Returns the model, changed in place.
+    """
+    if ep_mesh.ndim != 1:
+        raise ValueError(f"apply_expert_parallel needs a 1-D ep mesh, got a {ep_mesh.ndim}-D mesh "
+                         f"{ep_mesh.mesh_dim_names}; pass mesh['ep'] (or a flattened sub-mesh)")
+    ep = ep_mesh.size()
+    group = ep_mesh.get_group()
+    for experts in _grouped_experts(model):
+        num_experts = experts.args.n_routed_experts
+        if num_experts % ep:
+            raise ValueError(f"n_routed_experts={num_experts} is not divisible by ep={ep}: "
+                             f"choose ep among the divisors of {num_experts}")
+        for name in _EXPERT_WEIGHTS:
+            param = getattr(experts, name)
+            if isinstance(param, DTensor):
+                raise ValueError(f"expert weight {name} is already a DTensor ({param.placements}): apply "
+                                 "expert parallel before FSDP and do not tensor-parallelise routed experts")
+            sharded = distribute_tensor(param.detach(), ep_mesh, [Shard(0)])
+            experts.register_parameter(name, nn.Parameter(sharded, requires_grad=param.requires_grad))
+        old = experts.dispatcher
+        experts.dispatcher = AllToAllDispatcher(group, align=getattr(old, "align", 1) if align is None else align)
+    return model
+
+
+def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The routed-expert weights (sharded over ep when expert parallel is applied)."""
+    return [getattr(m, name) for m in _grouped_experts(model) for name in _EXPERT_WEIGHTS]
+
+
+def _grad_local(p: nn.Parameter) -> torch.Tensor | None:
+    g = p.grad
+    if g is None:
+        return None
+    return g.to_local() if isinstance(g, DTensor) else g
+
+
+@torch.no_grad()
+def allreduce_replicated_grads(model: nn.Module, dp_mesh: DeviceMesh | None,
+                               expert_dp_mesh: DeviceMesh | None = None, average: bool = True) -> None:
+    """Data-parallel gradient reduction for runs WITHOUT FSDP/DDP (e.g. ep == dp, or tests).
+
+    dp_mesh: the (1-D or flattened) data-parallel ranks, which hold different data. Non-expert
+    parameters are replicated over it: their grads are summed over dp_mesh.
+    expert_dp_mesh: the ranks holding the SAME expert shard (dp / ep of them; None when ep == dp):
+    expert grads, which already hold the sum over the ep ranks, are summed over it only.
+    average=True (each rank's loss is a local mean): every grad is then divided by dp_mesh.size(), which
+    makes the grads those of the mean loss over all dp ranks' data. average=False (each rank's loss is
+    a local sum divided by the global token count): plain sums.
+    """
+    dp_size = dp_mesh.size() if dp_mesh is not None else 1
+    scale = 1.0 / dp_size if average else 1.0
+    expert_ids = {id(p) for p in expert_parameters(model)}
+    dense, experts = [], []
+    for p in model.parameters():
+        g = _grad_local(p)
+        if g is not None:
+            (experts if id(p) in expert_ids else dense).append(g)
+    for grads, mesh in ((dense, dp_mesh), (experts, expert_dp_mesh)):
+        if not grads:
+            continue
+        if mesh is not None and mesh.size() > 1:
+            # one bucket per dtype: gloo/NCCL calls are latency-bound for many small tensors
+            for dtype in {g.dtype for g in grads}:
+                group = [g for g in grads if g.dtype == dtype]
+                flat = torch.cat([g.reshape(-1) for g in group])
+                dist.all_reduce(flat, group=mesh.get_group())
+                for g, piece in zip(group, flat.split([g.numel() for g in group])):
+                    g.copy_(piece.view_as(g))
+        if scale != 1.0:
+            for g in grads:
+                g.mul_(scale)
+
+
+def restore_local_dispatch(model: nn.Module) -> None:
+    """Put LocalDispatcher back (for single-rank evaluation of a model whose experts are full again)."""
+    for experts in _grouped_experts(model):
+        experts.dispatcher = LocalDispatcher(getattr(experts.dispatcher, "align", 1))
