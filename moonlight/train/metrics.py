@@ -1,0 +1,77 @@
+"""Training metrics: a readable line on stdout (rank 0), `metrics.jsonl`, optional TensorBoard, MFU."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+
+import torch
+
+
+def measure_peak_flops(device: torch.device, size: int = 2048, repeats: int = 5) -> float:
+    """Achieved FLOP/s of a large square matmul on this device: the MFU denominator when no peak
+    is configured (fp32 on CPU, bf16 on GPUs, the dtype each would train in)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b  # warm up
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best
+
+
+def memory_gib(device: torch.device) -> float:
+    """Peak memory of this rank: CUDA allocator peak on GPUs, the process's max RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
+
+
+class MetricsLogger:
+    """Writes one JSON object per logged step to `<dump_folder>/metrics.jsonl` and prints a line."""
+
+    def __init__(self, dump_folder: str, rank: int, enable_tensorboard: bool = False, tb_folder: str = "tb",
+                 append: bool = False):
+        self.rank = rank
+        self.path = os.path.join(dump_folder, "metrics.jsonl")
+        self._file = None
+        self._tb = None
+        if rank == 0:
+            os.makedirs(dump_folder, exist_ok=True)
+            self._file = open(self.path, "a" if append else "w")
+            if enable_tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(os.path.join(dump_folder, tb_folder))
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if self.rank != 0:
+            return
+        record = {"step": step, **values}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)):
+                    self._tb.add_scalar(key, value, step)
+        parts = [f"step {step:>5}", f"loss {values['loss']:.4f}"]
+        for key, fmt in (("grad_norm", "{:.3f}"), ("lr", "{:.2e}"), ("tokens_per_s", "{:,.0f}"),
+                         ("mfu_pct", "{:.1f}%"), ("memory_gib", "{:.2f}GiB"), ("max_expert_load", "{:.2f}")):
+            if key in values:
+                parts.append(f"{key} " + fmt.format(values[key]))
+        print("  ".join(parts), flush=True)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()

@@ -1,0 +1,275 @@
+"""The training loop: data -> model (per pipeline stage) -> loss -> backward -> clip -> optimizer ->
+MoE bias update -> metrics -> checkpoint.
+
+One `Trainer(cfg).train()` serves every layout. Layout-dependent pieces (meshes, parallel plans,
+pipeline schedules) come from `moonlight.parallel`; this file only sequences them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import gc
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from moonlight.config import ModelArgs
+from moonlight.model import Moonlight
+from moonlight.train.config import ConfigError, JobConfig
+from moonlight.train.data import build_dataloader
+from moonlight.train.metrics import MetricsLogger, measure_peak_flops, memory_gib
+from moonlight.train.optim import (build_lr_scheduler, build_optimizers, clip_grad_norm_, expert_load_imbalance,
+                                   update_router_biases)
+from moonlight.train.tokenizer import build_tokenizer
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Models up to this size are initialised whole on every rank before sharding, so every parallel
+# layout starts from the same weights as a single-process run; larger ones initialise shard by shard.
+_FULL_INIT_MAX_PARAMS = 2_000_000_000
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN/Inf loss or gradient norm with training.on_nonfinite = "stop"."""
+
+
+def build_model_args(cfg: JobConfig) -> ModelArgs:
+    """The preset (or a HF config.json) with [model.overrides], kernels and the aux-loss coefficient."""
+    hf_config = cfg.model.hf_config or cfg.checkpoint.initial_load_hf
+    base = ModelArgs.from_hf_config(hf_config) if hf_config else ModelArgs.preset(cfg.model.name)
+    fields = {f.name for f in dataclasses.fields(ModelArgs)}
+    for key in cfg.model.overrides:
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"model.overrides.{key} is not a ModelArgs field{hint}; valid: {sorted(fields)}")
+    return dataclasses.replace(base, **{**cfg.model.overrides, "kernels": cfg.model.kernels,
+                                        "aux_loss_alpha": cfg.moe.aux_loss_coeff})
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Join the torchrun job (NCCL on GPUs, gloo on CPU); a single process needs no process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return rank, world, device
+
+
+class Trainer:
+    def __init__(self, cfg: JobConfig):
+        cfg.validate()
+        self.cfg = cfg
+        t = cfg.training
+        self.rank, self.world_size, self.device = init_distributed()
+        torch.manual_seed(t.seed)
+        if t.deterministic:
+            torch.use_deterministic_algorithms(True)
+
+        self.model_args = build_model_args(cfg)
+        self.tokenizer = build_tokenizer(cfg.data.tokenizer)
+        if self.tokenizer.vocab_size > self.model_args.vocab_size:
+            raise ConfigError(f"the tokenizer has {self.tokenizer.vocab_size} ids but the model's vocab_size is "
+                              f"{self.model_args.vocab_size}: raise model vocab_size or change data.tokenizer")
+
+        self.parallel = self._build_parallel()
+        dp_rank, dp_world = self.parallel.dp_rank, self.parallel.dp_world
+        per_call = t.local_batch_size * dp_world
+        if t.global_batch_size % per_call:
+            raise ConfigError(f"training.global_batch_size={t.global_batch_size} is not a multiple of local_batch_size "
+                              f"x data-parallel ranks = {t.local_batch_size} x {dp_world}")
+        self.grad_accum = t.global_batch_size // per_call
+        for part in self.model_parts:
+            for moe in part.moe_layers():  # each micro-batch's aux loss adds its gradient: average them
+                moe.aux_loss_coeff = cfg.moe.aux_loss_coeff / self.grad_accum
+
+        params = [(n, p) for part in self.model_parts for n, p in part.named_parameters()]
+        o = cfg.optimizer
+        self.optimizers = build_optimizers(params, name=o.name, lr=o.lr, weight_decay=o.weight_decay,
+                                           betas=(o.beta1, o.beta2), eps=o.eps, momentum=o.momentum,
+                                           nesterov=o.nesterov, ns_steps=o.ns_steps,
+                                           precision_aware=o.precision_aware,
+                                           # bf16 Newton-Schulz as Moonlight on GPUs; CPUs without bf16
+                                           # units run it ~15x slower than fp32, so they use fp32
+                                           ns_dtype=torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        s = cfg.lr_scheduler
+        self.lr_schedulers = build_lr_scheduler(self.optimizers, warmup_steps=s.warmup_steps, total_steps=t.steps,
+                                                decay_type=s.decay_type, min_lr_ratio=s.min_lr_ratio,
+                                                decay_ratio=s.decay_ratio)
+        self.dataloader = build_dataloader(cfg.data, self.tokenizer, t.seq_len, t.local_batch_size,
+                                           dp_rank, dp_world, t.seed)
+        self.step = 0
+        self.checkpointer = self._build_checkpointer()
+        resumed = self.step > 0
+        self.metrics = MetricsLogger(cfg.job.dump_folder, self.rank, cfg.metrics.enable_tensorboard,
+                                     cfg.metrics.tb_folder, append=resumed)
+        self.peak_flops = cfg.metrics.device_peak_flops or measure_peak_flops(self.device)
+        self.flops_per_token = self.model_args.flops_per_token(t.seq_len)
+        if self.rank == 0:
+            os.makedirs(cfg.job.dump_folder, exist_ok=True)
+            with open(os.path.join(cfg.job.dump_folder, "config.toml"), "w") as f:
+                f.write(cfg.to_toml())
+            n_params = self.model_args.num_params()
+            print(f"[moonlight] {cfg.job.description}\n{cfg.to_toml()}", flush=True)
+            print(f"[moonlight] model {n_params / 1e6:,.1f}M params, world {self.world_size} "
+                  f"({self.parallel.describe()}), grad accumulation {self.grad_accum}, device {self.device}"
+                  + (f", resumed at step {self.step}" if resumed else ""), flush=True)
+
+    # ------------------------------------------------------------------ setup
+    def _build_parallel(self):
+        from moonlight.train.layout import build_layout
+
+        layout = build_layout(self.cfg, self.model_args, self.world_size, self.device, self._init_full_model)
+        self.model_parts = layout.model_parts
+        return layout
+
+    def _init_full_model(self) -> Moonlight:
+        """The whole model with its initial weights: the same on every rank and in every layout."""
+        args = self.model_args
+        param_dtype = _DTYPES[self.cfg.training.dtype]
+        with torch.device("meta"):
+            model = Moonlight(args)
+        if args.num_params() > _FULL_INIT_MAX_PARAMS:
+            return model.to(param_dtype)  # stays on meta; parts are materialised after sharding
+        model.to_empty(device="cpu")
+        torch.manual_seed(self.cfg.training.seed)
+        model.init_weights()
+        return model.to(param_dtype)
+
+    def _build_checkpointer(self):
+        c = self.cfg.checkpoint
+        if not (c.enable or c.initial_load_hf or c.export_hf):
+            return None
+        from moonlight.train.checkpoint import Checkpointer
+
+        ckpt = Checkpointer(self.cfg.checkpoint, self.cfg.job.dump_folder, self.model_parts, self.optimizers,
+                            self.lr_schedulers, self.dataloader)
+        if self.cfg.checkpoint.enable:
+            self.step = ckpt.load(self.cfg.checkpoint.load_step)
+        if self.step == 0 and self.cfg.checkpoint.initial_load_hf:
+            ckpt.maybe_initial_load_hf()
+        return ckpt
+
+    # ------------------------------------------------------------------- step
+    def _forward_backward(self) -> torch.Tensor:
+        """Run grad_accum micro-batches; returns this rank's share of the step's mean loss."""
+        total = torch.zeros((), device=self.device)
+        for _ in range(self.grad_accum):
+            inputs, labels = self.dataloader.next_batch()
+            inputs, labels = inputs.to(self.device), labels.to(self.device)
+            if self.parallel.pipeline is not None:
+                loss = self.parallel.pipeline.step(inputs, labels)
+                if loss is not None:
+                    total += loss.detach() / self.grad_accum
+                continue
+            with self.parallel.loss_context():
+                logits = self.model_parts[0](inputs)
+                loss = self.parallel.loss_fn(logits, labels) / self.grad_accum
+                loss.backward()
+            total += loss.detach()
+        return total
+
+    def _first_nonfinite(self) -> str:
+        for part in self.model_parts:
+            for name, p in part.named_parameters():
+                g = p.grad
+                if g is not None:
+                    g = g.to_local() if hasattr(g, "to_local") else g
+                    if not torch.isfinite(g).all():
+                        return name.rsplit(".", 1)[0]
+        return "none found on this rank"
+
+    def train_step(self) -> dict[str, float]:
+        t = self.cfg.training
+        start = time.perf_counter()
+        self.optimizers.zero_grad()
+        local_loss = self._forward_backward()
+        loss = self.parallel.reduce_loss(local_loss)
+        params = [p for part in self.model_parts for p in part.parameters()]
+        grad_norm = clip_grad_norm_(params, t.max_norm if t.max_norm > 0 else float("inf"),
+                                    pp_group=self.parallel.pp_group)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        moe_layers = [m for part in self.model_parts for m in part.moe_layers()]
+        if finite:
+            self._nonfinite_in_a_row = 0
+            self.optimizers.step()
+            rate = self.cfg.moe.bias_update_rate
+        else:
+            self._handle_nonfinite(loss, grad_norm)
+            rate = 0.0  # a bad step must not steer the router either
+        counts = update_router_biases([m.router.expert_bias for m in moe_layers],
+                                      [m.tokens_per_expert for m in moe_layers], rate,
+                                      group=self.parallel.moe_count_group) if moe_layers else None
+        self.lr_schedulers.step()
+        elapsed = time.perf_counter() - start
+        tokens = t.global_batch_size * t.seq_len
+        values = {"loss": loss, "grad_norm": grad_norm, "lr": self.lr_schedulers.get_last_lr()[0],
+                  "tokens_per_s": tokens / elapsed, "step_time_s": elapsed,
+                  "mfu_pct": 100 * self.flops_per_token * tokens / elapsed / (self.peak_flops * self.world_size),
+                  "memory_gib": memory_gib(self.device), "skipped": not finite}
+        if counts is not None and counts.sum() > 0:
+            imbalance = expert_load_imbalance(counts)
+            values["max_expert_load"] = float(imbalance.max())
+            values["expert_load"] = [round(float(x), 3) for x in imbalance]
+            aux = [m.last_aux_loss for m in moe_layers if m.last_aux_loss is not None]
+            if aux:
+                values["aux_loss"] = float(sum(aux)) * self.grad_accum
+        return values
+
+    def _handle_nonfinite(self, loss: float, grad_norm: float):
+        where = self._first_nonfinite()
+        msg = (f"step {self.step + 1}: non-finite loss={loss} / grad_norm={grad_norm}; "
+               f"first parameter with a non-finite gradient on rank {self.rank}: {where}")
+        self._nonfinite_in_a_row = getattr(self, "_nonfinite_in_a_row", 0) + 1
+        if self.cfg.training.on_nonfinite == "stop":
+            raise NonFiniteError(msg + " (training.on_nonfinite = 'stop')")
+        if self._nonfinite_in_a_row >= self.cfg.training.max_consecutive_nonfinite:
+            raise NonFiniteError(msg + f"; {self._nonfinite_in_a_row} steps in a row were skipped, stopping "
+                                 "(training.max_consecutive_nonfinite)")
+        if self.rank == 0:
+            print(f"[moonlight] WARNING {msg}; skipping the optimizer step", flush=True)
+        self.optimizers.zero_grad()
+
+    # ------------------------------------------------------------------- loop
+    def train(self) -> None:
+        cfg, t = self.cfg, self.cfg.training
+        if t.gc_freq:
+            gc.disable()
+        profiler = self._profiler()
+        try:
+            with profiler or contextlib.nullcontext():
+                while self.step < t.steps:
+                    values = self.train_step()
+                    self.step += 1
+                    if self.step % cfg.metrics.log_freq == 0 or self.step == t.steps:
+                        self.metrics.log(self.step, values)
+                    if cfg.checkpoint.enable:
+                        self.checkpointer.save(self.step, force=self.step == t.steps)
+                    if t.gc_freq and self.step % t.gc_freq == 0:
+                        gc.collect(1)
+                    if profiler is not None:
+                        profiler.step()
+            if cfg.checkpoint.export_hf and not cfg.checkpoint.enable:
+                self.checkpointer.export_hf(self.step)
+        finally:
+            if t.gc_freq:
+                gc.enable()
+            self.metrics.close()
+
+    def _profiler(self):
+        m = self.cfg.metrics
+        if not m.profile_start or not m.profile_steps:
+            return None
+        trace_dir = os.path.join(self.cfg.job.dump_folder, "profile")
+        return torch.profiler.profile(
+            schedule=torch.profiler.schedule(wait=m.profile_start - 1, warmup=0, active=m.profile_steps, repeat=1),
+            on_trace_ready=torch.profiler.tensorboard_trace_handler(trace_dir, worker_name=f"rank{self.rank}"))
