@@ -1,0 +1,247 @@
+"""Parallel layout (ParallelDims) and the device meshes it needs (build_mesh).
+
+Rank layout
+-----------
+The world is one 4-D mesh ``("pp", "dp_replicate", "dp_shard", "tp")``, outermost first, so ``tp``
+peers are consecutive ranks (one node on a GPU cluster) and ``pp`` stages are the farthest apart.
+Derived meshes (kept by name in `ParallelMesh`, never sliced from the root):
+
+- ``"dp"``: ``dp_replicate x dp_shard`` flattened. The data-parallel group: ranks that read
+  different data. The data loader shards by ``mesh.dp_rank`` / ``mesh.dp_size``; losses, token
+  counts and MoE load counters are summed/averaged over it. TP peers and PP stages of one data
+  replica hold the same data and the same value.
+- ``"fsdp"``: what `fully_shard` shards the dense parameters over: ``dp_shard`` (1-D FSDP), or the
+  2-D ``("dp_replicate", "dp_shard")`` mesh for HSDP (replicate across groups, shard within).
+- ``"ep"`` and ``"dp_shard_mod_ep"`` (only when ep > 1): ``dp_shard`` unflattened into
+  ``(dp_shard // ep, ep)``.
+
+Expert parallelism borrows data-parallel ranks
+-----------------------------------------------
+EP does not add ranks: the ``ep`` ranks of one expert group are ``ep`` *consecutive dp_shard
+ranks* with the same ``pp``, ``dp_replicate`` and ``tp`` coordinates. So ``ep`` must divide
+``dp_shard``. Concretely, with ``s`` = a rank's dp_shard index, its EP group is the ranks with
+dp_shard index ``(s // ep) * ep + j`` for ``j`` in ``range(ep)`` (same pp/dp_replicate/tp) and it
+holds experts ``[j*E/ep, (j+1)*E/ep)`` where ``j = s % ep``; the routed experts are then
+FSDP-sharded over ``"dp_shard_mod_ep"`` (the ``dp_shard // ep`` ranks with the same ``j``), times
+``dp_replicate`` for HSDP. Every rank of an EP group holds different data, so an expert's gradient
+sums every token routed to it exactly once; FSDP divides it by the data-parallel degree.
+
+EP does not borrow TP ranks (torchtitan lets ``ep`` divide ``dp_shard * tp``): in this stack the
+MoE layer of every TP rank sees the same, full set of its data replica's tokens (see
+`moonlight.parallel.tensor`), so TP peers are not distinct token sources for an all-to-all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from moonlight.config import ModelArgs
+
+
+class ParallelConfigError(ValueError):
+    """A parallel layout that cannot work, with what to change."""
+
+
+@dataclass
+class ParallelDims:
+    """Degrees of each parallelism. ``dp_shard=-1`` takes whatever the others leave of the world.
+
+    ``world_size`` defaults to ``torch.distributed.get_world_size()`` when a process group exists.
+    """
+
+    dp_replicate: int = 1
+    dp_shard: int = -1
+    tp: int = 1
+    ep: int = 1
+    pp: int = 1
+    world_size: int | None = None
+
+    def __post_init__(self):
+        if self.world_size is None:
+            import torch.distributed as dist
+
+            self.world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        for name in ("dp_replicate", "tp", "ep", "pp", "world_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ParallelConfigError(f"{name} must be a positive integer, got {v!r}")
+        if not isinstance(self.dp_shard, int) or (self.dp_shard < 1 and self.dp_shard != -1):
+            raise ParallelConfigError(f"dp_shard must be a positive integer or -1 (use the remaining ranks), "
+                                      f"got {self.dp_shard!r}")
+        if self.dp_shard == -1:
+            others = self.dp_replicate * self.tp * self.pp
+            if self.world_size % others:
+                raise ParallelConfigError(
+                    f"cannot resolve dp_shard=-1: dp_replicate({self.dp_replicate}) x tp({self.tp}) x pp({self.pp})"
+                    f" = {others} does not divide world_size={self.world_size}; change those degrees or the "
+                    "number of ranks")
+            self.dp_shard = self.world_size // others
+        product = self.dp_replicate * self.dp_shard * self.tp * self.pp
+        if product != self.world_size:
+            raise ParallelConfigError(
+                f"dp_replicate({self.dp_replicate}) x dp_shard({self.dp_shard}) x tp({self.tp}) x pp({self.pp}) = "
+                f"{product} but world_size = {self.world_size}: the degrees must multiply to the number of ranks "
+                "(set dp_shard=-1 to fill the rest)")
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def dp(self) -> int:
+        """Number of data-parallel replicas of the batch (ranks that read different data)."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def fsdp_enabled(self) -> bool:
+        return self.dp > 1
+
+    def validate(self, model_args: ModelArgs, pp_layout: Sequence[int] | None = None, vp: int = 1, *,
+                 sequence_parallel: bool = False, seq_len: int | None = None) -> "ParallelDims":
+        """Check this layout against a model before any mesh or module is built.
+
+        ``pp_layout``: decoder layers per (virtual) stage, ``pp * vp`` entries, in order; ``None``
+        means an even split is intended (then only ``num_hidden_layers >= pp * vp`` is checked).
+        ``sequence_parallel`` needs ``tp > 1`` (rejected otherwise, so a config never believes it runs
+        SP when it does not) and, when ``seq_len`` is given, ``seq_len % tp == 0``.
+        Returns self; raises ParallelConfigError naming what to change.
+        """
+        a = model_args
+        errors = []
+        if self.tp > 1:
+            if a.num_attention_heads % self.tp:
+                errors.append(f"num_attention_heads={a.num_attention_heads} is not divisible by tp={self.tp}: "
+                              "tensor parallel splits whole attention heads; pick tp dividing the head count")
+            if a.vocab_size % self.tp:
+                errors.append(f"vocab_size={a.vocab_size} is not divisible by tp={self.tp}: the embedding and "
+                              "lm_head are split by vocabulary rows; pick tp dividing the vocabulary (or pad it)")
+            for name in ("intermediate_size",):
+                if a.first_k_dense_replace and getattr(a, name) % self.tp:
+                    errors.append(f"{name}={getattr(a, name)} is not divisible by tp={self.tp}")
+            shared = a.n_shared_experts * a.moe_intermediate_size
+            if shared and a.first_k_dense_replace < a.num_hidden_layers and shared % self.tp:
+                errors.append(f"the shared-expert width {shared} (n_shared_experts x moe_intermediate_size) is "
+                              f"not divisible by tp={self.tp}")
+        if self.ep > 1:
+            if a.n_routed_experts % self.ep:
+                errors.append(f"n_routed_experts={a.n_routed_experts} is not divisible by ep={self.ep}: every "
+                              "expert-parallel rank holds the same number of experts; pick ep dividing it")
+            if self.dp_shard % self.ep:
+                errors.append(f"ep={self.ep} does not divide dp_shard={self.dp_shard}: expert parallel borrows "
+                              "its ranks from the data-parallel shard dimension (not from tp, pp or "
+                              "dp_replicate); use an ep that divides dp_shard, or raise dp_shard")
+            if a.first_k_dense_replace >= a.num_hidden_layers:
+                errors.append(f"ep={self.ep} but the model has no MoE layer (first_k_dense_replace="
+                              f"{a.first_k_dense_replace} >= num_hidden_layers={a.num_hidden_layers}); use ep=1")
+        if not isinstance(vp, int) or vp < 1:
+            errors.append(f"vp (virtual stages per pipeline rank) must be a positive integer, got {vp!r}")
+        elif self.pp == 1 and vp > 1:
+            errors.append(f"vp={vp} needs pipeline parallel (pp > 1); set vp=1")
+        else:
+            stages = self.pp * vp
+            if pp_layout is None:
+                if a.num_hidden_layers < stages:
+                    errors.append(f"num_hidden_layers={a.num_hidden_layers} < pp x vp = {self.pp} x {vp} = {stages}"
+                                  ": every pipeline stage needs at least one decoder layer; lower pp or vp")
+            else:
+                layout = list(pp_layout)
+                if len(layout) != stages:
+                    errors.append(f"pp_layout has {len(layout)} entries but pp x vp = {self.pp} x {vp} = {stages} "
+                                  "stages: give one layer count per (virtual) stage")
+                if any((not isinstance(n, int)) or n < 1 for n in layout):
+                    errors.append(f"pp_layout={layout}: every stage needs at least one decoder layer")
+                if sum(layout) != a.num_hidden_layers:
+                    errors.append(f"pp_layout={layout} sums to {sum(layout)} layers but the model has "
+                                  f"num_hidden_layers={a.num_hidden_layers}")
+        if sequence_parallel:
+            if self.tp == 1:
+                errors.append("sequence_parallel=True needs tensor parallel (tp > 1): it splits the sequence "
+                              "over the tp ranks; set tp > 1 or sequence_parallel=False")
+            elif seq_len is not None and seq_len % self.tp:
+                errors.append(f"seq_len={seq_len} is not divisible by tp={self.tp}: sequence parallel splits "
+                              "every sequence evenly over the tp ranks")
+        if errors:
+            raise ParallelConfigError("invalid parallel layout " + self.describe() + ":\n  - " + "\n  - ".join(errors))
+        return self
+
+    def describe(self) -> str:
+        return (f"(world_size={self.world_size}: pp={self.pp} x dp_replicate={self.dp_replicate} x "
+                f"dp_shard={self.dp_shard} x tp={self.tp}; ep={self.ep})")
+
+
+class ParallelMesh:
+    """The world mesh plus the derived meshes, looked up by name: ``mesh["tp"]``, ``mesh["dp"]``,
+    ``mesh["ep"]``, ``mesh["fsdp"]``, ``mesh["expert_fsdp"]``, ``mesh["pp"]``, ``mesh["dp_replicate"]``,
+    ``mesh["dp_shard"]``, ``mesh["dp_shard_mod_ep"]``. A tuple of world dim names slices the world mesh.
+    """
+
+    def __init__(self, dims: ParallelDims, world: DeviceMesh, named: dict[str, DeviceMesh]):
+        self.dims = dims
+        self.world = world
+        self._named = named
+
+    def __getitem__(self, name: str | tuple[str, ...]) -> DeviceMesh:
+        if isinstance(name, tuple):
+            return self.world[name]
+        if name in self._named:
+            return self._named[name]
+        raise KeyError(f"no mesh named {name!r} in this layout {self.dims.describe()}; available: "
+                       f"{sorted(self._named)}" + (" ('ep' exists only when ep > 1)" if name in ("ep", "dp_shard_mod_ep")
+                                                    else ""))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._named
+
+    @property
+    def device_type(self) -> str:
+        return self.world.device_type
+
+    # Data loading: which slice of the global batch this rank reads.
+    @property
+    def dp_rank(self) -> int:
+        return self._named["dp"].get_local_rank()
+
+    @property
+    def dp_size(self) -> int:
+        return self._named["dp"].size()
+
+    @property
+    def pp_rank(self) -> int:
+        return self._named["pp"].get_local_rank()
+
+    @property
+    def tp_rank(self) -> int:
+        return self._named["tp"].get_local_rank()
+
+    def __repr__(self) -> str:
+        return f"ParallelMesh({self.dims.describe()}, {sorted(self._named)})"
+
+
+def default_device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_mesh(dims: ParallelDims, device_type: str | None = None) -> ParallelMesh:
+    """Build the world mesh ``("pp", "dp_replicate", "dp_shard", "tp")`` and the derived meshes.
+
+    The process group must already be initialised (the caller picks the backend: nccl on GPUs,
+    gloo on CPUs). Size-1 dimensions are kept, so every name always exists (except ``ep`` and
+    ``dp_shard_mod_ep``, which exist only when ``dims.ep > 1``).
+    """
+    device_type = device_type or default_device_type()
+    world = init_device_mesh(device_type, (dims.pp, dims.dp_replicate, dims.dp_shard, dims.tp),
+                             mesh_dim_names=("pp", "dp_replicate", "dp_shard", "tp"))
+    named = {name: world[name] for name in ("pp", "dp_replicate", "dp_shard", "tp")}
+    named["dp"] = world["dp_replicate", "dp_shard"]._flatten("dp")
+    named["fsdp"] = world["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else world["dp_shard"]
+    named["expert_fsdp"] = named["fsdp"]
+    if dims.ep > 1:
+        sparse = world._unflatten(2, (dims.dp_shard // dims.ep, dims.ep),
+                                  ("dp_shard_mod_ep", "ep"))
+        named["ep"] = sparse["ep"]
+        named["dp_shard_mod_ep"] = sparse["dp_shard_mod_ep"]
+        named["expert_fsdp"] = (sparse["dp_replicate", "dp_shard_mod_ep"] if dims.dp_replicate > 1
+                                else sparse["dp_shard_mod_ep"])
+    return ParallelMesh(dataclasses.replace(dims), world, named)

@@ -1,0 +1,43 @@
+"""The one entry point that turns a built Moonlight (or one pipeline stage of it) into its parallel form."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moonlight.parallel.data import AC_MODES, apply_activation_checkpointing, apply_fsdp
+from moonlight.parallel.mesh import ParallelDims, ParallelMesh
+from moonlight.parallel.tensor import apply_tensor_parallel
+
+
+def parallelize_model(model: nn.Module, dims: ParallelDims, mesh: ParallelMesh, *, sequence_parallel: bool = False,
+                      ac_mode: str = "none", param_dtype: str | torch.dtype = "float32",
+                      reduce_dtype: str | torch.dtype = "float32", reshard_after_forward: bool = True) -> nn.Module:
+    """Apply, in place and in this order: TP/SP -> EP -> activation checkpointing -> FSDP2/HSDP.
+
+    ``model``: a Moonlight on any device (meta included: then ``to_empty`` + ``init_weights`` or
+    `load_hf_sharded` afterwards), or a pipeline stage module of it (``embed``/``norm``/``lm_head``
+    None, ``layers`` a subset). Pipeline splitting must already have happened.
+    ``dims`` must be the layout ``mesh`` was built from; it is validated against ``model.args``
+    (pipeline layout checks are the caller's: ``dims.validate(args, pp_layout, vp, ...)``).
+    FSDP is applied when the data-parallel degree is above 1, or when param_dtype/reduce_dtype ask
+    for mixed precision; pure TP/EP fp32 runs keep their parameters as TP/EP DTensors (or plain).
+    Returns the model.
+    """
+    if ac_mode not in AC_MODES:
+        raise ValueError(f"ac_mode={ac_mode!r}: choose one of {AC_MODES}")
+    dims.validate(model.args, sequence_parallel=sequence_parallel)
+    if mesh.dims != dims:
+        raise ValueError(f"the mesh was built for {mesh.dims.describe()}, not {dims.describe()}")
+    if dims.tp > 1:
+        apply_tensor_parallel(model, mesh["tp"], sequence_parallel=sequence_parallel)
+    if dims.ep > 1:
+        from moonlight.parallel.expert import apply_expert_parallel  # written alongside, imported lazily
+
+        apply_expert_parallel(model, mesh["ep"])
+    apply_activation_checkpointing(model, ac_mode)
+    mixed = any(str(d) not in ("float32", "fp32", "torch.float32") for d in (param_dtype, reduce_dtype))
+    if dims.dp > 1 or mixed:
+        apply_fsdp(model, mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype,
+                   reshard_after_forward=reshard_after_forward, ep_enabled=dims.ep > 1)
+    return model

@@ -1,0 +1,202 @@
+"""Tensor parallel (Megatron-style) and sequence parallel plans, and a loss for vocab-sharded logits.
+
+What runs where (tp ranks of one data replica):
+
+- Attention: ``q_proj`` (or ``q_b_proj``) and ``kv_b_proj`` column-parallel (whole heads per rank,
+  so ``num_attention_heads % tp == 0``), ``o_proj`` row-parallel. ``kv_a_proj``, ``kv_norm``,
+  ``q_a_proj``, ``q_norm`` stay plain replicated tensors: every tp rank computes them on the full
+  sequence; their gradients come out identical on every tp rank because the column-parallel inputs
+  all-reduce the gradient flowing back into them, and a hook on ``kv_a_proj`` all-reduces the
+  gradient of the rope key ``k_pe`` (shared by all heads, so each rank only sees its heads' part).
+- Dense MLP and the MoE shared experts: ``gate_proj``/``up_proj`` column-, ``down_proj`` row-parallel.
+- Routed experts and the router are NOT split by tp: each tp rank runs the router and the routed
+  experts on all tokens of its data replica (with sequence parallel the MoE input is all-gathered
+  first and the output re-split). Router choices, the sequence aux loss and ``tokens_per_expert``
+  are therefore exact and identical across tp: all-reduce the counters over ``mesh["dp"]``, never
+  over tp. Routed-expert compute is repeated tp times; use expert parallel (over dp_shard) to split it.
+- Embedding: vocab-parallel (RowwiseParallel on nn.Embedding). ``lm_head``: column-parallel with
+  the logits left as a ``Shard(-1)`` DTensor on the tp mesh (full logits are never gathered);
+  `cross_entropy_loss` computes the loss from the vocab shards.
+- Sequence parallel (``sequence_parallel=True``): the residual stream between blocks is the local
+  ``[b, s/tp, h]`` chunk (a plain tensor, never a DTensor), the norms run SequenceParallel on it,
+  attention/MLP inputs are all-gathered, ``o_proj``/``down_proj`` reduce-scatter. Without it the
+  residual stream is the full replicated ``[b, s, h]`` on every tp rank. Pipeline stages exchange
+  the residual stream in this same form.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleInputOutput,
+                                               RowwiseParallel, SequenceParallel, parallelize_module)
+
+from moonlight.model.model import MLP, MoE
+
+
+class _AllReduceGradTail(torch.autograd.Function):
+    """Identity forward; backward all-reduces (sums) the last-dim channels [start:] of the gradient
+    over the tp group and leaves the rest as is."""
+
+    @staticmethod
+    def forward(ctx, x, start, group):
+        ctx.start, ctx.group = start, group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        tail = grad[..., ctx.start:].contiguous()
+        dist.all_reduce(tail, group=ctx.group)
+        grad[..., ctx.start:] = tail
+        return grad, None, None
+
+
+def _reduce_rope_key_grad(kv_a_proj: nn.Module, start: int, tp_mesh: DeviceMesh):
+    """The rope key k_pe (kv_a_proj's output channels [kv_lora_rank:]) is shared by every head, but
+    each tp rank only backpropagates through its own heads: sum that part of the gradient over tp.
+    (The latent part needs nothing: kv_b_proj's column-parallel input already all-reduces it.)"""
+    group = tp_mesh.get_group()
+
+    def hook(module, args, output):
+        return _AllReduceGradTail.apply(output, start, group)
+
+    kv_a_proj.register_forward_hook(hook)
+
+
+def _block_plan(block: nn.Module, sequence_parallel: bool) -> dict:
+    act = Shard(1) if sequence_parallel else Replicate()
+    attn = block.attn
+    plan = {}
+    if sequence_parallel:
+        plan["attn_norm"] = SequenceParallel(use_local_output=True)
+        plan["ffn_norm"] = SequenceParallel(use_local_output=True)
+        plan["attn"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
+                                          use_local_output=True)
+    plan["attn.q_proj" if hasattr(attn, "q_proj") else "attn.q_b_proj"] = ColwiseParallel()
+    plan["attn.kv_b_proj"] = ColwiseParallel()
+    plan["attn.o_proj"] = RowwiseParallel(output_layouts=act)
+    ffn = block.ffn
+    if isinstance(ffn, MLP):
+        if sequence_parallel:
+            plan["ffn"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
+                                             use_local_output=True)
+        plan["ffn.gate_proj"] = ColwiseParallel()
+        plan["ffn.up_proj"] = ColwiseParallel()
+        plan["ffn.down_proj"] = RowwiseParallel(output_layouts=act)
+    elif isinstance(ffn, MoE):
+        if sequence_parallel:
+            # The router and the routed experts see every token of the sequence on each tp rank.
+            plan["ffn"] = PrepareModuleInputOutput(
+                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_input=True,
+                output_layouts=(Replicate(),), desired_output_layouts=(Shard(1),), use_local_output=True)
+        if ffn.shared_experts is not None:
+            plan["ffn.shared_experts.gate_proj"] = ColwiseParallel()
+            plan["ffn.shared_experts.up_proj"] = ColwiseParallel()
+            plan["ffn.shared_experts.down_proj"] = RowwiseParallel(output_layouts=Replicate())
+    else:
+        raise TypeError(f"unknown feed-forward module {type(ffn).__name__}")
+    return plan
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = False) -> nn.Module:
+    """Apply the TP (+SP) plan in place to a Moonlight model or one pipeline stage of it (``embed``,
+    ``norm``, ``lm_head`` may be None, ``layers`` may hold a subset). Call before FSDP."""
+    if tp_mesh.size() == 1:
+        return model
+    act = Shard(1) if sequence_parallel else Replicate()
+    top = {}
+    if getattr(model, "embed", None) is not None:
+        top["embed"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=act)
+    if getattr(model, "norm", None) is not None and sequence_parallel:
+        top["norm"] = SequenceParallel(use_local_output=True)
+    if getattr(model, "lm_head", None) is not None:
+        top["lm_head"] = ColwiseParallel(input_layouts=act, output_layouts=Shard(-1), use_local_output=False)
+    if top:
+        parallelize_module(model, tp_mesh, top)
+    for block in model.layers.values():
+        parallelize_module(block, tp_mesh, _block_plan(block, sequence_parallel))
+        _reduce_rope_key_grad(block.attn.kv_a_proj, block.attn.args.kv_lora_rank, tp_mesh)
+    return model
+
+
+# ---------------------------------------------------------------------------------------- loss
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Cross-entropy from vocab shards: local logits [N, V/tp] (this rank holds vocab ids
+    [start, start + V/tp)), labels [N] (global ids, the same on every tp rank). Returns the sum of
+    per-token losses over valid tokens (identical on every tp rank). Three small all-reduces of [N]."""
+
+    @staticmethod
+    def forward(ctx, local_logits, labels, vocab_start, group, ignore_index):
+        x = local_logits.float()
+        with torch.no_grad():
+            row_max = x.max(dim=-1).values
+            dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+        x = x - row_max.unsqueeze(-1)
+        exp = x.exp()
+        sum_exp = exp.sum(-1)
+        dist.all_reduce(sum_exp, group=group)
+        valid = labels != ignore_index
+        local_ids = labels - vocab_start
+        here = valid & (local_ids >= 0) & (local_ids < x.shape[-1])
+        local_ids = torch.where(here, local_ids, torch.zeros_like(local_ids))
+        target = torch.where(here, x.gather(-1, local_ids.unsqueeze(-1)).squeeze(-1), torch.zeros_like(sum_exp))
+        dist.all_reduce(target, group=group)
+        loss = torch.where(valid, sum_exp.log() - target, torch.zeros_like(target))
+        exp.div_(sum_exp.unsqueeze(-1))  # softmax, kept for backward
+        ctx.save_for_backward(exp, local_ids, here, valid)
+        ctx.in_dtype = local_logits.dtype
+        return loss.sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        softmax, local_ids, here, valid = ctx.saved_tensors
+        g = softmax
+        rows = torch.arange(g.shape[0], device=g.device)
+        g[rows[here], local_ids[here]] -= 1.0
+        g.mul_(valid.unsqueeze(-1).to(g.dtype) * grad)
+        return g.to(ctx.in_dtype), None, None, None, None
+
+
+def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
+                       reduction: str = "mean", num_tokens: int | torch.Tensor | None = None) -> torch.Tensor:
+    """Token-level cross-entropy for plain logits ``[..., V]`` or vocab-sharded ``Shard(-1)`` DTensor
+    logits from the TP lm_head (computed shard-wise: full logits are never gathered). ``labels``
+    has the logits' leading shape (already shifted), entries ``ignore_index`` are skipped.
+
+    reduction="mean": sum over valid tokens / (``num_tokens`` if given, else the local valid count);
+    pass the global valid-token count divided by the dp size when ranks may hold different numbers of
+    valid tokens, so FSDP's gradient average gives the exact global mean. "sum": the plain sum.
+    Returns a plain scalar tensor (the same on every tp rank).
+    """
+    labels = labels.reshape(-1)
+    if isinstance(logits, DTensor):
+        placements = logits.placements
+        if logits.device_mesh.ndim == 1 and isinstance(placements[0], Shard) and \
+                placements[0].dim in (-1, logits.ndim - 1):
+            local = logits.to_local()
+            local = local.reshape(-1, local.shape[-1])
+            tp = logits.device_mesh
+            vocab_per_rank = logits.shape[-1] // tp.size()
+            if logits.shape[-1] % tp.size():
+                raise ValueError(f"vocab {logits.shape[-1]} is not divisible by tp={tp.size()}")
+            total = _VocabParallelCrossEntropy.apply(local, labels, tp.get_local_rank() * vocab_per_rank,
+                                                     tp.get_group(), ignore_index)
+        else:
+            logits = logits.full_tensor()
+            total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels,
+                                    ignore_index=ignore_index, reduction="sum")
+    else:
+        total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels, ignore_index=ignore_index,
+                                reduction="sum")
+    if reduction == "sum":
+        return total
+    if reduction != "mean":
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if num_tokens is None:
+        num_tokens = (labels != ignore_index).sum().clamp(min=1)
+    return total / num_tokens

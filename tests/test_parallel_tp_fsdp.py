@@ -1,0 +1,146 @@
+"""TP / SP / FSDP2 / HSDP / activation checkpointing: one training step matches the single-process model.
+
+Every layout runs on forked gloo ranks (tests/dist.py). The reference is the same model on the full
+global batch; each data-parallel rank gets its slice of the batch; the loss is the mean over the
+global batch; every gradient, gathered with full_tensor(), must equal the reference's in fp32.
+The sequence aux loss is on (aux_loss_alpha=0.001 x 10 so it matters), and the MoE load counters,
+summed over the dp mesh, must equal the reference's.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.dist import run_ranks
+
+ATOL, RTOL = 1e-5, 1e-4
+GLOBAL_BATCH, SEQ = 4, 16
+
+
+def _args():
+    from moonlight.config import ModelArgs
+
+    return ModelArgs.preset("debug", kernels="torch", num_hidden_layers=3, aux_loss_alpha=0.01)
+
+
+def _reference(seed=0):
+    from moonlight.model import Moonlight
+
+    torch.manual_seed(seed)
+    args = _args()
+    model = Moonlight(args)
+    model.init_weights(std=0.05)
+    with torch.no_grad():  # spread the router's biased scores: no top-k near-ties between layouts
+        for moe in model.moe_layers():
+            moe.router.expert_bias.normal_(0, 0.05)
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(torch.randn_like(p) * 0.1)
+    g = torch.Generator().manual_seed(seed + 1)
+    tokens = torch.randint(0, args.vocab_size, (GLOBAL_BATCH, SEQ + 1), generator=g)
+    return model, tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def _reference_step(model, inputs, labels):
+    from moonlight.parallel.tensor import cross_entropy_loss
+
+    model.train()
+    loss = cross_entropy_loss(model(inputs), labels)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    counts = {n: m.tokens_per_expert.clone() for n, m in model.named_modules() if hasattr(m, "tokens_per_expert")}
+    return loss.detach(), grads, counts
+
+
+def _full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _step_worker(rank, world_size, layout, sequence_parallel, ac_mode):
+    from moonlight.parallel import ParallelDims, build_mesh, cross_entropy_loss, parallelize_model
+
+    ref, inputs, labels = _reference()
+    model = copy.deepcopy(ref)
+    ref_loss, ref_grads, ref_counts = _reference_step(ref, inputs, labels)
+
+    dims = ParallelDims(world_size=world_size, **layout)
+    mesh = build_mesh(dims, "cpu")
+    parallelize_model(model, dims, mesh, sequence_parallel=sequence_parallel, ac_mode=ac_mode)
+    per = GLOBAL_BATCH // mesh.dp_size
+    sl = slice(mesh.dp_rank * per, (mesh.dp_rank + 1) * per)
+    model.train()
+    logits = model(inputs[sl])
+    if dims.tp > 1:
+        assert logits.placements[0].is_shard() and logits.to_local().shape[-1] == ref.args.vocab_size // dims.tp
+    loss = cross_entropy_loss(logits, labels[sl])
+    loss.backward()
+
+    global_loss = loss.detach().clone()
+    dist.all_reduce(global_loss, group=mesh["dp"].get_group())
+    global_loss /= mesh.dp_size
+    torch.testing.assert_close(global_loss, ref_loss, atol=ATOL, rtol=RTOL)
+    names = set()
+    for name, p in model.named_parameters():
+        names.add(name)
+        assert p.grad is not None, name
+        torch.testing.assert_close(_full(p.grad), ref_grads[name], atol=ATOL, rtol=RTOL, msg=lambda m: f"{name}: {m}")
+    assert names == set(ref_grads)
+    for name, m in model.named_modules():
+        if hasattr(m, "tokens_per_expert"):
+            c = m.tokens_per_expert.clone()
+            dist.all_reduce(c, group=mesh["dp"].get_group())
+            torch.testing.assert_close(c, ref_counts[name], atol=0, rtol=0)
+    return float(global_loss)
+
+
+LAYOUTS = {
+    "tp2": (2, dict(tp=2), False),
+    "tp2_sp": (2, dict(tp=2), True),
+    "fsdp2": (2, dict(dp_shard=2), False),
+    "hsdp2x2": (4, dict(dp_replicate=2, dp_shard=2), False),
+    "fsdp2_tp2_sp": (4, dict(dp_shard=2, tp=2), True),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_one_step_matches_single_process(name):
+    world, layout, sp = LAYOUTS[name]
+    run_ranks(_step_worker, world, layout, sp, "none")
+
+
+@pytest.mark.parametrize("ac_mode", ["full", "selective"])
+def test_activation_checkpointing_same_grads(ac_mode):
+    run_ranks(_step_worker, 4, dict(dp_shard=2, tp=2), True, ac_mode)
+
+
+def test_fsdp_tp_without_sequence_parallel():
+    run_ranks(_step_worker, 4, dict(dp_shard=2, tp=2), False, "full")
+
+
+def test_activation_checkpointing_single_process():
+    """AC alone (no process group): identical loss, gradients and load counters."""
+    from moonlight.parallel.data import apply_activation_checkpointing
+
+    ref, inputs, labels = _reference()
+    ref_loss, ref_grads, ref_counts = _reference_step(copy.deepcopy(ref), inputs, labels)
+    for mode in ("full", "selective"):
+        model = apply_activation_checkpointing(copy.deepcopy(ref), mode)
+        loss, grads, counts = _reference_step(model, inputs, labels)
+        assert set(dict(model.named_parameters())) == set(ref_grads)  # names unchanged
+        torch.testing.assert_close(loss, ref_loss, atol=0, rtol=0)
+        for n in ref_grads:
+            torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-6, rtol=1e-5)
+        for n in ref_counts:
+            torch.testing.assert_close(counts[n], ref_counts[n], atol=0, rtol=0)
+
+
+def test_cross_entropy_plain_matches_torch():
+    from moonlight.parallel.tensor import cross_entropy_loss
+
+    logits = torch.randn(2, 5, 11)
+    labels = torch.randint(0, 11, (2, 5))
+    labels[0, 1] = -100
+    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+    torch.testing.assert_close(cross_entropy_loss(logits, labels), ref)
