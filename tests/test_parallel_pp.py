@@ -1,0 +1,223 @@
+"""Pipeline parallel: layouts, presets, cost model, and pipelined steps equal to one process."""
+
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
+
+from moonlight.config import ConfigError, ModelArgs
+from moonlight.model.model import Moonlight
+from moonlight.parallel.expert import allreduce_replicated_grads, apply_expert_parallel
+from moonlight.parallel.pipeline import (PRESET_LAYOUTS, auto_layout, build_pipeline_stages, build_schedule,
+                                         cross_entropy_loss, layout_costs, pipeline_step, resolve_layout,
+                                         stage_ids_for_rank, validate_layout)
+from tests.dist import run_ranks
+
+ATOL, RTOL = 1e-5, 1e-4
+
+# ------------------------------------------------------------------ layouts (no processes)
+
+
+def test_validate_layout_errors():
+    with pytest.raises(ConfigError, match=r"pp_layout \[4, 6, 6, 6, 6, 3\] sums to 31 but the model has 27 "
+                                          r"layers: remove 4 layer"):
+        validate_layout([4, 6, 6, 6, 6, 3], 27, 6)
+    with pytest.raises(ConfigError, match="sums to 26 .* add 1 layer"):
+        validate_layout([14, 12], 27, 2)
+    with pytest.raises(ConfigError, match="empty stage at index 2"):
+        validate_layout([14, 13, 0, 0], 27, 4)
+    with pytest.raises(ConfigError, match="has 2 entries but pp=2 x pp_virtual_stages=2 = 4 stages need 4"):
+        validate_layout([14, 13], 27, 2, 2)
+    with pytest.raises(ConfigError, match="has 3 entries but pp=2 stages need 2"):
+        validate_layout([9, 9, 9], 27, 2)
+    assert validate_layout((14, 13), 27, 2) == [14, 13]
+
+
+def test_megatron_pp8_table_is_rejected():
+    megatron_pp8 = [4, 6 * 4, 3]  # first stage 4, six middle stages of 4, last 3: 31 decoder slots
+    layout = [megatron_pp8[0]] + [4] * 6 + [megatron_pp8[2]]
+    with pytest.raises(ConfigError, match="sums to 31 but the model has 27"):
+        validate_layout(layout, 27, 8)
+
+
+def test_presets_add_up_and_resolve():
+    args = ModelArgs()
+    assert PRESET_LAYOUTS["PP2"] == [14, 13] and PRESET_LAYOUTS["PP4"] == [7, 7, 7, 6]
+    assert PRESET_LAYOUTS["PP2xVP2"] == PRESET_LAYOUTS["PP4"]
+    for name, layout in PRESET_LAYOUTS.items():
+        assert sum(layout) == 27 and min(layout) >= 1, name
+        assert layout[-1] == min(layout), name
+        pp, _, vp = name.removeprefix("PP").partition("xVP")
+        assert resolve_layout(name, args, int(pp), int(vp or 1)) == layout
+    with pytest.raises(ConfigError, match="is for pp=4"):
+        resolve_layout("PP4", args, 2)
+    with pytest.raises(ConfigError, match="unknown pp_layout preset"):
+        resolve_layout("PP3", args, 3)
+    with pytest.raises(ConfigError, match="sums to 28"):
+        resolve_layout([8, 7, 7, 6], args, 4)  # the seed page's PP4
+
+
+def test_cost_model_gives_last_stage_fewer_layers():
+    args = ModelArgs()
+    for pp, vp in [(2, 1), (4, 1), (8, 1), (2, 2), (4, 2)]:
+        layout = auto_layout(args, pp, vp)
+        validate_layout(layout, 27, pp, vp)
+        assert layout[-1] < min(layout[:-1]), (pp, vp, layout)
+        assert resolve_layout("auto", args, pp, vp) == layout
+        # balanced: no stage costs more than the largest stage of the even split
+        costs = layout_costs(args, layout)
+        even = [27 // (pp * vp) + (1 if i < 27 % (pp * vp) else 0) for i in range(pp * vp)]
+        assert max(costs) <= max(layout_costs(args, even))
+    # lm_head + loss per token: about as many FLOPs as several MoE layers
+    costs = layout_costs(args, [26, 1])
+    one_layer = layout_costs(args, [1, 26])[0]
+    assert 2.5 < (costs[1] - one_layer) / one_layer < 5
+    with pytest.raises(ConfigError, match="exceed the 4 decoder layers"):
+        auto_layout(ModelArgs.preset("debug"), 4, 2)
+
+
+def test_stage_ids():
+    assert stage_ids_for_rank(0, 2, 2) == [0, 2] and stage_ids_for_rank(1, 2, 2) == [1, 3]
+    assert stage_ids_for_rank(0, 2, 2, "v") == [0, 3] and stage_ids_for_rank(1, 2, 2, "v") == [1, 2]
+    with pytest.raises(ConfigError, match="pp_virtual_stages=2"):
+        stage_ids_for_rank(0, 2, 3, "v")
+
+
+def test_build_schedule_validation():
+    one = [types.SimpleNamespace(group_size=2, num_stages=2)]
+    two = one * 2
+    with pytest.raises(ConfigError, match="runs one stage per rank but this rank holds 2"):
+        build_schedule(two, "1F1B", 4)
+    with pytest.raises(ConfigError, match="does not split into 3 equal microbatches"):
+        build_schedule(one, "1F1B", 3, local_batch_size=4)
+    with pytest.raises(ConfigError, match="at least 2 microbatches"):
+        build_schedule(two, "Interleaved1F1B", 1)
+    with pytest.raises(ConfigError, match="multiple of 2"):
+        build_schedule(two, "Interleaved1F1B", 5)
+    with pytest.raises(ConfigError, match="unknown pipeline schedule"):
+        build_schedule(one, "2F2B", 4)
+    with pytest.raises(ConfigError, match="needs pp_virtual_stages=2"):
+        build_schedule(one, "ZBVZeroBubble", 4)
+
+
+# ------------------------------------------------------------------ pipelined steps
+
+
+def _args(**kw):
+    base = dict(kernels="torch", aux_loss_alpha=0.0, num_hidden_layers=4)
+    base.update(kw)
+    return ModelArgs.preset("debug", **base)
+
+
+def _reference(args):
+    torch.manual_seed(1234)
+    model = Moonlight(args)
+    model.init_weights()
+    return model
+
+
+def _batch(args, bsz, seqlen=6):
+    g = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, args.vocab_size, (bsz, seqlen + 1), generator=g)
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def _loader(state, ep_mesh=None):
+    def parallelize(module, stage_index):
+        module.to_empty(device="cpu")
+        module.init_weights()  # buffers that are not in the state dict (load counters)
+        own = module.state_dict()
+        module.load_state_dict({k: state[k] for k in own}, strict=True)
+        if ep_mesh is not None:
+            apply_expert_parallel(module, ep_mesh)
+        return module
+    return parallelize
+
+
+def _grads(parts):
+    out = {}
+    for part in parts:
+        for name, p in part.named_parameters():
+            if p.grad is not None:
+                g = p.grad
+                out[name] = (g.full_tensor() if isinstance(g, DTensor) else g).detach().numpy()
+    return out
+
+
+def _pp_rank(rank, world, args, layout, schedule, n_mb, bsz):
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("pp",))
+    state = _reference(args).state_dict()
+    stages, parts = build_pipeline_stages(args, layout, mesh, "cpu", schedule=schedule,
+                                          parallelize_fn=_loader(state))
+    names = {n for part in parts for n, _ in part.named_parameters()}
+    sched = build_schedule(stages, schedule, n_mb, cross_entropy_loss, local_batch_size=bsz)
+    inputs, labels = _batch(args, bsz)
+    loss = pipeline_step(sched, inputs, labels)
+    return (None if loss is None else loss.item()), _grads(parts), sorted(names)
+
+
+def _check_against_reference(args, bsz, results, ep=1):
+    ref = _reference(args)
+    inputs, labels = _batch(args, bsz * ep)
+    loss = F.cross_entropy(ref(inputs).flatten(0, 1), labels.flatten())
+    loss.backward()
+    losses = [r[0] for r in results if r[0] is not None]
+    assert losses
+    for value in losses:
+        assert abs(value - loss.item()) <= ATOL + RTOL * abs(loss.item())
+    seen = set()
+    for _, grads, _ in results:
+        for name, g in grads.items():
+            torch.testing.assert_close(torch.from_numpy(g), ref.get_parameter(name).grad, atol=ATOL, rtol=RTOL,
+                                       msg=lambda m: f"{name}: {m}")
+            seen.add(name)
+    assert seen == {n for n, _ in ref.named_parameters()}
+
+
+@pytest.mark.parametrize("schedule,layout,n_mb,aux", [
+    ("1F1B", [2, 2], 2, 0.0),
+    ("GPipe", [3, 1], 4, 0.01),
+    ("Interleaved1F1B", [1, 1, 1, 1], 2, 0.0),
+    ("InterleavedZeroBubble", [1, 1, 1, 1], 4, 0.0),
+    ("ZBVZeroBubble", [1, 1, 1, 1], 2, 0.01),
+])
+def test_pp2_matches_single_process(schedule, layout, n_mb, aux):
+    args, bsz = _args(aux_loss_alpha=aux), 4
+    results = run_ranks(_pp_rank, 2, args, layout, schedule, n_mb, bsz)
+    # stage placement: global layer keys, embed only on stage 0, lm_head only on the last stage
+    v = schedule == "ZBVZeroBubble"
+    first_rank_layers = {n.split(".")[1] for n in results[0][2] if n.startswith("layers.")}
+    want = {"0", "3"} if v else {"0", "2"} if len(layout) == 4 else {str(i) for i in range(layout[0])}
+    assert first_rank_layers == want
+    assert any(n.startswith("embed.") for n in results[0][2])
+    last = 0 if v else 1
+    assert any(n.startswith("lm_head.") for n in results[last][2])
+    assert not any(n.startswith("lm_head.") for n in results[1 - last][2])
+    _check_against_reference(args, bsz, results)
+
+
+def _pp_ep_rank(rank, world, args, layout, schedule, n_mb, bsz):
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "ep"))
+    state = _reference(args).state_dict()
+    stages, parts = build_pipeline_stages(args, layout, mesh["pp"], "cpu", schedule=schedule,
+                                          parallelize_fn=_loader(state, mesh["ep"]))
+    sched = build_schedule(stages, schedule, n_mb, cross_entropy_loss, local_batch_size=bsz)
+    inputs, labels = _batch(args, 2 * bsz)
+    ep_rank = mesh["ep"].get_local_rank()
+    sl = slice(ep_rank * bsz, (ep_rank + 1) * bsz)  # each ep rank: its own data shard
+    loss = pipeline_step(sched, inputs[sl], labels[sl])
+    for part in parts:
+        allreduce_replicated_grads(part, mesh["ep"])
+    if loss is not None:
+        torch.distributed.all_reduce(loss, group=mesh["ep"].get_group())
+        loss = loss / 2
+    return (None if loss is None else loss.item()), _grads(parts), []
+
+
+def test_pp2_ep2_matches_single_process():
+    args, bsz = _args(), 2
+    results = run_ranks(_pp_ep_rank, 4, args, [2, 2], "1F1B", 2, bsz)
+    _check_against_reference(args, bsz, results, ep=2)
