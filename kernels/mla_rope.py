@@ -80,17 +80,17 @@ if triton is not None:
         rope_mask = (heads < NUM_HEADS) & is_pair[None, :]
         q0 = tl.load(q_in + even, mask=rope_mask, other=0.0).to(tl.float32)
         q1 = tl.load(q_in + even + 1, mask=rope_mask, other=0.0).to(tl.float32)
-        dtype = q_out_ptr.dtype.element_ty
-        tl.store(q_out + even, (q0 * cos[None, :] - q1 * sin[None, :]).to(dtype), mask=rope_mask)
-        tl.store(q_out + even + 1, (q1 * cos[None, :] + q0 * sin[None, :]).to(dtype), mask=rope_mask)
+        q_dtype = q_out_ptr.dtype.element_ty
+        tl.store(q_out + even, (q0 * cos[None, :] - q1 * sin[None, :]).to(q_dtype), mask=rope_mask)
+        tl.store(q_out + even + 1, (q1 * cos[None, :] + q0 * sin[None, :]).to(q_dtype), mask=rope_mask)
 
         k_in = k_ptr + b * k_stride_b + s * k_stride_s
         k_out = k_out_ptr + row * 2 * HALF
         k0 = tl.load(k_in + 2 * pairs, mask=is_pair, other=0.0).to(tl.float32)
         k1 = tl.load(k_in + 2 * pairs + 1, mask=is_pair, other=0.0).to(tl.float32)
-        dtype = k_out_ptr.dtype.element_ty
-        tl.store(k_out + 2 * pairs, (k0 * cos - k1 * sin).to(dtype), mask=is_pair)
-        tl.store(k_out + 2 * pairs + 1, (k1 * cos + k0 * sin).to(dtype), mask=is_pair)
+        k_dtype = k_out_ptr.dtype.element_ty
+        tl.store(k_out + 2 * pairs, (k0 * cos - k1 * sin).to(k_dtype), mask=is_pair)
+        tl.store(k_out + 2 * pairs + 1, (k1 * cos + k0 * sin).to(k_dtype), mask=is_pair)
 
 
 def _mla_rope_triton(q: Tensor, k_pe: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
