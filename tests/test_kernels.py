@@ -171,6 +171,22 @@ def test_moe_permute_triton_matches_torch(top_k, align, hidden, dtype):
     torch.testing.assert_close(got["grad_weights"], want["grad_weights"], rtol=1e-5, atol=1e-4)
 
 
+def test_unpermute_triton_with_bf16_weights():
+    g = torch.Generator().manual_seed(1)
+    y = torch.randn(16, 24, generator=g).bfloat16()
+    weights = torch.rand(8, 2, generator=g).bfloat16()
+    grad_out = torch.randn(8, 24, generator=g).bfloat16()
+    _, _, row_index = permute_tokens(y[:8], _expert_ids(8, 2), NUM_EXPERTS)
+    results = {}
+    for impl in ("torch", "triton"):
+        y_in, w_in = y.clone().requires_grad_(), weights.clone().requires_grad_()
+        out = unpermute_tokens(y_in, row_index, w_in, impl=impl)
+        results[impl] = (out, *torch.autograd.grad(out, (y_in, w_in), grad_out))
+    for got, want in zip(results["triton"], results["torch"]):
+        assert got.dtype == torch.bfloat16
+        _assert_close(got, want, torch.bfloat16)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,nope,rope", [(3, 10, 6), (2, 0, 8), (2, 16, 8)])
 def test_mla_rope_triton_matches_torch(heads, nope, rope, dtype):
