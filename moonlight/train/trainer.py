@@ -107,6 +107,8 @@ class Trainer:
         self.dataloader = build_dataloader(cfg.data, self.tokenizer, t.seq_len, t.local_batch_size,
                                            dp_rank, dp_world, t.seed)
         self.step = 0
+        self._last_inputs = None
+        self._nonfinite_in_a_row = 0
         self.checkpointer = self._build_checkpointer()
         resumed = self.step > 0
         self.metrics = MetricsLogger(cfg.job.dump_folder, self.rank, cfg.metrics.enable_tensorboard,
@@ -165,6 +167,7 @@ class Trainer:
         for _ in range(self.grad_accum):
             inputs, labels = self.dataloader.next_batch()
             inputs, labels = inputs.to(self.device), labels.to(self.device)
+            self._last_inputs = inputs
             if self.parallel.pipeline is not None:
                 loss = self.parallel.pipeline.step(inputs, labels)
                 if loss is not None:
@@ -177,15 +180,35 @@ class Trainer:
             total += loss.detach()
         return total
 
-    def _first_nonfinite(self) -> str:
+    def _locate_nonfinite(self) -> str:
+        """Name the first module (in execution order) whose output is non-finite by replaying the last
+        micro-batch with hooks; only done on a bad step. Pipeline stages, or a NaN that only appears
+        in backward, fall back to the first parameter with a non-finite gradient."""
+        if self.parallel.pipeline is None and self._last_inputs is not None:
+            found = []
+
+            def check(name):
+                def hook(module, inputs, output):
+                    out = output.to_local() if hasattr(output, "to_local") else output
+                    if not found and isinstance(out, torch.Tensor) and not torch.isfinite(out).all():
+                        found.append(name)
+                return hook
+            model = self.model_parts[0]
+            handles = [m.register_forward_hook(check(n)) for n, m in model.named_modules() if n]
+            try:
+                with torch.no_grad():
+                    model(self._last_inputs)
+            finally:
+                for h in handles:
+                    h.remove()
+            if found:
+                return f"module {found[0]} (first non-finite output)"
         for part in self.model_parts:
             for name, p in part.named_parameters():
-                g = p.grad
-                if g is not None:
-                    g = g.to_local() if hasattr(g, "to_local") else g
-                    if not torch.isfinite(g).all():
-                        return name.rsplit(".", 1)[0]
-        return "none found on this rank"
+                g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+                if g is not None and not torch.isfinite(g).all():
+                    return f"parameter {name} (first non-finite gradient)"
+        return "no non-finite value found on this rank"
 
     def train_step(self) -> dict[str, float]:
         t = self.cfg.training
@@ -226,10 +249,9 @@ class Trainer:
         return values
 
     def _handle_nonfinite(self, loss: float, grad_norm: float):
-        where = self._first_nonfinite()
-        msg = (f"step {self.step + 1}: non-finite loss={loss} / grad_norm={grad_norm}; "
-               f"first parameter with a non-finite gradient on rank {self.rank}: {where}")
-        self._nonfinite_in_a_row = getattr(self, "_nonfinite_in_a_row", 0) + 1
+        where = self._locate_nonfinite()
+        msg = f"step {self.step + 1}: non-finite loss={loss} / grad_norm={grad_norm}; on rank {self.rank}: {where}"
+        self._nonfinite_in_a_row += 1
         if self.cfg.training.on_nonfinite == "stop":
             raise NonFiniteError(msg + " (training.on_nonfinite = 'stop')")
         if self._nonfinite_in_a_row >= self.cfg.training.max_consecutive_nonfinite:

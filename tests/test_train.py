@@ -1,0 +1,113 @@
+"""The trainer end to end on one process: the default job learns, metrics are written, bad steps are
+caught, config errors name the problem."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moonlight.train.config import ConfigError, load_config
+from moonlight.train.trainer import NonFiniteError, Trainer
+
+SMALL = ["--training.seq_len=64", "--training.global_batch_size=4", "--training.local_batch_size=2",
+         "--checkpoint.enable=false", "--metrics.log_freq=1", "--metrics.device_peak_flops=1e11",
+         "--lr_scheduler.warmup_steps=2"]
+
+
+def _metrics(folder):
+    with open(f"{folder}/metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def _trainer(tmp_path, *extra):
+    return Trainer(load_config("train.toml", SMALL + [f"--job.dump_folder={tmp_path}", *extra]))
+
+
+def test_default_job_loss_falls_and_metrics_are_written(tmp_path):
+    _trainer(tmp_path, "--training.steps=25").train()
+    rows = _metrics(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, 26))
+    first, last = sum(r["loss"] for r in rows[:3]) / 3, sum(r["loss"] for r in rows[-3:]) / 3
+    assert last < first - 1.0, (first, last)
+    for key in ("grad_norm", "lr", "tokens_per_s", "mfu_pct", "memory_gib", "max_expert_load", "aux_loss"):
+        assert key in rows[-1], key
+    assert len(rows[-1]["expert_load"]) == 3  # one imbalance figure per MoE layer of the debug model
+    assert (tmp_path / "config.toml").read_text().count("[training]") == 1
+
+
+def test_adamw_and_wsd_schedule_run(tmp_path):
+    _trainer(tmp_path, "--training.steps=6", "--optimizer.name=adamw", "--lr_scheduler.decay_type=wsd").train()
+    rows = _metrics(tmp_path)
+    assert rows[-1]["lr"] == pytest.approx(3e-3 * 0.1)  # decayed to optimizer.lr x min_lr_ratio at the end
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+
+
+def test_same_seed_same_losses(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _trainer(a, "--training.steps=3").train()
+    _trainer(b, "--training.steps=3").train()
+    assert [r["loss"] for r in _metrics(a)] == [r["loss"] for r in _metrics(b)]
+
+
+def test_grad_accumulation_matches_one_big_batch(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _trainer(a, "--training.steps=3", "--training.local_batch_size=4").train()
+    _trainer(b, "--training.steps=3", "--training.local_batch_size=1").train()
+    la, lb = [r["loss"] for r in _metrics(a)], [r["loss"] for r in _metrics(b)]
+    assert la == pytest.approx(lb, rel=1e-4)
+
+
+def _poison_layer_2(trainer, at_call):
+    """Make layer 2's attention output NaN from its `at_call`-th forward on."""
+    calls = {"n": 0}
+    attn = trainer.model_parts[0].layers["2"].attn
+
+    def hook(module, inputs, output):
+        calls["n"] += 1
+        return output * float("nan") if calls["n"] >= at_call else output
+    attn.register_forward_hook(hook)
+
+
+def test_nonfinite_step_is_skipped_and_reported(tmp_path, capsys):
+    trainer = _trainer(tmp_path, "--training.steps=4", "--training.on_nonfinite=skip")
+    _poison_layer_2(trainer, at_call=5)  # step 3 (2 micro-batches per step)
+    before = {}
+
+    def snapshot():
+        before.update({n: p.detach().clone() for n, p in trainer.model_parts[0].named_parameters()})
+    for _ in range(2):
+        trainer.train_step()
+        trainer.step += 1
+    snapshot()
+    values = trainer.train_step()
+    assert values["skipped"] and not torch.isfinite(torch.tensor(values["loss"]))
+    for n, p in trainer.model_parts[0].named_parameters():
+        assert torch.equal(p, before[n]), f"{n} changed on a skipped step"
+    out = capsys.readouterr().out
+    assert "step 3" in out and "module layers.2.attn " in out
+
+
+def test_nonfinite_stop_raises_with_step_and_module(tmp_path):
+    trainer = _trainer(tmp_path, "--training.steps=4", "--training.on_nonfinite=stop")
+    _poison_layer_2(trainer, at_call=1)
+    with pytest.raises(NonFiniteError, match=r"step 1: .*module layers\.2\.attn "):
+        trainer.train()
+
+
+def test_unknown_model_override_is_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="did you mean 'hidden_size'"):
+        _trainer(tmp_path, "--model.overrides.hiden_size=64")
+
+
+def test_tokenizer_larger_than_vocab_is_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="vocab_size"):
+        _trainer(tmp_path, "--model.overrides.vocab_size=200")
+
+
+def test_train_py_reports_config_errors_cleanly(tmp_path):
+    proc = subprocess.run([sys.executable, "train.py", "--config", "train.toml", "--training.stepz=3"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "training.stepz" in proc.stderr and "steps" in proc.stderr
