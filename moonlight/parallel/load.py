@@ -1,0 +1,101 @@
+"""Load a Hugging Face checkpoint into an already parallelized model, each rank reading only its shards.
+
+For every parameter and persistent buffer the model (or pipeline stage) holds, the rank computes
+the global region its local shard covers (TP Shard(0)/Shard(1), FSDP Shard(0) incl. the strided
+FSDP-over-TP case, EP Shard(0) on stacked experts) with
+`torch.distributed.tensor._utils.compute_local_shape_and_global_offset`, and reads just that region
+with safetensors' lazy `get_slice`. Stacked experts read only the experts in the local region (one
+HF key per expert) and, of each, only the local rows/columns. Buffers (the router's
+``expert_bias``) are plain tensors and are read whole. Keys of layers a pipeline stage does not
+hold are never touched.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from moonlight.convert import _EXPERTS, CheckpointError, HFCheckpoint, hf_keys
+from moonlight.model.model import MoE
+
+# Fields that fix tensor shapes: a checkpoint must agree on all of them.
+_SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+                 "first_k_dense_replace", "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+                 "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "n_shared_experts")
+
+
+def local_region(tensor: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], tuple[int, ...]]:
+    """(local tensor, local shape, global offset) of a parameter or buffer; whole for plain tensors."""
+    if isinstance(tensor, DTensor):
+        shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+        local = tensor.to_local()
+        if tuple(local.shape) != tuple(shape):
+            raise RuntimeError(f"local shard shape {tuple(local.shape)} != computed {tuple(shape)} "
+                               f"for placements {tensor.placements}")
+        return local, tuple(shape), tuple(offset)
+    return tensor, tuple(tensor.shape), (0,) * tensor.ndim
+
+
+@torch.no_grad()
+def load_hf_sharded(model: nn.Module, path: str | os.PathLike | None = None, *,
+                    checkpoint: HFCheckpoint | None = None) -> dict[str, int]:
+    """Fill ``model``'s (materialised, e.g. after ``to_empty``) local shards from a HF checkpoint.
+
+    ``model``: a parallelized Moonlight or pipeline stage; its ``args`` must match the checkpoint's
+    shapes. Pass ``path`` (a HF safetensors directory) or an open ``checkpoint``. Values are cast to
+    each parameter's dtype. MoE load counters are zeroed. Returns ``{"tensors": n, "bytes_read": b}``
+    (b counts bytes of the checkpoint's dtype this rank read).
+    """
+    if checkpoint is None:
+        if path is None:
+            raise ValueError("pass the checkpoint directory (path) or an HFCheckpoint")
+        checkpoint = HFCheckpoint(path)
+    args = model.args
+    mismatched = [f"{f}: model {getattr(args, f)!r} vs checkpoint {getattr(checkpoint.args, f)!r}"
+                  for f in _SHAPE_FIELDS if getattr(args, f) != getattr(checkpoint.args, f)]
+    if mismatched:
+        raise CheckpointError(f"checkpoint {checkpoint.path} does not match the model: " + "; ".join(mismatched))
+
+    persistent = set(model.state_dict().keys())
+    tensors = dict(model.named_parameters())
+    tensors.update((n, b) for n, b in model.named_buffers() if n in persistent)
+    stats = {"tensors": 0, "bytes_read": 0}
+    for name, tensor in tensors.items():
+        if tensor.is_meta or (isinstance(tensor, DTensor) and tensor.to_local().is_meta):
+            raise RuntimeError(f"{name} is on the meta device: call model.to_empty(device=...) before loading")
+        keys = hf_keys(name, args)
+        local, shape, offset = local_region(tensor)
+        if _EXPERTS.match(name):
+            for key in keys:  # every expert key has the same shape; check the first only once
+                _check(checkpoint, key, tensor.shape[1:])
+                break
+            for i in range(shape[0] if local.numel() else 0):
+                key = keys[offset[0] + i]
+                region = tuple(slice(o, o + s) for o, s in zip(offset[1:], shape[1:]))
+                part = checkpoint.get_slice(key)[region]
+                local[i].copy_(part)
+                stats["bytes_read"] += part.numel() * part.element_size()
+        else:
+            key = keys[0]
+            _check(checkpoint, key, tensor.shape)
+            if local.numel() == 0:
+                continue
+            part = checkpoint.get_slice(key)[tuple(slice(o, o + s) for o, s in zip(offset, shape))]
+            local.copy_(part)
+            stats["bytes_read"] += part.numel() * part.element_size()
+        stats["tensors"] += 1
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.tokens_per_expert.zero_()
+    return stats
+
+
+def _check(checkpoint: HFCheckpoint, key: str, shape):
+    found = checkpoint.shape(key)
+    if tuple(found) != tuple(shape):
+        raise CheckpointError(f"shape mismatch for {key!r}: the model expects {tuple(shape)}, the checkpoint has "
+                              f"{tuple(found)}")
