@@ -27,16 +27,16 @@ def _t(a):
 # ------------------------------------------------------------------ dispatcher alone
 
 
-def _dispatch_inputs(ep, num_experts, hidden, top_k, seed=0):
+def _dispatch_inputs(ep, num_experts, hidden, top_k, seed=0, starve_last=False):
     """Per-rank (x, expert_ids, weights) with uneven token counts; expert 1 is never chosen and rank 0
-    sends nothing to the last rank's experts."""
+    sends nothing to the last rank's experts (starve_last: no rank does)."""
     g = torch.Generator().manual_seed(seed)
     per_rank = []
     for r in range(ep):
         t = 3 + 2 * r
         ids = torch.stack([torch.randperm(num_experts - 1, generator=g)[:top_k] for _ in range(t)])
         ids = torch.where(ids >= 1, ids + 1, ids)  # skip expert 1
-        if r == 0:  # nothing for the last rank's experts
+        if r == 0 or starve_last:  # nothing for the last rank's experts
             ids = ids % (num_experts - num_experts // ep)
             ids = torch.where(ids == 1, 0, ids)
             ids = torch.stack([torch.tensor([0, 2])[:top_k] if len(set(row.tolist())) < top_k else row
@@ -53,31 +53,35 @@ def _expert_fn(rows, counts, w):
     return torch.cat(outs)
 
 
-def _dispatcher_rank(rank, world, num_experts, align):
+def _dispatcher_rank(rank, world, num_experts, align, impl, starve_last):
     torch.manual_seed(0)
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
-    per_rank, weights = _dispatch_inputs(world, num_experts, 16, 2)
+    per_rank, weights = _dispatch_inputs(world, num_experts, 16, 2, starve_last=starve_last)
     x, ids, w = per_rank[rank]
     x = x.clone().requires_grad_(True)
     w = w.clone().requires_grad_(True)
     el = num_experts // world
     local_w = weights[rank * el:(rank + 1) * el].clone().requires_grad_(True)
     disp = AllToAllDispatcher(mesh.get_group(), align=align)
-    rows, counts, state = disp.dispatch(x, ids, num_experts, "torch")
+    rows, counts, state = disp.dispatch(x, ids, num_experts, impl)
     assert counts.shape == (el,)
     if align > 1:
         assert all(c % align == 0 for c in counts.tolist())
-    out = disp.combine(_expert_fn(rows, counts, local_w), w, state, "torch")
+    out = disp.combine(_expert_fn(rows, counts, local_w), w, state, impl)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(100 + rank))
     out.backward(grad_out)
     return _portable((out, x.grad, w.grad, local_w.grad))
 
 
-@pytest.mark.parametrize("world,align", [(2, 1), (4, 4)])
-def test_dispatcher_matches_local(world, align):
+@pytest.mark.parametrize("world,align,impl,starve_last", [
+    (2, 1, "torch", False), (4, 4, "torch", False), (2, 2, "triton", False), (2, 1, "torch", True),
+    (4, 2, "torch", True)])
+def test_dispatcher_matches_local(world, align, impl, starve_last):
+    if impl == "triton":
+        pytest.importorskip("triton")
     num_experts = 8
-    results = run_ranks(_dispatcher_rank, world, num_experts, align)
-    per_rank, weights = _dispatch_inputs(world, num_experts, 16, 2)
+    results = run_ranks(_dispatcher_rank, world, num_experts, align, impl, starve_last)
+    per_rank, weights = _dispatch_inputs(world, num_experts, 16, 2, starve_last=starve_last)
     x = torch.cat([p[0] for p in per_rank]).requires_grad_(True)
     ids = torch.cat([p[1] for p in per_rank])
     w = torch.cat([p[2] for p in per_rank]).requires_grad_(True)

@@ -155,21 +155,38 @@ def _pp_rank(rank, world, args, layout, schedule, n_mb, bsz):
     names = {n for part in parts for n, _ in part.named_parameters()}
     sched = build_schedule(stages, schedule, n_mb, cross_entropy_loss, local_batch_size=bsz)
     inputs, labels = _batch(args, bsz)
-    loss = pipeline_step(sched, inputs, labels)
-    return (None if loss is None else loss.item()), _grads(parts), sorted(names)
+    for _ in range(2):  # the trainer loop: zero grads, step (the first step also infers shapes)
+        for part in parts:
+            part.zero_grad(set_to_none=True)
+        loss = pipeline_step(sched, inputs, labels)
+    return (None if loss is None else loss.item()), _grads(parts), sorted(names), _loads(parts)
 
 
-def _check_against_reference(args, bsz, results, ep=1):
+def _loads(parts):
+    return {name: m.tokens_per_expert.numpy().copy() for part in parts for name, m in part.named_modules()
+            if hasattr(m, "tokens_per_expert")}
+
+
+def _check_against_reference(args, bsz, results, ep=1, steps=2):
     ref = _reference(args)
     inputs, labels = _batch(args, bsz * ep)
     loss = F.cross_entropy(ref(inputs).flatten(0, 1), labels.flatten())
     loss.backward()
+    # MoE load counters: every real token counted once per step, shape inference not at all
+    loads = {}
+    for r in results:
+        for name, load in r[3].items():
+            loads[name] = loads.get(name, 0) + load
+    want = {n: steps * m.tokens_per_expert.numpy() for n, m in ref.named_modules() if hasattr(m, "tokens_per_expert")}
+    assert loads.keys() == want.keys()
+    for name in want:
+        assert (loads[name] == want[name]).all(), (name, loads[name], want[name])
     losses = [r[0] for r in results if r[0] is not None]
     assert losses
     for value in losses:
         assert abs(value - loss.item()) <= ATOL + RTOL * abs(loss.item())
     seen = set()
-    for _, grads, _ in results:
+    for _, grads, _, _ in results:
         for name, g in grads.items():
             torch.testing.assert_close(torch.from_numpy(g), ref.get_parameter(name).grad, atol=ATOL, rtol=RTOL,
                                        msg=lambda m: f"{name}: {m}")
@@ -183,12 +200,13 @@ def _check_against_reference(args, bsz, results, ep=1):
     ("Interleaved1F1B", [1, 1, 1, 1], 2, 0.0),
     ("InterleavedZeroBubble", [1, 1, 1, 1], 4, 0.0),
     ("ZBVZeroBubble", [1, 1, 1, 1], 2, 0.01),
+    ("DualPipeV", [1, 1, 1, 1], 4, 0.0),
 ])
 def test_pp2_matches_single_process(schedule, layout, n_mb, aux):
     args, bsz = _args(aux_loss_alpha=aux), 4
     results = run_ranks(_pp_rank, 2, args, layout, schedule, n_mb, bsz)
     # stage placement: global layer keys, embed only on stage 0, lm_head only on the last stage
-    v = schedule == "ZBVZeroBubble"
+    v = schedule in ("ZBVZeroBubble", "DualPipeV")
     first_rank_layers = {n.split(".")[1] for n in results[0][2] if n.startswith("layers.")}
     want = {"0", "3"} if v else {"0", "2"} if len(layout) == 4 else {str(i) for i in range(layout[0])}
     assert first_rank_layers == want
@@ -211,13 +229,17 @@ def _pp_ep_rank(rank, world, args, layout, schedule, n_mb, bsz):
     loss = pipeline_step(sched, inputs[sl], labels[sl])
     for part in parts:
         allreduce_replicated_grads(part, mesh["ep"])
+        for m in part.modules():  # the load counters of the whole dp group, as the bias update needs
+            if hasattr(m, "tokens_per_expert"):
+                torch.distributed.all_reduce(m.tokens_per_expert, group=mesh["ep"].get_group())
     if loss is not None:
         torch.distributed.all_reduce(loss, group=mesh["ep"].get_group())
         loss = loss / 2
-    return (None if loss is None else loss.item()), _grads(parts), []
+    loads = _loads(parts) if mesh["ep"].get_local_rank() == 0 else {}
+    return (None if loss is None else loss.item()), _grads(parts), [], loads
 
 
 def test_pp2_ep2_matches_single_process():
     args, bsz = _args(), 2
     results = run_ranks(_pp_ep_rank, 4, args, [2, 2], "1F1B", 2, bsz)
-    _check_against_reference(args, bsz, results, ep=2)
+    _check_against_reference(args, bsz, results, ep=2, steps=1)

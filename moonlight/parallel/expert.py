@@ -72,7 +72,7 @@ _EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
 @dataclass
 class _A2AState:
     row_index: torch.Tensor  # [T*K] (token, choice) -> row of the expert-major send buffer
-    local_row_index: torch.Tensor  # [N_recv] received row -> row of the local-expert-grouped buffer
+    local_row_index: torch.Tensor | None  # [N_recv] (None: nothing received) received row -> row of the local-expert-grouped buffer
     send_splits: list[int]  # rows sent to each ep rank
     recv_splits: list[int]  # rows received from each ep rank
 
@@ -110,6 +110,10 @@ class AllToAllDispatcher:
 
         # 3. regroup [src rank][local expert] -> [local expert][src rank] (stable, so src-major inside)
         num_recv = sum(recv_splits)
+        if num_recv == 0:  # nothing for our experts: keep the (empty) rows in the autograd graph so that
+            # the backward all-to-alls still run here, matching the other ranks' collectives
+            empty = torch.zeros(local_experts, dtype=counts.dtype, device=counts.device)
+            return recv, empty, _A2AState(row_index, None, send_splits, recv_splits)
         local_ids = torch.arange(local_experts, device=x.device).repeat(ep).repeat_interleave(
             recv_counts, output_size=num_recv)
         grouped, local_counts, local_row_index = permute_tokens(
@@ -118,8 +122,11 @@ class AllToAllDispatcher:
 
     def combine(self, y: torch.Tensor, weights: torch.Tensor, state: _A2AState, impl: str) -> torch.Tensor:
         # undo 3: back to [src rank][local expert] order (weight 1, padding rows dropped)
-        ones = torch.ones(state.local_row_index.numel(), 1, dtype=y.dtype, device=y.device)
-        back = unpermute_tokens(y, state.local_row_index, ones, impl=impl)
+        if state.local_row_index is None:
+            back = y
+        else:
+            ones = torch.ones(state.local_row_index.numel(), 1, dtype=y.dtype, device=y.device)
+            back = unpermute_tokens(y, state.local_row_index, ones, impl=impl)
         # undo 2: send each row home
         home = funcol.all_to_all_single_autograd(back, state.send_splits, state.recv_splits, self.group)
         home = funcol.wait_tensor(home) if isinstance(home, funcol.AsyncCollectiveTensor) else home

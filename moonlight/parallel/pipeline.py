@@ -37,11 +37,19 @@ loss is normalised by, e.g. the global count of valid labels) to pipeline_step: 
 contributes sum(CE) / num_tokens and the returned loss is their sum. The MoE aux loss is attached
 inside each MoE layer (an autograd identity), so it needs nothing from the pipeline and is scaled
 the same way as the main loss.
+
+Shape inference: on its first training step (and the first after `schedule.eval`) torch runs one
+extra forward + input-backward per stage on placeholder activations to learn the shapes. Parameter
+grads are unaffected, and `pipeline_step` undoes what that forward adds to the MoE load counters
+(`tokens_per_expert`), so after a step they hold exactly the step's real tokens. With expert parallel
+these extra forwards run the all-to-alls too, on all ep ranks alike. Call `schedule.step` directly
+and the first step's counters include one extra (placeholder) microbatch per stage.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
@@ -348,6 +356,41 @@ def _local_stages(schedule) -> list:
     return list(getattr(schedule, "_stages", None) or [schedule._stage])
 
 
+_initialized_schedules: weakref.WeakSet = weakref.WeakSet()
+
+
+def _runs_metadata_inference(schedule) -> bool:
+    """Whether this step() will first run torch's stage metadata inference (first training step, and
+    the first after an eval() of the schedule)."""
+    for attr in ("_stage_backward_initialized", "_stages_backward_initialized"):
+        if hasattr(schedule, attr):
+            return not getattr(schedule, attr)
+    return schedule not in _initialized_schedules
+
+
+class _RestoreCountersOnce:
+    """Forward hook: after the module's next forward, put the MoE load counters back as they were."""
+
+    def __init__(self, module: nn.Module):
+        self.counters = [m for m in module.modules()
+                         if isinstance(getattr(m, "tokens_per_expert", None), torch.Tensor)]
+        self.saved = [m.tokens_per_expert.clone() for m in self.counters]
+        self.handle = module.register_forward_hook(self)
+
+    def __call__(self, module, args, output):
+        with torch.no_grad():
+            for m, t in zip(self.counters, self.saved):
+                m.tokens_per_expert.copy_(t)
+        self.handle.remove()
+
+
+def _discard_inference_forward(stages) -> list[_RestoreCountersOnce]:
+    """torch's metadata inference runs one real forward per stage (on placeholder activations for all
+    but the first stage) before the microbatches; undo what that forward adds to the MoE load counters
+    (`tokens_per_expert`, read by the router-bias update)."""
+    return [_RestoreCountersOnce(stage.submod) for stage in stages]
+
+
 def pipeline_step(schedule, inputs: torch.Tensor | None, labels: torch.Tensor | None,
                   is_first: bool | None = None, is_last: bool | None = None,
                   num_tokens: int | float | None = None) -> torch.Tensor | None:
@@ -366,7 +409,13 @@ def pipeline_step(schedule, inputs: torch.Tensor | None, labels: torch.Tensor | 
     kwargs = {}
     if num_tokens is not None:
         kwargs["loss_kwargs"] = {"num_tokens": num_tokens}
-    schedule.step(*args, target=labels if is_last else None, losses=losses, return_outputs=False, **kwargs)
+    hooks = _discard_inference_forward(stages) if _runs_metadata_inference(schedule) else []
+    try:
+        schedule.step(*args, target=labels if is_last else None, losses=losses, return_outputs=False, **kwargs)
+    finally:
+        for hook in hooks:
+            hook.handle.remove()  # no-op when it already fired
+    _initialized_schedules.add(schedule)
     if not is_last:
         return None
     stacked = torch.stack([loss.detach().float() for loss in losses])
