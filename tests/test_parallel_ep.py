@@ -7,7 +7,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from moonlight.config import ModelArgs
-from moonlight.model.model import LocalDispatcher, Moonlight, grouped_swiglu
+from moonlight.model.model import LocalDispatcher, Moonlight
 from moonlight.parallel.expert import (AllToAllDispatcher, allreduce_replicated_grads, apply_expert_parallel,
                                        expert_parameters)
 from tests.dist import run_ranks

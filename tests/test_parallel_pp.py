@@ -239,7 +239,8 @@ def _pp_ep_rank(rank, world, args, layout, schedule, n_mb, bsz):
     return (None if loss is None else loss.item()), _grads(parts), [], loads
 
 
-def test_pp2_ep2_matches_single_process():
+@pytest.mark.parametrize("schedule,layout", [("1F1B", [2, 2]), ("ZBVZeroBubble", [1, 1, 1, 1])])
+def test_pp2_ep2_matches_single_process(schedule, layout):
     args, bsz = _args(), 2
-    results = run_ranks(_pp_ep_rank, 4, args, [2, 2], "1F1B", 2, bsz)
+    results = run_ranks(_pp_ep_rank, 4, args, layout, schedule, 2, bsz)
     _check_against_reference(args, bsz, results, ep=2, steps=1)

@@ -62,7 +62,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from kernels import permute_tokens, unpermute_tokens
-from moonlight.model.model import GroupedExperts, LocalDispatcher
+from moonlight.model.model import GroupedExperts
 
 __all__ = ["AllToAllDispatcher", "apply_expert_parallel", "expert_parameters", "allreduce_replicated_grads"]
 
@@ -72,7 +72,7 @@ _EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
 @dataclass
 class _A2AState:
     row_index: torch.Tensor  # [T*K] (token, choice) -> row of the expert-major send buffer
-    local_row_index: torch.Tensor | None  # [N_recv] (None: nothing received) received row -> row of the local-expert-grouped buffer
+    local_row_index: torch.Tensor | None  # [N_recv] received row -> grouped row; None: nothing received
     send_splits: list[int]  # rows sent to each ep rank
     recv_splits: list[int]  # rows received from each ep rank
 
@@ -216,8 +216,3 @@ def allreduce_replicated_grads(model: nn.Module, dp_mesh: DeviceMesh | None,
             for g in grads:
                 g.mul_(scale)
 
-
-def restore_local_dispatch(model: nn.Module) -> None:
-    """Put LocalDispatcher back (for single-rank evaluation of a model whose experts are full again)."""
-    for experts in _grouped_experts(model):
-        experts.dispatcher = LocalDispatcher(getattr(experts.dispatcher, "align", 1))
