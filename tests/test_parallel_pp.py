@@ -147,18 +147,20 @@ def _grads(parts):
     return out
 
 
-def _pp_rank(rank, world, args, layout, schedule, n_mb, bsz):
+def _pp_rank(rank, world, args, layout, schedule, n_mb, bsz, token_sum=False):
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("pp",))
     state = _reference(args).state_dict()
     stages, parts = build_pipeline_stages(args, layout, mesh, "cpu", schedule=schedule,
                                           parallelize_fn=_loader(state))
     names = {n for part in parts for n, _ in part.named_parameters()}
-    sched = build_schedule(stages, schedule, n_mb, cross_entropy_loss, local_batch_size=bsz)
+    sched = build_schedule(stages, schedule, n_mb, cross_entropy_loss, local_batch_size=bsz,
+                           scale_grads=not token_sum)
     inputs, labels = _batch(args, bsz)
+    num_tokens = labels.numel() if token_sum else None  # sum(CE) / tokens, no 1/n_microbatches
     for _ in range(2):  # the trainer loop: zero grads, step (the first step also infers shapes)
         for part in parts:
             part.zero_grad(set_to_none=True)
-        loss = pipeline_step(sched, inputs, labels)
+        loss = pipeline_step(sched, inputs, labels, num_tokens=num_tokens)
     return (None if loss is None else loss.item()), _grads(parts), sorted(names), _loads(parts)
 
 
@@ -192,6 +194,12 @@ def _check_against_reference(args, bsz, results, ep=1, steps=2):
                                        msg=lambda m: f"{name}: {m}")
             seen.add(name)
     assert seen == {n for n, _ in ref.named_parameters()}
+
+
+def test_pp2_token_sum_loss_without_grad_scaling():
+    args, bsz = _args(), 4
+    results = run_ranks(_pp_rank, 2, args, [2, 2], "1F1B", 4, bsz, True)
+    _check_against_reference(args, bsz, results)
 
 
 @pytest.mark.parametrize("schedule,layout,n_mb,aux", [
