@@ -95,28 +95,89 @@ def _step_worker(rank, world_size, layout, sequence_parallel, ac_mode):
     return float(global_loss)
 
 
-LAYOUTS = {
-    "tp2": (2, dict(tp=2), False),
-    "tp2_sp": (2, dict(tp=2), True),
-    "fsdp2": (2, dict(dp_shard=2), False),
-    "hsdp2x2": (4, dict(dp_replicate=2, dp_shard=2), False),
-    "fsdp2_tp2_sp": (4, dict(dp_shard=2, tp=2), True),
-}
+def _cases_worker(rank, world_size, cases):
+    for name, layout, sequence_parallel, ac_mode in cases:
+        try:
+            _step_worker(rank, world_size, layout, sequence_parallel, ac_mode)
+        except AssertionError as e:
+            raise AssertionError(f"layout {name} ({layout}, sequence_parallel={sequence_parallel}, "
+                                 f"ac_mode={ac_mode}): {e}") from None
 
 
-@pytest.mark.parametrize("name", list(LAYOUTS))
-def test_one_step_matches_single_process(name):
-    world, layout, sp = LAYOUTS[name]
-    run_ranks(_step_worker, world, layout, sp, "none")
+@pytest.fixture(scope="module", autouse=True)
+def _warm_parent():
+    """One single-process step in the parent before forking: the ranks inherit the lazily imported
+    modules and first-call initialisation instead of each paying for it."""
+    import moonlight.parallel  # noqa: F401
+    import moonlight.parallel.expert  # noqa: F401
+
+    ref, inputs, labels = _reference()
+    _reference_step(ref, inputs, labels)
 
 
-@pytest.mark.parametrize("ac_mode", ["full", "selective"])
-def test_activation_checkpointing_same_grads(ac_mode):
-    run_ranks(_step_worker, 4, dict(dp_shard=2, tp=2), True, ac_mode)
+# Several layouts per forked run: each run pays the process start once (2 cores, 4 ranks).
+def test_tp_sp_fsdp_two_ranks():
+    run_ranks(_cases_worker, 2, [("tp2", dict(tp=2), False, "none"),
+                                 ("tp2_sp", dict(tp=2), True, "none"),
+                                 ("fsdp2", dict(dp_shard=2), False, "none")])
 
 
-def test_fsdp_tp_without_sequence_parallel():
-    run_ranks(_step_worker, 4, dict(dp_shard=2, tp=2), False, "full")
+def test_hsdp_and_fsdp_x_tp_four_ranks():
+    run_ranks(_cases_worker, 4, [("hsdp2x2", dict(dp_replicate=2, dp_shard=2), False, "none"),
+                                 ("fsdp2_tp2_sp", dict(dp_shard=2, tp=2), True, "none"),
+                                 ("fsdp2_tp2", dict(dp_shard=2, tp=2), False, "none")])
+
+
+def test_activation_checkpointing_same_grads():
+    run_ranks(_cases_worker, 4, [("fsdp2_tp2_sp_ac_full", dict(dp_shard=2, tp=2), True, "full"),
+                                 ("fsdp2_tp2_sp_ac_selective", dict(dp_shard=2, tp=2), True, "selective"),
+                                 ("hsdp2x2_ac_full", dict(dp_replicate=2, dp_shard=2), False, "full")])
+
+
+def test_expert_parallel_with_fsdp_hsdp_tp():
+    """EP (moonlight.parallel.expert) composed with FSDP (experts over dp_shard_mod_ep), HSDP and TP."""
+    run_ranks(_cases_worker, 4, [("fsdp4_ep2", dict(dp_shard=4, ep=2), False, "none"),
+                                 ("fsdp4_ep4_ac_full", dict(dp_shard=4, ep=4), False, "full"),
+                                 ("hsdp2x2_ep2", dict(dp_replicate=2, dp_shard=2, ep=2), False, "none"),
+                                 ("fsdp2_ep2_tp2_sp", dict(dp_shard=2, ep=2, tp=2), True, "none")])
+
+
+def _stages_worker(rank, world_size, layout, sequence_parallel):
+    """Two pipeline-stage modules (stage 0: embed + layers 0-1; stage 1: layer 2 + norm + lm_head),
+    parallelized separately and chained on the same ranks: same loss and gradients as one model."""
+    from moonlight.parallel import ParallelDims, build_mesh, cross_entropy_loss, parallelize_model
+
+    ref, inputs, labels = _reference()
+    first, last = copy.deepcopy(ref), copy.deepcopy(ref)
+    ref_loss, ref_grads, _ = _reference_step(ref, inputs, labels)
+    first.norm = first.lm_head = None
+    del first.layers["2"]
+    last.embed = None
+    del last.layers["0"], last.layers["1"]
+    dims = ParallelDims(world_size=world_size, **layout)
+    mesh = build_mesh(dims, "cpu")
+    for stage in (first, last):
+        parallelize_model(stage, dims, mesh, sequence_parallel=sequence_parallel, ac_mode="selective")
+    per = GLOBAL_BATCH // mesh.dp_size
+    sl = slice(mesh.dp_rank * per, (mesh.dp_rank + 1) * per)
+    hidden = first(inputs[sl])
+    seq = SEQ // dims.tp if sequence_parallel else SEQ
+    assert type(hidden) is torch.Tensor and hidden.shape == (per, seq, ref.args.hidden_size), hidden.shape
+    sent = hidden.detach().requires_grad_()  # what a pipeline send/recv does
+    loss = cross_entropy_loss(last(sent), labels[sl])
+    loss.backward()
+    hidden.backward(sent.grad)
+    global_loss = loss.detach().clone()
+    dist.all_reduce(global_loss, group=mesh["dp"].get_group())
+    torch.testing.assert_close(global_loss / mesh.dp_size, ref_loss, atol=ATOL, rtol=RTOL)
+    for stage in (first, last):
+        for name, p in stage.named_parameters():
+            torch.testing.assert_close(_full(p.grad), ref_grads[name], atol=ATOL, rtol=RTOL,
+                                       msg=lambda m: f"{name}: {m}")
+
+
+def test_pipeline_stage_modules():
+    run_ranks(_stages_worker, 4, dict(dp_shard=2, tp=2), True)
 
 
 def test_activation_checkpointing_single_process():

@@ -112,7 +112,10 @@ def apply_fsdp(model: nn.Module, mesh, *, param_dtype: str | torch.dtype = "floa
                         shard_placement_fn=placement)
             # Each expert's gradient sums the tokens of its ep data shards; average over all dp shards.
             experts.set_gradient_divide_factor(float(dims.dp))
-            experts.set_force_sum_reduction_for_comms(True)
+            if efsdp > 1:
+                # Plain SUM collectives + one division (gloo has no PREMUL_SUM). Not with a size-1 shard
+                # group: torch 2.13's FSDP2 then divides by the factor twice (copy path + post-divide).
+                experts.set_force_sum_reduction_for_comms(True)
         fully_shard(block, mesh=dense_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=dense_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     return model
