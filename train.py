@@ -1,5 +1,6 @@
 """Train Moonlight: `torchrun --nproc_per_node=N train.py --config train.toml [--section.key=value ...]`."""
 
+import os
 import sys
 
 import torch.distributed as dist
@@ -12,7 +13,8 @@ def main(argv: list[str]) -> int:
     try:
         Trainer(parse_args(argv)).train()
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank reads the same config: report it once
+            print(f"config error: {e}", file=sys.stderr)
         return 2
     finally:
         if dist.is_initialized():

@@ -4,7 +4,6 @@ reduce losses and expert counts."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ class Layout:
     dp_world: int = 1
     pipeline: object | None = None  # has .step(inputs, labels) -> loss on the last stage, else None
     loss_fn: Callable = cross_entropy_loss
-    loss_context: Callable = contextlib.nullcontext
+    microbatches_per_step: int = 1  # pipeline micro-batches per forward/backward call
     pp_group: dist.ProcessGroup | None = None
     moe_count_group: dist.ProcessGroup | None = None  # every rank that routes tokens through the same layers
     holds_loss: bool = True  # this rank's loss counts once in the reported mean (last stage, tp rank 0)

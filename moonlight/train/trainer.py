@@ -87,9 +87,10 @@ class Trainer:
             raise ConfigError(f"training.global_batch_size={t.global_batch_size} is not a multiple of local_batch_size "
                               f"x data-parallel ranks = {t.local_batch_size} x {dp_world}")
         self.grad_accum = t.global_batch_size // per_call
+        self.n_forwards = n_forwards = self.grad_accum * self.parallel.microbatches_per_step
         for part in self.model_parts:
-            for moe in part.moe_layers():  # each micro-batch's aux loss adds its gradient: average them
-                moe.aux_loss_coeff = cfg.moe.aux_loss_coeff / self.grad_accum
+            for moe in part.moe_layers():  # every forward's aux loss adds its gradient: average them
+                moe.aux_loss_coeff = cfg.moe.aux_loss_coeff / n_forwards
 
         params = [(n, p) for part in self.model_parts for n, p in part.named_parameters()]
         o = cfg.optimizer
@@ -168,15 +169,13 @@ class Trainer:
             inputs, labels = self.dataloader.next_batch()
             inputs, labels = inputs.to(self.device), labels.to(self.device)
             self._last_inputs = inputs
-            if self.parallel.pipeline is not None:
+            if self.parallel.pipeline is not None:  # its losses are already scaled per optimizer step
                 loss = self.parallel.pipeline.step(inputs, labels)
                 if loss is not None:
-                    total += loss.detach() / self.grad_accum
+                    total += loss.detach()
                 continue
-            with self.parallel.loss_context():
-                logits = self.model_parts[0](inputs)
-                loss = self.parallel.loss_fn(logits, labels) / self.grad_accum
-                loss.backward()
+            loss = self.parallel.loss_fn(self.model_parts[0](inputs), labels) / self.grad_accum
+            loss.backward()
             total += loss.detach()
         return total
 
@@ -245,7 +244,7 @@ class Trainer:
             values["expert_load"] = [round(float(x), 3) for x in imbalance]
             aux = [m.last_aux_loss for m in moe_layers if m.last_aux_loss is not None]
             if aux:
-                values["aux_loss"] = float(sum(aux)) * self.grad_accum
+                values["aux_loss"] = float(sum(aux)) * self.n_forwards
         return values
 
     def _handle_nonfinite(self, loss: float, grad_norm: float):
