@@ -105,8 +105,9 @@ def _total_bytes(path):
     return sum(ck.get(k).numel() * ck.get(k).element_size() for k in ck.key_to_file)
 
 
-@pytest.mark.parametrize("layout,sp", [(dict(dp_shard=2, tp=2), True), (dict(dp_shard=4), False)],
-                         ids=["fsdp2_tp2_sp", "fsdp4"])
+@pytest.mark.parametrize("layout,sp", [(dict(dp_shard=2, tp=2), True), (dict(dp_shard=4), False),
+                                       (dict(dp_shard=4, ep=2), False)],
+                         ids=["fsdp2_tp2_sp", "fsdp4", "fsdp4_ep2"])
 def test_each_rank_reads_only_its_shards(hf_dir, layout, sp):
     args = _args()
     results = run_ranks(_load_worker, 4, hf_dir, layout, sp)
@@ -125,7 +126,7 @@ def test_each_rank_reads_only_its_shards(hf_dir, layout, sp):
         for r in results:
             assert r["bytes_read"] <= (total - bias_bytes) / 4 + bias_bytes + 1024, (r, total)
         assert sum(r["bytes_read"] for r in results) == pytest.approx(total + 3 * bias_bytes, rel=0.01)
-        # 8 experts over 4 FSDP ranks: each rank opens only 2 of every layer's 8 expert keys per matrix
+        # 8 experts over 4 ranks (FSDP rows, or EP 2 x FSDP 2): each rank opens 2 of the 8 expert keys
         n_moe = args.num_hidden_layers - args.first_k_dense_replace
         expert_keys = n_moe * 3 * args.n_routed_experts // 4
         other_keys = 3 + 7 * args.num_hidden_layers + args.first_k_dense_replace * 3 + n_moe * 5

@@ -5,7 +5,8 @@ lm_head), over ``mesh["fsdp"]`` (``dp_shard``; ``(dp_replicate, dp_shard)`` for 
 parallel the routed experts (``block.ffn.experts``, already ``Shard(0)`` on ``mesh["ep"]``) get
 their own unit over ``mesh["expert_fsdp"]`` (``dp_shard // ep`` [x ``dp_replicate``]) and their
 gradients are divided by the full data-parallel degree (each expert's gradient sums the tokens of
-``ep`` data shards, see `moonlight.parallel.mesh`).
+``ep`` data shards, see `moonlight.parallel.mesh`). With a low-precision ``param_dtype`` each
+MoE router is its own fp32 unit (routing is decided in fp32, like the reference's fp32 gate).
 
 Activation checkpointing (``ac_mode``):
 - ``"none"``.
@@ -116,6 +117,11 @@ def apply_fsdp(model: nn.Module, mesh, *, param_dtype: str | torch.dtype = "floa
                 # Plain SUM collectives + one division (gloo has no PREMUL_SUM). Not with a size-1 shard
                 # group: torch 2.13's FSDP2 then divides by the factor twice (copy path + post-divide).
                 experts.set_force_sum_reduction_for_comms(True)
+        if isinstance(block.ffn, MoE) and mp.param_dtype not in (None, torch.float32):
+            # Routing is decided in fp32 (as the reference keeps gate.weight fp32 in a bf16 model):
+            # gather the router weight in fp32, reduce its gradient in fp32.
+            fully_shard(block.ffn.router, mesh=dense_mesh, reshard_after_forward=reshard_after_forward,
+                        mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32))
         fully_shard(block, mesh=dense_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=dense_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     return model
