@@ -133,6 +133,11 @@ def test_each_rank_reads_only_its_shards(hf_dir, layout, sp):
         assert all(r["keys"] == expert_keys + other_keys for r in results), results
 
 
+def test_uneven_fsdp_shards(hf_dir):
+    """dp_shard=3: hidden 128, vocab 320 and the expert count do not split evenly (FSDP pads)."""
+    run_ranks(_load_worker, 3, hf_dir, dict(dp_shard=3), False)
+
+
 def test_shape_mismatch_is_rejected(hf_dir):
     from moonlight.convert import CheckpointError
     from moonlight.model import Moonlight
