@@ -73,8 +73,14 @@ class MLA(nn.Module):
         kv = self.kv_b_proj(self.kv_norm(latent)).view(bsz, seqlen, -1, a.qk_nope_head_dim + a.v_head_dim)
         k_nope, v = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)
         k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, k_nope.shape[2], -1)], dim=-1)
+        # Fused (flash) SDPA kernels want one head size for q, k and v: pad v with zero channels and
+        # drop them after (the math fallback for unequal sizes is ~3x slower on CPU).
+        v_pad = a.qk_head_dim - a.v_head_dim
+        if v_pad > 0:
+            v = F.pad(v, (0, v_pad))
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              is_causal=True, scale=self.softmax_scale)
+        out = out[..., : a.v_head_dim] if v_pad > 0 else out
         return self.o_proj(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
