@@ -269,3 +269,8 @@ def save_hf(model: Moonlight, path: str | os.PathLike, max_shard_size: int | str
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+if __name__ == "__main__":  # python -m moonlight.convert hf-to-dcp | dcp-to-hf (see moonlight/convert_cli.py)
+    from moonlight.convert_cli import main
+    main()

@@ -622,6 +622,23 @@ class Checkpointer:
     def _rank_state(self) -> dict[str, Any]:
         return {"rng": _rng_state(), "extra": {k: v.state_dict() for k, v in self.extra_states.items()}}
 
+    def _warn_diverged_replicas(self, sd: dict[str, Any]) -> None:
+        """Plain (non-DTensor) tensors are saved from one rank only (DCP deduplicates by key): warn when
+        ranks disagree on them, e.g. router biases updated from loads that were not all-reduced."""
+        if _world() == 1:
+            return
+        sums = {k: (float(v.double().sum()), float(v.double().abs().sum())) for k, v in sd.items()
+                if isinstance(v, torch.Tensor) and not hasattr(v, "to_local")}
+        seen: dict[str, tuple] = {}
+        bad = set()
+        for theirs in _all_gather_object(sums):
+            for k, v in theirs.items():
+                if seen.setdefault(k, v) != v:
+                    bad.add(k)
+        if bad and _rank() == 0:
+            logger.error("checkpoint: replicated tensors differ across ranks; rank 0's copy is saved: %s",
+                         sorted(bad)[:10])
+
     def _nonfinite_params(self) -> list[str]:
         names, flags = [], []
         for part in self.model_parts:
@@ -677,6 +694,7 @@ class Checkpointer:
         disk_full = False
         try:
             state = {"model": self._model_sd()}
+            self._warn_diverged_replicas(state["model"])
             if self._optim_list:
                 state["optimizer"] = self._optim_sd()
             _dcp_save(state, tmp)

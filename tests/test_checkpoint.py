@@ -1,0 +1,469 @@
+"""Checkpointer: round trips, atomicity under SIGKILL and disk-full, retention, clear errors,
+resharding between FSDP2 / pipeline-like layouts and one plain process, HF import/export."""
+
+import errno
+import multiprocessing as mp
+import os
+import signal
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from moonlight import ModelArgs, Moonlight
+from moonlight.train.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    CheckpointSaveError,
+    list_checkpoints,
+    read_meta,
+)
+from moonlight.train.config import CheckpointSection
+from moonlight.train.optim import build_lr_scheduler, build_optimizers
+from tests.dist import run_ranks
+
+ARGS = ModelArgs.preset("debug", kernels="torch")
+STEPS = 8
+
+
+class FakeLoader:
+    def __init__(self):
+        self.consumed = 0
+
+    def state_dict(self):
+        return {"consumed_sequences": self.consumed}
+
+    def load_state_dict(self, s):
+        self.consumed = int(s["consumed_sequences"])
+
+
+class Counter:  # an extra_states entry
+    def __init__(self, n=0):
+        self.n = n
+
+    def state_dict(self):
+        return {"n": self.n}
+
+    def load_state_dict(self, s):
+        self.n = s["n"]
+
+
+def build(optim="adamw", seed=0, args=ARGS):
+    torch.manual_seed(seed)
+    model = Moonlight(args)
+    model.init_weights()
+    return (model,) + build_opt(model, optim)
+
+
+def build_opt(model, optim="adamw"):
+    opts = build_optimizers(model.named_parameters(), optim, lr=1e-2, ns_dtype=torch.float32)
+    return opts, build_lr_scheduler(opts, warmup_steps=2, total_steps=STEPS)
+
+
+def train(model, opts, scheds, loader, steps, seed=1):
+    g = torch.Generator().manual_seed(seed)  # data: differs per data-parallel rank
+    gb = torch.Generator().manual_seed(123)  # bias update: from all-reduced loads, the same on every rank
+    for _ in range(steps):
+        tokens = torch.randint(0, ARGS.vocab_size, (2, 17), generator=g)
+        logits = model(tokens[:, :-1])
+        F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten()).backward()
+        opts.step()
+        opts.zero_grad()
+        scheds.step()
+        if loader is not None:
+            loader.consumed += 4
+        with torch.no_grad():  # stand-in for the aux-loss-free bias update
+            for moe in model.moe_layers():
+                moe.router.expert_bias.add_(torch.randn(moe.router.expert_bias.shape, generator=gb) * 1e-2)
+
+
+def cfg(**kw):
+    return CheckpointSection(enable=True, **{"interval": 1, "keep_latest_k": 0, **kw})
+
+
+def full_sd(model):
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+            for k, v in model.state_dict().items()}
+
+
+def flat_optim(model, opts):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    sd = get_optimizer_state_dict(model, opts.optimizers,
+                                  options=StateDictOptions(flatten_optimizer_state_dict=True))
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in sd.items()}
+
+
+def assert_sd_equal(a, b):
+    assert set(a) == set(b), (set(a) ^ set(b))
+    for k in a:
+        if isinstance(a[k], torch.Tensor):
+            assert torch.equal(a[k], b[k]), k
+        else:
+            assert a[k] == b[k], k
+
+
+# --------------------------------------------------------------------------------- one process
+
+
+@pytest.mark.parametrize("optim", ["muon", "adamw"])
+def test_round_trip_restores_everything(tmp_path, optim):
+    model, opts, scheds = build(optim)
+    loader, extra = FakeLoader(), Counter(7)
+    train(model, opts, scheds, loader, 2)
+    ck = Checkpointer(cfg(), tmp_path, [model], opts, scheds, loader, {"counter": extra})
+    assert ck.save(2)
+    after_save = torch.rand(4)  # what the RNG gives right after the save
+    meta = read_meta(str(tmp_path / "checkpoint" / "step-2"))
+    assert meta["step"] == 2 and meta["model_args"]["hidden_size"] == ARGS.hidden_size
+    assert "model.layers.1.ffn.router.expert_bias" in _stored_keys(tmp_path / "checkpoint" / "step-2")
+
+    model2, opts2, scheds2 = build(optim, seed=5)
+    loader2, extra2 = FakeLoader(), Counter()
+    ck2 = Checkpointer(cfg(), tmp_path, [model2], opts2, scheds2, loader2, {"counter": extra2})
+    assert ck2.load() == 2
+    assert torch.equal(torch.rand(4), after_save)
+    assert_sd_equal(full_sd(model), full_sd(model2))
+    assert_sd_equal(flat_optim(model, opts), flat_optim(model2, opts2))
+    assert scheds2.last_epoch == scheds.last_epoch and scheds2.get_last_lr() == scheds.get_last_lr()
+    assert loader2.consumed == loader.consumed == 8 and extra2.n == 7
+    # continuing gives bit-identical weights
+    train(model, opts, scheds, None, 1, seed=9)
+    train(model2, opts2, scheds2, None, 1, seed=9)
+    assert_sd_equal(full_sd(model), full_sd(model2))
+
+
+def _stored_keys(path):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return set(FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+
+
+def test_interval_force_keep_latest_k_and_missing_step(tmp_path):
+    model, opts, scheds = build()
+    train(model, opts, scheds, None, 1)
+    ck = Checkpointer(cfg(interval=2, keep_latest_k=2), tmp_path, [model], opts, scheds, None)
+    assert [ck.save(s) for s in (1, 2, 3, 4, 6)] == [False, True, False, True, True]
+    assert list(list_checkpoints(tmp_path / "checkpoint")) == [4, 6]
+    assert ck.save(7, force=True) and not ck.save(7, force=True)  # the same step is not written twice
+    assert list(list_checkpoints(tmp_path / "checkpoint")) == [6, 7]
+    fresh = Checkpointer(cfg(), tmp_path, [build()[0]], None, None, None)
+    assert fresh.load() == 7 and fresh.load(6) == 6
+    with pytest.raises(CheckpointError, match=r"step 4 not found.*available steps: \[6, 7\]"):
+        fresh.load(4)
+    empty = Checkpointer(cfg(folder="other"), tmp_path, [model], opts, scheds, None)
+    assert empty.load() == 0  # nothing to resume
+    with pytest.raises(CheckpointError, match="available steps: none"):
+        empty.load(3)
+
+
+def test_partial_directories_are_ignored_and_named(tmp_path):
+    model, opts, scheds = build()
+    train(model, opts, scheds, None, 1)
+    ck = Checkpointer(cfg(), tmp_path, [model], opts, scheds, None)
+    ck.save(2)
+    folder = tmp_path / "checkpoint"
+    (folder / "step-5.tmp").mkdir()
+    (folder / "step-5.tmp" / "__0_0.distcp").write_bytes(b"half")
+    (folder / "step-4").mkdir()  # copied by hand without its marker
+    (folder / "step-4" / ".metadata").write_bytes(b"x")
+    assert list(list_checkpoints(folder)) == [2]
+    assert Checkpointer(cfg(), tmp_path, [build()[0]], None, None, None).load() == 2
+    with pytest.raises(CheckpointError, match="step-5.tmp is an incomplete save"):
+        ck.load(5)
+    with pytest.raises(CheckpointError, match="step-4 is incomplete"):
+        ck.load(4)
+    ck.save(3)  # the next save cleans up leftovers
+    assert sorted(os.listdir(folder)) == ["step-2", "step-3"]
+
+
+def test_mismatched_model_args_are_named(tmp_path):
+    model, opts, scheds = build()
+    train(model, opts, scheds, None, 1)
+    Checkpointer(cfg(), tmp_path, [model], opts, scheds, None).save(40)
+    other = build(args=ModelArgs.preset("debug", kernels="torch", hidden_size=256))
+    ck = Checkpointer(cfg(), tmp_path, [other[0]], other[1], other[2], None)
+    with pytest.raises(CheckpointError, match="checkpoint step-40 .*was saved for hidden_size=128 but this run has "
+                                              "hidden_size=256"):
+        ck.load()
+    # an implementation knob (kernels) is not a mismatch
+    same = build(args=ModelArgs.preset("debug", kernels="auto"))
+    assert Checkpointer(cfg(), tmp_path, [same[0]], same[1], same[2], None).load() == 40
+
+
+def test_disk_full_fails_loudly_and_keeps_previous(tmp_path, monkeypatch):
+    import torch.distributed.checkpoint.filesystem as fs
+
+    model, opts, scheds = build()
+    train(model, opts, scheds, None, 1)
+    ck = Checkpointer(cfg(), tmp_path, [model], opts, scheds, None)
+    ck.save(2)
+    expected = full_sd(model)
+    train(model, opts, scheds, None, 1)
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fs, "_write_item", full)
+    with pytest.raises(CheckpointSaveError, match=r"step-4 failed \(disk full\).*step-2 is intact"):
+        ck.save(4)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path / "checkpoint")) == ["step-2"]
+    fresh = build()
+    assert Checkpointer(cfg(), tmp_path, [fresh[0]], fresh[1], fresh[2], None).load() == 2
+    assert_sd_equal(full_sd(fresh[0]), expected)
+    assert ck.save(4)  # works again once there is space
+
+
+def test_nonfinite_weights_are_not_saved(tmp_path):
+    model, opts, scheds = build()
+    train(model, opts, scheds, None, 1)
+    ck = Checkpointer(cfg(), tmp_path, [model], opts, scheds, None)
+    ck.save(2)
+    with torch.no_grad():
+        model.layers["1"].attn.o_proj.weight[0, 0] = float("nan")
+    with pytest.raises(CheckpointSaveError, match="non-finite.*layers.1.attn.o_proj.weight"):
+        ck.save(3)
+    assert list(list_checkpoints(tmp_path / "checkpoint")) == [2]
+
+
+def _slow_save_child(folder):
+    import torch.distributed.checkpoint.filesystem as fs
+
+    torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP pool
+
+    real = fs._write_item
+
+    def slow(*a, **k):
+        time.sleep(0.05)
+        return real(*a, **k)
+
+    fs._write_item = slow
+    model, opts, scheds = build()
+    train(model, opts, scheds, None, 1)
+    Checkpointer(cfg(), folder, [model], opts, scheds, None).save(4)
+    os._exit(0)
+
+
+def test_sigkill_during_save_leaves_previous_checkpoint_latest(tmp_path):
+    model, opts, scheds = build()
+    train(model, opts, scheds, None, 1)
+    Checkpointer(cfg(), tmp_path, [model], opts, scheds, None).save(2)
+    expected = full_sd(model)
+    child = mp.get_context("fork").Process(target=_slow_save_child, args=(tmp_path,))
+    child.start()
+    tmp = tmp_path / "checkpoint" / "step-4.tmp"
+    deadline = time.time() + 120
+    while not (tmp.exists() and any(n.endswith(".distcp") for n in os.listdir(tmp))):
+        assert time.time() < deadline and child.is_alive(), "the child never started writing"
+        time.sleep(0.02)
+    os.kill(child.pid, signal.SIGKILL)
+    child.join()
+    assert child.exitcode == -signal.SIGKILL
+    assert tmp.exists() and not (tmp_path / "checkpoint" / "step-4").exists()
+    fresh = build(seed=3)
+    ck = Checkpointer(cfg(), tmp_path, [fresh[0]], fresh[1], fresh[2], None)
+    assert ck.load() == 2
+    assert_sd_equal(full_sd(fresh[0]), expected)
+    ck.save(3)
+    assert sorted(os.listdir(tmp_path / "checkpoint")) == ["step-2", "step-3"]
+
+
+def test_hf_export_loads_in_transformers_with_same_logits(tmp_path):
+    import transformers
+
+    model, opts, scheds = build()
+    train(model, opts, scheds, None, 2)
+    ck = Checkpointer(cfg(interval=100, export_hf="end"), tmp_path, [model], opts, scheds, None)
+    assert ck.save(2, force=True)
+    path = tmp_path / "hf" / "step-2"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokens = torch.randint(0, ARGS.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), hf(tokens).logits, atol=1e-4, rtol=1e-3)
+
+    # initial_load_hf: a fresh run starts from the export; a run with a checkpoint ignores it
+    fresh = build(seed=4)
+    ck2 = Checkpointer(cfg(folder="run2", initial_load_hf=str(path)), tmp_path, [fresh[0]], fresh[1], fresh[2], None)
+    assert ck2.load() == 0 and ck2.maybe_initial_load_hf()
+    assert_sd_equal(full_sd(fresh[0]), full_sd(model))
+    ck3 = Checkpointer(cfg(initial_load_hf=str(path)), tmp_path, [fresh[0]], fresh[1], fresh[2], None)
+    assert not ck3.maybe_initial_load_hf()
+    bad = Checkpointer(cfg(folder="run3", initial_load_hf=str(tmp_path / "nope")), tmp_path, [fresh[0]], None, None,
+                       None)
+    with pytest.raises(CheckpointError, match="nope does not exist"):
+        bad.maybe_initial_load_hf()
+
+
+def test_two_pipeline_parts_in_one_process(tmp_path):
+    """Virtual stages: two model parts with global layer keys and one optimizer container over both."""
+    ref, _, _ = build()
+    parts = _split(ref, [(0, 2), (2, 4)])
+    opts, scheds = build_opt_parts(parts)
+    _fake_step(parts, opts)
+    ck = Checkpointer(cfg(), tmp_path, parts, opts, scheds, None)
+    ck.save(1)
+    plain = build(seed=7)
+    assert Checkpointer(cfg(), tmp_path, [plain[0]], plain[1], plain[2], None).load() == 1
+    assert_sd_equal(full_sd(plain[0]), {k: v for p in parts for k, v in full_sd(p).items()})
+    ck.export_hf(path=tmp_path / "hf")
+    assert os.path.exists(tmp_path / "hf" / "config.json")
+
+
+def _split(model, ranges):
+    """Pipeline-stage copies of `model` holding layers [a, b) (embedding first, head last)."""
+    import copy
+
+    parts = []
+    for i, (a, b) in enumerate(ranges):
+        p = copy.deepcopy(model)
+        for k in list(p.layers):
+            if not a <= int(k) < b:
+                del p.layers[k]
+        if i > 0:
+            p.embed = None
+        if i < len(ranges) - 1:
+            p.norm = p.lm_head = None
+        parts.append(p)
+    return parts
+
+
+def build_opt_parts(parts):
+    from moonlight.train.optim import build_optimizers
+
+    named = [(n, p) for part in parts for n, p in part.named_parameters()]
+    opts = build_optimizers(named, "adamw", lr=1e-2)
+    return opts, build_lr_scheduler(opts, warmup_steps=2, total_steps=STEPS)
+
+
+def _fake_step(parts, opts, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for part in parts:
+        for p in part.parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            grad = torch.randn(local.shape, generator=g)
+            if hasattr(p, "to_local"):
+                from torch.distributed.tensor import DTensor
+
+                p.grad = DTensor.from_local(grad, p.device_mesh, p.placements, run_check=False)
+            else:
+                p.grad = grad
+    opts.step()
+    opts.zero_grad()
+
+
+# ---------------------------------------------------------------------------------- multi-rank
+
+
+def _pack(obj):
+    """Tensors cross the harness queue as bytes (torch's shared-memory pickling needs the sender alive)."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _unpack(results):
+    import io
+
+    return [torch.load(io.BytesIO(r), weights_only=False) for r in results]
+
+
+def _fsdp(model):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for block in model.layers.values():
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _fsdp_save_worker(rank, world, folder):
+    model = _fsdp(build()[0])
+    opts, scheds = build_opt(model)
+    loader = FakeLoader()
+    train(model, opts, scheds, loader, 2, seed=1 + rank)  # different data per rank, as in DP
+    Checkpointer(cfg(), folder, [model], opts, scheds, loader, layout={"dp_shard": world}).save(2)
+    return _pack((full_sd(model), flat_optim(model, opts), torch.rand(3)))
+
+
+def _fsdp_load_worker(rank, world, folder, hf_out, hf_in):
+    model = _fsdp(build(seed=11)[0])
+    opts, scheds = build_opt(model)
+    loader = FakeLoader()
+    ck = Checkpointer(cfg(), folder, [model], opts, scheds, loader)
+    step = ck.load()
+    out = dict(step=step, model=full_sd(model), optim=flat_optim(model, opts), rand=torch.rand(3),
+               consumed=loader.consumed, lr=scheds.get_last_lr())
+    ck.export_hf(path=hf_out)
+    # initial HF load into sharded parameters (the DTensor-slicing fallback)
+    fresh = _fsdp(build(seed=12)[0])
+    Checkpointer(cfg(folder="fresh", initial_load_hf=hf_in), folder, [fresh], None, None, None).maybe_initial_load_hf()
+    out["hf_loaded"] = full_sd(fresh)
+    return _pack(out)
+
+
+def test_fsdp2_two_ranks_to_one_and_back(tmp_path):
+    a = tmp_path / "a"
+    saved = _unpack(run_ranks(_fsdp_save_worker, 2, str(a)))
+    assert_sd_equal(saved[0][0], saved[1][0])
+    meta = read_meta(str(a / "checkpoint" / "step-2"))
+    assert meta["world_size"] == 2 and meta["layout"] == {"dp_shard": 2}
+    # 2 FSDP ranks -> 1 plain process
+    model, opts, scheds = build(seed=9)
+    loader = FakeLoader()
+    assert Checkpointer(cfg(), a, [model], opts, scheds, loader).load() == 2
+    assert_sd_equal(full_sd(model), saved[0][0])
+    assert_sd_equal(flat_optim(model, opts), saved[0][1])
+    assert loader.consumed == 8
+    assert torch.equal(torch.rand(3), saved[0][2])  # rank 0's RNG
+
+    # 1 plain process -> 2 FSDP ranks (and 2 -> 2 with per-rank RNG)
+    b = tmp_path / "b"
+    train(model, opts, scheds, loader, 1, seed=5)
+    Checkpointer(cfg(), b, [model], opts, scheds, loader).save(3)
+    hf_in = tmp_path / "hf_in"
+    Checkpointer(cfg(), b, [model], None, None, None).export_hf(path=hf_in)
+    loaded = _unpack(run_ranks(_fsdp_load_worker, 2, str(b), str(tmp_path / "hf_out"), str(hf_in)))
+    for r in loaded:
+        assert r["step"] == 3 and r["consumed"] == 12 and r["lr"] == scheds.get_last_lr()
+        assert_sd_equal(r["model"], full_sd(model))
+        assert_sd_equal(r["optim"], flat_optim(model, opts))
+        assert_sd_equal(r["hf_loaded"], full_sd(model))
+    from tests.test_convert import _read_all
+
+    assert_sd_equal(_read_all(tmp_path / "hf_out"), _read_all(hf_in))
+    again = _unpack(run_ranks(_fsdp_save_worker, 2, str(tmp_path / "c")))
+    reload = _unpack(run_ranks(_fsdp_load_worker, 2, str(tmp_path / "c"), str(tmp_path / "hf_c"), str(hf_in)))
+    for r in range(2):
+        assert torch.equal(reload[r]["rand"], again[r][2])  # each rank gets its own RNG back
+
+
+def _pp_save_worker(rank, world, folder, hf_out):
+    ref = build()[0]
+    part = _split(ref, [(0, 2), (2, 4)])[rank]
+    opts, scheds = build_opt_parts([part])
+    _fake_step([part], opts, seed=rank)
+    ck = Checkpointer(cfg(), folder, [part], opts, scheds, None, layout={"pp": 2})
+    ck.save(1)
+    ck.export_hf(path=hf_out)
+    return _pack((full_sd(part), flat_optim(part, opts)))
+
+
+def test_pipeline_stages_on_two_ranks_to_one(tmp_path):
+    """Each rank holds different layers (pipeline-like): the checkpoint merges them by global FQN and
+    the HF export gathers them to rank 0."""
+    res = _unpack(run_ranks(_pp_save_worker, 2, str(tmp_path), str(tmp_path / "hf")))
+    model, opts, scheds = build(seed=3)
+    assert Checkpointer(cfg(), tmp_path, [model], opts, scheds, None).load() == 1
+    assert_sd_equal(full_sd(model), {**res[0][0], **res[1][0]})
+    assert_sd_equal(flat_optim(model, opts), {**res[0][1], **res[1][1]})
+    from moonlight.convert import load_hf
+
+    assert_sd_equal(full_sd(load_hf(tmp_path / "hf", kernels="torch")), full_sd(model))
