@@ -17,6 +17,7 @@ import torch.distributed as dist
 def _worker(rank, world_size, init_file, fn, args, queue):
     try:
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+        # GNU OpenMP is not fork-safe: a child that enters the parent's thread pool can hang forever
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
         try:
@@ -55,3 +56,29 @@ def run_ranks(fn, world_size, *args, timeout=300):
         if errors:
             raise AssertionError("\n".join(errors))
     return [results[r] for r in range(world_size)]
+
+
+def _forked_call(fn, args, queue):
+    try:
+        torch.set_num_threads(1)  # see _worker: never enter the parent's OpenMP pool after fork
+        queue.put((True, fn(*args)))
+    except BaseException:
+        queue.put((False, traceback.format_exc()))
+
+
+def run_forked(fn, *args, timeout=300):
+    """fn(*args) in one forked child (no process group), e.g. to keep a fake process group out of
+    the test process; returns its result or fails with its traceback."""
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_forked_call, args=(fn, args, queue))
+    proc.start()
+    try:
+        ok, value = queue.get(timeout=timeout)
+    finally:
+        proc.join(timeout=5)
+        if proc.is_alive():
+            proc.kill()
+    if not ok:
+        raise AssertionError(value)
+    return value

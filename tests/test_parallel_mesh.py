@@ -2,33 +2,12 @@
 with the fake process group (no communication), each in a forked child so the parent never holds a
 process group."""
 
-import multiprocessing as mp
-import traceback
-
 import pytest
 import torch
 
 from moonlight.config import ModelArgs
 from moonlight.parallel.mesh import ParallelConfigError, ParallelDims
-
-
-def _in_fork(fn, *args):
-    ctx = mp.get_context("fork")
-    q = ctx.Queue()
-
-    def target():
-        try:
-            q.put((True, fn(*args)))
-        except BaseException:
-            q.put((False, traceback.format_exc()))
-
-    p = ctx.Process(target=target)
-    p.start()
-    ok, value = q.get(timeout=300)
-    p.join()
-    if not ok:
-        raise AssertionError(value)
-    return value
+from tests.dist import run_forked
 
 
 def _debug(**kw):
@@ -109,7 +88,7 @@ def _fake_mesh_worker(rank):
 
 def test_fake_mesh_64_ranks():
     rank = 45  # pp 1, dp_replicate 0, dp_shard 6, tp 1  (45 = 32 + 0*16 + 6*2 + 1)
-    out = _in_fork(_fake_mesh_worker, rank)
+    out = run_forked(_fake_mesh_worker, rank)
     assert out["pp"] == (2, [13, 45])
     assert out["tp"] == (2, [44, 45])
     assert out["dp_shard"] == (8, [33 + 2 * i for i in range(8)])
@@ -151,7 +130,7 @@ def _fake_full_model_worker(rank):
 
 
 def test_fake_full_size_model_shards():
-    out = _in_fork(_fake_full_model_worker, 3)  # dp_shard 1, tp 1
+    out = run_forked(_fake_full_model_worker, 3)  # dp_shard 1, tp 1
     # vocab 163840 / tp 2 = 81920 rows, then / 32 fsdp = 2560 rows: rank holds vocab half 1, block 1
     assert out["embed.weight"][:2] == ((2560, 2048), (81920 + 2560, 0))
     assert out["lm_head.weight"][:2] == ((2560, 2048), (81920 + 2560, 0))

@@ -40,14 +40,21 @@ class MetricsLogger:
     """Writes one JSON object per logged step to `<dump_folder>/metrics.jsonl` and prints a line."""
 
     def __init__(self, dump_folder: str, rank: int, enable_tensorboard: bool = False, tb_folder: str = "tb",
-                 append: bool = False):
+                 resume_step: int = 0):
+        """resume_step > 0: keep the records up to that step (a run killed after its last checkpoint
+        logged steps that the resumed run repeats) and append; 0: start a new file."""
         self.rank = rank
         self.path = os.path.join(dump_folder, "metrics.jsonl")
         self._file = None
         self._tb = None
         if rank == 0:
             os.makedirs(dump_folder, exist_ok=True)
-            self._file = open(self.path, "a" if append else "w")
+            kept = []
+            if resume_step and os.path.exists(self.path):
+                with open(self.path) as f:
+                    kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+            self._file = open(self.path, "w")
+            self._file.writelines(kept)
             if enable_tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 

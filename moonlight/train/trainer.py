@@ -113,7 +113,7 @@ class Trainer:
         self.checkpointer = self._build_checkpointer()
         resumed = self.step > 0
         self.metrics = MetricsLogger(cfg.job.dump_folder, self.rank, cfg.metrics.enable_tensorboard,
-                                     cfg.metrics.tb_folder, append=resumed)
+                                     cfg.metrics.tb_folder, resume_step=self.step)
         self.peak_flops = cfg.metrics.device_peak_flops or measure_peak_flops(self.device)
         self.flops_per_token = self.model_args.flops_per_token(t.seq_len)
         if self.rank == 0:
