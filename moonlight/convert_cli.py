@@ -115,9 +115,11 @@ def dcp_to_hf(dcp_dir: str, out: str, config: str | None = None, preset: str | N
         args = ModelArgs(**{k: v for k, v in saved.items() if k in known})
     else:
         raise CheckpointError(f"{path} has no meta.json with model args: pass --config config.json or --model-preset")
+    hint = " (a different model config?)"
     if meta and meta.get("model_args") and (config or preset):
-        diffs = model_args_mismatch(meta["model_args"], args)
+        diffs = model_args_mismatch(meta["model_args"], args, this="the given config")
         if diffs:
+            hint = f" (the checkpoint's meta.json differs from the given config: {'; '.join(diffs)})"
             print(f"warning: the given config differs from the one {path} was saved with: {'; '.join(diffs)}",
                   file=sys.stderr)
 
@@ -128,8 +130,8 @@ def dcp_to_hf(dcp_dir: str, out: str, config: str | None = None, preset: str | N
     wanted = list(model.state_dict())
     missing = [k for k in wanted if prefix + k not in md]
     if missing:
-        raise CheckpointError(f"{path} lacks {len(missing)} model tensor(s) this config needs, e.g. {missing[:5]} "
-                              "(a different model config?)")
+        raise CheckpointError(f"{path} lacks {len(missing)} model tensor(s) this config needs, e.g. {missing[:5]}"
+                              + hint)
     sd: dict[str, torch.Tensor] = {}
     for k in wanted:
         m = md[prefix + k]
@@ -137,8 +139,7 @@ def dcp_to_hf(dcp_dir: str, out: str, config: str | None = None, preset: str | N
             raise CheckpointError(f"{path}: {prefix + k} is not a tensor")
         expected = tuple(model.state_dict()[k].shape)
         if tuple(m.size) != expected:
-            raise CheckpointError(f"{path}: {k} has shape {tuple(m.size)} but the config needs {expected} "
-                                  "(a different model config?)")
+            raise CheckpointError(f"{path}: {k} has shape {tuple(m.size)} but the config needs {expected}" + hint)
         sd[k] = torch.empty(tuple(m.size), dtype=m.properties.dtype)
     groups: dict[str, list[str]] = {}
     for k in wanted:

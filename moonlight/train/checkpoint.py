@@ -303,7 +303,8 @@ def read_meta(path: str) -> dict[str, Any]:
     return meta
 
 
-def model_args_mismatch(saved: dict[str, Any], current: ModelArgs, ignore=IGNORED_ARG_FIELDS) -> list[str]:
+def model_args_mismatch(saved: dict[str, Any], current: ModelArgs, ignore=IGNORED_ARG_FIELDS,
+                        this: str = "this run") -> list[str]:
     """'field=saved vs current' for every model-args field that differs (ignoring `ignore`)."""
     cur = dataclasses.asdict(current)
     out = []
@@ -315,7 +316,7 @@ def model_args_mismatch(saved: dict[str, Any], current: ModelArgs, ignore=IGNORE
         elif key not in saved:
             continue  # a field added after the checkpoint was written: its default applies
         elif saved[key] != cur[key]:
-            out.append(f"{key}={saved[key]!r} but this run has {key}={cur[key]!r}")
+            out.append(f"{key}={saved[key]!r} but {this} has {key}={cur[key]!r}")
     return out
 
 
@@ -515,14 +516,16 @@ def _read_native_slice(ckpt, native: str, args: ModelArgs, offset, shape) -> tor
     return ckpt.get_slice(keys[0])[idx]
 
 
-def load_hf_into_parts(parts: list[nn.Module], path: str | os.PathLike) -> None:
+def load_hf_into_parts(parts: list[nn.Module], path: str | os.PathLike, prefer_parallel: bool = True) -> None:
     """Copy an HF checkpoint into (possibly sharded) model parts in place: each rank reads only the
     slice of each tensor that its DTensor shard holds (plain tensors are read whole). Uses
-    `moonlight.parallel.load.load_hf_sharded` when that exists."""
-    try:
-        from moonlight.parallel.load import load_hf_sharded  # type: ignore[import-not-found]
-    except ImportError:
-        load_hf_sharded = None
+    `moonlight.parallel.load.load_hf_sharded` when that exists (and prefer_parallel)."""
+    load_hf_sharded = None
+    if prefer_parallel:
+        try:
+            from moonlight.parallel.load import load_hf_sharded  # type: ignore[import-not-found]
+        except ImportError:
+            pass
     if load_hf_sharded is not None:
         for part in parts:
             load_hf_sharded(part, os.fspath(path))
@@ -537,7 +540,7 @@ def load_hf_into_parts(parts: list[nn.Module], path: str | os.PathLike) -> None:
     args = _model_args(parts)
     if args is None:
         raise CheckpointError("initial HF load: the model parts carry no ModelArgs (.args)")
-    diffs = model_args_mismatch(dataclasses.asdict(ckpt.args), args)
+    diffs = model_args_mismatch(dataclasses.asdict(ckpt.args), args, this="the model")
     if diffs:
         raise CheckpointError(f"HF checkpoint {ckpt.path} does not match this model: it has " + "; ".join(diffs))
     for part in parts:

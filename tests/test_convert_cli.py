@@ -1,0 +1,133 @@
+"""`python -m moonlight.convert hf-to-dcp | dcp-to-hf`: bit-exact round trips, agreement with the
+trainer's checkpoints (both directions), clear errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moonlight.convert import load_hf
+from moonlight.convert_cli import main
+from moonlight.train.checkpoint import Checkpointer, list_checkpoints, read_meta
+from moonlight.train.config import CheckpointSection
+from tests.hf_reference import make_hf_model
+from tests.test_convert import _read_all
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf") / "model"
+    make_hf_model("moonlight", seed=0, dtype=torch.float32).save_pretrained(path)
+    return path
+
+
+def _same(a, b):
+    ta, tb = _read_all(a), _read_all(b)
+    assert set(ta) == set(tb)
+    for k in ta:
+        assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k
+
+
+def test_hf_dcp_hf_round_trip_is_bit_exact(hf_dir, tmp_path):
+    main(["hf-to-dcp", "--hf", str(hf_dir), "--out", str(tmp_path / "dcp")])
+    meta = read_meta(str(tmp_path / "dcp"))
+    assert meta["contents"] == ["model"] and meta["step"] == 0
+    main(["dcp-to-hf", "--dcp", str(tmp_path / "dcp"), "--out", str(tmp_path / "hf"), "--max-shard-size", "200KB"])
+    _same(hf_dir, tmp_path / "hf")
+    assert os.path.exists(tmp_path / "hf" / "model.safetensors.index.json")
+    with open(hf_dir / "config.json") as f, open(tmp_path / "hf" / "config.json") as g:
+        a, b = json.load(f), json.load(g)
+    for key in ("hidden_size", "n_routed_experts", "num_hidden_layers", "kv_lora_rank", "vocab_size"):
+        assert a[key] == b[key]
+
+
+def test_bf16_round_trip_keeps_dtypes(tmp_path):
+    src = tmp_path / "bf16"
+    make_hf_model("moonlight", seed=1, dtype=torch.bfloat16).save_pretrained(src)
+    main(["hf-to-dcp", "--hf", str(src), "--out", str(tmp_path / "dcp")])
+    main(["dcp-to-hf", "--dcp", str(tmp_path / "dcp"), "--out", str(tmp_path / "hf")])
+    _same(src, tmp_path / "hf")
+    main(["dcp-to-hf", "--dcp", str(tmp_path / "dcp"), "--out", str(tmp_path / "f32"), "--dtype", "float32"])
+    t = _read_all(tmp_path / "f32")
+    assert t["model.layers.1.mlp.experts.0.up_proj.weight"].dtype == torch.float32
+
+
+def test_module_entry_point(hf_dir, tmp_path):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-m", "moonlight.convert", "hf-to-dcp", "--hf", str(hf_dir), "--out",
+                          str(tmp_path / "dcp")], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(tmp_path / "dcp")
+    bad = subprocess.run([sys.executable, "-m", "moonlight.convert", "dcp-to-hf", "--dcp", str(tmp_path / "nope"),
+                          "--out", str(tmp_path / "x")], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert bad.returncode == 2 and "nope does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_trainer_checkpoint_to_hf_and_hf_to_trainer(hf_dir, tmp_path):
+    from moonlight.train.optim import build_lr_scheduler, build_optimizers
+
+    # hf-to-dcp -> a run folder's step-0: the trainer resumes the weights from it
+    main(["hf-to-dcp", "--hf", str(hf_dir), "--out", str(tmp_path / "run" / "checkpoint" / "step-0")])
+    model = load_hf(hf_dir, kernels="torch")
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    opts = build_optimizers(model.named_parameters(), "adamw", lr=1e-3)
+    scheds = build_lr_scheduler(opts, 1, 10)
+    cfg = CheckpointSection(enable=True, interval=1, keep_latest_k=0)
+    ck = Checkpointer(cfg, tmp_path / "run", [model], opts, scheds, None)
+    assert ck.load() == 0
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, reference[k]), k
+    # ... or starts from it through checkpoint.initial_load_hf
+    other = load_hf(hf_dir, kernels="torch")
+    with torch.no_grad():
+        for p in other.parameters():
+            p.zero_()
+    cfg2 = CheckpointSection(enable=True, folder="run2",
+                             initial_load_hf=str(tmp_path / "run" / "checkpoint" / "step-0"))
+    assert Checkpointer(cfg2, tmp_path / "run", [other], None, None, None).maybe_initial_load_hf()
+    for k, v in other.state_dict().items():
+        assert torch.equal(v, reference[k]), k
+
+    # a trainer checkpoint (with optimizer state) -> HF equals the trainer's own export
+    model(torch.randint(0, model.args.vocab_size, (2, 8))).float().pow(2).mean().backward()
+    opts.step()
+    ck.save(5)
+    ck.save(7)
+    ck.export_hf(path=tmp_path / "export", dtype=torch.float32)
+    main(["dcp-to-hf", "--dcp", str(tmp_path / "run" / "checkpoint"), "--out", str(tmp_path / "latest")])
+    _same(tmp_path / "export", tmp_path / "latest")
+    main(["dcp-to-hf", "--dcp", str(tmp_path / "run" / "checkpoint"), "--step", "0", "--out", str(tmp_path / "s0")])
+    _same(hf_dir, tmp_path / "s0")
+    assert sorted(list_checkpoints(tmp_path / "run" / "checkpoint")) == [0, 5, 7]
+
+
+def _err(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_clear_errors(hf_dir, tmp_path, capsys):
+    assert "--hf" in _err(capsys, ["hf-to-dcp", "--hf", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
+    assert "no model.safetensors" in _err(capsys, ["hf-to-dcp", "--hf", str(tmp_path), "--out", str(tmp_path / "o")])
+    main(["hf-to-dcp", "--hf", str(hf_dir), "--out", str(tmp_path / "dcp")])
+    assert "not empty" in _err(capsys, ["hf-to-dcp", "--hf", str(hf_dir), "--out", str(tmp_path / "dcp")])
+    main(["hf-to-dcp", "--hf", str(hf_dir), "--out", str(tmp_path / "dcp"), "--overwrite"])
+    err = _err(capsys, ["dcp-to-hf", "--dcp", str(tmp_path / "dcp"), "--out", str(tmp_path / "h"),
+                        "--model-preset", "debug"])
+    assert "lacks" in err and "hidden_size=64 but the given config has hidden_size=128" in err
+    assert "does not exist" in _err(capsys, ["dcp-to-hf", "--dcp", str(tmp_path / "nope"), "--out", str(tmp_path / "h")])
+    assert "no complete checkpoint" in _err(capsys, ["dcp-to-hf", "--dcp", str(tmp_path), "--out", str(tmp_path / "h")])
+    os.remove(tmp_path / "dcp" / "COMPLETE")
+    assert "incomplete" in _err(capsys, ["dcp-to-hf", "--dcp", str(tmp_path / "dcp"), "--out", str(tmp_path / "h")])
+    assert "--config" in _err(capsys, ["dcp-to-hf", "--dcp", str(tmp_path / "dcp"), "--out", str(tmp_path / "h"),
+                                       "--config", str(tmp_path / "nope.json")])
