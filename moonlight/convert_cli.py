@@ -91,7 +91,6 @@ def _layer_of(key: str) -> str:
 def dcp_to_hf(dcp_dir: str, out: str, config: str | None = None, preset: str | None = None,
               dtype: torch.dtype | None = None, max_shard_size: str = "5GB", step: int = -1,
               overwrite: bool = False) -> str:
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
@@ -170,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--step", type=int, default=-1, help="with a folder of step-N directories: which step")
     g = b.add_mutually_exclusive_group()
     g.add_argument("--config", help="HF config.json (or its directory) instead of the checkpoint's meta.json")
-    g.add_argument("--model-preset", help=f"model preset instead of meta.json")
+    g.add_argument("--model-preset", help="model preset instead of meta.json")
     b.add_argument("--dtype", help="output dtype: float32, bfloat16, float16 (default: as stored); router "
                                    "biases stay float32")
     b.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")

@@ -125,7 +125,8 @@ def test_clear_errors(hf_dir, tmp_path, capsys):
     err = _err(capsys, ["dcp-to-hf", "--dcp", str(tmp_path / "dcp"), "--out", str(tmp_path / "h"),
                         "--model-preset", "debug"])
     assert "lacks" in err and "hidden_size=64 but the given config has hidden_size=128" in err
-    assert "does not exist" in _err(capsys, ["dcp-to-hf", "--dcp", str(tmp_path / "nope"), "--out", str(tmp_path / "h")])
+    missing = ["dcp-to-hf", "--dcp", str(tmp_path / "nope"), "--out", str(tmp_path / "h")]
+    assert "does not exist" in _err(capsys, missing)
     assert "no complete checkpoint" in _err(capsys, ["dcp-to-hf", "--dcp", str(tmp_path), "--out", str(tmp_path / "h")])
     os.remove(tmp_path / "dcp" / "COMPLETE")
     assert "incomplete" in _err(capsys, ["dcp-to-hf", "--dcp", str(tmp_path / "dcp"), "--out", str(tmp_path / "h")])

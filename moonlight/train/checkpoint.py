@@ -684,13 +684,24 @@ class Checkpointer:
                 raise CheckpointSaveError(
                     f"refusing to save checkpoint {final_dir}: non-finite values in {len(set(bad))} parameter(s), "
                     f"e.g. {sorted(set(bad))[:5]}; the previous checkpoint stays the latest")
+        prep_err = None
         if rank == 0:
-            os.makedirs(self.folder, exist_ok=True)
-            for name in _incomplete_entries(self.folder):  # leftovers of interrupted saves
-                logger.warning("checkpoint: removing incomplete save %s", os.path.join(self.folder, name))
-                shutil.rmtree(os.path.join(self.folder, name), ignore_errors=True)
-            os.makedirs(tmp)
-        _barrier()
+            try:
+                os.makedirs(self.folder, exist_ok=True)
+                for name in _incomplete_entries(self.folder):
+                    path = os.path.join(self.folder, name)
+                    if name.endswith(".tmp"):  # leftovers of interrupted saves (ours): remove
+                        logger.warning("checkpoint: removing incomplete save %s", path)
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:  # step-N without a marker: not ours to delete (being copied in by hand?)
+                        logger.warning("checkpoint: ignoring %s (no %s marker)", path, MARKER)
+                os.makedirs(tmp)
+            except OSError as e:
+                prep_err = f"{type(e).__name__}: {e}"
+        prep_err = _broadcast_object(prep_err)
+        if prep_err:
+            raise CheckpointSaveError(f"saving checkpoint {final_dir} failed: cannot create {tmp}: {prep_err}"
+                                      + (" (disk full)" if "No space left" in prep_err else ""))
 
         # phase 1: every rank writes its shards and its rank file
         err: str | None = None
@@ -702,10 +713,9 @@ class Checkpointer:
                 state["optimizer"] = self._optim_sd()
             _dcp_save(state, tmp)
             _torch_save_durable(self._rank_state(), os.path.join(tmp, f"rank-{rank}.pt"))
+        except (KeyboardInterrupt, SystemExit):
+            raise  # the temp directory stays behind, ignored by load and removed by the next save
         except BaseException as e:  # DCP raises CheckpointException (a BaseException) on any rank's failure
-            if isinstance(e, KeyboardInterrupt) and not _dist_on():
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
             err, disk_full = _short_error(e), _is_disk_full(e)
         errors = [x for x in _all_gather_object((rank, err, disk_full)) if x[1] is not None]
 
