@@ -44,6 +44,10 @@ HF directory.
 
 Router expert biases (`Router.expert_bias`) are persistent buffers, so they are part of the model
 state; the per-step load counters (`MoE.tokens_per_expert`) are not saved (reset every step).
+Plain (non-DTensor) tensors are replicated: DCP stores one rank's copy, and a save logs an error if
+the ranks' copies differ. Before writing, a save refuses non-finite parameters (CheckpointSaveError).
+Loading checks meta.json's model args against this run (ignoring IGNORED_ARG_FIELDS), and the DCP
+keys against what this run needs (e.g. optimizer changed adamw <-> muon), before reading anything.
 """
 
 from __future__ import annotations
