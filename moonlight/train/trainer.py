@@ -154,7 +154,8 @@ class Trainer:
         from moonlight.train.checkpoint import Checkpointer
 
         ckpt = Checkpointer(self.cfg.checkpoint, self.cfg.job.dump_folder, self.model_parts, self.optimizers,
-                            self.lr_schedulers, self.dataloader)
+                            self.lr_schedulers, self.dataloader,
+                            layout={"world_size": self.world_size, **dataclasses.asdict(self.cfg.parallelism)})
         if self.cfg.checkpoint.enable:
             self.step = ckpt.load(self.cfg.checkpoint.load_step)
         if self.step == 0 and self.cfg.checkpoint.initial_load_hf:
