@@ -111,3 +111,16 @@ def test_train_py_reports_config_errors_cleanly(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "training.stepz" in proc.stderr and "steps" in proc.stderr
+
+
+def test_bf16_params_with_fp32_master_weights_and_tensorboard(tmp_path):
+    trainer = _trainer(tmp_path, "--training.steps=3", "--training.dtype=bfloat16", "--optimizer.precision_aware=true",
+                       "--metrics.enable_tensorboard=true")
+    trainer.train()
+    model = trainer.model_parts[0]
+    assert model.layers["1"].ffn.experts.gate_proj.dtype == torch.bfloat16
+    assert model.layers["1"].ffn.router.expert_bias.dtype == torch.float32
+    masters = [s["master"] for opt in trainer.optimizers.optimizers for s in opt.state.values() if "master" in s]
+    assert masters and all(m.dtype == torch.float32 for m in masters)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _metrics(tmp_path))
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
