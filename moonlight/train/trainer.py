@@ -123,7 +123,7 @@ class Trainer:
             n_params = self.model_args.num_params()
             print(f"[moonlight] {cfg.job.description}\n{cfg.to_toml()}", flush=True)
             print(f"[moonlight] model {n_params / 1e6:,.1f}M params, world {self.world_size} "
-                  f"({self.parallel.describe()}), grad accumulation {self.grad_accum}, device {self.device}"
+                  f"{self.parallel.describe()}, grad accumulation {self.grad_accum}, device {self.device}"
                   + (f", resumed at step {self.step}" if resumed else ""), flush=True)
 
     # ------------------------------------------------------------------ setup
@@ -266,6 +266,9 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.training
         if t.gc_freq:
             gc.disable()
+        if self.step >= t.steps and self.rank == 0:
+            print(f"[moonlight] the checkpoint at step {self.step} already reaches training.steps={t.steps}: nothing "
+                  "to train (raise --training.steps, or use another --job.dump_folder for a new run)", flush=True)
         profiler = self._profiler()
         try:
             with profiler or contextlib.nullcontext():
