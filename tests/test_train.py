@@ -101,9 +101,11 @@ def test_unknown_model_override_is_rejected(tmp_path):
         _trainer(tmp_path, "--model.overrides.hiden_size=64")
 
 
-def test_tokenizer_larger_than_vocab_is_rejected(tmp_path):
-    with pytest.raises(ConfigError, match="vocab_size"):
-        _trainer(tmp_path, "--model.overrides.vocab_size=200")
+def test_data_ids_beyond_the_vocabulary_are_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="token id .* vocab_size is 200"):
+        _trainer(tmp_path, "--model.overrides.vocab_size=200", "--data.add_eos=false")  # bytes reach 255
+    with pytest.raises(ConfigError, match="bos/eos ids reach 257"):
+        _trainer(tmp_path, "--model.overrides.vocab_size=256")
 
 
 def test_train_py_reports_config_errors_cleanly(tmp_path):

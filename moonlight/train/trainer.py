@@ -76,8 +76,10 @@ class Trainer:
 
         self.model_args = build_model_args(cfg)
         self.tokenizer = build_tokenizer(cfg.data.tokenizer)
-        if self.tokenizer.vocab_size > self.model_args.vocab_size:
-            raise ConfigError(f"the tokenizer has {self.tokenizer.vocab_size} ids but the model's vocab_size is "
+        used = [i for i, on in ((self.tokenizer.bos_id, cfg.data.add_bos), (self.tokenizer.eos_id, cfg.data.add_eos))
+                if on]
+        if used and max(used) >= self.model_args.vocab_size:
+            raise ConfigError(f"the tokenizer's bos/eos ids reach {max(used)} but the model's vocab_size is "
                               f"{self.model_args.vocab_size}: raise model vocab_size or change data.tokenizer")
 
         self.parallel = self._build_parallel()
@@ -107,6 +109,11 @@ class Trainer:
                                                 decay_ratio=s.decay_ratio)
         self.dataloader = build_dataloader(cfg.data, self.tokenizer, t.seq_len, t.local_batch_size,
                                            dp_rank, dp_world, t.seed)
+        # Moonlight's tokenizer has 2 more ids than embedding rows: check the ids the data really uses.
+        largest = max(int(tokens.max()) for tokens in self.dataloader.store.tokens if tokens.size)
+        if largest >= self.model_args.vocab_size:
+            raise ConfigError(f"the data holds token id {largest} but the model's vocab_size is "
+                              f"{self.model_args.vocab_size}: raise model vocab_size or change data.tokenizer")
         self.step = 0
         self._last_inputs = None
         self._nonfinite_in_a_row = 0
