@@ -126,3 +126,8 @@ def test_bf16_params_with_fp32_master_weights_and_tensorboard(tmp_path):
     assert masters and all(m.dtype == torch.float32 for m in masters)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _metrics(tmp_path))
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_profiler_window_writes_a_trace(tmp_path):
+    _trainer(tmp_path, "--training.steps=3", "--metrics.profile_start=2", "--metrics.profile_steps=1").train()
+    assert list((tmp_path / "profile").glob("rank0*.pt.trace.json*"))

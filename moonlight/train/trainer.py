@@ -303,5 +303,7 @@ class Trainer:
             return None
         trace_dir = os.path.join(self.cfg.job.dump_folder, "profile")
         return torch.profiler.profile(
-            schedule=torch.profiler.schedule(wait=m.profile_start - 1, warmup=0, active=m.profile_steps, repeat=1),
+            # active from step profile_start on; the step before it warms the profiler up
+            schedule=torch.profiler.schedule(wait=max(m.profile_start - 2, 0), warmup=min(m.profile_start - 1, 1),
+                                             active=m.profile_steps, repeat=1),
             on_trace_ready=torch.profiler.tensorboard_trace_handler(trace_dir, worker_name=f"rank{self.rank}"))
