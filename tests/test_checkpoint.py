@@ -402,16 +402,10 @@ def _fsdp_load_worker(rank, world, folder, hf_out, hf_in):
     out = dict(step=step, model=full_sd(model), optim=flat_optim(model, opts), rand=torch.rand(3),
                consumed=loader.consumed, lr=scheds.get_last_lr())
     ck.export_hf(path=hf_out)
-    # initial HF load into sharded parameters (the DTensor-slicing fallback)
+    # initial HF load into sharded parameters
     fresh = _fsdp(build(seed=12)[0])
     Checkpointer(cfg(folder="fresh", initial_load_hf=hf_in), folder, [fresh], None, None, None).maybe_initial_load_hf()
     out["hf_loaded"] = full_sd(fresh)
-    # the built-in fallback (DTensor slices via compute_local_shape_and_global_offset)
-    from moonlight.train.checkpoint import load_hf_into_parts
-
-    fallback = _fsdp(build(seed=13)[0])
-    load_hf_into_parts([fallback], hf_in, prefer_parallel=False)
-    out["hf_fallback"] = full_sd(fallback)
     return _pack(out)
 
 
@@ -442,7 +436,6 @@ def test_fsdp2_two_ranks_to_one_and_back(tmp_path):
         assert_sd_equal(r["model"], full_sd(model))
         assert_sd_equal(r["optim"], flat_optim(model, opts))
         assert_sd_equal(r["hf_loaded"], full_sd(model))
-        assert_sd_equal(r["hf_fallback"], full_sd(model))
     from tests.test_convert import _read_all
 
     assert_sd_equal(_read_all(tmp_path / "hf_out"), _read_all(hf_in))

@@ -504,71 +504,15 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------- HF loading
 
 
-def _read_native_slice(ckpt, native: str, args: ModelArgs, offset, shape) -> torch.Tensor:
-    """The [offset, offset + shape) block of native tensor `native` from an HFCheckpoint, reading only
-    those rows (and only those experts) from disk."""
-    from moonlight.convert import _EXPERTS, hf_keys
+def load_hf_into_parts(parts: list[nn.Module], path: str | os.PathLike) -> None:
+    """Copy an HF checkpoint into (possibly sharded) model parts in place, each rank reading only the
+    slices its shards hold (`moonlight.parallel.load.load_hf_sharded`)."""
+    from moonlight.convert import HFCheckpoint
+    from moonlight.parallel.load import load_hf_sharded
 
-    keys = hf_keys(native, args)
-    if _EXPERTS.match(native):
-        idx = tuple(slice(o, o + s) for o, s in zip(offset[1:], shape[1:]))
-        rows = [ckpt.get_slice(keys[e])[idx] for e in range(offset[0], offset[0] + shape[0])]
-        if not rows:
-            return torch.empty(shape)
-        return torch.stack(rows)
-    idx = tuple(slice(o, o + s) for o, s in zip(offset, shape))
-    return ckpt.get_slice(keys[0])[idx]
-
-
-def load_hf_into_parts(parts: list[nn.Module], path: str | os.PathLike, prefer_parallel: bool = True) -> None:
-    """Copy an HF checkpoint into (possibly sharded) model parts in place: each rank reads only the
-    slice of each tensor that its DTensor shard holds (plain tensors are read whole). Uses
-    `moonlight.parallel.load.load_hf_sharded` when that exists (and prefer_parallel)."""
-    load_hf_sharded = None
-    if prefer_parallel:
-        try:
-            from moonlight.parallel.load import load_hf_sharded  # type: ignore[import-not-found]
-        except ImportError:
-            pass
-    if load_hf_sharded is not None:
-        for part in parts:
-            load_hf_sharded(part, os.fspath(path))
-        return
-
-    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    from moonlight.convert import _EXPERTS, HFCheckpoint, _check_shape, hf_keys
-
-    ckpt = HFCheckpoint(path)
-    args = _model_args(parts)
-    if args is None:
-        raise CheckpointError("initial HF load: the model parts carry no ModelArgs (.args)")
-    diffs = model_args_mismatch(dataclasses.asdict(ckpt.args), args, this="the model")
-    if diffs:
-        raise CheckpointError(f"HF checkpoint {ckpt.path} does not match this model: it has " + "; ".join(diffs))
+    checkpoint = HFCheckpoint(path)
     for part in parts:
-        sd = get_model_state_dict(part)
-        with torch.no_grad():
-            for native, dst in sd.items():
-                keys = hf_keys(native, args)  # raises for a key with no HF name
-                for k in keys:
-                    found = ckpt.shape(k)
-                    _check_shape(k, found, dst.shape[1:] if _EXPERTS.match(native) else dst.shape)
-                if isinstance(dst, DTensor):
-                    simple = all(type(p) is Shard or p.is_replicate() for p in dst.placements)
-                    if simple:
-                        shape, offset = compute_local_shape_and_global_offset(dst.shape, dst.device_mesh,
-                                                                              dst.placements)
-                        dst.to_local().copy_(_read_native_slice(ckpt, native, args, offset, shape))
-                    else:  # e.g. FSDP over TP (_StridedShard): read whole, keep this rank's part
-                        full = _read_native_slice(ckpt, native, args, (0,) * dst.ndim, tuple(dst.shape))
-                        local = distribute_tensor(full.to(dst.device, dst.dtype), dst.device_mesh, dst.placements,
-                                                  src_data_rank=None)
-                        dst.to_local().copy_(local.to_local())
-                else:
-                    dst.copy_(_read_native_slice(ckpt, native, args, (0,) * dst.ndim, tuple(dst.shape)))
-        set_model_state_dict(part, sd)
+        load_hf_sharded(part, checkpoint=checkpoint)
 
 
 # ----------------------------------------------------------------------------------- Checkpointer
