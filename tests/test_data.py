@@ -117,7 +117,7 @@ def test_tiktoken_special_names_from_tokenizer_config(tmp_path):
 
 
 def test_hf_tokenizer_json(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, models, pre_tokenizers
 
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "hello": 3, "world": 4, "▁": 5}
     t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))

@@ -1,7 +1,6 @@
 """Sharded HF load: each rank's local shard equals the matching slice of the checkpoint tensor, and
 each rank reads only the bytes of its own shards (plus the small router-bias buffers)."""
 
-import os
 
 import pytest
 import torch

@@ -69,7 +69,6 @@ def build_parallel_layout(cfg: JobConfig, args: ModelArgs, world_size: int, devi
     build_fn = (lambda _: copy.deepcopy(full)) if not next(full.parameters()).is_meta else None
     stages, parts = build_pipeline_stages(args, pp_layout, mesh["pp"], device, schedule=p.pp_schedule,
                                           build_fn=build_fn, parallelize_fn=prepare)
-    del full
     n_micro = p.pp_microbatches or t.local_batch_size
     schedule = build_schedule(stages, p.pp_schedule, n_micro, _pipeline_loss, scale_grads=False,
                               local_batch_size=t.local_batch_size)
