@@ -15,8 +15,6 @@ from torch import nn
 from kernels import apply_mla_rope, permute_tokens, resolve_impl, rope_tables, unpermute_tokens
 from moonlight.config import ModelArgs
 
-# torch._grouped_mm handles these dtypes; float64 (parity tests) takes the per-expert loop.
-_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -131,16 +129,31 @@ class Router(nn.Module):
         return self
 
 
+def uses_grouped_mm(x: torch.Tensor) -> bool:
+    """torch._grouped_mm runs bf16 on GPUs and fp32/bf16 on CPUs; anything else (float64 parity tests,
+    fp32 on GPUs) takes the per-expert loop."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    return x.dtype == torch.bfloat16 or (x.device.type == "cpu" and x.dtype == torch.float32)
+
+
+def grouped_mm_alignment(x: torch.Tensor) -> int:
+    """Rows per expert group are padded to a multiple of this: the GPU grouped GEMM wants 16-byte
+    aligned group boundaries (8 bf16 rows, as torchtitan pads); the CPU path takes any size."""
+    return 8 if x.is_cuda and uses_grouped_mm(x) else 1
+
+
 class LocalDispatcher:
     """Moves token copies to the experts of this process and back. Expert parallel replaces it with
     an all-to-all dispatcher of the same two methods."""
 
-    def __init__(self, align: int = 1):
-        self.align = align  # pad each expert's rows for the grouped GEMM (8 on GPUs)
+    def __init__(self, align: int | None = None):
+        self.align = align  # rows per expert padded to a multiple of this; None: what the GEMM wants
 
     def dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int, impl: str):
         """-> (rows [N, H] grouped by local expert, rows per local expert [E_local], state for combine)."""
-        rows, counts, row_index = permute_tokens(x, expert_ids, num_experts, align=self.align, impl=impl)
+        align = grouped_mm_alignment(x) if self.align is None else self.align
+        rows, counts, row_index = permute_tokens(x, expert_ids, num_experts, align=align, impl=impl)
         return rows, counts, row_index
 
     def combine(self, y: torch.Tensor, weights: torch.Tensor, state, impl: str) -> torch.Tensor:
@@ -151,7 +164,7 @@ def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, gate: torch.Tensor, up
                    down: torch.Tensor) -> torch.Tensor:
     """SwiGLU of each expert on its contiguous group of rows. x [N, H]; counts [E]; gate/up [E, I, H];
     down [E, H, I]."""
-    if x.dtype in _GROUPED_MM_DTYPES and hasattr(torch, "_grouped_mm"):
+    if uses_grouped_mm(x):
         offs = counts.cumsum(0).to(torch.int32)
         g = torch._grouped_mm(x, gate.transpose(-2, -1), offs=offs)
         u = torch._grouped_mm(x, up.transpose(-2, -1), offs=offs)

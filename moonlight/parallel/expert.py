@@ -62,7 +62,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from kernels import permute_tokens, unpermute_tokens
-from moonlight.model.model import GroupedExperts
+from moonlight.model.model import GroupedExperts, grouped_mm_alignment
 
 __all__ = ["AllToAllDispatcher", "apply_expert_parallel", "expert_parameters", "allreduce_replicated_grads"]
 
@@ -85,7 +85,7 @@ class AllToAllDispatcher:
     added only after the exchange, so no padding rows travel.
     """
 
-    def __init__(self, group: dist.ProcessGroup, align: int = 1):
+    def __init__(self, group: dist.ProcessGroup, align: int | None = None):
         self.group = group
         self.ep_size = dist.get_world_size(group)
         self.align = align
@@ -117,7 +117,8 @@ class AllToAllDispatcher:
         local_ids = torch.arange(local_experts, device=x.device).repeat(ep).repeat_interleave(
             recv_counts, output_size=num_recv)
         grouped, local_counts, local_row_index = permute_tokens(
-            recv, local_ids.unsqueeze(1), local_experts, align=self.align, impl=impl)
+            recv, local_ids.unsqueeze(1), local_experts,
+            align=grouped_mm_alignment(recv) if self.align is None else self.align, impl=impl)
         return grouped, local_counts, _A2AState(row_index, local_row_index, send_splits, recv_splits)
 
     def combine(self, y: torch.Tensor, weights: torch.Tensor, state: _A2AState, impl: str) -> torch.Tensor:
@@ -164,7 +165,7 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, align: int | No
             sharded = distribute_tensor(param.detach(), ep_mesh, [Shard(0)])
             experts.register_parameter(name, nn.Parameter(sharded, requires_grad=param.requires_grad))
         old = experts.dispatcher
-        experts.dispatcher = AllToAllDispatcher(group, align=getattr(old, "align", 1) if align is None else align)
+        experts.dispatcher = AllToAllDispatcher(group, align=getattr(old, "align", None) if align is None else align)
     return model
 
 
