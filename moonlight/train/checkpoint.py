@@ -913,10 +913,15 @@ class Checkpointer:
             dtype = getattr(torch, dtype)
         if dtype is None:
             dtype = getattr(torch, self.args.torch_dtype, None)
+        from moonlight.train.lora import lora_scales, merge_lora_state_dict
+
+        scales = {k: v for part in self.model_parts for k, v in lora_scales(part).items()}
         sd = self.gather_full_state_dict()
         err = None
         if _rank() == 0:
             try:
+                if scales:  # LoRA/DoRA: export the merged weights under the base keys
+                    sd = merge_lora_state_dict(sd, scales)
                 with torch.device("meta"):
                     model = Moonlight(self.args)
                 missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)

@@ -34,6 +34,7 @@ __all__ = [
     "CheckpointSection",
     "MetricsSection",
     "MoESection",
+    "LoRASection",
     "JobConfig",
     "load_config",
     "parse_args",
@@ -229,6 +230,23 @@ class MoESection:
     """Sequence-level balance loss coefficient; 0 disables it."""
 
 
+@dataclass
+class LoRASection:
+    enable: bool = False
+    """Fine-tune low-rank adapters only (everything else frozen); see moonlight/train/lora.py."""
+    rank: int = 8
+    alpha: float = 16.0
+    """Adapter scale = alpha / rank."""
+    dora: bool = False
+    """DoRA: also learn a per-output-row magnitude of the adapted weight."""
+    dropout: float = 0.0
+    """Dropout on the adapter path's input."""
+    targets: list[str] = field(default_factory=lambda: [
+        "attn.q_proj", "attn.q_a_proj", "attn.q_b_proj", "attn.kv_a_proj", "attn.kv_b_proj", "attn.o_proj"])
+    """Module-name suffixes of the nn.Linear layers to adapt (default: the attention linears; the q
+    projections that the model lacks, q_proj or q_a/q_b_proj, are skipped)."""
+
+
 SECTIONS: dict[str, type] = {
     "job": JobSection,
     "model": ModelSection,
@@ -241,6 +259,7 @@ SECTIONS: dict[str, type] = {
     "checkpoint": CheckpointSection,
     "metrics": MetricsSection,
     "moe": MoESection,
+    "lora": LoRASection,
 }
 
 
@@ -257,6 +276,7 @@ class JobConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     moe: MoESection = field(default_factory=MoESection)
+    lora: LoRASection = field(default_factory=LoRASection)
 
     # ------------------------------------------------------------------ output
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -373,6 +393,18 @@ class JobConfig:
 
         need(self.moe.bias_update_rate >= 0, f"moe.bias_update_rate must be >= 0 (got {self.moe.bias_update_rate})")
         need(self.moe.aux_loss_coeff >= 0, f"moe.aux_loss_coeff must be >= 0 (got {self.moe.aux_loss_coeff})")
+
+        lo = self.lora
+        if lo.enable:
+            need(lo.rank >= 1, f"lora.rank must be >= 1 (got {lo.rank})")
+            need(lo.alpha > 0, f"lora.alpha must be > 0 (got {lo.alpha})")
+            need(0 <= lo.dropout < 1, f"lora.dropout must be in [0, 1) (got {lo.dropout})")
+            need(bool(lo.targets) and all(lo.targets),
+                 f"lora.targets must name at least one module suffix, e.g. \"attn.q_proj\" (got {lo.targets})")
+            for k in ("tp", "ep", "pp"):
+                v = getattr(p, k)
+                need(v == 1, f"lora.enable = true supports data parallel (FSDP/HSDP) only: set parallelism.{k} = 1 "
+                             f"(got {v}; the LoRA/DoRA recipe is TP1/PP1/EP1)")
 
         need(bool(self.data.path), "data.path must not be empty")
         need(bool(self.data.text_key), "data.text_key must not be empty")

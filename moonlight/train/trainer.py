@@ -82,7 +82,13 @@ class Trainer:
             raise ConfigError(f"the tokenizer's bos/eos ids reach {max(used)} but the model's vocab_size is "
                               f"{self.model_args.vocab_size}: raise model vocab_size or change data.tokenizer")
 
+        self.lora_modules: list[str] = []  # names of the adapted linears (lora.enable)
         self.parallel = self._build_parallel()
+        if cfg.lora.enable and self.model_args.num_params() > _FULL_INIT_MAX_PARAMS:
+            from moonlight.train.lora import reset_lora_parameters
+
+            for part in self.model_parts:  # materialised from the meta device after sharding
+                reset_lora_parameters(part)
         dp_rank, dp_world = self.parallel.dp_rank, self.parallel.dp_world
         per_call = t.local_batch_size * dp_world
         if t.global_batch_size % per_call:
@@ -129,6 +135,14 @@ class Trainer:
                 f.write(cfg.to_toml())
             n_params = self.model_args.num_params()
             print(f"[moonlight] {cfg.job.description}\n{cfg.to_toml()}", flush=True)
+            if cfg.lora.enable:
+                from moonlight.train.lora import count_params
+
+                trainable, total = count_params(self.model_parts)
+                lo = cfg.lora
+                print(f"[moonlight] {'DoRA' if lo.dora else 'LoRA'} rank {lo.rank} alpha {lo.alpha:g} on "
+                      f"{len(self.lora_modules)} modules: trainable {trainable:,} of {total:,} params "
+                      f"({100 * trainable / total:.3f}%)", flush=True)
             print(f"[moonlight] model {n_params / 1e6:,.1f}M params, world {self.world_size} "
                   f"{self.parallel.describe()}, grad accumulation {self.grad_accum}, device {self.device}"
                   + (f", resumed at step {self.step}" if resumed else ""), flush=True)
@@ -148,11 +162,28 @@ class Trainer:
         with torch.device("meta"):
             model = Moonlight(args)
         if args.num_params() > _FULL_INIT_MAX_PARAMS:
-            return model.to(param_dtype)  # stays on meta; parts are materialised after sharding
+            model = model.to(param_dtype)  # stays on meta; parts are materialised after sharding
+            self._apply_lora(model)  # adapters are initialised once materialised (see __init__)
+            return model
         model.to_empty(device="cpu")
         torch.manual_seed(self.cfg.training.seed)
         model.init_weights()
-        return model.to(param_dtype)
+        model = model.to(param_dtype)
+        self._apply_lora(model)
+        return model
+
+    def _apply_lora(self, model: Moonlight) -> None:
+        """LoRA/DoRA adapters on the full model, before any sharding (FSDP wraps them with their block)."""
+        lo = self.cfg.lora
+        if not lo.enable:
+            return
+        from moonlight.train.lora import apply_lora
+
+        try:
+            self.lora_modules = apply_lora(model, lo.targets, rank=lo.rank, alpha=lo.alpha, dora=lo.dora,
+                                           dropout=lo.dropout)
+        except ValueError as e:
+            raise ConfigError(f"lora: {e} (lora.targets = {lo.targets})") from None
 
     def _build_checkpointer(self):
         c = self.cfg.checkpoint
@@ -166,7 +197,18 @@ class Trainer:
         if self.cfg.checkpoint.enable:
             self.step = ckpt.load(self.cfg.checkpoint.load_step)
         if self.step == 0 and self.cfg.checkpoint.initial_load_hf:
-            ckpt.maybe_initial_load_hf()
+            if self.cfg.lora.enable:  # the checkpoint holds the base weights; DoRA's m starts at their norms
+                from moonlight.train.lora import hide_adapters, init_dora_magnitude
+
+                with contextlib.ExitStack() as stack:
+                    for part in self.model_parts:
+                        stack.enter_context(hide_adapters(part))
+                    loaded = ckpt.maybe_initial_load_hf()
+                if loaded:
+                    for part in self.model_parts:
+                        init_dora_magnitude(part)
+            else:
+                ckpt.maybe_initial_load_hf()
         return ckpt
 
     # ------------------------------------------------------------------- step
