@@ -50,7 +50,7 @@ def _slot_of_row(row_index: Tensor, num_rows: int) -> Tensor:
 
 
 def _permute_torch(x: Tensor, row_index: Tensor, num_rows: int) -> Tensor:
-    top_k = row_index.numel() // x.shape[0]
+    top_k = row_index.numel() // max(x.shape[0], 1)  # no tokens: no rows either
     return x.new_zeros(num_rows, x.shape[1]).index_copy(0, row_index, x.repeat_interleave(top_k, dim=0))
 
 
@@ -123,6 +123,8 @@ def _expand_rows(src: Tensor, row_index: Tensor, num_rows: int, weights: Tensor 
     num_tokens, hidden = src.shape
     dst = src.new_empty(num_rows, hidden)
     grad_weights = torch.empty(row_index.numel(), dtype=torch.float32, device=src.device) if y is not None else None
+    if num_rows == 0:  # an expert-parallel rank can receive no rows: nothing to launch
+        return dst, grad_weights
     block_h = min(triton.next_power_of_2(hidden), 4096)
     _expand_rows_kernel[(num_rows,)](
         src, _slot_of_row(row_index, num_rows),
@@ -139,6 +141,8 @@ def _combine_rows(src: Tensor, row_index: Tensor, num_tokens: int, weights: Tens
     src = src.contiguous()
     hidden = src.shape[1]
     dst = src.new_empty(num_tokens, hidden)
+    if num_tokens == 0:
+        return dst
     top_k = row_index.numel() // num_tokens
     block_k = triton.next_power_of_2(top_k)
     block_h = min(triton.next_power_of_2(hidden), max(16, 4096 // block_k))

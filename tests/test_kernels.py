@@ -258,3 +258,15 @@ def test_resolve_impl():
 def test_unknown_impl_is_rejected():
     with pytest.raises(ValueError, match="impl must be"):
         unpermute_tokens(torch.zeros(2, 4), torch.arange(2), torch.ones(2, 1), impl="cuda")
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_no_tokens_at_all(impl):
+    """A rank can hold no tokens (expert parallel): empty in, empty out, empty gradients."""
+    x = torch.zeros(0, 24, requires_grad=True)
+    weights = torch.zeros(0, 2, requires_grad=True)
+    rows, counts, row_index = permute_tokens(x, torch.zeros(0, 2, dtype=torch.long), 4, impl=impl)
+    out = unpermute_tokens(rows * 2, row_index, weights, impl=impl)
+    out.sum().backward()
+    assert rows.shape == (0, 24) and out.shape == (0, 24) and counts.tolist() == [0, 0, 0, 0]
+    assert x.grad.shape == (0, 24) and weights.grad.shape == (0, 2)
