@@ -66,8 +66,9 @@ class _Factor(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
 
 
-def _dense(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+def _row_norm(w: torch.Tensor) -> torch.Tensor:
+    """||w||_2 over the input dim (dim 1 of [out, in]), in at least fp32."""
+    return torch.linalg.vector_norm(w.to(torch.promote_types(w.dtype, torch.float32)), dim=1)
 
 
 class LoRALinear(nn.Linear):
@@ -105,7 +106,7 @@ class LoRALinear(nn.Linear):
     def init_dora_magnitude(self) -> None:
         if self.magnitude is not None:  # W's row norms; B = 0 makes W + sBA = W
             delta = self.scale * (self.lora_b.weight @ self.lora_a.weight)
-            self.magnitude.copy_(torch.linalg.vector_norm((self.weight + delta).float(), dim=1).to(self.magnitude.dtype))
+            self.magnitude.copy_(_row_norm(self.weight + delta).to(self.magnitude.dtype))
 
     def delta_weight(self) -> torch.Tensor:
         return self.scale * (self.lora_b.weight @ self.lora_a.weight)
@@ -118,7 +119,7 @@ class LoRALinear(nn.Linear):
             return base + lora
         # DoRA as PEFT: m / ||W + sBA||_row (detached) rescales the base and the low-rank path.
         weight = self.weight + self.scale * (b @ a)
-        norm = torch.linalg.vector_norm(weight.float(), dim=1).to(weight.dtype).detach()
+        norm = _row_norm(weight).to(weight.dtype).detach()
         # PEFT: base + (m/n - 1) * base + (m/n) * lora, with base = x W^T (bias added after)
         if self.bias is not None:
             base = base - self.bias
@@ -136,11 +137,12 @@ class LoRALinear(nn.Linear):
 
 def merge_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
                  magnitude: torch.Tensor | None = None) -> torch.Tensor:
-    """W + scale * B A (LoRA) or m * (W + scale B A) / ||W + scale B A||_row (DoRA), computed in fp32
-    and returned in W's dtype."""
-    w = weight.float() + scale * (b.float() @ a.float())
+    """W + scale * B A (LoRA) or m * (W + scale B A) / ||W + scale B A||_row (DoRA), computed in (at least)
+    fp32 and returned in W's dtype."""
+    dt = torch.promote_types(weight.dtype, torch.float32)
+    w = weight.to(dt) + scale * (b.to(dt) @ a.to(dt))
     if magnitude is not None:
-        w = w * (magnitude.float() / torch.linalg.vector_norm(w, dim=1)).unsqueeze(1)
+        w = w * (magnitude.to(dt) / torch.linalg.vector_norm(w, dim=1)).unsqueeze(1)
     return w.to(weight.dtype)
 
 

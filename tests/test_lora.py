@@ -1,0 +1,309 @@
+"""LoRA / DoRA fine-tuning: the adapter math against independent formulas, init equals the base model,
+only adapters train, merging, the trainer end to end (loss falls, base weights untouched, resume, HF
+import and merged HF export that transformers loads), FSDP over two ranks, config errors."""
+
+import dataclasses
+import io
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moonlight import ModelArgs, Moonlight
+from moonlight.train.checkpoint import Checkpointer
+from moonlight.train.config import ConfigError, load_config
+from moonlight.train.lora import (DEFAULT_TARGETS, LoRALinear, apply_lora, count_params, hide_adapters,
+                                  is_adapter_name, lora_scales, merge_lora, merge_lora_state_dict)
+from moonlight.train.trainer import Trainer
+from tests.dist import run_ranks
+
+ARGS = ModelArgs.preset("debug", kernels="torch")
+Q_LORA = dataclasses.replace(ARGS, q_lora_rank=24)
+
+
+def _model(args=ARGS, seed=0):
+    torch.manual_seed(seed)
+    m = Moonlight(args)
+    m.init_weights()
+    return m.eval()
+
+
+def _tokens(args=ARGS, seed=0, shape=(2, 16)):
+    return torch.randint(0, args.vocab_size, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _randomise_adapters(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(("lora_a.weight", "lora_b.weight")):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            elif n.endswith("magnitude"):
+                p.mul_(1 + 0.2 * torch.rand(p.shape, generator=g))
+
+
+# ------------------------------------------------------------------------------------ the module
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("args", [ARGS, Q_LORA], ids=["q_proj", "q_lora"])
+def test_adapted_model_equals_base_at_init(args, dora):
+    model = _model(args)
+    x = _tokens(args)
+    with torch.no_grad():
+        ref = model(x)
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    names = apply_lora(model, DEFAULT_TARGETS, rank=4, alpha=8.0, dora=dora)
+    projs = ["q_proj"] if args.q_lora_rank is None else ["q_a_proj", "q_b_proj"]
+    expected = [f"layers.{i}.attn.{p}" for p in projs + ["kv_a_proj", "kv_b_proj", "o_proj"]
+                for i in range(args.num_hidden_layers)]
+    assert sorted(names) == sorted(expected)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, atol=1e-6, rtol=1e-5)
+    # base weights keep their names (and tensors); adapters are the only trainable parameters
+    sd = model.state_dict()
+    for n, p in base.items():
+        assert torch.equal(sd[n], p), n
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    suffixes = ("lora_a.weight", "lora_b.weight") + (("magnitude",) if dora else ())
+    assert trainable == {f"{m}.{s}" for m in expected for s in suffixes}
+    assert all(is_adapter_name(n) for n in trainable) and not any(is_adapter_name(n) for n in base)
+    lin = model.get_submodule(expected[0])
+    assert isinstance(lin, LoRALinear) and lin.scale == 2.0
+    assert torch.equal(lin.lora_b.weight, torch.zeros_like(lin.lora_b.weight))
+    if dora:
+        torch.testing.assert_close(lin.magnitude, lin.weight.norm(dim=1))
+    n_trainable, n_total = count_params([model])
+    assert n_trainable == sum(p.numel() for n, p in model.named_parameters() if n in trainable)
+    assert n_total == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_only_adapter_params_get_gradients(dora):
+    model = _model().train()
+    apply_lora(model, rank=4, alpha=8.0, dora=dora)
+    _randomise_adapters(model)  # B = 0 would leave A without gradient
+    x = _tokens()
+    F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).backward()
+    for n, p in model.named_parameters():
+        if is_adapter_name(n):
+            assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, n
+        else:
+            assert not p.requires_grad and p.grad is None, n
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_lora_linear_matches_independent_formula(dora, bias):
+    torch.manual_seed(0)
+    base = nn.Linear(12, 10, bias=bias).double()
+    w0 = base.weight.detach().clone()
+    lin = LoRALinear(base, rank=3, alpha=5.0, dora=dora).double()
+    with torch.no_grad():
+        lin.lora_a.weight.normal_()
+        lin.lora_b.weight.normal_()
+        if dora:
+            lin.magnitude.uniform_(0.5, 2.0)
+    x = torch.randn(4, 7, 12, dtype=torch.float64)
+    s = 5.0 / 3
+    a = lin.lora_a.weight.detach().clone().requires_grad_()
+    b = lin.lora_b.weight.detach().clone().requires_grad_()
+    w = w0 + s * b @ a
+    if dora:
+        m = lin.magnitude.detach().clone().requires_grad_()
+        w = m[:, None] * w / torch.linalg.vector_norm(w, dim=1, keepdim=True).detach()  # the norm is a constant
+    ref = x @ w.T + (base.bias if bias else 0)
+    out = lin(x)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(ref)
+    out.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(lin.lora_a.weight.grad, a.grad)
+    torch.testing.assert_close(lin.lora_b.weight.grad, b.grad)
+    if dora:
+        torch.testing.assert_close(lin.magnitude.grad, m.grad)
+    assert lin.weight.grad is None
+    with torch.no_grad():
+        torch.testing.assert_close(lin.merged_weight(), w)
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_merge_lora_gives_a_plain_model_with_the_same_outputs(dora):
+    model = _model()
+    apply_lora(model, rank=4, alpha=8.0, dora=dora, targets=list(DEFAULT_TARGETS) + ["ffn.down_proj"])
+    _randomise_adapters(model)
+    x = _tokens()
+    with torch.no_grad():
+        adapted = model(x)
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    scales = lora_scales(model)
+    merged_sd = merge_lora_state_dict(sd, scales)
+    merge_lora(model)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert type(model.layers["1"].attn.q_proj) is nn.Linear
+    assert set(model.state_dict()) == set(_model().state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), adapted, atol=1e-5, rtol=1e-5)
+    plain = _model(seed=5)
+    plain.load_state_dict(merged_sd)  # strict: the state-dict merge gives exactly the plain keys
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_hide_adapters_shows_the_plain_model():
+    model = _model()
+    apply_lora(model, dora=True)
+    with hide_adapters(model):
+        assert set(model.state_dict()) == set(_model().state_dict())
+    assert any(is_adapter_name(k) for k in model.state_dict())
+    assert len(list(model.get_submodule("layers.0.attn.q_proj").parameters())) == 4
+
+
+def test_bad_adapter_arguments_are_named():
+    with pytest.raises(ValueError, match="rank must be a positive integer, got 0"):
+        apply_lora(_model(), rank=0)
+    with pytest.raises(ValueError, match="'attn.qq_proj' matches no module"):
+        apply_lora(_model(), targets=["attn.qq_proj"])
+    with pytest.raises(ValueError, match="'attn' matches 'layers.0.attn', a MLA, not an nn.Linear"):
+        apply_lora(_model(), targets=["attn"])
+    with pytest.raises(ValueError, match="match no module"):
+        apply_lora(_model(), targets=["attn.q_a_proj"])  # the model has q_proj only
+
+
+# ------------------------------------------------------------------------------------ the trainer
+
+BASE = ["--training.seq_len=32", "--training.global_batch_size=4", "--training.local_batch_size=2",
+        "--checkpoint.enable=false", "--metrics.log_freq=1", "--metrics.device_peak_flops=1e11",
+        "--lr_scheduler.warmup_steps=1", "--model.kernels=torch", "--optimizer.lr=1e-2",
+        "--lora.enable=true", "--lora.rank=4"]
+
+
+def _cfg(folder, *extra):
+    return load_config("train.toml", BASE + [f"--job.dump_folder={folder}", *extra])
+
+
+def _losses(folder):
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if r}
+
+
+def _base_params(trainer):
+    return {n: p.detach().clone() for n, p in trainer.model_parts[0].named_parameters() if not is_adapter_name(n)}
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_trainer_lora_run_lowers_loss_and_keeps_base_weights(tmp_path, capsys, dora):
+    trainer = Trainer(_cfg(tmp_path, "--training.steps=8", f"--lora.dora={str(dora).lower()}"))
+    assert "DoRA" in capsys.readouterr().out if dora else "trainable" in capsys.readouterr().out
+    before = _base_params(trainer)
+    opt_params = {id(p) for o in trainer.optimizers for g in o.param_groups for p in g["params"]}
+    trainable = {id(p) for p in trainer.model_parts[0].parameters() if p.requires_grad}
+    assert opt_params == trainable and len(trainable) == 4 * 4 * (3 if dora else 2)  # 4 layers x 4 attention linears
+    trainer.train()
+    losses = _losses(tmp_path)
+    assert losses[8] < losses[1] - 0.2, losses
+    after = _base_params(trainer)
+    for n, p in before.items():
+        assert torch.equal(after[n], p), f"{n} changed"
+    b = trainer.model_parts[0].layers["1"].attn.o_proj.lora_b.weight
+    assert b.abs().sum() > 0
+
+
+def test_trainer_lora_resume_and_hf_export(tmp_path):
+    """DoRA run with checkpoints: resuming from step 2 gives the straight run's losses bit-exactly, and
+    the merged HF export loads in transformers with the adapted model's logits."""
+    import transformers
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    ckpt = ["--training.steps=4", "--lora.dora=true", "--checkpoint.enable=true", "--checkpoint.interval=2",
+            "--checkpoint.keep_latest_k=0", "--checkpoint.export_hf=end"]
+    straight = Trainer(_cfg(a, *ckpt))
+    straight.train()
+    os.makedirs(b / "checkpoint")
+    shutil.copytree(a / "checkpoint" / "step-2", b / "checkpoint" / "step-2")
+    resumed = Trainer(_cfg(b, *ckpt))
+    assert resumed.step == 2
+    resumed.train()
+    la, lb = _losses(a), _losses(b)
+    assert sorted(lb) == [3, 4] and [lb[3], lb[4]] == [la[3], la[4]]
+    ma, mb = straight.model_parts[0].state_dict(), resumed.model_parts[0].state_dict()
+    for k in ma:
+        assert torch.equal(ma[k], mb[k]), k
+
+    hf_dir = a / "hf" / "step-4"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    model = straight.model_parts[0].eval()
+    tokens = _tokens(ARGS, shape=(2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, model(tokens), atol=1e-4, rtol=1e-3)
+
+
+def test_trainer_lora_starts_from_an_hf_checkpoint(tmp_path):
+    """initial_load_hf fills the base weights of a DoRA run (the adapters are not in the HF file) and
+    the magnitudes start at the loaded weights' row norms, so the run starts at the HF model."""
+    src = _model(seed=7)
+    hf_dir = tmp_path / "hf"
+    Checkpointer(load_config(None, []).checkpoint, tmp_path, [src]).export_hf(path=hf_dir)
+    trainer = Trainer(_cfg(tmp_path / "run", "--training.steps=1", "--lora.dora=true",
+                           f"--checkpoint.initial_load_hf={hf_dir}"))
+    model = trainer.model_parts[0].eval()
+    src_sd = src.state_dict()
+    for k, v in model.state_dict().items():
+        if not is_adapter_name(k):
+            assert torch.equal(v, src_sd[k]), k
+    lin = model.layers["2"].attn.kv_b_proj
+    torch.testing.assert_close(lin.magnitude, src.layers["2"].attn.kv_b_proj.weight.norm(dim=1))
+    x = _tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), src(x), atol=1e-5, rtol=1e-5)
+
+
+def _fsdp_run(rank, world, folder, extra):
+    trainer = Trainer(_cfg(folder, *extra))
+    trainer.train()
+    sd = Checkpointer(trainer.cfg.checkpoint, folder, trainer.model_parts).gather_full_state_dict()
+    if sd is None:
+        return None
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    return buf.getvalue()
+
+
+@pytest.mark.slow
+def test_trainer_lora_fsdp2_equals_single_process(tmp_path):
+    extra = ["--training.steps=3", "--lora.dora=true"]
+    single = torch.load(io.BytesIO(_fsdp_run(0, 1, str(tmp_path / "one"), extra)))
+    fsdp = torch.load(io.BytesIO(run_ranks(_fsdp_run, 2, str(tmp_path / "two"),
+                                           extra + ["--parallelism.dp_shard=2"])[0]))
+    assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=1e-4, abs=1e-5)
+    assert set(fsdp) == set(single)
+    for k, v in single.items():
+        torch.testing.assert_close(fsdp[k], v, atol=2e-5, rtol=1e-4, msg=k)
+
+
+# ------------------------------------------------------------------------------------ config
+
+
+def test_lora_config_errors_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match=r"lora.rank must be >= 1 \(got 0\)"):
+        _cfg(tmp_path, "--lora.rank=0").validate()
+    with pytest.raises(ConfigError, match=r"lora.alpha must be > 0"):
+        _cfg(tmp_path, "--lora.alpha=0").validate()
+    with pytest.raises(ConfigError, match=r"lora.dropout must be in \[0, 1\)"):
+        _cfg(tmp_path, "--lora.dropout=1.0").validate()
+    with pytest.raises(ConfigError, match=r"set parallelism.tp = 1"):
+        _cfg(tmp_path, "--parallelism.tp=2").validate()
+    with pytest.raises(ConfigError, match=r"set parallelism.pp = 1"):
+        _cfg(tmp_path, "--parallelism.pp=2").validate()
+    with pytest.raises(ConfigError, match=r"unknown config key 'lora.rnak'.*did you mean 'lora.rank'"):
+        _cfg(tmp_path, "--lora.rnak=4")
+    with pytest.raises(ConfigError, match=r"LoRA target 'attn.qkv' matches no module"):
+        Trainer(_cfg(tmp_path, "--training.steps=1", "--lora.targets=attn.q_proj,attn.qkv"))
+    # disabled: the section is ignored; the TOML round trip keeps its keys
+    cfg = _cfg(tmp_path, "--lora.enable=false", "--lora.rank=0", "--lora.targets=attn.o_proj").validate()
+    text = cfg.to_toml()
+    assert "[lora]" in text and 'targets = ["attn.o_proj"]' in text
