@@ -193,7 +193,9 @@ class Trainer:
 
         ckpt = Checkpointer(self.cfg.checkpoint, self.cfg.job.dump_folder, self.model_parts, self.optimizers,
                             self.lr_schedulers, self.dataloader,
-                            layout={"world_size": self.world_size, **dataclasses.asdict(self.cfg.parallelism)})
+                            layout={"world_size": self.world_size, **dataclasses.asdict(self.cfg.parallelism),
+                                    # adapters are saved under <linear>.lora_a/lora_b.weight (+ .magnitude)
+                                    **({"lora": dataclasses.asdict(self.cfg.lora)} if self.cfg.lora.enable else {})})
         if self.cfg.checkpoint.enable:
             self.step = ckpt.load(self.cfg.checkpoint.load_step)
         if self.step == 0 and self.cfg.checkpoint.initial_load_hf:
