@@ -97,6 +97,7 @@ def dcp_to_hf(dcp_dir: str, out: str, config: str | None = None, preset: str | N
     from moonlight.convert import CheckpointError, save_hf
     from moonlight.model import Moonlight
     from moonlight.train.checkpoint import _dcp_load, model_args_mismatch, read_meta, resolve_checkpoint
+    from moonlight.train.lora import is_adapter_name, merge_lora_state_dict
 
     path = resolve_checkpoint(dcp_dir, step)
     if config and preset:
@@ -131,23 +132,33 @@ def dcp_to_hf(dcp_dir: str, out: str, config: str | None = None, preset: str | N
     if missing:
         raise CheckpointError(f"{path} lacks {len(missing)} model tensor(s) this config needs, e.g. {missing[:5]}"
                               + hint)
+    # LoRA/DoRA runs store adapters beside the frozen base weights: read them too and merge below
+    adapters = [k[len(prefix):] for k in md if k.startswith(prefix) and is_adapter_name(k[len(prefix):])]
+    lora = ((meta or {}).get("layout") or {}).get("lora")
+    if adapters and not lora:
+        raise CheckpointError(f"{path} holds LoRA adapters (e.g. {adapters[0]}) but its meta.json has no [lora] "
+                              "settings, so their scale alpha / rank is unknown")
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     sd: dict[str, torch.Tensor] = {}
-    for k in wanted:
+    for k in wanted + adapters:
         m = md[prefix + k]
         if not isinstance(m, TensorStorageMetadata):
             raise CheckpointError(f"{path}: {prefix + k} is not a tensor")
-        expected = tuple(model.state_dict()[k].shape)
+        expected = shapes.get(k, tuple(m.size))
         if tuple(m.size) != expected:
             raise CheckpointError(f"{path}: {k} has shape {tuple(m.size)} but the config needs {expected}" + hint)
         sd[k] = torch.empty(tuple(m.size), dtype=m.properties.dtype)
     groups: dict[str, list[str]] = {}
-    for k in wanted:
+    for k in sd:
         groups.setdefault(_layer_of(k), []).append(k)
-    bar = _progress(len(wanted), "reading DCP tensors")
+    bar = _progress(len(sd), "reading DCP tensors")
     for keys in groups.values():  # one DCP read per layer: bounded metadata re-reads, a moving bar
         _dcp_load({prefix + k: sd[k] for k in keys}, path)
         bar.update(len(keys))
     bar.close()
+    if adapters:
+        modules = {k.removesuffix(".lora_a.weight") for k in adapters if k.endswith(".lora_a.weight")}
+        sd = merge_lora_state_dict(sd, {name: lora["alpha"] / lora["rank"] for name in modules})
     model.load_state_dict(sd, assign=True, strict=False)
     print(f"writing HF checkpoint to {out}", file=sys.stderr)
     save_hf(model, out, max_shard_size=max_shard_size, dtype=dtype, overwrite=overwrite)

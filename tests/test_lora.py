@@ -239,6 +239,13 @@ def test_trainer_lora_resume_and_hf_export(tmp_path):
         assert torch.equal(ma[k], mb[k]), k
 
     hf_dir = a / "hf" / "step-4"
+    # the CLI merges the adapters of a trainer checkpoint exactly like the trainer's own export
+    from moonlight.convert_cli import dcp_to_hf
+    from tests.test_convert import _read_all
+
+    dcp_to_hf(str(a / "checkpoint"), str(tmp_path / "cli"), dtype=torch.float32)
+    exported, cli = _read_all(hf_dir), _read_all(tmp_path / "cli")
+    assert set(cli) == set(exported) and all(torch.equal(cli[k], exported[k]) for k in exported)
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     model = straight.model_parts[0].eval()
     tokens = _tokens(ARGS, shape=(2, 12))
