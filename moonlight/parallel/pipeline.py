@@ -53,7 +53,6 @@ import weakref
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage
@@ -61,6 +60,7 @@ from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_s
 
 from moonlight.config import ConfigError, ModelArgs
 from moonlight.model.model import Moonlight
+from moonlight.parallel.tensor import cross_entropy_loss  # plain or vocab-sharded logits
 
 __all__ = [
     "PRESET_LAYOUTS", "SCHEDULES", "auto_layout", "build_pipeline_stages", "build_schedule",
@@ -300,15 +300,6 @@ def build_pipeline_stages(
 
 
 # ------------------------------------------------------------------ schedule and step
-
-
-def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor, num_tokens: int | float | None = None
-                       ) -> torch.Tensor:
-    """Next-token cross-entropy of one microbatch, computed in fp32; labels -100 are ignored.
-    num_tokens None: mean over the microbatch (use with scale_grads=True); else sum / num_tokens."""
-    ce = F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=-100,
-                         reduction="mean" if num_tokens is None else "sum")
-    return ce if num_tokens is None else ce / num_tokens
 
 
 def build_schedule(stages: list[PipelineStage], schedule_name: str, n_microbatches: int,

@@ -14,12 +14,8 @@ from torch import nn
 
 from moonlight.config import ModelArgs
 from moonlight.model import Moonlight
+from moonlight.parallel.tensor import cross_entropy_loss
 from moonlight.train.config import JobConfig
-
-
-def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy in fp32."""
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
 
 
 @dataclass

@@ -29,10 +29,6 @@ class Pipeline:
         return pipeline_step(self.schedule, inputs, labels, num_tokens=self.tokens_per_step)
 
 
-def _pipeline_loss(logits, labels, num_tokens=None):
-    return cross_entropy_loss(logits, labels, num_tokens=num_tokens)
-
-
 def build_parallel_layout(cfg: JobConfig, args: ModelArgs, world_size: int, device: torch.device,
                           init_full_model: Callable[[], Moonlight]) -> Layout:
     p, t = cfg.parallelism, cfg.training
@@ -70,7 +66,7 @@ def build_parallel_layout(cfg: JobConfig, args: ModelArgs, world_size: int, devi
     stages, parts = build_pipeline_stages(args, pp_layout, mesh["pp"], device, schedule=p.pp_schedule,
                                           build_fn=build_fn, parallelize_fn=prepare)
     n_micro = p.pp_microbatches or t.local_batch_size
-    schedule = build_schedule(stages, p.pp_schedule, n_micro, _pipeline_loss, scale_grads=False,
+    schedule = build_schedule(stages, p.pp_schedule, n_micro, cross_entropy_loss, scale_grads=False,
                               local_batch_size=t.local_batch_size)
     dp_world = mesh.dp_size
     tokens_per_step = t.global_batch_size // dp_world * t.seq_len
