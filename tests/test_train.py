@@ -131,3 +131,33 @@ def test_bf16_params_with_fp32_master_weights_and_tensorboard(tmp_path):
 def test_profiler_window_writes_a_trace(tmp_path):
     _trainer(tmp_path, "--training.steps=3", "--metrics.profile_start=2", "--metrics.profile_steps=1").train()
     assert list((tmp_path / "profile").glob("rank0*.pt.trace.json*"))
+
+
+def _train_until_killed(folder):
+    torch.set_num_threads(1)  # forked: never enter the parent's OpenMP pool
+    _trainer(folder, "--training.steps=1000", "--checkpoint.enable=true", "--checkpoint.interval=1000").train()
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
+    import multiprocessing as mp
+    import os
+    import signal
+    import time
+
+    child = mp.get_context("fork").Process(target=_train_until_killed, args=(tmp_path,))
+    child.start()
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((tmp_path / "metrics.jsonl").exists()
+                                          and len(_metrics_lines(tmp_path)) >= 2):
+        time.sleep(0.2)
+    os.kill(child.pid, signal.SIGTERM)
+    child.join(timeout=120)
+    assert child.exitcode == 0
+    last = _metrics(tmp_path)[-1]["step"]
+    assert 2 <= last < 1000
+    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == [f"step-{last}"]
+
+
+def _metrics_lines(folder):
+    with open(f"{folder}/metrics.jsonl") as f:
+        return [line for line in f if line.strip()]

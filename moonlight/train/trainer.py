@@ -13,6 +13,8 @@ import difflib
 import gc
 import math
 import os
+import signal
+import threading
 import time
 
 import torch
@@ -321,6 +323,9 @@ class Trainer:
             print(f"[moonlight] the checkpoint at step {self.step} already reaches training.steps={t.steps}: nothing "
                   "to train (raise --training.steps, or use another --job.dump_folder for a new run)", flush=True)
         profiler = self._profiler()
+        sigterm = {"seen": False}
+        in_main_thread = threading.current_thread() is threading.main_thread()  # signals need the main thread
+        previous = signal.signal(signal.SIGTERM, lambda *_: sigterm.update(seen=True)) if in_main_thread else None
         try:
             with profiler or contextlib.nullcontext():
                 while self.step < t.steps:
@@ -328,6 +333,13 @@ class Trainer:
                     self.step += 1
                     if self.step % cfg.metrics.log_freq == 0 or self.step == t.steps:
                         self.metrics.log(self.step, values)
+                    if self._stop_requested(sigterm["seen"]):
+                        if cfg.checkpoint.enable:
+                            self.checkpointer.save(self.step, force=True, final=False)
+                        if self.rank == 0:
+                            print(f"[moonlight] SIGTERM: stopped after step {self.step}"
+                                  + (", checkpoint saved" if cfg.checkpoint.enable else ""), flush=True)
+                        return
                     if cfg.checkpoint.enable:
                         self.checkpointer.save(self.step, force=self.step == t.steps)
                     if t.gc_freq and self.step % t.gc_freq == 0:
@@ -337,9 +349,20 @@ class Trainer:
             if cfg.checkpoint.export_hf and not cfg.checkpoint.enable:
                 self.checkpointer.export_hf(self.step)
         finally:
+            if in_main_thread:
+                signal.signal(signal.SIGTERM, previous)
             if t.gc_freq:
                 gc.enable()
             self.metrics.close()
+
+    def _stop_requested(self, seen: bool) -> bool:
+        """A SIGTERM (preemption, torchrun shutting down) on any rank stops every rank after the same
+        step, so the final checkpoint's collectives line up."""
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return seen
+        flag = torch.tensor([float(seen)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def _profiler(self):
         m = self.cfg.metrics
