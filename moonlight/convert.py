@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from moonlight.config import ModelArgs
 from moonlight.model import Moonlight
@@ -45,6 +46,11 @@ _EXPERTS = re.compile(r"^layers\.(\d+)\.ffn\.experts\.(gate_proj|up_proj|down_pr
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 # HF keys that carry no weights of ours: the released checkpoint stores each layer's RoPE inv_freq.
 _HF_PASSTHROUGH = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
+
+
+def progress(total: int, desc: str, unit: str = "tensor") -> tqdm:
+    """A progress bar on stderr for long conversions (silent when stderr is not a terminal)."""
+    return tqdm(total=total, desc=desc, unit=unit, disable=None)
 
 
 class CheckpointError(ValueError):
@@ -181,13 +187,15 @@ def load_hf(path: str | os.PathLike, dtype: torch.dtype | None = None, device: s
     model.to_empty(device=device)
     model.to(dtype or torch.float32)
     model.init_weights()  # buffers that are not in the checkpoint (load counters)
-    with torch.no_grad():
-        for native, tensor in model.state_dict().items():
+    state = model.state_dict()
+    with torch.no_grad(), progress(len(state), f"loading {ckpt.path}") as bar:
+        for native, tensor in state.items():
             keys = hf_keys(native, args)
             rows = tensor.unbind(0) if _EXPERTS.match(native) else [tensor]
             for key, dst in zip(keys, rows):
                 _check_shape(key, ckpt.shape(key), dst.shape)
                 dst.copy_(ckpt.get(key))
+            bar.update()
     return model
 
 
@@ -247,13 +255,15 @@ def save_hf(model: Moonlight, path: str | os.PathLike, max_shard_size: int | str
                  if len(shards) > 1 else ["model.safetensors"])
         shard_of = {key: names[i] for i, keys in enumerate(shards) for key in keys}
         tensors = iter_hf_tensors(model, dtype)
-        for name, keys in zip(names, shards):
-            block = {}
-            for _ in keys:
-                key, t = next(tensors)
-                block[key] = t.detach().to("cpu").contiguous()
-            save_file(block, os.path.join(tmp, name), metadata={"format": "pt"})
-            del block
+        with progress(len(shards), f"writing {path}", unit="shard") as bar:
+            for name, keys in zip(names, shards):
+                block = {}
+                for _ in keys:
+                    key, t = next(tensors)
+                    block[key] = t.detach().to("cpu").contiguous()
+                save_file(block, os.path.join(tmp, name), metadata={"format": "pt"})
+                del block
+                bar.update()
         total = sum(n for _, n in sizes)
         if len(names) > 1:
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:

@@ -33,18 +33,7 @@ import sys
 import torch
 
 from moonlight.config import ConfigError, ModelArgs
-
-
-def _progress(total: int, desc: str):
-    try:
-        from tqdm import tqdm
-
-        return tqdm(total=total, desc=desc, unit="tensor", disable=None)
-    except ImportError:  # tqdm is a dependency; keep working without it
-        class _Null:
-            def update(self, n=1): ...
-            def close(self): ...
-        return _Null()
+from moonlight.convert import progress
 
 
 def _dtype(name: str | None) -> torch.dtype | None:
@@ -65,7 +54,7 @@ def hf_to_dcp(hf: str, out: str, overwrite: bool = False) -> str:
     ckpt.check_keys(args)
     shapes = expected_shapes(args)
     n_tensors = sum(len(hf_keys(k, args)) for k in shapes)
-    bar = _progress(n_tensors, "reading HF tensors")
+    bar = progress(n_tensors, "reading HF tensors")
     sd = {}
     for native in shapes:
         keys = hf_keys(native, args)
@@ -151,7 +140,7 @@ def dcp_to_hf(dcp_dir: str, out: str, config: str | None = None, preset: str | N
     groups: dict[str, list[str]] = {}
     for k in sd:
         groups.setdefault(_layer_of(k), []).append(k)
-    bar = _progress(len(sd), "reading DCP tensors")
+    bar = progress(len(sd), "reading DCP tensors")
     for keys in groups.values():  # one DCP read per layer: bounded metadata re-reads, a moving bar
         _dcp_load({prefix + k: sd[k] for k in keys}, path)
         bar.update(len(keys))
