@@ -161,3 +161,15 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
 def _metrics_lines(folder):
     with open(f"{folder}/metrics.jsonl") as f:
         return [line for line in f if line.strip()]
+
+
+def test_models_too_large_for_a_cpu_init_are_initialised_in_place(tmp_path, monkeypatch):
+    """Above the full-init size the model is built on meta and materialised on the training device."""
+    import moonlight.train.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "_FULL_INIT_MAX_PARAMS", 0)
+    for extra in ([], ["--lora.enable=true"]):
+        trainer = _trainer(tmp_path / str(len(extra)), "--training.steps=2", *extra)
+        trainer.train()
+        assert not any(p.is_meta for p in trainer.model_parts[0].parameters())
+        assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _metrics(tmp_path / str(len(extra))))

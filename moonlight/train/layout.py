@@ -49,7 +49,13 @@ def build_layout(cfg: JobConfig, args: ModelArgs, world_size: int, device: torch
                  init_full_model: Callable[[], Moonlight]) -> Layout:
     p = cfg.parallelism
     if world_size == 1 and p.tp == p.ep == p.pp == p.dp_replicate == 1 and p.dp_shard in (-1, 1):
-        model = init_full_model().to(device)
+        model = init_full_model()
+        if next(model.parameters()).is_meta:  # too large to initialise on the CPU first
+            model.to_empty(device=device)
+            torch.manual_seed(cfg.training.seed)
+            model.init_weights()
+        else:
+            model.to(device)
         _apply_activation_checkpointing(model, cfg.activation_checkpoint.mode)
         return Layout(model_parts=[model])
     from moonlight.train.parallel_layout import build_parallel_layout
