@@ -119,8 +119,10 @@ def test_resume_four_ranks_same_layout(straight_4ranks, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("world, layout", [
     (2, ["--parallelism.tp=2"]),
+    (2, ["--parallelism.ep=2"]),
+    (4, ["--parallelism.pp=2", "--parallelism.tp=2", "--parallelism.sequence_parallel=false"]),
     (1, []),
-], ids=["pp2_fsdp2_to_tp2", "pp2_fsdp2_to_single"])
+], ids=["pp2_fsdp2_to_tp2", "pp2_fsdp2_to_ep2", "pp2_fsdp2_to_pp2_tp2", "pp2_fsdp2_to_single"])
 def test_resume_onto_another_layout(straight_4ranks, tmp_path, world, layout):
     src, losses = straight_4ranks
     _resume_copy(src, tmp_path)
