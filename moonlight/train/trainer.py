@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from moonlight.config import ModelArgs
 from moonlight.model import Moonlight
+from moonlight.parallel.data import to_dtype
 from moonlight.train.config import ConfigError, JobConfig
 from moonlight.train.data import build_dataloader
 from moonlight.train.metrics import MetricsLogger, measure_peak_flops, memory_gib
@@ -29,7 +30,6 @@ from moonlight.train.optim import (build_lr_scheduler, build_optimizers, clip_gr
                                    update_router_biases)
 from moonlight.train.tokenizer import build_tokenizer
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Models up to this size are initialised whole on every rank before sharding, so every parallel
 # layout starts from the same weights as a single-process run; larger ones initialise shard by shard.
 _FULL_INIT_MAX_PARAMS = 2_000_000_000
@@ -160,7 +160,7 @@ class Trainer:
     def _init_full_model(self) -> Moonlight:
         """The whole model with its initial weights: the same on every rank and in every layout."""
         args = self.model_args
-        param_dtype = _DTYPES[self.cfg.training.dtype]
+        param_dtype = to_dtype(self.cfg.training.dtype)
         with torch.device("meta"):
             model = Moonlight(args)
         if args.num_params() > _FULL_INIT_MAX_PARAMS:
