@@ -1,25 +1,20 @@
 """Train Moonlight: `torchrun --nproc_per_node=N train.py --config train.toml [--section.key=value ...]`."""
 
-import os
 import sys
 
 import torch.distributed as dist
 
-from moonlight.train.config import ConfigError, parse_args
+from moonlight.errors import exit_on_user_error
+from moonlight.train.config import parse_args
 from moonlight.train.trainer import Trainer
 
 
 def main(argv: list[str]) -> int:
     try:
-        Trainer(parse_args(argv)).train()
-    except ConfigError as e:
-        if os.environ.get("RANK", "0") == "0":  # every rank reads the same config: report it once
-            print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return exit_on_user_error(lambda: Trainer(parse_args(argv)).train())
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":

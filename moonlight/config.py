@@ -12,9 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
-
-class ConfigError(ValueError):
-    """A model configuration we cannot build, with what to change."""
+from moonlight.errors import ConfigError
 
 
 @dataclass

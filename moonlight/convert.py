@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from moonlight.config import ModelArgs
+from moonlight.errors import CheckpointError
 from moonlight.model import Moonlight
 
 # native suffix (after "layers.N.") -> HF suffix (after "model.layers.N.")
@@ -51,10 +52,6 @@ _HF_PASSTHROUGH = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_f
 def progress(total: int, desc: str, unit: str = "tensor") -> tqdm:
     """A progress bar on stderr for long conversions (silent when stderr is not a terminal)."""
     return tqdm(total=total, desc=desc, unit=unit, disable=None)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not match the model: names the key and what was expected."""
 
 
 def hf_keys(native_key: str, args: ModelArgs) -> list[str]:

@@ -41,10 +41,7 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from moonlight.config import ModelArgs
-
-
-class ParallelConfigError(ValueError):
-    """A parallel layout that cannot work, with what to change."""
+from moonlight.errors import ParallelConfigError
 
 
 @dataclass

@@ -79,7 +79,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from moonlight.config import ModelArgs
-from moonlight.convert import CheckpointError
+from moonlight.errors import CheckpointError, CheckpointSaveError
 
 logger = logging.getLogger(__name__)
 
@@ -106,10 +106,6 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 # training knobs that change neither the shapes nor the function of the saved weights).
 IGNORED_ARG_FIELDS = ("kernels", "torch_dtype", "initializer_range", "aux_loss_alpha", "seq_aux")
 _OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
-
-
-class CheckpointSaveError(RuntimeError):
-    """A save that failed (disk full, I/O error, non-finite weights); the previous checkpoint is intact."""
 
 
 # ---------------------------------------------------------------------------------- collectives

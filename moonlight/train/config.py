@@ -21,6 +21,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from moonlight.errors import ConfigError
+
 __all__ = [
     "ConfigError",
     "JobSection",
@@ -40,10 +42,6 @@ __all__ = [
     "parse_args",
     "PP_SCHEDULES",
 ]
-
-
-class ConfigError(ValueError):
-    """A bad key, value or combination in the job config."""
 
 
 DTypeName = Literal["float32", "bfloat16"]

@@ -48,6 +48,8 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from moonlight.errors import DataError
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -67,7 +69,7 @@ MAX_REPORTED_BAD_LINES = 100
 _ENCODE_CHUNK = 1024
 
 
-class BadLineError(ValueError):
+class BadLineError(DataError):
     """A malformed input record; the message starts with "path:line:"."""
 
 
@@ -125,7 +127,7 @@ def _expand(path: str, exts: tuple[str, ...], what: str) -> list[str]:
 class _BadLines:
     def __init__(self, on_bad_line: str) -> None:
         if on_bad_line not in ("skip", "error"):
-            raise ValueError(f"data.on_bad_line must be 'skip' or 'error', got {on_bad_line!r}")
+            raise DataError(f"data.on_bad_line must be 'skip' or 'error', got {on_bad_line!r}")
         self.mode = on_bad_line
         self.count = 0
         self.reported: list[str] = []
@@ -197,18 +199,18 @@ def read_hf(path: str, text_key: str = "text", split: str = "train", on_bad_line
         ds = datasets.load_from_disk(path)
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
-                raise ValueError(f"data.path {path!r} has splits {list(ds)}, not data.split={split!r}")
+                raise DataError(f"data.path {path!r} has splits {list(ds)}, not data.split={split!r}")
             ds = ds[split]
         where0 = path
     else:
         files = _expand(path, tuple(_HF_BUILDERS), "dataset")
         builders = {_HF_BUILDERS[os.path.splitext(f)[1]] for f in files if os.path.splitext(f)[1] in _HF_BUILDERS}
         if len(builders) != 1:
-            raise ValueError(f"data.path {path!r}: expected files of one kind ({', '.join(_HF_BUILDERS)}), got {files[:5]}")
+            raise DataError(f"data.path {path!r}: expected files of one kind ({', '.join(_HF_BUILDERS)}), got {files[:5]}")
         ds = datasets.load_dataset(builders.pop(), data_files=files, split="train")
         where0 = path
     if text_key not in ds.column_names:
-        raise ValueError(f"data.path {path!r}: no column data.text_key={text_key!r} (columns: {ds.column_names})")
+        raise DataError(f"data.path {path!r}: no column data.text_key={text_key!r} (columns: {ds.column_names})")
     row = 0
     for chunk in ds.select_columns([text_key]).iter(batch_size=_ENCODE_CHUNK):
         for text in chunk[text_key]:
@@ -267,7 +269,7 @@ def load_documents(cfg_data: Any, tokenizer: Any) -> DocumentStore:
     elif fmt == "megatron":
         store = _load_megatron(cfg_data.path)
     else:
-        raise ValueError(f"data.format must be 'jsonl', 'hf' or 'megatron', got {fmt!r}")
+        raise DataError(f"data.format must be 'jsonl', 'hf' or 'megatron', got {fmt!r}")
     if store.num_bad_lines:
         first = store.bad_lines[0] if store.bad_lines else ""
         logger.warning(
@@ -307,13 +309,13 @@ class MegatronIndexedDataset:
         with open(idx_path, "rb") as f:
             magic = f.read(9)
             if magic != _MMIDIDX_MAGIC:
-                raise ValueError(f"{idx_path}: not a Megatron MMIDIDX index (magic {magic!r})")
+                raise DataError(f"{idx_path}: not a Megatron MMIDIDX index (magic {magic!r})")
             (version,) = struct.unpack("<Q", f.read(8))
             if version != 1:
-                raise ValueError(f"{idx_path}: unsupported index version {version}")
+                raise DataError(f"{idx_path}: unsupported index version {version}")
             (code,) = struct.unpack("<B", f.read(1))
             if code not in _DTYPE_CODES:
-                raise ValueError(f"{idx_path}: unknown dtype code {code}")
+                raise DataError(f"{idx_path}: unknown dtype code {code}")
             self.dtype = np.dtype(_DTYPE_CODES[code])
             (self.sequence_count,) = struct.unpack("<Q", f.read(8))
             (self.document_count,) = struct.unpack("<Q", f.read(8))
@@ -353,7 +355,7 @@ class MegatronIndexedDataset:
         lengths = self.sequence_lengths.astype(np.int64)
         seq_starts = self.sequence_pointers // self.dtype.itemsize
         if self.sequence_count > 1 and not np.array_equal(seq_starts[1:], seq_starts[:-1] + lengths[:-1]):
-            raise ValueError(f"{self.prefix}.idx: sequences are not contiguous in the .bin file")
+            raise DataError(f"{self.prefix}.idx: sequences are not contiguous in the .bin file")
         di = self.document_indices
         if self.document_count < 1:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
@@ -375,7 +377,7 @@ class MegatronIndexedWriter:
         self.prefix = _megatron_prefix(prefix)
         self.dtype = np.dtype(dtype)
         if self.dtype not in _CODE_OF_DTYPE:
-            raise ValueError(f"unsupported dtype {self.dtype}")
+            raise DataError(f"unsupported dtype {self.dtype}")
         os.makedirs(os.path.dirname(os.path.abspath(self.prefix)), exist_ok=True)
         self._bin = open(self.prefix + ".bin", "wb")
         self._lengths: list[int] = []
@@ -386,7 +388,7 @@ class MegatronIndexedWriter:
         if arr.size and self.dtype.kind in "iu":
             info = np.iinfo(self.dtype)
             if arr.min() < info.min or arr.max() > info.max:
-                raise ValueError(f"token ids out of range for {self.dtype}")
+                raise DataError(f"token ids out of range for {self.dtype}")
         self._bin.write(arr.astype(self.dtype, copy=False).tobytes(order="C"))
         self._lengths.append(int(arr.size))
         self._doc_idx.append(len(self._lengths))
@@ -526,7 +528,7 @@ class PackedDataLoader:
         self.tokens_per_epoch = total
         self.sequences_per_epoch = max((total - 1) // seq_len, 0) if total else 0
         if self.sequences_per_epoch < 1:
-            raise ValueError(
+            raise DataError(
                 f"data {store.source!r}: {total} tokens in {store.num_documents} documents are fewer than "
                 f"one sequence of seq_len + 1 = {seq_len + 1} tokens"
             )
@@ -634,7 +636,7 @@ class PackedDataLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         state = {k: (int(v.item()) if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
         if int(state["seq_len"]) != self.seq_len:
-            raise ValueError(
+            raise DataError(
                 f"data state was saved with seq_len {state['seq_len']}, this run uses {self.seq_len}"
             )
         mismatch = [
@@ -668,9 +670,9 @@ def build_dataloader(
     add_bos = bool(getattr(cfg_data, "add_bos", False))
     add_eos = bool(getattr(cfg_data, "add_eos", True))
     if add_bos and tokenizer.bos_id is None:
-        raise ValueError("data.add_bos = true but the tokenizer has no bos token")
+        raise DataError("data.add_bos = true but the tokenizer has no bos token")
     if add_eos and tokenizer.eos_id is None:
-        raise ValueError("data.add_eos = true but the tokenizer has no eos token")
+        raise DataError("data.add_eos = true but the tokenizer has no eos token")
     if store is None:
         store = load_documents(cfg_data, tokenizer)
     return PackedDataLoader(

@@ -14,6 +14,8 @@ import json
 import os
 from typing import Iterator, Protocol, Sequence
 
+from moonlight.errors import DataError
+
 __all__ = [
     "Tokenizer",
     "ByteTokenizer",
@@ -158,7 +160,7 @@ class TikTokenTokenizer:
             special_tokens=self.special_tokens,
         )
         if bos_tok not in self.special_tokens or eos_tok not in self.special_tokens:
-            raise ValueError(f"{model_file}: bos/eos tokens {bos_tok!r}/{eos_tok!r} are not special tokens")
+            raise DataError(f"{model_file}: bos/eos tokens {bos_tok!r}/{eos_tok!r} are not special tokens")
         self.bos_id = self.special_tokens[bos_tok]
         self.eos_id = self.special_tokens[eos_tok]
         self._n_vocab = n + NUM_SPECIAL_TOKENS
@@ -260,13 +262,13 @@ def build_tokenizer(spec: str) -> ByteTokenizer | TikTokenTokenizer | HFTokenize
             return TikTokenTokenizer(os.path.join(path, "tiktoken.model"), os.path.join(path, "tokenizer_config.json"))
         if os.path.exists(os.path.join(path, "tokenizer.json")):
             return HFTokenizer(os.path.join(path, "tokenizer.json"))
-        raise ValueError(f"data.tokenizer: directory {spec!r} has neither tiktoken.model nor tokenizer.json")
+        raise DataError(f"data.tokenizer: directory {spec!r} has neither tiktoken.model nor tokenizer.json")
     if os.path.isfile(path):
         if path.endswith(".json"):
             return HFTokenizer(path)
         cfg = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer_config.json")
         return TikTokenTokenizer(path, cfg)
-    raise ValueError(
+    raise DataError(
         f"data.tokenizer: {spec!r} is not 'byte' nor an existing tokenizer file/directory "
         "(a directory with tiktoken.model, or a tokenizer.json)"
     )

@@ -21,9 +21,10 @@ import torch
 import torch.distributed as dist
 
 from moonlight.config import ModelArgs
+from moonlight.errors import ConfigError, NonFiniteError
 from moonlight.model import Moonlight
 from moonlight.parallel.data import to_dtype
-from moonlight.train.config import ConfigError, JobConfig
+from moonlight.train.config import JobConfig
 from moonlight.train.data import build_dataloader
 from moonlight.train.metrics import MetricsLogger, measure_peak_flops, memory_gib
 from moonlight.train.optim import (build_lr_scheduler, build_optimizers, clip_grad_norm_, expert_load_imbalance,
@@ -33,10 +34,6 @@ from moonlight.train.tokenizer import build_tokenizer
 # Models up to this size are initialised whole on every rank before sharding, so every parallel
 # layout starts from the same weights as a single-process run; larger ones initialise shard by shard.
 _FULL_INIT_MAX_PARAMS = 2_000_000_000
-
-
-class NonFiniteError(RuntimeError):
-    """A NaN/Inf loss or gradient norm with training.on_nonfinite = "stop"."""
 
 
 def build_model_args(cfg: JobConfig) -> ModelArgs:

@@ -1,0 +1,59 @@
+"""Errors a user can fix, and how every entry point reports them.
+
+Every error meant for the user derives from `MoonlightError`; its message names what is wrong (the
+key, file and line, or checkpoint path) and what to change. Entry points (`train.py`,
+`python -m moonlight.convert`, ...) wrap their main in `exit_on_user_error`, which prints such an
+error once, from rank 0, as `error: ...` and returns exit code 2 without a traceback. Set
+MOONLIGHT_TRACEBACK=1 to see the traceback instead. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+TRACEBACK_ENV = "MOONLIGHT_TRACEBACK"
+USER_ERROR_EXIT_CODE = 2
+
+
+class MoonlightError(Exception):
+    """An error the user can fix; the message says what to change."""
+
+
+class ConfigError(MoonlightError, ValueError):
+    """A bad key, value or combination: model arguments, job config, command-line arguments."""
+
+
+class ParallelConfigError(ConfigError):
+    """A parallel layout that cannot work (degrees vs world size, heads, experts, pipeline stages)."""
+
+
+class CheckpointError(MoonlightError, ValueError):
+    """A checkpoint (ours or Hugging Face's) that is missing, incomplete or does not match; names the path."""
+
+
+class CheckpointSaveError(CheckpointError):
+    """A save that failed (disk full, I/O error, non-finite weights); the previous checkpoint is intact."""
+
+
+class DataError(MoonlightError, ValueError):
+    """Unreadable or malformed training data or tokenizer files; names the file (and line)."""
+
+
+class NonFiniteError(MoonlightError, RuntimeError):
+    """Training stopped on NaN/Inf losses or gradients; names where they appeared."""
+
+
+def exit_on_user_error(main: Callable[[], int | None]) -> int:
+    """Run `main()`; a MoonlightError becomes one `error: ...` line on stderr (rank 0 only: every rank
+    of a job meets the same error) and exit code 2. Returns main's exit code (None counts as 0)."""
+    try:
+        return main() or 0
+    except MoonlightError as e:
+        if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+            print(f"error: {message}", file=sys.stderr, flush=True)
+        return USER_ERROR_EXIT_CODE
