@@ -21,7 +21,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
 
-from moonlight.convert import load_hf  # noqa: E402
+from moonlight.hf import load_hf  # noqa: E402
 from moonlight.train.metrics import measure_peak_flops  # noqa: E402
 
 PEER_CONFIG = dict(

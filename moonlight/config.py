@@ -62,10 +62,6 @@ class ModelArgs:
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
-    @property
-    def n_dense_layers(self) -> int:
-        return self.first_k_dense_replace
-
     def is_moe_layer(self, layer_id: int) -> bool:
         return layer_id >= self.first_k_dense_replace
 
@@ -122,8 +118,13 @@ class ModelArgs:
             path = os.fspath(config)
             if os.path.isdir(path):
                 path = os.path.join(path, "config.json")
-            with open(path) as f:
-                config = json.load(f)
+            try:
+                with open(path, encoding="utf-8") as f:
+                    config = json.load(f)
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"cannot read the model config {path}: {e}") from None
+            if not isinstance(config, dict):
+                raise ConfigError(f"{path} is not a config.json (a JSON object of model fields)")
         cfg = dict(config)
         if cfg.get("model_type", "deepseek_v3") not in ("deepseek_v3", "kimi_k2"):
             raise ConfigError(f"model_type={cfg['model_type']!r}: only 'deepseek_v3' configs are supported")
@@ -201,16 +202,36 @@ class ModelArgs:
         return dict(sorted(cfg.items()))
 
     # --------------------------------------------------------------- counting
-    def num_params(self, include_embedding: bool = True) -> int:
-        """Parameter count computed from the config alone (checked against the built model in tests)."""
+    def attention_matmul_params(self) -> int:
+        """Weights of one MLA block's projections (norm weights excluded)."""
         h, heads = self.hidden_size, self.num_attention_heads
         if self.q_lora_rank is None:
             q = h * heads * self.qk_head_dim
         else:
-            q = h * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * heads * self.qk_head_dim
-        attn = (q + h * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank
-                + self.kv_lora_rank * heads * (self.qk_nope_head_dim + self.v_head_dim)
-                + heads * self.v_head_dim * h)
+            q = h * self.q_lora_rank + self.q_lora_rank * heads * self.qk_head_dim
+        return (q + h * (self.kv_lora_rank + self.qk_rope_head_dim)
+                + self.kv_lora_rank * heads * (self.qk_nope_head_dim + self.v_head_dim) + heads * self.v_head_dim * h)
+
+    def attention_score_flops(self, seq_len: int) -> float:
+        """Forward FLOPs per token of attention's scores and weighted values (QK^T and PV over seq_len
+        keys; the causal half is not discounted, as Megatron and torchtitan count it)."""
+        return 2.0 * self.num_attention_heads * (self.qk_head_dim + self.v_head_dim) * seq_len
+
+    def layer_flops(self, layer_id: int, seq_len: int) -> float:
+        """Forward FLOPs per token of decoder layer `layer_id`: its activated weights and attention."""
+        h = self.hidden_size
+        if self.is_moe_layer(layer_id):
+            ffn = (3 * h * self.moe_intermediate_size * (self.num_experts_per_tok + self.n_shared_experts)
+                   + self.n_routed_experts * h)  # + router
+        else:
+            ffn = 3 * h * self.intermediate_size
+        return 2.0 * (self.attention_matmul_params() + ffn) + self.attention_score_flops(seq_len)
+
+    def num_params(self, include_embedding: bool = True) -> int:
+        """Parameter count computed from the config alone (checked against the built model in tests)."""
+        h = self.hidden_size
+        q_norm = self.q_lora_rank or 0
+        attn = self.attention_matmul_params() + q_norm + self.kv_lora_rank
         dense = 3 * h * self.intermediate_size
         moe = (3 * h * self.moe_intermediate_size * (self.n_routed_experts + self.n_shared_experts)
                + self.n_routed_experts * h)
@@ -225,9 +246,16 @@ class ModelArgs:
         inactive = ((self.num_hidden_layers - self.first_k_dense_replace) * 3 * h * self.moe_intermediate_size
                     * (self.n_routed_experts - self.num_experts_per_tok))
         active = self.num_params(include_embedding=False) - inactive
-        attn = 6 * self.num_hidden_layers * self.num_attention_heads * (self.qk_head_dim + self.v_head_dim) * seq_len
-        return 6 * active + attn
+        return 6 * active + 3 * self.num_hidden_layers * self.attention_score_flops(seq_len)
 
+
+# Fields that fix tensor shapes: a checkpoint must agree on all of them to be loaded at all.
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+                "first_k_dense_replace", "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+                "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "n_shared_experts")
+# Fields that change neither the shapes nor the function of the weights (implementation and training
+# knobs): they may differ between the run that saved a checkpoint and the one that resumes it.
+RUNTIME_FIELDS = ("kernels", "torch_dtype", "initializer_range", "aux_loss_alpha", "seq_aux")
 
 PRESETS: dict[str, ModelArgs] = {
     "moonlight-16b-a3b": ModelArgs(),

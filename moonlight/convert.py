@@ -1,283 +1,126 @@
-"""Hugging Face <-> native conversion for Moonlight checkpoints (safetensors in and out).
+"""Convert Moonlight checkpoints between Hugging Face safetensors and the trainer's DCP format
+(one process, no torch.distributed set-up needed):
 
-The HF on-disk layout (Moonlight's released checkpoint, and what `save_pretrained` writes) keeps one
-tensor per expert; the native model stacks them ([E, ...]). Everything else is a rename: weights copy
-across without permutation because both sides rotate interleaved RoPE pairs.
+    python -m moonlight.convert hf-to-dcp --hf HF_DIR --out DCP_DIR [--overwrite]
+    python -m moonlight.convert dcp-to-hf --dcp DCP_DIR --out HF_DIR [--config config.json | --model-preset NAME]
+                                          [--dtype bfloat16] [--max-shard-size 5GB] [--step N] [--overwrite]
+
+- hf-to-dcp writes a MODEL-ONLY checkpoint (meta.json "contents": ["model"], step 0) with the
+  tensors in the HF file's dtypes. Start a run from it by pointing `checkpoint.initial_load_hf` at
+  it, or by placing it as `<dump_folder>/<checkpoint.folder>/step-0` (resume restores the weights;
+  optimizer, data position and schedule start fresh).
+- dcp-to-hf reads a trainer checkpoint directory `.../step-N`, or a checkpoint folder (the latest
+  complete step, or --step N), or an hf-to-dcp output, any number of saving ranks and any parallel
+  layout (DCP reshards into full tensors); LoRA/DoRA adapters are merged. Model args come from
+  meta.json unless --config (an HF config.json or its directory) or --model-preset is given.
+
+Memory: both directions hold the whole model once in CPU memory (about 32 GB for Moonlight-16B in
+bf16).
 """
 
 from __future__ import annotations
 
-import json
+import argparse
 import os
-import re
-import shutil
-import tempfile
-from collections.abc import Iterator
+import sys
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-from tqdm import tqdm
 
+from moonlight.checkpoint import format as fmt
+from moonlight.checkpoint.export import load_dcp_model
 from moonlight.config import ModelArgs
-from moonlight.errors import CheckpointError
-from moonlight.model import Moonlight
-
-# native suffix (after "layers.N.") -> HF suffix (after "model.layers.N.")
-_LAYER_RENAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attn.q_proj.weight": "self_attn.q_proj.weight",
-    "attn.q_a_proj.weight": "self_attn.q_a_proj.weight",
-    "attn.q_norm.weight": "self_attn.q_a_layernorm.weight",
-    "attn.q_b_proj.weight": "self_attn.q_b_proj.weight",
-    "attn.kv_a_proj.weight": "self_attn.kv_a_proj_with_mqa.weight",
-    "attn.kv_norm.weight": "self_attn.kv_a_layernorm.weight",
-    "attn.kv_b_proj.weight": "self_attn.kv_b_proj.weight",
-    "attn.o_proj.weight": "self_attn.o_proj.weight",
-    "ffn.router.weight": "mlp.gate.weight",
-    "ffn.router.expert_bias": "mlp.gate.e_score_correction_bias",
-}
-for _proj in ("gate_proj", "up_proj", "down_proj"):
-    _LAYER_RENAMES[f"ffn.{_proj}.weight"] = f"mlp.{_proj}.weight"
-    _LAYER_RENAMES[f"ffn.shared_experts.{_proj}.weight"] = f"mlp.shared_experts.{_proj}.weight"
-_TOP_RENAMES = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-                "lm_head.weight": "lm_head.weight"}
-_EXPERTS = re.compile(r"^layers\.(\d+)\.ffn\.experts\.(gate_proj|up_proj|down_proj)$")
-_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
-# HF keys that carry no weights of ours: the released checkpoint stores each layer's RoPE inv_freq.
-_HF_PASSTHROUGH = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
+from moonlight.dtypes import to_dtype
+from moonlight.errors import CheckpointError, ConfigError, exit_on_user_error
+from moonlight.hf import HFCheckpoint, expected_shapes, hf_keys, is_expert_stack, parse_size, progress, save_hf
 
 
-def progress(total: int, desc: str, unit: str = "tensor") -> tqdm:
-    """A progress bar on stderr for long conversions (silent when stderr is not a terminal)."""
-    return tqdm(total=total, desc=desc, unit=unit, disable=None)
-
-
-def hf_keys(native_key: str, args: ModelArgs) -> list[str]:
-    """The HF key(s) holding one native tensor: one per expert for stacked expert weights."""
-    if native_key in _TOP_RENAMES:
-        return [_TOP_RENAMES[native_key]]
-    m = _EXPERTS.match(native_key)
-    if m:
-        layer, proj = m.groups()
-        return [f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight" for e in range(args.n_routed_experts)]
-    m = _LAYER.match(native_key)
-    if m and m.group(2) in _LAYER_RENAMES:
-        return [f"model.layers.{m.group(1)}.{_LAYER_RENAMES[m.group(2)]}"]
-    raise CheckpointError(f"no Hugging Face name is known for native key {native_key!r}")
-
-
-def expected_shapes(args: ModelArgs) -> dict[str, torch.Size]:
-    """Native key -> shape of every tensor in a checkpoint, from a meta-device model."""
-    with torch.device("meta"):
-        model = Moonlight(args)
-    return {k: v.shape for k, v in model.state_dict().items()}
-
-
-def _check_shape(key: str, found: torch.Size | list[int], expected: torch.Size | list[int]):
-    if tuple(found) != tuple(expected):
-        raise CheckpointError(f"shape mismatch for {key!r}: expected {tuple(expected)}, found {tuple(found)} "
-                              "(is the config.json the one this checkpoint was saved with?)")
-
-
-def _check_keys(found: set[str], expected: set[str], what: str):
-    missing, unexpected = sorted(expected - found), sorted(found - expected)
-    if missing:
-        raise CheckpointError(f"{what} is missing {len(missing)} key(s), e.g. {missing[:5]}")
-    if unexpected:
-        raise CheckpointError(f"{what} has {len(unexpected)} unexpected key(s), e.g. {unexpected[:5]} "
-                              "(a different architecture or config?)")
-
-
-def hf_to_native(state_dict: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
-    """HF state dict (per-expert keys) -> native state dict (stacked experts)."""
-    shapes = expected_shapes(args)
-    wanted = {hf: native for native in shapes for hf in hf_keys(native, args)}
-    found = {k for k in state_dict if not _HF_PASSTHROUGH.match(k)}
-    _check_keys(found, set(wanted), "the Hugging Face state dict")
-    out = {}
-    for native, shape in shapes.items():
-        tensors = [state_dict[k] for k in hf_keys(native, args)]
-        per_key_shape = shape[1:] if _EXPERTS.match(native) else shape
-        for k, t in zip(hf_keys(native, args), tensors):
-            _check_shape(k, t.shape, per_key_shape)
-        out[native] = torch.stack(tensors) if _EXPERTS.match(native) else tensors[0]
-    return out
-
-
-def native_to_hf(state_dict: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
-    """Native state dict -> HF state dict in the on-disk layout (one tensor per expert)."""
-    shapes = expected_shapes(args)
-    _check_keys(set(state_dict), set(shapes), "the native state dict")
-    out = {}
-    for native, shape in shapes.items():
-        t = state_dict[native]
-        _check_shape(native, t.shape, shape)
-        keys = hf_keys(native, args)
-        if _EXPERTS.match(native):
-            out.update(zip(keys, t.unbind(0)))
-        else:
-            out[keys[0]] = t
-    return out
-
-
-class HFCheckpoint:
-    """Read access to a HF safetensors directory (single file or sharded with an index), tensor by
-    tensor or slice by slice, never loading a whole shard."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = os.fspath(path)
-        index = os.path.join(self.path, "model.safetensors.index.json")
-        single = os.path.join(self.path, "model.safetensors")
-        if os.path.exists(index):
-            with open(index) as f:
-                self.key_to_file = json.load(f)["weight_map"]
-        elif os.path.exists(single):
-            with safe_open(single, "pt") as f:
-                self.key_to_file = {k: "model.safetensors" for k in f.keys()}
-        else:
-            bins = [n for n in os.listdir(self.path) if n.endswith((".bin", ".pt", ".pth"))]
-            hint = " (pickle checkpoints are not loaded: convert them to safetensors)" if bins else ""
-            raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {self.path}{hint}")
-        missing_files = sorted({f for f in self.key_to_file.values()
-                                if not os.path.exists(os.path.join(self.path, f))})
-        if missing_files:
-            raise CheckpointError(f"the index of {self.path} names shard file(s) that do not exist: {missing_files}")
-        self._handles: dict[str, object] = {}
-        self.args = ModelArgs.from_hf_config(self.path)
-
-    def _handle(self, key: str):
-        if key not in self.key_to_file:
-            raise CheckpointError(f"checkpoint {self.path} is missing key {key!r}")
-        name = self.key_to_file[key]
-        if name not in self._handles:
-            self._handles[name] = safe_open(os.path.join(self.path, name), "pt")
-        return self._handles[name]
-
-    def shape(self, key: str) -> list[int]:
-        return self._handle(key).get_slice(key).get_shape()
-
-    def get(self, key: str) -> torch.Tensor:
-        return self._handle(key).get_tensor(key)
-
-    def get_slice(self, key: str):
-        """A lazy slice object: index it (e.g. `[a:b]`) to read only those rows."""
-        return self._handle(key).get_slice(key)
-
-    def check_keys(self, args: ModelArgs):
-        found = {k for k in self.key_to_file if not _HF_PASSTHROUGH.match(k)}
-        _check_keys(found, {hf for native in expected_shapes(args) for hf in hf_keys(native, args)},
-                    f"checkpoint {self.path}")
-
-
-def load_hf(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-            **arg_overrides) -> Moonlight:
-    """Build a Moonlight from a HF checkpoint directory, reading one tensor at a time straight into
-    the model's storage. `dtype` defaults to float32; `arg_overrides` change ModelArgs fields that do
-    not affect shapes (e.g. kernels="torch")."""
-    ckpt = HFCheckpoint(path)
-    args = ModelArgs.from_hf_config(ckpt.path, **arg_overrides)
+def hf_to_dcp(hf: str, out: str, overwrite: bool = False) -> str:
+    ckpt = HFCheckpoint(hf)
+    args = ckpt.args
     ckpt.check_keys(args)
-    with torch.device("meta"):
-        model = Moonlight(args)
-    model.to_empty(device=device)
-    model.to(dtype or torch.float32)
-    model.init_weights()  # buffers that are not in the checkpoint (load counters)
-    state = model.state_dict()
-    with torch.no_grad(), progress(len(state), f"loading {ckpt.path}") as bar:
-        for native, tensor in state.items():
-            keys = hf_keys(native, args)
-            rows = tensor.unbind(0) if _EXPERTS.match(native) else [tensor]
-            for key, dst in zip(keys, rows):
-                _check_shape(key, ckpt.shape(key), dst.shape)
-                dst.copy_(ckpt.get(key))
-            bar.update()
-    return model
+    shapes = expected_shapes(args)
+    sd = {}
+    with progress(sum(len(hf_keys(k, args)) for k in shapes), "reading HF tensors") as bar:
+        for native in shapes:
+            parts = []
+            for k in hf_keys(native, args):
+                parts.append(ckpt.get(k))
+                bar.update(1)
+            sd[native] = torch.stack(parts) if is_expert_stack(native) else parts[0]
+            if tuple(sd[native].shape) != tuple(shapes[native]):
+                raise CheckpointError(f"{native}: shape {tuple(sd[native].shape)} does not match the config's "
+                                      f"{tuple(shapes[native])}")
+    print(f"writing model-only DCP checkpoint ({len(sd)} tensors) to {out}", file=sys.stderr)
+    return fmt.write_model_only_checkpoint(sd, out, args, step=0, overwrite=overwrite,
+                                           extra_meta={"source": os.path.abspath(hf)})
 
 
-def _parse_size(size: int | str) -> int:
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", size, re.IGNORECASE)
-    if not m:
-        raise ValueError(f"max_shard_size={size!r}: use bytes or a string like '5GB' / '500MB'")
-    unit = (m.group(2) or "B").upper()
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
-    return int(float(m.group(1)) * scale)
+def dcp_to_hf(dcp_dir: str, out: str, config: str | None = None, preset: str | None = None,
+              dtype: torch.dtype | None = None, max_shard_size: str = "5GB", step: int = -1,
+              overwrite: bool = False) -> str:
+    if config and preset:
+        raise ConfigError("pass --config or --model-preset, not both")
+    path = fmt.resolve_checkpoint(dcp_dir, step)
+    meta = fmt.read_meta(path) if os.path.exists(os.path.join(path, fmt.META)) else None
+    args = ModelArgs.from_hf_config(config) if config else ModelArgs.preset(preset) if preset else None
+    hint = ""
+    if meta and meta.get("model_args") and args is not None:
+        diffs = fmt.model_args_mismatch(meta["model_args"], args, this="the given config")
+        if diffs:
+            hint = f" (the checkpoint's meta.json differs from the given config: {'; '.join(diffs)})"
+            print(f"warning: the given config differs from the one {path} was saved with: {'; '.join(diffs)}",
+                  file=sys.stderr)
+    model = load_dcp_model(path, args, hint=hint)
+    print(f"writing HF checkpoint to {out}", file=sys.stderr)
+    save_hf(model, out, max_shard_size=max_shard_size, dtype=dtype, overwrite=overwrite)
+    return os.path.abspath(out)
 
 
-def _plan_shards(items: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
-    shards, current, size = [], [], 0
-    for key, nbytes in items:
-        if current and size + nbytes > max_bytes:
-            shards.append(current)
-            current, size = [], 0
-        current.append(key)
-        size += nbytes
-    return shards + ([current] if current else [])
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m moonlight.convert",
+                                description="Convert Moonlight checkpoints between Hugging Face safetensors and "
+                                            "torch.distributed.checkpoint (the trainer's format).")
+    sub = p.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("hf-to-dcp", help="HF directory -> model-only DCP checkpoint")
+    a.add_argument("--hf", required=True, help="HF checkpoint directory (config.json + safetensors)")
+    a.add_argument("--out", required=True, help="output checkpoint directory")
+    a.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    b = sub.add_parser("dcp-to-hf", help="DCP checkpoint (trainer or hf-to-dcp) -> HF directory")
+    b.add_argument("--dcp", required=True, help="checkpoint directory step-N, or a folder of them (latest)")
+    b.add_argument("--out", required=True, help="output HF directory")
+    b.add_argument("--step", type=int, default=-1, help="with a folder of step-N directories: which step")
+    g = b.add_mutually_exclusive_group()
+    g.add_argument("--config", help="HF config.json (or its directory) instead of the checkpoint's meta.json")
+    g.add_argument("--model-preset", help="model preset instead of meta.json")
+    b.add_argument("--dtype", help="output dtype: float32, bfloat16, float16 (default: as stored); router "
+                                   "biases stay float32")
+    b.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
+    b.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    return p
 
 
-def iter_hf_tensors(model: Moonlight, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF key, tensor) pairs of a model in HF order, one at a time (experts unstacked lazily)."""
-    args = model.args
-    for native, tensor in model.state_dict().items():
-        for key, t in zip(hf_keys(native, args), tensor.unbind(0) if _EXPERTS.match(native) else [tensor]):
-            keep_fp32 = key.endswith("e_score_correction_bias")
-            yield key, t.to(torch.float32 if keep_fp32 else (dtype or t.dtype))
+def run(ns: argparse.Namespace) -> str:
+    """Validate every argument, then convert; returns the output directory."""
+    if ns.command == "hf-to-dcp":
+        if not os.path.isdir(ns.hf):
+            raise CheckpointError(f"--hf {ns.hf}: no such directory")
+        return hf_to_dcp(ns.hf, ns.out, overwrite=ns.overwrite)
+    if ns.config and not os.path.exists(ns.config):
+        raise CheckpointError(f"--config {ns.config}: no such file or directory")
+    dtype = to_dtype(ns.dtype, what="--dtype")
+    parse_size(ns.max_shard_size)
+    return dcp_to_hf(ns.dcp, ns.out, config=ns.config, preset=ns.model_preset, dtype=dtype,
+                     max_shard_size=ns.max_shard_size, step=ns.step, overwrite=ns.overwrite)
 
 
-def save_hf(model: Moonlight, path: str | os.PathLike, max_shard_size: int | str = "5GB",
-            dtype: torch.dtype | None = None, overwrite: bool = False) -> None:
-    """Write `config.json`, sharded `model-0000i-of-0000n.safetensors` and their index, loadable by
-    `transformers.AutoModelForCausalLM.from_pretrained`. Written into a temporary directory and
-    renamed into place, so an interrupted save never leaves a directory that looks complete."""
-    path = os.path.abspath(os.fspath(path))
-    if os.path.exists(path) and os.listdir(path) and not overwrite:
-        raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True to replace it")
-    max_bytes = _parse_size(max_shard_size)
-    args = model.args
-    sizes = []
-    for native, t in model.state_dict().items():
-        keys = hf_keys(native, args)
-        per_key = t.numel() // len(keys) * (dtype or t.dtype).itemsize
-        sizes += [(key, t.numel() // len(keys) * 4 if key.endswith("e_score_correction_bias") else per_key)
-                  for key in keys]
-    shards = _plan_shards(sizes, max_bytes)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-save-", dir=parent)
-    try:
-        names = ([f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-                 if len(shards) > 1 else ["model.safetensors"])
-        shard_of = {key: names[i] for i, keys in enumerate(shards) for key in keys}
-        tensors = iter_hf_tensors(model, dtype)
-        with progress(len(shards), f"writing {path}", unit="shard") as bar:
-            for name, keys in zip(names, shards):
-                block = {}
-                for _ in keys:
-                    key, t = next(tensors)
-                    block[key] = t.detach().to("cpu").contiguous()
-                save_file(block, os.path.join(tmp, name), metadata={"format": "pt"})
-                del block
-                bar.update()
-        total = sum(n for _, n in sizes)
-        if len(names) > 1:
-            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": shard_of}, f, indent=2)
-        hf_config = args.to_hf_config()
-        if dtype is not None:
-            hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(hf_config, f, indent=2)
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def main(argv: list[str] | None = None) -> int:
+    """The command line; a user error exits (SystemExit) with code 2 after one `error: ...` line."""
+    ns = build_parser().parse_args(argv)
+    code = exit_on_user_error(lambda: print(run(ns)))
+    if code:
+        raise SystemExit(code)
+    return 0
 
 
-if __name__ == "__main__":  # python -m moonlight.convert hf-to-dcp | dcp-to-hf (see moonlight/convert_cli.py)
-    from moonlight.convert_cli import main
+if __name__ == "__main__":
     main()

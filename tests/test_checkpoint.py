@@ -13,15 +13,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from moonlight import ModelArgs, Moonlight
-from moonlight.train.checkpoint import (
-    Checkpointer,
-    CheckpointError,
-    CheckpointSaveError,
-    list_checkpoints,
-    read_meta,
-)
+from moonlight.checkpoint.export import export_hf
+from moonlight.checkpoint.format import list_checkpoints, read_meta
+from moonlight.checkpoint.state import Checkpointer
+from moonlight.errors import CheckpointError, CheckpointSaveError
 from moonlight.train.config import CheckpointSection
 from moonlight.train.optim import build_lr_scheduler, build_optimizers
+from moonlight.train.trainer import load_initial_weights
 from tests.dist import run_ranks
 
 ARGS = ModelArgs.preset("debug", kernels="torch")
@@ -276,9 +274,10 @@ def test_hf_export_loads_in_transformers_with_same_logits(tmp_path):
 
     model, opts, scheds = build()
     train(model, opts, scheds, None, 2)
-    ck = Checkpointer(cfg(interval=100, export_hf="end"), tmp_path, [model], opts, scheds, None)
+    ck = Checkpointer(cfg(interval=100), tmp_path, [model], opts, scheds, None)
     assert ck.save(2, force=True)
     path = tmp_path / "hf" / "step-2"
+    export_hf([model], path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tokens = torch.randint(0, ARGS.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     model.eval()
@@ -288,14 +287,14 @@ def test_hf_export_loads_in_transformers_with_same_logits(tmp_path):
     # initial_load_hf: a fresh run starts from the export; a run with a checkpoint ignores it
     fresh = build(seed=4)
     ck2 = Checkpointer(cfg(folder="run2", initial_load_hf=str(path)), tmp_path, [fresh[0]], fresh[1], fresh[2], None)
-    assert ck2.load() == 0 and ck2.maybe_initial_load_hf()
+    assert ck2.load() == 0 and load_initial_weights(ck2, str(path))
     assert_sd_equal(full_sd(fresh[0]), full_sd(model))
     ck3 = Checkpointer(cfg(initial_load_hf=str(path)), tmp_path, [fresh[0]], fresh[1], fresh[2], None)
-    assert not ck3.maybe_initial_load_hf()
+    assert not load_initial_weights(ck3, str(path))
     bad = Checkpointer(cfg(folder="run3", initial_load_hf=str(tmp_path / "nope")), tmp_path, [fresh[0]], None, None,
                        None)
     with pytest.raises(CheckpointError, match="nope does not exist"):
-        bad.maybe_initial_load_hf()
+        load_initial_weights(bad, str(tmp_path / "nope"))
 
 
 def test_two_pipeline_parts_in_one_process(tmp_path):
@@ -309,7 +308,7 @@ def test_two_pipeline_parts_in_one_process(tmp_path):
     plain = build(seed=7)
     assert Checkpointer(cfg(), tmp_path, [plain[0]], plain[1], plain[2], None).load() == 1
     assert_sd_equal(full_sd(plain[0]), {k: v for p in parts for k, v in full_sd(p).items()})
-    ck.export_hf(path=tmp_path / "hf")
+    export_hf(parts, tmp_path / "hf")
     assert os.path.exists(tmp_path / "hf" / "config.json")
 
 
@@ -401,10 +400,10 @@ def _fsdp_load_worker(rank, world, folder, hf_out, hf_in):
     step = ck.load()
     out = dict(step=step, model=full_sd(model), optim=flat_optim(model, opts), rand=torch.rand(3),
                consumed=loader.consumed, lr=scheds.get_last_lr())
-    ck.export_hf(path=hf_out)
+    export_hf([model], hf_out)
     # initial HF load into sharded parameters
     fresh = _fsdp(build(seed=12)[0])
-    Checkpointer(cfg(folder="fresh", initial_load_hf=hf_in), folder, [fresh], None, None, None).maybe_initial_load_hf()
+    load_initial_weights(Checkpointer(cfg(folder="fresh"), folder, [fresh], None, None, None), hf_in)
     out["hf_loaded"] = full_sd(fresh)
     return _pack(out)
 
@@ -429,7 +428,7 @@ def test_fsdp2_two_ranks_to_one_and_back(tmp_path):
     train(model, opts, scheds, loader, 1, seed=5)
     Checkpointer(cfg(), b, [model], opts, scheds, loader).save(3)
     hf_in = tmp_path / "hf_in"
-    Checkpointer(cfg(), b, [model], None, None, None).export_hf(path=hf_in)
+    export_hf([model], hf_in)
     loaded = _unpack(run_ranks(_fsdp_load_worker, 2, str(b), str(tmp_path / "hf_out"), str(hf_in)))
     for r in loaded:
         assert r["step"] == 3 and r["consumed"] == 12 and r["lr"] == scheds.get_last_lr()
@@ -452,7 +451,7 @@ def _pp_save_worker(rank, world, folder, hf_out):
     _fake_step([part], opts, seed=rank)
     ck = Checkpointer(cfg(), folder, [part], opts, scheds, None, layout={"pp": 2})
     ck.save(1)
-    ck.export_hf(path=hf_out)
+    export_hf([part], hf_out)
     return _pack((full_sd(part), flat_optim(part, opts)))
 
 
@@ -464,6 +463,6 @@ def test_pipeline_stages_on_two_ranks_to_one(tmp_path):
     assert Checkpointer(cfg(), tmp_path, [model], opts, scheds, None).load() == 1
     assert_sd_equal(full_sd(model), {**res[0][0], **res[1][0]})
     assert_sd_equal(flat_optim(model, opts), {**res[0][1], **res[1][1]})
-    from moonlight.convert import load_hf
+    from moonlight.hf import load_hf
 
     assert_sd_equal(full_sd(load_hf(tmp_path / "hf", kernels="torch")), full_sd(model))

@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 
 from moonlight import ModelArgs
 from moonlight.config import ConfigError
-from moonlight.convert import CheckpointError, hf_to_native, load_hf, native_to_hf, save_hf
+from moonlight.errors import CheckpointError
+from moonlight.hf import hf_to_native, load_hf, native_to_hf, save_hf
 from tests.hf_reference import make_hf_model
 
 
@@ -167,6 +168,6 @@ def test_save_refuses_to_overwrite(hf_dir, tmp_path):
     model = load_hf(hf_dir)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(CheckpointError, match="exists and is not empty"):
         save_hf(model, tmp_path / "out")
     assert (tmp_path / "out" / "keep.txt").exists()

@@ -9,9 +9,12 @@ import sys
 import pytest
 import torch
 
-from moonlight.convert import load_hf
-from moonlight.convert_cli import main
-from moonlight.train.checkpoint import Checkpointer, list_checkpoints, read_meta
+from moonlight.hf import load_hf
+from moonlight.convert import main
+from moonlight.checkpoint.format import list_checkpoints, read_meta
+from moonlight.checkpoint.export import export_hf
+from moonlight.checkpoint.state import Checkpointer
+from moonlight.train.trainer import load_initial_weights
 from moonlight.train.config import CheckpointSection
 from tests.hf_reference import make_hf_model
 from tests.test_convert import _read_all
@@ -92,7 +95,7 @@ def test_trainer_checkpoint_to_hf_and_hf_to_trainer(hf_dir, tmp_path):
             p.zero_()
     cfg2 = CheckpointSection(enable=True, folder="run2",
                              initial_load_hf=str(tmp_path / "run" / "checkpoint" / "step-0"))
-    assert Checkpointer(cfg2, tmp_path / "run", [other], None, None, None).maybe_initial_load_hf()
+    assert load_initial_weights(Checkpointer(cfg2, tmp_path / "run", [other], None, None, None), cfg2.initial_load_hf)
     for k, v in other.state_dict().items():
         assert torch.equal(v, reference[k]), k
 
@@ -101,7 +104,7 @@ def test_trainer_checkpoint_to_hf_and_hf_to_trainer(hf_dir, tmp_path):
     opts.step()
     ck.save(5)
     ck.save(7)
-    ck.export_hf(path=tmp_path / "export", dtype=torch.float32)
+    export_hf([model], tmp_path / "export", dtype=torch.float32)
     main(["dcp-to-hf", "--dcp", str(tmp_path / "run" / "checkpoint"), "--out", str(tmp_path / "latest")])
     _same(tmp_path / "export", tmp_path / "latest")
     main(["dcp-to-hf", "--dcp", str(tmp_path / "run" / "checkpoint"), "--step", "0", "--out", str(tmp_path / "s0")])

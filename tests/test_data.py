@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from moonlight.train.config import DataSection
+from moonlight.errors import DataError
 from moonlight.train.data import (
     BadLineError,
     MegatronIndexedDataset,
@@ -431,9 +432,9 @@ def test_hf_non_string_rows(tmp_path, hf_cache):
 
 
 def test_missing_paths(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no jsonl files"):
+    with pytest.raises(DataError, match="no jsonl files"):
         build_dataloader(data_cfg(tmp_path / "nothing*.jsonl"), ByteTokenizer(), 4, 1)
-    with pytest.raises(FileNotFoundError, match="Megatron"):
+    with pytest.raises(DataError, match="Megatron"):
         build_dataloader(data_cfg(tmp_path / "nothing", "megatron"), ByteTokenizer(), 4, 1)
 
 

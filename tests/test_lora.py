@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from moonlight import ModelArgs, Moonlight
-from moonlight.train.checkpoint import Checkpointer
-from moonlight.train.config import ConfigError, load_config
-from moonlight.train.lora import (DEFAULT_TARGETS, LoRALinear, apply_lora, count_params, hide_adapters,
+from moonlight.checkpoint.export import export_hf, gather_full_state_dict
+from moonlight.errors import ConfigError
+from moonlight.train.config import load_config
+from moonlight.model.lora import (DEFAULT_TARGETS, LoRALinear, apply_lora, count_params, hide_adapters,
                                   is_adapter_name, lora_scales, merge_lora, merge_lora_state_dict)
 from moonlight.train.trainer import Trainer
 from tests.dist import run_ranks
@@ -240,7 +241,7 @@ def test_trainer_lora_resume_and_hf_export(tmp_path):
 
     hf_dir = a / "hf" / "step-4"
     # the CLI merges the adapters of a trainer checkpoint exactly like the trainer's own export
-    from moonlight.convert_cli import dcp_to_hf
+    from moonlight.convert import dcp_to_hf
     from tests.test_convert import _read_all
 
     dcp_to_hf(str(a / "checkpoint"), str(tmp_path / "cli"), dtype=torch.float32)
@@ -258,7 +259,7 @@ def test_trainer_lora_starts_from_an_hf_checkpoint(tmp_path):
     the magnitudes start at the loaded weights' row norms, so the run starts at the HF model."""
     src = _model(seed=7)
     hf_dir = tmp_path / "hf"
-    Checkpointer(load_config(None, []).checkpoint, tmp_path, [src]).export_hf(path=hf_dir)
+    export_hf([src], hf_dir)
     trainer = Trainer(_cfg(tmp_path / "run", "--training.steps=1", "--lora.dora=true",
                            f"--checkpoint.initial_load_hf={hf_dir}"))
     model = trainer.model_parts[0].eval()
@@ -276,7 +277,7 @@ def test_trainer_lora_starts_from_an_hf_checkpoint(tmp_path):
 def _fsdp_run(rank, world, folder, extra):
     trainer = Trainer(_cfg(folder, *extra))
     trainer.train()
-    sd = Checkpointer(trainer.cfg.checkpoint, folder, trainer.model_parts).gather_full_state_dict()
+    sd = gather_full_state_dict(trainer.model_parts)
     if sd is None:
         return None
     buf = io.BytesIO()

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import transformers
 
 from moonlight import ModelArgs, Moonlight
-from moonlight.convert import load_hf
+from moonlight.hf import load_hf
 from tests.hf_reference import VARIANTS, routed_experts, stable_hf_model
 
 
@@ -17,7 +17,7 @@ def _tokens(vocab, batch=2, seq=12, seed=1):
 
 def _hf_layout_grads(model: Moonlight) -> dict[str, torch.Tensor]:
     """Our gradients under transformers' in-memory names (fused gate_up experts, gate rows first)."""
-    from moonlight.convert import hf_keys
+    from moonlight.hf import hf_keys
 
     grads = {}
     for name, p in model.named_parameters():

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from moonlight.config import ModelArgs
-from moonlight.parallel.mesh import ParallelConfigError, ParallelDims
+from moonlight.errors import ParallelConfigError
+from moonlight.parallel.mesh import ParallelDims
 from tests.dist import run_forked
 
 
@@ -28,8 +29,8 @@ INVALID = {
     "vocab_tp": (dict(tp=2, world_size=2), dict(vocab_size=321), "vocab_size=321 is not divisible by tp=2"),
     "experts_ep": (dict(dp_shard=3, ep=3, world_size=3), {}, "n_routed_experts=8 is not divisible by ep=3"),
     "ep_borrow": (dict(dp_shard=2, tp=2, ep=4, world_size=4), {}, "ep=4 does not divide dp_shard=2"),
-    "layers_pp_vp": (dict(pp=2, world_size=2), dict(vp=3), "num_hidden_layers=4 < pp x vp"),
-    "pp_layout_sum": (dict(pp=2, world_size=2), dict(pp_layout=[2, 3]), "sums to 5 layers"),
+    "layers_pp_vp": (dict(pp=2, world_size=2), dict(vp=3), "6 stages exceed the 4 decoder layers"),
+    "pp_layout_sum": (dict(pp=2, world_size=2), dict(pp_layout=[2, 3]), "sums to 5 but the model has 4 layers"),
     "pp_layout_empty_stage": (dict(pp=2, world_size=2), dict(pp_layout=[4, 0]), "at least one decoder layer"),
     "sp_needs_tp": (dict(world_size=2), dict(sequence_parallel=True), "sequence_parallel=True needs tensor parallel"),
     "sp_seq_len": (dict(tp=2, world_size=2), dict(sequence_parallel=True, seq_len=7), "seq_len=7 is not divisible"),

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
-from moonlight.config import ConfigError, ModelArgs
+from moonlight.config import ModelArgs
+from moonlight.errors import ConfigError
 from moonlight.model.model import Moonlight
 from moonlight.parallel.expert import allreduce_replicated_grads, apply_expert_parallel
 from moonlight.parallel.pipeline import (PRESET_LAYOUTS, auto_layout, build_pipeline_stages, build_schedule,
@@ -89,7 +90,7 @@ def test_stage_ids():
 def test_build_schedule_validation():
     one = [types.SimpleNamespace(group_size=2, num_stages=2)]
     two = one * 2
-    with pytest.raises(ConfigError, match="runs one stage per rank but this rank holds 2"):
+    with pytest.raises(ConfigError, match="runs one stage per rank, but pp_virtual_stages=2"):
         build_schedule(two, "1F1B", 4)
     with pytest.raises(ConfigError, match="does not split into 3 equal microbatches"):
         build_schedule(one, "1F1B", 3, local_batch_size=4)

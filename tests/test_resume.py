@@ -10,7 +10,7 @@ import signal
 import pytest
 import torch
 
-from moonlight.train.checkpoint import list_checkpoints
+from moonlight.checkpoint.format import list_checkpoints
 from moonlight.train.config import load_config
 from moonlight.train.trainer import Trainer
 from tests.dist import run_ranks

@@ -16,7 +16,7 @@ def _args():
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    from moonlight.convert import save_hf
+    from moonlight.hf import save_hf
     from moonlight.model import Moonlight
 
     torch.manual_seed(0)
@@ -34,7 +34,7 @@ class CountingCheckpoint:
     """An HFCheckpoint whose slice reads are counted (bytes actually materialised per key)."""
 
     def __init__(self, path):
-        from moonlight.convert import HFCheckpoint
+        from moonlight.hf import HFCheckpoint
 
         self.inner = HFCheckpoint(path)
         self.path, self.args = self.inner.path, self.inner.args
@@ -64,7 +64,7 @@ class CountingCheckpoint:
 def _load_worker(rank, world_size, path, layout, sequence_parallel):
     from torch.distributed.tensor import DTensor
 
-    from moonlight.convert import HFCheckpoint, hf_keys
+    from moonlight.hf import HFCheckpoint, hf_keys
     from moonlight.model import Moonlight
     from moonlight.parallel import ParallelDims, build_mesh, parallelize_model
     from moonlight.parallel.load import load_hf_sharded, local_region
@@ -98,7 +98,7 @@ def _load_worker(rank, world_size, path, layout, sequence_parallel):
 
 
 def _total_bytes(path):
-    from moonlight.convert import HFCheckpoint
+    from moonlight.hf import HFCheckpoint
 
     ck = HFCheckpoint(path)
     return sum(ck.get(k).numel() * ck.get(k).element_size() for k in ck.key_to_file)
@@ -138,7 +138,7 @@ def test_uneven_fsdp_shards(hf_dir):
 
 
 def test_shape_mismatch_is_rejected(hf_dir):
-    from moonlight.convert import CheckpointError
+    from moonlight.errors import CheckpointError
     from moonlight.model import Moonlight
     from moonlight.parallel.load import load_hf_sharded
 
@@ -150,7 +150,7 @@ def test_shape_mismatch_is_rejected(hf_dir):
 
 
 def test_single_process_load_matches_load_hf(hf_dir):
-    from moonlight.convert import load_hf
+    from moonlight.hf import load_hf
     from moonlight.model import Moonlight
     from moonlight.parallel.load import load_hf_sharded
 

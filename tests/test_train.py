@@ -8,8 +8,9 @@ import sys
 import pytest
 import torch
 
-from moonlight.train.config import ConfigError, load_config
-from moonlight.train.trainer import NonFiniteError, Trainer
+from moonlight.errors import ConfigError, NonFiniteError
+from moonlight.train.config import load_config
+from moonlight.train.trainer import Trainer
 
 SMALL = ["--training.seq_len=64", "--training.global_batch_size=4", "--training.local_batch_size=2",
          "--checkpoint.enable=false", "--metrics.log_freq=1", "--metrics.device_peak_flops=1e11",

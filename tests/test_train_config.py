@@ -6,9 +6,10 @@ import tomllib
 
 import pytest
 
+from moonlight.parallel import ParallelDims
+from moonlight.errors import ConfigError
 from moonlight.train.config import (
     SECTIONS,
-    ConfigError,
     JobConfig,
     load_config,
     parse_args,
@@ -220,9 +221,9 @@ def test_missing_file_and_bad_syntax(tmp_path):
         (["--parallelism.dp_shard=0"], "dp_shard must be -1"),
         (["--parallelism.pp_microbatches=-1"], "pp_microbatches must be >= 0"),
         (["--parallelism.pp_virtual_stages=2"], "runs one stage per rank"),
-        (["--parallelism.pp_schedule=ZBVZeroBubble", "--parallelism.pp=2"], "needs parallelism.pp_virtual_stages = 2"),
-        (["--parallelism.pp=2", "--parallelism.pp_layout=5,4,3"], r"pp_layout has 3 stages"),
-        (["--parallelism.pp=2", "--parallelism.pp_layout=5,0"], r"pp_layout entries must be >= 1"),
+        (["--parallelism.pp_schedule=ZBVZeroBubble", "--parallelism.pp=2"], "needs pp_virtual_stages=2"),
+        (["--parallelism.pp=2", "--parallelism.pp_layout=5,4,3"], r"pp_layout \[5, 4, 3\] has 3 entries but pp=2"),
+        (["--parallelism.pp=2", "--parallelism.pp_layout=5,0"], r"pp_layout \[5, 0\] has an empty stage"),
         (["--checkpoint.interval=0"], "checkpoint.interval must be >= 1"),
         (["--checkpoint.keep_latest_k=-1"], "keep_latest_k must be >= 0"),
         (["--checkpoint.load_step=-2"], "load_step must be -1"),
@@ -258,15 +259,21 @@ def test_valid_pipeline_combinations():
                        "--parallelism.pp_virtual_stages=2"]).validate()
 
 
+def _dims(p, world_size):
+    return ParallelDims(dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp, ep=p.ep, pp=p.pp,
+                        world_size=world_size)
+
+
 def test_world_size_helpers():
+    # the job config's degrees are resolved against the world by ParallelDims, their one owner
     p = load_config(None, ["--parallelism.tp=2"]).parallelism
-    assert p.resolved_dp_shard(8) == 4
-    with pytest.raises(ConfigError, match="not divisible"):
-        p.resolved_dp_shard(7)
+    assert _dims(p, 8).dp_shard == 4
+    with pytest.raises(ConfigError, match="does not divide world_size=7"):
+        _dims(p, 7)
     p = load_config(None, ["--parallelism.tp=2", "--parallelism.dp_shard=2"]).parallelism
-    assert p.resolved_dp_shard(4) == 2
-    with pytest.raises(ConfigError, match="!= world size 8"):
-        p.resolved_dp_shard(8)
+    assert _dims(p, 4).dp_shard == 2
+    with pytest.raises(ConfigError, match="but world_size = 8"):
+        _dims(p, 8)
     cfg = load_config(None, ["--training.global_batch_size=16", "--training.local_batch_size=4"])
     assert cfg.grad_accum_steps(1) == 4 and cfg.grad_accum_steps(2) == 2 and cfg.grad_accum_steps(4) == 1
     with pytest.raises(ConfigError, match="local_batch_size \\* data-parallel degree"):
@@ -295,7 +302,4 @@ def test_to_toml_round_trip(tmp_path):
 
 
 def test_shipped_train_toml_is_valid():
-    path = os.path.join(REPO, "train.toml")
-    if not os.path.exists(path):
-        pytest.skip("train.toml not written yet")
-    load_config(path, []).validate()
+    load_config(os.path.join(REPO, "train.toml"), []).validate()

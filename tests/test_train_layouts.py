@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from moonlight.train.checkpoint import Checkpointer
+from moonlight.checkpoint.export import gather_full_state_dict
 from moonlight.train.config import load_config
 from moonlight.train.trainer import Trainer
 from tests.dist import run_ranks
@@ -20,7 +20,7 @@ BASE = ["--training.steps=3", "--training.seq_len=32", "--training.global_batch_
 def _train(rank, world_size, folder, extra):
     trainer = Trainer(load_config("train.toml", BASE + [f"--job.dump_folder={folder}", *extra]))
     trainer.train()
-    weights = Checkpointer(trainer.cfg.checkpoint, folder, trainer.model_parts).gather_full_state_dict()
+    weights = gather_full_state_dict(trainer.model_parts)
     if weights is None:  # not rank 0
         return None
     buffer = io.BytesIO()  # plain bytes: tensors in a multiprocessing queue would share fds with a dead child

@@ -12,17 +12,10 @@ Typical use (every rank):
     loss = cross_entropy_loss(model(tokens), labels)             # tokens: this dp rank's batch
 """
 
-from moonlight.parallel.mesh import ParallelConfigError, ParallelDims, ParallelMesh, build_mesh
+from moonlight.parallel.load import load_hf_sharded
+from moonlight.parallel.mesh import ParallelDims, ParallelMesh, build_mesh
 from moonlight.parallel.parallelize import parallelize_model
 from moonlight.parallel.tensor import cross_entropy_loss
 
-__all__ = ["ParallelConfigError", "ParallelDims", "ParallelMesh", "build_mesh", "parallelize_model",
-           "cross_entropy_loss", "load_hf_sharded"]
-
-
-def __getattr__(name):
-    if name == "load_hf_sharded":
-        from moonlight.parallel.load import load_hf_sharded
-
-        return load_hf_sharded
-    raise AttributeError(name)
+__all__ = ["ParallelDims", "ParallelMesh", "build_mesh", "parallelize_model", "cross_entropy_loss",
+           "load_hf_sharded"]

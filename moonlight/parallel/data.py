@@ -28,21 +28,14 @@ import functools
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Shard
 from torch.utils.checkpoint import checkpoint
 
-from moonlight.model.model import Block, MoE
+from moonlight.dtypes import to_dtype
+from moonlight.model import Block, MoE
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
 AC_MODES = ("none", "selective", "full")
-
-
-def to_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    if name is None or isinstance(name, torch.dtype):
-        return name
-    if name not in _DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)}")
-    return _DTYPES[name]
 
 
 # ----------------------------------------------------------------------- activation checkpointing
@@ -93,8 +86,6 @@ def apply_fsdp(model: nn.Module, mesh, *, param_dtype: str | torch.dtype = "floa
     """fully_shard every block, (with EP) every block's routed experts, then the root module.
 
     ``mesh`` is a `ParallelMesh`. Works on a pipeline stage module (missing embed/norm/lm_head)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
     mp = MixedPrecisionPolicy(param_dtype=to_dtype(param_dtype), reduce_dtype=to_dtype(reduce_dtype))
     dims = mesh.dims
     dense_mesh = mesh["fsdp"]
@@ -106,7 +97,6 @@ def apply_fsdp(model: nn.Module, mesh, *, param_dtype: str | torch.dtype = "floa
             local_experts = block.ffn.args.n_routed_experts // dims.ep
 
             def placement(param, _dim=0 if local_experts % efsdp == 0 else 1):
-                from torch.distributed.tensor import Shard
                 return Shard(_dim)
 
             fully_shard(experts, mesh=expert_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward,

@@ -19,13 +19,10 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from moonlight.convert import _EXPERTS, CheckpointError, HFCheckpoint, hf_keys
-from moonlight.model.model import MoE
-
-# Fields that fix tensor shapes: a checkpoint must agree on all of them.
-_SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
-                 "first_k_dense_replace", "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
-                 "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "n_shared_experts")
+from moonlight.config import SHAPE_FIELDS
+from moonlight.errors import CheckpointError
+from moonlight.hf import HFCheckpoint, hf_keys, is_expert_stack
+from moonlight.model import MoE
 
 
 def local_region(tensor: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], tuple[int, ...]]:
@@ -56,7 +53,7 @@ def load_hf_sharded(model: nn.Module, path: str | os.PathLike | None = None, *,
         checkpoint = HFCheckpoint(path)
     args = model.args
     mismatched = [f"{f}: model {getattr(args, f)!r} vs checkpoint {getattr(checkpoint.args, f)!r}"
-                  for f in _SHAPE_FIELDS if getattr(args, f) != getattr(checkpoint.args, f)]
+                  for f in SHAPE_FIELDS if getattr(args, f) != getattr(checkpoint.args, f)]
     if mismatched:
         raise CheckpointError(f"checkpoint {checkpoint.path} does not match the model: " + "; ".join(mismatched))
 
@@ -69,7 +66,7 @@ def load_hf_sharded(model: nn.Module, path: str | os.PathLike | None = None, *,
             raise RuntimeError(f"{name} is on the meta device: call model.to_empty(device=...) before loading")
         keys = hf_keys(name, args)
         local, shape, offset = local_region(tensor)
-        if _EXPERTS.match(name):
+        if is_expert_stack(name):
             for key in keys:  # every expert key has the same shape; check the first only once
                 _check(checkpoint, key, tensor.shape[1:])
                 break

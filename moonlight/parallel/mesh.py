@@ -40,8 +40,10 @@ from dataclasses import dataclass
 import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from moonlight import distributed
 from moonlight.config import ModelArgs
 from moonlight.errors import ParallelConfigError
+from moonlight.parallel.pipeline import layout_problems
 
 
 @dataclass
@@ -60,9 +62,7 @@ class ParallelDims:
 
     def __post_init__(self):
         if self.world_size is None:
-            import torch.distributed as dist
-
-            self.world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+            self.world_size = distributed.world_size()
         for name in ("dp_replicate", "tp", "ep", "pp", "world_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -90,10 +90,6 @@ class ParallelDims:
     def dp(self) -> int:
         """Number of data-parallel replicas of the batch (ranks that read different data)."""
         return self.dp_replicate * self.dp_shard
-
-    @property
-    def fsdp_enabled(self) -> bool:
-        return self.dp > 1
 
     def validate(self, model_args: ModelArgs, pp_layout: Sequence[int] | None = None, vp: int = 1, *,
                  sequence_parallel: bool = False, seq_len: int | None = None) -> "ParallelDims":
@@ -137,21 +133,7 @@ class ParallelDims:
         elif self.pp == 1 and vp > 1:
             errors.append(f"vp={vp} needs pipeline parallel (pp > 1); set vp=1")
         else:
-            stages = self.pp * vp
-            if pp_layout is None:
-                if a.num_hidden_layers < stages:
-                    errors.append(f"num_hidden_layers={a.num_hidden_layers} < pp x vp = {self.pp} x {vp} = {stages}"
-                                  ": every pipeline stage needs at least one decoder layer; lower pp or vp")
-            else:
-                layout = list(pp_layout)
-                if len(layout) != stages:
-                    errors.append(f"pp_layout has {len(layout)} entries but pp x vp = {self.pp} x {vp} = {stages} "
-                                  "stages: give one layer count per (virtual) stage")
-                if any((not isinstance(n, int)) or n < 1 for n in layout):
-                    errors.append(f"pp_layout={layout}: every stage needs at least one decoder layer")
-                if sum(layout) != a.num_hidden_layers:
-                    errors.append(f"pp_layout={layout} sums to {sum(layout)} layers but the model has "
-                                  f"num_hidden_layers={a.num_hidden_layers}")
+            errors += layout_problems(pp_layout, a.num_hidden_layers, self.pp, vp)
         if sequence_parallel:
             if self.tp == 1:
                 errors.append("sequence_parallel=True needs tensor parallel (tp > 1): it splits the sequence "
@@ -160,7 +142,7 @@ class ParallelDims:
                 errors.append(f"seq_len={seq_len} is not divisible by tp={self.tp}: sequence parallel splits "
                               "every sequence evenly over the tp ranks")
         if errors:
-            raise ParallelConfigError("invalid parallel layout " + self.describe() + ":\n  - " + "\n  - ".join(errors))
+            raise ParallelConfigError(f"invalid parallel layout {self.describe()}: " + "; ".join(errors))
         return self
 
     def describe(self) -> str:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moonlight.dtypes import to_dtype
 from moonlight.parallel.data import AC_MODES, apply_activation_checkpointing, apply_fsdp
+from moonlight.parallel.expert import apply_expert_parallel
 from moonlight.parallel.mesh import ParallelDims, ParallelMesh
 from moonlight.parallel.tensor import apply_tensor_parallel
 
@@ -32,11 +34,9 @@ def parallelize_model(model: nn.Module, dims: ParallelDims, mesh: ParallelMesh, 
     if dims.tp > 1:
         apply_tensor_parallel(model, mesh["tp"], sequence_parallel=sequence_parallel)
     if dims.ep > 1:
-        from moonlight.parallel.expert import apply_expert_parallel  # written alongside, imported lazily
-
         apply_expert_parallel(model, mesh["ep"])
     apply_activation_checkpointing(model, ac_mode)
-    mixed = any(str(d) not in ("float32", "fp32", "torch.float32") for d in (param_dtype, reduce_dtype))
+    mixed = any(to_dtype(d) != torch.float32 for d in (param_dtype, reduce_dtype))
     if dims.dp > 1 or mixed:
         apply_fsdp(model, mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype,
                    reshard_after_forward=reshard_after_forward, ep_enabled=dims.ep > 1)

@@ -58,12 +58,14 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 
-from moonlight.config import ConfigError, ModelArgs
-from moonlight.model.model import Moonlight
+from moonlight.config import ModelArgs
+from moonlight.errors import ConfigError
+from moonlight.model import Moonlight
 from moonlight.parallel.tensor import cross_entropy_loss  # plain or vocab-sharded logits
 
 __all__ = [
-    "PRESET_LAYOUTS", "SCHEDULES", "auto_layout", "build_pipeline_stages", "build_schedule",
+    "PRESET_LAYOUTS", "SCHEDULES", "auto_layout", "build_pipeline_stages", "build_schedule", "layout_problems",
+    "schedule_problems",
     "cross_entropy_loss", "layout_costs", "pipeline_step", "resolve_layout", "stage_ids_for_rank",
     "stage_style", "validate_layout",
 ]
@@ -80,9 +82,23 @@ PRESET_LAYOUTS: dict[str, list[int]] = {
     "PP4xVP2": [4, 4, 4, 4, 3, 3, 3, 2],
 }
 
-SCHEDULES = ("1F1B", "GPipe", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble",
-             "DualPipeV")
-_V_SCHEDULES = {"zbvzerobubble", "dualpipev"}
+# Schedules by how many stages each runs per pipeline rank (pp_virtual_stages).
+SINGLE_STAGE_SCHEDULES = ("1F1B", "GPipe")
+MULTI_STAGE_SCHEDULES = ("Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble")
+V_SCHEDULES = ("ZBVZeroBubble", "DualPipeV")  # exactly 2 stages per rank, V-shaped
+SCHEDULES = SINGLE_STAGE_SCHEDULES + MULTI_STAGE_SCHEDULES + V_SCHEDULES
+
+
+def schedule_problems(schedule: str, vp: int) -> list[str]:
+    """What is wrong with running `schedule` with `vp` stages per pipeline rank (empty: nothing)."""
+    if schedule not in SCHEDULES:
+        return [f"unknown pipeline schedule {schedule!r}; choose one of {list(SCHEDULES)}"]
+    if schedule in SINGLE_STAGE_SCHEDULES and vp != 1:
+        return [f"pp_schedule={schedule!r} runs one stage per rank, but pp_virtual_stages={vp}; use "
+                "Interleaved1F1B or InterleavedZeroBubble for virtual stages"]
+    if schedule in V_SCHEDULES and vp != 2:
+        return [f"pp_schedule={schedule!r} needs pp_virtual_stages=2 (V-shape), got {vp}"]
+    return []
 
 
 # ------------------------------------------------------------------ layouts
@@ -93,48 +109,44 @@ def _preset_shape(name: str) -> tuple[int, int]:
     return int(pp), int(vp or 1)
 
 
-def validate_layout(layout: Sequence[int], num_layers: int, pp: int, vp: int = 1) -> list[int]:
-    """Check a layout and return it as a list; raise ConfigError naming the problem and the fix."""
+def layout_problems(layout: Sequence[int] | None, num_layers: int | None, pp: int, vp: int = 1) -> list[str]:
+    """What is wrong with a pipeline layout (empty: nothing). `layout` None means the cost model will
+    choose one; `num_layers` None skips the checks that need the model."""
     if pp < 1 or vp < 1:
-        raise ConfigError(f"pp={pp} and pp_virtual_stages={vp} must be >= 1")
+        return [f"pp={pp} and pp_virtual_stages={vp} must be >= 1"]
+    stages = f"pp={pp} x pp_virtual_stages={vp} = {pp * vp} stages" if vp > 1 else f"pp={pp} stages"
+    if layout is None:
+        if num_layers is not None and pp * vp > num_layers:
+            return [f"{stages} exceed the {num_layers} decoder layers: every stage needs at least one layer; "
+                    "lower pp or pp_virtual_stages"]
+        return []
     layout = list(layout)
     shown = f"pp_layout {layout}"
     if not all(isinstance(n, int) and not isinstance(n, bool) for n in layout):
-        raise ConfigError(f"{shown} must be a list of integers (decoder layers per stage)")
+        return [f"{shown} must be a list of integers (decoder layers per stage)"]
+    problems = []
     if len(layout) != pp * vp:
-        what = f"pp={pp} x pp_virtual_stages={vp} = {pp * vp} stages" if vp > 1 else f"pp={pp} stages"
-        raise ConfigError(f"{shown} has {len(layout)} entries but {what} need {pp * vp}: give one layer "
-                          f"count per {'virtual ' if vp > 1 else ''}stage, or change pp/pp_virtual_stages")
+        problems.append(f"{shown} has {len(layout)} entries but {stages} need {pp * vp}: give one layer "
+                        f"count per {'virtual ' if vp > 1 else ''}stage, or change pp/pp_virtual_stages")
     empty = [i for i, n in enumerate(layout) if n < 1]
     if empty:
-        raise ConfigError(f"{shown} has an empty stage at index {empty[0]}: every stage needs at least one "
-                          f"decoder layer; move a layer there from a neighbour, or use fewer stages")
+        problems.append(f"{shown} has an empty stage at index {empty[0]}: every stage needs at least one "
+                        "decoder layer; move a layer there from a neighbour, or use fewer stages")
     total = sum(layout)
-    if total != num_layers:
+    if num_layers is not None and total != num_layers:
         fix = (f"remove {total - num_layers} layer(s)" if total > num_layers
                else f"add {num_layers - total} layer(s)")
-        raise ConfigError(f"{shown} sums to {total} but the model has {num_layers} layers: {fix} across "
-                          f"the stages, or use pp_layout='auto'")
-    return layout
+        problems.append(f"{shown} sums to {total} but the model has {num_layers} layers: {fix} across "
+                        "the stages, or leave pp_layout empty to let the cost model choose")
+    return problems
 
 
-def _layer_flops(args: ModelArgs, layer_id: int, seq_len: int) -> float:
-    """Forward FLOPs per token of decoder layer `layer_id` (activated weights + attention scores)."""
-    h, heads = args.hidden_size, args.num_attention_heads
-    if args.q_lora_rank is None:
-        q = h * heads * args.qk_head_dim
-    else:
-        q = h * args.q_lora_rank + args.q_lora_rank * heads * args.qk_head_dim
-    attn = (q + h * (args.kv_lora_rank + args.qk_rope_head_dim)
-            + args.kv_lora_rank * heads * (args.qk_nope_head_dim + args.v_head_dim) + heads * args.v_head_dim * h)
-    if args.is_moe_layer(layer_id):
-        ffn = 3 * h * args.moe_intermediate_size * (args.num_experts_per_tok + args.n_shared_experts)
-        ffn += args.n_routed_experts * h  # router
-    else:
-        ffn = 3 * h * args.intermediate_size
-    # scores and weighted values, as in ModelArgs.flops_per_token (which counts 3x this for training)
-    scores = heads * (args.qk_head_dim + args.v_head_dim) * seq_len
-    return 2.0 * (attn + ffn) + 2.0 * scores
+def validate_layout(layout: Sequence[int], num_layers: int, pp: int, vp: int = 1) -> list[int]:
+    """Check a layout and return it as a list; raise ConfigError naming the problems and the fix."""
+    problems = layout_problems(layout, num_layers, pp, vp)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return list(layout)
 
 
 def _embed_flops(args: ModelArgs) -> float:
@@ -150,7 +162,7 @@ def layout_costs(args: ModelArgs, layout: Sequence[int], seq_len: int = 4096) ->
     """Forward FLOPs per token of each stage of `layout` (the cost model of `auto_layout`)."""
     costs, start = [], 0
     for s, n in enumerate(layout):
-        c = sum(_layer_flops(args, i, seq_len) for i in range(start, start + n))
+        c = sum(args.layer_flops(i, seq_len) for i in range(start, start + n))
         c += _embed_flops(args) if s == 0 else 0.0
         c += _head_flops(args) if s == len(layout) - 1 else 0.0
         costs.append(c)
@@ -164,10 +176,10 @@ def auto_layout(args: ModelArgs, pp: int, vp: int = 1, seq_len: int = 4096) -> l
     the embedding is cheap, the lm_head + loss costs 2 * hidden * vocab per token (about four MoE
     layers for Moonlight), so the last stage gets fewer layers."""
     n_stages, n_layers = pp * vp, args.num_hidden_layers
-    if n_stages > n_layers:
-        raise ConfigError(f"pp={pp} x pp_virtual_stages={vp} = {n_stages} stages exceed the "
-                          f"{n_layers} decoder layers: every stage needs at least one layer")
-    layer = [_layer_flops(args, i, seq_len) for i in range(n_layers)]
+    problems = layout_problems(None, n_layers, pp, vp)
+    if problems:
+        raise ConfigError(problems[0])
+    layer = [args.layer_flops(i, seq_len) for i in range(n_layers)]
     prefix = [0.0]
     for c in layer:
         prefix.append(prefix[-1] + c)
@@ -232,7 +244,7 @@ def resolve_layout(spec: str | Sequence[int] | None, args: ModelArgs, pp: int, v
 
 def stage_style(schedule_name: str) -> str:
     """'v' for the V-shape schedules (ZBVZeroBubble, DualPipeV), else 'loop'."""
-    return "v" if schedule_name.lower() in _V_SCHEDULES else "loop"
+    return "v" if schedule_name.lower() in {name.lower() for name in V_SCHEDULES} else "loop"
 
 
 def stage_ids_for_rank(pp_rank: int, pp: int, vp: int, style: str = "loop") -> list[int]:
@@ -318,12 +330,9 @@ def build_schedule(stages: list[PipelineStage], schedule_name: str, n_microbatch
     pp, n_stages = stages[0].group_size, stages[0].num_stages
     single = issubclass(cls, PipelineScheduleSingle)
     name = cls.__name__.removeprefix("Schedule")
-    if single and len(stages) != 1:
-        raise ConfigError(f"schedule {name} runs one stage per rank but this rank holds {len(stages)}: use "
-                          "pp_virtual_stages=1, or an interleaved schedule (Interleaved1F1B, LoopedBFS, "
-                          "InterleavedZeroBubble, ZBVZeroBubble)")
-    if stage_style(schedule_name) == "v" and len(stages) != 2:
-        raise ConfigError(f"schedule {name} needs pp_virtual_stages=2 (V-shape), got {len(stages)} stages per rank")
+    problems = schedule_problems(name, len(stages))
+    if problems:
+        raise ConfigError(problems[0])
     if n_microbatches < 1:
         raise ConfigError(f"n_microbatches must be >= 1, got {n_microbatches}")
     if local_batch_size is not None and local_batch_size % n_microbatches:

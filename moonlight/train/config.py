@@ -1,12 +1,15 @@
-"""The TOML job configuration: one dataclass per section, CLI overrides, validation.
+"""The TOML job configuration: one dataclass per section, each with its own checks; the TOML file
+and `--section.key=value` command-line overrides; the resolved config written back as TOML.
 
     cfg = load_config("train.toml", ["--training.steps=20", "--parallelism.tp", "2"])
-    cfg.validate()                      # cross-field checks that do not need the world size
+    cfg.validate()                      # every section's checks + cross-section ones (no world size)
     print(cfg.to_toml())                # the resolved config (saved as <dump_folder>/config.toml)
 
-Unknown sections/keys and wrongly typed values raise ConfigError naming the key, listing
-the valid keys of its section and suggesting the closest name. Defaults are those of the
-shipped CPU debug job, not of the 16B recipe.
+Unknown sections/keys and wrongly typed values raise ConfigError naming the key, listing the valid
+keys of its section and suggesting the closest name. A command-line value is a TOML value (a bare
+word is a string; a list may drop its brackets: `--parallelism.pp_layout=14,13`). Defaults are those
+of the shipped CPU debug job, not of the 16B recipe. Rules owned elsewhere are delegated: pipeline
+layouts and schedules to `moonlight.parallel.pipeline`, degrees vs the world size to `ParallelDims`.
 """
 
 from __future__ import annotations
@@ -16,12 +19,12 @@ import difflib
 import json
 import math
 import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from moonlight.errors import ConfigError
+from moonlight.parallel.pipeline import SCHEDULES, layout_problems, schedule_problems
 
 __all__ = [
     "ConfigError",
@@ -40,21 +43,16 @@ __all__ = [
     "JobConfig",
     "load_config",
     "parse_args",
-    "PP_SCHEDULES",
 ]
 
 
 DTypeName = Literal["float32", "bfloat16"]
+PPSchedule = Literal[SCHEDULES]
 
-# Pipeline schedules and how many virtual stages each one runs per rank.
-SINGLE_STAGE_SCHEDULES = ("1F1B", "GPipe")
-MULTI_STAGE_SCHEDULES = ("Interleaved1F1B", "InterleavedZeroBubble", "LoopedBFS")
-V_SCHEDULES = ("ZBVZeroBubble", "DualPipeV")  # exactly 2 stages per rank, V-shaped
-PP_SCHEDULES = SINGLE_STAGE_SCHEDULES + MULTI_STAGE_SCHEDULES + V_SCHEDULES
-PPSchedule = Literal[
-    "1F1B", "GPipe", "Interleaved1F1B", "InterleavedZeroBubble", "LoopedBFS",
-    "ZBVZeroBubble", "DualPipeV",
-]
+
+def _require(checks: list[tuple[bool, str]]) -> list[str]:
+    """The messages of the checks that fail."""
+    return [msg for ok, msg in checks if not ok]
 
 
 @dataclass
@@ -62,6 +60,9 @@ class JobSection:
     dump_folder: str = "./outputs"
     """Run output folder: config.toml, checkpoints, tensorboard, profiles."""
     description: str = "Moonlight debug model on CPU"
+
+    def problems(self) -> list[str]:
+        return _require([(bool(self.dump_folder), "job.dump_folder must not be empty")])
 
 
 @dataclass
@@ -72,8 +73,11 @@ class ModelSection:
     """Optional path to an HF config.json; "" = use the preset."""
     kernels: Literal["auto", "torch", "triton"] = "auto"
     overrides: dict[str, Any] = field(default_factory=dict)
-    """Preset field overrides, e.g. [model.overrides] num_layers = 4 (CLI:
-    --model.overrides.num_layers=4). Keys are checked by the model code, not here."""
+    """ModelArgs field overrides, e.g. [model.overrides] num_hidden_layers = 4 (CLI:
+    --model.overrides.num_hidden_layers=4). Keys are checked against ModelArgs when the model is built."""
+
+    def problems(self) -> list[str]:
+        return []
 
 
 @dataclass
@@ -101,6 +105,22 @@ class TrainingSection:
     max_consecutive_nonfinite: int = 5
     """With on_nonfinite="skip": stop after this many skipped steps in a row."""
 
+    def problems(self) -> list[str]:
+        out = _require([
+            (self.steps > 0, f"training.steps must be > 0 (got {self.steps})"),
+            (self.seq_len > 0, f"training.seq_len must be > 0 (got {self.seq_len})"),
+            (self.global_batch_size > 0, f"training.global_batch_size must be > 0 (got {self.global_batch_size})"),
+            (self.local_batch_size > 0, f"training.local_batch_size must be > 0 (got {self.local_batch_size})"),
+            (self.max_norm >= 0, f"training.max_norm must be >= 0 (0 = no clipping; got {self.max_norm})"),
+            (self.gc_freq >= 0, f"training.gc_freq must be >= 0 (got {self.gc_freq})"),
+            (self.max_consecutive_nonfinite >= 1,
+             f"training.max_consecutive_nonfinite must be >= 1 (got {self.max_consecutive_nonfinite})"),
+        ])
+        if self.global_batch_size > 0 and self.local_batch_size > 0 and self.global_batch_size % self.local_batch_size:
+            out.append(f"training.global_batch_size ({self.global_batch_size}) must be a multiple of "
+                       f"training.local_batch_size ({self.local_batch_size})")
+        return out
+
 
 @dataclass
 class OptimizerSection:
@@ -118,6 +138,17 @@ class OptimizerSection:
     precision_aware: bool = False
     """fp32 master weights with bf16 gradients and moments."""
 
+    def problems(self) -> list[str]:
+        return _require([
+            (self.lr > 0, f"optimizer.lr must be > 0 (got {self.lr})"),
+            (0 <= self.beta1 < 1, f"optimizer.beta1 must be in [0, 1) (got {self.beta1})"),
+            (0 <= self.beta2 < 1, f"optimizer.beta2 must be in [0, 1) (got {self.beta2})"),
+            (self.eps > 0, f"optimizer.eps must be > 0 (got {self.eps})"),
+            (self.weight_decay >= 0, f"optimizer.weight_decay must be >= 0 (got {self.weight_decay})"),
+            (0 <= self.momentum < 1, f"optimizer.momentum must be in [0, 1) (got {self.momentum})"),
+            (self.ns_steps >= 1, f"optimizer.ns_steps must be >= 1 (got {self.ns_steps})"),
+        ])
+
 
 @dataclass
 class LRSchedulerSection:
@@ -127,6 +158,22 @@ class LRSchedulerSection:
     """WSD only: the fraction of training.steps spent in the final (linear) decay."""
     min_lr_ratio: float = 0.1
     """Final lr = optimizer.lr * min_lr_ratio (the recipe: 3e-4 -> 3e-5)."""
+
+    def problems(self, steps: int) -> list[str]:
+        out = _require([
+            (self.warmup_steps >= 0, f"lr_scheduler.warmup_steps must be >= 0 (got {self.warmup_steps})"),
+            (self.warmup_steps <= steps,
+             f"lr_scheduler.warmup_steps ({self.warmup_steps}) must be <= training.steps ({steps})"),
+            (0 <= self.min_lr_ratio <= 1,
+             f"lr_scheduler.min_lr_ratio must be in [0, 1], i.e. min lr <= optimizer.lr (got {self.min_lr_ratio})"),
+            (0 <= self.decay_ratio <= 1, f"lr_scheduler.decay_ratio must be in [0, 1] (got {self.decay_ratio})"),
+        ])
+        if self.decay_type == "wsd" and 0 <= self.decay_ratio <= 1:
+            decay_steps = round(self.decay_ratio * steps)
+            if self.warmup_steps + decay_steps > steps:
+                out.append(f"lr_scheduler.warmup_steps ({self.warmup_steps}) + decay steps (decay_ratio "
+                           f"{self.decay_ratio} * {steps} = {decay_steps}) exceed training.steps ({steps})")
+        return out
 
 
 @dataclass
@@ -148,28 +195,27 @@ class ParallelismSection:
     """0 = automatic."""
     fsdp_reshard_after_forward: bool = True
 
-    def resolved_dp_shard(self, world_size: int) -> int:
-        """dp_shard with -1 resolved; raises ConfigError if the degrees do not fit."""
-        other = self.dp_replicate * self.tp * self.pp
-        if self.dp_shard == -1:
-            if world_size % other:
-                raise ConfigError(
-                    f"world size {world_size} is not divisible by parallelism.dp_replicate * tp * pp"
-                    f" = {self.dp_replicate} * {self.tp} * {self.pp} = {other}"
-                )
-            return world_size // other
-        if other * self.dp_shard != world_size:
-            raise ConfigError(
-                f"parallelism.dp_replicate * dp_shard * tp * pp = {self.dp_replicate} * {self.dp_shard}"
-                f" * {self.tp} * {self.pp} = {other * self.dp_shard} != world size {world_size}"
-                " (set parallelism.dp_shard = -1 to use the rest)"
-            )
-        return self.dp_shard
+    def problems(self) -> list[str]:
+        """Each degree on its own; how they fit the world and the model is `ParallelDims.validate`'s."""
+        out = [f"parallelism.{k} must be >= 1 (got {getattr(self, k)})"
+               for k in ("dp_replicate", "tp", "ep", "pp", "pp_virtual_stages") if getattr(self, k) < 1]
+        out += _require([
+            (self.dp_shard == -1 or self.dp_shard >= 1,
+             f"parallelism.dp_shard must be -1 (the rest) or >= 1 (got {self.dp_shard})"),
+            (self.pp_microbatches >= 0, f"parallelism.pp_microbatches must be >= 0 (0 = auto; got {self.pp_microbatches})"),
+        ])
+        if self.pp >= 1 and self.pp_virtual_stages >= 1:
+            out += schedule_problems(self.pp_schedule, self.pp_virtual_stages)
+            out += layout_problems(self.pp_layout or None, None, self.pp, self.pp_virtual_stages)
+        return out
 
 
 @dataclass
 class ActivationCheckpointSection:
     mode: Literal["none", "selective", "full"] = "none"
+
+    def problems(self) -> list[str]:
+        return []
 
 
 @dataclass
@@ -190,6 +236,11 @@ class DataSection:
     shuffle: bool = True
     """Shuffle the document order each epoch (seeded by training.seed and the epoch)."""
 
+    def problems(self) -> list[str]:
+        return _require([(bool(self.path), "data.path must not be empty"),
+                         (bool(self.text_key), "data.text_key must not be empty"),
+                         (bool(self.tokenizer), "data.tokenizer must not be empty")])
+
 
 @dataclass
 class CheckpointSection:
@@ -206,6 +257,14 @@ class CheckpointSection:
     export_hf: Literal["", "end", "each"] = ""
     """Also write an HF-format checkpoint: never, at the end, or at each save."""
 
+    def problems(self) -> list[str]:
+        return _require([
+            (self.interval >= 1, f"checkpoint.interval must be >= 1 (got {self.interval})"),
+            (self.keep_latest_k >= 0, f"checkpoint.keep_latest_k must be >= 0 (0 = keep all; got {self.keep_latest_k})"),
+            (self.load_step >= -1, f"checkpoint.load_step must be -1 (latest) or a step >= 0 (got {self.load_step})"),
+            (bool(self.folder), "checkpoint.folder must not be empty"),
+        ])
+
 
 @dataclass
 class MetricsSection:
@@ -219,6 +278,16 @@ class MetricsSection:
     """First profiled step; 0 = profiling off."""
     profile_steps: int = 0
 
+    def problems(self) -> list[str]:
+        return _require([
+            (self.log_freq >= 1, f"metrics.log_freq must be >= 1 (got {self.log_freq})"),
+            (self.device_peak_flops >= 0, f"metrics.device_peak_flops must be >= 0 (got {self.device_peak_flops})"),
+            (self.profile_start >= 0, f"metrics.profile_start must be >= 0 (got {self.profile_start})"),
+            (self.profile_steps >= 0, f"metrics.profile_steps must be >= 0 (got {self.profile_steps})"),
+            (self.profile_steps == 0 or self.profile_start >= 1,
+             f"metrics.profile_steps={self.profile_steps} needs metrics.profile_start >= 1"),
+        ])
+
 
 @dataclass
 class MoESection:
@@ -226,6 +295,12 @@ class MoESection:
     """Aux-loss-free balancing: b += rate * sign(mean_load - load); 0 freezes the bias."""
     aux_loss_coeff: float = 0.001
     """Sequence-level balance loss coefficient; 0 disables it."""
+
+    def problems(self) -> list[str]:
+        return _require([
+            (self.bias_update_rate >= 0, f"moe.bias_update_rate must be >= 0 (got {self.bias_update_rate})"),
+            (self.aux_loss_coeff >= 0, f"moe.aux_loss_coeff must be >= 0 (got {self.aux_loss_coeff})"),
+        ])
 
 
 @dataclass
@@ -243,6 +318,17 @@ class LoRASection:
         "attn.q_proj", "attn.q_a_proj", "attn.q_b_proj", "attn.kv_a_proj", "attn.kv_b_proj", "attn.o_proj"])
     """Module-name suffixes of the nn.Linear layers to adapt (default: the attention linears; the q
     projections that the model lacks, q_proj or q_a/q_b_proj, are skipped)."""
+
+    def problems(self) -> list[str]:
+        if not self.enable:
+            return []
+        return _require([
+            (self.rank >= 1, f"lora.rank must be >= 1 (got {self.rank})"),
+            (self.alpha > 0, f"lora.alpha must be > 0 (got {self.alpha})"),
+            (0 <= self.dropout < 1, f"lora.dropout must be in [0, 1) (got {self.dropout})"),
+            (bool(self.targets) and all(self.targets),
+             f"lora.targets must name at least one module suffix, e.g. \"attn.q_proj\" (got {self.targets})"),
+        ])
 
 
 SECTIONS: dict[str, type] = {
@@ -301,114 +387,16 @@ class JobConfig:
 
     # -------------------------------------------------------------- validation
     def validate(self) -> "JobConfig":
-        """Cross-field checks that do not need the world size; raises ConfigError listing
-        every problem found. Returns self."""
+        """Every section's checks plus the cross-section ones that do not need the world size; raises
+        ConfigError listing every problem found. Returns self."""
         errs: list[str] = []
-
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                errs.append(msg)
-
-        t, o, s, p = self.training, self.optimizer, self.lr_scheduler, self.parallelism
-        need(t.steps > 0, f"training.steps must be > 0 (got {t.steps})")
-        need(t.seq_len > 0, f"training.seq_len must be > 0 (got {t.seq_len})")
-        need(t.global_batch_size > 0, f"training.global_batch_size must be > 0 (got {t.global_batch_size})")
-        need(t.local_batch_size > 0, f"training.local_batch_size must be > 0 (got {t.local_batch_size})")
-        if t.global_batch_size > 0 and t.local_batch_size > 0:
-            need(
-                t.global_batch_size % t.local_batch_size == 0,
-                f"training.global_batch_size ({t.global_batch_size}) must be a multiple of "
-                f"training.local_batch_size ({t.local_batch_size})",
-            )
-        need(t.max_norm >= 0, f"training.max_norm must be >= 0 (0 = no clipping; got {t.max_norm})")
-        need(t.gc_freq >= 0, f"training.gc_freq must be >= 0 (got {t.gc_freq})")
-        need(t.max_consecutive_nonfinite >= 1,
-             f"training.max_consecutive_nonfinite must be >= 1 (got {t.max_consecutive_nonfinite})")
-
-        need(o.lr > 0, f"optimizer.lr must be > 0 (got {o.lr})")
-        need(0 <= o.beta1 < 1, f"optimizer.beta1 must be in [0, 1) (got {o.beta1})")
-        need(0 <= o.beta2 < 1, f"optimizer.beta2 must be in [0, 1) (got {o.beta2})")
-        need(o.eps > 0, f"optimizer.eps must be > 0 (got {o.eps})")
-        need(o.weight_decay >= 0, f"optimizer.weight_decay must be >= 0 (got {o.weight_decay})")
-        need(0 <= o.momentum < 1, f"optimizer.momentum must be in [0, 1) (got {o.momentum})")
-        need(o.ns_steps >= 1, f"optimizer.ns_steps must be >= 1 (got {o.ns_steps})")
-
-        need(s.warmup_steps >= 0, f"lr_scheduler.warmup_steps must be >= 0 (got {s.warmup_steps})")
-        need(
-            s.warmup_steps <= t.steps,
-            f"lr_scheduler.warmup_steps ({s.warmup_steps}) must be <= training.steps ({t.steps})",
-        )
-        need(
-            0 <= s.min_lr_ratio <= 1,
-            f"lr_scheduler.min_lr_ratio must be in [0, 1], i.e. min lr <= optimizer.lr (got {s.min_lr_ratio})",
-        )
-        need(0 <= s.decay_ratio <= 1, f"lr_scheduler.decay_ratio must be in [0, 1] (got {s.decay_ratio})")
-        if s.decay_type == "wsd" and 0 <= s.decay_ratio <= 1:
-            decay_steps = round(s.decay_ratio * t.steps)
-            need(
-                s.warmup_steps + decay_steps <= t.steps,
-                f"lr_scheduler.warmup_steps ({s.warmup_steps}) + decay steps (decay_ratio "
-                f"{s.decay_ratio} * {t.steps} = {decay_steps}) exceed training.steps ({t.steps})",
-            )
-
-        for k in ("dp_replicate", "tp", "ep", "pp", "pp_virtual_stages"):
-            v = getattr(p, k)
-            need(v >= 1, f"parallelism.{k} must be >= 1 (got {v})")
-        need(p.dp_shard == -1 or p.dp_shard >= 1,
-             f"parallelism.dp_shard must be -1 (the rest) or >= 1 (got {p.dp_shard})")
-        need(p.pp_microbatches >= 0, f"parallelism.pp_microbatches must be >= 0 (0 = auto; got {p.pp_microbatches})")
-        if p.pp_schedule in SINGLE_STAGE_SCHEDULES:
-            need(p.pp_virtual_stages == 1,
-                 f"parallelism.pp_schedule={p.pp_schedule!r} runs one stage per rank, but "
-                 f"parallelism.pp_virtual_stages={p.pp_virtual_stages}; use Interleaved1F1B or "
-                 "InterleavedZeroBubble for virtual stages")
-        elif p.pp_schedule in V_SCHEDULES:
-            need(p.pp_virtual_stages == 2,
-                 f"parallelism.pp_schedule={p.pp_schedule!r} needs parallelism.pp_virtual_stages = 2 "
-                 f"(got {p.pp_virtual_stages})")
-        if p.pp_layout:
-            n_stages = p.pp * p.pp_virtual_stages
-            need(len(p.pp_layout) == n_stages,
-                 f"parallelism.pp_layout has {len(p.pp_layout)} stages {p.pp_layout}, but pp * "
-                 f"pp_virtual_stages = {p.pp} * {p.pp_virtual_stages} = {n_stages}")
-            need(all(n >= 1 for n in p.pp_layout),
-                 f"parallelism.pp_layout entries must be >= 1 (every stage holds a layer; got {p.pp_layout})")
-
-        c = self.checkpoint
-        need(c.interval >= 1, f"checkpoint.interval must be >= 1 (got {c.interval})")
-        need(c.keep_latest_k >= 0, f"checkpoint.keep_latest_k must be >= 0 (0 = keep all; got {c.keep_latest_k})")
-        need(c.load_step >= -1, f"checkpoint.load_step must be -1 (latest) or a step >= 0 (got {c.load_step})")
-        need(bool(c.folder), "checkpoint.folder must not be empty")
-
-        m = self.metrics
-        need(m.log_freq >= 1, f"metrics.log_freq must be >= 1 (got {m.log_freq})")
-        need(m.device_peak_flops >= 0, f"metrics.device_peak_flops must be >= 0 (got {m.device_peak_flops})")
-        need(m.profile_start >= 0, f"metrics.profile_start must be >= 0 (got {m.profile_start})")
-        need(m.profile_steps >= 0, f"metrics.profile_steps must be >= 0 (got {m.profile_steps})")
-        if m.profile_steps > 0:
-            need(m.profile_start >= 1,
-                 f"metrics.profile_steps={m.profile_steps} needs metrics.profile_start >= 1")
-
-        need(self.moe.bias_update_rate >= 0, f"moe.bias_update_rate must be >= 0 (got {self.moe.bias_update_rate})")
-        need(self.moe.aux_loss_coeff >= 0, f"moe.aux_loss_coeff must be >= 0 (got {self.moe.aux_loss_coeff})")
-
-        lo = self.lora
-        if lo.enable:
-            need(lo.rank >= 1, f"lora.rank must be >= 1 (got {lo.rank})")
-            need(lo.alpha > 0, f"lora.alpha must be > 0 (got {lo.alpha})")
-            need(0 <= lo.dropout < 1, f"lora.dropout must be in [0, 1) (got {lo.dropout})")
-            need(bool(lo.targets) and all(lo.targets),
-                 f"lora.targets must name at least one module suffix, e.g. \"attn.q_proj\" (got {lo.targets})")
-            for k in ("tp", "ep", "pp"):
-                v = getattr(p, k)
-                need(v == 1, f"lora.enable = true supports data parallel (FSDP/HSDP) only: set parallelism.{k} = 1 "
-                             f"(got {v}; the LoRA/DoRA recipe is TP1/PP1/EP1)")
-
-        need(bool(self.data.path), "data.path must not be empty")
-        need(bool(self.data.text_key), "data.text_key must not be empty")
-        need(bool(self.data.tokenizer), "data.tokenizer must not be empty")
-        need(bool(self.job.dump_folder), "job.dump_folder must not be empty")
-
+        for name in SECTIONS:
+            section = getattr(self, name)
+            errs += section.problems(self.training.steps) if name == "lr_scheduler" else section.problems()
+        if self.lora.enable:
+            errs += [f"lora.enable = true supports data parallel (FSDP/HSDP) only: set parallelism.{k} = 1 "
+                     f"(got {getattr(self.parallelism, k)}; the LoRA/DoRA recipe is TP1/PP1/EP1)"
+                     for k in ("tp", "ep", "pp") if getattr(self.parallelism, k) != 1]
         if errs:
             raise ConfigError("invalid config:\n  - " + "\n  - ".join(errs))
         return self
@@ -426,22 +414,17 @@ class JobConfig:
         return t.global_batch_size // per_micro
 
 
-# ---------------------------------------------------------------------- typing
+# ---------------------------------------------------------------------- values
 
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
-        (a,) = typing.get_args(tp) or (Any,)
-        return f"list[{_type_name(a)}]"
+        return f"list[{_type_name(typing.get_args(tp)[0])}]"
     if origin is dict:
         return "table"
-    if tp is type(None):
-        return "none"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -450,7 +433,7 @@ class _BadValue(Exception):
 
 
 def _coerce(value: Any, tp: Any) -> Any:
-    """Check/convert a TOML value (already typed) against a field type."""
+    """Check a TOML value against a field type (an int is accepted for a float)."""
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
@@ -458,107 +441,44 @@ def _coerce(value: Any, tp: Any) -> Any:
         choices = typing.get_args(tp)
         if value in choices and type(value) is type(choices[0]):
             return value
-        raise _BadValue
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a)
-            except _BadValue:
-                pass
-        raise _BadValue
-    if origin is list:
-        (a,) = typing.get_args(tp) or (Any,)
-        if not isinstance(value, (list, tuple)):
-            raise _BadValue
-        return [_coerce(v, a) for v in value]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise _BadValue
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise _BadValue
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise _BadValue
-    if tp is float:
+    elif origin is list:
+        if isinstance(value, (list, tuple)):
+            return [_coerce(v, typing.get_args(tp)[0]) for v in value]
+    elif origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        raise _BadValue
-    if tp is str:
-        if isinstance(value, str):
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise _BadValue
-    raise _BadValue
-
-
-def _parse_cli(text: str, tp: Any) -> Any:
-    """Parse a CLI string by the field type."""
-    origin = typing.get_origin(tp)
-    s = text.strip()
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if type(None) in args and s.lower() in ("none", "null", ""):
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _parse_cli(text, a)
-            except _BadValue:
-                pass
-        raise _BadValue
-    if origin is Literal:
-        for c in typing.get_args(tp):
-            if isinstance(c, str) and c == s:
-                return c
-            if isinstance(c, bool) and s.lower() == str(c).lower():
-                return c
-            if isinstance(c, int) and not isinstance(c, bool) and s == str(c):
-                return c
-        raise _BadValue
-    if origin is list:
-        (a,) = typing.get_args(tp) or (str,)
-        body = s[1:-1] if s.startswith("[") and s.endswith("]") else s
-        items = [x.strip() for x in body.split(",")] if body.strip() else []
-        return [_parse_cli(x.strip("'\""), a) for x in items]
-    if tp is bool:
-        low = s.lower()
-        if low in ("true", "1", "yes", "on"):
-            return True
-        if low in ("false", "0", "no", "off"):
-            return False
-        raise _BadValue
-    if tp is int:
-        try:
-            return int(s.replace("_", ""))
-        except ValueError:
-            raise _BadValue from None
-    if tp is float:
-        try:
-            return float(s.replace("_", ""))
-        except ValueError:
-            raise _BadValue from None
-    if tp is str:
-        return text
-    if tp is Any:
-        return _parse_literal(text)
+    elif isinstance(value, tp):
+        return value
     raise _BadValue
 
 
 def _parse_literal(text: str) -> Any:
-    """A TOML literal (for free-form tables like model.overrides); bare words stay strings."""
+    """A TOML literal; bare words (and anything else that is not TOML) stay strings."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
+        return text.strip()
+
+
+_BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False,
+               "off": False}
+
+
+def _parse_cli(text: str, tp: Any) -> Any:
+    """A command-line value for a field of type tp (then checked by `_coerce`)."""
+    if tp is str:
         return text
+    if tp is bool:
+        return _BOOL_WORDS.get(text.strip().lower(), text)
+    if typing.get_origin(tp) is list and not text.strip().startswith("["):  # 14,13 means [14, 13]
+        return [_parse_literal(x) for x in text.split(",") if x.strip()]
+    return _parse_literal(text)
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -681,7 +601,7 @@ def _apply_override(cfg: JobConfig, name: str, value: str | None, arg: str) -> N
             return
         raise ConfigError(f"override {arg!r} needs a value: --{sec}.{key}=<{_type_name(tp)}>")
     try:
-        setattr(obj, key, _parse_cli(value, tp))
+        setattr(obj, key, _coerce(_parse_cli(value, tp), tp))
     except _BadValue:
         raise _bad_type(sec, key, tp, value, where) from None
 

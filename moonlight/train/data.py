@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from moonlight.errors import DataError
+from moonlight.train.tokenizer import ByteTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ def _expand(path: str, exts: tuple[str, ...], what: str) -> list[str]:
     else:
         files = sorted(f for f in _glob.glob(path, recursive=True) if os.path.isfile(f))
     if not files:
-        raise FileNotFoundError(f"data.path {path!r}: no {what} files found (looked for {', '.join(exts)})")
+        raise DataError(f"data.path {path!r}: no {what} files found (looked for {', '.join(exts)})")
     return files
 
 
@@ -222,8 +223,6 @@ def read_hf(path: str, text_key: str = "text", split: str = "train", on_bad_line
 
 
 def _tokenize_texts(texts: Iterable[str], tokenizer: Any, source: str, bad: _BadLines) -> DocumentStore:
-    from moonlight.train.tokenizer import ByteTokenizer
-
     byte_fast = isinstance(tokenizer, ByteTokenizer)
     arrays: list[np.ndarray] = []
     batch: list[str] = []

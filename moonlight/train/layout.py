@@ -1,12 +1,13 @@
-"""From the [parallelism] config to model parts on this rank, plus what the loop needs to know about
-the layout: data-parallel coordinates, the loss function, the pipeline schedule, the groups that
-reduce losses and expert counts."""
+"""From the [parallelism] config to this rank's model parts, plus what the loop needs to know about
+the layout: data-parallel coordinates, the loss function, the pipeline schedule, and the groups that
+reduce losses and expert counts. One process and every multi-rank layout go through `build_layout`."""
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -14,8 +15,22 @@ from torch import nn
 
 from moonlight.config import ModelArgs
 from moonlight.model import Moonlight
-from moonlight.parallel.tensor import cross_entropy_loss
+from moonlight.parallel import ParallelDims, build_mesh, cross_entropy_loss, parallelize_model
+from moonlight.parallel.data import apply_activation_checkpointing
+from moonlight.parallel.pipeline import build_pipeline_stages, build_schedule, pipeline_step, resolve_layout
 from moonlight.train.config import JobConfig
+
+
+class Pipeline:
+    """One pipeline step per call: every micro-batch's loss is sum(CE) / tokens-per-optimizer-step, so
+    the contributions of all micro-batches and accumulation steps add up to this rank's mean loss."""
+
+    def __init__(self, schedule, tokens_per_step: int):
+        self.schedule = schedule
+        self.tokens_per_step = tokens_per_step
+
+    def step(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+        return pipeline_step(self.schedule, inputs, labels, num_tokens=self.tokens_per_step)
 
 
 @dataclass
@@ -23,17 +38,13 @@ class Layout:
     model_parts: list[nn.Module]
     dp_rank: int = 0
     dp_world: int = 1
-    pipeline: object | None = None  # has .step(inputs, labels) -> loss on the last stage, else None
+    pipeline: Pipeline | None = None
     loss_fn: Callable = cross_entropy_loss
     microbatches_per_step: int = 1  # pipeline micro-batches per forward/backward call
     pp_group: dist.ProcessGroup | None = None
     moe_count_group: dist.ProcessGroup | None = None  # every rank that routes tokens through the same layers
     holds_loss: bool = True  # this rank's loss counts once in the reported mean (last stage, tp rank 0)
     description: str = "single process"
-    extras: dict = field(default_factory=dict)
-
-    def describe(self) -> str:
-        return self.description
 
     def reduce_loss(self, local_loss: torch.Tensor) -> float:
         """The step's mean loss as every rank agrees on it."""
@@ -45,27 +56,70 @@ class Layout:
         return float(held[0] / held[1]) if held[1] > 0 else math.nan
 
 
+def is_single_process(cfg: JobConfig, world_size: int) -> bool:
+    p = cfg.parallelism
+    return world_size == 1 and p.tp == p.ep == p.pp == p.dp_replicate == 1 and p.dp_shard in (-1, 1)
+
+
 def build_layout(cfg: JobConfig, args: ModelArgs, world_size: int, device: torch.device,
                  init_full_model: Callable[[], Moonlight]) -> Layout:
-    p = cfg.parallelism
-    if world_size == 1 and p.tp == p.ep == p.pp == p.dp_replicate == 1 and p.dp_shard in (-1, 1):
+    """Validate the degrees, build the meshes, split pipeline stages and apply the parallel plans.
+    `init_full_model()` gives the whole model with its initial weights (on meta when too large to
+    initialise whole: then every rank initialises its own shards)."""
+    if is_single_process(cfg, world_size):
         model = init_full_model()
-        if next(model.parameters()).is_meta:  # too large to initialise on the CPU first
-            model.to_empty(device=device)
-            torch.manual_seed(cfg.training.seed)
-            model.init_weights()
-        else:
-            model.to(device)
-        _apply_activation_checkpointing(model, cfg.activation_checkpoint.mode)
+        _materialise(model, device, cfg.training.seed)
+        apply_activation_checkpointing(model, cfg.activation_checkpoint.mode)
         return Layout(model_parts=[model])
-    from moonlight.train.parallel_layout import build_parallel_layout
 
-    return build_parallel_layout(cfg, args, world_size, device, init_full_model)
+    p, t = cfg.parallelism, cfg.training
+    dims = ParallelDims(dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp, ep=p.ep, pp=p.pp,
+                        world_size=world_size)
+    vp = p.pp_virtual_stages
+    pp_layout = resolve_layout(p.pp_layout or None, args, p.pp, vp) if p.pp > 1 else None
+    sequence_parallel = p.sequence_parallel and p.tp > 1
+    dims.validate(args, pp_layout, vp, sequence_parallel=sequence_parallel, seq_len=t.seq_len)
+    mesh = build_mesh(dims, device.type)
+    full = init_full_model()
+
+    def prepare(module: nn.Module, stage: int = 0) -> nn.Module:
+        on_meta = next(module.parameters()).is_meta
+        if not on_meta:
+            module.to(device)
+        parallelize_model(module, dims, mesh, sequence_parallel=sequence_parallel,
+                          ac_mode=cfg.activation_checkpoint.mode, param_dtype=t.mixed_precision_param,
+                          reduce_dtype=t.mixed_precision_reduce, reshard_after_forward=p.fsdp_reshard_after_forward)
+        if on_meta:  # too large to initialise whole: each rank initialises its shards
+            module.to_empty(device=device)
+            torch.manual_seed(t.seed + stage)
+            module.init_weights()
+        return module
+
+    tp_rank = mesh.tp_rank
+    common = dict(dp_rank=mesh.dp_rank, dp_world=mesh.dp_size, moe_count_group=mesh["dp"].get_group(),
+                  description=dims.describe() + (" + sequence parallel" if sequence_parallel else ""))
+    if p.pp == 1:
+        return Layout(model_parts=[prepare(full)], holds_loss=tp_rank == 0, **common)
+
+    # Each local stage starts from its own copy of the full model (identical initial weights in every layout).
+    build_fn = (lambda _: copy.deepcopy(full)) if not next(full.parameters()).is_meta else None
+    stages, parts = build_pipeline_stages(args, pp_layout, mesh["pp"], device, schedule=p.pp_schedule,
+                                          build_fn=build_fn, parallelize_fn=prepare)
+    n_micro = p.pp_microbatches or t.local_batch_size
+    schedule = build_schedule(stages, p.pp_schedule, n_micro, cross_entropy_loss, scale_grads=False,
+                              local_batch_size=t.local_batch_size)
+    tokens_per_step = t.global_batch_size // mesh.dp_size * t.seq_len
+    holds_last = any(s.is_last for s in stages)
+    common["description"] += f", pipeline {p.pp_schedule} layout {pp_layout} x {n_micro} micro-batches"
+    return Layout(model_parts=parts, pipeline=Pipeline(schedule, tokens_per_step), pp_group=mesh["pp"].get_group(),
+                  holds_loss=holds_last and tp_rank == 0, microbatches_per_step=n_micro, **common)
 
 
-def _apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
-    if mode == "none":
-        return
-    from moonlight.parallel.data import apply_activation_checkpointing
-
-    apply_activation_checkpointing(model, mode)
+def _materialise(model: nn.Module, device: torch.device, seed: int) -> None:
+    """Move a model to the device; one still on meta is allocated there and initialised from `seed`."""
+    if next(model.parameters()).is_meta:
+        model.to_empty(device=device)
+        torch.manual_seed(seed)
+        model.init_weights()
+    else:
+        model.to(device)

@@ -20,12 +20,19 @@ import time
 import torch
 import torch.distributed as dist
 
+from moonlight.checkpoint.export import export_hf
+from moonlight.checkpoint.format import DCP_METADATA
+from moonlight.checkpoint.state import Checkpointer
 from moonlight.config import ModelArgs
-from moonlight.errors import ConfigError, NonFiniteError
+from moonlight.dtypes import to_dtype
+from moonlight.errors import CheckpointError, ConfigError, NonFiniteError
+from moonlight.hf import HFCheckpoint
 from moonlight.model import Moonlight
-from moonlight.parallel.data import to_dtype
+from moonlight.model.lora import apply_lora, count_params, hide_adapters, init_dora_magnitude, reset_lora_parameters
+from moonlight.parallel import load_hf_sharded
 from moonlight.train.config import JobConfig
 from moonlight.train.data import build_dataloader
+from moonlight.train.layout import build_layout
 from moonlight.train.metrics import MetricsLogger, measure_peak_flops, memory_gib
 from moonlight.train.optim import (build_lr_scheduler, build_optimizers, clip_grad_norm_, expert_load_imbalance,
                                    update_router_biases)
@@ -48,6 +55,31 @@ def build_model_args(cfg: JobConfig) -> ModelArgs:
             raise ConfigError(f"model.overrides.{key} is not a ModelArgs field{hint}; valid: {sorted(fields)}")
     return dataclasses.replace(base, **{**cfg.model.overrides, "kernels": cfg.model.kernels,
                                         "aux_loss_alpha": cfg.moe.aux_loss_coeff})
+
+
+def load_initial_weights(ckpt: Checkpointer, path: str, lora: bool = False) -> bool:
+    """Weights for a fresh run (one with no checkpoint in ckpt's folder; returns whether it loaded):
+    an HF directory, each rank reading only its slices, or a model-only DCP checkpoint from
+    `python -m moonlight.convert hf-to-dcp`. With LoRA the checkpoint holds the base weights, and
+    DoRA's magnitudes start at their row norms."""
+    if ckpt.cfg.enable and ckpt.available_steps():
+        return False
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint.initial_load_hf={path} does not exist or is not a directory")
+    with contextlib.ExitStack() as stack:
+        for part in ckpt.model_parts if lora else []:
+            stack.enter_context(hide_adapters(part))
+        if os.path.isfile(os.path.join(path, DCP_METADATA)):
+            ckpt.load_path(path, model_only=True)
+        else:
+            checkpoint = HFCheckpoint(path)
+            for part in ckpt.model_parts:
+                load_hf_sharded(part, checkpoint=checkpoint)
+    if lora:
+        for part in ckpt.model_parts:
+            init_dora_magnitude(part)
+    return True
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -84,16 +116,10 @@ class Trainer:
         self.lora_modules: list[str] = []  # names of the adapted linears (lora.enable)
         self.parallel = self._build_parallel()
         if cfg.lora.enable and self.model_args.num_params() > _FULL_INIT_MAX_PARAMS:
-            from moonlight.train.lora import reset_lora_parameters
-
             for part in self.model_parts:  # materialised from the meta device after sharding
                 reset_lora_parameters(part)
         dp_rank, dp_world = self.parallel.dp_rank, self.parallel.dp_world
-        per_call = t.local_batch_size * dp_world
-        if t.global_batch_size % per_call:
-            raise ConfigError(f"training.global_batch_size={t.global_batch_size} is not a multiple of local_batch_size "
-                              f"x data-parallel ranks = {t.local_batch_size} x {dp_world}")
-        self.grad_accum = t.global_batch_size // per_call
+        self.grad_accum = cfg.grad_accum_steps(dp_world)
         self.n_forwards = n_forwards = self.grad_accum * self.parallel.microbatches_per_step
         for part in self.model_parts:
             for moe in part.moe_layers():  # every forward's aux loss adds its gradient: average them
@@ -123,6 +149,7 @@ class Trainer:
         self._last_inputs = None
         self._nonfinite_in_a_row = 0
         self.checkpointer = self._build_checkpointer()
+        self.exported_step: int | None = None
         resumed = self.step > 0
         self.metrics = MetricsLogger(cfg.job.dump_folder, self.rank, cfg.metrics.enable_tensorboard,
                                      cfg.metrics.tb_folder, resume_step=self.step)
@@ -135,21 +162,17 @@ class Trainer:
             n_params = self.model_args.num_params()
             print(f"[moonlight] {cfg.job.description}\n{cfg.to_toml()}", flush=True)
             if cfg.lora.enable:
-                from moonlight.train.lora import count_params
-
                 trainable, total = count_params(self.model_parts)
                 lo = cfg.lora
                 print(f"[moonlight] {'DoRA' if lo.dora else 'LoRA'} rank {lo.rank} alpha {lo.alpha:g} on "
                       f"{len(self.lora_modules)} modules: trainable {trainable:,} of {total:,} params "
                       f"({100 * trainable / total:.3f}%)", flush=True)
             print(f"[moonlight] model {n_params / 1e6:,.1f}M params, world {self.world_size} "
-                  f"{self.parallel.describe()}, grad accumulation {self.grad_accum}, device {self.device}"
+                  f"{self.parallel.description}, grad accumulation {self.grad_accum}, device {self.device}"
                   + (f", resumed at step {self.step}" if resumed else ""), flush=True)
 
     # ------------------------------------------------------------------ setup
     def _build_parallel(self):
-        from moonlight.train.layout import build_layout
-
         layout = build_layout(self.cfg, self.model_args, self.world_size, self.device, self._init_full_model)
         self.model_parts = layout.model_parts
         return layout
@@ -176,41 +199,34 @@ class Trainer:
         lo = self.cfg.lora
         if not lo.enable:
             return
-        from moonlight.train.lora import apply_lora
-
         try:
             self.lora_modules = apply_lora(model, lo.targets, rank=lo.rank, alpha=lo.alpha, dora=lo.dora,
                                            dropout=lo.dropout)
         except ValueError as e:
             raise ConfigError(f"lora: {e} (lora.targets = {lo.targets})") from None
 
-    def _build_checkpointer(self):
+    def _build_checkpointer(self) -> Checkpointer:
         c = self.cfg.checkpoint
-        if not (c.enable or c.initial_load_hf or c.export_hf):
-            return None
-        from moonlight.train.checkpoint import Checkpointer
-
-        ckpt = Checkpointer(self.cfg.checkpoint, self.cfg.job.dump_folder, self.model_parts, self.optimizers,
-                            self.lr_schedulers, self.dataloader,
+        ckpt = Checkpointer(c, self.cfg.job.dump_folder, self.model_parts, self.optimizers, self.lr_schedulers,
+                            self.dataloader,
                             layout={"world_size": self.world_size, **dataclasses.asdict(self.cfg.parallelism),
                                     # adapters are saved under <linear>.lora_a/lora_b.weight (+ .magnitude)
                                     **({"lora": dataclasses.asdict(self.cfg.lora)} if self.cfg.lora.enable else {})})
-        if self.cfg.checkpoint.enable:
-            self.step = ckpt.load(self.cfg.checkpoint.load_step)
-        if self.step == 0 and self.cfg.checkpoint.initial_load_hf:
-            if self.cfg.lora.enable:  # the checkpoint holds the base weights; DoRA's m starts at their norms
-                from moonlight.train.lora import hide_adapters, init_dora_magnitude
-
-                with contextlib.ExitStack() as stack:
-                    for part in self.model_parts:
-                        stack.enter_context(hide_adapters(part))
-                    loaded = ckpt.maybe_initial_load_hf()
-                if loaded:
-                    for part in self.model_parts:
-                        init_dora_magnitude(part)
-            else:
-                ckpt.maybe_initial_load_hf()
+        if c.enable:
+            self.step = ckpt.load(c.load_step)
+        if c.initial_load_hf and load_initial_weights(ckpt, c.initial_load_hf, lora=self.cfg.lora.enable):
+            if self.rank == 0:
+                print(f"[moonlight] initialised the model from {c.initial_load_hf}", flush=True)
         return ckpt
+
+    def _save(self, force: bool = False, final: bool = False) -> None:
+        """A checkpoint when one is due (or `force`), and the HF export that checkpoint.export_hf asks for
+        ("each": with every checkpoint; "end" and "each": at the end of training)."""
+        saved = self.checkpointer.save(self.step, force=force)
+        export = self.cfg.checkpoint.export_hf
+        if ((export == "each" and saved) or (export and final)) and self.exported_step != self.step:
+            export_hf(self.model_parts, os.path.join(self.cfg.job.dump_folder, "hf", f"step-{self.step}"))
+            self.exported_step = self.step
 
     # ------------------------------------------------------------------- step
     def _forward_backward(self) -> torch.Tensor:
@@ -331,20 +347,16 @@ class Trainer:
                     if self.step % cfg.metrics.log_freq == 0 or self.step == t.steps:
                         self.metrics.log(self.step, values)
                     if self._stop_requested(sigterm["seen"]):
-                        if cfg.checkpoint.enable:
-                            self.checkpointer.save(self.step, force=True, final=False)
+                        self._save(force=True)
                         if self.rank == 0:
                             print(f"[moonlight] SIGTERM: stopped after step {self.step}"
                                   + (", checkpoint saved" if cfg.checkpoint.enable else ""), flush=True)
                         return
-                    if cfg.checkpoint.enable:
-                        self.checkpointer.save(self.step, force=self.step == t.steps)
+                    self._save(force=self.step == t.steps, final=self.step == t.steps)
                     if t.gc_freq and self.step % t.gc_freq == 0:
                         gc.collect(1)
                     if profiler is not None:
                         profiler.step()
-            if cfg.checkpoint.export_hf and not cfg.checkpoint.enable:
-                self.checkpointer.export_hf(self.step)
         finally:
             if in_main_thread:
                 signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,163 @@
+"""Whole models out of sharded runs and checkpoints: gather a live run's shards, read a DCP checkpoint
+of any layout into one full Moonlight, fold LoRA/DoRA adapters in, and write Hugging Face format.
+
+    sd = gather_full_state_dict(model_parts)               # every rank calls; rank 0 gets the dict
+    export_hf(model_parts, "out/hf")                       # every rank calls; rank 0 writes
+    model = load_dcp_model("run/checkpoint/step-40")       # one process, any saving layout
+
+Memory: the whole model once in CPU memory (about 32 GB for Moonlight-16B in bf16).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.tensor import DTensor
+
+from moonlight import distributed
+from moonlight.checkpoint import format as fmt
+from moonlight.checkpoint.state import model_args_of, model_state_dict
+from moonlight.config import ModelArgs
+from moonlight.errors import CheckpointError, CheckpointSaveError
+from moonlight.hf import progress, save_hf
+from moonlight.model import Moonlight
+from moonlight.model.lora import is_adapter_name, lora_scales, merge_lora_state_dict
+
+logger = logging.getLogger(__name__)
+
+
+def gather_full_state_dict(parts: list[nn.Module]) -> dict[str, torch.Tensor] | None:
+    """Full (unsharded) native state dict on CPU at rank 0 (None elsewhere); all ranks must call.
+    Each tensor is all-gathered within its mesh (full_tensor) and, under pipeline parallel, sent
+    to rank 0 by the lowest rank holding it."""
+    rank = distributed.rank()
+    local = model_state_dict(parts)
+    everyone = distributed.all_gather_object({k: (tuple(v.shape), v.dtype) for k, v in local.items()})
+    owner: dict[str, int] = {}
+    for r, shapes in enumerate(everyone):
+        for k in shapes:
+            if k not in owner or (owner[k] != 0 and r == 0):
+                owner[k] = r
+    mine: dict[str, torch.Tensor] = {}
+    for k, v in local.items():  # same key order on every rank of a mesh (same module tree)
+        full = v.full_tensor() if isinstance(v, DTensor) else v
+        if owner[k] == rank:
+            mine[k] = full.detach().to("cpu", copy=True)
+        del full
+    if not distributed.is_distributed():
+        return mine
+    out: dict[str, torch.Tensor] = {}
+    dev = distributed.p2p_device()
+    for k in sorted(owner):
+        src = owner[k]
+        if src == 0:
+            if rank == 0:
+                out[k] = mine.pop(k)
+            continue
+        if rank == src:
+            torch.distributed.send(mine.pop(k).to(dev), dst=0)
+        elif rank == 0:
+            shape, dtype = everyone[src][k]
+            buf = torch.empty(shape, dtype=dtype, device=dev)
+            torch.distributed.recv(buf, src=src)
+            out[k] = buf.cpu()
+    return out if rank == 0 else None
+
+
+def model_from_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs, lora_scale: dict[str, float] | None = None,
+                          what: str = "the state dict") -> Moonlight:
+    """A plain Moonlight holding `sd` (adapters in it folded into the base weights first)."""
+    if lora_scale:
+        sd = merge_lora_state_dict(sd, lora_scale)
+    with torch.device("meta"):
+        model = Moonlight(args)
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    missing = [k for k in missing if k in model.state_dict()]
+    if missing or unexpected:
+        raise CheckpointError(f"{what} is missing {missing[:5]} / has unexpected {unexpected[:5]} for this model")
+    return model
+
+
+def export_hf(parts: list[nn.Module], path: str | os.PathLike, dtype: torch.dtype | None = None,
+              max_shard_size: int | str = "5GB") -> str:
+    """Write the current model in HF format (config.json + safetensors, loadable by transformers) to
+    `path`, LoRA/DoRA adapters merged. All ranks call; rank 0 writes. dtype defaults to the model's
+    `torch_dtype` (router biases stay fp32)."""
+    args = model_args_of(parts)
+    if args is None:
+        raise CheckpointError("export_hf: the model parts carry no ModelArgs (.args)")
+    path = os.path.abspath(os.fspath(path))
+    dtype = dtype or getattr(torch, args.torch_dtype, None)
+    scales = {k: v for part in parts for k, v in lora_scales(part).items()}
+    sd = gather_full_state_dict(parts)
+    err = None
+    if distributed.rank() == 0:
+        try:
+            model = model_from_state_dict(sd, args, scales, what="the gathered model")
+            save_hf(model, path, max_shard_size=max_shard_size, dtype=dtype, overwrite=True)
+            logger.info("checkpoint: exported HF checkpoint to %s", path)
+        except BaseException as e:
+            err = e
+    err_msg = distributed.broadcast_object(None if err is None else fmt.short_error(err))
+    if err is not None:
+        raise err
+    if err_msg is not None:
+        raise CheckpointSaveError(f"HF export to {path} failed on rank 0: {err_msg}")
+    return path
+
+
+def _layer_of(key: str) -> str:
+    m = re.match(r"^(?:model\.)?layers\.(\d+)\.", key)
+    return m.group(1) if m else "top"
+
+
+def load_dcp_model(path: str, args: ModelArgs | None = None, hint: str = "") -> Moonlight:
+    """One full Moonlight from a DCP checkpoint directory (a trainer checkpoint of any layout and
+    number of ranks, or an hf-to-dcp output), LoRA/DoRA adapters merged. `args` defaults to the
+    model args in its meta.json. Reads one layer at a time, so a bar moves while it loads."""
+    meta = fmt.read_meta(path) if os.path.exists(os.path.join(path, fmt.META)) else {}
+    args = args or fmt.model_args_from_meta(meta)
+    if args is None:
+        raise CheckpointError(f"{path} has no meta.json with model args: pass --config config.json or --model-preset")
+    hint = hint or " (a different model config?)"
+    md = fmt.stored_tensors(path)
+    prefix = "model." if any(k.startswith("model.") for k in md) else ""
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in Moonlight(args).state_dict().items()}
+    missing = [k for k in shapes if prefix + k not in md]
+    if missing:
+        raise CheckpointError(f"{path} lacks {len(missing)} model tensor(s) this config needs, e.g. {missing[:5]}"
+                              + hint)
+    # LoRA/DoRA runs store adapters beside the frozen base weights: read them too and merge
+    adapters = [k[len(prefix):] for k in md if k.startswith(prefix) and is_adapter_name(k[len(prefix):])]
+    lora = (meta.get("layout") or {}).get("lora")
+    if adapters and not lora:
+        raise CheckpointError(f"{path} holds LoRA adapters (e.g. {adapters[0]}) but its meta.json has no [lora] "
+                              "settings, so their scale alpha / rank is unknown")
+    sd: dict[str, torch.Tensor] = {}
+    for k in list(shapes) + adapters:
+        m: Any = md[prefix + k]
+        if not isinstance(m, TensorStorageMetadata):
+            raise CheckpointError(f"{path}: {prefix + k} is not a tensor")
+        expected = shapes.get(k, tuple(m.size))
+        if tuple(m.size) != expected:
+            raise CheckpointError(f"{path}: {k} has shape {tuple(m.size)} but the config needs {expected}" + hint)
+        sd[k] = torch.empty(tuple(m.size), dtype=m.properties.dtype)
+    groups: dict[str, list[str]] = {}
+    for k in sd:
+        groups.setdefault(_layer_of(k), []).append(k)
+    with progress(len(sd), "reading DCP tensors") as bar:
+        for keys in groups.values():  # one DCP read per layer: bounded metadata re-reads, a moving bar
+            fmt.dcp_load({prefix + k: sd[k] for k in keys}, path)
+            bar.update(len(keys))
+    scales = None
+    if adapters:
+        modules = {k.removesuffix(".lora_a.weight") for k in adapters if k.endswith(".lora_a.weight")}
+        scales = {name: lora["alpha"] / lora["rank"] for name in modules}
+    return model_from_state_dict(sd, args, scales, what=path)

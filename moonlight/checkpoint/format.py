@@ -1,0 +1,302 @@
+"""The on-disk checkpoint format: step directories, atomic durable writes, the COMPLETE marker,
+meta.json, and model-only checkpoints.
+
+    <folder>/step-40/             a COMPLETE checkpoint (only directories named step-N holding
+      .metadata, __R_0.distcp     COMPLETE count; "latest" = highest such N, never a symlink)
+      meta.json                   model args, step, contents, world size/layout, torch version
+      train_state.json, rank-R.*  the trainer's extra state (moonlight.checkpoint.state)
+      COMPLETE                    fsync'd last, after every file of the step was written
+    <folder>/step-50.tmp/         a save in progress or interrupted: ignored by readers
+
+Tensors are stored with torch.distributed.checkpoint (DCP) under "model." + the native parameter
+name ("model.layers.3.ffn.experts.gate_proj", experts stacked) and, for trainer checkpoints,
+"optimizer.*". Nothing here unpickles: DCP metadata aside, every file is JSON or safetensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import errno
+import json
+import os
+import re
+import shutil
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from moonlight import distributed
+from moonlight.config import RUNTIME_FIELDS, ModelArgs
+from moonlight.errors import CheckpointError, CheckpointSaveError
+
+FORMAT = "moonlight-dcp"
+FORMAT_VERSION = 1
+MARKER = "COMPLETE"
+META = "meta.json"
+DCP_METADATA = ".metadata"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+TEMP_STEP_DIR = re.compile(r"^step-(\d+)\.tmp$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step}"
+
+
+# ------------------------------------------------------------------------------------- DCP
+
+
+def dcp_save(state: dict, path: str) -> None:
+    with warnings.catch_warnings():  # "torch.distributed is disabled ... single process" is our intent
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+        dcp.save(state, checkpoint_id=path, no_dist=not distributed.is_distributed())
+
+
+def dcp_load(state: dict, path: str) -> None:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+        dcp.load(state, checkpoint_id=path, no_dist=not distributed.is_distributed())
+
+
+def stored_tensors(path: str) -> dict[str, Any]:
+    """DCP key -> storage metadata (shape, dtype) of a checkpoint directory, read without tensors."""
+    return dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+
+
+# ------------------------------------------------------------------------------ durable files
+
+
+def fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems do not allow fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_durable(path: str, data: bytes) -> None:
+    """Write bytes to path, flushed and fsync'd."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_json_durable(obj: Any, path: str) -> None:
+    write_durable(path, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+
+def read_json(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """Whether an exception (or a DCP CheckpointException's per-rank failures) is ENOSPC/EDQUOT."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(exc):
+            return True
+        failures = getattr(exc, "failures", None)
+        if isinstance(failures, dict):
+            if any(is_disk_full(f[0] if isinstance(f, tuple) else f) for f in failures.values()):
+                return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def short_error(exc: BaseException) -> str:
+    """One line for an exception, with each rank's failure for DCP's CheckpointException."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        parts = []
+        for rank, f in failures.items():
+            inner = f[0] if isinstance(f, tuple) else f
+            parts.append(f"rank {rank}: {type(inner).__name__}: {inner}")
+        return "; ".join(parts)
+    return f"{type(exc).__name__}: {exc}"
+
+
+# --------------------------------------------------------------------------- step directories
+
+
+def is_complete(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, MARKER)) and os.path.isfile(os.path.join(path, DCP_METADATA))
+
+
+def list_checkpoints(folder: str | os.PathLike) -> dict[int, str]:
+    """step -> path of every COMPLETE checkpoint directory in folder (step-N with the marker and DCP
+    metadata); temp and partial directories are left out."""
+    folder = os.fspath(folder)
+    out: dict[int, str] = {}
+    if not os.path.isdir(folder):
+        return out
+    for name in os.listdir(folder):
+        m = STEP_DIR.match(name)
+        path = os.path.join(folder, name)
+        if m and is_complete(path):
+            out[int(m.group(1))] = path
+    return dict(sorted(out.items()))
+
+
+def incomplete_entries(folder: str) -> list[str]:
+    """Names of interrupted saves (step-N.tmp) and marker-less step-N directories in folder."""
+    if not os.path.isdir(folder):
+        return []
+    return [name for name in sorted(os.listdir(folder))
+            if TEMP_STEP_DIR.match(name) or (STEP_DIR.match(name) and not is_complete(os.path.join(folder, name)))]
+
+
+def resolve_checkpoint(path: str | os.PathLike, step: int = -1) -> str:
+    """A checkpoint directory from either the directory itself or a folder of step-N directories
+    (the latest complete one, or `step`). Raises CheckpointError naming what is wrong."""
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint path {path} does not exist")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint path {path} is not a directory")
+    if is_complete(path) and step < 0:
+        return path
+    if os.path.isfile(os.path.join(path, DCP_METADATA)) and not os.path.isfile(os.path.join(path, MARKER)):
+        raise CheckpointError(f"checkpoint {path} is incomplete (no {MARKER} marker): its save was interrupted "
+                              "or is still running")
+    found = list_checkpoints(path)
+    if not found:
+        partial = incomplete_entries(path)
+        hint = f" (incomplete saves ignored: {partial})" if partial else ""
+        raise CheckpointError(f"no complete checkpoint (step-N directory with {MARKER} and .metadata) in {path}{hint}")
+    if step < 0:
+        return found[max(found)]
+    if step not in found:
+        raise CheckpointError(f"checkpoint step {step} not found in {path}; available steps: {sorted(found)}")
+    return found[step]
+
+
+def finalize_dir(tmp: str, final: str) -> None:
+    """fsync every file of tmp, write the fsync'd marker, then atomically rename tmp -> final."""
+    for name in os.listdir(tmp):
+        p = os.path.join(tmp, name)
+        if os.path.isfile(p):
+            fsync_path(p)
+    write_json_durable({"complete": True, "files": sorted(os.listdir(tmp))}, os.path.join(tmp, MARKER))
+    fsync_path(tmp)
+    parent = os.path.dirname(final)
+    old = None
+    if os.path.exists(final):  # re-saving a step: move the old one out of the way first
+        old = final + ".replaced.tmp"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    fsync_path(parent)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# -------------------------------------------------------------------------------------- meta
+
+
+def base_meta(step: int, args: ModelArgs | None, contents: list[str], layout: dict | None = None) -> dict:
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "step": int(step),
+        "contents": contents,
+        "model_args": dataclasses.asdict(args) if args is not None else None,
+        "world_size": distributed.world_size(),
+        "layout": layout or {},
+        "torch_version": torch.__version__,
+        "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def read_meta(path: str) -> dict[str, Any]:
+    meta_path = os.path.join(path, META)
+    if not os.path.isfile(meta_path):
+        raise CheckpointError(f"{path} has no {META}: not a checkpoint written by moonlight "
+                              "(the trainer or `python -m moonlight.convert hf-to-dcp`)")
+    meta = read_json(meta_path)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{meta_path}: format {meta.get('format') if isinstance(meta, dict) else None!r} "
+                              f"is not {FORMAT!r}")
+    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise CheckpointError(f"{meta_path}: format_version {meta['format_version']} is newer than this code "
+                              f"({FORMAT_VERSION}); update moonlight")
+    return meta
+
+
+def model_args_from_meta(meta: dict) -> ModelArgs | None:
+    """The ModelArgs a checkpoint was saved with (fields unknown to this version dropped)."""
+    saved = meta.get("model_args")
+    if not saved:
+        return None
+    known = {f.name for f in dataclasses.fields(ModelArgs)}
+    return ModelArgs(**{k: v for k, v in saved.items() if k in known})
+
+
+def model_args_mismatch(saved: dict[str, Any], current: ModelArgs, this: str = "this run") -> list[str]:
+    """'field=saved but this has field=current' for every model-args field that changes the weights'
+    shapes or function (RUNTIME_FIELDS may differ)."""
+    cur = dataclasses.asdict(current)
+    out = []
+    for key in sorted(set(saved) | set(cur)):
+        if key in RUNTIME_FIELDS:
+            continue
+        if key not in cur:
+            out.append(f"{key}={saved[key]!r} (unknown to this version)")
+        elif key not in saved:
+            continue  # a field added after the checkpoint was written: its default applies
+        elif saved[key] != cur[key]:
+            out.append(f"{key}={saved[key]!r} but {this} has {key}={cur[key]!r}")
+    return out
+
+
+def check_model_args(path: str, meta: dict, args: ModelArgs | None) -> None:
+    """Raise CheckpointError if the checkpoint at path was saved for another model than args."""
+    if args is None or not meta.get("model_args"):
+        return
+    diffs = model_args_mismatch(meta["model_args"], args)
+    if diffs:
+        name = os.path.basename(os.path.normpath(path))
+        raise CheckpointError(f"checkpoint {name} ({path}) was saved for a different model: it was saved for "
+                              + "; ".join(diffs)
+                              + ". Use the model config it was saved with, or start from its HF export.")
+
+
+# --------------------------------------------------------------------------- model-only files
+
+
+def write_model_only_checkpoint(state_dict: dict[str, torch.Tensor], out: str | os.PathLike, args: ModelArgs,
+                                step: int = 0, overwrite: bool = False, extra_meta: dict | None = None) -> str:
+    """A single-process, model-only checkpoint in the trainer's layout ("model." + native key), written
+    atomically (out.tmp -> out). Loadable by the trainer's resume and `dcp-to-hf`."""
+    out = os.path.abspath(os.fspath(out))
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not overwrite:
+        raise CheckpointError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        dcp_save({f"model.{k}": v for k, v in state_dict.items()}, tmp)
+        meta = base_meta(step, args, ["model"])
+        meta["world_size"] = 1
+        meta.update(extra_meta or {})
+        write_json_durable(meta, os.path.join(tmp, META))
+        if os.path.isdir(out) and not os.listdir(out):
+            os.rmdir(out)
+        finalize_dir(tmp, out)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(e):
+            raise CheckpointSaveError(f"writing checkpoint {out} failed: disk full ({short_error(e)})") from e
+        raise
+    return out

@@ -1,0 +1,479 @@
+"""Trainer save/resume: atomic DCP saves of model + optimizer + train state, restored exactly, also
+onto another parallel layout.
+
+Built by the trainer once the model parts, optimizers, schedulers and data loader exist:
+
+    ckpt = Checkpointer(cfg.checkpoint, cfg.job.dump_folder, model_parts, optimizers, lr_schedulers,
+                        dataloader, extra_states={"metrics": ...}, layout={"dp_shard": 2, "tp": 2, ...})
+    start = ckpt.load(cfg.checkpoint.load_step)   # 0 = nothing to resume (fresh run)
+    for step in range(start + 1, steps + 1):
+        ...train step...
+        ckpt.save(step)                           # saves when step % interval == 0
+    ckpt.save(steps, force=True)                  # final save
+
+Every rank calls every method (they contain collectives); everything works without a process
+group too (one process). Files of a step directory (see `moonlight.checkpoint.format`):
+
+    DCP shards     {"model": ..., "optimizer": ...}; keys are global FQNs: "model.layers.3.attn.q_proj.
+                   weight", "optimizer.state.layers.3.attn.q_proj.weight.exp_avg", "optimizer.
+                   param_groups.<fqn>.lr" (flattened per parameter, so the optimizer state reshards
+                   across tp/ep/pp/dp layouts and param-group splits)
+    train_state.json   rank 0: step, data-loader position (the same on every rank), lr schedulers'
+                       state_dict()s
+    rank-R.safetensors per rank: RNG states (torch, CUDA as tensors; python, numpy and
+                       extra_states as JSON metadata)
+
+A save writes `step-N.tmp`, all ranks barrier, rank 0 writes meta.json/train_state.json and the
+fsync'd COMPLETE marker, renames `step-N.tmp` -> `step-N` and fsyncs the folder; only then are
+checkpoints beyond `keep_latest_k` deleted. A kill at any point leaves the previous checkpoint the
+latest one; a failed write (e.g. disk full) removes the partial directory and raises
+`CheckpointSaveError`. Router expert biases are persistent buffers, so they are part of the model
+state; the per-step load counters are not saved. Plain (non-DTensor) tensors are replicated: DCP
+stores one rank's copy, and a save logs an error if the ranks' copies differ. A save refuses
+non-finite parameters. Loading checks meta.json's model args against this run, and the DCP keys
+against what this run needs (e.g. optimizer changed adamw <-> muon), before reading anything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from moonlight import distributed
+from moonlight.checkpoint import format as fmt
+from moonlight.config import ModelArgs
+from moonlight.errors import CheckpointError, CheckpointSaveError
+
+logger = logging.getLogger(__name__)
+
+TRAIN_STATE = "train_state.json"
+_OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def rank_state_file(rank: int) -> str:
+    return f"rank-{rank}.safetensors"
+
+
+# ------------------------------------------------------------------------------ model parts
+
+
+class _MergedParts(nn.Module):
+    """A view of several pipeline model parts as one module with global FQNs (parts keep global layer
+    keys, "layers.N", so their trees merge without collisions). Only used to name parameters for DCP's
+    state-dict helpers when one optimizer spans several parts."""
+
+
+def _merge_into(dst: nn.Module, src: nn.Module, where: str) -> None:
+    for name, p in src._parameters.items():
+        if p is None:
+            continue
+        if name in dst._parameters and dst._parameters[name] is not p:
+            raise CheckpointError(f"model parts both hold parameter {where}{name}")
+        dst._parameters[name] = p
+    for name, b in src._buffers.items():
+        if b is None:
+            continue
+        if name in dst._buffers and dst._buffers[name] is not b:
+            raise CheckpointError(f"model parts both hold buffer {where}{name}")
+        dst._buffers[name] = b
+        if name in src._non_persistent_buffers_set:
+            dst._non_persistent_buffers_set.add(name)
+    for name, child in src._modules.items():
+        if child is None:
+            continue
+        cur = dst._modules.get(name)
+        if cur is None:
+            dst._modules[name] = child
+        elif cur is not child:
+            if not isinstance(cur, _MergedParts):
+                node = _MergedParts()
+                _merge_into(node, cur, f"{where}{name}.")
+                dst._modules[name] = cur = node
+            _merge_into(cur, child, f"{where}{name}.")
+
+
+def merge_model_parts(parts: list[nn.Module]) -> nn.Module:
+    if len(parts) == 1:
+        return parts[0]
+    root = _MergedParts()
+    for p in parts:
+        _merge_into(root, p, "")
+    return root
+
+
+def model_args_of(parts: list[nn.Module]) -> ModelArgs | None:
+    return next((p.args for p in parts if isinstance(getattr(p, "args", None), ModelArgs)), None)
+
+
+def model_state_dict(parts: list[nn.Module]) -> dict[str, Any]:
+    """The (possibly sharded) state dict of every local model part, by global FQN."""
+    sd: dict[str, Any] = {}
+    for part in parts:
+        sd.update(get_model_state_dict(part))
+    return sd
+
+
+def _flatten_optimizers(o: Any) -> list[torch.optim.Optimizer]:
+    if o is None:
+        return []
+    if isinstance(o, torch.optim.Optimizer):
+        return [o]
+    if hasattr(o, "optimizers"):
+        return _flatten_optimizers(list(o.optimizers))
+    if isinstance(o, Iterable):
+        return [x for item in o for x in _flatten_optimizers(item)]
+    raise TypeError(f"not an optimizer or a container of optimizers: {type(o).__name__}")
+
+
+def _flatten_schedulers(s: Any) -> list[Any]:
+    if s is None:
+        return []
+    if hasattr(s, "schedulers"):
+        return _flatten_schedulers(list(s.schedulers))
+    if hasattr(s, "last_epoch") and hasattr(s, "state_dict"):
+        return [s]
+    if isinstance(s, Iterable):
+        return [x for item in s for x in _flatten_schedulers(item)]
+    raise TypeError(f"not an lr scheduler or a container of them: {type(s).__name__}")
+
+
+def restore_schedule_position(scheduler, saved: dict[str, Any]) -> None:
+    """Put a scheduler at a saved position, through state_dict(): the schedule is a function of the
+    step, so this run's own base lrs and lambdas are kept (param groups may be split differently
+    under another layout) and the lrs are recomputed by one step() from the position before."""
+    own = scheduler.state_dict()
+    own.update(last_epoch=int(saved["last_epoch"]) - 1, _step_count=max(int(saved.get("_step_count", 1)) - 1, 0))
+    scheduler.load_state_dict(own)
+    with warnings.catch_warnings():  # "step() before optimizer.step()": a restore, not a training step
+        warnings.simplefilter("ignore")
+        scheduler.step()
+
+
+# ------------------------------------------------------------------------------------ RNG
+
+
+def _rng_tensors_and_json() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return tensors, {"python": [version, list(internal), gauss],
+                     "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+
+
+def _set_rng(tensors: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
+    version, internal, gauss = values["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = values["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+# ----------------------------------------------------------------------------------- Checkpointer
+
+
+class Checkpointer:
+    """Save/resume everything a run needs; see the module docstring for the protocol and layout.
+
+    cfg: a `CheckpointSection` (enable, interval, keep_latest_k, folder, load_step). model_parts:
+    this rank's model part(s) (one, or one per local pipeline stage). optimizers: an `Optimizers`
+    container, a list of them, or plain optimizers. lr_schedulers: an `LRSchedulers` (or list).
+    dataloader: anything with state_dict/load_state_dict whose JSON state is the same on every rank
+    (saved once, by rank 0). extra_states: name -> object with a JSON state_dict/load_state_dict,
+    saved per rank (on load: this rank's, else rank 0's). layout: optional dict describing the
+    parallel layout, recorded in meta.json.
+    """
+
+    def __init__(self, cfg, dump_folder: str | os.PathLike, model_parts: list[nn.Module] | nn.Module,
+                 optimizers=None, lr_schedulers=None, dataloader=None, extra_states: dict[str, Any] | None = None,
+                 layout: dict | None = None, check_finite: bool = True):
+        self.cfg = cfg
+        self.dump_folder = os.path.abspath(os.fspath(dump_folder))
+        self.folder = os.path.join(self.dump_folder, cfg.folder)
+        self.model_parts = [model_parts] if isinstance(model_parts, nn.Module) else list(model_parts)
+        self.optimizers = optimizers
+        self.lr_schedulers = lr_schedulers
+        self.dataloader = dataloader
+        self.extra_states = dict(extra_states or {})
+        self.layout = dict(layout or {})
+        self.check_finite = check_finite
+        self.args = model_args_of(self.model_parts)
+        self._model = merge_model_parts(self.model_parts)
+        self._optim_list = _flatten_optimizers(optimizers)
+        self._sched_list = _flatten_schedulers(lr_schedulers)
+        self.last_saved_step: int | None = None
+
+    # ------------------------------------------------------------------------------- state
+    def _optim_sd(self) -> dict[str, Any]:
+        if not self._optim_list:
+            return {}
+        return get_optimizer_state_dict(self._model, self._optim_list, options=_OPTIM_OPTIONS)
+
+    def _train_state(self, step: int) -> dict[str, Any]:
+        return {
+            "step": int(step),
+            "dataloader": self.dataloader.state_dict() if self.dataloader is not None else None,
+            "lr_schedulers": [s.state_dict() for s in self._sched_list],
+        }
+
+    def _write_rank_state(self, path: str) -> None:
+        tensors, values = _rng_tensors_and_json()
+        values["extra"] = {k: v.state_dict() for k, v in self.extra_states.items()}
+        fmt.write_durable(path, save(tensors, metadata={"json": json.dumps(values)}))
+
+    def _warn_diverged_replicas(self, sd: dict[str, Any]) -> None:
+        """Plain (non-DTensor) tensors are saved from one rank only (DCP deduplicates by key): warn when
+        ranks disagree on them, e.g. router biases updated from loads that were not all-reduced."""
+        if distributed.world_size() == 1:
+            return
+        sums = {k: (float(v.double().sum()), float(v.double().abs().sum())) for k, v in sd.items()
+                if isinstance(v, torch.Tensor) and not hasattr(v, "to_local")}
+        seen: dict[str, tuple] = {}
+        bad = set()
+        for theirs in distributed.all_gather_object(sums):
+            for k, v in theirs.items():
+                if seen.setdefault(k, v) != v:
+                    bad.add(k)
+        if bad and distributed.rank() == 0:
+            logger.error("checkpoint: replicated tensors differ across ranks; rank 0's copy is saved: %s",
+                         sorted(bad)[:10])
+
+    def _nonfinite_params(self) -> list[str]:
+        names, flags = [], []
+        for part in self.model_parts:
+            for name, p in part.named_parameters():
+                local = distributed.local_tensor(p.detach())
+                if local.numel() and local.is_floating_point():
+                    names.append(name)
+                    flags.append(torch.isfinite(local).all())
+        if not flags:
+            return []
+        ok = torch.stack(flags).cpu()
+        return [n for n, good in zip(names, ok.tolist()) if not good]
+
+    # -------------------------------------------------------------------------------- save
+    def due(self, step: int, force: bool = False) -> bool:
+        """Whether `save(step, force)` writes a checkpoint."""
+        return (self.cfg.enable and (force or (step > 0 and step % self.cfg.interval == 0))
+                and self.last_saved_step != step)
+
+    def save(self, step: int, force: bool = False) -> bool:
+        """Save when `step % interval == 0` or `force` (and checkpointing is enabled). Returns whether a
+        checkpoint was written. Raises CheckpointSaveError if the write failed on any rank."""
+        if not self.due(step, force):
+            return False
+        self._save(step)
+        return True
+
+    def _save(self, step: int) -> None:
+        rank = distributed.rank()
+        final_dir = os.path.join(self.folder, fmt.step_dir_name(step))
+        tmp = final_dir + ".tmp"
+        if self.check_finite:
+            bad = [n for names in distributed.all_gather_object(self._nonfinite_params()) for n in names]
+            if bad:
+                raise CheckpointSaveError(
+                    f"refusing to save checkpoint {final_dir}: non-finite values in {len(set(bad))} parameter(s), "
+                    f"e.g. {sorted(set(bad))[:5]}; the previous checkpoint stays the latest")
+        prep_err = None
+        if rank == 0:
+            try:
+                os.makedirs(self.folder, exist_ok=True)
+                for name in fmt.incomplete_entries(self.folder):
+                    path = os.path.join(self.folder, name)
+                    if fmt.TEMP_STEP_DIR.match(name):  # leftovers of our interrupted saves: remove
+                        logger.warning("checkpoint: removing incomplete save %s", path)
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:  # step-N without a marker: not ours to delete (being copied in by hand?)
+                        logger.warning("checkpoint: ignoring %s (no %s marker)", path, fmt.MARKER)
+                os.makedirs(tmp)
+            except OSError as e:
+                prep_err = f"{type(e).__name__}: {e}"
+        prep_err = distributed.broadcast_object(prep_err)
+        if prep_err:
+            raise CheckpointSaveError(f"saving checkpoint {final_dir} failed: cannot create {tmp}: {prep_err}"
+                                      + (" (disk full)" if "No space left" in prep_err else ""))
+
+        # phase 1: every rank writes its shards and its rank file
+        err: str | None = None
+        disk_full = False
+        try:
+            state = {"model": model_state_dict(self.model_parts)}
+            self._warn_diverged_replicas(state["model"])
+            if self._optim_list:
+                state["optimizer"] = self._optim_sd()
+            fmt.dcp_save(state, tmp)
+            self._write_rank_state(os.path.join(tmp, rank_state_file(rank)))
+        except (KeyboardInterrupt, SystemExit):
+            raise  # the temp directory stays behind, ignored by load and removed by the next save
+        except BaseException as e:  # DCP raises CheckpointException (a BaseException) on any rank's failure
+            err, disk_full = fmt.short_error(e), fmt.is_disk_full(e)
+        errors = [x for x in distributed.all_gather_object((rank, err, disk_full)) if x[1] is not None]
+
+        # phase 2: rank 0 writes the sidecars and the marker, then renames into place
+        if not errors and rank == 0:
+            try:
+                fmt.write_json_durable(self._train_state(step), os.path.join(tmp, TRAIN_STATE))
+                meta = fmt.base_meta(step, self.args, ["model"] + (["optimizer"] if self._optim_list else [])
+                                     + ["train_state", "rng"] + (["extra"] if self.extra_states else []), self.layout)
+                fmt.write_json_durable(meta, os.path.join(tmp, fmt.META))
+                fmt.finalize_dir(tmp, final_dir)
+            except BaseException as e:
+                errors = [(0, fmt.short_error(e), fmt.is_disk_full(e))]
+        errors = distributed.broadcast_object(errors)
+        if errors:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            distributed.barrier()
+            full = any(d for _, _, d in errors)
+            what = "disk full" if full else "write error"
+            detail = "; ".join(f"rank {r}: {m}" for r, m, _ in errors)
+            prev = fmt.list_checkpoints(self.folder)
+            keep = f"the previous checkpoint step-{max(prev)} is intact" if prev else "no earlier checkpoint exists"
+            raise CheckpointSaveError(f"saving checkpoint {final_dir} failed ({what}): {detail}; the partial "
+                                      f"directory was removed and {keep}")
+        distributed.barrier()
+        self.last_saved_step = step
+        if rank == 0:
+            logger.info("checkpoint: saved step %d to %s", step, final_dir)
+            self._purge(step)
+        distributed.barrier()
+
+    def _purge(self, step: int) -> None:
+        found = fmt.list_checkpoints(self.folder)
+        later = [s for s in found if s > step]
+        if later:
+            logger.warning("checkpoint: %s hold(s) later steps %s than this run's step %d (from an abandoned run?); "
+                           "a resume with load_step=-1 picks the highest step", self.folder, later, step)
+        k = self.cfg.keep_latest_k
+        if k <= 0:
+            return
+        for s in sorted(found)[:-k]:
+            if s == step:
+                continue
+            logger.info("checkpoint: deleting step-%d (keep_latest_k=%d)", s, k)
+            shutil.rmtree(found[s], ignore_errors=True)
+
+    # -------------------------------------------------------------------------------- load
+    def available_steps(self) -> list[int]:
+        found = list(fmt.list_checkpoints(self.folder)) if distributed.rank() == 0 else None
+        return sorted(distributed.broadcast_object(found))
+
+    def load(self, step: int = -1) -> int:
+        """Restore checkpoint `step` (-1: the latest complete one) of this run's folder; returns the
+        restored step, 0 when there is nothing to resume. A requested step that does not exist, an
+        incomplete or foreign checkpoint, or one saved for another model raises CheckpointError."""
+        if not self.cfg.enable and step < 0:
+            return 0
+        found = self.available_steps()
+        if step < 0:
+            if not found:
+                partial = fmt.incomplete_entries(self.folder) if distributed.rank() == 0 else []
+                if partial:
+                    logger.warning("checkpoint: ignoring incomplete saves %s in %s", partial, self.folder)
+                return 0
+            step = max(found)
+        elif step not in found:
+            tmp = os.path.join(self.folder, f"step-{step}.tmp")
+            raw = os.path.join(self.folder, fmt.step_dir_name(step))
+            why = (f" (step-{step}.tmp is an incomplete save)" if os.path.exists(tmp) else
+                   f" (step-{step} is incomplete: no {fmt.MARKER} marker)" if os.path.isdir(raw) else "")
+            raise CheckpointError(f"checkpoint step {step} not found in {self.folder}{why}; available steps: "
+                                  f"{found if found else 'none'}")
+        return self.load_path(os.path.join(self.folder, fmt.step_dir_name(step)))
+
+    def load_path(self, path: str | os.PathLike, model_only: bool = False) -> int:
+        """Restore from a checkpoint directory (a full trainer checkpoint, or a model-only one such as
+        `python -m moonlight.convert hf-to-dcp` writes); `model_only` restores just the weights."""
+        path = os.path.abspath(os.fspath(path))
+        if not fmt.is_complete(path):
+            if not os.path.isdir(path):
+                raise CheckpointError(f"checkpoint {path} does not exist")
+            raise CheckpointError(f"checkpoint {path} is incomplete (no {fmt.MARKER} marker or .metadata): "
+                                  "its save was interrupted")
+        meta = fmt.read_meta(path)
+        fmt.check_model_args(path, meta, self.args)
+        contents = ["model"] if model_only else meta.get("contents", ["model"])
+        state: dict[str, Any] = {"model": model_state_dict(self.model_parts)}
+        with_optim = "optimizer" in contents and bool(self._optim_list)
+        if with_optim:
+            state["optimizer"] = self._optim_sd()
+        self._check_keys(path, state)
+        fmt.dcp_load(state, path)
+        for part in self.model_parts:
+            keys = set(get_model_state_dict(part))
+            set_model_state_dict(part, {k: v for k, v in state["model"].items() if k in keys})
+        if with_optim:
+            set_optimizer_state_dict(self._model, self._optim_list, state["optimizer"], options=_OPTIM_OPTIONS)
+        step = int(meta.get("step", 0))
+        if "train_state" in contents:
+            self._load_train_state(path)
+        if "rng" in contents or "extra" in contents:
+            self._load_rank_state(path, meta)
+        if not model_only:
+            self.last_saved_step = step
+        if distributed.rank() == 0:
+            logger.info("checkpoint: restored %s (%s) at step %d", path, ", ".join(contents), step)
+        return step
+
+    def _check_keys(self, path: str, state: dict[str, Any]) -> None:
+        stored = set(fmt.stored_tensors(path))
+        for top, sub in state.items():
+            missing = sorted({f"{top}.{k}" for k in sub} - stored)
+            if missing:
+                hint = (" (was the optimizer changed, e.g. adamw <-> muon?)" if top == "optimizer"
+                        else " (a different model?)")
+                raise CheckpointError(f"checkpoint {path} lacks {len(missing)} {top} entr(ies) this run needs, e.g. "
+                                      f"{[m[len(top) + 1:] for m in missing[:5]]}{hint}")
+
+    def _load_train_state(self, path: str) -> None:
+        ts = fmt.read_json(os.path.join(path, TRAIN_STATE))
+        if self.dataloader is not None and ts.get("dataloader") is not None:
+            self.dataloader.load_state_dict(ts["dataloader"])
+        saved = ts.get("lr_schedulers") or []
+        if saved:
+            for s in self._sched_list:
+                restore_schedule_position(s, saved[0])
+
+    def _load_rank_state(self, path: str, meta: dict) -> None:
+        rank = distributed.rank()
+        own = os.path.join(path, rank_state_file(rank))
+        src = own if os.path.exists(own) else os.path.join(path, rank_state_file(0))
+        if not os.path.exists(src):
+            return
+        try:
+            with safe_open(src, "pt") as f:
+                values = json.loads(f.metadata()["json"])
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (OSError, ValueError, KeyError) as e:
+            raise CheckpointError(f"cannot read {src}: {e}") from None
+        if src == own:
+            _set_rng(tensors, values)
+        elif rank == 0 or meta.get("world_size") != distributed.world_size():
+            logger.warning("checkpoint: %s was saved by %s ranks, this run has %d: RNG states not restored on rank %d",
+                           path, meta.get("world_size"), distributed.world_size(), rank)
+        for name, obj in self.extra_states.items():
+            if name in values.get("extra", {}):
+                obj.load_state_dict(values["extra"][name])

@@ -1,0 +1,20 @@
+"""Dtype names as configs and command lines spell them."""
+
+from __future__ import annotations
+
+import torch
+
+from moonlight.errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def to_dtype(name: str | torch.dtype | None, what: str = "dtype") -> torch.dtype | None:
+    """'bfloat16' / 'bf16' / 'torch.bfloat16' / a torch.dtype -> torch.dtype; None stays None."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    key = str(name).removeprefix("torch.")
+    if key not in DTYPES:
+        raise ConfigError(f"{what} {name!r} is not a dtype we train in; use one of {sorted(DTYPES)}")
+    return DTYPES[key]

@@ -1,0 +1,70 @@
+"""User errors at the entry points: `torchrun --nproc_per_node=2 train.py` meets a layout that does not
+fit the world, a data file that is missing, and a checkpoint saved for another model. Each is one
+`error: ...` line from rank 0, every worker exits with code 2, and no traceback of ours is printed.
+
+torchrun itself then reports the failed workers (its own ChildFailedError summary, exit code 1):
+that report comes from the launcher, which no worker can change; it names exitcode 2 per rank."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICK = ["--training.steps=2", "--lr_scheduler.warmup_steps=0", "--training.seq_len=32",
+         "--training.global_batch_size=2", "--training.local_batch_size=1", "--metrics.device_peak_flops=1e11"]
+
+
+def _run(cmd, tmp_path, *overrides):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("MOONLIGHT_TRACEBACK", None)
+    return subprocess.run(cmd + ["train.py", "--config", "train.toml", f"--job.dump_folder={tmp_path}", *QUICK,
+                                 *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _torchrun(tmp_path, *overrides):
+    return _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
+                tmp_path, *overrides)
+
+
+def _assert_one_line(proc, *fragments):
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert all(f in errors[0] for f in fragments), errors[0]
+    ours = [line for line in proc.stderr.splitlines()
+            if line.strip().startswith("File ") and ("train.py" in line or "/moonlight/" in line)]
+    assert not ours, proc.stderr[-3000:]  # no traceback from our code, on any rank
+    assert proc.returncode != 0
+    assert re.findall(r"exitcode\s+:\s*(\d+)", proc.stderr) == ["2", "2"], proc.stderr[-3000:]  # torchrun's table
+
+
+@pytest.mark.slow
+def test_layout_that_does_not_fit_the_world(tmp_path):
+    proc = _torchrun(tmp_path, "--parallelism.tp=4")
+    _assert_one_line(proc, "error: ", "tp(4)", "world_size=2")
+
+
+@pytest.mark.slow
+def test_missing_data_file(tmp_path):
+    proc = _torchrun(tmp_path, f"--data.path={tmp_path}/missing.jsonl")
+    _assert_one_line(proc, "error: data.path", "missing.jsonl")
+
+
+@pytest.mark.slow
+def test_checkpoint_saved_for_another_model(tmp_path):
+    single = _run([sys.executable], tmp_path, "--checkpoint.interval=1")
+    assert single.returncode == 0, single.stderr[-3000:]
+    proc = _torchrun(tmp_path, "--model.overrides.num_hidden_layers=3")
+    _assert_one_line(proc, "error: checkpoint step-2", "different model", "num_hidden_layers=4")
+
+
+def test_single_process_user_error_is_one_line_and_exit_2(tmp_path):
+    proc = _run([sys.executable], tmp_path, f"--data.path={tmp_path}/missing.jsonl")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: data.path")
+    assert "Traceback" not in proc.stderr
+    env_proc = subprocess.run([sys.executable, "train.py", "--config", "train.toml", f"--data.path={tmp_path}/x"],
+                              cwd=REPO, env=dict(os.environ, MOONLIGHT_TRACEBACK="1"), capture_output=True,
+                              text=True, timeout=300)
+    assert "Traceback" in env_proc.stderr and "DataError" in env_proc.stderr  # the debugging switch

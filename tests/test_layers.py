@@ -1,0 +1,154 @@
+"""The package is layered: config -> model (+ kernels) -> HF / checkpoint formats -> parallel -> train
+-> entry points. Built from the source (no imports run): no import cycles, nothing imports a higher
+layer, no module imports another module's _private names, and function-local imports are only for
+optional dependencies."""
+
+import ast
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PACKAGES = ("moonlight", "kernels")
+
+# Lower number = lower layer; a module may import only modules of its own layer or below.
+LAYERS = {
+    "moonlight.errors": 0, "moonlight.distributed": 0, "moonlight.dtypes": 0,
+    "moonlight.config": 1,
+    "kernels": 2, "moonlight.model": 2, "moonlight": 2,  # the package root re-exports ModelArgs, Moonlight
+    "moonlight.hf": 3, "moonlight.checkpoint": 3,
+    "moonlight.parallel": 4,
+    "moonlight.train": 5,
+    "moonlight.convert": 6, "moonlight.generate": 6, "moonlight.plan": 6,
+}
+# What a function body may import: optional dependencies, loaded only when a feature needs them.
+OPTIONAL = ("tiktoken", "tokenizers", "datasets", "torch.utils.tensorboard", "triton", "jinja2", "peft")
+
+
+def _module_name(path: pathlib.Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _sources() -> dict[str, pathlib.Path]:
+    return {_module_name(p): p for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))}
+
+
+def _layer(module: str) -> int:
+    best = max((k for k in LAYERS if module == k or module.startswith(k + ".")), key=len)
+    return LAYERS[best]
+
+
+def _imports(module: str, path: pathlib.Path, modules: set[str]):
+    """(imported internal module, names, line, inside a function) for every import statement."""
+    tree = ast.parse(path.read_text(), str(path))
+    in_function = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            in_function.update(id(n) for n in ast.walk(node) if n is not node)
+    is_package = path.name == "__init__.py"
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name, [], node.lineno, id(node) in in_function
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative import
+                anchor = module.split(".") if is_package else module.split(".")[:-1]
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            names = [a.name for a in node.names]
+            # `from pkg import submodule` depends on the submodule, not on the package
+            subs = [f"{base}.{n}" for n in names if f"{base}.{n}" in modules]
+            for target in subs or [base]:
+                yield target, [n for n in names if f"{base}.{n}" not in modules], node.lineno, id(node) in in_function
+
+
+def _graph():
+    sources = _sources()
+    modules = set(sources)
+    edges, problems = {m: set() for m in modules}, []
+    for module, path in sources.items():
+        where = f"{path.relative_to(ROOT)}"
+        for target, names, line, local in _imports(module, path, modules):
+            internal = target.split(".")[0] in PACKAGES
+            if local and not (internal or target.startswith(OPTIONAL)):
+                problems.append(f"{where}:{line}: function-local import of {target} (only optional dependencies)")
+            if not internal:
+                continue
+            if local:
+                problems.append(f"{where}:{line}: function-local import of {target} (import it at the top)")
+            private = [n for n in names if n.startswith("_")]
+            if private:
+                problems.append(f"{where}:{line}: imports private name(s) {private} from {target}")
+            if target in modules and target != module:
+                edges[module].add(target)
+                if _layer(target) > _layer(module):
+                    problems.append(f"{where}:{line}: {module} (layer {_layer(module)}) imports {target} "
+                                    f"(layer {_layer(target)}), a higher layer")
+    return edges, problems
+
+
+def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle per strongly connected component with more than one module (Tarjan)."""
+    index, low, stack, on_stack, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(edges[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_every_module_has_a_layer():
+    unplaced = [m for m in _sources() if not any(m == k or m.startswith(k + ".") for k in LAYERS)]
+    assert not unplaced, f"add these modules to LAYERS: {unplaced}"
+
+
+def test_no_import_cycles():
+    edges, _ = _graph()
+    assert _cycles(edges) == []
+
+
+def test_layers_point_one_way_and_no_private_or_local_imports():
+    _, problems = _graph()
+    assert problems == []
+
+
+def test_the_checks_catch_what_they_claim(tmp_path):
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _layer("moonlight.train.trainer") > _layer("moonlight.parallel.mesh") > _layer("moonlight.hf")
+    assert _layer("moonlight.checkpoint.state") > _layer("moonlight.model.lora") > _layer("moonlight.config")
+    fake = tmp_path / "m.py"
+    fake.write_text("def f():\n    from moonlight.hf import _private\n    import os\n")
+    found = list(_imports("moonlight.train.x", fake, {"moonlight.hf"}))
+    assert found[0][:2] == ("moonlight.hf", ["_private"]) and found[0][3] and found[1] == ("os", [], 3, True)
+
+
+@pytest.mark.parametrize("entry", ["train.py"])
+def test_entry_points_only_reach_down(entry):
+    tree = ast.parse((ROOT / entry).read_text())
+    targets = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+    assert all(not t.startswith("moonlight") or _layer(t) <= LAYERS["moonlight.convert"] for t in targets)
