@@ -24,6 +24,7 @@ from moonlight import distributed
 from moonlight.checkpoint import format as fmt
 from moonlight.checkpoint.state import model_args_of, model_state_dict
 from moonlight.config import ModelArgs
+from moonlight.dtypes import to_dtype
 from moonlight.errors import CheckpointError, CheckpointSaveError
 from moonlight.hf import progress, save_hf
 from moonlight.model import Moonlight
@@ -93,7 +94,7 @@ def export_hf(parts: list[nn.Module], path: str | os.PathLike, dtype: torch.dtyp
     if args is None:
         raise CheckpointError("export_hf: the model parts carry no ModelArgs (.args)")
     path = os.path.abspath(os.fspath(path))
-    dtype = dtype or getattr(torch, args.torch_dtype, None)
+    dtype = dtype or to_dtype(args.torch_dtype)
     scales = {k: v for part in parts for k, v in lora_scales(part).items()}
     sd = gather_full_state_dict(parts)
     err = None

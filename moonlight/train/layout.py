@@ -61,6 +61,20 @@ def is_single_process(cfg: JobConfig, world_size: int) -> bool:
     return world_size == 1 and p.tp == p.ep == p.pp == p.dp_replicate == 1 and p.dp_shard in (-1, 1)
 
 
+def plan_layout(cfg: JobConfig, args: ModelArgs, world_size: int) -> tuple[ParallelDims, list[int] | None]:
+    """The degrees and the pipeline layout of a job on `world_size` ranks, validated against the model
+    before anything is built (raises ConfigError / ParallelConfigError naming what to change)."""
+    p = cfg.parallelism
+    dims = ParallelDims(dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp, ep=p.ep, pp=p.pp,
+                        world_size=world_size)
+    vp = p.pp_virtual_stages
+    pp_layout = resolve_layout(p.pp_layout or None, args, p.pp, vp) if p.pp > 1 else None
+    dims.validate(args, pp_layout, vp, sequence_parallel=p.sequence_parallel and p.tp > 1,
+                  seq_len=cfg.training.seq_len)
+    cfg.grad_accum_steps(dims.dp)
+    return dims, pp_layout
+
+
 def build_layout(cfg: JobConfig, args: ModelArgs, world_size: int, device: torch.device,
                  init_full_model: Callable[[], Moonlight]) -> Layout:
     """Validate the degrees, build the meshes, split pipeline stages and apply the parallel plans.
@@ -73,12 +87,8 @@ def build_layout(cfg: JobConfig, args: ModelArgs, world_size: int, device: torch
         return Layout(model_parts=[model])
 
     p, t = cfg.parallelism, cfg.training
-    dims = ParallelDims(dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp, ep=p.ep, pp=p.pp,
-                        world_size=world_size)
-    vp = p.pp_virtual_stages
-    pp_layout = resolve_layout(p.pp_layout or None, args, p.pp, vp) if p.pp > 1 else None
+    dims, pp_layout = plan_layout(cfg, args, world_size)
     sequence_parallel = p.sequence_parallel and p.tp > 1
-    dims.validate(args, pp_layout, vp, sequence_parallel=sequence_parallel, seq_len=t.seq_len)
     mesh = build_mesh(dims, device.type)
     full = init_full_model()
 

@@ -24,6 +24,7 @@ from moonlight.checkpoint.export import export_hf
 from moonlight.checkpoint.format import DCP_METADATA
 from moonlight.checkpoint.state import Checkpointer
 from moonlight.config import ModelArgs
+from moonlight.distributed import local_tensor
 from moonlight.dtypes import to_dtype
 from moonlight.errors import CheckpointError, ConfigError, NonFiniteError
 from moonlight.hf import HFCheckpoint
@@ -255,7 +256,7 @@ class Trainer:
 
             def check(name):
                 def hook(module, inputs, output):
-                    out = output.to_local() if hasattr(output, "to_local") else output
+                    out = local_tensor(output)
                     if not found and isinstance(out, torch.Tensor) and not torch.isfinite(out).all():
                         found.append(name)
                 return hook
@@ -271,7 +272,7 @@ class Trainer:
                 return f"module {found[0]} (first non-finite output)"
         for part in self.model_parts:
             for name, p in part.named_parameters():
-                g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+                g = None if p.grad is None else local_tensor(p.grad)
                 if g is not None and not torch.isfinite(g).all():
                     return f"parameter {name} (first non-finite gradient)"
         return "no non-finite value found on this rank"
