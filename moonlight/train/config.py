@@ -174,10 +174,11 @@ class ActivationCheckpointSection:
 
 @dataclass
 class DataSection:
-    format: Literal["jsonl", "hf", "megatron"] = "jsonl"
+    format: Literal["jsonl", "hf", "megatron", "chat"] = "jsonl"
     path: str = "data/corpus"
     """jsonl: a file, a directory (all *.jsonl) or a glob; hf: a save_to_disk directory or
-    json/parquet/arrow/csv file(s); megatron: the prefix of <prefix>.bin/.idx (or either file)."""
+    json/parquet/arrow/csv file(s); megatron: the prefix of <prefix>.bin/.idx (or either file);
+    chat: jsonl file(s) as for jsonl, else an HF dataset as for hf."""
     text_key: str = "text"
     split: str = "train"
     """Split to use when an hf path holds several."""
@@ -189,6 +190,13 @@ class DataSection:
     """Appended to every document (set false for Megatron files made with --append-eod)."""
     shuffle: bool = True
     """Shuffle the document order each epoch (seeded by training.seed and the epoch)."""
+    messages_key: str = "messages"
+    """chat: the field holding a conversation, a list of {role, content} (system/user/assistant)."""
+    chat_overflow: Literal["truncate", "drop"] = "truncate"
+    """chat: a conversation longer than seq_len + 1 tokens keeps its first seq_len + 1, or is dropped."""
+    document_mask: bool = False
+    """Packed documents attend only to themselves and RoPE positions restart at each one (always on
+    for chat)."""
 
 
 @dataclass
@@ -406,6 +414,8 @@ class JobConfig:
 
         need(bool(self.data.path), "data.path must not be empty")
         need(bool(self.data.text_key), "data.text_key must not be empty")
+        if self.data.format == "chat":
+            need(bool(self.data.messages_key), "data.messages_key must not be empty (the conversation field)")
         need(bool(self.data.tokenizer), "data.tokenizer must not be empty")
         need(bool(self.job.dump_folder), "job.dump_folder must not be empty")
 
