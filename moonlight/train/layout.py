@@ -23,10 +23,11 @@ class Layout:
     model_parts: list[nn.Module]
     dp_rank: int = 0
     dp_world: int = 1
-    pipeline: object | None = None  # has .step(inputs, labels) -> loss on the last stage, else None
+    pipeline: object | None = None  # .step(inputs, labels, num_tokens, model_kwargs) -> loss on the last stage, else None
     loss_fn: Callable = cross_entropy_loss
     microbatches_per_step: int = 1  # pipeline micro-batches per forward/backward call
     pp_group: dist.ProcessGroup | None = None
+    dp_group: dist.ProcessGroup | None = None  # the ranks that read different data
     moe_count_group: dist.ProcessGroup | None = None  # every rank that routes tokens through the same layers
     holds_loss: bool = True  # this rank's loss counts once in the reported mean (last stage, tp rank 0)
     description: str = "single process"

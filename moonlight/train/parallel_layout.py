@@ -18,15 +18,18 @@ from moonlight.train.layout import Layout
 
 
 class Pipeline:
-    """One pipeline step per call: every micro-batch's loss is sum(CE) / tokens-per-optimizer-step, so
-    the contributions of all micro-batches and accumulation steps add up to this rank's mean loss."""
+    """One pipeline step per call: every micro-batch's loss is sum(CE) / num_tokens (the trainer's
+    per-step normaliser), so the contributions of all micro-batches and accumulation steps add up.
+    model_kwargs (positions, document_ids) are split into micro-batches like the inputs and reach
+    every stage: the schedule passes keyword arguments to each stage's forward, while positional
+    inputs only enter the first stage."""
 
-    def __init__(self, schedule, tokens_per_step: int):
+    def __init__(self, schedule):
         self.schedule = schedule
-        self.tokens_per_step = tokens_per_step
 
-    def step(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
-        return pipeline_step(self.schedule, inputs, labels, num_tokens=self.tokens_per_step)
+    def step(self, inputs: torch.Tensor, labels: torch.Tensor, num_tokens: float,
+             model_kwargs: dict | None = None) -> torch.Tensor | None:
+        return pipeline_step(self.schedule, inputs, labels, num_tokens=num_tokens, model_kwargs=model_kwargs)
 
 
 def build_parallel_layout(cfg: JobConfig, args: ModelArgs, world_size: int, device: torch.device,
@@ -56,7 +59,8 @@ def build_parallel_layout(cfg: JobConfig, args: ModelArgs, world_size: int, devi
         return module
 
     tp_rank = mesh.tp_rank
-    common = dict(dp_rank=mesh.dp_rank, dp_world=mesh.dp_size, moe_count_group=mesh["dp"].get_group(),
+    common = dict(dp_rank=mesh.dp_rank, dp_world=mesh.dp_size, dp_group=mesh["dp"].get_group(),
+                  moe_count_group=mesh["dp"].get_group(),
                   description=dims.describe() + (" + sequence parallel" if sequence_parallel else ""))
     if p.pp == 1:
         return Layout(model_parts=[prepare(full)], loss_fn=cross_entropy_loss, holds_loss=tp_rank == 0, **common)
@@ -68,10 +72,8 @@ def build_parallel_layout(cfg: JobConfig, args: ModelArgs, world_size: int, devi
     n_micro = p.pp_microbatches or t.local_batch_size
     schedule = build_schedule(stages, p.pp_schedule, n_micro, cross_entropy_loss, scale_grads=False,
                               local_batch_size=t.local_batch_size)
-    dp_world = mesh.dp_size
-    tokens_per_step = t.global_batch_size // dp_world * t.seq_len
     holds_last = any(s.is_last for s in stages)
-    layout = Layout(model_parts=parts, pipeline=Pipeline(schedule, tokens_per_step), loss_fn=cross_entropy_loss,
+    layout = Layout(model_parts=parts, pipeline=Pipeline(schedule), loss_fn=cross_entropy_loss,
                     pp_group=mesh["pp"].get_group(), holds_loss=holds_last and tp_rank == 0,
                     microbatches_per_step=n_micro, **common)
     layout.description += f", pipeline {p.pp_schedule} layout {pp_layout} x {n_micro} micro-batches"
