@@ -158,3 +158,26 @@ def test_document_masked_losses_equal_single_process(layout, data, single_proces
     args, losses = single_process[data]
     got = run_ranks(_train_losses, 2, str(tmp_path / "run"), args + layout)[0]
     assert got == pytest.approx(losses, rel=1e-4, abs=1e-5)
+
+
+def test_varlen_path_flattens_rows_into_documents(monkeypatch):
+    """The CUDA varlen path's plumbing (documents of all rows as one ragged batch, cu_seqlens, causal
+    window) on CPU, with flash attention's varlen kernel replaced by per-document SDPA."""
+    import torch.nn.attention.varlen as varlen_module
+
+    def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+        assert torch.equal(cu_q, cu_k) and window_size == (-1, 0) and cu_q.dtype == torch.int32
+        assert max_q == max_k == int((cu_q[1:] - cu_q[:-1]).max())
+        out = [F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1),
+                                              is_causal=True, scale=scale).transpose(0, 1)
+               for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist())]
+        return torch.cat(out)
+
+    monkeypatch.setattr(varlen_module, "varlen_attn", reference_varlen)
+    _, documents = _packed([[5, 9, 2], [16], [4, 12]])
+    documents[1] = 0  # rows 1 and 2 both use id 0 at their seam: every row still starts a document
+    q, k, v = (torch.randn(3, 16, 2, 8, dtype=torch.float64) for _ in range(3))
+    ragged = DocumentMask(documents, torch.float64, varlen=True)
+    assert ragged.cu_seqlens.tolist() == [0, 5, 14, 16, 32, 36, 48]
+    dense = DocumentMask(documents, torch.float64, varlen=False)
+    torch.testing.assert_close(ragged.attention(q, k, v, 0.3), dense.attention(q, k, v, 0.3))

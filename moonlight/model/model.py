@@ -101,9 +101,11 @@ class DocumentMask:
     one ragged batch, no mask is materialised); everything else (CPU, fp32/fp64) takes SDPA with a
     boolean [B, 1, S, S] block-diagonal causal mask."""
 
-    def __init__(self, document_ids: torch.Tensor, dtype: torch.dtype):
+    def __init__(self, document_ids: torch.Tensor, dtype: torch.dtype, varlen: bool | None = None):
         bsz, seqlen = document_ids.shape
-        self.varlen = document_ids.is_cuda and dtype in (torch.bfloat16, torch.float16) and _has_varlen_attn()
+        if varlen is None:
+            varlen = document_ids.is_cuda and dtype in (torch.bfloat16, torch.float16) and _has_varlen_attn()
+        self.varlen = varlen
         if self.varlen:
             flat = document_ids.flatten()
             starts = torch.ones_like(flat, dtype=torch.bool)
