@@ -4,6 +4,7 @@
     loader = build_dataloader(cfg.data, tok, seq_len, local_batch_size, dp_rank, dp_world, seed)
     inputs, labels = loader.next_batch()            # [B, S] int64 each
     batch = loader.next_batch_with_info()           # + position_ids [B, S] (restart per document)
+    batch.document_ids                              # [B, S]: which packed document each token is in
     state = loader.state_dict(); loader.load_state_dict(state)
 
 Sources (data.format):
@@ -16,6 +17,11 @@ Sources (data.format):
             with a packaged builder). Never touches the hub.
   megatron  Megatron-LM MMIDIDX indexed files <prefix>.bin/.idx (data.path = the prefix, either
             file, a directory of *.idx or a glob); each Megatron document is one document.
+  chat      conversations: field data.messages_key of jsonl lines (as jsonl) or an HF dataset column
+            (as hf), a list of {role, content} with roles system/user/assistant; rendered by
+            moonlight.train.chat (the tokenizer's chat template, else the Moonlight format) and
+            packed by ChatDataLoader: whole conversations per row, labels -100 except assistant
+            turns, too long ones truncated or dropped (data.chat_overflow).
 
 Packing. Every document becomes [bos]? + tokens + [eos]? (data.add_bos / data.add_eos; empty
 documents are dropped). Each epoch the documents are ordered (a seeded permutation per epoch when
@@ -813,8 +819,9 @@ def build_dataloader(
     store: DocumentStore | None = None,
 ) -> PackedDataLoader:
     """The loader for one data-parallel rank. cfg_data: config.DataSection (format, path,
-    text_key, split, on_bad_line, add_bos, add_eos, shuffle). Pass `store` to reuse documents
-    already loaded (e.g. the same corpus for several ranks in one process)."""
+    text_key, split, on_bad_line, add_bos, add_eos, shuffle; chat: messages_key, chat_overflow,
+    tokenizer). Pass `store` to reuse documents already loaded (e.g. the same corpus for several
+    ranks in one process). Chat rows are padded with the tokenizer's eos id (label -100)."""
     chat = cfg_data.format == "chat"
     add_bos = bool(getattr(cfg_data, "add_bos", False)) and not chat
     add_eos = bool(getattr(cfg_data, "add_eos", True)) and not chat
