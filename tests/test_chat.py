@@ -311,3 +311,13 @@ def test_fsdp2_with_grad_accumulation_equals_single_process(tmp_path):
     assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=1e-5)
     for name, w in single.items():  # AdamW amplifies rounding on near-zero gradients: as test_train_layouts
         torch.testing.assert_close(two[name], w, atol=1e-4, rtol=1e-3, msg=lambda m: f"{name}: {m}")
+
+
+def test_shipped_sample_renders_every_conversation_in_the_debug_job():
+    cfg = load_config("configs/debug-chat-sft.toml", [])
+    tok = build_tokenizer(cfg.data.tokenizer)
+    loader = build_dataloader(cfg.data, tok, cfg.training.seq_len, cfg.training.local_batch_size)
+    store = loader.store
+    assert store.num_documents == 40 and store.num_bad_lines == 0
+    assert int(store.tokens[0].max()) < 320  # the debug model's vocab
+    assert loader.num_truncated <= 2 and sum(map(len, loader.rows)) == 40
