@@ -60,7 +60,7 @@ class MLA(nn.Module):
         self.softmax_scale = args.qk_head_dim ** -0.5
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
-                mask: "DocumentMask | None" = None) -> torch.Tensor:
+                mask: DocumentMask | None = None) -> torch.Tensor:
         a = self.args
         bsz, seqlen, _ = x.shape
         q = self.q_proj(x) if a.q_lora_rank is None else self.q_b_proj(self.q_norm(self.q_a_proj(x)))

@@ -390,8 +390,9 @@ def pipeline_step(schedule, inputs: torch.Tensor | None, labels: torch.Tensor | 
     inputs (tokens [B, S]) are used on the rank holding the first stage, labels [B, S] on the rank
     holding the last one (pass them everywhere or None where unused). model_kwargs ([B, ...] tensors,
     e.g. positions and document_ids) are split into microbatches and passed to every stage's
-    forward, so pass them on every rank. is_first / is_last default to what this rank's stages are. Returns the batch loss (detached) on the last-stage rank, else None:
-    the mean of the microbatch losses, or with num_tokens their sum (see the module docstring).
+    forward, so pass them on every rank. is_first / is_last default to what this rank's stages are.
+    Returns the batch loss (detached) on the last-stage rank, else None: the mean of the microbatch
+    losses, or with num_tokens their sum (see the module docstring).
     """
     stages = _local_stages(schedule)
     is_first = any(s.is_first for s in stages) if is_first is None else is_first

@@ -23,7 +23,7 @@ class Layout:
     model_parts: list[nn.Module]
     dp_rank: int = 0
     dp_world: int = 1
-    pipeline: object | None = None  # .step(inputs, labels, num_tokens, model_kwargs) -> loss on the last stage, else None
+    pipeline: object | None = None  # .step(inputs, labels, num_tokens, model_kwargs) -> last stage's loss or None
     loss_fn: Callable = cross_entropy_loss
     microbatches_per_step: int = 1  # pipeline micro-batches per forward/backward call
     pp_group: dist.ProcessGroup | None = None
