@@ -131,7 +131,9 @@ def test_jinja_template_matches_transformers_apply_chat_template(tmp_path):
 
 
 def test_template_that_rewrites_earlier_turns_is_rejected(tmp_path):
-    rewriting = "{%- for m in messages -%}<|im_{{ m['role'] }}|>{{ m['content'] }}{{ messages|length }}<|im_end|>{%- endfor -%}"
+    rewriting = ("{%- for m in messages -%}"
+                 "<|im_{{ m['role'] }}|>{{ m['content'] }}{{ messages|length }}<|im_end|>"
+                 "{%- endfor -%}")
     tok = build_tokenizer(str(_tiktoken_dir(tmp_path, rewriting)))
     with pytest.raises(DataError, match="appending turns"):
         load_chat_template(str(tmp_path), tok).encode(MULTI_TURN)
