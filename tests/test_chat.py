@@ -99,9 +99,11 @@ def _hf_tokenizer_dir(tmp_path, template):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from tokenizers.pre_tokenizers import ByteLevel
 
-    alphabet = ByteLevel.alphabet()
-    vocab = {c: i for i, c in enumerate(sorted(alphabet))}
-    t = Tokenizer(models.BPE(vocab, []))
+    vocab = {c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}
+    merges = [("t", "h"), ("th", "e"), ("Ġ", "the"), ("e", "x"), ("p", "er"), ("e", "r")]
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    t = Tokenizer(models.BPE(vocab, merges))
     t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     t.decoder = decoders.ByteLevel()
     t.add_special_tokens(["[BOS]", "[EOS]"] + DEFAULT_ADDITIONAL_SPECIALS)
