@@ -325,3 +325,14 @@ def test_shipped_sample_renders_every_conversation_in_the_debug_job():
     assert store.num_documents == 40 and store.num_bad_lines == 0
     assert int(store.tokens[0].max()) < 320  # the debug model's vocab
     assert loader.num_truncated <= 2 and sum(map(len, loader.rows)) == 40
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data.chat_overflow=bogus"], "expects one of 'truncate', 'drop'"),
+    (["--data.format=chat", "--data.messages_key="], "data.messages_key must not be empty"),
+])
+def test_chat_config_errors(args, message):
+    from moonlight.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        load_config("train.toml", args).validate()
