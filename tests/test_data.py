@@ -59,7 +59,8 @@ def all_sequences(loader, n=None):
 def test_byte_tokenizer():
     tok = build_tokenizer("byte")
     assert isinstance(tok, ByteTokenizer)
-    assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (256, 257, 258)
+    assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (256, 257, 266)
+    assert tok.special_tokens["<|im_end|>"] == 258 and tok.special_tokens["<|im_middle|>"] == 265
     text = "héllo 中文\n"
     ids = tok.encode(text)
     assert ids == list(text.encode("utf-8")) and tok.decode(ids) == text

@@ -22,7 +22,7 @@ LAYERS = {
     "moonlight.convert": 6, "moonlight.generate": 6, "moonlight.plan": 6,
 }
 # What a function body may import: optional dependencies, loaded only when a feature needs them.
-OPTIONAL = ("tiktoken", "tokenizers", "datasets", "torch.utils.tensorboard", "triton", "jinja2", "peft")
+OPTIONAL = ("tiktoken", "tokenizers", "datasets", "torch.utils.tensorboard", "triton", "peft")
 
 
 def _module_name(path: pathlib.Path) -> str:

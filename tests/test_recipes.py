@@ -10,7 +10,7 @@ from moonlight.train.layout import plan_layout
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 WORLD = {"moonlight-16b-pretrain.toml": 8, "moonlight-16b-pretrain-pp2.toml": 16, "moonlight-16b-sft.toml": 8,
-         "moonlight-16b-lora.toml": 8, "moonlight-16b-dora.toml": 8}
+         "moonlight-16b-lora.toml": 8, "moonlight-16b-dora.toml": 8, "debug-chat-sft.toml": 2}
 
 
 def test_every_recipe_is_listed():

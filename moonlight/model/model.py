@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.varlen import varlen_attn
 
 from kernels import apply_mla_rope, permute_tokens, resolve_impl, rope_tables, unpermute_tokens
 from moonlight.config import ModelArgs
@@ -59,14 +60,21 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(heads * args.v_head_dim, h, bias=False)
         self.softmax_scale = args.qk_head_dim ** -0.5
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
+                mask: DocumentMask | None = None) -> torch.Tensor:
         a = self.args
         bsz, seqlen, _ = x.shape
         q = self.q_proj(x) if a.q_lora_rank is None else self.q_b_proj(self.q_norm(self.q_a_proj(x)))
         q = q.view(bsz, seqlen, -1, a.qk_head_dim)  # -1: heads held by this rank under tensor parallel
         latent, k_pe = self.kv_a_proj(x).split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
         cos, sin = rope_tables(seqlen, a.qk_rope_head_dim, a.rope_theta, x.device)
-        q, k_pe = apply_mla_rope(q, k_pe, cos, sin, impl=resolve_impl(a.kernels, x.device))
+        impl = resolve_impl(a.kernels, x.device)
+        if positions is None:
+            q, k_pe = apply_mla_rope(q, k_pe, cos, sin, impl=impl)
+        else:  # one angle per token: fold the batch into the sequence so every row gets its own table row
+            q, k_pe = apply_mla_rope(q.reshape(1, bsz * seqlen, *q.shape[2:]), k_pe.reshape(1, bsz * seqlen, -1),
+                                     cos[positions.flatten()], sin[positions.flatten()], impl=impl)
+            q, k_pe = q.view(bsz, seqlen, *q.shape[2:]), k_pe.view(bsz, seqlen, -1)
 
         kv = self.kv_b_proj(self.kv_norm(latent)).view(bsz, seqlen, -1, a.qk_nope_head_dim + a.v_head_dim)
         k_nope, v = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)
@@ -76,10 +84,52 @@ class MLA(nn.Module):
         v_pad = a.qk_head_dim - a.v_head_dim
         if v_pad > 0:
             v = F.pad(v, (0, v_pad))
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=True, scale=self.softmax_scale)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 is_causal=True, scale=self.softmax_scale).transpose(1, 2)
+        else:
+            out = mask.attention(q, k, v, self.softmax_scale)
         out = out[..., : a.v_head_dim] if v_pad > 0 else out
-        return self.o_proj(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+        return self.o_proj(out.reshape(bsz, seqlen, -1))
+
+
+class DocumentMask:
+    """Causal attention within each packed document: a token sees the earlier tokens of its own
+    document only. Built once per forward from ``document_ids [B, S]`` (equal ids = one document,
+    documents contiguous within a row) and shared by every layer.
+
+    Half-precision CUDA tensors take flash attention's varlen kernel (the documents of all rows as
+    one ragged batch, no mask is materialised); everything else (CPU, fp32/fp64) takes SDPA with a
+    boolean [B, 1, S, S] block-diagonal causal mask."""
+
+    def __init__(self, document_ids: torch.Tensor, dtype: torch.dtype, varlen: bool | None = None):
+        bsz, seqlen = document_ids.shape
+        if varlen is None:
+            varlen = document_ids.is_cuda and dtype in (torch.bfloat16, torch.float16)
+        self.varlen = varlen
+        if self.varlen:
+            flat = document_ids.flatten()
+            starts = torch.ones_like(flat, dtype=torch.bool)
+            starts[1:] = flat[1:] != flat[:-1]
+            starts[::seqlen] = True  # every row starts a document
+            bounds = torch.cat([starts.nonzero().flatten(), flat.new_tensor([flat.numel()])])
+            self.cu_seqlens = bounds.to(torch.int32)
+            self.max_len = int((bounds[1:] - bounds[:-1]).max())  # one host sync per forward
+        else:
+            same = document_ids[:, :, None] == document_ids[:, None, :]
+            causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=document_ids.device).tril()
+            self.dense = (same & causal).unsqueeze(1)
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """q, k, v [B, S, heads, D] -> [B, S, heads, D]."""
+        if self.varlen:
+            bsz, seqlen = q.shape[:2]
+            out = varlen_attn(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), self.cu_seqlens, self.cu_seqlens,
+                              self.max_len, self.max_len, scale=scale, window_size=(-1, 0))
+            return out.view(bsz, seqlen, *out.shape[1:])
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=self.dense, scale=scale)
+        return out.transpose(1, 2)
 
 
 class MLP(nn.Module):
@@ -266,15 +316,21 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.ffn = MoE(args) if args.is_moe_layer(layer_id) else MLP(args.hidden_size, args.intermediate_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x))
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
+                mask: DocumentMask | None = None) -> torch.Tensor:
+        # positions and mask as keywords: tensor-parallel input plans describe the positional x only
+        x = x + self.attn(self.attn_norm(x), positions=positions, mask=mask)
         return x + self.ffn(self.ffn_norm(x))
 
 
 class Moonlight(nn.Module):
     """tokens [B, S] -> logits [B, S, V]. A pipeline stage keeps only its layers: `embed` is None on
     all but the first stage (the input is then hidden states) and `norm`/`lm_head` are None on all but
-    the last (the output is then hidden states)."""
+    the last (the output is then hidden states).
+
+    Packed sequences: ``positions [B, S]`` are the RoPE positions (default 0..S-1 in every row; restart
+    them at each document) and ``document_ids [B, S]`` restrict attention to each document (default:
+    causal over the whole row). Every pipeline stage takes both."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -285,10 +341,12 @@ class Moonlight(nn.Module):
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
         h = self.embed(tokens) if self.embed is not None else tokens
+        mask = DocumentMask(document_ids, h.dtype) if document_ids is not None else None
         for layer in self.layers.values():
-            h = layer(h)
+            h = layer(h, positions=positions, mask=mask)
         h = self.norm(h) if self.norm is not None else h
         return self.lm_head(h) if self.lm_head is not None else h
 

@@ -393,20 +393,22 @@ def _discard_inference_forward(stages) -> list[_RestoreCountersOnce]:
 
 def pipeline_step(schedule, inputs: torch.Tensor | None, labels: torch.Tensor | None,
                   is_first: bool | None = None, is_last: bool | None = None,
-                  num_tokens: int | float | None = None) -> torch.Tensor | None:
+                  num_tokens: int | float | None = None, model_kwargs: dict | None = None) -> torch.Tensor | None:
     """Forward + backward of one local batch through the pipeline.
 
     inputs (tokens [B, S]) are used on the rank holding the first stage, labels [B, S] on the rank
-    holding the last one (pass them everywhere or None where unused). is_first / is_last default to
-    what this rank's stages are. Returns the batch loss (detached) on the last-stage rank, else None:
-    the mean of the microbatch losses, or with num_tokens their sum (see the module docstring).
+    holding the last one (pass them everywhere or None where unused). model_kwargs ([B, ...] tensors,
+    e.g. positions and document_ids) are split into microbatches and passed to every stage's
+    forward, so pass them on every rank. is_first / is_last default to what this rank's stages are.
+    Returns the batch loss (detached) on the last-stage rank, else None: the mean of the microbatch
+    losses, or with num_tokens their sum (see the module docstring).
     """
     stages = _local_stages(schedule)
     is_first = any(s.is_first for s in stages) if is_first is None else is_first
     is_last = any(s.is_last for s in stages) if is_last is None else is_last
     losses: list[torch.Tensor] | None = [] if is_last else None
     args = (inputs,) if is_first else ()
-    kwargs = {}
+    kwargs = dict(model_kwargs or {})
     if num_tokens is not None:
         kwargs["loss_kwargs"] = {"num_tokens": num_tokens}
     hooks = _discard_inference_forward(stages) if _runs_metadata_inference(schedule) else []

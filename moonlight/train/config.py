@@ -220,10 +220,11 @@ class ActivationCheckpointSection:
 
 @dataclass
 class DataSection:
-    format: Literal["jsonl", "hf", "megatron"] = "jsonl"
+    format: Literal["jsonl", "hf", "megatron", "chat"] = "jsonl"
     path: str = "data/corpus"
     """jsonl: a file, a directory (all *.jsonl) or a glob; hf: a save_to_disk directory or
-    json/parquet/arrow/csv file(s); megatron: the prefix of <prefix>.bin/.idx (or either file)."""
+    json/parquet/arrow/csv file(s); megatron: the prefix of <prefix>.bin/.idx (or either file);
+    chat: jsonl file(s) as for jsonl, else an HF dataset as for hf."""
     text_key: str = "text"
     split: str = "train"
     """Split to use when an hf path holds several."""
@@ -235,11 +236,20 @@ class DataSection:
     """Appended to every document (set false for Megatron files made with --append-eod)."""
     shuffle: bool = True
     """Shuffle the document order each epoch (seeded by training.seed and the epoch)."""
+    messages_key: str = "messages"
+    """chat: the field holding a conversation, a list of {role, content} (system/user/assistant)."""
+    chat_overflow: Literal["truncate", "drop"] = "truncate"
+    """chat: a conversation longer than seq_len + 1 tokens keeps its first seq_len + 1, or is dropped."""
+    document_mask: bool = False
+    """Packed documents attend only to themselves and RoPE positions restart at each one (always on
+    for chat)."""
 
     def problems(self) -> list[str]:
         return _require([(bool(self.path), "data.path must not be empty"),
                          (bool(self.text_key), "data.text_key must not be empty"),
-                         (bool(self.tokenizer), "data.tokenizer must not be empty")])
+                         (bool(self.tokenizer), "data.tokenizer must not be empty"),
+                         (self.format != "chat" or bool(self.messages_key),
+                          "data.messages_key must not be empty (the conversation field)")])
 
 
 @dataclass
@@ -306,7 +316,7 @@ class MoESection:
 @dataclass
 class LoRASection:
     enable: bool = False
-    """Fine-tune low-rank adapters only (everything else frozen); see moonlight/train/lora.py."""
+    """Fine-tune low-rank adapters only (everything else frozen); see moonlight/model/lora.py."""
     rank: int = 8
     alpha: float = 16.0
     """Adapter scale = alpha / rank."""

@@ -4,6 +4,7 @@
     loader = build_dataloader(cfg.data, tok, seq_len, local_batch_size, dp_rank, dp_world, seed)
     inputs, labels = loader.next_batch()            # [B, S] int64 each
     batch = loader.next_batch_with_info()           # + position_ids [B, S] (restart per document)
+    batch.document_ids                              # [B, S]: which packed document each token is in
     state = loader.state_dict(); loader.load_state_dict(state)
 
 Sources (data.format):
@@ -16,6 +17,11 @@ Sources (data.format):
             with a packaged builder). Never touches the hub.
   megatron  Megatron-LM MMIDIDX indexed files <prefix>.bin/.idx (data.path = the prefix, either
             file, a directory of *.idx or a glob); each Megatron document is one document.
+  chat      conversations: field data.messages_key of jsonl lines (as jsonl) or an HF dataset column
+            (as hf), a list of {role, content} with roles system/user/assistant; rendered by
+            moonlight.train.chat (the tokenizer's chat template, else the Moonlight format) and
+            packed by ChatDataLoader: whole conversations per row, labels -100 except assistant
+            turns, too long ones truncated or dropped (data.chat_overflow).
 
 Packing. Every document becomes [bos]? + tokens + [eos]? (data.add_bos / data.add_eos; empty
 documents are dropped). Each epoch the documents are ordered (a seeded permutation per epoch when
@@ -43,12 +49,13 @@ import os
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from moonlight.errors import DataError
+from moonlight.train.chat import load_chat_template, messages_problem
 from moonlight.train.tokenizer import ByteTokenizer
 
 logger = logging.getLogger(__name__)
@@ -57,6 +64,8 @@ __all__ = [
     "BadLineError",
     "DocumentStore",
     "PackedDataLoader",
+    "ChatDataLoader",
+    "ChatStore",
     "Batch",
     "build_dataloader",
     "load_documents",
@@ -125,6 +134,14 @@ def _expand(path: str, exts: tuple[str, ...], what: str) -> list[str]:
     return files
 
 
+def _expand_or_none(path: str) -> list[str]:
+    """The jsonl files at path, or [] when there are none (then it is read as an HF dataset)."""
+    try:
+        return _expand(path, (".jsonl", ".jsonl.gz"), "jsonl")
+    except FileNotFoundError:
+        return []
+
+
 class _BadLines:
     def __init__(self, on_bad_line: str) -> None:
         if on_bad_line not in ("skip", "error"):
@@ -144,10 +161,16 @@ class _BadLines:
             logger.warning("data: skipping malformed record %s", msg)
 
 
+def _text_problem(value: Any) -> str | None:
+    return None if isinstance(value, str) else f"is {type(value).__name__}, not a string"
+
+
 def read_jsonl(
-    paths: Sequence[str], text_key: str = "text", on_bad_line: str = "skip", bad: _BadLines | None = None
-) -> Iterator[str]:
-    """Yield the text of every well-formed line; blank lines are ignored silently."""
+    paths: Sequence[str], text_key: str = "text", on_bad_line: str = "skip", bad: _BadLines | None = None,
+    problem: Callable[[Any], str | None] = _text_problem,
+) -> Iterator[Any]:
+    """Yield field text_key of every well-formed line (`problem(value)` says why a value is not
+    usable, default: not a string); blank lines are ignored silently."""
     bad = bad or _BadLines(on_bad_line)
     for path in paths:
         opener = gzip.open if path.endswith(".gz") else open
@@ -172,8 +195,9 @@ def read_jsonl(
                     bad(where, f"missing text field {text_key!r} (keys: {keys})")
                     continue
                 text = obj[text_key]
-                if not isinstance(text, str):
-                    bad(where, f"text field {text_key!r} is {type(text).__name__}, not a string")
+                reason = problem(text)
+                if reason:
+                    bad(where, f"field {text_key!r}: {reason}")
                     continue
                 yield text
 
@@ -188,7 +212,7 @@ def _is_saved_dataset(path: str) -> bool:
 
 
 def read_hf(path: str, text_key: str = "text", split: str = "train", on_bad_line: str = "skip",
-            bad: _BadLines | None = None) -> Iterator[str]:
+            bad: _BadLines | None = None, problem: Callable[[Any], str | None] = _text_problem) -> Iterator[Any]:
     """Texts of a local HF dataset (save_to_disk directory, or data files). Offline only."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -216,8 +240,9 @@ def read_hf(path: str, text_key: str = "text", split: str = "train", on_bad_line
     for chunk in ds.select_columns([text_key]).iter(batch_size=_ENCODE_CHUNK):
         for text in chunk[text_key]:
             row += 1
-            if not isinstance(text, str):
-                bad(f"{where0}:row {row}", f"text field {text_key!r} is {type(text).__name__}, not a string")
+            reason = problem(text)
+            if reason:
+                bad(f"{where0}:row {row}", f"field {text_key!r}: {reason}")
                 continue
             yield text
 
@@ -254,12 +279,54 @@ def _tokenize_texts(texts: Iterable[str], tokenizer: Any, source: str, bad: _Bad
     )
 
 
+@dataclass
+class ChatStore(DocumentStore):
+    """Tokenised conversations (one document each) and, laid out like `tokens`, whether each token
+    is a training target (assistant content and its end-of-turn marker)."""
+
+    targets: list[np.ndarray] | None = None  # bool, parallel to tokens
+
+    def document_targets(self, j: int) -> np.ndarray:
+        a = int(self.starts[j])
+        return self.targets[int(self.file_ids[j])][a : a + int(self.lengths[j])]
+
+
+def _tokenize_conversations(conversations: Iterable[list], template: Any, source: str, bad: _BadLines) -> ChatStore:
+    arrays, flags = [], []
+    for messages in conversations:
+        ids, targets = template.encode(messages)
+        arrays.append(np.asarray(ids, dtype=np.int32))
+        flags.append(np.asarray(targets, dtype=bool))
+    lengths = np.fromiter((a.shape[0] for a in arrays), dtype=np.int64, count=len(arrays))
+    return ChatStore(
+        tokens=[np.concatenate(arrays) if arrays else np.zeros(0, np.int32)],
+        file_ids=np.zeros(len(arrays), dtype=np.int32),
+        starts=np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if arrays else np.zeros(0, np.int64),
+        lengths=lengths,
+        num_bad_lines=bad.count,
+        bad_lines=bad.reported,
+        source=source,
+        targets=[np.concatenate(flags) if flags else np.zeros(0, bool)],
+    )
+
+
 def load_documents(cfg_data: Any, tokenizer: Any) -> DocumentStore:
     """Read and tokenise every document of cfg_data (a DataSection or anything with format,
-    path, text_key, on_bad_line and optionally split)."""
+    path, text_key, on_bad_line and optionally split; chat: messages_key, tokenizer, and a jsonl
+    or hf path given by chat_source)."""
     fmt = cfg_data.format
     bad = _BadLines(cfg_data.on_bad_line)
-    if fmt == "jsonl":
+    if fmt == "chat":
+        template = load_chat_template(cfg_data.tokenizer, tokenizer)
+        key = cfg_data.messages_key
+        # jsonl files are read line by line (errors name the line), anything else as an HF dataset
+        files = [] if _is_saved_dataset(os.path.expanduser(cfg_data.path)) else _expand_or_none(cfg_data.path)
+        if files:
+            rows = read_jsonl(files, key, bad=bad, problem=messages_problem)
+        else:
+            rows = read_hf(cfg_data.path, key, getattr(cfg_data, "split", "train"), bad=bad, problem=messages_problem)
+        store = _tokenize_conversations(rows, template, cfg_data.path, bad)
+    elif fmt == "jsonl":
         files = _expand(cfg_data.path, (".jsonl", ".jsonl.gz"), "jsonl")
         store = _tokenize_texts(read_jsonl(files, cfg_data.text_key, bad=bad), tokenizer, cfg_data.path, bad)
     elif fmt == "hf":
@@ -268,7 +335,7 @@ def load_documents(cfg_data: Any, tokenizer: Any) -> DocumentStore:
     elif fmt == "megatron":
         store = _load_megatron(cfg_data.path)
     else:
-        raise DataError(f"data.format must be 'jsonl', 'hf' or 'megatron', got {fmt!r}")
+        raise DataError(f"data.format must be 'jsonl', 'hf', 'megatron' or 'chat', got {fmt!r}")
     if store.num_bad_lines:
         first = store.bad_lines[0] if store.bad_lines else ""
         logger.warning(
@@ -486,6 +553,11 @@ class Batch:
     position_ids: torch.Tensor  # [B, S] int64; 0 at every document start and at the sequence start
     global_indices: list[int]  # the global sequence numbers in this batch
 
+    @property
+    def document_ids(self) -> torch.Tensor:
+        """[B, S] int64: which document of its row each token belongs to (a new one at every position 0)."""
+        return (self.position_ids == 0).cumsum(1)
+
     def cu_seqlens(self, row: int) -> torch.Tensor:
         """Cumulative document lengths within inputs[row] (flash-attn varlen style)."""
         starts = torch.nonzero(self.position_ids[row] == 0).flatten()
@@ -507,19 +579,9 @@ class PackedDataLoader:
         eos_id: int | None = None,
         shuffle: bool = True,
     ) -> None:
-        if seq_len < 1 or local_batch_size < 1:
-            raise ValueError(f"seq_len and local_batch_size must be >= 1 (got {seq_len}, {local_batch_size})")
-        if not 0 <= dp_rank < dp_world:
-            raise ValueError(f"dp_rank {dp_rank} is not in [0, {dp_world})")
-        self.store = store
-        self.seq_len = seq_len
-        self.local_batch_size = local_batch_size
-        self.dp_rank = dp_rank
-        self.dp_world = dp_world
-        self.seed = seed
+        self._init_sharding(store, seq_len, local_batch_size, dp_rank, dp_world, seed, shuffle)
         self.bos_id = bos_id
         self.eos_id = eos_id
-        self.shuffle = shuffle
         self._add_bos = int(bos_id is not None)
         self._add_eos = int(eos_id is not None)
         self._eff_lengths = store.lengths + self._add_bos + self._add_eos
@@ -531,8 +593,22 @@ class PackedDataLoader:
                 f"data {store.source!r}: {total} tokens in {store.num_documents} documents are fewer than "
                 f"one sequence of seq_len + 1 = {seq_len + 1} tokens"
             )
-        self.consumed = 0  # global sequences consumed by all ranks together
         self._epoch_cache: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    def _init_sharding(self, store: DocumentStore, seq_len: int, local_batch_size: int, dp_rank: int,
+                       dp_world: int, seed: int, shuffle: bool) -> None:
+        if seq_len < 1 or local_batch_size < 1:
+            raise ValueError(f"seq_len and local_batch_size must be >= 1 (got {seq_len}, {local_batch_size})")
+        if not 0 <= dp_rank < dp_world:
+            raise ValueError(f"dp_rank {dp_rank} is not in [0, {dp_world})")
+        self.store = store
+        self.seq_len = seq_len
+        self.local_batch_size = local_batch_size
+        self.dp_rank = dp_rank
+        self.dp_world = dp_world
+        self.seed = seed
+        self.shuffle = shuffle
+        self.consumed = 0  # global sequences consumed by all ranks together
 
     # ---------------------------------------------------------------- info
     @property
@@ -599,17 +675,19 @@ class PackedDataLoader:
         assert window.shape[0] == self.seq_len + 1, (window.shape, self.seq_len)
         return window, np.concatenate(pos)
 
+    def row(self, g: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Global sequence g as (inputs, labels, position ids), seq_len each."""
+        window, positions = self.sequence(g)
+        return window[:-1], window[1:], positions[:-1]
+
     # ---------------------------------------------------------------- batches
     def next_batch_with_info(self) -> Batch:
         B = self.local_batch_size
         base = self.consumed + self.dp_rank * B
         idx = list(range(base, base + B))
-        windows, positions = zip(*(self.sequence(g) for g in idx))
-        w = torch.from_numpy(np.stack(windows))
-        pos = torch.from_numpy(np.stack(positions))
+        inputs, labels, positions = (torch.from_numpy(np.stack(parts)) for parts in zip(*(self.row(g) for g in idx)))
         self.consumed += B * self.dp_world
-        return Batch(inputs=w[:, :-1].contiguous(), labels=w[:, 1:].contiguous(),
-                     position_ids=pos[:, :-1].contiguous(), global_indices=idx)
+        return Batch(inputs=inputs, labels=labels, position_ids=positions, global_indices=idx)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         b = self.next_batch_with_info()
@@ -653,6 +731,81 @@ class PackedDataLoader:
         self.consumed = int(state["consumed_sequences"])
 
 
+class ChatDataLoader(PackedDataLoader):
+    """Conversations packed whole into rows of seq_len + 1 tokens: a conversation never straddles
+    two rows, the rest of a row is padding (label -100, its own document). Labels are -100 except
+    where the next token is a target (assistant content and its end-of-turn marker). Position ids
+    restart at every conversation, so `Batch.document_ids` separates them.
+
+    The rows are packed once (greedily, in a seeded order of the conversations) and each epoch
+    visits them in a seeded order; sharding, batches and state are those of PackedDataLoader.
+    Conversations longer than seq_len + 1 tokens are truncated to their first seq_len + 1 tokens
+    (overflow="truncate") or left out (overflow="drop"); the counts are logged once."""
+
+    def __init__(self, store: ChatStore, seq_len: int, local_batch_size: int, dp_rank: int = 0, dp_world: int = 1,
+                 seed: int = 0, shuffle: bool = True, overflow: str = "truncate", pad_id: int = 0) -> None:
+        self._init_sharding(store, seq_len, local_batch_size, dp_rank, dp_world, seed, shuffle)
+        if overflow not in ("truncate", "drop"):
+            raise DataError(f"data.chat_overflow must be 'truncate' or 'drop', got {overflow!r}")
+        capacity = seq_len + 1
+        too_long = store.lengths > capacity
+        kept = np.flatnonzero(~too_long) if overflow == "drop" else np.arange(store.num_documents)
+        self._lengths = np.minimum(store.lengths, capacity)
+        self.num_truncated = int(too_long.sum()) if overflow == "truncate" else 0
+        self.num_dropped = int(too_long.sum()) if overflow == "drop" else 0
+        self.pad_id = pad_id
+        order = np.random.default_rng(seed).permutation(kept) if shuffle else kept
+        self.rows: list[list[int]] = []
+        used = capacity
+        for j in order.tolist():
+            n = int(self._lengths[j])
+            if used + n > capacity:
+                self.rows.append([])
+                used = 0
+            self.rows[-1].append(j)
+            used += n
+        self.sequences_per_epoch = len(self.rows)
+        self.tokens_per_epoch = int(self._lengths[kept].sum())
+        if not self.rows:
+            raise DataError(f"data {store.source!r}: no conversation fits in seq_len + 1 = {capacity} tokens "
+                            "(raise training.seq_len or set data.chat_overflow = \"truncate\")")
+        logger.log(logging.WARNING if too_long.any() else logging.INFO,
+                   "data: %d conversations packed into %d rows of %d tokens; %d longer than that %s",
+                   len(kept), len(self.rows), capacity, int(too_long.sum()),
+                   "were truncated" if overflow == "truncate" else "were dropped")
+        self._order_cache: tuple[int, np.ndarray] | None = None
+
+    def _row_order(self, epoch: int) -> np.ndarray:
+        if self._order_cache is None or self._order_cache[0] != epoch:
+            n = len(self.rows)
+            order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+            self._order_cache = (epoch, order)
+        return self._order_cache[1]
+
+    def window(self, g: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Global sequence g: (seq_len + 1 tokens, their target flags, their position ids)."""
+        epoch, i = divmod(g, self.sequences_per_epoch)
+        tokens, targets, positions = [], [], []
+        for j in self.rows[int(self._row_order(epoch)[i])]:
+            n = int(self._lengths[j])
+            tokens.append(self.store.document(j)[:n].astype(np.int64))
+            targets.append(self.store.document_targets(j)[:n])
+            positions.append(np.arange(n, dtype=np.int64))
+        pad = self.seq_len + 1 - sum(len(t) for t in tokens)
+        tokens.append(np.full(pad, self.pad_id, dtype=np.int64))
+        targets.append(np.zeros(pad, dtype=bool))
+        positions.append(np.arange(pad, dtype=np.int64))
+        return np.concatenate(tokens), np.concatenate(targets), np.concatenate(positions)
+
+    def sequence(self, g: int) -> tuple[np.ndarray, np.ndarray]:
+        tokens, _, positions = self.window(g)
+        return tokens, positions
+
+    def row(self, g: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        tokens, targets, positions = self.window(g)
+        return tokens[:-1], np.where(targets[1:], tokens[1:], -100), positions[:-1]
+
+
 def build_dataloader(
     cfg_data: Any,
     tokenizer: Any,
@@ -664,16 +817,23 @@ def build_dataloader(
     store: DocumentStore | None = None,
 ) -> PackedDataLoader:
     """The loader for one data-parallel rank. cfg_data: config.DataSection (format, path,
-    text_key, split, on_bad_line, add_bos, add_eos, shuffle). Pass `store` to reuse documents
-    already loaded (e.g. the same corpus for several ranks in one process)."""
-    add_bos = bool(getattr(cfg_data, "add_bos", False))
-    add_eos = bool(getattr(cfg_data, "add_eos", True))
+    text_key, split, on_bad_line, add_bos, add_eos, shuffle; chat: messages_key, chat_overflow,
+    tokenizer). Pass `store` to reuse documents already loaded (e.g. the same corpus for several
+    ranks in one process). Chat rows are padded with the tokenizer's eos id (label -100)."""
+    chat = cfg_data.format == "chat"
+    add_bos = bool(getattr(cfg_data, "add_bos", False)) and not chat
+    add_eos = bool(getattr(cfg_data, "add_eos", True)) and not chat
     if add_bos and tokenizer.bos_id is None:
         raise DataError("data.add_bos = true but the tokenizer has no bos token")
     if add_eos and tokenizer.eos_id is None:
         raise DataError("data.add_eos = true but the tokenizer has no eos token")
     if store is None:
         store = load_documents(cfg_data, tokenizer)
+    if cfg_data.format == "chat":  # the chat template decides the special tokens
+        return ChatDataLoader(store, seq_len=seq_len, local_batch_size=local_batch_size, dp_rank=dp_rank,
+                              dp_world=dp_world, seed=seed, shuffle=bool(getattr(cfg_data, "shuffle", True)),
+                              overflow=cfg_data.chat_overflow,
+                              pad_id=tokenizer.eos_id if tokenizer.eos_id is not None else 0)
     return PackedDataLoader(
         store,
         seq_len=seq_len,

@@ -22,15 +22,18 @@ from moonlight.train.config import JobConfig
 
 
 class Pipeline:
-    """One pipeline step per call: every micro-batch's loss is sum(CE) / tokens-per-optimizer-step, so
-    the contributions of all micro-batches and accumulation steps add up to this rank's mean loss."""
+    """One pipeline step per call: every micro-batch's loss is sum(CE) / num_tokens (the trainer's
+    per-step normaliser), so the contributions of all micro-batches and accumulation steps add up.
+    model_kwargs (positions, document_ids) are split into micro-batches like the inputs and reach
+    every stage: the schedule passes keyword arguments to each stage's forward, while positional
+    inputs only enter the first stage."""
 
-    def __init__(self, schedule, tokens_per_step: int):
+    def __init__(self, schedule):
         self.schedule = schedule
-        self.tokens_per_step = tokens_per_step
 
-    def step(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
-        return pipeline_step(self.schedule, inputs, labels, num_tokens=self.tokens_per_step)
+    def step(self, inputs: torch.Tensor, labels: torch.Tensor, num_tokens: float,
+             model_kwargs: dict | None = None) -> torch.Tensor | None:
+        return pipeline_step(self.schedule, inputs, labels, num_tokens=num_tokens, model_kwargs=model_kwargs)
 
 
 @dataclass
@@ -42,6 +45,7 @@ class Layout:
     loss_fn: Callable = cross_entropy_loss
     microbatches_per_step: int = 1  # pipeline micro-batches per forward/backward call
     pp_group: dist.ProcessGroup | None = None
+    dp_group: dist.ProcessGroup | None = None  # the ranks that read different data
     moe_count_group: dist.ProcessGroup | None = None  # every rank that routes tokens through the same layers
     holds_loss: bool = True  # this rank's loss counts once in the reported mean (last stage, tp rank 0)
     description: str = "single process"
@@ -106,7 +110,8 @@ def build_layout(cfg: JobConfig, args: ModelArgs, world_size: int, device: torch
         return module
 
     tp_rank = mesh.tp_rank
-    common = dict(dp_rank=mesh.dp_rank, dp_world=mesh.dp_size, moe_count_group=mesh["dp"].get_group(),
+    common = dict(dp_rank=mesh.dp_rank, dp_world=mesh.dp_size, dp_group=mesh["dp"].get_group(),
+                  moe_count_group=mesh["dp"].get_group(),
                   description=dims.describe() + (" + sequence parallel" if sequence_parallel else ""))
     if p.pp == 1:
         return Layout(model_parts=[prepare(full)], holds_loss=tp_rank == 0, **common)
@@ -118,10 +123,9 @@ def build_layout(cfg: JobConfig, args: ModelArgs, world_size: int, device: torch
     n_micro = p.pp_microbatches or t.local_batch_size
     schedule = build_schedule(stages, p.pp_schedule, n_micro, cross_entropy_loss, scale_grads=False,
                               local_batch_size=t.local_batch_size)
-    tokens_per_step = t.global_batch_size // mesh.dp_size * t.seq_len
     holds_last = any(s.is_last for s in stages)
     common["description"] += f", pipeline {p.pp_schedule} layout {pp_layout} x {n_micro} micro-batches"
-    return Layout(model_parts=parts, pipeline=Pipeline(schedule, tokens_per_step), pp_group=mesh["pp"].get_group(),
+    return Layout(model_parts=parts, pipeline=Pipeline(schedule), pp_group=mesh["pp"].get_group(),
                   holds_loss=holds_last and tp_rank == 0, microbatches_per_step=n_micro, **common)
 
 

@@ -1,7 +1,7 @@
 """Tokenizers with one small interface: encode(text) -> list[int], decode(ids) -> str,
-encode_batch(texts), bos_id, eos_id, vocab_size.
+encode_batch(texts), bos_id, eos_id, vocab_size, special_tokens (name -> id).
 
-    build_tokenizer("byte")                   # 256 bytes + [BOS]=256, [EOS]=257; no files
+    build_tokenizer("byte")                   # 256 bytes + [BOS]=256, [EOS]=257, chat tokens; no files
     build_tokenizer("/path/to/moonlight")     # a directory with tiktoken.model (Moonlight/Kimi)
     build_tokenizer("/path/tokenizer.json")   # an HF `tokenizers` file (or its directory)
 
@@ -29,6 +29,7 @@ __all__ = [
 class Tokenizer(Protocol):
     bos_id: int | None
     eos_id: int | None
+    special_tokens: dict[str, int]  # name -> id of every special token (chat markers included)
 
     @property
     def vocab_size(self) -> int: ...
@@ -41,17 +42,21 @@ class Tokenizer(Protocol):
 
 
 class ByteTokenizer:
-    """UTF-8 bytes 0..255, then [BOS] = 256 and [EOS] = 257 (vocab_size 258)."""
+    """UTF-8 bytes 0..255, then [BOS] = 256, [EOS] = 257 and the chat tokens from 258 on, in
+    Moonlight's order (<|im_end|> = 258, ..., <|im_middle|> = 265; vocab_size 266), so the debug
+    model (vocab 320) can train on chat data. encode() never produces them: text is bytes."""
 
     name = "byte"
 
     def __init__(self) -> None:
         self.bos_id = 256
         self.eos_id = 257
+        self.special_tokens = {t: 256 + i for i, t in enumerate(["[BOS]", "[EOS]"] + DEFAULT_ADDITIONAL_SPECIALS)}
+        self._names = {i: t for t, i in self.special_tokens.items()}
 
     @property
     def vocab_size(self) -> int:
-        return 258
+        return 256 + len(self.special_tokens)
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -70,12 +75,12 @@ class ByteTokenizer:
             out.append(buf.decode("utf-8", errors="replace"))
             buf = bytearray()
             if not skip_special_tokens:
-                out.append({256: "[BOS]", 257: "[EOS]"}.get(i, f"<|{i}|>"))
+                out.append(self._names.get(i, f"<|{i}|>"))
         out.append(buf.decode("utf-8", errors="replace"))
         return "".join(out)
 
     def __repr__(self) -> str:
-        return "ByteTokenizer(vocab_size=258, bos=256, eos=257)"
+        return f"ByteTokenizer(vocab_size={self.vocab_size}, bos=256, eos=257)"
 
 
 # Pre-tokenizer regex of Moonlight / Kimi: TikTokenTokenizer.pat_str in Moonlight's
@@ -232,6 +237,7 @@ class HFTokenizer:
             eos = next((t for t in self._EOS_NAMES if t in vocab), None)
         self.bos_id = vocab.get(bos) if bos else None
         self.eos_id = vocab.get(eos) if eos else None
+        self.special_tokens = {t.content: i for i, t in self.model.get_added_tokens_decoder().items()}
         self._n_vocab = self.model.get_vocab_size(with_added_tokens=True)
 
     @property

@@ -141,6 +141,7 @@ class Trainer:
                                                 decay_ratio=s.decay_ratio)
         self.dataloader = build_dataloader(cfg.data, self.tokenizer, t.seq_len, t.local_batch_size,
                                            dp_rank, dp_world, t.seed)
+        self.document_mask = cfg.data.document_mask or cfg.data.format == "chat"
         # Moonlight's tokenizer has 2 more ids than embedding rows: check the ids the data really uses.
         largest = max(int(tokens.max()) for tokens in self.dataloader.store.tokens if tokens.size)
         if largest >= self.model_args.vocab_size:
@@ -231,18 +232,31 @@ class Trainer:
 
     # ------------------------------------------------------------------- step
     def _forward_backward(self) -> torch.Tensor:
-        """Run grad_accum micro-batches; returns this rank's share of the step's mean loss."""
+        """Run grad_accum micro-batches; returns this rank's share of the step's loss.
+
+        The loss is the sum of the cross-entropy over every target token of the step divided by the
+        number of target tokens of the whole step (all micro-batches, pipeline micro-batches and
+        data-parallel ranks), so ranks and micro-batches with more targets weigh more. FSDP averages
+        gradients over the dp ranks, hence each rank divides its sum by (global count / dp)."""
+        batches = [self.dataloader.next_batch_with_info() for _ in range(self.grad_accum)]
+        targets = torch.stack([(b.labels != -100).sum() for b in batches]).sum().to(self.device)
+        if self.parallel.dp_world > 1:
+            dist.all_reduce(targets, group=self.parallel.dp_group)
+        num_tokens = max(float(targets), 1.0) / self.parallel.dp_world
         total = torch.zeros((), device=self.device)
-        for _ in range(self.grad_accum):
-            inputs, labels = self.dataloader.next_batch()
-            inputs, labels = inputs.to(self.device), labels.to(self.device)
-            self._last_inputs = inputs
-            if self.parallel.pipeline is not None:  # its losses are already scaled per optimizer step
-                loss = self.parallel.pipeline.step(inputs, labels)
+        for batch in batches:
+            inputs, labels = batch.inputs.to(self.device), batch.labels.to(self.device)
+            packing = {}
+            if self.document_mask:  # RoPE positions restart and attention stays within each document
+                packing = {"positions": batch.position_ids.to(self.device),
+                           "document_ids": batch.document_ids.to(self.device)}
+            self._last_inputs = (inputs, packing)
+            if self.parallel.pipeline is not None:
+                loss = self.parallel.pipeline.step(inputs, labels, num_tokens, packing)
                 if loss is not None:
                     total += loss.detach()
                 continue
-            loss = self.parallel.loss_fn(self.model_parts[0](inputs), labels) / self.grad_accum
+            loss = self.parallel.loss_fn(self.model_parts[0](inputs, **packing), labels, num_tokens=num_tokens)
             loss.backward()
             total += loss.detach()
         return total
@@ -264,7 +278,8 @@ class Trainer:
             handles = [m.register_forward_hook(check(n)) for n, m in model.named_modules() if n]
             try:
                 with torch.no_grad():
-                    model(self._last_inputs)
+                    inputs, packing = self._last_inputs
+                    model(inputs, **packing)
             finally:
                 for h in handles:
                     h.remove()

@@ -1,0 +1,183 @@
+"""Document masking: a packed row (positions restarting per document, attention within each document)
+gives every document the logits, loss and gradients it gets when run alone; and the trainer's losses
+with document masking are the single-process ones in every parallel layout."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moonlight import ModelArgs, Moonlight
+from moonlight.model.model import DocumentMask
+
+LENGTHS = [[5, 9, 2], [16]]  # two rows of 16 tokens: three documents, then one
+
+
+def _model(dtype=torch.float64, **overrides):
+    args = ModelArgs.preset("debug")
+    args = ModelArgs(**{**args.__dict__, "kernels": "torch", "aux_loss_alpha": 0.0, **overrides})
+    torch.manual_seed(0)
+    model = Moonlight(args)
+    model.init_weights(std=0.1)
+    return model.to(dtype)
+
+
+def _packed(lengths):
+    positions = [torch.cat([torch.arange(n) for n in row]) for row in lengths]
+    documents = [torch.cat([torch.full((n,), d) for d, n in enumerate(row)]) for row in lengths]
+    return torch.stack(positions), torch.stack(documents)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_packed_row_equals_each_document_alone(dtype):
+    model = _model(dtype)
+    tokens = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(1))
+    labels = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(2))
+    positions, documents = _packed(LENGTHS)
+
+    packed = model(tokens, positions=positions, document_ids=documents)
+    packed_loss = F.cross_entropy(packed.flatten(0, 1).double(), labels.flatten(), reduction="sum")
+    packed_loss.backward()
+    packed_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    alone_loss = 0.0
+    tol = dict(atol=1e-10, rtol=1e-10) if dtype == torch.float64 else dict(atol=2e-5, rtol=1e-4)
+    for row, lengths in enumerate(LENGTHS):
+        start = 0
+        for n in lengths:
+            doc = slice(start, start + n)
+            alone = model(tokens[row:row + 1, doc])  # plain causal attention, positions 0..n-1
+            torch.testing.assert_close(packed[row, doc], alone[0], **tol)
+            alone_loss = alone_loss + F.cross_entropy(alone[0].double(), labels[row, doc], reduction="sum")
+            start += n
+    alone_loss.backward()
+    torch.testing.assert_close(packed_loss, alone_loss, **tol)
+    # the router computes its scores in fp32 (as the reference does), so even float64 gradients
+    # carry fp32 rounding from the routing weights
+    grad_tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float64 else dict(atol=1e-4, rtol=1e-3)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(packed_grads[n], p.grad, **grad_tol, msg=lambda m: f"{n}: {m}")
+
+
+def test_without_document_ids_the_row_attends_across_documents():
+    model = _model()
+    tokens = torch.randint(0, 320, (1, 16), generator=torch.Generator().manual_seed(1))
+    positions, documents = _packed([[8, 8]])
+    masked = model(tokens, positions=positions, document_ids=documents)
+    plain = model(tokens)
+    torch.testing.assert_close(masked[:, :8], plain[:, :8])  # the first document is the row's prefix
+    assert (masked[:, 8:] - plain[:, 8:]).abs().max() > 1e-3
+
+
+def test_dense_mask_is_block_diagonal_causal():
+    _, documents = _packed([[2, 3]])
+    mask = DocumentMask(documents, torch.float32).dense[0, 0].int()
+    expected = torch.tensor([[1, 0, 0, 0, 0],
+                             [1, 1, 0, 0, 0],
+                             [0, 0, 1, 0, 0],
+                             [0, 0, 1, 1, 0],
+                             [0, 0, 1, 1, 1]])
+    assert torch.equal(mask, expected)
+
+
+def test_triton_rope_takes_per_token_positions():
+    """The Triton RoPE kernel (interpreted on CPU) with restarted positions matches the torch one."""
+    tokens = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(1))
+    positions, documents = _packed(LENGTHS)
+    torch_logits = _model(torch.float32)(tokens, positions=positions, document_ids=documents)
+    triton_logits = _model(torch.float32, kernels="triton")(tokens, positions=positions, document_ids=documents)
+    torch.testing.assert_close(triton_logits, torch_logits, atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------ parallel layouts
+
+LAYOUT_BASE = ["--training.steps=2", "--training.seq_len=64", "--training.global_batch_size=4",
+               "--training.local_batch_size=2", "--checkpoint.enable=false", "--metrics.log_freq=1",
+               "--metrics.device_peak_flops=1e11", "--lr_scheduler.warmup_steps=1", "--model.kernels=torch"]
+
+
+def _chat_file(folder):
+    from tests.test_chat import _conversations, _write_chat
+
+    return _write_chat(folder / "chat.jsonl", _conversations(24))
+
+
+def _train_losses(rank, world_size, folder, extra):
+    from moonlight.train.config import load_config
+    from moonlight.train.trainer import Trainer
+
+    Trainer(load_config("train.toml", LAYOUT_BASE + [f"--job.dump_folder={folder}", *extra])).train()
+    with open(f"{folder}/metrics.jsonl") as f:
+        return [json.loads(line)["loss"] for line in f]
+
+
+def _text_file(folder):
+    """Short documents, so that every 64-token row packs several of them."""
+    words = ["alpha", "beta", "gamma", "delta", "prime", "sum", "one", "two", "yes", "no"]
+    g = torch.Generator().manual_seed(0)
+    lines = [" ".join(words[i] for i in torch.randint(0, 10, (int(n),), generator=g))
+             for n in torch.randint(1, 6, (200,), generator=g)]
+    path = folder / "text.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+    return str(path)
+
+
+DATA = {
+    # rows of 257 tokens hold two to four conversations
+    "chat": lambda folder: ["--data.format=chat", f"--data.path={_chat_file(folder)}", "--training.seq_len=256"],
+    "text": lambda folder: ["--data.document_mask=true", f"--data.path={_text_file(folder)}"],
+}
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory):
+    out = {}
+    for name, data in DATA.items():
+        folder = tmp_path_factory.mktemp(f"single_{name}")
+        args = data(folder)
+        out[name] = (args, _train_losses(0, 1, folder / "run", args))
+    # the masking matters for this data: without it the losses differ
+    unmasked = _train_losses(0, 1, folder / "unmasked", out["text"][0] + ["--data.document_mask=false"])
+    assert unmasked[0] != pytest.approx(out["text"][1][0], rel=1e-4)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("data", list(DATA))
+@pytest.mark.parametrize("layout", [
+    ["--parallelism.dp_shard=2"],
+    ["--parallelism.tp=2", "--parallelism.sequence_parallel=true"],
+    ["--parallelism.ep=2"],
+    ["--parallelism.pp=2", "--parallelism.pp_schedule=1F1B"],
+], ids=["fsdp2", "tp2_sp", "ep2", "pp2"])
+def test_document_masked_losses_equal_single_process(layout, data, single_process, tmp_path):
+    from tests.dist import run_ranks
+
+    args, losses = single_process[data]
+    got = run_ranks(_train_losses, 2, str(tmp_path / "run"), args + layout)[0]
+    assert got == pytest.approx(losses, rel=1e-4, abs=1e-5)
+
+
+def test_varlen_path_flattens_rows_into_documents(monkeypatch):
+    """The CUDA varlen path's plumbing (documents of all rows as one ragged batch, cu_seqlens, causal
+    window) on CPU, with flash attention's varlen kernel replaced by per-document SDPA."""
+    import moonlight.model.model as model_module
+
+    def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+        assert torch.equal(cu_q, cu_k) and window_size == (-1, 0) and cu_q.dtype == torch.int32
+        assert max_q == max_k == int((cu_q[1:] - cu_q[:-1]).max())
+        out = [F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1),
+                                              is_causal=True, scale=scale).transpose(0, 1)
+               for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist())]
+        return torch.cat(out)
+
+    monkeypatch.setattr(model_module, "varlen_attn", reference_varlen)
+    _, documents = _packed([[5, 9, 2], [16], [4, 12]])
+    documents[1] = 0  # rows 1 and 2 both use id 0 at their seam: every row still starts a document
+    q, k, v = (torch.randn(3, 16, 2, 8, dtype=torch.float64) for _ in range(3))
+    ragged = DocumentMask(documents, torch.float64, varlen=True)
+    assert ragged.cu_seqlens.tolist() == [0, 5, 14, 16, 32, 36, 48]
+    dense = DocumentMask(documents, torch.float64, varlen=False)
+    torch.testing.assert_close(ragged.attention(q, k, v, 0.3), dense.attention(q, k, v, 0.3))
