@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import apply_mla_rope, permute_tokens, resolve_impl, rope_tables, unpermute_tokens
+from kernels import apply_mla_rope, grouped_mm, permute_tokens, resolve_impl, rope_tables, unpermute_tokens
 from moonlight.config import ModelArgs
 
 
@@ -137,23 +137,18 @@ def uses_grouped_mm(x: torch.Tensor) -> bool:
     return x.dtype == torch.bfloat16 or (x.device.type == "cpu" and x.dtype == torch.float32)
 
 
-def grouped_mm_alignment(x: torch.Tensor) -> int:
-    """Rows per expert group are padded to a multiple of this: the GPU grouped GEMM wants 16-byte
-    aligned group boundaries (8 bf16 rows, as torchtitan pads); the CPU path takes any size."""
-    return 8 if x.is_cuda and uses_grouped_mm(x) else 1
-
-
 class LocalDispatcher:
     """Moves token copies to the experts of this process and back. Expert parallel replaces it with
     an all-to-all dispatcher of the same two methods."""
 
-    def __init__(self, align: int | None = None):
-        self.align = align  # rows per expert padded to a multiple of this; None: what the GEMM wants
+    def __init__(self, align: int = 1):
+        # Rows per expert padded to a multiple of this. The grouped GEMM needs none (torchtitan
+        # dropped the 8-row padding for bf16 torch._grouped_mm too); padding never syncs either way.
+        self.align = align
 
     def dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int, impl: str):
         """-> (rows [N, H] grouped by local expert, rows per local expert [E_local], state for combine)."""
-        align = grouped_mm_alignment(x) if self.align is None else self.align
-        rows, counts, row_index = permute_tokens(x, expert_ids, num_experts, align=align, impl=impl)
+        rows, counts, row_index = permute_tokens(x, expert_ids, num_experts, align=self.align, impl=impl)
         return rows, counts, row_index
 
     def combine(self, y: torch.Tensor, weights: torch.Tensor, state, impl: str) -> torch.Tensor:
@@ -166,9 +161,9 @@ def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, gate: torch.Tensor, up
     down [E, H, I]."""
     if uses_grouped_mm(x):
         offs = counts.cumsum(0).to(torch.int32)
-        g = torch._grouped_mm(x, gate.transpose(-2, -1), offs=offs)
-        u = torch._grouped_mm(x, up.transpose(-2, -1), offs=offs)
-        return torch._grouped_mm(F.silu(g) * u, down.transpose(-2, -1), offs=offs)
+        g = grouped_mm(x, gate.transpose(-2, -1), offs)
+        u = grouped_mm(x, up.transpose(-2, -1), offs)
+        return grouped_mm(F.silu(g) * u, down.transpose(-2, -1), offs)
     outs = []
     for e, rows in enumerate(x.split(counts.tolist())):
         outs.append(F.linear(F.silu(F.linear(rows, gate[e])) * F.linear(rows, up[e]), down[e]))
@@ -235,7 +230,10 @@ class MoE(nn.Module):
         self.shared_experts = (MLP(args.hidden_size, args.n_shared_experts * args.moe_intermediate_size)
                                if args.n_shared_experts else None)
         # Token choices per expert since the trainer last read them (for the bias update and metrics).
-        self.register_buffer("tokens_per_expert", torch.zeros(args.n_routed_experts), persistent=False)
+        # Counted on the device (the trainer reduces them once per step); int64 stays exact whatever
+        # dtype the model is cast to.
+        self.register_buffer("tokens_per_expert", torch.zeros(args.n_routed_experts, dtype=torch.long),
+                             persistent=False)
         self.aux_loss_coeff = args.aux_loss_alpha if args.seq_aux else 0.0
         self.last_aux_loss: torch.Tensor | None = None
 
@@ -243,8 +241,9 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, expert_ids, scores = self.router(x)
-        with torch.no_grad():
-            self.tokens_per_expert += torch.bincount(expert_ids.flatten(), minlength=self.args.n_routed_experts)
+        with torch.no_grad():  # scatter_add, not bincount: bincount reads its output size back to the host
+            choices = expert_ids.flatten()
+            self.tokens_per_expert.scatter_add_(0, choices, torch.ones_like(choices))
         out = self.experts(x, expert_ids, weights)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)

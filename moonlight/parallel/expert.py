@@ -19,8 +19,9 @@ these two methods):
 Data flow of AllToAllDispatcher (ep ranks hold DIFFERENT tokens, i.e. EP borrows data-parallel ranks):
   1. permute_tokens: (token, choice) rows expert-major; experts are contiguous per EP rank, so this is
      also destination-rank-major.
-  2. all_to_all_single of the per-expert counts [E] -> counts received [ep_src, E_local] (host sync:
-     the uneven split sizes of step 3 must be known on the host).
+  2. all_to_all_single of the per-expert counts [E] -> counts received [ep_src, E_local] (the layer's one
+     host sync: the uneven split sizes of step 3 must be known on the host; read with one non-blocking
+     copy into pinned memory on CUDA).
   3. all_to_all_single_autograd of the rows with uneven splits -> rows ordered [src rank][local expert].
   4. permute_tokens again with one id per row (its local expert) -> rows grouped by local expert (and
      padded to `align` per expert for the grouped GEMM, if asked).
@@ -62,11 +63,24 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from kernels import permute_tokens, unpermute_tokens
-from moonlight.model.model import GroupedExperts, grouped_mm_alignment
+from moonlight.model.model import GroupedExperts
 
 __all__ = ["AllToAllDispatcher", "apply_expert_parallel", "expert_parameters", "allreduce_replicated_grads"]
 
 _EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
+
+
+def _read_on_host(t: torch.Tensor) -> list[int]:
+    """t's values on the host. On CUDA: one non-blocking copy into pinned memory, waited on an event,
+    so the host waits for this copy only (a plain .tolist() copies through pageable memory)."""
+    if not t.is_cuda:
+        return t.tolist()
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    copied.synchronize()
+    return host.tolist()
 
 
 @dataclass
@@ -81,11 +95,11 @@ class AllToAllDispatcher:
     """Token dispatch over an expert-parallel process group with two uneven all-to-alls.
 
     Same interface as `moonlight.model.model.LocalDispatcher`; see the module docstring. `align` pads
-    each local expert's group of rows to a multiple of `align` (8 for grouped GEMMs on GPUs); padding is
+    each local expert's group of rows to a multiple of `align` (the grouped GEMM needs none); padding is
     added only after the exchange, so no padding rows travel.
     """
 
-    def __init__(self, group: dist.ProcessGroup, align: int | None = None):
+    def __init__(self, group: dist.ProcessGroup, align: int = 1):
         self.group = group
         self.ep_size = dist.get_world_size(group)
         self.align = align
@@ -101,7 +115,7 @@ class AllToAllDispatcher:
         recv_counts = torch.empty_like(counts)
         dist.all_to_all_single(recv_counts, counts, group=self.group)
         both = torch.cat([counts.view(ep, local_experts).sum(1), recv_counts.view(ep, local_experts).sum(1)])
-        both = both.tolist()  # the one host sync: split sizes of the row exchange
+        both = _read_on_host(both)  # the one host sync: split sizes of the row exchange
         send_splits, recv_splits = both[:ep], both[ep:]
 
         # 2. the rows themselves (autograd: the backward is the reverse all-to-all)
@@ -118,7 +132,7 @@ class AllToAllDispatcher:
             recv_counts, output_size=num_recv)
         grouped, local_counts, local_row_index = permute_tokens(
             recv, local_ids.unsqueeze(1), local_experts,
-            align=grouped_mm_alignment(recv) if self.align is None else self.align, impl=impl)
+            align=self.align, impl=impl)
         return grouped, local_counts, _A2AState(row_index, local_row_index, send_splits, recv_splits)
 
     def combine(self, y: torch.Tensor, weights: torch.Tensor, state: _A2AState, impl: str) -> torch.Tensor:
@@ -165,7 +179,7 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, align: int | No
             sharded = distribute_tensor(param.detach(), ep_mesh, [Shard(0)])
             experts.register_parameter(name, nn.Parameter(sharded, requires_grad=param.requires_grad))
         old = experts.dispatcher
-        experts.dispatcher = AllToAllDispatcher(group, align=getattr(old, "align", None) if align is None else align)
+        experts.dispatcher = AllToAllDispatcher(group, align=getattr(old, "align", 1) if align is None else align)
     return model
 
 
