@@ -14,6 +14,7 @@ from torch import nn
 
 from kernels import apply_mla_rope, grouped_mm, permute_tokens, resolve_impl, rope_tables, unpermute_tokens
 from moonlight.config import ModelArgs
+from moonlight.model.loss import linear_cross_entropy
 
 
 
@@ -284,12 +285,22 @@ class Moonlight(nn.Module):
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """With labels [B, S] (shifted, -100 ignored), the last stage returns the SUM of the token
+        losses instead of the logits, computed chunk by chunk from the hidden states so the [B, S, V]
+        fp32 logits never exist. A vocab-sharded (tensor-parallel) head needs labels=None and the
+        vocab-parallel moonlight.parallel.cross_entropy_loss on its logits."""
         h = self.embed(tokens) if self.embed is not None else tokens
         for layer in self.layers.values():
             h = layer(h)
         h = self.norm(h) if self.norm is not None else h
-        return self.lm_head(h) if self.lm_head is not None else h
+        if self.lm_head is None:
+            return h
+        if labels is None:
+            return self.lm_head(h)
+        if type(self.lm_head) is not nn.Linear:  # e.g. a LoRA head: its own forward makes the logits
+            return F.cross_entropy(self.lm_head(h).flatten(0, -2).float(), labels.flatten(), reduction="sum")
+        return linear_cross_entropy(h.flatten(0, -2), self.lm_head.weight, labels.flatten())
 
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
