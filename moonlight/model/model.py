@@ -142,6 +142,8 @@ class LocalDispatcher:
     """Moves token copies to the experts of this process and back. Expert parallel replaces it with
     an all-to-all dispatcher of the same two methods."""
 
+    communicates = False  # True: dispatch and combine wait on other processes (worth overlapping)
+
     def __init__(self, align: int = 1):
         # Rows per expert padded to a multiple of this. The grouped GEMM needs none (torchtitan
         # dropped the 8-row padding for bf16 torch._grouped_mm too); padding never syncs either way.
@@ -220,6 +222,57 @@ def sequence_aux_loss(scores: torch.Tensor, expert_ids: torch.Tensor, bsz: int, 
     return (f * probs.mean(1)).sum(-1).mean()
 
 
+class _Fork(torch.autograd.Function):
+    """x -> (x, x) for the routed and the shared experts. The backward adds their gradients in one
+    fixed order, so the order the two branches are issued in changes no bit of x's gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x), x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad_routed, grad_shared):
+        if grad_routed is None or grad_shared is None:
+            return grad_shared if grad_routed is None else grad_routed
+        return grad_routed + grad_shared
+
+
+class SideStream:
+    """`with side:` issues work on a second CUDA stream (after what the current stream has queued);
+    `side.join(t)` makes the current stream wait for it before t is used. Inline (a no-op) on other
+    devices or when not enabled. Autograd runs each backward op on its forward op's stream."""
+
+    _streams: dict = {}  # one side stream per device, made on first use
+
+    def __init__(self, x: torch.Tensor, enabled: bool = True):
+        self.x = x
+        self.stream = None
+        if enabled and x.is_cuda:
+            if x.device not in self._streams:
+                self._streams[x.device] = torch.cuda.Stream(x.device)
+            self.stream = self._streams[x.device]
+        self.context = None
+
+    def __enter__(self):
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(self.x.device))
+            self.x.record_stream(self.stream)  # x is read there: keep its memory until that is done
+            self.context = torch.cuda.stream(self.stream)
+            self.context.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.context is not None:
+            self.context.__exit__(*exc)
+
+    def join(self, t: torch.Tensor) -> torch.Tensor:
+        if self.stream is not None:
+            main = torch.cuda.current_stream(t.device)
+            main.wait_stream(self.stream)
+            t.record_stream(main)
+        return t
+
+
 class MoE(nn.Module):
     """Routed experts (weighted by the router) plus one shared SwiGLU MLP applied to every token."""
 
@@ -245,9 +298,16 @@ class MoE(nn.Module):
         with torch.no_grad():  # scatter_add, not bincount: bincount reads its output size back to the host
             choices = expert_ids.flatten()
             self.tokens_per_expert.scatter_add_(0, choices, torch.ones_like(choices))
-        out = self.experts(x, expert_ids, weights)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
+        if self.shared_experts is None:
+            out = self.experts(x, expert_ids, weights)
+        else:
+            # The shared experts need no routing: while the dispatcher communicates they run on a side
+            # stream (CUDA), issued first so they overlap the all-to-alls. Same ops, same sum: bit-exact.
+            x_routed, x_shared = _Fork.apply(x)
+            side = SideStream(x_shared, enabled=self.experts.dispatcher.communicates)
+            with side:
+                shared = self.shared_experts(x_shared)
+            out = self.experts(x_routed, expert_ids, weights) + side.join(shared)
         out = out.view(shape)
         if self.training and self.aux_loss_coeff > 0 and torch.is_grad_enabled():
             aux = self.aux_loss_coeff * sequence_aux_loss(scores, expert_ids, shape[0], self.args.num_experts_per_tok)

@@ -99,6 +99,8 @@ class AllToAllDispatcher:
     added only after the exchange, so no padding rows travel.
     """
 
+    communicates = True  # the MoE layer overlaps its shared experts with the all-to-alls
+
     def __init__(self, group: dist.ProcessGroup, align: int = 1):
         self.group = group
         self.ep_size = dist.get_world_size(group)
