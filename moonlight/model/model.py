@@ -8,6 +8,8 @@ are applied to a built model by module name, and the expert-parallel plan swaps 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,6 +42,14 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
+@functools.lru_cache(maxsize=8)
+def _rope_tables(seqlen: int, rope_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The RoPE cos/sin tables, built once per sequence length and device instead of in every layer of
+    every forward (as ordinary tensors even when first asked for under inference mode)."""
+    with torch.inference_mode(False), torch.no_grad():
+        return rope_tables(seqlen, rope_dim, theta, device)
+
+
 class MLA(nn.Module):
     """Multi-head Latent Attention: keys and values come from one low-rank latent per token, plus a
     single rope key (k_pe) shared by all heads."""
@@ -66,7 +76,7 @@ class MLA(nn.Module):
         q = self.q_proj(x) if a.q_lora_rank is None else self.q_b_proj(self.q_norm(self.q_a_proj(x)))
         q = q.view(bsz, seqlen, -1, a.qk_head_dim)  # -1: heads held by this rank under tensor parallel
         latent, k_pe = self.kv_a_proj(x).split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
-        cos, sin = rope_tables(seqlen, a.qk_rope_head_dim, a.rope_theta, x.device)
+        cos, sin = _rope_tables(seqlen, a.qk_rope_head_dim, a.rope_theta, x.device)
         q, k_pe = apply_mla_rope(q, k_pe, cos, sin, impl=resolve_impl(a.kernels, x.device))
 
         kv = self.kv_b_proj(self.kv_norm(latent)).view(bsz, seqlen, -1, a.qk_nope_head_dim + a.v_head_dim)

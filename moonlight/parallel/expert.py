@@ -25,7 +25,7 @@ Data flow of AllToAllDispatcher (ep ranks hold DIFFERENT tokens, i.e. EP borrows
   3. all_to_all_single_autograd of the rows with uneven splits -> rows ordered [src rank][local expert].
   4. permute_tokens again with one id per row (its local expert) -> rows grouped by local expert (and
      padded to `align` per expert for the grouped GEMM, if asked).
-  combine undoes 4 (unpermute with weight 1), 3 (the reverse all-to-all) and finally 1 with the routing
+  combine undoes 4 (a row gather), 3 (the reverse all-to-all) and finally 1 with the routing
   weights (unpermute_tokens). Every step is differentiable; the backward of an all-to-all is the
   all-to-all with the splits swapped.
 
@@ -138,12 +138,8 @@ class AllToAllDispatcher:
         return grouped, local_counts, _A2AState(row_index, local_row_index, send_splits, recv_splits)
 
     def combine(self, y: torch.Tensor, weights: torch.Tensor, state: _A2AState, impl: str) -> torch.Tensor:
-        # undo 3: back to [src rank][local expert] order (weight 1, padding rows dropped)
-        if state.local_row_index is None:
-            back = y
-        else:
-            ones = torch.ones(state.local_row_index.numel(), 1, dtype=y.dtype, device=y.device)
-            back = unpermute_tokens(y, state.local_row_index, ones, impl=impl)
+        # undo 3: back to [src rank][local expert] order, a plain row gather (padding rows dropped)
+        back = y if state.local_row_index is None else y.index_select(0, state.local_row_index)
         # undo 2: send each row home
         home = funcol.all_to_all_single_autograd(back, state.send_splits, state.recv_splits, self.group)
         home = funcol.wait_tensor(home) if isinstance(home, funcol.AsyncCollectiveTensor) else home
