@@ -78,7 +78,7 @@ def _read_on_host(t: torch.Tensor) -> list[int]:
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     host.copy_(t, non_blocking=True)
     copied = torch.cuda.Event()
-    copied.record()
+    copied.record(torch.cuda.current_stream(t.device))
     copied.synchronize()
     return host.tolist()
 
