@@ -33,7 +33,15 @@ def test_linear_cross_entropy_matches_plain(dtype, chunk_rows):
     assert got_grads[0][[2, 7]].eq(0).all()
 
 
-def test_model_loss_from_labels_matches_loss_on_logits():
+class _WrappedHead(torch.nn.Linear):
+    """Stands for a head with its own forward (a LoRA head): the model must call it for the logits."""
+
+    def forward(self, x):
+        return super().forward(x * 1.5)
+
+
+@pytest.mark.parametrize("head", ["linear", "wrapped"])
+def test_model_loss_from_labels_matches_loss_on_logits(head):
     """model(tokens, labels=labels) + reduce_token_losses == cross_entropy_loss(model(tokens), labels),
     loss and every gradient, fp32."""
     args = ModelArgs.preset("debug", kernels="torch", num_hidden_layers=2, aux_loss_alpha=0.01)
@@ -47,6 +55,10 @@ def test_model_loss_from_labels_matches_loss_on_logits():
         model = Moonlight(args)
         model.init_weights(std=0.05)
         model.train()
+        if head == "wrapped":
+            wrapped = _WrappedHead(args.hidden_size, args.vocab_size, bias=False)
+            wrapped.weight = model.lm_head.weight
+            model.lm_head = wrapped
         if chunked:
             loss = reduce_token_losses(model(inputs, labels=labels), labels)
         else:
