@@ -1,6 +1,7 @@
 """MoE token permutation: group (token, choice) rows by expert, and the weighted combine back.
 
 permute_tokens   x [T, H] -> permuted [N, H], expert-major, each group optionally padded to `align`
+                 (N is static: T*K, or an upper bound with padding, so nothing syncs with the host)
 unpermute_tokens y [N, H] -> out [T, H], out[t] = sum_k weights[t, k] * y[row_index[t*K + k]]
 
 The index bookkeeping (counts, stable sort, row_index) is T*K integers and stays in torch for both
@@ -26,7 +27,7 @@ except ImportError:  # without Triton only impl="torch" is available
 def _route_rows(expert_ids: Tensor, num_experts: int, align: int) -> tuple[Tensor, Tensor, int]:
     """(row_index [T*K], padded group sizes [E], N) for the expert-major layout."""
     flat = expert_ids.reshape(-1).long()
-    # scatter_add instead of bincount: a fixed output shape, so torch.compile needs no sync here
+    # scatter_add instead of bincount: a fixed output shape, so no host sync (bincount reads the max)
     counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device)
     counts.scatter_add_(0, flat, torch.ones_like(flat))
     group_sizes = (counts + align - 1) // align * align
@@ -35,8 +36,12 @@ def _route_rows(expert_ids: Tensor, num_experts: int, align: int) -> tuple[Tenso
     rank_in_group = torch.arange(flat.numel(), device=flat.device) - (counts.cumsum(0) - counts)[sorted_experts]
     group_start = group_sizes.cumsum(0) - group_sizes
     row_index = torch.empty_like(flat).scatter_(0, order, group_start[sorted_experts] + rank_in_group)
-    # without padding N = T*K is known on the host; with padding one .item() of the counts is needed
-    num_rows = flat.numel() if align == 1 else int(group_sizes.sum().item())
+    if align == 1:
+        return row_index, group_sizes, flat.numel()
+    # N from the shapes alone (reading the padded sizes back would be a host sync): the upper bound
+    # T*K + E*(align-1), rounded to align; the last group takes the rows left over as more padding.
+    num_rows = (flat.numel() + num_experts * (align - 1) + align - 1) // align * align
+    group_sizes[-1] += num_rows - group_sizes.sum()
     return row_index, group_sizes, num_rows
 
 
@@ -237,6 +242,8 @@ def permute_tokens(x: Tensor, expert_ids: Tensor, num_experts: int, align: int =
     align > 1 each expert's group is padded with zero rows to a multiple of `align` (for grouped
     GEMM); tokens_per_expert then holds the padded group sizes and N = their sum. row_index[t*K + k]
     is the row of permuted holding x[t] for choice k. Differentiable w.r.t. x.
+    N depends on shapes only (no host sync): T*K, or with align > 1 the bound T*K + E*(align-1)
+    rounded up to `align`, the last expert's group taking the spare rows as extra padding.
     """
     row_index, tokens_per_expert, num_rows = _route_rows(expert_ids, num_experts, align)
     if impl == "torch":

@@ -154,3 +154,24 @@ def test_triton_kernels_match_torch_for_the_whole_model(tmp_path):
     grads = {impl: dict(m.named_parameters()) for impl, m in models.items()}
     for name, p in grads["torch"].items():
         torch.testing.assert_close(grads["triton"][name].grad, p.grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_rope_tables_are_built_once_not_per_layer(monkeypatch):
+    """Built once per sequence length and device; tables first built under inference mode still train."""
+    from moonlight.model import model as model_module
+
+    calls = []
+    real = model_module.rope_tables
+    monkeypatch.setattr(model_module, "rope_tables", lambda *a: calls.append(a) or real(*a))
+    model_module._rope_tables.cache_clear()
+    args = ModelArgs.preset("debug", kernels="torch", num_hidden_layers=3)
+    model = Moonlight(args)
+    model.init_weights()
+    tokens = _tokens(args.vocab_size, seq=10)
+    with torch.inference_mode():
+        model(tokens)
+    model(tokens).sum().backward()
+    model(tokens[:, :7])
+    assert [a[0] for a in calls] == [10, 7]
+    assert all(p.grad is not None for p in model.layers["0"].attn.parameters())
+    model_module._rope_tables.cache_clear()

@@ -58,8 +58,9 @@ def _full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def _step_worker(rank, world_size, layout, sequence_parallel, ac_mode):
-    from moonlight.parallel import ParallelDims, build_mesh, cross_entropy_loss, parallelize_model
+def _step_worker(rank, world_size, layout, sequence_parallel, ac_mode, chunked_loss=False):
+    from moonlight.parallel import (ParallelDims, build_mesh, cross_entropy_loss, parallelize_model,
+                                    reduce_token_losses)
 
     ref, inputs, labels = _reference()
     model = copy.deepcopy(ref)
@@ -71,10 +72,13 @@ def _step_worker(rank, world_size, layout, sequence_parallel, ac_mode):
     per = GLOBAL_BATCH // mesh.dp_size
     sl = slice(mesh.dp_rank * per, (mesh.dp_rank + 1) * per)
     model.train()
-    logits = model(inputs[sl])
-    if dims.tp > 1:
-        assert logits.placements[0].is_shard() and logits.to_local().shape[-1] == ref.args.vocab_size // dims.tp
-    loss = cross_entropy_loss(logits, labels[sl])
+    if chunked_loss:  # the loss from hidden states inside the model's (FSDP-unsharded) forward
+        loss = reduce_token_losses(model(inputs[sl], labels=labels[sl]), labels[sl])
+    else:
+        logits = model(inputs[sl])
+        if dims.tp > 1:
+            assert logits.placements[0].is_shard() and logits.to_local().shape[-1] == ref.args.vocab_size // dims.tp
+        loss = cross_entropy_loss(logits, labels[sl])
     loss.backward()
 
     global_loss = loss.detach().clone()
@@ -96,9 +100,9 @@ def _step_worker(rank, world_size, layout, sequence_parallel, ac_mode):
 
 
 def _cases_worker(rank, world_size, cases):
-    for name, layout, sequence_parallel, ac_mode in cases:
+    for name, layout, sequence_parallel, ac_mode, *chunked_loss in cases:
         try:
-            _step_worker(rank, world_size, layout, sequence_parallel, ac_mode)
+            _step_worker(rank, world_size, layout, sequence_parallel, ac_mode, *chunked_loss)
         except AssertionError as e:
             raise AssertionError(f"layout {name} ({layout}, sequence_parallel={sequence_parallel}, "
                                  f"ac_mode={ac_mode}): {e}") from None
@@ -119,7 +123,8 @@ def _warm_parent():
 def test_tp_sp_fsdp_two_ranks():
     run_ranks(_cases_worker, 2, [("tp2", dict(tp=2), False, "none"),
                                  ("tp2_sp", dict(tp=2), True, "none"),
-                                 ("fsdp2", dict(dp_shard=2), False, "none")])
+                                 ("fsdp2", dict(dp_shard=2), False, "none"),
+                                 ("fsdp2_chunked_loss", dict(dp_shard=2), False, "none", True)])
 
 
 def test_hsdp_and_fsdp_x_tp_four_ranks():

@@ -8,19 +8,17 @@ are applied to a built model by module name, and the expert-parallel plan swaps 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.varlen import varlen_attn
 
-from kernels import apply_mla_rope, permute_tokens, resolve_impl, rope_tables, unpermute_tokens
+from kernels import apply_mla_rope, grouped_mm, permute_tokens, resolve_impl, rope_tables, unpermute_tokens
 from moonlight.config import ModelArgs
-
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor parameter (expert parallel shards experts), else t itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
+from moonlight.distributed import local_tensor
+from moonlight.model.loss import linear_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -38,6 +36,14 @@ class RMSNorm(nn.Module):
 
     def init_weights(self):
         nn.init.ones_(self.weight)
+
+
+@functools.lru_cache(maxsize=8)
+def _rope_tables(seqlen: int, rope_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The RoPE cos/sin tables, built once per sequence length and device instead of in every layer of
+    every forward (as ordinary tensors even when first asked for under inference mode)."""
+    with torch.inference_mode(False), torch.no_grad():
+        return rope_tables(seqlen, rope_dim, theta, device)
 
 
 class MLA(nn.Module):
@@ -67,7 +73,7 @@ class MLA(nn.Module):
         q = self.q_proj(x) if a.q_lora_rank is None else self.q_b_proj(self.q_norm(self.q_a_proj(x)))
         q = q.view(bsz, seqlen, -1, a.qk_head_dim)  # -1: heads held by this rank under tensor parallel
         latent, k_pe = self.kv_a_proj(x).split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
-        cos, sin = rope_tables(seqlen, a.qk_rope_head_dim, a.rope_theta, x.device)
+        cos, sin = _rope_tables(seqlen, a.qk_rope_head_dim, a.rope_theta, x.device)
         impl = resolve_impl(a.kernels, x.device)
         if positions is None:
             q, k_pe = apply_mla_rope(q, k_pe, cos, sin, impl=impl)
@@ -187,23 +193,20 @@ def uses_grouped_mm(x: torch.Tensor) -> bool:
     return x.dtype == torch.bfloat16 or (x.device.type == "cpu" and x.dtype == torch.float32)
 
 
-def grouped_mm_alignment(x: torch.Tensor) -> int:
-    """Rows per expert group are padded to a multiple of this: the GPU grouped GEMM wants 16-byte
-    aligned group boundaries (8 bf16 rows, as torchtitan pads); the CPU path takes any size."""
-    return 8 if x.is_cuda and uses_grouped_mm(x) else 1
-
-
 class LocalDispatcher:
     """Moves token copies to the experts of this process and back. Expert parallel replaces it with
     an all-to-all dispatcher of the same two methods."""
 
-    def __init__(self, align: int | None = None):
-        self.align = align  # rows per expert padded to a multiple of this; None: what the GEMM wants
+    communicates = False  # True: dispatch and combine wait on other processes (worth overlapping)
+
+    def __init__(self, align: int = 1):
+        # Rows per expert padded to a multiple of this. The grouped GEMM needs none (torchtitan
+        # dropped the 8-row padding for bf16 torch._grouped_mm too); padding never syncs either way.
+        self.align = align
 
     def dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int, impl: str):
         """-> (rows [N, H] grouped by local expert, rows per local expert [E_local], state for combine)."""
-        align = grouped_mm_alignment(x) if self.align is None else self.align
-        rows, counts, row_index = permute_tokens(x, expert_ids, num_experts, align=align, impl=impl)
+        rows, counts, row_index = permute_tokens(x, expert_ids, num_experts, align=self.align, impl=impl)
         return rows, counts, row_index
 
     def combine(self, y: torch.Tensor, weights: torch.Tensor, state, impl: str) -> torch.Tensor:
@@ -216,9 +219,9 @@ def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, gate: torch.Tensor, up
     down [E, H, I]."""
     if uses_grouped_mm(x):
         offs = counts.cumsum(0).to(torch.int32)
-        g = torch._grouped_mm(x, gate.transpose(-2, -1), offs=offs)
-        u = torch._grouped_mm(x, up.transpose(-2, -1), offs=offs)
-        return torch._grouped_mm(F.silu(g) * u, down.transpose(-2, -1), offs=offs)
+        g = grouped_mm(x, gate.transpose(-2, -1), offs)
+        u = grouped_mm(x, up.transpose(-2, -1), offs)
+        return grouped_mm(F.silu(g) * u, down.transpose(-2, -1), offs)
     outs = []
     for e, rows in enumerate(x.split(counts.tolist())):
         outs.append(F.linear(F.silu(F.linear(rows, gate[e])) * F.linear(rows, up[e]), down[e]))
@@ -239,7 +242,7 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         impl = resolve_impl(self.args.kernels, x.device)
-        gate, up, down = _local(self.gate_proj), _local(self.up_proj), _local(self.down_proj)
+        gate, up, down = local_tensor(self.gate_proj), local_tensor(self.up_proj), local_tensor(self.down_proj)
         rows, counts, state = self.dispatcher.dispatch(x, expert_ids, self.args.n_routed_experts, impl)
         y = grouped_swiglu(rows, counts, gate, up, down)
         return self.dispatcher.combine(y, weights, state, impl)
@@ -274,6 +277,57 @@ def sequence_aux_loss(scores: torch.Tensor, expert_ids: torch.Tensor, bsz: int, 
     return (f * probs.mean(1)).sum(-1).mean()
 
 
+class _Fork(torch.autograd.Function):
+    """x -> (x, x) for the routed and the shared experts. The backward adds their gradients in one
+    fixed order, so the order the two branches are issued in changes no bit of x's gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x), x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad_routed, grad_shared):
+        if grad_routed is None or grad_shared is None:
+            return grad_shared if grad_routed is None else grad_routed
+        return grad_routed + grad_shared
+
+
+class SideStream:
+    """`with side:` issues work on a second CUDA stream (after what the current stream has queued);
+    `side.join(t)` makes the current stream wait for it before t is used. Inline (a no-op) on other
+    devices or when not enabled. Autograd runs each backward op on its forward op's stream."""
+
+    _streams: dict = {}  # one side stream per device, made on first use
+
+    def __init__(self, x: torch.Tensor, enabled: bool = True):
+        self.x = x
+        self.stream = None
+        if enabled and x.is_cuda:
+            if x.device not in self._streams:
+                self._streams[x.device] = torch.cuda.Stream(x.device)
+            self.stream = self._streams[x.device]
+        self.context = None
+
+    def __enter__(self):
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(self.x.device))
+            self.x.record_stream(self.stream)  # x is read there: keep its memory until that is done
+            self.context = torch.cuda.stream(self.stream)
+            self.context.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.context is not None:
+            self.context.__exit__(*exc)
+
+    def join(self, t: torch.Tensor) -> torch.Tensor:
+        if self.stream is not None:
+            main = torch.cuda.current_stream(t.device)
+            main.wait_stream(self.stream)
+            t.record_stream(main)
+        return t
+
+
 class MoE(nn.Module):
     """Routed experts (weighted by the router) plus one shared SwiGLU MLP applied to every token."""
 
@@ -285,7 +339,10 @@ class MoE(nn.Module):
         self.shared_experts = (MLP(args.hidden_size, args.n_shared_experts * args.moe_intermediate_size)
                                if args.n_shared_experts else None)
         # Token choices per expert since the trainer last read them (for the bias update and metrics).
-        self.register_buffer("tokens_per_expert", torch.zeros(args.n_routed_experts), persistent=False)
+        # Counted on the device (the trainer reduces them once per step); int64 stays exact whatever
+        # dtype the model is cast to.
+        self.register_buffer("tokens_per_expert", torch.zeros(args.n_routed_experts, dtype=torch.long),
+                             persistent=False)
         self.aux_loss_coeff = args.aux_loss_alpha if args.seq_aux else 0.0
         self.last_aux_loss: torch.Tensor | None = None
 
@@ -293,11 +350,19 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, expert_ids, scores = self.router(x)
-        with torch.no_grad():
-            self.tokens_per_expert += torch.bincount(expert_ids.flatten(), minlength=self.args.n_routed_experts)
-        out = self.experts(x, expert_ids, weights)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
+        with torch.no_grad():  # scatter_add, not bincount: bincount reads its output size back to the host
+            choices = expert_ids.flatten()
+            self.tokens_per_expert.scatter_add_(0, choices, torch.ones_like(choices))
+        if self.shared_experts is None:
+            out = self.experts(x, expert_ids, weights)
+        else:
+            # The shared experts need no routing: while the dispatcher communicates they run on a side
+            # stream (CUDA), issued first so they overlap the all-to-alls. Same ops, same sum: bit-exact.
+            x_routed, x_shared = _Fork.apply(x)
+            side = SideStream(x_shared, enabled=self.experts.dispatcher.communicates)
+            with side:
+                shared = self.shared_experts(x_shared)
+            out = self.experts(x_routed, expert_ids, weights) + side.join(shared)
         out = out.view(shape)
         if self.training and self.aux_loss_coeff > 0 and torch.is_grad_enabled():
             aux = self.aux_loss_coeff * sequence_aux_loss(scores, expert_ids, shape[0], self.args.num_experts_per_tok)
@@ -342,13 +407,24 @@ class Moonlight(nn.Module):
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+                document_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, S] -> logits [B, S, V]. positions / document_ids [B, S]: RoPE positions and packed
+        documents (attention stays within a document). With labels [B, S] (shifted, -100 ignored), the
+        last stage returns the SUM of the token losses instead of the logits, computed chunk by chunk
+        from the hidden states so the [B, S, V] fp32 logits never exist. A vocab-sharded
+        (tensor-parallel) head needs labels=None and the vocab-parallel cross_entropy_loss."""
         h = self.embed(tokens) if self.embed is not None else tokens
         mask = DocumentMask(document_ids, h.dtype) if document_ids is not None else None
         for layer in self.layers.values():
             h = layer(h, positions=positions, mask=mask)
         h = self.norm(h) if self.norm is not None else h
-        return self.lm_head(h) if self.lm_head is not None else h
+        if self.lm_head is None:
+            return h
+        if labels is None:
+            return self.lm_head(h)
+        if type(self.lm_head) is not nn.Linear:  # e.g. a LoRA head: its own forward makes the logits
+            return F.cross_entropy(self.lm_head(h).flatten(0, -2).float(), labels.flatten(), reduction="sum")
+        return linear_cross_entropy(h.flatten(0, -2), self.lm_head.weight, labels.flatten())
 
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]

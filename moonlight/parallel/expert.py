@@ -5,7 +5,7 @@
 shards every MoE layer's stacked expert weights (`experts.gate_proj/up_proj/down_proj`, [E, ...]) as
 DTensor Shard(0) over the 1-D `ep_mesh` (rank r holds experts [r*E/ep, (r+1)*E/ep)) and swaps the
 layer's `experts.dispatcher` for an `AllToAllDispatcher`. The model computes with the local shard
-(`_local()` in model.py), so nothing else in the model changes.
+(`local_tensor()` in model.py), so nothing else in the model changes.
 
 The dispatcher interface (shared with model.LocalDispatcher; a DeepEP-like transport only needs
 these two methods):
@@ -19,12 +19,13 @@ these two methods):
 Data flow of AllToAllDispatcher (ep ranks hold DIFFERENT tokens, i.e. EP borrows data-parallel ranks):
   1. permute_tokens: (token, choice) rows expert-major; experts are contiguous per EP rank, so this is
      also destination-rank-major.
-  2. all_to_all_single of the per-expert counts [E] -> counts received [ep_src, E_local] (host sync:
-     the uneven split sizes of step 3 must be known on the host).
+  2. all_to_all_single of the per-expert counts [E] -> counts received [ep_src, E_local] (the layer's one
+     host sync: the uneven split sizes of step 3 must be known on the host; read with one non-blocking
+     copy into pinned memory on CUDA).
   3. all_to_all_single_autograd of the rows with uneven splits -> rows ordered [src rank][local expert].
   4. permute_tokens again with one id per row (its local expert) -> rows grouped by local expert (and
      padded to `align` per expert for the grouped GEMM, if asked).
-  combine undoes 4 (unpermute with weight 1), 3 (the reverse all-to-all) and finally 1 with the routing
+  combine undoes 4 (a row gather), 3 (the reverse all-to-all) and finally 1 with the routing
   weights (unpermute_tokens). Every step is differentiable; the backward of an all-to-all is the
   all-to-all with the splits swapped.
 
@@ -62,11 +63,25 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from kernels import permute_tokens, unpermute_tokens
-from moonlight.model.model import GroupedExperts, grouped_mm_alignment
+from moonlight.distributed import local_tensor
+from moonlight.model.model import GroupedExperts
 
 __all__ = ["AllToAllDispatcher", "apply_expert_parallel", "expert_parameters", "allreduce_replicated_grads"]
 
 _EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
+
+
+def _read_on_host(t: torch.Tensor) -> list[int]:
+    """t's values on the host. On CUDA: one non-blocking copy into pinned memory, waited on an event,
+    so the host waits for this copy only (a plain .tolist() copies through pageable memory)."""
+    if not t.is_cuda:
+        return t.tolist()
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record(torch.cuda.current_stream(t.device))
+    copied.synchronize()
+    return host.tolist()
 
 
 @dataclass
@@ -81,11 +96,13 @@ class AllToAllDispatcher:
     """Token dispatch over an expert-parallel process group with two uneven all-to-alls.
 
     Same interface as `moonlight.model.model.LocalDispatcher`; see the module docstring. `align` pads
-    each local expert's group of rows to a multiple of `align` (8 for grouped GEMMs on GPUs); padding is
+    each local expert's group of rows to a multiple of `align` (the grouped GEMM needs none); padding is
     added only after the exchange, so no padding rows travel.
     """
 
-    def __init__(self, group: dist.ProcessGroup, align: int | None = None):
+    communicates = True  # the MoE layer overlaps its shared experts with the all-to-alls
+
+    def __init__(self, group: dist.ProcessGroup, align: int = 1):
         self.group = group
         self.ep_size = dist.get_world_size(group)
         self.align = align
@@ -101,7 +118,7 @@ class AllToAllDispatcher:
         recv_counts = torch.empty_like(counts)
         dist.all_to_all_single(recv_counts, counts, group=self.group)
         both = torch.cat([counts.view(ep, local_experts).sum(1), recv_counts.view(ep, local_experts).sum(1)])
-        both = both.tolist()  # the one host sync: split sizes of the row exchange
+        both = _read_on_host(both)  # the one host sync: split sizes of the row exchange
         send_splits, recv_splits = both[:ep], both[ep:]
 
         # 2. the rows themselves (autograd: the backward is the reverse all-to-all)
@@ -118,16 +135,12 @@ class AllToAllDispatcher:
             recv_counts, output_size=num_recv)
         grouped, local_counts, local_row_index = permute_tokens(
             recv, local_ids.unsqueeze(1), local_experts,
-            align=grouped_mm_alignment(recv) if self.align is None else self.align, impl=impl)
+            align=self.align, impl=impl)
         return grouped, local_counts, _A2AState(row_index, local_row_index, send_splits, recv_splits)
 
     def combine(self, y: torch.Tensor, weights: torch.Tensor, state: _A2AState, impl: str) -> torch.Tensor:
-        # undo 3: back to [src rank][local expert] order (weight 1, padding rows dropped)
-        if state.local_row_index is None:
-            back = y
-        else:
-            ones = torch.ones(state.local_row_index.numel(), 1, dtype=y.dtype, device=y.device)
-            back = unpermute_tokens(y, state.local_row_index, ones, impl=impl)
+        # undo 3: back to [src rank][local expert] order, a plain row gather (padding rows dropped)
+        back = y if state.local_row_index is None else y.index_select(0, state.local_row_index)
         # undo 2: send each row home
         home = funcol.all_to_all_single_autograd(back, state.send_splits, state.recv_splits, self.group)
         home = funcol.wait_tensor(home) if isinstance(home, funcol.AsyncCollectiveTensor) else home
@@ -165,20 +178,13 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, align: int | No
             sharded = distribute_tensor(param.detach(), ep_mesh, [Shard(0)])
             experts.register_parameter(name, nn.Parameter(sharded, requires_grad=param.requires_grad))
         old = experts.dispatcher
-        experts.dispatcher = AllToAllDispatcher(group, align=getattr(old, "align", None) if align is None else align)
+        experts.dispatcher = AllToAllDispatcher(group, align=getattr(old, "align", 1) if align is None else align)
     return model
 
 
 def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The routed-expert weights (sharded over ep when expert parallel is applied)."""
     return [getattr(m, name) for m in _grouped_experts(model) for name in _EXPERT_WEIGHTS]
-
-
-def _grad_local(p: nn.Parameter) -> torch.Tensor | None:
-    g = p.grad
-    if g is None:
-        return None
-    return g.to_local() if isinstance(g, DTensor) else g
 
 
 @torch.no_grad()
@@ -199,7 +205,7 @@ def allreduce_replicated_grads(model: nn.Module, dp_mesh: DeviceMesh | None,
     expert_ids = {id(p) for p in expert_parameters(model)}
     dense, experts = [], []
     for p in model.parameters():
-        g = _grad_local(p)
+        g = None if p.grad is None else local_tensor(p.grad)
         if g is not None:
             (experts if id(p) in expert_ids else dense).append(g)
     for grads, mesh in ((dense, dp_mesh), (experts, expert_dp_mesh)):

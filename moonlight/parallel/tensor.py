@@ -193,6 +193,13 @@ def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor, *, ignore_ind
     else:
         total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels, ignore_index=ignore_index,
                                 reduction="sum")
+    return reduce_token_losses(total, labels, ignore_index=ignore_index, reduction=reduction, num_tokens=num_tokens)
+
+
+def reduce_token_losses(total: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
+                        reduction: str = "mean", num_tokens: int | torch.Tensor | None = None) -> torch.Tensor:
+    """`cross_entropy_loss`'s reduction of a summed token loss, e.g. of ``model(tokens, labels=labels)``
+    (the chunked loss from hidden states, for heads that are not vocab-sharded)."""
     if reduction == "sum":
         return total
     if reduction != "mean":

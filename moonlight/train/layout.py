@@ -48,6 +48,9 @@ class Layout:
     dp_group: dist.ProcessGroup | None = None  # the ranks that read different data
     moe_count_group: dist.ProcessGroup | None = None  # every rank that routes tokens through the same layers
     holds_loss: bool = True  # this rank's loss counts once in the reported mean (last stage, tp rank 0)
+    # The model computes the loss from its hidden states in chunks (no [B, S, V] fp32 logits); not with
+    # a vocab-sharded head (tp > 1: the vocab-parallel loss_fn) or pipeline stages (the schedule's loss_fn).
+    loss_from_hidden: bool = True
     description: str = "single process"
 
     def reduce_loss(self, local_loss: torch.Tensor) -> float:
@@ -114,7 +117,7 @@ def build_layout(cfg: JobConfig, args: ModelArgs, world_size: int, device: torch
                   moe_count_group=mesh["dp"].get_group(),
                   description=dims.describe() + (" + sequence parallel" if sequence_parallel else ""))
     if p.pp == 1:
-        return Layout(model_parts=[prepare(full)], holds_loss=tp_rank == 0, **common)
+        return Layout(model_parts=[prepare(full)], holds_loss=tp_rank == 0, loss_from_hidden=p.tp == 1, **common)
 
     # Each local stage starts from its own copy of the full model (identical initial weights in every layout).
     build_fn = (lambda _: copy.deepcopy(full)) if not next(full.parameters()).is_meta else None
@@ -126,7 +129,8 @@ def build_layout(cfg: JobConfig, args: ModelArgs, world_size: int, device: torch
     holds_last = any(s.is_last for s in stages)
     common["description"] += f", pipeline {p.pp_schedule} layout {pp_layout} x {n_micro} micro-batches"
     return Layout(model_parts=parts, pipeline=Pipeline(schedule), pp_group=mesh["pp"].get_group(),
-                  holds_loss=holds_last and tp_rank == 0, microbatches_per_step=n_micro, **common)
+                  holds_loss=holds_last and tp_rank == 0, microbatches_per_step=n_micro, loss_from_hidden=False,
+                  **common)
 
 
 def _materialise(model: nn.Module, device: torch.device, seed: int) -> None:

@@ -30,7 +30,7 @@ from moonlight.errors import CheckpointError, ConfigError, NonFiniteError
 from moonlight.hf import HFCheckpoint
 from moonlight.model import Moonlight
 from moonlight.model.lora import apply_lora, count_params, hide_adapters, init_dora_magnitude, reset_lora_parameters
-from moonlight.parallel import load_hf_sharded
+from moonlight.parallel import load_hf_sharded, reduce_token_losses
 from moonlight.train.config import JobConfig
 from moonlight.train.data import build_dataloader
 from moonlight.train.layout import build_layout
@@ -256,7 +256,11 @@ class Trainer:
                 if loss is not None:
                     total += loss.detach()
                 continue
-            loss = self.parallel.loss_fn(self.model_parts[0](inputs, **packing), labels, num_tokens=num_tokens)
+            model = self.model_parts[0]
+            if self.parallel.loss_from_hidden:
+                loss = reduce_token_losses(model(inputs, labels=labels, **packing), labels, num_tokens=num_tokens)
+            else:
+                loss = self.parallel.loss_fn(model(inputs, **packing), labels, num_tokens=num_tokens)
             loss.backward()
             total += loss.detach()
         return total

@@ -1,0 +1,81 @@
+"""The chunked cross-entropy from hidden states equals the plain loss on materialised logits."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moonlight.config import ModelArgs
+from moonlight.model import Moonlight
+from moonlight.model.loss import linear_cross_entropy
+from moonlight.parallel import cross_entropy_loss, reduce_token_losses
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("chunk_rows", [1, 4, 64])  # one row, chunks that do not divide 13, one chunk
+def test_linear_cross_entropy_matches_plain(dtype, chunk_rows):
+    g = torch.Generator().manual_seed(0)
+    vocab, hidden_size, n = 40, 16, 13
+    hidden = torch.randn(n, hidden_size, generator=g, dtype=dtype, requires_grad=True)
+    weight = torch.randn(vocab, hidden_size, generator=g, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, vocab, (n,), generator=g)
+    labels[[2, 7]] = -100
+    grad = torch.tensor(0.7, dtype=dtype)
+    got = linear_cross_entropy(hidden, weight, labels, chunk_bytes=chunk_rows * vocab * 4)
+    got_grads = torch.autograd.grad(got, (hidden, weight), grad)
+    want = F.cross_entropy((hidden @ weight.t()).to(torch.promote_types(dtype, torch.float32)), labels,
+                           reduction="sum")
+    want_grads = torch.autograd.grad(want, (hidden, weight), grad)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, want)
+    for a, b in zip(got_grads, want_grads):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a, b)
+    assert got_grads[0][[2, 7]].eq(0).all()
+
+
+class _WrappedHead(torch.nn.Linear):
+    """Stands for a head with its own forward (a LoRA head): the model must call it for the logits."""
+
+    def forward(self, x):
+        return super().forward(x * 1.5)
+
+
+@pytest.mark.parametrize("head", ["linear", "wrapped"])
+def test_model_loss_from_labels_matches_loss_on_logits(head):
+    """model(tokens, labels=labels) + reduce_token_losses == cross_entropy_loss(model(tokens), labels),
+    loss and every gradient, fp32."""
+    args = ModelArgs.preset("debug", kernels="torch", num_hidden_layers=2, aux_loss_alpha=0.01)
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, args.vocab_size, (2, 9), generator=g)
+    inputs, labels = tokens[:, :-1], tokens[:, 1:].clone()
+    labels[0, :3] = -100
+    results = []
+    for chunked in (False, True):
+        torch.manual_seed(0)
+        model = Moonlight(args)
+        model.init_weights(std=0.05)
+        model.train()
+        if head == "wrapped":
+            wrapped = _WrappedHead(args.hidden_size, args.vocab_size, bias=False)
+            wrapped.weight = model.lm_head.weight
+            model.lm_head = wrapped
+        if chunked:
+            loss = reduce_token_losses(model(inputs, labels=labels), labels)
+        else:
+            loss = cross_entropy_loss(model(inputs), labels)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (want, want_grads), (got, got_grads) = results
+    torch.testing.assert_close(got, want)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, msg=lambda m: f"{name}: {m}")
+
+
+def test_vocab_sharded_head_is_rejected():
+    from torch.distributed.tensor import DTensor
+
+    class FakeSharded(torch.Tensor):
+        to_local = DTensor.to_local
+
+    with pytest.raises(TypeError, match="vocab-sharded"):
+        linear_cross_entropy(torch.zeros(2, 4), torch.zeros(8, 4).as_subclass(FakeSharded), torch.zeros(2).long())
