@@ -171,20 +171,17 @@ def sharing_group(p: Tensor) -> MatrixPlan:
     # mesh dims that shard the expert dim split experts between ranks: those ranks share nothing
     # (FSDP's _StridedShard, used when it shards a dim EP or TP sharded first, is no Shard subclass)
     splits_experts = [stacked and isinstance(pl, (Shard, _StridedShard)) and pl.dim == 0 for pl in placements]
-    mine = mesh.get_coordinate()
-    ranks = mesh.mesh.tolist()
+    mine = tuple(mesh.get_coordinate())
     members, boxes, me = [], [], 0
     for coord in itertools.product(*(range(n) for n in mesh.shape)):
         if any(split and c != m for split, c, m in zip(splits_experts, coord, mine)):
             continue
+        # the same shard arithmetic as DTensor's own (and DCP's), for another rank's coordinate
         local_shape, offset = _compute_local_shape_and_global_offset(p.shape, mesh.shape, list(coord), placements)
-        rank = ranks
-        for c in coord:
-            rank = rank[c]
-        if list(coord) == list(mine):
+        if coord == mine:
             me = len(members)
             count = local_shape[0] if stacked else 1
-        members.append(rank)
+        members.append(int(mesh.mesh[coord]))
         boxes.append(tuple(slice(offset[d], offset[d] + local_shape[d]) for d in (-2, -1)))
     plan = MatrixPlan(tuple(members), me, tuple(boxes), shape, count, stacked)
     _check_tiling(plan)
@@ -197,17 +194,14 @@ def assign_owners(plans: list[MatrixPlan], ns_steps: list[int]) -> None:
     Largest matrices first (ties in parameter order), per sharing group, so every member computes
     the same assignment from the same parameter list.
     """
-    loads: dict[tuple[int, ...], list[int]] = {}
-    work = []
-    for i, (plan, steps) in enumerate(zip(plans, ns_steps)):
-        plan.owners = (0,) * plan.count
-        if not plan.local:
-            cost = ns_flops(*plan.shape, steps)
-            work += [(-cost, i, k) for k in range(plan.count)]
-    owners = [list(plan.owners) for plan in plans]
-    for neg_cost, i, k in sorted(work):
+    shared = sorted((-ns_flops(*plan.shape, steps), i, k)  # largest first, then in parameter order
+                    for i, (plan, steps) in enumerate(zip(plans, ns_steps)) if not plan.local
+                    for k in range(plan.count))
+    owners = [[0] * plan.count for plan in plans]  # a group of one owns its matrices
+    loads: dict[tuple[int, ...], list[int]] = {}  # per sharing group: NS FLOPs given to each member
+    for neg_cost, i, k in shared:
         load = loads.setdefault(plans[i].members, [0] * len(plans[i].members))
-        owner = min(range(len(load)), key=load.__getitem__)
+        owner = min(range(len(load)), key=load.__getitem__)  # the first least-loaded member
         load[owner] -= neg_cost
         owners[i][k] = owner
     for plan, own in zip(plans, owners):
