@@ -126,18 +126,15 @@ class MatrixPlan:
         return dict(sorted(out.items()))
 
     @functools.cached_property
-    def _first_holders(self) -> dict[tuple, int]:
+    def senders(self) -> dict[int, list[int]]:
+        """owner -> the members whose piece it needs: one holder of each distinct (non-empty) box the
+        owner lacks, so replicas of a box send it once."""
         first: dict[tuple, int] = {}
         for i, box in enumerate(self.boxes):
             if _box_numel(box):
                 first.setdefault(_box_key(box), i)
-        return first
-
-    def senders(self, owner: int) -> list[int]:
-        """Members whose piece the owner needs: one holder of each distinct box the owner lacks
-        (replicas of a box send it once)."""
-        mine = _box_key(self.boxes[owner])
-        return sorted(i for key, i in self._first_holders.items() if key != mine)
+        return {owner: sorted(i for key, i in first.items() if key != _box_key(self.boxes[owner]))
+                for owner in self.owned_by}
 
 
 def _box_key(box: Box) -> tuple:
@@ -282,9 +279,9 @@ def _gather_to_owners(plans: list[MatrixPlan], pieces: list[Tensor], exchange: _
             if owner == plan.me:
                 fulls[i] = x.new_empty(len(ks), *plan.shape)
                 fulls[i][(slice(None), *plan.boxes[plan.me])] = x[ks]
-                for m in plan.senders(owner):
+                for m in plan.senders[owner]:
                     expect.setdefault(exchange.rank(plan.members[m]), []).append((i, ks, m))
-            elif plan.me in plan.senders(owner):
+            elif plan.me in plan.senders[owner]:
                 send.setdefault(exchange.rank(plan.members[owner]), []).append(x[ks])
     received = exchange.run(send, {src: sum(len(ks) * _box_numel(plans[i].boxes[m]) for i, ks, m in items)
                                    for src, items in expect.items()})
