@@ -1,6 +1,7 @@
 """Distributed Muon (moonlight.train.muon): every full matrix and every expert matrix is
 orthogonalised by exactly one rank of the group sharing it, and the weights equal single-process
-full-matrix Muon bit for bit in fp32 (FSDP, HSDP, TP, EP shards; the trainer's real layouts)."""
+full-matrix Muon bit for bit, in fp32 and with bf16 Newton-Schulz (FSDP, HSDP, TP, EP shards; the
+trainer's real layouts)."""
 
 import pytest
 import torch
@@ -37,9 +38,10 @@ def _matrices(shape) -> int:
     return shape[0] if len(shape) == 3 else 1
 
 
-def _single_process_muon(fulls: list[torch.Tensor], grads: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+def _single_process_muon(fulls: list[torch.Tensor], grads: list[list[torch.Tensor]],
+                         ns_dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
     params = [nn.Parameter(w.clone()) for w in fulls]
-    opt = Muon(params, lr=LR, weight_decay=WD, ns_dtype=torch.float32)
+    opt = Muon(params, lr=LR, weight_decay=WD, ns_dtype=ns_dtype)
     for step_grads in grads:
         for p, g in zip(params, step_grads):
             p.grad = g.clone()
@@ -49,7 +51,7 @@ def _single_process_muon(fulls: list[torch.Tensor], grads: list[list[torch.Tenso
 
 def _shard(full: torch.Tensor, mesh, placements) -> torch.Tensor:
     # Replicate -> any placement (also FSDP's _StridedShard) is a local chunk, no communication
-    replicated = DTensor.from_local(full, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    replicated = DTensor.from_local(full.clone(), mesh, [Replicate()] * mesh.ndim, run_check=False)
     return replicated.redistribute(mesh, placements)
 
 
@@ -87,17 +89,22 @@ def _placements_worker(rank, world):
     fulls = [torch.randn(shape) for _, shape, _, _ in cases]
     grads = [[torch.randn(shape) for _, shape, _, _ in cases] for _ in range(STEPS)]
     refs = _single_process_muon(fulls, grads)
+    # bf16 NS (Moonlight's): the pieces travel in bf16, the dtype NS casts to first, so still exact
+    refs_bf16 = _single_process_muon(fulls, grads, torch.bfloat16)
     counts = _count_ns_calls()
     out = {}
     for i, (name, _, mesh_ndim, placements) in enumerate(cases):
         mesh = meshes[mesh_ndim]
-        p = nn.Parameter(_shard(fulls[i], mesh, placements))
-        opt = Muon([p], lr=LR, weight_decay=WD, ns_dtype=torch.float32)
-        counts.clear()
-        for step_grads in grads:
-            p.grad = _shard(step_grads[i], mesh, placements)
-            opt.step()
-        out[name] = (sum(counts), torch.equal(p.full_tensor(), refs[i]))
+        exact = []
+        for ns_dtype, ref in ((torch.float32, refs[i]), (torch.bfloat16, refs_bf16[i])):
+            p = nn.Parameter(_shard(fulls[i], mesh, placements))
+            opt = Muon([p], lr=LR, weight_decay=WD, ns_dtype=ns_dtype)
+            counts.clear()
+            for step_grads in grads:
+                p.grad = _shard(step_grads[i], mesh, placements)
+                opt.step()
+            exact.append(torch.equal(p.full_tensor(), ref))
+        out[name] = (sum(counts), exact)  # NS calls of the bf16 run
     return out
 
 
@@ -107,7 +114,7 @@ def test_each_matrix_orthogonalised_once_and_bit_exact(world):
     for name, shape, _, _ in _cases(world):
         per_rank = [r[name][0] for r in results]
         assert sum(per_rank) == STEPS * _matrices(shape), (name, per_rank)  # once, not once per rank
-        assert all(r[name][1] for r in results), f"{name}: weights differ from single-process Muon"
+        assert all(r[name][1] == [True, True] for r in results), f"{name}: weights differ from single-process Muon"
 
 
 # ------------------------------------------------------------------------------------------
