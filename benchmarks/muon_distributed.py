@@ -36,7 +36,7 @@ import torch.distributed as dist  # noqa: E402
 from torch.distributed.tensor import DTensor, Replicate  # noqa: E402
 
 from moonlight.train.config import load_config  # noqa: E402
-from moonlight.train.muon import zeropower_via_newtonschulz  # noqa: E402
+from moonlight.train.muon import ns_flops, plan_orthogonalisation, zeropower_via_newtonschulz  # noqa: E402
 from moonlight.train.optim import Muon  # noqa: E402
 from moonlight.train.trainer import Trainer  # noqa: E402
 from tests.dist import run_ranks  # noqa: E402
@@ -131,13 +131,16 @@ def _measure(rank, world, optimizer, steps, warmup, overrides):
                 comm.reset()
             step_times.append(trainer.train_step()["step_time_s"])
             trainer.step += 1
-        muon_params = sum(p.numel() for o in trainer.optimizers if isinstance(o, Muon)
-                          for g in o.param_groups for p in g["params"])
+        # Newton-Schulz FLOPs this rank runs per step (its owned matrices; all of them when redundant)
+        params = [p for o in trainer.optimizers if isinstance(o, Muon) for g in o.param_groups for p in g["params"]]
+        plans = plan_orthogonalisation(params, [cfg.optimizer.ns_steps] * len(params))
+        ns_flops_here = sum(ns_flops(*plan.shape, cfg.optimizer.ns_steps) * (plan.count if optimizer == "muon-redundant" else
+                                                     sum(o == plan.me for o in plan.owners)) for plan in plans)
     share = statistics.median(o / s for o, s in zip(opt_times[warmup:], step_times[warmup:]))
     per_step = (lambda b: b / steps) if comm else (lambda b: 0)
     return dict(share=share, step_s=statistics.median(step_times[warmup:]),
                 fsdp_bytes=per_step(comm.fsdp if comm else 0), muon_bytes=per_step(comm.muon if comm else 0),
-                muon_params=muon_params)
+                ns_flops=ns_flops_here)
 
 
 def main():
@@ -152,7 +155,7 @@ def main():
                  "--parallelism.fsdp_reshard_after_forward=false", "--metrics.device_peak_flops=1e11", *overrides]
     print(f"debug model, FSDP over all ranks, gloo on CPU, {args.steps} measured steps; per rank, median")
     print(f"{'ranks':>5} {'optimizer':>15} {'step s':>8} {'opt share':>9} {'FSDP MB/step':>12} {'Muon MB/step':>12} "
-          f"{'(Muon+FSDP)/FSDP':>16} {'with bf16 NS':>12}")
+          f"{'(Muon+FSDP)/FSDP':>16} {'with bf16 NS':>12} {'NS GFLOP max/min':>14}")
     for world in args.worlds:
         local = [f"--training.local_batch_size={8 // world}"]
         for optimizer in ("adamw", "muon-redundant", "muon"):
@@ -161,11 +164,13 @@ def main():
             step_s = statistics.mean(r["step_s"] for r in rows)
             fsdp = statistics.mean(r["fsdp_bytes"] for r in rows)
             extra = statistics.mean(r["muon_bytes"] for r in rows)
+            flops = [r["ns_flops"] for r in rows]
+            balance = f"{max(flops) / 1e9:.2f}/{min(flops) / 1e9:.2f}" if optimizer != "adamw" else "-"
             ratio = f"{(fsdp + extra) / fsdp:.3f}" if fsdp and optimizer == "muon" else "-"
             bf16 = f"{(fsdp + extra / 2) / fsdp:.3f}" if fsdp and optimizer == "muon" else "-"
             muon_mb = f"{extra / 1e6:.3f}" if optimizer == "muon" else "n/a" if optimizer == "muon-redundant" else "0"
             print(f"{world:>5} {optimizer:>15} {step_s:>8.3f} {100 * share:>8.1f}% {fsdp / 1e6:>12.3f} "
-                  f"{muon_mb:>12} {ratio:>16} {bf16:>12}", flush=True)
+                  f"{muon_mb:>12} {ratio:>16} {bf16:>12} {balance:>14}", flush=True)
 
 
 if __name__ == "__main__":

@@ -106,8 +106,9 @@ class Muon(torch.optim.Optimizer):
 
     DTensor parameters: momentum/decay run on the local shard; each full (expert) matrix is
     orthogonalised by one rank of the group sharing it and the result scattered back (see
-    `moonlight.train.muon`). The exchange runs on ``process_group`` (default: the world), so every
-    rank of it must step its Muon together.
+    `moonlight.train.muon`). ``step`` first updates every momentum, then exchanges and
+    orthogonalises all matrices at once (two all-to-alls on ``process_group``, default the world:
+    every rank of it that holds a shared matrix must step its Muon together).
     """
 
     def __init__(
