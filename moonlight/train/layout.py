@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from moonlight.config import ModelArgs
 from moonlight.model import Moonlight
@@ -28,6 +29,7 @@ class Layout:
     microbatches_per_step: int = 1  # pipeline micro-batches per forward/backward call
     pp_group: dist.ProcessGroup | None = None
     moe_count_group: dist.ProcessGroup | None = None  # every rank that routes tokens through the same layers
+    replica_mesh: DeviceMesh | None = None  # ranks holding copies of a weight its own mesh lacks (Muon's replicas)
     holds_loss: bool = True  # this rank's loss counts once in the reported mean (last stage, tp rank 0)
     description: str = "single process"
     extras: dict = field(default_factory=dict)

@@ -8,10 +8,11 @@ stacked ``[E, A, B]`` weight) is orthogonalised by ONE rank of the group that sh
     plans = plan_orthogonalisation(params, ns_steps)          # once: who shares, who owns what
     outs = orthogonalise(plans, updates, settings, dtype)     # every step: 2 all-to-alls + NS
 
-1. Sharing group (`sharing_group`): the ranks of the parameter's DTensor mesh that hold pieces of the
-   same matrices, and the box (rows x cols) each one holds. Mesh dims that shard the expert dim of a
-   3-D weight split experts, not matrices, so they are not part of the group. Plain tensors and
-   fully expert-sharded weights have a group of one: NS runs locally.
+1. Sharing group (`sharing_group`): the ranks of the parameter's DTensor mesh (widened by
+   ``replicas``, below) that hold pieces of the same matrices, and the box (rows x cols) each one
+   holds. Mesh dims that shard the expert dim of a 3-D weight split experts, not matrices, so they
+   are not part of the group. Fully expert-sharded weights (and plain tensors without ``replicas``)
+   have a group of one: NS runs locally.
 2. Owners (`assign_owners`): greedy, largest NS cost first, to the least loaded member, per sharing
    group; the matrices of one expert weight owned by one rank are orthogonalised as one batch.
 3. Exchange (`orthogonalise`): one all-to-all sends every rank's pieces of the momentum-updated
@@ -31,10 +32,13 @@ must call `orthogonalise` at the same step (pipeline stages step together anyway
 part is empty. A rank whose matrices are all unshared (plain tensors: single process, pure pipeline
 parallel; or whole experts only) skips the exchange.
 
-Not covered: weights that a layout replicates outside their DTensor are orthogonalised once per copy.
-Under TP the routed experts, the router and ``kv_a_proj`` live on the ``dp_shard`` mesh only, and each
-tp rank holds a copy: their NS runs ``tp`` times (EP across TP ranks, issue 12 part 1, removes that for
-the experts).
+Copies outside a DTensor: under TP the router, ``kv_a_proj`` and (without EP) the routed experts live
+on the ``dp_shard`` mesh only (or are plain tensors), and every tp rank holds a copy. Given
+``replicas`` (the trainer passes the world mesh without pp), a weight's sharing group is widened by
+the replicas dims its own mesh lacks, so those copies share one NS too. Expert meshes built for EP
+(``expert_fsdp`` x ``ep``) are not slices of the world mesh and are not widened: under TP x EP the
+routed experts are still orthogonalised once per tp rank (EP across TP ranks, issue 12 part 1,
+removes the copies themselves).
 """
 
 from __future__ import annotations
@@ -46,7 +50,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
 from torch.distributed.tensor.placement_types import _StridedShard
 
@@ -156,29 +161,53 @@ def _check_tiling(plan: MatrixPlan) -> None:
                              f"({spans}); this placement cannot be reassembled")
 
 
-def sharing_group(p: Tensor) -> MatrixPlan:
-    """The ranks sharing ``p``'s matrices and the piece each holds (no owners yet)."""
+def _rank_grid(p: Tensor, replicas: DeviceMesh | None) -> tuple[Tensor, tuple[int, ...], list]:
+    """The grid of global ranks that may hold ``p``'s matrices, this rank's coordinate in it, and
+    ``p``'s placement on each grid dim: ``p``'s own DTensor mesh, widened by the dims of ``replicas``
+    that the mesh lacks (``p`` is a copy there: Replicate). A plain tensor is a mesh of one."""
+    if isinstance(p, DTensor):
+        mesh = p.device_mesh
+        grid, mine, placements = mesh.mesh, tuple(mesh.get_coordinate()), list(p.placements)
+        names = mesh.mesh_dim_names
+    else:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        grid, mine, placements, names = torch.tensor([rank]), (0,), [Replicate()], ()
+    if replicas is None or names is None or not set(names) <= set(replicas.mesh_dim_names):
+        return grid, mine, placements
+    own = [replicas.mesh_dim_names.index(n) for n in names]
+    extra = [d for d in range(replicas.ndim) if d not in own]
+    wide = replicas.mesh.permute(own + extra)
+    coord = replicas.get_coordinate()
+    wide_mine = tuple(coord[d] for d in own + extra)
+    if names and not torch.equal(wide[(slice(None),) * len(own) + wide_mine[len(own):]], grid):
+        return grid, mine, placements  # a mesh with the same dim names but other ranks: not a slice
+    return wide, wide_mine, placements[:len(own)] + [Replicate()] * len(extra)
+
+
+def sharing_group(p: Tensor, replicas: DeviceMesh | None = None) -> MatrixPlan:
+    """The ranks sharing ``p``'s matrices and the piece each holds (no owners yet).
+
+    ``replicas``: a mesh over whose dims every weight is copied unless its own mesh shards it
+    (e.g. the world without pp: TP leaves the router and routed experts replicated outside their
+    DTensor); None = only ``p``'s own mesh shares it.
+    """
     stacked = p.ndim == 3
     shape = (p.shape[-2], p.shape[-1])
     count = p.shape[0] if stacked else 1
-    if not isinstance(p, DTensor):
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        return MatrixPlan((rank,), 0, ((slice(0, shape[0]), slice(0, shape[1])),), shape, count, stacked)
-    mesh, placements = p.device_mesh, tuple(p.placements)
-    # mesh dims that shard the expert dim split experts between ranks: those ranks share nothing
+    grid, mine, placements = _rank_grid(p, replicas)
+    # grid dims that shard the expert dim split experts between ranks: those ranks share nothing
     # (FSDP's _StridedShard, used when it shards a dim EP or TP sharded first, is no Shard subclass)
     splits_experts = [stacked and isinstance(pl, (Shard, _StridedShard)) and pl.dim == 0 for pl in placements]
-    mine = tuple(mesh.get_coordinate())
     members, boxes, me = [], [], 0
-    for coord in itertools.product(*(range(n) for n in mesh.shape)):
+    for coord in itertools.product(*(range(n) for n in grid.shape)):
         if any(split and c != m for split, c, m in zip(splits_experts, coord, mine)):
             continue
         # the same shard arithmetic as DTensor's own (and DCP's), for another rank's coordinate
-        local_shape, offset = _compute_local_shape_and_global_offset(p.shape, mesh.shape, list(coord), placements)
+        local_shape, offset = _compute_local_shape_and_global_offset(p.shape, grid.shape, list(coord), placements)
         if coord == mine:
             me = len(members)
             count = local_shape[0] if stacked else 1
-        members.append(int(mesh.mesh[coord]))
+        members.append(int(grid[coord]))
         boxes.append(tuple(slice(offset[d], offset[d] + local_shape[d]) for d in (-2, -1)))
     plan = MatrixPlan(tuple(members), me, tuple(boxes), shape, count, stacked)
     _check_tiling(plan)
@@ -205,9 +234,10 @@ def assign_owners(plans: list[MatrixPlan], ns_steps: list[int]) -> None:
         plan.owners = tuple(own)
 
 
-def plan_orthogonalisation(params: list[Tensor], ns_steps: list[int]) -> list[MatrixPlan]:
+def plan_orthogonalisation(params: list[Tensor], ns_steps: list[int],
+                           replicas: DeviceMesh | None = None) -> list[MatrixPlan]:
     """Sharing groups and owners of every parameter's matrices (``ns_steps`` per parameter)."""
-    plans = [sharing_group(p) for p in params]
+    plans = [sharing_group(p, replicas) for p in params]
     assign_owners(plans, ns_steps)
     return plans
 

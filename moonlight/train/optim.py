@@ -27,6 +27,7 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -103,6 +104,9 @@ class Muon(torch.optim.Optimizer):
         master_weights: precision-aware mode. Keep an fp32 copy of the parameter
             (``state['master']``) and fp32 momentum; the update is applied to the fp32 copy and
             copied back into the (bf16) parameter.
+        process_group: where the Newton-Schulz exchange runs (None: the world).
+        replicas: a mesh over whose dims every parameter is copied unless its own DTensor mesh
+            shards it (the world mesh without pp); its copies then share one orthogonalisation.
 
     DTensor parameters: momentum/decay run on the local shard; each full (expert) matrix is
     orthogonalised by one rank of the group sharing it and the result scattered back (see
@@ -124,6 +128,7 @@ class Muon(torch.optim.Optimizer):
         ns_dtype: torch.dtype = torch.bfloat16,
         master_weights: bool = False,
         process_group: dist.ProcessGroup | None = None,
+        replicas: DeviceMesh | None = None,
     ):
         if lr < 0 or weight_decay < 0 or momentum < 0:
             raise ValueError("lr, weight_decay and momentum must be >= 0")
@@ -144,6 +149,7 @@ class Muon(torch.optim.Optimizer):
                 if p.ndim not in (2, 3):
                     raise ValueError(f"Muon takes 2-D matrices or 3-D [E, A, B] expert weights, got {tuple(p.shape)}")
         self.process_group = process_group
+        self.replicas = replicas
         self._plans: dict = {}  # parameters with a gradient (as a tuple of ids) -> their MatrixPlans
 
     def _orthogonalise(self, work: list[tuple[dict, Tensor, Tensor]]) -> list[Tensor]:
@@ -151,7 +157,7 @@ class Muon(torch.optim.Optimizer):
         params = [p for _, p, _ in work]
         key = tuple(id(p) for p in params)
         if key not in self._plans:  # the same parameters get gradients step after step
-            self._plans = {key: plan_orthogonalisation(params, [g["ns_steps"] for g, _, _ in work])}
+            self._plans = {key: plan_orthogonalisation(params, [g["ns_steps"] for g, _, _ in work], self.replicas)}
         dtypes = {g["ns_dtype"] for g, _, _ in work} or {self.defaults["ns_dtype"]}
         if len(dtypes) > 1:
             raise ValueError(f"Muon: all param groups need one ns_dtype (the exchange runs in it), got {dtypes}")
@@ -334,6 +340,7 @@ def build_optimizers(
     ns_steps: int = 5,
     precision_aware: bool = False,
     ns_dtype: torch.dtype = torch.bfloat16,
+    replica_mesh: DeviceMesh | None = None,
 ) -> Optimizers:
     """Moonlight's optimizer split; returns an ``Optimizers`` container ([Muon, AdamW] or [AdamW]).
 
@@ -343,7 +350,7 @@ def build_optimizers(
     Parameters with requires_grad False are skipped (the router bias is a buffer anyway).
     precision_aware=True: fp32 master weights + fp32 optimizer state for both optimizers
     (our ``AdamW``/``Muon`` with ``master_weights=True``); otherwise ``torch.optim.AdamW``.
-    Empty optimizers are left out.
+    Empty optimizers are left out. ``replica_mesh``: Muon's ``replicas`` (see `Muon`).
     """
     if name not in ("muon", "adamw"):
         raise ValueError(f"unknown optimizer {name!r}")
@@ -370,6 +377,7 @@ def build_optimizers(
                 ns_steps=ns_steps,
                 ns_dtype=ns_dtype,
                 master_weights=precision_aware,
+                replicas=replica_mesh,
             )
         )
     if adamw_params:

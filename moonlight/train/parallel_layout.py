@@ -57,6 +57,7 @@ def build_parallel_layout(cfg: JobConfig, args: ModelArgs, world_size: int, devi
 
     tp_rank = mesh.tp_rank
     common = dict(dp_rank=mesh.dp_rank, dp_world=mesh.dp_size, moe_count_group=mesh["dp"].get_group(),
+                  replica_mesh=mesh.world["dp_replicate", "dp_shard", "tp"],
                   description=dims.describe() + (" + sequence parallel" if sequence_parallel else ""))
     if p.pp == 1:
         return Layout(model_parts=[prepare(full)], loss_fn=cross_entropy_loss, holds_loss=tp_rank == 0, **common)
