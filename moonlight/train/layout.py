@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from moonlight.config import ModelArgs
 from moonlight.model import Moonlight
@@ -47,6 +48,7 @@ class Layout:
     pp_group: dist.ProcessGroup | None = None
     dp_group: dist.ProcessGroup | None = None  # the ranks that read different data
     moe_count_group: dist.ProcessGroup | None = None  # every rank that routes tokens through the same layers
+    replica_mesh: DeviceMesh | None = None  # ranks holding copies of a weight its own mesh lacks (Muon's replicas)
     holds_loss: bool = True  # this rank's loss counts once in the reported mean (last stage, tp rank 0)
     # The model computes the loss from its hidden states in chunks (no [B, S, V] fp32 logits); not with
     # a vocab-sharded head (tp > 1: the vocab-parallel loss_fn) or pipeline stages (the schedule's loss_fn).
@@ -114,7 +116,7 @@ def build_layout(cfg: JobConfig, args: ModelArgs, world_size: int, device: torch
 
     tp_rank = mesh.tp_rank
     common = dict(dp_rank=mesh.dp_rank, dp_world=mesh.dp_size, dp_group=mesh["dp"].get_group(),
-                  moe_count_group=mesh["dp"].get_group(),
+                  moe_count_group=mesh["dp"].get_group(), replica_mesh=mesh.world["dp_replicate", "dp_shard", "tp"],
                   description=dims.describe() + (" + sequence parallel" if sequence_parallel else ""))
     if p.pp == 1:
         return Layout(model_parts=[prepare(full)], holds_loss=tp_rank == 0, loss_from_hidden=p.tp == 1, **common)

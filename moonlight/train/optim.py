@@ -8,9 +8,10 @@ transposed when rows > cols, and the update
 
 Distributed exactness: parameters may be DTensors (FSDP2 / TP / EP shards, 1-D or 2-D meshes).
 Momentum and weight decay are elementwise and stay on the local shard; Newton-Schulz is run on
-the FULL matrix (the shard dims inside one matrix are gathered), so the result equals
-single-device Muon on the full matrix. For 3-D stacked expert weights ``[E, A, B]`` a Shard(0)
-on the expert dim stays sharded (NS is per expert), only dims 1 and 2 are gathered.
+the FULL matrix, by one rank of the group sharing it, and the result is scattered back to the
+shards (`moonlight.train.muon`), so it equals single-device Muon on the full matrix bit for bit.
+For 3-D stacked expert weights ``[E, A, B]`` NS is per expert; ranks holding different experts
+share nothing.
 
 Everything here is a standard ``torch.optim.Optimizer`` with ``param_groups`` holding ``'lr'``,
 so ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict(model, optimizers)`` and
@@ -26,8 +27,13 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate
 from torch.optim.lr_scheduler import LambdaLR
+
+from moonlight.distributed import local_tensor
+from moonlight.train.muon import (NS_COEFFICIENTS, NSSettings, orthogonalise, plan_orthogonalisation,
+                                  zeropower_via_newtonschulz)
 
 __all__ = [
     "NS_COEFFICIENTS",
@@ -46,53 +52,15 @@ __all__ = [
     "clip_grad_norm_",
 ]
 
-NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
-
-
 # --------------------------------------------------------------------------------------------
-# Newton-Schulz and helpers
+# Helpers
 # --------------------------------------------------------------------------------------------
-
-
-def zeropower_via_newtonschulz(
-    G: Tensor,
-    steps: int = 5,
-    coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
-    eps: float = 1e-7,
-    dtype: torch.dtype = torch.bfloat16,
-) -> Tensor:
-    """Approximately orthogonalise each matrix of ``G`` ([..., A, B]; batched over leading dims).
-
-    Moonshot's ``zeropower_via_newtonschulz5``: cast to ``dtype``, transpose when A > B,
-    normalise by the Frobenius norm of each matrix plus ``eps``, then ``steps`` quintic
-    iterations. Returns a tensor of ``dtype`` with the shape of ``G``.
-    """
-    if G.ndim < 2:
-        raise ValueError(f"Newton-Schulz needs a matrix, got shape {tuple(G.shape)}")
-    a, b, c = coefficients
-    X = G.to(dtype)
-    transpose = G.size(-2) > G.size(-1)
-    if transpose:
-        X = X.mT
-    norm = X.norm() if X.ndim == 2 else X.norm(dim=(-2, -1), keepdim=True)
-    X = X / (norm + eps)
-    for _ in range(steps):
-        A = X @ X.mT
-        B = b * A + c * A @ A  # (c*A) @ A, exactly as Moonshot's code (matters in bf16)
-        X = a * X + B @ X
-    if transpose:
-        X = X.mT
-    return X
 
 
 def muon_lr_scale(shape: Sequence[int]) -> float:
     """Moonlight's update-RMS matching factor 0.2*sqrt(max(A, B)) of one (expert) matrix."""
     A, B = shape[-2], shape[-1]
     return 0.2 * math.sqrt(max(A, B))
-
-
-def _local(t: Tensor) -> Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _grad_like_param(p: Tensor, g: Tensor) -> Tensor:
@@ -133,15 +101,15 @@ class Muon(torch.optim.Optimizer):
         master_weights: precision-aware mode. Keep an fp32 copy of the parameter
             (``state['master']``) and fp32 momentum; the update is applied to the fp32 copy and
             copied back into the (bf16) parameter.
+        process_group: where the Newton-Schulz exchange runs (None: the world).
+        replicas: a mesh over whose dims every parameter is copied unless its own DTensor mesh
+            shards it (the world mesh without pp); its copies then share one orthogonalisation.
 
-    DTensor parameters: momentum/decay run on the local shard; the NS input is gathered to the
-    full matrix (Replicate on every mesh dim, except Shard(0) of a 3-D expert weight which is
-    kept), NS runs redundantly on every rank of the gathering group, and each rank keeps its own
-    slice (Replicate -> Shard is a local chunk, no communication).
-
-    TODO (optimisation, not implemented): ZeRO-1 style round-robin — assign each matrix to one
-    rank of the dp group, gather it only there, run NS there and scatter the slices, instead of
-    every rank gathering and orthogonalising every matrix.
+    DTensor parameters: momentum/decay run on the local shard; each full (expert) matrix is
+    orthogonalised by one rank of the group sharing it and the result scattered back (see
+    `moonlight.train.muon`). ``step`` first updates every momentum, then exchanges and
+    orthogonalises all matrices at once (two all-to-alls on ``process_group``, default the world:
+    every rank of it that holds a shared matrix must step its Muon together).
     """
 
     def __init__(
@@ -156,6 +124,8 @@ class Muon(torch.optim.Optimizer):
         eps: float = 1e-7,
         ns_dtype: torch.dtype = torch.bfloat16,
         master_weights: bool = False,
+        process_group: dist.ProcessGroup | None = None,
+        replicas: DeviceMesh | None = None,
     ):
         if lr < 0 or weight_decay < 0 or momentum < 0:
             raise ValueError("lr, weight_decay and momentum must be >= 0")
@@ -175,34 +145,23 @@ class Muon(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.ndim not in (2, 3):
                     raise ValueError(f"Muon takes 2-D matrices or 3-D [E, A, B] expert weights, got {tuple(p.shape)}")
+        self.process_group = process_group
+        self.replicas = replicas
+        self._plans: dict = {}  # parameters with a gradient (as a tuple of ids) -> their MatrixPlans
 
-    @staticmethod
-    def _gather_placements(p: DTensor) -> list:
-        keep_expert = p.ndim == 3
-        out = []
-        for pl in p.placements:
-            if isinstance(pl, Shard) and keep_expert and pl.dim == 0:
-                out.append(pl)  # experts are independent: keep the expert dim sharded
-            else:
-                out.append(Replicate())
-        return out
-
-    def _orthogonalise(self, p: Tensor, update_local: Tensor, group) -> Tensor:
-        """NS of the full matrix (or matrices); returns the local slice, laid out like p's shard."""
-        ns = lambda x: zeropower_via_newtonschulz(  # noqa: E731
-            x, group["ns_steps"], group["ns_coefficients"], group["eps"], group["ns_dtype"]
-        )
-        if not isinstance(p, DTensor):
-            return ns(update_local)
-        mesh, placements = p.device_mesh, tuple(p.placements)
-        gather = self._gather_placements(p)
-        if tuple(gather) == placements:  # nothing inside one matrix is sharded
-            return ns(update_local)
-        u = DTensor.from_local(update_local, mesh, placements, shape=p.shape, stride=p.stride())
-        full = u.redistribute(mesh, gather).to_local()
-        o = ns(full)
-        o = DTensor.from_local(o, mesh, gather, shape=p.shape, stride=p.stride())
-        return o.redistribute(mesh, placements).to_local()
+    def _orthogonalise(self, work: list[tuple[dict, Tensor, Tensor]]) -> list[Tensor]:
+        """NS of every (param group, param, local update) in ``work``; returns the local slices."""
+        params = [p for _, p, _ in work]
+        key = tuple(id(p) for p in params)
+        if key not in self._plans:  # the same parameters get gradients step after step
+            self._plans = {key: plan_orthogonalisation(params, [g["ns_steps"] for g, _, _ in work], self.replicas)}
+        dtypes = {g["ns_dtype"] for g, _, _ in work} or {self.defaults["ns_dtype"]}
+        if len(dtypes) > 1:
+            raise ValueError(f"Muon: all param groups need one ns_dtype (the exchange runs in it), got {dtypes}")
+        settings = [NSSettings(g["ns_steps"], g["ns_coefficients"], g["eps"]) for g, _, _ in work]
+        first = self.param_groups[0]["params"][0]
+        return orthogonalise(self._plans[key], [u for _, _, u in work], settings, dtypes.pop(),
+                             local_tensor(first).device, self.process_group)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -210,28 +169,29 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        work = []  # (group, param, local update): momentum first, then every NS in one exchange
         for group in self.param_groups:
-            lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
-            master_mode = group["master_weights"]
+            mu = group["momentum"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = self.state[p]
                 g = _grad_like_param(p, p.grad)
                 if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = _zeros_state(p, torch.float32 if master_mode else p.dtype)
-                    if master_mode:
+                    state["momentum_buffer"] = _zeros_state(p, torch.float32 if group["master_weights"] else p.dtype)
+                    if group["master_weights"]:
                         state["master"] = _master_copy(p)
-                buf_l = _local(state["momentum_buffer"])
-                g_l = _local(g).to(buf_l.dtype)
+                buf_l = local_tensor(state["momentum_buffer"])
+                g_l = local_tensor(g).to(buf_l.dtype)
                 buf_l.mul_(mu).add_(g_l)
-                upd_l = g_l.add(buf_l, alpha=mu) if group["nesterov"] else buf_l
-                o_l = self._orthogonalise(p, upd_l, group)
-                target = _local(state["master"]) if master_mode else _local(p)
-                target.mul_(1 - lr * wd)
-                target.add_(o_l.to(target.dtype), alpha=-lr * muon_lr_scale(p.shape))
-                if master_mode:
-                    _local(p).copy_(target)
+                work.append((group, p, g_l.add(buf_l, alpha=mu) if group["nesterov"] else buf_l))
+        for (group, p, _), o_l in zip(work, self._orthogonalise(work)):
+            lr, wd = group["lr"], group["weight_decay"]
+            target = local_tensor(self.state[p]["master"]) if group["master_weights"] else local_tensor(p)
+            target.mul_(1 - lr * wd)
+            target.add_(o_l.to(target.dtype), alpha=-lr * muon_lr_scale(p.shape))
+            if group["master_weights"]:
+                local_tensor(p).copy_(target)
         return loss
 
 
@@ -277,9 +237,9 @@ class AdamW(torch.optim.Optimizer):
                         state["master"] = _master_copy(p)
                 state["step"] += 1
                 t = state["step"].item()
-                m, v = _local(state["exp_avg"]), _local(state["exp_avg_sq"])
-                g_l = _local(g).to(m.dtype)
-                target = _local(state["master"]) if master_mode else _local(p)
+                m, v = local_tensor(state["exp_avg"]), local_tensor(state["exp_avg_sq"])
+                g_l = local_tensor(g).to(m.dtype)
+                target = local_tensor(state["master"]) if master_mode else local_tensor(p)
                 target.mul_(1 - lr * wd)
                 m.lerp_(g_l, 1 - b1)
                 v.mul_(b2).addcmul_(g_l, g_l, value=1 - b2)
@@ -288,7 +248,7 @@ class AdamW(torch.optim.Optimizer):
                 denom = (v.sqrt() / bc2_sqrt).add_(eps)
                 target.addcdiv_(m, denom, value=-lr / bc1)
                 if master_mode:
-                    _local(p).copy_(target)
+                    local_tensor(p).copy_(target)
         return loss
 
 
@@ -302,14 +262,11 @@ class Optimizers:
 
     ``.optimizers`` is the plain list (pass it to DCP's get/set_optimizer_state_dict).
     ``param_groups`` is the concatenation of all groups (the dicts themselves: setting
-    ``g['lr']`` on them changes the optimizers); ``scale_lr(m)`` sets every group's lr to
-    ``initial_lr * m`` (``initial_lr`` = the lr it was built with).
+    ``g['lr']`` on them changes the optimizers).
     """
 
     def __init__(self, optimizers: Sequence[torch.optim.Optimizer]):
         self.optimizers = list(optimizers)
-        for g in self.param_groups:
-            g.setdefault("initial_lr", g["lr"])
 
     def __iter__(self):
         return iter(self.optimizers)
@@ -333,10 +290,6 @@ class Optimizers:
     def zero_grad(self, set_to_none: bool = True):
         for o in self.optimizers:
             o.zero_grad(set_to_none=set_to_none)
-
-    def scale_lr(self, multiplier: float):
-        for g in self.param_groups:
-            g["lr"] = g["initial_lr"] * multiplier
 
     def state_dict(self) -> dict:
         return {str(i): o.state_dict() for i, o in enumerate(self.optimizers)}
@@ -377,6 +330,7 @@ def build_optimizers(
     ns_steps: int = 5,
     precision_aware: bool = False,
     ns_dtype: torch.dtype = torch.bfloat16,
+    replica_mesh: DeviceMesh | None = None,
 ) -> Optimizers:
     """Moonlight's optimizer split; returns an ``Optimizers`` container ([Muon, AdamW] or [AdamW]).
 
@@ -386,7 +340,7 @@ def build_optimizers(
     Parameters with requires_grad False are skipped (the router bias is a buffer anyway).
     precision_aware=True: fp32 master weights + fp32 optimizer state for both optimizers
     (our ``AdamW``/``Muon`` with ``master_weights=True``); otherwise ``torch.optim.AdamW``.
-    Empty optimizers are left out.
+    Empty optimizers are left out. ``replica_mesh``: Muon's ``replicas`` (see `Muon`).
     """
     if name not in ("muon", "adamw"):
         raise ValueError(f"unknown optimizer {name!r}")
@@ -413,6 +367,7 @@ def build_optimizers(
                 ns_steps=ns_steps,
                 ns_dtype=ns_dtype,
                 master_weights=precision_aware,
+                replicas=replica_mesh,
             )
         )
     if adamw_params:
@@ -558,20 +513,20 @@ def update_router_biases(
     if not counts:
         return torch.empty(0, dtype=torch.float64)
     sizes = [c.numel() for c in counts]
-    flat = torch.cat([_local(c).detach().reshape(-1).to(torch.float64) for c in counts])
+    flat = torch.cat([local_tensor(c).detach().reshape(-1).to(torch.float64) for c in counts])
     if dist.is_available() and dist.is_initialized():
-        dev_flat = flat.to(_local(counts[0]).device)
+        dev_flat = flat.to(local_tensor(counts[0]).device)
         dist.all_reduce(dev_flat, op=dist.ReduceOp.SUM, group=group)
         flat = dev_flat
     if rate != 0:
         for b, c in zip(biases, flat.split(sizes)):
             if isinstance(b, DTensor) and not all(isinstance(pl, Replicate) for pl in b.placements):
                 raise ValueError("router bias must be replicated")
-            b_l = _local(b)
+            b_l = local_tensor(b)
             delta = torch.sign(c.mean() - c).to(device=b_l.device, dtype=b_l.dtype)
             b_l.add_(delta.view_as(b_l), alpha=rate)
     for c in counts:
-        _local(c).zero_()
+        local_tensor(c).zero_()
     if len(set(sizes)) == 1:
         return flat.view(len(sizes), sizes[0])
     return flat
@@ -639,7 +594,7 @@ def clip_grad_norm_(
     if not torch.isfinite(total):
         return total
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    locals_ = [_local(g) for g in grads]
+    locals_ = [local_tensor(g) for g in grads]
     if locals_:
         buckets: dict = {}
         for t in locals_:

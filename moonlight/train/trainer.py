@@ -132,6 +132,7 @@ class Trainer:
                                            betas=(o.beta1, o.beta2), eps=o.eps, momentum=o.momentum,
                                            nesterov=o.nesterov, ns_steps=o.ns_steps,
                                            precision_aware=o.precision_aware,
+                                           replica_mesh=self.parallel.replica_mesh,
                                            # bf16 Newton-Schulz as Moonlight on GPUs; CPUs without bf16
                                            # units run it ~15x slower than fp32, so they use fp32
                                            ns_dtype=torch.bfloat16 if self.device.type == "cuda" else torch.float32)

@@ -1,0 +1,196 @@
+"""Distributed Muon (moonlight.train.muon): every full matrix and every expert matrix is
+orthogonalised by exactly one rank of the group sharing it, and the weights equal single-process
+full-matrix Muon bit for bit, in fp32 and with bf16 Newton-Schulz (FSDP, HSDP, TP, EP shards; the
+trainer's real layouts)."""
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+import moonlight.train.muon as muon
+from moonlight.config import ModelArgs
+from moonlight.model import Moonlight
+from moonlight.parallel.mesh import ParallelDims, build_mesh
+from moonlight.parallel.parallelize import parallelize_model
+from moonlight.train.muon import MatrixPlan, assign_owners, ns_flops
+from moonlight.train.optim import Muon, build_optimizers
+from tests.dist import run_ranks
+
+LR, WD, STEPS = 0.02, 0.1, 3
+
+
+def _count_ns_calls() -> list[int]:
+    """Wrap muon's Newton-Schulz so that every call records how many matrices it orthogonalised."""
+    counts: list[int] = []
+    original = muon.zeropower_via_newtonschulz
+
+    def counting(G, *args, **kwargs):
+        counts.append(1 if G.ndim == 2 else G.shape[0])
+        return original(G, *args, **kwargs)
+
+    muon.zeropower_via_newtonschulz = counting
+    return counts
+
+
+def _matrices(shape) -> int:
+    return shape[0] if len(shape) == 3 else 1
+
+
+def _single_process_muon(fulls: list[torch.Tensor], grads: list[list[torch.Tensor]],
+                         ns_dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    params = [nn.Parameter(w.clone()) for w in fulls]
+    opt = Muon(params, lr=LR, weight_decay=WD, ns_dtype=ns_dtype)
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+    return [p.detach() for p in params]
+
+
+def _shard(full: torch.Tensor, mesh, placements) -> torch.Tensor:
+    # Replicate -> any placement (also FSDP's _StridedShard) is a local chunk, no communication
+    replicated = DTensor.from_local(full.clone(), mesh, [Replicate()] * mesh.ndim, run_check=False)
+    return replicated.redistribute(mesh, placements)
+
+
+# ------------------------------------------------------------------------------------------
+# DTensor placements, one optimizer per case so NS calls are counted per case
+# ------------------------------------------------------------------------------------------
+
+
+CASES = [  # (name, full shape, mesh shape, placements); the 2-D mesh is (dp, tp) on 4 ranks
+    ("fsdp_rows_uneven", (30, 48), 1, [Shard(0)]),
+    ("fsdp_cols_tall", (48, 32), 1, [Shard(1)]),
+    ("fewer_rows_than_ranks", (3, 40), 1, [Shard(0)]),
+    ("replicated", (40, 24), 1, [Replicate()]),
+    ("experts_split", (4, 16, 24), 1, [Shard(0)]),  # each rank holds whole experts: NS locally
+    ("experts_inner", (6, 16, 24), 1, [Shard(2)]),  # 6 expert matrices spread over the ranks
+    ("fsdp_x_tp", (32, 48), 2, [Shard(0), Shard(1)]),
+    ("fsdp_x_tp_same_dim", (30, 48), 2, [Shard(1), Shard(1)]),
+    ("hsdp", (30, 48), 2, [Replicate(), Shard(0)]),
+    ("ep_x_tp", (4, 16, 24), 2, [Shard(0), Shard(1)]),
+    ("efsdp_x_ep", (4, 16, 24), 2, [Shard(1), Shard(0)]),
+    ("ep_x_ep", (4, 16, 24), 2, [Shard(0), Shard(0)]),
+]
+
+
+def _cases(world):
+    return [c for c in CASES if c[2] == 1 or world == 4]
+
+
+def _placements_worker(rank, world):
+    meshes = {1: init_device_mesh("cpu", (world,))}
+    if world == 4:
+        meshes[2] = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    cases = _cases(world)
+    torch.manual_seed(0)  # the same full tensors on every rank
+    fulls = [torch.randn(shape) for _, shape, _, _ in cases]
+    grads = [[torch.randn(shape) for _, shape, _, _ in cases] for _ in range(STEPS)]
+    refs = _single_process_muon(fulls, grads)
+    # bf16 NS (Moonlight's): the pieces travel in bf16, the dtype NS casts to first, so still exact
+    refs_bf16 = _single_process_muon(fulls, grads, torch.bfloat16)
+    counts = _count_ns_calls()
+    out = {}
+    for i, (name, _, mesh_ndim, placements) in enumerate(cases):
+        mesh = meshes[mesh_ndim]
+        exact = []
+        for ns_dtype, ref in ((torch.float32, refs[i]), (torch.bfloat16, refs_bf16[i])):
+            p = nn.Parameter(_shard(fulls[i], mesh, placements))
+            opt = Muon([p], lr=LR, weight_decay=WD, ns_dtype=ns_dtype)
+            counts.clear()
+            for step_grads in grads:
+                p.grad = _shard(step_grads[i], mesh, placements)
+                opt.step()
+            exact.append(torch.equal(p.full_tensor(), ref))
+        out[name] = (sum(counts), exact)  # NS calls of the bf16 run
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_each_matrix_orthogonalised_once_and_bit_exact(world):
+    results = run_ranks(_placements_worker, world)
+    for name, shape, _, _ in _cases(world):
+        per_rank = [r[name][0] for r in results]
+        assert sum(per_rank) == STEPS * _matrices(shape), (name, per_rank)  # once, not once per rank
+        assert all(r[name][1] == [True, True] for r in results), f"{name}: weights differ from single-process Muon"
+
+
+# ------------------------------------------------------------------------------------------
+# The trainer's layouts: the debug Moonlight parallelised as train.py does it
+# ------------------------------------------------------------------------------------------
+
+
+def _layout_worker(rank, world, layout):
+    dims = ParallelDims(world_size=world, **layout)
+    mesh = build_mesh(dims, "cpu")
+    torch.manual_seed(0)
+    model = Moonlight(ModelArgs.preset("debug"))
+    model.init_weights()
+    full = {name: p.detach().clone() for name, p in model.named_parameters()}
+    parallelize_model(model, dims, mesh, sequence_parallel=dims.tp > 1)
+    # the copies TP leaves outside a DTensor (router, routed experts, kv_a_proj) share one NS too
+    replicas = mesh.world["dp_replicate", "dp_shard", "tp"]
+    opt = build_optimizers(model.named_parameters(), "muon", lr=LR, weight_decay=WD, ns_dtype=torch.float32,
+                           replica_mesh=replicas)[0]
+    names = {id(p): name for name, p in model.named_parameters()}
+    params = [p for group in opt.param_groups for p in group["params"]]
+    torch.manual_seed(1)
+    grads = [[torch.randn(p.shape) for p in params] for _ in range(STEPS)]
+    refs = _single_process_muon([full[names[id(p)]] for p in params], grads)
+    counts = _count_ns_calls()
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = _shard(g, p.device_mesh, p.placements) if isinstance(p, DTensor) else g.clone()
+        opt.step()
+    gathered = [p.full_tensor() if isinstance(p, DTensor) else p.detach() for p in params]
+    mismatched = [names[id(p)] for p, w, ref in zip(params, gathered, refs) if not torch.equal(w, ref)]
+    placements = sorted({str(tuple(p.placements)) for p in params if isinstance(p, DTensor)})
+    return sum(counts), sum(_matrices(p.shape) for p in params) * STEPS, mismatched, placements
+
+
+@pytest.mark.parametrize("world, layout", [
+    (2, dict(dp_shard=2)),
+    (4, dict(dp_shard=4, ep=2)),
+    (4, dict(dp_shard=2, tp=2)),
+    (2, dict(dp_shard=1, tp=2)),
+], ids=["fsdp2", "fsdp4_ep2", "fsdp2_tp2", "tp2"])
+def test_trainer_layouts_orthogonalise_once_and_bit_exact(world, layout):
+    results = run_ranks(_layout_worker, world, layout)
+    expected = results[0][1]
+    per_rank = [r[0] for r in results]
+    assert sum(per_rank) == expected, per_rank  # each (expert) matrix once across the ranks sharing it
+    assert all(n > 0 for n in per_rank), per_rank  # the work is spread
+    for _, _, mismatched, _ in results:
+        assert not mismatched, f"differ from single-process Muon: {mismatched}"
+    if layout.get("tp") and layout["dp_shard"] > 1:  # FSDP over TP: _StridedShard placements reassembled
+        assert any("_StridedShard" in p for p in results[0][3]), results[0][3]
+
+
+# ------------------------------------------------------------------------------------------
+# Owner assignment
+# ------------------------------------------------------------------------------------------
+
+
+def _plan(members, shape, count=1, stacked=False):
+    box = (slice(0, shape[0]), slice(0, shape[1]))
+    return MatrixPlan(tuple(members), 0, (box,) * len(members), shape, count, stacked)
+
+
+def test_owners_balance_ns_flops_per_sharing_group():
+    group, other = (0, 1, 2, 3), (0, 2)
+    shared = [_plan(group, (32, 64)), _plan(group, (64, 64)), _plan(group, (32, 32), count=8, stacked=True),
+              _plan(group, (64, 64)), _plan(group, (48, 64)), _plan(group, (16, 16))]
+    plans = shared + [_plan(other, (64, 64)), _plan(other, (64, 64)), _plan((0,), (8, 8))]
+    assign_owners(plans, [5] * len(plans))
+    assert plans[1].owners == (0,) and plans[3].owners == (1,)  # largest first, to the least loaded
+    assert plans[-1].owners == (0,)  # unshared: local
+    assert sorted(plans[6].owners + plans[7].owners) == [0, 1]  # another group balances on its own
+    loads = [0] * 4
+    for plan in shared:
+        for owner in plan.owners:
+            loads[owner] += ns_flops(*plan.shape)
+    assert max(loads) <= 1.2 * min(loads), loads
+    # the experts of one weight are spread, several per owner (orthogonalised as one batch)
+    assert len(plans[2].owned_by) > 1 and max(len(ks) for ks in plans[2].owned_by.values()) > 1
