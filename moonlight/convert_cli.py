@@ -77,13 +77,12 @@ def _layer_of(key: str) -> str:
     return m.group(1) if m else "top"
 
 
-def dcp_to_hf(dcp_dir: str, out: str, config: str | None = None, preset: str | None = None,
-              dtype: torch.dtype | None = None, max_shard_size: str = "5GB", step: int = -1,
-              overwrite: bool = False) -> str:
+def read_dcp_model(dcp_dir: str, config: str | None = None, preset: str | None = None, step: int = -1):
+    """A full Moonlight (CPU, the stored dtypes, LoRA adapters merged) from a DCP checkpoint; see dcp-to-hf."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from moonlight.convert import CheckpointError, save_hf
+    from moonlight.convert import CheckpointError
     from moonlight.model import Moonlight
     from moonlight.train.checkpoint import _dcp_load, model_args_mismatch, read_meta, resolve_checkpoint
     from moonlight.train.lora import is_adapter_name, merge_lora_state_dict
@@ -149,6 +148,19 @@ def dcp_to_hf(dcp_dir: str, out: str, config: str | None = None, preset: str | N
         modules = {k.removesuffix(".lora_a.weight") for k in adapters if k.endswith(".lora_a.weight")}
         sd = merge_lora_state_dict(sd, {name: lora["alpha"] / lora["rank"] for name in modules})
     model.load_state_dict(sd, assign=True, strict=False)
+    for module in model.modules():  # non-persistent buffers (load counters) are not in checkpoints
+        for name, buf in module.named_buffers(recurse=False):
+            if buf.is_meta:
+                setattr(module, name, torch.zeros(buf.shape, dtype=buf.dtype))
+    return model
+
+
+def dcp_to_hf(dcp_dir: str, out: str, config: str | None = None, preset: str | None = None,
+              dtype: torch.dtype | None = None, max_shard_size: str = "5GB", step: int = -1,
+              overwrite: bool = False) -> str:
+    from moonlight.convert import save_hf
+
+    model = read_dcp_model(dcp_dir, config, preset, step)
     print(f"writing HF checkpoint to {out}", file=sys.stderr)
     save_hf(model, out, max_shard_size=max_shard_size, dtype=dtype, overwrite=overwrite)
     return os.path.abspath(out)
