@@ -188,3 +188,130 @@ def generate(model: Moonlight, input_ids: torch.Tensor, max_new_tokens: int, tem
     if len(new) < max_new_tokens:  # every row ended early
         out = torch.cat([out, out.new_full((out.shape[0], max_new_tokens - len(new)), eos_token_id)], dim=1)
     return out
+
+
+# ------------------------------------------------------------------------------------ command line
+
+CHAT_TOKENS = ("<|im_user|>", "<|im_assistant|>", "<|im_middle|>", "<|im_end|>")
+
+
+def _special_ids(tokenizer) -> dict[str, int]:
+    if hasattr(tokenizer, "special_tokens"):  # tiktoken
+        return dict(tokenizer.special_tokens)
+    if hasattr(tokenizer, "model") and hasattr(tokenizer.model, "get_vocab"):  # HF tokenizers
+        return tokenizer.model.get_vocab(with_added_tokens=True)
+    return {}
+
+
+def chat_prompt(tokenizer, text: str) -> tuple[list[int], int]:
+    """One user turn in Moonlight-Instruct's format, ending with the assistant's generation prompt:
+    <|im_user|>user<|im_middle|>TEXT<|im_end|><|im_assistant|>assistant<|im_middle|>
+    -> (token ids, the id of <|im_end|>, where generation stops)."""
+    ids = _special_ids(tokenizer)
+    missing = [t for t in CHAT_TOKENS if t not in ids]
+    if missing:
+        raise ConfigError(f"--chat needs a tokenizer with Moonlight's chat tokens; {tokenizer!r} lacks {missing}")
+    return ([ids["<|im_user|>"], *tokenizer.encode("user"), ids["<|im_middle|>"], *tokenizer.encode(text),
+             ids["<|im_end|>"], ids["<|im_assistant|>"], *tokenizer.encode("assistant"), ids["<|im_middle|>"]],
+            ids["<|im_end|>"])
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit code 2 through exit_on_user_error, not argparse's usage dump
+        raise ConfigError(f"{message} (see python -m moonlight.generate --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m moonlight.generate",
+                description="Generate text from a Moonlight checkpoint, streamed to stdout.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--hf", help="Hugging Face checkpoint directory (config.json + safetensors)")
+    src.add_argument("--dcp", help="trainer checkpoint: a step-N directory or a folder of them (latest)")
+    p.add_argument("--step", type=int, help="with --dcp and a folder of step-N directories: which step")
+    p.add_argument("--prompt", required=True, help="the prompt text")
+    p.add_argument("--chat", action="store_true", help="send the prompt as a user turn (Moonlight-Instruct "
+                                                       "chat format) and stop at <|im_end|>")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--tokenizer", help="'byte', a directory with tiktoken.model or tokenizer.json, or the file "
+                                       "(default: the --hf directory)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
+
+
+def _checked_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse and validate everything that needs no tensor."""
+    ns = build_parser().parse_args(argv)
+    if ns.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {ns.max_new_tokens}")
+    if ns.temperature < 0:
+        raise ConfigError(f"--temperature must be >= 0, got {ns.temperature}")
+    if not 0 < ns.top_p <= 1:
+        raise ConfigError(f"--top-p must be in (0, 1], got {ns.top_p}")
+    if ns.step is not None and not ns.dcp:
+        raise ConfigError("--step applies to --dcp checkpoints only")
+    if ns.hf and not os.path.isfile(os.path.join(ns.hf, "config.json")):
+        raise ConfigError(f"--hf {ns.hf}: not a Hugging Face checkpoint directory (no config.json)")
+    if ns.dcp and not ns.tokenizer:
+        raise ConfigError("--dcp checkpoints hold no tokenizer: pass --tokenizer (a directory with tiktoken.model "
+                          "or tokenizer.json, or 'byte')")
+    if not ns.prompt:
+        raise ConfigError("--prompt is empty")
+    return ns
+
+
+def _check_vocab(prompt: list[int], vocab_size: int):
+    if max(prompt) >= vocab_size:
+        raise ConfigError(f"the prompt has token id {max(prompt)} but the model's vocab_size is {vocab_size}: "
+                          "is --tokenizer the model's tokenizer?")
+
+
+def _load_model(ns: argparse.Namespace) -> Moonlight:
+    dtype = getattr(torch, ns.dtype)
+    if ns.hf:
+        from moonlight.convert import load_hf
+        return load_hf(ns.hf, dtype=dtype, device=ns.device).eval()
+    from moonlight.convert_cli import read_dcp_model
+    return read_dcp_model(ns.dcp, step=-1 if ns.step is None else ns.step).to(device=ns.device, dtype=dtype).eval()
+
+
+def run(argv: list[str] | None = None) -> int:
+    from moonlight.train.tokenizer import build_tokenizer
+
+    ns = _checked_args(argv)
+    tokenizer = build_tokenizer(ns.tokenizer or ns.hf)
+    if ns.chat:
+        prompt, eos = chat_prompt(tokenizer, ns.prompt)
+    else:
+        prompt, eos = tokenizer.encode(ns.prompt), tokenizer.eos_id
+    if ns.hf:  # config.json is cheap: reject a tokenizer that does not fit before reading any weight
+        _check_vocab(prompt, ModelArgs.from_hf_config(ns.hf).vocab_size)
+    model = _load_model(ns)
+    _check_vocab(prompt, model.args.vocab_size)
+    input_ids = torch.tensor([prompt], device=ns.device)
+    generator = torch.Generator(device=ns.device).manual_seed(ns.seed)
+    new: list[int] = []
+    printed = ""
+    for token in generate_stream(model, input_ids, ns.max_new_tokens, ns.temperature, ns.top_p, eos,
+                                 generator=generator):
+        if int(token) == eos:
+            break
+        new.append(int(token))
+        text = tokenizer.decode(new)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(text[len(printed):])
+            sys.stdout.flush()
+            printed = text
+    sys.stdout.write(tokenizer.decode(new)[len(printed):] + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return exit_on_user_error(lambda: run(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
