@@ -192,3 +192,15 @@ def test_cli_bad_sources_exit_2(tmp_path, capsys):
                         (["--dcp", str(tmp_path), "--tokenizer", "byte", "--prompt", "x"], "no complete checkpoint")]:
         code, out, err = _run(capsys, argv)
         assert code == 2 and err.count("\n") == 1 and match in err, err
+
+
+def test_cli_reads_a_dcp_checkpoint(tiny_model_dir, tmp_path, capsys):
+    from moonlight.convert_cli import hf_to_dcp
+
+    hf_to_dcp(str(tiny_model_dir), str(tmp_path / "dcp"))
+    common = ["--prompt", "the thing in", "--max-new-tokens", "10"]
+    code, from_hf, err = _run(capsys, ["--hf", str(tiny_model_dir)] + common)
+    assert code == 0, err
+    code, from_dcp, err = _run(capsys, ["--dcp", str(tmp_path / "dcp"), "--tokenizer", str(tiny_model_dir)] + common)
+    assert code == 0, err
+    assert from_dcp == from_hf
