@@ -99,9 +99,6 @@ def forward_cached(model: Moonlight, tokens: torch.Tensor, cache: LatentCache,
     """Append tokens [B, T] (attention_mask [B, T]: 0 marks left padding) to the cache and return the
     logits [B, V] of the last one. A token's position counts only the real tokens before it."""
     args = model.args
-    if any(hasattr(m, "lora_a") for m in model.modules()):
-        raise ConfigError("generation reads kv_b_proj's weight directly: merge LoRA adapters first "
-                          "(moonlight.train.lora.merge_lora)")
     bsz, seqlen = tokens.shape
     start, end = cache.length, cache.length + seqlen
     is_token = torch.ones_like(tokens, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
@@ -163,6 +160,9 @@ def generate_stream(model: Moonlight, input_ids: torch.Tensor, max_new_tokens: i
         raise ConfigError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
     if attention_mask is not None and not attention_mask[:, -1].all():
         raise ConfigError("prompts must be left-padded: attention_mask must be 1 in the last column")
+    if any(hasattr(m, "lora_a") for m in model.modules()):
+        raise ConfigError("generation reads kv_b_proj's weight directly: merge LoRA adapters first "
+                          "(moonlight.train.lora.merge_lora)")
     dtype = next(model.parameters()).dtype
     cache = LatentCache(model.args, input_ids.shape[0], input_ids.shape[1] + max_new_tokens, dtype, input_ids.device)
     logits = forward_cached(model, input_ids, cache, attention_mask)
