@@ -255,6 +255,11 @@ def _checked_args(argv: list[str] | None) -> argparse.Namespace:
         raise ConfigError("--step applies to --dcp checkpoints only")
     if ns.hf and not os.path.isfile(os.path.join(ns.hf, "config.json")):
         raise ConfigError(f"--hf {ns.hf}: not a Hugging Face checkpoint directory (no config.json)")
+    if ns.tokenizer and ns.tokenizer != "byte" and not os.path.exists(ns.tokenizer):
+        raise ConfigError(f"--tokenizer {ns.tokenizer}: no such file or directory")
+    if not ns.tokenizer and ns.hf and not any(os.path.exists(os.path.join(ns.hf, name))
+                                              for name in ("tiktoken.model", "tokenizer.json")):
+        raise ConfigError(f"--hf {ns.hf} holds no tokenizer (tiktoken.model or tokenizer.json): pass --tokenizer")
     if ns.dcp and not ns.tokenizer:
         raise ConfigError("--dcp checkpoints hold no tokenizer: pass --tokenizer (a directory with tiktoken.model "
                           "or tokenizer.json, or 'byte')")

@@ -176,7 +176,7 @@ def test_cli_sampling_is_seeded(tiny_model_dir, capsys):
     (["--step", "3"], "--step applies to --dcp"),
     (["--max-new-tokens", "x"], "invalid int value"),
     (["--tokenizer", "byte", "--chat"], "--chat needs a tokenizer"),
-    (["--tokenizer", "/nonexistent"], "/nonexistent"),
+    (["--tokenizer", "/nonexistent"], "--tokenizer /nonexistent: no such file"),
     (["--bogus"], "unrecognized arguments"),
 ])
 def test_cli_bad_arguments_exit_2_with_one_line(tiny_model_dir, capsys, extra, match):
@@ -186,8 +186,12 @@ def test_cli_bad_arguments_exit_2_with_one_line(tiny_model_dir, capsys, extra, m
 
 
 def test_cli_bad_sources_exit_2(tmp_path, capsys):
+    no_tokenizer = tmp_path / "model"
+    no_tokenizer.mkdir()
+    (no_tokenizer / "config.json").write_text("{}")
     for argv, match in [(["--prompt", "x"], "one of the arguments --hf --dcp is required"),
                         (["--hf", str(tmp_path), "--prompt", "x"], "no config.json"),
+                        (["--hf", str(no_tokenizer), "--prompt", "x"], "holds no tokenizer"),
                         (["--dcp", str(tmp_path), "--prompt", "x"], "pass --tokenizer"),
                         (["--dcp", str(tmp_path), "--tokenizer", "byte", "--prompt", "x"], "no complete checkpoint")]:
         code, out, err = _run(capsys, argv)
