@@ -203,17 +203,23 @@ def _special_ids(tokenizer) -> dict[str, int]:
     return {}
 
 
-def chat_prompt(tokenizer, text: str) -> tuple[list[int], int]:
-    """One user turn in Moonlight-Instruct's format, ending with the assistant's generation prompt:
-    <|im_user|>user<|im_middle|>TEXT<|im_end|><|im_assistant|>assistant<|im_middle|>
+def chat_prompt(tokenizer, text: str, system: str | None = None) -> tuple[list[int], int]:
+    """A user turn (after an optional system turn) in Moonlight-Instruct's format, ending with the
+    assistant's generation prompt; every turn is <|im_{role}|>{role}<|im_middle|>{content}<|im_end|>:
+    ...<|im_user|>user<|im_middle|>TEXT<|im_end|><|im_assistant|>assistant<|im_middle|>
     -> (token ids, the id of <|im_end|>, where generation stops)."""
     ids = _special_ids(tokenizer)
-    missing = [t for t in CHAT_TOKENS if t not in ids]
+    needed = CHAT_TOKENS + (("<|im_system|>",) if system is not None else ())
+    missing = [t for t in needed if t not in ids]
     if missing:
         raise ConfigError(f"--chat needs a tokenizer with Moonlight's chat tokens; {tokenizer!r} lacks {missing}")
-    return ([ids["<|im_user|>"], *tokenizer.encode("user"), ids["<|im_middle|>"], *tokenizer.encode(text),
-             ids["<|im_end|>"], ids["<|im_assistant|>"], *tokenizer.encode("assistant"), ids["<|im_middle|>"]],
-            ids["<|im_end|>"])
+
+    def turn(role: str, content: list[int]) -> list[int]:
+        return [ids[f"<|im_{role}|>"], *tokenizer.encode(role), ids["<|im_middle|>"], *content]
+
+    end = [ids["<|im_end|>"]]
+    prompt = turn("system", tokenizer.encode(system)) + end if system is not None else []
+    return prompt + turn("user", tokenizer.encode(text)) + end + turn("assistant", []), ids["<|im_end|>"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -231,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="the prompt text")
     p.add_argument("--chat", action="store_true", help="send the prompt as a user turn (Moonlight-Instruct "
                                                        "chat format) and stop at <|im_end|>")
+    p.add_argument("--system", help="with --chat: a system turn before the user's")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
@@ -251,6 +258,8 @@ def _checked_args(argv: list[str] | None) -> argparse.Namespace:
         raise ConfigError(f"--temperature must be >= 0, got {ns.temperature}")
     if not 0 < ns.top_p <= 1:
         raise ConfigError(f"--top-p must be in (0, 1], got {ns.top_p}")
+    if ns.system is not None and not ns.chat:
+        raise ConfigError("--system applies to --chat only")
     if ns.step is not None and not ns.dcp:
         raise ConfigError("--step applies to --dcp checkpoints only")
     if ns.hf and not os.path.isfile(os.path.join(ns.hf, "config.json")):
@@ -289,7 +298,7 @@ def run(argv: list[str] | None = None) -> int:
     ns = _checked_args(argv)
     tokenizer = build_tokenizer(ns.tokenizer or ns.hf)
     if ns.chat:
-        prompt, eos = chat_prompt(tokenizer, ns.prompt)
+        prompt, eos = chat_prompt(tokenizer, ns.prompt, ns.system)
     else:
         prompt, eos = tokenizer.encode(ns.prompt), tokenizer.eos_id
     if ns.hf:  # config.json is cheap: reject a tokenizer that does not fit before reading any weight

@@ -161,6 +161,9 @@ def test_chat_prompt_renders_moonlight_instruct_format(tiny_model_dir):
     ids, eos = chat_prompt(tok, "hi")
     assert tok.decode(ids) == "<|im_user|>user<|im_middle|>hi<|im_end|><|im_assistant|>assistant<|im_middle|>"
     assert eos == tok.special_tokens["<|im_end|>"]
+    ids, _ = chat_prompt(tok, "Is 123 a prime?", system="Be brief.")
+    assert tok.decode(ids) == ("<|im_system|>system<|im_middle|>Be brief.<|im_end|><|im_user|>user<|im_middle|>"
+                               "Is 123 a prime?<|im_end|><|im_assistant|>assistant<|im_middle|>")
 
 
 def test_cli_sampling_is_seeded(tiny_model_dir, capsys):
@@ -174,6 +177,7 @@ def test_cli_sampling_is_seeded(tiny_model_dir, capsys):
     (["--temperature", "-1"], "--temperature must be >= 0"),
     (["--top-p", "1.5"], "--top-p must be in"),
     (["--step", "3"], "--step applies to --dcp"),
+    (["--system", "s"], "--system applies to --chat"),
     (["--max-new-tokens", "x"], "invalid int value"),
     (["--tokenizer", "byte", "--chat"], "--chat needs a tokenizer"),
     (["--tokenizer", "/nonexistent"], "--tokenizer /nonexistent: no such file"),
