@@ -2,7 +2,7 @@
 `generate` on the same weights (the peers.md config, fp32), alternated in one process; prints the
 median per-pair speed ratio with min/max, for each prompt length.
 
-    python benchmarks/generate.py [--pairs 5] [--batch 1] [--prompt-lens 64,512] [--new-tokens 64] [--threads 2]
+    python benchmarks/generate.py [--pairs 5] [--batch 1] [--prompt-lens 64,1024] [--new-tokens 128] [--threads 2]
 """
 
 import argparse
@@ -35,8 +35,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", type=int, default=5)
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--prompt-lens", default="64,512")
-    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--prompt-lens", default="64,1024")
+    ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
