@@ -156,7 +156,6 @@ class ModelArgs:
             "attention_bias": ((False,), "attention projections have no bias"),
             "attention_dropout": ((0.0,), "attention dropout is not implemented"),
             "tie_word_embeddings": ((False,), "Moonlight unties embedding and lm_head"),
-            "num_nextn_predict_layers": ((0,), "multi-token prediction layers are not implemented"),
             "rope_interleave": ((True,), "Moonlight's RoPE rotates interleaved pairs"),
             "moe_layer_freq": ((1,), "every layer after first_k_dense_replace is MoE"),
             "pretraining_tp": ((1,), "pretraining_tp slicing is not implemented"),
@@ -167,6 +166,11 @@ class ModelArgs:
                 raise ConfigError(f"{key}={cfg[key]!r} is not supported ({why}); expected {accepted[0]!r}")
             cfg.pop(key, None)
         cfg.pop("model_type", None)
+        # Multi-token-prediction heads are training-only extras (transformers' default config says 1 even
+        # without their weights): the loader skips their tensors, and we never write any.
+        mtp = cfg.pop("num_nextn_predict_layers", 0)
+        if not isinstance(mtp, int) or mtp < 0:
+            raise ConfigError(f"num_nextn_predict_layers={mtp!r} must be a non-negative integer")
         # Derived or runtime-only keys, redundant with the mapped ones.
         informational = {"transformers_version", "use_cache", "auto_map", "pad_token_id", "ep_size",
                          "output_router_logits", "head_dim", "qk_head_dim", "_name_or_path", "num_mtp_layers",

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -47,6 +48,7 @@ _EXPERT_STACK = re.compile(r"^layers\.(\d+)\.ffn\.experts\.(gate_proj|up_proj|do
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 # HF keys that carry no weights of ours: the released checkpoint stores each layer's RoPE inv_freq.
 _HF_PASSTHROUGH = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
+_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 def progress(total: int, desc: str, unit: str = "tensor") -> tqdm:
@@ -151,6 +153,17 @@ class HFCheckpoint:
             raise CheckpointError(f"the index of {self.path} names shard file(s) that do not exist: {missing_files}")
         self._handles: dict[str, object] = {}
         self.args = ModelArgs.from_hf_config(self.path)
+        # DeepSeek-V3 stores its num_nextn_predict_layers multi-token-prediction modules as the layers after
+        # the last decoder layer; we do not run them. Any other extra layer stays an unexpected key.
+        with open(os.path.join(self.path, "config.json"), encoding="utf-8") as f:  # read by from_hf_config already
+            n_mtp = json.load(f).get("num_nextn_predict_layers") or 0
+        n = self.args.num_hidden_layers
+        mtp = sorted(k for k in self.key_to_file if (m := _HF_LAYER.match(k)) and n <= int(m.group(1)) < n + n_mtp)
+        if mtp:
+            warnings.warn(f"{self.path}: skipping {len(mtp)} multi-token-prediction tensor(s) of layer(s) "
+                          f"{n}..{n + n_mtp - 1} (e.g. {mtp[0]}): this model does not run them")
+            for k in mtp:
+                del self.key_to_file[k]
 
     def _handle(self, key: str):
         if key not in self.key_to_file:

@@ -336,3 +336,14 @@ def test_chat_config_errors(args, message):
 
     with pytest.raises(ConfigError, match=message):
         load_config("train.toml", args).validate()
+
+
+def test_builtin_format_needs_the_chat_tokens():
+    class PlainTokenizer:  # no special tokens at all
+        special_tokens: dict = {}
+
+        def encode(self, text):
+            return list(text.encode())
+
+    with pytest.raises(DataError, match="has no <\\|im_system\\|>"):
+        ChatTemplate(PlainTokenizer())

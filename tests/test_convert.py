@@ -105,7 +105,7 @@ def test_released_moonlight_config_parses():
     ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "rope_scaling"),
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope_parameters"),
     ({"scoring_func": "softmax"}, "scoring_func"),
-    ({"num_nextn_predict_layers": 1}, "num_nextn_predict_layers"),
+    ({"num_nextn_predict_layers": -1}, "num_nextn_predict_layers"),
     ({"tie_word_embeddings": True}, "tie_word_embeddings"),
     ({"some_new_field": 3}, "some_new_field"),
     ({"n_group": 3}, "n_group"),

@@ -82,6 +82,10 @@ def model_from_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs, lora_sca
     missing = [k for k in missing if k in model.state_dict()]
     if missing or unexpected:
         raise CheckpointError(f"{what} is missing {missing[:5]} / has unexpected {unexpected[:5]} for this model")
+    for module in model.modules():  # non-persistent buffers (load counters) are not in checkpoints
+        for name, buf in module.named_buffers(recurse=False):
+            if buf.is_meta:
+                setattr(module, name, torch.zeros(buf.shape, dtype=buf.dtype))
     return model
 
 

@@ -62,9 +62,8 @@ class ChatTemplate:
         if jinja_template is None:
             missing = [t for t in (*_ROLE_TOKENS.values(), _MIDDLE, _END) if t not in specials]
             if missing:
-                raise DataError(f"data.format = \"chat\": the tokenizer has no {', '.join(missing)} token(s) for the "
-                                "built-in Moonlight chat format; use a tokenizer directory whose "
-                                "tokenizer_config.json has a chat_template")
+                raise DataError(f"the tokenizer has no {', '.join(missing)} token(s) for the built-in Moonlight chat "
+                                "format; use a tokenizer directory whose tokenizer_config.json has a chat_template")
             self._compiled = None
         else:
             self._compiled = _compile(jinja_template)
@@ -73,6 +72,19 @@ class ChatTemplate:
         # longest first, so that a special token that contains another one wins
         names = sorted(specials, key=len, reverse=True)
         self._split = re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
+
+    @property
+    def end_id(self) -> int | None:
+        """The id of `<|im_end|>`, where an assistant turn (and generation) ends."""
+        return self._specials.get(_END)
+
+    def prompt_ids(self, messages: Sequence[dict]) -> list[int]:
+        """Token ids of `messages` followed by the assistant's generation prompt (what a model continues)."""
+        if self._compiled is not None:
+            return self._encode_text(self.render(messages, add_generation_prompt=True))
+        sp = self._specials
+        return self._encode_builtin(messages)[0] + [sp[_ROLE_TOKENS["assistant"]], *self.tokenizer.encode("assistant"),
+                                                    sp[_MIDDLE]]
 
     def encode(self, messages: Sequence[dict]) -> tuple[list[int], list[bool]]:
         """(token ids, is-target flag per token) of one conversation."""

@@ -1,0 +1,213 @@
+"""Generation: greedy tokens equal transformers' generate, the latent cache equals a full recompute,
+nucleus sampling keeps what transformers' TopPLogitsWarper keeps, and the command line."""
+
+import pytest
+import torch
+import transformers
+
+from moonlight import ModelArgs, Moonlight
+from moonlight.hf import load_hf, save_hf
+from moonlight.generate import (LatentCache, cache_bytes_per_token, forward_cached, generate, main, pad_left,
+                                per_head_kv_bytes_per_token, sample_next)
+from tests.hf_reference import make_hf_model, min_topk_gap
+from tests.test_data import make_tiktoken_dir
+
+PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [20, 21, 22, 23, 24]]
+NEW = 10
+
+
+def _stable_hf_generation(prompts, new_tokens):
+    """A float32 HF model (transformers' float64 generate gives NaN on left-padded rows) whose greedy
+    run has no near-ties: router top-k gaps and the top-2 logit gaps all above 1e-4."""
+    ids, mask = pad_left(prompts, pad_id=1)
+    for seed in range(20):
+        hf = make_hf_model("moonlight", seed, dtype=torch.float32)
+        out = hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+                          pad_token_id=1, output_scores=True, return_dict_in_generate=True)
+        top2 = torch.stack(out.scores, 1).topk(2, dim=-1).values
+        rows = [seq[len(ids[0]) - len(p):] for seq, p in zip(out.sequences, prompts)]
+        if (top2[..., 0] - top2[..., 1]).min() > 1e-4 and min(min_topk_gap(hf, r[None]) for r in rows) > 1e-4:
+            return hf, out.sequences
+    raise RuntimeError("no seed without near-ties")
+
+
+@pytest.fixture(scope="module")
+def hf_and_ours(tmp_path_factory):
+    hf, sequences = _stable_hf_generation(PROMPTS, NEW)
+    path = tmp_path_factory.mktemp("gen") / "hf"
+    hf.save_pretrained(path)
+    return hf, load_hf(path, dtype=torch.float32, kernels="torch").eval(), sequences
+
+
+def test_greedy_equals_transformers_generate_on_a_left_padded_batch(hf_and_ours):
+    hf, ours, sequences = hf_and_ours
+    ids, mask = pad_left(PROMPTS, pad_id=1)
+    out = generate(ours, ids, NEW, attention_mask=mask)
+    assert out.shape == (3, ids.shape[1] + NEW)
+    assert torch.equal(out, sequences)
+
+    # Stop at eos: pick a token row 0 emits at its 3rd step; finished rows are filled with eos.
+    eos = int(sequences[0, ids.shape[1] + 2])
+    ref = hf.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, eos_token_id=eos,
+                      pad_token_id=eos)
+    ref = torch.cat([ref, ref.new_full((3, out.shape[1] - ref.shape[1]), eos)], dim=1)  # HF stops when all end
+    out = generate(ours, ids, NEW, eos_token_id=eos, attention_mask=mask)
+    assert torch.equal(out, ref)
+    assert (out[0, ids.shape[1] + 2:] == eos).all()
+
+
+def _tiny_args(**overrides):
+    return ModelArgs(**{**dict(vocab_size=64, hidden_size=48, intermediate_size=64, moe_intermediate_size=24,
+                               num_hidden_layers=3, num_attention_heads=3, kv_lora_rank=16, qk_nope_head_dim=8,
+                               qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=6, num_experts_per_tok=2,
+                               n_shared_experts=1, kernels="torch"), **overrides})
+
+
+@pytest.mark.parametrize("q_lora_rank", [None, 20])
+def test_cached_logits_equal_full_recompute_at_every_step(q_lora_rank):
+    torch.manual_seed(0)
+    model = Moonlight(_tiny_args(q_lora_rank=q_lora_rank))
+    model.init_weights(std=0.1)
+    prompts = [[3, 4, 5, 6, 7], [8, 9]]
+    ids, mask = pad_left(prompts)
+    cache = LatentCache(model.args, 2, ids.shape[1] + 8, torch.float32, "cpu")
+    logits = forward_cached(model, ids, cache, mask)  # prefill the whole prompt at once
+    rows = [torch.tensor(p) for p in prompts]
+    for _ in range(8):
+        for row, seq in enumerate(rows):  # uncached: the model's own forward over the unpadded row
+            torch.testing.assert_close(logits[row], model(seq[None])[0, -1], atol=1e-4, rtol=1e-3)
+        token = logits.argmax(-1)
+        rows = [torch.cat([seq, token[i:i + 1]]) for i, seq in enumerate(rows)]
+        logits = forward_cached(model, token[:, None], cache)
+
+
+def test_cache_bytes_per_token_is_latent_plus_rope_key(hf_and_ours):
+    hf, ours, _ = hf_and_ours
+    args = ours.args
+    for dtype in (torch.float32, torch.bfloat16):
+        expected = (args.kv_lora_rank + args.qk_rope_head_dim) * dtype.itemsize * args.num_hidden_layers
+        assert cache_bytes_per_token(args, dtype) == expected
+        assert LatentCache(args, 3, 7, dtype, "cpu").nbytes == 3 * 7 * expected
+    # transformers 5.x caches the same two latents per token (it re-expands them to per-head K/V every
+    # step); a per-head K/V cache holds num_heads * (qk_head_dim + v_head_dim) values a layer instead.
+    tokens = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        cache = hf(tokens, use_cache=True).cache
+    hf_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    assert hf_bytes == len(PROMPTS[0]) * cache_bytes_per_token(args, torch.float32)
+    per_head = args.num_hidden_layers * args.num_attention_heads * (args.qk_head_dim + args.v_head_dim) * 4
+    assert per_head_kv_bytes_per_token(args, torch.float32) == per_head
+
+
+def test_top_p_keeps_what_transformers_keeps_and_samples_its_renormalised_mass():
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 3
+    for top_p in (0.3, 0.8, 0.95):
+        kept = transformers.TopPLogitsWarper(top_p)(None, logits.clone()) > float("-inf")
+        draws = torch.stack([sample_next(logits, 1.0, top_p, torch.Generator().manual_seed(s)) for s in range(300)])
+        seen = torch.zeros_like(kept).scatter_(1, draws.T, True)
+        assert not (seen & ~kept).any()  # never outside the nucleus
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()  # top_p 0.7 keeps {0, 1}: 0.625 / 0.375
+    draws = sample_next(probs.expand(20000, -1), 1.0, 0.7, torch.Generator().manual_seed(0))
+    assert set(draws.tolist()) == {0, 1}
+    assert abs((draws == 0).float().mean().item() - 0.625) < 0.015
+    a = sample_next(logits, 0.7, 0.9, torch.Generator().manual_seed(5))
+    assert torch.equal(a, sample_next(logits, 0.7, 0.9, torch.Generator().manual_seed(5)))
+    assert torch.equal(sample_next(logits, 1.0, 1e-6), logits.argmax(-1))  # a tiny nucleus is greedy
+
+
+# ---------------------------------------------------------------------------------------- the CLI
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny model with a tiny tiktoken tokenizer (268 ranks + 258 specials) in the same directory."""
+    root = tmp_path_factory.mktemp("cli")
+    tok_dir, _ = make_tiktoken_dir(root)
+    torch.manual_seed(0)
+    model = Moonlight(_tiny_args(vocab_size=528))
+    model.init_weights(std=0.1)
+    save_hf(model, root / "model")
+    (root / "model" / "tiktoken.model").write_bytes((tok_dir / "tiktoken.model").read_bytes())
+    return root / "model"
+
+
+def _run(capsys, argv):
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_cli_greedy_output_equals_the_python_api(tiny_model_dir, capsys, chat):
+    from moonlight.generate import chat_prompt
+    from moonlight.train.tokenizer import build_tokenizer
+
+    argv = ["--hf", str(tiny_model_dir), "--prompt", "the thing in", "--max-new-tokens", "12"]
+    code, out, err = _run(capsys, argv + (["--chat"] if chat else []))
+    assert code == 0, err
+    tok = build_tokenizer(str(tiny_model_dir))
+    prompt, eos = chat_prompt(tok, "the thing in") if chat else (tok.encode("the thing in"), tok.eos_id)
+    model = load_hf(tiny_model_dir)
+    new = generate(model, torch.tensor([prompt]), 12, eos_token_id=eos)[0, len(prompt):].tolist()
+    new = new[:new.index(eos)] if eos in new else new
+    assert out == tok.decode(new) + "\n"
+
+
+def test_chat_prompt_renders_moonlight_instruct_format(tiny_model_dir):
+    from moonlight.generate import chat_prompt
+    from moonlight.train.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(str(tiny_model_dir))
+    ids, eos = chat_prompt(tok, "hi")
+    assert tok.decode(ids) == "<|im_user|>user<|im_middle|>hi<|im_end|><|im_assistant|>assistant<|im_middle|>"
+    assert eos == tok.special_tokens["<|im_end|>"]
+    ids, _ = chat_prompt(tok, "Is 123 a prime?", system="Be brief.")
+    assert tok.decode(ids) == ("<|im_system|>system<|im_middle|>Be brief.<|im_end|><|im_user|>user<|im_middle|>"
+                               "Is 123 a prime?<|im_end|><|im_assistant|>assistant<|im_middle|>")
+
+
+def test_cli_sampling_is_seeded(tiny_model_dir, capsys):
+    argv = ["--hf", str(tiny_model_dir), "--prompt", "the", "--max-new-tokens", "8", "--temperature", "1.5"]
+    runs = [_run(capsys, argv + ["--seed", s])[1] for s in ("1", "1", "2")]
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--top-p", "1.5"], "--top-p must be in"),
+    (["--step", "3"], "--step applies to --dcp"),
+    (["--system", "s"], "--system applies to --chat"),
+    (["--max-new-tokens", "x"], "invalid int value"),
+    (["--tokenizer", "/nonexistent"], "--tokenizer /nonexistent: no such file"),
+    (["--bogus"], "unrecognized arguments"),
+])
+def test_cli_bad_arguments_exit_2_with_one_line(tiny_model_dir, capsys, extra, match):
+    code, out, err = _run(capsys, ["--hf", str(tiny_model_dir), "--prompt", "x"] + extra)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("error: ") and match in err
+
+
+def test_cli_bad_sources_exit_2(tmp_path, capsys):
+    no_tokenizer = tmp_path / "model"
+    no_tokenizer.mkdir()
+    (no_tokenizer / "config.json").write_text("{}")
+    for argv, match in [(["--prompt", "x"], "one of the arguments --hf --dcp is required"),
+                        (["--hf", str(tmp_path), "--prompt", "x"], "no config.json"),
+                        (["--hf", str(no_tokenizer), "--prompt", "x"], "holds no tokenizer"),
+                        (["--dcp", str(tmp_path), "--prompt", "x"], "pass --tokenizer"),
+                        (["--dcp", str(tmp_path), "--tokenizer", "byte", "--prompt", "x"], "no complete checkpoint")]:
+        code, out, err = _run(capsys, argv)
+        assert code == 2 and err.count("\n") == 1 and match in err, err
+
+
+def test_cli_reads_a_dcp_checkpoint(tiny_model_dir, tmp_path, capsys):
+    from moonlight.convert import hf_to_dcp
+
+    hf_to_dcp(str(tiny_model_dir), str(tmp_path / "dcp"))
+    common = ["--prompt", "the thing in", "--max-new-tokens", "10"]
+    code, from_hf, err = _run(capsys, ["--hf", str(tiny_model_dir)] + common)
+    assert code == 0, err
+    code, from_dcp, err = _run(capsys, ["--dcp", str(tmp_path / "dcp"), "--tokenizer", str(tiny_model_dir)] + common)
+    assert code == 0, err
+    assert from_dcp == from_hf
