@@ -1,6 +1,6 @@
 """User errors at the entry points: `torchrun --nproc_per_node=2 train.py` meets a layout that does not
 fit the world, a data file that is missing, and a checkpoint saved for another model. Each is one
-`error: ...` line from rank 0, every worker exits with code 2, and no traceback of ours is printed.
+`error: ...` line from rank 0, the workers exit with code 2, and no traceback of ours is printed.
 
 torchrun itself then reports the failed workers (its own ChildFailedError summary, exit code 1):
 that report comes from the launcher, which no worker can change; it names exitcode 2 per rank."""
@@ -37,7 +37,9 @@ def _assert_one_line(proc, *fragments):
             if line.strip().startswith("File ") and ("train.py" in line or "/moonlight/" in line)]
     assert not ours, proc.stderr[-3000:]  # no traceback from our code, on any rank
     assert proc.returncode != 0
-    assert re.findall(r"exitcode\s+:\s*(\d+)", proc.stderr) == ["2", "2"], proc.stderr[-3000:]  # torchrun's table
+    # torchrun's table of failed workers: the first to exit is listed (the agent may stop the other first)
+    codes = re.findall(r"exitcode\s+:\s*(-?\d+)", proc.stderr)
+    assert codes and set(codes) == {"2"}, proc.stderr[-3000:]
 
 
 @pytest.mark.slow
