@@ -5,7 +5,8 @@ meta.json, and model-only checkpoints.
       .metadata, __R_0.distcp     COMPLETE count; "latest" = highest such N, never a symlink)
       meta.json                   model args, step, contents, world size/layout, torch version
       train_state.json, rank-R.*  the trainer's extra state (moonlight.checkpoint.state)
-      COMPLETE                    fsync'd last, after every file of the step was written
+      COMPLETE                    fsync'd last, after every file of the step was written; lists
+                                  each file's size and CRC-32, checked on resume
     <folder>/step-50.tmp/         a save in progress or interrupted: ignored by readers
 
 Tensors are stored with torch.distributed.checkpoint (DCP) under "model." + the native parameter
@@ -23,6 +24,7 @@ import os
 import re
 import shutil
 import warnings
+import zlib
 from typing import Any
 
 import torch
@@ -33,7 +35,7 @@ from moonlight.config import RUNTIME_FIELDS, ModelArgs
 from moonlight.errors import CheckpointError, CheckpointSaveError
 
 FORMAT = "moonlight-dcp"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: COMPLETE records each file's size and CRC-32 (1: names only, still read)
 MARKER = "COMPLETE"
 META = "meta.json"
 DCP_METADATA = ".metadata"
@@ -182,13 +184,78 @@ def resolve_checkpoint(path: str | os.PathLike, step: int = -1) -> str:
     return found[step]
 
 
-def finalize_dir(tmp: str, final: str) -> None:
-    """fsync every file of tmp, write the fsync'd marker, then atomically rename tmp -> final."""
-    for name in os.listdir(tmp):
+# --------------------------------------------------------------------------------- integrity
+
+_CHUNK = 16 << 20
+
+
+def file_record(path: str) -> dict[str, Any]:
+    """{"size", "crc32"} of a file, read in chunks (CRC-32 runs at several GB/s: a fast check against
+    torn or overwritten bytes, not against tampering)."""
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+            size += len(chunk)
+    return {"size": size, "crc32": f"{crc:08x}"}
+
+
+def share(names: list[str]) -> list[str]:
+    """This rank's share of a sorted list of file names (every rank checks a different part)."""
+    return sorted(names)[distributed.rank()::distributed.world_size()]
+
+
+def file_records(path: str, names: list[str]) -> dict[str, dict[str, Any]]:
+    return {name: file_record(os.path.join(path, name)) for name in names}
+
+
+def recorded_files(path: str) -> dict[str, dict[str, Any]]:
+    """name -> {"size", "crc32"} from a checkpoint's COMPLETE marker; {} for a marker written before
+    format_version 2 (names only: nothing to verify)."""
+    marker = read_json(os.path.join(path, MARKER))
+    files = marker.get("files") if isinstance(marker, dict) else None
+    return files if isinstance(files, dict) else {}
+
+
+def integrity_problems(path: str, names: list[str], recorded: dict[str, dict[str, Any]]) -> list[str]:
+    """'file: what is wrong' for each of `names` whose size or CRC-32 differs from COMPLETE's record."""
+    problems = []
+    for name in names:
+        want = recorded[name]
+        p = os.path.join(path, name)
+        if not os.path.isfile(p):
+            problems.append(f"{p}: missing")
+            continue
+        size = os.path.getsize(p)
+        if size != want.get("size"):
+            problems.append(f"{p}: {size} bytes, COMPLETE records {want.get('size')}")
+        elif file_record(p)["crc32"] != want.get("crc32"):
+            problems.append(f"{p}: checksum mismatch (bytes changed since the save)")
+    return problems
+
+
+def verify_checkpoint(path: str) -> list[str]:
+    """Integrity problems of a checkpoint directory, checked by every rank for its share of the files
+    (a collective: every rank calls it). Empty when intact."""
+    try:
+        recorded = recorded_files(path)
+        mine = integrity_problems(path, share(list(recorded)), recorded)
+    except CheckpointError as e:
+        mine = [str(e)]
+    return sorted({p for problems in distributed.all_gather_object(mine) for p in problems})
+
+
+def finalize_dir(tmp: str, final: str, records: dict[str, dict[str, Any]] | None = None) -> None:
+    """fsync every file of tmp, write the fsync'd marker (each file's size and CRC-32: from `records`,
+    computed here for files it lacks), then atomically rename tmp -> final."""
+    records = dict(records or {})
+    for name in sorted(os.listdir(tmp)):
         p = os.path.join(tmp, name)
         if os.path.isfile(p):
             fsync_path(p)
-    write_json_durable({"complete": True, "files": sorted(os.listdir(tmp))}, os.path.join(tmp, MARKER))
+            if name not in records:
+                records[name] = file_record(p)
+    write_json_durable({"complete": True, "version": FORMAT_VERSION, "files": records}, os.path.join(tmp, MARKER))
     fsync_path(tmp)
     parent = os.path.dirname(final)
     old = None
