@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import warnings
 import zlib
 from typing import Any
@@ -33,6 +34,7 @@ import torch.distributed.checkpoint as dcp
 from moonlight import distributed
 from moonlight.config import RUNTIME_FIELDS, ModelArgs
 from moonlight.errors import CheckpointError, CheckpointSaveError
+from moonlight.outputs import check_replaceable, remove_own_dir
 
 FORMAT = "moonlight-dcp"
 FORMAT_VERSION = 2  # 2: COMPLETE records each file's size and CRC-32 (1: names only, still read)
@@ -41,6 +43,9 @@ META = "meta.json"
 DCP_METADATA = ".metadata"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 TEMP_STEP_DIR = re.compile(r"^step-(\d+)\.tmp$")
+# Every file a step directory may hold: what overwrite=True may replace.
+DCP_OUTPUT = re.compile(r"^(\.metadata|__\d+_\d+\.distcp|meta\.json|COMPLETE|train_state\.json"
+                        r"|rank-\d+\.safetensors)$")
 
 
 def step_dir_name(step: int) -> str:
@@ -345,21 +350,20 @@ def check_model_args(path: str, meta: dict, args: ModelArgs | None) -> None:
 def write_model_only_checkpoint(state_dict: dict[str, torch.Tensor], out: str | os.PathLike, args: ModelArgs,
                                 step: int = 0, overwrite: bool = False, extra_meta: dict | None = None) -> str:
     """A single-process, model-only checkpoint in the trainer's layout ("model." + native key), written
-    atomically (out.tmp -> out). Loadable by the trainer's resume and `dcp-to-hf`."""
+    atomically (a temporary directory next to out -> out). Loadable by the trainer's resume and
+    `dcp-to-hf`. `overwrite` replaces an earlier checkpoint; a directory holding other files is refused."""
     out = os.path.abspath(os.fspath(out))
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not overwrite:
-        raise CheckpointError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
-    tmp = out + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    check_replaceable(out, DCP_OUTPUT, overwrite, "a moonlight checkpoint")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
     try:
         dcp_save({f"model.{k}": v for k, v in state_dict.items()}, tmp)
         meta = base_meta(step, args, ["model"])
         meta["world_size"] = 1
         meta.update(extra_meta or {})
         write_json_durable(meta, os.path.join(tmp, META))
-        if os.path.isdir(out) and not os.listdir(out):
-            os.rmdir(out)
+        if os.path.isdir(out):
+            remove_own_dir(out, DCP_OUTPUT)
         finalize_dir(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -224,6 +224,7 @@ class Checkpointer:
         self._optim_list = _flatten_optimizers(optimizers)
         self._sched_list = _flatten_schedulers(lr_schedulers)
         self.last_saved_step: int | None = None
+        self.pinned_step: int | None = None  # kept by keep_latest_k rotation (the last step before a divergence)
 
     # ------------------------------------------------------------------------------- state
     def _optim_sd(self) -> dict[str, Any]:
@@ -384,7 +385,7 @@ class Checkpointer:
         if k <= 0:
             return
         for s in sorted(found)[:-k]:
-            if s == step:
+            if s in (step, self.pinned_step):
                 continue
             logger.info("checkpoint: deleting step-%d (keep_latest_k=%d)", s, k)
             shutil.rmtree(found[s], ignore_errors=True)

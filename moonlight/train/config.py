@@ -238,6 +238,9 @@ class DataSection:
 
     def problems(self) -> list[str]:
         return _require([(bool(self.path), "data.path must not be empty"),
+                         (self.format == "hf" or self.split == "train",
+                          f"data.split = {self.split!r} applies to data.format = 'hf' only (a {self.format} dataset "
+                          "has no splits): leave it at 'train'"),
                          (bool(self.text_key), "data.text_key must not be empty"),
                          (bool(self.tokenizer), "data.tokenizer must not be empty")])
 
@@ -447,8 +450,8 @@ def _coerce(value: Any, tp: Any) -> Any:
     elif origin is dict:
         if isinstance(value, dict):
             return dict(value)
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+    elif tp is float:  # inf and nan are never meaningful settings (lr=inf trains on garbage)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -506,7 +509,8 @@ def _unknown_key(sec: str, key: str, where: str) -> ConfigError:
 
 def _bad_type(sec: str, key: str, tp: Any, value: Any, where: str) -> ConfigError:
     shown = value if isinstance(value, str) else repr(value)
-    msg = f"config key '{sec}.{key}' expects {_type_name(tp)}, got {type(value).__name__} {shown!r}{where}"
+    finite = " (a finite number)" if tp is float else ""
+    msg = f"config key '{sec}.{key}' expects {_type_name(tp)}{finite}, got {type(value).__name__} {shown!r}{where}"
     if typing.get_origin(tp) is Literal and isinstance(value, str):
         msg += _suggest(value, [str(c) for c in typing.get_args(tp)])
     return ConfigError(msg)
@@ -615,6 +619,12 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> JobConf
                 data = tomllib.load(f)
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {path} is a directory; pass a .toml file") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path} is not UTF-8 text (a TOML file must be): {e}") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: TOML syntax error: {e}") from None
         _apply_table(cfg, data, f" (in {path})")
