@@ -191,7 +191,8 @@ def _numbered_lines(path: str) -> Iterator[tuple[int, bytes]]:
             for lineno, raw in enumerate(f, 1):
                 yield lineno, raw
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-        raise DataError(f"{path}: corrupt or truncated gzip file after line {lineno} ({type(e).__name__}: {e})") from None
+        raise DataError(f"{path}: corrupt or truncated gzip file after line {lineno} "
+                        f"({type(e).__name__}: {e})") from None
 
 
 _HF_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".arrow": "arrow", ".csv": "csv"}
@@ -363,7 +364,7 @@ class MegatronIndexedDataset:
             raise DataError(f"{bin_path}: {size} bytes is not a whole number of {self.dtype} tokens "
                             "(truncated, or the .idx of another file?)")
         ends = self.sequence_pointers + self.sequence_lengths.astype(np.int64) * self.dtype.itemsize
-        if n and (int(ends.max()) > size or int(self.sequence_pointers.min()) < 0 or int(self.sequence_lengths.min()) < 0):
+        if n and (int(ends.max()) > size or min(self.sequence_pointers.min(), self.sequence_lengths.min()) < 0):
             raise DataError(f"{bin_path}: {size} bytes, but {idx_path} points up to byte {int(ends.max())} "
                             "(a truncated .bin, or the .idx of another file)")
         self.tokens = (
