@@ -11,7 +11,9 @@ meta.json, and model-only checkpoints.
 
 Tensors are stored with torch.distributed.checkpoint (DCP) under "model." + the native parameter
 name ("model.layers.3.ffn.experts.gate_proj", experts stacked) and, for trainer checkpoints,
-"optimizer.*". Nothing here unpickles: DCP metadata aside, every file is JSON or safetensors.
+"optimizer.*". Nothing is unpickled freely: DCP's .metadata pickle is read by an unpickler that only
+builds DCP's metadata classes, DCP reads tensors with torch.load(weights_only=True), and every other
+file is JSON or safetensors.
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import errno
+import importlib
 import json
 import os
+import pathlib
+import pickle
 import re
 import shutil
 import tempfile
@@ -30,6 +35,7 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import StorageMeta
 
 from moonlight import distributed
 from moonlight.config import RUNTIME_FIELDS, ModelArgs
@@ -61,15 +67,57 @@ def dcp_save(state: dict, path: str) -> None:
         dcp.save(state, checkpoint_id=path, no_dist=not distributed.is_distributed())
 
 
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's .metadata is a pickle; this unpickler builds only DCP's own metadata classes, torch sizes,
+    dtypes and layouts, and paths, so a planted .metadata cannot run code (tensors themselves are read
+    by DCP with torch.load(weights_only=True))."""
+
+    def __init__(self, file, path: str):
+        super().__init__(file)
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module.startswith("torch.distributed.checkpoint."):
+            obj = getattr(importlib.import_module(module), name, None)
+            if isinstance(obj, type) and obj.__module__.startswith("torch.distributed.checkpoint."):
+                return obj
+        elif module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
+            return getattr(torch, name)
+        elif (module, name) == ("torch.serialization", "_get_layout"):
+            return torch.serialization._get_layout
+        elif module == "pathlib" and name in ("Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"):
+            return getattr(pathlib, name)
+        raise CheckpointError(f"{self.path} asks to unpickle {module}.{name}, which no checkpoint metadata "
+                              "holds: refusing to load it (a planted or foreign file?)")
+
+
+class _SafeReader(dcp.FileSystemReader):
+    """FileSystemReader whose metadata is read with the restricted unpickler above."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        path = os.path.join(os.fspath(self.path), DCP_METADATA)
+        try:
+            with open(path, "rb") as f:
+                metadata = _MetadataUnpickler(f, path).load()
+        except CheckpointError:
+            raise
+        except (OSError, pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as e:
+            raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
 def dcp_load(state: dict, path: str) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to")
-        dcp.load(state, checkpoint_id=path, no_dist=not distributed.is_distributed())
+        dcp.load(state, storage_reader=_SafeReader(path), no_dist=not distributed.is_distributed())
 
 
 def stored_tensors(path: str) -> dict[str, Any]:
     """DCP key -> storage metadata (shape, dtype) of a checkpoint directory, read without tensors."""
-    return dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    return _SafeReader(path).read_metadata().state_dict_metadata
 
 
 # ------------------------------------------------------------------------------ durable files
