@@ -214,7 +214,7 @@ def test_a_second_trainer_on_a_locked_folder_refuses_and_touches_nothing(tmp_pat
         lock = {"host": socket.gethostname(), "pid": owner.pid, "started": "2026-01-01T00:00:00+00:00"}
         (tmp_path / ".lock").write_text(json.dumps(lock))
         with pytest.raises(ConfigError, match=rf"in use by another trainer \(pid {owner.pid} on this host"):
-            _trainer(tmp_path, "--training.steps=1")
+            _trainer(tmp_path, "--training.steps=2")
         assert os.listdir(tmp_path) == [".lock"] and json.loads((tmp_path / ".lock").read_text()) == lock
     finally:
         owner.kill()
@@ -228,7 +228,7 @@ def test_a_stale_lock_is_replaced_with_a_warning_and_released_at_the_end(tmp_pat
     gone.wait()
     (tmp_path / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": gone.pid, "started": "x"}))
     with caplog.at_level(logging.WARNING, logger="moonlight.train.lock"):
-        trainer = _trainer(tmp_path, "--training.steps=1")
+        trainer = _trainer(tmp_path, "--training.steps=2")
     assert any("stale lock" in r.getMessage() for r in caplog.records)
     assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
     trainer.train()
