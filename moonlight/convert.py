@@ -68,10 +68,7 @@ def dcp_to_hf(dcp_dir: str, out: str, config: str | None = None, preset: str | N
     check_replaceable(os.path.abspath(out), HF_OUTPUT, overwrite, "a Hugging Face export")
     parse_size(max_shard_size)
     path = fmt.resolve_checkpoint(dcp_dir, step)
-    problems = fmt.verify_checkpoint(path)
-    if problems:
-        raise CheckpointError(f"checkpoint {path} is damaged: {problems[0]}"
-                              + (f" (and {len(problems) - 1} more file(s))" if len(problems) > 1 else ""))
+    fmt.check_intact(path)
     meta = fmt.read_meta(path) if os.path.exists(os.path.join(path, fmt.META)) else None
     args = ModelArgs.from_hf_config(config) if config else ModelArgs.preset(preset) if preset else None
     hint = ""
@@ -116,8 +113,6 @@ def run(ns: argparse.Namespace) -> str:
         if not os.path.isdir(ns.hf):
             raise CheckpointError(f"--hf {ns.hf}: no such directory")
         return hf_to_dcp(ns.hf, ns.out, overwrite=ns.overwrite)
-    if not os.path.isdir(ns.dcp):
-        raise CheckpointError(f"--dcp {ns.dcp}: no such directory")
     if ns.config and not os.path.exists(ns.config):
         raise CheckpointError(f"--config {ns.config}: no such file or directory")
     dtype = to_dtype(ns.dtype, what="--dtype")

@@ -203,6 +203,59 @@ def test_checkpoints_of_format_version_1_still_load(tmp_path):
     assert all(torch.equal(v, saved[1][k]) for k, v in full_sd(model).items())
 
 
+def _record_hashed_files():
+    """Make fmt.file_record note the names this process checksums."""
+    seen, original = [], fmt.file_record
+
+    def recording(path):
+        seen.append(os.path.basename(path))
+        return original(path)
+    fmt.file_record = recording
+    return seen
+
+
+def _two_rank_save(rank, world, folder):
+    from tests.test_checkpoint import _fsdp, build_opt
+
+    seen = _record_hashed_files()
+    model = _fsdp(build()[0])
+    opts, scheds = build_opt(model)
+    ckpt = Checkpointer(cfg(), folder, [model], opts, scheds, FakeLoader())
+    for s in (1, 2):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01)
+        ckpt.save(s)
+    return seen
+
+
+def _two_rank_load(rank, world, folder):
+    from tests.test_checkpoint import _fsdp, build_opt
+
+    seen = _record_hashed_files()
+    model = _fsdp(build(seed=7)[0])
+    opts, scheds = build_opt(model)
+    return Checkpointer(cfg(), folder, [model], opts, scheds, FakeLoader()).load(), seen
+
+
+def test_checksums_are_split_across_ranks_and_a_damaged_rank_shard_falls_back(tmp_path):
+    """Fault: a damaged shard written by rank 1 of a 2-rank FSDP run. Every rank checksums a different
+    share of the files on save and on resume, and both ranks fall back to the same intact step."""
+    from tests.dist import run_ranks
+
+    saved = run_ranks(_two_rank_save, 2, str(tmp_path))
+    step2 = tmp_path / "checkpoint" / "step-2"
+    recorded = json.loads((step2 / "COMPLETE").read_text())["files"]
+    assert set(recorded) == set(os.listdir(step2)) - {"COMPLETE"}
+    assert {"__0_0.distcp", "__1_0.distcp", "rank-0.safetensors", "rank-1.safetensors"} <= set(recorded)
+    assert all(saved) and not set(saved[0]) & set(saved[1]) and set(saved[1]) <= set(recorded)
+    _damage(step2 / "__1_0.distcp")
+    loaded = run_ranks(_two_rank_load, 2, str(tmp_path))
+    assert [step for step, _ in loaded] == [1, 1]
+    checked = [set(seen) for _, seen in loaded]
+    assert checked[0] and checked[1] and not checked[0] & checked[1]
+
+
 # -------------------------------------------------------------------------------- one trainer
 
 
@@ -482,9 +535,12 @@ def test_our_metrics_survive_a_torn_line_and_a_fresh_run(tmp_path, caplog):
     ("--optimizer.lr=nan", r"optimizer\.lr' expects float \(a finite number\)"),
     ("--training.max_norm=-inf", r"training\.max_norm' expects float \(a finite number\)"),
     ("--data.split=validation", r"data\.split = 'validation' applies to data\.format = 'hf' only"),
+    ("--checkpoint.folder=/elsewhere", r"checkpoint\.folder = '/elsewhere' must be a relative path inside"),
+    ("--checkpoint.folder=../other_run", r"checkpoint\.folder = '\.\./other_run' must be a relative path"),
 ])
 def test_config_values_are_checked(override, match):
-    """Fault: optimizer.lr=inf passed validation; data.split was ignored for a single dataset."""
+    """Fault: optimizer.lr=inf passed validation; data.split was ignored for a single dataset; a
+    checkpoint.folder outside the (locked) dump folder let rotation delete another run's saves."""
     with pytest.raises(ConfigError, match=match):
         load_config("train.toml", [override]).validate()
 
@@ -522,7 +578,7 @@ def test_convert_validates_every_argument_before_reading_tensors(tmp_path, hf_di
     cases = [
         (["dcp-to-hf", "--dcp", dcp, "--out", tmp_path / "o", "--dtype", "fp7"], "--dtype"),
         (["dcp-to-hf", "--dcp", dcp, "--out", tmp_path / "o", "--max-shard-size", "lots"], "max_shard_size"),
-        (["dcp-to-hf", "--dcp", tmp_path / "nope", "--out", tmp_path / "o"], "no such directory"),
+        (["dcp-to-hf", "--dcp", tmp_path / "nope", "--out", tmp_path / "o"], "nope does not exist"),
         (["dcp-to-hf", "--dcp", dcp, "--out", dcp / "inside"], "overlaps the input"),
         (["dcp-to-hf", "--dcp", dcp, "--out", tmp_path / "file"], "is not a directory"),
         (["hf-to-dcp", "--hf", hf_dir, "--out", tmp_path / "file"], "is not a directory"),

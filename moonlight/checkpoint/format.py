@@ -298,6 +298,17 @@ def verify_checkpoint(path: str) -> list[str]:
     return sorted({p for problems in distributed.all_gather_object(mine) for p in problems})
 
 
+def damage_summary(problems: list[str]) -> str:
+    return problems[0] + (f" (and {len(problems) - 1} more file(s))" if len(problems) > 1 else "")
+
+
+def check_intact(path: str) -> None:
+    """Raise CheckpointError naming the first damaged file of a checkpoint (a collective)."""
+    problems = verify_checkpoint(path)
+    if problems:
+        raise CheckpointError(f"checkpoint {path} is damaged: {damage_summary(problems)}")
+
+
 def finalize_dir(tmp: str, final: str, records: dict[str, dict[str, Any]] | None = None) -> None:
     """fsync every file of tmp, write the fsync'd marker (each file's size and CRC-32: from `records`,
     computed here for files it lacks), then atomically rename tmp -> final."""

@@ -340,7 +340,7 @@ class Checkpointer:
                                                         if os.path.isfile(os.path.join(tmp, n))]))
                 err = None
             except OSError as e:
-                err, disk_full = fmt.short_error(e), False
+                err = fmt.short_error(e)
             for r, part, e in distributed.all_gather_object((rank, mine, err)):
                 records.update(part)
                 if e is not None:
@@ -438,9 +438,7 @@ class Checkpointer:
                     None)
         hint = (f"; the newest intact checkpoint is step-{good}: resume from it with --checkpoint.load_step={good}"
                 if good is not None else "; no intact checkpoint is left in " + self.folder)
-        raise CheckpointError(f"checkpoint step-{bad} is damaged: {damaged[bad][0]}"
-                              + (f" (and {len(damaged[bad]) - 1} more file(s))" if len(damaged[bad]) > 1 else "")
-                              + hint)
+        raise CheckpointError(f"checkpoint step-{bad} is damaged: {fmt.damage_summary(damaged[bad])}{hint}")
 
     def load_path(self, path: str | os.PathLike, model_only: bool = False, verified: bool = False) -> int:
         """Restore from a checkpoint directory (a full trainer checkpoint, or a model-only one such as
@@ -452,10 +450,8 @@ class Checkpointer:
                 raise CheckpointError(f"checkpoint {path} does not exist")
             raise CheckpointError(f"checkpoint {path} is incomplete (no {fmt.MARKER} marker or .metadata): "
                                   "its save was interrupted")
-        problems = [] if verified else fmt.verify_checkpoint(path)
-        if problems:
-            raise CheckpointError(f"checkpoint {path} is damaged: {problems[0]}"
-                                  + (f" (and {len(problems) - 1} more file(s))" if len(problems) > 1 else ""))
+        if not verified:
+            fmt.check_intact(path)
         meta = fmt.read_meta(path)
         fmt.check_model_args(path, meta, self.args)
         contents = ["model"] if model_only else meta.get("contents", ["model"])

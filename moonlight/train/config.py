@@ -18,6 +18,8 @@ import dataclasses
 import difflib
 import json
 import math
+import os
+import pathlib
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -266,6 +268,10 @@ class CheckpointSection:
             (self.keep_latest_k >= 0, f"checkpoint.keep_latest_k must be >= 0 (0 = keep all; got {self.keep_latest_k})"),
             (self.load_step >= -1, f"checkpoint.load_step must be -1 (latest) or a step >= 0 (got {self.load_step})"),
             (bool(self.folder), "checkpoint.folder must not be empty"),
+            # inside the (locked) dump folder: rotation and cleanup then delete only this run's saves
+            (not os.path.isabs(self.folder) and ".." not in pathlib.PurePath(self.folder).parts,
+             f"checkpoint.folder = {self.folder!r} must be a relative path inside job.dump_folder "
+             "(point job.dump_folder elsewhere instead)"),
         ])
 
 
