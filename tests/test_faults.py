@@ -269,6 +269,11 @@ def test_a_second_trainer_on_a_locked_folder_refuses_and_touches_nothing(tmp_pat
         with pytest.raises(ConfigError, match=rf"in use by another trainer \(pid {owner.pid} on this host"):
             _trainer(tmp_path, "--training.steps=2")
         assert os.listdir(tmp_path) == [".lock"] and json.loads((tmp_path / ".lock").read_text()) == lock
+        elsewhere = {**lock, "host": "another-host"}  # its pid cannot be checked from here
+        (tmp_path / ".lock").write_text(json.dumps(elsewhere))
+        with pytest.raises(ConfigError, match=r"on host another-host.*if it is no longer running, delete .*\.lock"):
+            _trainer(tmp_path, "--training.steps=2")
+        assert os.listdir(tmp_path) == [".lock"]
     finally:
         owner.kill()
         owner.wait()
@@ -510,6 +515,16 @@ def test_text_inputs_are_checked_and_name_the_file(tmp_path):
     assert list(read_jsonl([str(lines)], on_bad_line="skip")) == ["ok", "fine"]
     with pytest.raises(BadLineError, match=r"surrogate\.jsonl:2: text field 'text' is not valid Unicode"):
         list(read_jsonl([str(lines)], on_bad_line="error"))
+
+
+def test_a_split_that_a_single_hf_dataset_lacks_is_refused(tmp_path):
+    """Fault: data.split was ignored for hf data files (one dataset, no splits): training silently used
+    all of them."""
+    from moonlight.train.data import read_hf
+
+    (tmp_path / "d.jsonl").write_text('{"text": "a"}\n')
+    with pytest.raises(DataError, match=r"one dataset without splits; data\.split='validation' cannot apply"):
+        list(read_hf(str(tmp_path / "d.jsonl"), split="validation"))
 
 
 def test_our_metrics_survive_a_torn_line_and_a_fresh_run(tmp_path, caplog):

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import socket
+import time
 import uuid
 
 from moonlight.errors import ConfigError
@@ -66,7 +67,10 @@ class DumpFolderLock:
         except FileNotFoundError:
             return  # released in the meantime
         except (OSError, ValueError, KeyError, TypeError):
-            owner, host, pid = {}, None, None  # unreadable: a lock torn by a crash while being written
+            if time.time() - os.path.getmtime(self.path) < 10:  # another trainer is writing it right now
+                raise ConfigError(f"{os.path.dirname(self.path)} is being locked by another trainer just now: "
+                                  "use another --job.dump_folder") from None
+            owner, host, pid = {}, None, None  # unreadable and old: a lock torn by a crash while being written
         same_host = host == me["host"]
         # the same process (an earlier Trainer here) or a dead pid on this host: nobody is using it
         if host is None or (same_host and (pid == me["pid"] or not _pid_alive(pid))):
