@@ -129,7 +129,7 @@ def native_to_hf(state_dict: dict[str, torch.Tensor], args: ModelArgs) -> dict[s
 
 
 def _read_weight_map(index: str) -> dict[str, str]:
-    """The index's key -> shard file map; every shard a plain file name inside the index's directory."""
+    """The index's key -> shard file map; every shard a relative path inside the index's directory."""
     try:
         with open(index, encoding="utf-8") as f:
             weight_map = json.load(f)["weight_map"]
@@ -138,8 +138,8 @@ def _read_weight_map(index: str) -> dict[str, str]:
                               f"{type(e).__name__}: {e}") from None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{index}: \"weight_map\" must map tensor names to shard file names")
-    outside = sorted({v for v in weight_map.values() if os.path.isabs(v) or os.path.normpath(v) != os.path.basename(v)
-                      or v in (".", "..")})
+    outside = sorted({v for v in weight_map.values()
+                      if os.path.isabs(v) or os.path.normpath(v).split(os.sep)[0] in ("..", ".")})
     if outside:
         raise CheckpointError(f"{index} names shard files outside its directory: {outside[:5]}; refusing to read them")
     return weight_map
