@@ -31,10 +31,14 @@ from moonlight.checkpoint.export import load_dcp_model
 from moonlight.config import ModelArgs
 from moonlight.dtypes import to_dtype
 from moonlight.errors import CheckpointError, ConfigError, exit_on_user_error
-from moonlight.hf import HFCheckpoint, expected_shapes, hf_keys, is_expert_stack, parse_size, progress, save_hf
+from moonlight.hf import (HF_OUTPUT, HFCheckpoint, expected_shapes, hf_keys, is_expert_stack, parse_size, progress,
+                          save_hf)
+from moonlight.outputs import check_output, check_replaceable
 
 
 def hf_to_dcp(hf: str, out: str, overwrite: bool = False) -> str:
+    check_output(out, hf)
+    check_replaceable(os.path.abspath(out), fmt.DCP_OUTPUT, overwrite, "a moonlight checkpoint")
     ckpt = HFCheckpoint(hf)
     args = ckpt.args
     ckpt.check_keys(args)
@@ -60,7 +64,11 @@ def dcp_to_hf(dcp_dir: str, out: str, config: str | None = None, preset: str | N
               overwrite: bool = False) -> str:
     if config and preset:
         raise ConfigError("pass --config or --model-preset, not both")
+    check_output(out, dcp_dir)
+    check_replaceable(os.path.abspath(out), HF_OUTPUT, overwrite, "a Hugging Face export")
+    parse_size(max_shard_size)
     path = fmt.resolve_checkpoint(dcp_dir, step)
+    fmt.check_intact(path)
     meta = fmt.read_meta(path) if os.path.exists(os.path.join(path, fmt.META)) else None
     args = ModelArgs.from_hf_config(config) if config else ModelArgs.preset(preset) if preset else None
     hint = ""

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from moonlight.config import ModelArgs
 from moonlight.errors import CheckpointError, ConfigError
 from moonlight.model import Moonlight
+from moonlight.outputs import check_replaceable, remove_own_dir
 
 # native suffix (after "layers.N.") -> HF suffix (after "model.layers.N.")
 _LAYER_RENAMES = {
@@ -129,6 +130,27 @@ def native_to_hf(state_dict: dict[str, torch.Tensor], args: ModelArgs) -> dict[s
     return out
 
 
+def _read_weight_map(index: str) -> dict[str, str]:
+    """The index's key -> shard file map; every shard a relative path inside the index's directory."""
+    try:
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{index} is not a safetensors index (a JSON object with a \"weight_map\"): "
+                              f"{type(e).__name__}: {e}") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: \"weight_map\" must map tensor names to shard file names")
+    outside = sorted({v for v in weight_map.values()
+                      if os.path.isabs(v) or os.path.normpath(v).split(os.sep)[0] in ("..", ".")})
+    if outside:
+        raise CheckpointError(f"{index} names shard files outside its directory: {outside[:5]}; refusing to read them")
+    return weight_map
+
+
+# What save_hf writes into its directory: --overwrite replaces these and nothing else.
+HF_OUTPUT = re.compile(r"^(config\.json|model\.safetensors\.index\.json|model(-\d{5}-of-\d{5})?\.safetensors)$")
+
+
 class HFCheckpoint:
     """Read access to a HF safetensors directory (single file or sharded with an index), tensor by
     tensor or slice by slice, never loading a whole shard."""
@@ -137,12 +159,11 @@ class HFCheckpoint:
         self.path = os.fspath(path)
         index = os.path.join(self.path, "model.safetensors.index.json")
         single = os.path.join(self.path, "model.safetensors")
+        self._handles: dict[str, object] = {}
         if os.path.exists(index):
-            with open(index) as f:
-                self.key_to_file = json.load(f)["weight_map"]
+            self.key_to_file = _read_weight_map(index)
         elif os.path.exists(single):
-            with safe_open(single, "pt") as f:
-                self.key_to_file = {k: "model.safetensors" for k in f.keys()}
+            self.key_to_file = {k: "model.safetensors" for k in self._open("model.safetensors").keys()}
         else:
             bins = [n for n in os.listdir(self.path) if n.endswith((".bin", ".pt", ".pth"))]
             hint = " (pickle checkpoints are not loaded: convert them to safetensors)" if bins else ""
@@ -151,7 +172,8 @@ class HFCheckpoint:
                                 if not os.path.exists(os.path.join(self.path, f))})
         if missing_files:
             raise CheckpointError(f"the index of {self.path} names shard file(s) that do not exist: {missing_files}")
-        self._handles: dict[str, object] = {}
+        for name in sorted(set(self.key_to_file.values())):  # headers only: catches truncated shards now
+            self._open(name)
         self.args = ModelArgs.from_hf_config(self.path)
         # DeepSeek-V3 stores its num_nextn_predict_layers multi-token-prediction modules as the layers after
         # the last decoder layer; we do not run them. Any other extra layer stays an unexpected key.
@@ -165,13 +187,21 @@ class HFCheckpoint:
             for k in mtp:
                 del self.key_to_file[k]
 
+    def _open(self, name: str):
+        """A shard's safetensors handle; opening reads its header and checks it against the file size."""
+        if name not in self._handles:
+            path = os.path.join(self.path, name)
+            try:
+                self._handles[name] = safe_open(path, "pt")
+            except Exception as e:  # SafetensorError (header, truncation) or OSError
+                raise CheckpointError(f"{path} is not a readable safetensors file "
+                                      f"(truncated or corrupt?): {e}") from None
+        return self._handles[name]
+
     def _handle(self, key: str):
         if key not in self.key_to_file:
             raise CheckpointError(f"checkpoint {self.path} is missing key {key!r}")
-        name = self.key_to_file[key]
-        if name not in self._handles:
-            self._handles[name] = safe_open(os.path.join(self.path, name), "pt")
-        return self._handles[name]
+        return self._open(self.key_to_file[key])
 
     def shape(self, key: str) -> list[int]:
         return self._handle(key).get_slice(key).get_shape()
@@ -249,10 +279,10 @@ def save_hf(model: Moonlight, path: str | os.PathLike, max_shard_size: int | str
             dtype: torch.dtype | None = None, overwrite: bool = False) -> None:
     """Write `config.json`, sharded `model-0000i-of-0000n.safetensors` and their index, loadable by
     `transformers.AutoModelForCausalLM.from_pretrained`. Written into a temporary directory and
-    renamed into place, so an interrupted save never leaves a directory that looks complete."""
+    renamed into place, so an interrupted save never leaves a directory that looks complete.
+    `overwrite` replaces an earlier export; a directory holding any other file is refused."""
     path = os.path.abspath(os.fspath(path))
-    if os.path.exists(path) and os.listdir(path) and not overwrite:
-        raise CheckpointError(f"{path} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+    check_replaceable(path, HF_OUTPUT, overwrite, "a Hugging Face export")
     max_bytes = parse_size(max_shard_size)
     args = model.args
     sizes = []
@@ -289,7 +319,7 @@ def save_hf(model: Moonlight, path: str | os.PathLike, max_shard_size: int | str
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_config, f, indent=2)
         if os.path.exists(path):
-            shutil.rmtree(path)
+            remove_own_dir(path, HF_OUTPUT)
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

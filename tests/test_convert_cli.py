@@ -121,7 +121,9 @@ def _err(capsys, argv):
 
 def test_clear_errors(hf_dir, tmp_path, capsys):
     assert "--hf" in _err(capsys, ["hf-to-dcp", "--hf", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
-    assert "no model.safetensors" in _err(capsys, ["hf-to-dcp", "--hf", str(tmp_path), "--out", str(tmp_path / "o")])
+    (tmp_path / "empty").mkdir()
+    assert "no model.safetensors" in _err(capsys, ["hf-to-dcp", "--hf", str(tmp_path / "empty"), "--out",
+                                                   str(tmp_path / "o")])
     main(["hf-to-dcp", "--hf", str(hf_dir), "--out", str(tmp_path / "dcp")])
     assert "not empty" in _err(capsys, ["hf-to-dcp", "--hf", str(hf_dir), "--out", str(tmp_path / "dcp")])
     main(["hf-to-dcp", "--hf", str(hf_dir), "--out", str(tmp_path / "dcp"), "--overwrite"])
@@ -130,7 +132,8 @@ def test_clear_errors(hf_dir, tmp_path, capsys):
     assert "lacks" in err and "hidden_size=64 but the given config has hidden_size=128" in err
     missing = ["dcp-to-hf", "--dcp", str(tmp_path / "nope"), "--out", str(tmp_path / "h")]
     assert "does not exist" in _err(capsys, missing)
-    assert "no complete checkpoint" in _err(capsys, ["dcp-to-hf", "--dcp", str(tmp_path), "--out", str(tmp_path / "h")])
+    assert "no complete checkpoint" in _err(capsys, ["dcp-to-hf", "--dcp", str(tmp_path / "empty"), "--out",
+                                                     str(tmp_path / "h")])
     os.remove(tmp_path / "dcp" / "COMPLETE")
     assert "incomplete" in _err(capsys, ["dcp-to-hf", "--dcp", str(tmp_path / "dcp"), "--out", str(tmp_path / "h")])
     assert "--config" in _err(capsys, ["dcp-to-hf", "--dcp", str(tmp_path / "dcp"), "--out", str(tmp_path / "h"),

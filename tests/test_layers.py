@@ -13,7 +13,7 @@ PACKAGES = ("moonlight", "kernels")
 
 # Lower number = lower layer; a module may import only modules of its own layer or below.
 LAYERS = {
-    "moonlight.errors": 0, "moonlight.distributed": 0, "moonlight.dtypes": 0,
+    "moonlight.errors": 0, "moonlight.distributed": 0, "moonlight.dtypes": 0, "moonlight.outputs": 0,
     "moonlight.config": 1,
     "kernels": 2, "moonlight.model": 2, "moonlight": 2,  # the package root re-exports ModelArgs, Moonlight
     "moonlight.hf": 3, "moonlight.checkpoint": 3,

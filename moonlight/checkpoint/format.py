@@ -5,12 +5,15 @@ meta.json, and model-only checkpoints.
       .metadata, __R_0.distcp     COMPLETE count; "latest" = highest such N, never a symlink)
       meta.json                   model args, step, contents, world size/layout, torch version
       train_state.json, rank-R.*  the trainer's extra state (moonlight.checkpoint.state)
-      COMPLETE                    fsync'd last, after every file of the step was written
+      COMPLETE                    fsync'd last, after every file of the step was written; lists
+                                  each file's size and CRC-32, checked on resume
     <folder>/step-50.tmp/         a save in progress or interrupted: ignored by readers
 
 Tensors are stored with torch.distributed.checkpoint (DCP) under "model." + the native parameter
 name ("model.layers.3.ffn.experts.gate_proj", experts stacked) and, for trainer checkpoints,
-"optimizer.*". Nothing here unpickles: DCP metadata aside, every file is JSON or safetensors.
+"optimizer.*". Nothing is unpickled freely: DCP's .metadata pickle is read by an unpickler that only
+builds DCP's metadata classes, DCP reads tensors with torch.load(weights_only=True), and every other
+file is JSON or safetensors.
 """
 
 from __future__ import annotations
@@ -18,27 +21,37 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import errno
+import importlib
 import json
 import os
+import pathlib
+import pickle
 import re
 import shutil
+import tempfile
 import warnings
+import zlib
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import StorageMeta
 
 from moonlight import distributed
 from moonlight.config import RUNTIME_FIELDS, ModelArgs
 from moonlight.errors import CheckpointError, CheckpointSaveError
+from moonlight.outputs import check_replaceable, remove_own_dir
 
 FORMAT = "moonlight-dcp"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: COMPLETE records each file's size and CRC-32 (1: names only, still read)
 MARKER = "COMPLETE"
 META = "meta.json"
 DCP_METADATA = ".metadata"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 TEMP_STEP_DIR = re.compile(r"^step-(\d+)\.tmp$")
+# Every file a step directory may hold: what overwrite=True may replace.
+DCP_OUTPUT = re.compile(r"^(\.metadata|__\d+_\d+\.distcp|meta\.json|COMPLETE|train_state\.json"
+                        r"|rank-\d+\.safetensors)$")
 
 
 def step_dir_name(step: int) -> str:
@@ -54,15 +67,57 @@ def dcp_save(state: dict, path: str) -> None:
         dcp.save(state, checkpoint_id=path, no_dist=not distributed.is_distributed())
 
 
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's .metadata is a pickle; this unpickler builds only DCP's own metadata classes, torch sizes,
+    dtypes and layouts, and paths, so a planted .metadata cannot run code (tensors themselves are read
+    by DCP with torch.load(weights_only=True))."""
+
+    def __init__(self, file, path: str):
+        super().__init__(file)
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module.startswith("torch.distributed.checkpoint."):
+            obj = getattr(importlib.import_module(module), name, None)
+            if isinstance(obj, type) and obj.__module__.startswith("torch.distributed.checkpoint."):
+                return obj
+        elif module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
+            return getattr(torch, name)
+        elif (module, name) == ("torch.serialization", "_get_layout"):
+            return torch.serialization._get_layout
+        elif module == "pathlib" and name in ("Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"):
+            return getattr(pathlib, name)
+        raise CheckpointError(f"{self.path} asks to unpickle {module}.{name}, which no checkpoint metadata "
+                              "holds: refusing to load it (a planted or foreign file?)")
+
+
+class _SafeReader(dcp.FileSystemReader):
+    """FileSystemReader whose metadata is read with the restricted unpickler above."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        path = os.path.join(os.fspath(self.path), DCP_METADATA)
+        try:
+            with open(path, "rb") as f:
+                metadata = _MetadataUnpickler(f, path).load()
+        except CheckpointError:
+            raise
+        except (OSError, pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as e:
+            raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
 def dcp_load(state: dict, path: str) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to")
-        dcp.load(state, checkpoint_id=path, no_dist=not distributed.is_distributed())
+        dcp.load(state, storage_reader=_SafeReader(path), no_dist=not distributed.is_distributed())
 
 
 def stored_tensors(path: str) -> dict[str, Any]:
     """DCP key -> storage metadata (shape, dtype) of a checkpoint directory, read without tensors."""
-    return dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    return _SafeReader(path).read_metadata().state_dict_metadata
 
 
 # ------------------------------------------------------------------------------ durable files
@@ -182,13 +237,89 @@ def resolve_checkpoint(path: str | os.PathLike, step: int = -1) -> str:
     return found[step]
 
 
-def finalize_dir(tmp: str, final: str) -> None:
-    """fsync every file of tmp, write the fsync'd marker, then atomically rename tmp -> final."""
-    for name in os.listdir(tmp):
+# --------------------------------------------------------------------------------- integrity
+
+_CHUNK = 16 << 20
+
+
+def file_record(path: str) -> dict[str, Any]:
+    """{"size", "crc32"} of a file, read in chunks (CRC-32 runs at several GB/s: a fast check against
+    torn or overwritten bytes, not against tampering)."""
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+            size += len(chunk)
+    return {"size": size, "crc32": f"{crc:08x}"}
+
+
+def share(names: list[str]) -> list[str]:
+    """This rank's share of a sorted list of file names (every rank checks a different part)."""
+    return sorted(names)[distributed.rank()::distributed.world_size()]
+
+
+def file_records(path: str, names: list[str]) -> dict[str, dict[str, Any]]:
+    return {name: file_record(os.path.join(path, name)) for name in names}
+
+
+def recorded_files(path: str) -> dict[str, dict[str, Any]]:
+    """name -> {"size", "crc32"} from a checkpoint's COMPLETE marker; {} for a marker written before
+    format_version 2 (names only: nothing to verify)."""
+    marker = read_json(os.path.join(path, MARKER))
+    files = marker.get("files") if isinstance(marker, dict) else None
+    return files if isinstance(files, dict) else {}
+
+
+def integrity_problems(path: str, names: list[str], recorded: dict[str, dict[str, Any]]) -> list[str]:
+    """'file: what is wrong' for each of `names` whose size or CRC-32 differs from COMPLETE's record."""
+    problems = []
+    for name in names:
+        want = recorded[name]
+        p = os.path.join(path, name)
+        if not os.path.isfile(p):
+            problems.append(f"{p}: missing")
+            continue
+        size = os.path.getsize(p)
+        if size != want.get("size"):
+            problems.append(f"{p}: {size} bytes, COMPLETE records {want.get('size')}")
+        elif file_record(p)["crc32"] != want.get("crc32"):
+            problems.append(f"{p}: checksum mismatch (bytes changed since the save)")
+    return problems
+
+
+def verify_checkpoint(path: str) -> list[str]:
+    """Integrity problems of a checkpoint directory, checked by every rank for its share of the files
+    (a collective: every rank calls it). Empty when intact."""
+    try:
+        recorded = recorded_files(path)
+        mine = integrity_problems(path, share(list(recorded)), recorded)
+    except CheckpointError as e:
+        mine = [str(e)]
+    return sorted({p for problems in distributed.all_gather_object(mine) for p in problems})
+
+
+def damage_summary(problems: list[str]) -> str:
+    return problems[0] + (f" (and {len(problems) - 1} more file(s))" if len(problems) > 1 else "")
+
+
+def check_intact(path: str) -> None:
+    """Raise CheckpointError naming the first damaged file of a checkpoint (a collective)."""
+    problems = verify_checkpoint(path)
+    if problems:
+        raise CheckpointError(f"checkpoint {path} is damaged: {damage_summary(problems)}")
+
+
+def finalize_dir(tmp: str, final: str, records: dict[str, dict[str, Any]] | None = None) -> None:
+    """fsync every file of tmp, write the fsync'd marker (each file's size and CRC-32: from `records`,
+    computed here for files it lacks), then atomically rename tmp -> final."""
+    records = dict(records or {})
+    for name in sorted(os.listdir(tmp)):
         p = os.path.join(tmp, name)
         if os.path.isfile(p):
             fsync_path(p)
-    write_json_durable({"complete": True, "files": sorted(os.listdir(tmp))}, os.path.join(tmp, MARKER))
+            if name not in records:
+                records[name] = file_record(p)
+    write_json_durable({"complete": True, "version": FORMAT_VERSION, "files": records}, os.path.join(tmp, MARKER))
     fsync_path(tmp)
     parent = os.path.dirname(final)
     old = None
@@ -278,21 +409,20 @@ def check_model_args(path: str, meta: dict, args: ModelArgs | None) -> None:
 def write_model_only_checkpoint(state_dict: dict[str, torch.Tensor], out: str | os.PathLike, args: ModelArgs,
                                 step: int = 0, overwrite: bool = False, extra_meta: dict | None = None) -> str:
     """A single-process, model-only checkpoint in the trainer's layout ("model." + native key), written
-    atomically (out.tmp -> out). Loadable by the trainer's resume and `dcp-to-hf`."""
+    atomically (a temporary directory next to out -> out). Loadable by the trainer's resume and
+    `dcp-to-hf`. `overwrite` replaces an earlier checkpoint; a directory holding other files is refused."""
     out = os.path.abspath(os.fspath(out))
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not overwrite:
-        raise CheckpointError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
-    tmp = out + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    check_replaceable(out, DCP_OUTPUT, overwrite, "a moonlight checkpoint")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
     try:
         dcp_save({f"model.{k}": v for k, v in state_dict.items()}, tmp)
         meta = base_meta(step, args, ["model"])
         meta["world_size"] = 1
         meta.update(extra_meta or {})
         write_json_durable(meta, os.path.join(tmp, META))
-        if os.path.isdir(out) and not os.listdir(out):
-            os.rmdir(out)
+        if os.path.isdir(out):
+            remove_own_dir(out, DCP_OUTPUT)
         finalize_dir(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)

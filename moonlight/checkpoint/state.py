@@ -224,6 +224,7 @@ class Checkpointer:
         self._optim_list = _flatten_optimizers(optimizers)
         self._sched_list = _flatten_schedulers(lr_schedulers)
         self.last_saved_step: int | None = None
+        self.pinned_step: int | None = None  # kept by keep_latest_k rotation (the last step before a divergence)
 
     # ------------------------------------------------------------------------------- state
     def _optim_sd(self) -> dict[str, Any]:
@@ -331,6 +332,19 @@ class Checkpointer:
         except BaseException as e:  # DCP raises CheckpointException (a BaseException) on any rank's failure
             err, disk_full = fmt.short_error(e), fmt.is_disk_full(e)
         errors = [x for x in distributed.all_gather_object((rank, err, disk_full)) if x[1] is not None]
+        records: dict[str, Any] = {}
+        if not errors:  # every rank checksums a share of the step's files, for COMPLETE
+            mine: dict[str, Any] = {}
+            try:
+                mine = fmt.file_records(tmp, fmt.share([n for n in os.listdir(tmp)
+                                                        if os.path.isfile(os.path.join(tmp, n))]))
+                err = None
+            except OSError as e:
+                err = fmt.short_error(e)
+            for r, part, e in distributed.all_gather_object((rank, mine, err)):
+                records.update(part)
+                if e is not None:
+                    errors.append((r, e, False))
 
         # phase 2: rank 0 writes the sidecars and the marker, then renames into place
         if not errors and rank == 0:
@@ -339,7 +353,7 @@ class Checkpointer:
                 meta = fmt.base_meta(step, self.args, ["model"] + (["optimizer"] if self._optim_list else [])
                                      + ["train_state", "rng"] + (["extra"] if self.extra_states else []), self.layout)
                 fmt.write_json_durable(meta, os.path.join(tmp, fmt.META))
-                fmt.finalize_dir(tmp, final_dir)
+                fmt.finalize_dir(tmp, final_dir, records)
             except BaseException as e:
                 errors = [(0, fmt.short_error(e), fmt.is_disk_full(e))]
         errors = distributed.broadcast_object(errors)
@@ -371,7 +385,7 @@ class Checkpointer:
         if k <= 0:
             return
         for s in sorted(found)[:-k]:
-            if s == step:
+            if s in (step, self.pinned_step):
                 continue
             logger.info("checkpoint: deleting step-%d (keep_latest_k=%d)", s, k)
             shutil.rmtree(found[s], ignore_errors=True)
@@ -394,7 +408,6 @@ class Checkpointer:
                 if partial:
                     logger.warning("checkpoint: ignoring incomplete saves %s in %s", partial, self.folder)
                 return 0
-            step = max(found)
         elif step not in found:
             tmp = os.path.join(self.folder, f"step-{step}.tmp")
             raw = os.path.join(self.folder, fmt.step_dir_name(step))
@@ -402,17 +415,43 @@ class Checkpointer:
                    f" (step-{step} is incomplete: no {fmt.MARKER} marker)" if os.path.isdir(raw) else "")
             raise CheckpointError(f"checkpoint step {step} not found in {self.folder}{why}; available steps: "
                                   f"{found if found else 'none'}")
-        return self.load_path(os.path.join(self.folder, fmt.step_dir_name(step)))
+        return self.load_path(os.path.join(self.folder, fmt.step_dir_name(self._intact_step(found, step))),
+                              verified=True)
 
-    def load_path(self, path: str | os.PathLike, model_only: bool = False) -> int:
+    def _intact_step(self, found: list[int], step: int) -> int:
+        """`step` if its files match COMPLETE's sizes and checksums; with step = -1, the newest intact
+        one (a fallback is reported in one warning line). A damaged requested step, or no intact step
+        at all, raises CheckpointError naming the damaged file and the newest intact step."""
+        damaged: dict[int, list[str]] = {}
+        for s in [step] if step >= 0 else sorted(found, reverse=True):
+            problems = fmt.verify_checkpoint(os.path.join(self.folder, fmt.step_dir_name(s)))
+            if not problems:
+                if damaged and distributed.rank() == 0:
+                    newest = max(damaged)
+                    logger.warning("checkpoint: step-%d is damaged (%s); resuming from step-%d, the newest intact "
+                                   "checkpoint", newest, damaged[newest][0], s)
+                return s
+            damaged[s] = problems
+        bad = max(damaged)
+        others = sorted((s for s in found if s not in damaged), reverse=True)  # empty when all were checked
+        good = next((s for s in others if not fmt.verify_checkpoint(os.path.join(self.folder, fmt.step_dir_name(s)))),
+                    None)
+        hint = (f"; the newest intact checkpoint is step-{good}: resume from it with --checkpoint.load_step={good}"
+                if good is not None else "; no intact checkpoint is left in " + self.folder)
+        raise CheckpointError(f"checkpoint step-{bad} is damaged: {fmt.damage_summary(damaged[bad])}{hint}")
+
+    def load_path(self, path: str | os.PathLike, model_only: bool = False, verified: bool = False) -> int:
         """Restore from a checkpoint directory (a full trainer checkpoint, or a model-only one such as
-        `python -m moonlight.convert hf-to-dcp` writes); `model_only` restores just the weights."""
+        `python -m moonlight.convert hf-to-dcp` writes); `model_only` restores just the weights. Its
+        files are checked against COMPLETE's sizes and checksums unless `verified`."""
         path = os.path.abspath(os.fspath(path))
         if not fmt.is_complete(path):
             if not os.path.isdir(path):
                 raise CheckpointError(f"checkpoint {path} does not exist")
             raise CheckpointError(f"checkpoint {path} is incomplete (no {fmt.MARKER} marker or .metadata): "
                                   "its save was interrupted")
+        if not verified:
+            fmt.check_intact(path)
         meta = fmt.read_meta(path)
         fmt.check_model_args(path, meta, self.args)
         contents = ["model"] if model_only else meta.get("contents", ["model"])

@@ -18,6 +18,8 @@ import dataclasses
 import difflib
 import json
 import math
+import os
+import pathlib
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -246,6 +248,9 @@ class DataSection:
 
     def problems(self) -> list[str]:
         return _require([(bool(self.path), "data.path must not be empty"),
+                         (self.format == "hf" or self.split == "train",
+                          f"data.split = {self.split!r} applies to data.format = 'hf' only (a {self.format} dataset "
+                          "has no splits): leave it at 'train'"),
                          (bool(self.text_key), "data.text_key must not be empty"),
                          (bool(self.tokenizer), "data.tokenizer must not be empty"),
                          (self.format != "chat" or bool(self.messages_key),
@@ -273,6 +278,10 @@ class CheckpointSection:
             (self.keep_latest_k >= 0, f"checkpoint.keep_latest_k must be >= 0 (0 = keep all; got {self.keep_latest_k})"),
             (self.load_step >= -1, f"checkpoint.load_step must be -1 (latest) or a step >= 0 (got {self.load_step})"),
             (bool(self.folder), "checkpoint.folder must not be empty"),
+            # inside the (locked) dump folder: rotation and cleanup then delete only this run's saves
+            (not os.path.isabs(self.folder) and ".." not in pathlib.PurePath(self.folder).parts,
+             f"checkpoint.folder = {self.folder!r} must be a relative path inside job.dump_folder "
+             "(point job.dump_folder elsewhere instead)"),
         ])
 
 
@@ -457,8 +466,8 @@ def _coerce(value: Any, tp: Any) -> Any:
     elif origin is dict:
         if isinstance(value, dict):
             return dict(value)
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+    elif tp is float:  # inf and nan are never meaningful settings (lr=inf trains on garbage)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -516,7 +525,8 @@ def _unknown_key(sec: str, key: str, where: str) -> ConfigError:
 
 def _bad_type(sec: str, key: str, tp: Any, value: Any, where: str) -> ConfigError:
     shown = value if isinstance(value, str) else repr(value)
-    msg = f"config key '{sec}.{key}' expects {_type_name(tp)}, got {type(value).__name__} {shown!r}{where}"
+    finite = " (a finite number)" if tp is float else ""
+    msg = f"config key '{sec}.{key}' expects {_type_name(tp)}{finite}, got {type(value).__name__} {shown!r}{where}"
     if typing.get_origin(tp) is Literal and isinstance(value, str):
         msg += _suggest(value, [str(c) for c in typing.get_args(tp)])
     return ConfigError(msg)
@@ -625,6 +635,12 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> JobConf
                 data = tomllib.load(f)
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {path} is a directory; pass a .toml file") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path} is not UTF-8 text (a TOML file must be): {e}") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: TOML syntax error: {e}") from None
         _apply_table(cfg, data, f" (in {path})")

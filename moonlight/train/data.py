@@ -162,7 +162,13 @@ class _BadLines:
 
 
 def _text_problem(value: Any) -> str | None:
-    return None if isinstance(value, str) else f"is {type(value).__name__}, not a string"
+    if not isinstance(value, str):
+        return f"is {type(value).__name__}, not a string"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # a JSON escape of a lone surrogate, e.g. "\ud800"
+        return f"is not valid Unicode ({e.reason} at {e.start})"
+    return None
 
 
 def read_jsonl(
@@ -170,36 +176,48 @@ def read_jsonl(
     problem: Callable[[Any], str | None] = _text_problem,
 ) -> Iterator[Any]:
     """Yield field text_key of every well-formed line (`problem(value)` says why a value is not
-    usable, default: not a string); blank lines are ignored silently."""
+    usable, default: not a valid string); blank lines are ignored silently."""
     bad = bad or _BadLines(on_bad_line)
     for path in paths:
-        opener = gzip.open if path.endswith(".gz") else open
+        for lineno, raw in _numbered_lines(path):
+            if not raw.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(raw.rstrip(b"\r\n"))
+            except UnicodeDecodeError as e:
+                bad(where, f"invalid UTF-8 ({e.reason})")
+                continue
+            except json.JSONDecodeError as e:
+                bad(where, f"invalid JSON: {e.msg} (column {e.colno})")
+                continue
+            if not isinstance(obj, dict):
+                bad(where, f"expected a JSON object, got {type(obj).__name__}")
+                continue
+            if text_key not in obj:
+                keys = ", ".join(list(obj)[:10])
+                bad(where, f"missing text field {text_key!r} (keys: {keys})")
+                continue
+            value = obj[text_key]
+            reason = problem(value)
+            if reason:
+                bad(where, f"field {text_key!r} {reason}")
+                continue
+            yield value
+
+
+def _numbered_lines(path: str) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw line) of a text or .gz file; a truncated or corrupt .gz is a DataError
+    naming the file and the line it stopped after."""
+    opener = gzip.open if path.endswith(".gz") else open
+    lineno = 0
+    try:
         with opener(path, "rb") as f:
             for lineno, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    obj = json.loads(raw.rstrip(b"\r\n"))
-                except UnicodeDecodeError as e:
-                    bad(where, f"invalid UTF-8 ({e.reason})")
-                    continue
-                except json.JSONDecodeError as e:
-                    bad(where, f"invalid JSON: {e.msg} (column {e.colno})")
-                    continue
-                if not isinstance(obj, dict):
-                    bad(where, f"expected a JSON object, got {type(obj).__name__}")
-                    continue
-                if text_key not in obj:
-                    keys = ", ".join(list(obj)[:10])
-                    bad(where, f"missing text field {text_key!r} (keys: {keys})")
-                    continue
-                text = obj[text_key]
-                reason = problem(text)
-                if reason:
-                    bad(where, f"field {text_key!r}: {reason}")
-                    continue
-                yield text
+                yield lineno, raw
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise DataError(f"{path}: corrupt or truncated gzip file after line {lineno} "
+                        f"({type(e).__name__}: {e})") from None
 
 
 _HF_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".arrow": "arrow", ".csv": "csv"}
@@ -226,12 +244,18 @@ def read_hf(path: str, text_key: str = "text", split: str = "train", on_bad_line
             if split not in ds:
                 raise DataError(f"data.path {path!r} has splits {list(ds)}, not data.split={split!r}")
             ds = ds[split]
+        elif split != "train":  # a single dataset has no splits: the setting would be silently ignored
+            raise DataError(f"data.path {path!r} is a single dataset without splits; data.split={split!r} cannot "
+                            "apply (leave it at 'train', or save a DatasetDict)")
         where0 = path
     else:
         files = _expand(path, tuple(_HF_BUILDERS), "dataset")
         builders = {_HF_BUILDERS[os.path.splitext(f)[1]] for f in files if os.path.splitext(f)[1] in _HF_BUILDERS}
         if len(builders) != 1:
             raise DataError(f"data.path {path!r}: expected files of one kind ({', '.join(_HF_BUILDERS)}), got {files[:5]}")
+        if split != "train":
+            raise DataError(f"data.path {path!r}: data files form one dataset without splits; data.split={split!r} "
+                            "cannot apply (leave it at 'train', or point data.path at that split's files)")
         ds = datasets.load_dataset(builders.pop(), data_files=files, split="train")
         where0 = path
     if text_key not in ds.column_names:
@@ -372,6 +396,12 @@ class MegatronIndexedDataset:
         prefix = _megatron_prefix(prefix)
         self.prefix = prefix
         idx_path, bin_path = prefix + ".idx", prefix + ".bin"
+        header = 9 + 8 + 1 + 8 + 8
+        if not os.path.isfile(idx_path) or not os.path.isfile(bin_path):
+            raise DataError(f"{prefix}: Megatron data needs both {idx_path} and {bin_path}")
+        if os.path.getsize(idx_path) < header:
+            raise DataError(f"{idx_path}: truncated Megatron index ({os.path.getsize(idx_path)} bytes, "
+                            f"the header alone is {header})")
         with open(idx_path, "rb") as f:
             magic = f.read(9)
             if magic != _MMIDIDX_MAGIC:
@@ -386,14 +416,25 @@ class MegatronIndexedDataset:
             (self.sequence_count,) = struct.unpack("<Q", f.read(8))
             (self.document_count,) = struct.unpack("<Q", f.read(8))
             offset = f.tell()
-        buf = np.memmap(idx_path, mode="r", dtype=np.uint8)
         n, d = self.sequence_count, self.document_count
+        need = offset + 12 * n + 8 * d
+        if os.path.getsize(idx_path) < need:
+            raise DataError(f"{idx_path}: truncated Megatron index ({os.path.getsize(idx_path)} bytes, its header "
+                            f"announces {n} sequences and {d} document entries = {need} bytes)")
+        buf = np.memmap(idx_path, mode="r", dtype=np.uint8)
         self.sequence_lengths = np.frombuffer(buf, dtype=np.int32, count=n, offset=offset)
         offset += 4 * n
         self.sequence_pointers = np.frombuffer(buf, dtype=np.int64, count=n, offset=offset)
         offset += 8 * n
         self.document_indices = np.frombuffer(buf, dtype=np.int64, count=d, offset=offset)
         size = os.path.getsize(bin_path)
+        if size % self.dtype.itemsize:
+            raise DataError(f"{bin_path}: {size} bytes is not a whole number of {self.dtype} tokens "
+                            "(truncated, or the .idx of another file?)")
+        ends = self.sequence_pointers + self.sequence_lengths.astype(np.int64) * self.dtype.itemsize
+        if n and (int(ends.max()) > size or min(self.sequence_pointers.min(), self.sequence_lengths.min()) < 0):
+            raise DataError(f"{bin_path}: {size} bytes, but {idx_path} points up to byte {int(ends.max())} "
+                            "(a truncated .bin, or the .idx of another file)")
         self.tokens = (
             np.memmap(bin_path, mode="r", dtype=self.dtype) if size else np.zeros(0, dtype=self.dtype)
         )

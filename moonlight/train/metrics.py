@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
 import os
 import resource
 import time
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def measure_peak_flops(device: torch.device, size: int = 2048, repeats: int = 5) -> float:
@@ -42,23 +46,42 @@ class MetricsLogger:
     def __init__(self, dump_folder: str, rank: int, enable_tensorboard: bool = False, tb_folder: str = "tb",
                  resume_step: int = 0):
         """resume_step > 0: keep the records up to that step (a run killed after its last checkpoint
-        logged steps that the resumed run repeats) and append; 0: start a new file."""
+        logged steps that the resumed run repeats; a torn last line is dropped with a warning) and
+        append; 0: start a new file, moving a previous run's file to metrics.jsonl.N with a warning."""
         self.rank = rank
         self.path = os.path.join(dump_folder, "metrics.jsonl")
         self._file = None
         self._tb = None
         if rank == 0:
             os.makedirs(dump_folder, exist_ok=True)
-            kept = []
-            if resume_step and os.path.exists(self.path):
-                with open(self.path) as f:
-                    kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+            kept = self._records_to_keep(resume_step) if resume_step else []
+            if not resume_step and os.path.exists(self.path) and os.path.getsize(self.path):
+                old = next(f"{self.path}.{n}" for n in itertools.count(1) if not os.path.exists(f"{self.path}.{n}"))
+                os.replace(self.path, old)
+                logger.warning("metrics: %s holds a previous run's records: moved to %s", self.path, old)
             self._file = open(self.path, "w")
             self._file.writelines(kept)
             if enable_tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._tb = SummaryWriter(os.path.join(dump_folder, tb_folder))
+
+    def _records_to_keep(self, resume_step: int) -> list[str]:
+        if not os.path.exists(self.path):
+            return []
+        kept = []
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    step = json.loads(line)["step"]
+                except (ValueError, KeyError, TypeError):  # torn by a kill or a full disk mid-write
+                    logger.warning("metrics: dropping unreadable line %d of %s", lineno, self.path)
+                    continue
+                if step <= resume_step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+        return kept
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if self.rank != 0:

@@ -223,7 +223,10 @@ class HFTokenizer:
     def __init__(self, path: str) -> None:
         from tokenizers import Tokenizer as _Tok
 
-        self.model = _Tok.from_file(path)
+        try:
+            self.model = _Tok.from_file(path)
+        except Exception as e:  # tokenizers raises a bare Exception for unreadable or invalid files
+            raise DataError(f"{path} is not a valid tokenizer.json: {e}") from None
         vocab = self.model.get_vocab(with_added_tokens=True)
         bos = eos = None
         cfg_path = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer_config.json")

@@ -24,7 +24,7 @@ from moonlight.checkpoint.export import export_hf
 from moonlight.checkpoint.format import DCP_METADATA
 from moonlight.checkpoint.state import Checkpointer
 from moonlight.config import ModelArgs
-from moonlight.distributed import local_tensor
+from moonlight.distributed import broadcast_object, local_tensor
 from moonlight.dtypes import to_dtype
 from moonlight.errors import CheckpointError, ConfigError, NonFiniteError
 from moonlight.hf import HFCheckpoint
@@ -34,6 +34,7 @@ from moonlight.parallel import load_hf_sharded, reduce_token_losses
 from moonlight.train.config import JobConfig
 from moonlight.train.data import build_dataloader
 from moonlight.train.layout import build_layout
+from moonlight.train.lock import DumpFolderLock
 from moonlight.train.metrics import MetricsLogger, measure_peak_flops, memory_gib
 from moonlight.train.optim import (build_lr_scheduler, build_optimizers, clip_grad_norm_, expert_load_imbalance,
                                    update_router_biases)
@@ -96,17 +97,45 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+def take_dump_folder_lock(dump_folder: str, rank: int) -> DumpFolderLock:
+    """Rank 0 locks the dump folder; every rank raises the same ConfigError if another trainer holds it."""
+    lock = DumpFolderLock(dump_folder)
+    error = None
+    if rank == 0:
+        try:
+            lock.acquire()
+        except ConfigError as e:
+            error = str(e)
+    error = broadcast_object(error)
+    if error:
+        raise ConfigError(error)
+    return lock
+
+
+def check_runtime(cfg: JobConfig, args: ModelArgs, device: torch.device) -> None:
+    """Settings that are valid on their own but not for this model or device."""
+    if cfg.training.seq_len > args.max_position_embeddings:
+        raise ConfigError(f"training.seq_len = {cfg.training.seq_len} exceeds the model's max_position_embeddings = "
+                          f"{args.max_position_embeddings}: lower training.seq_len (or raise "
+                          "model.overrides.max_position_embeddings for a model trained for longer contexts)")
+    if args.kernels == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise ConfigError(f"model.kernels = 'triton' needs a CUDA GPU (this device is {device.type}); use "
+                          "model.kernels = 'auto' or 'torch', or set TRITON_INTERPRET=1 to interpret the kernels")
+
+
 class Trainer:
     def __init__(self, cfg: JobConfig):
         cfg.validate()
         self.cfg = cfg
         t = cfg.training
         self.rank, self.world_size, self.device = init_distributed()
+        self.lock = take_dump_folder_lock(cfg.job.dump_folder, self.rank)  # before anything is written
         torch.manual_seed(t.seed)
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
 
         self.model_args = build_model_args(cfg)
+        check_runtime(cfg, self.model_args, self.device)
         self.tokenizer = build_tokenizer(cfg.data.tokenizer)
         used = [i for i, on in ((self.tokenizer.bos_id, cfg.data.add_bos), (self.tokenizer.eos_id, cfg.data.add_eos))
                 if on]
@@ -224,7 +253,13 @@ class Trainer:
 
     def _save(self, force: bool = False, final: bool = False) -> None:
         """A checkpoint when one is due (or `force`), and the HF export that checkpoint.export_hf asks for
-        ("each": with every checkpoint; "end" and "each": at the end of training)."""
+        ("each": with every checkpoint; "end" and "each": at the end of training). None while steps are
+        being skipped as non-finite: the weights that produce them are no checkpoint to resume from."""
+        if self._nonfinite_in_a_row:
+            if self.checkpointer.due(self.step, force) and self.rank == 0:
+                print(f"[moonlight] WARNING step {self.step}: no checkpoint while steps are skipped as non-finite"
+                      + self._resume_hint(), flush=True)
+            return
         saved = self.checkpointer.save(self.step, force=force)
         export = self.cfg.checkpoint.export_hf
         if ((export == "each" and saved) or (export and final)) and self.exported_step != self.step:
@@ -339,14 +374,23 @@ class Trainer:
         where = self._locate_nonfinite()
         msg = f"step {self.step + 1}: non-finite loss={loss} / grad_norm={grad_norm}; on rank {self.rank}: {where}"
         self._nonfinite_in_a_row += 1
+        if self.checkpointer.pinned_step is None:  # the first skipped step: keep the checkpoint before it
+            self.checkpointer.pinned_step = self.checkpointer.last_saved_step
         if self.cfg.training.on_nonfinite == "stop":
-            raise NonFiniteError(msg + " (training.on_nonfinite = 'stop')")
+            raise NonFiniteError(msg + " (training.on_nonfinite = 'stop')" + self._resume_hint())
         if self._nonfinite_in_a_row >= self.cfg.training.max_consecutive_nonfinite:
             raise NonFiniteError(msg + f"; {self._nonfinite_in_a_row} steps in a row were skipped, stopping "
-                                 "(training.max_consecutive_nonfinite)")
+                                 "(training.max_consecutive_nonfinite)" + self._resume_hint())
         if self.rank == 0:
             print(f"[moonlight] WARNING {msg}; skipping the optimizer step", flush=True)
         self.optimizers.zero_grad()
+
+    def _resume_hint(self) -> str:
+        good = self.checkpointer.pinned_step
+        if not self.cfg.checkpoint.enable or good is None:
+            return "; no checkpoint precedes the first skipped step: restart the run (e.g. with a lower optimizer.lr)"
+        return (f"; the last checkpoint before the first skipped step is step-{good}: resume from it with "
+                f"--checkpoint.load_step={good} (e.g. with a lower optimizer.lr)")
 
     # ------------------------------------------------------------------- loop
     def train(self) -> None:
@@ -357,9 +401,16 @@ class Trainer:
             print(f"[moonlight] the checkpoint at step {self.step} already reaches training.steps={t.steps}: nothing "
                   "to train (raise --training.steps, or use another --job.dump_folder for a new run)", flush=True)
         profiler = self._profiler()
-        sigterm = {"seen": False}
+        stop: dict[str, str | None] = {"signal": None}
+
+        def on_signal(signum, frame):
+            if stop["signal"] is not None and signum == signal.SIGINT:  # a second Ctrl-C: abort at once
+                raise KeyboardInterrupt
+            stop["signal"] = signal.Signals(signum).name
+
         in_main_thread = threading.current_thread() is threading.main_thread()  # signals need the main thread
-        previous = signal.signal(signal.SIGTERM, lambda *_: sigterm.update(seen=True)) if in_main_thread else None
+        previous = ({sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+                    if in_main_thread else {})
         try:
             with profiler or contextlib.nullcontext():
                 while self.step < t.steps:
@@ -367,11 +418,12 @@ class Trainer:
                     self.step += 1
                     if self.step % cfg.metrics.log_freq == 0 or self.step == t.steps:
                         self.metrics.log(self.step, values)
-                    if self._stop_requested(sigterm["seen"]):
+                    if self._stop_requested(stop["signal"] is not None):
                         self._save(force=True)
                         if self.rank == 0:
-                            print(f"[moonlight] SIGTERM: stopped after step {self.step}"
-                                  + (", checkpoint saved" if cfg.checkpoint.enable else ""), flush=True)
+                            saved = cfg.checkpoint.enable and self.checkpointer.last_saved_step == self.step
+                            print(f"[moonlight] {stop['signal'] or 'stop signal on another rank'}: stopped after step "
+                                  f"{self.step}" + (", checkpoint saved" if saved else ""), flush=True)
                         return
                     self._save(force=self.step == t.steps, final=self.step == t.steps)
                     if t.gc_freq and self.step % t.gc_freq == 0:
@@ -379,15 +431,16 @@ class Trainer:
                     if profiler is not None:
                         profiler.step()
         finally:
-            if in_main_thread:
-                signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             if t.gc_freq:
                 gc.enable()
             self.metrics.close()
+            self.lock.release()
 
     def _stop_requested(self, seen: bool) -> bool:
-        """A SIGTERM (preemption, torchrun shutting down) on any rank stops every rank after the same
-        step, so the final checkpoint's collectives line up."""
+        """A SIGTERM (preemption, torchrun shutting down) or a Ctrl-C (SIGINT) on any rank stops every
+        rank after the same step, so the final checkpoint's collectives line up."""
         if not (dist.is_initialized() and dist.get_world_size() > 1):
             return seen
         flag = torch.tensor([float(seen)], device=self.device)
