@@ -89,7 +89,8 @@ def build_layout(cfg: JobConfig, args: ModelArgs, world_size: int, device: torch
     p, t = cfg.parallelism, cfg.training
     dims, pp_layout = plan_layout(cfg, args, world_size)
     sequence_parallel = p.sequence_parallel and p.tp > 1
-    mesh = build_mesh(dims, device.type)
+    # A dry run on the meta device (moonlight.plan, over a fake process group) meshes like a CPU job.
+    mesh = build_mesh(dims, "cpu" if device.type == "meta" else device.type)
     full = init_full_model()
 
     def prepare(module: nn.Module, stage: int = 0) -> nn.Module:
