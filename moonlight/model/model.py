@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import apply_mla_rope, permute_tokens, resolve_impl, rope_tables, unpermute_tokens
+from kernels.grouped_mm import grouped_linear
 from moonlight.config import ModelArgs
 
 
@@ -166,9 +167,8 @@ def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, gate: torch.Tensor, up
     down [E, H, I]."""
     if uses_grouped_mm(x):
         offs = counts.cumsum(0).to(torch.int32)
-        g = torch._grouped_mm(x, gate.transpose(-2, -1), offs=offs)
-        u = torch._grouped_mm(x, up.transpose(-2, -1), offs=offs)
-        return torch._grouped_mm(F.silu(g) * u, down.transpose(-2, -1), offs=offs)
+        g, u = grouped_linear(x, gate, offs), grouped_linear(x, up, offs)
+        return grouped_linear(F.silu(g) * u, down, offs)
     outs = []
     for e, rows in enumerate(x.split(counts.tolist())):
         outs.append(F.linear(F.silu(F.linear(rows, gate[e])) * F.linear(rows, up[e]), down[e]))

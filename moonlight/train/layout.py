@@ -16,6 +16,7 @@ from torch import nn
 from moonlight.config import ModelArgs
 from moonlight.model import Moonlight
 from moonlight.parallel import ParallelDims, build_mesh, cross_entropy_loss, parallelize_model
+from moonlight.parallel.compile import apply_compile
 from moonlight.parallel.data import apply_activation_checkpointing
 from moonlight.parallel.pipeline import build_pipeline_stages, build_schedule, pipeline_step, resolve_layout
 from moonlight.train.config import JobConfig
@@ -83,6 +84,8 @@ def build_layout(cfg: JobConfig, args: ModelArgs, world_size: int, device: torch
     if is_single_process(cfg, world_size):
         model = init_full_model()
         _materialise(model, device, cfg.training.seed)
+        if cfg.training.compile:
+            apply_compile(model, cfg.training.compile_backend)
         apply_activation_checkpointing(model, cfg.activation_checkpoint.mode)
         return Layout(model_parts=[model])
 
@@ -97,6 +100,8 @@ def build_layout(cfg: JobConfig, args: ModelArgs, world_size: int, device: torch
         on_meta = next(module.parameters()).is_meta
         if not on_meta:
             module.to(device)
+        if t.compile:  # before the parallel plans wrap the blocks' forwards in checkpointing
+            apply_compile(module, t.compile_backend)
         parallelize_model(module, dims, mesh, sequence_parallel=sequence_parallel,
                           ac_mode=cfg.activation_checkpoint.mode, param_dtype=t.mixed_precision_param,
                           reduce_dtype=t.mixed_precision_reduce, reshard_after_forward=p.fsdp_reshard_after_forward)
