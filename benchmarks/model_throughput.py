@@ -6,7 +6,7 @@ fp32; each system loads the same HF files through its own loader), runs alternat
 rotating order so machine noise hits all alike; prints the median per-round speed ratio (with min/max)
 and each model's MFU against a GEMM peak measured in the same run.
 
-    python benchmarks/model_throughput.py [--pairs 8] [--batch 4] [--seq 256] [--threads 2]
+    python benchmarks/model_throughput.py [--pairs 8] [--batch 4] [--seq 256] [--threads 2] [--compile]
 """
 
 import argparse
@@ -25,6 +25,8 @@ import transformers  # noqa: E402
 
 from benchmarks.peers import build_all  # noqa: E402
 from moonlight.config import ModelArgs  # noqa: E402
+from moonlight.hf import load_hf  # noqa: E402
+from moonlight.parallel.compile import apply_compile  # noqa: E402
 from moonlight.train.metrics import measure_peak_flops  # noqa: E402
 
 PEER_CONFIG = dict(
@@ -54,6 +56,7 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="also run ours with training.compile's regional inductor")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -64,6 +67,9 @@ def main():
         hf.save_pretrained(tmp)
         model_args = ModelArgs.from_hf_config(tmp)
         models = build_all(model_args, Path(tmp), device, max_seq_len=args.seq)
+        if args.compile:
+            models["ours compiled"] = apply_compile(load_hf(tmp, dtype=torch.float32, device=device,
+                                                            aux_loss_alpha=0.0).train(), "inductor")
     tokens = torch.randint(0, PEER_CONFIG["vocab_size"], (args.batch, args.seq), device=device)
     forwards = {name: (lambda x, m=m: m(x).logits) if name == "transformers" else m for name, m in models.items()}
     with torch.no_grad():
@@ -72,7 +78,8 @@ def main():
             print(f"max |logit difference| {name} vs transformers: {(fwd(tokens) - reference).abs().max().item():.2e}")
 
     runs = {name: (fwd, list(models[name].parameters())) for name, fwd in forwards.items()}
-    for fwd, params in runs.values():  # warm-up
+    for fwd, params in runs.values():  # warm-up (twice: a compiled model compiles its backward on the first)
+        step_time(fwd, params, tokens)
         step_time(fwd, params, tokens)
     names = list(runs)
     times = {name: [] for name in runs}
@@ -87,10 +94,11 @@ def main():
     for name, ts in times.items():
         tps = n_tokens / statistics.median(ts)
         print(f"{name:>13}: {tps:10,.0f} tokens/s  MFU {100 * flops_per_token * tps / peak:5.1f}%")
-    for peer in (n for n in names if n != "ours"):
-        ratios = [p / o for p, o in zip(times[peer], times["ours"])]
-        print(f"speed-up ours / {peer}: median {statistics.median(ratios):.2f}x "
-              f"(min {min(ratios):.2f}x, max {max(ratios):.2f}x over {len(ratios)} rounds)")
+    for ours in (n for n in names if n.startswith("ours")):
+        for peer in (n for n in names if not n.startswith("ours")):
+            ratios = [p / o for p, o in zip(times[peer], times[ours])]
+            print(f"speed-up {ours} / {peer}: median {statistics.median(ratios):.2f}x "
+                  f"(min {min(ratios):.2f}x, max {max(ratios):.2f}x over {len(ratios)} rounds)")
 
 
 if __name__ == "__main__":
