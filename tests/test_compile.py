@@ -1,5 +1,6 @@
-"""training.compile = true: losses, gradients and a resumed run equal the eager trainer's (fp32),
-and the grouped expert GEMM op equals its per-expert reference, gradients included."""
+"""training.compile = true: losses, gradients and a resumed run equal the eager trainer's (fp32, one
+process and FSDP on 2 gloo ranks), and the grouped expert GEMM op equals its per-expert reference,
+gradients included."""
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ import torch
 from kernels.grouped_mm import grouped_linear, grouped_linear_reference
 from moonlight.train.config import load_config
 from moonlight.train.trainer import Trainer
+from tests.dist import run_ranks
 
 BASE = ["--training.seq_len=32", "--training.global_batch_size=4", "--training.local_batch_size=2",
         "--metrics.log_freq=1", "--metrics.device_peak_flops=1e11", "--lr_scheduler.warmup_steps=1",
@@ -77,3 +79,16 @@ def test_grouped_linear_equals_per_expert_loop_with_gradients():
     for got, want in ((out, ref), (gx, rx), (gw, rw)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.library.opcheck(torch.ops.moonlight.grouped_linear.default, (x, weight, offs))
+
+
+def _fsdp_losses(rank, world, folder, extra):
+    trainer = _trainer(folder, "--checkpoint.enable=false", "--parallelism.dp_shard=2", *extra)
+    return _run(trainer, 2)[0]
+
+
+@pytest.mark.slow
+def test_compiled_fsdp_steps_equal_eager(tmp_path):
+    eager = run_ranks(_fsdp_losses, 2, str(tmp_path / "eager"), [])[0]
+    compiled = run_ranks(_fsdp_losses, 2, str(tmp_path / "compiled"),
+                         ["--training.compile=true", "--training.compile_backend=aot_eager"])[0]
+    torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=1e-5, atol=0)
