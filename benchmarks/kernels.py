@@ -70,6 +70,9 @@ def _copy_bandwidth() -> float:
     return 2 * src.numel() * src.element_size() / ms / 1e6
 
 
+RESULTS: list[dict] = []  # every timed row, for --json
+
+
 def _report(op: str, nbytes: int, candidates: dict, peak: float) -> None:
     from triton.testing import do_bench
 
@@ -77,12 +80,15 @@ def _report(op: str, nbytes: int, candidates: dict, peak: float) -> None:
     for name, ms in times.items():
         gbs = nbytes / ms / 1e6
         print(f"{op:<24} {name:<14} {ms:8.3f} ms {gbs:8.0f} GB/s {gbs / peak:8.2f} {times['torch ref'] / ms:12.2f}x")
+        RESULTS.append({"op": op, "impl": name, "ms": ms, "gb_per_s": gbs, "of_copy_bandwidth": gbs / peak,
+                        "speedup_vs_torch_ref": times["torch ref"] / ms})
 
 
 def benchmark_cuda() -> None:
     torch.manual_seed(0)
     device, dtype = torch.device("cuda"), torch.bfloat16
     peak = _copy_bandwidth()
+    RESULTS.append({"op": "device-to-device copy", "gb_per_s": peak})
     print(f"{torch.cuda.get_device_name()}: device-to-device copy {peak:.0f} GB/s\n")
     print(f"{'op':<24} {'impl':<14} {'time':>11} {'achieved':>13} {'of copy':>8} {'vs torch ref':>13}")
 
@@ -183,9 +189,18 @@ def check_cpu() -> bool:
 
 
 if __name__ == "__main__":
+    # --json PATH: also write the rows (or the CPU pass's verdict) as JSON, for benchmarks/gpu_suite.sh
+    json_path = sys.argv[sys.argv.index("--json") + 1] if "--json" in sys.argv else None
     if torch.cuda.is_available():
         benchmark_cuda()
+        ok = True
     else:
         print("No CUDA device: Triton runs in the interpreter here, so timings are not meaningful.\n"
               "Running a small correctness pass (Triton vs torch reference, fp32) instead.")
-        sys.exit(0 if check_cpu() else 1)
+        ok = check_cpu()
+        RESULTS.append({"cpu_correctness_pass": ok})
+    if json_path:
+        import json
+
+        Path(json_path).write_text(json.dumps(RESULTS, indent=1))
+    sys.exit(0 if ok else 1)

@@ -1,10 +1,12 @@
-"""Forward+backward throughput of our model against transformers' DeepseekV3ForCausalLM.
+"""Forward+backward throughput of our model against transformers' DeepseekV3ForCausalLM and torchtitan's
+DeepSeek-V3 model (benchmarks/peers.py lists the CPU adjustments torchtitan needs).
 
 Same config and weights (the peers.md config: hidden 256, 4 layers, 8 experts top-2, batch 4 x 256,
-fp32), runs alternated in one process so machine noise hits both alike; prints the median per-pair
-speed ratio (with min/max) and each model's MFU against a GEMM peak measured in the same run.
+fp32; each system loads the same HF files through its own loader), runs alternated in one process in
+rotating order so machine noise hits all alike; prints the median per-round speed ratio (with min/max)
+and each model's MFU against a GEMM peak measured in the same run.
 
-    python benchmarks/model_throughput.py [--pairs 8] [--batch 4] [--seq 256] [--threads 2]
+    python benchmarks/model_throughput.py [--pairs 8] [--batch 4] [--seq 256] [--threads 2] [--compile]
 """
 
 import argparse
@@ -21,7 +23,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
 
+from benchmarks.peers import build_all  # noqa: E402
+from moonlight.config import ModelArgs  # noqa: E402
 from moonlight.hf import load_hf  # noqa: E402
+from moonlight.parallel.compile import apply_compile  # noqa: E402
 from moonlight.train.metrics import measure_peak_flops  # noqa: E402
 
 PEER_CONFIG = dict(
@@ -51,6 +56,7 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="also run ours with training.compile's regional inductor")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -59,33 +65,40 @@ def main():
     hf = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**PEER_CONFIG))
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
-        hf = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp, dtype=torch.float32).to(device).train()
-        ours = load_hf(tmp, dtype=torch.float32, device=device, aux_loss_alpha=0.0).train()
+        model_args = ModelArgs.from_hf_config(tmp)
+        models = build_all(model_args, Path(tmp), device, max_seq_len=args.seq)
+        if args.compile:
+            models["ours compiled"] = apply_compile(load_hf(tmp, dtype=torch.float32, device=device,
+                                                            aux_loss_alpha=0.0).train(), "inductor")
     tokens = torch.randint(0, PEER_CONFIG["vocab_size"], (args.batch, args.seq), device=device)
+    forwards = {name: (lambda x, m=m: m(x).logits) if name == "transformers" else m for name, m in models.items()}
     with torch.no_grad():
-        diff = (ours(tokens) - hf(tokens).logits).abs().max().item()
-    print(f"max |logit difference| ours vs transformers: {diff:.2e}")
+        reference = forwards["transformers"](tokens)
+        for name, fwd in ((n, f) for n, f in forwards.items() if n != "transformers"):
+            print(f"max |logit difference| {name} vs transformers: {(fwd(tokens) - reference).abs().max().item():.2e}")
 
-    runs = {"transformers": (lambda x: hf(x).logits, list(hf.parameters())),
-            "ours": (ours, list(ours.parameters()))}
-    for fwd, params in runs.values():  # warm-up
+    runs = {name: (fwd, list(models[name].parameters())) for name, fwd in forwards.items()}
+    for fwd, params in runs.values():  # warm-up (twice: a compiled model compiles its backward on the first)
         step_time(fwd, params, tokens)
+        step_time(fwd, params, tokens)
+    names = list(runs)
     times = {name: [] for name in runs}
-    for i in range(args.pairs):
-        order = list(runs) if i % 2 == 0 else list(reversed(runs))
-        for name in order:
+    for i in range(args.pairs):  # rotate the order so no system always runs first
+        for name in names[i % len(names):] + names[:i % len(names)]:
             times[name].append(step_time(*runs[name], tokens))
     peak = measure_peak_flops(device)
-    flops_per_token = ours.args.flops_per_token(args.seq)
+    flops_per_token = model_args.flops_per_token(args.seq)
     n_tokens = args.batch * args.seq
     print(f"device {device}, {args.threads} threads, batch {args.batch} x seq {args.seq}, "
           f"GEMM peak {peak / 1e9:.1f} GFLOP/s, model {flops_per_token / 1e6:.2f} MFLOP/token")
     for name, ts in times.items():
         tps = n_tokens / statistics.median(ts)
         print(f"{name:>13}: {tps:10,.0f} tokens/s  MFU {100 * flops_per_token * tps / peak:5.1f}%")
-    ratios = [h / o for h, o in zip(times["transformers"], times["ours"])]
-    print(f"speed-up ours / transformers: median {statistics.median(ratios):.2f}x "
-          f"(min {min(ratios):.2f}x, max {max(ratios):.2f}x over {len(ratios)} pairs)")
+    for ours in (n for n in names if n.startswith("ours")):
+        for peer in (n for n in names if not n.startswith("ours")):
+            ratios = [p / o for p, o in zip(times[peer], times[ours])]
+            print(f"speed-up {ours} / {peer}: median {statistics.median(ratios):.2f}x "
+                  f"(min {min(ratios):.2f}x, max {max(ratios):.2f}x over {len(ratios)} rounds)")
 
 
 if __name__ == "__main__":

@@ -513,7 +513,7 @@ def test_text_inputs_are_checked_and_name_the_file(tmp_path):
     lines = tmp_path / "surrogate.jsonl"
     lines.write_text('{"text": "ok"}\n{"text": "bad \\ud800 here"}\n{"text": "fine"}\n')
     assert list(read_jsonl([str(lines)], on_bad_line="skip")) == ["ok", "fine"]
-    with pytest.raises(BadLineError, match=r"surrogate\.jsonl:2: text field 'text' is not valid Unicode"):
+    with pytest.raises(BadLineError, match=r"surrogate\.jsonl:2: field 'text' is not valid Unicode"):
         list(read_jsonl([str(lines)], on_bad_line="error"))
 
 

@@ -54,6 +54,8 @@ def _keep_moe_counters(module: nn.Module):
 def _checkpointed_forward(module: nn.Module, forward, *args, **kwargs):
     if not torch.is_grad_enabled():
         return forward(*args, **kwargs)
+    if not any(isinstance(m, MoE) for m in module.modules()):  # torch.compile traces checkpoints without context_fn
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
     return checkpoint(forward, *args, use_reentrant=False,
                       context_fn=lambda: (contextlib.nullcontext(), _keep_moe_counters(module)), **kwargs)
 

@@ -106,6 +106,10 @@ class TrainingSection:
     """A NaN/Inf loss or grad norm: skip the optimizer step, or stop the run."""
     max_consecutive_nonfinite: int = 5
     """With on_nonfinite="skip": stop after this many skipped steps in a row."""
+    compile: bool = False
+    """torch.compile each decoder block's forward (regional compilation, as torchtitan)."""
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
+    """The torch.compile backend; aot_eager traces the same graphs without generating code."""
 
     def problems(self) -> list[str]:
         out = _require([

@@ -17,6 +17,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from moonlight.config import ModelArgs
 from moonlight.model import Moonlight
 from moonlight.parallel import ParallelDims, build_mesh, cross_entropy_loss, parallelize_model
+from moonlight.parallel.compile import apply_compile
 from moonlight.parallel.data import apply_activation_checkpointing
 from moonlight.parallel.pipeline import build_pipeline_stages, build_schedule, pipeline_step, resolve_layout
 from moonlight.train.config import JobConfig
@@ -92,19 +93,24 @@ def build_layout(cfg: JobConfig, args: ModelArgs, world_size: int, device: torch
     if is_single_process(cfg, world_size):
         model = init_full_model()
         _materialise(model, device, cfg.training.seed)
+        if cfg.training.compile:
+            apply_compile(model, cfg.training.compile_backend)
         apply_activation_checkpointing(model, cfg.activation_checkpoint.mode)
         return Layout(model_parts=[model])
 
     p, t = cfg.parallelism, cfg.training
     dims, pp_layout = plan_layout(cfg, args, world_size)
     sequence_parallel = p.sequence_parallel and p.tp > 1
-    mesh = build_mesh(dims, device.type)
+    # A dry run on the meta device (moonlight.plan, over a fake process group) meshes like a CPU job.
+    mesh = build_mesh(dims, "cpu" if device.type == "meta" else device.type)
     full = init_full_model()
 
     def prepare(module: nn.Module, stage: int = 0) -> nn.Module:
         on_meta = next(module.parameters()).is_meta
         if not on_meta:
             module.to(device)
+        if t.compile:  # before the parallel plans wrap the blocks' forwards in checkpointing
+            apply_compile(module, t.compile_backend)
         parallelize_model(module, dims, mesh, sequence_parallel=sequence_parallel,
                           ac_mode=cfg.activation_checkpoint.mode, param_dtype=t.mixed_precision_param,
                           reduce_dtype=t.mixed_precision_reduce, reshard_after_forward=p.fsdp_reshard_after_forward)

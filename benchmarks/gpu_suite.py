@@ -1,0 +1,216 @@
+"""The model steps of benchmarks/gpu_suite.sh; each writes one JSON file into the results folder.
+
+    python benchmarks/gpu_suite.py slice|lora|generate|summary --out DIR [--cpu-smoke]
+
+slice     a bf16 training step (forward, backward, AdamW step) of a Moonlight-width slice: hidden
+          2048, 16 heads, kv_lora 512, 64 experts top-6, 2 shared, one dense + three MoE layers, seq 4096;
+          eager and compiled; MFU against the device's dense bf16 spec peak; torchtitan's DeepSeek-V3
+          model on the same slice when it imports (benchmarks/peers.py).
+lora      one GPU, Moonlight-16B with LoRA (configs/moonlight-16b-lora.toml through the trainer):
+          peak memory and tokens/s.
+generate  tokens/s of moonlight.generate, when that module exists.
+summary   merges the step files (and the kernel benchmark's) into gpu_suite.json and gpu_suite.md.
+--cpu-smoke runs the same code on CPU with tiny shapes and fp32, so the suite is known to work.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[0] = str(ROOT)  # benchmarks/kernels.py would shadow the `kernels` package
+
+import torch  # noqa: E402
+
+from moonlight.config import ModelArgs  # noqa: E402
+from moonlight.model import Moonlight  # noqa: E402
+from moonlight.parallel import cross_entropy_loss  # noqa: E402
+from moonlight.parallel.compile import apply_compile  # noqa: E402
+from moonlight.train.metrics import measure_peak_flops  # noqa: E402
+from moonlight.train.optim import build_optimizers  # noqa: E402
+
+# Dense bf16 tensor-core peaks from the vendors' spec sheets (SXM parts, without sparsity), FLOP/s.
+SPEC_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "B200": 2250e12,
+                  "L40S": 362e12, "A10": 125e12}
+
+
+def device_peak(device: torch.device) -> tuple[float, str]:
+    """(FLOP/s, where it came from): the spec table by device name, else a measured matmul."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in SPEC_BF16_PEAK.items():
+            if key in name:
+                return peak, f"spec dense bf16 peak of {key}"
+    return measure_peak_flops(device), "measured 2048^3 matmul (no spec peak for this device)"
+
+
+def slice_args(smoke: bool) -> tuple[ModelArgs, int, int]:
+    """(model args, batch, seq) of the benchmark slice."""
+    if smoke:
+        return ModelArgs.preset("debug", num_hidden_layers=4, first_k_dense_replace=1, kernels="auto"), 2, 64
+    return ModelArgs.preset("moonlight-16b-a3b", num_hidden_layers=4, first_k_dense_replace=1), 1, 4096
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step, device, warmup: int, steps: int) -> list[float]:
+    times = []
+    for i in range(warmup + steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def our_train_step(args: ModelArgs, device, dtype, tokens, compile_backend: str | None):
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = Moonlight(args)
+    model.to_empty(device=device)
+    model.init_weights()
+    model = model.to(dtype).train()
+    if compile_backend:
+        apply_compile(model, compile_backend)
+    # AdamW, as the torchtitan side runs, so the two steps do the same work (Muon's cost: train_step.py)
+    optimizers = build_optimizers(list(model.named_parameters()), name="adamw", lr=1e-4)
+
+    def step():
+        optimizers.zero_grad()
+        cross_entropy_loss(model(tokens), tokens).backward()
+        optimizers.step()
+    return step
+
+
+def run_slice(out: Path, smoke: bool) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float32 if smoke else torch.bfloat16
+    args, batch, seq = slice_args(smoke)
+    peak, peak_source = device_peak(device)
+    tokens = torch.randint(0, args.vocab_size, (batch, seq), device=device)
+    flops = args.flops_per_token(seq) * tokens.numel()
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "dtype": str(dtype).removeprefix("torch."), "batch": batch, "seq": seq, "peak_flops": peak,
+              "peak_source": peak_source, "flops_per_step": flops, "runs": {}}
+    backend = "aot_eager" if smoke else "inductor"  # smoke: no C++/Triton codegen, the same tracing
+    candidates = {"ours eager": lambda: our_train_step(args, device, dtype, tokens, None),
+                  f"ours compiled ({backend})": lambda: our_train_step(args, device, dtype, tokens, backend)}
+    try:
+        from benchmarks.peers import torchtitan_train_step  # torchtitan is in the [bench] extra
+        candidates["torchtitan eager"] = lambda: torchtitan_train_step(args, device, dtype, tokens)
+    except ImportError as e:
+        result["runs"]["torchtitan eager"] = {"skipped": f"not importable: {e}"}
+    for name, build in candidates.items():
+        try:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            times = time_steps(build(), device, warmup=1 if smoke else 2, steps=1 if smoke else 5)
+            median = statistics.median(times)
+            run = {"step_s": median, "tokens_per_s": tokens.numel() / median,
+                   "mfu_pct": 100 * flops / median / peak}
+            if device.type == "cuda":
+                run["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        except Exception as e:  # a peer that fails here is reported, the suite goes on
+            run = {"error": f"{type(e).__name__}: {e}"[:500]}
+        result["runs"][name] = run
+        print(f"slice {name}: {run}", flush=True)
+    return result
+
+
+def run_lora(out: Path, smoke: bool) -> dict:
+    from moonlight.train.config import load_config
+    from moonlight.train.trainer import Trainer
+
+    overrides = ["--training.steps=4", "--checkpoint.enable=false", "--checkpoint.initial_load_hf=",
+                 "--model.hf_config=", "--data.format=jsonl", "--data.path=data/corpus", "--data.tokenizer=byte",
+                 "--lr_scheduler.warmup_steps=1", "--metrics.log_freq=1", "--training.global_batch_size=1",
+                 "--training.local_batch_size=1", "--parallelism.dp_shard=1"]
+    if smoke:
+        overrides += ["--model.name=debug", "--training.seq_len=64", "--training.dtype=float32",
+                      "--training.mixed_precision_param=float32", "--training.mixed_precision_reduce=float32"]
+    else:
+        overrides += ["--training.seq_len=4096", "--training.dtype=bfloat16"]
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(str(ROOT / "configs" / "moonlight-16b-lora.toml"), [f"--job.dump_folder={tmp}", *overrides])
+        trainer = Trainer(cfg)
+        values = []
+        for _ in range(cfg.training.steps):
+            values.append(trainer.train_step())
+            trainer.step += 1
+    measured = values[1:]  # the first step warms up
+    result = {"model": cfg.model.name, "seq": cfg.training.seq_len,
+              "tokens_per_s": statistics.median(v["tokens_per_s"] for v in measured),
+              "peak_memory_gib": max(v["memory_gib"] for v in measured),
+              "loss_first_last": [values[0]["loss"], values[-1]["loss"]]}
+    print(f"lora: {result}", flush=True)
+    return result
+
+
+def run_generate(out: Path, smoke: bool) -> dict:
+    import moonlight.generate as generate  # gpu_suite.sh runs this step only when the module exists
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args, _, _ = slice_args(smoke)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = Moonlight(args)
+    model.to_empty(device=device)
+    model.init_weights()
+    model = model.to(torch.float32 if smoke else torch.bfloat16).eval()
+    prompt = torch.randint(0, args.vocab_size, (1, 16), device=device)
+    new = 8 if smoke else 256
+    try:
+        _sync(device)
+        t0 = time.perf_counter()
+        generate.generate(model, prompt, max_new_tokens=new)
+        _sync(device)
+        return {"tokens_per_s": new / (time.perf_counter() - t0), "new_tokens": new}
+    except Exception as e:  # its interface is still being written on another branch
+        return {"error": f"{type(e).__name__}: {e}"[:500]}
+
+
+def summary(out: Path) -> dict:
+    parts = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("step_*.json"))}
+    merged = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "steps": {k.removeprefix("step_"): v for k, v in parts.items()}}
+    (out / "gpu_suite.json").write_text(json.dumps(merged, indent=1))
+    lines = [f"# GPU suite summary ({merged['date']})", ""]
+    for name, value in merged["steps"].items():
+        lines.append(f"## {name}")
+        lines.append("")
+        lines.append("```")
+        lines.append(json.dumps(value, indent=1))
+        lines.append("```")
+        lines.append("")
+    (out / "gpu_suite.md").write_text("\n".join(lines))
+    return merged
+
+
+STEPS = {"slice": run_slice, "lora": run_lora, "generate": run_generate}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("step", choices=[*STEPS, "summary"])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--cpu-smoke", action="store_true")
+    a = ap.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    if a.step == "summary":
+        summary(a.out)
+        return
+    result = STEPS[a.step](a.out, a.cpu_smoke)
+    (a.out / f"step_{a.step}.json").write_text(json.dumps(result, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The one-shot GPU suite (under 8 minutes on one H200); results go to $OUT, else benchmarks/gpu_results/:
+# gpu_suite.json and gpu_suite.md, plus one JSON per step, written as each step ends so a timeout
+# still leaves numbers.
+#   bash benchmarks/gpu_suite.sh              on a GPU machine
+#   bash benchmarks/gpu_suite.sh --cpu-smoke  the same steps on CPU with tiny shapes (CI)
+# Steps: tests/test_kernels.py with real Triton; benchmarks/kernels.py (GB/s against the measured copy
+# bandwidth and the torch references); a bf16 training step of a Moonlight-width slice, eager and
+# compiled, beside torchtitan's (MFU against the dense bf16 spec peak); a Moonlight-16B LoRA step
+# (peak memory, tokens/s); generation tokens/s when moonlight/generate.py exists.
+set -u
+cd "$(dirname "$0")/.."
+SMOKE=""
+[ "${1:-}" = "--cpu-smoke" ] && SMOKE="--cpu-smoke"
+RESULTS="${OUT:-benchmarks/gpu_results}"
+mkdir -p "$RESULTS"
+rm -f "$RESULTS"/step_*.json
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+status=0
+
+record() {  # record NAME RC SECONDS: a step's exit status, for the summary
+  printf '{"exit_code": %d, "seconds": %d}\n' "$2" "$3" > "$RESULTS/step_${1}_status.json"
+  [ "$2" -eq 0 ] || status=1
+}
+
+run_step() {  # run_step NAME TIMEOUT_S COMMAND...: one step, its output in $RESULTS/NAME.log
+  local name=$1 limit=$2 start=$SECONDS
+  shift 2
+  echo "== $name (limit ${limit}s)"
+  timeout "$limit" "$@" 2>&1 | tee "$RESULTS/$name.log" | tail -n 25
+  record "$name" "${PIPESTATUS[0]}" $((SECONDS - start))
+}
+
+if [ -n "$SMOKE" ]; then  # the interpreter is slow: a quick subset of the kernel tests
+  run_step kernel_tests 120 python -m pytest -q -x tests/test_kernels.py -k "reference or rope_tables or resolve"
+else
+  run_step kernel_tests 150 python -m pytest -q -x tests/test_kernels.py
+fi
+run_step kernel_bench 90 python benchmarks/kernels.py --json "$RESULTS/step_kernel_bench.json"
+run_step slice 150 python benchmarks/gpu_suite.py slice --out "$RESULTS" $SMOKE
+run_step lora 120 python benchmarks/gpu_suite.py lora --out "$RESULTS" $SMOKE
+if [ -f moonlight/generate.py ]; then
+  run_step generate 60 python benchmarks/gpu_suite.py generate --out "$RESULTS" $SMOKE
+else
+  echo '{"skipped": "moonlight/generate.py does not exist on this branch"}' > "$RESULTS/step_generate.json"
+fi
+python benchmarks/gpu_suite.py summary --out "$RESULTS"
+echo "summary: $RESULTS/gpu_suite.json, $RESULTS/gpu_suite.md"
+exit $status

@@ -1,0 +1,278 @@
+"""Will a job fit? `python -m moonlight.plan --config configs/X.toml --world-size N [--gpu-memory-gib 80]`
+
+For a job config on N ranks it reports, for the most loaded rank of every pipeline stage:
+- parameter, gradient and optimizer-state bytes by dtype. These are not re-derived from layout rules:
+  the planner runs the trainer's own `build_layout` (which validates the layout with `plan_layout`
+  first) for that rank on the meta device over a fake process group, so FSDP/EP/TP/PP sharding is
+  exactly what the trainer builds, then builds the trainer's optimizers on those parameters
+  (`build_optimizers`: Muon vs AdamW, precision_aware master weights) and counts their state;
+- an activation estimate per micro-batch (`activation_bytes`, formula in its docstring);
+- FLOPs per token (`ModelArgs.flops_per_token`).
+It exits with code 2 and one line naming the fix when a layout is invalid or a rank does not fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch.testing._internal.distributed.fake_pg import FakeStore  # also registers the "fake" backend
+
+from moonlight.config import ModelArgs
+from moonlight.distributed import local_tensor
+from moonlight.dtypes import to_dtype
+from moonlight.errors import ConfigError, exit_on_user_error
+from moonlight.model import Moonlight
+from moonlight.model.lora import apply_lora
+from moonlight.train.config import JobConfig, parse_args
+from moonlight.train.layout import build_layout, is_single_process, plan_layout
+from moonlight.train.optim import AdamW, Muon, build_optimizers
+from moonlight.train.trainer import build_model_args
+
+GIB = 1024 ** 3
+
+
+@dataclass
+class RankPlan:
+    rank: int
+    description: str
+    params: Counter = field(default_factory=Counter)  # dtype name -> bytes of this rank's local shards
+    grads: Counter = field(default_factory=Counter)
+    optimizer: Counter = field(default_factory=Counter)
+    activations: int = 0  # bytes for the micro-batches this rank holds at once
+
+    @property
+    def total(self) -> int:
+        return sum(self.params.values()) + sum(self.grads.values()) + sum(self.optimizer.values()) + self.activations
+
+
+@dataclass
+class Plan:
+    world_size: int
+    layout: str
+    flops_per_token: float
+    ranks: list[RankPlan]
+
+    @property
+    def peak(self) -> RankPlan:
+        return max(self.ranks, key=lambda r: r.total)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    t = local_tensor(t)
+    return t.numel() * t.element_size()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> Counter:
+    """Bytes of the state `optimizer` creates for parameter `p` on its first step, by dtype (the rules
+    of moonlight.train.optim and torch.optim.AdamW; a test checks them against real steps)."""
+    local = local_tensor(p)
+    master = bool(optimizer.defaults.get("master_weights", False))
+    state_dtype = torch.float32 if master else local.dtype
+    n = local.numel()
+    out = Counter()
+    moments = 1 if isinstance(optimizer, Muon) else 2  # Muon: momentum; AdamW: exp_avg, exp_avg_sq
+    out[_dtype_name(state_dtype)] += moments * n * state_dtype.itemsize
+    if master:
+        out["float32"] += n * 4
+    if isinstance(optimizer, (AdamW, torch.optim.AdamW)):
+        out["float32"] += 4  # the fp32 step counter
+    return out
+
+
+def _count(rank: int, description: str, model_parts, cfg: JobConfig) -> RankPlan:
+    plan = RankPlan(rank, description)
+    named = [(n, p) for part in model_parts for n, p in part.named_parameters()]
+    for _, p in named:
+        plan.params[_dtype_name(p.dtype)] += _nbytes(p)
+        if p.requires_grad:  # FSDP2 hands back gradients in the parameter's dtype
+            plan.grads[_dtype_name(p.dtype)] += _nbytes(p)
+    o = cfg.optimizer
+    for optimizer in build_optimizers(named, name=o.name, precision_aware=o.precision_aware):
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                plan.optimizer.update(optimizer_state_bytes(optimizer, p))
+    return plan
+
+
+def _meta_model(cfg: JobConfig, args: ModelArgs):
+    """What Trainer._init_full_model builds, on the meta device: the model in training.dtype with its
+    LoRA/DoRA adapters."""
+    def build() -> Moonlight:
+        with torch.device("meta"):
+            model = Moonlight(args)
+        model = model.to(to_dtype(cfg.training.dtype))
+        lo = cfg.lora
+        if lo.enable:
+            try:
+                apply_lora(model, lo.targets, rank=lo.rank, alpha=lo.alpha, dora=lo.dora, dropout=lo.dropout)
+            except ValueError as e:
+                raise ConfigError(f"lora: {e} (lora.targets = {lo.targets})") from None
+        return model
+    return build
+
+
+def activation_bytes(args: ModelArgs, cfg: JobConfig, layer_ids: list[int], has_head: bool, tokens: int,
+                     tp: int = 1) -> int:
+    """Tensors autograd saves for backward in one micro-batch of `tokens` tokens.
+
+    Per token, in elements of the compute dtype c (mixed_precision_param, else training.dtype) unless
+    marked fp32, with h hidden, H heads (/tp), q = qk_head_dim, v = v_head_dim, r = kv_lora_rank,
+    p = qk_rope_head_dim, K = experts per token, I = moe_intermediate_size, S = shared experts x I,
+    D = intermediate_size, E = routed experts, V = vocab:
+      each RMSNorm       2h + 1 fp32 (input and normalised copy, rsqrt)
+      attention          h + 7Hq + Hv + (r + p) + 2r + H fp32 (logsumexp)
+      dense MLP          h + 4D
+      MoE                h + 3E fp32 + 2K + Kh (permuted rows) + 4KI + Kh (expert outputs) + h + 4S
+      head               norm + h + V + 2V fp32 (logits upcast and log-softmax)
+    activation_checkpoint "selective" keeps only the attention input (h) instead of the attention
+    terms; "full" keeps each block's input (h) and, during backward, one block's own terms. The
+    estimate is within 25% of what torch's saved-tensor hooks measure (tests/test_plan.py); it leaves
+    out the temporaries of a single op and the transient FSDP all-gather buffers.
+    """
+    c = to_dtype(cfg.training.mixed_precision_param if cfg.training.mixed_precision_param != "float32"
+                 else cfg.training.dtype).itemsize
+    h, heads = args.hidden_size, args.num_attention_heads // tp
+    q, v, r, p = args.qk_head_dim, args.v_head_dim, args.kv_lora_rank, args.qk_rope_head_dim
+    k, i, s = args.num_experts_per_tok, args.moe_intermediate_size, args.n_shared_experts * args.moe_intermediate_size
+    norm = (2 * h + 1) * 4
+    attention = (h + 7 * heads * q + heads * v + r + p + 2 * r) * c + heads * 4
+    mode = cfg.activation_checkpoint.mode
+
+    def block(layer_id: int) -> tuple[int, int]:
+        """(bytes kept until backward, bytes of the block's own saved tensors)."""
+        if args.is_moe_layer(layer_id):
+            ffn = (h + 2 * k + k * h + 4 * k * i + k * h + h + 4 * s) * c + 3 * args.n_routed_experts * 4
+        else:
+            ffn = (h + 4 * args.intermediate_size // tp) * c
+        own = 2 * norm + attention + ffn
+        if mode == "full":
+            return h * c, own
+        if mode == "selective":
+            return 2 * norm + h * c + ffn, own
+        return own, own
+
+    kept = [block(layer) for layer in layer_ids]
+    per_token = sum(k for k, _ in kept) + (max(own for _, own in kept) if mode == "full" and kept else 0)
+    if has_head:
+        per_token += norm + h * c + args.vocab_size // tp * (c + 8)
+    return per_token * tokens
+
+
+def _layers_of(model_parts) -> list[int]:
+    return [int(key) for part in model_parts for key in part.layers.keys()]
+
+
+def plan(cfg: JobConfig, world_size: int, args: ModelArgs | None = None) -> Plan:
+    """Per-rank memory of `cfg` on `world_size` ranks (the largest rank of each pipeline stage)."""
+    args = args or build_model_args(cfg)
+    p, t = cfg.parallelism, cfg.training
+    single = is_single_process(cfg, world_size)
+    dims = None if single else plan_layout(cfg, args, world_size)[0]  # the trainer's own checks, first
+    # FSDP gives the first ranks of a dimension the larger chunks, and every data/tensor/expert rank of
+    # a stage holds the same layers: rank 0 of each pipeline stage is its largest.
+    ranks = [0] if single else [stage * (world_size // p.pp) for stage in range(p.pp)]
+    rows, layout = [], "single process"
+    for rank in ranks:
+        own_group = not single and not dist.is_initialized()
+        if own_group:
+            dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # DTensor's RNG warning about CPU meshes
+                built = build_layout(cfg, args, world_size, torch.device("meta"), _meta_model(cfg, args))
+        finally:
+            if own_group:
+                dist.destroy_process_group()
+        layout = built.description
+        row = _count(rank, built.description, built.model_parts, cfg)
+        has_head = any(getattr(part, "lm_head", None) is not None for part in built.model_parts)
+        # A pipeline splits the local batch into micro-batches; under 1F1B stage s holds pp - s of them.
+        n_micro = built.microbatches_per_step
+        tokens = t.local_batch_size // n_micro * t.seq_len
+        in_flight = 1 if p.pp == 1 else min(n_micro, p.pp - rank // (world_size // p.pp))
+        row.activations = in_flight * activation_bytes(args, cfg, _layers_of(built.model_parts), has_head, tokens,
+                                                       tp=dims.tp if dims else 1)
+        rows.append(row)
+    return Plan(world_size, layout, args.flops_per_token(cfg.training.seq_len), rows)
+
+
+def check_fits(result: Plan, cfg: JobConfig, gpu_memory_gib: float) -> None:
+    """Raise ConfigError naming the fix when the most loaded rank needs more than the device holds."""
+    peak = result.peak
+    if peak.total <= gpu_memory_gib * GIB:
+        return
+    states = sum(peak.params.values()) + sum(peak.grads.values()) + sum(peak.optimizer.values())
+    if peak.activations > states:
+        fix = ("set activation_checkpoint.mode = 'full'" if cfg.activation_checkpoint.mode != "full"
+               else "lower training.local_batch_size or training.seq_len, or raise parallelism.tp")
+    else:
+        fix = "raise the world size (more FSDP/EP ranks), or use parallelism.pp / lora"
+    raise ConfigError(f"rank {peak.rank} needs {peak.total / GIB:.1f} GiB (parameters, gradients and optimizer "
+                      f"{states / GIB:.1f} GiB, activations {peak.activations / GIB:.1f} GiB) but the device holds "
+                      f"{gpu_memory_gib:g} GiB: {fix}")
+
+
+def _gib(counter: Counter) -> str:
+    parts = ", ".join(f"{dtype} {n / GIB:.2f}" for dtype, n in sorted(counter.items()))
+    return f"{sum(counter.values()) / GIB:.2f} GiB" + (f" ({parts})" if parts else "")
+
+
+def report(result: Plan, cfg: JobConfig) -> str:
+    t = cfg.training
+    lines = [f"layout: {result.layout}",
+             f"FLOPs/token (training, seq {t.seq_len}): {result.flops_per_token / 1e9:.2f} GFLOP; "
+             f"per step: {result.flops_per_token * t.global_batch_size * t.seq_len / 1e15:.1f} PFLOP"]
+    for row in result.ranks:
+        lines += [f"rank {row.rank}:",
+                  f"  parameters   {_gib(row.params)}",
+                  f"  gradients    {_gib(row.grads)}",
+                  f"  optimizer    {_gib(row.optimizer)}",
+                  f"  activations  {row.activations / GIB:.2f} GiB (estimate, +-25%; local batch "
+                  f"{t.local_batch_size} x {t.seq_len}, checkpointing {cfg.activation_checkpoint.mode})",
+                  f"  total        {row.total / GIB:.2f} GiB"]
+    return "\n".join(lines)
+
+
+def _placeholder_free(cfg: JobConfig) -> JobConfig:
+    """Recipes point at HF directories that may not exist here: plan from the preset then."""
+    hf = cfg.model.hf_config or cfg.checkpoint.initial_load_hf
+    if not hf or os.path.exists(os.path.expanduser(hf)):
+        return cfg
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, hf_config=""),
+                              checkpoint=dataclasses.replace(cfg.checkpoint, initial_load_hf=""))
+    print(f"[plan] {hf} does not exist here: using the {cfg.model.name!r} preset", flush=True)
+    return cfg
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m moonlight.plan", description=__doc__.splitlines()[0])
+    parser.add_argument("--world-size", type=int, required=True)
+    parser.add_argument("--gpu-memory-gib", type=float, default=80.0)
+    known, rest = parser.parse_known_args(argv)  # the rest: --config FILE and --section.key=value overrides
+
+    def run() -> int:
+        if known.world_size < 1:
+            raise ConfigError(f"--world-size must be >= 1 (got {known.world_size})")
+        cfg = _placeholder_free(parse_args(rest))
+        result = plan(cfg, known.world_size)
+        print(report(result, cfg), flush=True)
+        check_fits(result, cfg, known.gpu_memory_gib)
+        print(f"fits: the most loaded rank needs {result.peak.total / GIB:.1f} of {known.gpu_memory_gib:g} GiB")
+        return 0
+    return exit_on_user_error(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,32 @@
+"""benchmarks/gpu_suite.sh --cpu-smoke runs every step of the GPU suite with tiny shapes on CPU and writes
+the JSON and markdown summaries with each step's figures."""
+
+import json
+import os
+import pathlib
+import subprocess
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_cpu_smoke_writes_the_summary(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path)}
+    run = subprocess.run(["bash", "benchmarks/gpu_suite.sh", "--cpu-smoke"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    summary = json.loads((tmp_path / "gpu_suite.json").read_text())
+    steps = summary["steps"]
+    for name in ("kernel_tests", "kernel_bench", "slice", "lora"):
+        assert steps[f"{name}_status"]["exit_code"] == 0, name
+    assert steps["kernel_bench"] == [{"cpu_correctness_pass": True}]
+    runs = steps["slice"]["runs"]
+    assert {"ours eager", "ours compiled (aot_eager)", "torchtitan eager"} <= set(runs)
+    for name in ("ours eager", "ours compiled (aot_eager)"):
+        assert runs[name]["tokens_per_s"] > 0 and 0 < runs[name]["mfu_pct"] < 100, runs[name]
+    assert steps["slice"]["flops_per_step"] > 0 and steps["slice"]["peak_flops"] > 0
+    assert steps["lora"]["tokens_per_s"] > 0 and steps["lora"]["peak_memory_gib"] > 0
+    assert "generate" in steps
+    assert (tmp_path / "gpu_suite.md").read_text().startswith("# GPU suite summary")
