@@ -20,7 +20,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from moonlight.checkpoint.export import export_hf
+from moonlight.checkpoint.export import export_hf, export_peft_adapter
 from moonlight.checkpoint.format import DCP_METADATA
 from moonlight.checkpoint.state import Checkpointer
 from moonlight.config import ModelArgs
@@ -28,6 +28,7 @@ from moonlight.distributed import local_tensor
 from moonlight.dtypes import to_dtype
 from moonlight.errors import CheckpointError, ConfigError, NonFiniteError
 from moonlight.hf import HFCheckpoint
+from moonlight.hf_peft import load_peft_adapter
 from moonlight.model import Moonlight
 from moonlight.model.lora import apply_lora, count_params, hide_adapters, init_dora_magnitude, reset_lora_parameters
 from moonlight.parallel import load_hf_sharded, reduce_token_losses
@@ -153,6 +154,7 @@ class Trainer:
         self._nonfinite_in_a_row = 0
         self.checkpointer = self._build_checkpointer()
         self.exported_step: int | None = None
+        self.adapter_step: int | None = None
         resumed = self.step > 0
         self.metrics = MetricsLogger(cfg.job.dump_folder, self.rank, cfg.metrics.enable_tensorboard,
                                      cfg.metrics.tb_folder, resume_step=self.step)
@@ -220,6 +222,12 @@ class Trainer:
         if c.initial_load_hf and load_initial_weights(ckpt, c.initial_load_hf, lora=self.cfg.lora.enable):
             if self.rank == 0:
                 print(f"[moonlight] initialised the model from {c.initial_load_hf}", flush=True)
+        adapter = self.cfg.lora.init_adapter
+        if self.cfg.lora.enable and adapter and not (c.enable and ckpt.available_steps()):
+            for part in self.model_parts:  # after the base weights (and DoRA's magnitudes from them)
+                load_peft_adapter(part, os.path.abspath(os.path.expanduser(adapter)))
+            if self.rank == 0:
+                print(f"[moonlight] initialised the adapters from {adapter}", flush=True)
         return ckpt
 
     def _save(self, force: bool = False, final: bool = False) -> None:
@@ -230,6 +238,12 @@ class Trainer:
         if ((export == "each" and saved) or (export and final)) and self.exported_step != self.step:
             export_hf(self.model_parts, os.path.join(self.cfg.job.dump_folder, "hf", f"step-{self.step}"))
             self.exported_step = self.step
+        lora = self.cfg.lora
+        if lora.enable and ((lora.export_adapter == "each" and saved) or (lora.export_adapter and final)) \
+                and self.adapter_step != self.step:
+            export_peft_adapter(self.model_parts, os.path.join(self.cfg.job.dump_folder, "adapter", f"step-{self.step}"),
+                                dataclasses.asdict(lora))
+            self.adapter_step = self.step
 
     # ------------------------------------------------------------------- step
     def _forward_backward(self) -> torch.Tensor:
@@ -312,7 +326,7 @@ class Trainer:
         if finite:
             self._nonfinite_in_a_row = 0
             self.optimizers.step()
-            rate = self.cfg.moe.bias_update_rate
+            rate = self.cfg.moe.bias_rate(lora=self.cfg.lora.enable)
         else:
             self._handle_nonfinite(loss, grad_norm)
             rate = 0.0  # a bad step must not steer the router either
