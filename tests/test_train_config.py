@@ -41,7 +41,8 @@ def test_defaults_are_valid_and_have_the_required_keys():
         "checkpoint": ["enable", "interval", "keep_latest_k", "folder", "load_step", "initial_load_hf", "export_hf"],
         "metrics": ["log_freq", "enable_tensorboard", "device_peak_flops", "profile_start", "profile_steps"],
         "moe": ["bias_update_rate", "aux_loss_coeff"],
-        "lora": ["enable", "rank", "alpha", "dora", "dropout", "targets"],
+        "lora": ["enable", "rank", "alpha", "dora", "dropout", "targets", "export_adapter", "init_adapter"],
+        "validation": ["enable", "path", "format", "interval", "steps"],
     }
     d = cfg.to_dict()
     assert set(d) == set(required) == set(SECTIONS)

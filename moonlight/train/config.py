@@ -37,6 +37,7 @@ __all__ = [
     "ParallelismSection",
     "ActivationCheckpointSection",
     "DataSection",
+    "ValidationSection",
     "CheckpointSection",
     "MetricsSection",
     "MoESection",
@@ -254,6 +255,28 @@ class DataSection:
 
 
 @dataclass
+class ValidationSection:
+    enable: bool = False
+    path: str = ""
+    """Held-out data, read like data.path (same tokenizer, keys and seq_len; never shuffled)."""
+    format: Literal["", "jsonl", "hf", "megatron", "chat"] = ""
+    """"" = data.format."""
+    interval: int = 100
+    """Validate every `interval` steps and after the last one."""
+    steps: int = 4
+    """Batches per validation, each of training.global_batch_size sequences; the same ones every time."""
+
+    def problems(self) -> list[str]:
+        if not self.enable:
+            return []
+        return _require([
+            (bool(self.path), "validation.path must name the held-out data (or set validation.enable = false)"),
+            (self.interval >= 1, f"validation.interval must be >= 1 (got {self.interval})"),
+            (self.steps >= 1, f"validation.steps must be >= 1 (got {self.steps})"),
+        ])
+
+
+@dataclass
 class CheckpointSection:
     enable: bool = False
     interval: int = 100
@@ -364,6 +387,7 @@ SECTIONS: dict[str, type] = {
     "parallelism": ParallelismSection,
     "activation_checkpoint": ActivationCheckpointSection,
     "data": DataSection,
+    "validation": ValidationSection,
     "checkpoint": CheckpointSection,
     "metrics": MetricsSection,
     "moe": MoESection,
@@ -381,6 +405,7 @@ class JobConfig:
     parallelism: ParallelismSection = field(default_factory=ParallelismSection)
     activation_checkpoint: ActivationCheckpointSection = field(default_factory=ActivationCheckpointSection)
     data: DataSection = field(default_factory=DataSection)
+    validation: ValidationSection = field(default_factory=ValidationSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     moe: MoESection = field(default_factory=MoESection)

@@ -39,6 +39,7 @@ from moonlight.train.metrics import MetricsLogger, measure_peak_flops, memory_gi
 from moonlight.train.optim import (build_lr_scheduler, build_optimizers, clip_grad_norm_, expert_load_imbalance,
                                    update_router_biases)
 from moonlight.train.tokenizer import build_tokenizer
+from moonlight.train.validation import Validator
 
 # Models up to this size are initialised whole on every rank before sharding, so every parallel
 # layout starts from the same weights as a single-process run; larger ones initialise shard by shard.
@@ -149,6 +150,7 @@ class Trainer:
         if largest >= self.model_args.vocab_size:
             raise ConfigError(f"the data holds token id {largest} but the model's vocab_size is "
                               f"{self.model_args.vocab_size}: raise model vocab_size or change data.tokenizer")
+        self.validator = Validator(cfg, self.tokenizer, self.parallel, self.device) if cfg.validation.enable else None
         self.step = 0
         self._last_inputs = None
         self._nonfinite_in_a_row = 0
@@ -379,7 +381,9 @@ class Trainer:
                 while self.step < t.steps:
                     values = self.train_step()
                     self.step += 1
-                    if self.step % cfg.metrics.log_freq == 0 or self.step == t.steps:
+                    if self.validator is not None and self.validator.due(self.step, t.steps):
+                        values.update(self.validator.run())
+                    if self.step % cfg.metrics.log_freq == 0 or self.step == t.steps or "val_loss" in values:
                         self.metrics.log(self.step, values)
                     if self._stop_requested(sigterm["seen"]):
                         self._save(force=True)
