@@ -9,15 +9,15 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from moonlight import ModelArgs, Moonlight
 from moonlight.convert import main
-from moonlight.errors import CheckpointError
+from moonlight.errors import CheckpointError, ConfigError
 from moonlight.hf import save_hf
 from moonlight.hf_peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_peft_adapter, save_peft_adapter
-from moonlight.model.lora import apply_lora, hide_adapters, is_adapter_name
+from moonlight.model.lora import apply_lora, hide_adapters
 from moonlight.train.trainer import Trainer
-from tests.test_convert import _read_all
 from tests.test_lora import _cfg, _randomise_adapters, _tokens
 
 peft = pytest.importorskip("peft")
@@ -68,7 +68,6 @@ def test_peft_loads_our_adapter_with_our_logits(tmp_path, args, dora):
 
 
 def _read_all_adapter(path):
-    from safetensors.torch import load_file
     return load_file(os.path.join(path, ADAPTER_WEIGHTS))
 
 
@@ -157,3 +156,10 @@ def test_dcp_to_peft_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "full" / "x").write_text("")
     assert "--overwrite" in error("--dcp", str(plain / "checkpoint"), "--out", str(tmp_path / "full"))
     assert "step 7 not found" in error("--dcp", str(plain / "checkpoint"), "--step", "7", "--out", str(tmp_path / "o"))
+
+
+def test_adapter_settings_need_lora(tmp_path):
+    with pytest.raises(ConfigError, match="need lora.enable = true"):
+        _cfg(tmp_path, "--lora.enable=false", "--lora.export_adapter=end").validate()
+    with pytest.raises(CheckpointError, match="is not a PEFT adapter directory"):
+        Trainer(_cfg(tmp_path, "--training.steps=1", f"--lora.init_adapter={tmp_path}"))

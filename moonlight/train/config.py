@@ -368,7 +368,8 @@ class LoRASection:
 
     def problems(self) -> list[str]:
         if not self.enable:
-            return []
+            return _require([(not self.init_adapter and not self.export_adapter,
+                              "lora.init_adapter / lora.export_adapter need lora.enable = true")])
         return _require([
             (self.rank >= 1, f"lora.rank must be >= 1 (got {self.rank})"),
             (self.alpha > 0, f"lora.alpha must be > 0 (got {self.alpha})"),
