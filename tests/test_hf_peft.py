@@ -18,6 +18,7 @@ from moonlight.hf import save_hf
 from moonlight.hf_peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_peft_adapter, save_peft_adapter
 from moonlight.model.lora import apply_lora, hide_adapters
 from moonlight.train.trainer import Trainer
+from tests.dist import run_ranks
 from tests.test_lora import _cfg, _randomise_adapters, _tokens
 
 peft = pytest.importorskip("peft")
@@ -163,3 +164,20 @@ def test_adapter_settings_need_lora(tmp_path):
         _cfg(tmp_path, "--lora.enable=false", "--lora.export_adapter=end").validate()
     with pytest.raises(CheckpointError, match="is not a PEFT adapter directory"):
         Trainer(_cfg(tmp_path, "--training.steps=1", f"--lora.init_adapter={tmp_path}"))
+
+
+def _init_and_export(rank, world, folder, adapter):
+    Trainer(_cfg(folder, "--training.steps=1", "--lora.dora=true", "--optimizer.lr=0", f"--lora.init_adapter={adapter}",
+                 "--lora.export_adapter=end", "--parallelism.dp_shard=2")).train()
+
+
+@pytest.mark.slow
+def test_fsdp2_loads_and_exports_the_adapter_exactly(tmp_path):
+    """Sharded adapters: every rank keeps its slice of the file, and the export gathers them back (lr 0,
+    so the step leaves them as loaded)."""
+    source = _lora_model(ARGS, dora=True).float()
+    _randomise_adapters(source)
+    save_peft_adapter(source, ARGS, {"rank": 4, "alpha": 16.0, "dora": True, "dropout": 0.0}, tmp_path / "src")
+    run_ranks(_init_and_export, 2, str(tmp_path / "run"), str(tmp_path / "src"))
+    before, after = _read_all_adapter(tmp_path / "src"), _read_all_adapter(tmp_path / "run" / "adapter" / "step-1")
+    assert set(before) == set(after) and all(torch.equal(before[k], after[k]) for k in before)

@@ -234,17 +234,18 @@ class Trainer:
 
     def _save(self, force: bool = False, final: bool = False) -> None:
         """A checkpoint when one is due (or `force`), and the HF export that checkpoint.export_hf asks for
-        ("each": with every checkpoint; "end" and "each": at the end of training)."""
+        ("each": with every checkpoint; "end" and "each": at the end of training); likewise the PEFT
+        adapter of lora.export_adapter."""
         saved = self.checkpointer.save(self.step, force=force)
         export = self.cfg.checkpoint.export_hf
         if ((export == "each" and saved) or (export and final)) and self.exported_step != self.step:
             export_hf(self.model_parts, os.path.join(self.cfg.job.dump_folder, "hf", f"step-{self.step}"))
             self.exported_step = self.step
         lora = self.cfg.lora
-        if lora.enable and ((lora.export_adapter == "each" and saved) or (lora.export_adapter and final)) \
-                and self.adapter_step != self.step:
-            export_peft_adapter(self.model_parts, os.path.join(self.cfg.job.dump_folder, "adapter", f"step-{self.step}"),
-                                dataclasses.asdict(lora))
+        due = (lora.export_adapter == "each" and saved) or (lora.export_adapter and final)
+        if lora.enable and due and self.adapter_step != self.step:
+            path = os.path.join(self.cfg.job.dump_folder, "adapter", f"step-{self.step}")
+            export_peft_adapter(self.model_parts, path, dataclasses.asdict(lora))
             self.adapter_step = self.step
 
     # ------------------------------------------------------------------- step
