@@ -4,6 +4,7 @@
     python -m moonlight.convert hf-to-dcp --hf HF_DIR --out DCP_DIR [--overwrite]
     python -m moonlight.convert dcp-to-hf --dcp DCP_DIR --out HF_DIR [--config config.json | --model-preset NAME]
                                           [--dtype bfloat16] [--max-shard-size 5GB] [--step N] [--overwrite]
+    python -m moonlight.convert dcp-to-peft --dcp RUN/checkpoint --out ADAPTER_DIR [--step N] [--overwrite]
 
 - hf-to-dcp writes a MODEL-ONLY checkpoint (meta.json "contents": ["model"], step 0) with the
   tensors in the HF file's dtypes. Start a run from it by pointing `checkpoint.initial_load_hf` at
@@ -13,6 +14,9 @@
   complete step, or --step N), or an hf-to-dcp output, any number of saving ranks and any parallel
   layout (DCP reshards into full tensors); LoRA/DoRA adapters are merged. Model args come from
   meta.json unless --config (an HF config.json or its directory) or --model-preset is given.
+- dcp-to-peft reads only the LoRA/DoRA adapters of a [lora] run's checkpoint and writes a PEFT adapter
+  (adapter_config.json + adapter_model.safetensors) that `peft.PeftModel.from_pretrained` loads onto
+  the HF base model; rank, alpha and DoRA come from the checkpoint's meta.json.
 
 Memory: both directions hold the whole model once in CPU memory (about 32 GB for Moonlight-16B in
 bf16).
@@ -27,13 +31,14 @@ import sys
 import torch
 
 from moonlight.checkpoint import format as fmt
-from moonlight.checkpoint.export import load_dcp_model
+from moonlight.checkpoint.export import load_dcp_adapters, load_dcp_model
 from moonlight.config import ModelArgs
 from moonlight.dtypes import to_dtype
 from moonlight.errors import CheckpointError, ConfigError, exit_on_user_error
 from moonlight.hf import (HF_OUTPUT, HFCheckpoint, expected_shapes, hf_keys, is_expert_stack, parse_size, progress,
                           save_hf)
 from moonlight.outputs import check_output, check_replaceable
+from moonlight.hf_peft import PEFT_OUTPUT, save_peft_adapter
 
 
 def hf_to_dcp(hf: str, out: str, overwrite: bool = False) -> str:
@@ -84,6 +89,15 @@ def dcp_to_hf(dcp_dir: str, out: str, config: str | None = None, preset: str | N
     return os.path.abspath(out)
 
 
+def dcp_to_peft(dcp_dir: str, out: str, step: int = -1, overwrite: bool = False) -> str:
+    path = fmt.resolve_checkpoint(dcp_dir, step)
+    check_output(out, path)
+    check_replaceable(os.path.abspath(out), PEFT_OUTPUT, overwrite, "a PEFT adapter")
+    adapters, args, lora = load_dcp_adapters(path)
+    print(f"writing PEFT adapter ({len(adapters)} tensors) to {out}", file=sys.stderr)
+    return save_peft_adapter(adapters, args, lora, out, overwrite=overwrite)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m moonlight.convert",
                                 description="Convert Moonlight checkpoints between Hugging Face safetensors and "
@@ -104,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "biases stay float32")
     b.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
     b.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    c = sub.add_parser("dcp-to-peft", help="LoRA/DoRA run's DCP checkpoint -> PEFT adapter directory")
+    c.add_argument("--dcp", required=True, help="checkpoint directory step-N, or a folder of them (latest)")
+    c.add_argument("--out", required=True, help="output adapter directory")
+    c.add_argument("--step", type=int, default=-1, help="with a folder of step-N directories: which step")
+    c.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     return p
 
 
@@ -113,6 +132,8 @@ def run(ns: argparse.Namespace) -> str:
         if not os.path.isdir(ns.hf):
             raise CheckpointError(f"--hf {ns.hf}: no such directory")
         return hf_to_dcp(ns.hf, ns.out, overwrite=ns.overwrite)
+    if ns.command == "dcp-to-peft":
+        return dcp_to_peft(ns.dcp, ns.out, step=ns.step, overwrite=ns.overwrite)
     if ns.config and not os.path.exists(ns.config):
         raise CheckpointError(f"--config {ns.config}: no such file or directory")
     dtype = to_dtype(ns.dtype, what="--dtype")

@@ -16,7 +16,7 @@ LAYERS = {
     "moonlight.errors": 0, "moonlight.distributed": 0, "moonlight.dtypes": 0, "moonlight.outputs": 0,
     "moonlight.config": 1,
     "kernels": 2, "moonlight.model": 2, "moonlight": 2,  # the package root re-exports ModelArgs, Moonlight
-    "moonlight.hf": 3, "moonlight.checkpoint": 3,
+    "moonlight.hf": 3, "moonlight.hf_peft": 3, "moonlight.checkpoint": 3,
     "moonlight.parallel": 4,
     "moonlight.train": 5,
     "moonlight.convert": 6, "moonlight.generate": 6, "moonlight.plan": 6,

@@ -26,3 +26,11 @@ def test_recipe_validates_for_its_world_size(name):
     assert t.global_batch_size % (t.local_batch_size * dims.dp) == 0, "no whole number of accumulation steps"
     if layout:
         assert sum(layout) == args.num_hidden_layers
+
+
+@pytest.mark.parametrize("name", ["moonlight-16b-sft.toml", "moonlight-16b-lora.toml", "moonlight-16b-dora.toml"])
+def test_fine_tuning_recipes_train_on_chat_with_validation(name):
+    cfg = load_config(str(CONFIGS / name), [])
+    assert cfg.data.format == "chat" and cfg.validation.enable and cfg.validation.format == "chat"
+    if cfg.lora.enable:  # the router bias stays frozen and the adapter is exported for PEFT
+        assert cfg.moe.bias_rate(lora=True) == 0.0 and cfg.lora.export_adapter == "end"

@@ -41,7 +41,8 @@ def test_defaults_are_valid_and_have_the_required_keys():
         "checkpoint": ["enable", "interval", "keep_latest_k", "folder", "load_step", "initial_load_hf", "export_hf"],
         "metrics": ["log_freq", "enable_tensorboard", "device_peak_flops", "profile_start", "profile_steps"],
         "moe": ["bias_update_rate", "aux_loss_coeff"],
-        "lora": ["enable", "rank", "alpha", "dora", "dropout", "targets"],
+        "lora": ["enable", "rank", "alpha", "dora", "dropout", "targets", "export_adapter", "init_adapter"],
+        "validation": ["enable", "path", "format", "interval", "steps"],
     }
     d = cfg.to_dict()
     assert set(d) == set(required) == set(SECTIONS)
@@ -49,7 +50,8 @@ def test_defaults_are_valid_and_have_the_required_keys():
         for k in keys:
             assert k in d[sec], f"{sec}.{k}"
     assert cfg.optimizer.momentum == 0.95 and cfg.optimizer.nesterov and cfg.optimizer.ns_steps == 5
-    assert cfg.moe.bias_update_rate == 1e-3 and cfg.moe.aux_loss_coeff == 0.001
+    assert cfg.moe.bias_update_rate is None and cfg.moe.aux_loss_coeff == 0.001
+    assert cfg.moe.bias_rate(lora=False) == 1e-3 and cfg.moe.bias_rate(lora=True) == 0.0
     assert cfg.parallelism.dp_shard == -1 and cfg.checkpoint.load_step == -1
     assert os.path.isdir(os.path.join(REPO, cfg.data.path)), "default data.path must be the shipped corpus"
 

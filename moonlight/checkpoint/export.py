@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -27,18 +28,20 @@ from moonlight.config import ModelArgs
 from moonlight.dtypes import to_dtype
 from moonlight.errors import CheckpointError, CheckpointSaveError
 from moonlight.hf import progress, save_hf
+from moonlight.hf_peft import save_peft_adapter
 from moonlight.model import Moonlight
 from moonlight.model.lora import is_adapter_name, lora_scales, merge_lora_state_dict
 
 logger = logging.getLogger(__name__)
 
 
-def gather_full_state_dict(parts: list[nn.Module]) -> dict[str, torch.Tensor] | None:
+def gather_full_state_dict(parts: list[nn.Module], keys: Callable[[str], bool] | None = None
+                           ) -> dict[str, torch.Tensor] | None:
     """Full (unsharded) native state dict on CPU at rank 0 (None elsewhere); all ranks must call.
     Each tensor is all-gathered within its mesh (full_tensor) and, under pipeline parallel, sent
-    to rank 0 by the lowest rank holding it."""
+    to rank 0 by the lowest rank holding it. `keys` selects the tensors to gather (default: all)."""
     rank = distributed.rank()
-    local = model_state_dict(parts)
+    local = {k: v for k, v in model_state_dict(parts).items() if keys is None or keys(k)}
     everyone = distributed.all_gather_object({k: (tuple(v.shape), v.dtype) for k, v in local.items()})
     owner: dict[str, int] = {}
     for r, shapes in enumerate(everyone):
@@ -89,6 +92,21 @@ def model_from_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs, lora_sca
     return model
 
 
+def _write_on_rank0(write: Callable[[], None], what: str) -> None:
+    """Run `write` on rank 0; every rank raises if it failed there."""
+    err = None
+    if distributed.rank() == 0:
+        try:
+            write()
+        except BaseException as e:
+            err = e
+    err_msg = distributed.broadcast_object(None if err is None else fmt.short_error(err))
+    if err is not None:
+        raise err
+    if err_msg is not None:
+        raise CheckpointSaveError(f"{what} failed on rank 0: {err_msg}")
+
+
 def export_hf(parts: list[nn.Module], path: str | os.PathLike, dtype: torch.dtype | None = None,
               max_shard_size: int | str = "5GB") -> str:
     """Write the current model in HF format (config.json + safetensors, loadable by transformers) to
@@ -101,19 +119,30 @@ def export_hf(parts: list[nn.Module], path: str | os.PathLike, dtype: torch.dtyp
     dtype = dtype or to_dtype(args.torch_dtype)
     scales = {k: v for part in parts for k, v in lora_scales(part).items()}
     sd = gather_full_state_dict(parts)
-    err = None
-    if distributed.rank() == 0:
-        try:
-            model = model_from_state_dict(sd, args, scales, what="the gathered model")
-            save_hf(model, path, max_shard_size=max_shard_size, dtype=dtype, overwrite=True)
-            logger.info("checkpoint: exported HF checkpoint to %s", path)
-        except BaseException as e:
-            err = e
-    err_msg = distributed.broadcast_object(None if err is None else fmt.short_error(err))
-    if err is not None:
-        raise err
-    if err_msg is not None:
-        raise CheckpointSaveError(f"HF export to {path} failed on rank 0: {err_msg}")
+
+    def write():
+        model = model_from_state_dict(sd, args, scales, what="the gathered model")
+        save_hf(model, path, max_shard_size=max_shard_size, dtype=dtype, overwrite=True)
+        logger.info("checkpoint: exported HF checkpoint to %s", path)
+
+    _write_on_rank0(write, f"HF export to {path}")
+    return path
+
+
+def export_peft_adapter(parts: list[nn.Module], path: str | os.PathLike, lora_cfg: dict) -> str:
+    """Write the current LoRA/DoRA adapters (only they are gathered) as a PEFT adapter directory.
+    All ranks call; rank 0 writes. lora_cfg: the [lora] section as a dict."""
+    args = model_args_of(parts)
+    if args is None:
+        raise CheckpointError("export_peft_adapter: the model parts carry no ModelArgs (.args)")
+    path = os.path.abspath(os.fspath(path))
+    sd = gather_full_state_dict(parts, keys=is_adapter_name)
+
+    def write():
+        save_peft_adapter(sd, args, lora_cfg, path)
+        logger.info("checkpoint: exported the PEFT adapter to %s", path)
+
+    _write_on_rank0(write, f"PEFT adapter export to {path}")
     return path
 
 
@@ -166,3 +195,22 @@ def load_dcp_model(path: str, args: ModelArgs | None = None, hint: str = "") -> 
         modules = {k.removesuffix(".lora_a.weight") for k in adapters if k.endswith(".lora_a.weight")}
         scales = {name: lora["alpha"] / lora["rank"] for name in modules}
     return model_from_state_dict(sd, args, scales, what=path)
+
+
+def load_dcp_adapters(path: str) -> tuple[dict[str, torch.Tensor], ModelArgs, dict]:
+    """The LoRA/DoRA adapter tensors of a trainer checkpoint directory (full tensors, any saving
+    layout; the base weights are not read), its model args and its [lora] settings (meta.json)."""
+    meta = fmt.read_meta(path)
+    args = fmt.model_args_from_meta(meta)
+    lora = (meta.get("layout") or {}).get("lora")
+    if args is None or not lora:
+        raise CheckpointError(f"{path} is not a LoRA/DoRA run's checkpoint: its meta.json has no "
+                              f"{'model args' if args is None else '[lora] settings'}")
+    md = fmt.stored_tensors(path)
+    prefix = "model." if any(k.startswith("model.") for k in md) else ""
+    keys = [k for k in md if k.startswith(prefix) and is_adapter_name(k[len(prefix):])]
+    if not keys:
+        raise CheckpointError(f"{path} holds no adapter tensors (<linear>.lora_a.weight ...)")
+    state = {k: torch.empty(tuple(md[k].size), dtype=md[k].properties.dtype) for k in keys}
+    fmt.dcp_load(state, path)
+    return {k[len(prefix):]: v for k, v in state.items()}, args, lora

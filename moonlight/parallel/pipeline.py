@@ -393,8 +393,10 @@ def _discard_inference_forward(stages) -> list[_RestoreCountersOnce]:
 
 def pipeline_step(schedule, inputs: torch.Tensor | None, labels: torch.Tensor | None,
                   is_first: bool | None = None, is_last: bool | None = None,
-                  num_tokens: int | float | None = None, model_kwargs: dict | None = None) -> torch.Tensor | None:
-    """Forward + backward of one local batch through the pipeline.
+                  num_tokens: int | float | None = None, model_kwargs: dict | None = None,
+                  forward_only: bool = False) -> torch.Tensor | None:
+    """Forward + backward of one local batch through the pipeline (forward_only: the schedule's
+    eval(), no backward; call it under torch.no_grad).
 
     inputs (tokens [B, S]) are used on the rank holding the first stage, labels [B, S] on the rank
     holding the last one (pass them everywhere or None where unused). model_kwargs ([B, ...] tensors,
@@ -413,7 +415,8 @@ def pipeline_step(schedule, inputs: torch.Tensor | None, labels: torch.Tensor | 
         kwargs["loss_kwargs"] = {"num_tokens": num_tokens}
     hooks = _discard_inference_forward(stages) if _runs_metadata_inference(schedule) else []
     try:
-        schedule.step(*args, target=labels if is_last else None, losses=losses, return_outputs=False, **kwargs)
+        run = schedule.eval if forward_only else schedule.step
+        run(*args, target=labels if is_last else None, losses=losses, return_outputs=False, **kwargs)
     finally:
         for hook in hooks:
             hook.handle.remove()  # no-op when it already fired

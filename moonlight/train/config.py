@@ -21,6 +21,7 @@ import math
 import os
 import pathlib
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -38,6 +39,7 @@ __all__ = [
     "ParallelismSection",
     "ActivationCheckpointSection",
     "DataSection",
+    "ValidationSection",
     "CheckpointSection",
     "MetricsSection",
     "MoESection",
@@ -262,6 +264,28 @@ class DataSection:
 
 
 @dataclass
+class ValidationSection:
+    enable: bool = False
+    path: str = ""
+    """Held-out data, read like data.path (same tokenizer, keys and seq_len; never shuffled)."""
+    format: Literal["", "jsonl", "hf", "megatron", "chat"] = ""
+    """"" = data.format."""
+    interval: int = 100
+    """Validate every `interval` steps and after the last one."""
+    steps: int = 4
+    """Batches per validation, each of training.global_batch_size sequences; the same ones every time."""
+
+    def problems(self) -> list[str]:
+        if not self.enable:
+            return []
+        return _require([
+            (bool(self.path), "validation.path must name the held-out data (or set validation.enable = false)"),
+            (self.interval >= 1, f"validation.interval must be >= 1 (got {self.interval})"),
+            (self.steps >= 1, f"validation.steps must be >= 1 (got {self.steps})"),
+        ])
+
+
+@dataclass
 class CheckpointSection:
     enable: bool = False
     interval: int = 100
@@ -314,16 +338,24 @@ class MetricsSection:
 
 @dataclass
 class MoESection:
-    bias_update_rate: float = 1e-3
-    """Aux-loss-free balancing: b += rate * sign(mean_load - load); 0 freezes the bias."""
+    bias_update_rate: float | None = None
+    """Aux-loss-free balancing: b += rate * sign(mean_load - load); 0 freezes the bias. Unset: 1e-3,
+    or 0 (frozen) in a LoRA/DoRA run."""
     aux_loss_coeff: float = 0.001
     """Sequence-level balance loss coefficient; 0 disables it."""
 
     def problems(self) -> list[str]:
         return _require([
-            (self.bias_update_rate >= 0, f"moe.bias_update_rate must be >= 0 (got {self.bias_update_rate})"),
+            (self.bias_update_rate is None or self.bias_update_rate >= 0,
+             f"moe.bias_update_rate must be >= 0 (got {self.bias_update_rate})"),
             (self.aux_loss_coeff >= 0, f"moe.aux_loss_coeff must be >= 0 (got {self.aux_loss_coeff})"),
         ])
+
+    def bias_rate(self, lora: bool) -> float:
+        """The bias update rate in effect: as set, else 1e-3 (0 with LoRA: the base model stays frozen)."""
+        if self.bias_update_rate is not None:
+            return self.bias_update_rate
+        return 0.0 if lora else 1e-3
 
 
 @dataclass
@@ -341,10 +373,16 @@ class LoRASection:
         "attn.q_proj", "attn.q_a_proj", "attn.q_b_proj", "attn.kv_a_proj", "attn.kv_b_proj", "attn.o_proj"])
     """Module-name suffixes of the nn.Linear layers to adapt (default: the attention linears; the q
     projections that the model lacks, q_proj or q_a/q_b_proj, are skipped)."""
+    export_adapter: Literal["", "end", "each"] = ""
+    """Also write the adapters as a PEFT adapter (<dump_folder>/adapter/step-N): never, at the end, or
+    at each checkpoint save."""
+    init_adapter: str = ""
+    """A PEFT adapter directory to start the adapters from (loaded after the base weights)."""
 
     def problems(self) -> list[str]:
         if not self.enable:
-            return []
+            return _require([(not self.init_adapter and not self.export_adapter,
+                              "lora.init_adapter / lora.export_adapter need lora.enable = true")])
         return _require([
             (self.rank >= 1, f"lora.rank must be >= 1 (got {self.rank})"),
             (self.alpha > 0, f"lora.alpha must be > 0 (got {self.alpha})"),
@@ -363,6 +401,7 @@ SECTIONS: dict[str, type] = {
     "parallelism": ParallelismSection,
     "activation_checkpoint": ActivationCheckpointSection,
     "data": DataSection,
+    "validation": ValidationSection,
     "checkpoint": CheckpointSection,
     "metrics": MetricsSection,
     "moe": MoESection,
@@ -380,6 +419,7 @@ class JobConfig:
     parallelism: ParallelismSection = field(default_factory=ParallelismSection)
     activation_checkpoint: ActivationCheckpointSection = field(default_factory=ActivationCheckpointSection)
     data: DataSection = field(default_factory=DataSection)
+    validation: ValidationSection = field(default_factory=ValidationSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     moe: MoESection = field(default_factory=MoESection)
@@ -448,6 +488,8 @@ def _type_name(tp: Any) -> str:
         return f"list[{_type_name(typing.get_args(tp)[0])}]"
     if origin is dict:
         return "table"
+    if origin in (typing.Union, types.UnionType):
+        return _type_name(next(a for a in typing.get_args(tp) if a is not type(None)))
     return getattr(tp, "__name__", str(tp))
 
 
@@ -470,6 +512,8 @@ def _coerce(value: Any, tp: Any) -> Any:
     elif origin is dict:
         if isinstance(value, dict):
             return dict(value)
+    elif origin in (typing.Union, types.UnionType):  # `X | None`: TOML has no null, so the value is an X
+        return _coerce(value, next(a for a in typing.get_args(tp) if a is not type(None)))
     elif tp is float:  # inf and nan are never meaningful settings (lr=inf trains on garbage)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)

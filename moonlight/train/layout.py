@@ -37,6 +37,11 @@ class Pipeline:
              model_kwargs: dict | None = None) -> torch.Tensor | None:
         return pipeline_step(self.schedule, inputs, labels, num_tokens=num_tokens, model_kwargs=model_kwargs)
 
+    def eval(self, inputs: torch.Tensor, labels: torch.Tensor, model_kwargs: dict | None = None) -> torch.Tensor | None:
+        """Forward only: the sum of the token losses of the batch on the last stage's rank, else None."""
+        return pipeline_step(self.schedule, inputs, labels, num_tokens=1.0, model_kwargs=model_kwargs,
+                             forward_only=True)
+
 
 @dataclass
 class Layout:

@@ -95,7 +95,8 @@ class MetricsLogger:
                     self._tb.add_scalar(key, value, step)
         parts = [f"step {step:>5}", f"loss {values['loss']:.4f}"]
         for key, fmt in (("grad_norm", "{:.3f}"), ("lr", "{:.2e}"), ("tokens_per_s", "{:,.0f}"),
-                         ("mfu_pct", "{:.1f}%"), ("memory_gib", "{:.2f}GiB"), ("max_expert_load", "{:.2f}")):
+                         ("mfu_pct", "{:.1f}%"), ("memory_gib", "{:.2f}GiB"), ("max_expert_load", "{:.2f}"),
+                         ("val_loss", "{:.4f}"), ("val_ppl", "{:.2f}")):
             if key in values:
                 parts.append(f"{key} " + fmt.format(values[key]))
         print("  ".join(parts), flush=True)

@@ -20,7 +20,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from moonlight.checkpoint.export import export_hf
+from moonlight.checkpoint.export import export_hf, export_peft_adapter
 from moonlight.checkpoint.format import DCP_METADATA
 from moonlight.checkpoint.state import Checkpointer
 from moonlight.config import ModelArgs
@@ -28,6 +28,7 @@ from moonlight.distributed import broadcast_object, local_tensor
 from moonlight.dtypes import to_dtype
 from moonlight.errors import CheckpointError, ConfigError, NonFiniteError
 from moonlight.hf import HFCheckpoint
+from moonlight.hf_peft import load_peft_adapter
 from moonlight.model import Moonlight
 from moonlight.model.lora import apply_lora, count_params, hide_adapters, init_dora_magnitude, reset_lora_parameters
 from moonlight.parallel import load_hf_sharded, reduce_token_losses
@@ -39,6 +40,7 @@ from moonlight.train.metrics import MetricsLogger, measure_peak_flops, memory_gi
 from moonlight.train.optim import (build_lr_scheduler, build_optimizers, clip_grad_norm_, expert_load_imbalance,
                                    update_router_biases)
 from moonlight.train.tokenizer import build_tokenizer
+from moonlight.train.validation import Validator
 
 # Models up to this size are initialised whole on every rank before sharding, so every parallel
 # layout starts from the same weights as a single-process run; larger ones initialise shard by shard.
@@ -177,11 +179,13 @@ class Trainer:
         if largest >= self.model_args.vocab_size:
             raise ConfigError(f"the data holds token id {largest} but the model's vocab_size is "
                               f"{self.model_args.vocab_size}: raise model vocab_size or change data.tokenizer")
+        self.validator = Validator(cfg, self.tokenizer, self.parallel, self.device) if cfg.validation.enable else None
         self.step = 0
         self._last_inputs = None
         self._nonfinite_in_a_row = 0
         self.checkpointer = self._build_checkpointer()
         self.exported_step: int | None = None
+        self.adapter_step: int | None = None
         resumed = self.step > 0
         self.metrics = MetricsLogger(cfg.job.dump_folder, self.rank, cfg.metrics.enable_tensorboard,
                                      cfg.metrics.tb_folder, resume_step=self.step)
@@ -249,12 +253,19 @@ class Trainer:
         if c.initial_load_hf and load_initial_weights(ckpt, c.initial_load_hf, lora=self.cfg.lora.enable):
             if self.rank == 0:
                 print(f"[moonlight] initialised the model from {c.initial_load_hf}", flush=True)
+        adapter = self.cfg.lora.init_adapter
+        if self.cfg.lora.enable and adapter and not (c.enable and ckpt.available_steps()):
+            for part in self.model_parts:  # after the base weights (and DoRA's magnitudes from them)
+                load_peft_adapter(part, os.path.abspath(os.path.expanduser(adapter)))
+            if self.rank == 0:
+                print(f"[moonlight] initialised the adapters from {adapter}", flush=True)
         return ckpt
 
     def _save(self, force: bool = False, final: bool = False) -> None:
         """A checkpoint when one is due (or `force`), and the HF export that checkpoint.export_hf asks for
-        ("each": with every checkpoint; "end" and "each": at the end of training). None while steps are
-        being skipped as non-finite: the weights that produce them are no checkpoint to resume from."""
+        ("each": with every checkpoint; "end" and "each": at the end of training); likewise the PEFT
+        adapter of lora.export_adapter. None while steps are being skipped as non-finite: the weights
+        that produce them are no checkpoint to resume from."""
         if self._nonfinite_in_a_row:
             if self.checkpointer.due(self.step, force) and self.rank == 0:
                 print(f"[moonlight] WARNING step {self.step}: no checkpoint while steps are skipped as non-finite"
@@ -265,6 +276,12 @@ class Trainer:
         if ((export == "each" and saved) or (export and final)) and self.exported_step != self.step:
             export_hf(self.model_parts, os.path.join(self.cfg.job.dump_folder, "hf", f"step-{self.step}"))
             self.exported_step = self.step
+        lora = self.cfg.lora
+        due = (lora.export_adapter == "each" and saved) or (lora.export_adapter and final)
+        if lora.enable and due and self.adapter_step != self.step:
+            path = os.path.join(self.cfg.job.dump_folder, "adapter", f"step-{self.step}")
+            export_peft_adapter(self.model_parts, path, dataclasses.asdict(lora))
+            self.adapter_step = self.step
 
     # ------------------------------------------------------------------- step
     def _forward_backward(self) -> torch.Tensor:
@@ -347,7 +364,7 @@ class Trainer:
         if finite:
             self._nonfinite_in_a_row = 0
             self.optimizers.step()
-            rate = self.cfg.moe.bias_update_rate
+            rate = self.cfg.moe.bias_rate(lora=self.cfg.lora.enable)
         else:
             self._handle_nonfinite(loss, grad_norm)
             rate = 0.0  # a bad step must not steer the router either
@@ -416,7 +433,9 @@ class Trainer:
                 while self.step < t.steps:
                     values = self.train_step()
                     self.step += 1
-                    if self.step % cfg.metrics.log_freq == 0 or self.step == t.steps:
+                    if self.validator is not None and self.validator.due(self.step, t.steps):
+                        values.update(self.validator.run())
+                    if self.step % cfg.metrics.log_freq == 0 or self.step == t.steps or "val_loss" in values:
                         self.metrics.log(self.step, values)
                     if self._stop_requested(stop["signal"] is not None):
                         self._save(force=True)

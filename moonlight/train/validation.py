@@ -1,0 +1,83 @@
+"""Validation loss on held-out data ([validation]): forward only, in every parallel layout.
+
+    validator = Validator(cfg, tokenizer, layout, device)
+    if validator.due(step, last_step):
+        values.update(validator.run())          # {"val_loss": ..., "val_ppl": ...}, the same on every rank
+
+The held-out data is read like the training data (same tokenizer, keys, seq_len and data-parallel
+sharding, never shuffled) and every validation sees the same `validation.steps` global batches. The loss is
+masked like training: the sum of the cross-entropy over every target token (label != -100) of all
+batches and data-parallel ranks, divided by their number.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.distributed as dist
+
+from moonlight.parallel import reduce_token_losses
+from moonlight.train.config import JobConfig
+from moonlight.train.data import build_dataloader
+from moonlight.train.layout import Layout
+
+
+class Validator:
+    def __init__(self, cfg: JobConfig, tokenizer, layout: Layout, device: torch.device):
+        v, t = cfg.validation, cfg.training
+        data = dataclasses.replace(cfg.data, path=v.path, format=v.format or cfg.data.format, shuffle=False)
+        self.loader = build_dataloader(data, tokenizer, t.seq_len, t.local_batch_size, layout.dp_rank,
+                                       layout.dp_world, t.seed)
+        self.start = self.loader.state_dict()
+        self.document_mask = cfg.data.document_mask or data.format == "chat"
+        # each validation step is one global batch, whatever the layout: the same rows in every layout
+        self.interval, self.micro_batches = v.interval, v.steps * cfg.grad_accum_steps(layout.dp_world)
+        self.layout, self.device = layout, device
+
+    def due(self, step: int, last_step: int) -> bool:
+        return step % self.interval == 0 or step == last_step
+
+    @torch.no_grad()
+    def run(self) -> dict[str, float]:
+        """Every rank calls; returns val_loss and val_ppl (exp of the loss)."""
+        layout = self.layout
+        parts = layout.model_parts
+        counters = [m.tokens_per_expert for part in parts for m in part.moe_layers()]
+        saved = [c.clone() for c in counters]  # validation tokens must not steer the router bias
+        modes = [part.training for part in parts]
+        for part in parts:
+            part.eval()
+        self.loader.load_state_dict(self.start)
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        targets = 0
+        try:
+            for _ in range(self.micro_batches):
+                batch = self.loader.next_batch_with_info()
+                inputs, labels = batch.inputs.to(self.device), batch.labels.to(self.device)
+                targets += int((batch.labels != -100).sum())
+                packing = {}
+                if self.document_mask:
+                    packing = {"positions": batch.position_ids.to(self.device),
+                               "document_ids": batch.document_ids.to(self.device)}
+                if layout.pipeline is not None:
+                    loss = layout.pipeline.eval(inputs, labels, packing)
+                elif layout.loss_from_hidden:
+                    loss = reduce_token_losses(parts[0](inputs, labels=labels, **packing), labels, reduction="sum")
+                else:
+                    loss = layout.loss_fn(parts[0](inputs, **packing), labels, reduction="sum")
+                if loss is not None:
+                    loss_sum += loss.double()
+        finally:
+            for part, mode in zip(parts, modes):
+                part.train(mode)
+            for c, s in zip(counters, saved):
+                c.copy_(s)
+        # one rank per data-parallel replica holds the loss (last pipeline stage, tp rank 0)
+        held = torch.stack([loss_sum * layout.holds_loss,
+                            torch.tensor(float(targets * layout.holds_loss), device=self.device, dtype=torch.float64)])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(held)
+        val_loss = float(held[0] / held[1]) if held[1] > 0 else math.nan
+        return {"val_loss": val_loss, "val_ppl": math.exp(val_loss) if val_loss < 700 else math.inf}

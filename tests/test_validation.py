@@ -1,0 +1,91 @@
+"""[validation]: val_loss is the masked cross-entropy of the held-out batches (checked against a direct
+forward of the same batches), leaves training untouched, and is the single-process value under
+fsdp2, tp2 and pp2 (gloo, fp32)."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moonlight.errors import ConfigError
+from moonlight.train.config import load_config
+from moonlight.train.data import build_dataloader
+from moonlight.train.trainer import Trainer
+from tests.dist import run_ranks
+
+BASE = ["--training.steps=2", "--training.seq_len=64", "--training.global_batch_size=4",
+        "--training.local_batch_size=2", "--checkpoint.enable=false", "--metrics.log_freq=1",
+        "--metrics.device_peak_flops=1e11", "--lr_scheduler.warmup_steps=1", "--model.kernels=torch"]
+# chat validation (assistant tokens only are targets, conversations document-masked) of a text run
+VALIDATION = ["--validation.enable=true", "--validation.path=data/chat/sample.jsonl", "--validation.format=chat",
+              "--validation.interval=1", "--validation.steps=2"]
+
+
+def _cfg(folder, *extra):
+    return load_config("train.toml", BASE + [f"--job.dump_folder={folder}", *extra])
+
+
+def _records(folder):
+    with open(f"{folder}/metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_val_loss_equals_a_direct_forward_and_leaves_training_alone(tmp_path):
+    trainer = Trainer(_cfg(tmp_path / "val", *VALIDATION))
+    trainer.train()
+    records = _records(tmp_path / "val")
+    assert [("val_loss" in r) for r in records] == [True, True]
+
+    # independent: the same held-out rows, one plain forward, CE summed over targets / their count
+    cfg = trainer.cfg
+    data = cfg.data.__class__(**{**cfg.data.__dict__, "format": "chat", "path": cfg.validation.path,
+                                 "shuffle": False})
+    loader = build_dataloader(data, trainer.tokenizer, 64, 4, 0, 1, cfg.training.seed)
+    batches = [loader.next_batch_with_info() for _ in range(2)]
+    model = trainer.model_parts[0].eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for b in batches:
+            logits = model(b.inputs, positions=b.position_ids, document_ids=b.document_ids)
+            total += float(F.cross_entropy(logits.flatten(0, 1).double(), b.labels.flatten(), reduction="sum"))
+            count += int((b.labels != -100).sum())
+    assert 0 < count < sum(b.labels.numel() for b in batches)  # a masked loss: not every position counts
+    assert records[-1]["val_loss"] == pytest.approx(total / count, rel=1e-5)
+    assert records[-1]["val_ppl"] == pytest.approx(math.exp(total / count), rel=1e-5)
+
+    # validating changes nothing of the training run: losses, router biases and weights are bit-equal
+    plain = Trainer(_cfg(tmp_path / "plain"))
+    plain.train()
+    assert [r["loss"] for r in _records(tmp_path / "plain")] == [r["loss"] for r in records]
+    for (n, a), b in zip(plain.model_parts[0].state_dict().items(), trainer.model_parts[0].state_dict().values()):
+        assert torch.equal(a, b), n
+
+
+def test_validation_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="validation.path must name"):
+        _cfg(tmp_path, "--validation.enable=true").validate()
+    with pytest.raises(ConfigError, match=r"validation.steps must be >= 1 \(got 0\)"):
+        _cfg(tmp_path, *VALIDATION, "--validation.steps=0").validate()
+
+
+def _val_losses(rank, world, folder, extra):
+    Trainer(_cfg(folder, *VALIDATION, *extra)).train()
+    return [r["val_loss"] for r in _records(folder)] if rank == 0 else None
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    return _val_losses(0, 1, str(tmp_path_factory.mktemp("single")), [])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world, layout", [
+    (2, ["--parallelism.dp_shard=2"]),
+    (2, ["--parallelism.tp=2"]),
+    (2, ["--parallelism.pp=2", "--parallelism.pp_schedule=1F1B"]),
+], ids=["fsdp2", "tp2", "pp2_1f1b"])
+def test_val_loss_equals_single_process(world, layout, single, tmp_path):
+    losses = run_ranks(_val_losses, world, str(tmp_path), layout)[0]
+    assert losses == pytest.approx(single, rel=1e-4, abs=1e-5)
