@@ -13,14 +13,9 @@ import torch
 
 from moonlight.train.config import DataSection
 from moonlight.errors import DataError
-from moonlight.train.data import (
-    BadLineError,
-    MegatronIndexedDataset,
-    MegatronIndexedWriter,
-    build_dataloader,
-    build_megatron_from_jsonl,
-    load_documents,
-)
+from moonlight.train.data import build_dataloader, load_documents
+from moonlight.train.documents import BadLineError
+from moonlight.train.megatron import MegatronIndexedDataset, MegatronIndexedWriter, build_megatron_from_jsonl
 from moonlight.train.tokenizer import ByteTokenizer, build_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

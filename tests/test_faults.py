@@ -29,7 +29,8 @@ from moonlight.convert import main as convert_main
 from moonlight.errors import CheckpointError, ConfigError, DataError, NonFiniteError
 from moonlight.hf import HFCheckpoint, load_hf, save_hf
 from moonlight.train.config import load_config
-from moonlight.train.data import BadLineError, MegatronIndexedDataset, read_jsonl
+from moonlight.train.documents import BadLineError, read_jsonl
+from moonlight.train.megatron import MegatronIndexedDataset
 from moonlight.train.metrics import MetricsLogger
 from moonlight.train.tokenizer import build_tokenizer
 from moonlight.train.trainer import Trainer
@@ -520,7 +521,7 @@ def test_text_inputs_are_checked_and_name_the_file(tmp_path):
 def test_a_split_that_a_single_hf_dataset_lacks_is_refused(tmp_path):
     """Fault: data.split was ignored for hf data files (one dataset, no splits): training silently used
     all of them."""
-    from moonlight.train.data import read_hf
+    from moonlight.train.documents import read_hf
 
     (tmp_path / "d.jsonl").write_text('{"text": "a"}\n')
     with pytest.raises(DataError, match=r"one dataset without splits; data\.split='validation' cannot apply"):

@@ -1,0 +1,280 @@
+"""Documents: read text or conversations from jsonl files and local HF datasets, tokenise them, and
+keep the token ids of every document (DocumentStore). Malformed records are reported as
+"path:line: reason" and skipped or raised (data.on_bad_line); see moonlight.train.data for the
+formats and how documents are packed into training sequences."""
+
+from __future__ import annotations
+
+import glob as _glob
+import gzip
+import json
+import logging
+import os
+import zlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from moonlight.errors import DataError
+from moonlight.train.tokenizer import ByteTokenizer
+
+logger = logging.getLogger(__name__)
+
+MAX_REPORTED_BAD_LINES = 100
+ENCODE_CHUNK = 1024
+
+
+class BadLineError(DataError):
+    """A malformed input record; the message starts with "path:line:"."""
+
+
+# ============================================================== documents
+
+
+@dataclass
+class DocumentStore:
+    """Token documents: doc j is tokens[file_ids[j]][starts[j] : starts[j] + lengths[j]]
+    (special tokens are not included; they are added while packing)."""
+
+    tokens: list[np.ndarray]
+    file_ids: np.ndarray  # int32 [D]
+    starts: np.ndarray  # int64 [D]
+    lengths: np.ndarray  # int64 [D], all > 0
+    num_bad_lines: int = 0
+    bad_lines: list[str] | None = None
+    source: str = ""
+
+    @property
+    def num_documents(self) -> int:
+        return int(self.lengths.shape[0])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+    def document(self, j: int) -> np.ndarray:
+        a = int(self.starts[j])
+        return self.tokens[int(self.file_ids[j])][a : a + int(self.lengths[j])]
+
+    def fingerprint(self) -> int:
+        return zlib.crc32(self.lengths.astype(np.int64).tobytes())
+
+
+def expand_paths(path: str, exts: tuple[str, ...], what: str) -> list[str]:
+    """A file, a directory (files with one of exts, sorted, recursively) or a glob."""
+    path = os.path.expanduser(path)
+    if os.path.isfile(path):
+        return [path]
+    if os.path.isdir(path):
+        files = sorted(
+            os.path.join(root, f)
+            for root, _, fs in os.walk(path)
+            for f in fs
+            if f.endswith(exts)
+        )
+    else:
+        files = sorted(f for f in _glob.glob(path, recursive=True) if os.path.isfile(f))
+    if not files:
+        raise DataError(f"data.path {path!r}: no {what} files found (looked for {', '.join(exts)})")
+    return files
+
+
+def expand_paths_or_none(path: str) -> list[str]:
+    """The jsonl files at path, or [] when there are none (then it is read as an HF dataset)."""
+    try:
+        return expand_paths(path, (".jsonl", ".jsonl.gz"), "jsonl")
+    except FileNotFoundError:
+        return []
+
+
+class BadLines:
+    def __init__(self, on_bad_line: str) -> None:
+        if on_bad_line not in ("skip", "error"):
+            raise DataError(f"data.on_bad_line must be 'skip' or 'error', got {on_bad_line!r}")
+        self.mode = on_bad_line
+        self.count = 0
+        self.reported: list[str] = []
+
+    def __call__(self, where: str, reason: str) -> None:
+        msg = f"{where}: {reason}"
+        if self.mode == "error":
+            raise BadLineError(msg + " (set data.on_bad_line = \"skip\" to skip malformed records)")
+        self.count += 1
+        if len(self.reported) < MAX_REPORTED_BAD_LINES:
+            self.reported.append(msg)
+        if self.count <= 5:
+            logger.warning("data: skipping malformed record %s", msg)
+
+
+def _text_problem(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return f"is {type(value).__name__}, not a string"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # a JSON escape of a lone surrogate, e.g. "\ud800"
+        return f"is not valid Unicode ({e.reason} at {e.start})"
+    return None
+
+
+def read_jsonl(
+    paths: Sequence[str], text_key: str = "text", on_bad_line: str = "skip", bad: BadLines | None = None,
+    problem: Callable[[Any], str | None] = _text_problem,
+) -> Iterator[Any]:
+    """Yield field text_key of every well-formed line (`problem(value)` says why a value is not
+    usable, default: not a valid string); blank lines are ignored silently."""
+    bad = bad or BadLines(on_bad_line)
+    for path in paths:
+        for lineno, raw in _numbered_lines(path):
+            if not raw.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(raw.rstrip(b"\r\n"))
+            except UnicodeDecodeError as e:
+                bad(where, f"invalid UTF-8 ({e.reason})")
+                continue
+            except json.JSONDecodeError as e:
+                bad(where, f"invalid JSON: {e.msg} (column {e.colno})")
+                continue
+            if not isinstance(obj, dict):
+                bad(where, f"expected a JSON object, got {type(obj).__name__}")
+                continue
+            if text_key not in obj:
+                keys = ", ".join(list(obj)[:10])
+                bad(where, f"missing text field {text_key!r} (keys: {keys})")
+                continue
+            value = obj[text_key]
+            reason = problem(value)
+            if reason:
+                bad(where, f"field {text_key!r} {reason}")
+                continue
+            yield value
+
+
+def _numbered_lines(path: str) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw line) of a text or .gz file; a truncated or corrupt .gz is a DataError
+    naming the file and the line it stopped after."""
+    opener = gzip.open if path.endswith(".gz") else open
+    lineno = 0
+    try:
+        with opener(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                yield lineno, raw
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise DataError(f"{path}: corrupt or truncated gzip file after line {lineno} "
+                        f"({type(e).__name__}: {e})") from None
+
+
+_HF_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".arrow": "arrow", ".csv": "csv"}
+
+
+def is_saved_dataset(path: str) -> bool:
+    return os.path.isdir(path) and any(
+        os.path.exists(os.path.join(path, f)) for f in ("dataset_info.json", "state.json", "dataset_dict.json")
+    )
+
+
+def read_hf(path: str, text_key: str = "text", split: str = "train", on_bad_line: str = "skip",
+            bad: BadLines | None = None, problem: Callable[[Any], str | None] = _text_problem) -> Iterator[Any]:
+    """Texts of a local HF dataset (save_to_disk directory, or data files). Offline only."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import datasets
+
+    bad = bad or BadLines(on_bad_line)
+    path = os.path.expanduser(path)
+    if is_saved_dataset(path):
+        ds = datasets.load_from_disk(path)
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise DataError(f"data.path {path!r} has splits {list(ds)}, not data.split={split!r}")
+            ds = ds[split]
+        elif split != "train":  # a single dataset has no splits: the setting would be silently ignored
+            raise DataError(f"data.path {path!r} is a single dataset without splits; data.split={split!r} cannot "
+                            "apply (leave it at 'train', or save a DatasetDict)")
+        where0 = path
+    else:
+        files = expand_paths(path, tuple(_HF_BUILDERS), "dataset")
+        builders = {_HF_BUILDERS[os.path.splitext(f)[1]] for f in files if os.path.splitext(f)[1] in _HF_BUILDERS}
+        if len(builders) != 1:
+            raise DataError(f"data.path {path!r}: expected files of one kind ({', '.join(_HF_BUILDERS)}), got {files[:5]}")
+        if split != "train":
+            raise DataError(f"data.path {path!r}: data files form one dataset without splits; data.split={split!r} "
+                            "cannot apply (leave it at 'train', or point data.path at that split's files)")
+        ds = datasets.load_dataset(builders.pop(), data_files=files, split="train")
+        where0 = path
+    if text_key not in ds.column_names:
+        raise DataError(f"data.path {path!r}: no column data.text_key={text_key!r} (columns: {ds.column_names})")
+    row = 0
+    for chunk in ds.select_columns([text_key]).iter(batch_size=ENCODE_CHUNK):
+        for text in chunk[text_key]:
+            row += 1
+            reason = problem(text)
+            if reason:
+                bad(f"{where0}:row {row}", f"field {text_key!r}: {reason}")
+                continue
+            yield text
+
+
+def tokenize_texts(texts: Iterable[str], tokenizer: Any, source: str, bad: BadLines) -> DocumentStore:
+    byte_fast = isinstance(tokenizer, ByteTokenizer)
+    arrays: list[np.ndarray] = []
+    batch: list[str] = []
+
+    def flush() -> None:
+        if byte_fast:
+            arrays.extend(np.frombuffer(t.encode("utf-8"), dtype=np.uint8).astype(np.int32) for t in batch)
+        else:
+            arrays.extend(np.asarray(ids, dtype=np.int32) for ids in tokenizer.encode_batch(batch))
+        batch.clear()
+
+    for t in texts:
+        batch.append(t)
+        if len(batch) >= ENCODE_CHUNK:
+            flush()
+    flush()
+    lengths = np.fromiter((a.shape[0] for a in arrays), dtype=np.int64, count=len(arrays))
+    keep = lengths > 0
+    tokens = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int32)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if arrays else np.zeros(0, np.int64)
+    return DocumentStore(
+        tokens=[tokens],
+        file_ids=np.zeros(int(keep.sum()), dtype=np.int32),
+        starts=starts[keep],
+        lengths=lengths[keep],
+        num_bad_lines=bad.count,
+        bad_lines=bad.reported,
+        source=source,
+    )
+
+
+@dataclass
+class ChatStore(DocumentStore):
+    """Tokenised conversations (one document each) and, laid out like `tokens`, whether each token
+    is a training target (assistant content and its end-of-turn marker)."""
+
+    targets: list[np.ndarray] | None = None  # bool, parallel to tokens
+
+    def document_targets(self, j: int) -> np.ndarray:
+        a = int(self.starts[j])
+        return self.targets[int(self.file_ids[j])][a : a + int(self.lengths[j])]
+
+
+def tokenize_conversations(conversations: Iterable[list], template: Any, source: str, bad: BadLines) -> ChatStore:
+    arrays, flags = [], []
+    for messages in conversations:
+        ids, targets = template.encode(messages)
+        arrays.append(np.asarray(ids, dtype=np.int32))
+        flags.append(np.asarray(targets, dtype=bool))
+    lengths = np.fromiter((a.shape[0] for a in arrays), dtype=np.int64, count=len(arrays))
+    return ChatStore(
+        tokens=[np.concatenate(arrays) if arrays else np.zeros(0, np.int32)],
+        file_ids=np.zeros(len(arrays), dtype=np.int32),
+        starts=np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if arrays else np.zeros(0, np.int64),
+        lengths=lengths,
+        num_bad_lines=bad.count,
+        bad_lines=bad.reported,
+        source=source,
+        targets=[np.concatenate(flags) if flags else np.zeros(0, bool)],
+    )
