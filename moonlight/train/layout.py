@@ -15,6 +15,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from moonlight.config import ModelArgs
+from moonlight.distributed import init_single_process_group
+from moonlight.dtypes import to_dtype
 from moonlight.model import Moonlight
 from moonlight.parallel import ParallelDims, build_mesh, cross_entropy_loss, parallelize_model
 from moonlight.parallel.data import apply_activation_checkpointing
@@ -70,6 +72,11 @@ def is_single_process(cfg: JobConfig, world_size: int) -> bool:
     return world_size == 1 and p.tp == p.ep == p.pp == p.dp_replicate == 1 and p.dp_shard in (-1, 1)
 
 
+def is_mixed_precision(cfg: JobConfig) -> bool:
+    t = cfg.training
+    return any(to_dtype(d) != torch.float32 for d in (t.mixed_precision_param, t.mixed_precision_reduce))
+
+
 def plan_layout(cfg: JobConfig, args: ModelArgs, world_size: int) -> tuple[ParallelDims, list[int] | None]:
     """The degrees and the pipeline layout of a job on `world_size` ranks, validated against the model
     before anything is built (raises ConfigError / ParallelConfigError naming what to change)."""
@@ -89,13 +96,16 @@ def build_layout(cfg: JobConfig, args: ModelArgs, world_size: int, device: torch
     """Validate the degrees, build the meshes, split pipeline stages and apply the parallel plans.
     `init_full_model()` gives the whole model with its initial weights (on meta when too large to
     initialise whole: then every rank initialises its own shards)."""
-    if is_single_process(cfg, world_size):
-        model = init_full_model()
-        _materialise(model, device, cfg.training.seed)
-        apply_activation_checkpointing(model, cfg.activation_checkpoint.mode)
-        return Layout(model_parts=[model])
-
     p, t = cfg.parallelism, cfg.training
+    if is_single_process(cfg, world_size):
+        if not is_mixed_precision(cfg):
+            model = init_full_model()
+            _materialise(model, device, t.seed)
+            apply_activation_checkpointing(model, cfg.activation_checkpoint.mode)
+            return Layout(model_parts=[model])
+        # Mixed precision on one process: FSDP2 over a 1-rank mesh (as torchtitan) applies the same
+        # policy as with many ranks (fp32 stored params, low-precision compute), same parameter names.
+        init_single_process_group(device.type)
     dims, pp_layout = plan_layout(cfg, args, world_size)
     sequence_parallel = p.sequence_parallel and p.tp > 1
     mesh = build_mesh(dims, device.type)

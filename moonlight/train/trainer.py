@@ -83,6 +83,14 @@ def load_initial_weights(ckpt: Checkpointer, path: str, lora: bool = False) -> b
     return True
 
 
+def use_tf32(device: torch.device) -> None:
+    """fp32 matmuls and convolutions in TF32 on GPUs (fp32 runs, fp32 islands of bf16 runs); CPUs keep
+    full fp32, so CPU runs stay bit-identical."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+
+
 def init_distributed() -> tuple[int, int, torch.device]:
     """Join the torchrun job (NCCL on GPUs, gloo on CPU); a single process needs no process group."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -90,6 +98,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    use_tf32(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
