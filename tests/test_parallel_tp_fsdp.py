@@ -199,12 +199,14 @@ def _bf16_worker(rank, world_size):
     seen = {}
     for m in model.modules():
         if isinstance(m, Router):
-            m.register_forward_pre_hook(lambda mod, a: seen.update(router=mod.weight.dtype))
+            # grouped with its block (weight gathered in bf16), routing upcast to fp32 as in the HF reference
+            m.register_forward_hook(lambda mod, a, out: seen.update(router=(mod.weight.dtype, out[0].dtype,
+                                                                             out[2].dtype)))
     logits = model(inputs)
     assert logits.dtype == torch.bfloat16
     loss = cross_entropy_loss(logits, labels)
     loss.backward()
-    assert seen["router"] == torch.float32
+    assert seen["router"] == (torch.bfloat16, torch.float32, torch.float32)
     torch.testing.assert_close(loss.detach(), ref_loss, atol=0, rtol=2e-2)
     # bf16 noise can flip a few top-k choices, which moves the routed-expert gradients most.
     cos = sorted(float(torch.nn.functional.cosine_similarity(_full(p.grad).flatten(), ref_grads[n].flatten(), dim=0))

@@ -1,12 +1,12 @@
 """Data parallel (FSDP2 / HSDP) and activation checkpointing.
 
-FSDP2: one `fully_shard` unit per decoder block plus the root module (embedding, final norm,
-lm_head), over ``mesh["fsdp"]`` (``dp_shard``; ``(dp_replicate, dp_shard)`` for HSDP). With expert
+FSDP2: one `fully_shard` unit for the embedding, one per decoder block (its router included), one
+for the final norm with lm_head (not resharded after forward), plus the root, over ``mesh["fsdp"]`` (``dp_shard``; ``(dp_replicate, dp_shard)`` for HSDP). With expert
 parallel the routed experts (``block.ffn.experts``, already ``Shard(0)`` on ``mesh["ep"]``) get
 their own unit over ``mesh["expert_fsdp"]`` (``dp_shard // ep`` [x ``dp_replicate``]) and their
 gradients are divided by the full data-parallel degree (each expert's gradient sums the tokens of
-``ep`` data shards, see `moonlight.parallel.mesh`). With a low-precision ``param_dtype`` each
-MoE router is its own fp32 unit (routing is decided in fp32, like the reference's fp32 gate).
+``ep`` data shards, see `moonlight.parallel.mesh`); when that mesh has one rank and nothing needs
+casting they stay plain EP parameters outside every unit. Units prefetch their neighbours explicitly.
 
 Activation checkpointing (``ac_mode``):
 - ``"none"``.
@@ -83,35 +83,70 @@ def apply_activation_checkpointing(model: nn.Module, mode: str = "none") -> nn.M
 def apply_fsdp(model: nn.Module, mesh, *, param_dtype: str | torch.dtype = "float32",
                reduce_dtype: str | torch.dtype = "float32", reshard_after_forward: bool = True,
                ep_enabled: bool = False) -> nn.Module:
-    """fully_shard every block, (with EP) every block's routed experts, then the root module.
+    """fully_shard the embedding, every block (router included), (with EP) every block's routed
+    experts, the final norm with lm_head, then the root; set explicit prefetching between them.
 
     ``mesh`` is a `ParallelMesh`. Works on a pipeline stage module (missing embed/norm/lm_head)."""
     mp = MixedPrecisionPolicy(param_dtype=to_dtype(param_dtype), reduce_dtype=to_dtype(reduce_dtype))
+    mixed = any(d not in (None, torch.float32) for d in (mp.param_dtype, mp.reduce_dtype))
     dims = mesh.dims
     dense_mesh = mesh["fsdp"]
-    for block in model.layers.values():
+    shard = functools.partial(fully_shard, mesh=dense_mesh, mp_policy=mp)
+    if model.embed is not None:
+        shard(model.embed, reshard_after_forward=reshard_after_forward)
+    blocks, experts_of = list(model.layers.values()), {}
+    for block in blocks:
+        plain_experts = set()
         if ep_enabled and isinstance(block.ffn, MoE):
             experts = block.ffn.experts
-            expert_mesh = mesh["expert_fsdp"]
-            efsdp = mesh["dp_shard_mod_ep"].size()
-            local_experts = block.ffn.args.n_routed_experts // dims.ep
-
-            def placement(param, _dim=0 if local_experts % efsdp == 0 else 1):
-                return Shard(_dim)
-
-            fully_shard(experts, mesh=expert_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward,
-                        shard_placement_fn=placement)
-            # Each expert's gradient sums the tokens of its ep data shards; average over all dp shards.
-            experts.set_gradient_divide_factor(float(dims.dp))
-            if efsdp > 1:
-                # Plain SUM collectives + one division (gloo has no PREMUL_SUM). Not with a size-1 shard
-                # group: torch 2.13's FSDP2 then divides by the factor twice (copy path + post-divide).
-                experts.set_force_sum_reduction_for_comms(True)
-        if isinstance(block.ffn, MoE) and mp.param_dtype not in (None, torch.float32):
-            # Routing is decided in fp32 (as the reference keeps gate.weight fp32 in a bf16 model):
-            # gather the router weight in fp32, reduce its gradient in fp32.
-            fully_shard(block.ffn.router, mesh=dense_mesh, reshard_after_forward=reshard_after_forward,
-                        mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32))
-        fully_shard(block, mesh=dense_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=dense_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+            if mesh["expert_fsdp"].size() == 1 and not mixed:
+                # No rank left to shard over and nothing to cast: the experts stay plain EP-sharded
+                # parameters outside every unit (a unit would only copy them), their gradients scaled
+                # as FSDP would (each sums the tokens of ep data shards; average over all dp shards).
+                plain_experts = set(experts.parameters())
+                for p in plain_experts:
+                    p.register_hook(functools.partial(torch.div, other=float(dims.dp)))
+            else:
+                _shard_experts(experts, mesh, mp, reshard_after_forward)
+                experts_of[block] = experts
+        # The router rides with its block: its weight arrives in param_dtype and routing upcasts to
+        # fp32 in its forward (as the HF reference does in a bf16 model).
+        shard(block, reshard_after_forward=reshard_after_forward, ignored_params=plain_experts or None)
+    head = [m for m in (model.norm, model.lm_head) if m is not None]
+    if head:
+        # Its weights are needed again at the start of backward: never reshard them after forward.
+        shard(head, reshard_after_forward=False)
+    shard(model, reshard_after_forward=reshard_after_forward)
+    _set_prefetch(model.embed, blocks, experts_of, head[0] if head else None)
     return model
+
+
+def _shard_experts(experts: nn.Module, mesh, mp: MixedPrecisionPolicy, reshard_after_forward: bool) -> None:
+    """The routed experts (already Shard(0) on mesh["ep"]) as their own unit over mesh["expert_fsdp"]."""
+    dims = mesh.dims
+    efsdp = mesh["dp_shard_mod_ep"].size()
+    local_experts = experts.args.n_routed_experts // dims.ep
+
+    def placement(param, _dim=0 if local_experts % efsdp == 0 else 1):
+        return Shard(_dim)
+
+    fully_shard(experts, mesh=mesh["expert_fsdp"], mp_policy=mp, reshard_after_forward=reshard_after_forward,
+                shard_placement_fn=placement)
+    # Each expert's gradient sums the tokens of its ep data shards; average over all dp shards.
+    experts.set_gradient_divide_factor(float(dims.dp))
+    if efsdp > 1:
+        # Plain SUM collectives + one division (gloo has no PREMUL_SUM). Not with a size-1 shard
+        # group: torch 2.13's FSDP2 then divides by the factor twice (copy path + post-divide).
+        experts.set_force_sum_reduction_for_comms(True)
+
+
+def _set_prefetch(embed, blocks, experts_of, head) -> None:
+    """Explicit prefetch (as torchtitan): each unit gathers the next one's weights in forward and the
+    previous one's in backward. The implicit prefetch cannot see past a host sync (EP's split sizes)."""
+    def unit(module):
+        return [module] + ([experts_of[module]] if module in experts_of else [])
+
+    order = ([embed] if embed is not None else []) + blocks + ([head] if head is not None else [])
+    for current, nxt in zip(order, order[1:]):
+        current.set_modules_to_forward_prefetch(unit(nxt))
+        nxt.set_modules_to_backward_prefetch(unit(current))

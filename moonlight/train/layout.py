@@ -77,6 +77,12 @@ def is_mixed_precision(cfg: JobConfig) -> bool:
     return any(to_dtype(d) != torch.float32 for d in (t.mixed_precision_param, t.mixed_precision_reduce))
 
 
+def fsdp_reshard_after_forward(cfg: JobConfig) -> bool:
+    """torchtitan's rule unless the config forces it: reshard after forward except under pipeline
+    parallel, where a stage's backward needs the weights again soon after its forward."""
+    return {"always": True, "never": False}.get(cfg.parallelism.fsdp_reshard_after_forward, cfg.parallelism.pp == 1)
+
+
 def plan_layout(cfg: JobConfig, args: ModelArgs, world_size: int) -> tuple[ParallelDims, list[int] | None]:
     """The degrees and the pipeline layout of a job on `world_size` ranks, validated against the model
     before anything is built (raises ConfigError / ParallelConfigError naming what to change)."""
@@ -109,6 +115,7 @@ def build_layout(cfg: JobConfig, args: ModelArgs, world_size: int, device: torch
     dims, pp_layout = plan_layout(cfg, args, world_size)
     sequence_parallel = p.sequence_parallel and p.tp > 1
     mesh = build_mesh(dims, device.type)
+    reshard_after_forward = fsdp_reshard_after_forward(cfg)
     full = init_full_model()
 
     def prepare(module: nn.Module, stage: int = 0) -> nn.Module:
@@ -117,7 +124,7 @@ def build_layout(cfg: JobConfig, args: ModelArgs, world_size: int, device: torch
             module.to(device)
         parallelize_model(module, dims, mesh, sequence_parallel=sequence_parallel,
                           ac_mode=cfg.activation_checkpoint.mode, param_dtype=t.mixed_precision_param,
-                          reduce_dtype=t.mixed_precision_reduce, reshard_after_forward=p.fsdp_reshard_after_forward)
+                          reduce_dtype=t.mixed_precision_reduce, reshard_after_forward=reshard_after_forward)
         if on_meta:  # too large to initialise whole: each rank initialises its shards
             module.to_empty(device=device)
             torch.manual_seed(t.seed + stage)
