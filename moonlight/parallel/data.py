@@ -16,6 +16,11 @@ Activation checkpointing (``ac_mode``):
   per head and the SDPA state) while MoE recompute would repeat the token dispatch.
 - ``"full"``: each whole Block is recomputed (torch.utils.checkpoint, use_reentrant=False); only
   block inputs are kept.
+- ``"op"``: op-level selective checkpointing of each Block (torchtitan's): the outputs of the
+  expensive ops (`SAVED_OPS`: matmuls, grouped GEMMs, SDPA, all-to-all) are kept, the cheap ops
+  between them (norms, RoPE, activations, permutes) are recomputed. Not with routed experts that are
+  an FSDP unit of their own inside the block: FSDP's hooks replay a different op sequence in the
+  recompute (pytorch/torchtitan#3427).
 Checkpointing replaces the module's ``forward`` on the instance, so parameter names and state-dict
 keys do not change. The MoE load counters (``tokens_per_expert``) are restored after a recompute,
 so a checkpointed MoE counts each token once.
@@ -30,12 +35,26 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Shard
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+import kernels  # noqa: F401  (registers the moonlight:: ops named in SAVED_OPS)
 from moonlight.dtypes import to_dtype
 from moonlight.model import Block, MoE
 
-AC_MODES = ("none", "selective", "full")
+AC_MODES = ("none", "selective", "full", "op")
+
+_aten = torch.ops.aten
+# Ops whose outputs "op" checkpointing keeps (torchtitan's _save_list, with every matmul kept).
+SAVED_OPS = frozenset({
+    _aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten._grouped_mm.default,
+    torch.ops.moonlight.grouped_mm.default,
+    _aten._scaled_dot_product_flash_attention.default, _aten._scaled_dot_product_flash_attention_for_cpu.default,
+    _aten._scaled_dot_product_efficient_attention.default, _aten._scaled_dot_product_cudnn_attention.default,
+    _aten._scaled_dot_product_attention_math.default,
+    _aten._scaled_dot_product_fused_attention_overrideable.default, torch.ops.torch_attn._varlen_attn.default,
+    torch.ops._c10d_functional.all_to_all_single.default,
+    torch.ops._c10d_functional_autograd.all_to_all_single.default,
+})
 
 
 # ----------------------------------------------------------------------- activation checkpointing
@@ -51,18 +70,35 @@ def _keep_moe_counters(module: nn.Module):
             m.tokens_per_expert.copy_(s)
 
 
-def _checkpointed_forward(module: nn.Module, forward, *args, **kwargs):
+def _save_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+@contextlib.contextmanager
+def _op_level_recompute(module: nn.Module, recompute_context):
+    with _keep_moe_counters(module), recompute_context:
+        yield
+
+
+def _contexts(module: nn.Module, op_level: bool):
+    """(forward, recompute) contexts of one checkpointed call."""
+    if not op_level:
+        return contextlib.nullcontext(), _keep_moe_counters(module)
+    forward_context, recompute_context = create_selective_checkpoint_contexts(_save_policy)
+    return forward_context, _op_level_recompute(module, recompute_context)
+
+
+def _checkpointed_forward(module: nn.Module, op_level: bool, forward, *args, **kwargs):
     if not torch.is_grad_enabled():
         return forward(*args, **kwargs)
-    return checkpoint(forward, *args, use_reentrant=False,
-                      context_fn=lambda: (contextlib.nullcontext(), _keep_moe_counters(module)), **kwargs)
+    return checkpoint(forward, *args, use_reentrant=False, context_fn=lambda: _contexts(module, op_level), **kwargs)
 
 
-def _checkpoint_module(module: nn.Module):
+def _checkpoint_module(module: nn.Module, op_level: bool = False):
     if getattr(module, "_moonlight_ac", False):
         return
     forward = module.forward  # the bound class forward
-    module.forward = functools.partial(_checkpointed_forward, module, forward)
+    module.forward = functools.partial(_checkpointed_forward, module, op_level, forward)
     module._moonlight_ac = True
 
 
@@ -75,7 +111,7 @@ def apply_activation_checkpointing(model: nn.Module, mode: str = "none") -> nn.M
     for block in model.layers.values():
         if not isinstance(block, Block):
             raise TypeError(f"expected decoder Blocks in model.layers, found {type(block).__name__}")
-        _checkpoint_module(block if mode == "full" else block.attn)
+        _checkpoint_module(block.attn if mode == "selective" else block, op_level=mode == "op")
     return model
 
 

@@ -214,7 +214,7 @@ class ParallelismSection:
 
 @dataclass
 class ActivationCheckpointSection:
-    mode: Literal["none", "selective", "full"] = "none"
+    mode: Literal["none", "selective", "full", "op"] = "none"
 
     def problems(self) -> list[str]:
         return []
