@@ -57,14 +57,14 @@ class Layout:
     loss_from_hidden: bool = True
     description: str = "single process"
 
-    def reduce_loss(self, local_loss: torch.Tensor) -> float:
-        """The step's mean loss as every rank agrees on it."""
+    def reduce_loss(self, local_loss: torch.Tensor) -> torch.Tensor:
+        """The step's mean loss as every rank agrees on it (a device scalar: no host sync)."""
         if not dist.is_initialized() or dist.get_world_size() == 1:
-            return float(local_loss)
+            return local_loss.float()
         held = torch.stack([local_loss.float() * self.holds_loss,
                             torch.tensor(float(self.holds_loss), device=local_loss.device)])
         dist.all_reduce(held)
-        return float(held[0] / held[1]) if held[1] > 0 else math.nan
+        return torch.where(held[1] > 0, held[0] / held[1], math.nan)
 
 
 def is_single_process(cfg: JobConfig, world_size: int) -> bool:

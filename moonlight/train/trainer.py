@@ -306,16 +306,22 @@ class Trainer:
                     return f"parameter {name} (first non-finite gradient)"
         return "no non-finite value found on this rank"
 
+    def logs_step(self, step: int) -> bool:
+        """Whether the metrics of `step` (1-based) are logged."""
+        return step % self.cfg.metrics.log_freq == 0 or step == self.cfg.training.steps
+
     def train_step(self) -> dict[str, float]:
+        """One optimizer step. Reads ONE small device->host copy (loss and grad norm, for the
+        non-finite check); the other metrics are computed and read only on logged steps."""
         t = self.cfg.training
         start = time.perf_counter()
         self.optimizers.zero_grad()
         local_loss = self._forward_backward()
-        loss = self.parallel.reduce_loss(local_loss)
         params = [p for part in self.model_parts for p in part.parameters()]
         grad_norm = clip_grad_norm_(params, t.max_norm if t.max_norm > 0 else float("inf"),
                                     pp_group=self.parallel.pp_group)
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        loss, grad_norm = torch.stack([self.parallel.reduce_loss(local_loss), grad_norm.float()]).tolist()
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         moe_layers = [m for part in self.model_parts for m in part.moe_layers()]
         if finite:
@@ -335,13 +341,24 @@ class Trainer:
                   "tokens_per_s": tokens / elapsed, "step_time_s": elapsed,
                   "mfu_pct": 100 * self.flops_per_token * tokens / elapsed / (self.peak_flops * self.world_size),
                   "memory_gib": memory_gib(self.device), "skipped": not finite}
-        if counts is not None and counts.sum() > 0:
-            imbalance = expert_load_imbalance(counts)
-            values["max_expert_load"] = float(imbalance.max())
-            values["expert_load"] = [round(float(x), 3) for x in imbalance]
-            aux = [m.last_aux_loss for m in moe_layers if m.last_aux_loss is not None]
-            if aux:
-                values["aux_loss"] = float(sum(aux)) * self.n_forwards
+        if counts is not None and self.logs_step(self.step + 1):
+            values.update(self._moe_metrics(counts, moe_layers))
+        return values
+
+    def _moe_metrics(self, counts: torch.Tensor, moe_layers: list) -> dict:
+        """Expert-load imbalance per layer and the aux loss, read back in one copy."""
+        imbalance = expert_load_imbalance(counts)
+        aux = [m.last_aux_loss for m in moe_layers if m.last_aux_loss is not None]
+        aux_sum = sum(aux).float().reshape(1) if aux else imbalance.new_zeros(0)
+        routed, *read = torch.cat([counts.sum().reshape(1).to(imbalance.dtype), aux_sum.to(imbalance.dtype),
+                                   imbalance.flatten()]).tolist()
+        if routed <= 0:
+            return {}
+        values = {}
+        if aux:
+            values["aux_loss"] = read.pop(0) * self.n_forwards
+        values["max_expert_load"] = max(read)
+        values["expert_load"] = [round(x, 3) for x in read]
         return values
 
     def _handle_nonfinite(self, loss: float, grad_norm: float):
@@ -374,7 +391,7 @@ class Trainer:
                 while self.step < t.steps:
                     values = self.train_step()
                     self.step += 1
-                    if self.step % cfg.metrics.log_freq == 0 or self.step == t.steps:
+                    if self.logs_step(self.step):
                         self.metrics.log(self.step, values)
                     if self._stop_requested(sigterm["seen"]):
                         self._save(force=True)
