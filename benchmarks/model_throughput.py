@@ -22,7 +22,7 @@ import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
 
 from moonlight.hf import load_hf  # noqa: E402
-from moonlight.train.metrics import measure_peak_flops  # noqa: E402
+from moonlight.train.metrics import peak_flops  # noqa: E402
 
 PEER_CONFIG = dict(
     vocab_size=4096, hidden_size=256, intermediate_size=1024, moe_intermediate_size=256, num_hidden_layers=4,
@@ -75,7 +75,7 @@ def main():
         order = list(runs) if i % 2 == 0 else list(reversed(runs))
         for name in order:
             times[name].append(step_time(*runs[name], tokens))
-    peak = measure_peak_flops(device)
+    peak = peak_flops(device, torch.float32)
     flops_per_token = ours.args.flops_per_token(args.seq)
     n_tokens = args.batch * args.seq
     print(f"device {device}, {args.threads} threads, batch {args.batch} x seq {args.seq}, "

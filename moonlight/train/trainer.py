@@ -33,8 +33,8 @@ from moonlight.model.lora import apply_lora, count_params, hide_adapters, init_d
 from moonlight.parallel import load_hf_sharded, reduce_token_losses
 from moonlight.train.config import JobConfig
 from moonlight.train.data import build_dataloader
-from moonlight.train.layout import build_layout
-from moonlight.train.metrics import MetricsLogger, measure_peak_flops, memory_gib
+from moonlight.train.layout import build_layout, is_mixed_precision
+from moonlight.train.metrics import MetricsLogger, memory_gib, peak_flops
 from moonlight.train.optim import (build_lr_scheduler, build_optimizers, clip_grad_norm_, expert_load_imbalance,
                                    update_router_biases)
 from moonlight.train.tokenizer import build_tokenizer
@@ -165,7 +165,8 @@ class Trainer:
         resumed = self.step > 0
         self.metrics = MetricsLogger(cfg.job.dump_folder, self.rank, cfg.metrics.enable_tensorboard,
                                      cfg.metrics.tb_folder, resume_step=self.step)
-        self.peak_flops = cfg.metrics.device_peak_flops or measure_peak_flops(self.device)
+        compute_dtype = to_dtype(t.mixed_precision_param if is_mixed_precision(cfg) else t.dtype)
+        self.peak_flops = cfg.metrics.device_peak_flops or peak_flops(self.device, compute_dtype)
         self.flops_per_token = self.model_args.flops_per_token(t.seq_len)
         if self.rank == 0:
             os.makedirs(cfg.job.dump_folder, exist_ok=True)
