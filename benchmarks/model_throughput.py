@@ -27,7 +27,7 @@ from benchmarks.peers import build_all  # noqa: E402
 from moonlight.config import ModelArgs  # noqa: E402
 from moonlight.hf import load_hf  # noqa: E402
 from moonlight.parallel.compile import apply_compile  # noqa: E402
-from moonlight.train.metrics import measure_peak_flops  # noqa: E402
+from moonlight.train.metrics import peak_flops  # noqa: E402
 
 PEER_CONFIG = dict(
     vocab_size=4096, hidden_size=256, intermediate_size=1024, moe_intermediate_size=256, num_hidden_layers=4,
@@ -86,7 +86,7 @@ def main():
     for i in range(args.pairs):  # rotate the order so no system always runs first
         for name in names[i % len(names):] + names[:i % len(names)]:
             times[name].append(step_time(*runs[name], tokens))
-    peak = measure_peak_flops(device)
+    peak = peak_flops(device, torch.float32)
     flops_per_token = model_args.flops_per_token(args.seq)
     n_tokens = args.batch * args.seq
     print(f"device {device}, {args.threads} threads, batch {args.batch} x seq {args.seq}, "

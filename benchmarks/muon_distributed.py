@@ -152,7 +152,7 @@ def main():
     # parameters gathered once per step (no reshard after forward): FSDP then moves exactly what
     # distributed AdamW does, one gradient reduce-scatter + one parameter all-gather
     overrides = ["--training.seq_len=64", "--training.global_batch_size=8", "--model.kernels=torch",
-                 "--parallelism.fsdp_reshard_after_forward=false", "--metrics.device_peak_flops=1e11", *overrides]
+                 "--parallelism.fsdp_reshard_after_forward=never", "--metrics.device_peak_flops=1e11", *overrides]
     print(f"debug model, FSDP over all ranks, gloo on CPU, {args.steps} measured steps; per rank, median")
     print(f"{'ranks':>5} {'optimizer':>15} {'step s':>8} {'opt share':>9} {'FSDP MB/step':>12} {'Muon MB/step':>12} "
           f"{'(Muon+FSDP)/FSDP':>16} {'with bf16 NS':>12} {'NS GFLOP max/min':>14}")

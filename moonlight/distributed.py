@@ -45,6 +45,14 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def init_single_process_group(device_type: str) -> None:
+    """A one-rank process group (in-process store, no launcher), for a single process that still
+    wants the parallel machinery: FSDP2 on a 1-rank mesh applies the mixed-precision policy."""
+    if not is_distributed():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
+
+
 def p2p_device() -> torch.device:
     """Where point-to-point tensors must live for this backend (NCCL: the current GPU)."""
     if is_distributed() and "nccl" in str(dist.get_backend()).lower():

@@ -136,7 +136,9 @@ def test_hsdp_and_fsdp_x_tp_four_ranks():
 def test_activation_checkpointing_same_grads():
     run_ranks(_cases_worker, 4, [("fsdp2_tp2_sp_ac_full", dict(dp_shard=2, tp=2), True, "full"),
                                  ("fsdp2_tp2_sp_ac_selective", dict(dp_shard=2, tp=2), True, "selective"),
-                                 ("hsdp2x2_ac_full", dict(dp_replicate=2, dp_shard=2), False, "full")])
+                                 ("hsdp2x2_ac_full", dict(dp_replicate=2, dp_shard=2), False, "full"),
+                                 ("fsdp2_tp2_sp_ac_op", dict(dp_shard=2, tp=2), True, "op"),
+                                 ("fsdp2_ep2_tp2_sp_ac_op", dict(dp_shard=2, ep=2, tp=2), True, "op")])
 
 
 def test_expert_parallel_with_fsdp_hsdp_tp():
@@ -199,12 +201,14 @@ def _bf16_worker(rank, world_size):
     seen = {}
     for m in model.modules():
         if isinstance(m, Router):
-            m.register_forward_pre_hook(lambda mod, a: seen.update(router=mod.weight.dtype))
+            # grouped with its block (weight gathered in bf16), routing upcast to fp32 as in the HF reference
+            m.register_forward_hook(lambda mod, a, out: seen.update(router=(mod.weight.dtype, out[0].dtype,
+                                                                             out[2].dtype)))
     logits = model(inputs)
     assert logits.dtype == torch.bfloat16
     loss = cross_entropy_loss(logits, labels)
     loss.backward()
-    assert seen["router"] == torch.float32
+    assert seen["router"] == (torch.bfloat16, torch.float32, torch.float32)
     torch.testing.assert_close(loss.detach(), ref_loss, atol=0, rtol=2e-2)
     # bf16 noise can flip a few top-k choices, which moves the routed-expert gradients most.
     cos = sorted(float(torch.nn.functional.cosine_similarity(_full(p.grad).flatten(), ref_grads[n].flatten(), dim=0))
@@ -223,7 +227,7 @@ def test_activation_checkpointing_single_process():
 
     ref, inputs, labels = _reference()
     ref_loss, ref_grads, ref_counts = _reference_step(copy.deepcopy(ref), inputs, labels)
-    for mode in ("full", "selective"):
+    for mode in ("full", "selective", "op"):
         model = apply_activation_checkpointing(copy.deepcopy(ref), mode)
         loss, grads, counts = _reference_step(model, inputs, labels)
         assert set(dict(model.named_parameters())) == set(ref_grads)  # names unchanged

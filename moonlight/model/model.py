@@ -65,6 +65,16 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(args.kv_lora_rank, heads * (args.qk_nope_head_dim + args.v_head_dim), bias=False)
         self.o_proj = nn.Linear(heads * args.v_head_dim, h, bias=False)
         self.softmax_scale = args.qk_head_dim ** -0.5
+        self.pad_v: bool | None = None  # None: decided per call by `pads_v`
+
+    def pads_v(self, x: torch.Tensor, mask: DocumentMask | None) -> bool:
+        """Whether v is padded with zero channels to the qk head size for attention. On CPU the fused
+        (flash) kernel wants one head size (the math fallback for unequal sizes is ~3x slower), and so
+        does the varlen flash kernel; CUDA's SDPA takes the true v width (cuDNN on Hopper supports
+        qk 192 / v 128 and skips the padded FLOPs and copies)."""
+        if self.pad_v is not None:
+            return self.pad_v
+        return not x.is_cuda or (mask is not None and mask.varlen)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
                 mask: DocumentMask | None = None) -> torch.Tensor:
@@ -85,9 +95,7 @@ class MLA(nn.Module):
         kv = self.kv_b_proj(self.kv_norm(latent)).view(bsz, seqlen, -1, a.qk_nope_head_dim + a.v_head_dim)
         k_nope, v = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)
         k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, k_nope.shape[2], -1)], dim=-1)
-        # Fused (flash) SDPA kernels want one head size for q, k and v: pad v with zero channels and
-        # drop them after (the math fallback for unequal sizes is ~3x slower on CPU).
-        v_pad = a.qk_head_dim - a.v_head_dim
+        v_pad = a.qk_head_dim - a.v_head_dim if self.pads_v(x, mask) else 0
         if v_pad > 0:
             v = F.pad(v, (0, v_pad))
         if mask is None:

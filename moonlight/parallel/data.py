@@ -1,12 +1,12 @@
 """Data parallel (FSDP2 / HSDP) and activation checkpointing.
 
-FSDP2: one `fully_shard` unit per decoder block plus the root module (embedding, final norm,
-lm_head), over ``mesh["fsdp"]`` (``dp_shard``; ``(dp_replicate, dp_shard)`` for HSDP). With expert
+FSDP2: one `fully_shard` unit for the embedding, one per decoder block (its router included), one
+for the final norm with lm_head (not resharded after forward), plus the root, over ``mesh["fsdp"]`` (``dp_shard``; ``(dp_replicate, dp_shard)`` for HSDP). With expert
 parallel the routed experts (``block.ffn.experts``, already ``Shard(0)`` on ``mesh["ep"]``) get
 their own unit over ``mesh["expert_fsdp"]`` (``dp_shard // ep`` [x ``dp_replicate``]) and their
 gradients are divided by the full data-parallel degree (each expert's gradient sums the tokens of
-``ep`` data shards, see `moonlight.parallel.mesh`). With a low-precision ``param_dtype`` each
-MoE router is its own fp32 unit (routing is decided in fp32, like the reference's fp32 gate).
+``ep`` data shards, see `moonlight.parallel.mesh`); when that mesh has one rank and nothing needs
+casting they stay plain EP parameters outside every unit. Units prefetch their neighbours explicitly.
 
 Activation checkpointing (``ac_mode``):
 - ``"none"``.
@@ -16,6 +16,11 @@ Activation checkpointing (``ac_mode``):
   per head and the SDPA state) while MoE recompute would repeat the token dispatch.
 - ``"full"``: each whole Block is recomputed (torch.utils.checkpoint, use_reentrant=False); only
   block inputs are kept.
+- ``"op"``: op-level selective checkpointing of each Block (torchtitan's): the outputs of the
+  expensive ops (`SAVED_OPS`: matmuls, grouped GEMMs, SDPA, all-to-all) are kept, the cheap ops
+  between them (norms, RoPE, activations, permutes) are recomputed. Not with routed experts that are
+  an FSDP unit of their own inside the block: FSDP's hooks replay a different op sequence in the
+  recompute (pytorch/torchtitan#3427).
 Checkpointing replaces the module's ``forward`` on the instance, so parameter names and state-dict
 keys do not change. The MoE load counters (``tokens_per_expert``) are restored after a recompute,
 so a checkpointed MoE counts each token once.
@@ -30,12 +35,26 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Shard
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+import kernels  # noqa: F401  (registers the moonlight:: ops named in SAVED_OPS)
 from moonlight.dtypes import to_dtype
 from moonlight.model import Block, MoE
 
-AC_MODES = ("none", "selective", "full")
+AC_MODES = ("none", "selective", "full", "op")
+
+_aten = torch.ops.aten
+# Ops whose outputs "op" checkpointing keeps (torchtitan's _save_list, with every matmul kept).
+SAVED_OPS = frozenset({
+    _aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten._grouped_mm.default,
+    torch.ops.moonlight.grouped_mm.default,
+    _aten._scaled_dot_product_flash_attention.default, _aten._scaled_dot_product_flash_attention_for_cpu.default,
+    _aten._scaled_dot_product_efficient_attention.default, _aten._scaled_dot_product_cudnn_attention.default,
+    _aten._scaled_dot_product_attention_math.default,
+    _aten._scaled_dot_product_fused_attention_overrideable.default, torch.ops.torch_attn._varlen_attn.default,
+    torch.ops._c10d_functional.all_to_all_single.default,
+    torch.ops._c10d_functional_autograd.all_to_all_single.default,
+})
 
 
 # ----------------------------------------------------------------------- activation checkpointing
@@ -51,20 +70,37 @@ def _keep_moe_counters(module: nn.Module):
             m.tokens_per_expert.copy_(s)
 
 
-def _checkpointed_forward(module: nn.Module, forward, *args, **kwargs):
+def _save_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+@contextlib.contextmanager
+def _op_level_recompute(module: nn.Module, recompute_context):
+    with _keep_moe_counters(module), recompute_context:
+        yield
+
+
+def _contexts(module: nn.Module, op_level: bool):
+    """(forward, recompute) contexts of one checkpointed call."""
+    if not op_level:
+        return contextlib.nullcontext(), _keep_moe_counters(module)
+    forward_context, recompute_context = create_selective_checkpoint_contexts(_save_policy)
+    return forward_context, _op_level_recompute(module, recompute_context)
+
+
+def _checkpointed_forward(module: nn.Module, op_level: bool, forward, *args, **kwargs):
     if not torch.is_grad_enabled():
         return forward(*args, **kwargs)
-    if not any(isinstance(m, MoE) for m in module.modules()):  # torch.compile traces checkpoints without context_fn
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-    return checkpoint(forward, *args, use_reentrant=False,
-                      context_fn=lambda: (contextlib.nullcontext(), _keep_moe_counters(module)), **kwargs)
+    if not op_level and not any(isinstance(m, MoE) for m in module.modules()):
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)  # torch.compile traces it without context_fn
+    return checkpoint(forward, *args, use_reentrant=False, context_fn=lambda: _contexts(module, op_level), **kwargs)
 
 
-def _checkpoint_module(module: nn.Module):
+def _checkpoint_module(module: nn.Module, op_level: bool = False):
     if getattr(module, "_moonlight_ac", False):
         return
     forward = module.forward  # the bound class forward
-    module.forward = functools.partial(_checkpointed_forward, module, forward)
+    module.forward = functools.partial(_checkpointed_forward, module, op_level, forward)
     module._moonlight_ac = True
 
 
@@ -77,7 +113,7 @@ def apply_activation_checkpointing(model: nn.Module, mode: str = "none") -> nn.M
     for block in model.layers.values():
         if not isinstance(block, Block):
             raise TypeError(f"expected decoder Blocks in model.layers, found {type(block).__name__}")
-        _checkpoint_module(block if mode == "full" else block.attn)
+        _checkpoint_module(block.attn if mode == "selective" else block, op_level=mode == "op")
     return model
 
 
@@ -85,35 +121,70 @@ def apply_activation_checkpointing(model: nn.Module, mode: str = "none") -> nn.M
 def apply_fsdp(model: nn.Module, mesh, *, param_dtype: str | torch.dtype = "float32",
                reduce_dtype: str | torch.dtype = "float32", reshard_after_forward: bool = True,
                ep_enabled: bool = False) -> nn.Module:
-    """fully_shard every block, (with EP) every block's routed experts, then the root module.
+    """fully_shard the embedding, every block (router included), (with EP) every block's routed
+    experts, the final norm with lm_head, then the root; set explicit prefetching between them.
 
     ``mesh`` is a `ParallelMesh`. Works on a pipeline stage module (missing embed/norm/lm_head)."""
     mp = MixedPrecisionPolicy(param_dtype=to_dtype(param_dtype), reduce_dtype=to_dtype(reduce_dtype))
+    mixed = any(d not in (None, torch.float32) for d in (mp.param_dtype, mp.reduce_dtype))
     dims = mesh.dims
     dense_mesh = mesh["fsdp"]
-    for block in model.layers.values():
+    shard = functools.partial(fully_shard, mesh=dense_mesh, mp_policy=mp)
+    if model.embed is not None:
+        shard(model.embed, reshard_after_forward=reshard_after_forward)
+    blocks, experts_of = list(model.layers.values()), {}
+    for block in blocks:
+        plain_experts = set()
         if ep_enabled and isinstance(block.ffn, MoE):
             experts = block.ffn.experts
-            expert_mesh = mesh["expert_fsdp"]
-            efsdp = mesh["dp_shard_mod_ep"].size()
-            local_experts = block.ffn.args.n_routed_experts // dims.ep
-
-            def placement(param, _dim=0 if local_experts % efsdp == 0 else 1):
-                return Shard(_dim)
-
-            fully_shard(experts, mesh=expert_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward,
-                        shard_placement_fn=placement)
-            # Each expert's gradient sums the tokens of its ep data shards; average over all dp shards.
-            experts.set_gradient_divide_factor(float(dims.dp))
-            if efsdp > 1:
-                # Plain SUM collectives + one division (gloo has no PREMUL_SUM). Not with a size-1 shard
-                # group: torch 2.13's FSDP2 then divides by the factor twice (copy path + post-divide).
-                experts.set_force_sum_reduction_for_comms(True)
-        if isinstance(block.ffn, MoE) and mp.param_dtype not in (None, torch.float32):
-            # Routing is decided in fp32 (as the reference keeps gate.weight fp32 in a bf16 model):
-            # gather the router weight in fp32, reduce its gradient in fp32.
-            fully_shard(block.ffn.router, mesh=dense_mesh, reshard_after_forward=reshard_after_forward,
-                        mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32))
-        fully_shard(block, mesh=dense_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=dense_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+            if mesh["expert_fsdp"].size() == 1 and not mixed:
+                # No rank left to shard over and nothing to cast: the experts stay plain EP-sharded
+                # parameters outside every unit (a unit would only copy them), their gradients scaled
+                # as FSDP would (each sums the tokens of ep data shards; average over all dp shards).
+                plain_experts = set(experts.parameters())
+                for p in plain_experts:
+                    p.register_hook(functools.partial(torch.div, other=float(dims.dp)))
+            else:
+                _shard_experts(experts, mesh, mp, reshard_after_forward)
+                experts_of[block] = experts
+        # The router rides with its block: its weight arrives in param_dtype and routing upcasts to
+        # fp32 in its forward (as the HF reference does in a bf16 model).
+        shard(block, reshard_after_forward=reshard_after_forward, ignored_params=plain_experts or None)
+    head = [m for m in (model.norm, model.lm_head) if m is not None]
+    if head:
+        # Its weights are needed again at the start of backward: never reshard them after forward.
+        shard(head, reshard_after_forward=False)
+    shard(model, reshard_after_forward=reshard_after_forward)
+    _set_prefetch(model.embed, blocks, experts_of, head[0] if head else None)
     return model
+
+
+def _shard_experts(experts: nn.Module, mesh, mp: MixedPrecisionPolicy, reshard_after_forward: bool) -> None:
+    """The routed experts (already Shard(0) on mesh["ep"]) as their own unit over mesh["expert_fsdp"]."""
+    dims = mesh.dims
+    efsdp = mesh["dp_shard_mod_ep"].size()
+    local_experts = experts.args.n_routed_experts // dims.ep
+
+    def placement(param, _dim=0 if local_experts % efsdp == 0 else 1):
+        return Shard(_dim)
+
+    fully_shard(experts, mesh=mesh["expert_fsdp"], mp_policy=mp, reshard_after_forward=reshard_after_forward,
+                shard_placement_fn=placement)
+    # Each expert's gradient sums the tokens of its ep data shards; average over all dp shards.
+    experts.set_gradient_divide_factor(float(dims.dp))
+    if efsdp > 1:
+        # Plain SUM collectives + one division (gloo has no PREMUL_SUM). Not with a size-1 shard
+        # group: torch 2.13's FSDP2 then divides by the factor twice (copy path + post-divide).
+        experts.set_force_sum_reduction_for_comms(True)
+
+
+def _set_prefetch(embed, blocks, experts_of, head) -> None:
+    """Explicit prefetch (as torchtitan): each unit gathers the next one's weights in forward and the
+    previous one's in backward. The implicit prefetch cannot see past a host sync (EP's split sizes)."""
+    def unit(module):
+        return [module] + ([experts_of[module]] if module in experts_of else [])
+
+    order = ([embed] if embed is not None else []) + blocks + ([head] if head is not None else [])
+    for current, nxt in zip(order, order[1:]):
+        current.set_modules_to_forward_prefetch(unit(nxt))
+        nxt.set_modules_to_backward_prefetch(unit(current))

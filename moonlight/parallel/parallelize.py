@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from moonlight.dtypes import to_dtype
+from moonlight.errors import ParallelConfigError
 from moonlight.parallel.data import AC_MODES, apply_activation_checkpointing, apply_fsdp
 from moonlight.parallel.expert import apply_expert_parallel
 from moonlight.parallel.mesh import ParallelDims, ParallelMesh
@@ -35,8 +36,13 @@ def parallelize_model(model: nn.Module, dims: ParallelDims, mesh: ParallelMesh, 
         apply_tensor_parallel(model, mesh["tp"], sequence_parallel=sequence_parallel)
     if dims.ep > 1:
         apply_expert_parallel(model, mesh["ep"])
-    apply_activation_checkpointing(model, ac_mode)
     mixed = any(to_dtype(d) != torch.float32 for d in (param_dtype, reduce_dtype))
+    if ac_mode == "op" and dims.ep > 1 and (dims.dp_replicate * dims.dp_shard // dims.ep > 1 or mixed):
+        raise ParallelConfigError(
+            "activation_checkpoint.mode = 'op' does not work with expert parallel when the experts are "
+            "sharded or cast by FSDP (a PyTorch FSDP/selective-checkpoint bug, pytorch/torchtitan#3427): use "
+            "mode 'selective' or 'full', or fp32 with dp_shard = ep and dp_replicate = 1")
+    apply_activation_checkpointing(model, ac_mode)
     if dims.dp > 1 or mixed:
         apply_fsdp(model, mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype,
                    reshard_after_forward=reshard_after_forward, ep_enabled=dims.ep > 1)

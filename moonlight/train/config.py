@@ -201,7 +201,9 @@ class ParallelismSection:
     """Stages per pipeline rank (2+ for interleaved schedules, 2 for V schedules)."""
     pp_microbatches: int = 0
     """0 = automatic."""
-    fsdp_reshard_after_forward: bool = True
+    fsdp_reshard_after_forward: Literal["default", "always", "never"] = "default"
+    """Free each FSDP unit's gathered weights after its forward. "default" (torchtitan's rule): yes
+    without pipeline parallel, no with it (a stage's backward follows its forward soon)."""
 
     def problems(self) -> list[str]:
         """Each degree on its own; how they fit the world and the model is `ParallelDims.validate`'s."""
@@ -220,7 +222,7 @@ class ParallelismSection:
 
 @dataclass
 class ActivationCheckpointSection:
-    mode: Literal["none", "selective", "full"] = "none"
+    mode: Literal["none", "selective", "full", "op"] = "none"
 
     def problems(self) -> list[str]:
         return []

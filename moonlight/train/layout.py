@@ -15,6 +15,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from moonlight.config import ModelArgs
+from moonlight.distributed import init_single_process_group
+from moonlight.dtypes import to_dtype
 from moonlight.model import Moonlight
 from moonlight.parallel import ParallelDims, build_mesh, cross_entropy_loss, parallelize_model
 from moonlight.parallel.compile import apply_compile
@@ -61,19 +63,30 @@ class Layout:
     loss_from_hidden: bool = True
     description: str = "single process"
 
-    def reduce_loss(self, local_loss: torch.Tensor) -> float:
-        """The step's mean loss as every rank agrees on it."""
+    def reduce_loss(self, local_loss: torch.Tensor) -> torch.Tensor:
+        """The step's mean loss as every rank agrees on it (a device scalar: no host sync)."""
         if not dist.is_initialized() or dist.get_world_size() == 1:
-            return float(local_loss)
+            return local_loss.float()
         held = torch.stack([local_loss.float() * self.holds_loss,
                             torch.tensor(float(self.holds_loss), device=local_loss.device)])
         dist.all_reduce(held)
-        return float(held[0] / held[1]) if held[1] > 0 else math.nan
+        return torch.where(held[1] > 0, held[0] / held[1], math.nan)
 
 
 def is_single_process(cfg: JobConfig, world_size: int) -> bool:
     p = cfg.parallelism
     return world_size == 1 and p.tp == p.ep == p.pp == p.dp_replicate == 1 and p.dp_shard in (-1, 1)
+
+
+def is_mixed_precision(cfg: JobConfig) -> bool:
+    t = cfg.training
+    return any(to_dtype(d) != torch.float32 for d in (t.mixed_precision_param, t.mixed_precision_reduce))
+
+
+def fsdp_reshard_after_forward(cfg: JobConfig) -> bool:
+    """torchtitan's rule unless the config forces it: reshard after forward except under pipeline
+    parallel, where a stage's backward needs the weights again soon after its forward."""
+    return {"always": True, "never": False}.get(cfg.parallelism.fsdp_reshard_after_forward, cfg.parallelism.pp == 1)
 
 
 def plan_layout(cfg: JobConfig, args: ModelArgs, world_size: int) -> tuple[ParallelDims, list[int] | None]:
@@ -95,19 +108,23 @@ def build_layout(cfg: JobConfig, args: ModelArgs, world_size: int, device: torch
     """Validate the degrees, build the meshes, split pipeline stages and apply the parallel plans.
     `init_full_model()` gives the whole model with its initial weights (on meta when too large to
     initialise whole: then every rank initialises its own shards)."""
-    if is_single_process(cfg, world_size):
-        model = init_full_model()
-        _materialise(model, device, cfg.training.seed)
-        if cfg.training.compile:
-            apply_compile(model, cfg.training.compile_backend)
-        apply_activation_checkpointing(model, cfg.activation_checkpoint.mode)
-        return Layout(model_parts=[model])
-
     p, t = cfg.parallelism, cfg.training
+    if is_single_process(cfg, world_size):
+        if not is_mixed_precision(cfg):
+            model = init_full_model()
+            _materialise(model, device, t.seed)
+            if t.compile:
+                apply_compile(model, t.compile_backend)
+            apply_activation_checkpointing(model, cfg.activation_checkpoint.mode)
+            return Layout(model_parts=[model])
+        # Mixed precision on one process: FSDP2 over a 1-rank mesh (as torchtitan) applies the same
+        # policy as with many ranks (fp32 stored params, low-precision compute), same parameter names.
+        init_single_process_group(device.type)
     dims, pp_layout = plan_layout(cfg, args, world_size)
     sequence_parallel = p.sequence_parallel and p.tp > 1
     # A dry run on the meta device (moonlight.plan, over a fake process group) meshes like a CPU job.
     mesh = build_mesh(dims, "cpu" if device.type == "meta" else device.type)
+    reshard_after_forward = fsdp_reshard_after_forward(cfg)
     full = init_full_model()
 
     def prepare(module: nn.Module, stage: int = 0) -> nn.Module:
@@ -118,7 +135,7 @@ def build_layout(cfg: JobConfig, args: ModelArgs, world_size: int, device: torch
             apply_compile(module, t.compile_backend)
         parallelize_model(module, dims, mesh, sequence_parallel=sequence_parallel,
                           ac_mode=cfg.activation_checkpoint.mode, param_dtype=t.mixed_precision_param,
-                          reduce_dtype=t.mixed_precision_reduce, reshard_after_forward=p.fsdp_reshard_after_forward)
+                          reduce_dtype=t.mixed_precision_reduce, reshard_after_forward=reshard_after_forward)
         if on_meta:  # too large to initialise whole: each rank initialises its shards
             module.to_empty(device=device)
             torch.manual_seed(t.seed + stage)

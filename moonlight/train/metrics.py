@@ -8,6 +8,7 @@ import logging
 import os
 import resource
 import time
+import warnings
 
 import torch
 
@@ -31,6 +32,35 @@ def measure_peak_flops(device: torch.device, size: int = 2048, repeats: int = 5)
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
     return 2 * size**3 / best
+
+
+# Dense (no sparsity) bf16 tensor-core peak, TFLOP/s, by a substring of torch.cuda.get_device_name;
+# the first match wins (more specific names first). TF32 runs at half of it on these parts.
+GPU_BF16_PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.5), ("H100", 989.4), ("H200", 989.4),
+    ("GB200", 2500.0), ("B200", 2250.0), ("B100", 1750.0), ("A100", 312.0), ("L40S", 362.1),
+    ("MI300X", 1307.4), ("MI325X", 1307.4),
+)
+
+
+def spec_peak_flops(device_name: str, dtype: torch.dtype) -> float | None:
+    """The datasheet peak FLOP/s of a GPU for matmuls in `dtype` (fp32 as TF32), None if unknown."""
+    for key, tflops in GPU_BF16_PEAK_TFLOPS:
+        if key in device_name:
+            return tflops * 1e12 * (0.5 if dtype == torch.float32 else 1.0)
+    return None
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """The MFU denominator: the spec peak on a known GPU (a timed matmul includes launch latency and
+    under-reads the peak, overstating MFU), the timed matmul on CPUs and unknown GPUs."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        spec = spec_peak_flops(name, dtype)
+        if spec is not None:
+            return spec
+        warnings.warn(f"no spec peak for GPU {name!r}: MFU uses a timed matmul (set metrics.device_peak_flops)")
+    return measure_peak_flops(device)
 
 
 def memory_gib(device: torch.device) -> float:

@@ -591,9 +591,8 @@ def clip_grad_norm_(
         dist.all_reduce(total, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM, group=pp_group)
     if not inf:
         total = total.pow(1.0 / norm_type)
-    if not torch.isfinite(total):
-        return total
-    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    # No host sync: a non-finite norm scales by 1, leaving the grads as they are.
+    coef = torch.where(torch.isfinite(total), torch.clamp(max_norm / (total + 1e-6), max=1.0), 1.0)
     locals_ = [local_tensor(g) for g in grads]
     if locals_:
         buckets: dict = {}

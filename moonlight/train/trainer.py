@@ -34,9 +34,9 @@ from moonlight.model.lora import apply_lora, count_params, hide_adapters, init_d
 from moonlight.parallel import load_hf_sharded, reduce_token_losses
 from moonlight.train.config import JobConfig
 from moonlight.train.data import build_dataloader
-from moonlight.train.layout import build_layout
+from moonlight.train.layout import build_layout, is_mixed_precision
 from moonlight.train.lock import DumpFolderLock
-from moonlight.train.metrics import MetricsLogger, measure_peak_flops, memory_gib
+from moonlight.train.metrics import MetricsLogger, memory_gib, peak_flops
 from moonlight.train.optim import (build_lr_scheduler, build_optimizers, clip_grad_norm_, expert_load_imbalance,
                                    update_router_biases)
 from moonlight.train.tokenizer import build_tokenizer
@@ -86,6 +86,14 @@ def load_initial_weights(ckpt: Checkpointer, path: str, lora: bool = False) -> b
     return True
 
 
+def use_tf32(device: torch.device) -> None:
+    """fp32 matmuls and convolutions in TF32 on GPUs (fp32 runs, fp32 islands of bf16 runs); CPUs keep
+    full fp32, so CPU runs stay bit-identical."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+
+
 def init_distributed() -> tuple[int, int, torch.device]:
     """Join the torchrun job (NCCL on GPUs, gloo on CPU); a single process needs no process group."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -93,6 +101,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    use_tf32(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -189,7 +198,8 @@ class Trainer:
         resumed = self.step > 0
         self.metrics = MetricsLogger(cfg.job.dump_folder, self.rank, cfg.metrics.enable_tensorboard,
                                      cfg.metrics.tb_folder, resume_step=self.step)
-        self.peak_flops = cfg.metrics.device_peak_flops or measure_peak_flops(self.device)
+        compute_dtype = to_dtype(t.mixed_precision_param if is_mixed_precision(cfg) else t.dtype)
+        self.peak_flops = cfg.metrics.device_peak_flops or peak_flops(self.device, compute_dtype)
         self.flops_per_token = self.model_args.flops_per_token(t.seq_len)
         if self.rank == 0:
             os.makedirs(cfg.job.dump_folder, exist_ok=True)
@@ -349,16 +359,22 @@ class Trainer:
                     return f"parameter {name} (first non-finite gradient)"
         return "no non-finite value found on this rank"
 
+    def logs_step(self, step: int) -> bool:
+        """Whether the metrics of `step` (1-based) are logged."""
+        return step % self.cfg.metrics.log_freq == 0 or step == self.cfg.training.steps
+
     def train_step(self) -> dict[str, float]:
+        """One optimizer step. Reads ONE small device->host copy (loss and grad norm, for the
+        non-finite check); the other metrics are computed and read only on logged steps."""
         t = self.cfg.training
         start = time.perf_counter()
         self.optimizers.zero_grad()
         local_loss = self._forward_backward()
-        loss = self.parallel.reduce_loss(local_loss)
         params = [p for part in self.model_parts for p in part.parameters()]
         grad_norm = clip_grad_norm_(params, t.max_norm if t.max_norm > 0 else float("inf"),
                                     pp_group=self.parallel.pp_group)
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        loss, grad_norm = torch.stack([self.parallel.reduce_loss(local_loss), grad_norm.float()]).tolist()
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         moe_layers = [m for part in self.model_parts for m in part.moe_layers()]
         if finite:
@@ -378,13 +394,24 @@ class Trainer:
                   "tokens_per_s": tokens / elapsed, "step_time_s": elapsed,
                   "mfu_pct": 100 * self.flops_per_token * tokens / elapsed / (self.peak_flops * self.world_size),
                   "memory_gib": memory_gib(self.device), "skipped": not finite}
-        if counts is not None and counts.sum() > 0:
-            imbalance = expert_load_imbalance(counts)
-            values["max_expert_load"] = float(imbalance.max())
-            values["expert_load"] = [round(float(x), 3) for x in imbalance]
-            aux = [m.last_aux_loss for m in moe_layers if m.last_aux_loss is not None]
-            if aux:
-                values["aux_loss"] = float(sum(aux)) * self.n_forwards
+        if counts is not None and self.logs_step(self.step + 1):
+            values.update(self._moe_metrics(counts, moe_layers))
+        return values
+
+    def _moe_metrics(self, counts: torch.Tensor, moe_layers: list) -> dict:
+        """Expert-load imbalance per layer and the aux loss, read back in one copy."""
+        imbalance = expert_load_imbalance(counts)
+        aux = [m.last_aux_loss for m in moe_layers if m.last_aux_loss is not None]
+        aux_sum = sum(aux).float().reshape(1) if aux else imbalance.new_zeros(0)
+        routed, *read = torch.cat([counts.sum().reshape(1).to(imbalance.dtype), aux_sum.to(imbalance.dtype),
+                                   imbalance.flatten()]).tolist()
+        if routed <= 0:
+            return {}
+        values = {}
+        if aux:
+            values["aux_loss"] = read.pop(0) * self.n_forwards
+        values["max_expert_load"] = max(read)
+        values["expert_load"] = [round(x, 3) for x in read]
         return values
 
     def _handle_nonfinite(self, loss: float, grad_norm: float):
@@ -435,7 +462,7 @@ class Trainer:
                     self.step += 1
                     if self.validator is not None and self.validator.due(self.step, t.steps):
                         values.update(self.validator.run())
-                    if self.step % cfg.metrics.log_freq == 0 or self.step == t.steps or "val_loss" in values:
+                    if self.logs_step(self.step) or "val_loss" in values:
                         self.metrics.log(self.step, values)
                     if self._stop_requested(stop["signal"] is not None):
                         self._save(force=True)
