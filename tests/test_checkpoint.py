@@ -18,7 +18,8 @@ from moonlight.checkpoint.format import list_checkpoints, read_meta
 from moonlight.checkpoint.state import Checkpointer
 from moonlight.errors import CheckpointError, CheckpointSaveError
 from moonlight.train.config import CheckpointSection
-from moonlight.train.optim import build_lr_scheduler, build_optimizers
+from moonlight.train.optim import build_optimizers
+from moonlight.train.schedule import build_lr_scheduler
 from moonlight.train.trainer import load_initial_weights
 from tests.dist import run_ranks
 

@@ -72,7 +72,8 @@ def test_module_entry_point(hf_dir, tmp_path):
 
 
 def test_trainer_checkpoint_to_hf_and_hf_to_trainer(hf_dir, tmp_path):
-    from moonlight.train.optim import build_lr_scheduler, build_optimizers
+    from moonlight.train.optim import build_optimizers
+    from moonlight.train.schedule import build_lr_scheduler
 
     # hf-to-dcp -> a run folder's step-0: the trainer resumes the weights from it
     main(["hf-to-dcp", "--hf", str(hf_dir), "--out", str(tmp_path / "run" / "checkpoint" / "step-0")])

@@ -12,17 +12,9 @@ import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-from moonlight.train.optim import (
-    AdamW,
-    Muon,
-    build_lr_scheduler,
-    build_optimizers,
-    clip_grad_norm_,
-    expert_load_imbalance,
-    lr_multiplier,
-    update_router_biases,
-    zeropower_via_newtonschulz,
-)
+from moonlight.train.balance import expert_load_imbalance, update_router_biases
+from moonlight.train.optim import AdamW, Muon, build_optimizers, clip_grad_norm_, zeropower_via_newtonschulz
+from moonlight.train.schedule import build_lr_scheduler, lr_multiplier
 from tests.dist import run_ranks
 
 LR, WD = 0.02, 0.1

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moonlight.train.config import load_config
-from moonlight.train.optim import expert_load_imbalance
+from moonlight.train.balance import expert_load_imbalance
 from moonlight.train.trainer import Trainer
 from tests.test_moe_sync import host_syncs
 

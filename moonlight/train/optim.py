@@ -1,4 +1,5 @@
-"""Optimizers, LR schedules, MoE bias balancing and gradient clipping for Moonlight training.
+"""Optimizers and gradient clipping for Moonlight training (the LR schedule is in
+moonlight.train.schedule, the MoE bias update in moonlight.train.balance).
 
 Muon is implemented exactly as Moonlight was trained (paper arXiv:2502.16982 and Moonshot's
 example): Nesterov momentum 0.95 (``buf = mu*buf + g``; ``update = g + mu*buf``), Newton-Schulz
@@ -28,8 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate
-from torch.optim.lr_scheduler import LambdaLR
+from torch.distributed.tensor import DTensor
 
 from moonlight.distributed import local_tensor
 from moonlight.train.muon import (NS_COEFFICIENTS, NSSettings, orthogonalise, plan_orthogonalisation,
@@ -42,13 +42,8 @@ __all__ = [
     "Muon",
     "AdamW",
     "Optimizers",
-    "LRSchedulers",
     "is_adamw_param_name",
     "build_optimizers",
-    "lr_multiplier",
-    "build_lr_scheduler",
-    "update_router_biases",
-    "expert_load_imbalance",
     "clip_grad_norm_",
 ]
 
@@ -377,168 +372,6 @@ def build_optimizers(
         else:
             opts.append(torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
     return Optimizers(opts)
-
-
-# --------------------------------------------------------------------------------------------
-# LR schedule
-# --------------------------------------------------------------------------------------------
-
-
-def lr_multiplier(
-    step: int,
-    warmup_steps: int,
-    total_steps: int,
-    decay_type: str = "cosine",
-    min_lr_ratio: float = 0.1,
-    decay_ratio: float = 0.2,
-) -> float:
-    """LR multiplier for 0-based optimizer step ``step``.
-
-    Warmup (step < warmup_steps): ``(step + 1) / (warmup_steps + 1)`` — the first step uses
-    lr/(warmup+1), reaching 1.0 at step == warmup_steps. Then decay to ``min_lr_ratio`` at
-    step == total_steps (held there afterwards):
-      cosine: min + (1-min) * 0.5*(1 + cos(pi * p)), p = (step-warmup)/(total-warmup)
-      linear: min + (1-min) * (1 - p)
-      wsd:    1.0 (stable) until the last ``decay_ratio * total_steps`` steps, then linear to min.
-    """
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    m = min_lr_ratio
-    if decay_type == "wsd":
-        decay_steps = int(round(decay_ratio * total_steps))
-        decay_start = max(warmup_steps, total_steps - decay_steps)
-        if step < decay_start:
-            return 1.0
-        p = min(1.0, (step - decay_start) / max(1, total_steps - decay_start))
-        return m + (1 - m) * (1 - p)
-    p = min(1.0, max(0.0, (step - warmup_steps) / max(1, total_steps - warmup_steps)))
-    if decay_type == "cosine":
-        return m + (1 - m) * 0.5 * (1 + math.cos(math.pi * p))
-    if decay_type == "linear":
-        return m + (1 - m) * (1 - p)
-    raise ValueError(f"unknown decay_type {decay_type!r}")
-
-
-class _Multiplier:
-    """Picklable lr lambda (LambdaLR.state_dict stores its __dict__)."""
-
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
-
-    def __call__(self, step: int) -> float:
-        return lr_multiplier(step, **self.__dict__)
-
-
-class LRSchedulers:
-    """One LambdaLR per optimizer, stepped together. ``.schedulers`` is the plain list."""
-
-    def __init__(self, schedulers: Sequence[LambdaLR]):
-        self.schedulers = list(schedulers)
-
-    def __iter__(self):
-        return iter(self.schedulers)
-
-    def __len__(self):
-        return len(self.schedulers)
-
-    def step(self):
-        for s in self.schedulers:
-            s.step()
-
-    def get_last_lr(self) -> list[float]:
-        return [lr for s in self.schedulers for lr in s.get_last_lr()]
-
-    @property
-    def last_epoch(self) -> int:
-        return self.schedulers[0].last_epoch
-
-    def state_dict(self) -> dict:
-        return {str(i): s.state_dict() for i, s in enumerate(self.schedulers)}
-
-    def load_state_dict(self, state_dict: dict):
-        for i, s in enumerate(self.schedulers):
-            s.load_state_dict(state_dict[str(i)])
-
-
-def build_lr_scheduler(
-    optimizers,
-    warmup_steps: int,
-    total_steps: int,
-    decay_type: str = "cosine",
-    min_lr_ratio: float = 0.1,
-    decay_ratio: float = 0.2,
-) -> LRSchedulers:
-    """LambdaLR(s) with ``lr_multiplier`` over an Optimizers container, a list, or one optimizer.
-
-    Call ``.step()`` once after each optimizer step. Right after construction the lr is
-    ``lr * lr_multiplier(0)`` (used by the first optimizer step).
-    """
-    if isinstance(optimizers, torch.optim.Optimizer):
-        optimizers = [optimizers]
-    fn_kw = dict(
-        warmup_steps=warmup_steps,
-        total_steps=total_steps,
-        decay_type=decay_type,
-        min_lr_ratio=min_lr_ratio,
-        decay_ratio=decay_ratio,
-    )
-    lr_multiplier(0, **fn_kw)  # validate decay_type early
-    return LRSchedulers([LambdaLR(o, _Multiplier(**fn_kw)) for o in optimizers])
-
-
-# --------------------------------------------------------------------------------------------
-# MoE load balancing (aux-loss-free bias update)
-# --------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def update_router_biases(
-    biases: Sequence[Tensor],
-    counts: Sequence[Tensor],
-    rate: float,
-    group: dist.ProcessGroup | None = None,
-) -> Tensor:
-    """DeepSeek-V3 aux-loss-free balancing: ``bias += rate * sign(mean(c) - c)`` per layer.
-
-    ``counts[i]`` = tokens routed to each expert of layer i since the last update (int/float
-    [E]). The counts of all layers are summed over ``group`` with ONE all-reduce (None = the
-    default world; skipped when torch.distributed is not initialised). Pass the group of all
-    ranks that see different tokens for these layers (dp x ep; exclude pp — each pipeline stage
-    updates its own layers; duplicated counting over tp is harmless, only the sign is used).
-    Counts are zeroed in place afterwards (also when rate == 0, which freezes the biases).
-    Returns the reduced counts, stacked as float64 [L, E] (or a flat concat when E differs).
-    """
-    if len(biases) != len(counts):
-        raise ValueError("one counts tensor per bias")
-    if not counts:
-        return torch.empty(0, dtype=torch.float64)
-    sizes = [c.numel() for c in counts]
-    flat = torch.cat([local_tensor(c).detach().reshape(-1).to(torch.float64) for c in counts])
-    if dist.is_available() and dist.is_initialized():
-        dev_flat = flat.to(local_tensor(counts[0]).device)
-        dist.all_reduce(dev_flat, op=dist.ReduceOp.SUM, group=group)
-        flat = dev_flat
-    if rate != 0:
-        for b, c in zip(biases, flat.split(sizes)):
-            if isinstance(b, DTensor) and not all(isinstance(pl, Replicate) for pl in b.placements):
-                raise ValueError("router bias must be replicated")
-            b_l = local_tensor(b)
-            delta = torch.sign(c.mean() - c).to(device=b_l.device, dtype=b_l.dtype)
-            b_l.add_(delta.view_as(b_l), alpha=rate)
-    for c in counts:
-        local_tensor(c).zero_()
-    if len(set(sizes)) == 1:
-        return flat.view(len(sizes), sizes[0])
-    return flat
-
-
-def expert_load_imbalance(counts: Tensor) -> Tensor:
-    """max/mean of expert load over the last dim ([E] -> scalar, [L, E] -> [L]); 1.0 where no
-    tokens were routed (mean 0)."""
-    c = counts.float()
-    mean = c.mean(dim=-1)
-    mx = c.amax(dim=-1)
-    return torch.where(mean > 0, mx / mean.clamp(min=1e-30), torch.ones_like(mean))
 
 
 # --------------------------------------------------------------------------------------------

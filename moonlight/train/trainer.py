@@ -37,8 +37,9 @@ from moonlight.train.data import build_dataloader
 from moonlight.train.layout import build_layout, is_mixed_precision
 from moonlight.train.lock import DumpFolderLock
 from moonlight.train.metrics import MetricsLogger, memory_gib, peak_flops
-from moonlight.train.optim import (build_lr_scheduler, build_optimizers, clip_grad_norm_, expert_load_imbalance,
-                                   update_router_biases)
+from moonlight.train.balance import expert_load_imbalance, update_router_biases
+from moonlight.train.optim import build_optimizers, clip_grad_norm_
+from moonlight.train.schedule import build_lr_scheduler
 from moonlight.train.tokenizer import build_tokenizer
 from moonlight.train.validation import Validator
 

@@ -1,0 +1,63 @@
+"""Aux-loss-free MoE load balancing: after each step every router's expert bias moves by
+rate * sign(mean load - load), with the loads summed over every rank that routes tokens through
+the same layers; and the load-imbalance metric."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed.tensor import DTensor, Replicate
+
+from moonlight.distributed import local_tensor
+
+@torch.no_grad()
+def update_router_biases(
+    biases: Sequence[Tensor],
+    counts: Sequence[Tensor],
+    rate: float,
+    group: dist.ProcessGroup | None = None,
+) -> Tensor:
+    """DeepSeek-V3 aux-loss-free balancing: ``bias += rate * sign(mean(c) - c)`` per layer.
+
+    ``counts[i]`` = tokens routed to each expert of layer i since the last update (int/float
+    [E]). The counts of all layers are summed over ``group`` with ONE all-reduce (None = the
+    default world; skipped when torch.distributed is not initialised). Pass the group of all
+    ranks that see different tokens for these layers (dp x ep; exclude pp — each pipeline stage
+    updates its own layers; duplicated counting over tp is harmless, only the sign is used).
+    Counts are zeroed in place afterwards (also when rate == 0, which freezes the biases).
+    Returns the reduced counts, stacked as float64 [L, E] (or a flat concat when E differs).
+    """
+    if len(biases) != len(counts):
+        raise ValueError("one counts tensor per bias")
+    if not counts:
+        return torch.empty(0, dtype=torch.float64)
+    sizes = [c.numel() for c in counts]
+    flat = torch.cat([local_tensor(c).detach().reshape(-1).to(torch.float64) for c in counts])
+    if dist.is_available() and dist.is_initialized():
+        dev_flat = flat.to(local_tensor(counts[0]).device)
+        dist.all_reduce(dev_flat, op=dist.ReduceOp.SUM, group=group)
+        flat = dev_flat
+    if rate != 0:
+        for b, c in zip(biases, flat.split(sizes)):
+            if isinstance(b, DTensor) and not all(isinstance(pl, Replicate) for pl in b.placements):
+                raise ValueError("router bias must be replicated")
+            b_l = local_tensor(b)
+            delta = torch.sign(c.mean() - c).to(device=b_l.device, dtype=b_l.dtype)
+            b_l.add_(delta.view_as(b_l), alpha=rate)
+    for c in counts:
+        local_tensor(c).zero_()
+    if len(set(sizes)) == 1:
+        return flat.view(len(sizes), sizes[0])
+    return flat
+
+
+def expert_load_imbalance(counts: Tensor) -> Tensor:
+    """max/mean of expert load over the last dim ([E] -> scalar, [L, E] -> [L]); 1.0 where no
+    tokens were routed (mean 0)."""
+    c = counts.float()
+    mean = c.mean(dim=-1)
+    mx = c.amax(dim=-1)
+    return torch.where(mean > 0, mx / mean.clamp(min=1e-30), torch.ones_like(mean))
