@@ -30,21 +30,16 @@ from moonlight.config import ModelArgs  # noqa: E402
 from moonlight.model import Moonlight  # noqa: E402
 from moonlight.parallel import cross_entropy_loss  # noqa: E402
 from moonlight.parallel.compile import apply_compile  # noqa: E402
-from moonlight.train.metrics import measure_peak_flops  # noqa: E402
+from moonlight.train.metrics import measure_peak_flops, spec_peak_flops  # noqa: E402
 from moonlight.train.optim import build_optimizers  # noqa: E402
 
-# Dense bf16 tensor-core peaks from the vendors' spec sheets (SXM parts, without sparsity), FLOP/s.
-SPEC_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "B200": 2250e12,
-                  "L40S": 362e12, "A10": 125e12}
-
-
 def device_peak(device: torch.device) -> tuple[float, str]:
-    """(FLOP/s, where it came from): the spec table by device name, else a measured matmul."""
+    """(FLOP/s, where it came from): the trainer's MFU denominator (spec dense bf16 peak by device
+    name), else a measured matmul."""
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, peak in SPEC_BF16_PEAK.items():
-            if key in name:
-                return peak, f"spec dense bf16 peak of {key}"
+        spec = spec_peak_flops(torch.cuda.get_device_name(device), torch.bfloat16)
+        if spec is not None:
+            return spec, "spec dense bf16 peak"
     return measure_peak_flops(device), "measured 2048^3 matmul (no spec peak for this device)"
 
 
