@@ -127,6 +127,7 @@ def run_lora(out: Path, smoke: bool) -> dict:
     from moonlight.train.trainer import Trainer
 
     overrides = ["--training.steps=4", "--checkpoint.enable=false", "--checkpoint.initial_load_hf=",
+                 "--validation.enable=false", "--lora.export_adapter=",
                  "--model.hf_config=", "--data.format=jsonl", "--data.path=data/corpus", "--data.tokenizer=byte",
                  "--lr_scheduler.warmup_steps=1", "--metrics.log_freq=1", "--training.global_batch_size=1",
                  "--training.local_batch_size=1", "--parallelism.dp_shard=1"]

@@ -37,9 +37,9 @@ def _assert_one_line(proc, *fragments):
             if line.strip().startswith("File ") and ("train.py" in line or "/moonlight/" in line)]
     assert not ours, proc.stderr[-3000:]  # no traceback from our code, on any rank
     assert proc.returncode != 0
-    # torchrun's table of failed workers: the first to exit is listed (the agent may stop the other first)
+    # torchrun's table of failed workers: ours exit 2; one the agent stopped after that shows -15 (SIGTERM)
     codes = re.findall(r"exitcode\s+:\s*(-?\d+)", proc.stderr)
-    assert codes and set(codes) == {"2"}, proc.stderr[-3000:]
+    assert "2" in codes and set(codes) <= {"2", "-15"}, proc.stderr[-3000:]
 
 
 @pytest.mark.slow

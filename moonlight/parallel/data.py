@@ -137,7 +137,8 @@ def apply_fsdp(model: nn.Module, mesh, *, param_dtype: str | torch.dtype = "floa
         plain_experts = set()
         if ep_enabled and isinstance(block.ffn, MoE):
             experts = block.ffn.experts
-            if mesh["expert_fsdp"].size() == 1 and not mixed:
+            stored = {p.dtype for p in experts.parameters()}
+            if mesh["expert_fsdp"].size() == 1 and not mixed and stored == {mp.param_dtype or torch.float32}:
                 # No rank left to shard over and nothing to cast: the experts stay plain EP-sharded
                 # parameters outside every unit (a unit would only copy them), their gradients scaled
                 # as FSDP would (each sums the tokens of ep data shards; average over all dp shards).
