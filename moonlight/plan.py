@@ -14,6 +14,7 @@ It exits with code 2 and one line naming the fix when a layout is invalid or a r
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import dataclasses
 import os
 import sys
@@ -174,10 +175,57 @@ def _layers_of(model_parts) -> list[int]:
     return [int(key) for part in model_parts for key in part.layers.keys()]
 
 
+def _plan_rank(cfg: JobConfig, args: ModelArgs, world_size: int, rank: int, dims, fake_group: bool = False
+               ) -> tuple[RankPlan, str]:
+    """Build `rank`'s part of the job on the meta device (over a fake process group of world_size ranks
+    when `fake_group`) and count its memory -> (its RankPlan, the layout's description)."""
+    p, t = cfg.parallelism, cfg.training
+    if fake_group:
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DTensor's RNG warning about CPU meshes
+            built = build_layout(cfg, args, world_size, torch.device("meta"), _meta_model(cfg, args))
+    finally:
+        if fake_group:
+            dist.destroy_process_group()
+    row = _count(rank, built.description, built.model_parts, cfg)
+    has_head = any(getattr(part, "lm_head", None) is not None for part in built.model_parts)
+    # A pipeline splits the local batch into micro-batches; under 1F1B stage s holds pp - s of them.
+    n_micro = built.microbatches_per_step
+    tokens = t.local_batch_size // n_micro * t.seq_len
+    in_flight = 1 if p.pp == 1 else min(n_micro, p.pp - rank // (world_size // p.pp))
+    row.activations = in_flight * activation_bytes(args, cfg, _layers_of(built.model_parts), has_head, tokens,
+                                                   tp=dims.tp if dims else 1)
+    return row, built.description
+
+
+def _in_forked_process(fn, *args):
+    """fn(*args) in a forked child process: a fake process group and the meshes and shards built over
+    it leave state behind in torch (e.g. offsets cached for the fake rank) that would leak into this
+    process and into ranks it forks later."""
+    ctx = mp.get_context("fork")
+    results = ctx.SimpleQueue()
+
+    def child():
+        try:
+            results.put((True, fn(*args)))
+        except BaseException as e:  # noqa: BLE001 - handed back to the caller
+            results.put((False, e))
+
+    proc = ctx.Process(target=child)
+    proc.start()
+    ok, value = results.get()
+    proc.join()
+    if not ok:
+        raise value
+    return value
+
+
 def plan(cfg: JobConfig, world_size: int, args: ModelArgs | None = None) -> Plan:
     """Per-rank memory of `cfg` on `world_size` ranks (the largest rank of each pipeline stage)."""
     args = args or build_model_args(cfg)
-    p, t = cfg.parallelism, cfg.training
+    p = cfg.parallelism
     single = is_single_process(cfg, world_size)
     dims = None if single else plan_layout(cfg, args, world_size)[0]  # the trainer's own checks, first
     # FSDP gives the first ranks of a dimension the larger chunks, and every data/tensor/expert rank of
@@ -185,25 +233,10 @@ def plan(cfg: JobConfig, world_size: int, args: ModelArgs | None = None) -> Plan
     ranks = [0] if single else [stage * (world_size // p.pp) for stage in range(p.pp)]
     rows, layout = [], "single process"
     for rank in ranks:
-        own_group = not single and not dist.is_initialized()
-        if own_group:
-            dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # DTensor's RNG warning about CPU meshes
-                built = build_layout(cfg, args, world_size, torch.device("meta"), _meta_model(cfg, args))
-        finally:
-            if own_group:
-                dist.destroy_process_group()
-        layout = built.description
-        row = _count(rank, built.description, built.model_parts, cfg)
-        has_head = any(getattr(part, "lm_head", None) is not None for part in built.model_parts)
-        # A pipeline splits the local batch into micro-batches; under 1F1B stage s holds pp - s of them.
-        n_micro = built.microbatches_per_step
-        tokens = t.local_batch_size // n_micro * t.seq_len
-        in_flight = 1 if p.pp == 1 else min(n_micro, p.pp - rank // (world_size // p.pp))
-        row.activations = in_flight * activation_bytes(args, cfg, _layers_of(built.model_parts), has_head, tokens,
-                                                       tp=dims.tp if dims else 1)
+        if dist.is_initialized():  # inside a job: its own process group serves
+            row, layout = _plan_rank(cfg, args, world_size, rank, dims)
+        else:
+            row, layout = _in_forked_process(_plan_rank, cfg, args, world_size, rank, dims, not single)
         rows.append(row)
     return Plan(world_size, layout, args.flops_per_token(cfg.training.seq_len), rows)
 
