@@ -31,12 +31,11 @@ import sys
 import torch
 
 from moonlight.checkpoint import format as fmt
-from moonlight.checkpoint.export import load_dcp_adapters, load_dcp_model
+from moonlight.checkpoint.export import load_dcp_adapters, save_hf_from_dcp
 from moonlight.config import ModelArgs
 from moonlight.dtypes import to_dtype
 from moonlight.errors import CheckpointError, ConfigError, exit_on_user_error
-from moonlight.hf import (HF_OUTPUT, HFCheckpoint, expected_shapes, hf_keys, is_expert_stack, parse_size, progress,
-                          save_hf)
+from moonlight.hf import HF_OUTPUT, HFCheckpoint, expected_shapes, hf_keys, is_expert_stack, parse_size, progress
 from moonlight.outputs import check_output, check_replaceable
 from moonlight.hf_peft import PEFT_OUTPUT, save_peft_adapter
 
@@ -83,10 +82,9 @@ def dcp_to_hf(dcp_dir: str, out: str, config: str | None = None, preset: str | N
             hint = f" (the checkpoint's meta.json differs from the given config: {'; '.join(diffs)})"
             print(f"warning: the given config differs from the one {path} was saved with: {'; '.join(diffs)}",
                   file=sys.stderr)
-    model = load_dcp_model(path, args, hint=hint)
     print(f"writing HF checkpoint to {out}", file=sys.stderr)
-    save_hf(model, out, max_shard_size=max_shard_size, dtype=dtype, overwrite=overwrite)
-    return os.path.abspath(out)
+    return save_hf_from_dcp(path, out, args, hint=hint, dtype=dtype, max_shard_size=max_shard_size,
+                            overwrite=overwrite)
 
 
 def dcp_to_peft(dcp_dir: str, out: str, step: int = -1, overwrite: bool = False) -> str:
