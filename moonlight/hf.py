@@ -151,6 +151,8 @@ def _read_weight_map(index: str) -> dict[str, str]:
 # What save_hf writes into its directory: --overwrite replaces these and nothing else.
 HF_OUTPUT = re.compile(r"^(config\.json|model\.safetensors\.index\.json|model(-\d{5}-of-\d{5})?\.safetensors)$")
 
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
 
 class HFCheckpoint:
     """Read access to a HF safetensors directory (single file or sharded with an index), tensor by
@@ -206,6 +208,12 @@ class HFCheckpoint:
 
     def shape(self, key: str) -> list[int]:
         return self._handle(key).get_slice(key).get_shape()
+
+    def dtype(self, key: str) -> torch.dtype:
+        name = self._handle(key).get_slice(key).get_dtype()
+        if name not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{self.path}: {key} has dtype {name}, not a floating-point weight")
+        return _SAFETENSORS_DTYPES[name]
 
     def get(self, key: str) -> torch.Tensor:
         return self._handle(key).get_tensor(key)

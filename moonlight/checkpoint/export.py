@@ -4,8 +4,10 @@ of any layout into one full Moonlight, fold LoRA/DoRA adapters in, and write Hug
     sd = gather_full_state_dict(model_parts)               # every rank calls; rank 0 gets the dict
     export_hf(model_parts, "out/hf")                       # every rank calls; rank 0 writes
     model = load_dcp_model("run/checkpoint/step-40")       # one process, any saving layout
+    save_hf_from_dcp("run/checkpoint/step-40", "out/hf")   # the same, streamed to HF format
 
-Memory: the whole model once in CPU memory (about 32 GB for Moonlight-16B in bf16).
+Memory: gather_full_state_dict and load_dcp_model hold the whole model (about 32 GB for
+Moonlight-16B in bf16); export_hf and save_hf_from_dcp at most one output shard plus one tensor.
 """
 
 from __future__ import annotations
