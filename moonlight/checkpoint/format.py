@@ -38,6 +38,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import MetadataIndex, StorageMeta
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from moonlight import distributed
 from moonlight.config import RUNTIME_FIELDS, ModelArgs
@@ -86,6 +87,20 @@ def dcp_save(state: dict, path: str, read: Callable[[str], torch.Tensor] | None 
     with warnings.catch_warnings():  # "torch.distributed is disabled ... single process" is our intent
         warnings.filterwarnings("ignore", message=".*assuming the intent is to")
         dcp.save(state, no_dist=not distributed.is_distributed(), **kwargs)
+
+
+def dcp_async_save(state: dict, path: str, process_group=None) -> tuple[Any, DefaultStager]:
+    """dcp.async_save: copies the state to CPU now (a real copy even of CPU tensors, which DCP's
+    default staging only references, so training may change them while they are written), writes it
+    in a background thread. Returns the future to wait on and the stager to close after it."""
+    stager = DefaultStager(StagingOptions(use_pinned_memory=torch.accelerator.is_available(),
+                                          use_shared_memory=False, use_async_staging=False,
+                                          use_non_blocking_copy=False))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+        future = dcp.async_save(state, checkpoint_id=path, process_group=process_group, async_stager=stager,
+                                no_dist=not distributed.is_distributed())
+    return future, stager
 
 
 class _MetadataUnpickler(pickle.Unpickler):
