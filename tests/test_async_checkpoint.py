@@ -108,3 +108,17 @@ def test_async_save_on_two_fsdp_ranks_resumes_exactly(tmp_path):
         step, at_save, restored = torch.load(io.BytesIO(r), weights_only=False)
         assert step == 2
         _assert_same(restored, at_save)
+
+
+def test_trainer_async_run_and_resume_equal_the_sync_run(tmp_path):
+    from tests.test_resume import _losses, _resume_copy, _run
+
+    _run(tmp_path / "sync")
+    _run(tmp_path / "async", "--checkpoint.async_mode=async")
+    sync, asynchronous = _losses(tmp_path / "sync"), _losses(tmp_path / "async")
+    assert asynchronous == sync
+    assert sorted(list_checkpoints(tmp_path / "async" / "checkpoint")) == [3, 6]  # the last one completed at the end
+    _resume_copy(tmp_path / "async", tmp_path / "resumed")
+    _run(tmp_path / "resumed", "--checkpoint.async_mode=async")
+    resumed = _losses(tmp_path / "resumed")
+    assert sorted(resumed) == [4, 5, 6] and [resumed[s] for s in (4, 5, 6)] == [sync[s] for s in (4, 5, 6)]
