@@ -18,8 +18,9 @@
   (adapter_config.json + adapter_model.safetensors) that `peft.PeftModel.from_pretrained` loads onto
   the HF base model; rank, alpha and DoRA come from the checkpoint's meta.json.
 
-Memory: both directions hold the whole model once in CPU memory (about 32 GB for Moonlight-16B in
-bf16).
+Memory: both directions are streamed: at most one output shard (dcp-to-hf; hf-to-dcp writes one DCP
+file per tensor) plus one tensor is held (an expert stack, or an adapted weight with its adapters),
+not the whole model (about 32 GB for Moonlight-16B in bf16).
 """
 
 from __future__ import annotations
@@ -31,37 +32,51 @@ import sys
 import torch
 
 from moonlight.checkpoint import format as fmt
-from moonlight.checkpoint.export import load_dcp_adapters, load_dcp_model
+from moonlight.checkpoint.export import load_dcp_adapters, save_hf_from_dcp
 from moonlight.config import ModelArgs
 from moonlight.dtypes import to_dtype
 from moonlight.errors import CheckpointError, ConfigError, exit_on_user_error
-from moonlight.hf import (HF_OUTPUT, HFCheckpoint, expected_shapes, hf_keys, is_expert_stack, parse_size, progress,
-                          save_hf)
+from moonlight.hf import HF_OUTPUT, HFCheckpoint, expected_shapes, hf_keys, is_expert_stack, parse_size, progress
 from moonlight.outputs import check_output, check_replaceable
 from moonlight.hf_peft import PEFT_OUTPUT, save_peft_adapter
 
 
 def hf_to_dcp(hf: str, out: str, overwrite: bool = False) -> str:
+    """Checked against the config from the HF headers first, then written one tensor at a time (each
+    read from the HF files when DCP writes it)."""
     check_output(out, hf)
     check_replaceable(os.path.abspath(out), fmt.DCP_OUTPUT, overwrite, "a moonlight checkpoint")
     ckpt = HFCheckpoint(hf)
     args = ckpt.args
     ckpt.check_keys(args)
-    shapes = expected_shapes(args)
-    sd = {}
-    with progress(sum(len(hf_keys(k, args)) for k in shapes), "reading HF tensors") as bar:
-        for native in shapes:
-            parts = []
-            for k in hf_keys(native, args):
-                parts.append(ckpt.get(k))
-                bar.update(1)
-            sd[native] = torch.stack(parts) if is_expert_stack(native) else parts[0]
-            if tuple(sd[native].shape) != tuple(shapes[native]):
-                raise CheckpointError(f"{native}: shape {tuple(sd[native].shape)} does not match the config's "
-                                      f"{tuple(shapes[native])}")
-    print(f"writing model-only DCP checkpoint ({len(sd)} tensors) to {out}", file=sys.stderr)
-    return fmt.write_model_only_checkpoint(sd, out, args, step=0, overwrite=overwrite,
-                                           extra_meta={"source": os.path.abspath(hf)})
+    placeholders = {}
+    for native, shape in expected_shapes(args).items():
+        keys = hf_keys(native, args)
+        found = [tuple(ckpt.shape(k)) for k in keys]
+        found_shape = (len(keys), *found[0]) if is_expert_stack(native) else found[0]
+        if len(set(found)) > 1 or found_shape != tuple(shape):
+            raise CheckpointError(f"{native}: shape {found_shape if len(set(found)) == 1 else found[:3]} does not "
+                                  f"match the config's {tuple(shape)}")
+        dtypes = {ckpt.dtype(k) for k in keys}
+        if len(dtypes) > 1:
+            raise CheckpointError(f"{native}: its per-expert tensors mix dtypes {sorted(map(str, dtypes))}")
+        placeholders[native] = torch.empty(shape, dtype=dtypes.pop(), device="meta")
+    bar = progress(len(placeholders), "converting HF tensors")
+
+    def read(native: str) -> torch.Tensor:
+        keys = hf_keys(native, args)
+        bar.update(1)
+        if not is_expert_stack(native):
+            return ckpt.get(keys[0])
+        stack = torch.empty(placeholders[native].shape, dtype=placeholders[native].dtype)
+        for row, k in zip(stack, keys):  # one expert at a time
+            row.copy_(ckpt.get(k))
+        return stack
+
+    print(f"writing model-only DCP checkpoint ({len(placeholders)} tensors) to {out}", file=sys.stderr)
+    with bar:
+        return fmt.write_model_only_checkpoint(placeholders, out, args, step=0, overwrite=overwrite,
+                                               extra_meta={"source": os.path.abspath(hf)}, read=read)
 
 
 def dcp_to_hf(dcp_dir: str, out: str, config: str | None = None, preset: str | None = None,
@@ -83,10 +98,9 @@ def dcp_to_hf(dcp_dir: str, out: str, config: str | None = None, preset: str | N
             hint = f" (the checkpoint's meta.json differs from the given config: {'; '.join(diffs)})"
             print(f"warning: the given config differs from the one {path} was saved with: {'; '.join(diffs)}",
                   file=sys.stderr)
-    model = load_dcp_model(path, args, hint=hint)
     print(f"writing HF checkpoint to {out}", file=sys.stderr)
-    save_hf(model, out, max_shard_size=max_shard_size, dtype=dtype, overwrite=overwrite)
-    return os.path.abspath(out)
+    return save_hf_from_dcp(path, out, args, hint=hint, dtype=dtype, max_shard_size=max_shard_size,
+                            overwrite=overwrite)
 
 
 def dcp_to_peft(dcp_dir: str, out: str, step: int = -1, overwrite: bool = False) -> str:

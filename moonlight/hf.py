@@ -8,12 +8,13 @@ across without permutation because both sides rotate interleaved RoPE pairs.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -150,6 +151,8 @@ def _read_weight_map(index: str) -> dict[str, str]:
 # What save_hf writes into its directory: --overwrite replaces these and nothing else.
 HF_OUTPUT = re.compile(r"^(config\.json|model\.safetensors\.index\.json|model(-\d{5}-of-\d{5})?\.safetensors)$")
 
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
 
 class HFCheckpoint:
     """Read access to a HF safetensors directory (single file or sharded with an index), tensor by
@@ -205,6 +208,12 @@ class HFCheckpoint:
 
     def shape(self, key: str) -> list[int]:
         return self._handle(key).get_slice(key).get_shape()
+
+    def dtype(self, key: str) -> torch.dtype:
+        name = self._handle(key).get_slice(key).get_dtype()
+        if name not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{self.path}: {key} has dtype {name}, not a floating-point weight")
+        return _SAFETENSORS_DTYPES[name]
 
     def get(self, key: str) -> torch.Tensor:
         return self._handle(key).get_tensor(key)
@@ -266,13 +275,14 @@ def _plan_shards(items: list[tuple[str, int]], max_bytes: int) -> list[list[str]
     return shards + ([current] if current else [])
 
 
-def iter_hf_tensors(model: Moonlight, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF key, tensor) pairs of a model in HF order, one at a time (experts unstacked lazily)."""
-    args = model.args
-    for native, tensor in model.state_dict().items():
+def _hf_pieces(native_tensors: Iterable[tuple[str, torch.Tensor]], args: ModelArgs, dtype: torch.dtype | None
+               ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF key, tensor) pairs in HF order, each its own CPU copy (experts unstacked), so a stacked
+    native tensor is freed as soon as the stream moves past it."""
+    for native, tensor in native_tensors:
         for key, t in zip(hf_keys(native, args), tensor.unbind(0) if is_expert_stack(native) else [tensor]):
-            keep_fp32 = key.endswith("e_score_correction_bias")
-            yield key, t.to(torch.float32 if keep_fp32 else (dtype or t.dtype))
+            out = torch.float32 if key.endswith("e_score_correction_bias") else (dtype or t.dtype)
+            yield key, t.detach().to("cpu", out, copy=True).contiguous()
 
 
 def save_hf(model: Moonlight, path: str | os.PathLike, max_shard_size: int | str = "5GB",
@@ -281,17 +291,38 @@ def save_hf(model: Moonlight, path: str | os.PathLike, max_shard_size: int | str
     `transformers.AutoModelForCausalLM.from_pretrained`. Written into a temporary directory and
     renamed into place, so an interrupted save never leaves a directory that looks complete.
     `overwrite` replaces an earlier export; a directory holding any other file is refused."""
+    sd = model.state_dict()
+    save_hf_stream(iter(sd.items()), {k: (v.shape, v.dtype) for k, v in sd.items()}, model.args, path,
+                   max_shard_size, dtype, overwrite)
+
+
+def save_hf_stream(native_tensors: Iterator[tuple[str, torch.Tensor]],
+                   specs: dict[str, tuple[torch.Size | tuple[int, ...], torch.dtype]], args: ModelArgs,
+                   path: str | os.PathLike, max_shard_size: int | str = "5GB", dtype: torch.dtype | None = None,
+                   overwrite: bool = False) -> None:
+    """`save_hf` from a stream of native (key, tensor) pairs that arrive in the order of `specs`
+    (native key -> shape, dtype: the shards are planned from it up front). Holds at most the shard
+    being written plus the current native tensor, so the tensors can be read (or gathered) one at a
+    time. The stream is consumed to its end even if writing fails (its producer may be collective)."""
     path = os.path.abspath(os.fspath(path))
-    check_replaceable(path, HF_OUTPUT, overwrite, "a Hugging Face export")
-    max_bytes = parse_size(max_shard_size)
-    args = model.args
-    sizes = []
-    for native, t in model.state_dict().items():
-        keys = hf_keys(native, args)
-        per_key = t.numel() // len(keys) * (dtype or t.dtype).itemsize
-        sizes += [(key, t.numel() // len(keys) * 4 if key.endswith("e_score_correction_bias") else per_key)
-                  for key in keys]
-    shards = _plan_shards(sizes, max_bytes)
+    try:
+        check_replaceable(path, HF_OUTPUT, overwrite, "a Hugging Face export")
+        max_bytes = parse_size(max_shard_size)
+        sizes = []
+        for native, (shape, stored) in specs.items():
+            keys = hf_keys(native, args)
+            numel = math.prod(shape) // len(keys)
+            sizes += [(key, numel * (4 if key.endswith("e_score_correction_bias") else (dtype or stored).itemsize))
+                      for key in keys]
+        shards = _plan_shards(sizes, max_bytes)
+        _write_hf_dir(path, _hf_pieces(native_tensors, args, dtype), shards, sum(n for _, n in sizes), args, dtype)
+    finally:
+        for _ in native_tensors:  # drain: no-op on success
+            pass
+
+
+def _write_hf_dir(path: str, pieces: Iterator[tuple[str, torch.Tensor]], shards: list[list[str]], total: int,
+                  args: ModelArgs, dtype: torch.dtype | None) -> None:
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-save-", dir=parent)
@@ -299,17 +330,17 @@ def save_hf(model: Moonlight, path: str | os.PathLike, max_shard_size: int | str
         names = ([f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
                  if len(shards) > 1 else ["model.safetensors"])
         shard_of = {key: names[i] for i, keys in enumerate(shards) for key in keys}
-        tensors = iter_hf_tensors(model, dtype)
         with progress(len(shards), f"writing {path}", unit="shard") as bar:
             for name, keys in zip(names, shards):
                 block = {}
-                for _ in keys:
-                    key, t = next(tensors)
-                    block[key] = t.detach().to("cpu").contiguous()
+                for expected in keys:
+                    key, t = next(pieces)
+                    if key != expected:
+                        raise CheckpointError(f"internal: tensor {key} arrived where {expected} was planned")
+                    block[key] = t
                 save_file(block, os.path.join(tmp, name), metadata={"format": "pt"})
-                del block
+                del block, t
                 bar.update()
-        total = sum(n for _, n in sizes)
         if len(names) > 1:
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": shard_of}, f, indent=2)
@@ -324,4 +355,3 @@ def save_hf(model: Moonlight, path: str | os.PathLike, max_shard_size: int | str
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-

@@ -586,7 +586,7 @@ def test_convert_validates_every_argument_before_reading_tensors(tmp_path, hf_di
 
     def no_reading(*a, **k):
         raise AssertionError("tensors were read before the arguments were checked")
-    monkeypatch.setattr(convert, "load_dcp_model", no_reading)
+    monkeypatch.setattr(convert, "save_hf_from_dcp", no_reading)
     monkeypatch.setattr(convert, "HFCheckpoint", no_reading)
     dcp = tmp_path / "dcp"
     dcp.mkdir()

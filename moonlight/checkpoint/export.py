@@ -4,16 +4,19 @@ of any layout into one full Moonlight, fold LoRA/DoRA adapters in, and write Hug
     sd = gather_full_state_dict(model_parts)               # every rank calls; rank 0 gets the dict
     export_hf(model_parts, "out/hf")                       # every rank calls; rank 0 writes
     model = load_dcp_model("run/checkpoint/step-40")       # one process, any saving layout
+    save_hf_from_dcp("run/checkpoint/step-40", "out/hf")   # the same, streamed to HF format
 
-Memory: the whole model once in CPU memory (about 32 GB for Moonlight-16B in bf16).
+Memory: gather_full_state_dict and load_dcp_model hold the whole model (about 32 GB for
+Moonlight-16B in bf16); export_hf and save_hf_from_dcp at most one output shard plus one tensor.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -27,7 +30,7 @@ from moonlight.checkpoint.state import model_args_of, model_state_dict
 from moonlight.config import ModelArgs
 from moonlight.dtypes import to_dtype
 from moonlight.errors import CheckpointError, CheckpointSaveError
-from moonlight.hf import progress, save_hf
+from moonlight.hf import expected_shapes, progress, save_hf_stream
 from moonlight.hf_peft import save_peft_adapter
 from moonlight.model import Moonlight
 from moonlight.model.lora import is_adapter_name, lora_scales, merge_lora_state_dict
@@ -35,11 +38,13 @@ from moonlight.model.lora import is_adapter_name, lora_scales, merge_lora_state_
 logger = logging.getLogger(__name__)
 
 
-def gather_full_state_dict(parts: list[nn.Module], keys: Callable[[str], bool] | None = None
-                           ) -> dict[str, torch.Tensor] | None:
-    """Full (unsharded) native state dict on CPU at rank 0 (None elsewhere); all ranks must call.
-    Each tensor is all-gathered within its mesh (full_tensor) and, under pipeline parallel, sent
-    to rank 0 by the lowest rank holding it. `keys` selects the tensors to gather (default: all)."""
+def iter_full_tensors(parts: list[nn.Module], keys: Callable[[str], bool] | None = None,
+                      order: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """Full (unsharded) native tensors on CPU, one at a time: (key, tensor) at rank 0, (key, None)
+    elsewhere; all ranks must consume it to its end. Each tensor is all-gathered within its mesh
+    (full_tensor) and, under pipeline parallel, sent to rank 0 by the lowest rank holding it. `keys`
+    selects the tensors (default: all); `order` is the order to gather in (default: sorted; keys no
+    rank holds are skipped)."""
     rank = distributed.rank()
     local = {k: v for k, v in model_state_dict(parts).items() if keys is None or keys(k)}
     everyone = distributed.all_gather_object({k: (tuple(v.shape), v.dtype) for k, v in local.items()})
@@ -48,30 +53,35 @@ def gather_full_state_dict(parts: list[nn.Module], keys: Callable[[str], bool] |
         for k in shapes:
             if k not in owner or (owner[k] != 0 and r == 0):
                 owner[k] = r
-    mine: dict[str, torch.Tensor] = {}
-    for k, v in local.items():  # same key order on every rank of a mesh (same module tree)
-        full = v.full_tensor() if isinstance(v, DTensor) else v
-        if owner[k] == rank:
-            mine[k] = full.detach().to("cpu", copy=True)
-        del full
-    if not distributed.is_distributed():
-        return mine
-    out: dict[str, torch.Tensor] = {}
     dev = distributed.p2p_device()
-    for k in sorted(owner):
+    # one global order: each mesh's ranks call full_tensor on their shared keys in the same order
+    for k in [k for k in order if k in owner] if order is not None else sorted(owner):
         src = owner[k]
+        full = None
+        if k in local:
+            v = local[k]
+            full = v.full_tensor() if isinstance(v, DTensor) else v
         if src == 0:
-            if rank == 0:
-                out[k] = mine.pop(k)
-            continue
-        if rank == src:
-            torch.distributed.send(mine.pop(k).to(dev), dst=0)
+            yield k, full.detach().to("cpu", copy=True) if rank == 0 else None
+        elif rank == src:
+            torch.distributed.send(full.detach().to(dev).contiguous(), dst=0)
+            yield k, None
         elif rank == 0:
             shape, dtype = everyone[src][k]
             buf = torch.empty(shape, dtype=dtype, device=dev)
             torch.distributed.recv(buf, src=src)
-            out[k] = buf.cpu()
-    return out if rank == 0 else None
+            yield k, buf.cpu()
+        else:
+            yield k, None
+        del full
+
+
+def gather_full_state_dict(parts: list[nn.Module], keys: Callable[[str], bool] | None = None
+                           ) -> dict[str, torch.Tensor] | None:
+    """Full (unsharded) native state dict on CPU at rank 0 (None elsewhere); all ranks must call.
+    `keys` selects the tensors to gather (default: all)."""
+    out = {k: v for k, v in iter_full_tensors(parts, keys)}
+    return out if distributed.rank() == 0 else None
 
 
 def model_from_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs, lora_scale: dict[str, float] | None = None,
@@ -92,14 +102,17 @@ def model_from_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs, lora_sca
     return model
 
 
-def _write_on_rank0(write: Callable[[], None], what: str) -> None:
-    """Run `write` on rank 0; every rank raises if it failed there."""
+def _write_on_rank0(write: Callable[[], None], what: str, others: Callable[[], None] = lambda: None) -> None:
+    """Run `write` on rank 0 (and `others` on the other ranks: their side of a collective stream);
+    every rank raises if it failed there."""
     err = None
     if distributed.rank() == 0:
         try:
             write()
         except BaseException as e:
             err = e
+    else:
+        others()
     err_msg = distributed.broadcast_object(None if err is None else fmt.short_error(err))
     if err is not None:
         raise err
@@ -107,25 +120,63 @@ def _write_on_rank0(write: Callable[[], None], what: str) -> None:
         raise CheckpointSaveError(f"{what} failed on rank 0: {err_msg}")
 
 
+def _adapter_keys(native: str, scales: dict[str, float]) -> list[str]:
+    """The adapter tensors folded into one base weight (none if it is not adapted)."""
+    name = native.removesuffix(".weight")
+    if name not in scales:
+        return []
+    return [f"{name}.lora_a.weight", f"{name}.lora_b.weight", f"{name}.magnitude"]
+
+
+def _fold_adapters(stream: Iterable[tuple[str, torch.Tensor | None]], scales: dict[str, float]
+                   ) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """A stream of native tensors in which each adapted base weight is followed by its adapters ->
+    the base weights with the adapters merged (LoRA/DoRA), holding one module's tensors at a time.
+    None tensors (another rank's share of a collective stream) pass through unmerged."""
+    held: dict[str, torch.Tensor | None] = {}
+
+    def merged() -> tuple[str, torch.Tensor | None]:
+        (base, w), *adapters = held.items()
+        if adapters and w is not None:
+            name = base.removesuffix(".weight")
+            w = merge_lora_state_dict(dict(held), {name: scales[name]})[base]
+        held.clear()
+        return base, w
+
+    for k, t in stream:
+        if held and not is_adapter_name(k):
+            yield merged()
+        held[k] = t
+    if held:
+        yield merged()
+
+
 def export_hf(parts: list[nn.Module], path: str | os.PathLike, dtype: torch.dtype | None = None,
               max_shard_size: int | str = "5GB") -> str:
     """Write the current model in HF format (config.json + safetensors, loadable by transformers) to
     `path`, LoRA/DoRA adapters merged. All ranks call; rank 0 writes. dtype defaults to the model's
-    `torch_dtype` (router biases stay fp32)."""
+    `torch_dtype` (router biases stay fp32). Streamed: the tensors are gathered one at a time (a
+    base weight with its adapters) and rank 0 holds at most one output shard plus one tensor."""
     args = model_args_of(parts)
     if args is None:
         raise CheckpointError("export_hf: the model parts carry no ModelArgs (.args)")
     path = os.path.abspath(os.fspath(path))
     dtype = dtype or to_dtype(args.torch_dtype)
-    scales = {k: v for part in parts for k, v in lora_scales(part).items()}
-    sd = gather_full_state_dict(parts)
+    local = ({k: v.dtype for k, v in model_state_dict(parts).items()},
+             {k: v for part in parts for k, v in lora_scales(part).items()})
+    dtypes, scales = {}, {}
+    for d, s in distributed.all_gather_object(local):  # under PP each rank holds some stages
+        dtypes.update(d)
+        scales.update(s)
+    specs = {k: (shape, dtypes[k]) for k, shape in expected_shapes(args).items()}
+    order = [key for native in specs for key in [native] + _adapter_keys(native, scales)]
+    stream = _fold_adapters(iter_full_tensors(parts, order=order), scales)
 
     def write():
-        model = model_from_state_dict(sd, args, scales, what="the gathered model")
-        save_hf(model, path, max_shard_size=max_shard_size, dtype=dtype, overwrite=True)
+        save_hf_stream(stream, specs, args, path, max_shard_size=max_shard_size, dtype=dtype, overwrite=True)
         logger.info("checkpoint: exported HF checkpoint to %s", path)
 
-    _write_on_rank0(write, f"HF export to {path}")
+    _write_on_rank0(write, f"HF export to {path}", others=lambda: collections.deque(stream, maxlen=0))
     return path
 
 
@@ -151,50 +202,86 @@ def _layer_of(key: str) -> str:
     return m.group(1) if m else "top"
 
 
+class _DCPModel:
+    """What a DCP checkpoint directory holds for one full Moonlight, checked against the config:
+    native key -> (shape, dtype) of the model and adapter tensors, the key prefix, the LoRA scales."""
+
+    def __init__(self, path: str, args: ModelArgs | None = None, hint: str = ""):
+        meta = fmt.read_meta(path) if os.path.exists(os.path.join(path, fmt.META)) else {}
+        args = args or fmt.model_args_from_meta(meta)
+        if args is None:
+            raise CheckpointError(f"{path} has no meta.json with model args: pass --config config.json or "
+                                  "--model-preset")
+        hint = hint or " (a different model config?)"
+        md = fmt.stored_tensors(path)
+        prefix = "model." if any(k.startswith("model.") for k in md) else ""
+        shapes = expected_shapes(args)
+        missing = [k for k in shapes if prefix + k not in md]
+        if missing:
+            raise CheckpointError(f"{path} lacks {len(missing)} model tensor(s) this config needs, e.g. "
+                                  f"{missing[:5]}" + hint)
+        # LoRA/DoRA runs store adapters beside the frozen base weights: read them too and merge
+        adapters = [k[len(prefix):] for k in md if k.startswith(prefix) and is_adapter_name(k[len(prefix):])]
+        lora = (meta.get("layout") or {}).get("lora")
+        if adapters and not lora:
+            raise CheckpointError(f"{path} holds LoRA adapters (e.g. {adapters[0]}) but its meta.json has no "
+                                  "[lora] settings, so their scale alpha / rank is unknown")
+        self.path, self.args, self.prefix = path, args, prefix
+        self.specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        for k in list(shapes) + adapters:
+            m: Any = md[prefix + k]
+            if not isinstance(m, TensorStorageMetadata):
+                raise CheckpointError(f"{path}: {prefix + k} is not a tensor")
+            expected = tuple(shapes.get(k, m.size))
+            if tuple(m.size) != expected:
+                raise CheckpointError(f"{path}: {k} has shape {tuple(m.size)} but the config needs {expected}" + hint)
+            self.specs[k] = (tuple(m.size), m.properties.dtype)
+        modules = {k.removesuffix(".lora_a.weight") for k in adapters if k.endswith(".lora_a.weight")}
+        self.scales = {name: lora["alpha"] / lora["rank"] for name in modules}
+        self.model_specs = {k: self.specs[k] for k in shapes}
+
+    def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """These tensors (native keys), read in one DCP load."""
+        sd = {k: torch.empty(self.specs[k][0], dtype=self.specs[k][1]) for k in keys}
+        fmt.dcp_load({self.prefix + k: v for k, v in sd.items()}, self.path)
+        return sd
+
+    def stream(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The model's native tensors in order, adapters merged, read one tensor at a time."""
+        order = [key for native in self.model_specs
+                 for key in [native] + [k for k in _adapter_keys(native, self.scales) if k in self.specs]]
+        with progress(len(order), "converting DCP tensors") as bar:
+            for key in order:
+                yield key, self.read([key])[key]
+                bar.update(1)
+
+
 def load_dcp_model(path: str, args: ModelArgs | None = None, hint: str = "") -> Moonlight:
     """One full Moonlight from a DCP checkpoint directory (a trainer checkpoint of any layout and
     number of ranks, or an hf-to-dcp output), LoRA/DoRA adapters merged. `args` defaults to the
     model args in its meta.json. Reads one layer at a time, so a bar moves while it loads."""
-    meta = fmt.read_meta(path) if os.path.exists(os.path.join(path, fmt.META)) else {}
-    args = args or fmt.model_args_from_meta(meta)
-    if args is None:
-        raise CheckpointError(f"{path} has no meta.json with model args: pass --config config.json or --model-preset")
-    hint = hint or " (a different model config?)"
-    md = fmt.stored_tensors(path)
-    prefix = "model." if any(k.startswith("model.") for k in md) else ""
-    with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in Moonlight(args).state_dict().items()}
-    missing = [k for k in shapes if prefix + k not in md]
-    if missing:
-        raise CheckpointError(f"{path} lacks {len(missing)} model tensor(s) this config needs, e.g. {missing[:5]}"
-                              + hint)
-    # LoRA/DoRA runs store adapters beside the frozen base weights: read them too and merge
-    adapters = [k[len(prefix):] for k in md if k.startswith(prefix) and is_adapter_name(k[len(prefix):])]
-    lora = (meta.get("layout") or {}).get("lora")
-    if adapters and not lora:
-        raise CheckpointError(f"{path} holds LoRA adapters (e.g. {adapters[0]}) but its meta.json has no [lora] "
-                              "settings, so their scale alpha / rank is unknown")
-    sd: dict[str, torch.Tensor] = {}
-    for k in list(shapes) + adapters:
-        m: Any = md[prefix + k]
-        if not isinstance(m, TensorStorageMetadata):
-            raise CheckpointError(f"{path}: {prefix + k} is not a tensor")
-        expected = shapes.get(k, tuple(m.size))
-        if tuple(m.size) != expected:
-            raise CheckpointError(f"{path}: {k} has shape {tuple(m.size)} but the config needs {expected}" + hint)
-        sd[k] = torch.empty(tuple(m.size), dtype=m.properties.dtype)
+    ckpt = _DCPModel(path, args, hint)
     groups: dict[str, list[str]] = {}
-    for k in sd:
+    for k in ckpt.specs:
         groups.setdefault(_layer_of(k), []).append(k)
-    with progress(len(sd), "reading DCP tensors") as bar:
+    sd: dict[str, torch.Tensor] = {}
+    with progress(len(ckpt.specs), "reading DCP tensors") as bar:
         for keys in groups.values():  # one DCP read per layer: bounded metadata re-reads, a moving bar
-            fmt.dcp_load({prefix + k: sd[k] for k in keys}, path)
+            sd.update(ckpt.read(keys))
             bar.update(len(keys))
-    scales = None
-    if adapters:
-        modules = {k.removesuffix(".lora_a.weight") for k in adapters if k.endswith(".lora_a.weight")}
-        scales = {name: lora["alpha"] / lora["rank"] for name in modules}
-    return model_from_state_dict(sd, args, scales, what=path)
+    return model_from_state_dict(sd, ckpt.args, ckpt.scales, what=path)
+
+
+def save_hf_from_dcp(path: str, out: str, args: ModelArgs | None = None, hint: str = "",
+                     dtype: torch.dtype | None = None, max_shard_size: int | str = "5GB",
+                     overwrite: bool = False) -> str:
+    """`save_hf(load_dcp_model(path, args), out, ...)` without the whole model in memory: the shards
+    are planned from the DCP metadata and filled one tensor at a time (adapters merged per module),
+    so at most one output shard plus one tensor (an adapted weight: with its adapters) is held."""
+    ckpt = _DCPModel(path, args, hint)
+    save_hf_stream(_fold_adapters(ckpt.stream(), ckpt.scales), ckpt.model_specs, ckpt.args, out,
+                   max_shard_size=max_shard_size, dtype=dtype, overwrite=overwrite)
+    return os.path.abspath(out)
 
 
 def load_dcp_adapters(path: str) -> tuple[dict[str, torch.Tensor], ModelArgs, dict]:

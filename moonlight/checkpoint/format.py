@@ -31,11 +31,14 @@ import shutil
 import tempfile
 import warnings
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.metadata import StorageMeta
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import MetadataIndex, StorageMeta
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from moonlight import distributed
 from moonlight.config import RUNTIME_FIELDS, ModelArgs
@@ -61,10 +64,43 @@ def step_dir_name(step: int) -> str:
 # ------------------------------------------------------------------------------------- DCP
 
 
-def dcp_save(state: dict, path: str) -> None:
+class _ReadWhenWritten(DefaultSavePlanner):
+    """Saves a state dict of meta tensors (shapes and dtypes only), each tensor read by `read(key)`
+    only when DCP writes it."""
+
+    def __init__(self, read: Callable[[str], torch.Tensor]):
+        super().__init__()
+        self.read = read
+
+    def lookup_object(self, index: MetadataIndex) -> Any:
+        obj = super().lookup_object(index)
+        return self.read(index.fqn) if isinstance(obj, torch.Tensor) and obj.is_meta else obj
+
+
+def dcp_save(state: dict, path: str, read: Callable[[str], torch.Tensor] | None = None) -> None:
+    """dcp.save; with `read`, the meta tensors of `state` are read one at a time as they are written,
+    one file per tensor (DCP holds every tensor of a file until the file is written)."""
+    kwargs: dict[str, Any] = {"checkpoint_id": path}
+    if read is not None:
+        kwargs = {"storage_writer": dcp.FileSystemWriter(path, single_file_per_rank=False),
+                  "planner": _ReadWhenWritten(read)}
     with warnings.catch_warnings():  # "torch.distributed is disabled ... single process" is our intent
         warnings.filterwarnings("ignore", message=".*assuming the intent is to")
-        dcp.save(state, checkpoint_id=path, no_dist=not distributed.is_distributed())
+        dcp.save(state, no_dist=not distributed.is_distributed(), **kwargs)
+
+
+def dcp_async_save(state: dict, path: str, process_group=None) -> tuple[Any, DefaultStager]:
+    """dcp.async_save: copies the state to CPU now (a real copy even of CPU tensors, which DCP's
+    default staging only references, so training may change them while they are written), writes it
+    in a background thread. Returns the future to wait on and the stager to close after it."""
+    stager = DefaultStager(StagingOptions(use_pinned_memory=torch.accelerator.is_available(),
+                                          use_shared_memory=False, use_async_staging=False,
+                                          use_non_blocking_copy=False))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+        future = dcp.async_save(state, checkpoint_id=path, process_group=process_group, async_stager=stager,
+                                no_dist=not distributed.is_distributed())
+    return future, stager
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -407,16 +443,20 @@ def check_model_args(path: str, meta: dict, args: ModelArgs | None) -> None:
 
 
 def write_model_only_checkpoint(state_dict: dict[str, torch.Tensor], out: str | os.PathLike, args: ModelArgs,
-                                step: int = 0, overwrite: bool = False, extra_meta: dict | None = None) -> str:
+                                step: int = 0, overwrite: bool = False, extra_meta: dict | None = None,
+                                read: Callable[[str], torch.Tensor] | None = None) -> str:
     """A single-process, model-only checkpoint in the trainer's layout ("model." + native key), written
     atomically (a temporary directory next to out -> out). Loadable by the trainer's resume and
-    `dcp-to-hf`. `overwrite` replaces an earlier checkpoint; a directory holding other files is refused."""
+    `dcp-to-hf`. `overwrite` replaces an earlier checkpoint; a directory holding other files is refused.
+    With `read` (native key -> tensor), `state_dict` holds meta tensors and each tensor is read only
+    when it is written: one tensor in memory at a time."""
     out = os.path.abspath(os.fspath(out))
     check_replaceable(out, DCP_OUTPUT, overwrite, "a moonlight checkpoint")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
     try:
-        dcp_save({f"model.{k}": v for k, v in state_dict.items()}, tmp)
+        dcp_save({f"model.{k}": v for k, v in state_dict.items()}, tmp,
+                 read=read and (lambda key: read(key.removeprefix("model."))))
         meta = base_meta(step, args, ["model"])
         meta["world_size"] = 1
         meta.update(extra_meta or {})

@@ -36,6 +36,7 @@ against what this run needs (e.g. optimizer changed adamw <-> muon), before read
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -194,6 +195,20 @@ def _set_rng(tensors: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------------- Checkpointer
 
 
+@dataclasses.dataclass
+class _PendingSave:
+    """A save whose data is (being) written and whose COMPLETE marker is not."""
+    step: int
+    tmp: str
+    final_dir: str
+    train_state: dict[str, Any]  # captured when the save started
+    future: Any = None  # async_mode: DCP's background write
+    stager: Any = None  # and its staging (CPU copies), closed once written
+    err: str | None = None
+    disk_full: bool = False
+    previous_saved_step: int | None = None
+
+
 class Checkpointer:
     """Save/resume everything a run needs; see the module docstring for the protocol and layout.
 
@@ -225,6 +240,8 @@ class Checkpointer:
         self._sched_list = _flatten_schedulers(lr_schedulers)
         self.last_saved_step: int | None = None
         self.pinned_step: int | None = None  # kept by keep_latest_k rotation (the last step before a divergence)
+        self._pending: _PendingSave | None = None  # the save whose COMPLETE is not written yet
+        self._async_pg = None
 
     # ------------------------------------------------------------------------------- state
     def _optim_sd(self) -> dict[str, Any]:
@@ -289,6 +306,7 @@ class Checkpointer:
         return True
 
     def _save(self, step: int) -> None:
+        self.wait()  # at most one save in flight
         rank = distributed.rank()
         final_dir = os.path.join(self.folder, fmt.step_dir_name(step))
         tmp = final_dir + ".tmp"
@@ -317,20 +335,55 @@ class Checkpointer:
             raise CheckpointSaveError(f"saving checkpoint {final_dir} failed: cannot create {tmp}: {prep_err}"
                                       + (" (disk full)" if "No space left" in prep_err else ""))
 
-        # phase 1: every rank writes its shards and its rank file
-        err: str | None = None
-        disk_full = False
+        # phase 1: every rank writes its shards and its rank file (async: DCP stages the state to CPU
+        # here and writes it in the background; phase 2 then runs in wait(), at the next save or the end)
+        save = _PendingSave(step, tmp, final_dir, self._train_state(step))
         try:
             state = {"model": model_state_dict(self.model_parts)}
             self._warn_diverged_replicas(state["model"])
             if self._optim_list:
                 state["optimizer"] = self._optim_sd()
-            fmt.dcp_save(state, tmp)
             self._write_rank_state(os.path.join(tmp, rank_state_file(rank)))
+            if self.cfg.async_mode == "async":
+                save.future, save.stager = fmt.dcp_async_save(state, tmp, self._async_group())
+            else:
+                fmt.dcp_save(state, tmp)
         except (KeyboardInterrupt, SystemExit):
             raise  # the temp directory stays behind, ignored by load and removed by the next save
         except BaseException as e:  # DCP raises CheckpointException (a BaseException) on any rank's failure
-            err, disk_full = fmt.short_error(e), fmt.is_disk_full(e)
+            save.err, save.disk_full = fmt.short_error(e), fmt.is_disk_full(e)
+        self._pending = save
+        if save.future is None:
+            self.wait()
+        else:  # due() is false for a step in flight; _finalize restores the previous step if this one fails
+            save.previous_saved_step, self.last_saved_step = self.last_saved_step, step
+
+    def _async_group(self):
+        """A process group of its own for the background writes, so they never interleave with the
+        training's collectives on the default group (None in one process)."""
+        if self._async_pg is None and distributed.is_distributed():
+            self._async_pg = torch.distributed.new_group(backend="gloo")
+        return self._async_pg
+
+    def wait(self) -> None:
+        """Finish the save in flight, if any: wait for every rank's data, then write COMPLETE (atomic
+        rename into place) and rotate. All ranks call. Raises CheckpointSaveError if it failed."""
+        save, self._pending = self._pending, None
+        if save is None:
+            return
+        if save.future is not None:
+            try:
+                save.future.result()
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as e:
+                save.err, save.disk_full = fmt.short_error(e), fmt.is_disk_full(e)
+            save.stager.close()
+        self._finalize(save)
+
+    def _finalize(self, save: _PendingSave) -> None:
+        rank, step, tmp, final_dir = distributed.rank(), save.step, save.tmp, save.final_dir
+        err, disk_full = save.err, save.disk_full
         errors = [x for x in distributed.all_gather_object((rank, err, disk_full)) if x[1] is not None]
         records: dict[str, Any] = {}
         if not errors:  # every rank checksums a share of the step's files, for COMPLETE
@@ -349,7 +402,7 @@ class Checkpointer:
         # phase 2: rank 0 writes the sidecars and the marker, then renames into place
         if not errors and rank == 0:
             try:
-                fmt.write_json_durable(self._train_state(step), os.path.join(tmp, TRAIN_STATE))
+                fmt.write_json_durable(save.train_state, os.path.join(tmp, TRAIN_STATE))
                 meta = fmt.base_meta(step, self.args, ["model"] + (["optimizer"] if self._optim_list else [])
                                      + ["train_state", "rng"] + (["extra"] if self.extra_states else []), self.layout)
                 fmt.write_json_durable(meta, os.path.join(tmp, fmt.META))
@@ -358,6 +411,7 @@ class Checkpointer:
                 errors = [(0, fmt.short_error(e), fmt.is_disk_full(e))]
         errors = distributed.broadcast_object(errors)
         if errors:
+            self.last_saved_step = save.previous_saved_step if save.future is not None else self.last_saved_step
             if rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             distributed.barrier()

@@ -301,6 +301,9 @@ class CheckpointSection:
     """HF checkpoint directory to start from when no checkpoint of this run exists."""
     export_hf: Literal["", "end", "each"] = ""
     """Also write an HF-format checkpoint: never, at the end, or at each save."""
+    async_mode: Literal["", "async"] = ""
+    """"async": training goes on while a save is written (staged to CPU first; one save in flight,
+    COMPLETE written when the next save starts or training ends). "" = the step waits for the save."""
 
     def problems(self) -> list[str]:
         return _require([

@@ -283,6 +283,8 @@ class Trainer:
                       + self._resume_hint(), flush=True)
             return
         saved = self.checkpointer.save(self.step, force=force)
+        if force or final:  # checkpoint.async_mode: the last save of the run is complete before we go on
+            self.checkpointer.wait()
         export = self.cfg.checkpoint.export_hf
         if ((export == "each" and saved) or (export and final)) and self.exported_step != self.step:
             export_hf(self.model_parts, os.path.join(self.cfg.job.dump_folder, "hf", f"step-{self.step}"))
