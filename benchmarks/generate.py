@@ -18,7 +18,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from benchmarks.model_throughput import PEER_CONFIG  # noqa: E402
+from benchmarks.peers import PEER_CONFIG, benchmark_device, save_peer_checkpoint  # noqa: E402
 from moonlight.hf import load_hf  # noqa: E402
 from moonlight.generate import cache_bytes_per_token, generate, per_head_kv_bytes_per_token  # noqa: E402
 
@@ -39,13 +39,9 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(0)
-
-    hf = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**PEER_CONFIG))
+    device = benchmark_device(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        hf.save_pretrained(tmp)
+        save_peer_checkpoint(tmp)
         hf = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp, dtype=torch.float32).to(device).eval()
         ours = load_hf(tmp, dtype=torch.float32, device=device).eval()
     hf.generation_config.eos_token_id = None  # always generate new_tokens tokens

@@ -21,23 +21,12 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-import transformers  # noqa: E402
 
-from benchmarks.peers import build_all  # noqa: E402
+from benchmarks.peers import PEER_CONFIG, benchmark_device, build_all, save_peer_checkpoint  # noqa: E402
 from moonlight.config import ModelArgs  # noqa: E402
 from moonlight.hf import load_hf  # noqa: E402
 from moonlight.parallel.compile import apply_compile  # noqa: E402
 from moonlight.train.metrics import peak_flops  # noqa: E402
-
-PEER_CONFIG = dict(
-    vocab_size=4096, hidden_size=256, intermediate_size=1024, moe_intermediate_size=256, num_hidden_layers=4,
-    first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=64,
-    qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=8, num_experts_per_tok=2,
-    n_shared_experts=2, n_group=1, topk_group=1, routed_scaling_factor=2.446, norm_topk_prob=True,
-    tie_word_embeddings=False, num_nextn_predict_layers=0, max_position_embeddings=4096,
-    rope_parameters={"rope_type": "default", "rope_theta": 50000.0},
-)
-
 
 def step_time(forward, params, tokens) -> float:
     for p in params:
@@ -58,13 +47,9 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="also run ours with training.compile's regional inductor")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(0)
-
-    hf = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**PEER_CONFIG))
+    device = benchmark_device(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        hf.save_pretrained(tmp)
+        save_peer_checkpoint(tmp)
         model_args = ModelArgs.from_hf_config(tmp)
         models = build_all(model_args, Path(tmp), device, max_seq_len=args.seq)
         if args.compile:

@@ -31,6 +31,31 @@ from moonlight.config import ModelArgs
 from moonlight.hf import load_hf
 from moonlight.parallel import cross_entropy_loss
 
+# The peers.md config: Moonlight's structure at a size a CPU runs forward+backward on in seconds.
+PEER_CONFIG = dict(
+    vocab_size=4096, hidden_size=256, intermediate_size=1024, moe_intermediate_size=256, num_hidden_layers=4,
+    first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=64,
+    qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=8, num_experts_per_tok=2,
+    n_shared_experts=2, n_group=1, topk_group=1, routed_scaling_factor=2.446, norm_topk_prob=True,
+    tie_word_embeddings=False, num_nextn_predict_layers=0, max_position_embeddings=4096,
+    rope_parameters={"rope_type": "default", "rope_theta": 50000.0},
+)
+
+
+def benchmark_device(threads: int) -> torch.device:
+    """Threads and seed of a benchmark run; its device (CUDA when there is one)."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def save_peer_checkpoint(path: str | Path) -> None:
+    """A random transformers DeepseekV3ForCausalLM with PEER_CONFIG saved to `path`: the weights every
+    system under comparison loads through its own loader."""
+    import transformers  # the [bench] extra
+
+    transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**PEER_CONFIG)).save_pretrained(path)
+
 
 def _experts_in_model_dtype(self, x, num_tokens_per_expert):
     """torchtitan's GroupedExperts.forward without its bf16 casts (adjustment 2)."""
