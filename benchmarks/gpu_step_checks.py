@@ -63,9 +63,16 @@ def small_model_args(smoke: bool, layers: int = 2) -> ModelArgs:
     return dataclasses.replace(ModelArgs.preset("moonlight-16b-a3b"), num_hidden_layers=layers, vocab_size=32768)
 
 
-def syncs_per_microbatch(args: ModelArgs, device, dtype, seq: int) -> dict:
+def _initialised(args: ModelArgs, device, dtype) -> Moonlight:
+    """A seeded model with its weights initialised (router and expert weights start uninitialised)."""
     torch.manual_seed(0)
-    model = Moonlight(args).to(device=device, dtype=dtype)
+    model = Moonlight(args)
+    model.init_weights()
+    return model.to(device=device, dtype=dtype)
+
+
+def syncs_per_microbatch(args: ModelArgs, device, dtype, seq: int) -> dict:
+    model = _initialised(args, device, dtype)
     tokens = torch.randint(0, args.vocab_size, (1, seq), device=device)
 
     def step():
@@ -166,8 +173,7 @@ def ac_steps(args: ModelArgs, device, dtype, seq: int, batches: list[int], repea
     """Step time and peak memory (CUDA) by activation checkpoint mode and micro-batch size."""
     out = {}
     for mode in AC_MODES:
-        torch.manual_seed(0)
-        model = apply_activation_checkpointing(Moonlight(args).to(device=device, dtype=dtype), mode)
+        model = apply_activation_checkpointing(_initialised(args, device, dtype), mode)
         for batch in batches:
             tokens = torch.randint(0, args.vocab_size, (batch, seq), device=device)
 

@@ -37,6 +37,7 @@ def test_op_level_checkpoint_saves_sdpa_and_matmuls():
     args = dataclasses.replace(ModelArgs.preset("debug", kernels="torch"), num_hidden_layers=2)
     torch.manual_seed(0)
     ref = Moonlight(args)
+    ref.init_weights()  # router and expert weights are allocated uninitialised
     tokens = torch.randint(0, args.vocab_size, (2, 16))
     base_ops, base_grads = _backward_ops(copy.deepcopy(ref), tokens)
     full_ops, _ = _backward_ops(apply_activation_checkpointing(copy.deepcopy(ref), "full"), tokens)
