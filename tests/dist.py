@@ -5,6 +5,7 @@ in every worker). Each worker returns a picklable value; an exception in any ran
 the caller with that rank's traceback.
 """
 
+import io
 import multiprocessing as mp
 import os
 import tempfile
@@ -82,3 +83,16 @@ def run_forked(fn, *args, timeout=300):
     if not ok:
         raise AssertionError(value)
     return value
+
+
+def gathered_weights(model_parts) -> bytes | None:
+    """The full state dict of a run's model parts, serialised on rank 0 (None elsewhere): plain bytes,
+    since tensors in a multiprocessing queue would share fds with a dead child."""
+    from moonlight.checkpoint.export import gather_full_state_dict
+
+    weights = gather_full_state_dict(model_parts)
+    if weights is None:
+        return None
+    buffer = io.BytesIO()
+    torch.save(weights, buffer)
+    return buffer.getvalue()

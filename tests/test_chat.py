@@ -18,7 +18,7 @@ from moonlight.train.config import DataSection, load_config
 from moonlight.train.data import ChatDataLoader, build_dataloader, load_documents
 from moonlight.train.tokenizer import DEFAULT_ADDITIONAL_SPECIALS, ByteTokenizer, build_tokenizer
 from moonlight.train.trainer import Trainer
-from tests.dist import run_ranks
+from tests.dist import gathered_weights, run_ranks
 
 FACTS_EXAMPLE = [
     {"role": "system", "content": "You are a helpful assistant provided by Moonshot-AI."},
@@ -287,16 +287,9 @@ def test_loss_and_grads_are_those_of_one_big_batch(tmp_path):
 
 
 def _train_and_gather(rank, world_size, folder, data, extra):
-    from moonlight.checkpoint.export import gather_full_state_dict
-
     trainer = _trainer(folder, data, extra)
     trainer.train()
-    weights = gather_full_state_dict(trainer.model_parts)
-    if weights is None:
-        return None
-    buffer = io.BytesIO()
-    torch.save(weights, buffer)
-    return buffer.getvalue()
+    return gathered_weights(trainer.model_parts)
 
 
 def _losses(folder):

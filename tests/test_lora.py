@@ -14,13 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from moonlight import ModelArgs, Moonlight
-from moonlight.checkpoint.export import export_hf, gather_full_state_dict
+from moonlight.checkpoint.export import export_hf
 from moonlight.errors import ConfigError
 from moonlight.train.config import load_config
 from moonlight.model.lora import (DEFAULT_TARGETS, LoRALinear, apply_lora, count_params, hide_adapters,
                                   is_adapter_name, lora_scales, merge_lora, merge_lora_state_dict)
 from moonlight.train.trainer import Trainer
-from tests.dist import run_ranks
+from tests.dist import gathered_weights, run_ranks
 
 ARGS = ModelArgs.preset("debug", kernels="torch")
 Q_LORA = dataclasses.replace(ARGS, q_lora_rank=24)
@@ -277,12 +277,7 @@ def test_trainer_lora_starts_from_an_hf_checkpoint(tmp_path):
 def _fsdp_run(rank, world, folder, extra):
     trainer = Trainer(_cfg(folder, *extra))
     trainer.train()
-    sd = gather_full_state_dict(trainer.model_parts)
-    if sd is None:
-        return None
-    buf = io.BytesIO()
-    torch.save(sd, buf)
-    return buf.getvalue()
+    return gathered_weights(trainer.model_parts)
 
 
 @pytest.mark.slow

@@ -7,10 +7,9 @@ import json
 import pytest
 import torch
 
-from moonlight.checkpoint.export import gather_full_state_dict
 from moonlight.train.config import load_config
 from moonlight.train.trainer import Trainer
-from tests.dist import run_ranks
+from tests.dist import gathered_weights, run_ranks
 
 BASE = ["--training.steps=3", "--training.seq_len=32", "--training.global_batch_size=4",
         "--training.local_batch_size=2", "--checkpoint.enable=false", "--metrics.log_freq=1",
@@ -20,12 +19,7 @@ BASE = ["--training.steps=3", "--training.seq_len=32", "--training.global_batch_
 def _train(rank, world_size, folder, extra):
     trainer = Trainer(load_config("train.toml", BASE + [f"--job.dump_folder={folder}", *extra]))
     trainer.train()
-    weights = gather_full_state_dict(trainer.model_parts)
-    if weights is None:  # not rank 0
-        return None
-    buffer = io.BytesIO()  # plain bytes: tensors in a multiprocessing queue would share fds with a dead child
-    torch.save(weights, buffer)
-    return buffer.getvalue()
+    return gathered_weights(trainer.model_parts)
 
 
 def _losses(folder, key="loss"):
