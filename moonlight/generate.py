@@ -8,6 +8,7 @@
     python -m moonlight.generate --hf DIR --prompt "Is 123 a prime?" --chat [--system TEXT] [--max-new-tokens N]
                                  [--temperature T --top-p P --seed S] [--tokenizer PATH]
     python -m moonlight.generate --dcp RUN/checkpoint [--step N] --tokenizer PATH --prompt TEXT
+    python -m moonlight.generate --hf BASE --adapter RUN/adapter --prompt TEXT          # a PEFT LoRA/DoRA adapter
 
 Batches follow Hugging Face's convention: prompts of different lengths are LEFT-padded in
 `input_ids` [B, S], and `attention_mask` [B, S] is 1 on prompt tokens and 0 on padding (`pad_left`
@@ -41,6 +42,7 @@ from moonlight.checkpoint.format import resolve_checkpoint
 from moonlight.config import ModelArgs
 from moonlight.errors import ConfigError, exit_on_user_error
 from moonlight.hf import load_hf
+from moonlight.hf_peft import apply_peft_adapter, read_adapter_config
 from moonlight.model import MLA, Moonlight
 from moonlight.train.chat import load_chat_template
 from moonlight.train.tokenizer import build_tokenizer
@@ -222,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--hf", help="Hugging Face checkpoint directory (config.json + safetensors)")
     src.add_argument("--dcp", help="trainer checkpoint: a step-N directory or a folder of them (latest)")
+    p.add_argument("--adapter", help="a PEFT LoRA/DoRA adapter directory (adapter_config.json + "
+                   "adapter_model.safetensors, e.g. a [lora] run's export) for the base model: merged before generating")
     p.add_argument("--step", type=int, help="with --dcp and a folder of step-N directories: which step")
     p.add_argument("--prompt", required=True, help="the prompt text")
     p.add_argument("--chat", action="store_true", help="send the prompt as a user turn (Moonlight-Instruct "
@@ -263,6 +267,8 @@ def _checked_args(argv: list[str] | None) -> argparse.Namespace:
                           "or tokenizer.json, or 'byte')")
     if not ns.prompt:
         raise ConfigError("--prompt is empty")
+    if ns.adapter:
+        read_adapter_config(ns.adapter)  # a CheckpointError naming what is wrong, before any weight is read
     return ns
 
 
@@ -275,9 +281,13 @@ def _check_vocab(prompt: list[int], vocab_size: int):
 def _load_model(ns: argparse.Namespace) -> Moonlight:
     dtype = getattr(torch, ns.dtype)
     if ns.hf:
-        return load_hf(ns.hf, dtype=dtype, device=ns.device).eval()
-    path = resolve_checkpoint(ns.dcp, -1 if ns.step is None else ns.step)
-    return load_dcp_model(path).to(device=ns.device, dtype=dtype).eval()
+        model = load_hf(ns.hf, dtype=dtype, device=ns.device)
+    else:
+        model = load_dcp_model(resolve_checkpoint(ns.dcp, -1 if ns.step is None else ns.step))
+        model = model.to(device=ns.device, dtype=dtype)
+    if ns.adapter:
+        apply_peft_adapter(model, ns.adapter)
+    return model.eval()
 
 
 def run(argv: list[str] | None = None) -> int:

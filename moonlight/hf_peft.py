@@ -2,6 +2,7 @@
 
     save_peft_adapter(model_or_state, args, lora_cfg, "out/adapter")   # adapter_config.json + safetensors
     load_peft_adapter(model, "out/adapter")                            # into a model with apply_lora done
+    apply_peft_adapter(model, "out/adapter")                           # onto a plain model, merged
 
 `peft.PeftModel.from_pretrained(DeepseekV3ForCausalLM, dir)` loads what `save_peft_adapter` writes,
 and `load_peft_adapter` reads what PEFT's `save_pretrained` writes for plain LoRA/DoRA. Native
@@ -29,7 +30,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from moonlight.config import ModelArgs
 from moonlight.errors import CheckpointError
 from moonlight.hf import hf_keys
-from moonlight.model.lora import is_adapter_name, lora_modules
+from moonlight.model.lora import apply_lora, is_adapter_name, lora_modules, merge_lora
 from moonlight.outputs import check_replaceable
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -166,3 +167,28 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> dict:
                 full = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
             p.copy_(full)
     return cfg
+
+
+def adapter_modules(model: nn.Module, adapter_dir: str | os.PathLike) -> list[str]:
+    """The names of the model's linear modules that the adapter in `adapter_dir` adapts."""
+    args = model.args
+    with safe_open(os.path.join(adapter_dir, ADAPTER_WEIGHTS), "pt") as f:
+        found = set(f.keys())
+    return [n for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and peft_key(f"{n}.lora_a.weight", args) in found]
+
+
+@torch.no_grad()
+def apply_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike, merge: bool = True) -> nn.Module:
+    """Put a PEFT adapter on a plain Moonlight: LoRA/DoRA modules with the adapter's rank, alpha and
+    DoRA setting on exactly the modules it adapts, its tensors loaded, and (merge=True) folded into the
+    base weights so the model is a plain, faster Moonlight again. In place; returns the model."""
+    adapter_dir = os.fspath(adapter_dir)
+    cfg = read_adapter_config(adapter_dir)
+    targets = adapter_modules(model, adapter_dir)
+    if not targets:
+        raise CheckpointError(f"{adapter_dir}: the adapter adapts no module of this model (target_modules "
+                              f"{cfg.get('target_modules')}): is it an adapter of this base model?")
+    apply_lora(model, targets, rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dora=bool(cfg.get("use_dora")))
+    load_peft_adapter(model, adapter_dir)
+    return merge_lora(model) if merge else model
