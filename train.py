@@ -1,5 +1,6 @@
 """Train Moonlight: `torchrun --nproc_per_node=N train.py --config train.toml [--section.key=value ...]`."""
 
+import os
 import sys
 
 import torch.distributed as dist
@@ -9,9 +10,17 @@ from moonlight.train.config import parse_args
 from moonlight.train.trainer import Trainer
 
 
+INTERRUPTED_EXIT_CODE = 130  # the shell's code for a SIGINT
+
+
 def main(argv: list[str]) -> int:
     try:
         return exit_on_user_error(lambda: Trainer(parse_args(argv)).train())
+    except KeyboardInterrupt:  # a second Ctrl-C aborts without saving: one line, not a traceback per rank
+        if os.environ.get("RANK", "0") == "0":
+            print("interrupted: aborted without saving; resume from the last complete checkpoint",
+                  file=sys.stderr, flush=True)
+        return INTERRUPTED_EXIT_CODE
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
