@@ -110,6 +110,18 @@ def test_meta_build_then_init_weights_is_deterministic():
     assert (models[0].layers["1"].ffn.router.expert_bias == 0).all()
 
 
+def test_a_model_is_initialised_as_built():
+    """Fault: the router and the stacked experts were torch.empty until init_weights(): garbage logits."""
+    args = ModelArgs.preset("debug", kernels="torch")
+    torch.manual_seed(0)
+    model = Moonlight(args)
+    moe = model.layers["1"].ffn
+    for w in (moe.router.weight, moe.experts.gate_proj, moe.experts.down_proj):
+        assert w.std().item() == pytest.approx(args.initializer_range, rel=0.05)
+        assert w.mean().abs().item() < args.initializer_range / 10
+    assert torch.isfinite(model(_tokens(args.vocab_size))).all()
+
+
 def test_aux_loss_reaches_router_and_counts_tokens():
     torch.manual_seed(0)
     args = ModelArgs.preset("debug", kernels="torch")

@@ -169,6 +169,12 @@ class Router(nn.Module):
         self.args = args
         self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.hidden_size))
         self.register_buffer("expert_bias", torch.zeros(args.n_routed_experts, dtype=torch.float32))
+        self.init_weights(args.initializer_range)  # usable as built, as nn.Linear is
+
+    @torch.no_grad()
+    def init_weights(self, std: float):
+        nn.init.normal_(self.weight, std=std)
+        self.expert_bias.zero_()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [T, H] -> (weights [T, K] fp32, expert ids [T, K], scores [T, E] fp32)."""
@@ -247,6 +253,12 @@ class GroupedExperts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(e, i, h))
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
         self.dispatcher = LocalDispatcher()
+        self.init_weights(args.initializer_range)  # usable as built, as nn.Linear is
+
+    @torch.no_grad()
+    def init_weights(self, std: float):
+        for p in (self.gate_proj, self.up_proj, self.down_proj):
+            nn.init.normal_(p, std=std)
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         impl = resolve_impl(self.args.kernels, x.device)
@@ -447,11 +459,7 @@ class Moonlight(nn.Module):
                 module.init_weights()
             elif isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=std)
-            elif isinstance(module, GroupedExperts):
-                for p in (module.gate_proj, module.up_proj, module.down_proj):
-                    nn.init.normal_(p, std=std)
-            elif isinstance(module, Router):
-                nn.init.normal_(module.weight, std=std)
-                module.expert_bias.zero_()
+            elif isinstance(module, (GroupedExperts, Router)):
+                module.init_weights(std)
             elif isinstance(module, MoE):
                 module.tokens_per_expert.zero_()
