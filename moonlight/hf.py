@@ -218,6 +218,11 @@ class HFCheckpoint:
     def get(self, key: str) -> torch.Tensor:
         return self._handle(key).get_tensor(key)
 
+    def native(self, native_key: str, args: ModelArgs) -> torch.Tensor:
+        """One native tensor: an expert stack is stacked from its per-expert HF tensors."""
+        tensors = [self.get(k) for k in hf_keys(native_key, args)]
+        return torch.stack(tensors) if is_expert_stack(native_key) else tensors[0]
+
     def get_slice(self, key: str):
         """A lazy slice object: index it (e.g. `[a:b]`) to read only those rows."""
         return self._handle(key).get_slice(key)

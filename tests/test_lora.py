@@ -15,7 +15,7 @@ from torch import nn
 
 from moonlight import ModelArgs, Moonlight
 from moonlight.checkpoint.export import export_hf
-from moonlight.errors import ConfigError
+from moonlight.errors import CheckpointError, ConfigError
 from moonlight.train.config import load_config
 from moonlight.model.lora import (DEFAULT_TARGETS, LoRALinear, apply_lora, count_params, hide_adapters,
                                   is_adapter_name, lora_scales, merge_lora, merge_lora_state_dict)
@@ -272,6 +272,62 @@ def test_trainer_lora_starts_from_an_hf_checkpoint(tmp_path):
     x = _tokens()
     with torch.no_grad():
         torch.testing.assert_close(model(x), src(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("base_format", ["hf", "dcp"])
+def test_lora_checkpoints_leave_the_frozen_base_out_and_resume_exactly(tmp_path, capsys, base_format):
+    """A LoRA run from initial_load_hf saves adapters, buffers and optimizer state only (frozen_weights
+    "auto"); resuming re-reads the base and gives the straight run's losses and weights bit-exactly,
+    and dcp-to-hf merges the adapters onto the base like the trainer's own export."""
+    from moonlight.checkpoint import format as fmt
+    from moonlight.convert import dcp_to_hf, hf_to_dcp
+    from tests.test_convert import _read_all
+
+    base = tmp_path / "base"
+    export_hf([_model(seed=7)], tmp_path / "hf")
+    if base_format == "dcp":
+        hf_to_dcp(str(tmp_path / "hf"), str(base))
+    else:
+        shutil.copytree(tmp_path / "hf", base)
+    a, b = tmp_path / "a", tmp_path / "b"
+    run = ["--training.steps=4", "--lora.dora=true", "--checkpoint.enable=true", "--checkpoint.interval=2",
+           "--checkpoint.keep_latest_k=0", "--checkpoint.export_hf=end", f"--checkpoint.initial_load_hf={base}"]
+    straight = Trainer(_cfg(a, *run))
+    straight.train()
+    step2 = a / "checkpoint" / "step-2"
+    stored = {k.removeprefix("model.") for k in fmt.stored_tensors(str(step2)) if k.startswith("model.")}
+    trainable = {n for n, p in straight.model_parts[0].named_parameters() if p.requires_grad}
+    buffers = {n for n, _ in straight.model_parts[0].named_buffers() if n.endswith("expert_bias")}
+    assert stored == trainable | buffers  # no frozen weight is written
+    assert json.loads((step2 / "meta.json").read_text())["frozen_weights_from"] == str(base)
+
+    os.makedirs(b / "checkpoint")
+    shutil.copytree(step2, b / "checkpoint" / "step-2")
+    resumed = Trainer(_cfg(b, *run))
+    assert resumed.step == 2
+    resumed.train()
+    la, lb = _losses(a), _losses(b)
+    assert [lb[3], lb[4]] == [la[3], la[4]]
+    ma, mb = straight.model_parts[0].state_dict(), resumed.model_parts[0].state_dict()
+    for k in ma:
+        assert torch.equal(ma[k], mb[k]), k
+
+    dcp_to_hf(str(a / "checkpoint"), str(tmp_path / "cli"), dtype=torch.float32)
+    exported, cli = _read_all(a / "hf" / "step-4"), _read_all(tmp_path / "cli")
+    assert set(cli) == set(exported) and all(torch.equal(cli[k], exported[k]) for k in exported)
+
+    # resuming such a checkpoint without its base is one clear error; "save" keeps the old behaviour
+    with pytest.raises(CheckpointError, match="holds only the trained weights.*set checkpoint.initial_load_hf"):
+        Trainer(_cfg(b, *run[:-1]))
+    saved = Trainer(_cfg(tmp_path / "c", *run, "--training.steps=2", "--checkpoint.frozen_weights=save"))
+    saved.train()
+    stored = {k.removeprefix("model.") for k in fmt.stored_tensors(str(tmp_path / "c" / "checkpoint" / "step-2"))}
+    assert "layers.0.attn.q_proj.weight" in stored
+
+
+def test_frozen_weights_reload_needs_a_lora_run_from_a_base(tmp_path):
+    with pytest.raises(ConfigError, match="frozen_weights = 'reload' re-reads the frozen base weights"):
+        _cfg(tmp_path, "--checkpoint.frozen_weights=reload").validate()
 
 
 def _fsdp_run(rank, world, folder, extra):

@@ -30,7 +30,7 @@ from moonlight.checkpoint.state import model_args_of, model_state_dict
 from moonlight.config import ModelArgs
 from moonlight.dtypes import to_dtype
 from moonlight.errors import CheckpointError, CheckpointSaveError
-from moonlight.hf import expected_shapes, progress, save_hf_stream
+from moonlight.hf import HFCheckpoint, expected_shapes, hf_keys, progress, save_hf_stream
 from moonlight.hf_peft import save_peft_adapter
 from moonlight.model import Moonlight
 from moonlight.model.lora import is_adapter_name, lora_scales, merge_lora_state_dict
@@ -202,9 +202,36 @@ def _layer_of(key: str) -> str:
     return m.group(1) if m else "top"
 
 
+class _HFBase:
+    """The frozen base weights of a checkpoint saved without them, read from an HF directory."""
+
+    def __init__(self, path: str, args: ModelArgs):
+        self.checkpoint, self.args = HFCheckpoint(path), args
+        self.checkpoint.check_keys(args)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.checkpoint.dtype(hf_keys(key, self.args)[0])
+
+    def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        return {k: self.checkpoint.native(k, self.args) for k in keys}
+
+
+def _frozen_weights_source(path: str, meta: dict, args: ModelArgs) -> "_HFBase | _DCPModel":
+    """Where a checkpoint saved without its frozen weights (a LoRA run) keeps them: its base."""
+    base = meta["frozen_weights_from"]
+    if not os.path.isdir(base):
+        raise CheckpointError(f"{path} holds only the trained weights; its frozen base weights are in {base}, "
+                              "which does not exist here: put the base model there, or export the adapter alone "
+                              "(python -m moonlight.convert dcp-to-peft)")
+    if os.path.isfile(os.path.join(base, fmt.DCP_METADATA)):
+        return _DCPModel(base, args)
+    return _HFBase(base, args)
+
+
 class _DCPModel:
     """What a DCP checkpoint directory holds for one full Moonlight, checked against the config:
-    native key -> (shape, dtype) of the model and adapter tensors, the key prefix, the LoRA scales."""
+    native key -> (shape, dtype) of the model and adapter tensors, the key prefix, the LoRA scales.
+    A LoRA run's checkpoint saved without its frozen weights reads them from its base directory."""
 
     def __init__(self, path: str, args: ModelArgs | None = None, hint: str = ""):
         meta = fmt.read_meta(path) if os.path.exists(os.path.join(path, fmt.META)) else {}
@@ -217,7 +244,9 @@ class _DCPModel:
         prefix = "model." if any(k.startswith("model.") for k in md) else ""
         shapes = expected_shapes(args)
         missing = [k for k in shapes if prefix + k not in md]
-        if missing:
+        self.base = _frozen_weights_source(path, meta, args) if missing and meta.get("frozen_weights_from") else None
+        self.from_base = set(missing) if self.base is not None else set()
+        if missing and self.base is None:
             raise CheckpointError(f"{path} lacks {len(missing)} model tensor(s) this config needs, e.g. "
                                   f"{missing[:5]}" + hint)
         # LoRA/DoRA runs store adapters beside the frozen base weights: read them too and merge
@@ -229,6 +258,9 @@ class _DCPModel:
         self.path, self.args, self.prefix = path, args, prefix
         self.specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         for k in list(shapes) + adapters:
+            if k in self.from_base:
+                self.specs[k] = (tuple(shapes[k]), self.base.dtype(k))
+                continue
             m: Any = md[prefix + k]
             if not isinstance(m, TensorStorageMetadata):
                 raise CheckpointError(f"{path}: {prefix + k} is not a tensor")
@@ -240,10 +272,21 @@ class _DCPModel:
         self.scales = {name: lora["alpha"] / lora["rank"] for name in modules}
         self.model_specs = {k: self.specs[k] for k in shapes}
 
+    def dtype(self, key: str) -> torch.dtype:
+        return self.specs[key][1]
+
     def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
-        """These tensors (native keys), read in one DCP load."""
-        sd = {k: torch.empty(self.specs[k][0], dtype=self.specs[k][1]) for k in keys}
-        fmt.dcp_load({self.prefix + k: v for k, v in sd.items()}, self.path)
+        """These tensors (native keys), read in one DCP load (frozen ones from the base)."""
+        sd = {k: torch.empty(self.specs[k][0], dtype=self.specs[k][1]) for k in keys if k not in self.from_base}
+        if sd:
+            fmt.dcp_load({self.prefix + k: v for k, v in sd.items()}, self.path)
+        frozen = [k for k in keys if k in self.from_base]
+        if frozen:
+            sd.update(self.base.read(frozen))
+        for k in frozen:
+            if tuple(sd[k].shape) != self.specs[k][0]:
+                raise CheckpointError(f"{k} in the base weights has shape {tuple(sd[k].shape)}, the checkpoint's "
+                                      f"model needs {self.specs[k][0]}")
         return sd
 
     def stream(self) -> Iterator[tuple[str, torch.Tensor]]:

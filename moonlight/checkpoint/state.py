@@ -32,6 +32,11 @@ state; the per-step load counters are not saved. Plain (non-DTensor) tensors are
 stores one rank's copy, and a save logs an error if the ranks' copies differ. A save refuses
 non-finite parameters. Loading checks meta.json's model args against this run, and the DCP keys
 against what this run needs (e.g. optimizer changed adamw <-> muon), before reading anything.
+
+Frozen weights (`base_weights`): a LoRA/DoRA run started from a base checkpoint can leave its frozen
+parameters out of every save (megabytes of adapters and optimizer state instead of the whole model).
+meta.json then names the base (`frozen_weights_from`), and a resume calls `load_base(path)` to read
+the frozen weights from it before the checkpoint's own tensors.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ import os
 import random
 import shutil
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -125,11 +130,13 @@ def model_args_of(parts: list[nn.Module]) -> ModelArgs | None:
     return next((p.args for p in parts if isinstance(getattr(p, "args", None), ModelArgs)), None)
 
 
-def model_state_dict(parts: list[nn.Module]) -> dict[str, Any]:
-    """The (possibly sharded) state dict of every local model part, by global FQN."""
+def model_state_dict(parts: list[nn.Module], trainable_only: bool = False) -> dict[str, Any]:
+    """The (possibly sharded) state dict of every local model part, by global FQN; `trainable_only`
+    leaves out the frozen parameters (requires_grad=False; buffers stay)."""
+    options = StateDictOptions(ignore_frozen_params=trainable_only)
     sd: dict[str, Any] = {}
     for part in parts:
-        sd.update(get_model_state_dict(part))
+        sd.update(get_model_state_dict(part, options=options))
     return sd
 
 
@@ -218,12 +225,15 @@ class Checkpointer:
     dataloader: anything with state_dict/load_state_dict whose JSON state is the same on every rank
     (saved once, by rank 0). extra_states: name -> object with a JSON state_dict/load_state_dict,
     saved per rank (on load: this rank's, else rank 0's). layout: optional dict describing the
-    parallel layout, recorded in meta.json.
+    parallel layout, recorded in meta.json. skip_frozen: saves leave out the frozen parameters, which
+    `base_weights` (a directory, recorded in meta.json) holds. load_base(path): reads the frozen
+    weights from a base directory into the model parts (needed to resume such a checkpoint).
     """
 
     def __init__(self, cfg, dump_folder: str | os.PathLike, model_parts: list[nn.Module] | nn.Module,
                  optimizers=None, lr_schedulers=None, dataloader=None, extra_states: dict[str, Any] | None = None,
-                 layout: dict | None = None, check_finite: bool = True):
+                 layout: dict | None = None, check_finite: bool = True, base_weights: str | None = None,
+                 skip_frozen: bool = False, load_base: Callable[[str], None] | None = None):
         self.cfg = cfg
         self.dump_folder = os.path.abspath(os.fspath(dump_folder))
         self.folder = os.path.join(self.dump_folder, cfg.folder)
@@ -234,6 +244,11 @@ class Checkpointer:
         self.extra_states = dict(extra_states or {})
         self.layout = dict(layout or {})
         self.check_finite = check_finite
+        if skip_frozen and not base_weights:
+            raise ValueError("skip_frozen needs base_weights: the directory the frozen weights are re-read from")
+        self.base_weights = os.path.abspath(base_weights) if base_weights else None
+        self.skip_frozen = skip_frozen
+        self.load_base = load_base
         self.args = model_args_of(self.model_parts)
         self._model = merge_model_parts(self.model_parts)
         self._optim_list = _flatten_optimizers(optimizers)
@@ -339,7 +354,7 @@ class Checkpointer:
         # here and writes it in the background; phase 2 then runs in wait(), at the next save or the end)
         save = _PendingSave(step, tmp, final_dir, self._train_state(step))
         try:
-            state = {"model": model_state_dict(self.model_parts)}
+            state = {"model": model_state_dict(self.model_parts, trainable_only=self.skip_frozen)}
             self._warn_diverged_replicas(state["model"])
             if self._optim_list:
                 state["optimizer"] = self._optim_sd()
@@ -405,6 +420,8 @@ class Checkpointer:
                 fmt.write_json_durable(save.train_state, os.path.join(tmp, TRAIN_STATE))
                 meta = fmt.base_meta(step, self.args, ["model"] + (["optimizer"] if self._optim_list else [])
                                      + ["train_state", "rng"] + (["extra"] if self.extra_states else []), self.layout)
+                if self.skip_frozen:
+                    meta["frozen_weights_from"] = self.base_weights
                 fmt.write_json_durable(meta, os.path.join(tmp, fmt.META))
                 fmt.finalize_dir(tmp, final_dir, records)
             except BaseException as e:
@@ -509,7 +526,10 @@ class Checkpointer:
         meta = fmt.read_meta(path)
         fmt.check_model_args(path, meta, self.args)
         contents = ["model"] if model_only else meta.get("contents", ["model"])
-        state: dict[str, Any] = {"model": model_state_dict(self.model_parts)}
+        base = meta.get("frozen_weights_from")
+        if base:
+            self._load_frozen_weights(path, base)
+        state: dict[str, Any] = {"model": model_state_dict(self.model_parts, trainable_only=bool(base))}
         with_optim = "optimizer" in contents and bool(self._optim_list)
         if with_optim:
             state["optimizer"] = self._optim_sd()
@@ -517,7 +537,8 @@ class Checkpointer:
         fmt.dcp_load(state, path)
         for part in self.model_parts:
             keys = set(get_model_state_dict(part))
-            set_model_state_dict(part, {k: v for k, v in state["model"].items() if k in keys})
+            set_model_state_dict(part, {k: v for k, v in state["model"].items() if k in keys},
+                                 options=StateDictOptions(strict=not base))
         if with_optim:
             set_optimizer_state_dict(self._model, self._optim_list, state["optimizer"], options=_OPTIM_OPTIONS)
         step = int(meta.get("step", 0))
@@ -530,6 +551,16 @@ class Checkpointer:
         if distributed.rank() == 0:
             logger.info("checkpoint: restored %s (%s) at step %d", path, ", ".join(contents), step)
         return step
+
+    def _load_frozen_weights(self, path: str, base: str) -> None:
+        """A checkpoint saved without its frozen weights: read them from its base first."""
+        if self.load_base is None or self.base_weights is None:
+            raise CheckpointError(f"checkpoint {path} holds only the trained weights; its frozen base weights are "
+                                  f"read from {base}: set checkpoint.initial_load_hf = {base!r} to resume it")
+        if self.base_weights != base and distributed.rank() == 0:
+            logger.warning("checkpoint: %s was saved with its frozen weights in %s; reading them from %s "
+                           "(checkpoint.initial_load_hf) instead", path, base, self.base_weights)
+        self.load_base(self.base_weights)
 
     def _check_keys(self, path: str, state: dict[str, Any]) -> None:
         stored = set(fmt.stored_tensors(path))

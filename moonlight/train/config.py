@@ -304,6 +304,10 @@ class CheckpointSection:
     async_mode: Literal["", "async"] = ""
     """"async": training goes on while a save is written (staged to CPU first; one save in flight,
     COMPLETE written when the next save starts or training ends). "" = the step waits for the save."""
+    frozen_weights: Literal["auto", "save", "reload"] = "auto"
+    """Frozen (not trained) weights: "save" them in every checkpoint, or "reload" them from
+    initial_load_hf on resume, so a LoRA/DoRA checkpoint holds the adapters, buffers and optimizer
+    state only. "auto": "reload" in a LoRA/DoRA run with initial_load_hf, else "save"."""
 
     def problems(self) -> list[str]:
         return _require([
@@ -465,9 +469,18 @@ class JobConfig:
             errs += [f"lora.enable = true supports data parallel (FSDP/HSDP) only: set parallelism.{k} = 1 "
                      f"(got {getattr(self.parallelism, k)}; the LoRA/DoRA recipe is TP1/PP1/EP1)"
                      for k in ("tp", "ep", "pp") if getattr(self.parallelism, k) != 1]
+        if self.checkpoint.frozen_weights == "reload" and not (self.lora.enable and self.checkpoint.initial_load_hf):
+            errs.append("checkpoint.frozen_weights = 'reload' re-reads the frozen base weights from "
+                        "checkpoint.initial_load_hf: it needs lora.enable = true and checkpoint.initial_load_hf set "
+                        "(or use 'save')")
         if errs:
             raise ConfigError("invalid config:\n  - " + "\n  - ".join(errs))
         return self
+
+    def skips_frozen_weights(self) -> bool:
+        """Whether checkpoints leave the frozen weights out (checkpoint.frozen_weights)."""
+        mode = self.checkpoint.frozen_weights
+        return mode == "reload" or (mode == "auto" and self.lora.enable and bool(self.checkpoint.initial_load_hf))
 
     def grad_accum_steps(self, dp_degree: int) -> int:
         """Micro-batches per optimizer step on each rank for a data-parallel degree

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from moonlight.checkpoint.export import export_hf, export_peft_adapter
-from moonlight.checkpoint.format import DCP_METADATA
+from moonlight.checkpoint.format import DCP_METADATA, model_args_from_meta, read_meta
 from moonlight.checkpoint.state import Checkpointer
 from moonlight.config import ModelArgs
 from moonlight.distributed import broadcast_object, local_tensor
@@ -49,9 +49,16 @@ _FULL_INIT_MAX_PARAMS = 2_000_000_000
 
 
 def build_model_args(cfg: JobConfig) -> ModelArgs:
-    """The preset (or a HF config.json) with [model.overrides], kernels and the aux-loss coefficient."""
+    """The preset (or a HF config.json, or the model args of the model-only DCP checkpoint that
+    initial_load_hf names) with [model.overrides], kernels and the aux-loss coefficient."""
     hf_config = cfg.model.hf_config or cfg.checkpoint.initial_load_hf
-    base = ModelArgs.from_hf_config(hf_config) if hf_config else ModelArgs.preset(cfg.model.name)
+    if hf_config and not cfg.model.hf_config and os.path.isfile(os.path.join(hf_config, DCP_METADATA)):
+        base = model_args_from_meta(read_meta(hf_config))  # `python -m moonlight.convert hf-to-dcp` output
+        if base is None:
+            raise ConfigError(f"checkpoint.initial_load_hf = {hf_config} records no model args in its meta.json: "
+                              "set model.hf_config to the model's config.json")
+    else:
+        base = ModelArgs.from_hf_config(hf_config) if hf_config else ModelArgs.preset(cfg.model.name)
     fields = {f.name for f in dataclasses.fields(ModelArgs)}
     for key in cfg.model.overrides:
         if key not in fields:
@@ -69,6 +76,13 @@ def load_initial_weights(ckpt: Checkpointer, path: str, lora: bool = False) -> b
     DoRA's magnitudes start at their row norms."""
     if ckpt.cfg.enable and ckpt.available_steps():
         return False
+    read_base_weights(ckpt, path, lora)
+    return True
+
+
+def read_base_weights(ckpt: Checkpointer, path: str, lora: bool = False) -> None:
+    """The base weights from `path` (HF or model-only DCP) into ckpt's model parts; the adapters of a
+    LoRA run are left alone and DoRA's magnitudes set to the loaded weights' row norms."""
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint.initial_load_hf={path} does not exist or is not a directory")
@@ -84,7 +98,6 @@ def load_initial_weights(ckpt: Checkpointer, path: str, lora: bool = False) -> b
     if lora:
         for part in ckpt.model_parts:
             init_dora_magnitude(part)
-    return True
 
 
 def use_tf32(device: torch.device) -> None:
@@ -253,15 +266,18 @@ class Trainer:
             raise ConfigError(f"lora: {e} (lora.targets = {lo.targets})") from None
 
     def _build_checkpointer(self) -> Checkpointer:
-        c = self.cfg.checkpoint
+        c, lora = self.cfg.checkpoint, self.cfg.lora.enable
+        base = os.path.abspath(os.path.expanduser(c.initial_load_hf)) if c.initial_load_hf else None
         ckpt = Checkpointer(c, self.cfg.job.dump_folder, self.model_parts, self.optimizers, self.lr_schedulers,
                             self.dataloader,
                             layout={"world_size": self.world_size, **dataclasses.asdict(self.cfg.parallelism),
                                     # adapters are saved under <linear>.lora_a/lora_b.weight (+ .magnitude)
-                                    **({"lora": dataclasses.asdict(self.cfg.lora)} if self.cfg.lora.enable else {})})
+                                    **({"lora": dataclasses.asdict(self.cfg.lora)} if lora else {})},
+                            base_weights=base, skip_frozen=self.cfg.skips_frozen_weights(),
+                            load_base=lambda path: read_base_weights(ckpt, path, lora))
         if c.enable:
             self.step = ckpt.load(c.load_step)
-        if c.initial_load_hf and load_initial_weights(ckpt, c.initial_load_hf, lora=self.cfg.lora.enable):
+        if c.initial_load_hf and load_initial_weights(ckpt, c.initial_load_hf, lora=lora):
             if self.rank == 0:
                 print(f"[moonlight] initialised the model from {c.initial_load_hf}", flush=True)
         adapter = self.cfg.lora.init_adapter
