@@ -4,7 +4,8 @@ Every layout runs on forked gloo ranks (tests/dist.py). The reference is the sam
 global batch; each data-parallel rank gets its slice of the batch; the loss is the mean over the
 global batch; every gradient, gathered with full_tensor(), must equal the reference's in fp32.
 The sequence aux loss is on (aux_loss_alpha=0.001 x 10 so it matters), and the MoE load counters,
-summed over the dp mesh, must equal the reference's.
+summed over the routing mesh (dp, and tp when each tp rank routes its own sequence shard), must equal
+the reference's.
 """
 
 import copy
@@ -94,7 +95,7 @@ def _step_worker(rank, world_size, layout, sequence_parallel, ac_mode, chunked_l
     for name, m in model.named_modules():
         if hasattr(m, "tokens_per_expert"):
             c = m.tokens_per_expert.clone()
-            dist.all_reduce(c, group=mesh["dp"].get_group())
+            dist.all_reduce(c, group=mesh["routing"].get_group())
             torch.testing.assert_close(c, ref_counts[name], atol=0, rtol=0)
     return float(global_loss)
 
