@@ -114,8 +114,9 @@ class ParallelDims:
     @property
     def ep_spans_tp(self) -> bool:
         """Whether the expert-parallel groups take tensor-parallel ranks: ``ep`` does not divide
-        ``dp_shard``. Every tp rank then routes only its own sequence shard (see the module docstring)."""
-        return self.ep > 1 and self.dp_shard % self.ep != 0
+        ``dp_shard`` but divides ``dp_shard * tp``. Every tp rank then routes only its own sequence
+        shard (see the module docstring)."""
+        return self.dp_shard % self.ep != 0 and (self.dp_shard * self.tp) % self.ep == 0
 
     @property
     def expert_shard(self) -> int:
