@@ -201,7 +201,8 @@ class Router(nn.Module):
         """x [T, H] -> (weights [T, K] fp32, expert ids [T, K], scores [T, E] fp32). ``sequences``: the
         MoE layer's (its weight's gradient must sum the tokens of every part)."""
         a = self.args
-        scores = F.linear(x.float(), sequences.shared_weight(self.weight).float()).sigmoid()
+        # fp32 before the weight is shared: its gradient is summed over the parts in fp32
+        scores = F.linear(x.float(), sequences.shared_weight(self.weight.float())).sigmoid()
         biased = scores + self.expert_bias
         if a.n_group > 1:  # keep the topk_group groups whose two best biased scores sum highest
             grouped = biased.view(-1, a.n_group, a.n_routed_experts // a.n_group)
