@@ -2,8 +2,8 @@
 
 The model is pure compute: no torch.distributed imports. Parallel plans in `moonlight.parallel`
 are applied to a built model by module name, and swap objects the MoE layer calls: the experts'
-`dispatcher` (see `LocalDispatcher`) and the layer's `sequences` (see `WholeSequences`). Build on the meta device and call `init_weights()` to plan a
-16B model without allocating it.
+`dispatcher` (see `LocalDispatcher`) and the layer's `sequences` (see `WholeSequences`). Build on
+the meta device and call `init_weights()` to plan a 16B model without allocating it.
 """
 
 from __future__ import annotations

@@ -215,8 +215,8 @@ class ParallelMesh:
         if name in self._named:
             return self._named[name]
         raise KeyError(f"no mesh named {name!r} in this layout {self.dims.describe()}; available: "
-                       f"{sorted(self._named)}" + (" ('ep' exists only when ep > 1)" if name in EXPERT_SHARD_DIMS + ("ep",)
-                                                    else ""))
+                       f"{sorted(self._named)}"
+                       + (" ('ep' exists only when ep > 1)" if name in ("ep", *EXPERT_SHARD_DIMS) else ""))
 
     def __contains__(self, name: str) -> bool:
         return name in self._named

@@ -43,7 +43,8 @@ def parallelize_model(model: nn.Module, dims: ParallelDims, mesh: ParallelMesh, 
         raise ParallelConfigError(
             "activation_checkpoint.mode = 'op' does not work with expert parallel when the experts are "
             "sharded or cast by FSDP (a PyTorch FSDP/selective-checkpoint bug, pytorch/torchtitan#3427): use "
-            "mode 'selective' or 'full', or fp32 with dp_shard = ep and dp_replicate = 1")
+            "mode 'selective' or 'full', or fp32 with one rank per expert shard (dp_replicate = 1 and dp_shard = ep, "
+            "or dp_shard x tp = ep when expert parallel spans tp)")
     apply_activation_checkpointing(model, ac_mode)
     if dims.dp > 1 or dims.expert_shard > 1 or mixed:
         apply_fsdp(model, mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype,

@@ -144,7 +144,8 @@ def build_layout(cfg: JobConfig, args: ModelArgs, world_size: int, device: torch
 
     tp_rank = mesh.tp_rank
     common = dict(dp_rank=mesh.dp_rank, dp_world=mesh.dp_size, dp_group=mesh["dp"].get_group(),
-                  moe_count_group=mesh["routing"].get_group(), replica_mesh=mesh.world["dp_replicate", "dp_shard", "tp"],
+                  moe_count_group=mesh["routing"].get_group(),
+                  replica_mesh=mesh.world["dp_replicate", "dp_shard", "tp"],
                   description=dims.describe() + (" + sequence parallel" if sequence_parallel else ""))
     if p.pp == 1:
         return Layout(model_parts=[prepare(full)], holds_loss=tp_rank == 0, loss_from_hidden=p.tp == 1, **common)
