@@ -125,7 +125,7 @@ def _meta_model(cfg: JobConfig, args: ModelArgs):
 
 
 def activation_bytes(args: ModelArgs, cfg: JobConfig, layer_ids: list[int], has_head: bool, tokens: int,
-                     tp: int = 1) -> int:
+                     tp: int = 1, moe_tp: int = 1) -> int:
     """Tensors autograd saves for backward in one micro-batch of `tokens` tokens.
 
     Per token, in elements of the compute dtype c (mixed_precision_param, else training.dtype) unless
@@ -140,7 +140,8 @@ def activation_bytes(args: ModelArgs, cfg: JobConfig, layer_ids: list[int], has_
     activation_checkpoint "selective" keeps only the attention input (h) instead of the attention
     terms; "full" keeps each block's input (h) and, during backward, one block's own terms. The
     estimate is within 25% of what torch's saved-tensor hooks measure (tests/test_plan.py); it leaves
-    out the temporaries of a single op and the transient FSDP all-gather buffers.
+    out the temporaries of a single op and the transient FSDP all-gather buffers. ``moe_tp``: the tp
+    ranks the MoE terms are split over when each routes only its own sequence shard (EP spanning TP).
     """
     c = to_dtype(cfg.training.mixed_precision_param if cfg.training.mixed_precision_param != "float32"
                  else cfg.training.dtype).itemsize
@@ -154,7 +155,7 @@ def activation_bytes(args: ModelArgs, cfg: JobConfig, layer_ids: list[int], has_
     def block(layer_id: int) -> tuple[int, int]:
         """(bytes kept until backward, bytes of the block's own saved tensors)."""
         if args.is_moe_layer(layer_id):
-            ffn = (h + 2 * k + k * h + 4 * k * i + k * h + h + 4 * s) * c + 3 * args.n_routed_experts * 4
+            ffn = ((h + 2 * k + k * h + 4 * k * i + k * h + h + 4 * s) * c + 3 * args.n_routed_experts * 4) // moe_tp
         else:
             ffn = (h + 4 * args.intermediate_size // tp) * c
         own = 2 * norm + attention + ffn
@@ -196,7 +197,8 @@ def _plan_rank(cfg: JobConfig, args: ModelArgs, world_size: int, rank: int, dims
     tokens = t.local_batch_size // n_micro * t.seq_len
     in_flight = 1 if p.pp == 1 else min(n_micro, p.pp - rank // (world_size // p.pp))
     row.activations = in_flight * activation_bytes(args, cfg, _layers_of(built.model_parts), has_head, tokens,
-                                                   tp=dims.tp if dims else 1)
+                                                   tp=dims.tp if dims else 1,
+                                                   moe_tp=dims.tp if dims and dims.ep_spans_tp else 1)
     return row, built.description
 
 

@@ -155,7 +155,10 @@ def _layout_worker(rank, world, layout):
     (4, dict(dp_shard=4, ep=2)),
     (4, dict(dp_shard=2, tp=2)),
     (2, dict(dp_shard=1, tp=2)),
-], ids=["fsdp2", "fsdp4_ep2", "fsdp2_tp2", "tp2"])
+    # EP spanning tp: no copy of an expert outside its expert_fsdp group (FSDP-sharded over 2 tp ranks in tp4)
+    pytest.param(4, dict(dp_shard=2, tp=2, ep=4), marks=pytest.mark.slow),
+    pytest.param(4, dict(dp_shard=1, tp=4, ep=2), marks=pytest.mark.slow),
+], ids=["fsdp2", "fsdp4_ep2", "fsdp2_tp2", "tp2", "fsdp2_tp2_ep4", "tp4_ep2"])
 def test_trainer_layouts_orthogonalise_once_and_bit_exact(world, layout):
     results = run_ranks(_layout_worker, world, layout)
     expected = results[0][1]

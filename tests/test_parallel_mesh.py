@@ -28,7 +28,11 @@ INVALID = {
     "heads_tp": (dict(tp=8, world_size=8), {}, "num_attention_heads=4 is not divisible by tp=8"),
     "vocab_tp": (dict(tp=2, world_size=2), dict(vocab_size=321), "vocab_size=321 is not divisible by tp=2"),
     "experts_ep": (dict(dp_shard=3, ep=3, world_size=3), {}, "n_routed_experts=8 is not divisible by ep=3"),
-    "ep_borrow": (dict(dp_shard=2, tp=2, ep=4, world_size=4), {}, "ep=4 does not divide dp_shard=2"),
+    "ep_borrow": (dict(dp_shard=2, ep=4, world_size=2), {}, "ep=4 does not divide dp_shard=2: expert parallel"),
+    "ep_span_needs_sp": (dict(dp_shard=2, tp=2, ep=4, world_size=4), {},
+                         "so the expert groups take tensor-parallel ranks, which needs sequence_parallel=True"),
+    "ep_span_divides": (dict(dp_shard=2, tp=2, ep=8, world_size=4), dict(sequence_parallel=True),
+                        "ep=8 divides neither dp_shard=2 nor dp_shard x tp=4"),
     "layers_pp_vp": (dict(pp=2, world_size=2), dict(vp=3), "6 stages exceed the 4 decoder layers"),
     "pp_layout_sum": (dict(pp=2, world_size=2), dict(pp_layout=[2, 3]), "sums to 5 but the model has 4 layers"),
     "pp_layout_empty_stage": (dict(pp=2, world_size=2), dict(pp_layout=[4, 0]), "at least one decoder layer"),
@@ -52,7 +56,17 @@ def test_all_errors_reported_at_once():
         ParallelDims(tp=8, ep=3, dp_shard=1, world_size=8).validate(_debug(vocab_size=324))
     text = str(info.value)
     assert "num_attention_heads" in text and "vocab_size" in text and "n_routed_experts" in text
-    assert "does not divide dp_shard" in text
+    assert "ep=3 divides neither dp_shard=1 nor dp_shard x tp=8" in text
+
+
+def test_ep_spans_tp_only_when_ep_does_not_divide_dp_shard():
+    over_dp_shard = ParallelDims(dp_shard=2, tp=2, ep=2, world_size=4).validate(_debug(), sequence_parallel=True)
+    assert not over_dp_shard.ep_spans_tp and over_dp_shard.expert_shard == 1
+    spanning = ParallelDims(dp_shard=2, tp=2, ep=4, world_size=4).validate(_debug(), sequence_parallel=True)
+    assert spanning.ep_spans_tp and spanning.expert_shard == 1
+    tp4 = ParallelDims(dp_shard=1, tp=4, ep=2, world_size=4).validate(_debug(), sequence_parallel=True)
+    assert tp4.ep_spans_tp and tp4.expert_shard == 2
+    assert "ep=4 over dp_shard x tp" in spanning.describe()
 
 
 def test_nonpositive_degree():
@@ -102,6 +116,33 @@ def test_fake_mesh_64_ranks():
     assert out["expert_fsdp"] == (4, [37, 45, 53, 61])
     assert (out["dp_rank"], out["tp_rank"], out["pp_rank"]) == (6, 1, 1)
     assert "only when ep > 1" in out["ep_missing_error"]
+
+
+def _fake_spanning_mesh_worker(rank):
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from moonlight.parallel.mesh import build_mesh
+
+    dist.init_process_group("fake", rank=rank, world_size=48, store=FakeStore())
+    try:
+        dims = ParallelDims(dp_replicate=2, tp=2, ep=4, pp=2, world_size=48)
+        dims.validate(ModelArgs(), pp_layout=[14, 13], sequence_parallel=True)
+        mesh = build_mesh(dims, "cpu")
+        return {name: (mesh[name].size(), mesh[name].mesh.flatten().tolist())
+                for name in ("dp", "routing", "ep", "dp_shard_tp_mod_ep", "expert_fsdp")}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fake_mesh_ep_spanning_tp():
+    rank = 45  # pp 1, dp_replicate 1, dp_shard 4, tp 1: index 9 of the flattened (dp_shard=6, tp=2)
+    out = run_forked(_fake_spanning_mesh_worker, rank)
+    assert out["dp"] == (12, list(range(25, 48, 2)))
+    assert out["routing"] == (24, list(range(24, 48)))  # every tp rank routes its own tokens
+    assert out["ep"] == (4, [44, 45, 46, 47])  # 4 consecutive ranks of (dp_shard, tp): indices 8..11
+    assert out["dp_shard_tp_mod_ep"] == (3, [37, 41, 45])  # indices 1, 5, 9: the same ep index
+    assert out["expert_fsdp"] == (6, [25, 29, 33, 37, 41, 45])  # x dp_replicate
 
 
 def _fake_full_model_worker(rank):

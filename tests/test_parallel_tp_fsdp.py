@@ -4,7 +4,8 @@ Every layout runs on forked gloo ranks (tests/dist.py). The reference is the sam
 global batch; each data-parallel rank gets its slice of the batch; the loss is the mean over the
 global batch; every gradient, gathered with full_tensor(), must equal the reference's in fp32.
 The sequence aux loss is on (aux_loss_alpha=0.001 x 10 so it matters), and the MoE load counters,
-summed over the dp mesh, must equal the reference's.
+summed over the routing mesh (dp, and tp when each tp rank routes its own sequence shard), must equal
+the reference's.
 """
 
 import copy
@@ -94,7 +95,7 @@ def _step_worker(rank, world_size, layout, sequence_parallel, ac_mode, chunked_l
     for name, m in model.named_modules():
         if hasattr(m, "tokens_per_expert"):
             c = m.tokens_per_expert.clone()
-            dist.all_reduce(c, group=mesh["dp"].get_group())
+            dist.all_reduce(c, group=mesh["routing"].get_group())
             torch.testing.assert_close(c, ref_counts[name], atol=0, rtol=0)
     return float(global_loss)
 
@@ -147,6 +148,52 @@ def test_expert_parallel_with_fsdp_hsdp_tp():
                                  ("fsdp4_ep4_ac_full", dict(dp_shard=4, ep=4), False, "full"),
                                  ("hsdp2x2_ep2", dict(dp_replicate=2, dp_shard=2, ep=2), False, "none"),
                                  ("fsdp2_ep2_tp2_sp", dict(dp_shard=2, ep=2, tp=2), True, "none")])
+
+
+@pytest.mark.slow
+def test_expert_parallel_spanning_tp():
+    """EP over dp_shard x tp (ep does not divide dp_shard): each tp rank routes its own sequence shard;
+    plain EP experts, FSDP-sharded experts (tp4: two tp ranks per expert shard), HSDP, checkpointing."""
+    run_ranks(_cases_worker, 4, [("fsdp2_tp2_sp_ep4", dict(dp_shard=2, tp=2, ep=4), True, "none"),
+                                 ("tp4_sp_ep2", dict(dp_shard=1, tp=4, ep=2), True, "none"),
+                                 ("hsdp2_tp2_sp_ep2", dict(dp_replicate=2, dp_shard=1, tp=2, ep=2), True, "none"),
+                                 ("fsdp2_tp2_sp_ep4_ac_full", dict(dp_shard=2, tp=2, ep=4), True, "full"),
+                                 ("fsdp2_tp2_sp_ep4_ac_op", dict(dp_shard=2, tp=2, ep=4), True, "op")])
+
+
+def _expert_rows_worker(rank, world_size, layout):
+    """Rows the routed experts' GEMMs process on this rank in one forward of the global batch."""
+    import moonlight.model.model as model_module
+    from moonlight.parallel import ParallelDims, build_mesh, parallelize_model
+
+    ref, inputs, _ = _reference()
+    dims = ParallelDims(world_size=world_size, **layout)
+    mesh = build_mesh(dims, "cpu")
+    parallelize_model(ref, dims, mesh, sequence_parallel=True)
+    rows = []
+    swiglu = model_module.grouped_swiglu
+
+    def counting(x, counts, *weights):
+        rows.append(x.shape[0])
+        return swiglu(x, counts, *weights)
+
+    model_module.grouped_swiglu = counting
+    per = GLOBAL_BATCH // mesh.dp_size
+    with torch.no_grad():
+        ref(inputs[mesh.dp_rank * per:(mesh.dp_rank + 1) * per])
+    return sum(rows)
+
+
+@pytest.mark.slow
+def test_routed_expert_work_is_not_repeated_when_ep_spans_tp():
+    """tp2 x ep4 (EP spans tp): the routed experts process tokens x top_k rows per MoE layer over all
+    ranks, as one process does; tp2 x ep2 (EP over dp_shard) processes every row once per tp rank."""
+    args = _args()
+    moe_layers = args.num_hidden_layers - args.first_k_dense_replace
+    single = GLOBAL_BATCH * SEQ * args.num_experts_per_tok * moe_layers
+    spanning = sum(run_ranks(_expert_rows_worker, 4, dict(dp_shard=2, tp=2, ep=4)))
+    over_dp_shard = sum(run_ranks(_expert_rows_worker, 4, dict(dp_shard=2, tp=2, ep=2)))
+    assert (spanning, over_dp_shard) == (single, 2 * single)
 
 
 def _stages_worker(rank, world_size, layout, sequence_parallel):

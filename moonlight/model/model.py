@@ -1,9 +1,9 @@
 """Moonlight-16B-A3B: DeepSeek-V3 architecture (MLA attention + sigmoid-routed MoE), in one file.
 
 The model is pure compute: no torch.distributed imports. Parallel plans in `moonlight.parallel`
-are applied to a built model by module name, and the expert-parallel plan swaps the experts'
-`dispatcher` (see `LocalDispatcher`). Build on the meta device and call `init_weights()` to plan a
-16B model without allocating it.
+are applied to a built model by module name, and swap objects the MoE layer calls: the experts'
+`dispatcher` (see `LocalDispatcher`) and the layer's `sequences` (see `WholeSequences`). Build on
+the meta device and call `init_weights()` to plan a 16B model without allocating it.
 """
 
 from __future__ import annotations
@@ -159,6 +159,26 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class WholeSequences:
+    """What a MoE layer's input holds, for what needs whole sequences (the sequence aux loss) or every
+    token (the router weight's gradient): the default, whole sequences on this process. When each
+    process routes only one shard of every sequence (expert parallel spanning tensor parallel), the
+    parallel plan swaps in an object with the same members (`moonlight.parallel.tensor.SequenceShards`)."""
+
+    shards = 1  # the parts each sequence is split into, one per process
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """t summed over the processes holding the other parts of the same sequences (not differentiated)."""
+        return t
+
+    def shared_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """w as this part's tokens use it: the same values, and its gradient summed over all parts."""
+        return w
+
+
+WHOLE_SEQUENCES = WholeSequences()
+
+
 class Router(nn.Module):
     """Sigmoid top-k router with aux-loss-free balancing: `expert_bias` steers which experts are
     chosen but never the weights they are combined with. The bias is a buffer (not learned by
@@ -176,10 +196,13 @@ class Router(nn.Module):
         nn.init.normal_(self.weight, std=std)
         self.expert_bias.zero_()
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [T, H] -> (weights [T, K] fp32, expert ids [T, K], scores [T, E] fp32)."""
+    def forward(self, x: torch.Tensor, sequences: WholeSequences = WHOLE_SEQUENCES
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, H] -> (weights [T, K] fp32, expert ids [T, K], scores [T, E] fp32). ``sequences``: the
+        MoE layer's (its weight's gradient must sum the tokens of every part)."""
         a = self.args
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        # fp32 before the weight is shared: its gradient is summed over the parts in fp32
+        scores = F.linear(x.float(), sequences.shared_weight(self.weight.float())).sigmoid()
         biased = scores + self.expert_bias
         if a.n_group > 1:  # keep the topk_group groups whose two best biased scores sum highest
             grouped = biased.view(-1, a.n_group, a.n_routed_experts // a.n_group)
@@ -284,17 +307,27 @@ class _AttachAuxLoss(torch.autograd.Function):
         return grad_out, torch.ones_like(aux_loss)
 
 
-def sequence_aux_loss(scores: torch.Tensor, expert_ids: torch.Tensor, bsz: int, top_k: int) -> torch.Tensor:
+def sequence_aux_loss(scores: torch.Tensor, expert_ids: torch.Tensor, bsz: int, top_k: int,
+                      sequences: WholeSequences = WHOLE_SEQUENCES) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek-V3's sequence-wise balance loss sum_i f_i * P_i, averaged over sequences.
     P_i: mean over the sequence of the sigmoid scores normalised over all experts; f_i: the fraction
-    of the sequence's routing choices that picked expert i, times E / K."""
+    of the sequence's routing choices that picked expert i, times E / K.
+
+    Returns (this part's share, the loss's value). ``scores``/``expert_ids`` hold ``bsz`` sequences, or
+    one part of each when ``sequences`` splits them over processes: f_i and the value then need sums
+    over all parts (one ``sequences.sum``), and the share sum_i f_i * (this part's sum of P_i's terms)
+    differentiates through this part's scores only. The shares of all parts add up to the loss, so
+    backpropagating each part's share gives the loss's gradient."""
     num_experts = scores.shape[-1]
     probs = (scores / scores.sum(-1, keepdim=True)).view(bsz, -1, num_experts)
-    seqlen = probs.shape[1]
+    seqlen = probs.shape[1] * sequences.shards
     picks = torch.zeros(bsz, num_experts, device=scores.device, dtype=scores.dtype)
     picks.scatter_add_(1, expert_ids.view(bsz, -1), torch.ones_like(expert_ids.view(bsz, -1), dtype=scores.dtype))
+    prob_sums = probs.sum(1)
+    picks, all_prob_sums = sequences.sum(torch.stack([picks, prob_sums.detach()])).unbind(0)
     f = picks * num_experts / (top_k * seqlen)
-    return (f * probs.mean(1)).sum(-1).mean()
+    share = (f * prob_sums / seqlen).sum(-1).mean()
+    return share, (f * all_prob_sums / seqlen).sum(-1).mean()
 
 
 class _Fork(torch.autograd.Function):
@@ -365,11 +398,12 @@ class MoE(nn.Module):
                              persistent=False)
         self.aux_loss_coeff = args.aux_loss_alpha if args.seq_aux else 0.0
         self.last_aux_loss: torch.Tensor | None = None
+        self.sequences = WHOLE_SEQUENCES  # what x holds: swapped when each process routes a sequence shard
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        weights, expert_ids, scores = self.router(x)
+        weights, expert_ids, scores = self.router(x, self.sequences)
         with torch.no_grad():  # scatter_add, not bincount: bincount reads its output size back to the host
             choices = expert_ids.flatten()
             self.tokens_per_expert.scatter_add_(0, choices, torch.ones_like(choices))
@@ -385,9 +419,10 @@ class MoE(nn.Module):
             out = self.experts(x_routed, expert_ids, weights) + side.join(shared)
         out = out.view(shape)
         if self.training and self.aux_loss_coeff > 0 and torch.is_grad_enabled():
-            aux = self.aux_loss_coeff * sequence_aux_loss(scores, expert_ids, shape[0], self.args.num_experts_per_tok)
-            self.last_aux_loss = aux.detach()
-            out = _AttachAuxLoss.apply(out, aux)
+            share, value = sequence_aux_loss(scores, expert_ids, shape[0], self.args.num_experts_per_tok,
+                                             self.sequences)
+            self.last_aux_loss = self.aux_loss_coeff * value
+            out = _AttachAuxLoss.apply(out, self.aux_loss_coeff * share)
         return out
 
 

@@ -3,10 +3,12 @@
 FSDP2: one `fully_shard` unit for the embedding, one per decoder block (its router included), one
 for the final norm with lm_head (not resharded after forward), plus the root, over ``mesh["fsdp"]`` (``dp_shard``; ``(dp_replicate, dp_shard)`` for HSDP). With expert
 parallel the routed experts (``block.ffn.experts``, already ``Shard(0)`` on ``mesh["ep"]``) get
-their own unit over ``mesh["expert_fsdp"]`` (``dp_shard // ep`` [x ``dp_replicate``]) and their
-gradients are divided by the full data-parallel degree (each expert's gradient sums the tokens of
-``ep`` data shards, see `moonlight.parallel.mesh`); when that mesh has one rank and nothing needs
-casting they stay plain EP parameters outside every unit. Units prefetch their neighbours explicitly.
+their own unit over ``mesh["expert_fsdp"]`` (``dp_shard // ep``, or ``dp_shard * tp // ep`` when EP
+spans TP, [x ``dp_replicate``]) and their gradients are divided by the full data-parallel degree
+``dp`` (each expert's gradient sums the tokens of its ``ep`` ranks, which hold different tokens, see
+`moonlight.parallel.mesh`: ``ep`` data shards, or data shards x sequence shards when EP spans TP; the
+dense gradients are averaged over ``dp`` too); when that mesh has one rank and nothing needs casting
+they stay plain EP parameters outside every unit. Units prefetch their neighbours explicitly.
 
 Activation checkpointing (``ac_mode``):
 - ``"none"``.
@@ -163,7 +165,7 @@ def apply_fsdp(model: nn.Module, mesh, *, param_dtype: str | torch.dtype = "floa
 def _shard_experts(experts: nn.Module, mesh, mp: MixedPrecisionPolicy, reshard_after_forward: bool) -> None:
     """The routed experts (already Shard(0) on mesh["ep"]) as their own unit over mesh["expert_fsdp"]."""
     dims = mesh.dims
-    efsdp = mesh["dp_shard_mod_ep"].size()
+    efsdp = dims.expert_shard
     local_experts = experts.args.n_routed_experts // dims.ep
 
     def placement(param, _dim=0 if local_experts % efsdp == 0 else 1):

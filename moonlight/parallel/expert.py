@@ -16,7 +16,9 @@ these two methods):
 
 `state` is opaque to the model; the expert GEMMs run between the two calls on (rows, counts).
 
-Data flow of AllToAllDispatcher (ep ranks hold DIFFERENT tokens, i.e. EP borrows data-parallel ranks):
+Data flow of AllToAllDispatcher (ep ranks hold DIFFERENT tokens: EP borrows data-parallel ranks, and,
+when it spans tensor parallel, tp ranks that each route their own sequence shard; see
+`moonlight.parallel.mesh`):
   1. permute_tokens: (token, choice) rows expert-major; experts are contiguous per EP rank, so this is
      also destination-rank-major.
   2. all_to_all_single of the per-expert counts [E] -> counts received [ep_src, E_local] (the layer's one
@@ -35,6 +37,10 @@ Let each of the D data-parallel ranks (EP ranks are a subset of them: ep divides
 L_r on its own tokens. Through the all-to-all backward, the gradient an expert shard receives on its
 owner rank is already the SUM over the ep ranks of dL_r/dW (every ep rank's tokens that visited the
 expert contribute). Non-expert (replicated) parameters receive only dL_r/dW of their own rank.
+When EP spans TP, the tp ranks of one data replica split its tokens by sequence shard and share its
+loss L_r: each sends only its own shard's tokens, so the sum over the ep ranks still counts every token
+once, and everything below holds with "ranks that hold different tokens" (dp x tp of them) in place of
+"dp ranks"; the divisor stays D, the number of data replicas (the expert-dp mesh then has D*tp/ep ranks).
 So, with the global objective L = (1/D) * sum_r L_r (every rank uses a local mean loss):
   * non-expert grads: all-reduce AVERAGE over all D dp ranks (FSDP/DDP default);
   * expert grads: must NOT be averaged over the ep mesh (the ep ranks hold different experts);
@@ -48,7 +54,8 @@ are summed over the expert-dp mesh like everything else.
 For runs without FSDP (e.g. EP over all dp ranks, or tests) `allreduce_replicated_grads` does this.
 
 Router bias / load statistics: `MoE.tokens_per_expert` counts only this rank's tokens; the trainer
-must all-reduce it over the dp ranks before the bias update so every replica moves the bias alike.
+must all-reduce it over ``mesh["routing"]`` (the dp ranks, times tp when EP spans TP) before the bias
+update so every replica moves the bias alike.
 """
 
 from __future__ import annotations

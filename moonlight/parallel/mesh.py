@@ -7,28 +7,48 @@ peers are consecutive ranks (one node on a GPU cluster) and ``pp`` stages are th
 Derived meshes (kept by name in `ParallelMesh`, never sliced from the root):
 
 - ``"dp"``: ``dp_replicate x dp_shard`` flattened. The data-parallel group: ranks that read
-  different data. The data loader shards by ``mesh.dp_rank`` / ``mesh.dp_size``; losses, token
-  counts and MoE load counters are summed/averaged over it. TP peers and PP stages of one data
-  replica hold the same data and the same value.
+  different data. The data loader shards by ``mesh.dp_rank`` / ``mesh.dp_size``; losses and token
+  counts are summed/averaged over it. TP peers and PP stages of one data replica hold the same data
+  and the same value.
+- ``"routing"``: the ranks that route DIFFERENT tokens through the same MoE layers, over which the
+  MoE load counters are summed: ``"dp"``, or ``dp_replicate x dp_shard x tp`` when EP spans TP
+  (below: then every tp rank routes its own sequence shard).
 - ``"fsdp"``: what `fully_shard` shards the dense parameters over: ``dp_shard`` (1-D FSDP), or the
   2-D ``("dp_replicate", "dp_shard")`` mesh for HSDP (replicate across groups, shard within).
-- ``"ep"`` and ``"dp_shard_mod_ep"`` (only when ep > 1): ``dp_shard`` unflattened into
-  ``(dp_shard // ep, ep)``.
+- ``"ep"`` (only when ep > 1): the ranks of one expert-parallel group, and ``"expert_fsdp"``: what
+  `fully_shard` shards the routed experts over (``"fsdp"`` when ep == 1). Both are slices of one
+  expert mesh, below.
 
-Expert parallelism borrows data-parallel ranks
------------------------------------------------
-EP does not add ranks: the ``ep`` ranks of one expert group are ``ep`` *consecutive dp_shard
-ranks* with the same ``pp``, ``dp_replicate`` and ``tp`` coordinates. So ``ep`` must divide
-``dp_shard``. Concretely, with ``s`` = a rank's dp_shard index, its EP group is the ranks with
-dp_shard index ``(s // ep) * ep + j`` for ``j`` in ``range(ep)`` (same pp/dp_replicate/tp) and it
-holds experts ``[j*E/ep, (j+1)*E/ep)`` where ``j = s % ep``; the routed experts are then
-FSDP-sharded over ``"dp_shard_mod_ep"`` (the ``dp_shard // ep`` ranks with the same ``j``), times
-``dp_replicate`` for HSDP. Every rank of an EP group holds different data, so an expert's gradient
-sums every token routed to it exactly once; FSDP divides it by the data-parallel degree.
+Expert parallel borrows data-parallel ranks (and, with sequence parallel, TP ranks)
+------------------------------------------------------------------------------------
+EP does not add ranks: an EP group is ``ep`` ranks that route different tokens. Which ranks, is
+decided by the degrees alone (`ParallelDims.ep_spans_tp`):
 
-EP does not borrow TP ranks (torchtitan lets ``ep`` divide ``dp_shard * tp``): in this stack the
-MoE layer of every TP rank sees the same, full set of its data replica's tokens (see
-`moonlight.parallel.tensor`), so TP peers are not distinct token sources for an all-to-all.
+- ``ep`` divides ``dp_shard`` (always the case with tp == 1): EP borrows dp_shard ranks only, as
+  before TP was considered. The ``ep`` ranks of one group are ``ep`` *consecutive dp_shard ranks*
+  with the same ``pp``, ``dp_replicate`` and ``tp`` coordinates. The expert mesh is the world with
+  ``dp_shard`` unflattened into ``("dp_shard_mod_ep", "ep")`` = ``(dp_shard // ep, ep)``: with
+  ``s`` = a rank's dp_shard index, its EP group is the dp_shard indices ``(s // ep) * ep + j`` for
+  ``j`` in ``range(ep)`` and it holds experts ``[j*E/ep, (j+1)*E/ep)`` where ``j = s % ep``; the
+  routed experts are FSDP-sharded over ``"dp_shard_mod_ep"`` (the ``dp_shard // ep`` ranks with the
+  same ``j``), times ``dp_replicate`` for HSDP. Under TP the MoE layer of every TP rank sees the
+  same, full set of its data replica's tokens (see `moonlight.parallel.tensor`), so the routed
+  experts run once per TP rank: each TP rank has its own EP group.
+- ``ep`` does not divide ``dp_shard`` (it must then divide ``dp_shard * tp``, and sequence parallel
+  is required): EP spans TP. Each TP rank routes only its own sequence shard (no all-gather before
+  the MoE layer), so the ``dp_shard * tp`` ranks of a ``(pp, dp_replicate)`` slice all hold
+  different tokens and routed-expert work is never repeated. An EP group is ``ep`` *consecutive
+  ranks of the flattened* ``(dp_shard, tp)`` order (tp fastest: a group fills whole TP groups, i.e.
+  stays inside a node, when ``tp`` divides ``ep``). The expert mesh is the world with ``(dp_shard,
+  tp)`` flattened and unflattened into ``("dp_shard_tp_mod_ep", "ep")`` = ``(dp_shard * tp // ep,
+  ep)``; the routed experts are FSDP-sharded over ``"dp_shard_tp_mod_ep"`` (x ``dp_replicate``).
+  So ``tp=2, ep=2, dp_shard=2`` keeps the first layout (EP over dp_shard, routed work repeated on
+  both TP ranks), while ``tp=2, ep=8, dp_shard=4`` (Megatron-Bridge's TP2 x EP8 on 8 GPUs) and
+  ``tp=2, ep=4, dp_shard=2`` span TP.
+
+In both, every rank of an EP group holds different tokens, so an expert's gradient (through the
+all-to-all backward, then FSDP's sum over ``"expert_fsdp"``) sums every token routed to it exactly
+once; FSDP divides it by the data-parallel degree ``dp``, as the dense gradients.
 """
 
 from __future__ import annotations
@@ -91,6 +111,18 @@ class ParallelDims:
         """Number of data-parallel replicas of the batch (ranks that read different data)."""
         return self.dp_replicate * self.dp_shard
 
+    @property
+    def ep_spans_tp(self) -> bool:
+        """Whether the expert-parallel groups take tensor-parallel ranks: ``ep`` does not divide
+        ``dp_shard`` but divides ``dp_shard * tp``. Every tp rank then routes only its own sequence
+        shard (see the module docstring)."""
+        return self.dp_shard % self.ep != 0 and (self.dp_shard * self.tp) % self.ep == 0
+
+    @property
+    def expert_shard(self) -> int:
+        """How many ranks of one dp_replicate group share an EP rank's experts (FSDP shards them over these)."""
+        return (self.dp_shard * self.tp if self.ep_spans_tp else self.dp_shard) // self.ep
+
     def validate(self, model_args: ModelArgs, pp_layout: Sequence[int] | None = None, vp: int = 1, *,
                  sequence_parallel: bool = False, seq_len: int | None = None) -> "ParallelDims":
         """Check this layout against a model before any mesh or module is built.
@@ -98,7 +130,8 @@ class ParallelDims:
         ``pp_layout``: decoder layers per (virtual) stage, ``pp * vp`` entries, in order; ``None``
         means an even split is intended (then only ``num_hidden_layers >= pp * vp`` is checked).
         ``sequence_parallel`` needs ``tp > 1`` (rejected otherwise, so a config never believes it runs
-        SP when it does not) and, when ``seq_len`` is given, ``seq_len % tp == 0``.
+        SP when it does not) and, when ``seq_len`` is given, ``seq_len % tp == 0``. EP spanning TP
+        (`ep_spans_tp`) needs ``sequence_parallel``.
         Returns self; raises ParallelConfigError naming what to change.
         """
         a = model_args
@@ -121,10 +154,19 @@ class ParallelDims:
             if a.n_routed_experts % self.ep:
                 errors.append(f"n_routed_experts={a.n_routed_experts} is not divisible by ep={self.ep}: every "
                               "expert-parallel rank holds the same number of experts; pick ep dividing it")
-            if self.dp_shard % self.ep:
+            if self.tp == 1 and self.dp_shard % self.ep:
                 errors.append(f"ep={self.ep} does not divide dp_shard={self.dp_shard}: expert parallel borrows "
-                              "its ranks from the data-parallel shard dimension (not from tp, pp or "
+                              "its ranks from the data-parallel shard dimension (not from pp or "
                               "dp_replicate); use an ep that divides dp_shard, or raise dp_shard")
+            elif (self.dp_shard * self.tp) % self.ep:
+                errors.append(f"ep={self.ep} divides neither dp_shard={self.dp_shard} nor dp_shard x tp="
+                              f"{self.dp_shard * self.tp}: expert parallel borrows its ranks from dp_shard, or "
+                              "(with sequence parallel) from dp_shard x tp; use an ep that divides one of them")
+            elif self.ep_spans_tp and not sequence_parallel:
+                errors.append(f"ep={self.ep} does not divide dp_shard={self.dp_shard}, so the expert groups take "
+                              f"tensor-parallel ranks, which needs sequence_parallel=True (each tp rank then routes "
+                              "only its own sequence shard); set sequence_parallel=true, or use an ep that divides "
+                              "dp_shard")
             if a.first_k_dense_replace >= a.num_hidden_layers:
                 errors.append(f"ep={self.ep} but the model has no MoE layer (first_k_dense_replace="
                               f"{a.first_k_dense_replace} >= num_hidden_layers={a.num_hidden_layers}); use ep=1")
@@ -147,13 +189,19 @@ class ParallelDims:
 
     def describe(self) -> str:
         return (f"(world_size={self.world_size}: pp={self.pp} x dp_replicate={self.dp_replicate} x "
-                f"dp_shard={self.dp_shard} x tp={self.tp}; ep={self.ep})")
+                f"dp_shard={self.dp_shard} x tp={self.tp}; ep={self.ep}"
+                f"{' over dp_shard x tp' if self.ep_spans_tp else ''})")
+
+
+# The expert mesh's FSDP dim: EP over dp_shard / EP spanning dp_shard x tp.
+EXPERT_SHARD_DIMS = ("dp_shard_mod_ep", "dp_shard_tp_mod_ep")
 
 
 class ParallelMesh:
     """The world mesh plus the derived meshes, looked up by name: ``mesh["tp"]``, ``mesh["dp"]``,
-    ``mesh["ep"]``, ``mesh["fsdp"]``, ``mesh["expert_fsdp"]``, ``mesh["pp"]``, ``mesh["dp_replicate"]``,
-    ``mesh["dp_shard"]``, ``mesh["dp_shard_mod_ep"]``. A tuple of world dim names slices the world mesh.
+    ``mesh["routing"]``, ``mesh["ep"]``, ``mesh["fsdp"]``, ``mesh["expert_fsdp"]``, ``mesh["pp"]``,
+    ``mesh["dp_replicate"]``, ``mesh["dp_shard"]``, and ``mesh["dp_shard_mod_ep"]`` (EP over dp_shard) or
+    ``mesh["dp_shard_tp_mod_ep"]`` (EP spanning TP). A tuple of world dim names slices the world mesh.
     """
 
     def __init__(self, dims: ParallelDims, world: DeviceMesh, named: dict[str, DeviceMesh]):
@@ -167,8 +215,8 @@ class ParallelMesh:
         if name in self._named:
             return self._named[name]
         raise KeyError(f"no mesh named {name!r} in this layout {self.dims.describe()}; available: "
-                       f"{sorted(self._named)}" + (" ('ep' exists only when ep > 1)" if name in ("ep", "dp_shard_mod_ep")
-                                                    else ""))
+                       f"{sorted(self._named)}"
+                       + (" ('ep' exists only when ep > 1)" if name in ("ep", *EXPERT_SHARD_DIMS) else ""))
 
     def __contains__(self, name: str) -> bool:
         return name in self._named
@@ -206,21 +254,29 @@ def build_mesh(dims: ParallelDims, device_type: str | None = None) -> ParallelMe
     """Build the world mesh ``("pp", "dp_replicate", "dp_shard", "tp")`` and the derived meshes.
 
     The process group must already be initialised (the caller picks the backend: nccl on GPUs,
-    gloo on CPUs). Size-1 dimensions are kept, so every name always exists (except ``ep`` and
-    ``dp_shard_mod_ep``, which exist only when ``dims.ep > 1``).
+    gloo on CPUs). Size-1 dimensions are kept, so every name always exists (except ``ep`` and the
+    expert mesh's FSDP dim, which exist only when ``dims.ep > 1``).
     """
     device_type = device_type or default_device_type()
     world = init_device_mesh(device_type, (dims.pp, dims.dp_replicate, dims.dp_shard, dims.tp),
                              mesh_dim_names=("pp", "dp_replicate", "dp_shard", "tp"))
     named = {name: world[name] for name in ("pp", "dp_replicate", "dp_shard", "tp")}
     named["dp"] = world["dp_replicate", "dp_shard"]._flatten("dp")
+    named["routing"] = named["dp"]
     named["fsdp"] = world["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else world["dp_shard"]
     named["expert_fsdp"] = named["fsdp"]
     if dims.ep > 1:
-        sparse = world._unflatten(2, (dims.dp_shard // dims.ep, dims.ep),
-                                  ("dp_shard_mod_ep", "ep"))
+        if dims.ep_spans_tp:
+            # (dp_shard, tp) flattened, then split into (dp_shard * tp // ep, ep): a mesh of its own over
+            # the same ranks (torch's _unflatten splits one dim only), so ep and expert_fsdp share its root
+            shard = EXPERT_SHARD_DIMS[1]
+            named["routing"] = world["dp_replicate", "dp_shard", "tp"]._flatten("routing")
+            sparse = DeviceMesh(device_type, world.mesh.reshape(dims.pp, dims.dp_replicate, dims.expert_shard, dims.ep),
+                                mesh_dim_names=("pp", "dp_replicate", shard, "ep"))
+        else:
+            shard = EXPERT_SHARD_DIMS[0]
+            sparse = world._unflatten(2, (dims.expert_shard, dims.ep), (shard, "ep"))
         named["ep"] = sparse["ep"]
-        named["dp_shard_mod_ep"] = sparse["dp_shard_mod_ep"]
-        named["expert_fsdp"] = (sparse["dp_replicate", "dp_shard_mod_ep"] if dims.dp_replicate > 1
-                                else sparse["dp_shard_mod_ep"])
+        named[shard] = sparse[shard]
+        named["expert_fsdp"] = sparse["dp_replicate", shard] if dims.dp_replicate > 1 else sparse[shard]
     return ParallelMesh(dataclasses.replace(dims), world, named)

@@ -23,8 +23,9 @@ def parallelize_model(model: nn.Module, dims: ParallelDims, mesh: ParallelMesh, 
     None, ``layers`` a subset). Pipeline splitting must already have happened.
     ``dims`` must be the layout ``mesh`` was built from; it is validated against ``model.args``
     (pipeline layout checks are the caller's: ``dims.validate(args, pp_layout, vp, ...)``).
-    FSDP is applied when the data-parallel degree is above 1, or when param_dtype/reduce_dtype ask
-    for mixed precision; pure TP/EP fp32 runs keep their parameters as TP/EP DTensors (or plain).
+    FSDP is applied when the data-parallel degree is above 1, when EP spanning TP leaves several ranks
+    per expert shard (e.g. tp=4, ep=2), or when param_dtype/reduce_dtype ask for mixed precision; pure
+    TP/EP fp32 runs keep their parameters as TP/EP DTensors (or plain).
     Returns the model.
     """
     if ac_mode not in AC_MODES:
@@ -33,17 +34,19 @@ def parallelize_model(model: nn.Module, dims: ParallelDims, mesh: ParallelMesh, 
     if mesh.dims != dims:
         raise ValueError(f"the mesh was built for {mesh.dims.describe()}, not {dims.describe()}")
     if dims.tp > 1:
-        apply_tensor_parallel(model, mesh["tp"], sequence_parallel=sequence_parallel)
+        apply_tensor_parallel(model, mesh["tp"], sequence_parallel=sequence_parallel,
+                              sequence_local_routing=dims.ep_spans_tp)
     if dims.ep > 1:
         apply_expert_parallel(model, mesh["ep"])
     mixed = any(to_dtype(d) != torch.float32 for d in (param_dtype, reduce_dtype))
-    if ac_mode == "op" and dims.ep > 1 and (dims.dp_replicate * dims.dp_shard // dims.ep > 1 or mixed):
+    if ac_mode == "op" and dims.ep > 1 and (dims.dp_replicate * dims.expert_shard > 1 or mixed):
         raise ParallelConfigError(
             "activation_checkpoint.mode = 'op' does not work with expert parallel when the experts are "
             "sharded or cast by FSDP (a PyTorch FSDP/selective-checkpoint bug, pytorch/torchtitan#3427): use "
-            "mode 'selective' or 'full', or fp32 with dp_shard = ep and dp_replicate = 1")
+            "mode 'selective' or 'full', or fp32 with one rank per expert shard (dp_replicate = 1 and dp_shard = ep, "
+            "or dp_shard x tp = ep when expert parallel spans tp)")
     apply_activation_checkpointing(model, ac_mode)
-    if dims.dp > 1 or mixed:
+    if dims.dp > 1 or dims.expert_shard > 1 or mixed:
         apply_fsdp(model, mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype,
                    reshard_after_forward=reshard_after_forward, ep_enabled=dims.ep > 1)
     return model

@@ -9,11 +9,21 @@ What runs where (tp ranks of one data replica):
   all-reduce the gradient flowing back into them, and a hook on ``kv_a_proj`` all-reduces the
   gradient of the rope key ``k_pe`` (shared by all heads, so each rank only sees its heads' part).
 - Dense MLP and the MoE shared experts: ``gate_proj``/``up_proj`` column-, ``down_proj`` row-parallel.
-- Routed experts and the router are NOT split by tp: each tp rank runs the router and the routed
-  experts on all tokens of its data replica (with sequence parallel the MoE input is all-gathered
-  first and the output re-split). Router choices, the sequence aux loss and ``tokens_per_expert``
-  are therefore exact and identical across tp: all-reduce the counters over ``mesh["dp"]``, never
-  over tp. Routed-expert compute is repeated tp times; use expert parallel (over dp_shard) to split it.
+- Routed experts and the router are NOT split by tp. Two plans for the MoE layer:
+  - default: each tp rank runs the router and the routed experts on all tokens of its data replica
+    (with sequence parallel the MoE input is all-gathered first and the output re-split). Router
+    choices, the sequence aux loss and ``tokens_per_expert`` are exact and identical across tp
+    (the counters are summed over ``mesh["routing"]`` = ``mesh["dp"]``). Routed-expert compute is
+    repeated tp times.
+  - sequence-local routing (``sequence_local_routing=True``, with sequence parallel; used when expert
+    parallel spans tp, see `moonlight.parallel.mesh`): the MoE layer keeps the local ``[b, s/tp, h]``
+    input, so each tp rank routes only its own sequence shard and the routed experts (expert
+    parallel over ranks that include the tp peers) never repeat work. What then sees only this
+    rank's tokens is made exact by the `SequenceShards` swapped onto ``MoE.sequences``: the router
+    weight's gradient is summed over tp (its value stays a plain copy on every tp rank), and the
+    sequence aux loss sums f_i and P_i over the shards of each sequence. ``tokens_per_expert``
+    counts this rank's tokens: the trainer sums it over ``mesh["routing"]``, which then includes tp.
+    The shared experts (column/row-parallel) all-gather their rows in and reduce-scatter them out.
 - Embedding: vocab-parallel (RowwiseParallel on nn.Embedding). ``lm_head``: column-parallel with
   the logits left as a ``Shard(-1)`` DTensor on the tp mesh (full logits are never gathered);
   `cross_entropy_loss` computes the loss from the vocab shards.
@@ -28,6 +38,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -68,7 +79,22 @@ def _reduce_rope_key_grad(kv_a_proj: nn.Module, start: int, tp_mesh: DeviceMesh)
     kv_a_proj.register_forward_hook(hook)
 
 
-def _block_plan(block: nn.Module, sequence_parallel: bool) -> dict:
+class SequenceShards:
+    """`MoE.sequences` under sequence-local routing: this tp rank's MoE input is one contiguous shard of
+    every sequence of its data replica, the tp group holds the others (see `moonlight.model.model.WholeSequences`)."""
+
+    def __init__(self, tp_mesh: DeviceMesh):
+        self.group = tp_mesh.get_group()
+        self.shards = tp_mesh.size()
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        return funcol.wait_tensor(funcol.all_reduce(t, "sum", self.group))
+
+    def shared_weight(self, w: torch.Tensor) -> torch.Tensor:
+        return _AllReduceGradTail.apply(w, 0, self.group)
+
+
+def _block_plan(block: nn.Module, sequence_parallel: bool, sequence_local_routing: bool) -> dict:
     act = Shard(1) if sequence_parallel else Replicate()
     attn = block.attn
     plan = {}
@@ -89,7 +115,16 @@ def _block_plan(block: nn.Module, sequence_parallel: bool) -> dict:
         plan["ffn.up_proj"] = ColwiseParallel()
         plan["ffn.down_proj"] = RowwiseParallel(output_layouts=act)
     elif isinstance(ffn, MoE):
-        if sequence_parallel:
+        shared_rows = Replicate()
+        if sequence_local_routing:
+            # The MoE layer keeps this rank's [b*s/tp, h] token rows; only the shared experts gather
+            # every rank's rows (dim 0, in rank order) and reduce-scatter their output back.
+            shared_rows = Shard(0)
+            if ffn.shared_experts is not None:
+                plan["ffn.shared_experts"] = PrepareModuleInput(input_layouts=(shared_rows,),
+                                                                desired_input_layouts=(Replicate(),),
+                                                                use_local_output=True)
+        elif sequence_parallel:
             # The router and the routed experts see every token of the sequence on each tp rank.
             plan["ffn"] = PrepareModuleInputOutput(
                 input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_input=True,
@@ -97,17 +132,22 @@ def _block_plan(block: nn.Module, sequence_parallel: bool) -> dict:
         if ffn.shared_experts is not None:
             plan["ffn.shared_experts.gate_proj"] = ColwiseParallel()
             plan["ffn.shared_experts.up_proj"] = ColwiseParallel()
-            plan["ffn.shared_experts.down_proj"] = RowwiseParallel(output_layouts=Replicate())
+            plan["ffn.shared_experts.down_proj"] = RowwiseParallel(output_layouts=shared_rows)
     else:
         raise TypeError(f"unknown feed-forward module {type(ffn).__name__}")
     return plan
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = False) -> nn.Module:
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = False,
+                          sequence_local_routing: bool = False) -> nn.Module:
     """Apply the TP (+SP) plan in place to a Moonlight model or one pipeline stage of it (``embed``,
-    ``norm``, ``lm_head`` may be None, ``layers`` may hold a subset). Call before FSDP."""
+    ``norm``, ``lm_head`` may be None, ``layers`` may hold a subset). Call before FSDP (and before
+    expert parallel, which ``sequence_local_routing`` needs: see the module docstring)."""
     if tp_mesh.size() == 1:
         return model
+    if sequence_local_routing and not sequence_parallel:
+        raise ValueError("sequence_local_routing needs sequence_parallel: the MoE input is then the local "
+                         "sequence shard")
     act = Shard(1) if sequence_parallel else Replicate()
     top = {}
     if getattr(model, "embed", None) is not None:
@@ -119,7 +159,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
     if top:
         parallelize_module(model, tp_mesh, top)
     for block in model.layers.values():
-        parallelize_module(block, tp_mesh, _block_plan(block, sequence_parallel))
+        parallelize_module(block, tp_mesh, _block_plan(block, sequence_parallel, sequence_local_routing))
+        if sequence_local_routing and isinstance(block.ffn, MoE):
+            block.ffn.sequences = SequenceShards(tp_mesh)
         _reduce_rope_key_grad(block.attn.kv_a_proj, block.attn.args.kv_lora_rank, tp_mesh)
     return model
 

@@ -55,7 +55,7 @@ class Layout:
     microbatches_per_step: int = 1  # pipeline micro-batches per forward/backward call
     pp_group: dist.ProcessGroup | None = None
     dp_group: dist.ProcessGroup | None = None  # the ranks that read different data
-    moe_count_group: dist.ProcessGroup | None = None  # every rank that routes tokens through the same layers
+    moe_count_group: dist.ProcessGroup | None = None  # every rank that routes different tokens through the same layers
     replica_mesh: DeviceMesh | None = None  # ranks holding copies of a weight its own mesh lacks (Muon's replicas)
     holds_loss: bool = True  # this rank's loss counts once in the reported mean (last stage, tp rank 0)
     # The model computes the loss from its hidden states in chunks (no [B, S, V] fp32 logits); not with
@@ -144,7 +144,8 @@ def build_layout(cfg: JobConfig, args: ModelArgs, world_size: int, device: torch
 
     tp_rank = mesh.tp_rank
     common = dict(dp_rank=mesh.dp_rank, dp_world=mesh.dp_size, dp_group=mesh["dp"].get_group(),
-                  moe_count_group=mesh["dp"].get_group(), replica_mesh=mesh.world["dp_replicate", "dp_shard", "tp"],
+                  moe_count_group=mesh["routing"].get_group(),
+                  replica_mesh=mesh.world["dp_replicate", "dp_shard", "tp"],
                   description=dims.describe() + (" + sequence parallel" if sequence_parallel else ""))
     if p.pp == 1:
         return Layout(model_parts=[prepare(full)], holds_loss=tp_rank == 0, loss_from_hidden=p.tp == 1, **common)

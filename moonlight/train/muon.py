@@ -36,9 +36,10 @@ Copies outside a DTensor: under TP the router, ``kv_a_proj`` and (without EP) th
 on the ``dp_shard`` mesh only (or are plain tensors), and every tp rank holds a copy. Given
 ``replicas`` (the trainer passes the world mesh without pp), a weight's sharing group is widened by
 the replicas dims its own mesh lacks, so those copies share one NS too. Expert meshes built for EP
-(``expert_fsdp`` x ``ep``) are not slices of the world mesh and are not widened: under TP x EP the
-routed experts are still orthogonalised once per tp rank (EP across TP ranks, issue 12 part 1,
-removes the copies themselves).
+(``expert_fsdp`` x ``ep``) are not slices of the world mesh and are not widened: with EP over
+dp_shard under TP the routed experts are still orthogonalised once per tp rank (each tp rank holds a
+copy); when EP spans TP (`moonlight.parallel.mesh`) there are no copies, and each expert matrix is
+orthogonalised once by its ``expert_fsdp`` group.
 """
 
 from __future__ import annotations
