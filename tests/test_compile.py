@@ -71,8 +71,10 @@ def _fsdp_losses(rank, world, folder, extra):
 
 
 @pytest.mark.slow
-def test_compiled_fsdp_steps_equal_eager(tmp_path):
-    eager = run_ranks(_fsdp_losses, 2, str(tmp_path / "eager"), [])[0]
+@pytest.mark.parametrize("layout", [[], ["--parallelism.ep=2"]], ids=["fsdp2", "fsdp2_ep2"])
+def test_compiled_fsdp_steps_equal_eager(tmp_path, layout):
+    """ep2: the expert weights are DTensors on the ep mesh, which local_tensor must unwrap under compile too."""
+    eager = run_ranks(_fsdp_losses, 2, str(tmp_path / "eager"), layout)[0]
     compiled = run_ranks(_fsdp_losses, 2, str(tmp_path / "compiled"),
-                         ["--training.compile=true", "--training.compile_backend=aot_eager"])[0]
+                         layout + ["--training.compile=true", "--training.compile_backend=aot_eager"])[0]
     torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=1e-5, atol=0)
