@@ -437,6 +437,25 @@ def test_a_second_ctrl_c_aborts_at_once(tmp_path, capfd):
     assert "interrupted: aborted without saving" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
+def test_ctrl_c_under_torchrun_saves_on_every_rank(tmp_path):
+    """Fault: untested: Ctrl-C reaches torchrun's agent, which forwards SIGINT to its workers; they must
+    stop after the same step and save it (the agent's own exit code and traceback are torchrun's)."""
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "train.py",
+                             "--config", "train.toml", *SMALL, f"--job.dump_folder={tmp_path}",
+                             "--training.steps=1000", "--checkpoint.enable=true", "--checkpoint.interval=1000"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    last = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    assert f"SIGINT: stopped after step {last}, checkpoint saved" in out
+    assert sorted(list_checkpoints(tmp_path / "checkpoint")) == [last]
+
+
 # ------------------------------------------------------------------------------------------ inputs
 
 
