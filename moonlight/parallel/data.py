@@ -55,6 +55,7 @@ SAVED_OPS = frozenset({
     torch.ops._c10d_functional.all_to_all_single.default,
     torch.ops._c10d_functional_autograd.all_to_all_single.default,
 })
+_IN_PLACE_ROPE = torch.ops.moonlight.rotate_rope_.default
 
 
 # ----------------------------------------------------------------------- activation checkpointing
@@ -70,8 +71,38 @@ def _keep_moe_counters(module: nn.Module):
             m.tokens_per_expert.copy_(s)
 
 
-def _save_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+def _storage_address(t) -> int | None:
+    return t.untyped_storage().data_ptr() if type(t) is torch.Tensor else None  # not DTensor, fake, int
+
+
+class _SavePolicy:
+    """One checkpointed call's policy: keep the outputs of `SAVED_OPS`, recompute the rest, except
+    the in-place RoPE when it rotates a kept output (the q projection's matmul): the recompute gets
+    that output back already rotated, and rerunning the rotation would turn it twice. Which RoPE
+    calls were kept is decided in the forward (while checkpointing holds every kept output, so their
+    addresses are unique) and replayed in order by the recompute, which runs the same ops."""
+
+    def __init__(self):
+        self.kept_addresses: set[int] = set()
+        self.rope_kept: list[bool] = []
+        self.rope_replayed = 0
+
+    def __call__(self, ctx, op, *args, **kwargs) -> CheckpointPolicy:
+        if op in SAVED_OPS:
+            if not ctx.is_recompute:
+                outputs = ctx.op_output if isinstance(ctx.op_output, (tuple, list)) else (ctx.op_output,)
+                self.kept_addresses.update(_storage_address(t) for t in outputs)
+                self.kept_addresses.discard(None)
+            return CheckpointPolicy.MUST_SAVE
+        if op == _IN_PLACE_ROPE:
+            if ctx.is_recompute:
+                keep = self.rope_kept[self.rope_replayed % len(self.rope_kept)]
+                self.rope_replayed += 1
+            else:
+                keep = _storage_address(args[0]) in self.kept_addresses
+                self.rope_kept.append(keep)
+            return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
+        return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 @contextlib.contextmanager
@@ -84,7 +115,7 @@ def _contexts(module: nn.Module, op_level: bool):
     """(forward, recompute) contexts of one checkpointed call."""
     if not op_level:
         return contextlib.nullcontext(), _keep_moe_counters(module)
-    forward_context, recompute_context = create_selective_checkpoint_contexts(_save_policy)
+    forward_context, recompute_context = create_selective_checkpoint_contexts(_SavePolicy())
     return forward_context, _op_level_recompute(module, recompute_context)
 
 
