@@ -8,10 +8,10 @@ CPU they run only under TRITON_INTERPRET=1, set before this package is imported)
 import torch
 
 from kernels.grouped_mm import grouped_mm
-from kernels.mla_rope import mla_rope_key, rope_tables, rotate_rope_
+from kernels.mla_rope import mla_rope_key, rope_tables, rotate_pairs, rotate_rope_
 from kernels.moe_permute import permute_tokens, unpermute_tokens
 
-__all__ = ["grouped_mm", "mla_rope_key", "permute_tokens", "resolve_impl", "rope_tables", "rotate_rope_",
+__all__ = ["grouped_mm", "mla_rope_key", "permute_tokens", "resolve_impl", "rope_tables", "rotate_pairs", "rotate_rope_",
            "unpermute_tokens"]
 
 

@@ -42,9 +42,9 @@ def rope_tables(seq_len: int, rope_dim: int, base: float, device=None) -> tuple[
 # ---------------------------------------------------------------- PyTorch reference
 
 
-def _rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate interleaved pairs of the last dim of x by the angles whose cos/sin broadcast to x[..., ::2];
-    math in fp32 (or x's wider dtype), returned in that compute dtype."""
+def rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """A new tensor: the interleaved pairs of x's last dim rotated by the angles whose cos/sin broadcast
+    to x[..., ::2]; math in fp32 (or x's wider dtype), returned in that compute dtype."""
     compute_dtype = torch.promote_types(x.dtype, torch.float32)
     x0, x1 = x.to(compute_dtype).unflatten(-1, (-1, 2)).unbind(-1)
     cos, sin = cos.to(compute_dtype), sin.to(compute_dtype)
@@ -52,19 +52,29 @@ def _rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def _rotate_rope_torch_(x: Tensor, cos: Tensor, sin: Tensor, head_dim: int, inverse: bool) -> None:
+    """In place, rounding as `rotate_pairs` does (each product, then the sum), with half-size temporaries."""
     tail = x.unflatten(-1, (-1, head_dim))[..., head_dim - 2 * cos.shape[-1]:]
-    tail.copy_(_rotate_pairs(tail, cos[..., None, :], -sin[..., None, :] if inverse else sin[..., None, :]))
+    compute_dtype = torch.promote_types(x.dtype, torch.float32)
+    work = tail if tail.dtype == compute_dtype else tail.to(compute_dtype)  # bf16: rotate an fp32 copy
+    cos, sin = cos[..., None, :].to(compute_dtype), sin[..., None, :].to(compute_dtype)
+    sin = -sin if inverse else sin
+    x0, x1 = work[..., 0::2], work[..., 1::2]
+    rotated0 = (x0 * cos).sub_(x1 * sin)
+    x1.mul_(cos).add_(x0 * sin)
+    x0.copy_(rotated0)
+    if work is not tail:
+        tail.copy_(work)
 
 
 def _mla_rope_key_torch(k_nope: Tensor, k_pe: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    k_rot = _rotate_pairs(k_pe, cos, sin).to(k_pe.dtype)
+    k_rot = rotate_pairs(k_pe, cos, sin).to(k_pe.dtype)
     return torch.cat([k_nope, k_rot.unsqueeze(2).expand(-1, -1, k_nope.shape[2], -1)], dim=-1)
 
 
 def _mla_rope_key_backward_torch(grad_k: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     tail = grad_k[..., grad_k.shape[-1] - 2 * cos.shape[-1]:]
     summed = tail.sum(2, dtype=torch.promote_types(tail.dtype, torch.float32))  # over heads
-    return _rotate_pairs(summed, cos, -sin).to(grad_k.dtype)
+    return rotate_pairs(summed, cos, -sin).to(grad_k.dtype)
 
 
 # ---------------------------------------------------------------- Triton kernels
