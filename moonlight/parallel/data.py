@@ -18,7 +18,8 @@ Activation checkpointing (``ac_mode``):
   block inputs are kept.
 - ``"op"``: op-level selective checkpointing of each Block (torchtitan's): the outputs of the
   expensive ops (`SAVED_OPS`: matmuls, grouped GEMMs, SDPA, all-to-all) are kept, the cheap ops
-  between them (norms, RoPE, activations, permutes) are recomputed. Not with routed experts that are
+  between them (norms, RoPE, activations, permutes) are recomputed, except q's in-place RoPE where it
+  rotates a kept matmul output (`_SavePolicy`). Not with routed experts that are
   an FSDP unit of their own inside the block: FSDP's hooks replay a different op sequence in the
   recompute (pytorch/torchtitan#3427).
 Checkpointing replaces the module's ``forward`` on the instance, so parameter names and state-dict
