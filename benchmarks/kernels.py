@@ -66,6 +66,12 @@ def peer_rope(q, k_pe, cos, sin):
     return torch.cat((q_nope, rotate(q_pe, cos[:, None], sin[:, None])), -1), rotate(k_pe, cos, sin)
 
 
+def peer_mla_rope(q_proj, k_nope, k_pe, cos, sin):
+    """peer_rope on the per-head q, then the rotated k_pe broadcast over the heads beside k_nope."""
+    q, k_rot = peer_rope(q_proj.unflatten(-1, (k_nope.shape[2], -1)), k_pe, cos, sin)
+    return q, torch.cat([k_nope, k_rot.unsqueeze(2).expand(-1, -1, k_nope.shape[2], -1)], dim=-1)
+
+
 # ---------------------------------------------------------------- MLA RoPE: the previous path and the fused one
 
 
@@ -185,8 +191,7 @@ def benchmark_cuda() -> None:
         leaves = (q_leaf, kv_b, kv_a)
         outs = {impl: fused_mla_rope(q_leaf * 1, k_nope, k_pe, cos, sin, impl) for impl in ("torch", "triton")}
         copying_outs = copying_mla_rope(q_leaf * 1, k_nope, k_pe, cos, sin)
-        peer_q = q_leaf.unflatten(-1, (HEADS, -1)) * 1
-        peer_outs = peer_rope(peer_q, k_pe, cos, sin)
+        peer_outs = peer_mla_rope(q_leaf, k_nope, k_pe, cos, sin)
         grads = tuple(torch.randn_like(t) for t in outs["torch"])
         tag = f" B={batch}"
         with torch.no_grad():
@@ -194,13 +199,13 @@ def benchmark_cuda() -> None:
                 "triton": lambda: fused_mla_rope(q_proj, k_nope, k_pe, cos, sin, "triton"),
                 "torch ref": lambda: fused_mla_rope(q_proj, k_nope, k_pe, cos, sin),
                 "copying": lambda: copying_mla_rope(q_proj, k_nope, k_pe, cos, sin),
-                "peer": lambda: peer_rope(q_proj.unflatten(-1, (HEADS, -1)), k_pe, cos, sin),
+                "peer": lambda: peer_mla_rope(q_proj, k_nope, k_pe, cos, sin),
             }, peak)
         _report("mla rope bwd" + tag, ideal["fused bwd"], {
             "triton": lambda: torch.autograd.grad(outs["triton"], leaves, grads, retain_graph=True),
             "torch ref": lambda: torch.autograd.grad(outs["torch"], leaves, grads, retain_graph=True),
             "copying": lambda: torch.autograd.grad(copying_outs, leaves, grads, retain_graph=True),
-            "peer": lambda: torch.autograd.grad(peer_outs, (q_leaf, kv_a), grads, retain_graph=True),
+            "peer": lambda: torch.autograd.grad(peer_outs, leaves, grads, retain_graph=True),
         }, peak)
         RESULTS.append({"op": "mla rope ideal bytes" + tag, **ideal})
 
