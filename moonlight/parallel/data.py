@@ -73,7 +73,8 @@ def _keep_moe_counters(module: nn.Module):
 
 
 def _storage_address(t) -> int | None:
-    return t.untyped_storage().data_ptr() if type(t) is torch.Tensor else None  # not DTensor, fake, int
+    """Where t's memory lives; None for what has none to compare (DTensors, fake tensors, empty ones)."""
+    return t.untyped_storage().data_ptr() or None if type(t) is torch.Tensor else None
 
 
 class _SavePolicy:
