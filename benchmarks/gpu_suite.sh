@@ -5,7 +5,8 @@
 #   bash benchmarks/gpu_suite.sh              on a GPU machine
 #   bash benchmarks/gpu_suite.sh --cpu-smoke  the same steps on CPU with tiny shapes (CI)
 # Steps: tests/test_kernels.py with real Triton; benchmarks/kernels.py (GB/s against the measured copy
-# bandwidth and the torch references); a bf16 training step of a Moonlight-width slice, eager and
+# bandwidth and the torch references; MLA RoPE in place with the fused key against the previous
+# copying path; on CPU a correctness pass and that RoPE comparison of the torch path); a bf16 training step of a Moonlight-width slice, eager and
 # compiled, beside torchtitan's (MFU against the dense bf16 spec peak); a Moonlight-16B LoRA step
 # (peak memory, tokens/s); generation tokens/s when moonlight/generate.py exists.
 set -u
@@ -36,7 +37,7 @@ if [ -n "$SMOKE" ]; then  # the interpreter is slow: a quick subset of the kerne
 else
   run_step kernel_tests 150 python -m pytest -q -x tests/test_kernels.py
 fi
-run_step kernel_bench 90 python benchmarks/kernels.py --json "$RESULTS/step_kernel_bench.json"
+run_step kernel_bench 90 python benchmarks/kernels.py --json "$RESULTS/step_kernel_bench.json" $SMOKE
 run_step slice 150 python benchmarks/gpu_suite.py slice --out "$RESULTS" $SMOKE
 run_step lora 120 python benchmarks/gpu_suite.py lora --out "$RESULTS" $SMOKE
 if [ -f moonlight/generate.py ]; then

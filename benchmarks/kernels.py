@@ -1,26 +1,35 @@
 """Benchmark the kernels/ Triton kernels against their torch references and the plain torch ops a
 peer would write (argsort + index_select / index_add, HF-style de-interleave + rotate-half).
 
-    python benchmarks/kernels.py
+    python benchmarks/kernels.py [--json PATH]
 
 On CUDA: Moonlight shapes (MoE T=8192, H=2048, K=6, E=64; MLA RoPE S=4096, 16 heads of 128+64),
 bf16, reporting ms, achieved GB/s (ideal bytes moved / time) and that as a fraction of the
-bandwidth of a large device-to-device copy measured in the same run. On CPU the Triton kernels
-only run in the interpreter, so timings mean nothing: a small correctness pass runs instead and
-the exit status is non-zero on a mismatch.
+bandwidth of a large device-to-device copy measured in the same run. MLA RoPE is also timed
+against the previous copying path (q's nope channels copied beside its rotated rope channels, the
+rotated k_pe broadcast by a cat).
+
+On CPU the Triton kernels only run in the interpreter, so their timings mean nothing: a small
+correctness pass runs (the exit status is non-zero on a mismatch), then the torch path the model
+takes on CPU, in-place RoPE with the fused key, is timed against the previous copying path at
+Moonlight's attention shapes (forward + backward, alternating rounds, ratios per round) and the
+bytes each allocates are counted.
 """
 import os
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 # this file is itself named kernels.py: put the repository root first so `import kernels` is the package
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before triton kernels are defined
 
-from kernels import apply_mla_rope, permute_tokens, rope_tables, unpermute_tokens  # noqa: E402
+from kernels import mla_rope_key, permute_tokens, rope_tables, rotate_pairs, rotate_rope_, unpermute_tokens  # noqa: E402
 
 NUM_TOKENS, HIDDEN, TOP_K, NUM_EXPERTS = 8192, 2048, 6, 64
 SEQ, HEADS, NOPE, ROPE, KV_LORA = 4096, 16, 128, 64, 512
@@ -55,6 +64,53 @@ def peer_rope(q, k_pe, cos, sin):
 
     q_nope, q_pe = q.split([q.shape[-1] - k_pe.shape[-1], k_pe.shape[-1]], dim=-1)
     return torch.cat((q_nope, rotate(q_pe, cos[:, None], sin[:, None])), -1), rotate(k_pe, cos, sin)
+
+
+def peer_mla_rope(q_proj, k_nope, k_pe, cos, sin):
+    """peer_rope on the per-head q, then the rotated k_pe broadcast over the heads beside k_nope."""
+    q, k_rot = peer_rope(q_proj.unflatten(-1, (k_nope.shape[2], -1)), k_pe, cos, sin)
+    return q, torch.cat([k_nope, k_rot.unsqueeze(2).expand(-1, -1, k_nope.shape[2], -1)], dim=-1)
+
+
+# ---------------------------------------------------------------- MLA RoPE: the previous path and the fused one
+
+
+def copying_mla_rope(q_proj, k_nope, k_pe, cos, sin):
+    """The previous path (its torch reference): q [B, S, H*D] -> a new q of rotated rope channels beside
+    a copy of the nope ones; the rotated k_pe broadcast over the heads by a cat with k_nope."""
+    q = q_proj.unflatten(-1, (k_nope.shape[2], -1))
+    nope = q.shape[-1] - k_pe.shape[-1]
+    q = torch.cat((q[..., :nope], rotate_pairs(q[..., nope:], cos[:, None], sin[:, None]).to(q.dtype)), dim=-1)
+    k_rot = rotate_pairs(k_pe, cos, sin).to(k_pe.dtype)
+    return q, torch.cat([k_nope, k_rot.unsqueeze(2).expand(-1, -1, k_nope.shape[2], -1)], dim=-1)
+
+
+def fused_mla_rope(q_proj, k_nope, k_pe, cos, sin, impl="torch"):
+    """The model's path: q's rope channels rotated in place, the key built with rope(k_pe) in every head."""
+    q = rotate_rope_(q_proj, cos, sin, NOPE + ROPE, impl=impl, grad_in_place=True)
+    return q.unflatten(-1, (k_nope.shape[2], -1)), mla_rope_key(k_nope, k_pe, cos, sin, impl=impl)
+
+
+def mla_rope_inputs(batch, seq, device, dtype):
+    """The projection outputs RoPE reads, as the model slices them: q [B, S, H*(N+R)], k_nope a strided
+    view of kv_b_proj's output, k_pe of kv_a_proj's. Leaves: q_proj is rotated in place, so each
+    call starts from a fresh non-leaf copy (q_leaf * 1)."""
+    q_leaf = torch.randn(batch, seq, HEADS * (NOPE + ROPE), dtype=dtype, device=device, requires_grad=True)
+    kv_b = torch.randn(batch, seq, HEADS, NOPE + NOPE, dtype=dtype, device=device, requires_grad=True)
+    kv_a = torch.randn(batch, seq, KV_LORA + ROPE, dtype=dtype, device=device, requires_grad=True)
+    return q_leaf, kv_b, kv_a, kv_b[..., :NOPE], kv_a[..., KV_LORA:]
+
+
+def mla_rope_ideal_bytes(batch, seq, element_size) -> dict:
+    """Bytes each path must read and write, forward and backward, at HEADS heads of NOPE + ROPE."""
+    q, q_rope = batch * seq * HEADS * (NOPE + ROPE), batch * seq * HEADS * ROPE
+    k_nope, k, k_pe = batch * seq * HEADS * NOPE, batch * seq * HEADS * (NOPE + ROPE), batch * seq * ROPE
+    fused_fwd = 2 * q_rope + k_nope + k + k_pe  # rope channels in place; k_nope in, k out, k_pe in
+    fused_bwd = 2 * q_rope + q_rope + k_pe  # grad q's rope channels in place; k's rope tails in, grad k_pe out
+    copying_fwd = 2 * q + 2 * k_pe + k_nope + k_pe + k  # q in/out, k_pe in/out, the cat
+    copying_bwd = 2 * q + q_rope + k_pe + 2 * k_pe  # grad q in/out, the expand's head sum, k_pe's rotation
+    return {name: n * element_size for name, n in (("fused fwd", fused_fwd), ("fused bwd", fused_bwd),
+                                                   ("copying fwd", copying_fwd), ("copying bwd", copying_bwd))}
 
 
 # ---------------------------------------------------------------- CUDA timings
@@ -129,24 +185,83 @@ def benchmark_cuda() -> None:
 
     cos, sin = rope_tables(SEQ, ROPE, 50000.0, device)
     for batch in (1, 4):
-        q = torch.randn(batch, SEQ, HEADS, NOPE + ROPE, dtype=dtype, device=device, requires_grad=True)
-        kv = torch.randn(batch, SEQ, KV_LORA + ROPE, dtype=dtype, device=device, requires_grad=True)
-        k_pe = kv[..., KV_LORA:]  # a strided view, as the model slices it from kv_a_proj's output
-        nbytes = 2 * (q.numel() + k_pe.numel()) * q.element_size()
-        outs = {impl: apply_mla_rope(q, k_pe, cos, sin, impl=impl) for impl in ("torch", "triton")}
-        peer_outs = peer_rope(q, k_pe, cos, sin)
+        q_leaf, kv_b, kv_a, k_nope, k_pe = mla_rope_inputs(batch, SEQ, device, dtype)
+        q_proj = q_leaf.detach().clone()  # rotated in place over and over by the timed forwards
+        ideal = mla_rope_ideal_bytes(batch, SEQ, q_leaf.element_size())
+        leaves = (q_leaf, kv_b, kv_a)
+        outs = {impl: fused_mla_rope(q_leaf * 1, k_nope, k_pe, cos, sin, impl) for impl in ("torch", "triton")}
+        copying_outs = copying_mla_rope(q_leaf * 1, k_nope, k_pe, cos, sin)
+        peer_outs = peer_mla_rope(q_leaf, k_nope, k_pe, cos, sin)
         grads = tuple(torch.randn_like(t) for t in outs["torch"])
         tag = f" B={batch}"
-        _report("rope fwd" + tag, nbytes, {
-            "triton": lambda: apply_mla_rope(q, k_pe, cos, sin, impl="triton"),
-            "torch ref": lambda: apply_mla_rope(q, k_pe, cos, sin),
-            "peer": lambda: peer_rope(q, k_pe, cos, sin),
+        with torch.no_grad():
+            _report("mla rope fwd" + tag, ideal["fused fwd"], {
+                "triton": lambda: fused_mla_rope(q_proj, k_nope, k_pe, cos, sin, "triton"),
+                "torch ref": lambda: fused_mla_rope(q_proj, k_nope, k_pe, cos, sin),
+                "copying": lambda: copying_mla_rope(q_proj, k_nope, k_pe, cos, sin),
+                "peer": lambda: peer_mla_rope(q_proj, k_nope, k_pe, cos, sin),
+            }, peak)
+        _report("mla rope bwd" + tag, ideal["fused bwd"], {
+            "triton": lambda: torch.autograd.grad(outs["triton"], leaves, grads, retain_graph=True),
+            "torch ref": lambda: torch.autograd.grad(outs["torch"], leaves, grads, retain_graph=True),
+            "copying": lambda: torch.autograd.grad(copying_outs, leaves, grads, retain_graph=True),
+            "peer": lambda: torch.autograd.grad(peer_outs, leaves, grads, retain_graph=True),
         }, peak)
-        _report("rope bwd" + tag, nbytes, {
-            "triton": lambda: torch.autograd.grad(outs["triton"], (q, kv), grads, retain_graph=True),
-            "torch ref": lambda: torch.autograd.grad(outs["torch"], (q, kv), grads, retain_graph=True),
-            "peer": lambda: torch.autograd.grad(peer_outs, (q, kv), grads, retain_graph=True),
-        }, peak)
+        RESULTS.append({"op": "mla rope ideal bytes" + tag, **ideal})
+
+
+# ---------------------------------------------------------------- CPU: the model's RoPE path vs the previous one
+
+
+def _allocated_bytes(fn) -> int:
+    """Bytes the CPU allocator hands out while fn runs (each op's own allocations, from the profiler)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return sum(e.self_cpu_memory_usage for e in prof.events() if e.name != "[memory]" and e.self_cpu_memory_usage > 0)
+
+
+def measure_cpu_rope(batch: int = 1, seq: int = 1024, rounds: int = 9, repeats: int = 3) -> dict:
+    """Forward + backward of the fused in-place path the model takes on CPU (impl="torch") and of the
+    previous copying path, fp32, Moonlight's heads; rounds alternate the two. Returns the per-round
+    time ratios (copying / fused) and the bytes each allocates (its outputs, gradients and temporaries;
+    the leaves' gradients, allocated by both, left out)."""
+    torch.manual_seed(0)
+    cos, sin = rope_tables(seq, ROPE, 50000.0)
+    q_leaf, kv_b, kv_a, k_nope, k_pe = mla_rope_inputs(batch, seq, torch.device("cpu"), torch.float32)
+    grads = (torch.randn(batch, seq, HEADS, NOPE + ROPE), torch.randn(batch, seq, HEADS, NOPE + ROPE))
+    paths = {"fused": fused_mla_rope, "copying": copying_mla_rope}
+
+    def step(path):
+        q_proj = q_leaf * 1  # as the projection hands it over (outside the timed part)
+        grad_q = grads[0].clone()  # the fused backward rotates it in place
+        start = time.perf_counter()
+        outs = paths[path](q_proj, k_nope, k_pe, cos, sin)
+        torch.autograd.grad(outs, (q_leaf, kv_b, kv_a), (grad_q, grads[1]))
+        return time.perf_counter() - start
+
+    for path in paths:
+        step(path)  # warm-up
+    ratios = []
+    for _ in range(rounds):
+        times = {path: min(step(path) for _ in range(repeats)) for path in paths}
+        ratios.append(times["copying"] / times["fused"])
+    # not the paths' own: the step's copies of q and grad q, and the three leaves' gradients
+    common = sum(t.numel() * t.element_size() for t in (q_leaf, q_leaf, q_leaf, kv_b, kv_a))
+    allocated = {path: _allocated_bytes(lambda: step(path)) - common for path in paths}
+    ideal = mla_rope_ideal_bytes(batch, seq, q_leaf.element_size())
+    result = {"shape": f"B={batch} S={seq} heads={HEADS} nope={NOPE} rope={ROPE} fp32",
+              "time_copying_over_fused_median": statistics.median(ratios),
+              "time_copying_over_fused_min_max": [min(ratios), max(ratios)],
+              "allocated_bytes": allocated, "allocated_copying_over_fused": allocated["copying"] / allocated["fused"],
+              "ideal_bytes": ideal,
+              "ideal_copying_over_fused": (ideal["copying fwd"] + ideal["copying bwd"]) / (ideal["fused fwd"] + ideal["fused bwd"])}
+    print(f"MLA RoPE fwd+bwd on CPU ({result['shape']}), {rounds} alternating rounds:\n"
+          f"  time copying / fused: median {result['time_copying_over_fused_median']:.2f}x "
+          f"(min {min(ratios):.2f}x, max {max(ratios):.2f}x)\n"
+          f"  bytes allocated: fused {allocated['fused'] / 2**20:.1f} MiB, copying {allocated['copying'] / 2**20:.1f} MiB "
+          f"({result['allocated_copying_over_fused']:.2f}x)\n"
+          f"  ideal bytes moved: copying / fused {result['ideal_copying_over_fused']:.2f}x")
+    return result
 
 
 # ---------------------------------------------------------------- CPU correctness pass
@@ -176,29 +291,34 @@ def check_cpu() -> bool:
         for name, got, want in zip(("permuted", "out", "grad x", "grad weights"), results["triton"], results["torch"]):
             check(f"moe align={align} {name}", got, want)
 
-    q = torch.randn(2, 5, 3, 12, requires_grad=True)
-    kv = torch.randn(2, 5, 10, requires_grad=True)
-    cos, sin = rope_tables(5, 6, 50000.0)
+    cos, sin = rope_tables(5, ROPE, 50000.0)
+    q_leaf, kv_b, kv_a, k_nope, k_pe = mla_rope_inputs(2, 5, torch.device("cpu"), torch.float32)
     results = {}
     for impl in ("torch", "triton"):
-        q_out, k_out = apply_mla_rope(q, kv[..., 4:], cos, sin, impl=impl)
-        results[impl] = (q_out, k_out, *torch.autograd.grad(q_out.square().sum() + k_out.square().sum(), (q, kv)))
-    for name, got, want in zip(("q", "k_pe", "grad q", "grad kv"), results["triton"], results["torch"]):
+        q, k = fused_mla_rope(q_leaf * 1, k_nope, k_pe, cos, sin, impl)
+        results[impl] = (q, k, *torch.autograd.grad(q.square().sum() + k.square().sum(), (q_leaf, kv_b, kv_a)))
+    copying = copying_mla_rope(q_leaf * 1, k_nope, k_pe, cos, sin)
+    for name, got, want in zip(("q", "k", "grad q", "grad kv_b", "grad kv_a"), results["triton"], results["torch"]):
         check(f"mla rope {name}", got, want)
+    for name, got, want in zip(("q", "k"), results["torch"], copying):
+        check(f"mla rope {name} vs the copying path", got, want)
     return ok
 
 
 if __name__ == "__main__":
-    # --json PATH: also write the rows (or the CPU pass's verdict) as JSON, for benchmarks/gpu_suite.sh
+    # --json PATH: also write the rows (or the CPU pass's verdict and measurement) as JSON, for gpu_suite.sh
     json_path = sys.argv[sys.argv.index("--json") + 1] if "--json" in sys.argv else None
     if torch.cuda.is_available():
         benchmark_cuda()
         ok = True
     else:
-        print("No CUDA device: Triton runs in the interpreter here, so timings are not meaningful.\n"
+        print("No CUDA device: Triton runs in the interpreter here, so its timings are not meaningful.\n"
               "Running a small correctness pass (Triton vs torch reference, fp32) instead.")
         ok = check_cpu()
         RESULTS.append({"cpu_correctness_pass": ok})
+        smoke = "--cpu-smoke" in sys.argv  # gpu_suite.sh --cpu-smoke: the measurement on tiny shapes
+        RESULTS.append({"op": "mla rope cpu", **(measure_cpu_rope(seq=16, rounds=1, repeats=1) if smoke
+                                                   else measure_cpu_rope())})
     if json_path:
         import json
 

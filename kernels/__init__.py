@@ -1,5 +1,6 @@
-"""Triton kernels with PyTorch references: MoE token permute/unpermute and fused MLA RoPE; the
-experts' grouped GEMM as an opaque op for torch.compile.
+"""Triton kernels with PyTorch references: MoE token permute/unpermute, MLA RoPE (q rotated in place,
+the key built with its rotated rope part in every head); the experts' grouped GEMM as an opaque op
+for torch.compile.
 
 Every op takes impl="torch" (the reference, runs anywhere) or impl="triton" (the kernels; on a
 CPU they run only under TRITON_INTERPRET=1, set before this package is imported).
@@ -7,10 +8,11 @@ CPU they run only under TRITON_INTERPRET=1, set before this package is imported)
 import torch
 
 from kernels.grouped_mm import grouped_mm
-from kernels.mla_rope import apply_mla_rope, rope_tables
+from kernels.mla_rope import mla_rope_key, rope_tables, rotate_pairs, rotate_rope_
 from kernels.moe_permute import permute_tokens, unpermute_tokens
 
-__all__ = ["apply_mla_rope", "grouped_mm", "permute_tokens", "resolve_impl", "rope_tables", "unpermute_tokens"]
+__all__ = ["grouped_mm", "mla_rope_key", "permute_tokens", "resolve_impl", "rope_tables", "rotate_pairs", "rotate_rope_",
+           "unpermute_tokens"]
 
 
 def _triton_importable() -> bool:

@@ -36,7 +36,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from kernels import apply_mla_rope, resolve_impl, rope_tables
+from kernels import resolve_impl, rope_tables, rotate_rope_
 from moonlight.checkpoint.export import load_dcp_model
 from moonlight.checkpoint.format import resolve_checkpoint
 from moonlight.config import ModelArgs
@@ -82,13 +82,12 @@ def absorbed_attention(attn: MLA, x: torch.Tensor, cache: torch.Tensor, start: i
     bsz, seqlen, _ = x.shape
     nope, rope = a.qk_nope_head_dim, a.qk_rope_head_dim
     q = attn.q_proj(x) if a.q_lora_rank is None else attn.q_b_proj(attn.q_norm(attn.q_a_proj(x)))
-    q = q.view(bsz, seqlen, -1, a.qk_head_dim)
-    latent, k_pe = attn.kv_a_proj(x).split([a.kv_lora_rank, rope], dim=-1)
-    # Rows sit at different positions: rotate all tokens as one sequence with per-token angles.
-    q, k_pe = apply_mla_rope(q.reshape(1, bsz * seqlen, *q.shape[2:]), k_pe.reshape(1, bsz * seqlen, rope),
-                             cos.reshape(bsz * seqlen, -1), sin.reshape(bsz * seqlen, -1),
-                             impl=resolve_impl(a.kernels, x.device))
-    q, k_pe = q.view(bsz, seqlen, -1, a.qk_head_dim), k_pe.view(bsz, seqlen, rope)
+    kv = attn.kv_a_proj(x)
+    # Rows sit at different positions (per-token angles). k_pe is the rope tail of kv_a_proj's output:
+    # rotate it there, as one head as wide as that output.
+    impl = resolve_impl(a.kernels, x.device)
+    q = rotate_rope_(q, cos, sin, a.qk_head_dim, impl=impl).view(bsz, seqlen, -1, a.qk_head_dim)
+    latent, k_pe = rotate_rope_(kv, cos, sin, kv.shape[-1], impl=impl).split([a.kv_lora_rank, rope], dim=-1)
     cache[:, start:start + seqlen] = torch.cat([attn.kv_norm(latent), k_pe], dim=-1)
     latents, keys_pe = cache[:, :start + seqlen].split([a.kv_lora_rank, rope], dim=-1)
 

@@ -21,7 +21,10 @@ def test_cpu_smoke_writes_the_summary(tmp_path):
     steps = summary["steps"]
     for name in ("kernel_tests", "kernel_bench", "slice", "lora"):
         assert steps[f"{name}_status"]["exit_code"] == 0, name
-    assert steps["kernel_bench"] == [{"cpu_correctness_pass": True}]
+    correctness, rope = steps["kernel_bench"]
+    assert correctness == {"cpu_correctness_pass": True}
+    assert rope["op"] == "mla rope cpu" and rope["time_copying_over_fused_median"] > 0
+    assert rope["allocated_bytes"]["copying"] > rope["allocated_bytes"]["fused"] > 0
     runs = steps["slice"]["runs"]
     assert {"ours eager", "ours compiled (aot_eager)", "torchtitan eager"} <= set(runs)
     for name in ("ours eager", "ours compiled (aot_eager)"):

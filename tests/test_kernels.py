@@ -4,7 +4,7 @@ under torch.compile. Row counts stay small: the Triton interpreter costs ~2 ms p
 import pytest
 import torch
 
-from kernels import apply_mla_rope, grouped_mm, permute_tokens, resolve_impl, rope_tables, unpermute_tokens
+from kernels import grouped_mm, mla_rope_key, permute_tokens, resolve_impl, rope_tables, rotate_rope_, unpermute_tokens
 
 BF16_ULP = 2**-7
 NUM_EXPERTS = 8
@@ -117,19 +117,84 @@ def test_rope_tables():
     torch.testing.assert_close(sin, angles.sin().float())
 
 
-def test_rope_reference_matches_naive():
+def _rope_inputs(batch, seq, heads, nope, rope, dtype, per_token, seed=0):
+    """q, k_nope and k_pe as strided views into projection outputs, as the model produces them, and
+    the tables: shared [S, R/2], or per token [B, S, R/2] (packed documents restart positions)."""
+    g = torch.Generator().manual_seed(seed)
+    q_proj = torch.randn(batch, seq, heads * (nope + rope), generator=g).to(dtype)
+    kv_a = torch.randn(batch, seq, 3 + rope, generator=g).to(dtype)
+    kv_b = torch.randn(batch, seq, heads * (nope + 5), generator=g).to(dtype)
+    cos, sin = rope_tables(seq + 2, rope, 10.0 if dtype == torch.float64 else 50000.0)
+    if per_token:
+        positions = torch.randint(0, seq + 2, (batch, seq), generator=g)
+        cos, sin = cos[positions], sin[positions]
+    else:
+        cos, sin = cos[:seq], sin[:seq]
+    if dtype == torch.float64:
+        cos, sin = cos.double(), sin.double()
+    return q_proj, kv_a, kv_b, cos, sin
+
+
+def _mla_rope(q_proj, kv_a, kv_b, heads, nope, rope, cos, sin, impl="torch", grad_in_place=False):
+    """The model's RoPE: q_proj [B, S, heads * (nope + rope)] rotated in place, and the key."""
+    k_nope = kv_b.unflatten(-1, (heads, nope + 5))[..., :nope]
+    q = rotate_rope_(q_proj, cos, sin, nope + rope, impl=impl, grad_in_place=grad_in_place)
+    assert q is q_proj
+    return q.unflatten(-1, (heads, nope + rope)), mla_rope_key(k_nope, kv_a[..., -rope:], cos, sin, impl=impl)
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_rope_reference_matches_naive(per_token):
     batch, seq, heads, nope, rope = 2, 5, 3, 4, 6
-    q = torch.randn(batch, seq, heads, nope + rope, dtype=torch.float64, requires_grad=True)
-    k_pe = torch.randn(batch, seq, rope, dtype=torch.float64, requires_grad=True)
-    cos, sin = (t.double() for t in rope_tables(seq, rope, 10.0))
-    q_out, k_out = apply_mla_rope(q, k_pe, cos, sin)
-    q_rot = _naive_rotate(q.detach()[..., nope:].transpose(1, 2), cos, sin).transpose(1, 2)
-    torch.testing.assert_close(q_out, torch.cat((q.detach()[..., :nope], q_rot), dim=-1))
-    torch.testing.assert_close(k_out, _naive_rotate(k_pe.detach(), cos, sin))
+    q_proj, kv_a, kv_b, cos, sin = _rope_inputs(batch, seq, heads, nope, rope, torch.float64, per_token)
+    q_out, k_out = _mla_rope(q_proj.clone(), kv_a, kv_b, heads, nope, rope, cos, sin)
+
+    def naive(x):  # the naive loop rotates [..., S, R] by table rows [S, R/2]: one batch row at a time
+        tables = (cos, sin) if per_token else (cos.expand(batch, -1, -1), sin.expand(batch, -1, -1))
+        return torch.stack([_naive_rotate(x[b], tables[0][b], tables[1][b]) for b in range(batch)])
+
+    q = q_proj.unflatten(-1, (heads, nope + rope))
+    q_rot = naive(q[..., nope:].transpose(1, 2)).transpose(1, 2)
+    torch.testing.assert_close(q_out, torch.cat((q[..., :nope], q_rot), dim=-1))
+    k_pe = kv_a[..., -rope:]
+    k_rot = naive(k_pe.unsqueeze(1)).squeeze(1)
+    k_nope = kv_b.unflatten(-1, (heads, nope + 5))[..., :nope]
+    torch.testing.assert_close(k_out, torch.cat((k_nope, k_rot.unsqueeze(2).expand(-1, -1, heads, -1)), dim=-1))
     # the same thing as complex multiplication of consecutive pairs by e^(i*theta)
-    k_complex = torch.view_as_complex(k_pe.detach().unflatten(-1, (-1, 2))) * torch.complex(cos, sin)
-    torch.testing.assert_close(k_out, torch.view_as_real(k_complex).flatten(-2))
-    torch.autograd.gradcheck(lambda q, k: apply_mla_rope(q, k, cos, sin), (q, k_pe))
+    k_complex = torch.view_as_complex(k_pe.unflatten(-1, (-1, 2)).contiguous()) * torch.complex(cos, sin)
+    torch.testing.assert_close(k_rot, torch.view_as_real(k_complex).flatten(-2))
+    # q is rotated in place: a fresh (non-leaf) copy each call
+    torch.autograd.gradcheck(lambda q_proj, kv_a, kv_b: _mla_rope(q_proj * 1, kv_a, kv_b, heads, nope, rope, cos, sin),
+                             tuple(t.requires_grad_() for t in (q_proj, kv_a, kv_b)))
+
+
+@pytest.mark.parametrize("grad_in_place", [False, True])
+def test_rope_backward_rotates_the_gradient_in_place_only_when_allowed(grad_in_place):
+    q_proj, kv_a, kv_b, cos, sin = _rope_inputs(2, 5, 3, 4, 6, torch.float32, False)
+    for grad_q, overwritten in ((torch.randn(2, 5, 30), grad_in_place),  # a broadcast one never is
+                                (torch.ones(1, 1, 1).expand(2, 5, 30), False)):
+        given = grad_q.clone()
+        base = q_proj.clone().requires_grad_()
+        q = rotate_rope_(base * 1, cos, sin, 10, grad_in_place=grad_in_place)
+        q.backward(grad_q)
+        given_heads = given.unflatten(-1, (3, 10))
+        want = torch.cat((given_heads[..., :4], _naive_rotate(given_heads[..., 4:].transpose(1, 2), cos, -sin)
+                          .transpose(1, 2)), -1)
+        torch.testing.assert_close(base.grad, want.flatten(2))
+        assert torch.equal(grad_q, given) != overwritten
+
+
+def test_rope_rotates_a_view_that_requires_grad_into_a_copy():
+    """Autograd copies the gradient of an in-place view (and refuses views made by custom Functions,
+    as tensor parallel's local outputs are): such a q is rotated out of place, with equal results."""
+    q_proj, _, _, cos, sin = _rope_inputs(2, 5, 3, 4, 6, torch.float32, False)
+    base = q_proj.clone().requires_grad_()
+    view = (base * 1).view(2, 5, 30)
+    before = view.clone()
+    rotated = rotate_rope_(view, cos, sin, 10)
+    assert rotated is not view and torch.equal(view, before)
+    in_place = rotate_rope_(q_proj.clone(), cos, sin, 10)
+    torch.testing.assert_close(rotated, in_place)
 
 
 # ---------------------------------------------------------------- Triton vs reference
@@ -191,27 +256,30 @@ def test_unpermute_triton_with_bf16_weights():
         _assert_close(got, want, torch.bfloat16)
 
 
+@pytest.mark.parametrize("per_token", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,nope,rope", [(3, 10, 6), (2, 0, 8), (2, 16, 8)])
-def test_mla_rope_triton_matches_torch(heads, nope, rope, dtype):
+def test_mla_rope_triton_matches_torch(heads, nope, rope, dtype, per_token):
     batch, seq = 2, 5
-    g = torch.Generator().manual_seed(nope + rope)
-    # q and k_pe as strided views into one projection output, as the model produces them
-    proj = torch.randn(batch, seq, heads * (nope + rope) + 3 + rope, generator=g).to(dtype)
-    q = proj[..., : heads * (nope + rope)].unflatten(-1, (heads, nope + rope))
-    k_pe = proj[..., -rope:]
-    cos, sin = rope_tables(seq, rope, 50000.0)
-    grad_q = torch.randn(q.shape, generator=g).to(dtype)
-    grad_k = torch.randn(k_pe.shape, generator=g).to(dtype)
+    inputs = _rope_inputs(batch, seq, heads, nope, rope, dtype, per_token, seed=nope + rope)
+    cos, sin = inputs[3:]
+    g = torch.Generator().manual_seed(1)
+    grad_q = torch.randn(batch, seq, heads, nope + rope, generator=g).to(dtype)
+    # the key's gradient as attention hands it over: a transposed [B, H, S, D] buffer
+    grad_k = torch.randn(batch, heads, seq, nope + rope, generator=g).to(dtype).transpose(1, 2)
     results = {}
     for impl in ("torch", "triton"):
-        q_in, k_in = q.detach().requires_grad_(), k_pe.detach().requires_grad_()
-        q_out, k_out = apply_mla_rope(q_in, k_in, cos, sin, impl=impl)
-        results[impl] = (q_out, k_out, *torch.autograd.grad((q_out, k_out), (q_in, k_in), (grad_q, grad_k)))
+        leaves = [t.detach().clone().requires_grad_() for t in inputs[:3]]
+        q, k = _mla_rope(leaves[0] * 1, *leaves[1:], heads, nope, rope, cos, sin, impl=impl, grad_in_place=True)
+        # grad_q.clone(): the backward rotates it in place
+        results[impl] = (q, k, *torch.autograd.grad((q, k), leaves, (grad_q.clone(), grad_k)))
     for got, want in zip(results["triton"], results["torch"]):
         assert got.shape == want.shape and got.dtype == want.dtype
         _assert_close(got, want, dtype)
-    assert torch.equal(results["triton"][0][..., :nope], q[..., :nope])
+    q, k = results["triton"][:2]
+    assert torch.equal(q[..., :nope], inputs[0].unflatten(-1, (heads, nope + rope))[..., :nope])
+    assert torch.equal(k[..., :nope], inputs[2].unflatten(-1, (heads, nope + 5))[..., :nope])
+    assert torch.equal(k[..., nope:], k[:, :, :1, nope:].expand_as(k[..., nope:]))  # one rope key, every head
 
 
 @pytest.mark.parametrize("compiled", [False, True])
@@ -241,14 +309,15 @@ def test_ops_trace_under_torch_compile():
     expert_ids = _expert_ids(num_tokens, top_k)
     cos, sin = rope_tables(3, 4, 50000.0)
 
-    def step(x, weights, q, k_pe):
+    def step(x, weights, q, k_nope, k_pe):
         permuted, _, row_index = permute_tokens(x, expert_ids, NUM_EXPERTS, impl="triton")
         out = unpermute_tokens(permuted * 2, row_index, weights, impl="triton")
-        q_out, k_out = apply_mla_rope(q, k_pe, cos, sin, impl="triton")
-        return out.sum() + q_out.square().sum() + k_out.sum()
+        q_out = rotate_rope_(q * 1, cos, sin, 6, impl="triton", grad_in_place=True)
+        k = mla_rope_key(k_nope, k_pe, cos, sin, impl="triton")
+        return out.sum() + q_out.square().sum() + k.square().sum()
 
     inputs = (torch.randn(num_tokens, hidden), torch.rand(num_tokens, top_k),
-              torch.randn(2, 3, 2, 6), torch.randn(2, 3, 4))
+              torch.randn(2, 3, 12), torch.randn(2, 3, 2, 2), torch.randn(2, 3, 4))
     grads = {}
     for name, fn in (("eager", step), ("compiled", torch.compile(step, backend="aot_eager", fullgraph=True))):
         leaves = [t.clone().requires_grad_() for t in inputs]

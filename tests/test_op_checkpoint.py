@@ -50,3 +50,28 @@ def test_op_level_checkpoint_saves_sdpa_and_matmuls():
     assert op_ops[torch.ops.aten.mul.Tensor] > base_ops[torch.ops.aten.mul.Tensor]  # the cheap ops are redone
     for n, g in base_grads.items():
         torch.testing.assert_close(op_grads[n], g, atol=1e-6, rtol=1e-5, msg=lambda m: f"{n}: {m}")
+
+
+def test_op_level_checkpoint_rotates_q_once_whether_or_not_its_matmul_is_kept():
+    """RoPE rotates q in place. Plain q_proj: q is a kept matmul output, so the recompute must not
+    rotate it again; LoRA's q_proj: q is a recomputed sum, so the recompute must rotate it."""
+    from moonlight.model.lora import apply_lora
+
+    args = dataclasses.replace(ModelArgs.preset("debug", kernels="torch"), num_hidden_layers=1)
+    torch.manual_seed(0)
+    tokens = torch.randint(0, args.vocab_size, (2, 16))
+    for lora in (False, True):
+        ref = Moonlight(args)
+        ref.init_weights()
+        if lora:
+            apply_lora(ref, targets=["attn.q_proj"], rank=4)
+            for name, p in ref.named_parameters():
+                if "lora_b" in name:  # zero-initialised: make the adapter's branch matter
+                    torch.nn.init.normal_(p, std=0.1)
+        grads = []
+        for model in (copy.deepcopy(ref), apply_activation_checkpointing(copy.deepcopy(ref), "op")):
+            model(tokens, labels=tokens).backward()
+            grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+        assert grads[0].keys() == grads[1].keys() and grads[0]
+        for n, g in grads[0].items():
+            torch.testing.assert_close(grads[1][n], g, atol=1e-6, rtol=1e-5, msg=lambda m: f"lora={lora} {n}: {m}")

@@ -1,6 +1,7 @@
-"""Host syncs of a training step: an unlogged step reads back only the step's token count (the loss
-normaliser) and ONE copy of (loss, grad norm) for the non-finite check; a logged step adds one read
-of the MoE metrics. The logged values equal the ones computed tensor by tensor."""
+"""Host syncs of a training step: an unlogged step reads back only ONE copy of (loss, grad norm) for
+the non-finite check (the loss normaliser, the step's token count, stays a tensor, also when it is
+summed over data-parallel ranks); a logged step adds one read of the MoE metrics. The logged values
+equal the ones computed tensor by tensor."""
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch
 from moonlight.train.config import load_config
 from moonlight.train.balance import expert_load_imbalance
 from moonlight.train.trainer import Trainer
+from tests.dist import run_ranks
 from tests.test_moe_sync import host_syncs
 
 SMALL = ["--training.seq_len=32", "--training.global_batch_size=2", "--training.local_batch_size=2",
@@ -23,11 +25,29 @@ def test_syncs_on_logged_and_unlogged_steps(tmp_path):
         counted.append(host_syncs(lambda: values.append(trainer.train_step())))
         trainer.step = step
     assert [trainer.logs_step(s) for s in range(1, 5)] == [False, True, False, True]
-    assert counted[0] == counted[2] == ["aten._local_scalar_dense.default", "tolist"], counted
+    assert counted[0] == counted[2] == ["tolist"], counted
     assert counted[1] == counted[3] == counted[0] + ["tolist"], counted
     assert "expert_load" not in values[0] and "aux_loss" not in values[0]
     assert len(values[1]["expert_load"]) == 3 and values[1]["aux_loss"] > 0
     assert values[1]["max_expert_load"] == pytest.approx(max(values[1]["expert_load"]), abs=1e-3)
+
+
+def _unlogged_step_syncs(rank, world_size, folder):
+    trainer = Trainer(load_config("train.toml", SMALL + [f"--job.dump_folder={folder}", "--parallelism.dp_shard=2",
+                                                         "--training.global_batch_size=4"]))
+    trainer.optimizers.step = lambda: None
+    trainer.train_step()  # step 1 (FSDP's lazy initialisation), step 2 is logged
+    trainer.step = 1
+    trainer.train_step()
+    trainer.step = 2
+    assert not trainer.logs_step(3)
+    return host_syncs(trainer.train_step)
+
+
+@pytest.mark.slow
+def test_data_parallel_step_sums_the_token_count_without_reading_it(tmp_path):
+    for counted in run_ranks(_unlogged_step_syncs, 2, str(tmp_path)):
+        assert counted == ["tolist"], counted
 
 
 def test_moe_metrics_match_tensor_reads(tmp_path):

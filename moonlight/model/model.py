@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.varlen import varlen_attn
 
-from kernels import apply_mla_rope, grouped_mm, permute_tokens, resolve_impl, rope_tables, unpermute_tokens
+from kernels import grouped_mm, mla_rope_key, permute_tokens, resolve_impl, rope_tables, rotate_rope_, unpermute_tokens
 from moonlight.config import ModelArgs
 from moonlight.distributed import local_tensor
 from moonlight.model.loss import linear_cross_entropy
@@ -81,20 +81,19 @@ class MLA(nn.Module):
         a = self.args
         bsz, seqlen, _ = x.shape
         q = self.q_proj(x) if a.q_lora_rank is None else self.q_b_proj(self.q_norm(self.q_a_proj(x)))
-        q = q.view(bsz, seqlen, -1, a.qk_head_dim)  # -1: heads held by this rank under tensor parallel
         latent, k_pe = self.kv_a_proj(x).split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
         cos, sin = _rope_tables(seqlen, a.qk_rope_head_dim, a.rope_theta, x.device)
+        if positions is not None:  # packed documents: each token's own angles [B, S, R/2]
+            cos, sin = cos[positions], sin[positions]
         impl = resolve_impl(a.kernels, x.device)
-        if positions is None:
-            q, k_pe = apply_mla_rope(q, k_pe, cos, sin, impl=impl)
-        else:  # one angle per token: fold the batch into the sequence so every row gets its own table row
-            q, k_pe = apply_mla_rope(q.reshape(1, bsz * seqlen, *q.shape[2:]), k_pe.reshape(1, bsz * seqlen, -1),
-                                     cos[positions.flatten()], sin[positions.flatten()], impl=impl)
-            q, k_pe = q.view(bsz, seqlen, *q.shape[2:]), k_pe.view(bsz, seqlen, -1)
-
+        # q's rope channels rotated in place, before the per-head view (autograd copies the gradient of
+        # an in-place view). q feeds attention only, whose backward hands out a fresh gradient: that is
+        # rotated in place too.
+        q = rotate_rope_(q, cos, sin, a.qk_head_dim, impl=impl, grad_in_place=True)
+        q = q.view(bsz, seqlen, -1, a.qk_head_dim)  # -1: heads held by this rank under tensor parallel
         kv = self.kv_b_proj(self.kv_norm(latent)).view(bsz, seqlen, -1, a.qk_nope_head_dim + a.v_head_dim)
         k_nope, v = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)
-        k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, k_nope.shape[2], -1)], dim=-1)
+        k = mla_rope_key(k_nope, k_pe, cos, sin, impl=impl)  # [k_nope | rope(k_pe) in every head], one pass
         v_pad = a.qk_head_dim - a.v_head_dim if self.pads_v(x, mask) else 0
         if v_pad > 0:
             v = F.pad(v, (0, v_pad))

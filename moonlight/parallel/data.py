@@ -20,7 +20,8 @@ Activation checkpointing (``ac_mode``):
   block inputs are kept.
 - ``"op"``: op-level selective checkpointing of each Block (torchtitan's): the outputs of the
   expensive ops (`SAVED_OPS`: matmuls, grouped GEMMs, SDPA, all-to-all) are kept, the cheap ops
-  between them (norms, RoPE, activations, permutes) are recomputed. Not with routed experts that are
+  between them (norms, RoPE, activations, permutes) are recomputed, except q's in-place RoPE where it
+  rotates a kept matmul output (`_SavePolicy`). Not with routed experts that are
   an FSDP unit of their own inside the block: FSDP's hooks replay a different op sequence in the
   recompute (pytorch/torchtitan#3427).
 Checkpointing replaces the module's ``forward`` on the instance, so parameter names and state-dict
@@ -57,6 +58,7 @@ SAVED_OPS = frozenset({
     torch.ops._c10d_functional.all_to_all_single.default,
     torch.ops._c10d_functional_autograd.all_to_all_single.default,
 })
+_IN_PLACE_ROPE = torch.ops.moonlight.rotate_rope_.default
 
 
 # ----------------------------------------------------------------------- activation checkpointing
@@ -72,8 +74,39 @@ def _keep_moe_counters(module: nn.Module):
             m.tokens_per_expert.copy_(s)
 
 
-def _save_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+def _storage_address(t) -> int | None:
+    """Where t's memory lives; None for what has none to compare (DTensors, fake tensors, empty ones)."""
+    return t.untyped_storage().data_ptr() or None if type(t) is torch.Tensor else None
+
+
+class _SavePolicy:
+    """One checkpointed call's policy: keep the outputs of `SAVED_OPS`, recompute the rest, except
+    the in-place RoPE when it rotates a kept output (the q projection's matmul): the recompute gets
+    that output back already rotated, and rerunning the rotation would turn it twice. Which RoPE
+    calls were kept is decided in the forward (while checkpointing holds every kept output, so their
+    addresses are unique) and replayed in order by the recompute, which runs the same ops."""
+
+    def __init__(self):
+        self.kept_addresses: set[int] = set()
+        self.rope_kept: list[bool] = []
+        self.rope_replayed = 0
+
+    def __call__(self, ctx, op, *args, **kwargs) -> CheckpointPolicy:
+        if op in SAVED_OPS:
+            if not ctx.is_recompute:
+                outputs = ctx.op_output if isinstance(ctx.op_output, (tuple, list)) else (ctx.op_output,)
+                self.kept_addresses.update(_storage_address(t) for t in outputs)
+                self.kept_addresses.discard(None)
+            return CheckpointPolicy.MUST_SAVE
+        if op == _IN_PLACE_ROPE:
+            if ctx.is_recompute:
+                keep = self.rope_kept[self.rope_replayed % len(self.rope_kept)]
+                self.rope_replayed += 1
+            else:
+                keep = _storage_address(args[0]) in self.kept_addresses
+                self.rope_kept.append(keep)
+            return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
+        return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 @contextlib.contextmanager
@@ -86,7 +119,7 @@ def _contexts(module: nn.Module, op_level: bool):
     """(forward, recompute) contexts of one checkpointed call."""
     if not op_level:
         return contextlib.nullcontext(), _keep_moe_counters(module)
-    forward_context, recompute_context = create_selective_checkpoint_contexts(_save_policy)
+    forward_context, recompute_context = create_selective_checkpoint_contexts(_SavePolicy())
     return forward_context, _op_level_recompute(module, recompute_context)
 
 

@@ -393,7 +393,7 @@ def _discard_inference_forward(stages) -> list[_RestoreCountersOnce]:
 
 def pipeline_step(schedule, inputs: torch.Tensor | None, labels: torch.Tensor | None,
                   is_first: bool | None = None, is_last: bool | None = None,
-                  num_tokens: int | float | None = None, model_kwargs: dict | None = None,
+                  num_tokens: int | float | torch.Tensor | None = None, model_kwargs: dict | None = None,
                   forward_only: bool = False) -> torch.Tensor | None:
     """Forward + backward of one local batch through the pipeline (forward_only: the schedule's
     eval(), no backward; call it under torch.no_grad).

@@ -35,7 +35,7 @@ class Pipeline:
     def __init__(self, schedule):
         self.schedule = schedule
 
-    def step(self, inputs: torch.Tensor, labels: torch.Tensor, num_tokens: float,
+    def step(self, inputs: torch.Tensor, labels: torch.Tensor, num_tokens: float | torch.Tensor,
              model_kwargs: dict | None = None) -> torch.Tensor | None:
         return pipeline_step(self.schedule, inputs, labels, num_tokens=num_tokens, model_kwargs=model_kwargs)
 

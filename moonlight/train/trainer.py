@@ -319,12 +319,18 @@ class Trainer:
         The loss is the sum of the cross-entropy over every target token of the step divided by the
         number of target tokens of the whole step (all micro-batches, pipeline micro-batches and
         data-parallel ranks), so ranks and micro-batches with more targets weigh more. FSDP averages
-        gradients over the dp ranks, hence each rank divides its sum by (global count / dp)."""
+        gradients over the dp ranks, hence each rank divides its sum by (global count / dp).
+
+        That normaliser stays a tensor the host never reads (no sync): counted from the host labels,
+        summed over the dp ranks on the device."""
         batches = [self.dataloader.next_batch_with_info() for _ in range(self.grad_accum)]
-        targets = torch.stack([(b.labels != -100).sum() for b in batches]).sum().to(self.device)
+        targets = torch.stack([(b.labels != -100).sum() for b in batches]).sum()
         if self.parallel.dp_world > 1:
+            if self.device.type == "cuda":  # from pinned memory the copy does not wait for queued work
+                targets = targets.pin_memory()
+            targets = targets.to(self.device, non_blocking=True)
             dist.all_reduce(targets, group=self.parallel.dp_group)
-        num_tokens = max(float(targets), 1.0) / self.parallel.dp_world
+        num_tokens = targets.clamp(min=1).float() / self.parallel.dp_world
         total = torch.zeros((), device=self.device)
         for batch in batches:
             inputs, labels = batch.inputs.to(self.device), batch.labels.to(self.device)
