@@ -78,3 +78,11 @@ def test_compiled_fsdp_steps_equal_eager(tmp_path, layout):
     compiled = run_ranks(_fsdp_losses, 2, str(tmp_path / "compiled"),
                          layout + ["--training.compile=true", "--training.compile_backend=aot_eager"])[0]
     torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=1e-5, atol=0)
+
+
+def test_compile_with_op_level_checkpointing_is_refused_with_the_fix(tmp_path):
+    from moonlight.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="training.compile = true does not work with activation_checkpoint.mode = 'op'"):
+        load_config("train.toml", BASE + [f"--job.dump_folder={tmp_path}", "--training.compile=true",
+                                          "--activation_checkpoint.mode=op"]).validate()

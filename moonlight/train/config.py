@@ -469,6 +469,10 @@ class JobConfig:
             errs += [f"lora.enable = true supports data parallel (FSDP/HSDP) only: set parallelism.{k} = 1 "
                      f"(got {getattr(self.parallelism, k)}; the LoRA/DoRA recipe is TP1/PP1/EP1)"
                      for k in ("tp", "ep", "pp") if getattr(self.parallelism, k) != 1]
+        if self.training.compile and self.activation_checkpoint.mode == "op":
+            errs.append("training.compile = true does not work with activation_checkpoint.mode = 'op' (torch.compile "
+                        "cannot run inside op-level selective checkpointing's dispatch mode): use mode 'selective' "
+                        "or 'full' with compile, or 'op' without it")
         if self.checkpoint.frozen_weights == "reload" and not (self.lora.enable and self.checkpoint.initial_load_hf):
             errs.append("checkpoint.frozen_weights = 'reload' re-reads the frozen base weights from "
                         "checkpoint.initial_load_hf: it needs lora.enable = true and checkpoint.initial_load_hf set "
