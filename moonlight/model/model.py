@@ -1,8 +1,9 @@
 """Moonlight-16B-A3B: DeepSeek-V3 architecture (MLA attention + sigmoid-routed MoE), in one file.
 
 The model is pure compute: no torch.distributed imports. Parallel plans in `moonlight.parallel`
-are applied to a built model by module name, and the expert-parallel plan swaps the experts'
-`dispatcher` (see `LocalDispatcher`). Build on the meta device and call `init_weights()` to plan a
+are applied to a built model by module name: the expert-parallel plan swaps the experts'
+`dispatcher` (see `LocalDispatcher`) and the context-parallel plan swaps the `sequence` of every MLA
+and MoE layer (see `LocalSequence`). Build on the meta device and call `init_weights()` to plan a
 16B model without allocating it.
 """
 
@@ -46,6 +47,34 @@ def _rope_tables(seqlen: int, rope_dim: int, theta: float, device: torch.device)
         return rope_tables(seqlen, rope_dim, theta, device)
 
 
+class LocalSequence:
+    """Where the rest of each sequence is: here. This process holds whole sequences, so a sum over a
+    sequence is local and attention is plain causal attention. Context parallel
+    (`moonlight.parallel.context`) swaps `MLA.sequence` and `MoE.sequence` for an object with the
+    same four methods that holds a slice of every sequence and reaches the others over its group."""
+
+    def length(self, local_len: int) -> int:
+        """The whole sequence's length (RoPE tables must cover its positions)."""
+        return local_len
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """t [B, ...]: per-sequence sums over this process's tokens -> over the whole sequence."""
+        return t
+
+    def gather_keys(self, keys: torch.Tensor) -> torch.Tensor:
+        """keys [B, S_local, C] (MLA's normalised latent and roped k_pe) -> the keys the local queries
+        may see, in sequence order."""
+        return keys
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                  mask: DocumentMask | None) -> torch.Tensor:
+        """q [B, S, heads, D], k/v [B, S_keys, heads, D] (from `gather_keys`) -> [B, S, heads, D]."""
+        if mask is not None:
+            return mask.attention(q, k, v, scale)
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              is_causal=True, scale=scale).transpose(1, 2)
+
+
 class MLA(nn.Module):
     """Multi-head Latent Attention: keys and values come from one low-rank latent per token, plus a
     single rope key (k_pe) shared by all heads."""
@@ -66,6 +95,7 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(heads * args.v_head_dim, h, bias=False)
         self.softmax_scale = args.qk_head_dim ** -0.5
         self.pad_v: bool | None = None  # None: decided per call by `pads_v`
+        self.sequence = LocalSequence()
 
     def pads_v(self, x: torch.Tensor, mask: DocumentMask | None) -> bool:
         """Whether v is padded with zero channels to the qk head size for attention. On CPU the fused
@@ -83,26 +113,26 @@ class MLA(nn.Module):
         q = self.q_proj(x) if a.q_lora_rank is None else self.q_b_proj(self.q_norm(self.q_a_proj(x)))
         q = q.view(bsz, seqlen, -1, a.qk_head_dim)  # -1: heads held by this rank under tensor parallel
         latent, k_pe = self.kv_a_proj(x).split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
-        cos, sin = _rope_tables(seqlen, a.qk_rope_head_dim, a.rope_theta, x.device)
+        cos, sin = _rope_tables(self.sequence.length(seqlen), a.qk_rope_head_dim, a.rope_theta, x.device)
         impl = resolve_impl(a.kernels, x.device)
         if positions is None:
-            q, k_pe = apply_mla_rope(q, k_pe, cos, sin, impl=impl)
+            q, k_pe = apply_mla_rope(q, k_pe, cos[:seqlen], sin[:seqlen], impl=impl)
         else:  # one angle per token: fold the batch into the sequence so every row gets its own table row
             q, k_pe = apply_mla_rope(q.reshape(1, bsz * seqlen, *q.shape[2:]), k_pe.reshape(1, bsz * seqlen, -1),
                                      cos[positions.flatten()], sin[positions.flatten()], impl=impl)
             q, k_pe = q.view(bsz, seqlen, *q.shape[2:]), k_pe.view(bsz, seqlen, -1)
 
-        kv = self.kv_b_proj(self.kv_norm(latent)).view(bsz, seqlen, -1, a.qk_nope_head_dim + a.v_head_dim)
+        # The keys travel (under context parallel) as the normalised latent plus the roped k_pe, the
+        # smallest per-token form; the per-head up-projection runs after, on the receiving side.
+        keys = self.sequence.gather_keys(torch.cat([self.kv_norm(latent), k_pe], dim=-1))
+        latent, k_pe = keys.split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
+        kv = self.kv_b_proj(latent).view(bsz, keys.shape[1], -1, a.qk_nope_head_dim + a.v_head_dim)
         k_nope, v = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)
         k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, k_nope.shape[2], -1)], dim=-1)
         v_pad = a.qk_head_dim - a.v_head_dim if self.pads_v(x, mask) else 0
         if v_pad > 0:
             v = F.pad(v, (0, v_pad))
-        if mask is None:
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 is_causal=True, scale=self.softmax_scale).transpose(1, 2)
-        else:
-            out = mask.attention(q, k, v, self.softmax_scale)
+        out = self.sequence.attention(q, k, v, self.softmax_scale, mask)
         out = out[..., : a.v_head_dim] if v_pad > 0 else out
         return self.o_proj(out.reshape(bsz, seqlen, -1))
 
@@ -121,6 +151,10 @@ class DocumentMask:
         if varlen is None:
             varlen = document_ids.is_cuda and dtype in (torch.bfloat16, torch.float16)
         self.varlen = varlen
+        self.document_ids = document_ids
+        # What a layer's `sequence` derives from the ids, built by the first layer and reused by the
+        # others (context parallel's masks against the gathered keys).
+        self.derived: dict = {}
         if self.varlen:
             flat = document_ids.flatten()
             starts = torch.ones_like(flat, dtype=torch.bool)
@@ -272,17 +306,21 @@ class _AttachAuxLoss(torch.autograd.Function):
         return grad_out, torch.ones_like(aux_loss)
 
 
-def sequence_aux_loss(scores: torch.Tensor, expert_ids: torch.Tensor, bsz: int, top_k: int) -> torch.Tensor:
+def sequence_aux_loss(scores: torch.Tensor, expert_ids: torch.Tensor, bsz: int, top_k: int,
+                      sequence: LocalSequence | None = None) -> torch.Tensor:
     """DeepSeek-V3's sequence-wise balance loss sum_i f_i * P_i, averaged over sequences.
     P_i: mean over the sequence of the sigmoid scores normalised over all experts; f_i: the fraction
-    of the sequence's routing choices that picked expert i, times E / K."""
+    of the sequence's routing choices that picked expert i, times E / K. Both are sums over the
+    whole sequence: `sequence` adds those of the other slices under context parallel."""
+    sequence = sequence or LocalSequence()
     num_experts = scores.shape[-1]
     probs = (scores / scores.sum(-1, keepdim=True)).view(bsz, -1, num_experts)
-    seqlen = probs.shape[1]
+    seqlen = sequence.length(probs.shape[1])
     picks = torch.zeros(bsz, num_experts, device=scores.device, dtype=scores.dtype)
     picks.scatter_add_(1, expert_ids.view(bsz, -1), torch.ones_like(expert_ids.view(bsz, -1), dtype=scores.dtype))
+    picks, prob_sums = sequence.sum(torch.cat([picks, probs.sum(1)], dim=-1)).split(num_experts, dim=-1)
     f = picks * num_experts / (top_k * seqlen)
-    return (f * probs.mean(1)).sum(-1).mean()
+    return (f * prob_sums / seqlen).sum(-1).mean()
 
 
 class _Fork(torch.autograd.Function):
@@ -353,6 +391,7 @@ class MoE(nn.Module):
                              persistent=False)
         self.aux_loss_coeff = args.aux_loss_alpha if args.seq_aux else 0.0
         self.last_aux_loss: torch.Tensor | None = None
+        self.sequence = LocalSequence()  # the aux loss's sums over each sequence
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -373,7 +412,8 @@ class MoE(nn.Module):
             out = self.experts(x_routed, expert_ids, weights) + side.join(shared)
         out = out.view(shape)
         if self.training and self.aux_loss_coeff > 0 and torch.is_grad_enabled():
-            aux = self.aux_loss_coeff * sequence_aux_loss(scores, expert_ids, shape[0], self.args.num_experts_per_tok)
+            aux = self.aux_loss_coeff * sequence_aux_loss(scores, expert_ids, shape[0], self.args.num_experts_per_tok,
+                                                       self.sequence)
             self.last_aux_loss = aux.detach()
             out = _AttachAuxLoss.apply(out, aux)
         return out

@@ -1,0 +1,156 @@
+"""Context parallel (CP) for MLA: every sequence split over the ``cp`` ranks of ``mesh["cp"]``.
+
+    apply_context_parallel(model, cp_mesh)             # swaps MLA.sequence and MoE.sequence
+    tokens = zigzag_slice(tokens, cp, cp_rank)         # the trainer slices tokens, labels, positions,
+                                                       # document_ids; positions stay the GLOBAL ones
+
+Zig-zag layout: a sequence of S tokens is cut into ``2 * cp`` chunks of ``L = S / (2 * cp)`` tokens
+and CP rank ``i`` holds chunks ``i`` and ``2 * cp - 1 - i``, in that order. Under causal attention
+chunk ``c`` attends to ``(c + 1) * L`` keys, so every rank attends to ``(2 * cp + 1) * L`` keys:
+the causal work is even. The CP ranks of one data replica read the same batch (the loader shards by
+``mesh["dp"]`` only) and each keeps its slice; the model never sees the slicing except through the
+global RoPE positions it is given.
+
+Exchange: MLA's keys and values are up-projected from one latent per token (``kv_lora_rank``,
+normalised) plus one rope key shared by all heads (``qk_rope_head_dim``, roped with the token's own
+global position). `ContextParallelSequence.gather_keys` all-gathers exactly that,
+``kv_lora_rank + qk_rope_head_dim`` values per token (576 for Moonlight) instead of the per-head keys
+and values (``heads * (qk_head_dim + v_head_dim)`` = 5120), and every rank runs ``kv_b_proj`` on
+the keys its queries may see (the first ``(2 * cp - i) * L`` of the sequence for rank ``i``). The
+all-gather is differentiable: its backward reduce-scatters the keys' gradients to their owners.
+The latent is gathered after ``kv_norm`` so each token's norm runs once, on its own rank.
+(`benchmarks/context_parallel.py` counts the bytes against a per-head K/V ring.)
+
+Masking: the local query chunk at global chunk index ``c`` attends to keys ``[0, (c + 1) * L)``
+with a lower-right-aligned causal mask (`causal_lower_right`); with packed documents
+(``document_ids``) the ids are all-gathered once per forward (shared by every layer through
+`DocumentMask.derived`) and a dense boolean mask of the chunk against its keys also requires equal ids.
+
+Gradients: parameters are replicated over cp, so data parallel reduces them over ``dp x cp``
+(FSDP over ``mesh["dp_shard_cp"]``) and the trainer normalises each rank's loss by the global token
+count over ``dp x cp`` (every token's loss counted once, on the rank that holds it). MoE layers route
+their own tokens; the sequence aux loss sums its per-sequence statistics over the cp group
+(`ContextParallelSequence.sum`, differentiable: every cp rank then holds the whole sequence's aux
+loss, and the gradient average over cp counts it once).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.nn.attention.bias import causal_lower_right
+
+from moonlight.model.model import MLA, DocumentMask, MoE
+
+__all__ = ["zigzag_slice", "zigzag_indices", "ContextParallelSequence", "apply_context_parallel"]
+
+
+def zigzag_indices(seq_len: int, cp: int, rank: int) -> torch.Tensor:
+    """The global positions (in order) of the tokens CP rank ``rank`` holds of a ``seq_len`` sequence."""
+    chunk = seq_len // (2 * cp)
+    return torch.cat([torch.arange(rank * chunk, (rank + 1) * chunk),
+                      torch.arange((2 * cp - 1 - rank) * chunk, (2 * cp - rank) * chunk)])
+
+
+def zigzag_slice(x: torch.Tensor, cp: int, rank: int, dim: int = 1) -> torch.Tensor:
+    """The chunks ``rank`` and ``2 * cp - 1 - rank`` of ``2 * cp`` equal chunks of ``x`` along ``dim``."""
+    if x.shape[dim] % (2 * cp):
+        raise ValueError(f"a sequence of {x.shape[dim]} tokens does not split into 2 * cp = {2 * cp} chunks")
+    chunk = x.shape[dim] // (2 * cp)
+    return torch.cat([x.narrow(dim, rank * chunk, chunk), x.narrow(dim, (2 * cp - 1 - rank) * chunk, chunk)], dim=dim)
+
+
+def _wait(t: torch.Tensor) -> torch.Tensor:
+    return funcol.wait_tensor(t) if isinstance(t, funcol.AsyncCollectiveTensor) else t
+
+
+def _sequence_order(gathered: torch.Tensor, cp: int) -> torch.Tensor:
+    """[cp * B, 2 * L, ...] (every rank's zig-zag slice, rank-major) -> [B, 2 * cp * L, ...] in order."""
+    g = gathered.view(cp, -1, 2, gathered.shape[1] // 2, *gathered.shape[2:])
+    chunks = torch.cat([g[:, :, 0], g[:, :, 1].flip(0)])  # [2 * cp, B, L, ...]: chunk c at index c
+    return chunks.transpose(0, 1).flatten(1, 2)
+
+
+class _SumOverGroup(torch.autograd.Function):
+    """All-reduce (sum) whose backward all-reduces the gradient: the adjoint when every rank's
+    result feeds its own loss (the gradient of each rank's input gets every rank's share)."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        ctx.group = group
+        return _wait(funcol.all_reduce(t, "sum", group))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _wait(funcol.all_reduce(grad.contiguous(), "sum", ctx.group)), None
+
+
+class ContextParallelSequence:
+    """`moonlight.model.model.LocalSequence` for a rank that holds the zig-zag slice ``rank`` of every
+    sequence over ``group`` (``cp`` ranks). See the module docstring."""
+
+    def __init__(self, group: dist.ProcessGroup, cp: int, rank: int):
+        self.group, self.cp, self.rank = group, cp, rank
+
+    def length(self, local_len: int) -> int:
+        return local_len * self.cp
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        return _SumOverGroup.apply(t.contiguous(), self.group)
+
+    def _chunks(self) -> tuple[int, int]:
+        """The global chunk indices of the local first and second half."""
+        return self.rank, 2 * self.cp - 1 - self.rank
+
+    def gather_keys(self, keys: torch.Tensor) -> torch.Tensor:
+        gathered = _wait(funcol.all_gather_tensor_autograd(keys.contiguous(), 0, self.group))
+        chunk = keys.shape[1] // 2
+        # the keys past the last local query are never attended to here
+        return _sequence_order(gathered, self.cp)[:, : (self._chunks()[1] + 1) * chunk]
+
+    def _document_masks(self, mask: DocumentMask, chunk: int) -> list[torch.Tensor]:
+        """Per local query chunk: [B, 1, L, (c + 1) * L] bool, same document and causal. Built by the
+        first layer of a forward (one all-gather of the ids), reused by the others."""
+        key = ("context_parallel", self.cp, self.rank)
+        if key not in mask.derived:
+            local = mask.document_ids
+            ids = _sequence_order(_wait(funcol.all_gather_tensor(local.contiguous(), 0, self.group)), self.cp)
+            masks = []
+            for half, c in enumerate(self._chunks()):
+                q_ids, k_ids = local[:, half * chunk:(half + 1) * chunk], ids[:, : (c + 1) * chunk]
+                causal = torch.ones(chunk, (c + 1) * chunk, dtype=torch.bool, device=local.device).tril(c * chunk)
+                masks.append(((q_ids[:, :, None] == k_ids[:, None, :]) & causal).unsqueeze(1))
+            mask.derived[key] = masks
+        return mask.derived[key]
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                  mask: DocumentMask | None) -> torch.Tensor:
+        chunk = q.shape[1] // 2
+        document_masks = self._document_masks(mask, chunk) if mask is not None else None
+        outs = []
+        for half, c in enumerate(self._chunks()):
+            keys = (c + 1) * chunk
+            bias = causal_lower_right(chunk, keys) if document_masks is None else document_masks[half]
+            out = F.scaled_dot_product_attention(q[:, half * chunk:(half + 1) * chunk].transpose(1, 2),
+                                                 k[:, :keys].transpose(1, 2), v[:, :keys].transpose(1, 2),
+                                                 attn_mask=bias, scale=scale)
+            outs.append(out.transpose(1, 2))
+        return torch.cat(outs, dim=1)
+
+
+def apply_context_parallel(model: nn.Module, cp_mesh: DeviceMesh) -> nn.Module:
+    """Give every MLA and MoE layer of a model (or pipeline stage) a `ContextParallelSequence` over the
+    1-D ``cp_mesh``. Parameters are untouched (data parallel reduces them over cp). Returns the model."""
+    if cp_mesh.ndim != 1:
+        raise ValueError(f"apply_context_parallel needs a 1-D cp mesh, got {cp_mesh.mesh_dim_names}")
+    if cp_mesh.size() == 1:
+        return model
+    sequence = ContextParallelSequence(cp_mesh.get_group(), cp_mesh.size(), cp_mesh.get_local_rank())
+    for module in model.modules():
+        if isinstance(module, (MLA, MoE)):
+            module.sequence = sequence
+    return model
