@@ -34,6 +34,11 @@ INVALID = {
     "pp_layout_empty_stage": (dict(pp=2, world_size=2), dict(pp_layout=[4, 0]), "at least one decoder layer"),
     "sp_needs_tp": (dict(world_size=2), dict(sequence_parallel=True), "sequence_parallel=True needs tensor parallel"),
     "sp_seq_len": (dict(tp=2, world_size=2), dict(sequence_parallel=True, seq_len=7), "seq_len=7 is not divisible"),
+    "cp_seq_len": (dict(cp=2, world_size=2), dict(seq_len=30), "seq_len=30 is not divisible by 2 x cp = 4"),
+    "cp_sp_seq_len": (dict(cp=2, tp=4, world_size=8), dict(sequence_parallel=True, seq_len=12),
+                      "use a seq_len that is a multiple of 16"),
+    "cp_pp": (dict(cp=2, pp=2, world_size=4), {}, "cp=2 with pp=2 is not supported"),
+    "ep_borrow_cp": (dict(dp_shard=1, cp=2, tp=2, ep=4, world_size=4), {}, "ep=4 does not divide dp_shard=1 x cp=2"),
 }
 
 

@@ -2,29 +2,38 @@
 
 Rank layout
 -----------
-The world is one 4-D mesh ``("pp", "dp_replicate", "dp_shard", "tp")``, outermost first, so ``tp``
-peers are consecutive ranks (one node on a GPU cluster) and ``pp`` stages are the farthest apart.
+The world is one 5-D mesh ``("pp", "dp_replicate", "dp_shard", "cp", "tp")``, outermost first, so
+``tp`` peers are consecutive ranks (one node on a GPU cluster), ``cp`` peers next, and ``pp``
+stages are the farthest apart: the rank at coordinates ``(p, r, s, c, t)`` is
+``(((p * dp_replicate + r) * dp_shard + s) * cp + c) * tp + t``.
 Derived meshes (kept by name in `ParallelMesh`, never sliced from the root):
 
 - ``"dp"``: ``dp_replicate x dp_shard`` flattened. The data-parallel group: ranks that read
-  different data. The data loader shards by ``mesh.dp_rank`` / ``mesh.dp_size``; losses, token
-  counts and MoE load counters are summed/averaged over it. TP peers and PP stages of one data
-  replica hold the same data and the same value.
-- ``"fsdp"``: what `fully_shard` shards the dense parameters over: ``dp_shard`` (1-D FSDP), or the
-  2-D ``("dp_replicate", "dp_shard")`` mesh for HSDP (replicate across groups, shard within).
-- ``"ep"`` and ``"dp_shard_mod_ep"`` (only when ep > 1): ``dp_shard`` unflattened into
-  ``(dp_shard // ep, ep)``.
+  different data. The data loader shards by ``mesh.dp_rank`` / ``mesh.dp_size``; token counts are
+  summed over it. TP peers, CP peers and PP stages of one data replica read the same batch.
+- ``"cp"``: the context-parallel group. Its ranks hold different zig-zag slices of the same
+  sequences (`moonlight.parallel.context`) and exchange MLA's compressed keys.
+- ``"dp_shard_cp"``: ``dp_shard x cp`` as one dim, and ``"dp_cp"``: ``dp_replicate x dp_shard_cp``
+  flattened, the ranks that hold different tokens: losses and MoE load counters are summed over it
+  and gradients averaged over it (parameters are replicated over cp, as over dp).
+- ``"fsdp"``: what `fully_shard` shards the dense parameters over: ``dp_shard_cp`` (1-D FSDP), or
+  the 2-D ``("dp_replicate", "dp_shard_cp")`` mesh for HSDP (replicate across groups, shard within).
+- ``"replicas"``: ``("dp_replicate", "dp_shard_cp", "tp")``, the ranks over which a weight outside a
+  DTensor is copied (Muon's ``replicas``).
+- ``"ep"`` and ``"dp_shard_mod_ep"`` (only when ep > 1): ``dp_shard_cp`` unflattened into
+  ``(dp_shard * cp // ep, ep)``.
 
-Expert parallelism borrows data-parallel ranks
------------------------------------------------
-EP does not add ranks: the ``ep`` ranks of one expert group are ``ep`` *consecutive dp_shard
-ranks* with the same ``pp``, ``dp_replicate`` and ``tp`` coordinates. So ``ep`` must divide
-``dp_shard``. Concretely, with ``s`` = a rank's dp_shard index, its EP group is the ranks with
-dp_shard index ``(s // ep) * ep + j`` for ``j`` in ``range(ep)`` (same pp/dp_replicate/tp) and it
-holds experts ``[j*E/ep, (j+1)*E/ep)`` where ``j = s % ep``; the routed experts are then
-FSDP-sharded over ``"dp_shard_mod_ep"`` (the ``dp_shard // ep`` ranks with the same ``j``), times
-``dp_replicate`` for HSDP. Every rank of an EP group holds different data, so an expert's gradient
-sums every token routed to it exactly once; FSDP divides it by the data-parallel degree.
+Expert parallelism borrows data- and context-parallel ranks
+------------------------------------------------------------
+EP does not add ranks: the ``ep`` ranks of one expert group are ``ep`` *consecutive ranks of the
+``(dp_shard, cp)`` grid* (its index ``s * cp + c``) with the same ``pp``, ``dp_replicate`` and ``tp``
+coordinates. So ``ep`` must divide ``dp_shard * cp``; with cp2 x ep2 on 2 ranks the EP group is the
+two cp ranks. Concretely, with ``u = s * cp + c``, a rank's EP group is the ranks with index
+``(u // ep) * ep + j`` for ``j`` in ``range(ep)`` and it holds experts ``[j*E/ep, (j+1)*E/ep)``
+where ``j = u % ep``; the routed experts are then FSDP-sharded over ``"dp_shard_mod_ep"`` (the
+``dp_shard * cp // ep`` ranks with the same ``j``), times ``dp_replicate`` for HSDP. Every rank of an
+EP group holds different tokens (other data, or another slice of the same sequences), so an expert's
+gradient sums every token routed to it exactly once; FSDP divides it by ``dp * cp``.
 
 EP does not borrow TP ranks (torchtitan lets ``ep`` divide ``dp_shard * tp``): in this stack the
 MoE layer of every TP rank sees the same, full set of its data replica's tokens (see
@@ -55,6 +64,7 @@ class ParallelDims:
 
     dp_replicate: int = 1
     dp_shard: int = -1
+    cp: int = 1
     tp: int = 1
     ep: int = 1
     pp: int = 1
@@ -63,7 +73,7 @@ class ParallelDims:
     def __post_init__(self):
         if self.world_size is None:
             self.world_size = distributed.world_size()
-        for name in ("dp_replicate", "tp", "ep", "pp", "world_size"):
+        for name in ("dp_replicate", "cp", "tp", "ep", "pp", "world_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ParallelConfigError(f"{name} must be a positive integer, got {v!r}")
@@ -71,25 +81,30 @@ class ParallelDims:
             raise ParallelConfigError(f"dp_shard must be a positive integer or -1 (use the remaining ranks), "
                                       f"got {self.dp_shard!r}")
         if self.dp_shard == -1:
-            others = self.dp_replicate * self.tp * self.pp
+            others = self.dp_replicate * self.cp * self.tp * self.pp
             if self.world_size % others:
                 raise ParallelConfigError(
-                    f"cannot resolve dp_shard=-1: dp_replicate({self.dp_replicate}) x tp({self.tp}) x pp({self.pp})"
-                    f" = {others} does not divide world_size={self.world_size}; change those degrees or the "
-                    "number of ranks")
+                    f"cannot resolve dp_shard=-1: dp_replicate({self.dp_replicate}) x cp({self.cp}) x tp({self.tp}) x "
+                    f"pp({self.pp}) = {others} does not divide world_size={self.world_size}; change those degrees or "
+                    "the number of ranks")
             self.dp_shard = self.world_size // others
-        product = self.dp_replicate * self.dp_shard * self.tp * self.pp
+        product = self.dp_replicate * self.dp_shard * self.cp * self.tp * self.pp
         if product != self.world_size:
             raise ParallelConfigError(
-                f"dp_replicate({self.dp_replicate}) x dp_shard({self.dp_shard}) x tp({self.tp}) x pp({self.pp}) = "
-                f"{product} but world_size = {self.world_size}: the degrees must multiply to the number of ranks "
-                "(set dp_shard=-1 to fill the rest)")
+                f"dp_replicate({self.dp_replicate}) x dp_shard({self.dp_shard}) x cp({self.cp}) x tp({self.tp}) x "
+                f"pp({self.pp}) = {product} but world_size = {self.world_size}: the degrees must multiply to the "
+                "number of ranks (set dp_shard=-1 to fill the rest)")
 
     # ------------------------------------------------------------------ sizes
     @property
     def dp(self) -> int:
         """Number of data-parallel replicas of the batch (ranks that read different data)."""
         return self.dp_replicate * self.dp_shard
+
+    @property
+    def dp_cp(self) -> int:
+        """Ranks that hold different tokens (dp x cp): gradients are averaged over them."""
+        return self.dp * self.cp
 
     def validate(self, model_args: ModelArgs, pp_layout: Sequence[int] | None = None, vp: int = 1, *,
                  sequence_parallel: bool = False, seq_len: int | None = None) -> "ParallelDims":
@@ -98,7 +113,8 @@ class ParallelDims:
         ``pp_layout``: decoder layers per (virtual) stage, ``pp * vp`` entries, in order; ``None``
         means an even split is intended (then only ``num_hidden_layers >= pp * vp`` is checked).
         ``sequence_parallel`` needs ``tp > 1`` (rejected otherwise, so a config never believes it runs
-        SP when it does not) and, when ``seq_len`` is given, ``seq_len % tp == 0``.
+        SP when it does not) and, when ``seq_len`` is given, ``seq_len % tp == 0``. Context parallel
+        needs ``seq_len % (2 * cp) == 0`` (the zig-zag chunks) and, with SP, each cp slice divisible by tp.
         Returns self; raises ParallelConfigError naming what to change.
         """
         a = model_args
@@ -121,10 +137,11 @@ class ParallelDims:
             if a.n_routed_experts % self.ep:
                 errors.append(f"n_routed_experts={a.n_routed_experts} is not divisible by ep={self.ep}: every "
                               "expert-parallel rank holds the same number of experts; pick ep dividing it")
-            if self.dp_shard % self.ep:
-                errors.append(f"ep={self.ep} does not divide dp_shard={self.dp_shard}: expert parallel borrows "
-                              "its ranks from the data-parallel shard dimension (not from tp, pp or "
-                              "dp_replicate); use an ep that divides dp_shard, or raise dp_shard")
+            if (self.dp_shard * self.cp) % self.ep:
+                borrowed = f"dp_shard={self.dp_shard}" + (f" x cp={self.cp}" if self.cp > 1 else "")
+                errors.append(f"ep={self.ep} does not divide {borrowed}: expert parallel borrows its ranks "
+                              "from the data-parallel shard and context-parallel dimensions (not from tp, pp or "
+                              "dp_replicate); use an ep that divides dp_shard * cp, or raise dp_shard")
             if a.first_k_dense_replace >= a.num_hidden_layers:
                 errors.append(f"ep={self.ep} but the model has no MoE layer (first_k_dense_replace="
                               f"{a.first_k_dense_replace} >= num_hidden_layers={a.num_hidden_layers}); use ep=1")
@@ -138,22 +155,32 @@ class ParallelDims:
             if self.tp == 1:
                 errors.append("sequence_parallel=True needs tensor parallel (tp > 1): it splits the sequence "
                               "over the tp ranks; set tp > 1 or sequence_parallel=False")
-            elif seq_len is not None and seq_len % self.tp:
-                errors.append(f"seq_len={seq_len} is not divisible by tp={self.tp}: sequence parallel splits "
-                              "every sequence evenly over the tp ranks")
+            elif seq_len is not None and (seq_len // self.cp) % self.tp:
+                errors.append(f"seq_len={seq_len} is not divisible by cp x tp = {self.cp} x {self.tp}: sequence "
+                              "parallel splits every (context-parallel slice of a) sequence evenly over the tp "
+                              f"ranks; use a seq_len that is a multiple of {2 * self.cp * self.tp}")
+        if self.cp > 1:
+            if seq_len is not None and seq_len % (2 * self.cp):
+                errors.append(f"seq_len={seq_len} is not divisible by 2 x cp = {2 * self.cp}: context parallel cuts "
+                              f"every sequence into 2 * cp equal chunks; use a seq_len that is a multiple of "
+                              f"{2 * self.cp}")
+            if self.pp > 1:
+                errors.append(f"cp={self.cp} with pp={self.pp} is not supported (untested with pipeline "
+                              "schedules); use pp=1 or cp=1")
         if errors:
             raise ParallelConfigError(f"invalid parallel layout {self.describe()}: " + "; ".join(errors))
         return self
 
     def describe(self) -> str:
         return (f"(world_size={self.world_size}: pp={self.pp} x dp_replicate={self.dp_replicate} x "
-                f"dp_shard={self.dp_shard} x tp={self.tp}; ep={self.ep})")
+                f"dp_shard={self.dp_shard} x cp={self.cp} x tp={self.tp}; ep={self.ep})")
 
 
 class ParallelMesh:
-    """The world mesh plus the derived meshes, looked up by name: ``mesh["tp"]``, ``mesh["dp"]``,
-    ``mesh["ep"]``, ``mesh["fsdp"]``, ``mesh["expert_fsdp"]``, ``mesh["pp"]``, ``mesh["dp_replicate"]``,
-    ``mesh["dp_shard"]``, ``mesh["dp_shard_mod_ep"]``. A tuple of world dim names slices the world mesh.
+    """The world mesh plus the derived meshes, looked up by name: ``mesh["tp"]``, ``mesh["cp"]``,
+    ``mesh["dp"]``, ``mesh["dp_cp"]``, ``mesh["ep"]``, ``mesh["fsdp"]``, ``mesh["expert_fsdp"]``,
+    ``mesh["pp"]``, ``mesh["dp_replicate"]``, ``mesh["dp_shard"]``, ``mesh["dp_shard_cp"]``,
+    ``mesh["dp_shard_mod_ep"]``, ``mesh["replicas"]``. A tuple of world dim names slices the world mesh.
     """
 
     def __init__(self, dims: ParallelDims, world: DeviceMesh, named: dict[str, DeviceMesh]):
@@ -194,6 +221,10 @@ class ParallelMesh:
     def tp_rank(self) -> int:
         return self._named["tp"].get_local_rank()
 
+    @property
+    def cp_rank(self) -> int:
+        return self._named["cp"].get_local_rank()
+
     def __repr__(self) -> str:
         return f"ParallelMesh({self.dims.describe()}, {sorted(self._named)})"
 
@@ -203,22 +234,27 @@ def default_device_type() -> str:
 
 
 def build_mesh(dims: ParallelDims, device_type: str | None = None) -> ParallelMesh:
-    """Build the world mesh ``("pp", "dp_replicate", "dp_shard", "tp")`` and the derived meshes.
+    """Build the world mesh ``("pp", "dp_replicate", "dp_shard", "cp", "tp")`` and the derived meshes.
 
     The process group must already be initialised (the caller picks the backend: nccl on GPUs,
     gloo on CPUs). Size-1 dimensions are kept, so every name always exists (except ``ep`` and
     ``dp_shard_mod_ep``, which exist only when ``dims.ep > 1``).
     """
     device_type = device_type or default_device_type()
-    world = init_device_mesh(device_type, (dims.pp, dims.dp_replicate, dims.dp_shard, dims.tp),
-                             mesh_dim_names=("pp", "dp_replicate", "dp_shard", "tp"))
-    named = {name: world[name] for name in ("pp", "dp_replicate", "dp_shard", "tp")}
+    # (dp_shard, cp) is one root dim unflattened two ways: into the world's (dp_shard, cp) and, for
+    # expert parallel, into (dp_shard_mod_ep, ep); FSDP shards over it whole.
+    root = init_device_mesh(device_type, (dims.pp, dims.dp_replicate, dims.dp_shard * dims.cp, dims.tp),
+                            mesh_dim_names=("pp", "dp_replicate", "dp_shard_cp", "tp"))
+    world = root._unflatten(2, (dims.dp_shard, dims.cp), ("dp_shard", "cp"))
+    named = {name: world[name] for name in ("pp", "dp_replicate", "dp_shard", "cp", "tp")}
     named["dp"] = world["dp_replicate", "dp_shard"]._flatten("dp")
-    named["fsdp"] = world["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else world["dp_shard"]
+    named["dp_shard_cp"] = root["dp_shard_cp"]
+    named["dp_cp"] = root["dp_replicate", "dp_shard_cp"]._flatten("dp_cp")
+    named["fsdp"] = root["dp_replicate", "dp_shard_cp"] if dims.dp_replicate > 1 else root["dp_shard_cp"]
     named["expert_fsdp"] = named["fsdp"]
+    named["replicas"] = root["dp_replicate", "dp_shard_cp", "tp"]
     if dims.ep > 1:
-        sparse = world._unflatten(2, (dims.dp_shard // dims.ep, dims.ep),
-                                  ("dp_shard_mod_ep", "ep"))
+        sparse = root._unflatten(2, (dims.dp_shard * dims.cp // dims.ep, dims.ep), ("dp_shard_mod_ep", "ep"))
         named["ep"] = sparse["ep"]
         named["dp_shard_mod_ep"] = sparse["dp_shard_mod_ep"]
         named["expert_fsdp"] = (sparse["dp_replicate", "dp_shard_mod_ep"] if dims.dp_replicate > 1

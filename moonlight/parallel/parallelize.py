@@ -7,6 +7,7 @@ from torch import nn
 
 from moonlight.dtypes import to_dtype
 from moonlight.errors import ParallelConfigError
+from moonlight.parallel.context import apply_context_parallel
 from moonlight.parallel.data import AC_MODES, apply_activation_checkpointing, apply_fsdp
 from moonlight.parallel.expert import apply_expert_parallel
 from moonlight.parallel.mesh import ParallelDims, ParallelMesh
@@ -16,15 +17,15 @@ from moonlight.parallel.tensor import apply_tensor_parallel
 def parallelize_model(model: nn.Module, dims: ParallelDims, mesh: ParallelMesh, *, sequence_parallel: bool = False,
                       ac_mode: str = "none", param_dtype: str | torch.dtype = "float32",
                       reduce_dtype: str | torch.dtype = "float32", reshard_after_forward: bool = True) -> nn.Module:
-    """Apply, in place and in this order: TP/SP -> EP -> activation checkpointing -> FSDP2/HSDP.
+    """Apply, in place and in this order: TP/SP -> EP -> CP -> activation checkpointing -> FSDP2/HSDP.
 
     ``model``: a Moonlight on any device (meta included: then ``to_empty`` + ``init_weights`` or
     `load_hf_sharded` afterwards), or a pipeline stage module of it (``embed``/``norm``/``lm_head``
     None, ``layers`` a subset). Pipeline splitting must already have happened.
     ``dims`` must be the layout ``mesh`` was built from; it is validated against ``model.args``
     (pipeline layout checks are the caller's: ``dims.validate(args, pp_layout, vp, ...)``).
-    FSDP is applied when the data-parallel degree is above 1, or when param_dtype/reduce_dtype ask
-    for mixed precision; pure TP/EP fp32 runs keep their parameters as TP/EP DTensors (or plain).
+    FSDP is applied when the data- or context-parallel degree is above 1 (it reduces the gradients
+    over ``mesh["fsdp"]``, dp_shard x cp), or when param_dtype/reduce_dtype ask for mixed precision; pure TP/EP fp32 runs keep their parameters as TP/EP DTensors (or plain).
     Returns the model.
     """
     if ac_mode not in AC_MODES:
@@ -36,14 +37,16 @@ def parallelize_model(model: nn.Module, dims: ParallelDims, mesh: ParallelMesh, 
         apply_tensor_parallel(model, mesh["tp"], sequence_parallel=sequence_parallel)
     if dims.ep > 1:
         apply_expert_parallel(model, mesh["ep"])
+    if dims.cp > 1:
+        apply_context_parallel(model, mesh["cp"])
     mixed = any(to_dtype(d) != torch.float32 for d in (param_dtype, reduce_dtype))
-    if ac_mode == "op" and dims.ep > 1 and (dims.dp_replicate * dims.dp_shard // dims.ep > 1 or mixed):
+    if ac_mode == "op" and dims.ep > 1 and (dims.dp_cp // dims.ep > 1 or mixed):
         raise ParallelConfigError(
             "activation_checkpoint.mode = 'op' does not work with expert parallel when the experts are "
             "sharded or cast by FSDP (a PyTorch FSDP/selective-checkpoint bug, pytorch/torchtitan#3427): use "
             "mode 'selective' or 'full', or fp32 with dp_shard = ep and dp_replicate = 1")
     apply_activation_checkpointing(model, ac_mode)
-    if dims.dp > 1 or mixed:
+    if dims.dp_cp > 1 or mixed:
         apply_fsdp(model, mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype,
                    reshard_after_forward=reshard_after_forward, ep_enabled=dims.ep > 1)
     return model

@@ -303,12 +303,13 @@ class Trainer:
         The loss is the sum of the cross-entropy over every target token of the step divided by the
         number of target tokens of the whole step (all micro-batches, pipeline micro-batches and
         data-parallel ranks), so ranks and micro-batches with more targets weigh more. FSDP averages
-        gradients over the dp ranks, hence each rank divides its sum by (global count / dp)."""
+        gradients over the dp x cp ranks (context-parallel ranks hold other tokens of the same batch),
+        hence each rank divides its sum by (global count / (dp x cp))."""
         batches = [self.dataloader.next_batch_with_info() for _ in range(self.grad_accum)]
         targets = torch.stack([(b.labels != -100).sum() for b in batches]).sum().to(self.device)
         if self.parallel.dp_world > 1:
             dist.all_reduce(targets, group=self.parallel.dp_group)
-        num_tokens = max(float(targets), 1.0) / self.parallel.dp_world
+        num_tokens = max(float(targets), 1.0) / self.parallel.gradient_ranks
         total = torch.zeros((), device=self.device)
         for batch in batches:
             inputs, labels = batch.inputs.to(self.device), batch.labels.to(self.device)
@@ -316,6 +317,7 @@ class Trainer:
             if self.document_mask:  # RoPE positions restart and attention stays within each document
                 packing = {"positions": batch.position_ids.to(self.device),
                            "document_ids": batch.document_ids.to(self.device)}
+            inputs, labels, packing = self.parallel.shard_sequence(inputs, labels, packing)
             self._last_inputs = (inputs, packing)
             if self.parallel.pipeline is not None:
                 loss = self.parallel.pipeline.step(inputs, labels, num_tokens, packing)
