@@ -164,9 +164,6 @@ class ParallelDims:
                 errors.append(f"seq_len={seq_len} is not divisible by 2 x cp = {2 * self.cp}: context parallel cuts "
                               f"every sequence into 2 * cp equal chunks; use a seq_len that is a multiple of "
                               f"{2 * self.cp}")
-            if self.pp > 1:
-                errors.append(f"cp={self.cp} with pp={self.pp} is not supported (untested with pipeline "
-                              "schedules); use pp=1 or cp=1")
         if errors:
             raise ParallelConfigError(f"invalid parallel layout {self.describe()}: " + "; ".join(errors))
         return self
