@@ -75,20 +75,6 @@ def _sequence_order(gathered: torch.Tensor, cp: int) -> torch.Tensor:
     return chunks.transpose(0, 1).flatten(1, 2)
 
 
-class _SumOverGroup(torch.autograd.Function):
-    """All-reduce (sum) whose backward all-reduces the gradient: the adjoint when every rank's
-    result feeds its own loss (the gradient of each rank's input gets every rank's share)."""
-
-    @staticmethod
-    def forward(ctx, t, group):
-        ctx.group = group
-        return _wait(funcol.all_reduce(t, "sum", group))
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _wait(funcol.all_reduce(grad.contiguous(), "sum", ctx.group)), None
-
-
 class ContextParallelSequence:
     """`moonlight.model.model.LocalSequence` for a rank that holds the zig-zag slice ``rank`` of every
     sequence over ``group`` (``cp`` ranks). See the module docstring."""
@@ -100,14 +86,16 @@ class ContextParallelSequence:
         return local_len * self.cp
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
-        return _SumOverGroup.apply(t.contiguous(), self.group)
+        # differentiable: the backward all-reduces the gradient too, the adjoint when every rank's
+        # result feeds its own loss (each rank's input gets every rank's share)
+        return _wait(funcol.all_reduce(t.contiguous(), "sum", self.group))
 
     def _chunks(self) -> tuple[int, int]:
         """The global chunk indices of the local first and second half."""
         return self.rank, 2 * self.cp - 1 - self.rank
 
     def gather_keys(self, keys: torch.Tensor) -> torch.Tensor:
-        gathered = _wait(funcol.all_gather_tensor_autograd(keys.contiguous(), 0, self.group))
+        gathered = _wait(funcol.all_gather_single_autograd(keys.contiguous(), 0, self.group))
         chunk = keys.shape[1] // 2
         # the keys past the last local query are never attended to here
         return _sequence_order(gathered, self.cp)[:, : (self._chunks()[1] + 1) * chunk]
