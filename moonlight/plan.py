@@ -274,7 +274,9 @@ def report(result: Plan, cfg: JobConfig) -> str:
                   f"  gradients    {_gib(row.grads)}",
                   f"  optimizer    {_gib(row.optimizer)}",
                   f"  activations  {row.activations / GIB:.2f} GiB (estimate, +-25%; local batch "
-                  f"{t.local_batch_size} x {t.seq_len}, checkpointing {cfg.activation_checkpoint.mode})",
+                  f"{t.local_batch_size} x {t.seq_len}"
+                  + (f" / cp {cfg.parallelism.cp}" if cfg.parallelism.cp > 1 else "")
+                  + f", checkpointing {cfg.activation_checkpoint.mode})",
                   f"  total        {row.total / GIB:.2f} GiB"]
     return "\n".join(lines)
 
