@@ -38,7 +38,6 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from moonlight.config import ModelArgs  # noqa: E402
 from moonlight.model import Moonlight  # noqa: E402
-from moonlight.parallel import context  # noqa: E402
 from moonlight.parallel.context import apply_context_parallel, zigzag_slice  # noqa: E402
 from tests.dist import run_ranks  # noqa: E402
 
@@ -72,14 +71,8 @@ class CollectiveBytes(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def _explicit_causal_lower_right(q_len: int, kv_len: int) -> torch.Tensor:
-    """The same mask as torch's lazy CausalBias, which, a tensor subclass, cannot be made under a dispatch mode."""
-    return torch.ones(q_len, kv_len, dtype=torch.bool).tril(kv_len - q_len)
-
-
 def _measure(rank, world, config, seq_len, batch):
     args = CONFIGS[config]
-    context.causal_lower_right = _explicit_causal_lower_right  # in this forked rank only
     torch.manual_seed(0)
     model = Moonlight(args)
     model.init_weights()

@@ -22,9 +22,11 @@ The latent is gathered after ``kv_norm`` so each token's norm runs once, on its 
 (`benchmarks/context_parallel.py` counts the bytes against a per-head K/V ring.)
 
 Masking: the local query chunk at global chunk index ``c`` attends to keys ``[0, (c + 1) * L)``
-with a lower-right-aligned causal mask (`causal_lower_right`); with packed documents
-(``document_ids``) the ids are all-gathered once per forward (shared by every layer through
-`DocumentMask.derived`) and a dense boolean mask of the chunk against its keys also requires equal ids.
+with a lower-right-aligned causal mask, an explicit ``[L, (c + 1) * L]`` boolean mask (torch's lazy
+`causal_lower_right` is a tensor subclass that cannot be created under op-level activation
+checkpointing's dispatch mode); with packed documents (``document_ids``) the ids are all-gathered
+once per forward (shared by every layer through `DocumentMask.derived`) and the chunk's mask also
+requires equal ids.
 
 Gradients: parameters are replicated over cp, so data parallel reduces them over ``dp x cp``
 (FSDP over ``mesh["dp_shard_cp"]``) and the trainer normalises each rank's loss by the global token
@@ -42,7 +44,6 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.nn.attention.bias import causal_lower_right
 
 from moonlight.model.model import MLA, DocumentMask, MoE
 
@@ -100,6 +101,11 @@ class ContextParallelSequence:
         # the keys past the last local query are never attended to here
         return _sequence_order(gathered, self.cp)[:, : (self._chunks()[1] + 1) * chunk]
 
+    def _causal_masks(self, chunk: int, device: torch.device) -> list[torch.Tensor]:
+        """Per local query chunk at global chunk c: [L, (c + 1) * L] bool, query j sees keys <= c * L + j."""
+        return [torch.ones(chunk, (c + 1) * chunk, dtype=torch.bool, device=device).tril(c * chunk)
+                for c in self._chunks()]
+
     def _document_masks(self, mask: DocumentMask, chunk: int) -> list[torch.Tensor]:
         """Per local query chunk: [B, 1, L, (c + 1) * L] bool, same document and causal. Built by the
         first layer of a forward (one all-gather of the ids), reused by the others."""
@@ -108,9 +114,8 @@ class ContextParallelSequence:
             local = mask.document_ids
             ids = _sequence_order(_wait(funcol.all_gather_tensor(local.contiguous(), 0, self.group)), self.cp)
             masks = []
-            for half, c in enumerate(self._chunks()):
+            for half, (c, causal) in enumerate(zip(self._chunks(), self._causal_masks(chunk, local.device))):
                 q_ids, k_ids = local[:, half * chunk:(half + 1) * chunk], ids[:, : (c + 1) * chunk]
-                causal = torch.ones(chunk, (c + 1) * chunk, dtype=torch.bool, device=local.device).tril(c * chunk)
                 masks.append(((q_ids[:, :, None] == k_ids[:, None, :]) & causal).unsqueeze(1))
             mask.derived[key] = masks
         return mask.derived[key]
@@ -118,14 +123,14 @@ class ContextParallelSequence:
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                   mask: DocumentMask | None) -> torch.Tensor:
         chunk = q.shape[1] // 2
-        document_masks = self._document_masks(mask, chunk) if mask is not None else None
+        masks = (self._document_masks(mask, chunk) if mask is not None
+                 else self._causal_masks(chunk, q.device))
         outs = []
-        for half, c in enumerate(self._chunks()):
+        for half, (c, allowed) in enumerate(zip(self._chunks(), masks)):
             keys = (c + 1) * chunk
-            bias = causal_lower_right(chunk, keys) if document_masks is None else document_masks[half]
             out = F.scaled_dot_product_attention(q[:, half * chunk:(half + 1) * chunk].transpose(1, 2),
                                                  k[:, :keys].transpose(1, 2), v[:, :keys].transpose(1, 2),
-                                                 attn_mask=bias, scale=scale)
+                                                 attn_mask=allowed, scale=scale)
             outs.append(out.transpose(1, 2))
         return torch.cat(outs, dim=1)
 
