@@ -13,7 +13,7 @@ What runs where (tp ranks of one data replica):
   experts on all tokens of its data replica (with sequence parallel the MoE input is all-gathered
   first and the output re-split). Router choices, the sequence aux loss and ``tokens_per_expert``
   are therefore exact and identical across tp: all-reduce the counters over ``mesh["dp"]``, never
-  over tp. Routed-expert compute is repeated tp times; use expert parallel (over dp_shard) to split it.
+  over tp. Routed-expert compute is repeated tp times; use expert parallel (over dp_shard x cp) to split it.
 - Embedding: vocab-parallel (RowwiseParallel on nn.Embedding). ``lm_head``: column-parallel with
   the logits left as a ``Shard(-1)`` DTensor on the tp mesh (full logits are never gathered);
   `cross_entropy_loss` computes the loss from the vocab shards.

@@ -25,8 +25,9 @@ def update_router_biases(
     ``counts[i]`` = tokens routed to each expert of layer i since the last update (int/float
     [E]). The counts of all layers are summed over ``group`` with ONE all-reduce (None = the
     default world; skipped when torch.distributed is not initialised). Pass the group of all
-    ranks that see different tokens for these layers (dp x ep; exclude pp — each pipeline stage
-    updates its own layers; duplicated counting over tp is harmless, only the sign is used).
+    ranks that see different tokens for these layers (dp x cp, EP included; exclude pp — each
+    pipeline stage updates its own layers; duplicated counting over tp is harmless, only the sign
+    is used).
     Counts are zeroed in place afterwards (also when rate == 0, which freezes the biases).
     Returns the reduced counts, stacked as float64 [L, E] (or a flat concat when E differs).
     """

@@ -1,6 +1,7 @@
 """From the [parallelism] config to this rank's model parts, plus what the loop needs to know about
-the layout: data-parallel coordinates, the loss function, the pipeline schedule, and the groups that
-reduce losses and expert counts. One process and every multi-rank layout go through `build_layout`."""
+the layout: data- and context-parallel coordinates (and the slice of each batch this rank keeps), the
+loss function, the pipeline schedule, and the groups that reduce losses and expert counts. One process
+and every multi-rank layout go through `build_layout`."""
 
 from __future__ import annotations
 
