@@ -57,7 +57,8 @@ def reference(tmp_path_factory):
     (4, ["--parallelism.cp=2", "--parallelism.tp=2", "--parallelism.sequence_parallel=true"]),
     (4, ["--parallelism.cp=2", "--parallelism.pp=2", "--parallelism.pp_schedule=1F1B"]),
 ], ids=["fsdp2", "tp2_sp", "ep2", "pp2_1f1b", "tp2_ep2", "pp2_fsdp2", "tp2_pp2", "pp2_vp2_interleaved",
-        "hsdp2x2", "fsdp4_ep2", "cp2", "cp2_ep2", "cp2_ac_selective", "cp2_ac_op", "cp2_fsdp2", "cp2_fsdp2_ep4", "cp2_tp2_sp", "cp2_pp2"])
+        "hsdp2x2", "fsdp4_ep2", "cp2", "cp2_ep2", "cp2_ac_selective", "cp2_ac_op", "cp2_fsdp2", "cp2_fsdp2_ep4",
+        "cp2_tp2_sp", "cp2_pp2"])
 def test_layout_losses_and_weights_equal_single_process(world, layout, reference, tmp_path):
     losses, grad_norms, weights = reference
     gathered = torch.load(io.BytesIO(run_ranks(_train, world, str(tmp_path), layout)[0]))

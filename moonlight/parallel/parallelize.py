@@ -25,7 +25,8 @@ def parallelize_model(model: nn.Module, dims: ParallelDims, mesh: ParallelMesh, 
     ``dims`` must be the layout ``mesh`` was built from; it is validated against ``model.args``
     (pipeline layout checks are the caller's: ``dims.validate(args, pp_layout, vp, ...)``).
     FSDP is applied when the data- or context-parallel degree is above 1 (it reduces the gradients
-    over ``mesh["fsdp"]``, dp_shard x cp), or when param_dtype/reduce_dtype ask for mixed precision; pure TP/EP fp32 runs keep their parameters as TP/EP DTensors (or plain).
+    over ``mesh["fsdp"]``, dp_shard x cp), or when param_dtype/reduce_dtype ask for mixed precision;
+    pure TP/EP fp32 runs keep their parameters as TP/EP DTensors (or plain).
     Returns the model.
     """
     if ac_mode not in AC_MODES:
@@ -44,7 +45,7 @@ def parallelize_model(model: nn.Module, dims: ParallelDims, mesh: ParallelMesh, 
         raise ParallelConfigError(
             "activation_checkpoint.mode = 'op' does not work with expert parallel when the experts are "
             "sharded or cast by FSDP (a PyTorch FSDP/selective-checkpoint bug, pytorch/torchtitan#3427): use "
-            "mode 'selective' or 'full', or fp32 with dp_shard = ep and dp_replicate = 1")
+            "mode 'selective' or 'full', or fp32 with dp_shard x cp = ep and dp_replicate = 1")
     apply_activation_checkpointing(model, ac_mode)
     if dims.dp_cp > 1 or mixed:
         apply_fsdp(model, mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype,

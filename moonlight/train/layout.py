@@ -60,9 +60,9 @@ class Layout:
     microbatches_per_step: int = 1  # pipeline micro-batches per forward/backward call
     pp_group: dist.ProcessGroup | None = None
     dp_group: dist.ProcessGroup | None = None  # the ranks that read different data
-    moe_count_group: dist.ProcessGroup | None = None  # every rank that routes tokens through the same layers (dp x cp)
+    moe_count_group: dist.ProcessGroup | None = None  # the ranks routing other tokens through the same layers
     replica_mesh: DeviceMesh | None = None  # ranks holding copies of a weight its own mesh lacks (Muon's replicas)
-    holds_loss: bool = True  # this rank's loss counts once in the reported mean (last stage, tp rank 0, every cp rank)
+    holds_loss: bool = True  # this rank's loss counts once in the reported mean (last stage, tp rank 0; any cp)
     # The model computes the loss from its hidden states in chunks (no [B, S, V] fp32 logits); not with
     # a vocab-sharded head (tp > 1: the vocab-parallel loss_fn) or pipeline stages (the schedule's loss_fn).
     loss_from_hidden: bool = True
@@ -73,11 +73,10 @@ class Layout:
         """The ranks data parallel averages gradients over (they hold different tokens): dp x cp."""
         return self.dp_world * self.cp_world
 
-    def shard_sequence(self, inputs: torch.Tensor, labels: torch.Tensor,
-                       packing: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """This rank's slice of a batch's sequences: the batch itself, or under context parallel its zig-zag
-        slice of inputs, labels and of packing's positions and document_ids, with the global positions
-        made explicit (the model's default positions would count from 0 in every slice)."""
+    def shard_sequence(self, inputs: torch.Tensor, labels: torch.Tensor, packing: dict[str, torch.Tensor]):
+        """This rank's slice of a batch's sequences -> (inputs, labels, packing): the batch itself, or under
+        context parallel its zig-zag slice of inputs, labels and of packing's positions and document_ids,
+        with the global positions made explicit (the model's default would count from 0 in every slice)."""
         if self.cp_world == 1:
             return inputs, labels, packing
         if "positions" not in packing:
