@@ -61,10 +61,10 @@ class LocalSequence:
         """t [B, ...]: per-sequence sums over this process's tokens -> over the whole sequence."""
         return t
 
-    def gather_keys(self, keys: torch.Tensor) -> torch.Tensor:
-        """keys [B, S_local, C] (MLA's normalised latent and roped k_pe) -> the keys the local queries
-        may see, in sequence order."""
-        return keys
+    def gather_keys(self, latent: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """MLA's keys [B, S_local, C] (the normalised latent, the roped k_pe) -> those of the keys the
+        local queries may see, in sequence order."""
+        return latent, k_pe
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                   mask: DocumentMask | None) -> torch.Tensor:
@@ -124,9 +124,8 @@ class MLA(nn.Module):
 
         # The keys travel (under context parallel) as the normalised latent plus the roped k_pe, the
         # smallest per-token form; the per-head up-projection runs after, on the receiving side.
-        keys = self.sequence.gather_keys(torch.cat([self.kv_norm(latent), k_pe], dim=-1))
-        latent, k_pe = keys.split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
-        kv = self.kv_b_proj(latent).view(bsz, keys.shape[1], -1, a.qk_nope_head_dim + a.v_head_dim)
+        latent, k_pe = self.sequence.gather_keys(self.kv_norm(latent), k_pe)
+        kv = self.kv_b_proj(latent).view(bsz, latent.shape[1], -1, a.qk_nope_head_dim + a.v_head_dim)
         k_nope, v = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)
         k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, k_nope.shape[2], -1)], dim=-1)
         v_pad = a.qk_head_dim - a.v_head_dim if self.pads_v(x, mask) else 0

@@ -95,11 +95,13 @@ class ContextParallelSequence:
         """The global chunk indices of the local first and second half."""
         return self.rank, 2 * self.cp - 1 - self.rank
 
-    def gather_keys(self, keys: torch.Tensor) -> torch.Tensor:
-        gathered = _wait(funcol.all_gather_single_autograd(keys.contiguous(), 0, self.group))
+    def gather_keys(self, latent: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = torch.cat([latent, k_pe], dim=-1)  # one collective for both
+        gathered = _wait(funcol.all_gather_single_autograd(keys, 0, self.group))
         chunk = keys.shape[1] // 2
         # the keys past the last local query are never attended to here
-        return _sequence_order(gathered, self.cp)[:, : (self._chunks()[1] + 1) * chunk]
+        keys = _sequence_order(gathered, self.cp)[:, : (self._chunks()[1] + 1) * chunk]
+        return keys.split([latent.shape[-1], k_pe.shape[-1]], dim=-1)
 
     def _causal_masks(self, chunk: int, device: torch.device) -> list[torch.Tensor]:
         """Per local query chunk at global chunk c: [L, (c + 1) * L] bool, query j sees keys <= c * L + j."""
