@@ -194,7 +194,8 @@ def _plan_rank(cfg: JobConfig, args: ModelArgs, world_size: int, rank: int, dims
     has_head = any(getattr(part, "lm_head", None) is not None for part in built.model_parts)
     # A pipeline splits the local batch into micro-batches; under 1F1B stage s holds pp - s of them.
     n_micro = built.microbatches_per_step
-    tokens = t.local_batch_size // n_micro * t.seq_len
+    # Context parallel: each rank holds seq_len / cp tokens (the keys it gathers are not counted apart).
+    tokens = t.local_batch_size // n_micro * t.seq_len // p.cp
     in_flight = 1 if p.pp == 1 else min(n_micro, p.pp - rank // (world_size // p.pp))
     row.activations = in_flight * activation_bytes(args, cfg, _layers_of(built.model_parts), has_head, tokens,
                                                    tp=dims.tp if dims else 1,
@@ -275,7 +276,9 @@ def report(result: Plan, cfg: JobConfig) -> str:
                   f"  gradients    {_gib(row.grads)}",
                   f"  optimizer    {_gib(row.optimizer)}",
                   f"  activations  {row.activations / GIB:.2f} GiB (estimate, +-25%; local batch "
-                  f"{t.local_batch_size} x {t.seq_len}, checkpointing {cfg.activation_checkpoint.mode})",
+                  f"{t.local_batch_size} x {t.seq_len}"
+                  + (f" / cp {cfg.parallelism.cp}" if cfg.parallelism.cp > 1 else "")
+                  + f", checkpointing {cfg.activation_checkpoint.mode})",
                   f"  total        {row.total / GIB:.2f} GiB"]
     return "\n".join(lines)
 

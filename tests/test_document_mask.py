@@ -151,7 +151,8 @@ def single_process(tmp_path_factory):
     ["--parallelism.tp=2", "--parallelism.sequence_parallel=true"],
     ["--parallelism.ep=2"],
     ["--parallelism.pp=2", "--parallelism.pp_schedule=1F1B"],
-], ids=["fsdp2", "tp2_sp", "ep2", "pp2"])
+    ["--parallelism.cp=2"],  # documents cross the zig-zag chunk borders
+], ids=["fsdp2", "tp2_sp", "ep2", "pp2", "cp2"])
 def test_document_masked_losses_equal_single_process(layout, data, single_process, tmp_path):
     from tests.dist import run_ranks
 

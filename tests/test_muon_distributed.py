@@ -131,7 +131,7 @@ def _layout_worker(rank, world, layout):
     full = {name: p.detach().clone() for name, p in model.named_parameters()}
     parallelize_model(model, dims, mesh, sequence_parallel=dims.tp > 1)
     # the copies TP leaves outside a DTensor (router, routed experts, kv_a_proj) share one NS too
-    replicas = mesh.world["dp_replicate", "dp_shard", "tp"]
+    replicas = mesh["replicas"]
     opt = build_optimizers(model.named_parameters(), "muon", lr=LR, weight_decay=WD, ns_dtype=torch.float32,
                            replica_mesh=replicas)[0]
     names = {id(p): name for name, p in model.named_parameters()}
@@ -158,7 +158,9 @@ def _layout_worker(rank, world, layout):
     # EP spanning tp: no copy of an expert outside its expert_fsdp group (FSDP-sharded over 2 tp ranks in tp4)
     pytest.param(4, dict(dp_shard=2, tp=2, ep=4), marks=pytest.mark.slow),
     pytest.param(4, dict(dp_shard=1, tp=4, ep=2), marks=pytest.mark.slow),
-], ids=["fsdp2", "fsdp4_ep2", "fsdp2_tp2", "tp2", "fsdp2_tp2_ep4", "tp4_ep2"])
+    (2, dict(dp_shard=1, cp=2)),  # cp ranks hold FSDP shards too (FSDP over dp_shard x cp)
+    (4, dict(dp_shard=1, cp=2, tp=2)),
+], ids=["fsdp2", "fsdp4_ep2", "fsdp2_tp2", "tp2", "fsdp2_tp2_ep4", "tp4_ep2", "cp2", "cp2_tp2"])
 def test_trainer_layouts_orthogonalise_once_and_bit_exact(world, layout):
     results = run_ranks(_layout_worker, world, layout)
     expected = results[0][1]

@@ -38,6 +38,10 @@ INVALID = {
     "pp_layout_empty_stage": (dict(pp=2, world_size=2), dict(pp_layout=[4, 0]), "at least one decoder layer"),
     "sp_needs_tp": (dict(world_size=2), dict(sequence_parallel=True), "sequence_parallel=True needs tensor parallel"),
     "sp_seq_len": (dict(tp=2, world_size=2), dict(sequence_parallel=True, seq_len=7), "seq_len=7 is not divisible"),
+    "cp_seq_len": (dict(cp=2, world_size=2), dict(seq_len=30), "seq_len=30 is not divisible by 2 x cp = 4"),
+    "cp_sp_seq_len": (dict(cp=2, tp=4, world_size=8), dict(sequence_parallel=True, seq_len=12),
+                      "use a seq_len that is a multiple of 16"),
+    "ep_borrow_cp": (dict(dp_shard=1, cp=2, tp=2, ep=4, world_size=4), {}, "ep=4 does not divide dp_shard=1 x cp=2"),
 }
 
 
@@ -66,7 +70,7 @@ def test_ep_spans_tp_only_when_ep_does_not_divide_dp_shard():
     assert spanning.ep_spans_tp and spanning.expert_shard == 1
     tp4 = ParallelDims(dp_shard=1, tp=4, ep=2, world_size=4).validate(_debug(), sequence_parallel=True)
     assert tp4.ep_spans_tp and tp4.expert_shard == 2
-    assert "ep=4 over dp_shard x tp" in spanning.describe()
+    assert "ep=4 over dp_shard x cp x tp" in spanning.describe()
 
 
 def test_nonpositive_degree():
@@ -74,7 +78,7 @@ def test_nonpositive_degree():
         ParallelDims(tp=0, world_size=2)
 
 
-def _fake_mesh_worker(rank):
+def _fake_mesh_worker(rank, dims_kw):
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
@@ -82,14 +86,12 @@ def _fake_mesh_worker(rank):
 
     dist.init_process_group("fake", rank=rank, world_size=64, store=FakeStore())
     try:
-        dims = ParallelDims(dp_replicate=2, tp=2, ep=4, pp=2, world_size=64).validate(ModelArgs(), pp_layout=[14, 13])
+        dims = ParallelDims(world_size=64, **dims_kw).validate(ModelArgs(), pp_layout=[14, 13])
         mesh = build_mesh(dims, "cpu")
         out = {name: (mesh[name].size(), mesh[name].mesh.flatten().tolist())
-               for name in ("pp", "dp_replicate", "dp_shard", "tp", "dp", "fsdp", "ep", "dp_shard_mod_ep",
-                            "expert_fsdp")}
-        out["dp_rank"] = mesh.dp_rank
-        out["tp_rank"] = mesh.tp_rank
-        out["pp_rank"] = mesh.pp_rank
+               for name in ("pp", "dp_replicate", "dp_shard", "cp", "tp", "dp", "dp_cp", "fsdp", "ep",
+                            "dp_shard_mod_ep", "expert_fsdp", "replicas")}
+        out["ranks"] = (mesh.dp_rank, mesh.cp_rank, mesh.tp_rank, mesh.pp_rank)
         no_ep = build_mesh(ParallelDims(dp_shard=32, tp=2, world_size=64), "cpu")
         try:
             no_ep["ep"]
@@ -103,9 +105,10 @@ def _fake_mesh_worker(rank):
 
 def test_fake_mesh_64_ranks():
     rank = 45  # pp 1, dp_replicate 0, dp_shard 6, tp 1  (45 = 32 + 0*16 + 6*2 + 1)
-    out = run_forked(_fake_mesh_worker, rank)
+    out = run_forked(_fake_mesh_worker, rank, dict(dp_replicate=2, tp=2, ep=4, pp=2))
     assert out["pp"] == (2, [13, 45])
     assert out["tp"] == (2, [44, 45])
+    assert out["cp"] == (1, [45])
     assert out["dp_shard"] == (8, [33 + 2 * i for i in range(8)])
     assert out["dp_replicate"] == (2, [45, 61])
     assert out["dp"][0] == 16 and out["dp"][1] == [33 + 2 * i for i in range(16)]
@@ -114,7 +117,8 @@ def test_fake_mesh_64_ranks():
     assert out["ep"] == (4, [41, 43, 45, 47])
     assert out["dp_shard_mod_ep"] == (2, [37, 45])
     assert out["expert_fsdp"] == (4, [37, 45, 53, 61])
-    assert (out["dp_rank"], out["tp_rank"], out["pp_rank"]) == (6, 1, 1)
+    assert out["replicas"] == (32, list(range(32, 64)))
+    assert out["ranks"] == (6, 0, 1, 1)
     assert "only when ep > 1" in out["ep_missing_error"]
 
 
@@ -143,6 +147,23 @@ def test_fake_mesh_ep_spanning_tp():
     assert out["ep"] == (4, [44, 45, 46, 47])  # 4 consecutive ranks of (dp_shard, tp): indices 8..11
     assert out["dp_shard_tp_mod_ep"] == (3, [37, 41, 45])  # indices 1, 5, 9: the same ep index
     assert out["expert_fsdp"] == (6, [25, 29, 33, 37, 41, 45])  # x dp_replicate
+
+
+def test_fake_mesh_64_ranks_context_parallel():
+    rank = 45  # pp 1, dp_replicate 0, dp_shard 3, cp 0, tp 1  (45 = 32 + 0*16 + 3*4 + 0*2 + 1)
+    out = run_forked(_fake_mesh_worker, rank, dict(dp_replicate=2, cp=2, tp=2, ep=4, pp=2))
+    assert out["tp"] == (2, [44, 45])
+    assert out["cp"] == (2, [45, 47])
+    assert out["dp_shard"] == (4, [33, 37, 41, 45])
+    # the loader's data-parallel group leaves cp out: cp ranks read the same batch
+    assert out["dp"] == (8, [33, 37, 41, 45, 49, 53, 57, 61])
+    # ranks holding different tokens: FSDP shards and averages over dp_shard x cp (x dp_replicate)
+    assert out["dp_cp"] == out["fsdp"] == (16, [33 + 2 * i for i in range(16)])
+    # ep borrows 4 consecutive ranks of the (dp_shard, cp) grid: index dp_shard * cp + cp = 6 -> 4..7
+    assert out["ep"] == (4, [41, 43, 45, 47])
+    assert out["dp_shard_mod_ep"] == (2, [37, 45])
+    assert out["expert_fsdp"] == (4, [37, 45, 53, 61])
+    assert out["ranks"] == (3, 0, 1, 1)
 
 
 def _fake_full_model_worker(rank):

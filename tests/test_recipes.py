@@ -10,7 +10,7 @@ from moonlight.train.layout import plan_layout
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 WORLD = {"moonlight-16b-pretrain.toml": 8, "moonlight-16b-pretrain-tp2-ep8.toml": 8,
-         "moonlight-16b-pretrain-pp2.toml": 16, "moonlight-16b-sft.toml": 8,
+         "moonlight-16b-pretrain-pp2.toml": 16, "moonlight-16b-sft.toml": 8, "moonlight-16b-sft-long.toml": 8,
          "moonlight-16b-lora.toml": 8, "moonlight-16b-dora.toml": 8, "debug-chat-sft.toml": 2}
 
 
@@ -29,7 +29,8 @@ def test_recipe_validates_for_its_world_size(name):
         assert sum(layout) == args.num_hidden_layers
 
 
-@pytest.mark.parametrize("name", ["moonlight-16b-sft.toml", "moonlight-16b-lora.toml", "moonlight-16b-dora.toml"])
+@pytest.mark.parametrize("name", ["moonlight-16b-sft.toml", "moonlight-16b-sft-long.toml", "moonlight-16b-lora.toml",
+                                  "moonlight-16b-dora.toml"])
 def test_fine_tuning_recipes_train_on_chat_with_validation(name):
     cfg = load_config(str(CONFIGS / name), [])
     assert cfg.data.format == "chat" and cfg.validation.enable and cfg.validation.format == "chat"

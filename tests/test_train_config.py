@@ -34,7 +34,7 @@ def test_defaults_are_valid_and_have_the_required_keys():
         "optimizer": ["name", "lr", "beta1", "beta2", "eps", "weight_decay", "momentum", "nesterov", "ns_steps",
                       "precision_aware"],
         "lr_scheduler": ["warmup_steps", "decay_type", "decay_ratio", "min_lr_ratio"],
-        "parallelism": ["dp_replicate", "dp_shard", "tp", "sequence_parallel", "ep", "pp", "pp_schedule",
+        "parallelism": ["dp_replicate", "dp_shard", "cp", "tp", "sequence_parallel", "ep", "pp", "pp_schedule",
                         "pp_layout", "pp_virtual_stages", "pp_microbatches", "fsdp_reshard_after_forward"],
         "activation_checkpoint": ["mode"],
         "data": ["format", "path", "text_key", "tokenizer", "on_bad_line", "add_eos"],

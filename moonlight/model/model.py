@@ -1,9 +1,10 @@
 """Moonlight-16B-A3B: DeepSeek-V3 architecture (MLA attention + sigmoid-routed MoE), in one file.
 
 The model is pure compute: no torch.distributed imports. Parallel plans in `moonlight.parallel`
-are applied to a built model by module name, and swap objects the MoE layer calls: the experts'
-`dispatcher` (see `LocalDispatcher`) and the layer's `sequences` (see `WholeSequences`). Build on
-the meta device and call `init_weights()` to plan a 16B model without allocating it.
+are applied to a built model by module name, and swap objects the layers call: the experts'
+`dispatcher` (see `LocalDispatcher`), the MoE layer's `sequences` (see `WholeSequences`) and the
+attention's `sequence` (see `LocalSequence`). Build on the meta device and call `init_weights()` to
+plan a 16B model without allocating it.
 """
 
 from __future__ import annotations
@@ -46,6 +47,32 @@ def _rope_tables(seqlen: int, rope_dim: int, theta: float, device: torch.device)
         return rope_tables(seqlen, rope_dim, theta, device)
 
 
+class LocalSequence:
+    """Where the rest of each sequence is, for attention: here. This process holds whole sequences,
+    so attention is plain causal attention. Context parallel (`moonlight.parallel.context`) swaps
+    `MLA.sequence` for an object with the same three methods that holds a slice of every sequence
+    and reaches the others over its group."""
+
+    def length(self, local_len: int) -> int:
+        """The whole sequence's length (RoPE tables must cover its positions)."""
+        return local_len
+
+    def gather_keys(self, latent: torch.Tensor, k_pe: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """MLA's keys [B, S_local, C] (the normalised latent, the rope key k_pe) and their RoPE tables ->
+        those of the keys the local queries may see, in sequence order, with the tables that rotate
+        the returned k_pe (`mla_rope_key` applies them)."""
+        return latent, k_pe, cos, sin
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                  mask: DocumentMask | None) -> torch.Tensor:
+        """q [B, S, heads, D], k/v [B, S_keys, heads, D] (from `gather_keys`) -> [B, S, heads, D]."""
+        if mask is not None:
+            return mask.attention(q, k, v, scale)
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              is_causal=True, scale=scale).transpose(1, 2)
+
+
 class MLA(nn.Module):
     """Multi-head Latent Attention: keys and values come from one low-rank latent per token, plus a
     single rope key (k_pe) shared by all heads."""
@@ -66,6 +93,7 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(heads * args.v_head_dim, h, bias=False)
         self.softmax_scale = args.qk_head_dim ** -0.5
         self.pad_v: bool | None = None  # None: decided per call by `pads_v`
+        self.sequence = LocalSequence()
 
     def pads_v(self, x: torch.Tensor, mask: DocumentMask | None) -> bool:
         """Whether v is padded with zero channels to the qk head size for attention. On CPU the fused
@@ -82,8 +110,8 @@ class MLA(nn.Module):
         bsz, seqlen, _ = x.shape
         q = self.q_proj(x) if a.q_lora_rank is None else self.q_b_proj(self.q_norm(self.q_a_proj(x)))
         latent, k_pe = self.kv_a_proj(x).split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
-        cos, sin = _rope_tables(seqlen, a.qk_rope_head_dim, a.rope_theta, x.device)
-        if positions is not None:  # packed documents: each token's own angles [B, S, R/2]
+        cos, sin = _rope_tables(self.sequence.length(seqlen), a.qk_rope_head_dim, a.rope_theta, x.device)
+        if positions is not None:  # packed documents, context-parallel slices: each token's own angles [B, S, R/2]
             cos, sin = cos[positions], sin[positions]
         impl = resolve_impl(a.kernels, x.device)
         # q's rope channels rotated in place, before the per-head view (autograd copies the gradient of
@@ -91,17 +119,16 @@ class MLA(nn.Module):
         # rotated in place too.
         q = rotate_rope_(q, cos, sin, a.qk_head_dim, impl=impl, grad_in_place=True)
         q = q.view(bsz, seqlen, -1, a.qk_head_dim)  # -1: heads held by this rank under tensor parallel
-        kv = self.kv_b_proj(self.kv_norm(latent)).view(bsz, seqlen, -1, a.qk_nope_head_dim + a.v_head_dim)
+        # The keys travel (under context parallel) as the normalised latent plus the k_pe, the smallest
+        # per-token form; the per-head up-projection runs after, on the receiving side.
+        latent, k_pe, key_cos, key_sin = self.sequence.gather_keys(self.kv_norm(latent), k_pe, cos, sin, impl)
+        kv = self.kv_b_proj(latent).view(bsz, latent.shape[1], -1, a.qk_nope_head_dim + a.v_head_dim)
         k_nope, v = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)
-        k = mla_rope_key(k_nope, k_pe, cos, sin, impl=impl)  # [k_nope | rope(k_pe) in every head], one pass
+        k = mla_rope_key(k_nope, k_pe, key_cos, key_sin, impl=impl)  # [k_nope | rope(k_pe) in every head], one pass
         v_pad = a.qk_head_dim - a.v_head_dim if self.pads_v(x, mask) else 0
         if v_pad > 0:
             v = F.pad(v, (0, v_pad))
-        if mask is None:
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 is_causal=True, scale=self.softmax_scale).transpose(1, 2)
-        else:
-            out = mask.attention(q, k, v, self.softmax_scale)
+        out = self.sequence.attention(q, k, v, self.softmax_scale, mask)
         out = out[..., : a.v_head_dim] if v_pad > 0 else out
         return self.o_proj(out.reshape(bsz, seqlen, -1))
 
@@ -120,6 +147,10 @@ class DocumentMask:
         if varlen is None:
             varlen = document_ids.is_cuda and dtype in (torch.bfloat16, torch.float16)
         self.varlen = varlen
+        self.document_ids = document_ids
+        # What a layer's `sequence` derives from the ids, built by the first layer and reused by the
+        # others (context parallel's masks against the gathered keys).
+        self.derived: dict = {}
         if self.varlen:
             flat = document_ids.flatten()
             starts = torch.ones_like(flat, dtype=torch.bool)
@@ -161,10 +192,14 @@ class MLP(nn.Module):
 class WholeSequences:
     """What a MoE layer's input holds, for what needs whole sequences (the sequence aux loss) or every
     token (the router weight's gradient): the default, whole sequences on this process. When each
-    process routes only one shard of every sequence (expert parallel spanning tensor parallel), the
-    parallel plan swaps in an object with the same members (`moonlight.parallel.tensor.SequenceShards`)."""
+    process routes only one part of every sequence (context parallel, or expert parallel spanning
+    tensor parallel), the parallel plan swaps in an object with the same members
+    (`moonlight.parallel.tensor.SequenceShards`)."""
 
     shards = 1  # the parts each sequence is split into, one per process
+    # the factor on each part's aux-loss share: the number of parts whose gradients data parallel
+    # averages rather than sums (context parallel's)
+    loss_scale = 1
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         """t summed over the processes holding the other parts of the same sequences (not differentiated)."""
@@ -316,7 +351,8 @@ def sequence_aux_loss(scores: torch.Tensor, expert_ids: torch.Tensor, bsz: int, 
     one part of each when ``sequences`` splits them over processes: f_i and the value then need sums
     over all parts (one ``sequences.sum``), and the share sum_i f_i * (this part's sum of P_i's terms)
     differentiates through this part's scores only. The shares of all parts add up to the loss, so
-    backpropagating each part's share gives the loss's gradient."""
+    backpropagating each part's share (times ``sequences.loss_scale`` where the parts' gradients are
+    averaged, not summed) gives the loss's gradient."""
     num_experts = scores.shape[-1]
     probs = (scores / scores.sum(-1, keepdim=True)).view(bsz, -1, num_experts)
     seqlen = probs.shape[1] * sequences.shards
@@ -326,7 +362,7 @@ def sequence_aux_loss(scores: torch.Tensor, expert_ids: torch.Tensor, bsz: int, 
     picks, all_prob_sums = sequences.sum(torch.stack([picks, prob_sums.detach()])).unbind(0)
     f = picks * num_experts / (top_k * seqlen)
     share = (f * prob_sums / seqlen).sum(-1).mean()
-    return share, (f * all_prob_sums / seqlen).sum(-1).mean()
+    return share * sequences.loss_scale, (f * all_prob_sums / seqlen).sum(-1).mean()
 
 
 class _Fork(torch.autograd.Function):
@@ -397,7 +433,7 @@ class MoE(nn.Module):
                              persistent=False)
         self.aux_loss_coeff = args.aux_loss_alpha if args.seq_aux else 0.0
         self.last_aux_loss: torch.Tensor | None = None
-        self.sequences = WHOLE_SEQUENCES  # what x holds: swapped when each process routes a sequence shard
+        self.sequences = WHOLE_SEQUENCES  # what x holds: swapped when each process routes a sequence part
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

@@ -1,14 +1,16 @@
 """Data parallel (FSDP2 / HSDP) and activation checkpointing.
 
 FSDP2: one `fully_shard` unit for the embedding, one per decoder block (its router included), one
-for the final norm with lm_head (not resharded after forward), plus the root, over ``mesh["fsdp"]`` (``dp_shard``; ``(dp_replicate, dp_shard)`` for HSDP). With expert
+for the final norm with lm_head (not resharded after forward), plus the root, over ``mesh["fsdp"]``
+(``dp_shard x cp``; ``(dp_replicate, dp_shard x cp)`` for HSDP: context-parallel ranks hold other
+tokens of the same sequences, so their gradients are averaged like data-parallel ones). With expert
 parallel the routed experts (``block.ffn.experts``, already ``Shard(0)`` on ``mesh["ep"]``) get
-their own unit over ``mesh["expert_fsdp"]`` (``dp_shard // ep``, or ``dp_shard * tp // ep`` when EP
-spans TP, [x ``dp_replicate``]) and their gradients are divided by the full data-parallel degree
-``dp`` (each expert's gradient sums the tokens of its ``ep`` ranks, which hold different tokens, see
-`moonlight.parallel.mesh`: ``ep`` data shards, or data shards x sequence shards when EP spans TP; the
-dense gradients are averaged over ``dp`` too); when that mesh has one rank and nothing needs casting
-they stay plain EP parameters outside every unit. Units prefetch their neighbours explicitly.
+their own unit over ``mesh["expert_fsdp"]`` (``dp_shard x cp // ep``, or ``dp_shard x cp x tp // ep``
+when EP spans TP, [x ``dp_replicate``]) and their gradients are divided by the full ``dp x cp``
+degree (each expert's gradient sums the tokens of its ``ep`` ranks, which hold different tokens, see
+`moonlight.parallel.mesh`; the dense gradients are averaged over ``dp x cp`` too); when that mesh
+has one rank and nothing needs casting they stay plain EP parameters outside every unit. Units
+prefetch their neighbours explicitly.
 
 Activation checkpointing (``ac_mode``):
 - ``"none"``.
@@ -57,6 +59,8 @@ SAVED_OPS = frozenset({
     _aten._scaled_dot_product_fused_attention_overrideable.default, torch.ops.torch_attn._varlen_attn.default,
     torch.ops._c10d_functional.all_to_all_single.default,
     torch.ops._c10d_functional_autograd.all_to_all_single.default,
+    torch.ops._c10d_functional.all_gather_into_tensor.default,  # context parallel's gathered keys
+    torch.ops._c10d_functional_autograd.all_gather_into_tensor.default,
 })
 _IN_PLACE_ROPE = torch.ops.moonlight.rotate_rope_.default
 
@@ -176,10 +180,10 @@ def apply_fsdp(model: nn.Module, mesh, *, param_dtype: str | torch.dtype = "floa
             if mesh["expert_fsdp"].size() == 1 and not mixed and stored == {mp.param_dtype or torch.float32}:
                 # No rank left to shard over and nothing to cast: the experts stay plain EP-sharded
                 # parameters outside every unit (a unit would only copy them), their gradients scaled
-                # as FSDP would (each sums the tokens of ep data shards; average over all dp shards).
+                # as FSDP would (each sums the tokens of ep token shards; average over all dp x cp shards).
                 plain_experts = set(experts.parameters())
                 for p in plain_experts:
-                    p.register_hook(functools.partial(torch.div, other=float(dims.dp)))
+                    p.register_hook(functools.partial(torch.div, other=float(dims.dp_cp)))
             else:
                 _shard_experts(experts, mesh, mp, reshard_after_forward)
                 experts_of[block] = experts
@@ -206,8 +210,8 @@ def _shard_experts(experts: nn.Module, mesh, mp: MixedPrecisionPolicy, reshard_a
 
     fully_shard(experts, mesh=mesh["expert_fsdp"], mp_policy=mp, reshard_after_forward=reshard_after_forward,
                 shard_placement_fn=placement)
-    # Each expert's gradient sums the tokens of its ep data shards; average over all dp shards.
-    experts.set_gradient_divide_factor(float(dims.dp))
+    # Each expert's gradient sums the tokens of its ep token shards; average over all dp x cp shards.
+    experts.set_gradient_divide_factor(float(dims.dp_cp))
     if efsdp > 1:
         # Plain SUM collectives + one division (gloo has no PREMUL_SUM). Not with a size-1 shard
         # group: torch 2.13's FSDP2 then divides by the factor twice (copy path + post-divide).

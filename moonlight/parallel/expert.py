@@ -16,8 +16,8 @@ these two methods):
 
 `state` is opaque to the model; the expert GEMMs run between the two calls on (rows, counts).
 
-Data flow of AllToAllDispatcher (ep ranks hold DIFFERENT tokens: EP borrows data-parallel ranks, and,
-when it spans tensor parallel, tp ranks that each route their own sequence shard; see
+Data flow of AllToAllDispatcher (ep ranks hold DIFFERENT tokens: EP borrows data- or context-parallel
+ranks, and, when it spans tensor parallel, tp ranks that each route their own sequence shard; see
 `moonlight.parallel.mesh`):
   1. permute_tokens: (token, choice) rows expert-major; experts are contiguous per EP rank, so this is
      also destination-rank-major.
@@ -33,7 +33,8 @@ when it spans tensor parallel, tp ranks that each route their own sequence shard
 
 Gradients (read this before wiring data parallel)
 -------------------------------------------------
-Let each of the D data-parallel ranks (EP ranks are a subset of them: ep divides D) compute a loss
+Let each of the D ranks holding different tokens (data- and context-parallel ranks, dp x cp; EP ranks
+are a subset of them: ep divides D) compute a loss
 L_r on its own tokens. Through the all-to-all backward, the gradient an expert shard receives on its
 owner rank is already the SUM over the ep ranks of dL_r/dW (every ep rank's tokens that visited the
 expert contribute). Non-expert (replicated) parameters receive only dL_r/dW of their own rank.

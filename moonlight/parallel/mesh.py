@@ -2,53 +2,64 @@
 
 Rank layout
 -----------
-The world is one 4-D mesh ``("pp", "dp_replicate", "dp_shard", "tp")``, outermost first, so ``tp``
-peers are consecutive ranks (one node on a GPU cluster) and ``pp`` stages are the farthest apart.
+The world is one 5-D mesh ``("pp", "dp_replicate", "dp_shard", "cp", "tp")``, outermost first, so
+``tp`` peers are consecutive ranks (one node on a GPU cluster), ``cp`` peers next, and ``pp``
+stages are the farthest apart: the rank at coordinates ``(p, r, s, c, t)`` is
+``(((p * dp_replicate + r) * dp_shard + s) * cp + c) * tp + t``.
 Derived meshes (kept by name in `ParallelMesh`, never sliced from the root):
 
 - ``"dp"``: ``dp_replicate x dp_shard`` flattened. The data-parallel group: ranks that read
-  different data. The data loader shards by ``mesh.dp_rank`` / ``mesh.dp_size``; losses and token
-  counts are summed/averaged over it. TP peers and PP stages of one data replica hold the same data
-  and the same value.
+  different data. The data loader shards by ``mesh.dp_rank`` / ``mesh.dp_size``; token counts are
+  summed over it. TP peers, CP peers and PP stages of one data replica read the same batch.
+- ``"cp"``: the context-parallel group. Its ranks hold different zig-zag slices of the same
+  sequences (`moonlight.parallel.context`) and exchange MLA's compressed keys.
+- ``"dp_shard_cp"``: ``dp_shard x cp`` as one dim, and ``"dp_cp"``: ``dp_replicate x dp_shard_cp``
+  flattened, the ranks that hold different tokens: losses are summed over it and gradients averaged
+  over it (parameters are replicated over cp, as over dp).
 - ``"routing"``: the ranks that route DIFFERENT tokens through the same MoE layers, over which the
-  MoE load counters are summed: ``"dp"``, or ``dp_replicate x dp_shard x tp`` when EP spans TP
+  MoE load counters are summed: ``"dp_cp"``, or ``dp_replicate x dp_shard_cp x tp`` when EP spans TP
   (below: then every tp rank routes its own sequence shard).
-- ``"fsdp"``: what `fully_shard` shards the dense parameters over: ``dp_shard`` (1-D FSDP), or the
-  2-D ``("dp_replicate", "dp_shard")`` mesh for HSDP (replicate across groups, shard within).
+- ``"sequence_parts"`` (only when EP spans TP): ``cp x tp`` flattened, the ranks whose MoE layers route
+  the other parts of the same sequences; the sequence aux loss sums over them (``"cp"`` without TP).
+- ``"fsdp"``: what `fully_shard` shards the dense parameters over: ``dp_shard_cp`` (1-D FSDP), or
+  the 2-D ``("dp_replicate", "dp_shard_cp")`` mesh for HSDP (replicate across groups, shard within).
+- ``"replicas"``: ``("dp_replicate", "dp_shard_cp", "tp")``, the ranks over which a weight outside a
+  DTensor is copied (Muon's ``replicas``).
 - ``"ep"`` (only when ep > 1): the ranks of one expert-parallel group, and ``"expert_fsdp"``: what
   `fully_shard` shards the routed experts over (``"fsdp"`` when ep == 1). Both are slices of one
   expert mesh, below.
 
-Expert parallel borrows data-parallel ranks (and, with sequence parallel, TP ranks)
-------------------------------------------------------------------------------------
+Expert parallel borrows data- and context-parallel ranks (and, with sequence parallel, TP ranks)
+------------------------------------------------------------------------------------------------
 EP does not add ranks: an EP group is ``ep`` ranks that route different tokens. Which ranks, is
 decided by the degrees alone (`ParallelDims.ep_spans_tp`):
 
-- ``ep`` divides ``dp_shard`` (always the case with tp == 1): EP borrows dp_shard ranks only, as
-  before TP was considered. The ``ep`` ranks of one group are ``ep`` *consecutive dp_shard ranks*
-  with the same ``pp``, ``dp_replicate`` and ``tp`` coordinates. The expert mesh is the world with
-  ``dp_shard`` unflattened into ``("dp_shard_mod_ep", "ep")`` = ``(dp_shard // ep, ep)``: with
-  ``s`` = a rank's dp_shard index, its EP group is the dp_shard indices ``(s // ep) * ep + j`` for
-  ``j`` in ``range(ep)`` and it holds experts ``[j*E/ep, (j+1)*E/ep)`` where ``j = s % ep``; the
-  routed experts are FSDP-sharded over ``"dp_shard_mod_ep"`` (the ``dp_shard // ep`` ranks with the
-  same ``j``), times ``dp_replicate`` for HSDP. Under TP the MoE layer of every TP rank sees the
-  same, full set of its data replica's tokens (see `moonlight.parallel.tensor`), so the routed
-  experts run once per TP rank: each TP rank has its own EP group.
-- ``ep`` does not divide ``dp_shard`` (it must then divide ``dp_shard * tp``, and sequence parallel
-  is required): EP spans TP. Each TP rank routes only its own sequence shard (no all-gather before
-  the MoE layer), so the ``dp_shard * tp`` ranks of a ``(pp, dp_replicate)`` slice all hold
-  different tokens and routed-expert work is never repeated. An EP group is ``ep`` *consecutive
-  ranks of the flattened* ``(dp_shard, tp)`` order (tp fastest: a group fills whole TP groups, i.e.
-  stays inside a node, when ``tp`` divides ``ep``). The expert mesh is the world with ``(dp_shard,
-  tp)`` flattened and unflattened into ``("dp_shard_tp_mod_ep", "ep")`` = ``(dp_shard * tp // ep,
-  ep)``; the routed experts are FSDP-sharded over ``"dp_shard_tp_mod_ep"`` (x ``dp_replicate``).
-  So ``tp=2, ep=2, dp_shard=2`` keeps the first layout (EP over dp_shard, routed work repeated on
-  both TP ranks), while ``tp=2, ep=8, dp_shard=4`` (Megatron-Bridge's TP2 x EP8 on 8 GPUs) and
-  ``tp=2, ep=4, dp_shard=2`` span TP.
+- ``ep`` divides ``dp_shard * cp`` (always the case with tp == 1): the ``ep`` ranks of one group are
+  ``ep`` *consecutive ranks of the* ``(dp_shard, cp)`` *grid* (its index ``u = s * cp + c``) with the
+  same ``pp``, ``dp_replicate`` and ``tp`` coordinates; with cp2 x ep2 on 2 ranks the EP group is the
+  two cp ranks. The expert mesh is the world with ``dp_shard_cp`` unflattened into
+  ``("dp_shard_mod_ep", "ep")`` = ``(dp_shard * cp // ep, ep)``: a rank's EP group is the indices
+  ``(u // ep) * ep + j`` for ``j`` in ``range(ep)`` and it holds experts ``[j*E/ep, (j+1)*E/ep)``
+  where ``j = u % ep``; the routed experts are FSDP-sharded over ``"dp_shard_mod_ep"`` (the ranks
+  with the same ``j``), times ``dp_replicate`` for HSDP. Under TP the MoE layer of every TP rank sees
+  the same, full set of its tokens (see `moonlight.parallel.tensor`), so the routed experts run once
+  per TP rank: each TP rank has its own EP group.
+- ``ep`` does not divide ``dp_shard * cp`` (it must then divide ``dp_shard * cp * tp``, and sequence
+  parallel is required): EP spans TP. Each TP rank routes only its own sequence shard (no all-gather
+  before the MoE layer), so the ``dp_shard * cp * tp`` ranks of a ``(pp, dp_replicate)`` slice all
+  hold different tokens and routed-expert work is never repeated. An EP group is ``ep`` *consecutive
+  ranks of the flattened* ``(dp_shard, cp, tp)`` order (tp fastest: a group fills whole TP groups,
+  i.e. stays inside a node, when ``tp`` divides ``ep``). The expert mesh is the world with those
+  dims flattened and unflattened into ``("dp_shard_tp_mod_ep", "ep")`` = ``(dp_shard * cp * tp // ep,
+  ep)``; the routed experts are FSDP-sharded over ``"dp_shard_tp_mod_ep"`` (x ``dp_replicate``). So
+  ``tp=2, ep=2, dp_shard=2`` keeps the first layout (EP over dp_shard, routed work repeated on both TP
+  ranks), while ``tp=2, ep=8, dp_shard=4`` (Megatron-Bridge's TP2 x EP8 on 8 GPUs) and ``tp=2, ep=4,
+  dp_shard=2`` span TP.
 
-In both, every rank of an EP group holds different tokens, so an expert's gradient (through the
-all-to-all backward, then FSDP's sum over ``"expert_fsdp"``) sums every token routed to it exactly
-once; FSDP divides it by the data-parallel degree ``dp``, as the dense gradients.
+In both, every rank of an EP group holds different tokens (other data, another slice of the same
+sequences, or another sequence shard), so an expert's gradient (through the all-to-all backward, then
+FSDP's sum over ``"expert_fsdp"``) sums every token routed to it exactly once; FSDP divides it by
+``dp * cp``, as the dense gradients.
 """
 
 from __future__ import annotations
@@ -75,6 +86,7 @@ class ParallelDims:
 
     dp_replicate: int = 1
     dp_shard: int = -1
+    cp: int = 1
     tp: int = 1
     ep: int = 1
     pp: int = 1
@@ -83,7 +95,7 @@ class ParallelDims:
     def __post_init__(self):
         if self.world_size is None:
             self.world_size = distributed.world_size()
-        for name in ("dp_replicate", "tp", "ep", "pp", "world_size"):
+        for name in ("dp_replicate", "cp", "tp", "ep", "pp", "world_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ParallelConfigError(f"{name} must be a positive integer, got {v!r}")
@@ -91,19 +103,19 @@ class ParallelDims:
             raise ParallelConfigError(f"dp_shard must be a positive integer or -1 (use the remaining ranks), "
                                       f"got {self.dp_shard!r}")
         if self.dp_shard == -1:
-            others = self.dp_replicate * self.tp * self.pp
+            others = self.dp_replicate * self.cp * self.tp * self.pp
             if self.world_size % others:
                 raise ParallelConfigError(
-                    f"cannot resolve dp_shard=-1: dp_replicate({self.dp_replicate}) x tp({self.tp}) x pp({self.pp})"
-                    f" = {others} does not divide world_size={self.world_size}; change those degrees or the "
-                    "number of ranks")
+                    f"cannot resolve dp_shard=-1: dp_replicate({self.dp_replicate}) x cp({self.cp}) x tp({self.tp}) x "
+                    f"pp({self.pp}) = {others} does not divide world_size={self.world_size}; change those degrees or "
+                    "the number of ranks")
             self.dp_shard = self.world_size // others
-        product = self.dp_replicate * self.dp_shard * self.tp * self.pp
+        product = self.dp_replicate * self.dp_shard * self.cp * self.tp * self.pp
         if product != self.world_size:
             raise ParallelConfigError(
-                f"dp_replicate({self.dp_replicate}) x dp_shard({self.dp_shard}) x tp({self.tp}) x pp({self.pp}) = "
-                f"{product} but world_size = {self.world_size}: the degrees must multiply to the number of ranks "
-                "(set dp_shard=-1 to fill the rest)")
+                f"dp_replicate({self.dp_replicate}) x dp_shard({self.dp_shard}) x cp({self.cp}) x tp({self.tp}) x "
+                f"pp({self.pp}) = {product} but world_size = {self.world_size}: the degrees must multiply to the "
+                "number of ranks (set dp_shard=-1 to fill the rest)")
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -112,16 +124,22 @@ class ParallelDims:
         return self.dp_replicate * self.dp_shard
 
     @property
+    def dp_cp(self) -> int:
+        """Ranks that hold different tokens (dp x cp): gradients are averaged over them."""
+        return self.dp * self.cp
+
+    @property
     def ep_spans_tp(self) -> bool:
         """Whether the expert-parallel groups take tensor-parallel ranks: ``ep`` does not divide
-        ``dp_shard`` but divides ``dp_shard * tp``. Every tp rank then routes only its own sequence
-        shard (see the module docstring)."""
-        return self.dp_shard % self.ep != 0 and (self.dp_shard * self.tp) % self.ep == 0
+        ``dp_shard * cp`` but divides ``dp_shard * cp * tp``. Every tp rank then routes only its own
+        sequence shard (see the module docstring)."""
+        tokens = self.dp_shard * self.cp
+        return tokens % self.ep != 0 and (tokens * self.tp) % self.ep == 0
 
     @property
     def expert_shard(self) -> int:
         """How many ranks of one dp_replicate group share an EP rank's experts (FSDP shards them over these)."""
-        return (self.dp_shard * self.tp if self.ep_spans_tp else self.dp_shard) // self.ep
+        return self.dp_shard * self.cp * (self.tp if self.ep_spans_tp else 1) // self.ep
 
     def validate(self, model_args: ModelArgs, pp_layout: Sequence[int] | None = None, vp: int = 1, *,
                  sequence_parallel: bool = False, seq_len: int | None = None) -> "ParallelDims":
@@ -130,8 +148,9 @@ class ParallelDims:
         ``pp_layout``: decoder layers per (virtual) stage, ``pp * vp`` entries, in order; ``None``
         means an even split is intended (then only ``num_hidden_layers >= pp * vp`` is checked).
         ``sequence_parallel`` needs ``tp > 1`` (rejected otherwise, so a config never believes it runs
-        SP when it does not) and, when ``seq_len`` is given, ``seq_len % tp == 0``. EP spanning TP
-        (`ep_spans_tp`) needs ``sequence_parallel``.
+        SP when it does not) and, when ``seq_len`` is given, ``seq_len % tp == 0``. Context parallel
+        needs ``seq_len % (2 * cp) == 0`` (the zig-zag chunks) and, with SP, each cp slice divisible by tp.
+        EP spanning TP (`ep_spans_tp`) needs ``sequence_parallel``.
         Returns self; raises ParallelConfigError naming what to change.
         """
         a = model_args
@@ -154,19 +173,21 @@ class ParallelDims:
             if a.n_routed_experts % self.ep:
                 errors.append(f"n_routed_experts={a.n_routed_experts} is not divisible by ep={self.ep}: every "
                               "expert-parallel rank holds the same number of experts; pick ep dividing it")
-            if self.tp == 1 and self.dp_shard % self.ep:
-                errors.append(f"ep={self.ep} does not divide dp_shard={self.dp_shard}: expert parallel borrows "
-                              "its ranks from the data-parallel shard dimension (not from pp or "
-                              "dp_replicate); use an ep that divides dp_shard, or raise dp_shard")
-            elif (self.dp_shard * self.tp) % self.ep:
-                errors.append(f"ep={self.ep} divides neither dp_shard={self.dp_shard} nor dp_shard x tp="
-                              f"{self.dp_shard * self.tp}: expert parallel borrows its ranks from dp_shard, or "
-                              "(with sequence parallel) from dp_shard x tp; use an ep that divides one of them")
+            tokens = self.dp_shard * self.cp
+            borrowed = f"dp_shard={self.dp_shard}" + (f" x cp={self.cp}" if self.cp > 1 else "")
+            if self.tp == 1 and tokens % self.ep:
+                errors.append(f"ep={self.ep} does not divide {borrowed}: expert parallel borrows its ranks "
+                              "from the data-parallel shard and context-parallel dimensions (not from pp or "
+                              "dp_replicate); use an ep that divides dp_shard * cp, or raise dp_shard")
+            elif (tokens * self.tp) % self.ep:
+                spanned = "dp_shard" + (" x cp" if self.cp > 1 else "") + " x tp"
+                errors.append(f"ep={self.ep} divides neither {borrowed} nor {spanned}={tokens * self.tp}: expert parallel "
+                              "borrows its ranks from dp_shard x cp, or (with sequence parallel) from dp_shard x "
+                              "cp x tp; use an ep that divides one of them")
             elif self.ep_spans_tp and not sequence_parallel:
-                errors.append(f"ep={self.ep} does not divide dp_shard={self.dp_shard}, so the expert groups take "
-                              f"tensor-parallel ranks, which needs sequence_parallel=True (each tp rank then routes "
-                              "only its own sequence shard); set sequence_parallel=true, or use an ep that divides "
-                              "dp_shard")
+                errors.append(f"ep={self.ep} does not divide {borrowed}, so the expert groups take tensor-parallel "
+                              "ranks, which needs sequence_parallel=True (each tp rank then routes only its own "
+                              "sequence shard); set sequence_parallel=true, or use an ep that divides dp_shard * cp")
             if a.first_k_dense_replace >= a.num_hidden_layers:
                 errors.append(f"ep={self.ep} but the model has no MoE layer (first_k_dense_replace="
                               f"{a.first_k_dense_replace} >= num_hidden_layers={a.num_hidden_layers}); use ep=1")
@@ -180,28 +201,36 @@ class ParallelDims:
             if self.tp == 1:
                 errors.append("sequence_parallel=True needs tensor parallel (tp > 1): it splits the sequence "
                               "over the tp ranks; set tp > 1 or sequence_parallel=False")
-            elif seq_len is not None and seq_len % self.tp:
-                errors.append(f"seq_len={seq_len} is not divisible by tp={self.tp}: sequence parallel splits "
-                              "every sequence evenly over the tp ranks")
+            elif seq_len is not None and (seq_len // self.cp) % self.tp:
+                errors.append(f"seq_len={seq_len} is not divisible by cp x tp = {self.cp} x {self.tp}: sequence "
+                              "parallel splits every (context-parallel slice of a) sequence evenly over the tp "
+                              f"ranks; use a seq_len that is a multiple of {2 * self.cp * self.tp}")
+        if self.cp > 1:
+            if seq_len is not None and seq_len % (2 * self.cp):
+                errors.append(f"seq_len={seq_len} is not divisible by 2 x cp = {2 * self.cp}: context parallel cuts "
+                              f"every sequence into 2 * cp equal chunks; use a seq_len that is a multiple of "
+                              f"{2 * self.cp}")
         if errors:
             raise ParallelConfigError(f"invalid parallel layout {self.describe()}: " + "; ".join(errors))
         return self
 
     def describe(self) -> str:
         return (f"(world_size={self.world_size}: pp={self.pp} x dp_replicate={self.dp_replicate} x "
-                f"dp_shard={self.dp_shard} x tp={self.tp}; ep={self.ep}"
-                f"{' over dp_shard x tp' if self.ep_spans_tp else ''})")
+                f"dp_shard={self.dp_shard} x cp={self.cp} x tp={self.tp}; ep={self.ep}"
+                f"{' over dp_shard x cp x tp' if self.ep_spans_tp else ''})")
 
 
-# The expert mesh's FSDP dim: EP over dp_shard / EP spanning dp_shard x tp.
+# The expert mesh's FSDP dim: EP over dp_shard x cp / EP spanning dp_shard x cp x tp.
 EXPERT_SHARD_DIMS = ("dp_shard_mod_ep", "dp_shard_tp_mod_ep")
 
 
 class ParallelMesh:
-    """The world mesh plus the derived meshes, looked up by name: ``mesh["tp"]``, ``mesh["dp"]``,
-    ``mesh["routing"]``, ``mesh["ep"]``, ``mesh["fsdp"]``, ``mesh["expert_fsdp"]``, ``mesh["pp"]``,
-    ``mesh["dp_replicate"]``, ``mesh["dp_shard"]``, and ``mesh["dp_shard_mod_ep"]`` (EP over dp_shard) or
-    ``mesh["dp_shard_tp_mod_ep"]`` (EP spanning TP). A tuple of world dim names slices the world mesh.
+    """The world mesh plus the derived meshes, looked up by name: ``mesh["tp"]``, ``mesh["cp"]``,
+    ``mesh["dp"]``, ``mesh["dp_cp"]``, ``mesh["routing"]``, ``mesh["sequence_parts"]``, ``mesh["ep"]``,
+    ``mesh["fsdp"]``, ``mesh["expert_fsdp"]``, ``mesh["pp"]``, ``mesh["dp_replicate"]``,
+    ``mesh["dp_shard"]``, ``mesh["dp_shard_cp"]``, ``mesh["replicas"]``, and ``mesh["dp_shard_mod_ep"]``
+    (EP over dp_shard x cp) or ``mesh["dp_shard_tp_mod_ep"]`` (EP spanning TP). A tuple of world dim
+    names slices the world mesh.
     """
 
     def __init__(self, dims: ParallelDims, world: DeviceMesh, named: dict[str, DeviceMesh]):
@@ -242,6 +271,10 @@ class ParallelMesh:
     def tp_rank(self) -> int:
         return self._named["tp"].get_local_rank()
 
+    @property
+    def cp_rank(self) -> int:
+        return self._named["cp"].get_local_rank()
+
     def __repr__(self) -> str:
         return f"ParallelMesh({self.dims.describe()}, {sorted(self._named)})"
 
@@ -251,31 +284,39 @@ def default_device_type() -> str:
 
 
 def build_mesh(dims: ParallelDims, device_type: str | None = None) -> ParallelMesh:
-    """Build the world mesh ``("pp", "dp_replicate", "dp_shard", "tp")`` and the derived meshes.
+    """Build the world mesh ``("pp", "dp_replicate", "dp_shard", "cp", "tp")`` and the derived meshes.
 
     The process group must already be initialised (the caller picks the backend: nccl on GPUs,
     gloo on CPUs). Size-1 dimensions are kept, so every name always exists (except ``ep`` and the
-    expert mesh's FSDP dim, which exist only when ``dims.ep > 1``).
+    expert mesh's FSDP dim, which exist only when ``dims.ep > 1``, and ``sequence_parts``).
     """
     device_type = device_type or default_device_type()
-    world = init_device_mesh(device_type, (dims.pp, dims.dp_replicate, dims.dp_shard, dims.tp),
-                             mesh_dim_names=("pp", "dp_replicate", "dp_shard", "tp"))
-    named = {name: world[name] for name in ("pp", "dp_replicate", "dp_shard", "tp")}
+    # (dp_shard, cp) is one root dim unflattened two ways: into the world's (dp_shard, cp) and, for
+    # expert parallel over it, into (dp_shard_mod_ep, ep); FSDP shards over it whole.
+    root = init_device_mesh(device_type, (dims.pp, dims.dp_replicate, dims.dp_shard * dims.cp, dims.tp),
+                            mesh_dim_names=("pp", "dp_replicate", "dp_shard_cp", "tp"))
+    world = root._unflatten(2, (dims.dp_shard, dims.cp), ("dp_shard", "cp"))
+    named = {name: world[name] for name in ("pp", "dp_replicate", "dp_shard", "cp", "tp")}
     named["dp"] = world["dp_replicate", "dp_shard"]._flatten("dp")
-    named["routing"] = named["dp"]
-    named["fsdp"] = world["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else world["dp_shard"]
+    named["dp_shard_cp"] = root["dp_shard_cp"]
+    named["dp_cp"] = root["dp_replicate", "dp_shard_cp"]._flatten("dp_cp")
+    named["routing"] = named["dp_cp"]
+    named["fsdp"] = root["dp_replicate", "dp_shard_cp"] if dims.dp_replicate > 1 else root["dp_shard_cp"]
     named["expert_fsdp"] = named["fsdp"]
+    named["replicas"] = root["dp_replicate", "dp_shard_cp", "tp"]
+    if dims.ep_spans_tp:
+        named["sequence_parts"] = world["cp", "tp"]._flatten("sequence_parts")
     if dims.ep > 1:
         if dims.ep_spans_tp:
-            # (dp_shard, tp) flattened, then split into (dp_shard * tp // ep, ep): a mesh of its own over
-            # the same ranks (torch's _unflatten splits one dim only), so ep and expert_fsdp share its root
+            # (dp_shard_cp, tp) flattened, then split into (dp_shard * cp * tp // ep, ep): a mesh of its own
+            # over the same ranks (torch's _unflatten splits one dim only), so ep and expert_fsdp share its root
             shard = EXPERT_SHARD_DIMS[1]
-            named["routing"] = world["dp_replicate", "dp_shard", "tp"]._flatten("routing")
-            sparse = DeviceMesh(device_type, world.mesh.reshape(dims.pp, dims.dp_replicate, dims.expert_shard, dims.ep),
+            named["routing"] = root["dp_replicate", "dp_shard_cp", "tp"]._flatten("routing")
+            sparse = DeviceMesh(device_type, root.mesh.reshape(dims.pp, dims.dp_replicate, dims.expert_shard, dims.ep),
                                 mesh_dim_names=("pp", "dp_replicate", shard, "ep"))
         else:
             shard = EXPERT_SHARD_DIMS[0]
-            sparse = world._unflatten(2, (dims.expert_shard, dims.ep), (shard, "ep"))
+            sparse = root._unflatten(2, (dims.expert_shard, dims.ep), (shard, "ep"))
         named["ep"] = sparse["ep"]
         named[shard] = sparse[shard]
         named["expert_fsdp"] = sparse["dp_replicate", shard] if dims.dp_replicate > 1 else sparse[shard]

@@ -7,25 +7,29 @@ from torch import nn
 
 from moonlight.dtypes import to_dtype
 from moonlight.errors import ParallelConfigError
+from moonlight.model import MoE
+from moonlight.parallel.context import apply_context_parallel
 from moonlight.parallel.data import AC_MODES, apply_activation_checkpointing, apply_fsdp
 from moonlight.parallel.expert import apply_expert_parallel
 from moonlight.parallel.mesh import ParallelDims, ParallelMesh
-from moonlight.parallel.tensor import apply_tensor_parallel
+from moonlight.parallel.tensor import SequenceShards, apply_tensor_parallel
 
 
 def parallelize_model(model: nn.Module, dims: ParallelDims, mesh: ParallelMesh, *, sequence_parallel: bool = False,
                       ac_mode: str = "none", param_dtype: str | torch.dtype = "float32",
                       reduce_dtype: str | torch.dtype = "float32", reshard_after_forward: bool = True) -> nn.Module:
-    """Apply, in place and in this order: TP/SP -> EP -> activation checkpointing -> FSDP2/HSDP.
+    """Apply, in place and in this order: TP/SP -> EP -> CP -> activation checkpointing -> FSDP2/HSDP.
 
     ``model``: a Moonlight on any device (meta included: then ``to_empty`` + ``init_weights`` or
     `load_hf_sharded` afterwards), or a pipeline stage module of it (``embed``/``norm``/``lm_head``
     None, ``layers`` a subset). Pipeline splitting must already have happened.
     ``dims`` must be the layout ``mesh`` was built from; it is validated against ``model.args``
     (pipeline layout checks are the caller's: ``dims.validate(args, pp_layout, vp, ...)``).
-    FSDP is applied when the data-parallel degree is above 1, when EP spanning TP leaves several ranks
-    per expert shard (e.g. tp=4, ep=2), or when param_dtype/reduce_dtype ask for mixed precision; pure
-    TP/EP fp32 runs keep their parameters as TP/EP DTensors (or plain).
+    FSDP is applied when the data- or context-parallel degree is above 1 (it reduces the gradients
+    over ``mesh["fsdp"]``, dp_shard x cp), when EP spanning TP leaves several ranks per expert shard
+    (e.g. tp=4, ep=2), or when param_dtype/reduce_dtype ask for mixed precision; pure TP/EP fp32 runs
+    keep their parameters as TP/EP DTensors (or plain). Under sequence-local routing every MoE layer
+    gets the `SequenceShards` of its sequence's parts over cp x tp (context parallel alone: over cp).
     Returns the model.
     """
     if ac_mode not in AC_MODES:
@@ -38,15 +42,21 @@ def parallelize_model(model: nn.Module, dims: ParallelDims, mesh: ParallelMesh, 
                               sequence_local_routing=dims.ep_spans_tp)
     if dims.ep > 1:
         apply_expert_parallel(model, mesh["ep"])
+    if dims.cp > 1:
+        apply_context_parallel(model, mesh["cp"])
+    if dims.ep_spans_tp:  # each tp rank routes its own shard of its (context-parallel slice of a) sequence
+        shards = SequenceShards(mesh["sequence_parts"], weight_mesh=mesh["tp"], loss_scale=dims.cp)
+        for moe in (m for m in model.modules() if isinstance(m, MoE)):
+            moe.sequences = shards
     mixed = any(to_dtype(d) != torch.float32 for d in (param_dtype, reduce_dtype))
     if ac_mode == "op" and dims.ep > 1 and (dims.dp_replicate * dims.expert_shard > 1 or mixed):
         raise ParallelConfigError(
             "activation_checkpoint.mode = 'op' does not work with expert parallel when the experts are "
             "sharded or cast by FSDP (a PyTorch FSDP/selective-checkpoint bug, pytorch/torchtitan#3427): use "
-            "mode 'selective' or 'full', or fp32 with one rank per expert shard (dp_replicate = 1 and dp_shard = ep, "
-            "or dp_shard x tp = ep when expert parallel spans tp)")
+            "mode 'selective' or 'full', or fp32 with one rank per expert shard (dp_replicate = 1 and "
+            "dp_shard x cp = ep, or dp_shard x cp x tp = ep when expert parallel spans tp)")
     apply_activation_checkpointing(model, ac_mode)
-    if dims.dp > 1 or dims.expert_shard > 1 or mixed:
+    if dims.dp_cp > 1 or dims.expert_shard > 1 or mixed:
         apply_fsdp(model, mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype,
                    reshard_after_forward=reshard_after_forward, ep_enabled=dims.ep > 1)
     return model

@@ -19,9 +19,10 @@ What runs where (tp ranks of one data replica):
     parallel spans tp, see `moonlight.parallel.mesh`): the MoE layer keeps the local ``[b, s/tp, h]``
     input, so each tp rank routes only its own sequence shard and the routed experts (expert
     parallel over ranks that include the tp peers) never repeat work. What then sees only this
-    rank's tokens is made exact by the `SequenceShards` swapped onto ``MoE.sequences``: the router
-    weight's gradient is summed over tp (its value stays a plain copy on every tp rank), and the
-    sequence aux loss sums f_i and P_i over the shards of each sequence. ``tokens_per_expert``
+    rank's tokens is made exact by the `SequenceShards` that `parallelize_model` swaps onto
+    ``MoE.sequences``: the router weight's gradient is summed over tp (its value stays a plain copy
+    on every tp rank), and the sequence aux loss sums f_i and P_i over the shards of each sequence
+    (over cp x tp under context parallel too). ``tokens_per_expert``
     counts this rank's tokens: the trainer sums it over ``mesh["routing"]``, which then includes tp.
     The shared experts (column/row-parallel) all-gather their rows in and reduce-scatter them out.
 - Embedding: vocab-parallel (RowwiseParallel on nn.Embedding). ``lm_head``: column-parallel with
@@ -80,18 +81,23 @@ def _reduce_rope_key_grad(kv_a_proj: nn.Module, start: int, tp_mesh: DeviceMesh)
 
 
 class SequenceShards:
-    """`MoE.sequences` under sequence-local routing: this tp rank's MoE input is one contiguous shard of
-    every sequence of its data replica, the tp group holds the others (see `moonlight.model.model.WholeSequences`)."""
+    """`MoE.sequences` when this rank's MoE input is one part of every sequence of its data replica,
+    the other parts on the ranks of ``parts_mesh``: context parallel's cp ranks, times the tp ranks
+    under sequence-local routing (see `moonlight.model.model.WholeSequences`). ``weight_mesh``: the
+    ranks among them whose router-weight gradients data parallel does not reduce (tp), summed here;
+    ``loss_scale``: the ranks among them whose gradients data parallel averages (cp)."""
 
-    def __init__(self, tp_mesh: DeviceMesh):
-        self.group = tp_mesh.get_group()
-        self.shards = tp_mesh.size()
+    def __init__(self, parts_mesh: DeviceMesh, weight_mesh: DeviceMesh | None = None, loss_scale: int = 1):
+        self.group = parts_mesh.get_group()
+        self.shards = parts_mesh.size()
+        self.weight_group = weight_mesh.get_group() if weight_mesh is not None and weight_mesh.size() > 1 else None
+        self.loss_scale = loss_scale
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         return funcol.wait_tensor(funcol.all_reduce(t, "sum", self.group))
 
     def shared_weight(self, w: torch.Tensor) -> torch.Tensor:
-        return _AllReduceGradTail.apply(w, 0, self.group)
+        return w if self.weight_group is None else _AllReduceGradTail.apply(w, 0, self.weight_group)
 
 
 def _block_plan(block: nn.Module, sequence_parallel: bool, sequence_local_routing: bool) -> dict:
@@ -160,8 +166,6 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
         parallelize_module(model, tp_mesh, top)
     for block in model.layers.values():
         parallelize_module(block, tp_mesh, _block_plan(block, sequence_parallel, sequence_local_routing))
-        if sequence_local_routing and isinstance(block.ffn, MoE):
-            block.ffn.sequences = SequenceShards(tp_mesh)
         _reduce_rope_key_grad(block.attn.kv_a_proj, block.attn.args.kv_lora_rank, tp_mesh)
     return model
 

@@ -189,6 +189,8 @@ class ParallelismSection:
     dp_replicate: int = 1
     dp_shard: int = -1
     """FSDP degree; -1 = whatever is left of the world size."""
+    cp: int = 1
+    """Context parallel: every sequence split over cp ranks (zig-zag chunks; seq_len % (2 * cp) == 0)."""
     tp: int = 1
     sequence_parallel: bool = True
     ep: int = 1
@@ -208,7 +210,7 @@ class ParallelismSection:
     def problems(self) -> list[str]:
         """Each degree on its own; how they fit the world and the model is `ParallelDims.validate`'s."""
         out = [f"parallelism.{k} must be >= 1 (got {getattr(self, k)})"
-               for k in ("dp_replicate", "tp", "ep", "pp", "pp_virtual_stages") if getattr(self, k) < 1]
+               for k in ("dp_replicate", "cp", "tp", "ep", "pp", "pp_virtual_stages") if getattr(self, k) < 1]
         out += _require([
             (self.dp_shard == -1 or self.dp_shard >= 1,
              f"parallelism.dp_shard must be -1 (the rest) or >= 1 (got {self.dp_shard})"),
@@ -467,8 +469,8 @@ class JobConfig:
             errs += section.problems(self.training.steps) if name == "lr_scheduler" else section.problems()
         if self.lora.enable:
             errs += [f"lora.enable = true supports data parallel (FSDP/HSDP) only: set parallelism.{k} = 1 "
-                     f"(got {getattr(self.parallelism, k)}; the LoRA/DoRA recipe is TP1/PP1/EP1)"
-                     for k in ("tp", "ep", "pp") if getattr(self.parallelism, k) != 1]
+                     f"(got {getattr(self.parallelism, k)}; the LoRA/DoRA recipe is TP1/PP1/EP1/CP1)"
+                     for k in ("tp", "ep", "pp", "cp") if getattr(self.parallelism, k) != 1]
         if self.training.compile and self.activation_checkpoint.mode == "op":
             errs.append("training.compile = true does not work with activation_checkpoint.mode = 'op' (torch.compile "
                         "cannot run inside op-level selective checkpointing's dispatch mode): use mode 'selective' "

@@ -1,10 +1,12 @@
 """From the [parallelism] config to this rank's model parts, plus what the loop needs to know about
-the layout: data-parallel coordinates, the loss function, the pipeline schedule, and the groups that
-reduce losses and expert counts. One process and every multi-rank layout go through `build_layout`."""
+the layout: data- and context-parallel coordinates (and the slice of each batch this rank keeps), the
+loss function, the pipeline schedule, and the groups that reduce losses and expert counts. One process
+and every multi-rank layout go through `build_layout`."""
 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ from moonlight.dtypes import to_dtype
 from moonlight.model import Moonlight
 from moonlight.parallel import ParallelDims, build_mesh, cross_entropy_loss, parallelize_model
 from moonlight.parallel.compile import apply_compile
+from moonlight.parallel.context import zigzag_slice
 from moonlight.parallel.data import apply_activation_checkpointing
 from moonlight.parallel.pipeline import build_pipeline_stages, build_schedule, pipeline_step, resolve_layout
 from moonlight.train.config import JobConfig
@@ -50,6 +53,8 @@ class Layout:
     model_parts: list[nn.Module]
     dp_rank: int = 0
     dp_world: int = 1
+    cp_rank: int = 0
+    cp_world: int = 1  # context parallel: each rank holds a zig-zag slice of every sequence of its batch
     pipeline: Pipeline | None = None
     loss_fn: Callable = cross_entropy_loss
     microbatches_per_step: int = 1  # pipeline micro-batches per forward/backward call
@@ -57,11 +62,27 @@ class Layout:
     dp_group: dist.ProcessGroup | None = None  # the ranks that read different data
     moe_count_group: dist.ProcessGroup | None = None  # every rank that routes different tokens through the same layers
     replica_mesh: DeviceMesh | None = None  # ranks holding copies of a weight its own mesh lacks (Muon's replicas)
-    holds_loss: bool = True  # this rank's loss counts once in the reported mean (last stage, tp rank 0)
+    holds_loss: bool = True  # this rank's loss counts once in the reported mean (last stage, tp rank 0; any cp)
     # The model computes the loss from its hidden states in chunks (no [B, S, V] fp32 logits); not with
     # a vocab-sharded head (tp > 1: the vocab-parallel loss_fn) or pipeline stages (the schedule's loss_fn).
     loss_from_hidden: bool = True
     description: str = "single process"
+
+    @property
+    def gradient_ranks(self) -> int:
+        """The ranks data parallel averages gradients over (they hold different tokens): dp x cp."""
+        return self.dp_world * self.cp_world
+
+    def shard_sequence(self, inputs: torch.Tensor, labels: torch.Tensor, packing: dict[str, torch.Tensor]):
+        """This rank's slice of a batch's sequences -> (inputs, labels, packing): the batch itself, or under
+        context parallel its zig-zag slice of inputs, labels and of packing's positions and document_ids,
+        with the global positions made explicit (the model's default would count from 0 in every slice)."""
+        if self.cp_world == 1:
+            return inputs, labels, packing
+        if "positions" not in packing:
+            packing = {**packing, "positions": torch.arange(inputs.shape[1], device=inputs.device).expand_as(inputs)}
+        cut = functools.partial(zigzag_slice, cp=self.cp_world, rank=self.cp_rank)
+        return cut(inputs), cut(labels), {name: cut(t) for name, t in packing.items()}
 
     def reduce_loss(self, local_loss: torch.Tensor) -> torch.Tensor:
         """The step's mean loss as every rank agrees on it (a device scalar: no host sync)."""
@@ -75,7 +96,7 @@ class Layout:
 
 def is_single_process(cfg: JobConfig, world_size: int) -> bool:
     p = cfg.parallelism
-    return world_size == 1 and p.tp == p.ep == p.pp == p.dp_replicate == 1 and p.dp_shard in (-1, 1)
+    return world_size == 1 and p.tp == p.ep == p.pp == p.cp == p.dp_replicate == 1 and p.dp_shard in (-1, 1)
 
 
 def is_mixed_precision(cfg: JobConfig) -> bool:
@@ -93,7 +114,7 @@ def plan_layout(cfg: JobConfig, args: ModelArgs, world_size: int) -> tuple[Paral
     """The degrees and the pipeline layout of a job on `world_size` ranks, validated against the model
     before anything is built (raises ConfigError / ParallelConfigError naming what to change)."""
     p = cfg.parallelism
-    dims = ParallelDims(dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp, ep=p.ep, pp=p.pp,
+    dims = ParallelDims(dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, cp=p.cp, tp=p.tp, ep=p.ep, pp=p.pp,
                         world_size=world_size)
     vp = p.pp_virtual_stages
     pp_layout = resolve_layout(p.pp_layout or None, args, p.pp, vp) if p.pp > 1 else None
@@ -143,9 +164,9 @@ def build_layout(cfg: JobConfig, args: ModelArgs, world_size: int, device: torch
         return module
 
     tp_rank = mesh.tp_rank
-    common = dict(dp_rank=mesh.dp_rank, dp_world=mesh.dp_size, dp_group=mesh["dp"].get_group(),
-                  moe_count_group=mesh["routing"].get_group(),
-                  replica_mesh=mesh.world["dp_replicate", "dp_shard", "tp"],
+    common = dict(dp_rank=mesh.dp_rank, dp_world=mesh.dp_size, cp_rank=mesh.cp_rank, cp_world=dims.cp,
+                  dp_group=mesh["dp"].get_group(), moe_count_group=mesh["routing"].get_group(),
+                  replica_mesh=mesh["replicas"],
                   description=dims.describe() + (" + sequence parallel" if sequence_parallel else ""))
     if p.pp == 1:
         return Layout(model_parts=[prepare(full)], holds_loss=tp_rank == 0, loss_from_hidden=p.tp == 1, **common)

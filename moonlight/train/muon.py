@@ -33,8 +33,9 @@ part is empty. A rank whose matrices are all unshared (plain tensors: single pro
 parallel; or whole experts only) skips the exchange.
 
 Copies outside a DTensor: under TP the router, ``kv_a_proj`` and (without EP) the routed experts live
-on the ``dp_shard`` mesh only (or are plain tensors), and every tp rank holds a copy. Given
-``replicas`` (the trainer passes the world mesh without pp), a weight's sharing group is widened by
+on the FSDP mesh (``dp_shard_cp``) only (or are plain tensors), and every tp rank holds a copy. Given
+``replicas`` (the trainer passes ``mesh["replicas"]``, the world without pp as
+``("dp_replicate", "dp_shard_cp", "tp")``), a weight's sharing group is widened by
 the replicas dims its own mesh lacks, so those copies share one NS too. Expert meshes built for EP
 (``expert_fsdp`` x ``ep``) are not slices of the world mesh and are not widened: with EP over
 dp_shard under TP the routed experts are still orthogonalised once per tp rank (each tp rank holds a

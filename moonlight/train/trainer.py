@@ -319,7 +319,8 @@ class Trainer:
         The loss is the sum of the cross-entropy over every target token of the step divided by the
         number of target tokens of the whole step (all micro-batches, pipeline micro-batches and
         data-parallel ranks), so ranks and micro-batches with more targets weigh more. FSDP averages
-        gradients over the dp ranks, hence each rank divides its sum by (global count / dp).
+        gradients over the dp x cp ranks (context-parallel ranks hold other tokens of the same batch),
+        hence each rank divides its sum by (global count / (dp x cp)).
 
         That normaliser stays a tensor the host never reads (no sync): counted from the host labels,
         summed over the dp ranks on the device."""
@@ -330,7 +331,7 @@ class Trainer:
                 targets = targets.pin_memory()
             targets = targets.to(self.device, non_blocking=True)
             dist.all_reduce(targets, group=self.parallel.dp_group)
-        num_tokens = targets.clamp(min=1).float() / self.parallel.dp_world
+        num_tokens = targets.clamp(min=1).float() / self.parallel.gradient_ranks
         total = torch.zeros((), device=self.device)
         for batch in batches:
             inputs, labels = batch.inputs.to(self.device), batch.labels.to(self.device)
@@ -338,6 +339,7 @@ class Trainer:
             if self.document_mask:  # RoPE positions restart and attention stays within each document
                 packing = {"positions": batch.position_ids.to(self.device),
                            "document_ids": batch.document_ids.to(self.device)}
+            inputs, labels, packing = self.parallel.shard_sequence(inputs, labels, packing)
             self._last_inputs = (inputs, packing)
             if self.parallel.pipeline is not None:
                 loss = self.parallel.pipeline.step(inputs, labels, num_tokens, packing)

@@ -56,11 +56,12 @@ class Validator:
             for _ in range(self.micro_batches):
                 batch = self.loader.next_batch_with_info()
                 inputs, labels = batch.inputs.to(self.device), batch.labels.to(self.device)
-                targets += int((batch.labels != -100).sum())
                 packing = {}
                 if self.document_mask:
                     packing = {"positions": batch.position_ids.to(self.device),
                                "document_ids": batch.document_ids.to(self.device)}
+                inputs, labels, packing = layout.shard_sequence(inputs, labels, packing)
+                targets += int((labels != -100).sum())  # this rank's tokens: cp ranks each count theirs
                 if layout.pipeline is not None:
                     loss = layout.pipeline.eval(inputs, labels, packing)
                 elif layout.loss_from_hidden:
@@ -74,7 +75,7 @@ class Validator:
                 part.train(mode)
             for c, s in zip(counters, saved):
                 c.copy_(s)
-        # one rank per data-parallel replica holds the loss (last pipeline stage, tp rank 0)
+        # one rank per data-parallel replica and cp slice holds the loss (last pipeline stage, tp rank 0)
         held = torch.stack([loss_sum * layout.holds_loss,
                             torch.tensor(float(targets * layout.holds_loss), device=self.device, dtype=torch.float64)])
         if dist.is_initialized() and dist.get_world_size() > 1:
