@@ -25,7 +25,7 @@ class _RMSNormFunction(torch.autograd.Function):
     """weight * (x * rsqrt(mean(x^2) + eps)), normalised in fp32: the forward is the HF reference's ops
     (same bits); only x and the [..., 1] rsqrt are kept, and the backward writes its closed form
         grad_x = rstd * (g - x * rstd^2 * mean(g * x)),  g = grad * weight (fp32)
-    into two buffers instead of autograd's seven of x's size (fresh activations are costly on CPU)."""
+    into two buffers instead of autograd's about seven of x's size (fresh activations are costly on CPU)."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
