@@ -2,11 +2,14 @@
 DeepSeek-V3 model (benchmarks/peers.py lists the CPU adjustments torchtitan needs).
 
 Same config and weights (the peers.md config: hidden 256, 4 layers, 8 experts top-2, batch 4 x 256,
-fp32; each system loads the same HF files through its own loader), runs alternated in one process in
+fp32; each system loads the same HF files through its own loader; each trains on the mean
+next-token cross-entropy through its own trainer's path: the peers on their logits, ours from the hidden
+states as `model(tokens, labels=...)`), runs alternated in one process in
 rotating order so machine noise hits all alike; prints the median per-round speed ratio (with min/max)
 and each model's MFU against a GEMM peak measured in the same run.
 
     python benchmarks/model_throughput.py [--pairs 8] [--batch 4] [--seq 256] [--threads 2] [--compile]
+                                          [--threads 1 --cpu-time]
 """
 
 import argparse
@@ -25,18 +28,33 @@ import torch.nn.functional as F  # noqa: E402
 from benchmarks.peers import PEER_CONFIG, benchmark_device, build_all, save_peer_checkpoint  # noqa: E402
 from moonlight.config import ModelArgs  # noqa: E402
 from moonlight.hf import load_hf  # noqa: E402
+from moonlight.parallel import reduce_token_losses  # noqa: E402
 from moonlight.parallel.compile import apply_compile  # noqa: E402
 from moonlight.train.metrics import peak_flops  # noqa: E402
 
-def step_time(forward, params, tokens) -> float:
+def logits_loss(forward):
+    """The peers' training loss: the mean next-token cross-entropy on their [B, S, V] logits (what
+    torchtitan's trainer does; transformers' `labels=` does the same in fp32)."""
+    return lambda tokens: F.cross_entropy(forward(tokens)[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+
+
+def labels_loss(model):
+    """Our trainer's loss: the same mean from `model(tokens, labels=...)`, the chunked cross-entropy
+    from the hidden states (moonlight/model/loss.py), the last position ignored as above."""
+    def loss(tokens):
+        labels = F.pad(tokens[:, 1:], (0, 1), value=-100)
+        return reduce_token_losses(model(tokens, labels=labels), labels)
+    return loss
+
+
+def step_time(loss, params, tokens, clock=time.perf_counter) -> float:
     for p in params:
         p.grad = None
-    t0 = time.perf_counter()
-    logits = forward(tokens)
-    F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    t0 = clock()
+    loss(tokens).backward()
     if tokens.is_cuda:
         torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 def main():
@@ -46,7 +64,13 @@ def main():
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="also run ours with training.compile's regional inductor")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time steps by this process's CPU time, not the wall clock: on a shared machine with "
+                         "--threads 1 it leaves out the time spent waiting for a core")
     args = ap.parse_args()
+    if args.cpu_time and args.threads != 1:
+        ap.error("--cpu-time needs --threads 1 (idle threads spin, so CPU time is not step time)")
+    clock = time.process_time if args.cpu_time else time.perf_counter
     device = benchmark_device(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         save_peer_checkpoint(tmp)
@@ -62,19 +86,23 @@ def main():
         for name, fwd in ((n, f) for n, f in forwards.items() if n != "transformers"):
             print(f"max |logit difference| {name} vs transformers: {(fwd(tokens) - reference).abs().max().item():.2e}")
 
-    runs = {name: (fwd, list(models[name].parameters())) for name, fwd in forwards.items()}
-    for fwd, params in runs.values():  # warm-up (twice: a compiled model compiles its backward on the first)
-        step_time(fwd, params, tokens)
-        step_time(fwd, params, tokens)
+    runs = {name: (labels_loss(models[name]) if name.startswith("ours") else logits_loss(fwd),
+                   list(models[name].parameters())) for name, fwd in forwards.items()}
+    with torch.no_grad():
+        losses = {name: loss(tokens).item() for name, (loss, _) in runs.items()}
+    print("loss " + ", ".join(f"{name} {value:.6f}" for name, value in losses.items()))
+    for loss, params in runs.values():  # warm-up (twice: a compiled model compiles its backward on the first)
+        step_time(loss, params, tokens)
+        step_time(loss, params, tokens)
     names = list(runs)
     times = {name: [] for name in runs}
     for i in range(args.pairs):  # rotate the order so no system always runs first
         for name in names[i % len(names):] + names[:i % len(names)]:
-            times[name].append(step_time(*runs[name], tokens))
+            times[name].append(step_time(*runs[name], tokens, clock))
     peak = peak_flops(device, torch.float32)
     flops_per_token = model_args.flops_per_token(args.seq)
     n_tokens = args.batch * args.seq
-    print(f"device {device}, {args.threads} threads, batch {args.batch} x seq {args.seq}, "
+    print(f"device {device}, {args.threads} threads, {'CPU' if args.cpu_time else 'wall'} time, batch {args.batch} x seq {args.seq}, "
           f"GEMM peak {peak / 1e9:.1f} GFLOP/s, model {flops_per_token / 1e6:.2f} MFLOP/token")
     for name, ts in times.items():
         tps = n_tokens / statistics.median(ts)

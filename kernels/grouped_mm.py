@@ -7,6 +7,7 @@ It wraps `torch._grouped_mm` (bf16 on GPUs, fp32/bf16 on CPUs) in a custom op so
 treats it as a black box: the stock fake kernel only accepts bf16, so an fp32 grouped GEMM would
 otherwise break the graph. The backward is two more grouped GEMMs:
   grad_x = grouped_mm(grad, w^T)    grad_w[e] = x[group e]^T @ grad[group e]  (2-D x 2-D, offs on N)
+(grad_w made transposed, as grad[group e]^T @ x[group e], when w is a transposed view).
 """
 import torch
 from torch import Tensor
@@ -40,7 +41,13 @@ def _backward(ctx, grad):
     x, w, offs = ctx.saved_tensors
     grad = grad.contiguous()
     grad_x = grouped_mm(grad, w.transpose(-2, -1), offs) if ctx.needs_input_grad[0] else None
-    grad_w = _weight_grad(x, grad, offs) if ctx.needs_input_grad[1] else None
+    grad_w = None
+    if ctx.needs_input_grad[1] and w.transpose(-2, -1).is_contiguous():
+        # w is the transpose of a stored [E, M, K] weight (as the experts pass theirs): make the gradient
+        # in that layout, else autograd copies it into the parameter's strides
+        grad_w = _weight_grad(grad, x, offs).transpose(-2, -1)
+    elif ctx.needs_input_grad[1]:
+        grad_w = _weight_grad(x, grad, offs)
     return grad_x, grad_w, None
 
 

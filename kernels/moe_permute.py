@@ -62,7 +62,8 @@ def _permute_torch(x: Tensor, row_index: Tensor, num_rows: int) -> Tensor:
 def _unpermute_torch(y: Tensor, row_index: Tensor, weights: Tensor) -> Tensor:
     compute_dtype = torch.promote_types(y.dtype, torch.float32)
     picked = y.index_select(0, row_index).view(*weights.shape, y.shape[1]).to(compute_dtype)
-    return (picked * weights.to(compute_dtype).unsqueeze(-1)).sum(1).to(y.dtype)
+    # [T, 1, K] @ [T, K, H]: the weighted sum (and both its gradients) in one pass, no [T, K, H] product
+    return torch.bmm(weights.to(compute_dtype).unsqueeze(1), picked).squeeze(1).to(y.dtype)
 
 
 # ---------------------------------------------------------------- Triton kernels

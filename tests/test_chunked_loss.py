@@ -33,6 +33,22 @@ def test_linear_cross_entropy_matches_plain(dtype, chunk_rows):
     assert got_grads[0][[2, 7]].eq(0).all()
 
 
+def test_linear_cross_entropy_large_logits_and_frozen_hidden():
+    """Losses of hundreds of nats (the label's probability underflows fp32) stay exact; with the hidden
+    states frozen only the head's gradient is made; without grad mode the loss is the same."""
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(9, 8, generator=g) * 30
+    weight = torch.randn(50, 8, generator=g, requires_grad=True)
+    labels = torch.randint(0, 50, (9,), generator=g)
+    got = linear_cross_entropy(hidden, weight, labels, chunk_bytes=4 * 50 * 4)
+    want = F.cross_entropy(hidden @ weight.t(), labels, reduction="sum")
+    assert want > 1000
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got, weight)[0], torch.autograd.grad(want, weight)[0])
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(hidden, weight, labels), want)
+
+
 class _WrappedHead(torch.nn.Linear):
     """Stands for a head with its own forward (a LoRA head): the model must call it for the logits."""
 

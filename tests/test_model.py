@@ -187,3 +187,31 @@ def test_rope_tables_are_built_once_not_per_layer(monkeypatch):
     assert [a[0] for a in calls] == [10, 7]
     assert all(p.grad is not None for p in model.layers["0"].attn.parameters())
     model_module._rope_tables.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_and_rmsnorm_functions_match_autograd_of_the_reference(dtype):
+    """The hand-written backwards: SwiGLU bit for bit (forward and both gradients); RMSNorm's forward
+    bit for bit, its gradients to rounding (closed form instead of autograd's chain)."""
+    from moonlight.model.model import RMSNorm, swiglu
+
+    g = torch.Generator().manual_seed(0)
+    gate, up, grad = (torch.randn(33, 40, generator=g).to(dtype) for _ in range(3))
+    gate.requires_grad_(), up.requires_grad_()
+    got = swiglu(gate, up)
+    want = F.silu(gate) * up
+    assert torch.equal(got, want)
+    for a, b in zip(torch.autograd.grad(got, (gate, up), grad), torch.autograd.grad(want, (gate, up), grad)):
+        assert torch.equal(a, b)
+
+    norm = RMSNorm(40, 1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(40, generator=g) + 0.5)
+    x = (torch.randn(3, 11, 40, generator=g) * 3).to(dtype).requires_grad_()
+    grad = torch.randn(3, 11, 40, generator=g).to(dtype)
+    got = norm(x)
+    x32 = x.float()
+    want = norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+    assert torch.equal(got, want)
+    for a, b in zip(torch.autograd.grad(got, (x, norm.weight), grad), torch.autograd.grad(want, (x, norm.weight), grad)):
+        torch.testing.assert_close(a, b)

@@ -3,10 +3,17 @@
     linear_cross_entropy(hidden [N, H], weight [V, H], labels [N]) -> sum of token losses (fp32 or fp64)
 
 equals F.cross_entropy((hidden @ weight.T).float(), labels, reduction="sum") without building the
-[N, V] logits: each chunk's logits are made, reduced to their log-sum-exp and dropped, and the
-backward makes them again. For Moonlight (V = 163840) a 4096-token sequence would otherwise hold
-its bf16 logits, their fp32 copy and the fp32 gradient, about 7 GB; here one chunk's fp32 logits
-(`chunk_bytes`, 512 MiB by default) is the peak. The price is one more hidden x vocab matmul.
+[N, V] logits: each chunk's logits are made, turned in place into their softmax (whose largest entry
+gives the log-sum-exp) and then into their gradient (softmax - one_hot), which goes straight into the
+gradients of the hidden states and of the head, then the chunk is dropped. For Moonlight (V = 163840) a 4096-token sequence would
+otherwise hold its bf16 logits, their fp32 copy and the fp32 gradient, about 7 GB; here one chunk's
+fp32 logits (`chunk_bytes`, 512 MiB by default) is the peak.
+
+The gradients are made in the forward, when autograd will want them (grad enabled, an input that
+requires grad), so no logit is computed twice: three hidden x vocab matmuls in all, as for plain
+logits. Until the backward scales them by the incoming gradient they hold [N, H] in the hidden
+dtype and [V, H] in fp32, the buffers the backward would allocate anyway. Beyond the matmuls, a
+chunk costs two row maxima, one in-place softmax and a scatter of the labels' -1 over its logits.
 """
 from __future__ import annotations
 
@@ -14,49 +21,48 @@ import torch
 from torch import Tensor
 
 
-def _chunk_losses(logits: Tensor, labels: Tensor, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(log-sum-exp [n], loss [n] (0 where ignored), valid [n]) of one chunk of logits, in fp32 or wider."""
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    lse = logits.logsumexp(-1)
-    valid = labels != ignore_index
-    target = logits.gather(-1, torch.where(valid, labels, 0).unsqueeze(-1)).squeeze(-1)
-    return lse, torch.where(valid, lse - target, 0.0), valid
-
-
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, chunk_rows):
+    def forward(ctx, hidden, weight, labels, ignore_index, chunk_rows, with_grads):
         acc = torch.promote_types(hidden.dtype, torch.float32)
         total = torch.zeros((), dtype=acc, device=hidden.device)
-        lse = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
+        wants_hidden, wants_weight = (with_grads and needed for needed in ctx.needs_input_grad[:2])
+        grad_hidden = torch.empty_like(hidden) if wants_hidden else None
+        grad_weight = None  # accumulated over the chunks in fp32 (fp64 stays fp64)
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
-            lse[rows], loss, _ = _chunk_losses(hidden[rows] @ weight.t(), labels[rows], ignore_index)
-            total += loss.sum()
-        ctx.save_for_backward(hidden, weight, labels, lse)
-        ctx.ignore_index, ctx.chunk_rows = ignore_index, chunk_rows
+            h, chunk_labels = hidden[rows], labels[rows]
+            logits = (h @ weight.t()).to(acc)
+            valid = chunk_labels != ignore_index
+            safe_labels = torch.where(valid, chunk_labels, 0).unsqueeze(-1)
+            target = logits.gather(-1, safe_labels).squeeze(-1)
+            row_max = logits.amax(-1)
+            # softmax in place: one exp per logit, no [n, V] allocation. The row's largest probability
+            # is 1 / sum(exp(logits - max)) >= 1 / V, so its log gives the log-sum-exp without underflow.
+            probs = torch.softmax(logits, -1, out=logits)
+            lse = row_max - probs.amax(-1).log()
+            total += torch.where(valid, lse - target, 0.0).sum()
+            if not with_grads:
+                continue
+            # d loss / d logits = softmax - one_hot(label); ignored tokens are zeroed on the H-wide side
+            probs.scatter_add_(1, safe_labels, torch.full_like(target, -1.0).unsqueeze(-1))
+            grad_logits = probs.to(hidden.dtype)
+            ignored = ~valid.unsqueeze(-1)
+            if wants_hidden:
+                torch.mm(grad_logits, weight, out=grad_hidden[rows]).masked_fill_(ignored, 0.0)
+            if wants_weight:
+                chunk_grad = grad_logits.t() @ h.masked_fill(ignored, 0.0)
+                grad_weight = chunk_grad.to(acc) if grad_weight is None else grad_weight.add_(chunk_grad)
+        ctx.save_for_backward(grad_hidden, grad_weight)  # without with_grads the loss has no backward
+        ctx.weight_dtype = weight.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        hidden, weight, labels, lse = ctx.saved_tensors
-        grad_hidden = torch.empty_like(hidden)
-        # accumulated over the chunks in fp32 (fp64 stays fp64)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
-                                  device=weight.device)
-        for start in range(0, hidden.shape[0], ctx.chunk_rows):
-            rows = slice(start, start + ctx.chunk_rows)
-            h, chunk_labels = hidden[rows], labels[rows]
-            # d loss / d logits = softmax - one_hot(label), zero for ignored tokens
-            grad_logits = ((h @ weight.t()).to(lse.dtype) - lse[rows].unsqueeze(-1)).exp_()
-            valid = chunk_labels != ctx.ignore_index
-            grad_logits.scatter_add_(1, torch.where(valid, chunk_labels, 0).unsqueeze(-1),
-                                     -valid.to(grad_logits.dtype).unsqueeze(-1))
-            grad_logits.mul_((valid * grad_total).unsqueeze(-1))
-            grad_logits = grad_logits.to(hidden.dtype)
-            grad_hidden[rows] = grad_logits @ weight
-            grad_weight += grad_logits.t() @ h
-        return grad_hidden, grad_weight.to(weight.dtype), None, None, None
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (grad_hidden * grad_total if grad_hidden is not None else None,
+                (grad_weight * grad_total).to(ctx.weight_dtype) if grad_weight is not None else None,
+                None, None, None, None)
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int = -100,
@@ -71,4 +77,5 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_
         raise TypeError("linear_cross_entropy needs the whole lm_head weight; a vocab-sharded head (tensor "
                         "parallel) takes moonlight.parallel.cross_entropy_loss on its logits")
     chunk_rows = max(1, chunk_bytes // (4 * weight.shape[0]))
-    return _LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, chunk_rows)
+    with_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return _LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, chunk_rows, with_grads)
