@@ -125,39 +125,43 @@ def _meta_model(cfg: JobConfig, args: ModelArgs):
 
 
 def activation_bytes(args: ModelArgs, cfg: JobConfig, layer_ids: list[int], has_head: bool, tokens: int,
-                     tp: int = 1, moe_tp: int = 1) -> int:
+                     tp: int = 1, moe_tp: int = 1, keys_per_token: float = 1.0) -> int:
     """Tensors autograd saves for backward in one micro-batch of `tokens` tokens.
 
     Per token, in elements of the compute dtype c (mixed_precision_param, else training.dtype) unless
     marked fp32, with h hidden, H heads (/tp), q = qk_head_dim, v = v_head_dim, r = kv_lora_rank,
     p = qk_rope_head_dim, K = experts per token, I = moe_intermediate_size, S = shared experts x I,
     D = intermediate_size, E = routed experts, V = vocab:
-      each RMSNorm       2h + 1 fp32 (input and normalised copy, rsqrt)
+      each RMSNorm       h + 1 fp32 (input, rsqrt)
       attention          h + 7Hq + Hv + (r + p) + 2r + H fp32 (logsumexp)
-      dense MLP          h + 4D
-      MoE                h + 3E fp32 + 2K + Kh (permuted rows) + 4KI + Kh (expert outputs) + h + 4S
+      dense MLP          h + 3D (SwiGLU keeps gate and up, not silu(gate))
+      MoE                h + 3E fp32 + 2K + Kh (permuted rows) + 3KI + Kh (expert outputs) + h + 3S
       head               norm + h + V + 2V fp32 (logits upcast and log-softmax)
     activation_checkpoint "selective" keeps only the attention input (h) instead of the attention
     terms; "full" keeps each block's input (h) and, during backward, one block's own terms. The
     estimate is within 25% of what torch's saved-tensor hooks measure (tests/test_plan.py); it leaves
     out the temporaries of a single op and the transient FSDP all-gather buffers. ``moe_tp``: the tp
     ranks the MoE terms are split over when each routes only its own sequence shard (EP spanning TP).
+    ``keys_per_token``: the keys a rank's attention holds per local token, 1 without context parallel;
+    under it rank i of cp up-projects the keys of the first 2cp - i of the 2cp chunks, (2cp - i) / 2 per
+    local token, each with its gathered latent and rope key (r + p) and its per-head k and padded v (2Hq).
     """
     c = to_dtype(cfg.training.mixed_precision_param if cfg.training.mixed_precision_param != "float32"
                  else cfg.training.dtype).itemsize
     h, heads = args.hidden_size, args.num_attention_heads // tp
     q, v, r, p = args.qk_head_dim, args.v_head_dim, args.kv_lora_rank, args.qk_rope_head_dim
     k, i, s = args.num_experts_per_tok, args.moe_intermediate_size, args.n_shared_experts * args.moe_intermediate_size
-    norm = (2 * h + 1) * 4
-    attention = (h + 7 * heads * q + heads * v + r + p + 2 * r) * c + heads * 4
+    norm = h * c + 4
+    key_side = (2 * heads * q + r + p) * c
+    attention = (h + 7 * heads * q + heads * v + r + p + 2 * r) * c + heads * 4 + round((keys_per_token - 1) * key_side)
     mode = cfg.activation_checkpoint.mode
 
     def block(layer_id: int) -> tuple[int, int]:
         """(bytes kept until backward, bytes of the block's own saved tensors)."""
         if args.is_moe_layer(layer_id):
-            ffn = ((h + 2 * k + k * h + 4 * k * i + k * h + h + 4 * s) * c + 3 * args.n_routed_experts * 4) // moe_tp
+            ffn = ((h + 2 * k + k * h + 3 * k * i + k * h + h + 3 * s) * c + 3 * args.n_routed_experts * 4) // moe_tp
         else:
-            ffn = (h + 4 * args.intermediate_size // tp) * c
+            ffn = (h + 3 * args.intermediate_size // tp) * c
         own = 2 * norm + attention + ffn
         if mode == "full":
             return h * c, own
@@ -194,12 +198,14 @@ def _plan_rank(cfg: JobConfig, args: ModelArgs, world_size: int, rank: int, dims
     has_head = any(getattr(part, "lm_head", None) is not None for part in built.model_parts)
     # A pipeline splits the local batch into micro-batches; under 1F1B stage s holds pp - s of them.
     n_micro = built.microbatches_per_step
-    # Context parallel: each rank holds seq_len / cp tokens (the keys it gathers are not counted apart).
+    # Context parallel: each rank holds seq_len / cp tokens, and its attention the keys it gathers.
     tokens = t.local_batch_size // n_micro * t.seq_len // p.cp
+    cp_rank = rank // p.tp % p.cp  # the rank at (p, r, s, c, t) is (((p * R + r) * S + s) * cp + c) * tp + t
     in_flight = 1 if p.pp == 1 else min(n_micro, p.pp - rank // (world_size // p.pp))
     row.activations = in_flight * activation_bytes(args, cfg, _layers_of(built.model_parts), has_head, tokens,
                                                    tp=dims.tp if dims else 1,
-                                                   moe_tp=dims.tp if dims and dims.ep_spans_tp else 1)
+                                                   moe_tp=dims.tp if dims and dims.ep_spans_tp else 1,
+                                                   keys_per_token=(2 * p.cp - cp_rank) / 2)
     return row, built.description
 
 

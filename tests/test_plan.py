@@ -74,7 +74,7 @@ def test_fsdp_memory_is_exact_on_rank_0(tmp_path, extra):
     assert sum(measured[0]["params"].values()) >= sum(measured[1]["params"].values())  # rank 0 is the largest
 
 
-def _saved_activation_bytes(model, tokens) -> int:
+def _saved_activation_bytes(model, tokens, **model_kwargs) -> int:
     """Bytes of the distinct storages autograd saves for backward, parameters excluded."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen = {}
@@ -85,7 +85,7 @@ def _saved_activation_bytes(model, tokens) -> int:
             seen[storage.data_ptr()] = storage.nbytes()
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        cross_entropy_loss(model(tokens), tokens)
+        cross_entropy_loss(model(tokens, **model_kwargs), tokens)
     return sum(seen.values())
 
 
@@ -106,6 +106,37 @@ def test_activation_estimate_within_25_percent(tmp_path, mode, model):
     args = trainer.model_args
     estimate = activation_bytes(args, cfg, list(range(args.num_hidden_layers)), True, tokens.numel())
     assert abs(estimate / measured - 1) < 0.25, (estimate, measured)
+
+
+def _cp_saved_bytes(rank, world, folder):
+    """(estimate, measured) saved activations of cp rank `rank` (the model under context parallel alone,
+    so that no FSDP-gathered weight counts)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from moonlight.model import Moonlight
+    from moonlight.parallel.context import apply_context_parallel, zigzag_slice
+    from moonlight.train.trainer import build_model_args
+
+    cfg = _cfg(folder, ["--parallelism.cp=2", "--parallelism.dp_shard=1", "--training.seq_len=64"])
+    args = build_model_args(cfg)
+    torch.manual_seed(0)
+    model = apply_context_parallel(Moonlight(args), init_device_mesh("cpu", (world,), mesh_dim_names=("cp",)))
+    batch, seq = cfg.training.local_batch_size, cfg.training.seq_len
+    tokens = torch.randint(0, args.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    tokens, positions = (zigzag_slice(t, world, rank) for t in (tokens, torch.arange(seq).expand(batch, seq)))
+    measured = _saved_activation_bytes(model, tokens, positions=positions)
+    estimate = activation_bytes(args, cfg, list(range(args.num_hidden_layers)), True, tokens.numel(),
+                                keys_per_token=(2 * world - rank) / 2)
+    return estimate, measured
+
+
+@pytest.mark.slow
+def test_context_parallel_activation_estimate_counts_the_gathered_keys(tmp_path):
+    """cp rank 0 up-projects the keys of the whole sequence, rank 1 of three quarters of it."""
+    (estimate0, measured0), (estimate1, measured1) = run_ranks(_cp_saved_bytes, 2, str(tmp_path))
+    assert measured0 > measured1
+    for estimate, measured in ((estimate0, measured0), (estimate1, measured1)):
+        assert abs(estimate / measured - 1) < 0.25, (estimate, measured)
 
 
 @pytest.mark.parametrize("name", sorted(WORLD))
