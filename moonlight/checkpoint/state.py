@@ -89,20 +89,15 @@ class _MergedParts(nn.Module):
 
 
 def _merge_into(dst: nn.Module, src: nn.Module, where: str) -> None:
-    for name, p in src._parameters.items():
-        if p is None:
-            continue
-        if name in dst._parameters and dst._parameters[name] is not p:
-            raise CheckpointError(f"model parts both hold parameter {where}{name}")
-        dst._parameters[name] = p
-    for name, b in src._buffers.items():
-        if b is None:
-            continue
-        if name in dst._buffers and dst._buffers[name] is not b:
-            raise CheckpointError(f"model parts both hold buffer {where}{name}")
-        dst._buffers[name] = b
-        if name in src._non_persistent_buffers_set:
-            dst._non_persistent_buffers_set.add(name)
+    for kind, table in (("parameter", "_parameters"), ("buffer", "_buffers")):
+        mine = getattr(dst, table)
+        for name, t in getattr(src, table).items():
+            if t is None:
+                continue
+            if name in mine and mine[name] is not t:
+                raise CheckpointError(f"model parts both hold {kind} {where}{name}")
+            mine[name] = t
+    dst._non_persistent_buffers_set |= src._non_persistent_buffers_set & set(src._buffers)
     for name, child in src._modules.items():
         if child is None:
             continue
