@@ -1,5 +1,6 @@
 """Train Moonlight: `torchrun --nproc_per_node=N train.py --config train.toml [--section.key=value ...]`."""
 
+import gc
 import os
 import sys
 
@@ -22,6 +23,9 @@ def main(argv: list[str]) -> int:
                   file=sys.stderr, flush=True)
         return INTERRUPTED_EXIT_CODE
     finally:
+        # The trainer's reference cycles (model, meshes, checkpointer) hold the process groups: free them
+        # now, or gloo's worker threads are torn down in interpreter finalisation and abort the process.
+        gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
 
