@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moonlight.config import ModelArgs
-from moonlight.model.model import MLA, DocumentMask
+from moonlight.model.model import MLA, DocumentMask, rope_angles
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -25,7 +25,7 @@ def test_padded_v_equals_true_width(masked):
     outs, grads = [], []
     for m in (padded, true_width):
         xi = x.clone().requires_grad_()
-        out = m(xi, mask=mask)
+        out = m(xi, rope_angles(args, x.shape[1], None, x.device), mask=mask)
         out.square().sum().backward()
         outs.append(out)
         grads.append([xi.grad] + [p.grad for p in m.parameters()])

@@ -93,3 +93,12 @@ def test_context_parallel_model_equals_whole_sequence(cp, documents):
         for name, g in grads.items():
             tol = dict(rtol=1e-4, atol=1e-6) if "router" in name else dict(rtol=1e-8, atol=1e-12)  # fp32 routing
             torch.testing.assert_close(cp_grads[name], g, **tol, msg=lambda m: f"{name}: {m}")
+
+
+def test_context_parallel_without_positions_is_refused():
+    """A slice's tokens are not positions 0..S-1: without the global positions RoPE would be wrong."""
+    from moonlight.parallel.context import ContextParallelSequence
+
+    latent, k_pe, cos = torch.zeros(1, 4, 8), torch.zeros(1, 4, 4), torch.ones(4, 2)
+    with pytest.raises(ValueError, match="context parallel needs each token's global RoPE position"):
+        ContextParallelSequence(None, 2, 0).gather_keys(latent, k_pe, cos, cos, "torch")

@@ -68,21 +68,28 @@ class RMSNorm(nn.Module):
 
 @functools.lru_cache(maxsize=8)
 def _rope_tables(seqlen: int, rope_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The RoPE cos/sin tables, built once per sequence length and device instead of in every layer of
-    every forward (as ordinary tensors even when first asked for under inference mode)."""
+    """The RoPE cos/sin tables, built once per length and device (as ordinary tensors even when first
+    asked for under inference mode)."""
     with torch.inference_mode(False), torch.no_grad():
         return rope_tables(seqlen, rope_dim, theta, device)
+
+
+def rope_angles(args: ModelArgs, seqlen: int, positions: torch.Tensor | None,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The RoPE cos/sin of one forward, shared by every layer: the tables [L, R/2] (a layer takes
+    rows 0..S-1), or with positions [B, S] (packed documents, context-parallel slices) each token's
+    own [B, S, R/2]. Made outside the layers, so a compiled layer takes them as inputs instead of
+    rebuilding them. The tables cover max_position_embeddings (the trainer's limit on seq_len): the
+    layers may see more tokens than `seqlen`, the local part of a sequence-parallel shard."""
+    cos, sin = _rope_tables(max(seqlen, args.max_position_embeddings), args.qk_rope_head_dim, args.rope_theta, device)
+    return (cos, sin) if positions is None else (cos[positions], sin[positions])
 
 
 class LocalSequence:
     """Where the rest of each sequence is, for attention: here. This process holds whole sequences,
     so attention is plain causal attention. Context parallel (`moonlight.parallel.context`) swaps
-    `MLA.sequence` for an object with the same three methods that holds a slice of every sequence
+    `MLA.sequence` for an object with the same two methods that holds a slice of every sequence
     and reaches the others over its group."""
-
-    def length(self, local_len: int) -> int:
-        """The whole sequence's length (RoPE tables must cover its positions)."""
-        return local_len
 
     def gather_keys(self, latent: torch.Tensor, k_pe: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                     impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -131,15 +138,16 @@ class MLA(nn.Module):
             return self.pad_v
         return not x.is_cuda or (mask is not None and mask.varlen)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 mask: DocumentMask | None = None) -> torch.Tensor:
+        """x [B, S, hidden]; rope: the cos/sin of `rope_angles`."""
         a = self.args
         bsz, seqlen, _ = x.shape
         q = self.q_proj(x) if a.q_lora_rank is None else self.q_b_proj(self.q_norm(self.q_a_proj(x)))
         latent, k_pe = self.kv_a_proj(x).split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
-        cos, sin = _rope_tables(self.sequence.length(seqlen), a.qk_rope_head_dim, a.rope_theta, x.device)
-        if positions is not None:  # packed documents, context-parallel slices: each token's own angles [B, S, R/2]
-            cos, sin = cos[positions], sin[positions]
+        cos, sin = rope
+        if cos.dim() == 2:  # positions 0..S-1 of every row
+            cos, sin = cos[:seqlen], sin[:seqlen]
         impl = resolve_impl(a.kernels, x.device)
         # q's rope channels rotated in place, before the per-head view (autograd copies the gradient of
         # an in-place view). q feeds attention only, whose backward hands out a fresh gradient: that is
@@ -524,10 +532,10 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.ffn = MoE(args) if args.is_moe_layer(layer_id) else MLP(args.hidden_size, args.intermediate_size)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 mask: DocumentMask | None = None) -> torch.Tensor:
-        # positions and mask as keywords: tensor-parallel input plans describe the positional x only
-        x = x + self.attn(self.attn_norm(x), positions=positions, mask=mask)
+        # rope and mask as keywords: tensor-parallel input plans describe the positional x only
+        x = x + self.attn(self.attn_norm(x), rope=rope, mask=mask)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -558,8 +566,9 @@ class Moonlight(nn.Module):
         (tensor-parallel) head needs labels=None and the vocab-parallel cross_entropy_loss."""
         h = self.embed(tokens) if self.embed is not None else tokens
         mask = DocumentMask(document_ids, h.dtype) if document_ids is not None else None
+        rope = rope_angles(self.args, h.shape[1], positions, h.device)
         for layer in self.layers.values():
-            h = layer(h, positions=positions, mask=mask)
+            h = layer(h, rope=rope, mask=mask)
         h = self.norm(h) if self.norm is not None else h
         if self.lm_head is None:
             return h

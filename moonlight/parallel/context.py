@@ -87,15 +87,15 @@ class ContextParallelSequence:
     def __init__(self, group: dist.ProcessGroup, cp: int, rank: int):
         self.group, self.cp, self.rank = group, cp, rank
 
-    def length(self, local_len: int) -> int:
-        return local_len * self.cp
-
     def _chunks(self) -> tuple[int, int]:
         """The global chunk indices of the local first and second half."""
         return self.rank, 2 * self.cp - 1 - self.rank
 
     def gather_keys(self, latent: torch.Tensor, k_pe: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                     impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        if cos.dim() != 3:
+            raise ValueError("context parallel needs each token's global RoPE position: pass positions "
+                             "(Layout.shard_sequence makes them)")
         # k_pe is rotated here, with its own tokens' angles, so the gathered rope keys need no angles of
         # the other ranks' tokens: the returned tables are the identity rotation
         k_pe = rotate_rope_(k_pe, cos, sin, k_pe.shape[-1], impl=impl)
