@@ -1,7 +1,7 @@
 """Benchmark the kernels/ Triton kernels against their torch references and the plain torch ops a
 peer would write (argsort + index_select / index_add, HF-style de-interleave + rotate-half).
 
-    python benchmarks/kernels.py [--json PATH]
+    python benchmarks/kernels.py [--json PATH] [--cpu-smoke]   # --cpu-smoke: CPU measurement on tiny shapes
 
 On CUDA: Moonlight shapes (MoE T=8192, H=2048, K=6, E=64; MLA RoPE S=4096, 16 heads of 128+64),
 bf16, reporting ms, achieved GB/s (ideal bytes moved / time) and that as a fraction of the

@@ -4,7 +4,7 @@ Runs the trainer in-process on one rank with `train.toml` plus overrides, and re
 tokens/s and MFU over the measured steps, and the share of the step spent outside forward+backward
 (optimizer, clipping, bias update), measured in the same run as a ratio:
 
-    python benchmarks/train_step.py [--steps 8] [--warmup 2] [--section.key=value ...]
+    python benchmarks/train_step.py [--steps 8] [--warmup 2] [--config train.toml] [--section.key=value ...]
 
 e.g. `python benchmarks/train_step.py --optimizer.name=adamw --training.seq_len=256`. For multi-rank
 layouts use torchrun with train.py: its metrics.jsonl has tokens_per_s and mfu_pct per step.

@@ -165,7 +165,7 @@ class LRSchedulerSection:
     decay_ratio: float = 0.2
     """WSD only: the fraction of training.steps spent in the final (linear) decay."""
     min_lr_ratio: float = 0.1
-    """Final lr = optimizer.lr * min_lr_ratio (the recipe: 3e-4 -> 3e-5)."""
+    """Final lr = optimizer.lr * min_lr_ratio (the pretrain recipe: 4.2e-4 -> 4.2e-5)."""
 
     def problems(self, steps: int) -> list[str]:
         out = _require([
