@@ -67,13 +67,19 @@ def time_steps(step, device, warmup: int, steps: int) -> list[float]:
     return times
 
 
-def our_train_step(args: ModelArgs, device, dtype, tokens, compile_backend: str | None):
+def random_moonlight(args: ModelArgs, device, dtype) -> Moonlight:
+    """A Moonlight with `init_weights`' random weights (seed 0), built on the meta device and
+    materialised on `device` in `dtype`."""
     torch.manual_seed(0)
     with torch.device("meta"):
         model = Moonlight(args)
     model.to_empty(device=device)
     model.init_weights()
-    model = model.to(dtype).train()
+    return model.to(dtype)
+
+
+def our_train_step(args: ModelArgs, device, dtype, tokens, compile_backend: str | None):
+    model = random_moonlight(args, device, dtype).train()
     if compile_backend:
         apply_compile(model, compile_backend)
     # AdamW, as the torchtitan side runs, so the two steps do the same work (Muon's cost: train_step.py)
@@ -157,12 +163,7 @@ def run_generate(out: Path, smoke: bool) -> dict:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args, _, _ = slice_args(smoke)
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = Moonlight(args)
-    model.to_empty(device=device)
-    model.init_weights()
-    model = model.to(torch.float32 if smoke else torch.bfloat16).eval()
+    model = random_moonlight(args, device, torch.float32 if smoke else torch.bfloat16).eval()
     prompt = torch.randint(0, args.vocab_size, (1, 16), device=device)
     new = 8 if smoke else 256
     try:
