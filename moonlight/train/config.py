@@ -202,7 +202,7 @@ class ParallelismSection:
     pp_virtual_stages: int = 1
     """Stages per pipeline rank (2+ for interleaved schedules, 2 for V schedules)."""
     pp_microbatches: int = 0
-    """0 = automatic."""
+    """Pipeline micro-batches per local batch; 0 = training.local_batch_size (one sequence each)."""
     fsdp_reshard_after_forward: Literal["default", "always", "never"] = "default"
     """Free each FSDP unit's gathered weights after its forward. "default" (torchtitan's rule): yes
     without pipeline parallel, no with it (a stage's backward follows its forward soon)."""
@@ -234,7 +234,7 @@ class ActivationCheckpointSection:
 class DataSection:
     format: Literal["jsonl", "hf", "megatron", "chat"] = "jsonl"
     path: str = "data/corpus"
-    """jsonl: a file, a directory (all *.jsonl) or a glob; hf: a save_to_disk directory or
+    """jsonl: a file, a directory (all *.jsonl and *.jsonl.gz) or a glob; hf: a save_to_disk directory or
     json/parquet/arrow/csv file(s); megatron: the prefix of <prefix>.bin/.idx (or either file);
     chat: jsonl file(s) as for jsonl, else an HF dataset as for hf."""
     text_key: str = "text"
@@ -300,7 +300,8 @@ class CheckpointSection:
     load_step: int = -1
     """-1 = the latest checkpoint in folder (if any)."""
     initial_load_hf: str = ""
-    """HF checkpoint directory to start from when no checkpoint of this run exists."""
+    """HF checkpoint directory (or a model-only DCP checkpoint from `python -m moonlight.convert hf-to-dcp`)
+    to start from when no checkpoint of this run exists."""
     export_hf: Literal["", "end", "each"] = ""
     """Also write an HF-format checkpoint: never, at the end, or at each save."""
     async_mode: Literal["", "async"] = ""
