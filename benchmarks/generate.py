@@ -1,6 +1,6 @@
 """Greedy generation speed and KV-cache bytes per token: moonlight.generate against transformers'
-`generate` on the same weights (the peers.md config, fp32), alternated in one process; prints the
-median per-pair speed ratio with min/max, for each prompt length.
+`generate` on the same weights (`PEER_CONFIG` of benchmarks/peers.py, fp32), alternated in one
+process; prints the median per-pair speed ratio with min/max, for each prompt length.
 
     python benchmarks/generate.py [--pairs 5] [--batch 1] [--prompt-lens 64,1024] [--new-tokens 128] [--threads 2]
 """

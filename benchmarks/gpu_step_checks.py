@@ -1,5 +1,7 @@
-"""The GPU measurements of issue 14, one JSON record per line as each finishes (a timeout still
-leaves numbers), then one JSON object with every result.
+"""GPU measurements of the training step's pieces (host syncs, SDPA, MoE, activation checkpointing).
+
+One JSON record per line as each finishes (a timeout still leaves numbers), then one JSON object with
+every result.
 
     python benchmarks/gpu_step_checks.py             # on a GPU: Moonlight's shapes, bf16
     python benchmarks/gpu_step_checks.py --cpu-smoke # tiny shapes on CPU, fp32 (checks the script)

@@ -1,8 +1,8 @@
 """Forward+backward throughput of our model against transformers' DeepseekV3ForCausalLM and torchtitan's
 DeepSeek-V3 model (benchmarks/peers.py lists the CPU adjustments torchtitan needs).
 
-Same config and weights (the peers.md config: hidden 256, 4 layers, 8 experts top-2, batch 4 x 256,
-fp32; each system loads the same HF files through its own loader; each trains on the mean
+Same config and weights (`PEER_CONFIG` of benchmarks/peers.py: hidden 256, 4 layers, 8 experts
+top-2, batch 4 x 256, fp32; each system loads the same HF files through its own loader; each trains on the mean
 next-token cross-entropy through its own trainer's path: the peers on their logits, ours from the hidden
 states as `model(tokens, labels=...)`), runs alternated in one process in
 rotating order so machine noise hits all alike; prints the median per-round speed ratio (with min/max)

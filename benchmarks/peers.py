@@ -31,7 +31,7 @@ from moonlight.config import ModelArgs
 from moonlight.hf import load_hf
 from moonlight.parallel import cross_entropy_loss
 
-# The peers.md config: Moonlight's structure at a size a CPU runs forward+backward on in seconds.
+# The peer benchmarks' config: Moonlight's structure at a size a CPU runs forward+backward on in seconds.
 PEER_CONFIG = dict(
     vocab_size=4096, hidden_size=256, intermediate_size=1024, moe_intermediate_size=256, num_hidden_layers=4,
     first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=64,
