@@ -5,11 +5,13 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from moonlight.errors import ConfigError, NonFiniteError
 from moonlight.train.config import load_config
+from moonlight.train.megatron import MegatronIndexedWriter
 from moonlight.train.trainer import Trainer
 
 SMALL = ["--training.seq_len=64", "--training.global_batch_size=4", "--training.local_batch_size=2",
@@ -107,6 +109,14 @@ def test_data_ids_beyond_the_vocabulary_are_rejected(tmp_path):
         _trainer(tmp_path, "--model.overrides.vocab_size=200", "--data.add_eos=false")  # bytes reach 255
     with pytest.raises(ConfigError, match="bos/eos ids reach 257"):
         _trainer(tmp_path, "--model.overrides.vocab_size=256")
+
+
+def test_validation_ids_beyond_the_vocabulary_are_rejected(tmp_path):
+    with MegatronIndexedWriter(str(tmp_path / "held_out"), np.uint16) as w:
+        w.add_document([5, 290] + [7] * 100)  # e.g. another tokenizer's ids; the training bytes stay below 280
+    with pytest.raises(ConfigError, match="validation data holds token id 290 .* vocab_size is 280"):
+        _trainer(tmp_path / "run", "--model.overrides.vocab_size=280", "--validation.enable=true",
+                 "--validation.format=megatron", f"--validation.path={tmp_path / 'held_out'}")
 
 
 def test_train_py_reports_config_errors_cleanly(tmp_path):

@@ -69,6 +69,14 @@ def build_model_args(cfg: JobConfig) -> ModelArgs:
                                         "aux_loss_alpha": cfg.moe.aux_loss_coeff})
 
 
+def check_token_ids(store, vocab_size: int, what: str) -> None:
+    """Moonlight's tokenizer has 2 more ids than embedding rows: check the ids the data really uses."""
+    largest = max(int(tokens.max()) for tokens in store.tokens if tokens.size)
+    if largest >= vocab_size:
+        raise ConfigError(f"the {what} holds token id {largest} but the model's vocab_size is "
+                          f"{vocab_size}: raise model vocab_size or change data.tokenizer")
+
+
 def load_initial_weights(ckpt: Checkpointer, path: str, lora: bool = False) -> bool:
     """Weights for a fresh run (one with no checkpoint in ckpt's folder; returns whether it loaded):
     an HF directory, each rank reading only its slices, or a model-only DCP checkpoint from
@@ -197,12 +205,10 @@ class Trainer:
         self.dataloader = build_dataloader(cfg.data, self.tokenizer, t.seq_len, t.local_batch_size,
                                            dp_rank, dp_world, t.seed)
         self.document_mask = cfg.data.document_mask or cfg.data.format == "chat"
-        # Moonlight's tokenizer has 2 more ids than embedding rows: check the ids the data really uses.
-        largest = max(int(tokens.max()) for tokens in self.dataloader.store.tokens if tokens.size)
-        if largest >= self.model_args.vocab_size:
-            raise ConfigError(f"the data holds token id {largest} but the model's vocab_size is "
-                              f"{self.model_args.vocab_size}: raise model vocab_size or change data.tokenizer")
+        check_token_ids(self.dataloader.store, self.model_args.vocab_size, "data")
         self.validator = Validator(cfg, self.tokenizer, self.parallel, self.device) if cfg.validation.enable else None
+        if self.validator is not None:
+            check_token_ids(self.validator.loader.store, self.model_args.vocab_size, "validation data")
         self.step = 0
         self._last_inputs = None
         self._nonfinite_in_a_row = 0
