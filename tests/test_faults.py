@@ -524,8 +524,9 @@ def test_hf_checkpoint_files_are_checked_at_open(tmp_path, hf_dir):
 
 
 def test_text_inputs_are_checked_and_name_the_file(tmp_path):
-    """Fault: a truncated .jsonl.gz and an invalid tokenizer.json raised raw library errors; a lone
-    surrogate in a JSON line crashed the tokenizer instead of honouring data.on_bad_line."""
+    """Fault: a truncated .jsonl.gz, an invalid tokenizer.json, tiktoken.model or tokenizer_config.json
+    raised raw library errors; tiktoken served a replaced tiktoken.model's old ranks; a lone surrogate in
+    a JSON line crashed the tokenizer instead of honouring data.on_bad_line."""
     gz = tmp_path / "docs.jsonl.gz"
     data = gzip.compress(b"".join(json.dumps({"text": f"document {i} " * 50}).encode() + b"\n" for i in range(200)))
     gz.write_bytes(data[: len(data) // 2])
@@ -535,6 +536,20 @@ def test_text_inputs_are_checked_and_name_the_file(tmp_path):
     (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": 42}')
     with pytest.raises(DataError, match=r"tokenizer\.json is not a valid tokenizer\.json"):
         build_tokenizer(str(tmp_path / "tokenizer.json"))
+
+    tik = tmp_path / "tik"
+    tik.mkdir()
+    (tik / "tiktoken.model").write_text("YQ== 0\nYg== 1\n")
+    assert build_tokenizer(str(tik)).vocab_size == 2 + 258
+    (tik / "tiktoken.model").write_text("YQ== 0\nYg== 1\nYw== 2\n")  # replaced: read again, never a stale copy
+    assert build_tokenizer(str(tik)).vocab_size == 3 + 258
+    (tik / "tiktoken.model").write_text("YQ== 0\ngarbage line\n")
+    with pytest.raises(DataError, match=r"tiktoken\.model:2: not a tiktoken ranks line"):
+        build_tokenizer(str(tik))
+    (tik / "tiktoken.model").write_text("YQ== 0\nYg== 1\n")
+    (tik / "tokenizer_config.json").write_text('{"bos_token": ')
+    with pytest.raises(DataError, match=r"tik/tokenizer_config\.json is not valid JSON"):
+        build_tokenizer(str(tik))
 
     lines = tmp_path / "surrogate.jsonl"
     lines.write_text('{"text": "ok"}\n{"text": "bad \\ud800 here"}\n{"text": "fine"}\n')
