@@ -281,6 +281,16 @@ def test_a_second_trainer_on_a_locked_folder_refuses_and_touches_nothing(tmp_pat
         owner.wait()
 
 
+def test_a_dump_folder_that_is_a_file_is_named(tmp_path):
+    """Fault: a job.dump_folder that is a file (or lies under one) was a FileExistsError traceback on rank 0
+    while the other ranks waited for its lock."""
+    (tmp_path / "notes").write_text("mine")
+    for folder in (tmp_path / "notes", tmp_path / "notes" / "run"):
+        with pytest.raises(ConfigError, match=rf"cannot create job.dump_folder {folder}: .*use another --job"):
+            _trainer(folder, "--training.steps=2")
+    assert (tmp_path / "notes").read_text() == "mine"
+
+
 def test_a_stale_lock_is_replaced_with_a_warning_and_released_at_the_end(tmp_path, caplog):
     """Fault: a lock left by a killed trainer (its pid is gone). The next run takes over, says so,
     and removes its own lock when it finishes."""
