@@ -253,6 +253,20 @@ def test_validation_reports_every_problem():
     assert "training.steps" in str(e.value) and "optimizer.lr" in str(e.value)
 
 
+def test_dump_folder_inside_the_data_is_refused(tmp_path):
+    """Fault: a dump folder in (or equal to) the data directory: the next run read metrics.jsonl as data."""
+    (tmp_path / "corpus").mkdir()
+    for dump in ("corpus", "corpus/run"):
+        cfg = load_config(None, [f"--data.path={tmp_path / 'corpus'}", f"--job.dump_folder={tmp_path / dump}"])
+        with pytest.raises(ConfigError, match=r"job.dump_folder = .* lies inside data.path = .*corpus'"):
+            cfg.validate()
+    cfg = load_config(None, [f"--data.path={tmp_path / 'corpus'}", f"--job.dump_folder={tmp_path / 'corpus/run'}",
+                             "--validation.enable=true", f"--validation.path={tmp_path}", "--data.path=data/corpus"])
+    with pytest.raises(ConfigError, match=r"lies inside validation.path"):
+        cfg.validate()
+    load_config(None, [f"--data.path={tmp_path / 'corpus'}", f"--job.dump_folder={tmp_path}"]).validate()
+
+
 def test_valid_pipeline_combinations():
     load_config(None, ["--parallelism.pp=2", "--parallelism.pp_layout=14,13"]).validate()
     load_config(None, ["--parallelism.pp=2", "--parallelism.pp_schedule=Interleaved1F1B",

@@ -479,6 +479,13 @@ class JobConfig:
             errs.append("checkpoint.frozen_weights = 'reload' re-reads the frozen base weights from "
                         "checkpoint.initial_load_hf: it needs lora.enable = true and checkpoint.initial_load_hf set "
                         "(or use 'save')")
+        dump = os.path.realpath(self.job.dump_folder)
+        held_out = self.validation.enable and self.validation.path
+        for key, path in (("data.path", self.data.path), ("validation.path", held_out)):
+            source = os.path.realpath(os.path.expanduser(path)) if path else ""
+            if os.path.isdir(source) and os.path.commonpath([dump, source]) == source:
+                errs.append(f"job.dump_folder = {self.job.dump_folder!r} lies inside {key} = {path!r}: the next run "
+                            "would read this run's metrics.jsonl and checkpoints as data; use a dump folder outside it")
         if errs:
             raise ConfigError("invalid config:\n  - " + "\n  - ".join(errs))
         return self
