@@ -309,6 +309,8 @@ def main(argv: list[str]) -> int:
     def run() -> int:
         if known.world_size < 1:
             raise ConfigError(f"--world-size must be >= 1 (got {known.world_size})")
+        if not known.gpu_memory_gib > 0:
+            raise ConfigError(f"--gpu-memory-gib must be > 0 (got {known.gpu_memory_gib:g}): the memory of one device")
         cfg = _placeholder_free(parse_args(rest))
         result = plan(cfg, known.world_size)
         print(report(result, cfg), flush=True)
