@@ -229,6 +229,7 @@ def test_missing_file_and_bad_syntax(tmp_path):
         (["--checkpoint.interval=0"], "checkpoint.interval must be >= 1"),
         (["--checkpoint.keep_latest_k=-1"], "keep_latest_k must be >= 0"),
         (["--checkpoint.load_step=-2"], "load_step must be -1"),
+        (["--checkpoint.enable=false", "--checkpoint.load_step=6"], "load_step = 6 resumes .* checkpoint.enable = true"),
         (["--checkpoint.folder="], "checkpoint.folder must not be empty"),
         (["--metrics.log_freq=0"], "metrics.log_freq must be >= 1"),
         (["--metrics.device_peak_flops=-1"], "device_peak_flops must be >= 0"),

@@ -316,6 +316,8 @@ class CheckpointSection:
             (self.interval >= 1, f"checkpoint.interval must be >= 1 (got {self.interval})"),
             (self.keep_latest_k >= 0, f"checkpoint.keep_latest_k must be >= 0 (0 = keep all; got {self.keep_latest_k})"),
             (self.load_step >= -1, f"checkpoint.load_step must be -1 (latest) or a step >= 0 (got {self.load_step})"),
+            (self.enable or self.load_step == -1, f"checkpoint.load_step = {self.load_step} resumes from a checkpoint, "
+             "which checkpoint.enable = false turns off: set checkpoint.enable = true"),
             (bool(self.folder), "checkpoint.folder must not be empty"),
             # inside the (locked) dump folder: rotation and cleanup then delete only this run's saves
             (not os.path.isabs(self.folder) and ".." not in pathlib.PurePath(self.folder).parts,
