@@ -84,7 +84,7 @@ def expand_paths_or_none(path: str) -> list[str]:
     """The jsonl files at path, or [] when there are none (then it is read as an HF dataset)."""
     try:
         return expand_paths(path, (".jsonl", ".jsonl.gz"), "jsonl")
-    except FileNotFoundError:
+    except DataError:
         return []
 
 
