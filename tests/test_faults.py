@@ -535,7 +535,7 @@ def test_hf_checkpoint_files_are_checked_at_open(tmp_path, hf_dir):
 
 def test_text_inputs_are_checked_and_name_the_file(tmp_path):
     """Fault: a truncated .jsonl.gz, an invalid tokenizer.json, tiktoken.model or tokenizer_config.json
-    raised raw library errors; tiktoken served a replaced tiktoken.model's old ranks; a lone surrogate in
+    raised raw library errors, so did an unreadable jsonl file; tiktoken served a replaced tiktoken.model's old ranks; a lone surrogate in
     a JSON line crashed the tokenizer instead of honouring data.on_bad_line."""
     gz = tmp_path / "docs.jsonl.gz"
     data = gzip.compress(b"".join(json.dumps({"text": f"document {i} " * 50}).encode() + b"\n" for i in range(200)))
@@ -560,6 +560,10 @@ def test_text_inputs_are_checked_and_name_the_file(tmp_path):
     (tik / "tokenizer_config.json").write_text('{"bos_token": ')
     with pytest.raises(DataError, match=r"tik/tokenizer_config\.json is not valid JSON"):
         build_tokenizer(str(tik))
+
+    (tmp_path / "gone.jsonl").symlink_to(tmp_path / "nowhere")  # unreadable, as a file without read permission
+    with pytest.raises(DataError, match=r"gone\.jsonl: cannot read it \(No such file or directory\)"):
+        list(read_jsonl([str(tmp_path / "gone.jsonl")]))
 
     lines = tmp_path / "surrogate.jsonl"
     lines.write_text('{"text": "ok"}\n{"text": "bad \\ud800 here"}\n{"text": "fine"}\n')

@@ -164,6 +164,8 @@ def _numbered_lines(path: str) -> Iterator[tuple[int, bytes]]:
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise DataError(f"{path}: corrupt or truncated gzip file after line {lineno} "
                         f"({type(e).__name__}: {e})") from None
+    except OSError as e:  # unreadable: permissions, a dangling symlink, an I/O error
+        raise DataError(f"{path}: cannot read it ({e.strerror or e}); fix it or remove it from data.path") from None
 
 
 _HF_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".arrow": "arrow", ".csv": "csv"}
