@@ -26,6 +26,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from moonlight.config import ModelArgs
 from moonlight.errors import ConfigError
 from moonlight.parallel.pipeline import SCHEDULES, layout_problems, schedule_problems
 
@@ -81,7 +82,16 @@ class ModelSection:
     --model.overrides.num_hidden_layers=4). Keys are checked against ModelArgs when the model is built."""
 
     def problems(self) -> list[str]:
-        return []
+        errs = []
+        fields = _hints(ModelArgs)
+        for key, value in self.overrides.items():
+            try:
+                if key in fields:  # an unknown key is named, with a did-you-mean, when the model is built
+                    _coerce(value, fields[key])
+            except _BadValue:
+                errs.append(f"model.overrides.{key} expects {_type_name(fields[key])}, got {type(value).__name__} "
+                            f"{value!r}")
+        return errs
 
 
 @dataclass
