@@ -145,12 +145,16 @@ def take_dump_folder_lock(dump_folder: str, rank: int) -> DumpFolderLock:
     return lock
 
 
-def check_runtime(cfg: JobConfig, args: ModelArgs, device: torch.device) -> None:
-    """Settings that are valid on their own but not for this model or device."""
+def check_seq_len(cfg: JobConfig, args: ModelArgs) -> None:
     if cfg.training.seq_len > args.max_position_embeddings:
         raise ConfigError(f"training.seq_len = {cfg.training.seq_len} exceeds the model's max_position_embeddings = "
                           f"{args.max_position_embeddings}: lower training.seq_len (or raise "
                           "model.overrides.max_position_embeddings for a model trained for longer contexts)")
+
+
+def check_runtime(cfg: JobConfig, args: ModelArgs, device: torch.device) -> None:
+    """Settings that are valid on their own but not for this model or device."""
+    check_seq_len(cfg, args)
     if args.kernels == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         raise ConfigError(f"model.kernels = 'triton' needs a CUDA GPU (this device is {device.type}); use "
                           "model.kernels = 'auto' or 'torch', or set TRITON_INTERPRET=1 to interpret the kernels")
