@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from moonlight.errors import ConfigError, NonFiniteError
+from moonlight.errors import ConfigError, DataError, NonFiniteError
 from moonlight.train.config import load_config
 from moonlight.train.megatron import MegatronIndexedWriter
 from moonlight.train.trainer import Trainer
@@ -109,6 +109,17 @@ def test_data_ids_beyond_the_vocabulary_are_rejected(tmp_path):
         _trainer(tmp_path, "--model.overrides.vocab_size=200", "--data.add_eos=false")  # bytes reach 255
     with pytest.raises(ConfigError, match="bos/eos ids reach 257"):
         _trainer(tmp_path, "--model.overrides.vocab_size=256")
+
+
+def test_a_tokenizer_without_eos_is_named(tmp_path):
+    """Fault: a tokenizer.json without bos/eos tokens was a TypeError in the trainer's vocabulary check."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1, "b": 2}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(DataError, match="data.add_eos = true but the tokenizer has no eos token: set data.add_eos"):
+        _trainer(tmp_path / "run", f"--data.tokenizer={tmp_path}")
 
 
 def test_validation_ids_beyond_the_vocabulary_are_rejected(tmp_path):

@@ -175,7 +175,7 @@ class Trainer:
         check_runtime(cfg, self.model_args, self.device)
         self.tokenizer = build_tokenizer(cfg.data.tokenizer)
         used = [i for i, on in ((self.tokenizer.bos_id, cfg.data.add_bos), (self.tokenizer.eos_id, cfg.data.add_eos))
-                if on]
+                if on and i is not None]  # a missing one is named by build_dataloader
         if used and max(used) >= self.model_args.vocab_size:
             raise ConfigError(f"the tokenizer's bos/eos ids reach {max(used)} but the model's vocab_size is "
                               f"{self.model_args.vocab_size}: raise model vocab_size or change data.tokenizer")
