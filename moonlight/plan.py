@@ -35,7 +35,7 @@ from moonlight.model.lora import apply_lora
 from moonlight.train.config import JobConfig, parse_args
 from moonlight.train.layout import build_layout, is_single_process, plan_layout
 from moonlight.train.optim import AdamW, Muon, build_optimizers
-from moonlight.train.trainer import build_model_args
+from moonlight.train.trainer import build_model_args, check_seq_len
 
 GIB = 1024 ** 3
 
@@ -234,6 +234,7 @@ def _in_forked_process(fn, *args):
 def plan(cfg: JobConfig, world_size: int, args: ModelArgs | None = None) -> Plan:
     """Per-rank memory of `cfg` on `world_size` ranks (the largest rank of each pipeline stage)."""
     args = args or build_model_args(cfg)
+    check_seq_len(cfg, args)
     p = cfg.parallelism
     single = is_single_process(cfg, world_size)
     dims = None if single else plan_layout(cfg, args, world_size)[0]  # the trainer's own checks, first
@@ -309,6 +310,8 @@ def main(argv: list[str]) -> int:
     def run() -> int:
         if known.world_size < 1:
             raise ConfigError(f"--world-size must be >= 1 (got {known.world_size})")
+        if not known.gpu_memory_gib > 0:
+            raise ConfigError(f"--gpu-memory-gib must be > 0 (got {known.gpu_memory_gib:g}): the memory of one device")
         cfg = _placeholder_free(parse_args(rest))
         result = plan(cfg, known.world_size)
         print(report(result, cfg), flush=True)

@@ -223,14 +223,18 @@ def test_bad_conversations_are_skipped_and_counted(tmp_path):
     assert "role 'robot'" in store.bad_lines[0] and "no assistant message" in store.bad_lines[1]
 
 
-def test_hf_dataset_with_a_custom_messages_column(tmp_path):
+def test_hf_dataset_with_a_custom_messages_column(tmp_path, monkeypatch):
     import datasets
 
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")  # load_dataset's cache
     rows = _conversations(6)
     datasets.Dataset.from_list([{"conv": r["messages"]} for r in rows]).save_to_disk(str(tmp_path / "ds"))
-    store = load_documents(_chat_cfg(tmp_path / "ds", messages_key="conv"), ByteTokenizer())
+    (tmp_path / "pq").mkdir()  # data files, not a saved dataset: were refused as "no jsonl files found"
+    datasets.Dataset.from_list([{"conv": r["messages"]} for r in rows]).to_parquet(str(tmp_path / "pq" / "a.parquet"))
     jsonl = load_documents(_chat_cfg(_write_chat(tmp_path / "c.jsonl", rows)), ByteTokenizer())
-    assert np.array_equal(store.tokens[0], jsonl.tokens[0]) and np.array_equal(store.targets[0], jsonl.targets[0])
+    for hf in ("ds", "pq"):
+        store = load_documents(_chat_cfg(tmp_path / hf, messages_key="conv"), ByteTokenizer())
+        assert np.array_equal(store.tokens[0], jsonl.tokens[0]) and np.array_equal(store.targets[0], jsonl.targets[0])
 
 
 def test_chat_loader_resumes_and_shards(tmp_path):

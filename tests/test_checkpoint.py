@@ -176,6 +176,10 @@ def test_partial_directories_are_ignored_and_named(tmp_path):
         ck.load(4)
     ck.save(3)  # the next save removes interrupted saves (but not a directory it did not write)
     assert sorted(os.listdir(folder)) == ["step-2", "step-3", "step-4"]
+    with pytest.raises(CheckpointSaveError, match="step-4 exists without a COMPLETE marker"):
+        ck.save(4)  # saving that very step is refused: the hand-copied directory was replaced and deleted
+    assert sorted(os.listdir(folder)) == ["step-2", "step-3", "step-4"]
+    assert (folder / "step-4" / ".metadata").read_bytes() == b"x"
 
 
 def test_mismatched_model_args_are_named(tmp_path):

@@ -427,6 +427,20 @@ def test_hf_non_string_rows(tmp_path, hf_cache):
         build_dataloader(data_cfg(tmp_path / "h", "hf", on_bad_line="error"), ByteTokenizer(), 4, 1)
 
 
+def test_hf_unreadable_files_are_named(tmp_path, hf_cache):
+    """Fault: a malformed json/csv file or saved dataset under data.format = "hf" was the parser's traceback."""
+    (tmp_path / "j").mkdir()
+    (tmp_path / "j" / "a.jsonl").write_text('{"text": "abc"\n')
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.csv").write_text('text,b\n1,2,3\n"x\n')
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "state.json").write_text("{")
+    for name, what in (("j", "its files cannot be read as a dataset"), ("c", "its files cannot be read as a dataset"),
+                       ("s", "not a readable saved dataset")):
+        with pytest.raises(DataError, match=rf"^data.path '{tmp_path / name}': {what} \("):
+            build_dataloader(data_cfg(tmp_path / name, "hf"), ByteTokenizer(), 4, 1)
+
+
 def test_missing_paths(tmp_path):
     with pytest.raises(DataError, match="no jsonl files"):
         build_dataloader(data_cfg(tmp_path / "nothing*.jsonl"), ByteTokenizer(), 4, 1)

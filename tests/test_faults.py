@@ -281,6 +281,16 @@ def test_a_second_trainer_on_a_locked_folder_refuses_and_touches_nothing(tmp_pat
         owner.wait()
 
 
+def test_a_dump_folder_that_is_a_file_is_named(tmp_path):
+    """Fault: a job.dump_folder that is a file (or lies under one) was a FileExistsError traceback on rank 0
+    while the other ranks waited for its lock."""
+    (tmp_path / "notes").write_text("mine")
+    for folder in (tmp_path / "notes", tmp_path / "notes" / "run"):
+        with pytest.raises(ConfigError, match=rf"cannot create job.dump_folder {folder}: .*use another --job"):
+            _trainer(folder, "--training.steps=2")
+    assert (tmp_path / "notes").read_text() == "mine"
+
+
 def test_a_stale_lock_is_replaced_with_a_warning_and_released_at_the_end(tmp_path, caplog):
     """Fault: a lock left by a killed trainer (its pid is gone). The next run takes over, says so,
     and removes its own lock when it finishes."""
@@ -524,8 +534,9 @@ def test_hf_checkpoint_files_are_checked_at_open(tmp_path, hf_dir):
 
 
 def test_text_inputs_are_checked_and_name_the_file(tmp_path):
-    """Fault: a truncated .jsonl.gz and an invalid tokenizer.json raised raw library errors; a lone
-    surrogate in a JSON line crashed the tokenizer instead of honouring data.on_bad_line."""
+    """Fault: a truncated .jsonl.gz, an invalid tokenizer.json, tiktoken.model or tokenizer_config.json
+    raised raw library errors, so did an unreadable jsonl file; tiktoken served a replaced tiktoken.model's old ranks; a lone surrogate in
+    a JSON line crashed the tokenizer instead of honouring data.on_bad_line."""
     gz = tmp_path / "docs.jsonl.gz"
     data = gzip.compress(b"".join(json.dumps({"text": f"document {i} " * 50}).encode() + b"\n" for i in range(200)))
     gz.write_bytes(data[: len(data) // 2])
@@ -535,6 +546,24 @@ def test_text_inputs_are_checked_and_name_the_file(tmp_path):
     (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": 42}')
     with pytest.raises(DataError, match=r"tokenizer\.json is not a valid tokenizer\.json"):
         build_tokenizer(str(tmp_path / "tokenizer.json"))
+
+    tik = tmp_path / "tik"
+    tik.mkdir()
+    (tik / "tiktoken.model").write_text("YQ== 0\nYg== 1\n")
+    assert build_tokenizer(str(tik)).vocab_size == 2 + 258
+    (tik / "tiktoken.model").write_text("YQ== 0\nYg== 1\nYw== 2\n")  # replaced: read again, never a stale copy
+    assert build_tokenizer(str(tik)).vocab_size == 3 + 258
+    (tik / "tiktoken.model").write_text("YQ== 0\ngarbage line\n")
+    with pytest.raises(DataError, match=r"tiktoken\.model:2: not a tiktoken ranks line"):
+        build_tokenizer(str(tik))
+    (tik / "tiktoken.model").write_text("YQ== 0\nYg== 1\n")
+    (tik / "tokenizer_config.json").write_text('{"bos_token": ')
+    with pytest.raises(DataError, match=r"tik/tokenizer_config\.json is not valid JSON"):
+        build_tokenizer(str(tik))
+
+    (tmp_path / "gone.jsonl").symlink_to(tmp_path / "nowhere")  # unreadable, as a file without read permission
+    with pytest.raises(DataError, match=r"gone\.jsonl: cannot read it \(No such file or directory\)"):
+        list(read_jsonl([str(tmp_path / "gone.jsonl")]))
 
     lines = tmp_path / "surrogate.jsonl"
     lines.write_text('{"text": "ok"}\n{"text": "bad \\ud800 here"}\n{"text": "fine"}\n')

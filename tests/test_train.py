@@ -5,11 +5,13 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
-from moonlight.errors import ConfigError, NonFiniteError
+from moonlight.errors import ConfigError, DataError, NonFiniteError
 from moonlight.train.config import load_config
+from moonlight.train.megatron import MegatronIndexedWriter
 from moonlight.train.trainer import Trainer
 
 SMALL = ["--training.seq_len=64", "--training.global_batch_size=4", "--training.local_batch_size=2",
@@ -107,6 +109,25 @@ def test_data_ids_beyond_the_vocabulary_are_rejected(tmp_path):
         _trainer(tmp_path, "--model.overrides.vocab_size=200", "--data.add_eos=false")  # bytes reach 255
     with pytest.raises(ConfigError, match="bos/eos ids reach 257"):
         _trainer(tmp_path, "--model.overrides.vocab_size=256")
+
+
+def test_a_tokenizer_without_eos_is_named(tmp_path):
+    """Fault: a tokenizer.json without bos/eos tokens was a TypeError in the trainer's vocabulary check."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1, "b": 2}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(DataError, match="data.add_eos = true but the tokenizer has no eos token: set data.add_eos"):
+        _trainer(tmp_path / "run", f"--data.tokenizer={tmp_path}")
+
+
+def test_validation_ids_beyond_the_vocabulary_are_rejected(tmp_path):
+    with MegatronIndexedWriter(str(tmp_path / "held_out"), np.uint16) as w:
+        w.add_document([5, 290] + [7] * 100)  # e.g. another tokenizer's ids; the training bytes stay below 280
+    with pytest.raises(ConfigError, match="validation data holds token id 290 .* vocab_size is 280"):
+        _trainer(tmp_path / "run", "--model.overrides.vocab_size=280", "--validation.enable=true",
+                 "--validation.format=megatron", f"--validation.path={tmp_path / 'held_out'}")
 
 
 def test_train_py_reports_config_errors_cleanly(tmp_path):

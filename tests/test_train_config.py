@@ -229,6 +229,10 @@ def test_missing_file_and_bad_syntax(tmp_path):
         (["--checkpoint.interval=0"], "checkpoint.interval must be >= 1"),
         (["--checkpoint.keep_latest_k=-1"], "keep_latest_k must be >= 0"),
         (["--checkpoint.load_step=-2"], "load_step must be -1"),
+        (["--model.overrides.first_k_dense_replace=x"], "model.overrides.first_k_dense_replace expects int, got str 'x'"),
+        (["--model.overrides.num_hidden_layers=true"], "model.overrides.num_hidden_layers expects int, got bool True"),
+        (["--model.overrides.rope_theta=fast"], "model.overrides.rope_theta expects float, got str 'fast'"),
+        (["--checkpoint.enable=false", "--checkpoint.load_step=6"], "load_step = 6 resumes .* checkpoint.enable = true"),
         (["--checkpoint.folder="], "checkpoint.folder must not be empty"),
         (["--metrics.log_freq=0"], "metrics.log_freq must be >= 1"),
         (["--metrics.device_peak_flops=-1"], "device_peak_flops must be >= 0"),
@@ -251,6 +255,20 @@ def test_validation_reports_every_problem():
     with pytest.raises(ConfigError) as e:
         cfg.validate()
     assert "training.steps" in str(e.value) and "optimizer.lr" in str(e.value)
+
+
+def test_dump_folder_inside_the_data_is_refused(tmp_path):
+    """Fault: a dump folder in (or equal to) the data directory: the next run read metrics.jsonl as data."""
+    (tmp_path / "corpus").mkdir()
+    for dump in ("corpus", "corpus/run"):
+        cfg = load_config(None, [f"--data.path={tmp_path / 'corpus'}", f"--job.dump_folder={tmp_path / dump}"])
+        with pytest.raises(ConfigError, match=r"job.dump_folder = .* lies inside data.path = .*corpus'"):
+            cfg.validate()
+    cfg = load_config(None, [f"--data.path={tmp_path / 'corpus'}", f"--job.dump_folder={tmp_path / 'corpus/run'}",
+                             "--validation.enable=true", f"--validation.path={tmp_path}", "--data.path=data/corpus"])
+    with pytest.raises(ConfigError, match=r"lies inside validation.path"):
+        cfg.validate()
+    load_config(None, [f"--data.path={tmp_path / 'corpus'}", f"--job.dump_folder={tmp_path}"]).validate()
 
 
 def test_valid_pipeline_combinations():

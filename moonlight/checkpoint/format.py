@@ -359,6 +359,9 @@ def finalize_dir(tmp: str, final: str, records: dict[str, dict[str, Any]] | None
     fsync_path(tmp)
     parent = os.path.dirname(final)
     old = None
+    if os.path.exists(final) and not is_complete(final):  # not a checkpoint we finished: not ours to delete
+        raise CheckpointError(f"{final} exists without a {MARKER} marker (not written by moonlight, or being "
+                              "copied in): move it out of the way or delete it")
     if os.path.exists(final):  # re-saving a step: move the old one out of the way first
         old = final + ".replaced.tmp"
         shutil.rmtree(old, ignore_errors=True)

@@ -26,6 +26,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from moonlight.config import ModelArgs
 from moonlight.errors import ConfigError
 from moonlight.parallel.pipeline import SCHEDULES, layout_problems, schedule_problems
 
@@ -81,7 +82,16 @@ class ModelSection:
     --model.overrides.num_hidden_layers=4). Keys are checked against ModelArgs when the model is built."""
 
     def problems(self) -> list[str]:
-        return []
+        errs = []
+        fields = _hints(ModelArgs)
+        for key, value in self.overrides.items():
+            try:
+                if key in fields:  # an unknown key is named, with a did-you-mean, when the model is built
+                    _coerce(value, fields[key])
+            except _BadValue:
+                errs.append(f"model.overrides.{key} expects {_type_name(fields[key])}, got {type(value).__name__} "
+                            f"{value!r}")
+        return errs
 
 
 @dataclass
@@ -317,6 +327,8 @@ class CheckpointSection:
             (self.interval >= 1, f"checkpoint.interval must be >= 1 (got {self.interval})"),
             (self.keep_latest_k >= 0, f"checkpoint.keep_latest_k must be >= 0 (0 = keep all; got {self.keep_latest_k})"),
             (self.load_step >= -1, f"checkpoint.load_step must be -1 (latest) or a step >= 0 (got {self.load_step})"),
+            (self.enable or self.load_step == -1, f"checkpoint.load_step = {self.load_step} resumes from a checkpoint, "
+             "which checkpoint.enable = false turns off: set checkpoint.enable = true"),
             (bool(self.folder), "checkpoint.folder must not be empty"),
             # inside the (locked) dump folder: rotation and cleanup then delete only this run's saves
             (not os.path.isabs(self.folder) and ".." not in pathlib.PurePath(self.folder).parts,
@@ -480,6 +492,13 @@ class JobConfig:
             errs.append("checkpoint.frozen_weights = 'reload' re-reads the frozen base weights from "
                         "checkpoint.initial_load_hf: it needs lora.enable = true and checkpoint.initial_load_hf set "
                         "(or use 'save')")
+        dump = os.path.realpath(self.job.dump_folder)
+        held_out = self.validation.enable and self.validation.path
+        for key, path in (("data.path", self.data.path), ("validation.path", held_out)):
+            source = os.path.realpath(os.path.expanduser(path)) if path else ""
+            if os.path.isdir(source) and os.path.commonpath([dump, source]) == source:
+                errs.append(f"job.dump_folder = {self.job.dump_folder!r} lies inside {key} = {path!r}: the next run "
+                            "would read this run's metrics.jsonl and checkpoints as data; use a dump folder outside it")
         if errs:
             raise ConfigError("invalid config:\n  - " + "\n  - ".join(errs))
         return self

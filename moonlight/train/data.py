@@ -373,9 +373,11 @@ def build_dataloader(
     add_bos = bool(getattr(cfg_data, "add_bos", False)) and not chat
     add_eos = bool(getattr(cfg_data, "add_eos", True)) and not chat
     if add_bos and tokenizer.bos_id is None:
-        raise DataError("data.add_bos = true but the tokenizer has no bos token")
+        raise DataError("data.add_bos = true but the tokenizer has no bos token: set data.add_bos = false, or name "
+                        "bos_token in the tokenizer's tokenizer_config.json")
     if add_eos and tokenizer.eos_id is None:
-        raise DataError("data.add_eos = true but the tokenizer has no eos token")
+        raise DataError("data.add_eos = true but the tokenizer has no eos token: set data.add_eos = false, or name "
+                        "eos_token in the tokenizer's tokenizer_config.json")
     if store is None:
         store = load_documents(cfg_data, tokenizer)
     if cfg_data.format == "chat":  # the chat template decides the special tokens

@@ -84,7 +84,7 @@ def expand_paths_or_none(path: str) -> list[str]:
     """The jsonl files at path, or [] when there are none (then it is read as an HF dataset)."""
     try:
         return expand_paths(path, (".jsonl", ".jsonl.gz"), "jsonl")
-    except FileNotFoundError:
+    except DataError:
         return []
 
 
@@ -164,6 +164,8 @@ def _numbered_lines(path: str) -> Iterator[tuple[int, bytes]]:
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise DataError(f"{path}: corrupt or truncated gzip file after line {lineno} "
                         f"({type(e).__name__}: {e})") from None
+    except OSError as e:  # unreadable: permissions, a dangling symlink, an I/O error
+        raise DataError(f"{path}: cannot read it ({e.strerror or e}); fix it or remove it from data.path") from None
 
 
 _HF_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".arrow": "arrow", ".csv": "csv"}
@@ -175,6 +177,11 @@ def is_saved_dataset(path: str) -> bool:
     )
 
 
+def _cause(e: BaseException) -> str:
+    e = e.__cause__ or e
+    return f"{type(e).__name__}: {e}"
+
+
 def read_hf(path: str, text_key: str = "text", split: str = "train", on_bad_line: str = "skip",
             bad: BadLines | None = None, problem: Callable[[Any], str | None] = _text_problem) -> Iterator[Any]:
     """Texts of a local HF dataset (save_to_disk directory, or data files). Offline only."""
@@ -184,8 +191,13 @@ def read_hf(path: str, text_key: str = "text", split: str = "train", on_bad_line
 
     bad = bad or BadLines(on_bad_line)
     path = os.path.expanduser(path)
+    # malformed files surface as the parser's ValueError (pyarrow, pandas, ujson) or wrapped by datasets
+    unreadable = (ValueError, OSError, datasets.exceptions.DatasetGenerationError)
     if is_saved_dataset(path):
-        ds = datasets.load_from_disk(path)
+        try:
+            ds = datasets.load_from_disk(path)
+        except unreadable as e:
+            raise DataError(f"data.path {path!r}: not a readable saved dataset ({_cause(e)})") from None
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
                 raise DataError(f"data.path {path!r} has splits {list(ds)}, not data.split={split!r}")
@@ -202,7 +214,10 @@ def read_hf(path: str, text_key: str = "text", split: str = "train", on_bad_line
         if split != "train":
             raise DataError(f"data.path {path!r}: data files form one dataset without splits; data.split={split!r} "
                             "cannot apply (leave it at 'train', or point data.path at that split's files)")
-        ds = datasets.load_dataset(builders.pop(), data_files=files, split="train")
+        try:
+            ds = datasets.load_dataset(builders.pop(), data_files=files, split="train")
+        except unreadable as e:
+            raise DataError(f"data.path {path!r}: its files cannot be read as a dataset ({_cause(e)})") from None
         where0 = path
     if text_key not in ds.column_names:
         raise DataError(f"data.path {path!r}: no column data.text_key={text_key!r} (columns: {ds.column_names})")

@@ -42,7 +42,12 @@ class DumpFolderLock:
 
     def acquire(self) -> None:
         """Create the lock file (atomically, O_EXCL); raise ConfigError if a live trainer holds it."""
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        folder = os.path.dirname(self.path)
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:  # a file of that name, or a file on the way to it
+            raise ConfigError(f"cannot create job.dump_folder {folder}: {e.strerror}; use another --job.dump_folder"
+                              ) from None
         me = {"host": socket.gethostname(), "pid": os.getpid(),
               "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "token": uuid.uuid4().hex}

@@ -10,6 +10,7 @@ Nothing is ever downloaded.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 from typing import Iterator, Protocol, Sequence
@@ -131,6 +132,31 @@ def _split_runs(s: str, max_len: int) -> Iterator[str]:
     yield s[start:]
 
 
+def _read_tokenizer_config(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as e:  # also a file that is not UTF-8
+        raise DataError(f"{path} is not valid JSON: {e}") from None
+
+
+def _read_tiktoken_ranks(path: str) -> dict[bytes, int]:
+    """The ranks file read here: tiktoken's load_tiktoken_bpe keeps a copy in the temp dir keyed by the
+    path and serves that copy afterwards, so a file replaced at the same path loaded its old ranks."""
+    ranks = {}
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token)] = int(rank)
+            except ValueError:  # also binascii.Error
+                raise DataError(f"{path}:{number}: not a tiktoken ranks line (\"base64token rank\"): "
+                                f"{line[:80]!r}") from None
+    return ranks
+
+
 class TikTokenTokenizer:
     """Moonlight's tiktoken tokenizer from a local `tiktoken.model` ranks file
     ("base64token rank" per line). Special tokens take ids len(ranks) .. len(ranks)+257:
@@ -141,15 +167,13 @@ class TikTokenTokenizer:
 
     def __init__(self, model_file: str, config_file: str | None = None) -> None:
         import tiktoken
-        from tiktoken.load import load_tiktoken_bpe
 
-        ranks = load_tiktoken_bpe(model_file)
+        ranks = _read_tiktoken_ranks(model_file)
         n = len(ranks)
         names = {n + j: t for j, t in enumerate(["[BOS]", "[EOS]"] + DEFAULT_ADDITIONAL_SPECIALS)}
         bos_tok, eos_tok = "[BOS]", "[EOS]"
         if config_file and os.path.exists(config_file):
-            with open(config_file, encoding="utf-8") as f:
-                cfg = json.load(f)
+            cfg = _read_tokenizer_config(config_file)
             for k, v in (cfg.get("added_tokens_decoder") or {}).items():
                 names[int(k)] = v["content"] if isinstance(v, dict) else str(v)
             bos_tok = _token_str(cfg.get("bos_token")) or bos_tok
@@ -231,8 +255,7 @@ class HFTokenizer:
         bos = eos = None
         cfg_path = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer_config.json")
         if os.path.exists(cfg_path):
-            with open(cfg_path, encoding="utf-8") as f:
-                cfg = json.load(f)
+            cfg = _read_tokenizer_config(cfg_path)
             bos, eos = _token_str(cfg.get("bos_token")), _token_str(cfg.get("eos_token"))
         if bos is None:
             bos = next((t for t in self._BOS_NAMES if t in vocab), None)

@@ -69,6 +69,14 @@ def build_model_args(cfg: JobConfig) -> ModelArgs:
                                         "aux_loss_alpha": cfg.moe.aux_loss_coeff})
 
 
+def check_token_ids(store, vocab_size: int, what: str) -> None:
+    """Moonlight's tokenizer has 2 more ids than embedding rows: check the ids the data really uses."""
+    largest = max(int(tokens.max()) for tokens in store.tokens if tokens.size)
+    if largest >= vocab_size:
+        raise ConfigError(f"the {what} holds token id {largest} but the model's vocab_size is "
+                          f"{vocab_size}: raise model vocab_size or change data.tokenizer")
+
+
 def load_initial_weights(ckpt: Checkpointer, path: str, lora: bool = False) -> bool:
     """Weights for a fresh run (one with no checkpoint in ckpt's folder; returns whether it loaded):
     an HF directory, each rank reading only its slices, or a model-only DCP checkpoint from
@@ -137,12 +145,16 @@ def take_dump_folder_lock(dump_folder: str, rank: int) -> DumpFolderLock:
     return lock
 
 
-def check_runtime(cfg: JobConfig, args: ModelArgs, device: torch.device) -> None:
-    """Settings that are valid on their own but not for this model or device."""
+def check_seq_len(cfg: JobConfig, args: ModelArgs) -> None:
     if cfg.training.seq_len > args.max_position_embeddings:
         raise ConfigError(f"training.seq_len = {cfg.training.seq_len} exceeds the model's max_position_embeddings = "
                           f"{args.max_position_embeddings}: lower training.seq_len (or raise "
                           "model.overrides.max_position_embeddings for a model trained for longer contexts)")
+
+
+def check_runtime(cfg: JobConfig, args: ModelArgs, device: torch.device) -> None:
+    """Settings that are valid on their own but not for this model or device."""
+    check_seq_len(cfg, args)
     if args.kernels == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         raise ConfigError(f"model.kernels = 'triton' needs a CUDA GPU (this device is {device.type}); use "
                           "model.kernels = 'auto' or 'torch', or set TRITON_INTERPRET=1 to interpret the kernels")
@@ -163,7 +175,7 @@ class Trainer:
         check_runtime(cfg, self.model_args, self.device)
         self.tokenizer = build_tokenizer(cfg.data.tokenizer)
         used = [i for i, on in ((self.tokenizer.bos_id, cfg.data.add_bos), (self.tokenizer.eos_id, cfg.data.add_eos))
-                if on]
+                if on and i is not None]  # a missing one is named by build_dataloader
         if used and max(used) >= self.model_args.vocab_size:
             raise ConfigError(f"the tokenizer's bos/eos ids reach {max(used)} but the model's vocab_size is "
                               f"{self.model_args.vocab_size}: raise model vocab_size or change data.tokenizer")
@@ -197,12 +209,10 @@ class Trainer:
         self.dataloader = build_dataloader(cfg.data, self.tokenizer, t.seq_len, t.local_batch_size,
                                            dp_rank, dp_world, t.seed)
         self.document_mask = cfg.data.document_mask or cfg.data.format == "chat"
-        # Moonlight's tokenizer has 2 more ids than embedding rows: check the ids the data really uses.
-        largest = max(int(tokens.max()) for tokens in self.dataloader.store.tokens if tokens.size)
-        if largest >= self.model_args.vocab_size:
-            raise ConfigError(f"the data holds token id {largest} but the model's vocab_size is "
-                              f"{self.model_args.vocab_size}: raise model vocab_size or change data.tokenizer")
+        check_token_ids(self.dataloader.store, self.model_args.vocab_size, "data")
         self.validator = Validator(cfg, self.tokenizer, self.parallel, self.device) if cfg.validation.enable else None
+        if self.validator is not None:
+            check_token_ids(self.validator.loader.store, self.model_args.vocab_size, "validation data")
         self.step = 0
         self._last_inputs = None
         self._nonfinite_in_a_row = 0
