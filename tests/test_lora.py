@@ -6,6 +6,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -323,6 +324,18 @@ def test_lora_checkpoints_leave_the_frozen_base_out_and_resume_exactly(tmp_path,
     saved.train()
     stored = {k.removeprefix("model.") for k in fmt.stored_tensors(str(tmp_path / "c" / "checkpoint" / "step-2"))}
     assert "layers.0.attn.q_proj.weight" in stored
+
+
+def test_resuming_with_other_lora_settings_is_refused(tmp_path):
+    """Another rank does not fit the saved adapters (it was a DCP traceback); another alpha, DoRA or target
+    list would resume them silently changed or dropped. Dropout only affects training: it may change."""
+    run = ["--training.steps=2", "--checkpoint.enable=true", "--checkpoint.interval=2"]
+    Trainer(_cfg(tmp_path, *run)).train()
+    for change, saved in [("--lora.rank=2", "lora.rank = 4"), ("--lora.alpha=4", "lora.alpha = 16.0"),
+                          ("--lora.dora=true", "lora.dora = False"), ("--lora.targets=attn.o_proj", "lora.targets")]:
+        with pytest.raises(CheckpointError, match=f"step-2 was saved with {re.escape(saved)} .*this run"):
+            Trainer(_cfg(tmp_path, *run, "--training.steps=4", change))
+    assert Trainer(_cfg(tmp_path, *run, "--training.steps=4", "--lora.dropout=0.1")).step == 2
 
 
 def test_frozen_weights_reload_needs_a_lora_run_from_a_base(tmp_path):

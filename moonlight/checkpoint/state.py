@@ -520,6 +520,7 @@ class Checkpointer:
             fmt.check_intact(path)
         meta = fmt.read_meta(path)
         fmt.check_model_args(path, meta, self.args)
+        self._check_lora(path, meta)
         contents = ["model"] if model_only else meta.get("contents", ["model"])
         base = meta.get("frozen_weights_from")
         if base:
@@ -546,6 +547,20 @@ class Checkpointer:
         if distributed.rank() == 0:
             logger.info("checkpoint: restored %s (%s) at step %d", path, ", ".join(contents), step)
         return step
+
+    def _check_lora(self, path: str, meta: dict) -> None:
+        """The adapters are resumed only under the [lora] settings they were trained with: another rank
+        does not fit them, and another alpha, DoRA or target list would silently change or drop them."""
+        saved, mine = (meta.get("layout") or {}).get("lora"), self.layout.get("lora")
+        if not saved or not mine:
+            return
+        diffs = [f"{key} = {saved[key]!r} (this run: {mine[key]!r})" for key in ("rank", "alpha", "dora", "targets")
+                 if key in saved and key in mine
+                 and (sorted(saved[key]) != sorted(mine[key]) if key == "targets" else saved[key] != mine[key])]
+        if diffs:
+            raise CheckpointError(f"checkpoint {path} was saved with lora.{'; lora.'.join(diffs)}: resume with those "
+                                  "settings, or start a new run (another job.dump_folder) from its merged export "
+                                  "(python -m moonlight.convert dcp-to-hf) as checkpoint.initial_load_hf")
 
     def _load_frozen_weights(self, path: str, base: str) -> None:
         """A checkpoint saved without its frozen weights: read them from its base first."""
