@@ -90,6 +90,8 @@ def dcp_to_hf(dcp_dir: str, out: str, config: str | None = None, preset: str | N
     path = fmt.resolve_checkpoint(dcp_dir, step)
     fmt.check_intact(path)
     meta = fmt.read_meta(path) if os.path.exists(os.path.join(path, fmt.META)) else None
+    if meta and meta.get("frozen_weights_from"):  # a LoRA run's base model is an input too
+        check_output(out, meta["frozen_weights_from"])
     args = ModelArgs.from_hf_config(config) if config else ModelArgs.preset(preset) if preset else None
     hint = ""
     if meta and meta.get("model_args") and args is not None:

@@ -338,6 +338,22 @@ def test_resuming_with_other_lora_settings_is_refused(tmp_path):
     assert Trainer(_cfg(tmp_path, *run, "--training.steps=4", "--lora.dropout=0.1")).step == 2
 
 
+def test_dcp_to_hf_never_overwrites_the_base_a_lora_checkpoint_reads(tmp_path, capsys):
+    """The base directory holds only what an HF export writes, so --overwrite alone did not stop dcp-to-hf
+    from replacing the frozen weights it was reading (and every later resume of the run with them)."""
+    from moonlight.convert import main
+
+    base = tmp_path / "base"
+    export_hf([_model(seed=7)], base)
+    before = {f.name: f.read_bytes() for f in base.iterdir()}
+    Trainer(_cfg(tmp_path / "run", "--training.steps=2", "--checkpoint.enable=true", "--checkpoint.interval=2",
+                 f"--checkpoint.initial_load_hf={base}")).train()
+    with pytest.raises(SystemExit) as e:
+        main(["dcp-to-hf", "--dcp", str(tmp_path / "run" / "checkpoint"), "--out", str(base), "--overwrite"])
+    assert e.value.code == 2 and f"overlaps the input {base}" in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in base.iterdir()} == before
+
+
 def test_frozen_weights_reload_needs_a_lora_run_from_a_base(tmp_path):
     with pytest.raises(ConfigError, match="frozen_weights = 'reload' re-reads the frozen base weights"):
         _cfg(tmp_path, "--checkpoint.frozen_weights=reload").validate()
