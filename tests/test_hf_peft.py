@@ -158,6 +158,12 @@ def test_dcp_to_peft_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "full" / "x").write_text("")
     assert "--overwrite" in error("--dcp", str(plain / "checkpoint"), "--out", str(tmp_path / "full"))
     assert "step 7 not found" in error("--dcp", str(plain / "checkpoint"), "--step", "7", "--out", str(tmp_path / "o"))
+    lora = tmp_path / "lora"
+    Trainer(_cfg(lora, "--training.steps=1", "--checkpoint.enable=true")).train()
+    shard = next((lora / "checkpoint" / "step-1").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])  # was a DCP traceback
+    assert f"is damaged: {shard}: 100 bytes" in error("--dcp", str(lora / "checkpoint"), "--out", str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
 
 
 def test_adapter_settings_need_lora(tmp_path):
