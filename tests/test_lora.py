@@ -368,6 +368,17 @@ def test_a_lora_checkpoint_as_initial_load_hf_is_refused(tmp_path):
                          f"--checkpoint.initial_load_hf={step2}"))
 
 
+def test_a_model_only_checkpoint_as_step_0_of_a_lora_run_names_initial_load_hf(tmp_path):
+    """hf-to-dcp's output placed as step-0 resumes a full run, but holds no adapters for a LoRA one."""
+    from moonlight.convert import hf_to_dcp
+
+    export_hf([_model(seed=7)], tmp_path / "hf")
+    hf_to_dcp(str(tmp_path / "hf"), str(tmp_path / "run" / "checkpoint" / "step-0"))
+    with pytest.raises(CheckpointError, match="holds no LoRA/DoRA adapters: start a LoRA run from it with "
+                                              "checkpoint.initial_load_hf"):
+        Trainer(_cfg(tmp_path / "run", "--training.steps=2", "--checkpoint.enable=true"))
+
+
 def test_frozen_weights_reload_needs_a_lora_run_from_a_base(tmp_path):
     with pytest.raises(ConfigError, match="frozen_weights = 'reload' re-reads the frozen base weights"):
         _cfg(tmp_path, "--checkpoint.frozen_weights=reload").validate()

@@ -68,6 +68,7 @@ from moonlight import distributed
 from moonlight.checkpoint import format as fmt
 from moonlight.config import ModelArgs
 from moonlight.errors import CheckpointError, CheckpointSaveError
+from moonlight.model.lora import is_adapter_name
 
 logger = logging.getLogger(__name__)
 
@@ -578,7 +579,8 @@ class Checkpointer:
             missing = sorted({f"{top}.{k}" for k in sub} - stored)
             if missing:
                 hint = (" (was the optimizer changed, e.g. adamw <-> muon?)" if top == "optimizer"
-                        else " (a different model?)")
+                        else " (it holds no LoRA/DoRA adapters: start a LoRA run from it with checkpoint.initial_load_hf)"
+                        if all(is_adapter_name(m) for m in missing) else " (a different model?)")
                 raise CheckpointError(f"checkpoint {path} lacks {len(missing)} {top} entr(ies) this run needs, e.g. "
                                       f"{[m[len(top) + 1:] for m in missing[:5]]}{hint}")
 
