@@ -354,16 +354,17 @@ def test_dcp_to_hf_never_overwrites_the_base_a_lora_checkpoint_reads(tmp_path, c
     assert {f.name: f.read_bytes() for f in base.iterdir()} == before
 
 
-def test_a_lora_checkpoint_as_initial_load_hf_is_refused(tmp_path):
-    """It holds no base weights and names itself nowhere: the load re-read its own base from initial_load_hf
-    (a KeyError with LoRA, endless recursion without)."""
+@pytest.mark.parametrize("frozen_weights", ["auto", "save"])
+def test_a_lora_checkpoint_as_initial_load_hf_is_refused(tmp_path, frozen_weights):
+    """Without its base weights ("auto") the load re-read its own base from initial_load_hf (a KeyError with
+    LoRA, endless recursion without); with them ("save") the trained adapters were silently dropped."""
     base = tmp_path / "base"
     export_hf([_model(seed=7)], base)
     Trainer(_cfg(tmp_path / "run", "--training.steps=2", "--checkpoint.enable=true", "--checkpoint.interval=2",
-                 f"--checkpoint.initial_load_hf={base}")).train()
+                 f"--checkpoint.initial_load_hf={base}", f"--checkpoint.frozen_weights={frozen_weights}")).train()
     step2 = tmp_path / "run" / "checkpoint" / "step-2"
     for lora in ("true", "false"):
-        with pytest.raises(CheckpointError, match="is a LoRA/DoRA run's checkpoint, which holds no base weights"):
+        with pytest.raises(CheckpointError, match="is a LoRA/DoRA run's checkpoint, not a base model"):
             Trainer(_cfg(tmp_path / f"new-{lora}", "--training.steps=2", f"--lora.enable={lora}",
                          f"--checkpoint.initial_load_hf={step2}"))
 
