@@ -90,6 +90,8 @@ def dcp_to_hf(dcp_dir: str, out: str, config: str | None = None, preset: str | N
     path = fmt.resolve_checkpoint(dcp_dir, step)
     fmt.check_intact(path)
     meta = fmt.read_meta(path) if os.path.exists(os.path.join(path, fmt.META)) else None
+    if meta and meta.get("frozen_weights_from"):  # a LoRA run's base model is an input too
+        check_output(out, meta["frozen_weights_from"])
     args = ModelArgs.from_hf_config(config) if config else ModelArgs.preset(preset) if preset else None
     hint = ""
     if meta and meta.get("model_args") and args is not None:
@@ -107,6 +109,7 @@ def dcp_to_peft(dcp_dir: str, out: str, step: int = -1, overwrite: bool = False)
     path = fmt.resolve_checkpoint(dcp_dir, step)
     check_output(out, path)
     check_replaceable(os.path.abspath(out), PEFT_OUTPUT, overwrite, "a PEFT adapter")
+    fmt.check_intact(path)
     adapters, args, lora = load_dcp_adapters(path)
     print(f"writing PEFT adapter ({len(adapters)} tensors) to {out}", file=sys.stderr)
     return save_peft_adapter(adapters, args, lora, out, overwrite=overwrite)

@@ -38,7 +38,7 @@ import torch
 
 from kernels import resolve_impl, rope_tables, rotate_rope_
 from moonlight.checkpoint.export import load_dcp_model
-from moonlight.checkpoint.format import resolve_checkpoint
+from moonlight.checkpoint.format import check_intact, resolve_checkpoint
 from moonlight.config import ModelArgs
 from moonlight.errors import ConfigError, exit_on_user_error
 from moonlight.hf import load_hf
@@ -282,7 +282,9 @@ def _load_model(ns: argparse.Namespace) -> Moonlight:
     if ns.hf:
         model = load_hf(ns.hf, dtype=dtype, device=ns.device)
     else:
-        model = load_dcp_model(resolve_checkpoint(ns.dcp, -1 if ns.step is None else ns.step))
+        path = resolve_checkpoint(ns.dcp, -1 if ns.step is None else ns.step)
+        check_intact(path)  # a damaged file is named, not a DCP traceback
+        model = load_dcp_model(path)
         model = model.to(device=ns.device, dtype=dtype)
     if ns.adapter:
         apply_peft_adapter(model, ns.adapter)

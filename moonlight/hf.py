@@ -154,6 +154,14 @@ HF_OUTPUT = re.compile(r"^(config\.json|model\.safetensors\.index\.json|model(-\
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
+def open_safetensors(path: str):
+    """A safetensors handle (`safe_open`); opening reads its header and checks it against the file size."""
+    try:
+        return safe_open(path, "pt")
+    except Exception as e:  # SafetensorError (header, truncation) or OSError
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+
 class HFCheckpoint:
     """Read access to a HF safetensors directory (single file or sharded with an index), tensor by
     tensor or slice by slice, never loading a whole shard."""
@@ -193,12 +201,7 @@ class HFCheckpoint:
     def _open(self, name: str):
         """A shard's safetensors handle; opening reads its header and checks it against the file size."""
         if name not in self._handles:
-            path = os.path.join(self.path, name)
-            try:
-                self._handles[name] = safe_open(path, "pt")
-            except Exception as e:  # SafetensorError (header, truncation) or OSError
-                raise CheckpointError(f"{path} is not a readable safetensors file "
-                                      f"(truncated or corrupt?): {e}") from None
+            self._handles[name] = open_safetensors(os.path.join(self.path, name))
         return self._handles[name]
 
     def _handle(self, key: str):

@@ -22,14 +22,13 @@ import tempfile
 from collections.abc import Mapping
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from moonlight.config import ModelArgs
 from moonlight.errors import CheckpointError
-from moonlight.hf import hf_keys
+from moonlight.hf import hf_keys, open_safetensors
 from moonlight.model.lora import apply_lora, is_adapter_name, lora_modules, merge_lora
 from moonlight.outputs import check_replaceable
 
@@ -116,8 +115,15 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict:
     if not os.path.isfile(path) or not os.path.isfile(os.path.join(adapter_dir, ADAPTER_WEIGHTS)):
         raise CheckpointError(f"{adapter_dir} is not a PEFT adapter directory (needs {ADAPTER_CONFIG} and "
                               f"{ADAPTER_WEIGHTS})")
-    with open(path) as f:
-        cfg = json.load(f)
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise CheckpointError(f"{path} is not valid JSON ({e}): is the adapter complete?") from None
+    if not (isinstance(cfg, dict) and isinstance(cfg.get("r"), int)
+            and isinstance(cfg.get("lora_alpha"), (int, float))):
+        raise CheckpointError(f"{path} is not a PEFT LoRA config: it needs an object with an integer r and a "
+                              "lora_alpha")
     unsupported = [(cfg.get("peft_type") != "LORA", f"peft_type {cfg.get('peft_type')!r} (only LORA)"),
                    (bool(cfg.get("use_rslora")), "use_rslora"),
                    (bool(cfg.get("fan_in_fan_out")), "fan_in_fan_out"),
@@ -148,7 +154,7 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> dict:
                 f"but the model's {name} has rank {m.rank} alpha {m.alpha:g} dora {m.use_dora}: set [lora] to match")
     params = {k: p for k, p in model.named_parameters() if is_adapter_name(k)}
     wanted = {peft_key(k, args): k for k in params}
-    with safe_open(os.path.join(adapter_dir, ADAPTER_WEIGHTS), "pt") as f:
+    with open_safetensors(os.path.join(adapter_dir, ADAPTER_WEIGHTS)) as f:
         found = set(f.keys())
         missing, unexpected = sorted(set(wanted) - found), sorted(found - set(wanted))
         if missing or unexpected:
@@ -172,7 +178,7 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> dict:
 def adapter_modules(model: nn.Module, adapter_dir: str | os.PathLike) -> list[str]:
     """The names of the model's linear modules that the adapter in `adapter_dir` adapts."""
     args = model.args
-    with safe_open(os.path.join(adapter_dir, ADAPTER_WEIGHTS), "pt") as f:
+    with open_safetensors(os.path.join(adapter_dir, ADAPTER_WEIGHTS)) as f:
         found = set(f.keys())
     return [n for n, m in model.named_modules()
             if isinstance(m, nn.Linear) and peft_key(f"{n}.lora_a.weight", args) in found]

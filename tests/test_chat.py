@@ -217,10 +217,21 @@ def test_overflow_truncates_or_drops_and_reports(tmp_path, caplog):
 
 def test_bad_conversations_are_skipped_and_counted(tmp_path):
     rows = _conversations(4) + [{"messages": [{"role": "robot", "content": "x"}]},
-                                {"messages": [{"role": "user", "content": "no answer"}]}, {"messages": "hi"}]
+                                {"messages": [{"role": "user", "content": "no answer"}]}, {"messages": "hi"},
+                                {"messages": []}]
     store = load_documents(_chat_cfg(_write_chat(tmp_path / "c.jsonl", rows)), ByteTokenizer())
-    assert store.num_documents == 4 and store.num_bad_lines == 3
+    assert store.num_documents == 4 and store.num_bad_lines == 4
     assert "role 'robot'" in store.bad_lines[0] and "no assistant message" in store.bad_lines[1]
+    assert store.bad_lines[2].endswith("non-empty list, got str") and store.bad_lines[3].endswith("got []")
+
+
+@pytest.mark.parametrize("rows", [[], [{"messages": [{"role": "user", "content": "no answer"}]}]],
+                         ids=["empty", "all_skipped"])
+def test_no_usable_conversation_is_named_as_such(tmp_path, rows):
+    """It was blamed on the length (raise seq_len or truncate), which chat_overflow = "truncate" already is."""
+    cfg = _chat_cfg(_write_chat(tmp_path / "c.jsonl", rows))
+    with pytest.raises(DataError, match="no conversations to train on .*every record was skipped"):
+        build_dataloader(cfg, ByteTokenizer(), 64, 1)
 
 
 def test_hf_dataset_with_a_custom_messages_column(tmp_path, monkeypatch):

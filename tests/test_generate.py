@@ -211,6 +211,10 @@ def test_cli_reads_a_dcp_checkpoint(tiny_model_dir, tmp_path, capsys):
     code, from_dcp, err = _run(capsys, ["--dcp", str(tmp_path / "dcp"), "--tokenizer", str(tiny_model_dir)] + common)
     assert code == 0, err
     assert from_dcp == from_hf
+    shard = max((tmp_path / "dcp").glob("*.distcp"), key=lambda f: f.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[:100])  # a damaged file is named (it was a DCP traceback)
+    code, out, err = _run(capsys, ["--dcp", str(tmp_path / "dcp"), "--tokenizer", str(tiny_model_dir)] + common)
+    assert code == 2 and out == "" and err.count("\n") == 1 and f"is damaged: {shard}: 100 bytes" in err, err
 
 
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])

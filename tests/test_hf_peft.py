@@ -158,6 +158,35 @@ def test_dcp_to_peft_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "full" / "x").write_text("")
     assert "--overwrite" in error("--dcp", str(plain / "checkpoint"), "--out", str(tmp_path / "full"))
     assert "step 7 not found" in error("--dcp", str(plain / "checkpoint"), "--step", "7", "--out", str(tmp_path / "o"))
+    lora = tmp_path / "lora"
+    Trainer(_cfg(lora, "--training.steps=1", "--checkpoint.enable=true")).train()
+    shard = next((lora / "checkpoint" / "step-1").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])  # was a DCP traceback
+    assert f"is damaged: {shard}: 100 bytes" in error("--dcp", str(lora / "checkpoint"), "--out", str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("config_json", "adapter_config.json is not valid JSON"),
+    ("config_list", "adapter_config.json is not a PEFT LoRA config"),
+    ("weights", "adapter_model.safetensors is not a readable safetensors file"),
+])
+def test_damaged_adapter_files_are_one_error(tmp_path, damage, message):
+    """A cut-off or foreign adapter file was a JSONDecodeError / AttributeError / SafetensorError traceback."""
+    from moonlight.hf_peft import apply_peft_adapter
+
+    model = _lora_model(ARGS, dora=False)
+    ad = tmp_path / "ad"
+    save_peft_adapter(model, ARGS, {"rank": 4, "alpha": 8.0, "dora": False, "dropout": 0.0}, ad)
+    config, weights = ad / ADAPTER_CONFIG, ad / ADAPTER_WEIGHTS
+    if damage == "weights":
+        weights.write_bytes(weights.read_bytes()[:50])
+    else:
+        config.write_text(config.read_text()[:20] if damage == "config_json" else "[]")
+    with pytest.raises(CheckpointError, match=message):  # [lora] init_adapter
+        load_peft_adapter(model, ad)
+    with pytest.raises(CheckpointError, match=message):  # generate --adapter
+        apply_peft_adapter(Moonlight(ARGS), ad)
 
 
 def test_adapter_settings_need_lora(tmp_path):

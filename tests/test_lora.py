@@ -6,6 +6,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -323,6 +324,60 @@ def test_lora_checkpoints_leave_the_frozen_base_out_and_resume_exactly(tmp_path,
     saved.train()
     stored = {k.removeprefix("model.") for k in fmt.stored_tensors(str(tmp_path / "c" / "checkpoint" / "step-2"))}
     assert "layers.0.attn.q_proj.weight" in stored
+
+
+def test_resuming_with_other_lora_settings_is_refused(tmp_path):
+    """Another rank does not fit the saved adapters (it was a DCP traceback); another alpha, DoRA or target
+    list would resume them silently changed or dropped. Dropout only affects training: it may change."""
+    run = ["--training.steps=2", "--checkpoint.enable=true", "--checkpoint.interval=2"]
+    Trainer(_cfg(tmp_path, *run)).train()
+    for change, saved in [("--lora.rank=2", "lora.rank = 4"), ("--lora.alpha=4", "lora.alpha = 16.0"),
+                          ("--lora.dora=true", "lora.dora = False"), ("--lora.targets=attn.o_proj", "lora.targets")]:
+        with pytest.raises(CheckpointError, match=f"step-2 was saved with {re.escape(saved)} .*this run"):
+            Trainer(_cfg(tmp_path, *run, "--training.steps=4", change))
+    assert Trainer(_cfg(tmp_path, *run, "--training.steps=4", "--lora.dropout=0.1")).step == 2
+
+
+def test_dcp_to_hf_never_overwrites_the_base_a_lora_checkpoint_reads(tmp_path, capsys):
+    """The base directory holds only what an HF export writes, so --overwrite alone did not stop dcp-to-hf
+    from replacing the frozen weights it was reading (and every later resume of the run with them)."""
+    from moonlight.convert import main
+
+    base = tmp_path / "base"
+    export_hf([_model(seed=7)], base)
+    before = {f.name: f.read_bytes() for f in base.iterdir()}
+    Trainer(_cfg(tmp_path / "run", "--training.steps=2", "--checkpoint.enable=true", "--checkpoint.interval=2",
+                 f"--checkpoint.initial_load_hf={base}")).train()
+    with pytest.raises(SystemExit) as e:
+        main(["dcp-to-hf", "--dcp", str(tmp_path / "run" / "checkpoint"), "--out", str(base), "--overwrite"])
+    assert e.value.code == 2 and f"overlaps the input {base}" in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in base.iterdir()} == before
+
+
+@pytest.mark.parametrize("frozen_weights", ["auto", "save"])
+def test_a_lora_checkpoint_as_initial_load_hf_is_refused(tmp_path, frozen_weights):
+    """Without its base weights ("auto") the load re-read its own base from initial_load_hf (a KeyError with
+    LoRA, endless recursion without); with them ("save") the trained adapters were silently dropped."""
+    base = tmp_path / "base"
+    export_hf([_model(seed=7)], base)
+    Trainer(_cfg(tmp_path / "run", "--training.steps=2", "--checkpoint.enable=true", "--checkpoint.interval=2",
+                 f"--checkpoint.initial_load_hf={base}", f"--checkpoint.frozen_weights={frozen_weights}")).train()
+    step2 = tmp_path / "run" / "checkpoint" / "step-2"
+    for lora in ("true", "false"):
+        with pytest.raises(CheckpointError, match="is a LoRA/DoRA run's checkpoint, not a base model"):
+            Trainer(_cfg(tmp_path / f"new-{lora}", "--training.steps=2", f"--lora.enable={lora}",
+                         f"--checkpoint.initial_load_hf={step2}"))
+
+
+def test_a_model_only_checkpoint_as_step_0_of_a_lora_run_names_initial_load_hf(tmp_path):
+    """hf-to-dcp's output placed as step-0 resumes a full run, but holds no adapters for a LoRA one."""
+    from moonlight.convert import hf_to_dcp
+
+    export_hf([_model(seed=7)], tmp_path / "hf")
+    hf_to_dcp(str(tmp_path / "hf"), str(tmp_path / "run" / "checkpoint" / "step-0"))
+    with pytest.raises(CheckpointError, match="holds no LoRA/DoRA adapters: start a LoRA run from it with "
+                                              "checkpoint.initial_load_hf"):
+        Trainer(_cfg(tmp_path / "run", "--training.steps=2", "--checkpoint.enable=true"))
 
 
 def test_frozen_weights_reload_needs_a_lora_run_from_a_base(tmp_path):

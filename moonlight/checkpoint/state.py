@@ -68,6 +68,7 @@ from moonlight import distributed
 from moonlight.checkpoint import format as fmt
 from moonlight.config import ModelArgs
 from moonlight.errors import CheckpointError, CheckpointSaveError
+from moonlight.model.lora import is_adapter_name
 
 logger = logging.getLogger(__name__)
 
@@ -520,6 +521,7 @@ class Checkpointer:
             fmt.check_intact(path)
         meta = fmt.read_meta(path)
         fmt.check_model_args(path, meta, self.args)
+        self._check_lora(path, meta)
         contents = ["model"] if model_only else meta.get("contents", ["model"])
         base = meta.get("frozen_weights_from")
         if base:
@@ -547,6 +549,20 @@ class Checkpointer:
             logger.info("checkpoint: restored %s (%s) at step %d", path, ", ".join(contents), step)
         return step
 
+    def _check_lora(self, path: str, meta: dict) -> None:
+        """The adapters are resumed only under the [lora] settings they were trained with: another rank
+        does not fit them, and another alpha, DoRA or target list would silently change or drop them."""
+        saved, mine = (meta.get("layout") or {}).get("lora"), self.layout.get("lora")
+        if not saved or not mine:
+            return
+        diffs = [f"{key} = {saved[key]!r} (this run: {mine[key]!r})" for key in ("rank", "alpha", "dora", "targets")
+                 if key in saved and key in mine
+                 and (sorted(saved[key]) != sorted(mine[key]) if key == "targets" else saved[key] != mine[key])]
+        if diffs:
+            raise CheckpointError(f"checkpoint {path} was saved with lora.{'; lora.'.join(diffs)}: resume with those "
+                                  "settings, or start a new run (another job.dump_folder) from its merged export "
+                                  "(python -m moonlight.convert dcp-to-hf) as checkpoint.initial_load_hf")
+
     def _load_frozen_weights(self, path: str, base: str) -> None:
         """A checkpoint saved without its frozen weights: read them from its base first."""
         if self.load_base is None or self.base_weights is None:
@@ -563,7 +579,8 @@ class Checkpointer:
             missing = sorted({f"{top}.{k}" for k in sub} - stored)
             if missing:
                 hint = (" (was the optimizer changed, e.g. adamw <-> muon?)" if top == "optimizer"
-                        else " (a different model?)")
+                        else " (it holds no LoRA/DoRA adapters: start a LoRA run from it with checkpoint.initial_load_hf)"
+                        if all(is_adapter_name(m) for m in missing) else " (a different model?)")
                 raise CheckpointError(f"checkpoint {path} lacks {len(missing)} {top} entr(ies) this run needs, e.g. "
                                       f"{[m[len(top) + 1:] for m in missing[:5]]}{hint}")
 

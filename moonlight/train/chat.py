@@ -42,7 +42,7 @@ _MIDDLE, _END = "<|im_middle|>", "<|im_end|>"
 def messages_problem(messages: Any) -> str | None:
     """Why `messages` is not a usable conversation, or None."""
     if not isinstance(messages, list) or not messages:
-        return f"messages must be a non-empty list, got {type(messages).__name__}"
+        return f"messages must be a non-empty list, got {'[]' if messages == [] else type(messages).__name__}"
     for k, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("content"), str):
             return f"message {k} must be an object with a string 'content'"

@@ -315,6 +315,9 @@ class ChatDataLoader(PackedDataLoader):
             used += n
         self.sequences_per_epoch = len(self.rows)
         self.tokens_per_epoch = int(self._lengths[kept].sum())
+        if not store.num_documents:
+            raise DataError(f"data {store.source!r}: no conversations to train on (it is empty, or every record was "
+                            "skipped as malformed: see the warnings above, and data.messages_key)")
         if not self.rows:
             raise DataError(f"data {store.source!r}: no conversation fits in seq_len + 1 = {capacity} tokens "
                             "(raise training.seq_len or set data.chat_overflow = \"truncate\")")

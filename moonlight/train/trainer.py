@@ -98,6 +98,13 @@ def read_base_weights(ckpt: Checkpointer, path: str, lora: bool = False) -> None
         for part in ckpt.model_parts if lora else []:
             stack.enter_context(hide_adapters(part))
         if os.path.isfile(os.path.join(path, DCP_METADATA)):
+            meta = read_meta(path)
+            # without its base it would read the base from itself, endlessly; with it the adapters would be dropped
+            if meta.get("frozen_weights_from") or (meta.get("layout") or {}).get("lora"):
+                raise CheckpointError(
+                    f"checkpoint.initial_load_hf = {path} is a LoRA/DoRA run's checkpoint, not a base model: start "
+                    "from its merged model (python -m moonlight.convert dcp-to-hf), or from its base with its "
+                    "adapter as lora.init_adapter (python -m moonlight.convert dcp-to-peft)")
             ckpt.load_path(path, model_only=True)
         else:
             checkpoint = HFCheckpoint(path)
