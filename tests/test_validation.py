@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moonlight.errors import ConfigError
+from moonlight.errors import ConfigError, DataError
 from moonlight.train.config import load_config
 from moonlight.train.data import build_dataloader
 from moonlight.train.trainer import Trainer
@@ -68,6 +68,12 @@ def test_validation_config_errors(tmp_path):
         _cfg(tmp_path, "--validation.enable=true").validate()
     with pytest.raises(ConfigError, match=r"validation.steps must be >= 1 \(got 0\)"):
         _cfg(tmp_path, *VALIDATION, "--validation.steps=0").validate()
+
+
+def test_missing_validation_data_is_named_by_its_own_key(tmp_path):
+    """The data readers' messages name data.path; for held-out data they name validation.path."""
+    with pytest.raises(DataError, match=r"^validation\.path '.*nope\.jsonl': no jsonl files found"):
+        Trainer(_cfg(tmp_path, *VALIDATION, f"--validation.path={tmp_path}/nope.jsonl", "--validation.format=jsonl"))
 
 
 def _val_losses(rank, world, folder, extra):
