@@ -1,6 +1,7 @@
 """Train Moonlight: `torchrun --nproc_per_node=N train.py --config train.toml [--section.key=value ...]`."""
 
 import gc
+import logging
 import os
 import sys
 
@@ -15,6 +16,8 @@ INTERRUPTED_EXIT_CODE = 130  # the shell's code for a SIGINT
 
 
 def main(argv: list[str]) -> int:
+    if os.environ.get("RANK", "0") != "0":  # every rank reads the same data and meets the same warnings: print them once
+        logging.getLogger("moonlight").setLevel(logging.ERROR)
     try:
         return exit_on_user_error(lambda: Trainer(parse_args(argv)).train())
     except KeyboardInterrupt:  # a second Ctrl-C aborts without saving: one line, not a traceback per rank

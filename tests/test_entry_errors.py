@@ -70,3 +70,13 @@ def test_single_process_user_error_is_one_line_and_exit_2(tmp_path):
                               cwd=REPO, env=dict(os.environ, MOONLIGHT_TRACEBACK="1"), capture_output=True,
                               text=True, timeout=300)
     assert "Traceback" in env_proc.stderr and "DataError" in env_proc.stderr  # the debugging switch
+
+
+@pytest.mark.slow
+def test_data_warnings_are_printed_once_under_torchrun(tmp_path):
+    """Every rank reads the same data and meets the same malformed record: one warning, not one per rank."""
+    data = tmp_path / "data.jsonl"
+    data.write_text("not json\n" + "".join(f'{{"text": "document {i} with some words in it"}}\n' for i in range(200)))
+    proc = _torchrun(tmp_path, f"--data.path={data}", "--checkpoint.enable=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("data: skipping malformed record") == 1, proc.stderr[-3000:]

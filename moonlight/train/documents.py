@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
+from moonlight import distributed
 from moonlight.errors import DataError
 from moonlight.train.tokenizer import ByteTokenizer
 
@@ -232,6 +234,13 @@ def read_hf(path: str, text_key: str = "text", split: str = "train", on_bad_line
             yield text
 
 
+def _progress(items: Iterable, source: str, unit: str) -> Iterable:
+    """items, counted on rank 0's terminal while a large corpus is tokenised (every rank reads it all;
+    no output when stderr is not a terminal)."""
+    return tqdm(items, desc=f"data: tokenising {source}", unit=f" {unit}", mininterval=2.0,
+                disable=None if distributed.rank() == 0 else True)
+
+
 def tokenize_texts(texts: Iterable[str], tokenizer: Any, source: str, bad: BadLines) -> DocumentStore:
     byte_fast = isinstance(tokenizer, ByteTokenizer)
     arrays: list[np.ndarray] = []
@@ -244,7 +253,7 @@ def tokenize_texts(texts: Iterable[str], tokenizer: Any, source: str, bad: BadLi
             arrays.extend(np.asarray(ids, dtype=np.int32) for ids in tokenizer.encode_batch(batch))
         batch.clear()
 
-    for t in texts:
+    for t in _progress(texts, source, "documents"):
         batch.append(t)
         if len(batch) >= ENCODE_CHUNK:
             flush()
@@ -278,7 +287,7 @@ class ChatStore(DocumentStore):
 
 def tokenize_conversations(conversations: Iterable[list], template: Any, source: str, bad: BadLines) -> ChatStore:
     arrays, flags = [], []
-    for messages in conversations:
+    for messages in _progress(conversations, source, "conversations"):
         ids, targets = template.encode(messages)
         arrays.append(np.asarray(ids, dtype=np.int32))
         flags.append(np.asarray(targets, dtype=bool))
