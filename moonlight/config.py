@@ -81,6 +81,9 @@ class ModelArgs:
              f"first_k_dense_replace={self.first_k_dense_replace} must be in [0, num_hidden_layers="
              f"{self.num_hidden_layers}]")
         need(self.n_shared_experts >= 0, "n_shared_experts must be >= 0")
+        for name in ("rms_norm_eps", "latent_norm_eps"):
+            need(isinstance(getattr(self, name), (int, float)) and getattr(self, name) > 0,
+                 f"{name} must be a positive number, got {getattr(self, name)!r}")
         need(self.qk_rope_head_dim % 2 == 0, f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
         need(self.num_experts_per_tok <= self.n_routed_experts,
              f"num_experts_per_tok={self.num_experts_per_tok} exceeds n_routed_experts={self.n_routed_experts}")

@@ -216,3 +216,11 @@ def test_swiglu_and_rmsnorm_functions_match_autograd_of_the_reference(dtype):
     assert torch.equal(got, want)
     for a, b in zip(torch.autograd.grad(got, (x, norm.weight), grad), torch.autograd.grad(want, (x, norm.weight), grad)):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("field", ["rms_norm_eps", "latent_norm_eps"])
+def test_norm_eps_must_be_positive(field):
+    from moonlight.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"{field} must be a positive number, got -1e-05"):
+        ModelArgs.preset("debug", **{field: -1e-5})

@@ -40,7 +40,8 @@ INVALID = {
     "sp_seq_len": (dict(tp=2, world_size=2), dict(sequence_parallel=True, seq_len=7), "seq_len=7 is not divisible"),
     "cp_seq_len": (dict(cp=2, world_size=2), dict(seq_len=30), "seq_len=30 is not divisible by 2 x cp = 4"),
     "cp_sp_seq_len": (dict(cp=2, tp=4, world_size=8), dict(sequence_parallel=True, seq_len=12),
-                      "use a seq_len that is a multiple of 16"),
+                      "use a seq_len that is a multiple of 8"),
+    "sp_seq_len_fix": (dict(tp=4, world_size=4), dict(sequence_parallel=True, seq_len=6), "a multiple of 4"),
     "ep_borrow_cp": (dict(dp_shard=1, cp=2, tp=2, ep=4, world_size=4), {}, "ep=4 does not divide dp_shard=1 x cp=2"),
 }
 

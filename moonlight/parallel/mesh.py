@@ -65,6 +65,7 @@ FSDP's sum over ``"expert_fsdp"``) sums every token routed to it exactly once; F
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -204,7 +205,8 @@ class ParallelDims:
             elif seq_len is not None and (seq_len // self.cp) % self.tp:
                 errors.append(f"seq_len={seq_len} is not divisible by cp x tp = {self.cp} x {self.tp}: sequence "
                               "parallel splits every (context-parallel slice of a) sequence evenly over the tp "
-                              f"ranks; use a seq_len that is a multiple of {2 * self.cp * self.tp}")
+                              f"ranks; use a seq_len that is a multiple of "
+                              f"{math.lcm(self.cp * self.tp, 2 * self.cp if self.cp > 1 else 1)}")
         if self.cp > 1:
             if seq_len is not None and seq_len % (2 * self.cp):
                 errors.append(f"seq_len={seq_len} is not divisible by 2 x cp = {2 * self.cp}: context parallel cuts "
