@@ -32,6 +32,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -173,8 +174,12 @@ def generate_stream(model: Moonlight, input_ids: torch.Tensor, max_new_tokens: i
     if any(hasattr(m, "lora_a") for m in model.modules()):
         raise ConfigError("generation reads kv_b_proj's weight directly: merge LoRA adapters first "
                           "(moonlight.model.lora.merge_lora)")
+    total = input_ids.shape[1] + max_new_tokens
+    if total > model.args.max_position_embeddings:
+        warnings.warn(f"prompt + max_new_tokens = {total} tokens exceeds the model's max_position_embeddings = "
+                      f"{model.args.max_position_embeddings}: positions beyond it were never trained", stacklevel=2)
     dtype = next(model.parameters()).dtype
-    cache = LatentCache(model.args, input_ids.shape[0], input_ids.shape[1] + max_new_tokens, dtype, input_ids.device)
+    cache = LatentCache(model.args, input_ids.shape[0], total, dtype, input_ids.device)
     logits = forward_cached(model, input_ids, cache, attention_mask)
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     for step in range(max_new_tokens):

@@ -1,6 +1,8 @@
 """Generation: greedy tokens equal transformers' generate, the latent cache equals a full recompute,
 nucleus sampling keeps what transformers' TopPLogitsWarper keeps, and the command line."""
 
+import warnings
+
 import pytest
 import torch
 import transformers
@@ -79,6 +81,18 @@ def test_cached_logits_equal_full_recompute_at_every_step(q_lora_rank):
         token = logits.argmax(-1)
         rows = [torch.cat([seq, token[i:i + 1]]) for i, seq in enumerate(rows)]
         logits = forward_cached(model, token[:, None], cache)
+
+
+def test_generating_past_the_trained_positions_warns():
+    torch.manual_seed(0)
+    model = Moonlight(_tiny_args(max_position_embeddings=8))
+    model.init_weights(std=0.1)
+    prompt = torch.tensor([[3, 4, 5]])
+    with pytest.warns(UserWarning, match="= 9 tokens exceeds the model's max_position_embeddings = 8"):
+        generate(model, prompt, max_new_tokens=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        generate(model, prompt, max_new_tokens=5)
 
 
 def test_cache_bytes_per_token_is_latent_plus_rope_key(hf_and_ours):
