@@ -313,7 +313,8 @@ class CheckpointSection:
     """HF checkpoint directory (or a model-only DCP checkpoint from `python -m moonlight.convert hf-to-dcp`)
     to start from when no checkpoint of this run exists."""
     export_hf: Literal["", "end", "each"] = ""
-    """Also write an HF-format checkpoint: never, at the end, or at each save."""
+    """Also write an HF-format checkpoint (<dump_folder>/hf/step-N): never, at the end, or at each save
+    ("each" keeps every export: keep_latest_k rotates the checkpoints only)."""
     async_mode: Literal["", "async"] = ""
     """"async": training goes on while a save is written (staged to CPU first; one save in flight,
     COMPLETE written when the next save starts or training ends). "" = the step waits for the save."""
