@@ -501,6 +501,20 @@ def test_megatron_files_are_checked_at_open(tmp_path):
         MegatronIndexedDataset(str(prefix))
 
 
+def test_an_unreadable_megatron_file_is_named(tmp_path, monkeypatch):
+    """Fault: an .idx without read permission was a PermissionError traceback (simulated: tests run as root)."""
+    from moonlight.train import megatron
+
+    prefix = tmp_path / "x"
+    _megatron(prefix)
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(megatron, "open", denied, raising=False)
+    with pytest.raises(DataError, match=rf"{re.escape(str(prefix))}\.idx: cannot read it \(Permission denied\)"):
+        megatron.load_megatron(str(prefix))
+
+
 def test_hf_checkpoint_files_are_checked_at_open(tmp_path, hf_dir):
     """Fault: a truncated safetensors shard, an index without weight_map, and weight_map entries
     reaching outside the directory gave raw errors or read foreign files; a bad config.json too."""

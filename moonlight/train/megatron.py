@@ -210,7 +210,11 @@ def load_megatron(path: str) -> DocumentStore:
         prefixes = [_megatron_prefix(f) for f in expand_paths(p, (".idx",), "Megatron .idx")]
     tokens, fids, starts, lengths = [], [], [], []
     for k, prefix in enumerate(prefixes):
-        ds = MegatronIndexedDataset(prefix)
+        try:
+            ds = MegatronIndexedDataset(prefix)
+        except OSError as e:  # unreadable (permissions, a directory where a file belongs)
+            raise DataError(f"{e.filename or prefix}: cannot read it ({e.strerror or e}); fix it or point "
+                            "data.path elsewhere") from None
         s, l = ds.document_spans()
         keep = l > 0
         tokens.append(ds.tokens)
