@@ -125,6 +125,7 @@ def run_slice(out: Path, smoke: bool) -> dict:
             run = {"error": f"{type(e).__name__}: {e}"[:500]}
         result["runs"][name] = run
         print(f"slice {name}: {run}", flush=True)
+        write_step(out, "slice", result)  # a step stopped by its time limit keeps the runs it finished
     return result
 
 
@@ -176,6 +177,10 @@ def run_generate(out: Path, smoke: bool) -> dict:
         return {"error": f"{type(e).__name__}: {e}"[:500]}
 
 
+def write_step(out: Path, step: str, result: dict) -> None:
+    (out / f"step_{step}.json").write_text(json.dumps(result, indent=1, default=str))
+
+
 def summary(out: Path) -> dict:
     parts = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("step_*.json"))}
     merged = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "steps": {k.removeprefix("step_"): v for k, v in parts.items()}}
@@ -205,8 +210,7 @@ def main():
     if a.step == "summary":
         summary(a.out)
         return
-    result = STEPS[a.step](a.out, a.cpu_smoke)
-    (a.out / f"step_{a.step}.json").write_text(json.dumps(result, indent=1, default=str))
+    write_step(a.out, a.step, STEPS[a.step](a.out, a.cpu_smoke))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The one-shot GPU suite (under 8 minutes on one H200); results go to $OUT, else benchmarks/gpu_results/:
+# The one-shot GPU suite (at most 9.5 minutes on one H200: the step limits below add up to 570 s);
+# results go to $OUT, else benchmarks/gpu_results/:
 # gpu_suite.json and gpu_suite.md, plus one JSON per step, written as each step ends so a timeout
 # still leaves numbers.
 #   bash benchmarks/gpu_suite.sh              on a GPU machine

@@ -20,6 +20,8 @@ from pathlib import Path
 # benchmarks/kernels.py would shadow the `kernels` package: resolve imports from the repository root
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+import torch  # noqa: E402
+
 from moonlight.train.config import load_config  # noqa: E402
 from moonlight.train.trainer import Trainer  # noqa: E402
 
@@ -39,9 +41,15 @@ def main():
         forward_backward = trainer._forward_backward
         fb_times = []
 
+        def synchronize():  # CUDA runs kernels asynchronously: time the work, not its launches
+            if trainer.device.type == "cuda":
+                torch.cuda.synchronize(trainer.device)
+
         def timed_forward_backward():
+            synchronize()
             t0 = time.perf_counter()
             out = forward_backward()
+            synchronize()
             fb_times.append(time.perf_counter() - t0)
             return out
         trainer._forward_backward = timed_forward_backward

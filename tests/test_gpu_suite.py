@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import subprocess
+import time
 
 import pytest
 
@@ -33,3 +34,20 @@ def test_cpu_smoke_writes_the_summary(tmp_path):
     assert steps["lora"]["tokens_per_s"] > 0 and steps["lora"]["peak_memory_gib"] > 0
     assert "generate" in steps
     assert (tmp_path / "gpu_suite.md").read_text().startswith("# GPU suite summary")
+
+
+def test_slice_step_keeps_the_runs_finished_before_it_is_stopped(tmp_path, monkeypatch):
+    """gpu_suite.sh stops a step at its time limit: the slice's JSON is written after every system,
+    so the eager run survives a compile that never ends (here: interrupted)."""
+    from benchmarks import gpu_suite
+
+    def build(args, device, dtype, tokens, compile_backend):
+        if compile_backend:
+            raise KeyboardInterrupt  # what no `except Exception` catches, as a kill
+        return lambda: time.sleep(0.001)
+    monkeypatch.setattr(gpu_suite, "our_train_step", build)
+    monkeypatch.setattr(gpu_suite, "device_peak", lambda device: (1e12, "test"))
+    with pytest.raises(KeyboardInterrupt):
+        gpu_suite.run_slice(tmp_path, smoke=True)
+    runs = json.loads((tmp_path / "step_slice.json").read_text())["runs"]
+    assert runs["ours eager"]["step_s"] > 0 and not any(name.startswith("ours compiled") for name in runs)

@@ -7,6 +7,9 @@ import torch
 from kernels import grouped_mm, mla_rope_key, permute_tokens, resolve_impl, rope_tables, rotate_rope_, unpermute_tokens
 
 BF16_ULP = 2**-7
+# On a GPU machine conftest leaves the interpreter off and Triton compiles for the GPU, which takes
+# CUDA tensors only: the Triton side of each test runs there, the references stay on the CPU.
+TRITON_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 NUM_EXPERTS = 8
 USED_EXPERTS = [0, 1, 3, 4, 6]  # experts 2, 5 and 7 receive no token
 
@@ -15,6 +18,12 @@ def _expert_ids(num_tokens: int, top_k: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     used = torch.tensor(USED_EXPERTS)
     return torch.stack([used[torch.randperm(len(used), generator=g)[:top_k]] for _ in range(num_tokens)])
+
+
+def _on(impl, *tensors):
+    """The tensors where `impl` runs (differentiable copies: gradients reach the CPU leaves)."""
+    device = TRITON_DEVICE if impl == "triton" else torch.device("cpu")
+    return [t.to(device) for t in tensors]
 
 
 def _assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
@@ -105,7 +114,7 @@ def test_unpermute_accumulates_in_fp32(impl):
     # 1 + eight times 2**-8 is exact in bf16, but a bf16 running sum rounds each 1 + 2**-8 back to 1
     y = torch.full((9, 4), 2**-8, dtype=torch.bfloat16)
     y[0] = 1.0
-    out = unpermute_tokens(y, torch.arange(9), torch.ones(1, 9), impl=impl)
+    out = unpermute_tokens(*_on(impl, y, torch.arange(9), torch.ones(1, 9)), impl=impl).cpu()
     assert out.dtype == torch.bfloat16 and out[0].eq(1.0 + 8 * 2**-8).all()
 
 
@@ -205,14 +214,16 @@ def _moe_forward_backward(impl, x, expert_ids, align, weights, y, grad_permuted,
     inputs go to both impls (chaining one op's bf16 result into the other would compound roundings).
     y's padded rows are non-zero, so a kernel reading them into grad_weights would be caught."""
     x = x.detach().requires_grad_()
-    permuted, group_sizes, row_index = permute_tokens(x, expert_ids, NUM_EXPERTS, align, impl=impl)
+    x_in, expert_ids, grad_permuted, grad_out = _on(impl, x, expert_ids, grad_permuted, grad_out)
+    permuted, group_sizes, row_index = permute_tokens(x_in, expert_ids, NUM_EXPERTS, align, impl=impl)
     (grad_x,) = torch.autograd.grad(permuted, x, grad_permuted[: permuted.shape[0]])
     y = y[: permuted.shape[0]].detach().requires_grad_()
     weights = weights.detach().requires_grad_()
-    out = unpermute_tokens(y, row_index, weights, impl=impl)
+    out = unpermute_tokens(*_on(impl, y, row_index, weights), impl=impl)
     grad_y, grad_weights = torch.autograd.grad(out, (y, weights), grad_out)
-    return dict(permuted=permuted, group_sizes=group_sizes, row_index=row_index, grad_x=grad_x,
-                out=out, grad_y=grad_y, grad_weights=grad_weights)
+    results = dict(permuted=permuted, group_sizes=group_sizes, row_index=row_index, grad_x=grad_x,
+                   out=out, grad_y=grad_y, grad_weights=grad_weights)
+    return {name: t.cpu() for name, t in results.items()}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -249,8 +260,8 @@ def test_unpermute_triton_with_bf16_weights():
     results = {}
     for impl in ("torch", "triton"):
         y_in, w_in = y.clone().requires_grad_(), weights.clone().requires_grad_()
-        out = unpermute_tokens(y_in, row_index, w_in, impl=impl)
-        results[impl] = (out, *torch.autograd.grad(out, (y_in, w_in), grad_out))
+        out = unpermute_tokens(*_on(impl, y_in, row_index, w_in), impl=impl)
+        results[impl] = (out.cpu(), *torch.autograd.grad(out, (y_in, w_in), *_on(impl, grad_out)))
     for got, want in zip(results["triton"], results["torch"]):
         assert got.dtype == torch.bfloat16
         _assert_close(got, want, torch.bfloat16)
@@ -270,9 +281,10 @@ def test_mla_rope_triton_matches_torch(heads, nope, rope, dtype, per_token):
     results = {}
     for impl in ("torch", "triton"):
         leaves = [t.detach().clone().requires_grad_() for t in inputs[:3]]
-        q, k = _mla_rope(leaves[0] * 1, *leaves[1:], heads, nope, rope, cos, sin, impl=impl, grad_in_place=True)
+        q_proj, kv_a, kv_b, cos_in, sin_in = _on(impl, *leaves, cos, sin)
+        q, k = _mla_rope(q_proj * 1, kv_a, kv_b, heads, nope, rope, cos_in, sin_in, impl=impl, grad_in_place=True)
         # grad_q.clone(): the backward rotates it in place
-        results[impl] = (q, k, *torch.autograd.grad((q, k), leaves, (grad_q.clone(), grad_k)))
+        results[impl] = (q.cpu(), k.cpu(), *torch.autograd.grad((q, k), leaves, _on(impl, grad_q.clone(), grad_k)))
     for got, want in zip(results["triton"], results["torch"]):
         assert got.shape == want.shape and got.dtype == want.dtype
         _assert_close(got, want, dtype)
@@ -306,8 +318,7 @@ def test_grouped_mm_matches_per_group_matmuls(compiled):
 
 def test_ops_trace_under_torch_compile():
     num_tokens, hidden, top_k = 6, 16, 2
-    expert_ids = _expert_ids(num_tokens, top_k)
-    cos, sin = rope_tables(3, 4, 50000.0)
+    expert_ids, cos, sin = _on("triton", _expert_ids(num_tokens, top_k), *rope_tables(3, 4, 50000.0))
 
     def step(x, weights, q, k_nope, k_pe):
         permuted, _, row_index = permute_tokens(x, expert_ids, NUM_EXPERTS, impl="triton")
@@ -321,15 +332,15 @@ def test_ops_trace_under_torch_compile():
     grads = {}
     for name, fn in (("eager", step), ("compiled", torch.compile(step, backend="aot_eager", fullgraph=True))):
         leaves = [t.clone().requires_grad_() for t in inputs]
-        loss = fn(*leaves)
+        loss = fn(*_on("triton", *leaves))
         grads[name] = (loss, *torch.autograd.grad(loss, leaves))
     for got, want in zip(grads["compiled"], grads["eager"]):
         torch.testing.assert_close(got, want)
 
 
 def test_padded_permute_compiles_without_sync():
-    x = torch.randn(6, 16, requires_grad=True)
-    expert_ids = _expert_ids(6, 2)
+    x = torch.randn(6, 16, device=TRITON_DEVICE, requires_grad=True)
+    expert_ids = _expert_ids(6, 2).to(TRITON_DEVICE)
     compiled = torch.compile(lambda x: permute_tokens(x, expert_ids, NUM_EXPERTS, align=8, impl="triton")[0],
                              backend="aot_eager", fullgraph=True)
     permuted = compiled(x)
@@ -357,8 +368,9 @@ def test_no_tokens_at_all(impl):
     """A rank can hold no tokens (expert parallel): empty in, empty out, empty gradients."""
     x = torch.zeros(0, 24, requires_grad=True)
     weights = torch.zeros(0, 2, requires_grad=True)
-    rows, counts, row_index = permute_tokens(x, torch.zeros(0, 2, dtype=torch.long), 4, impl=impl)
-    out = unpermute_tokens(rows * 2, row_index, weights, impl=impl)
+    x_in, expert_ids, weights_in = _on(impl, x, torch.zeros(0, 2, dtype=torch.long), weights)
+    rows, counts, row_index = permute_tokens(x_in, expert_ids, 4, impl=impl)
+    out = unpermute_tokens(rows * 2, row_index, weights_in, impl=impl)
     out.sum().backward()
     assert rows.shape == (0, 24) and out.shape == (0, 24) and counts.tolist() == [0, 0, 0, 0]
     assert x.grad.shape == (0, 24) and weights.grad.shape == (0, 2)

@@ -521,6 +521,14 @@ def test_clip_grad_norm_across_meshes_and_stages():
         assert inf_total > 0
 
 
+def test_clip_grad_norm_without_gradients_stays_on_the_parameters_device():
+    """A pipeline stage whose parameters are all frozen still all-reduces its (zero) norm: NCCL takes
+    device tensors only, and the trainer stacks the norm with the device loss. (meta stands in for CUDA.)"""
+    frozen = [nn.Parameter(torch.empty(3, 4, device="meta"), requires_grad=False)]
+    total = clip_grad_norm_(frozen, max_norm=1.0)
+    assert total.device.type == "meta" and total.dtype == torch.float32 and total.shape == ()
+
+
 def test_clip_grad_norm_plain_and_nonfinite():
     torch.manual_seed(0)
     ps = [nn.Parameter(torch.randn(4, 4)), nn.Parameter(torch.randn(3))]

@@ -397,16 +397,15 @@ def clip_grad_norm_(
     stages that hold different parameters. A non-finite total norm is returned as is and the
     grads are then left untouched (the trainer decides to skip the step).
     """
-    if isinstance(params, Tensor):
-        params = [params]
+    params = [params] if isinstance(params, Tensor) else list(params)
     grads = [p.grad for p in params if p.grad is not None]
     norm_type = float(norm_type)
     by_mesh: dict = {}
     for g in grads:
         by_mesh.setdefault(_mesh_key(g), []).append(g)
-    device = grads[0].device if grads else torch.device("cpu")
-    if grads and isinstance(grads[0], DTensor):
-        device = grads[0].to_local().device
+    # On the parameters' device even with no gradient here (a pipeline stage whose parameters are all
+    # frozen): NCCL reduces device tensors only, and the trainer stacks the norm with the loss.
+    device = local_tensor(grads[0] if grads else params[0]).device if params else torch.device("cpu")
     norms = []
     for gs in by_mesh.values():
         n = torch.nn.utils.get_total_norm(gs, norm_type, foreach=foreach)
