@@ -1,10 +1,12 @@
 import os
 
-# The Triton interpreter must be selected before any kernel module is imported; on a GPU
-# machine the real compiler is used, unless CUDA_VISIBLE_DEVICES="" hides the GPUs (the CPU suite
-# on a GPU machine: compiled Triton takes no CPU tensors).
-_visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-if _visible == "" or (_visible is None and not os.path.exists("/dev/nvidia0")):
+# The suite is the CPU suite on every machine: a GPU machine's GPUs are hidden (forked gloo ranks,
+# CPU tensors through the Triton interpreter) unless MOONLIGHT_TEST_GPU=1, which
+# benchmarks/gpu_suite.sh sets for the tests that run on the GPU (real Triton on CUDA tensors, the
+# CUDA sync count, the side-stream overlap). Both before anything initialises CUDA or imports a kernel.
+if os.environ.get("MOONLIGHT_TEST_GPU", "") in ("", "0"):
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+if os.environ.get("CUDA_VISIBLE_DEVICES") == "" or not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
