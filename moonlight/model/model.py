@@ -193,7 +193,7 @@ class DocumentMask:
             starts[::seqlen] = True  # every row starts a document
             bounds = torch.cat([starts.nonzero().flatten(), flat.new_tensor([flat.numel()])])
             self.cu_seqlens = bounds.to(torch.int32)
-            self.max_len = int((bounds[1:] - bounds[:-1]).max())  # one host sync per forward
+            self.max_len = int((bounds[1:] - bounds[:-1]).max())  # with nonzero: two host syncs per forward
         else:
             same = document_ids[:, :, None] == document_ids[:, None, :]
             causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=document_ids.device).tril()
