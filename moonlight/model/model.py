@@ -132,8 +132,9 @@ class MLA(nn.Module):
     def pads_v(self, x: torch.Tensor, mask: DocumentMask | None) -> bool:
         """Whether v is padded with zero channels to the qk head size for attention. On CPU the fused
         (flash) kernel wants one head size (the math fallback for unequal sizes is ~3x slower), and so
-        does the varlen flash kernel; CUDA's SDPA takes the true v width (cuDNN on Hopper supports
-        qk 192 / v 128 and skips the padded FLOPs and copies)."""
+        does the varlen flash kernel; CUDA's SDPA takes the true v width, skipping the padded FLOPs and
+        copies (torch 2.13's default order picks memory-efficient attention for qk 192 / v 128: flash
+        needs one head size and cuDNN comes last; benchmarks/gpu_step_checks.py times each backend)."""
         if self.pad_v is not None:
             return self.pad_v
         return not x.is_cuda or (mask is not None and mask.varlen)
