@@ -351,12 +351,7 @@ class Trainer:
         num_tokens = targets.clamp(min=1).float() / self.parallel.gradient_ranks
         total = torch.zeros((), device=self.device)
         for batch in batches:
-            inputs, labels = batch.inputs.to(self.device), batch.labels.to(self.device)
-            packing = {}
-            if self.document_mask:  # RoPE positions restart and attention stays within each document
-                packing = {"positions": batch.position_ids.to(self.device),
-                           "document_ids": batch.document_ids.to(self.device)}
-            inputs, labels, packing = self.parallel.shard_sequence(inputs, labels, packing)
+            inputs, labels, packing = self.parallel.batch_inputs(batch, self.device, self.document_mask)
             self._last_inputs = (inputs, packing)
             if self.parallel.pipeline is not None:
                 loss = self.parallel.pipeline.step(inputs, labels, num_tokens, packing)

@@ -58,12 +58,7 @@ class Validator:
         try:
             for _ in range(self.micro_batches):
                 batch = self.loader.next_batch_with_info()
-                inputs, labels = batch.inputs.to(self.device), batch.labels.to(self.device)
-                packing = {}
-                if self.document_mask:
-                    packing = {"positions": batch.position_ids.to(self.device),
-                               "document_ids": batch.document_ids.to(self.device)}
-                inputs, labels, packing = layout.shard_sequence(inputs, labels, packing)
+                inputs, labels, packing = layout.batch_inputs(batch, self.device, self.document_mask)
                 targets += int((labels != -100).sum())  # this rank's tokens: cp ranks each count theirs
                 if layout.pipeline is not None:
                     loss = layout.pipeline.eval(inputs, labels, packing)
