@@ -14,13 +14,10 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 # benchmarks/kernels.py would shadow the `kernels` package: resolve imports from the repository root
 sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-import torch  # noqa: E402
 
 from moonlight.train.config import load_config  # noqa: E402
 from moonlight.train.trainer import Trainer  # noqa: E402
@@ -38,28 +35,13 @@ def main():
                                         f"--lr_scheduler.warmup_steps={min(total, 2)}", f"--job.dump_folder={tmp}",
                                         *overrides])
         trainer = Trainer(cfg)
-        forward_backward = trainer._forward_backward
-        fb_times = []
-
-        def synchronize():  # CUDA runs kernels asynchronously: time the work, not its launches
-            if trainer.device.type == "cuda":
-                torch.cuda.synchronize(trainer.device)
-
-        def timed_forward_backward():
-            synchronize()
-            t0 = time.perf_counter()
-            out = forward_backward()
-            synchronize()
-            fb_times.append(time.perf_counter() - t0)
-            return out
-        trainer._forward_backward = timed_forward_backward
+        trainer.time_forward_backward = True
         steps = []
         for _ in range(total):
             steps.append(trainer.train_step())
             trainer.step += 1
-    measured, fb = steps[args.warmup:], fb_times[args.warmup:]
-    step_s = [v["step_time_s"] for v in measured]
-    share = statistics.median((s - f) / s for s, f in zip(step_s, fb))
+    measured = steps[args.warmup:]
+    share = statistics.median((v["step_time_s"] - v["forward_backward_s"]) / v["step_time_s"] for v in measured)
     print(f"model {cfg.model.name}, optimizer {cfg.optimizer.name}, {cfg.training.global_batch_size} x "
           f"{cfg.training.seq_len} tokens/step, device {trainer.device}, peak {trainer.peak_flops / 1e9:.1f} GFLOP/s")
     print(f"tokens/s median {statistics.median(v['tokens_per_s'] for v in measured):,.0f} "

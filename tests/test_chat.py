@@ -246,6 +246,8 @@ def test_hf_dataset_with_a_custom_messages_column(tmp_path, monkeypatch):
     for hf in ("ds", "pq"):
         store = load_documents(_chat_cfg(tmp_path / hf, messages_key="conv"), ByteTokenizer())
         assert np.array_equal(store.tokens[0], jsonl.tokens[0]) and np.array_equal(store.targets[0], jsonl.targets[0])
+    with pytest.raises(DataError, match=r"no column data\.messages_key='messages' \(columns: \['conv'\]\)"):
+        load_documents(_chat_cfg(tmp_path / "ds"), ByteTokenizer())  # was named data.text_key
 
 
 def test_chat_loader_resumes_and_shards(tmp_path):

@@ -4,6 +4,7 @@ caught, config errors name the problem."""
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -71,6 +72,24 @@ def _poison_layer_2(trainer, at_call):
         calls["n"] += 1
         return output * float("nan") if calls["n"] >= at_call else output
     attn.register_forward_hook(hook)
+
+
+def test_forward_backward_time_is_reported_on_request_without_the_optimizer(tmp_path):
+    """benchmarks/train_step.py's split of the step: forward_backward_s only when asked for, the optimizer
+    step outside it, and the step itself unchanged."""
+    plain, timed = _trainer(tmp_path / "plain"), _trainer(tmp_path / "timed")
+    untimed = plain.train_step()
+    assert "forward_backward_s" not in untimed
+    timed.time_forward_backward = True
+    step = timed.optimizers.step
+
+    def slow_step():  # a known time spent after forward+backward
+        time.sleep(0.3)
+        step()
+    timed.optimizers.step = slow_step
+    values = timed.train_step()
+    assert 0 < values["forward_backward_s"] <= values["step_time_s"] - 0.3
+    assert values["loss"] == untimed["loss"]
 
 
 def test_nonfinite_step_is_skipped_and_reported(tmp_path, capsys):

@@ -76,6 +76,29 @@ def test_missing_validation_data_is_named_by_its_own_key(tmp_path):
         Trainer(_cfg(tmp_path, *VALIDATION, f"--validation.path={tmp_path}/nope.jsonl", "--validation.format=jsonl"))
 
 
+def test_held_out_data_errors_name_validation_keys_and_the_inherited_data_keys(tmp_path):
+    """What validation sets is named validation.*, what it inherits from [data] stays data.*, in every
+    message (also those that name no key as "data.path"), and a path is quoted as it is."""
+    held = tmp_path / "data.path" / "held.jsonl"  # a directory that looks like a key
+    held.parent.mkdir()
+    held.write_text('{"conversation": [{"role": "assistant", "content": "hi"}]}\n')  # no messages field
+    chat = [*VALIDATION, f"--validation.path={held}"]
+    with pytest.raises(DataError) as skipped:
+        Trainer(_cfg(tmp_path / "skip", *chat))
+    assert str(skipped.value) == (
+        f"validation.path {str(held)!r}: no conversations to train on (it is empty, or every record was skipped as "
+        "malformed: see the warnings above, and data.messages_key)")
+    with pytest.raises(DataError, match=r'^.*held\.jsonl:1: missing text field \'messages\' .*\(set '
+                                        r'data\.on_bad_line = "skip" to skip malformed records\)$'):
+        Trainer(_cfg(tmp_path / "error", *chat, "--data.on_bad_line=error"))
+    # validation.format unset: [data]'s jsonl format, read from validation.path
+    short = held.with_name("short.jsonl")
+    short.write_text('{"text": "hi"}\n')
+    with pytest.raises(DataError, match=rf"^validation\.path {str(short)!r}: 3 tokens in 1 documents are fewer than "
+                                        "one sequence"):
+        Trainer(_cfg(tmp_path / "short", "--validation.enable=true", f"--validation.path={short}"))
+
+
 def _val_losses(rank, world, folder, extra):
     Trainer(_cfg(folder, *VALIDATION, *extra)).train()
     return [r["val_loss"] for r in _records(folder)] if rank == 0 else None

@@ -51,39 +51,41 @@ import torch
 
 from moonlight.errors import DataError
 from moonlight.train.chat import load_chat_template, messages_problem
-from moonlight.train.documents import (BadLines, ChatStore, DocumentStore, expand_paths, expand_paths_or_none,
-                                       is_saved_dataset, read_hf, read_jsonl, tokenize_conversations, tokenize_texts)
+from moonlight.train.documents import (DATA_KEYS, BadLines, ChatStore, DataKeys, DocumentStore, expand_paths,
+                                       expand_paths_or_none, is_saved_dataset, read_hf, read_jsonl,
+                                       tokenize_conversations, tokenize_texts)
 from moonlight.train.megatron import load_megatron
 
 logger = logging.getLogger(__name__)
 
 
-def load_documents(cfg_data: Any, tokenizer: Any) -> DocumentStore:
+def load_documents(cfg_data: Any, tokenizer: Any, keys: DataKeys = DATA_KEYS) -> DocumentStore:
     """Read and tokenise every document of cfg_data (a DataSection or anything with format,
     path, text_key, on_bad_line and optionally split; chat: messages_key, tokenizer, and a jsonl
-    or hf path given by chat_source)."""
+    or hf path given by chat_source). Errors name the settings as `keys` does."""
     fmt = cfg_data.format
-    bad = BadLines(cfg_data.on_bad_line)
+    bad = BadLines(cfg_data.on_bad_line, keys)
     if fmt == "chat":
         template = load_chat_template(cfg_data.tokenizer, tokenizer)
         key = cfg_data.messages_key
         # jsonl files are read line by line (errors name the line), anything else as an HF dataset
         files = [] if is_saved_dataset(os.path.expanduser(cfg_data.path)) else expand_paths_or_none(cfg_data.path)
         if files:
-            rows = read_jsonl(files, key, bad=bad, problem=messages_problem)
+            rows = read_jsonl(files, key, bad=bad, problem=messages_problem, keys=keys)
         else:
-            rows = read_hf(cfg_data.path, key, getattr(cfg_data, "split", "train"), bad=bad, problem=messages_problem)
+            rows = read_hf(cfg_data.path, key, getattr(cfg_data, "split", "train"), bad=bad, problem=messages_problem,
+                           keys=keys, field_key="messages_key")
         store = tokenize_conversations(rows, template, cfg_data.path, bad)
     elif fmt == "jsonl":
-        files = expand_paths(cfg_data.path, (".jsonl", ".jsonl.gz"), "jsonl")
-        store = tokenize_texts(read_jsonl(files, cfg_data.text_key, bad=bad), tokenizer, cfg_data.path, bad)
+        files = expand_paths(cfg_data.path, (".jsonl", ".jsonl.gz"), "jsonl", keys)
+        store = tokenize_texts(read_jsonl(files, cfg_data.text_key, bad=bad, keys=keys), tokenizer, cfg_data.path, bad)
     elif fmt == "hf":
-        texts = read_hf(cfg_data.path, cfg_data.text_key, getattr(cfg_data, "split", "train"), bad=bad)
+        texts = read_hf(cfg_data.path, cfg_data.text_key, getattr(cfg_data, "split", "train"), bad=bad, keys=keys)
         store = tokenize_texts(texts, tokenizer, cfg_data.path, bad)
     elif fmt == "megatron":
-        store = load_megatron(cfg_data.path)
+        store = load_megatron(cfg_data.path, keys)
     else:
-        raise DataError(f"data.format must be 'jsonl', 'hf', 'megatron' or 'chat', got {fmt!r}")
+        raise DataError(f"{keys('format')} must be 'jsonl', 'hf', 'megatron' or 'chat', got {fmt!r}")
     if store.num_bad_lines:
         first = store.bad_lines[0] if store.bad_lines else ""
         logger.warning(
@@ -127,6 +129,7 @@ class PackedDataLoader:
         bos_id: int | None = None,
         eos_id: int | None = None,
         shuffle: bool = True,
+        keys: DataKeys = DATA_KEYS,
     ) -> None:
         self._init_sharding(store, seq_len, local_batch_size, dp_rank, dp_world, seed, shuffle)
         self.bos_id = bos_id
@@ -139,7 +142,7 @@ class PackedDataLoader:
         self.sequences_per_epoch = max((total - 1) // seq_len, 0) if total else 0
         if self.sequences_per_epoch < 1:
             raise DataError(
-                f"data {store.source!r}: {total} tokens in {store.num_documents} documents are fewer than "
+                f"{keys('path')} {store.source!r}: {total} tokens in {store.num_documents} documents are fewer than "
                 f"one sequence of seq_len + 1 = {seq_len + 1} tokens"
             )
         self._epoch_cache: tuple[int, np.ndarray, np.ndarray] | None = None
@@ -292,10 +295,11 @@ class ChatDataLoader(PackedDataLoader):
     (overflow="truncate") or left out (overflow="drop"); the counts are logged once."""
 
     def __init__(self, store: ChatStore, seq_len: int, local_batch_size: int, dp_rank: int = 0, dp_world: int = 1,
-                 seed: int = 0, shuffle: bool = True, overflow: str = "truncate", pad_id: int = 0) -> None:
+                 seed: int = 0, shuffle: bool = True, overflow: str = "truncate", pad_id: int = 0,
+                 keys: DataKeys = DATA_KEYS) -> None:
         self._init_sharding(store, seq_len, local_batch_size, dp_rank, dp_world, seed, shuffle)
         if overflow not in ("truncate", "drop"):
-            raise DataError(f"data.chat_overflow must be 'truncate' or 'drop', got {overflow!r}")
+            raise DataError(f"{keys('chat_overflow')} must be 'truncate' or 'drop', got {overflow!r}")
         capacity = seq_len + 1
         too_long = store.lengths > capacity
         kept = np.flatnonzero(~too_long) if overflow == "drop" else np.arange(store.num_documents)
@@ -316,11 +320,11 @@ class ChatDataLoader(PackedDataLoader):
         self.sequences_per_epoch = len(self.rows)
         self.tokens_per_epoch = int(self._lengths[kept].sum())
         if not store.num_documents:
-            raise DataError(f"data {store.source!r}: no conversations to train on (it is empty, or every record was "
-                            "skipped as malformed: see the warnings above, and data.messages_key)")
+            raise DataError(f"{keys('path')} {store.source!r}: no conversations to train on (it is empty, or every "
+                            f"record was skipped as malformed: see the warnings above, and {keys('messages_key')})")
         if not self.rows:
-            raise DataError(f"data {store.source!r}: no conversation fits in seq_len + 1 = {capacity} tokens "
-                            "(raise training.seq_len or set data.chat_overflow = \"truncate\")")
+            raise DataError(f"{keys('path')} {store.source!r}: no conversation fits in seq_len + 1 = {capacity} tokens "
+                            f"(raise training.seq_len or set {keys('chat_overflow')} = \"truncate\")")
         logger.log(logging.WARNING if too_long.any() else logging.INFO,
                    "data: %d conversations packed into %d rows of %d tokens; %d longer than that %s",
                    len(kept), len(self.rows), capacity, int(too_long.sum()),
@@ -367,27 +371,29 @@ def build_dataloader(
     dp_world: int = 1,
     seed: int = 0,
     store: DocumentStore | None = None,
+    keys: DataKeys = DATA_KEYS,
 ) -> PackedDataLoader:
     """The loader for one data-parallel rank. cfg_data: config.DataSection (format, path,
     text_key, split, on_bad_line, add_bos, add_eos, shuffle; chat: messages_key, chat_overflow,
     tokenizer). Pass `store` to reuse documents already loaded (e.g. the same corpus for several
-    ranks in one process). Chat rows are padded with the tokenizer's eos id (label -100)."""
+    ranks in one process). Chat rows are padded with the tokenizer's eos id (label -100). Errors
+    name the settings as `keys` does ([data]'s by default)."""
     chat = cfg_data.format == "chat"
     add_bos = bool(getattr(cfg_data, "add_bos", False)) and not chat
     add_eos = bool(getattr(cfg_data, "add_eos", True)) and not chat
     if add_bos and tokenizer.bos_id is None:
-        raise DataError("data.add_bos = true but the tokenizer has no bos token: set data.add_bos = false, or name "
-                        "bos_token in the tokenizer's tokenizer_config.json")
+        raise DataError(f"{keys('add_bos')} = true but the tokenizer has no bos token: set {keys('add_bos')} = false, "
+                        "or name bos_token in the tokenizer's tokenizer_config.json")
     if add_eos and tokenizer.eos_id is None:
-        raise DataError("data.add_eos = true but the tokenizer has no eos token: set data.add_eos = false, or name "
-                        "eos_token in the tokenizer's tokenizer_config.json")
+        raise DataError(f"{keys('add_eos')} = true but the tokenizer has no eos token: set {keys('add_eos')} = false, "
+                        "or name eos_token in the tokenizer's tokenizer_config.json")
     if store is None:
-        store = load_documents(cfg_data, tokenizer)
+        store = load_documents(cfg_data, tokenizer, keys)
     if cfg_data.format == "chat":  # the chat template decides the special tokens
         return ChatDataLoader(store, seq_len=seq_len, local_batch_size=local_batch_size, dp_rank=dp_rank,
                               dp_world=dp_world, seed=seed, shuffle=bool(getattr(cfg_data, "shuffle", True)),
                               overflow=cfg_data.chat_overflow,
-                              pad_id=tokenizer.eos_id if tokenizer.eos_id is not None else 0)
+                              pad_id=tokenizer.eos_id if tokenizer.eos_id is not None else 0, keys=keys)
     return PackedDataLoader(
         store,
         seq_len=seq_len,
@@ -398,4 +404,5 @@ def build_dataloader(
         bos_id=tokenizer.bos_id if add_bos else None,
         eos_id=tokenizer.eos_id if add_eos else None,
         shuffle=bool(getattr(cfg_data, "shuffle", True)),
+        keys=keys,
     )

@@ -31,6 +31,22 @@ class BadLineError(DataError):
     """A malformed input record; the message starts with "path:line:"."""
 
 
+@dataclass(frozen=True)
+class DataKeys:
+    """The config key each reader setting came from, for the messages that name it: keys(name) is
+    "<section>.<name>" for the keys of `own`, else "data.<name>" (the [data] settings a section
+    inherits; held-out data: validation.path, validation.format when set, the rest from [data])."""
+
+    section: str = "data"
+    own: tuple[str, ...] = ()
+
+    def __call__(self, name: str) -> str:
+        return f"{self.section}.{name}" if name in self.own else f"data.{name}"
+
+
+DATA_KEYS = DataKeys()
+
+
 # ============================================================== documents
 
 
@@ -63,7 +79,7 @@ class DocumentStore:
         return zlib.crc32(self.lengths.astype(np.int64).tobytes())
 
 
-def expand_paths(path: str, exts: tuple[str, ...], what: str) -> list[str]:
+def expand_paths(path: str, exts: tuple[str, ...], what: str, keys: DataKeys = DATA_KEYS) -> list[str]:
     """A file, a directory (files with one of exts, sorted, recursively) or a glob."""
     path = os.path.expanduser(path)
     if os.path.isfile(path):
@@ -78,7 +94,7 @@ def expand_paths(path: str, exts: tuple[str, ...], what: str) -> list[str]:
     else:
         files = sorted(f for f in _glob.glob(path, recursive=True) if os.path.isfile(f))
     if not files:
-        raise DataError(f"data.path {path!r}: no {what} files found (looked for {', '.join(exts)})")
+        raise DataError(f"{keys('path')} {path!r}: no {what} files found (looked for {', '.join(exts)})")
     return files
 
 
@@ -91,17 +107,18 @@ def expand_paths_or_none(path: str) -> list[str]:
 
 
 class BadLines:
-    def __init__(self, on_bad_line: str) -> None:
+    def __init__(self, on_bad_line: str, keys: DataKeys = DATA_KEYS) -> None:
         if on_bad_line not in ("skip", "error"):
-            raise DataError(f"data.on_bad_line must be 'skip' or 'error', got {on_bad_line!r}")
+            raise DataError(f"{keys('on_bad_line')} must be 'skip' or 'error', got {on_bad_line!r}")
         self.mode = on_bad_line
+        self.key = keys("on_bad_line")
         self.count = 0
         self.reported: list[str] = []
 
     def __call__(self, where: str, reason: str) -> None:
         msg = f"{where}: {reason}"
         if self.mode == "error":
-            raise BadLineError(msg + " (set data.on_bad_line = \"skip\" to skip malformed records)")
+            raise BadLineError(msg + f" (set {self.key} = \"skip\" to skip malformed records)")
         self.count += 1
         if len(self.reported) < MAX_REPORTED_BAD_LINES:
             self.reported.append(msg)
@@ -121,13 +138,13 @@ def _text_problem(value: Any) -> str | None:
 
 def read_jsonl(
     paths: Sequence[str], text_key: str = "text", on_bad_line: str = "skip", bad: BadLines | None = None,
-    problem: Callable[[Any], str | None] = _text_problem,
+    problem: Callable[[Any], str | None] = _text_problem, keys: DataKeys = DATA_KEYS,
 ) -> Iterator[Any]:
     """Yield field text_key of every well-formed line (`problem(value)` says why a value is not
     usable, default: not a valid string); blank lines are ignored silently."""
-    bad = bad or BadLines(on_bad_line)
+    bad = bad or BadLines(on_bad_line, keys)
     for path in paths:
-        for lineno, raw in _numbered_lines(path):
+        for lineno, raw in _numbered_lines(path, keys):
             if not raw.strip():
                 continue
             where = f"{path}:{lineno}"
@@ -154,7 +171,7 @@ def read_jsonl(
             yield value
 
 
-def _numbered_lines(path: str) -> Iterator[tuple[int, bytes]]:
+def _numbered_lines(path: str, keys: DataKeys) -> Iterator[tuple[int, bytes]]:
     """(line number, raw line) of a text or .gz file; a truncated or corrupt .gz is a DataError
     naming the file and the line it stopped after."""
     opener = gzip.open if path.endswith(".gz") else open
@@ -167,7 +184,7 @@ def _numbered_lines(path: str) -> Iterator[tuple[int, bytes]]:
         raise DataError(f"{path}: corrupt or truncated gzip file after line {lineno} "
                         f"({type(e).__name__}: {e})") from None
     except OSError as e:  # unreadable: permissions, a dangling symlink, an I/O error
-        raise DataError(f"{path}: cannot read it ({e.strerror or e}); fix it or remove it from data.path") from None
+        raise DataError(f"{path}: cannot read it ({e.strerror or e}); fix it or remove it from {keys('path')}") from None
 
 
 _HF_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".arrow": "arrow", ".csv": "csv"}
@@ -185,44 +202,47 @@ def _cause(e: BaseException) -> str:
 
 
 def read_hf(path: str, text_key: str = "text", split: str = "train", on_bad_line: str = "skip",
-            bad: BadLines | None = None, problem: Callable[[Any], str | None] = _text_problem) -> Iterator[Any]:
-    """Texts of a local HF dataset (save_to_disk directory, or data files). Offline only."""
+            bad: BadLines | None = None, problem: Callable[[Any], str | None] = _text_problem,
+            keys: DataKeys = DATA_KEYS, field_key: str = "text_key") -> Iterator[Any]:
+    """Texts of a local HF dataset (save_to_disk directory, or data files). Offline only. field_key:
+    the setting that names column text_key (chat: messages_key)."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import datasets
 
-    bad = bad or BadLines(on_bad_line)
+    bad = bad or BadLines(on_bad_line, keys)
     path = os.path.expanduser(path)
+    path_key, split_key = keys("path"), keys("split")
     # malformed files surface as the parser's ValueError (pyarrow, pandas, ujson) or wrapped by datasets
     unreadable = (ValueError, OSError, datasets.exceptions.DatasetGenerationError)
     if is_saved_dataset(path):
         try:
             ds = datasets.load_from_disk(path)
         except unreadable as e:
-            raise DataError(f"data.path {path!r}: not a readable saved dataset ({_cause(e)})") from None
+            raise DataError(f"{path_key} {path!r}: not a readable saved dataset ({_cause(e)})") from None
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
-                raise DataError(f"data.path {path!r} has splits {list(ds)}, not data.split={split!r}")
+                raise DataError(f"{path_key} {path!r} has splits {list(ds)}, not {split_key}={split!r}")
             ds = ds[split]
         elif split != "train":  # a single dataset has no splits: the setting would be silently ignored
-            raise DataError(f"data.path {path!r} is a single dataset without splits; data.split={split!r} cannot "
+            raise DataError(f"{path_key} {path!r} is a single dataset without splits; {split_key}={split!r} cannot "
                             "apply (leave it at 'train', or save a DatasetDict)")
         where0 = path
     else:
-        files = expand_paths(path, tuple(_HF_BUILDERS), "dataset")
+        files = expand_paths(path, tuple(_HF_BUILDERS), "dataset", keys)
         builders = {_HF_BUILDERS[os.path.splitext(f)[1]] for f in files if os.path.splitext(f)[1] in _HF_BUILDERS}
         if len(builders) != 1:
-            raise DataError(f"data.path {path!r}: expected files of one kind ({', '.join(_HF_BUILDERS)}), got {files[:5]}")
+            raise DataError(f"{path_key} {path!r}: expected files of one kind ({', '.join(_HF_BUILDERS)}), got {files[:5]}")
         if split != "train":
-            raise DataError(f"data.path {path!r}: data files form one dataset without splits; data.split={split!r} "
-                            "cannot apply (leave it at 'train', or point data.path at that split's files)")
+            raise DataError(f"{path_key} {path!r}: data files form one dataset without splits; {split_key}={split!r} "
+                            f"cannot apply (leave it at 'train', or point {path_key} at that split's files)")
         try:
             ds = datasets.load_dataset(builders.pop(), data_files=files, split="train")
         except unreadable as e:
-            raise DataError(f"data.path {path!r}: its files cannot be read as a dataset ({_cause(e)})") from None
+            raise DataError(f"{path_key} {path!r}: its files cannot be read as a dataset ({_cause(e)})") from None
         where0 = path
     if text_key not in ds.column_names:
-        raise DataError(f"data.path {path!r}: no column data.text_key={text_key!r} (columns: {ds.column_names})")
+        raise DataError(f"{path_key} {path!r}: no column {keys(field_key)}={text_key!r} (columns: {ds.column_names})")
     row = 0
     for chunk in ds.select_columns([text_key]).iter(batch_size=ENCODE_CHUNK):
         for text in chunk[text_key]:

@@ -26,6 +26,7 @@ from moonlight.parallel.context import zigzag_slice
 from moonlight.parallel.data import apply_activation_checkpointing
 from moonlight.parallel.pipeline import build_pipeline_stages, build_schedule, pipeline_step, resolve_layout
 from moonlight.train.config import JobConfig
+from moonlight.train.data import Batch
 
 
 class Pipeline:
@@ -72,6 +73,16 @@ class Layout:
     def gradient_ranks(self) -> int:
         """The ranks data parallel averages gradients over (they hold different tokens): dp x cp."""
         return self.dp_world * self.cp_world
+
+    def batch_inputs(self, batch: Batch, device: torch.device, document_mask: bool):
+        """What the model parts take of a batch on this rank -> (inputs, labels, packing): on the device,
+        packing = {positions, document_ids} when document_mask (RoPE positions restart and attention stays
+        within each document), else {}; then this rank's slice of the sequences (shard_sequence)."""
+        inputs, labels = batch.inputs.to(device), batch.labels.to(device)
+        packing = {}
+        if document_mask:
+            packing = {"positions": batch.position_ids.to(device), "document_ids": batch.document_ids.to(device)}
+        return self.shard_sequence(inputs, labels, packing)
 
     def shard_sequence(self, inputs: torch.Tensor, labels: torch.Tensor, packing: dict[str, torch.Tensor]):
         """This rank's slice of a batch's sequences -> (inputs, labels, packing): the batch itself, or under

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from moonlight.errors import DataError
-from moonlight.train.documents import ENCODE_CHUNK, DocumentStore, expand_paths, read_jsonl
+from moonlight.train.documents import DATA_KEYS, ENCODE_CHUNK, DataKeys, DocumentStore, expand_paths, read_jsonl
 
 
 _MMIDIDX_MAGIC = b"MMIDIDX\x00\x00"
@@ -200,21 +200,21 @@ def build_megatron_from_jsonl(
     return n
 
 
-def load_megatron(path: str) -> DocumentStore:
+def load_megatron(path: str, keys: DataKeys = DATA_KEYS) -> DocumentStore:
     p = os.path.expanduser(path)
     if os.path.isdir(p):
-        prefixes = [_megatron_prefix(f) for f in expand_paths(p, (".idx",), "Megatron .idx")]
+        prefixes = [_megatron_prefix(f) for f in expand_paths(p, (".idx",), "Megatron .idx", keys)]
     elif os.path.exists(_megatron_prefix(p) + ".idx"):
         prefixes = [_megatron_prefix(p)]
     else:
-        prefixes = [_megatron_prefix(f) for f in expand_paths(p, (".idx",), "Megatron .idx")]
+        prefixes = [_megatron_prefix(f) for f in expand_paths(p, (".idx",), "Megatron .idx", keys)]
     tokens, fids, starts, lengths = [], [], [], []
     for k, prefix in enumerate(prefixes):
         try:
             ds = MegatronIndexedDataset(prefix)
         except OSError as e:  # unreadable (permissions, a directory where a file belongs)
             raise DataError(f"{e.filename or prefix}: cannot read it ({e.strerror or e}); fix it or point "
-                            "data.path elsewhere") from None
+                            f"{keys('path')} elsewhere") from None
         s, l = ds.document_spans()
         keep = l > 0
         tokens.append(ds.tokens)

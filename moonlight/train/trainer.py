@@ -221,6 +221,9 @@ class Trainer:
         if self.validator is not None:
             check_token_ids(self.validator.loader.store, self.model_args.vocab_size, "validation data")
         self.step = 0
+        # train_step also reports forward_backward_s (benchmarks: the step's time outside the optimizer);
+        # on a GPU that waits for the device before and after forward+backward, two host syncs per step
+        self.time_forward_backward = False
         self._last_inputs = None
         self._nonfinite_in_a_row = 0
         self.checkpointer = self._build_checkpointer()
@@ -351,12 +354,7 @@ class Trainer:
         num_tokens = targets.clamp(min=1).float() / self.parallel.gradient_ranks
         total = torch.zeros((), device=self.device)
         for batch in batches:
-            inputs, labels = batch.inputs.to(self.device), batch.labels.to(self.device)
-            packing = {}
-            if self.document_mask:  # RoPE positions restart and attention stays within each document
-                packing = {"positions": batch.position_ids.to(self.device),
-                           "document_ids": batch.document_ids.to(self.device)}
-            inputs, labels, packing = self.parallel.shard_sequence(inputs, labels, packing)
+            inputs, labels, packing = self.parallel.batch_inputs(batch, self.device, self.document_mask)
             self._last_inputs = (inputs, packing)
             if self.parallel.pipeline is not None:
                 loss = self.parallel.pipeline.step(inputs, labels, num_tokens, packing)
@@ -409,11 +407,14 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step. Reads ONE small device->host copy (loss and grad norm, for the
-        non-finite check); the other metrics are computed and read only on logged steps."""
+        non-finite check); the other metrics are computed and read only on logged steps (and
+        time_forward_backward's device waits only when set)."""
         t = self.cfg.training
         start = time.perf_counter()
         self.optimizers.zero_grad()
+        fb_start = self._device_clock() if self.time_forward_backward else None
         local_loss = self._forward_backward()
+        fb_s = self._device_clock() - fb_start if fb_start is not None else None
         params = [p for part in self.model_parts for p in part.parameters()]
         grad_norm = clip_grad_norm_(params, t.max_norm if t.max_norm > 0 else float("inf"),
                                     pp_group=self.parallel.pp_group)
@@ -438,9 +439,17 @@ class Trainer:
                   "tokens_per_s": tokens / elapsed, "step_time_s": elapsed,
                   "mfu_pct": 100 * self.flops_per_token * tokens / elapsed / (self.peak_flops * self.world_size),
                   "memory_gib": memory_gib(self.device), "skipped": not finite}
+        if fb_s is not None:
+            values["forward_backward_s"] = fb_s
         if counts is not None and self.logs_step(self.step + 1):
             values.update(self._moe_metrics(counts, moe_layers))
         return values
+
+    def _device_clock(self) -> float:
+        """time.perf_counter() once the device's queued work is done (CUDA runs kernels asynchronously)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def _moe_metrics(self, counts: torch.Tensor, moe_layers: list) -> dict:
         """Expert-load imbalance per layer and the aux loss, read back in one copy."""

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 
 import torch
 import torch.distributed as dist
 
-from moonlight.errors import DataError
 from moonlight.parallel import reduce_token_losses
 from moonlight.train.config import JobConfig
 from moonlight.train.data import build_dataloader
+from moonlight.train.documents import DataKeys
 from moonlight.train.layout import Layout
 
 
@@ -30,12 +29,10 @@ class Validator:
     def __init__(self, cfg: JobConfig, tokenizer, layout: Layout, device: torch.device):
         v, t = cfg.validation, cfg.training
         data = dataclasses.replace(cfg.data, path=v.path, format=v.format or cfg.data.format, shuffle=False)
-        try:
-            self.loader = build_dataloader(data, tokenizer, t.seq_len, t.local_batch_size, layout.dp_rank,
-                                           layout.dp_world, t.seed)
-        except DataError as e:  # the data readers name data.path; here the path (and format) is validation's
-            keys = r"\bdata\.(path|format)\b" if v.format else r"\bdata\.(path)\b"
-            raise DataError(re.sub(keys, r"validation.\1", str(e))) from None
+        # the readers' messages name validation.path (and validation.format when set), [data] for the rest
+        keys = DataKeys("validation", ("path", "format") if v.format else ("path",))
+        self.loader = build_dataloader(data, tokenizer, t.seq_len, t.local_batch_size, layout.dp_rank,
+                                       layout.dp_world, t.seed, keys=keys)
         self.start = self.loader.state_dict()
         self.document_mask = cfg.data.document_mask or data.format == "chat"
         # each validation step is one global batch, whatever the layout: the same rows in every layout
@@ -61,12 +58,7 @@ class Validator:
         try:
             for _ in range(self.micro_batches):
                 batch = self.loader.next_batch_with_info()
-                inputs, labels = batch.inputs.to(self.device), batch.labels.to(self.device)
-                packing = {}
-                if self.document_mask:
-                    packing = {"positions": batch.position_ids.to(self.device),
-                               "document_ids": batch.document_ids.to(self.device)}
-                inputs, labels, packing = layout.shard_sequence(inputs, labels, packing)
+                inputs, labels, packing = layout.batch_inputs(batch, self.device, self.document_mask)
                 targets += int((labels != -100).sum())  # this rank's tokens: cp ranks each count theirs
                 if layout.pipeline is not None:
                     loss = layout.pipeline.eval(inputs, labels, packing)
