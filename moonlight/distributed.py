@@ -1,6 +1,7 @@
-"""Process-group helpers that also work without a process group (one process), and the local shard
-of a tensor that may be a DTensor. Everything above the model layer reaches torch.distributed's
-rank, world size and object collectives through these, so a single process needs no set-up."""
+"""Process-group helpers that also work without a process group (one process), the local shard of a
+tensor that may be a DTensor, and the host-to-device copy that does not wait for the device.
+Everything above the model layer reaches torch.distributed's rank, world size and object
+collectives through these, so a single process needs no set-up."""
 
 from __future__ import annotations
 
@@ -64,3 +65,14 @@ def p2p_device() -> torch.device:
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor; a plain tensor as it is."""
     return t.to_local() if isinstance(t, DTensor) else t  # isinstance: torch.compile traces it, not hasattr
+
+
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """t on `device`. From the host without a host sync: copied non-blocking, from pinned memory on
+    CUDA (a copy from pageable memory waits for the work already queued on the device)."""
+    device = torch.device(device)
+    if t.device.type != "cpu" or device.type == "cpu":
+        return t.to(device)  # a non-blocking copy to the host could be read before it lands
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)

@@ -182,3 +182,89 @@ def test_varlen_path_flattens_rows_into_documents(monkeypatch):
     assert ragged.cu_seqlens.tolist() == [0, 5, 14, 16, 32, 36, 48]
     dense = DocumentMask(documents, torch.float64, varlen=False)
     torch.testing.assert_close(ragged.attention(q, k, v, 0.3), dense.attention(q, k, v, 0.3))
+
+
+# ------------------------------------------------------------------ varlen metadata from host ids
+
+ROWS = {
+    "several_rows": [[5, 9, 2], [16], [4, 12]],
+    "single_tokens": [[1, 1, 1, 13], [1] * 16],
+    "one_document_per_row": [[16], [16]],  # equal ids at the seam: every row still starts a document
+    "one_row": [[16]],
+}
+
+
+@pytest.mark.parametrize("lengths", list(ROWS.values()), ids=list(ROWS))
+def test_varlen_metadata_from_host_ids_matches_the_documents(lengths):
+    """Ids on the host, activations elsewhere (meta stands in for the GPU): the bounds and the longest
+    document are the documents' own, and only their copies live on the device."""
+    _, documents = _packed(lengths)
+    flat = [n for row in lengths for n in row]
+    expected = torch.cumsum(torch.tensor([0] + flat), 0).tolist()
+    on_host = DocumentMask(documents, torch.bfloat16, torch.device("cpu"), varlen=True)
+    assert on_host.cu_seqlens.dtype == torch.int32 and on_host.cu_seqlens.tolist() == expected
+    assert on_host.max_len == max(flat) and type(on_host.max_len) is int
+    elsewhere = DocumentMask(documents, torch.bfloat16, torch.device("meta"), varlen=True)
+    assert elsewhere.cu_seqlens.device.type == elsewhere.document_ids.device.type == "meta"
+    assert elsewhere.cu_seqlens.shape == on_host.cu_seqlens.shape and elsewhere.max_len == on_host.max_len
+
+
+def _meta_forward_backward(model, tokens, positions, documents):
+    model(tokens, positions=positions, document_ids=documents, labels=tokens).backward()
+
+
+def test_packed_forward_reads_nothing_back_from_the_device(monkeypatch):
+    """A packed-document forward + backward of a bf16 model on a device that is not the host (meta,
+    standing in for CUDA: it takes the varlen kernel) with the ids on the host reads nothing back from
+    that device; with the ids on the device the documents' bounds would be read back."""
+    import moonlight.model.model as model_module
+    from tests.test_moe_sync import host_syncs, recording_host_syncs
+
+    monkeypatch.setattr(DocumentMask, "varlen_devices", ("meta",))
+    calls = []
+
+    def varlen_spy(q, k, v, cu_q, cu_k, max_q, max_k, **kw):
+        calls.append((cu_q.device.type, type(max_q)))
+        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kw)
+
+    varlen_attn = model_module.varlen_attn
+    monkeypatch.setattr(model_module, "varlen_attn", varlen_spy)
+    args = ModelArgs.preset("debug", kernels="torch")
+    with torch.device("meta"):
+        model = Moonlight(args).to(torch.bfloat16)
+    positions, documents = _packed(ROWS["several_rows"])
+    tokens, positions = torch.zeros_like(positions, device="meta"), positions.to("meta")
+
+    assert host_syncs(lambda: _meta_forward_backward(model, tokens, positions, documents), device_only=True) == []
+    assert calls == [("meta", int)] * args.num_hidden_layers
+
+    syncs = []
+    with pytest.raises(NotImplementedError), recording_host_syncs(syncs, device_only=True):
+        _meta_forward_backward(model, tokens, positions, documents.to("meta"))
+    assert syncs == ["aten.nonzero.default"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_packed_documents_add_no_host_sync_on_cuda():
+    """bf16 on CUDA (the varlen kernel), ids on the host: a packed forward + backward syncs no more
+    often than an unpacked one (counted by the sync debug mode)."""
+    import warnings
+
+    model = _model(torch.bfloat16).cuda()
+    tokens = torch.randint(0, 320, (3, 16), generator=torch.Generator().manual_seed(1)).cuda()
+    positions, documents = _packed(ROWS["several_rows"])
+    packed = {"positions": positions.cuda(), "document_ids": documents}
+
+    def syncs(**packing):
+        model(tokens, labels=tokens, **packing).backward()  # warm-up: lazy initialisation may sync
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                model(tokens, labels=tokens, **packing).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return [str(w.message) for w in caught]
+
+    assert syncs(**packed) == syncs()

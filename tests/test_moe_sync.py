@@ -3,10 +3,13 @@ all-to-all split sizes), and the layer compiles as one graph.
 
 On a CPU there is no device queue to drain, so the run is instrumented instead: every op that
 would read device memory back to the host on a GPU is counted (`.item()`, `bool()`, `int()` all
-reach `aten._local_scalar_dense`; `.tolist()` does not dispatch and is counted at the Python level;
-`nonzero`, `bincount`, `masked_select`, `unique` and `repeat_interleave` without `output_size` read
-sizes back). On CUDA the same layer runs under `torch.cuda.set_sync_debug_mode("error")`.
+reach `aten._local_scalar_dense`; `torch.equal` returns a host bool; `.tolist()` does not dispatch
+and is counted at the Python level; `nonzero`, `bincount`, `masked_select`, `unique` and
+`repeat_interleave` without `output_size` read sizes back). On CUDA the same layer runs under
+`torch.cuda.set_sync_debug_mode("error")`.
 """
+
+import contextlib
 
 import pytest
 import torch
@@ -21,37 +24,51 @@ from tests.dist import run_ranks
 
 aten = torch.ops.aten
 _SYNC_OPS = {aten._local_scalar_dense, aten.nonzero, aten.bincount, aten.masked_select, aten.unique_dim,
-             aten._unique, aten._unique2, aten.unique_consecutive}
+             aten._unique, aten._unique2, aten.unique_consecutive, aten.equal}
+
+
+def _off_host(args) -> bool:
+    return any(isinstance(a, torch.Tensor) and a.device.type != "cpu" for a in args)
 
 
 class _CountDispatch(TorchDispatchMode):
-    def __init__(self, syncs: list):
+    def __init__(self, syncs: list, device_only: bool):
         super().__init__()
-        self.syncs = syncs
+        self.syncs, self.device_only = syncs, device_only
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func.overloadpacket in _SYNC_OPS or (
-                func is aten.repeat_interleave.Tensor and kwargs.get("output_size") is None):
+        if (func.overloadpacket in _SYNC_OPS or (
+                func is aten.repeat_interleave.Tensor and kwargs.get("output_size") is None)) and (
+                not self.device_only or _off_host(args)):
             self.syncs.append(str(func))
         return func(*args, **kwargs)
 
 
 class _CountToList(TorchFunctionMode):
-    def __init__(self, syncs: list):
+    def __init__(self, syncs: list, device_only: bool):
         super().__init__()
-        self.syncs = syncs
+        self.syncs, self.device_only = syncs, device_only
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is torch.Tensor.tolist:
+        if func is torch.Tensor.tolist and (not self.device_only or _off_host(args)):
             self.syncs.append("tolist")
         return func(*args, **(kwargs or {}))
 
 
-def host_syncs(fn) -> list[str]:
-    """The ops of fn() that would wait for the device on a GPU."""
+@contextlib.contextmanager
+def recording_host_syncs(syncs: list, device_only: bool = False):
+    """Appends to syncs the ops run inside that would wait for the device on a GPU. device_only: only
+    those reading a tensor off the host (the meta device can stand in for a GPU: such a read is
+    counted, then fails there), so the host's own bookkeeping is free."""
+    with _CountToList(syncs, device_only), _CountDispatch(syncs, device_only):
+        yield
+
+
+def host_syncs(fn, device_only: bool = False) -> list[str]:
+    """The ops of fn() that would wait for the device on a GPU (see `recording_host_syncs`)."""
     syncs: list[str] = []
-    with _CountToList(syncs), _CountDispatch(syncs):
+    with recording_host_syncs(syncs, device_only):
         fn()
     return syncs
 

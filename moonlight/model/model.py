@@ -18,7 +18,7 @@ from torch.nn.attention.varlen import varlen_attn
 
 from kernels import grouped_mm, mla_rope_key, permute_tokens, resolve_impl, rope_tables, rotate_rope_, unpermute_tokens
 from moonlight.config import ModelArgs
-from moonlight.distributed import local_tensor
+from moonlight.distributed import local_tensor, to_device
 from moonlight.model.loss import linear_cross_entropy
 
 
@@ -174,30 +174,40 @@ class DocumentMask:
     document only. Built once per forward from ``document_ids [B, S]`` (equal ids = one document,
     documents contiguous within a row) and shared by every layer.
 
-    Half-precision CUDA tensors take flash attention's varlen kernel (the documents of all rows as
-    one ragged batch, no mask is materialised); everything else (CPU, fp32/fp64) takes SDPA with a
-    boolean [B, 1, S, S] block-diagonal causal mask."""
+    Half-precision tensors on a device of `varlen_devices` take flash attention's varlen kernel (the
+    documents of all rows as one ragged batch, no mask is materialised); everything else (CPU,
+    fp32/fp64) takes SDPA with a boolean [B, 1, S, S] block-diagonal causal mask.
 
-    def __init__(self, document_ids: torch.Tensor, dtype: torch.dtype, varlen: bool | None = None):
+    ``device`` is where the activations are (default: the ids'). Pass the ids on the host: the
+    varlen kernel's document bounds and longest document are then found there and only copied to
+    the device, without a host sync (ids on the device cost two: the bounds' count and the longest
+    document). `document_ids` is the ids on ``device`` (context parallel gathers them)."""
+
+    varlen_devices = ("cuda",)
+
+    def __init__(self, document_ids: torch.Tensor, dtype: torch.dtype, device: torch.device | None = None,
+                 varlen: bool | None = None):
         bsz, seqlen = document_ids.shape
+        device = document_ids.device if device is None else torch.device(device)
         if varlen is None:
-            varlen = document_ids.is_cuda and dtype in (torch.bfloat16, torch.float16)
+            varlen = device.type in self.varlen_devices and dtype in (torch.bfloat16, torch.float16)
         self.varlen = varlen
-        self.document_ids = document_ids
+        self.document_ids = to_device(document_ids, device)
         # What a layer's `sequence` derives from the ids, built by the first layer and reused by the
         # others (context parallel's masks against the gathered keys).
         self.derived: dict = {}
         if self.varlen:
-            flat = document_ids.flatten()
+            flat = document_ids.flatten()  # where the caller keeps them: the host, ideally
             starts = torch.ones_like(flat, dtype=torch.bool)
             starts[1:] = flat[1:] != flat[:-1]
             starts[::seqlen] = True  # every row starts a document
             bounds = torch.cat([starts.nonzero().flatten(), flat.new_tensor([flat.numel()])])
-            self.cu_seqlens = bounds.to(torch.int32)
-            self.max_len = int((bounds[1:] - bounds[:-1]).max())  # with nonzero: two host syncs per forward
+            self.cu_seqlens = to_device(bounds.to(torch.int32), device)
+            self.max_len = int((bounds[1:] - bounds[:-1]).max())
         else:
-            same = document_ids[:, :, None] == document_ids[:, None, :]
-            causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=document_ids.device).tril()
+            ids = self.document_ids
+            same = ids[:, :, None] == ids[:, None, :]
+            causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=device).tril()
             self.dense = (same & causal).unsqueeze(1)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -547,7 +557,8 @@ class Moonlight(nn.Module):
 
     Packed sequences: ``positions [B, S]`` are the RoPE positions (default 0..S-1 in every row; restart
     them at each document) and ``document_ids [B, S]`` restrict attention to each document (default:
-    causal over the whole row). Every pipeline stage takes both."""
+    causal over the whole row; pass them on the host, see `DocumentMask`). Every pipeline stage takes
+    both."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -566,7 +577,7 @@ class Moonlight(nn.Module):
         from the hidden states so the [B, S, V] fp32 logits never exist. A vocab-sharded
         (tensor-parallel) head needs labels=None and the vocab-parallel cross_entropy_loss."""
         h = self.embed(tokens) if self.embed is not None else tokens
-        mask = DocumentMask(document_ids, h.dtype) if document_ids is not None else None
+        mask = DocumentMask(document_ids, h.dtype, h.device) if document_ids is not None else None
         rope = rope_angles(self.args, h.shape[1], positions, h.device)
         for layer in self.layers.values():
             h = layer(h, rope=rope, mask=mask)

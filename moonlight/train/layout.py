@@ -17,7 +17,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from moonlight.config import ModelArgs
-from moonlight.distributed import init_single_process_group
+from moonlight.distributed import init_single_process_group, to_device
 from moonlight.dtypes import to_dtype
 from moonlight.model import Moonlight
 from moonlight.parallel import ParallelDims, build_mesh, cross_entropy_loss, parallelize_model
@@ -77,11 +77,13 @@ class Layout:
     def batch_inputs(self, batch: Batch, device: torch.device, document_mask: bool):
         """What the model parts take of a batch on this rank -> (inputs, labels, packing): on the device,
         packing = {positions, document_ids} when document_mask (RoPE positions restart and attention stays
-        within each document), else {}; then this rank's slice of the sequences (shard_sequence)."""
-        inputs, labels = batch.inputs.to(device), batch.labels.to(device)
+        within each document), else {}; then this rank's slice of the sequences (shard_sequence). The
+        copies do not wait for the device, and the ids stay on the host: the model finds the documents
+        there (`DocumentMask`), so the host queues micro-batches without a sync."""
+        inputs, labels = to_device(batch.inputs, device), to_device(batch.labels, device)
         packing = {}
         if document_mask:
-            packing = {"positions": batch.position_ids.to(device), "document_ids": batch.document_ids.to(device)}
+            packing = {"positions": to_device(batch.position_ids, device), "document_ids": batch.document_ids}
         return self.shard_sequence(inputs, labels, packing)
 
     def shard_sequence(self, inputs: torch.Tensor, labels: torch.Tensor, packing: dict[str, torch.Tensor]):

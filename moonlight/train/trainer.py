@@ -24,7 +24,7 @@ from moonlight.checkpoint.export import export_hf, export_peft_adapter
 from moonlight.checkpoint.format import DCP_METADATA, model_args_from_meta, read_meta
 from moonlight.checkpoint.state import Checkpointer
 from moonlight.config import ModelArgs
-from moonlight.distributed import broadcast_object, local_tensor
+from moonlight.distributed import broadcast_object, local_tensor, to_device
 from moonlight.dtypes import to_dtype
 from moonlight.errors import CheckpointError, ConfigError, NonFiniteError
 from moonlight.hf import HFCheckpoint
@@ -343,13 +343,11 @@ class Trainer:
         hence each rank divides its sum by (global count / (dp x cp)).
 
         That normaliser stays a tensor the host never reads (no sync): counted from the host labels,
-        summed over the dp ranks on the device."""
+        summed over the dp ranks on the device; `Layout.batch_inputs` moves the batches without one."""
         batches = [self.dataloader.next_batch_with_info() for _ in range(self.grad_accum)]
         targets = torch.stack([(b.labels != -100).sum() for b in batches]).sum()
         if self.parallel.dp_world > 1:
-            if self.device.type == "cuda":  # from pinned memory the copy does not wait for queued work
-                targets = targets.pin_memory()
-            targets = targets.to(self.device, non_blocking=True)
+            targets = to_device(targets, self.device)
             dist.all_reduce(targets, group=self.parallel.dp_group)
         num_tokens = targets.clamp(min=1).float() / self.parallel.gradient_ranks
         total = torch.zeros((), device=self.device)
