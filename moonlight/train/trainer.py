@@ -417,8 +417,7 @@ class Trainer:
         params = [p for part in self.model_parts for p in part.parameters()]
         grad_norm = clip_grad_norm_(params, t.max_norm if t.max_norm > 0 else float("inf"),
                                     pp_group=self.parallel.pp_group)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        loss, grad_norm = torch.stack([self.parallel.reduce_loss(local_loss), grad_norm.float()]).tolist()
+        loss, grad_norm = torch.stack([self.parallel.reduce_loss(local_loss), grad_norm]).tolist()
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         moe_layers = [m for part in self.model_parts for m in part.moe_layers()]
         if finite:
