@@ -99,38 +99,6 @@ def _check_keys(found: set[str], expected: set[str], what: str):
                               "(a different architecture or config?)")
 
 
-def hf_to_native(state_dict: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
-    """HF state dict (per-expert keys) -> native state dict (stacked experts)."""
-    shapes = expected_shapes(args)
-    wanted = {hf: native for native in shapes for hf in hf_keys(native, args)}
-    found = {k for k in state_dict if not _HF_PASSTHROUGH.match(k)}
-    _check_keys(found, set(wanted), "the Hugging Face state dict")
-    out = {}
-    for native, shape in shapes.items():
-        tensors = [state_dict[k] for k in hf_keys(native, args)]
-        per_key_shape = shape[1:] if is_expert_stack(native) else shape
-        for k, t in zip(hf_keys(native, args), tensors):
-            _check_shape(k, t.shape, per_key_shape)
-        out[native] = torch.stack(tensors) if is_expert_stack(native) else tensors[0]
-    return out
-
-
-def native_to_hf(state_dict: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
-    """Native state dict -> HF state dict in the on-disk layout (one tensor per expert)."""
-    shapes = expected_shapes(args)
-    _check_keys(set(state_dict), set(shapes), "the native state dict")
-    out = {}
-    for native, shape in shapes.items():
-        t = state_dict[native]
-        _check_shape(native, t.shape, shape)
-        keys = hf_keys(native, args)
-        if is_expert_stack(native):
-            out.update(zip(keys, t.unbind(0)))
-        else:
-            out[keys[0]] = t
-    return out
-
-
 def _read_weight_map(index: str) -> dict[str, str]:
     """The index's key -> shard file map; every shard a relative path inside the index's directory."""
     try:
