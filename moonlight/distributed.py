@@ -46,12 +46,21 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def default_device(local_rank: int = 0) -> torch.device:
+    """This process's device: GPU `local_rank` where CUDA is available, else the CPU."""
+    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def backend_for(device_type: str) -> str:
+    """The process-group backend torch pairs with a device type (NCCL for CUDA, gloo for the CPU)."""
+    return dist.get_default_backend_for_device(device_type)
+
+
 def init_single_process_group(device_type: str) -> None:
     """A one-rank process group (in-process store, no launcher), for a single process that still
     wants the parallel machinery: FSDP2 on a 1-rank mesh applies the mixed-precision policy."""
     if not is_distributed():
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
-                                world_size=1)
+        dist.init_process_group(backend_for(device_type), store=dist.HashStore(), rank=0, world_size=1)
 
 
 def p2p_device() -> torch.device:

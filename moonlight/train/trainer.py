@@ -24,7 +24,7 @@ from moonlight.checkpoint.export import export_hf, export_peft_adapter
 from moonlight.checkpoint.format import DCP_METADATA, model_args_from_meta, read_meta
 from moonlight.checkpoint.state import Checkpointer
 from moonlight.config import ModelArgs
-from moonlight.distributed import broadcast_object, local_tensor
+from moonlight.distributed import backend_for, broadcast_object, default_device, local_tensor
 from moonlight.dtypes import to_dtype
 from moonlight.errors import CheckpointError, ConfigError, NonFiniteError
 from moonlight.hf import HFCheckpoint
@@ -127,12 +127,12 @@ def init_distributed() -> tuple[int, int, torch.device]:
     """Join the torchrun job (NCCL on GPUs, gloo on CPU); a single process needs no process group."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = default_device(local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     use_tf32(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend_for(device.type))
     rank = dist.get_rank() if dist.is_initialized() else 0
     return rank, world, device
 
