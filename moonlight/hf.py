@@ -84,12 +84,6 @@ def expected_shapes(args: ModelArgs) -> dict[str, torch.Size]:
     return {k: v.shape for k, v in model.state_dict().items()}
 
 
-def _check_shape(key: str, found: torch.Size | list[int], expected: torch.Size | list[int]):
-    if tuple(found) != tuple(expected):
-        raise CheckpointError(f"shape mismatch for {key!r}: expected {tuple(expected)}, found {tuple(found)} "
-                              "(is the config.json the one this checkpoint was saved with?)")
-
-
 def _check_keys(found: set[str], expected: set[str], what: str):
     missing, unexpected = sorted(expected - found), sorted(found - expected)
     if missing:
@@ -180,6 +174,12 @@ class HFCheckpoint:
     def shape(self, key: str) -> list[int]:
         return self._handle(key).get_slice(key).get_shape()
 
+    def check_shape(self, key: str, expected: torch.Size | tuple[int, ...]) -> None:
+        found = self.shape(key)
+        if tuple(found) != tuple(expected):
+            raise CheckpointError(f"shape mismatch for {key!r}: expected {tuple(expected)}, found {tuple(found)} "
+                                  "(is the config.json the one this checkpoint was saved with?)")
+
     def dtype(self, key: str) -> torch.dtype:
         name = self._handle(key).get_slice(key).get_dtype()
         if name not in _SAFETENSORS_DTYPES:
@@ -223,7 +223,7 @@ def load_hf(path: str | os.PathLike, dtype: torch.dtype | None = None, device: s
             keys = hf_keys(native, args)
             rows = tensor.unbind(0) if is_expert_stack(native) else [tensor]
             for key, dst in zip(keys, rows):
-                _check_shape(key, ckpt.shape(key), dst.shape)
+                ckpt.check_shape(key, dst.shape)
                 dst.copy_(ckpt.get(key))
             bar.update()
     return model

@@ -13,6 +13,8 @@ from moonlight import ModelArgs
 from moonlight.config import ConfigError
 from moonlight.errors import CheckpointError
 from moonlight.hf import load_hf, save_hf
+from moonlight.model import Moonlight
+from moonlight.parallel import load_hf_sharded
 from tests.hf_reference import make_hf_model
 
 
@@ -127,6 +129,14 @@ def test_wrong_shape_names_key_and_shapes(hf_dir, tmp_path):
     bad = _rewrite(hf_dir, tmp_path / "bad", edit)
     with pytest.raises(CheckpointError, match=r"experts\.2\.down_proj.*expected \(64, 32\), found \(64, 31\)"):
         load_hf(bad)
+
+
+def test_sharded_load_names_a_wrong_expert_shape(hf_dir, tmp_path):
+    key = "model.layers.1.mlp.experts.0.down_proj.weight"  # the expert stack's first key is the one checked
+    bad = _rewrite(hf_dir, tmp_path / "bad", lambda t: t.__setitem__(key, torch.zeros(64, 31)))
+    model = Moonlight(ModelArgs.from_hf_config(hf_dir, kernels="torch"))
+    with pytest.raises(CheckpointError, match=r"experts\.0\.down_proj.*expected \(64, 32\), found \(64, 31\)"):
+        load_hf_sharded(model, bad)
 
 
 def test_missing_key_is_named(hf_dir, tmp_path):
