@@ -32,7 +32,7 @@ from moonlight.hf_peft import load_peft_adapter
 from moonlight.model import Moonlight
 from moonlight.model.lora import apply_lora, count_params, hide_adapters, init_dora_magnitude, reset_lora_parameters
 from moonlight.parallel import load_hf_sharded, reduce_token_losses
-from moonlight.train.config import JobConfig
+from moonlight.train.config import JobConfig, LoRASection
 from moonlight.train.data import build_dataloader
 from moonlight.train.layout import build_layout, is_mixed_precision
 from moonlight.train.lock import DumpFolderLock
@@ -67,6 +67,15 @@ def build_model_args(cfg: JobConfig) -> ModelArgs:
             raise ConfigError(f"model.overrides.{key} is not a ModelArgs field{hint}; valid: {sorted(fields)}")
     return dataclasses.replace(base, **{**cfg.model.overrides, "kernels": cfg.model.kernels,
                                         "aux_loss_alpha": cfg.moe.aux_loss_coeff})
+
+
+def apply_lora_section(model: Moonlight, lora: LoRASection) -> list[str]:
+    """[lora]'s adapters on a model; returns the names of the adapted linears. Targets that fit no
+    module of the model are a ConfigError."""
+    try:
+        return apply_lora(model, lora.targets, rank=lora.rank, alpha=lora.alpha, dora=lora.dora, dropout=lora.dropout)
+    except ValueError as e:
+        raise ConfigError(f"lora: {e} (lora.targets = {lora.targets})") from None
 
 
 def check_token_ids(store, vocab_size: int, what: str) -> None:
@@ -273,14 +282,8 @@ class Trainer:
 
     def _apply_lora(self, model: Moonlight) -> None:
         """LoRA/DoRA adapters on the full model, before any sharding (FSDP wraps them with their block)."""
-        lo = self.cfg.lora
-        if not lo.enable:
-            return
-        try:
-            self.lora_modules = apply_lora(model, lo.targets, rank=lo.rank, alpha=lo.alpha, dora=lo.dora,
-                                           dropout=lo.dropout)
-        except ValueError as e:
-            raise ConfigError(f"lora: {e} (lora.targets = {lo.targets})") from None
+        if self.cfg.lora.enable:
+            self.lora_modules = apply_lora_section(model, self.cfg.lora)
 
     def _build_checkpointer(self) -> Checkpointer:
         c, lora = self.cfg.checkpoint, self.cfg.lora.enable
