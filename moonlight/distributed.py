@@ -1,6 +1,7 @@
-"""Process-group helpers that also work without a process group (one process), and the local shard
-of a tensor that may be a DTensor. Everything above the model layer reaches torch.distributed's
-rank, world size and object collectives through these, so a single process needs no set-up."""
+"""Process-group helpers that also work without a process group (one process), the default device
+and its backend, and the plain tensor behind a DTensor's local shard or a functional collective's
+result. Everything above the model layer reaches torch.distributed's rank, world size and object
+collectives through these, so a single process needs no set-up."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from torch.distributed.tensor import DTensor
 
 
@@ -68,6 +70,11 @@ def p2p_device() -> torch.device:
     if is_distributed() and "nccl" in str(dist.get_backend()).lower():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def collective_result(t: torch.Tensor) -> torch.Tensor:
+    """A functional collective's output as a plain tensor: waited for if it is still in flight."""
+    return funcol.wait_tensor(t) if isinstance(t, funcol.AsyncCollectiveTensor) else t
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:

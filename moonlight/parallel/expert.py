@@ -71,6 +71,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from kernels import permute_tokens, unpermute_tokens
+from moonlight.distributed import collective_result
 from moonlight.model.model import GroupedExperts
 
 __all__ = ["AllToAllDispatcher", "apply_expert_parallel"]
@@ -130,7 +131,7 @@ class AllToAllDispatcher:
 
         # 2. the rows themselves (autograd: the backward is the reverse all-to-all)
         recv = funcol.all_to_all_single_autograd(rows, recv_splits, send_splits, self.group)
-        recv = funcol.wait_tensor(recv) if isinstance(recv, funcol.AsyncCollectiveTensor) else recv
+        recv = collective_result(recv)
 
         # 3. regroup [src rank][local expert] -> [local expert][src rank] (stable, so src-major inside)
         num_recv = sum(recv_splits)
@@ -150,7 +151,7 @@ class AllToAllDispatcher:
         back = y if state.local_row_index is None else y.index_select(0, state.local_row_index)
         # undo 2: send each row home
         home = funcol.all_to_all_single_autograd(back, state.send_splits, state.recv_splits, self.group)
-        home = funcol.wait_tensor(home) if isinstance(home, funcol.AsyncCollectiveTensor) else home
+        home = collective_result(home)
         # undo 1 with the routing weights
         return unpermute_tokens(home, state.row_index, weights, impl=impl)
 
