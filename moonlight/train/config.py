@@ -412,23 +412,6 @@ class LoRASection:
         ])
 
 
-SECTIONS: dict[str, type] = {
-    "job": JobSection,
-    "model": ModelSection,
-    "training": TrainingSection,
-    "optimizer": OptimizerSection,
-    "lr_scheduler": LRSchedulerSection,
-    "parallelism": ParallelismSection,
-    "activation_checkpoint": ActivationCheckpointSection,
-    "data": DataSection,
-    "validation": ValidationSection,
-    "checkpoint": CheckpointSection,
-    "metrics": MetricsSection,
-    "moe": MoESection,
-    "lora": LoRASection,
-}
-
-
 @dataclass
 class JobConfig:
     job: JobSection = field(default_factory=JobSection)
@@ -499,6 +482,9 @@ class JobConfig:
                 f"training.local_batch_size * data-parallel degree = {t.local_batch_size} * {dp_degree} = {per_micro}"
             )
         return t.global_batch_size // per_micro
+
+
+SECTIONS: dict[str, type] = field_types(JobConfig)  # [section] name -> its dataclass, in JobConfig's order
 
 
 def load_config(path: str | None, overrides: list[str] | None = None) -> JobConfig:
