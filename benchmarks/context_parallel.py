@@ -24,7 +24,6 @@ of these fp32 runs, for both sides of the ratio.
 import argparse
 import collections
 import dataclasses
-import io
 import sys
 from pathlib import Path
 

@@ -31,7 +31,6 @@ from pathlib import Path
 # benchmarks/kernels.py would shadow the `kernels` package: resolve imports from the repository root
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.distributed.tensor import DTensor, Replicate  # noqa: E402
 

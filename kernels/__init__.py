@@ -15,12 +15,12 @@ __all__ = ["grouped_mm", "mla_rope_key", "permute_tokens", "resolve_impl", "rope
            "unpermute_tokens"]
 
 
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+try:  # looked for once: the model resolves its impl in every layer's forward
+    import triton  # noqa: F401
+except ImportError:
+    HAS_TRITON = False
+else:
+    HAS_TRITON = True
 
 
 def resolve_impl(kernels: str, device) -> str:
@@ -28,13 +28,12 @@ def resolve_impl(kernels: str, device) -> str:
 
     "auto" picks Triton on CUDA when it is installed, else the torch reference.
     """
-    has_triton = _triton_importable()
     if kernels == "auto":
-        return "triton" if torch.device(device).type == "cuda" and has_triton else "torch"
+        return "triton" if torch.device(device).type == "cuda" and HAS_TRITON else "torch"
     if kernels == "torch":
         return "torch"
     if kernels == "triton":
-        if not has_triton:
+        if not HAS_TRITON:
             raise RuntimeError("kernels='triton' needs the triton package (pip install triton); "
                                "use kernels='torch' or 'auto' instead")
         return "triton"

@@ -1,7 +1,8 @@
-"""Process-group helpers that also work without a process group (one process), the local shard of a
-tensor that may be a DTensor, and the host-to-device copy that does not wait for the device.
-Everything above the model layer reaches torch.distributed's rank, world size and object
-collectives through these, so a single process needs no set-up."""
+"""Process-group helpers that also work without a process group (one process), the default device
+and its backend, the plain tensor behind a DTensor's local shard or a functional collective's
+result, and the host-to-device copy that does not wait for the device. Everything above the model
+layer reaches torch.distributed's rank, world size and object collectives through these, so a
+single process needs no set-up."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from torch.distributed.tensor import DTensor
 
 
@@ -47,12 +49,21 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def default_device(local_rank: int = 0) -> torch.device:
+    """This process's device: GPU `local_rank` where CUDA is available, else the CPU."""
+    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def backend_for(device_type: str) -> str:
+    """The process-group backend torch pairs with a device type (NCCL for CUDA, gloo for the CPU)."""
+    return dist.get_default_backend_for_device(device_type)
+
+
 def init_single_process_group(device_type: str) -> None:
     """A one-rank process group (in-process store, no launcher), for a single process that still
     wants the parallel machinery: FSDP2 on a 1-rank mesh applies the mixed-precision policy."""
     if not is_distributed():
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
-                                world_size=1)
+        dist.init_process_group(backend_for(device_type), store=dist.HashStore(), rank=0, world_size=1)
 
 
 def p2p_device() -> torch.device:
@@ -60,6 +71,11 @@ def p2p_device() -> torch.device:
     if is_distributed() and "nccl" in str(dist.get_backend()).lower():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def collective_result(t: torch.Tensor) -> torch.Tensor:
+    """A functional collective's output as a plain tensor: waited for if it is still in flight."""
+    return funcol.wait_tensor(t) if isinstance(t, funcol.AsyncCollectiveTensor) else t
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -18,3 +18,8 @@ def to_dtype(name: str | torch.dtype | None, what: str = "dtype") -> torch.dtype
     if key not in DTYPES:
         raise ConfigError(f"{what} {name!r} is not a dtype we train in; use one of {sorted(DTYPES)}")
     return DTYPES[key]
+
+
+def is_mixed(param_dtype: str | torch.dtype | None, reduce_dtype: str | torch.dtype | None) -> bool:
+    """Whether FSDP's mixed-precision policy casts anything: either dtype is set and not fp32."""
+    return any(to_dtype(d) not in (None, torch.float32) for d in (param_dtype, reduce_dtype))

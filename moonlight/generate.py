@@ -41,6 +41,7 @@ from kernels import resolve_impl, rope_tables, rotate_rope_
 from moonlight.checkpoint.export import load_dcp_model
 from moonlight.checkpoint.format import check_intact, resolve_checkpoint
 from moonlight.config import ModelArgs
+from moonlight.distributed import default_device
 from moonlight.errors import ConfigError, exit_on_user_error
 from moonlight.hf import load_hf
 from moonlight.hf_peft import apply_peft_adapter, read_adapter_config
@@ -242,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="'byte', a directory with tiktoken.model or tokenizer.json, or the file "
                                        "(default: the --hf directory)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=default_device().type)
     return p
 
 

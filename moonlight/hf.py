@@ -84,12 +84,6 @@ def expected_shapes(args: ModelArgs) -> dict[str, torch.Size]:
     return {k: v.shape for k, v in model.state_dict().items()}
 
 
-def _check_shape(key: str, found: torch.Size | list[int], expected: torch.Size | list[int]):
-    if tuple(found) != tuple(expected):
-        raise CheckpointError(f"shape mismatch for {key!r}: expected {tuple(expected)}, found {tuple(found)} "
-                              "(is the config.json the one this checkpoint was saved with?)")
-
-
 def _check_keys(found: set[str], expected: set[str], what: str):
     missing, unexpected = sorted(expected - found), sorted(found - expected)
     if missing:
@@ -97,38 +91,6 @@ def _check_keys(found: set[str], expected: set[str], what: str):
     if unexpected:
         raise CheckpointError(f"{what} has {len(unexpected)} unexpected key(s), e.g. {unexpected[:5]} "
                               "(a different architecture or config?)")
-
-
-def hf_to_native(state_dict: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
-    """HF state dict (per-expert keys) -> native state dict (stacked experts)."""
-    shapes = expected_shapes(args)
-    wanted = {hf: native for native in shapes for hf in hf_keys(native, args)}
-    found = {k for k in state_dict if not _HF_PASSTHROUGH.match(k)}
-    _check_keys(found, set(wanted), "the Hugging Face state dict")
-    out = {}
-    for native, shape in shapes.items():
-        tensors = [state_dict[k] for k in hf_keys(native, args)]
-        per_key_shape = shape[1:] if is_expert_stack(native) else shape
-        for k, t in zip(hf_keys(native, args), tensors):
-            _check_shape(k, t.shape, per_key_shape)
-        out[native] = torch.stack(tensors) if is_expert_stack(native) else tensors[0]
-    return out
-
-
-def native_to_hf(state_dict: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
-    """Native state dict -> HF state dict in the on-disk layout (one tensor per expert)."""
-    shapes = expected_shapes(args)
-    _check_keys(set(state_dict), set(shapes), "the native state dict")
-    out = {}
-    for native, shape in shapes.items():
-        t = state_dict[native]
-        _check_shape(native, t.shape, shape)
-        keys = hf_keys(native, args)
-        if is_expert_stack(native):
-            out.update(zip(keys, t.unbind(0)))
-        else:
-            out[keys[0]] = t
-    return out
 
 
 def _read_weight_map(index: str) -> dict[str, str]:
@@ -212,6 +174,12 @@ class HFCheckpoint:
     def shape(self, key: str) -> list[int]:
         return self._handle(key).get_slice(key).get_shape()
 
+    def check_shape(self, key: str, expected: torch.Size | tuple[int, ...]) -> None:
+        found = self.shape(key)
+        if tuple(found) != tuple(expected):
+            raise CheckpointError(f"shape mismatch for {key!r}: expected {tuple(expected)}, found {tuple(found)} "
+                                  "(is the config.json the one this checkpoint was saved with?)")
+
     def dtype(self, key: str) -> torch.dtype:
         name = self._handle(key).get_slice(key).get_dtype()
         if name not in _SAFETENSORS_DTYPES:
@@ -255,7 +223,7 @@ def load_hf(path: str | os.PathLike, dtype: torch.dtype | None = None, device: s
             keys = hf_keys(native, args)
             rows = tensor.unbind(0) if is_expert_stack(native) else [tensor]
             for key, dst in zip(keys, rows):
-                _check_shape(key, ckpt.shape(key), dst.shape)
+                ckpt.check_shape(key, dst.shape)
                 dst.copy_(ckpt.get(key))
             bar.update()
     return model

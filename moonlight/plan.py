@@ -31,11 +31,10 @@ from moonlight.distributed import local_tensor
 from moonlight.dtypes import to_dtype
 from moonlight.errors import ConfigError, exit_on_user_error
 from moonlight.model import Moonlight
-from moonlight.model.lora import apply_lora
 from moonlight.train.config import JobConfig, parse_args
 from moonlight.train.layout import build_layout, is_single_process, plan_layout
 from moonlight.train.optim import AdamW, Muon, build_optimizers
-from moonlight.train.trainer import build_model_args, check_seq_len
+from moonlight.train.trainer import apply_lora_section, build_model_args, check_seq_len
 
 GIB = 1024 ** 3
 
@@ -114,12 +113,8 @@ def _meta_model(cfg: JobConfig, args: ModelArgs):
         with torch.device("meta"):
             model = Moonlight(args)
         model = model.to(to_dtype(cfg.training.dtype))
-        lo = cfg.lora
-        if lo.enable:
-            try:
-                apply_lora(model, lo.targets, rank=lo.rank, alpha=lo.alpha, dora=lo.dora, dropout=lo.dropout)
-            except ValueError as e:
-                raise ConfigError(f"lora: {e} (lora.targets = {lo.targets})") from None
+        if cfg.lora.enable:
+            apply_lora_section(model, cfg.lora)
         return model
     return build
 

@@ -14,6 +14,9 @@ import traceback
 import torch
 import torch.distributed as dist
 
+from moonlight.distributed import local_tensor
+from moonlight.model.model import GroupedExperts
+
 
 def _worker(rank, world_size, init_file, fn, args, queue):
     try:
@@ -96,3 +99,18 @@ def gathered_weights(model_parts) -> bytes | None:
     buffer = io.BytesIO()
     torch.save(weights, buffer)
     return buffer.getvalue()
+
+
+@torch.no_grad()
+def reduce_grads_without_fsdp(model, mesh):
+    """Data-parallel gradients for a test that runs EP over all of its dp ranks without FSDP (the
+    trainer shards every dp > 1 run with FSDP): each rank's loss is its local mean, so the dense
+    gradients are averaged over `mesh`; an expert's gradient already sums the tokens of all ep (= dp)
+    ranks and is only divided by their number."""
+    experts = {id(p) for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()}
+    for p in model.parameters():
+        if p.grad is not None:
+            grad = local_tensor(p.grad)
+            if id(p) not in experts:
+                dist.all_reduce(grad, group=mesh.get_group())
+            grad.div_(mesh.size())

@@ -12,7 +12,9 @@ from safetensors.torch import save_file
 from moonlight import ModelArgs
 from moonlight.config import ConfigError
 from moonlight.errors import CheckpointError
-from moonlight.hf import hf_to_native, load_hf, native_to_hf, save_hf
+from moonlight.hf import load_hf, save_hf
+from moonlight.model import Moonlight
+from moonlight.parallel import load_hf_sharded
 from tests.hf_reference import make_hf_model
 
 
@@ -34,6 +36,7 @@ def hf_dir(tmp_path):
 
 def test_save_load_round_trip_is_bit_exact_and_sharded(hf_dir, tmp_path):
     model = load_hf(hf_dir, kernels="torch")
+    assert model.state_dict()["layers.1.ffn.experts.gate_proj"].shape == (8, 32, 64)  # one HF key per expert, stacked
     out = tmp_path / "export"
     save_hf(model, out, max_shard_size="200KB")
     shards = [n for n in os.listdir(out) if n.endswith(".safetensors")]
@@ -63,15 +66,6 @@ def test_bf16_export_keeps_router_bias_fp32(hf_dir, tmp_path):
     assert tensors["model.layers.1.mlp.experts.3.up_proj.weight"].dtype == torch.bfloat16
     with open(tmp_path / "bf16" / "config.json") as f:
         assert json.load(f)["torch_dtype"] == "bfloat16"
-
-
-def test_state_dict_conversion_round_trips(hf_dir):
-    original = _read_all(hf_dir)
-    args = ModelArgs.from_hf_config(hf_dir)
-    native = hf_to_native(original, args)
-    assert native["layers.1.ffn.experts.gate_proj"].shape == (8, 32, 64)
-    back = native_to_hf(native, args)
-    assert set(back) == set(original) and all(torch.equal(back[k], original[k]) for k in original)
 
 
 def test_hf_config_round_trip():
@@ -135,6 +129,14 @@ def test_wrong_shape_names_key_and_shapes(hf_dir, tmp_path):
     bad = _rewrite(hf_dir, tmp_path / "bad", edit)
     with pytest.raises(CheckpointError, match=r"experts\.2\.down_proj.*expected \(64, 32\), found \(64, 31\)"):
         load_hf(bad)
+
+
+def test_sharded_load_names_a_wrong_expert_shape(hf_dir, tmp_path):
+    key = "model.layers.1.mlp.experts.0.down_proj.weight"  # the expert stack's first key is the one checked
+    bad = _rewrite(hf_dir, tmp_path / "bad", lambda t: t.__setitem__(key, torch.zeros(64, 31)))
+    model = Moonlight(ModelArgs.from_hf_config(hf_dir, kernels="torch"))
+    with pytest.raises(CheckpointError, match=r"experts\.0\.down_proj.*expected \(64, 32\), found \(64, 31\)"):
+        load_hf_sharded(model, bad)
 
 
 def test_missing_key_is_named(hf_dir, tmp_path):

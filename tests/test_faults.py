@@ -21,7 +21,6 @@ import time
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from moonlight.checkpoint import format as fmt
 from moonlight.checkpoint.format import list_checkpoints, write_model_only_checkpoint
@@ -36,7 +35,7 @@ from moonlight.train.metrics import MetricsLogger
 from moonlight.train.tokenizer import build_tokenizer
 from moonlight.train.trainer import Trainer
 from tests.hf_reference import make_hf_model
-from tests.test_checkpoint import ARGS, FakeLoader, build, cfg, full_sd
+from tests.test_checkpoint import FakeLoader, build, cfg, full_sd
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SMALL = ["--training.seq_len=32", "--training.global_batch_size=4", "--training.local_batch_size=2",

@@ -358,6 +358,24 @@ def test_resolve_impl():
         resolve_impl("cuda", "cpu")
 
 
+def test_resolve_impl_does_not_look_for_triton_per_call(monkeypatch):
+    """The model resolves its impl in every layer's forward: where triton is missing, a failed import
+    per call would search sys.path each time."""
+    import builtins
+
+    real_import, tried = builtins.__import__, []
+
+    def spy(name, *args, **kwargs):
+        if name.split(".")[0] == "triton":
+            tried.append(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", spy)
+    for kernels in ("auto", "torch", "triton"):
+        resolve_impl(kernels, "cpu")
+    assert tried == []
+
+
 def test_unknown_impl_is_rejected():
     with pytest.raises(ValueError, match="impl must be"):
         unpermute_tokens(torch.zeros(2, 4), torch.arange(2), torch.ones(2, 1), impl="cuda")

@@ -496,6 +496,8 @@ def _clip_worker(rank, world):
     total = clip_grad_norm_(params, max_norm=1.0)
     scaled = [_full(p.grad) for p in params]
     scale_ok = all(torch.allclose(s, g / want, atol=1e-5) for s, g in zip(scaled, grads))
+    # the trainer stacks the norm with the loss as it is: a plain fp32 tensor, never a DTensor
+    scale_ok = scale_ok and type(total) is torch.Tensor and total.dtype == torch.float32
 
     # build_optimizers' torch AdamW copes with params on several meshes (one group per mesh)
     opts = build_optimizers([(f"w{i}", p) for i, p in enumerate(params)], "muon", lr=1e-2)

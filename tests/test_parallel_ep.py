@@ -8,9 +8,8 @@ from torch.distributed.tensor import DTensor
 
 from moonlight.config import ModelArgs
 from moonlight.model.model import LocalDispatcher, Moonlight
-from moonlight.parallel.expert import (AllToAllDispatcher, allreduce_replicated_grads, apply_expert_parallel,
-                                       expert_parameters)
-from tests.dist import run_ranks
+from moonlight.parallel.expert import AllToAllDispatcher, apply_expert_parallel
+from tests.dist import reduce_grads_without_fsdp, run_ranks
 
 ATOL, RTOL = 1e-5, 1e-4
 
@@ -133,13 +132,13 @@ def _ep_rank(rank, world, args, per_rank_bsz, seqlen):
     model = _build(args)
     apply_expert_parallel(model, mesh)
     el = args.n_routed_experts // world
-    for p in expert_parameters(model):
+    for p in (p for m in model.moe_layers() for p in m.experts.parameters()):
         assert isinstance(p, DTensor) and p.to_local().shape[0] == el
     inputs, labels = _batch(args, world, per_rank_bsz, seqlen)
     sl = slice(rank * per_rank_bsz, (rank + 1) * per_rank_bsz)
     loss = _loss(model, inputs[sl], labels[sl])
     loss.backward()
-    allreduce_replicated_grads(model, mesh)  # ep == dp here: no expert-dp mesh
+    reduce_grads_without_fsdp(model, mesh)
     loss_avg = loss.detach().clone()
     torch.distributed.all_reduce(loss_avg)
     loads = [m.tokens_per_expert.clone() for m in model.moe_layers()]

@@ -11,11 +11,11 @@ from torch.distributed.tensor import DTensor
 from moonlight.config import ModelArgs
 from moonlight.errors import ConfigError
 from moonlight.model.model import Moonlight
-from moonlight.parallel.expert import allreduce_replicated_grads, apply_expert_parallel
+from moonlight.parallel.expert import apply_expert_parallel
 from moonlight.parallel.pipeline import (PRESET_LAYOUTS, auto_layout, build_pipeline_stages, build_schedule,
                                          cross_entropy_loss, layout_costs, pipeline_step, resolve_layout,
                                          stage_ids_for_rank, validate_layout)
-from tests.dist import run_ranks
+from tests.dist import reduce_grads_without_fsdp, run_ranks
 
 ATOL, RTOL = 1e-5, 1e-4
 
@@ -237,7 +237,7 @@ def _pp_ep_rank(rank, world, args, layout, schedule, n_mb, bsz):
     sl = slice(ep_rank * bsz, (ep_rank + 1) * bsz)  # each ep rank: its own data shard
     loss = pipeline_step(sched, inputs[sl], labels[sl])
     for part in parts:
-        allreduce_replicated_grads(part, mesh["ep"])
+        reduce_grads_without_fsdp(part, mesh["ep"])
         for m in part.modules():  # the load counters of the whole dp group, as the bias update needs
             if hasattr(m, "tokens_per_expert"):
                 torch.distributed.all_reduce(m.tokens_per_expert, group=mesh["ep"].get_group())

@@ -162,3 +162,9 @@ def test_cli_names_the_fix_when_it_does_not_fit(capsys):
     with pytest.raises(ConfigError, match="ep"):  # an invalid layout fails in the trainer's own check
         plan(load_config(str(CONFIGS / "moonlight-16b-pretrain.toml"), ["--parallelism.ep=3"]).validate(), 8,
              ModelArgs.preset("moonlight-16b-a3b"))
+
+
+def test_lora_targets_that_fit_nothing_are_named_as_the_trainer_names_them(tmp_path):
+    cfg = _cfg(tmp_path, ["--lora.enable=true", "--lora.targets=attn.q_proj,attn.qkv"])
+    with pytest.raises(ConfigError, match=r"lora: LoRA target 'attn.qkv' matches no module.*lora.targets"):
+        plan(cfg, 1)

@@ -228,7 +228,7 @@ class Checkpointer:
 
     def __init__(self, cfg, dump_folder: str | os.PathLike, model_parts: list[nn.Module] | nn.Module,
                  optimizers=None, lr_schedulers=None, dataloader=None, extra_states: dict[str, Any] | None = None,
-                 layout: dict | None = None, check_finite: bool = True, base_weights: str | None = None,
+                 layout: dict | None = None, base_weights: str | None = None,
                  skip_frozen: bool = False, load_base: Callable[[str], None] | None = None):
         self.cfg = cfg
         self.dump_folder = os.path.abspath(os.fspath(dump_folder))
@@ -239,7 +239,6 @@ class Checkpointer:
         self.dataloader = dataloader
         self.extra_states = dict(extra_states or {})
         self.layout = dict(layout or {})
-        self.check_finite = check_finite
         if skip_frozen and not base_weights:
             raise ValueError("skip_frozen needs base_weights: the directory the frozen weights are re-read from")
         self.base_weights = os.path.abspath(base_weights) if base_weights else None
@@ -321,12 +320,11 @@ class Checkpointer:
         rank = distributed.rank()
         final_dir = os.path.join(self.folder, fmt.step_dir_name(step))
         tmp = final_dir + ".tmp"
-        if self.check_finite:
-            bad = [n for names in distributed.all_gather_object(self._nonfinite_params()) for n in names]
-            if bad:
-                raise CheckpointSaveError(
-                    f"refusing to save checkpoint {final_dir}: non-finite values in {len(set(bad))} parameter(s), "
-                    f"e.g. {sorted(set(bad))[:5]}; the previous checkpoint stays the latest")
+        bad = [n for names in distributed.all_gather_object(self._nonfinite_params()) for n in names]
+        if bad:
+            raise CheckpointSaveError(
+                f"refusing to save checkpoint {final_dir}: non-finite values in {len(set(bad))} parameter(s), "
+                f"e.g. {sorted(set(bad))[:5]}; the previous checkpoint stays the latest")
         prep_err = None
         if rank == 0:
             try:

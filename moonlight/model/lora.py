@@ -108,9 +108,6 @@ class LoRALinear(nn.Linear):
             delta = self.scale * (self.lora_b.weight @ self.lora_a.weight)
             self.magnitude.copy_(_row_norm(self.weight + delta).to(self.magnitude.dtype))
 
-    def delta_weight(self) -> torch.Tensor:
-        return self.scale * (self.lora_b.weight @ self.lora_a.weight)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = F.linear(x, self.weight, self.bias)
         a, b = self.lora_a.weight, self.lora_b.weight

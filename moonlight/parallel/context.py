@@ -48,6 +48,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from kernels import rotate_rope_
+from moonlight.distributed import collective_result
 from moonlight.model.model import MLA, DocumentMask, MoE
 from moonlight.parallel.tensor import SequenceShards
 
@@ -67,10 +68,6 @@ def zigzag_slice(x: torch.Tensor, cp: int, rank: int, dim: int = 1) -> torch.Ten
         raise ValueError(f"a sequence of {x.shape[dim]} tokens does not split into 2 * cp = {2 * cp} chunks")
     chunk = x.shape[dim] // (2 * cp)
     return torch.cat([x.narrow(dim, rank * chunk, chunk), x.narrow(dim, (2 * cp - 1 - rank) * chunk, chunk)], dim=dim)
-
-
-def _wait(t: torch.Tensor) -> torch.Tensor:
-    return funcol.wait_tensor(t) if isinstance(t, funcol.AsyncCollectiveTensor) else t
 
 
 def _sequence_order(gathered: torch.Tensor, cp: int) -> torch.Tensor:
@@ -100,7 +97,7 @@ class ContextParallelSequence:
         # the other ranks' tokens: the returned tables are the identity rotation
         k_pe = rotate_rope_(k_pe, cos, sin, k_pe.shape[-1], impl=impl)
         keys = torch.cat([latent, k_pe], dim=-1)  # one collective for both
-        gathered = _wait(funcol.all_gather_single_autograd(keys, 0, self.group))
+        gathered = collective_result(funcol.all_gather_single_autograd(keys, 0, self.group))
         chunk = keys.shape[1] // 2
         # the keys past the last local query are never attended to here
         keys = _sequence_order(gathered, self.cp)[:, : (self._chunks()[1] + 1) * chunk]
@@ -119,7 +116,7 @@ class ContextParallelSequence:
         key = ("context_parallel", self.cp, self.rank)
         if key not in mask.derived:
             local = mask.document_ids
-            ids = _sequence_order(_wait(funcol.all_gather_tensor(local.contiguous(), 0, self.group)), self.cp)
+            ids = _sequence_order(collective_result(funcol.all_gather_tensor(local.contiguous(), 0, self.group)), self.cp)
             masks = []
             for half, (c, causal) in enumerate(zip(self._chunks(), self._causal_masks(chunk, local.device))):
                 q_ids, k_ids = local[:, half * chunk:(half + 1) * chunk], ids[:, : (c + 1) * chunk]

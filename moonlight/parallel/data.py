@@ -43,7 +43,7 @@ from torch.distributed.tensor import Shard
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 import kernels  # noqa: F401  (registers the moonlight:: ops named in SAVED_OPS)
-from moonlight.dtypes import to_dtype
+from moonlight.dtypes import is_mixed, to_dtype
 from moonlight.model import Block, MoE
 
 AC_MODES = ("none", "selective", "full", "op")
@@ -165,7 +165,7 @@ def apply_fsdp(model: nn.Module, mesh, *, param_dtype: str | torch.dtype = "floa
 
     ``mesh`` is a `ParallelMesh`. Works on a pipeline stage module (missing embed/norm/lm_head)."""
     mp = MixedPrecisionPolicy(param_dtype=to_dtype(param_dtype), reduce_dtype=to_dtype(reduce_dtype))
-    mixed = any(d not in (None, torch.float32) for d in (mp.param_dtype, mp.reduce_dtype))
+    mixed = is_mixed(mp.param_dtype, mp.reduce_dtype)
     dims = mesh.dims
     dense_mesh = mesh["fsdp"]
     shard = functools.partial(fully_shard, mesh=dense_mesh, mp_policy=mp)

@@ -52,7 +52,7 @@ Alternatively (torchtitan's current convention, simpler and exact with padding/i
 rank's loss is its SUM of token losses divided by the GLOBAL token count, every gradient reduction is a
 plain sum (FSDP `set_gradient_divide_factor(1.0)`, pipeline `scale_grads=False`), and expert grads
 are summed over the expert-dp mesh like everything else.
-For runs without FSDP (e.g. EP over all dp ranks, or tests) `allreduce_replicated_grads` does this.
+Every run with dp > 1 is sharded by FSDP (`moonlight.parallel.parallelize_model`), which does this.
 
 Router bias / load statistics: `MoE.tokens_per_expert` counts only this rank's tokens; the trainer
 must all-reduce it over ``mesh["routing"]`` (the dp ranks, times tp when EP spans TP) before the bias
@@ -71,10 +71,10 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from kernels import permute_tokens, unpermute_tokens
-from moonlight.distributed import local_tensor
+from moonlight.distributed import collective_result
 from moonlight.model.model import GroupedExperts
 
-__all__ = ["AllToAllDispatcher", "apply_expert_parallel", "expert_parameters", "allreduce_replicated_grads"]
+__all__ = ["AllToAllDispatcher", "apply_expert_parallel"]
 
 _EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
 
@@ -131,7 +131,7 @@ class AllToAllDispatcher:
 
         # 2. the rows themselves (autograd: the backward is the reverse all-to-all)
         recv = funcol.all_to_all_single_autograd(rows, recv_splits, send_splits, self.group)
-        recv = funcol.wait_tensor(recv) if isinstance(recv, funcol.AsyncCollectiveTensor) else recv
+        recv = collective_result(recv)
 
         # 3. regroup [src rank][local expert] -> [local expert][src rank] (stable, so src-major inside)
         num_recv = sum(recv_splits)
@@ -151,7 +151,7 @@ class AllToAllDispatcher:
         back = y if state.local_row_index is None else y.index_select(0, state.local_row_index)
         # undo 2: send each row home
         home = funcol.all_to_all_single_autograd(back, state.send_splits, state.recv_splits, self.group)
-        home = funcol.wait_tensor(home) if isinstance(home, funcol.AsyncCollectiveTensor) else home
+        home = collective_result(home)
         # undo 1 with the routing weights
         return unpermute_tokens(home, state.row_index, weights, impl=impl)
 
@@ -188,46 +188,3 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, align: int | No
         old = experts.dispatcher
         experts.dispatcher = AllToAllDispatcher(group, align=getattr(old, "align", 1) if align is None else align)
     return model
-
-
-def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The routed-expert weights (sharded over ep when expert parallel is applied)."""
-    return [getattr(m, name) for m in _grouped_experts(model) for name in _EXPERT_WEIGHTS]
-
-
-@torch.no_grad()
-def allreduce_replicated_grads(model: nn.Module, dp_mesh: DeviceMesh | None,
-                               expert_dp_mesh: DeviceMesh | None = None, average: bool = True) -> None:
-    """Data-parallel gradient reduction for runs WITHOUT FSDP/DDP (e.g. ep == dp, or tests).
-
-    dp_mesh: the (1-D or flattened) data-parallel ranks, which hold different data. Non-expert
-    parameters are replicated over it: their grads are summed over dp_mesh.
-    expert_dp_mesh: the ranks holding the SAME expert shard (dp / ep of them; None when ep == dp):
-    expert grads, which already hold the sum over the ep ranks, are summed over it only.
-    average=True (each rank's loss is a local mean): every grad is then divided by dp_mesh.size(), which
-    makes the grads those of the mean loss over all dp ranks' data. average=False (each rank's loss is
-    a local sum divided by the global token count): plain sums.
-    """
-    dp_size = dp_mesh.size() if dp_mesh is not None else 1
-    scale = 1.0 / dp_size if average else 1.0
-    expert_ids = {id(p) for p in expert_parameters(model)}
-    dense, experts = [], []
-    for p in model.parameters():
-        g = None if p.grad is None else local_tensor(p.grad)
-        if g is not None:
-            (experts if id(p) in expert_ids else dense).append(g)
-    for grads, mesh in ((dense, dp_mesh), (experts, expert_dp_mesh)):
-        if not grads:
-            continue
-        if mesh is not None and mesh.size() > 1:
-            # one bucket per dtype: gloo/NCCL calls are latency-bound for many small tensors
-            for dtype in {g.dtype for g in grads}:
-                group = [g for g in grads if g.dtype == dtype]
-                flat = torch.cat([g.reshape(-1) for g in group])
-                dist.all_reduce(flat, group=mesh.get_group())
-                for g, piece in zip(group, flat.split([g.numel() for g in group])):
-                    g.copy_(piece.view_as(g))
-        if scale != 1.0:
-            for g in grads:
-                g.mul_(scale)
-

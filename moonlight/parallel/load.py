@@ -67,9 +67,7 @@ def load_hf_sharded(model: nn.Module, path: str | os.PathLike | None = None, *,
         keys = hf_keys(name, args)
         local, shape, offset = local_region(tensor)
         if is_expert_stack(name):
-            for key in keys:  # every expert key has the same shape; check the first only once
-                _check(checkpoint, key, tensor.shape[1:])
-                break
+            checkpoint.check_shape(keys[0], tensor.shape[1:])  # the experts' keys share one shape
             for i in range(shape[0] if local.numel() else 0):
                 key = keys[offset[0] + i]
                 region = tuple(slice(o, o + s) for o, s in zip(offset[1:], shape[1:]))
@@ -78,7 +76,7 @@ def load_hf_sharded(model: nn.Module, path: str | os.PathLike | None = None, *,
                 stats["bytes_read"] += part.numel() * part.element_size()
         else:
             key = keys[0]
-            _check(checkpoint, key, tensor.shape)
+            checkpoint.check_shape(key, tensor.shape)
             if local.numel() == 0:
                 continue
             part = checkpoint.get_slice(key)[tuple(slice(o, o + s) for o, s in zip(offset, shape))]
@@ -90,9 +88,3 @@ def load_hf_sharded(model: nn.Module, path: str | os.PathLike | None = None, *,
             m.tokens_per_expert.zero_()
     return stats
 
-
-def _check(checkpoint: HFCheckpoint, key: str, shape):
-    found = checkpoint.shape(key)
-    if tuple(found) != tuple(shape):
-        raise CheckpointError(f"shape mismatch for {key!r}: the model expects {tuple(shape)}, the checkpoint has "
-                              f"{tuple(found)}")

@@ -69,7 +69,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from moonlight import distributed
@@ -281,10 +280,6 @@ class ParallelMesh:
         return f"ParallelMesh({self.dims.describe()}, {sorted(self._named)})"
 
 
-def default_device_type() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def build_mesh(dims: ParallelDims, device_type: str | None = None) -> ParallelMesh:
     """Build the world mesh ``("pp", "dp_replicate", "dp_shard", "cp", "tp")`` and the derived meshes.
 
@@ -292,7 +287,7 @@ def build_mesh(dims: ParallelDims, device_type: str | None = None) -> ParallelMe
     gloo on CPUs). Size-1 dimensions are kept, so every name always exists (except ``ep`` and the
     expert mesh's FSDP dim, which exist only when ``dims.ep > 1``, and ``sequence_parts``).
     """
-    device_type = device_type or default_device_type()
+    device_type = device_type or distributed.default_device().type
     # (dp_shard, cp) is one root dim unflattened two ways: into the world's (dp_shard, cp) and, for
     # expert parallel over it, into (dp_shard_mod_ep, ep); FSDP shards over it whole.
     root = init_device_mesh(device_type, (dims.pp, dims.dp_replicate, dims.dp_shard * dims.cp, dims.tp),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moonlight.dtypes import to_dtype
+from moonlight.dtypes import is_mixed
 from moonlight.errors import ParallelConfigError
 from moonlight.model import MoE
 from moonlight.parallel.context import apply_context_parallel
@@ -48,7 +48,7 @@ def parallelize_model(model: nn.Module, dims: ParallelDims, mesh: ParallelMesh, 
         shards = SequenceShards(mesh["sequence_parts"], weight_mesh=mesh["tp"], loss_scale=dims.cp)
         for moe in (m for m in model.modules() if isinstance(m, MoE)):
             moe.sequences = shards
-    mixed = any(to_dtype(d) != torch.float32 for d in (param_dtype, reduce_dtype))
+    mixed = is_mixed(param_dtype, reduce_dtype)
     if ac_mode == "op" and dims.ep > 1 and (dims.dp_replicate * dims.expert_shard > 1 or mixed):
         raise ParallelConfigError(
             "activation_checkpoint.mode = 'op' does not work with expert parallel when the experts are "

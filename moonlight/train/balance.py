@@ -13,6 +13,7 @@ from torch.distributed.tensor import DTensor, Replicate
 
 from moonlight.distributed import local_tensor
 
+
 @torch.no_grad()
 def update_router_biases(
     biases: Sequence[Tensor],

@@ -1,34 +1,29 @@
-"""The TOML job configuration: one dataclass per section, each with its own checks; the TOML file
-and `--section.key=value` command-line overrides; the resolved config written back as TOML.
+"""The TOML job configuration: one dataclass per section, each with its own checks, and the job
+(`JobConfig`) with the checks across sections.
 
     cfg = load_config("train.toml", ["--training.steps=20", "--parallelism.tp", "2"])
     cfg.validate()                      # every section's checks + cross-section ones (no world size)
     print(cfg.to_toml())                # the resolved config (saved as <dump_folder>/config.toml)
 
-Unknown sections/keys and wrongly typed values raise ConfigError naming the key, listing the valid
-keys of its section and suggesting the closest name. A command-line value is a TOML value (a bare
-word is a string; a list may drop its brackets: `--parallelism.pp_layout=14,13`). Defaults are those
-of the shipped CPU debug job, not of the 16B recipe. Rules owned elsewhere are delegated: pipeline
-layouts and schedules to `moonlight.parallel.pipeline`, degrees vs the world size to `ParallelDims`.
+Reading the file and the `--section.key=value` overrides (type checks, errors naming the key with a
+did-you-mean) and writing TOML is `moonlight.train.config_io`'s. Defaults are those of the shipped
+CPU debug job, not of the 16B recipe. Rules owned elsewhere are delegated: pipeline layouts and
+schedules to `moonlight.parallel.pipeline`, degrees vs the world size to `ParallelDims`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import json
-import math
 import os
 import pathlib
-import tomllib
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from moonlight.config import ModelArgs
 from moonlight.errors import ConfigError
 from moonlight.parallel.pipeline import SCHEDULES, layout_problems, schedule_problems
+from moonlight.train.config_io import (BadValue, apply_overrides, apply_table, coerce, field_types, read_toml, to_toml,
+                                       type_name)
 
 __all__ = [
     "ConfigError",
@@ -83,13 +78,13 @@ class ModelSection:
 
     def problems(self) -> list[str]:
         errs = []
-        fields = _hints(ModelArgs)
+        fields = field_types(ModelArgs)
         for key, value in self.overrides.items():
             try:
                 if key in fields:  # an unknown key is named, with a did-you-mean, when the model is built
-                    _coerce(value, fields[key])
-            except _BadValue:
-                errs.append(f"model.overrides.{key} expects {_type_name(fields[key])}, got {type(value).__name__} "
+                    coerce(value, fields[key])
+            except BadValue:
+                errs.append(f"model.overrides.{key} expects {type_name(fields[key])}, got {type(value).__name__} "
                             f"{value!r}")
         return errs
 
@@ -417,23 +412,6 @@ class LoRASection:
         ])
 
 
-SECTIONS: dict[str, type] = {
-    "job": JobSection,
-    "model": ModelSection,
-    "training": TrainingSection,
-    "optimizer": OptimizerSection,
-    "lr_scheduler": LRSchedulerSection,
-    "parallelism": ParallelismSection,
-    "activation_checkpoint": ActivationCheckpointSection,
-    "data": DataSection,
-    "validation": ValidationSection,
-    "checkpoint": CheckpointSection,
-    "metrics": MetricsSection,
-    "moe": MoESection,
-    "lora": LoRASection,
-}
-
-
 @dataclass
 class JobConfig:
     job: JobSection = field(default_factory=JobSection)
@@ -455,23 +433,7 @@ class JobConfig:
         return dataclasses.asdict(self)
 
     def to_toml(self) -> str:
-        lines: list[str] = []
-        for sec, values in self.to_dict().items():
-            tables = []
-            lines.append(f"[{sec}]")
-            for key, value in values.items():
-                if isinstance(value, dict):
-                    tables.append((key, value))
-                elif value is not None:
-                    lines.append(f"{key} = {_toml_value(value)}")
-            for key, table in tables:
-                lines.append("")
-                lines.append(f"[{sec}.{key}]")
-                for k, v in table.items():
-                    if v is not None:
-                        lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
-            lines.append("")
-        return "\n".join(lines)
+        return to_toml(self.to_dict())
 
     # -------------------------------------------------------------- validation
     def validate(self) -> "JobConfig":
@@ -522,223 +484,15 @@ class JobConfig:
         return t.global_batch_size // per_micro
 
 
-# ---------------------------------------------------------------------- values
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"list[{_type_name(typing.get_args(tp)[0])}]"
-    if origin is dict:
-        return "table"
-    if origin in (typing.Union, types.UnionType):
-        return _type_name(next(a for a in typing.get_args(tp) if a is not type(None)))
-    return getattr(tp, "__name__", str(tp))
-
-
-class _BadValue(Exception):
-    pass
-
-
-def _coerce(value: Any, tp: Any) -> Any:
-    """Check a TOML value against a field type (an int is accepted for a float)."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value in choices and type(value) is type(choices[0]):
-            return value
-    elif origin is list:
-        if isinstance(value, (list, tuple)):
-            return [_coerce(v, typing.get_args(tp)[0]) for v in value]
-    elif origin is dict:
-        if isinstance(value, dict):
-            return dict(value)
-    elif origin in (typing.Union, types.UnionType):  # `X | None`: TOML has no null, so the value is an X
-        return _coerce(value, next(a for a in typing.get_args(tp) if a is not type(None)))
-    elif tp is float:  # inf and nan are never meaningful settings (lr=inf trains on garbage)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            return float(value)
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif isinstance(value, tp):
-        return value
-    raise _BadValue
-
-
-def _parse_literal(text: str) -> Any:
-    """A TOML literal; bare words (and anything else that is not TOML) stay strings."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text.strip()
-
-
-_BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False,
-               "off": False}
-
-
-def _parse_cli(text: str, tp: Any) -> Any:
-    """A command-line value for a field of type tp (then checked by `_coerce`)."""
-    if tp is str:
-        return text
-    if tp is bool:
-        return _BOOL_WORDS.get(text.strip().lower(), text)
-    if typing.get_origin(tp) is list and not text.strip().startswith("["):  # 14,13 means [14, 13]
-        return [_parse_literal(x) for x in text.split(",") if x.strip()]
-    return _parse_literal(text)
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _suggest(name: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
-def _unknown_section(sec: str, where: str) -> ConfigError:
-    valid = list(SECTIONS)
-    return ConfigError(
-        f"unknown config section [{sec}]{where}; valid sections: {', '.join(valid)}{_suggest(sec, valid)}"
-    )
-
-
-def _unknown_key(sec: str, key: str, where: str) -> ConfigError:
-    valid = [f.name for f in dataclasses.fields(SECTIONS[sec])]
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f"; did you mean '{sec}.{close[0]}'?" if close else ""
-    return ConfigError(f"unknown config key '{sec}.{key}'{where}; valid keys of [{sec}]: {', '.join(valid)}{hint}")
-
-
-def _bad_type(sec: str, key: str, tp: Any, value: Any, where: str) -> ConfigError:
-    shown = value if isinstance(value, str) else repr(value)
-    finite = " (a finite number)" if tp is float else ""
-    msg = f"config key '{sec}.{key}' expects {_type_name(tp)}{finite}, got {type(value).__name__} {shown!r}{where}"
-    if typing.get_origin(tp) is Literal and isinstance(value, str):
-        msg += _suggest(value, [str(c) for c in typing.get_args(tp)])
-    return ConfigError(msg)
-
-
-# ---------------------------------------------------------------------- loading
-
-
-def _apply_table(cfg: JobConfig, data: dict[str, Any], where: str) -> None:
-    for sec, table in data.items():
-        if sec not in SECTIONS:
-            raise _unknown_section(sec, where)
-        if not isinstance(table, dict):
-            raise ConfigError(f"config entry '{sec}'{where} must be a [{sec}] table, got {table!r}")
-        obj = getattr(cfg, sec)
-        hints = _hints(SECTIONS[sec])
-        for key, value in table.items():
-            if key not in hints:
-                raise _unknown_key(sec, key, where)
-            try:
-                setattr(obj, key, _coerce(value, hints[key]))
-            except _BadValue:
-                raise _bad_type(sec, key, hints[key], value, where) from None
-
-
-def _split_overrides(overrides: list[str]) -> list[tuple[str, str | None, str]]:
-    """['--a.b=1', '--c.d', '2', '--e.f'] -> [(a.b, '1', arg), (c.d, '2', arg), (e.f, None, arg)]."""
-    out: list[tuple[str, str | None, str]] = []
-    i = 0
-    while i < len(overrides):
-        arg = overrides[i]
-        if not arg.startswith("--"):
-            raise ConfigError(f"unexpected command-line argument {arg!r}; overrides look like --section.key=value")
-        body = arg[2:]
-        if "=" in body:
-            name, value = body.split("=", 1)
-            out.append((name, value, arg))
-            i += 1
-        elif i + 1 < len(overrides) and not (
-            overrides[i + 1].startswith("--") and len(overrides[i + 1]) > 2 and not _is_number(overrides[i + 1])
-        ):
-            out.append((body, overrides[i + 1], f"{arg} {overrides[i + 1]}"))
-            i += 2
-        else:
-            out.append((body, None, arg))  # bare flag: true for a bool key
-            i += 1
-    return out
-
-
-def _is_number(s: str) -> bool:
-    try:
-        float(s)
-        return True
-    except ValueError:
-        return False
-
-
-def _apply_override(cfg: JobConfig, name: str, value: str | None, arg: str) -> None:
-    where = f" (from command line {arg!r})"
-    parts = name.split(".")
-    if len(parts) < 2:
-        raise ConfigError(f"bad override {arg!r}: expected --section.key=value{where}")
-    sec, key, rest = parts[0], parts[1], parts[2:]
-    if sec not in SECTIONS:
-        raise _unknown_section(sec, where)
-    hints = _hints(SECTIONS[sec])
-    if key not in hints:
-        raise _unknown_key(sec, key, where)
-    tp = hints[key]
-    obj = getattr(cfg, sec)
-    if typing.get_origin(tp) is dict:
-        if not rest:
-            if value is None:
-                raise _bad_type(sec, key, tp, "", where)
-            try:
-                table = tomllib.loads(f"v = {value}")["v"]
-            except tomllib.TOMLDecodeError:
-                table = None
-            if not isinstance(table, dict):
-                raise _bad_type(sec, key, tp, value, where)
-            getattr(obj, key).update(table)
-            return
-        if value is None:
-            raise ConfigError(f"override {arg!r} needs a value{where}")
-        getattr(obj, key)[".".join(rest)] = _parse_literal(value)
-        return
-    if rest:
-        raise _unknown_key(sec, name.split(".", 1)[1], where)
-    if value is None:
-        if tp is bool:
-            setattr(obj, key, True)
-            return
-        raise ConfigError(f"override {arg!r} needs a value: --{sec}.{key}=<{_type_name(tp)}>")
-    try:
-        setattr(obj, key, _coerce(_parse_cli(value, tp), tp))
-    except _BadValue:
-        raise _bad_type(sec, key, tp, value, where) from None
+SECTIONS: dict[str, type] = field_types(JobConfig)  # [section] name -> its dataclass, in JobConfig's order
 
 
 def load_config(path: str | None, overrides: list[str] | None = None) -> JobConfig:
     """Defaults <- TOML file (if path) <- CLI overrides. Does not call validate()."""
     cfg = JobConfig()
     if path:
-        try:
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except IsADirectoryError:
-            raise ConfigError(f"config file {path} is a directory; pass a .toml file") from None
-        except OSError as e:
-            raise ConfigError(f"cannot read config file {path}: {e}") from None
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{path} is not UTF-8 text (a TOML file must be): {e}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: TOML syntax error: {e}") from None
-        _apply_table(cfg, data, f" (in {path})")
-    for name, value, arg in _split_overrides(list(overrides or [])):
-        _apply_override(cfg, name, value, arg)
+        apply_table(cfg, SECTIONS, read_toml(path), f" (in {path})")
+    apply_overrides(cfg, SECTIONS, list(overrides or []))
     return cfg
 
 
@@ -762,32 +516,3 @@ def parse_args(argv: list[str]) -> JobConfig:
             rest.append(a)
         i += 1
     return load_config(path, rest).validate()
-
-
-# ---------------------------------------------------------------------- TOML output
-
-
-def _toml_key(k: str) -> str:
-    if k and all(c.isalnum() or c in "_-" for c in k):
-        return k
-    return json.dumps(k)
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)  # a JSON string is a valid TOML basic string
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items() if x is not None) + "}"
-    raise TypeError(f"cannot write {v!r} to TOML")

@@ -18,7 +18,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from moonlight.config import ModelArgs
 from moonlight.distributed import init_single_process_group, to_device
-from moonlight.dtypes import to_dtype
+from moonlight.dtypes import is_mixed
 from moonlight.model import Moonlight
 from moonlight.parallel import ParallelDims, build_mesh, cross_entropy_loss, parallelize_model
 from moonlight.parallel.compile import apply_compile
@@ -113,8 +113,7 @@ def is_single_process(cfg: JobConfig, world_size: int) -> bool:
 
 
 def is_mixed_precision(cfg: JobConfig) -> bool:
-    t = cfg.training
-    return any(to_dtype(d) != torch.float32 for d in (t.mixed_precision_param, t.mixed_precision_reduce))
+    return is_mixed(cfg.training.mixed_precision_param, cfg.training.mixed_precision_reduce)
 
 
 def fsdp_reshard_after_forward(cfg: JobConfig) -> bool:

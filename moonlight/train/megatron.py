@@ -202,11 +202,9 @@ def build_megatron_from_jsonl(
 
 def load_megatron(path: str, keys: DataKeys = DATA_KEYS) -> DocumentStore:
     p = os.path.expanduser(path)
-    if os.path.isdir(p):
-        prefixes = [_megatron_prefix(f) for f in expand_paths(p, (".idx",), "Megatron .idx", keys)]
-    elif os.path.exists(_megatron_prefix(p) + ".idx"):
+    if not os.path.isdir(p) and os.path.exists(_megatron_prefix(p) + ".idx"):
         prefixes = [_megatron_prefix(p)]
-    else:
+    else:  # a directory of .idx files, or a glob
         prefixes = [_megatron_prefix(f) for f in expand_paths(p, (".idx",), "Megatron .idx", keys)]
     tokens, fids, starts, lengths = [], [], [], []
     for k, prefix in enumerate(prefixes):

@@ -69,13 +69,15 @@ def _grad_like_param(p: Tensor, g: Tensor) -> Tensor:
     return g
 
 
-def _zeros_state(p: Tensor, dtype: torch.dtype) -> Tensor:
-    # DTensor in -> DTensor out with the same placements (DCP can reshard it).
-    return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-
-
-def _master_copy(p: Tensor) -> Tensor:
-    return p.detach().to(torch.float32, copy=True)
+def _init_state(state: dict, p: Tensor, master_weights: bool, *buffers: str) -> None:
+    """A parameter's state on its first step: zero `buffers`, fp32 with master weights (plus the fp32
+    master copy), else in p's dtype. A DTensor parameter gets DTensor state with the same placements
+    (DCP can reshard it)."""
+    dtype = torch.float32 if master_weights else p.dtype
+    for name in buffers:
+        state[name] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+    if master_weights:
+        state["master"] = p.detach().to(torch.float32, copy=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,9 +175,7 @@ class Muon(torch.optim.Optimizer):
                 state = self.state[p]
                 g = _grad_like_param(p, p.grad)
                 if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = _zeros_state(p, torch.float32 if group["master_weights"] else p.dtype)
-                    if group["master_weights"]:
-                        state["master"] = _master_copy(p)
+                    _init_state(state, p, group["master_weights"], "momentum_buffer")
                 buf_l = local_tensor(state["momentum_buffer"])
                 g_l = local_tensor(g).to(buf_l.dtype)
                 buf_l.mul_(mu).add_(g_l)
@@ -224,12 +224,8 @@ class AdamW(torch.optim.Optimizer):
                 state = self.state[p]
                 g = _grad_like_param(p, p.grad)
                 if "exp_avg" not in state:
-                    sdtype = torch.float32 if master_mode else p.dtype
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    state["exp_avg"] = _zeros_state(p, sdtype)
-                    state["exp_avg_sq"] = _zeros_state(p, sdtype)
-                    if master_mode:
-                        state["master"] = _master_copy(p)
+                    _init_state(state, p, master_mode, "exp_avg", "exp_avg_sq")
                 state["step"] += 1
                 t = state["step"].item()
                 m, v = local_tensor(state["exp_avg"]), local_tensor(state["exp_avg_sq"])

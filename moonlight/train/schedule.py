@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+
 def lr_multiplier(
     step: int,
     warmup_steps: int,

@@ -24,7 +24,7 @@ from moonlight.checkpoint.export import export_hf, export_peft_adapter
 from moonlight.checkpoint.format import DCP_METADATA, model_args_from_meta, read_meta
 from moonlight.checkpoint.state import Checkpointer
 from moonlight.config import ModelArgs
-from moonlight.distributed import broadcast_object, local_tensor, to_device
+from moonlight.distributed import backend_for, broadcast_object, default_device, local_tensor, to_device
 from moonlight.dtypes import to_dtype
 from moonlight.errors import CheckpointError, ConfigError, NonFiniteError
 from moonlight.hf import HFCheckpoint
@@ -32,7 +32,7 @@ from moonlight.hf_peft import load_peft_adapter
 from moonlight.model import Moonlight
 from moonlight.model.lora import apply_lora, count_params, hide_adapters, init_dora_magnitude, reset_lora_parameters
 from moonlight.parallel import load_hf_sharded, reduce_token_losses
-from moonlight.train.config import JobConfig
+from moonlight.train.config import JobConfig, LoRASection
 from moonlight.train.data import build_dataloader
 from moonlight.train.layout import build_layout, is_mixed_precision
 from moonlight.train.lock import DumpFolderLock
@@ -67,6 +67,15 @@ def build_model_args(cfg: JobConfig) -> ModelArgs:
             raise ConfigError(f"model.overrides.{key} is not a ModelArgs field{hint}; valid: {sorted(fields)}")
     return dataclasses.replace(base, **{**cfg.model.overrides, "kernels": cfg.model.kernels,
                                         "aux_loss_alpha": cfg.moe.aux_loss_coeff})
+
+
+def apply_lora_section(model: Moonlight, lora: LoRASection) -> list[str]:
+    """[lora]'s adapters on a model; returns the names of the adapted linears. Targets that fit no
+    module of the model are a ConfigError."""
+    try:
+        return apply_lora(model, lora.targets, rank=lora.rank, alpha=lora.alpha, dora=lora.dora, dropout=lora.dropout)
+    except ValueError as e:
+        raise ConfigError(f"lora: {e} (lora.targets = {lora.targets})") from None
 
 
 def check_token_ids(store, vocab_size: int, what: str) -> None:
@@ -127,12 +136,12 @@ def init_distributed() -> tuple[int, int, torch.device]:
     """Join the torchrun job (NCCL on GPUs, gloo on CPU); a single process needs no process group."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = default_device(local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     use_tf32(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend_for(device.type))
     rank = dist.get_rank() if dist.is_initialized() else 0
     return rank, world, device
 
@@ -276,14 +285,8 @@ class Trainer:
 
     def _apply_lora(self, model: Moonlight) -> None:
         """LoRA/DoRA adapters on the full model, before any sharding (FSDP wraps them with their block)."""
-        lo = self.cfg.lora
-        if not lo.enable:
-            return
-        try:
-            self.lora_modules = apply_lora(model, lo.targets, rank=lo.rank, alpha=lo.alpha, dora=lo.dora,
-                                           dropout=lo.dropout)
-        except ValueError as e:
-            raise ConfigError(f"lora: {e} (lora.targets = {lo.targets})") from None
+        if self.cfg.lora.enable:
+            self.lora_modules = apply_lora_section(model, self.cfg.lora)
 
     def _build_checkpointer(self) -> Checkpointer:
         c, lora = self.cfg.checkpoint, self.cfg.lora.enable
@@ -416,8 +419,7 @@ class Trainer:
         params = [p for part in self.model_parts for p in part.parameters()]
         grad_norm = clip_grad_norm_(params, t.max_norm if t.max_norm > 0 else float("inf"),
                                     pp_group=self.parallel.pp_group)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        loss, grad_norm = torch.stack([self.parallel.reduce_loss(local_loss), grad_norm.float()]).tolist()
+        loss, grad_norm = torch.stack([self.parallel.reduce_loss(local_loss), grad_norm]).tolist()
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         moe_layers = [m for part in self.model_parts for m in part.moe_layers()]
         if finite:
