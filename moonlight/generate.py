@@ -42,6 +42,7 @@ from moonlight.checkpoint.export import load_dcp_model
 from moonlight.checkpoint.format import check_intact, resolve_checkpoint
 from moonlight.config import ModelArgs
 from moonlight.distributed import default_device
+from moonlight.dtypes import to_dtype
 from moonlight.errors import ConfigError, exit_on_user_error
 from moonlight.hf import load_hf
 from moonlight.hf_peft import apply_peft_adapter, read_adapter_config
@@ -284,7 +285,7 @@ def _check_vocab(prompt: list[int], vocab_size: int):
 
 
 def _load_model(ns: argparse.Namespace) -> Moonlight:
-    dtype = getattr(torch, ns.dtype)
+    dtype = to_dtype(ns.dtype)
     if ns.hf:
         model = load_hf(ns.hf, dtype=dtype, device=ns.device)
     else:

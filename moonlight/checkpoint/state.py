@@ -56,6 +56,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -277,7 +278,7 @@ class Checkpointer:
         if distributed.world_size() == 1:
             return
         sums = {k: (float(v.double().sum()), float(v.double().abs().sum())) for k, v in sd.items()
-                if isinstance(v, torch.Tensor) and not hasattr(v, "to_local")}
+                if isinstance(v, torch.Tensor) and not isinstance(v, DTensor)}
         seen: dict[str, tuple] = {}
         bad = set()
         for theirs in distributed.all_gather_object(sums):

@@ -1,3 +1,5 @@
-from moonlight.model.model import MLA, MLP, MoE, Block, GroupedExperts, LocalDispatcher, Moonlight, RMSNorm, Router
+from moonlight.model.model import (MLA, MLP, MoE, Block, DocumentMask, GroupedExperts, LocalDispatcher, Moonlight,
+                                   RMSNorm, Router)
 
-__all__ = ["MLA", "MLP", "MoE", "Block", "GroupedExperts", "LocalDispatcher", "Moonlight", "RMSNorm", "Router"]
+__all__ = ["MLA", "MLP", "MoE", "Block", "DocumentMask", "GroupedExperts", "LocalDispatcher", "Moonlight",
+           "RMSNorm", "Router"]

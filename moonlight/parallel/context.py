@@ -49,7 +49,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from kernels import rotate_rope_
 from moonlight.distributed import collective_result
-from moonlight.model.model import MLA, DocumentMask, MoE
+from moonlight.model import MLA, DocumentMask, MoE
 from moonlight.parallel.tensor import SequenceShards
 
 __all__ = ["zigzag_slice", "zigzag_indices", "ContextParallelSequence", "apply_context_parallel"]

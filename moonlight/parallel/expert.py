@@ -72,7 +72,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from kernels import permute_tokens, unpermute_tokens
 from moonlight.distributed import collective_result
-from moonlight.model.model import GroupedExperts
+from moonlight.model import GroupedExperts
 
 __all__ = ["AllToAllDispatcher", "apply_expert_parallel"]
 

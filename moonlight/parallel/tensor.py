@@ -47,7 +47,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleInputOutput,
                                                RowwiseParallel, SequenceParallel, parallelize_module)
 
-from moonlight.model.model import MLP, MoE
+from moonlight.model import MLP, MoE
 
 
 class _AllReduceGradTail(torch.autograd.Function):

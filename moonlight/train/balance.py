@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Replicate
 
-from moonlight.distributed import local_tensor
+from moonlight.distributed import is_distributed, local_tensor
 
 
 @torch.no_grad()
@@ -37,7 +37,7 @@ def update_router_biases(
         return torch.empty(0, dtype=torch.float64)
     sizes = [c.numel() for c in counts]
     flat = torch.cat([local_tensor(c).detach().reshape(-1).to(torch.float64) for c in counts])
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dev_flat = flat.to(local_tensor(counts[0]).device)
         dist.all_reduce(dev_flat, op=dist.ReduceOp.SUM, group=group)
         flat = dev_flat
