@@ -43,7 +43,7 @@ from moonlight.checkpoint.format import check_intact, resolve_checkpoint
 from moonlight.config import ModelArgs
 from moonlight.distributed import default_device
 from moonlight.dtypes import to_dtype
-from moonlight.errors import ConfigError, exit_on_user_error
+from moonlight.errors import ArgumentParser, ConfigError, exit_on_user_error
 from moonlight.hf import load_hf
 from moonlight.hf_peft import apply_peft_adapter, read_adapter_config
 from moonlight.model import MLA, Moonlight
@@ -219,14 +219,9 @@ def chat_prompt(tokenizer, text: str, system: str | None = None, tokenizer_spec:
     return template.prompt_ids(messages), template.end_id
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit code 2 through exit_on_user_error, not argparse's usage dump
-        raise ConfigError(f"{message} (see python -m moonlight.generate --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m moonlight.generate",
-                description="Generate text from a Moonlight checkpoint, streamed to stdout.")
+    p = ArgumentParser(prog="python -m moonlight.generate",
+                       description="Generate text from a Moonlight checkpoint, streamed to stdout.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--hf", help="Hugging Face checkpoint directory (config.json + safetensors)")
     src.add_argument("--dcp", help="trainer checkpoint: a step-N directory or a folder of them (latest)")
