@@ -41,7 +41,7 @@ from kernels import resolve_impl, rope_tables, rotate_rope_
 from moonlight.checkpoint.export import load_dcp_model
 from moonlight.checkpoint.format import check_intact, resolve_checkpoint
 from moonlight.config import ModelArgs
-from moonlight.distributed import default_device
+from moonlight.distributed import checked_device, default_device
 from moonlight.dtypes import to_dtype
 from moonlight.errors import ArgumentParser, ConfigError, exit_on_user_error
 from moonlight.hf import load_hf
@@ -232,14 +232,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="send the prompt as a user turn (Moonlight-Instruct "
                                                        "chat format) and stop at <|im_end|>")
     p.add_argument("--system", help="with --chat: a system turn before the user's")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="at most this many tokens (default 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--tokenizer", help="'byte', a directory with tiktoken.model or tokenizer.json, or the file "
                                        "(default: the --hf directory)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default=default_device().type)
+    p.add_argument("--device", default=default_device().type,
+                   help=f"where the model runs, e.g. cpu, cuda, cuda:1 (default here: {default_device().type})")
     return p
 
 
@@ -270,6 +271,7 @@ def _checked_args(argv: list[str] | None) -> argparse.Namespace:
         raise ConfigError("--prompt is empty")
     if ns.adapter:
         read_adapter_config(ns.adapter)  # a CheckpointError naming what is wrong, before any weight is read
+    checked_device(ns.device, "--device")
     return ns
 
 

@@ -186,6 +186,11 @@ def test_cli_sampling_is_seeded(tiny_model_dir, capsys):
     assert runs[0] == runs[1] and runs[0] != runs[2]
 
 
+# one past the accelerator's last device (cuda:0 where torch has none): missing on every machine
+_ACCELERATOR = torch.accelerator.current_accelerator()
+_MISSING_DEVICE = f"{_ACCELERATOR.type if _ACCELERATOR else 'cuda'}:{torch.accelerator.device_count()}"
+
+
 @pytest.mark.parametrize("extra, match", [
     (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
     (["--temperature", "-1"], "--temperature must be >= 0"),
@@ -195,6 +200,8 @@ def test_cli_sampling_is_seeded(tiny_model_dir, capsys):
     (["--max-new-tokens", "x"], "invalid int value"),
     (["--tokenizer", "/nonexistent"], "--tokenizer /nonexistent: no such file"),
     (["--bogus"], "unrecognized arguments"),
+    (["--device", "nonsense"], "--device 'nonsense': no such device on this machine"),
+    (["--device", _MISSING_DEVICE], f"--device '{_MISSING_DEVICE}': no such device on this machine"),
 ])
 def test_cli_bad_arguments_exit_2_with_one_line(tiny_model_dir, capsys, extra, match):
     code, out, err = _run(capsys, ["--hf", str(tiny_model_dir), "--prompt", "x"] + extra)
