@@ -297,7 +297,7 @@ def _load_model(ns: argparse.Namespace) -> Moonlight:
 
 def run(argv: list[str] | None = None) -> int:
     ns = _checked_args(argv)
-    tokenizer = build_tokenizer(ns.tokenizer or ns.hf)
+    tokenizer = build_tokenizer(ns.tokenizer or ns.hf, "--tokenizer" if ns.tokenizer else "--hf")
     if ns.chat:
         prompt, eos = chat_prompt(tokenizer, ns.prompt, ns.system, ns.tokenizer or ns.hf or "byte")
     else:

@@ -1,6 +1,7 @@
 """Generation: greedy tokens equal transformers' generate, the latent cache equals a full recompute,
 nucleus sampling keeps what transformers' TopPLogitsWarper keeps, and the command line."""
 
+import os
 import warnings
 
 import pytest
@@ -199,6 +200,7 @@ _MISSING_DEVICE = f"{_ACCELERATOR.type if _ACCELERATOR else 'cuda'}:{torch.accel
     (["--system", "s"], "--system applies to --chat"),
     (["--max-new-tokens", "x"], "invalid int value"),
     (["--tokenizer", "/nonexistent"], "--tokenizer /nonexistent: no such file"),
+    (["--tokenizer", os.path.dirname(__file__)], "--tokenizer: directory"),  # no tokenizer file in it
     (["--bogus"], "unrecognized arguments"),
     (["--device", "nonsense"], "--device 'nonsense': no such device on this machine"),
     (["--device", _MISSING_DEVICE], f"--device '{_MISSING_DEVICE}': no such device on this machine"),
