@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, help="with --dcp and a folder of step-N directories: which step")
     p.add_argument("--prompt", required=True, help="the prompt text")
     p.add_argument("--chat", action="store_true", help="send the prompt as a user turn (Moonlight-Instruct "
-                                                       "chat format) and stop at <|im_end|>")
+                                                       "chat format) and stop at <|im_end|> or the end of the document")
     p.add_argument("--system", help="with --chat: a system turn before the user's")
     p.add_argument("--max-new-tokens", type=int, default=128, help="at most this many tokens (default 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
@@ -302,6 +302,7 @@ def run(argv: list[str] | None = None) -> int:
         prompt, eos = chat_prompt(tokenizer, ns.prompt, ns.system, ns.tokenizer or ns.hf or "byte")
     else:
         prompt, eos = tokenizer.encode(ns.prompt), tokenizer.eos_id
+    stop = {eos, tokenizer.eos_id}  # a chat reply also ends at the end of the document
     if ns.hf:  # config.json is cheap: reject a tokenizer that does not fit before reading any weight
         _check_vocab(prompt, ModelArgs.from_hf_config(ns.hf).vocab_size)
     model = _load_model(ns)
@@ -313,7 +314,7 @@ def run(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     for token in generate_stream(model, input_ids, ns.max_new_tokens, ns.temperature, ns.top_p, eos,
                                  generator=generator):
-        if int(token) == eos:
+        if int(token) in stop:
             break
         new.append(int(token))
         text = tokenizer.decode(new)

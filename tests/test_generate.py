@@ -168,6 +168,18 @@ def test_cli_greedy_output_equals_the_python_api(tiny_model_dir, capsys, chat):
     assert out == tok.decode(new) + "\n"
 
 
+def test_cli_chat_reply_ends_at_the_end_of_document_token(tiny_model_dir, capsys, monkeypatch):
+    """--chat stops at <|im_end|> and also at the tokenizer's EOS: what follows it is another document,
+    which the CLI printed after an "[EOS]" before."""
+    from moonlight.train.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(str(tiny_model_dir))
+    tokens = [*tok.encode("yes"), tok.eos_id, *tok.encode("other text")]
+    monkeypatch.setattr("moonlight.generate.generate_stream", lambda *a, **k: (torch.tensor([t]) for t in tokens))
+    code, out, err = _run(capsys, ["--hf", str(tiny_model_dir), "--chat", "--prompt", "hi"])
+    assert code == 0 and out == "yes\n", (out, err)
+
+
 def test_chat_prompt_renders_moonlight_instruct_format(tiny_model_dir):
     from moonlight.generate import chat_prompt
     from moonlight.train.tokenizer import build_tokenizer
