@@ -68,8 +68,8 @@ def checked_device(name: str, what: str = "device") -> torch.device:
         accelerator is not None and device.type == accelerator.type
         and (device.index is None or device.index < torch.accelerator.device_count())))
     if not here:
-        raise ConfigError(f"{what} {name!r}: no such device on this machine; use {default_device().type!r}"
-                          + (f" or {accelerator.type}:N (N < {torch.accelerator.device_count()})" if accelerator else ""))
+        others = f" or {accelerator.type}:N (N < {torch.accelerator.device_count()})" if accelerator else ""
+        raise ConfigError(f"{what} {name!r}: no such device on this machine; use {default_device().type!r}{others}")
     return device
 
 
