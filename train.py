@@ -8,14 +8,21 @@ import sys
 import torch.distributed as dist
 
 from moonlight.errors import exit_on_user_error
-from moonlight.train.config import parse_args
+from moonlight.train.config import SECTIONS, parse_args
 from moonlight.train.trainer import Trainer
 
 
 INTERRUPTED_EXIT_CODE = 130  # the shell's code for a SIGINT
+USAGE = (f"{__doc__}\n\nSections: {', '.join(SECTIONS)}. Every key of a section can be overridden on the "
+         "command line; an unknown key lists the valid ones. The resolved config is printed at the start and "
+         "saved as <job.dump_folder>/config.toml. See README.md for the keys and the recipes in configs/.")
 
 
 def main(argv: list[str]) -> int:
+    if {"-h", "--help"} & set(argv):
+        if os.environ.get("RANK", "0") == "0":
+            print(USAGE)
+        return 0
     if os.environ.get("RANK", "0") != "0":  # every rank reads the same data and meets the same warnings: print them once
         logging.getLogger("moonlight").setLevel(logging.ERROR)
     try:

@@ -21,7 +21,8 @@ from moonlight.checkpoint.state import Checkpointer  # noqa: E402
 from moonlight.config import ModelArgs  # noqa: E402
 from moonlight.model import Moonlight  # noqa: E402
 from moonlight.train.config import CheckpointSection  # noqa: E402
-from moonlight.train.optim import build_lr_scheduler, build_optimizers  # noqa: E402
+from moonlight.train.optim import build_optimizers  # noqa: E402
+from moonlight.train.schedule import build_lr_scheduler  # noqa: E402
 
 # ~27 M parameters (~107 MB fp32; with AdamW's two moments ~320 MB per checkpoint)
 ARGS = ModelArgs.preset("debug", vocab_size=4096, hidden_size=256, intermediate_size=512, moe_intermediate_size=256,

@@ -52,7 +52,7 @@ def main():
     for name, fn in (("plain", plain), ("chunked", linear_cross_entropy)):
         results[name] = measure(fn, hidden, weight, labels, repeats=3)
         t, peak = results[name]
-        print(f"  {name:<8} {t * 1e3:8.1f} ms   peak {peak / 2**30:6.2f} GiB")
+        print(f"  {name:<8} {t * 1e3:8.1f} ms" + (f"   peak {peak / 2**30:6.2f} GiB" if cuda else ""))
     (tp, mp), (tc, mc) = results["plain"], results["chunked"]
     print(f"  chunked/plain: time {tc / tp:.2f}x" + (f", peak memory {mc / mp:.2f}x" if cuda else ""))
 

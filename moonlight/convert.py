@@ -35,7 +35,7 @@ from moonlight.checkpoint import format as fmt
 from moonlight.checkpoint.export import load_dcp_adapters, save_hf_from_dcp
 from moonlight.config import ModelArgs
 from moonlight.dtypes import to_dtype
-from moonlight.errors import CheckpointError, ConfigError, exit_on_user_error
+from moonlight.errors import ArgumentParser, CheckpointError, ConfigError, exit_on_user_error
 from moonlight.hf import HF_OUTPUT, HFCheckpoint, expected_shapes, hf_keys, is_expert_stack, parse_size, progress
 from moonlight.outputs import check_output, check_replaceable
 from moonlight.hf_peft import PEFT_OUTPUT, save_peft_adapter
@@ -116,7 +116,7 @@ def dcp_to_peft(dcp_dir: str, out: str, step: int = -1, overwrite: bool = False)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m moonlight.convert",
+    p = ArgumentParser(prog="python -m moonlight.convert",
                                 description="Convert Moonlight checkpoints between Hugging Face safetensors and "
                                             "torch.distributed.checkpoint (the trainer's format).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -161,8 +161,7 @@ def run(ns: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """The command line; a user error exits (SystemExit) with code 2 after one `error: ...` line."""
-    ns = build_parser().parse_args(argv)
-    code = exit_on_user_error(lambda: print(run(ns)))
+    code = exit_on_user_error(lambda: print(run(build_parser().parse_args(argv))))
     if code:
         raise SystemExit(code)
     return 0

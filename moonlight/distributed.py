@@ -13,6 +13,8 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch.distributed.tensor import DTensor
 
+from moonlight.errors import ConfigError
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -52,6 +54,23 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 def default_device(local_rank: int = 0) -> torch.device:
     """This process's device: GPU `local_rank` where CUDA is available, else the CPU."""
     return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def checked_device(name: str, what: str = "device") -> torch.device:
+    """A device named by the user, if this machine has it: the CPU or the accelerator torch was built
+    for (an index below its device count); else a ConfigError naming the default device."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    accelerator = torch.accelerator.current_accelerator()
+    here = device is not None and (device.type == "cpu" or (
+        accelerator is not None and device.type == accelerator.type
+        and (device.index is None or device.index < torch.accelerator.device_count())))
+    if not here:
+        others = f" or {accelerator.type}:N (N < {torch.accelerator.device_count()})" if accelerator else ""
+        raise ConfigError(f"{what} {name!r}: no such device on this machine; use {default_device().type!r}{others}")
+    return device
 
 
 def backend_for(device_type: str) -> str:

@@ -9,6 +9,7 @@ MOONLIGHT_TRACEBACK=1 to see the traceback instead. Anything else is a bug and k
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Callable
@@ -57,3 +58,12 @@ def exit_on_user_error(main: Callable[[], int | None]) -> int:
             message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
             print(f"error: {message}", file=sys.stderr, flush=True)
         return USER_ERROR_EXIT_CODE
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the entry points: a bad argument raises ConfigError, so `exit_on_user_error` prints
+    it as the one `error: ...` line (argparse prints its usage and `prog: error: ...` instead). Parse
+    inside `exit_on_user_error`; subparsers are made of this class too."""
+
+    def error(self, message):
+        raise ConfigError(f"{message} (see {self.prog} --help)")

@@ -41,9 +41,9 @@ from kernels import resolve_impl, rope_tables, rotate_rope_
 from moonlight.checkpoint.export import load_dcp_model
 from moonlight.checkpoint.format import check_intact, resolve_checkpoint
 from moonlight.config import ModelArgs
-from moonlight.distributed import default_device
+from moonlight.distributed import checked_device, default_device
 from moonlight.dtypes import to_dtype
-from moonlight.errors import ConfigError, exit_on_user_error
+from moonlight.errors import ArgumentParser, ConfigError, exit_on_user_error
 from moonlight.hf import load_hf
 from moonlight.hf_peft import apply_peft_adapter, read_adapter_config
 from moonlight.model import MLA, Moonlight
@@ -219,14 +219,9 @@ def chat_prompt(tokenizer, text: str, system: str | None = None, tokenizer_spec:
     return template.prompt_ids(messages), template.end_id
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit code 2 through exit_on_user_error, not argparse's usage dump
-        raise ConfigError(f"{message} (see python -m moonlight.generate --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m moonlight.generate",
-                description="Generate text from a Moonlight checkpoint, streamed to stdout.")
+    p = ArgumentParser(prog="python -m moonlight.generate",
+                       description="Generate text from a Moonlight checkpoint, streamed to stdout.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--hf", help="Hugging Face checkpoint directory (config.json + safetensors)")
     src.add_argument("--dcp", help="trainer checkpoint: a step-N directory or a folder of them (latest)")
@@ -235,16 +230,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, help="with --dcp and a folder of step-N directories: which step")
     p.add_argument("--prompt", required=True, help="the prompt text")
     p.add_argument("--chat", action="store_true", help="send the prompt as a user turn (Moonlight-Instruct "
-                                                       "chat format) and stop at <|im_end|>")
+                                                       "chat format) and stop at <|im_end|> or the end of the document")
     p.add_argument("--system", help="with --chat: a system turn before the user's")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="at most this many tokens (default 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--tokenizer", help="'byte', a directory with tiktoken.model or tokenizer.json, or the file "
                                        "(default: the --hf directory)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default=default_device().type)
+    p.add_argument("--device", default=default_device().type,
+                   help=f"where the model runs, e.g. cpu, cuda, cuda:1 (default here: {default_device().type})")
     return p
 
 
@@ -275,6 +271,7 @@ def _checked_args(argv: list[str] | None) -> argparse.Namespace:
         raise ConfigError("--prompt is empty")
     if ns.adapter:
         read_adapter_config(ns.adapter)  # a CheckpointError naming what is wrong, before any weight is read
+    checked_device(ns.device, "--device")
     return ns
 
 
@@ -300,11 +297,12 @@ def _load_model(ns: argparse.Namespace) -> Moonlight:
 
 def run(argv: list[str] | None = None) -> int:
     ns = _checked_args(argv)
-    tokenizer = build_tokenizer(ns.tokenizer or ns.hf)
+    tokenizer = build_tokenizer(ns.tokenizer or ns.hf, "--tokenizer" if ns.tokenizer else "--hf")
     if ns.chat:
         prompt, eos = chat_prompt(tokenizer, ns.prompt, ns.system, ns.tokenizer or ns.hf or "byte")
     else:
         prompt, eos = tokenizer.encode(ns.prompt), tokenizer.eos_id
+    stop = {eos, tokenizer.eos_id}  # a chat reply also ends at the end of the document
     if ns.hf:  # config.json is cheap: reject a tokenizer that does not fit before reading any weight
         _check_vocab(prompt, ModelArgs.from_hf_config(ns.hf).vocab_size)
     model = _load_model(ns)
@@ -316,7 +314,7 @@ def run(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     for token in generate_stream(model, input_ids, ns.max_new_tokens, ns.temperature, ns.top_p, eos,
                                  generator=generator):
-        if int(token) == eos:
+        if int(token) in stop:
             break
         new.append(int(token))
         text = tokenizer.decode(new)

@@ -13,7 +13,6 @@ It exits with code 2 and one line naming the fix when a layout is invalid or a r
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing as mp
 import dataclasses
 import os
@@ -29,7 +28,7 @@ from torch.testing._internal.distributed.fake_pg import FakeStore  # also regist
 from moonlight.config import ModelArgs
 from moonlight.distributed import local_tensor
 from moonlight.dtypes import to_dtype
-from moonlight.errors import ConfigError, exit_on_user_error
+from moonlight.errors import ArgumentParser, ConfigError, exit_on_user_error
 from moonlight.model import Moonlight
 from moonlight.train.config import JobConfig, parse_args
 from moonlight.train.layout import build_layout, is_single_process, plan_layout
@@ -297,12 +296,16 @@ def _placeholder_free(cfg: JobConfig) -> JobConfig:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moonlight.plan", description=__doc__.splitlines()[0])
-    parser.add_argument("--world-size", type=int, required=True)
-    parser.add_argument("--gpu-memory-gib", type=float, default=80.0)
-    known, rest = parser.parse_known_args(argv)  # the rest: --config FILE and --section.key=value overrides
+    parser = ArgumentParser(prog="python -m moonlight.plan", description=__doc__.splitlines()[0],
+                            epilog="Any other argument is a --section.key=value override, as train.py takes it.")
+    parser.add_argument("--config", metavar="FILE", help="the job's TOML config (as train.py takes it)")
+    parser.add_argument("--world-size", type=int, required=True, help="the number of ranks (GPUs) of the job")
+    parser.add_argument("--gpu-memory-gib", type=float, default=80.0, help="the memory of one device (default 80)")
 
     def run() -> int:
+        known, rest = parser.parse_known_args(argv)  # the rest: --section.key=value overrides
+        if known.config is not None:
+            rest = ["--config", known.config, *rest]
         if known.world_size < 1:
             raise ConfigError(f"--world-size must be >= 1 (got {known.world_size})")
         if not known.gpu_memory_gib > 0:

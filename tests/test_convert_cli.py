@@ -120,6 +120,17 @@ def _err(capsys, argv):
     return capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, match", [
+    ([], "required: command (see python -m moonlight.convert --help)"),
+    (["hf-to-pt"], "invalid choice: 'hf-to-pt'"),
+    (["hf-to-dcp", "--hf", "x"], "required: --out (see python -m moonlight.convert hf-to-dcp --help)"),
+    (["dcp-to-hf", "--dcp", "x", "--out", "y", "--step", "last"], "--step: invalid int value: 'last'"),
+])
+def test_bad_arguments_are_one_error_line(argv, match, capsys):
+    err = _err(capsys, argv)
+    assert err.count("\n") == 1 and err.startswith("error: ") and match in err, err
+
+
 def test_clear_errors(hf_dir, tmp_path, capsys):
     assert "--hf" in _err(capsys, ["hf-to-dcp", "--hf", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
     (tmp_path / "empty").mkdir()

@@ -72,6 +72,14 @@ def test_single_process_user_error_is_one_line_and_exit_2(tmp_path):
     assert "Traceback" in env_proc.stderr and "DataError" in env_proc.stderr  # the debugging switch
 
 
+def test_help_prints_the_usage_and_trains_nothing(tmp_path):
+    proc = subprocess.run([sys.executable, "train.py", "--config", "train.toml", f"--job.dump_folder={tmp_path}/run",
+                           "--help"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-3000:]
+    assert "train.py --config" in proc.stdout and "lr_scheduler" in proc.stdout, proc.stdout
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 def test_data_warnings_are_printed_once_under_torchrun(tmp_path):
     """Every rank reads the same data and meets the same malformed record: one warning, not one per rank."""

@@ -1,6 +1,7 @@
 """Generation: greedy tokens equal transformers' generate, the latent cache equals a full recompute,
 nucleus sampling keeps what transformers' TopPLogitsWarper keeps, and the command line."""
 
+import os
 import warnings
 
 import pytest
@@ -167,6 +168,18 @@ def test_cli_greedy_output_equals_the_python_api(tiny_model_dir, capsys, chat):
     assert out == tok.decode(new) + "\n"
 
 
+def test_cli_chat_reply_ends_at_the_end_of_document_token(tiny_model_dir, capsys, monkeypatch):
+    """--chat stops at <|im_end|> and also at the tokenizer's EOS: what follows it is another document,
+    which the CLI printed after an "[EOS]" before."""
+    from moonlight.train.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(str(tiny_model_dir))
+    tokens = [*tok.encode("yes"), tok.eos_id, *tok.encode("other text")]
+    monkeypatch.setattr("moonlight.generate.generate_stream", lambda *a, **k: (torch.tensor([t]) for t in tokens))
+    code, out, err = _run(capsys, ["--hf", str(tiny_model_dir), "--chat", "--prompt", "hi"])
+    assert code == 0 and out == "yes\n", (out, err)
+
+
 def test_chat_prompt_renders_moonlight_instruct_format(tiny_model_dir):
     from moonlight.generate import chat_prompt
     from moonlight.train.tokenizer import build_tokenizer
@@ -186,6 +199,11 @@ def test_cli_sampling_is_seeded(tiny_model_dir, capsys):
     assert runs[0] == runs[1] and runs[0] != runs[2]
 
 
+# one past the accelerator's last device (cuda:0 where torch has none): missing on every machine
+_ACCELERATOR = torch.accelerator.current_accelerator()
+_MISSING_DEVICE = f"{_ACCELERATOR.type if _ACCELERATOR else 'cuda'}:{torch.accelerator.device_count()}"
+
+
 @pytest.mark.parametrize("extra, match", [
     (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
     (["--temperature", "-1"], "--temperature must be >= 0"),
@@ -194,7 +212,10 @@ def test_cli_sampling_is_seeded(tiny_model_dir, capsys):
     (["--system", "s"], "--system applies to --chat"),
     (["--max-new-tokens", "x"], "invalid int value"),
     (["--tokenizer", "/nonexistent"], "--tokenizer /nonexistent: no such file"),
+    (["--tokenizer", os.path.dirname(__file__)], "--tokenizer: directory"),  # no tokenizer file in it
     (["--bogus"], "unrecognized arguments"),
+    (["--device", "nonsense"], "--device 'nonsense': no such device on this machine"),
+    (["--device", _MISSING_DEVICE], f"--device '{_MISSING_DEVICE}': no such device on this machine"),
 ])
 def test_cli_bad_arguments_exit_2_with_one_line(tiny_model_dir, capsys, extra, match):
     code, out, err = _run(capsys, ["--hf", str(tiny_model_dir), "--prompt", "x"] + extra)

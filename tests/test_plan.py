@@ -164,6 +164,23 @@ def test_cli_names_the_fix_when_it_does_not_fit(capsys):
              ModelArgs.preset("moonlight-16b-a3b"))
 
 
+@pytest.mark.parametrize("argv, match", [
+    (["--config", "train.toml"], "required: --world-size (see python -m moonlight.plan --help)"),
+    (["--config", "train.toml", "--world-size", "eight"], "--world-size: invalid int value: 'eight'"),
+])
+def test_cli_bad_arguments_are_one_error_line(argv, match, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and match in err, err
+
+
+def test_cli_help_names_the_config_and_overrides(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--config FILE" in out and "--section.key=value" in out, out
+
+
 def test_lora_targets_that_fit_nothing_are_named_as_the_trainer_names_them(tmp_path):
     cfg = _cfg(tmp_path, ["--lora.enable=true", "--lora.targets=attn.q_proj,attn.qkv"])
     with pytest.raises(ConfigError, match=r"lora: LoRA target 'attn.qkv' matches no module.*lora.targets"):

@@ -13,7 +13,7 @@ import torch
 from moonlight.errors import ConfigError, DataError, NonFiniteError
 from moonlight.train.config import load_config
 from moonlight.train.megatron import MegatronIndexedWriter
-from moonlight.train.trainer import Trainer
+from moonlight.train.trainer import Trainer, build_model_args
 
 SMALL = ["--training.seq_len=64", "--training.global_batch_size=4", "--training.local_batch_size=2",
          "--checkpoint.enable=false", "--metrics.log_freq=1", "--metrics.device_peak_flops=1e11",
@@ -214,3 +214,10 @@ def test_models_too_large_for_a_cpu_init_are_initialised_in_place(tmp_path, monk
         trainer.train()
         assert not any(p.is_meta for p in trainer.model_parts[0].parameters())
         assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _metrics(tmp_path / str(len(extra))))
+
+
+@pytest.mark.parametrize("key", ["checkpoint.initial_load_hf", "model.hf_config"])
+def test_a_missing_model_source_is_named_by_its_key(tmp_path, key):
+    cfg = load_config("train.toml", [f"--{key}={tmp_path}/missing"]).validate()
+    with pytest.raises(ConfigError, match=f"{key} = '{tmp_path}/missing' does not exist: point it at a Hugging Face"):
+        build_model_args(cfg)

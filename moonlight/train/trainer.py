@@ -52,6 +52,11 @@ def build_model_args(cfg: JobConfig) -> ModelArgs:
     """The preset (or a HF config.json, or the model args of the model-only DCP checkpoint that
     initial_load_hf names) with [model.overrides], kernels and the aux-loss coefficient."""
     hf_config = cfg.model.hf_config or cfg.checkpoint.initial_load_hf
+    if hf_config and not os.path.exists(hf_config):  # name the key, not only the config.json it was read for
+        key = "model.hf_config" if cfg.model.hf_config else "checkpoint.initial_load_hf"
+        raise ConfigError(f"{key} = {hf_config!r} does not exist: point it at a Hugging Face checkpoint directory"
+                          + (" (or a config.json)" if cfg.model.hf_config else
+                             " or a `python -m moonlight.convert hf-to-dcp` output"))
     if hf_config and not cfg.model.hf_config and os.path.isfile(os.path.join(hf_config, DCP_METADATA)):
         base = model_args_from_meta(read_meta(hf_config))  # `python -m moonlight.convert hf-to-dcp` output
         if base is None:
