@@ -24,7 +24,7 @@ from tqdm import tqdm
 from moonlight.config import ModelArgs
 from moonlight.errors import CheckpointError, ConfigError
 from moonlight.model import Moonlight
-from moonlight.outputs import check_replaceable, remove_own_dir
+from moonlight.outputs import check_replaceable, publish_mode, remove_own_dir
 
 # native suffix (after "layers.N.") -> HF suffix (after "model.layers.N.")
 _LAYER_RENAMES = {
@@ -325,6 +325,7 @@ def _write_hf_dir(path: str, pieces: Iterator[tuple[str, torch.Tensor]], shards:
             hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_config, f, indent=2)
+        publish_mode(tmp)
         if os.path.exists(path):
             remove_own_dir(path, HF_OUTPUT)
         os.replace(tmp, path)

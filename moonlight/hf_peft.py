@@ -30,7 +30,7 @@ from moonlight.config import ModelArgs
 from moonlight.errors import CheckpointError
 from moonlight.hf import hf_keys, open_safetensors
 from moonlight.model.lora import apply_lora, is_adapter_name, lora_modules, merge_lora
-from moonlight.outputs import check_replaceable
+from moonlight.outputs import check_replaceable, publish_mode
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -101,6 +101,7 @@ def save_peft_adapter(model_or_state: nn.Module | Mapping[str, torch.Tensor], ar
         save_file(tensors, os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
         with open(os.path.join(tmp, ADAPTER_CONFIG), "w") as f:
             json.dump(config, f, indent=2)
+        publish_mode(tmp)
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

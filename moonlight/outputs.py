@@ -12,6 +12,11 @@ import re
 
 from moonlight.errors import CheckpointError
 
+# Read once, at import: os.umask can only be read by setting it, which would race with threads
+# (the async checkpoint writer) creating files later.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 
 def paths_overlap(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     """Whether two paths are the same, or one lies inside the other (symlinks resolved)."""
@@ -53,3 +58,14 @@ def remove_own_dir(path: str, ours: re.Pattern) -> None:
         os.rmdir(path)
     except OSError as e:
         raise CheckpointError(f"cannot replace {path}: it holds files that are not ours ({e})") from None
+
+
+def publish_mode(tmp: str) -> None:
+    """Give a finished temporary output directory and everything in it the modes a plain mkdir / open
+    would have (0777 / 0666 less the umask) before it is renamed into place: mkdtemp makes it 0700 and
+    safetensors writes its files 0600, which would hide an export from the other users of a shared
+    filesystem."""
+    for root, _, files in os.walk(tmp):
+        os.chmod(root, 0o777 & ~_UMASK)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~_UMASK)

@@ -150,3 +150,36 @@ def test_clear_errors(hf_dir, tmp_path, capsys):
     assert "incomplete" in _err(capsys, ["dcp-to-hf", "--dcp", str(tmp_path / "dcp"), "--out", str(tmp_path / "h")])
     assert "--config" in _err(capsys, ["dcp-to-hf", "--dcp", str(tmp_path / "dcp"), "--out", str(tmp_path / "h"),
                                        "--config", str(tmp_path / "nope.json")])
+
+
+def _modes(root):
+    """{relative path: permission bits} of a directory and everything in it."""
+    out = {".": os.stat(root).st_mode & 0o777}
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = os.path.join(dirpath, name)
+            out[os.path.relpath(p, root)] = os.stat(p).st_mode & 0o777
+    return out
+
+
+def test_outputs_get_the_umask_modes_not_the_temporary_ones(hf_dir, tmp_path):
+    """Outputs are built in a mkdtemp directory (0700) and safetensors writes 0600; once published
+    they must read like anything else the user writes (here umask 027: dirs 0750, files 0640)."""
+    old = os.umask(0o027)
+    try:  # the umask is read by moonlight.outputs at import: run the writers in a fresh process
+        code = ("import sys; from moonlight.convert import main; from moonlight.hf import load_hf, save_hf; "
+                "from moonlight.hf_peft import save_peft_adapter; from tests.test_hf_peft import _lora_model; "
+                "d = sys.argv[1]; main(['hf-to-dcp', '--hf', sys.argv[2], '--out', d + '/dcp']); "
+                "main(['dcp-to-hf', '--dcp', d + '/dcp', '--out', d + '/hf']); "
+                "m = load_hf(sys.argv[2]); save_hf(m, d + '/sharded', max_shard_size='100KB'); "
+                "save_peft_adapter(_lora_model(m.args, True), m.args, {'rank': 4, 'alpha': 8.0, 'dora': True}, "
+                "d + '/adapter')")
+        subprocess.run([sys.executable, "-c", code, str(tmp_path), str(hf_dir)], check=True, cwd=REPO)
+    finally:
+        os.umask(old)
+    for out in ("dcp", "hf", "sharded", "adapter"):
+        modes = _modes(tmp_path / out)
+        assert len(modes) > 2, out
+        for name, mode in modes.items():
+            want = 0o750 if (tmp_path / out / name).is_dir() else 0o640
+            assert mode == want, (out, name, oct(mode))

@@ -43,7 +43,7 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from moonlight import distributed
 from moonlight.config import RUNTIME_FIELDS, ModelArgs
 from moonlight.errors import CheckpointError, CheckpointSaveError
-from moonlight.outputs import check_replaceable, remove_own_dir
+from moonlight.outputs import check_replaceable, publish_mode, remove_own_dir
 
 FORMAT = "moonlight-dcp"
 FORMAT_VERSION = 2  # 2: COMPLETE records each file's size and CRC-32 (1: names only, still read)
@@ -464,6 +464,7 @@ def write_model_only_checkpoint(state_dict: dict[str, torch.Tensor], out: str | 
         meta["world_size"] = 1
         meta.update(extra_meta or {})
         write_json_durable(meta, os.path.join(tmp, META))
+        publish_mode(tmp)
         if os.path.isdir(out):
             remove_own_dir(out, DCP_OUTPUT)
         finalize_dir(tmp, out)
