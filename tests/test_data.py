@@ -200,7 +200,8 @@ def test_every_format_gives_the_same_stream(tmp_path, hf_cache):
     ds.to_parquet(str(tmp_path / "pq" / "part-0.parquet"))
     datasets.DatasetDict({"validation": ds.select(range(3)), "train": ds}).save_to_disk(str(tmp_path / "hf_dict"))
     # Megatron: built from the jsonl
-    assert build_megatron_from_jsonl(jsonl, str(tmp_path / "meg" / "corpus_text_document"), tok) == len(docs)
+    built = build_megatron_from_jsonl(jsonl, str(tmp_path / "meg" / "corpus_text_document"), tok)
+    assert (built.documents, built.empty) == (len(docs) - 1, 1)  # the empty document is left out
 
     cfgs = {
         "jsonl": data_cfg(jsonl),

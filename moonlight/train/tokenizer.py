@@ -283,9 +283,9 @@ class HFTokenizer:
         return f"HFTokenizer(vocab_size={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id})"
 
 
-def build_tokenizer(spec: str) -> ByteTokenizer | TikTokenTokenizer | HFTokenizer:
+def build_tokenizer(spec: str, key: str = "data.tokenizer") -> ByteTokenizer | TikTokenTokenizer | HFTokenizer:
     """"byte" | a directory with tiktoken.model (or tokenizer.json) | a tiktoken ranks file |
-    a tokenizer.json file."""
+    a tokenizer.json file. `key`: the setting that gave spec, for the messages."""
     if spec == "byte":
         return ByteTokenizer()
     path = os.path.expanduser(spec)
@@ -294,13 +294,13 @@ def build_tokenizer(spec: str) -> ByteTokenizer | TikTokenTokenizer | HFTokenize
             return TikTokenTokenizer(os.path.join(path, "tiktoken.model"), os.path.join(path, "tokenizer_config.json"))
         if os.path.exists(os.path.join(path, "tokenizer.json")):
             return HFTokenizer(os.path.join(path, "tokenizer.json"))
-        raise DataError(f"data.tokenizer: directory {spec!r} has neither tiktoken.model nor tokenizer.json")
+        raise DataError(f"{key}: directory {spec!r} has neither tiktoken.model nor tokenizer.json")
     if os.path.isfile(path):
         if path.endswith(".json"):
             return HFTokenizer(path)
         cfg = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer_config.json")
         return TikTokenTokenizer(path, cfg)
     raise DataError(
-        f"data.tokenizer: {spec!r} is not 'byte' nor an existing tokenizer file/directory "
+        f"{key}: {spec!r} is not 'byte' nor an existing tokenizer file/directory "
         "(a directory with tiktoken.model, or a tokenizer.json)"
     )
