@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -145,8 +144,8 @@ def check_megatron_output(prefix: str, overwrite: bool) -> None:
             raise DataError(f"{f} is not a regular file; {refuse}")
     idx = prefix + ".idx"
     if not _is_megatron_index(idx):
-        raise DataError(f"{found[0]}: {idx} {'is not a Megatron MMIDIDX index' if os.path.exists(idx) else 'is missing'}, "
-                        f"so this is not a file this writer made; {refuse}")
+        problem = "is not a Megatron MMIDIDX index" if os.path.exists(idx) else "is missing"
+        raise DataError(f"{found[0]}: {idx} {problem}, so this is not a file this writer made; {refuse}")
 
 
 class MegatronIndexedWriter:
@@ -169,10 +168,11 @@ class MegatronIndexedWriter:
         folder = os.path.dirname(os.path.abspath(self.prefix + ".bin"))
         name = os.path.basename(self.prefix)
         os.makedirs(folder, exist_ok=True)
-        # hidden names that do not end in .bin/.idx: no reader mistakes a partial file for data
-        fd, self._bin_tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".bin.tmp", dir=folder)
-        self._idx_tmp = self._bin_tmp[: -len(".bin.tmp")] + ".idx.tmp"
-        self._bin = os.fdopen(fd, "wb")
+        # hidden names that do not end in .bin/.idx, so no reader mistakes a partial file for data; the
+        # pid keeps two concurrent writers apart
+        self._bin_tmp, self._idx_tmp = (os.path.join(folder, f".{name}{ext}.{os.getpid()}.tmp")
+                                        for ext in (".bin", ".idx"))
+        self._bin = open(self._bin_tmp, "wb")
         self._lengths: list[int] = []
         self._doc_idx: list[int] = [0]
         self.num_tokens = 0
@@ -282,8 +282,8 @@ def build_megatron_from_jsonl(
     eos (data.add_eos = true); with it each document ends with the tokenizer's eos, so read them with
     data.add_eos = false. `keys` names the settings in error messages."""
     if append_eos and tokenizer.eos_id is None:
-        raise DataError("append_eos needs an eos token, but the tokenizer has none: leave it off, or name "
-                        "eos_token in the tokenizer's tokenizer_config.json")
+        raise DataError("appending eos (--append-eos) needs an eos token, but the tokenizer has none: leave it off, "
+                        "or name eos_token in the tokenizer's tokenizer_config.json")
     files = [f for p in ([paths] if isinstance(paths, str) else paths)
              for f in expand_paths(p, (".jsonl", ".jsonl.gz"), "jsonl", keys)]
     prefix = _megatron_prefix(out_prefix)
@@ -303,7 +303,8 @@ def build_megatron_from_jsonl(
                 w.add_document(np.append(ids, tokenizer.eos_id) if append_eos else ids)
             if not w.num_documents:
                 raise DataError(f"{keys('path')} {source!r}: no documents to write ({empty} empty, {bad.count} "
-                                f"malformed lines skipped); nothing was written")
+                                f"malformed lines skipped): check the files and {keys('text_key')}; nothing was "
+                                "written")
     except OSError as e:  # the output side: input read errors are DataErrors already
         raise DataError(f"{e.filename or prefix}: cannot write it ({e.strerror or e}); free space or fix "
                         "permissions, or pick another output prefix") from None
