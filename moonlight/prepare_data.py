@@ -69,11 +69,15 @@ def check_out(prefix: str) -> None:
                         "or fix the path")
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def summary(built: MegatronBuild, append_eos: bool) -> str:
-    skipped = [f"{n} {what}" for n, what in ((built.empty, "empty documents"), (built.bad_lines, "malformed lines"))
+    skipped = [_count(n, noun) for n, noun in ((built.empty, "empty document"), (built.bad_lines, "malformed line"))
                if n]
     first = f" (first: {built.first_bad_line})" if built.first_bad_line else ""
-    return (f"wrote {built.documents:,} documents, {built.tokens:,} tokens ({built.dtype}"
+    return (f"wrote {_count(built.documents, 'document')}, {_count(built.tokens, 'token')} ({built.dtype}"
             f"{', eos appended' if append_eos else ''}) to {' and '.join(built.files)}"
             f"{'; skipped ' + ', '.join(skipped) + first if skipped else ''}\n"
             f'train on them with data.format = "megatron", data.path = "{built.files[0][:-len(".bin")]}", '

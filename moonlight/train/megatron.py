@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import struct
+from array import array
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -173,8 +174,7 @@ class MegatronIndexedWriter:
         self._bin_tmp, self._idx_tmp = (os.path.join(folder, f".{name}{ext}.{os.getpid()}.tmp")
                                         for ext in (".bin", ".idx"))
         self._bin = open(self._bin_tmp, "wb")
-        self._lengths: list[int] = []
-        self._doc_idx: list[int] = [0]
+        self._lengths = array("i")  # int32 per document: a list would take 9x the memory on a large corpus
         self.num_tokens = 0
 
     @property
@@ -183,6 +183,9 @@ class MegatronIndexedWriter:
 
     def add_document(self, tokens: Sequence[int] | np.ndarray) -> None:
         arr = np.asarray(tokens)
+        if arr.size > np.iinfo(np.int32).max:
+            raise DataError(f"{self.prefix}: document {len(self._lengths)} has {arr.size} tokens, more than the "
+                            "format's int32 sequence lengths hold")
         if arr.size and self.dtype.kind in "iu":
             info = np.iinfo(self.dtype)
             lo, hi = int(arr.min()), int(arr.max())
@@ -191,7 +194,6 @@ class MegatronIndexedWriter:
                                 f"{lo if lo < info.min else hi}, outside {self.dtype}'s {info.min}..{info.max}")
         self._bin.write(arr.astype(self.dtype, copy=False).tobytes(order="C"))
         self._lengths.append(int(arr.size))
-        self._doc_idx.append(len(self._lengths))
         self.num_tokens += int(arr.size)
 
     @property
@@ -202,7 +204,8 @@ class MegatronIndexedWriter:
         if self._bin.closed:
             return
         _close_durably(self._bin)
-        lengths = np.asarray(self._lengths, dtype=np.int32)
+        lengths = np.frombuffer(self._lengths, dtype=np.int32)
+        doc_idx = np.arange(len(lengths) + 1, dtype=np.int64)  # one sequence per document
         pointers = np.concatenate([[0], np.cumsum(lengths.astype(np.int64))[:-1]]) * self.dtype.itemsize \
             if len(lengths) else np.zeros(0, np.int64)
         with open(self._idx_tmp, "wb") as f:
@@ -210,10 +213,10 @@ class MegatronIndexedWriter:
             f.write(struct.pack("<Q", 1))
             f.write(struct.pack("<B", _CODE_OF_DTYPE[self.dtype]))
             f.write(struct.pack("<Q", len(lengths)))
-            f.write(struct.pack("<Q", len(self._doc_idx)))
+            f.write(struct.pack("<Q", len(doc_idx)))
             f.write(lengths.tobytes(order="C"))
             f.write(np.asarray(pointers, dtype=np.int64).tobytes(order="C"))
-            f.write(np.asarray(self._doc_idx, dtype=np.int64).tobytes(order="C"))
+            f.write(doc_idx.tobytes(order="C"))
             _close_durably(f)
         bin_path, idx_path = self.files
         if os.path.lexists(idx_path):
