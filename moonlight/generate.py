@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--tokenizer", help="'byte', a directory with tiktoken.model or tokenizer.json, or the file "
                                        "(default: the --hf directory)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", help="float32 (fp32), bfloat16 (bf16) or float16 (fp16)")
     p.add_argument("--device", default=default_device().type,
                    help=f"where the model runs, e.g. cpu, cuda, cuda:1 (default here: {default_device().type})")
     return p
@@ -282,7 +282,7 @@ def _check_vocab(prompt: list[int], vocab_size: int):
 
 
 def _load_model(ns: argparse.Namespace) -> Moonlight:
-    dtype = to_dtype(ns.dtype)
+    dtype = to_dtype(ns.dtype, "--dtype")
     if ns.hf:
         model = load_hf(ns.hf, dtype=dtype, device=ns.device)
     else:

@@ -200,7 +200,8 @@ def test_every_format_gives_the_same_stream(tmp_path, hf_cache):
     ds.to_parquet(str(tmp_path / "pq" / "part-0.parquet"))
     datasets.DatasetDict({"validation": ds.select(range(3)), "train": ds}).save_to_disk(str(tmp_path / "hf_dict"))
     # Megatron: built from the jsonl
-    assert build_megatron_from_jsonl(jsonl, str(tmp_path / "meg" / "corpus_text_document"), tok) == len(docs)
+    built = build_megatron_from_jsonl(jsonl, str(tmp_path / "meg" / "corpus_text_document"), tok)
+    assert (built.documents, built.empty) == (len(docs) - 1, 1)  # the empty document is left out
 
     cfgs = {
         "jsonl": data_cfg(jsonl),
@@ -228,6 +229,16 @@ def test_every_format_gives_the_same_stream(tmp_path, hf_cache):
         load_documents(data_cfg(tmp_path / "hf_disk", "hf", text_key="body"), tok)
 
 
+def mmididx_bytes(lengths, pointers, doc_idx, dtype_code):
+    """A Megatron-LM MMIDIDX .idx file, byte for byte as its MMapIndexedDataset writes it: magic, version 1,
+    dtype code (8 = uint16, 4 = int32), sequence count, document-index count, int32 sequence lengths,
+    int64 byte pointers into .bin, int64 document indices."""
+    return (b"MMIDIDX\x00\x00" + struct.pack("<Q", 1) + struct.pack("<B", dtype_code)
+            + struct.pack("<Q", len(lengths)) + struct.pack("<Q", len(doc_idx))
+            + np.array(lengths, dtype=np.int32).tobytes() + np.array(pointers, dtype=np.int64).tobytes()
+            + np.array(doc_idx, dtype=np.int64).tobytes())
+
+
 def test_megatron_reader_against_hand_written_index(tmp_path):
     # Two documents; the first has two sequences (sentence-split style), dtype uint16.
     seqs = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
@@ -235,12 +246,9 @@ def test_megatron_reader_against_hand_written_index(tmp_path):
     prefix = tmp_path / "x"
     flat = np.array(sum(seqs, []), dtype=np.uint16)
     flat.tofile(str(prefix) + ".bin")
-    lengths = np.array([len(s) for s in seqs], dtype=np.int32)
-    pointers = np.array([0, 3, 5], dtype=np.int64) * 2
+    pointers = [0, 6, 10]
     with open(str(prefix) + ".idx", "wb") as f:
-        f.write(b"MMIDIDX\x00\x00" + struct.pack("<Q", 1) + struct.pack("<B", 8))
-        f.write(struct.pack("<Q", 3) + struct.pack("<Q", 3))
-        f.write(lengths.tobytes() + pointers.tobytes() + np.array(doc_idx, dtype=np.int64).tobytes())
+        f.write(mmididx_bytes([len(s) for s in seqs], pointers, doc_idx, 8))
     ds = MegatronIndexedDataset(str(prefix))
     assert ds.dtype == np.uint16 and len(ds) == 3 and ds.num_documents == 2
     assert ds[1].tolist() == [8, 9] and ds.document(0).tolist() == [5, 6, 7, 8, 9]
@@ -253,7 +261,7 @@ def test_megatron_reader_against_hand_written_index(tmp_path):
             w.add_document(s)
     assert open(str(tmp_path / "y.bin"), "rb").read() == open(str(prefix) + ".bin", "rb").read()
     y = MegatronIndexedDataset(str(tmp_path / "y.idx"))
-    assert y.document_indices.tolist() == [0, 1, 2, 3] and y.sequence_pointers.tolist() == pointers.tolist()
+    assert y.document_indices.tolist() == [0, 1, 2, 3] and y.sequence_pointers.tolist() == pointers
     with open(str(tmp_path / "bad.idx"), "wb") as f:
         f.write(b"NOTMMIDX" + b"\x00" * 40)
     open(str(tmp_path / "bad.bin"), "wb").close()

@@ -193,6 +193,13 @@ def test_chat_prompt_renders_moonlight_instruct_format(tiny_model_dir):
                                "Is 123 a prime?<|im_end|><|im_assistant|>assistant<|im_middle|>")
 
 
+def test_cli_takes_the_dtype_spellings_of_configs(tiny_model_dir, capsys):
+    """--dtype bf16 is what [training] and convert accept too: the same reply as --dtype bfloat16."""
+    argv = ["--hf", str(tiny_model_dir), "--prompt", "hello", "--max-new-tokens", "4"]
+    replies = [_run(capsys, argv + ["--dtype", d]) for d in ("bf16", "bfloat16")]
+    assert replies[0][0] == 0 and replies[0][1] == replies[1][1]
+
+
 def test_cli_sampling_is_seeded(tiny_model_dir, capsys):
     argv = ["--hf", str(tiny_model_dir), "--prompt", "the", "--max-new-tokens", "8", "--temperature", "1.5"]
     runs = [_run(capsys, argv + ["--seed", s])[1] for s in ("1", "1", "2")]
@@ -214,6 +221,7 @@ _MISSING_DEVICE = f"{_ACCELERATOR.type if _ACCELERATOR else 'cuda'}:{torch.accel
     (["--tokenizer", "/nonexistent"], "--tokenizer /nonexistent: no such file"),
     (["--tokenizer", os.path.dirname(__file__)], "--tokenizer: directory"),  # no tokenizer file in it
     (["--bogus"], "unrecognized arguments"),
+    (["--dtype", "int8"], "--dtype 'int8' is not a dtype"),
     (["--device", "nonsense"], "--device 'nonsense': no such device on this machine"),
     (["--device", _MISSING_DEVICE], f"--device '{_MISSING_DEVICE}': no such device on this machine"),
 ])

@@ -250,7 +250,8 @@ class DataSection:
     on_bad_line: Literal["skip", "error"] = "skip"
     add_bos: bool = False
     add_eos: bool = True
-    """Appended to every document (set false for Megatron files made with --append-eod)."""
+    """Appended to every document (set false for Megatron files made with --append-eod, or by
+    `python -m moonlight.prepare_data --append-eos`)."""
     shuffle: bool = True
     """Shuffle the document order each epoch (seeded by training.seed and the epoch)."""
     messages_key: str = "messages"

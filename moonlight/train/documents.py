@@ -43,6 +43,10 @@ class DataKeys:
     def __call__(self, name: str) -> str:
         return f"{self.section}.{name}" if name in self.own else f"data.{name}"
 
+    def assign(self, name: str, value: str) -> str:
+        """How the user sets `name` to the string `value`, for a message's fix."""
+        return f"{self(name)} = {json.dumps(value)}"
+
 
 DATA_KEYS = DataKeys()
 
@@ -111,14 +115,14 @@ class BadLines:
         if on_bad_line not in ("skip", "error"):
             raise DataError(f"{keys('on_bad_line')} must be 'skip' or 'error', got {on_bad_line!r}")
         self.mode = on_bad_line
-        self.key = keys("on_bad_line")
+        self.fix = keys.assign("on_bad_line", "skip")
         self.count = 0
         self.reported: list[str] = []
 
     def __call__(self, where: str, reason: str) -> None:
         msg = f"{where}: {reason}"
         if self.mode == "error":
-            raise BadLineError(msg + f" (set {self.key} = \"skip\" to skip malformed records)")
+            raise BadLineError(msg + f" (set {self.fix} to skip malformed records)")
         self.count += 1
         if len(self.reported) < MAX_REPORTED_BAD_LINES:
             self.reported.append(msg)
@@ -261,23 +265,27 @@ def _progress(items: Iterable, source: str, unit: str) -> Iterable:
                 disable=None if distributed.rank() == 0 else True)
 
 
-def tokenize_texts(texts: Iterable[str], tokenizer: Any, source: str, bad: BadLines) -> DocumentStore:
+def encode_documents(texts: Iterable[str], tokenizer: Any, source: str) -> Iterator[np.ndarray]:
+    """The int32 token ids of each text (empty ones included), encoded ENCODE_CHUNK texts at a time
+    under a progress bar."""
     byte_fast = isinstance(tokenizer, ByteTokenizer)
-    arrays: list[np.ndarray] = []
-    batch: list[str] = []
 
-    def flush() -> None:
+    def encode(batch: list[str]) -> list[np.ndarray]:
         if byte_fast:
-            arrays.extend(np.frombuffer(t.encode("utf-8"), dtype=np.uint8).astype(np.int32) for t in batch)
-        else:
-            arrays.extend(np.asarray(ids, dtype=np.int32) for ids in tokenizer.encode_batch(batch))
-        batch.clear()
+            return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8).astype(np.int32) for t in batch]
+        return [np.asarray(ids, dtype=np.int32) for ids in tokenizer.encode_batch(batch)]
 
+    batch: list[str] = []
     for t in _progress(texts, source, "documents"):
         batch.append(t)
         if len(batch) >= ENCODE_CHUNK:
-            flush()
-    flush()
+            yield from encode(batch)
+            batch = []
+    yield from encode(batch)
+
+
+def tokenize_texts(texts: Iterable[str], tokenizer: Any, source: str, bad: BadLines) -> DocumentStore:
+    arrays = list(encode_documents(texts, tokenizer, source))
     lengths = np.fromiter((a.shape[0] for a in arrays), dtype=np.int64, count=len(arrays))
     keep = lengths > 0
     tokens = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int32)

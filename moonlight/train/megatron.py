@@ -1,16 +1,21 @@
 """Megatron-LM's MMIDIDX indexed dataset (<prefix>.idx + <prefix>.bin): the reader (validated at
-open, memory-mapped), a writer, a jsonl -> .bin/.idx builder, and the documents of a set of files."""
+open, memory-mapped), an atomic writer, a jsonl -> .bin/.idx builder (`python -m moonlight.prepare_data`
+on the command line), and the documents of a set of files."""
 
 from __future__ import annotations
 
 import os
 import struct
+from array import array
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
 from moonlight.errors import DataError
-from moonlight.train.documents import DATA_KEYS, ENCODE_CHUNK, DataKeys, DocumentStore, expand_paths, read_jsonl
+from moonlight.outputs import check_output
+from moonlight.train.documents import (DATA_KEYS, BadLines, DataKeys, DocumentStore, encode_documents, expand_paths,
+                                       read_jsonl)
 
 
 _MMIDIDX_MAGIC = b"MMIDIDX\x00\x00"
@@ -116,88 +121,198 @@ class MegatronIndexedDataset:
         return doc_starts.astype(np.int64), doc_lengths.astype(np.int64)
 
 
+def _is_megatron_index(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(_MMIDIDX_MAGIC)) == _MMIDIDX_MAGIC
+    except OSError:
+        return False
+
+
+def check_megatron_output(prefix: str, overwrite: bool) -> None:
+    """Refuse to replace <prefix>.bin/.idx unless `overwrite`, and even then unless they are a Megatron
+    pair (the .idx starts with MMIDIDX): a lone .bin or a foreign file is never ours to replace."""
+    prefix = _megatron_prefix(prefix)
+    found = [prefix + ext for ext in (".bin", ".idx") if os.path.lexists(prefix + ext)]
+    if not found:
+        return
+    if not overwrite:
+        raise DataError(f"{' and '.join(found)} already exist{'s' if len(found) == 1 else ''}; pass overwrite=True "
+                        "(--overwrite) to replace them, or pick another output prefix")
+    refuse = "refusing to replace it (remove it, or pick another output prefix)"
+    for f in found:
+        if os.path.islink(f) or not os.path.isfile(f):
+            raise DataError(f"{f} is not a regular file; {refuse}")
+    idx = prefix + ".idx"
+    if not _is_megatron_index(idx):
+        problem = "is not a Megatron MMIDIDX index" if os.path.exists(idx) else "is missing"
+        raise DataError(f"{found[0]}: {idx} {problem}, so this is not a file this writer made; {refuse}")
+
+
 class MegatronIndexedWriter:
     """Write <prefix>.bin/.idx in Megatron's MMIDIDX format, one sequence per document.
 
         with MegatronIndexedWriter("out/corpus", np.uint16) as w:
             w.add_document([1, 2, 3])
-    """
 
-    def __init__(self, prefix: str, dtype: Any = np.int32) -> None:
+    Both files are written under temporary names beside the output and renamed at the end of the
+    `with` block (.idx last, after any older .idx is removed, so a reader never pairs a new .bin with an
+    old .idx); an exception in the block deletes them, leaving any earlier output as it was. Existing
+    output files are replaced only with `overwrite` (check_megatron_output)."""
+
+    def __init__(self, prefix: str, dtype: Any = np.int32, overwrite: bool = False) -> None:
         self.prefix = _megatron_prefix(prefix)
         self.dtype = np.dtype(dtype)
         if self.dtype not in _CODE_OF_DTYPE:
             raise DataError(f"unsupported dtype {self.dtype}")
-        os.makedirs(os.path.dirname(os.path.abspath(self.prefix)), exist_ok=True)
-        self._bin = open(self.prefix + ".bin", "wb")
-        self._lengths: list[int] = []
-        self._doc_idx: list[int] = [0]
+        check_megatron_output(self.prefix, overwrite)
+        folder = os.path.dirname(os.path.abspath(self.prefix + ".bin"))
+        name = os.path.basename(self.prefix)
+        os.makedirs(folder, exist_ok=True)
+        # hidden names that do not end in .bin/.idx, so no reader mistakes a partial file for data; the
+        # pid keeps two concurrent writers apart
+        self._bin_tmp, self._idx_tmp = (os.path.join(folder, f".{name}{ext}.{os.getpid()}.tmp")
+                                        for ext in (".bin", ".idx"))
+        self._bin = open(self._bin_tmp, "wb")
+        self._lengths = array("i")  # int32 per document: a list would take 9x the memory on a large corpus
+        self.num_tokens = 0
+
+    @property
+    def files(self) -> list[str]:
+        return [self.prefix + ".bin", self.prefix + ".idx"]
 
     def add_document(self, tokens: Sequence[int] | np.ndarray) -> None:
         arr = np.asarray(tokens)
+        if arr.size > np.iinfo(np.int32).max:
+            raise DataError(f"{self.prefix}: document {len(self._lengths)} has {arr.size} tokens, more than the "
+                            "format's int32 sequence lengths hold")
         if arr.size and self.dtype.kind in "iu":
             info = np.iinfo(self.dtype)
-            if arr.min() < info.min or arr.max() > info.max:
-                raise DataError(f"token ids out of range for {self.dtype}")
+            lo, hi = int(arr.min()), int(arr.max())
+            if lo < info.min or hi > info.max:
+                raise DataError(f"{self.prefix}: document {len(self._lengths)} holds token id "
+                                f"{lo if lo < info.min else hi}, outside {self.dtype}'s {info.min}..{info.max}")
         self._bin.write(arr.astype(self.dtype, copy=False).tobytes(order="C"))
         self._lengths.append(int(arr.size))
-        self._doc_idx.append(len(self._lengths))
+        self.num_tokens += int(arr.size)
+
+    @property
+    def num_documents(self) -> int:
+        return len(self._lengths)
 
     def finalize(self) -> None:
         if self._bin.closed:
             return
-        self._bin.close()
-        lengths = np.asarray(self._lengths, dtype=np.int32)
+        _close_durably(self._bin)
+        lengths = np.frombuffer(self._lengths, dtype=np.int32)
+        doc_idx = np.arange(len(lengths) + 1, dtype=np.int64)  # one sequence per document
         pointers = np.concatenate([[0], np.cumsum(lengths.astype(np.int64))[:-1]]) * self.dtype.itemsize \
             if len(lengths) else np.zeros(0, np.int64)
-        with open(self.prefix + ".idx", "wb") as f:
+        with open(self._idx_tmp, "wb") as f:
             f.write(_MMIDIDX_MAGIC)
             f.write(struct.pack("<Q", 1))
             f.write(struct.pack("<B", _CODE_OF_DTYPE[self.dtype]))
             f.write(struct.pack("<Q", len(lengths)))
-            f.write(struct.pack("<Q", len(self._doc_idx)))
+            f.write(struct.pack("<Q", len(doc_idx)))
             f.write(lengths.tobytes(order="C"))
             f.write(np.asarray(pointers, dtype=np.int64).tobytes(order="C"))
-            f.write(np.asarray(self._doc_idx, dtype=np.int64).tobytes(order="C"))
+            f.write(doc_idx.tobytes(order="C"))
+            _close_durably(f)
+        bin_path, idx_path = self.files
+        if os.path.lexists(idx_path):
+            os.remove(idx_path)
+        os.replace(self._bin_tmp, bin_path)
+        os.replace(self._idx_tmp, idx_path)
+
+    def discard(self) -> None:
+        """Drop what was written; an earlier output stays as it was."""
+        self._bin.close()
+        for tmp in (self._bin_tmp, self._idx_tmp):
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
     def __enter__(self) -> "MegatronIndexedWriter":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.finalize()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        try:
+            if exc_type is None:
+                self.finalize()
+        finally:
+            self.discard()
+
+
+def _close_durably(f: Any) -> None:
+    f.flush()
+    os.fsync(f.fileno())
+    f.close()
+
+
+def token_dtype(tokenizer: Any) -> np.dtype:
+    """uint16 when every id the tokenizer has (its vocabulary and special tokens) fits, else int32
+    (Megatron's rule, vocab_size < 65500, leaves the top ids unused)."""
+    top = max([tokenizer.vocab_size - 1, *tokenizer.special_tokens.values(),
+               *(i for i in (tokenizer.bos_id, tokenizer.eos_id) if i is not None)])
+    return np.dtype(np.uint16 if top <= np.iinfo(np.uint16).max else np.int32)
+
+
+@dataclass
+class MegatronBuild:
+    """What build_megatron_from_jsonl wrote."""
+
+    files: list[str]
+    dtype: np.dtype
+    documents: int  # written: the non-empty ones
+    tokens: int  # in the files, eos included
+    empty: int  # empty texts, not written
+    bad_lines: int  # malformed records skipped (on_bad_line = "skip")
+    first_bad_line: str | None = None
 
 
 def build_megatron_from_jsonl(
-    jsonl_path: str,
+    paths: str | Sequence[str],
     out_prefix: str,
     tokenizer: Any,
     text_key: str = "text",
     append_eos: bool = False,
     on_bad_line: str = "error",
-) -> int:
-    """Tokenise jsonl file(s) (file/dir/glob) into <out_prefix>.bin/.idx; returns the number of
-    documents. Without append_eos the files hold raw document tokens and the loader adds
-    bos/eos (data.add_eos); with it, set data.add_eos = false when reading them."""
-    files = expand_paths(jsonl_path, (".jsonl", ".jsonl.gz"), "jsonl")
-    dtype = np.uint16 if tokenizer.vocab_size < 65500 else np.int32
-    n = 0
-    with MegatronIndexedWriter(out_prefix, dtype) as w:
-        batch: list[str] = []
-
-        def flush() -> None:
-            for ids in tokenizer.encode_batch(batch):
-                if append_eos:
-                    ids = list(ids) + [tokenizer.eos_id]
-                w.add_document(ids)
-            batch.clear()
-
-        for text in read_jsonl(files, text_key, on_bad_line):
-            batch.append(text)
-            n += 1
-            if len(batch) >= ENCODE_CHUNK:
-                flush()
-        flush()
-    return n
+    overwrite: bool = False,
+    keys: DataKeys = DATA_KEYS,
+) -> MegatronBuild:
+    """Tokenise jsonl file(s) (each a file, directory or glob; .jsonl or .jsonl.gz) into
+    <out_prefix>.bin/.idx, written atomically (see MegatronIndexedWriter). Empty texts are left out, as
+    every loader drops them. Without append_eos the files hold raw document tokens and the loader adds
+    eos (data.add_eos = true); with it each document ends with the tokenizer's eos, so read them with
+    data.add_eos = false. `keys` names the settings in error messages."""
+    if append_eos and tokenizer.eos_id is None:
+        raise DataError("appending eos (--append-eos) needs an eos token, but the tokenizer has none: leave it off, "
+                        "or name eos_token in the tokenizer's tokenizer_config.json")
+    files = [f for p in ([paths] if isinstance(paths, str) else paths)
+             for f in expand_paths(p, (".jsonl", ".jsonl.gz"), "jsonl", keys)]
+    prefix = _megatron_prefix(out_prefix)
+    for f in files:
+        for out in (prefix + ".bin", prefix + ".idx"):
+            check_output(out, f, what="the output")
+    bad = BadLines(on_bad_line, keys)
+    dtype = token_dtype(tokenizer)
+    source = paths if isinstance(paths, str) else " ".join(paths)
+    empty = 0
+    try:
+        with MegatronIndexedWriter(prefix, dtype, overwrite=overwrite) as w:
+            for ids in encode_documents(read_jsonl(files, text_key, bad=bad, keys=keys), tokenizer, source):
+                if not ids.size:
+                    empty += 1
+                    continue
+                w.add_document(np.append(ids, tokenizer.eos_id) if append_eos else ids)
+            if not w.num_documents:
+                raise DataError(f"{keys('path')} {source!r}: no documents to write ({empty} empty, {bad.count} "
+                                f"malformed lines skipped): check the files and {keys('text_key')}; nothing was "
+                                "written")
+    except OSError as e:  # the output side: input read errors are DataErrors already
+        raise DataError(f"{e.filename or prefix}: cannot write it ({e.strerror or e}); free space or fix "
+                        "permissions, or pick another output prefix") from None
+    return MegatronBuild(files=w.files, dtype=dtype, documents=w.num_documents, tokens=w.num_tokens,
+                         empty=empty, bad_lines=bad.count, first_bad_line=bad.reported[0] if bad.reported else None)
 
 
 def load_megatron(path: str, keys: DataKeys = DATA_KEYS) -> DocumentStore:
