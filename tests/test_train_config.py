@@ -323,3 +323,13 @@ def test_to_toml_round_trip(tmp_path):
 
 def test_shipped_train_toml_is_valid():
     load_config(os.path.join(REPO, "train.toml"), []).validate()
+
+
+def test_several_problems_are_numbered_on_one_line():
+    with pytest.raises(ConfigError) as one:
+        load_config(None, ["--training.steps=0", "--lr_scheduler.warmup_steps=0"]).validate()
+    assert str(one.value) == "invalid config: training.steps must be > 0 (got 0)"
+    with pytest.raises(ConfigError) as two:
+        load_config(None, ["--training.steps=-3", "--lr_scheduler.warmup_steps=20"]).validate()
+    assert str(two.value) == ("invalid config, 2 problems: (1) training.steps must be > 0 (got -3); "
+                              "(2) lr_scheduler.warmup_steps (20) must be <= training.steps (-3)")

@@ -464,7 +464,9 @@ class JobConfig:
                 errs.append(f"job.dump_folder = {self.job.dump_folder!r} lies inside {key} = {path!r}: the next run "
                             "would read this run's metrics.jsonl and checkpoints as data; use a dump folder outside it")
         if errs:
-            raise ConfigError("invalid config:\n  - " + "\n  - ".join(errs))
+            raise ConfigError(f"invalid config: {errs[0]}" if len(errs) == 1 else
+                              f"invalid config, {len(errs)} problems: " + "; ".join(f"({i}) {e}" for i, e in
+                                                                          enumerate(errs, 1)))
         return self
 
     def skips_frozen_weights(self) -> bool:
