@@ -1,9 +1,11 @@
 """training.compile = true: losses, gradients and a resumed run equal the eager trainer's (fp32, one
 process and FSDP on 2 gloo ranks), and the grouped expert GEMM op equals its per-expert reference,
-gradients included."""
+gradients included; the varlen branch (CUDA's) compiles once per block kind whatever the
+documents."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from moonlight.train.config import load_config
 from moonlight.train.trainer import Trainer
@@ -121,3 +123,50 @@ def test_every_block_compiles_as_one_graph(packed):
     assert outs[1][1].keys() == outs[0][1].keys()
     for name, grad in outs[0][1].items():
         torch.testing.assert_close(outs[1][1][name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def _reference_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, scale=None,
+                      window_size=None, enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+    """torch's varlen op on CPU, causal SDPA per document: registered for the rest of the process, where
+    the CPU build has no kernel it could replace."""
+    bounds = cu_seq_q.tolist()
+    out = torch.cat([F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (query, key, value)),
+                                                    is_causal=is_causal, scale=scale).transpose(0, 1)
+                     for a, b in zip(bounds[:-1], bounds[1:])])
+    lse = query.new_zeros(query.shape[1], query.shape[0], dtype=torch.float)
+    return out, lse, torch.zeros(2, dtype=torch.uint64)
+
+
+def test_varlen_blocks_compile_once_whatever_the_documents(monkeypatch):
+    """The varlen branch under regional compile (CUDA's branch, taken here on CPU with a reference
+    kernel registered for torch's varlen op): the longest document and the number of documents change
+    every batch, and each block kind compiles once, dynamic in both, over more batches than the
+    recompile limit (without the marks: once static, then again per value that changed, which with
+    no_grad's compiles for validation passes the limit, after which a block runs eager)."""
+    from torch._dynamo.utils import counters
+
+    from moonlight import ModelArgs, Moonlight
+    from moonlight.model.model import DocumentMask
+    from moonlight.parallel.compile import apply_compile
+
+    torch.library.register_kernel("torch_attn::_varlen_attn", "cpu", _reference_varlen)
+    monkeypatch.setattr(DocumentMask, "varlen_devices", ("cpu",))
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    args = ModelArgs.preset("debug", kernels="torch")
+    torch.manual_seed(0)
+    model = Moonlight(args).to(torch.bfloat16)
+    model.init_weights()
+    torch._dynamo.reset()
+    counters.clear()
+    apply_compile(model, backend="aot_eager")
+    kinds = {type(block.ffn) for block in model.layers.values()}
+    tokens = torch.randint(0, args.vocab_size, (2, 24))
+    seen = set()
+    for first in range(13, 13 + torch._dynamo.config.recompile_limit + 2):  # more batches than the limit
+        second = [0] * 12 + [1] * 12 if first % 2 else [0] * 6 + [1] * 6 + [2] * 12
+        documents = torch.tensor([[0] * first + [1] * (24 - first), second])
+        model(tokens, document_ids=documents)
+        mask = DocumentMask(documents, torch.bfloat16)
+        seen.add((mask.max_len, mask.cu_seqlens.numel()))
+    assert len({longest for longest, _ in seen}) == len(seen) and len({n for _, n in seen}) == 2
+    assert counters["stats"]["unique_graphs"] == len(kinds)

@@ -203,7 +203,7 @@ def test_varlen_metadata_from_host_ids_matches_the_documents(lengths):
     expected = torch.cumsum(torch.tensor([0] + flat), 0).tolist()
     on_host = DocumentMask(documents, torch.bfloat16, torch.device("cpu"), varlen=True)
     assert on_host.cu_seqlens.dtype == torch.int32 and on_host.cu_seqlens.tolist() == expected
-    assert on_host.max_len == max(flat) and type(on_host.max_len) is int
+    assert on_host.max_len == max(flat) and isinstance(on_host.max_len, int)  # on the host
     elsewhere = DocumentMask(documents, torch.bfloat16, torch.device("meta"), varlen=True)
     assert elsewhere.cu_seqlens.device.type == elsewhere.document_ids.device.type == "meta"
     assert elsewhere.cu_seqlens.shape == on_host.cu_seqlens.shape and elsewhere.max_len == on_host.max_len
@@ -224,7 +224,7 @@ def test_packed_forward_reads_nothing_back_from_the_device(monkeypatch):
     calls = []
 
     def varlen_spy(q, k, v, cu_q, cu_k, max_q, max_k, **kw):
-        calls.append((cu_q.device.type, type(max_q)))
+        calls.append((cu_q.device.type, isinstance(max_q, int)))
         return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kw)
 
     varlen_attn = model_module.varlen_attn
@@ -236,7 +236,7 @@ def test_packed_forward_reads_nothing_back_from_the_device(monkeypatch):
     tokens, positions = torch.zeros_like(positions, device="meta"), positions.to("meta")
 
     assert host_syncs(lambda: _meta_forward_backward(model, tokens, positions, documents), device_only=True) == []
-    assert calls == [("meta", int)] * args.num_hidden_layers
+    assert calls == [("meta", True)] * args.num_hidden_layers
 
     syncs = []
     with pytest.raises(NotImplementedError), recording_host_syncs(syncs, device_only=True):

@@ -14,6 +14,7 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental.sym_node import DynamicInt
 from torch.nn.attention.varlen import varlen_attn
 
 from kernels import grouped_mm, mla_rope_key, permute_tokens, resolve_impl, rope_tables, rotate_rope_, unpermute_tokens
@@ -203,7 +204,11 @@ class DocumentMask:
             starts[::seqlen] = True  # every row starts a document
             bounds = torch.cat([starts.nonzero().flatten(), flat.new_tensor([flat.numel()])])
             self.cu_seqlens = to_device(bounds.to(torch.int32), device)
-            self.max_len = int((bounds[1:] - bounds[:-1]).max())
+            self.max_len = DynamicInt(int((bounds[1:] - bounds[:-1]).max()))
+            # Both change from batch to batch: compiled blocks take them as dynamic from the first
+            # batch (else one compile with each static, and again once each has changed: with
+            # no_grad's compiles, past torch's 8 per function).
+            torch._dynamo.maybe_mark_dynamic(self.cu_seqlens, 0)
         else:
             ids = self.document_ids
             same = ids[:, :, None] == ids[:, None, :]
