@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])
-from kernels import permute_tokens, resolve_impl, unpermute_tokens  # noqa: E402
+from moonlight.kernels.backend import resolve_impl  # noqa: E402
+from moonlight.kernels.moe_permute import permute_tokens, unpermute_tokens  # noqa: E402
 from moonlight.config import ModelArgs  # noqa: E402
 from moonlight.model import Moonlight  # noqa: E402
 from moonlight.model.model import MoE, grouped_swiglu  # noqa: E402

@@ -24,12 +24,11 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-# this file is itself named kernels.py: put the repository root first so `import kernels` is the package
-sys.path[0] = str(Path(__file__).resolve().parents[1])
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before triton kernels are defined
 
-from kernels import mla_rope_key, permute_tokens, rope_tables, rotate_pairs, rotate_rope_, unpermute_tokens  # noqa: E402
+from moonlight.kernels.mla_rope import mla_rope_key, rope_tables, rotate_pairs, rotate_rope_  # noqa: E402
+from moonlight.kernels.moe_permute import permute_tokens, unpermute_tokens  # noqa: E402
 
 NUM_TOKENS, HIDDEN, TOP_K, NUM_EXPERTS = 8192, 2048, 6, 64
 SEQ, HEADS, NOPE, ROPE, KV_LORA = 4096, 16, 128, 64, 512

@@ -37,7 +37,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from kernels import resolve_impl, rope_tables, rotate_rope_
+from moonlight.kernels.backend import resolve_impl
+from moonlight.kernels.mla_rope import rope_tables, rotate_rope_
 from moonlight.checkpoint.export import load_dcp_model
 from moonlight.checkpoint.format import check_intact, resolve_checkpoint
 from moonlight.config import ModelArgs

@@ -19,9 +19,10 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-import kernels.mla_rope
-import kernels.moe_permute
-from kernels import mla_rope_key, permute_tokens, rope_tables, rotate_rope_, unpermute_tokens
+import moonlight.kernels.mla_rope
+import moonlight.kernels.moe_permute
+from moonlight.kernels.mla_rope import mla_rope_key, rope_tables, rotate_rope_
+from moonlight.kernels.moe_permute import permute_tokens, unpermute_tokens
 from moonlight.config import ModelArgs
 
 TARGETS = {"sm_80": GPUTarget("cuda", 80, 32), "sm_90": GPUTarget("cuda", 90, 32)}  # A100; H100/H200
@@ -43,7 +44,7 @@ class LaunchRecorder:
 def record_launches() -> list:
     """Swap every Triton kernel of the kernel modules for a LaunchRecorder; returns the launch list."""
     launches = []
-    for module in (kernels.mla_rope, kernels.moe_permute):
+    for module in (moonlight.kernels.mla_rope, moonlight.kernels.moe_permute):
         for name, value in list(vars(module).items()):
             if isinstance(value, JITFunction):
                 setattr(module, name, LaunchRecorder(value, launches))

@@ -10,7 +10,7 @@ import pathlib
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-OURS = ("moonlight", "kernels", "tests", "benchmarks")
+OURS = ("moonlight", "tests", "benchmarks")
 
 
 def _our_imports(path: pathlib.Path):

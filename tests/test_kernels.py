@@ -4,7 +4,10 @@ under torch.compile. Row counts stay small: the Triton interpreter costs ~2 ms p
 import pytest
 import torch
 
-from kernels import grouped_mm, mla_rope_key, permute_tokens, resolve_impl, rope_tables, rotate_rope_, unpermute_tokens
+from moonlight.kernels.backend import resolve_impl
+from moonlight.kernels.grouped_mm import grouped_mm
+from moonlight.kernels.mla_rope import mla_rope_key, rope_tables, rotate_rope_
+from moonlight.kernels.moe_permute import permute_tokens, unpermute_tokens
 
 BF16_ULP = 2**-7
 # On a GPU machine conftest leaves the interpreter off and Triton compiles for the GPU, which takes

@@ -17,7 +17,10 @@ from torch import nn
 from torch.fx.experimental.sym_node import DynamicInt
 from torch.nn.attention.varlen import varlen_attn
 
-from kernels import grouped_mm, mla_rope_key, permute_tokens, resolve_impl, rope_tables, rotate_rope_, unpermute_tokens
+from moonlight.kernels.backend import resolve_impl
+from moonlight.kernels.grouped_mm import grouped_mm
+from moonlight.kernels.mla_rope import mla_rope_key, rope_tables, rotate_rope_
+from moonlight.kernels.moe_permute import permute_tokens, unpermute_tokens
 from moonlight.config import ModelArgs
 from moonlight.distributed import local_tensor, to_device
 from moonlight.model.loss import linear_cross_entropy

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from kernels import rotate_rope_
+from moonlight.kernels.mla_rope import rotate_rope_
 from moonlight.distributed import collective_result
 from moonlight.model import MLA, DocumentMask, MoE
 from moonlight.parallel.tensor import SequenceShards

@@ -42,7 +42,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Shard
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-import kernels  # noqa: F401  (registers the moonlight:: ops named in SAVED_OPS)
+import moonlight.kernels.grouped_mm  # noqa: F401  (registers torch.ops.moonlight.grouped_mm, named in SAVED_OPS)
 from moonlight.dtypes import is_mixed, to_dtype
 from moonlight.model import Block, MoE
 

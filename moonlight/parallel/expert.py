@@ -70,7 +70,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from kernels import permute_tokens, unpermute_tokens
+from moonlight.kernels.moe_permute import permute_tokens, unpermute_tokens
 from moonlight.distributed import collective_result
 from moonlight.model import GroupedExperts
 

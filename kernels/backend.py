@@ -1,19 +1,11 @@
-"""Triton kernels with PyTorch references: MoE token permute/unpermute, MLA RoPE (q rotated in place,
-the key built with its rotated rope part in every head); the experts' grouped GEMM as an opaque op
-for torch.compile.
+"""Which implementation a kernel op runs: "torch" (the reference, runs anywhere) or "triton".
 
-Every op takes impl="torch" (the reference, runs anywhere) or impl="triton" (the kernels; on a
-CPU they run only under TRITON_INTERPRET=1, set before this package is imported).
+Each op in this folder takes impl="torch" or impl="triton"; on a CPU the Triton kernels run only under
+TRITON_INTERPRET=1, set before the kernel modules are imported. The folder has no __init__.py on
+purpose: it imports as `moonlight.kernels` (through the symlink moonlight/kernels), and a top-level
+`kernels` package on sys.path would shadow PyPI's `kernels`, which transformers imports.
 """
 import torch
-
-from kernels.grouped_mm import grouped_mm
-from kernels.mla_rope import mla_rope_key, rope_tables, rotate_pairs, rotate_rope_
-from kernels.moe_permute import permute_tokens, unpermute_tokens
-
-__all__ = ["grouped_mm", "mla_rope_key", "permute_tokens", "resolve_impl", "rope_tables", "rotate_pairs", "rotate_rope_",
-           "unpermute_tokens"]
-
 
 try:  # looked for once: the model resolves its impl in every layer's forward
     import triton  # noqa: F401
