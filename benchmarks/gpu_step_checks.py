@@ -32,7 +32,7 @@ from moonlight.kernels.moe_permute import permute_tokens, unpermute_tokens  # no
 from moonlight.config import ModelArgs  # noqa: E402
 from moonlight.model import Moonlight  # noqa: E402
 from moonlight.model.model import MoE, grouped_swiglu  # noqa: E402
-from moonlight.parallel.data import AC_MODES, apply_activation_checkpointing  # noqa: E402
+from moonlight.parallel.data_parallel import AC_MODES, apply_activation_checkpointing  # noqa: E402
 from tests.test_moe_sync import host_syncs  # noqa: E402
 
 RESULTS: dict = {}

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from moonlight.config import ModelArgs  # noqa: E402
 from moonlight.model import Moonlight  # noqa: E402
-from moonlight.parallel import cross_entropy_loss  # noqa: E402
+from moonlight.parallel.tensor import cross_entropy_loss  # noqa: E402
 from moonlight.parallel.compile import apply_compile  # noqa: E402
 from moonlight.train.metrics import measure_peak_flops, spec_peak_flops  # noqa: E402
 from moonlight.train.optim import build_optimizers  # noqa: E402

@@ -28,7 +28,7 @@ import torch.nn.functional as F  # noqa: E402
 from benchmarks.peers import PEER_CONFIG, benchmark_device, build_all, save_peer_checkpoint  # noqa: E402
 from moonlight.config import ModelArgs  # noqa: E402
 from moonlight.hf import load_hf  # noqa: E402
-from moonlight.parallel import reduce_token_losses  # noqa: E402
+from moonlight.parallel.tensor import reduce_token_losses  # noqa: E402
 from moonlight.parallel.compile import apply_compile  # noqa: E402
 from moonlight.train.metrics import peak_flops  # noqa: E402
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from moonlight.config import ModelArgs
 from moonlight.hf import load_hf
-from moonlight.parallel import cross_entropy_loss
+from moonlight.parallel.tensor import cross_entropy_loss
 
 # The peer benchmarks' config: Moonlight's structure at a size a CPU runs forward+backward on in seconds.
 PEER_CONFIG = dict(

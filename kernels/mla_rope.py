@@ -19,7 +19,7 @@ The torch reference (impl="torch", what the model runs on CPU) does the same wit
 The in-place rotation is one opaque op, `moonlight::rotate_rope_`, for both impls: op-level
 activation checkpointing must see it as one op, because it can rotate a matmul output that
 checkpointing keeps, and a recompute that rotated that again would turn it twice (see the policy
-in moonlight/parallel/data.py).
+in moonlight/parallel/data_parallel.py).
 """
 import torch
 from torch import Tensor

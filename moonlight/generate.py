@@ -48,8 +48,8 @@ from moonlight.errors import ArgumentParser, ConfigError, exit_on_user_error
 from moonlight.hf import load_hf
 from moonlight.hf_peft import apply_peft_adapter, read_adapter_config
 from moonlight.model import MLA, Moonlight
-from moonlight.train.chat import load_chat_template
-from moonlight.train.tokenizer import build_tokenizer
+from moonlight.data.chat import load_chat_template
+from moonlight.data.tokenizer import build_tokenizer
 
 
 def cache_bytes_per_token(args: ModelArgs, dtype: torch.dtype) -> int:

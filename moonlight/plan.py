@@ -33,7 +33,7 @@ from moonlight.model import Moonlight
 from moonlight.train.config import JobConfig, parse_args
 from moonlight.train.layout import build_layout, is_single_process, plan_layout
 from moonlight.train.optim import AdamW, Muon, build_optimizers
-from moonlight.train.trainer import apply_lora_section, build_model_args, check_seq_len
+from moonlight.train.build import apply_lora_section, build_model_args, check_seq_len
 
 GIB = 1024 ** 3
 

@@ -17,9 +17,9 @@ import os
 from dataclasses import dataclass
 
 from moonlight.errors import ArgumentParser, DataError, exit_on_user_error
-from moonlight.train.documents import DataKeys
-from moonlight.train.megatron import MegatronBuild, build_megatron_from_jsonl
-from moonlight.train.tokenizer import build_tokenizer
+from moonlight.data.documents import DataKeys
+from moonlight.data.megatron import MegatronBuild, build_megatron_from_jsonl
+from moonlight.data.tokenizer import build_tokenizer
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from moonlight.errors import DataError
-from moonlight.train.chat import ChatTemplate, load_chat_template
+from moonlight.data.chat import ChatTemplate, load_chat_template
 from moonlight.train.config import DataSection, load_config
-from moonlight.train.data import ChatDataLoader, build_dataloader, load_documents
-from moonlight.train.tokenizer import DEFAULT_ADDITIONAL_SPECIALS, ByteTokenizer, build_tokenizer
+from moonlight.data.loader import ChatDataLoader, build_dataloader, load_documents
+from moonlight.data.tokenizer import DEFAULT_ADDITIONAL_SPECIALS, ByteTokenizer, build_tokenizer
 from moonlight.train.trainer import Trainer
 from tests.dist import gathered_weights, run_ranks
 
@@ -204,7 +204,7 @@ def test_overflow_truncates_or_drops_and_reports(tmp_path, caplog):
     store = load_documents(cfg, tok)
     j = int(np.argmax(store.lengths))
     seq_len = int(np.sort(store.lengths)[-2]) - 1  # every other conversation just fits seq_len + 1
-    with caplog.at_level(logging.INFO, logger="moonlight.train.data"):
+    with caplog.at_level(logging.INFO, logger="moonlight.data.loader"):
         truncating = build_dataloader(cfg, tok, seq_len, 1, store=store)
         cfg.chat_overflow = "drop"
         dropping = build_dataloader(cfg, tok, seq_len, 1, store=store)

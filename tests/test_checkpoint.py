@@ -20,7 +20,7 @@ from moonlight.errors import CheckpointError, CheckpointSaveError
 from moonlight.train.config import CheckpointSection
 from moonlight.train.optim import build_optimizers
 from moonlight.train.schedule import build_lr_scheduler
-from moonlight.train.trainer import load_initial_weights
+from moonlight.train.build import load_initial_weights
 from tests.dist import run_ranks
 
 ARGS = ModelArgs.preset("debug", kernels="torch")

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from moonlight.config import ModelArgs
 from moonlight.model import Moonlight
 from moonlight.model.loss import linear_cross_entropy
-from moonlight.parallel import cross_entropy_loss, reduce_token_losses
+from moonlight.parallel.tensor import cross_entropy_loss, reduce_token_losses
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

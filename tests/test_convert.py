@@ -14,7 +14,7 @@ from moonlight.config import ConfigError
 from moonlight.errors import CheckpointError
 from moonlight.hf import load_hf, save_hf
 from moonlight.model import Moonlight
-from moonlight.parallel import load_hf_sharded
+from moonlight.parallel.load import load_hf_sharded
 from tests.hf_reference import make_hf_model
 
 

@@ -14,7 +14,7 @@ from moonlight.convert import main
 from moonlight.checkpoint.format import list_checkpoints, read_meta
 from moonlight.checkpoint.export import export_hf
 from moonlight.checkpoint.state import Checkpointer
-from moonlight.train.trainer import load_initial_weights
+from moonlight.train.build import load_initial_weights
 from moonlight.train.config import CheckpointSection
 from tests.hf_reference import make_hf_model
 from tests.test_convert import _read_all

@@ -13,10 +13,10 @@ import torch
 
 from moonlight.train.config import DataSection
 from moonlight.errors import DataError
-from moonlight.train.data import build_dataloader, load_documents
-from moonlight.train.documents import BadLineError
-from moonlight.train.megatron import MegatronIndexedDataset, MegatronIndexedWriter, build_megatron_from_jsonl
-from moonlight.train.tokenizer import ByteTokenizer, build_tokenizer
+from moonlight.data.loader import build_dataloader, load_documents
+from moonlight.data.documents import BadLineError
+from moonlight.data.megatron import MegatronIndexedDataset, MegatronIndexedWriter, build_megatron_from_jsonl
+from moonlight.data.tokenizer import ByteTokenizer, build_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -367,7 +367,7 @@ def test_resume_with_other_corpus_warns(tmp_path, caplog):
     tok = ByteTokenizer()
     a = build_dataloader(data_cfg(write_jsonl(tmp_path / "a.jsonl", make_docs(20, 1))), tok, 8, 1)
     b = build_dataloader(data_cfg(write_jsonl(tmp_path / "b.jsonl", make_docs(20, 2))), tok, 8, 1)
-    with caplog.at_level(logging.WARNING, logger="moonlight.train.data"):
+    with caplog.at_level(logging.WARNING, logger="moonlight.data.loader"):
         b.load_state_dict(a.state_dict())
     assert "different corpus" in caplog.text
 
@@ -398,7 +398,7 @@ def write_bad_jsonl(tmp_path):
 
 def test_malformed_lines_skip(tmp_path, caplog):
     path = write_bad_jsonl(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="moonlight.train.data"):
+    with caplog.at_level(logging.WARNING, logger="moonlight.data.loader"):
         loader = build_dataloader(data_cfg(path, on_bad_line="skip", shuffle=False), ByteTokenizer(), 4, 1)
     assert loader.num_bad_lines == 5 and loader.num_documents == 2
     bad = loader.bad_lines

@@ -29,10 +29,10 @@ from moonlight.convert import main as convert_main
 from moonlight.errors import CheckpointError, ConfigError, DataError, NonFiniteError
 from moonlight.hf import HFCheckpoint, load_hf, save_hf
 from moonlight.train.config import load_config
-from moonlight.train.documents import BadLineError, read_jsonl
-from moonlight.train.megatron import MegatronIndexedDataset
+from moonlight.data.documents import BadLineError, read_jsonl
+from moonlight.data.megatron import MegatronIndexedDataset
 from moonlight.train.metrics import MetricsLogger
-from moonlight.train.tokenizer import build_tokenizer
+from moonlight.data.tokenizer import build_tokenizer
 from moonlight.train.trainer import Trainer
 from tests.hf_reference import make_hf_model
 from tests.test_checkpoint import FakeLoader, build, cfg, full_sd
@@ -588,7 +588,7 @@ def test_text_inputs_are_checked_and_name_the_file(tmp_path):
 def test_a_split_that_a_single_hf_dataset_lacks_is_refused(tmp_path):
     """Fault: data.split was ignored for hf data files (one dataset, no splits): training silently used
     all of them."""
-    from moonlight.train.documents import read_hf
+    from moonlight.data.documents import read_hf
 
     (tmp_path / "d.jsonl").write_text('{"text": "a"}\n')
     with pytest.raises(DataError, match=r"one dataset without splits; data\.split='validation' cannot apply"):

@@ -15,7 +15,8 @@ from tests.dist import run_ranks
 
 
 def _units(rank, world_size, ep, param_dtype):
-    from moonlight.parallel import ParallelDims, build_mesh, parallelize_model
+    from moonlight.parallel.mesh import ParallelDims, build_mesh
+    from moonlight.parallel.parallelize import parallelize_model
 
     args = dataclasses.replace(ModelArgs.preset("debug", kernels="torch"), num_hidden_layers=3)
     torch.manual_seed(0)

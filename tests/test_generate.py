@@ -155,7 +155,7 @@ def _run(capsys, argv):
 @pytest.mark.parametrize("chat", [False, True])
 def test_cli_greedy_output_equals_the_python_api(tiny_model_dir, capsys, chat):
     from moonlight.generate import chat_prompt
-    from moonlight.train.tokenizer import build_tokenizer
+    from moonlight.data.tokenizer import build_tokenizer
 
     argv = ["--hf", str(tiny_model_dir), "--prompt", "the thing in", "--max-new-tokens", "12"]
     code, out, err = _run(capsys, argv + (["--chat"] if chat else []))
@@ -171,7 +171,7 @@ def test_cli_greedy_output_equals_the_python_api(tiny_model_dir, capsys, chat):
 def test_cli_chat_reply_ends_at_the_end_of_document_token(tiny_model_dir, capsys, monkeypatch):
     """--chat stops at <|im_end|> and also at the tokenizer's EOS: what follows it is another document,
     which the CLI printed after an "[EOS]" before."""
-    from moonlight.train.tokenizer import build_tokenizer
+    from moonlight.data.tokenizer import build_tokenizer
 
     tok = build_tokenizer(str(tiny_model_dir))
     tokens = [*tok.encode("yes"), tok.eos_id, *tok.encode("other text")]
@@ -182,7 +182,7 @@ def test_cli_chat_reply_ends_at_the_end_of_document_token(tiny_model_dir, capsys
 
 def test_chat_prompt_renders_moonlight_instruct_format(tiny_model_dir):
     from moonlight.generate import chat_prompt
-    from moonlight.train.tokenizer import build_tokenizer
+    from moonlight.data.tokenizer import build_tokenizer
 
     tok = build_tokenizer(str(tiny_model_dir))
     ids, eos = chat_prompt(tok, "hi")
@@ -264,7 +264,7 @@ def test_cli_reads_a_dcp_checkpoint(tiny_model_dir, tmp_path, capsys):
 def test_cli_adapter_generates_what_the_adapted_model_generates(tiny_model_dir, tmp_path, capsys, dora):
     from moonlight.hf_peft import save_peft_adapter
     from moonlight.model.lora import apply_lora
-    from moonlight.train.tokenizer import build_tokenizer
+    from moonlight.data.tokenizer import build_tokenizer
 
     adapted = load_hf(tiny_model_dir)
     targets = ["attn.q_proj", "attn.kv_b_proj", "attn.o_proj"]

@@ -5,6 +5,8 @@ optional dependencies."""
 
 import ast
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -15,7 +17,7 @@ SOURCE_DIRS = {"moonlight": "moonlight", "kernels": "moonlight.kernels"}
 # Lower number = lower layer; a module may import only modules of its own layer or below.
 LAYERS = {
     "moonlight.errors": 0, "moonlight.distributed": 0, "moonlight.dtypes": 0, "moonlight.outputs": 0,
-    "moonlight.config": 1,
+    "moonlight.config": 1, "moonlight.data": 1,  # text and data: tokenizers, chat, documents, loaders
     "moonlight.kernels": 2, "moonlight.model": 2, "moonlight": 2,  # the package root re-exports ModelArgs, Moonlight
     "moonlight.hf": 3, "moonlight.hf_peft": 3, "moonlight.checkpoint": 3,
     "moonlight.parallel": 4,
@@ -148,6 +150,34 @@ def test_the_checks_catch_what_they_claim(tmp_path):
     fake.write_text("def f():\n    from moonlight.hf import _private\n    import os\n")
     found = list(_imports("moonlight.train.x", fake, {"moonlight.hf"}))
     assert found[0][:2] == ("moonlight.hf", ["_private"]) and found[0][3] and found[1] == ("os", [], 3, True)
+
+
+# Edges the layers alone allow but the architecture does not: inference, data preparation and the
+# planner stay off the training loop (they share moonlight.data and moonlight.train.build instead).
+FORBIDDEN = {
+    "moonlight.generate": ("moonlight.train",),
+    "moonlight.prepare_data": ("moonlight.train",),
+    "moonlight.plan": ("moonlight.train.trainer",),
+    "moonlight.data": ("moonlight.train", "moonlight.parallel", "moonlight.model"),
+}
+
+
+def test_forbidden_edges():
+    edges, _ = _graph()
+    found = [f"{m} imports {t}" for m, targets in edges.items() for t in targets
+             for key, banned in FORBIDDEN.items() if m == key or m.startswith(key + ".")
+             if t.startswith(banned)]
+    assert found == []
+
+
+def test_config_layer_is_cheap_to_import():
+    """The job config (read by train.py --help, the planner, every tool) imports no model, kernels or
+    pipelining: those cost seconds and are not needed to check a config."""
+    code = ("import sys, moonlight.train.config; "
+            "print(sorted(m for m in sys.modules if m.startswith(('moonlight.model', 'moonlight.kernels', "
+            "'torch.distributed.pipelining', 'moonlight.parallel.pipeline.')) or m == 'moonlight.parallel.pipeline'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize("entry", ["train.py"])

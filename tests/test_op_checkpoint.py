@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from moonlight.config import ModelArgs
 from moonlight.model import Moonlight
-from moonlight.parallel.data import apply_activation_checkpointing
+from moonlight.parallel.data_parallel import apply_activation_checkpointing
 
 
 class _CountOps(TorchDispatchMode):

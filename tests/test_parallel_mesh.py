@@ -173,7 +173,8 @@ def _fake_full_model_worker(rank):
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from moonlight.model import Moonlight
-    from moonlight.parallel import build_mesh, parallelize_model
+    from moonlight.parallel.mesh import build_mesh
+    from moonlight.parallel.parallelize import parallelize_model
     from moonlight.parallel.load import local_region
 
     dist.init_process_group("fake", rank=rank, world_size=64, store=FakeStore())

@@ -12,9 +12,9 @@ from moonlight.config import ModelArgs
 from moonlight.errors import ConfigError
 from moonlight.model.model import Moonlight
 from moonlight.parallel.expert import apply_expert_parallel
-from moonlight.parallel.pipeline import (PRESET_LAYOUTS, auto_layout, build_pipeline_stages, build_schedule,
-                                         cross_entropy_loss, layout_costs, pipeline_step, resolve_layout,
-                                         stage_ids_for_rank, validate_layout)
+from moonlight.parallel.pipeline import build_pipeline_stages, build_schedule, cross_entropy_loss, pipeline_step
+from moonlight.parallel.pipeline_layout import (PRESET_LAYOUTS, auto_layout, layout_costs, resolve_layout,
+                                                stage_ids_for_rank, validate_layout)
 from tests.dist import reduce_grads_without_fsdp, run_ranks
 
 ATOL, RTOL = 1e-5, 1e-4

@@ -60,8 +60,9 @@ def _full(t):
 
 
 def _step_worker(rank, world_size, layout, sequence_parallel, ac_mode, chunked_loss=False):
-    from moonlight.parallel import (ParallelDims, build_mesh, cross_entropy_loss, parallelize_model,
-                                    reduce_token_losses)
+    from moonlight.parallel.mesh import ParallelDims, build_mesh
+    from moonlight.parallel.parallelize import parallelize_model
+    from moonlight.parallel.tensor import cross_entropy_loss, reduce_token_losses
 
     ref, inputs, labels = _reference()
     model = copy.deepcopy(ref)
@@ -113,7 +114,7 @@ def _cases_worker(rank, world_size, cases):
 def _warm_parent():
     """One single-process step in the parent before forking: the ranks inherit the lazily imported
     modules and first-call initialisation instead of each paying for it."""
-    import moonlight.parallel  # noqa: F401
+    import moonlight.parallel.parallelize  # noqa: F401
     import moonlight.parallel.expert  # noqa: F401
 
     ref, inputs, labels = _reference()
@@ -164,7 +165,8 @@ def test_expert_parallel_spanning_tp():
 def _expert_rows_worker(rank, world_size, layout):
     """Rows the routed experts' GEMMs process on this rank in one forward of the global batch."""
     import moonlight.model.model as model_module
-    from moonlight.parallel import ParallelDims, build_mesh, parallelize_model
+    from moonlight.parallel.mesh import ParallelDims, build_mesh
+    from moonlight.parallel.parallelize import parallelize_model
 
     ref, inputs, _ = _reference()
     dims = ParallelDims(world_size=world_size, **layout)
@@ -199,7 +201,9 @@ def test_routed_expert_work_is_not_repeated_when_ep_spans_tp():
 def _stages_worker(rank, world_size, layout, sequence_parallel):
     """Two pipeline-stage modules (stage 0: embed + layers 0-1; stage 1: layer 2 + norm + lm_head),
     parallelized separately and chained on the same ranks: same loss and gradients as one model."""
-    from moonlight.parallel import ParallelDims, build_mesh, cross_entropy_loss, parallelize_model
+    from moonlight.parallel.mesh import ParallelDims, build_mesh
+    from moonlight.parallel.parallelize import parallelize_model
+    from moonlight.parallel.tensor import cross_entropy_loss
 
     ref, inputs, labels = _reference()
     first, last = copy.deepcopy(ref), copy.deepcopy(ref)
@@ -237,7 +241,9 @@ def test_pipeline_stage_modules():
 def _bf16_worker(rank, world_size):
     """FSDP2 mixed precision (bf16 params, fp32 reduce) with TP+SP: runs, and lands near fp32."""
     from moonlight.model.model import Router
-    from moonlight.parallel import ParallelDims, build_mesh, cross_entropy_loss, parallelize_model
+    from moonlight.parallel.mesh import ParallelDims, build_mesh
+    from moonlight.parallel.parallelize import parallelize_model
+    from moonlight.parallel.tensor import cross_entropy_loss
 
     ref, inputs, labels = _reference()
     model = copy.deepcopy(ref)
@@ -270,7 +276,7 @@ def test_mixed_precision_bf16():
 
 def test_activation_checkpointing_single_process():
     """AC alone (no process group): identical loss, gradients and load counters."""
-    from moonlight.parallel.data import apply_activation_checkpointing
+    from moonlight.parallel.data_parallel import apply_activation_checkpointing
 
     ref, inputs, labels = _reference()
     ref_loss, ref_grads, ref_counts = _reference_step(copy.deepcopy(ref), inputs, labels)

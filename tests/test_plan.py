@@ -10,7 +10,7 @@ import torch
 from moonlight.config import ModelArgs
 from moonlight.distributed import local_tensor
 from moonlight.errors import ConfigError
-from moonlight.parallel import cross_entropy_loss
+from moonlight.parallel.tensor import cross_entropy_loss
 from moonlight.plan import activation_bytes, check_fits, main, plan
 from moonlight.train.config import load_config
 from moonlight.train.trainer import Trainer
@@ -115,7 +115,7 @@ def _cp_saved_bytes(rank, world, folder):
 
     from moonlight.model import Moonlight
     from moonlight.parallel.context import apply_context_parallel, zigzag_slice
-    from moonlight.train.trainer import build_model_args
+    from moonlight.train.build import build_model_args
 
     cfg = _cfg(folder, ["--parallelism.cp=2", "--parallelism.dp_shard=1", "--training.seq_len=64"])
     args = build_model_args(cfg)

@@ -12,9 +12,9 @@ import pytest
 
 from moonlight.prepare_data import main
 from moonlight.train.config import load_config
-from moonlight.train.data import build_dataloader, load_documents
-from moonlight.train.megatron import MegatronIndexedDataset, build_megatron_from_jsonl, token_dtype
-from moonlight.train.tokenizer import ByteTokenizer, build_tokenizer
+from moonlight.data.loader import build_dataloader, load_documents
+from moonlight.data.megatron import MegatronIndexedDataset, build_megatron_from_jsonl, token_dtype
+from moonlight.data.tokenizer import ByteTokenizer, build_tokenizer
 from moonlight.train.trainer import Trainer
 from tests.test_data import all_sequences, data_cfg, make_docs, make_tiktoken_dir, mmididx_bytes, write_jsonl
 from tests.test_train import SMALL, _metrics

@@ -66,7 +66,8 @@ def _load_worker(rank, world_size, path, layout, sequence_parallel):
 
     from moonlight.hf import HFCheckpoint, hf_keys
     from moonlight.model import Moonlight
-    from moonlight.parallel import ParallelDims, build_mesh, parallelize_model
+    from moonlight.parallel.mesh import ParallelDims, build_mesh
+    from moonlight.parallel.parallelize import parallelize_model
     from moonlight.parallel.load import load_hf_sharded, local_region
 
     args = _args()

@@ -12,8 +12,9 @@ import torch
 
 from moonlight.errors import ConfigError, DataError, NonFiniteError
 from moonlight.train.config import load_config
-from moonlight.train.megatron import MegatronIndexedWriter
-from moonlight.train.trainer import Trainer, build_model_args
+from moonlight.data.megatron import MegatronIndexedWriter
+from moonlight.train.build import build_model_args
+from moonlight.train.trainer import Trainer
 
 SMALL = ["--training.seq_len=64", "--training.global_batch_size=4", "--training.local_batch_size=2",
          "--checkpoint.enable=false", "--metrics.log_freq=1", "--metrics.device_peak_flops=1e11",

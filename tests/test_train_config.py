@@ -6,7 +6,7 @@ import tomllib
 
 import pytest
 
-from moonlight.parallel import ParallelDims
+from moonlight.parallel.mesh import ParallelDims
 from moonlight.errors import ConfigError
 from moonlight.train.config import (
     SECTIONS,

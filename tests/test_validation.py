@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from moonlight.errors import ConfigError, DataError
 from moonlight.train.config import load_config
-from moonlight.train.data import build_dataloader
+from moonlight.data.loader import build_dataloader
 from moonlight.train.trainer import Trainer
 from tests.dist import run_ranks
 

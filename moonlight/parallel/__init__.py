@@ -1,4 +1,6 @@
-"""Parallelism for Moonlight on torch.distributed DeviceMesh / DTensor.
+"""Parallelism for Moonlight on torch.distributed DeviceMesh / DTensor. Import from the submodules
+(mesh, parallelize, tensor, expert, context, pipeline, pipeline_layout, data_parallel, load): this file
+stays empty so that a cheap one (pipeline_layout) does not pull in the rest.
 
 Typical use (every rank):
 
@@ -6,17 +8,6 @@ Typical use (every rank):
     mesh = build_mesh(dims)                    # after init_process_group(nccl | gloo)
     with torch.device("meta"):
         model = Moonlight(args)
-    parallelize_model(model, dims, mesh, sequence_parallel=True, ac_mode="selective",
-                      param_dtype="bfloat16", reduce_dtype="float32")
-    model.to_empty(device=...); load_hf_sharded(model, hf_dir)   # or torch.manual_seed(s); init_weights()
-    loss = cross_entropy_loss(model(tokens), labels)             # tokens: this dp rank's batch
-    loss = reduce_token_losses(model(tokens, labels=labels), labels)  # no tp: chunked, no full logits
+    parallelize_model(model, dims, mesh, sequence_parallel=True, ac_mode="selective")
+    model.to_empty(device=...); load_hf_sharded(model, hf_dir)   # or init_weights()
 """
-
-from moonlight.parallel.load import load_hf_sharded
-from moonlight.parallel.mesh import ParallelDims, ParallelMesh, build_mesh
-from moonlight.parallel.parallelize import parallelize_model
-from moonlight.parallel.tensor import cross_entropy_loss, reduce_token_losses
-
-__all__ = ["ParallelDims", "ParallelMesh", "build_mesh", "parallelize_model", "cross_entropy_loss",
-           "load_hf_sharded", "reduce_token_losses"]

@@ -74,7 +74,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from moonlight import distributed
 from moonlight.config import ModelArgs
 from moonlight.errors import ParallelConfigError
-from moonlight.parallel.pipeline import layout_problems
+from moonlight.parallel.pipeline_layout import layout_problems
 
 
 @dataclass

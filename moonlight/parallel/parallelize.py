@@ -9,7 +9,7 @@ from moonlight.dtypes import is_mixed
 from moonlight.errors import ParallelConfigError
 from moonlight.model import MoE
 from moonlight.parallel.context import apply_context_parallel
-from moonlight.parallel.data import AC_MODES, apply_activation_checkpointing, apply_fsdp
+from moonlight.parallel.data_parallel import AC_MODES, apply_activation_checkpointing, apply_fsdp
 from moonlight.parallel.expert import apply_expert_parallel
 from moonlight.parallel.mesh import ParallelDims, ParallelMesh
 from moonlight.parallel.tensor import SequenceShards, apply_tensor_parallel

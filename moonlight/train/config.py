@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from moonlight.config import ModelArgs
 from moonlight.errors import ConfigError
-from moonlight.parallel.pipeline import SCHEDULES, layout_problems, schedule_problems
+from moonlight.parallel.pipeline_layout import SCHEDULES, layout_problems, schedule_problems
 from moonlight.train.config_io import (BadValue, apply_overrides, apply_table, coerce, field_types, read_toml, to_toml,
                                        type_name)
 

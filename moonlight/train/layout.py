@@ -20,13 +20,16 @@ from moonlight.config import ModelArgs
 from moonlight.distributed import init_single_process_group, to_device
 from moonlight.dtypes import is_mixed
 from moonlight.model import Moonlight
-from moonlight.parallel import ParallelDims, build_mesh, cross_entropy_loss, parallelize_model
+from moonlight.parallel.mesh import ParallelDims, build_mesh
+from moonlight.parallel.parallelize import parallelize_model
+from moonlight.parallel.tensor import cross_entropy_loss
 from moonlight.parallel.compile import apply_compile
 from moonlight.parallel.context import zigzag_slice
-from moonlight.parallel.data import apply_activation_checkpointing
-from moonlight.parallel.pipeline import build_pipeline_stages, build_schedule, pipeline_step, resolve_layout
+from moonlight.parallel.data_parallel import apply_activation_checkpointing
+from moonlight.parallel.pipeline import build_pipeline_stages, build_schedule, pipeline_step
+from moonlight.parallel.pipeline_layout import resolve_layout
 from moonlight.train.config import JobConfig
-from moonlight.train.data import Batch
+from moonlight.data.loader import Batch
 
 
 class Pipeline:

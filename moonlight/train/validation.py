@@ -18,10 +18,10 @@ import math
 import torch
 import torch.distributed as dist
 
-from moonlight.parallel import reduce_token_losses
+from moonlight.parallel.tensor import reduce_token_losses
 from moonlight.train.config import JobConfig
-from moonlight.train.data import build_dataloader
-from moonlight.train.documents import DataKeys
+from moonlight.data.loader import build_dataloader
+from moonlight.data.documents import DataKeys
 from moonlight.train.layout import Layout
 
 

@@ -14,8 +14,8 @@ import numpy as np
 
 from moonlight.errors import DataError
 from moonlight.outputs import check_output
-from moonlight.train.documents import (DATA_KEYS, BadLines, DataKeys, DocumentStore, encode_documents, expand_paths,
-                                       read_jsonl)
+from moonlight.data.documents import (DATA_KEYS, BadLines, DataKeys, DocumentStore, encode_documents, expand_paths,
+                                      read_jsonl)
 
 
 _MMIDIDX_MAGIC = b"MMIDIDX\x00\x00"

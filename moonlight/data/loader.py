@@ -19,7 +19,7 @@ Sources (data.format):
             file, a directory of *.idx or a glob); each Megatron document is one document.
   chat      conversations: field data.messages_key of jsonl lines (as jsonl) or an HF dataset column
             (as hf), a list of {role, content} with roles system/user/assistant; rendered by
-            moonlight.train.chat (the tokenizer's chat template, else the Moonlight format) and
+            moonlight.data.chat (the tokenizer's chat template, else the Moonlight format) and
             packed by ChatDataLoader: whole conversations per row, labels -100 except assistant
             turns, too long ones truncated or dropped (data.chat_overflow).
 
@@ -50,11 +50,11 @@ import numpy as np
 import torch
 
 from moonlight.errors import DataError
-from moonlight.train.chat import load_chat_template, messages_problem
-from moonlight.train.documents import (DATA_KEYS, BadLines, ChatStore, DataKeys, DocumentStore, expand_paths,
-                                       expand_paths_or_none, is_saved_dataset, read_hf, read_jsonl,
-                                       tokenize_conversations, tokenize_texts)
-from moonlight.train.megatron import load_megatron
+from moonlight.data.chat import load_chat_template, messages_problem
+from moonlight.data.documents import (DATA_KEYS, BadLines, ChatStore, DataKeys, DocumentStore, expand_paths,
+                                      expand_paths_or_none, is_saved_dataset, read_hf, read_jsonl,
+                                      tokenize_conversations, tokenize_texts)
+from moonlight.data.megatron import load_megatron
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Documents: read text or conversations from jsonl files and local HF datasets, tokenise them, and
 keep the token ids of every document (DocumentStore). Malformed records are reported as
-"path:line: reason" and skipped or raised (data.on_bad_line); see moonlight.train.data for the
+"path:line: reason" and skipped or raised (data.on_bad_line); see moonlight.data.loader for the
 formats and how documents are packed into training sequences."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from moonlight import distributed
 from moonlight.errors import DataError
-from moonlight.train.tokenizer import ByteTokenizer
+from moonlight.data.tokenizer import ByteTokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,159 @@
+"""What a training run is built from, before the loop starts: model args from the config, the [lora]
+adapters, the initial weights, the process group, the dump-folder lock and the runtime checks.
+
+The trainer and the planner (`python -m moonlight.plan`) both build through these functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import os
+
+import torch
+import torch.distributed as dist
+
+from moonlight.checkpoint.format import DCP_METADATA, model_args_from_meta, read_meta
+from moonlight.checkpoint.state import Checkpointer
+from moonlight.config import ModelArgs
+from moonlight.distributed import backend_for, broadcast_object, default_device
+from moonlight.errors import CheckpointError, ConfigError
+from moonlight.hf import HFCheckpoint
+from moonlight.model import Moonlight
+from moonlight.model.lora import apply_lora, hide_adapters, init_dora_magnitude
+from moonlight.parallel.load import load_hf_sharded
+from moonlight.train.config import JobConfig, LoRASection
+from moonlight.train.lock import DumpFolderLock
+
+def build_model_args(cfg: JobConfig) -> ModelArgs:
+    """The preset (or a HF config.json, or the model args of the model-only DCP checkpoint that
+    initial_load_hf names) with [model.overrides], kernels and the aux-loss coefficient."""
+    hf_config = cfg.model.hf_config or cfg.checkpoint.initial_load_hf
+    if hf_config and not os.path.exists(hf_config):  # name the key, not only the config.json it was read for
+        key = "model.hf_config" if cfg.model.hf_config else "checkpoint.initial_load_hf"
+        raise ConfigError(f"{key} = {hf_config!r} does not exist: point it at a Hugging Face checkpoint directory"
+                          + (" (or a config.json)" if cfg.model.hf_config else
+                             " or a `python -m moonlight.convert hf-to-dcp` output"))
+    if hf_config and not cfg.model.hf_config and os.path.isfile(os.path.join(hf_config, DCP_METADATA)):
+        base = model_args_from_meta(read_meta(hf_config))  # `python -m moonlight.convert hf-to-dcp` output
+        if base is None:
+            raise ConfigError(f"checkpoint.initial_load_hf = {hf_config} records no model args in its meta.json: "
+                              "set model.hf_config to the model's config.json")
+    else:
+        base = ModelArgs.from_hf_config(hf_config) if hf_config else ModelArgs.preset(cfg.model.name)
+    fields = {f.name for f in dataclasses.fields(ModelArgs)}
+    for key in cfg.model.overrides:
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"model.overrides.{key} is not a ModelArgs field{hint}; valid: {sorted(fields)}")
+    return dataclasses.replace(base, **{**cfg.model.overrides, "kernels": cfg.model.kernels,
+                                        "aux_loss_alpha": cfg.moe.aux_loss_coeff})
+
+
+def apply_lora_section(model: Moonlight, lora: LoRASection) -> list[str]:
+    """[lora]'s adapters on a model; returns the names of the adapted linears. Targets that fit no
+    module of the model are a ConfigError."""
+    try:
+        return apply_lora(model, lora.targets, rank=lora.rank, alpha=lora.alpha, dora=lora.dora, dropout=lora.dropout)
+    except ValueError as e:
+        raise ConfigError(f"lora: {e} (lora.targets = {lora.targets})") from None
+
+
+def check_token_ids(store, vocab_size: int, what: str) -> None:
+    """Moonlight's tokenizer has 2 more ids than embedding rows: check the ids the data really uses."""
+    largest = max(int(tokens.max()) for tokens in store.tokens if tokens.size)
+    if largest >= vocab_size:
+        raise ConfigError(f"the {what} holds token id {largest} but the model's vocab_size is "
+                          f"{vocab_size}: raise model vocab_size or change data.tokenizer")
+
+
+def load_initial_weights(ckpt: Checkpointer, path: str, lora: bool = False) -> bool:
+    """Weights for a fresh run (one with no checkpoint in ckpt's folder; returns whether it loaded):
+    an HF directory, each rank reading only its slices, or a model-only DCP checkpoint from
+    `python -m moonlight.convert hf-to-dcp`. With LoRA the checkpoint holds the base weights, and
+    DoRA's magnitudes start at their row norms."""
+    if ckpt.cfg.enable and ckpt.available_steps():
+        return False
+    read_base_weights(ckpt, path, lora)
+    return True
+
+
+def read_base_weights(ckpt: Checkpointer, path: str, lora: bool = False) -> None:
+    """The base weights from `path` (HF or model-only DCP) into ckpt's model parts; the adapters of a
+    LoRA run are left alone and DoRA's magnitudes set to the loaded weights' row norms."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint.initial_load_hf={path} does not exist or is not a directory")
+    with contextlib.ExitStack() as stack:
+        for part in ckpt.model_parts if lora else []:
+            stack.enter_context(hide_adapters(part))
+        if os.path.isfile(os.path.join(path, DCP_METADATA)):
+            meta = read_meta(path)
+            # without its base it would read the base from itself, endlessly; with it the adapters would be dropped
+            if meta.get("frozen_weights_from") or (meta.get("layout") or {}).get("lora"):
+                raise CheckpointError(
+                    f"checkpoint.initial_load_hf = {path} is a LoRA/DoRA run's checkpoint, not a base model: start "
+                    "from its merged model (python -m moonlight.convert dcp-to-hf), or from its base with its "
+                    "adapter as lora.init_adapter (python -m moonlight.convert dcp-to-peft)")
+            ckpt.load_path(path, model_only=True)
+        else:
+            checkpoint = HFCheckpoint(path)
+            for part in ckpt.model_parts:
+                load_hf_sharded(part, checkpoint=checkpoint)
+    if lora:
+        for part in ckpt.model_parts:
+            init_dora_magnitude(part)
+
+
+def use_tf32(device: torch.device) -> None:
+    """fp32 matmuls and convolutions in TF32 on GPUs (fp32 runs, fp32 islands of bf16 runs); CPUs keep
+    full fp32, so CPU runs stay bit-identical."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Join the torchrun job (NCCL on GPUs, gloo on CPU); a single process needs no process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = default_device(local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    use_tf32(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend_for(device.type))
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return rank, world, device
+
+
+def take_dump_folder_lock(dump_folder: str, rank: int) -> DumpFolderLock:
+    """Rank 0 locks the dump folder; every rank raises the same ConfigError if another trainer holds it."""
+    lock = DumpFolderLock(dump_folder)
+    error = None
+    if rank == 0:
+        try:
+            lock.acquire()
+        except ConfigError as e:
+            error = str(e)
+    error = broadcast_object(error)
+    if error:
+        raise ConfigError(error)
+    return lock
+
+
+def check_seq_len(cfg: JobConfig, args: ModelArgs) -> None:
+    if cfg.training.seq_len > args.max_position_embeddings:
+        raise ConfigError(f"training.seq_len = {cfg.training.seq_len} exceeds the model's max_position_embeddings = "
+                          f"{args.max_position_embeddings}: lower training.seq_len (or raise "
+                          "model.overrides.max_position_embeddings for a model trained for longer contexts)")
+
+
+def check_runtime(cfg: JobConfig, args: ModelArgs, device: torch.device) -> None:
+    """Settings that are valid on their own but not for this model or device."""
+    check_seq_len(cfg, args)
+    if args.kernels == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise ConfigError(f"model.kernels = 'triton' needs a CUDA GPU (this device is {device.type}); use "
+                          "model.kernels = 'auto' or 'torch', or set TRITON_INTERPRET=1 to interpret the kernels")
