@@ -79,6 +79,7 @@ def _check(found: dict, package_dir: pathlib.Path):
         assert usage[cmd] in out, (cmd, out[:300])
 
 
+@pytest.mark.floor  # every entry point imports on torch 2.11 too
 @pytest.mark.parametrize("where", ["elsewhere", "repository root"])
 def test_installed_package_imports_and_runs_from_any_directory(where, tmp_path):
     """The installed package (`pip install -e .` as the README says) with PYTHONPATH unset."""
