@@ -2,15 +2,19 @@
 
 Writers (the HF export, model-only DCP checkpoints, the converter) name the files they produce with a
 pattern; replacing an earlier output (`overwrite`) removes only files matching it, and a directory
-holding anything else is refused, never emptied. An output must also not overlap its input.
+holding anything else is refused, never emptied. An output must also not overlap its input. A file or
+folder of ours is never written through a symlink; what a rollback leaves behind is moved into an
+`abandoned-<time>` folder; a failed write names disk-full and read-only filesystems as such.
 """
 
 from __future__ import annotations
 
+import datetime
+import errno
 import os
 import re
 
-from moonlight.errors import CheckpointError
+from moonlight.errors import CheckpointError, ConfigError
 
 # Read once, at import: os.umask can only be read by setting it, which would race with threads
 # (the async checkpoint writer) creating files later.
@@ -69,3 +73,36 @@ def publish_mode(tmp: str) -> None:
         os.chmod(root, 0o777 & ~_UMASK)
         for name in files:
             os.chmod(os.path.join(root, name), 0o666 & ~_UMASK)
+
+
+def os_error_reason(e: BaseException) -> str:
+    """An OSError's cause in words, naming the two a user fixes outside Python: a full disk (or quota)
+    and a read-only filesystem."""
+    code = getattr(e, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return "disk full"
+    if code == errno.EROFS:
+        return "read-only filesystem"
+    return getattr(e, "strerror", None) or f"{type(e).__name__}: {e}"
+
+
+def refuse_link(path: str, kind: str = "file") -> None:
+    """Raise ConfigError when `path`, where we write a `kind` ("file" or "folder") of our own, is a symlink
+    (we would write through it, outside the folder) or the other kind of entry."""
+    if os.path.islink(path):
+        raise ConfigError(f"{path} is a symlink (to {os.readlink(path)}) where moonlight writes its own {kind}: "
+                          "remove the link (moonlight never writes through one), or use another --job.dump_folder")
+    if os.path.exists(path) and (os.path.isdir(path) if kind == "file" else not os.path.isdir(path)):
+        raise ConfigError(f"{path} is a {'directory' if kind == 'file' else 'file'} where moonlight writes its own "
+                          f"{kind}: move it away, or use another --job.dump_folder")
+
+
+def abandoned_folder(dump_folder: str) -> str:
+    """A new `<dump_folder>/abandoned-<UTC time>` path (not created) for a rollback's later steps."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    base = os.path.join(dump_folder, f"abandoned-{stamp}")
+    path, n = base, 1
+    while os.path.lexists(path):
+        n += 1
+        path = f"{base}-{n}"
+    return path

@@ -43,15 +43,16 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from moonlight import distributed
 from moonlight.config import RUNTIME_FIELDS, ModelArgs
 from moonlight.errors import CheckpointError, CheckpointSaveError
-from moonlight.outputs import check_replaceable, publish_mode, remove_own_dir
+from moonlight.outputs import check_replaceable, os_error_reason, publish_mode, remove_own_dir
 
 FORMAT = "moonlight-dcp"
 FORMAT_VERSION = 2  # 2: COMPLETE records each file's size and CRC-32 (1: names only, still read)
 MARKER = "COMPLETE"
 META = "meta.json"
 DCP_METADATA = ".metadata"
-STEP_DIR = re.compile(r"^step-(\d+)$")
+STEP_DIR = re.compile(r"^step-(0|[1-9]\d*)$")  # step-4, never step-004: one name per step
 TEMP_STEP_DIR = re.compile(r"^step-(\d+)\.tmp$")
+PADDED_STEP_DIR = re.compile(r"^step-0\d+$")
 # Every file a step directory may hold: what overwrite=True may replace.
 DCP_OUTPUT = re.compile(r"^(\.metadata|__\d+_\d+\.distcp|meta\.json|COMPLETE|train_state\.json"
                         r"|rank-\d+\.safetensors)$")
@@ -181,6 +182,10 @@ def write_json_durable(obj: Any, path: str) -> None:
     write_durable(path, json.dumps(obj, indent=2, sort_keys=True).encode())
 
 
+_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+_NEARLY_FULL = 1 << 20  # bytes free below which a failed write is taken for a full disk
+
+
 def read_json(path: str) -> Any:
     try:
         with open(path, encoding="utf-8") as f:
@@ -189,21 +194,33 @@ def read_json(path: str) -> Any:
         raise CheckpointError(f"cannot read {path}: {e}") from None
 
 
-def is_disk_full(exc: BaseException | None) -> bool:
-    """Whether an exception (or a DCP CheckpointException's per-rank failures) is ENOSPC/EDQUOT."""
+def storage_problem(exc: BaseException | None, folder: str | None = None) -> str | None:
+    """"disk full" or "read-only filesystem" when that is why a write failed (an OSError's errno, anywhere in
+    the exception's chain or a DCP CheckpointException's per-rank failures; or, for errors that carry no
+    errno such as torch's "unexpected pos" zip writer, no free space left on `folder`); else None."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if "No space left on device" in str(exc):
-            return True
+        if isinstance(exc, OSError) and exc.errno is not None and exc.errno in _STORAGE_ERRNOS:
+            return os_error_reason(exc)
+        for text, reason in (("No space left on device", "disk full"), ("Read-only file system", "read-only filesystem")):
+            if text in str(exc):
+                return reason
         failures = getattr(exc, "failures", None)
         if isinstance(failures, dict):
-            if any(is_disk_full(f[0] if isinstance(f, tuple) else f) for f in failures.values()):
-                return True
+            for f in failures.values():
+                found = storage_problem(f[0] if isinstance(f, tuple) else f)
+                if found:
+                    return found
         exc = exc.__cause__ or exc.__context__
-    return False
+    if folder is not None:
+        try:
+            st = os.statvfs(folder)
+            if st.f_bavail * st.f_frsize < _NEARLY_FULL:
+                return "disk full"
+        except OSError:
+            pass
+    return None
 
 
 def short_error(exc: BaseException) -> str:
@@ -238,6 +255,16 @@ def list_checkpoints(folder: str | os.PathLike) -> dict[int, str]:
         if m and is_complete(path):
             out[int(m.group(1))] = path
     return dict(sorted(out.items()))
+
+
+def misnamed_checkpoints(folder: str | os.PathLike) -> list[str]:
+    """'step-004 (rename it to step-4)' for each complete checkpoint in folder named with a zero-padded step,
+    a name moonlight never writes nor reads (a hand copy?)."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        return []
+    return [f"{name} (rename it to step-{int(name[5:])})" for name in sorted(os.listdir(folder))
+            if PADDED_STEP_DIR.match(name) and is_complete(os.path.join(folder, name))]
 
 
 def incomplete_entries(folder: str) -> list[str]:
@@ -358,18 +385,14 @@ def finalize_dir(tmp: str, final: str, records: dict[str, dict[str, Any]] | None
     write_json_durable({"complete": True, "version": FORMAT_VERSION, "files": records}, os.path.join(tmp, MARKER))
     fsync_path(tmp)
     parent = os.path.dirname(final)
-    old = None
-    if os.path.exists(final) and not is_complete(final):  # not a checkpoint we finished: not ours to delete
+    if os.path.lexists(final) and (os.path.islink(final) or not is_complete(final)):  # not ours to delete
         raise CheckpointError(f"{final} exists without a {MARKER} marker (not written by moonlight, or being "
-                              "copied in): move it out of the way or delete it")
-    if os.path.exists(final):  # re-saving a step: move the old one out of the way first
-        old = final + ".replaced.tmp"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
+                              "copied in) or is a symlink: move it out of the way or delete it")
+    if os.path.exists(final):  # a complete checkpoint of that step: never replaced silently
+        raise CheckpointError(f"{final} already holds a complete checkpoint: refusing to replace it; move it away "
+                              "(or resume from it) and save again")
     os.replace(tmp, final)
     fsync_path(parent)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # -------------------------------------------------------------------------------------- meta
@@ -470,7 +493,9 @@ def write_model_only_checkpoint(state_dict: dict[str, torch.Tensor], out: str | 
         finalize_dir(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if is_disk_full(e):
-            raise CheckpointSaveError(f"writing checkpoint {out} failed: disk full ({short_error(e)})") from e
+        reason = storage_problem(e, os.path.dirname(out))
+        if reason:
+            raise CheckpointSaveError(f"writing checkpoint {out} failed: {reason} ({short_error(e)}); nothing was "
+                                      "replaced") from None
         raise
     return out

@@ -129,9 +129,10 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
-def take_dump_folder_lock(dump_folder: str, rank: int) -> DumpFolderLock:
-    """Rank 0 locks the dump folder; every rank raises the same ConfigError if another trainer holds it."""
-    lock = DumpFolderLock(dump_folder)
+def take_dump_folder_lock(dump_folder: str, rank: int, also: tuple[str, ...] = ()) -> DumpFolderLock:
+    """Rank 0 locks the dump folder (and `also`, the checkpoint folder, where a symlink puts it); every
+    rank raises the same ConfigError if another trainer holds it."""
+    lock = DumpFolderLock(dump_folder, also)
     error = None
     if rank == 0:
         try:

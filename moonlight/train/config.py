@@ -50,6 +50,16 @@ DTypeName = Literal["float32", "bfloat16"]
 PPSchedule = Literal[SCHEDULES]
 
 
+def inside(path: str) -> bool:
+    """Whether a path under job.dump_folder stays inside it (relative, no '..', no '~')."""
+    parts = pathlib.PurePath(path).parts
+    return not os.path.isabs(path) and ".." not in parts and not (parts and parts[0].startswith("~"))
+
+
+# Names the run writes directly in job.dump_folder, which checkpoint.folder and metrics.tb_folder must not take.
+RUN_OUTPUTS = ("config.toml", "metrics.jsonl", ".lock", "hf", "adapter", "profile")
+
+
 def _require(checks: list[tuple[bool, str]]) -> list[str]:
     """The messages of the checks that fail."""
     return [msg for ok, msg in checks if not ok]
@@ -328,7 +338,7 @@ class CheckpointSection:
              "which checkpoint.enable = false turns off: set checkpoint.enable = true"),
             (bool(self.folder), "checkpoint.folder must not be empty"),
             # inside the (locked) dump folder: rotation and cleanup then delete only this run's saves
-            (not os.path.isabs(self.folder) and ".." not in pathlib.PurePath(self.folder).parts,
+            (inside(self.folder),
              f"checkpoint.folder = {self.folder!r} must be a relative path inside job.dump_folder "
              "(point job.dump_folder elsewhere instead)"),
         ])
@@ -354,6 +364,9 @@ class MetricsSection:
             (self.profile_steps >= 0, f"metrics.profile_steps must be >= 0 (got {self.profile_steps})"),
             (self.profile_steps == 0 or self.profile_start >= 1,
              f"metrics.profile_steps={self.profile_steps} needs metrics.profile_start >= 1"),
+            (bool(self.tb_folder) and inside(self.tb_folder),
+             f"metrics.tb_folder = {self.tb_folder!r} must be a relative path inside job.dump_folder (point "
+             "job.dump_folder elsewhere instead)"),
         ])
 
 
@@ -441,6 +454,7 @@ class JobConfig:
         """Every section's checks plus the cross-section ones that do not need the world size; raises
         ConfigError listing every problem found. Returns self."""
         errs: list[str] = []
+        self.job.dump_folder = os.path.expanduser(self.job.dump_folder)  # "~/run", not ./~/run
         for name in SECTIONS:
             section = getattr(self, name)
             errs += section.problems(self.training.steps) if name == "lr_scheduler" else section.problems()
@@ -456,6 +470,15 @@ class JobConfig:
             errs.append("checkpoint.frozen_weights = 'reload' re-reads the frozen base weights from "
                         "checkpoint.initial_load_hf: it needs lora.enable = true and checkpoint.initial_load_hf set "
                         "(or use 'save')")
+        tops = {}
+        for key, sub in (("checkpoint.folder", self.checkpoint.folder), ("metrics.tb_folder", self.metrics.tb_folder)):
+            parts = pathlib.PurePath(sub).parts if sub and inside(sub) else ("",)
+            top = parts[0] if parts else "."
+            if top in RUN_OUTPUTS or top == "." or top in tops:
+                errs.append(f"{key} = {sub!r} collides with " + (f"{tops[top]}" if top in tops else
+                            f"the run's own {top!r} in job.dump_folder") + ": pick another folder name")
+            elif top:
+                tops[top] = key
         dump = os.path.realpath(self.job.dump_folder)
         held_out = self.validation.enable and self.validation.path
         for key, path in (("data.path", self.data.path), ("validation.path", held_out)):
