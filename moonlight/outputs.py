@@ -16,6 +16,10 @@ import re
 
 from moonlight.errors import CheckpointError, ConfigError
 
+_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+_NEARLY_FULL = 1 << 20  # bytes free below which a failed write is taken for a full disk
+
+
 # Read once, at import: os.umask can only be read by setting it, which would race with threads
 # (the async checkpoint writer) creating files later.
 _UMASK = os.umask(0o022)
@@ -106,3 +110,32 @@ def abandoned_folder(dump_folder: str) -> str:
         n += 1
         path = f"{base}-{n}"
     return path
+
+
+def storage_problem(exc: BaseException | None, folder: str | None = None) -> str | None:
+    """"disk full" or "read-only filesystem" when that is why a write failed (an OSError's errno, anywhere in
+    the exception's chain or a DCP CheckpointException's per-rank failures; or, for errors that carry no
+    errno such as torch's "unexpected pos" zip writer, no free space left on `folder`); else None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno is not None and exc.errno in _STORAGE_ERRNOS:
+            return os_error_reason(exc)
+        for text, reason in (("No space left on device", "disk full"), ("Read-only file system", "read-only filesystem")):
+            if text in str(exc):
+                return reason
+        failures = getattr(exc, "failures", None)
+        if isinstance(failures, dict):
+            for f in failures.values():
+                found = storage_problem(f[0] if isinstance(f, tuple) else f)
+                if found:
+                    return found
+        exc = exc.__cause__ or exc.__context__
+    if folder is not None:
+        try:
+            st = os.statvfs(folder)
+            if st.f_bavail * st.f_frsize < _NEARLY_FULL:
+                return "disk full"
+        except OSError:
+            pass
+    return None

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import errno
 import importlib
 import json
 import os
@@ -43,7 +42,7 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from moonlight import distributed
 from moonlight.config import RUNTIME_FIELDS, ModelArgs
 from moonlight.errors import CheckpointError, CheckpointSaveError
-from moonlight.outputs import check_replaceable, os_error_reason, publish_mode, remove_own_dir
+from moonlight.outputs import check_replaceable, publish_mode, remove_own_dir, storage_problem
 
 FORMAT = "moonlight-dcp"
 FORMAT_VERSION = 2  # 2: COMPLETE records each file's size and CRC-32 (1: names only, still read)
@@ -182,45 +181,12 @@ def write_json_durable(obj: Any, path: str) -> None:
     write_durable(path, json.dumps(obj, indent=2, sort_keys=True).encode())
 
 
-_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
-_NEARLY_FULL = 1 << 20  # bytes free below which a failed write is taken for a full disk
-
-
 def read_json(path: str) -> Any:
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot read {path}: {e}") from None
-
-
-def storage_problem(exc: BaseException | None, folder: str | None = None) -> str | None:
-    """"disk full" or "read-only filesystem" when that is why a write failed (an OSError's errno, anywhere in
-    the exception's chain or a DCP CheckpointException's per-rank failures; or, for errors that carry no
-    errno such as torch's "unexpected pos" zip writer, no free space left on `folder`); else None."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno is not None and exc.errno in _STORAGE_ERRNOS:
-            return os_error_reason(exc)
-        for text, reason in (("No space left on device", "disk full"), ("Read-only file system", "read-only filesystem")):
-            if text in str(exc):
-                return reason
-        failures = getattr(exc, "failures", None)
-        if isinstance(failures, dict):
-            for f in failures.values():
-                found = storage_problem(f[0] if isinstance(f, tuple) else f)
-                if found:
-                    return found
-        exc = exc.__cause__ or exc.__context__
-    if folder is not None:
-        try:
-            st = os.statvfs(folder)
-            if st.f_bavail * st.f_frsize < _NEARLY_FULL:
-                return "disk full"
-        except OSError:
-            pass
-    return None
 
 
 def short_error(exc: BaseException) -> str:
@@ -258,13 +224,20 @@ def list_checkpoints(folder: str | os.PathLike) -> dict[int, str]:
 
 
 def misnamed_checkpoints(folder: str | os.PathLike) -> list[str]:
-    """'step-004 (rename it to step-4)' for each complete checkpoint in folder named with a zero-padded step,
-    a name moonlight never writes nor reads (a hand copy?)."""
+    """What in folder moonlight must neither read nor write as a checkpoint, each with its fix: a complete
+    checkpoint named with a zero-padded step ('step-004 (rename it to step-4)', a hand copy?), a symlink
+    named like a step (a save or rotation would write or delete through it)."""
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         return []
-    return [f"{name} (rename it to step-{int(name[5:])})" for name in sorted(os.listdir(folder))
-            if PADDED_STEP_DIR.match(name) and is_complete(os.path.join(folder, name))]
+    out = []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if (STEP_DIR.match(name) or TEMP_STEP_DIR.match(name)) and os.path.islink(path):
+            out.append(f"{name} (a symlink: replace it with the directory itself)")
+        elif PADDED_STEP_DIR.match(name) and is_complete(path):
+            out.append(f"{name} (rename it to step-{int(name[5:])})")
+    return out
 
 
 def incomplete_entries(folder: str) -> list[str]:

@@ -71,6 +71,7 @@ from moonlight.checkpoint import format as fmt
 from moonlight.config import ModelArgs
 from moonlight.errors import CheckpointError, CheckpointSaveError
 from moonlight.model.lora import is_adapter_name
+from moonlight.outputs import storage_problem
 
 logger = logging.getLogger(__name__)
 
@@ -340,7 +341,7 @@ class Checkpointer:
                         logger.warning("checkpoint: ignoring %s (no %s marker)", path, fmt.MARKER)
                 os.makedirs(tmp)
             except OSError as e:
-                reason = fmt.storage_problem(e)
+                reason = storage_problem(e)
                 prep_err = f"{type(e).__name__}: {e}" + (f" ({reason})" if reason else "")
         prep_err = distributed.broadcast_object(prep_err)
         if prep_err:
@@ -362,7 +363,7 @@ class Checkpointer:
         except (KeyboardInterrupt, SystemExit):
             raise  # the temp directory stays behind, ignored by load and removed by the next save
         except BaseException as e:  # DCP raises CheckpointException (a BaseException) on any rank's failure
-            save.err, save.storage = fmt.short_error(e), fmt.storage_problem(e, self.folder)
+            save.err, save.storage = fmt.short_error(e), storage_problem(e, self.folder)
         self._pending = save
         if save.future is None:
             self.wait()
@@ -388,7 +389,7 @@ class Checkpointer:
             except (KeyboardInterrupt, SystemExit):
                 raise
             except BaseException as e:
-                save.err, save.storage = fmt.short_error(e), fmt.storage_problem(e, self.folder)
+                save.err, save.storage = fmt.short_error(e), storage_problem(e, self.folder)
             save.stager.close()
         self._finalize(save)
 
@@ -408,7 +409,7 @@ class Checkpointer:
             for r, part, e in distributed.all_gather_object((rank, mine, err)):
                 records.update(part)
                 if e is not None:
-                    errors.append((r, e, fmt.storage_problem(None, self.folder)))
+                    errors.append((r, e, storage_problem(None, self.folder)))
 
         # phase 2: rank 0 writes the sidecars and the marker, then renames into place
         if not errors and rank == 0:
@@ -421,7 +422,7 @@ class Checkpointer:
                 fmt.write_json_durable(meta, os.path.join(tmp, fmt.META))
                 fmt.finalize_dir(tmp, final_dir, records)
             except BaseException as e:
-                errors = [(0, fmt.short_error(e), fmt.storage_problem(e, self.folder))]
+                errors = [(0, fmt.short_error(e), storage_problem(e, self.folder))]
         errors = distributed.broadcast_object(errors)
         if errors:
             self.last_saved_step = save.previous_saved_step if save.future is not None else self.last_saved_step
@@ -478,7 +479,7 @@ class Checkpointer:
                         os.replace(path, os.path.join(where, os.path.basename(path)))
                     moved.append(s)
             except OSError as e:
-                reason = fmt.storage_problem(e) or e.strerror
+                reason = storage_problem(e) or e.strerror
                 err = (f"cannot move the later checkpoints {sorted(later)} of {self.folder} aside into {where} "
                        f"({reason}): move them away by hand, then resume")
         moved, where, err = distributed.broadcast_object((moved, where, err))
@@ -488,14 +489,14 @@ class Checkpointer:
 
     # -------------------------------------------------------------------------------- load
     def available_steps(self) -> list[int]:
-        """The complete steps of the folder; a checkpoint named step-004 (not ours: moonlight reads step-4)
-        is a CheckpointError rather than ignored."""
+        """The complete steps of the folder; a checkpoint named step-004 (moonlight reads step-4) or a step
+        that is a symlink is a CheckpointError rather than ignored or followed."""
         found = ((list(fmt.list_checkpoints(self.folder)), fmt.misnamed_checkpoints(self.folder))
                  if distributed.rank() == 0 else None)
         found, misnamed = distributed.broadcast_object(found)
         if misnamed:
-            raise CheckpointError(f"{self.folder} holds checkpoint(s) named with a zero-padded step, which "
-                                  f"moonlight neither writes nor reads: {', '.join(misnamed)}")
+            raise CheckpointError(f"{self.folder} holds entries named like checkpoints that moonlight neither "
+                                  f"writes nor reads: {', '.join(misnamed)}")
         return sorted(found)
 
     def load(self, step: int = -1) -> int:
@@ -518,8 +519,11 @@ class Checkpointer:
                    f" (step-{step} is incomplete: no {fmt.MARKER} marker)" if os.path.isdir(raw) else "")
             raise CheckpointError(f"checkpoint step {step} not found in {self.folder}{why}; available steps: "
                                   f"{found if found else 'none'}")
-        return self.load_path(os.path.join(self.folder, fmt.step_dir_name(self._intact_step(found, step))),
-                              verified=True)
+        chosen = self._intact_step(found, step)
+        earlier = [s for s in found if s < chosen]
+        hint = (f"; resume from the earlier step-{max(earlier)} with --checkpoint.load_step={max(earlier)}" if earlier
+                else "")
+        return self.load_path(os.path.join(self.folder, fmt.step_dir_name(chosen)), verified=True, hint=hint)
 
     def _intact_step(self, found: list[int], step: int) -> int:
         """`step` if its files match COMPLETE's sizes and checksums; with step = -1, the newest intact
@@ -543,10 +547,13 @@ class Checkpointer:
                 if good is not None else "; no intact checkpoint is left in " + self.folder)
         raise CheckpointError(f"checkpoint step-{bad} is damaged: {fmt.damage_summary(damaged[bad])}{hint}")
 
-    def load_path(self, path: str | os.PathLike, model_only: bool = False, verified: bool = False) -> int:
+    def load_path(self, path: str | os.PathLike, model_only: bool = False, verified: bool = False,
+                  hint: str = "") -> int:
         """Restore from a checkpoint directory (a full trainer checkpoint, or a model-only one such as
         `python -m moonlight.convert hf-to-dcp` writes); `model_only` restores just the weights. Its
-        files are checked against COMPLETE's sizes and checksums unless `verified`."""
+        files are checked against COMPLETE's sizes and checksums unless `verified`. A file that cannot
+        be read (damage a format_version 1 marker has no checksums to find) is a CheckpointError ending
+        in `hint`."""
         path = os.path.abspath(os.fspath(path))
         if not fmt.is_complete(path):
             if not os.path.isdir(path):
@@ -567,7 +574,15 @@ class Checkpointer:
         if with_optim:
             state["optimizer"] = self._optim_sd()
         self._check_keys(path, state)
-        fmt.dcp_load(state, path)
+        try:
+            fmt.dcp_load(state, path)
+        except (KeyboardInterrupt, SystemExit, CheckpointError):
+            raise
+        except BaseException as e:  # DCP's CheckpointException is a BaseException
+            v1 = " (its COMPLETE marker, format_version 1, records no checksums to check it against)" if not \
+                fmt.recorded_files(path) else ""
+            raise CheckpointError(f"checkpoint {path} cannot be read, its files are damaged{v1}: "
+                                  f"{fmt.short_error(e)[:300]}{hint}") from None
         for part in self.model_parts:
             keys = set(get_model_state_dict(part))
             set_model_state_dict(part, {k: v for k, v in state["model"].items() if k in keys},

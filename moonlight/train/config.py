@@ -14,6 +14,7 @@ schedules to `moonlight.parallel.pipeline`, degrees vs the world size to `Parall
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import pathlib
 from dataclasses import dataclass, field
@@ -127,6 +128,9 @@ class TrainingSection:
     """torch.compile each decoder block's forward (regional compilation, as torchtitan)."""
     compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
     """The torch.compile backend; aot_eager traces the same graphs without generating code."""
+    collective_timeout_s: float = 600.0
+    """How long a collective waits for the other ranks before the run stops, naming those that did not
+    answer (a rank stopped or stuck); raise it when one step (or a checkpoint save) legitimately takes longer."""
 
     def problems(self) -> list[str]:
         out = _require([
@@ -136,6 +140,7 @@ class TrainingSection:
             (self.local_batch_size > 0, f"training.local_batch_size must be > 0 (got {self.local_batch_size})"),
             (self.max_norm >= 0, f"training.max_norm must be >= 0 (0 = no clipping; got {self.max_norm})"),
             (self.gc_freq >= 0, f"training.gc_freq must be >= 0 (got {self.gc_freq})"),
+            (self.collective_timeout_s > 0, f"training.collective_timeout_s must be > 0 (got {self.collective_timeout_s})"),
             (self.max_consecutive_nonfinite >= 1,
              f"training.max_consecutive_nonfinite must be >= 1 (got {self.max_consecutive_nonfinite})"),
         ])
@@ -486,6 +491,13 @@ class JobConfig:
             if os.path.isdir(source) and os.path.commonpath([dump, source]) == source:
                 errs.append(f"job.dump_folder = {self.job.dump_folder!r} lies inside {key} = {path!r}: the next run "
                             "would read this run's metrics.jsonl and checkpoints as data; use a dump folder outside it")
+            elif path and not os.path.isdir(source):  # a file or a glob: none of it may be the run's own output
+                ours = [f for f in glob.glob(os.path.expanduser(path), recursive=True)
+                        if os.path.commonpath([dump, os.path.realpath(f)]) == dump]
+                if ours:
+                    errs.append(f"{key} = {path!r} matches {ours[0]}, inside job.dump_folder = "
+                                f"{self.job.dump_folder!r}: the run would read its own outputs as data; narrow "
+                                f"{key} or use a dump folder outside it")
         if errs:
             raise ConfigError(f"invalid config: {errs[0]}" if len(errs) == 1 else
                               f"invalid config, {len(errs)} problems: " + "; ".join(f"({i}) {e}" for i, e in

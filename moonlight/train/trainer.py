@@ -32,8 +32,9 @@ from moonlight.model.lora import count_params, reset_lora_parameters
 from moonlight.outputs import abandoned_folder, os_error_reason, refuse_link
 from moonlight.parallel.tensor import reduce_token_losses
 from moonlight.train.balance import expert_load_imbalance, update_router_biases
-from moonlight.train.build import (apply_lora_section, build_model_args, check_runtime, check_token_ids,
-                                   init_distributed, load_initial_weights, read_base_weights, take_dump_folder_lock)
+from moonlight.train.build import (apply_lora_section, build_model_args, check_host_memory, check_run_paths,
+                                   check_runtime, check_token_ids, init_distributed, load_initial_weights,
+                                   read_base_weights, take_dump_folder_lock)
 from moonlight.train.config import JobConfig
 from moonlight.train.layout import build_layout, is_mixed_precision
 from moonlight.train.metrics import MetricsLogger, memory_gib, peak_flops
@@ -51,16 +52,19 @@ class Trainer:
         cfg.validate()
         self.cfg = cfg
         t = cfg.training
-        self.rank, self.world_size, self.device = init_distributed()
+        self.rank, self.world_size, self.device = init_distributed(t.collective_timeout_s)
         ckpt_folder = os.path.join(cfg.job.dump_folder, cfg.checkpoint.folder)
         self.lock = take_dump_folder_lock(cfg.job.dump_folder, self.rank,  # before anything is written
-                                          (ckpt_folder,) if cfg.checkpoint.enable else ())
+                                          (ckpt_folder,) if cfg.checkpoint.enable else (),
+                                          check=lambda: check_run_paths(cfg))
         torch.manual_seed(t.seed)
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
 
         self.model_args = build_model_args(cfg)
         check_runtime(cfg, self.model_args, self.device)
+        check_host_memory(cfg, self.model_args, self.world_size, self.device,
+                          full_init=self.model_args.num_params() <= _FULL_INIT_MAX_PARAMS)
         self.tokenizer = build_tokenizer(cfg.data.tokenizer)
         used = [i for i, on in ((self.tokenizer.bos_id, cfg.data.add_bos), (self.tokenizer.eos_id, cfg.data.add_eos))
                 if on and i is not None]  # a missing one is named by build_dataloader
