@@ -121,7 +121,8 @@ def storage_problem(exc: BaseException | None, folder: str | None = None) -> str
         seen.add(id(exc))
         if isinstance(exc, OSError) and exc.errno is not None and exc.errno in _STORAGE_ERRNOS:
             return os_error_reason(exc)
-        for text, reason in (("No space left on device", "disk full"), ("Read-only file system", "read-only filesystem")):
+        for text, reason in (("No space left on device", "disk full"),
+                             ("Read-only file system", "read-only filesystem")):
             if text in str(exc):
                 return reason
         failures = getattr(exc, "failures", None)

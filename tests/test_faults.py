@@ -422,14 +422,20 @@ def _start_and_wait(folder, slow_final_save=False):
     return child
 
 
-def test_ctrl_c_stops_after_the_step_and_saves(tmp_path, capfd):
-    """Fault: Ctrl-C saved nothing and printed a traceback per rank; now it acts like SIGTERM."""
-    child = _start_and_wait(tmp_path)
-    os.kill(child.pid, signal.SIGINT)
+def _signal_stops_and_saves(folder, sig):
+    """Send `sig` to a training child; it must exit 0 after saving its last logged step. Returns that step."""
+    child = _start_and_wait(folder)
+    os.kill(child.pid, sig)
     child.join(timeout=120)
     assert child.exitcode == 0
-    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"]
-    assert sorted(list_checkpoints(tmp_path / "checkpoint")) == [last]
+    last = json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    assert sorted(list_checkpoints(folder / "checkpoint")) == [last]
+    return last
+
+
+def test_ctrl_c_stops_after_the_step_and_saves(tmp_path, capfd):
+    """Fault: Ctrl-C saved nothing and printed a traceback per rank; now it acts like SIGTERM."""
+    last = _signal_stops_and_saves(tmp_path, signal.SIGINT)
     out = capfd.readouterr()
     assert f"SIGINT: stopped after step {last}, checkpoint saved" in out.out and "Traceback" not in out.err
 
@@ -504,7 +510,7 @@ def test_megatron_files_are_checked_at_open(tmp_path):
 
 def test_an_unreadable_megatron_file_is_named(tmp_path, monkeypatch):
     """Fault: an .idx without read permission was a PermissionError traceback (simulated: tests run as root)."""
-    from moonlight.train import megatron
+    from moonlight.data import megatron
 
     prefix = tmp_path / "x"
     _megatron(prefix)
@@ -697,7 +703,8 @@ def test_a_rollback_moves_the_abandoned_branch_aside(tmp_path, capsys):
     assert (aside / "metrics.jsonl").read_text().splitlines() == old_metrics[1:]
     assert _steps_of(tmp_path / "metrics.jsonl") == [1]
     trainer.train()
-    assert sorted(list_checkpoints(tmp_path / "checkpoint")) == [1, 2, 3] and _steps_of(tmp_path / "metrics.jsonl") == [1, 2, 3]
+    assert sorted(list_checkpoints(tmp_path / "checkpoint")) == [1, 2, 3]
+    assert _steps_of(tmp_path / "metrics.jsonl") == [1, 2, 3]
     assert {s: (aside / "checkpoint" / f"step-{s}" / "COMPLETE").read_bytes() for s in (2, 3)} == old
 
 
@@ -777,7 +784,7 @@ def test_an_unwritable_dump_folder_is_one_line(tmp_path, monkeypatch):
             raise OSError(errno.EROFS, "Read-only file system", str(path))
         return real_open(path, *a, **k)
     monkeypatch.setattr(os, "open", read_only)
-    with pytest.raises(ConfigError, match=r"cannot write to job.dump_folder .* \(Read-only file system\): make it"):
+    with pytest.raises(ConfigError, match=r"cannot write to job.dump_folder .* \(read-only filesystem\): make it"):
         _trainer(tmp_path, "--training.steps=2")
 
 
@@ -824,12 +831,7 @@ def test_a_data_glob_matching_the_dump_folder_is_refused(tmp_path):
 
 def test_sighup_stops_saves_and_releases_the_lock(tmp_path, capfd):
     """Fault: SIGHUP (the SSH session closed) killed the run without a save and left a stale lock."""
-    child = _start_and_wait(tmp_path)
-    os.kill(child.pid, signal.SIGHUP)
-    child.join(timeout=120)
-    assert child.exitcode == 0
-    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"]
-    assert sorted(list_checkpoints(tmp_path / "checkpoint")) == [last]
+    last = _signal_stops_and_saves(tmp_path, signal.SIGHUP)
     assert f"SIGHUP: stopped after step {last}, checkpoint saved" in capfd.readouterr().out
     assert not (tmp_path / ".lock").exists()
 
@@ -837,14 +839,16 @@ def test_sighup_stops_saves_and_releases_the_lock(tmp_path, capfd):
 def test_disk_full_and_read_only_are_named_at_every_write(tmp_path, monkeypatch, hf_dir):
     """Fault: a full disk said "write error ... unexpected pos 704 vs 598"; config.toml, the HF export and
     dcp-to-hf gave tracebacks."""
-    import moonlight.checkpoint.state as state_mod
     import moonlight.hf as hf_mod
     import torch.distributed.checkpoint.filesystem as fs
 
     ckpt, _ = _saved_steps(tmp_path, steps=(1,))
     monkeypatch.setattr(fs, "_write_item", lambda *a, **k: (_ for _ in ()).throw(
-        RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 704 vs 598")))
-    monkeypatch.setattr(state_mod, "storage_problem", lambda e, folder=None: "disk full")  # statvfs: 0 bytes free
+        RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 704 vs 598")))  # no errno
+    with pytest.raises(CheckpointError, match=r"step-2 failed \(write error\)"):  # space is left: not a full disk
+        ckpt.save(2)
+    statvfs = os.statvfs
+    monkeypatch.setattr(os, "statvfs", lambda p: type("Full", (), {"f_bavail": 0, "f_frsize": statvfs(p).f_frsize}))
     with pytest.raises(CheckpointError, match=r"step-2 failed \(disk full\)"):
         ckpt.save(2)
     monkeypatch.undo()
@@ -867,6 +871,24 @@ def test_a_full_disk_at_start_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr("builtins.open", full)
     with pytest.raises(ConfigError, match=r"cannot write .*config\.toml \(disk full\)"):
         _trainer(tmp_path, "--training.steps=2")
+
+
+def test_a_full_disk_while_logging_metrics_is_one_warning_not_a_hang(tmp_path, caplog):
+    """Fault: ENOSPC writing metrics.jsonl raised on rank 0 alone (a traceback; the other ranks hung)."""
+    metrics = MetricsLogger(str(tmp_path), 0)
+    metrics.close()
+
+    class Full:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        flush = close = lambda self: None
+    metrics._file = Full()
+    with caplog.at_level(logging.ERROR, logger="moonlight.train.metrics"):
+        for step in (1, 2, 3):
+            metrics.log(step, {"loss": 1.0})
+    assert [r.getMessage() for r in caplog.records if "disk full" in r.getMessage()] == [
+        f"metrics: cannot write {tmp_path / 'metrics.jsonl'} (disk full) from step 1 on: training goes on, its "
+        "records are lost until it can be written (checkpoint saves fail loudly)"]
 
 
 def test_prepare_data_removes_its_temp_file_when_close_fails(tmp_path, monkeypatch):

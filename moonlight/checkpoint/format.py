@@ -210,7 +210,7 @@ def is_complete(path: str) -> bool:
 
 def list_checkpoints(folder: str | os.PathLike) -> dict[int, str]:
     """step -> path of every COMPLETE checkpoint directory in folder (step-N with the marker and DCP
-    metadata); temp and partial directories are left out."""
+    metadata); temp and partial directories, and symlinks (see misnamed_checkpoints), are left out."""
     folder = os.fspath(folder)
     out: dict[int, str] = {}
     if not os.path.isdir(folder):
@@ -218,7 +218,7 @@ def list_checkpoints(folder: str | os.PathLike) -> dict[int, str]:
     for name in os.listdir(folder):
         m = STEP_DIR.match(name)
         path = os.path.join(folder, name)
-        if m and is_complete(path):
+        if m and not os.path.islink(path) and is_complete(path):
             out[int(m.group(1))] = path
     return dict(sorted(out.items()))
 
@@ -263,8 +263,9 @@ def resolve_checkpoint(path: str | os.PathLike, step: int = -1) -> str:
                               "or is still running")
     found = list_checkpoints(path)
     if not found:
-        partial = incomplete_entries(path)
-        hint = f" (incomplete saves ignored: {partial})" if partial else ""
+        partial, misnamed = incomplete_entries(path), misnamed_checkpoints(path)
+        hint = (f" (incomplete saves ignored: {partial})" if partial else "") + (
+            f" (not read: {', '.join(misnamed)})" if misnamed else "")
         raise CheckpointError(f"no complete checkpoint (step-N directory with {MARKER} and .metadata) in {path}{hint}")
     if step < 0:
         return found[max(found)]

@@ -57,7 +57,8 @@ def inside(path: str) -> bool:
     return not os.path.isabs(path) and ".." not in parts and not (parts and parts[0].startswith("~"))
 
 
-# Names the run writes directly in job.dump_folder, which checkpoint.folder and metrics.tb_folder must not take.
+# Names the run writes directly in job.dump_folder (and abandoned-<time>, a rollback's), which checkpoint.folder
+# and metrics.tb_folder must not take.
 RUN_OUTPUTS = ("config.toml", "metrics.jsonl", ".lock", "hf", "adapter", "profile")
 
 
@@ -140,7 +141,8 @@ class TrainingSection:
             (self.local_batch_size > 0, f"training.local_batch_size must be > 0 (got {self.local_batch_size})"),
             (self.max_norm >= 0, f"training.max_norm must be >= 0 (0 = no clipping; got {self.max_norm})"),
             (self.gc_freq >= 0, f"training.gc_freq must be >= 0 (got {self.gc_freq})"),
-            (self.collective_timeout_s > 0, f"training.collective_timeout_s must be > 0 (got {self.collective_timeout_s})"),
+            (self.collective_timeout_s > 0,
+             f"training.collective_timeout_s must be > 0 (got {self.collective_timeout_s})"),
             (self.max_consecutive_nonfinite >= 1,
              f"training.max_consecutive_nonfinite must be >= 1 (got {self.max_consecutive_nonfinite})"),
         ])
@@ -479,7 +481,7 @@ class JobConfig:
         for key, sub in (("checkpoint.folder", self.checkpoint.folder), ("metrics.tb_folder", self.metrics.tb_folder)):
             parts = pathlib.PurePath(sub).parts if sub and inside(sub) else ("",)
             top = parts[0] if parts else "."
-            if top in RUN_OUTPUTS or top == "." or top in tops:
+            if top in RUN_OUTPUTS or top == "." or top.startswith("abandoned-") or top in tops:
                 errs.append(f"{key} = {sub!r} collides with " + (f"{tops[top]}" if top in tops else
                             f"the run's own {top!r} in job.dump_folder") + ": pick another folder name")
             elif top:

@@ -20,6 +20,7 @@ import time
 import uuid
 
 from moonlight.errors import ConfigError
+from moonlight.outputs import os_error_reason
 
 logger = logging.getLogger(__name__)
 
@@ -89,10 +90,15 @@ class DumpFolderLock:
                 self._clear_stale_or_raise(path, me)
                 continue
             except OSError as e:  # read-only, no permission, disk full
-                raise ConfigError(f"cannot write to {key} {folder} ({e.strerror}): make it writable, or use "
+                raise ConfigError(f"cannot write to {key} {folder} ({os_error_reason(e)}): make it writable, or use "
                                   "another --job.dump_folder") from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(me, f)
+            except OSError as e:  # a full disk at close: no half-written lock left behind
+                os.remove(path)
+                raise ConfigError(f"cannot write the lock {path} ({os_error_reason(e)}): free space, or use another "
+                                  "--job.dump_folder") from None
             self.held.append(path)
             return
         raise ConfigError(f"cannot take the lock {path}: another trainer keeps creating it")

@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from moonlight.outputs import abandoned_folder, refuse_link
+from moonlight.outputs import abandoned_folder, os_error_reason, refuse_link
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +85,7 @@ class MetricsLogger:
         self.rank = rank
         self.path = os.path.join(dump_folder, "metrics.jsonl")
         self.set_aside: list[int] = []  # steps whose records were moved aside
+        self._write_failed = False  # warned once per run of failed writes
         self._file = None
         self._tb = None
         if rank == 0:
@@ -133,8 +134,17 @@ class MetricsLogger:
         if self.rank != 0:
             return
         record = {"step": step, **values}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as e:  # rank 0 alone: raising would leave the other ranks waiting in a collective
+            if not self._write_failed:
+                logger.error("metrics: cannot write %s (%s) from step %d on: training goes on, its records are "
+                             "lost until it can be written (checkpoint saves fail loudly)", self.path,
+                             os_error_reason(e), step)
+            self._write_failed = True
+        else:
+            self._write_failed = False
         if self._tb is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)):

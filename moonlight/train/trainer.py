@@ -206,10 +206,10 @@ class Trainer:
                             load_base=lambda path: read_base_weights(ckpt, path, lora))
         if c.enable:
             self.step = ckpt.load(c.load_step)
-        elif ckpt.available_steps():
-            raise ConfigError(f"{ckpt.folder} holds checkpoints {ckpt.available_steps()} but checkpoint.enable = false "
-                              "would start from scratch over them (and replace config.toml): set "
-                              "--checkpoint.enable=true to resume, or use another --job.dump_folder")
+        elif found := ckpt.available_steps():
+            raise ConfigError(f"{ckpt.folder} holds checkpoints {found} but checkpoint.enable = false would start "
+                              "from scratch over them (and replace config.toml): set --checkpoint.enable=true to "
+                              "resume, or use another --job.dump_folder")
         if self.step:  # what a resume leaves behind (a rollback's later steps) is moved here, not replaced
             self.aside = broadcast_object(abandoned_folder(self.cfg.job.dump_folder) if self.rank == 0 else None)
             self.moved_steps, self.moved_to = ckpt.set_aside_later(self.step, self.aside)
