@@ -494,8 +494,7 @@ class JobConfig:
                 errs.append(f"job.dump_folder = {self.job.dump_folder!r} lies inside {key} = {path!r}: the next run "
                             "would read this run's metrics.jsonl and checkpoints as data; use a dump folder outside it")
             elif path and not os.path.isdir(source):  # a file or a glob: none of it may be the run's own output
-                ours = [f for f in glob.glob(os.path.expanduser(path), recursive=True)
-                        if os.path.commonpath([dump, os.path.realpath(f)]) == dump]
+                ours = [f for f in glob.glob(os.path.expanduser(path), recursive=True) if self._is_run_output(f)]
                 if ours:
                     errs.append(f"{key} = {path!r} matches {ours[0]}, inside job.dump_folder = "
                                 f"{self.job.dump_folder!r}: the run would read its own outputs as data; narrow "
@@ -505,6 +504,16 @@ class JobConfig:
                               f"invalid config, {len(errs)} problems: " + "; ".join(f"({i}) {e}" for i, e in
                                                                           enumerate(errs, 1)))
         return self
+
+    def _is_run_output(self, path: str) -> bool:
+        """Whether a path is (inside) something this run writes in job.dump_folder."""
+        dump, real = os.path.realpath(self.job.dump_folder), os.path.realpath(path)
+        if os.path.commonpath([dump, real]) != dump or real == dump:
+            return False
+        top = pathlib.PurePath(os.path.relpath(real, dump)).parts[0]
+        own = {*RUN_OUTPUTS, *(top for folder in (self.checkpoint.folder, self.metrics.tb_folder)
+                               for top in pathlib.PurePath(folder).parts[:1])}
+        return top in own or top.startswith(("abandoned-", "metrics.jsonl."))
 
     def skips_frozen_weights(self) -> bool:
         """Whether checkpoints leave the frozen weights out (checkpoint.frozen_weights)."""
