@@ -2,7 +2,8 @@
 and its backend, the plain tensor behind a DTensor's local shard or a functional collective's
 result, and the host-to-device copy that does not wait for the device. Everything above the model
 layer reaches torch.distributed's rank, world size and object collectives through these, so a
-single process needs no set-up."""
+single process needs no set-up. Joining a torchrun job sets a collective timeout and keeps the job's
+store, through which the ranks that stop answering (or that alone met an error) are named."""
 
 from __future__ import annotations
 
@@ -61,7 +62,10 @@ def silent_ranks(wait_s: float = 5.0) -> list[int] | None:
     stopped or hang elsewhere); None when unknown (no store)."""
     if not _STORE or not is_distributed():
         return None
-    seen = _mark_and_collect("timeout", wait_s, lambda s: len(s) == world_size())
+    try:
+        seen = _mark_and_collect("timeout", wait_s, lambda s: len(s) == world_size())
+    except (RuntimeError, OSError):  # the store is gone with the rank that hosted it
+        return None
     return sorted(set(range(world_size())) - seen)
 
 
@@ -70,7 +74,10 @@ def reported_by_rank0(wait_s: float = 3.0) -> bool:
     the job's store (the error came before joining it) every rank is taken to meet the same error."""
     if not _STORE or not is_distributed():
         return True
-    return 0 in _mark_and_collect("error", wait_s if rank() else 0.0, lambda s: 0 in s)
+    try:
+        return 0 in _mark_and_collect("error", wait_s if rank() else 0.0, lambda s: 0 in s)
+    except (RuntimeError, OSError):  # the store is gone with the rank that hosted it: say it here
+        return False
 
 
 def is_distributed() -> bool:
