@@ -11,8 +11,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterable, Iterator
 
@@ -22,9 +20,9 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from moonlight.config import ModelArgs
-from moonlight.errors import CheckpointError, CheckpointSaveError, ConfigError
+from moonlight.errors import CheckpointError, ConfigError
 from moonlight.model import Moonlight
-from moonlight.outputs import check_replaceable, publish_mode, remove_own_dir, storage_problem
+from moonlight.outputs import check_replaceable, publish_mode, remove_own_dir, staged_output
 
 # native suffix (after "layers.N.") -> HF suffix (after "model.layers.N.")
 _LAYER_RENAMES = {
@@ -299,14 +297,7 @@ def save_hf_stream(native_tensors: Iterator[tuple[str, torch.Tensor]],
 
 def _write_hf_dir(path: str, pieces: Iterator[tuple[str, torch.Tensor]], shards: list[list[str]], total: int,
                   args: ModelArgs, dtype: torch.dtype | None) -> None:
-    parent = os.path.dirname(path)
-    try:
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-save-", dir=parent)
-    except OSError as e:
-        raise CheckpointSaveError(f"cannot write the HF checkpoint {path}: {storage_problem(e) or e.strerror} "
-                                  f"({parent}); write elsewhere") from None
-    try:
+    with staged_output(path, "the HF checkpoint") as tmp:
         names = ([f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
                  if len(shards) > 1 else ["model.safetensors"])
         shard_of = {key: names[i] for i, keys in enumerate(shards) for key in keys}
@@ -333,11 +324,3 @@ def _write_hf_dir(path: str, pieces: Iterator[tuple[str, torch.Tensor]], shards:
         if os.path.exists(path):
             remove_own_dir(path, HF_OUTPUT)
         os.replace(tmp, path)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        reason = None if isinstance(e, CheckpointError) else storage_problem(e, parent)
-        if reason:
-            raise CheckpointSaveError(f"writing the HF checkpoint {path} failed: {reason} ({type(e).__name__}: {e}); "
-                                      "the partial output was removed: free space (or write elsewhere) and rerun"
-                                      ) from None
-        raise

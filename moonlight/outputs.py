@@ -9,12 +9,16 @@ folder of ours is never written through a symlink; what a rollback leaves behind
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import os
 import re
+import shutil
+import tempfile
+from collections.abc import Iterator
 
-from moonlight.errors import CheckpointError, ConfigError
+from moonlight.errors import CheckpointError, CheckpointSaveError, ConfigError
 
 _STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 _NEARLY_FULL = 1 << 20  # bytes free below which a failed write is taken for a full disk
@@ -140,3 +144,27 @@ def storage_problem(exc: BaseException | None, folder: str | None = None) -> str
         except OSError:
             pass
     return None
+
+
+@contextlib.contextmanager
+def staged_output(path: str, what: str, prefix: str = ".tmp-save-") -> Iterator[str]:
+    """A temporary directory beside `path` for the body to fill and rename into place; removed whatever
+    happens (a no-op once renamed). A write that failed for a full disk or a read-only filesystem
+    becomes a CheckpointSaveError saying so."""
+    parent = os.path.dirname(path)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    except OSError as e:
+        raise CheckpointSaveError(f"cannot write {what} {path}: {storage_problem(e) or e.strerror} ({parent}); "
+                                  "write elsewhere") from None
+    try:
+        yield tmp
+    except Exception as e:
+        reason = None if isinstance(e, CheckpointError) else storage_problem(e, parent)
+        if reason:
+            raise CheckpointSaveError(f"writing {what} {path} failed: {reason} ({type(e).__name__}: {e}); the "
+                                      "partial output was removed: free space (or write elsewhere) and rerun") from None
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
