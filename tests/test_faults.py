@@ -688,8 +688,7 @@ def _steps_of(path):
 
 
 def test_a_rollback_moves_the_abandoned_branch_aside(tmp_path, capsys):
-    """Fault: --checkpoint.load_step=N replaced the later checkpoints one by one and rewrote the later
-    metrics records in place; now both move to one abandoned-<time> folder, named in one line."""
+    """Fault: a rollback (load_step=N) replaced the later checkpoints and rewrote later metrics in place."""
     ckpt = ["--checkpoint.enable=true", "--checkpoint.interval=1", "--checkpoint.keep_latest_k=0"]
     _trainer(tmp_path, "--training.steps=3", *ckpt).train()
     old = {s: (tmp_path / "checkpoint" / f"step-{s}" / "COMPLETE").read_bytes() for s in (2, 3)}
@@ -721,8 +720,7 @@ def test_a_complete_step_is_never_replaced_silently(tmp_path):
 
 
 def test_the_lock_follows_a_symlinked_checkpoint_folder(tmp_path):
-    """Fault: a second trainer whose checkpoint folder is a symlink to a running run's took no lock error
-    (it resumed from, rotated and deleted the other run's checkpoints)."""
+    """Fault: a trainer whose checkpoint folder links to a running run's took no lock error."""
     first = _trainer(tmp_path / "a", "--training.steps=2", "--checkpoint.enable=true")
     locks = [tmp_path / "a" / ".lock", tmp_path / "a" / "checkpoint" / ".lock"]
     assert [json.loads(p.read_text())["pid"] for p in locks] == [os.getpid()] * 2
@@ -746,8 +744,7 @@ def test_the_lock_follows_a_symlinked_checkpoint_folder(tmp_path):
 
 @pytest.mark.parametrize("name", ["config.toml", "metrics.jsonl"])
 def test_a_symlinked_run_file_is_refused_and_its_target_untouched(tmp_path, name):
-    """Fault: a symlinked config.toml or metrics.jsonl in the dump folder overwrote or truncated the file
-    it points to, outside the folder."""
+    """Fault: a symlinked config.toml or metrics.jsonl overwrote or truncated its target outside the folder."""
     target = tmp_path / "precious.txt"
     target.write_text("mine")
     (tmp_path / "run").mkdir()
@@ -807,8 +804,7 @@ def test_a_lock_held_by_a_pid_that_is_not_a_trainer_says_so(tmp_path):
     ("--metrics.tb_folder=checkpoint", r"metrics\.tb_folder = 'checkpoint' collides with checkpoint\.folder"),
 ])
 def test_output_folders_stay_inside_the_dump_folder(override, match):
-    """Fault: metrics.tb_folder absolute or ../x wrote outside the dump folder; checkpoint.folder = 'hf' with
-    export_hf mixed the checkpoints with the exports (whose error then advised deleting the checkpoint)."""
+    """Fault: metrics.tb_folder absolute or ../x wrote outside the dump folder; checkpoint.folder = 'hf' collided."""
     with pytest.raises(ConfigError, match=match):
         load_config("train.toml", [override]).validate()
 
@@ -837,8 +833,7 @@ def test_sighup_stops_saves_and_releases_the_lock(tmp_path, capfd):
 
 
 def test_disk_full_and_read_only_are_named_at_every_write(tmp_path, monkeypatch, hf_dir):
-    """Fault: a full disk said "write error ... unexpected pos 704 vs 598"; config.toml, the HF export and
-    dcp-to-hf gave tracebacks."""
+    """Fault: a full disk was "write error ... unexpected pos"; HF export and dcp-to-hf gave tracebacks."""
     import moonlight.hf as hf_mod
     import torch.distributed.checkpoint.filesystem as fs
 
@@ -947,8 +942,7 @@ def test_a_nan_stop_under_async_saves_names_a_complete_step(tmp_path):
 
 
 def test_checkpoints_with_checkpointing_off_are_refused(tmp_path):
-    """Fault: checkpoint.enable=false over existing checkpoints silently started from scratch (and replaced
-    config.toml)."""
+    """Fault: checkpoint.enable=false over existing checkpoints silently started from scratch."""
     _trainer(tmp_path, "--training.steps=2", "--checkpoint.enable=true").train()
     before = (tmp_path / "config.toml").read_text()
     with pytest.raises(ConfigError, match=r"holds checkpoints \[2\] but checkpoint\.enable = false .* "
@@ -1084,7 +1078,6 @@ def _user_error_on(failing):
 
 
 def test_a_user_error_on_one_nonzero_rank_alone_is_printed_once():
-    """Fault: a user error that only rank 1 met was never printed (errors.py printed on rank 0 only); one that
-    every rank met must still be printed once."""
+    """Fault: a user error that only rank 1 met was never printed (errors.py printed on rank 0 only)."""
     assert _in_two_ranks(_user_error_on({1}), wait_for=2) == {0: "", 1: "error: (rank 1) bad input on rank 1\n"}
     assert _in_two_ranks(_user_error_on({0, 1}), wait_for=2) == {0: "error: bad input on rank 0\n", 1: ""}
