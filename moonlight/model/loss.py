@@ -41,7 +41,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # is 1 / sum(exp(logits - max)) >= 1 / V, so its log gives the log-sum-exp without underflow.
             probs = torch.softmax(logits, -1, out=logits)
             lse = row_max - probs.amax(-1).log()
-            total += torch.where(valid, lse - target, 0.0).sum()
+            # out of place: torch 2.11's dynamo zeroes the gradient of a returned tensor changed in place
+            total = total + torch.where(valid, lse - target, 0.0).sum()
             if not with_grads:
                 continue
             # d loss / d logits = softmax - one_hot(label); ignored tokens are zeroed on the H-wide side

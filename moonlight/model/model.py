@@ -26,6 +26,13 @@ from moonlight.distributed import local_tensor, to_device
 from moonlight.model.loss import linear_cross_entropy
 
 
+def _may_return_in_place() -> bool:
+    """Whether an autograd.Function's forward may return a fresh tensor it changed in place (saving one
+    activation): in eager only. A compiled graph functionalises the in-place op anyway, and torch 2.11's
+    dynamo gives such an output's backward a zero gradient (pytorch/pytorch#180642, fixed in later releases)."""
+    return not torch.compiler.is_compiling()
+
+
 class _RMSNormFunction(torch.autograd.Function):
     """weight * (x * rsqrt(mean(x^2) + eps)), normalised in fp32: the forward is the HF reference's ops
     (same bits); only x and the [..., 1] rsqrt are kept, and the backward writes its closed form
@@ -38,7 +45,8 @@ class _RMSNormFunction(torch.autograd.Function):
         rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, weight, rstd)
         y = (x32 * rstd).to(x.dtype)
-        return y.mul_(weight) if y.dtype == torch.promote_types(y.dtype, weight.dtype) else weight * y
+        in_place = _may_return_in_place() and y.dtype == torch.promote_types(y.dtype, weight.dtype)
+        return y.mul_(weight) if in_place else weight * y
 
     @staticmethod
     def backward(ctx, grad):
@@ -239,7 +247,7 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
         ctx.save_for_backward(gate, up)
-        return F.silu(gate).mul_(up)
+        return F.silu(gate).mul_(up) if _may_return_in_place() else F.silu(gate) * up
 
     @staticmethod
     def backward(ctx, grad):
