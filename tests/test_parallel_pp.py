@@ -5,16 +5,19 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.autograd.graph import GradientEdge
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from moonlight.config import ModelArgs
 from moonlight.errors import ConfigError
-from moonlight.model.model import Moonlight
+from moonlight.model.model import Moonlight, RMSNorm
 from moonlight.parallel.expert import apply_expert_parallel
 from moonlight.parallel.pipeline import build_pipeline_stages, build_schedule, cross_entropy_loss, pipeline_step
-from moonlight.parallel.pipeline_layout import (PRESET_LAYOUTS, auto_layout, layout_costs, resolve_layout,
-                                                stage_ids_for_rank, validate_layout)
+from moonlight.parallel.pipeline_layout import (PRESET_LAYOUTS, SPLIT_BACKWARD_SCHEDULES, auto_layout, layout_costs,
+                                                resolve_layout, schedule_problems,
+                                                splits_backward_through_python_nodes, stage_ids_for_rank,
+                                                validate_layout)
 from tests.dist import reduce_grads_without_fsdp, run_ranks
 
 ATOL, RTOL = 1e-5, 1e-4
@@ -197,10 +200,24 @@ def _check_against_reference(args, bsz, results, ep=1, steps=2):
     assert seen == {n for n, _ in ref.named_parameters()}
 
 
+@pytest.mark.floor  # torch 2.11's schedules take no loss_kwargs
 def test_pp2_token_sum_loss_without_grad_scaling():
     args, bsz = _args(), 4
     results = run_ranks(_pp_rank, 2, args, [2, 2], "1F1B", 4, bsz, True)
     _check_against_reference(args, bsz, results)
+
+
+def _refused_here(schedule, vp):
+    """Whether this torch refuses the schedule (the split-backward ones on torch 2.11), checking that the
+    refusal names the schedules that work and that the weight-only backward really fails here."""
+    if schedule not in SPLIT_BACKWARD_SCHEDULES or splits_backward_through_python_nodes():
+        return False
+    problems = schedule_problems(schedule, vp)
+    assert len(problems) == 1 and "use one of ['1F1B', 'GPipe', 'Interleaved1F1B', 'LoopedBFS']" in problems[0]
+    norm, x = RMSNorm(4, 1e-6), torch.randn(2, 4)
+    with pytest.raises(RuntimeError, match="_input_metadata"):
+        torch.autograd.grad([GradientEdge(norm(x).grad_fn, 0)], [norm.weight], grad_outputs=[torch.ones(2, 4)])
+    return True
 
 
 @pytest.mark.parametrize("schedule,layout,n_mb,aux", [
@@ -211,7 +228,10 @@ def test_pp2_token_sum_loss_without_grad_scaling():
     ("ZBVZeroBubble", [1, 1, 1, 1], 2, 0.01),
     ("DualPipeV", [1, 1, 1, 1], 4, 0.0),
 ])
+@pytest.mark.floor  # torch 2.11 refuses the split-backward schedules, newer ones run them
 def test_pp2_matches_single_process(schedule, layout, n_mb, aux):
+    if _refused_here(schedule, len(layout) // 2):
+        return
     args, bsz = _args(aux_loss_alpha=aux), 4
     results = run_ranks(_pp_rank, 2, args, layout, schedule, n_mb, bsz)
     # stage placement: global layer keys, embed only on stage 0, lm_head only on the last stage
@@ -250,6 +270,8 @@ def _pp_ep_rank(rank, world, args, layout, schedule, n_mb, bsz):
 
 @pytest.mark.parametrize("schedule,layout", [("1F1B", [2, 2]), ("ZBVZeroBubble", [1, 1, 1, 1])])
 def test_pp2_ep2_matches_single_process(schedule, layout):
+    if _refused_here(schedule, len(layout) // 2):
+        return
     args, bsz = _args(), 2
     results = run_ranks(_pp_ep_rank, 4, args, layout, schedule, 2, bsz)
     _check_against_reference(args, bsz, results, ep=2, steps=1)

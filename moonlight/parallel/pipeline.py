@@ -37,6 +37,8 @@ and the first step's counters include one extra (placeholder) microbatch per sta
 
 from __future__ import annotations
 
+import functools
+import inspect
 import weakref
 from collections.abc import Callable, Sequence
 
@@ -208,13 +210,17 @@ def pipeline_step(schedule, inputs: torch.Tensor | None, labels: torch.Tensor | 
     losses: list[torch.Tensor] | None = [] if is_last else None
     args = (inputs,) if is_first else ()
     kwargs = dict(model_kwargs or {})
-    if num_tokens is not None:
+    run = schedule.eval if forward_only else schedule.step
+    loss_fn = schedule._loss_fn
+    if num_tokens is not None and "loss_kwargs" in inspect.signature(run).parameters:
         kwargs["loss_kwargs"] = {"num_tokens": num_tokens}
+    elif num_tokens is not None and loss_fn is not None:  # torch 2.11 would hand loss_kwargs to the model
+        schedule._loss_fn = functools.partial(loss_fn, num_tokens=num_tokens)
     hooks = _discard_inference_forward(stages) if _runs_metadata_inference(schedule) else []
     try:
-        run = schedule.eval if forward_only else schedule.step
         run(*args, target=labels if is_last else None, losses=losses, return_outputs=False, **kwargs)
     finally:
+        schedule._loss_fn = loss_fn
         for hook in hooks:
             hook.handle.remove()  # no-op when it already fired
     _initialized_schedules.add(schedule)

@@ -14,8 +14,12 @@ and 2*pp-1-r, so rank 0 holds the first and the last stage).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
+
+import torch
+from torch.autograd.graph import GradientEdge
 
 from moonlight.config import ModelArgs
 from moonlight.errors import ConfigError
@@ -37,6 +41,31 @@ SINGLE_STAGE_SCHEDULES = ("1F1B", "GPipe")
 MULTI_STAGE_SCHEDULES = ("Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble")
 V_SCHEDULES = ("ZBVZeroBubble", "DualPipeV")  # exactly 2 stages per rank, V-shaped
 SCHEDULES = SINGLE_STAGE_SCHEDULES + MULTI_STAGE_SCHEDULES + V_SCHEDULES
+# Schedules whose weight-only backward starts autograd at GradientEdges of the graph's nodes.
+SPLIT_BACKWARD_SCHEDULES = ("InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")
+
+
+class _Identity(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+@functools.cache
+def splits_backward_through_python_nodes() -> bool:
+    """Whether autograd.grad takes a GradientEdge of a Python autograd.Function node, as torch's weight-only
+    backward passes it the nodes where weights meet activations (the model's norms, grouped GEMMs and loss
+    are such nodes). torch 2.11 refuses (no `_input_metadata` on those nodes)."""
+    x = torch.zeros(1, requires_grad=True)
+    try:
+        torch.autograd.grad([GradientEdge(_Identity.apply(x).grad_fn, 0)], [x], grad_outputs=[torch.ones(1)])
+    except RuntimeError:
+        return False
+    return True
 
 
 def schedule_problems(schedule: str, vp: int) -> list[str]:
@@ -48,6 +77,11 @@ def schedule_problems(schedule: str, vp: int) -> list[str]:
                 "Interleaved1F1B or InterleavedZeroBubble for virtual stages"]
     if schedule in V_SCHEDULES and vp != 2:
         return [f"pp_schedule={schedule!r} needs pp_virtual_stages=2 (V-shape), got {vp}"]
+    if schedule in SPLIT_BACKWARD_SCHEDULES and not splits_backward_through_python_nodes():
+        working = [name for name in SCHEDULES if name not in SPLIT_BACKWARD_SCHEDULES]
+        return [f"pp_schedule={schedule!r} does not run on torch {torch.__version__}: its weight-only backward "
+                f"cannot pass through this model's custom autograd nodes; use one of {working} (Interleaved1F1B "
+                "for virtual stages) or a newer torch"]
     return []
 
 
