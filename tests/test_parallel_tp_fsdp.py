@@ -152,6 +152,7 @@ def test_expert_parallel_with_fsdp_hsdp_tp():
 
 
 @pytest.mark.slow
+@pytest.mark.floor  # torch 2.11 cannot slice (cp, tp) out of the unflattened world mesh
 def test_expert_parallel_spanning_tp():
     """EP over dp_shard x tp (ep does not divide dp_shard): each tp rank routes its own sequence shard;
     plain EP experts, FSDP-sharded experts (tp4: two tp ranks per expert shard), HSDP, checkpointing."""

@@ -302,7 +302,12 @@ def build_mesh(dims: ParallelDims, device_type: str | None = None) -> ParallelMe
     named["expert_fsdp"] = named["fsdp"]
     named["replicas"] = root["dp_replicate", "dp_shard_cp", "tp"]
     if dims.ep_spans_tp:
-        named["sequence_parts"] = world["cp", "tp"]._flatten("sequence_parts")
+        try:
+            named["sequence_parts"] = world["cp", "tp"]._flatten("sequence_parts")
+        except KeyError:  # torch 2.11 refuses this slice of an unflattened mesh: a mesh over the same ranks
+            grid = root.mesh.reshape(dims.pp, dims.dp_replicate, dims.dp_shard, dims.cp * dims.tp)
+            named["sequence_parts"] = DeviceMesh(device_type, grid, mesh_dim_names=(
+                "pp", "dp_replicate", "dp_shard", "sequence_parts"))["sequence_parts"]
     if dims.ep > 1:
         if dims.ep_spans_tp:
             # (dp_shard_cp, tp) flattened, then split into (dp_shard * cp * tp // ep, ep): a mesh of its own
