@@ -12,6 +12,7 @@ import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
+import moonlight.train.muon as muon_module
 from moonlight.train.balance import expert_load_imbalance, update_router_biases
 from moonlight.train.optim import AdamW, Muon, build_optimizers, clip_grad_norm_, zeropower_via_newtonschulz
 from moonlight.train.schedule import build_lr_scheduler, lr_multiplier
@@ -122,6 +123,52 @@ def test_expert_3d_equals_per_expert_2d(shape):
     for e in range(shape[0]):
         (ref,) = _run_muon([W0[e]], [[s[0][e]] for s in steps], ns_dtype=torch.float32)
         torch.testing.assert_close(ours[e], ref, atol=1e-6, rtol=1e-6)
+
+
+def _per_matrix_muon(params, grads_per_step, ns_dtype, master):
+    """Muon as it was written before its step was batched: one parameter at a time, each 2-D weight
+    through 2-D Newton-Schulz and each 3-D one through its own batch (the exact path)."""
+    state = {}
+    for grads in grads_per_step:
+        for p, g in zip(params, grads):
+            if id(p) not in state:
+                dtype = torch.float32 if master else p.dtype
+                state[id(p)] = (torch.zeros_like(p, dtype=dtype), p.detach().float() if master else p.detach())
+            buf, target = state[id(p)]
+            g = g.to(buf.dtype)
+            buf.mul_(0.95).add_(g)
+            o = zeropower_via_newtonschulz(g.add(buf, alpha=0.95), dtype=ns_dtype)
+            target.mul_(1 - LR * WD)
+            target.add_(o.to(target.dtype), alpha=-LR * 0.2 * math.sqrt(max(p.shape[-2:])))
+            if master:
+                p.detach().copy_(target)
+    return [p.detach() for p in params]
+
+
+@pytest.mark.parametrize("ns_dtype, master", [(torch.float32, False), (torch.bfloat16, False),
+                                              (torch.bfloat16, True)])
+def test_batched_step_equals_the_per_matrix_step_bit_for_bit(monkeypatch, ns_dtype, master):
+    """Same-shape matrices run Newton-Schulz as one stack (several stacks when they exceed the stack
+    size), momentum and updates are foreach ops: the weights are those of one matrix at a time."""
+    monkeypatch.setattr(muon_module, "NS_STACK_NUMEL", 3 * 32 * 48)  # stacks of at most 3 such matrices
+    torch.manual_seed(4)
+    shapes = [(32, 48), (48, 32), (32, 48), (2, 32, 48), (32, 48), (48, 32), (3, 16, 24), (32, 48), (40, 40)]
+    dtype = torch.bfloat16 if master else torch.float32
+    W0s = [torch.randn(s).to(dtype) for s in shapes]
+    steps = [[torch.randn(s).to(dtype) for s in shapes] for _ in range(3)]
+    calls = []
+    original = muon_module.zeropower_via_newtonschulz
+    monkeypatch.setattr(muon_module, "zeropower_via_newtonschulz", lambda G, *a, **k: calls.append(G.shape) or
+                        original(G, *a, **k))
+    ours = _run_muon(W0s, steps, ns_dtype=ns_dtype, master_weights=master)
+    ref = _per_matrix_muon([nn.Parameter(w.clone()) for w in W0s], steps, ns_dtype, master)
+    for a, b in zip(ours, ref):
+        assert torch.equal(a, b)
+    # per step, whole parameters in order: the six 32 x 48 matrices in stacks of 2, 2 + 1, 1; the two
+    # 48 x 32 ones in one; the experts; the square one
+    assert sorted(tuple(s) for s in calls[:6]) == [(1, 32, 48), (1, 40, 40), (2, 32, 48), (2, 48, 32), (3, 16, 24),
+                                                   (3, 32, 48)]
+    assert len(calls) == 3 * 6
 
 
 def test_muon_rejects_1d():

@@ -106,7 +106,9 @@ class Muon(torch.optim.Optimizer):
     orthogonalised by one rank of the group sharing it and the result scattered back (see
     `moonlight.train.muon`). ``step`` first updates every momentum, then exchanges and
     orthogonalises all matrices at once (two all-to-alls on ``process_group``, default the world:
-    every rank of it that holds a shared matrix must step its Muon together).
+    every rank of it that holds a shared matrix must step its Muon together). Momentum, decay and
+    update are foreach ops over a param group's tensors, and same-shaped matrices run NS as one stack,
+    so a step launches a few ops per shape, not a few per matrix (bit for bit the same weights).
     """
 
     def __init__(
@@ -168,25 +170,36 @@ class Muon(torch.optim.Optimizer):
                 loss = closure()
         work = []  # (group, param, local update): momentum first, then every NS in one exchange
         for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    _init_state(self.state[p], p, group["master_weights"], "momentum_buffer")
+            if not params:
+                continue
+            # one op per step for all of the group's tensors (a Python loop would launch one per tensor)
             mu = group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                g = _grad_like_param(p, p.grad)
-                if "momentum_buffer" not in state:
-                    _init_state(state, p, group["master_weights"], "momentum_buffer")
-                buf_l = local_tensor(state["momentum_buffer"])
-                g_l = local_tensor(g).to(buf_l.dtype)
-                buf_l.mul_(mu).add_(g_l)
-                work.append((group, p, g_l.add(buf_l, alpha=mu) if group["nesterov"] else buf_l))
-        for (group, p, _), o_l in zip(work, self._orthogonalise(work)):
+            bufs = [local_tensor(self.state[p]["momentum_buffer"]) for p in params]
+            grads = [local_tensor(_grad_like_param(p, p.grad)) for p in params]
+            torch._foreach_mul_(bufs, mu)
+            torch._foreach_add_(bufs, grads)  # a bf16 gradient into fp32 momentum: promoted exactly
+            updates = torch._foreach_add(grads, bufs, alpha=mu) if group["nesterov"] else bufs
+            work += [(group, p, u) for p, u in zip(params, updates)]
+        outs = self._orthogonalise(work)
+        by_step: dict = {}  # the tensors that take the same decay and step size: one foreach op each
+        for (group, p, _), o_l in zip(work, outs):
+            master = group["master_weights"]
+            target = local_tensor(self.state[p]["master"]) if master else local_tensor(p)
+            entry = by_step.setdefault((id(group), muon_lr_scale(p.shape)), (group, [], [], []))
+            entry[1].append(target)
+            entry[2].append(o_l)
+            if master:
+                entry[3].append(local_tensor(p))
+        for (_, scale), (group, targets, updates, params) in by_step.items():
             lr, wd = group["lr"], group["weight_decay"]
-            target = local_tensor(self.state[p]["master"]) if group["master_weights"] else local_tensor(p)
-            target.mul_(1 - lr * wd)
-            target.add_(o_l.to(target.dtype), alpha=-lr * muon_lr_scale(p.shape))
-            if group["master_weights"]:
-                local_tensor(p).copy_(target)
+            torch._foreach_mul_(targets, 1 - lr * wd)
+            torch._foreach_add_(targets, updates, alpha=-lr * scale)  # the NS dtype is promoted exactly
+            if params:  # master weights: the (bf16) parameters are their rounding, all in one op
+                torch._foreach_copy_(params, targets)
         return loss
 
 
