@@ -373,6 +373,32 @@ def test_our_adamw_matches_torch_adamw():
     torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("ours", [False, True])
+def test_adamw_is_fused_and_matches_the_per_tensor_update_in_fp64(ours):
+    """build_optimizers' torch AdamW and our AdamW (precision_aware's, here without master copies) run
+    torch's fused kernel, one op for all tensors; in fp64 they equal torch's per-tensor AdamW (the path
+    they replaced) to rounding."""
+    torch.manual_seed(0)
+    shapes = [(16, 8), (8,), (3, 4, 5)]
+    W0s = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    fused = [nn.Parameter(w.clone()) for w in W0s]
+    single = [nn.Parameter(w.clone()) for w in W0s]
+    if ours:
+        opt = AdamW(fused, lr=1e-2, weight_decay=0.1, master_weights=False)
+    else:
+        (opt,) = build_optimizers([(f"w{i}", p) for i, p in enumerate(fused)], "adamw", lr=1e-2).optimizers
+    ref = torch.optim.AdamW(single, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, foreach=False)
+    assert opt.param_groups[0]["fused"]
+    for _ in range(5):
+        for a, b in zip(fused, single):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        opt.step()
+        ref.step()
+    for a, b in zip(fused, single):
+        torch.testing.assert_close(a, b, atol=1e-14, rtol=1e-13)
+
+
 @pytest.mark.parametrize("kind", ["muon", "adamw"])
 def test_precision_aware_master_weights(kind):
     torch.manual_seed(0)
