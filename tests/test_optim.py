@@ -513,6 +513,16 @@ def test_router_bias_balances_skewed_load():
     assert biases[0][-1] < 0 < biases[0][0]
 
 
+def test_router_bias_update_of_layers_with_other_expert_counts():
+    biases = [torch.zeros(4), torch.full((6,), 0.5)]
+    counts = [torch.tensor([4, 0, 2, 2]), torch.tensor([1, 1, 1, 1, 8, 0])]
+    total = update_router_biases(biases, counts, rate=0.1)
+    assert total.tolist() == [4, 0, 2, 2, 1, 1, 1, 1, 8, 0]  # flat: the layers' sizes differ
+    assert biases[0].tolist() == pytest.approx([-0.1, 0.1, 0.0, 0.0])  # mean 2
+    assert biases[1].tolist() == pytest.approx([0.6, 0.6, 0.6, 0.6, 0.4, 0.6])  # mean 2
+    assert all(int(c.abs().sum()) == 0 for c in counts)
+
+
 def test_router_bias_rate_zero_freezes():
     b = torch.randn(8)
     b0 = b.clone()
