@@ -1,11 +1,14 @@
 """The model steps of benchmarks/gpu_suite.sh; each writes one JSON file into the results folder.
 
-    python benchmarks/gpu_suite.py slice|lora|generate|summary --out DIR [--cpu-smoke]
+    python benchmarks/gpu_suite.py slice|trainer|lora|generate|summary --out DIR [--cpu-smoke]
 
 slice     a bf16 training step (forward, backward, AdamW step) of a Moonlight-width slice: hidden
           2048, 16 heads, kv_lora 512, 64 experts top-6, 2 shared, one dense + three MoE layers, seq 4096;
           eager and compiled; MFU against the device's dense bf16 spec peak; torchtitan's DeepSeek-V3
           model on the same slice when it imports (benchmarks/peers.py).
+trainer   the trainer's own step (benchmarks/train_step.py) on the same slice, pretrain recipe (fp32
+          weights, bf16 compute, AC off), 16 micro-batches of 1 x 4096 per optimizer step, with Muon and
+          with AdamW: MFU, optimizer ms, share of the step outside forward+backward.
 lora      one GPU, Moonlight-16B with LoRA (configs/moonlight-16b-lora.toml through the trainer):
           peak memory and tokens/s.
 generate  tokens/s of moonlight.generate, when that module exists.
@@ -129,6 +132,32 @@ def run_slice(out: Path, smoke: bool) -> dict:
     return result
 
 
+def run_trainer(out: Path, smoke: bool) -> dict:
+    from benchmarks.train_step import measure
+
+    overrides = ["--validation.enable=false", "--checkpoint.initial_load_hf=", "--data.format=jsonl",
+                 "--data.path=data/corpus", "--data.tokenizer=byte", "--data.add_eos=true", "--parallelism.ep=1",
+                 "--parallelism.dp_shard=1", "--activation_checkpoint.mode=none", "--metrics.enable_tensorboard=false",
+                 "--metrics.log_freq=1000", "--training.local_batch_size=1"]
+    if smoke:  # fp32, and 2 micro-batches
+        overrides += ["--model.name=debug", "--training.seq_len=32", "--training.mixed_precision_param=float32",
+                      "--training.global_batch_size=2"]
+    else:
+        overrides += ["--model.overrides.num_hidden_layers=4", "--model.overrides.first_k_dense_replace=1",
+                      "--training.seq_len=4096", "--training.global_batch_size=16"]
+    result = {}
+    for optimizer in ("muon", "adamw"):
+        try:
+            run = measure(str(ROOT / "configs" / "moonlight-16b-pretrain.toml"),
+                          overrides + [f"--optimizer.name={optimizer}"], steps=1 if smoke else 3, warmup=1)
+        except Exception as e:  # the other optimizer still runs
+            run = {"error": f"{type(e).__name__}: {e}"[:500]}
+        result[optimizer] = run
+        print(f"trainer {optimizer}: {run}", flush=True)
+        write_step(out, "trainer", result)  # a step stopped by its time limit keeps the runs it finished
+    return result
+
+
 def run_lora(out: Path, smoke: bool) -> dict:
     from moonlight.train.config import load_config
     from moonlight.train.trainer import Trainer
@@ -197,7 +226,7 @@ def summary(out: Path) -> dict:
     return merged
 
 
-STEPS = {"slice": run_slice, "lora": run_lora, "generate": run_generate}
+STEPS = {"slice": run_slice, "trainer": run_trainer, "lora": run_lora, "generate": run_generate}
 
 
 def main():
