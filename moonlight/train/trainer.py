@@ -18,6 +18,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 
 from moonlight.checkpoint.export import export_hf, export_peft_adapter
 from moonlight.checkpoint.state import Checkpointer
@@ -102,6 +103,10 @@ class Trainer:
         # train_step also reports forward_backward_s (benchmarks: the step's time outside the optimizer);
         # on a GPU that waits for the device before and after forward+backward, two host syncs per step
         self.time_forward_backward = False
+        # One process (FSDP2 on one rank for mixed precision) keeps its bf16 weights gathered from the first
+        # forward to the last micro-batch's backward: one cast of the weights a step instead of two per
+        # micro-batch, for one bf16 copy of the model held through the step. Bit for bit the same step.
+        self.gather_once = self.world_size == 1
         self._last_inputs = None
         self._nonfinite_in_a_row = 0
         self.checkpointer = self._build_checkpointer()
@@ -223,7 +228,13 @@ class Trainer:
             dist.all_reduce(targets, group=self.parallel.dp_group)
         num_tokens = targets.clamp(min=1).float() / self.parallel.gradient_ranks
         total = torch.zeros((), device=self.device)
-        for batch in batches:
+        model = self.model_parts[0]
+        gather_once = self.gather_once and isinstance(model, FSDPModule) and self.parallel.pipeline is None
+        for i, batch in enumerate(batches):
+            if gather_once:  # keep the (bf16) weights gathered until the last micro-batch's backward
+                if i == 0:
+                    model.set_reshard_after_forward(False)
+                model.set_reshard_after_backward(i == len(batches) - 1)
             inputs, labels, packing = self.parallel.batch_inputs(batch, self.device, self.document_mask)
             self._last_inputs = (inputs, packing)
             if self.parallel.pipeline is not None:
@@ -231,7 +242,6 @@ class Trainer:
                 if loss is not None:
                     total += loss.detach()
                 continue
-            model = self.model_parts[0]
             if self.parallel.loss_from_hidden:
                 loss = reduce_token_losses(model(inputs, labels=labels, **packing), labels, num_tokens=num_tokens)
             else:
