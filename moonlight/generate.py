@@ -1,25 +1,15 @@
-"""Text generation with a static MLA latent KV cache and a decode step that never waits on the host,
-and its command line.
+"""Text generation (engine: `moonlight.generation`) and its command line.
 
-    from moonlight.generate import generate
-    out = generate(model, input_ids, max_new_tokens=32)                          # greedy
-    out = generate(model, input_ids, 32, temperature=0.7, top_p=0.9,
-                   generator=torch.Generator().manual_seed(0))                   # nucleus sampling
-    out = generate(model, input_ids, 32, compile=True)  # the decode step compiled (CUDA graphs on CUDA)
-
-    python -m moonlight.generate --hf DIR --prompt "Is 123 a prime?" --chat [--system TEXT] [--max-new-tokens N]
-                                 [--temperature T --top-p P --seed S] [--tokenizer PATH] [--compile/--no-compile]
+    out = generate(model, input_ids, 32)  # greedy; temperature=0.7, top_p=0.9, generator=...: nucleus
+    out = generate(model, input_ids, 32, compile=True)  # decode step compiled (CUDA graphs on CUDA)
+    python -m moonlight.generate --hf DIR --prompt TEXT [--chat [--system TEXT]] [--max-new-tokens N]
+        [--temperature T --top-p P --seed S] [--tokenizer PATH] [--compile | --no-compile] [--adapter DIR]
     python -m moonlight.generate --dcp RUN/checkpoint [--step N] --tokenizer PATH --prompt TEXT
-    python -m moonlight.generate --hf BASE --adapter RUN/adapter --prompt TEXT          # a PEFT LoRA/DoRA adapter
 
-Batches follow Hugging Face's convention: prompts of different lengths are LEFT-padded in
-`input_ids` [B, S], and `attention_mask` [B, S] is 1 on prompt tokens and 0 on padding (`pad_left`
-builds both from a list of prompts). The result is [B, S + max_new_tokens]: the input, then the new
-tokens; a row that produced `eos_token_id` is filled with eos from there on.
-The engine is `moonlight.generation`: the latent cache (kv_lora_rank + rope key a token and layer,
-8.9x less than per-head K/V for Moonlight), prefill on the training attention kernels, absorbed-MLA
-decode, gathered experts for small batches, on-device sampling. Reuse a `Decoder` across calls to
-keep its compiled step and buffers.
+Prompts of different lengths are LEFT-padded in `input_ids` [B, S] with `attention_mask` [B, S] 1 on
+prompt tokens (`pad_left`), as in Hugging Face. The result is [B, S + max_new_tokens]; a row that
+produced `eos_token_id` is filled with eos from there on. A `Decoder` reused across calls keeps its
+buffers and its compiled step.
 """
 
 from __future__ import annotations

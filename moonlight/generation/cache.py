@@ -46,7 +46,7 @@ class LatentCache:
         # zeros, not empty: masked slots still meet the attention weights (0 * NaN would be NaN)
         self.kv = torch.zeros(args.num_hidden_layers, batch_size, max_len, args.kv_lora_rank + args.qk_rope_head_dim,
                               dtype=dtype, device=device)
-        self.layers = list(self.kv.unbind(0))
+        self.layers = [self.kv[i] for i in range(args.num_hidden_layers)]
         self.is_token = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)

@@ -115,7 +115,9 @@ class Decoder:
             self.done |= token == self.eos_token_id
         return token
 
+    @torch.no_grad()
     def step(self, generator: torch.Generator | None = None) -> None:
+        """One decode step, queued (fresh noise first when sampling)."""
         if self.temperature > 0:
             draw_noise_(self.noise, generator)
         self._step(self)
