@@ -35,10 +35,10 @@ def test_decode_step_reads_nothing_back_to_the_host():
     next(stream)  # the prefill
     assert host_syncs(decoder.step) == []  # sampling, eos masking and the cache writes stay on the device
     assert host_syncs(lambda: list(stream)) == []  # the loop: 7 steps, fewer than eos_check_every
-    # With eos, the loop reads whether every row ended once every eos_check_every (16) tokens; the
-    # prefill reads once per prompt whether it is padded.
-    decoder = Decoder(model, 1, 40)
-    syncs = host_syncs(lambda: list(decoder.stream(torch.tensor([[4, 5, 6]]), 37, eos_token_id=3)))
+    # With eos, the loop reads whether every row ended once every eos_check_every tokens (at 4 and 8
+    # here); the prefill reads once per prompt whether it is padded.
+    decoder = Decoder(model, 1, 13)
+    syncs = host_syncs(lambda: list(decoder.stream(torch.tensor([[4, 5, 6]]), 10, eos_token_id=3, eos_check_every=4)))
     assert syncs == ["aten._local_scalar_dense.default"] * 3, syncs
 
 
@@ -81,5 +81,4 @@ def test_gathered_experts_equal_the_training_moe(dtype, tokens):
     assert uses_gathered_experts(moe, tokens) == (tokens <= 4)
     tol = {} if dtype == torch.float64 else {"atol": 1e-5, "rtol": 1e-5}
     torch.testing.assert_close(got, expected, **tol)
-    if uses_gathered_experts(moe, tokens):  # inference: the load counters are the trainer's
-        assert torch.equal(moe.tokens_per_expert, counts)
+    assert torch.equal(moe.tokens_per_expert, counts)  # inference: the load counters are the trainer's

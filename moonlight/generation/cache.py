@@ -158,7 +158,8 @@ def decode(model: Moonlight, tokens: torch.Tensor, cache: LatentCache) -> torch.
     allowed = cache.is_token[:, None, :]  # every written real slot: later slots are not written yet
     h = model.embed(tokens[:, None])
     for i, layer in enumerate(model.layers.values()):  # Block.forward with the cached attention
-        h = h + absorbed_attention(layer.attn, layer.attn_norm(h), cache.layers[i], slot, cos, sin, allowed)
+        # cache.kv[i], not the `layers` views: under CUDA graphs only tensors marked static may be written
+        h = h + absorbed_attention(layer.attn, layer.attn_norm(h), cache.kv[i], slot, cos, sin, allowed)
         x = layer.ffn_norm(h)
         h = h + (moe_decode(layer.ffn, x) if isinstance(layer.ffn, MoE) else layer.ffn(x))
     slot.add_(1)

@@ -5,8 +5,8 @@ For a handful of tokens the training path's permute and grouped GEMM cost more l
 FLOPs. Here every (token, expert) pair is one batched matrix-vector product against
 `weight[expert_ids]`; inductor, with coordinate-descent tuning on CUDA, turns such a batched
 product with one row into a reduction that reads the indexed weights in place (no gathered copy).
-Past `tokens * top_k > n_routed_experts` pairs, experts repeat and the training path, which reads each
-chosen expert once, is taken instead.
+Past `tokens * top_k > n_routed_experts` pairs, experts repeat and the training path's experts (permute,
+grouped GEMM), which read each chosen expert once, are taken instead.
 """
 
 from __future__ import annotations
@@ -38,13 +38,15 @@ def uses_gathered_experts(moe: MoE, tokens: int) -> bool:
 
 
 def moe_decode(moe: MoE, x: torch.Tensor) -> torch.Tensor:
-    """The MoE layer's forward (inference) for x [..., H]: gathered experts for few tokens."""
+    """The MoE layer's forward for inference, x [..., H]: gathered experts for few tokens, else the
+    training path's experts; the trainer's load counters are left alone."""
     shape = x.shape
     flat = x.reshape(-1, shape[-1])
-    if not uses_gathered_experts(moe, flat.shape[0]):
-        return moe(x)
     weights, expert_ids, _ = moe.router(flat)
-    out = gathered_experts(moe.experts, flat, expert_ids, weights)
+    if uses_gathered_experts(moe, flat.shape[0]):
+        out = gathered_experts(moe.experts, flat, expert_ids, weights)
+    else:
+        out = moe.experts(flat, expert_ids, weights)
     if moe.shared_experts is not None:
         out = out + moe.shared_experts(flat)
     return out.view(shape)
