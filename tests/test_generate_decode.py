@@ -42,9 +42,12 @@ def test_decode_step_reads_nothing_back_to_the_host():
     assert syncs == ["aten._local_scalar_dense.default"] * 3, syncs
 
 
-def test_decode_step_compiles_as_one_graph():
-    decoder = Decoder(_model(), len(PROMPTS), 16)
-    ids, mask = pad_left(PROMPTS, pad_id=1)
+@pytest.mark.parametrize("copies", [1, 2], ids=["gathered experts", "training experts"])
+def test_decode_step_compiles_as_one_graph(copies):
+    """3 rows x top-2 = 6 pairs of 8 experts index the experts' weights; 6 rows take the training path."""
+    decoder = Decoder(_model(), len(PROMPTS) * copies, 16)
+    assert uses_gathered_experts(decoder.model.moe_layers()[0], len(PROMPTS) * copies) == (copies == 1)
+    ids, mask = pad_left(PROMPTS * copies, pad_id=1)
     next(decoder.stream(ids, 4, attention_mask=mask))
     torch._dynamo.reset()
     with torch.no_grad():

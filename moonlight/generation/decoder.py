@@ -80,7 +80,8 @@ def compiled_decode_step(backend: str, cuda: bool):
     under CUDA graphs."""
     key = (backend, cuda)
     if key not in _COMPILED:
-        options = {"triton.cudagraphs": True, "coordinate_descent_tuning": True} if cuda and backend == "inductor" else None
+        cuda_graphs = cuda and backend == "inductor"
+        options = {"triton.cudagraphs": True, "coordinate_descent_tuning": True} if cuda_graphs else None
         _COMPILED[key] = torch.compile(decode_step, fullgraph=True, dynamic=False, backend=backend, options=options)
     return _COMPILED[key]
 
