@@ -213,7 +213,7 @@ def test_mistakes_are_one_error_line_and_write_nothing(tmp_path):
                              "broken.jsonl:2: invalid JSON"),
         "a missing output directory": ([good, *base, "--out", tmp_path / "nowhere" / "c"], "does not exist"),
         "a directory as the output": ([good, *base, "--out", out], "a directory; give a file prefix"),
-        "an existing output": ([good, *base, "--out", out / "taken"], "pass overwrite=True (--overwrite)"),
+        "an existing output": ([good, *base, "--out", out / "taken"], "pass --overwrite to replace"),
         "eos without an eos token": ([good, "--tokenizer", _no_eos_tokenizer(tmp_path), "--out", out / "c",
                                       "--append-eos"], "--append-eos"),
     }

@@ -129,16 +129,17 @@ def _is_megatron_index(path: str) -> bool:
         return False
 
 
-def check_megatron_output(prefix: str, overwrite: bool) -> None:
+def check_megatron_output(prefix: str, overwrite: bool, how: str = "overwrite=True") -> None:
     """Refuse to replace <prefix>.bin/.idx unless `overwrite`, and even then unless they are a Megatron
-    pair (the .idx starts with MMIDIDX): a lone .bin or a foreign file is never ours to replace."""
+    pair (the .idx starts with MMIDIDX): a lone .bin or a foreign file is never ours to replace. `how`:
+    how the caller's user asks to overwrite (a command line: "--overwrite")."""
     prefix = _megatron_prefix(prefix)
     found = [prefix + ext for ext in (".bin", ".idx") if os.path.lexists(prefix + ext)]
     if not found:
         return
     if not overwrite:
-        raise DataError(f"{' and '.join(found)} already exist{'s' if len(found) == 1 else ''}; pass overwrite=True "
-                        "(--overwrite) to replace them, or pick another output prefix")
+        raise DataError(f"{' and '.join(found)} already exist{'s' if len(found) == 1 else ''}; pass {how} "
+                        "to replace them, or pick another output prefix")
     refuse = "refusing to replace it (remove it, or pick another output prefix)"
     for f in found:
         if os.path.islink(f) or not os.path.isfile(f):
