@@ -18,7 +18,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from benchmarks.peers import PEER_CONFIG, benchmark_device, save_peer_checkpoint  # noqa: E402
+from benchmarks.peers import PEER_CONFIG, benchmark_device, progress, save_peer_checkpoint  # noqa: E402
 from moonlight.hf import load_hf  # noqa: E402
 from moonlight.generate import cache_bytes_per_token, generate, per_head_kv_bytes_per_token  # noqa: E402
 
@@ -40,6 +40,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     device = benchmark_device(args.threads)
+    progress("building the peer model for transformers and for us")
     with tempfile.TemporaryDirectory() as tmp:
         save_peer_checkpoint(tmp)
         hf = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp, dtype=torch.float32).to(device).eval()
@@ -61,21 +62,25 @@ def main():
     print(f"KV cache bytes per token (fp32, {a.num_hidden_layers} layers): ours {ours_cache} "
           f"(kv_lora_rank {a.kv_lora_rank} + rope {a.qk_rope_head_dim}), transformers {hf_cache}: ratio "
           f"{hf_cache / ours_cache:.2f}x; a per-head K/V cache ({a.num_attention_heads} heads x "
-          f"({a.qk_head_dim}+{a.v_head_dim})) would hold {per_head}: {per_head / ours_cache:.2f}x ours")
+          f"({a.qk_head_dim}+{a.v_head_dim})) would hold {per_head}: {per_head / ours_cache:.2f}x ours", flush=True)
 
     for prompt_len in [int(s) for s in args.prompt_lens.split(",")]:
         ids = torch.randint(0, PEER_CONFIG["vocab_size"], (args.batch, prompt_len), device=device)
+        progress(f"prompt {prompt_len}: warm-up run of each")
         outs = {name: run(ids) for name, run in runs.items()}  # warm-up, and the tokens to compare
         agree = (outs["ours"][:, prompt_len:] == outs["transformers"][:, prompt_len:]).float().mean().item()
         times = {name: [] for name in runs}
         for i in range(args.pairs):
             for name in (list(runs) if i % 2 == 0 else list(reversed(runs))):
                 times[name].append(timed(lambda: runs[name](ids))[0])
+            progress(f"prompt {prompt_len}: pair {i + 1}/{args.pairs}: "
+                     + ", ".join(f"{name} {t[-1]:.1f}s" for name, t in times.items()))
         ratios = [h / o for h, o in zip(times["transformers"], times["ours"])]
         tps = {name: args.batch * n / statistics.median(t) for name, t in times.items()}
         print(f"batch {args.batch}, prompt {prompt_len}, {n} new tokens: ours {tps['ours']:.0f} tok/s, "
               f"transformers {tps['transformers']:.0f} tok/s; speed ratio median {statistics.median(ratios):.2f}x "
-              f"(min {min(ratios):.2f}, max {max(ratios):.2f}, {args.pairs} pairs); greedy tokens agree {agree:.0%}")
+              f"(min {min(ratios):.2f}, max {max(ratios):.2f}, {args.pairs} pairs); greedy tokens agree {agree:.0%}",
+              flush=True)
 
 
 if __name__ == "__main__":
