@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from moonlight.errors import ArgumentParser, DataError, exit_on_user_error
 from moonlight.data.documents import DataKeys
-from moonlight.data.megatron import MegatronBuild, build_megatron_from_jsonl
+from moonlight.data.megatron import MegatronBuild, build_megatron_from_jsonl, check_megatron_output
 from moonlight.data.tokenizer import build_tokenizer
 
 
