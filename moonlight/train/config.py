@@ -262,7 +262,7 @@ class DataSection:
     format: Literal["jsonl", "hf", "megatron", "chat"] = "jsonl"
     """jsonl text, a local HF dataset, Megatron .bin/.idx, or chat conversations."""
     path: str = "data/corpus"
-    """jsonl: a file, a directory (all *.jsonl and *.jsonl.gz) or a glob; hf: a save_to_disk directory or
+    """Relative to the working directory (not the config file). jsonl: a file, a directory (all *.jsonl and *.jsonl.gz) or a glob; hf: a save_to_disk directory or
     json/parquet/arrow/csv file(s); megatron: the prefix of <prefix>.bin/.idx (or either file);
     chat: jsonl file(s) as for jsonl, else an HF dataset as for hf."""
     text_key: str = "text"
@@ -524,12 +524,39 @@ class JobConfig:
 SECTIONS: dict[str, type] = field_types(JobConfig)  # [section] name -> its dataclass, in JobConfig's order
 
 
+# Keys naming files or directories. A relative one is read from the working directory (as every
+# command-line tool and torchrun's workers do), not from the config file's folder.
+PATH_KEYS = (("data", "path"), ("validation", "path"), ("data", "tokenizer"), ("model", "hf_config"),
+             ("checkpoint", "initial_load_hf"), ("lora", "init_adapter"))
+
+
+def _check_relative_paths(cfg: JobConfig, table: dict[str, Any], config_file: str) -> None:
+    """A relative path the config file sets that is missing here but exists next to the config file:
+    say so (the user likely ran from another folder) instead of a missing-file error later."""
+    here = os.path.dirname(os.path.abspath(config_file))
+    for sec, key in PATH_KEYS:
+        value = table.get(sec, {}).get(key)
+        if value != getattr(getattr(cfg, sec), key):  # overridden on the command line
+            continue
+        if (isinstance(value, str) and value and value != "byte" and not os.path.isabs(os.path.expanduser(value))
+                and not any(c in value for c in "*?[") and not os.path.exists(value)
+                and os.path.exists(os.path.join(here, value)) and here != os.getcwd()):
+            raise ConfigError(f"{sec}.{key} = {value!r} (in {config_file}) does not exist here: relative paths are "
+                              f"read from the working directory {os.getcwd()}, not from the config file's folder, "
+                              f"where it does exist; run from {here}, or set {sec}.{key} to "
+                              f"{os.path.join(here, value)!r}")
+
+
 def load_config(path: str | None, overrides: list[str] | None = None) -> JobConfig:
-    """Defaults <- TOML file (if path) <- CLI overrides. Does not call validate()."""
+    """Defaults <- TOML file (if path) <- CLI overrides. Does not call validate(). Relative paths are
+    the working directory's (PATH_KEYS)."""
     cfg = JobConfig()
     if path:
-        apply_table(cfg, SECTIONS, read_toml(path), f" (in {path})")
+        table = read_toml(path)
+        apply_table(cfg, SECTIONS, table, f" (in {path})")
     apply_overrides(cfg, SECTIONS, list(overrides or []))
+    if path:
+        _check_relative_paths(cfg, table, path)
     return cfg
 
 
