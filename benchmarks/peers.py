@@ -45,6 +45,8 @@ PEER_CONFIG = dict(
 
 
 _STARTED = time.perf_counter()
+# Results print line by line even into a pipe (`| tee`), where stdout is block-buffered by default.
+sys.stdout.reconfigure(line_buffering=True)
 
 
 def progress(message: str) -> None:
