@@ -30,7 +30,7 @@ from moonlight.config import ModelArgs  # noqa: E402
 from moonlight.hf import load_hf  # noqa: E402
 from moonlight.parallel.tensor import reduce_token_losses  # noqa: E402
 from moonlight.parallel.compile import apply_compile  # noqa: E402
-from moonlight.train.metrics import peak_flops  # noqa: E402
+from moonlight.train.metrics import measure_peak_flops, peak_flops  # noqa: E402
 
 def logits_loss(forward):
     """The peers' training loss: the mean next-token cross-entropy on their [B, S, V] logits (what
@@ -101,7 +101,8 @@ def main():
         for name in names[i % len(names):] + names[:i % len(names)]:
             times[name].append(step_time(*runs[name], tokens, clock))
         progress(f"round {i + 1}/{args.pairs}: " + ", ".join(f"{name} {t[-1]:.2f}s" for name, t in times.items()))
-    peak = peak_flops(device, torch.float32)
+    # this table's MFU is against the GEMM peak timed in the same run on CPU (the trainer's is a fixed nominal one)
+    peak = measure_peak_flops(device) if device.type == "cpu" else peak_flops(device, torch.float32)
     flops_per_token = model_args.flops_per_token(args.seq)
     n_tokens = args.batch * args.seq
     print(f"device {device}, {args.threads} threads, {'CPU' if args.cpu_time else 'wall'} time, batch {args.batch} x seq {args.seq}, "
