@@ -114,7 +114,7 @@ def dcp_to_peft(dcp_dir: str, out: str, step: int = -1, overwrite: bool = False)
     adapters, args, lora = load_dcp_adapters(path)
     meta = fmt.read_meta(path)
     print(f"writing PEFT adapter ({len(adapters)} tensors) of {path} (step {meta['step']}) to {out}", file=sys.stderr)
-    base = meta.get("frozen_weights_from")  # the run's initial_load_hf, when it left the base out
+    base = meta.get("base_model")  # the run's initial_load_hf
     return save_peft_adapter(adapters, args, lora, out, base_model_name_or_path=base, overwrite=overwrite)
 
 

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from moonlight import convert as moonlight_convert
 from moonlight import eval as moonlight_eval
 from moonlight.train.config import load_config
 from moonlight.train.trainer import Trainer
@@ -50,6 +51,10 @@ def test_eval_of_a_checkpoint_and_its_hf_export_equals_the_validation_loss(tmp_p
     assert adapted["loss"] == pytest.approx(lora_val, rel=1e-6)
     with open(lora / "adapter" / "step-1" / "adapter_config.json") as f:
         assert json.load(f)["base_model_name_or_path"] == str(base)
+    assert moonlight_convert.main(["dcp-to-peft", "--dcp", str(lora / "checkpoint"), "--out",
+                                   str(tmp_path / "cli")]) == 0
+    with open(tmp_path / "cli" / "adapter_config.json") as f:
+        assert json.load(f)["base_model_name_or_path"] == str(base)  # from the checkpoint's meta.json
 
 
 def test_eval_of_chat_data_scores_the_assistant_tokens_as_validation_does(tmp_path, capsys):

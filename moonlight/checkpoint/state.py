@@ -415,6 +415,8 @@ class Checkpointer:
                 fmt.write_json_durable(save.train_state, os.path.join(tmp, TRAIN_STATE))
                 meta = fmt.base_meta(step, self.args, ["model"] + (["optimizer"] if self._optim_list else [])
                                      + ["train_state", "rng"] + (["extra"] if self.extra_states else []), self.layout)
+                if self.base_weights:  # the run's initial_load_hf: a PEFT export names it as the base model
+                    meta["base_model"] = self.base_weights
                 if self.skip_frozen:
                     meta["frozen_weights_from"] = self.base_weights
                 fmt.write_json_durable(meta, os.path.join(tmp, fmt.META))
