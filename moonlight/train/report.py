@@ -61,10 +61,10 @@ class RunReport:
         done = step - self.start_step
         return {"elapsed_s": elapsed, "eta_s": elapsed / done * (self.total_steps - step) if done else math.nan}
 
-    def output(self, what: str, step: int, path: str, seconds: float) -> None:
+    def output(self, what: str, step: int, path: str, seconds: float, note: str = "") -> None:
         """A checkpoint save or an export: one line, and its path for the summary."""
         self.paths[what] = path
-        self.print(f"step {step}: {what} -> {path} ({duration(seconds)})")
+        self.print(f"step {step}: {what} -> {path} ({duration(seconds)}{note})")
 
     def summary(self, flops_per_token: float, peak_flops: float, world_size: int) -> None:
         steps = self.step - self.start_step

@@ -213,9 +213,8 @@ class Trainer:
             self.checkpointer.wait()
         if saved:
             path = relative(os.path.join(self.checkpointer.folder, f"step-{self.step}"))
-            self.report.output("checkpoint", self.step, path + (" (written in the background)"
-                                                                if self.cfg.checkpoint.async_mode else ""),
-                               time.perf_counter() - start)
+            self.report.output("checkpoint", self.step, path, time.perf_counter() - start,
+                               ", written in the background" if self.cfg.checkpoint.async_mode else "")
         export = self.cfg.checkpoint.export_hf
         if ((export == "each" and saved) or (export and final)) and self.exported_step != self.step:
             start = time.perf_counter()
