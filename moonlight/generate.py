@@ -44,7 +44,7 @@ from moonlight.checkpoint.format import check_intact, resolve_checkpoint
 from moonlight.config import ModelArgs
 from moonlight.distributed import checked_device, default_device
 from moonlight.dtypes import to_dtype
-from moonlight.errors import ArgumentParser, ConfigError, exit_on_user_error
+from moonlight.errors import ArgumentParser, ConfigError, NonFiniteError, exit_on_user_error
 from moonlight.hf import load_hf
 from moonlight.hf_peft import apply_peft_adapter, read_adapter_config
 from moonlight.model import MLA, Moonlight
@@ -186,6 +186,9 @@ def generate_stream(model: Moonlight, input_ids: torch.Tensor, max_new_tokens: i
     logits = forward_cached(model, input_ids, cache, attention_mask)
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     for step in range(max_new_tokens):
+        if not bool(torch.isfinite(logits).all()):  # argmax would pick token 0, multinomial would raise
+            raise NonFiniteError(f"the model's logits are NaN/Inf at generated token {step + 1}: its weights hold "
+                                 "NaN/Inf, or --dtype float16 overflows (use bfloat16 or float32)")
         token = sample_next(logits, temperature, top_p, generator)
         if eos_token_id is not None:
             token = token.masked_fill(done, eos_token_id)

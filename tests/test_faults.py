@@ -28,6 +28,7 @@ from moonlight.checkpoint.state import Checkpointer
 from moonlight.convert import main as convert_main
 from moonlight.errors import CheckpointError, ConfigError, DataError, NonFiniteError
 from moonlight.hf import HFCheckpoint, load_hf, save_hf
+from moonlight.model import Moonlight
 from moonlight.train.config import load_config
 from moonlight.data.documents import BadLineError, read_jsonl
 from moonlight.data.megatron import MegatronIndexedDataset
@@ -670,3 +671,90 @@ def test_convert_validates_every_argument_before_reading_tensors(tmp_path, hf_di
     for argv, match in cases:
         assert _convert(*argv) == 2, argv
         assert match in capsys.readouterr().err, argv
+
+
+# --- round 3: loaders, data, templates ---
+
+
+def _tampered_hf(hf_dir, out, change):
+    """A copy of the HF directory hf_dir whose tensors `change(dict)` edited in place."""
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir()
+    tensors = load_file(hf_dir / "model.safetensors")
+    change(tensors)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    (out / "config.json").write_text((hf_dir / "config.json").read_text())
+    return out
+
+
+def _fp8(tensors):
+    for k in [k for k in tensors if k.endswith("proj.weight") and "layers.0.self_attn" in k]:
+        tensors[k] = tensors[k].to(torch.float8_e4m3fn)
+        tensors[k.removesuffix("weight") + "weight_scale_inv"] = torch.ones(1, 1)
+
+
+def _int32(tensors):
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].to(torch.int32)
+
+
+def _extra_layer(tensors):
+    tensors.update({k.replace("layers.0.", "layers.9."): v.clone() for k, v in list(tensors.items())
+                    if k.startswith("model.layers.0.")})
+
+
+def _nan(tensors):
+    tensors["model.layers.1.self_attn.o_proj.weight"][3, 5] = float("nan")
+
+
+@pytest.mark.parametrize("change,match", [
+    (_fp8, "FP8-quantised checkpoint .*dequantise it to bfloat16 first"),
+    (_int32, "model.norm.weight has dtype I32, not a floating-point weight"),
+    (_extra_layer, r"unexpected key\(s\), e.g. \['model.layers.9"),
+    (_nan, r"model.layers.1.self_attn.o_proj.weight holds 1 NaN/Inf value"),
+])
+def test_the_trainers_sharded_hf_load_checks_what_the_converter_checks(tmp_path, hf_dir, change, match):
+    """Fault: initial_load_hf cast FP8 without its scales, took int32, dropped extra layers and NaNs."""
+    from moonlight.config import ModelArgs
+    from moonlight.model import Moonlight
+    from moonlight.parallel.load import load_hf_sharded
+
+    bad = _tampered_hf(hf_dir, tmp_path / "bad", change)
+    with torch.device("meta"):
+        model = Moonlight(ModelArgs.from_hf_config(hf_dir))
+    model.to_empty(device="cpu")
+    with pytest.raises(CheckpointError, match=match):
+        load_hf_sharded(model, bad)
+    with pytest.raises(CheckpointError, match=match):  # the converter and generate's load_hf say the same
+        load_hf(bad)
+
+
+def test_conversions_refuse_to_write_nan_or_an_overflowing_cast(tmp_path, hf_dir, capsys):
+    """Fault: hf-to-dcp copied NaN weights and dcp-to-hf --dtype float16 wrote inf, both exiting 0."""
+    bad = _tampered_hf(hf_dir, tmp_path / "nan", _nan)
+    assert _convert("hf-to-dcp", "--hf", bad, "--out", tmp_path / "dcp_nan") == 2
+    assert "o_proj.weight holds 1 NaN/Inf value" in capsys.readouterr().err
+    assert not (tmp_path / "dcp_nan").exists()
+
+    big = _tampered_hf(hf_dir, tmp_path / "big", lambda t: t["model.norm.weight"].fill_(1e6))
+    convert_main(["hf-to-dcp", "--hf", str(big), "--out", str(tmp_path / "dcp")])
+    assert _convert("dcp-to-hf", "--dcp", tmp_path / "dcp", "--out", tmp_path / "fp16", "--dtype", "float16") == 2
+    err = capsys.readouterr().err
+    assert "model.norm.weight holds NaN/Inf values (finite before the cast to torch.float16" in err, err
+    assert not (tmp_path / "fp16").exists() and not list(tmp_path.glob(".tmp-save-*"))
+    assert _convert("dcp-to-hf", "--dcp", tmp_path / "dcp", "--out", tmp_path / "o", "--max-shard-size", "0") == 2
+    assert "max_shard_size='0' must be positive" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_generate_stops_on_non_finite_logits(temperature):
+    """Fault: generate on a NaN weight printed token 0 (NUL bytes) and exited 0, or a torch traceback."""
+    from moonlight.generate import generate
+    from tests.test_generate import _tiny_args
+
+    model = Moonlight(_tiny_args())
+    model.init_weights(std=0.1)
+    with torch.no_grad():
+        model.norm.weight[0] = float("nan")
+    with pytest.raises(NonFiniteError, match="logits are NaN/Inf at generated token 1: its weights hold NaN/Inf"):
+        generate(model, torch.tensor([[3, 4, 5]]), 4, temperature=temperature)

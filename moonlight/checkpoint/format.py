@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from moonlight import distributed
 from moonlight.config import RUNTIME_FIELDS, ModelArgs
-from moonlight.errors import CheckpointError, CheckpointSaveError
+from moonlight.errors import CheckpointError, CheckpointSaveError, MoonlightError
 from moonlight.outputs import check_replaceable, publish_mode, remove_own_dir
 
 FORMAT = "moonlight-dcp"
@@ -204,6 +204,13 @@ def is_disk_full(exc: BaseException | None) -> bool:
                 return True
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+def user_error_in(exc: BaseException) -> MoonlightError | None:
+    """The MoonlightError that a DCP CheckpointException wraps (a `read` callback's), if any."""
+    failures = getattr(exc, "failures", None)
+    found = [f[0] if isinstance(f, tuple) else f for f in (failures or {}).values()] if isinstance(failures, dict) else []
+    return next((f for f in found if isinstance(f, MoonlightError)), None)
 
 
 def short_error(exc: BaseException) -> str:
@@ -472,5 +479,7 @@ def write_model_only_checkpoint(state_dict: dict[str, torch.Tensor], out: str | 
         shutil.rmtree(tmp, ignore_errors=True)
         if is_disk_full(e):
             raise CheckpointSaveError(f"writing checkpoint {out} failed: disk full ({short_error(e)})") from e
+        if user_error_in(e):
+            raise user_error_in(e) from None
         raise
     return out
