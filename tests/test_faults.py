@@ -758,3 +758,23 @@ def test_generate_stops_on_non_finite_logits(temperature):
         model.norm.weight[0] = float("nan")
     with pytest.raises(NonFiniteError, match="logits are NaN/Inf at generated token 1: its weights hold NaN/Inf"):
         generate(model, torch.tensor([[3, 4, 5]]), 4, temperature=temperature)
+
+
+@pytest.mark.parametrize("template,match", [
+    ("{% for i in range(4000) %}{% for j in range(4000) %}{% endfor %}{% endfor %}",  # ~2 s a render
+     r"did not render a conversation within 0.2 s \(runaway loops\?\)"),
+    ("{{ ''.__class__.__mro__ }}", r"failed: SecurityError: access to attribute '__class__' of 'str' object is unsafe"),
+    ("{{ raise_exception('roles must alternate') }}", "failed: TemplateError: roles must alternate"),
+])
+def test_a_hostile_chat_template_ends_in_one_error_naming_its_folder(tmp_path, monkeypatch, template, match):
+    """Fault: nested range loops in chat_template rendered for hours; a sandbox refusal was a jinja traceback."""
+    from moonlight.data import chat
+    from tests.test_chat import MULTI_TURN, _tiktoken_dir
+
+    monkeypatch.setattr(chat, "RENDER_SECONDS", 0.2)
+    folder = _tiktoken_dir(tmp_path, template)
+    start = time.monotonic()
+    with pytest.raises(DataError, match=rf"the chat_template of {folder}/tokenizer_config.json {match}"):
+        chat.load_chat_template(str(folder), build_tokenizer(str(folder))).encode(MULTI_TURN)
+    assert time.monotonic() - start < 10
+    assert signal.getsignal(signal.SIGALRM) is signal.SIG_DFL and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)

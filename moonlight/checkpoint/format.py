@@ -209,7 +209,7 @@ def is_disk_full(exc: BaseException | None) -> bool:
 def user_error_in(exc: BaseException) -> MoonlightError | None:
     """The MoonlightError that a DCP CheckpointException wraps (a `read` callback's), if any."""
     failures = getattr(exc, "failures", None)
-    found = [f[0] if isinstance(f, tuple) else f for f in (failures or {}).values()] if isinstance(failures, dict) else []
+    found = [f[0] if isinstance(f, tuple) else f for f in failures.values()] if isinstance(failures, dict) else []
     return next((f for f in found if isinstance(f, MoonlightError)), None)
 
 
