@@ -778,3 +778,32 @@ def test_a_hostile_chat_template_ends_in_one_error_naming_its_folder(tmp_path, m
         chat.load_chat_template(str(folder), build_tokenizer(str(folder))).encode(MULTI_TURN)
     assert time.monotonic() - start < 10
     assert signal.getsignal(signal.SIGALRM) is signal.SIG_DFL and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+def test_a_fifo_or_device_in_the_data_folder_is_refused_before_opening(tmp_path):
+    """Fault: a FIFO in data.path blocked open() forever; /dev/zero as x.jsonl read until out of memory."""
+    from moonlight.data.documents import expand_paths
+
+    (tmp_path / "ok.jsonl").write_text('{"text": "a"}\n')
+    os.mkfifo(tmp_path / "fifo.jsonl")
+    with pytest.raises(DataError, match=r"fifo.jsonl is not a regular file .* remove it from data.path"):
+        expand_paths(str(tmp_path), (".jsonl",), "jsonl")
+    os.unlink(tmp_path / "fifo.jsonl")
+    os.symlink("/dev/zero", tmp_path / "zero.jsonl")
+    for path in (str(tmp_path), str(tmp_path / "zero.jsonl"), str(tmp_path / "z*.jsonl")):
+        with pytest.raises(DataError, match=r"zero.jsonl is not a regular file"):
+            expand_paths(path, (".jsonl",), "jsonl")
+    with pytest.raises(DataError, match=r"zero.jsonl is not a regular file"):
+        list(read_jsonl([str(tmp_path / "zero.jsonl")]))
+
+
+def test_an_overlong_line_is_a_bad_record_read_in_bounded_pieces(tmp_path, monkeypatch):
+    """Fault: a line without newlines (a binary or minified file) was read whole, however large."""
+    from moonlight.data import documents
+
+    monkeypatch.setattr(documents, "MAX_LINE_BYTES", 64)
+    path = tmp_path / "long.jsonl"
+    path.write_text('{"text": "a"}\n{"text": "' + "x" * 1000 + '"}\n{"text": "' + "y" * 52 + '"}\n{"text": "b"}')
+    bad = documents.BadLines("skip")
+    assert list(read_jsonl([str(path)], bad=bad)) == ["a", "y" * 52, "b"]
+    assert bad.reported == [f"{path}:2: longer than 64 bytes (not one JSON record per line?)"]

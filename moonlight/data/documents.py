@@ -10,6 +10,7 @@ import gzip
 import json
 import logging
 import os
+import stat
 import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -25,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 MAX_REPORTED_BAD_LINES = 100
 ENCODE_CHUNK = 1024
+MAX_LINE_BYTES = 64 * 2**20  # a longer line is a bad record, read past in pieces (a newline-free file never ends)
 
 
 class BadLineError(DataError):
@@ -84,10 +86,8 @@ class DocumentStore:
 
 
 def expand_paths(path: str, exts: tuple[str, ...], what: str, keys: DataKeys = DATA_KEYS) -> list[str]:
-    """A file, a directory (files with one of exts, sorted, recursively) or a glob."""
+    """A file, a directory (files with one of exts, sorted, recursively) or a glob; each a regular file."""
     path = os.path.expanduser(path)
-    if os.path.isfile(path):
-        return [path]
     if os.path.isdir(path):
         files = sorted(
             os.path.join(root, f)
@@ -95,11 +95,26 @@ def expand_paths(path: str, exts: tuple[str, ...], what: str, keys: DataKeys = D
             for f in fs
             if f.endswith(exts)
         )
+    elif os.path.exists(path):
+        files = [path]
     else:
-        files = sorted(f for f in _glob.glob(path, recursive=True) if os.path.isfile(f))
+        files = sorted(f for f in _glob.glob(path, recursive=True) if os.path.exists(f) and not os.path.isdir(f))
     if not files:
         raise DataError(f"{keys('path')} {path!r}: no {what} files found (looked for {', '.join(exts)})")
+    for f in files:
+        check_regular(f, keys)
     return files
+
+
+def check_regular(path: str, keys: DataKeys = DATA_KEYS) -> None:
+    """Refuse a FIFO, device or socket: opening one blocks, reading one may never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # dangling or unreadable: named when it is read
+        return
+    if not stat.S_ISREG(mode):
+        raise DataError(f"{path} is not a regular file (a FIFO, device or socket would block or never end): "
+                        f"remove it from {keys('path')}")
 
 
 def expand_paths_or_none(path: str) -> list[str]:
@@ -149,9 +164,12 @@ def read_jsonl(
     bad = bad or BadLines(on_bad_line, keys)
     for path in paths:
         for lineno, raw in _numbered_lines(path, keys):
+            where = f"{path}:{lineno}"
+            if raw is None:
+                bad(where, f"longer than {MAX_LINE_BYTES} bytes (not one JSON record per line?)")
+                continue
             if not raw.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 obj = json.loads(raw.rstrip(b"\r\n"))
             except UnicodeDecodeError as e:
@@ -175,14 +193,20 @@ def read_jsonl(
             yield value
 
 
-def _numbered_lines(path: str, keys: DataKeys) -> Iterator[tuple[int, bytes]]:
-    """(line number, raw line) of a text or .gz file; a truncated or corrupt .gz is a DataError
-    naming the file and the line it stopped after."""
+def _numbered_lines(path: str, keys: DataKeys) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, raw line, None when longer than MAX_LINE_BYTES) of a regular text or .gz file; a
+    truncated or corrupt .gz is a DataError naming the file and the line it stopped after."""
+    check_regular(path, keys)
     opener = gzip.open if path.endswith(".gz") else open
     lineno = 0
     try:
         with opener(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
+            while raw := f.readline(MAX_LINE_BYTES + 1):
+                lineno += 1
+                if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                    while (rest := f.readline(MAX_LINE_BYTES)) and not rest.endswith(b"\n"):
+                        pass
+                    raw = None
                 yield lineno, raw
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise DataError(f"{path}: corrupt or truncated gzip file after line {lineno} "
