@@ -807,3 +807,10 @@ def test_an_overlong_line_is_a_bad_record_read_in_bounded_pieces(tmp_path, monke
     bad = documents.BadLines("skip")
     assert list(read_jsonl([str(path)], bad=bad)) == ["a", "y" * 52, "b"]
     assert bad.reported == [f"{path}:2: longer than 64 bytes (not one JSON record per line?)"]
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**64)])
+def test_a_seed_out_of_range_is_a_config_error(seed):
+    """Fault: training.seed = -1 or 2**64 passed validation and ended in a numpy or torch traceback."""
+    with pytest.raises(ConfigError, match=rf"training.seed must be in \[0, 2\*\*64\) \(got {seed}\)"):
+        load_config("train.toml", [f"--training.seed={seed}"]).validate()

@@ -121,6 +121,7 @@ class TrainingSection:
     def problems(self) -> list[str]:
         out = _require([
             (self.steps > 0, f"training.steps must be > 0 (got {self.steps})"),
+            (0 <= self.seed < 2**64, f"training.seed must be in [0, 2**64) (got {self.seed})"),  # torch's and numpy's
             (self.seq_len > 0, f"training.seq_len must be > 0 (got {self.seq_len})"),
             (self.global_batch_size > 0, f"training.global_batch_size must be > 0 (got {self.global_batch_size})"),
             (self.local_batch_size > 0, f"training.local_batch_size must be > 0 (got {self.local_batch_size})"),
