@@ -814,3 +814,23 @@ def test_a_seed_out_of_range_is_a_config_error(seed):
     """Fault: training.seed = -1 or 2**64 passed validation and ended in a numpy or torch traceback."""
     with pytest.raises(ConfigError, match=rf"training.seed must be in \[0, 2\*\*64\) \(got {seed}\)"):
         load_config("train.toml", [f"--training.seed={seed}"]).validate()
+
+
+def test_a_lora_checkpoint_resumed_without_lora_or_on_another_base_names_the_setting(tmp_path):
+    """Fault: resuming a LoRA run without lora.enable said "a different model?"; on another base, only a warning."""
+    from moonlight.checkpoint.export import export_hf
+    from tests.test_lora import _cfg, _model
+
+    export_hf([_model(seed=7)], tmp_path / "base")
+    export_hf([_model(seed=8)], tmp_path / "other")
+    run = ["--training.steps=2", "--checkpoint.enable=true", "--checkpoint.interval=2"]
+    Trainer(_cfg(tmp_path / "run", *run, f"--checkpoint.initial_load_hf={tmp_path / 'base'}")).train()
+    more = [*run, "--training.steps=4"]
+    with pytest.raises(CheckpointError, match=r"step-2 is a LoRA/DoRA run's: resume it with lora.enable = true "
+                                              r"\(lora.rank = 4, lora.alpha = 16.0"):
+        Trainer(_cfg(tmp_path / "run", *more, "--lora.enable=false"))
+    other = f"--checkpoint.initial_load_hf={tmp_path / 'other'}"
+    with pytest.raises(CheckpointError, match=rf"trained on the frozen weights in {tmp_path / 'base'}, not .*other: "
+                                              r"set it to .*checkpoint.other_base = true"):
+        Trainer(_cfg(tmp_path / "run", *more, other))
+    assert Trainer(_cfg(tmp_path / "run", *more, other, "--checkpoint.other_base=true")).step == 2

@@ -319,6 +319,9 @@ class CheckpointSection:
     """Frozen (not trained) weights: "save" them in every checkpoint, or "reload" them from
     initial_load_hf on resume, so a LoRA/DoRA checkpoint holds the adapters, buffers and optimizer
     state only. "auto": "reload" in a LoRA/DoRA run with initial_load_hf, else "save"."""
+    other_base: bool = False
+    """Resume a LoRA/DoRA checkpoint whose frozen weights were read from another directory than
+    initial_load_hf (the same base, moved); otherwise that is refused: other weights under the adapters."""
 
     def problems(self) -> list[str]:
         return _require([
