@@ -834,3 +834,39 @@ def test_a_lora_checkpoint_resumed_without_lora_or_on_another_base_names_the_set
                                               r"set it to .*checkpoint.other_base = true"):
         Trainer(_cfg(tmp_path / "run", *more, other))
     assert Trainer(_cfg(tmp_path / "run", *more, other, "--checkpoint.other_base=true")).step == 2
+
+
+def test_a_file_of_mostly_unusable_records_is_an_error_naming_the_cause(tmp_path):
+    """Fault: UTF-16, gzip named .jsonl, a wrong text_key or a non-text column trained on almost nothing."""
+    from moonlight.data.documents import read_hf
+
+    lines = "".join(json.dumps({"text": f"doc {i}", "id": i}) + "\n" for i in range(12))
+    (tmp_path / "utf16.jsonl").write_bytes(lines.encode("utf-16"))
+    (tmp_path / "gz.jsonl").write_bytes(gzip.compress(lines.encode()))
+    (tmp_path / "ok.jsonl").write_text(lines + "not json\n")
+    cases = [("utf16.jsonl", "text", r"utf16.jsonl is UTF-16 \(or binary\), not UTF-8 text: convert it"),
+             ("gz.jsonl", "text", r"gz.jsonl is gzip-compressed but not named .gz: rename it to gz.jsonl.gz"),
+             ("ok.jsonl", "body", r"ok.jsonl: 13 of 13 records are malformed \(first: .*ok.jsonl:1: missing text "
+                                  r"field 'body' \(keys: text, id\)\); is data.text_key = \"body\" the field")]
+    for name, key, match in cases:
+        with pytest.raises(DataError, match=match):
+            list(read_jsonl([str(tmp_path / name)], key))
+    assert len(list(read_jsonl([str(tmp_path / "ok.jsonl")]))) == 12  # one bad line in 13 is skipped
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"text": list(range(12))}), tmp_path / "ints.parquet")
+    with pytest.raises(DataError, match=r"12 of 12 records are malformed \(first: .*row 1: field 'text': is int, not a "
+                                        r"string\); is data.text_key = \"text\" the column"):
+        list(read_hf(str(tmp_path / "ints.parquet")))
+
+
+def test_too_little_data_after_skipping_names_the_first_skipped_record(tmp_path):
+    """Fault: a small file under the wrong text_key ended in "0 tokens ..." without the cause."""
+    from moonlight.data.loader import build_dataloader
+    from tests.test_data import data_cfg
+
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"body": "x" * 50}) + "\n" for _ in range(3)))
+    with pytest.raises(DataError, match=r"0 tokens in 0 documents .* \(3 malformed record\(s\) skipped, first: "
+                                        r".*a.jsonl:1: missing text field 'text' \(keys: body\)\)"):
+        build_dataloader(data_cfg(str(tmp_path / "a.jsonl")), build_tokenizer("byte"), 8, 1)

@@ -71,7 +71,7 @@ def load_documents(cfg_data: Any, tokenizer: Any, keys: DataKeys = DATA_KEYS) ->
         # jsonl files are read line by line (errors name the line), anything else as an HF dataset
         files = [] if is_saved_dataset(os.path.expanduser(cfg_data.path)) else expand_paths_or_none(cfg_data.path)
         if files:
-            rows = read_jsonl(files, key, bad=bad, problem=messages_problem, keys=keys)
+            rows = read_jsonl(files, key, bad=bad, problem=messages_problem, keys=keys, field_key="messages_key")
         else:
             rows = read_hf(cfg_data.path, key, getattr(cfg_data, "split", "train"), bad=bad, problem=messages_problem,
                            keys=keys, field_key="messages_key")
@@ -141,9 +141,11 @@ class PackedDataLoader:
         self.tokens_per_epoch = total
         self.sequences_per_epoch = max((total - 1) // seq_len, 0) if total else 0
         if self.sequences_per_epoch < 1:
+            skipped = (f" ({store.num_bad_lines} malformed record(s) skipped, first: {store.bad_lines[0]})"
+                       if store.num_bad_lines and store.bad_lines else "")
             raise DataError(
                 f"{keys('path')} {store.source!r}: {total} tokens in {store.num_documents} documents are fewer than "
-                f"one sequence of seq_len + 1 = {seq_len + 1} tokens"
+                f"one sequence of seq_len + 1 = {seq_len + 1} tokens{skipped}"
             )
         self._epoch_cache: tuple[int, np.ndarray, np.ndarray] | None = None
 
