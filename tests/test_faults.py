@@ -870,3 +870,70 @@ def test_too_little_data_after_skipping_names_the_first_skipped_record(tmp_path)
     with pytest.raises(DataError, match=r"0 tokens in 0 documents .* \(3 malformed record\(s\) skipped, first: "
                                         r".*a.jsonl:1: missing text field 'text' \(keys: body\)\)"):
         build_dataloader(data_cfg(str(tmp_path / "a.jsonl")), build_tokenizer("byte"), 8, 1)
+
+
+def _warnings(caplog):
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_data_that_is_read_twice_or_has_nothing_to_learn_is_warned_about(tmp_path, caplog):
+    """Fault: x.jsonl beside x.jsonl.gz was read twice; all-empty assistant turns trained silently."""
+    from moonlight.data.documents import expand_paths
+    from moonlight.data.loader import load_documents
+    from tests.test_chat import _chat_cfg, _write_chat
+
+    (tmp_path / "x.jsonl").write_text('{"text": "a"}\n')
+    (tmp_path / "x.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a"}\n'))
+    caplog.set_level(logging.WARNING)
+    assert len(expand_paths(str(tmp_path), (".jsonl", ".jsonl.gz"), "jsonl")) == 2
+    assert _warnings(caplog) == [f"data: {tmp_path}/x.jsonl and {tmp_path}/x.jsonl.gz are both read (1 such pair(s)): "
+                                 "the same documents twice? Remove one of each pair from data.path"]
+    caplog.clear()
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " " * k}]}
+            for k in range(3)] + [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
+    load_documents(_chat_cfg(_write_chat(tmp_path / "c.jsonl", rows)), build_tokenizer("byte"))
+    assert any("3 of 4 conversations in" in m and "have only empty assistant turns" in m for m in _warnings(caplog))
+
+
+def test_megatron_files_with_eos_appended_or_another_tokenizer_are_warned_about(tmp_path, caplog):
+    """Fault: prepare_data --append-eos then add_eos = true doubled every EOS; another tokenizer went unnoticed."""
+    from moonlight.data.loader import build_dataloader
+    from moonlight.data.megatron import build_megatron_from_jsonl
+    from tests.test_chat import _tiktoken_dir
+    from tests.test_data import data_cfg
+
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": f"document {i} " * 5}) + "\n" for i in range(20)))
+    byte = build_tokenizer("byte")
+    build_megatron_from_jsonl(str(tmp_path / "a.jsonl"), str(tmp_path / "tok"), byte, append_eos=True)
+    assert json.loads((tmp_path / "tok.moonlight.json").read_text())["append_eos"] is True
+    caplog.set_level(logging.WARNING)
+    build_dataloader(data_cfg(tmp_path / "tok", fmt="megatron", add_eos=False), byte, 8, 1)
+    assert _warnings(caplog) == []
+    build_dataloader(data_cfg(tmp_path / "tok", fmt="megatron", add_eos=True), byte, 8, 1)
+    assert _warnings(caplog) == [f"data: the documents of {tmp_path / 'tok'} already end with the eos token "
+                                 "(prepare_data --append-eos?) and data.add_eos = true adds another to each: set it "
+                                 "to false"]
+    caplog.clear()
+    other = build_tokenizer(str(_tiktoken_dir(tmp_path, "")))
+    build_dataloader(data_cfg(tmp_path / "tok", fmt="megatron", add_eos=False), other, 8, 1)
+    assert _warnings(caplog) == [f"data: 1 of 1 Megatron file(s) in {tmp_path / 'tok'} were tokenised with another "
+                                 f"tokenizer than data.tokenizer (e.g. {tmp_path / 'tok'}): their token ids mean "
+                                 "other text; run prepare_data again with this tokenizer"]
+
+
+def test_repeated_epochs_and_validation_on_the_training_data_are_warned_about(caplog):
+    """Fault: a run over several epochs of its data, or validating on data.path, said nothing."""
+    from moonlight.data.loader import build_dataloader
+    from moonlight.train.build import warn_about_data
+
+    cfg = load_config("train.toml", ["--training.steps=100000", "--validation.enable=true",
+                                     "--validation.path=data/corpus"])
+    loader = build_dataloader(cfg.data, build_tokenizer("byte"), cfg.training.seq_len, 4)
+    caplog.set_level(logging.WARNING)
+    warn_about_data(cfg, loader, build_dataloader(cfg.data, build_tokenizer("byte"), cfg.training.seq_len, 4))
+    found = _warnings(caplog)
+    assert len(found) == 2 and re.fullmatch(rf"data: 100000 steps of 8 sequences read 800000 sequences, [0-9.]+ epochs "
+                                            rf"of the {loader.sequences_per_epoch} in data/corpus: the data repeats",
+                                            found[0]), found
+    assert found[1] == ("validation: validation.path data/corpus holds the same documents as data.path data/corpus: "
+                        "the validation loss is a training loss, not a held-out one")

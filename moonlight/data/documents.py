@@ -103,6 +103,11 @@ def expand_paths(path: str, exts: tuple[str, ...], what: str, keys: DataKeys = D
         raise DataError(f"{keys('path')} {path!r}: no {what} files found (looked for {', '.join(exts)})")
     for f in files:
         check_regular(f, keys)
+    stems = [f.removesuffix(".gz") for f in files]
+    twice = sorted({f for f in stems if stems.count(f) > 1})
+    if twice:
+        logger.warning("data: %s and %s.gz are both read (%d such pair(s)): the same documents twice? Remove one "
+                       "of each pair from %s", twice[0], twice[0], len(twice), keys("path"))
     return files
 
 
@@ -381,11 +386,15 @@ class ChatStore(DocumentStore):
 
 
 def tokenize_conversations(conversations: Iterable[list], template: Any, source: str, bad: BadLines) -> ChatStore:
-    arrays, flags = [], []
+    arrays, flags, silent = [], [], 0
     for messages in _progress(conversations, source, "conversations"):
         ids, targets = template.encode(messages)
         arrays.append(np.asarray(ids, dtype=np.int32))
         flags.append(np.asarray(targets, dtype=bool))
+        silent += all(not m["content"].strip() for m in messages if m["role"] == "assistant")
+    if silent:
+        logger.warning("data: %d of %d conversations in %s have only empty assistant turns: they train on the "
+                       "end-of-turn marker alone", silent, len(arrays), source)
     lengths = np.fromiter((a.shape[0] for a in arrays), dtype=np.int64, count=len(arrays))
     return ChatStore(
         tokens=[np.concatenate(arrays) if arrays else np.zeros(0, np.int32)],
