@@ -503,7 +503,7 @@ def test_megatron_files_are_checked_at_open(tmp_path):
 
 def test_an_unreadable_megatron_file_is_named(tmp_path, monkeypatch):
     """Fault: an .idx without read permission was a PermissionError traceback (simulated: tests run as root)."""
-    from moonlight.train import megatron
+    from moonlight.data import megatron
 
     prefix = tmp_path / "x"
     _megatron(prefix)
@@ -889,8 +889,8 @@ def test_data_that_is_read_twice_or_has_nothing_to_learn_is_warned_about(tmp_pat
     assert _warnings(caplog) == [f"data: {tmp_path}/x.jsonl and {tmp_path}/x.jsonl.gz are both read (1 such pair(s)): "
                                  "the same documents twice? Remove one of each pair from data.path"]
     caplog.clear()
-    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " " * k}]}
-            for k in range(3)] + [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply}]}
+            for reply in ("", " ", "\n", "yo")]
     load_documents(_chat_cfg(_write_chat(tmp_path / "c.jsonl", rows)), build_tokenizer("byte"))
     assert any("3 of 4 conversations in" in m and "have only empty assistant turns" in m for m in _warnings(caplog))
 

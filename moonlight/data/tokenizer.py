@@ -316,5 +316,5 @@ def fingerprint(tokenizer) -> str:
     """A short hash of what a tokenizer turns text into (ids of a probe text, vocab size, special
     tokens): token files made with one tokenizer and read with another show as a mismatch."""
     probe = [type(tokenizer).__name__, tokenizer.vocab_size, sorted(tokenizer.special_tokens.items()),
-             tokenizer.bos_id, tokenizer.eos_id, list(tokenizer.encode(_PROBE))]
+             tokenizer.bos_id, tokenizer.eos_id, list(tokenizer.encode_batch([_PROBE])[0])]
     return hashlib.sha256(json.dumps(probe).encode()).hexdigest()[:16]
