@@ -937,3 +937,12 @@ def test_repeated_epochs_and_validation_on_the_training_data_are_warned_about(ca
                                             found[0]), found
     assert found[1] == ("validation: validation.path data/corpus holds the same documents as data.path data/corpus: "
                         "the validation loss is a training loss, not a held-out one")
+
+
+def test_a_run_from_an_hf_checkpoint_with_a_nan_weight_stops_before_training(tmp_path):
+    """Fault: checkpoint.initial_load_hf with a NaN weight trained nothing (every step skipped) and exited 0."""
+    make_hf_model("moonlight", seed=0, dtype=torch.float32, vocab_size=272).save_pretrained(tmp_path / "hf")
+    bad = _tampered_hf(tmp_path / "hf", tmp_path / "bad", _nan)
+    with pytest.raises(CheckpointError, match=r"bad: model.layers.1.self_attn.o_proj.weight holds 1 NaN/Inf value"):
+        _trainer(tmp_path / "run", f"--checkpoint.initial_load_hf={bad}")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -479,7 +479,7 @@ def write_model_only_checkpoint(state_dict: dict[str, torch.Tensor], out: str | 
         shutil.rmtree(tmp, ignore_errors=True)
         if is_disk_full(e):
             raise CheckpointSaveError(f"writing checkpoint {out} failed: disk full ({short_error(e)})") from e
-        if user_error_in(e):
-            raise user_error_in(e) from None
+        if inner := user_error_in(e):  # e.g. a non-finite tensor that `read` refused
+            raise inner from None
         raise
     return out
