@@ -48,7 +48,7 @@ def hf_to_dcp(hf: str, out: str, overwrite: bool = False) -> str:
     check_replaceable(os.path.abspath(out), fmt.DCP_OUTPUT, overwrite, "a moonlight checkpoint", how="--overwrite")
     ckpt = HFCheckpoint(hf)
     args = ckpt.args
-    ckpt.check_keys(args)
+    ckpt.check(args)
     placeholders = {}
     for native, shape in expected_shapes(args).items():
         keys = hf_keys(native, args)

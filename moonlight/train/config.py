@@ -142,6 +142,7 @@ class TrainingSection:
     def problems(self) -> list[str]:
         out = _require([
             (self.steps > 0, f"training.steps must be > 0 (got {self.steps})"),
+            (0 <= self.seed < 2**64, f"training.seed must be in [0, 2**64) (got {self.seed})"),  # torch's and numpy's
             (self.seq_len > 0, f"training.seq_len must be > 0 (got {self.seq_len})"),
             (self.global_batch_size > 0, f"training.global_batch_size must be > 0 (got {self.global_batch_size})"),
             (self.local_batch_size > 0, f"training.local_batch_size must be > 0 (got {self.local_batch_size})"),
@@ -364,6 +365,9 @@ class CheckpointSection:
     """Frozen (not trained) weights: "save" them in every checkpoint, or "reload" them from
     initial_load_hf on resume, so a LoRA/DoRA checkpoint holds the adapters, buffers and optimizer
     state only. "auto": "reload" in a LoRA/DoRA run with initial_load_hf, else "save"."""
+    other_base: bool = False
+    """Resume a LoRA/DoRA checkpoint whose frozen weights were read from another directory than
+    initial_load_hf (the same base, moved); otherwise that is refused: other weights under the adapters."""
 
     def problems(self) -> list[str]:
         return _require([

@@ -34,7 +34,7 @@ from moonlight.parallel.tensor import reduce_token_losses
 from moonlight.train.balance import expert_load_imbalance, update_router_biases
 from moonlight.train.build import (apply_lora_section, build_model_args, check_host_memory, check_run_paths,
                                    check_runtime, check_token_ids, init_distributed, load_initial_weights,
-                                   read_base_weights, take_dump_folder_lock)
+                                   read_base_weights, take_dump_folder_lock, warn_about_data)
 from moonlight.train.config import JobConfig
 from moonlight.train.layout import build_layout, is_mixed_precision
 from moonlight.train.metrics import MetricsLogger, memory_gib, peak_flops
@@ -110,6 +110,8 @@ class Trainer:
         self.validator = Validator(cfg, self.tokenizer, self.parallel, self.device) if cfg.validation.enable else None
         if self.validator is not None:
             check_token_ids(self.validator.loader.store, self.model_args.vocab_size, "validation data")
+        if self.rank == 0:
+            warn_about_data(cfg, self.dataloader, self.validator and self.validator.loader)
         self.step = 0
         # train_step also reports forward_backward_s (benchmarks: the step's time outside the optimizer);
         # on a GPU that waits for the device before and after forward+backward, two host syncs per step
