@@ -26,6 +26,7 @@ import torch  # noqa: E402
 
 from moonlight.train.config import load_config  # noqa: E402
 from moonlight.train.trainer import Trainer  # noqa: E402
+from benchmarks.peers import progress  # noqa: E402
 
 
 def _device_clock(device: torch.device) -> float:
@@ -56,9 +57,10 @@ def measure(config: str, overrides: list[str], steps: int, warmup: int) -> dict:
             optimizer_s.append(_device_clock(device) - start)
         trainer.optimizers.step = timed_optimizer_step
         values = []
-        for _ in range(total):
+        for i in range(total):
             values.append(trainer.train_step())
             trainer.step += 1
+            progress(f"step {i + 1}/{total}{' (warm-up)' if i < warmup else ''}: {values[-1]['step_time_s']:.2f}s")
         result = {"model": cfg.model.name, "optimizer": cfg.optimizer.name, "device": str(device),
                   "micro_batches": trainer.grad_accum, "tokens_per_step": cfg.training.global_batch_size
                   * cfg.training.seq_len, "peak_flops": trainer.peak_flops,

@@ -86,15 +86,45 @@ def chat_prompt(tokenizer, text: str, system: str | None = None, tokenizer_spec:
     return template.prompt_ids(messages), template.end_id
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python -m moonlight.generate",
-                       description="Generate text from a Moonlight checkpoint, streamed to stdout.")
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """--hf | --dcp [--step], --adapter, --tokenizer, --dtype, --device: which model, and where it runs."""
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--hf", help="Hugging Face checkpoint directory (config.json + safetensors)")
     src.add_argument("--dcp", help="trainer checkpoint: a step-N directory or a folder of them (latest)")
     p.add_argument("--adapter", help="a PEFT LoRA/DoRA adapter directory (adapter_config.json + "
-                   "adapter_model.safetensors, e.g. a [lora] run's export) for the base model: merged before generating")
+                   "adapter_model.safetensors, e.g. a [lora] run's export) for the base model: merged on load")
     p.add_argument("--step", type=int, help="with --dcp and a folder of step-N directories: which step")
+    p.add_argument("--tokenizer", help="'byte', a directory with tiktoken.model or tokenizer.json, or the file "
+                                       "(default: the --hf directory)")
+    p.add_argument("--dtype", default="float32", help="float32 (fp32), bfloat16 (bf16) or float16 (fp16)")
+    p.add_argument("--device", default=default_device().type,
+                   help=f"where the model runs, e.g. cpu, cuda, cuda:1 (default here: {default_device().type})")
+
+
+def check_model_arguments(ns: argparse.Namespace) -> None:
+    """add_model_arguments' arguments, checked before any tensor is read."""
+    if ns.step is not None and not ns.dcp:
+        raise ConfigError("--step applies to --dcp checkpoints only")
+    if ns.hf and not os.path.isfile(os.path.join(ns.hf, "config.json")):
+        raise ConfigError(f"--hf {ns.hf}: not a Hugging Face checkpoint directory (no config.json)")
+    if ns.tokenizer and ns.tokenizer != "byte" and not os.path.exists(ns.tokenizer):
+        raise ConfigError(f"--tokenizer {ns.tokenizer}: no such file or directory")
+    if not ns.tokenizer and ns.hf and not any(os.path.exists(os.path.join(ns.hf, name))
+                                              for name in ("tiktoken.model", "tokenizer.json")):
+        raise ConfigError(f"--hf {ns.hf} holds no tokenizer (tiktoken.model or tokenizer.json): pass --tokenizer")
+    if ns.dcp and not ns.tokenizer:
+        raise ConfigError("--dcp checkpoints hold no tokenizer: pass --tokenizer (a directory with tiktoken.model "
+                          "or tokenizer.json, or 'byte')")
+    if ns.adapter:
+        read_adapter_config(ns.adapter)  # a CheckpointError naming what is wrong, before any weight is read
+    to_dtype(ns.dtype, "--dtype")
+    checked_device(ns.device, "--device")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(prog="python -m moonlight.generate",
+                       description="Generate text from a Moonlight checkpoint, streamed to stdout.")
+    add_model_arguments(p)
     p.add_argument("--prompt", required=True, help="the prompt text")
     p.add_argument("--chat", action="store_true", help="send the prompt as a user turn (Moonlight-Instruct "
                                                        "chat format) and stop at <|im_end|> or the end of the document")
@@ -103,11 +133,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--tokenizer", help="'byte', a directory with tiktoken.model or tokenizer.json, or the file "
-                                       "(default: the --hf directory)")
-    p.add_argument("--dtype", default="float32", help="float32 (fp32), bfloat16 (bf16) or float16 (fp16)")
-    p.add_argument("--device", default=default_device().type,
-                   help=f"where the model runs, e.g. cpu, cuda, cuda:1 (default here: {default_device().type})")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="compile the decode step (CUDA graphs on CUDA); default: on on CUDA, off elsewhere")
     return p
@@ -124,23 +149,9 @@ def _checked_args(argv: list[str] | None) -> argparse.Namespace:
         raise ConfigError(f"--top-p must be in (0, 1], got {ns.top_p}")
     if ns.system is not None and not ns.chat:
         raise ConfigError("--system applies to --chat only")
-    if ns.step is not None and not ns.dcp:
-        raise ConfigError("--step applies to --dcp checkpoints only")
-    if ns.hf and not os.path.isfile(os.path.join(ns.hf, "config.json")):
-        raise ConfigError(f"--hf {ns.hf}: not a Hugging Face checkpoint directory (no config.json)")
-    if ns.tokenizer and ns.tokenizer != "byte" and not os.path.exists(ns.tokenizer):
-        raise ConfigError(f"--tokenizer {ns.tokenizer}: no such file or directory")
-    if not ns.tokenizer and ns.hf and not any(os.path.exists(os.path.join(ns.hf, name))
-                                              for name in ("tiktoken.model", "tokenizer.json")):
-        raise ConfigError(f"--hf {ns.hf} holds no tokenizer (tiktoken.model or tokenizer.json): pass --tokenizer")
-    if ns.dcp and not ns.tokenizer:
-        raise ConfigError("--dcp checkpoints hold no tokenizer: pass --tokenizer (a directory with tiktoken.model "
-                          "or tokenizer.json, or 'byte')")
     if not ns.prompt:
         raise ConfigError("--prompt is empty")
-    if ns.adapter:
-        read_adapter_config(ns.adapter)  # a CheckpointError naming what is wrong, before any weight is read
-    checked_device(ns.device, "--device")
+    check_model_arguments(ns)
     return ns
 
 
@@ -150,7 +161,9 @@ def _check_vocab(prompt: list[int], vocab_size: int):
                           "is --tokenizer the model's tokenizer?")
 
 
-def _load_model(ns: argparse.Namespace) -> Moonlight:
+def load_model(ns: argparse.Namespace) -> Moonlight:
+    """The model a command line names (--hf DIR, or --dcp PATH [--step N]; --adapter DIR merged onto
+    it) in --dtype on --device, in eval mode."""
     dtype = to_dtype(ns.dtype, "--dtype")
     if ns.hf:
         model = load_hf(ns.hf, dtype=dtype, device=ns.device)
@@ -174,7 +187,7 @@ def run(argv: list[str] | None = None) -> int:
     stop = {eos, tokenizer.eos_id}  # a chat reply also ends at the end of the document
     if ns.hf:  # config.json is cheap: reject a tokenizer that does not fit before reading any weight
         _check_vocab(prompt, ModelArgs.from_hf_config(ns.hf).vocab_size)
-    model = _load_model(ns)
+    model = load_model(ns)
     _check_vocab(prompt, model.args.vocab_size)
     input_ids = torch.tensor([prompt], device=ns.device)
     generator = torch.Generator(device=ns.device).manual_seed(ns.seed)

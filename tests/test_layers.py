@@ -23,6 +23,7 @@ LAYERS = {
     "moonlight.parallel": 4, "moonlight.generation": 4,  # generation: model, hf, checkpoint, data; never train
     "moonlight.train": 5,
     "moonlight.convert": 6, "moonlight.generate": 6, "moonlight.plan": 6, "moonlight.prepare_data": 6,
+    "moonlight.eval": 6,
 }
 # What a function body may import: optional dependencies, loaded only when a feature needs them.
 OPTIONAL = ("tiktoken", "tokenizers", "datasets", "torch.utils.tensorboard", "triton", "peft")

@@ -6,8 +6,8 @@ temperature and top-p as an exponential race: argmax of probs / Exp(1) noise, wh
 masks finished rows with eos and writes the next token into `tokens`. It compiles with
 fullgraph=True; on CUDA under CUDA graphs (inductor's cudagraph trees, with coordinate-descent tuning so
 one-row matmuls become fused reductions). The host loop only queues steps: the noise is drawn (with
-the caller's generator) before each, and whether every row has ended is read every
-`eos_check_every` tokens. One compiled step serves every Decoder of the process (its guards check
+the caller's generator) before each, and whether every row has ended, or met NaN/Inf logits (a
+NonFiniteError: argmax would emit token 0), is read after the prompt and every `eos_check_every` tokens. One compiled step serves every Decoder of the process (its guards check
 shapes and the sampling settings); a new Decoder's buffers are recorded into a new CUDA graph.
 """
 
@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from moonlight.errors import ConfigError
+from moonlight.errors import ConfigError, NonFiniteError
 from moonlight.generation.cache import LatentCache, decode, prefill
 from moonlight.model import Moonlight
 
@@ -101,8 +101,9 @@ class Decoder:
         self.cache = LatentCache(model.args, batch_size, max_len, p.dtype, p.device)
         self.tokens = torch.zeros(batch_size, max_len, dtype=torch.long, device=p.device)  # prompt, then new
         self.done = torch.zeros(batch_size, dtype=torch.bool, device=p.device)
+        self.nonfinite = torch.zeros(batch_size, dtype=torch.bool, device=p.device)  # a row met NaN/Inf logits
         self.noise = torch.ones(batch_size, model.args.vocab_size, dtype=torch.float32, device=p.device)
-        for t in (self.tokens, self.done, self.noise):
+        for t in (self.tokens, self.done, self.nonfinite, self.noise):
             torch._dynamo.mark_static_address(t)
         self.temperature, self.top_p, self.eos_token_id = 0.0, 1.0, None
         self.compiled = p.is_cuda if compile is None else compile
@@ -110,6 +111,7 @@ class Decoder:
 
     def finish(self, logits: torch.Tensor) -> torch.Tensor:
         """The next token of every row from its logits; rows that ended get eos."""
+        self.nonfinite |= ~torch.isfinite(logits).all(-1)
         token = sample_from(logits, self.temperature, self.top_p, self.noise)
         if self.eos_token_id is not None:
             token = token.masked_fill(self.done, self.eos_token_id)
@@ -137,17 +139,28 @@ class Decoder:
         self.temperature, self.top_p, self.eos_token_id = float(temperature), float(top_p), eos_token_id
         self.cache.reset()
         self.done.zero_()
+        self.nonfinite.zero_()
         self.tokens[:, :seqlen] = input_ids
         logits = prefill(self.model, input_ids, self.cache, attention_mask)
         if self.temperature > 0:
             draw_noise_(self.noise, generator)
         self.tokens[:, seqlen] = self.finish(logits)
+        self._check_finite(0)
         yield self.tokens[:, seqlen]
         for n in range(1, max_new_tokens):
-            if eos_token_id is not None and n % eos_check_every == 0 and bool(self.done.all()):
-                return
+            if n % eos_check_every == 0:
+                self._check_finite(n)
+                if eos_token_id is not None and bool(self.done.all()):
+                    return
             self.step(generator)
             yield self.tokens[:, seqlen + n]
+        self._check_finite(max_new_tokens)
+
+    def _check_finite(self, generated: int) -> None:
+        """One host read of the NaN/Inf flags."""
+        if bool(self.nonfinite.any()):
+            raise NonFiniteError(f"the model's logits are NaN/Inf (within the first {generated + 1} generated tokens): "
+                                 "its weights hold NaN/Inf, or --dtype float16 overflows (use bfloat16 or float32)")
 
 
 def check_request(max_new_tokens: int, temperature: float, top_p: float, attention_mask: torch.Tensor | None) -> None:
