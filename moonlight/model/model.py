@@ -21,6 +21,7 @@ from moonlight.kernels.backend import resolve_impl
 from moonlight.kernels.grouped_mm import grouped_mm
 from moonlight.kernels.mla_rope import mla_rope_key, rope_tables, rotate_rope_
 from moonlight.kernels.moe_permute import permute_tokens, unpermute_tokens
+from moonlight.kernels.moe_router import route_topk
 from moonlight.config import ModelArgs
 from moonlight.distributed import local_tensor, to_device
 from moonlight.model.loss import linear_cross_entropy
@@ -316,18 +317,11 @@ class Router(nn.Module):
         MoE layer's (its weight's gradient must sum the tokens of every part)."""
         a = self.args
         # fp32 before the weight is shared: its gradient is summed over the parts in fp32
-        scores = F.linear(x.float(), sequences.shared_weight(self.weight.float())).sigmoid()
-        biased = scores + self.expert_bias
-        if a.n_group > 1:  # keep the topk_group groups whose two best biased scores sum highest
-            grouped = biased.view(-1, a.n_group, a.n_routed_experts // a.n_group)
-            best_groups = grouped.topk(2, dim=-1).values.sum(-1).topk(a.topk_group, dim=-1).indices
-            keep = torch.zeros_like(grouped[..., 0], dtype=torch.bool).scatter_(1, best_groups, True)
-            biased = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).flatten(1)
-        expert_ids = biased.topk(a.num_experts_per_tok, dim=-1, sorted=False).indices
-        weights = scores.gather(1, expert_ids)
-        if a.norm_topk_prob:
-            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        return weights * a.routed_scaling_factor, expert_ids, scores
+        logits = F.linear(x.float(), sequences.shared_weight(self.weight.float()))
+        # group-limited routing (n_group > 1) has the reference only
+        impl = resolve_impl(a.kernels, x.device) if a.n_group == 1 else "torch"
+        return route_topk(logits, self.expert_bias, a.num_experts_per_tok, a.routed_scaling_factor,
+                          a.norm_topk_prob, a.n_group, a.topk_group, impl=impl)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -369,7 +363,7 @@ def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, gate: torch.Tensor, up
     """SwiGLU of each expert on its contiguous group of rows. x [N, H]; counts [E]; gate/up [E, I, H];
     down [E, H, I]."""
     if uses_grouped_mm(x):
-        offs = counts.cumsum(0).to(torch.int32)
+        offs = counts.cumsum(0, dtype=torch.int32)
         g = grouped_mm(x, gate.transpose(-2, -1), offs)
         u = grouped_mm(x, up.transpose(-2, -1), offs)
         return grouped_mm(swiglu(g, u), down.transpose(-2, -1), offs)
@@ -421,6 +415,26 @@ class _AttachAuxLoss(torch.autograd.Function):
         return grad_out, torch.ones_like(aux_loss)
 
 
+class _ProbSums(torch.autograd.Function):
+    """scores [bsz * S, E] -> the sums over each sequence's tokens of the scores normalised over the
+    experts, [bsz, E]. The backward is the closed form grad_scores[t] = (g[b] - <probs[t], g[b]>) / S_t
+    (S_t the sum of token t's scores): four ops where autograd's chain through the division takes
+    about ten."""
+
+    @staticmethod
+    def forward(ctx, scores, bsz):
+        total = scores.sum(-1, keepdim=True)
+        probs = (scores / total).view(bsz, -1, scores.shape[-1])
+        ctx.save_for_backward(probs, total)
+        return probs.sum(1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        probs, total = ctx.saved_tensors
+        grad = grad.unsqueeze(1)
+        return (grad - (probs * grad).sum(-1, keepdim=True)).view(total.shape[0], -1).div_(total), None
+
+
 def sequence_aux_loss(scores: torch.Tensor, expert_ids: torch.Tensor, bsz: int, top_k: int,
                       sequences: WholeSequences = WHOLE_SEQUENCES) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek-V3's sequence-wise balance loss sum_i f_i * P_i, averaged over sequences.
@@ -434,15 +448,19 @@ def sequence_aux_loss(scores: torch.Tensor, expert_ids: torch.Tensor, bsz: int, 
     backpropagating each part's share (times ``sequences.loss_scale`` where the parts' gradients are
     averaged, not summed) gives the loss's gradient."""
     num_experts = scores.shape[-1]
-    probs = (scores / scores.sum(-1, keepdim=True)).view(bsz, -1, num_experts)
-    seqlen = probs.shape[1] * sequences.shards
+    seqlen = scores.shape[0] // bsz * sequences.shards
     picks = torch.zeros(bsz, num_experts, device=scores.device, dtype=scores.dtype)
     picks.scatter_add_(1, expert_ids.view(bsz, -1), torch.ones_like(expert_ids.view(bsz, -1), dtype=scores.dtype))
-    prob_sums = probs.sum(1)
-    picks, all_prob_sums = sequences.sum(torch.stack([picks, prob_sums.detach()])).unbind(0)
-    f = picks * num_experts / (top_k * seqlen)
-    share = (f * prob_sums / seqlen).sum(-1).mean()
-    return share * sequences.loss_scale, (f * all_prob_sums / seqlen).sum(-1).mean()
+    prob_sums = _ProbSums.apply(scores, bsz)
+    all_prob_sums = prob_sums.detach()
+    if sequences.shards > 1:
+        picks, all_prob_sums = sequences.sum(torch.stack([picks, all_prob_sums])).unbind(0)
+    # f_i / (seqlen * bsz), every constant in one factor: the loss is then one product and one sum
+    weight = picks * (num_experts / (top_k * seqlen * seqlen * bsz) * sequences.loss_scale)
+    share = (weight * prob_sums).sum()
+    if sequences.shards == 1 and sequences.loss_scale == 1:
+        return share, share.detach()
+    return share, (weight * all_prob_sums).sum() / sequences.loss_scale
 
 
 class _Fork(torch.autograd.Function):
