@@ -6,11 +6,12 @@
   (`zero_`, `fill_`, `zeros`) that later writes may overwrite;
 - graph breaks (and graphs) of the step under `training.compile` (regional, each block compiled).
 
-    python benchmarks/cpu_proxies.py [--json PATH] [--fast]
+    python benchmarks/cpu_proxies.py [--json PATH] [--fast] [--check]
 
 Models: the debug preset (fp32, CPU, torch and Triton kernel paths) and the Moonlight-width slice
 (4 layers: 1 dense + 3 MoE, bf16, 1 x 4096, on the meta device: shapes only, nothing is computed).
---fast: the debug model only (the tests). The loss is the trainer's (labels -> chunked cross-entropy).
+--fast: the debug model only. --check: exit 1 when a count exceeds its budget in BUDGETS. The loss is
+the trainer's (labels -> chunked cross-entropy).
 """
 import argparse
 import collections
@@ -163,6 +164,15 @@ class FusedAttention(LocalSequence):
         return _attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale).transpose(1, 2)
 
 
+# Today's counts with ~3% slack (the slice's: tests/test_cpu_proxies.py; --check: all): lower them
+# as the step gets leaner.
+BUDGETS = {
+    "slice bf16 meta": {"launches": 835, "copy_bytes": 8.0e9, "fill_bytes": 1.6e6},
+    "debug fp32 torch": {"launches": 800, "copy_bytes": 4.05e5, "fill_bytes": 4.35e5},
+    "debug fp32 triton": {"launches": 612, "copy_bytes": 2.7e5, "fill_bytes": 1.7e4},
+}
+
+
 def build(args: ModelArgs, device: str, dtype: torch.dtype) -> Moonlight:
     torch.manual_seed(0)
     with torch.device("meta"):
@@ -219,7 +229,8 @@ def measure(fast: bool) -> dict:
         args = debug_args(kernels)
         tokens = torch.randint(0, args.vocab_size, (2, 64))
         out[f"debug fp32 {kernels}"] = step_counts(build(args, "cpu", torch.float32), tokens)
-    out["debug compiled"] = graph_breaks(debug_args("torch"), torch.randint(0, 100, (2, 64)))
+    for kernels in ("torch", "triton"):
+        out[f"debug compiled {kernels}"] = graph_breaks(debug_args(kernels), torch.randint(0, 100, (2, 64)))
     if not fast:
         args = slice_args()
         tokens = torch.zeros(1, 4096, dtype=torch.long, device="meta")
@@ -231,12 +242,19 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--fast", action="store_true", help="the debug model only")
+    ap.add_argument("--check", action="store_true", help="exit 1 when a count exceeds its budget")
     a = ap.parse_args()
     result = measure(a.fast)
     text = json.dumps(result, indent=1)
     print(text)
     if a.json:
         a.json.write_text(text)
+    over = [f"{name} {key}: {result[name][key]} > {budget}" for name, budgets in BUDGETS.items() if name in result
+            for key, budget in budgets.items() if result[name][key] > budget]
+    over += [f"{name}: {r['graph_breaks']} graph breaks" for name, r in result.items() if r.get("graph_breaks")]
+    print("\n".join(over) or "every count within its budget", file=sys.stderr)
+    if a.check and over:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

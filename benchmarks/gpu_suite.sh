@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one-shot GPU suite (under 8 minutes on one H200: the step limits below add up to 460 s);
+# The one-shot GPU suite (under 8 minutes on one H200: the step limits below add up to 470 s);
 # results go to $OUT, else benchmarks/gpu_results/:
 # gpu_suite.json and gpu_suite.md, plus one JSON per step, written as each step ends so a timeout
 # still leaves numbers.
@@ -8,7 +8,8 @@
 # Steps: tests/test_kernels.py with real Triton; benchmarks/kernels.py (GB/s against the measured copy
 # bandwidth and the torch references; MLA RoPE in place with the fused key against the previous
 # copying path; on CPU a correctness pass and that RoPE comparison of the torch path); a bf16 training step of a Moonlight-width slice, eager and
-# compiled, beside torchtitan's (MFU against the dense bf16 spec peak); a Moonlight-16B LoRA step
+# compiled, beside torchtitan's (MFU against the dense bf16 spec peak); one MoE layer piece by piece
+# and the profiler's top kernels of a slice step; a Moonlight-16B LoRA step
 # (peak memory, tokens/s); generation tokens/s when moonlight/generate.py exists.
 set -u
 cd "$(dirname "$0")/.."
@@ -36,16 +37,17 @@ run_step() {  # run_step NAME TIMEOUT_S COMMAND...: one step, its output in $RES
 if [ -n "$SMOKE" ]; then  # the interpreter is slow: a quick subset of the kernel tests
   run_step kernel_tests 120 python -m pytest -q -x tests/test_kernels.py -k "reference or rope_tables or resolve"
 else
-  MOONLIGHT_TEST_GPU=1 run_step kernel_tests 90 python -m pytest -q -x tests/test_kernels.py \
+  MOONLIGHT_TEST_GPU=1 run_step kernel_tests 80 python -m pytest -q -x tests/test_kernels.py \
     tests/test_moe_sync.py::test_moe_layer_has_no_host_sync_on_cuda \
     tests/test_document_mask.py::test_packed_documents_add_no_host_sync_on_cuda \
     tests/test_moe_overlap.py::test_shared_experts_first_is_bit_identical
 fi
-run_step kernel_bench 75 python benchmarks/kernels.py --json "$RESULTS/step_kernel_bench.json" $SMOKE
-run_step slice 150 python benchmarks/gpu_suite.py slice --out "$RESULTS" $SMOKE
-run_step lora 100 python benchmarks/gpu_suite.py lora --out "$RESULTS" $SMOKE
+run_step kernel_bench 70 python benchmarks/kernels.py --json "$RESULTS/step_kernel_bench.json" $SMOKE
+run_step slice 130 python benchmarks/gpu_suite.py slice --out "$RESULTS" $SMOKE
+run_step moe 60 python benchmarks/gpu_suite.py moe --out "$RESULTS" $SMOKE
+run_step lora 90 python benchmarks/gpu_suite.py lora --out "$RESULTS" $SMOKE
 if [ -f moonlight/generate.py ]; then
-  run_step generate 45 python benchmarks/gpu_suite.py generate --out "$RESULTS" $SMOKE
+  run_step generate 40 python benchmarks/gpu_suite.py generate --out "$RESULTS" $SMOKE
 else
   echo '{"skipped": "moonlight/generate.py does not exist on this branch"}' > "$RESULTS/step_generate.json"
 fi
