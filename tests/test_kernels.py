@@ -9,6 +9,7 @@ from moonlight.kernels.grouped_mm import grouped_mm
 from moonlight.kernels.mla_rope import mla_rope_key, rope_tables, rotate_rope_
 from moonlight.kernels.moe_permute import permute_tokens, unpermute_tokens
 from moonlight.kernels.moe_router import route_topk
+from moonlight.kernels.rms_norm import rms_norm
 
 BF16_ULP = 2**-7
 # On a GPU machine conftest leaves the interpreter off and Triton compiles for the GPU, which takes
@@ -473,3 +474,42 @@ def test_route_triton_traces_under_torch_compile():
         grads.append(torch.autograd.grad(f(leaf), leaf)[0])
     torch.testing.assert_close(grads[1], grads[0])
 
+
+# ---------------------------------------------------------------- RMSNorm
+
+
+@pytest.mark.parametrize("weight_dtype", [None, torch.float32])  # None: the input's dtype
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_triton_matches_torch(dtype, weight_dtype):
+    """A strided input (the latent split off kv_a_proj's output, as kv_norm takes it), both gradients."""
+    g = torch.Generator().manual_seed(0)
+    packed = (torch.randn(2, 5, 40 + 8, generator=g) * 3).to(dtype)
+    weight = (torch.rand(40, generator=g) + 0.5).to(weight_dtype or dtype)
+    grad = torch.randn(2, 5, 40, generator=g)
+    results = {}
+    for impl in ("torch", "triton"):
+        leaves = [packed.clone().requires_grad_(), weight.clone().requires_grad_()]
+        p, w = _on(impl, *leaves)
+        out = rms_norm(p[..., :40], w, 1e-6, impl=impl)
+        results[impl] = [out.cpu(), *torch.autograd.grad(out, leaves, grad.to(out.dtype).to(out.device))]
+    assert results["triton"][0].dtype == torch.promote_types(dtype, weight.dtype)
+    (out, *grads), (want_out, *want_grads) = results["triton"], results["torch"]
+    if dtype == torch.float32:
+        for got, want in zip(results["triton"], results["torch"]):
+            _assert_close(got, want, dtype)
+        return
+    # bf16: intermediates are rounded to bf16 as in the reference, and the interpreter truncates where a
+    # GPU rounds: 2 ulps on the output; grad x cancels (g - x * mean(g x)), so its bound is on the scale
+    torch.testing.assert_close(out.float(), want_out.float(), rtol=2 * BF16_ULP, atol=1e-5)
+    for got, want in zip(grads, want_grads):
+        assert (got.float() - want.float()).abs().max() <= 4 * BF16_ULP * want.float().abs().max()
+
+
+def test_rms_norm_triton_traces_under_torch_compile():
+    x, weight = _on("triton", torch.randn(3, 16), torch.rand(16) + 0.5)
+    grads = []
+    for fn in (rms_norm, torch.compile(rms_norm, backend="aot_eager", fullgraph=True)):
+        leaves = [x.detach().requires_grad_(), weight.detach().requires_grad_()]
+        grads.append(torch.autograd.grad(fn(*leaves, 1e-6, impl="triton").square().sum(), leaves))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want)

@@ -22,50 +22,26 @@ from moonlight.kernels.grouped_mm import grouped_mm
 from moonlight.kernels.mla_rope import mla_rope_key, rope_tables, rotate_rope_
 from moonlight.kernels.moe_permute import permute_tokens, unpermute_tokens
 from moonlight.kernels.moe_router import route_topk
+from moonlight.kernels.rms_norm import rms_norm
 from moonlight.config import ModelArgs
 from moonlight.distributed import local_tensor, to_device
 from moonlight.model.loss import linear_cross_entropy
 
 
-class _RMSNormFunction(torch.autograd.Function):
-    """weight * (x * rsqrt(mean(x^2) + eps)), normalised in fp32: the forward is the HF reference's ops
-    (same bits); only x and the [..., 1] rsqrt are kept, and the backward writes its closed form
-        grad_x = rstd * (g - x * rstd^2 * mean(g * x)),  g = grad * weight (fp32)
-    into two buffers instead of autograd's about seven of x's size (fresh activations are costly on CPU)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        x32 = x.float()
-        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-        ctx.save_for_backward(x, weight, rstd)
-        y = (x32 * rstd).to(x.dtype)
-        return y.mul_(weight) if y.dtype == torch.promote_types(y.dtype, weight.dtype) else weight * y
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, rstd = ctx.saved_tensors
-        x32 = x.float()
-        grad_weight = None
-        if ctx.needs_input_grad[1]:
-            grad_weight = (x32 * rstd).to(x.dtype).mul_(grad).sum_to_size(weight.shape)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            g = (grad * weight).float()
-            coeff = (g * x32).mean(-1, keepdim=True).mul_(rstd.pow(2)).neg_()
-            grad_x = g.addcmul_(x32, coeff).mul_(rstd).to(x.dtype)
-        return grad_x, grad_weight, None
-
-
 class RMSNorm(nn.Module):
-    """Normalise in fp32, scale in the input dtype (as the HF reference does)."""
+    """Normalise in fp32, scale in the input dtype (as the HF reference does). ``kernels``: the
+    config's setting (`resolve_impl`); tensor-parallel norms (DTensor weights) take the reference."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, kernels: str = "auto"):
         super().__init__()
         self.eps = eps
+        self.kernels = kernels
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _RMSNormFunction.apply(x, self.weight, self.eps)
+        distributed = hasattr(x, "placements") or hasattr(self.weight, "placements")
+        impl = "torch" if distributed else resolve_impl(self.kernels, x.device)
+        return rms_norm(x, self.weight, self.eps, impl=impl)
 
     def init_weights(self):
         nn.init.ones_(self.weight)
@@ -124,10 +100,10 @@ class MLA(nn.Module):
             self.q_proj = nn.Linear(h, heads * args.qk_head_dim, bias=False)
         else:
             self.q_a_proj = nn.Linear(h, args.q_lora_rank, bias=False)
-            self.q_norm = RMSNorm(args.q_lora_rank, args.latent_norm_eps)
+            self.q_norm = RMSNorm(args.q_lora_rank, args.latent_norm_eps, args.kernels)
             self.q_b_proj = nn.Linear(args.q_lora_rank, heads * args.qk_head_dim, bias=False)
         self.kv_a_proj = nn.Linear(h, args.kv_lora_rank + args.qk_rope_head_dim, bias=False)
-        self.kv_norm = RMSNorm(args.kv_lora_rank, args.latent_norm_eps)
+        self.kv_norm = RMSNorm(args.kv_lora_rank, args.latent_norm_eps, args.kernels)
         self.kv_b_proj = nn.Linear(args.kv_lora_rank, heads * (args.qk_nope_head_dim + args.v_head_dim), bias=False)
         self.o_proj = nn.Linear(heads * args.v_head_dim, h, bias=False)
         self.softmax_scale = args.qk_head_dim ** -0.5
@@ -564,9 +540,9 @@ class Block(nn.Module):
 
     def __init__(self, layer_id: int, args: ModelArgs):
         super().__init__()
-        self.attn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.attn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps, args.kernels)
         self.attn = MLA(args)
-        self.ffn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.ffn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps, args.kernels)
         self.ffn = MoE(args) if args.is_moe_layer(layer_id) else MLP(args.hidden_size, args.intermediate_size)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
@@ -592,7 +568,7 @@ class Moonlight(nn.Module):
         self.embed = nn.Embedding(args.vocab_size, args.hidden_size)
         # A dict keyed by the global layer index keeps parameter names stable when stages drop layers.
         self.layers = nn.ModuleDict({str(i): Block(i, args) for i in range(args.num_hidden_layers)})
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, args.kernels)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
