@@ -132,8 +132,8 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) 
 
 
 @_attention.register_fake
-def _(q, k, v, scale):
-    return q.new_empty(*q.shape[:-1], v.shape[-1])
+def _(q, k, v, scale):  # laid out [B, S, heads, D] as the GPU kernels write it: the caller's transpose is free
+    return q.new_empty(q.shape[0], q.shape[2], q.shape[1], v.shape[-1]).transpose(1, 2)
 
 
 @torch.library.custom_op("cpu_proxies::attention_backward", mutates_args=())
@@ -167,9 +167,9 @@ class FusedAttention(LocalSequence):
 # Today's counts with ~3% slack (the slice's: tests/test_cpu_proxies.py; --check: all): lower them
 # as the step gets leaner.
 BUDGETS = {
-    "slice bf16 meta": {"launches": 835, "copy_bytes": 8.0e9, "fill_bytes": 1.6e6},
+    "slice bf16 meta": {"launches": 565, "copy_bytes": 6.4e9, "fill_bytes": 1.6e6},
     "debug fp32 torch": {"launches": 800, "copy_bytes": 4.05e5, "fill_bytes": 4.35e5},
-    "debug fp32 triton": {"launches": 612, "copy_bytes": 2.7e5, "fill_bytes": 1.7e4},
+    "debug fp32 triton": {"launches": 425, "copy_bytes": 2.7e5, "fill_bytes": 1.7e4},
 }
 
 
