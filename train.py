@@ -7,6 +7,7 @@ import sys
 
 import torch.distributed as dist
 
+from moonlight.distributed import is_collective_timeout, reported_by_rank0, silent_ranks
 from moonlight.errors import exit_on_user_error
 from moonlight.train.config import SECTIONS, parse_args
 from moonlight.train.trainer import Trainer
@@ -18,15 +19,35 @@ USAGE = (f"{__doc__}\n\nSections: {', '.join(SECTIONS)}. Every key of a section 
          "saved as <job.dump_folder>/config.toml. See README.md for the keys and the recipes in configs/.")
 
 
+def report_timeout(e: RuntimeError) -> None:
+    """One line for a collective that timed out, from the lowest rank that met it, naming the ranks that
+    did not (they stopped or hang: their own output says why)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    silent = silent_ranks()
+    if silent is not None and rank != min(set(range(world)) - set(silent)):
+        return
+    who = (f"rank(s) {silent} did not answer (stopped or stuck: see their output)" if silent else
+           "every rank timed out (ranks waiting in different collectives?)" if silent == [] else f"on rank {rank}")
+    detail = str(e)[max(str(e).find("Timed out"), 0):][:120]
+    print(f"error: a collective timed out after training.collective_timeout_s: {who}; "
+          f"raise training.collective_timeout_s if a step or save legitimately takes longer ({detail})",
+          file=sys.stderr, flush=True)
+
+
 def main(argv: list[str]) -> int:
     if {"-h", "--help"} & set(argv):
-        if os.environ.get("RANK", "0") == "0":
+        if os.environ.get("RANK", "0") == "0" or os.environ.get("WORLD_SIZE", "1") in ("", "0", "1"):
             print(USAGE)
         return 0
     if os.environ.get("RANK", "0") != "0":  # every rank reads the same data and meets the same warnings: print them once
         logging.getLogger("moonlight").setLevel(logging.ERROR)
     try:
-        return exit_on_user_error(lambda: Trainer(parse_args(argv)).train())
+        return exit_on_user_error(lambda: Trainer(parse_args(argv)).train(), reported_by_rank0)
+    except RuntimeError as e:
+        if not is_collective_timeout(e):
+            raise
+        report_timeout(e)
+        return 1
     except KeyboardInterrupt:  # a second Ctrl-C aborts without saving: one line, not a traceback per rank
         if os.environ.get("RANK", "0") == "0":
             print("interrupted: aborted without saving; resume from the last complete checkpoint",

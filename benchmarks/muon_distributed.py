@@ -65,7 +65,10 @@ class _CommCounter:
     def __init__(self):
         self.fsdp = self.muon = self.muon_elements = 0
         self.in_muon = False
-        ag, rs, a2a = dist.all_gather_single, dist.reduce_scatter_single, dist.all_to_all_single
+        # FSDP's collectives: torch 2.13 names them *_single, 2.11 all_gather_into_tensor / reduce_scatter_tensor
+        ag_name = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
+        rs_name = "reduce_scatter_single" if hasattr(dist, "reduce_scatter_single") else "reduce_scatter_tensor"
+        ag, rs, a2a = getattr(dist, ag_name), getattr(dist, rs_name), dist.all_to_all_single
 
         def all_gather_single(output, input, group=None, async_op=False):
             n = dist.get_world_size(group)
@@ -85,7 +88,8 @@ class _CommCounter:
                 self.muon += (input.numel() - own) * input.element_size()
             return a2a(output, input, output_split_sizes, input_split_sizes, group=group, async_op=async_op)
 
-        dist.all_gather_single, dist.reduce_scatter_single = all_gather_single, reduce_scatter_single
+        setattr(dist, ag_name, all_gather_single)
+        setattr(dist, rs_name, reduce_scatter_single)
         dist.all_to_all_single = all_to_all_single
 
     def reset(self):

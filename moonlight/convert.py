@@ -101,8 +101,17 @@ def dcp_to_hf(dcp_dir: str, out: str, config: str | None = None, preset: str | N
             print(f"warning: the given config differs from the one {path} was saved with: {'; '.join(diffs)}",
                   file=sys.stderr)
     print(f"writing HF checkpoint to {out}", file=sys.stderr)
-    return save_hf_from_dcp(path, out, args, hint=hint, dtype=dtype, max_shard_size=max_shard_size,
-                            overwrite=overwrite)
+    try:
+        return save_hf_from_dcp(path, out, args, hint=hint, dtype=dtype, max_shard_size=max_shard_size,
+                                overwrite=overwrite)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # DCP's CheckpointException is a BaseException
+        if fmt.is_complete(path):
+            raise
+        raise CheckpointError(f"{path} was removed while being read ({type(e).__name__}), by a running trainer's "
+                              "checkpoint.keep_latest_k rotation? Copy the step elsewhere first (or pass a --step the "
+                              "trainer keeps) and convert the copy; nothing was written") from None
 
 
 def dcp_to_peft(dcp_dir: str, out: str, step: int = -1, overwrite: bool = False) -> str:

@@ -3,7 +3,7 @@
 Every error meant for the user derives from `MoonlightError`; its message names what is wrong (the
 key, file and line, or checkpoint path) and what to change. Entry points (`train.py`,
 `python -m moonlight.convert`, ...) wrap their main in `exit_on_user_error`, which prints such an
-error once, from rank 0, as `error: ...` and returns exit code 2 without a traceback. Set
+error once (rank 0's, or the one rank that met it) as `error: ...` and returns exit code 2 without a traceback. Set
 MOONLIGHT_TRACEBACK=1 to see the traceback instead. Anything else is a bug and keeps its traceback.
 """
 
@@ -46,17 +46,23 @@ class NonFiniteError(MoonlightError, RuntimeError):
     """Training stopped on NaN/Inf losses or gradients; names where they appeared."""
 
 
-def exit_on_user_error(main: Callable[[], int | None]) -> int:
-    """Run `main()`; a MoonlightError becomes one `error: ...` line on stderr (rank 0 only: every rank
-    of a job meets the same error) and exit code 2. Returns main's exit code (None counts as 0)."""
+def exit_on_user_error(main: Callable[[], int | None], reported_by_rank0: Callable[[], bool] | None = None) -> int:
+    """Run `main()`; a MoonlightError becomes one `error: ...` line on stderr and exit code 2. Returns
+    main's exit code (None counts as 0). Printed once: by rank 0, as every rank of a job meets the same
+    error; by another rank (naming it) when it is a lone process (a stale RANK) or when
+    `reported_by_rank0()` (called on every failing rank) says rank 0 did not fail."""
     try:
         return main() or 0
     except MoonlightError as e:
         if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
             raise
-        if os.environ.get("RANK", "0") == "0":
+        rank = os.environ.get("RANK", "0")
+        lone = os.environ.get("WORLD_SIZE", "1") in ("", "0", "1")
+        rank0_too = reported_by_rank0() if reported_by_rank0 is not None else True
+        if rank == "0" or lone or not rank0_too:
             message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-            print(f"error: {message}", file=sys.stderr, flush=True)
+            where = "" if rank == "0" else f"(rank {rank}) "
+            print(f"error: {where}{message}", file=sys.stderr, flush=True)
         return USER_ERROR_EXIT_CODE
 
 

@@ -11,8 +11,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterable, Iterator
 
@@ -24,7 +22,7 @@ from tqdm import tqdm
 from moonlight.config import ModelArgs
 from moonlight.errors import CheckpointError, ConfigError
 from moonlight.model import Moonlight
-from moonlight.outputs import check_replaceable, publish_mode, remove_own_dir
+from moonlight.outputs import check_replaceable, publish_mode, remove_own_dir, staged_output
 
 # native suffix (after "layers.N.") -> HF suffix (after "model.layers.N.")
 _LAYER_RENAMES = {
@@ -299,10 +297,7 @@ def save_hf_stream(native_tensors: Iterator[tuple[str, torch.Tensor]],
 
 def _write_hf_dir(path: str, pieces: Iterator[tuple[str, torch.Tensor]], shards: list[list[str]], total: int,
                   args: ModelArgs, dtype: torch.dtype | None) -> None:
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-save-", dir=parent)
-    try:
+    with staged_output(path, "the HF checkpoint") as tmp:
         names = ([f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
                  if len(shards) > 1 else ["model.safetensors"])
         shard_of = {key: names[i] for i, keys in enumerate(shards) for key in keys}
@@ -329,6 +324,3 @@ def _write_hf_dir(path: str, pieces: Iterator[tuple[str, torch.Tensor]], shards:
         if os.path.exists(path):
             remove_own_dir(path, HF_OUTPUT)
         os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

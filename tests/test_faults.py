@@ -3,6 +3,7 @@ overlap their inputs, divergence, Ctrl-C, and malformed inputs. Each test names 
 in one clear error (a MoonlightError naming the file or setting) or a warned recovery, with nothing
 lost and no foreign code run."""
 
+import errno
 import gzip
 import json
 import logging
@@ -11,6 +12,7 @@ import os
 import pathlib
 import pickle
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -420,14 +422,20 @@ def _start_and_wait(folder, slow_final_save=False):
     return child
 
 
-def test_ctrl_c_stops_after_the_step_and_saves(tmp_path, capfd):
-    """Fault: Ctrl-C saved nothing and printed a traceback per rank; now it acts like SIGTERM."""
-    child = _start_and_wait(tmp_path)
-    os.kill(child.pid, signal.SIGINT)
+def _signal_stops_and_saves(folder, sig):
+    """Send `sig` to a training child; it must exit 0 after saving its last logged step. Returns that step."""
+    child = _start_and_wait(folder)
+    os.kill(child.pid, sig)
     child.join(timeout=120)
     assert child.exitcode == 0
-    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"]
-    assert sorted(list_checkpoints(tmp_path / "checkpoint")) == [last]
+    last = json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    assert sorted(list_checkpoints(folder / "checkpoint")) == [last]
+    return last
+
+
+def test_ctrl_c_stops_after_the_step_and_saves(tmp_path, capfd):
+    """Fault: Ctrl-C saved nothing and printed a traceback per rank; now it acts like SIGTERM."""
+    last = _signal_stops_and_saves(tmp_path, signal.SIGINT)
     out = capfd.readouterr()
     assert f"SIGINT: stopped after step {last}, checkpoint saved" in out.out and "Traceback" not in out.err
 
@@ -502,7 +510,7 @@ def test_megatron_files_are_checked_at_open(tmp_path):
 
 def test_an_unreadable_megatron_file_is_named(tmp_path, monkeypatch):
     """Fault: an .idx without read permission was a PermissionError traceback (simulated: tests run as root)."""
-    from moonlight.train import megatron
+    from moonlight.data import megatron
 
     prefix = tmp_path / "x"
     _megatron(prefix)
@@ -670,3 +678,406 @@ def test_convert_validates_every_argument_before_reading_tensors(tmp_path, hf_di
     for argv, match in cases:
         assert _convert(*argv) == 2, argv
         assert match in capsys.readouterr().err, argv
+
+
+# --- round 3: paths, rollback, signals ---
+
+
+def _steps_of(path):
+    return [json.loads(line)["step"] for line in pathlib.Path(path).read_text().splitlines()]
+
+
+def test_a_rollback_moves_the_abandoned_branch_aside(tmp_path, capsys):
+    """Fault: a rollback (load_step=N) replaced the later checkpoints and rewrote later metrics in place."""
+    ckpt = ["--checkpoint.enable=true", "--checkpoint.interval=1", "--checkpoint.keep_latest_k=0"]
+    _trainer(tmp_path, "--training.steps=3", *ckpt).train()
+    old = {s: (tmp_path / "checkpoint" / f"step-{s}" / "COMPLETE").read_bytes() for s in (2, 3)}
+    old_metrics = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    capsys.readouterr()
+    trainer = _trainer(tmp_path, "--training.steps=3", "--checkpoint.load_step=1", *ckpt)
+    [aside] = tmp_path.glob("abandoned-*")
+    out = capsys.readouterr().out
+    assert "resumed at step 1" in out and str(aside / "checkpoint") in out and "steps 2-3" in out
+    assert {s: (aside / "checkpoint" / f"step-{s}" / "COMPLETE").read_bytes() for s in (2, 3)} == old
+    assert (aside / "metrics.jsonl").read_text().splitlines() == old_metrics[1:]
+    assert _steps_of(tmp_path / "metrics.jsonl") == [1]
+    trainer.train()
+    assert sorted(list_checkpoints(tmp_path / "checkpoint")) == [1, 2, 3]
+    assert _steps_of(tmp_path / "metrics.jsonl") == [1, 2, 3]
+    assert {s: (aside / "checkpoint" / f"step-{s}" / "COMPLETE").read_bytes() for s in (2, 3)} == old
+
+
+def test_a_complete_step_is_never_replaced_silently(tmp_path):
+    """Fault: format.finalize_dir replaced a complete step-N of the same number without a word."""
+    ckpt, _ = _saved_steps(tmp_path, steps=(1,))
+    before = (tmp_path / "checkpoint" / "step-1" / "COMPLETE").read_bytes()
+    tmp = tmp_path / "checkpoint" / "step-1.tmp"
+    tmp.mkdir()
+    (tmp / "x").write_text("new")
+    with pytest.raises(CheckpointError, match="already holds a complete checkpoint: refusing to replace it"):
+        fmt.finalize_dir(str(tmp), str(tmp_path / "checkpoint" / "step-1"))
+    assert (tmp_path / "checkpoint" / "step-1" / "COMPLETE").read_bytes() == before
+
+
+def test_the_lock_follows_a_symlinked_checkpoint_folder(tmp_path):
+    """Fault: a trainer whose checkpoint folder links to a running run's took no lock error."""
+    first = _trainer(tmp_path / "a", "--training.steps=2", "--checkpoint.enable=true")
+    locks = [tmp_path / "a" / ".lock", tmp_path / "a" / "checkpoint" / ".lock"]
+    assert [json.loads(p.read_text())["pid"] for p in locks] == [os.getpid()] * 2
+    first.lock.release()
+    owner = subprocess.Popen(["sleep", "60"])  # the running trainer: another live process on this host
+    try:
+        for p in locks:
+            p.write_text(json.dumps({"host": socket.gethostname(), "pid": owner.pid, "started": "x"}))
+        (tmp_path / "b").mkdir()
+        (tmp_path / "b" / "checkpoint").symlink_to(tmp_path / "a" / "checkpoint")
+        with pytest.raises(ConfigError, match=r"a/checkpoint is in use by another trainer"):
+            _trainer(tmp_path / "b", "--training.steps=2", "--checkpoint.enable=true")
+        assert not (tmp_path / "b" / ".lock").exists()  # the refused run released what it took
+        (tmp_path / "c").symlink_to(tmp_path / "a")  # the dump folder itself through a link
+        with pytest.raises(ConfigError, match=r"a is in use by another trainer"):
+            _trainer(tmp_path / "c", "--training.steps=2")
+    finally:
+        owner.kill()
+        owner.wait()
+
+
+@pytest.mark.parametrize("name", ["config.toml", "metrics.jsonl"])
+def test_a_symlinked_run_file_is_refused_and_its_target_untouched(tmp_path, name):
+    """Fault: a symlinked config.toml or metrics.jsonl overwrote or truncated its target outside the folder."""
+    target = tmp_path / "precious.txt"
+    target.write_text("mine")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / name).symlink_to(target)
+    with pytest.raises(ConfigError, match=rf"run/{name} is a symlink .* remove the link"):
+        _trainer(tmp_path / "run", "--training.steps=2")
+    assert target.read_text() == "mine" and not (tmp_path / "run" / ".lock").exists()
+
+
+def test_a_symlinked_step_directory_is_refused(tmp_path):
+    """Fault: a step-N symlink in the checkpoint folder was read, and rotation would delete through it."""
+    _saved_steps(tmp_path / "other", steps=(1,))
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "step-1").symlink_to(tmp_path / "other" / "checkpoint" / "step-1")
+    with pytest.raises(CheckpointError, match=r"step-1 \(a symlink: replace it with the directory itself\)"):
+        _fresh(tmp_path)[1].load()
+
+
+@pytest.mark.parametrize("entry", [".lock", "config.toml"])
+def test_a_run_file_that_is_a_directory_is_one_line(tmp_path, entry):
+    """Fault: a .lock or config.toml that is a directory gave a traceback (and the other ranks' gloo errors)."""
+    (tmp_path / entry).mkdir()
+    with pytest.raises(ConfigError, match=rf"{re.escape(entry)} is a directory"):
+        _trainer(tmp_path, "--training.steps=2")
+    assert (tmp_path / entry).is_dir()
+
+
+def test_an_unwritable_dump_folder_is_one_line(tmp_path, monkeypatch):
+    """Fault: a read-only dump folder was a traceback at start."""
+    real_open = os.open
+
+    def read_only(path, *a, **k):
+        if str(path).endswith(".lock"):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, *a, **k)
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(ConfigError, match=r"cannot write to job.dump_folder .* \(read-only filesystem\): make it"):
+        _trainer(tmp_path, "--training.steps=2")
+
+
+def test_a_lock_held_by_a_pid_that_is_not_a_trainer_says_so(tmp_path):
+    """Fault: a lock naming a live pid reused by another program gave no hint that it may be stale."""
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        (tmp_path / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": other.pid, "started": "x"}))
+        with pytest.raises(ConfigError, match=r"now runs 'sleep 60', which may not be a trainer.*delete .*\.lock"):
+            _trainer(tmp_path, "--training.steps=2")
+    finally:
+        other.kill()
+        other.wait()
+
+
+@pytest.mark.parametrize("override,match", [
+    ("--metrics.tb_folder=/tmp/elsewhere", r"metrics\.tb_folder = '/tmp/elsewhere' must be a relative path inside"),
+    ("--metrics.tb_folder=../x", r"metrics\.tb_folder = '\.\./x' must be a relative path inside"),
+    ("--checkpoint.folder=hf", r"checkpoint\.folder = 'hf' collides with the run's own 'hf'"),
+    ("--metrics.tb_folder=checkpoint", r"metrics\.tb_folder = 'checkpoint' collides with checkpoint\.folder"),
+])
+def test_output_folders_stay_inside_the_dump_folder(override, match):
+    """Fault: metrics.tb_folder absolute or ../x wrote outside the dump folder; checkpoint.folder = 'hf' collided."""
+    with pytest.raises(ConfigError, match=match):
+        load_config("train.toml", [override]).validate()
+
+
+def test_a_dump_folder_under_home_is_expanded(monkeypatch, tmp_path):
+    """Fault: job.dump_folder = "~/run" created a literal ./~/run."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config("train.toml", ["--job.dump_folder=~/run"]).validate()
+    assert cfg.job.dump_folder == str(tmp_path / "run")
+
+
+def test_a_data_glob_matching_the_dump_folder_is_refused(tmp_path):
+    """Fault: a data.path glob that matched the run's own metrics.jsonl was read as training data."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(ConfigError, match=r"data\.path = .* matches .*metrics\.jsonl, inside job\.dump_folder"):
+        load_config("train.toml", [f"--data.path={tmp_path}/**/*.jsonl",
+                                   f"--job.dump_folder={tmp_path / 'run'}"]).validate()
+
+
+def test_sighup_stops_saves_and_releases_the_lock(tmp_path, capfd):
+    """Fault: SIGHUP (the SSH session closed) killed the run without a save and left a stale lock."""
+    last = _signal_stops_and_saves(tmp_path, signal.SIGHUP)
+    assert f"SIGHUP: stopped after step {last}, checkpoint saved" in capfd.readouterr().out
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_disk_full_and_read_only_are_named_at_every_write(tmp_path, monkeypatch, hf_dir):
+    """Fault: a full disk was "write error ... unexpected pos"; HF export and dcp-to-hf gave tracebacks."""
+    import moonlight.hf as hf_mod
+    import torch.distributed.checkpoint.filesystem as fs
+
+    ckpt, _ = _saved_steps(tmp_path, steps=(1,))
+    monkeypatch.setattr(fs, "_write_item", lambda *a, **k: (_ for _ in ()).throw(
+        RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 704 vs 598")))  # no errno
+    with pytest.raises(CheckpointError, match=r"step-2 failed \(write error\)"):  # space is left: not a full disk
+        ckpt.save(2)
+    statvfs = os.statvfs
+    monkeypatch.setattr(os, "statvfs", lambda p: type("Full", (), {"f_bavail": 0, "f_frsize": statvfs(p).f_frsize}))
+    with pytest.raises(CheckpointError, match=r"step-2 failed \(disk full\)"):
+        ckpt.save(2)
+    monkeypatch.undo()
+    monkeypatch.setattr(hf_mod, "save_file", lambda *a, **k: (_ for _ in ()).throw(
+        OSError(errno.EROFS, "Read-only file system")))
+    with pytest.raises(CheckpointError, match=r"writing the HF checkpoint .* failed: read-only filesystem"):
+        save_hf(load_hf(str(hf_dir)), str(tmp_path / "export"))
+    assert _convert("dcp-to-hf", "--dcp", tmp_path / "checkpoint", "--out", tmp_path / "out") == 2
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".tmp-save-*"))
+
+
+def test_a_full_disk_at_start_is_one_line(tmp_path, monkeypatch):
+    """Fault: ENOSPC writing config.toml at start was a traceback."""
+    trainer_open = open
+
+    def full(path, *a, **k):
+        if str(path).endswith("config.toml") and a and "w" in a[0]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return trainer_open(path, *a, **k)
+    monkeypatch.setattr("builtins.open", full)
+    with pytest.raises(ConfigError, match=r"cannot write .*config\.toml \(disk full\)"):
+        _trainer(tmp_path, "--training.steps=2")
+
+
+def test_a_full_disk_while_logging_metrics_is_one_warning_not_a_hang(tmp_path, caplog):
+    """Fault: ENOSPC writing metrics.jsonl raised on rank 0 alone (a traceback; the other ranks hung)."""
+    metrics = MetricsLogger(str(tmp_path), 0)
+    metrics.close()
+
+    class Full:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        flush = close = lambda self: None
+    metrics._file = Full()
+    with caplog.at_level(logging.ERROR, logger="moonlight.train.metrics"):
+        for step in (1, 2, 3):
+            metrics.log(step, {"loss": 1.0})
+    assert [r.getMessage() for r in caplog.records if "disk full" in r.getMessage()] == [
+        f"metrics: cannot write {tmp_path / 'metrics.jsonl'} (disk full) from step 1 on: training goes on, its "
+        "records are lost until it can be written (checkpoint saves fail loudly)"]
+
+
+def test_prepare_data_removes_its_temp_file_when_close_fails(tmp_path, monkeypatch):
+    """Fault: prepare_data left a hidden temp file behind when close() failed (a full disk)."""
+    from moonlight.data import megatron
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(5)))
+
+    def full(f):
+        raise OSError(errno.ENOSPC, "No space left on device", f.name)
+    monkeypatch.setattr(megatron, "_close_durably", full)
+    tok = build_tokenizer("byte")
+    with pytest.raises(DataError, match="disk full"):
+        megatron.build_megatron_from_jsonl([str(docs)], str(tmp_path / "out"), tok)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl"]
+
+
+def test_a_model_too_large_for_host_memory_is_refused_before_materialising(tmp_path, monkeypatch):
+    """Fault: the 16B model on a small CPU machine was materialised until the kernel killed it."""
+    import moonlight.train.build as build_mod
+
+    monkeypatch.setattr(build_mod, "available_memory_bytes", lambda: 2**30)
+    with pytest.raises(ConfigError, match=r"15\.\dB-parameter model needs at least .* GiB of host memory .* 1\.0 GiB"):
+        _trainer(tmp_path, "--model.name=moonlight-16b-a3b", "--model.overrides.vocab_size=512")
+
+
+def test_a_damaged_format_1_checkpoint_names_the_earlier_step(tmp_path):
+    """Fault: damage in a format-v1 checkpoint (no checksums) was a raw PytorchStreamReader traceback."""
+    _saved_steps(tmp_path, steps=(1, 2))
+    step = tmp_path / "checkpoint" / "step-2"
+    (step / "COMPLETE").write_text(json.dumps({"complete": True, "files": sorted(os.listdir(step))}))
+    shard = _shard(step)
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"step-2 cannot be read, its files are damaged \(its COMPLETE marker, "
+                                              r"format_version 1.*resume from the earlier step-1"):
+        _fresh(tmp_path)[1].load()
+
+
+def test_a_zero_padded_step_is_named_not_called_damaged(tmp_path):
+    """Fault: a hand-copied step-004 was reported as "damaged"."""
+    _saved_steps(tmp_path, steps=(4,))
+    os.rename(tmp_path / "checkpoint" / "step-4", tmp_path / "checkpoint" / "step-004")
+    with pytest.raises(CheckpointError, match=r"step-004 \(rename it to step-4\)"):
+        _fresh(tmp_path)[1].load()
+
+
+def test_a_nan_stop_under_async_saves_names_a_complete_step(tmp_path):
+    """Fault: after a NaN stop under async saves the message named a step that existed only as .tmp."""
+    trainer = _trainer(tmp_path, "--training.steps=4", "--checkpoint.enable=true", "--checkpoint.interval=2",
+                       "--checkpoint.async_mode=async", "--training.on_nonfinite=stop")
+    _nan_window(trainer, range(5, 9))  # step 3
+    with pytest.raises(NonFiniteError, match=r"step-2: resume from it") as e:
+        trainer.train()
+    assert "step-2" in str(e.value) and sorted(list_checkpoints(tmp_path / "checkpoint")) == [2]
+
+
+def test_checkpoints_with_checkpointing_off_are_refused(tmp_path):
+    """Fault: checkpoint.enable=false over existing checkpoints silently started from scratch."""
+    _trainer(tmp_path, "--training.steps=2", "--checkpoint.enable=true").train()
+    before = (tmp_path / "config.toml").read_text()
+    with pytest.raises(ConfigError, match=r"holds checkpoints \[2\] but checkpoint\.enable = false .* "
+                                          r"--checkpoint\.enable=true"):
+        _trainer(tmp_path, "--training.steps=2", "--optimizer.lr=0.5")
+    assert (tmp_path / "config.toml").read_text() == before
+
+
+def test_dcp_to_hf_of_a_step_rotated_away_while_read_is_one_line(tmp_path, monkeypatch, capsys):
+    """Fault: dcp-to-hf on a folder whose steps a running trainer rotates away was a 76-line traceback."""
+    import moonlight.checkpoint.export as export_mod
+
+    _saved_steps(tmp_path, steps=(1,))
+    read = export_mod._DCPModel.read
+
+    def rotated(self, keys):
+        shutil.rmtree(tmp_path / "checkpoint" / "step-1")
+        return read(self, keys)
+    monkeypatch.setattr(export_mod._DCPModel, "read", rotated)
+    assert _convert("dcp-to-hf", "--dcp", tmp_path / "checkpoint", "--out", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "was removed while being read" in err and "keep_latest_k" in err and "Traceback" not in err
+
+
+def test_an_export_path_that_is_a_file_fails_at_start(tmp_path):
+    """Fault: checkpoint.export_hf into a path that is a file failed only after training."""
+    (tmp_path / "hf").write_text("notes")
+    with pytest.raises(ConfigError, match=r"/hf is a file where moonlight writes its own folder"):
+        _trainer(tmp_path, "--training.steps=2", "--checkpoint.export_hf=end")
+    assert (tmp_path / "hf").read_text() == "notes"
+
+
+def _env_main(env, argv):
+    """train.main in a forked child with `env`; returns (exit code, stderr)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        sys.stderr = os.fdopen(w, "w")
+        os.environ.update(env)
+        import train
+
+        code = train.main(argv)
+        sys.stderr.flush()
+        os._exit(code)
+    os.close(w)
+    with os.fdopen(r) as f:
+        err = f.read()
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), err
+
+
+def test_world_size_without_torchrun_is_one_line():
+    """Fault: WORLD_SIZE=2 python train.py (no torchrun) ended in a torch traceback."""
+    code, err = _env_main({"WORLD_SIZE": "2"}, ["--config", "train.toml"])
+    assert code == 2 and "WORLD_SIZE=2 is set but RANK is not: launch with torchrun --nproc_per_node=2" in err
+    assert "Traceback" not in err
+
+
+def test_a_user_error_on_a_lone_nonzero_rank_is_printed():
+    """Fault: a stale RANK=1 with a bad config exited 2 with no output at all."""
+    code, err = _env_main({"RANK": "1"}, ["--config", "train.toml", "--training.steps=0"])
+    assert code == 2 and err.startswith("error: (rank 1) invalid config") and "training.steps must be > 0" in err
+
+
+def _joined_rank(rank, port, queue, body):
+    """Join a 2-rank job as torchrun would (moonlight's init_process_group, 2 s collective timeout), run
+    body(rank), and put (rank, what it printed on stderr) on the queue."""
+    import io
+    from moonlight.distributed import init_process_group
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    init_process_group("gloo", 2.0)
+    err, sys.stderr = sys.stderr, io.StringIO()
+    try:
+        body(rank)
+    finally:
+        queue.put((rank, sys.stderr.getvalue()))
+        sys.stderr = err
+        queue.close()
+        queue.join_thread()  # before os._exit: the queue's feeder thread sends it
+        os._exit(0)
+
+
+def _in_two_ranks(body, wait_for):
+    """Run body on two forked, joined ranks; returns {rank: stderr} of the first `wait_for` ranks to finish."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_joined_rank, args=(r, port, queue, body)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        return dict(queue.get(timeout=60) for _ in range(wait_for))
+    finally:
+        for p in procs:
+            p.kill()
+            p.join()
+
+
+def _stuck_rank_1(rank):
+    import train
+
+    if rank == 1:
+        time.sleep(30)  # stops answering
+    try:
+        torch.distributed.all_reduce(torch.ones(1))
+    except RuntimeError as e:
+        train.report_timeout(e)
+
+
+def test_a_stuck_rank_is_named_after_the_collective_timeout():
+    """Fault: a stopped rank hung the others for gloo's 30 minutes, then ~100 lines that named no rank."""
+    line = _in_two_ranks(_stuck_rank_1, wait_for=1)[0]
+    assert line.startswith("error: a collective timed out after training.collective_timeout_s: rank(s) [1] did "
+                           "not answer") and line.count("\n") == 1
+
+
+def _user_error_on(failing):
+    from moonlight.distributed import reported_by_rank0
+    from moonlight.errors import exit_on_user_error
+
+    def body(rank):
+        def main():
+            if rank in failing:
+                raise ConfigError(f"bad input on rank {rank}")
+        assert exit_on_user_error(main, reported_by_rank0) == (2 if rank in failing else 0)
+        if rank == 0:
+            time.sleep(4)  # rank 0 hosts the job's store here (torchrun's agent does under torchrun)
+    return body
+
+
+def test_a_user_error_on_one_nonzero_rank_alone_is_printed_once():
+    """Fault: a user error that only rank 1 met was never printed (errors.py printed on rank 0 only)."""
+    assert _in_two_ranks(_user_error_on({1}), wait_for=2) == {0: "", 1: "error: (rank 1) bad input on rank 1\n"}
+    assert _in_two_ranks(_user_error_on({0, 1}), wait_for=2) == {0: "error: bad input on rank 0\n", 1: ""}

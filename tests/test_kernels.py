@@ -11,6 +11,8 @@ from moonlight.kernels.moe_permute import permute_tokens, unpermute_tokens
 from moonlight.kernels.moe_router import route_topk
 from moonlight.kernels.rms_norm import rms_norm
 
+pytestmark = pytest.mark.floor  # also run on torch 2.11 (.ci/run)
+
 BF16_ULP = 2**-7
 # On a GPU machine conftest leaves the interpreter off and Triton compiles for the GPU, which takes
 # CUDA tensors only: the Triton side of each test runs there, the references stay on the CPU.

@@ -10,6 +10,8 @@ from moonlight.model.model import sequence_aux_loss
 from moonlight.hf import load_hf
 from tests.hf_reference import VARIANTS, routed_experts, stable_hf_model
 
+pytestmark = pytest.mark.floor  # also run on torch 2.11 (.ci/run)
+
 
 def _tokens(vocab, batch=2, seq=12, seed=1):
     g = torch.Generator().manual_seed(seed)

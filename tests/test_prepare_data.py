@@ -121,7 +121,7 @@ class _Emits:
 @pytest.fixture
 def generic_path(monkeypatch):
     """Encode 2 texts per encode_batch call, so a run can fail part-way."""
-    from moonlight.train import documents
+    from moonlight.data import documents
     monkeypatch.setattr(documents, "ENCODE_CHUNK", 2)
 
 

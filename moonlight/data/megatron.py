@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from moonlight.errors import DataError
-from moonlight.outputs import check_output
+from moonlight.outputs import check_output, os_error_reason
 from moonlight.data.documents import (DATA_KEYS, BadLines, DataKeys, DocumentStore, encode_documents, expand_paths,
                                       read_jsonl)
 
@@ -225,8 +225,12 @@ class MegatronIndexedWriter:
         os.replace(self._idx_tmp, idx_path)
 
     def discard(self) -> None:
-        """Drop what was written; an earlier output stays as it was."""
-        self._bin.close()
+        """Drop what was written; an earlier output stays as it was (also when closing fails, e.g. on a
+        full disk: the temp files go all the same)."""
+        try:
+            self._bin.close()
+        except OSError:
+            pass
         for tmp in (self._bin_tmp, self._idx_tmp):
             if os.path.exists(tmp):
                 os.remove(tmp)
@@ -309,7 +313,7 @@ def build_megatron_from_jsonl(
                                 f"malformed lines skipped): check the files and {keys('text_key')}; nothing was "
                                 "written")
     except OSError as e:  # the output side: input read errors are DataErrors already
-        raise DataError(f"{e.filename or prefix}: cannot write it ({e.strerror or e}); free space or fix "
+        raise DataError(f"{e.filename or prefix}: cannot write it ({os_error_reason(e)}); free space or fix "
                         "permissions, or pick another output prefix") from None
     return MegatronBuild(files=w.files, dtype=dtype, documents=w.num_documents, tokens=w.num_tokens,
                          empty=empty, bad_lines=bad.count, first_bad_line=bad.reported[0] if bad.reported else None)

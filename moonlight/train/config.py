@@ -14,6 +14,7 @@ schedules to `moonlight.parallel.pipeline`, degrees vs the world size to `Parall
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import pathlib
 from dataclasses import dataclass, field
@@ -48,6 +49,17 @@ __all__ = [
 
 DTypeName = Literal["float32", "bfloat16"]
 PPSchedule = Literal[SCHEDULES]
+
+
+def inside(path: str) -> bool:
+    """Whether a path under job.dump_folder stays inside it (relative, no '..', no '~')."""
+    parts = pathlib.PurePath(path).parts
+    return not os.path.isabs(path) and ".." not in parts and not (parts and parts[0].startswith("~"))
+
+
+# Names the run writes directly in job.dump_folder (and abandoned-<time>, a rollback's), which checkpoint.folder
+# and metrics.tb_folder must not take.
+RUN_OUTPUTS = ("config.toml", "metrics.jsonl", ".lock", "hf", "adapter", "profile")
 
 
 def _require(checks: list[tuple[bool, str]]) -> list[str]:
@@ -117,6 +129,9 @@ class TrainingSection:
     """torch.compile each decoder block's forward (regional compilation, as torchtitan)."""
     compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
     """The torch.compile backend; aot_eager traces the same graphs without generating code."""
+    collective_timeout_s: float = 600.0
+    """How long a collective waits for the other ranks before the run stops, naming those that did not
+    answer (a rank stopped or stuck); raise it when one step (or a checkpoint save) legitimately takes longer."""
 
     def problems(self) -> list[str]:
         out = _require([
@@ -126,6 +141,8 @@ class TrainingSection:
             (self.local_batch_size > 0, f"training.local_batch_size must be > 0 (got {self.local_batch_size})"),
             (self.max_norm >= 0, f"training.max_norm must be >= 0 (0 = no clipping; got {self.max_norm})"),
             (self.gc_freq >= 0, f"training.gc_freq must be >= 0 (got {self.gc_freq})"),
+            (self.collective_timeout_s > 0,
+             f"training.collective_timeout_s must be > 0 (got {self.collective_timeout_s})"),
             (self.max_consecutive_nonfinite >= 1,
              f"training.max_consecutive_nonfinite must be >= 1 (got {self.max_consecutive_nonfinite})"),
         ])
@@ -328,7 +345,7 @@ class CheckpointSection:
              "which checkpoint.enable = false turns off: set checkpoint.enable = true"),
             (bool(self.folder), "checkpoint.folder must not be empty"),
             # inside the (locked) dump folder: rotation and cleanup then delete only this run's saves
-            (not os.path.isabs(self.folder) and ".." not in pathlib.PurePath(self.folder).parts,
+            (inside(self.folder),
              f"checkpoint.folder = {self.folder!r} must be a relative path inside job.dump_folder "
              "(point job.dump_folder elsewhere instead)"),
         ])
@@ -354,6 +371,9 @@ class MetricsSection:
             (self.profile_steps >= 0, f"metrics.profile_steps must be >= 0 (got {self.profile_steps})"),
             (self.profile_steps == 0 or self.profile_start >= 1,
              f"metrics.profile_steps={self.profile_steps} needs metrics.profile_start >= 1"),
+            (bool(self.tb_folder) and inside(self.tb_folder),
+             f"metrics.tb_folder = {self.tb_folder!r} must be a relative path inside job.dump_folder (point "
+             "job.dump_folder elsewhere instead)"),
         ])
 
 
@@ -441,6 +461,7 @@ class JobConfig:
         """Every section's checks plus the cross-section ones that do not need the world size; raises
         ConfigError listing every problem found. Returns self."""
         errs: list[str] = []
+        self.job.dump_folder = os.path.expanduser(self.job.dump_folder)  # "~/run", not ./~/run
         for name in SECTIONS:
             section = getattr(self, name)
             errs += section.problems(self.training.steps) if name == "lr_scheduler" else section.problems()
@@ -456,6 +477,15 @@ class JobConfig:
             errs.append("checkpoint.frozen_weights = 'reload' re-reads the frozen base weights from "
                         "checkpoint.initial_load_hf: it needs lora.enable = true and checkpoint.initial_load_hf set "
                         "(or use 'save')")
+        tops = {}
+        for key, sub in (("checkpoint.folder", self.checkpoint.folder), ("metrics.tb_folder", self.metrics.tb_folder)):
+            parts = pathlib.PurePath(sub).parts if sub and inside(sub) else ("",)
+            top = parts[0] if parts else "."
+            if top in RUN_OUTPUTS or top == "." or top.startswith("abandoned-") or top in tops:
+                errs.append(f"{key} = {sub!r} collides with " + (f"{tops[top]}" if top in tops else
+                            f"the run's own {top!r} in job.dump_folder") + ": pick another folder name")
+            elif top:
+                tops[top] = key
         dump = os.path.realpath(self.job.dump_folder)
         held_out = self.validation.enable and self.validation.path
         for key, path in (("data.path", self.data.path), ("validation.path", held_out)):
@@ -463,11 +493,27 @@ class JobConfig:
             if os.path.isdir(source) and os.path.commonpath([dump, source]) == source:
                 errs.append(f"job.dump_folder = {self.job.dump_folder!r} lies inside {key} = {path!r}: the next run "
                             "would read this run's metrics.jsonl and checkpoints as data; use a dump folder outside it")
+            elif path and not os.path.isdir(source):  # a file or a glob: none of it may be the run's own output
+                ours = [f for f in glob.glob(os.path.expanduser(path), recursive=True) if self._is_run_output(f)]
+                if ours:
+                    errs.append(f"{key} = {path!r} matches {ours[0]}, inside job.dump_folder = "
+                                f"{self.job.dump_folder!r}: the run would read its own outputs as data; narrow "
+                                f"{key} or use a dump folder outside it")
         if errs:
             raise ConfigError(f"invalid config: {errs[0]}" if len(errs) == 1 else
                               f"invalid config, {len(errs)} problems: " + "; ".join(f"({i}) {e}" for i, e in
                                                                           enumerate(errs, 1)))
         return self
+
+    def _is_run_output(self, path: str) -> bool:
+        """Whether a path is (inside) something this run writes in job.dump_folder."""
+        dump, real = os.path.realpath(self.job.dump_folder), os.path.realpath(path)
+        if os.path.commonpath([dump, real]) != dump or real == dump:
+            return False
+        top = pathlib.PurePath(os.path.relpath(real, dump)).parts[0]
+        own = {*RUN_OUTPUTS, *(top for folder in (self.checkpoint.folder, self.metrics.tb_folder)
+                               for top in pathlib.PurePath(folder).parts[:1])}
+        return top in own or top.startswith(("abandoned-", "metrics.jsonl."))
 
     def skips_frozen_weights(self) -> bool:
         """Whether checkpoints leave the frozen weights out (checkpoint.frozen_weights)."""

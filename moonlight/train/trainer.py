@@ -23,16 +23,18 @@ from moonlight.checkpoint.export import export_hf, export_peft_adapter
 from moonlight.checkpoint.state import Checkpointer
 from moonlight.data.loader import build_dataloader
 from moonlight.data.tokenizer import build_tokenizer
-from moonlight.distributed import local_tensor, to_device
+from moonlight.distributed import broadcast_object, local_tensor, to_device
 from moonlight.dtypes import to_dtype
 from moonlight.errors import ConfigError, NonFiniteError
 from moonlight.hf_peft import load_peft_adapter
 from moonlight.model import Moonlight
 from moonlight.model.lora import count_params, reset_lora_parameters
+from moonlight.outputs import abandoned_folder, os_error_reason, refuse_link
 from moonlight.parallel.tensor import reduce_token_losses
 from moonlight.train.balance import expert_load_imbalance, update_router_biases
-from moonlight.train.build import (apply_lora_section, build_model_args, check_runtime, check_token_ids,
-                                   init_distributed, load_initial_weights, read_base_weights, take_dump_folder_lock)
+from moonlight.train.build import (apply_lora_section, build_model_args, check_host_memory, check_run_paths,
+                                   check_runtime, check_token_ids, init_distributed, load_initial_weights,
+                                   read_base_weights, take_dump_folder_lock)
 from moonlight.train.config import JobConfig
 from moonlight.train.layout import build_layout, is_mixed_precision
 from moonlight.train.metrics import MetricsLogger, memory_gib, peak_flops
@@ -50,14 +52,19 @@ class Trainer:
         cfg.validate()
         self.cfg = cfg
         t = cfg.training
-        self.rank, self.world_size, self.device = init_distributed()
-        self.lock = take_dump_folder_lock(cfg.job.dump_folder, self.rank)  # before anything is written
+        self.rank, self.world_size, self.device = init_distributed(t.collective_timeout_s)
+        ckpt_folder = os.path.join(cfg.job.dump_folder, cfg.checkpoint.folder)
+        self.lock = take_dump_folder_lock(cfg.job.dump_folder, self.rank,  # before anything is written
+                                          (ckpt_folder,) if cfg.checkpoint.enable else (),
+                                          check=lambda: check_run_paths(cfg))
         torch.manual_seed(t.seed)
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
 
         self.model_args = build_model_args(cfg)
         check_runtime(cfg, self.model_args, self.device)
+        check_host_memory(cfg, self.model_args, self.world_size, self.device,
+                          full_init=self.model_args.num_params() <= _FULL_INIT_MAX_PARAMS)
         self.tokenizer = build_tokenizer(cfg.data.tokenizer)
         used = [i for i, on in ((self.tokenizer.bos_id, cfg.data.add_bos), (self.tokenizer.eos_id, cfg.data.add_eos))
                 if on and i is not None]  # a missing one is named by build_dataloader
@@ -66,6 +73,9 @@ class Trainer:
                               f"{self.model_args.vocab_size}: raise model vocab_size or change data.tokenizer")
 
         self.lora_modules: list[str] = []  # names of the adapted linears (lora.enable)
+        self.aside: str | None = None  # a resume's abandoned-<time> folder (see _build_checkpointer)
+        self.moved_steps: list[int] = []
+        self.moved_to = ""
         self.parallel = self._build_parallel()
         if cfg.lora.enable and self.model_args.num_params() > _FULL_INIT_MAX_PARAMS:
             for part in self.model_parts:  # materialised from the meta device after sharding
@@ -109,14 +119,13 @@ class Trainer:
         self.adapter_step: int | None = None
         resumed = self.step > 0
         self.metrics = MetricsLogger(cfg.job.dump_folder, self.rank, cfg.metrics.enable_tensorboard,
-                                     cfg.metrics.tb_folder, resume_step=self.step)
+                                     cfg.metrics.tb_folder, resume_step=self.step, aside=self.aside)
         compute_dtype = to_dtype(t.mixed_precision_param if is_mixed_precision(cfg) else t.dtype)
         self.peak_flops = cfg.metrics.device_peak_flops or peak_flops(self.device, compute_dtype)
         self.flops_per_token = self.model_args.flops_per_token(t.seq_len)
+        self._write_config()
         if self.rank == 0:
-            os.makedirs(cfg.job.dump_folder, exist_ok=True)
-            with open(os.path.join(cfg.job.dump_folder, "config.toml"), "w") as f:
-                f.write(cfg.to_toml())
+            self._report_set_aside()
             n_params = self.model_args.num_params()
             print(f"[moonlight] {cfg.job.description}\n{cfg.to_toml()}", flush=True)
             if cfg.lora.enable:
@@ -130,6 +139,34 @@ class Trainer:
                   + (f", resumed at step {self.step}" if resumed else ""), flush=True)
 
     # ------------------------------------------------------------------ setup
+    def _write_config(self) -> None:
+        """<dump_folder>/config.toml, by rank 0; a failed write (disk full, read-only) is every rank's error."""
+        err = None
+        if self.rank == 0:
+            path = os.path.join(self.cfg.job.dump_folder, "config.toml")
+            try:
+                refuse_link(path)
+                with open(path, "w") as f:
+                    f.write(self.cfg.to_toml())
+            except OSError as e:
+                err = f"cannot write {path} ({os_error_reason(e)}): free space or make job.dump_folder writable"
+            except ConfigError as e:
+                err = str(e)
+        err = broadcast_object(err)
+        if err:
+            raise ConfigError(err)
+
+    def _report_set_aside(self) -> None:
+        """One line naming what the resume moved aside: the abandoned branch's checkpoints and metrics."""
+        metrics = self.metrics.set_aside
+        if not (self.moved_steps or metrics):
+            return
+        parts = ([f"checkpoints {['step-%d' % s for s in self.moved_steps]} to {self.moved_to}"] if self.moved_steps
+                 else []) + ([f"the metrics records of steps {metrics[0]}-{metrics[-1]} to "
+                              f"{os.path.join(self.aside, 'metrics.jsonl')}"] if metrics else [])
+        print(f"[moonlight] resumed at step {self.step}: the later steps of the run it leaves were moved aside, "
+              + " and ".join(parts), flush=True)
+
     def _build_parallel(self):
         layout = build_layout(self.cfg, self.model_args, self.world_size, self.device, self._init_full_model)
         self.model_parts = layout.model_parts
@@ -169,6 +206,13 @@ class Trainer:
                             load_base=lambda path: read_base_weights(ckpt, path, lora))
         if c.enable:
             self.step = ckpt.load(c.load_step)
+        elif found := ckpt.available_steps():
+            raise ConfigError(f"{ckpt.folder} holds checkpoints {found} but checkpoint.enable = false would start "
+                              "from scratch over them (and replace config.toml): set --checkpoint.enable=true to "
+                              "resume, or use another --job.dump_folder")
+        if self.step:  # what a resume leaves behind (a rollback's later steps) is moved here, not replaced
+            self.aside = broadcast_object(abandoned_folder(self.cfg.job.dump_folder) if self.rank == 0 else None)
+            self.moved_steps, self.moved_to = ckpt.set_aside_later(self.step, self.aside)
         if c.initial_load_hf and load_initial_weights(ckpt, c.initial_load_hf, lora=lora):
             if self.rank == 0:
                 print(f"[moonlight] initialised the model from {c.initial_load_hf}", flush=True)
@@ -340,6 +384,9 @@ class Trainer:
         where = self._locate_nonfinite()
         msg = f"step {self.step + 1}: non-finite loss={loss} / grad_norm={grad_norm}; on rank {self.rank}: {where}"
         self._nonfinite_in_a_row += 1
+        if (self.cfg.training.on_nonfinite == "stop"
+                or self._nonfinite_in_a_row >= self.cfg.training.max_consecutive_nonfinite):
+            self.checkpointer.wait()  # async_mode: finish the save in flight (finite weights): the hint names it
         if self.checkpointer.pinned_step is None:  # the first skipped step: keep the checkpoint before it
             self.checkpointer.pinned_step = self.checkpointer.last_saved_step
         if self.cfg.training.on_nonfinite == "stop":
@@ -375,7 +422,7 @@ class Trainer:
             stop["signal"] = signal.Signals(signum).name
 
         in_main_thread = threading.current_thread() is threading.main_thread()  # signals need the main thread
-        previous = ({sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        previous = ({sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
                     if in_main_thread else {})
         try:
             with profiler or contextlib.nullcontext():
@@ -407,8 +454,9 @@ class Trainer:
             self.lock.release()
 
     def _stop_requested(self, seen: bool) -> bool:
-        """A SIGTERM (preemption, torchrun shutting down) or a Ctrl-C (SIGINT) on any rank stops every
-        rank after the same step, so the final checkpoint's collectives line up."""
+        """A SIGTERM (preemption, torchrun shutting down), a Ctrl-C (SIGINT) or a SIGHUP (the SSH session
+        closed) on any rank stops every rank after the same step, so the final checkpoint's collectives
+        line up."""
         if not (dist.is_initialized() and dist.get_world_size() > 1):
             return seen
         flag = torch.tensor([float(seen)], device=self.device)
