@@ -36,7 +36,13 @@ def test_cpu_smoke_writes_the_summary(tmp_path):
     assert layer["layer_over_expert_gemms"] == round(layer["whole_layer"] / layer["experts"], 3)
     assert profile["kernels_per_step"] > 0 and profile["top"][0]["ms_per_step"] > 0
     assert steps["lora"]["tokens_per_s"] > 0 and steps["lora"]["peak_memory_gib"] > 0
-    assert "generate" in steps
+    assert steps["generate_status"]["exit_code"] == 0
+    runs = steps["generate"]["runs"]
+    for b in (1, 2):  # the compiled decode step, transformers' generate and our eager loop, same weights
+        for name in (f"ours compiled batch {b}", f"ours eager batch {b}"):
+            assert runs[name]["tokens_per_s"] > 0, runs
+        assert runs[f"transformers batch {b}"]["greedy_tokens_agree"] == 1.0, runs
+    assert 0 < runs["prefill 64 eager"]["mfu_pct"] < 100 and 0 < runs["prefill 64 compiled per block"]["mfu_pct"] < 100
     assert (tmp_path / "gpu_suite.md").read_text().startswith("# GPU suite summary")
 
 
