@@ -1,6 +1,6 @@
 """The model steps of benchmarks/gpu_suite.sh; each writes one JSON file into the results folder.
 
-    python benchmarks/gpu_suite.py slice|trainer|lora|generate|summary --out DIR [--cpu-smoke]
+    python benchmarks/gpu_suite.py slice|trainer|moe|lora|generate|summary --out DIR [--cpu-smoke]
 
 slice     a bf16 training step (forward, backward, AdamW step) of a Moonlight-width slice: hidden
           2048, 16 heads, kv_lora 512, 64 experts top-6, 2 shared, one dense + three MoE layers, seq 4096;
@@ -9,6 +9,10 @@ slice     a bf16 training step (forward, backward, AdamW step) of a Moonlight-wi
 trainer   the trainer's own step (benchmarks/train_step.py) on the same slice, pretrain recipe (fp32
           weights, bf16 compute, AC off), 16 micro-batches of 1 x 4096 per optimizer step, with Muon and
           with AdamW: MFU, optimizer ms, share of the step outside forward+backward.
+moe       one MoE layer of Moonlight's width at 4096 tokens, forward + backward piece by piece (router,
+          permute, experts, unpermute, shared, whole layer; the layer over its expert GEMMs), and the
+          profiler's top kernels of one eager slice step (device time, calls, kernels per step,
+          device busy share of the profiled wall time).
 lora      one GPU, Moonlight-16B with LoRA (configs/moonlight-16b-lora.toml through the trainer):
           peak memory and tokens/s.
 generate  Moonlight-16B greedy tokens/s at batch 1 and 16 (compiled decode step; transformers' generate
@@ -159,6 +163,50 @@ def run_trainer(out: Path, smoke: bool) -> dict:
     return result
 
 
+def top_kernels(step, device, steps: int = 2, top: int = 25) -> dict:
+    """The profiler's heaviest kernels (CPU ops on a CPU) of `steps` calls of step(), per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    step()  # warm-up: lazy init, allocator
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _sync(device)
+        wall = time.perf_counter() - t0
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0
+              and (not cuda or e.device_type == torch.autograd.DeviceType.CUDA)]
+    events.sort(key=lambda e: -getattr(e, attr))
+    total_us = sum(getattr(e, attr) for e in events)
+    return {"device_ms_per_step": total_us / steps / 1e3, "wall_ms_per_step": wall / steps * 1e3,
+            # kernels overlap little on one stream: busy ~ kernel time over wall time (profiler included)
+            "busy_pct": 100 * total_us / 1e6 / wall, "kernels_per_step": sum(e.count for e in events) / steps,
+            "top": [{"name": e.key[:100], "ms_per_step": round(getattr(e, attr) / steps / 1e3, 3),
+                     "pct": round(100 * getattr(e, attr) / total_us, 2), "calls_per_step": e.count / steps}
+                    for e in events[:top]]}
+
+
+def run_moe(out: Path, smoke: bool) -> dict:
+    from benchmarks.gpu_step_checks import moe_breakdown
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float32 if smoke else torch.bfloat16
+    args, batch, seq = slice_args(smoke)
+    result = {"moe_layer": moe_breakdown(args, device, dtype, tokens=64 if smoke else 4096, repeats=1 if smoke else 5)}
+    layer = result["moe_layer"]
+    layer["layer_over_expert_gemms"] = round(layer["whole_layer"] / layer["experts"], 3)
+    print(f"moe layer: {layer}", flush=True)
+    write_step(out, "moe", result)
+    tokens = torch.randint(0, args.vocab_size, (batch, seq), device=device)
+    result["slice_profile"] = top_kernels(our_train_step(args, device, dtype, tokens, None), device,
+                                          steps=1 if smoke else 2)
+    print(f"slice profile: {json.dumps(result['slice_profile'])[:2000]}", flush=True)
+    return result
+
+
 def run_lora(out: Path, smoke: bool) -> dict:
     from moonlight.train.config import load_config
     from moonlight.train.trainer import Trainer
@@ -233,7 +281,7 @@ def summary(out: Path) -> dict:
     return merged
 
 
-STEPS = {"slice": run_slice, "trainer": run_trainer, "lora": run_lora, "generate": run_generate}
+STEPS = {"slice": run_slice, "trainer": run_trainer, "moe": run_moe, "lora": run_lora, "generate": run_generate}
 
 
 def main():
