@@ -10,13 +10,32 @@ import torch.distributed as dist
 from moonlight.distributed import is_collective_timeout, reported_by_rank0, silent_ranks
 from moonlight.errors import exit_on_user_error
 from moonlight.train.config import SECTIONS, parse_args
+from moonlight.train.config_io import describe_sections
 from moonlight.train.trainer import Trainer
 
 
 INTERRUPTED_EXIT_CODE = 130  # the shell's code for a SIGINT
-USAGE = (f"{__doc__}\n\nSections: {', '.join(SECTIONS)}. Every key of a section can be overridden on the "
-         "command line; an unknown key lists the valid ones. The resolved config is printed at the start and "
-         "saved as <job.dump_folder>/config.toml. See README.md for the keys and the recipes in configs/.")
+USAGE = f"""{__doc__}
+       `python train.py --help [SECTION]`: every key (of one section) with its type, default and meaning
+       `python train.py --config FILE [overrides] --print-config`: the resolved config as TOML, then exit
+
+Every key of a section can be overridden on the command line (--section.key=value); an unknown key
+lists the valid ones. The resolved config is saved as <job.dump_folder>/config.toml. README.md has
+the recipes (configs/) and what each section does.
+"""
+
+
+def print_help(argv: list[str]) -> int:
+    """--help: usage and every section; --help SECTION: that section's keys."""
+    at = next(i for i, a in enumerate(argv) if a in ("-h", "--help"))
+    wanted = argv[at + 1].strip("[]") if at + 1 < len(argv) and not argv[at + 1].startswith("-") else None
+    if wanted is not None and wanted not in SECTIONS:
+        print(f"error: no config section [{wanted}]; sections: {', '.join(SECTIONS)}", file=sys.stderr)
+        return 2
+    if wanted is None:
+        print(USAGE)
+    print(describe_sections({wanted: SECTIONS[wanted]} if wanted else SECTIONS).rstrip())
+    return 0
 
 
 def report_timeout(e: RuntimeError) -> None:
@@ -36,9 +55,11 @@ def report_timeout(e: RuntimeError) -> None:
 
 def main(argv: list[str]) -> int:
     if {"-h", "--help"} & set(argv):
-        if os.environ.get("RANK", "0") == "0" or os.environ.get("WORLD_SIZE", "1") in ("", "0", "1"):
-            print(USAGE)
-        return 0
+        first = os.environ.get("RANK", "0") == "0" or os.environ.get("WORLD_SIZE", "1") in ("", "0", "1")
+        return print_help(argv) if first else 0
+    if "--print-config" in argv:
+        rest = [a for a in argv if a != "--print-config"]
+        return exit_on_user_error(lambda: print(parse_args(rest).to_toml(), end=""))
     if os.environ.get("RANK", "0") != "0":  # every rank reads the same data and meets the same warnings: print them once
         logging.getLogger("moonlight").setLevel(logging.ERROR)
     try:

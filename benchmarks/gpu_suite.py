@@ -1,14 +1,22 @@
 """The model steps of benchmarks/gpu_suite.sh; each writes one JSON file into the results folder.
 
-    python benchmarks/gpu_suite.py slice|lora|generate|summary --out DIR [--cpu-smoke]
+    python benchmarks/gpu_suite.py slice|trainer|moe|lora|generate|summary --out DIR [--cpu-smoke]
 
 slice     a bf16 training step (forward, backward, AdamW step) of a Moonlight-width slice: hidden
           2048, 16 heads, kv_lora 512, 64 experts top-6, 2 shared, one dense + three MoE layers, seq 4096;
           eager and compiled; MFU against the device's dense bf16 spec peak; torchtitan's DeepSeek-V3
           model on the same slice when it imports (benchmarks/peers.py).
+trainer   the trainer's own step (benchmarks/train_step.py) on the same slice, pretrain recipe (fp32
+          weights, bf16 compute, AC off), 16 micro-batches of 1 x 4096 per optimizer step, with Muon and
+          with AdamW: MFU, optimizer ms, share of the step outside forward+backward.
+moe       one MoE layer of Moonlight's width at 4096 tokens, forward + backward piece by piece (router,
+          permute, experts, unpermute, shared, whole layer; the layer over its expert GEMMs), and the
+          profiler's top kernels of one eager slice step (device time, calls, kernels per step,
+          device busy share of the profiled wall time).
 lora      one GPU, Moonlight-16B with LoRA (configs/moonlight-16b-lora.toml through the trainer):
           peak memory and tokens/s.
-generate  tokens/s of moonlight.generate, when that module exists.
+generate  Moonlight-16B greedy tokens/s at batch 1 and 16 (compiled decode step; transformers' generate
+          and our eager loop on the same weights), prefill MFU of a 4096-token prompt (benchmarks/generate.py).
 summary   merges the step files (and the kernel benchmark's) into gpu_suite.json and gpu_suite.md.
 --cpu-smoke runs the same code on CPU with tiny shapes and fp32, so the suite is known to work.
 """
@@ -129,6 +137,76 @@ def run_slice(out: Path, smoke: bool) -> dict:
     return result
 
 
+def run_trainer(out: Path, smoke: bool) -> dict:
+    from benchmarks.train_step import measure
+
+    overrides = ["--validation.enable=false", "--checkpoint.initial_load_hf=", "--data.format=jsonl",
+                 "--data.path=data/corpus", "--data.tokenizer=byte", "--data.add_eos=true", "--parallelism.ep=1",
+                 "--parallelism.dp_shard=1", "--activation_checkpoint.mode=none", "--metrics.enable_tensorboard=false",
+                 "--metrics.log_freq=1000", "--training.local_batch_size=1"]
+    if smoke:  # fp32, and 2 micro-batches
+        overrides += ["--model.name=debug", "--training.seq_len=32", "--training.mixed_precision_param=float32",
+                      "--training.global_batch_size=2"]
+    else:
+        overrides += ["--model.overrides.num_hidden_layers=4", "--model.overrides.first_k_dense_replace=1",
+                      "--training.seq_len=4096", "--training.global_batch_size=16"]
+    result = {}
+    for optimizer in ("muon", "adamw"):
+        try:
+            run = measure(str(ROOT / "configs" / "moonlight-16b-pretrain.toml"),
+                          overrides + [f"--optimizer.name={optimizer}"], steps=1 if smoke else 3, warmup=1)
+        except Exception as e:  # the other optimizer still runs
+            run = {"error": f"{type(e).__name__}: {e}"[:500]}
+        result[optimizer] = run
+        print(f"trainer {optimizer}: {run}", flush=True)
+        write_step(out, "trainer", result)  # a step stopped by its time limit keeps the runs it finished
+    return result
+
+
+def top_kernels(step, device, steps: int = 2, top: int = 25) -> dict:
+    """The profiler's heaviest kernels (CPU ops on a CPU) of `steps` calls of step(), per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    step()  # warm-up: lazy init, allocator
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _sync(device)
+        wall = time.perf_counter() - t0
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0
+              and (not cuda or e.device_type == torch.autograd.DeviceType.CUDA)]
+    events.sort(key=lambda e: -getattr(e, attr))
+    total_us = sum(getattr(e, attr) for e in events)
+    return {"device_ms_per_step": total_us / steps / 1e3, "wall_ms_per_step": wall / steps * 1e3,
+            # kernels overlap little on one stream: busy ~ kernel time over wall time (profiler included)
+            "busy_pct": 100 * total_us / 1e6 / wall, "kernels_per_step": sum(e.count for e in events) / steps,
+            "top": [{"name": e.key[:100], "ms_per_step": round(getattr(e, attr) / steps / 1e3, 3),
+                     "pct": round(100 * getattr(e, attr) / total_us, 2), "calls_per_step": e.count / steps}
+                    for e in events[:top]]}
+
+
+def run_moe(out: Path, smoke: bool) -> dict:
+    from benchmarks.gpu_step_checks import moe_breakdown
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float32 if smoke else torch.bfloat16
+    args, batch, seq = slice_args(smoke)
+    result = {"moe_layer": moe_breakdown(args, device, dtype, tokens=64 if smoke else 4096, repeats=1 if smoke else 5)}
+    layer = result["moe_layer"]
+    layer["layer_over_expert_gemms"] = round(layer["whole_layer"] / layer["experts"], 3)
+    print(f"moe layer: {layer}", flush=True)
+    write_step(out, "moe", result)
+    tokens = torch.randint(0, args.vocab_size, (batch, seq), device=device)
+    result["slice_profile"] = top_kernels(our_train_step(args, device, dtype, tokens, None), device,
+                                          steps=1 if smoke else 2)
+    print(f"slice profile: {json.dumps(result['slice_profile'])[:2000]}", flush=True)
+    return result
+
+
 def run_lora(out: Path, smoke: bool) -> dict:
     from moonlight.train.config import load_config
     from moonlight.train.trainer import Trainer
@@ -160,21 +238,27 @@ def run_lora(out: Path, smoke: bool) -> dict:
 
 
 def run_generate(out: Path, smoke: bool) -> dict:
-    import moonlight.generate as generate  # gpu_suite.sh runs this step only when the module exists
+    """benchmarks/generate.py's measurements: Moonlight-16B (random weights, bf16, greedy, prompt 16, 128 new
+    tokens) at batch 1 and 16, compiled, beside transformers' generate and our eager loop; prefill MFU."""
+    from benchmarks.generate import run  # imports this module
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    args, _, _ = slice_args(smoke)
-    model = random_moonlight(args, device, torch.float32 if smoke else torch.bfloat16).eval()
-    prompt = torch.randint(0, args.vocab_size, (1, 16), device=device)
-    new = 8 if smoke else 256
+    if smoke:
+        args, dtype = ModelArgs.preset("debug", kernels="auto"), torch.float32
+        sizes = dict(batches=[1, 2], prompt=16, new=8, baseline_new=4, prefill_len=64, backend="aot_eager")
+    else:
+        args, dtype = ModelArgs.preset("moonlight-16b-a3b"), torch.bfloat16
+        sizes = dict(batches=[1, 16], prompt=16, new=128, baseline_new=32, prefill_len=4096, backend="inductor")
+    result = {"model": "debug" if smoke else "moonlight-16b-a3b"}
     try:
-        _sync(device)
-        t0 = time.perf_counter()
-        generate.generate(model, prompt, max_new_tokens=new)
-        _sync(device)
-        return {"tokens_per_s": new / (time.perf_counter() - t0), "new_tokens": new}
-    except Exception as e:  # the failure becomes this step's result in the summary
-        return {"error": f"{type(e).__name__}: {e}"[:500]}
+        model = random_moonlight(args, device, dtype).eval()
+        result.update(run(model, **sizes, report=lambda r: write_step(out, "generate", {**result, **r})))
+    except Exception as e:  # the failure becomes this step's result, beside what was measured
+        result["error"] = f"{type(e).__name__}: {e}"[:500]
+        saved = out / "step_generate.json"
+        if saved.exists():
+            result = {**json.loads(saved.read_text()), **result}
+    return result
 
 
 def write_step(out: Path, step: str, result: dict) -> None:
@@ -197,7 +281,7 @@ def summary(out: Path) -> dict:
     return merged
 
 
-STEPS = {"slice": run_slice, "lora": run_lora, "generate": run_generate}
+STEPS = {"slice": run_slice, "trainer": run_trainer, "moe": run_moe, "lora": run_lora, "generate": run_generate}
 
 
 def main():

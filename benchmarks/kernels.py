@@ -5,8 +5,10 @@ peer would write (argsort + index_select / index_add, HF-style de-interleave + r
 
 On CUDA: Moonlight shapes (MoE T=8192, H=2048, K=6, E=64; MLA RoPE S=4096, 16 heads of 128+64),
 bf16, reporting ms, achieved GB/s (ideal bytes moved / time) and that as a fraction of the
-bandwidth of a large device-to-device copy measured in the same run. MLA RoPE is also timed
-against the previous copying path (q's nope channels copied beside its rotated rope channels, the
+bandwidth of a large device-to-device copy measured in the same run. The public ops' backward
+is timed through autograd ("triton") beside the raw kernel op ("triton kernel"); the router's
+forward + backward at 4096 tokens with the Triton tail against the torch reference. MLA RoPE is also
+timed against the previous copying path (q's nope channels copied beside its rotated rope channels, the
 rotated k_pe broadcast by a cat).
 
 On CPU the Triton kernels only run in the interpreter, so their timings mean nothing: a small
@@ -29,6 +31,9 @@ if not torch.cuda.is_available():
 
 from moonlight.kernels.mla_rope import mla_rope_key, rope_tables, rotate_pairs, rotate_rope_  # noqa: E402
 from moonlight.kernels.moe_permute import permute_tokens, unpermute_tokens  # noqa: E402
+from moonlight.kernels.moe_router import route_topk  # noqa: E402
+from moonlight.config import ModelArgs  # noqa: E402
+from moonlight.model.model import Router  # noqa: E402
 
 NUM_TOKENS, HIDDEN, TOP_K, NUM_EXPERTS = 8192, 2048, 6, 64
 SEQ, HEADS, NOPE, ROPE, KV_LORA = 4096, 16, 128, 64, 512
@@ -139,6 +144,16 @@ def _report(op: str, nbytes: int, candidates: dict, peak: float) -> None:
                         "speedup_vs_torch_ref": times["torch ref"] / ms})
 
 
+def router_step(x, kernels: str):
+    """Forward + backward of Moonlight's router on x [T, H] (the aux loss's score gradient included)."""
+    router = Router(ModelArgs.preset("moonlight-16b-a3b", kernels=kernels)).to(x.device)
+
+    def step():
+        weights, _, scores = router(x)
+        torch.autograd.grad(weights.sum() + scores.sum(), (x, router.weight))
+    return step
+
+
 def benchmark_cuda() -> None:
     torch.manual_seed(0)
     device, dtype = torch.device("cuda"), torch.bfloat16
@@ -159,6 +174,9 @@ def benchmark_cuda() -> None:
         peer_permuted, order = peer_permute(x, expert_ids)
         peer_out = peer_unpermute(peer_permuted, order, weights)
         ref_out = unpermute_tokens(y, row_index, weights)
+        # the public ops' backward as the model reaches it: autograd through the op (the raw kernel op beside)
+        triton_permuted = permute_tokens(x, expert_ids, NUM_EXPERTS, align, impl="triton")[0]
+        triton_out = unpermute_tokens(y, row_index, weights, impl="triton")
         tag = f" align={align}"
         _report("permute fwd" + tag, (NUM_TOKENS + num_rows) * row_bytes, {
             "triton": lambda: permute_tokens(x, expert_ids, NUM_EXPERTS, align, impl="triton"),
@@ -167,7 +185,8 @@ def benchmark_cuda() -> None:
             "peer": lambda: peer_permute(x, expert_ids),
         }, peak)
         _report("permute bwd" + tag, (slots + NUM_TOKENS) * row_bytes, {
-            "triton": lambda: torch.ops.moonlight.moe_permute_backward(grad_permuted, row_index, NUM_TOKENS),
+            "triton": lambda: torch.autograd.grad(triton_permuted, x, grad_permuted, retain_graph=True),
+            "triton kernel": lambda: torch.ops.moonlight.moe_permute_backward(grad_permuted, row_index, NUM_TOKENS),
             "torch ref": lambda: torch.autograd.grad(permuted, x, grad_permuted, retain_graph=True),
             "peer": lambda: torch.autograd.grad(peer_permuted, x, grad_permuted[:slots], retain_graph=True),
         }, peak)
@@ -177,10 +196,16 @@ def benchmark_cuda() -> None:
             "peer": lambda: peer_unpermute(y[:slots], order, weights),
         }, peak)
         _report("unpermute bwd" + tag, (NUM_TOKENS + 2 * num_rows) * row_bytes, {
-            "triton": lambda: torch.ops.moonlight.moe_unpermute_backward(grad_out, y, row_index, weights),
+            "triton": lambda: torch.autograd.grad(triton_out, (y, weights), grad_out, retain_graph=True),
+            "triton kernel": lambda: torch.ops.moonlight.moe_unpermute_backward(grad_out, y, row_index, weights),
             "torch ref": lambda: torch.autograd.grad(ref_out, (y, weights), grad_out, retain_graph=True),
             "peer": lambda: torch.autograd.grad(peer_out, (peer_permuted, weights), grad_out, retain_graph=True),
         }, peak)
+
+    # the router at 4096 tokens: its fp32 GEMM, then the sigmoid top-k tail; bytes: x read twice, grad x written
+    routed_x = torch.randn(4096, HIDDEN, dtype=dtype, device=device, requires_grad=True)
+    _report("router fwd+bwd T=4096", 3 * routed_x.numel() * routed_x.element_size(),
+            {"triton": router_step(routed_x, "triton"), "torch ref": router_step(routed_x, "torch")}, peak)
 
     cos, sin = rope_tables(SEQ, ROPE, 50000.0, device)
     for batch in (1, 4):
@@ -289,6 +314,17 @@ def check_cpu() -> bool:
             results[impl] = (permuted, out, *torch.autograd.grad(out.square().sum(), (x, weights)))
         for name, got, want in zip(("permuted", "out", "grad x", "grad weights"), results["triton"], results["torch"]):
             check(f"moe align={align} {name}", got, want)
+
+    logits = torch.randn(num_tokens, num_experts, requires_grad=True)
+    bias = torch.rand(num_experts) * 0.1
+    results = {}
+    for impl in ("torch", "triton"):
+        routed, ids, scores = route_topk(logits, bias, top_k, 2.446, impl=impl)
+        order = ids.argsort(-1)  # the choices in expert order (top-k's own order is unspecified)
+        results[impl] = (ids.gather(1, order).float(), routed.gather(1, order),
+                         *torch.autograd.grad(routed.square().sum() + scores.sum(), logits))
+    for name, got, want in zip(("expert ids", "weights", "grad logits"), results["triton"], results["torch"]):
+        check(f"router {name}", got, want)
 
     cos, sin = rope_tables(5, ROPE, 50000.0)
     q_leaf, kv_b, kv_a, k_nope, k_pe = mla_rope_inputs(2, 5, torch.device("cpu"), torch.float32)

@@ -39,6 +39,7 @@ from moonlight.train.muon import ns_flops, plan_orthogonalisation, zeropower_via
 from moonlight.train.optim import Muon  # noqa: E402
 from moonlight.train.trainer import Trainer  # noqa: E402
 from tests.dist import run_ranks  # noqa: E402
+from benchmarks.peers import progress  # noqa: E402
 
 
 def _redundant_orthogonalise(self, work):
@@ -162,6 +163,7 @@ def main():
     for world in args.worlds:
         local = [f"--training.local_batch_size={8 // world}"]
         for optimizer in ("adamw", "muon-redundant", "muon"):
+            progress(f"{world} rank(s), {optimizer}: {args.steps} steps")
             rows = run_ranks(_measure, world, optimizer, args.steps, args.warmup, overrides + local)
             share = statistics.mean(r["share"] for r in rows)
             step_s = statistics.mean(r["step_s"] for r in rows)

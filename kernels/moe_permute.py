@@ -4,14 +4,14 @@ permute_tokens   x [T, H] -> permuted [N, H], expert-major, each group optionall
                  (N is static: T*K, or an upper bound with padding, so nothing syncs with the host)
 unpermute_tokens y [N, H] -> out [T, H], out[t] = sum_k weights[t, k] * y[row_index[t*K + k]]
 
-The index bookkeeping (counts, stable sort, row_index) is T*K integers and stays in torch for both
-implementations. The Triton kernels move the H-wide rows, one program per row (expand) or per
-token (combine), so every kernel is a single pass over memory with no atomics:
+The index bookkeeping (one histogram, one stable sort, row_index by one scatter) is T*K integers
+and stays in torch for both implementations. The Triton kernels move the H-wide rows, one program
+per (token, choice) slot (expand) or per token (combine), each a single pass with no atomics:
 
-  expand   dst[r] = w[slot] * src[slot // K] for the (token, choice) slot that landed in row r,
-           zero for padding rows. Used by the permute forward and the unpermute backward, where it
-           also produces grad_weights[slot] = <grad_out[t], y[r]>.
-  combine  dst[t] = sum_k w[t, k] * src[row_index[t*K + k]]. Used by the unpermute forward and the
+  expand   dst[row_index[slot]] = w[slot] * src[slot // K]; padding rows (align > 1 only) zeroed
+           before. The permute forward and the unpermute backward, where it also produces
+           grad_weights[slot] = <grad_out[t], y[row_index[slot]]>.
+  combine  dst[t] = sum_k w[t, k] * src[row_index[t*K + k]], in k order. The unpermute forward and the
            permute backward (w = 1).
 """
 import torch
@@ -24,38 +24,50 @@ except ImportError:  # without Triton only impl="torch" is available
     triton = None
 
 
-def _route_rows(expert_ids: Tensor, num_experts: int, align: int) -> tuple[Tensor, Tensor, int]:
-    """(row_index [T*K], padded group sizes [E], N) for the expert-major layout."""
+def _route_rows(expert_ids: Tensor, num_experts: int, align: int) -> tuple[Tensor, Tensor, int, Tensor]:
+    """(row_index [T*K], padded group sizes [E], N, slot of each of the first T*K rows in expert-major
+    order) from one stable sort and one histogram."""
     flat = expert_ids.reshape(-1).long()
     # scatter_add instead of bincount: a fixed output shape, so no host sync (bincount reads the max)
     counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))
-    group_sizes = (counts + align - 1) // align * align
-    order = torch.argsort(flat, stable=True)
-    sorted_experts = flat[order]
-    rank_in_group = torch.arange(flat.numel(), device=flat.device) - (counts.cumsum(0) - counts)[sorted_experts]
-    group_start = group_sizes.cumsum(0) - group_sizes
-    row_index = torch.empty_like(flat).scatter_(0, order, group_start[sorted_experts] + rank_in_group)
+    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.long))
+    sorted_experts, order = flat.sort(stable=True)  # order[i]: the slot at expert-major position i
+    rows = torch.arange(flat.numel(), device=flat.device)
     if align == 1:
-        return row_index, group_sizes, flat.numel()
+        return torch.empty_like(rows).scatter_(0, order, rows), counts, flat.numel(), order
+    group_sizes = (counts + align - 1) // align * align
+    padding_before = (group_sizes - counts).cumsum(0) - (group_sizes - counts)  # rows of padding ahead of e
+    row_index = torch.empty_like(rows).scatter_(0, order, rows + padding_before[sorted_experts])
     # N from the shapes alone (reading the padded sizes back would be a host sync): the upper bound
     # T*K + E*(align-1), rounded to align; the last group takes the rows left over as more padding.
     num_rows = (flat.numel() + num_experts * (align - 1) + align - 1) // align * align
     group_sizes[-1] += num_rows - group_sizes.sum()
-    return row_index, group_sizes, num_rows
-
-
-def _slot_of_row(row_index: Tensor, num_rows: int) -> Tensor:
-    """Inverse of row_index: the (token, choice) slot held by each permuted row, -1 for padding."""
-    slots = torch.arange(row_index.numel(), device=row_index.device)
-    return torch.full((num_rows,), -1, dtype=torch.long, device=row_index.device).scatter_(0, row_index, slots)
+    return row_index, group_sizes, num_rows, order
 
 
 # ---------------------------------------------------------------- PyTorch reference
 
 
-def _permute_torch(x: Tensor, row_index: Tensor, num_rows: int) -> Tensor:
-    top_k = row_index.numel() // max(x.shape[0], 1)  # no tokens: no rows either
+class _GatherTokens(torch.autograd.Function):
+    """Unpadded permute: permuted[i] = x[order[i] // K], one gather. Its backward is the reference's:
+    grad_x[t] = sum_k grad[row_index[t*K + k]] in k order (a gather and a sum, no atomics)."""
+
+    @staticmethod
+    def forward(ctx, x, order, row_index, top_k):
+        ctx.save_for_backward(row_index)
+        ctx.top_k = top_k
+        return x.index_select(0, order // top_k)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (row_index,) = ctx.saved_tensors
+        picked = grad.index_select(0, row_index)
+        return picked.view(-1, ctx.top_k, grad.shape[1]).sum(1), None, None, None
+
+
+def _permute_torch(x: Tensor, row_index: Tensor, num_rows: int, order: Tensor, top_k: int) -> Tensor:
+    if num_rows == row_index.numel():  # no padding rows
+        return _GatherTokens.apply(x, order, row_index, top_k)
     return x.new_zeros(num_rows, x.shape[1]).index_copy(0, row_index, x.repeat_interleave(top_k, dim=0))
 
 
@@ -72,54 +84,50 @@ if triton is not None:
 
     @triton.jit
     def _expand_rows_kernel(
-        src_ptr, slot_of_row_ptr, weights_ptr, dst_ptr, y_ptr, grad_weights_ptr,
+        src_ptr, row_index_ptr, weights_ptr, dst_ptr, y_ptr, grad_weights_ptr,
         H: tl.constexpr, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr,
         HAS_WEIGHTS: tl.constexpr, WEIGHT_GRAD: tl.constexpr,
     ):
-        row = tl.program_id(0).to(tl.int64)
-        slot = tl.load(slot_of_row_ptr + row)
-        is_real = slot >= 0  # padding rows are written as zeros
-        token = tl.maximum(slot, 0) // TOP_K
+        slot = tl.program_id(0).to(tl.int64)
+        row = tl.load(row_index_ptr + slot)
+        token = slot // TOP_K
         scale = 1.0
         if HAS_WEIGHTS:
-            scale = tl.load(weights_ptr + slot, mask=is_real, other=0.0).to(tl.float32)
-        # as a vector: the interpreter rejects a scalar bool inside a vector mask
-        is_real_cols = tl.zeros([BLOCK_H], dtype=tl.int64) + slot >= 0
+            scale = tl.load(weights_ptr + slot).to(tl.float32)
         dot = tl.zeros([BLOCK_H], dtype=tl.float32)
-        for h0 in range(0, H, BLOCK_H):
+        for h0 in tl.static_range(0, H, BLOCK_H):
             cols = h0 + tl.arange(0, BLOCK_H)
             in_row = cols < H
-            vals = tl.load(src_ptr + token * H + cols, mask=in_row & is_real_cols, other=0.0).to(tl.float32)
+            vals = tl.load(src_ptr + token * H + cols, mask=in_row, other=0.0).to(tl.float32)
             tl.store(dst_ptr + row * H + cols, (vals * scale).to(dst_ptr.dtype.element_ty), mask=in_row)
             if WEIGHT_GRAD:
                 dot += vals * tl.load(y_ptr + row * H + cols, mask=in_row, other=0.0).to(tl.float32)
         if WEIGHT_GRAD:
-            tl.store(grad_weights_ptr + slot, tl.sum(dot, axis=0), mask=is_real)
+            tl.store(grad_weights_ptr + slot, tl.sum(dot, axis=0))
 
     @triton.jit
     def _combine_rows_kernel(
         src_ptr, row_index_ptr, weights_ptr, dst_ptr,
-        H: tl.constexpr, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
-        HAS_WEIGHTS: tl.constexpr,
+        H: tl.constexpr, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
     ):
         token = tl.program_id(0).to(tl.int64)
-        choices = tl.arange(0, BLOCK_K)
-        is_choice = choices < TOP_K
-        rows = tl.load(row_index_ptr + token * TOP_K + choices, mask=is_choice, other=0)
-        if HAS_WEIGHTS:
-            scale = tl.load(weights_ptr + token * TOP_K + choices, mask=is_choice, other=0.0).to(tl.float32)
-        for h0 in range(0, H, BLOCK_H):
+        for h0 in tl.static_range(0, H, BLOCK_H):
             cols = h0 + tl.arange(0, BLOCK_H)
             in_row = cols < H
-            mask = is_choice[:, None] & in_row[None, :]
-            vals = tl.load(src_ptr + rows[:, None] * H + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            if HAS_WEIGHTS:
-                vals = vals * scale[:, None]
-            tl.store(dst_ptr + token * H + cols, tl.sum(vals, axis=0).to(dst_ptr.dtype.element_ty), mask=in_row)
+            acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+            for k in tl.static_range(TOP_K):  # one contiguous row at a time, summed in k order
+                row = tl.load(row_index_ptr + token * TOP_K + k)
+                vals = tl.load(src_ptr + row * H + cols, mask=in_row, other=0.0).to(tl.float32)
+                if HAS_WEIGHTS:
+                    vals = vals * tl.load(weights_ptr + token * TOP_K + k).to(tl.float32)
+                acc += vals
+            tl.store(dst_ptr + token * H + cols, acc.to(dst_ptr.dtype.element_ty), mask=in_row)
 
 
-def _num_warps(block_elems: int) -> int:
-    return 8 if block_elems >= 4096 else 4
+def _launch_shape(hidden: int) -> tuple[int, int]:
+    """(BLOCK_H, num_warps): a whole row per block up to 4096 columns, 8 columns per thread or more."""
+    block_h = min(triton.next_power_of_2(hidden), 4096)
+    return block_h, max(1, min(8, block_h // 256))
 
 
 def _expand_rows(src: Tensor, row_index: Tensor, num_rows: int, weights: Tensor | None = None,
@@ -127,17 +135,19 @@ def _expand_rows(src: Tensor, row_index: Tensor, num_rows: int, weights: Tensor 
     """dst [num_rows, H] (and grad_weights [T*K] fp32 when y is given); see the module docstring."""
     src = src.contiguous()
     num_tokens, hidden = src.shape
-    dst = src.new_empty(num_rows, hidden)
-    grad_weights = torch.empty(row_index.numel(), dtype=torch.float32, device=src.device) if y is not None else None
-    if num_rows == 0:  # an expert-parallel rank can receive no rows: nothing to launch
+    slots = row_index.numel()
+    # every row is written once by its slot; only padding rows (align > 1) need zeros beforehand
+    dst = src.new_empty(num_rows, hidden) if num_rows == slots else src.new_zeros(num_rows, hidden)
+    grad_weights = torch.empty(slots, dtype=torch.float32, device=src.device) if y is not None else None
+    if slots == 0:  # an expert-parallel rank can receive no rows: nothing to launch
         return dst, grad_weights
-    block_h = min(triton.next_power_of_2(hidden), 4096)
-    _expand_rows_kernel[(num_rows,)](
-        src, _slot_of_row(row_index, num_rows),
+    block_h, num_warps = _launch_shape(hidden)
+    _expand_rows_kernel[(slots,)](
+        src, row_index,
         weights.contiguous() if weights is not None else src,  # unused pointers get a placeholder
         dst, y.contiguous() if y is not None else src, grad_weights if y is not None else src,
-        H=hidden, TOP_K=row_index.numel() // num_tokens, BLOCK_H=block_h,
-        HAS_WEIGHTS=weights is not None, WEIGHT_GRAD=y is not None, num_warps=_num_warps(block_h),
+        H=hidden, TOP_K=slots // num_tokens, BLOCK_H=block_h,
+        HAS_WEIGHTS=weights is not None, WEIGHT_GRAD=y is not None, num_warps=num_warps,
     )
     return dst, grad_weights
 
@@ -149,13 +159,11 @@ def _combine_rows(src: Tensor, row_index: Tensor, num_tokens: int, weights: Tens
     dst = src.new_empty(num_tokens, hidden)
     if num_tokens == 0:
         return dst
-    top_k = row_index.numel() // num_tokens
-    block_k = triton.next_power_of_2(top_k)
-    block_h = min(triton.next_power_of_2(hidden), max(16, 4096 // block_k))
+    block_h, num_warps = _launch_shape(hidden)
     _combine_rows_kernel[(num_tokens,)](
         src, row_index, weights.contiguous() if weights is not None else src, dst,
-        H=hidden, TOP_K=top_k, BLOCK_K=block_k, BLOCK_H=block_h,
-        HAS_WEIGHTS=weights is not None, num_warps=_num_warps(block_k * block_h),
+        H=hidden, TOP_K=row_index.numel() // num_tokens, BLOCK_H=block_h,
+        HAS_WEIGHTS=weights is not None, num_warps=num_warps,
     )
     return dst
 
@@ -246,9 +254,9 @@ def permute_tokens(x: Tensor, expert_ids: Tensor, num_experts: int, align: int =
     N depends on shapes only (no host sync): T*K, or with align > 1 the bound T*K + E*(align-1)
     rounded up to `align`, the last expert's group taking the spare rows as extra padding.
     """
-    row_index, tokens_per_expert, num_rows = _route_rows(expert_ids, num_experts, align)
+    row_index, tokens_per_expert, num_rows, order = _route_rows(expert_ids, num_experts, align)
     if impl == "torch":
-        permuted = _permute_torch(x, row_index, num_rows)
+        permuted = _permute_torch(x, row_index, num_rows, order, expert_ids.shape[-1])
     elif impl == "triton":
         permuted = torch.ops.moonlight.moe_permute(x, row_index, num_rows)
     else:

@@ -43,7 +43,7 @@ class DataError(MoonlightError, ValueError):
 
 
 class NonFiniteError(MoonlightError, RuntimeError):
-    """Training stopped on NaN/Inf losses or gradients; names where they appeared."""
+    """Training (NaN/Inf losses or gradients) or generation (logits) stopped; names where they appeared."""
 
 
 def exit_on_user_error(main: Callable[[], int | None], reported_by_rank0: Callable[[], bool] | None = None) -> int:

@@ -44,16 +44,17 @@ def check_output(out: str | os.PathLike, source: str | os.PathLike, what: str = 
                               "directory, or one inside the other); write to a separate directory")
 
 
-def check_replaceable(path: str, ours: re.Pattern, overwrite: bool, what: str) -> None:
+def check_replaceable(path: str, ours: re.Pattern, overwrite: bool, what: str, how: str = "overwrite=True") -> None:
     """Refuse to write into an existing non-empty `path` unless `overwrite`, and even then if it holds
-    anything that is not `what` (names matching `ours`): it is never ours to delete."""
+    anything that is not `what` (names matching `ours`): it is never ours to delete. `how`: how the
+    caller's user asks to overwrite (a command line: "--overwrite")."""
     if not os.path.exists(path):
         return
     if not os.path.isdir(path):
         raise CheckpointError(f"{path} exists and is not a directory; pick another output path")
     entries = sorted(os.listdir(path))
     if entries and not overwrite:
-        raise CheckpointError(f"{path} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+        raise CheckpointError(f"{path} exists and is not empty; pass {how} to replace it")
     foreign = [e for e in entries if not (ours.match(e) and os.path.isfile(os.path.join(path, e)))]
     if foreign:
         raise CheckpointError(f"{path} holds files that are not part of {what}: {foreign[:5]}; refusing to replace "

@@ -21,8 +21,12 @@ from triton.runtime.jit import JITFunction
 
 import moonlight.kernels.mla_rope
 import moonlight.kernels.moe_permute
+import moonlight.kernels.moe_router
+import moonlight.kernels.rms_norm
 from moonlight.kernels.mla_rope import mla_rope_key, rope_tables, rotate_rope_
 from moonlight.kernels.moe_permute import permute_tokens, unpermute_tokens
+from moonlight.kernels.moe_router import route_topk
+from moonlight.kernels.rms_norm import rms_norm
 from moonlight.config import ModelArgs
 
 TARGETS = {"sm_80": GPUTarget("cuda", 80, 32), "sm_90": GPUTarget("cuda", 90, 32)}  # A100; H100/H200
@@ -44,7 +48,8 @@ class LaunchRecorder:
 def record_launches() -> list:
     """Swap every Triton kernel of the kernel modules for a LaunchRecorder; returns the launch list."""
     launches = []
-    for module in (moonlight.kernels.mla_rope, moonlight.kernels.moe_permute):
+    for module in (moonlight.kernels.mla_rope, moonlight.kernels.moe_permute, moonlight.kernels.moe_router,
+                   moonlight.kernels.rms_norm):
         for name, value in list(vars(module).items()):
             if isinstance(value, JITFunction):
                 setattr(module, name, LaunchRecorder(value, launches))
@@ -99,6 +104,15 @@ def run_every_op(dtype: torch.dtype) -> None:
     for align in (1, 8):  # unpadded groups, and groups padded for the grouped GEMM
         permuted, _, row_index = permute_tokens(x, expert_ids, a.n_routed_experts, align=align, impl="triton")
         unpermute_tokens(permuted, row_index, weights, impl="triton").sum().backward()
+    logits = torch.zeros(tokens, a.n_routed_experts, requires_grad=True)  # the router runs in fp32
+    bias = torch.zeros(a.n_routed_experts)
+    for with_scores in (True, False):  # the aux loss differentiates the scores too
+        routed, _, scores = route_topk(logits, bias, a.num_experts_per_tok, a.routed_scaling_factor, impl="triton")
+        (routed.sum() + scores.sum() if with_scores else routed.sum()).backward()
+    for width in (a.hidden_size, a.kv_lora_rank):  # the block norms and kv_norm, on its strided latent
+        x = torch.zeros(tokens, width + a.qk_rope_head_dim, dtype=dtype, requires_grad=True)
+        weight = torch.ones(width, dtype=dtype, requires_grad=True)
+        rms_norm(x[:, :width], weight, a.rms_norm_eps, impl="triton").sum().backward()
 
 
 def main() -> None:

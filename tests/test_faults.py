@@ -30,6 +30,7 @@ from moonlight.checkpoint.state import Checkpointer
 from moonlight.convert import main as convert_main
 from moonlight.errors import CheckpointError, ConfigError, DataError, NonFiniteError
 from moonlight.hf import HFCheckpoint, load_hf, save_hf
+from moonlight.model import Moonlight
 from moonlight.train.config import load_config
 from moonlight.data.documents import BadLineError, read_jsonl
 from moonlight.data.megatron import MegatronIndexedDataset
@@ -1081,3 +1082,278 @@ def test_a_user_error_on_one_nonzero_rank_alone_is_printed_once():
     """Fault: a user error that only rank 1 met was never printed (errors.py printed on rank 0 only)."""
     assert _in_two_ranks(_user_error_on({1}), wait_for=2) == {0: "", 1: "error: (rank 1) bad input on rank 1\n"}
     assert _in_two_ranks(_user_error_on({0, 1}), wait_for=2) == {0: "error: bad input on rank 0\n", 1: ""}
+
+
+# --- round 3: loaders, data, templates ---
+
+
+def _tampered_hf(hf_dir, out, change):
+    """A copy of the HF directory hf_dir whose tensors `change(dict)` edited in place."""
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir()
+    tensors = load_file(hf_dir / "model.safetensors")
+    change(tensors)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    (out / "config.json").write_text((hf_dir / "config.json").read_text())
+    return out
+
+
+def _fp8(tensors):
+    for k in [k for k in tensors if k.endswith("proj.weight") and "layers.0.self_attn" in k]:
+        tensors[k] = tensors[k].to(torch.float8_e4m3fn)
+        tensors[k.removesuffix("weight") + "weight_scale_inv"] = torch.ones(1, 1)
+
+
+def _int32(tensors):
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].to(torch.int32)
+
+
+def _extra_layer(tensors):
+    tensors.update({k.replace("layers.0.", "layers.9."): v.clone() for k, v in list(tensors.items())
+                    if k.startswith("model.layers.0.")})
+
+
+def _nan(tensors):
+    tensors["model.layers.1.self_attn.o_proj.weight"][3, 5] = float("nan")
+
+
+@pytest.mark.parametrize("change,match", [
+    (_fp8, "FP8-quantised checkpoint .*dequantise it to bfloat16 first"),
+    (_int32, "model.norm.weight has dtype I32, not a floating-point weight"),
+    (_extra_layer, r"unexpected key\(s\), e.g. \['model.layers.9"),
+    (_nan, r"model.layers.1.self_attn.o_proj.weight holds 1 NaN/Inf value"),
+])
+def test_the_trainers_sharded_hf_load_checks_what_the_converter_checks(tmp_path, hf_dir, change, match):
+    """Fault: initial_load_hf cast FP8 without its scales, took int32, dropped extra layers and NaNs."""
+    from moonlight.config import ModelArgs
+    from moonlight.model import Moonlight
+    from moonlight.parallel.load import load_hf_sharded
+
+    bad = _tampered_hf(hf_dir, tmp_path / "bad", change)
+    with torch.device("meta"):
+        model = Moonlight(ModelArgs.from_hf_config(hf_dir))
+    model.to_empty(device="cpu")
+    with pytest.raises(CheckpointError, match=match):
+        load_hf_sharded(model, bad)
+    with pytest.raises(CheckpointError, match=match):  # the converter and generate's load_hf say the same
+        load_hf(bad)
+
+
+def test_conversions_refuse_to_write_nan_or_an_overflowing_cast(tmp_path, hf_dir, capsys):
+    """Fault: hf-to-dcp copied NaN weights and dcp-to-hf --dtype float16 wrote inf, both exiting 0."""
+    bad = _tampered_hf(hf_dir, tmp_path / "nan", _nan)
+    assert _convert("hf-to-dcp", "--hf", bad, "--out", tmp_path / "dcp_nan") == 2
+    assert "o_proj.weight holds 1 NaN/Inf value" in capsys.readouterr().err
+    assert not (tmp_path / "dcp_nan").exists()
+
+    big = _tampered_hf(hf_dir, tmp_path / "big", lambda t: t["model.norm.weight"].fill_(1e6))
+    convert_main(["hf-to-dcp", "--hf", str(big), "--out", str(tmp_path / "dcp")])
+    assert _convert("dcp-to-hf", "--dcp", tmp_path / "dcp", "--out", tmp_path / "fp16", "--dtype", "float16") == 2
+    err = capsys.readouterr().err
+    assert "model.norm.weight holds NaN/Inf values (finite before the cast to torch.float16" in err, err
+    assert not (tmp_path / "fp16").exists() and not list(tmp_path.glob(".tmp-save-*"))
+    assert _convert("dcp-to-hf", "--dcp", tmp_path / "dcp", "--out", tmp_path / "o", "--max-shard-size", "0") == 2
+    assert "max_shard_size='0' must be positive" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_generate_stops_on_non_finite_logits(temperature):
+    """Fault: generate on a NaN weight printed token 0 (NUL bytes) and exited 0, or a torch traceback."""
+    from moonlight.generate import generate
+    from tests.test_generate import _tiny_args
+
+    model = Moonlight(_tiny_args())
+    model.init_weights(std=0.1)
+    with torch.no_grad():
+        model.norm.weight[0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"logits are NaN/Inf \(within the first 1 generated tokens\): its weights hold"):
+        generate(model, torch.tensor([[3, 4, 5]]), 4, temperature=temperature)
+
+
+@pytest.mark.parametrize("template,match", [
+    ("{% for i in range(4000) %}{% for j in range(4000) %}{% endfor %}{% endfor %}",  # ~2 s a render
+     r"did not render a conversation within 0.2 s \(runaway loops\?\)"),
+    ("{{ ''.__class__.__mro__ }}", r"failed: SecurityError: access to attribute '__class__' of 'str' object is unsafe"),
+    ("{{ raise_exception('roles must alternate') }}", "failed: TemplateError: roles must alternate"),
+])
+def test_a_hostile_chat_template_ends_in_one_error_naming_its_folder(tmp_path, monkeypatch, template, match):
+    """Fault: nested range loops in chat_template rendered for hours; a sandbox refusal was a jinja traceback."""
+    from moonlight.data import chat
+    from tests.test_chat import MULTI_TURN, _tiktoken_dir
+
+    monkeypatch.setattr(chat, "RENDER_SECONDS", 0.2)
+    folder = _tiktoken_dir(tmp_path, template)
+    start = time.monotonic()
+    with pytest.raises(DataError, match=rf"the chat_template of {folder}/tokenizer_config.json {match}"):
+        chat.load_chat_template(str(folder), build_tokenizer(str(folder))).encode(MULTI_TURN)
+    assert time.monotonic() - start < 10
+    assert signal.getsignal(signal.SIGALRM) is signal.SIG_DFL and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+def test_a_fifo_or_device_in_the_data_folder_is_refused_before_opening(tmp_path):
+    """Fault: a FIFO in data.path blocked open() forever; /dev/zero as x.jsonl read until out of memory."""
+    from moonlight.data.documents import expand_paths
+
+    (tmp_path / "ok.jsonl").write_text('{"text": "a"}\n')
+    os.mkfifo(tmp_path / "fifo.jsonl")
+    with pytest.raises(DataError, match=r"fifo.jsonl is not a regular file .* remove it from data.path"):
+        expand_paths(str(tmp_path), (".jsonl",), "jsonl")
+    os.unlink(tmp_path / "fifo.jsonl")
+    os.symlink("/dev/zero", tmp_path / "zero.jsonl")
+    for path in (str(tmp_path), str(tmp_path / "zero.jsonl"), str(tmp_path / "z*.jsonl")):
+        with pytest.raises(DataError, match=r"zero.jsonl is not a regular file"):
+            expand_paths(path, (".jsonl",), "jsonl")
+    with pytest.raises(DataError, match=r"zero.jsonl is not a regular file"):
+        list(read_jsonl([str(tmp_path / "zero.jsonl")]))
+
+
+def test_an_overlong_line_is_a_bad_record_read_in_bounded_pieces(tmp_path, monkeypatch):
+    """Fault: a line without newlines (a binary or minified file) was read whole, however large."""
+    from moonlight.data import documents
+
+    monkeypatch.setattr(documents, "MAX_LINE_BYTES", 64)
+    path = tmp_path / "long.jsonl"
+    path.write_text('{"text": "a"}\n{"text": "' + "x" * 1000 + '"}\n{"text": "' + "y" * 52 + '"}\n{"text": "b"}')
+    bad = documents.BadLines("skip")
+    assert list(read_jsonl([str(path)], bad=bad)) == ["a", "y" * 52, "b"]
+    assert bad.reported == [f"{path}:2: longer than 64 bytes (not one JSON record per line?)"]
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**64)])
+def test_a_seed_out_of_range_is_a_config_error(seed):
+    """Fault: training.seed = -1 or 2**64 passed validation and ended in a numpy or torch traceback."""
+    with pytest.raises(ConfigError, match=rf"training.seed must be in \[0, 2\*\*64\) \(got {seed}\)"):
+        load_config("train.toml", [f"--training.seed={seed}"]).validate()
+
+
+def test_a_lora_checkpoint_resumed_without_lora_or_on_another_base_names_the_setting(tmp_path):
+    """Fault: resuming a LoRA run without lora.enable said "a different model?"; on another base, only a warning."""
+    from moonlight.checkpoint.export import export_hf
+    from tests.test_lora import _cfg, _model
+
+    export_hf([_model(seed=7)], tmp_path / "base")
+    export_hf([_model(seed=8)], tmp_path / "other")
+    run = ["--training.steps=2", "--checkpoint.enable=true", "--checkpoint.interval=2"]
+    Trainer(_cfg(tmp_path / "run", *run, f"--checkpoint.initial_load_hf={tmp_path / 'base'}")).train()
+    more = [*run, "--training.steps=4"]
+    with pytest.raises(CheckpointError, match=r"step-2 is a LoRA/DoRA run's: resume it with lora.enable = true "
+                                              r"\(lora.rank = 4, lora.alpha = 16.0"):
+        Trainer(_cfg(tmp_path / "run", *more, "--lora.enable=false"))
+    other = f"--checkpoint.initial_load_hf={tmp_path / 'other'}"
+    with pytest.raises(CheckpointError, match=rf"trained on the frozen weights in {tmp_path / 'base'}, not .*other: "
+                                              r"set it to .*checkpoint.other_base = true"):
+        Trainer(_cfg(tmp_path / "run", *more, other))
+    assert Trainer(_cfg(tmp_path / "run", *more, other, "--checkpoint.other_base=true")).step == 2
+
+
+def test_a_file_of_mostly_unusable_records_is_an_error_naming_the_cause(tmp_path):
+    """Fault: UTF-16, gzip named .jsonl, a wrong text_key or a non-text column trained on almost nothing."""
+    from moonlight.data.documents import read_hf
+
+    lines = "".join(json.dumps({"text": f"doc {i}", "id": i}) + "\n" for i in range(12))
+    (tmp_path / "utf16.jsonl").write_bytes(lines.encode("utf-16"))
+    (tmp_path / "gz.jsonl").write_bytes(gzip.compress(lines.encode()))
+    (tmp_path / "ok.jsonl").write_text(lines + "not json\n")
+    cases = [("utf16.jsonl", "text", r"utf16.jsonl is UTF-16 \(or binary\), not UTF-8 text: convert it"),
+             ("gz.jsonl", "text", r"gz.jsonl is gzip-compressed but not named .gz: rename it to gz.jsonl.gz"),
+             ("ok.jsonl", "body", r"ok.jsonl: 13 of 13 records are malformed \(first: .*ok.jsonl:1: missing text "
+                                  r"field 'body' \(keys: text, id\)\); is data.text_key = \"body\" the field")]
+    for name, key, match in cases:
+        with pytest.raises(DataError, match=match):
+            list(read_jsonl([str(tmp_path / name)], key))
+    assert len(list(read_jsonl([str(tmp_path / "ok.jsonl")]))) == 12  # one bad line in 13 is skipped
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"text": list(range(12))}), tmp_path / "ints.parquet")
+    with pytest.raises(DataError, match=r"12 of 12 records are malformed \(first: .*row 1: field 'text': is int, not a "
+                                        r"string\); is data.text_key = \"text\" the column"):
+        list(read_hf(str(tmp_path / "ints.parquet")))
+
+
+def test_too_little_data_after_skipping_names_the_first_skipped_record(tmp_path):
+    """Fault: a small file under the wrong text_key ended in "0 tokens ..." without the cause."""
+    from moonlight.data.loader import build_dataloader
+    from tests.test_data import data_cfg
+
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"body": "x" * 50}) + "\n" for _ in range(3)))
+    with pytest.raises(DataError, match=r"0 tokens in 0 documents .* \(3 malformed record\(s\) skipped, first: "
+                                        r".*a.jsonl:1: missing text field 'text' \(keys: body\)\)"):
+        build_dataloader(data_cfg(str(tmp_path / "a.jsonl")), build_tokenizer("byte"), 8, 1)
+
+
+def _warnings(caplog):
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_data_that_is_read_twice_or_has_nothing_to_learn_is_warned_about(tmp_path, caplog):
+    """Fault: x.jsonl beside x.jsonl.gz was read twice; all-empty assistant turns trained silently."""
+    from moonlight.data.documents import expand_paths
+    from moonlight.data.loader import load_documents
+    from tests.test_chat import _chat_cfg, _write_chat
+
+    (tmp_path / "x.jsonl").write_text('{"text": "a"}\n')
+    (tmp_path / "x.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a"}\n'))
+    caplog.set_level(logging.WARNING)
+    assert len(expand_paths(str(tmp_path), (".jsonl", ".jsonl.gz"), "jsonl")) == 2
+    assert _warnings(caplog) == [f"data: {tmp_path}/x.jsonl and {tmp_path}/x.jsonl.gz are both read (1 such pair(s)): "
+                                 "the same documents twice? Remove one of each pair from data.path"]
+    caplog.clear()
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply}]}
+            for reply in ("", " ", "\n", "yo")]
+    load_documents(_chat_cfg(_write_chat(tmp_path / "c.jsonl", rows)), build_tokenizer("byte"))
+    assert any("3 of 4 conversations in" in m and "have only empty assistant turns" in m for m in _warnings(caplog))
+
+
+def test_megatron_files_with_eos_appended_or_another_tokenizer_are_warned_about(tmp_path, caplog):
+    """Fault: prepare_data --append-eos then add_eos = true doubled every EOS; another tokenizer went unnoticed."""
+    from moonlight.data.loader import build_dataloader
+    from moonlight.data.megatron import build_megatron_from_jsonl
+    from tests.test_chat import _tiktoken_dir
+    from tests.test_data import data_cfg
+
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": f"document {i} " * 5}) + "\n" for i in range(20)))
+    byte = build_tokenizer("byte")
+    build_megatron_from_jsonl(str(tmp_path / "a.jsonl"), str(tmp_path / "tok"), byte, append_eos=True)
+    assert json.loads((tmp_path / "tok.moonlight.json").read_text())["append_eos"] is True
+    caplog.set_level(logging.WARNING)
+    build_dataloader(data_cfg(tmp_path / "tok", fmt="megatron", add_eos=False), byte, 8, 1)
+    assert _warnings(caplog) == []
+    build_dataloader(data_cfg(tmp_path / "tok", fmt="megatron", add_eos=True), byte, 8, 1)
+    assert _warnings(caplog) == [f"data: the documents of {tmp_path / 'tok'} already end with the eos token "
+                                 "(prepare_data --append-eos?) and data.add_eos = true adds another to each: set it "
+                                 "to false"]
+    caplog.clear()
+    other = build_tokenizer(str(_tiktoken_dir(tmp_path, "")))
+    build_dataloader(data_cfg(tmp_path / "tok", fmt="megatron", add_eos=False), other, 8, 1)
+    assert _warnings(caplog) == [f"data: 1 of 1 Megatron file(s) in {tmp_path / 'tok'} were tokenised with another "
+                                 f"tokenizer than data.tokenizer (e.g. {tmp_path / 'tok'}): their token ids mean "
+                                 "other text; run prepare_data again with this tokenizer"]
+
+
+def test_repeated_epochs_and_validation_on_the_training_data_are_warned_about(caplog):
+    """Fault: a run over several epochs of its data, or validating on data.path, said nothing."""
+    from moonlight.data.loader import build_dataloader
+    from moonlight.train.build import warn_about_data
+
+    cfg = load_config("train.toml", ["--training.steps=100000", "--validation.enable=true",
+                                     "--validation.path=data/corpus"])
+    loader = build_dataloader(cfg.data, build_tokenizer("byte"), cfg.training.seq_len, 4)
+    caplog.set_level(logging.WARNING)
+    warn_about_data(cfg, loader, build_dataloader(cfg.data, build_tokenizer("byte"), cfg.training.seq_len, 4))
+    found = _warnings(caplog)
+    assert len(found) == 2 and re.fullmatch(rf"data: 100000 steps of 8 sequences read 800000 sequences, [0-9.]+ epochs "
+                                            rf"of the {loader.sequences_per_epoch} in data/corpus: the data repeats",
+                                            found[0]), found
+    assert found[1] == ("validation: validation.path data/corpus holds the same documents as data.path data/corpus: "
+                        "the validation loss is a training loss, not a held-out one")
+
+
+def test_a_run_from_an_hf_checkpoint_with_a_nan_weight_stops_before_training(tmp_path):
+    """Fault: checkpoint.initial_load_hf with a NaN weight trained nothing (every step skipped) and exited 0."""
+    make_hf_model("moonlight", seed=0, dtype=torch.float32, vocab_size=272).save_pretrained(tmp_path / "hf")
+    bad = _tampered_hf(tmp_path / "hf", tmp_path / "bad", _nan)
+    with pytest.raises(CheckpointError, match=r"bad: model.layers.1.self_attn.o_proj.weight holds 1 NaN/Inf value"):
+        _trainer(tmp_path / "run", f"--checkpoint.initial_load_hf={bad}")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -10,8 +10,8 @@ import transformers
 
 from moonlight import ModelArgs, Moonlight
 from moonlight.hf import load_hf, save_hf
-from moonlight.generate import (LatentCache, cache_bytes_per_token, forward_cached, generate, main, pad_left,
-                                per_head_kv_bytes_per_token, sample_next)
+from moonlight.generate import (LatentCache, cache_bytes_per_token, decode, generate, main, pad_left,
+                                per_head_kv_bytes_per_token, prefill, sample_next)
 from tests.hf_reference import make_hf_model, min_topk_gap
 from tests.test_data import make_tiktoken_dir
 
@@ -74,14 +74,15 @@ def test_cached_logits_equal_full_recompute_at_every_step(q_lora_rank):
     prompts = [[3, 4, 5, 6, 7], [8, 9]]
     ids, mask = pad_left(prompts)
     cache = LatentCache(model.args, 2, ids.shape[1] + 8, torch.float32, "cpu")
-    logits = forward_cached(model, ids, cache, mask)  # prefill the whole prompt at once
+    logits = prefill(model, ids, cache, mask)  # the whole prompt at once
     rows = [torch.tensor(p) for p in prompts]
     for _ in range(8):
         for row, seq in enumerate(rows):  # uncached: the model's own forward over the unpadded row
             torch.testing.assert_close(logits[row], model(seq[None])[0, -1], atol=1e-4, rtol=1e-3)
         token = logits.argmax(-1)
         rows = [torch.cat([seq, token[i:i + 1]]) for i, seq in enumerate(rows)]
-        logits = forward_cached(model, token[:, None], cache)
+        with torch.no_grad():
+            logits = decode(model, token, cache)
 
 
 def test_generating_past_the_trained_positions_warns():

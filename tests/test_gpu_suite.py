@@ -20,7 +20,7 @@ def test_cpu_smoke_writes_the_summary(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     summary = json.loads((tmp_path / "gpu_suite.json").read_text())
     steps = summary["steps"]
-    for name in ("kernel_tests", "kernel_bench", "slice", "lora"):
+    for name in ("kernel_tests", "kernel_bench", "slice", "trainer", "moe", "lora"):
         assert steps[f"{name}_status"]["exit_code"] == 0, name
     correctness, rope = steps["kernel_bench"]
     assert correctness == {"cpu_correctness_pass": True}
@@ -31,8 +31,23 @@ def test_cpu_smoke_writes_the_summary(tmp_path):
     for name in ("ours eager", "ours compiled (aot_eager)"):
         assert runs[name]["tokens_per_s"] > 0 and 0 < runs[name]["mfu_pct"] < 100, runs[name]
     assert steps["slice"]["flops_per_step"] > 0 and steps["slice"]["peak_flops"] > 0
+    for optimizer in ("muon", "adamw"):  # the trainer's own step, 2 micro-batches in the smoke (16 on a GPU)
+        run = steps["trainer"][optimizer]
+        assert run["optimizer"] == optimizer and run["micro_batches"] == 2, run
+        assert 0 < run["optimizer_s"] < run["step_s"] and 0 < run["outside_forward_backward_pct"] < 100, run
+        assert 0 < run["mfu_pct"] < 100, run
+    layer, profile = steps["moe"]["moe_layer"], steps["moe"]["slice_profile"]
+    assert {"router", "permute", "experts", "unpermute", "shared", "whole_layer"} <= set(layer)
+    assert layer["layer_over_expert_gemms"] == round(layer["whole_layer"] / layer["experts"], 3)
+    assert profile["kernels_per_step"] > 0 and profile["top"][0]["ms_per_step"] > 0
     assert steps["lora"]["tokens_per_s"] > 0 and steps["lora"]["peak_memory_gib"] > 0
-    assert "generate" in steps
+    assert steps["generate_status"]["exit_code"] == 0
+    runs = steps["generate"]["runs"]
+    for b in (1, 2):  # the compiled decode step, transformers' generate and our eager loop, same weights
+        for name in (f"ours compiled batch {b}", f"ours eager batch {b}"):
+            assert runs[name]["tokens_per_s"] > 0, runs
+        assert runs[f"transformers batch {b}"]["greedy_tokens_agree"] == 1.0, runs
+    assert 0 < runs["prefill 64 eager"]["mfu_pct"] < 100 and 0 < runs["prefill 64 compiled per block"]["mfu_pct"] < 100
     assert (tmp_path / "gpu_suite.md").read_text().startswith("# GPU suite summary")
 
 

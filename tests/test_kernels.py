@@ -8,6 +8,8 @@ from moonlight.kernels.backend import resolve_impl
 from moonlight.kernels.grouped_mm import grouped_mm
 from moonlight.kernels.mla_rope import mla_rope_key, rope_tables, rotate_rope_
 from moonlight.kernels.moe_permute import permute_tokens, unpermute_tokens
+from moonlight.kernels.moe_router import route_topk
+from moonlight.kernels.rms_norm import rms_norm
 
 pytestmark = pytest.mark.floor  # also run on torch 2.11 (.ci/run)
 
@@ -397,3 +399,119 @@ def test_no_tokens_at_all(impl):
     out.sum().backward()
     assert rows.shape == (0, 24) and out.shape == (0, 24) and counts.tolist() == [0, 0, 0, 0]
     assert x.grad.shape == (0, 24) and weights.grad.shape == (0, 2)
+
+
+# ---------------------------------------------------------------- the router's tail
+
+
+def _routing_inputs(num_tokens, num_experts, seed):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(num_tokens, num_experts, generator=g, dtype=torch.float64) * 2
+    bias = torch.randn(num_experts, generator=g, dtype=torch.float64) * 0.1
+    return logits, bias, torch.randn(num_tokens, 3, generator=g, dtype=torch.float64)
+
+
+def _naive_route(logits, bias, top_k, scale, normalize):
+    """Per token in float64: the top-k of sigmoid + bias, weights from the unbiased scores."""
+    scores = 1 / (1 + torch.exp(-logits))
+    weights, ids = [], []
+    for t in range(logits.shape[0]):
+        chosen = sorted(range(logits.shape[1]), key=lambda e: -(scores[t, e] + bias[e]).item())[:top_k]
+        picked = scores[t, chosen]
+        weights.append(picked / (picked.sum() + 1e-20) * scale if normalize else picked * scale)
+        ids.append(chosen)
+    return torch.stack(weights), torch.tensor(ids), scores
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_route_reference_matches_naive(normalize):
+    logits, bias, _ = _routing_inputs(9, 12, 0)
+    logits.requires_grad_()
+    weights, ids, scores = route_topk(logits, bias, 3, 2.5, normalize)
+    want_weights, want_ids, want_scores = _naive_route(logits.detach(), bias, 3, 2.5, normalize)
+    order = ids.argsort(-1)  # top-k order is unspecified
+    assert torch.equal(ids.gather(1, order), want_ids.sort(-1).values)
+    torch.testing.assert_close(weights.gather(1, order), want_weights.gather(1, want_ids.argsort(-1)))
+    torch.testing.assert_close(scores, want_scores)
+    torch.autograd.gradcheck(lambda x: [t for t in route_topk(x, bias, 3, 2.5, normalize) if t.is_floating_point()],
+                             (logits,))
+
+
+@pytest.mark.parametrize("with_score_grad", [True, False])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("num_tokens,num_experts,top_k", [(9, 12, 3), (70, 64, 6)])
+def test_route_triton_matches_torch(num_tokens, num_experts, top_k, normalize, with_score_grad):
+    logits, bias, _ = _routing_inputs(num_tokens, num_experts, num_tokens)
+    logits, bias = logits.float(), bias.float()
+    g = torch.Generator().manual_seed(1)
+    # one gradient per (token, expert): each impl's weights take theirs in its own (unspecified) k order
+    grad_per_expert, grad_scores = torch.randn(2, num_tokens, num_experts, generator=g)
+    results = {}
+    for impl in ("torch", "triton"):
+        leaf = logits.clone().requires_grad_()
+        x, b, ge, gs = _on(impl, leaf, bias, grad_per_expert, grad_scores)
+        weights, ids, scores = route_topk(x, b, top_k, 2.446, normalize, impl=impl)
+        outs, grads = (weights, scores), (ge.gather(1, ids), gs)
+        if not with_score_grad:
+            outs, grads = outs[:1], grads[:1]
+        order = ids.argsort(-1)  # compare the choices of each token in expert order
+        (grad,) = torch.autograd.grad(outs, leaf, grads)
+        results[impl] = [t.cpu() for t in (ids.gather(1, order), weights.gather(1, order), scores, grad)]
+    (want_ids, *want), (got_ids, *got) = results["torch"], results["triton"]
+    assert torch.equal(got_ids, want_ids) and got_ids.dtype == torch.int64
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_route_triton_traces_under_torch_compile():
+    logits, bias, _ = _routing_inputs(8, 16, 3)
+    logits, bias = _on("triton", logits.float(), bias.float())
+
+    def fn(x):
+        weights, ids, scores = route_topk(x, bias, 2, 2.0, True, impl="triton")
+        return weights.square().sum() + scores.sum()
+    grads = []
+    for f in (fn, torch.compile(fn, backend="aot_eager", fullgraph=True)):
+        leaf = logits.detach().requires_grad_()
+        grads.append(torch.autograd.grad(f(leaf), leaf)[0])
+    torch.testing.assert_close(grads[1], grads[0])
+
+
+# ---------------------------------------------------------------- RMSNorm
+
+
+@pytest.mark.parametrize("weight_dtype", [None, torch.float32])  # None: the input's dtype
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_triton_matches_torch(dtype, weight_dtype):
+    """A strided input (the latent split off kv_a_proj's output, as kv_norm takes it), both gradients."""
+    g = torch.Generator().manual_seed(0)
+    packed = (torch.randn(2, 5, 40 + 8, generator=g) * 3).to(dtype)
+    weight = (torch.rand(40, generator=g) + 0.5).to(weight_dtype or dtype)
+    grad = torch.randn(2, 5, 40, generator=g)
+    results = {}
+    for impl in ("torch", "triton"):
+        leaves = [packed.clone().requires_grad_(), weight.clone().requires_grad_()]
+        p, w = _on(impl, *leaves)
+        out = rms_norm(p[..., :40], w, 1e-6, impl=impl)
+        results[impl] = [out.cpu(), *torch.autograd.grad(out, leaves, grad.to(out.dtype).to(out.device))]
+    assert results["triton"][0].dtype == torch.promote_types(dtype, weight.dtype)
+    (out, *grads), (want_out, *want_grads) = results["triton"], results["torch"]
+    if dtype == torch.float32:
+        for got, want in zip(results["triton"], results["torch"]):
+            _assert_close(got, want, dtype)
+        return
+    # bf16: intermediates are rounded to bf16 as in the reference, and the interpreter truncates where a
+    # GPU rounds: 2 ulps on the output; grad x cancels (g - x * mean(g x)), so its bound is on the scale
+    torch.testing.assert_close(out.float(), want_out.float(), rtol=2 * BF16_ULP, atol=1e-5)
+    for got, want in zip(grads, want_grads):
+        assert (got.float() - want.float()).abs().max() <= 4 * BF16_ULP * want.float().abs().max()
+
+
+def test_rms_norm_triton_traces_under_torch_compile():
+    x, weight = _on("triton", torch.randn(3, 16), torch.rand(16) + 0.5)
+    grads = []
+    for fn in (rms_norm, torch.compile(rms_norm, backend="aot_eager", fullgraph=True)):
+        leaves = [x.detach().requires_grad_(), weight.detach().requires_grad_()]
+        grads.append(torch.autograd.grad(fn(*leaves, 1e-6, impl="triton").square().sum(), leaves))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want)

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 import transformers
 
 from moonlight import ModelArgs, Moonlight
+from moonlight.model.model import sequence_aux_loss
 from moonlight.hf import load_hf
 from tests.hf_reference import VARIANTS, routed_experts, stable_hf_model
 
@@ -58,6 +59,8 @@ def test_float64_logits_routing_and_grads_match_transformers(variant, tmp_path):
     assert len(hf_choice) == len(our_choice) > 0
     for a, b in zip(hf_choice, our_choice):
         assert torch.equal(a, b), "routers chose different experts"
+    # 1e-5, not fp64's rounding: transformers computes its router scores and norms in fp32 even for a
+    # float64 model, while ours keep float64 (an fp64 run never rounds through fp32)
     torch.testing.assert_close(our_logits, hf_logits, atol=1e-5, rtol=1e-5)
 
     _loss(hf_logits, tokens).backward()
@@ -136,6 +139,31 @@ def test_aux_loss_reaches_router_and_counts_tokens():
     assert moe.last_aux_loss is not None and moe.last_aux_loss > 0
     assert moe.router.weight.grad.abs().sum() > 0
     assert moe.tokens_per_expert.sum() == 2 * 16 * args.num_experts_per_tok
+
+
+def _plain_sequence_aux_loss(scores, expert_ids, bsz, top_k):
+    """DeepSeek-V3's formula written out: mean over sequences of sum_i f_i * P_i."""
+    num_experts = scores.shape[-1]
+    probs = (scores / scores.sum(-1, keepdim=True)).view(bsz, -1, num_experts)
+    seqlen = probs.shape[1]
+    picks = F.one_hot(expert_ids.view(bsz, -1), num_experts).sum(1).to(scores.dtype)
+    f = picks * num_experts / (top_k * seqlen)
+    return (f * probs.mean(1)).sum(-1).mean()
+
+
+def test_sequence_aux_loss_and_its_gradient_match_the_plain_formula():
+    g = torch.Generator().manual_seed(0)
+    bsz, seqlen, num_experts, top_k = 3, 5, 8, 2
+    scores = torch.rand(bsz * seqlen, num_experts, generator=g, dtype=torch.float64).requires_grad_()
+    expert_ids = torch.rand(bsz * seqlen, num_experts, generator=g).topk(top_k, -1).indices
+    share, value = sequence_aux_loss(scores, expert_ids, bsz, top_k)
+    want = _plain_sequence_aux_loss(scores, expert_ids, bsz, top_k)
+    torch.testing.assert_close(share, want)
+    torch.testing.assert_close(value, want.detach())
+    grad_out = torch.tensor(0.7, dtype=torch.float64)
+    torch.testing.assert_close(torch.autograd.grad(share, scores, grad_out)[0],
+                               torch.autograd.grad(want, scores, grad_out)[0])
+    torch.autograd.gradcheck(lambda s: sequence_aux_loss(s, expert_ids, bsz, top_k)[0], (scores,))
 
 
 def test_bf16_cast_keeps_router_bias_fp32():

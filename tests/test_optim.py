@@ -12,6 +12,7 @@ import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
+import moonlight.train.muon as muon_module
 from moonlight.train.balance import expert_load_imbalance, update_router_biases
 from moonlight.train.optim import AdamW, Muon, build_optimizers, clip_grad_norm_, zeropower_via_newtonschulz
 from moonlight.train.schedule import build_lr_scheduler, lr_multiplier
@@ -122,6 +123,52 @@ def test_expert_3d_equals_per_expert_2d(shape):
     for e in range(shape[0]):
         (ref,) = _run_muon([W0[e]], [[s[0][e]] for s in steps], ns_dtype=torch.float32)
         torch.testing.assert_close(ours[e], ref, atol=1e-6, rtol=1e-6)
+
+
+def _per_matrix_muon(params, grads_per_step, ns_dtype, master):
+    """Muon as it was written before its step was batched: one parameter at a time, each 2-D weight
+    through 2-D Newton-Schulz and each 3-D one through its own batch (the exact path)."""
+    state = {}
+    for grads in grads_per_step:
+        for p, g in zip(params, grads):
+            if id(p) not in state:
+                dtype = torch.float32 if master else p.dtype
+                state[id(p)] = (torch.zeros_like(p, dtype=dtype), p.detach().float() if master else p.detach())
+            buf, target = state[id(p)]
+            g = g.to(buf.dtype)
+            buf.mul_(0.95).add_(g)
+            o = zeropower_via_newtonschulz(g.add(buf, alpha=0.95), dtype=ns_dtype)
+            target.mul_(1 - LR * WD)
+            target.add_(o.to(target.dtype), alpha=-LR * 0.2 * math.sqrt(max(p.shape[-2:])))
+            if master:
+                p.detach().copy_(target)
+    return [p.detach() for p in params]
+
+
+@pytest.mark.parametrize("ns_dtype, master", [(torch.float32, False), (torch.bfloat16, False),
+                                              (torch.bfloat16, True)])
+def test_batched_step_equals_the_per_matrix_step_bit_for_bit(monkeypatch, ns_dtype, master):
+    """Same-shape matrices run Newton-Schulz as one stack (several stacks when they exceed the stack
+    size), momentum and updates are foreach ops: the weights are those of one matrix at a time."""
+    monkeypatch.setattr(muon_module, "NS_STACK_NUMEL", 3 * 32 * 48)  # stacks of at most 3 such matrices
+    torch.manual_seed(4)
+    shapes = [(32, 48), (48, 32), (32, 48), (2, 32, 48), (32, 48), (48, 32), (3, 16, 24), (32, 48), (40, 40)]
+    dtype = torch.bfloat16 if master else torch.float32
+    W0s = [torch.randn(s).to(dtype) for s in shapes]
+    steps = [[torch.randn(s).to(dtype) for s in shapes] for _ in range(3)]
+    calls = []
+    original = muon_module.zeropower_via_newtonschulz
+    monkeypatch.setattr(muon_module, "zeropower_via_newtonschulz", lambda G, *a, **k: calls.append(G.shape) or
+                        original(G, *a, **k))
+    ours = _run_muon(W0s, steps, ns_dtype=ns_dtype, master_weights=master)
+    ref = _per_matrix_muon([nn.Parameter(w.clone()) for w in W0s], steps, ns_dtype, master)
+    for a, b in zip(ours, ref):
+        assert torch.equal(a, b)
+    # per step, whole parameters in order: the six 32 x 48 matrices in stacks of 2, 2 + 1, 1; the two
+    # 48 x 32 ones in one; the experts; the square one
+    assert sorted(tuple(s) for s in calls[:6]) == [(1, 32, 48), (1, 40, 40), (2, 32, 48), (2, 48, 32), (3, 16, 24),
+                                                   (3, 32, 48)]
+    assert len(calls) == 3 * 6
 
 
 def test_muon_rejects_1d():
@@ -326,6 +373,42 @@ def test_our_adamw_matches_torch_adamw():
     torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("ours", [False, True])
+def test_adamw_is_fused_and_matches_the_per_tensor_update_in_fp64(ours):
+    """build_optimizers' torch AdamW and our AdamW (precision_aware's, here without master copies) run
+    torch's fused kernel, one op for all tensors; in fp64 they equal torch's per-tensor AdamW (the path
+    they replaced) to rounding."""
+    torch.manual_seed(0)
+    shapes = [(16, 8), (8,), (3, 4, 5)]
+    W0s = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    fused = [nn.Parameter(w.clone()) for w in W0s]
+    single = [nn.Parameter(w.clone()) for w in W0s]
+    if ours:
+        opt = AdamW(fused, lr=1e-2, weight_decay=0.1, master_weights=False)
+    else:
+        (opt,) = build_optimizers([(f"w{i}", p) for i, p in enumerate(fused)], "adamw", lr=1e-2).optimizers
+    ref = torch.optim.AdamW(single, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, foreach=False)
+    assert opt.param_groups[0]["fused"]
+    for _ in range(5):
+        for a, b in zip(fused, single):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        opt.step()
+        ref.step()
+    for a, b in zip(fused, single):
+        torch.testing.assert_close(a, b, atol=1e-14, rtol=1e-13)
+
+
+def test_optimizer_step_op_count_within_budget():
+    """Ops dispatched by one optimizer step of the debug model (benchmarks/optimizer_ops.py, budgets in
+    benchmarks/README.md): each a kernel launch on a GPU; before batching Muon's step took 2,135 and AdamW's
+    495 (torch's own foreach on CUDA: the same passes over memory in about 11 launches)."""
+    from benchmarks.optimizer_ops import count_step
+
+    assert count_step("debug", "muon", False)["ops"] <= 420
+    assert count_step("debug", "adamw", True)["ops"] <= 6  # with the master weights' copies
+
+
 @pytest.mark.parametrize("kind", ["muon", "adamw"])
 def test_precision_aware_master_weights(kind):
     torch.manual_seed(0)
@@ -438,6 +521,16 @@ def test_router_bias_balances_skewed_load():
     assert (expert_load_imbalance(final) < 1.25).all(), expert_load_imbalance(final)
     # overloaded experts got negative bias
     assert biases[0][-1] < 0 < biases[0][0]
+
+
+def test_router_bias_update_of_layers_with_other_expert_counts():
+    biases = [torch.zeros(4), torch.full((6,), 0.5)]
+    counts = [torch.tensor([4, 0, 2, 2]), torch.tensor([1, 1, 1, 1, 8, 0])]
+    total = update_router_biases(biases, counts, rate=0.1)
+    assert total.tolist() == [4, 0, 2, 2, 1, 1, 1, 1, 8, 0]  # flat: the layers' sizes differ
+    assert biases[0].tolist() == pytest.approx([-0.1, 0.1, 0.0, 0.0])  # mean 2
+    assert biases[1].tolist() == pytest.approx([0.6, 0.6, 0.6, 0.6, 0.4, 0.6])  # mean 2
+    assert all(int(c.abs().sum()) == 0 for c in counts)
 
 
 def test_router_bias_rate_zero_freezes():

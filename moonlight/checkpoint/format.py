@@ -41,7 +41,7 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from moonlight import distributed
 from moonlight.config import RUNTIME_FIELDS, ModelArgs
-from moonlight.errors import CheckpointError, CheckpointSaveError
+from moonlight.errors import CheckpointError, CheckpointSaveError, MoonlightError
 from moonlight.outputs import check_replaceable, publish_mode, remove_own_dir, storage_problem
 
 FORMAT = "moonlight-dcp"
@@ -187,6 +187,13 @@ def read_json(path: str) -> Any:
             return json.load(f)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot read {path}: {e}") from None
+
+
+def user_error_in(exc: BaseException) -> MoonlightError | None:
+    """The MoonlightError that a DCP CheckpointException wraps (a `read` callback's), if any."""
+    failures = getattr(exc, "failures", None)
+    found = [f[0] if isinstance(f, tuple) else f for f in failures.values()] if isinstance(failures, dict) else []
+    return next((f for f in found if isinstance(f, MoonlightError)), None)
 
 
 def short_error(exc: BaseException) -> str:
@@ -471,5 +478,7 @@ def write_model_only_checkpoint(state_dict: dict[str, torch.Tensor], out: str | 
         if reason:
             raise CheckpointSaveError(f"writing checkpoint {out} failed: {reason} ({short_error(e)}); nothing was "
                                       "replaced") from None
+        if inner := user_error_in(e):  # e.g. a non-finite tensor that `read` refused
+            raise inner from None
         raise
     return out

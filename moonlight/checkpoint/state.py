@@ -417,6 +417,8 @@ class Checkpointer:
                 fmt.write_json_durable(save.train_state, os.path.join(tmp, TRAIN_STATE))
                 meta = fmt.base_meta(step, self.args, ["model"] + (["optimizer"] if self._optim_list else [])
                                      + ["train_state", "rng"] + (["extra"] if self.extra_states else []), self.layout)
+                if self.base_weights:  # the run's initial_load_hf: a PEFT export names it as the base model
+                    meta["base_model"] = self.base_weights
                 if self.skip_frozen:
                     meta["frozen_weights_from"] = self.base_weights
                 fmt.write_json_durable(meta, os.path.join(tmp, fmt.META))
@@ -604,6 +606,11 @@ class Checkpointer:
         """The adapters are resumed only under the [lora] settings they were trained with: another rank
         does not fit them, and another alpha, DoRA or target list would silently change or drop them."""
         saved, mine = (meta.get("layout") or {}).get("lora"), self.layout.get("lora")
+        if saved and not mine:
+            settings = ", ".join(f"lora.{k} = {saved[k]!r}" for k in ("rank", "alpha", "dora", "targets") if k in saved)
+            raise CheckpointError(f"checkpoint {path} is a LoRA/DoRA run's: resume it with lora.enable = true "
+                                  f"({settings}), or start a new run (another job.dump_folder) from its merged export "
+                                  "(python -m moonlight.convert dcp-to-hf) as checkpoint.initial_load_hf")
         if not saved or not mine:
             return
         diffs = [f"{key} = {saved[key]!r} (this run: {mine[key]!r})" for key in ("rank", "alpha", "dora", "targets")
@@ -619,9 +626,15 @@ class Checkpointer:
         if self.load_base is None or self.base_weights is None:
             raise CheckpointError(f"checkpoint {path} holds only the trained weights; its frozen base weights are "
                                   f"read from {base}: set checkpoint.initial_load_hf = {base!r} to resume it")
-        if self.base_weights != base and distributed.rank() == 0:
-            logger.warning("checkpoint: %s was saved with its frozen weights in %s; reading them from %s "
-                           "(checkpoint.initial_load_hf) instead", path, base, self.base_weights)
+        if self.base_weights != base:
+            if not getattr(self.cfg, "other_base", False):  # adapters on other weights: a different model
+                raise CheckpointError(f"checkpoint {path} was trained on the frozen weights in {base}, not "
+                                      f"checkpoint.initial_load_hf = {self.base_weights}: set it to {base!r}, or, "
+                                      "if this is the same base moved, set checkpoint.other_base = true")
+            if distributed.rank() == 0:
+                logger.warning("checkpoint: %s was saved with its frozen weights in %s; reading them from %s "
+                               "(checkpoint.initial_load_hf, checkpoint.other_base) instead", path, base,
+                               self.base_weights)
         self.load_base(self.base_weights)
 
     def _check_keys(self, path: str, state: dict[str, Any]) -> None:

@@ -21,58 +21,28 @@ from moonlight.kernels.backend import resolve_impl
 from moonlight.kernels.grouped_mm import grouped_mm
 from moonlight.kernels.mla_rope import mla_rope_key, rope_tables, rotate_rope_
 from moonlight.kernels.moe_permute import permute_tokens, unpermute_tokens
+from moonlight.kernels.moe_router import route_topk
+from moonlight.kernels.rms_norm import rms_norm
 from moonlight.config import ModelArgs
 from moonlight.distributed import local_tensor, to_device
+from moonlight.dtypes import at_least_fp32
 from moonlight.model.loss import linear_cross_entropy
 
 
-def _may_return_in_place() -> bool:
-    """Whether an autograd.Function's forward may return a fresh tensor it changed in place (saving one
-    activation): in eager only. A compiled graph functionalises the in-place op anyway, and torch 2.11's
-    dynamo gives such an output's backward a zero gradient (pytorch/pytorch#180642, fixed in later releases)."""
-    return not torch.compiler.is_compiling()
-
-
-class _RMSNormFunction(torch.autograd.Function):
-    """weight * (x * rsqrt(mean(x^2) + eps)), normalised in fp32: the forward is the HF reference's ops
-    (same bits); only x and the [..., 1] rsqrt are kept, and the backward writes its closed form
-        grad_x = rstd * (g - x * rstd^2 * mean(g * x)),  g = grad * weight (fp32)
-    into two buffers instead of autograd's about seven of x's size (fresh activations are costly on CPU)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        x32 = x.float()
-        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-        ctx.save_for_backward(x, weight, rstd)
-        y = (x32 * rstd).to(x.dtype)
-        in_place = _may_return_in_place() and y.dtype == torch.promote_types(y.dtype, weight.dtype)
-        return y.mul_(weight) if in_place else weight * y
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, rstd = ctx.saved_tensors
-        x32 = x.float()
-        grad_weight = None
-        if ctx.needs_input_grad[1]:
-            grad_weight = (x32 * rstd).to(x.dtype).mul_(grad).sum_to_size(weight.shape)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            g = (grad * weight).float()
-            coeff = (g * x32).mean(-1, keepdim=True).mul_(rstd.pow(2)).neg_()
-            grad_x = g.addcmul_(x32, coeff).mul_(rstd).to(x.dtype)
-        return grad_x, grad_weight, None
-
-
 class RMSNorm(nn.Module):
-    """Normalise in fp32, scale in the input dtype (as the HF reference does)."""
+    """Normalise in fp32 (or fp64), scale in the input dtype (as the HF reference does). ``kernels``: the
+    config's setting (`resolve_impl`); tensor-parallel norms (DTensor weights) take the reference."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, kernels: str = "auto"):
         super().__init__()
         self.eps = eps
+        self.kernels = kernels
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _RMSNormFunction.apply(x, self.weight, self.eps)
+        distributed = hasattr(x, "placements") or hasattr(self.weight, "placements")
+        impl = "torch" if distributed else resolve_impl(self.kernels, x.device)
+        return rms_norm(x, self.weight, self.eps, impl=impl)
 
     def init_weights(self):
         nn.init.ones_(self.weight)
@@ -131,10 +101,10 @@ class MLA(nn.Module):
             self.q_proj = nn.Linear(h, heads * args.qk_head_dim, bias=False)
         else:
             self.q_a_proj = nn.Linear(h, args.q_lora_rank, bias=False)
-            self.q_norm = RMSNorm(args.q_lora_rank, args.latent_norm_eps)
+            self.q_norm = RMSNorm(args.q_lora_rank, args.latent_norm_eps, args.kernels)
             self.q_b_proj = nn.Linear(args.q_lora_rank, heads * args.qk_head_dim, bias=False)
         self.kv_a_proj = nn.Linear(h, args.kv_lora_rank + args.qk_rope_head_dim, bias=False)
-        self.kv_norm = RMSNorm(args.kv_lora_rank, args.latent_norm_eps)
+        self.kv_norm = RMSNorm(args.kv_lora_rank, args.latent_norm_eps, args.kernels)
         self.kv_b_proj = nn.Linear(args.kv_lora_rank, heads * (args.qk_nope_head_dim + args.v_head_dim), bias=False)
         self.o_proj = nn.Linear(heads * args.v_head_dim, h, bias=False)
         self.softmax_scale = args.qk_head_dim ** -0.5
@@ -145,8 +115,8 @@ class MLA(nn.Module):
         """Whether v is padded with zero channels to the qk head size for attention. On CPU the fused
         (flash) kernel wants one head size (the math fallback for unequal sizes is ~3x slower), and so
         does the varlen flash kernel; CUDA's SDPA takes the true v width, skipping the padded FLOPs and
-        copies (torch 2.13's default order picks memory-efficient attention for qk 192 / v 128: flash
-        needs one head size and cuDNN comes last; benchmarks/gpu_step_checks.py times each backend)."""
+        copies (on an H200, torch 2.11 picks cuDNN for qk 192 / v 128 by itself: 0.94 ms forward +
+        backward per layer, against 1.27 padded; benchmarks/gpu_step_checks.py times each backend)."""
         if self.pad_v is not None:
             return self.pad_v
         return not x.is_cuda or (mask is not None and mask.varlen)
@@ -247,7 +217,9 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
         ctx.save_for_backward(gate, up)
-        return F.silu(gate).mul_(up) if _may_return_in_place() else F.silu(gate) * up
+        # in place in eager only: compiled graphs functionalise it anyway, and torch 2.11's dynamo gives an
+        # output its forward changed in place a zero gradient (pytorch/pytorch#180642)
+        return F.silu(gate) * up if torch.compiler.is_compiling() else F.silu(gate).mul_(up)
 
     @staticmethod
     def backward(ctx, grad):
@@ -320,22 +292,15 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor, sequences: WholeSequences = WHOLE_SEQUENCES
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [T, H] -> (weights [T, K] fp32, expert ids [T, K], scores [T, E] fp32). ``sequences``: the
-        MoE layer's (its weight's gradient must sum the tokens of every part)."""
+        """x [T, H] -> (weights [T, K], expert ids [T, K], scores [T, E]; fp32, or fp64 for fp64 x).
+        ``sequences``: the MoE layer's (its weight's gradient must sum the tokens of every part)."""
         a = self.args
-        # fp32 before the weight is shared: its gradient is summed over the parts in fp32
-        scores = F.linear(x.float(), sequences.shared_weight(self.weight.float())).sigmoid()
-        biased = scores + self.expert_bias
-        if a.n_group > 1:  # keep the topk_group groups whose two best biased scores sum highest
-            grouped = biased.view(-1, a.n_group, a.n_routed_experts // a.n_group)
-            best_groups = grouped.topk(2, dim=-1).values.sum(-1).topk(a.topk_group, dim=-1).indices
-            keep = torch.zeros_like(grouped[..., 0], dtype=torch.bool).scatter_(1, best_groups, True)
-            biased = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).flatten(1)
-        expert_ids = biased.topk(a.num_experts_per_tok, dim=-1, sorted=False).indices
-        weights = scores.gather(1, expert_ids)
-        if a.norm_topk_prob:
-            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        return weights * a.routed_scaling_factor, expert_ids, scores
+        # at least fp32 before the weight is shared: its gradient is summed over the parts in fp32
+        logits = F.linear(at_least_fp32(x), sequences.shared_weight(at_least_fp32(self.weight)))
+        # group-limited routing (n_group > 1) has the reference only
+        impl = resolve_impl(a.kernels, x.device) if a.n_group == 1 else "torch"
+        return route_topk(logits, self.expert_bias, a.num_experts_per_tok, a.routed_scaling_factor,
+                          a.norm_topk_prob, a.n_group, a.topk_group, impl=impl)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -377,7 +342,7 @@ def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, gate: torch.Tensor, up
     """SwiGLU of each expert on its contiguous group of rows. x [N, H]; counts [E]; gate/up [E, I, H];
     down [E, H, I]."""
     if uses_grouped_mm(x):
-        offs = counts.cumsum(0).to(torch.int32)
+        offs = counts.cumsum(0, dtype=torch.int32)
         g = grouped_mm(x, gate.transpose(-2, -1), offs)
         u = grouped_mm(x, up.transpose(-2, -1), offs)
         return grouped_mm(swiglu(g, u), down.transpose(-2, -1), offs)
@@ -429,6 +394,26 @@ class _AttachAuxLoss(torch.autograd.Function):
         return grad_out, torch.ones_like(aux_loss)
 
 
+class _ProbSums(torch.autograd.Function):
+    """scores [bsz * S, E] -> the sums over each sequence's tokens of the scores normalised over the
+    experts, [bsz, E]. The backward is the closed form grad_scores[t] = (g[b] - <probs[t], g[b]>) / S_t
+    (S_t the sum of token t's scores): four ops where autograd's chain through the division takes
+    about ten."""
+
+    @staticmethod
+    def forward(ctx, scores, bsz):
+        total = scores.sum(-1, keepdim=True)
+        probs = (scores / total).view(bsz, -1, scores.shape[-1])
+        ctx.save_for_backward(probs, total)
+        return probs.sum(1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        probs, total = ctx.saved_tensors
+        grad = grad.unsqueeze(1)
+        return (grad - (probs * grad).sum(-1, keepdim=True)).view(total.shape[0], -1).div_(total), None
+
+
 def sequence_aux_loss(scores: torch.Tensor, expert_ids: torch.Tensor, bsz: int, top_k: int,
                       sequences: WholeSequences = WHOLE_SEQUENCES) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek-V3's sequence-wise balance loss sum_i f_i * P_i, averaged over sequences.
@@ -442,15 +427,19 @@ def sequence_aux_loss(scores: torch.Tensor, expert_ids: torch.Tensor, bsz: int, 
     backpropagating each part's share (times ``sequences.loss_scale`` where the parts' gradients are
     averaged, not summed) gives the loss's gradient."""
     num_experts = scores.shape[-1]
-    probs = (scores / scores.sum(-1, keepdim=True)).view(bsz, -1, num_experts)
-    seqlen = probs.shape[1] * sequences.shards
+    seqlen = scores.shape[0] // bsz * sequences.shards
     picks = torch.zeros(bsz, num_experts, device=scores.device, dtype=scores.dtype)
     picks.scatter_add_(1, expert_ids.view(bsz, -1), torch.ones_like(expert_ids.view(bsz, -1), dtype=scores.dtype))
-    prob_sums = probs.sum(1)
-    picks, all_prob_sums = sequences.sum(torch.stack([picks, prob_sums.detach()])).unbind(0)
-    f = picks * num_experts / (top_k * seqlen)
-    share = (f * prob_sums / seqlen).sum(-1).mean()
-    return share * sequences.loss_scale, (f * all_prob_sums / seqlen).sum(-1).mean()
+    prob_sums = _ProbSums.apply(scores, bsz)
+    all_prob_sums = prob_sums.detach()
+    if sequences.shards > 1:
+        picks, all_prob_sums = sequences.sum(torch.stack([picks, all_prob_sums])).unbind(0)
+    # f_i / (seqlen * bsz), every constant in one factor: the loss is then one product and one sum
+    weight = picks * (num_experts / (top_k * seqlen * seqlen * bsz) * sequences.loss_scale)
+    share = (weight * prob_sums).sum()
+    if sequences.shards == 1 and sequences.loss_scale == 1:
+        return share, share.detach()
+    return share, (weight * all_prob_sums).sum() / sequences.loss_scale
 
 
 class _Fork(torch.autograd.Function):
@@ -554,9 +543,9 @@ class Block(nn.Module):
 
     def __init__(self, layer_id: int, args: ModelArgs):
         super().__init__()
-        self.attn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.attn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps, args.kernels)
         self.attn = MLA(args)
-        self.ffn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.ffn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps, args.kernels)
         self.ffn = MoE(args) if args.is_moe_layer(layer_id) else MLP(args.hidden_size, args.intermediate_size)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
@@ -582,7 +571,7 @@ class Moonlight(nn.Module):
         self.embed = nn.Embedding(args.vocab_size, args.hidden_size)
         # A dict keyed by the global layer index keeps parameter names stable when stages drop layers.
         self.layers = nn.ModuleDict({str(i): Block(i, args) for i in range(args.num_hidden_layers)})
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, args.kernels)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
@@ -603,7 +592,7 @@ class Moonlight(nn.Module):
         if labels is None:
             return self.lm_head(h)
         if type(self.lm_head) is not nn.Linear:  # e.g. a LoRA head: its own forward makes the logits
-            return F.cross_entropy(self.lm_head(h).flatten(0, -2).float(), labels.flatten(), reduction="sum")
+            return F.cross_entropy(at_least_fp32(self.lm_head(h).flatten(0, -2)), labels.flatten(), reduction="sum")
         return linear_cross_entropy(h.flatten(0, -2), self.lm_head.weight, labels.flatten())
 
     def moe_layers(self) -> list[MoE]:

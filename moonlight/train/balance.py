@@ -36,20 +36,25 @@ def update_router_biases(
     if not counts:
         return torch.empty(0, dtype=torch.float64)
     sizes = [c.numel() for c in counts]
-    flat = torch.cat([local_tensor(c).detach().reshape(-1).to(torch.float64) for c in counts])
+    # a few ops for all layers, not a few per layer (each a kernel launch on a GPU); the int counts are
+    # exact in float64, so the means and signs are the same as layer by layer
+    flat = torch.cat([local_tensor(c).detach().reshape(-1) for c in counts]).to(torch.float64)
     if is_distributed():
         dev_flat = flat.to(local_tensor(counts[0]).device)
         dist.all_reduce(dev_flat, op=dist.ReduceOp.SUM, group=group)
         flat = dev_flat
     if rate != 0:
-        for b, c in zip(biases, flat.split(sizes)):
-            if isinstance(b, DTensor) and not all(isinstance(pl, Replicate) for pl in b.placements):
-                raise ValueError("router bias must be replicated")
-            b_l = local_tensor(b)
-            delta = torch.sign(c.mean() - c).to(device=b_l.device, dtype=b_l.dtype)
-            b_l.add_(delta.view_as(b_l), alpha=rate)
-    for c in counts:
-        local_tensor(c).zero_()
+        if any(isinstance(b, DTensor) and not all(isinstance(pl, Replicate) for pl in b.placements) for b in biases):
+            raise ValueError("router bias must be replicated")
+        locals_ = [local_tensor(b) for b in biases]
+        if len(set(sizes)) == 1:
+            by_layer = flat.view(len(sizes), sizes[0])
+            delta = torch.sign(by_layer.mean(dim=-1, keepdim=True) - by_layer).reshape(-1)
+        else:
+            delta = torch.cat([torch.sign(c.mean() - c) for c in flat.split(sizes)])
+        delta = delta.to(device=locals_[0].device, dtype=locals_[0].dtype)  # -1, 0 or 1: exact in any dtype
+        torch._foreach_add_(locals_, [d.view_as(b) for d, b in zip(delta.split(sizes), locals_)], alpha=rate)
+    torch._foreach_zero_([local_tensor(c) for c in counts])
     if len(set(sizes)) == 1:
         return flat.view(len(sizes), sizes[0])
     return flat

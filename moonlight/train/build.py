@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import logging
 import os
 from collections.abc import Callable
 
@@ -28,6 +29,8 @@ from moonlight.outputs import refuse_link
 from moonlight.parallel.load import load_hf_sharded
 from moonlight.train.config import JobConfig, LoRASection
 from moonlight.train.lock import DumpFolderLock
+
+logger = logging.getLogger(__name__)
 
 def build_model_args(cfg: JobConfig) -> ModelArgs:
     """The preset (or a HF config.json, or the model args of the model-only DCP checkpoint that
@@ -219,3 +222,16 @@ def check_host_memory(cfg: JobConfig, args: ModelArgs, world_size: int, device: 
                           f"of host memory for its weights (and gradients) alone ({local_ranks} rank(s) here), but "
                           f"{available / gib:.1f} GiB is available: train it on GPUs, over more hosts, or pick a "
                           "smaller model (python -m moonlight.plan estimates a layout's memory)")
+
+
+def warn_about_data(cfg: JobConfig, loader, validation_loader=None) -> None:
+    """Settings that train on what was probably not meant: repeated epochs, validation on the training data."""
+    t = cfg.training
+    planned, per_epoch = t.steps * t.global_batch_size, loader.sequences_per_epoch
+    if planned > per_epoch:
+        logger.warning("data: %d steps of %d sequences read %d sequences, %.1f epochs of the %d in %s: the data "
+                       "repeats", t.steps, t.global_batch_size, planned, planned / per_epoch, per_epoch, cfg.data.path)
+    if validation_loader is not None and validation_loader.store.fingerprint() == loader.store.fingerprint() \
+            and validation_loader.store.num_tokens == loader.store.num_tokens:
+        logger.warning("validation: validation.path %s holds the same documents as data.path %s: the validation "
+                       "loss is a training loss, not a held-out one", cfg.validation.path, cfg.data.path)

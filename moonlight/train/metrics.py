@@ -13,6 +13,7 @@ import warnings
 import torch
 
 from moonlight.outputs import abandoned_folder, os_error_reason, refuse_link
+from moonlight.train.report import duration
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +54,16 @@ def spec_peak_flops(device_name: str, dtype: torch.dtype) -> float | None:
     return None
 
 
+# CPUs have no spec table here, and a matmul timed at each start varied 5x between runs on one shared
+# machine: CPU MFU is against this fixed nominal peak per rank, comparable between runs (not machines).
+CPU_NOMINAL_PEAK_FLOPS = 100e9
+
+
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     """The MFU denominator: the spec peak on a known GPU (a timed matmul includes launch latency and
-    under-reads the peak, overstating MFU), the timed matmul on CPUs and unknown GPUs."""
+    under-reads the peak, overstating MFU), a timed matmul on unknown GPUs, CPU_NOMINAL_PEAK_FLOPS on CPUs."""
+    if device.type == "cpu":
+        return CPU_NOMINAL_PEAK_FLOPS
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         spec = spec_peak_flops(name, dtype)
@@ -70,6 +78,13 @@ def memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
+
+
+# The step line: metrics.jsonl key, its label, its format (units in the format, not in the label).
+STEP_LINE = (("grad_norm", "grad_norm", "{:.3f}"), ("lr", "lr", "{:.2e}"), ("tokens_per_s", "tokens/s", "{:,.0f}"),
+             ("mfu_pct", "mfu", "{:.1f}%"), ("memory_gib", "memory", "{:.2f} GiB"),
+             ("max_expert_load", "max_expert_load", "{:.2f}"), ("val_loss", "val_loss", "{:.4f}"),
+             ("val_ppl", "val_ppl", "{:.2f}"), ("elapsed_s", "elapsed", duration), ("eta_s", "eta", duration))
 
 
 class MetricsLogger:
@@ -150,11 +165,9 @@ class MetricsLogger:
                 if isinstance(value, (int, float)):
                     self._tb.add_scalar(key, value, step)
         parts = [f"step {step:>5}", f"loss {values['loss']:.4f}"]
-        for key, fmt in (("grad_norm", "{:.3f}"), ("lr", "{:.2e}"), ("tokens_per_s", "{:,.0f}"),
-                         ("mfu_pct", "{:.1f}%"), ("memory_gib", "{:.2f}GiB"), ("max_expert_load", "{:.2f}"),
-                         ("val_loss", "{:.4f}"), ("val_ppl", "{:.2f}")):
+        for key, label, fmt in STEP_LINE:
             if key in values:
-                parts.append(f"{key} " + fmt.format(values[key]))
+                parts.append(f"{label} " + (fmt(values[key]) if callable(fmt) else fmt.format(values[key])))
         print("  ".join(parts), flush=True)
 
     def close(self) -> None:

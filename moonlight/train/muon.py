@@ -16,8 +16,9 @@ stacked ``[E, A, B]`` weight) is orthogonalised by ONE rank of the group that sh
 2. Owners (`assign_owners`): greedy, largest NS cost first, to the least loaded member, per sharing
    group; the matrices of one expert weight owned by one rank are orthogonalised as one batch.
 3. Exchange (`orthogonalise`): one all-to-all sends every rank's pieces of the momentum-updated
-   matrix to the owner (each distinct piece once: replicas do not resend), the owners run NS, and a
-   second all-to-all returns to every rank its own piece of the result.
+   matrix to the owner (each distinct piece once: replicas do not resend), the owners run NS (with the
+   rank's unshared matrices, same-shaped ones as one stack: `newton_schulz_stacked`), and a second
+   all-to-all returns to every rank its own piece of the result.
 
 Exactness: the pieces travel in the NS dtype, which is the first thing NS casts to, and NS output is
 in that dtype too, so the result equals full-matrix Muon bit for bit.
@@ -57,8 +58,8 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
 from torch.distributed.tensor.placement_types import _StridedShard
 
-__all__ = ["NS_COEFFICIENTS", "zeropower_via_newtonschulz", "ns_flops", "MatrixPlan", "sharing_group",
-           "assign_owners", "plan_orthogonalisation", "orthogonalise"]
+__all__ = ["NS_COEFFICIENTS", "NS_STACK_NUMEL", "zeropower_via_newtonschulz", "newton_schulz_stacked", "ns_flops",
+           "MatrixPlan", "NSSettings", "sharing_group", "assign_owners", "plan_orthogonalisation", "orthogonalise"]
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
@@ -244,18 +245,45 @@ def plan_orthogonalisation(params: list[Tensor], ns_steps: list[int],
     return plans
 
 
-@dataclass
+@dataclass(frozen=True)
 class NSSettings:
     steps: int
     coefficients: tuple[float, float, float]
     eps: float
 
 
-def _newton_schulz(plan: MatrixPlan, matrices: Tensor, settings: NSSettings, dtype: torch.dtype) -> Tensor:
-    # a 2-D weight runs 2-D NS (its norm and matmuls are then those of single-device Muon, bit for bit)
-    x = matrices if plan.stacked else matrices[0]
-    out = zeropower_via_newtonschulz(x, settings.steps, settings.coefficients, settings.eps, dtype)
-    return out if plan.stacked else out.unsqueeze(0)
+# Matrices of one shape and NS settings are orthogonalised as one stack, one batched matmul per product
+# instead of one per matrix, up to this many elements per stack (NS's temporaries are a few stacks' size).
+NS_STACK_NUMEL = 2**28
+
+
+def newton_schulz_stacked(batches: dict[int, Tensor], settings: list[NSSettings],
+                          dtype: torch.dtype) -> dict[int, Tensor]:
+    """NS of every ``[k, rows, cols]`` tensor of ``batches`` (key i: parameter i, whose settings are
+    ``settings[i]``), the same-shaped ones stacked (in key order, whole parameters, at most
+    `NS_STACK_NUMEL` elements a stack unless one parameter alone is larger). Returns views of the
+    stacks' results, in ``dtype``. Each matrix's result does not depend on the others in its stack
+    (batched matmuls and per-matrix norms), so this equals NS of each parameter alone."""
+    stacks: dict[tuple, list[list[int]]] = {}  # (shape, settings) -> lists of keys, one per stack
+    for i, x in batches.items():
+        if x.shape[0] == 0:
+            continue
+        chunks = stacks.setdefault((tuple(x.shape[1:]), settings[i]), [[]])
+        if chunks[-1] and sum(batches[j].numel() for j in chunks[-1]) + x.numel() > NS_STACK_NUMEL:
+            chunks.append([])
+        chunks[-1].append(i)
+    out = {i: x.to(dtype) for i, x in batches.items() if x.shape[0] == 0}
+    for (_, s), chunks in stacks.items():
+        for keys in chunks:
+            xs = [batches[i] for i in keys]
+            if len(xs) == 1:
+                stack = xs[0]
+            else:  # one copy into the stack, casting on the way
+                stack = xs[0].new_empty((sum(x.shape[0] for x in xs), *xs[0].shape[1:]), dtype=dtype)
+                torch._foreach_copy_(list(stack.split([x.shape[0] for x in xs])), xs)
+            result = zeropower_via_newtonschulz(stack, s.steps, s.coefficients, s.eps, dtype)
+            out.update(zip(keys, result.split([x.shape[0] for x in xs])))
+    return out
 
 
 def orthogonalise(plans: list[MatrixPlan], updates: list[Tensor], settings: list[NSSettings],
@@ -264,17 +292,22 @@ def orthogonalise(plans: list[MatrixPlan], updates: list[Tensor], settings: list
 
     ``updates[i]``: this rank's shard of parameter i's (momentum-updated) update. Returned tensors
     are in ``dtype`` (the NS dtype, also the dtype the pieces travel in). ``device``: where the
-    exchange buffers live (a rank may have nothing to send and must still take part).
+    exchange buffers live (a rank may have nothing to send and must still take part). The matrices
+    of this rank's unshared parameters and the full matrices it owns run as one set of stacks
+    (`newton_schulz_stacked`).
     """
-    pieces = [u.to(dtype).reshape(plan.count, *_box_shape(plan.boxes[plan.me])) for plan, u in zip(plans, updates)]
-    outs = [_newton_schulz(plan, x, s, dtype) if plan.local else None for plan, x, s in zip(plans, pieces, settings)]
-    if not all(plan.local for plan in plans):  # a rank with unshared matrices only exchanges nothing
+    pieces = [u.reshape(plan.count, *_box_shape(plan.boxes[plan.me])) for plan, u in zip(plans, updates)]
+    inputs = {i: x for i, (plan, x) in enumerate(zip(plans, pieces)) if plan.local}
+    exchange = None
+    if len(inputs) < len(plans):  # a rank with unshared matrices only exchanges nothing
+        pieces = [x if plan.local else x.to(dtype) for plan, x in zip(plans, pieces)]
         exchange = _Exchange(group, torch.empty(0, dtype=dtype, device=device))
-        fulls = _gather_to_owners(plans, pieces, exchange)
-        results = {i: _newton_schulz(plans[i], full, settings[i], dtype) for i, full in fulls.items()}
-        for i, out in _scatter_from_owners(plans, pieces, results, exchange).items():
-            outs[i] = out
-    return [o.reshape(u.shape) for o, u in zip(outs, updates)]
+        inputs.update(_gather_to_owners(plans, pieces, exchange))
+    results = newton_schulz_stacked(inputs, settings, dtype)
+    outs = {i: results[i] for i, plan in enumerate(plans) if plan.local}
+    if exchange is not None:
+        outs.update(_scatter_from_owners(plans, pieces, results, exchange))
+    return [outs[i].reshape(u.shape) for i, u in enumerate(updates)]
 
 
 class _Exchange:

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
+from torch.optim.adam import adam
 
 from moonlight.distributed import local_tensor
 from moonlight.train.muon import (NS_COEFFICIENTS, NSSettings, orthogonalise, plan_orthogonalisation,
@@ -106,7 +107,9 @@ class Muon(torch.optim.Optimizer):
     orthogonalised by one rank of the group sharing it and the result scattered back (see
     `moonlight.train.muon`). ``step`` first updates every momentum, then exchanges and
     orthogonalises all matrices at once (two all-to-alls on ``process_group``, default the world:
-    every rank of it that holds a shared matrix must step its Muon together).
+    every rank of it that holds a shared matrix must step its Muon together). Momentum, decay and
+    update are foreach ops over a param group's tensors, and same-shaped matrices run NS as one stack,
+    so a step launches a few ops per shape, not a few per matrix (bit for bit the same weights).
     """
 
     def __init__(
@@ -168,25 +171,36 @@ class Muon(torch.optim.Optimizer):
                 loss = closure()
         work = []  # (group, param, local update): momentum first, then every NS in one exchange
         for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    _init_state(self.state[p], p, group["master_weights"], "momentum_buffer")
+            if not params:
+                continue
+            # one op per step for all of the group's tensors (a Python loop would launch one per tensor)
             mu = group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                g = _grad_like_param(p, p.grad)
-                if "momentum_buffer" not in state:
-                    _init_state(state, p, group["master_weights"], "momentum_buffer")
-                buf_l = local_tensor(state["momentum_buffer"])
-                g_l = local_tensor(g).to(buf_l.dtype)
-                buf_l.mul_(mu).add_(g_l)
-                work.append((group, p, g_l.add(buf_l, alpha=mu) if group["nesterov"] else buf_l))
-        for (group, p, _), o_l in zip(work, self._orthogonalise(work)):
+            bufs = [local_tensor(self.state[p]["momentum_buffer"]) for p in params]
+            grads = [local_tensor(_grad_like_param(p, p.grad)) for p in params]
+            torch._foreach_mul_(bufs, mu)
+            torch._foreach_add_(bufs, grads)  # a bf16 gradient into fp32 momentum: promoted exactly
+            updates = torch._foreach_add(grads, bufs, alpha=mu) if group["nesterov"] else bufs
+            work += [(group, p, u) for p, u in zip(params, updates)]
+        outs = self._orthogonalise(work)
+        by_step: dict = {}  # the tensors that take the same decay and step size: one foreach op each
+        for (group, p, _), o_l in zip(work, outs):
+            master = group["master_weights"]
+            target = local_tensor(self.state[p]["master"]) if master else local_tensor(p)
+            entry = by_step.setdefault((id(group), muon_lr_scale(p.shape)), (group, [], [], []))
+            entry[1].append(target)
+            entry[2].append(o_l)
+            if master:
+                entry[3].append(local_tensor(p))
+        for (_, scale), (group, targets, updates, params) in by_step.items():
             lr, wd = group["lr"], group["weight_decay"]
-            target = local_tensor(self.state[p]["master"]) if group["master_weights"] else local_tensor(p)
-            target.mul_(1 - lr * wd)
-            target.add_(o_l.to(target.dtype), alpha=-lr * muon_lr_scale(p.shape))
-            if group["master_weights"]:
-                local_tensor(p).copy_(target)
+            torch._foreach_mul_(targets, 1 - lr * wd)
+            torch._foreach_add_(targets, updates, alpha=-lr * scale)  # the NS dtype is promoted exactly
+            if params:  # master weights: the (bf16) parameters are their rounding, all in one op
+                torch._foreach_copy_(params, targets)
         return loss
 
 
@@ -202,11 +216,20 @@ class AdamW(torch.optim.Optimizer):
     is applied to the master copy and copied back into the (bf16) parameter. Used by
     ``build_optimizers(..., precision_aware=True)``; otherwise build_optimizers uses
     ``torch.optim.AdamW``. Works on local shards, so DTensors on any mesh are fine.
+
+    The update is torch's own (``torch.optim.adam.adam``), fused where torch has the kernel
+    (``fused=None``: CPU and CUDA), on all of a param group's tensors at once; bf16 gradients are
+    cast to fp32 for it `ADAMW_BUCKET_NUMEL` elements at a time, which bounds that extra memory.
     """
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, master_weights=True):
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, master_weights=master_weights)
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, master_weights=True,
+                 fused: bool | None = None):
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, master_weights=master_weights,
+                        fused=fused)
         super().__init__(params, defaults)
+        for group in self.param_groups:
+            if group["fused"] is None:
+                group["fused"] = _fused_supported(group["params"])
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -215,32 +238,54 @@ class AdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
-            b1, b2 = group["betas"]
-            master_mode = group["master_weights"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            params = [p for p in group["params"] if p.grad is not None]
+            fused, master = group.get("fused", False), group["master_weights"]
+            for p in params:
                 state = self.state[p]
-                g = _grad_like_param(p, p.grad)
                 if "exp_avg" not in state:
+                    _init_state(state, p, master, "exp_avg", "exp_avg_sq")
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    _init_state(state, p, master_mode, "exp_avg", "exp_avg_sq")
-                state["step"] += 1
-                t = state["step"].item()
-                m, v = local_tensor(state["exp_avg"]), local_tensor(state["exp_avg_sq"])
-                g_l = local_tensor(g).to(m.dtype)
-                target = local_tensor(state["master"]) if master_mode else local_tensor(p)
-                target.mul_(1 - lr * wd)
-                m.lerp_(g_l, 1 - b1)
-                v.mul_(b2).addcmul_(g_l, g_l, value=1 - b2)
-                bc1 = 1 - b1**t
-                bc2_sqrt = math.sqrt(1 - b2**t)
-                denom = (v.sqrt() / bc2_sqrt).add_(eps)
-                target.addcdiv_(m, denom, value=-lr / bc1)
-                if master_mode:
-                    local_tensor(p).copy_(target)
+                if fused and state["step"].device != local_tensor(p).device:  # the fused kernel's place for it
+                    state["step"] = state["step"].to(local_tensor(p).device)
+            for bucket in _buckets(params, ADAMW_BUCKET_NUMEL):
+                states = [self.state[p] for p in bucket]
+                targets = [local_tensor(s["master"] if master else p) for s, p in zip(states, bucket)]
+                exp_avgs = [local_tensor(s["exp_avg"]) for s in states]
+                grads = [local_tensor(_grad_like_param(p, p.grad)) for p in bucket]
+                if any(g.dtype != m.dtype for g, m in zip(grads, exp_avgs)):  # bf16 grads, fp32 state
+                    grads, bf16_grads = [torch.empty_like(m) for m in exp_avgs], grads
+                    torch._foreach_copy_(grads, bf16_grads)
+                b1, b2 = group["betas"]
+                adam(targets, grads, exp_avgs, [local_tensor(s["exp_avg_sq"]) for s in states], [],
+                     [s["step"] for s in states], foreach=not fused, fused=fused, decoupled_weight_decay=True,
+                     amsgrad=False, beta1=b1, beta2=b2, lr=group["lr"], weight_decay=group["weight_decay"],
+                     eps=group["eps"], maximize=False)
+                if master:  # the (bf16) parameters are the masters' rounding, all in one op
+                    torch._foreach_copy_([local_tensor(p) for p in bucket], targets)
         return loss
+
+
+# Elements per bucket of our AdamW: the fp32 copies of a bucket's bf16 gradients live at the same time.
+ADAMW_BUCKET_NUMEL = 2**28
+
+
+def _buckets(params: list[Tensor], numel: int) -> list[list[Tensor]]:
+    """``params`` in order, cut into runs of at most ``numel`` local elements (a larger one alone)."""
+    out: list[list[Tensor]] = []
+    size = 0
+    for p in params:
+        n = local_tensor(p).numel()
+        if not out or (size + n > numel and out[-1]):
+            out.append([])
+            size = 0
+        out[-1].append(p)
+        size += n
+    return out
+
+
+def _fused_supported(params: Iterable[Tensor]) -> bool:
+    """Whether torch's fused AdamW kernel takes these parameters: floating point, on CPU or CUDA."""
+    return all(local_tensor(p).device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,7 +411,9 @@ def build_optimizers(
         if precision_aware:
             opts.append(AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, master_weights=True))
         else:
-            opts.append(torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+            # fused: one kernel for the whole update (torch's default is foreach: about ten passes)
+            opts.append(torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                          fused=_fused_supported(adamw_params) or None))
     return Optimizers(opts)
 
 

@@ -18,6 +18,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 
 from moonlight.checkpoint.export import export_hf, export_peft_adapter
 from moonlight.checkpoint.state import Checkpointer
@@ -34,10 +35,11 @@ from moonlight.parallel.tensor import reduce_token_losses
 from moonlight.train.balance import expert_load_imbalance, update_router_biases
 from moonlight.train.build import (apply_lora_section, build_model_args, check_host_memory, check_run_paths,
                                    check_runtime, check_token_ids, init_distributed, load_initial_weights,
-                                   read_base_weights, take_dump_folder_lock)
+                                   read_base_weights, take_dump_folder_lock, warn_about_data)
 from moonlight.train.config import JobConfig
 from moonlight.train.layout import build_layout, is_mixed_precision
 from moonlight.train.metrics import MetricsLogger, memory_gib, peak_flops
+from moonlight.train.report import RunReport, relative
 from moonlight.train.optim import build_optimizers, clip_grad_norm_
 from moonlight.train.schedule import build_lr_scheduler
 from moonlight.train.validation import Validator
@@ -49,6 +51,7 @@ _FULL_INIT_MAX_PARAMS = 2_000_000_000
 
 class Trainer:
     def __init__(self, cfg: JobConfig):
+        started = time.perf_counter()
         cfg.validate()
         self.cfg = cfg
         t = cfg.training
@@ -108,35 +111,56 @@ class Trainer:
         self.validator = Validator(cfg, self.tokenizer, self.parallel, self.device) if cfg.validation.enable else None
         if self.validator is not None:
             check_token_ids(self.validator.loader.store, self.model_args.vocab_size, "validation data")
+        if self.rank == 0:
+            warn_about_data(cfg, self.dataloader, self.validator and self.validator.loader)
         self.step = 0
         # train_step also reports forward_backward_s (benchmarks: the step's time outside the optimizer);
         # on a GPU that waits for the device before and after forward+backward, two host syncs per step
         self.time_forward_backward = False
+        # One process (FSDP2 on one rank for mixed precision) keeps its bf16 weights gathered from the first
+        # forward to the last micro-batch's backward: one cast of the weights a step instead of two per
+        # micro-batch, for one bf16 copy of the model held through the step. Bit for bit the same step.
+        self.gather_once = self.world_size == 1
         self._last_inputs = None
         self._nonfinite_in_a_row = 0
         self.checkpointer = self._build_checkpointer()
         self.exported_step: int | None = None
         self.adapter_step: int | None = None
-        resumed = self.step > 0
         self.metrics = MetricsLogger(cfg.job.dump_folder, self.rank, cfg.metrics.enable_tensorboard,
                                      cfg.metrics.tb_folder, resume_step=self.step, aside=self.aside)
         compute_dtype = to_dtype(t.mixed_precision_param if is_mixed_precision(cfg) else t.dtype)
         self.peak_flops = cfg.metrics.device_peak_flops or peak_flops(self.device, compute_dtype)
         self.flops_per_token = self.model_args.flops_per_token(t.seq_len)
+        self.report = RunReport(self.rank, self.step, t.steps, t.global_batch_size * t.seq_len, started)
         self._write_config()
         if self.rank == 0:
             self._report_set_aside()
-            n_params = self.model_args.num_params()
-            print(f"[moonlight] {cfg.job.description}\n{cfg.to_toml()}", flush=True)
-            if cfg.lora.enable:
-                trainable, total = count_params(self.model_parts)
-                lo = cfg.lora
-                print(f"[moonlight] {'DoRA' if lo.dora else 'LoRA'} rank {lo.rank} alpha {lo.alpha:g} on "
-                      f"{len(self.lora_modules)} modules: trainable {trainable:,} of {total:,} params "
-                      f"({100 * trainable / total:.3f}%)", flush=True)
-            print(f"[moonlight] model {n_params / 1e6:,.1f}M params, world {self.world_size} "
-                  f"{self.parallel.description}, grad accumulation {self.grad_accum}, device {self.device}"
-                  + (f", resumed at step {self.step}" if resumed else ""), flush=True)
+        self.report.header(self._header())
+
+    def _header(self) -> list[str]:
+        """The few lines before step 1: what runs, on what, from what data, where it writes."""
+        cfg, t, a = self.cfg, self.cfg.training, self.model_args
+        source = cfg.model.hf_config or cfg.checkpoint.initial_load_hf or f"preset {cfg.model.name}"
+        lines = [cfg.job.description,
+                 f"model {source}: {a.num_params() / 1e6:,.1f}M params, {a.num_hidden_layers} layers, "
+                 f"{a.n_routed_experts} experts top-{a.num_experts_per_tok}; {t.dtype} on {self.device}",
+                 f"layout {self.parallel.description}, grad accumulation {self.grad_accum}; "
+                 f"{t.steps} steps of {t.global_batch_size} x {t.seq_len} tokens"]
+        if cfg.lora.enable:
+            trainable, total = count_params(self.model_parts)
+            lo = cfg.lora
+            lines.append(f"{'DoRA' if lo.dora else 'LoRA'} rank {lo.rank} alpha {lo.alpha:g} on "
+                         f"{len(self.lora_modules)} modules: trainable {trainable:,} of {total:,} params "
+                         f"({100 * trainable / total:.3f}%)")
+        d, v = cfg.data, cfg.validation
+        data = f"data: {d.format} {d.path}, tokenizer {d.tokenizer}"
+        lines.append(data + (f"; validation: {v.path} every {v.interval} steps" if v.enable else "; no validation"))
+        c = cfg.checkpoint
+        saves = f"{c.folder}/ every {c.interval} steps" if c.enable else "no checkpoints"
+        lines.append(f"outputs: {cfg.job.dump_folder} (config.toml holds the full config; metrics.jsonl; {saves})")
+        if self.step:
+            lines.append(f"resumed from {os.path.join(self.checkpointer.folder, f'step-{self.step}')}")
+        return lines
 
     # ------------------------------------------------------------------ setup
     def _write_config(self) -> None:
@@ -234,18 +258,27 @@ class Trainer:
                 print(f"[moonlight] WARNING step {self.step}: no checkpoint while steps are skipped as non-finite"
                       + self._resume_hint(), flush=True)
             return
+        start = time.perf_counter()
         saved = self.checkpointer.save(self.step, force=force)
         if force or final:  # checkpoint.async_mode: the last save of the run is complete before we go on
             self.checkpointer.wait()
+        if saved:
+            path = relative(os.path.join(self.checkpointer.folder, f"step-{self.step}"))
+            self.report.output("checkpoint", self.step, path, time.perf_counter() - start,
+                               ", written in the background" if self.cfg.checkpoint.async_mode else "")
         export = self.cfg.checkpoint.export_hf
         if ((export == "each" and saved) or (export and final)) and self.exported_step != self.step:
-            export_hf(self.model_parts, os.path.join(self.cfg.job.dump_folder, "hf", f"step-{self.step}"))
+            start = time.perf_counter()
+            path = export_hf(self.model_parts, os.path.join(self.cfg.job.dump_folder, "hf", f"step-{self.step}"))
+            self.report.output("HF export", self.step, relative(path), time.perf_counter() - start)
             self.exported_step = self.step
         lora = self.cfg.lora
         due = (lora.export_adapter == "each" and saved) or (lora.export_adapter and final)
         if lora.enable and due and self.adapter_step != self.step:
+            start = time.perf_counter()
             path = os.path.join(self.cfg.job.dump_folder, "adapter", f"step-{self.step}")
-            export_peft_adapter(self.model_parts, path, dataclasses.asdict(lora))
+            path = export_peft_adapter(self.model_parts, path, dataclasses.asdict(lora), self.checkpointer.base_weights)
+            self.report.output("adapter", self.step, relative(path), time.perf_counter() - start)
             self.adapter_step = self.step
 
     # ------------------------------------------------------------------- step
@@ -267,7 +300,13 @@ class Trainer:
             dist.all_reduce(targets, group=self.parallel.dp_group)
         num_tokens = targets.clamp(min=1).float() / self.parallel.gradient_ranks
         total = torch.zeros((), device=self.device)
-        for batch in batches:
+        model = self.model_parts[0]
+        gather_once = self.gather_once and isinstance(model, FSDPModule) and self.parallel.pipeline is None
+        for i, batch in enumerate(batches):
+            if gather_once:  # keep the (bf16) weights gathered until the last micro-batch's backward
+                if i == 0:
+                    model.set_reshard_after_forward(False)
+                model.set_reshard_after_backward(i == len(batches) - 1)
             inputs, labels, packing = self.parallel.batch_inputs(batch, self.device, self.document_mask)
             self._last_inputs = (inputs, packing)
             if self.parallel.pipeline is not None:
@@ -275,7 +314,6 @@ class Trainer:
                 if loss is not None:
                     total += loss.detach()
                 continue
-            model = self.model_parts[0]
             if self.parallel.loss_from_hidden:
                 loss = reduce_token_losses(model(inputs, labels=labels, **packing), labels, num_tokens=num_tokens)
             else:
@@ -424,6 +462,7 @@ class Trainer:
         in_main_thread = threading.current_thread() is threading.main_thread()  # signals need the main thread
         previous = ({sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
                     if in_main_thread else {})
+        self.report.begin()
         try:
             with profiler or contextlib.nullcontext():
                 while self.step < t.steps:
@@ -431,6 +470,7 @@ class Trainer:
                     self.step += 1
                     if self.validator is not None and self.validator.due(self.step, t.steps):
                         values.update(self.validator.run())
+                    values.update(self.report.step_done(self.step, values))
                     if self.logs_step(self.step) or "val_loss" in values:
                         self.metrics.log(self.step, values)
                     if self._stop_requested(stop["signal"] is not None):
@@ -439,12 +479,13 @@ class Trainer:
                             saved = cfg.checkpoint.enable and self.checkpointer.last_saved_step == self.step
                             print(f"[moonlight] {stop['signal'] or 'stop signal on another rank'}: stopped after step "
                                   f"{self.step}" + (", checkpoint saved" if saved else ""), flush=True)
-                        return
+                        break
                     self._save(force=self.step == t.steps, final=self.step == t.steps)
                     if t.gc_freq and self.step % t.gc_freq == 0:
                         gc.collect(1)
                     if profiler is not None:
                         profiler.step()
+            self.report.summary(self.flops_per_token, self.peak_flops, self.world_size)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
