@@ -100,14 +100,16 @@ class Layout:
         cut = functools.partial(zigzag_slice, cp=self.cp_world, rank=self.cp_rank)
         return cut(inputs), cut(labels), {name: cut(t) for name, t in packing.items()}
 
-    def reduce_loss(self, local_loss: torch.Tensor) -> torch.Tensor:
-        """The step's mean loss as every rank agrees on it (a device scalar: no host sync)."""
+    def reduce_loss(self, local_loss: torch.Tensor, stop: bool = False) -> torch.Tensor:
+        """[the step's mean loss as every rank agrees on it, the number of ranks that asked to `stop`]:
+        a device vector, so the step's one host read carries both (no extra sync)."""
+        flag = torch.tensor(float(stop), device=local_loss.device)
         if not dist.is_initialized() or dist.get_world_size() == 1:
-            return local_loss.float()
+            return torch.stack([local_loss.float(), flag])
         held = torch.stack([local_loss.float() * self.holds_loss,
-                            torch.tensor(float(self.holds_loss), device=local_loss.device)])
+                            torch.tensor(float(self.holds_loss), device=local_loss.device), flag])
         dist.all_reduce(held)
-        return torch.where(held[1] > 0, held[0] / held[1], math.nan)
+        return torch.stack([torch.where(held[1] > 0, held[0] / held[1], math.nan), held[2]])
 
 
 def is_single_process(cfg: JobConfig, world_size: int) -> bool:

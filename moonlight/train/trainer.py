@@ -104,6 +104,8 @@ class Trainer:
         self.time_forward_backward = False
         self._last_inputs = None
         self._nonfinite_in_a_row = 0
+        self._stop_signal: str | None = None  # the signal that asked this rank to stop (see train)
+        self._ranks_stopping = 0  # how many ranks had asked to stop when the last step read its loss
         self.checkpointer = self._build_checkpointer()
         self.exported_step: int | None = None
         self.adapter_step: int | None = None
@@ -277,8 +279,8 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step. Reads ONE small device->host copy (loss and grad norm, for the
-        non-finite check); the other metrics are computed and read only on logged steps (and
-        time_forward_backward's device waits only when set)."""
+        non-finite check, and the ranks' stop requests); the other metrics are computed and read only on
+        logged steps (and time_forward_backward's device waits only when set)."""
         t = self.cfg.training
         start = time.perf_counter()
         self.optimizers.zero_grad()
@@ -288,7 +290,9 @@ class Trainer:
         params = [p for part in self.model_parts for p in part.parameters()]
         grad_norm = clip_grad_norm_(params, t.max_norm if t.max_norm > 0 else float("inf"),
                                     pp_group=self.parallel.pp_group)
-        loss, grad_norm = torch.stack([self.parallel.reduce_loss(local_loss), grad_norm]).tolist()
+        reduced = self.parallel.reduce_loss(local_loss, stop=self._stop_signal is not None)
+        loss, stops, grad_norm = torch.cat([reduced, grad_norm.reshape(1).to(reduced.dtype)]).tolist()
+        self._ranks_stopping = int(stops)
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         moe_layers = [m for part in self.model_parts for m in part.moe_layers()]
         if finite:
@@ -367,12 +371,11 @@ class Trainer:
             print(f"[moonlight] the checkpoint at step {self.step} already reaches training.steps={t.steps}: nothing "
                   "to train (raise --training.steps, or use another --job.dump_folder for a new run)", flush=True)
         profiler = self._profiler()
-        stop: dict[str, str | None] = {"signal": None}
 
         def on_signal(signum, frame):
-            if stop["signal"] is not None and signum == signal.SIGINT:  # a second Ctrl-C: abort at once
+            if self._stop_signal is not None and signum == signal.SIGINT:  # a second Ctrl-C: abort at once
                 raise KeyboardInterrupt
-            stop["signal"] = signal.Signals(signum).name
+            self._stop_signal = signal.Signals(signum).name
 
         in_main_thread = threading.current_thread() is threading.main_thread()  # signals need the main thread
         previous = ({sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -386,11 +389,11 @@ class Trainer:
                         values.update(self.validator.run())
                     if self.logs_step(self.step) or "val_loss" in values:
                         self.metrics.log(self.step, values)
-                    if self._stop_requested(stop["signal"] is not None):
+                    if self._stop_requested():
                         self._save(force=True)
                         if self.rank == 0:
                             saved = cfg.checkpoint.enable and self.checkpointer.last_saved_step == self.step
-                            print(f"[moonlight] {stop['signal'] or 'stop signal on another rank'}: stopped after step "
+                            print(f"[moonlight] {self._stop_signal or 'stop signal on another rank'}: stopped after step "
                                   f"{self.step}" + (", checkpoint saved" if saved else ""), flush=True)
                         return
                     self._save(force=self.step == t.steps, final=self.step == t.steps)
@@ -406,14 +409,13 @@ class Trainer:
             self.metrics.close()
             self.lock.release()
 
-    def _stop_requested(self, seen: bool) -> bool:
+    def _stop_requested(self) -> bool:
         """A SIGTERM (preemption, torchrun shutting down) or a Ctrl-C (SIGINT) on any rank stops every
-        rank after the same step, so the final checkpoint's collectives line up."""
-        if not (dist.is_initialized() and dist.get_world_size() > 1):
-            return seen
-        flag = torch.tensor([float(seen)], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        rank after the same step, so the final checkpoint's collectives line up: the step's one host
+        read tells every rank how many asked (a signal after that read counts at the next step)."""
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            return self._ranks_stopping > 0
+        return self._stop_signal is not None
 
     def _profiler(self):
         m = self.cfg.metrics
