@@ -222,3 +222,13 @@ def test_a_missing_model_source_is_named_by_its_key(tmp_path, key):
     cfg = load_config("train.toml", [f"--{key}={tmp_path}/missing"]).validate()
     with pytest.raises(ConfigError, match=f"{key} = '{tmp_path}/missing' does not exist: point it at a Hugging Face"):
         build_model_args(cfg)
+
+
+def test_seq_aux_false_trains_without_the_aux_loss(tmp_path):
+    """model seq_aux = false turns the sequence balance loss off, as moe.aux_loss_coeff = 0 does (the
+    trainer used to overwrite the model's coefficient with moe.aux_loss_coeff)."""
+    off, zero = tmp_path / "off", tmp_path / "zero"
+    _trainer(off, "--training.steps=3", "--moe.aux_loss_coeff=0.1", "--model.overrides.seq_aux=false").train()
+    _trainer(zero, "--training.steps=3", "--moe.aux_loss_coeff=0").train()
+    assert "aux_loss" not in _metrics(off)[-1]
+    assert [r["loss"] for r in _metrics(off)] == [r["loss"] for r in _metrics(zero)]

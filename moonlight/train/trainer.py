@@ -75,7 +75,7 @@ class Trainer:
         self.n_forwards = n_forwards = self.grad_accum * self.parallel.microbatches_per_step
         for part in self.model_parts:
             for moe in part.moe_layers():  # every forward's aux loss adds its gradient: average them
-                moe.aux_loss_coeff = cfg.moe.aux_loss_coeff / n_forwards
+                moe.aux_loss_coeff /= n_forwards  # as the model set it: 0 without seq_aux
 
         params = [(n, p) for part in self.model_parts for n, p in part.named_parameters()]
         o = cfg.optimizer
