@@ -13,8 +13,9 @@ It exits with code 2 and one line naming the fix when a layout is invalid or a r
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import dataclasses
+import functools
+import multiprocessing as mp
 import os
 import sys
 import warnings
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from torch.testing._internal.distributed.fake_pg import FakeStore  # also registers the "fake" backend
+from torch._C._distributed_c10d import FakeProcessGroup
 
 from moonlight.config import ModelArgs
 from moonlight.distributed import local_tensor
@@ -174,13 +175,28 @@ def _layers_of(model_parts) -> list[int]:
     return [int(key) for part in model_parts for key in part.layers.keys()]
 
 
+@functools.cache
+def register_fake_backend() -> None:
+    """Backend "fake": torch's FakeProcessGroup, whose collectives return at once without communicating
+    (enough to build one rank's shards). torch registers it only from its test utilities."""
+    create = getattr(FakeProcessGroup, "_create_internal", FakeProcessGroup)  # torch 2.13 / 2.11
+
+    def create_fake_group(common, options):
+        return create(common.group_rank, common.group_size, options)
+    try:
+        dist.Backend.register_backend("fake", create_fake_group, extended_api=True, devices=["cpu", "cuda"])
+    except ValueError:  # already registered (torch's test utilities were imported)
+        pass
+
+
 def _plan_rank(cfg: JobConfig, args: ModelArgs, world_size: int, rank: int, dims, fake_group: bool = False
                ) -> tuple[RankPlan, str]:
     """Build `rank`'s part of the job on the meta device (over a fake process group of world_size ranks
     when `fake_group`) and count its memory -> (its RankPlan, the layout's description)."""
     p, t = cfg.parallelism, cfg.training
     if fake_group:
-        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+        register_fake_backend()
+        dist.init_process_group("fake", store=dist.HashStore(), rank=rank, world_size=world_size)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # DTensor's RNG warning about CPU meshes

@@ -170,6 +170,16 @@ def test_forbidden_edges():
     assert found == []
 
 
+def test_no_shipped_module_imports_torch_test_utilities():
+    """torch.testing._internal is torch's private test code (it changes without notice between releases)."""
+    shipped = {**_sources(), "train": ROOT / "train.py"}
+    modules = set(shipped)
+    found = [f"{path.relative_to(ROOT)}:{line}: imports {target}" for module, path in shipped.items()
+             for target, names, line, _ in _imports(module, path, modules)
+             if target.startswith("torch.testing._internal") or (target == "torch.testing" and "_internal" in names)]
+    assert found == []
+
+
 def test_config_layer_is_cheap_to_import():
     """The job config (read by train.py --help, the planner, every tool) imports no model, kernels or
     pipelining: those cost seconds and are not needed to check a config."""
