@@ -18,6 +18,9 @@
   (adapter_config.json + adapter_model.safetensors) that `peft.PeftModel.from_pretrained` loads onto
   the HF base model; rank, alpha and DoRA come from the checkpoint's meta.json.
 
+As a library: `load_hf` / `save_hf` (HF directory <-> model; they live in moonlight.hf) and the
+in-memory `to_hf_state_dict` / `from_hf_state_dict` (state dict <-> state dict, streamed for iterators).
+
 Memory: both directions are streamed: at most one output shard (dcp-to-hf; hf-to-dcp writes one DCP
 file per tensor) plus one tensor is held (an expert stack, or an adapted weight with its adapters),
 not the whole model (about 32 GB for Moonlight-16B in bf16).
@@ -36,9 +39,13 @@ from moonlight.checkpoint.export import load_dcp_adapters, save_hf_from_dcp
 from moonlight.config import ModelArgs
 from moonlight.dtypes import to_dtype
 from moonlight.errors import ArgumentParser, CheckpointError, ConfigError, exit_on_user_error
-from moonlight.hf import HF_OUTPUT, HFCheckpoint, expected_shapes, hf_keys, is_expert_stack, parse_size, progress
+from moonlight.hf import (HF_OUTPUT, HFCheckpoint, expected_shapes, from_hf_state_dict, hf_keys, is_expert_stack,
+                          load_hf, parse_size, progress, save_hf, to_hf_state_dict)
 from moonlight.outputs import check_output, check_replaceable
 from moonlight.hf_peft import PEFT_OUTPUT, save_peft_adapter
+
+__all__ = ["load_hf", "save_hf", "to_hf_state_dict", "from_hf_state_dict", "hf_to_dcp", "dcp_to_hf", "dcp_to_peft",
+           "main"]
 
 
 def hf_to_dcp(hf: str, out: str, overwrite: bool = False) -> str:

@@ -9,7 +9,7 @@ import transformers
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from moonlight import ModelArgs
+from moonlight import ModelArgs, convert
 from moonlight.config import ConfigError
 from moonlight.errors import CheckpointError
 from moonlight.hf import load_hf, save_hf
@@ -173,3 +173,51 @@ def test_save_refuses_to_overwrite(hf_dir, tmp_path):
     with pytest.raises(CheckpointError, match="exists and is not empty"):
         save_hf(model, tmp_path / "out")
     assert (tmp_path / "out" / "keep.txt").exists()
+
+
+def _hf_args(hf_model):
+    return ModelArgs.from_hf_config({**hf_model.config.to_diff_dict(), "architectures": ["DeepseekV3ForCausalLM"]},
+                                    kernels="torch")
+
+
+def _assert_bitwise_equal(got, expected):
+    assert list(got) == list(expected) or sorted(got) == sorted(expected)
+    for key, tensor in expected.items():
+        assert got[key].dtype == tensor.dtype and torch.equal(got[key], tensor), key
+
+
+@pytest.mark.parametrize("variant", ["moonlight", "q_lora", "one_shared_odd_dims"])
+def test_transformers_state_dict_round_trips_in_memory_bit_for_bit(variant):
+    """transformers' DeepseekV3ForCausalLM.state_dict() (fused experts) -> a native model -> back."""
+    hf = make_hf_model(variant, seed=0, dtype=torch.float32)
+    expected, args = hf.state_dict(), _hf_args(hf)
+    model = Moonlight(args)
+    model.load_state_dict(convert.from_hf_state_dict(expected, args))
+    _assert_bitwise_equal(convert.to_hf_state_dict(model.state_dict(), args), expected)
+    hf2 = make_hf_model(variant, seed=1, dtype=torch.float32)
+    hf2.load_state_dict(convert.to_hf_state_dict(model.state_dict(), args))  # transformers takes it back
+    _assert_bitwise_equal(hf2.state_dict(), expected)
+
+
+def test_state_dict_conversion_streams_and_reads_the_file_layout(hf_dir):
+    """Iterators convert as streams of pairs; the per-expert layout is what save_pretrained writes."""
+    files = _read_all(hf_dir)
+    args = ModelArgs.from_hf_config(hf_dir)
+    native = convert.from_hf_state_dict(files, args)
+    streamed = convert.from_hf_state_dict(iter(files.items()), args)
+    assert not isinstance(streamed, dict)
+    _assert_bitwise_equal(dict(streamed), native)
+    _assert_bitwise_equal(convert.to_hf_state_dict(native, args, fused_experts=False), files)
+    _assert_bitwise_equal(dict(convert.to_hf_state_dict(iter(native.items()), args, fused_experts=False)), files)
+    _assert_bitwise_equal(native, load_hf(hf_dir, kernels="torch").state_dict())
+
+
+def test_state_dict_conversion_names_bad_keys():
+    hf = make_hf_model("moonlight", seed=0, dtype=torch.float32)
+    sd, args = hf.state_dict(), _hf_args(hf)
+    with pytest.raises(CheckpointError, match="no native name is known for Hugging Face key 'extra.weight'"):
+        convert.from_hf_state_dict({**sd, "extra.weight": torch.zeros(1)}, args)
+    missing = dict(sd)
+    del missing["model.layers.1.mlp.experts.down_proj"]
+    with pytest.raises(CheckpointError, match="missing 1 key.*layers.1.ffn.experts.down_proj"):
+        convert.from_hf_state_dict(missing, args)
