@@ -31,10 +31,11 @@ from moonlight.distributed import local_tensor
 from moonlight.dtypes import to_dtype
 from moonlight.errors import ArgumentParser, ConfigError, exit_on_user_error
 from moonlight.model import Moonlight
+from moonlight.model.converters import convert_model
 from moonlight.train.config import JobConfig, parse_args
 from moonlight.train.layout import build_layout, is_single_process, plan_layout
 from moonlight.train.optim import AdamW, Muon, build_optimizers
-from moonlight.train.build import apply_lora_section, build_model_args, check_seq_len
+from moonlight.train.build import build_converters, build_model_args, check_seq_len
 
 GIB = 1024 ** 3
 
@@ -108,14 +109,11 @@ def _count(rank: int, description: str, model_parts, cfg: JobConfig) -> RankPlan
 
 def _meta_model(cfg: JobConfig, args: ModelArgs):
     """What Trainer._init_full_model builds, on the meta device: the model in training.dtype with its
-    LoRA/DoRA adapters."""
+    model converters (LoRA/DoRA adapters)."""
     def build() -> Moonlight:
         with torch.device("meta"):
             model = Moonlight(args)
-        model = model.to(to_dtype(cfg.training.dtype))
-        if cfg.lora.enable:
-            apply_lora_section(model, cfg.lora)
-        return model
+        return convert_model(model.to(to_dtype(cfg.training.dtype)), build_converters(cfg))
     return build
 
 

@@ -195,3 +195,16 @@ def test_entry_points_only_reach_down(entry):
     tree = ast.parse((ROOT / entry).read_text())
     targets = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
     assert all(not t.startswith("moonlight") or _layer(t) <= LAYERS["moonlight.convert"] for t in targets)
+
+
+def test_the_training_step_names_no_model_transform():
+    """LoRA/DoRA (and later FP8) are model converters applied once at build time (model/converters.py):
+    the step and the loop never name them, and the model recognises no module by its type."""
+    tree = ast.parse((ROOT / "moonlight/train/trainer.py").read_text())
+    step = [f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)
+            and f.name in ("train_step", "_forward_backward", "train", "__init__", "_init_full_model")]
+    names = [n.id if isinstance(n, ast.Name) else n.attr for f in step for n in ast.walk(f)
+             if isinstance(n, (ast.Name, ast.Attribute))]
+    assert len(step) == 5 and not [n for n in names if "lora" in n.lower() and n != "lora"], names
+    model = (ROOT / "moonlight/model/model.py").read_text()
+    assert "type(self." not in model

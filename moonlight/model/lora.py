@@ -22,6 +22,7 @@ uses it so transformers loads a plain Moonlight under the original key names.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Iterable, Iterator
 
@@ -29,8 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moonlight.errors import ConfigError
+
 __all__ = [
     "DEFAULT_TARGETS",
+    "LoRAConverter",
     "LoRALinear",
     "apply_lora",
     "merge_lora",
@@ -191,6 +195,33 @@ def apply_lora(model: nn.Module, targets: Iterable[str] = DEFAULT_TARGETS, rank:
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, LoRALinear(modules[n], rank, alpha, dora=dora, dropout=dropout))
     return chosen
+
+
+@dataclasses.dataclass
+class LoRAConverter:
+    """The model converter of a [lora] section: `apply_lora` with its settings (see ModelConverter)."""
+
+    targets: tuple[str, ...] | list[str] = DEFAULT_TARGETS
+    rank: int = 8
+    alpha: float = 16.0
+    dora: bool = False
+    dropout: float = 0.0
+    adapted: list[str] = dataclasses.field(default_factory=list)  # the adapted linears, once converted
+
+    def convert(self, model: nn.Module) -> None:
+        try:
+            self.adapted = apply_lora(model, self.targets, rank=self.rank, alpha=self.alpha, dora=self.dora,
+                                      dropout=self.dropout)
+        except ValueError as e:
+            raise ConfigError(f"lora: {e} (lora.targets = {list(self.targets)})") from None
+
+    def init_weights(self, model: nn.Module) -> None:
+        reset_lora_parameters(model)
+
+    def describe(self, parts: Iterable[nn.Module]) -> str:
+        trainable, total = count_params(parts)
+        return (f"{'DoRA' if self.dora else 'LoRA'} rank {self.rank} alpha {self.alpha:g} on {len(self.adapted)} "
+                f"modules: trainable {trainable:,} of {total:,} params ({100 * trainable / total:.3f}%)")
 
 
 def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:

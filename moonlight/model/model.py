@@ -576,6 +576,7 @@ class Moonlight(nn.Module):
         self.layers = nn.ModuleDict({str(i): Block(i, args) for i in range(args.num_hidden_layers)})
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head.plain_linear = True  # logits = x @ weight.T: the loss may read the weight (converters.py)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 document_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -594,7 +595,7 @@ class Moonlight(nn.Module):
             return h
         if labels is None:
             return self.lm_head(h)
-        if type(self.lm_head) is not nn.Linear:  # e.g. a LoRA head: its own forward makes the logits
+        if not getattr(self.lm_head, "plain_linear", False):  # e.g. a LoRA head (see model/converters.py)
             return F.cross_entropy(self.lm_head(h).flatten(0, -2).float(), labels.flatten(), reduction="sum")
         return linear_cross_entropy(h.flatten(0, -2), self.lm_head.weight, labels.flatten())
 

@@ -28,10 +28,10 @@ from moonlight.dtypes import to_dtype
 from moonlight.errors import ConfigError, NonFiniteError
 from moonlight.hf_peft import load_peft_adapter
 from moonlight.model import Moonlight
-from moonlight.model.lora import count_params, reset_lora_parameters
+from moonlight.model.converters import convert_model, init_converted_weights
 from moonlight.parallel.tensor import reduce_token_losses
 from moonlight.train.balance import expert_load_imbalance, update_router_biases
-from moonlight.train.build import (apply_lora_section, build_model_args, check_runtime, check_token_ids,
+from moonlight.train.build import (build_converters, build_model_args, check_runtime, check_token_ids,
                                    init_distributed, load_initial_weights, read_base_weights, take_dump_folder_lock)
 from moonlight.train.config import JobConfig
 from moonlight.train.layout import build_layout, is_mixed_precision
@@ -65,11 +65,11 @@ class Trainer:
             raise ConfigError(f"the tokenizer's bos/eos ids reach {max(used)} but the model's vocab_size is "
                               f"{self.model_args.vocab_size}: raise model vocab_size or change data.tokenizer")
 
-        self.lora_modules: list[str] = []  # names of the adapted linears (lora.enable)
+        self.converters = build_converters(cfg)  # LoRA/DoRA adapters, applied before any sharding
+        self.bias_rate = cfg.moe.bias_rate(lora=cfg.lora.enable)  # the router bias's update rate
         self.parallel = self._build_parallel()
-        if cfg.lora.enable and self.model_args.num_params() > _FULL_INIT_MAX_PARAMS:
-            for part in self.model_parts:  # materialised from the meta device after sharding
-                reset_lora_parameters(part)
+        if self.model_args.num_params() > _FULL_INIT_MAX_PARAMS:  # materialised from meta after sharding
+            init_converted_weights(self.model_parts, self.converters)
         dp_rank, dp_world = self.parallel.dp_rank, self.parallel.dp_world
         self.grad_accum = cfg.grad_accum_steps(dp_world)
         self.n_forwards = n_forwards = self.grad_accum * self.parallel.microbatches_per_step
@@ -121,12 +121,8 @@ class Trainer:
                 f.write(cfg.to_toml())
             n_params = self.model_args.num_params()
             print(f"[moonlight] {cfg.job.description}\n{cfg.to_toml()}", flush=True)
-            if cfg.lora.enable:
-                trainable, total = count_params(self.model_parts)
-                lo = cfg.lora
-                print(f"[moonlight] {'DoRA' if lo.dora else 'LoRA'} rank {lo.rank} alpha {lo.alpha:g} on "
-                      f"{len(self.lora_modules)} modules: trainable {trainable:,} of {total:,} params "
-                      f"({100 * trainable / total:.3f}%)", flush=True)
+            for converter in self.converters:
+                print(f"[moonlight] {converter.describe(self.model_parts)}", flush=True)
             print(f"[moonlight] model {n_params / 1e6:,.1f}M params, world {self.world_size} "
                   f"{self.parallel.description}, grad accumulation {self.grad_accum}, device {self.device}"
                   + (f", resumed at step {self.step}" if resumed else ""), flush=True)
@@ -144,20 +140,12 @@ class Trainer:
         with torch.device("meta"):
             model = Moonlight(args)
         if args.num_params() > _FULL_INIT_MAX_PARAMS:
-            model = model.to(param_dtype)  # stays on meta; parts are materialised after sharding
-            self._apply_lora(model)  # adapters are initialised once materialised (see __init__)
-            return model
+            # stays on meta; parts (and what the converters add) are initialised after sharding
+            return convert_model(model.to(param_dtype), self.converters)
         model.to_empty(device="cpu")
         torch.manual_seed(self.cfg.training.seed)
         model.init_weights()
-        model = model.to(param_dtype)
-        self._apply_lora(model)
-        return model
-
-    def _apply_lora(self, model: Moonlight) -> None:
-        """LoRA/DoRA adapters on the full model, before any sharding (FSDP wraps them with their block)."""
-        if self.cfg.lora.enable:
-            self.lora_modules = apply_lora_section(model, self.cfg.lora)
+        return convert_model(model.to(param_dtype), self.converters)
 
     def _build_checkpointer(self) -> Checkpointer:
         c, lora = self.cfg.checkpoint, self.cfg.lora.enable
@@ -298,7 +286,7 @@ class Trainer:
         if finite:
             self._nonfinite_in_a_row = 0
             self.optimizers.step()
-            rate = self.cfg.moe.bias_rate(lora=self.cfg.lora.enable)
+            rate = self.bias_rate
         else:
             self._handle_nonfinite(loss, grad_norm)
             rate = 0.0  # a bad step must not steer the router either
