@@ -23,7 +23,8 @@ def main(argv: list[str]) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(USAGE)
         return 0
-    if os.environ.get("RANK", "0") != "0":  # every rank reads the same data and meets the same warnings: print them once
+    # every rank reads the same data and meets the same warnings: print them once
+    if os.environ.get("RANK", "0") != "0":
         logging.getLogger("moonlight").setLevel(logging.ERROR)
     try:
         return exit_on_user_error(lambda: Trainer(parse_args(argv)).train())

@@ -195,7 +195,7 @@ def ac_steps(args: ModelArgs, device, dtype, seq: int, batches: list[int], repea
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
             out[f"{mode}/mbs{batch}"] = {"step_s": round(seconds, 4), "peak_gib": peak and round(peak, 2),
                                          "tokens_per_s": round(batch * seq / seconds)}
-        del model
+        model = None  # freed before the next mode's model is built
     return out
 
 

@@ -183,7 +183,8 @@ def write_step(out: Path, step: str, result: dict) -> None:
 
 def summary(out: Path) -> dict:
     parts = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("step_*.json"))}
-    merged = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "steps": {k.removeprefix("step_"): v for k, v in parts.items()}}
+    merged = {"date": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "steps": {k.removeprefix("step_"): v for k, v in parts.items()}}
     (out / "gpu_suite.json").write_text(json.dumps(merged, indent=1))
     lines = [f"# GPU suite summary ({merged['date']})", ""]
     for name, value in merged["steps"].items():

@@ -14,8 +14,9 @@ measures, per rank and optimizer step, in one run:
     python benchmarks/muon_distributed.py [--worlds 1 2 4] [--steps 6] [--warmup 2] [--section.key=value ...]
 
 Ratios are against baselines measured in the same run. The redundant baseline's gathers run through
-DTensor and are not counted (n/a): every rank receives (N-1)/N of every shared matrix. On a CPU the trainer runs NS in fp32, so the
-exchange moves fp32; on GPUs it runs (and travels) in bf16, half those bytes, printed alongside.
+DTensor and are not counted (n/a): every rank receives (N-1)/N of every shared matrix. On a CPU the
+trainer runs NS in fp32, so the exchange moves fp32; on GPUs it runs (and travels) in bf16, half
+those bytes, printed alongside.
 """
 
 import argparse
@@ -98,7 +99,8 @@ def _measure(rank, world, optimizer, steps, warmup, overrides):
         total = steps + warmup
         name = "adamw" if optimizer == "adamw" else "muon"
         cfg = load_config("train.toml", [f"--training.steps={total}", "--checkpoint.enable=false",
-                                         "--parallelism.dp_shard=-1", f"--optimizer.name={name}", "--lr_scheduler.warmup_steps=1",
+                                         "--parallelism.dp_shard=-1", f"--optimizer.name={name}",
+                                         "--lr_scheduler.warmup_steps=1",
                                          f"--job.dump_folder={tmp}", "--metrics.log_freq=1000", *overrides])
         trainer = Trainer(cfg)
         muon = next((o for o in trainer.optimizers if isinstance(o, Muon)), None)
@@ -133,8 +135,9 @@ def _measure(rank, world, optimizer, steps, warmup, overrides):
         # Newton-Schulz FLOPs this rank runs per step (its owned matrices; all of them when redundant)
         params = [p for o in trainer.optimizers if isinstance(o, Muon) for g in o.param_groups for p in g["params"]]
         plans = plan_orthogonalisation(params, [cfg.optimizer.ns_steps] * len(params))
-        ns_flops_here = sum(ns_flops(*plan.shape, cfg.optimizer.ns_steps) * (plan.count if optimizer == "muon-redundant" else
-                                                     sum(o == plan.me for o in plan.owners)) for plan in plans)
+        ns_flops_here = sum(ns_flops(*plan.shape, cfg.optimizer.ns_steps)
+                            * (plan.count if optimizer == "muon-redundant" else sum(o == plan.me for o in plan.owners))
+                            for plan in plans)
     share = statistics.median(o / s for o, s in zip(opt_times[warmup:], step_times[warmup:]))
     per_step = (lambda b: b / steps) if comm else (lambda b: 0)
     return dict(share=share, step_s=statistics.median(step_times[warmup:]),

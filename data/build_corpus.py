@@ -21,7 +21,6 @@ import ast
 import json
 import os
 import re
-import sys
 import sysconfig
 
 MIN_CHARS = 200

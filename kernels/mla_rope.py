@@ -208,7 +208,8 @@ def _mla_rope_key_triton(k_nope: Tensor, k_pe: Tensor, cos: Tensor, sin: Tensor)
     k_pe = k_pe if k_pe.stride(-1) == 1 else k_pe.contiguous()
     batch, seq_len, num_heads, nope = k_nope.shape
     half = cos.shape[-1]
-    k = k_nope.new_empty((batch, seq_len, num_heads, nope + 2 * half), dtype=torch.promote_types(k_nope.dtype, k_pe.dtype))
+    k = k_nope.new_empty((batch, seq_len, num_heads, nope + 2 * half),
+                         dtype=torch.promote_types(k_nope.dtype, k_pe.dtype))
     cos, sin, cos_stride_b, cos_stride_s = _table_strides(cos, sin, batch)
     block_nope = max(1, triton.next_power_of_2(nope))  # nope may be 0
     _mla_rope_key_kernel[(batch * seq_len,)](
@@ -234,7 +235,7 @@ def _mla_rope_key_backward_triton(grad_k: Tensor, cos: Tensor, sin: Tensor) -> T
     return grad_pe
 
 
-# ---------------------------------------------------------------- custom ops (opaque to torch.compile and checkpointing)
+# ------------------------------------------------------------- custom ops (opaque to torch.compile and checkpointing)
 
 
 @torch.library.custom_op("moonlight::rotate_rope_", mutates_args=("x",))

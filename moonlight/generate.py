@@ -227,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--hf", help="Hugging Face checkpoint directory (config.json + safetensors)")
     src.add_argument("--dcp", help="trainer checkpoint: a step-N directory or a folder of them (latest)")
     p.add_argument("--adapter", help="a PEFT LoRA/DoRA adapter directory (adapter_config.json + "
-                   "adapter_model.safetensors, e.g. a [lora] run's export) for the base model: merged before generating")
+                   "adapter_model.safetensors, e.g. a [lora] run's export) for the base model: merged before "
+                   "generating")
     p.add_argument("--step", type=int, help="with --dcp and a folder of step-N directories: which step")
     p.add_argument("--prompt", required=True, help="the prompt text")
     p.add_argument("--chat", action="store_true", help="send the prompt as a user turn (Moonlight-Instruct "

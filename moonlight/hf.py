@@ -156,7 +156,7 @@ class HFCheckpoint:
         mtp = sorted(k for k in self.key_to_file if (m := _HF_LAYER.match(k)) and n <= int(m.group(1)) < n + n_mtp)
         if mtp:
             warnings.warn(f"{self.path}: skipping {len(mtp)} multi-token-prediction tensor(s) of layer(s) "
-                          f"{n}..{n + n_mtp - 1} (e.g. {mtp[0]}): this model does not run them")
+                          f"{n}..{n + n_mtp - 1} (e.g. {mtp[0]}): this model does not run them", stacklevel=2)
             for k in mtp:
                 del self.key_to_file[k]
 

@@ -548,8 +548,8 @@ def test_hf_checkpoint_files_are_checked_at_open(tmp_path, hf_dir):
 
 def test_text_inputs_are_checked_and_name_the_file(tmp_path):
     """Fault: a truncated .jsonl.gz, an invalid tokenizer.json, tiktoken.model or tokenizer_config.json
-    raised raw library errors, so did an unreadable jsonl file; tiktoken served a replaced tiktoken.model's old ranks; a lone surrogate in
-    a JSON line crashed the tokenizer instead of honouring data.on_bad_line."""
+    raised raw library errors, so did an unreadable jsonl file; tiktoken served a replaced tiktoken.model's
+    old ranks; a lone surrogate in a JSON line crashed the tokenizer instead of honouring data.on_bad_line."""
     gz = tmp_path / "docs.jsonl.gz"
     data = gzip.compress(b"".join(json.dumps({"text": f"document {i} " * 50}).encode() + b"\n" for i in range(200)))
     gz.write_bytes(data[: len(data) // 2])

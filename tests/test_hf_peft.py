@@ -91,7 +91,8 @@ def test_we_load_a_peft_saved_adapter_with_peft_logits(tmp_path, dora):
     load_peft_adapter(model, tmp_path / "ad")
     tokens = _tokens(ARGS, shape=(2, 12))
     with torch.no_grad():
-        torch.testing.assert_close(model(tokens), peft_model(tokens).logits, atol=1e-6, rtol=1e-5)  # fp64; the router scores in fp32
+        # fp64; the router scores in fp32
+        torch.testing.assert_close(model(tokens), peft_model(tokens).logits, atol=1e-6, rtol=1e-5)
     # a mismatching [lora] is named, not loaded
     other = _lora_model(ARGS, not dora)
     with pytest.raises(CheckpointError, match="use_dora"):
@@ -121,7 +122,8 @@ def test_trainer_adapter_export_cli_and_init_adapter(tmp_path, capsys):
     main(["dcp-to-peft", "--dcp", str(a / "checkpoint"), "--out", str(tmp_path / "cli")])
     ours, cli = _read_all_adapter(exported), _read_all_adapter(tmp_path / "cli")
     assert set(ours) == set(cli) and all(torch.equal(ours[k], cli[k]) for k in ours)
-    assert json.loads((exported / ADAPTER_CONFIG).read_text()) == json.loads((tmp_path / "cli" / ADAPTER_CONFIG).read_text())
+    cli_config = json.loads((tmp_path / "cli" / ADAPTER_CONFIG).read_text())
+    assert json.loads((exported / ADAPTER_CONFIG).read_text()) == cli_config
 
     second = Trainer(_cfg(tmp_path / "b", "--training.steps=2", "--lora.dora=true",
                           f"--lora.init_adapter={exported}"))

@@ -64,7 +64,8 @@ def test_float64_logits_routing_and_grads_match_transformers(variant, tmp_path):
     hf_grads = {n: p.grad for n, p in hf.named_parameters()}
     assert set(ours_grads) == set(hf_grads)
     for name, g in hf_grads.items():
-        torch.testing.assert_close(ours_grads[name], g, atol=1e-5, rtol=1e-5, check_dtype=False, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(ours_grads[name], g, atol=1e-5, rtol=1e-5, check_dtype=False,
+                                   msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("variant", ["moonlight", "q_lora"])
@@ -165,7 +166,8 @@ def test_triton_kernels_match_torch_for_the_whole_model(tmp_path):
         _loss(logits[impl], tokens).backward()
     grads = {impl: dict(m.named_parameters()) for impl, m in models.items()}
     for name, p in grads["torch"].items():
-        torch.testing.assert_close(grads["triton"][name].grad, p.grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(grads["triton"][name].grad, p.grad, atol=1e-5, rtol=1e-4,
+                                   msg=lambda m: f"{name}: {m}")
 
 
 def test_rope_tables_are_built_once_not_per_layer(monkeypatch):
@@ -214,7 +216,8 @@ def test_swiglu_and_rmsnorm_functions_match_autograd_of_the_reference(dtype):
     x32 = x.float()
     want = norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
     assert torch.equal(got, want)
-    for a, b in zip(torch.autograd.grad(got, (x, norm.weight), grad), torch.autograd.grad(want, (x, norm.weight), grad)):
+    for a, b in zip(torch.autograd.grad(got, (x, norm.weight), grad),
+                    torch.autograd.grad(want, (x, norm.weight), grad)):
         torch.testing.assert_close(a, b)
 
 

@@ -184,7 +184,7 @@ def _dist_muon_worker(rank, world):
     fully_shard(model, mesh=mesh)
     opt = Muon(model.parameters(), lr=LR, weight_decay=WD, ns_dtype=torch.float32)
     ref_opt = Muon(ref_model.parameters(), lr=LR, weight_decay=WD, ns_dtype=torch.float32)
-    for s in range(N_STEPS):
+    for _ in range(N_STEPS):
         x = torch.randn(8, 48)
         for m, o in ((model, opt), (ref_model, ref_opt)):
             m(x).pow(2).sum().backward()
@@ -425,7 +425,7 @@ def test_router_bias_balances_skewed_load():
     biases = [torch.zeros(E) for _ in range(L)]
     counts = [torch.zeros(E, dtype=torch.long) for _ in range(L)]
     imb0 = None
-    for it in range(300):
+    for _ in range(300):
         for l in range(L):
             counts[l] += _route_counts(scores[l], biases[l], k)
         imb = expert_load_imbalance(torch.stack(counts))

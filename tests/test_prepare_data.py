@@ -121,7 +121,7 @@ class _Emits:
 @pytest.fixture
 def generic_path(monkeypatch):
     """Encode 2 texts per encode_batch call, so a run can fail part-way."""
-    from moonlight.train import documents
+    from moonlight.data import documents
     monkeypatch.setattr(documents, "ENCODE_CHUNK", 2)
 
 
@@ -155,7 +155,8 @@ def test_overwrite_replaces_only_a_megatron_pair(tmp_path, capsys):
     write_jsonl(tmp_path / "d.jsonl", ["second text"])
     with pytest.raises(SystemExit):
         prepare(tmp_path / "d.jsonl", "--tokenizer", "byte", "--out", tmp_path / "x")
-    assert MegatronIndexedDataset(str(tmp_path / "x")).document(0).tobytes() == np.array(list(b"first"), "<u2").tobytes()
+    first = MegatronIndexedDataset(str(tmp_path / "x")).document(0)
+    assert first.tobytes() == np.array(list(b"first"), "<u2").tobytes()
     prepare(tmp_path / "d.jsonl", "--tokenizer", "byte", "--out", tmp_path / "x", "--overwrite")
     assert bytes(MegatronIndexedDataset(str(tmp_path / "x")).document(0).astype(np.uint8)) == b"second text"
     # files it did not write: a lone .bin (say, model weights), a .bin beside an .idx of another format
@@ -166,7 +167,8 @@ def test_overwrite_replaces_only_a_megatron_pair(tmp_path, capsys):
         with pytest.raises(SystemExit):
             prepare(tmp_path / "d.jsonl", "--tokenizer", "byte", "--out", tmp_path / prefix, "--overwrite")
         assert "not a file this writer made" in capsys.readouterr().err
-    assert (tmp_path / "model.bin").read_bytes() == b"weights" and (tmp_path / "other.idx").read_bytes() == b"not megatron"
+    assert (tmp_path / "model.bin").read_bytes() == b"weights"
+    assert (tmp_path / "other.idx").read_bytes() == b"not megatron"
     assert not (tmp_path / "model.idx").exists()
 
 

@@ -578,7 +578,8 @@ class Checkpointer:
             missing = sorted({f"{top}.{k}" for k in sub} - stored)
             if missing:
                 hint = (" (was the optimizer changed, e.g. adamw <-> muon?)" if top == "optimizer"
-                        else " (it holds no LoRA/DoRA adapters: start a LoRA run from it with checkpoint.initial_load_hf)"
+                        else " (it holds no LoRA/DoRA adapters: start a LoRA run from it with "
+                             "checkpoint.initial_load_hf)"
                         if all(is_adapter_name(m) for m in missing) else " (a different model?)")
                 raise CheckpointError(f"checkpoint {path} lacks {len(missing)} {top} entr(ies) this run needs, e.g. "
                                       f"{[m[len(top) + 1:] for m in missing[:5]]}{hint}")

@@ -188,7 +188,8 @@ def _numbered_lines(path: str, keys: DataKeys) -> Iterator[tuple[int, bytes]]:
         raise DataError(f"{path}: corrupt or truncated gzip file after line {lineno} "
                         f"({type(e).__name__}: {e})") from None
     except OSError as e:  # unreadable: permissions, a dangling symlink, an I/O error
-        raise DataError(f"{path}: cannot read it ({e.strerror or e}); fix it or remove it from {keys('path')}") from None
+        raise DataError(f"{path}: cannot read it ({e.strerror or e}); fix it or remove it from "
+                        f"{keys('path')}") from None
 
 
 _HF_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".arrow": "arrow", ".csv": "csv"}
@@ -236,7 +237,8 @@ def read_hf(path: str, text_key: str = "text", split: str = "train", on_bad_line
         files = expand_paths(path, tuple(_HF_BUILDERS), "dataset", keys)
         builders = {_HF_BUILDERS[os.path.splitext(f)[1]] for f in files if os.path.splitext(f)[1] in _HF_BUILDERS}
         if len(builders) != 1:
-            raise DataError(f"{path_key} {path!r}: expected files of one kind ({', '.join(_HF_BUILDERS)}), got {files[:5]}")
+            raise DataError(f"{path_key} {path!r}: expected files of one kind ({', '.join(_HF_BUILDERS)}), "
+                            f"got {files[:5]}")
         if split != "train":
             raise DataError(f"{path_key} {path!r}: data files form one dataset without splits; {split_key}={split!r} "
                             f"cannot apply (leave it at 'train', or point {path_key} at that split's files)")

@@ -5,9 +5,9 @@
 equals F.cross_entropy((hidden @ weight.T).float(), labels, reduction="sum") without building the
 [N, V] logits: each chunk's logits are made, turned in place into their softmax (whose largest entry
 gives the log-sum-exp) and then into their gradient (softmax - one_hot), which goes straight into the
-gradients of the hidden states and of the head, then the chunk is dropped. For Moonlight (V = 163840) a 4096-token sequence would
-otherwise hold its bf16 logits, their fp32 copy and the fp32 gradient, about 7 GB; here one chunk's
-fp32 logits (`chunk_bytes`, 512 MiB by default) is the peak.
+gradients of the hidden states and of the head, then the chunk is dropped. For Moonlight (V = 163840)
+a 4096-token sequence would otherwise hold its bf16 logits, their fp32 copy and the fp32 gradient,
+about 7 GB; here one chunk's fp32 logits (`chunk_bytes`, 512 MiB by default) is the peak.
 
 The gradients are made in the forward, when autograd will want them (grad enabled, an input that
 requires grad), so no logit is computed twice: three hidden x vocab matmuls in all, as for plain

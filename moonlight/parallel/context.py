@@ -116,7 +116,8 @@ class ContextParallelSequence:
         key = ("context_parallel", self.cp, self.rank)
         if key not in mask.derived:
             local = mask.document_ids
-            ids = _sequence_order(collective_result(funcol.all_gather_tensor(local.contiguous(), 0, self.group)), self.cp)
+            gathered = collective_result(funcol.all_gather_tensor(local.contiguous(), 0, self.group))
+            ids = _sequence_order(gathered, self.cp)
             masks = []
             for half, (c, causal) in enumerate(zip(self._chunks(), self._causal_masks(chunk, local.device))):
                 q_ids, k_ids = local[:, half * chunk:(half + 1) * chunk], ids[:, : (c + 1) * chunk]

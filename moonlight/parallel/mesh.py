@@ -181,7 +181,8 @@ class ParallelDims:
                               "dp_replicate); use an ep that divides dp_shard * cp, or raise dp_shard")
             elif (tokens * self.tp) % self.ep:
                 spanned = "dp_shard" + (" x cp" if self.cp > 1 else "") + " x tp"
-                errors.append(f"ep={self.ep} divides neither {borrowed} nor {spanned}={tokens * self.tp}: expert parallel "
+                errors.append(f"ep={self.ep} divides neither {borrowed} nor {spanned}={tokens * self.tp}: "
+                              "expert parallel "
                               "borrows its ranks from dp_shard x cp, or (with sequence parallel) from dp_shard x "
                               "cp x tp; use an ep that divides one of them")
             elif self.ep_spans_tp and not sequence_parallel:

@@ -20,7 +20,6 @@ from moonlight.config import ModelArgs
 from moonlight.distributed import backend_for, broadcast_object, default_device
 from moonlight.errors import CheckpointError, ConfigError
 from moonlight.hf import HFCheckpoint
-from moonlight.model import Moonlight
 from moonlight.model.converters import ModelConverter
 from moonlight.model.lora import LoRAConverter, hide_adapters, init_dora_magnitude
 from moonlight.parallel.load import load_hf_sharded
@@ -56,7 +55,9 @@ def build_model_args(cfg: JobConfig) -> ModelArgs:
 def build_converters(cfg: JobConfig) -> list[ModelConverter]:
     """The model converters the job config asks for, in the order they apply (see convert_model)."""
     lo = cfg.lora
-    return [LoRAConverter(lo.targets, rank=lo.rank, alpha=lo.alpha, dora=lo.dora, dropout=lo.dropout)] if lo.enable else []
+    if not lo.enable:
+        return []
+    return [LoRAConverter(lo.targets, rank=lo.rank, alpha=lo.alpha, dora=lo.dora, dropout=lo.dropout)]
 
 
 def check_token_ids(store, vocab_size: int, what: str) -> None:

@@ -381,7 +381,8 @@ class Trainer:
                         self._save(force=True)
                         if self.rank == 0:
                             saved = cfg.checkpoint.enable and self.checkpointer.last_saved_step == self.step
-                            print(f"[moonlight] {self._stop_signal or 'stop signal on another rank'}: stopped after step "
+                            why = self._stop_signal or "stop signal on another rank"
+                            print(f"[moonlight] {why}: stopped after step "
                                   f"{self.step}" + (", checkpoint saved" if saved else ""), flush=True)
                         return
                     self._save(force=self.step == t.steps, final=self.step == t.steps)
