@@ -4,15 +4,9 @@ permute_tokens   x [T, H] -> permuted [N, H], expert-major, each group optionall
                  (N is static: T*K, or an upper bound with padding, so nothing syncs with the host)
 unpermute_tokens y [N, H] -> out [T, H], out[t] = sum_k weights[t, k] * y[row_index[t*K + k]]
 
-The index bookkeeping (counts, stable sort, row_index) is T*K integers and stays in torch for both
-implementations. The Triton kernels move the H-wide rows, one program per row (expand) or per
-token (combine), so every kernel is a single pass over memory with no atomics:
-
-  expand   dst[r] = w[slot] * src[slot // K] for the (token, choice) slot that landed in row r,
-           zero for padding rows. Used by the permute forward and the unpermute backward, where it
-           also produces grad_weights[slot] = <grad_out[t], y[r]>.
-  combine  dst[t] = sum_k w[t, k] * src[row_index[t*K + k]]. Used by the unpermute forward and the
-           permute backward (w = 1).
+The index bookkeeping stays in torch; the Triton kernels move the H-wide rows in one pass each,
+without atomics: `expand` (permute forward, unpermute backward) and `combine` (unpermute forward,
+permute backward). Details: docs/moe.md.
 """
 import torch
 from torch import Tensor

@@ -1,29 +1,15 @@
 """Text generation with an MLA latent KV cache, and its command line.
 
-    from moonlight.generate import generate
     out = generate(model, input_ids, max_new_tokens=32)                          # greedy
-    out = generate(model, input_ids, 32, temperature=0.7, top_p=0.9,
-                   generator=torch.Generator().manual_seed(0))                   # nucleus sampling
+    out = generate(model, input_ids, 32, temperature=0.7, top_p=0.9, generator=g)  # nucleus sampling
 
-    python -m moonlight.generate --hf DIR --prompt "Is 123 a prime?" --chat [--system TEXT] [--max-new-tokens N]
-                                 [--temperature T --top-p P --seed S] [--tokenizer PATH]
+    python -m moonlight.generate --hf DIR --prompt "Is 123 a prime?" --chat [--max-new-tokens N]
     python -m moonlight.generate --dcp RUN/checkpoint [--step N] --tokenizer PATH --prompt TEXT
-    python -m moonlight.generate --hf BASE --adapter RUN/adapter --prompt TEXT          # a PEFT LoRA/DoRA adapter
+    python -m moonlight.generate --hf BASE --adapter RUN/adapter --prompt TEXT
 
-Batches follow Hugging Face's convention: prompts of different lengths are LEFT-padded in
-`input_ids` [B, S], and `attention_mask` [B, S] is 1 on prompt tokens and 0 on padding (`pad_left`
-builds both from a list of prompts). The result is [B, S + max_new_tokens]: the input, then the new
-tokens; a row that produced `eos_token_id` is filled with eos from there on.
-
-The cache (DeepSeek-V3's "absorb" inference) keeps, per token and layer, only what MLA computes
-before expanding to heads: the normalised latent (kv_lora_rank) and the rotated rope key
-(qk_rope_head_dim). The key and value up-projections (the two halves of kv_b_proj) are absorbed into
-the query and the output instead: q_nope @ W_UK scores against the latents directly, and the
-attention-weighted latents go through W_UV before o_proj. Prompt (prefill) and decode steps take the
-same path. The model's own forward stays free of generation state; this module drives its modules.
-A per-head K/V cache would hold num_heads * (qk_head_dim + v_head_dim) values a layer instead (8.9x
-more for Moonlight). transformers 5.x caches the same latents but re-expands every cached token to
-per-head K/V at each step (kv_b_proj over the whole context), which absorption avoids.
+Prompts are LEFT-padded with an `attention_mask` (HF's convention). The cache keeps each token's
+normalized latent and rotated rope key; kv_b_proj is absorbed into the query and the output
+(DeepSeek-V3's "absorb" inference). Details: docs/generation.md.
 """
 
 from __future__ import annotations

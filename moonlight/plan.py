@@ -177,7 +177,7 @@ def _layers_of(model_parts) -> list[int]:
 def register_fake_backend() -> None:
     """Backend "fake": torch's FakeProcessGroup, whose collectives return at once without communicating
     (enough to build one rank's shards). torch registers it only from its test utilities."""
-    create = getattr(FakeProcessGroup, "_create_internal", FakeProcessGroup)  # torch 2.13 / 2.11
+    create = getattr(FakeProcessGroup, "_create_internal", FakeProcessGroup)  # named so in newer releases
 
     def create_fake_group(common, options):
         return create(common.group_rank, common.group_size, options)

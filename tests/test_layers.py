@@ -208,3 +208,12 @@ def test_the_training_step_names_no_model_transform():
     assert len(step) == 5 and not [n for n in names if "lora" in n.lower() and n != "lora"], names
     model = (ROOT / "moonlight/model/model.py").read_text()
     assert "type(self." not in model
+
+
+def test_module_docstrings_are_short():
+    """A module docstring says what the module is (and its notation) in at most 12 lines; design
+    writing lives in docs/."""
+    long = {str(p.relative_to(ROOT)): n for p in _sources().values()
+            for doc in [ast.get_docstring(ast.parse(p.read_text()), clean=False)] if doc
+            for n in [len(doc.strip("\n").splitlines())] if n > 12}
+    assert long == {}

@@ -1,22 +1,15 @@
-"""LoRA and DoRA adapters for fine-tuning, applied to a built model by module name (the model file
-stays untouched, as torchtitan does it).
+"""LoRA and DoRA adapters for fine-tuning, applied to a built model by module name.
 
     names = apply_lora(model, targets=DEFAULT_TARGETS, rank=8, alpha=16.0, dora=False)
-    ...train: only the adapters require grad...
     merge_lora(model)                    # fold adapters into the base weights: a plain Moonlight again
 
-`apply_lora` replaces each targeted ``nn.Linear`` by a `LoRALinear` that keeps the base weight as
-``<name>.weight`` (so DCP checkpoints and the HF key mapping of the base weights do not change) and
-adds ``<name>.lora_a.weight`` [r, in] (kaiming-uniform), ``<name>.lora_b.weight`` [out, r] (zeros,
-so the adapted model starts equal to the base) and, for DoRA, ``<name>.magnitude`` [out] (the row
-norms of W). scale = alpha / rank.
+A `LoRALinear` keeps the base weight as ``<name>.weight`` and adds ``<name>.lora_a.weight`` [r, in],
+``<name>.lora_b.weight`` [out, r] (zeros) and, for DoRA, ``<name>.magnitude`` [out]. scale = alpha / r.
 
     LoRA: y = x W^T + scale * dropout(x) A^T B^T
-    DoRA: y = m / ||W + scale B A||_row * (W + scale B A) x   (the norm detached, as in the DoRA
-          paper / PEFT; with dropout > 0 the base path sees x and the adapter path dropout(x), as PEFT)
+    DoRA: y = m / ||W + scale B A||_row * (W + scale B A) x   (the norm detached, as PEFT)
 
-`merge_lora_state_dict` does the same fold on a plain (gathered) state dict: the trainer's HF export
-uses it so transformers loads a plain Moonlight under the original key names.
+`LoRAConverter` is the model converter of a [lora] section. Details: docs/fine-tuning.md.
 """
 
 from __future__ import annotations

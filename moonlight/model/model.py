@@ -134,11 +134,8 @@ class MLA(nn.Module):
         self.sequence = LocalSequence()
 
     def pads_v(self, x: torch.Tensor, mask: DocumentMask | None) -> bool:
-        """Whether v is padded with zero channels to the qk head size for attention. On CPU the fused
-        (flash) kernel wants one head size (the math fallback for unequal sizes is ~3x slower), and so
-        does the varlen flash kernel; CUDA's SDPA takes the true v width, skipping the padded FLOPs and
-        copies (torch 2.13's default order picks memory-efficient attention for qk 192 / v 128: flash
-        needs one head size and cuDNN comes last; benchmarks/gpu_step_checks.py times each backend)."""
+        """Whether v is padded with zeros to the qk head size for attention: on CPU and for the varlen
+        kernel, which want one head size; CUDA's SDPA takes the true v width. `pad_v` overrides it."""
         if self.pad_v is not None:
             return self.pad_v
         return not x.is_cuda or (mask is not None and mask.varlen)

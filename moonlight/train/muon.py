@@ -1,46 +1,13 @@
-"""Newton-Schulz orthogonalisation for Muon, each matrix on exactly one rank.
-
-Muon's update of a matrix is ``NS(update)`` of the FULL matrix, while FSDP/TP/EP leave every rank with a
-shard of it. Moonlight's paper (Muon is Scalable, Algorithm 1) gathers the full matrix on every rank
-and so runs Newton-Schulz (NS) ``D`` times over. Here each full matrix (and each expert matrix of a
-stacked ``[E, A, B]`` weight) is orthogonalised by ONE rank of the group that shares it, its owner:
+"""Newton-Schulz orthogonalization for Muon, each matrix on exactly one rank.
 
     plans = plan_orthogonalisation(params, ns_steps)          # once: who shares, who owns what
     outs = orthogonalise(plans, updates, settings, dtype)     # every step: 2 all-to-alls + NS
 
-1. Sharing group (`sharing_group`): the ranks of the parameter's DTensor mesh (widened by
-   ``replicas``, below) that hold pieces of the same matrices, and the box (rows x cols) each one
-   holds. Mesh dims that shard the expert dim of a 3-D weight split experts, not matrices, so they
-   are not part of the group. Fully expert-sharded weights (and plain tensors without ``replicas``)
-   have a group of one: NS runs locally.
-2. Owners (`assign_owners`): greedy, largest NS cost first, to the least loaded member, per sharing
-   group; the matrices of one expert weight owned by one rank are orthogonalised as one batch.
-3. Exchange (`orthogonalise`): one all-to-all sends every rank's pieces of the momentum-updated
-   matrix to the owner (each distinct piece once: replicas do not resend), the owners run NS, and a
-   second all-to-all returns to every rank its own piece of the result.
-
-Exactness: the pieces travel in the NS dtype, which is the first thing NS casts to, and NS output is
-in that dtype too, so the result equals full-matrix Muon bit for bit.
-
-Communication: a rank sends its piece of each matrix to the owner once and receives its piece of the
-result once, so per rank and step about ``2 * (D-1)/D * P/D`` elements for P parameters on D ranks,
-against ``2 * (D-1)/D * P`` for the gradient reduce-scatter + parameter all-gather of distributed
-AdamW: at most ``1/D`` extra in the same dtype (``benchmarks/muon_distributed.py`` measures it).
-
-Both all-to-alls run on ``group`` (default: the world), so every rank of it that holds a shared matrix
-must call `orthogonalise` at the same step (pipeline stages step together anyway), also when its own
-part is empty. A rank whose matrices are all unshared (plain tensors: single process, pure pipeline
-parallel; or whole experts only) skips the exchange.
-
-Copies outside a DTensor: under TP the router, ``kv_a_proj`` and (without EP) the routed experts live
-on the FSDP mesh (``dp_shard_cp``) only (or are plain tensors), and every tp rank holds a copy. Given
-``replicas`` (the trainer passes ``mesh["replicas"]``, the world without pp as
-``("dp_replicate", "dp_shard_cp", "tp")``), a weight's sharing group is widened by
-the replicas dims its own mesh lacks, so those copies share one NS too. Expert meshes built for EP
-(``expert_fsdp`` x ``ep``) are not slices of the world mesh and are not widened: with EP over
-dp_shard under TP the routed experts are still orthogonalised once per tp rank (each tp rank holds a
-copy); when EP spans TP (`moonlight.parallel.mesh`) there are no copies, and each expert matrix is
-orthogonalised once by its ``expert_fsdp`` group.
+Muon's update is NS of the FULL matrix while FSDP/TP/EP shard it. Each full matrix (and each
+expert matrix of a stacked [E, A, B] weight) is orthogonalized by one owner rank of the group that
+shares it: one all-to-all brings the pieces to the owner, a second returns the result's pieces.
+The result equals full-matrix Muon bit for bit. Every rank of ``group`` that holds a shared matrix
+calls `orthogonalise` at the same step. Design and communication volume: docs/optimizers.md.
 """
 
 from __future__ import annotations

@@ -1,23 +1,11 @@
 """Optimizers and gradient clipping for Moonlight training (the LR schedule is in
 moonlight.train.schedule, the MoE bias update in moonlight.train.balance).
 
-Muon is implemented exactly as Moonlight was trained (paper arXiv:2502.16982 and Moonshot's
-example): Nesterov momentum 0.95 (``buf = mu*buf + g``; ``update = g + mu*buf``), Newton-Schulz
-(5 steps, coefficients (3.4445, -4.7750, 2.0315), bf16 by default) on ``X / (||X||_F + 1e-7)``,
-transposed when rows > cols, and the update
-``W <- W*(1 - lr*wd) - lr * 0.2*sqrt(max(A, B)) * O``.
-
-Distributed exactness: parameters may be DTensors (FSDP2 / TP / EP shards, 1-D or 2-D meshes).
-Momentum and weight decay are elementwise and stay on the local shard; Newton-Schulz is run on
-the FULL matrix, by one rank of the group sharing it, and the result is scattered back to the
-shards (`moonlight.train.muon`), so it equals single-device Muon on the full matrix bit for bit.
-For 3-D stacked expert weights ``[E, A, B]`` NS is per expert; ranks holding different experts
-share nothing.
-
-Everything here is a standard ``torch.optim.Optimizer`` with ``param_groups`` holding ``'lr'``,
-so ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict(model, optimizers)`` and
-``LambdaLR`` work on them. Optimizer state of a DTensor parameter is a DTensor with the same
-placements (so DCP can reshard it).
+Muon as Moonlight was trained (arXiv:2502.16982): Nesterov momentum 0.95, 5 Newton-Schulz steps on
+``X / (||X||_F + 1e-7)``, ``W <- W*(1 - lr*wd) - lr * 0.2*sqrt(max(A, B)) * O``. Parameters may be
+DTensors: momentum and weight decay stay on the local shard, NS runs on the full matrix
+(`moonlight.train.muon`). Every optimizer is a standard ``torch.optim.Optimizer``, so DCP and
+``LambdaLR`` work on it. Details: docs/optimizers.md.
 """
 
 from __future__ import annotations

@@ -85,7 +85,7 @@ class Trainer:
                                            precision_aware=o.precision_aware,
                                            replica_mesh=self.parallel.replica_mesh,
                                            # bf16 Newton-Schulz as Moonlight on GPUs; CPUs without bf16
-                                           # units run it ~15x slower than fp32, so they use fp32
+                                           # units run it far slower than fp32, so they use fp32
                                            ns_dtype=torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         s = cfg.lr_scheduler
         self.lr_schedulers = build_lr_scheduler(self.optimizers, warmup_steps=s.warmup_steps, total_steps=t.steps,
