@@ -137,6 +137,25 @@ def test_aux_loss_reaches_router_and_counts_tokens():
     assert moe.tokens_per_expert.sum() == 2 * 16 * args.num_experts_per_tok
 
 
+def test_only_training_forwards_count_expert_load():
+    """Validation and generation run the model in eval mode: their tokens must not steer the router
+    bias, so the load counters count training-mode forwards only."""
+    torch.manual_seed(0)
+    args = ModelArgs.preset("debug", kernels="torch")
+    model = Moonlight(args)
+    model.init_weights()
+    tokens = torch.randint(0, args.vocab_size, (2, 16))
+    model.eval()
+    with torch.no_grad():
+        model(tokens)
+    model(tokens)
+    assert all(m.tokens_per_expert.sum() == 0 for m in model.moe_layers())
+    model.train()
+    with torch.no_grad():
+        model(tokens)
+    assert all(m.tokens_per_expert.sum() == 2 * 16 * args.num_experts_per_tok for m in model.moe_layers())
+
+
 def test_bf16_cast_keeps_router_bias_fp32():
     model = Moonlight(ModelArgs.preset("debug", kernels="torch")).to(torch.bfloat16)
     assert model.layers["1"].ffn.router.expert_bias.dtype == torch.float32

@@ -503,7 +503,7 @@ class MoE(nn.Module):
         self.experts = GroupedExperts(args)
         self.shared_experts = (MLP(args.hidden_size, args.n_shared_experts * args.moe_intermediate_size)
                                if args.n_shared_experts else None)
-        # Token choices per expert since the trainer last read them (for the bias update and metrics).
+        # Token choices per expert in training mode since the trainer last read them (bias update, metrics).
         # Counted on the device (the trainer reduces them once per step); int64 stays exact whatever
         # dtype the model is cast to.
         self.register_buffer("tokens_per_expert", torch.zeros(args.n_routed_experts, dtype=torch.long),
@@ -516,9 +516,10 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, expert_ids, scores = self.router(x, self.sequences)
-        with torch.no_grad():  # scatter_add, not bincount: bincount reads its output size back to the host
-            choices = expert_ids.flatten()
-            self.tokens_per_expert.scatter_add_(0, choices, torch.ones_like(choices))
+        if self.training:  # only training tokens steer the router bias (not validation, not generation)
+            with torch.no_grad():  # scatter_add, not bincount: bincount reads its output size back to the host
+                choices = expert_ids.flatten()
+                self.tokens_per_expert.scatter_add_(0, choices, torch.ones_like(choices))
         if self.shared_experts is None:
             out = self.experts(x, expert_ids, weights)
         else:

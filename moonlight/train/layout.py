@@ -22,7 +22,7 @@ from moonlight.dtypes import is_mixed
 from moonlight.model import Moonlight
 from moonlight.parallel.mesh import ParallelDims, build_mesh
 from moonlight.parallel.parallelize import parallelize_model
-from moonlight.parallel.tensor import cross_entropy_loss
+from moonlight.parallel.tensor import cross_entropy_loss, reduce_token_losses
 from moonlight.parallel.compile import apply_compile
 from moonlight.parallel.context import zigzag_slice
 from moonlight.parallel.data_parallel import apply_activation_checkpointing
@@ -71,6 +71,27 @@ class Layout:
     # a vocab-sharded head (tp > 1: the vocab-parallel loss_fn) or pipeline stages (the schedule's loss_fn).
     loss_from_hidden: bool = True
     description: str = "single process"
+
+    def forward_loss(self, inputs: torch.Tensor, labels: torch.Tensor, packing: dict[str, torch.Tensor],
+                     num_tokens: torch.Tensor | float | None = None) -> torch.Tensor | None:
+        """One micro-batch through this rank's model parts -> its loss (None on a pipeline rank without
+        the last stage), for every layout: the pipeline schedule, the chunked loss from hidden states,
+        or the vocab-parallel `loss_fn` on sharded logits. Training (`num_tokens` given): sum(CE) /
+        num_tokens, backward included. Validation (None): the sum of the token losses, no backward."""
+        train = num_tokens is not None
+        if self.pipeline is not None:
+            if train:
+                return self.pipeline.step(inputs, labels, num_tokens, packing)
+            return self.pipeline.eval(inputs, labels, packing)
+        model = self.model_parts[0]
+        reduce = {"num_tokens": num_tokens} if train else {"reduction": "sum"}
+        if self.loss_from_hidden:
+            loss = reduce_token_losses(model(inputs, labels=labels, **packing), labels, **reduce)
+        else:
+            loss = self.loss_fn(model(inputs, **packing), labels, **reduce)
+        if train:
+            loss.backward()
+        return loss
 
     @property
     def gradient_ranks(self) -> int:

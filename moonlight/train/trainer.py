@@ -29,7 +29,6 @@ from moonlight.errors import ConfigError, NonFiniteError
 from moonlight.hf_peft import load_peft_adapter
 from moonlight.model import Moonlight
 from moonlight.model.converters import convert_model, init_converted_weights
-from moonlight.parallel.tensor import reduce_token_losses
 from moonlight.train.balance import expert_load_imbalance, update_router_biases
 from moonlight.train.build import (build_converters, build_model_args, check_runtime, check_token_ids,
                                    init_distributed, load_initial_weights, read_base_weights, take_dump_folder_lock)
@@ -216,18 +215,9 @@ class Trainer:
         for batch in batches:
             inputs, labels, packing = self.parallel.batch_inputs(batch, self.device, self.document_mask)
             self._last_inputs = (inputs, packing)
-            if self.parallel.pipeline is not None:
-                loss = self.parallel.pipeline.step(inputs, labels, num_tokens, packing)
-                if loss is not None:
-                    total += loss.detach()
-                continue
-            model = self.model_parts[0]
-            if self.parallel.loss_from_hidden:
-                loss = reduce_token_losses(model(inputs, labels=labels, **packing), labels, num_tokens=num_tokens)
-            else:
-                loss = self.parallel.loss_fn(model(inputs, **packing), labels, num_tokens=num_tokens)
-            loss.backward()
-            total += loss.detach()
+            loss = self.parallel.forward_loss(inputs, labels, packing, num_tokens=num_tokens)
+            if loss is not None:  # None on pipeline ranks without the last stage
+                total += loss.detach()
         return total
 
     def _locate_nonfinite(self) -> str:
