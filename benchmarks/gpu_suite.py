@@ -69,7 +69,7 @@ def time_steps(step, device, warmup: int, steps: int) -> list[float]:
 
 def random_moonlight(args: ModelArgs, device, dtype) -> Moonlight:
     """A Moonlight with `init_weights`' random weights (seed 0), built on the meta device and
-    materialised on `device` in `dtype`."""
+    materialized on `device` in `dtype`."""
     torch.manual_seed(0)
     with torch.device("meta"):
         model = Moonlight(args)

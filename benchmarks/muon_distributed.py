@@ -4,8 +4,8 @@ Runs the trainer (`train.toml`, FSDP over every rank: ``dp_shard=-1``) on forked
 measures, per rank and optimizer step, in one run:
 
 - the share of the step spent in ``optimizers.step()`` for three optimizers:
-  ``muon`` (each matrix orthogonalised once, on its owner: `moonlight.train.muon`),
-  ``muon-redundant`` (every rank gathers and orthogonalises every matrix, as the paper's
+  ``muon`` (each matrix orthogonalized once, on its owner: `moonlight.train.muon`),
+  ``muon-redundant`` (every rank gathers and orthogonalizes every matrix, as the paper's
   Algorithm 1 and this stack before), ``adamw``;
 - bytes each rank sends: FSDP's parameter all-gather + gradient reduce-scatter (run without reshard
   after forward, so exactly what distributed AdamW moves), and Muon's two all-to-alls on top (ring
@@ -36,14 +36,14 @@ import torch.distributed as dist  # noqa: E402
 from torch.distributed.tensor import DTensor, Replicate  # noqa: E402
 
 from moonlight.train.config import load_config  # noqa: E402
-from moonlight.train.muon import ns_flops, plan_orthogonalisation, zeropower_via_newtonschulz  # noqa: E402
+from moonlight.train.muon import ns_flops, plan_orthogonalization, zeropower_via_newtonschulz  # noqa: E402
 from moonlight.train.optim import Muon  # noqa: E402
 from moonlight.train.trainer import Trainer  # noqa: E402
 from tests.dist import run_ranks  # noqa: E402
 
 
-def _redundant_orthogonalise(self, work):
-    """The baseline: gather each full matrix on EVERY rank sharing it and orthogonalise it there."""
+def _redundant_orthogonalize(self, work):
+    """The baseline: gather each full matrix on EVERY rank sharing it and orthogonalize it there."""
     out = []
     for group, p, u in work:
         o = u
@@ -106,18 +106,18 @@ def _measure(rank, world, optimizer, steps, warmup, overrides):
         muon = next((o for o in trainer.optimizers if isinstance(o, Muon)), None)
         if muon is not None:
             if optimizer == "muon-redundant":
-                muon._orthogonalise = types.MethodType(_redundant_orthogonalise, muon)
-            orthogonalise = muon._orthogonalise
+                muon._orthogonalize = types.MethodType(_redundant_orthogonalize, muon)
+            orthogonalize = muon._orthogonalize
 
             def counted(work):
                 if comm:
                     comm.in_muon = True
                 try:
-                    return orthogonalise(work)
+                    return orthogonalize(work)
                 finally:
                     if comm:
                         comm.in_muon = False
-            muon._orthogonalise = counted
+            muon._orthogonalize = counted
         step_opt = trainer.optimizers.step
         opt_times = []
 
@@ -134,7 +134,7 @@ def _measure(rank, world, optimizer, steps, warmup, overrides):
             trainer.step += 1
         # Newton-Schulz FLOPs this rank runs per step (its owned matrices; all of them when redundant)
         params = [p for o in trainer.optimizers if isinstance(o, Muon) for g in o.param_groups for p in g["params"]]
-        plans = plan_orthogonalisation(params, [cfg.optimizer.ns_steps] * len(params))
+        plans = plan_orthogonalization(params, [cfg.optimizer.ns_steps] * len(params))
         ns_flops_here = sum(ns_flops(*plan.shape, cfg.optimizer.ns_steps)
                             * (plan.count if optimizer == "muon-redundant" else sum(o == plan.me for o in plan.owners))
                             for plan in plans)

@@ -1,6 +1,6 @@
 """Chat data: rendering (built-in Moonlight format, jinja templates against transformers'
 apply_chat_template), assistant-only targets, whole-conversation packing, overflow, resume, and a
-loss normalised by the step's global target count (checked against one big batch)."""
+loss normalized by the step's global target count (checked against one big batch)."""
 
 import base64
 import io
@@ -268,7 +268,7 @@ def test_chat_loader_resumes_and_shards(tmp_path):
     assert torch.equal(one[1], torch.cat([h[1] for h in halves]))
 
 
-# ------------------------------------------------------------------ loss normalisation
+# ------------------------------------------------------------------ loss normalization
 
 BASE = ["--training.steps=2", "--training.seq_len=64", "--training.global_batch_size=4",
         "--checkpoint.enable=false", "--metrics.log_freq=1", "--metrics.device_peak_flops=1e11",

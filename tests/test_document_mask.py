@@ -256,7 +256,7 @@ def test_packed_documents_add_no_host_sync_on_cuda():
     packed = {"positions": positions.cuda(), "document_ids": documents}
 
     def syncs(**packing):
-        model(tokens, labels=tokens, **packing).backward()  # warm-up: lazy initialisation may sync
+        model(tokens, labels=tokens, **packing).backward()  # warm-up: lazy initialization may sync
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("warn")
         try:

@@ -127,7 +127,7 @@ def test_trainer_adapter_export_cli_and_init_adapter(tmp_path, capsys):
 
     second = Trainer(_cfg(tmp_path / "b", "--training.steps=2", "--lora.dora=true",
                           f"--lora.init_adapter={exported}"))
-    assert "initialised the adapters" in capsys.readouterr().out
+    assert "initialized the adapters" in capsys.readouterr().out
     x = _tokens()
     with torch.no_grad():
         trained = first.model_parts[0].eval()(x)

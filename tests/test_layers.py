@@ -199,7 +199,7 @@ def test_entry_points_only_reach_down(entry):
 
 def test_the_training_step_names_no_model_transform():
     """LoRA/DoRA (and later FP8) are model converters applied once at build time (model/converters.py):
-    the step and the loop never name them, and the model recognises no module by its type."""
+    the step and the loop never name them, and the model recognizes no module by its type."""
     tree = ast.parse((ROOT / "moonlight/train/trainer.py").read_text())
     step = [f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)
             and f.name in ("train_step", "_forward_backward", "train", "__init__", "_init_full_model")]

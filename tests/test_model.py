@@ -111,7 +111,7 @@ def test_meta_build_then_init_weights_is_deterministic():
     assert (models[0].layers["1"].ffn.router.expert_bias == 0).all()
 
 
-def test_a_model_is_initialised_as_built():
+def test_a_model_is_initialized_as_built():
     """Fault: the router and the stacked experts were torch.empty until init_weights(): garbage logits."""
     args = ModelArgs.preset("debug", kernels="torch")
     torch.manual_seed(0)

@@ -128,7 +128,7 @@ def test_moe_layer_has_no_host_sync_on_cuda():
     args = _args(kernels="auto")
     moe = _moe(args, device="cuda", dtype=torch.bfloat16)
     x = _inputs(args, device="cuda", dtype=torch.bfloat16)
-    _step(moe, x)  # warm up: lazy initialisation may sync once
+    _step(moe, x)  # warm up: lazy initialization may sync once
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -84,7 +84,7 @@ def test_matches_torch_muon():
     for w0, a, b in zip(W0s, ours, ps):
         moved = (a - w0 * (1 - LR * WD) ** 5).abs().max()
         assert moved > 0.01
-        # torch's NS is bf16 too (and normalises with clamp(min=eps) instead of +eps)
+        # torch's NS is bf16 too (and normalizes with clamp(min=eps) instead of +eps)
         assert (a - b.detach()).abs().max() < 0.06 * moved
 
 

@@ -113,7 +113,7 @@ def _cases_worker(rank, world_size, cases):
 @pytest.fixture(scope="module", autouse=True)
 def _warm_parent():
     """One single-process step in the parent before forking: the ranks inherit the lazily imported
-    modules and first-call initialisation instead of each paying for it."""
+    modules and first-call initialization instead of each paying for it."""
     import moonlight.parallel.parallelize  # noqa: F401
     import moonlight.parallel.expert  # noqa: F401
 

@@ -31,7 +31,7 @@ def hf_dir(tmp_path_factory):
 
 
 class CountingCheckpoint:
-    """An HFCheckpoint whose slice reads are counted (bytes actually materialised per key)."""
+    """An HFCheckpoint whose slice reads are counted (bytes actually materialized per key)."""
 
     def __init__(self, path):
         from moonlight.hf import HFCheckpoint

@@ -1,5 +1,5 @@
 """Host syncs of a training step: an unlogged step reads back only ONE copy of (loss, grad norm) for
-the non-finite check (the loss normaliser, the step's token count, stays a tensor, also when it is
+the non-finite check (the loss normalizer, the step's token count, stays a tensor, also when it is
 summed over data-parallel ranks); a logged step adds one read of the MoE metrics. The logged values
 equal the ones computed tensor by tensor."""
 
@@ -38,7 +38,7 @@ def _unlogged_step_syncs(rank, world_size, folder):
     trainer = Trainer(load_config("train.toml", SMALL + [f"--job.dump_folder={folder}", "--parallelism.dp_shard=2",
                                                          "--training.global_batch_size=4"]))
     trainer.optimizers.step = lambda: None
-    trainer.train_step()  # step 1 (FSDP's lazy initialisation), step 2 is logged
+    trainer.train_step()  # step 1 (FSDP's lazy initialization), step 2 is logged
     trainer.step = 1
     trainer.train_step()
     trainer.step = 2
@@ -67,7 +67,7 @@ def test_moe_metrics_match_tensor_reads(tmp_path):
 
 
 def _loop_syncs(rank, world_size, folder):
-    """Host syncs of a run on 2 data-parallel ranks from its second step on (the first initialises
+    """Host syncs of a run on 2 data-parallel ranks from its second step on (the first initializes
     FSDP), where rank 1 alone is signalled during step 2: both stop after it."""
     trainer = Trainer(load_config("train.toml", SMALL + [f"--job.dump_folder={folder}/{rank}", "--training.steps=3",
                                                          "--parallelism.dp_shard=2", "--training.global_batch_size=4",

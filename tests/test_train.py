@@ -205,8 +205,8 @@ def _metrics_lines(folder):
         return [line for line in f if line.strip()]
 
 
-def test_models_too_large_for_a_cpu_init_are_initialised_in_place(tmp_path, monkeypatch):
-    """Above the full-init size the model is built on meta and materialised on the training device."""
+def test_models_too_large_for_a_cpu_init_are_initialized_in_place(tmp_path, monkeypatch):
+    """Above the full-init size the model is built on meta and materialized on the training device."""
     import moonlight.train.trainer as trainer_module
 
     monkeypatch.setattr(trainer_module, "_FULL_INIT_MAX_PARAMS", 0)

@@ -1,4 +1,4 @@
-"""Documents: read text or conversations from jsonl files and local HF datasets, tokenise them, and
+"""Documents: read text or conversations from jsonl files and local HF datasets, tokenize them, and
 keep the token ids of every document (DocumentStore). Malformed records are reported as
 "path:line: reason" and skipped or raised (data.on_bad_line); see moonlight.data.loader for the
 formats and how documents are packed into training sequences."""
@@ -261,9 +261,9 @@ def read_hf(path: str, text_key: str = "text", split: str = "train", on_bad_line
 
 
 def _progress(items: Iterable, source: str, unit: str) -> Iterable:
-    """items, counted on rank 0's terminal while a large corpus is tokenised (every rank reads it all;
+    """items, counted on rank 0's terminal while a large corpus is tokenized (every rank reads it all;
     no output when stderr is not a terminal)."""
-    return tqdm(items, desc=f"data: tokenising {source}", unit=f" {unit}", mininterval=2.0,
+    return tqdm(items, desc=f"data: tokenizing {source}", unit=f" {unit}", mininterval=2.0,
                 disable=None if distributed.rank() == 0 else True)
 
 
@@ -305,7 +305,7 @@ def tokenize_texts(texts: Iterable[str], tokenizer: Any, source: str, bad: BadLi
 
 @dataclass
 class ChatStore(DocumentStore):
-    """Tokenised conversations (one document each) and, laid out like `tokens`, whether each token
+    """Tokenized conversations (one document each) and, laid out like `tokens`, whether each token
     is a training target (assistant content and its end-of-turn marker)."""
 
     targets: list[np.ndarray] | None = None  # bool, parallel to tokens

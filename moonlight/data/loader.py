@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 
 def load_documents(cfg_data: Any, tokenizer: Any, keys: DataKeys = DATA_KEYS) -> DocumentStore:
-    """Read and tokenise every document of cfg_data (a DataSection or anything with format,
+    """Read and tokenize every document of cfg_data (a DataSection or anything with format,
     path, text_key, on_bad_line and optionally split; chat: messages_key, tokenizer, and a jsonl
     or hf path given by chat_source). Errors name the settings as `keys` does."""
     fmt = cfg_data.format

@@ -21,7 +21,7 @@ class ModelConverter(Protocol):
         """Swap or add modules of the whole model, in place (it may still be on the meta device)."""
 
     def init_weights(self, model: nn.Module) -> None:
-        """Initialise what `convert` added, once a meta-device model part has been materialized."""
+        """Initialize what `convert` added, once a meta-device model part has been materialized."""
 
     def describe(self, parts: Iterable[nn.Module]) -> str:
         """One line for the run's start-up log."""

@@ -56,7 +56,7 @@ def is_adapter_name(name: str) -> bool:
 
 class _Factor(nn.Module):
     """Holds one adapter matrix as ``.weight``. Deliberately not an nn.Linear: Moonlight.init_weights
-    initialises every nn.Linear ~ N(0, std), which must not touch the adapters (B starts at zero)."""
+    initializes every nn.Linear ~ N(0, std), which must not touch the adapters (B starts at zero)."""
 
     def __init__(self, out_features: int, in_features: int, device=None, dtype=None):
         super().__init__()
@@ -71,7 +71,7 @@ def _row_norm(w: torch.Tensor) -> torch.Tensor:
 class LoRALinear(nn.Linear):
     """An nn.Linear (same ``weight``/``bias``, frozen) plus a trainable low-rank update.
 
-    Subclasses nn.Linear so code that initialises or inspects linears by type (Moonlight.init_weights)
+    Subclasses nn.Linear so code that initializes or inspects linears by type (Moonlight.init_weights)
     still sees the base layer."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dora: bool = False, dropout: float = 0.0):
@@ -230,7 +230,7 @@ def lora_scales(model: nn.Module) -> dict[str, float]:
 
 @torch.no_grad()
 def reset_lora_parameters(model: nn.Module) -> None:
-    """(Re)initialise every adapter: after the base weights were materialised from the meta device."""
+    """(Re)initialize every adapter: after the base weights were materialized from the meta device."""
     for _, m in lora_modules(model):
         m.reset_lora_parameters()
 

@@ -27,7 +27,7 @@ from moonlight.model.loss import linear_cross_entropy
 
 
 class _RMSNormFunction(torch.autograd.Function):
-    """weight * (x * rsqrt(mean(x^2) + eps)), normalised in fp32: the forward is the HF reference's ops
+    """weight * (x * rsqrt(mean(x^2) + eps)), normalized in fp32: the forward is the HF reference's ops
     (same bits); only x and the [..., 1] rsqrt are kept, and the backward writes its closed form
         grad_x = rstd * (g - x * rstd^2 * mean(g * x)),  g = grad * weight (fp32)
     into two buffers instead of autograd's about seven of x's size (fresh activations are costly on CPU)."""
@@ -56,7 +56,7 @@ class _RMSNormFunction(torch.autograd.Function):
 
 
 class RMSNorm(nn.Module):
-    """Normalise in fp32, scale in the input dtype (as the HF reference does)."""
+    """Normalize in fp32, scale in the input dtype (as the HF reference does)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -97,7 +97,7 @@ class LocalSequence:
 
     def gather_keys(self, latent: torch.Tensor, k_pe: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                     impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """MLA's keys [B, S_local, C] (the normalised latent, the rope key k_pe) and their RoPE tables ->
+        """MLA's keys [B, S_local, C] (the normalized latent, the rope key k_pe) and their RoPE tables ->
         those of the keys the local queries may see, in sequence order, with the tables that rotate
         the returned k_pe (`mla_rope_key` applies them)."""
         return latent, k_pe, cos, sin
@@ -156,7 +156,7 @@ class MLA(nn.Module):
         # rotated in place too.
         q = rotate_rope_(q, cos, sin, a.qk_head_dim, impl=impl, grad_in_place=True)
         q = q.view(bsz, seqlen, -1, a.qk_head_dim)  # -1: heads held by this rank under tensor parallel
-        # The keys travel (under context parallel) as the normalised latent plus the k_pe, the smallest
+        # The keys travel (under context parallel) as the normalized latent plus the k_pe, the smallest
         # per-token form; the per-head up-projection runs after, on the receiving side.
         latent, k_pe, key_cos, key_sin = self.sequence.gather_keys(self.kv_norm(latent), k_pe, cos, sin, impl)
         kv = self.kv_b_proj(latent).view(bsz, latent.shape[1], -1, a.qk_nope_head_dim + a.v_head_dim)
@@ -176,7 +176,7 @@ class DocumentMask:
     documents contiguous within a row) and shared by every layer.
 
     Half-precision tensors on a device of `varlen_devices` take flash attention's varlen kernel (the
-    documents of all rows as one ragged batch, no mask is materialised); everything else (CPU,
+    documents of all rows as one ragged batch, no mask is materialized); everything else (CPU,
     fp32/fp64) takes SDPA with a boolean [B, 1, S, S] block-diagonal causal mask.
 
     ``device`` is where the activations are (default: the ids'). Pass the ids on the host: the
@@ -421,7 +421,7 @@ class _AttachAuxLoss(torch.autograd.Function):
 def sequence_aux_loss(scores: torch.Tensor, expert_ids: torch.Tensor, bsz: int, top_k: int,
                       sequences: WholeSequences = WHOLE_SEQUENCES) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek-V3's sequence-wise balance loss sum_i f_i * P_i, averaged over sequences.
-    P_i: mean over the sequence of the sigmoid scores normalised over all experts; f_i: the fraction
+    P_i: mean over the sequence of the sigmoid scores normalized over all experts; f_i: the fraction
     of the sequence's routing choices that picked expert i, times E / K.
 
     Returns (this part's share, the loss's value). ``scores``/``expert_ids`` hold ``bsz`` sequences, or
@@ -602,7 +602,7 @@ class Moonlight(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, std: float | None = None):
-        """Initialise every parameter and buffer explicitly (after `to_empty` from the meta device):
+        """Initialize every parameter and buffer explicitly (after `to_empty` from the meta device):
         matrices ~ N(0, initializer_range), norms 1, router bias and load counters 0."""
         std = self.args.initializer_range if std is None else std
         for module in self.modules():

@@ -135,7 +135,7 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, align: int | No
             param = getattr(experts, name)
             if isinstance(param, DTensor):
                 raise ValueError(f"expert weight {name} is already a DTensor ({param.placements}): apply "
-                                 "expert parallel before FSDP and do not tensor-parallelise routed experts")
+                                 "expert parallel before FSDP and do not tensor-parallelize routed experts")
             sharded = distribute_tensor(param.detach(), ep_mesh, [Shard(0)])
             experts.register_parameter(name, nn.Parameter(sharded, requires_grad=param.requires_grad))
         old = experts.dispatcher

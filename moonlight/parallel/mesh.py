@@ -232,7 +232,7 @@ class ParallelMesh:
 def build_mesh(dims: ParallelDims, device_type: str | None = None) -> ParallelMesh:
     """Build the world mesh ``("pp", "dp_replicate", "dp_shard", "cp", "tp")`` and the derived meshes.
 
-    The process group must already be initialised (the caller picks the backend: nccl on GPUs,
+    The process group must already be initialized (the caller picks the backend: nccl on GPUs,
     gloo on CPUs). Size-1 dimensions are kept, so every name always exists (except ``ep`` and the
     expert mesh's FSDP dim, which exist only when ``dims.ep > 1``, and ``sequence_parts``).
     """

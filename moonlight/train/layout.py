@@ -34,7 +34,7 @@ from moonlight.data.loader import Batch
 
 class Pipeline:
     """One pipeline step per call: every micro-batch's loss is sum(CE) / num_tokens (the trainer's
-    per-step normaliser), so the contributions of all micro-batches and accumulation steps add up.
+    per-step normalizer), so the contributions of all micro-batches and accumulation steps add up.
     model_kwargs (positions, document_ids) are split into micro-batches like the inputs and reach
     every stage: the schedule passes keyword arguments to each stage's forward, while positional
     inputs only enter the first stage."""
@@ -166,12 +166,12 @@ def build_layout(cfg: JobConfig, args: ModelArgs, world_size: int, device: torch
                  init_full_model: Callable[[], Moonlight]) -> Layout:
     """Validate the degrees, build the meshes, split pipeline stages and apply the parallel plans.
     `init_full_model()` gives the whole model with its initial weights (on meta when too large to
-    initialise whole: then every rank initialises its own shards)."""
+    initialize whole: then every rank initializes its own shards)."""
     p, t = cfg.parallelism, cfg.training
     if is_single_process(cfg, world_size):
         if not is_mixed_precision(cfg):
             model = init_full_model()
-            _materialise(model, device, t.seed)
+            _materialize(model, device, t.seed)
             if t.compile:
                 apply_compile(model, t.compile_backend)
             apply_activation_checkpointing(model, cfg.activation_checkpoint.mode)
@@ -195,7 +195,7 @@ def build_layout(cfg: JobConfig, args: ModelArgs, world_size: int, device: torch
         parallelize_model(module, dims, mesh, sequence_parallel=sequence_parallel,
                           ac_mode=cfg.activation_checkpoint.mode, param_dtype=t.mixed_precision_param,
                           reduce_dtype=t.mixed_precision_reduce, reshard_after_forward=reshard_after_forward)
-        if on_meta:  # too large to initialise whole: each rank initialises its shards
+        if on_meta:  # too large to initialize whole: each rank initializes its shards
             module.to_empty(device=device)
             torch.manual_seed(t.seed + stage)
             module.init_weights()
@@ -223,8 +223,8 @@ def build_layout(cfg: JobConfig, args: ModelArgs, world_size: int, device: torch
                   **common)
 
 
-def _materialise(model: nn.Module, device: torch.device, seed: int) -> None:
-    """Move a model to the device; one still on meta is allocated there and initialised from `seed`."""
+def _materialize(model: nn.Module, device: torch.device, seed: int) -> None:
+    """Move a model to the device; one still on meta is allocated there and initialized from `seed`."""
     if next(model.parameters()).is_meta:
         model.to_empty(device=device)
         torch.manual_seed(seed)

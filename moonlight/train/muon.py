@@ -1,13 +1,13 @@
 """Newton-Schulz orthogonalization for Muon, each matrix on exactly one rank.
 
-    plans = plan_orthogonalisation(params, ns_steps)          # once: who shares, who owns what
-    outs = orthogonalise(plans, updates, settings, dtype)     # every step: 2 all-to-alls + NS
+    plans = plan_orthogonalization(params, ns_steps)          # once: who shares, who owns what
+    outs = orthogonalize(plans, updates, settings, dtype)     # every step: 2 all-to-alls + NS
 
 Muon's update is NS of the FULL matrix while FSDP/TP/EP shard it. Each full matrix (and each
 expert matrix of a stacked [E, A, B] weight) is orthogonalized by one owner rank of the group that
 shares it: one all-to-all brings the pieces to the owner, a second returns the result's pieces.
 The result equals full-matrix Muon bit for bit. Every rank of ``group`` that holds a shared matrix
-calls `orthogonalise` at the same step. Design and communication volume: docs/optimizers.md.
+calls `orthogonalize` at the same step. Design and communication volume: docs/optimizers.md.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from torch.distributed.tensor._utils import _compute_local_shape_and_global_offs
 from torch.distributed.tensor.placement_types import _StridedShard
 
 __all__ = ["NS_COEFFICIENTS", "zeropower_via_newtonschulz", "ns_flops", "MatrixPlan", "sharing_group",
-           "assign_owners", "plan_orthogonalisation", "orthogonalise"]
+           "assign_owners", "plan_orthogonalization", "orthogonalize"]
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
@@ -37,10 +37,10 @@ def zeropower_via_newtonschulz(
     eps: float = 1e-7,
     dtype: torch.dtype = torch.bfloat16,
 ) -> Tensor:
-    """Approximately orthogonalise each matrix of ``G`` ([..., A, B]; batched over leading dims).
+    """Approximately orthogonalize each matrix of ``G`` ([..., A, B]; batched over leading dims).
 
     Moonshot's ``zeropower_via_newtonschulz5``: cast to ``dtype``, transpose when A > B,
-    normalise by the Frobenius norm of each matrix plus ``eps``, then ``steps`` quintic
+    normalize by the Frobenius norm of each matrix plus ``eps``, then ``steps`` quintic
     iterations. Returns a tensor of ``dtype`` with the shape of ``G``.
     """
     if G.ndim < 2:
@@ -72,11 +72,11 @@ Box = tuple[slice, slice]  # rows and cols of one rank's piece inside each full 
 
 @dataclass
 class MatrixPlan:
-    """How one Muon parameter's matrices are orthogonalised.
+    """How one Muon parameter's matrices are orthogonalized.
 
     The local shard is viewed as ``[count, rows, cols]`` (``count`` = 1 for a 2-D weight, the local
     experts for a 3-D one); ``members[i]`` holds ``boxes[i]`` of every one of these ``count`` full
-    ``shape`` matrices, ``owners[k]`` (an index into members) orthogonalises matrix k.
+    ``shape`` matrices, ``owners[k]`` (an index into members) orthogonalizes matrix k.
     """
 
     members: tuple[int, ...]  # global ranks sharing these matrices, this rank among them
@@ -93,7 +93,7 @@ class MatrixPlan:
 
     @functools.cached_property
     def owned_by(self) -> dict[int, list[int]]:
-        """owner -> the matrices it orthogonalises, owners ascending (set ``owners`` first)."""
+        """owner -> the matrices it orthogonalizes, owners ascending (set ``owners`` first)."""
         out: dict[int, list[int]] = {}
         for k, o in enumerate(self.owners):
             out.setdefault(o, []).append(k)
@@ -203,7 +203,7 @@ def assign_owners(plans: list[MatrixPlan], ns_steps: list[int]) -> None:
         plan.owners = tuple(own)
 
 
-def plan_orthogonalisation(params: list[Tensor], ns_steps: list[int],
+def plan_orthogonalization(params: list[Tensor], ns_steps: list[int],
                            replicas: DeviceMesh | None = None) -> list[MatrixPlan]:
     """Sharing groups and owners of every parameter's matrices (``ns_steps`` per parameter)."""
     plans = [sharing_group(p, replicas) for p in params]
@@ -225,7 +225,7 @@ def _newton_schulz(plan: MatrixPlan, matrices: Tensor, settings: NSSettings, dty
     return out if plan.stacked else out.unsqueeze(0)
 
 
-def orthogonalise(plans: list[MatrixPlan], updates: list[Tensor], settings: list[NSSettings],
+def orthogonalize(plans: list[MatrixPlan], updates: list[Tensor], settings: list[NSSettings],
                   dtype: torch.dtype, device: torch.device, group: dist.ProcessGroup | None = None) -> list[Tensor]:
     """NS of every full matrix, on its owner; returns each rank's piece, shaped like its update.
 
@@ -296,7 +296,7 @@ def _gather_to_owners(plans: list[MatrixPlan], pieces: list[Tensor], exchange: _
 
 def _scatter_from_owners(plans: list[MatrixPlan], pieces: list[Tensor], results: dict[int, Tensor],
                          exchange: _Exchange) -> dict[int, Tensor]:
-    """Every member's piece of each orthogonalised matrix from its owner; returns this rank's pieces
+    """Every member's piece of each orthogonalized matrix from its owner; returns this rank's pieces
     of every shared parameter."""
     send: dict[int, list[Tensor]] = {}
     expect: dict[int, list[tuple[int, list[int]]]] = {}  # owner -> (param, matrices)

@@ -20,7 +20,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from moonlight.distributed import local_tensor
-from moonlight.train.muon import (NS_COEFFICIENTS, NSSettings, orthogonalise, plan_orthogonalisation,
+from moonlight.train.muon import (NS_COEFFICIENTS, NSSettings, orthogonalize, plan_orthogonalization,
                                   zeropower_via_newtonschulz)
 
 __all__ = [
@@ -80,7 +80,7 @@ class Muon(torch.optim.Optimizer):
         lr, weight_decay: as AdamW (decoupled decay ``W *= 1 - lr*wd``; Moonlight uses 0.1).
         momentum, nesterov: ``buf = mu*buf + g``; the NS input is ``g + mu*buf`` when nesterov,
             else ``buf``. (torch.optim.Muon uses a lerp form, which differs by the constant
-            factor 1-mu and so gives the same orthogonalised update up to eps.)
+            factor 1-mu and so gives the same orthogonalized update up to eps.)
         ns_steps, ns_coefficients, eps: Newton-Schulz settings.
         ns_dtype: dtype NS runs in (bf16 as Moonlight; fp32 for exact tests).
         master_weights: precision-aware mode. Keep an fp32 copy of the parameter
@@ -88,12 +88,12 @@ class Muon(torch.optim.Optimizer):
             copied back into the (bf16) parameter.
         process_group: where the Newton-Schulz exchange runs (None: the world).
         replicas: a mesh over whose dims every parameter is copied unless its own DTensor mesh
-            shards it (the world mesh without pp); its copies then share one orthogonalisation.
+            shards it (the world mesh without pp); its copies then share one orthogonalization.
 
     DTensor parameters: momentum/decay run on the local shard; each full (expert) matrix is
-    orthogonalised by one rank of the group sharing it and the result scattered back (see
+    orthogonalized by one rank of the group sharing it and the result scattered back (see
     `moonlight.train.muon`). ``step`` first updates every momentum, then exchanges and
-    orthogonalises all matrices at once (two all-to-alls on ``process_group``, default the world:
+    orthogonalizes all matrices at once (two all-to-alls on ``process_group``, default the world:
     every rank of it that holds a shared matrix must step its Muon together).
     """
 
@@ -134,18 +134,18 @@ class Muon(torch.optim.Optimizer):
         self.replicas = replicas
         self._plans: dict = {}  # parameters with a gradient (as a tuple of ids) -> their MatrixPlans
 
-    def _orthogonalise(self, work: list[tuple[dict, Tensor, Tensor]]) -> list[Tensor]:
+    def _orthogonalize(self, work: list[tuple[dict, Tensor, Tensor]]) -> list[Tensor]:
         """NS of every (param group, param, local update) in ``work``; returns the local slices."""
         params = [p for _, p, _ in work]
         key = tuple(id(p) for p in params)
         if key not in self._plans:  # the same parameters get gradients step after step
-            self._plans = {key: plan_orthogonalisation(params, [g["ns_steps"] for g, _, _ in work], self.replicas)}
+            self._plans = {key: plan_orthogonalization(params, [g["ns_steps"] for g, _, _ in work], self.replicas)}
         dtypes = {g["ns_dtype"] for g, _, _ in work} or {self.defaults["ns_dtype"]}
         if len(dtypes) > 1:
             raise ValueError(f"Muon: all param groups need one ns_dtype (the exchange runs in it), got {dtypes}")
         settings = [NSSettings(g["ns_steps"], g["ns_coefficients"], g["eps"]) for g, _, _ in work]
         first = self.param_groups[0]["params"][0]
-        return orthogonalise(self._plans[key], [u for _, _, u in work], settings, dtypes.pop(),
+        return orthogonalize(self._plans[key], [u for _, _, u in work], settings, dtypes.pop(),
                              local_tensor(first).device, self.process_group)
 
     @torch.no_grad()
@@ -168,7 +168,7 @@ class Muon(torch.optim.Optimizer):
                 g_l = local_tensor(g).to(buf_l.dtype)
                 buf_l.mul_(mu).add_(g_l)
                 work.append((group, p, g_l.add(buf_l, alpha=mu) if group["nesterov"] else buf_l))
-        for (group, p, _), o_l in zip(work, self._orthogonalise(work)):
+        for (group, p, _), o_l in zip(work, self._orthogonalize(work)):
             lr, wd = group["lr"], group["weight_decay"]
             target = local_tensor(self.state[p]["master"]) if group["master_weights"] else local_tensor(p)
             target.mul_(1 - lr * wd)

@@ -39,8 +39,8 @@ from moonlight.train.optim import build_optimizers, clip_grad_norm_
 from moonlight.train.schedule import build_lr_scheduler
 from moonlight.train.validation import Validator
 
-# Models up to this size are initialised whole on every rank before sharding, so every parallel
-# layout starts from the same weights as a single-process run; larger ones initialise shard by shard.
+# Models up to this size are initialized whole on every rank before sharding, so every parallel
+# layout starts from the same weights as a single-process run; larger ones initialize shard by shard.
 _FULL_INIT_MAX_PARAMS = 2_000_000_000
 
 
@@ -67,7 +67,7 @@ class Trainer:
         self.converters = build_converters(cfg)  # LoRA/DoRA adapters, applied before any sharding
         self.bias_rate = cfg.moe.bias_rate(lora=cfg.lora.enable)  # the router bias's update rate
         self.parallel = self._build_parallel()
-        if self.model_args.num_params() > _FULL_INIT_MAX_PARAMS:  # materialised from meta after sharding
+        if self.model_args.num_params() > _FULL_INIT_MAX_PARAMS:  # materialized from meta after sharding
             init_converted_weights(self.model_parts, self.converters)
         dp_rank, dp_world = self.parallel.dp_rank, self.parallel.dp_world
         self.grad_accum = cfg.grad_accum_steps(dp_world)
@@ -139,7 +139,7 @@ class Trainer:
         with torch.device("meta"):
             model = Moonlight(args)
         if args.num_params() > _FULL_INIT_MAX_PARAMS:
-            # stays on meta; parts (and what the converters add) are initialised after sharding
+            # stays on meta; parts (and what the converters add) are initialized after sharding
             return convert_model(model.to(param_dtype), self.converters)
         model.to_empty(device="cpu")
         torch.manual_seed(self.cfg.training.seed)
@@ -160,13 +160,13 @@ class Trainer:
             self.step = ckpt.load(c.load_step)
         if c.initial_load_hf and load_initial_weights(ckpt, c.initial_load_hf, lora=lora):
             if self.rank == 0:
-                print(f"[moonlight] initialised the model from {c.initial_load_hf}", flush=True)
+                print(f"[moonlight] initialized the model from {c.initial_load_hf}", flush=True)
         adapter = self.cfg.lora.init_adapter
         if self.cfg.lora.enable and adapter and not (c.enable and ckpt.available_steps()):
             for part in self.model_parts:  # after the base weights (and DoRA's magnitudes from them)
                 load_peft_adapter(part, os.path.abspath(os.path.expanduser(adapter)))
             if self.rank == 0:
-                print(f"[moonlight] initialised the adapters from {adapter}", flush=True)
+                print(f"[moonlight] initialized the adapters from {adapter}", flush=True)
         return ckpt
 
     def _save(self, force: bool = False, final: bool = False) -> None:
@@ -203,7 +203,7 @@ class Trainer:
         gradients over the dp x cp ranks (context-parallel ranks hold other tokens of the same batch),
         hence each rank divides its sum by (global count / (dp x cp)).
 
-        That normaliser stays a tensor the host never reads (no sync): counted from the host labels,
+        That normalizer stays a tensor the host never reads (no sync): counted from the host labels,
         summed over the dp ranks on the device; `Layout.batch_inputs` moves the batches without one."""
         batches = [self.dataloader.next_batch_with_info() for _ in range(self.grad_accum)]
         targets = torch.stack([(b.labels != -100).sum() for b in batches]).sum()
