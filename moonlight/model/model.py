@@ -3,13 +3,14 @@
 The model is pure compute: no torch.distributed imports. Parallel plans in `moonlight.parallel`
 are applied to a built model by module name, and swap objects the layers call: the experts'
 `dispatcher` (see `LocalDispatcher`), the MoE layer's `sequences` (see `WholeSequences`) and the
-attention's `sequence` (see `LocalSequence`). Build on the meta device and call `init_weights()` to
+attention's `key_exchange` (see `LocalKeyExchange`). Build on the meta device and call `init_weights()` to
 plan a 16B model without allocating it.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -89,10 +90,43 @@ def rope_angles(args: ModelArgs, seqlen: int, positions: torch.Tensor | None,
     return (cos, sin) if positions is None else (cos[positions], sin[positions])
 
 
-class LocalSequence:
+# The seams parallel plans swap (each a typing.Protocol; the plain-model default follows each one).
+class KeyExchange(Protocol):
+    """MLA's access to the keys of the rest of each sequence (`MLA.key_exchange`)."""
+
+    def gather_keys(self, latent: torch.Tensor, k_pe: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                  mask: DocumentMask | None) -> torch.Tensor: ...
+
+
+class SequenceSplit(Protocol):
+    """How a MoE layer's input splits sequences over processes (`MoE.sequence_split`)."""
+
+    shards: int
+    loss_scale: int
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor: ...
+
+    def shared_weight(self, w: torch.Tensor) -> torch.Tensor: ...
+
+
+class Dispatcher(Protocol):
+    """Moves token copies to their experts and back (`GroupedExperts.dispatcher`)."""
+
+    communicates: bool
+
+    def dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int, impl: str
+                 ) -> tuple[torch.Tensor, torch.Tensor, object]: ...
+
+    def combine(self, y: torch.Tensor, weights: torch.Tensor, state: object, impl: str) -> torch.Tensor: ...
+
+
+class LocalKeyExchange:
     """Where the rest of each sequence is, for attention: here. This process holds whole sequences,
     so attention is plain causal attention. Context parallel (`moonlight.parallel.context`) swaps
-    `MLA.sequence` for an object with the same two methods that holds a slice of every sequence
+    `MLA.key_exchange` for an object with the same two methods that holds a slice of every sequence
     and reaches the others over its group."""
 
     def gather_keys(self, latent: torch.Tensor, k_pe: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -131,7 +165,7 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(heads * args.v_head_dim, h, bias=False)
         self.softmax_scale = args.qk_head_dim ** -0.5
         self.pad_v: bool | None = None  # None: decided per call by `pads_v`
-        self.sequence = LocalSequence()
+        self.key_exchange: KeyExchange = LocalKeyExchange()
 
     def pads_v(self, x: torch.Tensor, mask: DocumentMask | None) -> bool:
         """Whether v is padded with zeros to the qk head size for attention: on CPU and for the varlen
@@ -158,14 +192,14 @@ class MLA(nn.Module):
         q = q.view(bsz, seqlen, -1, a.qk_head_dim)  # -1: heads held by this rank under tensor parallel
         # The keys travel (under context parallel) as the normalized latent plus the k_pe, the smallest
         # per-token form; the per-head up-projection runs after, on the receiving side.
-        latent, k_pe, key_cos, key_sin = self.sequence.gather_keys(self.kv_norm(latent), k_pe, cos, sin, impl)
+        latent, k_pe, key_cos, key_sin = self.key_exchange.gather_keys(self.kv_norm(latent), k_pe, cos, sin, impl)
         kv = self.kv_b_proj(latent).view(bsz, latent.shape[1], -1, a.qk_nope_head_dim + a.v_head_dim)
         k_nope, v = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)
         k = mla_rope_key(k_nope, k_pe, key_cos, key_sin, impl=impl)  # [k_nope | rope(k_pe) in every head], one pass
         v_pad = a.qk_head_dim - a.v_head_dim if self.pads_v(x, mask) else 0
         if v_pad > 0:
             v = F.pad(v, (0, v_pad))
-        out = self.sequence.attention(q, k, v, self.softmax_scale, mask)
+        out = self.key_exchange.attention(q, k, v, self.softmax_scale, mask)
         out = out[..., : a.v_head_dim] if v_pad > 0 else out
         return self.o_proj(out.reshape(bsz, seqlen, -1))
 
@@ -307,7 +341,7 @@ class Router(nn.Module):
         nn.init.normal_(self.weight, std=std)
         self.expert_bias.zero_()
 
-    def forward(self, x: torch.Tensor, sequences: WholeSequences = WHOLE_SEQUENCES
+    def forward(self, x: torch.Tensor, sequences: SequenceSplit = WHOLE_SEQUENCES
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [T, H] -> (weights [T, K] fp32, expert ids [T, K], scores [T, E] fp32). ``sequences``: the
         MoE layer's (its weight's gradient must sum the tokens of every part)."""
@@ -386,7 +420,7 @@ class GroupedExperts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(e, i, h))
         self.up_proj = nn.Parameter(torch.empty(e, i, h))
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
-        self.dispatcher = LocalDispatcher()
+        self.dispatcher: Dispatcher = LocalDispatcher()
         self.init_weights(args.initializer_range)  # usable as built, as nn.Linear is
 
     @torch.no_grad()
@@ -419,7 +453,7 @@ class _AttachAuxLoss(torch.autograd.Function):
 
 
 def sequence_aux_loss(scores: torch.Tensor, expert_ids: torch.Tensor, bsz: int, top_k: int,
-                      sequences: WholeSequences = WHOLE_SEQUENCES) -> tuple[torch.Tensor, torch.Tensor]:
+                      sequences: SequenceSplit = WHOLE_SEQUENCES) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek-V3's sequence-wise balance loss sum_i f_i * P_i, averaged over sequences.
     P_i: mean over the sequence of the sigmoid scores normalized over all experts; f_i: the fraction
     of the sequence's routing choices that picked expert i, times E / K.
@@ -510,12 +544,12 @@ class MoE(nn.Module):
                              persistent=False)
         self.aux_loss_coeff = args.aux_loss_alpha if args.seq_aux else 0.0
         self.last_aux_loss: torch.Tensor | None = None
-        self.sequences = WHOLE_SEQUENCES  # what x holds: swapped when each process routes a sequence part
+        self.sequence_split: SequenceSplit = WHOLE_SEQUENCES  # swapped when each process routes a sequence part
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        weights, expert_ids, scores = self.router(x, self.sequences)
+        weights, expert_ids, scores = self.router(x, self.sequence_split)
         if self.training:  # only training tokens steer the router bias (not validation, not generation)
             with torch.no_grad():  # scatter_add, not bincount: bincount reads its output size back to the host
                 choices = expert_ids.flatten()
@@ -533,7 +567,7 @@ class MoE(nn.Module):
         out = out.view(shape)
         if self.training and self.aux_loss_coeff > 0 and torch.is_grad_enabled():
             share, value = sequence_aux_loss(scores, expert_ids, shape[0], self.args.num_experts_per_tok,
-                                             self.sequences)
+                                             self.sequence_split)
             self.last_aux_loss = self.aux_loss_coeff * value
             out = _AttachAuxLoss.apply(out, self.aux_loss_coeff * share)
         return out

@@ -1,6 +1,6 @@
 """Context parallel (CP) for MLA: every sequence split over the ``cp`` ranks of ``mesh["cp"]``.
 
-    apply_context_parallel(model, cp_mesh)             # swaps MLA.sequence and MoE.sequences
+    apply_context_parallel(model, cp_mesh)             # swaps MLA.key_exchange and MoE.sequence_split
     tokens = zigzag_slice(tokens, cp, cp_rank)         # positions stay the GLOBAL ones
 
 Zig-zag layout: S tokens in ``2 * cp`` chunks of ``L = S / (2 * cp)``; rank ``i`` holds chunks ``i``
@@ -23,7 +23,7 @@ from moonlight.distributed import collective_result
 from moonlight.model import MLA, DocumentMask, MoE
 from moonlight.parallel.tensor import SequenceShards
 
-__all__ = ["zigzag_slice", "zigzag_indices", "ContextParallelSequence", "apply_context_parallel"]
+__all__ = ["zigzag_slice", "zigzag_indices", "ContextParallelKeyExchange", "apply_context_parallel"]
 
 
 def zigzag_indices(seq_len: int, cp: int, rank: int) -> torch.Tensor:
@@ -48,8 +48,8 @@ def _sequence_order(gathered: torch.Tensor, cp: int) -> torch.Tensor:
     return chunks.transpose(0, 1).flatten(1, 2)
 
 
-class ContextParallelSequence:
-    """`moonlight.model.model.LocalSequence` for a rank that holds the zig-zag slice ``rank`` of every
+class ContextParallelKeyExchange:
+    """`moonlight.model.model.LocalKeyExchange` for a rank that holds the zig-zag slice ``rank`` of every
     sequence over ``group`` (``cp`` ranks). See the module docstring."""
 
     def __init__(self, group: dist.ProcessGroup, cp: int, rank: int):
@@ -112,18 +112,18 @@ class ContextParallelSequence:
 
 
 def apply_context_parallel(model: nn.Module, cp_mesh: DeviceMesh) -> nn.Module:
-    """Give every MLA layer of a model (or pipeline stage) a `ContextParallelSequence` over the 1-D
+    """Give every MLA layer of a model (or pipeline stage) a `ContextParallelKeyExchange` over the 1-D
     ``cp_mesh``, and every MoE layer the `SequenceShards` of its sequences' cp slices. Parameters are
     untouched (data parallel reduces them over cp). Returns the model."""
     if cp_mesh.ndim != 1:
         raise ValueError(f"apply_context_parallel needs a 1-D cp mesh, got {cp_mesh.mesh_dim_names}")
     if cp_mesh.size() == 1:
         return model
-    sequence = ContextParallelSequence(cp_mesh.get_group(), cp_mesh.size(), cp_mesh.get_local_rank())
+    key_exchange = ContextParallelKeyExchange(cp_mesh.get_group(), cp_mesh.size(), cp_mesh.get_local_rank())
     shards = SequenceShards(cp_mesh, loss_scale=cp_mesh.size())
     for module in model.modules():
         if isinstance(module, MLA):
-            module.sequence = sequence
+            module.key_exchange = key_exchange
         elif isinstance(module, MoE):
-            module.sequences = shards
+            module.sequence_split = shards
     return model

@@ -56,7 +56,7 @@ def _reduce_rope_key_grad(kv_a_proj: nn.Module, start: int, tp_mesh: DeviceMesh)
 
 
 class SequenceShards:
-    """`MoE.sequences` when this rank's MoE input is one part of every sequence of its data replica,
+    """`MoE.sequence_split` when this rank's MoE input is one part of every sequence of its data replica,
     the other parts on the ranks of ``parts_mesh``: context parallel's cp ranks, times the tp ranks
     under sequence-local routing (see `moonlight.model.model.WholeSequences`). ``weight_mesh``: the
     ranks among them whose router-weight gradients data parallel does not reduce (tp), summed here;
