@@ -19,6 +19,7 @@ from moonlight.data.loader import ChatDataLoader, build_dataloader, load_documen
 from moonlight.data.tokenizer import DEFAULT_ADDITIONAL_SPECIALS, ByteTokenizer, build_tokenizer
 from moonlight.train.trainer import Trainer
 from tests.dist import gathered_weights, run_ranks
+from tests.helpers import chat_conversations, write_chat
 
 FACTS_EXAMPLE = [
     {"role": "system", "content": "You are a helpful assistant provided by Moonshot-AI."},
@@ -144,25 +145,6 @@ def test_template_that_rewrites_earlier_turns_is_rejected(tmp_path):
 # ------------------------------------------------------------------ loader
 
 
-def _conversations(n, seed=0):
-    """Conversations of uneven lengths: a system turn now and then, one or two exchanges."""
-    rng = np.random.default_rng(seed)
-    words = ["alpha", "beta", "gamma", "delta", "prime", "sum", "one", "two", "yes", "no"]
-    out = []
-    for k in range(n):
-        messages = [{"role": "system", "content": "Be brief."}] if k % 3 == 0 else []
-        for _ in range(1 + k % 2):
-            messages.append({"role": "user", "content": " ".join(rng.choice(words, rng.integers(1, 4)))})
-            messages.append({"role": "assistant", "content": " ".join(rng.choice(words, rng.integers(1, 7)))})
-        out.append({"messages": messages})
-    return out
-
-
-def _write_chat(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
 def _chat_cfg(path, **kw):
     cfg = DataSection(format="chat", path=str(path))
     for k, v in kw.items():
@@ -171,9 +153,9 @@ def _chat_cfg(path, **kw):
 
 
 def test_packing_keeps_conversations_whole_and_labels_only_assistant_turns(tmp_path):
-    rows = _conversations(30)
+    rows = chat_conversations(30)
     tok = ByteTokenizer()
-    loader = build_dataloader(_chat_cfg(_write_chat(tmp_path / "c.jsonl", rows)), tok, 160, 2)
+    loader = build_dataloader(_chat_cfg(write_chat(tmp_path / "c.jsonl", rows)), tok, 160, 2)
     assert isinstance(loader, ChatDataLoader) and loader.num_truncated == 0
     template = load_chat_template("byte", tok)
     expected = {}
@@ -197,9 +179,9 @@ def test_packing_keeps_conversations_whole_and_labels_only_assistant_turns(tmp_p
 
 
 def test_overflow_truncates_or_drops_and_reports(tmp_path, caplog):
-    rows = _conversations(12)
+    rows = chat_conversations(12)
     rows[3]["messages"][-1]["content"] = "long " * 40
-    cfg = _chat_cfg(_write_chat(tmp_path / "c.jsonl", rows))
+    cfg = _chat_cfg(write_chat(tmp_path / "c.jsonl", rows))
     tok = ByteTokenizer()
     store = load_documents(cfg, tok)
     j = int(np.argmax(store.lengths))
@@ -216,10 +198,10 @@ def test_overflow_truncates_or_drops_and_reports(tmp_path, caplog):
 
 
 def test_bad_conversations_are_skipped_and_counted(tmp_path):
-    rows = _conversations(4) + [{"messages": [{"role": "robot", "content": "x"}]},
+    rows = chat_conversations(4) + [{"messages": [{"role": "robot", "content": "x"}]},
                                 {"messages": [{"role": "user", "content": "no answer"}]}, {"messages": "hi"},
                                 {"messages": []}]
-    store = load_documents(_chat_cfg(_write_chat(tmp_path / "c.jsonl", rows)), ByteTokenizer())
+    store = load_documents(_chat_cfg(write_chat(tmp_path / "c.jsonl", rows)), ByteTokenizer())
     assert store.num_documents == 4 and store.num_bad_lines == 4
     assert "role 'robot'" in store.bad_lines[0] and "no assistant message" in store.bad_lines[1]
     assert store.bad_lines[2].endswith("non-empty list, got str") and store.bad_lines[3].endswith("got []")
@@ -229,7 +211,7 @@ def test_bad_conversations_are_skipped_and_counted(tmp_path):
                          ids=["empty", "all_skipped"])
 def test_no_usable_conversation_is_named_as_such(tmp_path, rows):
     """It was blamed on the length (raise seq_len or truncate), which chat_overflow = "truncate" already is."""
-    cfg = _chat_cfg(_write_chat(tmp_path / "c.jsonl", rows))
+    cfg = _chat_cfg(write_chat(tmp_path / "c.jsonl", rows))
     with pytest.raises(DataError, match="no conversations to train on .*every record was skipped"):
         build_dataloader(cfg, ByteTokenizer(), 64, 1)
 
@@ -238,11 +220,11 @@ def test_hf_dataset_with_a_custom_messages_column(tmp_path, monkeypatch):
     import datasets
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")  # load_dataset's cache
-    rows = _conversations(6)
+    rows = chat_conversations(6)
     datasets.Dataset.from_list([{"conv": r["messages"]} for r in rows]).save_to_disk(str(tmp_path / "ds"))
     (tmp_path / "pq").mkdir()  # data files, not a saved dataset: were refused as "no jsonl files found"
     datasets.Dataset.from_list([{"conv": r["messages"]} for r in rows]).to_parquet(str(tmp_path / "pq" / "a.parquet"))
-    jsonl = load_documents(_chat_cfg(_write_chat(tmp_path / "c.jsonl", rows)), ByteTokenizer())
+    jsonl = load_documents(_chat_cfg(write_chat(tmp_path / "c.jsonl", rows)), ByteTokenizer())
     for hf in ("ds", "pq"):
         store = load_documents(_chat_cfg(tmp_path / hf, messages_key="conv"), ByteTokenizer())
         assert np.array_equal(store.tokens[0], jsonl.tokens[0]) and np.array_equal(store.targets[0], jsonl.targets[0])
@@ -251,7 +233,7 @@ def test_hf_dataset_with_a_custom_messages_column(tmp_path, monkeypatch):
 
 
 def test_chat_loader_resumes_and_shards(tmp_path):
-    path = _write_chat(tmp_path / "c.jsonl", _conversations(40))
+    path = write_chat(tmp_path / "c.jsonl", chat_conversations(40))
     tok = ByteTokenizer()
     cfg = _chat_cfg(path)
     a = build_dataloader(cfg, tok, 64, 2, seed=5)
@@ -282,7 +264,7 @@ def _trainer(folder, data, extra):
 def test_loss_and_grads_are_those_of_one_big_batch(tmp_path):
     """Grad accumulation 4 over micro-batches with different target counts gives the loss and the
     gradients of the whole step's batch in one forward: sum of CE over targets / number of targets."""
-    data = _write_chat(tmp_path / "c.jsonl", _conversations(24))
+    data = write_chat(tmp_path / "c.jsonl", chat_conversations(24))
     trainer = _trainer(tmp_path / "run", data, ["--training.local_batch_size=1", "--moe.aux_loss_coeff=0"])
     assert trainer.grad_accum == 4
     counts = [int((trainer.dataloader.row(g)[1] != -100).sum()) for g in range(4)]
@@ -318,7 +300,7 @@ def _losses(folder):
 def test_fsdp2_with_grad_accumulation_equals_single_process(tmp_path):
     """2 ranks x local batch 1 x accumulation 2, uneven target counts per rank and micro-batch: the
     same losses and weights as one process with accumulation 4."""
-    data = _write_chat(tmp_path / "c.jsonl", _conversations(24))
+    data = write_chat(tmp_path / "c.jsonl", chat_conversations(24))
     single = torch.load(io.BytesIO(_train_and_gather(0, 1, tmp_path / "one", data, ["--training.local_batch_size=1"])))
     two = torch.load(io.BytesIO(run_ranks(_train_and_gather, 2, tmp_path / "two", data,
                                           ["--training.local_batch_size=1", "--parallelism.dp_shard=2"])[0]))

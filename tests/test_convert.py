@@ -6,7 +6,6 @@ import os
 import pytest
 import torch
 import transformers
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from moonlight import ModelArgs, convert
@@ -16,15 +15,7 @@ from moonlight.hf import load_hf, save_hf
 from moonlight.model import Moonlight
 from moonlight.parallel.load import load_hf_sharded
 from tests.hf_reference import make_hf_model
-
-
-def _read_all(path):
-    out = {}
-    for name in sorted(os.listdir(path)):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(path, name), "pt") as f:
-                out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
+from tests.helpers import read_safetensors_dir
 
 
 @pytest.fixture
@@ -41,7 +32,7 @@ def test_save_load_round_trip_is_bit_exact_and_sharded(hf_dir, tmp_path):
     save_hf(model, out, max_shard_size="200KB")
     shards = [n for n in os.listdir(out) if n.endswith(".safetensors")]
     assert len(shards) > 1 and os.path.exists(out / "model.safetensors.index.json")
-    original, exported = _read_all(hf_dir), _read_all(out)
+    original, exported = read_safetensors_dir(hf_dir), read_safetensors_dir(out)
     assert set(exported) == set(original)
     for k, v in original.items():
         assert exported[k].dtype == v.dtype and torch.equal(exported[k], v), k
@@ -61,7 +52,7 @@ def test_transformers_loads_export_with_same_logits(hf_dir, tmp_path):
 
 def test_bf16_export_keeps_router_bias_fp32(hf_dir, tmp_path):
     save_hf(load_hf(hf_dir, kernels="torch"), tmp_path / "bf16", dtype=torch.bfloat16)
-    tensors = _read_all(tmp_path / "bf16")
+    tensors = read_safetensors_dir(tmp_path / "bf16")
     assert tensors["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
     assert tensors["model.layers.1.mlp.experts.3.up_proj.weight"].dtype == torch.bfloat16
     with open(tmp_path / "bf16" / "config.json") as f:
@@ -112,7 +103,7 @@ def test_unsupported_config_fields_are_rejected(change, match):
 
 
 def _rewrite(src, dst, edit):
-    tensors = _read_all(src)
+    tensors = read_safetensors_dir(src)
     edit(tensors)
     os.makedirs(dst)
     save_file(tensors, os.path.join(dst, "model.safetensors"))
@@ -201,7 +192,7 @@ def test_transformers_state_dict_round_trips_in_memory_bit_for_bit(variant):
 
 def test_state_dict_conversion_streams_and_reads_the_file_layout(hf_dir):
     """Iterators convert as streams of pairs; the per-expert layout is what save_pretrained writes."""
-    files = _read_all(hf_dir)
+    files = read_safetensors_dir(hf_dir)
     args = ModelArgs.from_hf_config(hf_dir)
     native = convert.from_hf_state_dict(files, args)
     streamed = convert.from_hf_state_dict(iter(files.items()), args)

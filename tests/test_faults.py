@@ -35,7 +35,7 @@ from moonlight.train.metrics import MetricsLogger
 from moonlight.data.tokenizer import build_tokenizer
 from moonlight.train.trainer import Trainer
 from tests.hf_reference import make_hf_model
-from tests.test_checkpoint import FakeLoader, build, cfg, full_sd
+from tests.helpers import FakeLoader, build, cfg, full_sd
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SMALL = ["--training.seq_len=32", "--training.global_batch_size=4", "--training.local_batch_size=2",
@@ -216,10 +216,10 @@ def _record_hashed_files():
 
 
 def _two_rank_save(rank, world, folder):
-    from tests.test_checkpoint import _fsdp, build_opt
+    from tests.helpers import fsdp_wrap, build_opt
 
     seen = _record_hashed_files()
-    model = _fsdp(build()[0])
+    model = fsdp_wrap(build()[0])
     opts, scheds = build_opt(model)
     ckpt = Checkpointer(cfg(), folder, [model], opts, scheds, FakeLoader())
     for s in (1, 2):
@@ -231,10 +231,10 @@ def _two_rank_save(rank, world, folder):
 
 
 def _two_rank_load(rank, world, folder):
-    from tests.test_checkpoint import _fsdp, build_opt
+    from tests.helpers import fsdp_wrap, build_opt
 
     seen = _record_hashed_files()
-    model = _fsdp(build(seed=7)[0])
+    model = fsdp_wrap(build(seed=7)[0])
     opts, scheds = build_opt(model)
     return Checkpointer(cfg(), folder, [model], opts, scheds, FakeLoader()).load(), seen
 

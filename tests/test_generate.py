@@ -13,7 +13,7 @@ from moonlight.hf import load_hf, save_hf
 from moonlight.generate import (LatentCache, cache_bytes_per_token, forward_cached, generate, main, pad_left,
                                 per_head_kv_bytes_per_token, sample_next)
 from tests.hf_reference import make_hf_model, min_topk_gap
-from tests.test_data import make_tiktoken_dir
+from tests.helpers import make_tiktoken_dir
 
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [20, 21, 22, 23, 24]]
 NEW = 10

@@ -217,3 +217,11 @@ def test_module_docstrings_are_short():
             for doc in [ast.get_docstring(ast.parse(p.read_text()), clean=False)] if doc
             for n in [len(doc.strip("\n").splitlines())] if n > 12}
     assert long == {}
+
+
+def test_no_test_module_imports_another():
+    """Shared test code lives in tests/helpers.py (and tests/dist.py, tests/hf_reference.py)."""
+    found = [f"{p.name}:{node.lineno}" for p in sorted((ROOT / "tests").glob("*.py"))
+             for node in ast.walk(ast.parse(p.read_text()))
+             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tests.test_")]
+    assert found == []

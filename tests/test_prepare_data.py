@@ -16,8 +16,8 @@ from moonlight.data.loader import build_dataloader, load_documents
 from moonlight.data.megatron import MegatronIndexedDataset, build_megatron_from_jsonl, token_dtype
 from moonlight.data.tokenizer import ByteTokenizer, build_tokenizer
 from moonlight.train.trainer import Trainer
-from tests.test_data import all_sequences, data_cfg, make_docs, make_tiktoken_dir, mmididx_bytes, write_jsonl
-from tests.test_train import SMALL, _metrics
+from tests.helpers import all_sequences, data_cfg, make_docs, make_tiktoken_dir, mmididx_bytes, write_jsonl
+from tests.helpers import SMALL, read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -183,7 +183,7 @@ def test_the_recipe_trains_on_the_files_as_on_the_jsonl(tmp_path):
         Trainer(load_config("train.toml", SMALL + [f"--job.dump_folder={run}", "--training.steps=3",
                                                    f"--data.format={fmt}", f"--data.path={path}",
                                                    f"--data.add_eos={add_eos}"])).train()
-        losses[fmt] = [r["loss"] for r in _metrics(run)]
+        losses[fmt] = [r["loss"] for r in read_metrics(run)]
     assert len(losses["jsonl"]) == 3 and losses["megatron"] == losses["jsonl"]
 
 

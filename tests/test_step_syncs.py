@@ -12,7 +12,7 @@ from moonlight.train.config import load_config
 from moonlight.train.balance import expert_load_imbalance
 from moonlight.train.trainer import Trainer
 from tests.dist import run_ranks
-from tests.test_moe_sync import host_syncs, recording_host_syncs
+from tests.helpers import host_syncs, recording_host_syncs
 
 SMALL = ["--training.seq_len=32", "--training.global_batch_size=2", "--training.local_batch_size=2",
          "--checkpoint.enable=false", "--metrics.log_freq=2", "--metrics.device_peak_flops=1e11",
