@@ -502,7 +502,7 @@ def test_megatron_files_are_checked_at_open(tmp_path):
 
 def test_an_unreadable_megatron_file_is_named(tmp_path, monkeypatch):
     """Fault: an .idx without read permission was a PermissionError traceback (simulated: tests run as root)."""
-    from moonlight.train import megatron
+    from moonlight.data import megatron
 
     prefix = tmp_path / "x"
     _megatron(prefix)
