@@ -23,6 +23,7 @@ from moonlight.model import Moonlight  # noqa: E402
 from moonlight.train.config import CheckpointSection  # noqa: E402
 from moonlight.train.optim import build_optimizers  # noqa: E402
 from moonlight.train.schedule import build_lr_scheduler  # noqa: E402
+from benchmarks.peers import progress  # noqa: E402
 
 # ~27 M parameters (~107 MB fp32; with AdamW's two moments ~320 MB per checkpoint)
 ARGS = ModelArgs.preset("debug", vocab_size=4096, hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
@@ -48,6 +49,7 @@ def main():
                                                     async_mode="async" if mode == "async" else ""),
                                   f"{tmp}/{mode}", [model], opts, scheds, None) for mode in ("sync", "async")}
         for step in range(1, ns.pairs + 1):
+            progress(f"pair {step}/{ns.pairs}")
             for mode, ck in cks.items():
                 t0 = time.perf_counter()
                 ck.save(step)

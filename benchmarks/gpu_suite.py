@@ -8,7 +8,8 @@ slice     a bf16 training step (forward, backward, AdamW step) of a Moonlight-wi
           model on the same slice when it imports (benchmarks/peers.py).
 lora      one GPU, Moonlight-16B with LoRA (configs/moonlight-16b-lora.toml through the trainer):
           peak memory and tokens/s.
-generate  tokens/s of moonlight.generate, when that module exists.
+generate  Moonlight-16B greedy tokens/s at batch 1 and 16 (compiled decode step; transformers' generate
+          and our eager loop on the same weights), prefill MFU of a 4096-token prompt (benchmarks/generate.py).
 summary   merges the step files (and the kernel benchmark's) into gpu_suite.json and gpu_suite.md.
 --cpu-smoke runs the same code on CPU with tiny shapes and fp32, so the suite is known to work.
 """
@@ -160,21 +161,27 @@ def run_lora(out: Path, smoke: bool) -> dict:
 
 
 def run_generate(out: Path, smoke: bool) -> dict:
-    import moonlight.generate as generate  # gpu_suite.sh runs this step only when the module exists
+    """benchmarks/generate.py's measurements: Moonlight-16B (random weights, bf16, greedy, prompt 16, 128 new
+    tokens) at batch 1 and 16, compiled, beside transformers' generate and our eager loop; prefill MFU."""
+    from benchmarks.generate import run  # imports this module
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    args, _, _ = slice_args(smoke)
-    model = random_moonlight(args, device, torch.float32 if smoke else torch.bfloat16).eval()
-    prompt = torch.randint(0, args.vocab_size, (1, 16), device=device)
-    new = 8 if smoke else 256
+    if smoke:
+        args, dtype = ModelArgs.preset("debug", kernels="auto"), torch.float32
+        sizes = dict(batches=[1, 2], prompt=16, new=8, baseline_new=4, prefill_len=64, backend="aot_eager")
+    else:
+        args, dtype = ModelArgs.preset("moonlight-16b-a3b"), torch.bfloat16
+        sizes = dict(batches=[1, 16], prompt=16, new=128, baseline_new=32, prefill_len=4096, backend="inductor")
+    result = {"model": "debug" if smoke else "moonlight-16b-a3b"}
     try:
-        _sync(device)
-        t0 = time.perf_counter()
-        generate.generate(model, prompt, max_new_tokens=new)
-        _sync(device)
-        return {"tokens_per_s": new / (time.perf_counter() - t0), "new_tokens": new}
-    except Exception as e:  # the failure becomes this step's result in the summary
-        return {"error": f"{type(e).__name__}: {e}"[:500]}
+        model = random_moonlight(args, device, dtype).eval()
+        result.update(run(model, **sizes, report=lambda r: write_step(out, "generate", {**result, **r})))
+    except Exception as e:  # the failure becomes this step's result, beside what was measured
+        result["error"] = f"{type(e).__name__}: {e}"[:500]
+        saved = out / "step_generate.json"
+        if saved.exists():
+            result = {**json.loads(saved.read_text()), **result}
+    return result
 
 
 def write_step(out: Path, step: str, result: dict) -> None:

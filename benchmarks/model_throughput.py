@@ -25,12 +25,12 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.peers import PEER_CONFIG, benchmark_device, build_all, save_peer_checkpoint  # noqa: E402
+from benchmarks.peers import PEER_CONFIG, benchmark_device, build_all, progress, save_peer_checkpoint  # noqa: E402
 from moonlight.config import ModelArgs  # noqa: E402
 from moonlight.hf import load_hf  # noqa: E402
 from moonlight.parallel.tensor import reduce_token_losses  # noqa: E402
 from moonlight.parallel.compile import apply_compile  # noqa: E402
-from moonlight.train.metrics import peak_flops  # noqa: E402
+from moonlight.train.metrics import measure_peak_flops, peak_flops  # noqa: E402
 
 def logits_loss(forward):
     """The peers' training loss: the mean next-token cross-entropy on their [B, S, V] logits (what
@@ -91,6 +91,7 @@ def main():
     with torch.no_grad():
         losses = {name: loss(tokens).item() for name, (loss, _) in runs.items()}
     print("loss " + ", ".join(f"{name} {value:.6f}" for name, value in losses.items()))
+    progress(f"warm-up of {', '.join(runs)}")
     for loss, params in runs.values():  # warm-up (twice: a compiled model compiles its backward on the first)
         step_time(loss, params, tokens)
         step_time(loss, params, tokens)
@@ -99,7 +100,9 @@ def main():
     for i in range(args.pairs):  # rotate the order so no system always runs first
         for name in names[i % len(names):] + names[:i % len(names)]:
             times[name].append(step_time(*runs[name], tokens, clock))
-    peak = peak_flops(device, torch.float32)
+        progress(f"round {i + 1}/{args.pairs}: " + ", ".join(f"{name} {t[-1]:.2f}s" for name, t in times.items()))
+    # this table's MFU is against the GEMM peak timed in the same run on CPU (the trainer's is a fixed nominal one)
+    peak = measure_peak_flops(device) if device.type == "cpu" else peak_flops(device, torch.float32)
     flops_per_token = model_args.flops_per_token(args.seq)
     n_tokens = args.batch * args.seq
     print(f"device {device}, {args.threads} threads, {'CPU' if args.cpu_time else 'wall'} time, "

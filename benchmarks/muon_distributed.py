@@ -40,6 +40,7 @@ from moonlight.train.muon import ns_flops, plan_orthogonalization, zeropower_via
 from moonlight.train.optim import Muon  # noqa: E402
 from moonlight.train.trainer import Trainer  # noqa: E402
 from tests.dist import run_ranks  # noqa: E402
+from benchmarks.peers import progress  # noqa: E402
 
 
 def _redundant_orthogonalize(self, work):
@@ -66,7 +67,10 @@ class _CommCounter:
     def __init__(self):
         self.fsdp = self.muon = self.muon_elements = 0
         self.in_muon = False
-        ag, rs, a2a = dist.all_gather_single, dist.reduce_scatter_single, dist.all_to_all_single
+        # FSDP's collectives: torch 2.13 names them *_single, 2.11 all_gather_into_tensor / reduce_scatter_tensor
+        ag_name = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
+        rs_name = "reduce_scatter_single" if hasattr(dist, "reduce_scatter_single") else "reduce_scatter_tensor"
+        ag, rs, a2a = getattr(dist, ag_name), getattr(dist, rs_name), dist.all_to_all_single
 
         def all_gather_single(output, input, group=None, async_op=False):
             n = dist.get_world_size(group)
@@ -86,7 +90,8 @@ class _CommCounter:
                 self.muon += (input.numel() - own) * input.element_size()
             return a2a(output, input, output_split_sizes, input_split_sizes, group=group, async_op=async_op)
 
-        dist.all_gather_single, dist.reduce_scatter_single = all_gather_single, reduce_scatter_single
+        setattr(dist, ag_name, all_gather_single)
+        setattr(dist, rs_name, reduce_scatter_single)
         dist.all_to_all_single = all_to_all_single
 
     def reset(self):
@@ -161,6 +166,7 @@ def main():
     for world in args.worlds:
         local = [f"--training.local_batch_size={8 // world}"]
         for optimizer in ("adamw", "muon-redundant", "muon"):
+            progress(f"{world} rank(s), {optimizer}: {args.steps} steps")
             rows = run_ranks(_measure, world, optimizer, args.steps, args.warmup, overrides + local)
             share = statistics.mean(r["share"] for r in rows)
             step_s = statistics.mean(r["step_s"] for r in rows)

@@ -22,6 +22,8 @@ torchtitan needs these adjustments to run Moonlight on a CPU (`build_torchtitan`
 from __future__ import annotations
 
 import dataclasses
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -40,6 +42,17 @@ PEER_CONFIG = dict(
     tie_word_embeddings=False, num_nextn_predict_layers=0, max_position_embeddings=4096,
     rope_parameters={"rope_type": "default", "rope_theta": 50000.0},
 )
+
+
+_STARTED = time.perf_counter()
+# Results print line by line even into a pipe (`| tee`), where stdout is block-buffered by default.
+sys.stdout.reconfigure(line_buffering=True)
+
+
+def progress(message: str) -> None:
+    """A progress line on stderr, flushed, with the seconds since the benchmark started: long runs say
+    what they are doing (results stay on stdout)."""
+    print(f"[{time.perf_counter() - _STARTED:7.1f}s] {message}", file=sys.stderr, flush=True)
 
 
 def benchmark_device(threads: int) -> torch.device:

@@ -21,6 +21,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from moonlight.train.config import load_config  # noqa: E402
 from moonlight.train.trainer import Trainer  # noqa: E402
+from benchmarks.peers import progress  # noqa: E402
 
 
 def main():
@@ -37,9 +38,10 @@ def main():
         trainer = Trainer(cfg)
         trainer.time_forward_backward = True
         steps = []
-        for _ in range(total):
+        for i in range(total):
             steps.append(trainer.train_step())
             trainer.step += 1
+            progress(f"step {i + 1}/{total}{' (warm-up)' if i < args.warmup else ''}: {steps[-1]['step_time_s']:.2f}s")
     measured = steps[args.warmup:]
     share = statistics.median((v["step_time_s"] - v["forward_backward_s"]) / v["step_time_s"] for v in measured)
     print(f"model {cfg.model.name}, optimizer {cfg.optimizer.name}, {cfg.training.global_batch_size} x "

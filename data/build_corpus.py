@@ -9,7 +9,11 @@ rust_book.jsonl (Apache-2.0 OR MIT, see data/README.md): the prose of "The Rust 
   Language" as installed by rustup (share/doc/rust/html/book), one document per section,
   code listings and tables removed. Skipped when no rustup documentation is installed.
 
+held-out split: every document whose text's CRC-32 is divisible by HELDOUT_EVERY goes to
+  data/heldout/<same name>.jsonl instead (about 1 in 40; validation, `python -m moonlight.eval`).
+
     python data/build_corpus.py [--rust-doc DIR]
+    python data/build_corpus.py --split-only     # re-split existing corpus files by the same rule
 
 The shipped files were built with CPython 3.11.7 and Rust 1.95.0 documentation; other
 versions give slightly different files.
@@ -22,11 +26,13 @@ import json
 import os
 import re
 import sysconfig
+import zlib
 
 MIN_CHARS = 200
 SKIP_DIRS = ("site-packages", "test", "tests", "idlelib", "lib2to3", "tkinter", "turtledemo",
              "ensurepip", "__pycache__", "pydoc_data", "unittest/test", "ctypes/test")
 HEADING = re.compile(r"^(\*+|=+|-+)$")
+HELDOUT_EVERY = 40  # a document is held out when crc32(text) % HELDOUT_EVERY == 0: a fixed, content-based rule
 
 
 def topic_sections(text: str) -> list[str]:
@@ -95,17 +101,38 @@ def rust_book_sections(book_dir: str) -> list[str]:
     return docs
 
 
+def is_heldout(text: str) -> bool:
+    return zlib.crc32(text.encode("utf-8")) % HELDOUT_EVERY == 0
+
+
 def write_jsonl(docs: list[str], out: str) -> None:
+    """The unique documents of docs: the held-out ones to ../heldout/<name>, the others to out."""
+    heldout = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(out))), "heldout", os.path.basename(out))
+    os.makedirs(os.path.dirname(heldout), exist_ok=True)
     seen = set()
-    n = 0
-    with open(out, "w", encoding="utf-8") as f:
+    with open(out, "w", encoding="utf-8") as train, open(heldout, "w", encoding="utf-8") as held:
         for d in docs:
             if d in seen:
                 continue
             seen.add(d)
-            f.write(json.dumps({"text": d}, ensure_ascii=False) + "\n")
-            n += 1
-    print(f"wrote {n} documents, {os.path.getsize(out) / 1e6:.2f} MB to {out}")
+            (held if is_heldout(d) else train).write(json.dumps({"text": d}, ensure_ascii=False) + "\n")
+    for path in (out, heldout):
+        with open(path, encoding="utf-8") as f:
+            n = sum(1 for _ in f)
+        print(f"wrote {n} documents, {os.path.getsize(path) / 1e6:.2f} MB to {path}")
+
+
+def split_only(out_dir: str) -> None:
+    """Apply the held-out rule to the corpus files as they are (and any held-out files already split)."""
+    heldout_dir = os.path.join(os.path.dirname(os.path.abspath(out_dir)), "heldout")
+    for name in sorted(os.listdir(out_dir)):
+        if name.endswith(".jsonl"):
+            docs = []
+            for path in (os.path.join(out_dir, name), os.path.join(heldout_dir, name)):
+                if os.path.exists(path):
+                    with open(path, encoding="utf-8") as f:
+                        docs += [json.loads(line)["text"] for line in f if line.strip()]
+            write_jsonl(docs, os.path.join(out_dir, name))
 
 
 def main(out_dir: str, rust_doc: str | None) -> None:
@@ -131,6 +158,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus"))
     ap.add_argument("--rust-doc", default=None, help="rustup's share/doc/rust directory")
+    ap.add_argument("--split-only", action="store_true", help="only re-split the existing corpus files")
     a = ap.parse_args()
     os.makedirs(a.out_dir, exist_ok=True)
-    main(a.out_dir, a.rust_doc)
+    split_only(a.out_dir) if a.split_only else main(a.out_dir, a.rust_doc)

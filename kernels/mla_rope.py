@@ -322,7 +322,10 @@ def rotate_rope_(x: Tensor, cos: Tensor, sin: Tensor, head_dim: int, impl: str =
     gradient in place: only when nothing else holds that gradient (true when x feeds attention only,
     whose backward hands out a fresh one).
     """
-    out_of_place = torch.is_grad_enabled() and x.requires_grad and x._base is not None
+    if not torch.is_grad_enabled():  # no graph to record: the op itself (compiles under no_grad)
+        torch.ops.moonlight.rotate_rope_(x, cos, sin, head_dim, False, _use_triton(impl))
+        return x
+    out_of_place = x.requires_grad and x._base is not None
     return _RotateRope.apply(x, cos, sin, head_dim, _use_triton(impl), grad_in_place, out_of_place)
 
 

@@ -36,10 +36,10 @@ def hf_to_dcp(hf: str, out: str, overwrite: bool = False) -> str:
     """Checked against the config from the HF headers first, then written one tensor at a time (each
     read from the HF files when DCP writes it)."""
     check_output(out, hf)
-    check_replaceable(os.path.abspath(out), fmt.DCP_OUTPUT, overwrite, "a moonlight checkpoint")
+    check_replaceable(os.path.abspath(out), fmt.DCP_OUTPUT, overwrite, "a moonlight checkpoint", how="--overwrite")
     ckpt = HFCheckpoint(hf)
     args = ckpt.args
-    ckpt.check_keys(args)
+    ckpt.check(args)
     placeholders = {}
     for native, shape in expected_shapes(args).items():
         keys = hf_keys(native, args)
@@ -76,7 +76,7 @@ def dcp_to_hf(dcp_dir: str, out: str, config: str | None = None, preset: str | N
     if config and preset:
         raise ConfigError("pass --config or --model-preset, not both")
     check_output(out, dcp_dir)
-    check_replaceable(os.path.abspath(out), HF_OUTPUT, overwrite, "a Hugging Face export")
+    check_replaceable(os.path.abspath(out), HF_OUTPUT, overwrite, "a Hugging Face export", how="--overwrite")
     parse_size(max_shard_size)
     path = fmt.resolve_checkpoint(dcp_dir, step)
     fmt.check_intact(path)
@@ -91,19 +91,31 @@ def dcp_to_hf(dcp_dir: str, out: str, config: str | None = None, preset: str | N
             hint = f" (the checkpoint's meta.json differs from the given config: {'; '.join(diffs)})"
             print(f"warning: the given config differs from the one {path} was saved with: {'; '.join(diffs)}",
                   file=sys.stderr)
-    print(f"writing HF checkpoint to {out}", file=sys.stderr)
-    return save_hf_from_dcp(path, out, args, hint=hint, dtype=dtype, max_shard_size=max_shard_size,
-                            overwrite=overwrite)
+    step = f" (step {meta['step']})" if meta and "step" in meta else ""
+    print(f"writing HF checkpoint of {path}{step} to {out}", file=sys.stderr)
+    try:
+        return save_hf_from_dcp(path, out, args, hint=hint, dtype=dtype, max_shard_size=max_shard_size,
+                                overwrite=overwrite)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # DCP's CheckpointException is a BaseException
+        if fmt.is_complete(path):
+            raise
+        raise CheckpointError(f"{path} was removed while being read ({type(e).__name__}), by a running trainer's "
+                              "checkpoint.keep_latest_k rotation? Copy the step elsewhere first (or pass a --step the "
+                              "trainer keeps) and convert the copy; nothing was written") from None
 
 
 def dcp_to_peft(dcp_dir: str, out: str, step: int = -1, overwrite: bool = False) -> str:
     path = fmt.resolve_checkpoint(dcp_dir, step)
     check_output(out, path)
-    check_replaceable(os.path.abspath(out), PEFT_OUTPUT, overwrite, "a PEFT adapter")
+    check_replaceable(os.path.abspath(out), PEFT_OUTPUT, overwrite, "a PEFT adapter", how="--overwrite")
     fmt.check_intact(path)
     adapters, args, lora = load_dcp_adapters(path)
-    print(f"writing PEFT adapter ({len(adapters)} tensors) to {out}", file=sys.stderr)
-    return save_peft_adapter(adapters, args, lora, out, overwrite=overwrite)
+    meta = fmt.read_meta(path)
+    print(f"writing PEFT adapter ({len(adapters)} tensors) of {path} (step {meta['step']}) to {out}", file=sys.stderr)
+    base = meta.get("base_model")  # the run's initial_load_hf
+    return save_peft_adapter(adapters, args, lora, out, base_model_name_or_path=base, overwrite=overwrite)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,10 +2,14 @@
 and its backend, the plain tensor behind a DTensor's local shard or a functional collective's
 result, and the host-to-device copy that does not wait for the device. Everything above the model
 layer reaches torch.distributed's rank, world size and object collectives through these, so a
-single process needs no set-up."""
+single process needs no set-up. Joining a torchrun job sets a collective timeout and keeps the job's
+store, through which the ranks that stop answering (or that alone met an error) are named."""
 
 from __future__ import annotations
 
+import datetime
+import os
+import time
 from typing import Any
 
 import torch
@@ -14,6 +18,66 @@ import torch.distributed._functional_collectives as funcol
 from torch.distributed.tensor import DTensor
 
 from moonlight.errors import ConfigError
+
+
+_STORE: list[Any] = []  # the job's key-value store once init_process_group ran: who answered, who failed
+
+
+def init_process_group(backend: str, timeout_s: float) -> None:
+    """Join the torchrun job (its env:// variables) with collectives that give up after `timeout_s`; the
+    job's store is kept to name the ranks that stop answering (see silent_ranks)."""
+    for key in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        if key not in os.environ:
+            raise ConfigError(f"WORLD_SIZE={os.environ.get('WORLD_SIZE')} is set but {key} is not: launch with "
+                              f"torchrun --nproc_per_node={os.environ.get('WORLD_SIZE')} ..., or unset WORLD_SIZE "
+                              "for a single process")
+    store, rank, world = next(dist.rendezvous("env://"))
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    _STORE[:] = [store]
+
+
+def is_collective_timeout(e: BaseException) -> bool:
+    """Whether an exception is a collective that gave up waiting (gloo's "Timed out waiting ...", NCCL's
+    watchdog)."""
+    return isinstance(e, RuntimeError) and any(m in str(e) for m in ("Timed out waiting", "collective operation "
+                                                                                           "timeout"))
+
+
+def _mark_and_collect(tag: str, wait_s: float, until: Any) -> set[int]:
+    """Set this rank's `tag` key in the job's store, then wait up to wait_s for `until(ranks seen)`;
+    returns the ranks whose key is set."""
+    store, me, world = _STORE[0], rank(), world_size()
+    store.set(f"moonlight/{tag}/{me}", "1")
+    deadline = time.monotonic() + wait_s
+    while True:
+        seen = {r for r in range(world) if store.check([f"moonlight/{tag}/{r}"])}
+        if until(seen) or time.monotonic() > deadline:
+            return seen
+        time.sleep(0.1)
+
+
+def silent_ranks(wait_s: float = 5.0) -> list[int] | None:
+    """After a collective timed out on this rank: the ranks that did not time out too within wait_s (they
+    stopped or hang elsewhere); None when unknown (no store)."""
+    if not _STORE or not is_distributed():
+        return None
+    try:
+        seen = _mark_and_collect("timeout", wait_s, lambda s: len(s) == world_size())
+    except (RuntimeError, OSError):  # the store is gone with the rank that hosted it
+        return None
+    return sorted(set(range(world_size())) - seen)
+
+
+def reported_by_rank0(wait_s: float = 3.0) -> bool:
+    """A user error on this rank: whether rank 0 met one too (and printed it), so this rank need not. Without
+    the job's store (the error came before joining it) every rank is taken to meet the same error."""
+    if not _STORE or not is_distributed():
+        return True
+    try:
+        return 0 in _mark_and_collect("error", wait_s if rank() else 0.0, lambda s: 0 in s)
+    except (RuntimeError, OSError):  # the store is gone with the rank that hosted it: say it here
+        return False
 
 
 def is_distributed() -> bool:

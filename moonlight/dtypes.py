@@ -20,6 +20,11 @@ def to_dtype(name: str | torch.dtype | None, what: str = "dtype") -> torch.dtype
     return DTYPES[key]
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """x in fp32, or in its own dtype when that is wider (an fp64 run stays fp64: upcasts never go down)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def is_mixed(param_dtype: str | torch.dtype | None, reduce_dtype: str | torch.dtype | None) -> bool:
     """Whether FSDP's mixed-precision policy casts anything: either dtype is set and not fp32."""
     return any(to_dtype(d) not in (None, torch.float32) for d in (param_dtype, reduce_dtype))

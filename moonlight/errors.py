@@ -2,18 +2,16 @@
 
 Every error meant for the user derives from `MoonlightError`; its message names what is wrong (the
 key, file and line, or checkpoint path) and what to change. Entry points (`train.py`,
-`python -m moonlight.convert`, ...) wrap their main in `exit_on_user_error`, which reports such an
-error as one `error: ...` line and returns exit code 2 without a traceback. Set MOONLIGHT_TRACEBACK=1
-to see the traceback instead. Anything else is a bug and keeps its traceback.
+`python -m moonlight.convert`, ...) wrap their main in `exit_on_user_error`, which prints such an
+error once (rank 0's, or the one rank that met it) as `error: ...` and returns exit code 2 without a traceback. Set
+MOONLIGHT_TRACEBACK=1 to see the traceback instead. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 from collections.abc import Callable
 
 TRACEBACK_ENV = "MOONLIGHT_TRACEBACK"
@@ -45,38 +43,27 @@ class DataError(MoonlightError, ValueError):
 
 
 class NonFiniteError(MoonlightError, RuntimeError):
-    """Training stopped on NaN/Inf losses or gradients; names where they appeared."""
+    """Training (NaN/Inf losses or gradients) or generation (logits) stopped; names where they appeared."""
 
 
-def exit_on_user_error(main: Callable[[], int | None]) -> int:
-    """Run `main()`; a MoonlightError becomes exit code 2 and one `error: ...` line, printed by rank 0
-    (every rank of a job usually meets the same error). Under torchrun every rank also writes it to its
-    error file, so torchrun's failure summary names an error that another rank met alone; without
-    torchrun the other ranks print it too, tagged with their rank. Returns main's exit code (None: 0)."""
+def exit_on_user_error(main: Callable[[], int | None], reported_by_rank0: Callable[[], bool] | None = None) -> int:
+    """Run `main()`; a MoonlightError becomes one `error: ...` line on stderr and exit code 2. Returns
+    main's exit code (None counts as 0). Printed once: by rank 0, as every rank of a job meets the same
+    error; by another rank (naming it) when it is a lone process (a stale RANK) or when
+    `reported_by_rank0()` (called on every failing rank) says rank 0 did not fail."""
     try:
         return main() or 0
     except MoonlightError as e:
         if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
             raise
-        report_user_error(e)
+        rank = os.environ.get("RANK", "0")
+        lone = os.environ.get("WORLD_SIZE", "1") in ("", "0", "1")
+        rank0_too = reported_by_rank0() if reported_by_rank0 is not None else True
+        if rank == "0" or lone or not rank0_too:
+            message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+            where = "" if rank == "0" else f"(rank {rank}) "
+            print(f"error: {where}{message}", file=sys.stderr, flush=True)
         return USER_ERROR_EXIT_CODE
-
-
-def report_user_error(error: MoonlightError) -> None:
-    """Print (or hand torchrun) `error` as one line; see `exit_on_user_error`."""
-    message = "error: " + " ".join(line.strip() for line in str(error).splitlines() if line.strip())
-    rank = os.environ.get("RANK", "0")
-    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if error_file:
-        try:
-            with open(error_file, "w") as f:
-                json.dump({"message": message, "timestamp": int(time.time())}, f)
-        except OSError:
-            error_file = None  # an unwritable error file: print it instead
-    if rank == "0":
-        print(message, file=sys.stderr, flush=True)
-    elif not error_file:
-        print(f"[rank {rank}] {message}", file=sys.stderr, flush=True)
 
 
 class ArgumentParser(argparse.ArgumentParser):

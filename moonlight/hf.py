@@ -11,8 +11,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 
@@ -24,7 +22,7 @@ from tqdm import tqdm
 from moonlight.config import ModelArgs
 from moonlight.errors import CheckpointError, ConfigError
 from moonlight.model import Moonlight
-from moonlight.outputs import check_replaceable, publish_mode, remove_own_dir
+from moonlight.outputs import check_replaceable, publish_mode, remove_own_dir, staged_output
 
 # native suffix (after "layers.N.") -> HF suffix (after "model.layers.N.")
 _LAYER_RENAMES = {
@@ -124,6 +122,14 @@ def open_safetensors(path: str):
         raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
 
 
+def _finite(tensor: torch.Tensor, key: str, where: str) -> torch.Tensor:
+    if not torch.isfinite(tensor).all():
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise CheckpointError(f"{where}: {key} holds {bad} NaN/Inf value(s) of {tensor.numel()}; a model trained "
+                              "or exported from it would be garbage: use an earlier, finite checkpoint")
+    return tensor
+
+
 class HFCheckpoint:
     """Read access to a HF safetensors directory (single file or sharded with an index), tensor by
     tensor or slice by slice, never loading a whole shard."""
@@ -186,8 +192,25 @@ class HFCheckpoint:
             raise CheckpointError(f"{self.path}: {key} has dtype {name}, not a floating-point weight")
         return _SAFETENSORS_DTYPES[name]
 
+    def check(self, args: ModelArgs) -> None:
+        """What every loader checks before reading a value: no FP8 (its values mean nothing without
+        their scales), the keys `args` expects and no others (no extra layers), floating dtypes."""
+        names = {k: self._handle(k).get_slice(k).get_dtype() for k in self.key_to_file}
+        fp8 = sorted(k for k, name in names.items() if name.startswith("F8") or k.endswith("weight_scale_inv"))
+        if fp8:
+            raise CheckpointError(f"{self.path} is an FP8-quantised checkpoint ({len(fp8)} FP8 or weight_scale_inv "
+                                  f"tensors, e.g. {fp8[0]}): dequantise it to bfloat16 first (e.g. DeepSeek-V3's "
+                                  "inference/fp8_cast_bf16.py); its weights mean nothing without their scales")
+        self.check_keys(args)
+        for key in names:
+            self.dtype(key)
+
     def get(self, key: str) -> torch.Tensor:
-        return self._handle(key).get_tensor(key)
+        return _finite(self._handle(key).get_tensor(key), key, self.path)
+
+    def read(self, key: str, region: tuple[slice, ...]) -> torch.Tensor:
+        """Only `region` of one tensor (checked finite), read lazily."""
+        return _finite(self._handle(key).get_slice(key)[region], key, self.path)
 
     def native(self, native_key: str, args: ModelArgs) -> torch.Tensor:
         """One native tensor: an expert stack is stacked from its per-expert HF tensors."""
@@ -294,7 +317,7 @@ def load_hf(path: str | os.PathLike, dtype: torch.dtype | None = None, device: s
     not affect shapes (e.g. kernels="torch")."""
     ckpt = HFCheckpoint(path)
     args = ModelArgs.from_hf_config(ckpt.path, **arg_overrides)
-    ckpt.check_keys(args)
+    ckpt.check(args)
     with torch.device("meta"):
         model = Moonlight(args)
     model.to_empty(device=device)
@@ -314,13 +337,16 @@ def load_hf(path: str | os.PathLike, dtype: torch.dtype | None = None, device: s
 
 def parse_size(size: int | str) -> int:
     if isinstance(size, int):
-        return size
+        size = str(size)
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", size, re.IGNORECASE)
     if not m:
         raise ConfigError(f"max_shard_size={size!r}: use bytes or a string like '5GB' / '500MB'")
     unit = (m.group(2) or "B").upper()
     scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
-    return int(float(m.group(1)) * scale)
+    size_bytes = int(float(m.group(1)) * scale)
+    if size_bytes < 1:  # 0 would write one file per tensor
+        raise ConfigError(f"max_shard_size={size!r} must be positive: use a size like '5GB' / '500MB'")
+    return size_bytes
 
 
 def _plan_shards(items: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
@@ -341,7 +367,12 @@ def _hf_pieces(native_tensors: Iterable[tuple[str, torch.Tensor]], args: ModelAr
     for native, tensor in native_tensors:
         for key, t in zip(hf_keys(native, args), tensor.unbind(0) if is_expert_stack(native) else [tensor]):
             out = torch.float32 if key.endswith("e_score_correction_bias") else (dtype or t.dtype)
-            yield key, t.detach().to("cpu", out, copy=True).contiguous()
+            piece = t.detach().to("cpu", out, copy=True).contiguous()
+            if not torch.isfinite(piece).all():
+                cast = (f" (finite before the cast to {out}, which overflows: export as bfloat16 or float32)"
+                        if torch.isfinite(t).all() else "")
+                raise CheckpointError(f"{key} holds NaN/Inf values{cast}; refusing to write it")
+            yield key, piece
 
 
 def save_hf(model: Moonlight, path: str | os.PathLike, max_shard_size: int | str = "5GB",
@@ -382,10 +413,7 @@ def save_hf_stream(native_tensors: Iterator[tuple[str, torch.Tensor]],
 
 def _write_hf_dir(path: str, pieces: Iterator[tuple[str, torch.Tensor]], shards: list[list[str]], total: int,
                   args: ModelArgs, dtype: torch.dtype | None) -> None:
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-save-", dir=parent)
-    try:
+    with staged_output(path, "the HF checkpoint") as tmp:
         names = ([f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
                  if len(shards) > 1 else ["model.safetensors"])
         shard_of = {key: names[i] for i, keys in enumerate(shards) for key in keys}
@@ -412,6 +440,3 @@ def _write_hf_dir(path: str, pieces: Iterator[tuple[str, torch.Tensor]], shards:
         if os.path.exists(path):
             remove_own_dir(path, HF_OUTPUT)
         os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -18,7 +18,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Mapping
 
 import torch
@@ -30,7 +29,7 @@ from moonlight.config import ModelArgs
 from moonlight.errors import CheckpointError
 from moonlight.hf import hf_keys, open_safetensors
 from moonlight.model.lora import apply_lora, is_adapter_name, lora_modules, merge_lora
-from moonlight.outputs import check_replaceable, publish_mode
+from moonlight.outputs import check_replaceable, publish_mode, staged_output
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -95,9 +94,7 @@ def save_peft_adapter(model_or_state: nn.Module | Mapping[str, torch.Tensor], ar
     tensors = {peft_key(k, args): v.detach().to("cpu").contiguous() for k, v in adapters.items()}
     out_dir = os.path.abspath(os.fspath(out_dir))
     check_replaceable(out_dir, PEFT_OUTPUT, overwrite, "a PEFT adapter")  # never delete a user's files
-    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-adapter-", dir=os.path.dirname(out_dir))
-    try:
+    with staged_output(out_dir, "the PEFT adapter", prefix=".tmp-adapter-") as tmp:
         save_file(tensors, os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
         with open(os.path.join(tmp, ADAPTER_CONFIG), "w") as f:
             json.dump(config, f, indent=2)
@@ -105,8 +102,6 @@ def save_peft_adapter(model_or_state: nn.Module | Mapping[str, torch.Tensor], ar
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

@@ -275,26 +275,42 @@ def check_fits(result: Plan, cfg: JobConfig, gpu_memory_gib: float) -> None:
                       f"{gpu_memory_gib:g} GiB: {fix}")
 
 
-def _gib(counter: Counter) -> str:
-    parts = ", ".join(f"{dtype} {n / GIB:.2f}" for dtype, n in sorted(counter.items()))
-    return f"{sum(counter.values()) / GIB:.2f} GiB" + (f" ({parts})" if parts else "")
+def human_bytes(n: float) -> str:
+    """Bytes in the largest binary unit that keeps a figure >= 1: 37.52 GiB, 5.92 MiB, 0 B."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def human_flops(n: float) -> str:
+    """FLOPs in the largest decimal unit that keeps a figure >= 1: 1.2 PFLOP, 3.4 GFLOP."""
+    for unit, size in (("EFLOP", 1e18), ("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} FLOP"
+
+
+def _memory(counter: Counter) -> str:
+    parts = ", ".join(f"{dtype} {human_bytes(n)}" for dtype, n in sorted(counter.items()))
+    return human_bytes(sum(counter.values())) + (f" ({parts})" if parts else "")
 
 
 def report(result: Plan, cfg: JobConfig) -> str:
     t = cfg.training
     lines = [f"layout: {result.layout}",
-             f"FLOPs/token (training, seq {t.seq_len}): {result.flops_per_token / 1e9:.2f} GFLOP; "
-             f"per step: {result.flops_per_token * t.global_batch_size * t.seq_len / 1e15:.1f} PFLOP"]
+             f"FLOPs/token (training, seq {t.seq_len}): {human_flops(result.flops_per_token)}; "
+             f"per step: {human_flops(result.flops_per_token * t.global_batch_size * t.seq_len)}"]
     for row in result.ranks:
         lines += [f"rank {row.rank}:",
-                  f"  parameters   {_gib(row.params)}",
-                  f"  gradients    {_gib(row.grads)}",
-                  f"  optimizer    {_gib(row.optimizer)}",
-                  f"  activations  {row.activations / GIB:.2f} GiB (estimate, +-25%; local batch "
+                  f"  parameters   {_memory(row.params)}",
+                  f"  gradients    {_memory(row.grads)}",
+                  f"  optimizer    {_memory(row.optimizer)}",
+                  f"  activations  {human_bytes(row.activations)} (estimate, +-25%; local batch "
                   f"{t.local_batch_size} x {t.seq_len}"
                   + (f" / cp {cfg.parallelism.cp}" if cfg.parallelism.cp > 1 else "")
                   + f", checkpointing {cfg.activation_checkpoint.mode})",
-                  f"  total        {row.total / GIB:.2f} GiB"]
+                  f"  total        {human_bytes(row.total)}"]
     return "\n".join(lines)
 
 
@@ -328,7 +344,7 @@ def main(argv: list[str]) -> int:
         result = plan(cfg, known.world_size)
         print(report(result, cfg), flush=True)
         check_fits(result, cfg, known.gpu_memory_gib)
-        print(f"fits: the most loaded rank needs {result.peak.total / GIB:.1f} of {known.gpu_memory_gib:g} GiB")
+        print(f"fits: the most loaded rank needs {human_bytes(result.peak.total)} of {known.gpu_memory_gib:g} GiB")
         return 0
     return exit_on_user_error(run)
 

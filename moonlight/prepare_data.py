@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from moonlight.errors import ArgumentParser, DataError, exit_on_user_error
 from moonlight.data.documents import DataKeys
-from moonlight.data.megatron import MegatronBuild, build_megatron_from_jsonl
+from moonlight.data.megatron import MegatronBuild, build_megatron_from_jsonl, check_megatron_output
 from moonlight.data.tokenizer import build_tokenizer
 
 
@@ -87,6 +87,7 @@ def summary(built: MegatronBuild, append_eos: bool) -> str:
 def run(ns: argparse.Namespace) -> MegatronBuild:
     """Validate the arguments, then tokenize and write."""
     check_out(ns.out)
+    check_megatron_output(ns.out, ns.overwrite, how="--overwrite")
     tokenizer = build_tokenizer(ns.tokenizer, "--tokenizer")
     return build_megatron_from_jsonl(ns.inputs, ns.out, tokenizer, text_key=ns.text_key, append_eos=ns.append_eos,
                                      on_bad_line=ns.on_bad_line, overwrite=ns.overwrite, keys=CommandLineKeys())

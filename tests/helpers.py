@@ -2,6 +2,7 @@
 
 import base64
 import contextlib
+import io
 import json
 import os
 import pathlib
@@ -18,6 +19,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from moonlight import ModelArgs, Moonlight
+from moonlight.data.tokenizer import DEFAULT_ADDITIONAL_SPECIALS
 from moonlight.model.lora import apply_lora
 from moonlight.train.config import CheckpointSection, DataSection, load_config
 from moonlight.train.optim import build_optimizers
@@ -162,7 +164,6 @@ def assert_sd_equal(a, b):
 
 def pack_state(obj):
     """Tensors cross the harness queue as bytes (torch's shared-memory pickling needs the sender alive)."""
-    import io
 
     buf = io.BytesIO()
     torch.save(obj, buf)
@@ -337,3 +338,45 @@ SMALL = ["--training.seq_len=64", "--training.global_batch_size=4", "--training.
 def read_metrics(folder):
     with open(f"{folder}/metrics.jsonl") as f:
         return [json.loads(line) for line in f]
+
+
+# from test_generate.py
+def tiny_args(**overrides):
+    return ModelArgs(**{**dict(vocab_size=64, hidden_size=48, intermediate_size=64, moe_intermediate_size=24,
+                               num_hidden_layers=3, num_attention_heads=3, kv_lora_rank=16, qk_nope_head_dim=8,
+                               qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=6, num_experts_per_tok=2,
+                               n_shared_experts=1, kernels="torch"), **overrides})
+
+
+# from test_chat.py
+MULTI_TURN = [
+    {"role": "user", "content": "the thing"},
+    {"role": "assistant", "content": "in the experts"},
+    {"role": "user", "content": "中文?"},
+    {"role": "assistant", "content": "ex per ts"},
+]
+
+def chat_tiktoken_dir(tmp_path, template):
+    ranks = [bytes([i]) for i in range(256)] + [b"th", b"he", b"the", b" the", b"in", b"ex", b"per", b"ts"]
+    (tmp_path / "tiktoken.model").write_text(
+        "".join(f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(ranks)))
+    n = len(ranks)
+    names = ["[BOS]", "[EOS]"] + DEFAULT_ADDITIONAL_SPECIALS
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "[BOS]", "eos_token": "<|im_end|>", "chat_template": template,
+        "added_tokens_decoder": {str(n + k): {"content": t, "special": True} for k, t in enumerate(names)}}))
+    return tmp_path
+
+def chat_cfg(path, **kw):
+    cfg = DataSection(format="chat", path=str(path))
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+# from test_lora.py
+def lora_test_model(args=LORA_ARGS, seed=0):
+    torch.manual_seed(seed)
+    m = Moonlight(args)
+    m.init_weights()
+    return m.eval()

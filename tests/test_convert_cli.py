@@ -137,7 +137,8 @@ def test_clear_errors(hf_dir, tmp_path, capsys):
     assert "no model.safetensors" in _err(capsys, ["hf-to-dcp", "--hf", str(tmp_path / "empty"), "--out",
                                                    str(tmp_path / "o")])
     main(["hf-to-dcp", "--hf", str(hf_dir), "--out", str(tmp_path / "dcp")])
-    assert "not empty" in _err(capsys, ["hf-to-dcp", "--hf", str(hf_dir), "--out", str(tmp_path / "dcp")])
+    taken = _err(capsys, ["hf-to-dcp", "--hf", str(hf_dir), "--out", str(tmp_path / "dcp")])
+    assert "not empty; pass --overwrite to replace it" in taken and "overwrite=True" not in taken  # the CLI's flag
     main(["hf-to-dcp", "--hf", str(hf_dir), "--out", str(tmp_path / "dcp"), "--overwrite"])
     err = _err(capsys, ["dcp-to-hf", "--dcp", str(tmp_path / "dcp"), "--out", str(tmp_path / "h"),
                         "--model-preset", "debug"])

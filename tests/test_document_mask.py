@@ -54,9 +54,9 @@ def test_packed_row_equals_each_document_alone(dtype):
             start += n
     alone_loss.backward()
     torch.testing.assert_close(packed_loss, alone_loss, **tol)
-    # the router computes its scores in fp32 (as the reference does), so even float64 gradients
-    # carry fp32 rounding from the routing weights
-    grad_tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float64 else dict(atol=1e-4, rtol=1e-3)
+    # float64 stays float64 in the router and the norms (no fp32 upcast rounds the packed and the
+    # single-document shapes differently), so its gradients agree to fp64 rounding too
+    grad_tol = dict(atol=1e-10, rtol=1e-10) if dtype == torch.float64 else dict(atol=1e-4, rtol=1e-3)
     for n, p in model.named_parameters():
         torch.testing.assert_close(packed_grads[n], p.grad, **grad_tol, msg=lambda m: f"{n}: {m}")
 

@@ -5,7 +5,6 @@ fit the world, a data file that is missing, and a checkpoint saved for another m
 torchrun itself then reports the failed workers (its own ChildFailedError summary, exit code 1):
 that report comes from the launcher, which no worker can change; it names exitcode 2 per rank."""
 
-import json
 import os
 import re
 import subprocess
@@ -13,7 +12,6 @@ import sys
 
 import pytest
 
-from moonlight.errors import DataError, exit_on_user_error
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = ["--training.steps=2", "--lr_scheduler.warmup_steps=0", "--training.seq_len=32",
@@ -91,37 +89,3 @@ def test_data_warnings_are_printed_once_under_torchrun(tmp_path):
     proc = _torchrun(tmp_path, f"--data.path={data}", "--checkpoint.enable=false")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("data: skipping malformed record") == 1, proc.stderr[-3000:]
-
-
-def _fail():
-    raise DataError("data.path = /node2/x.jsonl does not exist:\n  point it at a file")
-
-
-@pytest.mark.parametrize("torchrun", [False, True])
-def test_an_error_met_on_another_rank_alone_is_reported(tmp_path, monkeypatch, capsys, torchrun):
-    """Rank 1 alone meets the error (its node lacks the data): the message must reach the user, through
-    torchrun's failure summary (the rank's error file) or, without torchrun, on stderr with the rank."""
-    monkeypatch.delenv("MOONLIGHT_TRACEBACK", raising=False)
-    monkeypatch.setenv("RANK", "1")
-    error_file = tmp_path / "error.json"
-    if torchrun:
-        monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
-    else:
-        monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
-    assert exit_on_user_error(_fail) == 2
-    expected = "error: data.path = /node2/x.jsonl does not exist: point it at a file"
-    stderr = capsys.readouterr().err
-    if torchrun:
-        assert json.loads(error_file.read_text())["message"] == expected and stderr == ""
-    else:
-        assert stderr == f"[rank 1] {expected}\n"
-
-
-def test_rank_0_prints_the_error_once_and_hands_it_to_torchrun(tmp_path, monkeypatch, capsys):
-    monkeypatch.delenv("MOONLIGHT_TRACEBACK", raising=False)
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))
-    assert exit_on_user_error(_fail) == 2
-    line = "error: data.path = /node2/x.jsonl does not exist: point it at a file"
-    assert capsys.readouterr().err == line + "\n"
-    assert json.loads((tmp_path / "error.json").read_text())["message"] == line

@@ -32,7 +32,13 @@ def test_cpu_smoke_writes_the_summary(tmp_path):
         assert runs[name]["tokens_per_s"] > 0 and 0 < runs[name]["mfu_pct"] < 100, runs[name]
     assert steps["slice"]["flops_per_step"] > 0 and steps["slice"]["peak_flops"] > 0
     assert steps["lora"]["tokens_per_s"] > 0 and steps["lora"]["peak_memory_gib"] > 0
-    assert "generate" in steps
+    assert steps["generate_status"]["exit_code"] == 0
+    runs = steps["generate"]["runs"]
+    for b in (1, 2):  # the compiled decode step, transformers' generate and our eager loop, same weights
+        for name in (f"ours compiled batch {b}", f"ours eager batch {b}"):
+            assert runs[name]["tokens_per_s"] > 0, runs
+        assert runs[f"transformers batch {b}"]["greedy_tokens_agree"] == 1.0, runs
+    assert 0 < runs["prefill 64 eager"]["mfu_pct"] < 100 and 0 < runs["prefill 64 compiled per block"]["mfu_pct"] < 100
     assert (tmp_path / "gpu_suite.md").read_text().startswith("# GPU suite summary")
 
 

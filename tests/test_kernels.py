@@ -9,6 +9,8 @@ from moonlight.kernels.grouped_mm import grouped_mm
 from moonlight.kernels.mla_rope import mla_rope_key, rope_tables, rotate_rope_
 from moonlight.kernels.moe_permute import permute_tokens, unpermute_tokens
 
+pytestmark = pytest.mark.floor  # also run on torch 2.11 (.ci/run)
+
 BF16_ULP = 2**-7
 # On a GPU machine conftest leaves the interpreter off and Triton compiles for the GPU, which takes
 # CUDA tensors only: the Triton side of each test runs there, the references stay on the CPU.

@@ -20,9 +20,10 @@ LAYERS = {
     "moonlight.config": 1, "moonlight.data": 1,  # text and data: tokenizers, chat, documents, loaders
     "moonlight.kernels": 2, "moonlight.model": 2, "moonlight": 2,  # the package root re-exports ModelArgs, Moonlight
     "moonlight.hf": 3, "moonlight.hf_peft": 3, "moonlight.checkpoint": 3,
-    "moonlight.parallel": 4,
+    "moonlight.parallel": 4, "moonlight.generation": 4,  # generation: model, hf, checkpoint, data; never train
     "moonlight.train": 5,
     "moonlight.convert": 6, "moonlight.generate": 6, "moonlight.plan": 6, "moonlight.prepare_data": 6,
+    "moonlight.eval": 6,
 }
 # What a function body may import: optional dependencies, loaded only when a feature needs them.
 OPTIONAL = ("tiktoken", "tokenizers", "datasets", "torch.utils.tensorboard", "triton", "peft")

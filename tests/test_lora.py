@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moonlight import Moonlight
 from moonlight.checkpoint.export import export_hf
 from moonlight.errors import CheckpointError, ConfigError
 from moonlight.model.lora import (DEFAULT_TARGETS, LoRALinear, apply_lora, count_params, hide_adapters,
@@ -22,15 +21,9 @@ from moonlight.model.lora import (DEFAULT_TARGETS, LoRALinear, apply_lora, count
 from moonlight.train.trainer import Trainer
 from tests.dist import gathered_weights, run_ranks
 from tests.helpers import LORA_ARGS, lora_cfg, randomize_adapters, lora_tokens
+from tests.helpers import lora_test_model
 
 Q_LORA = dataclasses.replace(LORA_ARGS, q_lora_rank=24)
-
-
-def _model(args=LORA_ARGS, seed=0):
-    torch.manual_seed(seed)
-    m = Moonlight(args)
-    m.init_weights()
-    return m.eval()
 
 
 # ------------------------------------------------------------------------------------ the module
@@ -39,7 +32,7 @@ def _model(args=LORA_ARGS, seed=0):
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("args", [LORA_ARGS, Q_LORA], ids=["q_proj", "q_lora"])
 def test_adapted_model_equals_base_at_init(args, dora):
-    model = _model(args)
+    model = lora_test_model(args)
     x = lora_tokens(args)
     with torch.no_grad():
         ref = model(x)
@@ -71,7 +64,7 @@ def test_adapted_model_equals_base_at_init(args, dora):
 
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 def test_only_adapter_params_get_gradients(dora):
-    model = _model().train()
+    model = lora_test_model().train()
     apply_lora(model, rank=4, alpha=8.0, dora=dora)
     randomize_adapters(model)  # B = 0 would leave A without gradient
     x = lora_tokens()
@@ -120,7 +113,7 @@ def test_lora_linear_matches_independent_formula(dora, bias):
 
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 def test_merge_lora_gives_a_plain_model_with_the_same_outputs(dora):
-    model = _model()
+    model = lora_test_model()
     apply_lora(model, rank=4, alpha=8.0, dora=dora, targets=list(DEFAULT_TARGETS) + ["ffn.down_proj"])
     randomize_adapters(model)
     x = lora_tokens()
@@ -132,33 +125,33 @@ def test_merge_lora_gives_a_plain_model_with_the_same_outputs(dora):
     merge_lora(model)
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
     assert type(model.layers["1"].attn.q_proj) is nn.Linear
-    assert set(model.state_dict()) == set(_model().state_dict())
+    assert set(model.state_dict()) == set(lora_test_model().state_dict())
     with torch.no_grad():
         torch.testing.assert_close(model(x), adapted, atol=1e-5, rtol=1e-5)
-    plain = _model(seed=5)
+    plain = lora_test_model(seed=5)
     plain.load_state_dict(merged_sd)  # strict: the state-dict merge gives exactly the plain keys
     with torch.no_grad():
         torch.testing.assert_close(plain(x), adapted, atol=1e-5, rtol=1e-5)
 
 
 def test_hide_adapters_shows_the_plain_model():
-    model = _model()
+    model = lora_test_model()
     apply_lora(model, dora=True)
     with hide_adapters(model):
-        assert set(model.state_dict()) == set(_model().state_dict())
+        assert set(model.state_dict()) == set(lora_test_model().state_dict())
     assert any(is_adapter_name(k) for k in model.state_dict())
     assert len(list(model.get_submodule("layers.0.attn.q_proj").parameters())) == 4
 
 
 def test_bad_adapter_arguments_are_named():
     with pytest.raises(ValueError, match="rank must be a positive integer, got 0"):
-        apply_lora(_model(), rank=0)
+        apply_lora(lora_test_model(), rank=0)
     with pytest.raises(ValueError, match="'attn.qq_proj' matches no module"):
-        apply_lora(_model(), targets=["attn.qq_proj"])
+        apply_lora(lora_test_model(), targets=["attn.qq_proj"])
     with pytest.raises(ValueError, match="'attn' matches 'layers.0.attn', a MLA, not an nn.Linear"):
-        apply_lora(_model(), targets=["attn"])
+        apply_lora(lora_test_model(), targets=["attn"])
     with pytest.raises(ValueError, match="match no module"):
-        apply_lora(_model(), targets=["attn.q_a_proj"])  # the model has q_proj only
+        apply_lora(lora_test_model(), targets=["attn.q_a_proj"])  # the model has q_proj only
 
 
 # ------------------------------------------------------------------------------------ the trainer
@@ -234,7 +227,7 @@ def test_trainer_lora_resume_and_hf_export(tmp_path):
 def test_trainer_lora_starts_from_an_hf_checkpoint(tmp_path):
     """initial_load_hf fills the base weights of a DoRA run (the adapters are not in the HF file) and
     the magnitudes start at the loaded weights' row norms, so the run starts at the HF model."""
-    src = _model(seed=7)
+    src = lora_test_model(seed=7)
     hf_dir = tmp_path / "hf"
     export_hf([src], hf_dir)
     trainer = Trainer(lora_cfg(tmp_path / "run", "--training.steps=1", "--lora.dora=true",
@@ -261,7 +254,7 @@ def test_lora_checkpoints_leave_the_frozen_base_out_and_resume_exactly(tmp_path,
     from tests.helpers import read_safetensors_dir
 
     base = tmp_path / "base"
-    export_hf([_model(seed=7)], tmp_path / "hf")
+    export_hf([lora_test_model(seed=7)], tmp_path / "hf")
     if base_format == "dcp":
         hf_to_dcp(str(tmp_path / "hf"), str(base))
     else:
@@ -320,7 +313,7 @@ def test_dcp_to_hf_never_overwrites_the_base_a_lora_checkpoint_reads(tmp_path, c
     from moonlight.convert import main
 
     base = tmp_path / "base"
-    export_hf([_model(seed=7)], base)
+    export_hf([lora_test_model(seed=7)], base)
     before = {f.name: f.read_bytes() for f in base.iterdir()}
     Trainer(lora_cfg(tmp_path / "run", "--training.steps=2", "--checkpoint.enable=true", "--checkpoint.interval=2",
                  f"--checkpoint.initial_load_hf={base}")).train()
@@ -335,7 +328,7 @@ def test_a_lora_checkpoint_as_initial_load_hf_is_refused(tmp_path, frozen_weight
     """Without its base weights ("auto") the load re-read its own base from initial_load_hf (a KeyError with
     LoRA, endless recursion without); with them ("save") the trained adapters were silently dropped."""
     base = tmp_path / "base"
-    export_hf([_model(seed=7)], base)
+    export_hf([lora_test_model(seed=7)], base)
     Trainer(lora_cfg(tmp_path / "run", "--training.steps=2", "--checkpoint.enable=true", "--checkpoint.interval=2",
                  f"--checkpoint.initial_load_hf={base}", f"--checkpoint.frozen_weights={frozen_weights}")).train()
     step2 = tmp_path / "run" / "checkpoint" / "step-2"
@@ -349,7 +342,7 @@ def test_a_model_only_checkpoint_as_step_0_of_a_lora_run_names_initial_load_hf(t
     """hf-to-dcp's output placed as step-0 resumes a full run, but holds no adapters for a LoRA one."""
     from moonlight.convert import hf_to_dcp
 
-    export_hf([_model(seed=7)], tmp_path / "hf")
+    export_hf([lora_test_model(seed=7)], tmp_path / "hf")
     hf_to_dcp(str(tmp_path / "hf"), str(tmp_path / "run" / "checkpoint" / "step-0"))
     with pytest.raises(CheckpointError, match="holds no LoRA/DoRA adapters: start a LoRA run from it with "
                                               "checkpoint.initial_load_hf"):

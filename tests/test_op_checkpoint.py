@@ -3,13 +3,18 @@ checkpointing recomputes both), and the gradients equal the uncheckpointed ones.
 
 import copy
 import dataclasses
+import inspect
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import SelectiveCheckpointContext
 
 from moonlight.config import ModelArgs
 from moonlight.model import Moonlight
 from moonlight.parallel.data_parallel import apply_activation_checkpointing
+
+pytestmark = pytest.mark.floor  # also run on torch 2.11 (.ci/run)
 
 
 class _CountOps(TorchDispatchMode):
@@ -52,10 +57,16 @@ def test_op_level_checkpoint_saves_sdpa_and_matmuls():
         torch.testing.assert_close(op_grads[n], g, atol=1e-6, rtol=1e-5, msg=lambda m: f"{n}: {m}")
 
 
-def test_op_level_checkpoint_rotates_q_once_whether_or_not_its_matmul_is_kept():
+@pytest.mark.parametrize("policy_sees_output", [True, False])
+def test_op_level_checkpoint_rotates_q_once_whether_or_not_its_matmul_is_kept(policy_sees_output, monkeypatch):
     """RoPE rotates q in place. Plain q_proj: q is a kept matmul output, so the recompute must not
-    rotate it again; LoRA's q_proj: q is a recomputed sum, so the recompute must rotate it."""
+    rotate it again; LoRA's q_proj: q is a recomputed sum, so the recompute must rotate it. Both with
+    the kept outputs handed to the policy (torch >= 2.13) and recorded by a dispatch mode (before)."""
     from moonlight.model.lora import apply_lora
+
+    if policy_sees_output and "op_output" not in inspect.signature(SelectiveCheckpointContext).parameters:
+        pytest.skip("this torch calls the checkpoint policy before each op, without its output")
+    monkeypatch.setattr("moonlight.parallel.data_parallel._POLICY_SEES_OUTPUT", policy_sees_output)
 
     args = dataclasses.replace(ModelArgs.preset("debug", kernels="torch"), num_hidden_layers=1)
     torch.manual_seed(0)

@@ -299,3 +299,32 @@ def test_cross_entropy_plain_matches_torch():
     labels[0, 1] = -100
     ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
     torch.testing.assert_close(cross_entropy_loss(logits, labels), ref)
+
+
+def test_the_two_tp_fsdp_notices_are_quiet_and_nothing_else():
+    """TP x FSDP silences FSDP's view-tensor warning and DTensor's two-dim norm notice (their results
+    are checked against the single process above and in tests/test_train_layouts.py), nothing more."""
+    import logging
+    import warnings
+
+    from moonlight.parallel.parallelize import quiet_tp_fsdp_warnings
+
+    logger = logging.getLogger("torch.distributed.tensor._redistribute")
+    seen = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            quiet_tp_fsdp_warnings()
+            warnings.warn("FSDP2-wrapped module (Embedding) returned a view tensor. An in-place op ...", stacklevel=1)
+            warnings.warn("FSDP2 something else", stacklevel=1)
+            logger.warning("While redistributing from %s to %s, %d sequential %s operations ...",
+                           "(_NormPartial(norm_type=2.0), _NormPartial(norm_type=2.0))", "(Replicate(),)", 2,
+                           "all_reduce")
+            logger.warning("While redistributing from %s to %s, ...", "(Partial(sum),)", "(Replicate(),)")
+    finally:
+        logger.removeHandler(handler)
+    assert [str(w.message) for w in caught] == ["FSDP2 something else"]
+    assert [r.getMessage() for r in seen] == ["While redistributing from (Partial(sum),) to (Replicate(),), ..."]

@@ -186,3 +186,11 @@ def test_lora_targets_that_fit_nothing_are_named_as_the_trainer_names_them(tmp_p
     cfg = _cfg(tmp_path, ["--lora.enable=true", "--lora.targets=attn.q_proj,attn.qkv"])
     with pytest.raises(ConfigError, match=r"lora: LoRA target 'attn.qkv' matches no module.*lora.targets"):
         plan(cfg, 1)
+
+
+def test_small_figures_keep_their_digits():
+    """The debug model's plan read 0.00 GiB and 0.0 PFLOP: each figure now takes the unit that fits it."""
+    from moonlight.plan import human_bytes, human_flops
+    assert [human_bytes(n) for n in (0, 512, 2.77 * 2**20, 37.5 * 2**30)] == ["0 B", "512 B", "2.77 MiB",
+                                                                                "37.50 GiB"]
+    assert [human_flops(n) for n in (5.46e6, 5.59e9, 1.2e15)] == ["5.46 MFLOP", "5.59 GFLOP", "1.20 PFLOP"]

@@ -81,7 +81,7 @@ def test_idx_bytes_are_megatrons_layout(tmp_path, capsys):
     pointers = [0, 2 * lengths[0], 2 * (lengths[0] + lengths[1])]
     assert (tmp_path / "x.idx").read_bytes() == mmididx_bytes(lengths, pointers, [0, 1, 2, 3], 8)
     assert (tmp_path / "x.bin").read_bytes() == np.array(sum(tokens, []), dtype="<u2").tobytes()
-    assert files(tmp_path) == ["d.jsonl", "x.bin", "x.idx"]  # no temporary files left behind
+    assert files(tmp_path) == ["d.jsonl", "x.bin", "x.idx", "x.moonlight.json"]  # no temporary files left behind
 
 
 class _Vocab:
@@ -145,7 +145,7 @@ def test_an_interrupted_run_leaves_no_output_and_keeps_the_earlier_one(tmp_path,
     with pytest.raises((KeyboardInterrupt, ValueError)):
         build_megatron_from_jsonl(str(tmp_path / "d.jsonl"), str(tmp_path / "x"), _Emits(fail=fail, fail_at=3),
                                   overwrite=True)
-    assert files(tmp_path) == ["d.jsonl", "x.bin", "x.idx"]
+    assert files(tmp_path) == ["d.jsonl", "x.bin", "x.idx", "x.moonlight.json"]
     assert {f: (tmp_path / f).read_bytes() for f in before} == before
 
 
@@ -215,7 +215,7 @@ def test_mistakes_are_one_error_line_and_write_nothing(tmp_path):
                              "broken.jsonl:2: invalid JSON"),
         "a missing output directory": ([good, *base, "--out", tmp_path / "nowhere" / "c"], "does not exist"),
         "a directory as the output": ([good, *base, "--out", out], "a directory; give a file prefix"),
-        "an existing output": ([good, *base, "--out", out / "taken"], "pass overwrite=True (--overwrite)"),
+        "an existing output": ([good, *base, "--out", out / "taken"], "pass --overwrite to replace"),
         "eos without an eos token": ([good, "--tokenizer", _no_eos_tokenizer(tmp_path), "--out", out / "c",
                                       "--append-eos"], "--append-eos"),
     }

@@ -5,6 +5,7 @@ each rank reads only the bytes of its own shards (plus the small router-bias buf
 import pytest
 import torch
 
+from moonlight.hf import HFCheckpoint
 from tests.dist import run_ranks
 
 
@@ -30,32 +31,19 @@ def hf_dir(tmp_path_factory):
     return path
 
 
-class CountingCheckpoint:
-    """An HFCheckpoint whose slice reads are counted (bytes actually materialized per key)."""
+class CountingCheckpoint(HFCheckpoint):
+    """An HFCheckpoint whose slice reads are counted (bytes actually materialised per key)."""
 
     def __init__(self, path):
-        from moonlight.hf import HFCheckpoint
-
-        self.inner = HFCheckpoint(path)
-        self.path, self.args = self.inner.path, self.inner.args
+        super().__init__(path)
         self.bytes_read = 0
         self.keys_read = set()
 
-    def check_shape(self, key, expected):
-        self.inner.check_shape(key, expected)
-
-    def get_slice(self, key):
-        outer = self
-        sl = self.inner.get_slice(key)
-
-        class _Slice:
-            def __getitem__(self, idx):
-                t = sl[idx]
-                outer.bytes_read += t.numel() * t.element_size()
-                outer.keys_read.add(key)
-                return t
-
-        return _Slice()
+    def read(self, key, region):
+        t = super().read(key, region)
+        self.bytes_read += t.numel() * t.element_size()
+        self.keys_read.add(key)
+        return t
 
     def get(self, key):
         raise AssertionError("a sharded load must never read a whole tensor with get()")

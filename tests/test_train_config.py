@@ -335,3 +335,20 @@ def test_several_problems_are_numbered_on_one_line():
         load_config(None, ["--training.steps=-3", "--lr_scheduler.warmup_steps=20"]).validate()
     assert str(two.value) == ("invalid config, 2 problems: (1) training.steps must be > 0 (got -3); "
                               "(2) lr_scheduler.warmup_steps (20) must be <= training.steps (-3)")
+
+
+def test_relative_paths_are_the_working_directorys_and_a_config_elsewhere_is_explained(tmp_path, monkeypatch):
+    """data.path = "data/corpus" is read from where the run starts (documented); run from another folder,
+    the error names both places instead of a bare missing file."""
+    (tmp_path / "data" / "corpus").mkdir(parents=True)
+    config = tmp_path / "job.toml"
+    config.write_text('[data]\npath = "data/corpus"\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert load_config(str(config)).data.path == "data/corpus"  # found here: the working directory's
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(ConfigError, match=r"data.path = 'data/corpus' .* read from the working directory .*"
+                                          r"run from .*, or set data.path to '.*/data/corpus'"):
+        load_config(str(config))
+    assert load_config(str(config), ["--data.path=data/other"]).data.path == "data/other"  # the command line's

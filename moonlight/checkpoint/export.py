@@ -180,9 +180,11 @@ def export_hf(parts: list[nn.Module], path: str | os.PathLike, dtype: torch.dtyp
     return path
 
 
-def export_peft_adapter(parts: list[nn.Module], path: str | os.PathLike, lora_cfg: dict) -> str:
+def export_peft_adapter(parts: list[nn.Module], path: str | os.PathLike, lora_cfg: dict,
+                        base_model_name_or_path: str | None = None) -> str:
     """Write the current LoRA/DoRA adapters (only they are gathered) as a PEFT adapter directory.
-    All ranks call; rank 0 writes. lora_cfg: the [lora] section as a dict."""
+    All ranks call; rank 0 writes. lora_cfg: the [lora] section as a dict; base_model_name_or_path:
+    the base model the adapter goes on (adapter_config.json's field of that name)."""
     args = model_args_of(parts)
     if args is None:
         raise CheckpointError("export_peft_adapter: the model parts carry no ModelArgs (.args)")
@@ -190,7 +192,7 @@ def export_peft_adapter(parts: list[nn.Module], path: str | os.PathLike, lora_cf
     sd = gather_full_state_dict(parts, keys=is_adapter_name)
 
     def write():
-        save_peft_adapter(sd, args, lora_cfg, path)
+        save_peft_adapter(sd, args, lora_cfg, path, base_model_name_or_path)
         logger.info("checkpoint: exported the PEFT adapter to %s", path)
 
     _write_on_rank0(write, f"PEFT adapter export to {path}")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import errno
 import importlib
 import json
 import os
@@ -35,16 +34,17 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from moonlight import distributed
 from moonlight.config import RUNTIME_FIELDS, ModelArgs
-from moonlight.errors import CheckpointError, CheckpointSaveError
-from moonlight.outputs import check_replaceable, publish_mode, remove_own_dir
+from moonlight.errors import CheckpointError, CheckpointSaveError, MoonlightError
+from moonlight.outputs import check_replaceable, publish_mode, remove_own_dir, storage_problem
 
 FORMAT = "moonlight-dcp"
 FORMAT_VERSION = 2  # 2: COMPLETE records each file's size and CRC-32 (1: names only, still read)
 MARKER = "COMPLETE"
 META = "meta.json"
 DCP_METADATA = ".metadata"
-STEP_DIR = re.compile(r"^step-(\d+)$")
+STEP_DIR = re.compile(r"^step-(0|[1-9]\d*)$")  # step-4, never step-004: one name per step
 TEMP_STEP_DIR = re.compile(r"^step-(\d+)\.tmp$")
+PADDED_STEP_DIR = re.compile(r"^step-0\d+$")
 # Every file a step directory may hold: what overwrite=True may replace.
 DCP_OUTPUT = re.compile(r"^(\.metadata|__\d+_\d+\.distcp|meta\.json|COMPLETE|train_state\.json"
                         r"|rank-\d+\.safetensors)$")
@@ -182,21 +182,11 @@ def read_json(path: str) -> Any:
         raise CheckpointError(f"cannot read {path}: {e}") from None
 
 
-def is_disk_full(exc: BaseException | None) -> bool:
-    """Whether an exception (or a DCP CheckpointException's per-rank failures) is ENOSPC/EDQUOT."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if "No space left on device" in str(exc):
-            return True
-        failures = getattr(exc, "failures", None)
-        if isinstance(failures, dict):
-            if any(is_disk_full(f[0] if isinstance(f, tuple) else f) for f in failures.values()):
-                return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+def user_error_in(exc: BaseException) -> MoonlightError | None:
+    """The MoonlightError that a DCP CheckpointException wraps (a `read` callback's), if any."""
+    failures = getattr(exc, "failures", None)
+    found = [f[0] if isinstance(f, tuple) else f for f in failures.values()] if isinstance(failures, dict) else []
+    return next((f for f in found if isinstance(f, MoonlightError)), None)
 
 
 def short_error(exc: BaseException) -> str:
@@ -220,7 +210,7 @@ def is_complete(path: str) -> bool:
 
 def list_checkpoints(folder: str | os.PathLike) -> dict[int, str]:
     """step -> path of every COMPLETE checkpoint directory in folder (step-N with the marker and DCP
-    metadata); temp and partial directories are left out."""
+    metadata); temp and partial directories, and symlinks (see misnamed_checkpoints), are left out."""
     folder = os.fspath(folder)
     out: dict[int, str] = {}
     if not os.path.isdir(folder):
@@ -228,9 +218,26 @@ def list_checkpoints(folder: str | os.PathLike) -> dict[int, str]:
     for name in os.listdir(folder):
         m = STEP_DIR.match(name)
         path = os.path.join(folder, name)
-        if m and is_complete(path):
+        if m and not os.path.islink(path) and is_complete(path):
             out[int(m.group(1))] = path
     return dict(sorted(out.items()))
+
+
+def misnamed_checkpoints(folder: str | os.PathLike) -> list[str]:
+    """What in folder moonlight must neither read nor write as a checkpoint, each with its fix: a complete
+    checkpoint named with a zero-padded step ('step-004 (rename it to step-4)', a hand copy?), a symlink
+    named like a step (a save or rotation would write or delete through it)."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        return []
+    out = []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if (STEP_DIR.match(name) or TEMP_STEP_DIR.match(name)) and os.path.islink(path):
+            out.append(f"{name} (a symlink: replace it with the directory itself)")
+        elif PADDED_STEP_DIR.match(name) and is_complete(path):
+            out.append(f"{name} (rename it to step-{int(name[5:])})")
+    return out
 
 
 def incomplete_entries(folder: str) -> list[str]:
@@ -256,8 +263,9 @@ def resolve_checkpoint(path: str | os.PathLike, step: int = -1) -> str:
                               "or is still running")
     found = list_checkpoints(path)
     if not found:
-        partial = incomplete_entries(path)
-        hint = f" (incomplete saves ignored: {partial})" if partial else ""
+        partial, misnamed = incomplete_entries(path), misnamed_checkpoints(path)
+        hint = (f" (incomplete saves ignored: {partial})" if partial else "") + (
+            f" (not read: {', '.join(misnamed)})" if misnamed else "")
         raise CheckpointError(f"no complete checkpoint (step-N directory with {MARKER} and .metadata) in {path}{hint}")
     if step < 0:
         return found[max(found)]
@@ -351,18 +359,14 @@ def finalize_dir(tmp: str, final: str, records: dict[str, dict[str, Any]] | None
     write_json_durable({"complete": True, "version": FORMAT_VERSION, "files": records}, os.path.join(tmp, MARKER))
     fsync_path(tmp)
     parent = os.path.dirname(final)
-    old = None
-    if os.path.exists(final) and not is_complete(final):  # not a checkpoint we finished: not ours to delete
+    if os.path.lexists(final) and (os.path.islink(final) or not is_complete(final)):  # not ours to delete
         raise CheckpointError(f"{final} exists without a {MARKER} marker (not written by moonlight, or being "
-                              "copied in): move it out of the way or delete it")
-    if os.path.exists(final):  # re-saving a step: move the old one out of the way first
-        old = final + ".replaced.tmp"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
+                              "copied in) or is a symlink: move it out of the way or delete it")
+    if os.path.exists(final):  # a complete checkpoint of that step: never replaced silently
+        raise CheckpointError(f"{final} already holds a complete checkpoint: refusing to replace it; move it away "
+                              "(or resume from it) and save again")
     os.replace(tmp, final)
     fsync_path(parent)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # -------------------------------------------------------------------------------------- meta
@@ -463,7 +467,11 @@ def write_model_only_checkpoint(state_dict: dict[str, torch.Tensor], out: str | 
         finalize_dir(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if is_disk_full(e):
-            raise CheckpointSaveError(f"writing checkpoint {out} failed: disk full ({short_error(e)})") from e
+        reason = storage_problem(e, os.path.dirname(out))
+        if reason:
+            raise CheckpointSaveError(f"writing checkpoint {out} failed: {reason} ({short_error(e)}); nothing was "
+                                      "replaced") from None
+        if inner := user_error_in(e):  # e.g. a non-finite tensor that `read` refused
+            raise inner from None
         raise
     return out

@@ -13,6 +13,7 @@ checkpoint may leave its frozen weights out of every save. Design: docs/checkpoi
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -41,6 +42,7 @@ from moonlight.checkpoint import format as fmt
 from moonlight.config import ModelArgs
 from moonlight.errors import CheckpointError, CheckpointSaveError
 from moonlight.model.lora import is_adapter_name
+from moonlight.outputs import storage_problem
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +182,7 @@ class _PendingSave:
     future: Any = None  # async_mode: DCP's background write
     stager: Any = None  # and its staging (CPU copies), closed once written
     err: str | None = None
-    disk_full: bool = False
+    storage: str | None = None  # 'disk full' / 'read-only filesystem' when that is why it failed
     previous_saved_step: int | None = None
 
 
@@ -310,11 +312,11 @@ class Checkpointer:
                         logger.warning("checkpoint: ignoring %s (no %s marker)", path, fmt.MARKER)
                 os.makedirs(tmp)
             except OSError as e:
-                prep_err = f"{type(e).__name__}: {e}"
+                reason = storage_problem(e)
+                prep_err = f"{type(e).__name__}: {e}" + (f" ({reason})" if reason else "")
         prep_err = distributed.broadcast_object(prep_err)
         if prep_err:
-            raise CheckpointSaveError(f"saving checkpoint {final_dir} failed: cannot create {tmp}: {prep_err}"
-                                      + (" (disk full)" if "No space left" in prep_err else ""))
+            raise CheckpointSaveError(f"saving checkpoint {final_dir} failed: cannot create {tmp}: {prep_err}")
 
         # phase 1: every rank writes its shards and its rank file (async: DCP stages the state to CPU
         # here and writes it in the background; phase 2 then runs in wait(), at the next save or the end)
@@ -332,7 +334,7 @@ class Checkpointer:
         except (KeyboardInterrupt, SystemExit):
             raise  # the temp directory stays behind, ignored by load and removed by the next save
         except BaseException as e:  # DCP raises CheckpointException (a BaseException) on any rank's failure
-            save.err, save.disk_full = fmt.short_error(e), fmt.is_disk_full(e)
+            save.err, save.storage = fmt.short_error(e), storage_problem(e, self.folder)
         self._pending = save
         if save.future is None:
             self.wait()
@@ -358,14 +360,14 @@ class Checkpointer:
             except (KeyboardInterrupt, SystemExit):
                 raise
             except BaseException as e:
-                save.err, save.disk_full = fmt.short_error(e), fmt.is_disk_full(e)
+                save.err, save.storage = fmt.short_error(e), storage_problem(e, self.folder)
             save.stager.close()
         self._finalize(save)
 
     def _finalize(self, save: _PendingSave) -> None:
         rank, step, tmp, final_dir = distributed.rank(), save.step, save.tmp, save.final_dir
-        err, disk_full = save.err, save.disk_full
-        errors = [x for x in distributed.all_gather_object((rank, err, disk_full)) if x[1] is not None]
+        err, storage = save.err, save.storage
+        errors = [x for x in distributed.all_gather_object((rank, err, storage)) if x[1] is not None]
         records: dict[str, Any] = {}
         if not errors:  # every rank checksums a share of the step's files, for COMPLETE
             mine: dict[str, Any] = {}
@@ -378,7 +380,7 @@ class Checkpointer:
             for r, part, e in distributed.all_gather_object((rank, mine, err)):
                 records.update(part)
                 if e is not None:
-                    errors.append((r, e, False))
+                    errors.append((r, e, storage_problem(None, self.folder)))
 
         # phase 2: rank 0 writes the sidecars and the marker, then renames into place
         if not errors and rank == 0:
@@ -386,20 +388,21 @@ class Checkpointer:
                 fmt.write_json_durable(save.train_state, os.path.join(tmp, TRAIN_STATE))
                 meta = fmt.base_meta(step, self.args, ["model"] + (["optimizer"] if self._optim_list else [])
                                      + ["train_state", "rng"] + (["extra"] if self.extra_states else []), self.layout)
+                if self.base_weights:  # the run's initial_load_hf: a PEFT export names it as the base model
+                    meta["base_model"] = self.base_weights
                 if self.skip_frozen:
                     meta["frozen_weights_from"] = self.base_weights
                 fmt.write_json_durable(meta, os.path.join(tmp, fmt.META))
                 fmt.finalize_dir(tmp, final_dir, records)
             except BaseException as e:
-                errors = [(0, fmt.short_error(e), fmt.is_disk_full(e))]
+                errors = [(0, fmt.short_error(e), storage_problem(e, self.folder))]
         errors = distributed.broadcast_object(errors)
         if errors:
             self.last_saved_step = save.previous_saved_step if save.future is not None else self.last_saved_step
             if rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             distributed.barrier()
-            full = any(d for _, _, d in errors)
-            what = "disk full" if full else "write error"
+            what = next((d for _, _, d in errors if d), "write error")
             detail = "; ".join(f"rank {r}: {m}" for r, m, _ in errors)
             prev = fmt.list_checkpoints(self.folder)
             keep = f"the previous checkpoint step-{max(prev)} is intact" if prev else "no earlier checkpoint exists"
@@ -427,10 +430,47 @@ class Checkpointer:
             logger.info("checkpoint: deleting step-%d (keep_latest_k=%d)", s, k)
             shutil.rmtree(found[s], ignore_errors=True)
 
+    def set_aside_later(self, step: int, dest: str) -> tuple[list[int], str]:
+        """Move the complete checkpoints after `step` (the branch a rollback to `step` abandons) into
+        `<dest>/<checkpoint folder name>` (inside the checkpoint folder itself when that lies on another
+        filesystem), so the resumed run neither replaces nor rotates them away. Returns the moved steps
+        and where they went. A collective."""
+        moved, where, err = [], "", None
+        if distributed.rank() == 0:
+            later = {s: p for s, p in fmt.list_checkpoints(self.folder).items() if s > step}
+            where = os.path.join(dest, os.path.basename(os.path.normpath(self.cfg.folder)))
+            try:
+                for s, path in later.items():
+                    try:
+                        os.makedirs(where, exist_ok=True)
+                        os.replace(path, os.path.join(where, os.path.basename(path)))
+                    except OSError as e:
+                        if e.errno != errno.EXDEV:
+                            raise
+                        where = os.path.join(self.folder, os.path.basename(dest))
+                        os.makedirs(where, exist_ok=True)
+                        os.replace(path, os.path.join(where, os.path.basename(path)))
+                    moved.append(s)
+            except OSError as e:
+                reason = storage_problem(e) or e.strerror
+                err = (f"cannot move the later checkpoints {sorted(later)} of {self.folder} aside into {where} "
+                       f"({reason}): move them away by hand, then resume")
+        moved, where, err = distributed.broadcast_object((moved, where, err))
+        if err:
+            raise CheckpointError(err)
+        return moved, where
+
     # -------------------------------------------------------------------------------- load
     def available_steps(self) -> list[int]:
-        found = list(fmt.list_checkpoints(self.folder)) if distributed.rank() == 0 else None
-        return sorted(distributed.broadcast_object(found))
+        """The complete steps of the folder; a checkpoint named step-004 (moonlight reads step-4) or a step
+        that is a symlink is a CheckpointError rather than ignored or followed."""
+        found = ((list(fmt.list_checkpoints(self.folder)), fmt.misnamed_checkpoints(self.folder))
+                 if distributed.rank() == 0 else None)
+        found, misnamed = distributed.broadcast_object(found)
+        if misnamed:
+            raise CheckpointError(f"{self.folder} holds entries named like checkpoints that moonlight neither "
+                                  f"writes nor reads: {', '.join(misnamed)}")
+        return sorted(found)
 
     def load(self, step: int = -1) -> int:
         """Restore checkpoint `step` (-1: the latest complete one) of this run's folder; returns the
@@ -452,8 +492,11 @@ class Checkpointer:
                    f" (step-{step} is incomplete: no {fmt.MARKER} marker)" if os.path.isdir(raw) else "")
             raise CheckpointError(f"checkpoint step {step} not found in {self.folder}{why}; available steps: "
                                   f"{found if found else 'none'}")
-        return self.load_path(os.path.join(self.folder, fmt.step_dir_name(self._intact_step(found, step))),
-                              verified=True)
+        chosen = self._intact_step(found, step)
+        earlier = [s for s in found if s < chosen]
+        hint = (f"; resume from the earlier step-{max(earlier)} with --checkpoint.load_step={max(earlier)}" if earlier
+                else "")
+        return self.load_path(os.path.join(self.folder, fmt.step_dir_name(chosen)), verified=True, hint=hint)
 
     def _intact_step(self, found: list[int], step: int) -> int:
         """`step` if its files match COMPLETE's sizes and checksums; with step = -1, the newest intact
@@ -477,10 +520,13 @@ class Checkpointer:
                 if good is not None else "; no intact checkpoint is left in " + self.folder)
         raise CheckpointError(f"checkpoint step-{bad} is damaged: {fmt.damage_summary(damaged[bad])}{hint}")
 
-    def load_path(self, path: str | os.PathLike, model_only: bool = False, verified: bool = False) -> int:
+    def load_path(self, path: str | os.PathLike, model_only: bool = False, verified: bool = False,
+                  hint: str = "") -> int:
         """Restore from a checkpoint directory (a full trainer checkpoint, or a model-only one such as
         `python -m moonlight.convert hf-to-dcp` writes); `model_only` restores just the weights. Its
-        files are checked against COMPLETE's sizes and checksums unless `verified`."""
+        files are checked against COMPLETE's sizes and checksums unless `verified`. A file that cannot
+        be read (damage a format_version 1 marker has no checksums to find) is a CheckpointError ending
+        in `hint`."""
         path = os.path.abspath(os.fspath(path))
         if not fmt.is_complete(path):
             if not os.path.isdir(path):
@@ -501,7 +547,15 @@ class Checkpointer:
         if with_optim:
             state["optimizer"] = self._optim_sd()
         self._check_keys(path, state)
-        fmt.dcp_load(state, path)
+        try:
+            fmt.dcp_load(state, path)
+        except (KeyboardInterrupt, SystemExit, CheckpointError):
+            raise
+        except BaseException as e:  # DCP's CheckpointException is a BaseException
+            v1 = " (its COMPLETE marker, format_version 1, records no checksums to check it against)" if not \
+                fmt.recorded_files(path) else ""
+            raise CheckpointError(f"checkpoint {path} cannot be read, its files are damaged{v1}: "
+                                  f"{fmt.short_error(e)[:300]}{hint}") from None
         for part in self.model_parts:
             keys = set(get_model_state_dict(part))
             set_model_state_dict(part, {k: v for k, v in state["model"].items() if k in keys},
@@ -523,6 +577,11 @@ class Checkpointer:
         """The adapters are resumed only under the [lora] settings they were trained with: another rank
         does not fit them, and another alpha, DoRA or target list would silently change or drop them."""
         saved, mine = (meta.get("layout") or {}).get("lora"), self.layout.get("lora")
+        if saved and not mine:
+            settings = ", ".join(f"lora.{k} = {saved[k]!r}" for k in ("rank", "alpha", "dora", "targets") if k in saved)
+            raise CheckpointError(f"checkpoint {path} is a LoRA/DoRA run's: resume it with lora.enable = true "
+                                  f"({settings}), or start a new run (another job.dump_folder) from its merged export "
+                                  "(python -m moonlight.convert dcp-to-hf) as checkpoint.initial_load_hf")
         if not saved or not mine:
             return
         diffs = [f"{key} = {saved[key]!r} (this run: {mine[key]!r})" for key in ("rank", "alpha", "dora", "targets")
@@ -538,9 +597,15 @@ class Checkpointer:
         if self.load_base is None or self.base_weights is None:
             raise CheckpointError(f"checkpoint {path} holds only the trained weights; its frozen base weights are "
                                   f"read from {base}: set checkpoint.initial_load_hf = {base!r} to resume it")
-        if self.base_weights != base and distributed.rank() == 0:
-            logger.warning("checkpoint: %s was saved with its frozen weights in %s; reading them from %s "
-                           "(checkpoint.initial_load_hf) instead", path, base, self.base_weights)
+        if self.base_weights != base:
+            if not getattr(self.cfg, "other_base", False):  # adapters on other weights: a different model
+                raise CheckpointError(f"checkpoint {path} was trained on the frozen weights in {base}, not "
+                                      f"checkpoint.initial_load_hf = {self.base_weights}: set it to {base!r}, or, "
+                                      "if this is the same base moved, set checkpoint.other_base = true")
+            if distributed.rank() == 0:
+                logger.warning("checkpoint: %s was saved with its frozen weights in %s; reading them from %s "
+                               "(checkpoint.initial_load_hf, checkpoint.other_base) instead", path, base,
+                               self.base_weights)
         self.load_base(self.base_weights)
 
     def _check_keys(self, path: str, state: dict[str, Any]) -> None:

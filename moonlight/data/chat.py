@@ -5,16 +5,20 @@
                                     {"role": "assistant", "content": "Hello!"}])
 
 Only assistant turns (their content and closing marker) are targets. The tokenizer's
-`chat_template` is rendered as transformers' `apply_chat_template` does; without one the built-in
-Moonlight-Instruct format is used. How the assistant spans are found: docs/data.md.
+`chat_template` is rendered as transformers' `apply_chat_template` does, within RENDER_SECONDS;
+without one the built-in Moonlight-Instruct format is used. How the assistant spans are found:
+docs/data.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import re
+import signal
+import threading
 from typing import Any, Sequence
 
 import jinja2
@@ -28,6 +32,30 @@ __all__ = ["ROLES", "ChatTemplate", "load_chat_template", "messages_problem"]
 ROLES = ("system", "user", "assistant")
 _ROLE_TOKENS = {"system": "<|im_system|>", "user": "<|im_user|>", "assistant": "<|im_assistant|>"}
 _MIDDLE, _END = "<|im_middle|>", "<|im_end|>"
+RENDER_SECONDS = 10.0  # per rendering; real templates take milliseconds
+
+
+class _Expired(Exception):  # noqa: N818 (a control-flow signal)
+    pass
+
+
+@contextlib.contextmanager
+def _time_budget(seconds: float):
+    """Raise _Expired in the main thread after `seconds` (SIGALRM; elsewhere unbounded)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def expire(signum, frame):
+        raise _Expired
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def messages_problem(messages: Any) -> str | None:
@@ -47,8 +75,10 @@ def messages_problem(messages: Any) -> str | None:
 class ChatTemplate:
     """Renders conversations for one tokenizer; `jinja_template` None = the built-in format."""
 
-    def __init__(self, tokenizer: Any, jinja_template: str | None = None, template_vars: dict | None = None):
+    def __init__(self, tokenizer: Any, jinja_template: str | None = None, template_vars: dict | None = None,
+                 source: str = "the tokenizer folder"):
         self.tokenizer = tokenizer
+        self.source = source  # named in errors: the tokenizer_config.json holding the template
         specials = getattr(tokenizer, "special_tokens", {})
         if jinja_template is None:
             missing = [t for t in (*_ROLE_TOKENS.values(), _MIDDLE, _END) if t not in specials]
@@ -57,7 +87,7 @@ class ChatTemplate:
                                 "format; use a tokenizer directory whose tokenizer_config.json has a chat_template")
             self._compiled = None
         else:
-            self._compiled = _compile(jinja_template)
+            self._compiled = _compile(jinja_template, source)
         self.template_vars = template_vars or {}
         self._specials = specials
         # longest first, so that a special token that contains another one wins
@@ -98,8 +128,15 @@ class ChatTemplate:
 
     # ------------------------------------------------------------------ jinja templates
     def render(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
-        return self._compiled.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                     **self.template_vars)
+        try:
+            with _time_budget(RENDER_SECONDS):
+                return self._compiled.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                             **self.template_vars)
+        except _Expired:
+            raise DataError(f"the chat_template of {self.source} did not render a conversation within "
+                            f"{RENDER_SECONDS:g} s (runaway loops?): fix or remove it") from None
+        except Exception as e:  # the template's own failure (sandbox refusals, raise_exception, bad values)
+            raise DataError(f"the chat_template of {self.source} failed: {type(e).__name__}: {e}") from None
 
     def _encode_jinja(self, messages: Sequence[dict]) -> tuple[list[int], list[bool]]:
         text = self.render(messages)
@@ -157,7 +194,7 @@ class _Generation(jinja2.ext.Extension):
         return caller()
 
 
-def _compile(source: str):
+def _compile(template: str, source: str):
     """A jinja2 template compiled as transformers compiles chat templates, in a sandbox (a template
     from a model directory cannot reach Python objects)."""
 
@@ -176,9 +213,9 @@ def _compile(source: str):
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
     try:
-        return env.from_string(source)
+        return env.from_string(template)
     except jinja2.exceptions.TemplateSyntaxError as e:
-        raise DataError(f"chat_template: jinja syntax error at line {e.lineno}: {e.message}") from None
+        raise DataError(f"the chat_template of {source}: jinja syntax error at line {e.lineno}: {e.message}") from None
 
 
 def _token_string(value: Any) -> str | None:
@@ -207,4 +244,4 @@ def load_chat_template(tokenizer_spec: str, tokenizer: Any) -> ChatTemplate:
     if not template:
         return ChatTemplate(tokenizer)
     variables = {k: _token_string(v) for k, v in config.items() if k.endswith("_token") and _token_string(v)}
-    return ChatTemplate(tokenizer, template, variables)
+    return ChatTemplate(tokenizer, template, variables, source=config_path)

@@ -10,6 +10,7 @@ import gzip
 import json
 import logging
 import os
+import stat
 import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -25,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 MAX_REPORTED_BAD_LINES = 100
 ENCODE_CHUNK = 1024
+MAX_LINE_BYTES = 64 * 2**20  # a longer line is a bad record, read past in pieces (a newline-free file never ends)
 
 
 class BadLineError(DataError):
@@ -84,10 +86,8 @@ class DocumentStore:
 
 
 def expand_paths(path: str, exts: tuple[str, ...], what: str, keys: DataKeys = DATA_KEYS) -> list[str]:
-    """A file, a directory (files with one of exts, sorted, recursively) or a glob."""
+    """A file, a directory (files with one of exts, sorted, recursively) or a glob; each a regular file."""
     path = os.path.expanduser(path)
-    if os.path.isfile(path):
-        return [path]
     if os.path.isdir(path):
         files = sorted(
             os.path.join(root, f)
@@ -95,11 +95,31 @@ def expand_paths(path: str, exts: tuple[str, ...], what: str, keys: DataKeys = D
             for f in fs
             if f.endswith(exts)
         )
+    elif os.path.exists(path):
+        files = [path]
     else:
-        files = sorted(f for f in _glob.glob(path, recursive=True) if os.path.isfile(f))
+        files = sorted(f for f in _glob.glob(path, recursive=True) if os.path.exists(f) and not os.path.isdir(f))
     if not files:
         raise DataError(f"{keys('path')} {path!r}: no {what} files found (looked for {', '.join(exts)})")
+    for f in files:
+        check_regular(f, keys)
+    stems = [f.removesuffix(".gz") for f in files]
+    twice = sorted({f for f in stems if stems.count(f) > 1})
+    if twice:
+        logger.warning("data: %s and %s.gz are both read (%d such pair(s)): the same documents twice? Remove one "
+                       "of each pair from %s", twice[0], twice[0], len(twice), keys("path"))
     return files
+
+
+def check_regular(path: str, keys: DataKeys = DATA_KEYS) -> None:
+    """Refuse a FIFO, device or socket: opening one blocks, reading one may never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # dangling or unreadable: named when it is read
+        return
+    if not stat.S_ISREG(mode):
+        raise DataError(f"{path} is not a regular file (a FIFO, device or socket would block or never end): "
+                        f"remove it from {keys('path')}")
 
 
 def expand_paths_or_none(path: str) -> list[str]:
@@ -140,49 +160,98 @@ def _text_problem(value: Any) -> str | None:
     return None
 
 
+class _Tally:
+    """Usable and malformed records of one source: more malformed than usable (at least
+    MIN_MALFORMED) is not data with some bad lines but the wrong file, key or encoding: an error."""
+
+    MIN_MALFORMED = 10  # fewer: the load goes on, and an empty result names its first bad record
+
+    def __init__(self, source: str, bad: BadLines) -> None:
+        self.source, self.bad, self.good, self.skipped, self.first = source, bad, 0, 0, ""
+
+    def skip(self, where: str, reason: str) -> None:
+        self.bad(where, reason)  # raises with on_bad_line = "error"
+        self.skipped += 1
+        self.first = self.first or f"{where}: {reason}"
+
+    def check(self, fix: str) -> None:
+        if self.skipped > self.good and self.skipped >= self.MIN_MALFORMED:
+            raise DataError(f"{self.source}: {self.skipped} of {self.skipped + self.good} records are malformed "
+                            f"(first: {self.first}); {fix}")
+
+
 def read_jsonl(
     paths: Sequence[str], text_key: str = "text", on_bad_line: str = "skip", bad: BadLines | None = None,
-    problem: Callable[[Any], str | None] = _text_problem, keys: DataKeys = DATA_KEYS,
+    problem: Callable[[Any], str | None] = _text_problem, keys: DataKeys = DATA_KEYS, field_key: str = "text_key",
 ) -> Iterator[Any]:
     """Yield field text_key of every well-formed line (`problem(value)` says why a value is not
-    usable, default: not a valid string); blank lines are ignored silently."""
+    usable, default: not a valid string); blank lines are ignored silently. A file with more
+    malformed lines than good ones is a DataError (field_key: the setting that names text_key)."""
     bad = bad or BadLines(on_bad_line, keys)
     for path in paths:
-        for lineno, raw in _numbered_lines(path, keys):
-            if not raw.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(raw.rstrip(b"\r\n"))
-            except UnicodeDecodeError as e:
-                bad(where, f"invalid UTF-8 ({e.reason})")
-                continue
-            except json.JSONDecodeError as e:
-                bad(where, f"invalid JSON: {e.msg} (column {e.colno})")
-                continue
-            if not isinstance(obj, dict):
-                bad(where, f"expected a JSON object, got {type(obj).__name__}")
-                continue
-            if text_key not in obj:
-                keys = ", ".join(list(obj)[:10])
-                bad(where, f"missing text field {text_key!r} (keys: {keys})")
-                continue
-            value = obj[text_key]
-            reason = problem(value)
+        tally = _Tally(path, bad)
+        for where, value, reason in _jsonl_records(path, text_key, problem, keys):
             if reason:
-                bad(where, f"field {text_key!r} {reason}")
-                continue
-            yield value
+                tally.skip(where, reason)
+            else:
+                tally.good += 1
+                yield value
+        tally.check(f"is {keys.assign(field_key, text_key)} the field, and the file UTF-8 JSON lines?")
 
 
-def _numbered_lines(path: str, keys: DataKeys) -> Iterator[tuple[int, bytes]]:
-    """(line number, raw line) of a text or .gz file; a truncated or corrupt .gz is a DataError
-    naming the file and the line it stopped after."""
+def _jsonl_records(path: str, text_key: str, problem: Callable[[Any], str | None], keys: DataKeys
+                   ) -> Iterator[tuple[str, Any, str | None]]:
+    """(where, field text_key, None) of each good line, (where, None, why) of each malformed one."""
+    for lineno, raw in _numbered_lines(path, keys):
+        where = f"{path}:{lineno}"
+        if raw is None:
+            yield where, None, f"longer than {MAX_LINE_BYTES} bytes (not one JSON record per line?)"
+            continue
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw.rstrip(b"\r\n"))
+        except UnicodeDecodeError as e:
+            yield where, None, f"invalid UTF-8 ({e.reason})"
+            continue
+        except json.JSONDecodeError as e:
+            yield where, None, f"invalid JSON: {e.msg} (column {e.colno})"
+            continue
+        if not isinstance(obj, dict):
+            yield where, None, f"expected a JSON object, got {type(obj).__name__}"
+        elif text_key not in obj:
+            yield where, None, f"missing text field {text_key!r} (keys: {', '.join(list(obj)[:10])})"
+        elif reason := problem(obj[text_key]):
+            yield where, None, f"field {text_key!r} {reason}"
+        else:
+            yield where, obj[text_key], None
+
+
+def _check_encoding(path: str, head: bytes) -> None:
+    """A first line that shows the file is compressed or not UTF-8: every line would be malformed."""
+    if head.startswith(b"\x1f\x8b") and not path.endswith(".gz"):
+        raise DataError(f"{path} is gzip-compressed but not named .gz: rename it to {os.path.basename(path)}.gz")
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in head:
+        raise DataError(f"{path} is UTF-16 (or binary), not UTF-8 text: convert it, e.g. "
+                        "iconv -f UTF-16 -t UTF-8")
+
+
+def _numbered_lines(path: str, keys: DataKeys) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, raw line, None when longer than MAX_LINE_BYTES) of a regular text or .gz file; a
+    truncated or corrupt .gz is a DataError naming the file and the line it stopped after."""
+    check_regular(path, keys)
     opener = gzip.open if path.endswith(".gz") else open
     lineno = 0
     try:
         with opener(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
+            while raw := f.readline(MAX_LINE_BYTES + 1):
+                lineno += 1
+                if lineno == 1:
+                    _check_encoding(path, raw)
+                if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                    while (rest := f.readline(MAX_LINE_BYTES)) and not rest.endswith(b"\n"):
+                        pass
+                    raw = None
                 yield lineno, raw
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise DataError(f"{path}: corrupt or truncated gzip file after line {lineno} "
@@ -250,14 +319,17 @@ def read_hf(path: str, text_key: str = "text", split: str = "train", on_bad_line
     if text_key not in ds.column_names:
         raise DataError(f"{path_key} {path!r}: no column {keys(field_key)}={text_key!r} (columns: {ds.column_names})")
     row = 0
+    tally = _Tally(where0, bad)
     for chunk in ds.select_columns([text_key]).iter(batch_size=ENCODE_CHUNK):
         for text in chunk[text_key]:
             row += 1
             reason = problem(text)
             if reason:
-                bad(f"{where0}:row {row}", f"field {text_key!r}: {reason}")
+                tally.skip(f"{where0}:row {row}", f"field {text_key!r}: {reason}")
                 continue
+            tally.good += 1
             yield text
+    tally.check(f"is {keys.assign(field_key, text_key)} the column of the texts?")
 
 
 def _progress(items: Iterable, source: str, unit: str) -> Iterable:
@@ -316,11 +388,15 @@ class ChatStore(DocumentStore):
 
 
 def tokenize_conversations(conversations: Iterable[list], template: Any, source: str, bad: BadLines) -> ChatStore:
-    arrays, flags = [], []
+    arrays, flags, silent = [], [], 0
     for messages in _progress(conversations, source, "conversations"):
         ids, targets = template.encode(messages)
         arrays.append(np.asarray(ids, dtype=np.int32))
         flags.append(np.asarray(targets, dtype=bool))
+        silent += all(not m["content"].strip() for m in messages if m["role"] == "assistant")
+    if silent:
+        logger.warning("data: %d of %d conversations in %s have only empty assistant turns: they train on the "
+                       "end-of-turn marker alone", silent, len(arrays), source)
     lengths = np.fromiter((a.shape[0] for a in arrays), dtype=np.int64, count=len(arrays))
     return ChatStore(
         tokens=[np.concatenate(arrays) if arrays else np.zeros(0, np.int32)],

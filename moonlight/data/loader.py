@@ -42,7 +42,7 @@ def load_documents(cfg_data: Any, tokenizer: Any, keys: DataKeys = DATA_KEYS) ->
         # jsonl files are read line by line (errors name the line), anything else as an HF dataset
         files = [] if is_saved_dataset(os.path.expanduser(cfg_data.path)) else expand_paths_or_none(cfg_data.path)
         if files:
-            rows = read_jsonl(files, key, bad=bad, problem=messages_problem, keys=keys)
+            rows = read_jsonl(files, key, bad=bad, problem=messages_problem, keys=keys, field_key="messages_key")
         else:
             rows = read_hf(cfg_data.path, key, getattr(cfg_data, "split", "train"), bad=bad, problem=messages_problem,
                            keys=keys, field_key="messages_key")
@@ -54,7 +54,7 @@ def load_documents(cfg_data: Any, tokenizer: Any, keys: DataKeys = DATA_KEYS) ->
         texts = read_hf(cfg_data.path, cfg_data.text_key, getattr(cfg_data, "split", "train"), bad=bad, keys=keys)
         store = tokenize_texts(texts, tokenizer, cfg_data.path, bad)
     elif fmt == "megatron":
-        store = load_megatron(cfg_data.path, keys)
+        store = load_megatron(cfg_data.path, keys, tokenizer)
     else:
         raise DataError(f"{keys('format')} must be 'jsonl', 'hf', 'megatron' or 'chat', got {fmt!r}")
     if store.num_bad_lines:
@@ -112,9 +112,11 @@ class PackedDataLoader:
         self.tokens_per_epoch = total
         self.sequences_per_epoch = max((total - 1) // seq_len, 0) if total else 0
         if self.sequences_per_epoch < 1:
+            skipped = (f" ({store.num_bad_lines} malformed record(s) skipped, first: {store.bad_lines[0]})"
+                       if store.num_bad_lines and store.bad_lines else "")
             raise DataError(
                 f"{keys('path')} {store.source!r}: {total} tokens in {store.num_documents} documents are fewer than "
-                f"one sequence of seq_len + 1 = {seq_len + 1} tokens"
+                f"one sequence of seq_len + 1 = {seq_len + 1} tokens{skipped}"
             )
         self._epoch_cache: tuple[int, np.ndarray, np.ndarray] | None = None
 
@@ -333,6 +335,12 @@ class ChatDataLoader(PackedDataLoader):
         return tokens[:-1], np.where(targets[1:], tokens[1:], -100), positions[:-1]
 
 
+def _end_with(store: DocumentStore, token: int, sample: int = 1000) -> bool:
+    """Whether (the first `sample` of) the documents all end with `token`."""
+    n = min(store.num_documents, sample)
+    return n > 0 and all(int(store.document(j)[-1]) == token for j in range(n))
+
+
 def build_dataloader(
     cfg_data: Any,
     tokenizer: Any,
@@ -360,6 +368,9 @@ def build_dataloader(
                         "or name eos_token in the tokenizer's tokenizer_config.json")
     if store is None:
         store = load_documents(cfg_data, tokenizer, keys)
+    if add_eos and _end_with(store, tokenizer.eos_id):
+        logger.warning("data: the documents of %s already end with the eos token (prepare_data --append-eos?) and "
+                       "%s = true adds another to each: set it to false", store.source, keys("add_eos"))
     if cfg_data.format == "chat":  # the chat template decides the special tokens
         return ChatDataLoader(store, seq_len=seq_len, local_batch_size=local_batch_size, dp_rank=dp_rank,
                               dp_world=dp_world, seed=seed, shuffle=bool(getattr(cfg_data, "shuffle", True)),

@@ -1,9 +1,12 @@
 """Megatron-LM's MMIDIDX indexed dataset (<prefix>.idx + <prefix>.bin): the reader (validated at
 open, memory-mapped), an atomic writer, a jsonl -> .bin/.idx builder (`python -m moonlight.prepare_data`
-on the command line), and the documents of a set of files."""
+on the command line), and the documents of a set of files. The builder also writes
+<prefix>.moonlight.json (the tokenizer's fingerprint): reading the files with another tokenizer warns."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import struct
 from array import array
@@ -13,9 +16,13 @@ from typing import Any, Sequence
 import numpy as np
 
 from moonlight.errors import DataError
-from moonlight.outputs import check_output
+from moonlight.outputs import check_output, os_error_reason
 from moonlight.data.documents import (DATA_KEYS, BadLines, DataKeys, DocumentStore, encode_documents, expand_paths,
                                       read_jsonl)
+from moonlight.data.tokenizer import fingerprint
+
+logger = logging.getLogger(__name__)
+SIDECAR = ".moonlight.json"  # beside <prefix>.bin/.idx: how they were made
 
 
 _MMIDIDX_MAGIC = b"MMIDIDX\x00\x00"
@@ -129,16 +136,17 @@ def _is_megatron_index(path: str) -> bool:
         return False
 
 
-def check_megatron_output(prefix: str, overwrite: bool) -> None:
+def check_megatron_output(prefix: str, overwrite: bool, how: str = "overwrite=True") -> None:
     """Refuse to replace <prefix>.bin/.idx unless `overwrite`, and even then unless they are a Megatron
-    pair (the .idx starts with MMIDIDX): a lone .bin or a foreign file is never ours to replace."""
+    pair (the .idx starts with MMIDIDX): a lone .bin or a foreign file is never ours to replace. `how`:
+    how the caller's user asks to overwrite (a command line: "--overwrite")."""
     prefix = _megatron_prefix(prefix)
     found = [prefix + ext for ext in (".bin", ".idx") if os.path.lexists(prefix + ext)]
     if not found:
         return
     if not overwrite:
-        raise DataError(f"{' and '.join(found)} already exist{'s' if len(found) == 1 else ''}; pass overwrite=True "
-                        "(--overwrite) to replace them, or pick another output prefix")
+        raise DataError(f"{' and '.join(found)} already exist{'s' if len(found) == 1 else ''}; pass {how} "
+                        "to replace them, or pick another output prefix")
     refuse = "refusing to replace it (remove it, or pick another output prefix)"
     for f in found:
         if os.path.islink(f) or not os.path.isfile(f):
@@ -225,8 +233,12 @@ class MegatronIndexedWriter:
         os.replace(self._idx_tmp, idx_path)
 
     def discard(self) -> None:
-        """Drop what was written; an earlier output stays as it was."""
-        self._bin.close()
+        """Drop what was written; an earlier output stays as it was (also when closing fails, e.g. on a
+        full disk: the temp files go all the same)."""
+        try:
+            self._bin.close()
+        except OSError:
+            pass
         for tmp in (self._bin_tmp, self._idx_tmp):
             if os.path.exists(tmp):
                 os.remove(tmp)
@@ -308,14 +320,38 @@ def build_megatron_from_jsonl(
                 raise DataError(f"{keys('path')} {source!r}: no documents to write ({empty} empty, {bad.count} "
                                 f"malformed lines skipped): check the files and {keys('text_key')}; nothing was "
                                 "written")
+            _write_sidecar(prefix, {"tokenizer_fingerprint": fingerprint(tokenizer), "append_eos": append_eos})
     except OSError as e:  # the output side: input read errors are DataErrors already
-        raise DataError(f"{e.filename or prefix}: cannot write it ({e.strerror or e}); free space or fix "
+        raise DataError(f"{e.filename or prefix}: cannot write it ({os_error_reason(e)}); free space or fix "
                         "permissions, or pick another output prefix") from None
     return MegatronBuild(files=w.files, dtype=dtype, documents=w.num_documents, tokens=w.num_tokens,
                          empty=empty, bad_lines=bad.count, first_bad_line=bad.reported[0] if bad.reported else None)
 
 
-def load_megatron(path: str, keys: DataKeys = DATA_KEYS) -> DocumentStore:
+def _write_sidecar(prefix: str, record: dict) -> None:
+    """<prefix>.moonlight.json, written whole or not at all (before the .bin/.idx it describes)."""
+    tmp = f"{prefix}{SIDECAR}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(record, f)
+        os.replace(tmp, prefix + SIDECAR)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _made_with_another_tokenizer(prefix: str, tokenizer: Any) -> bool:
+    try:
+        with open(prefix + SIDECAR, encoding="utf-8") as f:
+            made_with = json.load(f).get("tokenizer_fingerprint")
+    except (OSError, ValueError, AttributeError):  # none (not made by prepare_data) or unreadable: unknown
+        return False
+    return made_with is not None and made_with != fingerprint(tokenizer)
+
+
+def load_megatron(path: str, keys: DataKeys = DATA_KEYS, tokenizer: Any = None) -> DocumentStore:
+    """The documents of Megatron files; with `tokenizer`, files whose sidecar names another one are
+    reported in one warning."""
     p = os.path.expanduser(path)
     if not os.path.isdir(p) and os.path.exists(_megatron_prefix(p) + ".idx"):
         prefixes = [_megatron_prefix(p)]
@@ -334,6 +370,11 @@ def load_megatron(path: str, keys: DataKeys = DATA_KEYS) -> DocumentStore:
         fids.append(np.full(int(keep.sum()), k, dtype=np.int32))
         starts.append(s[keep])
         lengths.append(l[keep])
+    other = [prefix for prefix in prefixes if tokenizer is not None and _made_with_another_tokenizer(prefix, tokenizer)]
+    if other:
+        logger.warning("data: %d of %d Megatron file(s) in %s were tokenised with another tokenizer than %s "
+                       "(e.g. %s): their token ids mean other text; run prepare_data again with this tokenizer",
+                       len(other), len(prefixes), path, keys("tokenizer"), other[0])
     return DocumentStore(
         tokens=tokens,
         file_ids=np.concatenate(fids),

@@ -11,6 +11,7 @@ Nothing is ever downloaded.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 from typing import Iterator, Protocol, Sequence
@@ -23,8 +24,13 @@ __all__ = [
     "TikTokenTokenizer",
     "HFTokenizer",
     "build_tokenizer",
+    "fingerprint",
     "MOONLIGHT_PAT_STR",
 ]
+
+# Text that any two different vocabularies split differently: the fingerprint encodes it.
+_PROBE = ("The quick brown fox jumps over the lazy dog; 0123456789 +-*/= {}[]()\n\tnaïve café Ünïcödé "
+          "日本語のテキスト 中文 한국어 Русский العربية emoji 🙂 def f(x): return x ** 2  # code")
 
 
 class Tokenizer(Protocol):
@@ -304,3 +310,11 @@ def build_tokenizer(spec: str, what: str = "data.tokenizer") -> ByteTokenizer | 
         f"{what}: {spec!r} is not 'byte' nor an existing tokenizer file/directory "
         "(a directory with tiktoken.model, or a tokenizer.json)"
     )
+
+
+def fingerprint(tokenizer) -> str:
+    """A short hash of what a tokenizer turns text into (ids of a probe text, vocab size, special
+    tokens): token files made with one tokenizer and read with another show as a mismatch."""
+    probe = [type(tokenizer).__name__, tokenizer.vocab_size, sorted(tokenizer.special_tokens.items()),
+             tokenizer.bos_id, tokenizer.eos_id, list(tokenizer.encode_batch([_PROBE])[0])]
+    return hashlib.sha256(json.dumps(probe).encode()).hexdigest()[:16]

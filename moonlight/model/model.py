@@ -24,18 +24,20 @@ from moonlight.kernels.mla_rope import mla_rope_key, rope_tables, rotate_rope_
 from moonlight.kernels.moe_permute import permute_tokens, unpermute_tokens
 from moonlight.config import ModelArgs
 from moonlight.distributed import local_tensor, to_device
+from moonlight.dtypes import at_least_fp32
 from moonlight.model.loss import linear_cross_entropy
 
 
 class _RMSNormFunction(torch.autograd.Function):
-    """weight * (x * rsqrt(mean(x^2) + eps)), normalized in fp32: the forward is the HF reference's ops
-    (same bits); only x and the [..., 1] rsqrt are kept, and the backward writes its closed form
-        grad_x = rstd * (g - x * rstd^2 * mean(g * x)),  g = grad * weight (fp32)
+    """weight * (x * rsqrt(mean(x^2) + eps)), normalized in fp32 (fp64 stays fp64): the forward is the HF
+    reference's ops (same bits); only x and the [..., 1] rsqrt are kept, and the backward writes its
+    closed form
+        grad_x = rstd * (g - x * rstd^2 * mean(g * x)),  g = grad * weight (fp32 or wider)
     into two buffers instead of autograd's about seven of x's size (fresh activations are costly on CPU)."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        x32 = x.float()
+        x32 = at_least_fp32(x)
         rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, weight, rstd)
         y = (x32 * rstd).to(x.dtype)
@@ -44,20 +46,20 @@ class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight, rstd = ctx.saved_tensors
-        x32 = x.float()
+        x32 = at_least_fp32(x)
         grad_weight = None
         if ctx.needs_input_grad[1]:
             grad_weight = (x32 * rstd).to(x.dtype).mul_(grad).sum_to_size(weight.shape)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            g = (grad * weight).float()
+            g = at_least_fp32(grad * weight)
             coeff = (g * x32).mean(-1, keepdim=True).mul_(rstd.pow(2)).neg_()
             grad_x = g.addcmul_(x32, coeff).mul_(rstd).to(x.dtype)
         return grad_x, grad_weight, None
 
 
 class RMSNorm(nn.Module):
-    """Normalize in fp32, scale in the input dtype (as the HF reference does)."""
+    """Normalize in fp32 (or fp64), scale in the input dtype (as the HF reference does)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -343,11 +345,11 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor, sequences: SequenceSplit = WHOLE_SEQUENCES
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [T, H] -> (weights [T, K] fp32, expert ids [T, K], scores [T, E] fp32). ``sequences``: the
-        MoE layer's (its weight's gradient must sum the tokens of every part)."""
+        """x [T, H] -> (weights [T, K], expert ids [T, K], scores [T, E]; fp32, or fp64 for fp64 x).
+        ``sequences``: the MoE layer's (its weight's gradient must sum the tokens of every part)."""
         a = self.args
-        # fp32 before the weight is shared: its gradient is summed over the parts in fp32
-        scores = F.linear(x.float(), sequences.shared_weight(self.weight.float())).sigmoid()
+        # at least fp32 before the weight is shared: its gradient is summed over the parts in fp32
+        scores = F.linear(at_least_fp32(x), sequences.shared_weight(at_least_fp32(self.weight))).sigmoid()
         biased = scores + self.expert_bias
         if a.n_group > 1:  # keep the topk_group groups whose two best biased scores sum highest
             grouped = biased.view(-1, a.n_group, a.n_routed_experts // a.n_group)
@@ -628,7 +630,7 @@ class Moonlight(nn.Module):
         if labels is None:
             return self.lm_head(h)
         if not getattr(self.lm_head, "plain_linear", False):  # e.g. a LoRA head (see model/converters.py)
-            return F.cross_entropy(self.lm_head(h).flatten(0, -2).float(), labels.flatten(), reduction="sum")
+            return F.cross_entropy(at_least_fp32(self.lm_head(h).flatten(0, -2)), labels.flatten(), reduction="sum")
         return linear_cross_entropy(h.flatten(0, -2), self.lm_head.weight, labels.flatten())
 
     def moe_layers(self) -> list[MoE]:

@@ -25,6 +25,9 @@ from moonlight.parallel.tensor import SequenceShards
 
 __all__ = ["zigzag_slice", "zigzag_indices", "ContextParallelKeyExchange", "apply_context_parallel"]
 
+# The differentiable all-gather: torch 2.13 renamed all_gather_tensor_autograd (2.11; deprecated since 2.13).
+_all_gather_autograd = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+
 
 def zigzag_indices(seq_len: int, cp: int, rank: int) -> torch.Tensor:
     """The global positions (in order) of the tokens CP rank ``rank`` holds of a ``seq_len`` sequence."""
@@ -68,7 +71,7 @@ class ContextParallelKeyExchange:
         # the other ranks' tokens: the returned tables are the identity rotation
         k_pe = rotate_rope_(k_pe, cos, sin, k_pe.shape[-1], impl=impl)
         keys = torch.cat([latent, k_pe], dim=-1)  # one collective for both
-        gathered = collective_result(funcol.all_gather_single_autograd(keys, 0, self.group))
+        gathered = collective_result(_all_gather_autograd(keys, 0, self.group))
         chunk = keys.shape[1] // 2
         # the keys past the last local query are never attended to here
         keys = _sequence_order(gathered, self.cp)[:, : (self._chunks()[1] + 1) * chunk]

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 
 import torch
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Shard
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import (CheckpointPolicy, SelectiveCheckpointContext, checkpoint,
+                                    create_selective_checkpoint_contexts)
 
 import moonlight.kernels.grouped_mm  # noqa: F401  (registers torch.ops.moonlight.grouped_mm, named in SAVED_OPS)
 from moonlight.dtypes import is_mixed, to_dtype
@@ -41,6 +44,9 @@ SAVED_OPS = frozenset({
     torch.ops._c10d_functional_autograd.all_gather_into_tensor.default,
 })
 _IN_PLACE_ROPE = torch.ops.moonlight.rotate_rope_.default
+# torch >= 2.13 calls the policy after each op, with its output; older releases (2.11) call it before
+# the op, so there a dispatch mode above checkpointing's records the kept outputs (`_KeptOutputs`).
+_POLICY_SEES_OUTPUT = "op_output" in inspect.signature(SelectiveCheckpointContext).parameters
 
 
 # ----------------------------------------------------------------------- activation checkpointing
@@ -73,12 +79,16 @@ class _SavePolicy:
         self.rope_kept: list[bool] = []
         self.rope_replayed = 0
 
+    def keep(self, output) -> None:
+        """Note the storage of a kept op's output (a tensor or a tuple/list of them)."""
+        self.kept_addresses.update(_storage_address(t) for t in (output if isinstance(output, (tuple, list))
+                                                                 else (output,)))
+        self.kept_addresses.discard(None)
+
     def __call__(self, ctx, op, *args, **kwargs) -> CheckpointPolicy:
         if op in SAVED_OPS:
-            if not ctx.is_recompute:
-                outputs = ctx.op_output if isinstance(ctx.op_output, (tuple, list)) else (ctx.op_output,)
-                self.kept_addresses.update(_storage_address(t) for t in outputs)
-                self.kept_addresses.discard(None)
+            if not ctx.is_recompute and _POLICY_SEES_OUTPUT:
+                self.keep(ctx.op_output)
             return CheckpointPolicy.MUST_SAVE
         if op == _IN_PLACE_ROPE:
             if ctx.is_recompute:
@@ -91,6 +101,27 @@ class _SavePolicy:
         return CheckpointPolicy.PREFER_RECOMPUTE
 
 
+class _KeptOutputs(TorchDispatchMode):
+    """Above checkpointing's forward mode (torch < 2.13): hands each kept op's output to the policy,
+    which sees the ops only before they run."""
+
+    def __init__(self, policy: _SavePolicy):
+        super().__init__()
+        self.policy = policy
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in SAVED_OPS:
+            self.policy.keep(out)
+        return out
+
+
+@contextlib.contextmanager
+def _op_level_forward(forward_context, policy: _SavePolicy):
+    with forward_context, _KeptOutputs(policy):
+        yield
+
+
 @contextlib.contextmanager
 def _op_level_recompute(module: nn.Module, recompute_context):
     with _keep_moe_counters(module), recompute_context:
@@ -101,7 +132,10 @@ def _contexts(module: nn.Module, op_level: bool):
     """(forward, recompute) contexts of one checkpointed call."""
     if not op_level:
         return contextlib.nullcontext(), _keep_moe_counters(module)
-    forward_context, recompute_context = create_selective_checkpoint_contexts(_SavePolicy())
+    policy = _SavePolicy()
+    forward_context, recompute_context = create_selective_checkpoint_contexts(policy)
+    if not _POLICY_SEES_OUTPUT:
+        forward_context = _op_level_forward(forward_context, policy)
     return forward_context, _op_level_recompute(module, recompute_context)
 
 

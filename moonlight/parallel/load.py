@@ -45,7 +45,8 @@ def load_hf_sharded(model: nn.Module, path: str | os.PathLike | None = None, *,
     ``model``: a parallelized Moonlight or pipeline stage; its ``args`` must match the checkpoint's
     shapes. Pass ``path`` (a HF safetensors directory) or an open ``checkpoint``. Values are cast to
     each parameter's dtype. MoE load counters are zeroed. Returns ``{"tensors": n, "bytes_read": b}``
-    (b counts bytes of the checkpoint's dtype this rank read).
+    (b counts bytes of the checkpoint's dtype this rank read). Checks the checkpoint as `load_hf`
+    does, and every value read is finite.
     """
     if checkpoint is None:
         if path is None:
@@ -56,6 +57,7 @@ def load_hf_sharded(model: nn.Module, path: str | os.PathLike | None = None, *,
                   for f in SHAPE_FIELDS if getattr(args, f) != getattr(checkpoint.args, f)]
     if mismatched:
         raise CheckpointError(f"checkpoint {checkpoint.path} does not match the model: " + "; ".join(mismatched))
+    checkpoint.check(args)  # what load_hf and the converter check: keys, layer count, dtypes (not FP8)
 
     persistent = set(model.state_dict().keys())
     tensors = dict(model.named_parameters())
@@ -71,7 +73,7 @@ def load_hf_sharded(model: nn.Module, path: str | os.PathLike | None = None, *,
             for i in range(shape[0] if local.numel() else 0):
                 key = keys[offset[0] + i]
                 region = tuple(slice(o, o + s) for o, s in zip(offset[1:], shape[1:]))
-                part = checkpoint.get_slice(key)[region]
+                part = checkpoint.read(key, region)
                 local[i].copy_(part)
                 stats["bytes_read"] += part.numel() * part.element_size()
         else:
@@ -79,7 +81,7 @@ def load_hf_sharded(model: nn.Module, path: str | os.PathLike | None = None, *,
             checkpoint.check_shape(key, tensor.shape)
             if local.numel() == 0:
                 continue
-            part = checkpoint.get_slice(key)[tuple(slice(o, o + s) for o, s in zip(offset, shape))]
+            part = checkpoint.read(key, tuple(slice(o, o + s) for o, s in zip(offset, shape)))
             local.copy_(part)
             stats["bytes_read"] += part.numel() * part.element_size()
         stats["tensors"] += 1

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
+
 import torch
 from torch import nn
 
@@ -13,6 +16,29 @@ from moonlight.parallel.data_parallel import AC_MODES, apply_activation_checkpoi
 from moonlight.parallel.expert import apply_expert_parallel
 from moonlight.parallel.mesh import ParallelDims, ParallelMesh
 from moonlight.parallel.tensor import SequenceShards, apply_tensor_parallel
+
+
+def quiet_tp_fsdp_warnings() -> None:
+    """Two PyTorch warnings that TP x FSDP meets once per rank, about risks this code does not take:
+    - FSDP's "returned a view tensor": the vocab-parallel embedding's output is a view of its DTensor's
+      local tensor; nothing writes to it in place (the blocks add residuals out of place), so FSDP's
+      pre-backward hook runs.
+    - DTensor's "sequential ... operations ... inconsistent results between ranks": the gradient norm of
+      a (dp_shard, tp) DTensor is reduced over one mesh dim, then the other; every rank of a clip gets
+      the same total to fp32 rounding, and the step is the single process's.
+    Both are proven by tests/test_parallel_tp_fsdp.py::test_hsdp_and_fsdp_x_tp_four_ranks (fsdp2 x tp2:
+    one step's loss and gathered gradients equal the single process's) and
+    tests/test_train_layouts.py::test_layout_losses_and_weights_equal_single_process (dp_shard 2 x tp2:
+    losses, grad norms and final weights of a training run)."""
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(.*\) returned a view tensor")
+    redistribute = logging.getLogger("torch.distributed.tensor._redistribute")  # logged, not warnings.warn
+    if not any(f is _drop_norm_partial_notice for f in redistribute.filters):
+        redistribute.addFilter(_drop_norm_partial_notice)
+
+
+def _drop_norm_partial_notice(record: logging.LogRecord) -> bool:
+    """False (drop) for DTensor's notice about reducing a gradient norm over two mesh dims in turn."""
+    return not ("While redistributing" in str(record.msg) and "_NormPartial" in record.getMessage())
 
 
 def parallelize_model(model: nn.Module, dims: ParallelDims, mesh: ParallelMesh, *, sequence_parallel: bool = False,
@@ -57,6 +83,8 @@ def parallelize_model(model: nn.Module, dims: ParallelDims, mesh: ParallelMesh, 
             "dp_shard x cp = ep, or dp_shard x cp x tp = ep when expert parallel spans tp)")
     apply_activation_checkpointing(model, ac_mode)
     if dims.dp_cp > 1 or dims.expert_shard > 1 or mixed:
+        if dims.tp > 1:
+            quiet_tp_fsdp_warnings()
         apply_fsdp(model, mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype,
                    reshard_after_forward=reshard_after_forward, ep_enabled=dims.ep > 1)
     return model

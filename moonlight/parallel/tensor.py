@@ -22,6 +22,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleInputOutput,
                                                RowwiseParallel, SequenceParallel, parallelize_module)
 
+from moonlight.dtypes import at_least_fp32
 from moonlight.model import MLP, MoE
 
 
@@ -153,7 +154,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, local_logits, labels, vocab_start, group, ignore_index):
-        x = local_logits.float()
+        x = at_least_fp32(local_logits)
         with torch.no_grad():
             row_max = x.max(dim=-1).values
             dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
@@ -209,10 +210,10 @@ def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor, *, ignore_ind
                                                      tp.get_group(), ignore_index)
         else:
             logits = logits.full_tensor()
-            total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels,
+            total = F.cross_entropy(at_least_fp32(logits.reshape(-1, logits.shape[-1])), labels,
                                     ignore_index=ignore_index, reduction="sum")
     else:
-        total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels, ignore_index=ignore_index,
+        total = F.cross_entropy(at_least_fp32(logits.reshape(-1, logits.shape[-1])), labels, ignore_index=ignore_index,
                                 reduction="sum")
     return reduce_token_losses(total, labels, ignore_index=ignore_index, reduction=reduction, num_tokens=num_tokens)
 

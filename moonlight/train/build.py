@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import logging
 import os
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -17,14 +19,18 @@ import torch.distributed as dist
 from moonlight.checkpoint.format import DCP_METADATA, model_args_from_meta, read_meta
 from moonlight.checkpoint.state import Checkpointer
 from moonlight.config import ModelArgs
-from moonlight.distributed import backend_for, broadcast_object, default_device
+from moonlight.distributed import backend_for, broadcast_object, default_device, init_process_group
+from moonlight.dtypes import to_dtype
 from moonlight.errors import CheckpointError, ConfigError
 from moonlight.hf import HFCheckpoint
 from moonlight.model.converters import ModelConverter
 from moonlight.model.lora import LoRAConverter, hide_adapters, init_dora_magnitude
+from moonlight.outputs import refuse_link
 from moonlight.parallel.load import load_hf_sharded
 from moonlight.train.config import JobConfig
 from moonlight.train.lock import DumpFolderLock
+
+logger = logging.getLogger(__name__)
 
 def build_model_args(cfg: JobConfig) -> ModelArgs:
     """The preset (or a HF config.json, or the model args of the model-only DCP checkpoint that
@@ -114,8 +120,9 @@ def use_tf32(device: torch.device) -> None:
         torch.backends.cudnn.conv.fp32_precision = "tf32"
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
-    """Join the torchrun job (NCCL on GPUs, gloo on CPU); a single process needs no process group."""
+def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, torch.device]:
+    """Join the torchrun job (NCCL on GPUs, gloo on CPU), its collectives giving up after timeout_s; a
+    single process needs no process group."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = default_device(local_rank)
@@ -123,24 +130,46 @@ def init_distributed() -> tuple[int, int, torch.device]:
         torch.cuda.set_device(device)
     use_tf32(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend_for(device.type))
+        init_process_group(backend_for(device.type), timeout_s)
     rank = dist.get_rank() if dist.is_initialized() else 0
     return rank, world, device
 
 
-def take_dump_folder_lock(dump_folder: str, rank: int) -> DumpFolderLock:
-    """Rank 0 locks the dump folder; every rank raises the same ConfigError if another trainer holds it."""
-    lock = DumpFolderLock(dump_folder)
+def take_dump_folder_lock(dump_folder: str, rank: int, also: tuple[str, ...] = (),
+                          check: Callable[[], None] = lambda: None) -> DumpFolderLock:
+    """Rank 0 locks the dump folder (and `also`, the checkpoint folder, where a symlink puts it), then runs
+    `check` (the run's own paths); every rank raises the same ConfigError if another trainer holds the
+    lock or the check fails."""
+    lock = DumpFolderLock(dump_folder, also)
     error = None
     if rank == 0:
         try:
             lock.acquire()
+            check()
         except ConfigError as e:
+            lock.release()
             error = str(e)
     error = broadcast_object(error)
     if error:
         raise ConfigError(error)
     return lock
+
+
+def check_run_paths(cfg: JobConfig) -> None:
+    """The files and folders the run writes in its dump folder are its own: never a symlink (a write would
+    land outside it) nor the other kind of entry (a directory where config.toml goes, a file where the
+    HF exports go), found now rather than when the first write fails, maybe after training."""
+    dump = cfg.job.dump_folder
+    refuse_link(os.path.join(dump, "config.toml"))
+    refuse_link(os.path.join(dump, "metrics.jsonl"))
+    folders = [cfg.checkpoint.folder] if cfg.checkpoint.enable else []
+    folders += ["hf"] if cfg.checkpoint.export_hf else []
+    folders += ["adapter"] if cfg.lora.enable and cfg.lora.export_adapter else []
+    folders += [cfg.metrics.tb_folder] if cfg.metrics.enable_tensorboard else []
+    for folder in folders:
+        path = os.path.join(dump, folder)
+        if os.path.lexists(path) and not os.path.isdir(path):
+            refuse_link(path, "folder")
 
 
 def check_seq_len(cfg: JobConfig, args: ModelArgs) -> None:
@@ -156,3 +185,52 @@ def check_runtime(cfg: JobConfig, args: ModelArgs, device: torch.device) -> None
     if args.kernels == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         raise ConfigError(f"model.kernels = 'triton' needs a CUDA GPU (this device is {device.type}); use "
                           "model.kernels = 'auto' or 'torch', or set TRITON_INTERPRET=1 to interpret the kernels")
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable of this host (Linux), None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_host_memory(cfg: JobConfig, args: ModelArgs, world_size: int, device: torch.device,
+                      full_init: bool = False) -> None:
+    """On CPU, before any weight is materialised: the weights and their gradients of every rank on this host
+    (a lower bound of what training needs: `python -m moonlight.plan` estimates all of it) must fit in its
+    available memory, or the run would be killed for memory minutes later, or swap for hours."""
+    available = available_memory_bytes()
+    if device.type != "cpu" or available is None:
+        return
+    itemsize = torch.empty(0, dtype=to_dtype(cfg.training.dtype)).element_size()
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    copies = 1 if cfg.lora.enable else 2  # weights + gradients (LoRA: the frozen weights have none)
+    weights = args.num_params() * itemsize
+    per_rank = copies * weights / max(world_size, 1)  # sharded
+    if full_init:  # the model is initialised whole on every rank before sharding
+        per_rank = max(per_rank, weights)
+    need = per_rank * local_ranks
+    if need > available:
+        gib = 2 ** 30
+        raise ConfigError(f"this {args.num_params() / 1e9:.1f}B-parameter model needs at least {need / gib:.1f} GiB "
+                          f"of host memory for its weights (and gradients) alone ({local_ranks} rank(s) here), but "
+                          f"{available / gib:.1f} GiB is available: train it on GPUs, over more hosts, or pick a "
+                          "smaller model (python -m moonlight.plan estimates a layout's memory)")
+
+
+def warn_about_data(cfg: JobConfig, loader, validation_loader=None) -> None:
+    """Settings that train on what was probably not meant: repeated epochs, validation on the training data."""
+    t = cfg.training
+    planned, per_epoch = t.steps * t.global_batch_size, loader.sequences_per_epoch
+    if planned > per_epoch:
+        logger.warning("data: %d steps of %d sequences read %d sequences, %.1f epochs of the %d in %s: the data "
+                       "repeats", t.steps, t.global_batch_size, planned, planned / per_epoch, per_epoch, cfg.data.path)
+    if validation_loader is not None and validation_loader.store.fingerprint() == loader.store.fingerprint() \
+            and validation_loader.store.num_tokens == loader.store.num_tokens:
+        logger.warning("validation: validation.path %s holds the same documents as data.path %s: the validation "
+                       "loss is a training loss, not a held-out one", cfg.validation.path, cfg.data.path)

@@ -14,6 +14,7 @@ schedules to `moonlight.parallel.pipeline`, degrees vs the world size to `Parall
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import pathlib
 from dataclasses import dataclass, field
@@ -50,6 +51,17 @@ DTypeName = Literal["float32", "bfloat16"]
 PPSchedule = Literal[SCHEDULES]
 
 
+def inside(path: str) -> bool:
+    """Whether a path under job.dump_folder stays inside it (relative, no '..', no '~')."""
+    parts = pathlib.PurePath(path).parts
+    return not os.path.isabs(path) and ".." not in parts and not (parts and parts[0].startswith("~"))
+
+
+# Names the run writes directly in job.dump_folder (and abandoned-<time>, a rollback's), which checkpoint.folder
+# and metrics.tb_folder must not take.
+RUN_OUTPUTS = ("config.toml", "metrics.jsonl", ".lock", "hf", "adapter", "profile")
+
+
 def _require(checks: list[tuple[bool, str]]) -> list[str]:
     """The messages of the checks that fail."""
     return [msg for ok, msg in checks if not ok]
@@ -60,6 +72,7 @@ class JobSection:
     dump_folder: str = "./outputs"
     """Run output folder: config.toml, checkpoints, tensorboard, profiles."""
     description: str = "Moonlight debug model on CPU"
+    """One line naming the run, printed first."""
 
     def problems(self) -> list[str]:
         return _require([(bool(self.dump_folder), "job.dump_folder must not be empty")])
@@ -72,6 +85,7 @@ class ModelSection:
     hf_config: str = ""
     """Optional path to an HF config.json; "" = use the preset."""
     kernels: Literal["auto", "torch", "triton"] = "auto"
+    """"auto": Triton on CUDA, PyTorch elsewhere; "torch" or "triton" force one."""
     overrides: dict[str, Any] = field(default_factory=dict)
     """ModelArgs field overrides, e.g. [model.overrides] num_hidden_layers = 4 (CLI:
     --model.overrides.num_hidden_layers=4). Keys are checked against ModelArgs when the model is built."""
@@ -92,12 +106,15 @@ class ModelSection:
 @dataclass
 class TrainingSection:
     steps: int = 200
+    """Optimizer steps to train (a resumed run continues up to this step)."""
     seed: int = 42
+    """Seed of the initial weights, data order and dropout."""
     global_batch_size: int = 8
     """Sequences per optimizer step across all data-parallel ranks."""
     local_batch_size: int = 4
     """Micro-batch per rank; grad accumulation = global / (local * dp)."""
     seq_len: int = 256
+    """Tokens per sequence (documents are packed into windows of this length)."""
     max_norm: float = 1.0
     """Gradient clipping norm; 0 disables clipping."""
     dtype: DTypeName = "float32"
@@ -109,6 +126,7 @@ class TrainingSection:
     gc_freq: int = 50
     """Run gc.collect() every N steps (automatic GC is disabled); 0 = leave GC alone."""
     deterministic: bool = False
+    """torch.use_deterministic_algorithms(True): bitwise-repeatable runs, slower."""
     on_nonfinite: Literal["skip", "stop"] = "skip"
     """A NaN/Inf loss or grad norm: skip the optimizer step, or stop the run."""
     max_consecutive_nonfinite: int = 5
@@ -117,15 +135,21 @@ class TrainingSection:
     """torch.compile each decoder block's forward (regional compilation, as torchtitan)."""
     compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
     """The torch.compile backend; aot_eager traces the same graphs without generating code."""
+    collective_timeout_s: float = 600.0
+    """How long a collective waits for the other ranks before the run stops, naming those that did not
+    answer (a rank stopped or stuck); raise it when one step (or a checkpoint save) legitimately takes longer."""
 
     def problems(self) -> list[str]:
         out = _require([
             (self.steps > 0, f"training.steps must be > 0 (got {self.steps})"),
+            (0 <= self.seed < 2**64, f"training.seed must be in [0, 2**64) (got {self.seed})"),  # torch's and numpy's
             (self.seq_len > 0, f"training.seq_len must be > 0 (got {self.seq_len})"),
             (self.global_batch_size > 0, f"training.global_batch_size must be > 0 (got {self.global_batch_size})"),
             (self.local_batch_size > 0, f"training.local_batch_size must be > 0 (got {self.local_batch_size})"),
             (self.max_norm >= 0, f"training.max_norm must be >= 0 (0 = no clipping; got {self.max_norm})"),
             (self.gc_freq >= 0, f"training.gc_freq must be >= 0 (got {self.gc_freq})"),
+            (self.collective_timeout_s > 0,
+             f"training.collective_timeout_s must be > 0 (got {self.collective_timeout_s})"),
             (self.max_consecutive_nonfinite >= 1,
              f"training.max_consecutive_nonfinite must be >= 1 (got {self.max_consecutive_nonfinite})"),
         ])
@@ -138,14 +162,21 @@ class TrainingSection:
 @dataclass
 class OptimizerSection:
     name: Literal["adamw", "muon"] = "adamw"
+    """"adamw", or "muon" (Muon for matrices, AdamW for embedding, lm_head and 1-D params)."""
     lr: float = 1e-3
+    """Peak learning rate (after warmup)."""
     beta1: float = 0.9
+    """AdamW first-moment decay."""
     beta2: float = 0.95
+    """AdamW second-moment decay."""
     eps: float = 1e-8
+    """AdamW denominator epsilon."""
     weight_decay: float = 0.1
+    """Decoupled weight decay (AdamW and Muon)."""
     momentum: float = 0.95
     """Muon momentum."""
     nesterov: bool = True
+    """Muon: Nesterov momentum."""
     ns_steps: int = 5
     """Newton-Schulz iterations (Muon)."""
     precision_aware: bool = False
@@ -166,7 +197,9 @@ class OptimizerSection:
 @dataclass
 class LRSchedulerSection:
     warmup_steps: int = 20
+    """Linear warmup steps from 0 to optimizer.lr."""
     decay_type: Literal["cosine", "linear", "wsd"] = "cosine"
+    """Decay after warmup: cosine, linear, or WSD (stable, then a linear decay)."""
     decay_ratio: float = 0.2
     """WSD only: the fraction of training.steps spent in the final (linear) decay."""
     min_lr_ratio: float = 0.1
@@ -192,15 +225,21 @@ class LRSchedulerSection:
 @dataclass
 class ParallelismSection:
     dp_replicate: int = 1
+    """HSDP replicas (data parallel without sharding, across groups of dp_shard ranks)."""
     dp_shard: int = -1
     """FSDP degree; -1 = whatever is left of the world size."""
     cp: int = 1
     """Context parallel: every sequence split over cp ranks (zig-zag chunks; seq_len % (2 * cp) == 0)."""
     tp: int = 1
+    """Tensor parallel degree (attention heads, MLPs and the vocabulary split over tp ranks)."""
     sequence_parallel: bool = True
+    """With tp > 1: norms and residuals on sequence-sharded activations."""
     ep: int = 1
+    """Expert parallel degree (routed experts split over ep ranks; tokens move by all-to-all)."""
     pp: int = 1
+    """Pipeline parallel stages."""
     pp_schedule: PPSchedule = "1F1B"
+    """Pipeline schedule (1F1B, GPipe, Interleaved1F1B, ZBVZeroBubble, DualPipeV, ...)."""
     pp_layout: list[int] = field(default_factory=list)
     """Decoder layers per pipeline stage, in stage order (pp * pp_virtual_stages entries);
     empty = chosen by the cost model."""
@@ -231,6 +270,7 @@ class ParallelismSection:
 @dataclass
 class ActivationCheckpointSection:
     mode: Literal["none", "selective", "full", "op"] = "none"
+    """Recompute in backward: none, selective (attention), full (block), op (torchtitan's op-level)."""
 
     def problems(self) -> list[str]:
         return []
@@ -239,17 +279,22 @@ class ActivationCheckpointSection:
 @dataclass
 class DataSection:
     format: Literal["jsonl", "hf", "megatron", "chat"] = "jsonl"
+    """jsonl text, a local HF dataset, Megatron .bin/.idx, or chat conversations."""
     path: str = "data/corpus"
-    """jsonl: a file, a directory (all *.jsonl and *.jsonl.gz) or a glob; hf: a save_to_disk directory or
+    """Relative to the working directory (not the config file). jsonl: a file, a directory (all *.jsonl
+    and *.jsonl.gz) or a glob; hf: a save_to_disk directory or
     json/parquet/arrow/csv file(s); megatron: the prefix of <prefix>.bin/.idx (or either file);
     chat: jsonl file(s) as for jsonl, else an HF dataset as for hf."""
     text_key: str = "text"
+    """jsonl / hf: the field holding a document's text."""
     split: str = "train"
     """Split to use when an hf path holds several."""
     tokenizer: str = "byte"
     """"byte", a directory with tiktoken.model, or a tokenizer.json (or its directory)."""
     on_bad_line: Literal["skip", "error"] = "skip"
+    """A malformed line or row: skip it (counted, reported) or stop with file:line."""
     add_bos: bool = False
+    """Prepend the tokenizer's bos to every document."""
     add_eos: bool = True
     """Appended to every document (set false for Megatron files made with --append-eod, or by
     `python -m moonlight.prepare_data --append-eos`)."""
@@ -277,6 +322,7 @@ class DataSection:
 @dataclass
 class ValidationSection:
     enable: bool = False
+    """Evaluate the loss on held-out data during training."""
     path: str = ""
     """Held-out data, read like data.path (same tokenizer, keys and seq_len; never shuffled)."""
     format: Literal["", "jsonl", "hf", "megatron", "chat"] = ""
@@ -299,7 +345,9 @@ class ValidationSection:
 @dataclass
 class CheckpointSection:
     enable: bool = False
+    """Save checkpoints (and resume from the latest one in the dump folder)."""
     interval: int = 100
+    """Save every N steps (and after the last step)."""
     keep_latest_k: int = 2
     """0 = keep all."""
     folder: str = "checkpoint"
@@ -319,6 +367,9 @@ class CheckpointSection:
     """Frozen (not trained) weights: "save" them in every checkpoint, or "reload" them from
     initial_load_hf on resume, so a LoRA/DoRA checkpoint holds the adapters, buffers and optimizer
     state only. "auto": "reload" in a LoRA/DoRA run with initial_load_hf, else "save"."""
+    other_base: bool = False
+    """Resume a LoRA/DoRA checkpoint whose frozen weights were read from another directory than
+    initial_load_hf (the same base, moved); otherwise that is refused: other weights under the adapters."""
 
     def problems(self) -> list[str]:
         return _require([
@@ -330,7 +381,7 @@ class CheckpointSection:
              "which checkpoint.enable = false turns off: set checkpoint.enable = true"),
             (bool(self.folder), "checkpoint.folder must not be empty"),
             # inside the (locked) dump folder: rotation and cleanup then delete only this run's saves
-            (not os.path.isabs(self.folder) and ".." not in pathlib.PurePath(self.folder).parts,
+            (inside(self.folder),
              f"checkpoint.folder = {self.folder!r} must be a relative path inside job.dump_folder "
              "(point job.dump_folder elsewhere instead)"),
         ])
@@ -339,14 +390,18 @@ class CheckpointSection:
 @dataclass
 class MetricsSection:
     log_freq: int = 1
+    """Print and record metrics every N steps (and the last step)."""
     enable_tensorboard: bool = False
+    """Also write TensorBoard events under job.dump_folder/tb_folder."""
     tb_folder: str = "tb"
     """Under job.dump_folder."""
     device_peak_flops: float = 0.0
-    """Peak FLOP/s of one device for MFU; 0 = measure/look up."""
+    """Peak FLOP/s of one device (rank) for MFU; 0 = a known GPU's spec peak, a timed matmul on other GPUs,
+    a nominal 100 GFLOP/s per rank on CPU (comparable between runs, not between machines)."""
     profile_start: int = 0
     """First profiled step; 0 = profiling off."""
     profile_steps: int = 0
+    """Steps recorded by torch.profiler from profile_start on."""
 
     def problems(self) -> list[str]:
         return _require([
@@ -356,6 +411,9 @@ class MetricsSection:
             (self.profile_steps >= 0, f"metrics.profile_steps must be >= 0 (got {self.profile_steps})"),
             (self.profile_steps == 0 or self.profile_start >= 1,
              f"metrics.profile_steps={self.profile_steps} needs metrics.profile_start >= 1"),
+            (bool(self.tb_folder) and inside(self.tb_folder),
+             f"metrics.tb_folder = {self.tb_folder!r} must be a relative path inside job.dump_folder (point "
+             "job.dump_folder elsewhere instead)"),
         ])
 
 
@@ -386,6 +444,7 @@ class LoRASection:
     enable: bool = False
     """Fine-tune low-rank adapters only (everything else frozen); see moonlight/model/lora.py."""
     rank: int = 8
+    """Adapter rank r."""
     alpha: float = 16.0
     """Adapter scale = alpha / rank."""
     dora: bool = False
@@ -443,6 +502,7 @@ class JobConfig:
         """Every section's checks plus the cross-section ones that do not need the world size; raises
         ConfigError listing every problem found. Returns self."""
         errs: list[str] = []
+        self.job.dump_folder = os.path.expanduser(self.job.dump_folder)  # "~/run", not ./~/run
         for name in SECTIONS:
             section = getattr(self, name)
             errs += section.problems(self.training.steps) if name == "lr_scheduler" else section.problems()
@@ -458,6 +518,15 @@ class JobConfig:
             errs.append("checkpoint.frozen_weights = 'reload' re-reads the frozen base weights from "
                         "checkpoint.initial_load_hf: it needs lora.enable = true and checkpoint.initial_load_hf set "
                         "(or use 'save')")
+        tops = {}
+        for key, sub in (("checkpoint.folder", self.checkpoint.folder), ("metrics.tb_folder", self.metrics.tb_folder)):
+            parts = pathlib.PurePath(sub).parts if sub and inside(sub) else ("",)
+            top = parts[0] if parts else "."
+            if top in RUN_OUTPUTS or top == "." or top.startswith("abandoned-") or top in tops:
+                errs.append(f"{key} = {sub!r} collides with " + (f"{tops[top]}" if top in tops else
+                            f"the run's own {top!r} in job.dump_folder") + ": pick another folder name")
+            elif top:
+                tops[top] = key
         dump = os.path.realpath(self.job.dump_folder)
         held_out = self.validation.enable and self.validation.path
         for key, path in (("data.path", self.data.path), ("validation.path", held_out)):
@@ -465,11 +534,27 @@ class JobConfig:
             if os.path.isdir(source) and os.path.commonpath([dump, source]) == source:
                 errs.append(f"job.dump_folder = {self.job.dump_folder!r} lies inside {key} = {path!r}: the next run "
                             "would read this run's metrics.jsonl and checkpoints as data; use a dump folder outside it")
+            elif path and not os.path.isdir(source):  # a file or a glob: none of it may be the run's own output
+                ours = [f for f in glob.glob(os.path.expanduser(path), recursive=True) if self._is_run_output(f)]
+                if ours:
+                    errs.append(f"{key} = {path!r} matches {ours[0]}, inside job.dump_folder = "
+                                f"{self.job.dump_folder!r}: the run would read its own outputs as data; narrow "
+                                f"{key} or use a dump folder outside it")
         if errs:
             raise ConfigError(f"invalid config: {errs[0]}" if len(errs) == 1 else
                               f"invalid config, {len(errs)} problems: " + "; ".join(f"({i}) {e}" for i, e in
                                                                           enumerate(errs, 1)))
         return self
+
+    def _is_run_output(self, path: str) -> bool:
+        """Whether a path is (inside) something this run writes in job.dump_folder."""
+        dump, real = os.path.realpath(self.job.dump_folder), os.path.realpath(path)
+        if os.path.commonpath([dump, real]) != dump or real == dump:
+            return False
+        top = pathlib.PurePath(os.path.relpath(real, dump)).parts[0]
+        own = {*RUN_OUTPUTS, *(top for folder in (self.checkpoint.folder, self.metrics.tb_folder)
+                               for top in pathlib.PurePath(folder).parts[:1])}
+        return top in own or top.startswith(("abandoned-", "metrics.jsonl."))
 
     def skips_frozen_weights(self) -> bool:
         """Whether checkpoints leave the frozen weights out (checkpoint.frozen_weights)."""
@@ -492,12 +577,39 @@ class JobConfig:
 SECTIONS: dict[str, type] = field_types(JobConfig)  # [section] name -> its dataclass, in JobConfig's order
 
 
+# Keys naming files or directories. A relative one is read from the working directory (as every
+# command-line tool and torchrun's workers do), not from the config file's folder.
+PATH_KEYS = (("data", "path"), ("validation", "path"), ("data", "tokenizer"), ("model", "hf_config"),
+             ("checkpoint", "initial_load_hf"), ("lora", "init_adapter"))
+
+
+def _check_relative_paths(cfg: JobConfig, table: dict[str, Any], config_file: str) -> None:
+    """A relative path the config file sets that is missing here but exists next to the config file:
+    say so (the user likely ran from another folder) instead of a missing-file error later."""
+    here = os.path.dirname(os.path.abspath(config_file))
+    for sec, key in PATH_KEYS:
+        value = table.get(sec, {}).get(key)
+        if value != getattr(getattr(cfg, sec), key):  # overridden on the command line
+            continue
+        if (isinstance(value, str) and value and value != "byte" and not os.path.isabs(os.path.expanduser(value))
+                and not any(c in value for c in "*?[") and not os.path.exists(value)
+                and os.path.exists(os.path.join(here, value)) and here != os.getcwd()):
+            raise ConfigError(f"{sec}.{key} = {value!r} (in {config_file}) does not exist here: relative paths are "
+                              f"read from the working directory {os.getcwd()}, not from the config file's folder, "
+                              f"where it does exist; run from {here}, or set {sec}.{key} to "
+                              f"{os.path.join(here, value)!r}")
+
+
 def load_config(path: str | None, overrides: list[str] | None = None) -> JobConfig:
-    """Defaults <- TOML file (if path) <- CLI overrides. Does not call validate()."""
+    """Defaults <- TOML file (if path) <- CLI overrides. Does not call validate(). Relative paths are
+    the working directory's (PATH_KEYS)."""
     cfg = JobConfig()
     if path:
-        apply_table(cfg, SECTIONS, read_toml(path), f" (in {path})")
+        table = read_toml(path)
+        apply_table(cfg, SECTIONS, table, f" (in {path})")
     apply_overrides(cfg, SECTIONS, list(overrides or []))
+    if path:
+        _check_relative_paths(cfg, table, path)
     return cfg
 
 

@@ -9,10 +9,13 @@ bare word is a string; a list may drop its brackets: `--parallelism.pp_layout=14
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
 import json
 import math
+import textwrap
 import tomllib
 import types
 import typing
@@ -242,6 +245,40 @@ def read_toml(path: str) -> dict[str, Any]:
         raise ConfigError(f"{path} is not UTF-8 text (a TOML file must be): {e}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: TOML syntax error: {e}") from None
+
+
+# ---------------------------------------------------------------------- help
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """A dataclass's field names -> the docstring written under each field (whitespace joined), read
+    from its source."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for field_node, doc in zip(body, body[1:]):
+        if (isinstance(field_node, ast.AnnAssign) and isinstance(doc, ast.Expr)
+                and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)):
+            docs[field_node.target.id] = " ".join(doc.value.value.split())
+    return docs
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def describe_sections(sections: dict[str, type], width: int = 100) -> str:
+    """Every key of every section: `key: type = default` and its description, for --help."""
+    lines: list[str] = []
+    for sec, cls in sections.items():
+        lines.append(f"[{sec}]")
+        hints, docs = field_types(cls), field_docs(cls)
+        for f in dataclasses.fields(cls):
+            default = _default(f)
+            shown = "unset" if default is None else _toml_value(default)
+            lines.append(f"  {f.name}: {type_name(hints[f.name])} = {shown}")
+            lines += textwrap.wrap(docs.get(f.name, ""), width, initial_indent=" " * 6, subsequent_indent=" " * 6)
+        lines.append("")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------- TOML output

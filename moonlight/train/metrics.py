@@ -12,6 +12,9 @@ import warnings
 
 import torch
 
+from moonlight.outputs import abandoned_folder, os_error_reason, refuse_link
+from moonlight.train.report import duration
+
 logger = logging.getLogger(__name__)
 
 
@@ -51,9 +54,16 @@ def spec_peak_flops(device_name: str, dtype: torch.dtype) -> float | None:
     return None
 
 
+# CPUs have no spec table here, and a matmul timed at each start varied 5x between runs on one shared
+# machine: CPU MFU is against this fixed nominal peak per rank, comparable between runs (not machines).
+CPU_NOMINAL_PEAK_FLOPS = 100e9
+
+
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     """The MFU denominator: the spec peak on a known GPU (a timed matmul includes launch latency and
-    under-reads the peak, overstating MFU), the timed matmul on CPUs and unknown GPUs."""
+    under-reads the peak, overstating MFU), a timed matmul on unknown GPUs, CPU_NOMINAL_PEAK_FLOPS on CPUs."""
+    if device.type == "cpu":
+        return CPU_NOMINAL_PEAK_FLOPS
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         spec = spec_peak_flops(name, dtype)
@@ -71,65 +81,94 @@ def memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
 
 
+# The step line: metrics.jsonl key, its label, its format (units in the format, not in the label).
+STEP_LINE = (("grad_norm", "grad_norm", "{:.3f}"), ("lr", "lr", "{:.2e}"), ("tokens_per_s", "tokens/s", "{:,.0f}"),
+             ("mfu_pct", "mfu", "{:.1f}%"), ("memory_gib", "memory", "{:.2f} GiB"),
+             ("max_expert_load", "max_expert_load", "{:.2f}"), ("val_loss", "val_loss", "{:.4f}"),
+             ("val_ppl", "val_ppl", "{:.2f}"), ("elapsed_s", "elapsed", duration), ("eta_s", "eta", duration))
+
+
 class MetricsLogger:
     """Writes one JSON object per logged step to `<dump_folder>/metrics.jsonl` and prints a line."""
 
     def __init__(self, dump_folder: str, rank: int, enable_tensorboard: bool = False, tb_folder: str = "tb",
-                 resume_step: int = 0):
-        """resume_step > 0: keep the records up to that step (a run killed after its last checkpoint
-        logged steps that the resumed run repeats; a torn last line is dropped with a warning) and
-        append; 0: start a new file, moving a previous run's file to metrics.jsonl.N with a warning."""
+                 resume_step: int = 0, aside: str | None = None):
+        """resume_step > 0: keep the records up to that step and append. Records after it (a run killed
+        after its last checkpoint, or the branch a rollback leaves) move to `<aside>/metrics.jsonl`
+        (default: a new abandoned-<time> folder; `self.set_aside` lists their steps) and the kept ones
+        replace the file atomically, never truncating it in place; a torn line is dropped with a
+        warning. 0: start a new file, moving a previous run's file to metrics.jsonl.N with a warning."""
         self.rank = rank
         self.path = os.path.join(dump_folder, "metrics.jsonl")
+        self.set_aside: list[int] = []  # steps whose records were moved aside
+        self._write_failed = False  # warned once per run of failed writes
         self._file = None
         self._tb = None
         if rank == 0:
             os.makedirs(dump_folder, exist_ok=True)
-            kept = self._records_to_keep(resume_step) if resume_step else []
-            if not resume_step and os.path.exists(self.path) and os.path.getsize(self.path):
+            refuse_link(self.path)
+            if resume_step:
+                self._keep_up_to(resume_step, aside or abandoned_folder(dump_folder))
+            elif os.path.exists(self.path) and os.path.getsize(self.path):
                 old = next(f"{self.path}.{n}" for n in itertools.count(1) if not os.path.exists(f"{self.path}.{n}"))
                 os.replace(self.path, old)
                 logger.warning("metrics: %s holds a previous run's records: moved to %s", self.path, old)
-            self._file = open(self.path, "w")
-            self._file.writelines(kept)
+            self._file = open(self.path, "a" if resume_step else "w")
             if enable_tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._tb = SummaryWriter(os.path.join(dump_folder, tb_folder))
 
-    def _records_to_keep(self, resume_step: int) -> list[str]:
+    def _keep_up_to(self, resume_step: int, aside: str) -> None:
         if not os.path.exists(self.path):
-            return []
-        kept = []
+            return
+        kept, later, torn = [], [], False
         with open(self.path, encoding="utf-8", errors="replace") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
+                line = line if line.endswith("\n") else line + "\n"
                 try:
                     step = json.loads(line)["step"]
                 except (ValueError, KeyError, TypeError):  # torn by a kill or a full disk mid-write
                     logger.warning("metrics: dropping unreadable line %d of %s", lineno, self.path)
+                    torn = True
                     continue
-                if step <= resume_step:
-                    kept.append(line if line.endswith("\n") else line + "\n")
-        return kept
+                (kept if isinstance(step, int) and step <= resume_step else later).append((step, line))
+        if later:
+            os.makedirs(aside, exist_ok=True)
+            with open(os.path.join(aside, "metrics.jsonl"), "x", encoding="utf-8") as f:
+                f.writelines(line for _, line in later)
+            self.set_aside = [s for s, _ in later]
+        if later or torn:
+            tmp = self.path + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(line for _, line in kept)
+            os.replace(tmp, self.path)
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if self.rank != 0:
             return
         record = {"step": step, **values}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as e:  # rank 0 alone: raising would leave the other ranks waiting in a collective
+            if not self._write_failed:
+                logger.error("metrics: cannot write %s (%s) from step %d on: training goes on, its records are "
+                             "lost until it can be written (checkpoint saves fail loudly)", self.path,
+                             os_error_reason(e), step)
+            self._write_failed = True
+        else:
+            self._write_failed = False
         if self._tb is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)):
                     self._tb.add_scalar(key, value, step)
         parts = [f"step {step:>5}", f"loss {values['loss']:.4f}"]
-        for key, fmt in (("grad_norm", "{:.3f}"), ("lr", "{:.2e}"), ("tokens_per_s", "{:,.0f}"),
-                         ("mfu_pct", "{:.1f}%"), ("memory_gib", "{:.2f}GiB"), ("max_expert_load", "{:.2f}"),
-                         ("val_loss", "{:.4f}"), ("val_ppl", "{:.2f}")):
+        for key, label, fmt in STEP_LINE:
             if key in values:
-                parts.append(f"{key} " + fmt.format(values[key]))
+                parts.append(f"{label} " + (fmt(values[key]) if callable(fmt) else fmt.format(values[key])))
         print("  ".join(parts), flush=True)
 
     def close(self) -> None:

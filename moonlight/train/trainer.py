@@ -23,18 +23,21 @@ from moonlight.checkpoint.export import export_hf, export_peft_adapter
 from moonlight.checkpoint.state import Checkpointer
 from moonlight.data.loader import build_dataloader
 from moonlight.data.tokenizer import build_tokenizer
-from moonlight.distributed import local_tensor, to_device
+from moonlight.distributed import broadcast_object, local_tensor, to_device
 from moonlight.dtypes import to_dtype
 from moonlight.errors import ConfigError, NonFiniteError
 from moonlight.hf_peft import load_peft_adapter
 from moonlight.model import Moonlight
 from moonlight.model.converters import convert_model, init_converted_weights
+from moonlight.outputs import abandoned_folder, os_error_reason, refuse_link
 from moonlight.train.balance import expert_load_imbalance, update_router_biases
-from moonlight.train.build import (build_converters, build_model_args, check_runtime, check_token_ids,
-                                   init_distributed, load_initial_weights, read_base_weights, take_dump_folder_lock)
+from moonlight.train.build import (build_converters, build_model_args, check_host_memory, check_run_paths,
+                                   check_runtime, check_token_ids, init_distributed, load_initial_weights,
+                                   read_base_weights, take_dump_folder_lock, warn_about_data)
 from moonlight.train.config import JobConfig
 from moonlight.train.layout import build_layout, is_mixed_precision
 from moonlight.train.metrics import MetricsLogger, memory_gib, peak_flops
+from moonlight.train.report import RunReport, relative
 from moonlight.train.optim import build_optimizers, clip_grad_norm_
 from moonlight.train.schedule import build_lr_scheduler
 from moonlight.train.validation import Validator
@@ -46,17 +49,23 @@ _FULL_INIT_MAX_PARAMS = 2_000_000_000
 
 class Trainer:
     def __init__(self, cfg: JobConfig):
+        started = time.perf_counter()
         cfg.validate()
         self.cfg = cfg
         t = cfg.training
-        self.rank, self.world_size, self.device = init_distributed()
-        self.lock = take_dump_folder_lock(cfg.job.dump_folder, self.rank)  # before anything is written
+        self.rank, self.world_size, self.device = init_distributed(t.collective_timeout_s)
+        ckpt_folder = os.path.join(cfg.job.dump_folder, cfg.checkpoint.folder)
+        self.lock = take_dump_folder_lock(cfg.job.dump_folder, self.rank,  # before anything is written
+                                          (ckpt_folder,) if cfg.checkpoint.enable else (),
+                                          check=lambda: check_run_paths(cfg))
         torch.manual_seed(t.seed)
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
 
         self.model_args = build_model_args(cfg)
         check_runtime(cfg, self.model_args, self.device)
+        check_host_memory(cfg, self.model_args, self.world_size, self.device,
+                          full_init=self.model_args.num_params() <= _FULL_INIT_MAX_PARAMS)
         self.tokenizer = build_tokenizer(cfg.data.tokenizer)
         used = [i for i, on in ((self.tokenizer.bos_id, cfg.data.add_bos), (self.tokenizer.eos_id, cfg.data.add_eos))
                 if on and i is not None]  # a missing one is named by build_dataloader
@@ -66,6 +75,9 @@ class Trainer:
 
         self.converters = build_converters(cfg)  # LoRA/DoRA adapters, applied before any sharding
         self.bias_rate = cfg.moe.bias_rate(lora=cfg.lora.enable)  # the router bias's update rate
+        self.aside: str | None = None  # a resume's abandoned-<time> folder (see _build_checkpointer)
+        self.moved_steps: list[int] = []
+        self.moved_to = ""
         self.parallel = self._build_parallel()
         if self.model_args.num_params() > _FULL_INIT_MAX_PARAMS:  # materialized from meta after sharding
             init_converted_weights(self.model_parts, self.converters)
@@ -97,6 +109,8 @@ class Trainer:
         self.validator = Validator(cfg, self.tokenizer, self.parallel, self.device) if cfg.validation.enable else None
         if self.validator is not None:
             check_token_ids(self.validator.loader.store, self.model_args.vocab_size, "validation data")
+        if self.rank == 0:
+            warn_about_data(cfg, self.dataloader, self.validator and self.validator.loader)
         self.step = 0
         # train_step also reports forward_backward_s (benchmarks: the step's time outside the optimizer);
         # on a GPU that waits for the device before and after forward+backward, two host syncs per step
@@ -108,25 +122,66 @@ class Trainer:
         self.checkpointer = self._build_checkpointer()
         self.exported_step: int | None = None
         self.adapter_step: int | None = None
-        resumed = self.step > 0
         self.metrics = MetricsLogger(cfg.job.dump_folder, self.rank, cfg.metrics.enable_tensorboard,
-                                     cfg.metrics.tb_folder, resume_step=self.step)
+                                     cfg.metrics.tb_folder, resume_step=self.step, aside=self.aside)
         compute_dtype = to_dtype(t.mixed_precision_param if is_mixed_precision(cfg) else t.dtype)
         self.peak_flops = cfg.metrics.device_peak_flops or peak_flops(self.device, compute_dtype)
         self.flops_per_token = self.model_args.flops_per_token(t.seq_len)
+        self.report = RunReport(self.rank, self.step, t.steps, t.global_batch_size * t.seq_len, started)
+        self._write_config()
         if self.rank == 0:
-            os.makedirs(cfg.job.dump_folder, exist_ok=True)
-            with open(os.path.join(cfg.job.dump_folder, "config.toml"), "w") as f:
-                f.write(cfg.to_toml())
-            n_params = self.model_args.num_params()
-            print(f"[moonlight] {cfg.job.description}\n{cfg.to_toml()}", flush=True)
-            for converter in self.converters:
-                print(f"[moonlight] {converter.describe(self.model_parts)}", flush=True)
-            print(f"[moonlight] model {n_params / 1e6:,.1f}M params, world {self.world_size} "
-                  f"{self.parallel.description}, grad accumulation {self.grad_accum}, device {self.device}"
-                  + (f", resumed at step {self.step}" if resumed else ""), flush=True)
+            self._report_set_aside()
+        self.report.header(self._header())
+
+    def _header(self) -> list[str]:
+        """The few lines before step 1: what runs, on what, from what data, where it writes."""
+        cfg, t, a = self.cfg, self.cfg.training, self.model_args
+        source = cfg.model.hf_config or cfg.checkpoint.initial_load_hf or f"preset {cfg.model.name}"
+        lines = [cfg.job.description,
+                 f"model {source}: {a.num_params() / 1e6:,.1f}M params, {a.num_hidden_layers} layers, "
+                 f"{a.n_routed_experts} experts top-{a.num_experts_per_tok}; {t.dtype} on {self.device}",
+                 f"layout {self.parallel.description}, grad accumulation {self.grad_accum}; "
+                 f"{t.steps} steps of {t.global_batch_size} x {t.seq_len} tokens"]
+        lines += [converter.describe(self.model_parts) for converter in self.converters]
+        d, v = cfg.data, cfg.validation
+        data = f"data: {d.format} {d.path}, tokenizer {d.tokenizer}"
+        lines.append(data + (f"; validation: {v.path} every {v.interval} steps" if v.enable else "; no validation"))
+        c = cfg.checkpoint
+        saves = f"{c.folder}/ every {c.interval} steps" if c.enable else "no checkpoints"
+        lines.append(f"outputs: {cfg.job.dump_folder} (config.toml holds the full config; metrics.jsonl; {saves})")
+        if self.step:
+            lines.append(f"resumed from {os.path.join(self.checkpointer.folder, f'step-{self.step}')}")
+        return lines
 
     # ------------------------------------------------------------------ setup
+    def _write_config(self) -> None:
+        """<dump_folder>/config.toml, by rank 0; a failed write (disk full, read-only) is every rank's error."""
+        err = None
+        if self.rank == 0:
+            path = os.path.join(self.cfg.job.dump_folder, "config.toml")
+            try:
+                refuse_link(path)
+                with open(path, "w") as f:
+                    f.write(self.cfg.to_toml())
+            except OSError as e:
+                err = f"cannot write {path} ({os_error_reason(e)}): free space or make job.dump_folder writable"
+            except ConfigError as e:
+                err = str(e)
+        err = broadcast_object(err)
+        if err:
+            raise ConfigError(err)
+
+    def _report_set_aside(self) -> None:
+        """One line naming what the resume moved aside: the abandoned branch's checkpoints and metrics."""
+        metrics = self.metrics.set_aside
+        if not (self.moved_steps or metrics):
+            return
+        parts = ([f"checkpoints {['step-%d' % s for s in self.moved_steps]} to {self.moved_to}"] if self.moved_steps
+                 else []) + ([f"the metrics records of steps {metrics[0]}-{metrics[-1]} to "
+                              f"{os.path.join(self.aside, 'metrics.jsonl')}"] if metrics else [])
+        print(f"[moonlight] resumed at step {self.step}: the later steps of the run it leaves were moved aside, "
+              + " and ".join(parts), flush=True)
+
     def _build_parallel(self):
         layout = build_layout(self.cfg, self.model_args, self.world_size, self.device, self._init_full_model)
         self.model_parts = layout.model_parts
@@ -158,6 +213,13 @@ class Trainer:
                             load_base=lambda path: read_base_weights(ckpt, path, lora))
         if c.enable:
             self.step = ckpt.load(c.load_step)
+        elif found := ckpt.available_steps():
+            raise ConfigError(f"{ckpt.folder} holds checkpoints {found} but checkpoint.enable = false would start "
+                              "from scratch over them (and replace config.toml): set --checkpoint.enable=true to "
+                              "resume, or use another --job.dump_folder")
+        if self.step:  # what a resume leaves behind (a rollback's later steps) is moved here, not replaced
+            self.aside = broadcast_object(abandoned_folder(self.cfg.job.dump_folder) if self.rank == 0 else None)
+            self.moved_steps, self.moved_to = ckpt.set_aside_later(self.step, self.aside)
         if c.initial_load_hf and load_initial_weights(ckpt, c.initial_load_hf, lora=lora):
             if self.rank == 0:
                 print(f"[moonlight] initialized the model from {c.initial_load_hf}", flush=True)
@@ -179,18 +241,27 @@ class Trainer:
                 print(f"[moonlight] WARNING step {self.step}: no checkpoint while steps are skipped as non-finite"
                       + self._resume_hint(), flush=True)
             return
+        start = time.perf_counter()
         saved = self.checkpointer.save(self.step, force=force)
         if force or final:  # checkpoint.async_mode: the last save of the run is complete before we go on
             self.checkpointer.wait()
+        if saved:
+            path = relative(os.path.join(self.checkpointer.folder, f"step-{self.step}"))
+            self.report.output("checkpoint", self.step, path, time.perf_counter() - start,
+                               ", written in the background" if self.cfg.checkpoint.async_mode else "")
         export = self.cfg.checkpoint.export_hf
         if ((export == "each" and saved) or (export and final)) and self.exported_step != self.step:
-            export_hf(self.model_parts, os.path.join(self.cfg.job.dump_folder, "hf", f"step-{self.step}"))
+            start = time.perf_counter()
+            path = export_hf(self.model_parts, os.path.join(self.cfg.job.dump_folder, "hf", f"step-{self.step}"))
+            self.report.output("HF export", self.step, relative(path), time.perf_counter() - start)
             self.exported_step = self.step
         lora = self.cfg.lora
         due = (lora.export_adapter == "each" and saved) or (lora.export_adapter and final)
         if lora.enable and due and self.adapter_step != self.step:
+            start = time.perf_counter()
             path = os.path.join(self.cfg.job.dump_folder, "adapter", f"step-{self.step}")
-            export_peft_adapter(self.model_parts, path, dataclasses.asdict(lora))
+            path = export_peft_adapter(self.model_parts, path, dataclasses.asdict(lora), self.checkpointer.base_weights)
+            self.report.output("adapter", self.step, relative(path), time.perf_counter() - start)
             self.adapter_step = self.step
 
     # ------------------------------------------------------------------- step
@@ -322,6 +393,9 @@ class Trainer:
         where = self._locate_nonfinite()
         msg = f"step {self.step + 1}: non-finite loss={loss} / grad_norm={grad_norm}; on rank {self.rank}: {where}"
         self._nonfinite_in_a_row += 1
+        if (self.cfg.training.on_nonfinite == "stop"
+                or self._nonfinite_in_a_row >= self.cfg.training.max_consecutive_nonfinite):
+            self.checkpointer.wait()  # async_mode: finish the save in flight (finite weights): the hint names it
         if self.checkpointer.pinned_step is None:  # the first skipped step: keep the checkpoint before it
             self.checkpointer.pinned_step = self.checkpointer.last_saved_step
         if self.cfg.training.on_nonfinite == "stop":
@@ -356,8 +430,9 @@ class Trainer:
             self._stop_signal = signal.Signals(signum).name
 
         in_main_thread = threading.current_thread() is threading.main_thread()  # signals need the main thread
-        previous = ({sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        previous = ({sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
                     if in_main_thread else {})
+        self.report.begin()
         try:
             with profiler or contextlib.nullcontext():
                 while self.step < t.steps:
@@ -365,6 +440,7 @@ class Trainer:
                     self.step += 1
                     if self.validator is not None and self.validator.due(self.step, t.steps):
                         values.update(self.validator.run())
+                    values.update(self.report.step_done(self.step, values))
                     if self.logs_step(self.step) or "val_loss" in values:
                         self.metrics.log(self.step, values)
                     if self._stop_requested():
@@ -374,12 +450,13 @@ class Trainer:
                             why = self._stop_signal or "stop signal on another rank"
                             print(f"[moonlight] {why}: stopped after step "
                                   f"{self.step}" + (", checkpoint saved" if saved else ""), flush=True)
-                        return
+                        break
                     self._save(force=self.step == t.steps, final=self.step == t.steps)
                     if t.gc_freq and self.step % t.gc_freq == 0:
                         gc.collect(1)
                     if profiler is not None:
                         profiler.step()
+            self.report.summary(self.flops_per_token, self.peak_flops, self.world_size)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -389,9 +466,10 @@ class Trainer:
             self.lock.release()
 
     def _stop_requested(self) -> bool:
-        """A SIGTERM (preemption, torchrun shutting down) or a Ctrl-C (SIGINT) on any rank stops every
-        rank after the same step, so the final checkpoint's collectives line up: the step's one host
-        read tells every rank how many asked (a signal after that read counts at the next step)."""
+        """A SIGTERM (preemption, torchrun shutting down), a Ctrl-C (SIGINT) or a SIGHUP (the SSH session
+        closed) on any rank stops every rank after the same step, so the final checkpoint's collectives
+        line up: the step's one host read tells every rank how many asked (a signal after that read
+        counts at the next step)."""
         if dist.is_initialized() and dist.get_world_size() > 1:
             return self._ranks_stopping > 0
         return self._stop_signal is not None
