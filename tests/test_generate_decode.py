@@ -7,7 +7,7 @@ import torch
 from moonlight import ModelArgs, Moonlight
 from moonlight.generation import Decoder, decode_step, moe_decode, pad_left, uses_gathered_experts
 from moonlight.model import MoE
-from tests.test_moe_sync import host_syncs
+from tests.helpers import host_syncs
 
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12], [20, 21, 22]]
 

@@ -7,7 +7,8 @@ masks finished rows with eos and writes the next token into `tokens`. It compile
 fullgraph=True; on CUDA under CUDA graphs (inductor's cudagraph trees, with coordinate-descent tuning so
 one-row matmuls become fused reductions). The host loop only queues steps: the noise is drawn (with
 the caller's generator) before each, and whether every row has ended, or met NaN/Inf logits (a
-NonFiniteError: argmax would emit token 0), is read after the prompt and every `eos_check_every` tokens. One compiled step serves every Decoder of the process (its guards check
+NonFiniteError: argmax would emit token 0), is read after the prompt and every `eos_check_every`
+tokens. One compiled step serves every Decoder of the process (its guards check
 shapes and the sampling settings); a new Decoder's buffers are recorded into a new CUDA graph.
 """
 
