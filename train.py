@@ -60,7 +60,8 @@ def main(argv: list[str]) -> int:
     if "--print-config" in argv:
         rest = [a for a in argv if a != "--print-config"]
         return exit_on_user_error(lambda: print(parse_args(rest).to_toml(), end=""))
-    if os.environ.get("RANK", "0") != "0":  # every rank reads the same data and meets the same warnings: print them once
+    # every rank reads the same data and meets the same warnings: print them once
+    if os.environ.get("RANK", "0") != "0":
         logging.getLogger("moonlight").setLevel(logging.ERROR)
     try:
         return exit_on_user_error(lambda: Trainer(parse_args(argv)).train(), reported_by_rank0)

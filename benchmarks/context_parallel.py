@@ -27,7 +27,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-# benchmarks/kernels.py would shadow the `kernels` package: resolve imports from the repository root
+# run as a script: resolve `benchmarks.*` and `tests.*` from the repository root
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch  # noqa: E402
@@ -37,6 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from moonlight.config import ModelArgs  # noqa: E402
 from moonlight.model import Moonlight  # noqa: E402
+from benchmarks.peers import progress  # noqa: E402
 from moonlight.parallel.context import apply_context_parallel, zigzag_slice  # noqa: E402
 from tests.dist import run_ranks  # noqa: E402
 
@@ -98,6 +99,7 @@ def main():
     print("|---|---|---|---|---|---|")
     for config, args in CONFIGS.items():
         for cp in opts.cp:
+            progress(f"{config}, cp={cp}: counting one step's collective bytes on {cp} ranks")
             forward, backward = run_ranks(_measure, cp, config, opts.seq_len, opts.batch)[0]
             layers, moe_layers = args.num_hidden_layers, args.num_hidden_layers - args.first_k_dense_replace
             tokens = opts.batch * opts.seq_len // cp  # held by each rank

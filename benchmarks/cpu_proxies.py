@@ -35,7 +35,7 @@ except ImportError:
 
 from moonlight.config import ModelArgs  # noqa: E402
 from moonlight.model import Moonlight  # noqa: E402
-from moonlight.model.model import MLA, LocalSequence  # noqa: E402
+from moonlight.model.model import MLA, LocalKeyExchange  # noqa: E402
 from moonlight.parallel.compile import apply_compile  # noqa: E402
 
 aten = torch.ops.aten
@@ -156,7 +156,7 @@ _attention.register_autograd(lambda ctx, grad: (*_attention_backward(grad, *ctx.
                              setup_context=_attention_setup)
 
 
-class FusedAttention(LocalSequence):
+class FusedAttention(LocalKeyExchange):
     """The GPU's attention on the meta device: one fused kernel forward and one backward, unpadded v
     (the math fallback the meta device takes would count a dozen ops and fp32 casts per call)."""
 
@@ -183,7 +183,7 @@ def build(args: ModelArgs, device: str, dtype: torch.dtype) -> Moonlight:
     else:  # as on a GPU: fused attention of v's true width
         for module in model.modules():
             if isinstance(module, MLA):
-                module.sequence, module.pad_v = FusedAttention(), False
+                module.key_exchange, module.pad_v = FusedAttention(), False
     return model.to(dtype).train()
 
 

@@ -139,7 +139,7 @@ def run(model: Moonlight, batches: list[int], prompt: int, new: int, baseline_ne
         decoder = Decoder(model, b, prompt + baseline_new, compile=False)
         seconds = timed(lambda: list(decoder.stream(ids, baseline_new)), device)
         record(f"ours eager batch {b}", {"tokens_per_s": b * baseline_new / seconds})
-    del hf
+    hf = None  # freed before what follows
     apply_compile(model, backend)  # the training blocks, compiled per block
     prefill_once()
     seconds = min(timed(prefill_once, device) for _ in range(3))

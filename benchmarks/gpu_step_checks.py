@@ -66,8 +66,8 @@ def small_model_args(smoke: bool, layers: int = 2) -> ModelArgs:
     return dataclasses.replace(ModelArgs.preset("moonlight-16b-a3b"), num_hidden_layers=layers, vocab_size=32768)
 
 
-def _initialised(args: ModelArgs, device, dtype) -> Moonlight:
-    """A seeded model with its weights initialised (router and expert weights start uninitialised)."""
+def _initialized(args: ModelArgs, device, dtype) -> Moonlight:
+    """A seeded model with its weights initialized (router and expert weights start uninitialized)."""
     torch.manual_seed(0)
     model = Moonlight(args)
     model.init_weights()
@@ -75,7 +75,7 @@ def _initialised(args: ModelArgs, device, dtype) -> Moonlight:
 
 
 def syncs_per_microbatch(args: ModelArgs, device, dtype, seq: int) -> dict:
-    model = _initialised(args, device, dtype)
+    model = _initialized(args, device, dtype)
     tokens = torch.randint(0, args.vocab_size, (1, seq), device=device)
 
     def step():
@@ -176,7 +176,7 @@ def ac_steps(args: ModelArgs, device, dtype, seq: int, batches: list[int], repea
     """Step time and peak memory (CUDA) by activation checkpoint mode and micro-batch size."""
     out = {}
     for mode in AC_MODES:
-        model = apply_activation_checkpointing(_initialised(args, device, dtype), mode)
+        model = apply_activation_checkpointing(_initialized(args, device, dtype), mode)
         for batch in batches:
             tokens = torch.randint(0, args.vocab_size, (batch, seq), device=device)
 
@@ -195,7 +195,7 @@ def ac_steps(args: ModelArgs, device, dtype, seq: int, batches: list[int], repea
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
             out[f"{mode}/mbs{batch}"] = {"step_s": round(seconds, 4), "peak_gib": peak and round(peak, 2),
                                          "tokens_per_s": round(batch * seq / seconds)}
-        del model
+        model = None  # freed before the next mode's model is built
     return out
 
 

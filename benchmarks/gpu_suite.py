@@ -77,7 +77,7 @@ def time_steps(step, device, warmup: int, steps: int) -> list[float]:
 
 def random_moonlight(args: ModelArgs, device, dtype) -> Moonlight:
     """A Moonlight with `init_weights`' random weights (seed 0), built on the meta device and
-    materialised on `device` in `dtype`."""
+    materialized on `device` in `dtype`."""
     torch.manual_seed(0)
     with torch.device("meta"):
         model = Moonlight(args)
@@ -267,7 +267,8 @@ def write_step(out: Path, step: str, result: dict) -> None:
 
 def summary(out: Path) -> dict:
     parts = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("step_*.json"))}
-    merged = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "steps": {k.removeprefix("step_"): v for k, v in parts.items()}}
+    merged = {"date": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "steps": {k.removeprefix("step_"): v for k, v in parts.items()}}
     (out / "gpu_suite.json").write_text(json.dumps(merged, indent=1))
     lines = [f"# GPU suite summary ({merged['date']})", ""]
     for name, value in merged["steps"].items():

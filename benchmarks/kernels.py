@@ -278,11 +278,13 @@ def measure_cpu_rope(batch: int = 1, seq: int = 1024, rounds: int = 9, repeats: 
               "time_copying_over_fused_min_max": [min(ratios), max(ratios)],
               "allocated_bytes": allocated, "allocated_copying_over_fused": allocated["copying"] / allocated["fused"],
               "ideal_bytes": ideal,
-              "ideal_copying_over_fused": (ideal["copying fwd"] + ideal["copying bwd"]) / (ideal["fused fwd"] + ideal["fused bwd"])}
+              "ideal_copying_over_fused": ((ideal["copying fwd"] + ideal["copying bwd"])
+                                           / (ideal["fused fwd"] + ideal["fused bwd"]))}
     print(f"MLA RoPE fwd+bwd on CPU ({result['shape']}), {rounds} alternating rounds:\n"
           f"  time copying / fused: median {result['time_copying_over_fused_median']:.2f}x "
           f"(min {min(ratios):.2f}x, max {max(ratios):.2f}x)\n"
-          f"  bytes allocated: fused {allocated['fused'] / 2**20:.1f} MiB, copying {allocated['copying'] / 2**20:.1f} MiB "
+          f"  bytes allocated: fused {allocated['fused'] / 2**20:.1f} MiB, "
+          f"copying {allocated['copying'] / 2**20:.1f} MiB "
           f"({result['allocated_copying_over_fused']:.2f}x)\n"
           f"  ideal bytes moved: copying / fused {result['ideal_copying_over_fused']:.2f}x")
     return result

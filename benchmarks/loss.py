@@ -1,4 +1,4 @@
-"""The chunked cross-entropy from hidden states against the plain loss on materialised logits.
+"""The chunked cross-entropy from hidden states against the plain loss on materialized logits.
 
     python benchmarks/loss.py
 

@@ -105,7 +105,8 @@ def main():
     peak = measure_peak_flops(device) if device.type == "cpu" else peak_flops(device, torch.float32)
     flops_per_token = model_args.flops_per_token(args.seq)
     n_tokens = args.batch * args.seq
-    print(f"device {device}, {args.threads} threads, {'CPU' if args.cpu_time else 'wall'} time, batch {args.batch} x seq {args.seq}, "
+    print(f"device {device}, {args.threads} threads, {'CPU' if args.cpu_time else 'wall'} time, "
+          f"batch {args.batch} x seq {args.seq}, "
           f"GEMM peak {peak / 1e9:.1f} GFLOP/s, model {flops_per_token / 1e6:.2f} MFLOP/token")
     for name, ts in times.items():
         tps = n_tokens / statistics.median(ts)

@@ -4,8 +4,8 @@ Runs the trainer (`train.toml`, FSDP over every rank: ``dp_shard=-1``) on forked
 measures, per rank and optimizer step, in one run:
 
 - the share of the step spent in ``optimizers.step()`` for three optimizers:
-  ``muon`` (each matrix orthogonalised once, on its owner: `moonlight.train.muon`),
-  ``muon-redundant`` (every rank gathers and orthogonalises every matrix, as the paper's
+  ``muon`` (each matrix orthogonalized once, on its owner: `moonlight.train.muon`),
+  ``muon-redundant`` (every rank gathers and orthogonalizes every matrix, as the paper's
   Algorithm 1 and this stack before), ``adamw``;
 - bytes each rank sends: FSDP's parameter all-gather + gradient reduce-scatter (run without reshard
   after forward, so exactly what distributed AdamW moves), and Muon's two all-to-alls on top (ring
@@ -14,8 +14,9 @@ measures, per rank and optimizer step, in one run:
     python benchmarks/muon_distributed.py [--worlds 1 2 4] [--steps 6] [--warmup 2] [--section.key=value ...]
 
 Ratios are against baselines measured in the same run. The redundant baseline's gathers run through
-DTensor and are not counted (n/a): every rank receives (N-1)/N of every shared matrix. On a CPU the trainer runs NS in fp32, so the
-exchange moves fp32; on GPUs it runs (and travels) in bf16, half those bytes, printed alongside.
+DTensor and are not counted (n/a): every rank receives (N-1)/N of every shared matrix. On a CPU the
+trainer runs NS in fp32, so the exchange moves fp32; on GPUs it runs (and travels) in bf16, half
+those bytes, printed alongside.
 """
 
 import argparse
@@ -35,15 +36,15 @@ import torch.distributed as dist  # noqa: E402
 from torch.distributed.tensor import DTensor, Replicate  # noqa: E402
 
 from moonlight.train.config import load_config  # noqa: E402
-from moonlight.train.muon import ns_flops, plan_orthogonalisation, zeropower_via_newtonschulz  # noqa: E402
+from moonlight.train.muon import ns_flops, plan_orthogonalization, zeropower_via_newtonschulz  # noqa: E402
 from moonlight.train.optim import Muon  # noqa: E402
 from moonlight.train.trainer import Trainer  # noqa: E402
 from tests.dist import run_ranks  # noqa: E402
 from benchmarks.peers import progress  # noqa: E402
 
 
-def _redundant_orthogonalise(self, work):
-    """The baseline: gather each full matrix on EVERY rank sharing it and orthogonalise it there."""
+def _redundant_orthogonalize(self, work):
+    """The baseline: gather each full matrix on EVERY rank sharing it and orthogonalize it there."""
     out = []
     for group, p, u in work:
         o = u
@@ -103,24 +104,25 @@ def _measure(rank, world, optimizer, steps, warmup, overrides):
         total = steps + warmup
         name = "adamw" if optimizer == "adamw" else "muon"
         cfg = load_config("train.toml", [f"--training.steps={total}", "--checkpoint.enable=false",
-                                         "--parallelism.dp_shard=-1", f"--optimizer.name={name}", "--lr_scheduler.warmup_steps=1",
+                                         "--parallelism.dp_shard=-1", f"--optimizer.name={name}",
+                                         "--lr_scheduler.warmup_steps=1",
                                          f"--job.dump_folder={tmp}", "--metrics.log_freq=1000", *overrides])
         trainer = Trainer(cfg)
         muon = next((o for o in trainer.optimizers if isinstance(o, Muon)), None)
         if muon is not None:
             if optimizer == "muon-redundant":
-                muon._orthogonalise = types.MethodType(_redundant_orthogonalise, muon)
-            orthogonalise = muon._orthogonalise
+                muon._orthogonalize = types.MethodType(_redundant_orthogonalize, muon)
+            orthogonalize = muon._orthogonalize
 
             def counted(work):
                 if comm:
                     comm.in_muon = True
                 try:
-                    return orthogonalise(work)
+                    return orthogonalize(work)
                 finally:
                     if comm:
                         comm.in_muon = False
-            muon._orthogonalise = counted
+            muon._orthogonalize = counted
         step_opt = trainer.optimizers.step
         opt_times = []
 
@@ -137,9 +139,10 @@ def _measure(rank, world, optimizer, steps, warmup, overrides):
             trainer.step += 1
         # Newton-Schulz FLOPs this rank runs per step (its owned matrices; all of them when redundant)
         params = [p for o in trainer.optimizers if isinstance(o, Muon) for g in o.param_groups for p in g["params"]]
-        plans = plan_orthogonalisation(params, [cfg.optimizer.ns_steps] * len(params))
-        ns_flops_here = sum(ns_flops(*plan.shape, cfg.optimizer.ns_steps) * (plan.count if optimizer == "muon-redundant" else
-                                                     sum(o == plan.me for o in plan.owners)) for plan in plans)
+        plans = plan_orthogonalization(params, [cfg.optimizer.ns_steps] * len(params))
+        ns_flops_here = sum(ns_flops(*plan.shape, cfg.optimizer.ns_steps)
+                            * (plan.count if optimizer == "muon-redundant" else sum(o == plan.me for o in plan.owners))
+                            for plan in plans)
     share = statistics.median(o / s for o, s in zip(opt_times[warmup:], step_times[warmup:]))
     per_step = (lambda b: b / steps) if comm else (lambda b: 0)
     return dict(share=share, step_s=statistics.median(step_times[warmup:]),

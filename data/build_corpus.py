@@ -25,7 +25,6 @@ import ast
 import json
 import os
 import re
-import sys
 import sysconfig
 import zlib
 

@@ -1,7 +1,7 @@
 """The experts' grouped GEMM as one opaque op: out[r] = x[r] @ w[e] for the rows r of group e.
 
 grouped_mm(x [N, K], w [E, K, M], offs [E] int32) -> [N, M], offs the cumulative group sizes
-(offs[-1] == N: rows past the last group would be left uninitialised).
+(offs[-1] == N: rows past the last group would be left uninitialized).
 
 It wraps `torch._grouped_mm` (bf16 on GPUs, fp32/bf16 on CPUs) in a custom op so that torch.compile
 treats it as a black box: the stock fake kernel only accepts bf16, so an fp32 grouped GEMM would

@@ -1,25 +1,12 @@
 """Fused RoPE for MLA: rotate q's rope channels in place (`rotate_rope_`) and build the per-head key
 k = [k_nope | rope(k_pe)] with the rotated shared rope key written into every head (`mla_rope_key`).
 
-Moonlight (DeepSeek-V3) rotates interleaved pairs (x[2i], x[2i+1]) as complex numbers and keeps
-the interleaved order; this equals HF's de-interleave + rotate-half, and is NOT a plain
-rotate-half on the raw channels.
-
-Three Triton kernels, one program per (batch, position) each:
-- `_rotate_rope_kernel` rotates the last R channels of every head in place; q's nope channels are
-  neither read nor written. The backward runs it on q's gradient with -theta, in place when the
-  caller says nothing else holds that gradient.
-- `_mla_rope_key_kernel` copies k_nope into a fresh [B, S, H, nope + R] key and writes rope(k_pe)
-  into every head's tail: the rotation and the broadcast over heads in one pass, with no rotated
-  k_pe or expanded copy in between.
-- `_mla_rope_key_backward_kernel` sums the heads' tail gradients in fp32 and rotates the sum by
-  -theta; k_nope's gradient is a view of k's.
-The torch reference (impl="torch", what the model runs on CPU) does the same with torch ops.
-
-The in-place rotation is one opaque op, `moonlight::rotate_rope_`, for both impls: op-level
-activation checkpointing must see it as one op, because it can rotate a matmul output that
-checkpointing keeps, and a recompute that rotated that again would turn it twice (see the policy
-in moonlight/parallel/data_parallel.py).
+Moonlight rotates interleaved pairs (x[2i], x[2i+1]) as complex numbers (HF's de-interleave +
+rotate-half, not a rotate-half on the raw channels). Three Triton kernels, one program per
+(batch, position): the in-place rotation, the key build, and the key's backward; the torch
+reference (impl="torch") does the same with torch ops. The in-place rotation is one opaque op,
+`moonlight::rotate_rope_`, so op-level activation checkpointing never rotates twice.
+Details: docs/performance.md.
 """
 import torch
 from torch import Tensor
@@ -208,7 +195,8 @@ def _mla_rope_key_triton(k_nope: Tensor, k_pe: Tensor, cos: Tensor, sin: Tensor)
     k_pe = k_pe if k_pe.stride(-1) == 1 else k_pe.contiguous()
     batch, seq_len, num_heads, nope = k_nope.shape
     half = cos.shape[-1]
-    k = k_nope.new_empty((batch, seq_len, num_heads, nope + 2 * half), dtype=torch.promote_types(k_nope.dtype, k_pe.dtype))
+    k = k_nope.new_empty((batch, seq_len, num_heads, nope + 2 * half),
+                         dtype=torch.promote_types(k_nope.dtype, k_pe.dtype))
     cos, sin, cos_stride_b, cos_stride_s = _table_strides(cos, sin, batch)
     block_nope = max(1, triton.next_power_of_2(nope))  # nope may be 0
     _mla_rope_key_kernel[(batch * seq_len,)](
@@ -234,7 +222,7 @@ def _mla_rope_key_backward_triton(grad_k: Tensor, cos: Tensor, sin: Tensor) -> T
     return grad_pe
 
 
-# ---------------------------------------------------------------- custom ops (opaque to torch.compile and checkpointing)
+# ------------------------------------------------------------- custom ops (opaque to torch.compile and checkpointing)
 
 
 @torch.library.custom_op("moonlight::rotate_rope_", mutates_args=("x",))

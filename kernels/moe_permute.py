@@ -4,15 +4,9 @@ permute_tokens   x [T, H] -> permuted [N, H], expert-major, each group optionall
                  (N is static: T*K, or an upper bound with padding, so nothing syncs with the host)
 unpermute_tokens y [N, H] -> out [T, H], out[t] = sum_k weights[t, k] * y[row_index[t*K + k]]
 
-The index bookkeeping (one histogram, one stable sort, row_index by one scatter) is T*K integers
-and stays in torch for both implementations. The Triton kernels move the H-wide rows, one program
-per (token, choice) slot (expand) or per token (combine), each a single pass with no atomics:
-
-  expand   dst[row_index[slot]] = w[slot] * src[slot // K]; padding rows (align > 1 only) zeroed
-           before. The permute forward and the unpermute backward, where it also produces
-           grad_weights[slot] = <grad_out[t], y[row_index[slot]]>.
-  combine  dst[t] = sum_k w[t, k] * src[row_index[t*K + k]], in k order. The unpermute forward and the
-           permute backward (w = 1).
+The index bookkeeping stays in torch; the Triton kernels move the H-wide rows in one pass each,
+without atomics: `expand` (permute forward, unpermute backward) and `combine` (unpermute forward,
+permute backward). Details: docs/moe.md.
 """
 import torch
 from torch import Tensor

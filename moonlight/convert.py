@@ -2,25 +2,12 @@
 (one process, no torch.distributed set-up needed):
 
     python -m moonlight.convert hf-to-dcp --hf HF_DIR --out DCP_DIR [--overwrite]
-    python -m moonlight.convert dcp-to-hf --dcp DCP_DIR --out HF_DIR [--config config.json | --model-preset NAME]
-                                          [--dtype bfloat16] [--max-shard-size 5GB] [--step N] [--overwrite]
-    python -m moonlight.convert dcp-to-peft --dcp RUN/checkpoint --out ADAPTER_DIR [--step N] [--overwrite]
+    python -m moonlight.convert dcp-to-hf --dcp DCP_DIR --out HF_DIR [--config config.json] [--dtype bfloat16]
+    python -m moonlight.convert dcp-to-peft --dcp RUN/checkpoint --out ADAPTER_DIR [--step N]
 
-- hf-to-dcp writes a MODEL-ONLY checkpoint (meta.json "contents": ["model"], step 0) with the
-  tensors in the HF file's dtypes. Start a run from it by pointing `checkpoint.initial_load_hf` at
-  it, or by placing it as `<dump_folder>/<checkpoint.folder>/step-0` (resume restores the weights;
-  optimizer, data position and schedule start fresh).
-- dcp-to-hf reads a trainer checkpoint directory `.../step-N`, or a checkpoint folder (the latest
-  complete step, or --step N), or an hf-to-dcp output, any number of saving ranks and any parallel
-  layout (DCP reshards into full tensors); LoRA/DoRA adapters are merged. Model args come from
-  meta.json unless --config (an HF config.json or its directory) or --model-preset is given.
-- dcp-to-peft reads only the LoRA/DoRA adapters of a [lora] run's checkpoint and writes a PEFT adapter
-  (adapter_config.json + adapter_model.safetensors) that `peft.PeftModel.from_pretrained` loads onto
-  the HF base model; rank, alpha and DoRA come from the checkpoint's meta.json.
-
-Memory: both directions are streamed: at most one output shard (dcp-to-hf; hf-to-dcp writes one DCP
-file per tensor) plus one tensor is held (an expert stack, or an adapted weight with its adapters),
-not the whole model (about 32 GB for Moonlight-16B in bf16).
+As a library: `load_hf` / `save_hf` (HF directory <-> model) and the in-memory
+`to_hf_state_dict` / `from_hf_state_dict` (state dict <-> state dict, streamed for iterators).
+Both directions stream one tensor (or output shard) at a time. Details: docs/checkpoints.md.
 """
 
 from __future__ import annotations
@@ -36,9 +23,13 @@ from moonlight.checkpoint.export import load_dcp_adapters, save_hf_from_dcp
 from moonlight.config import ModelArgs
 from moonlight.dtypes import to_dtype
 from moonlight.errors import ArgumentParser, CheckpointError, ConfigError, exit_on_user_error
-from moonlight.hf import HF_OUTPUT, HFCheckpoint, expected_shapes, hf_keys, is_expert_stack, parse_size, progress
+from moonlight.hf import (HF_OUTPUT, HFCheckpoint, expected_shapes, from_hf_state_dict, hf_keys, is_expert_stack,
+                          load_hf, parse_size, progress, save_hf, to_hf_state_dict)
 from moonlight.outputs import check_output, check_replaceable
 from moonlight.hf_peft import PEFT_OUTPUT, save_peft_adapter
+
+__all__ = ["load_hf", "save_hf", "to_hf_state_dict", "from_hf_state_dict", "hf_to_dcp", "dcp_to_hf", "dcp_to_peft",
+           "main"]
 
 
 def hf_to_dcp(hf: str, out: str, overwrite: bool = False) -> str:

@@ -12,7 +12,7 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from safetensors import safe_open
@@ -162,7 +162,7 @@ class HFCheckpoint:
         mtp = sorted(k for k in self.key_to_file if (m := _HF_LAYER.match(k)) and n <= int(m.group(1)) < n + n_mtp)
         if mtp:
             warnings.warn(f"{self.path}: skipping {len(mtp)} multi-token-prediction tensor(s) of layer(s) "
-                          f"{n}..{n + n_mtp - 1} (e.g. {mtp[0]}): this model does not run them")
+                          f"{n}..{n + n_mtp - 1} (e.g. {mtp[0]}): this model does not run them", stacklevel=2)
             for k in mtp:
                 del self.key_to_file[k]
 
@@ -225,6 +225,89 @@ class HFCheckpoint:
         found = {k for k in self.key_to_file if not _HF_PASSTHROUGH.match(k)}
         _check_keys(found, {hf for native in expected_shapes(args) for hf in hf_keys(native, args)},
                     f"checkpoint {self.path}")
+
+
+# transformers' in-memory MoE layout: one [E, 2I, H] tensor of gate and up rows, one [E, H, I] of down
+_HF_FUSED = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
+_HF_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+StateDict = Mapping[str, torch.Tensor]
+Pairs = Iterator[tuple[str, torch.Tensor]]
+
+
+def to_hf_state_dict(state: StateDict | Pairs, args: ModelArgs, fused_experts: bool = True
+                     ) -> dict[str, torch.Tensor] | Pairs:
+    """The native model's state dict in Hugging Face names, tensors unchanged (no copy, no cast).
+    `fused_experts`: transformers' in-memory experts (`gate_up_proj`, `down_proj`: what
+    `DeepseekV3ForCausalLM.load_state_dict` takes); False: one tensor per expert, as in the files.
+    An iterator of (key, tensor) pairs in the native order is converted as a stream of pairs."""
+    pairs = _to_hf_pairs(iter(state.items()) if isinstance(state, Mapping) else state, args, fused_experts)
+    return dict(pairs) if isinstance(state, Mapping) else pairs
+
+
+def _to_hf_pairs(native: Pairs, args: ModelArgs, fused: bool) -> Pairs:
+    gate = {}  # layer -> its expert gate_proj stack, until up_proj arrives to be fused with it
+    for key, tensor in native:
+        m = _EXPERT_STACK.match(key)
+        if not m:
+            yield hf_keys(key, args)[0], tensor
+        elif not fused:
+            yield from zip(hf_keys(key, args), tensor.unbind(0))
+        elif m.group(2) == "gate_proj":
+            gate[m.group(1)] = tensor
+        else:
+            name = "gate_up_proj" if m.group(2) == "up_proj" else "down_proj"
+            if name == "gate_up_proj" and m.group(1) not in gate:
+                raise CheckpointError(f"{key} arrived before layers.{m.group(1)}.ffn.experts.gate_proj")
+            value = torch.cat([gate.pop(m.group(1)), tensor], dim=1) if name == "gate_up_proj" else tensor
+            yield f"model.layers.{m.group(1)}.mlp.experts.{name}", value
+    if gate:
+        raise CheckpointError(f"no experts.up_proj came for the gate_proj of layer(s) {sorted(gate)}")
+
+
+def from_hf_state_dict(state: StateDict | Pairs, args: ModelArgs) -> dict[str, torch.Tensor] | Pairs:
+    """A Hugging Face state dict (transformers' fused experts or one tensor per expert) in native names,
+    for `Moonlight.load_state_dict`; tensors are not cast or copied (stacked experts are new tensors).
+    An iterator of (key, tensor) pairs is converted as a stream: it holds one layer's experts at most."""
+    native = expected_shapes(args)
+    pairs = _from_hf_pairs(iter(state.items()) if isinstance(state, Mapping) else state, args, native)
+    return dict(pairs) if isinstance(state, Mapping) else pairs
+
+
+def _from_hf_pairs(hf: Pairs, args: ModelArgs, expected: dict[str, torch.Size]) -> Pairs:
+    renames = {keys[0]: native for native in expected if not is_expert_stack(native)
+               for keys in [hf_keys(native, args)]}
+    experts: dict[str, dict[int, torch.Tensor]] = {}  # native expert stack -> the experts seen so far
+    done = set()
+    for key, tensor in hf:
+        if _HF_PASSTHROUGH.match(key):
+            continue
+        fused, single = _HF_FUSED.match(key), _HF_EXPERT.match(key)
+        if key in renames:
+            out = [(renames[key], tensor)]
+        elif fused and fused.group(2) == "gate_up_proj":
+            gate, up = tensor.chunk(2, dim=1)
+            out = [(f"layers.{fused.group(1)}.ffn.experts.{p}", t) for p, t in (("gate_proj", gate), ("up_proj", up))]
+        elif fused:
+            out = [(f"layers.{fused.group(1)}.ffn.experts.down_proj", tensor)]
+        elif (single and f"layers.{single.group(1)}.ffn.experts.{single.group(3)}" in expected
+              and int(single.group(2)) < args.n_routed_experts):
+            stack = f"layers.{single.group(1)}.ffn.experts.{single.group(3)}"
+            experts.setdefault(stack, {})[int(single.group(2))] = tensor
+            if len(experts[stack]) < args.n_routed_experts:
+                continue
+            by_expert = experts.pop(stack)
+            out = [(stack, torch.stack([by_expert[e] for e in range(args.n_routed_experts)]))]
+        else:
+            raise CheckpointError(f"no native name is known for Hugging Face key {key!r} (a different "
+                                  "architecture or config?)")
+        for native, value in out:
+            if native not in expected or tuple(value.shape) != tuple(expected[native]):
+                raise CheckpointError(f"{key}: shape {tuple(tensor.shape)} does not match the config's "
+                                      f"{native} {tuple(expected.get(native, ()))}")
+            done.add(native)
+            yield native, value
+    _check_keys(done, set(expected), "the Hugging Face state dict")
 
 
 def load_hf(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",

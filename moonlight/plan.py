@@ -13,8 +13,9 @@ It exits with code 2 and one line naming the fix when a layout is invalid or a r
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import dataclasses
+import functools
+import multiprocessing as mp
 import os
 import sys
 import warnings
@@ -23,17 +24,18 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from torch.testing._internal.distributed.fake_pg import FakeStore  # also registers the "fake" backend
+from torch._C._distributed_c10d import FakeProcessGroup
 
 from moonlight.config import ModelArgs
 from moonlight.distributed import local_tensor
 from moonlight.dtypes import to_dtype
 from moonlight.errors import ArgumentParser, ConfigError, exit_on_user_error
 from moonlight.model import Moonlight
+from moonlight.model.converters import convert_model
 from moonlight.train.config import JobConfig, parse_args
 from moonlight.train.layout import build_layout, is_single_process, plan_layout
 from moonlight.train.optim import AdamW, Muon, build_optimizers
-from moonlight.train.build import apply_lora_section, build_model_args, check_seq_len
+from moonlight.train.build import build_converters, build_model_args, check_seq_len
 
 GIB = 1024 ** 3
 
@@ -107,14 +109,11 @@ def _count(rank: int, description: str, model_parts, cfg: JobConfig) -> RankPlan
 
 def _meta_model(cfg: JobConfig, args: ModelArgs):
     """What Trainer._init_full_model builds, on the meta device: the model in training.dtype with its
-    LoRA/DoRA adapters."""
+    model converters (LoRA/DoRA adapters)."""
     def build() -> Moonlight:
         with torch.device("meta"):
             model = Moonlight(args)
-        model = model.to(to_dtype(cfg.training.dtype))
-        if cfg.lora.enable:
-            apply_lora_section(model, cfg.lora)
-        return model
+        return convert_model(model.to(to_dtype(cfg.training.dtype)), build_converters(cfg))
     return build
 
 
@@ -174,13 +173,28 @@ def _layers_of(model_parts) -> list[int]:
     return [int(key) for part in model_parts for key in part.layers.keys()]
 
 
+@functools.cache
+def register_fake_backend() -> None:
+    """Backend "fake": torch's FakeProcessGroup, whose collectives return at once without communicating
+    (enough to build one rank's shards). torch registers it only from its test utilities."""
+    create = getattr(FakeProcessGroup, "_create_internal", FakeProcessGroup)  # named so in newer releases
+
+    def create_fake_group(common, options):
+        return create(common.group_rank, common.group_size, options)
+    try:
+        dist.Backend.register_backend("fake", create_fake_group, extended_api=True, devices=["cpu", "cuda"])
+    except ValueError:  # already registered (torch's test utilities were imported)
+        pass
+
+
 def _plan_rank(cfg: JobConfig, args: ModelArgs, world_size: int, rank: int, dims, fake_group: bool = False
                ) -> tuple[RankPlan, str]:
     """Build `rank`'s part of the job on the meta device (over a fake process group of world_size ranks
     when `fake_group`) and count its memory -> (its RankPlan, the layout's description)."""
     p, t = cfg.parallelism, cfg.training
     if fake_group:
-        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+        register_fake_backend()
+        dist.init_process_group("fake", store=dist.HashStore(), rank=rank, world_size=world_size)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # DTensor's RNG warning about CPU meshes

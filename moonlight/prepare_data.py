@@ -1,4 +1,4 @@
-"""Tokenise a text corpus once into Megatron .bin/.idx files, for `data.format = "megatron"`:
+"""Tokenize a text corpus once into Megatron .bin/.idx files, for `data.format = "megatron"`:
 
     python -m moonlight.prepare_data INPUT [INPUT ...] --tokenizer SPEC --out PREFIX [--append-eos]
                                      [--text-key text] [--on-bad-line skip|error] [--overwrite]
@@ -35,8 +35,8 @@ class CommandLineKeys(DataKeys):
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m moonlight.prepare_data",
-                                description="Tokenise jsonl text into Megatron .bin/.idx files for "
-                                            'data.format = "megatron" (tokenise once, not at every start).')
+                                description="Tokenize jsonl text into Megatron .bin/.idx files for "
+                                            'data.format = "megatron" (tokenize once, not at every start).')
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="jsonl file(s) (.jsonl, .jsonl.gz), directories of them (recursively) or quoted globs")
     p.add_argument("--tokenizer", required=True,
@@ -85,7 +85,7 @@ def summary(built: MegatronBuild, append_eos: bool) -> str:
 
 
 def run(ns: argparse.Namespace) -> MegatronBuild:
-    """Validate the arguments, then tokenise and write."""
+    """Validate the arguments, then tokenize and write."""
     check_out(ns.out)
     check_megatron_output(ns.out, ns.overwrite, how="--overwrite")
     tokenizer = build_tokenizer(ns.tokenizer, "--tokenizer")

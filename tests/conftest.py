@@ -3,7 +3,7 @@ import os
 # The suite is the CPU suite on every machine: a GPU machine's GPUs are hidden (forked gloo ranks,
 # CPU tensors through the Triton interpreter) unless MOONLIGHT_TEST_GPU=1, which
 # benchmarks/gpu_suite.sh sets for the tests that run on the GPU (real Triton on CUDA tensors, the
-# CUDA sync count, the side-stream overlap). Both before anything initialises CUDA or imports a kernel.
+# CUDA sync count, the side-stream overlap). Both before anything initializes CUDA or imports a kernel.
 if os.environ.get("MOONLIGHT_TEST_GPU", "") in ("", "0"):
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
 if os.environ.get("CUDA_VISIBLE_DEVICES") == "" or not os.path.exists("/dev/nvidia0"):

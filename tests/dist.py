@@ -89,7 +89,7 @@ def run_forked(fn, *args, timeout=300):
 
 
 def gathered_weights(model_parts) -> bytes | None:
-    """The full state dict of a run's model parts, serialised on rank 0 (None elsewhere): plain bytes,
+    """The full state dict of a run's model parts, serialized on rank 0 (None elsewhere): plain bytes,
     since tensors in a multiprocessing queue would share fds with a dead child."""
     from moonlight.checkpoint.export import gather_full_state_dict
 

@@ -11,8 +11,8 @@ import torch
 from moonlight.checkpoint.format import MARKER, list_checkpoints
 from moonlight.checkpoint.state import Checkpointer
 from tests.dist import run_ranks
-from tests.test_checkpoint import (FakeLoader, _fsdp, _pack, assert_sd_equal, build, build_opt, cfg, flat_optim,
-                                   full_sd, train)
+from tests.helpers import (FakeLoader, assert_sd_equal, build, build_opt, cfg, flat_optim, fsdp_wrap, full_sd,
+                           pack_state, train)
 
 ASYNC = {"async_mode": "async"}
 
@@ -85,7 +85,7 @@ def test_kill_during_async_save_keeps_the_previous_step(tmp_path):
 
 
 def _fsdp_async_worker(rank, world, folder):
-    model = _fsdp(build()[0])
+    model = fsdp_wrap(build()[0])
     opts, scheds = build_opt(model)
     loader = FakeLoader()
     ck = Checkpointer(cfg(**ASYNC), folder, [model], opts, scheds, loader, layout={"dp_shard": world})
@@ -94,11 +94,11 @@ def _fsdp_async_worker(rank, world, folder):
     at_save = _snapshot(model, opts, loader)
     train(model, opts, scheds, loader, 2, seed=1 + rank)  # collectives on the default group meanwhile
     ck.wait()
-    fresh = _fsdp(build(seed=9)[0])
+    fresh = fsdp_wrap(build(seed=9)[0])
     fopts, fscheds = build_opt(fresh)
     floader = FakeLoader()
     step = Checkpointer(cfg(**ASYNC), folder, [fresh], fopts, fscheds, floader).load()
-    return _pack((step, at_save, _snapshot(fresh, fopts, floader)))
+    return pack_state((step, at_save, _snapshot(fresh, fopts, floader)))
 
 
 def test_async_save_on_two_fsdp_ranks_resumes_exactly(tmp_path):
@@ -111,14 +111,14 @@ def test_async_save_on_two_fsdp_ranks_resumes_exactly(tmp_path):
 
 
 def test_trainer_async_run_and_resume_equal_the_sync_run(tmp_path):
-    from tests.test_resume import _losses, _resume_copy, _run
+    from tests.helpers import resume_losses, resume_copy, run_job
 
-    _run(tmp_path / "sync")
-    _run(tmp_path / "async", "--checkpoint.async_mode=async")
-    sync, asynchronous = _losses(tmp_path / "sync"), _losses(tmp_path / "async")
+    run_job(tmp_path / "sync")
+    run_job(tmp_path / "async", "--checkpoint.async_mode=async")
+    sync, asynchronous = resume_losses(tmp_path / "sync"), resume_losses(tmp_path / "async")
     assert asynchronous == sync
     assert sorted(list_checkpoints(tmp_path / "async" / "checkpoint")) == [3, 6]  # the last one completed at the end
-    _resume_copy(tmp_path / "async", tmp_path / "resumed")
-    _run(tmp_path / "resumed", "--checkpoint.async_mode=async")
-    resumed = _losses(tmp_path / "resumed")
+    resume_copy(tmp_path / "async", tmp_path / "resumed")
+    run_job(tmp_path / "resumed", "--checkpoint.async_mode=async")
+    resumed = resume_losses(tmp_path / "resumed")
     assert sorted(resumed) == [4, 5, 6] and [resumed[s] for s in (4, 5, 6)] == [sync[s] for s in (4, 5, 6)]

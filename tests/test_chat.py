@@ -1,8 +1,7 @@
 """Chat data: rendering (built-in Moonlight format, jinja templates against transformers'
 apply_chat_template), assistant-only targets, whole-conversation packing, overflow, resume, and a
-loss normalised by the step's global target count (checked against one big batch)."""
+loss normalized by the step's global target count (checked against one big batch)."""
 
-import base64
 import io
 import json
 import logging
@@ -14,11 +13,13 @@ import torch.nn.functional as F
 
 from moonlight.errors import DataError
 from moonlight.data.chat import ChatTemplate, load_chat_template
-from moonlight.train.config import DataSection, load_config
+from moonlight.train.config import load_config
 from moonlight.data.loader import ChatDataLoader, build_dataloader, load_documents
 from moonlight.data.tokenizer import DEFAULT_ADDITIONAL_SPECIALS, ByteTokenizer, build_tokenizer
 from moonlight.train.trainer import Trainer
 from tests.dist import gathered_weights, run_ranks
+from tests.helpers import chat_conversations, write_chat
+from tests.helpers import MULTI_TURN, chat_cfg, chat_tiktoken_dir
 
 FACTS_EXAMPLE = [
     {"role": "system", "content": "You are a helpful assistant provided by Moonshot-AI."},
@@ -28,12 +29,6 @@ FACTS_EXAMPLE = [
 FACTS_TEXT = ("<|im_system|>system<|im_middle|>You are a helpful assistant provided by Moonshot-AI.<|im_end|>"
               "<|im_user|>user<|im_middle|>Is 123 a prime?<|im_end|>"
               "<|im_assistant|>assistant<|im_middle|>No, 123 = 3 x 41.<|im_end|>")
-MULTI_TURN = [
-    {"role": "user", "content": "the thing"},
-    {"role": "assistant", "content": "in the experts"},
-    {"role": "user", "content": "中文?"},
-    {"role": "assistant", "content": "ex per ts"},
-]
 # The built-in format as a jinja template (as a tokenizer_config.json would carry it).
 MOONLIGHT_TEMPLATE = (
     "{%- for message in messages -%}"
@@ -70,21 +65,9 @@ def test_builtin_format_is_the_moonlight_instruct_format():
     assert tok.decode(ids[:first]).endswith("<|im_assistant|>assistant<|im_middle|>") and all(targets[first:])
 
 
-def _tiktoken_dir(tmp_path, template):
-    ranks = [bytes([i]) for i in range(256)] + [b"th", b"he", b"the", b" the", b"in", b"ex", b"per", b"ts"]
-    (tmp_path / "tiktoken.model").write_text(
-        "".join(f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(ranks)))
-    n = len(ranks)
-    names = ["[BOS]", "[EOS]"] + DEFAULT_ADDITIONAL_SPECIALS
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "[BOS]", "eos_token": "<|im_end|>", "chat_template": template,
-        "added_tokens_decoder": {str(n + k): {"content": t, "special": True} for k, t in enumerate(names)}}))
-    return tmp_path
-
-
 @pytest.mark.parametrize("conversation", [FACTS_EXAMPLE, MULTI_TURN])
 def test_jinja_moonlight_template_gives_the_builtin_tokens_and_targets(tmp_path, conversation):
-    tok = build_tokenizer(str(_tiktoken_dir(tmp_path, MOONLIGHT_TEMPLATE)))
+    tok = build_tokenizer(str(chat_tiktoken_dir(tmp_path, MOONLIGHT_TEMPLATE)))
     template = load_chat_template(str(tmp_path), tok)
     assert template.render(conversation) == "".join(
         f"<|im_{m['role']}|>{m['role']}<|im_middle|>{m['content']}<|im_end|>" for m in conversation)
@@ -136,7 +119,7 @@ def test_template_that_rewrites_earlier_turns_is_rejected(tmp_path):
     rewriting = ("{%- for m in messages -%}"
                  "<|im_{{ m['role'] }}|>{{ m['content'] }}{{ messages|length }}<|im_end|>"
                  "{%- endfor -%}")
-    tok = build_tokenizer(str(_tiktoken_dir(tmp_path, rewriting)))
+    tok = build_tokenizer(str(chat_tiktoken_dir(tmp_path, rewriting)))
     with pytest.raises(DataError, match="appending turns"):
         load_chat_template(str(tmp_path), tok).encode(MULTI_TURN)
 
@@ -144,36 +127,10 @@ def test_template_that_rewrites_earlier_turns_is_rejected(tmp_path):
 # ------------------------------------------------------------------ loader
 
 
-def _conversations(n, seed=0):
-    """Conversations of uneven lengths: a system turn now and then, one or two exchanges."""
-    rng = np.random.default_rng(seed)
-    words = ["alpha", "beta", "gamma", "delta", "prime", "sum", "one", "two", "yes", "no"]
-    out = []
-    for k in range(n):
-        messages = [{"role": "system", "content": "Be brief."}] if k % 3 == 0 else []
-        for _ in range(1 + k % 2):
-            messages.append({"role": "user", "content": " ".join(rng.choice(words, rng.integers(1, 4)))})
-            messages.append({"role": "assistant", "content": " ".join(rng.choice(words, rng.integers(1, 7)))})
-        out.append({"messages": messages})
-    return out
-
-
-def _write_chat(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
-def _chat_cfg(path, **kw):
-    cfg = DataSection(format="chat", path=str(path))
-    for k, v in kw.items():
-        setattr(cfg, k, v)
-    return cfg
-
-
 def test_packing_keeps_conversations_whole_and_labels_only_assistant_turns(tmp_path):
-    rows = _conversations(30)
+    rows = chat_conversations(30)
     tok = ByteTokenizer()
-    loader = build_dataloader(_chat_cfg(_write_chat(tmp_path / "c.jsonl", rows)), tok, 160, 2)
+    loader = build_dataloader(chat_cfg(write_chat(tmp_path / "c.jsonl", rows)), tok, 160, 2)
     assert isinstance(loader, ChatDataLoader) and loader.num_truncated == 0
     template = load_chat_template("byte", tok)
     expected = {}
@@ -197,9 +154,9 @@ def test_packing_keeps_conversations_whole_and_labels_only_assistant_turns(tmp_p
 
 
 def test_overflow_truncates_or_drops_and_reports(tmp_path, caplog):
-    rows = _conversations(12)
+    rows = chat_conversations(12)
     rows[3]["messages"][-1]["content"] = "long " * 40
-    cfg = _chat_cfg(_write_chat(tmp_path / "c.jsonl", rows))
+    cfg = chat_cfg(write_chat(tmp_path / "c.jsonl", rows))
     tok = ByteTokenizer()
     store = load_documents(cfg, tok)
     j = int(np.argmax(store.lengths))
@@ -216,10 +173,10 @@ def test_overflow_truncates_or_drops_and_reports(tmp_path, caplog):
 
 
 def test_bad_conversations_are_skipped_and_counted(tmp_path):
-    rows = _conversations(4) + [{"messages": [{"role": "robot", "content": "x"}]},
+    rows = chat_conversations(4) + [{"messages": [{"role": "robot", "content": "x"}]},
                                 {"messages": [{"role": "user", "content": "no answer"}]}, {"messages": "hi"},
                                 {"messages": []}]
-    store = load_documents(_chat_cfg(_write_chat(tmp_path / "c.jsonl", rows)), ByteTokenizer())
+    store = load_documents(chat_cfg(write_chat(tmp_path / "c.jsonl", rows)), ByteTokenizer())
     assert store.num_documents == 4 and store.num_bad_lines == 4
     assert "role 'robot'" in store.bad_lines[0] and "no assistant message" in store.bad_lines[1]
     assert store.bad_lines[2].endswith("non-empty list, got str") and store.bad_lines[3].endswith("got []")
@@ -229,7 +186,7 @@ def test_bad_conversations_are_skipped_and_counted(tmp_path):
                          ids=["empty", "all_skipped"])
 def test_no_usable_conversation_is_named_as_such(tmp_path, rows):
     """It was blamed on the length (raise seq_len or truncate), which chat_overflow = "truncate" already is."""
-    cfg = _chat_cfg(_write_chat(tmp_path / "c.jsonl", rows))
+    cfg = chat_cfg(write_chat(tmp_path / "c.jsonl", rows))
     with pytest.raises(DataError, match="no conversations to train on .*every record was skipped"):
         build_dataloader(cfg, ByteTokenizer(), 64, 1)
 
@@ -238,22 +195,22 @@ def test_hf_dataset_with_a_custom_messages_column(tmp_path, monkeypatch):
     import datasets
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")  # load_dataset's cache
-    rows = _conversations(6)
+    rows = chat_conversations(6)
     datasets.Dataset.from_list([{"conv": r["messages"]} for r in rows]).save_to_disk(str(tmp_path / "ds"))
     (tmp_path / "pq").mkdir()  # data files, not a saved dataset: were refused as "no jsonl files found"
     datasets.Dataset.from_list([{"conv": r["messages"]} for r in rows]).to_parquet(str(tmp_path / "pq" / "a.parquet"))
-    jsonl = load_documents(_chat_cfg(_write_chat(tmp_path / "c.jsonl", rows)), ByteTokenizer())
+    jsonl = load_documents(chat_cfg(write_chat(tmp_path / "c.jsonl", rows)), ByteTokenizer())
     for hf in ("ds", "pq"):
-        store = load_documents(_chat_cfg(tmp_path / hf, messages_key="conv"), ByteTokenizer())
+        store = load_documents(chat_cfg(tmp_path / hf, messages_key="conv"), ByteTokenizer())
         assert np.array_equal(store.tokens[0], jsonl.tokens[0]) and np.array_equal(store.targets[0], jsonl.targets[0])
     with pytest.raises(DataError, match=r"no column data\.messages_key='messages' \(columns: \['conv'\]\)"):
-        load_documents(_chat_cfg(tmp_path / "ds"), ByteTokenizer())  # was named data.text_key
+        load_documents(chat_cfg(tmp_path / "ds"), ByteTokenizer())  # was named data.text_key
 
 
 def test_chat_loader_resumes_and_shards(tmp_path):
-    path = _write_chat(tmp_path / "c.jsonl", _conversations(40))
+    path = write_chat(tmp_path / "c.jsonl", chat_conversations(40))
     tok = ByteTokenizer()
-    cfg = _chat_cfg(path)
+    cfg = chat_cfg(path)
     a = build_dataloader(cfg, tok, 64, 2, seed=5)
     for _ in range(3):
         a.next_batch()
@@ -268,7 +225,7 @@ def test_chat_loader_resumes_and_shards(tmp_path):
     assert torch.equal(one[1], torch.cat([h[1] for h in halves]))
 
 
-# ------------------------------------------------------------------ loss normalisation
+# ------------------------------------------------------------------ loss normalization
 
 BASE = ["--training.steps=2", "--training.seq_len=64", "--training.global_batch_size=4",
         "--checkpoint.enable=false", "--metrics.log_freq=1", "--metrics.device_peak_flops=1e11",
@@ -282,7 +239,7 @@ def _trainer(folder, data, extra):
 def test_loss_and_grads_are_those_of_one_big_batch(tmp_path):
     """Grad accumulation 4 over micro-batches with different target counts gives the loss and the
     gradients of the whole step's batch in one forward: sum of CE over targets / number of targets."""
-    data = _write_chat(tmp_path / "c.jsonl", _conversations(24))
+    data = write_chat(tmp_path / "c.jsonl", chat_conversations(24))
     trainer = _trainer(tmp_path / "run", data, ["--training.local_batch_size=1", "--moe.aux_loss_coeff=0"])
     assert trainer.grad_accum == 4
     counts = [int((trainer.dataloader.row(g)[1] != -100).sum()) for g in range(4)]
@@ -318,7 +275,7 @@ def _losses(folder):
 def test_fsdp2_with_grad_accumulation_equals_single_process(tmp_path):
     """2 ranks x local batch 1 x accumulation 2, uneven target counts per rank and micro-batch: the
     same losses and weights as one process with accumulation 4."""
-    data = _write_chat(tmp_path / "c.jsonl", _conversations(24))
+    data = write_chat(tmp_path / "c.jsonl", chat_conversations(24))
     single = torch.load(io.BytesIO(_train_and_gather(0, 1, tmp_path / "one", data, ["--training.local_batch_size=1"])))
     two = torch.load(io.BytesIO(run_ranks(_train_and_gather, 2, tmp_path / "two", data,
                                           ["--training.local_batch_size=1", "--parallelism.dp_shard=2"])[0]))

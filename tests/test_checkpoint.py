@@ -9,33 +9,17 @@ import time
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 
-from moonlight import ModelArgs, Moonlight
+from moonlight import ModelArgs
 from moonlight.checkpoint.export import export_hf
 from moonlight.checkpoint.format import list_checkpoints, read_meta
 from moonlight.checkpoint.state import Checkpointer
 from moonlight.errors import CheckpointError, CheckpointSaveError
-from moonlight.train.config import CheckpointSection
-from moonlight.train.optim import build_optimizers
 from moonlight.train.schedule import build_lr_scheduler
 from moonlight.train.build import load_initial_weights
 from tests.dist import run_ranks
-
-ARGS = ModelArgs.preset("debug", kernels="torch")
-STEPS = 8
-
-
-class FakeLoader:
-    def __init__(self):
-        self.consumed = 0
-
-    def state_dict(self):
-        return {"consumed_sequences": self.consumed}
-
-    def load_state_dict(self, s):
-        self.consumed = int(s["consumed_sequences"])
+from tests.helpers import (ARGS, STEPS, FakeLoader, assert_sd_equal, build, build_opt, cfg, flat_optim, fsdp_wrap,
+                           full_sd, pack_state, train)
 
 
 class Counter:  # an extra_states entry
@@ -47,61 +31,6 @@ class Counter:  # an extra_states entry
 
     def load_state_dict(self, s):
         self.n = s["n"]
-
-
-def build(optim="adamw", seed=0, args=ARGS):
-    torch.manual_seed(seed)
-    model = Moonlight(args)
-    model.init_weights()
-    return (model,) + build_opt(model, optim)
-
-
-def build_opt(model, optim="adamw"):
-    opts = build_optimizers(model.named_parameters(), optim, lr=1e-2, ns_dtype=torch.float32)
-    return opts, build_lr_scheduler(opts, warmup_steps=2, total_steps=STEPS)
-
-
-def train(model, opts, scheds, loader, steps, seed=1):
-    g = torch.Generator().manual_seed(seed)  # data: differs per data-parallel rank
-    gb = torch.Generator().manual_seed(123)  # bias update: from all-reduced loads, the same on every rank
-    for _ in range(steps):
-        tokens = torch.randint(0, ARGS.vocab_size, (2, 17), generator=g)
-        logits = model(tokens[:, :-1])
-        F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten()).backward()
-        opts.step()
-        opts.zero_grad()
-        scheds.step()
-        if loader is not None:
-            loader.consumed += 4
-        with torch.no_grad():  # stand-in for the aux-loss-free bias update
-            for moe in model.moe_layers():
-                moe.router.expert_bias.add_(torch.randn(moe.router.expert_bias.shape, generator=gb) * 1e-2)
-
-
-def cfg(**kw):
-    return CheckpointSection(enable=True, **{"interval": 1, "keep_latest_k": 0, **kw})
-
-
-def full_sd(model):
-    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
-            for k, v in model.state_dict().items()}
-
-
-def flat_optim(model, opts):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    sd = get_optimizer_state_dict(model, opts.optimizers,
-                                  options=StateDictOptions(flatten_optimizer_state_dict=True))
-    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in sd.items()}
-
-
-def assert_sd_equal(a, b):
-    assert set(a) == set(b), (set(a) ^ set(b))
-    for k in a:
-        if isinstance(a[k], torch.Tensor):
-            assert torch.equal(a[k], b[k]), k
-        else:
-            assert a[k] == b[k], k
 
 
 # --------------------------------------------------------------------------------- one process
@@ -362,43 +291,23 @@ def _fake_step(parts, opts, seed=0):
 # ---------------------------------------------------------------------------------- multi-rank
 
 
-def _pack(obj):
-    """Tensors cross the harness queue as bytes (torch's shared-memory pickling needs the sender alive)."""
-    import io
-
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
 def _unpack(results):
     import io
 
     return [torch.load(io.BytesIO(r), weights_only=False) for r in results]
 
 
-def _fsdp(model):
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    for block in model.layers.values():
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
-
-
 def _fsdp_save_worker(rank, world, folder):
-    model = _fsdp(build()[0])
+    model = fsdp_wrap(build()[0])
     opts, scheds = build_opt(model)
     loader = FakeLoader()
     train(model, opts, scheds, loader, 2, seed=1 + rank)  # different data per rank, as in DP
     Checkpointer(cfg(), folder, [model], opts, scheds, loader, layout={"dp_shard": world}).save(2)
-    return _pack((full_sd(model), flat_optim(model, opts), torch.rand(3)))
+    return pack_state((full_sd(model), flat_optim(model, opts), torch.rand(3)))
 
 
 def _fsdp_load_worker(rank, world, folder, hf_out, hf_in):
-    model = _fsdp(build(seed=11)[0])
+    model = fsdp_wrap(build(seed=11)[0])
     opts, scheds = build_opt(model)
     loader = FakeLoader()
     ck = Checkpointer(cfg(), folder, [model], opts, scheds, loader)
@@ -407,10 +316,10 @@ def _fsdp_load_worker(rank, world, folder, hf_out, hf_in):
                consumed=loader.consumed, lr=scheds.get_last_lr())
     export_hf([model], hf_out)
     # initial HF load into sharded parameters
-    fresh = _fsdp(build(seed=12)[0])
+    fresh = fsdp_wrap(build(seed=12)[0])
     load_initial_weights(Checkpointer(cfg(folder="fresh"), folder, [fresh], None, None, None), hf_in)
     out["hf_loaded"] = full_sd(fresh)
-    return _pack(out)
+    return pack_state(out)
 
 
 def test_fsdp2_two_ranks_to_one_and_back(tmp_path):
@@ -440,9 +349,9 @@ def test_fsdp2_two_ranks_to_one_and_back(tmp_path):
         assert_sd_equal(r["model"], full_sd(model))
         assert_sd_equal(r["optim"], flat_optim(model, opts))
         assert_sd_equal(r["hf_loaded"], full_sd(model))
-    from tests.test_convert import _read_all
+    from tests.helpers import read_safetensors_dir
 
-    assert_sd_equal(_read_all(tmp_path / "hf_out"), _read_all(hf_in))
+    assert_sd_equal(read_safetensors_dir(tmp_path / "hf_out"), read_safetensors_dir(hf_in))
     again = _unpack(run_ranks(_fsdp_save_worker, 2, str(tmp_path / "c")))
     reload = _unpack(run_ranks(_fsdp_load_worker, 2, str(tmp_path / "c"), str(tmp_path / "hf_c"), str(hf_in)))
     for r in range(2):
@@ -457,7 +366,7 @@ def _pp_save_worker(rank, world, folder, hf_out):
     ck = Checkpointer(cfg(), folder, [part], opts, scheds, None, layout={"pp": 2})
     ck.save(1)
     export_hf([part], hf_out)
-    return _pack((full_sd(part), flat_optim(part, opts)))
+    return pack_state((full_sd(part), flat_optim(part, opts)))
 
 
 def test_pipeline_stages_on_two_ranks_to_one(tmp_path):

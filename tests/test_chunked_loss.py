@@ -1,4 +1,4 @@
-"""The chunked cross-entropy from hidden states equals the plain loss on materialised logits."""
+"""The chunked cross-entropy from hidden states equals the plain loss on materialized logits."""
 
 import pytest
 import torch

@@ -88,7 +88,8 @@ def test_compiled_fsdp_steps_equal_eager(tmp_path, layout):
 def test_compile_with_op_level_checkpointing_is_refused_with_the_fix(tmp_path):
     from moonlight.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="training.compile = true does not work with activation_checkpoint.mode = 'op'"):
+    with pytest.raises(ConfigError,
+                       match="training.compile = true does not work with activation_checkpoint.mode = 'op'"):
         load_config("train.toml", BASE + [f"--job.dump_folder={tmp_path}", "--training.compile=true",
                                           "--activation_checkpoint.mode=op"]).validate()
 
@@ -115,7 +116,8 @@ def test_every_block_compiles_as_one_graph(packed):
     packing = {}
     if packed:
         documents = torch.tensor([[0] * 10 + [1] * 14, [0] * 24])
-        packing = {"document_ids": documents, "positions": torch.cat([torch.arange(10), torch.arange(14)]).expand(2, 24)}
+        positions = torch.cat([torch.arange(10), torch.arange(14)]).expand(2, 24)
+        packing = {"document_ids": documents, "positions": positions}
     outs = []
     for model in (eager, compiled):
         logits = model(tokens, **packing)

@@ -97,8 +97,8 @@ def test_context_parallel_model_equals_whole_sequence(cp, documents):
 
 def test_context_parallel_without_positions_is_refused():
     """A slice's tokens are not positions 0..S-1: without the global positions RoPE would be wrong."""
-    from moonlight.parallel.context import ContextParallelSequence
+    from moonlight.parallel.context import ContextParallelKeyExchange
 
     latent, k_pe, cos = torch.zeros(1, 4, 8), torch.zeros(1, 4, 4), torch.ones(4, 2)
     with pytest.raises(ValueError, match="context parallel needs each token's global RoPE position"):
-        ContextParallelSequence(None, 2, 0).gather_keys(latent, k_pe, cos, cos, "torch")
+        ContextParallelKeyExchange(None, 2, 0).gather_keys(latent, k_pe, cos, cos, "torch")

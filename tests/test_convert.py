@@ -6,25 +6,16 @@ import os
 import pytest
 import torch
 import transformers
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from moonlight import ModelArgs
+from moonlight import ModelArgs, convert
 from moonlight.config import ConfigError
 from moonlight.errors import CheckpointError
 from moonlight.hf import load_hf, save_hf
 from moonlight.model import Moonlight
 from moonlight.parallel.load import load_hf_sharded
 from tests.hf_reference import make_hf_model
-
-
-def _read_all(path):
-    out = {}
-    for name in sorted(os.listdir(path)):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(path, name), "pt") as f:
-                out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
+from tests.helpers import read_safetensors_dir
 
 
 @pytest.fixture
@@ -41,7 +32,7 @@ def test_save_load_round_trip_is_bit_exact_and_sharded(hf_dir, tmp_path):
     save_hf(model, out, max_shard_size="200KB")
     shards = [n for n in os.listdir(out) if n.endswith(".safetensors")]
     assert len(shards) > 1 and os.path.exists(out / "model.safetensors.index.json")
-    original, exported = _read_all(hf_dir), _read_all(out)
+    original, exported = read_safetensors_dir(hf_dir), read_safetensors_dir(out)
     assert set(exported) == set(original)
     for k, v in original.items():
         assert exported[k].dtype == v.dtype and torch.equal(exported[k], v), k
@@ -61,7 +52,7 @@ def test_transformers_loads_export_with_same_logits(hf_dir, tmp_path):
 
 def test_bf16_export_keeps_router_bias_fp32(hf_dir, tmp_path):
     save_hf(load_hf(hf_dir, kernels="torch"), tmp_path / "bf16", dtype=torch.bfloat16)
-    tensors = _read_all(tmp_path / "bf16")
+    tensors = read_safetensors_dir(tmp_path / "bf16")
     assert tensors["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
     assert tensors["model.layers.1.mlp.experts.3.up_proj.weight"].dtype == torch.bfloat16
     with open(tmp_path / "bf16" / "config.json") as f:
@@ -112,7 +103,7 @@ def test_unsupported_config_fields_are_rejected(change, match):
 
 
 def _rewrite(src, dst, edit):
-    tensors = _read_all(src)
+    tensors = read_safetensors_dir(src)
     edit(tensors)
     os.makedirs(dst)
     save_file(tensors, os.path.join(dst, "model.safetensors"))
@@ -173,3 +164,51 @@ def test_save_refuses_to_overwrite(hf_dir, tmp_path):
     with pytest.raises(CheckpointError, match="exists and is not empty"):
         save_hf(model, tmp_path / "out")
     assert (tmp_path / "out" / "keep.txt").exists()
+
+
+def _hf_args(hf_model):
+    return ModelArgs.from_hf_config({**hf_model.config.to_diff_dict(), "architectures": ["DeepseekV3ForCausalLM"]},
+                                    kernels="torch")
+
+
+def _assert_bitwise_equal(got, expected):
+    assert list(got) == list(expected) or sorted(got) == sorted(expected)
+    for key, tensor in expected.items():
+        assert got[key].dtype == tensor.dtype and torch.equal(got[key], tensor), key
+
+
+@pytest.mark.parametrize("variant", ["moonlight", "q_lora", "one_shared_odd_dims"])
+def test_transformers_state_dict_round_trips_in_memory_bit_for_bit(variant):
+    """transformers' DeepseekV3ForCausalLM.state_dict() (fused experts) -> a native model -> back."""
+    hf = make_hf_model(variant, seed=0, dtype=torch.float32)
+    expected, args = hf.state_dict(), _hf_args(hf)
+    model = Moonlight(args)
+    model.load_state_dict(convert.from_hf_state_dict(expected, args))
+    _assert_bitwise_equal(convert.to_hf_state_dict(model.state_dict(), args), expected)
+    hf2 = make_hf_model(variant, seed=1, dtype=torch.float32)
+    hf2.load_state_dict(convert.to_hf_state_dict(model.state_dict(), args))  # transformers takes it back
+    _assert_bitwise_equal(hf2.state_dict(), expected)
+
+
+def test_state_dict_conversion_streams_and_reads_the_file_layout(hf_dir):
+    """Iterators convert as streams of pairs; the per-expert layout is what save_pretrained writes."""
+    files = read_safetensors_dir(hf_dir)
+    args = ModelArgs.from_hf_config(hf_dir)
+    native = convert.from_hf_state_dict(files, args)
+    streamed = convert.from_hf_state_dict(iter(files.items()), args)
+    assert not isinstance(streamed, dict)
+    _assert_bitwise_equal(dict(streamed), native)
+    _assert_bitwise_equal(convert.to_hf_state_dict(native, args, fused_experts=False), files)
+    _assert_bitwise_equal(dict(convert.to_hf_state_dict(iter(native.items()), args, fused_experts=False)), files)
+    _assert_bitwise_equal(native, load_hf(hf_dir, kernels="torch").state_dict())
+
+
+def test_state_dict_conversion_names_bad_keys():
+    hf = make_hf_model("moonlight", seed=0, dtype=torch.float32)
+    sd, args = hf.state_dict(), _hf_args(hf)
+    with pytest.raises(CheckpointError, match="no native name is known for Hugging Face key 'extra.weight'"):
+        convert.from_hf_state_dict({**sd, "extra.weight": torch.zeros(1)}, args)
+    missing = dict(sd)
+    del missing["model.layers.1.mlp.experts.down_proj"]
+    with pytest.raises(CheckpointError, match="missing 1 key.*layers.1.ffn.experts.down_proj"):
+        convert.from_hf_state_dict(missing, args)

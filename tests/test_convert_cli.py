@@ -17,7 +17,7 @@ from moonlight.checkpoint.state import Checkpointer
 from moonlight.train.build import load_initial_weights
 from moonlight.train.config import CheckpointSection
 from tests.hf_reference import make_hf_model
-from tests.test_convert import _read_all
+from tests.helpers import read_safetensors_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,7 +30,7 @@ def hf_dir(tmp_path_factory):
 
 
 def _same(a, b):
-    ta, tb = _read_all(a), _read_all(b)
+    ta, tb = read_safetensors_dir(a), read_safetensors_dir(b)
     assert set(ta) == set(tb)
     for k in ta:
         assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k
@@ -56,7 +56,7 @@ def test_bf16_round_trip_keeps_dtypes(tmp_path):
     main(["dcp-to-hf", "--dcp", str(tmp_path / "dcp"), "--out", str(tmp_path / "hf")])
     _same(src, tmp_path / "hf")
     main(["dcp-to-hf", "--dcp", str(tmp_path / "dcp"), "--out", str(tmp_path / "f32"), "--dtype", "float32"])
-    t = _read_all(tmp_path / "f32")
+    t = read_safetensors_dir(tmp_path / "f32")
     assert t["model.layers.1.mlp.experts.0.up_proj.weight"].dtype == torch.float32
 
 
@@ -169,11 +169,11 @@ def test_outputs_get_the_umask_modes_not_the_temporary_ones(hf_dir, tmp_path):
     old = os.umask(0o027)
     try:  # the umask is read by moonlight.outputs at import: run the writers in a fresh process
         code = ("import sys; from moonlight.convert import main; from moonlight.hf import load_hf, save_hf; "
-                "from moonlight.hf_peft import save_peft_adapter; from tests.test_hf_peft import _lora_model; "
+                "from moonlight.hf_peft import save_peft_adapter; from tests.helpers import lora_model; "
                 "d = sys.argv[1]; main(['hf-to-dcp', '--hf', sys.argv[2], '--out', d + '/dcp']); "
                 "main(['dcp-to-hf', '--dcp', d + '/dcp', '--out', d + '/hf']); "
                 "m = load_hf(sys.argv[2]); save_hf(m, d + '/sharded', max_shard_size='100KB'); "
-                "save_peft_adapter(_lora_model(m.args, True), m.args, {'rank': 4, 'alpha': 8.0, 'dora': True}, "
+                "save_peft_adapter(lora_model(m.args, True), m.args, {'rank': 4, 'alpha': 8.0, 'dora': True}, "
                 "d + '/adapter')")
         subprocess.run([sys.executable, "-c", code, str(tmp_path), str(hf_dir)], check=True, cwd=REPO)
     finally:

@@ -1,11 +1,8 @@
 """Tokenizers and the packed data pipeline: formats, sharding, resume, malformed input."""
 
-import base64
 import json
 import logging
 import os
-import random
-import struct
 
 import numpy as np
 import pytest
@@ -17,35 +14,9 @@ from moonlight.data.loader import build_dataloader, load_documents
 from moonlight.data.documents import BadLineError
 from moonlight.data.megatron import MegatronIndexedDataset, MegatronIndexedWriter, build_megatron_from_jsonl
 from moonlight.data.tokenizer import ByteTokenizer, build_tokenizer
+from tests.helpers import all_sequences, data_cfg, make_docs, make_tiktoken_dir, mmididx_bytes, write_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def make_docs(n=40, seed=0):
-    rng = random.Random(seed)
-    words = ["the", "model", "routes", "tokens", "to", "experts", "héllo", "中文", "naïve", "Ω", "\n", "  "]
-    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 60))) for _ in range(n)]
-    docs[3] = ""  # empty documents are dropped by every format
-    return docs
-
-
-def write_jsonl(path, docs, key="text"):
-    with open(path, "w", encoding="utf-8") as f:
-        for d in docs:
-            f.write(json.dumps({key: d, "id": 1}, ensure_ascii=False) + "\n")
-    return str(path)
-
-
-def data_cfg(path, fmt="jsonl", **kw):
-    cfg = DataSection(format=fmt, path=str(path))
-    for k, v in kw.items():
-        setattr(cfg, k, v)
-    return cfg
-
-
-def all_sequences(loader, n=None):
-    n = loader.sequences_per_epoch if n is None else n
-    return np.stack([loader.sequence(g)[0] for g in range(n)])
 
 
 # ------------------------------------------------------------------ tokenizers
@@ -62,26 +33,6 @@ def test_byte_tokenizer():
     assert tok.decode([256] + ids + [257]) == "[BOS]" + text + "[EOS]"
     assert tok.decode([256] + ids + [257], skip_special_tokens=True) == text
     assert tok.encode_batch(["a", "bc"]) == [[97], [98, 99]]
-
-
-def make_tiktoken_dir(tmp_path, with_config=False):
-    ranks = [bytes([i]) for i in range(256)]
-    ranks += [b"th", b"he", b"the", b" the", b"in", b"ing", b"er", b" t", "中文".encode(), b"ex", b"per", b"ts"]
-    d = tmp_path / "tik"
-    d.mkdir()
-    with open(d / "tiktoken.model", "w") as f:
-        for r, t in enumerate(ranks):
-            f.write(f"{base64.b64encode(t).decode()} {r}\n")
-    if with_config:
-        n = len(ranks)
-        cfg = {
-            "bos_token": "<|bos|>",
-            "eos_token": {"content": "<|eos|>"},
-            "added_tokens_decoder": {str(n): {"content": "<|bos|>"}, str(n + 1): {"content": "<|eos|>"},
-                                     str(n + 2): {"content": "<|im_end|>"}},
-        }
-        (d / "tokenizer_config.json").write_text(json.dumps(cfg))
-    return d, len(ranks)
 
 
 def test_tiktoken_tokenizer_tiny_model(tmp_path):
@@ -227,16 +178,6 @@ def test_every_format_gives_the_same_stream(tmp_path, hf_cache):
         load_documents(data_cfg(tmp_path / "hf_dict", "hf", split="test"), tok)
     with pytest.raises(ValueError, match="no column"):
         load_documents(data_cfg(tmp_path / "hf_disk", "hf", text_key="body"), tok)
-
-
-def mmididx_bytes(lengths, pointers, doc_idx, dtype_code):
-    """A Megatron-LM MMIDIDX .idx file, byte for byte as its MMapIndexedDataset writes it: magic, version 1,
-    dtype code (8 = uint16, 4 = int32), sequence count, document-index count, int32 sequence lengths,
-    int64 byte pointers into .bin, int64 document indices."""
-    return (b"MMIDIDX\x00\x00" + struct.pack("<Q", 1) + struct.pack("<B", dtype_code)
-            + struct.pack("<Q", len(lengths)) + struct.pack("<Q", len(doc_idx))
-            + np.array(lengths, dtype=np.int32).tobytes() + np.array(pointers, dtype=np.int64).tobytes()
-            + np.array(doc_idx, dtype=np.int64).tobytes())
 
 
 def test_megatron_reader_against_hand_written_index(tmp_path):

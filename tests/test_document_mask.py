@@ -99,9 +99,9 @@ LAYOUT_BASE = ["--training.steps=2", "--training.seq_len=64", "--training.global
 
 
 def _chat_file(folder):
-    from tests.test_chat import _conversations, _write_chat
+    from tests.helpers import chat_conversations, write_chat
 
-    return _write_chat(folder / "chat.jsonl", _conversations(24))
+    return write_chat(folder / "chat.jsonl", chat_conversations(24))
 
 
 def _train_losses(rank, world_size, folder, extra):
@@ -218,7 +218,7 @@ def test_packed_forward_reads_nothing_back_from_the_device(monkeypatch):
     standing in for CUDA: it takes the varlen kernel) with the ids on the host reads nothing back from
     that device; with the ids on the device the documents' bounds would be read back."""
     import moonlight.model.model as model_module
-    from tests.test_moe_sync import host_syncs, recording_host_syncs
+    from tests.helpers import host_syncs, recording_host_syncs
 
     monkeypatch.setattr(DocumentMask, "varlen_devices", ("meta",))
     calls = []
@@ -256,7 +256,7 @@ def test_packed_documents_add_no_host_sync_on_cuda():
     packed = {"positions": positions.cuda(), "document_ids": documents}
 
     def syncs(**packing):
-        model(tokens, labels=tokens, **packing).backward()  # warm-up: lazy initialisation may sync
+        model(tokens, labels=tokens, **packing).backward()  # warm-up: lazy initialization may sync
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("warn")
         try:

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = ["--training.steps=2", "--lr_scheduler.warmup_steps=0", "--training.seq_len=32",
          "--training.global_batch_size=2", "--training.local_batch_size=1", "--metrics.device_peak_flops=1e11"]

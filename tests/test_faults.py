@@ -38,7 +38,7 @@ from moonlight.train.metrics import MetricsLogger
 from moonlight.data.tokenizer import build_tokenizer
 from moonlight.train.trainer import Trainer
 from tests.hf_reference import make_hf_model
-from tests.test_checkpoint import FakeLoader, build, cfg, full_sd
+from tests.helpers import FakeLoader, build, cfg, full_sd
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SMALL = ["--training.seq_len=32", "--training.global_batch_size=4", "--training.local_batch_size=2",
@@ -219,10 +219,10 @@ def _record_hashed_files():
 
 
 def _two_rank_save(rank, world, folder):
-    from tests.test_checkpoint import _fsdp, build_opt
+    from tests.helpers import fsdp_wrap, build_opt
 
     seen = _record_hashed_files()
-    model = _fsdp(build()[0])
+    model = fsdp_wrap(build()[0])
     opts, scheds = build_opt(model)
     ckpt = Checkpointer(cfg(), folder, [model], opts, scheds, FakeLoader())
     for s in (1, 2):
@@ -234,10 +234,10 @@ def _two_rank_save(rank, world, folder):
 
 
 def _two_rank_load(rank, world, folder):
-    from tests.test_checkpoint import _fsdp, build_opt
+    from tests.helpers import fsdp_wrap, build_opt
 
     seen = _record_hashed_files()
-    model = _fsdp(build(seed=7)[0])
+    model = fsdp_wrap(build(seed=7)[0])
     opts, scheds = build_opt(model)
     return Checkpointer(cfg(), folder, [model], opts, scheds, FakeLoader()).load(), seen
 
@@ -557,8 +557,8 @@ def test_hf_checkpoint_files_are_checked_at_open(tmp_path, hf_dir):
 
 def test_text_inputs_are_checked_and_name_the_file(tmp_path):
     """Fault: a truncated .jsonl.gz, an invalid tokenizer.json, tiktoken.model or tokenizer_config.json
-    raised raw library errors, so did an unreadable jsonl file; tiktoken served a replaced tiktoken.model's old ranks; a lone surrogate in
-    a JSON line crashed the tokenizer instead of honouring data.on_bad_line."""
+    raised raw library errors, so did an unreadable jsonl file; tiktoken served a replaced tiktoken.model's
+    old ranks; a lone surrogate in a JSON line crashed the tokenizer instead of honouring data.on_bad_line."""
     gz = tmp_path / "docs.jsonl.gz"
     data = gzip.compress(b"".join(json.dumps({"text": f"document {i} " * 50}).encode() + b"\n" for i in range(200)))
     gz.write_bytes(data[: len(data) // 2])
@@ -1161,13 +1161,14 @@ def test_conversions_refuse_to_write_nan_or_an_overflowing_cast(tmp_path, hf_dir
 def test_generate_stops_on_non_finite_logits(temperature):
     """Fault: generate on a NaN weight printed token 0 (NUL bytes) and exited 0, or a torch traceback."""
     from moonlight.generate import generate
-    from tests.test_generate import _tiny_args
+    from tests.helpers import tiny_args
 
-    model = Moonlight(_tiny_args())
+    model = Moonlight(tiny_args())
     model.init_weights(std=0.1)
     with torch.no_grad():
         model.norm.weight[0] = float("nan")
-    with pytest.raises(NonFiniteError, match=r"logits are NaN/Inf \(within the first 1 generated tokens\): its weights hold"):
+    with pytest.raises(NonFiniteError,
+                       match=r"logits are NaN/Inf \(within the first 1 generated tokens\): its weights hold"):
         generate(model, torch.tensor([[3, 4, 5]]), 4, temperature=temperature)
 
 
@@ -1180,10 +1181,10 @@ def test_generate_stops_on_non_finite_logits(temperature):
 def test_a_hostile_chat_template_ends_in_one_error_naming_its_folder(tmp_path, monkeypatch, template, match):
     """Fault: nested range loops in chat_template rendered for hours; a sandbox refusal was a jinja traceback."""
     from moonlight.data import chat
-    from tests.test_chat import MULTI_TURN, _tiktoken_dir
+    from tests.helpers import MULTI_TURN, chat_tiktoken_dir
 
     monkeypatch.setattr(chat, "RENDER_SECONDS", 0.2)
-    folder = _tiktoken_dir(tmp_path, template)
+    folder = chat_tiktoken_dir(tmp_path, template)
     start = time.monotonic()
     with pytest.raises(DataError, match=rf"the chat_template of {folder}/tokenizer_config.json {match}"):
         chat.load_chat_template(str(folder), build_tokenizer(str(folder))).encode(MULTI_TURN)
@@ -1230,10 +1231,11 @@ def test_a_seed_out_of_range_is_a_config_error(seed):
 def test_a_lora_checkpoint_resumed_without_lora_or_on_another_base_names_the_setting(tmp_path):
     """Fault: resuming a LoRA run without lora.enable said "a different model?"; on another base, only a warning."""
     from moonlight.checkpoint.export import export_hf
-    from tests.test_lora import _cfg, _model
+    from tests.helpers import lora_test_model
+    from tests.helpers import lora_cfg as _cfg
 
-    export_hf([_model(seed=7)], tmp_path / "base")
-    export_hf([_model(seed=8)], tmp_path / "other")
+    export_hf([lora_test_model(seed=7)], tmp_path / "base")
+    export_hf([lora_test_model(seed=8)], tmp_path / "other")
     run = ["--training.steps=2", "--checkpoint.enable=true", "--checkpoint.interval=2"]
     Trainer(_cfg(tmp_path / "run", *run, f"--checkpoint.initial_load_hf={tmp_path / 'base'}")).train()
     more = [*run, "--training.steps=4"]
@@ -1275,7 +1277,7 @@ def test_a_file_of_mostly_unusable_records_is_an_error_naming_the_cause(tmp_path
 def test_too_little_data_after_skipping_names_the_first_skipped_record(tmp_path):
     """Fault: a small file under the wrong text_key ended in "0 tokens ..." without the cause."""
     from moonlight.data.loader import build_dataloader
-    from tests.test_data import data_cfg
+    from tests.helpers import data_cfg
 
     (tmp_path / "a.jsonl").write_text("".join(json.dumps({"body": "x" * 50}) + "\n" for _ in range(3)))
     with pytest.raises(DataError, match=r"0 tokens in 0 documents .* \(3 malformed record\(s\) skipped, first: "
@@ -1291,7 +1293,8 @@ def test_data_that_is_read_twice_or_has_nothing_to_learn_is_warned_about(tmp_pat
     """Fault: x.jsonl beside x.jsonl.gz was read twice; all-empty assistant turns trained silently."""
     from moonlight.data.documents import expand_paths
     from moonlight.data.loader import load_documents
-    from tests.test_chat import _chat_cfg, _write_chat
+    from tests.helpers import chat_cfg
+    from tests.helpers import write_chat as _write_chat
 
     (tmp_path / "x.jsonl").write_text('{"text": "a"}\n')
     (tmp_path / "x.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a"}\n'))
@@ -1302,7 +1305,7 @@ def test_data_that_is_read_twice_or_has_nothing_to_learn_is_warned_about(tmp_pat
     caplog.clear()
     rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply}]}
             for reply in ("", " ", "\n", "yo")]
-    load_documents(_chat_cfg(_write_chat(tmp_path / "c.jsonl", rows)), build_tokenizer("byte"))
+    load_documents(chat_cfg(_write_chat(tmp_path / "c.jsonl", rows)), build_tokenizer("byte"))
     assert any("3 of 4 conversations in" in m and "have only empty assistant turns" in m for m in _warnings(caplog))
 
 
@@ -1310,8 +1313,8 @@ def test_megatron_files_with_eos_appended_or_another_tokenizer_are_warned_about(
     """Fault: prepare_data --append-eos then add_eos = true doubled every EOS; another tokenizer went unnoticed."""
     from moonlight.data.loader import build_dataloader
     from moonlight.data.megatron import build_megatron_from_jsonl
-    from tests.test_chat import _tiktoken_dir
-    from tests.test_data import data_cfg
+    from tests.helpers import chat_tiktoken_dir
+    from tests.helpers import data_cfg
 
     (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": f"document {i} " * 5}) + "\n" for i in range(20)))
     byte = build_tokenizer("byte")
@@ -1325,7 +1328,7 @@ def test_megatron_files_with_eos_appended_or_another_tokenizer_are_warned_about(
                                  "(prepare_data --append-eos?) and data.add_eos = true adds another to each: set it "
                                  "to false"]
     caplog.clear()
-    other = build_tokenizer(str(_tiktoken_dir(tmp_path, "")))
+    other = build_tokenizer(str(chat_tiktoken_dir(tmp_path, "")))
     build_dataloader(data_cfg(tmp_path / "tok", fmt="megatron", add_eos=False), other, 8, 1)
     assert _warnings(caplog) == [f"data: 1 of 1 Megatron file(s) in {tmp_path / 'tok'} were tokenised with another "
                                  f"tokenizer than data.tokenizer (e.g. {tmp_path / 'tok'}): their token ids mean "

@@ -8,12 +8,13 @@ import pytest
 import torch
 import transformers
 
-from moonlight import ModelArgs, Moonlight
+from moonlight import Moonlight
 from moonlight.hf import load_hf, save_hf
 from moonlight.generate import (LatentCache, cache_bytes_per_token, decode, generate, main, pad_left,
                                 per_head_kv_bytes_per_token, prefill, sample_next)
 from tests.hf_reference import make_hf_model, min_topk_gap
-from tests.test_data import make_tiktoken_dir
+from tests.helpers import make_tiktoken_dir
+from tests.helpers import tiny_args
 
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [20, 21, 22, 23, 24]]
 NEW = 10
@@ -59,17 +60,10 @@ def test_greedy_equals_transformers_generate_on_a_left_padded_batch(hf_and_ours)
     assert (out[0, ids.shape[1] + 2:] == eos).all()
 
 
-def _tiny_args(**overrides):
-    return ModelArgs(**{**dict(vocab_size=64, hidden_size=48, intermediate_size=64, moe_intermediate_size=24,
-                               num_hidden_layers=3, num_attention_heads=3, kv_lora_rank=16, qk_nope_head_dim=8,
-                               qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=6, num_experts_per_tok=2,
-                               n_shared_experts=1, kernels="torch"), **overrides})
-
-
 @pytest.mark.parametrize("q_lora_rank", [None, 20])
 def test_cached_logits_equal_full_recompute_at_every_step(q_lora_rank):
     torch.manual_seed(0)
-    model = Moonlight(_tiny_args(q_lora_rank=q_lora_rank))
+    model = Moonlight(tiny_args(q_lora_rank=q_lora_rank))
     model.init_weights(std=0.1)
     prompts = [[3, 4, 5, 6, 7], [8, 9]]
     ids, mask = pad_left(prompts)
@@ -87,7 +81,7 @@ def test_cached_logits_equal_full_recompute_at_every_step(q_lora_rank):
 
 def test_generating_past_the_trained_positions_warns():
     torch.manual_seed(0)
-    model = Moonlight(_tiny_args(max_position_embeddings=8))
+    model = Moonlight(tiny_args(max_position_embeddings=8))
     model.init_weights(std=0.1)
     prompt = torch.tensor([[3, 4, 5]])
     with pytest.warns(UserWarning, match="= 9 tokens exceeds the model's max_position_embeddings = 8"):
@@ -140,7 +134,7 @@ def tiny_model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     tok_dir, _ = make_tiktoken_dir(root)
     torch.manual_seed(0)
-    model = Moonlight(_tiny_args(vocab_size=528))
+    model = Moonlight(tiny_args(vocab_size=528))
     model.init_weights(std=0.1)
     save_hf(model, root / "model")
     (root / "model" / "tiktoken.model").write_bytes((tok_dir / "tiktoken.model").read_bytes())

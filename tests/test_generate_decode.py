@@ -7,7 +7,7 @@ import torch
 from moonlight import ModelArgs, Moonlight
 from moonlight.generation import Decoder, decode_step, moe_decode, pad_left, uses_gathered_experts
 from moonlight.model import MoE
-from tests.test_moe_sync import host_syncs
+from tests.helpers import host_syncs
 
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12], [20, 21, 22]]
 
@@ -34,12 +34,15 @@ def test_decode_step_reads_nothing_back_to_the_host():
     stream = decoder.stream(ids, 8, temperature=0.8, top_p=0.9, eos_token_id=3, attention_mask=mask)
     next(stream)  # the prefill
     assert host_syncs(decoder.step) == []  # sampling, eos masking and the cache writes stay on the device
-    assert host_syncs(lambda: list(stream)) == []  # the loop: 7 steps, fewer than eos_check_every
-    # With eos, the loop reads whether every row ended once every eos_check_every tokens (at 4 and 8
-    # here); the prefill reads once per prompt whether it is padded.
+    # the loop: 7 steps, fewer than eos_check_every: no read until the one NaN/Inf check at its end
+    assert host_syncs(lambda: list(stream)) == ["aten._local_scalar_dense.default"]
+    # With eos, the loop reads whether every row ended (and met NaN/Inf) in one read every
+    # eos_check_every tokens (at 4 and 8 here); the prefill reads once per prompt whether it is padded
+    # and once whether its logits are finite; the stream's end reads the NaN/Inf flags once.
     decoder = Decoder(model, 1, 13)
     syncs = host_syncs(lambda: list(decoder.stream(torch.tensor([[4, 5, 6]]), 10, eos_token_id=3, eos_check_every=4)))
-    assert syncs == ["aten._local_scalar_dense.default"] * 3, syncs
+    read = "aten._local_scalar_dense.default"
+    assert syncs == [read, read, "tolist", "tolist", read], syncs
 
 
 @pytest.mark.parametrize("copies", [1, 2], ids=["gathered experts", "training experts"])

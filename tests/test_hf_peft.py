@@ -17,25 +17,17 @@ from moonlight.convert import main
 from moonlight.errors import CheckpointError, ConfigError
 from moonlight.hf import save_hf
 from moonlight.hf_peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_peft_adapter, save_peft_adapter
-from moonlight.model.lora import apply_lora, hide_adapters
+from moonlight.model.lora import hide_adapters
 from moonlight.train.trainer import Trainer
 from tests.dist import run_ranks
-from tests.test_lora import _cfg, _randomise_adapters, _tokens
+from tests.helpers import lora_cfg, randomize_adapters, lora_tokens
+from tests.helpers import lora_model
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 ARGS = ModelArgs.preset("debug", kernels="torch")
 Q_LORA = dataclasses.replace(ARGS, q_lora_rank=24)
-
-
-def _lora_model(args, dora, seed=0):
-    torch.manual_seed(seed)
-    model = Moonlight(args)
-    model.init_weights()
-    model = model.to(torch.float64).eval()
-    apply_lora(model, rank=4, alpha=8.0, dora=dora)
-    return model
 
 
 def _hf_base(model, path):
@@ -48,8 +40,8 @@ def _hf_base(model, path):
 @pytest.mark.parametrize("args, dora", [(ARGS, False), (ARGS, True), (Q_LORA, True)],
                          ids=["lora", "dora", "dora_q_lora"])
 def test_peft_loads_our_adapter_with_our_logits(tmp_path, args, dora):
-    model = _lora_model(args, dora)
-    _randomise_adapters(model)
+    model = lora_model(args, dora)
+    randomize_adapters(model)
     out = save_peft_adapter(model, args, {"rank": 4, "alpha": 8.0, "dora": dora, "dropout": 0.0}, tmp_path / "ad")
     cfg = json.loads((tmp_path / "ad" / ADAPTER_CONFIG).read_text())
     names = ["q_a_proj", "q_b_proj"] if args.q_lora_rank else ["q_proj"]
@@ -59,7 +51,7 @@ def test_peft_loads_our_adapter_with_our_logits(tmp_path, args, dora):
     assert "base_model.model.model.layers.1.self_attn.kv_a_proj_with_mqa.lora_A.weight" in keys
     assert ("base_model.model.model.layers.1.self_attn.o_proj.lora_magnitude_vector" in keys) == dora
     hf = peft.PeftModel.from_pretrained(_hf_base(model, tmp_path / "hf"), out).eval()
-    tokens = _tokens(args, shape=(2, 12))
+    tokens = lora_tokens(args, shape=(2, 12))
     with torch.no_grad():
         ours, theirs = model(tokens), hf(tokens).logits
         plain = hf.get_base_model()  # the adapters change the logits: the comparison is not vacuous
@@ -75,7 +67,7 @@ def _read_all_adapter(path):
 
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 def test_we_load_a_peft_saved_adapter_with_peft_logits(tmp_path, dora):
-    model = _lora_model(ARGS, dora)
+    model = lora_model(ARGS, dora)
     hf = _hf_base(model, tmp_path / "hf")
     config = peft.LoraConfig(r=4, lora_alpha=8, use_dora=dora,
                              target_modules=["q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"])
@@ -89,11 +81,12 @@ def test_we_load_a_peft_saved_adapter_with_peft_logits(tmp_path, dora):
                 p.copy_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
     peft_model.save_pretrained(tmp_path / "ad")
     load_peft_adapter(model, tmp_path / "ad")
-    tokens = _tokens(ARGS, shape=(2, 12))
+    tokens = lora_tokens(ARGS, shape=(2, 12))
     with torch.no_grad():
-        torch.testing.assert_close(model(tokens), peft_model(tokens).logits, atol=1e-6, rtol=1e-5)  # fp64; the router scores in fp32
+        # fp64; the router scores in fp32
+        torch.testing.assert_close(model(tokens), peft_model(tokens).logits, atol=1e-6, rtol=1e-5)
     # a mismatching [lora] is named, not loaded
-    other = _lora_model(ARGS, not dora)
+    other = lora_model(ARGS, not dora)
     with pytest.raises(CheckpointError, match="use_dora"):
         load_peft_adapter(other, tmp_path / "ad")
 
@@ -109,7 +102,7 @@ def test_trainer_adapter_export_cli_and_init_adapter(tmp_path, capsys):
     a = tmp_path / "a"
     run = ["--training.steps=2", "--lora.dora=true", "--checkpoint.enable=true", "--checkpoint.interval=2",
            "--lora.export_adapter=end"]
-    first = Trainer(_cfg(a, *run))
+    first = Trainer(lora_cfg(a, *run))
     bias_before = _bias(first)
     assert bias_before, "the debug model has routers"
     first.train()
@@ -121,21 +114,22 @@ def test_trainer_adapter_export_cli_and_init_adapter(tmp_path, capsys):
     main(["dcp-to-peft", "--dcp", str(a / "checkpoint"), "--out", str(tmp_path / "cli")])
     ours, cli = _read_all_adapter(exported), _read_all_adapter(tmp_path / "cli")
     assert set(ours) == set(cli) and all(torch.equal(ours[k], cli[k]) for k in ours)
-    assert json.loads((exported / ADAPTER_CONFIG).read_text()) == json.loads((tmp_path / "cli" / ADAPTER_CONFIG).read_text())
+    cli_config = json.loads((tmp_path / "cli" / ADAPTER_CONFIG).read_text())
+    assert json.loads((exported / ADAPTER_CONFIG).read_text()) == cli_config
 
-    second = Trainer(_cfg(tmp_path / "b", "--training.steps=2", "--lora.dora=true",
+    second = Trainer(lora_cfg(tmp_path / "b", "--training.steps=2", "--lora.dora=true",
                           f"--lora.init_adapter={exported}"))
-    assert "initialised the adapters" in capsys.readouterr().out
-    x = _tokens()
+    assert "initialized the adapters" in capsys.readouterr().out
+    x = lora_tokens()
     with torch.no_grad():
         trained = first.model_parts[0].eval()(x)
         torch.testing.assert_close(second.model_parts[0].eval()(x), trained, atol=0, rtol=0)
-        assert not torch.equal(Trainer(_cfg(tmp_path / "c", "--training.steps=2", "--lora.dora=true"))
+        assert not torch.equal(Trainer(lora_cfg(tmp_path / "c", "--training.steps=2", "--lora.dora=true"))
                                .model_parts[0].eval()(x), trained)
 
 
 def test_lora_run_moves_the_router_bias_only_when_set(tmp_path):
-    trainer = Trainer(_cfg(tmp_path, "--training.steps=2", "--moe.bias_update_rate=0.01"))
+    trainer = Trainer(lora_cfg(tmp_path, "--training.steps=2", "--moe.bias_update_rate=0.01"))
     before = _bias(trainer)
     trainer.train()
     assert any(not torch.equal(b, before[n]) for n, b in _bias(trainer).items())
@@ -152,14 +146,14 @@ def test_dcp_to_peft_errors_are_one_line(tmp_path, capsys):
 
     assert "does not exist" in error("--dcp", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
     plain = tmp_path / "plain"
-    Trainer(_cfg(plain, "--training.steps=1", "--lora.enable=false", "--checkpoint.enable=true")).train()
+    Trainer(lora_cfg(plain, "--training.steps=1", "--lora.enable=false", "--checkpoint.enable=true")).train()
     assert "[lora] settings" in error("--dcp", str(plain / "checkpoint"), "--out", str(tmp_path / "o"))
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("")
     assert "--overwrite" in error("--dcp", str(plain / "checkpoint"), "--out", str(tmp_path / "full"))
     assert "step 7 not found" in error("--dcp", str(plain / "checkpoint"), "--step", "7", "--out", str(tmp_path / "o"))
     lora = tmp_path / "lora"
-    Trainer(_cfg(lora, "--training.steps=1", "--checkpoint.enable=true")).train()
+    Trainer(lora_cfg(lora, "--training.steps=1", "--checkpoint.enable=true")).train()
     shard = next((lora / "checkpoint" / "step-1").glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:100])  # was a DCP traceback
     assert f"is damaged: {shard}: 100 bytes" in error("--dcp", str(lora / "checkpoint"), "--out", str(tmp_path / "o"))
@@ -175,7 +169,7 @@ def test_damaged_adapter_files_are_one_error(tmp_path, damage, message):
     """A cut-off or foreign adapter file was a JSONDecodeError / AttributeError / SafetensorError traceback."""
     from moonlight.hf_peft import apply_peft_adapter
 
-    model = _lora_model(ARGS, dora=False)
+    model = lora_model(ARGS, dora=False)
     ad = tmp_path / "ad"
     save_peft_adapter(model, ARGS, {"rank": 4, "alpha": 8.0, "dora": False, "dropout": 0.0}, ad)
     config, weights = ad / ADAPTER_CONFIG, ad / ADAPTER_WEIGHTS
@@ -191,13 +185,13 @@ def test_damaged_adapter_files_are_one_error(tmp_path, damage, message):
 
 def test_adapter_settings_need_lora(tmp_path):
     with pytest.raises(ConfigError, match="need lora.enable = true"):
-        _cfg(tmp_path, "--lora.enable=false", "--lora.export_adapter=end").validate()
+        lora_cfg(tmp_path, "--lora.enable=false", "--lora.export_adapter=end").validate()
     with pytest.raises(CheckpointError, match="is not a PEFT adapter directory"):
-        Trainer(_cfg(tmp_path, "--training.steps=1", f"--lora.init_adapter={tmp_path}"))
+        Trainer(lora_cfg(tmp_path, "--training.steps=1", f"--lora.init_adapter={tmp_path}"))
 
 
 def _init_and_export(rank, world, folder, adapter):
-    trainer = Trainer(_cfg(folder, "--training.steps=1", "--lora.dora=true", f"--lora.init_adapter={adapter}",
+    trainer = Trainer(lora_cfg(folder, "--training.steps=1", "--lora.dora=true", f"--lora.init_adapter={adapter}",
                            "--parallelism.dp_shard=2"))
     export_peft_adapter(trainer.model_parts, os.path.join(folder, "out"), dataclasses.asdict(trainer.cfg.lora))
 
@@ -205,8 +199,8 @@ def _init_and_export(rank, world, folder, adapter):
 @pytest.mark.slow
 def test_fsdp2_loads_and_exports_the_adapter_exactly(tmp_path):
     """Sharded adapters: every rank keeps its slice of the file, and the export gathers them back."""
-    source = _lora_model(ARGS, dora=True).float()
-    _randomise_adapters(source)
+    source = lora_model(ARGS, dora=True).float()
+    randomize_adapters(source)
     save_peft_adapter(source, ARGS, {"rank": 4, "alpha": 16.0, "dora": True, "dropout": 0.0}, tmp_path / "src")
     run_ranks(_init_and_export, 2, str(tmp_path / "run"), str(tmp_path / "src"))
     before, after = _read_all_adapter(tmp_path / "src"), _read_all_adapter(tmp_path / "run" / "out")

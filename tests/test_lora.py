@@ -14,48 +14,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moonlight import ModelArgs, Moonlight
 from moonlight.checkpoint.export import export_hf
 from moonlight.errors import CheckpointError, ConfigError
-from moonlight.train.config import load_config
 from moonlight.model.lora import (DEFAULT_TARGETS, LoRALinear, apply_lora, count_params, hide_adapters,
                                   is_adapter_name, lora_scales, merge_lora, merge_lora_state_dict)
 from moonlight.train.trainer import Trainer
 from tests.dist import gathered_weights, run_ranks
+from tests.helpers import LORA_ARGS, lora_cfg, randomize_adapters, lora_tokens
+from tests.helpers import lora_test_model
 
-ARGS = ModelArgs.preset("debug", kernels="torch")
-Q_LORA = dataclasses.replace(ARGS, q_lora_rank=24)
-
-
-def _model(args=ARGS, seed=0):
-    torch.manual_seed(seed)
-    m = Moonlight(args)
-    m.init_weights()
-    return m.eval()
-
-
-def _tokens(args=ARGS, seed=0, shape=(2, 16)):
-    return torch.randint(0, args.vocab_size, shape, generator=torch.Generator().manual_seed(seed))
-
-
-def _randomise_adapters(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith(("lora_a.weight", "lora_b.weight")):
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-            elif n.endswith("magnitude"):
-                p.mul_(1 + 0.2 * torch.rand(p.shape, generator=g))
+Q_LORA = dataclasses.replace(LORA_ARGS, q_lora_rank=24)
 
 
 # ------------------------------------------------------------------------------------ the module
 
 
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
-@pytest.mark.parametrize("args", [ARGS, Q_LORA], ids=["q_proj", "q_lora"])
+@pytest.mark.parametrize("args", [LORA_ARGS, Q_LORA], ids=["q_proj", "q_lora"])
 def test_adapted_model_equals_base_at_init(args, dora):
-    model = _model(args)
-    x = _tokens(args)
+    model = lora_test_model(args)
+    x = lora_tokens(args)
     with torch.no_grad():
         ref = model(x)
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -86,10 +64,10 @@ def test_adapted_model_equals_base_at_init(args, dora):
 
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 def test_only_adapter_params_get_gradients(dora):
-    model = _model().train()
+    model = lora_test_model().train()
     apply_lora(model, rank=4, alpha=8.0, dora=dora)
-    _randomise_adapters(model)  # B = 0 would leave A without gradient
-    x = _tokens()
+    randomize_adapters(model)  # B = 0 would leave A without gradient
+    x = lora_tokens()
     F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).backward()
     for n, p in model.named_parameters():
         if is_adapter_name(n):
@@ -135,10 +113,10 @@ def test_lora_linear_matches_independent_formula(dora, bias):
 
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 def test_merge_lora_gives_a_plain_model_with_the_same_outputs(dora):
-    model = _model()
+    model = lora_test_model()
     apply_lora(model, rank=4, alpha=8.0, dora=dora, targets=list(DEFAULT_TARGETS) + ["ffn.down_proj"])
-    _randomise_adapters(model)
-    x = _tokens()
+    randomize_adapters(model)
+    x = lora_tokens()
     with torch.no_grad():
         adapted = model(x)
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -147,45 +125,36 @@ def test_merge_lora_gives_a_plain_model_with_the_same_outputs(dora):
     merge_lora(model)
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
     assert type(model.layers["1"].attn.q_proj) is nn.Linear
-    assert set(model.state_dict()) == set(_model().state_dict())
+    assert set(model.state_dict()) == set(lora_test_model().state_dict())
     with torch.no_grad():
         torch.testing.assert_close(model(x), adapted, atol=1e-5, rtol=1e-5)
-    plain = _model(seed=5)
+    plain = lora_test_model(seed=5)
     plain.load_state_dict(merged_sd)  # strict: the state-dict merge gives exactly the plain keys
     with torch.no_grad():
         torch.testing.assert_close(plain(x), adapted, atol=1e-5, rtol=1e-5)
 
 
 def test_hide_adapters_shows_the_plain_model():
-    model = _model()
+    model = lora_test_model()
     apply_lora(model, dora=True)
     with hide_adapters(model):
-        assert set(model.state_dict()) == set(_model().state_dict())
+        assert set(model.state_dict()) == set(lora_test_model().state_dict())
     assert any(is_adapter_name(k) for k in model.state_dict())
     assert len(list(model.get_submodule("layers.0.attn.q_proj").parameters())) == 4
 
 
 def test_bad_adapter_arguments_are_named():
     with pytest.raises(ValueError, match="rank must be a positive integer, got 0"):
-        apply_lora(_model(), rank=0)
+        apply_lora(lora_test_model(), rank=0)
     with pytest.raises(ValueError, match="'attn.qq_proj' matches no module"):
-        apply_lora(_model(), targets=["attn.qq_proj"])
+        apply_lora(lora_test_model(), targets=["attn.qq_proj"])
     with pytest.raises(ValueError, match="'attn' matches 'layers.0.attn', a MLA, not an nn.Linear"):
-        apply_lora(_model(), targets=["attn"])
+        apply_lora(lora_test_model(), targets=["attn"])
     with pytest.raises(ValueError, match="match no module"):
-        apply_lora(_model(), targets=["attn.q_a_proj"])  # the model has q_proj only
+        apply_lora(lora_test_model(), targets=["attn.q_a_proj"])  # the model has q_proj only
 
 
 # ------------------------------------------------------------------------------------ the trainer
-
-BASE = ["--training.seq_len=32", "--training.global_batch_size=4", "--training.local_batch_size=2",
-        "--checkpoint.enable=false", "--metrics.log_freq=1", "--metrics.device_peak_flops=1e11",
-        "--lr_scheduler.warmup_steps=1", "--model.kernels=torch", "--optimizer.lr=1e-2",
-        "--lora.enable=true", "--lora.rank=4"]
-
-
-def _cfg(folder, *extra):
-    return load_config("train.toml", BASE + [f"--job.dump_folder={folder}", *extra])
 
 
 def _losses(folder):
@@ -200,7 +169,7 @@ def _base_params(trainer):
 @pytest.mark.parametrize("dora, optimizer", [(False, "muon"), (True, "adamw")], ids=["lora_muon", "dora_adamw"])
 def test_trainer_lora_run_lowers_loss_and_keeps_base_weights(tmp_path, capsys, dora, optimizer):
     """Muon: the 2-D adapter matrices go to Muon, DoRA's magnitudes (1-D) to AdamW."""
-    trainer = Trainer(_cfg(tmp_path, "--training.steps=8", f"--lora.dora={str(dora).lower()}",
+    trainer = Trainer(lora_cfg(tmp_path, "--training.steps=8", f"--lora.dora={str(dora).lower()}",
                            f"--optimizer.name={optimizer}"))
     assert "DoRA" in capsys.readouterr().out if dora else "trainable" in capsys.readouterr().out
     before = _base_params(trainer)
@@ -225,11 +194,11 @@ def test_trainer_lora_resume_and_hf_export(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     ckpt = ["--training.steps=4", "--lora.dora=true", "--checkpoint.enable=true", "--checkpoint.interval=2",
             "--checkpoint.keep_latest_k=0", "--checkpoint.export_hf=end"]
-    straight = Trainer(_cfg(a, *ckpt))
+    straight = Trainer(lora_cfg(a, *ckpt))
     straight.train()
     os.makedirs(b / "checkpoint")
     shutil.copytree(a / "checkpoint" / "step-2", b / "checkpoint" / "step-2")
-    resumed = Trainer(_cfg(b, *ckpt))
+    resumed = Trainer(lora_cfg(b, *ckpt))
     assert resumed.step == 2
     resumed.train()
     la, lb = _losses(a), _losses(b)
@@ -243,14 +212,14 @@ def test_trainer_lora_resume_and_hf_export(tmp_path):
     hf_dir = a / "hf" / "step-4"
     # the CLI merges the adapters of a trainer checkpoint exactly like the trainer's own export
     from moonlight.convert import dcp_to_hf
-    from tests.test_convert import _read_all
+    from tests.helpers import read_safetensors_dir
 
     dcp_to_hf(str(a / "checkpoint"), str(tmp_path / "cli"), dtype=torch.float32)
-    exported, cli = _read_all(hf_dir), _read_all(tmp_path / "cli")
+    exported, cli = read_safetensors_dir(hf_dir), read_safetensors_dir(tmp_path / "cli")
     assert set(cli) == set(exported) and all(torch.equal(cli[k], exported[k]) for k in exported)
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     model = straight.model_parts[0].eval()
-    tokens = _tokens(ARGS, shape=(2, 12))
+    tokens = lora_tokens(LORA_ARGS, shape=(2, 12))
     with torch.no_grad():
         torch.testing.assert_close(hf(tokens).logits, model(tokens), atol=1e-4, rtol=1e-3)
 
@@ -258,10 +227,10 @@ def test_trainer_lora_resume_and_hf_export(tmp_path):
 def test_trainer_lora_starts_from_an_hf_checkpoint(tmp_path):
     """initial_load_hf fills the base weights of a DoRA run (the adapters are not in the HF file) and
     the magnitudes start at the loaded weights' row norms, so the run starts at the HF model."""
-    src = _model(seed=7)
+    src = lora_test_model(seed=7)
     hf_dir = tmp_path / "hf"
     export_hf([src], hf_dir)
-    trainer = Trainer(_cfg(tmp_path / "run", "--training.steps=1", "--lora.dora=true",
+    trainer = Trainer(lora_cfg(tmp_path / "run", "--training.steps=1", "--lora.dora=true",
                            f"--checkpoint.initial_load_hf={hf_dir}"))
     model = trainer.model_parts[0].eval()
     src_sd = src.state_dict()
@@ -270,7 +239,7 @@ def test_trainer_lora_starts_from_an_hf_checkpoint(tmp_path):
             assert torch.equal(v, src_sd[k]), k
     lin = model.layers["2"].attn.kv_b_proj
     torch.testing.assert_close(lin.magnitude, src.layers["2"].attn.kv_b_proj.weight.norm(dim=1))
-    x = _tokens()
+    x = lora_tokens()
     with torch.no_grad():
         torch.testing.assert_close(model(x), src(x), atol=1e-5, rtol=1e-5)
 
@@ -282,10 +251,10 @@ def test_lora_checkpoints_leave_the_frozen_base_out_and_resume_exactly(tmp_path,
     and dcp-to-hf merges the adapters onto the base like the trainer's own export."""
     from moonlight.checkpoint import format as fmt
     from moonlight.convert import dcp_to_hf, hf_to_dcp
-    from tests.test_convert import _read_all
+    from tests.helpers import read_safetensors_dir
 
     base = tmp_path / "base"
-    export_hf([_model(seed=7)], tmp_path / "hf")
+    export_hf([lora_test_model(seed=7)], tmp_path / "hf")
     if base_format == "dcp":
         hf_to_dcp(str(tmp_path / "hf"), str(base))
     else:
@@ -293,7 +262,7 @@ def test_lora_checkpoints_leave_the_frozen_base_out_and_resume_exactly(tmp_path,
     a, b = tmp_path / "a", tmp_path / "b"
     run = ["--training.steps=4", "--lora.dora=true", "--checkpoint.enable=true", "--checkpoint.interval=2",
            "--checkpoint.keep_latest_k=0", "--checkpoint.export_hf=end", f"--checkpoint.initial_load_hf={base}"]
-    straight = Trainer(_cfg(a, *run))
+    straight = Trainer(lora_cfg(a, *run))
     straight.train()
     step2 = a / "checkpoint" / "step-2"
     stored = {k.removeprefix("model.") for k in fmt.stored_tensors(str(step2)) if k.startswith("model.")}
@@ -304,7 +273,7 @@ def test_lora_checkpoints_leave_the_frozen_base_out_and_resume_exactly(tmp_path,
 
     os.makedirs(b / "checkpoint")
     shutil.copytree(step2, b / "checkpoint" / "step-2")
-    resumed = Trainer(_cfg(b, *run))
+    resumed = Trainer(lora_cfg(b, *run))
     assert resumed.step == 2
     resumed.train()
     la, lb = _losses(a), _losses(b)
@@ -314,13 +283,13 @@ def test_lora_checkpoints_leave_the_frozen_base_out_and_resume_exactly(tmp_path,
         assert torch.equal(ma[k], mb[k]), k
 
     dcp_to_hf(str(a / "checkpoint"), str(tmp_path / "cli"), dtype=torch.float32)
-    exported, cli = _read_all(a / "hf" / "step-4"), _read_all(tmp_path / "cli")
+    exported, cli = read_safetensors_dir(a / "hf" / "step-4"), read_safetensors_dir(tmp_path / "cli")
     assert set(cli) == set(exported) and all(torch.equal(cli[k], exported[k]) for k in exported)
 
     # resuming such a checkpoint without its base is one clear error; "save" keeps the old behaviour
     with pytest.raises(CheckpointError, match="holds only the trained weights.*set checkpoint.initial_load_hf"):
-        Trainer(_cfg(b, *run[:-1]))
-    saved = Trainer(_cfg(tmp_path / "c", *run, "--training.steps=2", "--checkpoint.frozen_weights=save"))
+        Trainer(lora_cfg(b, *run[:-1]))
+    saved = Trainer(lora_cfg(tmp_path / "c", *run, "--training.steps=2", "--checkpoint.frozen_weights=save"))
     saved.train()
     stored = {k.removeprefix("model.") for k in fmt.stored_tensors(str(tmp_path / "c" / "checkpoint" / "step-2"))}
     assert "layers.0.attn.q_proj.weight" in stored
@@ -330,12 +299,12 @@ def test_resuming_with_other_lora_settings_is_refused(tmp_path):
     """Another rank does not fit the saved adapters (it was a DCP traceback); another alpha, DoRA or target
     list would resume them silently changed or dropped. Dropout only affects training: it may change."""
     run = ["--training.steps=2", "--checkpoint.enable=true", "--checkpoint.interval=2"]
-    Trainer(_cfg(tmp_path, *run)).train()
+    Trainer(lora_cfg(tmp_path, *run)).train()
     for change, saved in [("--lora.rank=2", "lora.rank = 4"), ("--lora.alpha=4", "lora.alpha = 16.0"),
                           ("--lora.dora=true", "lora.dora = False"), ("--lora.targets=attn.o_proj", "lora.targets")]:
         with pytest.raises(CheckpointError, match=f"step-2 was saved with {re.escape(saved)} .*this run"):
-            Trainer(_cfg(tmp_path, *run, "--training.steps=4", change))
-    assert Trainer(_cfg(tmp_path, *run, "--training.steps=4", "--lora.dropout=0.1")).step == 2
+            Trainer(lora_cfg(tmp_path, *run, "--training.steps=4", change))
+    assert Trainer(lora_cfg(tmp_path, *run, "--training.steps=4", "--lora.dropout=0.1")).step == 2
 
 
 def test_dcp_to_hf_never_overwrites_the_base_a_lora_checkpoint_reads(tmp_path, capsys):
@@ -344,9 +313,9 @@ def test_dcp_to_hf_never_overwrites_the_base_a_lora_checkpoint_reads(tmp_path, c
     from moonlight.convert import main
 
     base = tmp_path / "base"
-    export_hf([_model(seed=7)], base)
+    export_hf([lora_test_model(seed=7)], base)
     before = {f.name: f.read_bytes() for f in base.iterdir()}
-    Trainer(_cfg(tmp_path / "run", "--training.steps=2", "--checkpoint.enable=true", "--checkpoint.interval=2",
+    Trainer(lora_cfg(tmp_path / "run", "--training.steps=2", "--checkpoint.enable=true", "--checkpoint.interval=2",
                  f"--checkpoint.initial_load_hf={base}")).train()
     with pytest.raises(SystemExit) as e:
         main(["dcp-to-hf", "--dcp", str(tmp_path / "run" / "checkpoint"), "--out", str(base), "--overwrite"])
@@ -359,13 +328,13 @@ def test_a_lora_checkpoint_as_initial_load_hf_is_refused(tmp_path, frozen_weight
     """Without its base weights ("auto") the load re-read its own base from initial_load_hf (a KeyError with
     LoRA, endless recursion without); with them ("save") the trained adapters were silently dropped."""
     base = tmp_path / "base"
-    export_hf([_model(seed=7)], base)
-    Trainer(_cfg(tmp_path / "run", "--training.steps=2", "--checkpoint.enable=true", "--checkpoint.interval=2",
+    export_hf([lora_test_model(seed=7)], base)
+    Trainer(lora_cfg(tmp_path / "run", "--training.steps=2", "--checkpoint.enable=true", "--checkpoint.interval=2",
                  f"--checkpoint.initial_load_hf={base}", f"--checkpoint.frozen_weights={frozen_weights}")).train()
     step2 = tmp_path / "run" / "checkpoint" / "step-2"
     for lora in ("true", "false"):
         with pytest.raises(CheckpointError, match="is a LoRA/DoRA run's checkpoint, not a base model"):
-            Trainer(_cfg(tmp_path / f"new-{lora}", "--training.steps=2", f"--lora.enable={lora}",
+            Trainer(lora_cfg(tmp_path / f"new-{lora}", "--training.steps=2", f"--lora.enable={lora}",
                          f"--checkpoint.initial_load_hf={step2}"))
 
 
@@ -373,20 +342,20 @@ def test_a_model_only_checkpoint_as_step_0_of_a_lora_run_names_initial_load_hf(t
     """hf-to-dcp's output placed as step-0 resumes a full run, but holds no adapters for a LoRA one."""
     from moonlight.convert import hf_to_dcp
 
-    export_hf([_model(seed=7)], tmp_path / "hf")
+    export_hf([lora_test_model(seed=7)], tmp_path / "hf")
     hf_to_dcp(str(tmp_path / "hf"), str(tmp_path / "run" / "checkpoint" / "step-0"))
     with pytest.raises(CheckpointError, match="holds no LoRA/DoRA adapters: start a LoRA run from it with "
                                               "checkpoint.initial_load_hf"):
-        Trainer(_cfg(tmp_path / "run", "--training.steps=2", "--checkpoint.enable=true"))
+        Trainer(lora_cfg(tmp_path / "run", "--training.steps=2", "--checkpoint.enable=true"))
 
 
 def test_frozen_weights_reload_needs_a_lora_run_from_a_base(tmp_path):
     with pytest.raises(ConfigError, match="frozen_weights = 'reload' re-reads the frozen base weights"):
-        _cfg(tmp_path, "--checkpoint.frozen_weights=reload").validate()
+        lora_cfg(tmp_path, "--checkpoint.frozen_weights=reload").validate()
 
 
 def _fsdp_run(rank, world, folder, extra):
-    trainer = Trainer(_cfg(folder, *extra))
+    trainer = Trainer(lora_cfg(folder, *extra))
     trainer.train()
     return gathered_weights(trainer.model_parts)
 
@@ -408,20 +377,20 @@ def test_trainer_lora_fsdp2_equals_single_process(tmp_path):
 
 def test_lora_config_errors_are_clear(tmp_path):
     with pytest.raises(ConfigError, match=r"lora.rank must be >= 1 \(got 0\)"):
-        _cfg(tmp_path, "--lora.rank=0").validate()
+        lora_cfg(tmp_path, "--lora.rank=0").validate()
     with pytest.raises(ConfigError, match=r"lora.alpha must be > 0"):
-        _cfg(tmp_path, "--lora.alpha=0").validate()
+        lora_cfg(tmp_path, "--lora.alpha=0").validate()
     with pytest.raises(ConfigError, match=r"lora.dropout must be in \[0, 1\)"):
-        _cfg(tmp_path, "--lora.dropout=1.0").validate()
+        lora_cfg(tmp_path, "--lora.dropout=1.0").validate()
     with pytest.raises(ConfigError, match=r"set parallelism.tp = 1"):
-        _cfg(tmp_path, "--parallelism.tp=2").validate()
+        lora_cfg(tmp_path, "--parallelism.tp=2").validate()
     with pytest.raises(ConfigError, match=r"set parallelism.pp = 1"):
-        _cfg(tmp_path, "--parallelism.pp=2").validate()
+        lora_cfg(tmp_path, "--parallelism.pp=2").validate()
     with pytest.raises(ConfigError, match=r"unknown config key 'lora.rnak'.*did you mean 'lora.rank'"):
-        _cfg(tmp_path, "--lora.rnak=4")
+        lora_cfg(tmp_path, "--lora.rnak=4")
     with pytest.raises(ConfigError, match=r"LoRA target 'attn.qkv' matches no module"):
-        Trainer(_cfg(tmp_path, "--training.steps=1", "--lora.targets=attn.q_proj,attn.qkv"))
+        Trainer(lora_cfg(tmp_path, "--training.steps=1", "--lora.targets=attn.q_proj,attn.qkv"))
     # disabled: the section is ignored; the TOML round trip keeps its keys
-    cfg = _cfg(tmp_path, "--lora.enable=false", "--lora.rank=0", "--lora.targets=attn.o_proj").validate()
+    cfg = lora_cfg(tmp_path, "--lora.enable=false", "--lora.rank=0", "--lora.targets=attn.o_proj").validate()
     text = cfg.to_toml()
     assert "[lora]" in text and 'targets = ["attn.o_proj"]' in text

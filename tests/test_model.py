@@ -69,7 +69,8 @@ def test_float64_logits_routing_and_grads_match_transformers(variant, tmp_path):
     hf_grads = {n: p.grad for n, p in hf.named_parameters()}
     assert set(ours_grads) == set(hf_grads)
     for name, g in hf_grads.items():
-        torch.testing.assert_close(ours_grads[name], g, atol=1e-5, rtol=1e-5, check_dtype=False, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(ours_grads[name], g, atol=1e-5, rtol=1e-5, check_dtype=False,
+                                   msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("variant", ["moonlight", "q_lora"])
@@ -115,7 +116,7 @@ def test_meta_build_then_init_weights_is_deterministic():
     assert (models[0].layers["1"].ffn.router.expert_bias == 0).all()
 
 
-def test_a_model_is_initialised_as_built():
+def test_a_model_is_initialized_as_built():
     """Fault: the router and the stacked experts were torch.empty until init_weights(): garbage logits."""
     args = ModelArgs.preset("debug", kernels="torch")
     torch.manual_seed(0)
@@ -165,6 +166,24 @@ def test_sequence_aux_loss_and_its_gradient_match_the_plain_formula():
                                torch.autograd.grad(want, scores, grad_out)[0])
     torch.autograd.gradcheck(lambda s: sequence_aux_loss(s, expert_ids, bsz, top_k)[0], (scores,))
 
+def test_only_training_forwards_count_expert_load():
+    """Validation and generation run the model in eval mode: their tokens must not steer the router
+    bias, so the load counters count training-mode forwards only."""
+    torch.manual_seed(0)
+    args = ModelArgs.preset("debug", kernels="torch")
+    model = Moonlight(args)
+    model.init_weights()
+    tokens = torch.randint(0, args.vocab_size, (2, 16))
+    model.eval()
+    with torch.no_grad():
+        model(tokens)
+    model(tokens)
+    assert all(m.tokens_per_expert.sum() == 0 for m in model.moe_layers())
+    model.train()
+    with torch.no_grad():
+        model(tokens)
+    assert all(m.tokens_per_expert.sum() == 2 * 16 * args.num_experts_per_tok for m in model.moe_layers())
+
 
 def test_bf16_cast_keeps_router_bias_fp32():
     model = Moonlight(ModelArgs.preset("debug", kernels="torch")).to(torch.bfloat16)
@@ -195,7 +214,8 @@ def test_triton_kernels_match_torch_for_the_whole_model(tmp_path):
         _loss(logits[impl], tokens).backward()
     grads = {impl: dict(m.named_parameters()) for impl, m in models.items()}
     for name, p in grads["torch"].items():
-        torch.testing.assert_close(grads["triton"][name].grad, p.grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(grads["triton"][name].grad, p.grad, atol=1e-5, rtol=1e-4,
+                                   msg=lambda m: f"{name}: {m}")
 
 
 def test_rope_tables_are_built_once_not_per_layer(monkeypatch):
@@ -244,7 +264,8 @@ def test_swiglu_and_rmsnorm_functions_match_autograd_of_the_reference(dtype):
     x32 = x.float()
     want = norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
     assert torch.equal(got, want)
-    for a, b in zip(torch.autograd.grad(got, (x, norm.weight), grad), torch.autograd.grad(want, (x, norm.weight), grad)):
+    for a, b in zip(torch.autograd.grad(got, (x, norm.weight), grad),
+                    torch.autograd.grad(want, (x, norm.weight), grad)):
         torch.testing.assert_close(a, b)
 
 

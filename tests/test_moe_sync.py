@@ -9,68 +9,16 @@ and is counted at the Python level; `nonzero`, `bincount`, `masked_select`, `uni
 `torch.cuda.set_sync_debug_mode("error")`.
 """
 
-import contextlib
 
 import pytest
 import torch
 from torch.distributed.device_mesh import init_device_mesh
-from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from moonlight.config import ModelArgs
 from moonlight.model.model import LocalDispatcher, MoE
 from moonlight.parallel.expert import apply_expert_parallel
 from tests.dist import run_ranks
-
-aten = torch.ops.aten
-_SYNC_OPS = {aten._local_scalar_dense, aten.nonzero, aten.bincount, aten.masked_select, aten.unique_dim,
-             aten._unique, aten._unique2, aten.unique_consecutive, aten.equal}
-
-
-def _off_host(args) -> bool:
-    return any(isinstance(a, torch.Tensor) and a.device.type != "cpu" for a in args)
-
-
-class _CountDispatch(TorchDispatchMode):
-    def __init__(self, syncs: list, device_only: bool):
-        super().__init__()
-        self.syncs, self.device_only = syncs, device_only
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if (func.overloadpacket in _SYNC_OPS or (
-                func is aten.repeat_interleave.Tensor and kwargs.get("output_size") is None)) and (
-                not self.device_only or _off_host(args)):
-            self.syncs.append(str(func))
-        return func(*args, **kwargs)
-
-
-class _CountToList(TorchFunctionMode):
-    def __init__(self, syncs: list, device_only: bool):
-        super().__init__()
-        self.syncs, self.device_only = syncs, device_only
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is torch.Tensor.tolist and (not self.device_only or _off_host(args)):
-            self.syncs.append("tolist")
-        return func(*args, **(kwargs or {}))
-
-
-@contextlib.contextmanager
-def recording_host_syncs(syncs: list, device_only: bool = False):
-    """Appends to syncs the ops run inside that would wait for the device on a GPU. device_only: only
-    those reading a tensor off the host (the meta device can stand in for a GPU: such a read is
-    counted, then fails there), so the host's own bookkeeping is free."""
-    with _CountToList(syncs, device_only), _CountDispatch(syncs, device_only):
-        yield
-
-
-def host_syncs(fn, device_only: bool = False) -> list[str]:
-    """The ops of fn() that would wait for the device on a GPU (see `recording_host_syncs`)."""
-    syncs: list[str] = []
-    with recording_host_syncs(syncs, device_only):
-        fn()
-    return syncs
+from tests.helpers import host_syncs
 
 
 def _args(**kw):
@@ -128,7 +76,7 @@ def test_moe_layer_has_no_host_sync_on_cuda():
     args = _args(kernels="auto")
     moe = _moe(args, device="cuda", dtype=torch.bfloat16)
     x = _inputs(args, device="cuda", dtype=torch.bfloat16)
-    _step(moe, x)  # warm up: lazy initialisation may sync once
+    _step(moe, x)  # warm up: lazy initialization may sync once
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

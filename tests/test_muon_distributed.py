@@ -1,5 +1,5 @@
 """Distributed Muon (moonlight.train.muon): every full matrix and every expert matrix is
-orthogonalised by exactly one rank of the group sharing it, and the weights equal single-process
+orthogonalized by exactly one rank of the group sharing it, and the weights equal single-process
 full-matrix Muon bit for bit, in fp32 and with bf16 Newton-Schulz (FSDP, HSDP, TP, EP shards; the
 trainer's real layouts)."""
 
@@ -22,7 +22,7 @@ LR, WD, STEPS = 0.02, 0.1, 3
 
 
 def _count_ns_calls() -> list[int]:
-    """Wrap muon's Newton-Schulz so that every call records how many matrices it orthogonalised."""
+    """Wrap muon's Newton-Schulz so that every call records how many matrices it orthogonalized."""
     counts: list[int] = []
     original = muon.zeropower_via_newtonschulz
 
@@ -109,7 +109,7 @@ def _placements_worker(rank, world):
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_each_matrix_orthogonalised_once_and_bit_exact(world):
+def test_each_matrix_orthogonalized_once_and_bit_exact(world):
     results = run_ranks(_placements_worker, world)
     for name, shape, _, _ in _cases(world):
         per_rank = [r[name][0] for r in results]
@@ -118,7 +118,7 @@ def test_each_matrix_orthogonalised_once_and_bit_exact(world):
 
 
 # ------------------------------------------------------------------------------------------
-# The trainer's layouts: the debug Moonlight parallelised as train.py does it
+# The trainer's layouts: the debug Moonlight parallelized as train.py does it
 # ------------------------------------------------------------------------------------------
 
 
@@ -161,7 +161,7 @@ def _layout_worker(rank, world, layout):
     (2, dict(dp_shard=1, cp=2)),  # cp ranks hold FSDP shards too (FSDP over dp_shard x cp)
     (4, dict(dp_shard=1, cp=2, tp=2)),
 ], ids=["fsdp2", "fsdp4_ep2", "fsdp2_tp2", "tp2", "fsdp2_tp2_ep4", "tp4_ep2", "cp2", "cp2_tp2"])
-def test_trainer_layouts_orthogonalise_once_and_bit_exact(world, layout):
+def test_trainer_layouts_orthogonalize_once_and_bit_exact(world, layout):
     results = run_ranks(_layout_worker, world, layout)
     expected = results[0][1]
     per_rank = [r[0] for r in results]
@@ -197,5 +197,5 @@ def test_owners_balance_ns_flops_per_sharing_group():
         for owner in plan.owners:
             loads[owner] += ns_flops(*plan.shape)
     assert max(loads) <= 1.2 * min(loads), loads
-    # the experts of one weight are spread, several per owner (orthogonalised as one batch)
+    # the experts of one weight are spread, several per owner (orthogonalized as one batch)
     assert len(plans[2].owned_by) > 1 and max(len(ks) for ks in plans[2].owned_by.values()) > 1

@@ -42,7 +42,7 @@ def test_op_level_checkpoint_saves_sdpa_and_matmuls():
     args = dataclasses.replace(ModelArgs.preset("debug", kernels="torch"), num_hidden_layers=2)
     torch.manual_seed(0)
     ref = Moonlight(args)
-    ref.init_weights()  # router and expert weights are allocated uninitialised
+    ref.init_weights()  # router and expert weights are allocated uninitialized
     tokens = torch.randint(0, args.vocab_size, (2, 16))
     base_ops, base_grads = _backward_ops(copy.deepcopy(ref), tokens)
     full_ops, _ = _backward_ops(apply_activation_checkpointing(copy.deepcopy(ref), "full"), tokens)
@@ -77,7 +77,7 @@ def test_op_level_checkpoint_rotates_q_once_whether_or_not_its_matmul_is_kept(po
         if lora:
             apply_lora(ref, targets=["attn.q_proj"], rank=4)
             for name, p in ref.named_parameters():
-                if "lora_b" in name:  # zero-initialised: make the adapter's branch matter
+                if "lora_b" in name:  # zero-initialized: make the adapter's branch matter
                     torch.nn.init.normal_(p, std=0.1)
         grads = []
         for model in (copy.deepcopy(ref), apply_activation_checkpointing(copy.deepcopy(ref), "op")):

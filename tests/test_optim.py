@@ -85,7 +85,7 @@ def test_matches_torch_muon():
     for w0, a, b in zip(W0s, ours, ps):
         moved = (a - w0 * (1 - LR * WD) ** 5).abs().max()
         assert moved > 0.01
-        # torch's NS is bf16 too (and normalises with clamp(min=eps) instead of +eps)
+        # torch's NS is bf16 too (and normalizes with clamp(min=eps) instead of +eps)
         assert (a - b.detach()).abs().max() < 0.06 * moved
 
 
@@ -231,7 +231,7 @@ def _dist_muon_worker(rank, world):
     fully_shard(model, mesh=mesh)
     opt = Muon(model.parameters(), lr=LR, weight_decay=WD, ns_dtype=torch.float32)
     ref_opt = Muon(ref_model.parameters(), lr=LR, weight_decay=WD, ns_dtype=torch.float32)
-    for s in range(N_STEPS):
+    for _ in range(N_STEPS):
         x = torch.randn(8, 48)
         for m, o in ((model, opt), (ref_model, ref_opt)):
             m(x).pow(2).sum().backward()
@@ -508,7 +508,7 @@ def test_router_bias_balances_skewed_load():
     biases = [torch.zeros(E) for _ in range(L)]
     counts = [torch.zeros(E, dtype=torch.long) for _ in range(L)]
     imb0 = None
-    for it in range(300):
+    for _ in range(300):
         for l in range(L):
             counts[l] += _route_counts(scores[l], biases[l], k)
         imb = expert_load_imbalance(torch.stack(counts))

@@ -161,7 +161,7 @@ def test_ep_step_matches_single_process(world, aux):
     # some expert gets no token on some rank (12 choices over 8 experts per rank), and expert 3 of the
     # first MoE layer none at all
     assert any((load == 0).any() for _, _, loads in results for load in loads)
-    for r, (rank_loss, grads, _) in enumerate(results):
+    for rank_loss, grads, _ in results:
         torch.testing.assert_close(_t(rank_loss), loss.detach(), atol=ATOL, rtol=RTOL)
         for name, p in ref.named_parameters():
             torch.testing.assert_close(_t(grads[name]), p.grad, atol=ATOL, rtol=RTOL, msg=lambda m: f"{name}: {m}")

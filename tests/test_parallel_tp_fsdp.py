@@ -113,7 +113,7 @@ def _cases_worker(rank, world_size, cases):
 @pytest.fixture(scope="module", autouse=True)
 def _warm_parent():
     """One single-process step in the parent before forking: the ranks inherit the lazily imported
-    modules and first-call initialisation instead of each paying for it."""
+    modules and first-call initialization instead of each paying for it."""
     import moonlight.parallel.parallelize  # noqa: F401
     import moonlight.parallel.expert  # noqa: F401
 
@@ -319,8 +319,8 @@ def test_the_two_tp_fsdp_notices_are_quiet_and_nothing_else():
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             quiet_tp_fsdp_warnings()
-            warnings.warn("FSDP2-wrapped module (Embedding) returned a view tensor. An in-place op ...")
-            warnings.warn("FSDP2 something else")
+            warnings.warn("FSDP2-wrapped module (Embedding) returned a view tensor. An in-place op ...", stacklevel=1)
+            warnings.warn("FSDP2 something else", stacklevel=1)
             logger.warning("While redistributing from %s to %s, %d sequential %s operations ...",
                            "(_NormPartial(norm_type=2.0), _NormPartial(norm_type=2.0))", "(Replicate(),)", 2,
                            "all_reduce")

@@ -15,10 +15,11 @@ from moonlight.plan import activation_bytes, check_fits, main, plan
 from moonlight.train.config import load_config
 from moonlight.train.trainer import Trainer
 from tests.dist import run_ranks
-from tests.test_recipes import CONFIGS, WORLD
+from tests.helpers import CONFIGS, WORLD
 
 SMALL = ["--training.seq_len=32", "--training.global_batch_size=4", "--training.local_batch_size=2",
-         "--checkpoint.enable=false", "--metrics.device_peak_flops=1e11", "--training.steps=2", "--lr_scheduler.warmup_steps=1"]
+         "--checkpoint.enable=false", "--metrics.device_peak_flops=1e11", "--training.steps=2",
+         "--lr_scheduler.warmup_steps=1"]
 
 
 def _bytes_by_dtype(tensors) -> Counter:

@@ -14,7 +14,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def _table_paths() -> set[str]:
     text = (ROOT / "README.md").read_text()
     section = text[text.index("## What is here"):text.index("## Using it")]
-    return {p for row in section.splitlines() if row.startswith("| `") for p in re.findall(r"`([^`]+)`", row.split("|")[1])}
+    return {p for row in section.splitlines() if row.startswith("| `")
+            for p in re.findall(r"`([^`]+)`", row.split("|")[1])}
 
 
 def test_every_module_is_in_the_table():

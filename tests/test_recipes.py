@@ -1,17 +1,12 @@
 """The shipped 16B recipes parse, validate, and describe layouts that fit their intended world size."""
 
-import pathlib
 
 import pytest
 
 from moonlight.config import ModelArgs
 from moonlight.train.config import load_config
 from moonlight.train.layout import plan_layout
-
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
-WORLD = {"moonlight-16b-pretrain.toml": 8, "moonlight-16b-pretrain-tp2-ep8.toml": 8,
-         "moonlight-16b-pretrain-pp2.toml": 16, "moonlight-16b-sft.toml": 8, "moonlight-16b-sft-long.toml": 8,
-         "moonlight-16b-lora.toml": 8, "moonlight-16b-dora.toml": 8, "debug-chat-sft.toml": 2}
+from tests.helpers import CONFIGS, WORLD
 
 
 def test_every_recipe_is_listed():

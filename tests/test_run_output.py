@@ -71,7 +71,8 @@ def test_a_default_run_prints_a_short_header_each_save_and_a_summary(tmp_path, c
     for part in ("model preset debug", "params", "layout", "2 steps of 4 x 64 tokens", "data: jsonl data/corpus",
                  "validation: data/heldout every 1 steps", f"outputs: {tmp_path}"):
         assert part in text, (part, header)
-    assert re.search(r"^step +1 +loss \S+ .*memory [\d.]+ GiB .*val_loss [\d.]+ .*elapsed \S+ +eta \S+$", lines[first_step])
+    assert re.search(r"^step +1 +loss \S+ .*memory [\d.]+ GiB .*val_loss [\d.]+ .*elapsed \S+ +eta \S+$",
+                     lines[first_step])
     assert any(re.search(r"^step +2 +loss \S+ .*tokens/s [\d,]+ .*elapsed \S+ +eta 0\.0s$", line) for line in lines)
     assert any(line.startswith(f"[moonlight] step 1: checkpoint -> {tmp_path}/checkpoint/step-1 (") for line in lines)
     saves = [line for line in lines if re.match(r"\[moonlight\] step \d+: (checkpoint|HF export) -> ", line)]

@@ -11,7 +11,8 @@ from moonlight.train.build import use_tf32
 from moonlight.train.trainer import Trainer
 
 SMALL = ["--training.seq_len=32", "--training.global_batch_size=2", "--training.local_batch_size=2",
-         "--checkpoint.enable=false", "--metrics.log_freq=1", "--metrics.device_peak_flops=1e11", "--lr_scheduler.warmup_steps=1"]
+         "--checkpoint.enable=false", "--metrics.log_freq=1", "--metrics.device_peak_flops=1e11",
+         "--lr_scheduler.warmup_steps=1"]
 
 
 def _trainer(tmp_path, *extra):

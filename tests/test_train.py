@@ -1,7 +1,6 @@
 """The trainer end to end on one process: the default job learns, metrics are written, bad steps are
 caught, config errors name the problem."""
 
-import json
 import subprocess
 import sys
 import time
@@ -15,15 +14,7 @@ from moonlight.train.config import load_config
 from moonlight.data.megatron import MegatronIndexedWriter
 from moonlight.train.build import build_model_args
 from moonlight.train.trainer import Trainer
-
-SMALL = ["--training.seq_len=64", "--training.global_batch_size=4", "--training.local_batch_size=2",
-         "--checkpoint.enable=false", "--metrics.log_freq=1", "--metrics.device_peak_flops=1e11",
-         "--lr_scheduler.warmup_steps=2"]
-
-
-def _metrics(folder):
-    with open(f"{folder}/metrics.jsonl") as f:
-        return [json.loads(line) for line in f]
+from tests.helpers import SMALL, read_metrics
 
 
 def _trainer(tmp_path, *extra):
@@ -33,7 +24,7 @@ def _trainer(tmp_path, *extra):
 @pytest.mark.floor  # the trainer run CI repeats on torch 2.11
 def test_default_job_loss_falls_and_metrics_are_written(tmp_path):
     _trainer(tmp_path, "--training.steps=25").train()
-    rows = _metrics(tmp_path)
+    rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == list(range(1, 26))
     first, last = sum(r["loss"] for r in rows[:3]) / 3, sum(r["loss"] for r in rows[-3:]) / 3
     assert last < first - 1.0, (first, last)
@@ -45,7 +36,7 @@ def test_default_job_loss_falls_and_metrics_are_written(tmp_path):
 
 def test_adamw_and_wsd_schedule_run(tmp_path):
     _trainer(tmp_path, "--training.steps=6", "--optimizer.name=adamw", "--lr_scheduler.decay_type=wsd").train()
-    rows = _metrics(tmp_path)
+    rows = read_metrics(tmp_path)
     assert rows[-1]["lr"] == pytest.approx(3e-3 * 0.1)  # decayed to optimizer.lr x min_lr_ratio at the end
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
 
@@ -54,14 +45,14 @@ def test_same_seed_same_losses(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     _trainer(a, "--training.steps=3").train()
     _trainer(b, "--training.steps=3").train()
-    assert [r["loss"] for r in _metrics(a)] == [r["loss"] for r in _metrics(b)]
+    assert [r["loss"] for r in read_metrics(a)] == [r["loss"] for r in read_metrics(b)]
 
 
 def test_grad_accumulation_matches_one_big_batch(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     _trainer(a, "--training.steps=3", "--training.local_batch_size=4").train()
     _trainer(b, "--training.steps=3", "--training.local_batch_size=1").train()
-    la, lb = [r["loss"] for r in _metrics(a)], [r["loss"] for r in _metrics(b)]
+    la, lb = [r["loss"] for r in read_metrics(a)], [r["loss"] for r in read_metrics(b)]
     assert la == pytest.approx(lb, rel=1e-4)
 
 
@@ -167,7 +158,7 @@ def test_bf16_params_with_fp32_master_weights_and_tensorboard(tmp_path):
     assert model.layers["1"].ffn.router.expert_bias.dtype == torch.float32
     masters = [s["master"] for opt in trainer.optimizers.optimizers for s in opt.state.values() if "master" in s]
     assert masters and all(m.dtype == torch.float32 for m in masters)
-    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _metrics(tmp_path))
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in read_metrics(tmp_path))
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
 
 
@@ -196,7 +187,7 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
     os.kill(child.pid, signal.SIGTERM)
     child.join(timeout=120)
     assert child.exitcode == 0
-    last = _metrics(tmp_path)[-1]["step"]
+    last = read_metrics(tmp_path)[-1]["step"]
     assert 2 <= last < 1000
     assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == [f"step-{last}"]
 
@@ -206,8 +197,8 @@ def _metrics_lines(folder):
         return [line for line in f if line.strip()]
 
 
-def test_models_too_large_for_a_cpu_init_are_initialised_in_place(tmp_path, monkeypatch):
-    """Above the full-init size the model is built on meta and materialised on the training device."""
+def test_models_too_large_for_a_cpu_init_are_initialized_in_place(tmp_path, monkeypatch):
+    """Above the full-init size the model is built on meta and materialized on the training device."""
     import moonlight.train.trainer as trainer_module
 
     monkeypatch.setattr(trainer_module, "_FULL_INIT_MAX_PARAMS", 0)
@@ -215,7 +206,7 @@ def test_models_too_large_for_a_cpu_init_are_initialised_in_place(tmp_path, monk
         trainer = _trainer(tmp_path / str(len(extra)), "--training.steps=2", *extra)
         trainer.train()
         assert not any(p.is_meta for p in trainer.model_parts[0].parameters())
-        assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _metrics(tmp_path / str(len(extra))))
+        assert all(torch.isfinite(torch.tensor(r["loss"])) for r in read_metrics(tmp_path / str(len(extra))))
 
 
 @pytest.mark.parametrize("key", ["checkpoint.initial_load_hf", "model.hf_config"])
@@ -223,3 +214,13 @@ def test_a_missing_model_source_is_named_by_its_key(tmp_path, key):
     cfg = load_config("train.toml", [f"--{key}={tmp_path}/missing"]).validate()
     with pytest.raises(ConfigError, match=f"{key} = '{tmp_path}/missing' does not exist: point it at a Hugging Face"):
         build_model_args(cfg)
+
+
+def test_seq_aux_false_trains_without_the_aux_loss(tmp_path):
+    """model seq_aux = false turns the sequence balance loss off, as moe.aux_loss_coeff = 0 does (the
+    trainer used to overwrite the model's coefficient with moe.aux_loss_coeff)."""
+    off, zero = tmp_path / "off", tmp_path / "zero"
+    _trainer(off, "--training.steps=3", "--moe.aux_loss_coeff=0.1", "--model.overrides.seq_aux=false").train()
+    _trainer(zero, "--training.steps=3", "--moe.aux_loss_coeff=0").train()
+    assert "aux_loss" not in read_metrics(off)[-1]
+    assert [r["loss"] for r in read_metrics(off)] == [r["loss"] for r in read_metrics(zero)]

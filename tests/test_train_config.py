@@ -122,8 +122,8 @@ def test_unknown_section_toml(tmp_path):
 
 
 def test_unknown_section_cli():
-    with pytest.raises(ConfigError, match=r"unknown config section \[optimiser\].*did you mean 'optimizer'"):
-        load_config(None, ["--optimiser.lr=1"])
+    with pytest.raises(ConfigError, match=r"unknown config section \[optimizer\].*did you mean 'optimizer'"):
+        load_config(None, ["--optimizer.lr=1"])
 
 
 def test_unknown_key_toml_lists_valid_keys(tmp_path):
@@ -229,10 +229,12 @@ def test_missing_file_and_bad_syntax(tmp_path):
         (["--checkpoint.interval=0"], "checkpoint.interval must be >= 1"),
         (["--checkpoint.keep_latest_k=-1"], "keep_latest_k must be >= 0"),
         (["--checkpoint.load_step=-2"], "load_step must be -1"),
-        (["--model.overrides.first_k_dense_replace=x"], "model.overrides.first_k_dense_replace expects int, got str 'x'"),
+        (["--model.overrides.first_k_dense_replace=x"],
+         "model.overrides.first_k_dense_replace expects int, got str 'x'"),
         (["--model.overrides.num_hidden_layers=true"], "model.overrides.num_hidden_layers expects int, got bool True"),
         (["--model.overrides.rope_theta=fast"], "model.overrides.rope_theta expects float, got str 'fast'"),
-        (["--checkpoint.enable=false", "--checkpoint.load_step=6"], "load_step = 6 resumes .* checkpoint.enable = true"),
+        (["--checkpoint.enable=false", "--checkpoint.load_step=6"],
+         "load_step = 6 resumes .* checkpoint.enable = true"),
         (["--checkpoint.folder="], "checkpoint.folder must not be empty"),
         (["--metrics.log_freq=0"], "metrics.log_freq must be >= 1"),
         (["--metrics.device_peak_flops=-1"], "device_peak_flops must be >= 0"),

@@ -65,7 +65,7 @@ def test_val_loss_equals_a_direct_forward_and_leaves_training_alone(tmp_path):
 
 def test_validation_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="validation.path must name"):
-        _cfg(tmp_path, "--validation.enable=true").validate()
+        _cfg(tmp_path, "--validation.enable=true", "--validation.path=").validate()  # train.toml names one
     with pytest.raises(ConfigError, match=r"validation.steps must be >= 1 \(got 0\)"):
         _cfg(tmp_path, *VALIDATION, "--validation.steps=0").validate()
 

@@ -1,19 +1,12 @@
 """The on-disk checkpoint format: step directories, atomic durable writes, the COMPLETE marker,
 meta.json, and model-only checkpoints.
 
-    <folder>/step-40/             a COMPLETE checkpoint (only directories named step-N holding
-      .metadata, __R_0.distcp     COMPLETE count; "latest" = highest such N, never a symlink)
-      meta.json                   model args, step, contents, world size/layout, torch version
-      train_state.json, rank-R.*  the trainer's extra state (moonlight.checkpoint.state)
-      COMPLETE                    fsync'd last, after every file of the step was written; lists
-                                  each file's size and CRC-32, checked on resume
-    <folder>/step-50.tmp/         a save in progress or interrupted: ignored by readers
+    <folder>/step-40/       a complete checkpoint: DCP shards, meta.json, the trainer's extra state,
+                            and COMPLETE (written last; each file's size and CRC-32)
+    <folder>/step-50.tmp/   a save in progress or interrupted: ignored by readers
 
-Tensors are stored with torch.distributed.checkpoint (DCP) under "model." + the native parameter
-name ("model.layers.3.ffn.experts.gate_proj", experts stacked) and, for trainer checkpoints,
-"optimizer.*". Nothing is unpickled freely: DCP's .metadata pickle is read by an unpickler that only
-builds DCP's metadata classes, DCP reads tensors with torch.load(weights_only=True), and every other
-file is JSON or safetensors.
+Nothing is unpickled freely: DCP's metadata goes through a restricted unpickler, tensors through
+torch.load(weights_only=True), everything else is JSON or safetensors. Design: docs/checkpoints.md.
 """
 
 from __future__ import annotations

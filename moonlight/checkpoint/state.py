@@ -1,42 +1,13 @@
 """Trainer save/resume: atomic DCP saves of model + optimizer + train state, restored exactly, also
 onto another parallel layout.
 
-Built by the trainer once the model parts, optimizers, schedulers and data loader exist:
+    ckpt = Checkpointer(cfg.checkpoint, dump_folder, model_parts, optimizers, lr_schedulers, dataloader)
+    start = ckpt.load(cfg.checkpoint.load_step)   # 0: nothing to resume
+    ckpt.save(step)                               # when step % interval == 0 (force=True: always)
 
-    ckpt = Checkpointer(cfg.checkpoint, cfg.job.dump_folder, model_parts, optimizers, lr_schedulers,
-                        dataloader, extra_states={"metrics": ...}, layout={"dp_shard": 2, "tp": 2, ...})
-    start = ckpt.load(cfg.checkpoint.load_step)   # 0 = nothing to resume (fresh run)
-    for step in range(start + 1, steps + 1):
-        ...train step...
-        ckpt.save(step)                           # saves when step % interval == 0
-    ckpt.save(steps, force=True)                  # final save
-
-Every rank calls every method (they contain collectives); everything works without a process
-group too (one process). Files of a step directory (see `moonlight.checkpoint.format`):
-
-    DCP shards     {"model": ..., "optimizer": ...}; keys are global FQNs: "model.layers.3.attn.q_proj.
-                   weight", "optimizer.state.layers.3.attn.q_proj.weight.exp_avg", "optimizer.
-                   param_groups.<fqn>.lr" (flattened per parameter, so the optimizer state reshards
-                   across tp/ep/pp/dp layouts and param-group splits)
-    train_state.json   rank 0: step, data-loader position (the same on every rank), lr schedulers'
-                       state_dict()s
-    rank-R.safetensors per rank: RNG states (torch, CUDA as tensors; python, numpy and
-                       extra_states as JSON metadata)
-
-A save writes `step-N.tmp`, all ranks barrier, rank 0 writes meta.json/train_state.json and the
-fsync'd COMPLETE marker, renames `step-N.tmp` -> `step-N` and fsyncs the folder; only then are
-checkpoints beyond `keep_latest_k` deleted. A kill at any point leaves the previous checkpoint the
-latest one; a failed write (e.g. disk full) removes the partial directory and raises
-`CheckpointSaveError`. Router expert biases are persistent buffers, so they are part of the model
-state; the per-step load counters are not saved. Plain (non-DTensor) tensors are replicated: DCP
-stores one rank's copy, and a save logs an error if the ranks' copies differ. A save refuses
-non-finite parameters. Loading checks meta.json's model args against this run, and the DCP keys
-against what this run needs (e.g. optimizer changed adamw <-> muon), before reading anything.
-
-Frozen weights (`base_weights`): a LoRA/DoRA run started from a base checkpoint can leave its frozen
-parameters out of every save (megabytes of adapters and optimizer state instead of the whole model).
-meta.json then names the base (`frozen_weights_from`), and a resume calls `load_base(path)` to read
-the frozen weights from it before the checkpoint's own tensors.
+Every rank calls every method (they hold collectives); one process works without a process group.
+A kill at any point leaves the previous checkpoint the latest one. A LoRA run from a base
+checkpoint may leave its frozen weights out of every save. Design: docs/checkpoints.md.
 """
 
 from __future__ import annotations
@@ -643,7 +614,8 @@ class Checkpointer:
             missing = sorted({f"{top}.{k}" for k in sub} - stored)
             if missing:
                 hint = (" (was the optimizer changed, e.g. adamw <-> muon?)" if top == "optimizer"
-                        else " (it holds no LoRA/DoRA adapters: start a LoRA run from it with checkpoint.initial_load_hf)"
+                        else " (it holds no LoRA/DoRA adapters: start a LoRA run from it with "
+                             "checkpoint.initial_load_hf)"
                         if all(is_adapter_name(m) for m in missing) else " (a different model?)")
                 raise CheckpointError(f"checkpoint {path} lacks {len(missing)} {top} entr(ies) this run needs, e.g. "
                                       f"{[m[len(top) + 1:] for m in missing[:5]]}{hint}")

@@ -4,20 +4,10 @@
     ids, targets = template.encode([{"role": "user", "content": "Hi"},
                                     {"role": "assistant", "content": "Hello!"}])
 
-Only assistant turns are targets: their content and the turn's closing marker (`<|im_end|>` in
-Moonlight's format). Role markers, role names, system and user turns are prompt.
-
-Rendering. If the tokenizer's `tokenizer_config.json` has a `chat_template`, it is rendered with
-jinja2 the way transformers' `apply_chat_template` does (sandboxed environment, trim_blocks and
-lstrip_blocks, `tojson`, `raise_exception`, the config's special-token strings as variables);
-special-token strings in the rendered text become their ids (`tokenizer.special_tokens`, i.e. the
-ids of that file). The assistant spans come from rendering prefixes of the conversation: assistant
-turn i starts where `messages[:i]` rendered with `add_generation_prompt=True` ends and stops where
-`messages[:i + 1]` ends, so any template that renders a conversation by appending turns works; one
-that rewrites earlier turns is rejected. A rendering gets RENDER_SECONDS (in the main thread: the
-sandbox bounds one `range`, not nested loops); any failure is a DataError naming the tokenizer folder.
-Without a template the built-in Moonlight-Instruct format is used:
-`<|im_{role}|>{role}<|im_middle|>{content}<|im_end|>` per turn, no BOS/EOS.
+Only assistant turns (their content and closing marker) are targets. The tokenizer's
+`chat_template` is rendered as transformers' `apply_chat_template` does, within RENDER_SECONDS;
+without one the built-in Moonlight-Instruct format is used. How the assistant spans are found:
+docs/data.md.
 """
 
 from __future__ import annotations
@@ -45,7 +35,7 @@ _MIDDLE, _END = "<|im_middle|>", "<|im_end|>"
 RENDER_SECONDS = 10.0  # per rendering; real templates take milliseconds
 
 
-class _Expired(Exception):
+class _Expired(Exception):  # noqa: N818 (a control-flow signal)
     pass
 
 

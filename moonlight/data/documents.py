@@ -1,4 +1,4 @@
-"""Documents: read text or conversations from jsonl files and local HF datasets, tokenise them, and
+"""Documents: read text or conversations from jsonl files and local HF datasets, tokenize them, and
 keep the token ids of every document (DocumentStore). Malformed records are reported as
 "path:line: reason" and skipped or raised (data.on_bad_line); see moonlight.data.loader for the
 formats and how documents are packed into training sequences."""
@@ -257,7 +257,8 @@ def _numbered_lines(path: str, keys: DataKeys) -> Iterator[tuple[int, bytes | No
         raise DataError(f"{path}: corrupt or truncated gzip file after line {lineno} "
                         f"({type(e).__name__}: {e})") from None
     except OSError as e:  # unreadable: permissions, a dangling symlink, an I/O error
-        raise DataError(f"{path}: cannot read it ({e.strerror or e}); fix it or remove it from {keys('path')}") from None
+        raise DataError(f"{path}: cannot read it ({e.strerror or e}); fix it or remove it from "
+                        f"{keys('path')}") from None
 
 
 _HF_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".arrow": "arrow", ".csv": "csv"}
@@ -305,7 +306,8 @@ def read_hf(path: str, text_key: str = "text", split: str = "train", on_bad_line
         files = expand_paths(path, tuple(_HF_BUILDERS), "dataset", keys)
         builders = {_HF_BUILDERS[os.path.splitext(f)[1]] for f in files if os.path.splitext(f)[1] in _HF_BUILDERS}
         if len(builders) != 1:
-            raise DataError(f"{path_key} {path!r}: expected files of one kind ({', '.join(_HF_BUILDERS)}), got {files[:5]}")
+            raise DataError(f"{path_key} {path!r}: expected files of one kind ({', '.join(_HF_BUILDERS)}), "
+                            f"got {files[:5]}")
         if split != "train":
             raise DataError(f"{path_key} {path!r}: data files form one dataset without splits; {split_key}={split!r} "
                             f"cannot apply (leave it at 'train', or point {path_key} at that split's files)")
@@ -331,9 +333,9 @@ def read_hf(path: str, text_key: str = "text", split: str = "train", on_bad_line
 
 
 def _progress(items: Iterable, source: str, unit: str) -> Iterable:
-    """items, counted on rank 0's terminal while a large corpus is tokenised (every rank reads it all;
+    """items, counted on rank 0's terminal while a large corpus is tokenized (every rank reads it all;
     no output when stderr is not a terminal)."""
-    return tqdm(items, desc=f"data: tokenising {source}", unit=f" {unit}", mininterval=2.0,
+    return tqdm(items, desc=f"data: tokenizing {source}", unit=f" {unit}", mininterval=2.0,
                 disable=None if distributed.rank() == 0 else True)
 
 
@@ -375,7 +377,7 @@ def tokenize_texts(texts: Iterable[str], tokenizer: Any, source: str, bad: BadLi
 
 @dataclass
 class ChatStore(DocumentStore):
-    """Tokenised conversations (one document each) and, laid out like `tokens`, whether each token
+    """Tokenized conversations (one document each) and, laid out like `tokens`, whether each token
     is a training target (assistant content and its end-of-turn marker)."""
 
     targets: list[np.ndarray] | None = None  # bool, parallel to tokens

@@ -1,42 +1,13 @@
-"""Pretraining data: read documents, tokenise, pack, shard across data-parallel ranks.
+"""Pretraining data: read documents, tokenize, pack, shard across data-parallel ranks.
 
-    tok = build_tokenizer(cfg.data.tokenizer)
-    loader = build_dataloader(cfg.data, tok, seq_len, local_batch_size, dp_rank, dp_world, seed)
+    loader = build_dataloader(cfg.data, tokenizer, seq_len, local_batch_size, dp_rank, dp_world, seed)
     inputs, labels = loader.next_batch()            # [B, S] int64 each
-    batch = loader.next_batch_with_info()           # + position_ids [B, S] (restart per document)
-    batch.document_ids                              # [B, S]: which packed document each token is in
+    batch = loader.next_batch_with_info()           # + positions and document ids [B, S]
     state = loader.state_dict(); loader.load_state_dict(state)
 
-Sources (data.format):
-  jsonl     one JSON object per line with a string field data.text_key; data.path is a file,
-            a directory (every *.jsonl / *.jsonl.gz in it, sorted) or a glob. Malformed lines
-            are reported as "path:line: reason"; data.on_bad_line = "skip" counts and skips
-            them (loader.num_bad_lines, logged as a warning), "error" raises BadLineError.
-  hf        local HF `datasets`: a save_to_disk directory (load_from_disk; a DatasetDict uses
-            data.split) or json/jsonl/parquet/arrow/csv file(s)/directory/glob (load_dataset
-            with a packaged builder). Never touches the hub.
-  megatron  Megatron-LM MMIDIDX indexed files <prefix>.bin/.idx (data.path = the prefix, either
-            file, a directory of *.idx or a glob); each Megatron document is one document.
-  chat      conversations: field data.messages_key of jsonl lines (as jsonl) or an HF dataset column
-            (as hf), a list of {role, content} with roles system/user/assistant; rendered by
-            moonlight.data.chat (the tokenizer's chat template, else the Moonlight format) and
-            packed by ChatDataLoader: whole conversations per row, labels -100 except assistant
-            turns, too long ones truncated or dropped (data.chat_overflow).
-
-Packing. Every document becomes [bos]? + tokens + [eos]? (data.add_bos / data.add_eos; empty
-documents are dropped). Each epoch the documents are ordered (a seeded permutation per epoch when
-data.shuffle, else file order) and concatenated into one stream; sequence i of the epoch is the
-window stream[i*S : i*S + S + 1] (inputs = window[:-1], labels = window[1:]), so every token is
-predicted once and documents are packed across sequence boundaries. The remainder that does not
-fill a window is dropped; then the next epoch starts.
-
-Sharding. Sequences are numbered globally g = 0, 1, 2, ... (epoch = g // sequences_per_epoch).
-Each next_batch() call on every rank consumes the next local_batch_size * dp_world global
-sequences; rank r takes the r-th contiguous block of local_batch_size of them. So with
-global_batch = local_batch * dp_world * grad_accum, optimizer step k covers exactly the global
-sequences [k * global_batch, (k + 1) * global_batch) whatever the decomposition: a 1-rank run and
-a 2-rank run see the same global batch per step. The state is the number of global sequences
-consumed, so a resumed run (even with another world size) continues with the same batches.
+Sources (data.format): jsonl, hf (local datasets), megatron (.bin/.idx), chat. Documents are
+packed across sequence boundaries; step k covers the same global sequences whatever the world
+size, so a resumed run continues with the same batches. Details: docs/data.md.
 """
 
 from __future__ import annotations
@@ -60,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 
 def load_documents(cfg_data: Any, tokenizer: Any, keys: DataKeys = DATA_KEYS) -> DocumentStore:
-    """Read and tokenise every document of cfg_data (a DataSection or anything with format,
+    """Read and tokenize every document of cfg_data (a DataSection or anything with format,
     path, text_key, on_bad_line and optionally split; chat: messages_key, tokenizer, and a jsonl
     or hf path given by chat_source). Errors name the settings as `keys` does."""
     fmt = cfg_data.format

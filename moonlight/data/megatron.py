@@ -291,7 +291,7 @@ def build_megatron_from_jsonl(
     overwrite: bool = False,
     keys: DataKeys = DATA_KEYS,
 ) -> MegatronBuild:
-    """Tokenise jsonl file(s) (each a file, directory or glob; .jsonl or .jsonl.gz) into
+    """Tokenize jsonl file(s) (each a file, directory or glob; .jsonl or .jsonl.gz) into
     <out_prefix>.bin/.idx, written atomically (see MegatronIndexedWriter). Empty texts are left out, as
     every loader drops them. Without append_eos the files hold raw document tokens and the loader adds
     eos (data.add_eos = true); with it each document ends with the tokenizer's eos, so read them with

@@ -5,7 +5,7 @@ before expanding to heads: the normalised latent (kv_lora_rank) and the rotated 
 buffers are allocated once, at their full length, and written in place at slots the device holds,
 so a decode step has static shapes and reads nothing back to the host.
 Prefill is the model's own blocks (the training attention kernels: SDPA, or varlen flash for a
-left-padded bf16 batch on CUDA), with each MLA's `sequence` wrapped to copy its keys into the cache.
+left-padded bf16 batch on CUDA), with each MLA's `key_exchange` wrapped to copy its keys into the cache.
 Decode absorbs kv_b_proj's two halves into the query and the output: q_nope @ W_UK scores against
 the latents directly and the weighted latents go through W_UV before o_proj.
 """
@@ -66,7 +66,7 @@ class LatentCache:
 
 
 class _WritesKeys:
-    """An MLA `sequence` that also writes the layer's keys (latent, rotated k_pe) into its cache slots
+    """An MLA `key_exchange` that also writes the layer's keys (latent, rotated k_pe) into its cache slots
     0..S-1, then does what the wrapped one does."""
 
     def __init__(self, inner, cache_layer: torch.Tensor):
@@ -84,14 +84,14 @@ class _WritesKeys:
 @contextlib.contextmanager
 def _writing_keys(model: Moonlight, cache: LatentCache):
     attns = [layer.attn for layer in model.layers.values()]
-    saved = [attn.sequence for attn in attns]
+    saved = [attn.key_exchange for attn in attns]
     for attn, inner, cache_layer in zip(attns, saved, cache.layers):
-        attn.sequence = _WritesKeys(inner, cache_layer)
+        attn.key_exchange = _WritesKeys(inner, cache_layer)
     try:
         yield
     finally:
         for attn, inner in zip(attns, saved):
-            attn.sequence = inner
+            attn.key_exchange = inner
 
 
 @torch.no_grad()

@@ -7,7 +7,8 @@ masks finished rows with eos and writes the next token into `tokens`. It compile
 fullgraph=True; on CUDA under CUDA graphs (inductor's cudagraph trees, with coordinate-descent tuning so
 one-row matmuls become fused reductions). The host loop only queues steps: the noise is drawn (with
 the caller's generator) before each, and whether every row has ended, or met NaN/Inf logits (a
-NonFiniteError: argmax would emit token 0), is read after the prompt and every `eos_check_every` tokens. One compiled step serves every Decoder of the process (its guards check
+NonFiniteError: argmax would emit token 0), is read after the prompt and every `eos_check_every`
+tokens. One compiled step serves every Decoder of the process (its guards check
 shapes and the sampling settings); a new Decoder's buffers are recorded into a new CUDA graph.
 """
 
@@ -148,9 +149,10 @@ class Decoder:
         self._check_finite(0)
         yield self.tokens[:, seqlen]
         for n in range(1, max_new_tokens):
-            if n % eos_check_every == 0:
-                self._check_finite(n)
-                if eos_token_id is not None and bool(self.done.all()):
+            if n % eos_check_every == 0:  # one host read for both flags
+                nonfinite, done = torch.stack((self.nonfinite.any(), self.done.all())).tolist()
+                self._raise_if(nonfinite, n)
+                if eos_token_id is not None and done:
                     return
             self.step(generator)
             yield self.tokens[:, seqlen + n]
@@ -158,7 +160,11 @@ class Decoder:
 
     def _check_finite(self, generated: int) -> None:
         """One host read of the NaN/Inf flags."""
-        if bool(self.nonfinite.any()):
+        self._raise_if(bool(self.nonfinite.any()), generated)
+
+    @staticmethod
+    def _raise_if(nonfinite: bool, generated: int) -> None:
+        if nonfinite:
             raise NonFiniteError(f"the model's logits are NaN/Inf (within the first {generated + 1} generated tokens): "
                                  "its weights hold NaN/Inf, or --dtype float16 overflows (use bfloat16 or float32)")
 

@@ -1,27 +1,21 @@
-"""LoRA and DoRA adapters for fine-tuning, applied to a built model by module name (the model file
-stays untouched, as torchtitan does it).
+"""LoRA and DoRA adapters for fine-tuning, applied to a built model by module name.
 
     names = apply_lora(model, targets=DEFAULT_TARGETS, rank=8, alpha=16.0, dora=False)
-    ...train: only the adapters require grad...
     merge_lora(model)                    # fold adapters into the base weights: a plain Moonlight again
 
-`apply_lora` replaces each targeted ``nn.Linear`` by a `LoRALinear` that keeps the base weight as
-``<name>.weight`` (so DCP checkpoints and the HF key mapping of the base weights do not change) and
-adds ``<name>.lora_a.weight`` [r, in] (kaiming-uniform), ``<name>.lora_b.weight`` [out, r] (zeros,
-so the adapted model starts equal to the base) and, for DoRA, ``<name>.magnitude`` [out] (the row
-norms of W). scale = alpha / rank.
+A `LoRALinear` keeps the base weight as ``<name>.weight`` and adds ``<name>.lora_a.weight`` [r, in],
+``<name>.lora_b.weight`` [out, r] (zeros) and, for DoRA, ``<name>.magnitude`` [out]. scale = alpha / r.
 
     LoRA: y = x W^T + scale * dropout(x) A^T B^T
-    DoRA: y = m / ||W + scale B A||_row * (W + scale B A) x   (the norm detached, as in the DoRA
-          paper / PEFT; with dropout > 0 the base path sees x and the adapter path dropout(x), as PEFT)
+    DoRA: y = m / ||W + scale B A||_row * (W + scale B A) x   (the norm detached, as PEFT)
 
-`merge_lora_state_dict` does the same fold on a plain (gathered) state dict: the trainer's HF export
-uses it so transformers loads a plain Moonlight under the original key names.
+`LoRAConverter` is the model converter of a [lora] section. Details: docs/fine-tuning.md.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Iterable, Iterator
 
@@ -29,8 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moonlight.errors import ConfigError
+
 __all__ = [
     "DEFAULT_TARGETS",
+    "LoRAConverter",
     "LoRALinear",
     "apply_lora",
     "merge_lora",
@@ -59,7 +56,7 @@ def is_adapter_name(name: str) -> bool:
 
 class _Factor(nn.Module):
     """Holds one adapter matrix as ``.weight``. Deliberately not an nn.Linear: Moonlight.init_weights
-    initialises every nn.Linear ~ N(0, std), which must not touch the adapters (B starts at zero)."""
+    initializes every nn.Linear ~ N(0, std), which must not touch the adapters (B starts at zero)."""
 
     def __init__(self, out_features: int, in_features: int, device=None, dtype=None):
         super().__init__()
@@ -74,7 +71,7 @@ def _row_norm(w: torch.Tensor) -> torch.Tensor:
 class LoRALinear(nn.Linear):
     """An nn.Linear (same ``weight``/``bias``, frozen) plus a trainable low-rank update.
 
-    Subclasses nn.Linear so code that initialises or inspects linears by type (Moonlight.init_weights)
+    Subclasses nn.Linear so code that initializes or inspects linears by type (Moonlight.init_weights)
     still sees the base layer."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dora: bool = False, dropout: float = 0.0):
@@ -193,6 +190,33 @@ def apply_lora(model: nn.Module, targets: Iterable[str] = DEFAULT_TARGETS, rank:
     return chosen
 
 
+@dataclasses.dataclass
+class LoRAConverter:
+    """The model converter of a [lora] section: `apply_lora` with its settings (see ModelConverter)."""
+
+    targets: tuple[str, ...] | list[str] = DEFAULT_TARGETS
+    rank: int = 8
+    alpha: float = 16.0
+    dora: bool = False
+    dropout: float = 0.0
+    adapted: list[str] = dataclasses.field(default_factory=list)  # the adapted linears, once converted
+
+    def convert(self, model: nn.Module) -> None:
+        try:
+            self.adapted = apply_lora(model, self.targets, rank=self.rank, alpha=self.alpha, dora=self.dora,
+                                      dropout=self.dropout)
+        except ValueError as e:
+            raise ConfigError(f"lora: {e} (lora.targets = {list(self.targets)})") from None
+
+    def init_weights(self, model: nn.Module) -> None:
+        reset_lora_parameters(model)
+
+    def describe(self, parts: Iterable[nn.Module]) -> str:
+        trainable, total = count_params(parts)
+        return (f"{'DoRA' if self.dora else 'LoRA'} rank {self.rank} alpha {self.alpha:g} on {len(self.adapted)} "
+                f"modules: trainable {trainable:,} of {total:,} params ({100 * trainable / total:.3f}%)")
+
+
 def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
     for n, m in model.named_modules():
         if isinstance(m, LoRALinear):
@@ -206,7 +230,7 @@ def lora_scales(model: nn.Module) -> dict[str, float]:
 
 @torch.no_grad()
 def reset_lora_parameters(model: nn.Module) -> None:
-    """(Re)initialise every adapter: after the base weights were materialised from the meta device."""
+    """(Re)initialize every adapter: after the base weights were materialized from the meta device."""
     for _, m in lora_modules(model):
         m.reset_lora_parameters()
 

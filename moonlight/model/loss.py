@@ -3,17 +3,9 @@
     linear_cross_entropy(hidden [N, H], weight [V, H], labels [N]) -> sum of token losses (fp32 or fp64)
 
 equals F.cross_entropy((hidden @ weight.T).float(), labels, reduction="sum") without building the
-[N, V] logits: each chunk's logits are made, turned in place into their softmax (whose largest entry
-gives the log-sum-exp) and then into their gradient (softmax - one_hot), which goes straight into the
-gradients of the hidden states and of the head, then the chunk is dropped. For Moonlight (V = 163840) a 4096-token sequence would
-otherwise hold its bf16 logits, their fp32 copy and the fp32 gradient, about 7 GB; here one chunk's
-fp32 logits (`chunk_bytes`, 512 MiB by default) is the peak.
-
-The gradients are made in the forward, when autograd will want them (grad enabled, an input that
-requires grad), so no logit is computed twice: three hidden x vocab matmuls in all, as for plain
-logits. Until the backward scales them by the incoming gradient they hold [N, H] in the hidden
-dtype and [V, H] in fp32, the buffers the backward would allocate anyway. Beyond the matmuls, a
-chunk costs two row maxima, one in-place softmax and a scatter of the labels' -1 over its logits.
+[N, V] logits: each chunk's logits become their softmax and then their gradient in place, which
+goes straight into the gradients of the hidden states and of the head. One chunk's fp32 logits
+(`chunk_bytes`) is the peak. Details: docs/performance.md.
 """
 from __future__ import annotations
 

@@ -3,13 +3,14 @@
 The model is pure compute: no torch.distributed imports. Parallel plans in `moonlight.parallel`
 are applied to a built model by module name, and swap objects the layers call: the experts'
 `dispatcher` (see `LocalDispatcher`), the MoE layer's `sequences` (see `WholeSequences`) and the
-attention's `sequence` (see `LocalSequence`). Build on the meta device and call `init_weights()` to
+attention's `key_exchange` (see `LocalKeyExchange`). Build on the meta device and call `init_weights()` to
 plan a 16B model without allocating it.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,7 @@ from moonlight.model.loss import linear_cross_entropy
 
 
 class RMSNorm(nn.Module):
-    """Normalise in fp32 (or fp64), scale in the input dtype (as the HF reference does). ``kernels``: the
+    """Normalize in fp32 (or fp64), scale in the input dtype (as the HF reference does). ``kernels``: the
     config's setting (`resolve_impl`); tensor-parallel norms (DTensor weights) take the reference."""
 
     def __init__(self, dim: int, eps: float, kernels: str = "auto"):
@@ -67,15 +68,48 @@ def rope_angles(args: ModelArgs, seqlen: int, positions: torch.Tensor | None,
     return (cos, sin) if positions is None else (cos[positions], sin[positions])
 
 
-class LocalSequence:
+# The seams parallel plans swap (each a typing.Protocol; the plain-model default follows each one).
+class KeyExchange(Protocol):
+    """MLA's access to the keys of the rest of each sequence (`MLA.key_exchange`)."""
+
+    def gather_keys(self, latent: torch.Tensor, k_pe: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                  mask: DocumentMask | None) -> torch.Tensor: ...
+
+
+class SequenceSplit(Protocol):
+    """How a MoE layer's input splits sequences over processes (`MoE.sequence_split`)."""
+
+    shards: int
+    loss_scale: int
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor: ...
+
+    def shared_weight(self, w: torch.Tensor) -> torch.Tensor: ...
+
+
+class Dispatcher(Protocol):
+    """Moves token copies to their experts and back (`GroupedExperts.dispatcher`)."""
+
+    communicates: bool
+
+    def dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int, impl: str
+                 ) -> tuple[torch.Tensor, torch.Tensor, object]: ...
+
+    def combine(self, y: torch.Tensor, weights: torch.Tensor, state: object, impl: str) -> torch.Tensor: ...
+
+
+class LocalKeyExchange:
     """Where the rest of each sequence is, for attention: here. This process holds whole sequences,
     so attention is plain causal attention. Context parallel (`moonlight.parallel.context`) swaps
-    `MLA.sequence` for an object with the same two methods that holds a slice of every sequence
+    `MLA.key_exchange` for an object with the same two methods that holds a slice of every sequence
     and reaches the others over its group."""
 
     def gather_keys(self, latent: torch.Tensor, k_pe: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                     impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """MLA's keys [B, S_local, C] (the normalised latent, the rope key k_pe) and their RoPE tables ->
+        """MLA's keys [B, S_local, C] (the normalized latent, the rope key k_pe) and their RoPE tables ->
         those of the keys the local queries may see, in sequence order, with the tables that rotate
         the returned k_pe (`mla_rope_key` applies them)."""
         return latent, k_pe, cos, sin
@@ -109,14 +143,11 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(heads * args.v_head_dim, h, bias=False)
         self.softmax_scale = args.qk_head_dim ** -0.5
         self.pad_v: bool | None = None  # None: decided per call by `pads_v`
-        self.sequence = LocalSequence()
+        self.key_exchange: KeyExchange = LocalKeyExchange()
 
     def pads_v(self, x: torch.Tensor, mask: DocumentMask | None) -> bool:
-        """Whether v is padded with zero channels to the qk head size for attention. On CPU the fused
-        (flash) kernel wants one head size (the math fallback for unequal sizes is ~3x slower), and so
-        does the varlen flash kernel; CUDA's SDPA takes the true v width, skipping the padded FLOPs and
-        copies (on an H200, torch 2.11 picks cuDNN for qk 192 / v 128 by itself: 0.94 ms forward +
-        backward per layer, against 1.27 padded; benchmarks/gpu_step_checks.py times each backend)."""
+        """Whether v is padded with zeros to the qk head size for attention: on CPU and for the varlen
+        kernel, which want one head size; CUDA's SDPA takes the true v width. `pad_v` overrides it."""
         if self.pad_v is not None:
             return self.pad_v
         return not x.is_cuda or (mask is not None and mask.varlen)
@@ -137,16 +168,16 @@ class MLA(nn.Module):
         # rotated in place too.
         q = rotate_rope_(q, cos, sin, a.qk_head_dim, impl=impl, grad_in_place=True)
         q = q.view(bsz, seqlen, -1, a.qk_head_dim)  # -1: heads held by this rank under tensor parallel
-        # The keys travel (under context parallel) as the normalised latent plus the k_pe, the smallest
+        # The keys travel (under context parallel) as the normalized latent plus the k_pe, the smallest
         # per-token form; the per-head up-projection runs after, on the receiving side.
-        latent, k_pe, key_cos, key_sin = self.sequence.gather_keys(self.kv_norm(latent), k_pe, cos, sin, impl)
+        latent, k_pe, key_cos, key_sin = self.key_exchange.gather_keys(self.kv_norm(latent), k_pe, cos, sin, impl)
         kv = self.kv_b_proj(latent).view(bsz, latent.shape[1], -1, a.qk_nope_head_dim + a.v_head_dim)
         k_nope, v = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)
         k = mla_rope_key(k_nope, k_pe, key_cos, key_sin, impl=impl)  # [k_nope | rope(k_pe) in every head], one pass
         v_pad = a.qk_head_dim - a.v_head_dim if self.pads_v(x, mask) else 0
         if v_pad > 0:
             v = F.pad(v, (0, v_pad))
-        out = self.sequence.attention(q, k, v, self.softmax_scale, mask)
+        out = self.key_exchange.attention(q, k, v, self.softmax_scale, mask)
         out = out[..., : a.v_head_dim] if v_pad > 0 else out
         return self.o_proj(out.reshape(bsz, seqlen, -1))
 
@@ -157,7 +188,7 @@ class DocumentMask:
     documents contiguous within a row) and shared by every layer.
 
     Half-precision tensors on a device of `varlen_devices` take flash attention's varlen kernel (the
-    documents of all rows as one ragged batch, no mask is materialised); everything else (CPU,
+    documents of all rows as one ragged batch, no mask is materialized); everything else (CPU,
     fp32/fp64) takes SDPA with a boolean [B, 1, S, S] block-diagonal causal mask.
 
     ``device`` is where the activations are (default: the ids'). Pass the ids on the host: the
@@ -290,7 +321,7 @@ class Router(nn.Module):
         nn.init.normal_(self.weight, std=std)
         self.expert_bias.zero_()
 
-    def forward(self, x: torch.Tensor, sequences: WholeSequences = WHOLE_SEQUENCES
+    def forward(self, x: torch.Tensor, sequences: SequenceSplit = WHOLE_SEQUENCES
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [T, H] -> (weights [T, K], expert ids [T, K], scores [T, E]; fp32, or fp64 for fp64 x).
         ``sequences``: the MoE layer's (its weight's gradient must sum the tokens of every part)."""
@@ -362,7 +393,7 @@ class GroupedExperts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(e, i, h))
         self.up_proj = nn.Parameter(torch.empty(e, i, h))
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
-        self.dispatcher = LocalDispatcher()
+        self.dispatcher: Dispatcher = LocalDispatcher()
         self.init_weights(args.initializer_range)  # usable as built, as nn.Linear is
 
     @torch.no_grad()
@@ -415,9 +446,9 @@ class _ProbSums(torch.autograd.Function):
 
 
 def sequence_aux_loss(scores: torch.Tensor, expert_ids: torch.Tensor, bsz: int, top_k: int,
-                      sequences: WholeSequences = WHOLE_SEQUENCES) -> tuple[torch.Tensor, torch.Tensor]:
+                      sequences: SequenceSplit = WHOLE_SEQUENCES) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek-V3's sequence-wise balance loss sum_i f_i * P_i, averaged over sequences.
-    P_i: mean over the sequence of the sigmoid scores normalised over all experts; f_i: the fraction
+    P_i: mean over the sequence of the sigmoid scores normalized over all experts; f_i: the fraction
     of the sequence's routing choices that picked expert i, times E / K.
 
     Returns (this part's share, the loss's value). ``scores``/``expert_ids`` hold ``bsz`` sequences, or
@@ -503,22 +534,23 @@ class MoE(nn.Module):
         self.experts = GroupedExperts(args)
         self.shared_experts = (MLP(args.hidden_size, args.n_shared_experts * args.moe_intermediate_size)
                                if args.n_shared_experts else None)
-        # Token choices per expert since the trainer last read them (for the bias update and metrics).
+        # Token choices per expert in training mode since the trainer last read them (bias update, metrics).
         # Counted on the device (the trainer reduces them once per step); int64 stays exact whatever
         # dtype the model is cast to.
         self.register_buffer("tokens_per_expert", torch.zeros(args.n_routed_experts, dtype=torch.long),
                              persistent=False)
         self.aux_loss_coeff = args.aux_loss_alpha if args.seq_aux else 0.0
         self.last_aux_loss: torch.Tensor | None = None
-        self.sequences = WHOLE_SEQUENCES  # what x holds: swapped when each process routes a sequence part
+        self.sequence_split: SequenceSplit = WHOLE_SEQUENCES  # swapped when each process routes a sequence part
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        weights, expert_ids, scores = self.router(x, self.sequences)
-        with torch.no_grad():  # scatter_add, not bincount: bincount reads its output size back to the host
-            choices = expert_ids.flatten()
-            self.tokens_per_expert.scatter_add_(0, choices, torch.ones_like(choices))
+        weights, expert_ids, scores = self.router(x, self.sequence_split)
+        if self.training:  # only training tokens steer the router bias (not validation, not generation)
+            with torch.no_grad():  # scatter_add, not bincount: bincount reads its output size back to the host
+                choices = expert_ids.flatten()
+                self.tokens_per_expert.scatter_add_(0, choices, torch.ones_like(choices))
         if self.shared_experts is None:
             out = self.experts(x, expert_ids, weights)
         else:
@@ -532,7 +564,7 @@ class MoE(nn.Module):
         out = out.view(shape)
         if self.training and self.aux_loss_coeff > 0 and torch.is_grad_enabled():
             share, value = sequence_aux_loss(scores, expert_ids, shape[0], self.args.num_experts_per_tok,
-                                             self.sequences)
+                                             self.sequence_split)
             self.last_aux_loss = self.aux_loss_coeff * value
             out = _AttachAuxLoss.apply(out, self.aux_loss_coeff * share)
         return out
@@ -573,6 +605,7 @@ class Moonlight(nn.Module):
         self.layers = nn.ModuleDict({str(i): Block(i, args) for i in range(args.num_hidden_layers)})
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, args.kernels)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head.plain_linear = True  # logits = x @ weight.T: the loss may read the weight (converters.py)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 document_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -591,7 +624,7 @@ class Moonlight(nn.Module):
             return h
         if labels is None:
             return self.lm_head(h)
-        if type(self.lm_head) is not nn.Linear:  # e.g. a LoRA head: its own forward makes the logits
+        if not getattr(self.lm_head, "plain_linear", False):  # e.g. a LoRA head (see model/converters.py)
             return F.cross_entropy(at_least_fp32(self.lm_head(h).flatten(0, -2)), labels.flatten(), reduction="sum")
         return linear_cross_entropy(h.flatten(0, -2), self.lm_head.weight, labels.flatten())
 
@@ -600,7 +633,7 @@ class Moonlight(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, std: float | None = None):
-        """Initialise every parameter and buffer explicitly (after `to_empty` from the meta device):
+        """Initialize every parameter and buffer explicitly (after `to_empty` from the meta device):
         matrices ~ N(0, initializer_range), norms 1, router bias and load counters 0."""
         std = self.args.initializer_range if std is None else std
         for module in self.modules():

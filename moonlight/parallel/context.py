@@ -1,41 +1,12 @@
 """Context parallel (CP) for MLA: every sequence split over the ``cp`` ranks of ``mesh["cp"]``.
 
-    apply_context_parallel(model, cp_mesh)             # swaps MLA.sequence and MoE.sequences
-    tokens = zigzag_slice(tokens, cp, cp_rank)         # the trainer slices tokens, labels, positions,
-                                                       # document_ids; positions stay the GLOBAL ones
+    apply_context_parallel(model, cp_mesh)             # swaps MLA.key_exchange and MoE.sequence_split
+    tokens = zigzag_slice(tokens, cp, cp_rank)         # positions stay the GLOBAL ones
 
-Zig-zag layout: a sequence of S tokens is cut into ``2 * cp`` chunks of ``L = S / (2 * cp)`` tokens
-and CP rank ``i`` holds chunks ``i`` and ``2 * cp - 1 - i``, in that order. Under causal attention
-chunk ``c`` attends to ``(c + 1) * L`` keys, so every rank attends to ``(2 * cp + 1) * L`` keys:
-the causal work is even. The CP ranks of one data replica read the same batch (the loader shards by
-``mesh["dp"]`` only) and each keeps its slice; the model never sees the slicing except through the
-global RoPE positions it is given.
-
-Exchange: MLA's keys and values are up-projected from one latent per token (``kv_lora_rank``,
-normalised) plus one rope key shared by all heads (``qk_rope_head_dim``, roped with the token's own
-global position). `ContextParallelSequence.gather_keys` all-gathers exactly that,
-``kv_lora_rank + qk_rope_head_dim`` values per token (576 for Moonlight) instead of the per-head keys
-and values (``heads * (qk_head_dim + v_head_dim)`` = 5120), and every rank runs ``kv_b_proj`` on
-the keys its queries may see (the first ``(2 * cp - i) * L`` of the sequence for rank ``i``). The
-all-gather is differentiable: its backward reduce-scatters the keys' gradients to their owners.
-The latent is gathered after ``kv_norm`` and the rope key after its rotation (with the token's own
-angles), so each token's norm and rotation run once, on its own rank; the key is then built from
-the gathered parts without a second rotation. (`benchmarks/context_parallel.py` counts the bytes
-against a per-head K/V ring.)
-
-Masking: the local query chunk at global chunk index ``c`` attends to keys ``[0, (c + 1) * L)``
-with a lower-right-aligned causal mask, an explicit ``[L, (c + 1) * L]`` boolean mask (torch's lazy
-`causal_lower_right` is a tensor subclass that cannot be created under op-level activation
-checkpointing's dispatch mode); with packed documents (``document_ids``) the ids are all-gathered
-once per forward (shared by every layer through `DocumentMask.derived`) and the chunk's mask also
-requires equal ids.
-
-Gradients: parameters are replicated over cp, so data parallel reduces them over ``dp x cp``
-(FSDP over ``mesh["dp_shard_cp"]``) and the trainer normalises each rank's loss by the global token
-count over ``dp x cp`` (every token's loss counted once, on the rank that holds it). MoE layers route
-their own tokens; the sequence aux loss sums its per-sequence statistics over the sequence's parts
-(`moonlight.parallel.tensor.SequenceShards` with ``loss_scale = cp``: each rank backpropagates its
-share of the loss times cp, and the gradient average over cp leaves the loss's gradient).
+Zig-zag layout: S tokens in ``2 * cp`` chunks of ``L = S / (2 * cp)``; rank ``i`` holds chunks ``i``
+and ``2 * cp - 1 - i``, so the causal work is even. Ranks all-gather MLA's normalized latent and
+rotated rope key (576 values a token for Moonlight), not per-head keys and values, and each runs
+``kv_b_proj`` on the keys its queries may see. Design: docs/parallelism.md.
 """
 
 from __future__ import annotations
@@ -52,7 +23,7 @@ from moonlight.distributed import collective_result
 from moonlight.model import MLA, DocumentMask, MoE
 from moonlight.parallel.tensor import SequenceShards
 
-__all__ = ["zigzag_slice", "zigzag_indices", "ContextParallelSequence", "apply_context_parallel"]
+__all__ = ["zigzag_slice", "zigzag_indices", "ContextParallelKeyExchange", "apply_context_parallel"]
 
 # The differentiable all-gather: torch 2.13 renamed all_gather_tensor_autograd (2.11; deprecated since 2.13).
 _all_gather_autograd = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
@@ -80,8 +51,8 @@ def _sequence_order(gathered: torch.Tensor, cp: int) -> torch.Tensor:
     return chunks.transpose(0, 1).flatten(1, 2)
 
 
-class ContextParallelSequence:
-    """`moonlight.model.model.LocalSequence` for a rank that holds the zig-zag slice ``rank`` of every
+class ContextParallelKeyExchange:
+    """`moonlight.model.model.LocalKeyExchange` for a rank that holds the zig-zag slice ``rank`` of every
     sequence over ``group`` (``cp`` ranks). See the module docstring."""
 
     def __init__(self, group: dist.ProcessGroup, cp: int, rank: int):
@@ -119,7 +90,8 @@ class ContextParallelSequence:
         key = ("context_parallel", self.cp, self.rank)
         if key not in mask.derived:
             local = mask.document_ids
-            ids = _sequence_order(collective_result(funcol.all_gather_tensor(local.contiguous(), 0, self.group)), self.cp)
+            gathered = collective_result(funcol.all_gather_tensor(local.contiguous(), 0, self.group))
+            ids = _sequence_order(gathered, self.cp)
             masks = []
             for half, (c, causal) in enumerate(zip(self._chunks(), self._causal_masks(chunk, local.device))):
                 q_ids, k_ids = local[:, half * chunk:(half + 1) * chunk], ids[:, : (c + 1) * chunk]
@@ -143,18 +115,18 @@ class ContextParallelSequence:
 
 
 def apply_context_parallel(model: nn.Module, cp_mesh: DeviceMesh) -> nn.Module:
-    """Give every MLA layer of a model (or pipeline stage) a `ContextParallelSequence` over the 1-D
+    """Give every MLA layer of a model (or pipeline stage) a `ContextParallelKeyExchange` over the 1-D
     ``cp_mesh``, and every MoE layer the `SequenceShards` of its sequences' cp slices. Parameters are
     untouched (data parallel reduces them over cp). Returns the model."""
     if cp_mesh.ndim != 1:
         raise ValueError(f"apply_context_parallel needs a 1-D cp mesh, got {cp_mesh.mesh_dim_names}")
     if cp_mesh.size() == 1:
         return model
-    sequence = ContextParallelSequence(cp_mesh.get_group(), cp_mesh.size(), cp_mesh.get_local_rank())
+    key_exchange = ContextParallelKeyExchange(cp_mesh.get_group(), cp_mesh.size(), cp_mesh.get_local_rank())
     shards = SequenceShards(cp_mesh, loss_scale=cp_mesh.size())
     for module in model.modules():
         if isinstance(module, MLA):
-            module.sequence = sequence
+            module.key_exchange = key_exchange
         elif isinstance(module, MoE):
-            module.sequences = shards
+            module.sequence_split = shards
     return model

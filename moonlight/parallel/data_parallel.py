@@ -1,34 +1,12 @@
 """Data parallel (FSDP2 / HSDP) and activation checkpointing.
 
-FSDP2: one `fully_shard` unit for the embedding, one per decoder block (its router included), one
-for the final norm with lm_head (not resharded after forward), plus the root, over ``mesh["fsdp"]``
-(``dp_shard x cp``; ``(dp_replicate, dp_shard x cp)`` for HSDP: context-parallel ranks hold other
-tokens of the same sequences, so their gradients are averaged like data-parallel ones). With expert
-parallel the routed experts (``block.ffn.experts``, already ``Shard(0)`` on ``mesh["ep"]``) get
-their own unit over ``mesh["expert_fsdp"]`` (``dp_shard x cp // ep``, or ``dp_shard x cp x tp // ep``
-when EP spans TP, [x ``dp_replicate``]) and their gradients are divided by the full ``dp x cp``
-degree (each expert's gradient sums the tokens of its ``ep`` ranks, which hold different tokens, see
-`moonlight.parallel.mesh`; the dense gradients are averaged over ``dp x cp`` too); when that mesh
-has one rank and nothing needs casting they stay plain EP parameters outside every unit. Units
-prefetch their neighbours explicitly.
+FSDP2 units: the embedding, each decoder block, the final norm with lm_head, the root, over
+``mesh["fsdp"]``; with expert parallel the routed experts get their own unit over
+``mesh["expert_fsdp"]``, their gradients divided by the full ``dp x cp`` degree.
 
-Activation checkpointing (``ac_mode``):
-- ``"none"``.
-- ``"selective"``: the attention (``block.attn``: q/kv projections, RoPE, SDPA, o_proj) of every
-  block is recomputed in backward; the norms, the MLP/MoE and the residual stream keep their
-  activations. Attention holds most of the per-token activation memory of an MLA block (q, k, v
-  per head and the SDPA state) while MoE recompute would repeat the token dispatch.
-- ``"full"``: each whole Block is recomputed (torch.utils.checkpoint, use_reentrant=False); only
-  block inputs are kept.
-- ``"op"``: op-level selective checkpointing of each Block (torchtitan's): the outputs of the
-  expensive ops (`SAVED_OPS`: matmuls, grouped GEMMs, SDPA, all-to-all) are kept, the cheap ops
-  between them (norms, RoPE, activations, permutes) are recomputed, except q's in-place RoPE where it
-  rotates a kept matmul output (`_SavePolicy`). Not with routed experts that are
-  an FSDP unit of their own inside the block: FSDP's hooks replay a different op sequence in the
-  recompute (pytorch/torchtitan#3427).
-Checkpointing replaces the module's ``forward`` on the instance, so parameter names and state-dict
-keys do not change. The MoE load counters (``tokens_per_expert``) are restored after a recompute,
-so a checkpointed MoE counts each token once.
+Activation checkpointing (``ac_mode``): ``"none"``, ``"selective"`` (each block's attention),
+``"full"`` (each block) or ``"op"`` (torchtitan's op-level policy: expensive ops kept, cheap ones
+recomputed). Parameter names and state-dict keys do not change. Design: docs/parallelism.md.
 """
 
 from __future__ import annotations
@@ -248,7 +226,7 @@ def _shard_experts(experts: nn.Module, mesh, mp: MixedPrecisionPolicy, reshard_a
     experts.set_gradient_divide_factor(float(dims.dp_cp))
     if efsdp > 1:
         # Plain SUM collectives + one division (gloo has no PREMUL_SUM). Not with a size-1 shard
-        # group: torch 2.13's FSDP2 then divides by the factor twice (copy path + post-divide).
+        # group: FSDP2 then divides by the factor twice (copy path + post-divide).
         experts.set_force_sum_reduction_for_comms(True)
 
 

@@ -2,61 +2,14 @@
 
     apply_expert_parallel(model, ep_mesh)
 
-shards every MoE layer's stacked expert weights (`experts.gate_proj/up_proj/down_proj`, [E, ...]) as
-DTensor Shard(0) over the 1-D `ep_mesh` (rank r holds experts [r*E/ep, (r+1)*E/ep)) and swaps the
-layer's `experts.dispatcher` for an `AllToAllDispatcher`. The model computes with the local shard
-(`local_tensor()` in model.py), so nothing else in the model changes.
+shards each MoE layer's stacked expert weights ([E, ...]) as Shard(0) over ``ep_mesh`` and swaps
+``experts.dispatcher`` for an `AllToAllDispatcher` (the interface of model.LocalDispatcher).
+Notation: T tokens, K choices per token, H hidden, E experts (E_local per rank), N routed rows.
 
-The dispatcher interface (shared with model.LocalDispatcher; a DeepEP-like transport only needs
-these two methods):
+    dispatch(x [T, H], expert_ids [T, K]) -> (rows [N, H] by local expert, counts [E_local], state)
+    combine(y [N, H], weights [T, K], state) -> out [T, H]
 
-    dispatch(x [T, H], expert_ids [T, K], num_experts, impl)
-        -> (rows [N, H] grouped by LOCAL expert, rows per local expert [E_local], state)
-    combine(y [N, H], weights [T, K], state, impl) -> out [T, H]
-
-`state` is opaque to the model; the expert GEMMs run between the two calls on (rows, counts).
-
-Data flow of AllToAllDispatcher (ep ranks hold DIFFERENT tokens: EP borrows data- or context-parallel
-ranks, and, when it spans tensor parallel, tp ranks that each route their own sequence shard; see
-`moonlight.parallel.mesh`):
-  1. permute_tokens: (token, choice) rows expert-major; experts are contiguous per EP rank, so this is
-     also destination-rank-major.
-  2. all_to_all_single of the per-expert counts [E] -> counts received [ep_src, E_local] (the layer's one
-     host sync: the uneven split sizes of step 3 must be known on the host; read with one non-blocking
-     copy into pinned memory on CUDA).
-  3. all_to_all_single_autograd of the rows with uneven splits -> rows ordered [src rank][local expert].
-  4. permute_tokens again with one id per row (its local expert) -> rows grouped by local expert (and
-     padded to `align` per expert for the grouped GEMM, if asked).
-  combine undoes 4 (a row gather), 3 (the reverse all-to-all) and finally 1 with the routing
-  weights (unpermute_tokens). Every step is differentiable; the backward of an all-to-all is the
-  all-to-all with the splits swapped.
-
-Gradients (read this before wiring data parallel)
--------------------------------------------------
-Let each of the D ranks holding different tokens (data- and context-parallel ranks, dp x cp; EP ranks
-are a subset of them: ep divides D) compute a loss
-L_r on its own tokens. Through the all-to-all backward, the gradient an expert shard receives on its
-owner rank is already the SUM over the ep ranks of dL_r/dW (every ep rank's tokens that visited the
-expert contribute). Non-expert (replicated) parameters receive only dL_r/dW of their own rank.
-When EP spans TP, the tp ranks of one data replica split its tokens by sequence shard and share its
-loss L_r: each sends only its own shard's tokens, so the sum over the ep ranks still counts every token
-once, and everything below holds with "ranks that hold different tokens" (dp x tp of them) in place of
-"dp ranks"; the divisor stays D, the number of data replicas (the expert-dp mesh then has D*tp/ep ranks).
-So, with the global objective L = (1/D) * sum_r L_r (every rank uses a local mean loss):
-  * non-expert grads: all-reduce AVERAGE over all D dp ranks (FSDP/DDP default);
-  * expert grads: must NOT be averaged over the ep mesh (the ep ranks hold different experts);
-    they must be SUMMED over the D/ep ranks that hold the same expert shard ("expert data parallel",
-    torchtitan's efsdp mesh) and divided by D (not by D/ep). With FSDP2 over the expert-dp mesh this
-    is `experts_module.set_gradient_divide_factor(D)` (FSDP alone would divide by D/ep).
-Alternatively (torchtitan's current convention, simpler and exact with padding/ignored tokens): each
-rank's loss is its SUM of token losses divided by the GLOBAL token count, every gradient reduction is a
-plain sum (FSDP `set_gradient_divide_factor(1.0)`, pipeline `scale_grads=False`), and expert grads
-are summed over the expert-dp mesh like everything else.
-Every run with dp > 1 is sharded by FSDP (`moonlight.parallel.parallelize_model`), which does this.
-
-Router bias / load statistics: `MoE.tokens_per_expert` counts only this rank's tokens; the trainer
-must all-reduce it over ``mesh["routing"]`` (the dp ranks, times tp when EP spans TP) before the bias
-update so every replica moves the bias alike.
+Data flow, the one host sync and the gradient rules for data parallel: docs/moe.md.
 """
 
 from __future__ import annotations
@@ -182,7 +135,7 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, align: int | No
             param = getattr(experts, name)
             if isinstance(param, DTensor):
                 raise ValueError(f"expert weight {name} is already a DTensor ({param.placements}): apply "
-                                 "expert parallel before FSDP and do not tensor-parallelise routed experts")
+                                 "expert parallel before FSDP and do not tensor-parallelize routed experts")
             sharded = distribute_tensor(param.detach(), ep_mesh, [Shard(0)])
             experts.register_parameter(name, nn.Parameter(sharded, requires_grad=param.requires_grad))
         old = experts.dispatcher

@@ -40,7 +40,7 @@ def local_region(tensor: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], t
 @torch.no_grad()
 def load_hf_sharded(model: nn.Module, path: str | os.PathLike | None = None, *,
                     checkpoint: HFCheckpoint | None = None) -> dict[str, int]:
-    """Fill ``model``'s (materialised, e.g. after ``to_empty``) local shards from a HF checkpoint.
+    """Fill ``model``'s (materialized, e.g. after ``to_empty``) local shards from a HF checkpoint.
 
     ``model``: a parallelized Moonlight or pipeline stage; its ``args`` must match the checkpoint's
     shapes. Pass ``path`` (a HF safetensors directory) or an open ``checkpoint``. Values are cast to

@@ -1,65 +1,13 @@
 """Parallel layout (ParallelDims) and the device meshes it needs (build_mesh).
 
-Rank layout
------------
 The world is one 5-D mesh ``("pp", "dp_replicate", "dp_shard", "cp", "tp")``, outermost first, so
-``tp`` peers are consecutive ranks (one node on a GPU cluster), ``cp`` peers next, and ``pp``
-stages are the farthest apart: the rank at coordinates ``(p, r, s, c, t)`` is
-``(((p * dp_replicate + r) * dp_shard + s) * cp + c) * tp + t``.
-Derived meshes (kept by name in `ParallelMesh`, never sliced from the root):
+``tp`` peers are consecutive ranks. Derived meshes are kept by name in `ParallelMesh`: ``dp``
+(ranks reading different data), ``cp``, ``dp_cp`` (ranks holding different tokens), ``routing``
+(MoE load counters), ``fsdp``, ``replicas``, ``ep`` and ``expert_fsdp``.
 
-- ``"dp"``: ``dp_replicate x dp_shard`` flattened. The data-parallel group: ranks that read
-  different data. The data loader shards by ``mesh.dp_rank`` / ``mesh.dp_size``; token counts are
-  summed over it. TP peers, CP peers and PP stages of one data replica read the same batch.
-- ``"cp"``: the context-parallel group. Its ranks hold different zig-zag slices of the same
-  sequences (`moonlight.parallel.context`) and exchange MLA's compressed keys.
-- ``"dp_shard_cp"``: ``dp_shard x cp`` as one dim, and ``"dp_cp"``: ``dp_replicate x dp_shard_cp``
-  flattened, the ranks that hold different tokens: losses are summed over it and gradients averaged
-  over it (parameters are replicated over cp, as over dp).
-- ``"routing"``: the ranks that route DIFFERENT tokens through the same MoE layers, over which the
-  MoE load counters are summed: ``"dp_cp"``, or ``dp_replicate x dp_shard_cp x tp`` when EP spans TP
-  (below: then every tp rank routes its own sequence shard).
-- ``"sequence_parts"`` (only when EP spans TP): ``cp x tp`` flattened, the ranks whose MoE layers route
-  the other parts of the same sequences; the sequence aux loss sums over them (``"cp"`` without TP).
-- ``"fsdp"``: what `fully_shard` shards the dense parameters over: ``dp_shard_cp`` (1-D FSDP), or
-  the 2-D ``("dp_replicate", "dp_shard_cp")`` mesh for HSDP (replicate across groups, shard within).
-- ``"replicas"``: ``("dp_replicate", "dp_shard_cp", "tp")``, the ranks over which a weight outside a
-  DTensor is copied (Muon's ``replicas``).
-- ``"ep"`` (only when ep > 1): the ranks of one expert-parallel group, and ``"expert_fsdp"``: what
-  `fully_shard` shards the routed experts over (``"fsdp"`` when ep == 1). Both are slices of one
-  expert mesh, below.
-
-Expert parallel borrows data- and context-parallel ranks (and, with sequence parallel, TP ranks)
-------------------------------------------------------------------------------------------------
-EP does not add ranks: an EP group is ``ep`` ranks that route different tokens. Which ranks, is
-decided by the degrees alone (`ParallelDims.ep_spans_tp`):
-
-- ``ep`` divides ``dp_shard * cp`` (always the case with tp == 1): the ``ep`` ranks of one group are
-  ``ep`` *consecutive ranks of the* ``(dp_shard, cp)`` *grid* (its index ``u = s * cp + c``) with the
-  same ``pp``, ``dp_replicate`` and ``tp`` coordinates; with cp2 x ep2 on 2 ranks the EP group is the
-  two cp ranks. The expert mesh is the world with ``dp_shard_cp`` unflattened into
-  ``("dp_shard_mod_ep", "ep")`` = ``(dp_shard * cp // ep, ep)``: a rank's EP group is the indices
-  ``(u // ep) * ep + j`` for ``j`` in ``range(ep)`` and it holds experts ``[j*E/ep, (j+1)*E/ep)``
-  where ``j = u % ep``; the routed experts are FSDP-sharded over ``"dp_shard_mod_ep"`` (the ranks
-  with the same ``j``), times ``dp_replicate`` for HSDP. Under TP the MoE layer of every TP rank sees
-  the same, full set of its tokens (see `moonlight.parallel.tensor`), so the routed experts run once
-  per TP rank: each TP rank has its own EP group.
-- ``ep`` does not divide ``dp_shard * cp`` (it must then divide ``dp_shard * cp * tp``, and sequence
-  parallel is required): EP spans TP. Each TP rank routes only its own sequence shard (no all-gather
-  before the MoE layer), so the ``dp_shard * cp * tp`` ranks of a ``(pp, dp_replicate)`` slice all
-  hold different tokens and routed-expert work is never repeated. An EP group is ``ep`` *consecutive
-  ranks of the flattened* ``(dp_shard, cp, tp)`` order (tp fastest: a group fills whole TP groups,
-  i.e. stays inside a node, when ``tp`` divides ``ep``). The expert mesh is the world with those
-  dims flattened and unflattened into ``("dp_shard_tp_mod_ep", "ep")`` = ``(dp_shard * cp * tp // ep,
-  ep)``; the routed experts are FSDP-sharded over ``"dp_shard_tp_mod_ep"`` (x ``dp_replicate``). So
-  ``tp=2, ep=2, dp_shard=2`` keeps the first layout (EP over dp_shard, routed work repeated on both TP
-  ranks), while ``tp=2, ep=8, dp_shard=4`` (Megatron-Bridge's TP2 x EP8 on 8 GPUs) and ``tp=2, ep=4,
-  dp_shard=2`` span TP.
-
-In both, every rank of an EP group holds different tokens (other data, another slice of the same
-sequences, or another sequence shard), so an expert's gradient (through the all-to-all backward, then
-FSDP's sum over ``"expert_fsdp"``) sums every token routed to it exactly once; FSDP divides it by
-``dp * cp``, as the dense gradients.
+Expert parallel borrows data- and context-parallel ranks, or spans TP ranks when ``ep`` does not
+divide ``dp_shard * cp`` (then each TP rank routes its own sequence shard).
+Design and the rank arithmetic: docs/parallelism.md.
 """
 
 from __future__ import annotations
@@ -181,7 +129,8 @@ class ParallelDims:
                               "dp_replicate); use an ep that divides dp_shard * cp, or raise dp_shard")
             elif (tokens * self.tp) % self.ep:
                 spanned = "dp_shard" + (" x cp" if self.cp > 1 else "") + " x tp"
-                errors.append(f"ep={self.ep} divides neither {borrowed} nor {spanned}={tokens * self.tp}: expert parallel "
+                errors.append(f"ep={self.ep} divides neither {borrowed} nor {spanned}={tokens * self.tp}: "
+                              "expert parallel "
                               "borrows its ranks from dp_shard x cp, or (with sequence parallel) from dp_shard x "
                               "cp x tp; use an ep that divides one of them")
             elif self.ep_spans_tp and not sequence_parallel:
@@ -283,7 +232,7 @@ class ParallelMesh:
 def build_mesh(dims: ParallelDims, device_type: str | None = None) -> ParallelMesh:
     """Build the world mesh ``("pp", "dp_replicate", "dp_shard", "cp", "tp")`` and the derived meshes.
 
-    The process group must already be initialised (the caller picks the backend: nccl on GPUs,
+    The process group must already be initialized (the caller picks the backend: nccl on GPUs,
     gloo on CPUs). Size-1 dimensions are kept, so every name always exists (except ``ep`` and the
     expert mesh's FSDP dim, which exist only when ``dims.ep > 1``, and ``sequence_parts``).
     """

@@ -73,7 +73,7 @@ def parallelize_model(model: nn.Module, dims: ParallelDims, mesh: ParallelMesh, 
     if dims.ep_spans_tp:  # each tp rank routes its own shard of its (context-parallel slice of a) sequence
         shards = SequenceShards(mesh["sequence_parts"], weight_mesh=mesh["tp"], loss_scale=dims.cp)
         for moe in (m for m in model.modules() if isinstance(m, MoE)):
-            moe.sequences = shards
+            moe.sequence_split = shards
     mixed = is_mixed(param_dtype, reduce_dtype)
     if ac_mode == "op" and dims.ep > 1 and (dims.dp_replicate * dims.expert_shard > 1 or mixed):
         raise ParallelConfigError(

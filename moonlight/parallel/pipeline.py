@@ -1,38 +1,12 @@
-"""Pipeline parallel (PP) with torch.distributed.pipelining.
+"""Pipeline parallel (PP) with torch.distributed.pipelining; layouts are in pipeline_layout.py.
 
-Layouts (layer counts per stage) are in pipeline_layout.py.
+    stages, parts = build_pipeline_stages(args, layout, pp_mesh, device, schedule=name, parallelize_fn=...)
+    schedule = build_schedule(stages, name, n_microbatches, loss_fn, local_batch_size=B)
+    loss = pipeline_step(schedule, tokens, labels)   # on the last stage's rank, None elsewhere
 
-Trainer flow
-------------
-    layout = resolve_layout(cfg.pp_layout, args, pp, vp)
-    stages, parts = build_pipeline_stages(args, layout, pp_mesh, device, schedule=name,
-                                          parallelize_fn=lambda m, s: parallelize_and_init(m))
-    schedule = build_schedule(stages, name, n_microbatches, cross_entropy_loss, local_batch_size=B)
-    each step:  for p in parts: zero grads
-                loss = pipeline_step(schedule, tokens, labels)   # loss on the rank holding the last
-                                                                 # stage, None elsewhere
-                (dp grad reduction happens inside FSDP's post-backward, driven by the schedule)
-                optimizer over the parameters of all `parts`
-
-Loss scaling (checked by tests/test_parallel_pp.py): the schedule calls the loss function once per
-microbatch and, with scale_grads=True (the default here), divides every .grad of the stage modules by
-n_microbatches after the last backward. With `cross_entropy_loss` (mean over a microbatch's tokens)
-and equal-sized microbatches the gradients are exactly those of the mean loss over the whole local
-batch, as a single process computes it; `pipeline_step` returns the mean of the microbatch losses.
-Because the division applies to the whole .grad, zero the grads before each step (no accumulation
-across steps in this mode). For an exact token-weighted mean with ignored labels, or accumulation over
-several steps, build the schedule with scale_grads=False and pass num_tokens (the token count the
-loss is normalised by, e.g. the global count of valid labels) to pipeline_step: each microbatch then
-contributes sum(CE) / num_tokens and the returned loss is their sum. The MoE aux loss is attached
-inside each MoE layer (an autograd identity), so it needs nothing from the pipeline and is scaled
-the same way as the main loss.
-
-Shape inference: on its first training step (and the first after `schedule.eval`) torch runs one
-extra forward + input-backward per stage on placeholder activations to learn the shapes. Parameter
-grads are unaffected, and `pipeline_step` undoes what that forward adds to the MoE load counters
-(`tokens_per_expert`), so after a step they hold exactly the step's real tokens. With expert parallel
-these extra forwards run the all-to-alls too, on all ep ranks alike. Call `schedule.step` directly
-and the first step's counters include one extra (placeholder) microbatch per stage.
+Each microbatch contributes sum(CE) / num_tokens with scale_grads=False, so the gradients equal a
+single process's. The MoE aux loss rides inside each MoE layer and needs nothing from the pipeline.
+Loss scaling and shape inference: docs/parallelism.md.
 """
 
 from __future__ import annotations

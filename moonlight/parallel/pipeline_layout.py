@@ -155,7 +155,7 @@ def layout_costs(args: ModelArgs, layout: Sequence[int], seq_len: int = 4096) ->
 
 
 def auto_layout(args: ModelArgs, pp: int, vp: int = 1, seq_len: int = 4096) -> list[int]:
-    """Contiguous, non-empty split of the decoder layers into pp * vp stages minimising the most
+    """Contiguous, non-empty split of the decoder layers into pp * vp stages minimizing the most
     expensive stage (ties: the most even split), under the per-token FLOP model of `layout_costs`:
     the embedding is cheap, the lm_head + loss costs 2 * hidden * vocab per token (about four MoE
     layers for Moonlight), so the last stage gets fewer layers."""

@@ -1,38 +1,13 @@
 """Tensor parallel (Megatron-style) and sequence parallel plans, and a loss for vocab-sharded logits.
 
-What runs where (tp ranks of one data replica):
-
-- Attention: ``q_proj`` (or ``q_b_proj``) and ``kv_b_proj`` column-parallel (whole heads per rank,
-  so ``num_attention_heads % tp == 0``), ``o_proj`` row-parallel. ``kv_a_proj``, ``kv_norm``,
-  ``q_a_proj``, ``q_norm`` stay plain replicated tensors: every tp rank computes them on the full
-  sequence; their gradients come out identical on every tp rank because the column-parallel inputs
-  all-reduce the gradient flowing back into them, and a hook on ``kv_a_proj`` all-reduces the
-  gradient of the rope key ``k_pe`` (shared by all heads, so each rank only sees its heads' part).
-- Dense MLP and the MoE shared experts: ``gate_proj``/``up_proj`` column-, ``down_proj`` row-parallel.
-- Routed experts and the router are NOT split by tp. Two plans for the MoE layer:
-  - default: each tp rank runs the router and the routed experts on all tokens of its data replica
-    (with sequence parallel the MoE input is all-gathered first and the output re-split). Router
-    choices, the sequence aux loss and ``tokens_per_expert`` are exact and identical across tp
-    (the counters are summed over ``mesh["routing"]`` = ``mesh["dp"]``). Routed-expert compute is
-    repeated tp times.
-  - sequence-local routing (``sequence_local_routing=True``, with sequence parallel; used when expert
-    parallel spans tp, see `moonlight.parallel.mesh`): the MoE layer keeps the local ``[b, s/tp, h]``
-    input, so each tp rank routes only its own sequence shard and the routed experts (expert
-    parallel over ranks that include the tp peers) never repeat work. What then sees only this
-    rank's tokens is made exact by the `SequenceShards` that `parallelize_model` swaps onto
-    ``MoE.sequences``: the router weight's gradient is summed over tp (its value stays a plain copy
-    on every tp rank), and the sequence aux loss sums f_i and P_i over the shards of each sequence
-    (over cp x tp under context parallel too). ``tokens_per_expert``
-    counts this rank's tokens: the trainer sums it over ``mesh["routing"]``, which then includes tp.
-    The shared experts (column/row-parallel) all-gather their rows in and reduce-scatter them out.
-- Embedding: vocab-parallel (RowwiseParallel on nn.Embedding). ``lm_head``: column-parallel with
-  the logits left as a ``Shard(-1)`` DTensor on the tp mesh (full logits are never gathered);
-  `cross_entropy_loss` computes the loss from the vocab shards.
-- Sequence parallel (``sequence_parallel=True``): the residual stream between blocks is the local
-  ``[b, s/tp, h]`` chunk (a plain tensor, never a DTensor), the norms run SequenceParallel on it,
-  attention/MLP inputs are all-gathered, ``o_proj``/``down_proj`` reduce-scatter. Without it the
-  residual stream is the full replicated ``[b, s, h]`` on every tp rank. Pipeline stages exchange
-  the residual stream in this same form.
+- Attention: q/kv_b projections column-parallel (whole heads per rank), ``o_proj`` row-parallel;
+  the latent projections and norms stay replicated.
+- Dense MLP and shared experts: gate/up column-, down row-parallel. Routed experts and the router
+  are not split by tp: each tp rank routes all its replica's tokens, or with sequence-local routing
+  only its own sequence shard (`SequenceShards`).
+- Embedding vocab-parallel; ``lm_head`` column-parallel, its logits left sharded for
+  `cross_entropy_loss`. Sequence parallel keeps the residual stream as the local ``[b, s/tp, h]``.
+Design: docs/parallelism.md.
 """
 
 from __future__ import annotations
@@ -82,7 +57,7 @@ def _reduce_rope_key_grad(kv_a_proj: nn.Module, start: int, tp_mesh: DeviceMesh)
 
 
 class SequenceShards:
-    """`MoE.sequences` when this rank's MoE input is one part of every sequence of its data replica,
+    """`MoE.sequence_split` when this rank's MoE input is one part of every sequence of its data replica,
     the other parts on the ranks of ``parts_mesh``: context parallel's cp ranks, times the tp ranks
     under sequence-local routing (see `moonlight.model.model.WholeSequences`). ``weight_mesh``: the
     ranks among them whose router-weight gradients data parallel does not reduce (tp), summed here;

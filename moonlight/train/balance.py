@@ -25,7 +25,7 @@ def update_router_biases(
 
     ``counts[i]`` = tokens routed to each expert of layer i since the last update (int/float
     [E]). The counts of all layers are summed over ``group`` with ONE all-reduce (None = the
-    default world; skipped when torch.distributed is not initialised). Pass the group of all
+    default world; skipped when torch.distributed is not initialized). Pass the group of all
     ranks that see different tokens for these layers (``mesh["routing"]``: dp x cp, and tp when each
     tp rank routes its own sequence shard; exclude pp — each pipeline stage updates its own layers).
     Counts are zeroed in place afterwards (also when rate == 0, which freezes the biases).

@@ -23,11 +23,11 @@ from moonlight.distributed import backend_for, broadcast_object, default_device,
 from moonlight.dtypes import to_dtype
 from moonlight.errors import CheckpointError, ConfigError
 from moonlight.hf import HFCheckpoint
-from moonlight.model import Moonlight
-from moonlight.model.lora import apply_lora, hide_adapters, init_dora_magnitude
+from moonlight.model.converters import ModelConverter
+from moonlight.model.lora import LoRAConverter, hide_adapters, init_dora_magnitude
 from moonlight.outputs import refuse_link
 from moonlight.parallel.load import load_hf_sharded
-from moonlight.train.config import JobConfig, LoRASection
+from moonlight.train.config import JobConfig
 from moonlight.train.lock import DumpFolderLock
 
 logger = logging.getLogger(__name__)
@@ -58,13 +58,12 @@ def build_model_args(cfg: JobConfig) -> ModelArgs:
                                         "aux_loss_alpha": cfg.moe.aux_loss_coeff})
 
 
-def apply_lora_section(model: Moonlight, lora: LoRASection) -> list[str]:
-    """[lora]'s adapters on a model; returns the names of the adapted linears. Targets that fit no
-    module of the model are a ConfigError."""
-    try:
-        return apply_lora(model, lora.targets, rank=lora.rank, alpha=lora.alpha, dora=lora.dora, dropout=lora.dropout)
-    except ValueError as e:
-        raise ConfigError(f"lora: {e} (lora.targets = {lora.targets})") from None
+def build_converters(cfg: JobConfig) -> list[ModelConverter]:
+    """The model converters the job config asks for, in the order they apply (see convert_model)."""
+    lo = cfg.lora
+    if not lo.enable:
+        return []
+    return [LoRAConverter(lo.targets, rank=lo.rank, alpha=lo.alpha, dora=lo.dora, dropout=lo.dropout)]
 
 
 def check_token_ids(store, vocab_size: int, what: str) -> None:

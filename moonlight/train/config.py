@@ -258,7 +258,8 @@ class ParallelismSection:
         out += _require([
             (self.dp_shard == -1 or self.dp_shard >= 1,
              f"parallelism.dp_shard must be -1 (the rest) or >= 1 (got {self.dp_shard})"),
-            (self.pp_microbatches >= 0, f"parallelism.pp_microbatches must be >= 0 (0 = auto; got {self.pp_microbatches})"),
+            (self.pp_microbatches >= 0,
+             f"parallelism.pp_microbatches must be >= 0 (0 = auto; got {self.pp_microbatches})"),
         ])
         if self.pp >= 1 and self.pp_virtual_stages >= 1:
             out += schedule_problems(self.pp_schedule, self.pp_virtual_stages)
@@ -280,7 +281,8 @@ class DataSection:
     format: Literal["jsonl", "hf", "megatron", "chat"] = "jsonl"
     """jsonl text, a local HF dataset, Megatron .bin/.idx, or chat conversations."""
     path: str = "data/corpus"
-    """Relative to the working directory (not the config file). jsonl: a file, a directory (all *.jsonl and *.jsonl.gz) or a glob; hf: a save_to_disk directory or
+    """Relative to the working directory (not the config file). jsonl: a file, a directory (all *.jsonl
+    and *.jsonl.gz) or a glob; hf: a save_to_disk directory or
     json/parquet/arrow/csv file(s); megatron: the prefix of <prefix>.bin/.idx (or either file);
     chat: jsonl file(s) as for jsonl, else an HF dataset as for hf."""
     text_key: str = "text"
@@ -372,7 +374,8 @@ class CheckpointSection:
     def problems(self) -> list[str]:
         return _require([
             (self.interval >= 1, f"checkpoint.interval must be >= 1 (got {self.interval})"),
-            (self.keep_latest_k >= 0, f"checkpoint.keep_latest_k must be >= 0 (0 = keep all; got {self.keep_latest_k})"),
+            (self.keep_latest_k >= 0,
+             f"checkpoint.keep_latest_k must be >= 0 (0 = keep all; got {self.keep_latest_k})"),
             (self.load_step >= -1, f"checkpoint.load_step must be -1 (latest) or a step >= 0 (got {self.load_step})"),
             (self.enable or self.load_step == -1, f"checkpoint.load_step = {self.load_step} resumes from a checkpoint, "
              "which checkpoint.enable = false turns off: set checkpoint.enable = true"),

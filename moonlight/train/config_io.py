@@ -40,7 +40,7 @@ def type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-class BadValue(Exception):
+class BadValue(Exception):  # noqa: N818 (a control-flow signal, never shown to a user)
     """A value that does not fit its field's type (raised by `coerce`)."""
 
 

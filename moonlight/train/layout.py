@@ -22,7 +22,7 @@ from moonlight.dtypes import is_mixed
 from moonlight.model import Moonlight
 from moonlight.parallel.mesh import ParallelDims, build_mesh
 from moonlight.parallel.parallelize import parallelize_model
-from moonlight.parallel.tensor import cross_entropy_loss
+from moonlight.parallel.tensor import cross_entropy_loss, reduce_token_losses
 from moonlight.parallel.compile import apply_compile
 from moonlight.parallel.context import zigzag_slice
 from moonlight.parallel.data_parallel import apply_activation_checkpointing
@@ -34,7 +34,7 @@ from moonlight.data.loader import Batch
 
 class Pipeline:
     """One pipeline step per call: every micro-batch's loss is sum(CE) / num_tokens (the trainer's
-    per-step normaliser), so the contributions of all micro-batches and accumulation steps add up.
+    per-step normalizer), so the contributions of all micro-batches and accumulation steps add up.
     model_kwargs (positions, document_ids) are split into micro-batches like the inputs and reach
     every stage: the schedule passes keyword arguments to each stage's forward, while positional
     inputs only enter the first stage."""
@@ -72,6 +72,27 @@ class Layout:
     loss_from_hidden: bool = True
     description: str = "single process"
 
+    def forward_loss(self, inputs: torch.Tensor, labels: torch.Tensor, packing: dict[str, torch.Tensor],
+                     num_tokens: torch.Tensor | float | None = None) -> torch.Tensor | None:
+        """One micro-batch through this rank's model parts -> its loss (None on a pipeline rank without
+        the last stage), for every layout: the pipeline schedule, the chunked loss from hidden states,
+        or the vocab-parallel `loss_fn` on sharded logits. Training (`num_tokens` given): sum(CE) /
+        num_tokens, backward included. Validation (None): the sum of the token losses, no backward."""
+        train = num_tokens is not None
+        if self.pipeline is not None:
+            if train:
+                return self.pipeline.step(inputs, labels, num_tokens, packing)
+            return self.pipeline.eval(inputs, labels, packing)
+        model = self.model_parts[0]
+        reduce = {"num_tokens": num_tokens} if train else {"reduction": "sum"}
+        if self.loss_from_hidden:
+            loss = reduce_token_losses(model(inputs, labels=labels, **packing), labels, **reduce)
+        else:
+            loss = self.loss_fn(model(inputs, **packing), labels, **reduce)
+        if train:
+            loss.backward()
+        return loss
+
     @property
     def gradient_ranks(self) -> int:
         """The ranks data parallel averages gradients over (they hold different tokens): dp x cp."""
@@ -100,14 +121,16 @@ class Layout:
         cut = functools.partial(zigzag_slice, cp=self.cp_world, rank=self.cp_rank)
         return cut(inputs), cut(labels), {name: cut(t) for name, t in packing.items()}
 
-    def reduce_loss(self, local_loss: torch.Tensor) -> torch.Tensor:
-        """The step's mean loss as every rank agrees on it (a device scalar: no host sync)."""
+    def reduce_loss(self, local_loss: torch.Tensor, stop: bool = False) -> torch.Tensor:
+        """[the step's mean loss as every rank agrees on it, the number of ranks that asked to `stop`]:
+        a device vector, so the step's one host read carries both (no extra sync)."""
+        flag = torch.tensor(float(stop), device=local_loss.device)
         if not dist.is_initialized() or dist.get_world_size() == 1:
-            return local_loss.float()
+            return torch.stack([local_loss.float(), flag])
         held = torch.stack([local_loss.float() * self.holds_loss,
-                            torch.tensor(float(self.holds_loss), device=local_loss.device)])
+                            torch.tensor(float(self.holds_loss), device=local_loss.device), flag])
         dist.all_reduce(held)
-        return torch.where(held[1] > 0, held[0] / held[1], math.nan)
+        return torch.stack([torch.where(held[1] > 0, held[0] / held[1], math.nan), held[2]])
 
 
 def is_single_process(cfg: JobConfig, world_size: int) -> bool:
@@ -143,12 +166,12 @@ def build_layout(cfg: JobConfig, args: ModelArgs, world_size: int, device: torch
                  init_full_model: Callable[[], Moonlight]) -> Layout:
     """Validate the degrees, build the meshes, split pipeline stages and apply the parallel plans.
     `init_full_model()` gives the whole model with its initial weights (on meta when too large to
-    initialise whole: then every rank initialises its own shards)."""
+    initialize whole: then every rank initializes its own shards)."""
     p, t = cfg.parallelism, cfg.training
     if is_single_process(cfg, world_size):
         if not is_mixed_precision(cfg):
             model = init_full_model()
-            _materialise(model, device, t.seed)
+            _materialize(model, device, t.seed)
             if t.compile:
                 apply_compile(model, t.compile_backend)
             apply_activation_checkpointing(model, cfg.activation_checkpoint.mode)
@@ -172,7 +195,7 @@ def build_layout(cfg: JobConfig, args: ModelArgs, world_size: int, device: torch
         parallelize_model(module, dims, mesh, sequence_parallel=sequence_parallel,
                           ac_mode=cfg.activation_checkpoint.mode, param_dtype=t.mixed_precision_param,
                           reduce_dtype=t.mixed_precision_reduce, reshard_after_forward=reshard_after_forward)
-        if on_meta:  # too large to initialise whole: each rank initialises its shards
+        if on_meta:  # too large to initialize whole: each rank initializes its shards
             module.to_empty(device=device)
             torch.manual_seed(t.seed + stage)
             module.init_weights()
@@ -200,8 +223,8 @@ def build_layout(cfg: JobConfig, args: ModelArgs, world_size: int, device: torch
                   **common)
 
 
-def _materialise(model: nn.Module, device: torch.device, seed: int) -> None:
-    """Move a model to the device; one still on meta is allocated there and initialised from `seed`."""
+def _materialize(model: nn.Module, device: torch.device, seed: int) -> None:
+    """Move a model to the device; one still on meta is allocated there and initialized from `seed`."""
     if next(model.parameters()).is_meta:
         model.to_empty(device=device)
         torch.manual_seed(seed)

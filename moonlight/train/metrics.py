@@ -69,7 +69,8 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
         spec = spec_peak_flops(name, dtype)
         if spec is not None:
             return spec
-        warnings.warn(f"no spec peak for GPU {name!r}: MFU uses a timed matmul (set metrics.device_peak_flops)")
+        warnings.warn(f"no spec peak for GPU {name!r}: MFU uses a timed matmul (set metrics.device_peak_flops)",
+                      stacklevel=2)
     return measure_peak_flops(device)
 
 

@@ -1,47 +1,13 @@
-"""Newton-Schulz orthogonalisation for Muon, each matrix on exactly one rank.
+"""Newton-Schulz orthogonalization for Muon, each matrix on exactly one rank.
 
-Muon's update of a matrix is ``NS(update)`` of the FULL matrix, while FSDP/TP/EP leave every rank with a
-shard of it. Moonlight's paper (Muon is Scalable, Algorithm 1) gathers the full matrix on every rank
-and so runs Newton-Schulz (NS) ``D`` times over. Here each full matrix (and each expert matrix of a
-stacked ``[E, A, B]`` weight) is orthogonalised by ONE rank of the group that shares it, its owner:
+    plans = plan_orthogonalization(params, ns_steps)          # once: who shares, who owns what
+    outs = orthogonalize(plans, updates, settings, dtype)     # every step: 2 all-to-alls + NS
 
-    plans = plan_orthogonalisation(params, ns_steps)          # once: who shares, who owns what
-    outs = orthogonalise(plans, updates, settings, dtype)     # every step: 2 all-to-alls + NS
-
-1. Sharing group (`sharing_group`): the ranks of the parameter's DTensor mesh (widened by
-   ``replicas``, below) that hold pieces of the same matrices, and the box (rows x cols) each one
-   holds. Mesh dims that shard the expert dim of a 3-D weight split experts, not matrices, so they
-   are not part of the group. Fully expert-sharded weights (and plain tensors without ``replicas``)
-   have a group of one: NS runs locally.
-2. Owners (`assign_owners`): greedy, largest NS cost first, to the least loaded member, per sharing
-   group; the matrices of one expert weight owned by one rank are orthogonalised as one batch.
-3. Exchange (`orthogonalise`): one all-to-all sends every rank's pieces of the momentum-updated
-   matrix to the owner (each distinct piece once: replicas do not resend), the owners run NS (with the
-   rank's unshared matrices, same-shaped ones as one stack: `newton_schulz_stacked`), and a second
-   all-to-all returns to every rank its own piece of the result.
-
-Exactness: the pieces travel in the NS dtype, which is the first thing NS casts to, and NS output is
-in that dtype too, so the result equals full-matrix Muon bit for bit.
-
-Communication: a rank sends its piece of each matrix to the owner once and receives its piece of the
-result once, so per rank and step about ``2 * (D-1)/D * P/D`` elements for P parameters on D ranks,
-against ``2 * (D-1)/D * P`` for the gradient reduce-scatter + parameter all-gather of distributed
-AdamW: at most ``1/D`` extra in the same dtype (``benchmarks/muon_distributed.py`` measures it).
-
-Both all-to-alls run on ``group`` (default: the world), so every rank of it that holds a shared matrix
-must call `orthogonalise` at the same step (pipeline stages step together anyway), also when its own
-part is empty. A rank whose matrices are all unshared (plain tensors: single process, pure pipeline
-parallel; or whole experts only) skips the exchange.
-
-Copies outside a DTensor: under TP the router, ``kv_a_proj`` and (without EP) the routed experts live
-on the FSDP mesh (``dp_shard_cp``) only (or are plain tensors), and every tp rank holds a copy. Given
-``replicas`` (the trainer passes ``mesh["replicas"]``, the world without pp as
-``("dp_replicate", "dp_shard_cp", "tp")``), a weight's sharing group is widened by
-the replicas dims its own mesh lacks, so those copies share one NS too. Expert meshes built for EP
-(``expert_fsdp`` x ``ep``) are not slices of the world mesh and are not widened: with EP over
-dp_shard under TP the routed experts are still orthogonalised once per tp rank (each tp rank holds a
-copy); when EP spans TP (`moonlight.parallel.mesh`) there are no copies, and each expert matrix is
-orthogonalised once by its ``expert_fsdp`` group.
+Muon's update is NS of the FULL matrix while FSDP/TP/EP shard it. Each full matrix (and each
+expert matrix of a stacked [E, A, B] weight) is orthogonalized by one owner rank of the group that
+shares it: one all-to-all brings the pieces to the owner, a second returns the result's pieces.
+The result equals full-matrix Muon bit for bit. Every rank of ``group`` that holds a shared matrix
+calls `orthogonalize` at the same step. Design and communication volume: docs/optimizers.md.
 """
 
 from __future__ import annotations
@@ -59,7 +25,7 @@ from torch.distributed.tensor._utils import _compute_local_shape_and_global_offs
 from torch.distributed.tensor.placement_types import _StridedShard
 
 __all__ = ["NS_COEFFICIENTS", "NS_STACK_NUMEL", "zeropower_via_newtonschulz", "newton_schulz_stacked", "ns_flops",
-           "MatrixPlan", "NSSettings", "sharing_group", "assign_owners", "plan_orthogonalisation", "orthogonalise"]
+           "MatrixPlan", "NSSettings", "sharing_group", "assign_owners", "plan_orthogonalization", "orthogonalize"]
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
@@ -71,10 +37,10 @@ def zeropower_via_newtonschulz(
     eps: float = 1e-7,
     dtype: torch.dtype = torch.bfloat16,
 ) -> Tensor:
-    """Approximately orthogonalise each matrix of ``G`` ([..., A, B]; batched over leading dims).
+    """Approximately orthogonalize each matrix of ``G`` ([..., A, B]; batched over leading dims).
 
     Moonshot's ``zeropower_via_newtonschulz5``: cast to ``dtype``, transpose when A > B,
-    normalise by the Frobenius norm of each matrix plus ``eps``, then ``steps`` quintic
+    normalize by the Frobenius norm of each matrix plus ``eps``, then ``steps`` quintic
     iterations. Returns a tensor of ``dtype`` with the shape of ``G``.
     """
     if G.ndim < 2:
@@ -106,11 +72,11 @@ Box = tuple[slice, slice]  # rows and cols of one rank's piece inside each full 
 
 @dataclass
 class MatrixPlan:
-    """How one Muon parameter's matrices are orthogonalised.
+    """How one Muon parameter's matrices are orthogonalized.
 
     The local shard is viewed as ``[count, rows, cols]`` (``count`` = 1 for a 2-D weight, the local
     experts for a 3-D one); ``members[i]`` holds ``boxes[i]`` of every one of these ``count`` full
-    ``shape`` matrices, ``owners[k]`` (an index into members) orthogonalises matrix k.
+    ``shape`` matrices, ``owners[k]`` (an index into members) orthogonalizes matrix k.
     """
 
     members: tuple[int, ...]  # global ranks sharing these matrices, this rank among them
@@ -127,7 +93,7 @@ class MatrixPlan:
 
     @functools.cached_property
     def owned_by(self) -> dict[int, list[int]]:
-        """owner -> the matrices it orthogonalises, owners ascending (set ``owners`` first)."""
+        """owner -> the matrices it orthogonalizes, owners ascending (set ``owners`` first)."""
         out: dict[int, list[int]] = {}
         for k, o in enumerate(self.owners):
             out.setdefault(o, []).append(k)
@@ -237,7 +203,7 @@ def assign_owners(plans: list[MatrixPlan], ns_steps: list[int]) -> None:
         plan.owners = tuple(own)
 
 
-def plan_orthogonalisation(params: list[Tensor], ns_steps: list[int],
+def plan_orthogonalization(params: list[Tensor], ns_steps: list[int],
                            replicas: DeviceMesh | None = None) -> list[MatrixPlan]:
     """Sharing groups and owners of every parameter's matrices (``ns_steps`` per parameter)."""
     plans = [sharing_group(p, replicas) for p in params]
@@ -252,7 +218,7 @@ class NSSettings:
     eps: float
 
 
-# Matrices of one shape and NS settings are orthogonalised as one stack, one batched matmul per product
+# Matrices of one shape and NS settings are orthogonalized as one stack, one batched matmul per product
 # instead of one per matrix, up to this many elements per stack (NS's temporaries are a few stacks' size).
 NS_STACK_NUMEL = 2**28
 
@@ -286,7 +252,7 @@ def newton_schulz_stacked(batches: dict[int, Tensor], settings: list[NSSettings]
     return out
 
 
-def orthogonalise(plans: list[MatrixPlan], updates: list[Tensor], settings: list[NSSettings],
+def orthogonalize(plans: list[MatrixPlan], updates: list[Tensor], settings: list[NSSettings],
                   dtype: torch.dtype, device: torch.device, group: dist.ProcessGroup | None = None) -> list[Tensor]:
     """NS of every full matrix, on its owner; returns each rank's piece, shaped like its update.
 
@@ -362,7 +328,7 @@ def _gather_to_owners(plans: list[MatrixPlan], pieces: list[Tensor], exchange: _
 
 def _scatter_from_owners(plans: list[MatrixPlan], pieces: list[Tensor], results: dict[int, Tensor],
                          exchange: _Exchange) -> dict[int, Tensor]:
-    """Every member's piece of each orthogonalised matrix from its owner; returns this rank's pieces
+    """Every member's piece of each orthogonalized matrix from its owner; returns this rank's pieces
     of every shared parameter."""
     send: dict[int, list[Tensor]] = {}
     expect: dict[int, list[tuple[int, list[int]]]] = {}  # owner -> (param, matrices)

@@ -1,23 +1,11 @@
 """Optimizers and gradient clipping for Moonlight training (the LR schedule is in
 moonlight.train.schedule, the MoE bias update in moonlight.train.balance).
 
-Muon is implemented exactly as Moonlight was trained (paper arXiv:2502.16982 and Moonshot's
-example): Nesterov momentum 0.95 (``buf = mu*buf + g``; ``update = g + mu*buf``), Newton-Schulz
-(5 steps, coefficients (3.4445, -4.7750, 2.0315), bf16 by default) on ``X / (||X||_F + 1e-7)``,
-transposed when rows > cols, and the update
-``W <- W*(1 - lr*wd) - lr * 0.2*sqrt(max(A, B)) * O``.
-
-Distributed exactness: parameters may be DTensors (FSDP2 / TP / EP shards, 1-D or 2-D meshes).
-Momentum and weight decay are elementwise and stay on the local shard; Newton-Schulz is run on
-the FULL matrix, by one rank of the group sharing it, and the result is scattered back to the
-shards (`moonlight.train.muon`), so it equals single-device Muon on the full matrix bit for bit.
-For 3-D stacked expert weights ``[E, A, B]`` NS is per expert; ranks holding different experts
-share nothing.
-
-Everything here is a standard ``torch.optim.Optimizer`` with ``param_groups`` holding ``'lr'``,
-so ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict(model, optimizers)`` and
-``LambdaLR`` work on them. Optimizer state of a DTensor parameter is a DTensor with the same
-placements (so DCP can reshard it).
+Muon as Moonlight was trained (arXiv:2502.16982): Nesterov momentum 0.95, 5 Newton-Schulz steps on
+``X / (||X||_F + 1e-7)``, ``W <- W*(1 - lr*wd) - lr * 0.2*sqrt(max(A, B)) * O``. Parameters may be
+DTensors: momentum and weight decay stay on the local shard, NS runs on the full matrix
+(`moonlight.train.muon`). Every optimizer is a standard ``torch.optim.Optimizer``, so DCP and
+``LambdaLR`` work on it. Details: docs/optimizers.md.
 """
 
 from __future__ import annotations
@@ -33,7 +21,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim.adam import adam
 
 from moonlight.distributed import local_tensor
-from moonlight.train.muon import (NS_COEFFICIENTS, NSSettings, orthogonalise, plan_orthogonalisation,
+from moonlight.train.muon import (NS_COEFFICIENTS, NSSettings, orthogonalize, plan_orthogonalization,
                                   zeropower_via_newtonschulz)
 
 __all__ = [
@@ -93,7 +81,7 @@ class Muon(torch.optim.Optimizer):
         lr, weight_decay: as AdamW (decoupled decay ``W *= 1 - lr*wd``; Moonlight uses 0.1).
         momentum, nesterov: ``buf = mu*buf + g``; the NS input is ``g + mu*buf`` when nesterov,
             else ``buf``. (torch.optim.Muon uses a lerp form, which differs by the constant
-            factor 1-mu and so gives the same orthogonalised update up to eps.)
+            factor 1-mu and so gives the same orthogonalized update up to eps.)
         ns_steps, ns_coefficients, eps: Newton-Schulz settings.
         ns_dtype: dtype NS runs in (bf16 as Moonlight; fp32 for exact tests).
         master_weights: precision-aware mode. Keep an fp32 copy of the parameter
@@ -101,12 +89,12 @@ class Muon(torch.optim.Optimizer):
             copied back into the (bf16) parameter.
         process_group: where the Newton-Schulz exchange runs (None: the world).
         replicas: a mesh over whose dims every parameter is copied unless its own DTensor mesh
-            shards it (the world mesh without pp); its copies then share one orthogonalisation.
+            shards it (the world mesh without pp); its copies then share one orthogonalization.
 
     DTensor parameters: momentum/decay run on the local shard; each full (expert) matrix is
-    orthogonalised by one rank of the group sharing it and the result scattered back (see
+    orthogonalized by one rank of the group sharing it and the result scattered back (see
     `moonlight.train.muon`). ``step`` first updates every momentum, then exchanges and
-    orthogonalises all matrices at once (two all-to-alls on ``process_group``, default the world:
+    orthogonalizes all matrices at once (two all-to-alls on ``process_group``, default the world:
     every rank of it that holds a shared matrix must step its Muon together). Momentum, decay and
     update are foreach ops over a param group's tensors, and same-shaped matrices run NS as one stack,
     so a step launches a few ops per shape, not a few per matrix (bit for bit the same weights).
@@ -149,18 +137,18 @@ class Muon(torch.optim.Optimizer):
         self.replicas = replicas
         self._plans: dict = {}  # parameters with a gradient (as a tuple of ids) -> their MatrixPlans
 
-    def _orthogonalise(self, work: list[tuple[dict, Tensor, Tensor]]) -> list[Tensor]:
+    def _orthogonalize(self, work: list[tuple[dict, Tensor, Tensor]]) -> list[Tensor]:
         """NS of every (param group, param, local update) in ``work``; returns the local slices."""
         params = [p for _, p, _ in work]
         key = tuple(id(p) for p in params)
         if key not in self._plans:  # the same parameters get gradients step after step
-            self._plans = {key: plan_orthogonalisation(params, [g["ns_steps"] for g, _, _ in work], self.replicas)}
+            self._plans = {key: plan_orthogonalization(params, [g["ns_steps"] for g, _, _ in work], self.replicas)}
         dtypes = {g["ns_dtype"] for g, _, _ in work} or {self.defaults["ns_dtype"]}
         if len(dtypes) > 1:
             raise ValueError(f"Muon: all param groups need one ns_dtype (the exchange runs in it), got {dtypes}")
         settings = [NSSettings(g["ns_steps"], g["ns_coefficients"], g["eps"]) for g, _, _ in work]
         first = self.param_groups[0]["params"][0]
-        return orthogonalise(self._plans[key], [u for _, _, u in work], settings, dtypes.pop(),
+        return orthogonalize(self._plans[key], [u for _, _, u in work], settings, dtypes.pop(),
                              local_tensor(first).device, self.process_group)
 
     @torch.no_grad()
@@ -185,7 +173,7 @@ class Muon(torch.optim.Optimizer):
             torch._foreach_add_(bufs, grads)  # a bf16 gradient into fp32 momentum: promoted exactly
             updates = torch._foreach_add(grads, bufs, alpha=mu) if group["nesterov"] else bufs
             work += [(group, p, u) for p, u in zip(params, updates)]
-        outs = self._orthogonalise(work)
+        outs = self._orthogonalize(work)
         by_step: dict = {}  # the tensors that take the same decay and step size: one foreach op each
         for (group, p, _), o_l in zip(work, outs):
             master = group["master_weights"]

@@ -29,11 +29,10 @@ from moonlight.dtypes import to_dtype
 from moonlight.errors import ConfigError, NonFiniteError
 from moonlight.hf_peft import load_peft_adapter
 from moonlight.model import Moonlight
-from moonlight.model.lora import count_params, reset_lora_parameters
+from moonlight.model.converters import convert_model, init_converted_weights
 from moonlight.outputs import abandoned_folder, os_error_reason, refuse_link
-from moonlight.parallel.tensor import reduce_token_losses
 from moonlight.train.balance import expert_load_imbalance, update_router_biases
-from moonlight.train.build import (apply_lora_section, build_model_args, check_host_memory, check_run_paths,
+from moonlight.train.build import (build_converters, build_model_args, check_host_memory, check_run_paths,
                                    check_runtime, check_token_ids, init_distributed, load_initial_weights,
                                    read_base_weights, take_dump_folder_lock, warn_about_data)
 from moonlight.train.config import JobConfig
@@ -44,8 +43,8 @@ from moonlight.train.optim import build_optimizers, clip_grad_norm_
 from moonlight.train.schedule import build_lr_scheduler
 from moonlight.train.validation import Validator
 
-# Models up to this size are initialised whole on every rank before sharding, so every parallel
-# layout starts from the same weights as a single-process run; larger ones initialise shard by shard.
+# Models up to this size are initialized whole on every rank before sharding, so every parallel
+# layout starts from the same weights as a single-process run; larger ones initialize shard by shard.
 _FULL_INIT_MAX_PARAMS = 2_000_000_000
 
 
@@ -75,20 +74,20 @@ class Trainer:
             raise ConfigError(f"the tokenizer's bos/eos ids reach {max(used)} but the model's vocab_size is "
                               f"{self.model_args.vocab_size}: raise model vocab_size or change data.tokenizer")
 
-        self.lora_modules: list[str] = []  # names of the adapted linears (lora.enable)
+        self.converters = build_converters(cfg)  # LoRA/DoRA adapters, applied before any sharding
+        self.bias_rate = cfg.moe.bias_rate(lora=cfg.lora.enable)  # the router bias's update rate
         self.aside: str | None = None  # a resume's abandoned-<time> folder (see _build_checkpointer)
         self.moved_steps: list[int] = []
         self.moved_to = ""
         self.parallel = self._build_parallel()
-        if cfg.lora.enable and self.model_args.num_params() > _FULL_INIT_MAX_PARAMS:
-            for part in self.model_parts:  # materialised from the meta device after sharding
-                reset_lora_parameters(part)
+        if self.model_args.num_params() > _FULL_INIT_MAX_PARAMS:  # materialized from meta after sharding
+            init_converted_weights(self.model_parts, self.converters)
         dp_rank, dp_world = self.parallel.dp_rank, self.parallel.dp_world
         self.grad_accum = cfg.grad_accum_steps(dp_world)
         self.n_forwards = n_forwards = self.grad_accum * self.parallel.microbatches_per_step
         for part in self.model_parts:
             for moe in part.moe_layers():  # every forward's aux loss adds its gradient: average them
-                moe.aux_loss_coeff = cfg.moe.aux_loss_coeff / n_forwards
+                moe.aux_loss_coeff /= n_forwards  # as the model set it: 0 without seq_aux
 
         params = [(n, p) for part in self.model_parts for n, p in part.named_parameters()]
         o = cfg.optimizer
@@ -98,7 +97,7 @@ class Trainer:
                                            precision_aware=o.precision_aware,
                                            replica_mesh=self.parallel.replica_mesh,
                                            # bf16 Newton-Schulz as Moonlight on GPUs; CPUs without bf16
-                                           # units run it ~15x slower than fp32, so they use fp32
+                                           # units run it far slower than fp32, so they use fp32
                                            ns_dtype=torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         s = cfg.lr_scheduler
         self.lr_schedulers = build_lr_scheduler(self.optimizers, warmup_steps=s.warmup_steps, total_steps=t.steps,
@@ -123,6 +122,8 @@ class Trainer:
         self.gather_once = self.world_size == 1
         self._last_inputs = None
         self._nonfinite_in_a_row = 0
+        self._stop_signal: str | None = None  # the signal that asked this rank to stop (see train)
+        self._ranks_stopping = 0  # how many ranks had asked to stop when the last step read its loss
         self.checkpointer = self._build_checkpointer()
         self.exported_step: int | None = None
         self.adapter_step: int | None = None
@@ -146,12 +147,7 @@ class Trainer:
                  f"{a.n_routed_experts} experts top-{a.num_experts_per_tok}; {t.dtype} on {self.device}",
                  f"layout {self.parallel.description}, grad accumulation {self.grad_accum}; "
                  f"{t.steps} steps of {t.global_batch_size} x {t.seq_len} tokens"]
-        if cfg.lora.enable:
-            trainable, total = count_params(self.model_parts)
-            lo = cfg.lora
-            lines.append(f"{'DoRA' if lo.dora else 'LoRA'} rank {lo.rank} alpha {lo.alpha:g} on "
-                         f"{len(self.lora_modules)} modules: trainable {trainable:,} of {total:,} params "
-                         f"({100 * trainable / total:.3f}%)")
+        lines += [converter.describe(self.model_parts) for converter in self.converters]
         d, v = cfg.data, cfg.validation
         data = f"data: {d.format} {d.path}, tokenizer {d.tokenizer}"
         lines.append(data + (f"; validation: {v.path} every {v.interval} steps" if v.enable else "; no validation"))
@@ -203,20 +199,12 @@ class Trainer:
         with torch.device("meta"):
             model = Moonlight(args)
         if args.num_params() > _FULL_INIT_MAX_PARAMS:
-            model = model.to(param_dtype)  # stays on meta; parts are materialised after sharding
-            self._apply_lora(model)  # adapters are initialised once materialised (see __init__)
-            return model
+            # stays on meta; parts (and what the converters add) are initialized after sharding
+            return convert_model(model.to(param_dtype), self.converters)
         model.to_empty(device="cpu")
         torch.manual_seed(self.cfg.training.seed)
         model.init_weights()
-        model = model.to(param_dtype)
-        self._apply_lora(model)
-        return model
-
-    def _apply_lora(self, model: Moonlight) -> None:
-        """LoRA/DoRA adapters on the full model, before any sharding (FSDP wraps them with their block)."""
-        if self.cfg.lora.enable:
-            self.lora_modules = apply_lora_section(model, self.cfg.lora)
+        return convert_model(model.to(param_dtype), self.converters)
 
     def _build_checkpointer(self) -> Checkpointer:
         c, lora = self.cfg.checkpoint, self.cfg.lora.enable
@@ -239,13 +227,13 @@ class Trainer:
             self.moved_steps, self.moved_to = ckpt.set_aside_later(self.step, self.aside)
         if c.initial_load_hf and load_initial_weights(ckpt, c.initial_load_hf, lora=lora):
             if self.rank == 0:
-                print(f"[moonlight] initialised the model from {c.initial_load_hf}", flush=True)
+                print(f"[moonlight] initialized the model from {c.initial_load_hf}", flush=True)
         adapter = self.cfg.lora.init_adapter
         if self.cfg.lora.enable and adapter and not (c.enable and ckpt.available_steps()):
             for part in self.model_parts:  # after the base weights (and DoRA's magnitudes from them)
                 load_peft_adapter(part, os.path.abspath(os.path.expanduser(adapter)))
             if self.rank == 0:
-                print(f"[moonlight] initialised the adapters from {adapter}", flush=True)
+                print(f"[moonlight] initialized the adapters from {adapter}", flush=True)
         return ckpt
 
     def _save(self, force: bool = False, final: bool = False) -> None:
@@ -291,7 +279,7 @@ class Trainer:
         gradients over the dp x cp ranks (context-parallel ranks hold other tokens of the same batch),
         hence each rank divides its sum by (global count / (dp x cp)).
 
-        That normaliser stays a tensor the host never reads (no sync): counted from the host labels,
+        That normalizer stays a tensor the host never reads (no sync): counted from the host labels,
         summed over the dp ranks on the device; `Layout.batch_inputs` moves the batches without one."""
         batches = [self.dataloader.next_batch_with_info() for _ in range(self.grad_accum)]
         targets = torch.stack([(b.labels != -100).sum() for b in batches]).sum()
@@ -309,17 +297,9 @@ class Trainer:
                 model.set_reshard_after_backward(i == len(batches) - 1)
             inputs, labels, packing = self.parallel.batch_inputs(batch, self.device, self.document_mask)
             self._last_inputs = (inputs, packing)
-            if self.parallel.pipeline is not None:
-                loss = self.parallel.pipeline.step(inputs, labels, num_tokens, packing)
-                if loss is not None:
-                    total += loss.detach()
-                continue
-            if self.parallel.loss_from_hidden:
-                loss = reduce_token_losses(model(inputs, labels=labels, **packing), labels, num_tokens=num_tokens)
-            else:
-                loss = self.parallel.loss_fn(model(inputs, **packing), labels, num_tokens=num_tokens)
-            loss.backward()
-            total += loss.detach()
+            loss = self.parallel.forward_loss(inputs, labels, packing, num_tokens=num_tokens)
+            if loss is not None:  # None on pipeline ranks without the last stage
+                total += loss.detach()
         return total
 
     def _locate_nonfinite(self) -> str:
@@ -359,8 +339,8 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step. Reads ONE small device->host copy (loss and grad norm, for the
-        non-finite check); the other metrics are computed and read only on logged steps (and
-        time_forward_backward's device waits only when set)."""
+        non-finite check, and the ranks' stop requests); the other metrics are computed and read only on
+        logged steps (and time_forward_backward's device waits only when set)."""
         t = self.cfg.training
         start = time.perf_counter()
         self.optimizers.zero_grad()
@@ -370,13 +350,15 @@ class Trainer:
         params = [p for part in self.model_parts for p in part.parameters()]
         grad_norm = clip_grad_norm_(params, t.max_norm if t.max_norm > 0 else float("inf"),
                                     pp_group=self.parallel.pp_group)
-        loss, grad_norm = torch.stack([self.parallel.reduce_loss(local_loss), grad_norm]).tolist()
+        reduced = self.parallel.reduce_loss(local_loss, stop=self._stop_signal is not None)
+        loss, stops, grad_norm = torch.cat([reduced, grad_norm.reshape(1).to(reduced.dtype)]).tolist()
+        self._ranks_stopping = int(stops)
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         moe_layers = [m for part in self.model_parts for m in part.moe_layers()]
         if finite:
             self._nonfinite_in_a_row = 0
             self.optimizers.step()
-            rate = self.cfg.moe.bias_rate(lora=self.cfg.lora.enable)
+            rate = self.bias_rate
         else:
             self._handle_nonfinite(loss, grad_norm)
             rate = 0.0  # a bad step must not steer the router either
@@ -452,12 +434,11 @@ class Trainer:
             print(f"[moonlight] the checkpoint at step {self.step} already reaches training.steps={t.steps}: nothing "
                   "to train (raise --training.steps, or use another --job.dump_folder for a new run)", flush=True)
         profiler = self._profiler()
-        stop: dict[str, str | None] = {"signal": None}
 
         def on_signal(signum, frame):
-            if stop["signal"] is not None and signum == signal.SIGINT:  # a second Ctrl-C: abort at once
+            if self._stop_signal is not None and signum == signal.SIGINT:  # a second Ctrl-C: abort at once
                 raise KeyboardInterrupt
-            stop["signal"] = signal.Signals(signum).name
+            self._stop_signal = signal.Signals(signum).name
 
         in_main_thread = threading.current_thread() is threading.main_thread()  # signals need the main thread
         previous = ({sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
@@ -473,11 +454,12 @@ class Trainer:
                     values.update(self.report.step_done(self.step, values))
                     if self.logs_step(self.step) or "val_loss" in values:
                         self.metrics.log(self.step, values)
-                    if self._stop_requested(stop["signal"] is not None):
+                    if self._stop_requested():
                         self._save(force=True)
                         if self.rank == 0:
                             saved = cfg.checkpoint.enable and self.checkpointer.last_saved_step == self.step
-                            print(f"[moonlight] {stop['signal'] or 'stop signal on another rank'}: stopped after step "
+                            why = self._stop_signal or "stop signal on another rank"
+                            print(f"[moonlight] {why}: stopped after step "
                                   f"{self.step}" + (", checkpoint saved" if saved else ""), flush=True)
                         break
                     self._save(force=self.step == t.steps, final=self.step == t.steps)
@@ -494,15 +476,14 @@ class Trainer:
             self.metrics.close()
             self.lock.release()
 
-    def _stop_requested(self, seen: bool) -> bool:
+    def _stop_requested(self) -> bool:
         """A SIGTERM (preemption, torchrun shutting down), a Ctrl-C (SIGINT) or a SIGHUP (the SSH session
         closed) on any rank stops every rank after the same step, so the final checkpoint's collectives
-        line up."""
-        if not (dist.is_initialized() and dist.get_world_size() > 1):
-            return seen
-        flag = torch.tensor([float(seen)], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        line up: the step's one host read tells every rank how many asked (a signal after that read
+        counts at the next step)."""
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            return self._ranks_stopping > 0
+        return self._stop_signal is not None
 
     def _profiler(self):
         m = self.cfg.metrics

@@ -18,7 +18,6 @@ import math
 import torch
 import torch.distributed as dist
 
-from moonlight.parallel.tensor import reduce_token_losses
 from moonlight.train.config import JobConfig
 from moonlight.data.loader import build_dataloader
 from moonlight.data.documents import DataKeys
@@ -47,8 +46,6 @@ class Validator:
         """Every rank calls; returns val_loss and val_ppl (exp of the loss)."""
         layout = self.layout
         parts = layout.model_parts
-        counters = [m.tokens_per_expert for part in parts for m in part.moe_layers()]
-        saved = [c.clone() for c in counters]  # validation tokens must not steer the router bias
         modes = [part.training for part in parts]
         for part in parts:
             part.eval()
@@ -60,19 +57,12 @@ class Validator:
                 batch = self.loader.next_batch_with_info()
                 inputs, labels, packing = layout.batch_inputs(batch, self.device, self.document_mask)
                 targets += int((labels != -100).sum())  # this rank's tokens: cp ranks each count theirs
-                if layout.pipeline is not None:
-                    loss = layout.pipeline.eval(inputs, labels, packing)
-                elif layout.loss_from_hidden:
-                    loss = reduce_token_losses(parts[0](inputs, labels=labels, **packing), labels, reduction="sum")
-                else:
-                    loss = layout.loss_fn(parts[0](inputs, **packing), labels, reduction="sum")
+                loss = layout.forward_loss(inputs, labels, packing)  # eval mode: MoE layers count nothing
                 if loss is not None:
                     loss_sum += loss.double()
         finally:
             for part, mode in zip(parts, modes):
                 part.train(mode)
-            for c, s in zip(counters, saved):
-                c.copy_(s)
         # one rank per data-parallel replica and cp slice holds the loss (last pipeline stage, tp rank 0)
         held = torch.stack([loss_sum * layout.holds_loss,
                             torch.tensor(float(targets * layout.holds_loss), device=self.device, dtype=torch.float64)])
