@@ -128,7 +128,7 @@ def activation_bytes(args: ModelArgs, cfg: JobConfig, layer_ids: list[int], has_
       each RMSNorm       h + 1 fp32 (input, rsqrt)
       attention          h + 7Hq + Hv + (r + p) + 2r + H fp32 (logsumexp)
       dense MLP          h + 3D (SwiGLU keeps gate and up, not silu(gate))
-      MoE                h + 3E fp32 + 2K + Kh (permuted rows) + 3KI + Kh (expert outputs) + h + 3S
+      MoE                h + 3E fp32 + 2K + Kh (the routed rows, kept once) + 3KI + h + 3S
       head               norm + h + V + 2V fp32 (logits upcast and log-softmax)
     activation_checkpoint "selective" keeps only the attention input (h) instead of the attention
     terms; "full" keeps each block's input (h) and, during backward, one block's own terms. The
@@ -152,7 +152,7 @@ def activation_bytes(args: ModelArgs, cfg: JobConfig, layer_ids: list[int], has_
     def block(layer_id: int) -> tuple[int, int]:
         """(bytes kept until backward, bytes of the block's own saved tensors)."""
         if args.is_moe_layer(layer_id):
-            ffn = ((h + 2 * k + k * h + 3 * k * i + k * h + h + 3 * s) * c + 3 * args.n_routed_experts * 4) // moe_tp
+            ffn = ((h + 2 * k + k * h + 3 * k * i + h + 3 * s) * c + 3 * args.n_routed_experts * 4) // moe_tp
         else:
             ffn = (h + 3 * args.intermediate_size // tp) * c
         own = 2 * norm + attention + ffn

@@ -309,6 +309,7 @@ def build_megatron_from_jsonl(
     dtype = token_dtype(tokenizer)
     source = paths if isinstance(paths, str) else " ".join(paths)
     empty = 0
+    sidecar = None  # the sidecar this call wrote: removed again if the pair it describes does not land
     try:
         with MegatronIndexedWriter(prefix, dtype, overwrite=overwrite) as w:
             for ids in encode_documents(read_jsonl(files, text_key, bad=bad, keys=keys), tokenizer, source):
@@ -320,16 +321,22 @@ def build_megatron_from_jsonl(
                 raise DataError(f"{keys('path')} {source!r}: no documents to write ({empty} empty, {bad.count} "
                                 f"malformed lines skipped): check the files and {keys('text_key')}; nothing was "
                                 "written")
-            _write_sidecar(prefix, {"tokenizer_fingerprint": fingerprint(tokenizer), "append_eos": append_eos})
-    except OSError as e:  # the output side: input read errors are DataErrors already
+            made = {"tokenizer_fingerprint": fingerprint(tokenizer), "append_eos": append_eos}
+            sidecar = _write_sidecar(prefix, made)
+    except BaseException as e:
+        if sidecar is not None:
+            os.remove(sidecar)
+        if not isinstance(e, OSError):
+            raise
+        # the output side: input read errors are DataErrors already
         raise DataError(f"{e.filename or prefix}: cannot write it ({os_error_reason(e)}); free space or fix "
                         "permissions, or pick another output prefix") from None
     return MegatronBuild(files=w.files, dtype=dtype, documents=w.num_documents, tokens=w.num_tokens,
                          empty=empty, bad_lines=bad.count, first_bad_line=bad.reported[0] if bad.reported else None)
 
 
-def _write_sidecar(prefix: str, record: dict) -> None:
-    """<prefix>.moonlight.json, written whole or not at all (before the .bin/.idx it describes)."""
+def _write_sidecar(prefix: str, record: dict) -> str:
+    """<prefix>.moonlight.json, written whole or not at all (before the .bin/.idx it describes); its path."""
     tmp = f"{prefix}{SIDECAR}.{os.getpid()}.tmp"
     try:
         with open(tmp, "w", encoding="utf-8") as f:
@@ -338,6 +345,7 @@ def _write_sidecar(prefix: str, record: dict) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    return prefix + SIDECAR
 
 
 def _made_with_another_tokenizer(prefix: str, tokenizer: Any) -> bool:
