@@ -169,7 +169,8 @@ def _base_params(trainer):
 @pytest.mark.parametrize("dora, optimizer", [(False, "muon"), (True, "adamw")], ids=["lora_muon", "dora_adamw"])
 def test_trainer_lora_run_lowers_loss_and_keeps_base_weights(tmp_path, capsys, dora, optimizer):
     """Muon: the 2-D adapter matrices go to Muon, DoRA's magnitudes (1-D) to AdamW."""
-    trainer = Trainer(lora_cfg(tmp_path, "--training.steps=8", f"--lora.dora={str(dora).lower()}",
+    # 16 steps: 8 fell by only 0.09 for DoRA + AdamW once the corpus lost its held-out split (data/heldout)
+    trainer = Trainer(lora_cfg(tmp_path, "--training.steps=16", f"--lora.dora={str(dora).lower()}",
                            f"--optimizer.name={optimizer}"))
     assert "DoRA" in capsys.readouterr().out if dora else "trainable" in capsys.readouterr().out
     before = _base_params(trainer)
@@ -178,7 +179,7 @@ def test_trainer_lora_run_lowers_loss_and_keeps_base_weights(tmp_path, capsys, d
     assert opt_params == trainable and len(trainable) == 4 * 4 * (3 if dora else 2)  # 4 layers x 4 attention linears
     trainer.train()
     losses = _losses(tmp_path)
-    assert (losses[7] + losses[8]) / 2 < (losses[1] + losses[2]) / 2 - 0.2, losses
+    assert (losses[15] + losses[16]) / 2 < (losses[1] + losses[2]) / 2 - 0.2, losses
     after = _base_params(trainer)
     for n, p in before.items():
         assert torch.equal(after[n], p), f"{n} changed"
