@@ -122,8 +122,9 @@ def test_unknown_section_toml(tmp_path):
 
 
 def test_unknown_section_cli():
-    with pytest.raises(ConfigError, match=r"unknown config section \[optimizer\].*did you mean 'optimizer'"):
-        load_config(None, ["--optimizer.lr=1"])
+    # a British spelling on purpose: the section is [optimizer]
+    with pytest.raises(ConfigError, match=r"unknown config section \[optimiser\].*did you mean 'optimizer'"):
+        load_config(None, ["--optimiser.lr=1"])
 
 
 def test_unknown_key_toml_lists_valid_keys(tmp_path):
