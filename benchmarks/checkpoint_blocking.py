@@ -22,7 +22,7 @@ from moonlight.config import ModelArgs  # noqa: E402
 from moonlight.model import Moonlight  # noqa: E402
 from moonlight.train.config import CheckpointSection  # noqa: E402
 from moonlight.train.optim import build_optimizers  # noqa: E402
-from moonlight.train.schedule import build_lr_scheduler  # noqa: E402
+from moonlight.train.schedule import LRSchedulerSection  # noqa: E402
 from benchmarks.peers import progress  # noqa: E402
 
 # ~27 M parameters (~107 MB fp32; with AdamW's two moments ~320 MB per checkpoint)
@@ -42,7 +42,7 @@ def main():
     opts = build_optimizers(model.named_parameters(), "adamw", lr=1e-3)
     model(torch.randint(0, ARGS.vocab_size, (1, 8))).float().pow(2).mean().backward()
     opts.step()  # AdamW moments exist
-    scheds = build_lr_scheduler(opts, 1, 10)
+    scheds = LRSchedulerSection(warmup_steps=1).build(opts, total_steps=10)
     times = {"sync": [], "async": [], "async_wait": []}
     with tempfile.TemporaryDirectory() as tmp:
         cks = {mode: Checkpointer(CheckpointSection(enable=True, interval=1, keep_latest_k=1,

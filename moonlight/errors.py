@@ -66,6 +66,11 @@ def exit_on_user_error(main: Callable[[], int | None], reported_by_rank0: Callab
         return USER_ERROR_EXIT_CODE
 
 
+def failing(checks: list[tuple[bool, str]]) -> list[str]:
+    """The messages of the (ok, message) checks that fail: a config section's `problems()`."""
+    return [msg for ok, msg in checks if not ok]
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse for the entry points: a bad argument raises ConfigError, so `exit_on_user_error` prints
     it as the one `error: ...` line (argparse prints its usage and `prog: error: ...` instead). Parse

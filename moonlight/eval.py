@@ -20,14 +20,13 @@ import time
 
 import torch
 
-from moonlight.data.loader import build_dataloader
+from moonlight.data.loader import FORMATS, DataSection, build_dataloader
 from moonlight.data.tokenizer import build_tokenizer
 from moonlight.errors import ArgumentParser, ConfigError, exit_on_user_error
 from moonlight.generate import add_model_arguments, check_model_arguments, load_model
 from moonlight.hf import progress
 from moonlight.prepare_data import CommandLineKeys
 from moonlight.train.build import check_token_ids
-from moonlight.train.config import DataSection
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", metavar="DATA", help="what data.path takes: jsonl file(s), a directory or glob, a local "
                                                  "HF dataset, a Megatron prefix, or chat jsonl")
     add_model_arguments(p)
-    p.add_argument("--format", choices=("jsonl", "hf", "megatron", "chat"), default="jsonl",
+    p.add_argument("--format", choices=FORMATS, default="jsonl",
                    help="as data.format (default jsonl); chat scores the assistant tokens only")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default 1024, at most the "
                                                               "model's max_position_embeddings)")

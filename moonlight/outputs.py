@@ -13,6 +13,7 @@ import contextlib
 import datetime
 import errno
 import os
+import pathlib
 import re
 import shutil
 import tempfile
@@ -28,6 +29,12 @@ _NEARLY_FULL = 1 << 20  # bytes free below which a failed write is taken for a f
 # (the async checkpoint writer) creating files later.
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
+
+
+def inside(path: str) -> bool:
+    """Whether a path under job.dump_folder stays inside it (relative, no '..', no '~')."""
+    parts = pathlib.PurePath(path).parts
+    return not os.path.isabs(path) and ".." not in parts and not (parts and parts[0].startswith("~"))
 
 
 def paths_overlap(a: str | os.PathLike, b: str | os.PathLike) -> bool:

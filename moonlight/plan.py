@@ -5,7 +5,7 @@ For a job config on N ranks it reports, for the most loaded rank of every pipeli
   the planner runs the trainer's own `build_layout` (which validates the layout with `plan_layout`
   first) for that rank on the meta device over a fake process group, so FSDP/EP/TP/PP sharding is
   exactly what the trainer builds, then builds the trainer's optimizers on those parameters
-  (`build_optimizers`: Muon vs AdamW, precision_aware master weights) and counts their state;
+  (`cfg.optimizer.build`: Muon vs AdamW, precision_aware master weights) and counts their state;
 - an activation estimate per micro-batch (`activation_bytes`, formula in its docstring);
 - FLOPs per token (`ModelArgs.flops_per_token`).
 It exits with code 2 and one line naming the fix when a layout is invalid or a rank does not fit.
@@ -34,7 +34,7 @@ from moonlight.model import Moonlight
 from moonlight.model.converters import convert_model
 from moonlight.train.config import JobConfig, parse_args
 from moonlight.train.layout import build_layout, is_single_process, plan_layout
-from moonlight.train.optim import AdamW, Muon, build_optimizers
+from moonlight.train.optim import AdamW, Muon
 from moonlight.train.build import build_converters, build_model_args, check_seq_len
 
 GIB = 1024 ** 3
@@ -99,8 +99,7 @@ def _count(rank: int, description: str, model_parts, cfg: JobConfig) -> RankPlan
         plan.params[_dtype_name(p.dtype)] += _nbytes(p)
         if p.requires_grad:  # FSDP2 hands back gradients in the parameter's dtype
             plan.grads[_dtype_name(p.dtype)] += _nbytes(p)
-    o = cfg.optimizer
-    for optimizer in build_optimizers(named, name=o.name, precision_aware=o.precision_aware):
+    for optimizer in cfg.optimizer.build(named):
         for group in optimizer.param_groups:
             for p in group["params"]:
                 plan.optimizer.update(optimizer_state_bytes(optimizer, p))

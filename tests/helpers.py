@@ -23,7 +23,7 @@ from moonlight.data.tokenizer import DEFAULT_ADDITIONAL_SPECIALS
 from moonlight.model.lora import apply_lora
 from moonlight.train.config import CheckpointSection, DataSection, load_config
 from moonlight.train.optim import build_optimizers
-from moonlight.train.schedule import build_lr_scheduler
+from moonlight.train.schedule import LRSchedulerSection
 from moonlight.train.trainer import Trainer
 
 
@@ -116,7 +116,7 @@ def build(optim="adamw", seed=0, args=ARGS):
 
 def build_opt(model, optim="adamw"):
     opts = build_optimizers(model.named_parameters(), optim, lr=1e-2, ns_dtype=torch.float32)
-    return opts, build_lr_scheduler(opts, warmup_steps=2, total_steps=STEPS)
+    return opts, LRSchedulerSection(warmup_steps=2).build(opts, total_steps=STEPS)
 
 
 def train(model, opts, scheds, loader, steps, seed=1):

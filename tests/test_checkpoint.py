@@ -15,7 +15,7 @@ from moonlight.checkpoint.export import export_hf
 from moonlight.checkpoint.format import list_checkpoints, read_meta
 from moonlight.checkpoint.state import Checkpointer
 from moonlight.errors import CheckpointError, CheckpointSaveError
-from moonlight.train.schedule import build_lr_scheduler
+from moonlight.train.schedule import LRSchedulerSection
 from moonlight.train.build import load_initial_weights
 from tests.dist import run_ranks
 from tests.helpers import (ARGS, STEPS, FakeLoader, assert_sd_equal, build, build_opt, cfg, flat_optim, fsdp_wrap,
@@ -269,7 +269,7 @@ def build_opt_parts(parts):
 
     named = [(n, p) for part in parts for n, p in part.named_parameters()]
     opts = build_optimizers(named, "adamw", lr=1e-2)
-    return opts, build_lr_scheduler(opts, warmup_steps=2, total_steps=STEPS)
+    return opts, LRSchedulerSection(warmup_steps=2).build(opts, total_steps=STEPS)
 
 
 def _fake_step(parts, opts, seed=0):

@@ -73,7 +73,7 @@ def test_module_entry_point(hf_dir, tmp_path):
 
 def test_trainer_checkpoint_to_hf_and_hf_to_trainer(hf_dir, tmp_path):
     from moonlight.train.optim import build_optimizers
-    from moonlight.train.schedule import build_lr_scheduler
+    from moonlight.train.schedule import LRSchedulerSection
 
     # hf-to-dcp -> a run folder's step-0: the trainer resumes the weights from it
     main(["hf-to-dcp", "--hf", str(hf_dir), "--out", str(tmp_path / "run" / "checkpoint" / "step-0")])
@@ -83,7 +83,7 @@ def test_trainer_checkpoint_to_hf_and_hf_to_trainer(hf_dir, tmp_path):
         for p in model.parameters():
             p.zero_()
     opts = build_optimizers(model.named_parameters(), "adamw", lr=1e-3)
-    scheds = build_lr_scheduler(opts, 1, 10)
+    scheds = LRSchedulerSection(warmup_steps=1).build(opts, total_steps=10)
     cfg = CheckpointSection(enable=True, interval=1, keep_latest_k=0)
     ck = Checkpointer(cfg, tmp_path / "run", [model], opts, scheds, None)
     assert ck.load() == 0

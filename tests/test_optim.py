@@ -15,7 +15,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 import moonlight.train.muon as muon_module
 from moonlight.train.balance import expert_load_imbalance, update_router_biases
 from moonlight.train.optim import AdamW, Muon, build_optimizers, clip_grad_norm_, zeropower_via_newtonschulz
-from moonlight.train.schedule import build_lr_scheduler, lr_multiplier
+from moonlight.train.schedule import LRSchedulerSection, lr_multiplier
 from tests.dist import run_ranks
 
 LR, WD = 0.02, 0.1
@@ -470,7 +470,8 @@ def test_lr_multiplier_values():
 def test_lr_scheduler_drives_all_groups_and_checkpoints():
     m = _Tiny()
     opts = build_optimizers(m.named_parameters(), "muon", lr=1e-3)
-    sched = build_lr_scheduler(opts, warmup_steps=4, total_steps=20, decay_type="cosine", min_lr_ratio=0.1)
+    schedule = LRSchedulerSection(warmup_steps=4, decay_type="cosine", min_lr_ratio=0.1)
+    sched = schedule.build(opts, total_steps=20)
     assert all(g["lr"] == pytest.approx(1e-3 / 5) for g in opts.param_groups)
     for _ in range(7):
         opts.step()
@@ -480,13 +481,14 @@ def test_lr_scheduler_drives_all_groups_and_checkpoints():
     assert sched.get_last_lr() == pytest.approx([want] * len(opts.param_groups))
     sd = sched.state_dict()
     opts2 = build_optimizers(m.named_parameters(), "muon", lr=1e-3)
-    sched2 = build_lr_scheduler(opts2, warmup_steps=4, total_steps=20, decay_type="cosine", min_lr_ratio=0.1)
+    sched2 = schedule.build(opts2, total_steps=20)
     sched2.load_state_dict(sd)
     sched2.step()
     sched.step()
     assert sched2.get_last_lr() == pytest.approx(sched.get_last_lr())
     # a plain optimizer works too
-    (s1,) = build_lr_scheduler(torch.optim.SGD([nn.Parameter(torch.ones(2))], lr=1.0), 0, 10, "linear", 0.0)
+    (s1,) = LRSchedulerSection(warmup_steps=0, decay_type="linear", min_lr_ratio=0.0).build(
+        torch.optim.SGD([nn.Parameter(torch.ones(2))], lr=1.0), total_steps=10)
     assert s1.get_last_lr() == [1.0]
 
 

@@ -15,12 +15,12 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import numpy as np
 import torch
 
-from moonlight.errors import DataError
+from moonlight.errors import DataError, failing
 from moonlight.data.chat import load_chat_template, messages_problem
 from moonlight.data.documents import (DATA_KEYS, BadLines, ChatStore, DataKeys, DocumentStore, expand_paths,
                                       expand_paths_or_none, is_saved_dataset, read_hf, read_jsonl,
@@ -28,6 +28,57 @@ from moonlight.data.documents import (DATA_KEYS, BadLines, ChatStore, DataKeys, 
 from moonlight.data.megatron import load_megatron
 
 logger = logging.getLogger(__name__)
+
+FORMATS = ("jsonl", "hf", "megatron", "chat")  # data.format: what `load_documents` reads
+
+
+@dataclass
+class DataSection:
+    """The [data] section: the training data, read by `build_dataloader`."""
+
+    format: Literal[FORMATS] = "jsonl"
+    """jsonl text, a local HF dataset, Megatron .bin/.idx, or chat conversations."""
+    path: str = "data/corpus"
+    """Relative to the working directory (not the config file). jsonl: a file, a directory (all *.jsonl
+    and *.jsonl.gz) or a glob; hf: a save_to_disk directory or
+    json/parquet/arrow/csv file(s); megatron: the prefix of <prefix>.bin/.idx (or either file);
+    chat: jsonl file(s) as for jsonl, else an HF dataset as for hf."""
+    text_key: str = "text"
+    """jsonl / hf: the field holding a document's text."""
+    split: str = "train"
+    """Split to use when an hf path holds several."""
+    tokenizer: str = "byte"
+    """"byte", a directory with tiktoken.model, or a tokenizer.json (or its directory)."""
+    on_bad_line: Literal["skip", "error"] = "skip"
+    """A malformed line or row: skip it (counted, reported) or stop with file:line."""
+    add_bos: bool = False
+    """Prepend the tokenizer's bos to every document."""
+    add_eos: bool = True
+    """Appended to every document (set false for Megatron files made with --append-eod, or by
+    `python -m moonlight.prepare_data --append-eos`)."""
+    shuffle: bool = True
+    """Shuffle the document order each epoch (seeded by training.seed and the epoch)."""
+    messages_key: str = "messages"
+    """chat: the field holding a conversation, a list of {role, content} (system/user/assistant)."""
+    chat_overflow: Literal["truncate", "drop"] = "truncate"
+    """chat: a conversation longer than seq_len + 1 tokens keeps its first seq_len + 1, or is dropped."""
+    document_mask: bool = False
+    """Packed documents attend only to themselves and RoPE positions restart at each one (always on
+    for chat)."""
+
+    def problems(self) -> list[str]:
+        return failing([(bool(self.path), "data.path must not be empty"),
+                        (self.format == "hf" or self.split == "train",
+                         f"data.split = {self.split!r} applies to data.format = 'hf' only (a {self.format} dataset "
+                         "has no splits): leave it at 'train'"),
+                        (bool(self.text_key), "data.text_key must not be empty"),
+                        (bool(self.tokenizer), "data.tokenizer must not be empty"),
+                        (self.format != "chat" or bool(self.messages_key),
+                         "data.messages_key must not be empty (the conversation field)")])
+
+    def masks_documents(self) -> bool:
+        """Whether packed documents see only themselves (document_mask; always for chat)."""
+        return self.document_mask or self.format == "chat"
 
 
 def load_documents(cfg_data: Any, tokenizer: Any, keys: DataKeys = DATA_KEYS) -> DocumentStore:
@@ -56,7 +107,8 @@ def load_documents(cfg_data: Any, tokenizer: Any, keys: DataKeys = DATA_KEYS) ->
     elif fmt == "megatron":
         store = load_megatron(cfg_data.path, keys, tokenizer)
     else:
-        raise DataError(f"{keys('format')} must be 'jsonl', 'hf', 'megatron' or 'chat', got {fmt!r}")
+        raise DataError(f"{keys('format')} must be {', '.join(map(repr, FORMATS[:-1]))} or {FORMATS[-1]!r}, "
+                        f"got {fmt!r}")
     if store.num_bad_lines:
         first = store.bad_lines[0] if store.bad_lines else ""
         logger.warning(
@@ -352,7 +404,7 @@ def build_dataloader(
     store: DocumentStore | None = None,
     keys: DataKeys = DATA_KEYS,
 ) -> PackedDataLoader:
-    """The loader for one data-parallel rank. cfg_data: config.DataSection (format, path,
+    """The loader for one data-parallel rank. cfg_data: a `DataSection` (format, path,
     text_key, split, on_bad_line, add_bos, add_eos, shuffle; chat: messages_key, chat_overflow,
     tokenizer). Pass `store` to reuse documents already loaded (e.g. the same corpus for several
     ranks in one process). Chat rows are padded with the tokenizer's eos id (label -100). Errors

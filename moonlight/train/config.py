@@ -1,5 +1,6 @@
-"""The TOML job configuration: one dataclass per section, each with its own checks, and the job
-(`JobConfig`) with the checks across sections.
+"""The TOML job configuration (`JobConfig`): its sections and the checks across them. A section that
+configures one component lives beside it and builds it (`cfg.optimizer.build(params)`); the others
+live here; all are importable from here (docs/config.md).
 
     cfg = load_config("train.toml", ["--training.steps=20", "--parallelism.tp", "2"])
     cfg.validate()                      # every section's checks + cross-section ones (no world size)
@@ -20,11 +21,17 @@ import pathlib
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from moonlight.checkpoint.config import CheckpointSection
 from moonlight.config import ModelArgs
-from moonlight.errors import ConfigError
+from moonlight.data.loader import FORMATS, DataSection
+from moonlight.errors import ConfigError, failing
+from moonlight.outputs import inside
 from moonlight.parallel.pipeline_layout import SCHEDULES, layout_problems, schedule_problems
 from moonlight.train.config_io import (BadValue, apply_overrides, apply_table, coerce, field_types, read_toml, to_toml,
                                        type_name)
+from moonlight.train.metrics import MetricsSection
+from moonlight.train.optim import OptimizerSection
+from moonlight.train.schedule import LRSchedulerSection
 
 __all__ = [
     "ConfigError",
@@ -51,20 +58,9 @@ DTypeName = Literal["float32", "bfloat16"]
 PPSchedule = Literal[SCHEDULES]
 
 
-def inside(path: str) -> bool:
-    """Whether a path under job.dump_folder stays inside it (relative, no '..', no '~')."""
-    parts = pathlib.PurePath(path).parts
-    return not os.path.isabs(path) and ".." not in parts and not (parts and parts[0].startswith("~"))
-
-
 # Names the run writes directly in job.dump_folder (and abandoned-<time>, a rollback's), which checkpoint.folder
 # and metrics.tb_folder must not take.
 RUN_OUTPUTS = ("config.toml", "metrics.jsonl", ".lock", "hf", "adapter", "profile")
-
-
-def _require(checks: list[tuple[bool, str]]) -> list[str]:
-    """The messages of the checks that fail."""
-    return [msg for ok, msg in checks if not ok]
 
 
 @dataclass
@@ -75,7 +71,7 @@ class JobSection:
     """One line naming the run, printed first."""
 
     def problems(self) -> list[str]:
-        return _require([(bool(self.dump_folder), "job.dump_folder must not be empty")])
+        return failing([(bool(self.dump_folder), "job.dump_folder must not be empty")])
 
 
 @dataclass
@@ -140,7 +136,7 @@ class TrainingSection:
     answer (a rank stopped or stuck); raise it when one step (or a checkpoint save) legitimately takes longer."""
 
     def problems(self) -> list[str]:
-        out = _require([
+        out = failing([
             (self.steps > 0, f"training.steps must be > 0 (got {self.steps})"),
             (0 <= self.seed < 2**64, f"training.seed must be in [0, 2**64) (got {self.seed})"),  # torch's and numpy's
             (self.seq_len > 0, f"training.seq_len must be > 0 (got {self.seq_len})"),
@@ -156,69 +152,6 @@ class TrainingSection:
         if self.global_batch_size > 0 and self.local_batch_size > 0 and self.global_batch_size % self.local_batch_size:
             out.append(f"training.global_batch_size ({self.global_batch_size}) must be a multiple of "
                        f"training.local_batch_size ({self.local_batch_size})")
-        return out
-
-
-@dataclass
-class OptimizerSection:
-    name: Literal["adamw", "muon"] = "adamw"
-    """"adamw", or "muon" (Muon for matrices, AdamW for embedding, lm_head and 1-D params)."""
-    lr: float = 1e-3
-    """Peak learning rate (after warmup)."""
-    beta1: float = 0.9
-    """AdamW first-moment decay."""
-    beta2: float = 0.95
-    """AdamW second-moment decay."""
-    eps: float = 1e-8
-    """AdamW denominator epsilon."""
-    weight_decay: float = 0.1
-    """Decoupled weight decay (AdamW and Muon)."""
-    momentum: float = 0.95
-    """Muon momentum."""
-    nesterov: bool = True
-    """Muon: Nesterov momentum."""
-    ns_steps: int = 5
-    """Newton-Schulz iterations (Muon)."""
-    precision_aware: bool = False
-    """fp32 master weights with bf16 gradients and moments."""
-
-    def problems(self) -> list[str]:
-        return _require([
-            (self.lr > 0, f"optimizer.lr must be > 0 (got {self.lr})"),
-            (0 <= self.beta1 < 1, f"optimizer.beta1 must be in [0, 1) (got {self.beta1})"),
-            (0 <= self.beta2 < 1, f"optimizer.beta2 must be in [0, 1) (got {self.beta2})"),
-            (self.eps > 0, f"optimizer.eps must be > 0 (got {self.eps})"),
-            (self.weight_decay >= 0, f"optimizer.weight_decay must be >= 0 (got {self.weight_decay})"),
-            (0 <= self.momentum < 1, f"optimizer.momentum must be in [0, 1) (got {self.momentum})"),
-            (self.ns_steps >= 1, f"optimizer.ns_steps must be >= 1 (got {self.ns_steps})"),
-        ])
-
-
-@dataclass
-class LRSchedulerSection:
-    warmup_steps: int = 20
-    """Linear warmup steps from 0 to optimizer.lr."""
-    decay_type: Literal["cosine", "linear", "wsd"] = "cosine"
-    """Decay after warmup: cosine, linear, or WSD (stable, then a linear decay)."""
-    decay_ratio: float = 0.2
-    """WSD only: the fraction of training.steps spent in the final (linear) decay."""
-    min_lr_ratio: float = 0.1
-    """Final lr = optimizer.lr * min_lr_ratio (the pretrain recipe: 4.2e-4 -> 4.2e-5)."""
-
-    def problems(self, steps: int) -> list[str]:
-        out = _require([
-            (self.warmup_steps >= 0, f"lr_scheduler.warmup_steps must be >= 0 (got {self.warmup_steps})"),
-            (self.warmup_steps <= steps,
-             f"lr_scheduler.warmup_steps ({self.warmup_steps}) must be <= training.steps ({steps})"),
-            (0 <= self.min_lr_ratio <= 1,
-             f"lr_scheduler.min_lr_ratio must be in [0, 1], i.e. min lr <= optimizer.lr (got {self.min_lr_ratio})"),
-            (0 <= self.decay_ratio <= 1, f"lr_scheduler.decay_ratio must be in [0, 1] (got {self.decay_ratio})"),
-        ])
-        if self.decay_type == "wsd" and 0 <= self.decay_ratio <= 1:
-            decay_steps = round(self.decay_ratio * steps)
-            if self.warmup_steps + decay_steps > steps:
-                out.append(f"lr_scheduler.warmup_steps ({self.warmup_steps}) + decay steps (decay_ratio "
-                           f"{self.decay_ratio} * {steps} = {decay_steps}) exceed training.steps ({steps})")
         return out
 
 
@@ -255,7 +188,7 @@ class ParallelismSection:
         """Each degree on its own; how they fit the world and the model is `ParallelDims.validate`'s."""
         out = [f"parallelism.{k} must be >= 1 (got {getattr(self, k)})"
                for k in ("dp_replicate", "cp", "tp", "ep", "pp", "pp_virtual_stages") if getattr(self, k) < 1]
-        out += _require([
+        out += failing([
             (self.dp_shard == -1 or self.dp_shard >= 1,
              f"parallelism.dp_shard must be -1 (the rest) or >= 1 (got {self.dp_shard})"),
             (self.pp_microbatches >= 0,
@@ -277,55 +210,12 @@ class ActivationCheckpointSection:
 
 
 @dataclass
-class DataSection:
-    format: Literal["jsonl", "hf", "megatron", "chat"] = "jsonl"
-    """jsonl text, a local HF dataset, Megatron .bin/.idx, or chat conversations."""
-    path: str = "data/corpus"
-    """Relative to the working directory (not the config file). jsonl: a file, a directory (all *.jsonl
-    and *.jsonl.gz) or a glob; hf: a save_to_disk directory or
-    json/parquet/arrow/csv file(s); megatron: the prefix of <prefix>.bin/.idx (or either file);
-    chat: jsonl file(s) as for jsonl, else an HF dataset as for hf."""
-    text_key: str = "text"
-    """jsonl / hf: the field holding a document's text."""
-    split: str = "train"
-    """Split to use when an hf path holds several."""
-    tokenizer: str = "byte"
-    """"byte", a directory with tiktoken.model, or a tokenizer.json (or its directory)."""
-    on_bad_line: Literal["skip", "error"] = "skip"
-    """A malformed line or row: skip it (counted, reported) or stop with file:line."""
-    add_bos: bool = False
-    """Prepend the tokenizer's bos to every document."""
-    add_eos: bool = True
-    """Appended to every document (set false for Megatron files made with --append-eod, or by
-    `python -m moonlight.prepare_data --append-eos`)."""
-    shuffle: bool = True
-    """Shuffle the document order each epoch (seeded by training.seed and the epoch)."""
-    messages_key: str = "messages"
-    """chat: the field holding a conversation, a list of {role, content} (system/user/assistant)."""
-    chat_overflow: Literal["truncate", "drop"] = "truncate"
-    """chat: a conversation longer than seq_len + 1 tokens keeps its first seq_len + 1, or is dropped."""
-    document_mask: bool = False
-    """Packed documents attend only to themselves and RoPE positions restart at each one (always on
-    for chat)."""
-
-    def problems(self) -> list[str]:
-        return _require([(bool(self.path), "data.path must not be empty"),
-                         (self.format == "hf" or self.split == "train",
-                          f"data.split = {self.split!r} applies to data.format = 'hf' only (a {self.format} dataset "
-                          "has no splits): leave it at 'train'"),
-                         (bool(self.text_key), "data.text_key must not be empty"),
-                         (bool(self.tokenizer), "data.tokenizer must not be empty"),
-                         (self.format != "chat" or bool(self.messages_key),
-                          "data.messages_key must not be empty (the conversation field)")])
-
-
-@dataclass
 class ValidationSection:
     enable: bool = False
     """Evaluate the loss on held-out data during training."""
     path: str = ""
     """Held-out data, read like data.path (same tokenizer, keys and seq_len; never shuffled)."""
-    format: Literal["", "jsonl", "hf", "megatron", "chat"] = ""
+    format: Literal[("", *FORMATS)] = ""
     """"" = data.format."""
     interval: int = 100
     """Validate every `interval` steps and after the last one."""
@@ -335,85 +225,10 @@ class ValidationSection:
     def problems(self) -> list[str]:
         if not self.enable:
             return []
-        return _require([
+        return failing([
             (bool(self.path), "validation.path must name the held-out data (or set validation.enable = false)"),
             (self.interval >= 1, f"validation.interval must be >= 1 (got {self.interval})"),
             (self.steps >= 1, f"validation.steps must be >= 1 (got {self.steps})"),
-        ])
-
-
-@dataclass
-class CheckpointSection:
-    enable: bool = False
-    """Save checkpoints (and resume from the latest one in the dump folder)."""
-    interval: int = 100
-    """Save every N steps (and after the last step)."""
-    keep_latest_k: int = 2
-    """0 = keep all."""
-    folder: str = "checkpoint"
-    """Under job.dump_folder."""
-    load_step: int = -1
-    """-1 = the latest checkpoint in folder (if any)."""
-    initial_load_hf: str = ""
-    """HF checkpoint directory (or a model-only DCP checkpoint from `python -m moonlight.convert hf-to-dcp`)
-    to start from when no checkpoint of this run exists."""
-    export_hf: Literal["", "end", "each"] = ""
-    """Also write an HF-format checkpoint (<dump_folder>/hf/step-N): never, at the end, or at each save
-    ("each" keeps every export: keep_latest_k rotates the checkpoints only)."""
-    async_mode: Literal["", "async"] = ""
-    """"async": training goes on while a save is written (staged to CPU first; one save in flight,
-    COMPLETE written when the next save starts or training ends). "" = the step waits for the save."""
-    frozen_weights: Literal["auto", "save", "reload"] = "auto"
-    """Frozen (not trained) weights: "save" them in every checkpoint, or "reload" them from
-    initial_load_hf on resume, so a LoRA/DoRA checkpoint holds the adapters, buffers and optimizer
-    state only. "auto": "reload" in a LoRA/DoRA run with initial_load_hf, else "save"."""
-    other_base: bool = False
-    """Resume a LoRA/DoRA checkpoint whose frozen weights were read from another directory than
-    initial_load_hf (the same base, moved); otherwise that is refused: other weights under the adapters."""
-
-    def problems(self) -> list[str]:
-        return _require([
-            (self.interval >= 1, f"checkpoint.interval must be >= 1 (got {self.interval})"),
-            (self.keep_latest_k >= 0,
-             f"checkpoint.keep_latest_k must be >= 0 (0 = keep all; got {self.keep_latest_k})"),
-            (self.load_step >= -1, f"checkpoint.load_step must be -1 (latest) or a step >= 0 (got {self.load_step})"),
-            (self.enable or self.load_step == -1, f"checkpoint.load_step = {self.load_step} resumes from a checkpoint, "
-             "which checkpoint.enable = false turns off: set checkpoint.enable = true"),
-            (bool(self.folder), "checkpoint.folder must not be empty"),
-            # inside the (locked) dump folder: rotation and cleanup then delete only this run's saves
-            (inside(self.folder),
-             f"checkpoint.folder = {self.folder!r} must be a relative path inside job.dump_folder "
-             "(point job.dump_folder elsewhere instead)"),
-        ])
-
-
-@dataclass
-class MetricsSection:
-    log_freq: int = 1
-    """Print and record metrics every N steps (and the last step)."""
-    enable_tensorboard: bool = False
-    """Also write TensorBoard events under job.dump_folder/tb_folder."""
-    tb_folder: str = "tb"
-    """Under job.dump_folder."""
-    device_peak_flops: float = 0.0
-    """Peak FLOP/s of one device (rank) for MFU; 0 = a known GPU's spec peak, a timed matmul on other GPUs,
-    a nominal 100 GFLOP/s per rank on CPU (comparable between runs, not between machines)."""
-    profile_start: int = 0
-    """First profiled step; 0 = profiling off."""
-    profile_steps: int = 0
-    """Steps recorded by torch.profiler from profile_start on."""
-
-    def problems(self) -> list[str]:
-        return _require([
-            (self.log_freq >= 1, f"metrics.log_freq must be >= 1 (got {self.log_freq})"),
-            (self.device_peak_flops >= 0, f"metrics.device_peak_flops must be >= 0 (got {self.device_peak_flops})"),
-            (self.profile_start >= 0, f"metrics.profile_start must be >= 0 (got {self.profile_start})"),
-            (self.profile_steps >= 0, f"metrics.profile_steps must be >= 0 (got {self.profile_steps})"),
-            (self.profile_steps == 0 or self.profile_start >= 1,
-             f"metrics.profile_steps={self.profile_steps} needs metrics.profile_start >= 1"),
-            (bool(self.tb_folder) and inside(self.tb_folder),
-             f"metrics.tb_folder = {self.tb_folder!r} must be a relative path inside job.dump_folder (point "
-             "job.dump_folder elsewhere instead)"),
         ])
 
 
@@ -426,7 +241,7 @@ class MoESection:
     """Sequence-level balance loss coefficient; 0 disables it."""
 
     def problems(self) -> list[str]:
-        return _require([
+        return failing([
             (self.bias_update_rate is None or self.bias_update_rate >= 0,
              f"moe.bias_update_rate must be >= 0 (got {self.bias_update_rate})"),
             (self.aux_loss_coeff >= 0, f"moe.aux_loss_coeff must be >= 0 (got {self.aux_loss_coeff})"),
@@ -463,9 +278,9 @@ class LoRASection:
 
     def problems(self) -> list[str]:
         if not self.enable:
-            return _require([(not self.init_adapter and not self.export_adapter,
+            return failing([(not self.init_adapter and not self.export_adapter,
                               "lora.init_adapter / lora.export_adapter need lora.enable = true")])
-        return _require([
+        return failing([
             (self.rank >= 1, f"lora.rank must be >= 1 (got {self.rank})"),
             (self.alpha > 0, f"lora.alpha must be > 0 (got {self.alpha})"),
             (0 <= self.dropout < 1, f"lora.dropout must be in [0, 1) (got {self.dropout})"),

@@ -1,4 +1,5 @@
-"""Training metrics: a readable line on stdout (rank 0), `metrics.jsonl`, optional TensorBoard, MFU."""
+"""Training metrics: a readable line on stdout (rank 0), `metrics.jsonl`, optional TensorBoard, MFU, and
+the [metrics] section (`MetricsSection`: what is logged, when, and the profiler)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import os
 import resource
 import time
 import warnings
+from dataclasses import dataclass
 
 import torch
 
-from moonlight.outputs import abandoned_folder, os_error_reason, refuse_link
+from moonlight.errors import failing
+from moonlight.outputs import abandoned_folder, inside, os_error_reason, refuse_link
 from moonlight.train.report import duration
 
 logger = logging.getLogger(__name__)
@@ -79,6 +82,56 @@ def memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
+
+
+@dataclass
+class MetricsSection:
+    log_freq: int = 1
+    """Print and record metrics every N steps (and the last step)."""
+    enable_tensorboard: bool = False
+    """Also write TensorBoard events under job.dump_folder/tb_folder."""
+    tb_folder: str = "tb"
+    """Under job.dump_folder."""
+    device_peak_flops: float = 0.0
+    """Peak FLOP/s of one device (rank) for MFU; 0 = a known GPU's spec peak, a timed matmul on other GPUs,
+    a nominal 100 GFLOP/s per rank on CPU (comparable between runs, not between machines)."""
+    profile_start: int = 0
+    """First profiled step; 0 = profiling off."""
+    profile_steps: int = 0
+    """Steps recorded by torch.profiler from profile_start on."""
+
+    def problems(self) -> list[str]:
+        return failing([
+            (self.log_freq >= 1, f"metrics.log_freq must be >= 1 (got {self.log_freq})"),
+            (self.device_peak_flops >= 0, f"metrics.device_peak_flops must be >= 0 (got {self.device_peak_flops})"),
+            (self.profile_start >= 0, f"metrics.profile_start must be >= 0 (got {self.profile_start})"),
+            (self.profile_steps >= 0, f"metrics.profile_steps must be >= 0 (got {self.profile_steps})"),
+            (self.profile_steps == 0 or self.profile_start >= 1,
+             f"metrics.profile_steps={self.profile_steps} needs metrics.profile_start >= 1"),
+            (bool(self.tb_folder) and inside(self.tb_folder),
+             f"metrics.tb_folder = {self.tb_folder!r} must be a relative path inside job.dump_folder (point "
+             "job.dump_folder elsewhere instead)"),
+        ])
+
+    def build(self, dump_folder: str, rank: int, resume_step: int = 0, aside: str | None = None) -> MetricsLogger:
+        """The run's `MetricsLogger` (see its resume_step and aside)."""
+        return MetricsLogger(dump_folder, rank, self.enable_tensorboard, self.tb_folder, resume_step, aside)
+
+    def mfu_peak(self, device: torch.device, dtype: torch.dtype) -> float:
+        """One device's peak FLOP/s, the MFU denominator: device_peak_flops, else `peak_flops`'s."""
+        return self.device_peak_flops or peak_flops(device, dtype)
+
+    def profiler(self, dump_folder: str, rank: int) -> torch.profiler.profile | None:
+        """torch.profiler over steps profile_start.. (traces in <dump_folder>/profile); None when off."""
+        if not self.profile_start or not self.profile_steps:
+            return None
+        return torch.profiler.profile(
+            # active from step profile_start on; the step before it warms the profiler up
+            schedule=torch.profiler.schedule(wait=max(self.profile_start - 2, 0),
+                                             warmup=min(self.profile_start - 1, 1), active=self.profile_steps,
+                                             repeat=1),
+            on_trace_ready=torch.profiler.tensorboard_trace_handler(os.path.join(dump_folder, "profile"),
+                                                                    worker_name=f"rank{rank}"))
 
 
 # The step line: metrics.jsonl key, its label, its format (units in the format, not in the label).

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -21,6 +23,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim.adam import adam
 
 from moonlight.distributed import local_tensor
+from moonlight.errors import failing
 from moonlight.train.muon import (NS_COEFFICIENTS, NSSettings, orthogonalize, plan_orthogonalization,
                                   zeropower_via_newtonschulz)
 
@@ -33,6 +36,7 @@ __all__ = [
     "Optimizers",
     "is_adamw_param_name",
     "build_optimizers",
+    "OptimizerSection",
     "clip_grad_norm_",
 ]
 
@@ -403,6 +407,49 @@ def build_optimizers(
             opts.append(torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                           fused=_fused_supported(adamw_params) or None))
     return Optimizers(opts)
+
+
+@dataclass
+class OptimizerSection:
+    name: Literal["adamw", "muon"] = "adamw"
+    """"adamw", or "muon" (Muon for matrices, AdamW for embedding, lm_head and 1-D params)."""
+    lr: float = 1e-3
+    """Peak learning rate (after warmup)."""
+    beta1: float = 0.9
+    """AdamW first-moment decay."""
+    beta2: float = 0.95
+    """AdamW second-moment decay."""
+    eps: float = 1e-8
+    """AdamW denominator epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay (AdamW and Muon)."""
+    momentum: float = 0.95
+    """Muon momentum."""
+    nesterov: bool = True
+    """Muon: Nesterov momentum."""
+    ns_steps: int = 5
+    """Newton-Schulz iterations (Muon)."""
+    precision_aware: bool = False
+    """fp32 master weights with bf16 gradients and moments."""
+
+    def problems(self) -> list[str]:
+        return failing([
+            (self.lr > 0, f"optimizer.lr must be > 0 (got {self.lr})"),
+            (0 <= self.beta1 < 1, f"optimizer.beta1 must be in [0, 1) (got {self.beta1})"),
+            (0 <= self.beta2 < 1, f"optimizer.beta2 must be in [0, 1) (got {self.beta2})"),
+            (self.eps > 0, f"optimizer.eps must be > 0 (got {self.eps})"),
+            (self.weight_decay >= 0, f"optimizer.weight_decay must be >= 0 (got {self.weight_decay})"),
+            (0 <= self.momentum < 1, f"optimizer.momentum must be in [0, 1) (got {self.momentum})"),
+            (self.ns_steps >= 1, f"optimizer.ns_steps must be >= 1 (got {self.ns_steps})"),
+        ])
+
+    def build(self, named_params: Iterable[tuple[str, Tensor]], ns_dtype: torch.dtype = torch.bfloat16,
+              replica_mesh: DeviceMesh | None = None) -> Optimizers:
+        """`build_optimizers` with this section's settings (ns_dtype and replica_mesh: the run's, not the config's)."""
+        return build_optimizers(named_params, name=self.name, lr=self.lr, weight_decay=self.weight_decay,
+                                betas=(self.beta1, self.beta2), eps=self.eps, momentum=self.momentum,
+                                nesterov=self.nesterov, ns_steps=self.ns_steps, precision_aware=self.precision_aware,
+                                ns_dtype=ns_dtype, replica_mesh=replica_mesh)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,13 +1,24 @@
 """The learning-rate schedule: warmup, then cosine, linear or WSD decay to a floor; one LambdaLR per
-optimizer, stepped together (state through each scheduler's state_dict())."""
+optimizer, stepped together (state through each scheduler's state_dict()).
+
+    schedulers = LRSchedulerSection(warmup_steps=2).build(optimizers, total_steps=100)
+
+A knob of the schedule is a field of `LRSchedulerSection` (the [lr_scheduler] section) and a keyword
+of `lr_multiplier` of the same name: `build` hands every field to it.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
+
+from moonlight.errors import failing
 
 
 def lr_multiplier(
@@ -86,27 +97,41 @@ class LRSchedulers:
             s.load_state_dict(state_dict[str(i)])
 
 
-def build_lr_scheduler(
-    optimizers,
-    warmup_steps: int,
-    total_steps: int,
-    decay_type: str = "cosine",
-    min_lr_ratio: float = 0.1,
-    decay_ratio: float = 0.2,
-) -> LRSchedulers:
-    """LambdaLR(s) with ``lr_multiplier`` over an Optimizers container, a list, or one optimizer.
+@dataclass
+class LRSchedulerSection:
+    warmup_steps: int = 20
+    """Linear warmup steps from 0 to optimizer.lr."""
+    decay_type: Literal["cosine", "linear", "wsd"] = "cosine"
+    """Decay after warmup: cosine, linear, or WSD (stable, then a linear decay)."""
+    decay_ratio: float = 0.2
+    """WSD only: the fraction of training.steps spent in the final (linear) decay."""
+    min_lr_ratio: float = 0.1
+    """Final lr = optimizer.lr * min_lr_ratio (the pretrain recipe: 4.2e-4 -> 4.2e-5)."""
 
-    Call ``.step()`` once after each optimizer step. Right after construction the lr is
-    ``lr * lr_multiplier(0)`` (used by the first optimizer step).
-    """
-    if isinstance(optimizers, torch.optim.Optimizer):
-        optimizers = [optimizers]
-    fn_kw = dict(
-        warmup_steps=warmup_steps,
-        total_steps=total_steps,
-        decay_type=decay_type,
-        min_lr_ratio=min_lr_ratio,
-        decay_ratio=decay_ratio,
-    )
-    lr_multiplier(0, **fn_kw)  # validate decay_type early
-    return LRSchedulers([LambdaLR(o, _Multiplier(**fn_kw)) for o in optimizers])
+    def problems(self, steps: int) -> list[str]:
+        out = failing([
+            (self.warmup_steps >= 0, f"lr_scheduler.warmup_steps must be >= 0 (got {self.warmup_steps})"),
+            (self.warmup_steps <= steps,
+             f"lr_scheduler.warmup_steps ({self.warmup_steps}) must be <= training.steps ({steps})"),
+            (0 <= self.min_lr_ratio <= 1,
+             f"lr_scheduler.min_lr_ratio must be in [0, 1], i.e. min lr <= optimizer.lr (got {self.min_lr_ratio})"),
+            (0 <= self.decay_ratio <= 1, f"lr_scheduler.decay_ratio must be in [0, 1] (got {self.decay_ratio})"),
+        ])
+        if self.decay_type == "wsd" and 0 <= self.decay_ratio <= 1:
+            decay_steps = round(self.decay_ratio * steps)
+            if self.warmup_steps + decay_steps > steps:
+                out.append(f"lr_scheduler.warmup_steps ({self.warmup_steps}) + decay steps (decay_ratio "
+                           f"{self.decay_ratio} * {steps} = {decay_steps}) exceed training.steps ({steps})")
+        return out
+
+    def build(self, optimizers, total_steps: int) -> LRSchedulers:
+        """LambdaLR(s) with ``lr_multiplier`` over an Optimizers container, a list, or one optimizer.
+
+        Call ``.step()`` once after each optimizer step. Right after construction the lr is
+        ``lr * lr_multiplier(0)`` (used by the first optimizer step).
+        """
+        if isinstance(optimizers, torch.optim.Optimizer):
+            optimizers = [optimizers]
+        fn_kw = {**dataclasses.asdict(self), "total_steps": total_steps}
+        lr_multiplier(0, **fn_kw)  # validate decay_type early
+        return LRSchedulers([LambdaLR(o, _Multiplier(**fn_kw)) for o in optimizers])

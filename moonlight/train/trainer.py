@@ -37,10 +37,9 @@ from moonlight.train.build import (build_converters, build_model_args, check_hos
                                    read_base_weights, take_dump_folder_lock, warn_about_data)
 from moonlight.train.config import JobConfig
 from moonlight.train.layout import build_layout, is_mixed_precision
-from moonlight.train.metrics import MetricsLogger, memory_gib, peak_flops
+from moonlight.train.metrics import memory_gib
 from moonlight.train.report import RunReport, relative
-from moonlight.train.optim import build_optimizers, clip_grad_norm_
-from moonlight.train.schedule import build_lr_scheduler
+from moonlight.train.optim import clip_grad_norm_
 from moonlight.train.validation import Validator
 
 # Models up to this size are initialized whole on every rank before sharding, so every parallel
@@ -90,22 +89,13 @@ class Trainer:
                 moe.aux_loss_coeff /= n_forwards  # as the model set it: 0 without seq_aux
 
         params = [(n, p) for part in self.model_parts for n, p in part.named_parameters()]
-        o = cfg.optimizer
-        self.optimizers = build_optimizers(params, name=o.name, lr=o.lr, weight_decay=o.weight_decay,
-                                           betas=(o.beta1, o.beta2), eps=o.eps, momentum=o.momentum,
-                                           nesterov=o.nesterov, ns_steps=o.ns_steps,
-                                           precision_aware=o.precision_aware,
-                                           replica_mesh=self.parallel.replica_mesh,
-                                           # bf16 Newton-Schulz as Moonlight on GPUs; CPUs without bf16
-                                           # units run it far slower than fp32, so they use fp32
-                                           ns_dtype=torch.bfloat16 if self.device.type == "cuda" else torch.float32)
-        s = cfg.lr_scheduler
-        self.lr_schedulers = build_lr_scheduler(self.optimizers, warmup_steps=s.warmup_steps, total_steps=t.steps,
-                                                decay_type=s.decay_type, min_lr_ratio=s.min_lr_ratio,
-                                                decay_ratio=s.decay_ratio)
+        # bf16 Newton-Schulz as Moonlight on GPUs; CPUs without bf16 units run it far slower than fp32
+        ns_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.optimizers = cfg.optimizer.build(params, ns_dtype=ns_dtype, replica_mesh=self.parallel.replica_mesh)
+        self.lr_schedulers = cfg.lr_scheduler.build(self.optimizers, total_steps=t.steps)
         self.dataloader = build_dataloader(cfg.data, self.tokenizer, t.seq_len, t.local_batch_size,
                                            dp_rank, dp_world, t.seed)
-        self.document_mask = cfg.data.document_mask or cfg.data.format == "chat"
+        self.document_mask = cfg.data.masks_documents()
         check_token_ids(self.dataloader.store, self.model_args.vocab_size, "data")
         self.validator = Validator(cfg, self.tokenizer, self.parallel, self.device) if cfg.validation.enable else None
         if self.validator is not None:
@@ -127,10 +117,9 @@ class Trainer:
         self.checkpointer = self._build_checkpointer()
         self.exported_step: int | None = None
         self.adapter_step: int | None = None
-        self.metrics = MetricsLogger(cfg.job.dump_folder, self.rank, cfg.metrics.enable_tensorboard,
-                                     cfg.metrics.tb_folder, resume_step=self.step, aside=self.aside)
+        self.metrics = cfg.metrics.build(cfg.job.dump_folder, self.rank, resume_step=self.step, aside=self.aside)
         compute_dtype = to_dtype(t.mixed_precision_param if is_mixed_precision(cfg) else t.dtype)
-        self.peak_flops = cfg.metrics.device_peak_flops or peak_flops(self.device, compute_dtype)
+        self.peak_flops = cfg.metrics.mfu_peak(self.device, compute_dtype)
         self.flops_per_token = self.model_args.flops_per_token(t.seq_len)
         self.report = RunReport(self.rank, self.step, t.steps, t.global_batch_size * t.seq_len, started)
         self._write_config()
@@ -433,7 +422,7 @@ class Trainer:
         if self.step >= t.steps and self.rank == 0:
             print(f"[moonlight] the checkpoint at step {self.step} already reaches training.steps={t.steps}: nothing "
                   "to train (raise --training.steps, or use another --job.dump_folder for a new run)", flush=True)
-        profiler = self._profiler()
+        profiler = cfg.metrics.profiler(cfg.job.dump_folder, self.rank)
 
         def on_signal(signum, frame):
             if self._stop_signal is not None and signum == signal.SIGINT:  # a second Ctrl-C: abort at once
@@ -484,14 +473,3 @@ class Trainer:
         if dist.is_initialized() and dist.get_world_size() > 1:
             return self._ranks_stopping > 0
         return self._stop_signal is not None
-
-    def _profiler(self):
-        m = self.cfg.metrics
-        if not m.profile_start or not m.profile_steps:
-            return None
-        trace_dir = os.path.join(self.cfg.job.dump_folder, "profile")
-        return torch.profiler.profile(
-            # active from step profile_start on; the step before it warms the profiler up
-            schedule=torch.profiler.schedule(wait=max(m.profile_start - 2, 0), warmup=min(m.profile_start - 1, 1),
-                                             active=m.profile_steps, repeat=1),
-            on_trace_ready=torch.profiler.tensorboard_trace_handler(trace_dir, worker_name=f"rank{self.rank}"))

@@ -33,7 +33,7 @@ class Validator:
         self.loader = build_dataloader(data, tokenizer, t.seq_len, t.local_batch_size, layout.dp_rank,
                                        layout.dp_world, t.seed, keys=keys)
         self.start = self.loader.state_dict()
-        self.document_mask = cfg.data.document_mask or data.format == "chat"
+        self.document_mask = data.masks_documents()
         # each validation step is one global batch, whatever the layout: the same rows in every layout
         self.interval, self.micro_batches = v.interval, v.steps * cfg.grad_accum_steps(layout.dp_world)
         self.layout, self.device = layout, device
