@@ -14,7 +14,8 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 
 import moonlight.train.muon as muon_module
 from moonlight.train.balance import expert_load_imbalance, update_router_biases
-from moonlight.train.optim import AdamW, Muon, build_optimizers, clip_grad_norm_, zeropower_via_newtonschulz
+from moonlight.train.optim import (AdamW, Muon, OptimizerSection, build_optimizers, clip_grad_norm_,
+                                  zeropower_via_newtonschulz)
 from moonlight.train.schedule import LRSchedulerSection, lr_multiplier
 from tests.dist import run_ranks
 
@@ -490,6 +491,37 @@ def test_lr_scheduler_drives_all_groups_and_checkpoints():
     (s1,) = LRSchedulerSection(warmup_steps=0, decay_type="linear", min_lr_ratio=0.0).build(
         torch.optim.SGD([nn.Parameter(torch.ones(2))], lr=1.0), total_steps=10)
     assert s1.get_last_lr() == [1.0]
+
+
+def test_optimizer_section_builds_with_every_key():
+    """[optimizer]'s keys reach the optimizers its build() makes (the trainer and the planner call it)."""
+    section = OptimizerSection(name="muon", lr=3e-3, beta1=0.8, beta2=0.9, eps=1e-6, weight_decay=0.05,
+                               momentum=0.9, nesterov=False, ns_steps=3, precision_aware=True)
+    muon, adamw = section.build(_Tiny().named_parameters(), ns_dtype=torch.float32).optimizers
+    assert type(muon) is Muon and type(adamw) is AdamW  # precision_aware: ours, with fp32 master weights
+    assert {k: muon.defaults[k] for k in ("lr", "weight_decay", "momentum", "nesterov", "ns_steps", "ns_dtype",
+                                          "master_weights")} == dict(
+        lr=3e-3, weight_decay=0.05, momentum=0.9, nesterov=False, ns_steps=3, ns_dtype=torch.float32,
+        master_weights=True)
+    assert {k: adamw.defaults[k] for k in ("lr", "betas", "eps", "weight_decay", "master_weights")} == dict(
+        lr=3e-3, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.05, master_weights=True)
+    (plain,) = OptimizerSection(name="adamw").build(_Tiny().named_parameters()).optimizers
+    assert type(plain) is torch.optim.AdamW
+
+
+def test_lr_scheduler_section_builds_with_every_key():
+    """Each [lr_scheduler] key changes the built schedule as lr_multiplier's keyword of that name does."""
+    section = LRSchedulerSection(warmup_steps=2, decay_type="wsd", decay_ratio=0.5, min_lr_ratio=0.25)
+    opt = torch.optim.SGD([nn.Parameter(torch.ones(2))], lr=1.0)
+    (sched,) = section.build(opt, total_steps=10)
+    lrs = []
+    for _ in range(12):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([lr_multiplier(s, 2, 10, "wsd", 0.25, 0.5) for s in range(12)])
+    assert lrs[:3] == pytest.approx([1 / 3, 2 / 3, 1.0]) and lrs[4] == 1.0  # warmup, then stable to step 5
+    assert lrs[9] == pytest.approx(0.25 + 0.75 * 0.2) and lrs[10:] == pytest.approx([0.25, 0.25])
 
 
 # ------------------------------------------------------------------------------------------
