@@ -20,8 +20,8 @@ USAGE = f"""{__doc__}
        `python train.py --config FILE [overrides] --print-config`: the resolved config as TOML, then exit
 
 Every key of a section can be overridden on the command line (--section.key=value); an unknown key
-lists the valid ones. The resolved config is saved as <job.dump_folder>/config.toml. README.md has
-the recipes (configs/) and what each section does.
+lists the valid ones. The resolved config is saved as <job.dump_folder>/config.toml. docs/training.md
+has the recipes (configs/) and what each section does.
 """
 
 

@@ -1,5 +1,6 @@
-"""README's "What is here" table names every module of the package, and every path it names exists;
-the README's command blocks run as written (python blocks are API sketches on the 16B model: not run)."""
+"""The documentation holds: docs/design.md's module table names every module of the package and every
+path it names exists; the README keeps the commands CI runs; the command blocks of README.md and
+docs/ run as written (python blocks are API sketches on the 16B model: not run)."""
 
 import os
 import pathlib
@@ -9,11 +10,14 @@ import subprocess
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# The quick start first, then the pages it links to: blocks of a page may use what the quick start made.
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
 
 def _table_paths() -> set[str]:
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("## What is here"):text.index("## Using it")]
+    text = (ROOT / "docs" / "design.md").read_text()
+    start = text.index("## Layers and modules")
+    section = text[start:text.index("\n## ", start)]
     return {p for row in section.splitlines() if row.startswith("| `")
             for p in re.findall(r"`([^`]+)`", row.split("|")[1])}
 
@@ -59,21 +63,22 @@ def test_the_readme_commands_and_tested_versions_match_the_constraints():
     assert "torch" not in test and floor["transformers"] == test["transformers"]
 
 
-# ------------------------------------------------------------------ the README walk
-# Every ```bash block of README.md runs, in the order written, in a fresh folder that links the
-# repository's files, except the blocks marked `<!-- readme-walk: skip (reason) -->` on the line above
-# them. Training commands run 2 steps (the overrides below come last and win); `pip install` (this
-# environment is installed) and `python -m pytest` (this suite) are the only commands left out.
+# ------------------------------------------------------------------ the documentation walk
+# Every ```bash block of README.md, then of the docs/ pages in name order, runs as written in one fresh
+# folder that links the repository's files, except the blocks marked `<!-- readme-walk: skip (reason) -->`
+# on the line above them. Training commands run 2 steps (the overrides below come last and win);
+# `pip install` (this environment is installed) and `python -m pytest` (this suite) are the only
+# commands left out.
 FAST = ["--training.steps=2", "--lr_scheduler.warmup_steps=0", "--metrics.log_freq=1", "--validation.interval=1",
         "--validation.steps=1", "--checkpoint.interval=1"]
 BLOCK = re.compile(r"(?:<!-- readme-walk: skip \((?P<skip>[^)]+)\) -->\n)?[ ]*```bash\n(?P<body>.*?)```", re.S)
 
 
-def readme_blocks() -> list[tuple[str | None, list[str]]]:
-    """(skip reason or None, commands) of every bash block: comments dropped, continuation lines
-    joined, `a && b` split."""
+def doc_blocks() -> list[tuple[str | None, list[str]]]:
+    """(skip reason or None, commands) of every bash block of DOCS: comments dropped, continuation
+    lines joined, `a && b` split."""
     blocks = []
-    for m in BLOCK.finditer((ROOT / "README.md").read_text()):
+    for m in (m for page in DOCS for m in BLOCK.finditer(page.read_text())):
         text = re.sub(r"\\\n\s*", "", m["body"])
         lines = [line.split(" #")[0].strip() for line in text.splitlines()]
         commands = [c.strip() for line in lines if line and not line.startswith("#") for c in line.split(" && ")]
@@ -82,19 +87,19 @@ def readme_blocks() -> list[tuple[str | None, list[str]]]:
 
 
 def test_every_skipped_block_says_why_and_most_blocks_run():
-    blocks = readme_blocks()
+    blocks = doc_blocks()
     assert len(blocks) >= 8
     assert all(reason.strip() for reason, _ in blocks if reason is not None)
     assert sum(reason is None for reason, _ in blocks) >= 5
 
 
 @pytest.mark.slow
-def test_readme_commands_run_in_order_in_a_fresh_folder(tmp_path):
+def test_documented_commands_run_in_order_in_a_fresh_folder(tmp_path):
     for name in ("train.py", "train.toml", "configs", "data", "benchmarks"):
         (tmp_path / name).symlink_to(ROOT / name)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     ran = []
-    for reason, commands in readme_blocks():
+    for reason, commands in doc_blocks():
         if reason is not None:
             continue
         for command in commands:
