@@ -1,6 +1,7 @@
 """The documentation holds: docs/design.md's module table names every module of the package and every
-path it names exists; the README keeps the commands CI runs; the command blocks of README.md and
-docs/ run as written (python blocks are API sketches on the 16B model: not run)."""
+path it names exists; the README keeps the commands CI runs and stays a quick start; every relative
+link of README.md and docs/ resolves; their command blocks run as written (python blocks are API
+sketches on the 16B model: not run)."""
 
 import os
 import pathlib
@@ -61,6 +62,52 @@ def test_the_readme_commands_and_tested_versions_match_the_constraints():
     major_minor = ".".join(floor["torch"].split(".")[:2])
     assert f'"torch>={major_minor}",' in (ROOT / "pyproject.toml").read_text()
     assert "torch" not in test and floor["transformers"] == test["transformers"]
+
+
+def test_the_readme_stays_a_quick_start_that_links_the_docs():
+    """Reference material goes to docs/ (issue 21): the README is the install, the two commands, a
+    sketch and links, and docs/README.md indexes every page."""
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 120, "README.md is a quick start: move reference material to docs/"
+    assert "(docs/README.md)" in readme
+    index = (ROOT / "docs" / "README.md").read_text()
+    pages = {p.name for p in (ROOT / "docs").glob("*.md") if p.name != "README.md"}
+    assert {p for p in pages if f"]({p})" not in index} == set()
+
+
+def _outside_fences(text: str) -> list[str]:
+    lines, fenced = [], False
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        elif not fenced:
+            lines.append(line)
+    return lines
+
+
+def _anchors(page: pathlib.Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces as hyphens, repeats numbered."""
+    anchors, seen = set(), {}
+    for line in _outside_fences(page.read_text()):
+        if m := re.match(r"#{1,6} (.+)", line):
+            slug = re.sub(r"[^\w\- ]", "", m[1].strip().lower()).replace(" ", "-")
+            anchors.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
+            seen[slug] = seen.get(slug, 0) + 1
+    return anchors
+
+
+def test_every_relative_link_points_at_a_file_and_heading_that_exist():
+    broken = []
+    for page in DOCS:
+        for line in _outside_fences(page.read_text()):
+            for target in re.findall(r"\]\(([^)\s]+)\)", line):
+                if re.match(r"[a-z]+:", target):
+                    continue
+                path, _, anchor = target.partition("#")
+                file = (page.parent / path).resolve() if path else page
+                if not file.exists() or (anchor and file.suffix == ".md" and anchor not in _anchors(file)):
+                    broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert broken == []
 
 
 # ------------------------------------------------------------------ the documentation walk
