@@ -77,7 +77,7 @@ def main(argv: list[str]) -> int:
         return INTERRUPTED_EXIT_CODE
     finally:
         # The trainer's reference cycles (model, meshes, checkpointer) hold the process groups: free them
-        # now, or gloo's worker threads are torn down in interpreter finalisation and abort the process.
+        # now, or gloo's worker threads are torn down in interpreter finalization and abort the process.
         gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()

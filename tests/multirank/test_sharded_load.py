@@ -11,7 +11,7 @@ from tests.helpers import sharded_load_args
 
 
 class CountingCheckpoint(HFCheckpoint):
-    """An HFCheckpoint whose slice reads are counted (bytes actually materialised per key)."""
+    """An HFCheckpoint whose slice reads are counted (bytes actually materialized per key)."""
 
     def __init__(self, path):
         super().__init__(path)

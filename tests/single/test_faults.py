@@ -820,7 +820,7 @@ def test_prepare_data_removes_its_temp_file_when_close_fails(tmp_path, monkeypat
 
 
 def test_a_model_too_large_for_host_memory_is_refused_before_materialising(tmp_path, monkeypatch):
-    """Fault: the 16B model on a small CPU machine was materialised until the kernel killed it."""
+    """Fault: the 16B model on a small CPU machine was materialized until the kernel killed it."""
     import moonlight.train.build as build_mod
 
     monkeypatch.setattr(build_mod, "available_memory_bytes", lambda: 2**30)
@@ -1035,7 +1035,7 @@ def _nan(tensors):
 
 
 @pytest.mark.parametrize("change,match", [
-    (_fp8, "FP8-quantised checkpoint .*dequantise it to bfloat16 first"),
+    (_fp8, "FP8-quantized checkpoint .*dequantize it to bfloat16 first"),
     (_int32, "model.norm.weight has dtype I32, not a floating-point weight"),
     (_extra_layer, r"unexpected key\(s\), e.g. \['model.layers.9"),
     (_nan, r"model.layers.1.self_attn.o_proj.weight holds 1 NaN/Inf value"),
@@ -1246,7 +1246,7 @@ def test_megatron_files_with_eos_appended_or_another_tokenizer_are_warned_about(
     caplog.clear()
     other = build_tokenizer(str(chat_tiktoken_dir(tmp_path, "")))
     build_dataloader(data_cfg(tmp_path / "tok", fmt="megatron", add_eos=False), other, 8, 1)
-    assert _warnings(caplog) == [f"data: 1 of 1 Megatron file(s) in {tmp_path / 'tok'} were tokenised with another "
+    assert _warnings(caplog) == [f"data: 1 of 1 Megatron file(s) in {tmp_path / 'tok'} were tokenized with another "
                                  f"tokenizer than data.tokenizer (e.g. {tmp_path / 'tok'}): their token ids mean "
                                  "other text; run prepare_data again with this tokenizer"]
 
