@@ -1,6 +1,6 @@
 """The TOML job configuration (`JobConfig`): its sections and the checks across them. A section that
 configures one component lives beside it and builds it (`cfg.optimizer.build(params)`); the others
-live here; all are importable from here (docs/config.md).
+live here; all are importable from here (docs/design.md).
 
     cfg = load_config("train.toml", ["--training.steps=20", "--parallelism.tp", "2"])
     cfg.validate()                      # every section's checks + cross-section ones (no world size)
