@@ -21,6 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from moonlight import ModelArgs, Moonlight
 from moonlight.data.tokenizer import DEFAULT_ADDITIONAL_SPECIALS
 from moonlight.model.lora import apply_lora
+from moonlight.model.loss import cross_entropy_from_hidden
 from moonlight.train.config import CheckpointSection, DataSection, load_config
 from moonlight.train.optim import build_optimizers
 from moonlight.train.schedule import build_lr_scheduler
@@ -380,3 +381,9 @@ def lora_test_model(args=LORA_ARGS, seed=0):
     m = Moonlight(args)
     m.init_weights()
     return m.eval()
+
+
+def summed_loss(model, tokens, labels, **packing):
+    """The sum of the token losses of a whole model, as the trainer computes it (chunked, from the
+    hidden states)."""
+    return cross_entropy_from_hidden(model(tokens, return_hidden=True, **packing), model.lm_head, labels)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from moonlight.config import ModelArgs
 from moonlight.model import Moonlight
-from moonlight.model.loss import linear_cross_entropy
+from moonlight.model.loss import cross_entropy_from_hidden, linear_cross_entropy
 from moonlight.parallel.tensor import cross_entropy_loss, reduce_token_losses
 
 
@@ -57,8 +57,8 @@ class _WrappedHead(torch.nn.Linear):
 
 
 @pytest.mark.parametrize("head", ["linear", "wrapped"])
-def test_model_loss_from_labels_matches_loss_on_logits(head):
-    """model(tokens, labels=labels) + reduce_token_losses == cross_entropy_loss(model(tokens), labels),
+def test_loss_from_hidden_matches_loss_on_logits(head):
+    """cross_entropy_from_hidden + reduce_token_losses == cross_entropy_loss(model(tokens), labels),
     loss and every gradient, fp32."""
     args = ModelArgs.preset("debug", kernels="torch", num_hidden_layers=2, aux_loss_alpha=0.01)
     g = torch.Generator().manual_seed(3)
@@ -76,7 +76,8 @@ def test_model_loss_from_labels_matches_loss_on_logits(head):
             wrapped.weight = model.lm_head.weight
             model.lm_head = wrapped
         if chunked:
-            loss = reduce_token_losses(model(inputs, labels=labels), labels)
+            hidden = model(inputs, return_hidden=True)
+            loss = reduce_token_losses(cross_entropy_from_hidden(hidden, model.lm_head, labels), labels)
         else:
             loss = cross_entropy_loss(model(inputs), labels)
         loss.backward()

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from tests.dist import run_ranks
+from tests.helpers import summed_loss
 
 ATOL, RTOL = 1e-5, 1e-4
 GLOBAL_BATCH, SEQ = 4, 16
@@ -74,8 +75,8 @@ def _step_worker(rank, world_size, layout, sequence_parallel, ac_mode, chunked_l
     per = GLOBAL_BATCH // mesh.dp_size
     sl = slice(mesh.dp_rank * per, (mesh.dp_rank + 1) * per)
     model.train()
-    if chunked_loss:  # the loss from hidden states inside the model's (FSDP-unsharded) forward
-        loss = reduce_token_losses(model(inputs[sl], labels=labels[sl]), labels[sl])
+    if chunked_loss:  # the loss from hidden states, reading the head's weight FSDP left unsharded
+        loss = reduce_token_losses(summed_loss(model, inputs[sl], labels[sl]), labels[sl])
     else:
         logits = model(inputs[sl])
         if dims.tp > 1:

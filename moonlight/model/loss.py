@@ -1,16 +1,21 @@
-"""Cross-entropy straight from the final hidden states, chunk by chunk over the tokens.
+"""The token loss of a language model, straight from its final hidden states:
 
-    linear_cross_entropy(hidden [N, H], weight [V, H], labels [N]) -> sum of token losses (fp32 or fp64)
+    cross_entropy_from_hidden(hidden [B, S, H], lm_head, labels [B, S]) -> sum of token losses
+    linear_cross_entropy(hidden [N, H], weight [V, H], labels [N])       -> the same, from the weight
 
-equals F.cross_entropy((hidden @ weight.T).float(), labels, reduction="sum") without building the
-[N, V] logits: each chunk's logits become their softmax and then their gradient in place, which
-goes straight into the gradients of the hidden states and of the head. One chunk's fp32 logits
-(`chunk_bytes`) is the peak. Details: docs/performance.md.
+linear_cross_entropy equals F.cross_entropy((hidden @ weight.T).float(), labels, reduction="sum")
+without building the [N, V] logits: it goes chunk by chunk over the tokens, and each chunk's logits
+become their softmax and then their gradient in place, which goes straight into the gradients of the
+hidden states and of the head. One chunk's fp32 logits (`chunk_bytes`) is the peak. Details:
+docs/performance.md.
 """
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moonlight.dtypes import at_least_fp32
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -72,3 +77,15 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_
     chunk_rows = max(1, chunk_bytes // (4 * weight.shape[0]))
     with_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, chunk_rows, with_grads)
+
+
+def cross_entropy_from_hidden(hidden: Tensor, lm_head: nn.Module, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """Sum of the token losses of the logits lm_head(hidden), in fp32 (fp64 for fp64 inputs).
+
+    hidden [..., H] (``model(tokens, return_hidden=True)``), labels [...] (shifted, ignore_index ignored).
+    The model's own head (marked `plain_linear`) goes through `linear_cross_entropy` and never builds the
+    fp32 logits; any other head (a converter's, e.g. LoRA) makes its logits with its own forward."""
+    if getattr(lm_head, "plain_linear", False):
+        return linear_cross_entropy(hidden.flatten(0, -2), lm_head.weight, labels.flatten(), ignore_index)
+    return F.cross_entropy(at_least_fp32(lm_head(hidden).flatten(0, -2)), labels.flatten(), ignore_index=ignore_index,
+                           reduction="sum")

@@ -20,6 +20,7 @@ from moonlight.config import ModelArgs
 from moonlight.distributed import init_single_process_group, to_device
 from moonlight.dtypes import is_mixed
 from moonlight.model import Moonlight
+from moonlight.model.loss import cross_entropy_from_hidden
 from moonlight.parallel.mesh import ParallelDims, build_mesh
 from moonlight.parallel.parallelize import parallelize_model
 from moonlight.parallel.tensor import cross_entropy_loss, reduce_token_losses
@@ -67,7 +68,7 @@ class Layout:
     moe_count_group: dist.ProcessGroup | None = None  # every rank that routes different tokens through the same layers
     replica_mesh: DeviceMesh | None = None  # ranks holding copies of a weight its own mesh lacks (Muon's replicas)
     holds_loss: bool = True  # this rank's loss counts once in the reported mean (last stage, tp rank 0; any cp)
-    # The model computes the loss from its hidden states in chunks (no [B, S, V] fp32 logits); not with
+    # The loss comes from the hidden states in chunks (no [B, S, V] fp32 logits); not with
     # a vocab-sharded head (tp > 1: the vocab-parallel loss_fn) or pipeline stages (the schedule's loss_fn).
     loss_from_hidden: bool = True
     description: str = "single process"
@@ -86,7 +87,8 @@ class Layout:
         model = self.model_parts[0]
         reduce = {"num_tokens": num_tokens} if train else {"reduction": "sum"}
         if self.loss_from_hidden:
-            loss = reduce_token_losses(model(inputs, labels=labels, **packing), labels, **reduce)
+            hidden = model(inputs, return_hidden=True, **packing)
+            loss = reduce_token_losses(cross_entropy_from_hidden(hidden, model.lm_head, labels), labels, **reduce)
         else:
             loss = self.loss_fn(model(inputs, **packing), labels, **reduce)
         if train:
