@@ -10,7 +10,7 @@ from torch.distributed.fsdp import FSDPModule
 from moonlight.config import ModelArgs
 from moonlight.model import Moonlight
 from moonlight.train.config import load_config
-from moonlight.train.layout import fsdp_reshard_after_forward
+from moonlight.train.parallel_run import fsdp_reshard_after_forward
 from tests.dist import run_ranks
 
 
@@ -78,7 +78,7 @@ def test_reshard_after_forward_rule():
 
 
 def test_mixed_precision_is_any_cast_away_from_fp32():
-    """One rule for the trainer's layout, parallelize_model and apply_fsdp: None (FSDP's "no cast")
+    """One rule for the trainer's ParallelRun, parallelize_model and apply_fsdp: None (FSDP's "no cast")
     and fp32 under any spelling are not mixed precision; a bf16 parameter or reduce dtype is."""
     from moonlight.dtypes import is_mixed
 

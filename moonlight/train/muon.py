@@ -121,7 +121,7 @@ def _box_numel(box: Box) -> int:
 
 def _check_tiling(plan: MatrixPlan) -> None:
     # Nested Shard/_StridedShard placements give every rank one contiguous box; say so loudly if a
-    # layout ever breaks that (the pieces would not reassemble the matrix).
+    # sharding ever breaks that (the pieces would not reassemble the matrix).
     for dim, size in enumerate(plan.shape):
         spans = sorted({(b[dim].start, b[dim].stop) for b in plan.boxes if b[dim].stop > b[dim].start})
         ends = [0] + [stop for _, stop in spans]
