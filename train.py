@@ -20,8 +20,8 @@ USAGE = f"""{__doc__}
        `python train.py --config FILE [overrides] --print-config`: the resolved config as TOML, then exit
 
 Every key of a section can be overridden on the command line (--section.key=value); an unknown key
-lists the valid ones. The resolved config is saved as <job.dump_folder>/config.toml. README.md has
-the recipes (configs/) and what each section does.
+lists the valid ones. The resolved config is saved as <job.dump_folder>/config.toml. docs/training.md
+has the recipes (configs/) and what each section does.
 """
 
 
@@ -77,7 +77,7 @@ def main(argv: list[str]) -> int:
         return INTERRUPTED_EXIT_CODE
     finally:
         # The trainer's reference cycles (model, meshes, checkpointer) hold the process groups: free them
-        # now, or gloo's worker threads are torn down in interpreter finalisation and abort the process.
+        # now, or gloo's worker threads are torn down in interpreter finalization and abort the process.
         gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()

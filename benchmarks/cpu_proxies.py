@@ -164,7 +164,7 @@ class FusedAttention(LocalKeyExchange):
         return _attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale).transpose(1, 2)
 
 
-# Today's counts with ~3% slack (the slice's: tests/test_cpu_proxies.py; --check: all): lower them
+# Today's counts with ~3% slack (the slice's: tests/single/test_cpu_proxies.py; --check: all): lower them
 # as the step gets leaner.
 BUDGETS = {
     "slice bf16 meta": {"launches": 490, "copy_bytes": 5.7e9, "fill_bytes": 1.6e6},

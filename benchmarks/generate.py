@@ -30,7 +30,7 @@ from moonlight.hf import hf_keys, is_expert_stack  # noqa: E402
 from moonlight.model import Moonlight  # noqa: E402
 from moonlight.parallel.compile import apply_compile  # noqa: E402
 from benchmarks.gpu_suite import device_peak, random_moonlight  # noqa: E402
-from tests.test_moe_sync import host_syncs  # noqa: E402
+from tests.helpers import host_syncs  # noqa: E402
 
 
 def transformers_twin(model: Moonlight):

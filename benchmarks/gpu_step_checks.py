@@ -33,7 +33,7 @@ from moonlight.config import ModelArgs  # noqa: E402
 from moonlight.model import Moonlight  # noqa: E402
 from moonlight.model.model import MoE, grouped_swiglu  # noqa: E402
 from moonlight.parallel.data_parallel import AC_MODES, apply_activation_checkpointing  # noqa: E402
-from tests.test_moe_sync import host_syncs  # noqa: E402
+from tests.helpers import host_syncs  # noqa: E402
 
 RESULTS: dict = {}
 

@@ -6,7 +6,7 @@
 # still leaves numbers.
 #   bash benchmarks/gpu_suite.sh              on a GPU machine
 #   bash benchmarks/gpu_suite.sh --cpu-smoke  the same steps on CPU with tiny shapes (CI)
-# Steps: tests/test_kernels.py with real Triton; benchmarks/kernels.py (GB/s against the measured copy
+# Steps: tests/single/test_kernels.py with real Triton; benchmarks/kernels.py (GB/s against the measured copy
 # bandwidth and the torch references; MLA RoPE in place with the fused key against the previous
 # copying path; on CPU a correctness pass and that RoPE comparison of the torch path); a bf16 training step of a Moonlight-width slice, eager and
 # compiled, beside torchtitan's (MFU against the dense bf16 spec peak); the trainer's own step on that
@@ -22,7 +22,7 @@ LIMIT_SCALE=1
 # on a CPU the limits are not the GPU's: twice as long, for a shared, loaded machine
 [ "${1:-}" = "--cpu-smoke" ] && SMOKE="--cpu-smoke" && LIMIT_SCALE=2
 # Seconds per step on one GPU. The first H200 run took 108 s for kernel_tests, kernel_bench, slice (no
-# torchtitan) and lora together; tests/test_gpu_suite.py keeps the report's limits within 480 s.
+# torchtitan) and lora together; tests/single/test_gpu_suite.py keeps the report's limits within 480 s.
 declare -A LIMIT=([kernel_tests]=75 [kernel_bench]=60 [slice]=120 [trainer]=90 [moe]=45 [lora]=70 [generate]=420)
 STEPS="${STEPS:-kernel_tests kernel_bench slice trainer moe lora}"
 RESULTS="${OUT:-benchmarks/gpu_results}"
@@ -46,12 +46,12 @@ run_step() {  # run_step NAME COMMAND...: one step within its LIMIT, its output 
 }
 
 if [ -n "$SMOKE" ]; then  # the interpreter is slow: a quick subset of the kernel tests
-  run_step kernel_tests python -m pytest -q -x tests/test_kernels.py -k "reference or rope_tables or resolve"
+  run_step kernel_tests python -m pytest -q -x tests/single/test_kernels.py -k "reference or rope_tables or resolve"
 else
-  MOONLIGHT_TEST_GPU=1 run_step kernel_tests python -m pytest -q -x tests/test_kernels.py \
-    tests/test_moe_sync.py::test_moe_layer_has_no_host_sync_on_cuda \
-    tests/test_document_mask.py::test_packed_documents_add_no_host_sync_on_cuda \
-    tests/test_moe_overlap.py::test_shared_experts_first_is_bit_identical
+  MOONLIGHT_TEST_GPU=1 run_step kernel_tests python -m pytest -q -x tests/single/test_kernels.py \
+    tests/single/test_moe_sync.py::test_moe_layer_has_no_host_sync_on_cuda \
+    tests/single/test_document_mask.py::test_packed_documents_add_no_host_sync_on_cuda \
+    tests/single/test_moe_overlap.py::test_shared_experts_first_is_bit_identical
 fi
 run_step kernel_bench python benchmarks/kernels.py --json "$RESULTS/step_kernel_bench.json" $SMOKE
 run_step slice python benchmarks/gpu_suite.py slice --out "$RESULTS" $SMOKE

@@ -1,4 +1,4 @@
-"""The sigmoid router's tail: scores, top-k choice and the normalised weights, forward and backward.
+"""The sigmoid router's tail: scores, top-k choice and the normalized weights, forward and backward.
 
 route_topk(logits [T, E] fp32, bias [E] fp32, top_k, scale, normalize, n_group, topk_group, impl)
     -> weights [T, K] fp32, expert_ids [T, K] int64, scores [T, E] fp32

@@ -1,4 +1,4 @@
-"""RMSNorm: weight * (x * rsqrt(mean(x^2) + eps)), normalised in fp32 (fp64 stays fp64), scaled in x's dtype.
+"""RMSNorm: weight * (x * rsqrt(mean(x^2) + eps)), normalized in fp32 (fp64 stays fp64), scaled in x's dtype.
 
 rms_norm(x [..., H], weight [H], eps, impl) -> [..., H] in promote(x.dtype, weight.dtype)
 
@@ -29,7 +29,7 @@ class _RMSNormFunction(torch.autograd.Function):
         rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, weight, rstd)
         y = (x32 * rstd).to(x.dtype)
-        # in place in eager only: compiled graphs functionalise it anyway, and torch 2.11's dynamo gives an
+        # in place in eager only: compiled graphs functionalize it anyway, and torch 2.11's dynamo gives an
         # output its forward changed in place a zero gradient (pytorch/pytorch#180642)
         in_place = not torch.compiler.is_compiling() and y.dtype == torch.promote_types(y.dtype, weight.dtype)
         return y.mul_(weight) if in_place else weight * y
@@ -80,7 +80,7 @@ if triton is not None:
             x = tl.load(x_ptr + row * x_stride + cols, mask=in_row, other=0.0)
             x32 = x.to(tl.float32)
             rstd = tl.load(rstd_ptr + row)
-            if GRAD_W:  # the normalised x in x's dtype times grad, rounded to x's dtype as the reference's
+            if GRAD_W:  # the normalized x in x's dtype times grad, rounded to x's dtype as the reference's
                 y = (x32 * rstd).to(x.dtype).to(tl.float32)
                 grad_w += (y * grad.to(tl.float32)).to(x.dtype).to(tl.float32)
             if GRAD_X:

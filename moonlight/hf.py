@@ -198,8 +198,8 @@ class HFCheckpoint:
         names = {k: self._handle(k).get_slice(k).get_dtype() for k in self.key_to_file}
         fp8 = sorted(k for k, name in names.items() if name.startswith("F8") or k.endswith("weight_scale_inv"))
         if fp8:
-            raise CheckpointError(f"{self.path} is an FP8-quantised checkpoint ({len(fp8)} FP8 or weight_scale_inv "
-                                  f"tensors, e.g. {fp8[0]}): dequantise it to bfloat16 first (e.g. DeepSeek-V3's "
+            raise CheckpointError(f"{self.path} is an FP8-quantized checkpoint ({len(fp8)} FP8 or weight_scale_inv "
+                                  f"tensors, e.g. {fp8[0]}): dequantize it to bfloat16 first (e.g. DeepSeek-V3's "
                                   "inference/fp8_cast_bf16.py); its weights mean nothing without their scales")
         self.check_keys(args)
         for key in names:

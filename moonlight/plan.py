@@ -132,7 +132,7 @@ def activation_bytes(args: ModelArgs, cfg: JobConfig, layer_ids: list[int], has_
       head               norm + h + V + 2V fp32 (logits upcast and log-softmax)
     activation_checkpoint "selective" keeps only the attention input (h) instead of the attention
     terms; "full" keeps each block's input (h) and, during backward, one block's own terms. The
-    estimate is within 25% of what torch's saved-tensor hooks measure (tests/test_plan.py); it leaves
+    estimate is within 25% of what torch's saved-tensor hooks measure (tests/single/test_plan.py); it leaves
     out the temporaries of a single op and the transient FSDP all-gather buffers. ``moe_tp``: the tp
     ranks the MoE terms are split over when each routes only its own sequence shard (EP spanning TP).
     ``keys_per_token``: the keys a rank's attention holds per local token, 1 without context parallel;

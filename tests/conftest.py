@@ -12,7 +12,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+
+from tests.helpers import sharded_load_args  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -23,3 +26,20 @@ def _no_process_group_left_behind():
     yield
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A debug model saved as an HF checkpoint in several shard files (+ index)."""
+    from moonlight.hf import save_hf
+    from moonlight.model import Moonlight
+
+    torch.manual_seed(0)
+    model = Moonlight(sharded_load_args())
+    model.init_weights()
+    with torch.no_grad():
+        for moe in model.moe_layers():
+            moe.router.expert_bias.normal_()
+    path = str(tmp_path_factory.mktemp("ckpt") / "hf")
+    save_hf(model, path, max_shard_size="300KB")  # several shard files + index
+    return path

@@ -9,22 +9,33 @@ import pathlib
 import random
 import shutil
 import struct
+import subprocess
+from collections import Counter
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
 from safetensors import safe_open
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from moonlight import ModelArgs, Moonlight
 from moonlight.data.tokenizer import DEFAULT_ADDITIONAL_SPECIALS
+from moonlight.distributed import local_tensor
+from moonlight.hf_peft import ADAPTER_WEIGHTS
 from moonlight.model.lora import apply_lora
+from moonlight.model.model import MoE
+from moonlight.parallel.tensor import cross_entropy_loss
 from moonlight.train.config import CheckpointSection, DataSection, load_config
-from moonlight.train.optim import build_optimizers
+from moonlight.train.optim import Muon, build_optimizers
 from moonlight.train.schedule import build_lr_scheduler
 from moonlight.train.trainer import Trainer
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]  # the repository
 
 
 # from test_moe_sync.py
@@ -322,7 +333,7 @@ def lora_cfg(folder, *extra):
 
 
 # from test_recipes.py
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = ROOT / "configs"
 
 WORLD = {"moonlight-16b-pretrain.toml": 8, "moonlight-16b-pretrain-tp2-ep8.toml": 8,
          "moonlight-16b-pretrain-pp2.toml": 16, "moonlight-16b-sft.toml": 8, "moonlight-16b-sft-long.toml": 8,
@@ -380,3 +391,328 @@ def lora_test_model(args=LORA_ARGS, seed=0):
     m = Moonlight(args)
     m.init_weights()
     return m.eval()
+
+
+# from test_async_checkpoint.py
+ASYNC_CHECKPOINT = {"async_mode": "async"}
+
+
+def async_checkpoint_snapshot(model, opts, loader):
+    optim = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in flat_optim(model, opts).items()}
+    return full_sd(model), optim, loader.consumed
+
+
+def async_checkpoint_assert_same(a, b):
+    assert_sd_equal(a[0], b[0])
+    assert_sd_equal(a[1], b[1])
+    assert a[2] == b[2]
+
+
+# from test_chat.py
+
+CHAT_BASE = ["--training.steps=2", "--training.seq_len=64", "--training.global_batch_size=4",
+        "--checkpoint.enable=false", "--metrics.log_freq=1", "--metrics.device_peak_flops=1e11",
+        "--lr_scheduler.warmup_steps=1", "--model.kernels=torch", "--data.format=chat", "--data.shuffle=false"]
+
+
+def chat_trainer(folder, data, extra):
+    return Trainer(load_config("train.toml", CHAT_BASE + [f"--job.dump_folder={folder}", f"--data.path={data}",
+                                                           *extra]))
+
+
+# from test_checkpoint.py
+def checkpoint_split(model, ranges):
+    """Pipeline-stage copies of `model` holding layers [a, b) (embedding first, head last)."""
+    import copy
+
+    parts = []
+    for i, (a, b) in enumerate(ranges):
+        p = copy.deepcopy(model)
+        for k in list(p.layers):
+            if not a <= int(k) < b:
+                del p.layers[k]
+        if i > 0:
+            p.embed = None
+        if i < len(ranges) - 1:
+            p.norm = p.lm_head = None
+        parts.append(p)
+    return parts
+
+
+def build_opt_parts(parts):
+    from moonlight.train.optim import build_optimizers
+
+    named = [(n, p) for part in parts for n, p in part.named_parameters()]
+    opts = build_optimizers(named, "adamw", lr=1e-2)
+    return opts, build_lr_scheduler(opts, warmup_steps=2, total_steps=STEPS)
+
+
+def checkpoint_fake_step(parts, opts, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for part in parts:
+        for p in part.parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            grad = torch.randn(local.shape, generator=g)
+            if hasattr(p, "to_local"):
+                from torch.distributed.tensor import DTensor
+
+                p.grad = DTensor.from_local(grad, p.device_mesh, p.placements, run_check=False)
+            else:
+                p.grad = grad
+    opts.step()
+    opts.zero_grad()
+
+
+# from test_compile.py
+COMPILE_BASE = ["--training.seq_len=32", "--training.global_batch_size=4", "--training.local_batch_size=2",
+        "--metrics.log_freq=1", "--metrics.device_peak_flops=1e11", "--lr_scheduler.warmup_steps=1",
+        "--checkpoint.keep_latest_k=0"]
+
+
+def compile_trainer(folder, *extra):
+    return Trainer(load_config("train.toml", COMPILE_BASE + [f"--job.dump_folder={folder}", *extra]))
+
+
+def compile_run(trainer, steps):
+    """Losses of `steps` steps, and the gradients of the last one."""
+    losses = []
+    for _ in range(steps):
+        losses.append(trainer.train_step()["loss"])
+        trainer.step += 1
+    grads = {n: p.grad.clone() for n, p in trainer.model_parts[0].named_parameters() if p.grad is not None}
+    return losses, grads
+
+
+# from test_entry_errors.py
+QUICK = ["--training.steps=2", "--lr_scheduler.warmup_steps=0", "--training.seq_len=32",
+         "--training.global_batch_size=2", "--training.local_batch_size=1", "--metrics.device_peak_flops=1e11"]
+
+
+def entry_errors_run(cmd, tmp_path, *overrides):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("MOONLIGHT_TRACEBACK", None)
+    return subprocess.run(cmd + ["train.py", "--config", "train.toml", f"--job.dump_folder={tmp_path}", *QUICK,
+                                 *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+# from test_faults.py
+FAULTS_SMALL = ["--training.seq_len=32", "--training.global_batch_size=4", "--training.local_batch_size=2",
+         "--checkpoint.enable=false", "--metrics.log_freq=1", "--metrics.device_peak_flops=1e11",
+         "--lr_scheduler.warmup_steps=2", "--model.kernels=torch"]
+
+
+def faults_damage(path, n=64):
+    """Flip n bytes in the middle of a file, keeping its size (silent corruption)."""
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        data = f.read(n)
+        f.seek(os.path.getsize(path) // 2)
+        f.write(bytes(b ^ 0xFF for b in data))
+
+
+# from test_hf_peft.py
+HF_PEFT_ARGS = ModelArgs.preset("debug", kernels="torch")
+
+
+def read_all_adapter(path):
+    return load_file(os.path.join(path, ADAPTER_WEIGHTS))
+
+
+# from test_lora.py
+
+
+def lora_losses(folder):
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if r}
+
+
+# from test_moe_overlap.py
+def moe_overlap_args():
+    return ModelArgs.preset("debug", kernels="torch", aux_loss_alpha=0.0)
+
+
+def moe_overlap_moe(args, device):
+    torch.manual_seed(0)
+    moe = MoE(args)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    return moe.to(device).train()
+
+
+def plain_order(moe, x):
+    """MoE.forward as it was before the overlap: routed experts, then the shared experts."""
+    h = x.reshape(-1, x.shape[-1])
+    weights, expert_ids, _ = moe.router(h)
+    return (moe.experts(h, expert_ids, weights) + moe.shared_experts(h)).view(x.shape)
+
+
+def moe_overlap_run(moe, forward, x):
+    moe.zero_grad()
+    x = x.detach().requires_grad_()
+    out = forward(x)
+    out.backward(torch.cos(out.detach() * 7))
+    return [out.detach(), x.grad] + [p.grad.clone() for p in moe.parameters()]
+
+
+def assert_bit_identical(moe, x):
+    overlapped = moe_overlap_run(moe, moe, x)
+    plain = moe_overlap_run(moe, lambda x: plain_order(moe, x), x)
+    assert len(overlapped) == len(plain)
+    for a, b in zip(overlapped, plain):
+        assert torch.equal(a, b)
+
+
+# from test_moe_sync.py
+def moe_sync_args(**kw):
+    return ModelArgs.preset("debug", **{"kernels": "torch", "aux_loss_alpha": 0.01, **kw})
+
+
+def moe_sync_moe(args, device="cpu", dtype=torch.float32):
+    torch.manual_seed(0)
+    moe = MoE(args).to(device)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    moe.router.expert_bias.normal_(std=0.01)
+    return moe.to(dtype).train()
+
+
+def moe_sync_step(moe, x):
+    out = moe(x)
+    out.square().sum().backward()
+    return out
+
+
+def moe_sync_inputs(args, batch=2, seqlen=8, device="cpu", dtype=torch.float32):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(batch, seqlen, args.hidden_size, generator=g).to(device, dtype)
+
+
+# from test_optim.py
+OPTIM_LR, OPTIM_WD = 0.02, 0.1
+
+
+def run_muon(W0s, grads_per_step, **kw):
+    ps = [nn.Parameter(w.clone()) for w in W0s]
+    opt = Muon(ps, lr=OPTIM_LR, weight_decay=OPTIM_WD, **kw)
+    for grads in grads_per_step:
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+        opt.step()
+    return [p.detach() for p in ps]
+
+
+# from test_parallel_tp_fsdp.py
+GLOBAL_BATCH, PARALLEL_TP_FSDP_SEQ = 4, 16
+
+
+def parallel_tp_fsdp_args():
+    from moonlight.config import ModelArgs
+
+    return ModelArgs.preset("debug", kernels="torch", num_hidden_layers=3, aux_loss_alpha=0.01)
+
+
+def parallel_tp_fsdp_reference(seed=0):
+    from moonlight.model import Moonlight
+
+    torch.manual_seed(seed)
+    args = parallel_tp_fsdp_args()
+    model = Moonlight(args)
+    model.init_weights(std=0.05)
+    with torch.no_grad():  # spread the router's biased scores: no top-k near-ties between layouts
+        for moe in model.moe_layers():
+            moe.router.expert_bias.normal_(0, 0.05)
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(torch.randn_like(p) * 0.1)
+    g = torch.Generator().manual_seed(seed + 1)
+    tokens = torch.randint(0, args.vocab_size, (GLOBAL_BATCH, PARALLEL_TP_FSDP_SEQ + 1), generator=g)
+    return model, tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def reference_step(model, inputs, labels):
+    from moonlight.parallel.tensor import cross_entropy_loss
+
+    model.train()
+    loss = cross_entropy_loss(model(inputs), labels)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    counts = {n: m.tokens_per_expert.clone() for n, m in model.named_modules() if hasattr(m, "tokens_per_expert")}
+    return loss.detach(), grads, counts
+
+
+# from test_plan.py
+PLAN_SMALL = ["--training.seq_len=32", "--training.global_batch_size=4", "--training.local_batch_size=2",
+         "--checkpoint.enable=false", "--metrics.device_peak_flops=1e11", "--training.steps=2",
+         "--lr_scheduler.warmup_steps=1"]
+
+
+def bytes_by_dtype(tensors) -> Counter:
+    out = Counter()
+    for t in tensors:
+        t = local_tensor(t)
+        out[str(t.dtype).removeprefix("torch.")] += t.numel() * t.element_size()
+    return out
+
+
+def plan_measured(trainer: Trainer) -> dict:
+    """Bytes the trainer holds after one step: local shards of parameters, gradients, optimizer state."""
+    trainer.train_step()
+    params = [p for part in trainer.model_parts for p in part.parameters()]
+    state = [v for opt in trainer.optimizers for s in opt.state.values() for v in s.values()
+             if isinstance(v, torch.Tensor)]
+    return {"params": bytes_by_dtype(params), "grads": bytes_by_dtype(p.grad for p in params if p.grad is not None),
+            "optimizer": bytes_by_dtype(state)}
+
+
+def plan_planned(row) -> dict:
+    return {"params": +row.params, "grads": +row.grads, "optimizer": +row.optimizer}
+
+
+def plan_cfg(tmp_path, extra):
+    return load_config("train.toml", PLAN_SMALL + [f"--job.dump_folder={tmp_path}", *extra]).validate()
+
+
+def saved_activation_bytes(model, tokens, **model_kwargs) -> int:
+    """Bytes of the distinct storages autograd saves for backward, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        cross_entropy_loss(model(tokens, **model_kwargs), tokens)
+    return sum(seen.values())
+
+
+# from test_sharded_load.py
+def sharded_load_args():
+    from moonlight.config import ModelArgs
+
+    return ModelArgs.preset("debug", kernels="torch", num_hidden_layers=3)
+
+
+# from test_step_syncs.py
+STEP_SYNCS_SMALL = ["--training.seq_len=32", "--training.global_batch_size=2", "--training.local_batch_size=2",
+         "--checkpoint.enable=false", "--metrics.log_freq=2", "--metrics.device_peak_flops=1e11",
+         "--lr_scheduler.warmup_steps=1", "--training.steps=4", "--moe.aux_loss_coeff=0.01"]
+
+
+# from test_validation.py
+VALIDATION_BASE = ["--training.steps=2", "--training.seq_len=64", "--training.global_batch_size=4",
+        "--training.local_batch_size=2", "--checkpoint.enable=false", "--metrics.log_freq=1",
+        "--metrics.device_peak_flops=1e11", "--lr_scheduler.warmup_steps=1", "--model.kernels=torch"]
+# chat validation (assistant tokens only are targets, conversations document-masked) of a text run
+VALIDATION = ["--validation.enable=true", "--validation.path=data/chat/sample.jsonl", "--validation.format=chat",
+              "--validation.interval=1", "--validation.steps=2"]
+
+
+def validation_cfg(folder, *extra):
+    return load_config("train.toml", VALIDATION_BASE + [f"--job.dump_folder={folder}", *extra])
+
+
+def validation_records(folder):
+    with open(f"{folder}/metrics.jsonl") as f:
+        return [json.loads(line) for line in f]

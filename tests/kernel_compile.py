@@ -1,5 +1,5 @@
 """Compile every Triton kernel for NVIDIA GPUs with real Triton and ptxas, ahead of time, on a machine
-without one: `python -m tests.kernel_compile` (run by tests/test_kernel_compile.py).
+without one: `python -m tests.kernel_compile` (run by tests/single/test_kernel_compile.py).
 
 The public ops run at Moonlight's shapes, forward and backward, in bf16 and fp32, with every kernel
 launch recorded instead of executed; each distinct launch (argument types and compile-time

@@ -380,7 +380,7 @@ def load_megatron(path: str, keys: DataKeys = DATA_KEYS, tokenizer: Any = None) 
         lengths.append(l[keep])
     other = [prefix for prefix in prefixes if tokenizer is not None and _made_with_another_tokenizer(prefix, tokenizer)]
     if other:
-        logger.warning("data: %d of %d Megatron file(s) in %s were tokenised with another tokenizer than %s "
+        logger.warning("data: %d of %d Megatron file(s) in %s were tokenized with another tokenizer than %s "
                        "(e.g. %s): their token ids mean other text; run prepare_data again with this tokenizer",
                        len(other), len(prefixes), path, keys("tokenizer"), other[0])
     return DocumentStore(

@@ -1,7 +1,7 @@
 """The static MLA latent cache, the prompt's forward (prefill) that fills it, and the cached decode forward.
 
 The cache (DeepSeek-V3's "absorb" inference) keeps, per token and layer, only what MLA computes
-before expanding to heads: the normalised latent (kv_lora_rank) and the rotated rope key. Its
+before expanding to heads: the normalized latent (kv_lora_rank) and the rotated rope key. Its
 buffers are allocated once, at their full length, and written in place at slots the device holds,
 so a decode step has static shapes and reads nothing back to the host.
 Prefill is the model's own blocks (the training attention kernels: SDPA, or varlen flash for a

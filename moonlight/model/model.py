@@ -248,7 +248,7 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
         ctx.save_for_backward(gate, up)
-        # in place in eager only: compiled graphs functionalise it anyway, and torch 2.11's dynamo gives an
+        # in place in eager only: compiled graphs functionalize it anyway, and torch 2.11's dynamo gives an
         # output its forward changed in place a zero gradient (pytorch/pytorch#180642)
         return F.silu(gate) * up if torch.compiler.is_compiling() else F.silu(gate).mul_(up)
 
@@ -426,7 +426,7 @@ class _AttachAuxLoss(torch.autograd.Function):
 
 
 class _ProbSums(torch.autograd.Function):
-    """scores [bsz * S, E] -> the sums over each sequence's tokens of the scores normalised over the
+    """scores [bsz * S, E] -> the sums over each sequence's tokens of the scores normalized over the
     experts, [bsz, E]. The backward is the closed form grad_scores[t] = (g[b] - <probs[t], g[b]>) / S_t
     (S_t the sum of token t's scores): four ops where autograd's chain through the division takes
     about ten."""

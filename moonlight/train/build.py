@@ -201,7 +201,7 @@ def available_memory_bytes() -> int | None:
 
 def check_host_memory(cfg: JobConfig, args: ModelArgs, world_size: int, device: torch.device,
                       full_init: bool = False) -> None:
-    """On CPU, before any weight is materialised: the weights and their gradients of every rank on this host
+    """On CPU, before any weight is materialized: the weights and their gradients of every rank on this host
     (a lower bound of what training needs: `python -m moonlight.plan` estimates all of it) must fit in its
     available memory, or the run would be killed for memory minutes later, or swap for hours."""
     available = available_memory_bytes()
@@ -212,7 +212,7 @@ def check_host_memory(cfg: JobConfig, args: ModelArgs, world_size: int, device: 
     copies = 1 if cfg.lora.enable else 2  # weights + gradients (LoRA: the frozen weights have none)
     weights = args.num_params() * itemsize
     per_rank = copies * weights / max(world_size, 1)  # sharded
-    if full_init:  # the model is initialised whole on every rank before sharding
+    if full_init:  # the model is initialized whole on every rank before sharding
         per_rank = max(per_rank, weights)
     need = per_rank * local_ranks
     if need > available:
