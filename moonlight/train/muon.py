@@ -54,8 +54,11 @@ def zeropower_via_newtonschulz(
     X = X / (norm + eps)
     for _ in range(steps):
         A = X @ X.mT
-        B = b * A + c * A @ A  # (c*A) @ A, exactly as Moonshot's code (matters in bf16)
-        X = a * X + B @ X
+        # Moonshot's B = b*A + (c*A) @ A and X = a*X + B @ X, op for op (a fused addmm rounds
+        # differently in bf16); the three scalings in one foreach launch
+        aX, bA, cA = torch._foreach_mul([X, A, A], [a, b, c])
+        B = bA + cA @ A
+        X = aX + B @ X
     if transpose:
         X = X.mT
     return X
