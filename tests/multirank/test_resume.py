@@ -51,5 +51,5 @@ def test_resume_onto_another_parallelism(straight_4ranks, tmp_path, world, paral
     else:
         run_ranks(_run_rank, world, str(tmp_path), parallelism)
     resumed = resume_losses(tmp_path)
-    # another parallelism reduces in another order: equal to fp32 rounding (as test_train_layouts)
+    # another parallelism reduces in another order: equal to fp32 rounding (as test_train_parallelisms)
     assert [resumed[s] for s in (4, 5, 6)] == pytest.approx([losses[s] for s in (4, 5, 6)], rel=1e-4, abs=1e-5)

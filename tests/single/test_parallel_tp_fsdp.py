@@ -44,7 +44,7 @@ def test_cross_entropy_plain_matches_torch():
 
 def test_the_two_tp_fsdp_notices_are_quiet_and_nothing_else():
     """TP x FSDP silences FSDP's view-tensor warning and DTensor's two-dim norm notice (their results
-    are checked against the single process above and in tests/multirank/test_train_layouts.py), nothing more."""
+    are checked against the single process above and in tests/multirank/test_train_parallelisms.py), nothing more."""
     import logging
     import warnings
 
