@@ -4,7 +4,7 @@ DeepSeek-V3 model (benchmarks/peers.py lists the CPU adjustments torchtitan need
 Same config and weights (`PEER_CONFIG` of benchmarks/peers.py: hidden 256, 4 layers, 8 experts
 top-2, batch 4 x 256, fp32; each system loads the same HF files through its own loader; each trains on the mean
 next-token cross-entropy through its own trainer's path: the peers on their logits, ours from the hidden
-states as `model(tokens, labels=...)`), runs alternated in one process in
+states as `cross_entropy_from_hidden`), runs alternated in one process in
 rotating order so machine noise hits all alike; prints the median per-round speed ratio (with min/max)
 and each model's MFU against a GEMM peak measured in the same run.
 
@@ -28,6 +28,7 @@ import torch.nn.functional as F  # noqa: E402
 from benchmarks.peers import PEER_CONFIG, benchmark_device, build_all, progress, save_peer_checkpoint  # noqa: E402
 from moonlight.config import ModelArgs  # noqa: E402
 from moonlight.hf import load_hf  # noqa: E402
+from moonlight.model.loss import cross_entropy_from_hidden  # noqa: E402
 from moonlight.parallel.tensor import reduce_token_losses  # noqa: E402
 from moonlight.parallel.compile import apply_compile  # noqa: E402
 from moonlight.train.metrics import measure_peak_flops, peak_flops  # noqa: E402
@@ -39,11 +40,12 @@ def logits_loss(forward):
 
 
 def labels_loss(model):
-    """Our trainer's loss: the same mean from `model(tokens, labels=...)`, the chunked cross-entropy
+    """Our trainer's loss: the same mean from `cross_entropy_from_hidden`, the chunked cross-entropy
     from the hidden states (moonlight/model/loss.py), the last position ignored as above."""
     def loss(tokens):
         labels = F.pad(tokens[:, 1:], (0, 1), value=-100)
-        return reduce_token_losses(model(tokens, labels=labels), labels)
+        hidden = model(tokens, return_hidden=True)
+        return reduce_token_losses(cross_entropy_from_hidden(hidden, model.lm_head, labels), labels)
     return loss
 
 

@@ -7,7 +7,7 @@ tokens/s and MFU over the measured steps, the share of the step spent outside fo
     python benchmarks/train_step.py [--steps 8] [--warmup 2] [--config train.toml] [--section.key=value ...]
 
 e.g. `python benchmarks/train_step.py --optimizer.name=adamw --training.seq_len=256`. For multi-rank
-layouts use torchrun with train.py: its metrics.jsonl has tokens_per_s and mfu_pct per step.
+runs use torchrun with train.py: its metrics.jsonl has tokens_per_s and mfu_pct per step.
 benchmarks/gpu_suite.py runs `measure` on the Moonlight-width slice with Muon and with AdamW.
 """
 

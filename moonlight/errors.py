@@ -27,7 +27,7 @@ class ConfigError(MoonlightError, ValueError):
 
 
 class ParallelConfigError(ConfigError):
-    """A parallel layout that cannot work (degrees vs world size, heads, experts, pipeline stages)."""
+    """A parallel configuration that cannot work (degrees vs world size, heads, experts, pipeline stages)."""
 
 
 class CheckpointError(MoonlightError, ValueError):

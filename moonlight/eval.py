@@ -25,6 +25,7 @@ from moonlight.data.tokenizer import build_tokenizer
 from moonlight.errors import ArgumentParser, ConfigError, exit_on_user_error
 from moonlight.generate import add_model_arguments, check_model_arguments, load_model
 from moonlight.hf import progress
+from moonlight.model.loss import cross_entropy_from_hidden
 from moonlight.prepare_data import CommandLineKeys
 from moonlight.train.build import check_token_ids
 
@@ -78,7 +79,8 @@ def evaluate(model, loader, batches: int, document_mask: bool, device) -> dict[s
             inputs, labels = batch.inputs.to(device), batch.labels.to(device)
             packing = {"positions": batch.position_ids.to(device),
                        "document_ids": batch.document_ids} if document_mask else {}
-            loss_sum += model(inputs, labels=labels, **packing).double()
+            hidden = model(inputs, return_hidden=True, **packing)
+            loss_sum += cross_entropy_from_hidden(hidden, model.lm_head, labels).double()
             targets += int((labels != -100).sum())
             bar.update(1)
             bar.set_postfix(loss=f"{float(loss_sum) / max(targets, 1):.4f}", refresh=False)

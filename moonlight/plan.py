@@ -1,14 +1,14 @@
 """Will a job fit? `python -m moonlight.plan --config configs/X.toml --world-size N [--gpu-memory-gib 80]`
 
 For a job config on N ranks it reports, for the most loaded rank of every pipeline stage:
-- parameter, gradient and optimizer-state bytes by dtype. These are not re-derived from layout rules:
-  the planner runs the trainer's own `build_layout` (which validates the layout with `plan_layout`
+- parameter, gradient and optimizer-state bytes by dtype. These are not re-derived from sharding rules:
+  the planner runs the trainer's own `build_parallel_run` (which validates the degrees with `plan_parallelism`
   first) for that rank on the meta device over a fake process group, so FSDP/EP/TP/PP sharding is
   exactly what the trainer builds, then builds the trainer's optimizers on those parameters
   (`cfg.optimizer.build`: Muon vs AdamW, precision_aware master weights) and counts their state;
 - an activation estimate per micro-batch (`activation_bytes`, formula in its docstring);
 - FLOPs per token (`ModelArgs.flops_per_token`).
-It exits with code 2 and one line naming the fix when a layout is invalid or a rank does not fit.
+It exits with code 2 and one line naming the fix when the parallelism is invalid or a rank does not fit.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from moonlight.errors import ArgumentParser, ConfigError, exit_on_user_error
 from moonlight.model import Moonlight
 from moonlight.model.converters import convert_model
 from moonlight.train.config import JobConfig, parse_args
-from moonlight.train.layout import build_layout, is_single_process, plan_layout
+from moonlight.train.parallel_run import build_parallel_run, is_single_process, plan_parallelism
 from moonlight.train.optim import AdamW, Muon
 from moonlight.train.build import build_converters, build_model_args, check_seq_len
 
@@ -57,7 +57,7 @@ class RankPlan:
 @dataclass
 class Plan:
     world_size: int
-    layout: str
+    parallelism: str  # the degrees, as the trainer's header names them
     flops_per_token: float
     ranks: list[RankPlan]
 
@@ -189,7 +189,7 @@ def register_fake_backend() -> None:
 def _plan_rank(cfg: JobConfig, args: ModelArgs, world_size: int, rank: int, dims, fake_group: bool = False
                ) -> tuple[RankPlan, str]:
     """Build `rank`'s part of the job on the meta device (over a fake process group of world_size ranks
-    when `fake_group`) and count its memory -> (its RankPlan, the layout's description)."""
+    when `fake_group`) and count its memory -> (its RankPlan, the parallelism's description)."""
     p, t = cfg.parallelism, cfg.training
     if fake_group:
         register_fake_backend()
@@ -197,7 +197,7 @@ def _plan_rank(cfg: JobConfig, args: ModelArgs, world_size: int, rank: int, dims
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # DTensor's RNG warning about CPU meshes
-            built = build_layout(cfg, args, world_size, torch.device("meta"), _meta_model(cfg, args))
+            built = build_parallel_run(cfg, args, world_size, torch.device("meta"), _meta_model(cfg, args))
     finally:
         if fake_group:
             dist.destroy_process_group()
@@ -244,18 +244,18 @@ def plan(cfg: JobConfig, world_size: int, args: ModelArgs | None = None) -> Plan
     check_seq_len(cfg, args)
     p = cfg.parallelism
     single = is_single_process(cfg, world_size)
-    dims = None if single else plan_layout(cfg, args, world_size)[0]  # the trainer's own checks, first
+    dims = None if single else plan_parallelism(cfg, args, world_size)[0]  # the trainer's own checks, first
     # FSDP gives the first ranks of a dimension the larger chunks, and every data/tensor/expert rank of
     # a stage holds the same layers: rank 0 of each pipeline stage is its largest.
     ranks = [0] if single else [stage * (world_size // p.pp) for stage in range(p.pp)]
-    rows, layout = [], "single process"
+    rows, parallelism = [], "single process"
     for rank in ranks:
         if dist.is_initialized():  # inside a job: its own process group serves
-            row, layout = _plan_rank(cfg, args, world_size, rank, dims)
+            row, parallelism = _plan_rank(cfg, args, world_size, rank, dims)
         else:
-            row, layout = _in_forked_process(_plan_rank, cfg, args, world_size, rank, dims, not single)
+            row, parallelism = _in_forked_process(_plan_rank, cfg, args, world_size, rank, dims, not single)
         rows.append(row)
-    return Plan(world_size, layout, args.flops_per_token(cfg.training.seq_len), rows)
+    return Plan(world_size, parallelism, args.flops_per_token(cfg.training.seq_len), rows)
 
 
 def check_fits(result: Plan, cfg: JobConfig, gpu_memory_gib: float) -> None:
@@ -297,7 +297,7 @@ def _memory(counter: Counter) -> str:
 
 def report(result: Plan, cfg: JobConfig) -> str:
     t = cfg.training
-    lines = [f"layout: {result.layout}",
+    lines = [f"parallelism: {result.parallelism}",
              f"FLOPs/token (training, seq {t.seq_len}): {human_flops(result.flops_per_token)}; "
              f"per step: {human_flops(result.flops_per_token * t.global_batch_size * t.seq_len)}"]
     for row in result.ranks:

@@ -27,6 +27,7 @@ from moonlight.data.tokenizer import DEFAULT_ADDITIONAL_SPECIALS
 from moonlight.distributed import local_tensor
 from moonlight.hf_peft import ADAPTER_WEIGHTS
 from moonlight.model.lora import apply_lora
+from moonlight.model.loss import cross_entropy_from_hidden
 from moonlight.model.model import MoE
 from moonlight.parallel.tensor import cross_entropy_loss
 from moonlight.train.config import CheckpointSection, DataSection, load_config
@@ -618,7 +619,7 @@ def parallel_tp_fsdp_reference(seed=0):
     args = parallel_tp_fsdp_args()
     model = Moonlight(args)
     model.init_weights(std=0.05)
-    with torch.no_grad():  # spread the router's biased scores: no top-k near-ties between layouts
+    with torch.no_grad():  # spread the router's biased scores: no top-k near-ties between configurations
         for moe in model.moe_layers():
             moe.router.expert_bias.normal_(0, 0.05)
         for name, p in model.named_parameters():
@@ -716,3 +717,9 @@ def validation_cfg(folder, *extra):
 def validation_records(folder):
     with open(f"{folder}/metrics.jsonl") as f:
         return [json.loads(line) for line in f]
+
+
+def summed_loss(model, tokens, labels, **packing):
+    """The sum of the token losses of a whole model, as the trainer computes it (chunked, from the
+    hidden states)."""
+    return cross_entropy_from_hidden(model(tokens, return_hidden=True, **packing), model.lm_head, labels)

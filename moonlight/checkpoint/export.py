@@ -1,9 +1,9 @@
 """Whole models out of sharded runs and checkpoints: gather a live run's shards, read a DCP checkpoint
-of any layout into one full Moonlight, fold LoRA/DoRA adapters in, and write Hugging Face format.
+of any parallelism into one full Moonlight, fold LoRA/DoRA adapters in, and write Hugging Face format.
 
     sd = gather_full_state_dict(model_parts)               # every rank calls; rank 0 gets the dict
     export_hf(model_parts, "out/hf")                       # every rank calls; rank 0 writes
-    model = load_dcp_model("run/checkpoint/step-40")       # one process, any saving layout
+    model = load_dcp_model("run/checkpoint/step-40")       # one process, any saving parallelism
     save_hf_from_dcp("run/checkpoint/step-40", "out/hf")   # the same, streamed to HF format
 
 Memory: gather_full_state_dict and load_dcp_model hold the whole model (about 32 GB for
@@ -253,7 +253,7 @@ class _DCPModel:
                                   f"{missing[:5]}" + hint)
         # LoRA/DoRA runs store adapters beside the frozen base weights: read them too and merge
         adapters = [k[len(prefix):] for k in md if k.startswith(prefix) and is_adapter_name(k[len(prefix):])]
-        lora = (meta.get("layout") or {}).get("lora")
+        lora = fmt.saved_lora(meta)
         if adapters and not lora:
             raise CheckpointError(f"{path} holds LoRA adapters (e.g. {adapters[0]}) but its meta.json has no "
                                   "[lora] settings, so their scale alpha / rank is unknown")
@@ -302,7 +302,7 @@ class _DCPModel:
 
 
 def load_dcp_model(path: str, args: ModelArgs | None = None, hint: str = "") -> Moonlight:
-    """One full Moonlight from a DCP checkpoint directory (a trainer checkpoint of any layout and
+    """One full Moonlight from a DCP checkpoint directory (a trainer checkpoint of any parallelism and
     number of ranks, or an hf-to-dcp output), LoRA/DoRA adapters merged. `args` defaults to the
     model args in its meta.json. Reads one layer at a time, so a bar moves while it loads."""
     ckpt = _DCPModel(path, args, hint)
@@ -331,10 +331,10 @@ def save_hf_from_dcp(path: str, out: str, args: ModelArgs | None = None, hint: s
 
 def load_dcp_adapters(path: str) -> tuple[dict[str, torch.Tensor], ModelArgs, dict]:
     """The LoRA/DoRA adapter tensors of a trainer checkpoint directory (full tensors, any saving
-    layout; the base weights are not read), its model args and its [lora] settings (meta.json)."""
+    parallelism; the base weights are not read), its model args and its [lora] settings (meta.json)."""
     meta = fmt.read_meta(path)
     args = fmt.model_args_from_meta(meta)
-    lora = (meta.get("layout") or {}).get("lora")
+    lora = fmt.saved_lora(meta)
     if args is None or not lora:
         raise CheckpointError(f"{path} is not a LoRA/DoRA run's checkpoint: its meta.json has no "
                               f"{'model args' if args is None else '[lora] settings'}")

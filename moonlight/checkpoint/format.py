@@ -372,7 +372,8 @@ def finalize_dir(tmp: str, final: str, records: dict[str, dict[str, Any]] | None
 # -------------------------------------------------------------------------------------- meta
 
 
-def base_meta(step: int, args: ModelArgs | None, contents: list[str], layout: dict | None = None) -> dict:
+def base_meta(step: int, args: ModelArgs | None, contents: list[str], parallelism: dict | None = None,
+              lora: dict | None = None) -> dict:
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -380,10 +381,17 @@ def base_meta(step: int, args: ModelArgs | None, contents: list[str], layout: di
         "contents": contents,
         "model_args": dataclasses.asdict(args) if args is not None else None,
         "world_size": distributed.world_size(),
-        "layout": layout or {},
+        "parallelism": parallelism or {},
+        "lora": lora,
         "torch_version": torch.__version__,
         "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def saved_lora(meta: dict) -> dict | None:
+    """The [lora] settings of the run that wrote a checkpoint (None: not a LoRA/DoRA run). Checkpoints
+    written before meta.json had "parallelism" and "lora" kept them in "layout"."""
+    return meta.get("lora") or (meta.get("layout") or {}).get("lora")
 
 
 def read_meta(path: str) -> dict[str, Any]:
@@ -445,7 +453,7 @@ def check_model_args(path: str, meta: dict, args: ModelArgs | None) -> None:
 def write_model_only_checkpoint(state_dict: dict[str, torch.Tensor], out: str | os.PathLike, args: ModelArgs,
                                 step: int = 0, overwrite: bool = False, extra_meta: dict | None = None,
                                 read: Callable[[str], torch.Tensor] | None = None) -> str:
-    """A single-process, model-only checkpoint in the trainer's layout ("model." + native key), written
+    """A single-process, model-only checkpoint in the trainer's naming ("model." + native key), written
     atomically (a temporary directory next to out -> out). Loadable by the trainer's resume and
     `dcp-to-hf`. `overwrite` replaces an earlier checkpoint; a directory holding other files is refused.
     With `read` (native key -> tensor), `state_dict` holds meta tensors and each tensor is read only

@@ -1,5 +1,5 @@
 """Trainer save/resume: atomic DCP saves of model + optimizer + train state, restored exactly, also
-onto another parallel layout.
+onto another parallel configuration.
 
     ckpt = Checkpointer(cfg.checkpoint, dump_folder, model_parts, optimizers, lr_schedulers, dataloader)
     start = ckpt.load(cfg.checkpoint.load_step)   # 0: nothing to resume
@@ -137,7 +137,7 @@ def _flatten_schedulers(s: Any) -> list[Any]:
 def restore_schedule_position(scheduler, saved: dict[str, Any]) -> None:
     """Put a scheduler at a saved position, through state_dict(): the schedule is a function of the
     step, so this run's own base lrs and lambdas are kept (param groups may be split differently
-    under another layout) and the lrs are recomputed by one step() from the position before."""
+    under another parallelism) and the lrs are recomputed by one step() from the position before."""
     own = scheduler.state_dict()
     own.update(last_epoch=int(saved["last_epoch"]) - 1, _step_count=max(int(saved.get("_step_count", 1)) - 1, 0))
     scheduler.load_state_dict(own)
@@ -187,22 +187,23 @@ class _PendingSave:
 
 
 class Checkpointer:
-    """Save/resume everything a run needs; see the module docstring for the protocol and layout.
+    """Save/resume everything a run needs; see the module docstring for the protocol and the files.
 
     cfg: a `CheckpointSection` (enable, interval, keep_latest_k, folder, load_step). model_parts:
     this rank's model part(s) (one, or one per local pipeline stage). optimizers: an `Optimizers`
     container, a list of them, or plain optimizers. lr_schedulers: an `LRSchedulers` (or list).
     dataloader: anything with state_dict/load_state_dict whose JSON state is the same on every rank
     (saved once, by rank 0). extra_states: name -> object with a JSON state_dict/load_state_dict,
-    saved per rank (on load: this rank's, else rank 0's). layout: optional dict describing the
-    parallel layout, recorded in meta.json. skip_frozen: saves leave out the frozen parameters, which
-    `base_weights` (a directory, recorded in meta.json) holds. load_base(path): reads the frozen
-    weights from a base directory into the model parts (needed to resume such a checkpoint).
+    saved per rank (on load: this rank's, else rank 0's). parallelism: optional dict describing the
+    parallel configuration, and lora: the [lora] settings of a LoRA/DoRA run, both recorded in
+    meta.json. skip_frozen: saves leave out the frozen parameters, which `base_weights` (a directory,
+    recorded in meta.json) holds. load_base(path): reads the frozen weights from a base directory into
+    the model parts (needed to resume such a checkpoint).
     """
 
     def __init__(self, cfg, dump_folder: str | os.PathLike, model_parts: list[nn.Module] | nn.Module,
                  optimizers=None, lr_schedulers=None, dataloader=None, extra_states: dict[str, Any] | None = None,
-                 layout: dict | None = None, base_weights: str | None = None,
+                 parallelism: dict | None = None, lora: dict | None = None, base_weights: str | None = None,
                  skip_frozen: bool = False, load_base: Callable[[str], None] | None = None):
         self.cfg = cfg
         self.dump_folder = os.path.abspath(os.fspath(dump_folder))
@@ -212,7 +213,7 @@ class Checkpointer:
         self.lr_schedulers = lr_schedulers
         self.dataloader = dataloader
         self.extra_states = dict(extra_states or {})
-        self.layout = dict(layout or {})
+        self.parallelism, self.lora = dict(parallelism or {}), lora
         if skip_frozen and not base_weights:
             raise ValueError("skip_frozen needs base_weights: the directory the frozen weights are re-read from")
         self.base_weights = os.path.abspath(base_weights) if base_weights else None
@@ -387,7 +388,8 @@ class Checkpointer:
             try:
                 fmt.write_json_durable(save.train_state, os.path.join(tmp, TRAIN_STATE))
                 meta = fmt.base_meta(step, self.args, ["model"] + (["optimizer"] if self._optim_list else [])
-                                     + ["train_state", "rng"] + (["extra"] if self.extra_states else []), self.layout)
+                                     + ["train_state", "rng"] + (["extra"] if self.extra_states else []),
+                                     self.parallelism, self.lora)
                 if self.base_weights:  # the run's initial_load_hf: a PEFT export names it as the base model
                     meta["base_model"] = self.base_weights
                 if self.skip_frozen:
@@ -576,7 +578,7 @@ class Checkpointer:
     def _check_lora(self, path: str, meta: dict) -> None:
         """The adapters are resumed only under the [lora] settings they were trained with: another rank
         does not fit them, and another alpha, DoRA or target list would silently change or drop them."""
-        saved, mine = (meta.get("layout") or {}).get("lora"), self.layout.get("lora")
+        saved, mine = fmt.saved_lora(meta), self.lora
         if saved and not mine:
             settings = ", ".join(f"lora.{k} = {saved[k]!r}" for k in ("rank", "alpha", "dora", "targets") if k in saved)
             raise CheckpointError(f"checkpoint {path} is a LoRA/DoRA run's: resume it with lora.enable = true "

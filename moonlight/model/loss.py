@@ -1,61 +1,71 @@
-"""Cross-entropy straight from the final hidden states, chunk by chunk over the tokens.
+"""The token loss of a language model, straight from its final hidden states:
 
-    linear_cross_entropy(hidden [N, H], weight [V, H], labels [N]) -> sum of token losses (fp32 or fp64)
+    cross_entropy_from_hidden(hidden [B, S, H], lm_head, labels [B, S]) -> sum of token losses
+    linear_cross_entropy(hidden [N, H], weight [V, H], labels [N])       -> the same, from the weight
 
-equals F.cross_entropy((hidden @ weight.T).float(), labels, reduction="sum") without building the
-[N, V] logits: each chunk's logits become their softmax and then their gradient in place, which
-goes straight into the gradients of the hidden states and of the head. One chunk's fp32 logits
-(`chunk_bytes`) is the peak. Details: docs/performance.md.
+linear_cross_entropy equals F.cross_entropy((hidden @ weight.T).float(), labels, reduction="sum")
+without building the [N, V] logits: it goes chunk by chunk over the tokens, and each chunk's logits
+become their softmax and then their gradient in place, which goes straight into the gradients of the
+hidden states and of the head. One chunk's fp32 logits (`chunk_bytes`) is the peak. Details:
+docs/performance.md.
 """
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moonlight.dtypes import at_least_fp32
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index, chunk_rows, with_grads):
         acc = torch.promote_types(hidden.dtype, torch.float32)
-        total = torch.zeros((), dtype=acc, device=hidden.device)
         wants_hidden, wants_weight = (with_grads and needed for needed in ctx.needs_input_grad[:2])
+        # the masks once for all chunks; each chunk fills in its tokens' label logit, row maximum and
+        # largest probability, and the loss is summed over all tokens at the end
+        valid = labels != ignore_index
+        ignored = ~valid.unsqueeze(-1)
+        safe_labels = torch.where(valid, labels, 0).unsqueeze(-1)
+        target, row_max, top_prob = (hidden.new_empty(labels.shape, dtype=acc) for _ in range(3))
+        minus_one = torch.full(safe_labels[:chunk_rows].shape, -1.0, dtype=acc, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if wants_hidden else None
+        kept_hidden = hidden.masked_fill(ignored, 0.0) if wants_weight else None  # ignored tokens zeroed
         grad_weight = None  # accumulated over the chunks in fp32 (fp64 stays fp64)
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
-            h, chunk_labels = hidden[rows], labels[rows]
-            logits = (h @ weight.t()).to(acc)
-            valid = chunk_labels != ignore_index
-            safe_labels = torch.where(valid, chunk_labels, 0).unsqueeze(-1)
-            target = logits.gather(-1, safe_labels).squeeze(-1)
-            row_max = logits.amax(-1)
+            logits = (hidden[rows] @ weight.t()).to(acc)
+            torch.gather(logits, -1, safe_labels[rows], out=target[rows].unsqueeze(-1))
+            torch.amax(logits, -1, out=row_max[rows])
             # softmax in place: one exp per logit, no [n, V] allocation. The row's largest probability
             # is 1 / sum(exp(logits - max)) >= 1 / V, so its log gives the log-sum-exp without underflow.
             probs = torch.softmax(logits, -1, out=logits)
-            lse = row_max - probs.amax(-1).log()
-            # out of place: torch 2.11's dynamo zeroes the gradient of a returned tensor changed in place
-            total = total + torch.where(valid, lse - target, 0.0).sum()
+            torch.amax(probs, -1, out=top_prob[rows])
             if not with_grads:
                 continue
             # d loss / d logits = softmax - one_hot(label); ignored tokens are zeroed on the H-wide side
-            probs.scatter_add_(1, safe_labels, torch.full_like(target, -1.0).unsqueeze(-1))
+            probs.scatter_add_(1, safe_labels[rows], minus_one[:probs.shape[0]])
             grad_logits = probs.to(hidden.dtype)
-            ignored = ~valid.unsqueeze(-1)
             if wants_hidden:
-                torch.mm(grad_logits, weight, out=grad_hidden[rows]).masked_fill_(ignored, 0.0)
+                torch.mm(grad_logits, weight, out=grad_hidden[rows])
             if wants_weight:
-                chunk_grad = grad_logits.t() @ h.masked_fill(ignored, 0.0)
+                chunk_grad = grad_logits.t() @ kept_hidden[rows]
                 grad_weight = chunk_grad.to(acc) if grad_weight is None else grad_weight.add_(chunk_grad)
+        if wants_hidden:
+            grad_hidden.masked_fill_(ignored, 0.0)
         ctx.save_for_backward(grad_hidden, grad_weight)  # without with_grads the loss has no backward
         ctx.weight_dtype = weight.dtype
-        return total
+        lse = row_max - top_prob.log_()
+        return torch.where(valid, lse - target, 0.0).sum()
 
     @staticmethod
     def backward(ctx, grad_total):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return (grad_hidden * grad_total if grad_hidden is not None else None,
-                (grad_weight * grad_total).to(ctx.weight_dtype) if grad_weight is not None else None,
-                None, None, None, None)
+        if grad_weight is not None:  # scaled in fp32 and written in the weight's dtype in one pass
+            scaled = grad_weight.new_empty(grad_weight.shape, dtype=ctx.weight_dtype)
+            grad_weight = torch.mul(grad_weight, grad_total, out=scaled)
+        return (grad_hidden * grad_total if grad_hidden is not None else None, grad_weight, None, None, None, None)
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int = -100,
@@ -72,3 +82,15 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_
     chunk_rows = max(1, chunk_bytes // (4 * weight.shape[0]))
     with_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, chunk_rows, with_grads)
+
+
+def cross_entropy_from_hidden(hidden: Tensor, lm_head: nn.Module, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """Sum of the token losses of the logits lm_head(hidden), in fp32 (fp64 for fp64 inputs).
+
+    hidden [..., H] (``model(tokens, return_hidden=True)``), labels [...] (shifted, ignore_index ignored).
+    The model's own head (marked `plain_linear`) goes through `linear_cross_entropy` and never builds the
+    fp32 logits; any other head (a converter's, e.g. LoRA) makes its logits with its own forward."""
+    if getattr(lm_head, "plain_linear", False):
+        return linear_cross_entropy(hidden.flatten(0, -2), lm_head.weight, labels.flatten(), ignore_index)
+    return F.cross_entropy(at_least_fp32(lm_head(hidden).flatten(0, -2)), labels.flatten(), ignore_index=ignore_index,
+                           reduction="sum")

@@ -27,7 +27,6 @@ from moonlight.kernels.rms_norm import rms_norm
 from moonlight.config import ModelArgs
 from moonlight.distributed import local_tensor, to_device
 from moonlight.dtypes import at_least_fp32
-from moonlight.model.loss import linear_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -605,28 +604,23 @@ class Moonlight(nn.Module):
         self.layers = nn.ModuleDict({str(i): Block(i, args) for i in range(args.num_hidden_layers)})
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, args.kernels)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        self.lm_head.plain_linear = True  # logits = x @ weight.T: the loss may read the weight (converters.py)
+        self.lm_head.plain_linear = True  # logits = x @ weight.T: the loss may read the weight (loss.py)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                document_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+                document_ids: torch.Tensor | None = None, return_hidden: bool = False) -> torch.Tensor:
         """tokens [B, S] -> logits [B, S, V]. positions / document_ids [B, S]: RoPE positions and packed
-        documents (attention stays within a document). With labels [B, S] (shifted, -100 ignored), the
-        last stage returns the SUM of the token losses instead of the logits, computed chunk by chunk
-        from the hidden states so the [B, S, V] fp32 logits never exist. A vocab-sharded
-        (tensor-parallel) head needs labels=None and the vocab-parallel cross_entropy_loss."""
+        documents (attention stays within a document). return_hidden: the final hidden states [B, S, H]
+        instead (after the norm), for `moonlight.model.loss.cross_entropy_from_hidden`; a keyword rather
+        than a method so that FSDP's forward hooks run."""
         h = self.embed(tokens) if self.embed is not None else tokens
         mask = DocumentMask(document_ids, h.dtype, h.device) if document_ids is not None else None
         rope = rope_angles(self.args, h.shape[1], positions, h.device)
         for layer in self.layers.values():
             h = layer(h, rope=rope, mask=mask)
         h = self.norm(h) if self.norm is not None else h
-        if self.lm_head is None:
+        if return_hidden or self.lm_head is None:
             return h
-        if labels is None:
-            return self.lm_head(h)
-        if not getattr(self.lm_head, "plain_linear", False):  # e.g. a LoRA head (see model/converters.py)
-            return F.cross_entropy(at_least_fp32(self.lm_head(h).flatten(0, -2)), labels.flatten(), reduction="sum")
-        return linear_cross_entropy(h.flatten(0, -2), self.lm_head.weight, labels.flatten())
+        return self.lm_head(h)
 
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]

@@ -3,7 +3,7 @@
     apply_context_parallel(model, cp_mesh)             # swaps MLA.key_exchange and MoE.sequence_split
     tokens = zigzag_slice(tokens, cp, cp_rank)         # positions stay the GLOBAL ones
 
-Zig-zag layout: S tokens in ``2 * cp`` chunks of ``L = S / (2 * cp)``; rank ``i`` holds chunks ``i``
+Zig-zag split: S tokens in ``2 * cp`` chunks of ``L = S / (2 * cp)``; rank ``i`` holds chunks ``i``
 and ``2 * cp - 1 - i``, so the causal work is even. Ranks all-gather MLA's normalized latent and
 rotated rope key (576 values a token for Moonlight), not per-head keys and values, and each runs
 ``kv_b_proj`` on the keys its queries may see. Design: docs/parallelism.md.
@@ -66,7 +66,7 @@ class ContextParallelKeyExchange:
                     impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         if cos.dim() != 3:
             raise ValueError("context parallel needs each token's global RoPE position: pass positions "
-                             "(Layout.shard_sequence makes them)")
+                             "(ParallelRun.shard_sequence makes them)")
         # k_pe is rotated here, with its own tokens' angles, so the gathered rope keys need no angles of
         # the other ranks' tokens: the returned tables are the identity rotation
         k_pe = rotate_rope_(k_pe, cos, sin, k_pe.shape[-1], impl=impl)

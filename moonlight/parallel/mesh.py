@@ -1,4 +1,4 @@
-"""Parallel layout (ParallelDims) and the device meshes it needs (build_mesh).
+"""Parallel degrees (ParallelDims) and the device meshes it needs (build_mesh).
 
 The world is one 5-D mesh ``("pp", "dp_replicate", "dp_shard", "cp", "tp")``, outermost first, so
 ``tp`` peers are consecutive ranks. Derived meshes are kept by name in `ParallelMesh`: ``dp``
@@ -91,7 +91,7 @@ class ParallelDims:
 
     def validate(self, model_args: ModelArgs, pp_layout: Sequence[int] | None = None, vp: int = 1, *,
                  sequence_parallel: bool = False, seq_len: int | None = None) -> "ParallelDims":
-        """Check this layout against a model before any mesh or module is built.
+        """Check these degrees against a model before any mesh or module is built.
 
         ``pp_layout``: decoder layers per (virtual) stage, ``pp * vp`` entries, in order; ``None``
         means an even split is intended (then only ``num_hidden_layers >= pp * vp`` is checked).
@@ -161,7 +161,7 @@ class ParallelDims:
                               f"every sequence into 2 * cp equal chunks; use a seq_len that is a multiple of "
                               f"{2 * self.cp}")
         if errors:
-            raise ParallelConfigError(f"invalid parallel layout {self.describe()}: " + "; ".join(errors))
+            raise ParallelConfigError(f"invalid parallel configuration {self.describe()}: " + "; ".join(errors))
         return self
 
     def describe(self) -> str:
@@ -193,7 +193,7 @@ class ParallelMesh:
             return self.world[name]
         if name in self._named:
             return self._named[name]
-        raise KeyError(f"no mesh named {name!r} in this layout {self.dims.describe()}; available: "
+        raise KeyError(f"no mesh named {name!r} in {self.dims.describe()}; available: "
                        f"{sorted(self._named)}"
                        + (" ('ep' exists only when ep > 1)" if name in ("ep", *EXPERT_SHARD_DIMS) else ""))
 

@@ -28,7 +28,7 @@ def quiet_tp_fsdp_warnings() -> None:
       the same total to fp32 rounding, and the step is the single process's.
     Both are proven by tests/multirank/test_parallel_tp_fsdp.py::test_hsdp_and_fsdp_x_tp_four_ranks (fsdp2 x tp2:
     one step's loss and gathered gradients equal the single process's) and
-    tests/multirank/test_train_layouts.py::test_layout_losses_and_weights_equal_single_process (dp_shard 2 x tp2:
+    tests/multirank/test_train_parallelisms.py::test_parallel_losses_and_weights_equal_single_process (dp_shard 2 x tp2:
     losses, grad norms and final weights of a training run)."""
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(.*\) returned a view tensor")
     redistribute = logging.getLogger("torch.distributed.tensor._redistribute")  # logged, not warnings.warn
@@ -49,7 +49,7 @@ def parallelize_model(model: nn.Module, dims: ParallelDims, mesh: ParallelMesh, 
     ``model``: a Moonlight on any device (meta included: then ``to_empty`` + ``init_weights`` or
     `load_hf_sharded` afterwards), or a pipeline stage module of it (``embed``/``norm``/``lm_head``
     None, ``layers`` a subset). Pipeline splitting must already have happened.
-    ``dims`` must be the layout ``mesh`` was built from; it is validated against ``model.args``
+    ``dims`` must be the degrees ``mesh`` was built from; it is validated against ``model.args``
     (pipeline layout checks are the caller's: ``dims.validate(args, pp_layout, vp, ...)``).
     FSDP is applied when the data- or context-parallel degree is above 1 (it reduces the gradients
     over ``mesh["fsdp"]``, dp_shard x cp), when EP spanning TP leaves several ranks per expert shard

@@ -220,7 +220,7 @@ def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor, *, ignore_ind
 
 def reduce_token_losses(total: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
                         reduction: str = "mean", num_tokens: int | torch.Tensor | None = None) -> torch.Tensor:
-    """`cross_entropy_loss`'s reduction of a summed token loss, e.g. of ``model(tokens, labels=labels)``
+    """`cross_entropy_loss`'s reduction of a summed token loss, e.g. of `cross_entropy_from_hidden`
     (the chunked loss from hidden states, for heads that are not vocab-sharded)."""
     if reduction == "sum":
         return total

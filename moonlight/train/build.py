@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from moonlight.checkpoint.format import DCP_METADATA, model_args_from_meta, read_meta
+from moonlight.checkpoint.format import DCP_METADATA, model_args_from_meta, read_meta, saved_lora
 from moonlight.checkpoint.state import Checkpointer
 from moonlight.config import ModelArgs
 from moonlight.distributed import backend_for, broadcast_object, default_device, init_process_group
@@ -97,7 +97,7 @@ def read_base_weights(ckpt: Checkpointer, path: str, lora: bool = False) -> None
         if os.path.isfile(os.path.join(path, DCP_METADATA)):
             meta = read_meta(path)
             # without its base it would read the base from itself, endlessly; with it the adapters would be dropped
-            if meta.get("frozen_weights_from") or (meta.get("layout") or {}).get("lora"):
+            if meta.get("frozen_weights_from") or saved_lora(meta):
                 raise CheckpointError(
                     f"checkpoint.initial_load_hf = {path} is a LoRA/DoRA run's checkpoint, not a base model: start "
                     "from its merged model (python -m moonlight.convert dcp-to-hf), or from its base with its "
@@ -220,7 +220,7 @@ def check_host_memory(cfg: JobConfig, args: ModelArgs, world_size: int, device: 
         raise ConfigError(f"this {args.num_params() / 1e9:.1f}B-parameter model needs at least {need / gib:.1f} GiB "
                           f"of host memory for its weights (and gradients) alone ({local_ranks} rank(s) here), but "
                           f"{available / gib:.1f} GiB is available: train it on GPUs, over more hosts, or pick a "
-                          "smaller model (python -m moonlight.plan estimates a layout's memory)")
+                          "smaller model (python -m moonlight.plan estimates a configuration's memory)")
 
 
 def warn_about_data(cfg: JobConfig, loader, validation_loader=None) -> None:

@@ -54,8 +54,11 @@ def zeropower_via_newtonschulz(
     X = X / (norm + eps)
     for _ in range(steps):
         A = X @ X.mT
-        B = b * A + c * A @ A  # (c*A) @ A, exactly as Moonshot's code (matters in bf16)
-        X = a * X + B @ X
+        # Moonshot's B = b*A + (c*A) @ A and X = a*X + B @ X, op for op (a fused addmm rounds
+        # differently in bf16); the three scalings in one foreach launch
+        aX, bA, cA = torch._foreach_mul([X, A, A], [a, b, c])
+        B = bA + cA @ A
+        X = aX + B @ X
     if transpose:
         X = X.mT
     return X
@@ -121,7 +124,7 @@ def _box_numel(box: Box) -> int:
 
 def _check_tiling(plan: MatrixPlan) -> None:
     # Nested Shard/_StridedShard placements give every rank one contiguous box; say so loudly if a
-    # layout ever breaks that (the pieces would not reassemble the matrix).
+    # sharding ever breaks that (the pieces would not reassemble the matrix).
     for dim, size in enumerate(plan.shape):
         spans = sorted({(b[dim].start, b[dim].stop) for b in plan.boxes if b[dim].stop > b[dim].start})
         ends = [0] + [stop for _, stop in spans]

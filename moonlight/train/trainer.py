@@ -1,7 +1,7 @@
 """The training loop: data -> model (per pipeline stage) -> loss -> backward -> clip -> optimizer ->
 MoE bias update -> metrics -> checkpoint.
 
-One `Trainer(cfg).train()` serves every layout. Layout-dependent pieces (meshes, parallel plans,
+One `Trainer(cfg).train()` serves every parallel configuration. The parallel pieces (meshes, plans,
 pipeline schedules) come from `moonlight.parallel`; this file only sequences them.
 """
 
@@ -36,14 +36,14 @@ from moonlight.train.build import (build_converters, build_model_args, check_hos
                                    check_runtime, check_token_ids, init_distributed, load_initial_weights,
                                    read_base_weights, take_dump_folder_lock, warn_about_data)
 from moonlight.train.config import JobConfig
-from moonlight.train.layout import build_layout, is_mixed_precision
+from moonlight.train.parallel_run import build_parallel_run, is_mixed_precision
 from moonlight.train.metrics import memory_gib
 from moonlight.train.report import RunReport, relative
 from moonlight.train.optim import clip_grad_norm_
 from moonlight.train.validation import Validator
 
 # Models up to this size are initialized whole on every rank before sharding, so every parallel
-# layout starts from the same weights as a single-process run; larger ones initialize shard by shard.
+# configuration starts from the same weights as a single-process run; larger ones initialize shard by shard.
 _FULL_INIT_MAX_PARAMS = 2_000_000_000
 
 
@@ -134,7 +134,7 @@ class Trainer:
         lines = [cfg.job.description,
                  f"model {source}: {a.num_params() / 1e6:,.1f}M params, {a.num_hidden_layers} layers, "
                  f"{a.n_routed_experts} experts top-{a.num_experts_per_tok}; {t.dtype} on {self.device}",
-                 f"layout {self.parallel.description}, grad accumulation {self.grad_accum}; "
+                 f"parallelism {self.parallel.description}, grad accumulation {self.grad_accum}; "
                  f"{t.steps} steps of {t.global_batch_size} x {t.seq_len} tokens"]
         lines += [converter.describe(self.model_parts) for converter in self.converters]
         d, v = cfg.data, cfg.validation
@@ -177,12 +177,12 @@ class Trainer:
               + " and ".join(parts), flush=True)
 
     def _build_parallel(self):
-        layout = build_layout(self.cfg, self.model_args, self.world_size, self.device, self._init_full_model)
-        self.model_parts = layout.model_parts
-        return layout
+        parallel = build_parallel_run(self.cfg, self.model_args, self.world_size, self.device, self._init_full_model)
+        self.model_parts = parallel.model_parts
+        return parallel
 
     def _init_full_model(self) -> Moonlight:
-        """The whole model with its initial weights: the same on every rank and in every layout."""
+        """The whole model with its initial weights: the same on every rank and in every parallel configuration."""
         args = self.model_args
         param_dtype = to_dtype(self.cfg.training.dtype)
         with torch.device("meta"):
@@ -200,9 +200,9 @@ class Trainer:
         base = os.path.abspath(os.path.expanduser(c.initial_load_hf)) if c.initial_load_hf else None
         ckpt = Checkpointer(c, self.cfg.job.dump_folder, self.model_parts, self.optimizers, self.lr_schedulers,
                             self.dataloader,
-                            layout={"world_size": self.world_size, **dataclasses.asdict(self.cfg.parallelism),
-                                    # adapters are saved under <linear>.lora_a/lora_b.weight (+ .magnitude)
-                                    **({"lora": dataclasses.asdict(self.cfg.lora)} if lora else {})},
+                            parallelism={"world_size": self.world_size, **dataclasses.asdict(self.cfg.parallelism)},
+                            # adapters are saved under <linear>.lora_a/lora_b.weight (+ .magnitude)
+                            lora=dataclasses.asdict(self.cfg.lora) if lora else None,
                             base_weights=base, skip_frozen=self.cfg.skips_frozen_weights(),
                             load_base=lambda path: read_base_weights(ckpt, path, lora))
         if c.enable:
@@ -269,7 +269,7 @@ class Trainer:
         hence each rank divides its sum by (global count / (dp x cp)).
 
         That normalizer stays a tensor the host never reads (no sync): counted from the host labels,
-        summed over the dp ranks on the device; `Layout.batch_inputs` moves the batches without one."""
+        summed over the dp ranks on the device; `ParallelRun.batch_inputs` moves the batches without one."""
         batches = [self.dataloader.next_batch_with_info() for _ in range(self.grad_accum)]
         targets = torch.stack([(b.labels != -100).sum() for b in batches]).sum()
         if self.parallel.dp_world > 1:

@@ -1,6 +1,6 @@
-"""Validation loss on held-out data ([validation]): forward only, in every parallel layout.
+"""Validation loss on held-out data ([validation]): forward only, in every parallel configuration.
 
-    validator = Validator(cfg, tokenizer, layout, device)
+    validator = Validator(cfg, tokenizer, parallel, device)
     if validator.due(step, last_step):
         values.update(validator.run())          # {"val_loss": ..., "val_ppl": ...}, the same on every rank
 
@@ -21,22 +21,22 @@ import torch.distributed as dist
 from moonlight.train.config import JobConfig
 from moonlight.data.loader import build_dataloader
 from moonlight.data.documents import DataKeys
-from moonlight.train.layout import Layout
+from moonlight.train.parallel_run import ParallelRun
 
 
 class Validator:
-    def __init__(self, cfg: JobConfig, tokenizer, layout: Layout, device: torch.device):
+    def __init__(self, cfg: JobConfig, tokenizer, parallel: ParallelRun, device: torch.device):
         v, t = cfg.validation, cfg.training
         data = dataclasses.replace(cfg.data, path=v.path, format=v.format or cfg.data.format, shuffle=False)
         # the readers' messages name validation.path (and validation.format when set), [data] for the rest
         keys = DataKeys("validation", ("path", "format") if v.format else ("path",))
-        self.loader = build_dataloader(data, tokenizer, t.seq_len, t.local_batch_size, layout.dp_rank,
-                                       layout.dp_world, t.seed, keys=keys)
+        self.loader = build_dataloader(data, tokenizer, t.seq_len, t.local_batch_size, parallel.dp_rank,
+                                       parallel.dp_world, t.seed, keys=keys)
         self.start = self.loader.state_dict()
         self.document_mask = data.masks_documents()
-        # each validation step is one global batch, whatever the layout: the same rows in every layout
-        self.interval, self.micro_batches = v.interval, v.steps * cfg.grad_accum_steps(layout.dp_world)
-        self.layout, self.device = layout, device
+        # each validation step is one global batch: the same rows whatever the parallelism
+        self.interval, self.micro_batches = v.interval, v.steps * cfg.grad_accum_steps(parallel.dp_world)
+        self.parallel, self.device = parallel, device
 
     def due(self, step: int, last_step: int) -> bool:
         return step % self.interval == 0 or step == last_step
@@ -44,8 +44,8 @@ class Validator:
     @torch.no_grad()
     def run(self) -> dict[str, float]:
         """Every rank calls; returns val_loss and val_ppl (exp of the loss)."""
-        layout = self.layout
-        parts = layout.model_parts
+        parallel = self.parallel
+        parts = parallel.model_parts
         modes = [part.training for part in parts]
         for part in parts:
             part.eval()
@@ -55,17 +55,18 @@ class Validator:
         try:
             for _ in range(self.micro_batches):
                 batch = self.loader.next_batch_with_info()
-                inputs, labels, packing = layout.batch_inputs(batch, self.device, self.document_mask)
+                inputs, labels, packing = parallel.batch_inputs(batch, self.device, self.document_mask)
                 targets += int((labels != -100).sum())  # this rank's tokens: cp ranks each count theirs
-                loss = layout.forward_loss(inputs, labels, packing)  # eval mode: MoE layers count nothing
+                loss = parallel.forward_loss(inputs, labels, packing)  # eval mode: MoE layers count nothing
                 if loss is not None:
                     loss_sum += loss.double()
         finally:
             for part, mode in zip(parts, modes):
                 part.train(mode)
         # one rank per data-parallel replica and cp slice holds the loss (last pipeline stage, tp rank 0)
-        held = torch.stack([loss_sum * layout.holds_loss,
-                            torch.tensor(float(targets * layout.holds_loss), device=self.device, dtype=torch.float64)])
+        holds = parallel.holds_loss
+        held = torch.stack([loss_sum * holds,
+                            torch.tensor(float(targets * holds), device=self.device, dtype=torch.float64)])
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(held)
         val_loss = float(held[0] / held[1]) if held[1] > 0 else math.nan

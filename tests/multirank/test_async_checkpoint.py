@@ -16,7 +16,7 @@ def _fsdp_async_worker(rank, world, folder):
     model = fsdp_wrap(build()[0])
     opts, scheds = build_opt(model)
     loader = FakeLoader()
-    ck = Checkpointer(cfg(**ASYNC_CHECKPOINT), folder, [model], opts, scheds, loader, layout={"dp_shard": world})
+    ck = Checkpointer(cfg(**ASYNC_CHECKPOINT), folder, [model], opts, scheds, loader, parallelism={"dp_shard": world})
     train(model, opts, scheds, loader, 2, seed=1 + rank)
     ck.save(2)
     at_save = async_checkpoint_snapshot(model, opts, loader)

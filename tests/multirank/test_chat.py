@@ -33,5 +33,5 @@ def test_fsdp2_with_grad_accumulation_equals_single_process(tmp_path):
     two = torch.load(io.BytesIO(run_ranks(_train_and_gather, 2, tmp_path / "two", data,
                                           ["--training.local_batch_size=1", "--parallelism.dp_shard=2"])[0]))
     assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=1e-5)
-    for name, w in single.items():  # AdamW amplifies rounding on near-zero gradients: as test_train_layouts
+    for name, w in single.items():  # AdamW amplifies rounding on near-zero gradients: as test_train_parallelisms
         torch.testing.assert_close(two[name], w, atol=1e-4, rtol=1e-3, msg=lambda m: f"{name}: {m}")

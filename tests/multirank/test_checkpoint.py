@@ -1,5 +1,5 @@
 """Checkpointer: round trips, atomicity under SIGKILL and disk-full, retention, clear errors,
-resharding between FSDP2 / pipeline-like layouts and one plain process, HF import/export."""
+resharding between FSDP2 / pipeline-like parallelism and one plain process, HF import/export."""
 
 
 import torch
@@ -28,7 +28,7 @@ def _fsdp_save_worker(rank, world, folder):
     opts, scheds = build_opt(model)
     loader = FakeLoader()
     train(model, opts, scheds, loader, 2, seed=1 + rank)  # different data per rank, as in DP
-    Checkpointer(cfg(), folder, [model], opts, scheds, loader, layout={"dp_shard": world}).save(2)
+    Checkpointer(cfg(), folder, [model], opts, scheds, loader, parallelism={"dp_shard": world}).save(2)
     return pack_state((full_sd(model), flat_optim(model, opts), torch.rand(3)))
 
 
@@ -53,7 +53,7 @@ def test_fsdp2_two_ranks_to_one_and_back(tmp_path):
     saved = _unpack(run_ranks(_fsdp_save_worker, 2, str(a)))
     assert_sd_equal(saved[0][0], saved[1][0])
     meta = read_meta(str(a / "checkpoint" / "step-2"))
-    assert meta["world_size"] == 2 and meta["layout"] == {"dp_shard": 2}
+    assert meta["world_size"] == 2 and meta["parallelism"] == {"dp_shard": 2}
     # 2 FSDP ranks -> 1 plain process
     model, opts, scheds = build(seed=9)
     loader = FakeLoader()
@@ -89,7 +89,7 @@ def _pp_save_worker(rank, world, folder, hf_out):
     part = checkpoint_split(ref, [(0, 2), (2, 4)])[rank]
     opts, scheds = build_opt_parts([part])
     checkpoint_fake_step([part], opts, seed=rank)
-    ck = Checkpointer(cfg(), folder, [part], opts, scheds, None, layout={"pp": 2})
+    ck = Checkpointer(cfg(), folder, [part], opts, scheds, None, parallelism={"pp": 2})
     ck.save(1)
     export_hf([part], hf_out)
     return pack_state((full_sd(part), flat_optim(part, opts)))

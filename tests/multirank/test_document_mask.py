@@ -1,6 +1,6 @@
 """Document masking: a packed row (positions restarting per document, attention within each document)
 gives every document the logits, loss and gradients it gets when run alone; and the trainer's losses
-with document masking are the single-process ones in every parallel layout."""
+with document masking are the single-process ones in every parallel configuration."""
 
 import json
 
@@ -9,9 +9,9 @@ import torch
 
 
 
-# ------------------------------------------------------------------ parallel layouts
+# ------------------------------------------------------------- parallel configurations
 
-LAYOUT_BASE = ["--training.steps=2", "--training.seq_len=64", "--training.global_batch_size=4",
+PARALLEL_BASE = ["--training.steps=2", "--training.seq_len=64", "--training.global_batch_size=4",
                "--training.local_batch_size=2", "--checkpoint.enable=false", "--metrics.log_freq=1",
                "--metrics.device_peak_flops=1e11", "--lr_scheduler.warmup_steps=1", "--model.kernels=torch"]
 
@@ -26,7 +26,7 @@ def _train_losses(rank, world_size, folder, extra):
     from moonlight.train.config import load_config
     from moonlight.train.trainer import Trainer
 
-    Trainer(load_config("train.toml", LAYOUT_BASE + [f"--job.dump_folder={folder}", *extra])).train()
+    Trainer(load_config("train.toml", PARALLEL_BASE + [f"--job.dump_folder={folder}", *extra])).train()
     with open(f"{folder}/metrics.jsonl") as f:
         return [json.loads(line)["loss"] for line in f]
 
@@ -64,16 +64,16 @@ def single_process(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("data", list(DATA))
-@pytest.mark.parametrize("layout", [
+@pytest.mark.parametrize("parallelism", [
     ["--parallelism.dp_shard=2"],
     ["--parallelism.tp=2", "--parallelism.sequence_parallel=true"],
     ["--parallelism.ep=2"],
     ["--parallelism.pp=2", "--parallelism.pp_schedule=1F1B"],
     ["--parallelism.cp=2"],  # documents cross the zig-zag chunk borders
 ], ids=["fsdp2", "tp2_sp", "ep2", "pp2", "cp2"])
-def test_document_masked_losses_equal_single_process(layout, data, single_process, tmp_path):
+def test_document_masked_losses_equal_single_process(parallelism, data, single_process, tmp_path):
     from tests.dist import run_ranks
 
     args, losses = single_process[data]
-    got = run_ranks(_train_losses, 2, str(tmp_path / "run"), args + layout)[0]
+    got = run_ranks(_train_losses, 2, str(tmp_path / "run"), args + parallelism)[0]
     assert got == pytest.approx(losses, rel=1e-4, abs=1e-5)

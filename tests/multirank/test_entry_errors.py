@@ -1,4 +1,4 @@
-"""User errors at the entry points: `torchrun --nproc_per_node=2 train.py` meets a layout that does not
+"""User errors at the entry points: `torchrun --nproc_per_node=2 train.py` meets degrees that do not
 fit the world, a data file that is missing, and a checkpoint saved for another model. Each is one
 `error: ...` line from rank 0, the workers exit with code 2, and no traceback of ours is printed.
 
@@ -31,7 +31,7 @@ def _assert_one_line(proc, *fragments):
 
 
 @pytest.mark.slow
-def test_layout_that_does_not_fit_the_world(tmp_path):
+def test_degrees_that_do_not_fit_the_world(tmp_path):
     proc = _torchrun(tmp_path, "--parallelism.tp=4")
     _assert_one_line(proc, "error: ", "tp(4)", "world_size=2")
 

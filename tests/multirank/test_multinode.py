@@ -50,7 +50,7 @@ def test_two_torchrun_nodes_match_single_process(tmp_path):
             agent.kill()
     for agent, log in zip(agents, logs):
         assert agent.returncode == 0, log[-3000:]
-    assert "world_size=4" in "".join(logs)  # 2 nodes x 2 processes, as the header names the layout
+    assert "world_size=4" in "".join(logs)  # 2 nodes x 2 processes, as the header names the parallelism
     assert _losses(tmp_path / "multi") == pytest.approx(_losses(tmp_path / "single"), rel=1e-4, abs=1e-5)
 
 

@@ -1,7 +1,7 @@
 """Distributed Muon (moonlight.train.muon): every full matrix and every expert matrix is
 orthogonalized by exactly one rank of the group sharing it, and the weights equal single-process
 full-matrix Muon bit for bit, in fp32 and with bf16 Newton-Schulz (FSDP, HSDP, TP, EP shards; the
-trainer's real layouts)."""
+trainer's real parallel configurations)."""
 
 import pytest
 import torch
@@ -117,12 +117,12 @@ def test_each_matrix_orthogonalized_once_and_bit_exact(world):
 
 
 # ------------------------------------------------------------------------------------------
-# The trainer's layouts: the debug Moonlight parallelized as train.py does it
+# The trainer's parallel configurations: the debug Moonlight parallelized as train.py does it
 # ------------------------------------------------------------------------------------------
 
 
-def _layout_worker(rank, world, layout):
-    dims = ParallelDims(world_size=world, **layout)
+def _trainer_degrees_worker(rank, world, degrees):
+    dims = ParallelDims(world_size=world, **degrees)
     mesh = build_mesh(dims, "cpu")
     torch.manual_seed(0)
     model = Moonlight(ModelArgs.preset("debug"))
@@ -149,7 +149,7 @@ def _layout_worker(rank, world, layout):
     return sum(counts), sum(_matrices(p.shape) for p in params) * STEPS, mismatched, placements
 
 
-@pytest.mark.parametrize("world, layout", [
+@pytest.mark.parametrize("world, degrees", [
     (2, dict(dp_shard=2)),
     (4, dict(dp_shard=4, ep=2)),
     (4, dict(dp_shard=2, tp=2)),
@@ -160,13 +160,13 @@ def _layout_worker(rank, world, layout):
     (2, dict(dp_shard=1, cp=2)),  # cp ranks hold FSDP shards too (FSDP over dp_shard x cp)
     (4, dict(dp_shard=1, cp=2, tp=2)),
 ], ids=["fsdp2", "fsdp4_ep2", "fsdp2_tp2", "tp2", "fsdp2_tp2_ep4", "tp4_ep2", "cp2", "cp2_tp2"])
-def test_trainer_layouts_orthogonalize_once_and_bit_exact(world, layout):
-    results = run_ranks(_layout_worker, world, layout)
+def test_trainer_degrees_orthogonalize_once_and_bit_exact(world, degrees):
+    results = run_ranks(_trainer_degrees_worker, world, degrees)
     expected = results[0][1]
     per_rank = [r[0] for r in results]
     assert sum(per_rank) == expected, per_rank  # each (expert) matrix once across the ranks sharing it
     assert all(n > 0 for n in per_rank), per_rank  # the work is spread
     for _, _, mismatched, _ in results:
         assert not mismatched, f"differ from single-process Muon: {mismatched}"
-    if layout.get("tp") and layout["dp_shard"] > 1:  # FSDP over TP: _StridedShard placements reassembled
+    if degrees.get("tp") and degrees["dp_shard"] > 1:  # FSDP over TP: _StridedShard placements reassembled
         assert any("_StridedShard" in p for p in results[0][3]), results[0][3]

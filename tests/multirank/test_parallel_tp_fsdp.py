@@ -1,6 +1,6 @@
 """TP / SP / FSDP2 / HSDP / activation checkpointing: one training step matches the single-process model.
 
-Every layout runs on forked gloo ranks (tests/dist.py). The reference is the same model on the full
+Every configuration runs on forked gloo ranks (tests/dist.py). The reference is the same model on the full
 global batch; each data-parallel rank gets its slice of the batch; the loss is the mean over the
 global batch; every gradient, gathered with full_tensor(), must equal the reference's in fp32.
 The sequence aux loss is on (aux_loss_alpha=0.001 x 10 so it matters), and the MoE load counters,
@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from tests.dist import run_ranks
 from tests.helpers import (GLOBAL_BATCH, PARALLEL_TP_FSDP_SEQ, parallel_tp_fsdp_args, parallel_tp_fsdp_reference,
-                           reference_step)
+                           reference_step, summed_loss)
 
 ATOL, RTOL = 1e-5, 1e-4
 
@@ -25,7 +25,7 @@ def _full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def _step_worker(rank, world_size, layout, sequence_parallel, ac_mode, chunked_loss=False):
+def _step_worker(rank, world_size, degrees, sequence_parallel, ac_mode, chunked_loss=False):
     from moonlight.parallel.mesh import ParallelDims, build_mesh
     from moonlight.parallel.parallelize import parallelize_model
     from moonlight.parallel.tensor import cross_entropy_loss, reduce_token_losses
@@ -34,14 +34,14 @@ def _step_worker(rank, world_size, layout, sequence_parallel, ac_mode, chunked_l
     model = copy.deepcopy(ref)
     ref_loss, ref_grads, ref_counts = reference_step(ref, inputs, labels)
 
-    dims = ParallelDims(world_size=world_size, **layout)
+    dims = ParallelDims(world_size=world_size, **degrees)
     mesh = build_mesh(dims, "cpu")
     parallelize_model(model, dims, mesh, sequence_parallel=sequence_parallel, ac_mode=ac_mode)
     per = GLOBAL_BATCH // mesh.dp_size
     sl = slice(mesh.dp_rank * per, (mesh.dp_rank + 1) * per)
     model.train()
-    if chunked_loss:  # the loss from hidden states inside the model's (FSDP-unsharded) forward
-        loss = reduce_token_losses(model(inputs[sl], labels=labels[sl]), labels[sl])
+    if chunked_loss:  # the loss from hidden states, reading the head's weight FSDP left unsharded
+        loss = reduce_token_losses(summed_loss(model, inputs[sl], labels[sl]), labels[sl])
     else:
         logits = model(inputs[sl])
         if dims.tp > 1:
@@ -68,15 +68,15 @@ def _step_worker(rank, world_size, layout, sequence_parallel, ac_mode, chunked_l
 
 
 def _cases_worker(rank, world_size, cases):
-    for name, layout, sequence_parallel, ac_mode, *chunked_loss in cases:
+    for name, degrees, sequence_parallel, ac_mode, *chunked_loss in cases:
         try:
-            _step_worker(rank, world_size, layout, sequence_parallel, ac_mode, *chunked_loss)
+            _step_worker(rank, world_size, degrees, sequence_parallel, ac_mode, *chunked_loss)
         except AssertionError as e:
-            raise AssertionError(f"layout {name} ({layout}, sequence_parallel={sequence_parallel}, "
+            raise AssertionError(f"{name} ({degrees}, sequence_parallel={sequence_parallel}, "
                                  f"ac_mode={ac_mode}): {e}") from None
 
 
-# Several layouts per forked run: each run pays the process start once (2 cores, 4 ranks).
+# Several configurations per forked run: each run pays the process start once (2 cores, 4 ranks).
 def test_tp_sp_fsdp_two_ranks():
     run_ranks(_cases_worker, 2, [("tp2", dict(tp=2), False, "none"),
                                  ("tp2_sp", dict(tp=2), True, "none"),
@@ -118,14 +118,14 @@ def test_expert_parallel_spanning_tp():
                                  ("fsdp2_tp2_sp_ep4_ac_op", dict(dp_shard=2, tp=2, ep=4), True, "op")])
 
 
-def _expert_rows_worker(rank, world_size, layout):
+def _expert_rows_worker(rank, world_size, degrees):
     """Rows the routed experts' GEMMs process on this rank in one forward of the global batch."""
     import moonlight.model.model as model_module
     from moonlight.parallel.mesh import ParallelDims, build_mesh
     from moonlight.parallel.parallelize import parallelize_model
 
     ref, inputs, _ = parallel_tp_fsdp_reference()
-    dims = ParallelDims(world_size=world_size, **layout)
+    dims = ParallelDims(world_size=world_size, **degrees)
     mesh = build_mesh(dims, "cpu")
     parallelize_model(ref, dims, mesh, sequence_parallel=True)
     rows = []
@@ -154,7 +154,7 @@ def test_routed_expert_work_is_not_repeated_when_ep_spans_tp():
     assert (spanning, over_dp_shard) == (single, 2 * single)
 
 
-def _stages_worker(rank, world_size, layout, sequence_parallel):
+def _stages_worker(rank, world_size, degrees, sequence_parallel):
     """Two pipeline-stage modules (stage 0: embed + layers 0-1; stage 1: layer 2 + norm + lm_head),
     parallelized separately and chained on the same ranks: same loss and gradients as one model."""
     from moonlight.parallel.mesh import ParallelDims, build_mesh
@@ -168,7 +168,7 @@ def _stages_worker(rank, world_size, layout, sequence_parallel):
     del first.layers["2"]
     last.embed = None
     del last.layers["0"], last.layers["1"]
-    dims = ParallelDims(world_size=world_size, **layout)
+    dims = ParallelDims(world_size=world_size, **degrees)
     mesh = build_mesh(dims, "cpu")
     for stage in (first, last):
         parallelize_model(stage, dims, mesh, sequence_parallel=sequence_parallel, ac_mode="selective")

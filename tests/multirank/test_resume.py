@@ -1,5 +1,5 @@
 """End to end through the trainer: N steps straight == N/2 steps + resume, on one process, with a
-4-rank layout, onto another layout, and after a SIGKILL in the middle of a checkpoint save."""
+4-rank run, onto another parallel configuration, and after a SIGKILL in the middle of a checkpoint save."""
 
 import json
 
@@ -26,7 +26,7 @@ def straight_4ranks(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_resume_four_ranks_same_layout(straight_4ranks, tmp_path):
+def test_resume_four_ranks_same_parallelism(straight_4ranks, tmp_path):
     src, losses = straight_4ranks
     resume_copy(src, tmp_path)
     run_ranks(_run_rank, 4, str(tmp_path), PP_FSDP)
@@ -35,7 +35,7 @@ def test_resume_four_ranks_same_layout(straight_4ranks, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world, layout", [
+@pytest.mark.parametrize("world, parallelism", [
     (2, ["--parallelism.tp=2"]),
     (2, ["--parallelism.ep=2"]),
     (4, ["--parallelism.pp=2", "--parallelism.tp=2", "--parallelism.sequence_parallel=false"]),
@@ -43,13 +43,13 @@ def test_resume_four_ranks_same_layout(straight_4ranks, tmp_path):
     (4, ["--parallelism.tp=2", "--parallelism.ep=4", "--parallelism.sequence_parallel=true"]),  # EP spans tp
 ], ids=["pp2_fsdp2_to_tp2", "pp2_fsdp2_to_ep2", "pp2_fsdp2_to_pp2_tp2", "pp2_fsdp2_to_single",
         "pp2_fsdp2_to_tp2_sp_ep4"])
-def test_resume_onto_another_layout(straight_4ranks, tmp_path, world, layout):
+def test_resume_onto_another_parallelism(straight_4ranks, tmp_path, world, parallelism):
     src, losses = straight_4ranks
     resume_copy(src, tmp_path)
     if world == 1:
-        run_job(tmp_path, *layout)
+        run_job(tmp_path, *parallelism)
     else:
-        run_ranks(_run_rank, world, str(tmp_path), layout)
+        run_ranks(_run_rank, world, str(tmp_path), parallelism)
     resumed = resume_losses(tmp_path)
-    # another layout reduces in another order: equal to fp32 rounding (as the layout tests)
+    # another parallelism reduces in another order: equal to fp32 rounding (as test_train_parallelisms)
     assert [resumed[s] for s in (4, 5, 6)] == pytest.approx([losses[s] for s in (4, 5, 6)], rel=1e-4, abs=1e-5)

@@ -28,7 +28,7 @@ class CountingCheckpoint(HFCheckpoint):
         raise AssertionError("a sharded load must never read a whole tensor with get()")
 
 
-def _load_worker(rank, world_size, path, layout, sequence_parallel):
+def _load_worker(rank, world_size, path, degrees, sequence_parallel):
     from torch.distributed.tensor import DTensor
 
     from moonlight.hf import HFCheckpoint, hf_keys
@@ -38,7 +38,7 @@ def _load_worker(rank, world_size, path, layout, sequence_parallel):
     from moonlight.parallel.load import load_hf_sharded, local_region
 
     args = sharded_load_args()
-    dims = ParallelDims(world_size=world_size, **layout)
+    dims = ParallelDims(world_size=world_size, **degrees)
     mesh = build_mesh(dims, "cpu")
     with torch.device("meta"):
         model = Moonlight(args)
@@ -72,18 +72,18 @@ def _total_bytes(path):
     return sum(ck.get(k).numel() * ck.get(k).element_size() for k in ck.key_to_file)
 
 
-@pytest.mark.parametrize("layout,sp", [(dict(dp_shard=2, tp=2), True), (dict(dp_shard=4), False),
+@pytest.mark.parametrize("degrees,sp", [(dict(dp_shard=2, tp=2), True), (dict(dp_shard=4), False),
                                        (dict(dp_shard=4, ep=2), False)],
                          ids=["fsdp2_tp2_sp", "fsdp4", "fsdp4_ep2"])
-def test_each_rank_reads_only_its_shards(hf_dir, layout, sp):
+def test_each_rank_reads_only_its_shards(hf_dir, degrees, sp):
     args = sharded_load_args()
-    results = run_ranks(_load_worker, 4, hf_dir, layout, sp)
+    results = run_ranks(_load_worker, 4, hf_dir, degrees, sp)
     total = _total_bytes(hf_dir)
     bias_bytes = (args.num_hidden_layers - args.first_k_dense_replace) * args.n_routed_experts * 4
     # Every rank read exactly its local shards (checked in the worker); here: how much that is.
     for r in results:
         assert r["sharded"] > 0
-    if layout.get("tp", 1) > 1:
+    if degrees.get("tp", 1) > 1:
         # TP-split matrices are read 1/4 per rank; what only FSDP splits (routed experts, router,
         # kv_a_proj, norms: replicated across tp) 1/2; router biases whole.
         for r in results:

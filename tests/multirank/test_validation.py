@@ -21,12 +21,12 @@ def single(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world, layout", [
+@pytest.mark.parametrize("world, parallelism", [
     (2, ["--parallelism.dp_shard=2"]),
     (2, ["--parallelism.tp=2"]),
     (2, ["--parallelism.pp=2", "--parallelism.pp_schedule=1F1B"]),
     (2, ["--parallelism.cp=2"]),
 ], ids=["fsdp2", "tp2", "pp2_1f1b", "cp2"])
-def test_val_loss_equals_single_process(world, layout, single, tmp_path):
-    losses = run_ranks(_val_losses, world, str(tmp_path), layout)[0]
+def test_val_loss_equals_single_process(world, parallelism, single, tmp_path):
+    losses = run_ranks(_val_losses, world, str(tmp_path), parallelism)[0]
     assert losses == pytest.approx(single, rel=1e-4, abs=1e-5)

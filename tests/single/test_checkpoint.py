@@ -1,5 +1,5 @@
 """Checkpointer: round trips, atomicity under SIGKILL and disk-full, retention, clear errors,
-resharding between FSDP2 / pipeline-like layouts and one plain process, HF import/export."""
+resharding between FSDP2 / pipeline-like parallelism and one plain process, HF import/export."""
 
 import errno
 import multiprocessing as mp

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from moonlight.config import ModelArgs
 from moonlight.model import Moonlight
-from moonlight.model.loss import linear_cross_entropy
+from moonlight.model.loss import cross_entropy_from_hidden, linear_cross_entropy
 from moonlight.parallel.tensor import cross_entropy_loss, reduce_token_losses
 
 
@@ -33,6 +33,28 @@ def test_linear_cross_entropy_matches_plain(dtype, chunk_rows):
     assert got_grads[0][[2, 7]].eq(0).all()
 
 
+@pytest.mark.parametrize("chunk_rows", [4, 64])
+def test_linear_cross_entropy_bf16_is_the_plain_path(chunk_rows):
+    """bf16, as on a GPU: the fp32 loss of the upcast logits; the hidden states' gradient is the plain
+    path's bit for bit, and so is the head's when one chunk holds every token (over several chunks it
+    is the chunks' sum in fp32, rounded once)."""
+    g = torch.Generator().manual_seed(0)
+    vocab, hidden_size, n = 40, 16, 13
+    hidden = torch.randn(n, hidden_size, generator=g).bfloat16().requires_grad_()
+    weight = torch.randn(vocab, hidden_size, generator=g).bfloat16().requires_grad_()
+    labels = torch.randint(0, vocab, (n,), generator=g)
+    labels[[2, 7]] = -100
+    got = linear_cross_entropy(hidden, weight, labels, chunk_bytes=chunk_rows * vocab * 4)
+    want = F.cross_entropy((hidden @ weight.t()).float(), labels, reduction="sum")
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want)
+    (got_hidden, got_weight), (want_hidden, want_weight) = (torch.autograd.grad(x, (hidden, weight))
+                                                            for x in (got, want))
+    assert torch.equal(got_hidden, want_hidden) and got_weight.dtype == torch.bfloat16
+    if chunk_rows >= n:
+        assert torch.equal(got_weight, want_weight)
+
+
 def test_linear_cross_entropy_large_logits_and_frozen_hidden():
     """Losses of hundreds of nats (the label's probability underflows fp32) stay exact; with the hidden
     states frozen only the head's gradient is made; without grad mode the loss is the same."""
@@ -57,8 +79,8 @@ class _WrappedHead(torch.nn.Linear):
 
 
 @pytest.mark.parametrize("head", ["linear", "wrapped"])
-def test_model_loss_from_labels_matches_loss_on_logits(head):
-    """model(tokens, labels=labels) + reduce_token_losses == cross_entropy_loss(model(tokens), labels),
+def test_loss_from_hidden_matches_loss_on_logits(head):
+    """cross_entropy_from_hidden + reduce_token_losses == cross_entropy_loss(model(tokens), labels),
     loss and every gradient, fp32."""
     args = ModelArgs.preset("debug", kernels="torch", num_hidden_layers=2, aux_loss_alpha=0.01)
     g = torch.Generator().manual_seed(3)
@@ -76,7 +98,8 @@ def test_model_loss_from_labels_matches_loss_on_logits(head):
             wrapped.weight = model.lm_head.weight
             model.lm_head = wrapped
         if chunked:
-            loss = reduce_token_losses(model(inputs, labels=labels), labels)
+            hidden = model(inputs, return_hidden=True)
+            loss = reduce_token_losses(cross_entropy_from_hidden(hidden, model.lm_head, labels), labels)
         else:
             loss = cross_entropy_loss(model(inputs), labels)
         loss.backward()

@@ -1,6 +1,6 @@
 """Document masking: a packed row (positions restarting per document, attention within each document)
 gives every document the logits, loss and gradients it gets when run alone; and the trainer's losses
-with document masking are the single-process ones in every parallel layout."""
+with document masking are the single-process ones in every parallel configuration."""
 
 
 import pytest
@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from moonlight import ModelArgs, Moonlight
 from moonlight.model.model import DocumentMask
+from tests.helpers import summed_loss
 
 LENGTHS = [[5, 9, 2], [16]]  # two rows of 16 tokens: three documents, then one
 
@@ -139,7 +140,7 @@ def test_varlen_metadata_from_host_ids_matches_the_documents(lengths):
 
 
 def _meta_forward_backward(model, tokens, positions, documents):
-    model(tokens, positions=positions, document_ids=documents, labels=tokens).backward()
+    summed_loss(model, tokens, tokens, positions=positions, document_ids=documents).backward()
 
 
 def test_packed_forward_reads_nothing_back_from_the_device(monkeypatch):
@@ -185,13 +186,13 @@ def test_packed_documents_add_no_host_sync_on_cuda():
     packed = {"positions": positions.cuda(), "document_ids": documents}
 
     def syncs(**packing):
-        model(tokens, labels=tokens, **packing).backward()  # warm-up: lazy initialization may sync
+        summed_loss(model, tokens, tokens, **packing).backward()  # warm-up: lazy initialization may sync
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("warn")
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                model(tokens, labels=tokens, **packing).backward()
+                summed_loss(model, tokens, tokens, **packing).backward()
         finally:
             torch.cuda.set_sync_debug_mode("default")
         return [str(w.message) for w in caught]

@@ -1,4 +1,4 @@
-"""User errors at the entry points: `torchrun --nproc_per_node=2 train.py` meets a layout that does not
+"""User errors at the entry points: `torchrun --nproc_per_node=2 train.py` meets degrees that do not
 fit the world, a data file that is missing, and a checkpoint saved for another model. Each is one
 `error: ...` line from rank 0, the workers exit with code 2, and no traceback of ours is printed.
 

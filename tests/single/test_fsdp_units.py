@@ -5,7 +5,7 @@ settings, explicit prefetch lists, and torchtitan's reshard rule under pipeline 
 import torch
 
 from moonlight.train.config import load_config
-from moonlight.train.layout import fsdp_reshard_after_forward
+from moonlight.train.parallel_run import fsdp_reshard_after_forward
 
 
 def test_reshard_after_forward_rule():
@@ -19,7 +19,7 @@ def test_reshard_after_forward_rule():
 
 
 def test_mixed_precision_is_any_cast_away_from_fp32():
-    """One rule for the trainer's layout, parallelize_model and apply_fsdp: None (FSDP's "no cast")
+    """One rule for the trainer's ParallelRun, parallelize_model and apply_fsdp: None (FSDP's "no cast")
     and fp32 under any spelling are not mixed precision; a bf16 parameter or reduce dtype is."""
     from moonlight.dtypes import is_mixed
 

@@ -1,8 +1,9 @@
 """benchmarks/gpu_suite.sh --cpu-smoke runs every step of the GPU suite with tiny shapes on CPU and writes
-the JSON and markdown summaries with each step's figures."""
+the JSON and markdown summaries with each step's figures; on a GPU the report's step limits fit 8 minutes."""
 
 import json
 import os
+import re
 import subprocess
 import time
 
@@ -13,7 +14,8 @@ from tests.helpers import ROOT
 
 @pytest.mark.slow
 def test_cpu_smoke_writes_the_summary(tmp_path):
-    env = {**os.environ, "OUT": str(tmp_path)}
+    steps = "kernel_tests kernel_bench slice trainer moe lora generate"  # generate runs only when named
+    env = {**os.environ, "OUT": str(tmp_path), "STEPS": steps}
     run = subprocess.run(["bash", "benchmarks/gpu_suite.sh", "--cpu-smoke"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -65,3 +67,19 @@ def test_slice_step_keeps_the_runs_finished_before_it_is_stopped(tmp_path, monke
         gpu_suite.run_slice(tmp_path, smoke=True)
     runs = json.loads((tmp_path / "step_slice.json").read_text())["runs"]
     assert runs["ours eager"]["step_s"] > 0 and not any(name.startswith("ours compiled") for name in runs)
+
+
+def test_the_report_fits_in_eight_minutes_on_a_gpu(tmp_path):
+    """gpu_suite.sh as a GPU machine runs it (no --cpu-smoke, no STEPS): every step of the report, and
+    their time limits add up to at most 480 s. `timeout` and `python` are stand-ins that run nothing."""
+    for tool in ("timeout", "python"):
+        (tmp_path / tool).write_text("#!/bin/sh\nexit 0\n")
+        (tmp_path / tool).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "STEPS"}
+    env.update(OUT=str(tmp_path / "out"), PATH=f"{tmp_path}:{os.environ['PATH']}")
+    run = subprocess.run(["bash", "benchmarks/gpu_suite.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    limits = {name: int(s) for name, s in re.findall(r"^== (\w+) \(limit (\d+)s\)$", run.stdout, re.M)}
+    assert set(limits) == {"kernel_tests", "kernel_bench", "slice", "trainer", "moe", "lora"}, run.stdout
+    assert sum(limits.values()) <= 480, limits

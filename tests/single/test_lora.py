@@ -196,7 +196,7 @@ def test_trainer_lora_resume_and_hf_export(tmp_path):
     la, lb = lora_losses(a), lora_losses(b)
     assert sorted(lb) == [3, 4] and [lb[3], lb[4]] == [la[3], la[4]]
     meta = json.loads((a / "checkpoint" / "step-4" / "meta.json").read_text())
-    assert meta["layout"]["lora"]["dora"] and meta["layout"]["lora"]["rank"] == 4
+    assert meta["lora"]["dora"] and meta["lora"]["rank"] == 4 and "lora" not in meta["parallelism"]
     ma, mb = straight.model_parts[0].state_dict(), resumed.model_parts[0].state_dict()
     for k in ma:
         assert torch.equal(ma[k], mb[k]), k
@@ -298,6 +298,30 @@ def test_resuming_with_other_lora_settings_is_refused(tmp_path):
             Trainer(lora_cfg(tmp_path, *run, "--training.steps=4", change))
     assert Trainer(lora_cfg(tmp_path, *run, "--training.steps=4", "--lora.dropout=0.1")).step == 2
 
+
+def test_a_checkpoint_with_the_old_layout_meta_key_still_loads(tmp_path):
+    """meta.json kept the [lora] settings in "layout" before it had "parallelism" and "lora": such a
+    checkpoint still gives its adapters' settings, is still refused under other ones, and resumes."""
+    from moonlight.checkpoint import format as fmt
+    from moonlight.checkpoint.export import load_dcp_adapters
+
+    run = ["--training.steps=2", "--checkpoint.enable=true", "--checkpoint.interval=2"]
+    Trainer(lora_cfg(tmp_path, *run)).train()
+    step2 = tmp_path / "checkpoint" / "step-2"
+    meta = json.loads((step2 / fmt.META).read_text())
+    lora = meta.pop("lora")
+    meta["layout"] = {**meta.pop("parallelism"), "lora": lora}
+    (step2 / fmt.META).write_text(json.dumps(meta))
+    marker = json.loads((step2 / fmt.MARKER).read_text())
+    marker["files"][fmt.META] = fmt.file_record(str(step2 / fmt.META))
+    (step2 / fmt.MARKER).write_text(json.dumps(marker))
+
+    assert lora["rank"] == 4 and load_dcp_adapters(str(step2))[2] == lora
+    with pytest.raises(CheckpointError, match=r"step-2 was saved with lora\.rank = 4 .*this run"):
+        Trainer(lora_cfg(tmp_path, *run, "--training.steps=4", "--lora.rank=2"))
+    with pytest.raises(CheckpointError, match="is a LoRA/DoRA run's: resume it with lora.enable = true"):
+        Trainer(lora_cfg(tmp_path, *run, "--training.steps=4", "--lora.enable=false"))
+    assert Trainer(lora_cfg(tmp_path, *run, "--training.steps=4")).step == 2
 
 def test_dcp_to_hf_never_overwrites_the_base_a_lora_checkpoint_reads(tmp_path, capsys):
     """The base directory holds only what an HF export writes, so --overwrite alone did not stop dcp-to-hf

@@ -1,7 +1,7 @@
 """Distributed Muon (moonlight.train.muon): every full matrix and every expert matrix is
 orthogonalized by exactly one rank of the group sharing it, and the weights equal single-process
 full-matrix Muon bit for bit, in fp32 and with bf16 Newton-Schulz (FSDP, HSDP, TP, EP shards; the
-trainer's real layouts)."""
+trainer's real parallel configurations)."""
 
 
 from moonlight.train.muon import MatrixPlan, assign_owners, ns_flops

@@ -13,6 +13,7 @@ from torch.utils.checkpoint import SelectiveCheckpointContext
 from moonlight.config import ModelArgs
 from moonlight.model import Moonlight
 from moonlight.parallel.data_parallel import apply_activation_checkpointing
+from tests.helpers import summed_loss
 
 pytestmark = pytest.mark.floor  # also run on torch 2.11 (.ci/run)
 
@@ -30,11 +31,11 @@ class _CountOps(TorchDispatchMode):
 def _backward_ops(model, tokens):
     """The ops the backward runs (a counting mode around it), then the gradients of a plain run (the
     mode sits on top of checkpointing's own dispatch modes, so its run's gradients are not used)."""
-    loss = model(tokens, labels=tokens)
+    loss = summed_loss(model, tokens, tokens)
     with _CountOps() as ops:
         loss.backward()
     model.zero_grad(set_to_none=True)
-    model(tokens, labels=tokens).backward()
+    summed_loss(model, tokens, tokens).backward()
     return ops.counts, {n: p.grad for n, p in model.named_parameters()}
 
 
@@ -81,7 +82,7 @@ def test_op_level_checkpoint_rotates_q_once_whether_or_not_its_matmul_is_kept(po
                     torch.nn.init.normal_(p, std=0.1)
         grads = []
         for model in (copy.deepcopy(ref), apply_activation_checkpointing(copy.deepcopy(ref), "op")):
-            model(tokens, labels=tokens).backward()
+            summed_loss(model, tokens, tokens).backward()
             grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
         assert grads[0].keys() == grads[1].keys() and grads[0]
         for n, g in grads[0].items():

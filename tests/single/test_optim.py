@@ -100,6 +100,15 @@ def test_ns_is_orthogonal_ish_and_batched():
         assert 0.5 < s.min() and s.max() < 1.3
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ns_is_moonshots_op_for_op(dtype):
+    """Newton-Schulz runs the reference's ops in its order, so it matches it bit for bit, also in bf16
+    (where a fused addmm would round differently)."""
+    torch.manual_seed(6)
+    for G in (torch.randn(32, 48), torch.randn(48, 32), torch.randn(40, 40)):
+        assert torch.equal(zeropower_via_newtonschulz(G, dtype=dtype), ref_ns(G, dtype=dtype))
+
+
 @pytest.mark.parametrize("shape", [(4, 32, 48), (3, 48, 32)])
 def test_expert_3d_equals_per_expert_2d(shape):
     torch.manual_seed(3)
@@ -255,7 +264,7 @@ def test_optimizer_step_op_count_within_budget():
     495 (torch's own foreach on CUDA: the same passes over memory in about 11 launches)."""
     from benchmarks.optimizer_ops import count_step
 
-    assert count_step("debug", "muon", False)["ops"] <= 420
+    assert count_step("debug", "muon", False)["ops"] <= 330
     assert count_step("debug", "adamw", True)["ops"] <= 6  # with the master weights' copies
 
 

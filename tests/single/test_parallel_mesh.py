@@ -47,7 +47,7 @@ INVALID = {
 
 
 @pytest.mark.parametrize("name", list(INVALID))
-def test_invalid_layout_fails_fast(name):
+def test_invalid_degrees_fail_fast(name):
     dims_kw, extra, message = INVALID[name]
     extra = dict(extra)
     model_kw = {k: extra.pop(k) for k in list(extra) if k in ("vocab_size",)}

@@ -1,6 +1,6 @@
 """TP / SP / FSDP2 / HSDP / activation checkpointing: one training step matches the single-process model.
 
-Every layout runs on forked gloo ranks (tests/dist.py). The reference is the same model on the full
+Every configuration runs on forked gloo ranks (tests/dist.py). The reference is the same model on the full
 global batch; each data-parallel rank gets its slice of the batch; the loss is the mean over the
 global batch; every gradient, gathered with full_tensor(), must equal the reference's in fp32.
 The sequence aux loss is on (aux_loss_alpha=0.001 x 10 so it matters), and the MoE load counters,
@@ -44,7 +44,7 @@ def test_cross_entropy_plain_matches_torch():
 
 def test_the_two_tp_fsdp_notices_are_quiet_and_nothing_else():
     """TP x FSDP silences FSDP's view-tensor warning and DTensor's two-dim norm notice (their results
-    are checked against the single process above and in tests/multirank/test_train_layouts.py), nothing more."""
+    are checked against the single process above and in tests/multirank/test_train_parallelisms.py), nothing more."""
     import logging
     import warnings
 

@@ -68,7 +68,7 @@ def test_cli_names_the_fix_when_it_does_not_fit(capsys):
     assert main(["--config", "train.toml", "--world-size", "2", "--gpu-memory-gib", "-1"]) == 2
     assert capsys.readouterr().err.strip() == ("error: --gpu-memory-gib must be > 0 (got -1): the memory of one "
                                                "device")
-    with pytest.raises(ConfigError, match="ep"):  # an invalid layout fails in the trainer's own check
+    with pytest.raises(ConfigError, match="ep"):  # invalid degrees fail in the trainer's own check
         plan(load_config(str(CONFIGS / "moonlight-16b-pretrain.toml"), ["--parallelism.ep=3"]).validate(), 8,
              ModelArgs.preset("moonlight-16b-a3b"))
 

@@ -1,11 +1,12 @@
-"""The shipped 16B recipes parse, validate, and describe layouts that fit their intended world size."""
+"""The shipped 16B recipes parse, validate, and describe parallel configurations that fit their intended
+world size."""
 
 
 import pytest
 
 from moonlight.config import ModelArgs
 from moonlight.train.config import load_config
-from moonlight.train.layout import plan_layout
+from moonlight.train.parallel_run import plan_parallelism
 from tests.helpers import CONFIGS, WORLD
 
 
@@ -17,11 +18,11 @@ def test_every_recipe_is_listed():
 def test_recipe_validates_for_its_world_size(name):
     cfg = load_config(str(CONFIGS / name), []).validate()
     args = ModelArgs.preset(cfg.model.name)  # the recipes' HF directories are placeholders here
-    dims, layout = plan_layout(cfg, args, WORLD[name])  # what the trainer runs before building anything
+    dims, pp_layout = plan_parallelism(cfg, args, WORLD[name])  # what the trainer runs before building anything
     t = cfg.training
     assert t.global_batch_size % (t.local_batch_size * dims.dp) == 0, "no whole number of accumulation steps"
-    if layout:
-        assert sum(layout) == args.num_hidden_layers
+    if pp_layout:
+        assert sum(pp_layout) == args.num_hidden_layers
 
 
 @pytest.mark.parametrize("name", ["moonlight-16b-sft.toml", "moonlight-16b-sft-long.toml", "moonlight-16b-lora.toml",

@@ -67,7 +67,7 @@ def test_a_default_run_prints_a_short_header_each_save_and_a_summary(tmp_path, c
     assert not any("[training]" in line for line in lines)  # the config is in config.toml, not on stdout
     assert (tmp_path / "config.toml").read_text().count("[training]") == 1
     text = "\n".join(header)
-    for part in ("model preset debug", "params", "layout", "2 steps of 4 x 64 tokens", "data: jsonl data/corpus",
+    for part in ("model preset debug", "params", "parallelism", "2 steps of 4 x 64 tokens", "data: jsonl data/corpus",
                  "validation: data/heldout every 1 steps", f"outputs: {tmp_path}"):
         assert part in text, (part, header)
     assert re.search(r"^step +1 +loss \S+ .*memory [\d.]+ GiB .*val_loss [\d.]+ .*elapsed \S+ +eta \S+$",

@@ -1,4 +1,4 @@
-"""The trainer gives the single-process losses and final weights in every parallel layout (fp32,
+"""The trainer gives the single-process losses and final weights in every parallel configuration (fp32,
 CPU, gloo): three optimizer steps, so the weights also check every step's gathered gradients."""
 
 import io
@@ -35,7 +35,7 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world, layout", [
+@pytest.mark.parametrize("world, parallelism", [
     (2, ["--parallelism.dp_shard=2"]),
     (2, ["--parallelism.tp=2", "--parallelism.sequence_parallel=true"]),
     (2, ["--parallelism.ep=2"]),
@@ -65,9 +65,9 @@ def reference(tmp_path_factory):
 ], ids=["fsdp2", "tp2_sp", "ep2", "pp2_1f1b", "tp2_ep2", "pp2_fsdp2", "tp2_pp2", "pp2_vp2_interleaved",
         "hsdp2x2", "fsdp4_ep2", "tp2_sp_ep4", "tp2_sp_ep4_pp2", "cp2", "cp2_ep2", "cp2_ac_selective", "cp2_ac_op",
         "cp2_fsdp2", "cp2_fsdp2_ep4", "cp2_tp2_sp", "cp2_pp2", "cp2_tp2_sp_ep4"])
-def test_layout_losses_and_weights_equal_single_process(world, layout, reference, tmp_path):
+def test_parallel_losses_and_weights_equal_single_process(world, parallelism, reference, tmp_path):
     losses, grad_norms, weights = reference
-    gathered = torch.load(io.BytesIO(run_ranks(_train, world, str(tmp_path), layout)[0]))
+    gathered = torch.load(io.BytesIO(run_ranks(_train, world, str(tmp_path), parallelism)[0]))
     assert _losses(tmp_path) == pytest.approx(losses, rel=1e-4, abs=1e-5)
     # Muon and AdamW updates hardly depend on the gradient's scale: the norm checks it
     assert _losses(tmp_path, "grad_norm") == pytest.approx(grad_norms, rel=1e-4)

@@ -1,7 +1,7 @@
-"""From the [parallelism] config to this rank's model parts, plus what the loop needs to know about
-the layout: data- and context-parallel coordinates (and the slice of each batch this rank keeps), the
-loss function, the pipeline schedule, and the groups that reduce losses and expert counts. One process
-and every multi-rank layout go through `build_layout`."""
+"""From the [parallelism] config to this rank's `ParallelRun`: its model parts, plus what the loop needs
+to know about the parallelism: data- and context-parallel coordinates (and the slice of each batch this
+rank keeps), the loss function, the pipeline schedule, and the groups that reduce losses and expert
+counts. One process and every multi-rank configuration go through `build_parallel_run`."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from moonlight.config import ModelArgs
 from moonlight.distributed import init_single_process_group, to_device
 from moonlight.dtypes import is_mixed
 from moonlight.model import Moonlight
+from moonlight.model.loss import cross_entropy_from_hidden
 from moonlight.parallel.mesh import ParallelDims, build_mesh
 from moonlight.parallel.parallelize import parallelize_model
 from moonlight.parallel.tensor import cross_entropy_loss, reduce_token_losses
@@ -53,7 +54,10 @@ class Pipeline:
 
 
 @dataclass
-class Layout:
+class ParallelRun:
+    """How this rank takes part in the run (held as `Trainer.parallel`): its model parts and coordinates,
+    and the one forward+loss(+backward) of a micro-batch, `forward_loss`."""
+
     model_parts: list[nn.Module]
     dp_rank: int = 0
     dp_world: int = 1
@@ -67,7 +71,7 @@ class Layout:
     moe_count_group: dist.ProcessGroup | None = None  # every rank that routes different tokens through the same layers
     replica_mesh: DeviceMesh | None = None  # ranks holding copies of a weight its own mesh lacks (Muon's replicas)
     holds_loss: bool = True  # this rank's loss counts once in the reported mean (last stage, tp rank 0; any cp)
-    # The model computes the loss from its hidden states in chunks (no [B, S, V] fp32 logits); not with
+    # The loss comes from the hidden states in chunks (no [B, S, V] fp32 logits); not with
     # a vocab-sharded head (tp > 1: the vocab-parallel loss_fn) or pipeline stages (the schedule's loss_fn).
     loss_from_hidden: bool = True
     description: str = "single process"
@@ -75,7 +79,7 @@ class Layout:
     def forward_loss(self, inputs: torch.Tensor, labels: torch.Tensor, packing: dict[str, torch.Tensor],
                      num_tokens: torch.Tensor | float | None = None) -> torch.Tensor | None:
         """One micro-batch through this rank's model parts -> its loss (None on a pipeline rank without
-        the last stage), for every layout: the pipeline schedule, the chunked loss from hidden states,
+        the last stage), for every configuration: the pipeline schedule, the chunked loss from hidden states,
         or the vocab-parallel `loss_fn` on sharded logits. Training (`num_tokens` given): sum(CE) /
         num_tokens, backward included. Validation (None): the sum of the token losses, no backward."""
         train = num_tokens is not None
@@ -86,7 +90,8 @@ class Layout:
         model = self.model_parts[0]
         reduce = {"num_tokens": num_tokens} if train else {"reduction": "sum"}
         if self.loss_from_hidden:
-            loss = reduce_token_losses(model(inputs, labels=labels, **packing), labels, **reduce)
+            hidden = model(inputs, return_hidden=True, **packing)
+            loss = reduce_token_losses(cross_entropy_from_hidden(hidden, model.lm_head, labels), labels, **reduce)
         else:
             loss = self.loss_fn(model(inputs, **packing), labels, **reduce)
         if train:
@@ -148,7 +153,7 @@ def fsdp_reshard_after_forward(cfg: JobConfig) -> bool:
     return {"always": True, "never": False}.get(cfg.parallelism.fsdp_reshard_after_forward, cfg.parallelism.pp == 1)
 
 
-def plan_layout(cfg: JobConfig, args: ModelArgs, world_size: int) -> tuple[ParallelDims, list[int] | None]:
+def plan_parallelism(cfg: JobConfig, args: ModelArgs, world_size: int) -> tuple[ParallelDims, list[int] | None]:
     """The degrees and the pipeline layout of a job on `world_size` ranks, validated against the model
     before anything is built (raises ConfigError / ParallelConfigError naming what to change)."""
     p = cfg.parallelism
@@ -162,8 +167,8 @@ def plan_layout(cfg: JobConfig, args: ModelArgs, world_size: int) -> tuple[Paral
     return dims, pp_layout
 
 
-def build_layout(cfg: JobConfig, args: ModelArgs, world_size: int, device: torch.device,
-                 init_full_model: Callable[[], Moonlight]) -> Layout:
+def build_parallel_run(cfg: JobConfig, args: ModelArgs, world_size: int, device: torch.device,
+                       init_full_model: Callable[[], Moonlight]) -> ParallelRun:
     """Validate the degrees, build the meshes, split pipeline stages and apply the parallel plans.
     `init_full_model()` gives the whole model with its initial weights (on meta when too large to
     initialize whole: then every rank initializes its own shards)."""
@@ -175,11 +180,11 @@ def build_layout(cfg: JobConfig, args: ModelArgs, world_size: int, device: torch
             if t.compile:
                 apply_compile(model, t.compile_backend)
             apply_activation_checkpointing(model, cfg.activation_checkpoint.mode)
-            return Layout(model_parts=[model])
+            return ParallelRun(model_parts=[model])
         # Mixed precision on one process: FSDP2 over a 1-rank mesh (as torchtitan) applies the same
         # policy as with many ranks (fp32 stored params, low-precision compute), same parameter names.
         init_single_process_group(device.type)
-    dims, pp_layout = plan_layout(cfg, args, world_size)
+    dims, pp_layout = plan_parallelism(cfg, args, world_size)
     sequence_parallel = p.sequence_parallel and p.tp > 1
     # A dry run on the meta device (moonlight.plan, over a fake process group) meshes like a CPU job.
     mesh = build_mesh(dims, "cpu" if device.type == "meta" else device.type)
@@ -207,9 +212,9 @@ def build_layout(cfg: JobConfig, args: ModelArgs, world_size: int, device: torch
                   replica_mesh=mesh["replicas"],
                   description=dims.describe() + (" + sequence parallel" if sequence_parallel else ""))
     if p.pp == 1:
-        return Layout(model_parts=[prepare(full)], holds_loss=tp_rank == 0, loss_from_hidden=p.tp == 1, **common)
+        return ParallelRun(model_parts=[prepare(full)], holds_loss=tp_rank == 0, loss_from_hidden=p.tp == 1, **common)
 
-    # Each local stage starts from its own copy of the full model (identical initial weights in every layout).
+    # Each local stage starts from its own copy of the full model (identical initial weights in every configuration).
     build_fn = (lambda _: copy.deepcopy(full)) if not next(full.parameters()).is_meta else None
     stages, parts = build_pipeline_stages(args, pp_layout, mesh["pp"], device, schedule=p.pp_schedule,
                                           build_fn=build_fn, parallelize_fn=prepare)
@@ -218,7 +223,7 @@ def build_layout(cfg: JobConfig, args: ModelArgs, world_size: int, device: torch
                               local_batch_size=t.local_batch_size)
     holds_last = any(s.is_last for s in stages)
     common["description"] += f", pipeline {p.pp_schedule} layout {pp_layout} x {n_micro} micro-batches"
-    return Layout(model_parts=parts, pipeline=Pipeline(schedule), pp_group=mesh["pp"].get_group(),
+    return ParallelRun(model_parts=parts, pipeline=Pipeline(schedule), pp_group=mesh["pp"].get_group(),
                   holds_loss=holds_last and tp_rank == 0, microbatches_per_step=n_micro, loss_from_hidden=False,
                   **common)
 
