@@ -45,12 +45,20 @@ def report_timeout(e: RuntimeError) -> None:
     silent = silent_ranks()
     if silent is not None and rank != min(set(range(world)) - set(silent)):
         return
-    who = (f"rank(s) {silent} did not answer (stopped or stuck: see their output)" if silent else
-           "every rank timed out (ranks waiting in different collectives?)" if silent == [] else f"on rank {rank}")
-    detail = str(e)[max(str(e).find("Timed out"), 0):][:120]
-    print(f"error: a collective timed out after training.collective_timeout_s: {who}; "
-          f"raise training.collective_timeout_s if a step or save legitimately takes longer ({detail})",
-          file=sys.stderr, flush=True)
+    who = (
+        f"rank(s) {silent} did not answer (stopped or stuck: see their output)"
+        if silent
+        else "every rank timed out (ranks waiting in different collectives?)"
+        if silent == []
+        else f"on rank {rank}"
+    )
+    detail = str(e)[max(str(e).find("Timed out"), 0) :][:120]
+    print(
+        f"error: a collective timed out after training.collective_timeout_s: {who}; "
+        f"raise training.collective_timeout_s if a step or save legitimately takes longer ({detail})",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -72,8 +80,11 @@ def main(argv: list[str]) -> int:
         return 1
     except KeyboardInterrupt:  # a second Ctrl-C aborts without saving: one line, not a traceback per rank
         if os.environ.get("RANK", "0") == "0":
-            print("interrupted: aborted without saving; resume from the last complete checkpoint",
-                  file=sys.stderr, flush=True)
+            print(
+                "interrupted: aborted without saving; resume from the last complete checkpoint",
+                file=sys.stderr,
+                flush=True,
+            )
         return INTERRUPTED_EXIT_CODE
     finally:
         # The trainer's reference cycles (model, meshes, checkpointer) hold the process groups: free them

@@ -26,8 +26,16 @@ from moonlight.train.schedule import LRSchedulerSection  # noqa: E402
 from benchmarks.peers import progress  # noqa: E402
 
 # ~27 M parameters (~107 MB fp32; with AdamW's two moments ~320 MB per checkpoint)
-ARGS = ModelArgs.preset("debug", vocab_size=4096, hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
-                        num_hidden_layers=8, n_routed_experts=16, kernels="torch")
+ARGS = ModelArgs.preset(
+    "debug",
+    vocab_size=4096,
+    hidden_size=256,
+    intermediate_size=512,
+    moe_intermediate_size=256,
+    num_hidden_layers=8,
+    n_routed_experts=16,
+    kernels="torch",
+)
 
 
 def main():
@@ -45,9 +53,19 @@ def main():
     scheds = LRSchedulerSection(warmup_steps=1).build(opts, total_steps=10)
     times = {"sync": [], "async": [], "async_wait": []}
     with tempfile.TemporaryDirectory() as tmp:
-        cks = {mode: Checkpointer(CheckpointSection(enable=True, interval=1, keep_latest_k=1,
-                                                    async_mode="async" if mode == "async" else ""),
-                                  f"{tmp}/{mode}", [model], opts, scheds, None) for mode in ("sync", "async")}
+        cks = {
+            mode: Checkpointer(
+                CheckpointSection(
+                    enable=True, interval=1, keep_latest_k=1, async_mode="async" if mode == "async" else ""
+                ),
+                f"{tmp}/{mode}",
+                [model],
+                opts,
+                scheds,
+                None,
+            )
+            for mode in ("sync", "async")
+        }
         for step in range(1, ns.pairs + 1):
             progress(f"pair {step}/{ns.pairs}")
             for mode, ck in cks.items():
@@ -59,11 +77,15 @@ def main():
                     ck.wait()
                     times["async_wait"].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"checkpoint of {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params + AdamW, "
-          f"{ns.pairs} saves each, medians:")
+    print(
+        f"checkpoint of {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params + AdamW, "
+        f"{ns.pairs} saves each, medians:"
+    )
     print(f"  sync:  blocked {med['sync'] * 1e3:.0f} ms")
-    print(f"  async: blocked {med['async'] * 1e3:.0f} ms (staging), then written in the background "
-          f"({med['async_wait'] * 1e3:.0f} ms more in wait())")
+    print(
+        f"  async: blocked {med['async'] * 1e3:.0f} ms (staging), then written in the background "
+        f"({med['async_wait'] * 1e3:.0f} ms more in wait())"
+    )
     print(f"  blocked time async / sync = {med['async'] / med['sync']:.2f}")
 
 

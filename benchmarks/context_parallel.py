@@ -43,9 +43,18 @@ from tests.dist import run_ranks  # noqa: E402
 
 CONFIGS = {
     "debug": ModelArgs.preset("debug", kernels="torch"),
-    "moonlight-attention": dataclasses.replace(ModelArgs(), num_hidden_layers=2, vocab_size=1024,
-                                               n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1,
-                                               moe_intermediate_size=256, intermediate_size=1024, kernels="torch"),
+    "moonlight-attention": dataclasses.replace(
+        ModelArgs(),
+        num_hidden_layers=2,
+        vocab_size=1024,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        moe_intermediate_size=256,
+        intermediate_size=1024,
+        kernels="torch",
+    ),
 }
 
 
@@ -94,8 +103,10 @@ def main():
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch", type=int, default=2)
     opts = parser.parse_args()
-    print("| config | cp | per token per layer: latent + k_pe / per-head K+V | fwd bytes/layer/rank: CP / K/V ring "
-          "| bwd bytes/layer/rank: CP / K/V ring | ring / CP |")
+    print(
+        "| config | cp | per token per layer: latent + k_pe / per-head K+V | fwd bytes/layer/rank: CP / K/V ring "
+        "| bwd bytes/layer/rank: CP / K/V ring | ring / CP |"
+    )
     print("|---|---|---|---|---|---|")
     for config, args in CONFIGS.items():
         for cp in opts.cp:
@@ -110,9 +121,11 @@ def main():
             cp_bwd = backward.get("reduce_scatter_tensor", 0) / layers
             assert cp_fwd == (cp - 1) * tokens * latent * 4, (cp_fwd, forward)  # what the docstring promises
             aux = (forward.get("all_reduce", 0) + backward.get("all_reduce", 0)) / max(moe_layers, 1)
-            print(f"| {config} | {cp} | {latent} / {per_head} | {cp_fwd / 1e3:,.1f} kB / {ring_fwd / 1e3:,.1f} kB "
-                  f"| {cp_bwd / 1e3:,.1f} kB / {2 * ring_fwd / 1e3:,.1f} kB "
-                  f"| fwd {ring_fwd / cp_fwd:.1f}x, fwd+bwd {3 * ring_fwd / (cp_fwd + cp_bwd):.1f}x |")
+            print(
+                f"| {config} | {cp} | {latent} / {per_head} | {cp_fwd / 1e3:,.1f} kB / {ring_fwd / 1e3:,.1f} kB "
+                f"| {cp_bwd / 1e3:,.1f} kB / {2 * ring_fwd / 1e3:,.1f} kB "
+                f"| fwd {ring_fwd / cp_fwd:.1f}x, fwd+bwd {3 * ring_fwd / (cp_fwd + cp_bwd):.1f}x |"
+            )
             print(f"|   | | MoE aux-loss sums: {aux / 1e3:,.2f} kB per MoE layer (fwd+bwd) | | | |")
 
 

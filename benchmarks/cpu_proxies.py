@@ -13,6 +13,7 @@ Models: the debug preset (fp32, CPU, torch and Triton kernel paths) and the Moon
 --fast: the debug model only. --check: exit 1 when a count exceeds its budget in BUDGETS. The loss is
 the trainer's (labels -> chunked cross-entropy).
 """
+
 import argparse
 import collections
 import json
@@ -40,17 +41,46 @@ from moonlight.model.model import MLA, LocalKeyExchange  # noqa: E402
 from moonlight.parallel.compile import apply_compile  # noqa: E402
 
 aten = torch.ops.aten
-COPY_OPS = {aten._to_copy.default, aten.copy_.default, aten.clone.default, aten._copy_from.default,
-            aten._copy_from_and_resize.default, aten.lift_fresh_copy.default}
-FILL_OPS = {aten.zero_.default, aten.fill_.Scalar, aten.fill_.Tensor, aten.zeros.default, aten.zeros_like.default,
-            aten.new_zeros.default, aten.full.default, aten.new_full.default, aten.ones_like.default,
-            aten.ones.default, aten.full_like.default}
+COPY_OPS = {
+    aten._to_copy.default,
+    aten.copy_.default,
+    aten.clone.default,
+    aten._copy_from.default,
+    aten._copy_from_and_resize.default,
+    aten.lift_fresh_copy.default,
+}
+FILL_OPS = {
+    aten.zero_.default,
+    aten.fill_.Scalar,
+    aten.fill_.Tensor,
+    aten.zeros.default,
+    aten.zeros_like.default,
+    aten.new_zeros.default,
+    aten.full.default,
+    aten.new_full.default,
+    aten.ones_like.default,
+    aten.ones.default,
+    aten.full_like.default,
+}
 # No kernel: allocation, metadata, views (tagged or aliasing their input)
-FREE_OPS = {aten.empty.memory_format, aten.empty_like.default, aten.new_empty.default, aten.empty_strided.default,
-            aten.new_empty_strided.default, aten.detach.default, aten.lift_fresh.default, aten.set_.source_Storage,
-            aten.resize_.default, aten.sym_size.int, aten.sym_stride.int, aten.sym_numel.default,
-            aten.is_same_size.default, aten.sym_storage_offset.default, aten.promote_types.default,
-            aten._unsafe_view.default}
+FREE_OPS = {
+    aten.empty.memory_format,
+    aten.empty_like.default,
+    aten.new_empty.default,
+    aten.empty_strided.default,
+    aten.new_empty_strided.default,
+    aten.detach.default,
+    aten.lift_fresh.default,
+    aten.set_.source_Storage,
+    aten.resize_.default,
+    aten.sym_size.int,
+    aten.sym_stride.int,
+    aten.sym_numel.default,
+    aten.is_same_size.default,
+    aten.sym_storage_offset.default,
+    aten.promote_types.default,
+    aten._unsafe_view.default,
+}
 
 
 def _is_view(func) -> bool:
@@ -58,8 +88,9 @@ def _is_view(func) -> bool:
 
 
 def _nbytes(out) -> int:
-    return sum(t.numel() * t.element_size() for t in torch.utils._pytree.tree_leaves(out)
-               if isinstance(t, torch.Tensor))
+    return sum(
+        t.numel() * t.element_size() for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)
+    )
 
 
 class OpCounter(TorchDispatchMode):
@@ -91,6 +122,7 @@ class OpCounter(TorchDispatchMode):
                     return counter._run(fn, *args, **kwargs)
                 finally:
                     counter.muted = muted
+
             InterpretedFunction.run = run
         return super().__enter__()
 
@@ -122,9 +154,14 @@ class OpCounter(TorchDispatchMode):
         return out
 
     def summary(self, top: int = 12) -> dict:
-        return {"launches": sum(self.launches.values()), "copy_bytes": sum(self.copy_bytes.values()),
-                "fill_bytes": self.fill_bytes, "copies": dict(self.copy_bytes),
-                "top_ops": dict(self.launches.most_common(top)), "top_copies": dict(self.copy_shapes.most_common(top))}
+        return {
+            "launches": sum(self.launches.values()),
+            "copy_bytes": sum(self.copy_bytes.values()),
+            "fill_bytes": self.fill_bytes,
+            "copies": dict(self.copy_bytes),
+            "top_ops": dict(self.launches.most_common(top)),
+            "top_copies": dict(self.copy_shapes.most_common(top)),
+        }
 
 
 @torch.library.custom_op("cpu_proxies::attention", mutates_args=())
@@ -138,8 +175,9 @@ def _(q, k, v, scale):  # laid out [B, S, heads, D] as the GPU kernels write it:
 
 
 @torch.library.custom_op("cpu_proxies::attention_backward", mutates_args=())
-def _attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _attention_backward(
+    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     raise NotImplementedError("a stand-in for the meta device only")
 
 
@@ -153,8 +191,9 @@ def _attention_setup(ctx, inputs, output):
     ctx.scale = inputs[3]
 
 
-_attention.register_autograd(lambda ctx, grad: (*_attention_backward(grad, *ctx.saved_tensors, ctx.scale), None),
-                             setup_context=_attention_setup)
+_attention.register_autograd(
+    lambda ctx, grad: (*_attention_backward(grad, *ctx.saved_tensors, ctx.scale), None), setup_context=_attention_setup
+)
 
 
 class FusedAttention(LocalKeyExchange):
@@ -190,9 +229,11 @@ def build(args: ModelArgs, device: str, dtype: torch.dtype) -> Moonlight:
 
 def step_counts(model: Moonlight, tokens: torch.Tensor) -> dict:
     """Counts of one forward + backward with the trainer's loss, after one warm-up step."""
+
     def step():
         model.zero_grad(set_to_none=True)
         cross_entropy_from_hidden(model(tokens, return_hidden=True), model.lm_head, tokens).backward()
+
     if tokens.device.type != "meta":
         step()  # lazy work (tables, caches) out of the count
     counter = OpCounter()
@@ -211,8 +252,7 @@ def graph_breaks(args: ModelArgs, tokens: torch.Tensor) -> dict:
     model = apply_compile(build(args, "cpu", torch.float32), "aot_eager")
     cross_entropy_from_hidden(model(tokens, return_hidden=True), model.lm_head, tokens).backward()
     breaks = {reason: n for reason, n in counters["graph_break"].items()}
-    return {"graph_breaks": sum(breaks.values()), "reasons": breaks,
-            "graphs": counters["stats"]["unique_graphs"]}
+    return {"graph_breaks": sum(breaks.values()), "reasons": breaks, "graphs": counters["stats"]["unique_graphs"]}
 
 
 def debug_args(kernels: str) -> ModelArgs:
@@ -250,8 +290,13 @@ def main():
     print(text)
     if a.json:
         a.json.write_text(text)
-    over = [f"{name} {key}: {result[name][key]} > {budget}" for name, budgets in BUDGETS.items() if name in result
-            for key, budget in budgets.items() if result[name][key] > budget]
+    over = [
+        f"{name} {key}: {result[name][key]} > {budget}"
+        for name, budgets in BUDGETS.items()
+        if name in result
+        for key, budget in budgets.items()
+        if result[name][key] > budget
+    ]
     over += [f"{name}: {r['graph_breaks']} graph breaks" for name, r in result.items() if r.get("graph_breaks")]
     print("\n".join(over) or "every count within its budget", file=sys.stderr)
     if a.check and over:

@@ -82,12 +82,26 @@ def prefill_flops(args: ModelArgs, seq: int) -> float:
     return seq * (args.flops_per_token(seq) - 3 * head) / 3 + head
 
 
-def run(model: Moonlight, batches: list[int], prompt: int, new: int, baseline_new: int, prefill_len: int,
-        backend: str, report) -> dict:
+def run(
+    model: Moonlight,
+    batches: list[int],
+    prompt: int,
+    new: int,
+    baseline_new: int,
+    prefill_len: int,
+    backend: str,
+    report,
+) -> dict:
     """Measure everything, calling report(result) after each number."""
     args, device = model.args, next(model.parameters()).device
-    result = {"dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "prompt": prompt,
-              "new_tokens": new, "baseline_new_tokens": baseline_new, "compile_backend": backend, "runs": {}}
+    result = {
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "prompt": prompt,
+        "new_tokens": new,
+        "baseline_new_tokens": baseline_new,
+        "compile_backend": backend,
+        "runs": {},
+    }
     runs = result["runs"]
 
     def record(name, value):
@@ -113,6 +127,7 @@ def run(model: Moonlight, batches: list[int], prompt: int, new: int, baseline_ne
     def prefill_once():
         cache.reset()
         prefill(model, prefill_ids, cache)
+
     prefill_once()
     seconds = min(timed(prefill_once, device) for _ in range(3))
     flops = prefill_flops(args, prefill_len)
@@ -125,17 +140,30 @@ def run(model: Moonlight, batches: list[int], prompt: int, new: int, baseline_ne
     for b in batches:
         ids = prompts[b]
         if hf is not None:
+
             def hf_generate(n):
-                return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                   do_sample=False, pad_token_id=0)
+                return hf.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    do_sample=False,
+                    pad_token_id=0,
+                )
+
             hf_generate(2)
             seconds = timed(lambda: hf_generate(baseline_new), device)
             n = min(baseline_new, new)
             agree = (hf_generate(n)[:, prompt:] == outputs[b][:, :n]).float().mean().item()
             ours = runs[f"ours compiled batch {b}"]["tokens_per_s"]
-            record(f"transformers batch {b}", {"tokens_per_s": b * baseline_new / seconds,
-                                               "ours_compiled_over_transformers": ours * seconds / (b * baseline_new),
-                                               "greedy_tokens_agree": agree})
+            record(
+                f"transformers batch {b}",
+                {
+                    "tokens_per_s": b * baseline_new / seconds,
+                    "ours_compiled_over_transformers": ours * seconds / (b * baseline_new),
+                    "greedy_tokens_agree": agree,
+                },
+            )
         decoder = Decoder(model, b, prompt + baseline_new, compile=False)
         seconds = timed(lambda: list(decoder.stream(ids, baseline_new)), device)
         record(f"ours eager batch {b}", {"tokens_per_s": b * baseline_new / seconds})
@@ -148,9 +176,19 @@ def run(model: Moonlight, batches: list[int], prompt: int, new: int, baseline_ne
 
 
 # Moonlight's structure (27 layers, the first dense; 64 experts, top-6, 2 shared) at tiny widths
-PROXY_ARGS = ModelArgs.preset("moonlight-16b-a3b", hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-                              num_attention_heads=4, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
-                              v_head_dim=16, vocab_size=512, kernels="torch")
+PROXY_ARGS = ModelArgs.preset(
+    "moonlight-16b-a3b",
+    hidden_size=64,
+    intermediate_size=128,
+    moe_intermediate_size=32,
+    num_attention_heads=4,
+    kv_lora_rank=16,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=16,
+    vocab_size=512,
+    kernels="torch",
+)
 
 
 class _CountOps(TorchDispatchMode):
@@ -176,11 +214,15 @@ def proxies(model: Moonlight, batch: int, prompt: int = 16, new: int = 33) -> di
     torch._dynamo.reset()
     with torch.no_grad():
         explained = torch._dynamo.explain(decode_step)(decoder)
-    return {"batch": batch, "host_syncs_per_step": len(step_syncs),
-            # the prefill's one (is the prompt padded?) left out: per prompt, not per token
-            "host_syncs_per_token_with_eos": (len(loop_syncs) - 1) / new,  # one end check per 16 tokens
-            "graph_breaks": explained.graph_break_count, "graphs": explained.graph_count,
-            "aten_ops_per_eager_step": counter.ops}
+    return {
+        "batch": batch,
+        "host_syncs_per_step": len(step_syncs),
+        # the prefill's one (is the prompt padded?) left out: per prompt, not per token
+        "host_syncs_per_token_with_eos": (len(loop_syncs) - 1) / new,  # one end check per 16 tokens
+        "graph_breaks": explained.graph_break_count,
+        "graphs": explained.graph_count,
+        "aten_ops_per_eager_step": counter.ops,
+    }
 
 
 def main():
@@ -206,8 +248,16 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = random_moonlight(ModelArgs.preset(a.model, **overrides), device, to_dtype(a.dtype, "--dtype")).eval()
     report = (lambda r: a.json.write_text(json.dumps(r, indent=1))) if a.json else (lambda r: None)
-    run(model, [int(b) for b in a.batches.split(",")], a.prompt, a.new_tokens, a.baseline_new_tokens, a.prefill,
-        a.backend, report)
+    run(
+        model,
+        [int(b) for b in a.batches.split(",")],
+        a.prompt,
+        a.new_tokens,
+        a.baseline_new_tokens,
+        a.prefill,
+        a.backend,
+        report,
+    )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ every result.
   micro-batch size.
 Times are the best of a few repeats after a warm-up; compare them within one run only.
 """
+
 import argparse
 import dataclasses
 import json
@@ -105,8 +106,11 @@ def sdpa_widths(device, dtype, heads: int, seq: int, repeats: int) -> dict:
     g = torch.Generator(device=device).manual_seed(0)
     q = torch.randn(1, heads, seq, 192, device=device, dtype=dtype, generator=g)
     k = torch.randn(1, heads, seq, 192, device=device, dtype=dtype, generator=g)
-    backends = ([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                 SDPBackend.MATH] if device.type == "cuda" else [None])
+    backends = (
+        [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+        if device.type == "cuda"
+        else [None]
+    )
     out = {}
     for v_width in (192, 128):
         v = torch.randn(1, heads, seq, v_width, device=device, dtype=dtype, generator=g)
@@ -132,8 +136,14 @@ def sdpa_widths(device, dtype, heads: int, seq: int, repeats: int) -> dict:
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 run()
                 torch.cuda.synchronize()
-            kernels = [e.key for e in prof.key_averages() if "attention" in e.key.lower() or "fmha" in e.key.lower()
-                       or "flash" in e.key.lower() or "cudnn" in e.key.lower()]
+            kernels = [
+                e.key
+                for e in prof.key_averages()
+                if "attention" in e.key.lower()
+                or "fmha" in e.key.lower()
+                or "flash" in e.key.lower()
+                or "cudnn" in e.key.lower()
+            ]
             out[f"qk192_v{v_width}/chosen_kernels"] = kernels[:4]
     out["unit"] = "ms forward+backward"
     return out
@@ -162,8 +172,9 @@ def moe_breakdown(args: ModelArgs, device, dtype, tokens: int, repeats: int) -> 
     pieces = {
         "router": lambda: backward(moe.router(x)[0]),
         "permute": lambda: backward(permute_tokens(x, expert_ids, args.n_routed_experts, impl=impl)[0]),
-        "experts": lambda: backward(grouped_swiglu(rows, counts, experts.gate_proj, experts.up_proj,
-                                                   experts.down_proj)),
+        "experts": lambda: backward(
+            grouped_swiglu(rows, counts, experts.gate_proj, experts.up_proj, experts.down_proj)
+        ),
         "unpermute": lambda: backward(unpermute_tokens(y, state, weights, impl=impl)),
         "shared": lambda: backward(moe.shared_experts(x)),
         "whole_layer": lambda: backward(moe(x)),
@@ -194,8 +205,11 @@ def ac_steps(args: ModelArgs, device, dtype, seq: int, batches: list[int], repea
                 out[f"{mode}/mbs{batch}"] = "oom"
                 continue
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-            out[f"{mode}/mbs{batch}"] = {"step_s": round(seconds, 4), "peak_gib": peak and round(peak, 2),
-                                         "tokens_per_s": round(batch * seq / seconds)}
+            out[f"{mode}/mbs{batch}"] = {
+                "step_s": round(seconds, 4),
+                "peak_gib": peak and round(peak, 2),
+                "tokens_per_s": round(batch * seq / seconds),
+            }
         model = None  # freed before the next mode's model is built
     return out
 
@@ -213,8 +227,12 @@ def main() -> None:
     report("syncs_per_microbatch", syncs_per_microbatch(args, device, dtype, seq=16 if smoke else 4096))
     report("sdpa", sdpa_widths(device, dtype, heads=2 if smoke else 16, seq=32 if smoke else 4096, repeats=repeats))
     report("moe_breakdown", moe_breakdown(args, device, dtype, tokens=64 if smoke else 4096, repeats=repeats))
-    report("ac_step", ac_steps(args, device, dtype, seq=16 if smoke else 4096, batches=[1, 2] if smoke else [1, 2, 4],
-                               repeats=repeats))
+    report(
+        "ac_step",
+        ac_steps(
+            args, device, dtype, seq=16 if smoke else 4096, batches=[1, 2] if smoke else [1, 2, 4], repeats=repeats
+        ),
+    )
     print(json.dumps(RESULTS), flush=True)
 
 

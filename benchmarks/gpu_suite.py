@@ -41,6 +41,7 @@ from moonlight.parallel.compile import apply_compile  # noqa: E402
 from moonlight.train.metrics import measure_peak_flops, spec_peak_flops  # noqa: E402
 from moonlight.train.optim import build_optimizers  # noqa: E402
 
+
 def device_peak(device: torch.device) -> tuple[float, str]:
     """(FLOP/s, where it came from): the trainer's MFU denominator (spec dense bf16 peak by device
     name), else a measured matmul."""
@@ -97,6 +98,7 @@ def our_train_step(args: ModelArgs, device, dtype, tokens, compile_backend: str 
         optimizers.zero_grad()
         cross_entropy_loss(model(tokens), tokens).backward()
         optimizers.step()
+
     return step
 
 
@@ -107,14 +109,24 @@ def run_slice(out: Path, smoke: bool) -> dict:
     peak, peak_source = device_peak(device)
     tokens = torch.randint(0, args.vocab_size, (batch, seq), device=device)
     flops = args.flops_per_token(seq) * tokens.numel()
-    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "dtype": str(dtype).removeprefix("torch."), "batch": batch, "seq": seq, "peak_flops": peak,
-              "peak_source": peak_source, "flops_per_step": flops, "runs": {}}
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": str(dtype).removeprefix("torch."),
+        "batch": batch,
+        "seq": seq,
+        "peak_flops": peak,
+        "peak_source": peak_source,
+        "flops_per_step": flops,
+        "runs": {},
+    }
     backend = "aot_eager" if smoke else "inductor"  # smoke: no C++/Triton codegen, the same tracing
-    candidates = {"ours eager": lambda: our_train_step(args, device, dtype, tokens, None),
-                  f"ours compiled ({backend})": lambda: our_train_step(args, device, dtype, tokens, backend)}
+    candidates = {
+        "ours eager": lambda: our_train_step(args, device, dtype, tokens, None),
+        f"ours compiled ({backend})": lambda: our_train_step(args, device, dtype, tokens, backend),
+    }
     try:
         from benchmarks.peers import torchtitan_train_step  # torchtitan is in the [bench] extra
+
         candidates["torchtitan eager"] = lambda: torchtitan_train_step(args, device, dtype, tokens)
     except ImportError as e:
         result["runs"]["torchtitan eager"] = {"skipped": f"not importable: {e}"}
@@ -125,8 +137,7 @@ def run_slice(out: Path, smoke: bool) -> dict:
                 torch.cuda.reset_peak_memory_stats(device)
             times = time_steps(build(), device, warmup=1 if smoke else 2, steps=1 if smoke else 5)
             median = statistics.median(times)
-            run = {"step_s": median, "tokens_per_s": tokens.numel() / median,
-                   "mfu_pct": 100 * flops / median / peak}
+            run = {"step_s": median, "tokens_per_s": tokens.numel() / median, "mfu_pct": 100 * flops / median / peak}
             if device.type == "cuda":
                 run["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         except Exception as e:  # a peer that fails here is reported, the suite goes on
@@ -140,21 +151,43 @@ def run_slice(out: Path, smoke: bool) -> dict:
 def run_trainer(out: Path, smoke: bool) -> dict:
     from benchmarks.train_step import measure
 
-    overrides = ["--validation.enable=false", "--checkpoint.initial_load_hf=", "--data.format=jsonl",
-                 "--data.path=data/corpus", "--data.tokenizer=byte", "--data.add_eos=true", "--parallelism.ep=1",
-                 "--parallelism.dp_shard=1", "--activation_checkpoint.mode=none", "--metrics.enable_tensorboard=false",
-                 "--metrics.log_freq=1000", "--training.local_batch_size=1"]
+    overrides = [
+        "--validation.enable=false",
+        "--checkpoint.initial_load_hf=",
+        "--data.format=jsonl",
+        "--data.path=data/corpus",
+        "--data.tokenizer=byte",
+        "--data.add_eos=true",
+        "--parallelism.ep=1",
+        "--parallelism.dp_shard=1",
+        "--activation_checkpoint.mode=none",
+        "--metrics.enable_tensorboard=false",
+        "--metrics.log_freq=1000",
+        "--training.local_batch_size=1",
+    ]
     if smoke:  # fp32, and 2 micro-batches
-        overrides += ["--model.name=debug", "--training.seq_len=32", "--training.mixed_precision_param=float32",
-                      "--training.global_batch_size=2"]
+        overrides += [
+            "--model.name=debug",
+            "--training.seq_len=32",
+            "--training.mixed_precision_param=float32",
+            "--training.global_batch_size=2",
+        ]
     else:
-        overrides += ["--model.overrides.num_hidden_layers=4", "--model.overrides.first_k_dense_replace=1",
-                      "--training.seq_len=4096", "--training.global_batch_size=16"]
+        overrides += [
+            "--model.overrides.num_hidden_layers=4",
+            "--model.overrides.first_k_dense_replace=1",
+            "--training.seq_len=4096",
+            "--training.global_batch_size=16",
+        ]
     result = {}
     for optimizer in ("muon", "adamw"):
         try:
-            run = measure(str(ROOT / "configs" / "moonlight-16b-pretrain.toml"),
-                          overrides + [f"--optimizer.name={optimizer}"], steps=1 if smoke else 3, warmup=1)
+            run = measure(
+                str(ROOT / "configs" / "moonlight-16b-pretrain.toml"),
+                overrides + [f"--optimizer.name={optimizer}"],
+                steps=1 if smoke else 3,
+                warmup=1,
+            )
         except Exception as e:  # the other optimizer still runs
             run = {"error": f"{type(e).__name__}: {e}"[:500]}
         result[optimizer] = run
@@ -177,16 +210,29 @@ def top_kernels(step, device, steps: int = 2, top: int = 25) -> dict:
         _sync(device)
         wall = time.perf_counter() - t0
     attr = "self_device_time_total" if cuda else "self_cpu_time_total"
-    events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0
-              and (not cuda or e.device_type == torch.autograd.DeviceType.CUDA)]
+    events = [
+        e
+        for e in prof.key_averages()
+        if getattr(e, attr, 0) > 0 and (not cuda or e.device_type == torch.autograd.DeviceType.CUDA)
+    ]
     events.sort(key=lambda e: -getattr(e, attr))
     total_us = sum(getattr(e, attr) for e in events)
-    return {"device_ms_per_step": total_us / steps / 1e3, "wall_ms_per_step": wall / steps * 1e3,
-            # kernels overlap little on one stream: busy ~ kernel time over wall time (profiler included)
-            "busy_pct": 100 * total_us / 1e6 / wall, "kernels_per_step": sum(e.count for e in events) / steps,
-            "top": [{"name": e.key[:100], "ms_per_step": round(getattr(e, attr) / steps / 1e3, 3),
-                     "pct": round(100 * getattr(e, attr) / total_us, 2), "calls_per_step": e.count / steps}
-                    for e in events[:top]]}
+    return {
+        "device_ms_per_step": total_us / steps / 1e3,
+        "wall_ms_per_step": wall / steps * 1e3,
+        # kernels overlap little on one stream: busy ~ kernel time over wall time (profiler included)
+        "busy_pct": 100 * total_us / 1e6 / wall,
+        "kernels_per_step": sum(e.count for e in events) / steps,
+        "top": [
+            {
+                "name": e.key[:100],
+                "ms_per_step": round(getattr(e, attr) / steps / 1e3, 3),
+                "pct": round(100 * getattr(e, attr) / total_us, 2),
+                "calls_per_step": e.count / steps,
+            }
+            for e in events[:top]
+        ],
+    }
 
 
 def run_moe(out: Path, smoke: bool) -> dict:
@@ -201,8 +247,9 @@ def run_moe(out: Path, smoke: bool) -> dict:
     print(f"moe layer: {layer}", flush=True)
     write_step(out, "moe", result)
     tokens = torch.randint(0, args.vocab_size, (batch, seq), device=device)
-    result["slice_profile"] = top_kernels(our_train_step(args, device, dtype, tokens, None), device,
-                                          steps=1 if smoke else 2)
+    result["slice_profile"] = top_kernels(
+        our_train_step(args, device, dtype, tokens, None), device, steps=1 if smoke else 2
+    )
     print(f"slice profile: {json.dumps(result['slice_profile'])[:2000]}", flush=True)
     return result
 
@@ -211,14 +258,30 @@ def run_lora(out: Path, smoke: bool) -> dict:
     from moonlight.train.config import load_config
     from moonlight.train.trainer import Trainer
 
-    overrides = ["--training.steps=4", "--checkpoint.enable=false", "--checkpoint.initial_load_hf=",
-                 "--validation.enable=false", "--lora.export_adapter=",
-                 "--model.hf_config=", "--data.format=jsonl", "--data.path=data/corpus", "--data.tokenizer=byte",
-                 "--lr_scheduler.warmup_steps=1", "--metrics.log_freq=1", "--training.global_batch_size=1",
-                 "--training.local_batch_size=1", "--parallelism.dp_shard=1"]
+    overrides = [
+        "--training.steps=4",
+        "--checkpoint.enable=false",
+        "--checkpoint.initial_load_hf=",
+        "--validation.enable=false",
+        "--lora.export_adapter=",
+        "--model.hf_config=",
+        "--data.format=jsonl",
+        "--data.path=data/corpus",
+        "--data.tokenizer=byte",
+        "--lr_scheduler.warmup_steps=1",
+        "--metrics.log_freq=1",
+        "--training.global_batch_size=1",
+        "--training.local_batch_size=1",
+        "--parallelism.dp_shard=1",
+    ]
     if smoke:
-        overrides += ["--model.name=debug", "--training.seq_len=64", "--training.dtype=float32",
-                      "--training.mixed_precision_param=float32", "--training.mixed_precision_reduce=float32"]
+        overrides += [
+            "--model.name=debug",
+            "--training.seq_len=64",
+            "--training.dtype=float32",
+            "--training.mixed_precision_param=float32",
+            "--training.mixed_precision_reduce=float32",
+        ]
     else:
         overrides += ["--training.seq_len=4096", "--training.dtype=bfloat16"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -229,10 +292,13 @@ def run_lora(out: Path, smoke: bool) -> dict:
             values.append(trainer.train_step())
             trainer.step += 1
     measured = values[1:]  # the first step warms up
-    result = {"model": cfg.model.name, "seq": cfg.training.seq_len,
-              "tokens_per_s": statistics.median(v["tokens_per_s"] for v in measured),
-              "peak_memory_gib": max(v["memory_gib"] for v in measured),
-              "loss_first_last": [values[0]["loss"], values[-1]["loss"]]}
+    result = {
+        "model": cfg.model.name,
+        "seq": cfg.training.seq_len,
+        "tokens_per_s": statistics.median(v["tokens_per_s"] for v in measured),
+        "peak_memory_gib": max(v["memory_gib"] for v in measured),
+        "loss_first_last": [values[0]["loss"], values[-1]["loss"]],
+    }
     print(f"lora: {result}", flush=True)
     return result
 
@@ -267,8 +333,10 @@ def write_step(out: Path, step: str, result: dict) -> None:
 
 def summary(out: Path) -> dict:
     parts = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("step_*.json"))}
-    merged = {"date": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "steps": {k.removeprefix("step_"): v for k, v in parts.items()}}
+    merged = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "steps": {k.removeprefix("step_"): v for k, v in parts.items()},
+    }
     (out / "gpu_suite.json").write_text(json.dumps(merged, indent=1))
     lines = [f"# GPU suite summary ({merged['date']})", ""]
     for name, value in merged["steps"].items():

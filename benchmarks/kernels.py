@@ -17,6 +17,7 @@ takes on CPU, in-place RoPE with the fused key, is timed against the previous co
 Moonlight's attention shapes (forward + backward, alternating rounds, ratios per round) and the
 bytes each allocates are counted.
 """
+
 import os
 import statistics
 import sys
@@ -113,8 +114,15 @@ def mla_rope_ideal_bytes(batch, seq, element_size) -> dict:
     fused_bwd = 2 * q_rope + q_rope + k_pe  # grad q's rope channels in place; k's rope tails in, grad k_pe out
     copying_fwd = 2 * q + 2 * k_pe + k_nope + k_pe + k  # q in/out, k_pe in/out, the cat
     copying_bwd = 2 * q + q_rope + k_pe + 2 * k_pe  # grad q in/out, the expand's head sum, k_pe's rotation
-    return {name: n * element_size for name, n in (("fused fwd", fused_fwd), ("fused bwd", fused_bwd),
-                                                   ("copying fwd", copying_fwd), ("copying bwd", copying_bwd))}
+    return {
+        name: n * element_size
+        for name, n in (
+            ("fused fwd", fused_fwd),
+            ("fused bwd", fused_bwd),
+            ("copying fwd", copying_fwd),
+            ("copying bwd", copying_bwd),
+        )
+    }
 
 
 # ---------------------------------------------------------------- CUDA timings
@@ -140,8 +148,16 @@ def _report(op: str, nbytes: int, candidates: dict, peak: float) -> None:
     for name, ms in times.items():
         gbs = nbytes / ms / 1e6
         print(f"{op:<24} {name:<14} {ms:8.3f} ms {gbs:8.0f} GB/s {gbs / peak:8.2f} {times['torch ref'] / ms:12.2f}x")
-        RESULTS.append({"op": op, "impl": name, "ms": ms, "gb_per_s": gbs, "of_copy_bandwidth": gbs / peak,
-                        "speedup_vs_torch_ref": times["torch ref"] / ms})
+        RESULTS.append(
+            {
+                "op": op,
+                "impl": name,
+                "ms": ms,
+                "gb_per_s": gbs,
+                "of_copy_bandwidth": gbs / peak,
+                "speedup_vs_torch_ref": times["torch ref"] / ms,
+            }
+        )
 
 
 def router_step(x, kernels: str):
@@ -151,6 +167,7 @@ def router_step(x, kernels: str):
     def step():
         weights, _, scores = router(x)
         torch.autograd.grad(weights.sum() + scores.sum(), (x, router.weight))
+
     return step
 
 
@@ -178,34 +195,58 @@ def benchmark_cuda() -> None:
         triton_permuted = permute_tokens(x, expert_ids, NUM_EXPERTS, align, impl="triton")[0]
         triton_out = unpermute_tokens(y, row_index, weights, impl="triton")
         tag = f" align={align}"
-        _report("permute fwd" + tag, (NUM_TOKENS + num_rows) * row_bytes, {
-            "triton": lambda: permute_tokens(x, expert_ids, NUM_EXPERTS, align, impl="triton"),
-            "triton kernel": lambda: torch.ops.moonlight.moe_permute(x, row_index, num_rows),
-            "torch ref": lambda: permute_tokens(x, expert_ids, NUM_EXPERTS, align),
-            "peer": lambda: peer_permute(x, expert_ids),
-        }, peak)
-        _report("permute bwd" + tag, (slots + NUM_TOKENS) * row_bytes, {
-            "triton": lambda: torch.autograd.grad(triton_permuted, x, grad_permuted, retain_graph=True),
-            "triton kernel": lambda: torch.ops.moonlight.moe_permute_backward(grad_permuted, row_index, NUM_TOKENS),
-            "torch ref": lambda: torch.autograd.grad(permuted, x, grad_permuted, retain_graph=True),
-            "peer": lambda: torch.autograd.grad(peer_permuted, x, grad_permuted[:slots], retain_graph=True),
-        }, peak)
-        _report("unpermute fwd" + tag, (slots + NUM_TOKENS) * row_bytes, {
-            "triton": lambda: unpermute_tokens(y, row_index, weights, impl="triton"),
-            "torch ref": lambda: unpermute_tokens(y, row_index, weights),
-            "peer": lambda: peer_unpermute(y[:slots], order, weights),
-        }, peak)
-        _report("unpermute bwd" + tag, (NUM_TOKENS + 2 * num_rows) * row_bytes, {
-            "triton": lambda: torch.autograd.grad(triton_out, (y, weights), grad_out, retain_graph=True),
-            "triton kernel": lambda: torch.ops.moonlight.moe_unpermute_backward(grad_out, y, row_index, weights),
-            "torch ref": lambda: torch.autograd.grad(ref_out, (y, weights), grad_out, retain_graph=True),
-            "peer": lambda: torch.autograd.grad(peer_out, (peer_permuted, weights), grad_out, retain_graph=True),
-        }, peak)
+        _report(
+            "permute fwd" + tag,
+            (NUM_TOKENS + num_rows) * row_bytes,
+            {
+                "triton": lambda: permute_tokens(x, expert_ids, NUM_EXPERTS, align, impl="triton"),
+                "triton kernel": lambda: torch.ops.moonlight.moe_permute(x, row_index, num_rows),
+                "torch ref": lambda: permute_tokens(x, expert_ids, NUM_EXPERTS, align),
+                "peer": lambda: peer_permute(x, expert_ids),
+            },
+            peak,
+        )
+        _report(
+            "permute bwd" + tag,
+            (slots + NUM_TOKENS) * row_bytes,
+            {
+                "triton": lambda: torch.autograd.grad(triton_permuted, x, grad_permuted, retain_graph=True),
+                "triton kernel": lambda: torch.ops.moonlight.moe_permute_backward(grad_permuted, row_index, NUM_TOKENS),
+                "torch ref": lambda: torch.autograd.grad(permuted, x, grad_permuted, retain_graph=True),
+                "peer": lambda: torch.autograd.grad(peer_permuted, x, grad_permuted[:slots], retain_graph=True),
+            },
+            peak,
+        )
+        _report(
+            "unpermute fwd" + tag,
+            (slots + NUM_TOKENS) * row_bytes,
+            {
+                "triton": lambda: unpermute_tokens(y, row_index, weights, impl="triton"),
+                "torch ref": lambda: unpermute_tokens(y, row_index, weights),
+                "peer": lambda: peer_unpermute(y[:slots], order, weights),
+            },
+            peak,
+        )
+        _report(
+            "unpermute bwd" + tag,
+            (NUM_TOKENS + 2 * num_rows) * row_bytes,
+            {
+                "triton": lambda: torch.autograd.grad(triton_out, (y, weights), grad_out, retain_graph=True),
+                "triton kernel": lambda: torch.ops.moonlight.moe_unpermute_backward(grad_out, y, row_index, weights),
+                "torch ref": lambda: torch.autograd.grad(ref_out, (y, weights), grad_out, retain_graph=True),
+                "peer": lambda: torch.autograd.grad(peer_out, (peer_permuted, weights), grad_out, retain_graph=True),
+            },
+            peak,
+        )
 
     # the router at 4096 tokens: its fp32 GEMM, then the sigmoid top-k tail; bytes: x read twice, grad x written
     routed_x = torch.randn(4096, HIDDEN, dtype=dtype, device=device, requires_grad=True)
-    _report("router fwd+bwd T=4096", 3 * routed_x.numel() * routed_x.element_size(),
-            {"triton": router_step(routed_x, "triton"), "torch ref": router_step(routed_x, "torch")}, peak)
+    _report(
+        "router fwd+bwd T=4096",
+        3 * routed_x.numel() * routed_x.element_size(),
+        {"triton": router_step(routed_x, "triton"), "torch ref": router_step(routed_x, "torch")},
+        peak,
+    )
 
     cos, sin = rope_tables(SEQ, ROPE, 50000.0, device)
     for batch in (1, 4):
@@ -219,18 +260,28 @@ def benchmark_cuda() -> None:
         grads = tuple(torch.randn_like(t) for t in outs["torch"])
         tag = f" B={batch}"
         with torch.no_grad():
-            _report("mla rope fwd" + tag, ideal["fused fwd"], {
-                "triton": lambda: fused_mla_rope(q_proj, k_nope, k_pe, cos, sin, "triton"),
-                "torch ref": lambda: fused_mla_rope(q_proj, k_nope, k_pe, cos, sin),
-                "copying": lambda: copying_mla_rope(q_proj, k_nope, k_pe, cos, sin),
-                "peer": lambda: peer_mla_rope(q_proj, k_nope, k_pe, cos, sin),
-            }, peak)
-        _report("mla rope bwd" + tag, ideal["fused bwd"], {
-            "triton": lambda: torch.autograd.grad(outs["triton"], leaves, grads, retain_graph=True),
-            "torch ref": lambda: torch.autograd.grad(outs["torch"], leaves, grads, retain_graph=True),
-            "copying": lambda: torch.autograd.grad(copying_outs, leaves, grads, retain_graph=True),
-            "peer": lambda: torch.autograd.grad(peer_outs, leaves, grads, retain_graph=True),
-        }, peak)
+            _report(
+                "mla rope fwd" + tag,
+                ideal["fused fwd"],
+                {
+                    "triton": lambda: fused_mla_rope(q_proj, k_nope, k_pe, cos, sin, "triton"),
+                    "torch ref": lambda: fused_mla_rope(q_proj, k_nope, k_pe, cos, sin),
+                    "copying": lambda: copying_mla_rope(q_proj, k_nope, k_pe, cos, sin),
+                    "peer": lambda: peer_mla_rope(q_proj, k_nope, k_pe, cos, sin),
+                },
+                peak,
+            )
+        _report(
+            "mla rope bwd" + tag,
+            ideal["fused bwd"],
+            {
+                "triton": lambda: torch.autograd.grad(outs["triton"], leaves, grads, retain_graph=True),
+                "torch ref": lambda: torch.autograd.grad(outs["torch"], leaves, grads, retain_graph=True),
+                "copying": lambda: torch.autograd.grad(copying_outs, leaves, grads, retain_graph=True),
+                "peer": lambda: torch.autograd.grad(peer_outs, leaves, grads, retain_graph=True),
+            },
+            peak,
+        )
         RESULTS.append({"op": "mla rope ideal bytes" + tag, **ideal})
 
 
@@ -273,20 +324,26 @@ def measure_cpu_rope(batch: int = 1, seq: int = 1024, rounds: int = 9, repeats: 
     common = sum(t.numel() * t.element_size() for t in (q_leaf, q_leaf, q_leaf, kv_b, kv_a))
     allocated = {path: _allocated_bytes(lambda: step(path)) - common for path in paths}
     ideal = mla_rope_ideal_bytes(batch, seq, q_leaf.element_size())
-    result = {"shape": f"B={batch} S={seq} heads={HEADS} nope={NOPE} rope={ROPE} fp32",
-              "time_copying_over_fused_median": statistics.median(ratios),
-              "time_copying_over_fused_min_max": [min(ratios), max(ratios)],
-              "allocated_bytes": allocated, "allocated_copying_over_fused": allocated["copying"] / allocated["fused"],
-              "ideal_bytes": ideal,
-              "ideal_copying_over_fused": ((ideal["copying fwd"] + ideal["copying bwd"])
-                                           / (ideal["fused fwd"] + ideal["fused bwd"]))}
-    print(f"MLA RoPE fwd+bwd on CPU ({result['shape']}), {rounds} alternating rounds:\n"
-          f"  time copying / fused: median {result['time_copying_over_fused_median']:.2f}x "
-          f"(min {min(ratios):.2f}x, max {max(ratios):.2f}x)\n"
-          f"  bytes allocated: fused {allocated['fused'] / 2**20:.1f} MiB, "
-          f"copying {allocated['copying'] / 2**20:.1f} MiB "
-          f"({result['allocated_copying_over_fused']:.2f}x)\n"
-          f"  ideal bytes moved: copying / fused {result['ideal_copying_over_fused']:.2f}x")
+    result = {
+        "shape": f"B={batch} S={seq} heads={HEADS} nope={NOPE} rope={ROPE} fp32",
+        "time_copying_over_fused_median": statistics.median(ratios),
+        "time_copying_over_fused_min_max": [min(ratios), max(ratios)],
+        "allocated_bytes": allocated,
+        "allocated_copying_over_fused": allocated["copying"] / allocated["fused"],
+        "ideal_bytes": ideal,
+        "ideal_copying_over_fused": (
+            (ideal["copying fwd"] + ideal["copying bwd"]) / (ideal["fused fwd"] + ideal["fused bwd"])
+        ),
+    }
+    print(
+        f"MLA RoPE fwd+bwd on CPU ({result['shape']}), {rounds} alternating rounds:\n"
+        f"  time copying / fused: median {result['time_copying_over_fused_median']:.2f}x "
+        f"(min {min(ratios):.2f}x, max {max(ratios):.2f}x)\n"
+        f"  bytes allocated: fused {allocated['fused'] / 2**20:.1f} MiB, "
+        f"copying {allocated['copying'] / 2**20:.1f} MiB "
+        f"({result['allocated_copying_over_fused']:.2f}x)\n"
+        f"  ideal bytes moved: copying / fused {result['ideal_copying_over_fused']:.2f}x"
+    )
     return result
 
 
@@ -323,8 +380,11 @@ def check_cpu() -> bool:
     for impl in ("torch", "triton"):
         routed, ids, scores = route_topk(logits, bias, top_k, 2.446, impl=impl)
         order = ids.argsort(-1)  # the choices in expert order (top-k's own order is unspecified)
-        results[impl] = (ids.gather(1, order).float(), routed.gather(1, order),
-                         *torch.autograd.grad(routed.square().sum() + scores.sum(), logits))
+        results[impl] = (
+            ids.gather(1, order).float(),
+            routed.gather(1, order),
+            *torch.autograd.grad(routed.square().sum() + scores.sum(), logits),
+        )
     for name, got, want in zip(("expert ids", "weights", "grad logits"), results["triton"], results["torch"]):
         check(f"router {name}", got, want)
 
@@ -349,13 +409,16 @@ if __name__ == "__main__":
         benchmark_cuda()
         ok = True
     else:
-        print("No CUDA device: Triton runs in the interpreter here, so its timings are not meaningful.\n"
-              "Running a small correctness pass (Triton vs torch reference, fp32) instead.")
+        print(
+            "No CUDA device: Triton runs in the interpreter here, so its timings are not meaningful.\n"
+            "Running a small correctness pass (Triton vs torch reference, fp32) instead."
+        )
         ok = check_cpu()
         RESULTS.append({"cpu_correctness_pass": ok})
         smoke = "--cpu-smoke" in sys.argv  # gpu_suite.sh --cpu-smoke: the measurement on tiny shapes
-        RESULTS.append({"op": "mla rope cpu", **(measure_cpu_rope(seq=16, rounds=1, repeats=1) if smoke
-                                                   else measure_cpu_rope())})
+        RESULTS.append(
+            {"op": "mla rope cpu", **(measure_cpu_rope(seq=16, rounds=1, repeats=1) if smoke else measure_cpu_rope())}
+        )
     if json_path:
         import json
 

@@ -6,6 +6,7 @@ On CUDA: Moonlight's head (H=2048, V=163840), one 4096-token sequence in bf16; p
 forward + backward and the peak memory above the inputs for both, and the ratios. On CPU a smaller
 head in fp32 (times only: the CPU allocator keeps no peak).
 """
+
 import sys
 import time
 from pathlib import Path

@@ -82,8 +82,9 @@ class _CommCounter:
             self.fsdp += (n - 1) * input.numel() * input.element_size() // n
             return rs(output, input, op=op, group=group, async_op=async_op)
 
-        def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, group=None,
-                              async_op=False):
+        def all_to_all_single(
+            output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False
+        ):
             if self.in_muon:
                 own = input_split_sizes[dist.get_rank(group)] if input_split_sizes else 0
                 self.muon_elements += input.numel() - own
@@ -103,10 +104,19 @@ def _measure(rank, world, optimizer, steps, warmup, overrides):
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
         total = steps + warmup
         name = "adamw" if optimizer == "adamw" else "muon"
-        cfg = load_config("train.toml", [f"--training.steps={total}", "--checkpoint.enable=false",
-                                         "--parallelism.dp_shard=-1", f"--optimizer.name={name}",
-                                         "--lr_scheduler.warmup_steps=1",
-                                         f"--job.dump_folder={tmp}", "--metrics.log_freq=1000", *overrides])
+        cfg = load_config(
+            "train.toml",
+            [
+                f"--training.steps={total}",
+                "--checkpoint.enable=false",
+                "--parallelism.dp_shard=-1",
+                f"--optimizer.name={name}",
+                "--lr_scheduler.warmup_steps=1",
+                f"--job.dump_folder={tmp}",
+                "--metrics.log_freq=1000",
+                *overrides,
+            ],
+        )
         trainer = Trainer(cfg)
         muon = next((o for o in trainer.optimizers if isinstance(o, Muon)), None)
         if muon is not None:
@@ -122,6 +132,7 @@ def _measure(rank, world, optimizer, steps, warmup, overrides):
                 finally:
                     if comm:
                         comm.in_muon = False
+
             muon._orthogonalize = counted
         step_opt = trainer.optimizers.step
         opt_times = []
@@ -130,6 +141,7 @@ def _measure(rank, world, optimizer, steps, warmup, overrides):
             t0 = time.perf_counter()
             step_opt(closure)
             opt_times.append(time.perf_counter() - t0)
+
         trainer.optimizers.step = timed_step
         step_times = []
         for i in range(total):
@@ -140,14 +152,20 @@ def _measure(rank, world, optimizer, steps, warmup, overrides):
         # Newton-Schulz FLOPs this rank runs per step (its owned matrices; all of them when redundant)
         params = [p for o in trainer.optimizers if isinstance(o, Muon) for g in o.param_groups for p in g["params"]]
         plans = plan_orthogonalization(params, [cfg.optimizer.ns_steps] * len(params))
-        ns_flops_here = sum(ns_flops(*plan.shape, cfg.optimizer.ns_steps)
-                            * (plan.count if optimizer == "muon-redundant" else sum(o == plan.me for o in plan.owners))
-                            for plan in plans)
+        ns_flops_here = sum(
+            ns_flops(*plan.shape, cfg.optimizer.ns_steps)
+            * (plan.count if optimizer == "muon-redundant" else sum(o == plan.me for o in plan.owners))
+            for plan in plans
+        )
     share = statistics.median(o / s for o, s in zip(opt_times[warmup:], step_times[warmup:]))
     per_step = (lambda b: b / steps) if comm else (lambda b: 0)
-    return dict(share=share, step_s=statistics.median(step_times[warmup:]),
-                fsdp_bytes=per_step(comm.fsdp if comm else 0), muon_bytes=per_step(comm.muon if comm else 0),
-                ns_flops=ns_flops_here)
+    return dict(
+        share=share,
+        step_s=statistics.median(step_times[warmup:]),
+        fsdp_bytes=per_step(comm.fsdp if comm else 0),
+        muon_bytes=per_step(comm.muon if comm else 0),
+        ns_flops=ns_flops_here,
+    )
 
 
 def main():
@@ -158,11 +176,19 @@ def main():
     args, overrides = ap.parse_known_args()
     # parameters gathered once per step (no reshard after forward): FSDP then moves exactly what
     # distributed AdamW does, one gradient reduce-scatter + one parameter all-gather
-    overrides = ["--training.seq_len=64", "--training.global_batch_size=8", "--model.kernels=torch",
-                 "--parallelism.fsdp_reshard_after_forward=never", "--metrics.device_peak_flops=1e11", *overrides]
+    overrides = [
+        "--training.seq_len=64",
+        "--training.global_batch_size=8",
+        "--model.kernels=torch",
+        "--parallelism.fsdp_reshard_after_forward=never",
+        "--metrics.device_peak_flops=1e11",
+        *overrides,
+    ]
     print(f"debug model, FSDP over all ranks, gloo on CPU, {args.steps} measured steps; per rank, median")
-    print(f"{'ranks':>5} {'optimizer':>15} {'step s':>8} {'opt share':>9} {'FSDP MB/step':>12} {'Muon MB/step':>12} "
-          f"{'(Muon+FSDP)/FSDP':>16} {'with bf16 NS':>12} {'NS GFLOP max/min':>14}")
+    print(
+        f"{'ranks':>5} {'optimizer':>15} {'step s':>8} {'opt share':>9} {'FSDP MB/step':>12} {'Muon MB/step':>12} "
+        f"{'(Muon+FSDP)/FSDP':>16} {'with bf16 NS':>12} {'NS GFLOP max/min':>14}"
+    )
     for world in args.worlds:
         local = [f"--training.local_batch_size={8 // world}"]
         for optimizer in ("adamw", "muon-redundant", "muon"):
@@ -177,8 +203,11 @@ def main():
             ratio = f"{(fsdp + extra) / fsdp:.3f}" if fsdp and optimizer == "muon" else "-"
             bf16 = f"{(fsdp + extra / 2) / fsdp:.3f}" if fsdp and optimizer == "muon" else "-"
             muon_mb = f"{extra / 1e6:.3f}" if optimizer == "muon" else "n/a" if optimizer == "muon-redundant" else "0"
-            print(f"{world:>5} {optimizer:>15} {step_s:>8.3f} {100 * share:>8.1f}% {fsdp / 1e6:>12.3f} "
-                  f"{muon_mb:>12} {ratio:>16} {bf16:>12} {balance:>14}", flush=True)
+            print(
+                f"{world:>5} {optimizer:>15} {step_s:>8.3f} {100 * share:>8.1f}% {fsdp / 1e6:>12.3f} "
+                f"{muon_mb:>12} {ratio:>16} {bf16:>12} {balance:>14}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -34,8 +34,9 @@ from moonlight.train.optim import build_optimizers  # noqa: E402
 
 MODELS = {
     "debug": lambda: ModelArgs.preset("debug", kernels="torch"),
-    "slice": lambda: ModelArgs.preset("moonlight-16b-a3b", num_hidden_layers=4, first_k_dense_replace=1,
-                                      kernels="torch"),
+    "slice": lambda: ModelArgs.preset(
+        "moonlight-16b-a3b", num_hidden_layers=4, first_k_dense_replace=1, kernels="torch"
+    ),
 }
 
 
@@ -52,16 +53,28 @@ class OpCounter(TorchDispatchMode):
         out = func(*args, **kwargs)
         if not (func.is_view or func.namespace == "prim" or func.overloadpacket.__name__ in _FREE):
             self.ops[func.__name__] += 1
-            written = [out] + [a for a, s in zip(args, func._schema.arguments)
-                               if s.alias_info is not None and s.alias_info.is_write]
-            self.bytes_written += sum(t.nbytes for t in tree_flatten(written)[0] if isinstance(t, torch.Tensor)
-                                      and not func.is_view)
+            written = [out] + [
+                a for a, s in zip(args, func._schema.arguments) if s.alias_info is not None and s.alias_info.is_write
+            ]
+            self.bytes_written += sum(
+                t.nbytes for t in tree_flatten(written)[0] if isinstance(t, torch.Tensor) and not func.is_view
+            )
         return out
 
 
 # ops that launch no kernel: metadata, allocations, profiler marks
-_FREE = {"detach", "_unsafe_view", "_local_scalar_dense", "empty", "empty_like", "new_empty", "empty_strided",
-         "new_empty_strided", "_record_function_enter_new", "_record_function_exit"}
+_FREE = {
+    "detach",
+    "_unsafe_view",
+    "_local_scalar_dense",
+    "empty",
+    "empty_like",
+    "new_empty",
+    "empty_strided",
+    "new_empty_strided",
+    "_record_function_enter_new",
+    "_record_function_exit",
+}
 
 
 def count_step(model_name: str, optimizer: str, precision_aware: bool) -> dict:
@@ -74,16 +87,22 @@ def count_step(model_name: str, optimizer: str, precision_aware: bool) -> dict:
         params = [p for p in model.parameters() if p.requires_grad]
         for p in params:
             p.grad = torch.ones_like(p)
-        opts = build_optimizers(model.named_parameters(), name=optimizer, lr=1e-4, precision_aware=precision_aware,
-                                ns_dtype=torch.bfloat16)
+        opts = build_optimizers(
+            model.named_parameters(), name=optimizer, lr=1e-4, precision_aware=precision_aware, ns_dtype=torch.bfloat16
+        )
         opts.step()
         counter = OpCounter()
         with counter:
             opts.step()
-    return {"model": model_name, "optimizer": optimizer + (" + fp32 master" if precision_aware else ""),
-            "params": len(params), "numel": sum(p.numel() for p in params),
-            "ops": sum(counter.ops.values()), "bytes_written": counter.bytes_written,
-            "top_ops": dict(counter.ops.most_common(8))}
+    return {
+        "model": model_name,
+        "optimizer": optimizer + (" + fp32 master" if precision_aware else ""),
+        "params": len(params),
+        "numel": sum(p.numel() for p in params),
+        "ops": sum(counter.ops.values()),
+        "bytes_written": counter.bytes_written,
+        "top_ops": dict(counter.ops.most_common(8)),
+    }
 
 
 def main():
@@ -95,9 +114,11 @@ def main():
         for optimizer, precision_aware in (("muon", False), ("adamw", False), ("muon", True), ("adamw", True)):
             row = count_step(model_name, optimizer, precision_aware)
             rows.append(row)
-            print(f"{row['model']:6} {row['optimizer']:20} {row['params']:4} params {row['numel'] / 1e6:9.1f}M: "
-                  f"{row['ops']:5} ops, {row['bytes_written'] / 2**30:8.2f} GiB written  {row['top_ops']}",
-                  flush=True)
+            print(
+                f"{row['model']:6} {row['optimizer']:20} {row['params']:4} params {row['numel'] / 1e6:9.1f}M: "
+                f"{row['ops']:5} ops, {row['bytes_written'] / 2**30:8.2f} GiB written  {row['top_ops']}",
+                flush=True,
+            )
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
 

@@ -35,11 +35,29 @@ from moonlight.parallel.tensor import cross_entropy_loss
 
 # The peer benchmarks' config: Moonlight's structure at a size a CPU runs forward+backward on in seconds.
 PEER_CONFIG = dict(
-    vocab_size=4096, hidden_size=256, intermediate_size=1024, moe_intermediate_size=256, num_hidden_layers=4,
-    first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=64,
-    qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=8, num_experts_per_tok=2,
-    n_shared_experts=2, n_group=1, topk_group=1, routed_scaling_factor=2.446, norm_topk_prob=True,
-    tie_word_embeddings=False, num_nextn_predict_layers=0, max_position_embeddings=4096,
+    vocab_size=4096,
+    hidden_size=256,
+    intermediate_size=1024,
+    moe_intermediate_size=256,
+    num_hidden_layers=4,
+    first_k_dense_replace=1,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    q_lora_rank=None,
+    kv_lora_rank=64,
+    qk_nope_head_dim=64,
+    qk_rope_head_dim=32,
+    v_head_dim=64,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    n_shared_experts=2,
+    n_group=1,
+    topk_group=1,
+    routed_scaling_factor=2.446,
+    norm_topk_prob=True,
+    tie_word_embeddings=False,
+    num_nextn_predict_layers=0,
+    max_position_embeddings=4096,
     rope_parameters={"rope_type": "default", "rope_theta": 50000.0},
 )
 
@@ -86,17 +104,31 @@ def torchtitan_config(args: ModelArgs, max_seq_len: int):
     from torchtitan.models.deepseek_v3 import _build_dsv3_layers as build_layers  # its own inits
 
     layers = build_layers(
-        n_layers=args.num_hidden_layers, n_dense_layers=args.first_k_dense_replace, dim=args.hidden_size,
-        n_heads=args.num_attention_heads, q_lora_rank=args.q_lora_rank or 0, kv_lora_rank=args.kv_lora_rank,
-        qk_nope_head_dim=args.qk_nope_head_dim, qk_rope_head_dim=args.qk_rope_head_dim,
-        v_head_dim=args.v_head_dim, mscale=1.0, dense_hidden_dim=args.intermediate_size,
-        moe_hidden_dim=args.moe_intermediate_size, num_experts=args.n_routed_experts,
-        num_shared_experts=args.n_shared_experts, router_top_k=args.num_experts_per_tok,
-        router_score_func=args.scoring_func, router_num_expert_groups=args.n_group,
-        router_num_limited_groups=args.topk_group, router_route_scale=args.routed_scaling_factor,
-        router_route_norm=args.norm_topk_prob, attn_backend="flex", moe_comm_backend="standard",
+        n_layers=args.num_hidden_layers,
+        n_dense_layers=args.first_k_dense_replace,
+        dim=args.hidden_size,
+        n_heads=args.num_attention_heads,
+        q_lora_rank=args.q_lora_rank or 0,
+        kv_lora_rank=args.kv_lora_rank,
+        qk_nope_head_dim=args.qk_nope_head_dim,
+        qk_rope_head_dim=args.qk_rope_head_dim,
+        v_head_dim=args.v_head_dim,
+        mscale=1.0,
+        dense_hidden_dim=args.intermediate_size,
+        moe_hidden_dim=args.moe_intermediate_size,
+        num_experts=args.n_routed_experts,
+        num_shared_experts=args.n_shared_experts,
+        router_top_k=args.num_experts_per_tok,
+        router_score_func=args.scoring_func,
+        router_num_expert_groups=args.n_group,
+        router_num_limited_groups=args.topk_group,
+        router_route_scale=args.routed_scaling_factor,
+        router_route_norm=args.norm_topk_prob,
+        attn_backend="flex",
+        moe_comm_backend="standard",
         non_blocking_capacity_factor=None,
-        rope=ComplexRoPE.Config(dim=args.qk_rope_head_dim, max_seq_len=max_seq_len, theta=args.rope_theta))
+        rope=ComplexRoPE.Config(dim=args.qk_rope_head_dim, max_seq_len=max_seq_len, theta=args.rope_theta),
+    )
     for layer in layers:
         layer.attention.inner_attention = ScaledDotProductAttention.Config()  # adjustment 1
         layer.attention.kv_norm = dataclasses.replace(layer.attention.kv_norm, eps=args.latent_norm_eps)
@@ -104,9 +136,14 @@ def torchtitan_config(args: ModelArgs, max_seq_len: int):
             setattr(layer, norm, dataclasses.replace(getattr(layer, norm), eps=args.rms_norm_eps))
     dim, vocab = args.hidden_size, args.vocab_size
     return DeepSeekV3Model.Config(
-        vocab_size=vocab, dim=dim, tok_embeddings=Embedding.Config(num_embeddings=vocab, embedding_dim=dim),
+        vocab_size=vocab,
+        dim=dim,
+        tok_embeddings=Embedding.Config(num_embeddings=vocab, embedding_dim=dim),
         norm=RMSNorm.Config(normalized_shape=dim, eps=args.rms_norm_eps),
-        lm_head=Linear.Config(in_features=dim, out_features=vocab), layers=layers, mtp_layers=[])
+        lm_head=Linear.Config(in_features=dim, out_features=vocab),
+        layers=layers,
+        mtp_layers=[],
+    )
 
 
 def build_torchtitan(args: ModelArgs, hf_state_dict: dict | None, device, dtype, max_seq_len: int):
@@ -145,6 +182,7 @@ def torchtitan_train_step(args: ModelArgs, device, dtype, tokens):
         optimizer.zero_grad()
         cross_entropy_loss(model(tokens), tokens).backward()
         optimizer.step()
+
     return step
 
 
@@ -153,9 +191,12 @@ def build_all(args: ModelArgs, hf_dir: Path, device, max_seq_len: int) -> dict:
     import safetensors.torch
     import transformers
 
-    models = {"ours": load_hf(str(hf_dir), dtype=torch.float32, device=device, aux_loss_alpha=0.0).train(),
-              "transformers": transformers.DeepseekV3ForCausalLM.from_pretrained(
-                  hf_dir, dtype=torch.float32).to(device).train()}
+    models = {
+        "ours": load_hf(str(hf_dir), dtype=torch.float32, device=device, aux_loss_alpha=0.0).train(),
+        "transformers": transformers.DeepseekV3ForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+        .to(device)
+        .train(),
+    }
     try:
         hf_state = {}
         for f in sorted(Path(hf_dir).glob("*.safetensors")):

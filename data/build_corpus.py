@@ -29,8 +29,20 @@ import sysconfig
 import zlib
 
 MIN_CHARS = 200
-SKIP_DIRS = ("site-packages", "test", "tests", "idlelib", "lib2to3", "tkinter", "turtledemo",
-             "ensurepip", "__pycache__", "pydoc_data", "unittest/test", "ctypes/test")
+SKIP_DIRS = (
+    "site-packages",
+    "test",
+    "tests",
+    "idlelib",
+    "lib2to3",
+    "tkinter",
+    "turtledemo",
+    "ensurepip",
+    "__pycache__",
+    "pydoc_data",
+    "unittest/test",
+    "ctypes/test",
+)
 HEADING = re.compile(r"^(\*+|=+|-+)$")
 HELDOUT_EVERY = 40  # a document is held out when crc32(text) % HELDOUT_EVERY == 0: a fixed, content-based rule
 
@@ -56,8 +68,11 @@ def stdlib_docstrings() -> list[str]:
     docs = []
     for root, dirs, files in os.walk(std):
         rel = os.path.relpath(root, std)
-        if rel != "." and (rel.split(os.sep)[0] in SKIP_DIRS or rel.startswith("config-")
-                           or any(p in ("test", "tests", "__pycache__") for p in rel.split(os.sep))):
+        if rel != "." and (
+            rel.split(os.sep)[0] in SKIP_DIRS
+            or rel.startswith("config-")
+            or any(p in ("test", "tests", "__pycache__") for p in rel.split(os.sep))
+        ):
             dirs[:] = []
             continue
         dirs.sort()

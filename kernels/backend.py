@@ -5,6 +5,7 @@ TRITON_INTERPRET=1, set before the kernel modules are imported. The folder has n
 purpose: it imports as `moonlight.kernels` (through the symlink moonlight/kernels), and a top-level
 `kernels` package on sys.path would shadow PyPI's `kernels`, which transformers imports.
 """
+
 import torch
 
 try:  # looked for once: the model resolves its impl in every layer's forward
@@ -26,7 +27,8 @@ def resolve_impl(kernels: str, device) -> str:
         return "torch"
     if kernels == "triton":
         if not HAS_TRITON:
-            raise RuntimeError("kernels='triton' needs the triton package (pip install triton); "
-                               "use kernels='torch' or 'auto' instead")
+            raise RuntimeError(
+                "kernels='triton' needs the triton package (pip install triton); use kernels='torch' or 'auto' instead"
+            )
         return "triton"
     raise ValueError(f"kernels must be 'auto', 'torch' or 'triton', got {kernels!r}")

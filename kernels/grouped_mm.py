@@ -9,6 +9,7 @@ otherwise break the graph. The backward is two more grouped GEMMs:
   grad_x = grouped_mm(grad, w^T)    grad_w[e] = x[group e]^T @ grad[group e]  (2-D x 2-D, offs on N)
 (grad_w made transposed, as grad[group e]^T @ x[group e], when w is a transposed view).
 """
+
 import torch
 from torch import Tensor
 

@@ -8,6 +8,7 @@ reference (impl="torch") does the same with torch ops. The in-place rotation is 
 `moonlight::rotate_rope_`, so op-level activation checkpointing never rotates twice.
 Details: docs/performance.md.
 """
+
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -43,7 +44,7 @@ def rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 def _rotate_rope_torch_(x: Tensor, cos: Tensor, sin: Tensor, head_dim: int, inverse: bool) -> None:
     """In place, rounding as `rotate_pairs` does (each product, then the sum), with half-size temporaries."""
-    tail = x.unflatten(-1, (-1, head_dim))[..., head_dim - 2 * cos.shape[-1]:]
+    tail = x.unflatten(-1, (-1, head_dim))[..., head_dim - 2 * cos.shape[-1] :]
     compute_dtype = torch.promote_types(x.dtype, torch.float32)
     work = tail if tail.dtype == compute_dtype else tail.to(compute_dtype)  # bf16: rotate an fp32 copy
     cos, sin = cos[..., None, :].to(compute_dtype), sin[..., None, :].to(compute_dtype)
@@ -62,7 +63,7 @@ def _mla_rope_key_torch(k_nope: Tensor, k_pe: Tensor, cos: Tensor, sin: Tensor) 
 
 
 def _mla_rope_key_backward_torch(grad_k: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    tail = grad_k[..., grad_k.shape[-1] - 2 * cos.shape[-1]:]
+    tail = grad_k[..., grad_k.shape[-1] - 2 * cos.shape[-1] :]
     summed = tail.sum(2, dtype=torch.promote_types(tail.dtype, torch.float32))  # over heads
     return rotate_pairs(summed, cos, -sin).to(grad_k.dtype)
 
@@ -73,10 +74,21 @@ if triton is not None:
 
     @triton.jit
     def _rotate_rope_kernel(
-        x_ptr, cos_ptr, sin_ptr,
-        seq_len, x_stride_b, x_stride_s, x_stride_h, cos_stride_b, cos_stride_s,
-        NUM_HEADS: tl.constexpr, OFFSET: tl.constexpr, HALF: tl.constexpr,
-        BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr, INVERSE: tl.constexpr,
+        x_ptr,
+        cos_ptr,
+        sin_ptr,
+        seq_len,
+        x_stride_b,
+        x_stride_s,
+        x_stride_h,
+        cos_stride_b,
+        cos_stride_s,
+        NUM_HEADS: tl.constexpr,
+        OFFSET: tl.constexpr,
+        HALF: tl.constexpr,
+        BLOCK_HEADS: tl.constexpr,
+        BLOCK_HALF: tl.constexpr,
+        INVERSE: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)  # row = b * seq_len + s
         b = row // seq_len
@@ -100,10 +112,25 @@ if triton is not None:
 
     @triton.jit
     def _mla_rope_key_kernel(
-        k_nope_ptr, k_pe_ptr, cos_ptr, sin_ptr, k_ptr,
-        seq_len, nope_stride_b, nope_stride_s, nope_stride_h, pe_stride_b, pe_stride_s, cos_stride_b, cos_stride_s,
-        NUM_HEADS: tl.constexpr, NOPE: tl.constexpr, HALF: tl.constexpr,
-        BLOCK_HEADS: tl.constexpr, BLOCK_NOPE: tl.constexpr, BLOCK_HALF: tl.constexpr,
+        k_nope_ptr,
+        k_pe_ptr,
+        cos_ptr,
+        sin_ptr,
+        k_ptr,
+        seq_len,
+        nope_stride_b,
+        nope_stride_s,
+        nope_stride_h,
+        pe_stride_b,
+        pe_stride_s,
+        cos_stride_b,
+        cos_stride_s,
+        NUM_HEADS: tl.constexpr,
+        NOPE: tl.constexpr,
+        HALF: tl.constexpr,
+        BLOCK_HEADS: tl.constexpr,
+        BLOCK_NOPE: tl.constexpr,
+        BLOCK_HALF: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         b = row // seq_len
@@ -115,8 +142,9 @@ if triton is not None:
 
         nope = tl.arange(0, BLOCK_NOPE)[None, :]
         nope_mask = (heads < NUM_HEADS) & (nope < NOPE)
-        k_nope = tl.load(k_nope_ptr + b * nope_stride_b + s * nope_stride_s + heads * nope_stride_h + nope,
-                         mask=nope_mask)
+        k_nope = tl.load(
+            k_nope_ptr + b * nope_stride_b + s * nope_stride_s + heads * nope_stride_h + nope, mask=nope_mask
+        )
         tl.store(k_out + nope, k_nope.to(k_dtype), mask=nope_mask)
 
         pairs = tl.arange(0, BLOCK_HALF)
@@ -137,10 +165,21 @@ if triton is not None:
 
     @triton.jit
     def _mla_rope_key_backward_kernel(
-        grad_k_ptr, cos_ptr, sin_ptr, grad_pe_ptr,
-        seq_len, grad_stride_b, grad_stride_s, grad_stride_h, cos_stride_b, cos_stride_s,
-        NUM_HEADS: tl.constexpr, NOPE: tl.constexpr, HALF: tl.constexpr,
-        BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
+        grad_k_ptr,
+        cos_ptr,
+        sin_ptr,
+        grad_pe_ptr,
+        seq_len,
+        grad_stride_b,
+        grad_stride_s,
+        grad_stride_h,
+        cos_stride_b,
+        cos_stride_s,
+        NUM_HEADS: tl.constexpr,
+        NOPE: tl.constexpr,
+        HALF: tl.constexpr,
+        BLOCK_HEADS: tl.constexpr,
+        BLOCK_HALF: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         b = row // seq_len
@@ -184,9 +223,21 @@ def _rotate_rope_triton_(x: Tensor, cos: Tensor, sin: Tensor, head_dim: int, inv
     half = cos.shape[-1]
     cos, sin, cos_stride_b, cos_stride_s = _table_strides(cos, sin, batch)
     _rotate_rope_kernel[(batch * seq_len,)](
-        x, cos, sin, seq_len, x.stride(0), x.stride(1), x.stride(2), cos_stride_b, cos_stride_s,
-        NUM_HEADS=num_heads, OFFSET=head_dim - 2 * half, HALF=half, BLOCK_HALF=triton.next_power_of_2(half),
-        INVERSE=inverse, **_launch_heads(num_heads, half),
+        x,
+        cos,
+        sin,
+        seq_len,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        cos_stride_b,
+        cos_stride_s,
+        NUM_HEADS=num_heads,
+        OFFSET=head_dim - 2 * half,
+        HALF=half,
+        BLOCK_HALF=triton.next_power_of_2(half),
+        INVERSE=inverse,
+        **_launch_heads(num_heads, half),
     )
 
 
@@ -195,14 +246,30 @@ def _mla_rope_key_triton(k_nope: Tensor, k_pe: Tensor, cos: Tensor, sin: Tensor)
     k_pe = k_pe if k_pe.stride(-1) == 1 else k_pe.contiguous()
     batch, seq_len, num_heads, nope = k_nope.shape
     half = cos.shape[-1]
-    k = k_nope.new_empty((batch, seq_len, num_heads, nope + 2 * half),
-                         dtype=torch.promote_types(k_nope.dtype, k_pe.dtype))
+    k = k_nope.new_empty(
+        (batch, seq_len, num_heads, nope + 2 * half), dtype=torch.promote_types(k_nope.dtype, k_pe.dtype)
+    )
     cos, sin, cos_stride_b, cos_stride_s = _table_strides(cos, sin, batch)
     block_nope = max(1, triton.next_power_of_2(nope))  # nope may be 0
     _mla_rope_key_kernel[(batch * seq_len,)](
-        k_nope, k_pe, cos, sin, k, seq_len, k_nope.stride(0), k_nope.stride(1), k_nope.stride(2),
-        k_pe.stride(0), k_pe.stride(1), cos_stride_b, cos_stride_s,
-        NUM_HEADS=num_heads, NOPE=nope, HALF=half, BLOCK_NOPE=block_nope, BLOCK_HALF=triton.next_power_of_2(half),
+        k_nope,
+        k_pe,
+        cos,
+        sin,
+        k,
+        seq_len,
+        k_nope.stride(0),
+        k_nope.stride(1),
+        k_nope.stride(2),
+        k_pe.stride(0),
+        k_pe.stride(1),
+        cos_stride_b,
+        cos_stride_s,
+        NUM_HEADS=num_heads,
+        NOPE=nope,
+        HALF=half,
+        BLOCK_NOPE=block_nope,
+        BLOCK_HALF=triton.next_power_of_2(half),
         **_launch_heads(num_heads, block_nope),
     )
     return k
@@ -215,9 +282,21 @@ def _mla_rope_key_backward_triton(grad_k: Tensor, cos: Tensor, sin: Tensor) -> T
     grad_pe = grad_k.new_empty((batch, seq_len, 2 * half))
     cos, sin, cos_stride_b, cos_stride_s = _table_strides(cos, sin, batch)
     _mla_rope_key_backward_kernel[(batch * seq_len,)](
-        grad_k, cos, sin, grad_pe, seq_len, grad_k.stride(0), grad_k.stride(1), grad_k.stride(2),
-        cos_stride_b, cos_stride_s, NUM_HEADS=num_heads, NOPE=head_dim - 2 * half, HALF=half,
-        BLOCK_HALF=triton.next_power_of_2(half), **_launch_heads(num_heads, half),
+        grad_k,
+        cos,
+        sin,
+        grad_pe,
+        seq_len,
+        grad_k.stride(0),
+        grad_k.stride(1),
+        grad_k.stride(2),
+        cos_stride_b,
+        cos_stride_s,
+        NUM_HEADS=num_heads,
+        NOPE=head_dim - 2 * half,
+        HALF=half,
+        BLOCK_HALF=triton.next_power_of_2(half),
+        **_launch_heads(num_heads, half),
     )
     return grad_pe
 
@@ -242,8 +321,9 @@ def _mla_rope_key_op(k_nope: Tensor, k_pe: Tensor, cos: Tensor, sin: Tensor) -> 
 
 @_mla_rope_key_op.register_fake
 def _(k_nope, k_pe, cos, sin):
-    return k_nope.new_empty((*k_nope.shape[:-1], k_nope.shape[-1] + k_pe.shape[-1]),
-                            dtype=torch.promote_types(k_nope.dtype, k_pe.dtype))
+    return k_nope.new_empty(
+        (*k_nope.shape[:-1], k_nope.shape[-1] + k_pe.shape[-1]), dtype=torch.promote_types(k_nope.dtype, k_pe.dtype)
+    )
 
 
 @torch.library.custom_op("moonlight::mla_rope_key_backward", mutates_args=())
@@ -296,7 +376,7 @@ class _MlaRopeKey(torch.autograd.Function):
     def backward(ctx, grad_k):
         cos, sin = ctx.saved_tensors
         key_backward = torch.ops.moonlight.mla_rope_key_backward if ctx.use_triton else _mla_rope_key_backward_torch
-        return grad_k[..., :ctx.nope], key_backward(grad_k, cos, sin), None, None, None
+        return grad_k[..., : ctx.nope], key_backward(grad_k, cos, sin), None, None, None
 
 
 # ---------------------------------------------------------------- public API
@@ -308,8 +388,9 @@ def _use_triton(impl: str) -> bool:
     return impl == "triton"
 
 
-def rotate_rope_(x: Tensor, cos: Tensor, sin: Tensor, head_dim: int, impl: str = "torch",
-                 grad_in_place: bool = False) -> Tensor:
+def rotate_rope_(
+    x: Tensor, cos: Tensor, sin: Tensor, head_dim: int, impl: str = "torch", grad_in_place: bool = False
+) -> Tensor:
     """Rotate the last R channels of every head of x [B, S, H * head_dim] in place and return x;
     cos, sin [S, R // 2] fp32 tables from rope_tables, or [B, S, R // 2] with each token's own angles
     (packed documents).

@@ -8,6 +8,7 @@ The index bookkeeping stays in torch; the Triton kernels move the H-wide rows in
 without atomics: `expand` (permute forward, unpermute backward) and `combine` (unpermute forward,
 permute backward). Details: docs/moe.md.
 """
+
 import torch
 from torch import Tensor
 
@@ -78,9 +79,17 @@ if triton is not None:
 
     @triton.jit
     def _expand_rows_kernel(
-        src_ptr, row_index_ptr, weights_ptr, dst_ptr, y_ptr, grad_weights_ptr,
-        H: tl.constexpr, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr,
-        HAS_WEIGHTS: tl.constexpr, WEIGHT_GRAD: tl.constexpr,
+        src_ptr,
+        row_index_ptr,
+        weights_ptr,
+        dst_ptr,
+        y_ptr,
+        grad_weights_ptr,
+        H: tl.constexpr,
+        TOP_K: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        HAS_WEIGHTS: tl.constexpr,
+        WEIGHT_GRAD: tl.constexpr,
     ):
         slot = tl.program_id(0).to(tl.int64)
         row = tl.load(row_index_ptr + slot)
@@ -101,8 +110,14 @@ if triton is not None:
 
     @triton.jit
     def _combine_rows_kernel(
-        src_ptr, row_index_ptr, weights_ptr, dst_ptr,
-        H: tl.constexpr, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+        src_ptr,
+        row_index_ptr,
+        weights_ptr,
+        dst_ptr,
+        H: tl.constexpr,
+        TOP_K: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        HAS_WEIGHTS: tl.constexpr,
     ):
         token = tl.program_id(0).to(tl.int64)
         for h0 in tl.static_range(0, H, BLOCK_H):
@@ -124,8 +139,9 @@ def _launch_shape(hidden: int) -> tuple[int, int]:
     return block_h, max(1, min(8, block_h // 256))
 
 
-def _expand_rows(src: Tensor, row_index: Tensor, num_rows: int, weights: Tensor | None = None,
-                 y: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+def _expand_rows(
+    src: Tensor, row_index: Tensor, num_rows: int, weights: Tensor | None = None, y: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
     """dst [num_rows, H] (and grad_weights [T*K] fp32 when y is given); see the module docstring."""
     src = src.contiguous()
     num_tokens, hidden = src.shape
@@ -137,11 +153,18 @@ def _expand_rows(src: Tensor, row_index: Tensor, num_rows: int, weights: Tensor 
         return dst, grad_weights
     block_h, num_warps = _launch_shape(hidden)
     _expand_rows_kernel[(slots,)](
-        src, row_index,
+        src,
+        row_index,
         weights.contiguous() if weights is not None else src,  # unused pointers get a placeholder
-        dst, y.contiguous() if y is not None else src, grad_weights if y is not None else src,
-        H=hidden, TOP_K=slots // num_tokens, BLOCK_H=block_h,
-        HAS_WEIGHTS=weights is not None, WEIGHT_GRAD=y is not None, num_warps=num_warps,
+        dst,
+        y.contiguous() if y is not None else src,
+        grad_weights if y is not None else src,
+        H=hidden,
+        TOP_K=slots // num_tokens,
+        BLOCK_H=block_h,
+        HAS_WEIGHTS=weights is not None,
+        WEIGHT_GRAD=y is not None,
+        num_warps=num_warps,
     )
     return dst, grad_weights
 
@@ -155,9 +178,15 @@ def _combine_rows(src: Tensor, row_index: Tensor, num_tokens: int, weights: Tens
         return dst
     block_h, num_warps = _launch_shape(hidden)
     _combine_rows_kernel[(num_tokens,)](
-        src, row_index, weights.contiguous() if weights is not None else src, dst,
-        H=hidden, TOP_K=row_index.numel() // num_tokens, BLOCK_H=block_h,
-        HAS_WEIGHTS=weights is not None, num_warps=num_warps,
+        src,
+        row_index,
+        weights.contiguous() if weights is not None else src,
+        dst,
+        H=hidden,
+        TOP_K=row_index.numel() // num_tokens,
+        BLOCK_H=block_h,
+        HAS_WEIGHTS=weights is not None,
+        num_warps=num_warps,
     )
     return dst
 
@@ -236,8 +265,9 @@ _unpermute_op.register_autograd(_unpermute_backward, setup_context=_unpermute_se
 # ---------------------------------------------------------------- public API
 
 
-def permute_tokens(x: Tensor, expert_ids: Tensor, num_experts: int, align: int = 1, impl: str = "torch"
-                   ) -> tuple[Tensor, Tensor, Tensor]:
+def permute_tokens(
+    x: Tensor, expert_ids: Tensor, num_experts: int, align: int = 1, impl: str = "torch"
+) -> tuple[Tensor, Tensor, Tensor]:
     """x [T, H]; expert_ids [T, K] int (top-k choices of each token).
 
     Returns (permuted [N, H], tokens_per_expert [num_experts] int64, row_index [T*K] int64).

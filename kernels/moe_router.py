@@ -11,6 +11,7 @@ kernel and the backward as one kernel (the reference's ~9 and ~10 launches per r
 tokens per program, the top-k as K rounds of a row argmax (ties: the lower expert index), the
 choices kept in registers.
 """
+
 import torch
 from torch import Tensor
 
@@ -23,8 +24,9 @@ except ImportError:  # without Triton only impl="torch" is available
 _EPS = 1e-20  # the reference's guard against an all-zero sum
 
 
-def _route_torch(logits: Tensor, bias: Tensor, top_k: int, scale: float, normalize: bool, n_group: int,
-                 topk_group: int) -> tuple[Tensor, Tensor, Tensor]:
+def _route_torch(
+    logits: Tensor, bias: Tensor, top_k: int, scale: float, normalize: bool, n_group: int, topk_group: int
+) -> tuple[Tensor, Tensor, Tensor]:
     scores = logits.sigmoid()
     biased = scores + bias
     if n_group > 1:  # keep the topk_group groups whose two best biased scores sum highest
@@ -42,9 +44,22 @@ def _route_torch(logits: Tensor, bias: Tensor, top_k: int, scale: float, normali
 if triton is not None:
 
     @triton.jit
-    def _route_fwd_kernel(logits_ptr, bias_ptr, scores_ptr, weights_ptr, ids_ptr, denom_ptr, num_tokens,
-                          E: tl.constexpr, BLOCK_E: tl.constexpr, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr,
-                          BLOCK_T: tl.constexpr, SCALE: tl.constexpr, NORMALIZE: tl.constexpr):
+    def _route_fwd_kernel(
+        logits_ptr,
+        bias_ptr,
+        scores_ptr,
+        weights_ptr,
+        ids_ptr,
+        denom_ptr,
+        num_tokens,
+        E: tl.constexpr,
+        BLOCK_E: tl.constexpr,
+        TOP_K: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        SCALE: tl.constexpr,
+        NORMALIZE: tl.constexpr,
+    ):
         tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
         experts = tl.arange(0, BLOCK_E)
         choices = tl.arange(0, BLOCK_K)
@@ -74,10 +89,23 @@ if triton is not None:
         tl.store(ids_ptr + out_offsets, ids, mask=out_mask)
 
     @triton.jit
-    def _route_bwd_kernel(grad_weights_ptr, grad_scores_ptr, scores_ptr, weights_ptr, ids_ptr, denom_ptr,
-                          grad_logits_ptr, num_tokens,
-                          E: tl.constexpr, BLOCK_E: tl.constexpr, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr,
-                          SCALE: tl.constexpr, NORMALIZE: tl.constexpr, HAS_GRAD_SCORES: tl.constexpr):
+    def _route_bwd_kernel(
+        grad_weights_ptr,
+        grad_scores_ptr,
+        scores_ptr,
+        weights_ptr,
+        ids_ptr,
+        denom_ptr,
+        grad_logits_ptr,
+        num_tokens,
+        E: tl.constexpr,
+        BLOCK_E: tl.constexpr,
+        TOP_K: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        SCALE: tl.constexpr,
+        NORMALIZE: tl.constexpr,
+        HAS_GRAD_SCORES: tl.constexpr,
+    ):
         tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
         experts = tl.arange(0, BLOCK_E)
         in_tokens = tokens < num_tokens
@@ -113,8 +141,9 @@ def _launch(num_tokens: int, num_experts: int) -> tuple[tuple[int], dict]:
 
 
 @torch.library.custom_op("moonlight::route_topk", mutates_args=())
-def _route_op(logits: Tensor, bias: Tensor, top_k: int, scale: float, normalize: bool
-              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _route_op(
+    logits: Tensor, bias: Tensor, top_k: int, scale: float, normalize: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     logits = logits.contiguous()
     num_tokens, num_experts = logits.shape
     scores = torch.empty_like(logits)
@@ -123,29 +152,64 @@ def _route_op(logits: Tensor, bias: Tensor, top_k: int, scale: float, normalize:
     denom = logits.new_empty(num_tokens)
     if num_tokens:
         grid, shape = _launch(num_tokens, num_experts)
-        _route_fwd_kernel[grid](logits, bias.contiguous(), scores, weights, ids, denom, num_tokens, TOP_K=top_k,
-                                BLOCK_K=triton.next_power_of_2(top_k), SCALE=scale, NORMALIZE=normalize, **shape)
+        _route_fwd_kernel[grid](
+            logits,
+            bias.contiguous(),
+            scores,
+            weights,
+            ids,
+            denom,
+            num_tokens,
+            TOP_K=top_k,
+            BLOCK_K=triton.next_power_of_2(top_k),
+            SCALE=scale,
+            NORMALIZE=normalize,
+            **shape,
+        )
     return weights, ids, scores, denom
 
 
 @_route_op.register_fake
 def _(logits, bias, top_k, scale, normalize):
     num_tokens = logits.shape[0]
-    return (logits.new_empty(num_tokens, top_k), logits.new_empty(num_tokens, top_k, dtype=torch.long),
-            torch.empty_like(logits), logits.new_empty(num_tokens))
+    return (
+        logits.new_empty(num_tokens, top_k),
+        logits.new_empty(num_tokens, top_k, dtype=torch.long),
+        torch.empty_like(logits),
+        logits.new_empty(num_tokens),
+    )
 
 
 @torch.library.custom_op("moonlight::route_topk_backward", mutates_args=())
-def _route_backward_op(grad_weights: Tensor, grad_scores: Tensor | None, scores: Tensor, weights: Tensor,
-                       ids: Tensor, denom: Tensor, scale: float, normalize: bool) -> Tensor:
+def _route_backward_op(
+    grad_weights: Tensor,
+    grad_scores: Tensor | None,
+    scores: Tensor,
+    weights: Tensor,
+    ids: Tensor,
+    denom: Tensor,
+    scale: float,
+    normalize: bool,
+) -> Tensor:
     num_tokens, num_experts = scores.shape
     grad_logits = torch.empty_like(scores)
     if num_tokens:
         grid, shape = _launch(num_tokens, num_experts)
-        _route_bwd_kernel[grid](grad_weights.contiguous(), grad_scores.contiguous() if grad_scores is not None
-                                else scores, scores, weights, ids, denom, grad_logits, num_tokens,
-                                TOP_K=ids.shape[1], SCALE=scale, NORMALIZE=normalize,
-                                HAS_GRAD_SCORES=grad_scores is not None, **shape)
+        _route_bwd_kernel[grid](
+            grad_weights.contiguous(),
+            grad_scores.contiguous() if grad_scores is not None else scores,
+            scores,
+            weights,
+            ids,
+            denom,
+            grad_logits,
+            num_tokens,
+            TOP_K=ids.shape[1],
+            SCALE=scale,
+            NORMALIZE=normalize,
+            HAS_GRAD_SCORES=grad_scores is not None,
+            **shape,
+        )
     return grad_logits
 
 
@@ -166,16 +230,25 @@ def _route_backward(ctx, grad_weights, grad_ids, grad_scores, grad_denom):
     scores, weights, ids, denom = ctx.saved_tensors
     if grad_weights is None:
         grad_weights = torch.zeros_like(weights)
-    grad = torch.ops.moonlight.route_topk_backward(grad_weights, grad_scores, scores, weights, ids, denom,
-                                                   ctx.scale, ctx.normalize)
+    grad = torch.ops.moonlight.route_topk_backward(
+        grad_weights, grad_scores, scores, weights, ids, denom, ctx.scale, ctx.normalize
+    )
     return grad, None, None, None, None
 
 
 _route_op.register_autograd(_route_backward, setup_context=_route_setup_context)
 
 
-def route_topk(logits: Tensor, bias: Tensor, top_k: int, scale: float = 1.0, normalize: bool = True,
-               n_group: int = 1, topk_group: int = 1, impl: str = "torch") -> tuple[Tensor, Tensor, Tensor]:
+def route_topk(
+    logits: Tensor,
+    bias: Tensor,
+    top_k: int,
+    scale: float = 1.0,
+    normalize: bool = True,
+    n_group: int = 1,
+    topk_group: int = 1,
+    impl: str = "torch",
+) -> tuple[Tensor, Tensor, Tensor]:
     """See the module docstring. logits [T, E] fp32, bias [E] fp32. With n_group > 1 (group-limited
     routing, the reference only) the choice is among the topk_group groups whose two best biased
     scores sum highest."""

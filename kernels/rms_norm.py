@@ -10,6 +10,7 @@ impl="triton": one kernel per pass, one program per row (the reference takes ~8 
 ~10 backward, with a bf16 <-> fp32 cast of x each way); the weight's gradient is summed per
 program over its rows in fp32, then over the programs.
 """
+
 import torch
 from torch import Tensor
 
@@ -52,8 +53,7 @@ class _RMSNormFunction(torch.autograd.Function):
 if triton is not None:
 
     @triton.jit
-    def _rms_norm_fwd_kernel(x_ptr, w_ptr, out_ptr, rstd_ptr, x_stride, eps,
-                             H: tl.constexpr, BLOCK_H: tl.constexpr):
+    def _rms_norm_fwd_kernel(x_ptr, w_ptr, out_ptr, rstd_ptr, x_stride, eps, H: tl.constexpr, BLOCK_H: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK_H)
         in_row = cols < H
@@ -63,12 +63,25 @@ if triton is not None:
         tl.store(rstd_ptr + row, rstd)
         y = (x32 * rstd).to(x.dtype)  # rounded to the input dtype before the scale, as the reference
         w = tl.load(w_ptr + cols, mask=in_row, other=0.0)
-        tl.store(out_ptr + row * H + cols, (y.to(tl.float32) * w.to(tl.float32)).to(out_ptr.dtype.element_ty),
-                 mask=in_row)
+        tl.store(
+            out_ptr + row * H + cols, (y.to(tl.float32) * w.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=in_row
+        )
 
     @triton.jit
-    def _rms_norm_bwd_kernel(grad_ptr, x_ptr, w_ptr, rstd_ptr, grad_x_ptr, grad_w_ptr, num_rows, x_stride,
-                             H: tl.constexpr, BLOCK_H: tl.constexpr, GRAD_X: tl.constexpr, GRAD_W: tl.constexpr):
+    def _rms_norm_bwd_kernel(
+        grad_ptr,
+        x_ptr,
+        w_ptr,
+        rstd_ptr,
+        grad_x_ptr,
+        grad_w_ptr,
+        num_rows,
+        x_stride,
+        H: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        GRAD_X: tl.constexpr,
+        GRAD_W: tl.constexpr,
+    ):
         program = tl.program_id(0)
         cols = tl.arange(0, BLOCK_H)
         in_row = cols < H
@@ -86,8 +99,9 @@ if triton is not None:
             if GRAD_X:
                 g = (grad.to(tl.float32) * w.to(tl.float32)).to(grad.dtype).to(tl.float32)
                 coeff = -(tl.sum(g * x32, axis=0) / H) * rstd * rstd
-                tl.store(grad_x_ptr + row * H + cols, ((g + x32 * coeff) * rstd).to(grad_x_ptr.dtype.element_ty),
-                         mask=in_row)
+                tl.store(
+                    grad_x_ptr + row * H + cols, ((g + x32 * coeff) * rstd).to(grad_x_ptr.dtype.element_ty), mask=in_row
+                )
         if GRAD_W:
             tl.store(grad_w_ptr + program * H + cols, grad_w, mask=in_row)
 
@@ -104,20 +118,24 @@ def _rms_norm_op(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     if rows.shape[0]:
         block_h, num_warps = _block_h(x.shape[-1])
-        _rms_norm_fwd_kernel[(rows.shape[0],)](rows, weight, out, rstd, rows.stride(0), eps, H=x.shape[-1],
-                                               BLOCK_H=block_h, num_warps=num_warps)
+        _rms_norm_fwd_kernel[(rows.shape[0],)](
+            rows, weight, out, rstd, rows.stride(0), eps, H=x.shape[-1], BLOCK_H=block_h, num_warps=num_warps
+        )
     return out, rstd
 
 
 @_rms_norm_op.register_fake
 def _(x, weight, eps):
-    return (torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device),
-            x.new_empty(x.shape[:-1], dtype=torch.float32))
+    return (
+        torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device),
+        x.new_empty(x.shape[:-1], dtype=torch.float32),
+    )
 
 
 @torch.library.custom_op("moonlight::rms_norm_backward", mutates_args=())
-def _rms_norm_backward_op(grad: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, grad_x: bool,
-                          grad_w: bool) -> tuple[Tensor, Tensor]:
+def _rms_norm_backward_op(
+    grad: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, grad_x: bool, grad_w: bool
+) -> tuple[Tensor, Tensor]:
     rows = x.reshape(-1, x.shape[-1]) if x.stride(-1) == 1 else x.contiguous().view(-1, x.shape[-1])
     hidden, num_rows = x.shape[-1], rows.shape[0]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if grad_x else x.new_empty(0)
@@ -126,9 +144,21 @@ def _rms_norm_backward_op(grad: Tensor, x: Tensor, weight: Tensor, rstd: Tensor,
     partial = torch.empty(programs, hidden, dtype=torch.float32, device=x.device) if grad_w else x.new_empty(0)
     if num_rows:
         block_h, num_warps = _block_h(hidden)
-        _rms_norm_bwd_kernel[(programs,)](grad.contiguous(), rows, weight, rstd, dx, partial, num_rows, rows.stride(0),
-                                          H=hidden, BLOCK_H=block_h, GRAD_X=grad_x, GRAD_W=grad_w,
-                                          num_warps=num_warps)
+        _rms_norm_bwd_kernel[(programs,)](
+            grad.contiguous(),
+            rows,
+            weight,
+            rstd,
+            dx,
+            partial,
+            num_rows,
+            rows.stride(0),
+            H=hidden,
+            BLOCK_H=block_h,
+            GRAD_X=grad_x,
+            GRAD_W=grad_w,
+            num_warps=num_warps,
+        )
     if not grad_w:
         return dx, torch.empty_like(weight)  # unused
     return dx, partial.sum(0).to(weight.dtype) if num_rows else torch.zeros_like(weight)

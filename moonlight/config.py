@@ -70,37 +70,71 @@ class ModelArgs:
             if not cond:
                 raise ConfigError(msg)
 
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
-                     "num_hidden_layers", "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim",
-                     "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "num_experts_per_tok"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
-                 f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        need(self.q_lora_rank is None or (isinstance(self.q_lora_rank, int) and self.q_lora_rank > 0),
-             f"q_lora_rank must be null or a positive integer, got {self.q_lora_rank!r}")
-        need(0 <= self.first_k_dense_replace <= self.num_hidden_layers,
-             f"first_k_dense_replace={self.first_k_dense_replace} must be in [0, num_hidden_layers="
-             f"{self.num_hidden_layers}]")
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "moe_intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "kv_lora_rank",
+            "qk_nope_head_dim",
+            "qk_rope_head_dim",
+            "v_head_dim",
+            "n_routed_experts",
+            "num_experts_per_tok",
+        ):
+            need(
+                isinstance(getattr(self, name), int) and getattr(self, name) > 0,
+                f"{name} must be a positive integer, got {getattr(self, name)!r}",
+            )
+        need(
+            self.q_lora_rank is None or (isinstance(self.q_lora_rank, int) and self.q_lora_rank > 0),
+            f"q_lora_rank must be null or a positive integer, got {self.q_lora_rank!r}",
+        )
+        need(
+            0 <= self.first_k_dense_replace <= self.num_hidden_layers,
+            f"first_k_dense_replace={self.first_k_dense_replace} must be in [0, num_hidden_layers="
+            f"{self.num_hidden_layers}]",
+        )
         need(self.n_shared_experts >= 0, "n_shared_experts must be >= 0")
         for name in ("rms_norm_eps", "latent_norm_eps"):
-            need(isinstance(getattr(self, name), (int, float)) and getattr(self, name) > 0,
-                 f"{name} must be a positive number, got {getattr(self, name)!r}")
+            need(
+                isinstance(getattr(self, name), (int, float)) and getattr(self, name) > 0,
+                f"{name} must be a positive number, got {getattr(self, name)!r}",
+            )
         need(self.qk_rope_head_dim % 2 == 0, f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
-        need(self.num_experts_per_tok <= self.n_routed_experts,
-             f"num_experts_per_tok={self.num_experts_per_tok} exceeds n_routed_experts={self.n_routed_experts}")
-        need(self.n_group >= 1 and self.n_routed_experts % self.n_group == 0,
-             f"n_routed_experts={self.n_routed_experts} must be divisible by n_group={self.n_group}")
-        need(1 <= self.topk_group <= self.n_group,
-             f"topk_group={self.topk_group} must be in [1, n_group={self.n_group}]")
-        need(self.n_group == 1 or self.n_routed_experts // self.n_group >= 2,
-             "group routing scores each group by its top-2 experts: use at least 2 experts per group")
-        need(self.n_group == 1 or self.num_experts_per_tok <= self.topk_group * (self.n_routed_experts // self.n_group),
-             "num_experts_per_tok exceeds the experts available in topk_group groups")
-        need(self.scoring_func == "sigmoid",
-             f"scoring_func={self.scoring_func!r} is not supported; Moonlight uses 'sigmoid'")
-        need(self.topk_method == "noaux_tc",
-             f"topk_method={self.topk_method!r} is not supported; Moonlight uses 'noaux_tc'")
-        need(self.kernels in ("auto", "torch", "triton"),
-             f"kernels must be 'auto', 'torch' or 'triton', got {self.kernels!r}")
+        need(
+            self.num_experts_per_tok <= self.n_routed_experts,
+            f"num_experts_per_tok={self.num_experts_per_tok} exceeds n_routed_experts={self.n_routed_experts}",
+        )
+        need(
+            self.n_group >= 1 and self.n_routed_experts % self.n_group == 0,
+            f"n_routed_experts={self.n_routed_experts} must be divisible by n_group={self.n_group}",
+        )
+        need(
+            1 <= self.topk_group <= self.n_group, f"topk_group={self.topk_group} must be in [1, n_group={self.n_group}]"
+        )
+        need(
+            self.n_group == 1 or self.n_routed_experts // self.n_group >= 2,
+            "group routing scores each group by its top-2 experts: use at least 2 experts per group",
+        )
+        need(
+            self.n_group == 1 or self.num_experts_per_tok <= self.topk_group * (self.n_routed_experts // self.n_group),
+            "num_experts_per_tok exceeds the experts available in topk_group groups",
+        )
+        need(
+            self.scoring_func == "sigmoid",
+            f"scoring_func={self.scoring_func!r} is not supported; Moonlight uses 'sigmoid'",
+        )
+        need(
+            self.topk_method == "noaux_tc",
+            f"topk_method={self.topk_method!r} is not supported; Moonlight uses 'noaux_tc'",
+        )
+        need(
+            self.kernels in ("auto", "torch", "triton"),
+            f"kernels must be 'auto', 'torch' or 'triton', got {self.kernels!r}",
+        )
 
     # ------------------------------------------------------------------ presets
     @classmethod
@@ -141,11 +175,15 @@ class ModelArgs:
         rope = cfg.pop("rope_parameters", None) or {}
         rope_scaling = cfg.pop("rope_scaling", None)
         if rope_scaling:
-            raise ConfigError(f"rope_scaling={rope_scaling!r} is not supported (Moonlight uses plain RoPE); "
-                              "remove it or set it to null")
+            raise ConfigError(
+                f"rope_scaling={rope_scaling!r} is not supported (Moonlight uses plain RoPE); "
+                "remove it or set it to null"
+            )
         if rope.get("rope_type", "default") != "default" or set(rope) - {"rope_type", "rope_theta"}:
-            raise ConfigError(f"rope_parameters={rope!r} is not supported: only rope_type 'default' "
-                              "(no YaRN/linear scaling) is implemented")
+            raise ConfigError(
+                f"rope_parameters={rope!r} is not supported: only rope_type 'default' "
+                "(no YaRN/linear scaling) is implemented"
+            )
         if "rope_theta" in rope:
             kwargs.setdefault("rope_theta", rope["rope_theta"])
         if "rope_theta" in cfg:
@@ -175,15 +213,30 @@ class ModelArgs:
         if not isinstance(mtp, int) or mtp < 0:
             raise ConfigError(f"num_nextn_predict_layers={mtp!r} must be a non-negative integer")
         # Derived or runtime-only keys, redundant with the mapped ones.
-        informational = {"transformers_version", "use_cache", "auto_map", "pad_token_id", "ep_size",
-                         "output_router_logits", "head_dim", "qk_head_dim", "_name_or_path", "num_mtp_layers",
-                         "return_dict", "tokenizer_class", "bos_token", "eos_token"}
+        informational = {
+            "transformers_version",
+            "use_cache",
+            "auto_map",
+            "pad_token_id",
+            "ep_size",
+            "output_router_logits",
+            "head_dim",
+            "qk_head_dim",
+            "_name_or_path",
+            "num_mtp_layers",
+            "return_dict",
+            "tokenizer_class",
+            "bos_token",
+            "eos_token",
+        }
         if "quantization_config" in cfg:
             raise ConfigError("quantization_config is not supported: convert the checkpoint to bf16/fp32 first")
         unknown = sorted(set(cfg) - informational)
         if unknown:
-            raise ConfigError(f"unsupported config field(s) {unknown}: this implementation does not know what "
-                              "they change; remove them if they are inert, or extend ModelArgs")
+            raise ConfigError(
+                f"unsupported config field(s) {unknown}: this implementation does not know what "
+                "they change; remove them if they are inert, or extend ModelArgs"
+            )
         if isinstance(kwargs.get("eos_token_id"), list):
             kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
         kwargs.update(overrides)
@@ -216,8 +269,12 @@ class ModelArgs:
             q = h * heads * self.qk_head_dim
         else:
             q = h * self.q_lora_rank + self.q_lora_rank * heads * self.qk_head_dim
-        return (q + h * (self.kv_lora_rank + self.qk_rope_head_dim)
-                + self.kv_lora_rank * heads * (self.qk_nope_head_dim + self.v_head_dim) + heads * self.v_head_dim * h)
+        return (
+            q
+            + h * (self.kv_lora_rank + self.qk_rope_head_dim)
+            + self.kv_lora_rank * heads * (self.qk_nope_head_dim + self.v_head_dim)
+            + heads * self.v_head_dim * h
+        )
 
     def attention_score_flops(self, seq_len: int) -> float:
         """Forward FLOPs per token of attention's scores and weighted values (QK^T and PV over seq_len
@@ -228,8 +285,10 @@ class ModelArgs:
         """Forward FLOPs per token of decoder layer `layer_id`: its activated weights and attention."""
         h = self.hidden_size
         if self.is_moe_layer(layer_id):
-            ffn = (3 * h * self.moe_intermediate_size * (self.num_experts_per_tok + self.n_shared_experts)
-                   + self.n_routed_experts * h)  # + router
+            ffn = (
+                3 * h * self.moe_intermediate_size * (self.num_experts_per_tok + self.n_shared_experts)
+                + self.n_routed_experts * h
+            )  # + router
         else:
             ffn = 3 * h * self.intermediate_size
         return 2.0 * (self.attention_matmul_params() + ffn) + self.attention_score_flops(seq_len)
@@ -240,26 +299,51 @@ class ModelArgs:
         q_norm = self.q_lora_rank or 0
         attn = self.attention_matmul_params() + q_norm + self.kv_lora_rank
         dense = 3 * h * self.intermediate_size
-        moe = (3 * h * self.moe_intermediate_size * (self.n_routed_experts + self.n_shared_experts)
-               + self.n_routed_experts * h)
+        moe = (
+            3 * h * self.moe_intermediate_size * (self.n_routed_experts + self.n_shared_experts)
+            + self.n_routed_experts * h
+        )
         n_moe = self.num_hidden_layers - self.first_k_dense_replace
-        total = (self.num_hidden_layers * (attn + 2 * h) + self.first_k_dense_replace * dense + n_moe * moe
-                 + h + self.vocab_size * h)
+        total = (
+            self.num_hidden_layers * (attn + 2 * h)
+            + self.first_k_dense_replace * dense
+            + n_moe * moe
+            + h
+            + self.vocab_size * h
+        )
         return total + (self.vocab_size * h if include_embedding else 0)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 x activated non-embedding params (lm_head included) + attention."""
         h = self.hidden_size
-        inactive = ((self.num_hidden_layers - self.first_k_dense_replace) * 3 * h * self.moe_intermediate_size
-                    * (self.n_routed_experts - self.num_experts_per_tok))
+        inactive = (
+            (self.num_hidden_layers - self.first_k_dense_replace)
+            * 3
+            * h
+            * self.moe_intermediate_size
+            * (self.n_routed_experts - self.num_experts_per_tok)
+        )
         active = self.num_params(include_embedding=False) - inactive
         return 6 * active + 3 * self.num_hidden_layers * self.attention_score_flops(seq_len)
 
 
 # Fields that fix tensor shapes: a checkpoint must agree on all of them to be loaded at all.
-SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
-                "first_k_dense_replace", "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
-                "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "n_shared_experts")
+SHAPE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "num_hidden_layers",
+    "first_k_dense_replace",
+    "num_attention_heads",
+    "q_lora_rank",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+    "n_routed_experts",
+    "n_shared_experts",
+)
 # Fields that change neither the shapes nor the function of the weights (implementation and training
 # knobs): they may differ between the run that saved a checkpoint and the one that resumes it.
 RUNTIME_FIELDS = ("kernels", "torch_dtype", "initializer_range", "aux_loss_alpha", "seq_aux")
@@ -269,10 +353,23 @@ PRESETS: dict[str, ModelArgs] = {
     # Tiny, Moonlight-shaped (dense first layer, MLA without q_lora, sigmoid top-k MoE with a shared
     # expert); trains on a laptop CPU in minutes with the byte-level tokenizer (vocab 258 -> 320).
     "debug": ModelArgs(
-        vocab_size=320, hidden_size=128, intermediate_size=384, moe_intermediate_size=96,
-        num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=4, kv_lora_rank=32,
-        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8, num_experts_per_tok=2,
-        n_shared_experts=1, max_position_embeddings=1024, bos_token_id=256, eos_token_id=257,
+        vocab_size=320,
+        hidden_size=128,
+        intermediate_size=384,
+        moe_intermediate_size=96,
+        num_hidden_layers=4,
+        first_k_dense_replace=1,
+        num_attention_heads=4,
+        kv_lora_rank=32,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        max_position_embeddings=1024,
+        bos_token_id=256,
+        eos_token_id=257,
         torch_dtype="float32",
     ),
 }

@@ -23,13 +23,32 @@ from moonlight.checkpoint.export import load_dcp_adapters, save_hf_from_dcp
 from moonlight.config import ModelArgs
 from moonlight.dtypes import to_dtype
 from moonlight.errors import ArgumentParser, CheckpointError, ConfigError, exit_on_user_error
-from moonlight.hf import (HF_OUTPUT, HFCheckpoint, expected_shapes, from_hf_state_dict, hf_keys, is_expert_stack,
-                          load_hf, parse_size, progress, save_hf, to_hf_state_dict)
+from moonlight.hf import (
+    HF_OUTPUT,
+    HFCheckpoint,
+    expected_shapes,
+    from_hf_state_dict,
+    hf_keys,
+    is_expert_stack,
+    load_hf,
+    parse_size,
+    progress,
+    save_hf,
+    to_hf_state_dict,
+)
 from moonlight.outputs import check_output, check_replaceable
 from moonlight.hf_peft import PEFT_OUTPUT, save_peft_adapter
 
-__all__ = ["load_hf", "save_hf", "to_hf_state_dict", "from_hf_state_dict", "hf_to_dcp", "dcp_to_hf", "dcp_to_peft",
-           "main"]
+__all__ = [
+    "load_hf",
+    "save_hf",
+    "to_hf_state_dict",
+    "from_hf_state_dict",
+    "hf_to_dcp",
+    "dcp_to_hf",
+    "dcp_to_peft",
+    "main",
+]
 
 
 def hf_to_dcp(hf: str, out: str, overwrite: bool = False) -> str:
@@ -46,8 +65,10 @@ def hf_to_dcp(hf: str, out: str, overwrite: bool = False) -> str:
         found = [tuple(ckpt.shape(k)) for k in keys]
         found_shape = (len(keys), *found[0]) if is_expert_stack(native) else found[0]
         if len(set(found)) > 1 or found_shape != tuple(shape):
-            raise CheckpointError(f"{native}: shape {found_shape if len(set(found)) == 1 else found[:3]} does not "
-                                  f"match the config's {tuple(shape)}")
+            raise CheckpointError(
+                f"{native}: shape {found_shape if len(set(found)) == 1 else found[:3]} does not "
+                f"match the config's {tuple(shape)}"
+            )
         dtypes = {ckpt.dtype(k) for k in keys}
         if len(dtypes) > 1:
             raise CheckpointError(f"{native}: its per-expert tensors mix dtypes {sorted(map(str, dtypes))}")
@@ -66,13 +87,21 @@ def hf_to_dcp(hf: str, out: str, overwrite: bool = False) -> str:
 
     print(f"writing model-only DCP checkpoint ({len(placeholders)} tensors) to {out}", file=sys.stderr)
     with bar:
-        return fmt.write_model_only_checkpoint(placeholders, out, args, step=0, overwrite=overwrite,
-                                               extra_meta={"source": os.path.abspath(hf)}, read=read)
+        return fmt.write_model_only_checkpoint(
+            placeholders, out, args, step=0, overwrite=overwrite, extra_meta={"source": os.path.abspath(hf)}, read=read
+        )
 
 
-def dcp_to_hf(dcp_dir: str, out: str, config: str | None = None, preset: str | None = None,
-              dtype: torch.dtype | None = None, max_shard_size: str = "5GB", step: int = -1,
-              overwrite: bool = False) -> str:
+def dcp_to_hf(
+    dcp_dir: str,
+    out: str,
+    config: str | None = None,
+    preset: str | None = None,
+    dtype: torch.dtype | None = None,
+    max_shard_size: str = "5GB",
+    step: int = -1,
+    overwrite: bool = False,
+) -> str:
     if config and preset:
         raise ConfigError("pass --config or --model-preset, not both")
     check_output(out, dcp_dir)
@@ -89,21 +118,26 @@ def dcp_to_hf(dcp_dir: str, out: str, config: str | None = None, preset: str | N
         diffs = fmt.model_args_mismatch(meta["model_args"], args, this="the given config")
         if diffs:
             hint = f" (the checkpoint's meta.json differs from the given config: {'; '.join(diffs)})"
-            print(f"warning: the given config differs from the one {path} was saved with: {'; '.join(diffs)}",
-                  file=sys.stderr)
+            print(
+                f"warning: the given config differs from the one {path} was saved with: {'; '.join(diffs)}",
+                file=sys.stderr,
+            )
     step = f" (step {meta['step']})" if meta and "step" in meta else ""
     print(f"writing HF checkpoint of {path}{step} to {out}", file=sys.stderr)
     try:
-        return save_hf_from_dcp(path, out, args, hint=hint, dtype=dtype, max_shard_size=max_shard_size,
-                                overwrite=overwrite)
+        return save_hf_from_dcp(
+            path, out, args, hint=hint, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite
+        )
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:  # DCP's CheckpointException is a BaseException
         if fmt.is_complete(path):
             raise
-        raise CheckpointError(f"{path} was removed while being read ({type(e).__name__}), by a running trainer's "
-                              "checkpoint.keep_latest_k rotation? Copy the step elsewhere first (or pass a --step the "
-                              "trainer keeps) and convert the copy; nothing was written") from None
+        raise CheckpointError(
+            f"{path} was removed while being read ({type(e).__name__}), by a running trainer's "
+            "checkpoint.keep_latest_k rotation? Copy the step elsewhere first (or pass a --step the "
+            "trainer keeps) and convert the copy; nothing was written"
+        ) from None
 
 
 def dcp_to_peft(dcp_dir: str, out: str, step: int = -1, overwrite: bool = False) -> str:
@@ -119,9 +153,11 @@ def dcp_to_peft(dcp_dir: str, out: str, step: int = -1, overwrite: bool = False)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python -m moonlight.convert",
-                                description="Convert Moonlight checkpoints between Hugging Face safetensors and "
-                                            "torch.distributed.checkpoint (the trainer's format).")
+    p = ArgumentParser(
+        prog="python -m moonlight.convert",
+        description="Convert Moonlight checkpoints between Hugging Face safetensors and "
+        "torch.distributed.checkpoint (the trainer's format).",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("hf-to-dcp", help="HF directory -> model-only DCP checkpoint")
     a.add_argument("--hf", required=True, help="HF checkpoint directory (config.json + safetensors)")
@@ -134,8 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = b.add_mutually_exclusive_group()
     g.add_argument("--config", help="HF config.json (or its directory) instead of the checkpoint's meta.json")
     g.add_argument("--model-preset", help="model preset instead of meta.json")
-    b.add_argument("--dtype", help="output dtype: float32, bfloat16, float16 (default: as stored); router "
-                                   "biases stay float32")
+    b.add_argument(
+        "--dtype", help="output dtype: float32, bfloat16, float16 (default: as stored); router biases stay float32"
+    )
     b.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
     b.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     c = sub.add_parser("dcp-to-peft", help="LoRA/DoRA run's DCP checkpoint -> PEFT adapter directory")
@@ -158,8 +195,16 @@ def run(ns: argparse.Namespace) -> str:
         raise CheckpointError(f"--config {ns.config}: no such file or directory")
     dtype = to_dtype(ns.dtype, what="--dtype")
     parse_size(ns.max_shard_size)
-    return dcp_to_hf(ns.dcp, ns.out, config=ns.config, preset=ns.model_preset, dtype=dtype,
-                     max_shard_size=ns.max_shard_size, step=ns.step, overwrite=ns.overwrite)
+    return dcp_to_hf(
+        ns.dcp,
+        ns.out,
+        config=ns.config,
+        preset=ns.model_preset,
+        dtype=dtype,
+        max_shard_size=ns.max_shard_size,
+        step=ns.step,
+        overwrite=ns.overwrite,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,20 +28,24 @@ def init_process_group(backend: str, timeout_s: float) -> None:
     job's store is kept to name the ranks that stop answering (see silent_ranks)."""
     for key in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
         if key not in os.environ:
-            raise ConfigError(f"WORLD_SIZE={os.environ.get('WORLD_SIZE')} is set but {key} is not: launch with "
-                              f"torchrun --nproc_per_node={os.environ.get('WORLD_SIZE')} ..., or unset WORLD_SIZE "
-                              "for a single process")
+            raise ConfigError(
+                f"WORLD_SIZE={os.environ.get('WORLD_SIZE')} is set but {key} is not: launch with "
+                f"torchrun --nproc_per_node={os.environ.get('WORLD_SIZE')} ..., or unset WORLD_SIZE "
+                "for a single process"
+            )
     store, rank, world = next(dist.rendezvous("env://"))
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    dist.init_process_group(
+        backend, store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s)
+    )
     _STORE[:] = [store]
 
 
 def is_collective_timeout(e: BaseException) -> bool:
     """Whether an exception is a collective that gave up waiting (gloo's "Timed out waiting ...", NCCL's
     watchdog)."""
-    return isinstance(e, RuntimeError) and any(m in str(e) for m in ("Timed out waiting", "collective operation "
-                                                                                           "timeout"))
+    return isinstance(e, RuntimeError) and any(
+        m in str(e) for m in ("Timed out waiting", "collective operation timeout")
+    )
 
 
 def _mark_and_collect(tag: str, wait_s: float, until: Any) -> set[int]:
@@ -128,9 +132,14 @@ def checked_device(name: str, what: str = "device") -> torch.device:
     except RuntimeError:
         device = None
     accelerator = torch.accelerator.current_accelerator()
-    here = device is not None and (device.type == "cpu" or (
-        accelerator is not None and device.type == accelerator.type
-        and (device.index is None or device.index < torch.accelerator.device_count())))
+    here = device is not None and (
+        device.type == "cpu"
+        or (
+            accelerator is not None
+            and device.type == accelerator.type
+            and (device.index is None or device.index < torch.accelerator.device_count())
+        )
+    )
     if not here:
         others = f" or {accelerator.type}:N (N < {torch.accelerator.device_count()})" if accelerator else ""
         raise ConfigError(f"{what} {name!r}: no such device on this machine; use {default_device().type!r}{others}")

@@ -42,8 +42,11 @@ _LAYER_RENAMES = {
 for _proj in ("gate_proj", "up_proj", "down_proj"):
     _LAYER_RENAMES[f"ffn.{_proj}.weight"] = f"mlp.{_proj}.weight"
     _LAYER_RENAMES[f"ffn.shared_experts.{_proj}.weight"] = f"mlp.shared_experts.{_proj}.weight"
-_TOP_RENAMES = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-                "lm_head.weight": "lm_head.weight"}
+_TOP_RENAMES = {
+    "embed.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
 _EXPERT_STACK = re.compile(r"^layers\.(\d+)\.ffn\.experts\.(gate_proj|up_proj|down_proj)$")
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 # HF keys that carry no weights of ours: the released checkpoint stores each layer's RoPE inv_freq.
@@ -87,8 +90,10 @@ def _check_keys(found: set[str], expected: set[str], what: str):
     if missing:
         raise CheckpointError(f"{what} is missing {len(missing)} key(s), e.g. {missing[:5]}")
     if unexpected:
-        raise CheckpointError(f"{what} has {len(unexpected)} unexpected key(s), e.g. {unexpected[:5]} "
-                              "(a different architecture or config?)")
+        raise CheckpointError(
+            f"{what} has {len(unexpected)} unexpected key(s), e.g. {unexpected[:5]} "
+            "(a different architecture or config?)"
+        )
 
 
 def _read_weight_map(index: str) -> dict[str, str]:
@@ -97,12 +102,14 @@ def _read_weight_map(index: str) -> dict[str, str]:
         with open(index, encoding="utf-8") as f:
             weight_map = json.load(f)["weight_map"]
     except (OSError, ValueError, TypeError, KeyError) as e:
-        raise CheckpointError(f"{index} is not a safetensors index (a JSON object with a \"weight_map\"): "
-                              f"{type(e).__name__}: {e}") from None
+        raise CheckpointError(
+            f'{index} is not a safetensors index (a JSON object with a "weight_map"): {type(e).__name__}: {e}'
+        ) from None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise CheckpointError(f"{index}: \"weight_map\" must map tensor names to shard file names")
-    outside = sorted({v for v in weight_map.values()
-                      if os.path.isabs(v) or os.path.normpath(v).split(os.sep)[0] in ("..", ".")})
+        raise CheckpointError(f'{index}: "weight_map" must map tensor names to shard file names')
+    outside = sorted(
+        {v for v in weight_map.values() if os.path.isabs(v) or os.path.normpath(v).split(os.sep)[0] in ("..", ".")}
+    )
     if outside:
         raise CheckpointError(f"{index} names shard files outside its directory: {outside[:5]}; refusing to read them")
     return weight_map
@@ -125,8 +132,10 @@ def open_safetensors(path: str):
 def _finite(tensor: torch.Tensor, key: str, where: str) -> torch.Tensor:
     if not torch.isfinite(tensor).all():
         bad = int((~torch.isfinite(tensor)).sum())
-        raise CheckpointError(f"{where}: {key} holds {bad} NaN/Inf value(s) of {tensor.numel()}; a model trained "
-                              "or exported from it would be garbage: use an earlier, finite checkpoint")
+        raise CheckpointError(
+            f"{where}: {key} holds {bad} NaN/Inf value(s) of {tensor.numel()}; a model trained "
+            "or exported from it would be garbage: use an earlier, finite checkpoint"
+        )
     return tensor
 
 
@@ -147,8 +156,7 @@ class HFCheckpoint:
             bins = [n for n in os.listdir(self.path) if n.endswith((".bin", ".pt", ".pth"))]
             hint = " (pickle checkpoints are not loaded: convert them to safetensors)" if bins else ""
             raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {self.path}{hint}")
-        missing_files = sorted({f for f in self.key_to_file.values()
-                                if not os.path.exists(os.path.join(self.path, f))})
+        missing_files = sorted({f for f in self.key_to_file.values() if not os.path.exists(os.path.join(self.path, f))})
         if missing_files:
             raise CheckpointError(f"the index of {self.path} names shard file(s) that do not exist: {missing_files}")
         for name in sorted(set(self.key_to_file.values())):  # headers only: catches truncated shards now
@@ -161,8 +169,11 @@ class HFCheckpoint:
         n = self.args.num_hidden_layers
         mtp = sorted(k for k in self.key_to_file if (m := _HF_LAYER.match(k)) and n <= int(m.group(1)) < n + n_mtp)
         if mtp:
-            warnings.warn(f"{self.path}: skipping {len(mtp)} multi-token-prediction tensor(s) of layer(s) "
-                          f"{n}..{n + n_mtp - 1} (e.g. {mtp[0]}): this model does not run them", stacklevel=2)
+            warnings.warn(
+                f"{self.path}: skipping {len(mtp)} multi-token-prediction tensor(s) of layer(s) "
+                f"{n}..{n + n_mtp - 1} (e.g. {mtp[0]}): this model does not run them",
+                stacklevel=2,
+            )
             for k in mtp:
                 del self.key_to_file[k]
 
@@ -183,8 +194,10 @@ class HFCheckpoint:
     def check_shape(self, key: str, expected: torch.Size | tuple[int, ...]) -> None:
         found = self.shape(key)
         if tuple(found) != tuple(expected):
-            raise CheckpointError(f"shape mismatch for {key!r}: expected {tuple(expected)}, found {tuple(found)} "
-                                  "(is the config.json the one this checkpoint was saved with?)")
+            raise CheckpointError(
+                f"shape mismatch for {key!r}: expected {tuple(expected)}, found {tuple(found)} "
+                "(is the config.json the one this checkpoint was saved with?)"
+            )
 
     def dtype(self, key: str) -> torch.dtype:
         name = self._handle(key).get_slice(key).get_dtype()
@@ -198,9 +211,11 @@ class HFCheckpoint:
         names = {k: self._handle(k).get_slice(k).get_dtype() for k in self.key_to_file}
         fp8 = sorted(k for k, name in names.items() if name.startswith("F8") or k.endswith("weight_scale_inv"))
         if fp8:
-            raise CheckpointError(f"{self.path} is an FP8-quantized checkpoint ({len(fp8)} FP8 or weight_scale_inv "
-                                  f"tensors, e.g. {fp8[0]}): dequantize it to bfloat16 first (e.g. DeepSeek-V3's "
-                                  "inference/fp8_cast_bf16.py); its weights mean nothing without their scales")
+            raise CheckpointError(
+                f"{self.path} is an FP8-quantized checkpoint ({len(fp8)} FP8 or weight_scale_inv "
+                f"tensors, e.g. {fp8[0]}): dequantize it to bfloat16 first (e.g. DeepSeek-V3's "
+                "inference/fp8_cast_bf16.py); its weights mean nothing without their scales"
+            )
         self.check_keys(args)
         for key in names:
             self.dtype(key)
@@ -223,8 +238,9 @@ class HFCheckpoint:
 
     def check_keys(self, args: ModelArgs):
         found = {k for k in self.key_to_file if not _HF_PASSTHROUGH.match(k)}
-        _check_keys(found, {hf for native in expected_shapes(args) for hf in hf_keys(native, args)},
-                    f"checkpoint {self.path}")
+        _check_keys(
+            found, {hf for native in expected_shapes(args) for hf in hf_keys(native, args)}, f"checkpoint {self.path}"
+        )
 
 
 # transformers' in-memory MoE layout: one [E, 2I, H] tensor of gate and up rows, one [E, H, I] of down
@@ -235,8 +251,9 @@ StateDict = Mapping[str, torch.Tensor]
 Pairs = Iterator[tuple[str, torch.Tensor]]
 
 
-def to_hf_state_dict(state: StateDict | Pairs, args: ModelArgs, fused_experts: bool = True
-                     ) -> dict[str, torch.Tensor] | Pairs:
+def to_hf_state_dict(
+    state: StateDict | Pairs, args: ModelArgs, fused_experts: bool = True
+) -> dict[str, torch.Tensor] | Pairs:
     """The native model's state dict in Hugging Face names, tensors unchanged (no copy, no cast).
     `fused_experts`: transformers' in-memory experts (`gate_up_proj`, `down_proj`: what
     `DeepseekV3ForCausalLM.load_state_dict` takes); False: one tensor per expert, as in the files.
@@ -275,8 +292,9 @@ def from_hf_state_dict(state: StateDict | Pairs, args: ModelArgs) -> dict[str, t
 
 
 def _from_hf_pairs(hf: Pairs, args: ModelArgs, expected: dict[str, torch.Size]) -> Pairs:
-    renames = {keys[0]: native for native in expected if not is_expert_stack(native)
-               for keys in [hf_keys(native, args)]}
+    renames = {
+        keys[0]: native for native in expected if not is_expert_stack(native) for keys in [hf_keys(native, args)]
+    }
     experts: dict[str, dict[int, torch.Tensor]] = {}  # native expert stack -> the experts seen so far
     done = set()
     for key, tensor in hf:
@@ -290,8 +308,11 @@ def _from_hf_pairs(hf: Pairs, args: ModelArgs, expected: dict[str, torch.Size]) 
             out = [(f"layers.{fused.group(1)}.ffn.experts.{p}", t) for p, t in (("gate_proj", gate), ("up_proj", up))]
         elif fused:
             out = [(f"layers.{fused.group(1)}.ffn.experts.down_proj", tensor)]
-        elif (single and f"layers.{single.group(1)}.ffn.experts.{single.group(3)}" in expected
-              and int(single.group(2)) < args.n_routed_experts):
+        elif (
+            single
+            and f"layers.{single.group(1)}.ffn.experts.{single.group(3)}" in expected
+            and int(single.group(2)) < args.n_routed_experts
+        ):
             stack = f"layers.{single.group(1)}.ffn.experts.{single.group(3)}"
             experts.setdefault(stack, {})[int(single.group(2))] = tensor
             if len(experts[stack]) < args.n_routed_experts:
@@ -299,19 +320,23 @@ def _from_hf_pairs(hf: Pairs, args: ModelArgs, expected: dict[str, torch.Size]) 
             by_expert = experts.pop(stack)
             out = [(stack, torch.stack([by_expert[e] for e in range(args.n_routed_experts)]))]
         else:
-            raise CheckpointError(f"no native name is known for Hugging Face key {key!r} (a different "
-                                  "architecture or config?)")
+            raise CheckpointError(
+                f"no native name is known for Hugging Face key {key!r} (a different architecture or config?)"
+            )
         for native, value in out:
             if native not in expected or tuple(value.shape) != tuple(expected[native]):
-                raise CheckpointError(f"{key}: shape {tuple(tensor.shape)} does not match the config's "
-                                      f"{native} {tuple(expected.get(native, ()))}")
+                raise CheckpointError(
+                    f"{key}: shape {tuple(tensor.shape)} does not match the config's "
+                    f"{native} {tuple(expected.get(native, ()))}"
+                )
             done.add(native)
             yield native, value
     _check_keys(done, set(expected), "the Hugging Face state dict")
 
 
-def load_hf(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-            **arg_overrides) -> Moonlight:
+def load_hf(
+    path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu", **arg_overrides
+) -> Moonlight:
     """Build a Moonlight from a HF checkpoint directory, reading one tensor at a time straight into
     the model's storage. `dtype` defaults to float32; `arg_overrides` change ModelArgs fields that do
     not affect shapes (e.g. kernels="torch")."""
@@ -360,8 +385,9 @@ def _plan_shards(items: list[tuple[str, int]], max_bytes: int) -> list[list[str]
     return shards + ([current] if current else [])
 
 
-def _hf_pieces(native_tensors: Iterable[tuple[str, torch.Tensor]], args: ModelArgs, dtype: torch.dtype | None
-               ) -> Iterator[tuple[str, torch.Tensor]]:
+def _hf_pieces(
+    native_tensors: Iterable[tuple[str, torch.Tensor]], args: ModelArgs, dtype: torch.dtype | None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF key, tensor) pairs in HF order, each its own CPU copy (experts unstacked), so a stacked
     native tensor is freed as soon as the stream moves past it."""
     for native, tensor in native_tensors:
@@ -369,27 +395,47 @@ def _hf_pieces(native_tensors: Iterable[tuple[str, torch.Tensor]], args: ModelAr
             out = torch.float32 if key.endswith("e_score_correction_bias") else (dtype or t.dtype)
             piece = t.detach().to("cpu", out, copy=True).contiguous()
             if not torch.isfinite(piece).all():
-                cast = (f" (finite before the cast to {out}, which overflows: export as bfloat16 or float32)"
-                        if torch.isfinite(t).all() else "")
+                cast = (
+                    f" (finite before the cast to {out}, which overflows: export as bfloat16 or float32)"
+                    if torch.isfinite(t).all()
+                    else ""
+                )
                 raise CheckpointError(f"{key} holds NaN/Inf values{cast}; refusing to write it")
             yield key, piece
 
 
-def save_hf(model: Moonlight, path: str | os.PathLike, max_shard_size: int | str = "5GB",
-            dtype: torch.dtype | None = None, overwrite: bool = False) -> None:
+def save_hf(
+    model: Moonlight,
+    path: str | os.PathLike,
+    max_shard_size: int | str = "5GB",
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+) -> None:
     """Write `config.json`, sharded `model-0000i-of-0000n.safetensors` and their index, loadable by
     `transformers.AutoModelForCausalLM.from_pretrained`. Written into a temporary directory and
     renamed into place, so an interrupted save never leaves a directory that looks complete.
     `overwrite` replaces an earlier export; a directory holding any other file is refused."""
     sd = model.state_dict()
-    save_hf_stream(iter(sd.items()), {k: (v.shape, v.dtype) for k, v in sd.items()}, model.args, path,
-                   max_shard_size, dtype, overwrite)
+    save_hf_stream(
+        iter(sd.items()),
+        {k: (v.shape, v.dtype) for k, v in sd.items()},
+        model.args,
+        path,
+        max_shard_size,
+        dtype,
+        overwrite,
+    )
 
 
-def save_hf_stream(native_tensors: Iterator[tuple[str, torch.Tensor]],
-                   specs: dict[str, tuple[torch.Size | tuple[int, ...], torch.dtype]], args: ModelArgs,
-                   path: str | os.PathLike, max_shard_size: int | str = "5GB", dtype: torch.dtype | None = None,
-                   overwrite: bool = False) -> None:
+def save_hf_stream(
+    native_tensors: Iterator[tuple[str, torch.Tensor]],
+    specs: dict[str, tuple[torch.Size | tuple[int, ...], torch.dtype]],
+    args: ModelArgs,
+    path: str | os.PathLike,
+    max_shard_size: int | str = "5GB",
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+) -> None:
     """`save_hf` from a stream of native (key, tensor) pairs that arrive in the order of `specs`
     (native key -> shape, dtype: the shards are planned from it up front). Holds at most the shard
     being written plus the current native tensor, so the tensors can be read (or gathered) one at a
@@ -402,8 +448,10 @@ def save_hf_stream(native_tensors: Iterator[tuple[str, torch.Tensor]],
         for native, (shape, stored) in specs.items():
             keys = hf_keys(native, args)
             numel = math.prod(shape) // len(keys)
-            sizes += [(key, numel * (4 if key.endswith("e_score_correction_bias") else (dtype or stored).itemsize))
-                      for key in keys]
+            sizes += [
+                (key, numel * (4 if key.endswith("e_score_correction_bias") else (dtype or stored).itemsize))
+                for key in keys
+            ]
         shards = _plan_shards(sizes, max_bytes)
         _write_hf_dir(path, _hf_pieces(native_tensors, args, dtype), shards, sum(n for _, n in sizes), args, dtype)
     finally:
@@ -411,11 +459,20 @@ def save_hf_stream(native_tensors: Iterator[tuple[str, torch.Tensor]],
             pass
 
 
-def _write_hf_dir(path: str, pieces: Iterator[tuple[str, torch.Tensor]], shards: list[list[str]], total: int,
-                  args: ModelArgs, dtype: torch.dtype | None) -> None:
+def _write_hf_dir(
+    path: str,
+    pieces: Iterator[tuple[str, torch.Tensor]],
+    shards: list[list[str]],
+    total: int,
+    args: ModelArgs,
+    dtype: torch.dtype | None,
+) -> None:
     with staged_output(path, "the HF checkpoint") as tmp:
-        names = ([f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-                 if len(shards) > 1 else ["model.safetensors"])
+        names = (
+            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+            if len(shards) > 1
+            else ["model.safetensors"]
+        )
         shard_of = {key: names[i] for i, keys in enumerate(shards) for key in keys}
         with progress(len(shards), f"writing {path}", unit="shard") as bar:
             for name, keys in zip(names, shards):

@@ -36,8 +36,11 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_OUTPUT = re.compile(r"^(adapter_config\.json|adapter_model\.safetensors)$")  # the files we write
 _PEFT_PREFIX = "base_model.model."
 # native adapter suffix -> PEFT suffix
-_SUFFIXES = {".lora_a.weight": ".lora_A.weight", ".lora_b.weight": ".lora_B.weight",
-             ".magnitude": ".lora_magnitude_vector"}
+_SUFFIXES = {
+    ".lora_a.weight": ".lora_A.weight",
+    ".lora_b.weight": ".lora_B.weight",
+    ".magnitude": ".lora_magnitude_vector",
+}
 
 
 def _hf_module(native_module: str, args: ModelArgs) -> str:
@@ -61,9 +64,14 @@ def _target_modules(hf_modules: list[str], args: ModelArgs) -> list[str]:
     return short if set(hf_modules) == every_layer else sorted(hf_modules)
 
 
-def save_peft_adapter(model_or_state: nn.Module | Mapping[str, torch.Tensor], args: ModelArgs,
-                      lora_cfg: Mapping, out_dir: str | os.PathLike, base_model_name_or_path: str | None = None,
-                      overwrite: bool = True) -> str:
+def save_peft_adapter(
+    model_or_state: nn.Module | Mapping[str, torch.Tensor],
+    args: ModelArgs,
+    lora_cfg: Mapping,
+    out_dir: str | os.PathLike,
+    base_model_name_or_path: str | None = None,
+    overwrite: bool = True,
+) -> str:
     """Write `adapter_config.json` and `adapter_model.safetensors` (no pickle) for the adapters of an
     unsharded model or of a full native state dict (others keys are ignored). lora_cfg holds the
     run's `rank`, `alpha`, `dora` and `dropout` (the [lora] section as a dict). Written in a
@@ -82,14 +90,24 @@ def save_peft_adapter(model_or_state: nn.Module | Mapping[str, torch.Tensor], ar
         if adapters[needed[0]].shape[0] != rank:
             raise CheckpointError(f"{needed[0]} has rank {adapters[needed[0]].shape[0]}, the settings say {rank}")
     if len(modules) * (3 if dora else 2) != len(adapters):
-        raise CheckpointError(f"adapter tensors do not pair up into lora_a/lora_b{'/magnitude' if dora else ''}: "
-                              f"{sorted(adapters)[:6]}")
+        raise CheckpointError(
+            f"adapter tensors do not pair up into lora_a/lora_b{'/magnitude' if dora else ''}: {sorted(adapters)[:6]}"
+        )
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
-        "r": rank, "lora_alpha": float(lora_cfg["alpha"]), "lora_dropout": float(lora_cfg.get("dropout", 0.0)),
-        "use_dora": dora, "use_rslora": False, "fan_in_fan_out": False, "bias": "none",
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": rank,
+        "lora_alpha": float(lora_cfg["alpha"]),
+        "lora_dropout": float(lora_cfg.get("dropout", 0.0)),
+        "use_dora": dora,
+        "use_rslora": False,
+        "fan_in_fan_out": False,
+        "bias": "none",
         "target_modules": _target_modules([_hf_module(m, args) for m in modules], args),
-        "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
     }
     tensors = {peft_key(k, args): v.detach().to("cpu").contiguous() for k, v in adapters.items()}
     out_dir = os.path.abspath(os.fspath(out_dir))
@@ -109,23 +127,28 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict:
     """adapter_config.json, checked to be a plain LoRA/DoRA adapter this model can hold."""
     path = os.path.join(adapter_dir, ADAPTER_CONFIG)
     if not os.path.isfile(path) or not os.path.isfile(os.path.join(adapter_dir, ADAPTER_WEIGHTS)):
-        raise CheckpointError(f"{adapter_dir} is not a PEFT adapter directory (needs {ADAPTER_CONFIG} and "
-                              f"{ADAPTER_WEIGHTS})")
+        raise CheckpointError(
+            f"{adapter_dir} is not a PEFT adapter directory (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})"
+        )
     try:
         with open(path) as f:
             cfg = json.load(f)
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         raise CheckpointError(f"{path} is not valid JSON ({e}): is the adapter complete?") from None
-    if not (isinstance(cfg, dict) and isinstance(cfg.get("r"), int)
-            and isinstance(cfg.get("lora_alpha"), (int, float))):
-        raise CheckpointError(f"{path} is not a PEFT LoRA config: it needs an object with an integer r and a "
-                              "lora_alpha")
-    unsupported = [(cfg.get("peft_type") != "LORA", f"peft_type {cfg.get('peft_type')!r} (only LORA)"),
-                   (bool(cfg.get("use_rslora")), "use_rslora"),
-                   (bool(cfg.get("fan_in_fan_out")), "fan_in_fan_out"),
-                   (cfg.get("bias", "none") != "none", f"bias {cfg.get('bias')!r}"),
-                   (bool(cfg.get("rank_pattern")) or bool(cfg.get("alpha_pattern")), "rank_pattern/alpha_pattern"),
-                   (bool(cfg.get("modules_to_save")), "modules_to_save")]
+    if not (
+        isinstance(cfg, dict) and isinstance(cfg.get("r"), int) and isinstance(cfg.get("lora_alpha"), (int, float))
+    ):
+        raise CheckpointError(
+            f"{path} is not a PEFT LoRA config: it needs an object with an integer r and a lora_alpha"
+        )
+    unsupported = [
+        (cfg.get("peft_type") != "LORA", f"peft_type {cfg.get('peft_type')!r} (only LORA)"),
+        (bool(cfg.get("use_rslora")), "use_rslora"),
+        (bool(cfg.get("fan_in_fan_out")), "fan_in_fan_out"),
+        (cfg.get("bias", "none") != "none", f"bias {cfg.get('bias')!r}"),
+        (bool(cfg.get("rank_pattern")) or bool(cfg.get("alpha_pattern")), "rank_pattern/alpha_pattern"),
+        (bool(cfg.get("modules_to_save")), "modules_to_save"),
+    ]
     bad = [what for is_bad, what in unsupported if is_bad]
     if bad:
         raise CheckpointError(f"{path}: unsupported PEFT settings {bad}; Moonlight loads plain LoRA/DoRA adapters")
@@ -147,23 +170,27 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> dict:
         if (m.rank, m.scale, m.use_dora) != (cfg["r"], cfg["lora_alpha"] / cfg["r"], bool(cfg.get("use_dora"))):
             raise CheckpointError(
                 f"{adapter_dir}: r={cfg['r']} lora_alpha={cfg['lora_alpha']} use_dora={bool(cfg.get('use_dora'))} "
-                f"but the model's {name} has rank {m.rank} alpha {m.alpha:g} dora {m.use_dora}: set [lora] to match")
+                f"but the model's {name} has rank {m.rank} alpha {m.alpha:g} dora {m.use_dora}: set [lora] to match"
+            )
     params = {k: p for k, p in model.named_parameters() if is_adapter_name(k)}
     wanted = {peft_key(k, args): k for k in params}
     with open_safetensors(os.path.join(adapter_dir, ADAPTER_WEIGHTS)) as f:
         found = set(f.keys())
         missing, unexpected = sorted(set(wanted) - found), sorted(found - set(wanted))
         if missing or unexpected:
-            raise CheckpointError(f"{adapter_dir}: the adapter lacks {len(missing)} tensor(s) of this model's "
-                                  f"[lora] targets (e.g. {missing[:3]}) and has {len(unexpected)} other(s) (e.g. "
-                                  f"{unexpected[:3]}): set lora.targets to the adapter's target_modules "
-                                  f"{cfg.get('target_modules')}")
+            raise CheckpointError(
+                f"{adapter_dir}: the adapter lacks {len(missing)} tensor(s) of this model's "
+                f"[lora] targets (e.g. {missing[:3]}) and has {len(unexpected)} other(s) (e.g. "
+                f"{unexpected[:3]}): set lora.targets to the adapter's target_modules "
+                f"{cfg.get('target_modules')}"
+            )
         for key, native in wanted.items():
             p = params[native]
             full = f.get_tensor(key)
             if tuple(full.shape) != tuple(p.shape):
-                raise CheckpointError(f"{adapter_dir}: {key} has shape {tuple(full.shape)}, the model needs "
-                                      f"{tuple(p.shape)}")
+                raise CheckpointError(
+                    f"{adapter_dir}: {key} has shape {tuple(full.shape)}, the model needs {tuple(p.shape)}"
+                )
             full = full.to(device=p.device, dtype=p.dtype)
             if isinstance(p, DTensor):  # each rank has the file: slice locally, no communication
                 full = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
@@ -176,8 +203,11 @@ def adapter_modules(model: nn.Module, adapter_dir: str | os.PathLike) -> list[st
     args = model.args
     with open_safetensors(os.path.join(adapter_dir, ADAPTER_WEIGHTS)) as f:
         found = set(f.keys())
-    return [n for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and peft_key(f"{n}.lora_a.weight", args) in found]
+    return [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and peft_key(f"{n}.lora_a.weight", args) in found
+    ]
 
 
 @torch.no_grad()
@@ -189,8 +219,10 @@ def apply_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike, merge: 
     cfg = read_adapter_config(adapter_dir)
     targets = adapter_modules(model, adapter_dir)
     if not targets:
-        raise CheckpointError(f"{adapter_dir}: the adapter adapts no module of this model (target_modules "
-                              f"{cfg.get('target_modules')}): is it an adapter of this base model?")
+        raise CheckpointError(
+            f"{adapter_dir}: the adapter adapts no module of this model (target_modules "
+            f"{cfg.get('target_modules')}): is it an adapter of this base model?"
+        )
     apply_lora(model, targets, rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dora=bool(cfg.get("use_dora")))
     load_peft_adapter(model, adapter_dir)
     return merge_lora(model) if merge else model

@@ -47,8 +47,10 @@ def check_output(out: str | os.PathLike, source: str | os.PathLike, what: str = 
     """Refuse an output that equals, contains or lies inside its input: replacing it would delete
     the input (or the run folder around it)."""
     if paths_overlap(out, source):
-        raise CheckpointError(f"{what} {os.path.abspath(out)} overlaps the input {os.path.abspath(source)} (the same "
-                              "directory, or one inside the other); write to a separate directory")
+        raise CheckpointError(
+            f"{what} {os.path.abspath(out)} overlaps the input {os.path.abspath(source)} (the same "
+            "directory, or one inside the other); write to a separate directory"
+        )
 
 
 def check_replaceable(path: str, ours: re.Pattern, overwrite: bool, what: str, how: str = "overwrite=True") -> None:
@@ -64,8 +66,10 @@ def check_replaceable(path: str, ours: re.Pattern, overwrite: bool, what: str, h
         raise CheckpointError(f"{path} exists and is not empty; pass {how} to replace it")
     foreign = [e for e in entries if not (ours.match(e) and os.path.isfile(os.path.join(path, e)))]
     if foreign:
-        raise CheckpointError(f"{path} holds files that are not part of {what}: {foreign[:5]}; refusing to replace "
-                              "it (remove them, or pick another output path)")
+        raise CheckpointError(
+            f"{path} holds files that are not part of {what}: {foreign[:5]}; refusing to replace "
+            "it (remove them, or pick another output path)"
+        )
 
 
 def remove_own_dir(path: str, ours: re.Pattern) -> None:
@@ -106,11 +110,15 @@ def refuse_link(path: str, kind: str = "file") -> None:
     """Raise ConfigError when `path`, where we write a `kind` ("file" or "folder") of our own, is a symlink
     (we would write through it, outside the folder) or the other kind of entry."""
     if os.path.islink(path):
-        raise ConfigError(f"{path} is a symlink (to {os.readlink(path)}) where moonlight writes its own {kind}: "
-                          "remove the link (moonlight never writes through one), or use another --job.dump_folder")
+        raise ConfigError(
+            f"{path} is a symlink (to {os.readlink(path)}) where moonlight writes its own {kind}: "
+            "remove the link (moonlight never writes through one), or use another --job.dump_folder"
+        )
     if os.path.exists(path) and (os.path.isdir(path) if kind == "file" else not os.path.isdir(path)):
-        raise ConfigError(f"{path} is a {'directory' if kind == 'file' else 'file'} where moonlight writes its own "
-                          f"{kind}: move it away, or use another --job.dump_folder")
+        raise ConfigError(
+            f"{path} is a {'directory' if kind == 'file' else 'file'} where moonlight writes its own "
+            f"{kind}: move it away, or use another --job.dump_folder"
+        )
 
 
 def abandoned_folder(dump_folder: str) -> str:
@@ -125,7 +133,7 @@ def abandoned_folder(dump_folder: str) -> str:
 
 
 def storage_problem(exc: BaseException | None, folder: str | None = None) -> str | None:
-    """"disk full" or "read-only filesystem" when that is why a write failed (an OSError's errno, anywhere in
+    """ "disk full" or "read-only filesystem" when that is why a write failed (an OSError's errno, anywhere in
     the exception's chain or a DCP CheckpointException's per-rank failures; or, for errors that carry no
     errno such as torch's "unexpected pos" zip writer, no free space left on `folder`); else None."""
     seen = set()
@@ -133,8 +141,10 @@ def storage_problem(exc: BaseException | None, folder: str | None = None) -> str
         seen.add(id(exc))
         if isinstance(exc, OSError) and exc.errno is not None and exc.errno in _STORAGE_ERRNOS:
             return os_error_reason(exc)
-        for text, reason in (("No space left on device", "disk full"),
-                             ("Read-only file system", "read-only filesystem")):
+        for text, reason in (
+            ("No space left on device", "disk full"),
+            ("Read-only file system", "read-only filesystem"),
+        ):
             if text in str(exc):
                 return reason
         failures = getattr(exc, "failures", None)
@@ -164,15 +174,18 @@ def staged_output(path: str, what: str, prefix: str = ".tmp-save-") -> Iterator[
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
     except OSError as e:
-        raise CheckpointSaveError(f"cannot write {what} {path}: {storage_problem(e) or e.strerror} ({parent}); "
-                                  "write elsewhere") from None
+        raise CheckpointSaveError(
+            f"cannot write {what} {path}: {storage_problem(e) or e.strerror} ({parent}); write elsewhere"
+        ) from None
     try:
         yield tmp
     except Exception as e:
         reason = None if isinstance(e, CheckpointError) else storage_problem(e, parent)
         if reason:
-            raise CheckpointSaveError(f"writing {what} {path} failed: {reason} ({type(e).__name__}: {e}); the "
-                                      "partial output was removed: free space (or write elsewhere) and rerun") from None
+            raise CheckpointSaveError(
+                f"writing {what} {path} failed: {reason} ({type(e).__name__}: {e}); the "
+                "partial output was removed: free space (or write elsewhere) and rerun"
+            ) from None
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -37,7 +37,7 @@ from moonlight.train.parallel_run import build_parallel_run, is_single_process, 
 from moonlight.train.optim import AdamW, Muon
 from moonlight.train.build import build_converters, build_model_args, check_seq_len
 
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 @dataclass
@@ -109,15 +109,25 @@ def _count(rank: int, description: str, model_parts, cfg: JobConfig) -> RankPlan
 def _meta_model(cfg: JobConfig, args: ModelArgs):
     """What Trainer._init_full_model builds, on the meta device: the model in training.dtype with its
     model converters (LoRA/DoRA adapters)."""
+
     def build() -> Moonlight:
         with torch.device("meta"):
             model = Moonlight(args)
         return convert_model(model.to(to_dtype(cfg.training.dtype)), build_converters(cfg))
+
     return build
 
 
-def activation_bytes(args: ModelArgs, cfg: JobConfig, layer_ids: list[int], has_head: bool, tokens: int,
-                     tp: int = 1, moe_tp: int = 1, keys_per_token: float = 1.0) -> int:
+def activation_bytes(
+    args: ModelArgs,
+    cfg: JobConfig,
+    layer_ids: list[int],
+    has_head: bool,
+    tokens: int,
+    tp: int = 1,
+    moe_tp: int = 1,
+    keys_per_token: float = 1.0,
+) -> int:
     """Tensors autograd saves for backward in one micro-batch of `tokens` tokens.
 
     Per token, in elements of the compute dtype c (mixed_precision_param, else training.dtype) unless
@@ -138,8 +148,9 @@ def activation_bytes(args: ModelArgs, cfg: JobConfig, layer_ids: list[int], has_
     under it rank i of cp up-projects the keys of the first 2cp - i of the 2cp chunks, (2cp - i) / 2 per
     local token, each with its gathered latent and rope key (r + p) and its per-head k and padded v (2Hq).
     """
-    c = to_dtype(cfg.training.mixed_precision_param if cfg.training.mixed_precision_param != "float32"
-                 else cfg.training.dtype).itemsize
+    c = to_dtype(
+        cfg.training.mixed_precision_param if cfg.training.mixed_precision_param != "float32" else cfg.training.dtype
+    ).itemsize
     h, heads = args.hidden_size, args.num_attention_heads // tp
     q, v, r, p = args.qk_head_dim, args.v_head_dim, args.kv_lora_rank, args.qk_rope_head_dim
     k, i, s = args.num_experts_per_tok, args.moe_intermediate_size, args.n_shared_experts * args.moe_intermediate_size
@@ -180,14 +191,16 @@ def register_fake_backend() -> None:
 
     def create_fake_group(common, options):
         return create(common.group_rank, common.group_size, options)
+
     try:
         dist.Backend.register_backend("fake", create_fake_group, extended_api=True, devices=["cpu", "cuda"])
     except ValueError:  # already registered (torch's test utilities were imported)
         pass
 
 
-def _plan_rank(cfg: JobConfig, args: ModelArgs, world_size: int, rank: int, dims, fake_group: bool = False
-               ) -> tuple[RankPlan, str]:
+def _plan_rank(
+    cfg: JobConfig, args: ModelArgs, world_size: int, rank: int, dims, fake_group: bool = False
+) -> tuple[RankPlan, str]:
     """Build `rank`'s part of the job on the meta device (over a fake process group of world_size ranks
     when `fake_group`) and count its memory -> (its RankPlan, the parallelism's description)."""
     p, t = cfg.parallelism, cfg.training
@@ -209,10 +222,16 @@ def _plan_rank(cfg: JobConfig, args: ModelArgs, world_size: int, rank: int, dims
     tokens = t.local_batch_size // n_micro * t.seq_len // p.cp
     cp_rank = rank // p.tp % p.cp  # the rank at (p, r, s, c, t) is (((p * R + r) * S + s) * cp + c) * tp + t
     in_flight = 1 if p.pp == 1 else min(n_micro, p.pp - rank // (world_size // p.pp))
-    row.activations = in_flight * activation_bytes(args, cfg, _layers_of(built.model_parts), has_head, tokens,
-                                                   tp=dims.tp if dims else 1,
-                                                   moe_tp=dims.tp if dims and dims.ep_spans_tp else 1,
-                                                   keys_per_token=(2 * p.cp - cp_rank) / 2)
+    row.activations = in_flight * activation_bytes(
+        args,
+        cfg,
+        _layers_of(built.model_parts),
+        has_head,
+        tokens,
+        tp=dims.tp if dims else 1,
+        moe_tp=dims.tp if dims and dims.ep_spans_tp else 1,
+        keys_per_token=(2 * p.cp - cp_rank) / 2,
+    )
     return row, built.description
 
 
@@ -265,13 +284,18 @@ def check_fits(result: Plan, cfg: JobConfig, gpu_memory_gib: float) -> None:
         return
     states = sum(peak.params.values()) + sum(peak.grads.values()) + sum(peak.optimizer.values())
     if peak.activations > states:
-        fix = ("set activation_checkpoint.mode = 'full'" if cfg.activation_checkpoint.mode != "full"
-               else "lower training.local_batch_size or training.seq_len, or raise parallelism.tp")
+        fix = (
+            "set activation_checkpoint.mode = 'full'"
+            if cfg.activation_checkpoint.mode != "full"
+            else "lower training.local_batch_size or training.seq_len, or raise parallelism.tp"
+        )
     else:
         fix = "raise the world size (more FSDP/EP ranks), or use parallelism.pp / lora"
-    raise ConfigError(f"rank {peak.rank} needs {peak.total / GIB:.1f} GiB (parameters, gradients and optimizer "
-                      f"{states / GIB:.1f} GiB, activations {peak.activations / GIB:.1f} GiB) but the device holds "
-                      f"{gpu_memory_gib:g} GiB: {fix}")
+    raise ConfigError(
+        f"rank {peak.rank} needs {peak.total / GIB:.1f} GiB (parameters, gradients and optimizer "
+        f"{states / GIB:.1f} GiB, activations {peak.activations / GIB:.1f} GiB) but the device holds "
+        f"{gpu_memory_gib:g} GiB: {fix}"
+    )
 
 
 def human_bytes(n: float) -> str:
@@ -297,19 +321,23 @@ def _memory(counter: Counter) -> str:
 
 def report(result: Plan, cfg: JobConfig) -> str:
     t = cfg.training
-    lines = [f"parallelism: {result.parallelism}",
-             f"FLOPs/token (training, seq {t.seq_len}): {human_flops(result.flops_per_token)}; "
-             f"per step: {human_flops(result.flops_per_token * t.global_batch_size * t.seq_len)}"]
+    lines = [
+        f"parallelism: {result.parallelism}",
+        f"FLOPs/token (training, seq {t.seq_len}): {human_flops(result.flops_per_token)}; "
+        f"per step: {human_flops(result.flops_per_token * t.global_batch_size * t.seq_len)}",
+    ]
     for row in result.ranks:
-        lines += [f"rank {row.rank}:",
-                  f"  parameters   {_memory(row.params)}",
-                  f"  gradients    {_memory(row.grads)}",
-                  f"  optimizer    {_memory(row.optimizer)}",
-                  f"  activations  {human_bytes(row.activations)} (estimate, +-25%; local batch "
-                  f"{t.local_batch_size} x {t.seq_len}"
-                  + (f" / cp {cfg.parallelism.cp}" if cfg.parallelism.cp > 1 else "")
-                  + f", checkpointing {cfg.activation_checkpoint.mode})",
-                  f"  total        {human_bytes(row.total)}"]
+        lines += [
+            f"rank {row.rank}:",
+            f"  parameters   {_memory(row.params)}",
+            f"  gradients    {_memory(row.grads)}",
+            f"  optimizer    {_memory(row.optimizer)}",
+            f"  activations  {human_bytes(row.activations)} (estimate, +-25%; local batch "
+            f"{t.local_batch_size} x {t.seq_len}"
+            + (f" / cp {cfg.parallelism.cp}" if cfg.parallelism.cp > 1 else "")
+            + f", checkpointing {cfg.activation_checkpoint.mode})",
+            f"  total        {human_bytes(row.total)}",
+        ]
     return "\n".join(lines)
 
 
@@ -318,15 +346,21 @@ def _placeholder_free(cfg: JobConfig) -> JobConfig:
     hf = cfg.model.hf_config or cfg.checkpoint.initial_load_hf
     if not hf or os.path.exists(os.path.expanduser(hf)):
         return cfg
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, hf_config=""),
-                              checkpoint=dataclasses.replace(cfg.checkpoint, initial_load_hf=""))
+    cfg = dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, hf_config=""),
+        checkpoint=dataclasses.replace(cfg.checkpoint, initial_load_hf=""),
+    )
     print(f"[plan] {hf} does not exist here: using the {cfg.model.name!r} preset", flush=True)
     return cfg
 
 
 def main(argv: list[str]) -> int:
-    parser = ArgumentParser(prog="python -m moonlight.plan", description=__doc__.splitlines()[0],
-                            epilog="Any other argument is a --section.key=value override, as train.py takes it.")
+    parser = ArgumentParser(
+        prog="python -m moonlight.plan",
+        description=__doc__.splitlines()[0],
+        epilog="Any other argument is a --section.key=value override, as train.py takes it.",
+    )
     parser.add_argument("--config", metavar="FILE", help="the job's TOML config (as train.py takes it)")
     parser.add_argument("--world-size", type=int, required=True, help="the number of ranks (GPUs) of the job")
     parser.add_argument("--gpu-memory-gib", type=float, default=80.0, help="the memory of one device (default 80)")
@@ -345,6 +379,7 @@ def main(argv: list[str]) -> int:
         check_fits(result, cfg, known.gpu_memory_gib)
         print(f"fits: the most loaded rank needs {human_bytes(result.peak.total)} of {known.gpu_memory_gib:g} GiB")
         return 0
+
     return exit_on_user_error(run)
 
 

@@ -39,8 +39,9 @@ def run_ranks(fn, world_size, *args, timeout=300):
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "pg_init")
-        procs = [ctx.Process(target=_worker, args=(r, world_size, init_file, fn, args, queue))
-                 for r in range(world_size)]
+        procs = [
+            ctx.Process(target=_worker, args=(r, world_size, init_file, fn, args, queue)) for r in range(world_size)
+        ]
         for p in procs:
             p.start()
         results, errors = {}, []

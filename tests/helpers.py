@@ -42,8 +42,17 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]  # the repository
 # from test_moe_sync.py
 aten = torch.ops.aten
 
-_SYNC_OPS = {aten._local_scalar_dense, aten.nonzero, aten.bincount, aten.masked_select, aten.unique_dim,
-             aten._unique, aten._unique2, aten.unique_consecutive, aten.equal}
+_SYNC_OPS = {
+    aten._local_scalar_dense,
+    aten.nonzero,
+    aten.bincount,
+    aten.masked_select,
+    aten.unique_dim,
+    aten._unique,
+    aten._unique2,
+    aten.unique_consecutive,
+    aten.equal,
+}
 
 
 def _off_host(args) -> bool:
@@ -57,9 +66,10 @@ class _CountDispatch(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if (func.overloadpacket in _SYNC_OPS or (
-                func is aten.repeat_interleave.Tensor and kwargs.get("output_size") is None)) and (
-                not self.device_only or _off_host(args)):
+        if (
+            func.overloadpacket in _SYNC_OPS
+            or (func is aten.repeat_interleave.Tensor and kwargs.get("output_size") is None)
+        ) and (not self.device_only or _off_host(args)):
             self.syncs.append(str(func))
         return func(*args, **kwargs)
 
@@ -153,20 +163,20 @@ def cfg(**kw):
 
 
 def full_sd(model):
-    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
-            for k, v in model.state_dict().items()}
+    return {
+        k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in model.state_dict().items()
+    }
 
 
 def flat_optim(model, opts):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    sd = get_optimizer_state_dict(model, opts.optimizers,
-                                  options=StateDictOptions(flatten_optimizer_state_dict=True))
+    sd = get_optimizer_state_dict(model, opts.optimizers, options=StateDictOptions(flatten_optimizer_state_dict=True))
     return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in sd.items()}
 
 
 def assert_sd_equal(a, b):
-    assert set(a) == set(b), (set(a) ^ set(b))
+    assert set(a) == set(b), set(a) ^ set(b)
     for k in a:
         if isinstance(a[k], torch.Tensor):
             assert torch.equal(a[k], b[k]), k
@@ -196,10 +206,19 @@ def fsdp_wrap(model):
 # from test_resume.py
 RESUME_STEPS = 6
 
-BASE = [f"--training.steps={RESUME_STEPS}", "--training.seq_len=32", "--training.global_batch_size=4",
-        "--training.local_batch_size=2", "--checkpoint.enable=true", "--checkpoint.interval=3",
-        "--checkpoint.keep_latest_k=0", "--metrics.log_freq=1", "--metrics.device_peak_flops=1e11",
-        "--lr_scheduler.warmup_steps=2", "--model.kernels=torch"]
+BASE = [
+    f"--training.steps={RESUME_STEPS}",
+    "--training.seq_len=32",
+    "--training.global_batch_size=4",
+    "--training.local_batch_size=2",
+    "--checkpoint.enable=true",
+    "--checkpoint.interval=3",
+    "--checkpoint.keep_latest_k=0",
+    "--metrics.log_freq=1",
+    "--metrics.device_peak_flops=1e11",
+    "--lr_scheduler.warmup_steps=2",
+    "--model.kernels=torch",
+]
 
 
 def run_job(folder, *extra):
@@ -289,8 +308,11 @@ def make_tiktoken_dir(tmp_path, with_config=False):
         cfg = {
             "bos_token": "<|bos|>",
             "eos_token": {"content": "<|eos|>"},
-            "added_tokens_decoder": {str(n): {"content": "<|bos|>"}, str(n + 1): {"content": "<|eos|>"},
-                                     str(n + 2): {"content": "<|im_end|>"}},
+            "added_tokens_decoder": {
+                str(n): {"content": "<|bos|>"},
+                str(n + 1): {"content": "<|eos|>"},
+                str(n + 2): {"content": "<|im_end|>"},
+            },
         }
         (d / "tokenizer_config.json").write_text(json.dumps(cfg))
     return d, len(ranks)
@@ -300,10 +322,16 @@ def mmididx_bytes(lengths, pointers, doc_idx, dtype_code):
     """A Megatron-LM MMIDIDX .idx file, byte for byte as its MMapIndexedDataset writes it: magic, version 1,
     dtype code (8 = uint16, 4 = int32), sequence count, document-index count, int32 sequence lengths,
     int64 byte pointers into .bin, int64 document indices."""
-    return (b"MMIDIDX\x00\x00" + struct.pack("<Q", 1) + struct.pack("<B", dtype_code)
-            + struct.pack("<Q", len(lengths)) + struct.pack("<Q", len(doc_idx))
-            + np.array(lengths, dtype=np.int32).tobytes() + np.array(pointers, dtype=np.int64).tobytes()
-            + np.array(doc_idx, dtype=np.int64).tobytes())
+    return (
+        b"MMIDIDX\x00\x00"
+        + struct.pack("<Q", 1)
+        + struct.pack("<B", dtype_code)
+        + struct.pack("<Q", len(lengths))
+        + struct.pack("<Q", len(doc_idx))
+        + np.array(lengths, dtype=np.int32).tobytes()
+        + np.array(pointers, dtype=np.int64).tobytes()
+        + np.array(doc_idx, dtype=np.int64).tobytes()
+    )
 
 
 # from test_lora.py
@@ -323,10 +351,20 @@ def randomize_adapters(model, seed=1):
             elif n.endswith("magnitude"):
                 p.mul_(1 + 0.2 * torch.rand(p.shape, generator=g))
 
-LORA_BASE = ["--training.seq_len=32", "--training.global_batch_size=4", "--training.local_batch_size=2",
-        "--checkpoint.enable=false", "--metrics.log_freq=1", "--metrics.device_peak_flops=1e11",
-        "--lr_scheduler.warmup_steps=1", "--model.kernels=torch", "--optimizer.lr=1e-2",
-        "--lora.enable=true", "--lora.rank=4"]
+
+LORA_BASE = [
+    "--training.seq_len=32",
+    "--training.global_batch_size=4",
+    "--training.local_batch_size=2",
+    "--checkpoint.enable=false",
+    "--metrics.log_freq=1",
+    "--metrics.device_peak_flops=1e11",
+    "--lr_scheduler.warmup_steps=1",
+    "--model.kernels=torch",
+    "--optimizer.lr=1e-2",
+    "--lora.enable=true",
+    "--lora.rank=4",
+]
 
 
 def lora_cfg(folder, *extra):
@@ -336,15 +374,28 @@ def lora_cfg(folder, *extra):
 # from test_recipes.py
 CONFIGS = ROOT / "configs"
 
-WORLD = {"moonlight-16b-pretrain.toml": 8, "moonlight-16b-pretrain-tp2-ep8.toml": 8,
-         "moonlight-16b-pretrain-pp2.toml": 16, "moonlight-16b-sft.toml": 8, "moonlight-16b-sft-long.toml": 8,
-         "moonlight-16b-lora.toml": 8, "moonlight-16b-dora.toml": 8, "debug-chat-sft.toml": 2}
+WORLD = {
+    "moonlight-16b-pretrain.toml": 8,
+    "moonlight-16b-pretrain-tp2-ep8.toml": 8,
+    "moonlight-16b-pretrain-pp2.toml": 16,
+    "moonlight-16b-sft.toml": 8,
+    "moonlight-16b-sft-long.toml": 8,
+    "moonlight-16b-lora.toml": 8,
+    "moonlight-16b-dora.toml": 8,
+    "debug-chat-sft.toml": 2,
+}
 
 
 # from test_train.py
-SMALL = ["--training.seq_len=64", "--training.global_batch_size=4", "--training.local_batch_size=2",
-         "--checkpoint.enable=false", "--metrics.log_freq=1", "--metrics.device_peak_flops=1e11",
-         "--lr_scheduler.warmup_steps=2"]
+SMALL = [
+    "--training.seq_len=64",
+    "--training.global_batch_size=4",
+    "--training.local_batch_size=2",
+    "--checkpoint.enable=false",
+    "--metrics.log_freq=1",
+    "--metrics.device_peak_flops=1e11",
+    "--lr_scheduler.warmup_steps=2",
+]
 
 
 def read_metrics(folder):
@@ -354,10 +405,27 @@ def read_metrics(folder):
 
 # from test_generate.py
 def tiny_args(**overrides):
-    return ModelArgs(**{**dict(vocab_size=64, hidden_size=48, intermediate_size=64, moe_intermediate_size=24,
-                               num_hidden_layers=3, num_attention_heads=3, kv_lora_rank=16, qk_nope_head_dim=8,
-                               qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=6, num_experts_per_tok=2,
-                               n_shared_experts=1, kernels="torch"), **overrides})
+    return ModelArgs(
+        **{
+            **dict(
+                vocab_size=64,
+                hidden_size=48,
+                intermediate_size=64,
+                moe_intermediate_size=24,
+                num_hidden_layers=3,
+                num_attention_heads=3,
+                kv_lora_rank=16,
+                qk_nope_head_dim=8,
+                qk_rope_head_dim=8,
+                v_head_dim=12,
+                n_routed_experts=6,
+                num_experts_per_tok=2,
+                n_shared_experts=1,
+                kernels="torch",
+            ),
+            **overrides,
+        }
+    )
 
 
 # from test_chat.py
@@ -368,16 +436,26 @@ MULTI_TURN = [
     {"role": "assistant", "content": "ex per ts"},
 ]
 
+
 def chat_tiktoken_dir(tmp_path, template):
     ranks = [bytes([i]) for i in range(256)] + [b"th", b"he", b"the", b" the", b"in", b"ex", b"per", b"ts"]
     (tmp_path / "tiktoken.model").write_text(
-        "".join(f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(ranks)))
+        "".join(f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(ranks))
+    )
     n = len(ranks)
     names = ["[BOS]", "[EOS]"] + DEFAULT_ADDITIONAL_SPECIALS
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "[BOS]", "eos_token": "<|im_end|>", "chat_template": template,
-        "added_tokens_decoder": {str(n + k): {"content": t, "special": True} for k, t in enumerate(names)}}))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": "[BOS]",
+                "eos_token": "<|im_end|>",
+                "chat_template": template,
+                "added_tokens_decoder": {str(n + k): {"content": t, "special": True} for k, t in enumerate(names)},
+            }
+        )
+    )
     return tmp_path
+
 
 def chat_cfg(path, **kw):
     cfg = DataSection(format="chat", path=str(path))
@@ -411,14 +489,24 @@ def async_checkpoint_assert_same(a, b):
 
 # from test_chat.py
 
-CHAT_BASE = ["--training.steps=2", "--training.seq_len=64", "--training.global_batch_size=4",
-        "--checkpoint.enable=false", "--metrics.log_freq=1", "--metrics.device_peak_flops=1e11",
-        "--lr_scheduler.warmup_steps=1", "--model.kernels=torch", "--data.format=chat", "--data.shuffle=false"]
+CHAT_BASE = [
+    "--training.steps=2",
+    "--training.seq_len=64",
+    "--training.global_batch_size=4",
+    "--checkpoint.enable=false",
+    "--metrics.log_freq=1",
+    "--metrics.device_peak_flops=1e11",
+    "--lr_scheduler.warmup_steps=1",
+    "--model.kernels=torch",
+    "--data.format=chat",
+    "--data.shuffle=false",
+]
 
 
 def chat_trainer(folder, data, extra):
-    return Trainer(load_config("train.toml", CHAT_BASE + [f"--job.dump_folder={folder}", f"--data.path={data}",
-                                                           *extra]))
+    return Trainer(
+        load_config("train.toml", CHAT_BASE + [f"--job.dump_folder={folder}", f"--data.path={data}", *extra])
+    )
 
 
 # from test_checkpoint.py
@@ -465,9 +553,15 @@ def checkpoint_fake_step(parts, opts, seed=0):
 
 
 # from test_compile.py
-COMPILE_BASE = ["--training.seq_len=32", "--training.global_batch_size=4", "--training.local_batch_size=2",
-        "--metrics.log_freq=1", "--metrics.device_peak_flops=1e11", "--lr_scheduler.warmup_steps=1",
-        "--checkpoint.keep_latest_k=0"]
+COMPILE_BASE = [
+    "--training.seq_len=32",
+    "--training.global_batch_size=4",
+    "--training.local_batch_size=2",
+    "--metrics.log_freq=1",
+    "--metrics.device_peak_flops=1e11",
+    "--lr_scheduler.warmup_steps=1",
+    "--checkpoint.keep_latest_k=0",
+]
 
 
 def compile_trainer(folder, *extra):
@@ -485,21 +579,40 @@ def compile_run(trainer, steps):
 
 
 # from test_entry_errors.py
-QUICK = ["--training.steps=2", "--lr_scheduler.warmup_steps=0", "--training.seq_len=32",
-         "--training.global_batch_size=2", "--training.local_batch_size=1", "--metrics.device_peak_flops=1e11"]
+QUICK = [
+    "--training.steps=2",
+    "--lr_scheduler.warmup_steps=0",
+    "--training.seq_len=32",
+    "--training.global_batch_size=2",
+    "--training.local_batch_size=1",
+    "--metrics.device_peak_flops=1e11",
+]
 
 
 def entry_errors_run(cmd, tmp_path, *overrides):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("MOONLIGHT_TRACEBACK", None)
-    return subprocess.run(cmd + ["train.py", "--config", "train.toml", f"--job.dump_folder={tmp_path}", *QUICK,
-                                 *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        cmd + ["train.py", "--config", "train.toml", f"--job.dump_folder={tmp_path}", *QUICK, *overrides],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 # from test_faults.py
-FAULTS_SMALL = ["--training.seq_len=32", "--training.global_batch_size=4", "--training.local_batch_size=2",
-         "--checkpoint.enable=false", "--metrics.log_freq=1", "--metrics.device_peak_flops=1e11",
-         "--lr_scheduler.warmup_steps=2", "--model.kernels=torch"]
+FAULTS_SMALL = [
+    "--training.seq_len=32",
+    "--training.global_batch_size=4",
+    "--training.local_batch_size=2",
+    "--checkpoint.enable=false",
+    "--metrics.log_freq=1",
+    "--metrics.device_peak_flops=1e11",
+    "--lr_scheduler.warmup_steps=2",
+    "--model.kernels=torch",
+]
 
 
 def faults_damage(path, n=64):
@@ -642,9 +755,15 @@ def reference_step(model, inputs, labels):
 
 
 # from test_plan.py
-PLAN_SMALL = ["--training.seq_len=32", "--training.global_batch_size=4", "--training.local_batch_size=2",
-         "--checkpoint.enable=false", "--metrics.device_peak_flops=1e11", "--training.steps=2",
-         "--lr_scheduler.warmup_steps=1"]
+PLAN_SMALL = [
+    "--training.seq_len=32",
+    "--training.global_batch_size=4",
+    "--training.local_batch_size=2",
+    "--checkpoint.enable=false",
+    "--metrics.device_peak_flops=1e11",
+    "--training.steps=2",
+    "--lr_scheduler.warmup_steps=1",
+]
 
 
 def bytes_by_dtype(tensors) -> Counter:
@@ -659,10 +778,14 @@ def plan_measured(trainer: Trainer) -> dict:
     """Bytes the trainer holds after one step: local shards of parameters, gradients, optimizer state."""
     trainer.train_step()
     params = [p for part in trainer.model_parts for p in part.parameters()]
-    state = [v for opt in trainer.optimizers for s in opt.state.values() for v in s.values()
-             if isinstance(v, torch.Tensor)]
-    return {"params": bytes_by_dtype(params), "grads": bytes_by_dtype(p.grad for p in params if p.grad is not None),
-            "optimizer": bytes_by_dtype(state)}
+    state = [
+        v for opt in trainer.optimizers for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)
+    ]
+    return {
+        "params": bytes_by_dtype(params),
+        "grads": bytes_by_dtype(p.grad for p in params if p.grad is not None),
+        "optimizer": bytes_by_dtype(state),
+    }
 
 
 def plan_planned(row) -> dict:
@@ -683,6 +806,7 @@ def saved_activation_bytes(model, tokens, **model_kwargs) -> int:
         if storage.data_ptr() not in params:
             seen[storage.data_ptr()] = storage.nbytes()
         return t
+
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         cross_entropy_loss(model(tokens, **model_kwargs), tokens)
     return sum(seen.values())
@@ -696,18 +820,39 @@ def sharded_load_args():
 
 
 # from test_step_syncs.py
-STEP_SYNCS_SMALL = ["--training.seq_len=32", "--training.global_batch_size=2", "--training.local_batch_size=2",
-         "--checkpoint.enable=false", "--metrics.log_freq=2", "--metrics.device_peak_flops=1e11",
-         "--lr_scheduler.warmup_steps=1", "--training.steps=4", "--moe.aux_loss_coeff=0.01"]
+STEP_SYNCS_SMALL = [
+    "--training.seq_len=32",
+    "--training.global_batch_size=2",
+    "--training.local_batch_size=2",
+    "--checkpoint.enable=false",
+    "--metrics.log_freq=2",
+    "--metrics.device_peak_flops=1e11",
+    "--lr_scheduler.warmup_steps=1",
+    "--training.steps=4",
+    "--moe.aux_loss_coeff=0.01",
+]
 
 
 # from test_validation.py
-VALIDATION_BASE = ["--training.steps=2", "--training.seq_len=64", "--training.global_batch_size=4",
-        "--training.local_batch_size=2", "--checkpoint.enable=false", "--metrics.log_freq=1",
-        "--metrics.device_peak_flops=1e11", "--lr_scheduler.warmup_steps=1", "--model.kernels=torch"]
+VALIDATION_BASE = [
+    "--training.steps=2",
+    "--training.seq_len=64",
+    "--training.global_batch_size=4",
+    "--training.local_batch_size=2",
+    "--checkpoint.enable=false",
+    "--metrics.log_freq=1",
+    "--metrics.device_peak_flops=1e11",
+    "--lr_scheduler.warmup_steps=1",
+    "--model.kernels=torch",
+]
 # chat validation (assistant tokens only are targets, conversations document-masked) of a text run
-VALIDATION = ["--validation.enable=true", "--validation.path=data/chat/sample.jsonl", "--validation.format=chat",
-              "--validation.interval=1", "--validation.steps=2"]
+VALIDATION = [
+    "--validation.enable=true",
+    "--validation.path=data/chat/sample.jsonl",
+    "--validation.format=chat",
+    "--validation.interval=1",
+    "--validation.steps=2",
+]
 
 
 def validation_cfg(folder, *extra):

@@ -30,8 +30,14 @@ from moonlight.kernels.rms_norm import rms_norm
 from moonlight.config import ModelArgs
 
 TARGETS = {"sm_80": GPUTarget("cuda", 80, 32), "sm_90": GPUTarget("cuda", 90, 32)}  # A100; H100/H200
-TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
-                 torch.int32: "i32", torch.bool: "i1"}
+TRITON_DTYPES = {
+    torch.float32: "fp32",
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+    torch.int64: "i64",
+    torch.int32: "i32",
+    torch.bool: "i1",
+}
 LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
 
@@ -48,8 +54,12 @@ class LaunchRecorder:
 def record_launches() -> list:
     """Swap every Triton kernel of the kernel modules for a LaunchRecorder; returns the launch list."""
     launches = []
-    for module in (moonlight.kernels.mla_rope, moonlight.kernels.moe_permute, moonlight.kernels.moe_router,
-                   moonlight.kernels.rms_norm):
+    for module in (
+        moonlight.kernels.mla_rope,
+        moonlight.kernels.moe_permute,
+        moonlight.kernels.moe_router,
+        moonlight.kernels.rms_norm,
+    ):
         for name, value in list(vars(module).items()):
             if isinstance(value, JITFunction):
                 setattr(module, name, LaunchRecorder(value, launches))
@@ -62,7 +72,7 @@ def argument_type(value) -> str:
     if isinstance(value, bool):
         return "i1"
     if isinstance(value, int):
-        return "i32" if -2**31 <= value < 2**31 else "i64"
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
     if isinstance(value, float):
         return "fp32"
     raise TypeError(f"no Triton type for {type(value).__name__}")
@@ -81,8 +91,9 @@ def compile_launch(kernel: JITFunction, args: tuple, kwargs: dict, target: GPUTa
         else:
             signature[param.name] = argument_type(values[param.name])
     options = {k: v for k, v in kwargs.items() if k in LAUNCH_OPTIONS}
-    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants), target=target,
-                          options=options)
+    return triton.compile(
+        ASTSource(fn=kernel, signature=signature, constexprs=constants), target=target, options=options
+    )
 
 
 def run_every_op(dtype: torch.dtype) -> None:

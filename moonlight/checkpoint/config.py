@@ -43,16 +43,28 @@ class CheckpointSection:
     initial_load_hf (the same base, moved); otherwise that is refused: other weights under the adapters."""
 
     def problems(self) -> list[str]:
-        return failing([
-            (self.interval >= 1, f"checkpoint.interval must be >= 1 (got {self.interval})"),
-            (self.keep_latest_k >= 0,
-             f"checkpoint.keep_latest_k must be >= 0 (0 = keep all; got {self.keep_latest_k})"),
-            (self.load_step >= -1, f"checkpoint.load_step must be -1 (latest) or a step >= 0 (got {self.load_step})"),
-            (self.enable or self.load_step == -1, f"checkpoint.load_step = {self.load_step} resumes from a checkpoint, "
-             "which checkpoint.enable = false turns off: set checkpoint.enable = true"),
-            (bool(self.folder), "checkpoint.folder must not be empty"),
-            # inside the (locked) dump folder: rotation and cleanup then delete only this run's saves
-            (inside(self.folder),
-             f"checkpoint.folder = {self.folder!r} must be a relative path inside job.dump_folder "
-             "(point job.dump_folder elsewhere instead)"),
-        ])
+        return failing(
+            [
+                (self.interval >= 1, f"checkpoint.interval must be >= 1 (got {self.interval})"),
+                (
+                    self.keep_latest_k >= 0,
+                    f"checkpoint.keep_latest_k must be >= 0 (0 = keep all; got {self.keep_latest_k})",
+                ),
+                (
+                    self.load_step >= -1,
+                    f"checkpoint.load_step must be -1 (latest) or a step >= 0 (got {self.load_step})",
+                ),
+                (
+                    self.enable or self.load_step == -1,
+                    f"checkpoint.load_step = {self.load_step} resumes from a checkpoint, "
+                    "which checkpoint.enable = false turns off: set checkpoint.enable = true",
+                ),
+                (bool(self.folder), "checkpoint.folder must not be empty"),
+                # inside the (locked) dump folder: rotation and cleanup then delete only this run's saves
+                (
+                    inside(self.folder),
+                    f"checkpoint.folder = {self.folder!r} must be a relative path inside job.dump_folder "
+                    "(point job.dump_folder elsewhere instead)",
+                ),
+            ]
+        )

@@ -38,8 +38,9 @@ from moonlight.model.lora import is_adapter_name, lora_scales, merge_lora_state_
 logger = logging.getLogger(__name__)
 
 
-def iter_full_tensors(parts: list[nn.Module], keys: Callable[[str], bool] | None = None,
-                      order: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor | None]]:
+def iter_full_tensors(
+    parts: list[nn.Module], keys: Callable[[str], bool] | None = None, order: list[str] | None = None
+) -> Iterator[tuple[str, torch.Tensor | None]]:
     """Full (unsharded) native tensors on CPU, one at a time: (key, tensor) at rank 0, (key, None)
     elsewhere; all ranks must consume it to its end. Each tensor is all-gathered within its mesh
     (full_tensor) and, under pipeline parallel, sent to rank 0 by the lowest rank holding it. `keys`
@@ -76,16 +77,21 @@ def iter_full_tensors(parts: list[nn.Module], keys: Callable[[str], bool] | None
         del full
 
 
-def gather_full_state_dict(parts: list[nn.Module], keys: Callable[[str], bool] | None = None
-                           ) -> dict[str, torch.Tensor] | None:
+def gather_full_state_dict(
+    parts: list[nn.Module], keys: Callable[[str], bool] | None = None
+) -> dict[str, torch.Tensor] | None:
     """Full (unsharded) native state dict on CPU at rank 0 (None elsewhere); all ranks must call.
     `keys` selects the tensors to gather (default: all)."""
     out = {k: v for k, v in iter_full_tensors(parts, keys)}
     return out if distributed.rank() == 0 else None
 
 
-def model_from_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs, lora_scale: dict[str, float] | None = None,
-                          what: str = "the state dict") -> Moonlight:
+def model_from_state_dict(
+    sd: dict[str, torch.Tensor],
+    args: ModelArgs,
+    lora_scale: dict[str, float] | None = None,
+    what: str = "the state dict",
+) -> Moonlight:
     """A plain Moonlight holding `sd` (adapters in it folded into the base weights first)."""
     if lora_scale:
         sd = merge_lora_state_dict(sd, lora_scale)
@@ -128,8 +134,9 @@ def _adapter_keys(native: str, scales: dict[str, float]) -> list[str]:
     return [f"{name}.lora_a.weight", f"{name}.lora_b.weight", f"{name}.magnitude"]
 
 
-def _fold_adapters(stream: Iterable[tuple[str, torch.Tensor | None]], scales: dict[str, float]
-                   ) -> Iterator[tuple[str, torch.Tensor | None]]:
+def _fold_adapters(
+    stream: Iterable[tuple[str, torch.Tensor | None]], scales: dict[str, float]
+) -> Iterator[tuple[str, torch.Tensor | None]]:
     """A stream of native tensors in which each adapted base weight is followed by its adapters ->
     the base weights with the adapters merged (LoRA/DoRA), holding one module's tensors at a time.
     None tensors (another rank's share of a collective stream) pass through unmerged."""
@@ -151,8 +158,9 @@ def _fold_adapters(stream: Iterable[tuple[str, torch.Tensor | None]], scales: di
         yield merged()
 
 
-def export_hf(parts: list[nn.Module], path: str | os.PathLike, dtype: torch.dtype | None = None,
-              max_shard_size: int | str = "5GB") -> str:
+def export_hf(
+    parts: list[nn.Module], path: str | os.PathLike, dtype: torch.dtype | None = None, max_shard_size: int | str = "5GB"
+) -> str:
     """Write the current model in HF format (config.json + safetensors, loadable by transformers) to
     `path`, LoRA/DoRA adapters merged. All ranks call; rank 0 writes. dtype defaults to the model's
     `torch_dtype` (router biases stay fp32). Streamed: the tensors are gathered one at a time (a
@@ -162,8 +170,10 @@ def export_hf(parts: list[nn.Module], path: str | os.PathLike, dtype: torch.dtyp
         raise CheckpointError("export_hf: the model parts carry no ModelArgs (.args)")
     path = os.path.abspath(os.fspath(path))
     dtype = dtype or to_dtype(args.torch_dtype)
-    local = ({k: v.dtype for k, v in model_state_dict(parts).items()},
-             {k: v for part in parts for k, v in lora_scales(part).items()})
+    local = (
+        {k: v.dtype for k, v in model_state_dict(parts).items()},
+        {k: v for part in parts for k, v in lora_scales(part).items()},
+    )
     dtypes, scales = {}, {}
     for d, s in distributed.all_gather_object(local):  # under PP each rank holds some stages
         dtypes.update(d)
@@ -180,8 +190,9 @@ def export_hf(parts: list[nn.Module], path: str | os.PathLike, dtype: torch.dtyp
     return path
 
 
-def export_peft_adapter(parts: list[nn.Module], path: str | os.PathLike, lora_cfg: dict,
-                        base_model_name_or_path: str | None = None) -> str:
+def export_peft_adapter(
+    parts: list[nn.Module], path: str | os.PathLike, lora_cfg: dict, base_model_name_or_path: str | None = None
+) -> str:
     """Write the current LoRA/DoRA adapters (only they are gathered) as a PEFT adapter directory.
     All ranks call; rank 0 writes. lora_cfg: the [lora] section as a dict; base_model_name_or_path:
     the base model the adapter goes on (adapter_config.json's field of that name)."""
@@ -222,9 +233,11 @@ def _frozen_weights_source(path: str, meta: dict, args: ModelArgs) -> "_HFBase |
     """Where a checkpoint saved without its frozen weights (a LoRA run) keeps them: its base."""
     base = meta["frozen_weights_from"]
     if not os.path.isdir(base):
-        raise CheckpointError(f"{path} holds only the trained weights; its frozen base weights are in {base}, "
-                              "which does not exist here: put the base model there, or export the adapter alone "
-                              "(python -m moonlight.convert dcp-to-peft)")
+        raise CheckpointError(
+            f"{path} holds only the trained weights; its frozen base weights are in {base}, "
+            "which does not exist here: put the base model there, or export the adapter alone "
+            "(python -m moonlight.convert dcp-to-peft)"
+        )
     if os.path.isfile(os.path.join(base, fmt.DCP_METADATA)):
         return _DCPModel(base, args)
     return _HFBase(base, args)
@@ -239,8 +252,9 @@ class _DCPModel:
         meta = fmt.read_meta(path) if os.path.exists(os.path.join(path, fmt.META)) else {}
         args = args or fmt.model_args_from_meta(meta)
         if args is None:
-            raise CheckpointError(f"{path} has no meta.json with model args: pass --config config.json or "
-                                  "--model-preset")
+            raise CheckpointError(
+                f"{path} has no meta.json with model args: pass --config config.json or --model-preset"
+            )
         hint = hint or " (a different model config?)"
         md = fmt.stored_tensors(path)
         prefix = "model." if any(k.startswith("model.") for k in md) else ""
@@ -249,14 +263,17 @@ class _DCPModel:
         self.base = _frozen_weights_source(path, meta, args) if missing and meta.get("frozen_weights_from") else None
         self.from_base = set(missing) if self.base is not None else set()
         if missing and self.base is None:
-            raise CheckpointError(f"{path} lacks {len(missing)} model tensor(s) this config needs, e.g. "
-                                  f"{missing[:5]}" + hint)
+            raise CheckpointError(
+                f"{path} lacks {len(missing)} model tensor(s) this config needs, e.g. {missing[:5]}" + hint
+            )
         # LoRA/DoRA runs store adapters beside the frozen base weights: read them too and merge
-        adapters = [k[len(prefix):] for k in md if k.startswith(prefix) and is_adapter_name(k[len(prefix):])]
+        adapters = [k[len(prefix) :] for k in md if k.startswith(prefix) and is_adapter_name(k[len(prefix) :])]
         lora = fmt.saved_lora(meta)
         if adapters and not lora:
-            raise CheckpointError(f"{path} holds LoRA adapters (e.g. {adapters[0]}) but its meta.json has no "
-                                  "[lora] settings, so their scale alpha / rank is unknown")
+            raise CheckpointError(
+                f"{path} holds LoRA adapters (e.g. {adapters[0]}) but its meta.json has no "
+                "[lora] settings, so their scale alpha / rank is unknown"
+            )
         self.path, self.args, self.prefix = path, args, prefix
         self.specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         for k in list(shapes) + adapters:
@@ -287,14 +304,19 @@ class _DCPModel:
             sd.update(self.base.read(frozen))
         for k in frozen:
             if tuple(sd[k].shape) != self.specs[k][0]:
-                raise CheckpointError(f"{k} in the base weights has shape {tuple(sd[k].shape)}, the checkpoint's "
-                                      f"model needs {self.specs[k][0]}")
+                raise CheckpointError(
+                    f"{k} in the base weights has shape {tuple(sd[k].shape)}, the checkpoint's "
+                    f"model needs {self.specs[k][0]}"
+                )
         return sd
 
     def stream(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The model's native tensors in order, adapters merged, read one tensor at a time."""
-        order = [key for native in self.model_specs
-                 for key in [native] + [k for k in _adapter_keys(native, self.scales) if k in self.specs]]
+        order = [
+            key
+            for native in self.model_specs
+            for key in [native] + [k for k in _adapter_keys(native, self.scales) if k in self.specs]
+        ]
         with progress(len(order), "converting DCP tensors") as bar:
             for key in order:
                 yield key, self.read([key])[key]
@@ -317,15 +339,28 @@ def load_dcp_model(path: str, args: ModelArgs | None = None, hint: str = "") -> 
     return model_from_state_dict(sd, ckpt.args, ckpt.scales, what=path)
 
 
-def save_hf_from_dcp(path: str, out: str, args: ModelArgs | None = None, hint: str = "",
-                     dtype: torch.dtype | None = None, max_shard_size: int | str = "5GB",
-                     overwrite: bool = False) -> str:
+def save_hf_from_dcp(
+    path: str,
+    out: str,
+    args: ModelArgs | None = None,
+    hint: str = "",
+    dtype: torch.dtype | None = None,
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+) -> str:
     """`save_hf(load_dcp_model(path, args), out, ...)` without the whole model in memory: the shards
     are planned from the DCP metadata and filled one tensor at a time (adapters merged per module),
     so at most one output shard plus one tensor (an adapted weight: with its adapters) is held."""
     ckpt = _DCPModel(path, args, hint)
-    save_hf_stream(_fold_adapters(ckpt.stream(), ckpt.scales), ckpt.model_specs, ckpt.args, out,
-                   max_shard_size=max_shard_size, dtype=dtype, overwrite=overwrite)
+    save_hf_stream(
+        _fold_adapters(ckpt.stream(), ckpt.scales),
+        ckpt.model_specs,
+        ckpt.args,
+        out,
+        max_shard_size=max_shard_size,
+        dtype=dtype,
+        overwrite=overwrite,
+    )
     return os.path.abspath(out)
 
 
@@ -336,13 +371,15 @@ def load_dcp_adapters(path: str) -> tuple[dict[str, torch.Tensor], ModelArgs, di
     args = fmt.model_args_from_meta(meta)
     lora = fmt.saved_lora(meta)
     if args is None or not lora:
-        raise CheckpointError(f"{path} is not a LoRA/DoRA run's checkpoint: its meta.json has no "
-                              f"{'model args' if args is None else '[lora] settings'}")
+        raise CheckpointError(
+            f"{path} is not a LoRA/DoRA run's checkpoint: its meta.json has no "
+            f"{'model args' if args is None else '[lora] settings'}"
+        )
     md = fmt.stored_tensors(path)
     prefix = "model." if any(k.startswith("model.") for k in md) else ""
-    keys = [k for k in md if k.startswith(prefix) and is_adapter_name(k[len(prefix):])]
+    keys = [k for k in md if k.startswith(prefix) and is_adapter_name(k[len(prefix) :])]
     if not keys:
         raise CheckpointError(f"{path} holds no adapter tensors (<linear>.lora_a.weight ...)")
     state = {k: torch.empty(tuple(md[k].size), dtype=md[k].properties.dtype) for k in keys}
     fmt.dcp_load(state, path)
-    return {k[len(prefix):]: v for k, v in state.items()}, args, lora
+    return {k[len(prefix) :]: v for k, v in state.items()}, args, lora

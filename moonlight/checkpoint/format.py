@@ -46,8 +46,10 @@ STEP_DIR = re.compile(r"^step-(0|[1-9]\d*)$")  # step-4, never step-004: one nam
 TEMP_STEP_DIR = re.compile(r"^step-(\d+)\.tmp$")
 PADDED_STEP_DIR = re.compile(r"^step-0\d+$")
 # Every file a step directory may hold: what overwrite=True may replace.
-DCP_OUTPUT = re.compile(r"^(\.metadata|__\d+_\d+\.distcp|meta\.json|COMPLETE|train_state\.json"
-                        r"|rank-\d+\.safetensors)$")
+DCP_OUTPUT = re.compile(
+    r"^(\.metadata|__\d+_\d+\.distcp|meta\.json|COMPLETE|train_state\.json"
+    r"|rank-\d+\.safetensors)$"
+)
 
 
 def step_dir_name(step: int) -> str:
@@ -75,8 +77,10 @@ def dcp_save(state: dict, path: str, read: Callable[[str], torch.Tensor] | None 
     one file per tensor (DCP holds every tensor of a file until the file is written)."""
     kwargs: dict[str, Any] = {"checkpoint_id": path}
     if read is not None:
-        kwargs = {"storage_writer": dcp.FileSystemWriter(path, single_file_per_rank=False),
-                  "planner": _ReadWhenWritten(read)}
+        kwargs = {
+            "storage_writer": dcp.FileSystemWriter(path, single_file_per_rank=False),
+            "planner": _ReadWhenWritten(read),
+        }
     with warnings.catch_warnings():  # "torch.distributed is disabled ... single process" is our intent
         warnings.filterwarnings("ignore", message=".*assuming the intent is to")
         dcp.save(state, no_dist=not distributed.is_distributed(), **kwargs)
@@ -86,13 +90,23 @@ def dcp_async_save(state: dict, path: str, process_group=None) -> tuple[Any, Def
     """dcp.async_save: copies the state to CPU now (a real copy even of CPU tensors, which DCP's
     default staging only references, so training may change them while they are written), writes it
     in a background thread. Returns the future to wait on and the stager to close after it."""
-    stager = DefaultStager(StagingOptions(use_pinned_memory=torch.accelerator.is_available(),
-                                          use_shared_memory=False, use_async_staging=False,
-                                          use_non_blocking_copy=False))
+    stager = DefaultStager(
+        StagingOptions(
+            use_pinned_memory=torch.accelerator.is_available(),
+            use_shared_memory=False,
+            use_async_staging=False,
+            use_non_blocking_copy=False,
+        )
+    )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to")
-        future = dcp.async_save(state, checkpoint_id=path, process_group=process_group, async_stager=stager,
-                                no_dist=not distributed.is_distributed())
+        future = dcp.async_save(
+            state,
+            checkpoint_id=path,
+            process_group=process_group,
+            async_stager=stager,
+            no_dist=not distributed.is_distributed(),
+        )
     return future, stager
 
 
@@ -116,8 +130,10 @@ class _MetadataUnpickler(pickle.Unpickler):
             return torch.serialization._get_layout
         elif module == "pathlib" and name in ("Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"):
             return getattr(pathlib, name)
-        raise CheckpointError(f"{self.path} asks to unpickle {module}.{name}, which no checkpoint metadata "
-                              "holds: refusing to load it (a planted or foreign file?)")
+        raise CheckpointError(
+            f"{self.path} asks to unpickle {module}.{name}, which no checkpoint metadata "
+            "holds: refusing to load it (a planted or foreign file?)"
+        )
 
 
 class _SafeReader(dcp.FileSystemReader):
@@ -244,8 +260,11 @@ def incomplete_entries(folder: str) -> list[str]:
     """Names of interrupted saves (step-N.tmp) and marker-less step-N directories in folder."""
     if not os.path.isdir(folder):
         return []
-    return [name for name in sorted(os.listdir(folder))
-            if TEMP_STEP_DIR.match(name) or (STEP_DIR.match(name) and not is_complete(os.path.join(folder, name)))]
+    return [
+        name
+        for name in sorted(os.listdir(folder))
+        if TEMP_STEP_DIR.match(name) or (STEP_DIR.match(name) and not is_complete(os.path.join(folder, name)))
+    ]
 
 
 def resolve_checkpoint(path: str | os.PathLike, step: int = -1) -> str:
@@ -259,13 +278,15 @@ def resolve_checkpoint(path: str | os.PathLike, step: int = -1) -> str:
     if is_complete(path) and step < 0:
         return path
     if os.path.isfile(os.path.join(path, DCP_METADATA)) and not os.path.isfile(os.path.join(path, MARKER)):
-        raise CheckpointError(f"checkpoint {path} is incomplete (no {MARKER} marker): its save was interrupted "
-                              "or is still running")
+        raise CheckpointError(
+            f"checkpoint {path} is incomplete (no {MARKER} marker): its save was interrupted or is still running"
+        )
     found = list_checkpoints(path)
     if not found:
         partial, misnamed = incomplete_entries(path), misnamed_checkpoints(path)
         hint = (f" (incomplete saves ignored: {partial})" if partial else "") + (
-            f" (not read: {', '.join(misnamed)})" if misnamed else "")
+            f" (not read: {', '.join(misnamed)})" if misnamed else ""
+        )
         raise CheckpointError(f"no complete checkpoint (step-N directory with {MARKER} and .metadata) in {path}{hint}")
     if step < 0:
         return found[max(found)]
@@ -292,7 +313,7 @@ def file_record(path: str) -> dict[str, Any]:
 
 def share(names: list[str]) -> list[str]:
     """This rank's share of a sorted list of file names (every rank checks a different part)."""
-    return sorted(names)[distributed.rank()::distributed.world_size()]
+    return sorted(names)[distributed.rank() :: distributed.world_size()]
 
 
 def file_records(path: str, names: list[str]) -> dict[str, dict[str, Any]]:
@@ -360,11 +381,15 @@ def finalize_dir(tmp: str, final: str, records: dict[str, dict[str, Any]] | None
     fsync_path(tmp)
     parent = os.path.dirname(final)
     if os.path.lexists(final) and (os.path.islink(final) or not is_complete(final)):  # not ours to delete
-        raise CheckpointError(f"{final} exists without a {MARKER} marker (not written by moonlight, or being "
-                              "copied in) or is a symlink: move it out of the way or delete it")
+        raise CheckpointError(
+            f"{final} exists without a {MARKER} marker (not written by moonlight, or being "
+            "copied in) or is a symlink: move it out of the way or delete it"
+        )
     if os.path.exists(final):  # a complete checkpoint of that step: never replaced silently
-        raise CheckpointError(f"{final} already holds a complete checkpoint: refusing to replace it; move it away "
-                              "(or resume from it) and save again")
+        raise CheckpointError(
+            f"{final} already holds a complete checkpoint: refusing to replace it; move it away "
+            "(or resume from it) and save again"
+        )
     os.replace(tmp, final)
     fsync_path(parent)
 
@@ -372,8 +397,9 @@ def finalize_dir(tmp: str, final: str, records: dict[str, dict[str, Any]] | None
 # -------------------------------------------------------------------------------------- meta
 
 
-def base_meta(step: int, args: ModelArgs | None, contents: list[str], parallelism: dict | None = None,
-              lora: dict | None = None) -> dict:
+def base_meta(
+    step: int, args: ModelArgs | None, contents: list[str], parallelism: dict | None = None, lora: dict | None = None
+) -> dict:
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -397,15 +423,20 @@ def saved_lora(meta: dict) -> dict | None:
 def read_meta(path: str) -> dict[str, Any]:
     meta_path = os.path.join(path, META)
     if not os.path.isfile(meta_path):
-        raise CheckpointError(f"{path} has no {META}: not a checkpoint written by moonlight "
-                              "(the trainer or `python -m moonlight.convert hf-to-dcp`)")
+        raise CheckpointError(
+            f"{path} has no {META}: not a checkpoint written by moonlight "
+            "(the trainer or `python -m moonlight.convert hf-to-dcp`)"
+        )
     meta = read_json(meta_path)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{meta_path}: format {meta.get('format') if isinstance(meta, dict) else None!r} "
-                              f"is not {FORMAT!r}")
+        raise CheckpointError(
+            f"{meta_path}: format {meta.get('format') if isinstance(meta, dict) else None!r} is not {FORMAT!r}"
+        )
     if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-        raise CheckpointError(f"{meta_path}: format_version {meta['format_version']} is newer than this code "
-                              f"({FORMAT_VERSION}); update moonlight")
+        raise CheckpointError(
+            f"{meta_path}: format_version {meta['format_version']} is newer than this code "
+            f"({FORMAT_VERSION}); update moonlight"
+        )
     return meta
 
 
@@ -442,17 +473,25 @@ def check_model_args(path: str, meta: dict, args: ModelArgs | None) -> None:
     diffs = model_args_mismatch(meta["model_args"], args)
     if diffs:
         name = os.path.basename(os.path.normpath(path))
-        raise CheckpointError(f"checkpoint {name} ({path}) was saved for a different model: it was saved for "
-                              + "; ".join(diffs)
-                              + ". Use the model config it was saved with, or start from its HF export.")
+        raise CheckpointError(
+            f"checkpoint {name} ({path}) was saved for a different model: it was saved for "
+            + "; ".join(diffs)
+            + ". Use the model config it was saved with, or start from its HF export."
+        )
 
 
 # --------------------------------------------------------------------------- model-only files
 
 
-def write_model_only_checkpoint(state_dict: dict[str, torch.Tensor], out: str | os.PathLike, args: ModelArgs,
-                                step: int = 0, overwrite: bool = False, extra_meta: dict | None = None,
-                                read: Callable[[str], torch.Tensor] | None = None) -> str:
+def write_model_only_checkpoint(
+    state_dict: dict[str, torch.Tensor],
+    out: str | os.PathLike,
+    args: ModelArgs,
+    step: int = 0,
+    overwrite: bool = False,
+    extra_meta: dict | None = None,
+    read: Callable[[str], torch.Tensor] | None = None,
+) -> str:
     """A single-process, model-only checkpoint in the trainer's naming ("model." + native key), written
     atomically (a temporary directory next to out -> out). Loadable by the trainer's resume and
     `dcp-to-hf`. `overwrite` replaces an earlier checkpoint; a directory holding other files is refused.
@@ -463,8 +502,11 @@ def write_model_only_checkpoint(state_dict: dict[str, torch.Tensor], out: str | 
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
     try:
-        dcp_save({f"model.{k}": v for k, v in state_dict.items()}, tmp,
-                 read=read and (lambda key: read(key.removeprefix("model."))))
+        dcp_save(
+            {f"model.{k}": v for k, v in state_dict.items()},
+            tmp,
+            read=read and (lambda key: read(key.removeprefix("model."))),
+        )
         meta = base_meta(step, args, ["model"])
         meta["world_size"] = 1
         meta.update(extra_meta or {})
@@ -477,8 +519,9 @@ def write_model_only_checkpoint(state_dict: dict[str, torch.Tensor], out: str | 
         shutil.rmtree(tmp, ignore_errors=True)
         reason = storage_problem(e, os.path.dirname(out))
         if reason:
-            raise CheckpointSaveError(f"writing checkpoint {out} failed: {reason} ({short_error(e)}); nothing was "
-                                      "replaced") from None
+            raise CheckpointSaveError(
+                f"writing checkpoint {out} failed: {reason} ({short_error(e)}); nothing was replaced"
+            ) from None
         if inner := user_error_in(e):  # e.g. a non-finite tensor that `read` refused
             raise inner from None
         raise

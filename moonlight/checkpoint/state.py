@@ -155,8 +155,10 @@ def _rng_tensors_and_json() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors["cuda"] = torch.cuda.get_rng_state()
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return tensors, {"python": [version, list(internal), gauss],
-                     "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+    return tensors, {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+    }
 
 
 def _set_rng(tensors: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
@@ -175,6 +177,7 @@ def _set_rng(tensors: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
 @dataclasses.dataclass
 class _PendingSave:
     """A save whose data is (being) written and whose COMPLETE marker is not."""
+
     step: int
     tmp: str
     final_dir: str
@@ -201,10 +204,21 @@ class Checkpointer:
     the model parts (needed to resume such a checkpoint).
     """
 
-    def __init__(self, cfg, dump_folder: str | os.PathLike, model_parts: list[nn.Module] | nn.Module,
-                 optimizers=None, lr_schedulers=None, dataloader=None, extra_states: dict[str, Any] | None = None,
-                 parallelism: dict | None = None, lora: dict | None = None, base_weights: str | None = None,
-                 skip_frozen: bool = False, load_base: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        cfg,
+        dump_folder: str | os.PathLike,
+        model_parts: list[nn.Module] | nn.Module,
+        optimizers=None,
+        lr_schedulers=None,
+        dataloader=None,
+        extra_states: dict[str, Any] | None = None,
+        parallelism: dict | None = None,
+        lora: dict | None = None,
+        base_weights: str | None = None,
+        skip_frozen: bool = False,
+        load_base: Callable[[str], None] | None = None,
+    ):
         self.cfg = cfg
         self.dump_folder = os.path.abspath(os.fspath(dump_folder))
         self.folder = os.path.join(self.dump_folder, cfg.folder)
@@ -251,8 +265,11 @@ class Checkpointer:
         ranks disagree on them, e.g. router biases updated from loads that were not all-reduced."""
         if distributed.world_size() == 1:
             return
-        sums = {k: (float(v.double().sum()), float(v.double().abs().sum())) for k, v in sd.items()
-                if isinstance(v, torch.Tensor) and not isinstance(v, DTensor)}
+        sums = {
+            k: (float(v.double().sum()), float(v.double().abs().sum()))
+            for k, v in sd.items()
+            if isinstance(v, torch.Tensor) and not isinstance(v, DTensor)
+        }
         seen: dict[str, tuple] = {}
         bad = set()
         for theirs in distributed.all_gather_object(sums):
@@ -260,8 +277,9 @@ class Checkpointer:
                 if seen.setdefault(k, v) != v:
                     bad.add(k)
         if bad and distributed.rank() == 0:
-            logger.error("checkpoint: replicated tensors differ across ranks; rank 0's copy is saved: %s",
-                         sorted(bad)[:10])
+            logger.error(
+                "checkpoint: replicated tensors differ across ranks; rank 0's copy is saved: %s", sorted(bad)[:10]
+            )
 
     def _nonfinite_params(self) -> list[str]:
         names, flags = [], []
@@ -279,8 +297,9 @@ class Checkpointer:
     # -------------------------------------------------------------------------------- save
     def due(self, step: int, force: bool = False) -> bool:
         """Whether `save(step, force)` writes a checkpoint."""
-        return (self.cfg.enable and (force or (step > 0 and step % self.cfg.interval == 0))
-                and self.last_saved_step != step)
+        return (
+            self.cfg.enable and (force or (step > 0 and step % self.cfg.interval == 0)) and self.last_saved_step != step
+        )
 
     def save(self, step: int, force: bool = False) -> bool:
         """Save when `step % interval == 0` or `force` (and checkpointing is enabled). Returns whether a
@@ -299,7 +318,8 @@ class Checkpointer:
         if bad:
             raise CheckpointSaveError(
                 f"refusing to save checkpoint {final_dir}: non-finite values in {len(set(bad))} parameter(s), "
-                f"e.g. {sorted(set(bad))[:5]}; the previous checkpoint stays the latest")
+                f"e.g. {sorted(set(bad))[:5]}; the previous checkpoint stays the latest"
+            )
         prep_err = None
         if rank == 0:
             try:
@@ -373,8 +393,9 @@ class Checkpointer:
         if not errors:  # every rank checksums a share of the step's files, for COMPLETE
             mine: dict[str, Any] = {}
             try:
-                mine = fmt.file_records(tmp, fmt.share([n for n in os.listdir(tmp)
-                                                        if os.path.isfile(os.path.join(tmp, n))]))
+                mine = fmt.file_records(
+                    tmp, fmt.share([n for n in os.listdir(tmp) if os.path.isfile(os.path.join(tmp, n))])
+                )
                 err = None
             except OSError as e:
                 err = fmt.short_error(e)
@@ -387,9 +408,16 @@ class Checkpointer:
         if not errors and rank == 0:
             try:
                 fmt.write_json_durable(save.train_state, os.path.join(tmp, TRAIN_STATE))
-                meta = fmt.base_meta(step, self.args, ["model"] + (["optimizer"] if self._optim_list else [])
-                                     + ["train_state", "rng"] + (["extra"] if self.extra_states else []),
-                                     self.parallelism, self.lora)
+                meta = fmt.base_meta(
+                    step,
+                    self.args,
+                    ["model"]
+                    + (["optimizer"] if self._optim_list else [])
+                    + ["train_state", "rng"]
+                    + (["extra"] if self.extra_states else []),
+                    self.parallelism,
+                    self.lora,
+                )
                 if self.base_weights:  # the run's initial_load_hf: a PEFT export names it as the base model
                     meta["base_model"] = self.base_weights
                 if self.skip_frozen:
@@ -408,8 +436,9 @@ class Checkpointer:
             detail = "; ".join(f"rank {r}: {m}" for r, m, _ in errors)
             prev = fmt.list_checkpoints(self.folder)
             keep = f"the previous checkpoint step-{max(prev)} is intact" if prev else "no earlier checkpoint exists"
-            raise CheckpointSaveError(f"saving checkpoint {final_dir} failed ({what}): {detail}; the partial "
-                                      f"directory was removed and {keep}")
+            raise CheckpointSaveError(
+                f"saving checkpoint {final_dir} failed ({what}): {detail}; the partial directory was removed and {keep}"
+            )
         distributed.barrier()
         self.last_saved_step = step
         if rank == 0:
@@ -421,8 +450,13 @@ class Checkpointer:
         found = fmt.list_checkpoints(self.folder)
         later = [s for s in found if s > step]
         if later:
-            logger.warning("checkpoint: %s hold(s) later steps %s than this run's step %d (from an abandoned run?); "
-                           "a resume with load_step=-1 picks the highest step", self.folder, later, step)
+            logger.warning(
+                "checkpoint: %s hold(s) later steps %s than this run's step %d (from an abandoned run?); "
+                "a resume with load_step=-1 picks the highest step",
+                self.folder,
+                later,
+                step,
+            )
         k = self.cfg.keep_latest_k
         if k <= 0:
             return
@@ -455,8 +489,10 @@ class Checkpointer:
                     moved.append(s)
             except OSError as e:
                 reason = storage_problem(e) or e.strerror
-                err = (f"cannot move the later checkpoints {sorted(later)} of {self.folder} aside into {where} "
-                       f"({reason}): move them away by hand, then resume")
+                err = (
+                    f"cannot move the later checkpoints {sorted(later)} of {self.folder} aside into {where} "
+                    f"({reason}): move them away by hand, then resume"
+                )
         moved, where, err = distributed.broadcast_object((moved, where, err))
         if err:
             raise CheckpointError(err)
@@ -466,12 +502,17 @@ class Checkpointer:
     def available_steps(self) -> list[int]:
         """The complete steps of the folder; a checkpoint named step-004 (moonlight reads step-4) or a step
         that is a symlink is a CheckpointError rather than ignored or followed."""
-        found = ((list(fmt.list_checkpoints(self.folder)), fmt.misnamed_checkpoints(self.folder))
-                 if distributed.rank() == 0 else None)
+        found = (
+            (list(fmt.list_checkpoints(self.folder)), fmt.misnamed_checkpoints(self.folder))
+            if distributed.rank() == 0
+            else None
+        )
         found, misnamed = distributed.broadcast_object(found)
         if misnamed:
-            raise CheckpointError(f"{self.folder} holds entries named like checkpoints that moonlight neither "
-                                  f"writes nor reads: {', '.join(misnamed)}")
+            raise CheckpointError(
+                f"{self.folder} holds entries named like checkpoints that moonlight neither "
+                f"writes nor reads: {', '.join(misnamed)}"
+            )
         return sorted(found)
 
     def load(self, step: int = -1) -> int:
@@ -490,14 +531,23 @@ class Checkpointer:
         elif step not in found:
             tmp = os.path.join(self.folder, f"step-{step}.tmp")
             raw = os.path.join(self.folder, fmt.step_dir_name(step))
-            why = (f" (step-{step}.tmp is an incomplete save)" if os.path.exists(tmp) else
-                   f" (step-{step} is incomplete: no {fmt.MARKER} marker)" if os.path.isdir(raw) else "")
-            raise CheckpointError(f"checkpoint step {step} not found in {self.folder}{why}; available steps: "
-                                  f"{found if found else 'none'}")
+            why = (
+                f" (step-{step}.tmp is an incomplete save)"
+                if os.path.exists(tmp)
+                else f" (step-{step} is incomplete: no {fmt.MARKER} marker)"
+                if os.path.isdir(raw)
+                else ""
+            )
+            raise CheckpointError(
+                f"checkpoint step {step} not found in {self.folder}{why}; available steps: {found if found else 'none'}"
+            )
         chosen = self._intact_step(found, step)
         earlier = [s for s in found if s < chosen]
-        hint = (f"; resume from the earlier step-{max(earlier)} with --checkpoint.load_step={max(earlier)}" if earlier
-                else "")
+        hint = (
+            f"; resume from the earlier step-{max(earlier)} with --checkpoint.load_step={max(earlier)}"
+            if earlier
+            else ""
+        )
         return self.load_path(os.path.join(self.folder, fmt.step_dir_name(chosen)), verified=True, hint=hint)
 
     def _intact_step(self, found: list[int], step: int) -> int:
@@ -510,20 +560,29 @@ class Checkpointer:
             if not problems:
                 if damaged and distributed.rank() == 0:
                     newest = max(damaged)
-                    logger.warning("checkpoint: step-%d is damaged (%s); resuming from step-%d, the newest intact "
-                                   "checkpoint", newest, damaged[newest][0], s)
+                    logger.warning(
+                        "checkpoint: step-%d is damaged (%s); resuming from step-%d, the newest intact checkpoint",
+                        newest,
+                        damaged[newest][0],
+                        s,
+                    )
                 return s
             damaged[s] = problems
         bad = max(damaged)
         others = sorted((s for s in found if s not in damaged), reverse=True)  # empty when all were checked
-        good = next((s for s in others if not fmt.verify_checkpoint(os.path.join(self.folder, fmt.step_dir_name(s)))),
-                    None)
-        hint = (f"; the newest intact checkpoint is step-{good}: resume from it with --checkpoint.load_step={good}"
-                if good is not None else "; no intact checkpoint is left in " + self.folder)
+        good = next(
+            (s for s in others if not fmt.verify_checkpoint(os.path.join(self.folder, fmt.step_dir_name(s)))), None
+        )
+        hint = (
+            f"; the newest intact checkpoint is step-{good}: resume from it with --checkpoint.load_step={good}"
+            if good is not None
+            else "; no intact checkpoint is left in " + self.folder
+        )
         raise CheckpointError(f"checkpoint step-{bad} is damaged: {fmt.damage_summary(damaged[bad])}{hint}")
 
-    def load_path(self, path: str | os.PathLike, model_only: bool = False, verified: bool = False,
-                  hint: str = "") -> int:
+    def load_path(
+        self, path: str | os.PathLike, model_only: bool = False, verified: bool = False, hint: str = ""
+    ) -> int:
         """Restore from a checkpoint directory (a full trainer checkpoint, or a model-only one such as
         `python -m moonlight.convert hf-to-dcp` writes); `model_only` restores just the weights. Its
         files are checked against COMPLETE's sizes and checksums unless `verified`. A file that cannot
@@ -533,8 +592,9 @@ class Checkpointer:
         if not fmt.is_complete(path):
             if not os.path.isdir(path):
                 raise CheckpointError(f"checkpoint {path} does not exist")
-            raise CheckpointError(f"checkpoint {path} is incomplete (no {fmt.MARKER} marker or .metadata): "
-                                  "its save was interrupted")
+            raise CheckpointError(
+                f"checkpoint {path} is incomplete (no {fmt.MARKER} marker or .metadata): its save was interrupted"
+            )
         if not verified:
             fmt.check_intact(path)
         meta = fmt.read_meta(path)
@@ -554,14 +614,19 @@ class Checkpointer:
         except (KeyboardInterrupt, SystemExit, CheckpointError):
             raise
         except BaseException as e:  # DCP's CheckpointException is a BaseException
-            v1 = " (its COMPLETE marker, format_version 1, records no checksums to check it against)" if not \
-                fmt.recorded_files(path) else ""
-            raise CheckpointError(f"checkpoint {path} cannot be read, its files are damaged{v1}: "
-                                  f"{fmt.short_error(e)[:300]}{hint}") from None
+            v1 = (
+                " (its COMPLETE marker, format_version 1, records no checksums to check it against)"
+                if not fmt.recorded_files(path)
+                else ""
+            )
+            raise CheckpointError(
+                f"checkpoint {path} cannot be read, its files are damaged{v1}: {fmt.short_error(e)[:300]}{hint}"
+            ) from None
         for part in self.model_parts:
             keys = set(get_model_state_dict(part))
-            set_model_state_dict(part, {k: v for k, v in state["model"].items() if k in keys},
-                                 options=StateDictOptions(strict=not base))
+            set_model_state_dict(
+                part, {k: v for k, v in state["model"].items() if k in keys}, options=StateDictOptions(strict=not base)
+            )
         if with_optim:
             set_optimizer_state_dict(self._model, self._optim_list, state["optimizer"], options=_OPTIM_OPTIONS)
         step = int(meta.get("step", 0))
@@ -581,33 +646,49 @@ class Checkpointer:
         saved, mine = fmt.saved_lora(meta), self.lora
         if saved and not mine:
             settings = ", ".join(f"lora.{k} = {saved[k]!r}" for k in ("rank", "alpha", "dora", "targets") if k in saved)
-            raise CheckpointError(f"checkpoint {path} is a LoRA/DoRA run's: resume it with lora.enable = true "
-                                  f"({settings}), or start a new run (another job.dump_folder) from its merged export "
-                                  "(python -m moonlight.convert dcp-to-hf) as checkpoint.initial_load_hf")
+            raise CheckpointError(
+                f"checkpoint {path} is a LoRA/DoRA run's: resume it with lora.enable = true "
+                f"({settings}), or start a new run (another job.dump_folder) from its merged export "
+                "(python -m moonlight.convert dcp-to-hf) as checkpoint.initial_load_hf"
+            )
         if not saved or not mine:
             return
-        diffs = [f"{key} = {saved[key]!r} (this run: {mine[key]!r})" for key in ("rank", "alpha", "dora", "targets")
-                 if key in saved and key in mine
-                 and (sorted(saved[key]) != sorted(mine[key]) if key == "targets" else saved[key] != mine[key])]
+        diffs = [
+            f"{key} = {saved[key]!r} (this run: {mine[key]!r})"
+            for key in ("rank", "alpha", "dora", "targets")
+            if key in saved
+            and key in mine
+            and (sorted(saved[key]) != sorted(mine[key]) if key == "targets" else saved[key] != mine[key])
+        ]
         if diffs:
-            raise CheckpointError(f"checkpoint {path} was saved with lora.{'; lora.'.join(diffs)}: resume with those "
-                                  "settings, or start a new run (another job.dump_folder) from its merged export "
-                                  "(python -m moonlight.convert dcp-to-hf) as checkpoint.initial_load_hf")
+            raise CheckpointError(
+                f"checkpoint {path} was saved with lora.{'; lora.'.join(diffs)}: resume with those "
+                "settings, or start a new run (another job.dump_folder) from its merged export "
+                "(python -m moonlight.convert dcp-to-hf) as checkpoint.initial_load_hf"
+            )
 
     def _load_frozen_weights(self, path: str, base: str) -> None:
         """A checkpoint saved without its frozen weights: read them from its base first."""
         if self.load_base is None or self.base_weights is None:
-            raise CheckpointError(f"checkpoint {path} holds only the trained weights; its frozen base weights are "
-                                  f"read from {base}: set checkpoint.initial_load_hf = {base!r} to resume it")
+            raise CheckpointError(
+                f"checkpoint {path} holds only the trained weights; its frozen base weights are "
+                f"read from {base}: set checkpoint.initial_load_hf = {base!r} to resume it"
+            )
         if self.base_weights != base:
             if not getattr(self.cfg, "other_base", False):  # adapters on other weights: a different model
-                raise CheckpointError(f"checkpoint {path} was trained on the frozen weights in {base}, not "
-                                      f"checkpoint.initial_load_hf = {self.base_weights}: set it to {base!r}, or, "
-                                      "if this is the same base moved, set checkpoint.other_base = true")
+                raise CheckpointError(
+                    f"checkpoint {path} was trained on the frozen weights in {base}, not "
+                    f"checkpoint.initial_load_hf = {self.base_weights}: set it to {base!r}, or, "
+                    "if this is the same base moved, set checkpoint.other_base = true"
+                )
             if distributed.rank() == 0:
-                logger.warning("checkpoint: %s was saved with its frozen weights in %s; reading them from %s "
-                               "(checkpoint.initial_load_hf, checkpoint.other_base) instead", path, base,
-                               self.base_weights)
+                logger.warning(
+                    "checkpoint: %s was saved with its frozen weights in %s; reading them from %s "
+                    "(checkpoint.initial_load_hf, checkpoint.other_base) instead",
+                    path,
+                    base,
+                    self.base_weights,
+                )
         self.load_base(self.base_weights)
 
     def _check_keys(self, path: str, state: dict[str, Any]) -> None:
@@ -615,12 +696,17 @@ class Checkpointer:
         for top, sub in state.items():
             missing = sorted({f"{top}.{k}" for k in sub} - stored)
             if missing:
-                hint = (" (was the optimizer changed, e.g. adamw <-> muon?)" if top == "optimizer"
-                        else " (it holds no LoRA/DoRA adapters: start a LoRA run from it with "
-                             "checkpoint.initial_load_hf)"
-                        if all(is_adapter_name(m) for m in missing) else " (a different model?)")
-                raise CheckpointError(f"checkpoint {path} lacks {len(missing)} {top} entr(ies) this run needs, e.g. "
-                                      f"{[m[len(top) + 1:] for m in missing[:5]]}{hint}")
+                hint = (
+                    " (was the optimizer changed, e.g. adamw <-> muon?)"
+                    if top == "optimizer"
+                    else " (it holds no LoRA/DoRA adapters: start a LoRA run from it with checkpoint.initial_load_hf)"
+                    if all(is_adapter_name(m) for m in missing)
+                    else " (a different model?)"
+                )
+                raise CheckpointError(
+                    f"checkpoint {path} lacks {len(missing)} {top} entr(ies) this run needs, e.g. "
+                    f"{[m[len(top) + 1 :] for m in missing[:5]]}{hint}"
+                )
 
     def _load_train_state(self, path: str) -> None:
         ts = fmt.read_json(os.path.join(path, TRAIN_STATE))
@@ -646,8 +732,13 @@ class Checkpointer:
         if src == own:
             _set_rng(tensors, values)
         elif rank == 0 or meta.get("world_size") != distributed.world_size():
-            logger.warning("checkpoint: %s was saved by %s ranks, this run has %d: RNG states not restored on rank %d",
-                           path, meta.get("world_size"), distributed.world_size(), rank)
+            logger.warning(
+                "checkpoint: %s was saved by %s ranks, this run has %d: RNG states not restored on rank %d",
+                path,
+                meta.get("world_size"),
+                distributed.world_size(),
+                rank,
+            )
         for name, obj in self.extra_states.items():
             if name in values.get("extra", {}):
                 obj.load_state_dict(values["extra"][name])

@@ -75,16 +75,23 @@ def messages_problem(messages: Any) -> str | None:
 class ChatTemplate:
     """Renders conversations for one tokenizer; `jinja_template` None = the built-in format."""
 
-    def __init__(self, tokenizer: Any, jinja_template: str | None = None, template_vars: dict | None = None,
-                 source: str = "the tokenizer folder"):
+    def __init__(
+        self,
+        tokenizer: Any,
+        jinja_template: str | None = None,
+        template_vars: dict | None = None,
+        source: str = "the tokenizer folder",
+    ):
         self.tokenizer = tokenizer
         self.source = source  # named in errors: the tokenizer_config.json holding the template
         specials = getattr(tokenizer, "special_tokens", {})
         if jinja_template is None:
             missing = [t for t in (*_ROLE_TOKENS.values(), _MIDDLE, _END) if t not in specials]
             if missing:
-                raise DataError(f"the tokenizer has no {', '.join(missing)} token(s) for the built-in Moonlight chat "
-                                "format; use a tokenizer directory whose tokenizer_config.json has a chat_template")
+                raise DataError(
+                    f"the tokenizer has no {', '.join(missing)} token(s) for the built-in Moonlight chat "
+                    "format; use a tokenizer directory whose tokenizer_config.json has a chat_template"
+                )
             self._compiled = None
         else:
             self._compiled = _compile(jinja_template, source)
@@ -104,8 +111,11 @@ class ChatTemplate:
         if self._compiled is not None:
             return self._encode_text(self.render(messages, add_generation_prompt=True))
         sp = self._specials
-        return self._encode_builtin(messages)[0] + [sp[_ROLE_TOKENS["assistant"]], *self.tokenizer.encode("assistant"),
-                                                    sp[_MIDDLE]]
+        return self._encode_builtin(messages)[0] + [
+            sp[_ROLE_TOKENS["assistant"]],
+            *self.tokenizer.encode("assistant"),
+            sp[_MIDDLE],
+        ]
 
     def encode(self, messages: Sequence[dict]) -> tuple[list[int], list[bool]]:
         """(token ids, is-target flag per token) of one conversation."""
@@ -130,11 +140,14 @@ class ChatTemplate:
     def render(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
         try:
             with _time_budget(RENDER_SECONDS):
-                return self._compiled.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                             **self.template_vars)
+                return self._compiled.render(
+                    messages=list(messages), add_generation_prompt=add_generation_prompt, **self.template_vars
+                )
         except _Expired:
-            raise DataError(f"the chat_template of {self.source} did not render a conversation within "
-                            f"{RENDER_SECONDS:g} s (runaway loops?): fix or remove it") from None
+            raise DataError(
+                f"the chat_template of {self.source} did not render a conversation within "
+                f"{RENDER_SECONDS:g} s (runaway loops?): fix or remove it"
+            ) from None
         except Exception as e:  # the template's own failure (sandbox refusals, raise_exception, bad values)
             raise DataError(f"the chat_template of {self.source} failed: {type(e).__name__}: {e}") from None
 
@@ -155,11 +168,13 @@ class ChatTemplate:
             prompt = self.render(messages[:i], add_generation_prompt=True)
             turn = self.render(messages[: i + 1])
             if not (turn.startswith(prompt) and text.startswith(turn) and len(prompt) >= cut):
-                raise DataError("the chat template does not render a conversation by appending turns (a prefix "
-                                f"of it renders differently at assistant message {i}), so its assistant tokens "
-                                "cannot be located")
-            append(text[cut:len(prompt)], False)
-            append(text[len(prompt):len(turn)], True)
+                raise DataError(
+                    "the chat template does not render a conversation by appending turns (a prefix "
+                    f"of it renders differently at assistant message {i}), so its assistant tokens "
+                    "cannot be located"
+                )
+            append(text[cut : len(prompt)], False)
+            append(text[len(prompt) : len(turn)], True)
             cut = len(turn)
         append(text[cut:], False)
         return ids, targets
@@ -207,8 +222,9 @@ def _compile(template: str, source: str):
     def strftime_now(fmt):
         return datetime.datetime.now().strftime(fmt)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_Generation, jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols]
+    )
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now

@@ -89,12 +89,7 @@ def expand_paths(path: str, exts: tuple[str, ...], what: str, keys: DataKeys = D
     """A file, a directory (files with one of exts, sorted, recursively) or a glob; each a regular file."""
     path = os.path.expanduser(path)
     if os.path.isdir(path):
-        files = sorted(
-            os.path.join(root, f)
-            for root, _, fs in os.walk(path)
-            for f in fs
-            if f.endswith(exts)
-        )
+        files = sorted(os.path.join(root, f) for root, _, fs in os.walk(path) for f in fs if f.endswith(exts))
     elif os.path.exists(path):
         files = [path]
     else:
@@ -106,8 +101,14 @@ def expand_paths(path: str, exts: tuple[str, ...], what: str, keys: DataKeys = D
     stems = [f.removesuffix(".gz") for f in files]
     twice = sorted({f for f in stems if stems.count(f) > 1})
     if twice:
-        logger.warning("data: %s and %s.gz are both read (%d such pair(s)): the same documents twice? Remove one "
-                       "of each pair from %s", twice[0], twice[0], len(twice), keys("path"))
+        logger.warning(
+            "data: %s and %s.gz are both read (%d such pair(s)): the same documents twice? Remove one "
+            "of each pair from %s",
+            twice[0],
+            twice[0],
+            len(twice),
+            keys("path"),
+        )
     return files
 
 
@@ -118,8 +119,10 @@ def check_regular(path: str, keys: DataKeys = DATA_KEYS) -> None:
     except OSError:  # dangling or unreadable: named when it is read
         return
     if not stat.S_ISREG(mode):
-        raise DataError(f"{path} is not a regular file (a FIFO, device or socket would block or never end): "
-                        f"remove it from {keys('path')}")
+        raise DataError(
+            f"{path} is not a regular file (a FIFO, device or socket would block or never end): "
+            f"remove it from {keys('path')}"
+        )
 
 
 def expand_paths_or_none(path: str) -> list[str]:
@@ -176,13 +179,20 @@ class _Tally:
 
     def check(self, fix: str) -> None:
         if self.skipped > self.good and self.skipped >= self.MIN_MALFORMED:
-            raise DataError(f"{self.source}: {self.skipped} of {self.skipped + self.good} records are malformed "
-                            f"(first: {self.first}); {fix}")
+            raise DataError(
+                f"{self.source}: {self.skipped} of {self.skipped + self.good} records are malformed "
+                f"(first: {self.first}); {fix}"
+            )
 
 
 def read_jsonl(
-    paths: Sequence[str], text_key: str = "text", on_bad_line: str = "skip", bad: BadLines | None = None,
-    problem: Callable[[Any], str | None] = _text_problem, keys: DataKeys = DATA_KEYS, field_key: str = "text_key",
+    paths: Sequence[str],
+    text_key: str = "text",
+    on_bad_line: str = "skip",
+    bad: BadLines | None = None,
+    problem: Callable[[Any], str | None] = _text_problem,
+    keys: DataKeys = DATA_KEYS,
+    field_key: str = "text_key",
 ) -> Iterator[Any]:
     """Yield field text_key of every well-formed line (`problem(value)` says why a value is not
     usable, default: not a valid string); blank lines are ignored silently. A file with more
@@ -199,8 +209,9 @@ def read_jsonl(
         tally.check(f"is {keys.assign(field_key, text_key)} the field, and the file UTF-8 JSON lines?")
 
 
-def _jsonl_records(path: str, text_key: str, problem: Callable[[Any], str | None], keys: DataKeys
-                   ) -> Iterator[tuple[str, Any, str | None]]:
+def _jsonl_records(
+    path: str, text_key: str, problem: Callable[[Any], str | None], keys: DataKeys
+) -> Iterator[tuple[str, Any, str | None]]:
     """(where, field text_key, None) of each good line, (where, None, why) of each malformed one."""
     for lineno, raw in _numbered_lines(path, keys):
         where = f"{path}:{lineno}"
@@ -232,8 +243,7 @@ def _check_encoding(path: str, head: bytes) -> None:
     if head.startswith(b"\x1f\x8b") and not path.endswith(".gz"):
         raise DataError(f"{path} is gzip-compressed but not named .gz: rename it to {os.path.basename(path)}.gz")
     if head.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in head:
-        raise DataError(f"{path} is UTF-16 (or binary), not UTF-8 text: convert it, e.g. "
-                        "iconv -f UTF-16 -t UTF-8")
+        raise DataError(f"{path} is UTF-16 (or binary), not UTF-8 text: convert it, e.g. iconv -f UTF-16 -t UTF-8")
 
 
 def _numbered_lines(path: str, keys: DataKeys) -> Iterator[tuple[int, bytes | None]]:
@@ -254,11 +264,13 @@ def _numbered_lines(path: str, keys: DataKeys) -> Iterator[tuple[int, bytes | No
                     raw = None
                 yield lineno, raw
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-        raise DataError(f"{path}: corrupt or truncated gzip file after line {lineno} "
-                        f"({type(e).__name__}: {e})") from None
+        raise DataError(
+            f"{path}: corrupt or truncated gzip file after line {lineno} ({type(e).__name__}: {e})"
+        ) from None
     except OSError as e:  # unreadable: permissions, a dangling symlink, an I/O error
-        raise DataError(f"{path}: cannot read it ({e.strerror or e}); fix it or remove it from "
-                        f"{keys('path')}") from None
+        raise DataError(
+            f"{path}: cannot read it ({e.strerror or e}); fix it or remove it from {keys('path')}"
+        ) from None
 
 
 _HF_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".arrow": "arrow", ".csv": "csv"}
@@ -275,9 +287,16 @@ def _cause(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-def read_hf(path: str, text_key: str = "text", split: str = "train", on_bad_line: str = "skip",
-            bad: BadLines | None = None, problem: Callable[[Any], str | None] = _text_problem,
-            keys: DataKeys = DATA_KEYS, field_key: str = "text_key") -> Iterator[Any]:
+def read_hf(
+    path: str,
+    text_key: str = "text",
+    split: str = "train",
+    on_bad_line: str = "skip",
+    bad: BadLines | None = None,
+    problem: Callable[[Any], str | None] = _text_problem,
+    keys: DataKeys = DATA_KEYS,
+    field_key: str = "text_key",
+) -> Iterator[Any]:
     """Texts of a local HF dataset (save_to_disk directory, or data files). Offline only. field_key:
     the setting that names column text_key (chat: messages_key)."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -299,18 +318,23 @@ def read_hf(path: str, text_key: str = "text", split: str = "train", on_bad_line
                 raise DataError(f"{path_key} {path!r} has splits {list(ds)}, not {split_key}={split!r}")
             ds = ds[split]
         elif split != "train":  # a single dataset has no splits: the setting would be silently ignored
-            raise DataError(f"{path_key} {path!r} is a single dataset without splits; {split_key}={split!r} cannot "
-                            "apply (leave it at 'train', or save a DatasetDict)")
+            raise DataError(
+                f"{path_key} {path!r} is a single dataset without splits; {split_key}={split!r} cannot "
+                "apply (leave it at 'train', or save a DatasetDict)"
+            )
         where0 = path
     else:
         files = expand_paths(path, tuple(_HF_BUILDERS), "dataset", keys)
         builders = {_HF_BUILDERS[os.path.splitext(f)[1]] for f in files if os.path.splitext(f)[1] in _HF_BUILDERS}
         if len(builders) != 1:
-            raise DataError(f"{path_key} {path!r}: expected files of one kind ({', '.join(_HF_BUILDERS)}), "
-                            f"got {files[:5]}")
+            raise DataError(
+                f"{path_key} {path!r}: expected files of one kind ({', '.join(_HF_BUILDERS)}), got {files[:5]}"
+            )
         if split != "train":
-            raise DataError(f"{path_key} {path!r}: data files form one dataset without splits; {split_key}={split!r} "
-                            f"cannot apply (leave it at 'train', or point {path_key} at that split's files)")
+            raise DataError(
+                f"{path_key} {path!r}: data files form one dataset without splits; {split_key}={split!r} "
+                f"cannot apply (leave it at 'train', or point {path_key} at that split's files)"
+            )
         try:
             ds = datasets.load_dataset(builders.pop(), data_files=files, split="train")
         except unreadable as e:
@@ -335,8 +359,13 @@ def read_hf(path: str, text_key: str = "text", split: str = "train", on_bad_line
 def _progress(items: Iterable, source: str, unit: str) -> Iterable:
     """items, counted on rank 0's terminal while a large corpus is tokenized (every rank reads it all;
     no output when stderr is not a terminal)."""
-    return tqdm(items, desc=f"data: tokenizing {source}", unit=f" {unit}", mininterval=2.0,
-                disable=None if distributed.rank() == 0 else True)
+    return tqdm(
+        items,
+        desc=f"data: tokenizing {source}",
+        unit=f" {unit}",
+        mininterval=2.0,
+        disable=None if distributed.rank() == 0 else True,
+    )
 
 
 def encode_documents(texts: Iterable[str], tokenizer: Any, source: str) -> Iterator[np.ndarray]:
@@ -395,8 +424,13 @@ def tokenize_conversations(conversations: Iterable[list], template: Any, source:
         flags.append(np.asarray(targets, dtype=bool))
         silent += all(not m["content"].strip() for m in messages if m["role"] == "assistant")
     if silent:
-        logger.warning("data: %d of %d conversations in %s have only empty assistant turns: they train on the "
-                       "end-of-turn marker alone", silent, len(arrays), source)
+        logger.warning(
+            "data: %d of %d conversations in %s have only empty assistant turns: they train on the "
+            "end-of-turn marker alone",
+            silent,
+            len(arrays),
+            source,
+        )
     lengths = np.fromiter((a.shape[0] for a in arrays), dtype=np.int64, count=len(arrays))
     return ChatStore(
         tokens=[np.concatenate(arrays) if arrays else np.zeros(0, np.int32)],

@@ -22,9 +22,20 @@ import torch
 
 from moonlight.errors import DataError, failing
 from moonlight.data.chat import load_chat_template, messages_problem
-from moonlight.data.documents import (DATA_KEYS, BadLines, ChatStore, DataKeys, DocumentStore, expand_paths,
-                                      expand_paths_or_none, is_saved_dataset, read_hf, read_jsonl,
-                                      tokenize_conversations, tokenize_texts)
+from moonlight.data.documents import (
+    DATA_KEYS,
+    BadLines,
+    ChatStore,
+    DataKeys,
+    DocumentStore,
+    expand_paths,
+    expand_paths_or_none,
+    is_saved_dataset,
+    read_hf,
+    read_jsonl,
+    tokenize_conversations,
+    tokenize_texts,
+)
 from moonlight.data.megatron import load_megatron
 
 logger = logging.getLogger(__name__)
@@ -67,14 +78,22 @@ class DataSection:
     for chat)."""
 
     def problems(self) -> list[str]:
-        return failing([(bool(self.path), "data.path must not be empty"),
-                        (self.format == "hf" or self.split == "train",
-                         f"data.split = {self.split!r} applies to data.format = 'hf' only (a {self.format} dataset "
-                         "has no splits): leave it at 'train'"),
-                        (bool(self.text_key), "data.text_key must not be empty"),
-                        (bool(self.tokenizer), "data.tokenizer must not be empty"),
-                        (self.format != "chat" or bool(self.messages_key),
-                         "data.messages_key must not be empty (the conversation field)")])
+        return failing(
+            [
+                (bool(self.path), "data.path must not be empty"),
+                (
+                    self.format == "hf" or self.split == "train",
+                    f"data.split = {self.split!r} applies to data.format = 'hf' only (a {self.format} dataset "
+                    "has no splits): leave it at 'train'",
+                ),
+                (bool(self.text_key), "data.text_key must not be empty"),
+                (bool(self.tokenizer), "data.tokenizer must not be empty"),
+                (
+                    self.format != "chat" or bool(self.messages_key),
+                    "data.messages_key must not be empty (the conversation field)",
+                ),
+            ]
+        )
 
     def masks_documents(self) -> bool:
         """Whether packed documents see only themselves (document_mask; always for chat)."""
@@ -95,8 +114,15 @@ def load_documents(cfg_data: Any, tokenizer: Any, keys: DataKeys = DATA_KEYS) ->
         if files:
             rows = read_jsonl(files, key, bad=bad, problem=messages_problem, keys=keys, field_key="messages_key")
         else:
-            rows = read_hf(cfg_data.path, key, getattr(cfg_data, "split", "train"), bad=bad, problem=messages_problem,
-                           keys=keys, field_key="messages_key")
+            rows = read_hf(
+                cfg_data.path,
+                key,
+                getattr(cfg_data, "split", "train"),
+                bad=bad,
+                problem=messages_problem,
+                keys=keys,
+                field_key="messages_key",
+            )
         store = tokenize_conversations(rows, template, cfg_data.path, bad)
     elif fmt == "jsonl":
         files = expand_paths(cfg_data.path, (".jsonl", ".jsonl.gz"), "jsonl", keys)
@@ -107,8 +133,9 @@ def load_documents(cfg_data: Any, tokenizer: Any, keys: DataKeys = DATA_KEYS) ->
     elif fmt == "megatron":
         store = load_megatron(cfg_data.path, keys, tokenizer)
     else:
-        raise DataError(f"{keys('format')} must be {', '.join(map(repr, FORMATS[:-1]))} or {FORMATS[-1]!r}, "
-                        f"got {fmt!r}")
+        raise DataError(
+            f"{keys('format')} must be {', '.join(map(repr, FORMATS[:-1]))} or {FORMATS[-1]!r}, got {fmt!r}"
+        )
     if store.num_bad_lines:
         first = store.bad_lines[0] if store.bad_lines else ""
         logger.warning(
@@ -164,16 +191,27 @@ class PackedDataLoader:
         self.tokens_per_epoch = total
         self.sequences_per_epoch = max((total - 1) // seq_len, 0) if total else 0
         if self.sequences_per_epoch < 1:
-            skipped = (f" ({store.num_bad_lines} malformed record(s) skipped, first: {store.bad_lines[0]})"
-                       if store.num_bad_lines and store.bad_lines else "")
+            skipped = (
+                f" ({store.num_bad_lines} malformed record(s) skipped, first: {store.bad_lines[0]})"
+                if store.num_bad_lines and store.bad_lines
+                else ""
+            )
             raise DataError(
                 f"{keys('path')} {store.source!r}: {total} tokens in {store.num_documents} documents are fewer than "
                 f"one sequence of seq_len + 1 = {seq_len + 1} tokens{skipped}"
             )
         self._epoch_cache: tuple[int, np.ndarray, np.ndarray] | None = None
 
-    def _init_sharding(self, store: DocumentStore, seq_len: int, local_batch_size: int, dp_rank: int,
-                       dp_world: int, seed: int, shuffle: bool) -> None:
+    def _init_sharding(
+        self,
+        store: DocumentStore,
+        seq_len: int,
+        local_batch_size: int,
+        dp_rank: int,
+        dp_world: int,
+        seed: int,
+        shuffle: bool,
+    ) -> None:
         if seq_len < 1 or local_batch_size < 1:
             raise ValueError(f"seq_len and local_batch_size must be >= 1 (got {seq_len}, {local_batch_size})")
         if not 0 <= dp_rank < dp_world:
@@ -290,20 +328,23 @@ class PackedDataLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         state = {k: (int(v.item()) if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
         if int(state["seq_len"]) != self.seq_len:
-            raise DataError(
-                f"data state was saved with seq_len {state['seq_len']}, this run uses {self.seq_len}"
-            )
+            raise DataError(f"data state was saved with seq_len {state['seq_len']}, this run uses {self.seq_len}")
         mismatch = [
-            k for k, mine in (("seed", self.seed), ("shuffle", int(self.shuffle)),
-                              ("num_documents", self.store.num_documents),
-                              ("tokens_per_epoch", self.tokens_per_epoch),
-                              ("fingerprint", self.store.fingerprint()))
+            k
+            for k, mine in (
+                ("seed", self.seed),
+                ("shuffle", int(self.shuffle)),
+                ("num_documents", self.store.num_documents),
+                ("tokens_per_epoch", self.tokens_per_epoch),
+                ("fingerprint", self.store.fingerprint()),
+            )
             if k in state and int(state[k]) != int(mine)
         ]
         if mismatch:
             logger.warning(
                 "data: resuming with a different corpus or ordering (%s differ); the batches will "
-                "not match the original run", ", ".join(mismatch)
+                "not match the original run",
+                ", ".join(mismatch),
             )
         self.consumed = int(state["consumed_sequences"])
 
@@ -319,9 +360,19 @@ class ChatDataLoader(PackedDataLoader):
     Conversations longer than seq_len + 1 tokens are truncated to their first seq_len + 1 tokens
     (overflow="truncate") or left out (overflow="drop"); the counts are logged once."""
 
-    def __init__(self, store: ChatStore, seq_len: int, local_batch_size: int, dp_rank: int = 0, dp_world: int = 1,
-                 seed: int = 0, shuffle: bool = True, overflow: str = "truncate", pad_id: int = 0,
-                 keys: DataKeys = DATA_KEYS) -> None:
+    def __init__(
+        self,
+        store: ChatStore,
+        seq_len: int,
+        local_batch_size: int,
+        dp_rank: int = 0,
+        dp_world: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        overflow: str = "truncate",
+        pad_id: int = 0,
+        keys: DataKeys = DATA_KEYS,
+    ) -> None:
         self._init_sharding(store, seq_len, local_batch_size, dp_rank, dp_world, seed, shuffle)
         if overflow not in ("truncate", "drop"):
             raise DataError(f"{keys('chat_overflow')} must be 'truncate' or 'drop', got {overflow!r}")
@@ -345,15 +396,24 @@ class ChatDataLoader(PackedDataLoader):
         self.sequences_per_epoch = len(self.rows)
         self.tokens_per_epoch = int(self._lengths[kept].sum())
         if not store.num_documents:
-            raise DataError(f"{keys('path')} {store.source!r}: no conversations to train on (it is empty, or every "
-                            f"record was skipped as malformed: see the warnings above, and {keys('messages_key')})")
+            raise DataError(
+                f"{keys('path')} {store.source!r}: no conversations to train on (it is empty, or every "
+                f"record was skipped as malformed: see the warnings above, and {keys('messages_key')})"
+            )
         if not self.rows:
-            raise DataError(f"{keys('path')} {store.source!r}: no conversation fits in seq_len + 1 = {capacity} tokens "
-                            f"(raise training.seq_len or set {keys('chat_overflow')} = \"truncate\")")
-        logger.log(logging.WARNING if too_long.any() else logging.INFO,
-                   "data: %d conversations packed into %d rows of %d tokens; %d longer than that %s",
-                   len(kept), len(self.rows), capacity, int(too_long.sum()),
-                   "were truncated" if overflow == "truncate" else "were dropped")
+            raise DataError(
+                f"{keys('path')} {store.source!r}: no conversation fits in seq_len + 1 = {capacity} tokens "
+                f'(raise training.seq_len or set {keys("chat_overflow")} = "truncate")'
+            )
+        logger.log(
+            logging.WARNING if too_long.any() else logging.INFO,
+            "data: %d conversations packed into %d rows of %d tokens; %d longer than that %s",
+            len(kept),
+            len(self.rows),
+            capacity,
+            int(too_long.sum()),
+            "were truncated" if overflow == "truncate" else "were dropped",
+        )
         self._order_cache: tuple[int, np.ndarray] | None = None
 
     def _row_order(self, epoch: int) -> np.ndarray:
@@ -413,21 +473,37 @@ def build_dataloader(
     add_bos = bool(getattr(cfg_data, "add_bos", False)) and not chat
     add_eos = bool(getattr(cfg_data, "add_eos", True)) and not chat
     if add_bos and tokenizer.bos_id is None:
-        raise DataError(f"{keys('add_bos')} = true but the tokenizer has no bos token: set {keys('add_bos')} = false, "
-                        "or name bos_token in the tokenizer's tokenizer_config.json")
+        raise DataError(
+            f"{keys('add_bos')} = true but the tokenizer has no bos token: set {keys('add_bos')} = false, "
+            "or name bos_token in the tokenizer's tokenizer_config.json"
+        )
     if add_eos and tokenizer.eos_id is None:
-        raise DataError(f"{keys('add_eos')} = true but the tokenizer has no eos token: set {keys('add_eos')} = false, "
-                        "or name eos_token in the tokenizer's tokenizer_config.json")
+        raise DataError(
+            f"{keys('add_eos')} = true but the tokenizer has no eos token: set {keys('add_eos')} = false, "
+            "or name eos_token in the tokenizer's tokenizer_config.json"
+        )
     if store is None:
         store = load_documents(cfg_data, tokenizer, keys)
     if add_eos and _end_with(store, tokenizer.eos_id):
-        logger.warning("data: the documents of %s already end with the eos token (prepare_data --append-eos?) and "
-                       "%s = true adds another to each: set it to false", store.source, keys("add_eos"))
+        logger.warning(
+            "data: the documents of %s already end with the eos token (prepare_data --append-eos?) and "
+            "%s = true adds another to each: set it to false",
+            store.source,
+            keys("add_eos"),
+        )
     if cfg_data.format == "chat":  # the chat template decides the special tokens
-        return ChatDataLoader(store, seq_len=seq_len, local_batch_size=local_batch_size, dp_rank=dp_rank,
-                              dp_world=dp_world, seed=seed, shuffle=bool(getattr(cfg_data, "shuffle", True)),
-                              overflow=cfg_data.chat_overflow,
-                              pad_id=tokenizer.eos_id if tokenizer.eos_id is not None else 0, keys=keys)
+        return ChatDataLoader(
+            store,
+            seq_len=seq_len,
+            local_batch_size=local_batch_size,
+            dp_rank=dp_rank,
+            dp_world=dp_world,
+            seed=seed,
+            shuffle=bool(getattr(cfg_data, "shuffle", True)),
+            overflow=cfg_data.chat_overflow,
+            pad_id=tokenizer.eos_id if tokenizer.eos_id is not None else 0,
+            keys=keys,
+        )
     return PackedDataLoader(
         store,
         seq_len=seq_len,

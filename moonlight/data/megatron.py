@@ -17,8 +17,15 @@ import numpy as np
 
 from moonlight.errors import DataError
 from moonlight.outputs import check_output, os_error_reason
-from moonlight.data.documents import (DATA_KEYS, BadLines, DataKeys, DocumentStore, encode_documents, expand_paths,
-                                      read_jsonl)
+from moonlight.data.documents import (
+    DATA_KEYS,
+    BadLines,
+    DataKeys,
+    DocumentStore,
+    encode_documents,
+    expand_paths,
+    read_jsonl,
+)
 from moonlight.data.tokenizer import fingerprint
 
 logger = logging.getLogger(__name__)
@@ -27,7 +34,14 @@ SIDECAR = ".moonlight.json"  # beside <prefix>.bin/.idx: how they were made
 
 _MMIDIDX_MAGIC = b"MMIDIDX\x00\x00"
 _DTYPE_CODES = {
-    1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16,
+    1: np.uint8,
+    2: np.int8,
+    3: np.int16,
+    4: np.int32,
+    5: np.int64,
+    6: np.float64,
+    7: np.float32,
+    8: np.uint16,
 }
 _CODE_OF_DTYPE = {np.dtype(v): k for k, v in _DTYPE_CODES.items()}
 
@@ -55,8 +69,10 @@ class MegatronIndexedDataset:
         if not os.path.isfile(idx_path) or not os.path.isfile(bin_path):
             raise DataError(f"{prefix}: Megatron data needs both {idx_path} and {bin_path}")
         if os.path.getsize(idx_path) < header:
-            raise DataError(f"{idx_path}: truncated Megatron index ({os.path.getsize(idx_path)} bytes, "
-                            f"the header alone is {header})")
+            raise DataError(
+                f"{idx_path}: truncated Megatron index ({os.path.getsize(idx_path)} bytes, "
+                f"the header alone is {header})"
+            )
         with open(idx_path, "rb") as f:
             magic = f.read(9)
             if magic != _MMIDIDX_MAGIC:
@@ -74,8 +90,10 @@ class MegatronIndexedDataset:
         n, d = self.sequence_count, self.document_count
         need = offset + 12 * n + 8 * d
         if os.path.getsize(idx_path) < need:
-            raise DataError(f"{idx_path}: truncated Megatron index ({os.path.getsize(idx_path)} bytes, its header "
-                            f"announces {n} sequences and {d} document entries = {need} bytes)")
+            raise DataError(
+                f"{idx_path}: truncated Megatron index ({os.path.getsize(idx_path)} bytes, its header "
+                f"announces {n} sequences and {d} document entries = {need} bytes)"
+            )
         buf = np.memmap(idx_path, mode="r", dtype=np.uint8)
         self.sequence_lengths = np.frombuffer(buf, dtype=np.int32, count=n, offset=offset)
         offset += 4 * n
@@ -84,15 +102,17 @@ class MegatronIndexedDataset:
         self.document_indices = np.frombuffer(buf, dtype=np.int64, count=d, offset=offset)
         size = os.path.getsize(bin_path)
         if size % self.dtype.itemsize:
-            raise DataError(f"{bin_path}: {size} bytes is not a whole number of {self.dtype} tokens "
-                            "(truncated, or the .idx of another file?)")
+            raise DataError(
+                f"{bin_path}: {size} bytes is not a whole number of {self.dtype} tokens "
+                "(truncated, or the .idx of another file?)"
+            )
         ends = self.sequence_pointers + self.sequence_lengths.astype(np.int64) * self.dtype.itemsize
         if n and (int(ends.max()) > size or min(self.sequence_pointers.min(), self.sequence_lengths.min()) < 0):
-            raise DataError(f"{bin_path}: {size} bytes, but {idx_path} points up to byte {int(ends.max())} "
-                            "(a truncated .bin, or the .idx of another file)")
-        self.tokens = (
-            np.memmap(bin_path, mode="r", dtype=self.dtype) if size else np.zeros(0, dtype=self.dtype)
-        )
+            raise DataError(
+                f"{bin_path}: {size} bytes, but {idx_path} points up to byte {int(ends.max())} "
+                "(a truncated .bin, or the .idx of another file)"
+            )
+        self.tokens = np.memmap(bin_path, mode="r", dtype=self.dtype) if size else np.zeros(0, dtype=self.dtype)
 
     def __len__(self) -> int:
         return self.sequence_count
@@ -145,8 +165,10 @@ def check_megatron_output(prefix: str, overwrite: bool, how: str = "overwrite=Tr
     if not found:
         return
     if not overwrite:
-        raise DataError(f"{' and '.join(found)} already exist{'s' if len(found) == 1 else ''}; pass {how} "
-                        "to replace them, or pick another output prefix")
+        raise DataError(
+            f"{' and '.join(found)} already exist{'s' if len(found) == 1 else ''}; pass {how} "
+            "to replace them, or pick another output prefix"
+        )
     refuse = "refusing to replace it (remove it, or pick another output prefix)"
     for f in found:
         if os.path.islink(f) or not os.path.isfile(f):
@@ -179,8 +201,9 @@ class MegatronIndexedWriter:
         os.makedirs(folder, exist_ok=True)
         # hidden names that do not end in .bin/.idx, so no reader mistakes a partial file for data; the
         # pid keeps two concurrent writers apart
-        self._bin_tmp, self._idx_tmp = (os.path.join(folder, f".{name}{ext}.{os.getpid()}.tmp")
-                                        for ext in (".bin", ".idx"))
+        self._bin_tmp, self._idx_tmp = (
+            os.path.join(folder, f".{name}{ext}.{os.getpid()}.tmp") for ext in (".bin", ".idx")
+        )
         self._bin = open(self._bin_tmp, "wb")
         self._lengths = array("i")  # int32 per document: a list would take 9x the memory on a large corpus
         self.num_tokens = 0
@@ -192,14 +215,18 @@ class MegatronIndexedWriter:
     def add_document(self, tokens: Sequence[int] | np.ndarray) -> None:
         arr = np.asarray(tokens)
         if arr.size > np.iinfo(np.int32).max:
-            raise DataError(f"{self.prefix}: document {len(self._lengths)} has {arr.size} tokens, more than the "
-                            "format's int32 sequence lengths hold")
+            raise DataError(
+                f"{self.prefix}: document {len(self._lengths)} has {arr.size} tokens, more than the "
+                "format's int32 sequence lengths hold"
+            )
         if arr.size and self.dtype.kind in "iu":
             info = np.iinfo(self.dtype)
             lo, hi = int(arr.min()), int(arr.max())
             if lo < info.min or hi > info.max:
-                raise DataError(f"{self.prefix}: document {len(self._lengths)} holds token id "
-                                f"{lo if lo < info.min else hi}, outside {self.dtype}'s {info.min}..{info.max}")
+                raise DataError(
+                    f"{self.prefix}: document {len(self._lengths)} holds token id "
+                    f"{lo if lo < info.min else hi}, outside {self.dtype}'s {info.min}..{info.max}"
+                )
         self._bin.write(arr.astype(self.dtype, copy=False).tobytes(order="C"))
         self._lengths.append(int(arr.size))
         self.num_tokens += int(arr.size)
@@ -214,8 +241,11 @@ class MegatronIndexedWriter:
         _close_durably(self._bin)
         lengths = np.frombuffer(self._lengths, dtype=np.int32)
         doc_idx = np.arange(len(lengths) + 1, dtype=np.int64)  # one sequence per document
-        pointers = np.concatenate([[0], np.cumsum(lengths.astype(np.int64))[:-1]]) * self.dtype.itemsize \
-            if len(lengths) else np.zeros(0, np.int64)
+        pointers = (
+            np.concatenate([[0], np.cumsum(lengths.astype(np.int64))[:-1]]) * self.dtype.itemsize
+            if len(lengths)
+            else np.zeros(0, np.int64)
+        )
         with open(self._idx_tmp, "wb") as f:
             f.write(_MMIDIDX_MAGIC)
             f.write(struct.pack("<Q", 1))
@@ -263,8 +293,13 @@ def _close_durably(f: Any) -> None:
 def token_dtype(tokenizer: Any) -> np.dtype:
     """uint16 when every id the tokenizer has (its vocabulary and special tokens) fits, else int32
     (Megatron's rule, vocab_size < 65500, leaves the top ids unused)."""
-    top = max([tokenizer.vocab_size - 1, *tokenizer.special_tokens.values(),
-               *(i for i in (tokenizer.bos_id, tokenizer.eos_id) if i is not None)])
+    top = max(
+        [
+            tokenizer.vocab_size - 1,
+            *tokenizer.special_tokens.values(),
+            *(i for i in (tokenizer.bos_id, tokenizer.eos_id) if i is not None),
+        ]
+    )
     return np.dtype(np.uint16 if top <= np.iinfo(np.uint16).max else np.int32)
 
 
@@ -297,10 +332,15 @@ def build_megatron_from_jsonl(
     eos (data.add_eos = true); with it each document ends with the tokenizer's eos, so read them with
     data.add_eos = false. `keys` names the settings in error messages."""
     if append_eos and tokenizer.eos_id is None:
-        raise DataError("appending eos (--append-eos) needs an eos token, but the tokenizer has none: leave it off, "
-                        "or name eos_token in the tokenizer's tokenizer_config.json")
-    files = [f for p in ([paths] if isinstance(paths, str) else paths)
-             for f in expand_paths(p, (".jsonl", ".jsonl.gz"), "jsonl", keys)]
+        raise DataError(
+            "appending eos (--append-eos) needs an eos token, but the tokenizer has none: leave it off, "
+            "or name eos_token in the tokenizer's tokenizer_config.json"
+        )
+    files = [
+        f
+        for p in ([paths] if isinstance(paths, str) else paths)
+        for f in expand_paths(p, (".jsonl", ".jsonl.gz"), "jsonl", keys)
+    ]
     prefix = _megatron_prefix(out_prefix)
     for f in files:
         for out in (prefix + ".bin", prefix + ".idx"):
@@ -318,9 +358,11 @@ def build_megatron_from_jsonl(
                     continue
                 w.add_document(np.append(ids, tokenizer.eos_id) if append_eos else ids)
             if not w.num_documents:
-                raise DataError(f"{keys('path')} {source!r}: no documents to write ({empty} empty, {bad.count} "
-                                f"malformed lines skipped): check the files and {keys('text_key')}; nothing was "
-                                "written")
+                raise DataError(
+                    f"{keys('path')} {source!r}: no documents to write ({empty} empty, {bad.count} "
+                    f"malformed lines skipped): check the files and {keys('text_key')}; nothing was "
+                    "written"
+                )
             made = {"tokenizer_fingerprint": fingerprint(tokenizer), "append_eos": append_eos}
             sidecar = _write_sidecar(prefix, made)
     except BaseException as e:
@@ -329,10 +371,19 @@ def build_megatron_from_jsonl(
         if not isinstance(e, OSError):
             raise
         # the output side: input read errors are DataErrors already
-        raise DataError(f"{e.filename or prefix}: cannot write it ({os_error_reason(e)}); free space or fix "
-                        "permissions, or pick another output prefix") from None
-    return MegatronBuild(files=w.files, dtype=dtype, documents=w.num_documents, tokens=w.num_tokens,
-                         empty=empty, bad_lines=bad.count, first_bad_line=bad.reported[0] if bad.reported else None)
+        raise DataError(
+            f"{e.filename or prefix}: cannot write it ({os_error_reason(e)}); free space or fix "
+            "permissions, or pick another output prefix"
+        ) from None
+    return MegatronBuild(
+        files=w.files,
+        dtype=dtype,
+        documents=w.num_documents,
+        tokens=w.num_tokens,
+        empty=empty,
+        bad_lines=bad.count,
+        first_bad_line=bad.reported[0] if bad.reported else None,
+    )
 
 
 def _write_sidecar(prefix: str, record: dict) -> str:
@@ -370,8 +421,9 @@ def load_megatron(path: str, keys: DataKeys = DATA_KEYS, tokenizer: Any = None) 
         try:
             ds = MegatronIndexedDataset(prefix)
         except OSError as e:  # unreadable (permissions, a directory where a file belongs)
-            raise DataError(f"{e.filename or prefix}: cannot read it ({e.strerror or e}); fix it or point "
-                            f"{keys('path')} elsewhere") from None
+            raise DataError(
+                f"{e.filename or prefix}: cannot read it ({e.strerror or e}); fix it or point {keys('path')} elsewhere"
+            ) from None
         s, l = ds.document_spans()
         keep = l > 0
         tokens.append(ds.tokens)
@@ -380,9 +432,15 @@ def load_megatron(path: str, keys: DataKeys = DATA_KEYS, tokenizer: Any = None) 
         lengths.append(l[keep])
     other = [prefix for prefix in prefixes if tokenizer is not None and _made_with_another_tokenizer(prefix, tokenizer)]
     if other:
-        logger.warning("data: %d of %d Megatron file(s) in %s were tokenized with another tokenizer than %s "
-                       "(e.g. %s): their token ids mean other text; run prepare_data again with this tokenizer",
-                       len(other), len(prefixes), path, keys("tokenizer"), other[0])
+        logger.warning(
+            "data: %d of %d Megatron file(s) in %s were tokenized with another tokenizer than %s "
+            "(e.g. %s): their token ids mean other text; run prepare_data again with this tokenizer",
+            len(other),
+            len(prefixes),
+            path,
+            keys("tokenizer"),
+            other[0],
+        )
     return DocumentStore(
         tokens=tokens,
         file_ids=np.concatenate(fids),

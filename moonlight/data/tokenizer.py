@@ -29,8 +29,10 @@ __all__ = [
 ]
 
 # Text that any two different vocabularies split differently: the fingerprint encodes it.
-_PROBE = ("The quick brown fox jumps over the lazy dog; 0123456789 +-*/= {}[]()\n\tnaïve café Ünïcödé "
-          "日本語のテキスト 中文 한국어 Русский العربية emoji 🙂 def f(x): return x ** 2  # code")
+_PROBE = (
+    "The quick brown fox jumps over the lazy dog; 0123456789 +-*/= {}[]()\n\tnaïve café Ünïcödé "
+    "日本語のテキスト 中文 한국어 Русский العربية emoji 🙂 def f(x): return x ** 2  # code"
+)
 
 
 class Tokenizer(Protocol):
@@ -111,8 +113,14 @@ MOONLIGHT_PAT_STR = "|".join(
 # Moonlight reserves 256 + 2 special ids after the BPE ranks (163584 .. 163841).
 NUM_SPECIAL_TOKENS = 258
 DEFAULT_ADDITIONAL_SPECIALS = [  # ids 163586.. when tokenizer_config.json is absent
-    "<|im_end|>", "<|im_user|>", "<|im_assistant|>", "<|start_header_id|>",
-    "<|end_header_id|>", "[EOT]", "<|im_system|>", "<|im_middle|>",
+    "<|im_end|>",
+    "<|im_user|>",
+    "<|im_assistant|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "[EOT]",
+    "<|im_system|>",
+    "<|im_middle|>",
 ]
 # tiktoken slows down badly on very long strings / whitespace runs; split like Kimi does.
 _MAX_ENCODE_CHARS = 400_000
@@ -158,8 +166,9 @@ def _read_tiktoken_ranks(path: str) -> dict[bytes, int]:
                 token, rank = line.split()
                 ranks[base64.b64decode(token)] = int(rank)
             except ValueError:  # also binascii.Error
-                raise DataError(f"{path}:{number}: not a tiktoken ranks line (\"base64token rank\"): "
-                                f"{line[:80]!r}") from None
+                raise DataError(
+                    f'{path}:{number}: not a tiktoken ranks line ("base64token rank"): {line[:80]!r}'
+                ) from None
     return ranks
 
 
@@ -184,9 +193,7 @@ class TikTokenTokenizer:
                 names[int(k)] = v["content"] if isinstance(v, dict) else str(v)
             bos_tok = _token_str(cfg.get("bos_token")) or bos_tok
             eos_tok = _token_str(cfg.get("eos_token")) or eos_tok
-        self.special_tokens = {
-            names.get(i, f"<|reserved_token_{i}|>"): i for i in range(n, n + NUM_SPECIAL_TOKENS)
-        }
+        self.special_tokens = {names.get(i, f"<|reserved_token_{i}|>"): i for i in range(n, n + NUM_SPECIAL_TOKENS)}
         self.num_base_tokens = n
         self.model = tiktoken.Encoding(
             name=os.path.basename(model_file),
@@ -290,7 +297,7 @@ class HFTokenizer:
 
 
 def build_tokenizer(spec: str, what: str = "data.tokenizer") -> ByteTokenizer | TikTokenTokenizer | HFTokenizer:
-    """"byte" | a directory with tiktoken.model (or tokenizer.json) | a tiktoken ranks file |
+    """ "byte" | a directory with tiktoken.model (or tokenizer.json) | a tiktoken ranks file |
     a tokenizer.json file. `what` names the setting in errors."""
     if spec == "byte":
         return ByteTokenizer()
@@ -315,6 +322,12 @@ def build_tokenizer(spec: str, what: str = "data.tokenizer") -> ByteTokenizer | 
 def fingerprint(tokenizer) -> str:
     """A short hash of what a tokenizer turns text into (ids of a probe text, vocab size, special
     tokens): token files made with one tokenizer and read with another show as a mismatch."""
-    probe = [type(tokenizer).__name__, tokenizer.vocab_size, sorted(tokenizer.special_tokens.items()),
-             tokenizer.bos_id, tokenizer.eos_id, list(tokenizer.encode_batch([_PROBE])[0])]
+    probe = [
+        type(tokenizer).__name__,
+        tokenizer.vocab_size,
+        sorted(tokenizer.special_tokens.items()),
+        tokenizer.bos_id,
+        tokenizer.eos_id,
+        list(tokenizer.encode_batch([_PROBE])[0]),
+    ]
     return hashlib.sha256(json.dumps(probe).encode()).hexdigest()[:16]

@@ -44,8 +44,14 @@ class LatentCache:
     def __init__(self, args: ModelArgs, batch_size: int, max_len: int, dtype: torch.dtype, device):
         self.args, self.max_len = args, max_len
         # zeros, not empty: masked slots still meet the attention weights (0 * NaN would be NaN)
-        self.kv = torch.zeros(args.num_hidden_layers, batch_size, max_len, args.kv_lora_rank + args.qk_rope_head_dim,
-                              dtype=dtype, device=device)
+        self.kv = torch.zeros(
+            args.num_hidden_layers,
+            batch_size,
+            max_len,
+            args.kv_lora_rank + args.qk_rope_head_dim,
+            dtype=dtype,
+            device=device,
+        )
         self.layers = [self.kv[i] for i in range(args.num_hidden_layers)]
         self.is_token = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
@@ -74,7 +80,7 @@ class _WritesKeys:
 
     def gather_keys(self, latent, k_pe, cos, sin, impl):
         rotated = rotate_pairs(k_pe, cos, sin).to(k_pe.dtype)  # as rotate_rope_ rounds it in decode
-        self.cache_layer[:, :latent.shape[1]] = torch.cat([latent, rotated], dim=-1)
+        self.cache_layer[:, : latent.shape[1]] = torch.cat([latent, rotated], dim=-1)
         return self.inner.gather_keys(latent, k_pe, cos, sin, impl)
 
     def attention(self, q, k, v, scale, mask):
@@ -95,8 +101,9 @@ def _writing_keys(model: Moonlight, cache: LatentCache):
 
 
 @torch.no_grad()
-def prefill(model: Moonlight, tokens: torch.Tensor, cache: LatentCache,
-            attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def prefill(
+    model: Moonlight, tokens: torch.Tensor, cache: LatentCache, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Run the prompt tokens [B, S] (attention_mask [B, S]: 0 marks left padding) through the model's
     blocks into an empty cache; return the logits [B, V] of the last token. A token's position counts
     the real tokens before it; padding forms a document of its own that no real token sees."""
@@ -120,8 +127,15 @@ def prefill(model: Moonlight, tokens: torch.Tensor, cache: LatentCache,
     return model.lm_head(model.norm(h[:, -1]))
 
 
-def absorbed_attention(attn: MLA, x: torch.Tensor, cache_layer: torch.Tensor, slot: torch.Tensor, cos: torch.Tensor,
-                       sin: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+def absorbed_attention(
+    attn: MLA,
+    x: torch.Tensor,
+    cache_layer: torch.Tensor,
+    slot: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    allowed: torch.Tensor,
+) -> torch.Tensor:
     """MLA for one token a row, x [B, 1, H], over every slot of the layer's cache [B, max_len, C + R]
     (its own keys written at `slot` [1] first). cos/sin [B, 1, R/2]: its angles; allowed [B, 1, max_len]:
     the slots it sees."""
@@ -140,8 +154,9 @@ def absorbed_attention(attn: MLA, x: torch.Tensor, cache_layer: torch.Tensor, sl
     kv_b = attn.kv_b_proj.weight.view(-1, nope + a.v_head_dim, a.kv_lora_rank)  # [heads, nope + v, latent]
     q_nope, q_pe = q.split([nope, rope], dim=-1)
     q_latent = torch.einsum("bthd,hdc->bthc", q_nope, kv_b[:, :nope])  # W_UK absorbed into the query
-    scores = (torch.einsum("bthc,bsc->bhts", q_latent, latents)
-              + torch.einsum("bthr,bsr->bhts", q_pe, keys_pe)) * attn.softmax_scale
+    scores = (
+        torch.einsum("bthc,bsc->bhts", q_latent, latents) + torch.einsum("bthr,bsr->bhts", q_pe, keys_pe)
+    ) * attn.softmax_scale
     scores = scores.masked_fill(~allowed.unsqueeze(1), float("-inf"))
     probs = scores.softmax(dim=-1, dtype=torch.float32).to(x.dtype)
     out_latent = torch.einsum("bhts,bsc->bthc", probs, latents)

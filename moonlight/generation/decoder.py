@@ -43,8 +43,9 @@ def draw_noise_(noise: torch.Tensor, generator: torch.Generator | None = None) -
     return noise.exponential_(generator=generator).clamp_(min=torch.finfo(noise.dtype).tiny)
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """`sample_from` with fresh noise from generator."""
     noise = None
     if temperature > 0:
@@ -60,8 +61,8 @@ def pad_left(prompts: Sequence[Sequence[int]], pad_id: int = 0, device=None) -> 
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
     for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
-        mask[row, width - len(p):] = 1
+        ids[row, width - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[row, width - len(p) :] = 1
     return ids, mask
 
 
@@ -92,11 +93,14 @@ class Decoder:
     device and dtype; reusable for any prompt that fits. compile: the decode step compiled (default:
     on CUDA), with `backend`."""
 
-    def __init__(self, model: Moonlight, batch_size: int, max_len: int, compile: bool | None = None,
-                 backend: str = "inductor"):
+    def __init__(
+        self, model: Moonlight, batch_size: int, max_len: int, compile: bool | None = None, backend: str = "inductor"
+    ):
         if any(hasattr(m, "lora_a") for m in model.modules()):
-            raise ConfigError("generation reads kv_b_proj's weight directly: merge LoRA adapters first "
-                              "(moonlight.model.lora.merge_lora)")
+            raise ConfigError(
+                "generation reads kv_b_proj's weight directly: merge LoRA adapters first "
+                "(moonlight.model.lora.merge_lora)"
+            )
         p = next(model.parameters())
         self.model, self.batch_size, self.max_len = model, batch_size, max_len
         self.cache = LatentCache(model.args, batch_size, max_len, p.dtype, p.device)
@@ -127,16 +131,26 @@ class Decoder:
         self._step(self)
 
     @torch.no_grad()
-    def stream(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-               eos_token_id: int | None = None, attention_mask: torch.Tensor | None = None,
-               generator: torch.Generator | None = None, eos_check_every: int = 16) -> Iterator[torch.Tensor]:
+    def stream(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        eos_token_id: int | None = None,
+        attention_mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        eos_check_every: int = 16,
+    ) -> Iterator[torch.Tensor]:
         """Yield the next token of every row ([B], a view of `tokens`, final once yielded) each step, no
         host read between; rows that ended repeat eos. Stops after max_new_tokens, or once every row
         has produced eos (read every eos_check_every tokens)."""
         bsz, seqlen = input_ids.shape
         if bsz != self.batch_size or seqlen + max_new_tokens > self.max_len:
-            raise ConfigError(f"this Decoder holds {self.batch_size} rows of {self.max_len} tokens: got {bsz} rows "
-                              f"of {seqlen} + {max_new_tokens}")
+            raise ConfigError(
+                f"this Decoder holds {self.batch_size} rows of {self.max_len} tokens: got {bsz} rows "
+                f"of {seqlen} + {max_new_tokens}"
+            )
         self.temperature, self.top_p, self.eos_token_id = float(temperature), float(top_p), eos_token_id
         self.cache.reset()
         self.done.zero_()
@@ -165,8 +179,10 @@ class Decoder:
     @staticmethod
     def _raise_if(nonfinite: bool, generated: int) -> None:
         if nonfinite:
-            raise NonFiniteError(f"the model's logits are NaN/Inf (within the first {generated + 1} generated tokens): "
-                                 "its weights hold NaN/Inf, or --dtype float16 overflows (use bfloat16 or float32)")
+            raise NonFiniteError(
+                f"the model's logits are NaN/Inf (within the first {generated + 1} generated tokens): "
+                "its weights hold NaN/Inf, or --dtype float16 overflows (use bfloat16 or float32)"
+            )
 
 
 def check_request(max_new_tokens: int, temperature: float, top_p: float, attention_mask: torch.Tensor | None) -> None:

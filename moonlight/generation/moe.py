@@ -17,8 +17,9 @@ from moonlight.model import GroupedExperts, MoE
 from moonlight.model.model import swiglu
 
 
-def gathered_experts(experts: GroupedExperts, x: torch.Tensor, expert_ids: torch.Tensor,
-                     weights: torch.Tensor) -> torch.Tensor:
+def gathered_experts(
+    experts: GroupedExperts, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
     """x [T, H], expert_ids / weights [T, K] -> sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) [T, H],
     combined in fp32 as the training path's unpermute does."""
     t, k = expert_ids.shape

@@ -43,8 +43,7 @@ __all__ = [
 
 # "The attention linears" of MLA. q_proj exists when q_lora_rank is None (Moonlight), q_a_proj/q_b_proj
 # otherwise: those three may match nothing; any other target that matches no module is an error.
-DEFAULT_TARGETS = ("attn.q_proj", "attn.q_a_proj", "attn.q_b_proj", "attn.kv_a_proj", "attn.kv_b_proj",
-                   "attn.o_proj")
+DEFAULT_TARGETS = ("attn.q_proj", "attn.q_a_proj", "attn.q_b_proj", "attn.kv_a_proj", "attn.kv_b_proj", "attn.o_proj")
 _ALTERNATIVE_TARGETS = {"attn.q_proj", "attn.q_a_proj", "attn.q_b_proj"}
 _ADAPTER_SUFFIXES = (".lora_a.weight", ".lora_b.weight", ".magnitude")
 
@@ -125,12 +124,15 @@ class LoRALinear(nn.Linear):
         return merge_weight(self.weight, self.lora_a.weight, self.lora_b.weight, self.scale, self.magnitude)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-                f"alpha={self.alpha}, dora={self.use_dora}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"alpha={self.alpha}, dora={self.use_dora}"
+        )
 
 
-def merge_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
-                 magnitude: torch.Tensor | None = None) -> torch.Tensor:
+def merge_weight(
+    weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, magnitude: torch.Tensor | None = None
+) -> torch.Tensor:
     """W + scale * B A (LoRA) or m * (W + scale B A) / ||W + scale B A||_row (DoRA), computed in (at least)
     fp32 and returned in W's dtype."""
     dt = torch.promote_types(weight.dtype, torch.float32)
@@ -144,8 +146,14 @@ def _matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
-def apply_lora(model: nn.Module, targets: Iterable[str] = DEFAULT_TARGETS, rank: int = 8, alpha: float = 16.0,
-               dora: bool = False, dropout: float = 0.0) -> list[str]:
+def apply_lora(
+    model: nn.Module,
+    targets: Iterable[str] = DEFAULT_TARGETS,
+    rank: int = 8,
+    alpha: float = 16.0,
+    dora: bool = False,
+    dropout: float = 0.0,
+) -> list[str]:
     """Replace every nn.Linear whose name ends with one of `targets` (module-name suffixes, e.g.
     "attn.q_proj") by a LoRALinear; freeze every other parameter. Returns the adapted module names.
     Call before any parallel wrapping (FSDP may follow). Raises ValueError for a bad rank/alpha/
@@ -169,14 +177,21 @@ def apply_lora(model: nn.Module, targets: Iterable[str] = DEFAULT_TARGETS, rank:
         if not hits:
             if target in _ALTERNATIVE_TARGETS:
                 continue
-            linears = sorted({n.split(".", 2)[-1] if n.startswith("layers.") else n
-                              for n, m in modules.items() if isinstance(m, nn.Linear)})
-            raise ValueError(f"LoRA target {target!r} matches no module of the model; linear modules are "
-                             f"named like {linears}")
+            linears = sorted(
+                {
+                    n.split(".", 2)[-1] if n.startswith("layers.") else n
+                    for n, m in modules.items()
+                    if isinstance(m, nn.Linear)
+                }
+            )
+            raise ValueError(
+                f"LoRA target {target!r} matches no module of the model; linear modules are named like {linears}"
+            )
         for n in hits:
             if not isinstance(modules[n], nn.Linear):
-                raise ValueError(f"LoRA target {target!r} matches {n!r}, a {type(modules[n]).__name__}, not an "
-                                 "nn.Linear")
+                raise ValueError(
+                    f"LoRA target {target!r} matches {n!r}, a {type(modules[n]).__name__}, not an nn.Linear"
+                )
             if n not in chosen:
                 chosen.append(n)
     if not chosen:
@@ -203,8 +218,9 @@ class LoRAConverter:
 
     def convert(self, model: nn.Module) -> None:
         try:
-            self.adapted = apply_lora(model, self.targets, rank=self.rank, alpha=self.alpha, dora=self.dora,
-                                      dropout=self.dropout)
+            self.adapted = apply_lora(
+                model, self.targets, rank=self.rank, alpha=self.alpha, dora=self.dora, dropout=self.dropout
+            )
         except ValueError as e:
             raise ConfigError(f"lora: {e} (lora.targets = {list(self.targets)})") from None
 
@@ -213,8 +229,10 @@ class LoRAConverter:
 
     def describe(self, parts: Iterable[nn.Module]) -> str:
         trainable, total = count_params(parts)
-        return (f"{'DoRA' if self.dora else 'LoRA'} rank {self.rank} alpha {self.alpha:g} on {len(self.adapted)} "
-                f"modules: trainable {trainable:,} of {total:,} params ({100 * trainable / total:.3f}%)")
+        return (
+            f"{'DoRA' if self.dora else 'LoRA'} rank {self.rank} alpha {self.alpha:g} on {len(self.adapted)} "
+            f"modules: trainable {trainable:,} of {total:,} params ({100 * trainable / total:.3f}%)"
+        )
 
 
 def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
@@ -268,8 +286,9 @@ def merge_lora_state_dict(sd: dict[str, torch.Tensor], scales: dict[str, float])
         if a is None or b is None or w is None:
             continue  # not held here (another pipeline stage)
         out[f"{name}.weight"] = merge_weight(w, a, b, scale, sd.get(f"{name}.magnitude"))
-    leftover = [k for k in sd if is_adapter_name(k) and k.rsplit(".", 2 if k.endswith(".weight") else 1)[0]
-                not in scales]
+    leftover = [
+        k for k in sd if is_adapter_name(k) and k.rsplit(".", 2 if k.endswith(".weight") else 1)[0] not in scales
+    ]
     if leftover:
         raise ValueError(f"adapter keys without a known LoRA scale: {leftover[:5]}")
     return out

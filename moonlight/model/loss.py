@@ -9,6 +9,7 @@ become their softmax and then their gradient in place, which goes straight into 
 hidden states and of the head. One chunk's fp32 logits (`chunk_bytes`) is the peak. Details:
 docs/performance.md.
 """
+
 from __future__ import annotations
 
 import torch
@@ -45,7 +46,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if not with_grads:
                 continue
             # d loss / d logits = softmax - one_hot(label); ignored tokens are zeroed on the H-wide side
-            probs.scatter_add_(1, safe_labels[rows], minus_one[:probs.shape[0]])
+            probs.scatter_add_(1, safe_labels[rows], minus_one[: probs.shape[0]])
             grad_logits = probs.to(hidden.dtype)
             if wants_hidden:
                 torch.mm(grad_logits, weight, out=grad_hidden[rows])
@@ -68,8 +69,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (grad_hidden * grad_total if grad_hidden is not None else None, grad_weight, None, None, None, None)
 
 
-def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int = -100,
-                         chunk_bytes: int = 512 << 20) -> Tensor:
+def linear_cross_entropy(
+    hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int = -100, chunk_bytes: int = 512 << 20
+) -> Tensor:
     """Sum over the tokens with label != ignore_index of -log softmax(hidden @ weight.T)[label], in fp32
     (fp64 for fp64 inputs).
 
@@ -77,8 +79,10 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_
     labels [N]. Chunks of `chunk_bytes` fp32 logits each; differentiable w.r.t. hidden and weight.
     """
     if hasattr(weight, "to_local"):
-        raise TypeError("linear_cross_entropy needs the whole lm_head weight; a vocab-sharded head (tensor "
-                        "parallel) takes moonlight.parallel.cross_entropy_loss on its logits")
+        raise TypeError(
+            "linear_cross_entropy needs the whole lm_head weight; a vocab-sharded head (tensor "
+            "parallel) takes moonlight.parallel.cross_entropy_loss on its logits"
+        )
     chunk_rows = max(1, chunk_bytes // (4 * weight.shape[0]))
     with_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, chunk_rows, with_grads)
@@ -92,5 +96,6 @@ def cross_entropy_from_hidden(hidden: Tensor, lm_head: nn.Module, labels: Tensor
     fp32 logits; any other head (a converter's, e.g. LoRA) makes its logits with its own forward."""
     if getattr(lm_head, "plain_linear", False):
         return linear_cross_entropy(hidden.flatten(0, -2), lm_head.weight, labels.flatten(), ignore_index)
-    return F.cross_entropy(at_least_fp32(lm_head(hidden).flatten(0, -2)), labels.flatten(), ignore_index=ignore_index,
-                           reduction="sum")
+    return F.cross_entropy(
+        at_least_fp32(lm_head(hidden).flatten(0, -2)), labels.flatten(), ignore_index=ignore_index, reduction="sum"
+    )

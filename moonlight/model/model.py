@@ -56,8 +56,9 @@ def _rope_tables(seqlen: int, rope_dim: int, theta: float, device: torch.device)
         return rope_tables(seqlen, rope_dim, theta, device)
 
 
-def rope_angles(args: ModelArgs, seqlen: int, positions: torch.Tensor | None,
-                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_angles(
+    args: ModelArgs, seqlen: int, positions: torch.Tensor | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The RoPE cos/sin of one forward, shared by every layer: the tables [L, R/2] (a layer takes
     rows 0..S-1), or with positions [B, S] (packed documents, context-parallel slices) each token's
     own [B, S, R/2]. Made outside the layers, so a compiled layer takes them as inputs instead of
@@ -71,11 +72,13 @@ def rope_angles(args: ModelArgs, seqlen: int, positions: torch.Tensor | None,
 class KeyExchange(Protocol):
     """MLA's access to the keys of the rest of each sequence (`MLA.key_exchange`)."""
 
-    def gather_keys(self, latent: torch.Tensor, k_pe: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                    impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]: ...
+    def gather_keys(
+        self, latent: torch.Tensor, k_pe: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, impl: str
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                  mask: DocumentMask | None) -> torch.Tensor: ...
+    def attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: DocumentMask | None
+    ) -> torch.Tensor: ...
 
 
 class SequenceSplit(Protocol):
@@ -94,8 +97,9 @@ class Dispatcher(Protocol):
 
     communicates: bool
 
-    def dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int, impl: str
-                 ) -> tuple[torch.Tensor, torch.Tensor, object]: ...
+    def dispatch(
+        self, x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int, impl: str
+    ) -> tuple[torch.Tensor, torch.Tensor, object]: ...
 
     def combine(self, y: torch.Tensor, weights: torch.Tensor, state: object, impl: str) -> torch.Tensor: ...
 
@@ -106,20 +110,23 @@ class LocalKeyExchange:
     `MLA.key_exchange` for an object with the same two methods that holds a slice of every sequence
     and reaches the others over its group."""
 
-    def gather_keys(self, latent: torch.Tensor, k_pe: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                    impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def gather_keys(
+        self, latent: torch.Tensor, k_pe: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, impl: str
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """MLA's keys [B, S_local, C] (the normalized latent, the rope key k_pe) and their RoPE tables ->
         those of the keys the local queries may see, in sequence order, with the tables that rotate
         the returned k_pe (`mla_rope_key` applies them)."""
         return latent, k_pe, cos, sin
 
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                  mask: DocumentMask | None) -> torch.Tensor:
+    def attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: DocumentMask | None
+    ) -> torch.Tensor:
         """q [B, S, heads, D], k/v [B, S_keys, heads, D] (from `gather_keys`) -> [B, S, heads, D]."""
         if mask is not None:
             return mask.attention(q, k, v, scale)
-        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                              is_causal=True, scale=scale).transpose(1, 2)
+        return F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=scale
+        ).transpose(1, 2)
 
 
 class MLA(nn.Module):
@@ -140,7 +147,7 @@ class MLA(nn.Module):
         self.kv_norm = RMSNorm(args.kv_lora_rank, args.latent_norm_eps, args.kernels)
         self.kv_b_proj = nn.Linear(args.kv_lora_rank, heads * (args.qk_nope_head_dim + args.v_head_dim), bias=False)
         self.o_proj = nn.Linear(heads * args.v_head_dim, h, bias=False)
-        self.softmax_scale = args.qk_head_dim ** -0.5
+        self.softmax_scale = args.qk_head_dim**-0.5
         self.pad_v: bool | None = None  # None: decided per call by `pads_v`
         self.key_exchange: KeyExchange = LocalKeyExchange()
 
@@ -151,8 +158,9 @@ class MLA(nn.Module):
             return self.pad_v
         return not x.is_cuda or (mask is not None and mask.varlen)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                mask: DocumentMask | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: DocumentMask | None = None
+    ) -> torch.Tensor:
         """x [B, S, hidden]; rope: the cos/sin of `rope_angles`."""
         a = self.args
         bsz, seqlen, _ = x.shape
@@ -197,8 +205,13 @@ class DocumentMask:
 
     varlen_devices = ("cuda",)
 
-    def __init__(self, document_ids: torch.Tensor, dtype: torch.dtype, device: torch.device | None = None,
-                 varlen: bool | None = None):
+    def __init__(
+        self,
+        document_ids: torch.Tensor,
+        dtype: torch.dtype,
+        device: torch.device | None = None,
+        varlen: bool | None = None,
+    ):
         bsz, seqlen = document_ids.shape
         device = document_ids.device if device is None else torch.device(device)
         if varlen is None:
@@ -230,11 +243,21 @@ class DocumentMask:
         """q, k, v [B, S, heads, D] -> [B, S, heads, D]."""
         if self.varlen:
             bsz, seqlen = q.shape[:2]
-            out = varlen_attn(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), self.cu_seqlens, self.cu_seqlens,
-                              self.max_len, self.max_len, scale=scale, window_size=(-1, 0))
+            out = varlen_attn(
+                q.flatten(0, 1),
+                k.flatten(0, 1),
+                v.flatten(0, 1),
+                self.cu_seqlens,
+                self.cu_seqlens,
+                self.max_len,
+                self.max_len,
+                scale=scale,
+                window_size=(-1, 0),
+            )
             return out.view(bsz, seqlen, *out.shape[1:])
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             attn_mask=self.dense, scale=scale)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=self.dense, scale=scale
+        )
         return out.transpose(1, 2)
 
 
@@ -320,8 +343,9 @@ class Router(nn.Module):
         nn.init.normal_(self.weight, std=std)
         self.expert_bias.zero_()
 
-    def forward(self, x: torch.Tensor, sequences: SequenceSplit = WHOLE_SEQUENCES
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, sequences: SequenceSplit = WHOLE_SEQUENCES
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [T, H] -> (weights [T, K], expert ids [T, K], scores [T, E]; fp32, or fp64 for fp64 x).
         ``sequences``: the MoE layer's (its weight's gradient must sum the tokens of every part)."""
         a = self.args
@@ -329,8 +353,16 @@ class Router(nn.Module):
         logits = F.linear(at_least_fp32(x), sequences.shared_weight(at_least_fp32(self.weight)))
         # group-limited routing (n_group > 1) has the reference only
         impl = resolve_impl(a.kernels, x.device) if a.n_group == 1 else "torch"
-        return route_topk(logits, self.expert_bias, a.num_experts_per_tok, a.routed_scaling_factor,
-                          a.norm_topk_prob, a.n_group, a.topk_group, impl=impl)
+        return route_topk(
+            logits,
+            self.expert_bias,
+            a.num_experts_per_tok,
+            a.routed_scaling_factor,
+            a.norm_topk_prob,
+            a.n_group,
+            a.topk_group,
+            impl=impl,
+        )
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -367,8 +399,9 @@ class LocalDispatcher:
         return unpermute_tokens(y, state, weights, impl=impl)
 
 
-def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
-                   down: torch.Tensor) -> torch.Tensor:
+def grouped_swiglu(
+    x: torch.Tensor, counts: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor
+) -> torch.Tensor:
     """SwiGLU of each expert on its contiguous group of rows. x [N, H]; counts [E]; gate/up [E, I, H];
     down [E, H, I]."""
     if uses_grouped_mm(x):
@@ -444,8 +477,9 @@ class _ProbSums(torch.autograd.Function):
         return (grad - (probs * grad).sum(-1, keepdim=True)).view(total.shape[0], -1).div_(total), None
 
 
-def sequence_aux_loss(scores: torch.Tensor, expert_ids: torch.Tensor, bsz: int, top_k: int,
-                      sequences: SequenceSplit = WHOLE_SEQUENCES) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_aux_loss(
+    scores: torch.Tensor, expert_ids: torch.Tensor, bsz: int, top_k: int, sequences: SequenceSplit = WHOLE_SEQUENCES
+) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek-V3's sequence-wise balance loss sum_i f_i * P_i, averaged over sequences.
     P_i: mean over the sequence of the sigmoid scores normalized over all experts; f_i: the fraction
     of the sequence's routing choices that picked expert i, times E / K.
@@ -531,13 +565,15 @@ class MoE(nn.Module):
         self.args = args
         self.router = Router(args)
         self.experts = GroupedExperts(args)
-        self.shared_experts = (MLP(args.hidden_size, args.n_shared_experts * args.moe_intermediate_size)
-                               if args.n_shared_experts else None)
+        self.shared_experts = (
+            MLP(args.hidden_size, args.n_shared_experts * args.moe_intermediate_size) if args.n_shared_experts else None
+        )
         # Token choices per expert in training mode since the trainer last read them (bias update, metrics).
         # Counted on the device (the trainer reduces them once per step); int64 stays exact whatever
         # dtype the model is cast to.
-        self.register_buffer("tokens_per_expert", torch.zeros(args.n_routed_experts, dtype=torch.long),
-                             persistent=False)
+        self.register_buffer(
+            "tokens_per_expert", torch.zeros(args.n_routed_experts, dtype=torch.long), persistent=False
+        )
         self.aux_loss_coeff = args.aux_loss_alpha if args.seq_aux else 0.0
         self.last_aux_loss: torch.Tensor | None = None
         self.sequence_split: SequenceSplit = WHOLE_SEQUENCES  # swapped when each process routes a sequence part
@@ -562,8 +598,9 @@ class MoE(nn.Module):
             out = self.experts(x_routed, expert_ids, weights) + side.join(shared)
         out = out.view(shape)
         if self.training and self.aux_loss_coeff > 0 and torch.is_grad_enabled():
-            share, value = sequence_aux_loss(scores, expert_ids, shape[0], self.args.num_experts_per_tok,
-                                             self.sequence_split)
+            share, value = sequence_aux_loss(
+                scores, expert_ids, shape[0], self.args.num_experts_per_tok, self.sequence_split
+            )
             self.last_aux_loss = self.aux_loss_coeff * value
             out = _AttachAuxLoss.apply(out, self.aux_loss_coeff * share)
         return out
@@ -579,8 +616,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps, args.kernels)
         self.ffn = MoE(args) if args.is_moe_layer(layer_id) else MLP(args.hidden_size, args.intermediate_size)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                mask: DocumentMask | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: DocumentMask | None = None
+    ) -> torch.Tensor:
         # rope and mask as keywords: tensor-parallel input plans describe the positional x only
         x = x + self.attn(self.attn_norm(x), rope=rope, mask=mask)
         return x + self.ffn(self.ffn_norm(x))
@@ -606,8 +644,13 @@ class Moonlight(nn.Module):
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.lm_head.plain_linear = True  # logits = x @ weight.T: the loss may read the weight (loss.py)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                document_ids: torch.Tensor | None = None, return_hidden: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
         """tokens [B, S] -> logits [B, S, V]. positions / document_ids [B, S]: RoPE positions and packed
         documents (attention stays within a document). return_hidden: the final hidden states [B, S, H]
         instead (after the norm), for `moonlight.model.loss.cross_entropy_from_hidden`; a keyword rather

@@ -32,8 +32,12 @@ _all_gather_autograd = getattr(funcol, "all_gather_single_autograd", None) or fu
 def zigzag_indices(seq_len: int, cp: int, rank: int) -> torch.Tensor:
     """The global positions (in order) of the tokens CP rank ``rank`` holds of a ``seq_len`` sequence."""
     chunk = seq_len // (2 * cp)
-    return torch.cat([torch.arange(rank * chunk, (rank + 1) * chunk),
-                      torch.arange((2 * cp - 1 - rank) * chunk, (2 * cp - rank) * chunk)])
+    return torch.cat(
+        [
+            torch.arange(rank * chunk, (rank + 1) * chunk),
+            torch.arange((2 * cp - 1 - rank) * chunk, (2 * cp - rank) * chunk),
+        ]
+    )
 
 
 def zigzag_slice(x: torch.Tensor, cp: int, rank: int, dim: int = 1) -> torch.Tensor:
@@ -62,11 +66,14 @@ class ContextParallelKeyExchange:
         """The global chunk indices of the local first and second half."""
         return self.rank, 2 * self.cp - 1 - self.rank
 
-    def gather_keys(self, latent: torch.Tensor, k_pe: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                    impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def gather_keys(
+        self, latent: torch.Tensor, k_pe: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, impl: str
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         if cos.dim() != 3:
-            raise ValueError("context parallel needs each token's global RoPE position: pass positions "
-                             "(ParallelRun.shard_sequence makes them)")
+            raise ValueError(
+                "context parallel needs each token's global RoPE position: pass positions "
+                "(ParallelRun.shard_sequence makes them)"
+            )
         # k_pe is rotated here, with its own tokens' angles, so the gathered rope keys need no angles of
         # the other ranks' tokens: the returned tables are the identity rotation
         k_pe = rotate_rope_(k_pe, cos, sin, k_pe.shape[-1], impl=impl)
@@ -81,8 +88,9 @@ class ContextParallelKeyExchange:
 
     def _causal_masks(self, chunk: int, device: torch.device) -> list[torch.Tensor]:
         """Per local query chunk at global chunk c: [L, (c + 1) * L] bool, query j sees keys <= c * L + j."""
-        return [torch.ones(chunk, (c + 1) * chunk, dtype=torch.bool, device=device).tril(c * chunk)
-                for c in self._chunks()]
+        return [
+            torch.ones(chunk, (c + 1) * chunk, dtype=torch.bool, device=device).tril(c * chunk) for c in self._chunks()
+        ]
 
     def _document_masks(self, mask: DocumentMask, chunk: int) -> list[torch.Tensor]:
         """Per local query chunk: [B, 1, L, (c + 1) * L] bool, same document and causal. Built by the
@@ -94,22 +102,26 @@ class ContextParallelKeyExchange:
             ids = _sequence_order(gathered, self.cp)
             masks = []
             for half, (c, causal) in enumerate(zip(self._chunks(), self._causal_masks(chunk, local.device))):
-                q_ids, k_ids = local[:, half * chunk:(half + 1) * chunk], ids[:, : (c + 1) * chunk]
+                q_ids, k_ids = local[:, half * chunk : (half + 1) * chunk], ids[:, : (c + 1) * chunk]
                 masks.append(((q_ids[:, :, None] == k_ids[:, None, :]) & causal).unsqueeze(1))
             mask.derived[key] = masks
         return mask.derived[key]
 
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                  mask: DocumentMask | None) -> torch.Tensor:
+    def attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: DocumentMask | None
+    ) -> torch.Tensor:
         chunk = q.shape[1] // 2
-        masks = (self._document_masks(mask, chunk) if mask is not None
-                 else self._causal_masks(chunk, q.device))
+        masks = self._document_masks(mask, chunk) if mask is not None else self._causal_masks(chunk, q.device)
         outs = []
         for half, (c, allowed) in enumerate(zip(self._chunks(), masks)):
             keys = (c + 1) * chunk
-            out = F.scaled_dot_product_attention(q[:, half * chunk:(half + 1) * chunk].transpose(1, 2),
-                                                 k[:, :keys].transpose(1, 2), v[:, :keys].transpose(1, 2),
-                                                 attn_mask=allowed, scale=scale)
+            out = F.scaled_dot_product_attention(
+                q[:, half * chunk : (half + 1) * chunk].transpose(1, 2),
+                k[:, :keys].transpose(1, 2),
+                v[:, :keys].transpose(1, 2),
+                attn_mask=allowed,
+                scale=scale,
+            )
             outs.append(out.transpose(1, 2))
         return torch.cat(outs, dim=1)
 

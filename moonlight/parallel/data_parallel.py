@@ -20,8 +20,12 @@ from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Shard
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.checkpoint import (CheckpointPolicy, SelectiveCheckpointContext, checkpoint,
-                                    create_selective_checkpoint_contexts)
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    SelectiveCheckpointContext,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+)
 
 import moonlight.kernels.grouped_mm  # noqa: F401  (registers torch.ops.moonlight.grouped_mm, named in SAVED_OPS)
 from moonlight.dtypes import is_mixed, to_dtype
@@ -31,18 +35,26 @@ AC_MODES = ("none", "selective", "full", "op")
 
 _aten = torch.ops.aten
 # Ops whose outputs "op" checkpointing keeps (torchtitan's _save_list, with every matmul kept).
-SAVED_OPS = frozenset({
-    _aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten._grouped_mm.default,
-    torch.ops.moonlight.grouped_mm.default,
-    _aten._scaled_dot_product_flash_attention.default, _aten._scaled_dot_product_flash_attention_for_cpu.default,
-    _aten._scaled_dot_product_efficient_attention.default, _aten._scaled_dot_product_cudnn_attention.default,
-    _aten._scaled_dot_product_attention_math.default,
-    _aten._scaled_dot_product_fused_attention_overrideable.default, torch.ops.torch_attn._varlen_attn.default,
-    torch.ops._c10d_functional.all_to_all_single.default,
-    torch.ops._c10d_functional_autograd.all_to_all_single.default,
-    torch.ops._c10d_functional.all_gather_into_tensor.default,  # context parallel's gathered keys
-    torch.ops._c10d_functional_autograd.all_gather_into_tensor.default,
-})
+SAVED_OPS = frozenset(
+    {
+        _aten.mm.default,
+        _aten.addmm.default,
+        _aten.bmm.default,
+        _aten._grouped_mm.default,
+        torch.ops.moonlight.grouped_mm.default,
+        _aten._scaled_dot_product_flash_attention.default,
+        _aten._scaled_dot_product_flash_attention_for_cpu.default,
+        _aten._scaled_dot_product_efficient_attention.default,
+        _aten._scaled_dot_product_cudnn_attention.default,
+        _aten._scaled_dot_product_attention_math.default,
+        _aten._scaled_dot_product_fused_attention_overrideable.default,
+        torch.ops.torch_attn._varlen_attn.default,
+        torch.ops._c10d_functional.all_to_all_single.default,
+        torch.ops._c10d_functional_autograd.all_to_all_single.default,
+        torch.ops._c10d_functional.all_gather_into_tensor.default,  # context parallel's gathered keys
+        torch.ops._c10d_functional_autograd.all_gather_into_tensor.default,
+    }
+)
 _IN_PLACE_ROPE = torch.ops.moonlight.rotate_rope_.default
 # torch >= 2.13 calls the policy after each op, with its output; older releases (2.11) call it before
 # the op, so there a dispatch mode above checkpointing's records the kept outputs (`_KeptOutputs`).
@@ -81,8 +93,9 @@ class _SavePolicy:
 
     def keep(self, output) -> None:
         """Note the storage of a kept op's output (a tensor or a tuple/list of them)."""
-        self.kept_addresses.update(_storage_address(t) for t in (output if isinstance(output, (tuple, list))
-                                                                 else (output,)))
+        self.kept_addresses.update(
+            _storage_address(t) for t in (output if isinstance(output, (tuple, list)) else (output,))
+        )
         self.kept_addresses.discard(None)
 
     def __call__(self, ctx, op, *args, **kwargs) -> CheckpointPolicy:
@@ -169,9 +182,15 @@ def apply_activation_checkpointing(model: nn.Module, mode: str = "none") -> nn.M
 
 
 # ----------------------------------------------------------------------------------- FSDP2
-def apply_fsdp(model: nn.Module, mesh, *, param_dtype: str | torch.dtype = "float32",
-               reduce_dtype: str | torch.dtype = "float32", reshard_after_forward: bool = True,
-               ep_enabled: bool = False) -> nn.Module:
+def apply_fsdp(
+    model: nn.Module,
+    mesh,
+    *,
+    param_dtype: str | torch.dtype = "float32",
+    reduce_dtype: str | torch.dtype = "float32",
+    reshard_after_forward: bool = True,
+    ep_enabled: bool = False,
+) -> nn.Module:
     """fully_shard the embedding, every block (router included), (with EP) every block's routed
     experts, the final norm with lm_head, then the root; set explicit prefetching between them.
 
@@ -220,8 +239,13 @@ def _shard_experts(experts: nn.Module, mesh, mp: MixedPrecisionPolicy, reshard_a
     def placement(param, _dim=0 if local_experts % efsdp == 0 else 1):
         return Shard(_dim)
 
-    fully_shard(experts, mesh=mesh["expert_fsdp"], mp_policy=mp, reshard_after_forward=reshard_after_forward,
-                shard_placement_fn=placement)
+    fully_shard(
+        experts,
+        mesh=mesh["expert_fsdp"],
+        mp_policy=mp,
+        reshard_after_forward=reshard_after_forward,
+        shard_placement_fn=placement,
+    )
     # Each expert's gradient sums the tokens of its ep token shards; average over all dp x cp shards.
     experts.set_gradient_divide_factor(float(dims.dp_cp))
     if efsdp > 1:
@@ -233,6 +257,7 @@ def _shard_experts(experts: nn.Module, mesh, mp: MixedPrecisionPolicy, reshard_a
 def _set_prefetch(embed, blocks, experts_of, head) -> None:
     """Explicit prefetch (as torchtitan): each unit gathers the next one's weights in forward and the
     previous one's in backward. The implicit prefetch cannot see past a host sync (EP's split sizes)."""
+
     def unit(module):
         return [module] + ([experts_of[module]] if module in experts_of else [])
 

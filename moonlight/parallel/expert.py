@@ -92,11 +92,12 @@ class AllToAllDispatcher:
             # the backward all-to-alls still run here, matching the other ranks' collectives
             empty = torch.zeros(local_experts, dtype=counts.dtype, device=counts.device)
             return recv, empty, _A2AState(row_index, None, send_splits, recv_splits)
-        local_ids = torch.arange(local_experts, device=x.device).repeat(ep).repeat_interleave(
-            recv_counts, output_size=num_recv)
+        local_ids = (
+            torch.arange(local_experts, device=x.device).repeat(ep).repeat_interleave(recv_counts, output_size=num_recv)
+        )
         grouped, local_counts, local_row_index = permute_tokens(
-            recv, local_ids.unsqueeze(1), local_experts,
-            align=self.align, impl=impl)
+            recv, local_ids.unsqueeze(1), local_experts, align=self.align, impl=impl
+        )
         return grouped, local_counts, _A2AState(row_index, local_row_index, send_splits, recv_splits)
 
     def combine(self, y: torch.Tensor, weights: torch.Tensor, state: _A2AState, impl: str) -> torch.Tensor:
@@ -122,20 +123,26 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, align: int | No
     layers are touched). Returns the model, changed in place.
     """
     if ep_mesh.ndim != 1:
-        raise ValueError(f"apply_expert_parallel needs a 1-D ep mesh, got a {ep_mesh.ndim}-D mesh "
-                         f"{ep_mesh.mesh_dim_names}; pass mesh['ep'] (or a flattened sub-mesh)")
+        raise ValueError(
+            f"apply_expert_parallel needs a 1-D ep mesh, got a {ep_mesh.ndim}-D mesh "
+            f"{ep_mesh.mesh_dim_names}; pass mesh['ep'] (or a flattened sub-mesh)"
+        )
     ep = ep_mesh.size()
     group = ep_mesh.get_group()
     for experts in _grouped_experts(model):
         num_experts = experts.args.n_routed_experts
         if num_experts % ep:
-            raise ValueError(f"n_routed_experts={num_experts} is not divisible by ep={ep}: "
-                             f"choose ep among the divisors of {num_experts}")
+            raise ValueError(
+                f"n_routed_experts={num_experts} is not divisible by ep={ep}: "
+                f"choose ep among the divisors of {num_experts}"
+            )
         for name in _EXPERT_WEIGHTS:
             param = getattr(experts, name)
             if isinstance(param, DTensor):
-                raise ValueError(f"expert weight {name} is already a DTensor ({param.placements}): apply "
-                                 "expert parallel before FSDP and do not tensor-parallelize routed experts")
+                raise ValueError(
+                    f"expert weight {name} is already a DTensor ({param.placements}): apply "
+                    "expert parallel before FSDP and do not tensor-parallelize routed experts"
+                )
             sharded = distribute_tensor(param.detach(), ep_mesh, [Shard(0)])
             experts.register_parameter(name, nn.Parameter(sharded, requires_grad=param.requires_grad))
         old = experts.dispatcher

@@ -31,15 +31,17 @@ def local_region(tensor: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], t
         shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
         local = tensor.to_local()
         if tuple(local.shape) != tuple(shape):
-            raise RuntimeError(f"local shard shape {tuple(local.shape)} != computed {tuple(shape)} "
-                               f"for placements {tensor.placements}")
+            raise RuntimeError(
+                f"local shard shape {tuple(local.shape)} != computed {tuple(shape)} for placements {tensor.placements}"
+            )
         return local, tuple(shape), tuple(offset)
     return tensor, tuple(tensor.shape), (0,) * tensor.ndim
 
 
 @torch.no_grad()
-def load_hf_sharded(model: nn.Module, path: str | os.PathLike | None = None, *,
-                    checkpoint: HFCheckpoint | None = None) -> dict[str, int]:
+def load_hf_sharded(
+    model: nn.Module, path: str | os.PathLike | None = None, *, checkpoint: HFCheckpoint | None = None
+) -> dict[str, int]:
     """Fill ``model``'s (materialized, e.g. after ``to_empty``) local shards from a HF checkpoint.
 
     ``model``: a parallelized Moonlight or pipeline stage; its ``args`` must match the checkpoint's
@@ -53,8 +55,11 @@ def load_hf_sharded(model: nn.Module, path: str | os.PathLike | None = None, *,
             raise ValueError("pass the checkpoint directory (path) or an HFCheckpoint")
         checkpoint = HFCheckpoint(path)
     args = model.args
-    mismatched = [f"{f}: model {getattr(args, f)!r} vs checkpoint {getattr(checkpoint.args, f)!r}"
-                  for f in SHAPE_FIELDS if getattr(args, f) != getattr(checkpoint.args, f)]
+    mismatched = [
+        f"{f}: model {getattr(args, f)!r} vs checkpoint {getattr(checkpoint.args, f)!r}"
+        for f in SHAPE_FIELDS
+        if getattr(args, f) != getattr(checkpoint.args, f)
+    ]
     if mismatched:
         raise CheckpointError(f"checkpoint {checkpoint.path} does not match the model: " + "; ".join(mismatched))
     checkpoint.check(args)  # what load_hf and the converter check: keys, layer count, dtypes (not FP8)
@@ -89,4 +94,3 @@ def load_hf_sharded(model: nn.Module, path: str | os.PathLike | None = None, *,
         if isinstance(m, MoE):
             m.tokens_per_expert.zero_()
     return stats
-

@@ -48,22 +48,25 @@ class ParallelDims:
             if not isinstance(v, int) or v < 1:
                 raise ParallelConfigError(f"{name} must be a positive integer, got {v!r}")
         if not isinstance(self.dp_shard, int) or (self.dp_shard < 1 and self.dp_shard != -1):
-            raise ParallelConfigError(f"dp_shard must be a positive integer or -1 (use the remaining ranks), "
-                                      f"got {self.dp_shard!r}")
+            raise ParallelConfigError(
+                f"dp_shard must be a positive integer or -1 (use the remaining ranks), got {self.dp_shard!r}"
+            )
         if self.dp_shard == -1:
             others = self.dp_replicate * self.cp * self.tp * self.pp
             if self.world_size % others:
                 raise ParallelConfigError(
                     f"cannot resolve dp_shard=-1: dp_replicate({self.dp_replicate}) x cp({self.cp}) x tp({self.tp}) x "
                     f"pp({self.pp}) = {others} does not divide world_size={self.world_size}; change those degrees or "
-                    "the number of ranks")
+                    "the number of ranks"
+                )
             self.dp_shard = self.world_size // others
         product = self.dp_replicate * self.dp_shard * self.cp * self.tp * self.pp
         if product != self.world_size:
             raise ParallelConfigError(
                 f"dp_replicate({self.dp_replicate}) x dp_shard({self.dp_shard}) x cp({self.cp}) x tp({self.tp}) x "
                 f"pp({self.pp}) = {product} but world_size = {self.world_size}: the degrees must multiply to the "
-                "number of ranks (set dp_shard=-1 to fill the rest)")
+                "number of ranks (set dp_shard=-1 to fill the rest)"
+            )
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -89,8 +92,15 @@ class ParallelDims:
         """How many ranks of one dp_replicate group share an EP rank's experts (FSDP shards them over these)."""
         return self.dp_shard * self.cp * (self.tp if self.ep_spans_tp else 1) // self.ep
 
-    def validate(self, model_args: ModelArgs, pp_layout: Sequence[int] | None = None, vp: int = 1, *,
-                 sequence_parallel: bool = False, seq_len: int | None = None) -> "ParallelDims":
+    def validate(
+        self,
+        model_args: ModelArgs,
+        pp_layout: Sequence[int] | None = None,
+        vp: int = 1,
+        *,
+        sequence_parallel: bool = False,
+        seq_len: int | None = None,
+    ) -> "ParallelDims":
         """Check these degrees against a model before any mesh or module is built.
 
         ``pp_layout``: decoder layers per (virtual) stage, ``pp * vp`` entries, in order; ``None``
@@ -105,41 +115,57 @@ class ParallelDims:
         errors = []
         if self.tp > 1:
             if a.num_attention_heads % self.tp:
-                errors.append(f"num_attention_heads={a.num_attention_heads} is not divisible by tp={self.tp}: "
-                              "tensor parallel splits whole attention heads; pick tp dividing the head count")
+                errors.append(
+                    f"num_attention_heads={a.num_attention_heads} is not divisible by tp={self.tp}: "
+                    "tensor parallel splits whole attention heads; pick tp dividing the head count"
+                )
             if a.vocab_size % self.tp:
-                errors.append(f"vocab_size={a.vocab_size} is not divisible by tp={self.tp}: the embedding and "
-                              "lm_head are split by vocabulary rows; pick tp dividing the vocabulary (or pad it)")
+                errors.append(
+                    f"vocab_size={a.vocab_size} is not divisible by tp={self.tp}: the embedding and "
+                    "lm_head are split by vocabulary rows; pick tp dividing the vocabulary (or pad it)"
+                )
             for name in ("intermediate_size",):
                 if a.first_k_dense_replace and getattr(a, name) % self.tp:
                     errors.append(f"{name}={getattr(a, name)} is not divisible by tp={self.tp}")
             shared = a.n_shared_experts * a.moe_intermediate_size
             if shared and a.first_k_dense_replace < a.num_hidden_layers and shared % self.tp:
-                errors.append(f"the shared-expert width {shared} (n_shared_experts x moe_intermediate_size) is "
-                              f"not divisible by tp={self.tp}")
+                errors.append(
+                    f"the shared-expert width {shared} (n_shared_experts x moe_intermediate_size) is "
+                    f"not divisible by tp={self.tp}"
+                )
         if self.ep > 1:
             if a.n_routed_experts % self.ep:
-                errors.append(f"n_routed_experts={a.n_routed_experts} is not divisible by ep={self.ep}: every "
-                              "expert-parallel rank holds the same number of experts; pick ep dividing it")
+                errors.append(
+                    f"n_routed_experts={a.n_routed_experts} is not divisible by ep={self.ep}: every "
+                    "expert-parallel rank holds the same number of experts; pick ep dividing it"
+                )
             tokens = self.dp_shard * self.cp
             borrowed = f"dp_shard={self.dp_shard}" + (f" x cp={self.cp}" if self.cp > 1 else "")
             if self.tp == 1 and tokens % self.ep:
-                errors.append(f"ep={self.ep} does not divide {borrowed}: expert parallel borrows its ranks "
-                              "from the data-parallel shard and context-parallel dimensions (not from pp or "
-                              "dp_replicate); use an ep that divides dp_shard * cp, or raise dp_shard")
+                errors.append(
+                    f"ep={self.ep} does not divide {borrowed}: expert parallel borrows its ranks "
+                    "from the data-parallel shard and context-parallel dimensions (not from pp or "
+                    "dp_replicate); use an ep that divides dp_shard * cp, or raise dp_shard"
+                )
             elif (tokens * self.tp) % self.ep:
                 spanned = "dp_shard" + (" x cp" if self.cp > 1 else "") + " x tp"
-                errors.append(f"ep={self.ep} divides neither {borrowed} nor {spanned}={tokens * self.tp}: "
-                              "expert parallel "
-                              "borrows its ranks from dp_shard x cp, or (with sequence parallel) from dp_shard x "
-                              "cp x tp; use an ep that divides one of them")
+                errors.append(
+                    f"ep={self.ep} divides neither {borrowed} nor {spanned}={tokens * self.tp}: "
+                    "expert parallel "
+                    "borrows its ranks from dp_shard x cp, or (with sequence parallel) from dp_shard x "
+                    "cp x tp; use an ep that divides one of them"
+                )
             elif self.ep_spans_tp and not sequence_parallel:
-                errors.append(f"ep={self.ep} does not divide {borrowed}, so the expert groups take tensor-parallel "
-                              "ranks, which needs sequence_parallel=True (each tp rank then routes only its own "
-                              "sequence shard); set sequence_parallel=true, or use an ep that divides dp_shard * cp")
+                errors.append(
+                    f"ep={self.ep} does not divide {borrowed}, so the expert groups take tensor-parallel "
+                    "ranks, which needs sequence_parallel=True (each tp rank then routes only its own "
+                    "sequence shard); set sequence_parallel=true, or use an ep that divides dp_shard * cp"
+                )
             if a.first_k_dense_replace >= a.num_hidden_layers:
-                errors.append(f"ep={self.ep} but the model has no MoE layer (first_k_dense_replace="
-                              f"{a.first_k_dense_replace} >= num_hidden_layers={a.num_hidden_layers}); use ep=1")
+                errors.append(
+                    f"ep={self.ep} but the model has no MoE layer (first_k_dense_replace="
+                    f"{a.first_k_dense_replace} >= num_hidden_layers={a.num_hidden_layers}); use ep=1"
+                )
         if not isinstance(vp, int) or vp < 1:
             errors.append(f"vp (virtual stages per pipeline rank) must be a positive integer, got {vp!r}")
         elif self.pp == 1 and vp > 1:
@@ -148,26 +174,34 @@ class ParallelDims:
             errors += layout_problems(pp_layout, a.num_hidden_layers, self.pp, vp)
         if sequence_parallel:
             if self.tp == 1:
-                errors.append("sequence_parallel=True needs tensor parallel (tp > 1): it splits the sequence "
-                              "over the tp ranks; set tp > 1 or sequence_parallel=False")
+                errors.append(
+                    "sequence_parallel=True needs tensor parallel (tp > 1): it splits the sequence "
+                    "over the tp ranks; set tp > 1 or sequence_parallel=False"
+                )
             elif seq_len is not None and (seq_len // self.cp) % self.tp:
-                errors.append(f"seq_len={seq_len} is not divisible by cp x tp = {self.cp} x {self.tp}: sequence "
-                              "parallel splits every (context-parallel slice of a) sequence evenly over the tp "
-                              f"ranks; use a seq_len that is a multiple of "
-                              f"{math.lcm(self.cp * self.tp, 2 * self.cp if self.cp > 1 else 1)}")
+                errors.append(
+                    f"seq_len={seq_len} is not divisible by cp x tp = {self.cp} x {self.tp}: sequence "
+                    "parallel splits every (context-parallel slice of a) sequence evenly over the tp "
+                    f"ranks; use a seq_len that is a multiple of "
+                    f"{math.lcm(self.cp * self.tp, 2 * self.cp if self.cp > 1 else 1)}"
+                )
         if self.cp > 1:
             if seq_len is not None and seq_len % (2 * self.cp):
-                errors.append(f"seq_len={seq_len} is not divisible by 2 x cp = {2 * self.cp}: context parallel cuts "
-                              f"every sequence into 2 * cp equal chunks; use a seq_len that is a multiple of "
-                              f"{2 * self.cp}")
+                errors.append(
+                    f"seq_len={seq_len} is not divisible by 2 x cp = {2 * self.cp}: context parallel cuts "
+                    f"every sequence into 2 * cp equal chunks; use a seq_len that is a multiple of "
+                    f"{2 * self.cp}"
+                )
         if errors:
             raise ParallelConfigError(f"invalid parallel configuration {self.describe()}: " + "; ".join(errors))
         return self
 
     def describe(self) -> str:
-        return (f"(world_size={self.world_size}: pp={self.pp} x dp_replicate={self.dp_replicate} x "
-                f"dp_shard={self.dp_shard} x cp={self.cp} x tp={self.tp}; ep={self.ep}"
-                f"{' over dp_shard x cp x tp' if self.ep_spans_tp else ''})")
+        return (
+            f"(world_size={self.world_size}: pp={self.pp} x dp_replicate={self.dp_replicate} x "
+            f"dp_shard={self.dp_shard} x cp={self.cp} x tp={self.tp}; ep={self.ep}"
+            f"{' over dp_shard x cp x tp' if self.ep_spans_tp else ''})"
+        )
 
 
 # The expert mesh's FSDP dim: EP over dp_shard x cp / EP spanning dp_shard x cp x tp.
@@ -193,9 +227,10 @@ class ParallelMesh:
             return self.world[name]
         if name in self._named:
             return self._named[name]
-        raise KeyError(f"no mesh named {name!r} in {self.dims.describe()}; available: "
-                       f"{sorted(self._named)}"
-                       + (" ('ep' exists only when ep > 1)" if name in ("ep", *EXPERT_SHARD_DIMS) else ""))
+        raise KeyError(
+            f"no mesh named {name!r} in {self.dims.describe()}; available: "
+            f"{sorted(self._named)}" + (" ('ep' exists only when ep > 1)" if name in ("ep", *EXPERT_SHARD_DIMS) else "")
+        )
 
     def __contains__(self, name: str) -> bool:
         return name in self._named
@@ -239,8 +274,11 @@ def build_mesh(dims: ParallelDims, device_type: str | None = None) -> ParallelMe
     device_type = device_type or distributed.default_device().type
     # (dp_shard, cp) is one root dim unflattened two ways: into the world's (dp_shard, cp) and, for
     # expert parallel over it, into (dp_shard_mod_ep, ep); FSDP shards over it whole.
-    root = init_device_mesh(device_type, (dims.pp, dims.dp_replicate, dims.dp_shard * dims.cp, dims.tp),
-                            mesh_dim_names=("pp", "dp_replicate", "dp_shard_cp", "tp"))
+    root = init_device_mesh(
+        device_type,
+        (dims.pp, dims.dp_replicate, dims.dp_shard * dims.cp, dims.tp),
+        mesh_dim_names=("pp", "dp_replicate", "dp_shard_cp", "tp"),
+    )
     world = root._unflatten(2, (dims.dp_shard, dims.cp), ("dp_shard", "cp"))
     named = {name: world[name] for name in ("pp", "dp_replicate", "dp_shard", "cp", "tp")}
     named["dp"] = world["dp_replicate", "dp_shard"]._flatten("dp")
@@ -255,16 +293,20 @@ def build_mesh(dims: ParallelDims, device_type: str | None = None) -> ParallelMe
             named["sequence_parts"] = world["cp", "tp"]._flatten("sequence_parts")
         except KeyError:  # torch 2.11 refuses this slice of an unflattened mesh: a mesh over the same ranks
             grid = root.mesh.reshape(dims.pp, dims.dp_replicate, dims.dp_shard, dims.cp * dims.tp)
-            named["sequence_parts"] = DeviceMesh(device_type, grid, mesh_dim_names=(
-                "pp", "dp_replicate", "dp_shard", "sequence_parts"))["sequence_parts"]
+            named["sequence_parts"] = DeviceMesh(
+                device_type, grid, mesh_dim_names=("pp", "dp_replicate", "dp_shard", "sequence_parts")
+            )["sequence_parts"]
     if dims.ep > 1:
         if dims.ep_spans_tp:
             # (dp_shard_cp, tp) flattened, then split into (dp_shard * cp * tp // ep, ep): a mesh of its own
             # over the same ranks (torch's _unflatten splits one dim only), so ep and expert_fsdp share its root
             shard = EXPERT_SHARD_DIMS[1]
             named["routing"] = root["dp_replicate", "dp_shard_cp", "tp"]._flatten("routing")
-            sparse = DeviceMesh(device_type, root.mesh.reshape(dims.pp, dims.dp_replicate, dims.expert_shard, dims.ep),
-                                mesh_dim_names=("pp", "dp_replicate", shard, "ep"))
+            sparse = DeviceMesh(
+                device_type,
+                root.mesh.reshape(dims.pp, dims.dp_replicate, dims.expert_shard, dims.ep),
+                mesh_dim_names=("pp", "dp_replicate", shard, "ep"),
+            )
         else:
             shard = EXPERT_SHARD_DIMS[0]
             sparse = root._unflatten(2, (dims.expert_shard, dims.ep), (shard, "ep"))

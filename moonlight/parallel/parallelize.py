@@ -41,9 +41,17 @@ def _drop_norm_partial_notice(record: logging.LogRecord) -> bool:
     return not ("While redistributing" in str(record.msg) and "_NormPartial" in record.getMessage())
 
 
-def parallelize_model(model: nn.Module, dims: ParallelDims, mesh: ParallelMesh, *, sequence_parallel: bool = False,
-                      ac_mode: str = "none", param_dtype: str | torch.dtype = "float32",
-                      reduce_dtype: str | torch.dtype = "float32", reshard_after_forward: bool = True) -> nn.Module:
+def parallelize_model(
+    model: nn.Module,
+    dims: ParallelDims,
+    mesh: ParallelMesh,
+    *,
+    sequence_parallel: bool = False,
+    ac_mode: str = "none",
+    param_dtype: str | torch.dtype = "float32",
+    reduce_dtype: str | torch.dtype = "float32",
+    reshard_after_forward: bool = True,
+) -> nn.Module:
     """Apply, in place and in this order: TP/SP -> EP -> CP -> activation checkpointing -> FSDP2/HSDP.
 
     ``model``: a Moonlight on any device (meta included: then ``to_empty`` + ``init_weights`` or
@@ -64,8 +72,9 @@ def parallelize_model(model: nn.Module, dims: ParallelDims, mesh: ParallelMesh, 
     if mesh.dims != dims:
         raise ValueError(f"the mesh was built for {mesh.dims.describe()}, not {dims.describe()}")
     if dims.tp > 1:
-        apply_tensor_parallel(model, mesh["tp"], sequence_parallel=sequence_parallel,
-                              sequence_local_routing=dims.ep_spans_tp)
+        apply_tensor_parallel(
+            model, mesh["tp"], sequence_parallel=sequence_parallel, sequence_local_routing=dims.ep_spans_tp
+        )
     if dims.ep > 1:
         apply_expert_parallel(model, mesh["ep"])
     if dims.cp > 1:
@@ -80,11 +89,18 @@ def parallelize_model(model: nn.Module, dims: ParallelDims, mesh: ParallelMesh, 
             "activation_checkpoint.mode = 'op' does not work with expert parallel when the experts are "
             "sharded or cast by FSDP (a PyTorch FSDP/selective-checkpoint bug, pytorch/torchtitan#3427): use "
             "mode 'selective' or 'full', or fp32 with one rank per expert shard (dp_replicate = 1 and "
-            "dp_shard x cp = ep, or dp_shard x cp x tp = ep when expert parallel spans tp)")
+            "dp_shard x cp = ep, or dp_shard x cp x tp = ep when expert parallel spans tp)"
+        )
     apply_activation_checkpointing(model, ac_mode)
     if dims.dp_cp > 1 or dims.expert_shard > 1 or mixed:
         if dims.tp > 1:
             quiet_tp_fsdp_warnings()
-        apply_fsdp(model, mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype,
-                   reshard_after_forward=reshard_after_forward, ep_enabled=dims.ep > 1)
+        apply_fsdp(
+            model,
+            mesh,
+            param_dtype=param_dtype,
+            reduce_dtype=reduce_dtype,
+            reshard_after_forward=reshard_after_forward,
+            ep_enabled=dims.ep > 1,
+        )
     return model

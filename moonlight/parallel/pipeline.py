@@ -25,11 +25,17 @@ from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_s
 from moonlight.config import ModelArgs
 from moonlight.errors import ConfigError
 from moonlight.model import Moonlight
-from moonlight.parallel.pipeline_layout import (SCHEDULES, schedule_problems, stage_ids_for_rank, stage_style,
-                                               validate_layout)
+from moonlight.parallel.pipeline_layout import (
+    SCHEDULES,
+    schedule_problems,
+    stage_ids_for_rank,
+    stage_style,
+    validate_layout,
+)
 from moonlight.parallel.tensor import cross_entropy_loss  # plain or vocab-sharded logits
 
 __all__ = ["build_pipeline_stages", "build_schedule", "cross_entropy_loss", "pipeline_step"]
+
 
 def _meta_model(args: ModelArgs) -> nn.Module:
     with torch.device("meta"):
@@ -87,9 +93,15 @@ def build_pipeline_stages(
 # ------------------------------------------------------------------ schedule and step
 
 
-def build_schedule(stages: list[PipelineStage], schedule_name: str, n_microbatches: int,
-                   loss_fn: Callable[..., torch.Tensor] | None = cross_entropy_loss, *,
-                   scale_grads: bool = True, local_batch_size: int | None = None):
+def build_schedule(
+    stages: list[PipelineStage],
+    schedule_name: str,
+    n_microbatches: int,
+    loss_fn: Callable[..., torch.Tensor] | None = cross_entropy_loss,
+    *,
+    scale_grads: bool = True,
+    local_batch_size: int | None = None,
+):
     """A torch.distributed.pipelining schedule over this rank's stages, with the microbatch count
     checked up front (errors say what to change). `local_batch_size`: the per-step batch (sequences)
     this pipeline receives; it must split into n_microbatches equal microbatches.
@@ -109,17 +121,23 @@ def build_schedule(stages: list[PipelineStage], schedule_name: str, n_microbatch
     if n_microbatches < 1:
         raise ConfigError(f"n_microbatches must be >= 1, got {n_microbatches}")
     if local_batch_size is not None and local_batch_size % n_microbatches:
-        raise ConfigError(f"the local batch of {local_batch_size} sequences does not split into {n_microbatches} "
-                          "equal microbatches: choose n_microbatches dividing it")
+        raise ConfigError(
+            f"the local batch of {local_batch_size} sequences does not split into {n_microbatches} "
+            "equal microbatches: choose n_microbatches dividing it"
+        )
     need = n_stages if name == "DualPipeV" else (pp if name != "GPipe" else 1)
     if n_microbatches < need:
-        raise ConfigError(f"schedule {name} needs at least {need} microbatches "
-                          f"({'stages' if name == 'DualPipeV' else 'pp ranks'}), got {n_microbatches}")
+        raise ConfigError(
+            f"schedule {name} needs at least {need} microbatches "
+            f"({'stages' if name == 'DualPipeV' else 'pp ranks'}), got {n_microbatches}"
+        )
     if not single and name != "ZBVZeroBubble":
         rounds = max(1, n_microbatches // pp)
         if n_microbatches % rounds:
-            raise ConfigError(f"schedule {name} with pp={pp} needs n_microbatches to be a multiple of "
-                              f"{rounds} (n_microbatches // pp), got {n_microbatches}: use a multiple of pp")
+            raise ConfigError(
+                f"schedule {name} with pp={pp} needs n_microbatches to be a multiple of "
+                f"{rounds} (n_microbatches // pp), got {n_microbatches}: use a multiple of pp"
+            )
     if single:
         return cls(stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads)
     return cls(stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads)
@@ -145,8 +163,7 @@ class _RestoreCountersOnce:
     """Forward hook: after the module's next forward, put the MoE load counters back as they were."""
 
     def __init__(self, module: nn.Module):
-        self.counters = [m for m in module.modules()
-                         if isinstance(getattr(m, "tokens_per_expert", None), torch.Tensor)]
+        self.counters = [m for m in module.modules() if isinstance(getattr(m, "tokens_per_expert", None), torch.Tensor)]
         self.saved = [m.tokens_per_expert.clone() for m in self.counters]
         self.handle = module.register_forward_hook(self)
 
@@ -164,10 +181,16 @@ def _discard_inference_forward(stages) -> list[_RestoreCountersOnce]:
     return [_RestoreCountersOnce(stage.submod) for stage in stages]
 
 
-def pipeline_step(schedule, inputs: torch.Tensor | None, labels: torch.Tensor | None,
-                  is_first: bool | None = None, is_last: bool | None = None,
-                  num_tokens: int | float | torch.Tensor | None = None, model_kwargs: dict | None = None,
-                  forward_only: bool = False) -> torch.Tensor | None:
+def pipeline_step(
+    schedule,
+    inputs: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    is_first: bool | None = None,
+    is_last: bool | None = None,
+    num_tokens: int | float | torch.Tensor | None = None,
+    model_kwargs: dict | None = None,
+    forward_only: bool = False,
+) -> torch.Tensor | None:
     """Forward + backward of one local batch through the pipeline (forward_only: the schedule's
     eval(), no backward; call it under torch.no_grad).
 

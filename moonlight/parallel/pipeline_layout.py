@@ -73,15 +73,19 @@ def schedule_problems(schedule: str, vp: int) -> list[str]:
     if schedule not in SCHEDULES:
         return [f"unknown pipeline schedule {schedule!r}; choose one of {list(SCHEDULES)}"]
     if schedule in SINGLE_STAGE_SCHEDULES and vp != 1:
-        return [f"pp_schedule={schedule!r} runs one stage per rank, but pp_virtual_stages={vp}; use "
-                "Interleaved1F1B or InterleavedZeroBubble for virtual stages"]
+        return [
+            f"pp_schedule={schedule!r} runs one stage per rank, but pp_virtual_stages={vp}; use "
+            "Interleaved1F1B or InterleavedZeroBubble for virtual stages"
+        ]
     if schedule in V_SCHEDULES and vp != 2:
         return [f"pp_schedule={schedule!r} needs pp_virtual_stages=2 (V-shape), got {vp}"]
     if schedule in SPLIT_BACKWARD_SCHEDULES and not splits_backward_through_python_nodes():
         working = [name for name in SCHEDULES if name not in SPLIT_BACKWARD_SCHEDULES]
-        return [f"pp_schedule={schedule!r} does not run on torch {torch.__version__}: its weight-only backward "
-                f"cannot pass through this model's custom autograd nodes; use one of {working} (Interleaved1F1B "
-                "for virtual stages) or a newer torch"]
+        return [
+            f"pp_schedule={schedule!r} does not run on torch {torch.__version__}: its weight-only backward "
+            f"cannot pass through this model's custom autograd nodes; use one of {working} (Interleaved1F1B "
+            "for virtual stages) or a newer torch"
+        ]
     return []
 
 
@@ -101,8 +105,10 @@ def layout_problems(layout: Sequence[int] | None, num_layers: int | None, pp: in
     stages = f"pp={pp} x pp_virtual_stages={vp} = {pp * vp} stages" if vp > 1 else f"pp={pp} stages"
     if layout is None:
         if num_layers is not None and pp * vp > num_layers:
-            return [f"{stages} exceed the {num_layers} decoder layers: every stage needs at least one layer; "
-                    "lower pp or pp_virtual_stages"]
+            return [
+                f"{stages} exceed the {num_layers} decoder layers: every stage needs at least one layer; "
+                "lower pp or pp_virtual_stages"
+            ]
         return []
     layout = list(layout)
     shown = f"pp_layout {layout}"
@@ -110,18 +116,23 @@ def layout_problems(layout: Sequence[int] | None, num_layers: int | None, pp: in
         return [f"{shown} must be a list of integers (decoder layers per stage)"]
     problems = []
     if len(layout) != pp * vp:
-        problems.append(f"{shown} has {len(layout)} entries but {stages} need {pp * vp}: give one layer "
-                        f"count per {'virtual ' if vp > 1 else ''}stage, or change pp/pp_virtual_stages")
+        problems.append(
+            f"{shown} has {len(layout)} entries but {stages} need {pp * vp}: give one layer "
+            f"count per {'virtual ' if vp > 1 else ''}stage, or change pp/pp_virtual_stages"
+        )
     empty = [i for i, n in enumerate(layout) if n < 1]
     if empty:
-        problems.append(f"{shown} has an empty stage at index {empty[0]}: every stage needs at least one "
-                        "decoder layer; move a layer there from a neighbour, or use fewer stages")
+        problems.append(
+            f"{shown} has an empty stage at index {empty[0]}: every stage needs at least one "
+            "decoder layer; move a layer there from a neighbour, or use fewer stages"
+        )
     total = sum(layout)
     if num_layers is not None and total != num_layers:
-        fix = (f"remove {total - num_layers} layer(s)" if total > num_layers
-               else f"add {num_layers - total} layer(s)")
-        problems.append(f"{shown} sums to {total} but the model has {num_layers} layers: {fix} across "
-                        "the stages, or leave pp_layout empty to let the cost model choose")
+        fix = f"remove {total - num_layers} layer(s)" if total > num_layers else f"add {num_layers - total} layer(s)"
+        problems.append(
+            f"{shown} sums to {total} but the model has {num_layers} layers: {fix} across "
+            "the stages, or leave pp_layout empty to let the cost model choose"
+        )
     return problems
 
 
@@ -205,8 +216,9 @@ def auto_layout(args: ModelArgs, pp: int, vp: int = 1, seq_len: int = 4096) -> l
     return layout
 
 
-def resolve_layout(spec: str | Sequence[int] | None, args: ModelArgs, pp: int, vp: int = 1,
-                   seq_len: int = 4096) -> list[int]:
+def resolve_layout(
+    spec: str | Sequence[int] | None, args: ModelArgs, pp: int, vp: int = 1, seq_len: int = 4096
+) -> list[int]:
     """A layout from a job config value: None or "auto" (cost model), a preset name such as "PP4xVP2"
     (for a 27-layer model), or an explicit list. Always validated against the model and pp/vp."""
     if spec is None or (isinstance(spec, str) and spec.lower() == "auto"):
@@ -214,11 +226,15 @@ def resolve_layout(spec: str | Sequence[int] | None, args: ModelArgs, pp: int, v
     if isinstance(spec, str):
         key = {k.upper(): k for k in PRESET_LAYOUTS}.get(spec.upper())
         if key is None:
-            raise ConfigError(f"unknown pp_layout preset {spec!r}; choose one of {sorted(PRESET_LAYOUTS)}, "
-                              "'auto', or a list of layer counts")
+            raise ConfigError(
+                f"unknown pp_layout preset {spec!r}; choose one of {sorted(PRESET_LAYOUTS)}, "
+                "'auto', or a list of layer counts"
+            )
         if _preset_shape(key) != (pp, vp):
-            raise ConfigError(f"pp_layout preset {key!r} is for pp={_preset_shape(key)[0]}, pp_virtual_stages="
-                              f"{_preset_shape(key)[1]}, but the job has pp={pp}, pp_virtual_stages={vp}")
+            raise ConfigError(
+                f"pp_layout preset {key!r} is for pp={_preset_shape(key)[0]}, pp_virtual_stages="
+                f"{_preset_shape(key)[1]}, but the job has pp={pp}, pp_virtual_stages={vp}"
+            )
         return validate_layout(PRESET_LAYOUTS[key], args.num_hidden_layers, pp, vp)
     return validate_layout(spec, args.num_hidden_layers, pp, vp)
 

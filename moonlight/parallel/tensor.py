@@ -19,8 +19,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleInputOutput,
-                                               RowwiseParallel, SequenceParallel, parallelize_module)
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    PrepareModuleInputOutput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
 
 from moonlight.dtypes import at_least_fp32
 from moonlight.model import MLP, MoE
@@ -38,9 +44,9 @@ class _AllReduceGradTail(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         grad = grad.clone()
-        tail = grad[..., ctx.start:].contiguous()
+        tail = grad[..., ctx.start :].contiguous()
         dist.all_reduce(tail, group=ctx.group)
-        grad[..., ctx.start:] = tail
+        grad[..., ctx.start :] = tail
         return grad, None, None
 
 
@@ -83,16 +89,18 @@ def _block_plan(block: nn.Module, sequence_parallel: bool, sequence_local_routin
     if sequence_parallel:
         plan["attn_norm"] = SequenceParallel(use_local_output=True)
         plan["ffn_norm"] = SequenceParallel(use_local_output=True)
-        plan["attn"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
-                                          use_local_output=True)
+        plan["attn"] = PrepareModuleInput(
+            input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True
+        )
     plan["attn.q_proj" if hasattr(attn, "q_proj") else "attn.q_b_proj"] = ColwiseParallel()
     plan["attn.kv_b_proj"] = ColwiseParallel()
     plan["attn.o_proj"] = RowwiseParallel(output_layouts=act)
     ffn = block.ffn
     if isinstance(ffn, MLP):
         if sequence_parallel:
-            plan["ffn"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
-                                             use_local_output=True)
+            plan["ffn"] = PrepareModuleInput(
+                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True
+            )
         plan["ffn.gate_proj"] = ColwiseParallel()
         plan["ffn.up_proj"] = ColwiseParallel()
         plan["ffn.down_proj"] = RowwiseParallel(output_layouts=act)
@@ -103,14 +111,19 @@ def _block_plan(block: nn.Module, sequence_parallel: bool, sequence_local_routin
             # every rank's rows (dim 0, in rank order) and reduce-scatter their output back.
             shared_rows = Shard(0)
             if ffn.shared_experts is not None:
-                plan["ffn.shared_experts"] = PrepareModuleInput(input_layouts=(shared_rows,),
-                                                                desired_input_layouts=(Replicate(),),
-                                                                use_local_output=True)
+                plan["ffn.shared_experts"] = PrepareModuleInput(
+                    input_layouts=(shared_rows,), desired_input_layouts=(Replicate(),), use_local_output=True
+                )
         elif sequence_parallel:
             # The router and the routed experts see every token of the sequence on each tp rank.
             plan["ffn"] = PrepareModuleInputOutput(
-                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_input=True,
-                output_layouts=(Replicate(),), desired_output_layouts=(Shard(1),), use_local_output=True)
+                input_layouts=(Shard(1),),
+                desired_input_layouts=(Replicate(),),
+                use_local_input=True,
+                output_layouts=(Replicate(),),
+                desired_output_layouts=(Shard(1),),
+                use_local_output=True,
+            )
         if ffn.shared_experts is not None:
             plan["ffn.shared_experts.gate_proj"] = ColwiseParallel()
             plan["ffn.shared_experts.up_proj"] = ColwiseParallel()
@@ -120,16 +133,18 @@ def _block_plan(block: nn.Module, sequence_parallel: bool, sequence_local_routin
     return plan
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = False,
-                          sequence_local_routing: bool = False) -> nn.Module:
+def apply_tensor_parallel(
+    model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = False, sequence_local_routing: bool = False
+) -> nn.Module:
     """Apply the TP (+SP) plan in place to a Moonlight model or one pipeline stage of it (``embed``,
     ``norm``, ``lm_head`` may be None, ``layers`` may hold a subset). Call before FSDP (and before
     expert parallel, which ``sequence_local_routing`` needs: see the module docstring)."""
     if tp_mesh.size() == 1:
         return model
     if sequence_local_routing and not sequence_parallel:
-        raise ValueError("sequence_local_routing needs sequence_parallel: the MoE input is then the local "
-                         "sequence shard")
+        raise ValueError(
+            "sequence_local_routing needs sequence_parallel: the MoE input is then the local sequence shard"
+        )
     act = Shard(1) if sequence_parallel else Replicate()
     top = {}
     if getattr(model, "embed", None) is not None:
@@ -184,8 +199,14 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return g.to(ctx.in_dtype), None, None, None, None
 
 
-def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
-                       reduction: str = "mean", num_tokens: int | torch.Tensor | None = None) -> torch.Tensor:
+def cross_entropy_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_tokens: int | torch.Tensor | None = None,
+) -> torch.Tensor:
     """Token-level cross-entropy for plain logits ``[..., V]`` or vocab-sharded ``Shard(-1)`` DTensor
     logits from the TP lm_head (computed shard-wise: full logits are never gathered). ``labels``
     has the logits' leading shape (already shifted), entries ``ignore_index`` are skipped.
@@ -198,28 +219,40 @@ def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor, *, ignore_ind
     labels = labels.reshape(-1)
     if isinstance(logits, DTensor):
         placements = logits.placements
-        if logits.device_mesh.ndim == 1 and isinstance(placements[0], Shard) and \
-                placements[0].dim in (-1, logits.ndim - 1):
+        if (
+            logits.device_mesh.ndim == 1
+            and isinstance(placements[0], Shard)
+            and placements[0].dim in (-1, logits.ndim - 1)
+        ):
             local = logits.to_local()
             local = local.reshape(-1, local.shape[-1])
             tp = logits.device_mesh
             vocab_per_rank = logits.shape[-1] // tp.size()
             if logits.shape[-1] % tp.size():
                 raise ValueError(f"vocab {logits.shape[-1]} is not divisible by tp={tp.size()}")
-            total = _VocabParallelCrossEntropy.apply(local, labels, tp.get_local_rank() * vocab_per_rank,
-                                                     tp.get_group(), ignore_index)
+            total = _VocabParallelCrossEntropy.apply(
+                local, labels, tp.get_local_rank() * vocab_per_rank, tp.get_group(), ignore_index
+            )
         else:
             logits = logits.full_tensor()
-            total = F.cross_entropy(at_least_fp32(logits.reshape(-1, logits.shape[-1])), labels,
-                                    ignore_index=ignore_index, reduction="sum")
+            total = F.cross_entropy(
+                at_least_fp32(logits.reshape(-1, logits.shape[-1])), labels, ignore_index=ignore_index, reduction="sum"
+            )
     else:
-        total = F.cross_entropy(at_least_fp32(logits.reshape(-1, logits.shape[-1])), labels, ignore_index=ignore_index,
-                                reduction="sum")
+        total = F.cross_entropy(
+            at_least_fp32(logits.reshape(-1, logits.shape[-1])), labels, ignore_index=ignore_index, reduction="sum"
+        )
     return reduce_token_losses(total, labels, ignore_index=ignore_index, reduction=reduction, num_tokens=num_tokens)
 
 
-def reduce_token_losses(total: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
-                        reduction: str = "mean", num_tokens: int | torch.Tensor | None = None) -> torch.Tensor:
+def reduce_token_losses(
+    total: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_tokens: int | torch.Tensor | None = None,
+) -> torch.Tensor:
     """`cross_entropy_loss`'s reduction of a summed token loss, e.g. of `cross_entropy_from_hidden`
     (the chunked loss from hidden states, for heads that are not vocab-sharded)."""
     if reduction == "sum":

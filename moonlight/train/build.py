@@ -32,20 +32,24 @@ from moonlight.train.lock import DumpFolderLock
 
 logger = logging.getLogger(__name__)
 
+
 def build_model_args(cfg: JobConfig) -> ModelArgs:
     """The preset (or a HF config.json, or the model args of the model-only DCP checkpoint that
     initial_load_hf names) with [model.overrides], kernels and the aux-loss coefficient."""
     hf_config = cfg.model.hf_config or cfg.checkpoint.initial_load_hf
     if hf_config and not os.path.exists(hf_config):  # name the key, not only the config.json it was read for
         key = "model.hf_config" if cfg.model.hf_config else "checkpoint.initial_load_hf"
-        raise ConfigError(f"{key} = {hf_config!r} does not exist: point it at a Hugging Face checkpoint directory"
-                          + (" (or a config.json)" if cfg.model.hf_config else
-                             " or a `python -m moonlight.convert hf-to-dcp` output"))
+        raise ConfigError(
+            f"{key} = {hf_config!r} does not exist: point it at a Hugging Face checkpoint directory"
+            + (" (or a config.json)" if cfg.model.hf_config else " or a `python -m moonlight.convert hf-to-dcp` output")
+        )
     if hf_config and not cfg.model.hf_config and os.path.isfile(os.path.join(hf_config, DCP_METADATA)):
         base = model_args_from_meta(read_meta(hf_config))  # `python -m moonlight.convert hf-to-dcp` output
         if base is None:
-            raise ConfigError(f"checkpoint.initial_load_hf = {hf_config} records no model args in its meta.json: "
-                              "set model.hf_config to the model's config.json")
+            raise ConfigError(
+                f"checkpoint.initial_load_hf = {hf_config} records no model args in its meta.json: "
+                "set model.hf_config to the model's config.json"
+            )
     else:
         base = ModelArgs.from_hf_config(hf_config) if hf_config else ModelArgs.preset(cfg.model.name)
     fields = {f.name for f in dataclasses.fields(ModelArgs)}
@@ -54,8 +58,9 @@ def build_model_args(cfg: JobConfig) -> ModelArgs:
             close = difflib.get_close_matches(key, fields, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"model.overrides.{key} is not a ModelArgs field{hint}; valid: {sorted(fields)}")
-    return dataclasses.replace(base, **{**cfg.model.overrides, "kernels": cfg.model.kernels,
-                                        "aux_loss_alpha": cfg.moe.aux_loss_coeff})
+    return dataclasses.replace(
+        base, **{**cfg.model.overrides, "kernels": cfg.model.kernels, "aux_loss_alpha": cfg.moe.aux_loss_coeff}
+    )
 
 
 def build_converters(cfg: JobConfig) -> list[ModelConverter]:
@@ -70,8 +75,10 @@ def check_token_ids(store, vocab_size: int, what: str) -> None:
     """Moonlight's tokenizer has 2 more ids than embedding rows: check the ids the data really uses."""
     largest = max(int(tokens.max()) for tokens in store.tokens if tokens.size)
     if largest >= vocab_size:
-        raise ConfigError(f"the {what} holds token id {largest} but the model's vocab_size is "
-                          f"{vocab_size}: raise model vocab_size or change data.tokenizer")
+        raise ConfigError(
+            f"the {what} holds token id {largest} but the model's vocab_size is "
+            f"{vocab_size}: raise model vocab_size or change data.tokenizer"
+        )
 
 
 def load_initial_weights(ckpt: Checkpointer, path: str, lora: bool = False) -> bool:
@@ -101,7 +108,8 @@ def read_base_weights(ckpt: Checkpointer, path: str, lora: bool = False) -> None
                 raise CheckpointError(
                     f"checkpoint.initial_load_hf = {path} is a LoRA/DoRA run's checkpoint, not a base model: start "
                     "from its merged model (python -m moonlight.convert dcp-to-hf), or from its base with its "
-                    "adapter as lora.init_adapter (python -m moonlight.convert dcp-to-peft)")
+                    "adapter as lora.init_adapter (python -m moonlight.convert dcp-to-peft)"
+                )
             ckpt.load_path(path, model_only=True)
         else:
             checkpoint = HFCheckpoint(path)
@@ -135,8 +143,9 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
-def take_dump_folder_lock(dump_folder: str, rank: int, also: tuple[str, ...] = (),
-                          check: Callable[[], None] = lambda: None) -> DumpFolderLock:
+def take_dump_folder_lock(
+    dump_folder: str, rank: int, also: tuple[str, ...] = (), check: Callable[[], None] = lambda: None
+) -> DumpFolderLock:
     """Rank 0 locks the dump folder (and `also`, the checkpoint folder, where a symlink puts it), then runs
     `check` (the run's own paths); every rank raises the same ConfigError if another trainer holds the
     lock or the check fails."""
@@ -174,17 +183,21 @@ def check_run_paths(cfg: JobConfig) -> None:
 
 def check_seq_len(cfg: JobConfig, args: ModelArgs) -> None:
     if cfg.training.seq_len > args.max_position_embeddings:
-        raise ConfigError(f"training.seq_len = {cfg.training.seq_len} exceeds the model's max_position_embeddings = "
-                          f"{args.max_position_embeddings}: lower training.seq_len (or raise "
-                          "model.overrides.max_position_embeddings for a model trained for longer contexts)")
+        raise ConfigError(
+            f"training.seq_len = {cfg.training.seq_len} exceeds the model's max_position_embeddings = "
+            f"{args.max_position_embeddings}: lower training.seq_len (or raise "
+            "model.overrides.max_position_embeddings for a model trained for longer contexts)"
+        )
 
 
 def check_runtime(cfg: JobConfig, args: ModelArgs, device: torch.device) -> None:
     """Settings that are valid on their own but not for this model or device."""
     check_seq_len(cfg, args)
     if args.kernels == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        raise ConfigError(f"model.kernels = 'triton' needs a CUDA GPU (this device is {device.type}); use "
-                          "model.kernels = 'auto' or 'torch', or set TRITON_INTERPRET=1 to interpret the kernels")
+        raise ConfigError(
+            f"model.kernels = 'triton' needs a CUDA GPU (this device is {device.type}); use "
+            "model.kernels = 'auto' or 'torch', or set TRITON_INTERPRET=1 to interpret the kernels"
+        )
 
 
 def available_memory_bytes() -> int | None:
@@ -199,8 +212,9 @@ def available_memory_bytes() -> int | None:
     return None
 
 
-def check_host_memory(cfg: JobConfig, args: ModelArgs, world_size: int, device: torch.device,
-                      full_init: bool = False) -> None:
+def check_host_memory(
+    cfg: JobConfig, args: ModelArgs, world_size: int, device: torch.device, full_init: bool = False
+) -> None:
     """On CPU, before any weight is materialized: the weights and their gradients of every rank on this host
     (a lower bound of what training needs: `python -m moonlight.plan` estimates all of it) must fit in its
     available memory, or the run would be killed for memory minutes later, or swap for hours."""
@@ -216,11 +230,13 @@ def check_host_memory(cfg: JobConfig, args: ModelArgs, world_size: int, device: 
         per_rank = max(per_rank, weights)
     need = per_rank * local_ranks
     if need > available:
-        gib = 2 ** 30
-        raise ConfigError(f"this {args.num_params() / 1e9:.1f}B-parameter model needs at least {need / gib:.1f} GiB "
-                          f"of host memory for its weights (and gradients) alone ({local_ranks} rank(s) here), but "
-                          f"{available / gib:.1f} GiB is available: train it on GPUs, over more hosts, or pick a "
-                          "smaller model (python -m moonlight.plan estimates a configuration's memory)")
+        gib = 2**30
+        raise ConfigError(
+            f"this {args.num_params() / 1e9:.1f}B-parameter model needs at least {need / gib:.1f} GiB "
+            f"of host memory for its weights (and gradients) alone ({local_ranks} rank(s) here), but "
+            f"{available / gib:.1f} GiB is available: train it on GPUs, over more hosts, or pick a "
+            "smaller model (python -m moonlight.plan estimates a configuration's memory)"
+        )
 
 
 def warn_about_data(cfg: JobConfig, loader, validation_loader=None) -> None:
@@ -228,9 +244,23 @@ def warn_about_data(cfg: JobConfig, loader, validation_loader=None) -> None:
     t = cfg.training
     planned, per_epoch = t.steps * t.global_batch_size, loader.sequences_per_epoch
     if planned > per_epoch:
-        logger.warning("data: %d steps of %d sequences read %d sequences, %.1f epochs of the %d in %s: the data "
-                       "repeats", t.steps, t.global_batch_size, planned, planned / per_epoch, per_epoch, cfg.data.path)
-    if validation_loader is not None and validation_loader.store.fingerprint() == loader.store.fingerprint() \
-            and validation_loader.store.num_tokens == loader.store.num_tokens:
-        logger.warning("validation: validation.path %s holds the same documents as data.path %s: the validation "
-                       "loss is a training loss, not a held-out one", cfg.validation.path, cfg.data.path)
+        logger.warning(
+            "data: %d steps of %d sequences read %d sequences, %.1f epochs of the %d in %s: the data repeats",
+            t.steps,
+            t.global_batch_size,
+            planned,
+            planned / per_epoch,
+            per_epoch,
+            cfg.data.path,
+        )
+    if (
+        validation_loader is not None
+        and validation_loader.store.fingerprint() == loader.store.fingerprint()
+        and validation_loader.store.num_tokens == loader.store.num_tokens
+    ):
+        logger.warning(
+            "validation: validation.path %s holds the same documents as data.path %s: the validation "
+            "loss is a training loss, not a held-out one",
+            cfg.validation.path,
+            cfg.data.path,
+        )

@@ -27,8 +27,16 @@ from moonlight.data.loader import FORMATS, DataSection
 from moonlight.errors import ConfigError, failing
 from moonlight.outputs import inside
 from moonlight.parallel.pipeline_layout import SCHEDULES, layout_problems, schedule_problems
-from moonlight.train.config_io import (BadValue, apply_overrides, apply_table, coerce, field_types, read_toml, to_toml,
-                                       type_name)
+from moonlight.train.config_io import (
+    BadValue,
+    apply_overrides,
+    apply_table,
+    coerce,
+    field_types,
+    read_toml,
+    to_toml,
+    type_name,
+)
 from moonlight.train.metrics import MetricsSection
 from moonlight.train.optim import OptimizerSection
 from moonlight.train.schedule import LRSchedulerSection
@@ -94,8 +102,9 @@ class ModelSection:
                 if key in fields:  # an unknown key is named, with a did-you-mean, when the model is built
                     coerce(value, fields[key])
             except BadValue:
-                errs.append(f"model.overrides.{key} expects {type_name(fields[key])}, got {type(value).__name__} "
-                            f"{value!r}")
+                errs.append(
+                    f"model.overrides.{key} expects {type_name(fields[key])}, got {type(value).__name__} {value!r}"
+                )
         return errs
 
 
@@ -136,22 +145,33 @@ class TrainingSection:
     answer (a rank stopped or stuck); raise it when one step (or a checkpoint save) legitimately takes longer."""
 
     def problems(self) -> list[str]:
-        out = failing([
-            (self.steps > 0, f"training.steps must be > 0 (got {self.steps})"),
-            (0 <= self.seed < 2**64, f"training.seed must be in [0, 2**64) (got {self.seed})"),  # torch's and numpy's
-            (self.seq_len > 0, f"training.seq_len must be > 0 (got {self.seq_len})"),
-            (self.global_batch_size > 0, f"training.global_batch_size must be > 0 (got {self.global_batch_size})"),
-            (self.local_batch_size > 0, f"training.local_batch_size must be > 0 (got {self.local_batch_size})"),
-            (self.max_norm >= 0, f"training.max_norm must be >= 0 (0 = no clipping; got {self.max_norm})"),
-            (self.gc_freq >= 0, f"training.gc_freq must be >= 0 (got {self.gc_freq})"),
-            (self.collective_timeout_s > 0,
-             f"training.collective_timeout_s must be > 0 (got {self.collective_timeout_s})"),
-            (self.max_consecutive_nonfinite >= 1,
-             f"training.max_consecutive_nonfinite must be >= 1 (got {self.max_consecutive_nonfinite})"),
-        ])
+        out = failing(
+            [
+                (self.steps > 0, f"training.steps must be > 0 (got {self.steps})"),
+                (
+                    0 <= self.seed < 2**64,
+                    f"training.seed must be in [0, 2**64) (got {self.seed})",
+                ),  # torch's and numpy's
+                (self.seq_len > 0, f"training.seq_len must be > 0 (got {self.seq_len})"),
+                (self.global_batch_size > 0, f"training.global_batch_size must be > 0 (got {self.global_batch_size})"),
+                (self.local_batch_size > 0, f"training.local_batch_size must be > 0 (got {self.local_batch_size})"),
+                (self.max_norm >= 0, f"training.max_norm must be >= 0 (0 = no clipping; got {self.max_norm})"),
+                (self.gc_freq >= 0, f"training.gc_freq must be >= 0 (got {self.gc_freq})"),
+                (
+                    self.collective_timeout_s > 0,
+                    f"training.collective_timeout_s must be > 0 (got {self.collective_timeout_s})",
+                ),
+                (
+                    self.max_consecutive_nonfinite >= 1,
+                    f"training.max_consecutive_nonfinite must be >= 1 (got {self.max_consecutive_nonfinite})",
+                ),
+            ]
+        )
         if self.global_batch_size > 0 and self.local_batch_size > 0 and self.global_batch_size % self.local_batch_size:
-            out.append(f"training.global_batch_size ({self.global_batch_size}) must be a multiple of "
-                       f"training.local_batch_size ({self.local_batch_size})")
+            out.append(
+                f"training.global_batch_size ({self.global_batch_size}) must be a multiple of "
+                f"training.local_batch_size ({self.local_batch_size})"
+            )
         return out
 
 
@@ -186,14 +206,23 @@ class ParallelismSection:
 
     def problems(self) -> list[str]:
         """Each degree on its own; how they fit the world and the model is `ParallelDims.validate`'s."""
-        out = [f"parallelism.{k} must be >= 1 (got {getattr(self, k)})"
-               for k in ("dp_replicate", "cp", "tp", "ep", "pp", "pp_virtual_stages") if getattr(self, k) < 1]
-        out += failing([
-            (self.dp_shard == -1 or self.dp_shard >= 1,
-             f"parallelism.dp_shard must be -1 (the rest) or >= 1 (got {self.dp_shard})"),
-            (self.pp_microbatches >= 0,
-             f"parallelism.pp_microbatches must be >= 0 (0 = auto; got {self.pp_microbatches})"),
-        ])
+        out = [
+            f"parallelism.{k} must be >= 1 (got {getattr(self, k)})"
+            for k in ("dp_replicate", "cp", "tp", "ep", "pp", "pp_virtual_stages")
+            if getattr(self, k) < 1
+        ]
+        out += failing(
+            [
+                (
+                    self.dp_shard == -1 or self.dp_shard >= 1,
+                    f"parallelism.dp_shard must be -1 (the rest) or >= 1 (got {self.dp_shard})",
+                ),
+                (
+                    self.pp_microbatches >= 0,
+                    f"parallelism.pp_microbatches must be >= 0 (0 = auto; got {self.pp_microbatches})",
+                ),
+            ]
+        )
         if self.pp >= 1 and self.pp_virtual_stages >= 1:
             out += schedule_problems(self.pp_schedule, self.pp_virtual_stages)
             out += layout_problems(self.pp_layout or None, None, self.pp, self.pp_virtual_stages)
@@ -225,11 +254,13 @@ class ValidationSection:
     def problems(self) -> list[str]:
         if not self.enable:
             return []
-        return failing([
-            (bool(self.path), "validation.path must name the held-out data (or set validation.enable = false)"),
-            (self.interval >= 1, f"validation.interval must be >= 1 (got {self.interval})"),
-            (self.steps >= 1, f"validation.steps must be >= 1 (got {self.steps})"),
-        ])
+        return failing(
+            [
+                (bool(self.path), "validation.path must name the held-out data (or set validation.enable = false)"),
+                (self.interval >= 1, f"validation.interval must be >= 1 (got {self.interval})"),
+                (self.steps >= 1, f"validation.steps must be >= 1 (got {self.steps})"),
+            ]
+        )
 
 
 @dataclass
@@ -241,11 +272,15 @@ class MoESection:
     """Sequence-level balance loss coefficient; 0 disables it."""
 
     def problems(self) -> list[str]:
-        return failing([
-            (self.bias_update_rate is None or self.bias_update_rate >= 0,
-             f"moe.bias_update_rate must be >= 0 (got {self.bias_update_rate})"),
-            (self.aux_loss_coeff >= 0, f"moe.aux_loss_coeff must be >= 0 (got {self.aux_loss_coeff})"),
-        ])
+        return failing(
+            [
+                (
+                    self.bias_update_rate is None or self.bias_update_rate >= 0,
+                    f"moe.bias_update_rate must be >= 0 (got {self.bias_update_rate})",
+                ),
+                (self.aux_loss_coeff >= 0, f"moe.aux_loss_coeff must be >= 0 (got {self.aux_loss_coeff})"),
+            ]
+        )
 
     def bias_rate(self, lora: bool) -> float:
         """The bias update rate in effect: as set, else 1e-3 (0 with LoRA: the base model stays frozen)."""
@@ -266,8 +301,16 @@ class LoRASection:
     """DoRA: also learn a per-output-row magnitude of the adapted weight."""
     dropout: float = 0.0
     """Dropout on the adapter path's input."""
-    targets: list[str] = field(default_factory=lambda: [
-        "attn.q_proj", "attn.q_a_proj", "attn.q_b_proj", "attn.kv_a_proj", "attn.kv_b_proj", "attn.o_proj"])
+    targets: list[str] = field(
+        default_factory=lambda: [
+            "attn.q_proj",
+            "attn.q_a_proj",
+            "attn.q_b_proj",
+            "attn.kv_a_proj",
+            "attn.kv_b_proj",
+            "attn.o_proj",
+        ]
+    )
     """Module-name suffixes of the nn.Linear layers to adapt (default: the attention linears; the q
     projections that the model lacks, q_proj or q_a/q_b_proj, are skipped)."""
     export_adapter: Literal["", "end", "each"] = ""
@@ -278,15 +321,25 @@ class LoRASection:
 
     def problems(self) -> list[str]:
         if not self.enable:
-            return failing([(not self.init_adapter and not self.export_adapter,
-                              "lora.init_adapter / lora.export_adapter need lora.enable = true")])
-        return failing([
-            (self.rank >= 1, f"lora.rank must be >= 1 (got {self.rank})"),
-            (self.alpha > 0, f"lora.alpha must be > 0 (got {self.alpha})"),
-            (0 <= self.dropout < 1, f"lora.dropout must be in [0, 1) (got {self.dropout})"),
-            (bool(self.targets) and all(self.targets),
-             f"lora.targets must name at least one module suffix, e.g. \"attn.q_proj\" (got {self.targets})"),
-        ])
+            return failing(
+                [
+                    (
+                        not self.init_adapter and not self.export_adapter,
+                        "lora.init_adapter / lora.export_adapter need lora.enable = true",
+                    )
+                ]
+            )
+        return failing(
+            [
+                (self.rank >= 1, f"lora.rank must be >= 1 (got {self.rank})"),
+                (self.alpha > 0, f"lora.alpha must be > 0 (got {self.alpha})"),
+                (0 <= self.dropout < 1, f"lora.dropout must be in [0, 1) (got {self.dropout})"),
+                (
+                    bool(self.targets) and all(self.targets),
+                    f'lora.targets must name at least one module suffix, e.g. "attn.q_proj" (got {self.targets})',
+                ),
+            ]
+        )
 
 
 @dataclass
@@ -322,24 +375,34 @@ class JobConfig:
             section = getattr(self, name)
             errs += section.problems(self.training.steps) if name == "lr_scheduler" else section.problems()
         if self.lora.enable:
-            errs += [f"lora.enable = true supports data parallel (FSDP/HSDP) only: set parallelism.{k} = 1 "
-                     f"(got {getattr(self.parallelism, k)}; the LoRA/DoRA recipe is TP1/PP1/EP1/CP1)"
-                     for k in ("tp", "ep", "pp", "cp") if getattr(self.parallelism, k) != 1]
+            errs += [
+                f"lora.enable = true supports data parallel (FSDP/HSDP) only: set parallelism.{k} = 1 "
+                f"(got {getattr(self.parallelism, k)}; the LoRA/DoRA recipe is TP1/PP1/EP1/CP1)"
+                for k in ("tp", "ep", "pp", "cp")
+                if getattr(self.parallelism, k) != 1
+            ]
         if self.training.compile and self.activation_checkpoint.mode == "op":
-            errs.append("training.compile = true does not work with activation_checkpoint.mode = 'op' (torch.compile "
-                        "cannot run inside op-level selective checkpointing's dispatch mode): use mode 'selective' "
-                        "or 'full' with compile, or 'op' without it")
+            errs.append(
+                "training.compile = true does not work with activation_checkpoint.mode = 'op' (torch.compile "
+                "cannot run inside op-level selective checkpointing's dispatch mode): use mode 'selective' "
+                "or 'full' with compile, or 'op' without it"
+            )
         if self.checkpoint.frozen_weights == "reload" and not (self.lora.enable and self.checkpoint.initial_load_hf):
-            errs.append("checkpoint.frozen_weights = 'reload' re-reads the frozen base weights from "
-                        "checkpoint.initial_load_hf: it needs lora.enable = true and checkpoint.initial_load_hf set "
-                        "(or use 'save')")
+            errs.append(
+                "checkpoint.frozen_weights = 'reload' re-reads the frozen base weights from "
+                "checkpoint.initial_load_hf: it needs lora.enable = true and checkpoint.initial_load_hf set "
+                "(or use 'save')"
+            )
         tops = {}
         for key, sub in (("checkpoint.folder", self.checkpoint.folder), ("metrics.tb_folder", self.metrics.tb_folder)):
             parts = pathlib.PurePath(sub).parts if sub and inside(sub) else ("",)
             top = parts[0] if parts else "."
             if top in RUN_OUTPUTS or top == "." or top.startswith("abandoned-") or top in tops:
-                errs.append(f"{key} = {sub!r} collides with " + (f"{tops[top]}" if top in tops else
-                            f"the run's own {top!r} in job.dump_folder") + ": pick another folder name")
+                errs.append(
+                    f"{key} = {sub!r} collides with "
+                    + (f"{tops[top]}" if top in tops else f"the run's own {top!r} in job.dump_folder")
+                    + ": pick another folder name"
+                )
             elif top:
                 tops[top] = key
         dump = os.path.realpath(self.job.dump_folder)
@@ -347,18 +410,24 @@ class JobConfig:
         for key, path in (("data.path", self.data.path), ("validation.path", held_out)):
             source = os.path.realpath(os.path.expanduser(path)) if path else ""
             if os.path.isdir(source) and os.path.commonpath([dump, source]) == source:
-                errs.append(f"job.dump_folder = {self.job.dump_folder!r} lies inside {key} = {path!r}: the next run "
-                            "would read this run's metrics.jsonl and checkpoints as data; use a dump folder outside it")
+                errs.append(
+                    f"job.dump_folder = {self.job.dump_folder!r} lies inside {key} = {path!r}: the next run "
+                    "would read this run's metrics.jsonl and checkpoints as data; use a dump folder outside it"
+                )
             elif path and not os.path.isdir(source):  # a file or a glob: none of it may be the run's own output
                 ours = [f for f in glob.glob(os.path.expanduser(path), recursive=True) if self._is_run_output(f)]
                 if ours:
-                    errs.append(f"{key} = {path!r} matches {ours[0]}, inside job.dump_folder = "
-                                f"{self.job.dump_folder!r}: the run would read its own outputs as data; narrow "
-                                f"{key} or use a dump folder outside it")
+                    errs.append(
+                        f"{key} = {path!r} matches {ours[0]}, inside job.dump_folder = "
+                        f"{self.job.dump_folder!r}: the run would read its own outputs as data; narrow "
+                        f"{key} or use a dump folder outside it"
+                    )
         if errs:
-            raise ConfigError(f"invalid config: {errs[0]}" if len(errs) == 1 else
-                              f"invalid config, {len(errs)} problems: " + "; ".join(f"({i}) {e}" for i, e in
-                                                                          enumerate(errs, 1)))
+            raise ConfigError(
+                f"invalid config: {errs[0]}"
+                if len(errs) == 1
+                else f"invalid config, {len(errs)} problems: " + "; ".join(f"({i}) {e}" for i, e in enumerate(errs, 1))
+            )
         return self
 
     def _is_run_output(self, path: str) -> bool:
@@ -367,8 +436,14 @@ class JobConfig:
         if os.path.commonpath([dump, real]) != dump or real == dump:
             return False
         top = pathlib.PurePath(os.path.relpath(real, dump)).parts[0]
-        own = {*RUN_OUTPUTS, *(top for folder in (self.checkpoint.folder, self.metrics.tb_folder)
-                               for top in pathlib.PurePath(folder).parts[:1])}
+        own = {
+            *RUN_OUTPUTS,
+            *(
+                top
+                for folder in (self.checkpoint.folder, self.metrics.tb_folder)
+                for top in pathlib.PurePath(folder).parts[:1]
+            ),
+        }
         return top in own or top.startswith(("abandoned-", "metrics.jsonl."))
 
     def skips_frozen_weights(self) -> bool:
@@ -394,8 +469,14 @@ SECTIONS: dict[str, type] = field_types(JobConfig)  # [section] name -> its data
 
 # Keys naming files or directories. A relative one is read from the working directory (as every
 # command-line tool and torchrun's workers do), not from the config file's folder.
-PATH_KEYS = (("data", "path"), ("validation", "path"), ("data", "tokenizer"), ("model", "hf_config"),
-             ("checkpoint", "initial_load_hf"), ("lora", "init_adapter"))
+PATH_KEYS = (
+    ("data", "path"),
+    ("validation", "path"),
+    ("data", "tokenizer"),
+    ("model", "hf_config"),
+    ("checkpoint", "initial_load_hf"),
+    ("lora", "init_adapter"),
+)
 
 
 def _check_relative_paths(cfg: JobConfig, table: dict[str, Any], config_file: str) -> None:
@@ -406,13 +487,22 @@ def _check_relative_paths(cfg: JobConfig, table: dict[str, Any], config_file: st
         value = table.get(sec, {}).get(key)
         if value != getattr(getattr(cfg, sec), key):  # overridden on the command line
             continue
-        if (isinstance(value, str) and value and value != "byte" and not os.path.isabs(os.path.expanduser(value))
-                and not any(c in value for c in "*?[") and not os.path.exists(value)
-                and os.path.exists(os.path.join(here, value)) and here != os.getcwd()):
-            raise ConfigError(f"{sec}.{key} = {value!r} (in {config_file}) does not exist here: relative paths are "
-                              f"read from the working directory {os.getcwd()}, not from the config file's folder, "
-                              f"where it does exist; run from {here}, or set {sec}.{key} to "
-                              f"{os.path.join(here, value)!r}")
+        if (
+            isinstance(value, str)
+            and value
+            and value != "byte"
+            and not os.path.isabs(os.path.expanduser(value))
+            and not any(c in value for c in "*?[")
+            and not os.path.exists(value)
+            and os.path.exists(os.path.join(here, value))
+            and here != os.getcwd()
+        ):
+            raise ConfigError(
+                f"{sec}.{key} = {value!r} (in {config_file}) does not exist here: relative paths are "
+                f"read from the working directory {os.getcwd()}, not from the config file's folder, "
+                f"where it does exist; run from {here}, or set {sec}.{key} to "
+                f"{os.path.join(here, value)!r}"
+            )
 
 
 def load_config(path: str | None, overrides: list[str] | None = None) -> JobConfig:

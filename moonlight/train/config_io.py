@@ -80,8 +80,7 @@ def _parse_literal(text: str) -> Any:
         return text.strip()
 
 
-_BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False,
-               "off": False}
+_BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 
 
 def _parse_cli(text: str, tp: Any) -> Any:
@@ -256,8 +255,12 @@ def field_docs(cls: type) -> dict[str, str]:
     body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
     docs = {}
     for field_node, doc in zip(body, body[1:]):
-        if (isinstance(field_node, ast.AnnAssign) and isinstance(doc, ast.Expr)
-                and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)):
+        if (
+            isinstance(field_node, ast.AnnAssign)
+            and isinstance(doc, ast.Expr)
+            and isinstance(doc.value, ast.Constant)
+            and isinstance(doc.value.value, str)
+        ):
             docs[field_node.target.id] = " ".join(doc.value.value.split())
     return docs
 

@@ -61,9 +61,12 @@ class DumpFolderLock:
 
     def acquire(self) -> None:
         """Create the lock files (atomically, O_EXCL); raise ConfigError if a live trainer holds one."""
-        me = {"host": socket.gethostname(), "pid": os.getpid(),
-              "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "token": uuid.uuid4().hex}
+        me = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "token": uuid.uuid4().hex,
+        }
         self.token = me["token"]
         try:
             for path in self.paths:
@@ -81,8 +84,10 @@ class DumpFolderLock:
         except OSError as e:  # a file of that name, or a file on the way to it
             raise ConfigError(f"cannot create {key} {folder}: {e.strerror}; use another --job.dump_folder") from None
         if os.path.islink(path) or (os.path.exists(path) and not os.path.isfile(path)):
-            raise ConfigError(f"{path} is a {'symlink' if os.path.islink(path) else 'directory'}, not a lock file "
-                              "written by moonlight: remove it (or use another --job.dump_folder)")
+            raise ConfigError(
+                f"{path} is a {'symlink' if os.path.islink(path) else 'directory'}, not a lock file "
+                "written by moonlight: remove it (or use another --job.dump_folder)"
+            )
         for _ in range(2):
             try:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -90,15 +95,18 @@ class DumpFolderLock:
                 self._clear_stale_or_raise(path, me)
                 continue
             except OSError as e:  # read-only, no permission, disk full
-                raise ConfigError(f"cannot write to {key} {folder} ({os_error_reason(e)}): make it writable, or use "
-                                  "another --job.dump_folder") from None
+                raise ConfigError(
+                    f"cannot write to {key} {folder} ({os_error_reason(e)}): make it writable, or use "
+                    "another --job.dump_folder"
+                ) from None
             try:
                 with os.fdopen(fd, "w") as f:
                     json.dump(me, f)
             except OSError as e:  # a full disk at close: no half-written lock left behind
                 os.remove(path)
-                raise ConfigError(f"cannot write the lock {path} ({os_error_reason(e)}): free space, or use another "
-                                  "--job.dump_folder") from None
+                raise ConfigError(
+                    f"cannot write the lock {path} ({os_error_reason(e)}): free space, or use another --job.dump_folder"
+                ) from None
             self.held.append(path)
             return
         raise ConfigError(f"cannot take the lock {path}: another trainer keeps creating it")
@@ -112,24 +120,34 @@ class DumpFolderLock:
             return  # released in the meantime
         except (OSError, ValueError, KeyError, TypeError):
             if time.time() - os.path.getmtime(path) < 10:  # another trainer is writing it right now
-                raise ConfigError(f"{os.path.dirname(path)} is being locked by another trainer just now: "
-                                  "use another --job.dump_folder") from None
+                raise ConfigError(
+                    f"{os.path.dirname(path)} is being locked by another trainer just now: "
+                    "use another --job.dump_folder"
+                ) from None
             owner, host, pid = {}, None, None  # unreadable and old: a lock torn by a crash while being written
         same_host = host == me["host"]
         # the same process (an earlier Trainer here) or a dead pid on this host: nobody is using it
         if host is None or (same_host and (pid == me["pid"] or not _pid_alive(pid))):
             if pid != me["pid"]:
-                logger.warning("replacing the stale lock %s (%s: no such process on this host)", path,
-                               owner or "unreadable")
+                logger.warning(
+                    "replacing the stale lock %s (%s: no such process on this host)", path, owner or "unreadable"
+                )
             os.remove(path)
             return
         where = "this host" if same_host else f"host {host}"
         command = _command_of(pid) if same_host else ""
-        hint = (f" (if it is no longer running, delete {path})" if not same_host else
-                f" (pid {pid} now runs {command[:80]!r}, which may not be a trainer: a pid reused after a crash? If "
-                f"no trainer uses the folder, delete {path})" if command and "python" not in command else "")
-        raise ConfigError(f"{os.path.dirname(path)} is in use by another trainer (pid {pid} on {where}, started "
-                          f"{owner.get('started')}): use another --job.dump_folder, or stop that run" + hint)
+        hint = (
+            f" (if it is no longer running, delete {path})"
+            if not same_host
+            else f" (pid {pid} now runs {command[:80]!r}, which may not be a trainer: a pid reused after a crash? If "
+            f"no trainer uses the folder, delete {path})"
+            if command and "python" not in command
+            else ""
+        )
+        raise ConfigError(
+            f"{os.path.dirname(path)} is in use by another trainer (pid {pid} on {where}, started "
+            f"{owner.get('started')}): use another --job.dump_folder, or stop that run" + hint
+        )
 
     def release(self) -> None:
         atexit.unregister(self.release)

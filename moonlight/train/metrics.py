@@ -43,9 +43,17 @@ def measure_peak_flops(device: torch.device, size: int = 2048, repeats: int = 5)
 # Dense (no sparsity) bf16 tensor-core peak, TFLOP/s, by a substring of torch.cuda.get_device_name;
 # the first match wins (more specific names first). TF32 runs at half of it on these parts.
 GPU_BF16_PEAK_TFLOPS = (
-    ("H100 PCIe", 756.0), ("H100 NVL", 835.5), ("H100", 989.4), ("H200", 989.4),
-    ("GB200", 2500.0), ("B200", 2250.0), ("B100", 1750.0), ("A100", 312.0), ("L40S", 362.1),
-    ("MI300X", 1307.4), ("MI325X", 1307.4),
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.5),
+    ("H100", 989.4),
+    ("H200", 989.4),
+    ("GB200", 2500.0),
+    ("B200", 2250.0),
+    ("B100", 1750.0),
+    ("A100", 312.0),
+    ("L40S", 362.1),
+    ("MI300X", 1307.4),
+    ("MI325X", 1307.4),
 )
 
 
@@ -72,8 +80,9 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
         spec = spec_peak_flops(name, dtype)
         if spec is not None:
             return spec
-        warnings.warn(f"no spec peak for GPU {name!r}: MFU uses a timed matmul (set metrics.device_peak_flops)",
-                      stacklevel=2)
+        warnings.warn(
+            f"no spec peak for GPU {name!r}: MFU uses a timed matmul (set metrics.device_peak_flops)", stacklevel=2
+        )
     return measure_peak_flops(device)
 
 
@@ -101,17 +110,23 @@ class MetricsSection:
     """Steps recorded by torch.profiler from profile_start on."""
 
     def problems(self) -> list[str]:
-        return failing([
-            (self.log_freq >= 1, f"metrics.log_freq must be >= 1 (got {self.log_freq})"),
-            (self.device_peak_flops >= 0, f"metrics.device_peak_flops must be >= 0 (got {self.device_peak_flops})"),
-            (self.profile_start >= 0, f"metrics.profile_start must be >= 0 (got {self.profile_start})"),
-            (self.profile_steps >= 0, f"metrics.profile_steps must be >= 0 (got {self.profile_steps})"),
-            (self.profile_steps == 0 or self.profile_start >= 1,
-             f"metrics.profile_steps={self.profile_steps} needs metrics.profile_start >= 1"),
-            (bool(self.tb_folder) and inside(self.tb_folder),
-             f"metrics.tb_folder = {self.tb_folder!r} must be a relative path inside job.dump_folder (point "
-             "job.dump_folder elsewhere instead)"),
-        ])
+        return failing(
+            [
+                (self.log_freq >= 1, f"metrics.log_freq must be >= 1 (got {self.log_freq})"),
+                (self.device_peak_flops >= 0, f"metrics.device_peak_flops must be >= 0 (got {self.device_peak_flops})"),
+                (self.profile_start >= 0, f"metrics.profile_start must be >= 0 (got {self.profile_start})"),
+                (self.profile_steps >= 0, f"metrics.profile_steps must be >= 0 (got {self.profile_steps})"),
+                (
+                    self.profile_steps == 0 or self.profile_start >= 1,
+                    f"metrics.profile_steps={self.profile_steps} needs metrics.profile_start >= 1",
+                ),
+                (
+                    bool(self.tb_folder) and inside(self.tb_folder),
+                    f"metrics.tb_folder = {self.tb_folder!r} must be a relative path inside job.dump_folder (point "
+                    "job.dump_folder elsewhere instead)",
+                ),
+            ]
+        )
 
     def build(self, dump_folder: str, rank: int, resume_step: int = 0, aside: str | None = None) -> MetricsLogger:
         """The run's `MetricsLogger` (see its resume_step and aside)."""
@@ -127,25 +142,45 @@ class MetricsSection:
             return None
         return torch.profiler.profile(
             # active from step profile_start on; the step before it warms the profiler up
-            schedule=torch.profiler.schedule(wait=max(self.profile_start - 2, 0),
-                                             warmup=min(self.profile_start - 1, 1), active=self.profile_steps,
-                                             repeat=1),
-            on_trace_ready=torch.profiler.tensorboard_trace_handler(os.path.join(dump_folder, "profile"),
-                                                                    worker_name=f"rank{rank}"))
+            schedule=torch.profiler.schedule(
+                wait=max(self.profile_start - 2, 0),
+                warmup=min(self.profile_start - 1, 1),
+                active=self.profile_steps,
+                repeat=1,
+            ),
+            on_trace_ready=torch.profiler.tensorboard_trace_handler(
+                os.path.join(dump_folder, "profile"), worker_name=f"rank{rank}"
+            ),
+        )
 
 
 # The step line: metrics.jsonl key, its label, its format (units in the format, not in the label).
-STEP_LINE = (("grad_norm", "grad_norm", "{:.3f}"), ("lr", "lr", "{:.2e}"), ("tokens_per_s", "tokens/s", "{:,.0f}"),
-             ("mfu_pct", "mfu", "{:.1f}%"), ("memory_gib", "memory", "{:.2f} GiB"),
-             ("max_expert_load", "max_expert_load", "{:.2f}"), ("val_loss", "val_loss", "{:.4f}"),
-             ("val_ppl", "val_ppl", "{:.2f}"), ("elapsed_s", "elapsed", duration), ("eta_s", "eta", duration))
+STEP_LINE = (
+    ("grad_norm", "grad_norm", "{:.3f}"),
+    ("lr", "lr", "{:.2e}"),
+    ("tokens_per_s", "tokens/s", "{:,.0f}"),
+    ("mfu_pct", "mfu", "{:.1f}%"),
+    ("memory_gib", "memory", "{:.2f} GiB"),
+    ("max_expert_load", "max_expert_load", "{:.2f}"),
+    ("val_loss", "val_loss", "{:.4f}"),
+    ("val_ppl", "val_ppl", "{:.2f}"),
+    ("elapsed_s", "elapsed", duration),
+    ("eta_s", "eta", duration),
+)
 
 
 class MetricsLogger:
     """Writes one JSON object per logged step to `<dump_folder>/metrics.jsonl` and prints a line."""
 
-    def __init__(self, dump_folder: str, rank: int, enable_tensorboard: bool = False, tb_folder: str = "tb",
-                 resume_step: int = 0, aside: str | None = None):
+    def __init__(
+        self,
+        dump_folder: str,
+        rank: int,
+        enable_tensorboard: bool = False,
+        tb_folder: str = "tb",
+        resume_step: int = 0,
+        aside: str | None = None,
+    ):
         """resume_step > 0: keep the records up to that step and append. Records after it (a run killed
         after its last checkpoint, or the branch a rollback leaves) move to `<aside>/metrics.jsonl`
         (default: a new abandoned-<time> folder; `self.set_aside` lists their steps) and the kept ones
@@ -208,9 +243,13 @@ class MetricsLogger:
             self._file.flush()
         except OSError as e:  # rank 0 alone: raising would leave the other ranks waiting in a collective
             if not self._write_failed:
-                logger.error("metrics: cannot write %s (%s) from step %d on: training goes on, its records are "
-                             "lost until it can be written (checkpoint saves fail loudly)", self.path,
-                             os_error_reason(e), step)
+                logger.error(
+                    "metrics: cannot write %s (%s) from step %d on: training goes on, its records are "
+                    "lost until it can be written (checkpoint saves fail loudly)",
+                    self.path,
+                    os_error_reason(e),
+                    step,
+                )
             self._write_failed = True
         else:
             self._write_failed = False

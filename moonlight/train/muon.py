@@ -24,8 +24,19 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
 from torch.distributed.tensor.placement_types import _StridedShard
 
-__all__ = ["NS_COEFFICIENTS", "NS_STACK_NUMEL", "zeropower_via_newtonschulz", "newton_schulz_stacked", "ns_flops",
-           "MatrixPlan", "NSSettings", "sharing_group", "assign_owners", "plan_orthogonalization", "orthogonalize"]
+__all__ = [
+    "NS_COEFFICIENTS",
+    "NS_STACK_NUMEL",
+    "zeropower_via_newtonschulz",
+    "newton_schulz_stacked",
+    "ns_flops",
+    "MatrixPlan",
+    "NSSettings",
+    "sharing_group",
+    "assign_owners",
+    "plan_orthogonalization",
+    "orthogonalize",
+]
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
@@ -110,8 +121,10 @@ class MatrixPlan:
         for i, box in enumerate(self.boxes):
             if _box_numel(box):
                 first.setdefault(_box_key(box), i)
-        return {owner: sorted(i for key, i in first.items() if key != _box_key(self.boxes[owner]))
-                for owner in self.owned_by}
+        return {
+            owner: sorted(i for key, i in first.items() if key != _box_key(self.boxes[owner]))
+            for owner in self.owned_by
+        }
 
 
 def _box_key(box: Box) -> tuple:
@@ -129,8 +142,10 @@ def _check_tiling(plan: MatrixPlan) -> None:
         spans = sorted({(b[dim].start, b[dim].stop) for b in plan.boxes if b[dim].stop > b[dim].start})
         ends = [0] + [stop for _, stop in spans]
         if [start for start, _ in spans] != ends[:-1] or ends[-1] != size:
-            raise ValueError(f"Muon: the shards of a {plan.shape} matrix are not contiguous blocks along dim {dim} "
-                             f"({spans}); this placement cannot be reassembled")
+            raise ValueError(
+                f"Muon: the shards of a {plan.shape} matrix are not contiguous blocks along dim {dim} "
+                f"({spans}); this placement cannot be reassembled"
+            )
 
 
 def _rank_grid(p: Tensor, replicas: DeviceMesh | None) -> tuple[Tensor, tuple[int, ...], list]:
@@ -151,9 +166,9 @@ def _rank_grid(p: Tensor, replicas: DeviceMesh | None) -> tuple[Tensor, tuple[in
     wide = replicas.mesh.permute(own + extra)
     coord = replicas.get_coordinate()
     wide_mine = tuple(coord[d] for d in own + extra)
-    if names and not torch.equal(wide[(slice(None),) * len(own) + wide_mine[len(own):]], grid):
+    if names and not torch.equal(wide[(slice(None),) * len(own) + wide_mine[len(own) :]], grid):
         return grid, mine, placements  # a mesh with the same dim names but other ranks: not a slice
-    return wide, wide_mine, placements[:len(own)] + [Replicate()] * len(extra)
+    return wide, wide_mine, placements[: len(own)] + [Replicate()] * len(extra)
 
 
 def sharing_group(p: Tensor, replicas: DeviceMesh | None = None) -> MatrixPlan:
@@ -192,9 +207,12 @@ def assign_owners(plans: list[MatrixPlan], ns_steps: list[int]) -> None:
     Largest matrices first (ties in parameter order), per sharing group, so every member computes
     the same assignment from the same parameter list.
     """
-    shared = sorted((-ns_flops(*plan.shape, steps), i, k)  # largest first, then in parameter order
-                    for i, (plan, steps) in enumerate(zip(plans, ns_steps)) if not plan.local
-                    for k in range(plan.count))
+    shared = sorted(
+        (-ns_flops(*plan.shape, steps), i, k)  # largest first, then in parameter order
+        for i, (plan, steps) in enumerate(zip(plans, ns_steps))
+        if not plan.local
+        for k in range(plan.count)
+    )
     owners = [[0] * plan.count for plan in plans]  # a group of one owns its matrices
     loads: dict[tuple[int, ...], list[int]] = {}  # per sharing group: NS FLOPs given to each member
     for neg_cost, i, k in shared:
@@ -206,8 +224,9 @@ def assign_owners(plans: list[MatrixPlan], ns_steps: list[int]) -> None:
         plan.owners = tuple(own)
 
 
-def plan_orthogonalization(params: list[Tensor], ns_steps: list[int],
-                           replicas: DeviceMesh | None = None) -> list[MatrixPlan]:
+def plan_orthogonalization(
+    params: list[Tensor], ns_steps: list[int], replicas: DeviceMesh | None = None
+) -> list[MatrixPlan]:
     """Sharing groups and owners of every parameter's matrices (``ns_steps`` per parameter)."""
     plans = [sharing_group(p, replicas) for p in params]
     assign_owners(plans, ns_steps)
@@ -226,8 +245,9 @@ class NSSettings:
 NS_STACK_NUMEL = 2**28
 
 
-def newton_schulz_stacked(batches: dict[int, Tensor], settings: list[NSSettings],
-                          dtype: torch.dtype) -> dict[int, Tensor]:
+def newton_schulz_stacked(
+    batches: dict[int, Tensor], settings: list[NSSettings], dtype: torch.dtype
+) -> dict[int, Tensor]:
     """NS of every ``[k, rows, cols]`` tensor of ``batches`` (key i: parameter i, whose settings are
     ``settings[i]``), the same-shaped ones stacked (in key order, whole parameters, at most
     `NS_STACK_NUMEL` elements a stack unless one parameter alone is larger). Returns views of the
@@ -255,8 +275,14 @@ def newton_schulz_stacked(batches: dict[int, Tensor], settings: list[NSSettings]
     return out
 
 
-def orthogonalize(plans: list[MatrixPlan], updates: list[Tensor], settings: list[NSSettings],
-                  dtype: torch.dtype, device: torch.device, group: dist.ProcessGroup | None = None) -> list[Tensor]:
+def orthogonalize(
+    plans: list[MatrixPlan],
+    updates: list[Tensor],
+    settings: list[NSSettings],
+    dtype: torch.dtype,
+    device: torch.device,
+    group: dist.ProcessGroup | None = None,
+) -> list[Tensor]:
     """NS of every full matrix, on its owner; returns each rank's piece, shaped like its update.
 
     ``updates[i]``: this rank's shard of parameter i's (momentum-updated) update. Returned tensors
@@ -317,20 +343,22 @@ def _gather_to_owners(plans: list[MatrixPlan], pieces: list[Tensor], exchange: _
                     expect.setdefault(exchange.rank(plan.members[m]), []).append((i, ks, m))
             elif plan.me in plan.senders[owner]:
                 send.setdefault(exchange.rank(plan.members[owner]), []).append(x[ks])
-    received = exchange.run(send, {src: sum(len(ks) * _box_numel(plans[i].boxes[m]) for i, ks, m in items)
-                                   for src, items in expect.items()})
+    received = exchange.run(
+        send, {src: sum(len(ks) * _box_numel(plans[i].boxes[m]) for i, ks, m in items) for src, items in expect.items()}
+    )
     for src, items in expect.items():
         offset = 0
         for i, ks, m in items:
             box = plans[i].boxes[m]
             n = len(ks) * _box_numel(box)
-            fulls[i][(slice(None), *box)] = received[src][offset:offset + n].view(len(ks), *_box_shape(box))
+            fulls[i][(slice(None), *box)] = received[src][offset : offset + n].view(len(ks), *_box_shape(box))
             offset += n
     return fulls
 
 
-def _scatter_from_owners(plans: list[MatrixPlan], pieces: list[Tensor], results: dict[int, Tensor],
-                         exchange: _Exchange) -> dict[int, Tensor]:
+def _scatter_from_owners(
+    plans: list[MatrixPlan], pieces: list[Tensor], results: dict[int, Tensor], exchange: _Exchange
+) -> dict[int, Tensor]:
     """Every member's piece of each orthogonalized matrix from its owner; returns this rank's pieces
     of every shared parameter."""
     send: dict[int, list[Tensor]] = {}
@@ -348,13 +376,14 @@ def _scatter_from_owners(plans: list[MatrixPlan], pieces: list[Tensor], results:
             for m, box in enumerate(plan.boxes):
                 if m != plan.me:  # replicas of a box get their copy too
                     send.setdefault(exchange.rank(plan.members[m]), []).append(results[i][(slice(None), *box)])
-    received = exchange.run(send, {src: sum(len(ks) * pieces[i][0].numel() for i, ks in items)
-                                   for src, items in expect.items()})
+    received = exchange.run(
+        send, {src: sum(len(ks) * pieces[i][0].numel() for i, ks in items) for src, items in expect.items()}
+    )
     for src, items in expect.items():
         offset = 0
         for i, ks in items:
             n = len(ks) * pieces[i][0].numel()
-            outs[i][ks] = received[src][offset:offset + n].view(len(ks), *pieces[i].shape[1:])
+            outs[i][ks] = received[src][offset : offset + n].view(len(ks), *pieces[i].shape[1:])
             offset += n
     return outs
 

@@ -24,8 +24,13 @@ from torch.optim.adam import adam
 
 from moonlight.distributed import local_tensor
 from moonlight.errors import failing
-from moonlight.train.muon import (NS_COEFFICIENTS, NSSettings, orthogonalize, plan_orthogonalization,
-                                  zeropower_via_newtonschulz)
+from moonlight.train.muon import (
+    NS_COEFFICIENTS,
+    NSSettings,
+    orthogonalize,
+    plan_orthogonalization,
+    zeropower_via_newtonschulz,
+)
 
 __all__ = [
     "NS_COEFFICIENTS",
@@ -152,8 +157,14 @@ class Muon(torch.optim.Optimizer):
             raise ValueError(f"Muon: all param groups need one ns_dtype (the exchange runs in it), got {dtypes}")
         settings = [NSSettings(g["ns_steps"], g["ns_coefficients"], g["eps"]) for g, _, _ in work]
         first = self.param_groups[0]["params"][0]
-        return orthogonalize(self._plans[key], [u for _, _, u in work], settings, dtypes.pop(),
-                             local_tensor(first).device, self.process_group)
+        return orthogonalize(
+            self._plans[key],
+            [u for _, _, u in work],
+            settings,
+            dtypes.pop(),
+            local_tensor(first).device,
+            self.process_group,
+        )
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -214,10 +225,19 @@ class AdamW(torch.optim.Optimizer):
     cast to fp32 for it `ADAMW_BUCKET_NUMEL` elements at a time, which bounds that extra memory.
     """
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, master_weights=True,
-                 fused: bool | None = None):
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, master_weights=master_weights,
-                        fused=fused)
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        weight_decay=0.1,
+        master_weights=True,
+        fused: bool | None = None,
+    ):
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, master_weights=master_weights, fused=fused
+        )
         super().__init__(params, defaults)
         for group in self.param_groups:
             if group["fused"] is None:
@@ -248,10 +268,24 @@ class AdamW(torch.optim.Optimizer):
                     grads, bf16_grads = [torch.empty_like(m) for m in exp_avgs], grads
                     torch._foreach_copy_(grads, bf16_grads)
                 b1, b2 = group["betas"]
-                adam(targets, grads, exp_avgs, [local_tensor(s["exp_avg_sq"]) for s in states], [],
-                     [s["step"] for s in states], foreach=not fused, fused=fused, decoupled_weight_decay=True,
-                     amsgrad=False, beta1=b1, beta2=b2, lr=group["lr"], weight_decay=group["weight_decay"],
-                     eps=group["eps"], maximize=False)
+                adam(
+                    targets,
+                    grads,
+                    exp_avgs,
+                    [local_tensor(s["exp_avg_sq"]) for s in states],
+                    [],
+                    [s["step"] for s in states],
+                    foreach=not fused,
+                    fused=fused,
+                    decoupled_weight_decay=True,
+                    amsgrad=False,
+                    beta1=b1,
+                    beta2=b2,
+                    lr=group["lr"],
+                    weight_decay=group["weight_decay"],
+                    eps=group["eps"],
+                    maximize=False,
+                )
                 if master:  # the (bf16) parameters are the masters' rounding, all in one op
                     torch._foreach_copy_([local_tensor(p) for p in bucket], targets)
         return loss
@@ -404,8 +438,16 @@ def build_optimizers(
             opts.append(AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, master_weights=True))
         else:
             # fused: one kernel for the whole update (torch's default is foreach: about ten passes)
-            opts.append(torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                          fused=_fused_supported(adamw_params) or None))
+            opts.append(
+                torch.optim.AdamW(
+                    groups,
+                    lr=lr,
+                    betas=betas,
+                    eps=eps,
+                    weight_decay=weight_decay,
+                    fused=_fused_supported(adamw_params) or None,
+                )
+            )
     return Optimizers(opts)
 
 
@@ -433,23 +475,39 @@ class OptimizerSection:
     """fp32 master weights with bf16 gradients and moments."""
 
     def problems(self) -> list[str]:
-        return failing([
-            (self.lr > 0, f"optimizer.lr must be > 0 (got {self.lr})"),
-            (0 <= self.beta1 < 1, f"optimizer.beta1 must be in [0, 1) (got {self.beta1})"),
-            (0 <= self.beta2 < 1, f"optimizer.beta2 must be in [0, 1) (got {self.beta2})"),
-            (self.eps > 0, f"optimizer.eps must be > 0 (got {self.eps})"),
-            (self.weight_decay >= 0, f"optimizer.weight_decay must be >= 0 (got {self.weight_decay})"),
-            (0 <= self.momentum < 1, f"optimizer.momentum must be in [0, 1) (got {self.momentum})"),
-            (self.ns_steps >= 1, f"optimizer.ns_steps must be >= 1 (got {self.ns_steps})"),
-        ])
+        return failing(
+            [
+                (self.lr > 0, f"optimizer.lr must be > 0 (got {self.lr})"),
+                (0 <= self.beta1 < 1, f"optimizer.beta1 must be in [0, 1) (got {self.beta1})"),
+                (0 <= self.beta2 < 1, f"optimizer.beta2 must be in [0, 1) (got {self.beta2})"),
+                (self.eps > 0, f"optimizer.eps must be > 0 (got {self.eps})"),
+                (self.weight_decay >= 0, f"optimizer.weight_decay must be >= 0 (got {self.weight_decay})"),
+                (0 <= self.momentum < 1, f"optimizer.momentum must be in [0, 1) (got {self.momentum})"),
+                (self.ns_steps >= 1, f"optimizer.ns_steps must be >= 1 (got {self.ns_steps})"),
+            ]
+        )
 
-    def build(self, named_params: Iterable[tuple[str, Tensor]], ns_dtype: torch.dtype = torch.bfloat16,
-              replica_mesh: DeviceMesh | None = None) -> Optimizers:
+    def build(
+        self,
+        named_params: Iterable[tuple[str, Tensor]],
+        ns_dtype: torch.dtype = torch.bfloat16,
+        replica_mesh: DeviceMesh | None = None,
+    ) -> Optimizers:
         """`build_optimizers` with this section's settings (ns_dtype and replica_mesh: the run's, not the config's)."""
-        return build_optimizers(named_params, name=self.name, lr=self.lr, weight_decay=self.weight_decay,
-                                betas=(self.beta1, self.beta2), eps=self.eps, momentum=self.momentum,
-                                nesterov=self.nesterov, ns_steps=self.ns_steps, precision_aware=self.precision_aware,
-                                ns_dtype=ns_dtype, replica_mesh=replica_mesh)
+        return build_optimizers(
+            named_params,
+            name=self.name,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            betas=(self.beta1, self.beta2),
+            eps=self.eps,
+            momentum=self.momentum,
+            nesterov=self.nesterov,
+            ns_steps=self.ns_steps,
+            precision_aware=self.precision_aware,
+            ns_dtype=ns_dtype,
+            replica_mesh=replica_mesh,
+        )
 
 
 # --------------------------------------------------------------------------------------------

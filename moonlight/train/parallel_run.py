@@ -43,14 +43,20 @@ class Pipeline:
     def __init__(self, schedule):
         self.schedule = schedule
 
-    def step(self, inputs: torch.Tensor, labels: torch.Tensor, num_tokens: float | torch.Tensor,
-             model_kwargs: dict | None = None) -> torch.Tensor | None:
+    def step(
+        self,
+        inputs: torch.Tensor,
+        labels: torch.Tensor,
+        num_tokens: float | torch.Tensor,
+        model_kwargs: dict | None = None,
+    ) -> torch.Tensor | None:
         return pipeline_step(self.schedule, inputs, labels, num_tokens=num_tokens, model_kwargs=model_kwargs)
 
     def eval(self, inputs: torch.Tensor, labels: torch.Tensor, model_kwargs: dict | None = None) -> torch.Tensor | None:
         """Forward only: the sum of the token losses of the batch on the last stage's rank, else None."""
-        return pipeline_step(self.schedule, inputs, labels, num_tokens=1.0, model_kwargs=model_kwargs,
-                             forward_only=True)
+        return pipeline_step(
+            self.schedule, inputs, labels, num_tokens=1.0, model_kwargs=model_kwargs, forward_only=True
+        )
 
 
 @dataclass
@@ -76,8 +82,13 @@ class ParallelRun:
     loss_from_hidden: bool = True
     description: str = "single process"
 
-    def forward_loss(self, inputs: torch.Tensor, labels: torch.Tensor, packing: dict[str, torch.Tensor],
-                     num_tokens: torch.Tensor | float | None = None) -> torch.Tensor | None:
+    def forward_loss(
+        self,
+        inputs: torch.Tensor,
+        labels: torch.Tensor,
+        packing: dict[str, torch.Tensor],
+        num_tokens: torch.Tensor | float | None = None,
+    ) -> torch.Tensor | None:
         """One micro-batch through this rank's model parts -> its loss (None on a pipeline rank without
         the last stage), for every configuration: the pipeline schedule, the chunked loss from hidden states,
         or the vocab-parallel `loss_fn` on sharded logits. Training (`num_tokens` given): sum(CE) /
@@ -132,8 +143,9 @@ class ParallelRun:
         flag = torch.tensor(float(stop), device=local_loss.device)
         if not dist.is_initialized() or dist.get_world_size() == 1:
             return torch.stack([local_loss.float(), flag])
-        held = torch.stack([local_loss.float() * self.holds_loss,
-                            torch.tensor(float(self.holds_loss), device=local_loss.device), flag])
+        held = torch.stack(
+            [local_loss.float() * self.holds_loss, torch.tensor(float(self.holds_loss), device=local_loss.device), flag]
+        )
         dist.all_reduce(held)
         return torch.stack([torch.where(held[1] > 0, held[0] / held[1], math.nan), held[2]])
 
@@ -157,18 +169,19 @@ def plan_parallelism(cfg: JobConfig, args: ModelArgs, world_size: int) -> tuple[
     """The degrees and the pipeline layout of a job on `world_size` ranks, validated against the model
     before anything is built (raises ConfigError / ParallelConfigError naming what to change)."""
     p = cfg.parallelism
-    dims = ParallelDims(dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, cp=p.cp, tp=p.tp, ep=p.ep, pp=p.pp,
-                        world_size=world_size)
+    dims = ParallelDims(
+        dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, cp=p.cp, tp=p.tp, ep=p.ep, pp=p.pp, world_size=world_size
+    )
     vp = p.pp_virtual_stages
     pp_layout = resolve_layout(p.pp_layout or None, args, p.pp, vp) if p.pp > 1 else None
-    dims.validate(args, pp_layout, vp, sequence_parallel=p.sequence_parallel and p.tp > 1,
-                  seq_len=cfg.training.seq_len)
+    dims.validate(args, pp_layout, vp, sequence_parallel=p.sequence_parallel and p.tp > 1, seq_len=cfg.training.seq_len)
     cfg.grad_accum_steps(dims.dp)
     return dims, pp_layout
 
 
-def build_parallel_run(cfg: JobConfig, args: ModelArgs, world_size: int, device: torch.device,
-                       init_full_model: Callable[[], Moonlight]) -> ParallelRun:
+def build_parallel_run(
+    cfg: JobConfig, args: ModelArgs, world_size: int, device: torch.device, init_full_model: Callable[[], Moonlight]
+) -> ParallelRun:
     """Validate the degrees, build the meshes, split pipeline stages and apply the parallel plans.
     `init_full_model()` gives the whole model with its initial weights (on meta when too large to
     initialize whole: then every rank initializes its own shards)."""
@@ -197,9 +210,16 @@ def build_parallel_run(cfg: JobConfig, args: ModelArgs, world_size: int, device:
             module.to(device)
         if t.compile:  # before the parallel plans wrap the blocks' forwards in checkpointing
             apply_compile(module, t.compile_backend)
-        parallelize_model(module, dims, mesh, sequence_parallel=sequence_parallel,
-                          ac_mode=cfg.activation_checkpoint.mode, param_dtype=t.mixed_precision_param,
-                          reduce_dtype=t.mixed_precision_reduce, reshard_after_forward=reshard_after_forward)
+        parallelize_model(
+            module,
+            dims,
+            mesh,
+            sequence_parallel=sequence_parallel,
+            ac_mode=cfg.activation_checkpoint.mode,
+            param_dtype=t.mixed_precision_param,
+            reduce_dtype=t.mixed_precision_reduce,
+            reshard_after_forward=reshard_after_forward,
+        )
         if on_meta:  # too large to initialize whole: each rank initializes its shards
             module.to_empty(device=device)
             torch.manual_seed(t.seed + stage)
@@ -207,25 +227,39 @@ def build_parallel_run(cfg: JobConfig, args: ModelArgs, world_size: int, device:
         return module
 
     tp_rank = mesh.tp_rank
-    common = dict(dp_rank=mesh.dp_rank, dp_world=mesh.dp_size, cp_rank=mesh.cp_rank, cp_world=dims.cp,
-                  dp_group=mesh["dp"].get_group(), moe_count_group=mesh["routing"].get_group(),
-                  replica_mesh=mesh["replicas"],
-                  description=dims.describe() + (" + sequence parallel" if sequence_parallel else ""))
+    common = dict(
+        dp_rank=mesh.dp_rank,
+        dp_world=mesh.dp_size,
+        cp_rank=mesh.cp_rank,
+        cp_world=dims.cp,
+        dp_group=mesh["dp"].get_group(),
+        moe_count_group=mesh["routing"].get_group(),
+        replica_mesh=mesh["replicas"],
+        description=dims.describe() + (" + sequence parallel" if sequence_parallel else ""),
+    )
     if p.pp == 1:
         return ParallelRun(model_parts=[prepare(full)], holds_loss=tp_rank == 0, loss_from_hidden=p.tp == 1, **common)
 
     # Each local stage starts from its own copy of the full model (identical initial weights in every configuration).
     build_fn = (lambda _: copy.deepcopy(full)) if not next(full.parameters()).is_meta else None
-    stages, parts = build_pipeline_stages(args, pp_layout, mesh["pp"], device, schedule=p.pp_schedule,
-                                          build_fn=build_fn, parallelize_fn=prepare)
+    stages, parts = build_pipeline_stages(
+        args, pp_layout, mesh["pp"], device, schedule=p.pp_schedule, build_fn=build_fn, parallelize_fn=prepare
+    )
     n_micro = p.pp_microbatches or t.local_batch_size
-    schedule = build_schedule(stages, p.pp_schedule, n_micro, cross_entropy_loss, scale_grads=False,
-                              local_batch_size=t.local_batch_size)
+    schedule = build_schedule(
+        stages, p.pp_schedule, n_micro, cross_entropy_loss, scale_grads=False, local_batch_size=t.local_batch_size
+    )
     holds_last = any(s.is_last for s in stages)
     common["description"] += f", pipeline {p.pp_schedule} layout {pp_layout} x {n_micro} micro-batches"
-    return ParallelRun(model_parts=parts, pipeline=Pipeline(schedule), pp_group=mesh["pp"].get_group(),
-                  holds_loss=holds_last and tp_rank == 0, microbatches_per_step=n_micro, loss_from_hidden=False,
-                  **common)
+    return ParallelRun(
+        model_parts=parts,
+        pipeline=Pipeline(schedule),
+        pp_group=mesh["pp"].get_group(),
+        holds_loss=holds_last and tp_rank == 0,
+        microbatches_per_step=n_micro,
+        loss_from_hidden=False,
+        **common,
+    )
 
 
 def _materialize(model: nn.Module, device: torch.device, seed: int) -> None:

@@ -73,8 +73,10 @@ class RunReport:
         tokens = steps * self.tokens_per_step
         rate = tokens / self.train_s if self.train_s else math.nan
         mfu = 100 * flops_per_token * rate / (peak_flops * world_size)
-        say(f"done: {steps} steps ({self.start_step + 1}-{self.step}), {tokens:,} tokens in "
-            f"{duration(time.perf_counter() - self.started)}; {rate:,.0f} tokens/s, MFU {mfu:.1f}% over the steps")
+        say(
+            f"done: {steps} steps ({self.start_step + 1}-{self.step}), {tokens:,} tokens in "
+            f"{duration(time.perf_counter() - self.started)}; {rate:,.0f} tokens/s, MFU {mfu:.1f}% over the steps"
+        )
         val = ""
         if self.best_val is not None:
             val = f"; validation loss {self.val_loss:.4f} final, {self.best_val[0]:.4f} best (step {self.best_val[1]})"

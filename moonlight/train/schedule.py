@@ -109,19 +109,28 @@ class LRSchedulerSection:
     """Final lr = optimizer.lr * min_lr_ratio (the pretrain recipe: 4.2e-4 -> 4.2e-5)."""
 
     def problems(self, steps: int) -> list[str]:
-        out = failing([
-            (self.warmup_steps >= 0, f"lr_scheduler.warmup_steps must be >= 0 (got {self.warmup_steps})"),
-            (self.warmup_steps <= steps,
-             f"lr_scheduler.warmup_steps ({self.warmup_steps}) must be <= training.steps ({steps})"),
-            (0 <= self.min_lr_ratio <= 1,
-             f"lr_scheduler.min_lr_ratio must be in [0, 1], i.e. min lr <= optimizer.lr (got {self.min_lr_ratio})"),
-            (0 <= self.decay_ratio <= 1, f"lr_scheduler.decay_ratio must be in [0, 1] (got {self.decay_ratio})"),
-        ])
+        out = failing(
+            [
+                (self.warmup_steps >= 0, f"lr_scheduler.warmup_steps must be >= 0 (got {self.warmup_steps})"),
+                (
+                    self.warmup_steps <= steps,
+                    f"lr_scheduler.warmup_steps ({self.warmup_steps}) must be <= training.steps ({steps})",
+                ),
+                (
+                    0 <= self.min_lr_ratio <= 1,
+                    "lr_scheduler.min_lr_ratio must be in [0, 1], i.e. min lr <= optimizer.lr "
+                    f"(got {self.min_lr_ratio})",
+                ),
+                (0 <= self.decay_ratio <= 1, f"lr_scheduler.decay_ratio must be in [0, 1] (got {self.decay_ratio})"),
+            ]
+        )
         if self.decay_type == "wsd" and 0 <= self.decay_ratio <= 1:
             decay_steps = round(self.decay_ratio * steps)
             if self.warmup_steps + decay_steps > steps:
-                out.append(f"lr_scheduler.warmup_steps ({self.warmup_steps}) + decay steps (decay_ratio "
-                           f"{self.decay_ratio} * {steps} = {decay_steps}) exceed training.steps ({steps})")
+                out.append(
+                    f"lr_scheduler.warmup_steps ({self.warmup_steps}) + decay steps (decay_ratio "
+                    f"{self.decay_ratio} * {steps} = {decay_steps}) exceed training.steps ({steps})"
+                )
         return out
 
     def build(self, optimizers, total_steps: int) -> LRSchedulers:

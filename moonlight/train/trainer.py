@@ -32,9 +32,19 @@ from moonlight.model import Moonlight
 from moonlight.model.converters import convert_model, init_converted_weights
 from moonlight.outputs import abandoned_folder, os_error_reason, refuse_link
 from moonlight.train.balance import expert_load_imbalance, update_router_biases
-from moonlight.train.build import (build_converters, build_model_args, check_host_memory, check_run_paths,
-                                   check_runtime, check_token_ids, init_distributed, load_initial_weights,
-                                   read_base_weights, take_dump_folder_lock, warn_about_data)
+from moonlight.train.build import (
+    build_converters,
+    build_model_args,
+    check_host_memory,
+    check_run_paths,
+    check_runtime,
+    check_token_ids,
+    init_distributed,
+    load_initial_weights,
+    read_base_weights,
+    take_dump_folder_lock,
+    warn_about_data,
+)
 from moonlight.train.config import JobConfig
 from moonlight.train.parallel_run import build_parallel_run, is_mixed_precision
 from moonlight.train.metrics import memory_gib
@@ -55,23 +65,36 @@ class Trainer:
         t = cfg.training
         self.rank, self.world_size, self.device = init_distributed(t.collective_timeout_s)
         ckpt_folder = os.path.join(cfg.job.dump_folder, cfg.checkpoint.folder)
-        self.lock = take_dump_folder_lock(cfg.job.dump_folder, self.rank,  # before anything is written
-                                          (ckpt_folder,) if cfg.checkpoint.enable else (),
-                                          check=lambda: check_run_paths(cfg))
+        self.lock = take_dump_folder_lock(
+            cfg.job.dump_folder,
+            self.rank,  # before anything is written
+            (ckpt_folder,) if cfg.checkpoint.enable else (),
+            check=lambda: check_run_paths(cfg),
+        )
         torch.manual_seed(t.seed)
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
 
         self.model_args = build_model_args(cfg)
         check_runtime(cfg, self.model_args, self.device)
-        check_host_memory(cfg, self.model_args, self.world_size, self.device,
-                          full_init=self.model_args.num_params() <= _FULL_INIT_MAX_PARAMS)
+        check_host_memory(
+            cfg,
+            self.model_args,
+            self.world_size,
+            self.device,
+            full_init=self.model_args.num_params() <= _FULL_INIT_MAX_PARAMS,
+        )
         self.tokenizer = build_tokenizer(cfg.data.tokenizer)
-        used = [i for i, on in ((self.tokenizer.bos_id, cfg.data.add_bos), (self.tokenizer.eos_id, cfg.data.add_eos))
-                if on and i is not None]  # a missing one is named by build_dataloader
+        used = [
+            i
+            for i, on in ((self.tokenizer.bos_id, cfg.data.add_bos), (self.tokenizer.eos_id, cfg.data.add_eos))
+            if on and i is not None
+        ]  # a missing one is named by build_dataloader
         if used and max(used) >= self.model_args.vocab_size:
-            raise ConfigError(f"the tokenizer's bos/eos ids reach {max(used)} but the model's vocab_size is "
-                              f"{self.model_args.vocab_size}: raise model vocab_size or change data.tokenizer")
+            raise ConfigError(
+                f"the tokenizer's bos/eos ids reach {max(used)} but the model's vocab_size is "
+                f"{self.model_args.vocab_size}: raise model vocab_size or change data.tokenizer"
+            )
 
         self.converters = build_converters(cfg)  # LoRA/DoRA adapters, applied before any sharding
         self.bias_rate = cfg.moe.bias_rate(lora=cfg.lora.enable)  # the router bias's update rate
@@ -93,8 +116,9 @@ class Trainer:
         ns_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.optimizers = cfg.optimizer.build(params, ns_dtype=ns_dtype, replica_mesh=self.parallel.replica_mesh)
         self.lr_schedulers = cfg.lr_scheduler.build(self.optimizers, total_steps=t.steps)
-        self.dataloader = build_dataloader(cfg.data, self.tokenizer, t.seq_len, t.local_batch_size,
-                                           dp_rank, dp_world, t.seed)
+        self.dataloader = build_dataloader(
+            cfg.data, self.tokenizer, t.seq_len, t.local_batch_size, dp_rank, dp_world, t.seed
+        )
         self.document_mask = cfg.data.masks_documents()
         check_token_ids(self.dataloader.store, self.model_args.vocab_size, "data")
         self.validator = Validator(cfg, self.tokenizer, self.parallel, self.device) if cfg.validation.enable else None
@@ -131,11 +155,13 @@ class Trainer:
         """The few lines before step 1: what runs, on what, from what data, where it writes."""
         cfg, t, a = self.cfg, self.cfg.training, self.model_args
         source = cfg.model.hf_config or cfg.checkpoint.initial_load_hf or f"preset {cfg.model.name}"
-        lines = [cfg.job.description,
-                 f"model {source}: {a.num_params() / 1e6:,.1f}M params, {a.num_hidden_layers} layers, "
-                 f"{a.n_routed_experts} experts top-{a.num_experts_per_tok}; {t.dtype} on {self.device}",
-                 f"parallelism {self.parallel.description}, grad accumulation {self.grad_accum}; "
-                 f"{t.steps} steps of {t.global_batch_size} x {t.seq_len} tokens"]
+        lines = [
+            cfg.job.description,
+            f"model {source}: {a.num_params() / 1e6:,.1f}M params, {a.num_hidden_layers} layers, "
+            f"{a.n_routed_experts} experts top-{a.num_experts_per_tok}; {t.dtype} on {self.device}",
+            f"parallelism {self.parallel.description}, grad accumulation {self.grad_accum}; "
+            f"{t.steps} steps of {t.global_batch_size} x {t.seq_len} tokens",
+        ]
         lines += [converter.describe(self.model_parts) for converter in self.converters]
         d, v = cfg.data, cfg.validation
         data = f"data: {d.format} {d.path}, tokenizer {d.tokenizer}"
@@ -170,11 +196,18 @@ class Trainer:
         metrics = self.metrics.set_aside
         if not (self.moved_steps or metrics):
             return
-        parts = ([f"checkpoints {['step-%d' % s for s in self.moved_steps]} to {self.moved_to}"] if self.moved_steps
-                 else []) + ([f"the metrics records of steps {metrics[0]}-{metrics[-1]} to "
-                              f"{os.path.join(self.aside, 'metrics.jsonl')}"] if metrics else [])
-        print(f"[moonlight] resumed at step {self.step}: the later steps of the run it leaves were moved aside, "
-              + " and ".join(parts), flush=True)
+        parts = (
+            [f"checkpoints {['step-%d' % s for s in self.moved_steps]} to {self.moved_to}"] if self.moved_steps else []
+        ) + (
+            [f"the metrics records of steps {metrics[0]}-{metrics[-1]} to {os.path.join(self.aside, 'metrics.jsonl')}"]
+            if metrics
+            else []
+        )
+        print(
+            f"[moonlight] resumed at step {self.step}: the later steps of the run it leaves were moved aside, "
+            + " and ".join(parts),
+            flush=True,
+        )
 
     def _build_parallel(self):
         parallel = build_parallel_run(self.cfg, self.model_args, self.world_size, self.device, self._init_full_model)
@@ -198,19 +231,28 @@ class Trainer:
     def _build_checkpointer(self) -> Checkpointer:
         c, lora = self.cfg.checkpoint, self.cfg.lora.enable
         base = os.path.abspath(os.path.expanduser(c.initial_load_hf)) if c.initial_load_hf else None
-        ckpt = Checkpointer(c, self.cfg.job.dump_folder, self.model_parts, self.optimizers, self.lr_schedulers,
-                            self.dataloader,
-                            parallelism={"world_size": self.world_size, **dataclasses.asdict(self.cfg.parallelism)},
-                            # adapters are saved under <linear>.lora_a/lora_b.weight (+ .magnitude)
-                            lora=dataclasses.asdict(self.cfg.lora) if lora else None,
-                            base_weights=base, skip_frozen=self.cfg.skips_frozen_weights(),
-                            load_base=lambda path: read_base_weights(ckpt, path, lora))
+        ckpt = Checkpointer(
+            c,
+            self.cfg.job.dump_folder,
+            self.model_parts,
+            self.optimizers,
+            self.lr_schedulers,
+            self.dataloader,
+            parallelism={"world_size": self.world_size, **dataclasses.asdict(self.cfg.parallelism)},
+            # adapters are saved under <linear>.lora_a/lora_b.weight (+ .magnitude)
+            lora=dataclasses.asdict(self.cfg.lora) if lora else None,
+            base_weights=base,
+            skip_frozen=self.cfg.skips_frozen_weights(),
+            load_base=lambda path: read_base_weights(ckpt, path, lora),
+        )
         if c.enable:
             self.step = ckpt.load(c.load_step)
         elif found := ckpt.available_steps():
-            raise ConfigError(f"{ckpt.folder} holds checkpoints {found} but checkpoint.enable = false would start "
-                              "from scratch over them (and replace config.toml): set --checkpoint.enable=true to "
-                              "resume, or use another --job.dump_folder")
+            raise ConfigError(
+                f"{ckpt.folder} holds checkpoints {found} but checkpoint.enable = false would start "
+                "from scratch over them (and replace config.toml): set --checkpoint.enable=true to "
+                "resume, or use another --job.dump_folder"
+            )
         if self.step:  # what a resume leaves behind (a rollback's later steps) is moved here, not replaced
             self.aside = broadcast_object(abandoned_folder(self.cfg.job.dump_folder) if self.rank == 0 else None)
             self.moved_steps, self.moved_to = ckpt.set_aside_later(self.step, self.aside)
@@ -232,8 +274,11 @@ class Trainer:
         that produce them are no checkpoint to resume from."""
         if self._nonfinite_in_a_row:
             if self.checkpointer.due(self.step, force) and self.rank == 0:
-                print(f"[moonlight] WARNING step {self.step}: no checkpoint while steps are skipped as non-finite"
-                      + self._resume_hint(), flush=True)
+                print(
+                    f"[moonlight] WARNING step {self.step}: no checkpoint while steps are skipped as non-finite"
+                    + self._resume_hint(),
+                    flush=True,
+                )
             return
         start = time.perf_counter()
         saved = self.checkpointer.save(self.step, force=force)
@@ -241,8 +286,13 @@ class Trainer:
             self.checkpointer.wait()
         if saved:
             path = relative(os.path.join(self.checkpointer.folder, f"step-{self.step}"))
-            self.report.output("checkpoint", self.step, path, time.perf_counter() - start,
-                               ", written in the background" if self.cfg.checkpoint.async_mode else "")
+            self.report.output(
+                "checkpoint",
+                self.step,
+                path,
+                time.perf_counter() - start,
+                ", written in the background" if self.cfg.checkpoint.async_mode else "",
+            )
         export = self.cfg.checkpoint.export_hf
         if ((export == "each" and saved) or (export and final)) and self.exported_step != self.step:
             start = time.perf_counter()
@@ -303,7 +353,9 @@ class Trainer:
                     out = local_tensor(output)
                     if not found and isinstance(out, torch.Tensor) and not torch.isfinite(out).all():
                         found.append(name)
+
                 return hook
+
             model = self.model_parts[0]
             handles = [m.register_forward_hook(check(n)) for n, m in model.named_modules() if n]
             try:
@@ -337,8 +389,9 @@ class Trainer:
         local_loss = self._forward_backward()
         fb_s = self._device_clock() - fb_start if fb_start is not None else None
         params = [p for part in self.model_parts for p in part.parameters()]
-        grad_norm = clip_grad_norm_(params, t.max_norm if t.max_norm > 0 else float("inf"),
-                                    pp_group=self.parallel.pp_group)
+        grad_norm = clip_grad_norm_(
+            params, t.max_norm if t.max_norm > 0 else float("inf"), pp_group=self.parallel.pp_group
+        )
         reduced = self.parallel.reduce_loss(local_loss, stop=self._stop_signal is not None)
         loss, stops, grad_norm = torch.cat([reduced, grad_norm.reshape(1).to(reduced.dtype)]).tolist()
         self._ranks_stopping = int(stops)
@@ -351,16 +404,29 @@ class Trainer:
         else:
             self._handle_nonfinite(loss, grad_norm)
             rate = 0.0  # a bad step must not steer the router either
-        counts = update_router_biases([m.router.expert_bias for m in moe_layers],
-                                      [m.tokens_per_expert for m in moe_layers], rate,
-                                      group=self.parallel.moe_count_group) if moe_layers else None
+        counts = (
+            update_router_biases(
+                [m.router.expert_bias for m in moe_layers],
+                [m.tokens_per_expert for m in moe_layers],
+                rate,
+                group=self.parallel.moe_count_group,
+            )
+            if moe_layers
+            else None
+        )
         self.lr_schedulers.step()
         elapsed = time.perf_counter() - start
         tokens = t.global_batch_size * t.seq_len
-        values = {"loss": loss, "grad_norm": grad_norm, "lr": self.lr_schedulers.get_last_lr()[0],
-                  "tokens_per_s": tokens / elapsed, "step_time_s": elapsed,
-                  "mfu_pct": 100 * self.flops_per_token * tokens / elapsed / (self.peak_flops * self.world_size),
-                  "memory_gib": memory_gib(self.device), "skipped": not finite}
+        values = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": self.lr_schedulers.get_last_lr()[0],
+            "tokens_per_s": tokens / elapsed,
+            "step_time_s": elapsed,
+            "mfu_pct": 100 * self.flops_per_token * tokens / elapsed / (self.peak_flops * self.world_size),
+            "memory_gib": memory_gib(self.device),
+            "skipped": not finite,
+        }
         if fb_s is not None:
             values["forward_backward_s"] = fb_s
         if counts is not None and self.logs_step(self.step + 1):
@@ -378,8 +444,9 @@ class Trainer:
         imbalance = expert_load_imbalance(counts)
         aux = [m.last_aux_loss for m in moe_layers if m.last_aux_loss is not None]
         aux_sum = sum(aux).float().reshape(1) if aux else imbalance.new_zeros(0)
-        routed, *read = torch.cat([counts.sum().reshape(1).to(imbalance.dtype), aux_sum.to(imbalance.dtype),
-                                   imbalance.flatten()]).tolist()
+        routed, *read = torch.cat(
+            [counts.sum().reshape(1).to(imbalance.dtype), aux_sum.to(imbalance.dtype), imbalance.flatten()]
+        ).tolist()
         if routed <= 0:
             return {}
         values = {}
@@ -393,16 +460,20 @@ class Trainer:
         where = self._locate_nonfinite()
         msg = f"step {self.step + 1}: non-finite loss={loss} / grad_norm={grad_norm}; on rank {self.rank}: {where}"
         self._nonfinite_in_a_row += 1
-        if (self.cfg.training.on_nonfinite == "stop"
-                or self._nonfinite_in_a_row >= self.cfg.training.max_consecutive_nonfinite):
+        if (
+            self.cfg.training.on_nonfinite == "stop"
+            or self._nonfinite_in_a_row >= self.cfg.training.max_consecutive_nonfinite
+        ):
             self.checkpointer.wait()  # async_mode: finish the save in flight (finite weights): the hint names it
         if self.checkpointer.pinned_step is None:  # the first skipped step: keep the checkpoint before it
             self.checkpointer.pinned_step = self.checkpointer.last_saved_step
         if self.cfg.training.on_nonfinite == "stop":
             raise NonFiniteError(msg + " (training.on_nonfinite = 'stop')" + self._resume_hint())
         if self._nonfinite_in_a_row >= self.cfg.training.max_consecutive_nonfinite:
-            raise NonFiniteError(msg + f"; {self._nonfinite_in_a_row} steps in a row were skipped, stopping "
-                                 "(training.max_consecutive_nonfinite)" + self._resume_hint())
+            raise NonFiniteError(
+                msg + f"; {self._nonfinite_in_a_row} steps in a row were skipped, stopping "
+                "(training.max_consecutive_nonfinite)" + self._resume_hint()
+            )
         if self.rank == 0:
             print(f"[moonlight] WARNING {msg}; skipping the optimizer step", flush=True)
         self.optimizers.zero_grad()
@@ -411,8 +482,10 @@ class Trainer:
         good = self.checkpointer.pinned_step
         if not self.cfg.checkpoint.enable or good is None:
             return "; no checkpoint precedes the first skipped step: restart the run (e.g. with a lower optimizer.lr)"
-        return (f"; the last checkpoint before the first skipped step is step-{good}: resume from it with "
-                f"--checkpoint.load_step={good} (e.g. with a lower optimizer.lr)")
+        return (
+            f"; the last checkpoint before the first skipped step is step-{good}: resume from it with "
+            f"--checkpoint.load_step={good} (e.g. with a lower optimizer.lr)"
+        )
 
     # ------------------------------------------------------------------- loop
     def train(self) -> None:
@@ -420,8 +493,11 @@ class Trainer:
         if t.gc_freq:
             gc.disable()
         if self.step >= t.steps and self.rank == 0:
-            print(f"[moonlight] the checkpoint at step {self.step} already reaches training.steps={t.steps}: nothing "
-                  "to train (raise --training.steps, or use another --job.dump_folder for a new run)", flush=True)
+            print(
+                f"[moonlight] the checkpoint at step {self.step} already reaches training.steps={t.steps}: nothing "
+                "to train (raise --training.steps, or use another --job.dump_folder for a new run)",
+                flush=True,
+            )
         profiler = cfg.metrics.profiler(cfg.job.dump_folder, self.rank)
 
         def on_signal(signum, frame):
@@ -430,8 +506,11 @@ class Trainer:
             self._stop_signal = signal.Signals(signum).name
 
         in_main_thread = threading.current_thread() is threading.main_thread()  # signals need the main thread
-        previous = ({sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-                    if in_main_thread else {})
+        previous = (
+            {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+            if in_main_thread
+            else {}
+        )
         self.report.begin()
         try:
             with profiler or contextlib.nullcontext():
@@ -448,8 +527,11 @@ class Trainer:
                         if self.rank == 0:
                             saved = cfg.checkpoint.enable and self.checkpointer.last_saved_step == self.step
                             why = self._stop_signal or "stop signal on another rank"
-                            print(f"[moonlight] {why}: stopped after step "
-                                  f"{self.step}" + (", checkpoint saved" if saved else ""), flush=True)
+                            print(
+                                f"[moonlight] {why}: stopped after step "
+                                f"{self.step}" + (", checkpoint saved" if saved else ""),
+                                flush=True,
+                            )
                         break
                     self._save(force=self.step == t.steps, final=self.step == t.steps)
                     if t.gc_freq and self.step % t.gc_freq == 0:

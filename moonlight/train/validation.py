@@ -30,8 +30,9 @@ class Validator:
         data = dataclasses.replace(cfg.data, path=v.path, format=v.format or cfg.data.format, shuffle=False)
         # the readers' messages name validation.path (and validation.format when set), [data] for the rest
         keys = DataKeys("validation", ("path", "format") if v.format else ("path",))
-        self.loader = build_dataloader(data, tokenizer, t.seq_len, t.local_batch_size, parallel.dp_rank,
-                                       parallel.dp_world, t.seed, keys=keys)
+        self.loader = build_dataloader(
+            data, tokenizer, t.seq_len, t.local_batch_size, parallel.dp_rank, parallel.dp_world, t.seed, keys=keys
+        )
         self.start = self.loader.state_dict()
         self.document_mask = data.masks_documents()
         # each validation step is one global batch: the same rows whatever the parallelism
@@ -65,8 +66,9 @@ class Validator:
                 part.train(mode)
         # one rank per data-parallel replica and cp slice holds the loss (last pipeline stage, tp rank 0)
         holds = parallel.holds_loss
-        held = torch.stack([loss_sum * holds,
-                            torch.tensor(float(targets * holds), device=self.device, dtype=torch.float64)])
+        held = torch.stack(
+            [loss_sum * holds, torch.tensor(float(targets * holds), device=self.device, dtype=torch.float64)]
+        )
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(held)
         val_loss = float(held[0] / held[1]) if held[1] > 0 else math.nan

@@ -3,12 +3,11 @@ while it is written), COMPLETE appears only once the data is written (at wait: t
 a kill while it is in flight leaves the previous step intact, and resuming from it is exact, in one
 process and on 2 FSDP ranks."""
 
-
 import torch
 
 from moonlight.checkpoint.state import Checkpointer
 from tests.dist import run_ranks
-from tests.helpers import (FakeLoader, build, build_opt, cfg, fsdp_wrap, pack_state, train)
+from tests.helpers import FakeLoader, build, build_opt, cfg, fsdp_wrap, pack_state, train
 from tests.helpers import ASYNC_CHECKPOINT, async_checkpoint_assert_same, async_checkpoint_snapshot
 
 

@@ -30,8 +30,17 @@ def test_fsdp2_with_grad_accumulation_equals_single_process(tmp_path):
     same losses and weights as one process with accumulation 4."""
     data = write_chat(tmp_path / "c.jsonl", chat_conversations(24))
     single = torch.load(io.BytesIO(_train_and_gather(0, 1, tmp_path / "one", data, ["--training.local_batch_size=1"])))
-    two = torch.load(io.BytesIO(run_ranks(_train_and_gather, 2, tmp_path / "two", data,
-                                          ["--training.local_batch_size=1", "--parallelism.dp_shard=2"])[0]))
+    two = torch.load(
+        io.BytesIO(
+            run_ranks(
+                _train_and_gather,
+                2,
+                tmp_path / "two",
+                data,
+                ["--training.local_batch_size=1", "--parallelism.dp_shard=2"],
+            )[0]
+        )
+    )
     assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=1e-5)
     for name, w in single.items():  # AdamW amplifies rounding on near-zero gradients: as test_train_parallelisms
         torch.testing.assert_close(two[name], w, atol=1e-4, rtol=1e-3, msg=lambda m: f"{name}: {m}")

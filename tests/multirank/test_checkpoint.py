@@ -1,7 +1,6 @@
 """Checkpointer: round trips, atomicity under SIGKILL and disk-full, retention, clear errors,
 resharding between FSDP2 / pipeline-like parallelism and one plain process, HF import/export."""
 
-
 import torch
 
 from moonlight.checkpoint.export import export_hf
@@ -9,8 +8,18 @@ from moonlight.checkpoint.format import read_meta
 from moonlight.checkpoint.state import Checkpointer
 from moonlight.train.build import load_initial_weights
 from tests.dist import run_ranks
-from tests.helpers import (FakeLoader, assert_sd_equal, build, build_opt, cfg, flat_optim, fsdp_wrap,
-                           full_sd, pack_state, train)
+from tests.helpers import (
+    FakeLoader,
+    assert_sd_equal,
+    build,
+    build_opt,
+    cfg,
+    flat_optim,
+    fsdp_wrap,
+    full_sd,
+    pack_state,
+    train,
+)
 from tests.helpers import build_opt_parts, checkpoint_fake_step, checkpoint_split
 
 
@@ -38,8 +47,14 @@ def _fsdp_load_worker(rank, world, folder, hf_out, hf_in):
     loader = FakeLoader()
     ck = Checkpointer(cfg(), folder, [model], opts, scheds, loader)
     step = ck.load()
-    out = dict(step=step, model=full_sd(model), optim=flat_optim(model, opts), rand=torch.rand(3),
-               consumed=loader.consumed, lr=scheds.get_last_lr())
+    out = dict(
+        step=step,
+        model=full_sd(model),
+        optim=flat_optim(model, opts),
+        rand=torch.rand(3),
+        consumed=loader.consumed,
+        lr=scheds.get_last_lr(),
+    )
     export_hf([model], hf_out)
     # initial HF load into sharded parameters
     fresh = fsdp_wrap(build(seed=12)[0])

@@ -73,7 +73,8 @@ def test_context_parallel_model_equals_whole_sequence(cp, documents):
     aux = [m.last_aux_loss for m in model.moe_layers()]
     assert all(a > 0 for a in aux)  # the aux loss is on, so its gradient is compared too
     for rank, (cp_logits, cp_grads, cp_aux) in enumerate(
-            torch.load(io.BytesIO(b)) for b in run_ranks(_cp_worker, cp, documents)):
+        torch.load(io.BytesIO(b)) for b in run_ranks(_cp_worker, cp, documents)
+    ):
         torch.testing.assert_close(cp_logits, logits[:, zigzag_indices(SEQ, cp, rank)], rtol=1e-9, atol=1e-10)
         torch.testing.assert_close(cp_aux, aux, rtol=1e-6, atol=0)  # fp32 router; every cp rank: the whole sequence's
         for name, g in grads.items():

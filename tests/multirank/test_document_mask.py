@@ -8,12 +8,19 @@ import pytest
 import torch
 
 
-
 # ------------------------------------------------------------- parallel configurations
 
-PARALLEL_BASE = ["--training.steps=2", "--training.seq_len=64", "--training.global_batch_size=4",
-               "--training.local_batch_size=2", "--checkpoint.enable=false", "--metrics.log_freq=1",
-               "--metrics.device_peak_flops=1e11", "--lr_scheduler.warmup_steps=1", "--model.kernels=torch"]
+PARALLEL_BASE = [
+    "--training.steps=2",
+    "--training.seq_len=64",
+    "--training.global_batch_size=4",
+    "--training.local_batch_size=2",
+    "--checkpoint.enable=false",
+    "--metrics.log_freq=1",
+    "--metrics.device_peak_flops=1e11",
+    "--lr_scheduler.warmup_steps=1",
+    "--model.kernels=torch",
+]
 
 
 def _chat_file(folder):
@@ -35,8 +42,10 @@ def _text_file(folder):
     """Short documents, so that every 64-token row packs several of them."""
     words = ["alpha", "beta", "gamma", "delta", "prime", "sum", "one", "two", "yes", "no"]
     g = torch.Generator().manual_seed(0)
-    lines = [" ".join(words[i] for i in torch.randint(0, 10, (int(n),), generator=g))
-             for n in torch.randint(1, 6, (200,), generator=g)]
+    lines = [
+        " ".join(words[i] for i in torch.randint(0, 10, (int(n),), generator=g))
+        for n in torch.randint(1, 6, (200,), generator=g)
+    ]
     path = folder / "text.jsonl"
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
     return str(path)
@@ -64,13 +73,17 @@ def single_process(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("data", list(DATA))
-@pytest.mark.parametrize("parallelism", [
-    ["--parallelism.dp_shard=2"],
-    ["--parallelism.tp=2", "--parallelism.sequence_parallel=true"],
-    ["--parallelism.ep=2"],
-    ["--parallelism.pp=2", "--parallelism.pp_schedule=1F1B"],
-    ["--parallelism.cp=2"],  # documents cross the zig-zag chunk borders
-], ids=["fsdp2", "tp2_sp", "ep2", "pp2", "cp2"])
+@pytest.mark.parametrize(
+    "parallelism",
+    [
+        ["--parallelism.dp_shard=2"],
+        ["--parallelism.tp=2", "--parallelism.sequence_parallel=true"],
+        ["--parallelism.ep=2"],
+        ["--parallelism.pp=2", "--parallelism.pp_schedule=1F1B"],
+        ["--parallelism.cp=2"],  # documents cross the zig-zag chunk borders
+    ],
+    ids=["fsdp2", "tp2_sp", "ep2", "pp2", "cp2"],
+)
 def test_document_masked_losses_equal_single_process(parallelism, data, single_process, tmp_path):
     from tests.dist import run_ranks
 

@@ -13,16 +13,20 @@ from tests.helpers import entry_errors_run
 
 
 def _torchrun(tmp_path, *overrides):
-    return entry_errors_run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
-                tmp_path, *overrides)
+    return entry_errors_run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], tmp_path, *overrides
+    )
 
 
 def _assert_one_line(proc, *fragments):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, proc.stderr[-3000:]
     assert all(f in errors[0] for f in fragments), errors[0]
-    ours = [line for line in proc.stderr.splitlines()
-            if line.strip().startswith("File ") and ("train.py" in line or "/moonlight/" in line)]
+    ours = [
+        line
+        for line in proc.stderr.splitlines()
+        if line.strip().startswith("File ") and ("train.py" in line or "/moonlight/" in line)
+    ]
     assert not ours, proc.stderr[-3000:]  # no traceback from our code, on any rank
     assert proc.returncode != 0
     # torchrun's table of failed workers: ours exit 2; one the agent stopped after that shows -15 (SIGTERM)

@@ -27,6 +27,7 @@ def _record_hashed_files():
     def recording(path):
         seen.append(os.path.basename(path))
         return original(path)
+
     fmt.file_record = recording
     return seen
 
@@ -77,10 +78,26 @@ def test_checksums_are_split_across_ranks_and_a_damaged_rank_shard_falls_back(tm
 def test_ctrl_c_under_torchrun_saves_on_every_rank(tmp_path):
     """Fault: untested: Ctrl-C reaches torchrun's agent, which forwards SIGINT to its workers; they must
     stop after the same step and save it (the agent's own exit code and traceback are torchrun's)."""
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "train.py",
-                             "--config", "train.toml", *FAULTS_SMALL, f"--job.dump_folder={tmp_path}",
-                             "--training.steps=1000", "--checkpoint.enable=true", "--checkpoint.interval=1000"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "train.py",
+            "--config",
+            "train.toml",
+            *FAULTS_SMALL,
+            f"--job.dump_folder={tmp_path}",
+            "--training.steps=1000",
+            "--checkpoint.enable=true",
+            "--checkpoint.interval=1000",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):

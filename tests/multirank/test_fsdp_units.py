@@ -34,10 +34,13 @@ def _units(rank, world_size, ep, param_dtype):
     def names(states):
         return [name_of[id(s)] for s in states]
 
-    out = {"units": sorted(units), "reshard": {n: group(n) for n in units},
-           "forward_prefetch": {n: names(s._states_to_forward_prefetch) for n, s in state.items()},
-           "backward_prefetch": {n: names(s._states_to_backward_prefetch) for n, s in state.items()},
-           "head_is_one_unit": state["norm"] is state["lm_head"]}
+    out = {
+        "units": sorted(units),
+        "reshard": {n: group(n) for n in units},
+        "forward_prefetch": {n: names(s._states_to_forward_prefetch) for n, s in state.items()},
+        "backward_prefetch": {n: names(s._states_to_backward_prefetch) for n, s in state.items()},
+        "head_is_one_unit": state["norm"] is state["lm_head"],
+    }
     # one step runs (the experts left outside every unit still get their gradients)
     tokens = torch.randint(0, args.vocab_size, (2, 8))
     model(tokens).float().pow(2).mean().backward()
@@ -50,7 +53,8 @@ def test_fsdp_units(ep, param_dtype):
     got = run_ranks(_units, 2, ep, param_dtype)[0]
     blocks = ["layers.0", "layers.1", "layers.2"]
     experts = {(2, "float32"): [], (2, "bfloat16"): ["layers.1.ffn.experts", "layers.2.ffn.experts"]}.get(
-        (ep, param_dtype), [])
+        (ep, param_dtype), []
+    )
     assert got["units"] == sorted(["<root>", "embed", "norm", "lm_head", *blocks, *experts])  # no router units
     assert got["head_is_one_unit"]
     assert got["reshard"]["norm"] is False  # the head unit (norm + lm_head) stays gathered

@@ -19,8 +19,15 @@ from tests.helpers import HF_PEFT_ARGS, read_all_adapter
 
 
 def _init_and_export(rank, world, folder, adapter):
-    trainer = Trainer(lora_cfg(folder, "--training.steps=1", "--lora.dora=true", f"--lora.init_adapter={adapter}",
-                           "--parallelism.dp_shard=2"))
+    trainer = Trainer(
+        lora_cfg(
+            folder,
+            "--training.steps=1",
+            "--lora.dora=true",
+            f"--lora.init_adapter={adapter}",
+            "--parallelism.dp_shard=2",
+        )
+    )
     export_peft_adapter(trainer.model_parts, os.path.join(folder, "out"), dataclasses.asdict(trainer.cfg.lora))
 
 

@@ -23,8 +23,9 @@ def _fsdp_run(rank, world, folder, extra):
 def test_trainer_lora_fsdp2_equals_single_process(tmp_path):
     extra = ["--training.steps=3", "--lora.dora=true"]
     single = torch.load(io.BytesIO(_fsdp_run(0, 1, str(tmp_path / "one"), extra)))
-    fsdp = torch.load(io.BytesIO(run_ranks(_fsdp_run, 2, str(tmp_path / "two"),
-                                           extra + ["--parallelism.dp_shard=2"])[0]))
+    fsdp = torch.load(
+        io.BytesIO(run_ranks(_fsdp_run, 2, str(tmp_path / "two"), extra + ["--parallelism.dp_shard=2"])[0])
+    )
     assert lora_losses(tmp_path / "two") == pytest.approx(lora_losses(tmp_path / "one"), rel=1e-4, abs=1e-5)
     assert set(fsdp) == set(single)
     for k, v in single.items():

@@ -9,7 +9,6 @@ and is counted at the Python level; `nonzero`, `bincount`, `masked_select`, `uni
 `torch.cuda.set_sync_debug_mode("error")`.
 """
 
-
 from torch.distributed.device_mesh import init_device_mesh
 
 from moonlight.parallel.expert import apply_expert_parallel

@@ -37,8 +37,9 @@ def _matrices(shape) -> int:
     return shape[0] if len(shape) == 3 else 1
 
 
-def _single_process_muon(fulls: list[torch.Tensor], grads: list[list[torch.Tensor]],
-                         ns_dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+def _single_process_muon(
+    fulls: list[torch.Tensor], grads: list[list[torch.Tensor]], ns_dtype: torch.dtype = torch.float32
+) -> list[torch.Tensor]:
     params = [nn.Parameter(w.clone()) for w in fulls]
     opt = Muon(params, lr=LR, weight_decay=WD, ns_dtype=ns_dtype)
     for step_grads in grads:
@@ -131,8 +132,9 @@ def _trainer_degrees_worker(rank, world, degrees):
     parallelize_model(model, dims, mesh, sequence_parallel=dims.tp > 1)
     # the copies TP leaves outside a DTensor (router, routed experts, kv_a_proj) share one NS too
     replicas = mesh["replicas"]
-    opt = build_optimizers(model.named_parameters(), "muon", lr=LR, weight_decay=WD, ns_dtype=torch.float32,
-                           replica_mesh=replicas)[0]
+    opt = build_optimizers(
+        model.named_parameters(), "muon", lr=LR, weight_decay=WD, ns_dtype=torch.float32, replica_mesh=replicas
+    )[0]
     names = {id(p): name for name, p in model.named_parameters()}
     params = [p for group in opt.param_groups for p in group["params"]]
     torch.manual_seed(1)
@@ -149,17 +151,21 @@ def _trainer_degrees_worker(rank, world, degrees):
     return sum(counts), sum(_matrices(p.shape) for p in params) * STEPS, mismatched, placements
 
 
-@pytest.mark.parametrize("world, degrees", [
-    (2, dict(dp_shard=2)),
-    (4, dict(dp_shard=4, ep=2)),
-    (4, dict(dp_shard=2, tp=2)),
-    (2, dict(dp_shard=1, tp=2)),
-    # EP spanning tp: no copy of an expert outside its expert_fsdp group (FSDP-sharded over 2 tp ranks in tp4)
-    pytest.param(4, dict(dp_shard=2, tp=2, ep=4), marks=pytest.mark.slow),
-    pytest.param(4, dict(dp_shard=1, tp=4, ep=2), marks=pytest.mark.slow),
-    (2, dict(dp_shard=1, cp=2)),  # cp ranks hold FSDP shards too (FSDP over dp_shard x cp)
-    (4, dict(dp_shard=1, cp=2, tp=2)),
-], ids=["fsdp2", "fsdp4_ep2", "fsdp2_tp2", "tp2", "fsdp2_tp2_ep4", "tp4_ep2", "cp2", "cp2_tp2"])
+@pytest.mark.parametrize(
+    "world, degrees",
+    [
+        (2, dict(dp_shard=2)),
+        (4, dict(dp_shard=4, ep=2)),
+        (4, dict(dp_shard=2, tp=2)),
+        (2, dict(dp_shard=1, tp=2)),
+        # EP spanning tp: no copy of an expert outside its expert_fsdp group (FSDP-sharded over 2 tp ranks in tp4)
+        pytest.param(4, dict(dp_shard=2, tp=2, ep=4), marks=pytest.mark.slow),
+        pytest.param(4, dict(dp_shard=1, tp=4, ep=2), marks=pytest.mark.slow),
+        (2, dict(dp_shard=1, cp=2)),  # cp ranks hold FSDP shards too (FSDP over dp_shard x cp)
+        (4, dict(dp_shard=1, cp=2, tp=2)),
+    ],
+    ids=["fsdp2", "fsdp4_ep2", "fsdp2_tp2", "tp2", "fsdp2_tp2_ep4", "tp4_ep2", "cp2", "cp2_tp2"],
+)
 def test_trainer_degrees_orthogonalize_once_and_bit_exact(world, degrees):
     results = run_ranks(_trainer_degrees_worker, world, degrees)
     expected = results[0][1]

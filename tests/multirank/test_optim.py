@@ -136,8 +136,10 @@ def _fsdp_tp_worker(rank, world, precision_aware):
             m(x).pow(2).sum().backward()
             o.step()
             o.zero_grad()
-    errs = {n: (p.full_tensor() - rp.detach()).abs().max().item()
-            for (n, p), rp in zip(model.named_parameters(), ref.parameters())}
+    errs = {
+        n: (p.full_tensor() - rp.detach()).abs().max().item()
+        for (n, p), rp in zip(model.named_parameters(), ref.parameters())
+    }
     # the checkpoint path: DCP's optimizer state dict over the list of optimizers
     sd = get_optimizer_state_dict(model, opts.optimizers)
     set_optimizer_state_dict(model, opts.optimizers, sd)
@@ -155,8 +157,10 @@ def test_fsdp2_over_tp_and_dcp_state_dict(precision_aware):
 def _router_allreduce_worker(rank, world):
     E = 4
     # rank 0 overloads expert 0, rank 1 overloads expert 3; summed over ranks, 0 and 3 are tied
-    local = [torch.tensor([10, 0, 0, 2]) if rank == 0 else torch.tensor([0, 0, 1, 9]),
-             torch.tensor([5, 5, 5, 5 + rank])]
+    local = [
+        torch.tensor([10, 0, 0, 2]) if rank == 0 else torch.tensor([0, 0, 1, 9]),
+        torch.tensor([5, 5, 5, 5 + rank]),
+    ]
     biases = [torch.zeros(E), torch.zeros(E)]
     total = update_router_biases(biases, local, rate=0.1)
     assert all(int(c.sum()) == 0 for c in local)

@@ -38,8 +38,7 @@ def _dispatch_inputs(ep, num_experts, hidden, top_k, seed=0, starve_last=False):
         if r == 0 or starve_last:  # nothing for the last rank's experts
             ids = ids % (num_experts - num_experts // ep)
             ids = torch.where(ids == 1, 0, ids)
-            ids = torch.stack([torch.tensor([0, 2])[:top_k] if len(set(row.tolist())) < top_k else row
-                               for row in ids])
+            ids = torch.stack([torch.tensor([0, 2])[:top_k] if len(set(row.tolist())) < top_k else row for row in ids])
         x = torch.randn(t, hidden, generator=g)
         w = torch.rand(t, top_k, generator=g)
         per_rank.append((x, ids, w))
@@ -60,7 +59,7 @@ def _dispatcher_rank(rank, world, num_experts, align, impl, starve_last):
     x = x.clone().requires_grad_(True)
     w = w.clone().requires_grad_(True)
     el = num_experts // world
-    local_w = weights[rank * el:(rank + 1) * el].clone().requires_grad_(True)
+    local_w = weights[rank * el : (rank + 1) * el].clone().requires_grad_(True)
     disp = AllToAllDispatcher(mesh.get_group(), align=align)
     rows, counts, state = disp.dispatch(x, ids, num_experts, impl)
     assert counts.shape == (el,)
@@ -72,9 +71,16 @@ def _dispatcher_rank(rank, world, num_experts, align, impl, starve_last):
     return _portable((out, x.grad, w.grad, local_w.grad))
 
 
-@pytest.mark.parametrize("world,align,impl,starve_last", [
-    (2, 1, "torch", False), (4, 4, "torch", False), (2, 2, "triton", False), (2, 1, "torch", True),
-    (4, 2, "torch", True)])
+@pytest.mark.parametrize(
+    "world,align,impl,starve_last",
+    [
+        (2, 1, "torch", False),
+        (4, 4, "torch", False),
+        (2, 2, "triton", False),
+        (2, 1, "torch", True),
+        (4, 2, "torch", True),
+    ],
+)
 def test_dispatcher_matches_local(world, align, impl, starve_last):
     if impl == "triton":
         pytest.importorskip("triton")
@@ -88,8 +94,9 @@ def test_dispatcher_matches_local(world, align, impl, starve_last):
     disp = LocalDispatcher()
     rows, counts, state = disp.dispatch(x, ids, num_experts, "torch")
     out = disp.combine(_expert_fn(rows, counts, full_w), w, state, "torch")
-    grad_out = torch.cat([torch.randn(p[0].shape, generator=torch.Generator().manual_seed(100 + r))
-                          for r, p in enumerate(per_rank)])
+    grad_out = torch.cat(
+        [torch.randn(p[0].shape, generator=torch.Generator().manual_seed(100 + r)) for r, p in enumerate(per_rank)]
+    )
     out.backward(grad_out)
     torch.testing.assert_close(torch.cat([_t(r[0]) for r in results]), out.detach(), atol=ATOL, rtol=RTOL)
     torch.testing.assert_close(torch.cat([_t(r[1]) for r in results]), x.grad, atol=ATOL, rtol=RTOL)

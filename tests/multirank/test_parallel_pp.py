@@ -1,6 +1,5 @@
 """Pipeline parallel: layouts, presets, cost model, and pipelined steps equal to one process."""
 
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,8 +11,11 @@ from moonlight.config import ModelArgs
 from moonlight.model.model import Moonlight, RMSNorm
 from moonlight.parallel.expert import apply_expert_parallel
 from moonlight.parallel.pipeline import build_pipeline_stages, build_schedule, cross_entropy_loss, pipeline_step
-from moonlight.parallel.pipeline_layout import (SPLIT_BACKWARD_SCHEDULES, schedule_problems,
-                                                splits_backward_through_python_nodes)
+from moonlight.parallel.pipeline_layout import (
+    SPLIT_BACKWARD_SCHEDULES,
+    schedule_problems,
+    splits_backward_through_python_nodes,
+)
 from tests.dist import reduce_grads_without_fsdp, run_ranks
 
 ATOL, RTOL = 1e-5, 1e-4
@@ -50,6 +52,7 @@ def _loader(state, ep_mesh=None):
         if ep_mesh is not None:
             apply_expert_parallel(module, ep_mesh)
         return module
+
     return parallelize
 
 
@@ -66,11 +69,9 @@ def _grads(parts):
 def _pp_rank(rank, world, args, layout, schedule, n_mb, bsz, token_sum=False):
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("pp",))
     state = _reference(args).state_dict()
-    stages, parts = build_pipeline_stages(args, layout, mesh, "cpu", schedule=schedule,
-                                          parallelize_fn=_loader(state))
+    stages, parts = build_pipeline_stages(args, layout, mesh, "cpu", schedule=schedule, parallelize_fn=_loader(state))
     names = {n for part in parts for n, _ in part.named_parameters()}
-    sched = build_schedule(stages, schedule, n_mb, cross_entropy_loss, local_batch_size=bsz,
-                           scale_grads=not token_sum)
+    sched = build_schedule(stages, schedule, n_mb, cross_entropy_loss, local_batch_size=bsz, scale_grads=not token_sum)
     inputs, labels = _batch(args, bsz)
     num_tokens = labels.numel() if token_sum else None  # sum(CE) / tokens, no 1/n_microbatches
     for _ in range(2):  # the trainer loop: zero grads, step (the first step also infers shapes)
@@ -81,8 +82,12 @@ def _pp_rank(rank, world, args, layout, schedule, n_mb, bsz, token_sum=False):
 
 
 def _loads(parts):
-    return {name: m.tokens_per_expert.numpy().copy() for part in parts for name, m in part.named_modules()
-            if hasattr(m, "tokens_per_expert")}
+    return {
+        name: m.tokens_per_expert.numpy().copy()
+        for part in parts
+        for name, m in part.named_modules()
+        if hasattr(m, "tokens_per_expert")
+    }
 
 
 def _check_against_reference(args, bsz, results, ep=1, steps=2):
@@ -106,8 +111,9 @@ def _check_against_reference(args, bsz, results, ep=1, steps=2):
     seen = set()
     for _, grads, _, _ in results:
         for name, g in grads.items():
-            torch.testing.assert_close(torch.from_numpy(g), ref.get_parameter(name).grad, atol=ATOL, rtol=RTOL,
-                                       msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(
+                torch.from_numpy(g), ref.get_parameter(name).grad, atol=ATOL, rtol=RTOL, msg=lambda m: f"{name}: {m}"
+            )
             seen.add(name)
     assert seen == {n for n, _ in ref.named_parameters()}
 
@@ -132,14 +138,17 @@ def _refused_here(schedule, vp):
     return True
 
 
-@pytest.mark.parametrize("schedule,layout,n_mb,aux", [
-    ("1F1B", [2, 2], 2, 0.0),
-    ("GPipe", [3, 1], 4, 0.01),
-    ("Interleaved1F1B", [1, 1, 1, 1], 2, 0.0),
-    ("InterleavedZeroBubble", [1, 1, 1, 1], 4, 0.0),
-    ("ZBVZeroBubble", [1, 1, 1, 1], 2, 0.01),
-    ("DualPipeV", [1, 1, 1, 1], 4, 0.0),
-])
+@pytest.mark.parametrize(
+    "schedule,layout,n_mb,aux",
+    [
+        ("1F1B", [2, 2], 2, 0.0),
+        ("GPipe", [3, 1], 4, 0.01),
+        ("Interleaved1F1B", [1, 1, 1, 1], 2, 0.0),
+        ("InterleavedZeroBubble", [1, 1, 1, 1], 4, 0.0),
+        ("ZBVZeroBubble", [1, 1, 1, 1], 2, 0.01),
+        ("DualPipeV", [1, 1, 1, 1], 4, 0.0),
+    ],
+)
 @pytest.mark.floor  # torch 2.11 refuses the split-backward schedules, newer ones run them
 def test_pp2_matches_single_process(schedule, layout, n_mb, aux):
     if _refused_here(schedule, len(layout) // 2):
@@ -161,8 +170,9 @@ def test_pp2_matches_single_process(schedule, layout, n_mb, aux):
 def _pp_ep_rank(rank, world, args, layout, schedule, n_mb, bsz):
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "ep"))
     state = _reference(args).state_dict()
-    stages, parts = build_pipeline_stages(args, layout, mesh["pp"], "cpu", schedule=schedule,
-                                          parallelize_fn=_loader(state, mesh["ep"]))
+    stages, parts = build_pipeline_stages(
+        args, layout, mesh["pp"], "cpu", schedule=schedule, parallelize_fn=_loader(state, mesh["ep"])
+    )
     sched = build_schedule(stages, schedule, n_mb, cross_entropy_loss, local_batch_size=bsz)
     inputs, labels = _batch(args, 2 * bsz)
     ep_rank = mesh["ep"].get_local_rank()

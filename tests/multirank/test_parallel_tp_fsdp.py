@@ -15,8 +15,14 @@ import torch
 import torch.distributed as dist
 
 from tests.dist import run_ranks
-from tests.helpers import (GLOBAL_BATCH, PARALLEL_TP_FSDP_SEQ, parallel_tp_fsdp_args, parallel_tp_fsdp_reference,
-                           reference_step, summed_loss)
+from tests.helpers import (
+    GLOBAL_BATCH,
+    PARALLEL_TP_FSDP_SEQ,
+    parallel_tp_fsdp_args,
+    parallel_tp_fsdp_reference,
+    reference_step,
+    summed_loss,
+)
 
 ATOL, RTOL = 1e-5, 1e-4
 
@@ -72,38 +78,63 @@ def _cases_worker(rank, world_size, cases):
         try:
             _step_worker(rank, world_size, degrees, sequence_parallel, ac_mode, *chunked_loss)
         except AssertionError as e:
-            raise AssertionError(f"{name} ({degrees}, sequence_parallel={sequence_parallel}, "
-                                 f"ac_mode={ac_mode}): {e}") from None
+            raise AssertionError(
+                f"{name} ({degrees}, sequence_parallel={sequence_parallel}, ac_mode={ac_mode}): {e}"
+            ) from None
 
 
 # Several configurations per forked run: each run pays the process start once (2 cores, 4 ranks).
 def test_tp_sp_fsdp_two_ranks():
-    run_ranks(_cases_worker, 2, [("tp2", dict(tp=2), False, "none"),
-                                 ("tp2_sp", dict(tp=2), True, "none"),
-                                 ("fsdp2", dict(dp_shard=2), False, "none"),
-                                 ("fsdp2_chunked_loss", dict(dp_shard=2), False, "none", True)])
+    run_ranks(
+        _cases_worker,
+        2,
+        [
+            ("tp2", dict(tp=2), False, "none"),
+            ("tp2_sp", dict(tp=2), True, "none"),
+            ("fsdp2", dict(dp_shard=2), False, "none"),
+            ("fsdp2_chunked_loss", dict(dp_shard=2), False, "none", True),
+        ],
+    )
 
 
 def test_hsdp_and_fsdp_x_tp_four_ranks():
-    run_ranks(_cases_worker, 4, [("hsdp2x2", dict(dp_replicate=2, dp_shard=2), False, "none"),
-                                 ("fsdp2_tp2_sp", dict(dp_shard=2, tp=2), True, "none"),
-                                 ("fsdp2_tp2", dict(dp_shard=2, tp=2), False, "none")])
+    run_ranks(
+        _cases_worker,
+        4,
+        [
+            ("hsdp2x2", dict(dp_replicate=2, dp_shard=2), False, "none"),
+            ("fsdp2_tp2_sp", dict(dp_shard=2, tp=2), True, "none"),
+            ("fsdp2_tp2", dict(dp_shard=2, tp=2), False, "none"),
+        ],
+    )
 
 
 def test_activation_checkpointing_same_grads():
-    run_ranks(_cases_worker, 4, [("fsdp2_tp2_sp_ac_full", dict(dp_shard=2, tp=2), True, "full"),
-                                 ("fsdp2_tp2_sp_ac_selective", dict(dp_shard=2, tp=2), True, "selective"),
-                                 ("hsdp2x2_ac_full", dict(dp_replicate=2, dp_shard=2), False, "full"),
-                                 ("fsdp2_tp2_sp_ac_op", dict(dp_shard=2, tp=2), True, "op"),
-                                 ("fsdp2_ep2_tp2_sp_ac_op", dict(dp_shard=2, ep=2, tp=2), True, "op")])
+    run_ranks(
+        _cases_worker,
+        4,
+        [
+            ("fsdp2_tp2_sp_ac_full", dict(dp_shard=2, tp=2), True, "full"),
+            ("fsdp2_tp2_sp_ac_selective", dict(dp_shard=2, tp=2), True, "selective"),
+            ("hsdp2x2_ac_full", dict(dp_replicate=2, dp_shard=2), False, "full"),
+            ("fsdp2_tp2_sp_ac_op", dict(dp_shard=2, tp=2), True, "op"),
+            ("fsdp2_ep2_tp2_sp_ac_op", dict(dp_shard=2, ep=2, tp=2), True, "op"),
+        ],
+    )
 
 
 def test_expert_parallel_with_fsdp_hsdp_tp():
     """EP (moonlight.parallel.expert) composed with FSDP (experts over dp_shard_mod_ep), HSDP and TP."""
-    run_ranks(_cases_worker, 4, [("fsdp4_ep2", dict(dp_shard=4, ep=2), False, "none"),
-                                 ("fsdp4_ep4_ac_full", dict(dp_shard=4, ep=4), False, "full"),
-                                 ("hsdp2x2_ep2", dict(dp_replicate=2, dp_shard=2, ep=2), False, "none"),
-                                 ("fsdp2_ep2_tp2_sp", dict(dp_shard=2, ep=2, tp=2), True, "none")])
+    run_ranks(
+        _cases_worker,
+        4,
+        [
+            ("fsdp4_ep2", dict(dp_shard=4, ep=2), False, "none"),
+            ("fsdp4_ep4_ac_full", dict(dp_shard=4, ep=4), False, "full"),
+            ("hsdp2x2_ep2", dict(dp_replicate=2, dp_shard=2, ep=2), False, "none"),
+            ("fsdp2_ep2_tp2_sp", dict(dp_shard=2, ep=2, tp=2), True, "none"),
+        ],
+    )
 
 
 @pytest.mark.slow
@@ -111,11 +142,17 @@ def test_expert_parallel_with_fsdp_hsdp_tp():
 def test_expert_parallel_spanning_tp():
     """EP over dp_shard x tp (ep does not divide dp_shard): each tp rank routes its own sequence shard;
     plain EP experts, FSDP-sharded experts (tp4: two tp ranks per expert shard), HSDP, checkpointing."""
-    run_ranks(_cases_worker, 4, [("fsdp2_tp2_sp_ep4", dict(dp_shard=2, tp=2, ep=4), True, "none"),
-                                 ("tp4_sp_ep2", dict(dp_shard=1, tp=4, ep=2), True, "none"),
-                                 ("hsdp2_tp2_sp_ep2", dict(dp_replicate=2, dp_shard=1, tp=2, ep=2), True, "none"),
-                                 ("fsdp2_tp2_sp_ep4_ac_full", dict(dp_shard=2, tp=2, ep=4), True, "full"),
-                                 ("fsdp2_tp2_sp_ep4_ac_op", dict(dp_shard=2, tp=2, ep=4), True, "op")])
+    run_ranks(
+        _cases_worker,
+        4,
+        [
+            ("fsdp2_tp2_sp_ep4", dict(dp_shard=2, tp=2, ep=4), True, "none"),
+            ("tp4_sp_ep2", dict(dp_shard=1, tp=4, ep=2), True, "none"),
+            ("hsdp2_tp2_sp_ep2", dict(dp_replicate=2, dp_shard=1, tp=2, ep=2), True, "none"),
+            ("fsdp2_tp2_sp_ep4_ac_full", dict(dp_shard=2, tp=2, ep=4), True, "full"),
+            ("fsdp2_tp2_sp_ep4_ac_op", dict(dp_shard=2, tp=2, ep=4), True, "op"),
+        ],
+    )
 
 
 def _expert_rows_worker(rank, world_size, degrees):
@@ -138,7 +175,7 @@ def _expert_rows_worker(rank, world_size, degrees):
     model_module.grouped_swiglu = counting
     per = GLOBAL_BATCH // mesh.dp_size
     with torch.no_grad():
-        ref(inputs[mesh.dp_rank * per:(mesh.dp_rank + 1) * per])
+        ref(inputs[mesh.dp_rank * per : (mesh.dp_rank + 1) * per])
     return sum(rows)
 
 
@@ -186,8 +223,9 @@ def _stages_worker(rank, world_size, degrees, sequence_parallel):
     torch.testing.assert_close(global_loss / mesh.dp_size, ref_loss, atol=ATOL, rtol=RTOL)
     for stage in (first, last):
         for name, p in stage.named_parameters():
-            torch.testing.assert_close(_full(p.grad), ref_grads[name], atol=ATOL, rtol=RTOL,
-                                       msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(
+                _full(p.grad), ref_grads[name], atol=ATOL, rtol=RTOL, msg=lambda m: f"{name}: {m}"
+            )
 
 
 def test_pipeline_stage_modules():
@@ -211,8 +249,9 @@ def _bf16_worker(rank, world_size):
     for m in model.modules():
         if isinstance(m, Router):
             # grouped with its block (weight gathered in bf16), routing upcast to fp32 as in the HF reference
-            m.register_forward_hook(lambda mod, a, out: seen.update(router=(mod.weight.dtype, out[0].dtype,
-                                                                             out[2].dtype)))
+            m.register_forward_hook(
+                lambda mod, a, out: seen.update(router=(mod.weight.dtype, out[0].dtype, out[2].dtype))
+            )
     logits = model(inputs)
     assert logits.dtype == torch.bfloat16
     loss = cross_entropy_loss(logits, labels)
@@ -220,8 +259,10 @@ def _bf16_worker(rank, world_size):
     assert seen["router"] == (torch.bfloat16, torch.float32, torch.float32)
     torch.testing.assert_close(loss.detach(), ref_loss, atol=0, rtol=2e-2)
     # bf16 noise can flip a few top-k choices, which moves the routed-expert gradients most.
-    cos = sorted(float(torch.nn.functional.cosine_similarity(_full(p.grad).flatten(), ref_grads[n].flatten(), dim=0))
-                 for n, p in model.named_parameters())
+    cos = sorted(
+        float(torch.nn.functional.cosine_similarity(_full(p.grad).flatten(), ref_grads[n].flatten(), dim=0))
+        for n, p in model.named_parameters()
+    )
     assert all(_full(p.grad).dtype == torch.float32 for p in model.parameters())
     assert cos[0] > 0.9 and cos[len(cos) // 2] > 0.99, cos
 

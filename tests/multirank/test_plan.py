@@ -2,7 +2,6 @@
 exactly (one process, and FSDP on 2 gloo ranks), activations within the stated 25%, and every shipped
 recipe planned for its world size."""
 
-
 import pytest
 import torch
 
@@ -16,8 +15,11 @@ def _fsdp_rank(rank, world, folder, extra):
     return plan_measured(Trainer(plan_cfg(folder, extra)))
 
 
-@pytest.mark.parametrize("extra", [[], ["--optimizer.precision_aware=true", "--training.dtype=bfloat16",
-                                        "--parallelism.ep=2"]], ids=["fsdp2", "fsdp2-ep2-bf16-master"])
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["--optimizer.precision_aware=true", "--training.dtype=bfloat16", "--parallelism.ep=2"]],
+    ids=["fsdp2", "fsdp2-ep2-bf16-master"],
+)
 def test_fsdp_memory_is_exact_on_rank_0(tmp_path, extra):
     extra = ["--parallelism.dp_shard=2", *extra]
     measured = run_ranks(_fsdp_rank, 2, str(tmp_path), extra)
@@ -42,8 +44,9 @@ def _cp_saved_bytes(rank, world, folder):
     tokens = torch.randint(0, args.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
     tokens, positions = (zigzag_slice(t, world, rank) for t in (tokens, torch.arange(seq).expand(batch, seq)))
     measured = saved_activation_bytes(model, tokens, positions=positions)
-    estimate = activation_bytes(args, cfg, list(range(args.num_hidden_layers)), True, tokens.numel(),
-                                keys_per_token=(2 * world - rank) / 2)
+    estimate = activation_bytes(
+        args, cfg, list(range(args.num_hidden_layers)), True, tokens.numel(), keys_per_token=(2 * world - rank) / 2
+    )
     return estimate, measured
 
 

@@ -35,14 +35,23 @@ def test_resume_four_ranks_same_parallelism(straight_4ranks, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world, parallelism", [
-    (2, ["--parallelism.tp=2"]),
-    (2, ["--parallelism.ep=2"]),
-    (4, ["--parallelism.pp=2", "--parallelism.tp=2", "--parallelism.sequence_parallel=false"]),
-    (1, []),
-    (4, ["--parallelism.tp=2", "--parallelism.ep=4", "--parallelism.sequence_parallel=true"]),  # EP spans tp
-], ids=["pp2_fsdp2_to_tp2", "pp2_fsdp2_to_ep2", "pp2_fsdp2_to_pp2_tp2", "pp2_fsdp2_to_single",
-        "pp2_fsdp2_to_tp2_sp_ep4"])
+@pytest.mark.parametrize(
+    "world, parallelism",
+    [
+        (2, ["--parallelism.tp=2"]),
+        (2, ["--parallelism.ep=2"]),
+        (4, ["--parallelism.pp=2", "--parallelism.tp=2", "--parallelism.sequence_parallel=false"]),
+        (1, []),
+        (4, ["--parallelism.tp=2", "--parallelism.ep=4", "--parallelism.sequence_parallel=true"]),  # EP spans tp
+    ],
+    ids=[
+        "pp2_fsdp2_to_tp2",
+        "pp2_fsdp2_to_ep2",
+        "pp2_fsdp2_to_pp2_tp2",
+        "pp2_fsdp2_to_single",
+        "pp2_fsdp2_to_tp2_sp_ep4",
+    ],
+)
 def test_resume_onto_another_parallelism(straight_4ranks, tmp_path, world, parallelism):
     src, losses = straight_4ranks
     resume_copy(src, tmp_path)

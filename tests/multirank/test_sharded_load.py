@@ -1,7 +1,6 @@
 """Sharded HF load: each rank's local shard equals the matching slice of the checkpoint tensor, and
 each rank reads only the bytes of its own shards (plus the small router-bias buffers)."""
 
-
 import pytest
 import torch
 
@@ -50,8 +49,9 @@ def _load_worker(rank, world_size, path, degrees, sequence_parallel):
     full = HFCheckpoint(path)
     expected_bytes = 0
     sharded = 0
-    for name, t in list(model.named_parameters()) + [(n, b) for n, b in model.named_buffers()
-                                                      if n.endswith("expert_bias")]:
+    for name, t in list(model.named_parameters()) + [
+        (n, b) for n, b in model.named_buffers() if n.endswith("expert_bias")
+    ]:
         keys = hf_keys(name, args)
         ref = torch.stack([full.get(k) for k in keys]) if len(keys) > 1 else full.get(keys[0])
         local, shape, offset = local_region(t)
@@ -72,9 +72,11 @@ def _total_bytes(path):
     return sum(ck.get(k).numel() * ck.get(k).element_size() for k in ck.key_to_file)
 
 
-@pytest.mark.parametrize("degrees,sp", [(dict(dp_shard=2, tp=2), True), (dict(dp_shard=4), False),
-                                       (dict(dp_shard=4, ep=2), False)],
-                         ids=["fsdp2_tp2_sp", "fsdp4", "fsdp4_ep2"])
+@pytest.mark.parametrize(
+    "degrees,sp",
+    [(dict(dp_shard=2, tp=2), True), (dict(dp_shard=4), False), (dict(dp_shard=4, ep=2), False)],
+    ids=["fsdp2_tp2_sp", "fsdp4", "fsdp4_ep2"],
+)
 def test_each_rank_reads_only_its_shards(hf_dir, degrees, sp):
     args = sharded_load_args()
     results = run_ranks(_load_worker, 4, hf_dir, degrees, sp)

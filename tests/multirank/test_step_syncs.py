@@ -15,9 +15,13 @@ from tests.helpers import STEP_SYNCS_SMALL
 
 
 def _unlogged_step_syncs(rank, world_size, folder):
-    trainer = Trainer(load_config("train.toml", STEP_SYNCS_SMALL + [f"--job.dump_folder={folder}",
-                                                                    "--parallelism.dp_shard=2",
-                                                         "--training.global_batch_size=4"]))
+    trainer = Trainer(
+        load_config(
+            "train.toml",
+            STEP_SYNCS_SMALL
+            + [f"--job.dump_folder={folder}", "--parallelism.dp_shard=2", "--training.global_batch_size=4"],
+        )
+    )
     trainer.optimizers.step = lambda: None
     trainer.train_step()  # step 1 (FSDP's lazy initialization), step 2 is logged
     trainer.step = 1
@@ -36,19 +40,30 @@ def test_data_parallel_step_sums_the_token_count_without_reading_it(tmp_path):
 def _loop_syncs(rank, world_size, folder):
     """Host syncs of a run on 2 data-parallel ranks from its second step on (the first initializes
     FSDP), where rank 1 alone is signalled during step 2: both stop after it."""
-    trainer = Trainer(load_config("train.toml", STEP_SYNCS_SMALL + [f"--job.dump_folder={folder}/{rank}",
-                                                                    "--training.steps=3",
-                                                         "--parallelism.dp_shard=2", "--training.global_batch_size=4",
-                                                         "--metrics.log_freq=100"]))
+    trainer = Trainer(
+        load_config(
+            "train.toml",
+            STEP_SYNCS_SMALL
+            + [
+                f"--job.dump_folder={folder}/{rank}",
+                "--training.steps=3",
+                "--parallelism.dp_shard=2",
+                "--training.global_batch_size=4",
+                "--metrics.log_freq=100",
+            ],
+        )
+    )
     trainer.optimizers.step = lambda: None  # CPU optimizers read their step counts: not the loop's syncs
     step, counted = trainer.train_step, []
     with contextlib.ExitStack() as recording:
+
         def signalled_at_step_2():
             if trainer.step == 1:
                 recording.enter_context(recording_host_syncs(counted))
                 if rank == 1:
                     trainer._stop_signal = "SIGTERM"
             return step()
+
         trainer.train_step = signalled_at_step_2
         trainer.train()
     return counted, trainer.step

@@ -11,9 +11,17 @@ from moonlight.train.config import load_config
 from moonlight.train.trainer import Trainer
 from tests.dist import gathered_weights, run_ranks
 
-BASE = ["--training.steps=3", "--training.seq_len=32", "--training.global_batch_size=4",
-        "--training.local_batch_size=2", "--checkpoint.enable=false", "--metrics.log_freq=1",
-        "--metrics.device_peak_flops=1e11", "--lr_scheduler.warmup_steps=1", "--model.kernels=torch"]
+BASE = [
+    "--training.steps=3",
+    "--training.seq_len=32",
+    "--training.global_batch_size=4",
+    "--training.local_batch_size=2",
+    "--checkpoint.enable=false",
+    "--metrics.log_freq=1",
+    "--metrics.device_peak_flops=1e11",
+    "--lr_scheduler.warmup_steps=1",
+    "--model.kernels=torch",
+]
 
 
 def _train(rank, world_size, folder, extra):
@@ -35,36 +43,68 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world, parallelism", [
-    (2, ["--parallelism.dp_shard=2"]),
-    (2, ["--parallelism.tp=2", "--parallelism.sequence_parallel=true"]),
-    (2, ["--parallelism.ep=2"]),
-    (2, ["--parallelism.pp=2", "--parallelism.pp_schedule=1F1B"]),
-    (4, ["--parallelism.tp=2", "--parallelism.ep=2", "--training.local_batch_size=1"]),
-    (4, ["--parallelism.pp=2", "--parallelism.dp_shard=2", "--training.local_batch_size=2"]),
-    (4, ["--parallelism.pp=2", "--parallelism.tp=2", "--parallelism.sequence_parallel=false"]),
-    (2, ["--parallelism.pp=2", "--parallelism.pp_virtual_stages=2", "--parallelism.pp_schedule=Interleaved1F1B"]),
-    (4, ["--parallelism.dp_replicate=2", "--parallelism.dp_shard=2", "--training.local_batch_size=1"]),
-    (4, ["--parallelism.ep=2", "--training.local_batch_size=1"]),
-    # EP spanning tp (ep does not divide dp_shard=2): every tp rank routes its own sequence shard
-    (4, ["--parallelism.tp=2", "--parallelism.ep=4", "--parallelism.sequence_parallel=true"]),
-    (8, ["--parallelism.pp=2", "--parallelism.tp=2", "--parallelism.ep=4", "--parallelism.sequence_parallel=true",
-         "--parallelism.pp_schedule=1F1B"]),
-    # context parallel at seq_len 32: 2 * cp = 4 chunks of 8 tokens, two per rank
-    (2, ["--parallelism.cp=2"]),
-    (2, ["--parallelism.cp=2", "--parallelism.ep=2"]),
-    (2, ["--parallelism.cp=2", "--activation_checkpoint.mode=selective"]),  # the recompute gathers again
-    (2, ["--parallelism.cp=2", "--activation_checkpoint.mode=op"]),  # the gathered keys are kept
-    (4, ["--parallelism.cp=2", "--parallelism.dp_shard=2", "--training.local_batch_size=1"]),
-    # ep 4 spans both dp_shard ranks and both cp ranks of each
-    (4, ["--parallelism.cp=2", "--parallelism.dp_shard=2", "--parallelism.ep=4", "--training.local_batch_size=1"]),
-    (4, ["--parallelism.cp=2", "--parallelism.tp=2", "--parallelism.sequence_parallel=true"]),
-    (4, ["--parallelism.cp=2", "--parallelism.pp=2", "--parallelism.pp_schedule=1F1B"]),
-    # ep 4 spans both cp ranks and both tp ranks of each: every rank routes a quarter of each sequence
-    (4, ["--parallelism.cp=2", "--parallelism.tp=2", "--parallelism.ep=4", "--parallelism.sequence_parallel=true"]),
-], ids=["fsdp2", "tp2_sp", "ep2", "pp2_1f1b", "tp2_ep2", "pp2_fsdp2", "tp2_pp2", "pp2_vp2_interleaved",
-        "hsdp2x2", "fsdp4_ep2", "tp2_sp_ep4", "tp2_sp_ep4_pp2", "cp2", "cp2_ep2", "cp2_ac_selective", "cp2_ac_op",
-        "cp2_fsdp2", "cp2_fsdp2_ep4", "cp2_tp2_sp", "cp2_pp2", "cp2_tp2_sp_ep4"])
+@pytest.mark.parametrize(
+    "world, parallelism",
+    [
+        (2, ["--parallelism.dp_shard=2"]),
+        (2, ["--parallelism.tp=2", "--parallelism.sequence_parallel=true"]),
+        (2, ["--parallelism.ep=2"]),
+        (2, ["--parallelism.pp=2", "--parallelism.pp_schedule=1F1B"]),
+        (4, ["--parallelism.tp=2", "--parallelism.ep=2", "--training.local_batch_size=1"]),
+        (4, ["--parallelism.pp=2", "--parallelism.dp_shard=2", "--training.local_batch_size=2"]),
+        (4, ["--parallelism.pp=2", "--parallelism.tp=2", "--parallelism.sequence_parallel=false"]),
+        (2, ["--parallelism.pp=2", "--parallelism.pp_virtual_stages=2", "--parallelism.pp_schedule=Interleaved1F1B"]),
+        (4, ["--parallelism.dp_replicate=2", "--parallelism.dp_shard=2", "--training.local_batch_size=1"]),
+        (4, ["--parallelism.ep=2", "--training.local_batch_size=1"]),
+        # EP spanning tp (ep does not divide dp_shard=2): every tp rank routes its own sequence shard
+        (4, ["--parallelism.tp=2", "--parallelism.ep=4", "--parallelism.sequence_parallel=true"]),
+        (
+            8,
+            [
+                "--parallelism.pp=2",
+                "--parallelism.tp=2",
+                "--parallelism.ep=4",
+                "--parallelism.sequence_parallel=true",
+                "--parallelism.pp_schedule=1F1B",
+            ],
+        ),
+        # context parallel at seq_len 32: 2 * cp = 4 chunks of 8 tokens, two per rank
+        (2, ["--parallelism.cp=2"]),
+        (2, ["--parallelism.cp=2", "--parallelism.ep=2"]),
+        (2, ["--parallelism.cp=2", "--activation_checkpoint.mode=selective"]),  # the recompute gathers again
+        (2, ["--parallelism.cp=2", "--activation_checkpoint.mode=op"]),  # the gathered keys are kept
+        (4, ["--parallelism.cp=2", "--parallelism.dp_shard=2", "--training.local_batch_size=1"]),
+        # ep 4 spans both dp_shard ranks and both cp ranks of each
+        (4, ["--parallelism.cp=2", "--parallelism.dp_shard=2", "--parallelism.ep=4", "--training.local_batch_size=1"]),
+        (4, ["--parallelism.cp=2", "--parallelism.tp=2", "--parallelism.sequence_parallel=true"]),
+        (4, ["--parallelism.cp=2", "--parallelism.pp=2", "--parallelism.pp_schedule=1F1B"]),
+        # ep 4 spans both cp ranks and both tp ranks of each: every rank routes a quarter of each sequence
+        (4, ["--parallelism.cp=2", "--parallelism.tp=2", "--parallelism.ep=4", "--parallelism.sequence_parallel=true"]),
+    ],
+    ids=[
+        "fsdp2",
+        "tp2_sp",
+        "ep2",
+        "pp2_1f1b",
+        "tp2_ep2",
+        "pp2_fsdp2",
+        "tp2_pp2",
+        "pp2_vp2_interleaved",
+        "hsdp2x2",
+        "fsdp4_ep2",
+        "tp2_sp_ep4",
+        "tp2_sp_ep4_pp2",
+        "cp2",
+        "cp2_ep2",
+        "cp2_ac_selective",
+        "cp2_ac_op",
+        "cp2_fsdp2",
+        "cp2_fsdp2_ep4",
+        "cp2_tp2_sp",
+        "cp2_pp2",
+        "cp2_tp2_sp_ep4",
+    ],
+)
 def test_parallel_losses_and_weights_equal_single_process(world, parallelism, reference, tmp_path):
     losses, grad_norms, weights = reference
     gathered = torch.load(io.BytesIO(run_ranks(_train, world, str(tmp_path), parallelism)[0]))

@@ -2,7 +2,6 @@
 forward of the same batches), leaves training untouched, and is the single-process value under
 fsdp2, tp2 and pp2 (gloo, fp32)."""
 
-
 import pytest
 
 from moonlight.train.trainer import Trainer
@@ -21,12 +20,16 @@ def single(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world, parallelism", [
-    (2, ["--parallelism.dp_shard=2"]),
-    (2, ["--parallelism.tp=2"]),
-    (2, ["--parallelism.pp=2", "--parallelism.pp_schedule=1F1B"]),
-    (2, ["--parallelism.cp=2"]),
-], ids=["fsdp2", "tp2", "pp2_1f1b", "cp2"])
+@pytest.mark.parametrize(
+    "world, parallelism",
+    [
+        (2, ["--parallelism.dp_shard=2"]),
+        (2, ["--parallelism.tp=2"]),
+        (2, ["--parallelism.pp=2", "--parallelism.pp_schedule=1F1B"]),
+        (2, ["--parallelism.cp=2"]),
+    ],
+    ids=["fsdp2", "tp2", "pp2_1f1b", "cp2"],
+)
 def test_val_loss_equals_single_process(world, parallelism, single, tmp_path):
     losses = run_ranks(_val_losses, world, str(tmp_path), parallelism)[0]
     assert losses == pytest.approx(single, rel=1e-4, abs=1e-5)

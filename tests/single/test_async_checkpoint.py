@@ -10,7 +10,7 @@ import torch
 
 from moonlight.checkpoint.format import MARKER, list_checkpoints
 from moonlight.checkpoint.state import Checkpointer
-from tests.helpers import (FakeLoader, build, build_opt, cfg, train)
+from tests.helpers import FakeLoader, build, build_opt, cfg, train
 from tests.helpers import ASYNC_CHECKPOINT, async_checkpoint_assert_same, async_checkpoint_snapshot
 
 

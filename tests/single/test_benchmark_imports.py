@@ -28,6 +28,10 @@ def test_benchmark_imports_exist(script):
     path = ROOT / "benchmarks" / script
     for module, names, line in _our_imports(path):
         mod = importlib.import_module(module)
-        missing = [n for n in names if not hasattr(mod, n)  # a submodule not imported yet also counts
-                   and not (hasattr(mod, "__path__") and importlib.util.find_spec(f"{module}.{n}"))]
+        missing = [
+            n
+            for n in names
+            if not hasattr(mod, n)  # a submodule not imported yet also counts
+            and not (hasattr(mod, "__path__") and importlib.util.find_spec(f"{module}.{n}"))
+        ]
         assert not missing, f"{path.name}:{line}: {module} has no {missing}"

@@ -24,9 +24,11 @@ FACTS_EXAMPLE = [
     {"role": "user", "content": "Is 123 a prime?"},
     {"role": "assistant", "content": "No, 123 = 3 x 41."},
 ]
-FACTS_TEXT = ("<|im_system|>system<|im_middle|>You are a helpful assistant provided by Moonshot-AI.<|im_end|>"
-              "<|im_user|>user<|im_middle|>Is 123 a prime?<|im_end|>"
-              "<|im_assistant|>assistant<|im_middle|>No, 123 = 3 x 41.<|im_end|>")
+FACTS_TEXT = (
+    "<|im_system|>system<|im_middle|>You are a helpful assistant provided by Moonshot-AI.<|im_end|>"
+    "<|im_user|>user<|im_middle|>Is 123 a prime?<|im_end|>"
+    "<|im_assistant|>assistant<|im_middle|>No, 123 = 3 x 41.<|im_end|>"
+)
 # The built-in format as a jinja template (as a tokenizer_config.json would carry it).
 MOONLIGHT_TEMPLATE = (
     "{%- for message in messages -%}"
@@ -68,7 +70,8 @@ def test_jinja_moonlight_template_gives_the_builtin_tokens_and_targets(tmp_path,
     tok = build_tokenizer(str(chat_tiktoken_dir(tmp_path, MOONLIGHT_TEMPLATE)))
     template = load_chat_template(str(tmp_path), tok)
     assert template.render(conversation) == "".join(
-        f"<|im_{m['role']}|>{m['role']}<|im_middle|>{m['content']}<|im_end|>" for m in conversation)
+        f"<|im_{m['role']}|>{m['role']}<|im_middle|>{m['content']}<|im_end|>" for m in conversation
+    )
     jinja_ids, jinja_targets = template.encode(conversation)
     builtin_ids, builtin_targets = ChatTemplate(tok).encode(conversation)
     assert jinja_ids == builtin_ids and jinja_targets == builtin_targets
@@ -89,8 +92,9 @@ def _hf_tokenizer_dir(tmp_path, template):
     t.decoder = decoders.ByteLevel()
     t.add_special_tokens(["[BOS]", "[EOS]"] + DEFAULT_ADDITIONAL_SPECIALS)
     t.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "[BOS]", "eos_token": "<|im_end|>", "chat_template": template}))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "[BOS]", "eos_token": "<|im_end|>", "chat_template": template})
+    )
     return tmp_path
 
 
@@ -100,13 +104,15 @@ def test_jinja_template_matches_transformers_apply_chat_template(tmp_path):
     import transformers
 
     folder = _hf_tokenizer_dir(tmp_path, MARKED_TEMPLATE)
-    hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"),
-                                              chat_template=MARKED_TEMPLATE)
+    hf = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(folder / "tokenizer.json"), chat_template=MARKED_TEMPLATE
+    )
     ours = load_chat_template(str(folder), build_tokenizer(str(folder)))
     for conversation in (MULTI_TURN, FACTS_EXAMPLE):
         assert ours.render(conversation) == hf.apply_chat_template(conversation, tokenize=False)
         assert ours.render(conversation[:1], add_generation_prompt=True) == hf.apply_chat_template(
-            conversation[:1], tokenize=False, add_generation_prompt=True)
+            conversation[:1], tokenize=False, add_generation_prompt=True
+        )
         out = hf.apply_chat_template(conversation, return_dict=True, return_assistant_tokens_mask=True)
         ids, targets = ours.encode(conversation)
         assert ids == out["input_ids"]
@@ -114,9 +120,9 @@ def test_jinja_template_matches_transformers_apply_chat_template(tmp_path):
 
 
 def test_template_that_rewrites_earlier_turns_is_rejected(tmp_path):
-    rewriting = ("{%- for m in messages -%}"
-                 "<|im_{{ m['role'] }}|>{{ m['content'] }}{{ messages|length }}<|im_end|>"
-                 "{%- endfor -%}")
+    rewriting = (
+        "{%- for m in messages -%}<|im_{{ m['role'] }}|>{{ m['content'] }}{{ messages|length }}<|im_end|>{%- endfor -%}"
+    )
     tok = build_tokenizer(str(chat_tiktoken_dir(tmp_path, rewriting)))
     with pytest.raises(DataError, match="appending turns"):
         load_chat_template(str(tmp_path), tok).encode(MULTI_TURN)
@@ -141,11 +147,11 @@ def test_packing_keeps_conversations_whole_and_labels_only_assistant_turns(tmp_p
         tokens, flags, _ = loader.window(g)
         starts = list(np.flatnonzero(positions == 0)) + [len(positions)]
         for a, b in zip(starts[:-1], starts[1:]):  # each document of the row
-            doc = tuple(tokens[a:b + (b == len(positions))].tolist())
+            doc = tuple(tokens[a : b + (b == len(positions))].tolist())
             if doc in expected:  # a whole conversation (else: the padding tail)
                 seen.append(doc)
                 want = np.where(expected[doc][1:], np.array(doc[1:]), -100)
-                assert np.array_equal(labels[a:a + len(doc) - 1], want)
+                assert np.array_equal(labels[a : a + len(doc) - 1], want)
             else:
                 assert set(doc) == {tok.eos_id} and (labels[a:] == -100).all()
     assert sorted(seen) == sorted(expected)  # every conversation once per epoch, never split
@@ -165,23 +171,29 @@ def test_overflow_truncates_or_drops_and_reports(tmp_path, caplog):
         dropping = build_dataloader(cfg, tok, seq_len, 1, store=store)
     assert truncating.num_truncated == 1 and dropping.num_dropped == 1
     assert "1 longer than that were truncated" in caplog.text and "1 longer than that were dropped" in caplog.text
-    assert any(np.array_equal(truncating.window(g)[0][:seq_len + 1], store.document(j)[:seq_len + 1])
-               for g in range(truncating.sequences_per_epoch))
+    assert any(
+        np.array_equal(truncating.window(g)[0][: seq_len + 1], store.document(j)[: seq_len + 1])
+        for g in range(truncating.sequences_per_epoch)
+    )
     assert sorted(k for r in dropping.rows for k in r) == [k for k in range(12) if k != j]
 
 
 def test_bad_conversations_are_skipped_and_counted(tmp_path):
-    rows = chat_conversations(4) + [{"messages": [{"role": "robot", "content": "x"}]},
-                                {"messages": [{"role": "user", "content": "no answer"}]}, {"messages": "hi"},
-                                {"messages": []}]
+    rows = chat_conversations(4) + [
+        {"messages": [{"role": "robot", "content": "x"}]},
+        {"messages": [{"role": "user", "content": "no answer"}]},
+        {"messages": "hi"},
+        {"messages": []},
+    ]
     store = load_documents(chat_cfg(write_chat(tmp_path / "c.jsonl", rows)), ByteTokenizer())
     assert store.num_documents == 4 and store.num_bad_lines == 4
     assert "role 'robot'" in store.bad_lines[0] and "no assistant message" in store.bad_lines[1]
     assert store.bad_lines[2].endswith("non-empty list, got str") and store.bad_lines[3].endswith("got []")
 
 
-@pytest.mark.parametrize("rows", [[], [{"messages": [{"role": "user", "content": "no answer"}]}]],
-                         ids=["empty", "all_skipped"])
+@pytest.mark.parametrize(
+    "rows", [[], [{"messages": [{"role": "user", "content": "no answer"}]}]], ids=["empty", "all_skipped"]
+)
 def test_no_usable_conversation_is_named_as_such(tmp_path, rows):
     """It was blamed on the length (raise seq_len or truncate), which chat_overflow = "truncate" already is."""
     cfg = chat_cfg(write_chat(tmp_path / "c.jsonl", rows))
@@ -257,10 +269,13 @@ def test_shipped_sample_renders_every_conversation_in_the_debug_job():
     assert loader.num_truncated <= 2 and sum(map(len, loader.rows)) == 40
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--data.chat_overflow=bogus"], "expects one of 'truncate', 'drop'"),
-    (["--data.format=chat", "--data.messages_key="], "data.messages_key must not be empty"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data.chat_overflow=bogus"], "expects one of 'truncate', 'drop'"),
+        (["--data.format=chat", "--data.messages_key="], "data.messages_key must not be empty"),
+    ],
+)
 def test_chat_config_errors(args, message):
     from moonlight.errors import ConfigError
 

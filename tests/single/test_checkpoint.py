@@ -16,7 +16,7 @@ from moonlight.checkpoint.format import list_checkpoints, read_meta
 from moonlight.checkpoint.state import Checkpointer
 from moonlight.errors import CheckpointError, CheckpointSaveError
 from moonlight.train.build import load_initial_weights
-from tests.helpers import (ARGS, FakeLoader, assert_sd_equal, build, cfg, flat_optim, full_sd, train)
+from tests.helpers import ARGS, FakeLoader, assert_sd_equal, build, cfg, flat_optim, full_sd, train
 from tests.helpers import build_opt_parts, checkpoint_fake_step, checkpoint_split
 
 
@@ -115,8 +115,9 @@ def test_mismatched_model_args_are_named(tmp_path):
     Checkpointer(cfg(), tmp_path, [model], opts, scheds, None).save(40)
     other = build(args=ModelArgs.preset("debug", kernels="torch", hidden_size=256))
     ck = Checkpointer(cfg(), tmp_path, [other[0]], other[1], other[2], None)
-    with pytest.raises(CheckpointError, match="checkpoint step-40 .*was saved for hidden_size=128 but this run has "
-                                              "hidden_size=256"):
+    with pytest.raises(
+        CheckpointError, match="checkpoint step-40 .*was saved for hidden_size=128 but this run has hidden_size=256"
+    ):
         ck.load()
     # an implementation knob (kernels) is not a mismatch
     same = build(args=ModelArgs.preset("debug", kernels="auto"))
@@ -223,8 +224,9 @@ def test_hf_export_loads_in_transformers_with_same_logits(tmp_path):
     assert_sd_equal(full_sd(fresh[0]), full_sd(model))
     ck3 = Checkpointer(cfg(initial_load_hf=str(path)), tmp_path, [fresh[0]], fresh[1], fresh[2], None)
     assert not load_initial_weights(ck3, str(path))
-    bad = Checkpointer(cfg(folder="run3", initial_load_hf=str(tmp_path / "nope")), tmp_path, [fresh[0]], None, None,
-                       None)
+    bad = Checkpointer(
+        cfg(folder="run3", initial_load_hf=str(tmp_path / "nope")), tmp_path, [fresh[0]], None, None, None
+    )
     with pytest.raises(CheckpointError, match="nope does not exist"):
         load_initial_weights(bad, str(tmp_path / "nope"))
 

@@ -22,8 +22,7 @@ def test_linear_cross_entropy_matches_plain(dtype, chunk_rows):
     grad = torch.tensor(0.7, dtype=dtype)
     got = linear_cross_entropy(hidden, weight, labels, chunk_bytes=chunk_rows * vocab * 4)
     got_grads = torch.autograd.grad(got, (hidden, weight), grad)
-    want = F.cross_entropy((hidden @ weight.t()).to(torch.promote_types(dtype, torch.float32)), labels,
-                           reduction="sum")
+    want = F.cross_entropy((hidden @ weight.t()).to(torch.promote_types(dtype, torch.float32)), labels, reduction="sum")
     want_grads = torch.autograd.grad(want, (hidden, weight), grad)
     assert got.dtype == dtype
     torch.testing.assert_close(got, want)
@@ -48,8 +47,9 @@ def test_linear_cross_entropy_bf16_is_the_plain_path(chunk_rows):
     want = F.cross_entropy((hidden @ weight.t()).float(), labels, reduction="sum")
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want)
-    (got_hidden, got_weight), (want_hidden, want_weight) = (torch.autograd.grad(x, (hidden, weight))
-                                                            for x in (got, want))
+    (got_hidden, got_weight), (want_hidden, want_weight) = (
+        torch.autograd.grad(x, (hidden, weight)) for x in (got, want)
+    )
     assert torch.equal(got_hidden, want_hidden) and got_weight.dtype == torch.bfloat16
     if chunk_rows >= n:
         assert torch.equal(got_weight, want_weight)

@@ -24,8 +24,12 @@ def _assert_same(eager, compiled, rtol):
 def test_compiled_steps_equal_eager(tmp_path, ac):
     extra = ["--checkpoint.enable=false", f"--activation_checkpoint.mode={ac}"]
     eager = compile_run(compile_trainer(tmp_path / "eager", *extra), 3)
-    compiled = compile_run(compile_trainer(tmp_path / "compiled", *extra, "--training.compile=true",
-                             "--training.compile_backend=aot_eager"), 3)
+    compiled = compile_run(
+        compile_trainer(
+            tmp_path / "compiled", *extra, "--training.compile=true", "--training.compile_backend=aot_eager"
+        ),
+        3,
+    )
     _assert_same(eager, compiled, rtol=1e-5)
 
 
@@ -35,8 +39,9 @@ def test_compiled_run_resumes_an_eager_checkpoint_like_eager(tmp_path):
     resumed = {}
     for mode in ("eager", "compiled"):
         extra = ["--training.compile=true", "--training.compile_backend=aot_eager"] if mode == "compiled" else []
-        trainer = compile_trainer(tmp_path / "first", "--checkpoint.enable=true", "--checkpoint.interval=100",
-                           "--training.steps=4", *extra)
+        trainer = compile_trainer(
+            tmp_path / "first", "--checkpoint.enable=true", "--checkpoint.interval=100", "--training.steps=4", *extra
+        )
         assert trainer.step == 2
         resumed[mode] = compile_run(trainer, 2)
     _assert_same(resumed["eager"], resumed["compiled"], rtol=1e-5)
@@ -45,18 +50,23 @@ def test_compiled_run_resumes_an_eager_checkpoint_like_eager(tmp_path):
 @pytest.mark.slow
 def test_inductor_steps_equal_eager(tmp_path):
     eager = compile_run(compile_trainer(tmp_path / "eager", "--checkpoint.enable=false"), 2)
-    compiled = compile_run(compile_trainer(tmp_path / "compiled", "--checkpoint.enable=false",
-                                           "--training.compile=true"), 2)
+    compiled = compile_run(
+        compile_trainer(tmp_path / "compiled", "--checkpoint.enable=false", "--training.compile=true"), 2
+    )
     _assert_same(eager, compiled, rtol=1e-4)
 
 
 def test_compile_with_op_level_checkpointing_is_refused_with_the_fix(tmp_path):
     from moonlight.errors import ConfigError
 
-    with pytest.raises(ConfigError,
-                       match="training.compile = true does not work with activation_checkpoint.mode = 'op'"):
-        load_config("train.toml", COMPILE_BASE + [f"--job.dump_folder={tmp_path}", "--training.compile=true",
-                                          "--activation_checkpoint.mode=op"]).validate()
+    with pytest.raises(
+        ConfigError, match="training.compile = true does not work with activation_checkpoint.mode = 'op'"
+    ):
+        load_config(
+            "train.toml",
+            COMPILE_BASE
+            + [f"--job.dump_folder={tmp_path}", "--training.compile=true", "--activation_checkpoint.mode=op"],
+        ).validate()
 
 
 @pytest.mark.floor  # torch 2.11's dynamo got the norm's and SwiGLU's gradients wrong (their in-place forwards)
@@ -110,14 +120,33 @@ def test_compiled_chunked_loss_gradients_equal_eager():
         torch.testing.assert_close(got, want)
 
 
-def _reference_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, scale=None,
-                      window_size=None, enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+def _reference_varlen(
+    query,
+    key,
+    value,
+    cu_seq_q,
+    cu_seq_k,
+    max_q,
+    max_k,
+    is_causal=False,
+    scale=None,
+    window_size=None,
+    enable_gqa=False,
+    seqused_k=None,
+    block_table=None,
+    num_splits=None,
+):
     """torch's varlen op on CPU, causal SDPA per document: registered for the rest of the process, where
     the CPU build has no kernel it could replace."""
     bounds = cu_seq_q.tolist()
-    out = torch.cat([F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (query, key, value)),
-                                                    is_causal=is_causal, scale=scale).transpose(0, 1)
-                     for a, b in zip(bounds[:-1], bounds[1:])])
+    out = torch.cat(
+        [
+            F.scaled_dot_product_attention(
+                *(t[a:b].transpose(0, 1) for t in (query, key, value)), is_causal=is_causal, scale=scale
+            ).transpose(0, 1)
+            for a, b in zip(bounds[:-1], bounds[1:])
+        ]
+    )
     lse = query.new_zeros(query.shape[1], query.shape[0], dtype=torch.float)
     return out, lse, torch.zeros(2, dtype=torch.uint64)
 

@@ -2,7 +2,6 @@
 (MLA exchanging latents, causal and document masks against the gathered keys, the MoE aux loss summed
 over the sequence) against the model on the whole sequence: outputs, losses and gradients."""
 
-
 import pytest
 import torch
 

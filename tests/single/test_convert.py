@@ -69,33 +69,68 @@ def test_hf_config_round_trip():
 
 def test_released_moonlight_config_parses():
     released = {  # Moonlight-16B-A3B config.json (fields as published)
-        "architectures": ["DeepseekV3ForCausalLM"], "auto_map": {}, "aux_loss_alpha": 0.001,
-        "bos_token_id": 163584, "eos_token_id": 163585, "ep_size": 1, "first_k_dense_replace": 1,
-        "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 11264,
-        "kv_lora_rank": 512, "max_position_embeddings": 8192, "model_type": "deepseek_v3",
-        "moe_intermediate_size": 1408, "moe_layer_freq": 1, "n_group": 1, "n_routed_experts": 64,
-        "n_shared_experts": 2, "norm_topk_prob": True, "num_attention_heads": 16, "num_experts_per_tok": 6,
-        "num_hidden_layers": 27, "num_key_value_heads": 16, "num_nextn_predict_layers": 0,
-        "pretraining_tp": 1, "q_lora_rank": None, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
-        "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 50000.0, "routed_scaling_factor": 2.446,
-        "scoring_func": "sigmoid", "seq_aux": True, "tie_word_embeddings": False, "topk_group": 1,
-        "topk_method": "noaux_tc", "torch_dtype": "bfloat16", "transformers_version": "4.48.0",
-        "use_cache": True, "v_head_dim": 128, "vocab_size": 163840, "attention_bias": False,
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "auto_map": {},
+        "aux_loss_alpha": 0.001,
+        "bos_token_id": 163584,
+        "eos_token_id": 163585,
+        "ep_size": 1,
+        "first_k_dense_replace": 1,
+        "hidden_act": "silu",
+        "hidden_size": 2048,
+        "initializer_range": 0.02,
+        "intermediate_size": 11264,
+        "kv_lora_rank": 512,
+        "max_position_embeddings": 8192,
+        "model_type": "deepseek_v3",
+        "moe_intermediate_size": 1408,
+        "moe_layer_freq": 1,
+        "n_group": 1,
+        "n_routed_experts": 64,
+        "n_shared_experts": 2,
+        "norm_topk_prob": True,
+        "num_attention_heads": 16,
+        "num_experts_per_tok": 6,
+        "num_hidden_layers": 27,
+        "num_key_value_heads": 16,
+        "num_nextn_predict_layers": 0,
+        "pretraining_tp": 1,
+        "q_lora_rank": None,
+        "qk_nope_head_dim": 128,
+        "qk_rope_head_dim": 64,
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": None,
+        "rope_theta": 50000.0,
+        "routed_scaling_factor": 2.446,
+        "scoring_func": "sigmoid",
+        "seq_aux": True,
+        "tie_word_embeddings": False,
+        "topk_group": 1,
+        "topk_method": "noaux_tc",
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.48.0",
+        "use_cache": True,
+        "v_head_dim": 128,
+        "vocab_size": 163840,
+        "attention_bias": False,
         "attention_dropout": 0.0,
     }
     assert ModelArgs.from_hf_config(released) == ModelArgs.preset("moonlight-16b-a3b")
 
 
-@pytest.mark.parametrize("change, match", [
-    ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "rope_scaling"),
-    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope_parameters"),
-    ({"scoring_func": "softmax"}, "scoring_func"),
-    ({"num_nextn_predict_layers": -1}, "num_nextn_predict_layers"),
-    ({"tie_word_embeddings": True}, "tie_word_embeddings"),
-    ({"some_new_field": 3}, "some_new_field"),
-    ({"n_group": 3}, "n_group"),
-    ({"model_type": "llama"}, "model_type"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "rope_scaling"),
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope_parameters"),
+        ({"scoring_func": "softmax"}, "scoring_func"),
+        ({"num_nextn_predict_layers": -1}, "num_nextn_predict_layers"),
+        ({"tie_word_embeddings": True}, "tie_word_embeddings"),
+        ({"some_new_field": 3}, "some_new_field"),
+        ({"n_group": 3}, "n_group"),
+        ({"model_type": "llama"}, "model_type"),
+    ],
+)
 def test_unsupported_config_fields_are_rejected(change, match):
     cfg = {**ModelArgs.preset("debug").to_hf_config(), **change}
     with pytest.raises(ConfigError, match=match):
@@ -117,6 +152,7 @@ def test_wrong_shape_names_key_and_shapes(hf_dir, tmp_path):
 
     def edit(t):
         t[key] = torch.zeros(64, 31)
+
     bad = _rewrite(hf_dir, tmp_path / "bad", edit)
     with pytest.raises(CheckpointError, match=r"experts\.2\.down_proj.*expected \(64, 32\), found \(64, 31\)"):
         load_hf(bad)
@@ -139,6 +175,7 @@ def test_missing_key_is_named(hf_dir, tmp_path):
 def test_unexpected_key_is_named(hf_dir, tmp_path):
     def edit(t):
         t["model.layers.0.mlp.experts.0.gate_proj.weight"] = torch.zeros(1)
+
     bad = _rewrite(hf_dir, tmp_path / "bad", edit)
     with pytest.raises(CheckpointError, match=r"unexpected.*layers\.0\.mlp\.experts\.0\.gate_proj"):
         load_hf(bad)
@@ -147,6 +184,7 @@ def test_unexpected_key_is_named(hf_dir, tmp_path):
 def test_rope_inv_freq_buffers_in_released_checkpoints_are_accepted(hf_dir, tmp_path):
     def edit(t):
         t["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
+
     ok = _rewrite(hf_dir, tmp_path / "with_inv_freq", edit)
     load_hf(ok)
 
@@ -167,8 +205,9 @@ def test_save_refuses_to_overwrite(hf_dir, tmp_path):
 
 
 def _hf_args(hf_model):
-    return ModelArgs.from_hf_config({**hf_model.config.to_diff_dict(), "architectures": ["DeepseekV3ForCausalLM"]},
-                                    kernels="torch")
+    return ModelArgs.from_hf_config(
+        {**hf_model.config.to_diff_dict(), "architectures": ["DeepseekV3ForCausalLM"]}, kernels="torch"
+    )
 
 
 def _assert_bitwise_equal(got, expected):

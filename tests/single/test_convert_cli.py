@@ -21,7 +21,6 @@ from tests.helpers import read_safetensors_dir
 from tests.helpers import ROOT
 
 
-
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("hf") / "model"
@@ -62,12 +61,31 @@ def test_bf16_round_trip_keeps_dtypes(tmp_path):
 
 def test_module_entry_point(hf_dir, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = subprocess.run([sys.executable, "-m", "moonlight.convert", "hf-to-dcp", "--hf", str(hf_dir), "--out",
-                          str(tmp_path / "dcp")], capture_output=True, text=True, env=env, cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-m", "moonlight.convert", "hf-to-dcp", "--hf", str(hf_dir), "--out", str(tmp_path / "dcp")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(tmp_path / "dcp")
-    bad = subprocess.run([sys.executable, "-m", "moonlight.convert", "dcp-to-hf", "--dcp", str(tmp_path / "nope"),
-                          "--out", str(tmp_path / "x")], capture_output=True, text=True, env=env, cwd=tmp_path)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moonlight.convert",
+            "dcp-to-hf",
+            "--dcp",
+            str(tmp_path / "nope"),
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert bad.returncode == 2 and "nope does not exist" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -94,8 +112,9 @@ def test_trainer_checkpoint_to_hf_and_hf_to_trainer(hf_dir, tmp_path):
     with torch.no_grad():
         for p in other.parameters():
             p.zero_()
-    cfg2 = CheckpointSection(enable=True, folder="run2",
-                             initial_load_hf=str(tmp_path / "run" / "checkpoint" / "step-0"))
+    cfg2 = CheckpointSection(
+        enable=True, folder="run2", initial_load_hf=str(tmp_path / "run" / "checkpoint" / "step-0")
+    )
     assert load_initial_weights(Checkpointer(cfg2, tmp_path / "run", [other], None, None, None), cfg2.initial_load_hf)
     for k, v in other.state_dict().items():
         assert torch.equal(v, reference[k]), k
@@ -120,12 +139,15 @@ def _err(capsys, argv):
     return capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, match", [
-    ([], "required: command (see python -m moonlight.convert --help)"),
-    (["hf-to-pt"], "invalid choice: 'hf-to-pt'"),
-    (["hf-to-dcp", "--hf", "x"], "required: --out (see python -m moonlight.convert hf-to-dcp --help)"),
-    (["dcp-to-hf", "--dcp", "x", "--out", "y", "--step", "last"], "--step: invalid int value: 'last'"),
-])
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        ([], "required: command (see python -m moonlight.convert --help)"),
+        (["hf-to-pt"], "invalid choice: 'hf-to-pt'"),
+        (["hf-to-dcp", "--hf", "x"], "required: --out (see python -m moonlight.convert hf-to-dcp --help)"),
+        (["dcp-to-hf", "--dcp", "x", "--out", "y", "--step", "last"], "--step: invalid int value: 'last'"),
+    ],
+)
 def test_bad_arguments_are_one_error_line(argv, match, capsys):
     err = _err(capsys, argv)
     assert err.count("\n") == 1 and err.startswith("error: ") and match in err, err
@@ -134,23 +156,36 @@ def test_bad_arguments_are_one_error_line(argv, match, capsys):
 def test_clear_errors(hf_dir, tmp_path, capsys):
     assert "--hf" in _err(capsys, ["hf-to-dcp", "--hf", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
     (tmp_path / "empty").mkdir()
-    assert "no model.safetensors" in _err(capsys, ["hf-to-dcp", "--hf", str(tmp_path / "empty"), "--out",
-                                                   str(tmp_path / "o")])
+    assert "no model.safetensors" in _err(
+        capsys, ["hf-to-dcp", "--hf", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]
+    )
     main(["hf-to-dcp", "--hf", str(hf_dir), "--out", str(tmp_path / "dcp")])
     taken = _err(capsys, ["hf-to-dcp", "--hf", str(hf_dir), "--out", str(tmp_path / "dcp")])
     assert "not empty; pass --overwrite to replace it" in taken and "overwrite=True" not in taken  # the CLI's flag
     main(["hf-to-dcp", "--hf", str(hf_dir), "--out", str(tmp_path / "dcp"), "--overwrite"])
-    err = _err(capsys, ["dcp-to-hf", "--dcp", str(tmp_path / "dcp"), "--out", str(tmp_path / "h"),
-                        "--model-preset", "debug"])
+    err = _err(
+        capsys, ["dcp-to-hf", "--dcp", str(tmp_path / "dcp"), "--out", str(tmp_path / "h"), "--model-preset", "debug"]
+    )
     assert "lacks" in err and "hidden_size=64 but the given config has hidden_size=128" in err
     missing = ["dcp-to-hf", "--dcp", str(tmp_path / "nope"), "--out", str(tmp_path / "h")]
     assert "does not exist" in _err(capsys, missing)
-    assert "no complete checkpoint" in _err(capsys, ["dcp-to-hf", "--dcp", str(tmp_path / "empty"), "--out",
-                                                     str(tmp_path / "h")])
+    assert "no complete checkpoint" in _err(
+        capsys, ["dcp-to-hf", "--dcp", str(tmp_path / "empty"), "--out", str(tmp_path / "h")]
+    )
     os.remove(tmp_path / "dcp" / "COMPLETE")
     assert "incomplete" in _err(capsys, ["dcp-to-hf", "--dcp", str(tmp_path / "dcp"), "--out", str(tmp_path / "h")])
-    assert "--config" in _err(capsys, ["dcp-to-hf", "--dcp", str(tmp_path / "dcp"), "--out", str(tmp_path / "h"),
-                                       "--config", str(tmp_path / "nope.json")])
+    assert "--config" in _err(
+        capsys,
+        [
+            "dcp-to-hf",
+            "--dcp",
+            str(tmp_path / "dcp"),
+            "--out",
+            str(tmp_path / "h"),
+            "--config",
+            str(tmp_path / "nope.json"),
+        ],
+    )
 
 
 def _modes(root):
@@ -168,13 +203,15 @@ def test_outputs_get_the_umask_modes_not_the_temporary_ones(hf_dir, tmp_path):
     they must read like anything else the user writes (here umask 027: dirs 0750, files 0640)."""
     old = os.umask(0o027)
     try:  # the umask is read by moonlight.outputs at import: run the writers in a fresh process
-        code = ("import sys; from moonlight.convert import main; from moonlight.hf import load_hf, save_hf; "
-                "from moonlight.hf_peft import save_peft_adapter; from tests.helpers import lora_model; "
-                "d = sys.argv[1]; main(['hf-to-dcp', '--hf', sys.argv[2], '--out', d + '/dcp']); "
-                "main(['dcp-to-hf', '--dcp', d + '/dcp', '--out', d + '/hf']); "
-                "m = load_hf(sys.argv[2]); save_hf(m, d + '/sharded', max_shard_size='100KB'); "
-                "save_peft_adapter(lora_model(m.args, True), m.args, {'rank': 4, 'alpha': 8.0, 'dora': True}, "
-                "d + '/adapter')")
+        code = (
+            "import sys; from moonlight.convert import main; from moonlight.hf import load_hf, save_hf; "
+            "from moonlight.hf_peft import save_peft_adapter; from tests.helpers import lora_model; "
+            "d = sys.argv[1]; main(['hf-to-dcp', '--hf', sys.argv[2], '--out', d + '/dcp']); "
+            "main(['dcp-to-hf', '--dcp', d + '/dcp', '--out', d + '/hf']); "
+            "m = load_hf(sys.argv[2]); save_hf(m, d + '/sharded', max_shard_size='100KB'); "
+            "save_peft_adapter(lora_model(m.args, True), m.args, {'rank': 4, 'alpha': 8.0, 'dora': True}, "
+            "d + '/adapter')"
+        )
         subprocess.run([sys.executable, "-c", code, str(tmp_path), str(hf_dir)], check=True, cwd=ROOT)
     finally:
         os.umask(old)

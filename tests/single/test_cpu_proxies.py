@@ -1,6 +1,7 @@
 """benchmarks/cpu_proxies.py: the op counter counts what it should, and one training step of the
 Moonlight-width slice (meta device, Triton kernels) stays within the launch, copy and fill budgets
 recorded there and in benchmarks/README.md."""
+
 import torch
 
 from benchmarks.cpu_proxies import BUDGETS, OpCounter, build, slice_args, step_counts

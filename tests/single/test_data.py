@@ -18,7 +18,6 @@ from tests.helpers import all_sequences, data_cfg, make_docs, make_tiktoken_dir,
 from tests.helpers import ROOT
 
 
-
 # ------------------------------------------------------------------ tokenizers
 
 
@@ -324,13 +323,13 @@ def test_corpus_too_small(tmp_path):
 
 def write_bad_jsonl(tmp_path):
     lines = [
-        json.dumps({"text": "good one"}),           # 1
-        '{"text": "broken',                          # 2 invalid JSON
-        json.dumps({"body": "no text key"}),         # 3 missing key
-        "",                                          # 4 blank: ignored silently
-        json.dumps({"text": 42}),                    # 5 not a string
-        json.dumps(["text"]),                        # 6 not an object
-        json.dumps({"text": "good two"}),           # 7
+        json.dumps({"text": "good one"}),  # 1
+        '{"text": "broken',  # 2 invalid JSON
+        json.dumps({"body": "no text key"}),  # 3 missing key
+        "",  # 4 blank: ignored silently
+        json.dumps({"text": 42}),  # 5 not a string
+        json.dumps(["text"]),  # 6 not an object
+        json.dumps({"text": "good two"}),  # 7
     ]
     p = tmp_path / "bad.jsonl"
     p.write_bytes(("\n".join(lines) + "\n").encode() + b'{"text": "\xff\xfe"}\n')  # 8 invalid UTF-8
@@ -384,8 +383,11 @@ def test_hf_unreadable_files_are_named(tmp_path, hf_cache):
     (tmp_path / "c" / "a.csv").write_text('text,b\n1,2,3\n"x\n')
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / "state.json").write_text("{")
-    for name, what in (("j", "its files cannot be read as a dataset"), ("c", "its files cannot be read as a dataset"),
-                       ("s", "not a readable saved dataset")):
+    for name, what in (
+        ("j", "its files cannot be read as a dataset"),
+        ("c", "its files cannot be read as a dataset"),
+        ("s", "not a readable saved dataset"),
+    ):
         with pytest.raises(DataError, match=rf"^data.path '{tmp_path / name}': {what} \("):
             build_dataloader(data_cfg(tmp_path / name, "hf"), ByteTokenizer(), 4, 1)
 

@@ -2,7 +2,6 @@
 gives every document the logits, loss and gradients it gets when run alone; and the trainer's losses
 with document masking are the single-process ones in every parallel configuration."""
 
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -48,7 +47,7 @@ def test_packed_row_equals_each_document_alone(dtype):
         start = 0
         for n in lengths:
             doc = slice(start, start + n)
-            alone = model(tokens[row:row + 1, doc])  # plain causal attention, positions 0..n-1
+            alone = model(tokens[row : row + 1, doc])  # plain causal attention, positions 0..n-1
             torch.testing.assert_close(packed[row, doc], alone[0], **tol)
             alone_loss = alone_loss + F.cross_entropy(alone[0].double(), labels[row, doc], reduction="sum")
             start += n
@@ -74,11 +73,7 @@ def test_without_document_ids_the_row_attends_across_documents():
 def test_dense_mask_is_block_diagonal_causal():
     _, documents = _packed([[2, 3]])
     mask = DocumentMask(documents, torch.float32).dense[0, 0].int()
-    expected = torch.tensor([[1, 0, 0, 0, 0],
-                             [1, 1, 0, 0, 0],
-                             [0, 0, 1, 0, 0],
-                             [0, 0, 1, 1, 0],
-                             [0, 0, 1, 1, 1]])
+    expected = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 1]])
     assert torch.equal(mask, expected)
 
 
@@ -99,9 +94,12 @@ def test_varlen_path_flattens_rows_into_documents(monkeypatch):
     def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
         assert torch.equal(cu_q, cu_k) and window_size == (-1, 0) and cu_q.dtype == torch.int32
         assert max_q == max_k == int((cu_q[1:] - cu_q[:-1]).max())
-        out = [F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1),
-                                              is_causal=True, scale=scale).transpose(0, 1)
-               for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist())]
+        out = [
+            F.scaled_dot_product_attention(
+                q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), is_causal=True, scale=scale
+            ).transpose(0, 1)
+            for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist())
+        ]
         return torch.cat(out)
 
     monkeypatch.setattr(model_module, "varlen_attn", reference_varlen)

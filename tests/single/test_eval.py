@@ -11,9 +11,18 @@ from moonlight import eval as moonlight_eval
 from moonlight.train.config import load_config
 from moonlight.train.trainer import Trainer
 
-SMALL = ["--training.seq_len=64", "--training.global_batch_size=4", "--training.local_batch_size=2",
-         "--metrics.log_freq=1", "--metrics.device_peak_flops=1e11", "--lr_scheduler.warmup_steps=0",
-         "--training.steps=1", "--checkpoint.enable=true", "--validation.enable=true", "--validation.steps=2"]
+SMALL = [
+    "--training.seq_len=64",
+    "--training.global_batch_size=4",
+    "--training.local_batch_size=2",
+    "--metrics.log_freq=1",
+    "--metrics.device_peak_flops=1e11",
+    "--lr_scheduler.warmup_steps=0",
+    "--training.steps=1",
+    "--checkpoint.enable=true",
+    "--validation.enable=true",
+    "--validation.steps=2",
+]
 
 
 def _train(folder, *extra, config="train.toml"):
@@ -43,34 +52,46 @@ def test_eval_of_a_checkpoint_and_its_hf_export_equals_the_validation_loss(tmp_p
 
     # a LoRA run on that export as its base: base + the PEFT adapter it exported
     base, lora = tmp_path / "hf" / "step-1", tmp_path / "lora"
-    lora_val = _train(lora, "--validation.path=data/heldout", "--lora.enable=true", "--lora.export_adapter=end",
-                      f"--checkpoint.initial_load_hf={base}", "--optimizer.lr=0.05")
+    lora_val = _train(
+        lora,
+        "--validation.path=data/heldout",
+        "--lora.enable=true",
+        "--lora.export_adapter=end",
+        f"--checkpoint.initial_load_hf={base}",
+        "--optimizer.lr=0.05",
+    )
     assert abs(lora_val - val_loss) > 1e-4  # the adapter changed the loss: the comparison is not vacuous
-    adapted = _eval(capsys, "data/heldout", "--hf", str(base), "--adapter", str(lora / "adapter" / "step-1"),
-                    *SAME_BATCHES)
+    adapted = _eval(
+        capsys, "data/heldout", "--hf", str(base), "--adapter", str(lora / "adapter" / "step-1"), *SAME_BATCHES
+    )
     assert adapted["loss"] == pytest.approx(lora_val, rel=1e-6)
     with open(lora / "adapter" / "step-1" / "adapter_config.json") as f:
         assert json.load(f)["base_model_name_or_path"] == str(base)
-    assert moonlight_convert.main(["dcp-to-peft", "--dcp", str(lora / "checkpoint"), "--out",
-                                   str(tmp_path / "cli")]) == 0
+    assert (
+        moonlight_convert.main(["dcp-to-peft", "--dcp", str(lora / "checkpoint"), "--out", str(tmp_path / "cli")]) == 0
+    )
     with open(tmp_path / "cli" / "adapter_config.json") as f:
         assert json.load(f)["base_model_name_or_path"] == str(base)  # from the checkpoint's meta.json
 
 
 def test_eval_of_chat_data_scores_the_assistant_tokens_as_validation_does(tmp_path, capsys):
     val_loss = _train(tmp_path, "--validation.path=data/chat/sample.jsonl", config="configs/debug-chat-sft.toml")
-    ours = _eval(capsys, "data/chat/sample.jsonl", "--format", "chat", "--dcp", str(tmp_path / "checkpoint"),
-                 *SAME_BATCHES)
+    ours = _eval(
+        capsys, "data/chat/sample.jsonl", "--format", "chat", "--dcp", str(tmp_path / "checkpoint"), *SAME_BATCHES
+    )
     assert ours["loss"] == pytest.approx(val_loss, rel=1e-6)
     assert 0 < ours["target_tokens"] < 2 * 4 * 64  # only the assistant turns are targets
 
 
-@pytest.mark.parametrize("argv,match", [
-    (["data/heldout", "--dcp", "nowhere"], "--dcp checkpoints hold no tokenizer"),
-    (["data/heldout", "--hf", "nowhere", "--tokenizer", "byte"], "not a Hugging Face checkpoint"),
-    (["data/heldout", "--dcp", "x", "--tokenizer", "byte", "--seq-len", "0"], "--seq-len must be >= 1"),
-    (["missing.jsonl", "--dcp", "x", "--tokenizer", "byte"], "missing.jsonl"),
-])
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["data/heldout", "--dcp", "nowhere"], "--dcp checkpoints hold no tokenizer"),
+        (["data/heldout", "--hf", "nowhere", "--tokenizer", "byte"], "not a Hugging Face checkpoint"),
+        (["data/heldout", "--dcp", "x", "--tokenizer", "byte", "--seq-len", "0"], "--seq-len must be >= 1"),
+        (["missing.jsonl", "--dcp", "x", "--tokenizer", "byte"], "missing.jsonl"),
+    ],
+)
 def test_bad_arguments_are_one_error_line(argv, match, capsys):
     assert moonlight_eval.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -166,8 +166,11 @@ def test_a_damaged_requested_step_stops_and_names_the_last_good_one(tmp_path):
     bad = _shard(tmp_path / "checkpoint" / "step-2")
     with open(bad, "r+b") as f:
         f.truncate(os.path.getsize(bad) - 10)
-    with pytest.raises(CheckpointError, match=rf"step-2 is damaged: {re.escape(str(bad))}: \d+ bytes, COMPLETE "
-                                              r"records \d+.*--checkpoint\.load_step=1"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"step-2 is damaged: {re.escape(str(bad))}: \d+ bytes, COMPLETE "
+        r"records \d+.*--checkpoint\.load_step=1",
+    ):
         _fresh(tmp_path)[1].load(2)
     assert _convert("dcp-to-hf", "--dcp", tmp_path / "checkpoint", "--out", tmp_path / "hf") == 2
     assert not (tmp_path / "hf").exists()
@@ -280,8 +283,11 @@ def test_overwrite_replaces_only_our_own_files(tmp_path, hf_dir):
     save_hf(model, out, overwrite=True)  # an earlier export: replaced
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
     (out / "README.md").write_text("keep me")
-    with pytest.raises(CheckpointError, match=r"holds files that are not part of a Hugging Face export: "
-                                              r"\['README\.md'\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"holds files that are not part of a Hugging Face export: "
+        r"\['README\.md'\]",
+    ):
         save_hf(model, out, overwrite=True)
     assert (out / "README.md").read_text() == "keep me" and (out / "model.safetensors").exists()
 
@@ -307,6 +313,7 @@ def _nan_window(trainer, calls):
     def hook(module, inputs, output):
         n["calls"] += 1
         return output * float("nan") if n["calls"] in calls else output
+
     trainer.model_parts[0].layers["2"].attn.register_forward_hook(hook)
 
 
@@ -314,9 +321,15 @@ def test_divergence_saves_nothing_and_rotation_keeps_the_last_good_step(tmp_path
     """Fault: with keep_latest_k=1, checkpoints of skipped (diverged) steps were saved and rotated the
     last good one away. Steps 5-6 are non-finite: no save at 6, step-4 survives the save at 8, and a
     stop names the step to resume from."""
-    trainer = _trainer(tmp_path, "--training.steps=8", "--checkpoint.enable=true", "--checkpoint.interval=2",
-                       "--checkpoint.keep_latest_k=1", "--training.on_nonfinite=skip",
-                       "--training.max_consecutive_nonfinite=3")
+    trainer = _trainer(
+        tmp_path,
+        "--training.steps=8",
+        "--checkpoint.enable=true",
+        "--checkpoint.interval=2",
+        "--checkpoint.keep_latest_k=1",
+        "--training.on_nonfinite=skip",
+        "--training.max_consecutive_nonfinite=3",
+    )
     _nan_window(trainer, range(9, 13))  # steps 5 and 6
     trainer.train()
     out = capsys.readouterr().out
@@ -342,18 +355,30 @@ def _train_in_child(folder, slow_final_save):
             if force:
                 time.sleep(60)
             save(self, force=force, final=final)
+
         Trainer._save = slow  # the forked child's class only
-    sys.exit(train.main(["--config", "train.toml", *FAULTS_SMALL, f"--job.dump_folder={folder}",
-                          "--training.steps=1000",
-                         "--checkpoint.enable=true", "--checkpoint.interval=1000"]))
+    sys.exit(
+        train.main(
+            [
+                "--config",
+                "train.toml",
+                *FAULTS_SMALL,
+                f"--job.dump_folder={folder}",
+                "--training.steps=1000",
+                "--checkpoint.enable=true",
+                "--checkpoint.interval=1000",
+            ]
+        )
+    )
 
 
 def _start_and_wait(folder, slow_final_save=False):
     child = mp.get_context("fork").Process(target=_train_in_child, args=(folder, slow_final_save))
     child.start()
     deadline = time.time() + 120
-    while time.time() < deadline and not ((folder / "metrics.jsonl").exists()
-                                          and len((folder / "metrics.jsonl").read_text().splitlines()) >= 2):
+    while time.time() < deadline and not (
+        (folder / "metrics.jsonl").exists() and len((folder / "metrics.jsonl").read_text().splitlines()) >= 2
+    ):
         time.sleep(0.2)
     return child
 
@@ -434,6 +459,7 @@ def test_an_unreadable_megatron_file_is_named(tmp_path, monkeypatch):
 
     def denied(path, *args, **kwargs):
         raise PermissionError(13, "Permission denied", str(path))
+
     monkeypatch.setattr(megatron, "open", denied, raising=False)
     with pytest.raises(DataError, match=rf"{re.escape(str(prefix))}\.idx: cannot read it \(Permission denied\)"):
         megatron.load_megatron(str(prefix))
@@ -442,6 +468,7 @@ def test_an_unreadable_megatron_file_is_named(tmp_path, monkeypatch):
 def test_hf_checkpoint_files_are_checked_at_open(tmp_path, hf_dir):
     """Fault: a truncated safetensors shard, an index without weight_map, and weight_map entries
     reaching outside the directory gave raw errors or read foreign files; a bad config.json too."""
+
     def copy(name):
         dst = tmp_path / name
         dst.mkdir()
@@ -538,14 +565,17 @@ def test_our_metrics_survive_a_torn_line_and_a_fresh_run(tmp_path, caplog):
     assert any("moved to" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.parametrize("override,match", [
-    ("--optimizer.lr=inf", r"optimizer\.lr' expects float \(a finite number\), got .* 'inf'"),
-    ("--optimizer.lr=nan", r"optimizer\.lr' expects float \(a finite number\)"),
-    ("--training.max_norm=-inf", r"training\.max_norm' expects float \(a finite number\)"),
-    ("--data.split=validation", r"data\.split = 'validation' applies to data\.format = 'hf' only"),
-    ("--checkpoint.folder=/elsewhere", r"checkpoint\.folder = '/elsewhere' must be a relative path inside"),
-    ("--checkpoint.folder=../other_run", r"checkpoint\.folder = '\.\./other_run' must be a relative path"),
-])
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("--optimizer.lr=inf", r"optimizer\.lr' expects float \(a finite number\), got .* 'inf'"),
+        ("--optimizer.lr=nan", r"optimizer\.lr' expects float \(a finite number\)"),
+        ("--training.max_norm=-inf", r"training\.max_norm' expects float \(a finite number\)"),
+        ("--data.split=validation", r"data\.split = 'validation' applies to data\.format = 'hf' only"),
+        ("--checkpoint.folder=/elsewhere", r"checkpoint\.folder = '/elsewhere' must be a relative path inside"),
+        ("--checkpoint.folder=../other_run", r"checkpoint\.folder = '\.\./other_run' must be a relative path"),
+    ],
+)
 def test_config_values_are_checked(override, match):
     """Fault: optimizer.lr=inf passed validation; data.split was ignored for a single dataset; a
     checkpoint.folder outside the (locked) dump folder let rotation delete another run's saves."""
@@ -578,6 +608,7 @@ def test_convert_validates_every_argument_before_reading_tensors(tmp_path, hf_di
 
     def no_reading(*a, **k):
         raise AssertionError("tensors were read before the arguments were checked")
+
     monkeypatch.setattr(convert, "save_hf_from_dcp", no_reading)
     monkeypatch.setattr(convert, "HFCheckpoint", no_reading)
     dcp = tmp_path / "dcp"
@@ -697,6 +728,7 @@ def test_an_unwritable_dump_folder_is_one_line(tmp_path, monkeypatch):
         if str(path).endswith(".lock"):
             raise OSError(errno.EROFS, "Read-only file system", str(path))
         return real_open(path, *a, **k)
+
     monkeypatch.setattr(os, "open", read_only)
     with pytest.raises(ConfigError, match=r"cannot write to job.dump_folder .* \(read-only filesystem\): make it"):
         _trainer(tmp_path, "--training.steps=2")
@@ -714,12 +746,15 @@ def test_a_lock_held_by_a_pid_that_is_not_a_trainer_says_so(tmp_path):
         other.wait()
 
 
-@pytest.mark.parametrize("override,match", [
-    ("--metrics.tb_folder=/tmp/elsewhere", r"metrics\.tb_folder = '/tmp/elsewhere' must be a relative path inside"),
-    ("--metrics.tb_folder=../x", r"metrics\.tb_folder = '\.\./x' must be a relative path inside"),
-    ("--checkpoint.folder=hf", r"checkpoint\.folder = 'hf' collides with the run's own 'hf'"),
-    ("--metrics.tb_folder=checkpoint", r"metrics\.tb_folder = 'checkpoint' collides with checkpoint\.folder"),
-])
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("--metrics.tb_folder=/tmp/elsewhere", r"metrics\.tb_folder = '/tmp/elsewhere' must be a relative path inside"),
+        ("--metrics.tb_folder=../x", r"metrics\.tb_folder = '\.\./x' must be a relative path inside"),
+        ("--checkpoint.folder=hf", r"checkpoint\.folder = 'hf' collides with the run's own 'hf'"),
+        ("--metrics.tb_folder=checkpoint", r"metrics\.tb_folder = 'checkpoint' collides with checkpoint\.folder"),
+    ],
+)
 def test_output_folders_stay_inside_the_dump_folder(override, match):
     """Fault: metrics.tb_folder absolute or ../x wrote outside the dump folder; checkpoint.folder = 'hf' collided."""
     with pytest.raises(ConfigError, match=match):
@@ -738,8 +773,9 @@ def test_a_data_glob_matching_the_dump_folder_is_refused(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1}\n')
     with pytest.raises(ConfigError, match=r"data\.path = .* matches .*metrics\.jsonl, inside job\.dump_folder"):
-        load_config("train.toml", [f"--data.path={tmp_path}/**/*.jsonl",
-                                   f"--job.dump_folder={tmp_path / 'run'}"]).validate()
+        load_config(
+            "train.toml", [f"--data.path={tmp_path}/**/*.jsonl", f"--job.dump_folder={tmp_path / 'run'}"]
+        ).validate()
 
 
 def test_sighup_stops_saves_and_releases_the_lock(tmp_path, capfd):
@@ -755,8 +791,13 @@ def test_disk_full_and_read_only_are_named_at_every_write(tmp_path, monkeypatch,
     import torch.distributed.checkpoint.filesystem as fs
 
     ckpt, _ = _saved_steps(tmp_path, steps=(1,))
-    monkeypatch.setattr(fs, "_write_item", lambda *a, **k: (_ for _ in ()).throw(
-        RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 704 vs 598")))  # no errno
+    monkeypatch.setattr(
+        fs,
+        "_write_item",
+        lambda *a, **k: (_ for _ in ()).throw(
+            RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 704 vs 598")
+        ),
+    )  # no errno
     with pytest.raises(CheckpointError, match=r"step-2 failed \(write error\)"):  # space is left: not a full disk
         ckpt.save(2)
     statvfs = os.statvfs
@@ -764,8 +805,9 @@ def test_disk_full_and_read_only_are_named_at_every_write(tmp_path, monkeypatch,
     with pytest.raises(CheckpointError, match=r"step-2 failed \(disk full\)"):
         ckpt.save(2)
     monkeypatch.undo()
-    monkeypatch.setattr(hf_mod, "save_file", lambda *a, **k: (_ for _ in ()).throw(
-        OSError(errno.EROFS, "Read-only file system")))
+    monkeypatch.setattr(
+        hf_mod, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EROFS, "Read-only file system"))
+    )
     with pytest.raises(CheckpointError, match=r"writing the HF checkpoint .* failed: read-only filesystem"):
         save_hf(load_hf(str(hf_dir)), str(tmp_path / "export"))
     assert _convert("dcp-to-hf", "--dcp", tmp_path / "checkpoint", "--out", tmp_path / "out") == 2
@@ -780,6 +822,7 @@ def test_a_full_disk_at_start_is_one_line(tmp_path, monkeypatch):
         if str(path).endswith("config.toml") and a and "w" in a[0]:
             raise OSError(errno.ENOSPC, "No space left on device")
         return trainer_open(path, *a, **k)
+
     monkeypatch.setattr("builtins.open", full)
     with pytest.raises(ConfigError, match=r"cannot write .*config\.toml \(disk full\)"):
         _trainer(tmp_path, "--training.steps=2")
@@ -793,14 +836,17 @@ def test_a_full_disk_while_logging_metrics_is_one_warning_not_a_hang(tmp_path, c
     class Full:
         def write(self, text):
             raise OSError(errno.ENOSPC, "No space left on device")
+
         flush = close = lambda self: None
+
     metrics._file = Full()
     with caplog.at_level(logging.ERROR, logger="moonlight.train.metrics"):
         for step in (1, 2, 3):
             metrics.log(step, {"loss": 1.0})
     assert [r.getMessage() for r in caplog.records if "disk full" in r.getMessage()] == [
         f"metrics: cannot write {tmp_path / 'metrics.jsonl'} (disk full) from step 1 on: training goes on, its "
-        "records are lost until it can be written (checkpoint saves fail loudly)"]
+        "records are lost until it can be written (checkpoint saves fail loudly)"
+    ]
 
 
 def test_prepare_data_removes_its_temp_file_when_close_fails(tmp_path, monkeypatch):
@@ -812,6 +858,7 @@ def test_prepare_data_removes_its_temp_file_when_close_fails(tmp_path, monkeypat
 
     def full(f):
         raise OSError(errno.ENOSPC, "No space left on device", f.name)
+
     monkeypatch.setattr(megatron, "_close_durably", full)
     tok = build_tokenizer("byte")
     with pytest.raises(DataError, match="disk full"):
@@ -835,8 +882,11 @@ def test_a_damaged_format_1_checkpoint_names_the_earlier_step(tmp_path):
     (step / "COMPLETE").write_text(json.dumps({"complete": True, "files": sorted(os.listdir(step))}))
     shard = _shard(step)
     shard.write_bytes(shard.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match=r"step-2 cannot be read, its files are damaged \(its COMPLETE marker, "
-                                              r"format_version 1.*resume from the earlier step-1"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"step-2 cannot be read, its files are damaged \(its COMPLETE marker, "
+        r"format_version 1.*resume from the earlier step-1",
+    ):
         _fresh(tmp_path)[1].load()
 
 
@@ -850,8 +900,14 @@ def test_a_zero_padded_step_is_named_not_called_damaged(tmp_path):
 
 def test_a_nan_stop_under_async_saves_names_a_complete_step(tmp_path):
     """Fault: after a NaN stop under async saves the message named a step that existed only as .tmp."""
-    trainer = _trainer(tmp_path, "--training.steps=4", "--checkpoint.enable=true", "--checkpoint.interval=2",
-                       "--checkpoint.async_mode=async", "--training.on_nonfinite=stop")
+    trainer = _trainer(
+        tmp_path,
+        "--training.steps=4",
+        "--checkpoint.enable=true",
+        "--checkpoint.interval=2",
+        "--checkpoint.async_mode=async",
+        "--training.on_nonfinite=stop",
+    )
     _nan_window(trainer, range(5, 9))  # step 3
     with pytest.raises(NonFiniteError, match=r"step-2: resume from it") as e:
         trainer.train()
@@ -862,8 +918,11 @@ def test_checkpoints_with_checkpointing_off_are_refused(tmp_path):
     """Fault: checkpoint.enable=false over existing checkpoints silently started from scratch."""
     _trainer(tmp_path, "--training.steps=2", "--checkpoint.enable=true").train()
     before = (tmp_path / "config.toml").read_text()
-    with pytest.raises(ConfigError, match=r"holds checkpoints \[2\] but checkpoint\.enable = false .* "
-                                          r"--checkpoint\.enable=true"):
+    with pytest.raises(
+        ConfigError,
+        match=r"holds checkpoints \[2\] but checkpoint\.enable = false .* "
+        r"--checkpoint\.enable=true",
+    ):
         _trainer(tmp_path, "--training.steps=2", "--optimizer.lr=0.5")
     assert (tmp_path / "config.toml").read_text() == before
 
@@ -878,6 +937,7 @@ def test_dcp_to_hf_of_a_step_rotated_away_while_read_is_one_line(tmp_path, monke
     def rotated(self, keys):
         shutil.rmtree(tmp_path / "checkpoint" / "step-1")
         return read(self, keys)
+
     monkeypatch.setattr(export_mod._DCPModel, "read", rotated)
     assert _convert("dcp-to-hf", "--dcp", tmp_path / "checkpoint", "--out", tmp_path / "out") == 2
     err = capsys.readouterr().err
@@ -976,8 +1036,10 @@ def _stuck_rank_1(rank):
 def test_a_stuck_rank_is_named_after_the_collective_timeout():
     """Fault: a stopped rank hung the others for gloo's 30 minutes, then ~100 lines that named no rank."""
     line = _in_two_ranks(_stuck_rank_1, wait_for=1)[0]
-    assert line.startswith("error: a collective timed out after training.collective_timeout_s: rank(s) [1] did "
-                           "not answer") and line.count("\n") == 1
+    assert (
+        line.startswith("error: a collective timed out after training.collective_timeout_s: rank(s) [1] did not answer")
+        and line.count("\n") == 1
+    )
 
 
 def _user_error_on(failing):
@@ -988,9 +1050,11 @@ def _user_error_on(failing):
         def main():
             if rank in failing:
                 raise ConfigError(f"bad input on rank {rank}")
+
         assert exit_on_user_error(main, reported_by_rank0) == (2 if rank in failing else 0)
         if rank == 0:
             time.sleep(4)  # rank 0 hosts the job's store here (torchrun's agent does under torchrun)
+
     return body
 
 
@@ -1026,20 +1090,28 @@ def _int32(tensors):
 
 
 def _extra_layer(tensors):
-    tensors.update({k.replace("layers.0.", "layers.9."): v.clone() for k, v in list(tensors.items())
-                    if k.startswith("model.layers.0.")})
+    tensors.update(
+        {
+            k.replace("layers.0.", "layers.9."): v.clone()
+            for k, v in list(tensors.items())
+            if k.startswith("model.layers.0.")
+        }
+    )
 
 
 def _nan(tensors):
     tensors["model.layers.1.self_attn.o_proj.weight"][3, 5] = float("nan")
 
 
-@pytest.mark.parametrize("change,match", [
-    (_fp8, "FP8-quantized checkpoint .*dequantize it to bfloat16 first"),
-    (_int32, "model.norm.weight has dtype I32, not a floating-point weight"),
-    (_extra_layer, r"unexpected key\(s\), e.g. \['model.layers.9"),
-    (_nan, r"model.layers.1.self_attn.o_proj.weight holds 1 NaN/Inf value"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (_fp8, "FP8-quantized checkpoint .*dequantize it to bfloat16 first"),
+        (_int32, "model.norm.weight has dtype I32, not a floating-point weight"),
+        (_extra_layer, r"unexpected key\(s\), e.g. \['model.layers.9"),
+        (_nan, r"model.layers.1.self_attn.o_proj.weight holds 1 NaN/Inf value"),
+    ],
+)
 def test_the_trainers_sharded_hf_load_checks_what_the_converter_checks(tmp_path, hf_dir, change, match):
     """Fault: initial_load_hf cast FP8 without its scales, took int32, dropped extra layers and NaNs."""
     from moonlight.config import ModelArgs
@@ -1083,17 +1155,26 @@ def test_generate_stops_on_non_finite_logits(temperature):
     model.init_weights(std=0.1)
     with torch.no_grad():
         model.norm.weight[0] = float("nan")
-    with pytest.raises(NonFiniteError,
-                       match=r"logits are NaN/Inf \(within the first 1 generated tokens\): its weights hold"):
+    with pytest.raises(
+        NonFiniteError, match=r"logits are NaN/Inf \(within the first 1 generated tokens\): its weights hold"
+    ):
         generate(model, torch.tensor([[3, 4, 5]]), 4, temperature=temperature)
 
 
-@pytest.mark.parametrize("template,match", [
-    ("{% for i in range(4000) %}{% for j in range(4000) %}{% endfor %}{% endfor %}",  # ~2 s a render
-     r"did not render a conversation within 0.2 s \(runaway loops\?\)"),
-    ("{{ ''.__class__.__mro__ }}", r"failed: SecurityError: access to attribute '__class__' of 'str' object is unsafe"),
-    ("{{ raise_exception('roles must alternate') }}", "failed: TemplateError: roles must alternate"),
-])
+@pytest.mark.parametrize(
+    "template,match",
+    [
+        (
+            "{% for i in range(4000) %}{% for j in range(4000) %}{% endfor %}{% endfor %}",  # ~2 s a render
+            r"did not render a conversation within 0.2 s \(runaway loops\?\)",
+        ),
+        (
+            "{{ ''.__class__.__mro__ }}",
+            r"failed: SecurityError: access to attribute '__class__' of 'str' object is unsafe",
+        ),
+        ("{{ raise_exception('roles must alternate') }}", "failed: TemplateError: roles must alternate"),
+    ],
+)
 def test_a_hostile_chat_template_ends_in_one_error_naming_its_folder(tmp_path, monkeypatch, template, match):
     """Fault: nested range loops in chat_template rendered for hours; a sandbox refusal was a jinja traceback."""
     from moonlight.data import chat
@@ -1155,12 +1236,18 @@ def test_a_lora_checkpoint_resumed_without_lora_or_on_another_base_names_the_set
     run = ["--training.steps=2", "--checkpoint.enable=true", "--checkpoint.interval=2"]
     Trainer(_cfg(tmp_path / "run", *run, f"--checkpoint.initial_load_hf={tmp_path / 'base'}")).train()
     more = [*run, "--training.steps=4"]
-    with pytest.raises(CheckpointError, match=r"step-2 is a LoRA/DoRA run's: resume it with lora.enable = true "
-                                              r"\(lora.rank = 4, lora.alpha = 16.0"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"step-2 is a LoRA/DoRA run's: resume it with lora.enable = true "
+        r"\(lora.rank = 4, lora.alpha = 16.0",
+    ):
         Trainer(_cfg(tmp_path / "run", *more, "--lora.enable=false"))
     other = f"--checkpoint.initial_load_hf={tmp_path / 'other'}"
-    with pytest.raises(CheckpointError, match=rf"trained on the frozen weights in {tmp_path / 'base'}, not .*other: "
-                                              r"set it to .*checkpoint.other_base = true"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"trained on the frozen weights in {tmp_path / 'base'}, not .*other: "
+        r"set it to .*checkpoint.other_base = true",
+    ):
         Trainer(_cfg(tmp_path / "run", *more, other))
     assert Trainer(_cfg(tmp_path / "run", *more, other, "--checkpoint.other_base=true")).step == 2
 
@@ -1173,10 +1260,16 @@ def test_a_file_of_mostly_unusable_records_is_an_error_naming_the_cause(tmp_path
     (tmp_path / "utf16.jsonl").write_bytes(lines.encode("utf-16"))
     (tmp_path / "gz.jsonl").write_bytes(gzip.compress(lines.encode()))
     (tmp_path / "ok.jsonl").write_text(lines + "not json\n")
-    cases = [("utf16.jsonl", "text", r"utf16.jsonl is UTF-16 \(or binary\), not UTF-8 text: convert it"),
-             ("gz.jsonl", "text", r"gz.jsonl is gzip-compressed but not named .gz: rename it to gz.jsonl.gz"),
-             ("ok.jsonl", "body", r"ok.jsonl: 13 of 13 records are malformed \(first: .*ok.jsonl:1: missing text "
-                                  r"field 'body' \(keys: text, id\)\); is data.text_key = \"body\" the field")]
+    cases = [
+        ("utf16.jsonl", "text", r"utf16.jsonl is UTF-16 \(or binary\), not UTF-8 text: convert it"),
+        ("gz.jsonl", "text", r"gz.jsonl is gzip-compressed but not named .gz: rename it to gz.jsonl.gz"),
+        (
+            "ok.jsonl",
+            "body",
+            r"ok.jsonl: 13 of 13 records are malformed \(first: .*ok.jsonl:1: missing text "
+            r"field 'body' \(keys: text, id\)\); is data.text_key = \"body\" the field",
+        ),
+    ]
     for name, key, match in cases:
         with pytest.raises(DataError, match=match):
             list(read_jsonl([str(tmp_path / name)], key))
@@ -1184,9 +1277,13 @@ def test_a_file_of_mostly_unusable_records_is_an_error_naming_the_cause(tmp_path
 
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     pq.write_table(pa.table({"text": list(range(12))}), tmp_path / "ints.parquet")
-    with pytest.raises(DataError, match=r"12 of 12 records are malformed \(first: .*row 1: field 'text': is int, not a "
-                                        r"string\); is data.text_key = \"text\" the column"):
+    with pytest.raises(
+        DataError,
+        match=r"12 of 12 records are malformed \(first: .*row 1: field 'text': is int, not a "
+        r"string\); is data.text_key = \"text\" the column",
+    ):
         list(read_hf(str(tmp_path / "ints.parquet")))
 
 
@@ -1196,8 +1293,11 @@ def test_too_little_data_after_skipping_names_the_first_skipped_record(tmp_path)
     from tests.helpers import data_cfg
 
     (tmp_path / "a.jsonl").write_text("".join(json.dumps({"body": "x" * 50}) + "\n" for _ in range(3)))
-    with pytest.raises(DataError, match=r"0 tokens in 0 documents .* \(3 malformed record\(s\) skipped, first: "
-                                        r".*a.jsonl:1: missing text field 'text' \(keys: body\)\)"):
+    with pytest.raises(
+        DataError,
+        match=r"0 tokens in 0 documents .* \(3 malformed record\(s\) skipped, first: "
+        r".*a.jsonl:1: missing text field 'text' \(keys: body\)\)",
+    ):
         build_dataloader(data_cfg(str(tmp_path / "a.jsonl")), build_tokenizer("byte"), 8, 1)
 
 
@@ -1216,11 +1316,15 @@ def test_data_that_is_read_twice_or_has_nothing_to_learn_is_warned_about(tmp_pat
     (tmp_path / "x.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a"}\n'))
     caplog.set_level(logging.WARNING)
     assert len(expand_paths(str(tmp_path), (".jsonl", ".jsonl.gz"), "jsonl")) == 2
-    assert _warnings(caplog) == [f"data: {tmp_path}/x.jsonl and {tmp_path}/x.jsonl.gz are both read (1 such pair(s)): "
-                                 "the same documents twice? Remove one of each pair from data.path"]
+    assert _warnings(caplog) == [
+        f"data: {tmp_path}/x.jsonl and {tmp_path}/x.jsonl.gz are both read (1 such pair(s)): "
+        "the same documents twice? Remove one of each pair from data.path"
+    ]
     caplog.clear()
-    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply}]}
-            for reply in ("", " ", "\n", "yo")]
+    rows = [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply}]}
+        for reply in ("", " ", "\n", "yo")
+    ]
     load_documents(chat_cfg(_write_chat(tmp_path / "c.jsonl", rows)), build_tokenizer("byte"))
     assert any("3 of 4 conversations in" in m and "have only empty assistant turns" in m for m in _warnings(caplog))
 
@@ -1240,15 +1344,19 @@ def test_megatron_files_with_eos_appended_or_another_tokenizer_are_warned_about(
     build_dataloader(data_cfg(tmp_path / "tok", fmt="megatron", add_eos=False), byte, 8, 1)
     assert _warnings(caplog) == []
     build_dataloader(data_cfg(tmp_path / "tok", fmt="megatron", add_eos=True), byte, 8, 1)
-    assert _warnings(caplog) == [f"data: the documents of {tmp_path / 'tok'} already end with the eos token "
-                                 "(prepare_data --append-eos?) and data.add_eos = true adds another to each: set it "
-                                 "to false"]
+    assert _warnings(caplog) == [
+        f"data: the documents of {tmp_path / 'tok'} already end with the eos token "
+        "(prepare_data --append-eos?) and data.add_eos = true adds another to each: set it "
+        "to false"
+    ]
     caplog.clear()
     other = build_tokenizer(str(chat_tiktoken_dir(tmp_path, "")))
     build_dataloader(data_cfg(tmp_path / "tok", fmt="megatron", add_eos=False), other, 8, 1)
-    assert _warnings(caplog) == [f"data: 1 of 1 Megatron file(s) in {tmp_path / 'tok'} were tokenized with another "
-                                 f"tokenizer than data.tokenizer (e.g. {tmp_path / 'tok'}): their token ids mean "
-                                 "other text; run prepare_data again with this tokenizer"]
+    assert _warnings(caplog) == [
+        f"data: 1 of 1 Megatron file(s) in {tmp_path / 'tok'} were tokenized with another "
+        f"tokenizer than data.tokenizer (e.g. {tmp_path / 'tok'}): their token ids mean "
+        "other text; run prepare_data again with this tokenizer"
+    ]
 
 
 def test_repeated_epochs_and_validation_on_the_training_data_are_warned_about(caplog):
@@ -1256,17 +1364,22 @@ def test_repeated_epochs_and_validation_on_the_training_data_are_warned_about(ca
     from moonlight.data.loader import build_dataloader
     from moonlight.train.build import warn_about_data
 
-    cfg = load_config("train.toml", ["--training.steps=100000", "--validation.enable=true",
-                                     "--validation.path=data/corpus"])
+    cfg = load_config(
+        "train.toml", ["--training.steps=100000", "--validation.enable=true", "--validation.path=data/corpus"]
+    )
     loader = build_dataloader(cfg.data, build_tokenizer("byte"), cfg.training.seq_len, 4)
     caplog.set_level(logging.WARNING)
     warn_about_data(cfg, loader, build_dataloader(cfg.data, build_tokenizer("byte"), cfg.training.seq_len, 4))
     found = _warnings(caplog)
-    assert len(found) == 2 and re.fullmatch(rf"data: 100000 steps of 8 sequences read 800000 sequences, [0-9.]+ epochs "
-                                            rf"of the {loader.sequences_per_epoch} in data/corpus: the data repeats",
-                                            found[0]), found
-    assert found[1] == ("validation: validation.path data/corpus holds the same documents as data.path data/corpus: "
-                        "the validation loss is a training loss, not a held-out one")
+    assert len(found) == 2 and re.fullmatch(
+        rf"data: 100000 steps of 8 sequences read 800000 sequences, [0-9.]+ epochs "
+        rf"of the {loader.sequences_per_epoch} in data/corpus: the data repeats",
+        found[0],
+    ), found
+    assert found[1] == (
+        "validation: validation.path data/corpus holds the same documents as data.path data/corpus: "
+        "the validation loss is a training loss, not a held-out one"
+    )
 
 
 def test_a_run_from_an_hf_checkpoint_with_a_nan_weight_stops_before_training(tmp_path):

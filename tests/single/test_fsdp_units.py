@@ -1,7 +1,6 @@
 """The FSDP2 unit structure: embedding, blocks (routers inside), experts and head units, reshard
 settings, explicit prefetch lists, and torchtitan's reshard rule under pipeline parallel."""
 
-
 import torch
 
 from moonlight.train.config import load_config

@@ -10,8 +10,17 @@ import transformers
 
 from moonlight import Moonlight
 from moonlight.hf import load_hf, save_hf
-from moonlight.generate import (LatentCache, cache_bytes_per_token, decode, generate, main, pad_left,
-                                per_head_kv_bytes_per_token, prefill, sample_next)
+from moonlight.generate import (
+    LatentCache,
+    cache_bytes_per_token,
+    decode,
+    generate,
+    main,
+    pad_left,
+    per_head_kv_bytes_per_token,
+    prefill,
+    sample_next,
+)
 from tests.hf_reference import make_hf_model, min_topk_gap
 from tests.helpers import make_tiktoken_dir
 from tests.helpers import tiny_args
@@ -26,10 +35,18 @@ def _stable_hf_generation(prompts, new_tokens):
     ids, mask = pad_left(prompts, pad_id=1)
     for seed in range(20):
         hf = make_hf_model("moonlight", seed, dtype=torch.float32)
-        out = hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
-                          pad_token_id=1, output_scores=True, return_dict_in_generate=True)
+        out = hf.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=1,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
         top2 = torch.stack(out.scores, 1).topk(2, dim=-1).values
-        rows = [seq[len(ids[0]) - len(p):] for seq, p in zip(out.sequences, prompts)]
+        rows = [seq[len(ids[0]) - len(p) :] for seq, p in zip(out.sequences, prompts)]
         if (top2[..., 0] - top2[..., 1]).min() > 1e-4 and min(min_topk_gap(hf, r[None]) for r in rows) > 1e-4:
             return hf, out.sequences
     raise RuntimeError("no seed without near-ties")
@@ -52,12 +69,11 @@ def test_greedy_equals_transformers_generate_on_a_left_padded_batch(hf_and_ours)
 
     # Stop at eos: pick a token row 0 emits at its 3rd step; finished rows are filled with eos.
     eos = int(sequences[0, ids.shape[1] + 2])
-    ref = hf.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, eos_token_id=eos,
-                      pad_token_id=eos)
+    ref = hf.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, eos_token_id=eos, pad_token_id=eos)
     ref = torch.cat([ref, ref.new_full((3, out.shape[1] - ref.shape[1]), eos)], dim=1)  # HF stops when all end
     out = generate(ours, ids, NEW, eos_token_id=eos, attention_mask=mask)
     assert torch.equal(out, ref)
-    assert (out[0, ids.shape[1] + 2:] == eos).all()
+    assert (out[0, ids.shape[1] + 2 :] == eos).all()
 
 
 @pytest.mark.parametrize("q_lora_rank", [None, 20])
@@ -74,7 +90,7 @@ def test_cached_logits_equal_full_recompute_at_every_step(q_lora_rank):
         for row, seq in enumerate(rows):  # uncached: the model's own forward over the unpadded row
             torch.testing.assert_close(logits[row], model(seq[None])[0, -1], atol=1e-4, rtol=1e-3)
         token = logits.argmax(-1)
-        rows = [torch.cat([seq, token[i:i + 1]]) for i, seq in enumerate(rows)]
+        rows = [torch.cat([seq, token[i : i + 1]]) for i, seq in enumerate(rows)]
         with torch.no_grad():
             logits = decode(model, token, cache)
 
@@ -158,8 +174,8 @@ def test_cli_greedy_output_equals_the_python_api(tiny_model_dir, capsys, chat):
     tok = build_tokenizer(str(tiny_model_dir))
     prompt, eos = chat_prompt(tok, "the thing in") if chat else (tok.encode("the thing in"), tok.eos_id)
     model = load_hf(tiny_model_dir)
-    new = generate(model, torch.tensor([prompt]), 12, eos_token_id=eos)[0, len(prompt):].tolist()
-    new = new[:new.index(eos)] if eos in new else new
+    new = generate(model, torch.tensor([prompt]), 12, eos_token_id=eos)[0, len(prompt) :].tolist()
+    new = new[: new.index(eos)] if eos in new else new
     assert out == tok.decode(new) + "\n"
 
 
@@ -184,8 +200,10 @@ def test_chat_prompt_renders_moonlight_instruct_format(tiny_model_dir):
     assert tok.decode(ids) == "<|im_user|>user<|im_middle|>hi<|im_end|><|im_assistant|>assistant<|im_middle|>"
     assert eos == tok.special_tokens["<|im_end|>"]
     ids, _ = chat_prompt(tok, "Is 123 a prime?", system="Be brief.")
-    assert tok.decode(ids) == ("<|im_system|>system<|im_middle|>Be brief.<|im_end|><|im_user|>user<|im_middle|>"
-                               "Is 123 a prime?<|im_end|><|im_assistant|>assistant<|im_middle|>")
+    assert tok.decode(ids) == (
+        "<|im_system|>system<|im_middle|>Be brief.<|im_end|><|im_user|>user<|im_middle|>"
+        "Is 123 a prime?<|im_end|><|im_assistant|>assistant<|im_middle|>"
+    )
 
 
 def test_cli_takes_the_dtype_spellings_of_configs(tiny_model_dir, capsys):
@@ -206,20 +224,23 @@ _ACCELERATOR = torch.accelerator.current_accelerator()
 _MISSING_DEVICE = f"{_ACCELERATOR.type if _ACCELERATOR else 'cuda'}:{torch.accelerator.device_count()}"
 
 
-@pytest.mark.parametrize("extra, match", [
-    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
-    (["--temperature", "-1"], "--temperature must be >= 0"),
-    (["--top-p", "1.5"], "--top-p must be in"),
-    (["--step", "3"], "--step applies to --dcp"),
-    (["--system", "s"], "--system applies to --chat"),
-    (["--max-new-tokens", "x"], "invalid int value"),
-    (["--tokenizer", "/nonexistent"], "--tokenizer /nonexistent: no such file"),
-    (["--tokenizer", os.path.dirname(__file__)], "--tokenizer: directory"),  # no tokenizer file in it
-    (["--bogus"], "unrecognized arguments"),
-    (["--dtype", "int8"], "--dtype 'int8' is not a dtype"),
-    (["--device", "nonsense"], "--device 'nonsense': no such device on this machine"),
-    (["--device", _MISSING_DEVICE], f"--device '{_MISSING_DEVICE}': no such device on this machine"),
-])
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+        (["--temperature", "-1"], "--temperature must be >= 0"),
+        (["--top-p", "1.5"], "--top-p must be in"),
+        (["--step", "3"], "--step applies to --dcp"),
+        (["--system", "s"], "--system applies to --chat"),
+        (["--max-new-tokens", "x"], "invalid int value"),
+        (["--tokenizer", "/nonexistent"], "--tokenizer /nonexistent: no such file"),
+        (["--tokenizer", os.path.dirname(__file__)], "--tokenizer: directory"),  # no tokenizer file in it
+        (["--bogus"], "unrecognized arguments"),
+        (["--dtype", "int8"], "--dtype 'int8' is not a dtype"),
+        (["--device", "nonsense"], "--device 'nonsense': no such device on this machine"),
+        (["--device", _MISSING_DEVICE], f"--device '{_MISSING_DEVICE}': no such device on this machine"),
+    ],
+)
 def test_cli_bad_arguments_exit_2_with_one_line(tiny_model_dir, capsys, extra, match):
     code, out, err = _run(capsys, ["--hf", str(tiny_model_dir), "--prompt", "x"] + extra)
     assert code == 2 and out == ""
@@ -230,11 +251,13 @@ def test_cli_bad_sources_exit_2(tmp_path, capsys):
     no_tokenizer = tmp_path / "model"
     no_tokenizer.mkdir()
     (no_tokenizer / "config.json").write_text("{}")
-    for argv, match in [(["--prompt", "x"], "one of the arguments --hf --dcp is required"),
-                        (["--hf", str(tmp_path), "--prompt", "x"], "no config.json"),
-                        (["--hf", str(no_tokenizer), "--prompt", "x"], "holds no tokenizer"),
-                        (["--dcp", str(tmp_path), "--prompt", "x"], "pass --tokenizer"),
-                        (["--dcp", str(tmp_path), "--tokenizer", "byte", "--prompt", "x"], "no complete checkpoint")]:
+    for argv, match in [
+        (["--prompt", "x"], "one of the arguments --hf --dcp is required"),
+        (["--hf", str(tmp_path), "--prompt", "x"], "no config.json"),
+        (["--hf", str(no_tokenizer), "--prompt", "x"], "holds no tokenizer"),
+        (["--dcp", str(tmp_path), "--prompt", "x"], "pass --tokenizer"),
+        (["--dcp", str(tmp_path), "--tokenizer", "byte", "--prompt", "x"], "no complete checkpoint"),
+    ]:
         code, out, err = _run(capsys, argv)
         assert code == 2 and err.count("\n") == 1 and match in err, err
 

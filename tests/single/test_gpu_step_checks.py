@@ -6,8 +6,13 @@ import sys
 
 
 def test_cpu_smoke_prints_every_measurement():
-    run = subprocess.run([sys.executable, "benchmarks/gpu_step_checks.py", "--cpu-smoke"], capture_output=True,
-                         text=True, timeout=600, check=True)
+    run = subprocess.run(
+        [sys.executable, "benchmarks/gpu_step_checks.py", "--cpu-smoke"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert set(result) == {"device", "syncs_per_microbatch", "sdpa", "moe_breakdown", "ac_step"}
     assert result["syncs_per_microbatch"]["count"] == 0  # no host sync in a micro-batch without EP

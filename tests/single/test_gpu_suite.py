@@ -11,13 +11,18 @@ import pytest
 from tests.helpers import ROOT
 
 
-
 @pytest.mark.slow
 def test_cpu_smoke_writes_the_summary(tmp_path):
     steps = "kernel_tests kernel_bench slice trainer moe lora generate"  # generate runs only when named
     env = {**os.environ, "OUT": str(tmp_path), "STEPS": steps}
-    run = subprocess.run(["bash", "benchmarks/gpu_suite.sh", "--cpu-smoke"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        ["bash", "benchmarks/gpu_suite.sh", "--cpu-smoke"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     summary = json.loads((tmp_path / "gpu_suite.json").read_text())
     steps = summary["steps"]
@@ -61,6 +66,7 @@ def test_slice_step_keeps_the_runs_finished_before_it_is_stopped(tmp_path, monke
         if compile_backend:
             raise KeyboardInterrupt  # what no `except Exception` catches, as a kill
         return lambda: time.sleep(0.001)
+
     monkeypatch.setattr(gpu_suite, "our_train_step", build)
     monkeypatch.setattr(gpu_suite, "device_peak", lambda device: (1e12, "test"))
     with pytest.raises(KeyboardInterrupt):
@@ -77,8 +83,9 @@ def test_the_report_fits_in_eight_minutes_on_a_gpu(tmp_path):
         (tmp_path / tool).chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k != "STEPS"}
     env.update(OUT=str(tmp_path / "out"), PATH=f"{tmp_path}:{os.environ['PATH']}")
-    run = subprocess.run(["bash", "benchmarks/gpu_suite.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=60)
+    run = subprocess.run(
+        ["bash", "benchmarks/gpu_suite.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     limits = {name: int(s) for name, s in re.findall(r"^== (\w+) \(limit (\d+)s\)$", run.stdout, re.M)}
     assert set(limits) == {"kernel_tests", "kernel_bench", "slice", "trainer", "moe", "lora"}, run.stdout

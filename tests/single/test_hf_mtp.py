@@ -43,8 +43,11 @@ def test_transformers_default_config_loads_with_equal_logits(hf_model_dir):
 def _with_mtp_tensors(src, dst, n_mtp):
     """A copy of src with DeepSeek-V3-style MTP tensors as layer num_hidden_layers (3)."""
     tensors = load_file(os.path.join(src, "model.safetensors"))
-    extra = {k.replace("model.layers.2.", "model.layers.3."): v.clone() for k, v in tensors.items()
-             if k.startswith("model.layers.2.")}
+    extra = {
+        k.replace("model.layers.2.", "model.layers.3."): v.clone()
+        for k, v in tensors.items()
+        if k.startswith("model.layers.2.")
+    }
     extra["model.layers.3.eh_proj.weight"] = torch.zeros(64, 128)
     extra["model.layers.3.enorm.weight"] = torch.ones(64)
     os.makedirs(dst)
@@ -70,4 +73,3 @@ def test_extra_layers_without_mtp_in_the_config_are_still_an_error(hf_model_dir,
     _, path = hf_model_dir
     with pytest.raises(CheckpointError, match="unexpected key"):
         load_hf(_with_mtp_tensors(path, tmp_path / "extra", 0))
-

@@ -28,12 +28,14 @@ Q_LORA = dataclasses.replace(HF_PEFT_ARGS, q_lora_rank=24)
 def _hf_base(model, path):
     with hide_adapters(model):
         save_hf(model, path)
-    return transformers.DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float64, attn_implementation="eager",
-                                                               experts_implementation="eager").eval()
+    return transformers.DeepseekV3ForCausalLM.from_pretrained(
+        path, dtype=torch.float64, attn_implementation="eager", experts_implementation="eager"
+    ).eval()
 
 
-@pytest.mark.parametrize("args, dora", [(HF_PEFT_ARGS, False), (HF_PEFT_ARGS, True), (Q_LORA, True)],
-                         ids=["lora", "dora", "dora_q_lora"])
+@pytest.mark.parametrize(
+    "args, dora", [(HF_PEFT_ARGS, False), (HF_PEFT_ARGS, True), (Q_LORA, True)], ids=["lora", "dora", "dora_q_lora"]
+)
 def test_peft_loads_our_adapter_with_our_logits(tmp_path, args, dora):
     model = lora_model(args, dora)
     randomize_adapters(model)
@@ -60,8 +62,9 @@ def test_peft_loads_our_adapter_with_our_logits(tmp_path, args, dora):
 def test_we_load_a_peft_saved_adapter_with_peft_logits(tmp_path, dora):
     model = lora_model(HF_PEFT_ARGS, dora)
     hf = _hf_base(model, tmp_path / "hf")
-    config = peft.LoraConfig(r=4, lora_alpha=8, use_dora=dora,
-                             target_modules=["q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"])
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, use_dora=dora, target_modules=["q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
+    )
     peft_model = peft.get_peft_model(hf, config).eval()
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -91,8 +94,13 @@ def test_trainer_adapter_export_cli_and_init_adapter(tmp_path, capsys):
     a run started from that adapter (same base weights) has the exporting run's logits. The router's
     expert bias stays frozen with LoRA."""
     a = tmp_path / "a"
-    run = ["--training.steps=2", "--lora.dora=true", "--checkpoint.enable=true", "--checkpoint.interval=2",
-           "--lora.export_adapter=end"]
+    run = [
+        "--training.steps=2",
+        "--lora.dora=true",
+        "--checkpoint.enable=true",
+        "--checkpoint.interval=2",
+        "--lora.export_adapter=end",
+    ]
     first = Trainer(lora_cfg(a, *run))
     bias_before = _bias(first)
     assert bias_before, "the debug model has routers"
@@ -108,15 +116,18 @@ def test_trainer_adapter_export_cli_and_init_adapter(tmp_path, capsys):
     cli_config = json.loads((tmp_path / "cli" / ADAPTER_CONFIG).read_text())
     assert json.loads((exported / ADAPTER_CONFIG).read_text()) == cli_config
 
-    second = Trainer(lora_cfg(tmp_path / "b", "--training.steps=2", "--lora.dora=true",
-                          f"--lora.init_adapter={exported}"))
+    second = Trainer(
+        lora_cfg(tmp_path / "b", "--training.steps=2", "--lora.dora=true", f"--lora.init_adapter={exported}")
+    )
     assert "initialized the adapters" in capsys.readouterr().out
     x = lora_tokens()
     with torch.no_grad():
         trained = first.model_parts[0].eval()(x)
         torch.testing.assert_close(second.model_parts[0].eval()(x), trained, atol=0, rtol=0)
-        assert not torch.equal(Trainer(lora_cfg(tmp_path / "c", "--training.steps=2", "--lora.dora=true"))
-                               .model_parts[0].eval()(x), trained)
+        assert not torch.equal(
+            Trainer(lora_cfg(tmp_path / "c", "--training.steps=2", "--lora.dora=true")).model_parts[0].eval()(x),
+            trained,
+        )
 
 
 def test_lora_run_moves_the_router_bias_only_when_set(tmp_path):
@@ -151,11 +162,14 @@ def test_dcp_to_peft_errors_are_one_line(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("damage, message", [
-    ("config_json", "adapter_config.json is not valid JSON"),
-    ("config_list", "adapter_config.json is not a PEFT LoRA config"),
-    ("weights", "adapter_model.safetensors is not a readable safetensors file"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("config_json", "adapter_config.json is not valid JSON"),
+        ("config_list", "adapter_config.json is not a PEFT LoRA config"),
+        ("weights", "adapter_model.safetensors is not a readable safetensors file"),
+    ],
+)
 def test_damaged_adapter_files_are_one_error(tmp_path, damage, message):
     """A cut-off or foreign adapter file was a JSONDecodeError / AttributeError / SafetensorError traceback."""
     from moonlight.hf_peft import apply_peft_adapter

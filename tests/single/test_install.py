@@ -58,8 +58,15 @@ def _env(pythonpath: str | None = None) -> dict:
 
 
 def _probe(cwd, pythonpath: str | None = None) -> dict:
-    proc = subprocess.run([sys.executable, "-c", _PROBE, str(ROOT / "train.py"), *MODULES], cwd=cwd,
-                          env=_env(pythonpath), capture_output=True, text=True, timeout=600, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", _PROBE, str(ROOT / "train.py"), *MODULES],
+        cwd=cwd,
+        env=_env(pythonpath),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.splitlines()[-1])
 
@@ -71,8 +78,10 @@ def _check(found: dict, package_dir: pathlib.Path):
     if found["pypi_kernels"] is not None:  # PyPI's kernels (transformers' dependency) is not ours
         ours = {(ROOT / "kernels").resolve(), (package_dir / "kernels").resolve()}
         assert pathlib.Path(found["pypi_kernels"]).resolve().parent not in ours
-        assert pathlib.Path(found["pypi_kernels"]).resolve() == pathlib.Path(
-            importlib.metadata.distribution("kernels").locate_file("kernels/__init__.py")).resolve()
+        assert (
+            pathlib.Path(found["pypi_kernels"]).resolve()
+            == pathlib.Path(importlib.metadata.distribution("kernels").locate_file("kernels/__init__.py")).resolve()
+        )
     usage = {**{m: f"usage: python -m {m} [-h]" for m in MODULES}, str(ROOT / "train.py"): "train.py --config"}
     assert {cmd: code for cmd, (code, _) in found["helps"].items()} == dict.fromkeys(usage, 0)
     for cmd, (_, out) in found["helps"].items():
@@ -85,8 +94,9 @@ def test_installed_package_imports_and_runs_from_any_directory(where, tmp_path):
     """The installed package (`pip install -e .` as the README says) with PYTHONPATH unset."""
     cwd = tmp_path if where == "elsewhere" else ROOT
     find = "import importlib.util as u; s = u.find_spec('moonlight'); print(s.origin if s else '')"
-    spec = subprocess.run([sys.executable, "-c", find], cwd=tmp_path, env=_env(), capture_output=True, text=True,
-                          check=True).stdout.strip()
+    spec = subprocess.run(
+        [sys.executable, "-c", find], cwd=tmp_path, env=_env(), capture_output=True, text=True, check=True
+    ).stdout.strip()
     if not spec or pathlib.Path(spec).resolve() != (ROOT / "moonlight" / "__init__.py").resolve():
         message = f"moonlight is installed from {spec or 'nowhere'}, not this checkout: pip install -e {ROOT}"
         if os.environ.get("CI"):
@@ -99,12 +109,24 @@ def test_installed_package_imports_and_runs_from_any_directory(where, tmp_path):
 def wheel(tmp_path_factory) -> pathlib.Path:
     """The wheel `pip wheel` builds from a copy of the checkout (a build writes into its source tree)."""
     src = tmp_path_factory.mktemp("src") / "moonlight"
-    shutil.copytree(ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(
-        ".git", "__pycache__", "*.egg-info", "build", "dist", "outputs", ".pytest_cache", ".ruff_cache", ".gl"))
+    shutil.copytree(
+        ROOT,
+        src,
+        symlinks=True,
+        ignore=shutil.ignore_patterns(
+            ".git", "__pycache__", "*.egg-info", "build", "dist", "outputs", ".pytest_cache", ".ruff_cache", ".gl"
+        ),
+    )
     out = tmp_path_factory.mktemp("wheel")
     isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-q", "-w", str(out),
-                           str(src)], env=_env(), capture_output=True, text=True, timeout=600, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-q", "-w", str(out), str(src)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (built,) = out.glob("moonlight-*.whl")
     return built
@@ -124,8 +146,14 @@ def test_wheel_top_level_is_moonlight_alone(wheel):
 
 def test_wheel_installed_alone_imports_from_any_directory(wheel, tmp_path):
     target = tmp_path / "site"
-    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
-                           str(wheel)], env=_env(), capture_output=True, text=True, timeout=600, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     work = tmp_path / "work"
     work.mkdir()

@@ -16,20 +16,27 @@ import pytest
 from tests.helpers import ROOT
 
 
-
 def test_every_triton_kernel_compiles_for_a100_and_hopper(tmp_path):
     triton = pytest.importorskip("triton")
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # compiled from scratch, nothing left in ~/.triton
-    proc = subprocess.run([sys.executable, "-m", "tests.kernel_compile"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.kernel_compile"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     # every kernel was launched by the public ops (forward, backward, with and without routing weights)
-    assert report["kernels"] == ["_combine_rows_kernel", "_expand_rows_kernel", "_mla_rope_key_backward_kernel",
-                                 "_mla_rope_key_kernel", "_rms_norm_bwd_kernel", "_rms_norm_fwd_kernel",
-                                 "_rotate_rope_kernel", "_route_bwd_kernel",
-                                 "_route_fwd_kernel"], (triton.__version__, report)
+    assert report["kernels"] == [
+        "_combine_rows_kernel",
+        "_expand_rows_kernel",
+        "_mla_rope_key_backward_kernel",
+        "_mla_rope_key_kernel",
+        "_rms_norm_bwd_kernel",
+        "_rms_norm_fwd_kernel",
+        "_rotate_rope_kernel",
+        "_route_bwd_kernel",
+        "_route_fwd_kernel",
+    ], (triton.__version__, report)
     # per target: bf16 and fp32, shared and per-token RoPE angles, both directions, padded and unpadded groups
     assert report["compiled"]["sm_80"] == report["compiled"]["sm_90"] >= 16, report

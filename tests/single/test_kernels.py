@@ -1,6 +1,7 @@
 """kernels/: torch references against naive loop definitions (float64), Triton kernels against the
 references (fp32 tight, bf16 to 1 ulp: the interpreter truncates on bf16 stores), and tracing
 under torch.compile. Row counts stay small: the Triton interpreter costs ~2 ms per program."""
+
 import pytest
 import torch
 
@@ -180,22 +181,27 @@ def test_rope_reference_matches_naive(per_token):
     k_complex = torch.view_as_complex(k_pe.unflatten(-1, (-1, 2)).contiguous()) * torch.complex(cos, sin)
     torch.testing.assert_close(k_rot, torch.view_as_real(k_complex).flatten(-2))
     # q is rotated in place: a fresh (non-leaf) copy each call
-    torch.autograd.gradcheck(lambda q_proj, kv_a, kv_b: _mla_rope(q_proj * 1, kv_a, kv_b, heads, nope, rope, cos, sin),
-                             tuple(t.requires_grad_() for t in (q_proj, kv_a, kv_b)))
+    torch.autograd.gradcheck(
+        lambda q_proj, kv_a, kv_b: _mla_rope(q_proj * 1, kv_a, kv_b, heads, nope, rope, cos, sin),
+        tuple(t.requires_grad_() for t in (q_proj, kv_a, kv_b)),
+    )
 
 
 @pytest.mark.parametrize("grad_in_place", [False, True])
 def test_rope_backward_rotates_the_gradient_in_place_only_when_allowed(grad_in_place):
     q_proj, kv_a, kv_b, cos, sin = _rope_inputs(2, 5, 3, 4, 6, torch.float32, False)
-    for grad_q, overwritten in ((torch.randn(2, 5, 30), grad_in_place),  # a broadcast one never is
-                                (torch.ones(1, 1, 1).expand(2, 5, 30), False)):
+    for grad_q, overwritten in (
+        (torch.randn(2, 5, 30), grad_in_place),  # a broadcast one never is
+        (torch.ones(1, 1, 1).expand(2, 5, 30), False),
+    ):
         given = grad_q.clone()
         base = q_proj.clone().requires_grad_()
         q = rotate_rope_(base * 1, cos, sin, 10, grad_in_place=grad_in_place)
         q.backward(grad_q)
         given_heads = given.unflatten(-1, (3, 10))
-        want = torch.cat((given_heads[..., :4], _naive_rotate(given_heads[..., 4:].transpose(1, 2), cos, -sin)
-                          .transpose(1, 2)), -1)
+        want = torch.cat(
+            (given_heads[..., :4], _naive_rotate(given_heads[..., 4:].transpose(1, 2), cos, -sin).transpose(1, 2)), -1
+        )
         torch.testing.assert_close(base.grad, want.flatten(2))
         assert torch.equal(grad_q, given) != overwritten
 
@@ -228,8 +234,15 @@ def _moe_forward_backward(impl, x, expert_ids, align, weights, y, grad_permuted,
     weights = weights.detach().requires_grad_()
     out = unpermute_tokens(*_on(impl, y, row_index, weights), impl=impl)
     grad_y, grad_weights = torch.autograd.grad(out, (y, weights), grad_out)
-    results = dict(permuted=permuted, group_sizes=group_sizes, row_index=row_index, grad_x=grad_x,
-                   out=out, grad_y=grad_y, grad_weights=grad_weights)
+    results = dict(
+        permuted=permuted,
+        group_sizes=group_sizes,
+        row_index=row_index,
+        grad_x=grad_x,
+        out=out,
+        grad_y=grad_y,
+        grad_weights=grad_weights,
+    )
     return {name: t.cpu() for name, t in results.items()}
 
 
@@ -334,8 +347,13 @@ def test_ops_trace_under_torch_compile():
         k = mla_rope_key(k_nope, k_pe, cos, sin, impl="triton")
         return out.sum() + q_out.square().sum() + k.square().sum()
 
-    inputs = (torch.randn(num_tokens, hidden), torch.rand(num_tokens, top_k),
-              torch.randn(2, 3, 12), torch.randn(2, 3, 2, 2), torch.randn(2, 3, 4))
+    inputs = (
+        torch.randn(num_tokens, hidden),
+        torch.rand(num_tokens, top_k),
+        torch.randn(2, 3, 12),
+        torch.randn(2, 3, 2, 2),
+        torch.randn(2, 3, 4),
+    )
     grads = {}
     for name, fn in (("eager", step), ("compiled", torch.compile(step, backend="aot_eager", fullgraph=True))):
         leaves = [t.clone().requires_grad_() for t in inputs]
@@ -348,8 +366,11 @@ def test_ops_trace_under_torch_compile():
 def test_padded_permute_compiles_without_sync():
     x = torch.randn(6, 16, device=TRITON_DEVICE, requires_grad=True)
     expert_ids = _expert_ids(6, 2).to(TRITON_DEVICE)
-    compiled = torch.compile(lambda x: permute_tokens(x, expert_ids, NUM_EXPERTS, align=8, impl="triton")[0],
-                             backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(
+        lambda x: permute_tokens(x, expert_ids, NUM_EXPERTS, align=8, impl="triton")[0],
+        backend="aot_eager",
+        fullgraph=True,
+    )
     permuted = compiled(x)
     torch.testing.assert_close(permuted, permute_tokens(x, expert_ids, NUM_EXPERTS, align=8)[0])
     permuted.sum().backward()
@@ -433,8 +454,9 @@ def test_route_reference_matches_naive(normalize):
     assert torch.equal(ids.gather(1, order), want_ids.sort(-1).values)
     torch.testing.assert_close(weights.gather(1, order), want_weights.gather(1, want_ids.argsort(-1)))
     torch.testing.assert_close(scores, want_scores)
-    torch.autograd.gradcheck(lambda x: [t for t in route_topk(x, bias, 3, 2.5, normalize) if t.is_floating_point()],
-                             (logits,))
+    torch.autograd.gradcheck(
+        lambda x: [t for t in route_topk(x, bias, 3, 2.5, normalize) if t.is_floating_point()], (logits,)
+    )
 
 
 @pytest.mark.parametrize("with_score_grad", [True, False])
@@ -470,6 +492,7 @@ def test_route_triton_traces_under_torch_compile():
     def fn(x):
         weights, ids, scores = route_topk(x, bias, 2, 2.0, True, impl="triton")
         return weights.square().sum() + scores.sum()
+
     grads = []
     for f in (fn, torch.compile(fn, backend="aot_eager", fullgraph=True)):
         leaf = logits.detach().requires_grad_()

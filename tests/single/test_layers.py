@@ -16,13 +16,25 @@ SOURCE_DIRS = {"moonlight": "moonlight", "kernels": "moonlight.kernels"}
 
 # Lower number = lower layer; a module may import only modules of its own layer or below.
 LAYERS = {
-    "moonlight.errors": 0, "moonlight.distributed": 0, "moonlight.dtypes": 0, "moonlight.outputs": 0,
-    "moonlight.config": 1, "moonlight.data": 1,  # text and data: tokenizers, chat, documents, loaders
-    "moonlight.kernels": 2, "moonlight.model": 2, "moonlight": 2,  # the package root re-exports ModelArgs, Moonlight
-    "moonlight.hf": 3, "moonlight.hf_peft": 3, "moonlight.checkpoint": 3,
-    "moonlight.parallel": 4, "moonlight.generation": 4,  # generation: model, hf, checkpoint, data; never train
+    "moonlight.errors": 0,
+    "moonlight.distributed": 0,
+    "moonlight.dtypes": 0,
+    "moonlight.outputs": 0,
+    "moonlight.config": 1,
+    "moonlight.data": 1,  # text and data: tokenizers, chat, documents, loaders
+    "moonlight.kernels": 2,
+    "moonlight.model": 2,
+    "moonlight": 2,  # the package root re-exports ModelArgs, Moonlight
+    "moonlight.hf": 3,
+    "moonlight.hf_peft": 3,
+    "moonlight.checkpoint": 3,
+    "moonlight.parallel": 4,
+    "moonlight.generation": 4,  # generation: model, hf, checkpoint, data; never train
     "moonlight.train": 5,
-    "moonlight.convert": 6, "moonlight.generate": 6, "moonlight.plan": 6, "moonlight.prepare_data": 6,
+    "moonlight.convert": 6,
+    "moonlight.generate": 6,
+    "moonlight.plan": 6,
+    "moonlight.prepare_data": 6,
     "moonlight.eval": 6,
 }
 # What a function body may import: optional dependencies, loaded only when a feature needs them.
@@ -92,8 +104,10 @@ def _graph():
             if target in modules and target != module:
                 edges[module].add(target)
                 if _layer(target) > _layer(module):
-                    problems.append(f"{where}:{line}: {module} (layer {_layer(module)}) imports {target} "
-                                    f"(layer {_layer(target)}), a higher layer")
+                    problems.append(
+                        f"{where}:{line}: {module} (layer {_layer(module)}) imports {target} "
+                        f"(layer {_layer(target)}), a higher layer"
+                    )
     return edges, problems
 
 
@@ -165,9 +179,14 @@ FORBIDDEN = {
 
 def test_forbidden_edges():
     edges, _ = _graph()
-    found = [f"{m} imports {t}" for m, targets in edges.items() for t in targets
-             for key, banned in FORBIDDEN.items() if m == key or m.startswith(key + ".")
-             if t.startswith(banned)]
+    found = [
+        f"{m} imports {t}"
+        for m, targets in edges.items()
+        for t in targets
+        for key, banned in FORBIDDEN.items()
+        if m == key or m.startswith(key + ".")
+        if t.startswith(banned)
+    ]
     assert found == []
 
 
@@ -175,18 +194,23 @@ def test_no_shipped_module_imports_torch_test_utilities():
     """torch.testing._internal is torch's private test code (it changes without notice between releases)."""
     shipped = {**_sources(), "train": ROOT / "train.py"}
     modules = set(shipped)
-    found = [f"{path.relative_to(ROOT)}:{line}: imports {target}" for module, path in shipped.items()
-             for target, names, line, _ in _imports(module, path, modules)
-             if target.startswith("torch.testing._internal") or (target == "torch.testing" and "_internal" in names)]
+    found = [
+        f"{path.relative_to(ROOT)}:{line}: imports {target}"
+        for module, path in shipped.items()
+        for target, names, line, _ in _imports(module, path, modules)
+        if target.startswith("torch.testing._internal") or (target == "torch.testing" and "_internal" in names)
+    ]
     assert found == []
 
 
 def test_config_layer_is_cheap_to_import():
     """The job config (read by train.py --help, the planner, every tool) imports no model, kernels or
     pipelining: those cost seconds and are not needed to check a config."""
-    code = ("import sys, moonlight.train.config; "
-            "print(sorted(m for m in sys.modules if m.startswith(('moonlight.model', 'moonlight.kernels', "
-            "'torch.distributed.pipelining', 'moonlight.parallel.pipeline.')) or m == 'moonlight.parallel.pipeline'))")
+    code = (
+        "import sys, moonlight.train.config; "
+        "print(sorted(m for m in sys.modules if m.startswith(('moonlight.model', 'moonlight.kernels', "
+        "'torch.distributed.pipelining', 'moonlight.parallel.pipeline.')) or m == 'moonlight.parallel.pipeline'))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
 
@@ -202,10 +226,18 @@ def test_the_training_step_names_no_model_transform():
     """LoRA/DoRA (and later FP8) are model converters applied once at build time (model/converters.py):
     the step and the loop never name them, and the model recognizes no module by its type."""
     tree = ast.parse((ROOT / "moonlight/train/trainer.py").read_text())
-    step = [f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)
-            and f.name in ("train_step", "_forward_backward", "train", "__init__", "_init_full_model")]
-    names = [n.id if isinstance(n, ast.Name) else n.attr for f in step for n in ast.walk(f)
-             if isinstance(n, (ast.Name, ast.Attribute))]
+    step = [
+        f
+        for f in ast.walk(tree)
+        if isinstance(f, ast.FunctionDef)
+        and f.name in ("train_step", "_forward_backward", "train", "__init__", "_init_full_model")
+    ]
+    names = [
+        n.id if isinstance(n, ast.Name) else n.attr
+        for f in step
+        for n in ast.walk(f)
+        if isinstance(n, (ast.Name, ast.Attribute))
+    ]
     assert len(step) == 5 and not [n for n in names if "lora" in n.lower() and n != "lora"], names
     model = (ROOT / "moonlight/model/model.py").read_text()
     assert "type(self." not in model
@@ -214,9 +246,14 @@ def test_the_training_step_names_no_model_transform():
 def test_module_docstrings_are_short():
     """A module docstring says what the module is (and its notation) in at most 12 lines; design
     writing lives in docs/."""
-    long = {str(p.relative_to(ROOT)): n for p in _sources().values()
-            for doc in [ast.get_docstring(ast.parse(p.read_text()), clean=False)] if doc
-            for n in [len(doc.strip("\n").splitlines())] if n > 12}
+    long = {
+        str(p.relative_to(ROOT)): n
+        for p in _sources().values()
+        for doc in [ast.get_docstring(ast.parse(p.read_text()), clean=False)]
+        if doc
+        for n in [len(doc.strip("\n").splitlines())]
+        if n > 12
+    }
     assert long == {}
 
 
@@ -232,23 +269,34 @@ def test_no_test_module_imports_another():
     """Shared test code lives in tests/helpers.py (and tests/dist.py, tests/hf_reference.py); the
     benchmarks use the same helpers."""
     paths = sorted((ROOT / "tests").rglob("*.py")) + sorted((ROOT / "benchmarks").rglob("*.py"))
-    found = [f"{p.relative_to(ROOT)}:{line}" for p in paths for line, module in _imported_modules(p)
-             if module.startswith("tests.") and module.rsplit(".", 1)[-1].startswith("test_")]
+    found = [
+        f"{p.relative_to(ROOT)}:{line}"
+        for p in paths
+        for line, module in _imported_modules(p)
+        if module.startswith("tests.") and module.rsplit(".", 1)[-1].startswith("test_")
+    ]
     assert found == []
 
 
 def _spawns_ranks(tree) -> bool:
     """Whether a test module starts other ranks: forked gloo ranks (`run_ranks`) or torchrun."""
-    return any((isinstance(n, ast.Name) and n.id == "run_ranks")
-               or (isinstance(n, ast.List) and any(isinstance(e, ast.Constant) and e.value == "torch.distributed.run"
-                                                   for e in n.elts))
-               for n in ast.walk(tree))
+    return any(
+        (isinstance(n, ast.Name) and n.id == "run_ranks")
+        or (
+            isinstance(n, ast.List)
+            and any(isinstance(e, ast.Constant) and e.value == "torch.distributed.run" for e in n.elts)
+        )
+        for n in ast.walk(tree)
+    )
 
 
 @pytest.mark.parametrize("folder, multi_rank", [("single", False), ("multirank", True)])
 def test_tests_sit_in_the_folder_of_their_process_count(folder, multi_rank):
     """tests/single/ runs in one process; every module in tests/multirank/ starts several ranks."""
-    misplaced = [p.name for p in sorted((ROOT / "tests" / folder).glob("test_*.py"))
-                 if _spawns_ranks(ast.parse(p.read_text())) != multi_rank]
+    misplaced = [
+        p.name
+        for p in sorted((ROOT / "tests" / folder).glob("test_*.py"))
+        if _spawns_ranks(ast.parse(p.read_text())) != multi_rank
+    ]
     assert misplaced == []
     assert not list((ROOT / "tests").glob("test_*.py")), "test modules go in tests/single/ or tests/multirank/"

@@ -15,8 +15,17 @@ from torch import nn
 
 from moonlight.checkpoint.export import export_hf
 from moonlight.errors import CheckpointError, ConfigError
-from moonlight.model.lora import (DEFAULT_TARGETS, LoRALinear, apply_lora, count_params, hide_adapters,
-                                  is_adapter_name, lora_scales, merge_lora, merge_lora_state_dict)
+from moonlight.model.lora import (
+    DEFAULT_TARGETS,
+    LoRALinear,
+    apply_lora,
+    count_params,
+    hide_adapters,
+    is_adapter_name,
+    lora_scales,
+    merge_lora,
+    merge_lora_state_dict,
+)
 from moonlight.train.trainer import Trainer
 from tests.helpers import LORA_ARGS, lora_cfg, randomize_adapters, lora_tokens
 from tests.helpers import lora_test_model
@@ -38,8 +47,11 @@ def test_adapted_model_equals_base_at_init(args, dora):
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
     names = apply_lora(model, DEFAULT_TARGETS, rank=4, alpha=8.0, dora=dora)
     projs = ["q_proj"] if args.q_lora_rank is None else ["q_a_proj", "q_b_proj"]
-    expected = [f"layers.{i}.attn.{p}" for p in projs + ["kv_a_proj", "kv_b_proj", "o_proj"]
-                for i in range(args.num_hidden_layers)]
+    expected = [
+        f"layers.{i}.attn.{p}"
+        for p in projs + ["kv_a_proj", "kv_b_proj", "o_proj"]
+        for i in range(args.num_hidden_layers)
+    ]
     assert sorted(names) == sorted(expected)
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref, atol=1e-6, rtol=1e-5)
@@ -161,8 +173,9 @@ def _base_params(trainer):
 def test_trainer_lora_run_lowers_loss_and_keeps_base_weights(tmp_path, capsys, dora, optimizer):
     """Muon: the 2-D adapter matrices go to Muon, DoRA's magnitudes (1-D) to AdamW."""
     # 16 steps: 8 fell by only 0.09 for DoRA + AdamW once the corpus lost its held-out split (data/heldout)
-    trainer = Trainer(lora_cfg(tmp_path, "--training.steps=16", f"--lora.dora={str(dora).lower()}",
-                           f"--optimizer.name={optimizer}"))
+    trainer = Trainer(
+        lora_cfg(tmp_path, "--training.steps=16", f"--lora.dora={str(dora).lower()}", f"--optimizer.name={optimizer}")
+    )
     assert "DoRA" in capsys.readouterr().out if dora else "trainable" in capsys.readouterr().out
     before = _base_params(trainer)
     opt_params = {id(p) for o in trainer.optimizers for g in o.param_groups for p in g["params"]}
@@ -184,8 +197,14 @@ def test_trainer_lora_resume_and_hf_export(tmp_path):
     import transformers
 
     a, b = tmp_path / "a", tmp_path / "b"
-    ckpt = ["--training.steps=4", "--lora.dora=true", "--checkpoint.enable=true", "--checkpoint.interval=2",
-            "--checkpoint.keep_latest_k=0", "--checkpoint.export_hf=end"]
+    ckpt = [
+        "--training.steps=4",
+        "--lora.dora=true",
+        "--checkpoint.enable=true",
+        "--checkpoint.interval=2",
+        "--checkpoint.keep_latest_k=0",
+        "--checkpoint.export_hf=end",
+    ]
     straight = Trainer(lora_cfg(a, *ckpt))
     straight.train()
     os.makedirs(b / "checkpoint")
@@ -222,8 +241,9 @@ def test_trainer_lora_starts_from_an_hf_checkpoint(tmp_path):
     src = lora_test_model(seed=7)
     hf_dir = tmp_path / "hf"
     export_hf([src], hf_dir)
-    trainer = Trainer(lora_cfg(tmp_path / "run", "--training.steps=1", "--lora.dora=true",
-                           f"--checkpoint.initial_load_hf={hf_dir}"))
+    trainer = Trainer(
+        lora_cfg(tmp_path / "run", "--training.steps=1", "--lora.dora=true", f"--checkpoint.initial_load_hf={hf_dir}")
+    )
     model = trainer.model_parts[0].eval()
     src_sd = src.state_dict()
     for k, v in model.state_dict().items():
@@ -252,8 +272,15 @@ def test_lora_checkpoints_leave_the_frozen_base_out_and_resume_exactly(tmp_path,
     else:
         shutil.copytree(tmp_path / "hf", base)
     a, b = tmp_path / "a", tmp_path / "b"
-    run = ["--training.steps=4", "--lora.dora=true", "--checkpoint.enable=true", "--checkpoint.interval=2",
-           "--checkpoint.keep_latest_k=0", "--checkpoint.export_hf=end", f"--checkpoint.initial_load_hf={base}"]
+    run = [
+        "--training.steps=4",
+        "--lora.dora=true",
+        "--checkpoint.enable=true",
+        "--checkpoint.interval=2",
+        "--checkpoint.keep_latest_k=0",
+        "--checkpoint.export_hf=end",
+        f"--checkpoint.initial_load_hf={base}",
+    ]
     straight = Trainer(lora_cfg(a, *run))
     straight.train()
     step2 = a / "checkpoint" / "step-2"
@@ -292,8 +319,12 @@ def test_resuming_with_other_lora_settings_is_refused(tmp_path):
     list would resume them silently changed or dropped. Dropout only affects training: it may change."""
     run = ["--training.steps=2", "--checkpoint.enable=true", "--checkpoint.interval=2"]
     Trainer(lora_cfg(tmp_path, *run)).train()
-    for change, saved in [("--lora.rank=2", "lora.rank = 4"), ("--lora.alpha=4", "lora.alpha = 16.0"),
-                          ("--lora.dora=true", "lora.dora = False"), ("--lora.targets=attn.o_proj", "lora.targets")]:
+    for change, saved in [
+        ("--lora.rank=2", "lora.rank = 4"),
+        ("--lora.alpha=4", "lora.alpha = 16.0"),
+        ("--lora.dora=true", "lora.dora = False"),
+        ("--lora.targets=attn.o_proj", "lora.targets"),
+    ]:
         with pytest.raises(CheckpointError, match=f"step-2 was saved with {re.escape(saved)} .*this run"):
             Trainer(lora_cfg(tmp_path, *run, "--training.steps=4", change))
     assert Trainer(lora_cfg(tmp_path, *run, "--training.steps=4", "--lora.dropout=0.1")).step == 2
@@ -323,6 +354,7 @@ def test_a_checkpoint_with_the_old_layout_meta_key_still_loads(tmp_path):
         Trainer(lora_cfg(tmp_path, *run, "--training.steps=4", "--lora.enable=false"))
     assert Trainer(lora_cfg(tmp_path, *run, "--training.steps=4")).step == 2
 
+
 def test_dcp_to_hf_never_overwrites_the_base_a_lora_checkpoint_reads(tmp_path, capsys):
     """The base directory holds only what an HF export writes, so --overwrite alone did not stop dcp-to-hf
     from replacing the frozen weights it was reading (and every later resume of the run with them)."""
@@ -331,8 +363,15 @@ def test_dcp_to_hf_never_overwrites_the_base_a_lora_checkpoint_reads(tmp_path, c
     base = tmp_path / "base"
     export_hf([lora_test_model(seed=7)], base)
     before = {f.name: f.read_bytes() for f in base.iterdir()}
-    Trainer(lora_cfg(tmp_path / "run", "--training.steps=2", "--checkpoint.enable=true", "--checkpoint.interval=2",
-                 f"--checkpoint.initial_load_hf={base}")).train()
+    Trainer(
+        lora_cfg(
+            tmp_path / "run",
+            "--training.steps=2",
+            "--checkpoint.enable=true",
+            "--checkpoint.interval=2",
+            f"--checkpoint.initial_load_hf={base}",
+        )
+    ).train()
     with pytest.raises(SystemExit) as e:
         main(["dcp-to-hf", "--dcp", str(tmp_path / "run" / "checkpoint"), "--out", str(base), "--overwrite"])
     assert e.value.code == 2 and f"overlaps the input {base}" in capsys.readouterr().err
@@ -345,13 +384,27 @@ def test_a_lora_checkpoint_as_initial_load_hf_is_refused(tmp_path, frozen_weight
     LoRA, endless recursion without); with them ("save") the trained adapters were silently dropped."""
     base = tmp_path / "base"
     export_hf([lora_test_model(seed=7)], base)
-    Trainer(lora_cfg(tmp_path / "run", "--training.steps=2", "--checkpoint.enable=true", "--checkpoint.interval=2",
-                 f"--checkpoint.initial_load_hf={base}", f"--checkpoint.frozen_weights={frozen_weights}")).train()
+    Trainer(
+        lora_cfg(
+            tmp_path / "run",
+            "--training.steps=2",
+            "--checkpoint.enable=true",
+            "--checkpoint.interval=2",
+            f"--checkpoint.initial_load_hf={base}",
+            f"--checkpoint.frozen_weights={frozen_weights}",
+        )
+    ).train()
     step2 = tmp_path / "run" / "checkpoint" / "step-2"
     for lora in ("true", "false"):
         with pytest.raises(CheckpointError, match="is a LoRA/DoRA run's checkpoint, not a base model"):
-            Trainer(lora_cfg(tmp_path / f"new-{lora}", "--training.steps=2", f"--lora.enable={lora}",
-                         f"--checkpoint.initial_load_hf={step2}"))
+            Trainer(
+                lora_cfg(
+                    tmp_path / f"new-{lora}",
+                    "--training.steps=2",
+                    f"--lora.enable={lora}",
+                    f"--checkpoint.initial_load_hf={step2}",
+                )
+            )
 
 
 def test_a_model_only_checkpoint_as_step_0_of_a_lora_run_names_initial_load_hf(tmp_path):
@@ -360,8 +413,9 @@ def test_a_model_only_checkpoint_as_step_0_of_a_lora_run_names_initial_load_hf(t
 
     export_hf([lora_test_model(seed=7)], tmp_path / "hf")
     hf_to_dcp(str(tmp_path / "hf"), str(tmp_path / "run" / "checkpoint" / "step-0"))
-    with pytest.raises(CheckpointError, match="holds no LoRA/DoRA adapters: start a LoRA run from it with "
-                                              "checkpoint.initial_load_hf"):
+    with pytest.raises(
+        CheckpointError, match="holds no LoRA/DoRA adapters: start a LoRA run from it with checkpoint.initial_load_hf"
+    ):
         Trainer(lora_cfg(tmp_path / "run", "--training.steps=2", "--checkpoint.enable=true"))
 
 

@@ -7,9 +7,17 @@ import torch
 from moonlight.train import metrics
 
 
-@pytest.mark.parametrize("name,bf16_tflops", [
-    ("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H200", 989.4), ("NVIDIA H100 PCIe", 756.0),
-    ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA B200", 2250.0), ("NVIDIA GB200", 2500.0)])
+@pytest.mark.parametrize(
+    "name,bf16_tflops",
+    [
+        ("NVIDIA H100 80GB HBM3", 989.4),
+        ("NVIDIA H200", 989.4),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("NVIDIA B200", 2250.0),
+        ("NVIDIA GB200", 2500.0),
+    ],
+)
 def test_spec_peak_by_device_name(monkeypatch, name, bf16_tflops):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     monkeypatch.setattr(metrics, "measure_peak_flops", lambda device: pytest.fail("timed on a known GPU"))

@@ -69,8 +69,9 @@ def test_float64_logits_routing_and_grads_match_transformers(variant, tmp_path):
     hf_grads = {n: p.grad for n, p in hf.named_parameters()}
     assert set(ours_grads) == set(hf_grads)
     for name, g in hf_grads.items():
-        torch.testing.assert_close(ours_grads[name], g, atol=1e-5, rtol=1e-5, check_dtype=False,
-                                   msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            ours_grads[name], g, atol=1e-5, rtol=1e-5, check_dtype=False, msg=lambda m: f"{name}: {m}"
+        )
 
 
 @pytest.mark.parametrize("variant", ["moonlight", "q_lora"])
@@ -94,9 +95,20 @@ def test_preset_parameter_count_on_meta_device():
 
 
 def test_flops_per_token_matches_peer_benchmark_definition():
-    args = ModelArgs(vocab_size=4096, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, kv_lora_rank=64,
-                     qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=8,
-                     num_experts_per_tok=2, moe_intermediate_size=256, intermediate_size=1024)
+    args = ModelArgs(
+        vocab_size=4096,
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        kv_lora_rank=64,
+        qk_nope_head_dim=64,
+        qk_rope_head_dim=32,
+        v_head_dim=64,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=256,
+        intermediate_size=1024,
+    )
     assert round(args.flops_per_token(256) / 1e6, 2) == 34.46  # peers.md
 
 
@@ -162,9 +174,11 @@ def test_sequence_aux_loss_and_its_gradient_match_the_plain_formula():
     torch.testing.assert_close(share, want)
     torch.testing.assert_close(value, want.detach())
     grad_out = torch.tensor(0.7, dtype=torch.float64)
-    torch.testing.assert_close(torch.autograd.grad(share, scores, grad_out)[0],
-                               torch.autograd.grad(want, scores, grad_out)[0])
+    torch.testing.assert_close(
+        torch.autograd.grad(share, scores, grad_out)[0], torch.autograd.grad(want, scores, grad_out)[0]
+    )
     torch.autograd.gradcheck(lambda s: sequence_aux_loss(s, expert_ids, bsz, top_k)[0], (scores,))
+
 
 def test_only_training_forwards_count_expert_load():
     """Validation and generation run the model in eval mode: their tokens must not steer the router
@@ -214,8 +228,9 @@ def test_triton_kernels_match_torch_for_the_whole_model(tmp_path):
         _loss(logits[impl], tokens).backward()
     grads = {impl: dict(m.named_parameters()) for impl, m in models.items()}
     for name, p in grads["torch"].items():
-        torch.testing.assert_close(grads["triton"][name].grad, p.grad, atol=1e-5, rtol=1e-4,
-                                   msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            grads["triton"][name].grad, p.grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}"
+        )
 
 
 def test_rope_tables_are_built_once_not_per_layer(monkeypatch):
@@ -264,8 +279,9 @@ def test_swiglu_and_rmsnorm_functions_match_autograd_of_the_reference(dtype):
     x32 = x.float()
     want = norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
     assert torch.equal(got, want)
-    for a, b in zip(torch.autograd.grad(got, (x, norm.weight), grad),
-                    torch.autograd.grad(want, (x, norm.weight), grad)):
+    for a, b in zip(
+        torch.autograd.grad(got, (x, norm.weight), grad), torch.autograd.grad(want, (x, norm.weight), grad)
+    ):
         torch.testing.assert_close(a, b)
 
 

@@ -9,7 +9,6 @@ and is counted at the Python level; `nonzero`, `bincount`, `masked_select`, `uni
 `torch.cuda.set_sync_debug_mode("error")`.
 """
 
-
 import pytest
 import torch
 

@@ -3,7 +3,6 @@ orthogonalized by exactly one rank of the group sharing it, and the weights equa
 full-matrix Muon bit for bit, in fp32 and with bf16 Newton-Schulz (FSDP, HSDP, TP, EP shards; the
 trainer's real parallel configurations)."""
 
-
 from moonlight.train.muon import MatrixPlan, assign_owners, ns_flops
 
 
@@ -19,8 +18,14 @@ def _plan(members, shape, count=1, stacked=False):
 
 def test_owners_balance_ns_flops_per_sharing_group():
     group, other = (0, 1, 2, 3), (0, 2)
-    shared = [_plan(group, (32, 64)), _plan(group, (64, 64)), _plan(group, (32, 32), count=8, stacked=True),
-              _plan(group, (64, 64)), _plan(group, (48, 64)), _plan(group, (16, 16))]
+    shared = [
+        _plan(group, (32, 64)),
+        _plan(group, (64, 64)),
+        _plan(group, (32, 32), count=8, stacked=True),
+        _plan(group, (64, 64)),
+        _plan(group, (48, 64)),
+        _plan(group, (16, 16)),
+    ]
     plans = shared + [_plan(other, (64, 64)), _plan(other, (64, 64)), _plan((0,), (8, 8))]
     assign_owners(plans, [5] * len(plans))
     assert plans[1].owners == (0,) and plans[3].owners == (1,)  # largest first, to the least loaded

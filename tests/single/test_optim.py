@@ -10,8 +10,14 @@ import torch.nn as nn
 
 import moonlight.train.muon as muon_module
 from moonlight.train.balance import expert_load_imbalance, update_router_biases
-from moonlight.train.optim import (AdamW, Muon, OptimizerSection, build_optimizers, clip_grad_norm_,
-                                  zeropower_via_newtonschulz)
+from moonlight.train.optim import (
+    AdamW,
+    Muon,
+    OptimizerSection,
+    build_optimizers,
+    clip_grad_norm_,
+    zeropower_via_newtonschulz,
+)
 from moonlight.train.schedule import LRSchedulerSection, lr_multiplier
 from tests.helpers import OPTIM_LR, OPTIM_WD, run_muon
 
@@ -62,8 +68,9 @@ def test_matches_torch_muon():
     steps = [[torch.randn_like(w) for w in W0s] for _ in range(5)]
     ours = run_muon(W0s, steps)  # bf16 NS, as Moonlight
     ps = [nn.Parameter(w.clone()) for w in W0s]
-    opt = torch.optim.Muon(ps, lr=OPTIM_LR, weight_decay=OPTIM_WD, momentum=0.95, nesterov=True,
-                           adjust_lr_fn="match_rms_adamw")
+    opt = torch.optim.Muon(
+        ps, lr=OPTIM_LR, weight_decay=OPTIM_WD, momentum=0.95, nesterov=True, adjust_lr_fn="match_rms_adamw"
+    )
     for grads in steps:
         for p, g in zip(ps, grads):
             p.grad = g.clone()
@@ -140,8 +147,7 @@ def _per_matrix_muon(params, grads_per_step, ns_dtype, master):
     return [p.detach() for p in params]
 
 
-@pytest.mark.parametrize("ns_dtype, master", [(torch.float32, False), (torch.bfloat16, False),
-                                              (torch.bfloat16, True)])
+@pytest.mark.parametrize("ns_dtype, master", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
 def test_batched_step_equals_the_per_matrix_step_bit_for_bit(monkeypatch, ns_dtype, master):
     """Same-shape matrices run Newton-Schulz as one stack (several stacks when they exceed the stack
     size), momentum and updates are foreach ops: the weights are those of one matrix at a time."""
@@ -153,16 +159,23 @@ def test_batched_step_equals_the_per_matrix_step_bit_for_bit(monkeypatch, ns_dty
     steps = [[torch.randn(s).to(dtype) for s in shapes] for _ in range(3)]
     calls = []
     original = muon_module.zeropower_via_newtonschulz
-    monkeypatch.setattr(muon_module, "zeropower_via_newtonschulz", lambda G, *a, **k: calls.append(G.shape) or
-                        original(G, *a, **k))
+    monkeypatch.setattr(
+        muon_module, "zeropower_via_newtonschulz", lambda G, *a, **k: calls.append(G.shape) or original(G, *a, **k)
+    )
     ours = run_muon(W0s, steps, ns_dtype=ns_dtype, master_weights=master)
     ref = _per_matrix_muon([nn.Parameter(w.clone()) for w in W0s], steps, ns_dtype, master)
     for a, b in zip(ours, ref):
         assert torch.equal(a, b)
     # per step, whole parameters in order: the six 32 x 48 matrices in stacks of 2, 2 + 1, 1; the two
     # 48 x 32 ones in one; the experts; the square one
-    assert sorted(tuple(s) for s in calls[:6]) == [(1, 32, 48), (1, 40, 40), (2, 32, 48), (2, 48, 32), (3, 16, 24),
-                                                   (3, 32, 48)]
+    assert sorted(tuple(s) for s in calls[:6]) == [
+        (1, 32, 48),
+        (1, 40, 40),
+        (2, 32, 48),
+        (2, 48, 32),
+        (3, 16, 24),
+        (3, 32, 48),
+    ]
     assert len(calls) == 3 * 6
 
 
@@ -275,8 +288,9 @@ def test_precision_aware_master_weights(kind):
     w16 = w32.bfloat16()
     lr = 1e-4  # per-step updates far below bf16 resolution of O(1) weights
     make = {
-        "muon": lambda ps, master: Muon(ps, lr=lr, weight_decay=OPTIM_WD, ns_dtype=torch.float32,
-                                        master_weights=master),
+        "muon": lambda ps, master: Muon(
+            ps, lr=lr, weight_decay=OPTIM_WD, ns_dtype=torch.float32, master_weights=master
+        ),
         "adamw": lambda ps, master: AdamW(ps, lr=lr, weight_decay=OPTIM_WD, master_weights=master),
     }[kind]
     p_master, p_naive, p_fp32 = (nn.Parameter(w16.clone()), nn.Parameter(w16.clone()), nn.Parameter(w16.float()))
@@ -348,22 +362,42 @@ def test_lr_scheduler_drives_all_groups_and_checkpoints():
     assert sched2.get_last_lr() == pytest.approx(sched.get_last_lr())
     # a plain optimizer works too
     (s1,) = LRSchedulerSection(warmup_steps=0, decay_type="linear", min_lr_ratio=0.0).build(
-        torch.optim.SGD([nn.Parameter(torch.ones(2))], lr=1.0), total_steps=10)
+        torch.optim.SGD([nn.Parameter(torch.ones(2))], lr=1.0), total_steps=10
+    )
     assert s1.get_last_lr() == [1.0]
 
 
 def test_optimizer_section_builds_with_every_key():
     """[optimizer]'s keys reach the optimizers its build() makes (the trainer and the planner call it)."""
-    section = OptimizerSection(name="muon", lr=3e-3, beta1=0.8, beta2=0.9, eps=1e-6, weight_decay=0.05,
-                               momentum=0.9, nesterov=False, ns_steps=3, precision_aware=True)
+    section = OptimizerSection(
+        name="muon",
+        lr=3e-3,
+        beta1=0.8,
+        beta2=0.9,
+        eps=1e-6,
+        weight_decay=0.05,
+        momentum=0.9,
+        nesterov=False,
+        ns_steps=3,
+        precision_aware=True,
+    )
     muon, adamw = section.build(_Tiny().named_parameters(), ns_dtype=torch.float32).optimizers
     assert type(muon) is Muon and type(adamw) is AdamW  # precision_aware: ours, with fp32 master weights
-    assert {k: muon.defaults[k] for k in ("lr", "weight_decay", "momentum", "nesterov", "ns_steps", "ns_dtype",
-                                          "master_weights")} == dict(
-        lr=3e-3, weight_decay=0.05, momentum=0.9, nesterov=False, ns_steps=3, ns_dtype=torch.float32,
-        master_weights=True)
+    assert {
+        k: muon.defaults[k]
+        for k in ("lr", "weight_decay", "momentum", "nesterov", "ns_steps", "ns_dtype", "master_weights")
+    } == dict(
+        lr=3e-3,
+        weight_decay=0.05,
+        momentum=0.9,
+        nesterov=False,
+        ns_steps=3,
+        ns_dtype=torch.float32,
+        master_weights=True,
+    )
     assert {k: adamw.defaults[k] for k in ("lr", "betas", "eps", "weight_decay", "master_weights")} == dict(
-        lr=3e-3, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.05, master_weights=True)
+        lr=3e-3, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.05, master_weights=True
+    )
     (plain,) = OptimizerSection(name="adamw").build(_Tiny().named_parameters()).optimizers
     assert type(plain) is torch.optim.AdamW
 

@@ -29,18 +29,27 @@ INVALID = {
     "vocab_tp": (dict(tp=2, world_size=2), dict(vocab_size=321), "vocab_size=321 is not divisible by tp=2"),
     "experts_ep": (dict(dp_shard=3, ep=3, world_size=3), {}, "n_routed_experts=8 is not divisible by ep=3"),
     "ep_borrow": (dict(dp_shard=2, ep=4, world_size=2), {}, "ep=4 does not divide dp_shard=2: expert parallel"),
-    "ep_span_needs_sp": (dict(dp_shard=2, tp=2, ep=4, world_size=4), {},
-                         "so the expert groups take tensor-parallel ranks, which needs sequence_parallel=True"),
-    "ep_span_divides": (dict(dp_shard=2, tp=2, ep=8, world_size=4), dict(sequence_parallel=True),
-                        "ep=8 divides neither dp_shard=2 nor dp_shard x tp=4"),
+    "ep_span_needs_sp": (
+        dict(dp_shard=2, tp=2, ep=4, world_size=4),
+        {},
+        "so the expert groups take tensor-parallel ranks, which needs sequence_parallel=True",
+    ),
+    "ep_span_divides": (
+        dict(dp_shard=2, tp=2, ep=8, world_size=4),
+        dict(sequence_parallel=True),
+        "ep=8 divides neither dp_shard=2 nor dp_shard x tp=4",
+    ),
     "layers_pp_vp": (dict(pp=2, world_size=2), dict(vp=3), "6 stages exceed the 4 decoder layers"),
     "pp_layout_sum": (dict(pp=2, world_size=2), dict(pp_layout=[2, 3]), "sums to 5 but the model has 4 layers"),
     "pp_layout_empty_stage": (dict(pp=2, world_size=2), dict(pp_layout=[4, 0]), "at least one decoder layer"),
     "sp_needs_tp": (dict(world_size=2), dict(sequence_parallel=True), "sequence_parallel=True needs tensor parallel"),
     "sp_seq_len": (dict(tp=2, world_size=2), dict(sequence_parallel=True, seq_len=7), "seq_len=7 is not divisible"),
     "cp_seq_len": (dict(cp=2, world_size=2), dict(seq_len=30), "seq_len=30 is not divisible by 2 x cp = 4"),
-    "cp_sp_seq_len": (dict(cp=2, tp=4, world_size=8), dict(sequence_parallel=True, seq_len=12),
-                      "use a seq_len that is a multiple of 8"),
+    "cp_sp_seq_len": (
+        dict(cp=2, tp=4, world_size=8),
+        dict(sequence_parallel=True, seq_len=12),
+        "use a seq_len that is a multiple of 8",
+    ),
     "sp_seq_len_fix": (dict(tp=4, world_size=4), dict(sequence_parallel=True, seq_len=6), "a multiple of 4"),
     "ep_borrow_cp": (dict(dp_shard=1, cp=2, tp=2, ep=4, world_size=4), {}, "ep=4 does not divide dp_shard=1 x cp=2"),
 }
@@ -89,9 +98,23 @@ def _fake_mesh_worker(rank, dims_kw):
     try:
         dims = ParallelDims(world_size=64, **dims_kw).validate(ModelArgs(), pp_layout=[14, 13])
         mesh = build_mesh(dims, "cpu")
-        out = {name: (mesh[name].size(), mesh[name].mesh.flatten().tolist())
-               for name in ("pp", "dp_replicate", "dp_shard", "cp", "tp", "dp", "dp_cp", "fsdp", "ep",
-                            "dp_shard_mod_ep", "expert_fsdp", "replicas")}
+        out = {
+            name: (mesh[name].size(), mesh[name].mesh.flatten().tolist())
+            for name in (
+                "pp",
+                "dp_replicate",
+                "dp_shard",
+                "cp",
+                "tp",
+                "dp",
+                "dp_cp",
+                "fsdp",
+                "ep",
+                "dp_shard_mod_ep",
+                "expert_fsdp",
+                "replicas",
+            )
+        }
         out["ranks"] = (mesh.dp_rank, mesh.cp_rank, mesh.tp_rank, mesh.pp_rank)
         no_ep = build_mesh(ParallelDims(dp_shard=32, tp=2, world_size=64), "cpu")
         try:
@@ -134,8 +157,10 @@ def _fake_spanning_mesh_worker(rank):
         dims = ParallelDims(dp_replicate=2, tp=2, ep=4, pp=2, world_size=48)
         dims.validate(ModelArgs(), pp_layout=[14, 13], sequence_parallel=True)
         mesh = build_mesh(dims, "cpu")
-        return {name: (mesh[name].size(), mesh[name].mesh.flatten().tolist())
-                for name in ("dp", "routing", "ep", "dp_shard_tp_mod_ep", "expert_fsdp")}
+        return {
+            name: (mesh[name].size(), mesh[name].mesh.flatten().tolist())
+            for name in ("dp", "routing", "ep", "dp_shard_tp_mod_ep", "expert_fsdp")
+        }
     finally:
         dist.destroy_process_group()
 
@@ -186,10 +211,18 @@ def _fake_full_model_worker(rank):
             model = Moonlight(args)
         parallelize_model(model, dims, mesh, sequence_parallel=True, ac_mode="full", param_dtype="bfloat16")
         params = dict(model.named_parameters())
-        return {n: (tuple(local_region(params[n])[1]), tuple(local_region(params[n])[2]), str(params[n].placements))
-                for n in ("embed.weight", "lm_head.weight", "layers.0.attn.q_proj.weight",
-                          "layers.0.attn.o_proj.weight", "layers.1.ffn.experts.gate_proj",
-                          "layers.1.attn.kv_a_proj.weight", "layers.1.ffn.shared_experts.down_proj.weight")}
+        return {
+            n: (tuple(local_region(params[n])[1]), tuple(local_region(params[n])[2]), str(params[n].placements))
+            for n in (
+                "embed.weight",
+                "lm_head.weight",
+                "layers.0.attn.q_proj.weight",
+                "layers.0.attn.o_proj.weight",
+                "layers.1.ffn.experts.gate_proj",
+                "layers.1.attn.kv_a_proj.weight",
+                "layers.1.ffn.shared_experts.down_proj.weight",
+            )
+        }
     finally:
         dist.destroy_process_group()
 

@@ -7,16 +7,24 @@ import pytest
 from moonlight.config import ModelArgs
 from moonlight.errors import ConfigError
 from moonlight.parallel.pipeline import build_schedule
-from moonlight.parallel.pipeline_layout import (PRESET_LAYOUTS, auto_layout, layout_costs,
-                                                resolve_layout, stage_ids_for_rank,
-                                                validate_layout)
+from moonlight.parallel.pipeline_layout import (
+    PRESET_LAYOUTS,
+    auto_layout,
+    layout_costs,
+    resolve_layout,
+    stage_ids_for_rank,
+    validate_layout,
+)
 
 # ------------------------------------------------------------------ layouts (no processes)
 
 
 def test_validate_layout_errors():
-    with pytest.raises(ConfigError, match=r"pp_layout \[4, 6, 6, 6, 6, 3\] sums to 31 but the model has 27 "
-                                          r"layers: remove 4 layer"):
+    with pytest.raises(
+        ConfigError,
+        match=r"pp_layout \[4, 6, 6, 6, 6, 3\] sums to 31 but the model has 27 "
+        r"layers: remove 4 layer",
+    ):
         validate_layout([4, 6, 6, 6, 6, 3], 27, 6)
     with pytest.raises(ConfigError, match="sums to 26 .* add 1 layer"):
         validate_layout([14, 12], 27, 2)

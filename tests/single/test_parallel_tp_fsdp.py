@@ -61,9 +61,13 @@ def test_the_two_tp_fsdp_notices_are_quiet_and_nothing_else():
             quiet_tp_fsdp_warnings()
             warnings.warn("FSDP2-wrapped module (Embedding) returned a view tensor. An in-place op ...", stacklevel=1)
             warnings.warn("FSDP2 something else", stacklevel=1)
-            logger.warning("While redistributing from %s to %s, %d sequential %s operations ...",
-                           "(_NormPartial(norm_type=2.0), _NormPartial(norm_type=2.0))", "(Replicate(),)", 2,
-                           "all_reduce")
+            logger.warning(
+                "While redistributing from %s to %s, %d sequential %s operations ...",
+                "(_NormPartial(norm_type=2.0), _NormPartial(norm_type=2.0))",
+                "(Replicate(),)",
+                2,
+                "all_reduce",
+            )
             logger.warning("While redistributing from %s to %s, ...", "(Partial(sum),)", "(Replicate(),)")
     finally:
         logger.removeHandler(handler)

@@ -2,7 +2,6 @@
 exactly (one process, and FSDP on 2 gloo ranks), activations within the stated 25%, and every shipped
 recipe planned for its world size."""
 
-
 import pytest
 import torch
 
@@ -32,13 +31,23 @@ def test_one_process_memory_is_exact(tmp_path, variant):
 @pytest.mark.parametrize("mode", ["none", "selective"])
 @pytest.mark.parametrize("model", ["debug", "moonlight-width"])
 def test_activation_estimate_within_25_percent(tmp_path, mode, model):
-    overrides = [] if model == "debug" else [  # Moonlight's ratios at a CPU size
-        "--model.overrides.hidden_size=256", "--model.overrides.num_attention_heads=2",
-        "--model.overrides.qk_nope_head_dim=128", "--model.overrides.v_head_dim=128",
-        "--model.overrides.qk_rope_head_dim=64", "--model.overrides.kv_lora_rank=64",
-        "--model.overrides.moe_intermediate_size=176", "--model.overrides.intermediate_size=1408",
-        "--model.overrides.n_routed_experts=16", "--model.overrides.num_experts_per_tok=6",
-        "--model.overrides.n_shared_experts=2"]
+    overrides = (
+        []
+        if model == "debug"
+        else [  # Moonlight's ratios at a CPU size
+            "--model.overrides.hidden_size=256",
+            "--model.overrides.num_attention_heads=2",
+            "--model.overrides.qk_nope_head_dim=128",
+            "--model.overrides.v_head_dim=128",
+            "--model.overrides.qk_rope_head_dim=64",
+            "--model.overrides.kv_lora_rank=64",
+            "--model.overrides.moe_intermediate_size=176",
+            "--model.overrides.intermediate_size=1408",
+            "--model.overrides.n_routed_experts=16",
+            "--model.overrides.num_experts_per_tok=6",
+            "--model.overrides.n_shared_experts=2",
+        ]
+    )
     cfg = plan_cfg(tmp_path, [f"--activation_checkpoint.mode={mode}", "--training.seq_len=64", *overrides])
     trainer = Trainer(cfg)
     tokens = torch.randint(0, trainer.model_args.vocab_size, (cfg.training.local_batch_size, cfg.training.seq_len))
@@ -58,25 +67,36 @@ def test_recipe_plans_and_fits_80_gib(name):
 
 
 def test_cli_names_the_fix_when_it_does_not_fit(capsys):
-    argv = ["--config", str(CONFIGS / "moonlight-16b-pretrain.toml"), "--world-size", "8",
-            "--activation_checkpoint.mode=none", "--training.local_batch_size=4"]
+    argv = [
+        "--config",
+        str(CONFIGS / "moonlight-16b-pretrain.toml"),
+        "--world-size",
+        "8",
+        "--activation_checkpoint.mode=none",
+        "--training.local_batch_size=4",
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "activation_checkpoint.mode = 'full'" in err[0], err
     assert main(["--config", "train.toml", "--world-size", "2", "--training.seq_len=4096"]) == 2  # train.py refuses it
     assert "exceeds the model's max_position_embeddings = 1024" in capsys.readouterr().err
     assert main(["--config", "train.toml", "--world-size", "2", "--gpu-memory-gib", "-1"]) == 2
-    assert capsys.readouterr().err.strip() == ("error: --gpu-memory-gib must be > 0 (got -1): the memory of one "
-                                               "device")
+    assert capsys.readouterr().err.strip() == ("error: --gpu-memory-gib must be > 0 (got -1): the memory of one device")
     with pytest.raises(ConfigError, match="ep"):  # invalid degrees fail in the trainer's own check
-        plan(load_config(str(CONFIGS / "moonlight-16b-pretrain.toml"), ["--parallelism.ep=3"]).validate(), 8,
-             ModelArgs.preset("moonlight-16b-a3b"))
+        plan(
+            load_config(str(CONFIGS / "moonlight-16b-pretrain.toml"), ["--parallelism.ep=3"]).validate(),
+            8,
+            ModelArgs.preset("moonlight-16b-a3b"),
+        )
 
 
-@pytest.mark.parametrize("argv, match", [
-    (["--config", "train.toml"], "required: --world-size (see python -m moonlight.plan --help)"),
-    (["--config", "train.toml", "--world-size", "eight"], "--world-size: invalid int value: 'eight'"),
-])
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--config", "train.toml"], "required: --world-size (see python -m moonlight.plan --help)"),
+        (["--config", "train.toml", "--world-size", "eight"], "--world-size: invalid int value: 'eight'"),
+    ],
+)
 def test_cli_bad_arguments_are_one_error_line(argv, match, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -99,6 +119,6 @@ def test_lora_targets_that_fit_nothing_are_named_as_the_trainer_names_them(tmp_p
 def test_small_figures_keep_their_digits():
     """The debug model's plan read 0.00 GiB and 0.0 PFLOP: each figure now takes the unit that fits it."""
     from moonlight.plan import human_bytes, human_flops
-    assert [human_bytes(n) for n in (0, 512, 2.77 * 2**20, 37.5 * 2**30)] == ["0 B", "512 B", "2.77 MiB",
-                                                                                "37.50 GiB"]
+
+    assert [human_bytes(n) for n in (0, 512, 2.77 * 2**20, 37.5 * 2**30)] == ["0 B", "512 B", "2.77 MiB", "37.50 GiB"]
     assert [human_flops(n) for n in (5.46e6, 5.59e9, 1.2e15)] == ["5.46 MFLOP", "5.59 GFLOP", "1.20 PFLOP"]

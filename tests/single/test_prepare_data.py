@@ -21,7 +21,6 @@ from tests.helpers import SMALL, read_metrics
 from tests.helpers import ROOT
 
 
-
 def corpus(tmp_path, n=60):
     """A directory with a .jsonl and a .jsonl.gz file, an empty document and a malformed line."""
     docs = make_docs(n)
@@ -31,7 +30,7 @@ def corpus(tmp_path, n=60):
     with open(d / "a.jsonl", "a") as f:
         f.write("{not json\n")
     with gzip.open(d / "b.jsonl.gz", "wt", encoding="utf-8") as f:
-        f.writelines(json.dumps({"text": t}) + "\n" for t in docs[n // 2:])
+        f.writelines(json.dumps({"text": t}) + "\n" for t in docs[n // 2 :])
     return d, docs
 
 
@@ -41,8 +40,14 @@ def prepare(*args):
 
 
 def cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "moonlight.prepare_data", *map(str, args)], capture_output=True,
-                          text=True, timeout=120, cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return subprocess.run(
+        [sys.executable, "-m", "moonlight.prepare_data", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
 
 
 def files(folder):
@@ -59,7 +64,7 @@ def test_megatron_files_read_back_as_the_jsonl(tmp_path, capsys, tokenizer, appe
     out = capsys.readouterr().out
     kept = [d for d in docs if d]
     assert f"wrote {len(kept)} documents" in out and "skipped 1 empty document, 1 malformed line (first: " in out
-    assert f'data.add_eos = {"false" if append_eos else "true"}' in out
+    assert f"data.add_eos = {'false' if append_eos else 'true'}" in out
     # the same documents, eos at the end of each when appended
     meg = load_documents(data_cfg(tmp_path / "corpus_text", "megatron"), tok)
     tail = [tok.eos_id] if append_eos else []
@@ -107,8 +112,12 @@ class _Emits:
 
     def __init__(self, ids=(), fail=None, fail_at=0):
         byte = ByteTokenizer()
-        self.vocab_size, self.bos_id, self.eos_id, self.special_tokens = (byte.vocab_size, byte.bos_id, byte.eos_id,
-                                                                          byte.special_tokens)
+        self.vocab_size, self.bos_id, self.eos_id, self.special_tokens = (
+            byte.vocab_size,
+            byte.bos_id,
+            byte.eos_id,
+            byte.special_tokens,
+        )
         self.ids, self.fail, self.fail_at, self.calls = list(ids), fail, fail_at, 0
 
     def encode_batch(self, texts):
@@ -122,6 +131,7 @@ class _Emits:
 def generic_path(monkeypatch):
     """Encode 2 texts per encode_batch call, so a run can fail part-way."""
     from moonlight.data import documents
+
     monkeypatch.setattr(documents, "ENCODE_CHUNK", 2)
 
 
@@ -143,8 +153,9 @@ def test_an_interrupted_run_leaves_no_output_and_keeps_the_earlier_one(tmp_path,
     before = {f: (tmp_path / f).read_bytes() for f in ("x.bin", "x.idx")}
     write_jsonl(tmp_path / "d.jsonl", ["other", "text", "here", "and", "more"])
     with pytest.raises((KeyboardInterrupt, ValueError)):
-        build_megatron_from_jsonl(str(tmp_path / "d.jsonl"), str(tmp_path / "x"), _Emits(fail=fail, fail_at=3),
-                                  overwrite=True)
+        build_megatron_from_jsonl(
+            str(tmp_path / "d.jsonl"), str(tmp_path / "x"), _Emits(fail=fail, fail_at=3), overwrite=True
+        )
     assert files(tmp_path) == ["d.jsonl", "x.bin", "x.idx", "x.moonlight.json"]
     assert {f: (tmp_path / f).read_bytes() for f in before} == before
 
@@ -180,9 +191,19 @@ def test_the_recipe_trains_on_the_files_as_on_the_jsonl(tmp_path):
     losses = {}
     for fmt, path, add_eos in (("jsonl", src, "true"), ("megatron", tmp_path / "corpus_text", "false")):
         run = tmp_path / fmt
-        Trainer(load_config("train.toml", SMALL + [f"--job.dump_folder={run}", "--training.steps=3",
-                                                   f"--data.format={fmt}", f"--data.path={path}",
-                                                   f"--data.add_eos={add_eos}"])).train()
+        Trainer(
+            load_config(
+                "train.toml",
+                SMALL
+                + [
+                    f"--job.dump_folder={run}",
+                    "--training.steps=3",
+                    f"--data.format={fmt}",
+                    f"--data.path={path}",
+                    f"--data.add_eos={add_eos}",
+                ],
+            )
+        ).train()
         losses[fmt] = [r["loss"] for r in read_metrics(run)]
     assert len(losses["jsonl"]) == 3 and losses["megatron"] == losses["jsonl"]
 
@@ -208,16 +229,19 @@ def test_mistakes_are_one_error_line_and_write_nothing(tmp_path):
     base = ["--tokenizer", "byte"]
     cases = {
         "no such input": ([d / "missing.jsonl", *base, "--out", out / "c"], "no jsonl files found"),
-        "a bad tokenizer": ([good, "--tokenizer", tmp_path / "nope", "--out", out / "c"],
-                            "--tokenizer: "),
+        "a bad tokenizer": ([good, "--tokenizer", tmp_path / "nope", "--out", out / "c"], "--tokenizer: "),
         "no documents": ([d / "blank.jsonl", *base, "--out", out / "c"], "no documents to write"),
-        "a malformed line": ([d / "broken.jsonl", *base, "--out", out / "c", "--on-bad-line", "error"],
-                             "broken.jsonl:2: invalid JSON"),
+        "a malformed line": (
+            [d / "broken.jsonl", *base, "--out", out / "c", "--on-bad-line", "error"],
+            "broken.jsonl:2: invalid JSON",
+        ),
         "a missing output directory": ([good, *base, "--out", tmp_path / "nowhere" / "c"], "does not exist"),
         "a directory as the output": ([good, *base, "--out", out], "a directory; give a file prefix"),
         "an existing output": ([good, *base, "--out", out / "taken"], "pass --overwrite to replace"),
-        "eos without an eos token": ([good, "--tokenizer", _no_eos_tokenizer(tmp_path), "--out", out / "c",
-                                      "--append-eos"], "--append-eos"),
+        "eos without an eos token": (
+            [good, "--tokenizer", _no_eos_tokenizer(tmp_path), "--out", out / "c", "--append-eos"],
+            "--append-eos",
+        ),
     }
     for name, (args, message) in cases.items():
         proc = cli(*args)

@@ -18,9 +18,10 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 def _table_paths() -> set[str]:
     text = (ROOT / "docs" / "design.md").read_text()
     start = text.index("## Layers and modules")
-    section = text[start:text.index("\n## ", start)]
-    return {p for row in section.splitlines() if row.startswith("| `")
-            for p in re.findall(r"`([^`]+)`", row.split("|")[1])}
+    section = text[start : text.index("\n## ", start)]
+    return {
+        p for row in section.splitlines() if row.startswith("| `") for p in re.findall(r"`([^`]+)`", row.split("|")[1])
+    }
 
 
 def test_every_module_is_in_the_table():
@@ -50,15 +51,22 @@ def test_the_readme_commands_and_tested_versions_match_the_constraints():
     text = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```bash\n(.*?)\n```", text, re.DOTALL)
     test, floor = _pins("test.txt"), _pins("torch-2.11.txt")
-    torch_test = re.fullmatch(r'pip install torch==(\S+) && pip install -e "\.\[test\]" -c constraints/test\.txt '
-                              r"&& python -m pytest -q", blocks[1])[1]
+    torch_test = re.fullmatch(
+        r'pip install torch==(\S+) && pip install -e "\.\[test\]" -c constraints/test\.txt '
+        r"&& python -m pytest -q",
+        blocks[1],
+    )[1]
     assert blocks[0].startswith(f"pip install torch=={torch_test} && pip install -e . && torchrun ")
-    floor_command = (f'pip install torch=={floor["torch"]} -c constraints/torch-2.11.txt && pip install -e ".[test]" '
-                     "-c constraints/torch-2.11.txt && python -m pytest -q -m floor")
+    floor_command = (
+        f'pip install torch=={floor["torch"]} -c constraints/torch-2.11.txt && pip install -e ".[test]" '
+        "-c constraints/torch-2.11.txt && python -m pytest -q -m floor"
+    )
     assert floor_command in blocks
-    stated = re.sub(r"\s+", " ", text[:text.index("Pretrain or fine-tune")])
-    assert (f"torch {torch_test} with Triton {test['triton']}, transformers {test['transformers']} and peft "
-            f"{test['peft']}; a subset also on torch {floor['torch']} with Triton {floor['triton']}") in stated
+    stated = re.sub(r"\s+", " ", text[: text.index("Pretrain or fine-tune")])
+    assert (
+        f"torch {torch_test} with Triton {test['triton']}, transformers {test['transformers']} and peft "
+        f"{test['peft']}; a subset also on torch {floor['torch']} with Triton {floor['triton']}"
+    ) in stated
     major_minor = ".".join(floor["torch"].split(".")[:2])
     assert f'"torch>={major_minor}",' in (ROOT / "pyproject.toml").read_text()
     assert "torch" not in test and floor["transformers"] == test["transformers"]
@@ -116,8 +124,14 @@ def test_every_relative_link_points_at_a_file_and_heading_that_exist():
 # on the line above them. Training commands run 2 steps (the overrides below come last and win);
 # `pip install` (this environment is installed) and `python -m pytest` (this suite) are the only
 # commands left out.
-FAST = ["--training.steps=2", "--lr_scheduler.warmup_steps=0", "--metrics.log_freq=1", "--validation.interval=1",
-        "--validation.steps=1", "--checkpoint.interval=1"]
+FAST = [
+    "--training.steps=2",
+    "--lr_scheduler.warmup_steps=0",
+    "--metrics.log_freq=1",
+    "--validation.interval=1",
+    "--validation.steps=1",
+    "--checkpoint.interval=1",
+]
 BLOCK = re.compile(r"(?:<!-- readme-walk: skip \((?P<skip>[^)]+)\) -->\n)?[ ]*```bash\n(?P<body>.*?)```", re.S)
 
 

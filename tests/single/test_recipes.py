@@ -1,7 +1,6 @@
 """The shipped 16B recipes parse, validate, and describe parallel configurations that fit their intended
 world size."""
 
-
 import pytest
 
 from moonlight.config import ModelArgs
@@ -25,8 +24,10 @@ def test_recipe_validates_for_its_world_size(name):
         assert sum(pp_layout) == args.num_hidden_layers
 
 
-@pytest.mark.parametrize("name", ["moonlight-16b-sft.toml", "moonlight-16b-sft-long.toml", "moonlight-16b-lora.toml",
-                                  "moonlight-16b-dora.toml"])
+@pytest.mark.parametrize(
+    "name",
+    ["moonlight-16b-sft.toml", "moonlight-16b-sft-long.toml", "moonlight-16b-lora.toml", "moonlight-16b-dora.toml"],
+)
 def test_fine_tuning_recipes_train_on_chat_with_validation(name):
     cfg = load_config(str(CONFIGS / name), [])
     assert cfg.data.format == "chat" and cfg.validation.enable and cfg.validation.format == "chat"

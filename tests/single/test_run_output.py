@@ -48,14 +48,25 @@ def test_print_config_prints_the_resolved_config_and_trains_nothing(tmp_path, ca
     assert not (tmp_path / "run").exists()
 
 
-SMALL = ["--training.seq_len=64", "--training.global_batch_size=4", "--training.local_batch_size=2",
-         "--lr_scheduler.warmup_steps=0", "--checkpoint.interval=1", "--validation.interval=1",
-         "--validation.steps=1", "--checkpoint.export_hf=end"]
+SMALL = [
+    "--training.seq_len=64",
+    "--training.global_batch_size=4",
+    "--training.local_batch_size=2",
+    "--lr_scheduler.warmup_steps=0",
+    "--checkpoint.interval=1",
+    "--validation.interval=1",
+    "--validation.steps=1",
+    "--checkpoint.export_hf=end",
+]
 
 
 def _run(folder, capsys, steps):
-    Trainer(load_config("train.toml", SMALL + [f"--job.dump_folder={folder}", f"--training.steps={steps}",
-                                               f"--metrics.log_freq={steps}"])).train()
+    Trainer(
+        load_config(
+            "train.toml",
+            SMALL + [f"--job.dump_folder={folder}", f"--training.steps={steps}", f"--metrics.log_freq={steps}"],
+        )
+    ).train()
     return capsys.readouterr().out.splitlines()
 
 
@@ -67,16 +78,24 @@ def test_a_default_run_prints_a_short_header_each_save_and_a_summary(tmp_path, c
     assert not any("[training]" in line for line in lines)  # the config is in config.toml, not on stdout
     assert (tmp_path / "config.toml").read_text().count("[training]") == 1
     text = "\n".join(header)
-    for part in ("model preset debug", "params", "parallelism", "2 steps of 4 x 64 tokens", "data: jsonl data/corpus",
-                 "validation: data/heldout every 1 steps", f"outputs: {tmp_path}"):
+    for part in (
+        "model preset debug",
+        "params",
+        "parallelism",
+        "2 steps of 4 x 64 tokens",
+        "data: jsonl data/corpus",
+        "validation: data/heldout every 1 steps",
+        f"outputs: {tmp_path}",
+    ):
         assert part in text, (part, header)
-    assert re.search(r"^step +1 +loss \S+ .*memory [\d.]+ GiB .*val_loss [\d.]+ .*elapsed \S+ +eta \S+$",
-                     lines[first_step])
+    assert re.search(
+        r"^step +1 +loss \S+ .*memory [\d.]+ GiB .*val_loss [\d.]+ .*elapsed \S+ +eta \S+$", lines[first_step]
+    )
     assert any(re.search(r"^step +2 +loss \S+ .*tokens/s [\d,]+ .*elapsed \S+ +eta 0\.0s$", line) for line in lines)
     assert any(line.startswith(f"[moonlight] step 1: checkpoint -> {tmp_path}/checkpoint/step-1 (") for line in lines)
     saves = [line for line in lines if re.match(r"\[moonlight\] step \d+: (checkpoint|HF export) -> ", line)]
     assert len(saves) == 3  # step 1's checkpoint, step 2's checkpoint and HF export
-    summary = "\n".join(lines[lines.index(saves[-1]) + 1:])
+    summary = "\n".join(lines[lines.index(saves[-1]) + 1 :])
     assert re.search(r"done: 2 steps \(1-2\), 512 tokens in \S+; [\d,]+ tokens/s, MFU [\d.]+%", summary)
     assert re.search(r"final loss [\d.]+ \(step 2\); validation loss [\d.]+ final, [\d.]+ best \(step \d\)", summary)
     assert f"last checkpoint: {tmp_path}/checkpoint/step-2" in summary
@@ -89,6 +108,7 @@ def test_a_default_run_prints_a_short_header_each_save_and_a_summary(tmp_path, c
 
 def test_eta_and_durations_read_as_times():
     from moonlight.train.report import duration
+
     assert [duration(s) for s in (4.25, 65, 3725)] == ["4.2s", "1:05", "1:02:05"]
     assert duration(float("nan")) == "?"
 

@@ -1,7 +1,6 @@
 """Sharded HF load: each rank's local shard equals the matching slice of the checkpoint tensor, and
 each rank reads only the bytes of its own shards (plus the small router-bias buffers)."""
 
-
 import pytest
 import torch
 
@@ -15,6 +14,7 @@ def test_shape_mismatch_is_rejected(hf_dir):
 
     args = sharded_load_args()
     import dataclasses
+
     model = Moonlight(dataclasses.replace(args, vocab_size=args.vocab_size + 2))
     with pytest.raises(CheckpointError, match="vocab_size"):
         load_hf_sharded(model, hf_dir)

@@ -10,9 +10,15 @@ from moonlight.train.config import load_config
 from moonlight.train.build import use_tf32
 from moonlight.train.trainer import Trainer
 
-SMALL = ["--training.seq_len=32", "--training.global_batch_size=2", "--training.local_batch_size=2",
-         "--checkpoint.enable=false", "--metrics.log_freq=1", "--metrics.device_peak_flops=1e11",
-         "--lr_scheduler.warmup_steps=1"]
+SMALL = [
+    "--training.seq_len=32",
+    "--training.global_batch_size=2",
+    "--training.local_batch_size=2",
+    "--checkpoint.enable=false",
+    "--metrics.log_freq=1",
+    "--metrics.device_peak_flops=1e11",
+    "--lr_scheduler.warmup_steps=1",
+]
 
 
 def _trainer(tmp_path, *extra):
@@ -26,8 +32,11 @@ def test_single_process_bf16_compute_fp32_params(tmp_path):
     assert [n for n, _ in model.named_parameters()] == [n for n, _ in fp32.model_parts[0].named_parameters()]
     assert list(model.state_dict()) == list(fp32.model_parts[0].state_dict())
     seen = []
-    hooks = [m.register_forward_hook(lambda mod, args, out: seen.append((mod.weight.dtype, args[0].dtype, out.dtype)))
-             for m in model.modules() if type(m) is nn.Linear]
+    hooks = [
+        m.register_forward_hook(lambda mod, args, out: seen.append((mod.weight.dtype, args[0].dtype, out.dtype)))
+        for m in model.modules()
+        if type(m) is nn.Linear
+    ]
     trainer.train_step()
     for h in hooks:
         h.remove()
@@ -58,9 +67,14 @@ def test_one_process_gathers_its_bf16_weights_once_a_step(tmp_path):
     halves the bytes copied, and the step's weights are the same bit for bit."""
     runs = []
     for once in (False, True):
-        trainer = _trainer(tmp_path / str(once), "--training.steps=1", "--training.mixed_precision_param=bfloat16",
-                           "--training.local_batch_size=1", "--training.global_batch_size=4",
-                           "--training.seq_len=8")
+        trainer = _trainer(
+            tmp_path / str(once),
+            "--training.steps=1",
+            "--training.mixed_precision_param=bfloat16",
+            "--training.local_batch_size=1",
+            "--training.global_batch_size=4",
+            "--training.seq_len=8",
+        )
         assert trainer.grad_accum == 4 and trainer.gather_once  # on by default in one process
         trainer.gather_once = once
         counted = _CopyBytes()

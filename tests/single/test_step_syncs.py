@@ -3,7 +3,6 @@ the non-finite check (the loss normalizer, the step's token count, stays a tenso
 summed over data-parallel ranks); a logged step adds one read of the MoE metrics. The logged values
 equal the ones computed tensor by tensor."""
 
-
 import pytest
 import torch
 

@@ -26,8 +26,16 @@ from tests.helpers import ROOT
 
 SHARD = "10MB"
 # ~100 MB in fp32: 7 MoE layers of 16 experts; the largest tensor (an expert stack) is 4 MB
-ARGS = ModelArgs.preset("debug", vocab_size=4096, hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
-                        num_hidden_layers=8, n_routed_experts=16, kernels="torch")
+ARGS = ModelArgs.preset(
+    "debug",
+    vocab_size=4096,
+    hidden_size=256,
+    intermediate_size=512,
+    moe_intermediate_size=256,
+    num_hidden_layers=8,
+    n_routed_experts=16,
+    kernels="torch",
+)
 
 _MEASURE = r"""
 import json, sys, threading, time
@@ -66,10 +74,14 @@ print(json.dumps({"growth": max(peak[0], anon()) - base}))
 
 
 def _peak_growth(mode, src, out):
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-c", _MEASURE, mode, str(src), str(out), SHARD], capture_output=True,
-                         text=True, env=env, cwd=ROOT)
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    run = subprocess.run(
+        [sys.executable, "-c", _MEASURE, mode, str(src), str(out), SHARD],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
     assert run.returncode == 0, run.stderr
     return json.loads(run.stdout.strip().splitlines()[-1])["growth"]
 

@@ -64,6 +64,7 @@ def _poison_layer_2(trainer, at_call):
     def hook(module, inputs, output):
         calls["n"] += 1
         return output * float("nan") if calls["n"] >= at_call else output
+
     attn.register_forward_hook(hook)
 
 
@@ -79,6 +80,7 @@ def test_forward_backward_time_is_reported_on_request_without_the_optimizer(tmp_
     def slow_step():  # a known time spent after forward+backward
         time.sleep(0.3)
         step()
+
     timed.optimizers.step = slow_step
     values = timed.train_step()
     assert 0 < values["forward_backward_s"] <= values["step_time_s"] - 0.3
@@ -92,6 +94,7 @@ def test_nonfinite_step_is_skipped_and_reported(tmp_path, capsys):
 
     def snapshot():
         before.update({n: p.detach().clone() for n, p in trainer.model_parts[0].named_parameters()})
+
     for _ in range(2):
         trainer.train_step()
         trainer.step += 1
@@ -138,20 +141,34 @@ def test_validation_ids_beyond_the_vocabulary_are_rejected(tmp_path):
     with MegatronIndexedWriter(str(tmp_path / "held_out"), np.uint16) as w:
         w.add_document([5, 290] + [7] * 100)  # e.g. another tokenizer's ids; the training bytes stay below 280
     with pytest.raises(ConfigError, match="validation data holds token id 290 .* vocab_size is 280"):
-        _trainer(tmp_path / "run", "--model.overrides.vocab_size=280", "--validation.enable=true",
-                 "--validation.format=megatron", f"--validation.path={tmp_path / 'held_out'}")
+        _trainer(
+            tmp_path / "run",
+            "--model.overrides.vocab_size=280",
+            "--validation.enable=true",
+            "--validation.format=megatron",
+            f"--validation.path={tmp_path / 'held_out'}",
+        )
 
 
 def test_train_py_reports_config_errors_cleanly(tmp_path):
-    proc = subprocess.run([sys.executable, "train.py", "--config", "train.toml", "--training.stepz=3"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "train.py", "--config", "train.toml", "--training.stepz=3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "training.stepz" in proc.stderr and "steps" in proc.stderr
 
 
 def test_bf16_params_with_fp32_master_weights_and_tensorboard(tmp_path):
-    trainer = _trainer(tmp_path, "--training.steps=3", "--training.dtype=bfloat16", "--optimizer.precision_aware=true",
-                       "--metrics.enable_tensorboard=true")
+    trainer = _trainer(
+        tmp_path,
+        "--training.steps=3",
+        "--training.dtype=bfloat16",
+        "--optimizer.precision_aware=true",
+        "--metrics.enable_tensorboard=true",
+    )
     trainer.train()
     model = trainer.model_parts[0]
     assert model.layers["1"].ffn.experts.gate_proj.dtype == torch.bfloat16
@@ -181,8 +198,7 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
     child = mp.get_context("fork").Process(target=_train_until_killed, args=(tmp_path,))
     child.start()
     deadline = time.time() + 120
-    while time.time() < deadline and not ((tmp_path / "metrics.jsonl").exists()
-                                          and len(_metrics_lines(tmp_path)) >= 2):
+    while time.time() < deadline and not ((tmp_path / "metrics.jsonl").exists() and len(_metrics_lines(tmp_path)) >= 2):
         time.sleep(0.2)
     os.kill(child.pid, signal.SIGTERM)
     child.join(timeout=120)

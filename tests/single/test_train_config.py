@@ -17,7 +17,6 @@ from moonlight.train.config import (
 from tests.helpers import ROOT
 
 
-
 def write(tmp_path, text, name="job.toml"):
     p = tmp_path / name
     p.write_text(textwrap.dedent(text))
@@ -29,13 +28,47 @@ def test_defaults_are_valid_and_have_the_required_keys():
     required = {
         "job": ["dump_folder", "description"],
         "model": ["name", "hf_config", "kernels", "overrides"],
-        "training": ["steps", "seed", "global_batch_size", "local_batch_size", "seq_len", "max_norm", "dtype",
-                     "mixed_precision_param", "mixed_precision_reduce", "gc_freq", "deterministic", "on_nonfinite"],
-        "optimizer": ["name", "lr", "beta1", "beta2", "eps", "weight_decay", "momentum", "nesterov", "ns_steps",
-                      "precision_aware"],
+        "training": [
+            "steps",
+            "seed",
+            "global_batch_size",
+            "local_batch_size",
+            "seq_len",
+            "max_norm",
+            "dtype",
+            "mixed_precision_param",
+            "mixed_precision_reduce",
+            "gc_freq",
+            "deterministic",
+            "on_nonfinite",
+        ],
+        "optimizer": [
+            "name",
+            "lr",
+            "beta1",
+            "beta2",
+            "eps",
+            "weight_decay",
+            "momentum",
+            "nesterov",
+            "ns_steps",
+            "precision_aware",
+        ],
         "lr_scheduler": ["warmup_steps", "decay_type", "decay_ratio", "min_lr_ratio"],
-        "parallelism": ["dp_replicate", "dp_shard", "cp", "tp", "sequence_parallel", "ep", "pp", "pp_schedule",
-                        "pp_layout", "pp_virtual_stages", "pp_microbatches", "fsdp_reshard_after_forward"],
+        "parallelism": [
+            "dp_replicate",
+            "dp_shard",
+            "cp",
+            "tp",
+            "sequence_parallel",
+            "ep",
+            "pp",
+            "pp_schedule",
+            "pp_layout",
+            "pp_virtual_stages",
+            "pp_microbatches",
+            "fsdp_reshard_after_forward",
+        ],
         "activation_checkpoint": ["mode"],
         "data": ["format", "path", "text_key", "tokenizer", "on_bad_line", "add_eos"],
         "checkpoint": ["enable", "interval", "keep_latest_k", "folder", "load_step", "initial_load_hf", "export_hf"],
@@ -57,7 +90,9 @@ def test_defaults_are_valid_and_have_the_required_keys():
 
 
 def test_toml_file_and_overrides(tmp_path):
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
         [job]
         description = "t"
         [training]
@@ -71,17 +106,23 @@ def test_toml_file_and_overrides(tmp_path):
         [model.overrides]
         num_layers = 4
         dim = 64
-    """)
-    cfg = load_config(path, [
-        "--training.steps=20",
-        "--parallelism.tp", "2",
-        "--training.deterministic",            # bare flag = true for a bool
-        "--optimizer.lr", "-1e-3",              # a negative value is a value, not a flag
-        "--training.dtype=bfloat16",
-        "--parallelism.sequence_parallel=false",
-        "--model.overrides.num_layers=3",
-        "--model.overrides.name=tiny",
-    ])
+    """,
+    )
+    cfg = load_config(
+        path,
+        [
+            "--training.steps=20",
+            "--parallelism.tp",
+            "2",
+            "--training.deterministic",  # bare flag = true for a bool
+            "--optimizer.lr",
+            "-1e-3",  # a negative value is a value, not a flag
+            "--training.dtype=bfloat16",
+            "--parallelism.sequence_parallel=false",
+            "--model.overrides.num_layers=3",
+            "--model.overrides.name=tiny",
+        ],
+    )
     assert cfg.job.description == "t"
     assert cfg.training.steps == 20
     assert cfg.training.max_norm == 2.0 and isinstance(cfg.training.max_norm, float)
@@ -198,8 +239,10 @@ def test_missing_file_and_bad_syntax(tmp_path):
         (["--training.seq_len=0"], "training.seq_len must be > 0"),
         (["--training.global_batch_size=0"], "training.global_batch_size must be > 0"),
         (["--training.local_batch_size=-1"], "training.local_batch_size must be > 0"),
-        (["--training.global_batch_size=10", "--training.local_batch_size=4"],
-         r"global_batch_size \(10\) must be a multiple of training.local_batch_size \(4\)"),
+        (
+            ["--training.global_batch_size=10", "--training.local_batch_size=4"],
+            r"global_batch_size \(10\) must be a multiple of training.local_batch_size \(4\)",
+        ),
         (["--training.max_norm=-1"], "training.max_norm must be >= 0"),
         (["--training.gc_freq=-1"], "training.gc_freq must be >= 0"),
         (["--training.max_consecutive_nonfinite=0"], "max_consecutive_nonfinite must be >= 1"),
@@ -211,12 +254,21 @@ def test_missing_file_and_bad_syntax(tmp_path):
         (["--optimizer.momentum=1.0"], "optimizer.momentum must be in"),
         (["--optimizer.ns_steps=0"], "optimizer.ns_steps must be >= 1"),
         (["--lr_scheduler.warmup_steps=-1"], "warmup_steps must be >= 0"),
-        (["--training.steps=10", "--lr_scheduler.warmup_steps=11"],
-         r"warmup_steps \(11\) must be <= training.steps \(10\)"),
+        (
+            ["--training.steps=10", "--lr_scheduler.warmup_steps=11"],
+            r"warmup_steps \(11\) must be <= training.steps \(10\)",
+        ),
         (["--lr_scheduler.min_lr_ratio=1.5"], r"min lr <= optimizer.lr"),
         (["--lr_scheduler.decay_ratio=2"], r"decay_ratio must be in \[0, 1\]"),
-        (["--lr_scheduler.decay_type=wsd", "--training.steps=100", "--lr_scheduler.warmup_steps=90",
-          "--lr_scheduler.decay_ratio=0.2"], r"warmup_steps \(90\) \+ decay steps"),
+        (
+            [
+                "--lr_scheduler.decay_type=wsd",
+                "--training.steps=100",
+                "--lr_scheduler.warmup_steps=90",
+                "--lr_scheduler.decay_ratio=0.2",
+            ],
+            r"warmup_steps \(90\) \+ decay steps",
+        ),
         (["--parallelism.tp=0"], "parallelism.tp must be >= 1"),
         (["--parallelism.ep=0"], "parallelism.ep must be >= 1"),
         (["--parallelism.pp=0"], "parallelism.pp must be >= 1"),
@@ -230,12 +282,16 @@ def test_missing_file_and_bad_syntax(tmp_path):
         (["--checkpoint.interval=0"], "checkpoint.interval must be >= 1"),
         (["--checkpoint.keep_latest_k=-1"], "keep_latest_k must be >= 0"),
         (["--checkpoint.load_step=-2"], "load_step must be -1"),
-        (["--model.overrides.first_k_dense_replace=x"],
-         "model.overrides.first_k_dense_replace expects int, got str 'x'"),
+        (
+            ["--model.overrides.first_k_dense_replace=x"],
+            "model.overrides.first_k_dense_replace expects int, got str 'x'",
+        ),
         (["--model.overrides.num_hidden_layers=true"], "model.overrides.num_hidden_layers expects int, got bool True"),
         (["--model.overrides.rope_theta=fast"], "model.overrides.rope_theta expects float, got str 'fast'"),
-        (["--checkpoint.enable=false", "--checkpoint.load_step=6"],
-         "load_step = 6 resumes .* checkpoint.enable = true"),
+        (
+            ["--checkpoint.enable=false", "--checkpoint.load_step=6"],
+            "load_step = 6 resumes .* checkpoint.enable = true",
+        ),
         (["--checkpoint.folder="], "checkpoint.folder must not be empty"),
         (["--metrics.log_freq=0"], "metrics.log_freq must be >= 1"),
         (["--metrics.device_peak_flops=-1"], "device_peak_flops must be >= 0"),
@@ -267,8 +323,16 @@ def test_dump_folder_inside_the_data_is_refused(tmp_path):
         cfg = load_config(None, [f"--data.path={tmp_path / 'corpus'}", f"--job.dump_folder={tmp_path / dump}"])
         with pytest.raises(ConfigError, match=r"job.dump_folder = .* lies inside data.path = .*corpus'"):
             cfg.validate()
-    cfg = load_config(None, [f"--data.path={tmp_path / 'corpus'}", f"--job.dump_folder={tmp_path / 'corpus/run'}",
-                             "--validation.enable=true", f"--validation.path={tmp_path}", "--data.path=data/corpus"])
+    cfg = load_config(
+        None,
+        [
+            f"--data.path={tmp_path / 'corpus'}",
+            f"--job.dump_folder={tmp_path / 'corpus/run'}",
+            "--validation.enable=true",
+            f"--validation.path={tmp_path}",
+            "--data.path=data/corpus",
+        ],
+    )
     with pytest.raises(ConfigError, match=r"lies inside validation.path"):
         cfg.validate()
     load_config(None, [f"--data.path={tmp_path / 'corpus'}", f"--job.dump_folder={tmp_path}"]).validate()
@@ -276,15 +340,24 @@ def test_dump_folder_inside_the_data_is_refused(tmp_path):
 
 def test_valid_pipeline_combinations():
     load_config(None, ["--parallelism.pp=2", "--parallelism.pp_layout=14,13"]).validate()
-    load_config(None, ["--parallelism.pp=2", "--parallelism.pp_schedule=Interleaved1F1B",
-                       "--parallelism.pp_virtual_stages=2", "--parallelism.pp_layout=7,7,7,6"]).validate()
-    load_config(None, ["--parallelism.pp=2", "--parallelism.pp_schedule=ZBVZeroBubble",
-                       "--parallelism.pp_virtual_stages=2"]).validate()
+    load_config(
+        None,
+        [
+            "--parallelism.pp=2",
+            "--parallelism.pp_schedule=Interleaved1F1B",
+            "--parallelism.pp_virtual_stages=2",
+            "--parallelism.pp_layout=7,7,7,6",
+        ],
+    ).validate()
+    load_config(
+        None, ["--parallelism.pp=2", "--parallelism.pp_schedule=ZBVZeroBubble", "--parallelism.pp_virtual_stages=2"]
+    ).validate()
 
 
 def _dims(p, world_size):
-    return ParallelDims(dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp, ep=p.ep, pp=p.pp,
-                        world_size=world_size)
+    return ParallelDims(
+        dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp, ep=p.ep, pp=p.pp, world_size=world_size
+    )
 
 
 def test_world_size_helpers():
@@ -304,15 +377,18 @@ def test_world_size_helpers():
 
 
 def test_to_toml_round_trip(tmp_path):
-    cfg = load_config(None, [
-        "--job.description=quote \" backslash \\ tab\t unicode é 中",
-        "--parallelism.pp_layout=14,13",
-        "--optimizer.lr=3e-4",
-        "--model.overrides.num_layers=4",
-        "--model.overrides.rope_theta=50000.0",
-        "--model.overrides.name=x",
-        "--checkpoint.export_hf=end",
-    ])
+    cfg = load_config(
+        None,
+        [
+            '--job.description=quote " backslash \\ tab\t unicode é 中',
+            "--parallelism.pp_layout=14,13",
+            "--optimizer.lr=3e-4",
+            "--model.overrides.num_layers=4",
+            "--model.overrides.rope_theta=50000.0",
+            "--model.overrides.name=x",
+            "--checkpoint.export_hf=end",
+        ],
+    )
     text = cfg.to_toml()
     tomllib.loads(text)  # valid TOML
     p = tmp_path / "config.toml"
@@ -334,8 +410,10 @@ def test_several_problems_are_numbered_on_one_line():
     assert str(one.value) == "invalid config: training.steps must be > 0 (got 0)"
     with pytest.raises(ConfigError) as two:
         load_config(None, ["--training.steps=-3", "--lr_scheduler.warmup_steps=20"]).validate()
-    assert str(two.value) == ("invalid config, 2 problems: (1) training.steps must be > 0 (got -3); "
-                              "(2) lr_scheduler.warmup_steps (20) must be <= training.steps (-3)")
+    assert str(two.value) == (
+        "invalid config, 2 problems: (1) training.steps must be > 0 (got -3); "
+        "(2) lr_scheduler.warmup_steps (20) must be <= training.steps (-3)"
+    )
 
 
 def test_relative_paths_are_the_working_directorys_and_a_config_elsewhere_is_explained(tmp_path, monkeypatch):
@@ -349,7 +427,10 @@ def test_relative_paths_are_the_working_directorys_and_a_config_elsewhere_is_exp
     monkeypatch.chdir(tmp_path)
     assert load_config(str(config)).data.path == "data/corpus"  # found here: the working directory's
     monkeypatch.chdir(elsewhere)
-    with pytest.raises(ConfigError, match=r"data.path = 'data/corpus' .* read from the working directory .*"
-                                          r"run from .*, or set data.path to '.*/data/corpus'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"data.path = 'data/corpus' .* read from the working directory .*"
+        r"run from .*, or set data.path to '.*/data/corpus'",
+    ):
         load_config(str(config))
     assert load_config(str(config), ["--data.path=data/other"]).data.path == "data/other"  # the command line's

@@ -22,8 +22,7 @@ def test_val_loss_equals_a_direct_forward_and_leaves_training_alone(tmp_path):
 
     # independent: the same held-out rows, one plain forward, CE summed over targets / their count
     cfg = trainer.cfg
-    data = cfg.data.__class__(**{**cfg.data.__dict__, "format": "chat", "path": cfg.validation.path,
-                                 "shuffle": False})
+    data = cfg.data.__class__(**{**cfg.data.__dict__, "format": "chat", "path": cfg.validation.path, "shuffle": False})
     loader = build_dataloader(data, trainer.tokenizer, 64, 4, 0, 1, cfg.training.seed)
     batches = [loader.next_batch_with_info() for _ in range(2)]
     model = trainer.model_parts[0].eval()
@@ -55,8 +54,11 @@ def test_validation_config_errors(tmp_path):
 def test_missing_validation_data_is_named_by_its_own_key(tmp_path):
     """The data readers' messages name data.path; for held-out data they name validation.path."""
     with pytest.raises(DataError, match=r"^validation\.path '.*nope\.jsonl': no jsonl files found"):
-        Trainer(validation_cfg(tmp_path, *VALIDATION, f"--validation.path={tmp_path}/nope.jsonl",
-                               "--validation.format=jsonl"))
+        Trainer(
+            validation_cfg(
+                tmp_path, *VALIDATION, f"--validation.path={tmp_path}/nope.jsonl", "--validation.format=jsonl"
+            )
+        )
 
 
 def test_held_out_data_errors_name_validation_keys_and_the_inherited_data_keys(tmp_path):
@@ -70,13 +72,20 @@ def test_held_out_data_errors_name_validation_keys_and_the_inherited_data_keys(t
         Trainer(validation_cfg(tmp_path / "skip", *chat))
     assert str(skipped.value) == (
         f"validation.path {str(held)!r}: no conversations to train on (it is empty, or every record was skipped as "
-        "malformed: see the warnings above, and data.messages_key)")
-    with pytest.raises(DataError, match=r'^.*held\.jsonl:1: missing text field \'messages\' .*\(set '
-                                        r'data\.on_bad_line = "skip" to skip malformed records\)$'):
+        "malformed: see the warnings above, and data.messages_key)"
+    )
+    with pytest.raises(
+        DataError,
+        match=r"^.*held\.jsonl:1: missing text field \'messages\' .*\(set "
+        r'data\.on_bad_line = "skip" to skip malformed records\)$',
+    ):
         Trainer(validation_cfg(tmp_path / "error", *chat, "--data.on_bad_line=error"))
     # validation.format unset: [data]'s jsonl format, read from validation.path
     short = held.with_name("short.jsonl")
     short.write_text('{"text": "hi"}\n')
-    with pytest.raises(DataError, match=rf"^validation\.path {str(short)!r}: 3 tokens in 1 documents are fewer than "
-                                        "one sequence"):
+    with pytest.raises(
+        DataError,
+        match=rf"^validation\.path {str(short)!r}: 3 tokens in 1 documents are fewer than "
+        "one sequence",
+    ):
         Trainer(validation_cfg(tmp_path / "short", "--validation.enable=true", f"--validation.path={short}"))
