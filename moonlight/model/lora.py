@@ -9,7 +9,7 @@ A `LoRALinear` keeps the base weight as ``<name>.weight`` and adds ``<name>.lora
     LoRA: y = x W^T + scale * dropout(x) A^T B^T
     DoRA: y = m / ||W + scale B A||_row * (W + scale B A) x   (the norm detached, as PEFT)
 
-`LoRAConverter` is the model converter of a [lora] section. Details: docs/fine-tuning.md.
+`LoRASection` ([lora]) builds the model converter, `LoRAConverter`. Details: docs/fine-tuning.md.
 """
 
 from __future__ import annotations
@@ -18,16 +18,18 @@ import contextlib
 import dataclasses
 import math
 from collections.abc import Iterable, Iterator
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moonlight.errors import ConfigError
+from moonlight.errors import ConfigError, failing
 
 __all__ = [
     "DEFAULT_TARGETS",
     "LoRAConverter",
+    "LoRASection",
     "LoRALinear",
     "apply_lora",
     "merge_lora",
@@ -233,6 +235,54 @@ class LoRAConverter:
             f"{'DoRA' if self.dora else 'LoRA'} rank {self.rank} alpha {self.alpha:g} on {len(self.adapted)} "
             f"modules: trainable {trainable:,} of {total:,} params ({100 * trainable / total:.3f}%)"
         )
+
+
+@dataclasses.dataclass
+class LoRASection:
+    enable: bool = False
+    """Fine-tune low-rank adapters only (everything else frozen); see docs/fine-tuning.md."""
+    rank: int = 8
+    """Adapter rank r."""
+    alpha: float = 16.0
+    """Adapter scale = alpha / rank."""
+    dora: bool = False
+    """DoRA: also learn a per-output-row magnitude of the adapted weight."""
+    dropout: float = 0.0
+    """Dropout on the adapter path's input."""
+    targets: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_TARGETS))
+    """Module-name suffixes of the nn.Linear layers to adapt (default: the attention linears; the q
+    projections that the model lacks, q_proj or q_a/q_b_proj, are skipped)."""
+    export_adapter: Literal["", "end", "each"] = ""
+    """Also write the adapters as a PEFT adapter (<dump_folder>/adapter/step-N): never, at the end, or
+    at each checkpoint save."""
+    init_adapter: str = ""
+    """A PEFT adapter directory to start the adapters from (loaded after the base weights)."""
+
+    def problems(self) -> list[str]:
+        if not self.enable:
+            return failing(
+                [
+                    (
+                        not self.init_adapter and not self.export_adapter,
+                        "lora.init_adapter / lora.export_adapter need lora.enable = true",
+                    )
+                ]
+            )
+        return failing(
+            [
+                (self.rank >= 1, f"lora.rank must be >= 1 (got {self.rank})"),
+                (self.alpha > 0, f"lora.alpha must be > 0 (got {self.alpha})"),
+                (0 <= self.dropout < 1, f"lora.dropout must be in [0, 1) (got {self.dropout})"),
+                (
+                    bool(self.targets) and all(self.targets),
+                    f'lora.targets must name at least one module suffix, e.g. "attn.q_proj" (got {self.targets})',
+                ),
+            ]
+        )
+
+    def build(self) -> LoRAConverter:
+        """The model converter that adds these adapters."""
+        return LoRAConverter(self.targets, rank=self.rank, alpha=self.alpha, dora=self.dora, dropout=self.dropout)
 
 
 def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:

@@ -24,7 +24,7 @@ from moonlight.dtypes import to_dtype
 from moonlight.errors import CheckpointError, ConfigError
 from moonlight.hf import HFCheckpoint
 from moonlight.model.converters import ModelConverter
-from moonlight.model.lora import LoRAConverter, hide_adapters, init_dora_magnitude
+from moonlight.model.lora import hide_adapters, init_dora_magnitude
 from moonlight.outputs import refuse_link
 from moonlight.parallel.load import load_hf_sharded
 from moonlight.train.config import JobConfig
@@ -65,10 +65,7 @@ def build_model_args(cfg: JobConfig) -> ModelArgs:
 
 def build_converters(cfg: JobConfig) -> list[ModelConverter]:
     """The model converters the job config asks for, in the order they apply (see convert_model)."""
-    lo = cfg.lora
-    if not lo.enable:
-        return []
-    return [LoRAConverter(lo.targets, rank=lo.rank, alpha=lo.alpha, dora=lo.dora, dropout=lo.dropout)]
+    return [cfg.lora.build()] if cfg.lora.enable else []
 
 
 def check_token_ids(store, vocab_size: int, what: str) -> None:

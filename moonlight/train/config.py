@@ -25,6 +25,7 @@ from moonlight.checkpoint.config import CheckpointSection
 from moonlight.config import ModelArgs
 from moonlight.data.loader import FORMATS, DataSection
 from moonlight.errors import ConfigError, failing
+from moonlight.model.lora import LoRASection
 from moonlight.outputs import inside
 from moonlight.parallel.pipeline_layout import SCHEDULES, layout_problems, schedule_problems
 from moonlight.train.config_io import (
@@ -287,59 +288,6 @@ class MoESection:
         if self.bias_update_rate is not None:
             return self.bias_update_rate
         return 0.0 if lora else 1e-3
-
-
-@dataclass
-class LoRASection:
-    enable: bool = False
-    """Fine-tune low-rank adapters only (everything else frozen); see moonlight/model/lora.py."""
-    rank: int = 8
-    """Adapter rank r."""
-    alpha: float = 16.0
-    """Adapter scale = alpha / rank."""
-    dora: bool = False
-    """DoRA: also learn a per-output-row magnitude of the adapted weight."""
-    dropout: float = 0.0
-    """Dropout on the adapter path's input."""
-    targets: list[str] = field(
-        default_factory=lambda: [
-            "attn.q_proj",
-            "attn.q_a_proj",
-            "attn.q_b_proj",
-            "attn.kv_a_proj",
-            "attn.kv_b_proj",
-            "attn.o_proj",
-        ]
-    )
-    """Module-name suffixes of the nn.Linear layers to adapt (default: the attention linears; the q
-    projections that the model lacks, q_proj or q_a/q_b_proj, are skipped)."""
-    export_adapter: Literal["", "end", "each"] = ""
-    """Also write the adapters as a PEFT adapter (<dump_folder>/adapter/step-N): never, at the end, or
-    at each checkpoint save."""
-    init_adapter: str = ""
-    """A PEFT adapter directory to start the adapters from (loaded after the base weights)."""
-
-    def problems(self) -> list[str]:
-        if not self.enable:
-            return failing(
-                [
-                    (
-                        not self.init_adapter and not self.export_adapter,
-                        "lora.init_adapter / lora.export_adapter need lora.enable = true",
-                    )
-                ]
-            )
-        return failing(
-            [
-                (self.rank >= 1, f"lora.rank must be >= 1 (got {self.rank})"),
-                (self.alpha > 0, f"lora.alpha must be > 0 (got {self.alpha})"),
-                (0 <= self.dropout < 1, f"lora.dropout must be in [0, 1) (got {self.dropout})"),
-                (
-                    bool(self.targets) and all(self.targets),
-                    f'lora.targets must name at least one module suffix, e.g. "attn.q_proj" (got {self.targets})',
-                ),
-            ]
-        )
 
 
 @dataclass
