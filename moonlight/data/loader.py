@@ -244,7 +244,7 @@ class PackedDataLoader:
         return self.store.num_documents
 
     # ---------------------------------------------------------------- packing
-    def _epoch_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         if self._epoch_cache is None or self._epoch_cache[0] != epoch:
             d = self.store.num_documents
             if self.shuffle:
@@ -271,7 +271,7 @@ class PackedDataLoader:
     def sequence(self, g: int) -> tuple[np.ndarray, np.ndarray]:
         """Global sequence g: (window of seq_len + 1 tokens, position ids of the window)."""
         epoch, i = divmod(g, self.sequences_per_epoch)
-        order, cum = self._epoch_layout(epoch)
+        order, cum = self._epoch_order(epoch)
         a, b = i * self.seq_len, i * self.seq_len + self.seq_len + 1
         k = int(np.searchsorted(cum, a, side="right")) - 1
         parts: list[np.ndarray] = []
