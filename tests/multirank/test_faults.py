@@ -4,8 +4,10 @@ in one clear error (a MoonlightError naming the file or setting) or a warned rec
 lost and no foreign code run."""
 
 import json
+import multiprocessing as mp
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +18,7 @@ import torch
 from moonlight.checkpoint import format as fmt
 from moonlight.checkpoint.format import list_checkpoints
 from moonlight.checkpoint.state import Checkpointer
+from moonlight.errors import ConfigError
 from tests.helpers import FakeLoader, build, cfg
 from tests.helpers import FAULTS_SMALL, ROOT, faults_damage
 
@@ -107,3 +110,83 @@ def test_ctrl_c_under_torchrun_saves_on_every_rank(tmp_path):
     last = json.loads(metrics.read_text().splitlines()[-1])["step"]
     assert f"SIGINT: stopped after step {last}, checkpoint saved" in out
     assert sorted(list_checkpoints(tmp_path / "checkpoint")) == [last]
+
+
+def _joined_rank(rank, port, queue, body):
+    """Join a 2-rank job as torchrun would (moonlight's init_process_group, 2 s collective timeout), run
+    body(rank), and put (rank, what it printed on stderr) on the queue."""
+    import io
+    from moonlight.distributed import init_process_group
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    init_process_group("gloo", 2.0)
+    err, sys.stderr = sys.stderr, io.StringIO()
+    try:
+        body(rank)
+    finally:
+        queue.put((rank, sys.stderr.getvalue()))
+        sys.stderr = err
+        queue.close()
+        queue.join_thread()  # before os._exit: the queue's feeder thread sends it
+        os._exit(0)
+
+
+def _in_two_ranks(body, wait_for):
+    """Run body on two forked, joined ranks; returns {rank: stderr} of the first `wait_for` ranks to finish."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_joined_rank, args=(r, port, queue, body)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        return dict(queue.get(timeout=60) for _ in range(wait_for))
+    finally:
+        for p in procs:
+            p.kill()
+            p.join()
+
+
+def _stuck_rank_1(rank):
+    import train
+
+    if rank == 1:
+        time.sleep(30)  # stops answering
+    try:
+        torch.distributed.all_reduce(torch.ones(1))
+    except RuntimeError as e:
+        train.report_timeout(e)
+
+
+def test_a_stuck_rank_is_named_after_the_collective_timeout():
+    """Fault: a stopped rank hung the others for gloo's 30 minutes, then ~100 lines that named no rank."""
+    line = _in_two_ranks(_stuck_rank_1, wait_for=1)[0]
+    assert (
+        line.startswith("error: a collective timed out after training.collective_timeout_s: rank(s) [1] did not answer")
+        and line.count("\n") == 1
+    )
+
+
+def _user_error_on(failing):
+    from moonlight.distributed import reported_by_rank0
+    from moonlight.errors import exit_on_user_error
+
+    def body(rank):
+        def main():
+            if rank in failing:
+                raise ConfigError(f"bad input on rank {rank}")
+
+        assert exit_on_user_error(main, reported_by_rank0) == (2 if rank in failing else 0)
+        if rank == 0:
+            time.sleep(4)  # rank 0 hosts the job's store here (torchrun's agent does under torchrun)
+
+    return body
+
+
+def test_a_user_error_on_one_nonzero_rank_alone_is_printed_once():
+    """Fault: a user error that only rank 1 met was never printed (errors.py printed on rank 0 only)."""
+    assert _in_two_ranks(_user_error_on({1}), wait_for=2) == {0: "", 1: "error: (rank 1) bad input on rank 1\n"}
+    assert _in_two_ranks(_user_error_on({0, 1}), wait_for=2) == {0: "error: bad input on rank 0\n", 1: ""}

@@ -280,9 +280,10 @@ def test_no_test_module_imports_another():
 
 
 def _spawns_ranks(tree) -> bool:
-    """Whether a test module starts other ranks: forked gloo ranks (`run_ranks`) or torchrun."""
+    """Whether a test module starts other ranks: forked gloo ranks (`run_ranks`, or its own processes
+    that each `init_process_group`) or torchrun."""
     return any(
-        (isinstance(n, ast.Name) and n.id == "run_ranks")
+        (isinstance(n, ast.Name) and n.id in ("run_ranks", "init_process_group"))
         or (
             isinstance(n, ast.List)
             and any(isinstance(e, ast.Constant) and e.value == "torch.distributed.run" for e in n.elts)
