@@ -38,6 +38,25 @@ from moonlight.train.trainer import Trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]  # the repository
 
+# A short job of train.toml's: short sequences, small batches, metrics every step, no checkpoints, and
+# one fixed MFU peak on every device.
+SHORT_JOB = {
+    "training.seq_len": 32,
+    "training.global_batch_size": 4,
+    "training.local_batch_size": 2,
+    "checkpoint.enable": False,
+    "metrics.log_freq": 1,
+    "metrics.device_peak_flops": 1e11,
+    "lr_scheduler.warmup_steps": 1,
+}
+
+
+def short_job(changes: dict) -> list[str]:
+    """`--key=value` overrides of SHORT_JOB updated by `changes`; a key changed to None is left out, so
+    the config file's value applies."""
+    job = {key: value for key, value in {**SHORT_JOB, **changes}.items() if value is not None}
+    return [f"--{key}={str(value).lower() if isinstance(value, bool) else value}" for key, value in job.items()]
+
 
 # from test_moe_sync.py
 aten = torch.ops.aten
@@ -206,19 +225,16 @@ def fsdp_wrap(model):
 # from test_resume.py
 RESUME_STEPS = 6
 
-BASE = [
-    f"--training.steps={RESUME_STEPS}",
-    "--training.seq_len=32",
-    "--training.global_batch_size=4",
-    "--training.local_batch_size=2",
-    "--checkpoint.enable=true",
-    "--checkpoint.interval=3",
-    "--checkpoint.keep_latest_k=0",
-    "--metrics.log_freq=1",
-    "--metrics.device_peak_flops=1e11",
-    "--lr_scheduler.warmup_steps=2",
-    "--model.kernels=torch",
-]
+BASE = short_job(
+    {
+        "training.steps": RESUME_STEPS,
+        "checkpoint.enable": True,
+        "checkpoint.interval": 3,
+        "checkpoint.keep_latest_k": 0,
+        "lr_scheduler.warmup_steps": 2,
+        "model.kernels": "torch",
+    }
+)
 
 
 def run_job(folder, *extra):
@@ -352,19 +368,7 @@ def randomize_adapters(model, seed=1):
                 p.mul_(1 + 0.2 * torch.rand(p.shape, generator=g))
 
 
-LORA_BASE = [
-    "--training.seq_len=32",
-    "--training.global_batch_size=4",
-    "--training.local_batch_size=2",
-    "--checkpoint.enable=false",
-    "--metrics.log_freq=1",
-    "--metrics.device_peak_flops=1e11",
-    "--lr_scheduler.warmup_steps=1",
-    "--model.kernels=torch",
-    "--optimizer.lr=1e-2",
-    "--lora.enable=true",
-    "--lora.rank=4",
-]
+LORA_BASE = short_job({"model.kernels": "torch", "optimizer.lr": 1e-2, "lora.enable": True, "lora.rank": 4})
 
 
 def lora_cfg(folder, *extra):
@@ -387,15 +391,7 @@ WORLD = {
 
 
 # from test_train.py
-SMALL = [
-    "--training.seq_len=64",
-    "--training.global_batch_size=4",
-    "--training.local_batch_size=2",
-    "--checkpoint.enable=false",
-    "--metrics.log_freq=1",
-    "--metrics.device_peak_flops=1e11",
-    "--lr_scheduler.warmup_steps=2",
-]
+SMALL = short_job({"training.seq_len": 64, "lr_scheduler.warmup_steps": 2})
 
 
 def read_metrics(folder):
@@ -489,18 +485,16 @@ def async_checkpoint_assert_same(a, b):
 
 # from test_chat.py
 
-CHAT_BASE = [
-    "--training.steps=2",
-    "--training.seq_len=64",
-    "--training.global_batch_size=4",
-    "--checkpoint.enable=false",
-    "--metrics.log_freq=1",
-    "--metrics.device_peak_flops=1e11",
-    "--lr_scheduler.warmup_steps=1",
-    "--model.kernels=torch",
-    "--data.format=chat",
-    "--data.shuffle=false",
-]
+CHAT_BASE = short_job(
+    {
+        "training.steps": 2,
+        "training.seq_len": 64,
+        "training.local_batch_size": None,
+        "model.kernels": "torch",
+        "data.format": "chat",
+        "data.shuffle": False,
+    }
+)
 
 
 def chat_trainer(folder, data, extra):
@@ -553,15 +547,7 @@ def checkpoint_fake_step(parts, opts, seed=0):
 
 
 # from test_compile.py
-COMPILE_BASE = [
-    "--training.seq_len=32",
-    "--training.global_batch_size=4",
-    "--training.local_batch_size=2",
-    "--metrics.log_freq=1",
-    "--metrics.device_peak_flops=1e11",
-    "--lr_scheduler.warmup_steps=1",
-    "--checkpoint.keep_latest_k=0",
-]
+COMPILE_BASE = short_job({"checkpoint.enable": None, "checkpoint.keep_latest_k": 0})
 
 
 def compile_trainer(folder, *extra):
@@ -579,14 +565,16 @@ def compile_run(trainer, steps):
 
 
 # from test_entry_errors.py
-QUICK = [
-    "--training.steps=2",
-    "--lr_scheduler.warmup_steps=0",
-    "--training.seq_len=32",
-    "--training.global_batch_size=2",
-    "--training.local_batch_size=1",
-    "--metrics.device_peak_flops=1e11",
-]
+QUICK = short_job(
+    {
+        "training.steps": 2,
+        "training.global_batch_size": 2,
+        "training.local_batch_size": 1,
+        "checkpoint.enable": None,
+        "metrics.log_freq": None,
+        "lr_scheduler.warmup_steps": 0,
+    }
+)
 
 
 def entry_errors_run(cmd, tmp_path, *overrides):
@@ -603,16 +591,7 @@ def entry_errors_run(cmd, tmp_path, *overrides):
 
 
 # from test_faults.py
-FAULTS_SMALL = [
-    "--training.seq_len=32",
-    "--training.global_batch_size=4",
-    "--training.local_batch_size=2",
-    "--checkpoint.enable=false",
-    "--metrics.log_freq=1",
-    "--metrics.device_peak_flops=1e11",
-    "--lr_scheduler.warmup_steps=2",
-    "--model.kernels=torch",
-]
+FAULTS_SMALL = short_job({"lr_scheduler.warmup_steps": 2, "model.kernels": "torch"})
 
 
 def faults_damage(path, n=64):
@@ -755,15 +734,7 @@ def reference_step(model, inputs, labels):
 
 
 # from test_plan.py
-PLAN_SMALL = [
-    "--training.seq_len=32",
-    "--training.global_batch_size=4",
-    "--training.local_batch_size=2",
-    "--checkpoint.enable=false",
-    "--metrics.device_peak_flops=1e11",
-    "--training.steps=2",
-    "--lr_scheduler.warmup_steps=1",
-]
+PLAN_SMALL = short_job({"training.steps": 2, "metrics.log_freq": None})
 
 
 def bytes_by_dtype(tensors) -> Counter:
@@ -820,31 +791,13 @@ def sharded_load_args():
 
 
 # from test_step_syncs.py
-STEP_SYNCS_SMALL = [
-    "--training.seq_len=32",
-    "--training.global_batch_size=2",
-    "--training.local_batch_size=2",
-    "--checkpoint.enable=false",
-    "--metrics.log_freq=2",
-    "--metrics.device_peak_flops=1e11",
-    "--lr_scheduler.warmup_steps=1",
-    "--training.steps=4",
-    "--moe.aux_loss_coeff=0.01",
-]
+STEP_SYNCS_SMALL = short_job(
+    {"training.steps": 4, "training.global_batch_size": 2, "metrics.log_freq": 2, "moe.aux_loss_coeff": 0.01}
+)
 
 
 # from test_validation.py
-VALIDATION_BASE = [
-    "--training.steps=2",
-    "--training.seq_len=64",
-    "--training.global_batch_size=4",
-    "--training.local_batch_size=2",
-    "--checkpoint.enable=false",
-    "--metrics.log_freq=1",
-    "--metrics.device_peak_flops=1e11",
-    "--lr_scheduler.warmup_steps=1",
-    "--model.kernels=torch",
-]
+VALIDATION_BASE = short_job({"training.steps": 2, "training.seq_len": 64, "model.kernels": "torch"})
 # chat validation (assistant tokens only are targets, conversations document-masked) of a text run
 VALIDATION = [
     "--validation.enable=true",

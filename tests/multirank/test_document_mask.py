@@ -7,25 +7,15 @@ import json
 import pytest
 import torch
 
+from tests.helpers import chat_conversations, short_job, write_chat
+
 
 # ------------------------------------------------------------- parallel configurations
 
-PARALLEL_BASE = [
-    "--training.steps=2",
-    "--training.seq_len=64",
-    "--training.global_batch_size=4",
-    "--training.local_batch_size=2",
-    "--checkpoint.enable=false",
-    "--metrics.log_freq=1",
-    "--metrics.device_peak_flops=1e11",
-    "--lr_scheduler.warmup_steps=1",
-    "--model.kernels=torch",
-]
+PARALLEL_BASE = short_job({"training.steps": 2, "training.seq_len": 64, "model.kernels": "torch"})
 
 
 def _chat_file(folder):
-    from tests.helpers import chat_conversations, write_chat
-
     return write_chat(folder / "chat.jsonl", chat_conversations(24))
 
 

@@ -13,19 +13,11 @@ import pytest
 
 from moonlight.train.config import load_config
 from moonlight.train.trainer import Trainer
+from tests.helpers import short_job
 
-ARGS = [
-    "--training.steps=3",
-    "--training.seq_len=32",
-    "--training.global_batch_size=4",
-    "--training.local_batch_size=1",
-    "--parallelism.dp_shard=-1",
-    "--checkpoint.enable=false",
-    "--metrics.log_freq=1",
-    "--metrics.device_peak_flops=1e11",
-    "--lr_scheduler.warmup_steps=1",
-    "--model.kernels=torch",
-]
+ARGS = short_job(
+    {"training.steps": 3, "training.local_batch_size": 1, "parallelism.dp_shard": -1, "model.kernels": "torch"}
+)
 
 
 def _losses(folder):

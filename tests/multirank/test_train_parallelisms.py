@@ -10,18 +10,9 @@ import torch
 from moonlight.train.config import load_config
 from moonlight.train.trainer import Trainer
 from tests.dist import gathered_weights, run_ranks
+from tests.helpers import short_job
 
-BASE = [
-    "--training.steps=3",
-    "--training.seq_len=32",
-    "--training.global_batch_size=4",
-    "--training.local_batch_size=2",
-    "--checkpoint.enable=false",
-    "--metrics.log_freq=1",
-    "--metrics.device_peak_flops=1e11",
-    "--lr_scheduler.warmup_steps=1",
-    "--model.kernels=torch",
-]
+BASE = short_job({"training.steps": 3, "model.kernels": "torch"})
 
 
 def _train(rank, world_size, folder, extra):

@@ -10,19 +10,18 @@ from moonlight import convert as moonlight_convert
 from moonlight import eval as moonlight_eval
 from moonlight.train.config import load_config
 from moonlight.train.trainer import Trainer
+from tests.helpers import short_job
 
-SMALL = [
-    "--training.seq_len=64",
-    "--training.global_batch_size=4",
-    "--training.local_batch_size=2",
-    "--metrics.log_freq=1",
-    "--metrics.device_peak_flops=1e11",
-    "--lr_scheduler.warmup_steps=0",
-    "--training.steps=1",
-    "--checkpoint.enable=true",
-    "--validation.enable=true",
-    "--validation.steps=2",
-]
+SMALL = short_job(
+    {
+        "training.steps": 1,
+        "training.seq_len": 64,
+        "checkpoint.enable": True,
+        "lr_scheduler.warmup_steps": 0,
+        "validation.enable": True,
+        "validation.steps": 2,
+    }
+)
 
 
 def _train(folder, *extra, config="train.toml"):

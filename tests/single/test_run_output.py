@@ -12,7 +12,7 @@ import pytest
 from moonlight.train.config import SECTIONS, load_config
 from moonlight.train.config_io import field_docs
 from moonlight.train.trainer import Trainer
-from tests.helpers import ROOT
+from tests.helpers import ROOT, short_job
 
 _spec = importlib.util.spec_from_file_location("train_entry", ROOT / "train.py")
 train_entry = importlib.util.module_from_spec(_spec)
@@ -48,16 +48,19 @@ def test_print_config_prints_the_resolved_config_and_trains_nothing(tmp_path, ca
     assert not (tmp_path / "run").exists()
 
 
-SMALL = [
-    "--training.seq_len=64",
-    "--training.global_batch_size=4",
-    "--training.local_batch_size=2",
-    "--lr_scheduler.warmup_steps=0",
-    "--checkpoint.interval=1",
-    "--validation.interval=1",
-    "--validation.steps=1",
-    "--checkpoint.export_hf=end",
-]
+SMALL = short_job(
+    {
+        "training.seq_len": 64,
+        "checkpoint.enable": None,
+        "checkpoint.interval": 1,
+        "checkpoint.export_hf": "end",
+        "metrics.log_freq": None,
+        "metrics.device_peak_flops": None,
+        "lr_scheduler.warmup_steps": 0,
+        "validation.interval": 1,
+        "validation.steps": 1,
+    }
+)
 
 
 def _run(folder, capsys, steps):

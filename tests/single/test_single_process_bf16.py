@@ -9,16 +9,9 @@ from moonlight.distributed import local_tensor
 from moonlight.train.config import load_config
 from moonlight.train.build import use_tf32
 from moonlight.train.trainer import Trainer
+from tests.helpers import short_job
 
-SMALL = [
-    "--training.seq_len=32",
-    "--training.global_batch_size=2",
-    "--training.local_batch_size=2",
-    "--checkpoint.enable=false",
-    "--metrics.log_freq=1",
-    "--metrics.device_peak_flops=1e11",
-    "--lr_scheduler.warmup_steps=1",
-]
+SMALL = short_job({"training.global_batch_size": 2})
 
 
 def _trainer(tmp_path, *extra):
