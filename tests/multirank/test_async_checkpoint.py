@@ -1,7 +1,5 @@
-"""checkpoint.async_mode = "async": the save is staged when it starts (training may change the weights
-while it is written), COMPLETE appears only once the data is written (at wait: the next save or the end),
-a kill while it is in flight leaves the previous step intact, and resuming from it is exact, in one
-process and on 2 FSDP ranks."""
+"""checkpoint.async_mode = "async" on 2 FSDP ranks: the save staged at step 2 is written while training
+goes on (collectives on the default group meanwhile), and a fresh model resumes it exactly."""
 
 import torch
 

@@ -1,6 +1,5 @@
-"""Chat data: rendering (built-in Moonlight format, jinja templates against transformers'
-apply_chat_template), assistant-only targets, whole-conversation packing, overflow, resume, and a
-loss normalized by the step's global target count (checked against one big batch)."""
+"""Chat data on 2 FSDP ranks with gradient accumulation: uneven target counts per rank and micro-batch
+still give one process's losses and weights (the loss is normalized by the step's global target count)."""
 
 import io
 import json

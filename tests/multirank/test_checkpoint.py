@@ -1,5 +1,6 @@
-"""Checkpointer: round trips, atomicity under SIGKILL and disk-full, retention, clear errors,
-resharding between FSDP2 / pipeline-like parallelism and one plain process, HF import/export."""
+"""Checkpointer resharding across process counts: 2 FSDP ranks to one plain process and back, and
+pipeline-like stages on 2 ranks (each holding other layers) merged by global name into one process,
+with the HF export gathered to rank 0."""
 
 import torch
 

@@ -1,7 +1,6 @@
-"""training.compile = true: losses, gradients and a resumed run equal the eager trainer's (fp32, one
-process and FSDP on 2 gloo ranks), and the grouped expert GEMM op equals its per-expert reference,
-gradients included; the varlen branch (CUDA's) compiles once per block kind whatever the
-documents."""
+"""training.compile = true on 2 gloo ranks: the compiled trainer's losses equal eager's under FSDP, FSDP
+with expert parallel (DTensor expert weights) and context parallel (key all-gather and chunk masks inside
+the compiled blocks)."""
 
 import pytest
 import torch

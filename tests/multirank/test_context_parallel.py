@@ -1,6 +1,6 @@
-"""Context parallel (moonlight.parallel.context): the zig-zag slicing, and the whole model on cp ranks
-(MLA exchanging latents, causal and document masks against the gathered keys, the MoE aux loss summed
-over the sequence) against the model on the whole sequence: outputs, losses and gradients."""
+"""Context parallel on 2 and 4 gloo ranks: the whole model (MLA exchanging latents, causal and document
+masks against the gathered keys, the MoE aux loss summed over the sequence) gives the outputs, losses
+and gradients of the model on the whole sequence."""
 
 import io
 

@@ -1,6 +1,5 @@
-"""Document masking: a packed row (positions restarting per document, attention within each document)
-gives every document the logits, loss and gradients it gets when run alone; and the trainer's losses
-with document masking are the single-process ones in every parallel configuration."""
+"""Document masking through the trainer: with text and chat data, the losses on gloo ranks equal the
+single-process ones in every parallel configuration."""
 
 import json
 

@@ -1,6 +1,6 @@
-"""User errors at the entry points: `torchrun --nproc_per_node=2 train.py` meets degrees that do not
-fit the world, a data file that is missing, and a checkpoint saved for another model. Each is one
-`error: ...` line from rank 0, the workers exit with code 2, and no traceback of ours is printed.
+"""User errors at `torchrun --nproc_per_node=2 train.py`: degrees that do not fit the world, a data file
+that is missing, and a checkpoint saved for another model. Each is one `error: ...` line from rank 0,
+the workers exit with code 2, and no traceback of ours is printed; a data warning is printed once.
 
 torchrun itself then reports the failed workers (its own ChildFailedError summary, exit code 1):
 that report comes from the launcher, which no worker can change; it names exitcode 2 per rank."""

@@ -1,7 +1,7 @@
-"""The faults we survive: hostile files, damaged checkpoints, two trainers on one folder, outputs that
-overlap their inputs, divergence, Ctrl-C, and malformed inputs. Each test names its fault; each ends
-in one clear error (a MoonlightError naming the file or setting) or a warned recovery, with nothing
-lost and no foreign code run."""
+"""The faults we survive on several ranks: a damaged shard of one rank's (every rank checksums its share
+of the files, and all fall back to the same intact step), Ctrl-C under torchrun (every rank saves the
+same step), a stuck rank (named after the collective timeout), and a user error that one nonzero rank
+alone meets (printed once)."""
 
 import json
 import multiprocessing as mp

@@ -1,5 +1,5 @@
-"""The FSDP2 unit structure: embedding, blocks (routers inside), experts and head units, reshard
-settings, explicit prefetch lists, and torchtitan's reshard rule under pipeline parallel."""
+"""The FSDP2 unit structure on 2 gloo ranks: embedding, blocks (routers inside), experts (with expert
+parallel) and head units, reshard settings and explicit prefetch lists."""
 
 import dataclasses
 

@@ -1,7 +1,5 @@
-"""PEFT adapters both ways: what we write, `peft.PeftModel.from_pretrained` loads onto transformers'
-DeepseekV3ForCausalLM with our LoRA/DoRA model's logits; what PEFT saves, we load with PEFT's logits.
-The trainer's adapter export, `convert dcp-to-peft`, `[lora] init_adapter`, and the router bias that
-LoRA runs freeze unless moe.bias_update_rate is set."""
+"""PEFT adapters on 2 FSDP ranks: every rank loads its slice of the adapter file, and the export gathers
+the slices back into the same file."""
 
 import dataclasses
 import os

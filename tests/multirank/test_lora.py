@@ -1,6 +1,5 @@
-"""LoRA / DoRA fine-tuning: the adapter math against independent formulas, init equals the base model,
-only adapters train, merging, the trainer end to end (loss falls, base weights untouched, resume, HF
-import and merged HF export that transformers loads), FSDP over two ranks, config errors."""
+"""LoRA / DoRA fine-tuning on 2 FSDP ranks: the trainer's losses and adapter weights are the
+single-process ones."""
 
 import io
 

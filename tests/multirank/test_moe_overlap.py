@@ -1,5 +1,5 @@
-"""The shared experts issued first (on a side stream on CUDA, inline on a CPU) give bit-identical
-outputs and gradients to the plain order, routed experts first; alone and under expert parallel."""
+"""The shared experts issued first stay bit-identical to the plain order (routed experts first) under
+expert parallel on 2 gloo ranks."""
 
 import torch
 from torch.distributed.device_mesh import init_device_mesh

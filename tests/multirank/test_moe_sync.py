@@ -1,13 +1,5 @@
-"""Host syncs of one MoE layer (forward + backward): none without expert parallel, one with it (the
-all-to-all split sizes), and the layer compiles as one graph.
-
-On a CPU there is no device queue to drain, so the run is instrumented instead: every op that
-would read device memory back to the host on a GPU is counted (`.item()`, `bool()`, `int()` all
-reach `aten._local_scalar_dense`; `torch.equal` returns a host bool; `.tolist()` does not dispatch
-and is counted at the Python level; `nonzero`, `bincount`, `masked_select`, `unique` and
-`repeat_interleave` without `output_size` read sizes back). On CUDA the same layer runs under
-`torch.cuda.set_sync_debug_mode("error")`.
-"""
+"""Host syncs of one MoE layer (forward + backward) under expert parallel on 2 gloo ranks: exactly
+one, the all-to-all split sizes (counted as in tests/single/test_moe_sync.py)."""
 
 from torch.distributed.device_mesh import init_device_mesh
 

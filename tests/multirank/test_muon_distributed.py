@@ -1,4 +1,4 @@
-"""Distributed Muon (moonlight.train.muon): every full matrix and every expert matrix is
+"""Distributed Muon (moonlight.train.muon) on gloo ranks: every full matrix and every expert matrix is
 orthogonalized by exactly one rank of the group sharing it, and the weights equal single-process
 full-matrix Muon bit for bit, in fp32 and with bf16 Newton-Schulz (FSDP, HSDP, TP, EP shards; the
 trainer's real parallel configurations)."""

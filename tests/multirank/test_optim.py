@@ -1,5 +1,5 @@
-"""Tests for moonlight.train.optim: Muon (single device, per expert, distributed DTensor/FSDP2),
-param grouping, precision-aware mode, OPTIM_LR schedules, router bias balancing, clipping."""
+"""moonlight.train.optim on gloo ranks: distributed Muon equals full-matrix Muon, FSDP2 over TP with
+its DCP state dict, router bias counts all-reduced, and gradient clipping across meshes and stages."""
 
 import copy
 

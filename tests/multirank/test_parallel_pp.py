@@ -1,4 +1,5 @@
-"""Pipeline parallel: layouts, presets, cost model, and pipelined steps equal to one process."""
+"""Pipeline parallel on 2 gloo ranks: pipelined steps (several schedules and layouts, with expert
+parallel too) equal one process, and the token-sum loss needs no gradient scaling."""
 
 import pytest
 import torch

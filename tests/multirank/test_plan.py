@@ -1,6 +1,5 @@
-"""The planner against what the trainer really allocates: parameter, gradient and optimizer bytes
-exactly (one process, and FSDP on 2 gloo ranks), activations within the stated 25%, and every shipped
-recipe planned for its world size."""
+"""The planner on 2 gloo ranks: rank 0's parameter, gradient and optimizer bytes under FSDP exactly, and
+the context-parallel activation estimate counts the gathered keys."""
 
 import pytest
 import torch

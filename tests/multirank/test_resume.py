@@ -1,5 +1,5 @@
-"""End to end through the trainer: N steps straight == N/2 steps + resume, on one process, with a
-4-rank run, onto another parallel configuration, and after a SIGKILL in the middle of a checkpoint save."""
+"""End to end through the trainer on gloo ranks: N steps straight == N/2 steps + resume, on 4 ranks with
+the same parallelism and onto another parallel configuration."""
 
 import json
 

@@ -1,5 +1,6 @@
-"""Sharded HF load: each rank's local shard equals the matching slice of the checkpoint tensor, and
-each rank reads only the bytes of its own shards (plus the small router-bias buffers)."""
+"""Sharded HF load on gloo ranks: each rank's local shard equals the matching slice of the checkpoint
+tensor, and each rank reads only the bytes of its own shards (plus the small router-bias buffers), also
+when FSDP shards are uneven."""
 
 import pytest
 import torch

@@ -1,7 +1,5 @@
-"""Host syncs of a training step: an unlogged step reads back only ONE copy of (loss, grad norm) for
-the non-finite check (the loss normalizer, the step's token count, stays a tensor, also when it is
-summed over data-parallel ranks); a logged step adds one read of the MoE metrics. The logged values
-equal the ones computed tensor by tensor."""
+"""Host syncs of a training step on 2 data-parallel ranks: the step's token count is summed over the
+ranks without being read, and a stop request on any rank rides in the step's one host read."""
 
 import contextlib
 

@@ -1,6 +1,5 @@
-"""[validation]: val_loss is the masked cross-entropy of the held-out batches (checked against a direct
-forward of the same batches), leaves training untouched, and is the single-process value under
-fsdp2, tp2 and pp2 (gloo, fp32)."""
+"""[validation] on 2 gloo ranks: val_loss is the single-process value under fsdp2, tp2, pp2 and cp2
+(fp32)."""
 
 import pytest
 

@@ -1,7 +1,7 @@
-"""checkpoint.async_mode = "async": the save is staged when it starts (training may change the weights
-while it is written), COMPLETE appears only once the data is written (at wait: the next save or the end),
-a kill while it is in flight leaves the previous step intact, and resuming from it is exact, in one
-process and on 2 FSDP ranks."""
+"""checkpoint.async_mode = "async" in one process: the save is staged when it starts (training may
+change the weights while it is written), COMPLETE appears only once the data is written (at wait: the
+next save or the end), a kill while it is in flight leaves the previous step intact, and the trainer's
+async run and its resume give the sync run's losses."""
 
 import multiprocessing as mp
 import os

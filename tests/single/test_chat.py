@@ -1,6 +1,7 @@
 """Chat data: rendering (built-in Moonlight format, jinja templates against transformers'
-apply_chat_template), assistant-only targets, whole-conversation packing, overflow, resume, and a
-loss normalized by the step's global target count (checked against one big batch)."""
+apply_chat_template), assistant-only targets, whole-conversation packing, overflow, bad conversations,
+resume and sharding of the loader, config errors, and a loss normalized by the step's global target
+count (checked against one big batch)."""
 
 import json
 import logging

@@ -1,5 +1,7 @@
-"""Checkpointer: round trips, atomicity under SIGKILL and disk-full, retention, clear errors,
-resharding between FSDP2 / pipeline-like parallelism and one plain process, HF import/export."""
+"""Checkpointer in one process: round trips, retention (interval, force, keep_latest_k), atomicity
+under SIGKILL and disk-full, clear errors for partial directories and other model args, no save of
+non-finite weights, two pipeline parts in one process, and an HF export transformers loads with our
+logits."""
 
 import errno
 import multiprocessing as mp

@@ -1,7 +1,7 @@
-"""training.compile = true: losses, gradients and a resumed run equal the eager trainer's (fp32, one
-process and FSDP on 2 gloo ranks), and the grouped expert GEMM op equals its per-expert reference,
-gradients included; the varlen branch (CUDA's) compiles once per block kind whatever the
-documents."""
+"""training.compile = true in one process: losses, gradients and a resumed eager checkpoint equal the
+eager trainer's (fp32; aot_eager and inductor), each decoder block compiles as one graph, the chunked
+loss's gradients equal eager's, the varlen branch (CUDA's) compiles once per block kind whatever the
+documents, and op-level activation checkpointing is refused with the fix."""
 
 import pytest
 import torch

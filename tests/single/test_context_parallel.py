@@ -1,6 +1,5 @@
-"""Context parallel (moonlight.parallel.context): the zig-zag slicing, and the whole model on cp ranks
-(MLA exchanging latents, causal and document masks against the gathered keys, the MoE aux loss summed
-over the sequence) against the model on the whole sequence: outputs, losses and gradients."""
+"""Context parallel (moonlight.parallel.context) without ranks: the zig-zag slicing balances causal
+work and covers the sequence, and a model call without the global positions is refused."""
 
 import pytest
 import torch

@@ -1,6 +1,6 @@
-"""Document masking: a packed row (positions restarting per document, attention within each document)
-gives every document the logits, loss and gradients it gets when run alone; and the trainer's losses
-with document masking are the single-process ones in every parallel configuration."""
+"""Document masking in one model: a packed row (positions restarting per document, attention within
+each document) gives every document the logits, loss and gradients it gets when run alone (dense mask,
+Triton RoPE, the varlen path's plumbing), and packed documents read nothing back from the device."""
 
 import pytest
 import torch

@@ -1,9 +1,5 @@
-"""User errors at the entry points: `torchrun --nproc_per_node=2 train.py` meets degrees that do not
-fit the world, a data file that is missing, and a checkpoint saved for another model. Each is one
-`error: ...` line from rank 0, the workers exit with code 2, and no traceback of ours is printed.
-
-torchrun itself then reports the failed workers (its own ChildFailedError summary, exit code 1):
-that report comes from the launcher, which no worker can change; it names exitcode 2 per rank."""
+"""User errors at `python train.py`: one `error: ...` line and exit code 2, no traceback (unless
+MOONLIGHT_TRACEBACK asks for one); `--help` prints the usage and trains nothing."""
 
 import os
 import subprocess

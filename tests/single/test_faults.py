@@ -1,7 +1,7 @@
-"""The faults we survive: hostile files, damaged checkpoints, two trainers on one folder, outputs that
-overlap their inputs, divergence, Ctrl-C, and malformed inputs. Each test names its fault; each ends
-in one clear error (a MoonlightError naming the file or setting) or a warned recovery, with nothing
-lost and no foreign code run."""
+"""The faults we survive in one process: hostile files, damaged checkpoints, two trainers on one folder,
+outputs that overlap their inputs, divergence, Ctrl-C, and malformed inputs. Each test names its fault;
+each ends in one clear error (a MoonlightError naming the file or setting) or a warned recovery, with
+nothing lost and no foreign code run."""
 
 import errno
 import gzip

@@ -1,5 +1,5 @@
-"""The FSDP2 unit structure: embedding, blocks (routers inside), experts and head units, reshard
-settings, explicit prefetch lists, and torchtitan's reshard rule under pipeline parallel."""
+"""FSDP settings without ranks: torchtitan's reshard-after-forward rule under pipeline parallel, and
+which parameter and reduce dtypes count as mixed precision."""
 
 import torch
 

@@ -1,7 +1,7 @@
 """PEFT adapters both ways: what we write, `peft.PeftModel.from_pretrained` loads onto transformers'
 DeepseekV3ForCausalLM with our LoRA/DoRA model's logits; what PEFT saves, we load with PEFT's logits.
-The trainer's adapter export, `convert dcp-to-peft`, `[lora] init_adapter`, and the router bias that
-LoRA runs freeze unless moe.bias_update_rate is set."""
+The trainer's adapter export, `convert dcp-to-peft`, `[lora] init_adapter`, the router bias that
+LoRA runs freeze unless moe.bias_update_rate is set, and one-line errors."""
 
 import dataclasses
 import json

@@ -1,6 +1,7 @@
-"""LoRA / DoRA fine-tuning: the adapter math against independent formulas, init equals the base model,
-only adapters train, merging, the trainer end to end (loss falls, base weights untouched, resume, HF
-import and merged HF export that transformers loads), FSDP over two ranks, config errors."""
+"""LoRA / DoRA fine-tuning in one process: the adapter math against independent formulas, init equals
+the base model, only adapters train, merging, the trainer end to end (loss falls, base weights
+untouched, resume, HF import and merged HF export that transformers loads), checkpoints without the
+frozen base, and config errors."""
 
 import dataclasses
 import json

@@ -1,5 +1,5 @@
 """The shared experts issued first (on a side stream on CUDA, inline on a CPU) give bit-identical
-outputs and gradients to the plain order, routed experts first; alone and under expert parallel."""
+outputs and gradients to the plain order, routed experts first, in one process."""
 
 import pytest
 import torch

@@ -1,13 +1,12 @@
-"""Host syncs of one MoE layer (forward + backward): none without expert parallel, one with it (the
-all-to-all split sizes), and the layer compiles as one graph.
+"""Host syncs of one MoE layer (forward + backward) without expert parallel: none, and the layer
+compiles as one graph with the same outputs and gradients.
 
 On a CPU there is no device queue to drain, so the run is instrumented instead: every op that
 would read device memory back to the host on a GPU is counted (`.item()`, `bool()`, `int()` all
 reach `aten._local_scalar_dense`; `torch.equal` returns a host bool; `.tolist()` does not dispatch
 and is counted at the Python level; `nonzero`, `bincount`, `masked_select`, `unique` and
 `repeat_interleave` without `output_size` read sizes back). On CUDA the same layer runs under
-`torch.cuda.set_sync_debug_mode("error")`.
-"""
+`torch.cuda.set_sync_debug_mode("error")`."""
 
 import pytest
 import torch

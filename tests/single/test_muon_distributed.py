@@ -1,7 +1,5 @@
-"""Distributed Muon (moonlight.train.muon): every full matrix and every expert matrix is
-orthogonalized by exactly one rank of the group sharing it, and the weights equal single-process
-full-matrix Muon bit for bit, in fp32 and with bf16 Newton-Schulz (FSDP, HSDP, TP, EP shards; the
-trainer's real parallel configurations)."""
+"""Distributed Muon's owner assignment (moonlight.train.muon): the largest matrices go first to the
+least loaded rank of the group sharing them, so the Newton-Schulz FLOPs balance per sharing group."""
 
 from moonlight.train.muon import MatrixPlan, assign_owners, ns_flops
 

@@ -1,5 +1,6 @@
-"""Tests for moonlight.train.optim: Muon (single device, per expert, distributed DTensor/FSDP2),
-param grouping, precision-aware mode, OPTIM_LR schedules, router bias balancing, clipping."""
+"""Tests for moonlight.train.optim in one process: Muon (against torch's and reference ones, per
+expert, batched), param grouping, AdamW, precision-aware mode, OPTIM_LR schedules, router bias
+balancing, clipping."""
 
 import inspect
 import math

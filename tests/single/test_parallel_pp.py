@@ -1,4 +1,5 @@
-"""Pipeline parallel: layouts, presets, cost model, and pipelined steps equal to one process."""
+"""Pipeline parallel without ranks: layout validation, presets, the cost model, stage ids and schedule
+checks."""
 
 import types
 

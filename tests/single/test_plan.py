@@ -1,6 +1,6 @@
-"""The planner against what the trainer really allocates: parameter, gradient and optimizer bytes
-exactly (one process, and FSDP on 2 gloo ranks), activations within the stated 25%, and every shipped
-recipe planned for its world size."""
+"""The planner against what the trainer really allocates in one process: parameter, gradient and
+optimizer bytes exactly, activations within the stated 25%, every shipped recipe planned for its world
+size, and the CLI's messages."""
 
 import pytest
 import torch

@@ -1,6 +1,6 @@
-"""[validation]: val_loss is the masked cross-entropy of the held-out batches (checked against a direct
-forward of the same batches), leaves training untouched, and is the single-process value under
-fsdp2, tp2 and pp2 (gloo, fp32)."""
+"""[validation] in one process: val_loss is the masked cross-entropy of the held-out batches (checked
+against a direct forward of the same batches), leaves training untouched, and its errors name the
+validation.* or inherited data.* keys."""
 
 import math
 
