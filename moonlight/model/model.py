@@ -442,19 +442,20 @@ class GroupedExperts(nn.Module):
 
 
 class _AttachAuxLoss(torch.autograd.Function):
-    """Identity on the MoE output whose backward also sends gradient 1 into the aux loss, so the
-    balance loss trains the router without threading it through the model's outputs (which pipeline
-    stages could not do)."""
+    """Identity on the MoE output whose backward also sends the aux loss's gradient into `prob_sums`,
+    so the balance loss trains the router without threading it through the model's outputs (which
+    pipeline stages could not do). The loss is linear in `prob_sums`: that gradient is the constant
+    `grad_prob_sums`, made in the forward (autograd's chain from a ones_like takes three ops)."""
 
     @staticmethod
-    def forward(ctx, out, aux_loss):
-        ctx.save_for_backward(aux_loss)
+    def forward(ctx, out, prob_sums, grad_prob_sums):
+        ctx.save_for_backward(grad_prob_sums)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        (aux_loss,) = ctx.saved_tensors
-        return grad_out, torch.ones_like(aux_loss)
+        (grad_prob_sums,) = ctx.saved_tensors
+        return grad_out, grad_prob_sums, None
 
 
 class _ProbSums(torch.autograd.Function):
@@ -479,17 +480,19 @@ class _ProbSums(torch.autograd.Function):
 
 def sequence_aux_loss(
     scores: torch.Tensor, expert_ids: torch.Tensor, bsz: int, top_k: int, sequences: SequenceSplit = WHOLE_SEQUENCES
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """DeepSeek-V3's sequence-wise balance loss sum_i f_i * P_i, averaged over sequences.
     P_i: mean over the sequence of the sigmoid scores normalized over all experts; f_i: the fraction
     of the sequence's routing choices that picked expert i, times E / K.
 
-    Returns (this part's share, the loss's value). ``scores``/``expert_ids`` hold ``bsz`` sequences, or
-    one part of each when ``sequences`` splits them over processes: f_i and the value then need sums
-    over all parts (one ``sequences.sum``), and the share sum_i f_i * (this part's sum of P_i's terms)
-    differentiates through this part's scores only. The shares of all parts add up to the loss, so
-    backpropagating each part's share (times ``sequences.loss_scale`` where the parts' gradients are
-    averaged, not summed) gives the loss's gradient."""
+    Returns (prob_sums, weight, the loss's value): this part's share of the loss is
+    (weight * prob_sums).sum(), linear in prob_sums [bsz, E] (differentiable), so `weight` (constant) is
+    its gradient. ``scores``/``expert_ids`` hold ``bsz`` sequences, or one part of each when
+    ``sequences`` splits them over processes: f_i and the value then need sums over all parts (one
+    ``sequences.sum``), and the share sum_i f_i * (this part's sum of P_i's terms) differentiates
+    through this part's scores only. The shares of all parts add up to the loss, so backpropagating
+    each part's share (times ``sequences.loss_scale`` where the parts' gradients are averaged, not
+    summed) gives the loss's gradient."""
     num_experts = scores.shape[-1]
     seqlen = scores.shape[0] // bsz * sequences.shards
     picks = torch.zeros(bsz, num_experts, device=scores.device, dtype=scores.dtype)
@@ -500,10 +503,8 @@ def sequence_aux_loss(
         picks, all_prob_sums = sequences.sum(torch.stack([picks, all_prob_sums])).unbind(0)
     # f_i / (seqlen * bsz), every constant in one factor: the loss is then one product and one sum
     weight = picks * (num_experts / (top_k * seqlen * seqlen * bsz) * sequences.loss_scale)
-    share = (weight * prob_sums).sum()
-    if sequences.shards == 1 and sequences.loss_scale == 1:
-        return share, share.detach()
-    return share, (weight * all_prob_sums).sum() / sequences.loss_scale
+    value = (weight * all_prob_sums).sum()
+    return prob_sums, weight, value if sequences.loss_scale == 1 else value / sequences.loss_scale
 
 
 class _Fork(torch.autograd.Function):
@@ -598,11 +599,12 @@ class MoE(nn.Module):
             out = self.experts(x_routed, expert_ids, weights) + side.join(shared)
         out = out.view(shape)
         if self.training and self.aux_loss_coeff > 0 and torch.is_grad_enabled():
-            share, value = sequence_aux_loss(
+            prob_sums, weight, value = sequence_aux_loss(
                 scores, expert_ids, shape[0], self.args.num_experts_per_tok, self.sequence_split
             )
             self.last_aux_loss = self.aux_loss_coeff * value
-            out = _AttachAuxLoss.apply(out, self.aux_loss_coeff * share)
+            # the gradient of aux_loss_coeff * (weight * prob_sums).sum(), as autograd's chain computes it
+            out = _AttachAuxLoss.apply(out, prob_sums, weight * self.aux_loss_coeff)
         return out
 
 

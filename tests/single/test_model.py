@@ -169,7 +169,8 @@ def test_sequence_aux_loss_and_its_gradient_match_the_plain_formula():
     bsz, seqlen, num_experts, top_k = 3, 5, 8, 2
     scores = torch.rand(bsz * seqlen, num_experts, generator=g, dtype=torch.float64).requires_grad_()
     expert_ids = torch.rand(bsz * seqlen, num_experts, generator=g).topk(top_k, -1).indices
-    share, value = sequence_aux_loss(scores, expert_ids, bsz, top_k)
+    prob_sums, weight, value = sequence_aux_loss(scores, expert_ids, bsz, top_k)
+    share = (weight * prob_sums).sum()
     want = _plain_sequence_aux_loss(scores, expert_ids, bsz, top_k)
     torch.testing.assert_close(share, want)
     torch.testing.assert_close(value, want.detach())
@@ -177,7 +178,28 @@ def test_sequence_aux_loss_and_its_gradient_match_the_plain_formula():
     torch.testing.assert_close(
         torch.autograd.grad(share, scores, grad_out)[0], torch.autograd.grad(want, scores, grad_out)[0]
     )
-    torch.autograd.gradcheck(lambda s: sequence_aux_loss(s, expert_ids, bsz, top_k)[0], (scores,))
+
+    def share_of(s):
+        prob_sums, weight, _ = sequence_aux_loss(s, expert_ids, bsz, top_k)
+        return (weight * prob_sums).sum()
+
+    torch.autograd.gradcheck(share_of, (scores,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_aux_loss_gradient_sent_as_a_constant_is_autograds_bit_for_bit(dtype):
+    """The MoE layer sends coeff * weight into prob_sums instead of backpropagating coeff * share from
+    a gradient of 1: the same gradient on the scores, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    bsz, seqlen, num_experts, top_k, coeff = 2, 7, 8, 2, 0.001
+    scores = torch.rand(bsz * seqlen, num_experts, generator=g, dtype=dtype).requires_grad_()
+    expert_ids = torch.rand(bsz * seqlen, num_experts, generator=g).topk(top_k, -1).indices
+    prob_sums, weight, value = sequence_aux_loss(scores, expert_ids, bsz, top_k)
+    share = (weight * prob_sums).sum()
+    (autograds,) = torch.autograd.grad(coeff * share, scores, retain_graph=True)
+    (constant,) = torch.autograd.grad(prob_sums, scores, weight * coeff)
+    assert torch.equal(constant, autograds)
+    assert torch.equal(value, share.detach())
 
 
 def test_only_training_forwards_count_expert_load():
