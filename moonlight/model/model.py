@@ -21,7 +21,7 @@ from torch.nn.attention.varlen import varlen_attn
 from moonlight.kernels.backend import resolve_impl
 from moonlight.kernels.grouped_mm import grouped_mm
 from moonlight.kernels.mla_rope import mla_rope_key, rope_tables, rotate_rope_
-from moonlight.kernels.moe_permute import permute_tokens, unpermute_tokens
+from moonlight.kernels.moe_permute import count_tokens, permute_tokens, unpermute_tokens
 from moonlight.kernels.moe_router import route_topk
 from moonlight.kernels.rms_norm import rms_norm
 from moonlight.config import ModelArgs
@@ -98,7 +98,7 @@ class Dispatcher(Protocol):
     communicates: bool
 
     def dispatch(
-        self, x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int, impl: str
+        self, x: torch.Tensor, expert_ids: torch.Tensor, counts: torch.Tensor, impl: str
     ) -> tuple[torch.Tensor, torch.Tensor, object]: ...
 
     def combine(self, y: torch.Tensor, weights: torch.Tensor, state: object, impl: str) -> torch.Tensor: ...
@@ -390,9 +390,12 @@ class LocalDispatcher:
         # dropped the 8-row padding for bf16 torch._grouped_mm too); padding never syncs either way.
         self.align = align
 
-    def dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int, impl: str):
-        """-> (rows [N, H] grouped by local expert, rows per local expert [E_local], state for combine)."""
-        rows, counts, row_index = permute_tokens(x, expert_ids, num_experts, align=self.align, impl=impl)
+    def dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor, counts: torch.Tensor, impl: str):
+        """counts: the choices of each expert (`count_tokens`) -> (rows [N, H] grouped by local expert,
+        rows per local expert [E_local], state for combine)."""
+        rows, counts, row_index = permute_tokens(
+            x, expert_ids, counts.numel(), align=self.align, impl=impl, counts=counts
+        )
         return rows, counts, row_index
 
     def combine(self, y: torch.Tensor, weights: torch.Tensor, state, impl: str) -> torch.Tensor:
@@ -433,10 +436,15 @@ class GroupedExperts(nn.Module):
         for p in (self.gate_proj, self.up_proj, self.down_proj):
             nn.init.normal_(p, std=std)
 
-    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """counts: `count_tokens(expert_ids, n_routed_experts)` where the caller has it already."""
         impl = resolve_impl(self.args.kernels, x.device)
         gate, up, down = local_tensor(self.gate_proj), local_tensor(self.up_proj), local_tensor(self.down_proj)
-        rows, counts, state = self.dispatcher.dispatch(x, expert_ids, self.args.n_routed_experts, impl)
+        if counts is None:
+            counts = count_tokens(expert_ids, self.args.n_routed_experts)
+        rows, counts, state = self.dispatcher.dispatch(x, expert_ids, counts, impl)
         y = grouped_swiglu(rows, counts, gate, up, down)
         return self.dispatcher.combine(y, weights, state, impl)
 
@@ -583,12 +591,11 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, expert_ids, scores = self.router(x, self.sequence_split)
+        counts = count_tokens(expert_ids, self.args.n_routed_experts)  # one histogram: the load and the permute's
         if self.training:  # only training tokens steer the router bias (not validation, not generation)
-            with torch.no_grad():  # scatter_add, not bincount: bincount reads its output size back to the host
-                choices = expert_ids.flatten()
-                self.tokens_per_expert.scatter_add_(0, choices, torch.ones_like(choices))
+            self.tokens_per_expert.add_(counts)
         if self.shared_experts is None:
-            out = self.experts(x, expert_ids, weights)
+            out = self.experts(x, expert_ids, weights, counts)
         else:
             # The shared experts need no routing: while the dispatcher communicates they run on a side
             # stream (CUDA), issued first so they overlap the all-to-alls. Same ops, same sum: bit-exact.
@@ -596,7 +603,7 @@ class MoE(nn.Module):
             side = SideStream(x_shared, enabled=self.experts.dispatcher.communicates)
             with side:
                 shared = self.shared_experts(x_shared)
-            out = self.experts(x_routed, expert_ids, weights) + side.join(shared)
+            out = self.experts(x_routed, expert_ids, weights, counts) + side.join(shared)
         out = out.view(shape)
         if self.training and self.aux_loss_coeff > 0 and torch.is_grad_enabled():
             prob_sums, weight, value = sequence_aux_loss(

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import transformers
 
 from moonlight import ModelArgs, Moonlight
-from moonlight.model.model import sequence_aux_loss
+from moonlight.model.model import MoE, sequence_aux_loss
 from moonlight.hf import load_hf
 from tests.hf_reference import VARIANTS, routed_experts, stable_hf_model
 
@@ -219,6 +219,19 @@ def test_only_training_forwards_count_expert_load():
     with torch.no_grad():
         model(tokens)
     assert all(m.tokens_per_expert.sum() == 2 * 16 * args.num_experts_per_tok for m in model.moe_layers())
+
+
+def test_the_load_counter_holds_each_experts_choices():
+    """The counter adds the histogram the permute groups rows by: per expert, the router's choices."""
+    torch.manual_seed(0)
+    args = ModelArgs.preset("debug", kernels="torch")
+    moe = MoE(args).train()
+    x = torch.randn(2, 16, args.hidden_size)
+    moe(x)
+    moe(x)
+    _, expert_ids, _ = moe.router(x.view(-1, args.hidden_size))
+    want = torch.bincount(expert_ids.flatten(), minlength=args.n_routed_experts)
+    assert torch.equal(moe.tokens_per_expert, 2 * want)
 
 
 def test_bf16_cast_keeps_router_bias_fp32():
