@@ -487,7 +487,12 @@ class _ProbSums(torch.autograd.Function):
 
 
 def sequence_aux_loss(
-    scores: torch.Tensor, expert_ids: torch.Tensor, bsz: int, top_k: int, sequences: SequenceSplit = WHOLE_SEQUENCES
+    scores: torch.Tensor,
+    expert_ids: torch.Tensor,
+    bsz: int,
+    top_k: int,
+    sequences: SequenceSplit = WHOLE_SEQUENCES,
+    counts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """DeepSeek-V3's sequence-wise balance loss sum_i f_i * P_i, averaged over sequences.
     P_i: mean over the sequence of the sigmoid scores normalized over all experts; f_i: the fraction
@@ -500,11 +505,15 @@ def sequence_aux_loss(
     ``sequences.sum``), and the share sum_i f_i * (this part's sum of P_i's terms) differentiates
     through this part's scores only. The shares of all parts add up to the loss, so backpropagating
     each part's share (times ``sequences.loss_scale`` where the parts' gradients are averaged, not
-    summed) gives the loss's gradient."""
+    summed) gives the loss's gradient. ``counts``: `count_tokens(expert_ids, E)` where the caller has it."""
     num_experts = scores.shape[-1]
     seqlen = scores.shape[0] // bsz * sequences.shards
-    picks = torch.zeros(bsz, num_experts, device=scores.device, dtype=scores.dtype)
-    picks.scatter_add_(1, expert_ids.view(bsz, -1), torch.ones_like(expert_ids.view(bsz, -1), dtype=scores.dtype))
+    if bsz == 1 and counts is not None:  # one sequence: its picks are the counts (integers, exact in floats)
+        picks = counts.to(scores.dtype).view(1, num_experts)
+    else:
+        picks = torch.zeros(bsz, num_experts, device=scores.device, dtype=scores.dtype)
+        ids = expert_ids.view(bsz, -1)
+        picks.scatter_add_(1, ids, torch.ones_like(ids, dtype=scores.dtype))
     prob_sums = _ProbSums.apply(scores, bsz)
     all_prob_sums = prob_sums.detach()
     if sequences.shards > 1:
@@ -607,7 +616,7 @@ class MoE(nn.Module):
         out = out.view(shape)
         if self.training and self.aux_loss_coeff > 0 and torch.is_grad_enabled():
             prob_sums, weight, value = sequence_aux_loss(
-                scores, expert_ids, shape[0], self.args.num_experts_per_tok, self.sequence_split
+                scores, expert_ids, shape[0], self.args.num_experts_per_tok, self.sequence_split, counts
             )
             self.last_aux_loss = self.aux_loss_coeff * value
             # the gradient of aux_loss_coeff * (weight * prob_sums).sum(), as autograd's chain computes it

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 import transformers
 
 from moonlight import ModelArgs, Moonlight
+from moonlight.kernels.moe_permute import count_tokens
 from moonlight.model.model import MoE, sequence_aux_loss
 from moonlight.hf import load_hf
 from tests.hf_reference import VARIANTS, routed_experts, stable_hf_model
@@ -200,6 +201,19 @@ def test_the_aux_loss_gradient_sent_as_a_constant_is_autograds_bit_for_bit(dtype
     (constant,) = torch.autograd.grad(prob_sums, scores, weight * coeff)
     assert torch.equal(constant, autograds)
     assert torch.equal(value, share.detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_sequences_aux_loss_from_the_layers_counts_is_the_same(dtype):
+    """With one sequence the picks are the MoE layer's histogram: the same loss, weight and gradient."""
+    g = torch.Generator().manual_seed(0)
+    seqlen, num_experts, top_k = 9, 8, 3
+    scores = torch.rand(seqlen, num_experts, generator=g, dtype=dtype).requires_grad_()
+    expert_ids = torch.rand(seqlen, num_experts, generator=g).topk(top_k, -1).indices
+    counts = count_tokens(expert_ids, num_experts)
+    got = sequence_aux_loss(scores, expert_ids, 1, top_k, counts=counts)
+    want = sequence_aux_loss(scores, expert_ids, 1, top_k)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 def test_only_training_forwards_count_expert_load():
