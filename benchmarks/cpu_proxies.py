@@ -60,6 +60,7 @@ FILL_OPS = {
     aten.new_full.default,
     aten.ones_like.default,
     aten.ones.default,
+    aten.new_ones.default,
     aten.full_like.default,
 }
 # No kernel: allocation, metadata, views (tagged or aliasing their input)

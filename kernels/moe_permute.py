@@ -22,9 +22,10 @@ except ImportError:  # without Triton only impl="torch" is available
 def count_tokens(expert_ids: Tensor, num_experts: int) -> Tensor:
     """expert_ids [T, K] -> the choices of each expert [num_experts] int64 (a histogram)."""
     flat = expert_ids.reshape(-1).long()
-    # scatter_add instead of bincount: a fixed output shape, so no host sync (bincount reads the max)
+    # scatter_add instead of bincount: a fixed output shape, so no host sync (bincount reads the max);
+    # its ones are one element broadcast (a view), not a [T*K] tensor written to memory
     counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device)
-    return counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.long))
+    return counts.scatter_add_(0, flat, flat.new_ones(()).expand_as(flat))
 
 
 def _route_rows(

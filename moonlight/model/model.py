@@ -513,7 +513,7 @@ def sequence_aux_loss(
     else:
         picks = torch.zeros(bsz, num_experts, device=scores.device, dtype=scores.dtype)
         ids = expert_ids.view(bsz, -1)
-        picks.scatter_add_(1, ids, torch.ones_like(ids, dtype=scores.dtype))
+        picks.scatter_add_(1, ids, scores.new_ones(()).expand(ids.shape))  # broadcast ones: nothing written
     prob_sums = _ProbSums.apply(scores, bsz)
     all_prob_sums = prob_sums.detach()
     if sequences.shards > 1:
