@@ -498,14 +498,15 @@ def sequence_aux_loss(
     P_i: mean over the sequence of the sigmoid scores normalized over all experts; f_i: the fraction
     of the sequence's routing choices that picked expert i, times E / K.
 
-    Returns (prob_sums, weight, the loss's value): this part's share of the loss is
+    Returns (prob_sums, weight, all_prob_sums): this part's share of the loss is
     (weight * prob_sums).sum(), linear in prob_sums [bsz, E] (differentiable), so `weight` (constant) is
-    its gradient. ``scores``/``expert_ids`` hold ``bsz`` sequences, or one part of each when
-    ``sequences`` splits them over processes: f_i and the value then need sums over all parts (one
-    ``sequences.sum``), and the share sum_i f_i * (this part's sum of P_i's terms) differentiates
-    through this part's scores only. The shares of all parts add up to the loss, so backpropagating
-    each part's share (times ``sequences.loss_scale`` where the parts' gradients are averaged, not
-    summed) gives the loss's gradient. ``counts``: `count_tokens(expert_ids, E)` where the caller has it."""
+    its gradient; the loss's value is `aux_loss_value(weight, all_prob_sums, sequences.loss_scale)`.
+    ``scores``/``expert_ids`` hold ``bsz`` sequences, or one part of each when ``sequences`` splits them
+    over processes: f_i and the value then need sums over all parts (one ``sequences.sum``), and the
+    share sum_i f_i * (this part's sum of P_i's terms) differentiates through this part's scores only.
+    The shares of all parts add up to the loss, so backpropagating each part's share (times
+    ``sequences.loss_scale`` where the parts' gradients are averaged, not summed) gives the loss's
+    gradient. ``counts``: `count_tokens(expert_ids, E)` where the caller has it."""
     num_experts = scores.shape[-1]
     seqlen = scores.shape[0] // bsz * sequences.shards
     if bsz == 1 and counts is not None:  # one sequence: its picks are the counts (integers, exact in floats)
@@ -520,8 +521,13 @@ def sequence_aux_loss(
         picks, all_prob_sums = sequences.sum(torch.stack([picks, all_prob_sums])).unbind(0)
     # f_i / (seqlen * bsz), every constant in one factor: the loss is then one product and one sum
     weight = picks * (num_experts / (top_k * seqlen * seqlen * bsz) * sequences.loss_scale)
+    return prob_sums, weight, all_prob_sums
+
+
+def aux_loss_value(weight: torch.Tensor, all_prob_sums: torch.Tensor, loss_scale: int = 1) -> torch.Tensor:
+    """The sequence aux loss's value from the terms `sequence_aux_loss` returns."""
     value = (weight * all_prob_sums).sum()
-    return prob_sums, weight, value if sequences.loss_scale == 1 else value / sequences.loss_scale
+    return value if loss_scale == 1 else value / loss_scale
 
 
 class _Fork(torch.autograd.Function):
@@ -593,7 +599,7 @@ class MoE(nn.Module):
             "tokens_per_expert", torch.zeros(args.n_routed_experts, dtype=torch.long), persistent=False
         )
         self.aux_loss_coeff = args.aux_loss_alpha if args.seq_aux else 0.0
-        self.last_aux_loss: torch.Tensor | None = None
+        self.aux_terms: tuple[torch.Tensor, torch.Tensor] | None = None  # the last aux loss's (weight, all_prob_sums)
         self.sequence_split: SequenceSplit = WHOLE_SEQUENCES  # swapped when each process routes a sequence part
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -615,13 +621,21 @@ class MoE(nn.Module):
             out = self.experts(x_routed, expert_ids, weights, counts) + side.join(shared)
         out = out.view(shape)
         if self.training and self.aux_loss_coeff > 0 and torch.is_grad_enabled():
-            prob_sums, weight, value = sequence_aux_loss(
+            prob_sums, weight, all_prob_sums = sequence_aux_loss(
                 scores, expert_ids, shape[0], self.args.num_experts_per_tok, self.sequence_split, counts
             )
-            self.last_aux_loss = self.aux_loss_coeff * value
+            self.aux_terms = (weight, all_prob_sums)  # the value is made when read (`last_aux_loss`)
             # the gradient of aux_loss_coeff * (weight * prob_sums).sum(), as autograd's chain computes it
             out = _AttachAuxLoss.apply(out, prob_sums, weight * self.aux_loss_coeff)
         return out
+
+    @property
+    def last_aux_loss(self) -> torch.Tensor | None:
+        """The aux loss of the last training forward (times its coefficient), made when read: the
+        trainer reads it on logging steps only, so the other forwards skip its three ops."""
+        if self.aux_terms is None:
+            return None
+        return self.aux_loss_coeff * aux_loss_value(*self.aux_terms, self.sequence_split.loss_scale)
 
 
 class Block(nn.Module):
