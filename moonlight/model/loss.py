@@ -12,6 +12,8 @@ docs/performance.md.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -21,7 +23,7 @@ from moonlight.dtypes import at_least_fp32
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, chunk_rows, with_grads):
+    def forward(ctx, hidden, weight, labels, ignore_index, num_chunks, with_grads):
         acc = torch.promote_types(hidden.dtype, torch.float32)
         wants_hidden, wants_weight = (with_grads and needed for needed in ctx.needs_input_grad[:2])
         # the masks once for all chunks; each chunk fills in its tokens' label logit, row maximum and
@@ -30,12 +32,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ignored = ~valid.unsqueeze(-1)
         safe_labels = torch.where(valid, labels, 0).unsqueeze(-1)
         target, row_max, top_prob = (hidden.new_empty(labels.shape, dtype=acc) for _ in range(3))
-        minus_one = torch.full(safe_labels[:chunk_rows].shape, -1.0, dtype=acc, device=hidden.device)
+        # chunks of equal size (within one row): a last chunk of a few rows would cost a whole pass over
+        # the head's weight and its gradient for almost no work
+        bounds = [i * hidden.shape[0] // num_chunks for i in range(num_chunks + 1)]
+        minus_one = torch.full((-(-hidden.shape[0] // num_chunks), 1), -1.0, dtype=acc, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if wants_hidden else None
         kept_hidden = hidden.masked_fill(ignored, 0.0) if wants_weight else None  # ignored tokens zeroed
         grad_weight = None  # accumulated over the chunks in fp32 (fp64 stays fp64)
-        for start in range(0, hidden.shape[0], chunk_rows):
-            rows = slice(start, start + chunk_rows)
+        for start, stop in itertools.pairwise(bounds):
+            rows = slice(start, stop)
             logits = (hidden[rows] @ weight.t()).to(acc)
             torch.gather(logits, -1, safe_labels[rows], out=target[rows].unsqueeze(-1))
             torch.amax(logits, -1, out=row_max[rows])
@@ -76,16 +81,18 @@ def linear_cross_entropy(
     (fp64 for fp64 inputs).
 
     hidden [N, H], weight [V, H] (a plain tensor: vocab-sharded heads use the vocab-parallel loss),
-    labels [N]. Chunks of `chunk_bytes` fp32 logits each; differentiable w.r.t. hidden and weight.
+    labels [N]. As few chunks of equal size as keep each one's fp32 logits within `chunk_bytes`;
+    differentiable w.r.t. hidden and weight.
     """
     if hasattr(weight, "to_local"):
         raise TypeError(
             "linear_cross_entropy needs the whole lm_head weight; a vocab-sharded head (tensor "
             "parallel) takes moonlight.parallel.cross_entropy_loss on its logits"
         )
-    chunk_rows = max(1, chunk_bytes // (4 * weight.shape[0]))
+    max_rows = max(1, chunk_bytes // (4 * weight.shape[0]))
+    num_chunks = max(1, -(-hidden.shape[0] // max_rows))
     with_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return _LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, chunk_rows, with_grads)
+    return _LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, num_chunks, with_grads)
 
 
 def cross_entropy_from_hidden(hidden: Tensor, lm_head: nn.Module, labels: Tensor, ignore_index: int = -100) -> Tensor:

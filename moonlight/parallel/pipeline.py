@@ -1,12 +1,14 @@
 """Pipeline parallel (PP) with torch.distributed.pipelining; layouts are in pipeline_layout.py.
 
-    stages, parts = build_pipeline_stages(args, layout, pp_mesh, device, schedule=name, parallelize_fn=...)
-    schedule = build_schedule(stages, name, n_microbatches, loss_fn, local_batch_size=B)
+    stages, parts = build_pipeline_stages(args, layout, pp_mesh, device, return_hidden=True, parallelize_fn=...)
+    schedule = build_schedule(stages, name, n_microbatches, hidden_states_loss(parts), local_batch_size=B)
     loss = pipeline_step(schedule, tokens, labels)   # on the last stage's rank, None elsewhere
 
-Each microbatch contributes sum(CE) / num_tokens with scale_grads=False, so the gradients equal a
-single process's. The MoE aux loss rides inside each MoE layer and needs nothing from the pipeline.
-Loss scaling and shape inference: docs/parallelism.md.
+With a whole head the last stage returns its final hidden states and `hidden_states_loss` applies the
+head chunk by chunk (no [B, S, V] fp32 logits); a vocab-sharded head returns logits for
+`cross_entropy_loss`. Each microbatch contributes sum(CE) / num_tokens with scale_grads=False, so the
+gradients equal a single process's. The MoE aux loss rides inside each MoE layer. Loss scaling and
+shape inference: docs/parallelism.md.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_s
 from moonlight.config import ModelArgs
 from moonlight.errors import ConfigError
 from moonlight.model import Moonlight
+from moonlight.model.loss import cross_entropy_from_hidden
 from moonlight.parallel.pipeline_layout import (
     SCHEDULES,
     schedule_problems,
@@ -32,9 +35,9 @@ from moonlight.parallel.pipeline_layout import (
     stage_style,
     validate_layout,
 )
-from moonlight.parallel.tensor import cross_entropy_loss  # plain or vocab-sharded logits
+from moonlight.parallel.tensor import cross_entropy_loss, reduce_token_losses  # plain or vocab-sharded logits
 
-__all__ = ["build_pipeline_stages", "build_schedule", "cross_entropy_loss", "pipeline_step"]
+__all__ = ["build_pipeline_stages", "build_schedule", "cross_entropy_loss", "hidden_states_loss", "pipeline_step"]
 
 
 def _meta_model(args: ModelArgs) -> nn.Module:
@@ -51,6 +54,7 @@ def build_pipeline_stages(
     schedule: str = "1F1B",
     build_fn: Callable[[ModelArgs], nn.Module] | None = None,
     parallelize_fn: Callable[[nn.Module, int], nn.Module | None] | None = None,
+    return_hidden: bool = False,
 ) -> tuple[list[PipelineStage], list[nn.Module]]:
     """Build this rank's pipeline stages; returns (stages, model_parts), one per local virtual stage.
 
@@ -61,6 +65,8 @@ def build_pipeline_stages(
     last stage. `parallelize_fn(module, stage_index)` then runs (apply EP/TP/FSDP/AC, `to_empty`,
     `init_weights` or checkpoint load; it may return a replacement module) before the module is
     wrapped as a PipelineStage over `pp_mesh`'s process group. vp = len(layout) // pp_mesh.size().
+    return_hidden: the last stage runs as ``model(..., return_hidden=True)``, its output the final
+    hidden states for `hidden_states_loss` (a whole head only: a vocab-sharded one needs its logits).
     """
     pp = pp_mesh.size()
     if len(layout) % pp:
@@ -85,9 +91,38 @@ def build_pipeline_stages(
             model.lm_head = None
         if parallelize_fn is not None:
             model = parallelize_fn(model, s) or model
+        if return_hidden and s == n_stages - 1:
+            # a hook, not a step keyword: the schedule splits every keyword into microbatches as a tensor
+            model.register_forward_pre_hook(_ask_for_hidden, with_kwargs=True)
         stages.append(PipelineStage(model, s, n_stages, torch.device(device), group=group))
         parts.append(model)
     return stages, parts
+
+
+def _ask_for_hidden(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    return args, {**kwargs, "return_hidden": True}
+
+
+def hidden_states_loss(parts: Sequence[nn.Module]) -> Callable[..., torch.Tensor]:
+    """The schedule's loss_fn for stages built with return_hidden=True: `cross_entropy_from_hidden` of
+    the last stage's hidden states through that stage's lm_head (no [B, S, V] fp32 logits), reduced
+    as `cross_entropy_loss` reduces its logits' loss (same keywords). Every rank's schedule needs a
+    loss_fn to run backward; only the rank holding the last stage (among `parts`) calls it."""
+    last = [part for part in parts if part.lm_head is not None]
+
+    def loss_fn(
+        hidden: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        num_tokens: int | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        (part,) = last
+        total = cross_entropy_from_hidden(hidden, part.lm_head, labels, ignore_index)
+        return reduce_token_losses(total, labels, ignore_index=ignore_index, reduction=reduction, num_tokens=num_tokens)
+
+    return loss_fn
 
 
 # ------------------------------------------------------------------ schedule and step

@@ -27,7 +27,7 @@ from moonlight.parallel.tensor import cross_entropy_loss, reduce_token_losses
 from moonlight.parallel.compile import apply_compile
 from moonlight.parallel.context import zigzag_slice
 from moonlight.parallel.data_parallel import apply_activation_checkpointing
-from moonlight.parallel.pipeline import build_pipeline_stages, build_schedule, pipeline_step
+from moonlight.parallel.pipeline import build_pipeline_stages, build_schedule, hidden_states_loss, pipeline_step
 from moonlight.parallel.pipeline_layout import resolve_layout
 from moonlight.train.config import JobConfig
 from moonlight.data.loader import Batch
@@ -77,8 +77,8 @@ class ParallelRun:
     moe_count_group: dist.ProcessGroup | None = None  # every rank that routes different tokens through the same layers
     replica_mesh: DeviceMesh | None = None  # ranks holding copies of a weight its own mesh lacks (Muon's replicas)
     holds_loss: bool = True  # this rank's loss counts once in the reported mean (last stage, tp rank 0; any cp)
-    # The loss comes from the hidden states in chunks (no [B, S, V] fp32 logits); not with
-    # a vocab-sharded head (tp > 1: the vocab-parallel loss_fn) or pipeline stages (the schedule's loss_fn).
+    # The loss comes from the hidden states in chunks (no [B, S, V] fp32 logits), under pipeline parallel
+    # in the schedule's loss_fn; not with a vocab-sharded head (tp > 1: the vocab-parallel loss on logits).
     loss_from_hidden: bool = True
     description: str = "single process"
 
@@ -237,17 +237,26 @@ def build_parallel_run(
         replica_mesh=mesh["replicas"],
         description=dims.describe() + (" + sequence parallel" if sequence_parallel else ""),
     )
+    from_hidden = p.tp == 1  # a whole head
     if p.pp == 1:
-        return ParallelRun(model_parts=[prepare(full)], holds_loss=tp_rank == 0, loss_from_hidden=p.tp == 1, **common)
+        return ParallelRun(model_parts=[prepare(full)], holds_loss=tp_rank == 0, loss_from_hidden=from_hidden, **common)
 
     # Each local stage starts from its own copy of the full model (identical initial weights in every configuration).
     build_fn = (lambda _: copy.deepcopy(full)) if not next(full.parameters()).is_meta else None
     stages, parts = build_pipeline_stages(
-        args, pp_layout, mesh["pp"], device, schedule=p.pp_schedule, build_fn=build_fn, parallelize_fn=prepare
+        args,
+        pp_layout,
+        mesh["pp"],
+        device,
+        schedule=p.pp_schedule,
+        build_fn=build_fn,
+        parallelize_fn=prepare,
+        return_hidden=from_hidden,
     )
     n_micro = p.pp_microbatches or t.local_batch_size
+    loss_fn = hidden_states_loss(parts) if from_hidden else cross_entropy_loss
     schedule = build_schedule(
-        stages, p.pp_schedule, n_micro, cross_entropy_loss, scale_grads=False, local_batch_size=t.local_batch_size
+        stages, p.pp_schedule, n_micro, loss_fn, scale_grads=False, local_batch_size=t.local_batch_size
     )
     holds_last = any(s.is_last for s in stages)
     common["description"] += f", pipeline {p.pp_schedule} layout {pp_layout} x {n_micro} micro-batches"
@@ -257,7 +266,7 @@ def build_parallel_run(
         pp_group=mesh["pp"].get_group(),
         holds_loss=holds_last and tp_rank == 0,
         microbatches_per_step=n_micro,
-        loss_from_hidden=False,
+        loss_from_hidden=from_hidden,
         **common,
     )
 

@@ -1,5 +1,6 @@
 """Pipeline parallel on 2 gloo ranks: pipelined steps (several schedules and layouts, with expert
-parallel too) equal one process, and the token-sum loss needs no gradient scaling."""
+parallel too, the loss from the last stage's hidden states or from its logits) equal one process, no
+[B, S, V] logits exist with the loss from hidden states, and the token-sum loss needs no gradient scaling."""
 
 import pytest
 import torch
@@ -7,11 +8,19 @@ import torch.nn.functional as F
 from torch.autograd.graph import GradientEdge
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from moonlight.config import ModelArgs
 from moonlight.model.model import Moonlight, RMSNorm
 from moonlight.parallel.expert import apply_expert_parallel
-from moonlight.parallel.pipeline import build_pipeline_stages, build_schedule, cross_entropy_loss, pipeline_step
+from moonlight.parallel.pipeline import (
+    build_pipeline_stages,
+    build_schedule,
+    cross_entropy_loss,
+    hidden_states_loss,
+    pipeline_step,
+)
 from moonlight.parallel.pipeline_layout import (
     SPLIT_BACKWARD_SCHEDULES,
     schedule_problems,
@@ -67,19 +76,46 @@ def _grads(parts):
     return out
 
 
-def _pp_rank(rank, world, args, layout, schedule, n_mb, bsz, token_sum=False):
+class _VocabShapes(TorchDispatchMode):
+    """The shapes of the tensors made by the ops run inside whose last dimension is the vocabulary."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab, self.shapes = vocab, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.ndim and t.shape[-1] == self.vocab:
+                self.shapes.add(tuple(t.shape))
+        return out
+
+
+def _stages_and_schedule(args, layout, pp_mesh, schedule, n_mb, bsz, parallelize_fn, from_hidden, **kw):
+    """The trainer's pipeline: with from_hidden (a whole head) the last stage returns its hidden states
+    and the schedule's loss applies the head in chunks, else the loss is taken on the stage's logits."""
+    stages, parts = build_pipeline_stages(
+        args, layout, pp_mesh, "cpu", schedule=schedule, parallelize_fn=parallelize_fn, return_hidden=from_hidden
+    )
+    loss_fn = hidden_states_loss(parts) if from_hidden else cross_entropy_loss
+    return parts, build_schedule(stages, schedule, n_mb, loss_fn, local_batch_size=bsz, **kw)
+
+
+def _pp_rank(rank, world, args, layout, schedule, n_mb, bsz, from_hidden, token_sum=False):
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("pp",))
     state = _reference(args).state_dict()
-    stages, parts = build_pipeline_stages(args, layout, mesh, "cpu", schedule=schedule, parallelize_fn=_loader(state))
+    parts, sched = _stages_and_schedule(
+        args, layout, mesh, schedule, n_mb, bsz, _loader(state), from_hidden, scale_grads=not token_sum
+    )
     names = {n for part in parts for n, _ in part.named_parameters()}
-    sched = build_schedule(stages, schedule, n_mb, cross_entropy_loss, local_batch_size=bsz, scale_grads=not token_sum)
     inputs, labels = _batch(args, bsz)
     num_tokens = labels.numel() if token_sum else None  # sum(CE) / tokens, no 1/n_microbatches
-    for _ in range(2):  # the trainer loop: zero grads, step (the first step also infers shapes)
-        for part in parts:
-            part.zero_grad(set_to_none=True)
-        loss = pipeline_step(sched, inputs, labels, num_tokens=num_tokens)
-    return (None if loss is None else loss.item()), _grads(parts), sorted(names), _loads(parts)
+    with _VocabShapes(args.vocab_size) as vocab_shapes:
+        for _ in range(2):  # the trainer loop: zero grads, step (the first step also infers shapes)
+            for part in parts:
+                part.zero_grad(set_to_none=True)
+            loss = pipeline_step(sched, inputs, labels, num_tokens=num_tokens)
+    return (None if loss is None else loss.item()), _grads(parts), sorted(names), _loads(parts), vocab_shapes.shapes
 
 
 def _loads(parts):
@@ -110,8 +146,8 @@ def _check_against_reference(args, bsz, results, ep=1, steps=2):
     for value in losses:
         assert abs(value - loss.item()) <= ATOL + RTOL * abs(loss.item())
     seen = set()
-    for _, grads, _, _ in results:
-        for name, g in grads.items():
+    for r in results:
+        for name, g in r[1].items():
             torch.testing.assert_close(
                 torch.from_numpy(g), ref.get_parameter(name).grad, atol=ATOL, rtol=RTOL, msg=lambda m: f"{name}: {m}"
             )
@@ -119,11 +155,27 @@ def _check_against_reference(args, bsz, results, ep=1, steps=2):
     assert seen == {n for n, _ in ref.named_parameters()}
 
 
+def _check_vocab_shapes(args, results, from_hidden, microbatch_shape):
+    """From hidden states: the last stage's loss makes [tokens, V] rows (one chunk here: the debug
+    vocabulary is small) and no [mb, S, V] logits, on any rank; from logits: those logits exist."""
+    last = next(r[4] for r in results if r[0] is not None)
+    logits = (*microbatch_shape, args.vocab_size)
+    if from_hidden:
+        assert last and all(len(shape) == 2 for r in results for shape in r[4]), [r[4] for r in results]
+    else:
+        assert logits in last, last
+
+
+HEAD_LOSSES = pytest.mark.parametrize("from_hidden", [True, False], ids=["from_hidden", "from_logits"])
+
+
+@HEAD_LOSSES
 @pytest.mark.floor  # torch 2.11's schedules take no loss_kwargs
-def test_pp2_token_sum_loss_without_grad_scaling():
+def test_pp2_token_sum_loss_without_grad_scaling(from_hidden):
     args, bsz = _args(), 4
-    results = run_ranks(_pp_rank, 2, args, [2, 2], "1F1B", 4, bsz, True)
+    results = run_ranks(_pp_rank, 2, args, [2, 2], "1F1B", 4, bsz, from_hidden, True)
     _check_against_reference(args, bsz, results)
+    _check_vocab_shapes(args, results, from_hidden, (1, 6))
 
 
 def _refused_here(schedule, vp):
@@ -150,12 +202,13 @@ def _refused_here(schedule, vp):
         ("DualPipeV", [1, 1, 1, 1], 4, 0.0),
     ],
 )
+@HEAD_LOSSES
 @pytest.mark.floor  # torch 2.11 refuses the split-backward schedules, newer ones run them
-def test_pp2_matches_single_process(schedule, layout, n_mb, aux):
+def test_pp2_matches_single_process(schedule, layout, n_mb, aux, from_hidden):
     if _refused_here(schedule, len(layout) // 2):
         return
     args, bsz = _args(aux_loss_alpha=aux), 4
-    results = run_ranks(_pp_rank, 2, args, layout, schedule, n_mb, bsz)
+    results = run_ranks(_pp_rank, 2, args, layout, schedule, n_mb, bsz, from_hidden)
     # stage placement: global layer keys, embed only on stage 0, lm_head only on the last stage
     v = schedule in ("ZBVZeroBubble", "DualPipeV")
     first_rank_layers = {n.split(".")[1] for n in results[0][2] if n.startswith("layers.")}
@@ -166,15 +219,15 @@ def test_pp2_matches_single_process(schedule, layout, n_mb, aux):
     assert any(n.startswith("lm_head.") for n in results[last][2])
     assert not any(n.startswith("lm_head.") for n in results[1 - last][2])
     _check_against_reference(args, bsz, results)
+    _check_vocab_shapes(args, results, from_hidden, (bsz // n_mb, 6))
 
 
-def _pp_ep_rank(rank, world, args, layout, schedule, n_mb, bsz):
+def _pp_ep_rank(rank, world, args, layout, schedule, n_mb, bsz, from_hidden):
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "ep"))
     state = _reference(args).state_dict()
-    stages, parts = build_pipeline_stages(
-        args, layout, mesh["pp"], "cpu", schedule=schedule, parallelize_fn=_loader(state, mesh["ep"])
+    parts, sched = _stages_and_schedule(
+        args, layout, mesh["pp"], schedule, n_mb, bsz, _loader(state, mesh["ep"]), from_hidden
     )
-    sched = build_schedule(stages, schedule, n_mb, cross_entropy_loss, local_batch_size=bsz)
     inputs, labels = _batch(args, 2 * bsz)
     ep_rank = mesh["ep"].get_local_rank()
     sl = slice(ep_rank * bsz, (ep_rank + 1) * bsz)  # each ep rank: its own data shard
@@ -191,10 +244,11 @@ def _pp_ep_rank(rank, world, args, layout, schedule, n_mb, bsz):
     return (None if loss is None else loss.item()), _grads(parts), [], loads
 
 
+@HEAD_LOSSES
 @pytest.mark.parametrize("schedule,layout", [("1F1B", [2, 2]), ("ZBVZeroBubble", [1, 1, 1, 1])])
-def test_pp2_ep2_matches_single_process(schedule, layout):
+def test_pp2_ep2_matches_single_process(schedule, layout, from_hidden):
     if _refused_here(schedule, len(layout) // 2):
         return
     args, bsz = _args(), 2
-    results = run_ranks(_pp_ep_rank, 4, args, layout, schedule, 2, bsz)
+    results = run_ranks(_pp_ep_rank, 4, args, layout, schedule, 2, bsz, from_hidden)
     _check_against_reference(args, bsz, results, ep=2, steps=1)

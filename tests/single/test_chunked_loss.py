@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from moonlight.config import ModelArgs
 from moonlight.model import Moonlight
@@ -69,6 +70,27 @@ def test_linear_cross_entropy_large_logits_and_frozen_hidden():
     torch.testing.assert_close(torch.autograd.grad(got, weight)[0], torch.autograd.grad(want, weight)[0])
     with torch.no_grad():
         torch.testing.assert_close(linear_cross_entropy(hidden, weight, labels), want)
+
+
+@pytest.mark.parametrize(("n", "budget_rows", "want_rows"), [(13, 4, [3, 3, 3, 4]), (4096, 819, [682, 683, 683] * 2)])
+def test_linear_cross_entropy_chunks_are_equal(n, budget_rows, want_rows):
+    """The fewest chunks within the budget, of equal size: 4096 tokens at Moonlight's budget (819 rows)
+    are 6 chunks of 682-683 rows, not 5 of 819 and one of a single token, which would cost a whole pass
+    over the head's weight and its gradient for one row."""
+    vocab = 8
+    hidden = torch.randn(n, 4, requires_grad=True)
+    weight = torch.randn(vocab, 4, requires_grad=True)
+    rows = []
+
+    class RowsOfLogits(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.mm.default and args[1].shape[-1] == vocab:
+                rows.append(args[0].shape[0])
+            return func(*args, **(kwargs or {}))
+
+    with RowsOfLogits():
+        linear_cross_entropy(hidden, weight, torch.randint(0, vocab, (n,)), chunk_bytes=budget_rows * vocab * 4)
+    assert rows == want_rows
 
 
 class _WrappedHead(torch.nn.Linear):
