@@ -1,5 +1,5 @@
 """CPU proxy of the optimizer step's cost on a GPU: ops dispatched (each a kernel launch there) and
-bytes written by them, per optimizer step, counted with a TorchDispatchMode.
+bytes written by them, per optimizer step, counted with the TorchDispatchMode of `op_counter.py`.
 
 For Muon (with AdamW on the embedding, head and 1-D weights) and AdamW alone, through
 `build_optimizers` as the trainer calls it, with and without fp32 master weights (precision_aware),
@@ -15,7 +15,6 @@ costs about twice that in memory traffic: it is read too).
 """
 
 import argparse
-import collections
 import json
 import sys
 from pathlib import Path
@@ -25,9 +24,8 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from torch.utils._pytree import tree_flatten  # noqa: E402
 
+from benchmarks.op_counter import OpCounter  # noqa: E402
 from moonlight.config import ModelArgs  # noqa: E402
 from moonlight.model import Moonlight  # noqa: E402
 from moonlight.train.optim import build_optimizers  # noqa: E402
@@ -37,43 +35,6 @@ MODELS = {
     "slice": lambda: ModelArgs.preset(
         "moonlight-16b-a3b", num_hidden_layers=4, first_k_dense_replace=1, kernels="torch"
     ),
-}
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts the non-view ops dispatched under it (by name) and the bytes they write."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-        self.bytes_written = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if not (func.is_view or func.namespace == "prim" or func.overloadpacket.__name__ in _FREE):
-            self.ops[func.__name__] += 1
-            written = [out] + [
-                a for a, s in zip(args, func._schema.arguments) if s.alias_info is not None and s.alias_info.is_write
-            ]
-            self.bytes_written += sum(
-                t.nbytes for t in tree_flatten(written)[0] if isinstance(t, torch.Tensor) and not func.is_view
-            )
-        return out
-
-
-# ops that launch no kernel: metadata, allocations, profiler marks
-_FREE = {
-    "detach",
-    "_unsafe_view",
-    "_local_scalar_dense",
-    "empty",
-    "empty_like",
-    "new_empty",
-    "empty_strided",
-    "new_empty_strided",
-    "_record_function_enter_new",
-    "_record_function_exit",
 }
 
 
@@ -99,9 +60,9 @@ def count_step(model_name: str, optimizer: str, precision_aware: bool) -> dict:
         "optimizer": optimizer + (" + fp32 master" if precision_aware else ""),
         "params": len(params),
         "numel": sum(p.numel() for p in params),
-        "ops": sum(counter.ops.values()),
+        "ops": sum(counter.launches.values()),
         "bytes_written": counter.bytes_written,
-        "top_ops": dict(counter.ops.most_common(8)),
+        "top_ops": dict(counter.launches.most_common(8)),
     }
 
 

@@ -19,13 +19,22 @@ except ImportError:  # without Triton only impl="torch" is available
     triton = None
 
 
-def _route_rows(expert_ids: Tensor, num_experts: int, align: int) -> tuple[Tensor, Tensor, int, Tensor]:
-    """(row_index [T*K], padded group sizes [E], N, slot of each of the first T*K rows in expert-major
-    order) from one stable sort and one histogram."""
+def count_tokens(expert_ids: Tensor, num_experts: int) -> Tensor:
+    """expert_ids [T, K] -> the choices of each expert [num_experts] int64 (a histogram)."""
     flat = expert_ids.reshape(-1).long()
-    # scatter_add instead of bincount: a fixed output shape, so no host sync (bincount reads the max)
+    # scatter_add instead of bincount: a fixed output shape, so no host sync (bincount reads the max);
+    # its ones are one element broadcast (a view), not a [T*K] tensor written to memory
     counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.long))
+    return counts.scatter_add_(0, flat, flat.new_ones(()).expand_as(flat))
+
+
+def _route_rows(
+    expert_ids: Tensor, num_experts: int, align: int, counts: Tensor | None
+) -> tuple[Tensor, Tensor, int, Tensor]:
+    """(row_index [T*K], padded group sizes [E], N, slot of each of the first T*K rows in expert-major
+    order) from one stable sort and the histogram `counts` (made here when None)."""
+    flat = expert_ids.reshape(-1).long()
+    counts = count_tokens(expert_ids, num_experts) if counts is None else counts
     sorted_experts, order = flat.sort(stable=True)  # order[i]: the slot at expert-major position i
     rows = torch.arange(flat.numel(), device=flat.device)
     if align == 1:
@@ -266,9 +275,10 @@ _unpermute_op.register_autograd(_unpermute_backward, setup_context=_unpermute_se
 
 
 def permute_tokens(
-    x: Tensor, expert_ids: Tensor, num_experts: int, align: int = 1, impl: str = "torch"
+    x: Tensor, expert_ids: Tensor, num_experts: int, align: int = 1, impl: str = "torch", counts: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """x [T, H]; expert_ids [T, K] int (top-k choices of each token).
+    """x [T, H]; expert_ids [T, K] int (top-k choices of each token); counts: `count_tokens(expert_ids,
+    num_experts)` where the caller has it already.
 
     Returns (permuted [N, H], tokens_per_expert [num_experts] int64, row_index [T*K] int64).
     Rows are grouped expert-major; inside one expert, rows are in (token, k) order (stable). With
@@ -278,7 +288,7 @@ def permute_tokens(
     N depends on shapes only (no host sync): T*K, or with align > 1 the bound T*K + E*(align-1)
     rounded up to `align`, the last expert's group taking the spare rows as extra padding.
     """
-    row_index, tokens_per_expert, num_rows, order = _route_rows(expert_ids, num_experts, align)
+    row_index, tokens_per_expert, num_rows, order = _route_rows(expert_ids, num_experts, align, counts)
     if impl == "torch":
         permuted = _permute_torch(x, row_index, num_rows, order, expert_ids.shape[-1])
     elif impl == "triton":

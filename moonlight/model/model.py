@@ -21,7 +21,7 @@ from torch.nn.attention.varlen import varlen_attn
 from moonlight.kernels.backend import resolve_impl
 from moonlight.kernels.grouped_mm import grouped_mm
 from moonlight.kernels.mla_rope import mla_rope_key, rope_tables, rotate_rope_
-from moonlight.kernels.moe_permute import permute_tokens, unpermute_tokens
+from moonlight.kernels.moe_permute import count_tokens, permute_tokens, unpermute_tokens
 from moonlight.kernels.moe_router import route_topk
 from moonlight.kernels.rms_norm import rms_norm
 from moonlight.config import ModelArgs
@@ -98,7 +98,7 @@ class Dispatcher(Protocol):
     communicates: bool
 
     def dispatch(
-        self, x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int, impl: str
+        self, x: torch.Tensor, expert_ids: torch.Tensor, counts: torch.Tensor, impl: str
     ) -> tuple[torch.Tensor, torch.Tensor, object]: ...
 
     def combine(self, y: torch.Tensor, weights: torch.Tensor, state: object, impl: str) -> torch.Tensor: ...
@@ -390,9 +390,12 @@ class LocalDispatcher:
         # dropped the 8-row padding for bf16 torch._grouped_mm too); padding never syncs either way.
         self.align = align
 
-    def dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int, impl: str):
-        """-> (rows [N, H] grouped by local expert, rows per local expert [E_local], state for combine)."""
-        rows, counts, row_index = permute_tokens(x, expert_ids, num_experts, align=self.align, impl=impl)
+    def dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor, counts: torch.Tensor, impl: str):
+        """counts: the choices of each expert (`count_tokens`) -> (rows [N, H] grouped by local expert,
+        rows per local expert [E_local], state for combine)."""
+        rows, counts, row_index = permute_tokens(
+            x, expert_ids, counts.numel(), align=self.align, impl=impl, counts=counts
+        )
         return rows, counts, row_index
 
     def combine(self, y: torch.Tensor, weights: torch.Tensor, state, impl: str) -> torch.Tensor:
@@ -433,28 +436,34 @@ class GroupedExperts(nn.Module):
         for p in (self.gate_proj, self.up_proj, self.down_proj):
             nn.init.normal_(p, std=std)
 
-    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """counts: `count_tokens(expert_ids, n_routed_experts)` where the caller has it already."""
         impl = resolve_impl(self.args.kernels, x.device)
         gate, up, down = local_tensor(self.gate_proj), local_tensor(self.up_proj), local_tensor(self.down_proj)
-        rows, counts, state = self.dispatcher.dispatch(x, expert_ids, self.args.n_routed_experts, impl)
+        if counts is None:
+            counts = count_tokens(expert_ids, self.args.n_routed_experts)
+        rows, counts, state = self.dispatcher.dispatch(x, expert_ids, counts, impl)
         y = grouped_swiglu(rows, counts, gate, up, down)
         return self.dispatcher.combine(y, weights, state, impl)
 
 
 class _AttachAuxLoss(torch.autograd.Function):
-    """Identity on the MoE output whose backward also sends gradient 1 into the aux loss, so the
-    balance loss trains the router without threading it through the model's outputs (which pipeline
-    stages could not do)."""
+    """Identity on the MoE output whose backward also sends the aux loss's gradient into `prob_sums`,
+    so the balance loss trains the router without threading it through the model's outputs (which
+    pipeline stages could not do). The loss is linear in `prob_sums`: that gradient is the constant
+    `grad_prob_sums`, made in the forward (autograd's chain from a ones_like takes three ops)."""
 
     @staticmethod
-    def forward(ctx, out, aux_loss):
-        ctx.save_for_backward(aux_loss)
+    def forward(ctx, out, prob_sums, grad_prob_sums):
+        ctx.save_for_backward(grad_prob_sums)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        (aux_loss,) = ctx.saved_tensors
-        return grad_out, torch.ones_like(aux_loss)
+        (grad_prob_sums,) = ctx.saved_tensors
+        return grad_out, grad_prob_sums, None
 
 
 class _ProbSums(torch.autograd.Function):
@@ -478,32 +487,47 @@ class _ProbSums(torch.autograd.Function):
 
 
 def sequence_aux_loss(
-    scores: torch.Tensor, expert_ids: torch.Tensor, bsz: int, top_k: int, sequences: SequenceSplit = WHOLE_SEQUENCES
-) -> tuple[torch.Tensor, torch.Tensor]:
+    scores: torch.Tensor,
+    expert_ids: torch.Tensor,
+    bsz: int,
+    top_k: int,
+    sequences: SequenceSplit = WHOLE_SEQUENCES,
+    counts: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """DeepSeek-V3's sequence-wise balance loss sum_i f_i * P_i, averaged over sequences.
     P_i: mean over the sequence of the sigmoid scores normalized over all experts; f_i: the fraction
     of the sequence's routing choices that picked expert i, times E / K.
 
-    Returns (this part's share, the loss's value). ``scores``/``expert_ids`` hold ``bsz`` sequences, or
-    one part of each when ``sequences`` splits them over processes: f_i and the value then need sums
-    over all parts (one ``sequences.sum``), and the share sum_i f_i * (this part's sum of P_i's terms)
-    differentiates through this part's scores only. The shares of all parts add up to the loss, so
-    backpropagating each part's share (times ``sequences.loss_scale`` where the parts' gradients are
-    averaged, not summed) gives the loss's gradient."""
+    Returns (prob_sums, weight, all_prob_sums): this part's share of the loss is
+    (weight * prob_sums).sum(), linear in prob_sums [bsz, E] (differentiable), so `weight` (constant) is
+    its gradient; the loss's value is `aux_loss_value(weight, all_prob_sums, sequences.loss_scale)`.
+    ``scores``/``expert_ids`` hold ``bsz`` sequences, or one part of each when ``sequences`` splits them
+    over processes: f_i and the value then need sums over all parts (one ``sequences.sum``), and the
+    share sum_i f_i * (this part's sum of P_i's terms) differentiates through this part's scores only.
+    The shares of all parts add up to the loss, so backpropagating each part's share (times
+    ``sequences.loss_scale`` where the parts' gradients are averaged, not summed) gives the loss's
+    gradient. ``counts``: `count_tokens(expert_ids, E)` where the caller has it."""
     num_experts = scores.shape[-1]
     seqlen = scores.shape[0] // bsz * sequences.shards
-    picks = torch.zeros(bsz, num_experts, device=scores.device, dtype=scores.dtype)
-    picks.scatter_add_(1, expert_ids.view(bsz, -1), torch.ones_like(expert_ids.view(bsz, -1), dtype=scores.dtype))
+    if bsz == 1 and counts is not None:  # one sequence: its picks are the counts (integers, exact in floats)
+        picks = counts.to(scores.dtype).view(1, num_experts)
+    else:
+        picks = torch.zeros(bsz, num_experts, device=scores.device, dtype=scores.dtype)
+        ids = expert_ids.view(bsz, -1)
+        picks.scatter_add_(1, ids, scores.new_ones(()).expand(ids.shape))  # broadcast ones: nothing written
     prob_sums = _ProbSums.apply(scores, bsz)
     all_prob_sums = prob_sums.detach()
     if sequences.shards > 1:
         picks, all_prob_sums = sequences.sum(torch.stack([picks, all_prob_sums])).unbind(0)
     # f_i / (seqlen * bsz), every constant in one factor: the loss is then one product and one sum
     weight = picks * (num_experts / (top_k * seqlen * seqlen * bsz) * sequences.loss_scale)
-    share = (weight * prob_sums).sum()
-    if sequences.shards == 1 and sequences.loss_scale == 1:
-        return share, share.detach()
-    return share, (weight * all_prob_sums).sum() / sequences.loss_scale
+    return prob_sums, weight, all_prob_sums
+
+
+def aux_loss_value(weight: torch.Tensor, all_prob_sums: torch.Tensor, loss_scale: int = 1) -> torch.Tensor:
+    """The sequence aux loss's value from the terms `sequence_aux_loss` returns."""
+    value = (weight * all_prob_sums).sum()
+    return value if loss_scale == 1 else value / loss_scale
 
 
 class _Fork(torch.autograd.Function):
@@ -575,19 +599,18 @@ class MoE(nn.Module):
             "tokens_per_expert", torch.zeros(args.n_routed_experts, dtype=torch.long), persistent=False
         )
         self.aux_loss_coeff = args.aux_loss_alpha if args.seq_aux else 0.0
-        self.last_aux_loss: torch.Tensor | None = None
+        self.aux_terms: tuple[torch.Tensor, torch.Tensor] | None = None  # the last aux loss's (weight, all_prob_sums)
         self.sequence_split: SequenceSplit = WHOLE_SEQUENCES  # swapped when each process routes a sequence part
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, expert_ids, scores = self.router(x, self.sequence_split)
+        counts = count_tokens(expert_ids, self.args.n_routed_experts)  # one histogram: the load and the permute's
         if self.training:  # only training tokens steer the router bias (not validation, not generation)
-            with torch.no_grad():  # scatter_add, not bincount: bincount reads its output size back to the host
-                choices = expert_ids.flatten()
-                self.tokens_per_expert.scatter_add_(0, choices, torch.ones_like(choices))
+            self.tokens_per_expert.add_(counts)
         if self.shared_experts is None:
-            out = self.experts(x, expert_ids, weights)
+            out = self.experts(x, expert_ids, weights, counts)
         else:
             # The shared experts need no routing: while the dispatcher communicates they run on a side
             # stream (CUDA), issued first so they overlap the all-to-alls. Same ops, same sum: bit-exact.
@@ -595,15 +618,24 @@ class MoE(nn.Module):
             side = SideStream(x_shared, enabled=self.experts.dispatcher.communicates)
             with side:
                 shared = self.shared_experts(x_shared)
-            out = self.experts(x_routed, expert_ids, weights) + side.join(shared)
+            out = self.experts(x_routed, expert_ids, weights, counts) + side.join(shared)
         out = out.view(shape)
         if self.training and self.aux_loss_coeff > 0 and torch.is_grad_enabled():
-            share, value = sequence_aux_loss(
-                scores, expert_ids, shape[0], self.args.num_experts_per_tok, self.sequence_split
+            prob_sums, weight, all_prob_sums = sequence_aux_loss(
+                scores, expert_ids, shape[0], self.args.num_experts_per_tok, self.sequence_split, counts
             )
-            self.last_aux_loss = self.aux_loss_coeff * value
-            out = _AttachAuxLoss.apply(out, self.aux_loss_coeff * share)
+            self.aux_terms = (weight, all_prob_sums)  # the value is made when read (`last_aux_loss`)
+            # the gradient of aux_loss_coeff * (weight * prob_sums).sum(), as autograd's chain computes it
+            out = _AttachAuxLoss.apply(out, prob_sums, weight * self.aux_loss_coeff)
         return out
+
+    @property
+    def last_aux_loss(self) -> torch.Tensor | None:
+        """The aux loss of the last training forward (times its coefficient), made when read: the
+        trainer reads it on logging steps only, so the other forwards skip its three ops."""
+        if self.aux_terms is None:
+            return None
+        return self.aux_loss_coeff * aux_loss_value(*self.aux_terms, self.sequence_split.loss_scale)
 
 
 class Block(nn.Module):

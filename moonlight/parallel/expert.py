@@ -6,7 +6,7 @@ shards each MoE layer's stacked expert weights ([E, ...]) as Shard(0) over ``ep_
 ``experts.dispatcher`` for an `AllToAllDispatcher` (the interface of model.LocalDispatcher).
 Notation: T tokens, K choices per token, H hidden, E experts (E_local per rank), N routed rows.
 
-    dispatch(x [T, H], expert_ids [T, K]) -> (rows [N, H] by local expert, counts [E_local], state)
+    dispatch(x [T, H], expert_ids [T, K], counts [E]) -> (rows [N, H] by local expert, counts [E_local], state)
     combine(y [N, H], weights [T, K], state) -> out [T, H]
 
 Data flow, the one host sync and the gradient rules for data parallel: docs/moe.md.
@@ -68,12 +68,12 @@ class AllToAllDispatcher:
         self.ep_size = dist.get_world_size(group)
         self.align = align
 
-    def dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int, impl: str):
-        ep = self.ep_size
+    def dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor, counts: torch.Tensor, impl: str):
+        ep, num_experts = self.ep_size, counts.numel()
         if num_experts % ep:
             raise ValueError(f"{num_experts} experts cannot be split evenly over ep={ep} ranks")
         local_experts = num_experts // ep
-        rows, counts, row_index = permute_tokens(x, expert_ids, num_experts, align=1, impl=impl)
+        rows, counts, row_index = permute_tokens(x, expert_ids, num_experts, align=1, impl=impl, counts=counts)
 
         # 1. how many rows go to each (rank, local expert); receive [src rank, local expert]
         recv_counts = torch.empty_like(counts)

@@ -7,6 +7,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from moonlight.config import ModelArgs
+from moonlight.kernels.moe_permute import count_tokens
 from moonlight.model.model import LocalDispatcher, Moonlight
 from moonlight.parallel.expert import AllToAllDispatcher, apply_expert_parallel
 from tests.dist import reduce_grads_without_fsdp, run_ranks
@@ -61,7 +62,7 @@ def _dispatcher_rank(rank, world, num_experts, align, impl, starve_last):
     el = num_experts // world
     local_w = weights[rank * el : (rank + 1) * el].clone().requires_grad_(True)
     disp = AllToAllDispatcher(mesh.get_group(), align=align)
-    rows, counts, state = disp.dispatch(x, ids, num_experts, impl)
+    rows, counts, state = disp.dispatch(x, ids, count_tokens(ids, num_experts), impl)
     assert counts.shape == (el,)
     if align > 1:
         assert all(c % align == 0 for c in counts.tolist())
@@ -92,7 +93,7 @@ def test_dispatcher_matches_local(world, align, impl, starve_last):
     w = torch.cat([p[2] for p in per_rank]).requires_grad_(True)
     full_w = weights.clone().requires_grad_(True)
     disp = LocalDispatcher()
-    rows, counts, state = disp.dispatch(x, ids, num_experts, "torch")
+    rows, counts, state = disp.dispatch(x, ids, count_tokens(ids, num_experts), "torch")
     out = disp.combine(_expert_fn(rows, counts, full_w), w, state, "torch")
     grad_out = torch.cat(
         [torch.randn(p[0].shape, generator=torch.Generator().manual_seed(100 + r)) for r, p in enumerate(per_rank)]

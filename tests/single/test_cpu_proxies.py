@@ -4,7 +4,8 @@ recorded there and in benchmarks/README.md."""
 
 import torch
 
-from benchmarks.cpu_proxies import BUDGETS, OpCounter, build, slice_args, step_counts
+from benchmarks.cpu_proxies import BUDGETS, build, slice_args, step_counts
+from benchmarks.op_counter import OpCounter
 from moonlight.kernels.moe_permute import permute_tokens
 
 

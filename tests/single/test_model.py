@@ -6,7 +6,8 @@ import torch.nn.functional as F
 import transformers
 
 from moonlight import ModelArgs, Moonlight
-from moonlight.model.model import sequence_aux_loss
+from moonlight.kernels.moe_permute import count_tokens
+from moonlight.model.model import MoE, aux_loss_value, sequence_aux_loss
 from moonlight.hf import load_hf
 from tests.hf_reference import VARIANTS, routed_experts, stable_hf_model
 
@@ -169,7 +170,8 @@ def test_sequence_aux_loss_and_its_gradient_match_the_plain_formula():
     bsz, seqlen, num_experts, top_k = 3, 5, 8, 2
     scores = torch.rand(bsz * seqlen, num_experts, generator=g, dtype=torch.float64).requires_grad_()
     expert_ids = torch.rand(bsz * seqlen, num_experts, generator=g).topk(top_k, -1).indices
-    share, value = sequence_aux_loss(scores, expert_ids, bsz, top_k)
+    prob_sums, weight, all_prob_sums = sequence_aux_loss(scores, expert_ids, bsz, top_k)
+    share, value = (weight * prob_sums).sum(), aux_loss_value(weight, all_prob_sums)
     want = _plain_sequence_aux_loss(scores, expert_ids, bsz, top_k)
     torch.testing.assert_close(share, want)
     torch.testing.assert_close(value, want.detach())
@@ -177,7 +179,41 @@ def test_sequence_aux_loss_and_its_gradient_match_the_plain_formula():
     torch.testing.assert_close(
         torch.autograd.grad(share, scores, grad_out)[0], torch.autograd.grad(want, scores, grad_out)[0]
     )
-    torch.autograd.gradcheck(lambda s: sequence_aux_loss(s, expert_ids, bsz, top_k)[0], (scores,))
+
+    def share_of(s):
+        prob_sums, weight, _ = sequence_aux_loss(s, expert_ids, bsz, top_k)
+        return (weight * prob_sums).sum()
+
+    torch.autograd.gradcheck(share_of, (scores,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_aux_loss_gradient_sent_as_a_constant_is_autograds_bit_for_bit(dtype):
+    """The MoE layer sends coeff * weight into prob_sums instead of backpropagating coeff * share from
+    a gradient of 1: the same gradient on the scores, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    bsz, seqlen, num_experts, top_k, coeff = 2, 7, 8, 2, 0.001
+    scores = torch.rand(bsz * seqlen, num_experts, generator=g, dtype=dtype).requires_grad_()
+    expert_ids = torch.rand(bsz * seqlen, num_experts, generator=g).topk(top_k, -1).indices
+    prob_sums, weight, all_prob_sums = sequence_aux_loss(scores, expert_ids, bsz, top_k)
+    share = (weight * prob_sums).sum()
+    (autograds,) = torch.autograd.grad(coeff * share, scores, retain_graph=True)
+    (constant,) = torch.autograd.grad(prob_sums, scores, weight * coeff)
+    assert torch.equal(constant, autograds)
+    assert torch.equal(aux_loss_value(weight, all_prob_sums), share.detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_sequences_aux_loss_from_the_layers_counts_is_the_same(dtype):
+    """With one sequence the picks are the MoE layer's histogram: the same loss, weight and gradient."""
+    g = torch.Generator().manual_seed(0)
+    seqlen, num_experts, top_k = 9, 8, 3
+    scores = torch.rand(seqlen, num_experts, generator=g, dtype=dtype).requires_grad_()
+    expert_ids = torch.rand(seqlen, num_experts, generator=g).topk(top_k, -1).indices
+    counts = count_tokens(expert_ids, num_experts)
+    got = sequence_aux_loss(scores, expert_ids, 1, top_k, counts=counts)
+    want = sequence_aux_loss(scores, expert_ids, 1, top_k)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 def test_only_training_forwards_count_expert_load():
@@ -197,6 +233,19 @@ def test_only_training_forwards_count_expert_load():
     with torch.no_grad():
         model(tokens)
     assert all(m.tokens_per_expert.sum() == 2 * 16 * args.num_experts_per_tok for m in model.moe_layers())
+
+
+def test_the_load_counter_holds_each_experts_choices():
+    """The counter adds the histogram the permute groups rows by: per expert, the router's choices."""
+    torch.manual_seed(0)
+    args = ModelArgs.preset("debug", kernels="torch")
+    moe = MoE(args).train()
+    x = torch.randn(2, 16, args.hidden_size)
+    moe(x)
+    moe(x)
+    _, expert_ids, _ = moe.router(x.view(-1, args.hidden_size))
+    want = torch.bincount(expert_ids.flatten(), minlength=args.n_routed_experts)
+    assert torch.equal(moe.tokens_per_expert, 2 * want)
 
 
 def test_bf16_cast_keeps_router_bias_fp32():

@@ -3,6 +3,8 @@ grad norm) for the non-finite check (the loss normalizer, the step's token count
 logged step adds one read of the MoE metrics. The logged values equal the ones computed tensor by
 tensor."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -31,9 +33,9 @@ def test_syncs_on_logged_and_unlogged_steps(tmp_path):
 def test_moe_metrics_match_tensor_reads(tmp_path):
     trainer = Trainer(load_config("train.toml", STEP_SYNCS_SMALL + [f"--job.dump_folder={tmp_path}"]))
     counts = torch.tensor([[3.0, 1.0, 0.0, 4.0], [2.0, 2.0, 2.0, 2.0]], dtype=torch.float64)
-    moe_layers = [m for m in trainer.model_parts[0].moe_layers()]
-    for i, m in enumerate(moe_layers):
-        m.last_aux_loss = torch.tensor(0.25 * (i + 1))
+    # what the metrics read of each MoE layer
+    layers = len(trainer.model_parts[0].moe_layers())
+    moe_layers = [SimpleNamespace(last_aux_loss=torch.tensor(0.25 * (i + 1))) for i in range(layers)]
     got = trainer._moe_metrics(counts, moe_layers)
     imbalance = expert_load_imbalance(counts)
     assert got["expert_load"] == [round(float(x), 3) for x in imbalance]
