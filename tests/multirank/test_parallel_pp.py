@@ -1,6 +1,7 @@
 """Pipeline parallel on 2 gloo ranks: pipelined steps (several schedules and layouts, with expert
 parallel too, the loss from the last stage's hidden states or from its logits) equal one process, no
-[B, S, V] logits exist with the loss from hidden states, and the token-sum loss needs no gradient scaling."""
+[B, S, V] logits exist with the loss from hidden states, the token-sum loss needs no gradient scaling,
+and a forward-only (validation) pass gives one process's loss under every schedule, the next step unchanged."""
 
 import pytest
 import torch
