@@ -13,6 +13,7 @@ shape inference: docs/parallelism.md.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import weakref
@@ -22,7 +23,15 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage
-from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
+from torch.distributed.pipelining.schedules import (
+    FORWARD,
+    RECV_F,
+    RESHARD,
+    SEND_F,
+    UNSHARD,
+    PipelineScheduleSingle,
+    get_schedule_class,
+)
 
 from moonlight.config import ModelArgs
 from moonlight.errors import ConfigError
@@ -216,6 +225,30 @@ def _discard_inference_forward(stages) -> list[_RestoreCountersOnce]:
     return [_RestoreCountersOnce(stage.submod) for stage in stages]
 
 
+# The actions a forward-only pass runs: forwards, the activations' sends and receives, FSDP's unshard and reshard
+_FORWARD_ACTIONS = (FORWARD, RECV_F, SEND_F, UNSHARD, RESHARD)
+
+
+@contextlib.contextmanager
+def _forward_actions_only(schedule):
+    """Let a multi-stage schedule run only its forward actions (a single-stage one runs as it is): torch's
+    eval() keeps the backward ones, and where a rank holds two adjacent stages (the V-shape schedules)
+    handing the input gradient from one to the other fails without a backward. An overlapped
+    forward+backward action (DualPipeV) keeps its forward."""
+    lowered = getattr(schedule, "pipeline_order_with_comms", None)
+    if lowered is None:
+        yield
+        return
+    schedule.pipeline_order_with_comms = {
+        rank: [part for a in actions for part in a.sub_actions or (a,) if part.computation_type in _FORWARD_ACTIONS]
+        for rank, actions in lowered.items()
+    }
+    try:
+        yield
+    finally:
+        schedule.pipeline_order_with_comms = lowered
+
+
 def pipeline_step(
     schedule,
     inputs: torch.Tensor | None,
@@ -227,7 +260,7 @@ def pipeline_step(
     forward_only: bool = False,
 ) -> torch.Tensor | None:
     """Forward + backward of one local batch through the pipeline (forward_only: the schedule's
-    eval(), no backward; call it under torch.no_grad).
+    eval() over its forward actions alone, no backward; call it under torch.no_grad).
 
     inputs (tokens [B, S]) are used on the rank holding the first stage, labels [B, S] on the rank
     holding the last one (pass them everywhere or None where unused). model_kwargs ([B, ...] tensors,
@@ -250,7 +283,8 @@ def pipeline_step(
         schedule._loss_fn = functools.partial(loss_fn, num_tokens=num_tokens)
     hooks = _discard_inference_forward(stages) if _runs_metadata_inference(schedule) else []
     try:
-        run(*args, target=labels if is_last else None, losses=losses, return_outputs=False, **kwargs)
+        with _forward_actions_only(schedule) if forward_only else contextlib.nullcontext():
+            run(*args, target=labels if is_last else None, losses=losses, return_outputs=False, **kwargs)
     finally:
         schedule._loss_fn = loss_fn
         for hook in hooks:

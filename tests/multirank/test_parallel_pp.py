@@ -1,6 +1,7 @@
 """Pipeline parallel on 2 gloo ranks: pipelined steps (several schedules and layouts, with expert
 parallel too, the loss from the last stage's hidden states or from its logits) equal one process, no
-[B, S, V] logits exist with the loss from hidden states, and the token-sum loss needs no gradient scaling."""
+[B, S, V] logits exist with the loss from hidden states, the token-sum loss needs no gradient scaling,
+and a forward-only (validation) pass gives one process's loss under every schedule, the next step unchanged."""
 
 import pytest
 import torch
@@ -101,7 +102,9 @@ def _stages_and_schedule(args, layout, pp_mesh, schedule, n_mb, bsz, parallelize
     return parts, build_schedule(stages, schedule, n_mb, loss_fn, local_batch_size=bsz, **kw)
 
 
-def _pp_rank(rank, world, args, layout, schedule, n_mb, bsz, from_hidden, token_sum=False):
+def _pp_rank(rank, world, args, layout, schedule, n_mb, bsz, from_hidden, token_sum=False, validate=False):
+    """validate: a forward-only pass between the two steps, as the trainer validates (eval mode, no grad);
+    its loss is returned in place of the vocab shapes."""
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("pp",))
     state = _reference(args).state_dict()
     parts, sched = _stages_and_schedule(
@@ -111,11 +114,24 @@ def _pp_rank(rank, world, args, layout, schedule, n_mb, bsz, from_hidden, token_
     inputs, labels = _batch(args, bsz)
     num_tokens = labels.numel() if token_sum else None  # sum(CE) / tokens, no 1/n_microbatches
     with _VocabShapes(args.vocab_size) as vocab_shapes:
-        for _ in range(2):  # the trainer loop: zero grads, step (the first step also infers shapes)
+        for step in range(2):  # the trainer loop: zero grads, step (the first step also infers shapes)
+            if validate and step == 1:
+                val_loss = _forward_only(sched, parts, inputs, labels)
             for part in parts:
                 part.zero_grad(set_to_none=True)
             loss = pipeline_step(sched, inputs, labels, num_tokens=num_tokens)
-    return (None if loss is None else loss.item()), _grads(parts), sorted(names), _loads(parts), vocab_shapes.shapes
+    extra = val_loss if validate else vocab_shapes.shapes
+    return (None if loss is None else loss.item()), _grads(parts), sorted(names), _loads(parts), extra
+
+
+def _forward_only(sched, parts, inputs, labels):
+    for part in parts:
+        part.eval()
+    with torch.no_grad():
+        loss = pipeline_step(sched, inputs, labels, forward_only=True)
+    for part in parts:
+        part.train()
+    return None if loss is None else loss.item()
 
 
 def _loads(parts):
@@ -220,6 +236,35 @@ def test_pp2_matches_single_process(schedule, layout, n_mb, aux, from_hidden):
     assert not any(n.startswith("lm_head.") for n in results[1 - last][2])
     _check_against_reference(args, bsz, results)
     _check_vocab_shapes(args, results, from_hidden, (bsz // n_mb, 6))
+
+
+@pytest.mark.parametrize(
+    "schedule,layout,n_mb",
+    [
+        ("1F1B", [2, 2], 2),
+        ("GPipe", [3, 1], 4),
+        ("Interleaved1F1B", [1, 1, 1, 1], 2),
+        ("LoopedBFS", [1, 1, 1, 1], 2),
+        ("InterleavedZeroBubble", [1, 1, 1, 1], 4),
+        ("ZBVZeroBubble", [1, 1, 1, 1], 2),
+        ("DualPipeV", [1, 1, 1, 1], 4),
+    ],
+)
+def test_pp2_forward_only_between_steps_matches_single_process(schedule, layout, n_mb):
+    """Validation's forward-only pass gives the single-process loss, counts no MoE load, and leaves the
+    schedule ready for the next training step (its grads and loads those of a run without it)."""
+    if _refused_here(schedule, len(layout) // 2):
+        return
+    args, bsz = _args(aux_loss_alpha=0.01), 4
+    results = run_ranks(_pp_rank, 2, args, layout, schedule, n_mb, bsz, True, False, True)
+    _check_against_reference(args, bsz, results)
+    ref = _reference(args)
+    ref.eval()
+    inputs, labels = _batch(args, bsz)
+    with torch.no_grad():
+        want = F.cross_entropy(ref(inputs).flatten(0, 1), labels.flatten()).item()
+    (val_loss,) = [r[4] for r in results if r[4] is not None]
+    assert abs(val_loss - want) <= ATOL + RTOL * abs(want)
 
 
 def _pp_ep_rank(rank, world, args, layout, schedule, n_mb, bsz, from_hidden):
