@@ -6,7 +6,8 @@ For a job config on N ranks it reports, for the most loaded rank of every pipeli
   first) for that rank on the meta device over a fake process group, so FSDP/EP/TP/PP sharding is
   exactly what the trainer builds, then builds the trainer's optimizers on those parameters
   (`cfg.optimizer.build`: Muon vs AdamW, precision_aware master weights) and counts their state;
-- an activation estimate per micro-batch (`activation_bytes`, formula in its docstring);
+- an activation estimate per micro-batch (`activation_bytes` and the loss's `loss_bytes`, formulas in
+  their docstrings);
 - FLOPs per token (`ModelArgs.flops_per_token`).
 It exits with code 2 and one line naming the fix when the parallelism is invalid or a rank does not fit.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import multiprocessing as mp
 import os
 import sys
@@ -32,12 +34,14 @@ from moonlight.dtypes import to_dtype
 from moonlight.errors import ArgumentParser, ConfigError, exit_on_user_error
 from moonlight.model import Moonlight
 from moonlight.model.converters import convert_model
+from moonlight.model.loss import linear_cross_entropy
 from moonlight.train.config import JobConfig, parse_args
 from moonlight.train.parallel_run import build_parallel_run, is_single_process, plan_parallelism
 from moonlight.train.optim import AdamW, Muon
 from moonlight.train.build import build_converters, build_model_args, check_seq_len
 
 GIB = 1024**3
+CHUNK_BYTES = inspect.signature(linear_cross_entropy).parameters["chunk_bytes"].default  # the trainer's loss's
 
 
 @dataclass
@@ -138,7 +142,7 @@ def activation_bytes(
       attention          h + 7Hq + Hv + (r + p) + 2r + H fp32 (logsumexp)
       dense MLP          h + 3D (SwiGLU keeps gate and up, not silu(gate))
       MoE                h + 3E fp32 + 2K + Kh (the routed rows, kept once) + 3KI + h + 3S
-      head               norm + h + V + 2V fp32 (logits upcast and log-softmax)
+      head               norm + h (the hidden states the loss starts from; the loss: `loss_bytes`)
     activation_checkpoint "selective" keeps only the attention input (h) instead of the attention
     terms; "full" keeps each block's input (h) and, during backward, one block's own terms. The
     estimate is within 25% of what torch's saved-tensor hooks measure (tests/single/test_plan.py); it leaves
@@ -148,9 +152,7 @@ def activation_bytes(
     under it rank i of cp up-projects the keys of the first 2cp - i of the 2cp chunks, (2cp - i) / 2 per
     local token, each with its gathered latent and rope key (r + p) and its per-head k and padded v (2Hq).
     """
-    c = to_dtype(
-        cfg.training.mixed_precision_param if cfg.training.mixed_precision_param != "float32" else cfg.training.dtype
-    ).itemsize
+    c = _compute_itemsize(cfg)
     h, heads = args.hidden_size, args.num_attention_heads // tp
     q, v, r, p = args.qk_head_dim, args.v_head_dim, args.kv_lora_rank, args.qk_rope_head_dim
     k, i, s = args.num_experts_per_tok, args.moe_intermediate_size, args.n_shared_experts * args.moe_intermediate_size
@@ -175,8 +177,56 @@ def activation_bytes(
     kept = [block(layer) for layer in layer_ids]
     per_token = sum(k for k, _ in kept) + (max(own for _, own in kept) if mode == "full" and kept else 0)
     if has_head:
-        per_token += norm + h * c + args.vocab_size // tp * (c + 8)
+        per_token += norm + h * c
     return per_token * tokens
+
+
+def _compute_itemsize(cfg: JobConfig) -> int:
+    """Bytes of an element of the compute dtype: mixed_precision_param, else training.dtype."""
+    p = cfg.training.mixed_precision_param
+    return to_dtype(p if p != "float32" else cfg.training.dtype).itemsize
+
+
+def loss_bytes(
+    args: ModelArgs,
+    cfg: JobConfig,
+    tokens: int,
+    tp: int = 1,
+    chunked: bool = True,
+    head_grad: bool = True,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> tuple[int, int]:
+    """(kept, working): the bytes the loss of one micro-batch of `tokens` tokens holds from its forward
+    until its backward, and the most it holds on top of those while it runs (its input, the hidden
+    states, not counted; tests/single/test_plan.py measures both within 2%). c: the compute dtype's
+    bytes, a = max(c, 4) (the logits' fp32, fp64 stays fp64), N tokens, H hidden, V vocab:
+      chunked (a whole head, the model's own: linear_cross_entropy in equal chunks of n <= chunk_bytes / 4V
+        rows): kept = the hidden states' gradient NHc, and when the head trains its fp32 gradient VHa;
+        working = a chunk's logits in fp32 and (below fp32) in c, nV (a + c), and when the head trains
+        its gradient product VHc and the hidden states with ignored tokens zeroed NHc; over several
+        chunks also the previous chunk's logits or product, whichever is larger
+      logits (a vocab-sharded head, tp > 1, or a converter's head): kept = the fp32 softmax N V/tp a;
+        working = the logits N V/tp c and their fp32 copy N V/tp a (a converter's head, whose loss is
+        F.cross_entropy's, holds N V (a - c) more in its backward)
+    """
+    c = _compute_itemsize(cfg)
+    a = max(c, 4)
+    h, vocab = args.hidden_size, args.vocab_size
+    if not chunked:
+        return tokens * vocab // tp * a, tokens * vocab // tp * (c + a)
+    max_rows = max(1, chunk_bytes // (4 * vocab))
+    chunks = -(-tokens // max_rows)
+    rows = -(-tokens // chunks)
+    chunk = rows * vocab * (a + (c if c < a else 0))
+    kept = tokens * h * c + head_grad * vocab * h * a
+    product = head_grad * vocab * h * c  # a chunk's part of the head's gradient, in c
+    if chunks == 1:  # in fp32 its product is the accumulator itself
+        working = chunk + (product if c < a else 0)
+    else:  # the loop makes a chunk's logits, then its product, before it lets go of the previous chunk's
+        previous = product if c < a or chunks > 2 else 0  # in fp32 the first chunk's is the accumulator
+        working = chunk + previous + max(chunk, product)
+    working += head_grad * tokens * h * c
+    return kept, working
 
 
 def _layers_of(model_parts) -> list[int]:
@@ -215,23 +265,29 @@ def _plan_rank(
         if fake_group:
             dist.destroy_process_group()
     row = _count(rank, built.description, built.model_parts, cfg)
-    has_head = any(getattr(part, "lm_head", None) is not None for part in built.model_parts)
+    heads = [part.lm_head for part in built.model_parts if getattr(part, "lm_head", None) is not None]
     # A pipeline splits the local batch into micro-batches; under 1F1B stage s holds pp - s of them.
     n_micro = built.microbatches_per_step
     # Context parallel: each rank holds seq_len / cp tokens, and its attention the keys it gathers.
     tokens = t.local_batch_size // n_micro * t.seq_len // p.cp
     cp_rank = rank // p.tp % p.cp  # the rank at (p, r, s, c, t) is (((p * R + r) * S + s) * cp + c) * tp + t
     in_flight = 1 if p.pp == 1 else min(n_micro, p.pp - rank // (world_size // p.pp))
+    tp = dims.tp if dims else 1
     row.activations = in_flight * activation_bytes(
         args,
         cfg,
         _layers_of(built.model_parts),
-        has_head,
+        bool(heads),
         tokens,
-        tp=dims.tp if dims else 1,
+        tp=tp,
         moe_tp=dims.tp if dims and dims.ep_spans_tp else 1,
         keys_per_token=(2 * p.cp - cp_rank) / 2,
     )
+    if heads:  # every micro-batch in flight keeps its loss's gradients; one loss runs at a time
+        (head,) = heads
+        chunked = built.loss_from_hidden and getattr(head, "plain_linear", False)
+        kept, working = loss_bytes(args, cfg, tokens, tp, chunked, head_grad=chunked and head.weight.requires_grad)
+        row.activations += in_flight * kept + working
     return row, built.description
 
 

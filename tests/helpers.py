@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 from safetensors import safe_open
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -29,7 +30,6 @@ from moonlight.hf_peft import ADAPTER_WEIGHTS
 from moonlight.model.lora import apply_lora
 from moonlight.model.loss import cross_entropy_from_hidden
 from moonlight.model.model import MoE
-from moonlight.parallel.tensor import cross_entropy_loss
 from moonlight.train.config import CheckpointSection, DataSection, load_config
 from moonlight.train.optim import Muon, build_optimizers
 from moonlight.train.schedule import LRSchedulerSection
@@ -768,7 +768,8 @@ def plan_cfg(tmp_path, extra):
 
 
 def saved_activation_bytes(model, tokens, **model_kwargs) -> int:
-    """Bytes of the distinct storages autograd saves for backward, parameters excluded."""
+    """Bytes of the distinct storages autograd saves for backward, parameters excluded, with the loss the
+    trainer takes from a whole head (the chunked loss from the hidden states)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen = {}
 
@@ -779,8 +780,35 @@ def saved_activation_bytes(model, tokens, **model_kwargs) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        cross_entropy_loss(model(tokens, **model_kwargs), tokens)
+        cross_entropy_from_hidden(model(tokens, return_hidden=True, **model_kwargs), model.lm_head, tokens)
     return sum(seen.values())
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Op by op, the bytes of the storages made inside it that are still alive, and their most."""
+
+    def __init__(self, inputs):
+        super().__init__()
+        self.inputs = {t.untyped_storage().data_ptr() for t in inputs}  # their views do not count
+        self.live, self.peak = {}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.live = {ptr: (ref, n) for ptr, (ref, n) in self.live.items() if not ref.expired()}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.inputs:
+                storage = t.untyped_storage()
+                self.live.setdefault(storage.data_ptr(), (StorageWeakRef(storage), storage.nbytes()))
+        self.peak = max(self.peak, sum(n for _, n in self.live.values()))
+        return out
+
+
+def peak_live_bytes(fn, *inputs) -> int:
+    """The most bytes the tensors made by fn() hold at once (its inputs and their views excluded), as a
+    device's allocator would count them, measured op by op on the CPU."""
+    with _LiveBytes(inputs) as mode:
+        fn()
+    return mode.peak
 
 
 # from test_sharded_load.py

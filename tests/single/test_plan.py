@@ -1,17 +1,24 @@
 """The planner against what the trainer really allocates in one process: parameter, gradient and
-optimizer bytes exactly, activations within the stated 25%, every shipped recipe planned for its world
-size, and the CLI's messages."""
+optimizer bytes exactly, activations within the stated 25%, the loss's peak (chunked for a whole head,
+sharded logits under tp) as measured, every shipped recipe planned for its world size, and the CLI's
+messages."""
 
 import pytest
 import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard
 
 from moonlight.config import ModelArgs
+from moonlight.model import Moonlight
 from moonlight.errors import ConfigError
-from moonlight.plan import activation_bytes, check_fits, main, plan
+from moonlight.distributed import init_single_process_group
+from moonlight.model.loss import cross_entropy_from_hidden, linear_cross_entropy
+from moonlight.parallel.tensor import cross_entropy_loss
+from moonlight.plan import CHUNK_BYTES, activation_bytes, check_fits, loss_bytes, main, plan
 from moonlight.train.config import load_config
 from moonlight.train.trainer import Trainer
 from tests.helpers import CONFIGS, WORLD
-from tests.helpers import plan_cfg, plan_measured, plan_planned, saved_activation_bytes
+from tests.helpers import peak_live_bytes, plan_cfg, plan_measured, plan_planned, saved_activation_bytes
 
 
 VARIANTS = {
@@ -53,8 +60,90 @@ def test_activation_estimate_within_25_percent(tmp_path, mode, model):
     tokens = torch.randint(0, trainer.model_args.vocab_size, (cfg.training.local_batch_size, cfg.training.seq_len))
     measured = saved_activation_bytes(trainer.model_parts[0], tokens)
     args = trainer.model_args
-    estimate = activation_bytes(args, cfg, list(range(args.num_hidden_layers)), True, tokens.numel())
+    layers = list(range(args.num_hidden_layers))
+    estimate = activation_bytes(args, cfg, layers, True, tokens.numel()) + loss_bytes(args, cfg, tokens.numel())[0]
     assert abs(estimate / measured - 1) < 0.25, (estimate, measured)
+
+
+@pytest.mark.parametrize("head_grad", [True, False], ids=["head-trains", "head-frozen"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize(
+    ("loss", "chunk_rows"), [("chunked", 1000), ("chunked", 150), ("chunked", 64), ("sharded-logits", 0)]
+)
+def test_loss_bytes_are_the_measured_peak(tmp_path, loss, chunk_rows, dtype, head_grad):
+    """The loss's most bytes at once, forward and backward, within 2% of `loss_bytes` (kept + working):
+    the chunked loss of a whole head in one, two or five chunks of 300 tokens (the previous chunk's
+    logits or head gradient still there when the next one's are made), and the vocab-parallel loss on
+    sharded logits (a 1-rank mesh: the code every tp rank runs)."""
+    cfg = plan_cfg(tmp_path, [f"--training.dtype={dtype}", "--model.overrides.vocab_size=1024"])
+    args = ModelArgs.preset("debug", vocab_size=1024)
+    n = 300
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, args.hidden_size, generator=g).to(getattr(torch, dtype)).requires_grad_()
+    weight = torch.randn(args.vocab_size, args.hidden_size, generator=g).to(hidden.dtype).requires_grad_(head_grad)
+    labels = torch.randint(0, args.vocab_size, (n,), generator=g)
+    labels[:7] = -100
+    chunk_bytes = chunk_rows * args.vocab_size * 4
+    if loss == "chunked":
+
+        def step():
+            linear_cross_entropy(hidden, weight, labels, chunk_bytes=chunk_bytes).backward()
+
+    else:
+        init_single_process_group("cpu")
+        mesh = init_device_mesh("cpu", (1,))
+
+        def step():
+            logits = DTensor.from_local(hidden @ weight.t(), mesh, [Shard(-1)])
+            cross_entropy_loss(logits, labels, reduction="sum").backward()
+
+    measured = peak_live_bytes(step, hidden, weight, labels)
+    planned = sum(loss_bytes(args, cfg, n, chunked=loss == "chunked", head_grad=head_grad, chunk_bytes=chunk_bytes))
+    assert abs(planned / measured - 1) < 0.02, (planned, measured)
+
+
+def test_plan_counts_the_chunked_loss_of_a_whole_head(tmp_path):
+    """At the trainer's own chunk size: with a vocabulary of 256Ki tokens, 1024 tokens are two chunks of
+    512 rows (512 MiB of fp32 logits each), and the plan's head adds what the trainer's loss holds at
+    its peak, not the [N, V] logits, their fp32 copy and log-softmax (3 GiB)."""
+    vocab = 256 * 1024
+    cfg = plan_cfg(
+        tmp_path,
+        [f"--model.overrides.vocab_size={vocab}", "--training.local_batch_size=4", "--training.seq_len=256"],
+    )
+    result = plan(cfg, 1)
+    args = ModelArgs.preset("debug", vocab_size=vocab)
+    n = cfg.training.local_batch_size * cfg.training.seq_len
+    head = result.ranks[0].activations - activation_bytes(args, cfg, list(range(args.num_hidden_layers)), True, n)
+    assert CHUNK_BYTES // (4 * vocab) == n // 2
+    lm_head = Moonlight(args).lm_head
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, args.hidden_size, generator=g, requires_grad=True)
+    labels = torch.randint(0, vocab, (n,), generator=g)
+    measured = peak_live_bytes(
+        lambda: cross_entropy_from_hidden(hidden, lm_head, labels).backward(), hidden, lm_head.weight, labels
+    )
+    assert abs(head / measured - 1) < 0.02, (head, measured)
+
+
+@pytest.mark.parametrize("parallelism", ["tp", "pp"])
+def test_plan_takes_each_ranks_loss(tmp_path, parallelism):
+    """Under tp = 2 the head is vocab-sharded: the loss holds the [N, V/2] logits, their fp32 copy and
+    softmax; the pipeline's last stage takes the chunked loss of its whole head."""
+    vocab = 8192
+    cfg = plan_cfg(
+        tmp_path,
+        [f"--model.overrides.vocab_size={vocab}", f"--parallelism.{parallelism}=2", "--parallelism.dp_shard=1"],
+    )
+    args = ModelArgs.preset("debug", vocab_size=vocab)
+    last = plan(cfg, 2).ranks[-1]
+    tp = 2 if parallelism == "tp" else 1
+    n_micro = 1 if parallelism == "tp" else cfg.training.local_batch_size
+    n = cfg.training.local_batch_size // n_micro * cfg.training.seq_len
+    layers = list(range(args.num_hidden_layers)) if parallelism == "tp" else [2, 3]
+    head = last.activations - activation_bytes(args, cfg, layers, True, n, tp=tp)
+    want = n * vocab // 2 * (4 + 8) if parallelism == "tp" else sum(loss_bytes(args, cfg, n))
+    assert head == want
 
 
 @pytest.mark.parametrize("name", sorted(WORLD))
