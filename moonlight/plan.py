@@ -202,9 +202,10 @@ def loss_bytes(
     bytes, a = max(c, 4) (the logits' fp32, fp64 stays fp64), N tokens, H hidden, V vocab:
       chunked (a whole head, the model's own: linear_cross_entropy in equal chunks of n <= chunk_bytes / 4V
         rows): kept = the hidden states' gradient NHc, and when the head trains its fp32 gradient VHa;
-        working = a chunk's logits in fp32 and (below fp32) in c, nV (a + c), and when the head trains
-        its gradient product VHc and the hidden states with ignored tokens zeroed NHc; over several
-        chunks also the previous chunk's logits or product, whichever is larger
+        working = one chunk at a time: its logits in fp32 and (below fp32) in c, nV (a + c), or their
+        copy in c nVc and, when the head trains, its gradient product VHc; the head's fp32 gradient is
+        made from the first chunk's product (in fp32 it is that product), so the first chunk's logits
+        come before it; and when the head trains, the hidden states with ignored tokens zeroed NHc
       logits (a vocab-sharded head, tp > 1, or a converter's head): kept = the fp32 softmax N V/tp a;
         working = the logits N V/tp c and their fp32 copy N V/tp a (a converter's head, whose loss is
         F.cross_entropy's, holds N V (a - c) more in its backward)
@@ -218,14 +219,13 @@ def loss_bytes(
     chunks = -(-tokens // max_rows)
     rows = -(-tokens // chunks)
     chunk = rows * vocab * (a + (c if c < a else 0))
-    kept = tokens * h * c + head_grad * vocab * h * a
-    product = head_grad * vocab * h * c  # a chunk's part of the head's gradient, in c
-    if chunks == 1:  # in fp32 its product is the accumulator itself
-        working = chunk + (product if c < a else 0)
-    else:  # the loop makes a chunk's logits, then its product, before it lets go of the previous chunk's
-        previous = product if c < a or chunks > 2 else 0  # in fp32 the first chunk's is the accumulator
-        working = chunk + previous + max(chunk, product)
-    working += head_grad * tokens * h * c
+    grad_logits = rows * vocab * c
+    accumulator = head_grad * vocab * h * a
+    product = head_grad * vocab * h * c  # a chunk's part of the head's gradient
+    kept = tokens * h * c + accumulator
+    first = max(chunk, grad_logits + product + (accumulator if c < a else 0))
+    later = accumulator + max(chunk, grad_logits + product) if chunks > 1 else 0
+    working = max(first, later) - accumulator + head_grad * tokens * h * c
     return kept, working
 
 

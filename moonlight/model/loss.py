@@ -6,7 +6,8 @@
 linear_cross_entropy equals F.cross_entropy((hidden @ weight.T).float(), labels, reduction="sum")
 without building the [N, V] logits: it goes chunk by chunk over the tokens, and each chunk's logits
 become their softmax and then their gradient in place, which goes straight into the gradients of the
-hidden states and of the head. One chunk's fp32 logits (`chunk_bytes`) is the peak. Details:
+hidden states and of the head. One chunk at a time is live: its fp32 logits (`chunk_bytes`) and their
+copy in the hidden states' dtype, or that copy and the head's gradient product. Details:
 docs/performance.md.
 """
 
@@ -48,16 +49,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # is 1 / sum(exp(logits - max)) >= 1 / V, so its log gives the log-sum-exp without underflow.
             probs = torch.softmax(logits, -1, out=logits)
             torch.amax(probs, -1, out=top_prob[rows])
+            # each chunk lets go of its tensors as soon as it is done with them, so that the next
+            # chunk's logits reuse their memory: one chunk at a time is the peak
             if not with_grads:
+                del logits, probs
                 continue
             # d loss / d logits = softmax - one_hot(label); ignored tokens are zeroed on the H-wide side
             probs.scatter_add_(1, safe_labels[rows], minus_one[: probs.shape[0]])
             grad_logits = probs.to(hidden.dtype)
+            del logits, probs  # below fp32 the fp32 softmax goes before the head's gradient product
             if wants_hidden:
                 torch.mm(grad_logits, weight, out=grad_hidden[rows])
             if wants_weight:
                 chunk_grad = grad_logits.t() @ kept_hidden[rows]
                 grad_weight = chunk_grad.to(acc) if grad_weight is None else grad_weight.add_(chunk_grad)
+                del chunk_grad
+            del grad_logits
         if wants_hidden:
             grad_hidden.masked_fill_(ignored, 0.0)
         ctx.save_for_backward(grad_hidden, grad_weight)  # without with_grads the loss has no backward

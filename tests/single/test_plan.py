@@ -72,9 +72,9 @@ def test_activation_estimate_within_25_percent(tmp_path, mode, model):
 )
 def test_loss_bytes_are_the_measured_peak(tmp_path, loss, chunk_rows, dtype, head_grad):
     """The loss's most bytes at once, forward and backward, within 2% of `loss_bytes` (kept + working):
-    the chunked loss of a whole head in one, two or five chunks of 300 tokens (the previous chunk's
-    logits or head gradient still there when the next one's are made), and the vocab-parallel loss on
-    sharded logits (a 1-rank mesh: the code every tp rank runs)."""
+    the chunked loss of a whole head in one, two or five chunks of 300 tokens (one chunk live at a
+    time, the head's fp32 gradient made from the first chunk's), and the vocab-parallel loss on sharded
+    logits (a 1-rank mesh: the code every tp rank runs)."""
     cfg = plan_cfg(tmp_path, [f"--training.dtype={dtype}", "--model.overrides.vocab_size=1024"])
     args = ModelArgs.preset("debug", vocab_size=1024)
     n = 300
