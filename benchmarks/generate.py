@@ -3,7 +3,7 @@
 
     python benchmarks/generate.py [--model moonlight-16b-a3b] [--dtype bf16] [--batches 1,16] [--prompt 16]
         [--new-tokens 128] [--baseline-new-tokens 32] [--prefill 4096] [--json FILE]
-    python benchmarks/generate.py --proxies   # host syncs per token, graph breaks, aten ops per decode step
+    python benchmarks/generate.py --proxies   # host syncs per token, graph breaks, launches per decode step
 
 Random weights (`init_weights`, seed 0). tokens/s = batch * new tokens / wall time of one whole
 `generate` (prefill included) after a warm-up run (compiling, recording CUDA graphs). The baselines
@@ -21,7 +21,6 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # benchmarks/kernels.py would shadow `kernels`
 
 import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from moonlight.config import ModelArgs  # noqa: E402
 from moonlight.dtypes import to_dtype  # noqa: E402
@@ -30,6 +29,7 @@ from moonlight.hf import hf_keys, is_expert_stack  # noqa: E402
 from moonlight.model import Moonlight  # noqa: E402
 from moonlight.parallel.compile import apply_compile  # noqa: E402
 from benchmarks.gpu_suite import device_peak, random_moonlight  # noqa: E402
+from benchmarks.op_counter import OpCounter  # noqa: E402
 from tests.helpers import host_syncs  # noqa: E402
 
 
@@ -191,24 +191,14 @@ PROXY_ARGS = ModelArgs.preset(
 )
 
 
-class _CountOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops += 1
-        return func(*args, **(kwargs or {}))
-
-
 def proxies(model: Moonlight, batch: int, prompt: int = 16, new: int = 33) -> dict:
     """The decode step on the CPU: host syncs per token (the loop's eos checks included), graph breaks
-    under torch.compile, aten ops dispatched per eager step."""
+    under torch.compile, and the eager step's launches (non-view ops, as the training proxies count)."""
     ids = torch.randint(0, model.args.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(0))
     decoder = Decoder(model, batch, prompt + new, compile=False)
     loop_syncs = host_syncs(lambda: list(decoder.stream(ids, new, eos_token_id=0)))
     next(decoder.stream(ids, new, eos_token_id=0))  # the prefill
-    counter = _CountOps()
+    counter = OpCounter()
     with counter:
         step_syncs = host_syncs(decoder.step)
     torch._dynamo.reset()
@@ -221,7 +211,7 @@ def proxies(model: Moonlight, batch: int, prompt: int = 16, new: int = 33) -> di
         "host_syncs_per_token_with_eos": (len(loop_syncs) - 1) / new,  # one end check per 16 tokens
         "graph_breaks": explained.graph_break_count,
         "graphs": explained.graph_count,
-        "aten_ops_per_eager_step": counter.ops,
+        "launches_per_eager_step": counter.summary()["launches"],
     }
 
 
